@@ -1,0 +1,132 @@
+"""Argument checks and normalisation for the MoE-LoRA operator.
+
+Shape, dtype and device checks cost nothing and always run. The two checks that must
+read device memory on the host (ids in range, finite gate weights) run only while
+``moelora.validation`` is enabled.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._config import validation_enabled
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+class MoELoRAArgs(NamedTuple):
+    """Inputs flattened to 2-D token-major form, plus the sizes the kernels need."""
+
+    x: torch.Tensor  # [T, d_in]
+    lora_a: torch.Tensor  # [r, d_in] or [E, r, d_in]
+    lora_b: torch.Tensor  # [E, d_out, r]
+    topk_ids: torch.Tensor  # [T, k]
+    topk_weights: torch.Tensor  # [T, k]
+    base_out: Optional[torch.Tensor]  # [T, d_out] or None
+    scaling: float
+    out_shape: tuple  # leading shape of x + (d_out,)
+
+    @property
+    def shared_a(self) -> bool:
+        return self.lora_a.dim() == 2
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_b.shape[0]
+
+
+def _require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out) -> MoELoRAArgs:
+    """Validate the operator's arguments and return them flattened (see MoELoRAArgs)."""
+    for name, value in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b),
+                        ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        _require_tensor(name, value)
+    if base_out is not None:
+        _require_tensor("base_out", base_out)
+
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("base_out", base_out)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if topk_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
+
+    device = x.device
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("topk_ids", topk_ids),
+                    ("topk_weights", topk_weights), ("base_out", base_out)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; all inputs must share a device")
+
+    if x.dim() < 1:
+        raise ValueError("x must have shape [..., d_in], got a 0-d tensor")
+    d_in = x.shape[-1]
+    if lora_b.dim() != 3:
+        raise ValueError(f"lora_b must have shape [E, d_out, r], got {tuple(lora_b.shape)}")
+    num_experts, d_out, rank = lora_b.shape
+    if num_experts < 1 or rank < 1:
+        raise ValueError(f"lora_b must have E >= 1 and r >= 1, got shape {tuple(lora_b.shape)}")
+    if lora_a.dim() == 2:
+        expected_a = (rank, d_in)
+    elif lora_a.dim() == 3:
+        expected_a = (num_experts, rank, d_in)
+    else:
+        raise ValueError(f"lora_a must have shape [r, d_in] (shared) or [E, r, d_in], got {tuple(lora_a.shape)}")
+    if tuple(lora_a.shape) != expected_a:
+        raise ValueError(
+            f"lora_a has shape {tuple(lora_a.shape)} but x ([..., {d_in}]) and lora_b "
+            f"([{num_experts}, {d_out}, {rank}]) require {expected_a}")
+
+    lead = tuple(x.shape[:-1])
+    num_tokens = math.prod(lead)
+    if topk_ids.dim() < 1 or topk_ids.shape[-1] < 1:
+        raise ValueError(f"topk_ids must have shape [T, k] with k >= 1, got {tuple(topk_ids.shape)}")
+    top_k = topk_ids.shape[-1]
+    if topk_ids.numel() != num_tokens * top_k or topk_ids.dim() not in (2, len(lead) + 1):
+        raise ValueError(
+            f"topk_ids must have shape [{num_tokens}, k] or {list(lead) + ['k']} to match x of shape "
+            f"{tuple(x.shape)}, got {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
+    if top_k > num_experts:
+        raise ValueError(f"k (topk_ids.shape[-1] = {top_k}) must not exceed the number of experts E = {num_experts}")
+    out_shape = lead + (d_out,)
+    if base_out is not None and tuple(base_out.shape) != out_shape:
+        raise ValueError(f"base_out must have shape {out_shape}, got {tuple(base_out.shape)}")
+
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
+
+    topk_ids = topk_ids.reshape(num_tokens, top_k)
+    topk_weights = topk_weights.reshape(num_tokens, top_k)
+    if validation_enabled() and num_tokens > 0:
+        lo, hi = torch.aminmax(topk_ids)
+        if bool(lo < 0) or bool(hi >= num_experts):
+            raise ValueError(
+                f"topk_ids must lie in [0, {num_experts}), got values in [{int(lo)}, {int(hi)}] "
+                "(switch the check off with moelora.validation(False) for graph capture)")
+        if not bool(torch.isfinite(topk_weights).all()):
+            raise ValueError("topk_weights contains NaN or Inf")
+
+    return MoELoRAArgs(
+        x=x.reshape(num_tokens, d_in),
+        lora_a=lora_a,
+        lora_b=lora_b,
+        topk_ids=topk_ids,
+        topk_weights=topk_weights,
+        base_out=None if base_out is None else base_out.reshape(num_tokens, d_out),
+        scaling=float(scaling),
+        out_shape=out_shape,
+    )

@@ -1,0 +1,18 @@
+"""Test-session set-up.
+
+Without a GPU the Triton kernels run under the Triton interpreter, which must be switched
+on before any kernel is defined, hence before moelora's kernels are imported. Tests
+that are not about the kernels run on the fast torch backend there (MOELORA_BACKEND);
+kernel tests ask for backend="triton" explicitly.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("MOELORA_BACKEND", "torch")
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
