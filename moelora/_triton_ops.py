@@ -1,0 +1,220 @@
+"""MoE-LoRA on the Triton kernels: forward and backward compositions, registered as
+``torch.library`` custom ops with fake implementations and autograd.
+
+Two regimes compute the same function:
+
+- dense (small E*r): h = x A^T once; Hg = s * G (.) h over all E*r columns; y = base +
+  Hg B_stack^T (one GEMM, K = E*r). Backward: dHg = dy B_stack, then dh, dw from the
+  gating kernel, dB_stack = dy^T Hg, dA = dh^T x, dx = dh A.
+- grouped (large E*r): pairs sorted by expert, grouped GEMMs gather rows in the
+  prologue and apply the gate in the epilogue, writing pair-major rows that a fixed-order
+  per-token sum combines (no atomics). Per-expert A: h_pair = x[t] A_e^T per pair.
+
+Saved for backward: x, the weights, the routing and h (T x r; T x E*r for a dense
+per-expert A; T*k x r for a grouped per-expert A). Every step is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _launchers as K
+from ._grouping import expert_blocks
+from ._validation import MoELoRAArgs
+
+# Dense while the gated intermediate is at most this wide; measured crossover on GPU
+# belongs in the autotune table of the benchmark issue.
+DENSE_MAX_WIDTH = 512
+
+
+def choose_regime(num_experts: int, rank: int, top_k: int) -> str:
+    return "dense" if num_experts * rank <= DENSE_MAX_WIDTH else "grouped"
+
+
+def _block_m() -> int:
+    return 32 if K.interpreting() else 64
+
+
+def _b_stack(lora_b: torch.Tensor) -> torch.Tensor:
+    """[E, d_out, r] -> [d_out, E*r] with column e*r + i = B[e, :, i]."""
+    num_experts, d_out, rank = lora_b.shape
+    return lora_b.permute(1, 0, 2).reshape(d_out, num_experts * rank)
+
+
+def _a_rows(lora_a: torch.Tensor) -> torch.Tensor:
+    """A as a [rows, d_in] matrix: [r, d_in] shared, or the E matrices stacked [E*r, d_in]."""
+    return lora_a if lora_a.dim() == 2 else lora_a.reshape(-1, lora_a.shape[-1])
+
+
+def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
+    num_experts, _, rank = lora_b.shape
+    if lora_a.dim() == 2:
+        return (x.shape[0], rank)
+    if grouped:
+        return (topk_ids.numel(), rank)
+    return (x.shape[0], num_experts * rank)
+
+
+# ---------------------------------------------------------------- dense regime
+
+def _dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
+    num_experts, _, rank = lora_b.shape
+    shared = lora_a.dim() == 2
+    acc = K.accumulator_dtype(x.dtype)
+    h = K.matmul(x, _a_rows(lora_a).t(), out_dtype=acc, compute_dtype=x.dtype)
+    hg = K.gate_expand(h, topk_ids, topk_weights, num_experts=num_experts, rank=rank, scaling=scaling,
+                       shared_a=shared, out_dtype=x.dtype)
+    y = K.matmul(hg, _b_stack(lora_b).t(), out_dtype=x.dtype, compute_dtype=x.dtype, addend=base_out)
+    return y, h
+
+
+def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
+    num_experts, d_out, rank = lora_b.shape
+    shared = lora_a.dim() == 2
+    acc = h.dtype
+    b_stack = _b_stack(lora_b)
+    dhg = K.matmul(dy, b_stack, out_dtype=acc, compute_dtype=x.dtype)
+    dh, dw = K.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
+                             scaling=scaling, shared_a=shared)
+    hg = K.gate_expand(h, topk_ids, topk_weights, num_experts=num_experts, rank=rank, scaling=scaling,
+                       shared_a=shared, out_dtype=x.dtype)
+    db_stack = K.matmul(dy.t(), hg, out_dtype=acc, compute_dtype=x.dtype, split_k=True)
+    dlora_b = db_stack.view(d_out, num_experts, rank).permute(1, 0, 2).to(lora_b.dtype).contiguous()
+    a_rows = _a_rows(lora_a)
+    dlora_a = K.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True).view(lora_a.shape)
+    dx = K.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype) if need_dx else None
+    return dx, dlora_a, dlora_b, dw
+
+
+# -------------------------------------------------------------- grouped regime
+
+def _grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
+    num_experts, d_out, rank = lora_b.shape
+    top_k = topk_ids.shape[1]
+    acc = K.accumulator_dtype(x.dtype)
+    block_m = _block_m()
+    blocks = expert_blocks(topk_ids, num_experts, block_m)
+    if lora_a.dim() == 2:
+        h = K.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
+        h_by_token = True
+    else:
+        h = torch.zeros(topk_ids.numel(), rank, dtype=acc, device=x.device)
+        K.grouped_matmul(x, lora_a, h, blocks.row_pair, blocks.block_expert, block_m, top_k=top_k,
+                         a_by_token=True, weight_nk_strides=(lora_a.stride(1), lora_a.stride(2)),
+                         compute_dtype=x.dtype)
+        h_by_token = False
+    pairs = torch.empty(topk_ids.numel(), d_out, dtype=x.dtype, device=x.device)
+    K.grouped_matmul(h, lora_b, pairs, blocks.row_pair, blocks.block_expert, block_m, top_k=top_k,
+                     a_by_token=h_by_token, weight_nk_strides=(lora_b.stride(1), lora_b.stride(2)),
+                     compute_dtype=x.dtype, alpha=scaling, scale=topk_weights.reshape(-1))
+    y = K.combine_pairs(pairs, topk_ids, num_experts, out_dtype=x.dtype, base=base_out)
+    return y, h
+
+
+def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
+    num_experts, d_out, rank = lora_b.shape
+    T, top_k = topk_ids.shape
+    shared = lora_a.dim() == 2
+    acc = h.dtype
+    block_m = _block_m()
+    blocks = expert_blocks(topk_ids, num_experts, block_m)
+    flat_w = topk_weights.reshape(-1)
+
+    dh_pair = torch.zeros(topk_ids.numel(), rank, dtype=acc, device=x.device)
+    K.grouped_matmul(dy, lora_b, dh_pair, blocks.row_pair, blocks.block_expert, block_m, top_k=top_k,
+                     a_by_token=True, weight_nk_strides=(lora_b.stride(2), lora_b.stride(1)),
+                     compute_dtype=x.dtype)
+    h_pair = h.repeat_interleave(top_k, dim=0) if shared else h
+    dw = torch.where(blocks.valid, scaling * (dh_pair * h_pair).sum(-1), 0).view(T, top_k)
+    dh_pair = dh_pair * (scaling * torch.where(blocks.valid, flat_w.to(acc), 0))[:, None]
+
+    dlora_b = K.grouped_weight_grad(dy, h, blocks.order, blocks.offsets, num_experts=num_experts, top_k=top_k,
+                                    left_by_token=True, right_by_token=shared, compute_dtype=x.dtype,
+                                    out_dtype=lora_b.dtype, alpha=scaling, scale=flat_w)
+    if shared:
+        dh = dh_pair.view(T, top_k, rank).sum(1)
+        dlora_a = K.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True)
+        dx = K.matmul(dh, lora_a, out_dtype=x.dtype, compute_dtype=x.dtype) if need_dx else None
+    else:
+        dlora_a = K.grouped_weight_grad(dh_pair, x, blocks.order, blocks.offsets, num_experts=num_experts,
+                                        top_k=top_k, left_by_token=False, right_by_token=True,
+                                        compute_dtype=x.dtype, out_dtype=lora_a.dtype)
+        dx = None
+        if need_dx:
+            dx_pair = torch.empty(topk_ids.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+            K.grouped_matmul(dh_pair, lora_a, dx_pair, blocks.row_pair, blocks.block_expert, block_m,
+                             top_k=top_k, a_by_token=False,
+                             weight_nk_strides=(lora_a.stride(2), lora_a.stride(1)), compute_dtype=x.dtype)
+            dx = K.combine_pairs(dx_pair, topk_ids, num_experts, out_dtype=x.dtype)
+    return dx, dlora_a, dlora_b, dw
+
+
+# ------------------------------------------------------------ custom ops
+
+@torch.library.custom_op("moelora::moe_lora_forward", mutates_args=())
+def moe_lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, base_out: Optional[torch.Tensor], scaling: float,
+                     grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [T, d_out], h): the fused MoE-LoRA forward; h is what backward needs."""
+    run = _grouped_forward if grouped else _dense_forward
+    return run(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling)
+
+
+@moe_lora_forward.register_fake
+def _(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
+    y = x.new_empty(x.shape[0], lora_b.shape[1])
+    h = x.new_empty(_saved_h_shape(x, lora_a, lora_b, topk_ids, grouped), dtype=K.accumulator_dtype(x.dtype))
+    return y, h
+
+
+@torch.library.custom_op("moelora::moe_lora_backward", mutates_args=())
+def moe_lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      topk_ids: torch.Tensor, topk_weights: torch.Tensor, h: torch.Tensor, scaling: float,
+                      grouped: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dlora_a, dlora_b, dtopk_weights); dx is an empty [0, d_in] tensor when not needed."""
+    run = _grouped_backward if grouped else _dense_backward
+    dx, dlora_a, dlora_b, dw = run(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx)
+    if dx is None:
+        dx = x.new_empty(0, x.shape[1])
+    return dx, dlora_a, dlora_b, dw.to(topk_weights.dtype)
+
+
+@moe_lora_backward.register_fake
+def _(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped, need_dx):
+    dx = x.new_empty(x.shape if need_dx else (0, x.shape[1]))
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(topk_weights)
+
+
+def _setup_context(ctx, inputs, output):
+    x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, output[1])
+    ctx.scaling = scaling
+    ctx.grouped = grouped
+    ctx.has_base = base_out is not None
+
+
+def _backward(ctx, dy, _dh):
+    x, lora_a, lora_b, topk_ids, topk_weights, h = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, dlora_a, dlora_b, dw = moe_lora_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h,
+                                                 ctx.scaling, ctx.grouped, need_dx)
+    return (dx if need_dx else None, dlora_a, dlora_b, None, dw, dy if ctx.has_base else None, None, None)
+
+
+moe_lora_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
+    """Run the Triton backend on validated, flattened arguments; returns [T, d_out]."""
+    num_experts, _, rank = args.lora_b.shape
+    if args.x.shape[0] == 0:
+        from .reference import moe_lora_torch_impl
+
+        return moe_lora_torch_impl(args)
+    if regime == "auto":
+        regime = choose_regime(num_experts, rank, args.topk_ids.shape[1])
+    y, _ = moe_lora_forward(args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
+                            args.scaling, regime == "grouped")
+    return y
