@@ -6,7 +6,8 @@ environment variable ``MOELORA_BACKEND``; a ``backend=`` argument on a call wins
 Validation: shape, dtype and device checks are free and always on. Checks that need a
 device-to-host copy (expert ids in range, finite gate weights) are on by default and are
 switched off with ``moelora.validation(False)`` (a context manager) or
-``MOELORA_VALIDATE=0``; switch them off for CUDA-graph capture. With them off, kernels
+``MOELORA_VALIDATE=0``. They are skipped by themselves while torch.compile traces
+and during CUDA-graph capture. With them off, kernels
 still never read or write out of bounds: out-of-range ids contribute nothing.
 """
 

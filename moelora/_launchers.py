@@ -67,18 +67,22 @@ def _split_count(tiles: int, reduction: int, device: torch.device, min_per_split
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_dtype: torch.dtype,
-           alpha: float = 1.0, addend: Optional[torch.Tensor] = None, split_k: bool = False) -> torch.Tensor:
+           alpha: float = 1.0, addend: Optional[torch.Tensor] = None, split_k: bool = False,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """alpha * a @ b (+ addend) for a [M, K], b [K, N] of any strides; fp32/fp64 accumulation.
 
     With ``split_k`` the K range is cut into slices whose fp32 partials are summed in a
-    fixed order (for weight gradients, whose reduction runs over all tokens).
+    fixed order (for weight gradients, whose reduction runs over all tokens). ``out``
+    (any strides) receives the result when given.
     """
     M, K = a.shape
     N = b.shape[1]
     acc_dtype = accumulator_dtype(compute_dtype)
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0 or K == 0:
-        out = torch.zeros(M, N, dtype=out_dtype, device=a.device)
-        return out if addend is None else out + addend.to(out_dtype)
+        out.copy_(addend if addend is not None else torch.zeros((), dtype=out_dtype))
+        return out
     block_m = 64 if M >= 64 or interpreting() else _pow2_block(M, 16, 64)
     block_n = _pow2_block(N, 16, 128)
     block_k = _pow2_block(K, 16, 64)
@@ -87,7 +91,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, k_per_split)
     if splits == 1:
-        out = torch.empty(M, N, dtype=out_dtype, device=a.device)
         partial = out.unsqueeze(0)
     else:
         partial = torch.empty(splits, M, N, dtype=acc_dtype, device=a.device)
@@ -101,12 +104,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
         alpha, HAS_ADDEND=has_addend, **_dot_config(compute_dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
-    if splits == 1:
-        return out
-    out = partial.sum(0)
-    if addend is not None:
-        out = out + addend.to(acc_dtype)
-    return out.to(out_dtype)
+    if splits > 1:
+        total = partial.sum(0)
+        out.copy_(total if addend is None else total + addend.to(acc_dtype))
+    return out
 
 
 def _routing_blocks(top_k: int) -> int:
@@ -114,10 +115,12 @@ def _routing_blocks(top_k: int) -> int:
 
 
 def gate_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, num_experts: int,
-                rank: int, scaling: float, shared_a: bool, out_dtype: torch.dtype) -> torch.Tensor:
+                rank: int, scaling: float, shared_a: bool, out_dtype: torch.dtype,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Hg [T, E*r] = s * G[t, e] * h_e[t]  (h [T, r] shared, or [T, E*r] per expert)."""
     T = h.shape[0]
-    out = torch.empty(T, num_experts * rank, dtype=out_dtype, device=h.device)
+    if out is None:
+        out = torch.empty(T, num_experts * rank, dtype=out_dtype, device=h.device)
     block_t = 64 if interpreting() else 32
     grid = (triton.cdiv(T, block_t),)
     gate_expand_kernel[grid](
@@ -133,11 +136,14 @@ def gate_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 
 
 def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
-                  num_experts: int, rank: int, scaling: float, shared_a: bool):
+                  num_experts: int, rank: int, scaling: float, shared_a: bool,
+                  dh: Optional[torch.Tensor] = None, dw: Optional[torch.Tensor] = None):
     """(dh, dw): dh [T, r] (shared A) or [T, E*r], dw [T, k]; both in h's (accumulator) dtype."""
     T = h.shape[0]
-    dh = torch.empty(T, rank if shared_a else num_experts * rank, dtype=h.dtype, device=h.device)
-    dw = torch.empty(topk_ids.shape, dtype=h.dtype, device=h.device)
+    if dh is None:
+        dh = torch.empty(T, rank if shared_a else num_experts * rank, dtype=h.dtype, device=h.device)
+    if dw is None:
+        dw = torch.empty(topk_ids.shape, dtype=h.dtype, device=h.device)
     block_t = 64 if interpreting() else 32
     grid = (triton.cdiv(T, block_t),)
     gate_backward_kernel[grid](
@@ -183,7 +189,7 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, row
 def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, *,
                         num_experts: int, top_k: int, left_by_token: bool, right_by_token: bool,
                         compute_dtype: torch.dtype, out_dtype: torch.dtype, alpha: float = 1.0,
-                        scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        scale: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[E, NA, NB]: per expert e, alpha * sum over its pairs p of left[row(p)]^T (scale[p] * right[row(p)])."""
     NA, NB = left.shape[1], right.shape[1]
     acc_dtype = accumulator_dtype(compute_dtype)
@@ -192,8 +198,12 @@ def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, order: torch.Te
     block_k = 32
     tiles = num_experts * triton.cdiv(NA, block_a) * triton.cdiv(NB, block_b)
     splits = _split_count(tiles, order.numel() // max(num_experts, 1), left.device)
-    partial = torch.empty(splits, num_experts, NA, NB, dtype=out_dtype if splits == 1 else acc_dtype,
-                          device=left.device)
+    if out is None:
+        out = torch.empty(num_experts, NA, NB, dtype=out_dtype, device=left.device)
+    if splits == 1:
+        partial = out.unsqueeze(0)
+    else:
+        partial = torch.empty(splits, num_experts, NA, NB, dtype=acc_dtype, device=left.device)
     grid = (num_experts * splits, triton.cdiv(NA, block_a), triton.cdiv(NB, block_b))
     scale_arg = scale if scale is not None else partial
     grouped_weight_grad_kernel[grid](
@@ -204,17 +214,18 @@ def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, order: torch.Te
         L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, HAS_SCALE=scale is not None,
         **_dot_config(compute_dtype), BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k,
     )
-    if splits == 1:
-        return partial[0]
-    return partial.sum(0).to(out_dtype)
+    if splits > 1:
+        out.copy_(partial.sum(0))
+    return out
 
 
 def combine_pairs(pairs: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *, out_dtype: torch.dtype,
-                  base: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  base: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[t] = base[t] + sum_j pairs[t*k + j] over the slots with valid ids, in slot order."""
     T, top_k = topk_ids.shape
     N = pairs.shape[1]
-    out = torch.empty(T, N, dtype=out_dtype, device=pairs.device)
+    if out is None:
+        out = torch.empty(T, N, dtype=out_dtype, device=pairs.device)
     if T == 0 or N == 0:
         return out
     block_t, block_n = 32, _pow2_block(N, 16, 128)

@@ -2,7 +2,7 @@
 
 Shape, dtype and device checks cost nothing and always run. The two checks that must
 read device memory on the host (ids in range, finite gate weights) run only while
-``moelora.validation`` is enabled.
+``moelora.validation`` is enabled, and never under torch.compile or CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ class MoELoRAArgs(NamedTuple):
     @property
     def num_experts(self) -> int:
         return self.lora_b.shape[0]
+
+
+def _tracing_or_capturing() -> bool:
+    """Under torch.compile or CUDA-graph capture a host read is impossible: skip those checks."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _require_tensor(name: str, value) -> torch.Tensor:
@@ -111,7 +118,7 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
 
     topk_ids = topk_ids.reshape(num_tokens, top_k)
     topk_weights = topk_weights.reshape(num_tokens, top_k)
-    if validation_enabled() and num_tokens > 0:
+    if validation_enabled() and num_tokens > 0 and not _tracing_or_capturing():
         lo, hi = torch.aminmax(topk_ids)
         if bool(lo < 0) or bool(hi >= num_experts):
             raise ValueError(

@@ -71,7 +71,7 @@ def moe_lora_naive(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling=1.0, ba
         if tokens.numel() == 0:
             continue
         a_e = args.lora_a if args.shared_a else args.lora_a[e]
-        gate = (args.scaling * w[tokens, slots]).to(x2.dtype).unsqueeze(-1)
+        gate = (w[tokens, slots].to(x2.dtype) * args.scaling).unsqueeze(-1)
         out = out.index_add(0, tokens, ((x2[tokens] @ a_e.t()) @ args.lora_b[e].t()) * gate)
     if args.base_out is not None:
         out = args.base_out + out

@@ -1,0 +1,259 @@
+"""The fused operator against the float64 reference: forward, every gradient, both regimes.
+
+Without a GPU the Triton kernels run under the interpreter (fp32, fp16); bf16 and the
+larger sweeps run only on a GPU.
+"""
+
+import pytest
+import torch
+
+import moelora
+from conftest import DEVICE, HAS_CUDA
+from moe_inputs import TOLERANCE, make_problem, reference, rel_err
+from moelora.reference import moe_lora_naive
+
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+REGIMES = ["dense", "grouped"]
+CPU_DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def run_and_check(p, *, regime, backend="triton", grad_kind="random"):
+    """Run the op, compare output and all gradients with the float64 reference."""
+    y = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend=backend, regime=regime)
+    assert y.dtype == p.x.dtype and y.shape == (p.x.shape[0], p.lora_b.shape[1])
+    if grad_kind == "sum":  # y.sum() hands backward a stride-0 expanded gradient
+        grad_out = torch.ones_like(y)
+        grads = torch.autograd.grad(y.sum(), p.leaves())
+    else:
+        grad_out = torch.randn_like(y)
+        grads = torch.autograd.grad(y, p.leaves(), grad_out)
+    y_ref, grads_ref = reference(p, grad_out)
+    tol = TOLERANCE[p.x.dtype]
+    assert rel_err(y, y_ref) < tol, f"forward rel err {rel_err(y, y_ref)}"
+    names = ["x", "lora_a", "lora_b", "topk_weights", "base_out"]
+    for name, g, g_ref, leaf in zip(names, grads, grads_ref, p.leaves()):
+        assert g.shape == leaf.shape and g.dtype == leaf.dtype, name
+        assert rel_err(g, g_ref) < tol, f"grad {name} rel err {rel_err(g, g_ref)}"
+    return y, grads
+
+
+# T, d_in, d_out, r, E, k: every T of the issue, odd widths, r from 1 to 64, E up to 64, k up to E.
+SHAPES = [
+    (1, 16, 16, 4, 1, 1),
+    (7, 47, 600, 8, 7, 3),
+    (97, 47, 60, 16, 8, 2),
+    (97, 32, 48, 1, 8, 8),
+    (97, 33, 40, 4, 64, 2),
+    (130, 64, 72, 64, 4, 2),
+    (200, 40, 24, 16, 7, 7),
+]
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-din{}-dout{}-r{}-E{}-k{}".format(*s))
+def test_matches_float64_reference_fp32(shape, shared_a, regime):
+    T, d_in, d_out, r, E, k = shape
+    run_and_check(make_problem(T, d_in, d_out, r, E, k, shared_a=shared_a, device=DEVICE, seed=T + E), regime=regime)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_matches_float64_reference_fp16(shared_a, regime):
+    p = make_problem(97, 47, 60, 16, 8, 2, shared_a=shared_a, dtype=torch.float16, device=DEVICE)
+    run_and_check(p, regime=regime)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+@pytest.mark.parametrize("shape", [(1, 64, 64, 16, 8, 2), (1000, 600, 47, 8, 8, 2), (4096, 1024, 1024, 16, 8, 2),
+                                   (3000, 512, 768, 64, 64, 4), (2048, 256, 256, 4, 64, 64)],
+                         ids=lambda s: "T{}-din{}-dout{}-r{}-E{}-k{}".format(*s))
+def test_gpu_sweep(shape, shared_a, regime, dtype):
+    T, d_in, d_out, r, E, k = shape
+    run_and_check(make_problem(T, d_in, d_out, r, E, k, shared_a=shared_a, dtype=dtype, device=DEVICE), regime=regime)
+
+
+@needs_gpu
+@pytest.mark.parametrize("regime", REGIMES)
+def test_gpu_many_tokens_int64_offsets(regime):
+    """T * d above 2^31 elements would wrap int32 offsets; here T * d_out = 70000 * 32768."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    T, d_in, d_out = 70000, 64, 32768
+    x = torch.randn(T, d_in, device=DEVICE, dtype=torch.bfloat16)
+    a = torch.randn(16, d_in, device=DEVICE, dtype=torch.bfloat16) / 8
+    b = torch.randn(4, d_out, 16, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.randint(0, 4, (T, 1), device=DEVICE)
+    w = torch.rand(T, 1, device=DEVICE)
+    y = moelora.moe_lora(x, a, b, ids, w, backend="triton", regime=regime)
+    rows = torch.tensor([0, T // 2, T - 1], device=DEVICE)
+    ref = moelora.reference.moe_lora_torch(x[rows].double(), a.double(), b.double(), ids[rows], w[rows].double())
+    assert rel_err(y[rows], ref) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_leading_dims_int32_ids_and_no_base(regime):
+    p = make_problem(24, 16, 20, 4, 5, 2, id_dtype=torch.int32, with_base=False, device=DEVICE)
+    x3 = p.x.detach().view(2, 3, 4, 16).requires_grad_()
+    ids3 = p.topk_ids.view(2, 3, 4, 2)
+    y = moelora.moe_lora(x3, p.lora_a, p.lora_b, ids3, p.topk_weights.view(2, 3, 4, 2), scaling=p.scaling,
+                         backend="triton", regime=regime)
+    assert y.shape == (2, 3, 4, 20)
+    y_ref, _ = reference(p, torch.zeros(24, 20, dtype=torch.float64, device=DEVICE))
+    assert rel_err(y.reshape(24, 20), y_ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_non_contiguous_inputs_and_stride0_grad(shared_a, regime):
+    """Transposed/sliced views for every input, and the y.sum() gradient (stride 0)."""
+    p = make_problem(50, 24, 36, 8, 6, 2, shared_a=shared_a, device=DEVICE)
+    p.x = p.x.detach().t().contiguous().t().requires_grad_()  # column-major x
+    p.lora_b = p.lora_b.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    p.lora_a = p.lora_a.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+    p.topk_ids = p.topk_ids.t().contiguous().t()  # strides (1, T)
+    p.topk_weights = p.topk_weights.detach().t().contiguous().t().requires_grad_()
+    p.base_out = p.base_out.detach().t().contiguous().t().requires_grad_()
+    assert not p.x.is_contiguous() and not p.topk_ids.is_contiguous()
+    run_and_check(p, regime=regime, grad_kind="sum")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_empty_experts_get_exact_zero_gradients(shared_a, regime):
+    E = 8
+    p = make_problem(60, 20, 30, 4, E, 2, shared_a=shared_a, experts=E // 2, device=DEVICE)
+    _, grads = run_and_check(p, regime=regime)
+    dB = grads[2]
+    assert torch.equal(dB[E // 2:], torch.zeros_like(dB[E // 2:]))
+    assert dB[: E // 2].abs().sum() > 0
+    if not shared_a:
+        dA = grads[1]
+        assert torch.equal(dA[E // 2:], torch.zeros_like(dA[E // 2:]))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_all_tokens_on_one_expert(k, regime):
+    run_and_check(make_problem(70, 20, 30, 4, 5, k, one_expert=True, device=DEVICE), regime=regime)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_repeated_expert_in_two_slots_sums(regime):
+    p = make_problem(20, 16, 16, 4, 4, 2, device=DEVICE)
+    p.topk_ids = torch.full_like(p.topk_ids, 2)
+    run_and_check(p, regime=regime)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_zero_tokens(backend):
+    p = make_problem(0, 16, 24, 4, 4, 2, device=DEVICE)
+    y = moelora.moe_lora(*p.args(), base_out=p.base_out, backend=backend)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert p.lora_b.grad is not None and torch.equal(p.lora_b.grad, torch.zeros_like(p.lora_b))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_bitwise_deterministic(shared_a, regime):
+    def once():
+        p = make_problem(90, 40, 56, 8, 8, 2, shared_a=shared_a, device=DEVICE, seed=3)
+        y = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="triton", regime=regime)
+        return [y, *torch.autograd.grad(y, p.leaves(), torch.ones_like(y) * 0.5 + y.detach())]
+
+    for a, b in zip(once(), once()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_gradcheck_float64(shared_a, regime):
+    p = make_problem(9, 5, 6, 2, 3, 2, shared_a=shared_a, dtype=torch.float64, device=DEVICE)
+
+    def fn(x, a, b, w, base):
+        return moelora.moe_lora(x, a, b, p.topk_ids, w, scaling=p.scaling, base_out=base, backend="triton",
+                                regime=regime)
+
+    leaves = [t.detach().double().requires_grad_() for t in p.leaves()]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def test_naive_loop_matches_torch_backend():
+    p = make_problem(40, 12, 18, 4, 5, 2, shared_a=False, dtype=torch.float64, device=DEVICE)
+    y_naive = moe_lora_naive(*p.args(), scaling=p.scaling, base_out=p.base_out)
+    y_ref, _ = reference(p, torch.zeros(40, 18, dtype=torch.float64, device=DEVICE))
+    assert rel_err(y_naive, y_ref) < 1e-12
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_out_of_range_ids_with_validation_off_contribute_nothing(regime):
+    """With checks off, bad ids must neither crash nor touch memory: they add nothing."""
+    p = make_problem(30, 16, 20, 4, 4, 2, device=DEVICE)
+    bad = p.topk_ids.clone()
+    bad[::3, 1] = 4
+    bad[1::5, 0] = -7
+    w = p.topk_weights.detach()
+    masked_w = torch.where((bad >= 0) & (bad < 4), w, torch.zeros_like(w))
+    with moelora.validation(False):
+        y = moelora.moe_lora(p.x, p.lora_a, p.lora_b, bad, w, scaling=p.scaling, backend="triton", regime=regime)
+        y.sum().backward()
+    ref = moelora.reference.moe_lora_torch(p.x.detach().double(), p.lora_a.detach().double(),
+                                           p.lora_b.detach().double(), bad.clamp(0, 3), masked_w.double(),
+                                           scaling=p.scaling)
+    assert rel_err(y, ref) < TOLERANCE[torch.float32]
+    assert torch.isfinite(p.lora_b.grad).all() and torch.isfinite(p.x.grad).all()
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_reads_only_inside_strided_views(regime):
+    """Inputs are views into NaN-filled buffers: any read outside a view poisons the result."""
+    T, d_in, d_out, r, E, k = 33, 20, 28, 4, 5, 2
+    p = make_problem(T, d_in, d_out, r, E, k, device=DEVICE)
+
+    def embed(t):
+        big = torch.full((t.shape[0] + 2, 2 * t.shape[1] + 3), float("nan"), dtype=t.dtype, device=DEVICE)
+        view = big[1:-1, 3::2]
+        view.copy_(t.detach())
+        return view.requires_grad_()
+
+    p.x, p.base_out = embed(p.x), embed(p.base_out)
+    big_b = torch.full((E, d_out + 1, r + 2), float("nan"), device=DEVICE)
+    big_b[:, 1:, 1:-1] = p.lora_b.detach()
+    p.lora_b = big_b[:, 1:, 1:-1].requires_grad_()
+    run_and_check(p, regime=regime)
+
+
+def test_backend_selection(monkeypatch):
+    p = make_problem(10, 8, 8, 2, 3, 1, device=DEVICE)
+    assert moelora.resolve_backend("torch", p.x.device) == "torch"
+    with moelora.use_backend("triton"):
+        assert moelora.current_backend() == "triton"
+        assert moelora.resolve_backend(None, p.x.device) == "triton"
+        assert moelora.resolve_backend("torch", p.x.device) == "torch"  # the argument wins
+    monkeypatch.setenv("MOELORA_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert moelora.resolve_backend(None, torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="backend='triton' needs"):
+        moelora.resolve_backend("triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert moelora.resolve_backend(None, torch.device("cpu")) == "triton"
+    monkeypatch.setenv("MOELORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="MOELORA_BACKEND must be one of"):
+        moelora.current_backend()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        moelora.resolve_backend("fast", p.x.device)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with moelora.use_backend("fast"):
+            pass
+
+
+def test_backends_agree():
+    p = make_problem(40, 16, 24, 4, 6, 2, device=DEVICE)
+    y_t = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="triton")
+    y_r = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="torch")
+    assert rel_err(y_t, y_r) < TOLERANCE[torch.float32]
