@@ -20,8 +20,11 @@ from .reference import moe_lora_torch_impl
 REGIMES = ("auto", "dense", "grouped")
 
 
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreter_enabled() -> bool:
