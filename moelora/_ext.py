@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 
 import torch
 
@@ -25,7 +26,10 @@ try:
     HAS_C = True
     WITH_CUDA = bool(_C.WITH_CUDA)
     LOAD_ERROR = None
-    assert _C.MAX_EXPERTS == MAX_EXPERTS, "moelora._C was built from other sources; rebuild it"
+    if _C.MAX_EXPERTS != MAX_EXPERTS:  # a stale build of other sources: do not trust it
+        HAS_C, WITH_CUDA = False, False
+        LOAD_ERROR = RuntimeError("moelora._C was built from other sources; rebuild it")
+        warnings.warn(str(LOAD_ERROR), RuntimeWarning)
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _C = None
     HAS_C = False
