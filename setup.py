@@ -5,32 +5,57 @@ The Python package ``moelora`` is assembled from two folders: ``moelora/`` and
 never collide with the unrelated PyPI project that owns the top-level name
 ``triton_kernels``.
 
-Native extension (``moelora._C``): see ``_native_extensions`` below.
+Native extension ``moelora._C`` (xformers / torchao style, see ``_native_extensions``):
+- C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built;
+- CUDA kernels (csrc/cuda/*.cu, kernels in csrc/kernels/*.cuh) are added when torch was
+  built with CUDA and nvcc is found, or when FORCE_CUDA=1; architectures come from
+  TORCH_CUDA_ARCH_LIST (default "8.0;9.0", i.e. sm_80 and sm_90);
+- MOELORA_NO_EXT=1 skips the native build; moelora then runs on PyTorch fallbacks.
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch
 that is already installed.
 """
 
+import glob
 import os
 
 from setuptools import setup
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _cuda_wanted():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
 
 def _native_extensions():
-    """The C++/CUDA extension, or nothing when MOELORA_NO_EXT=1 or no sources exist yet."""
+    """The C++/CUDA extension, or nothing when MOELORA_NO_EXT=1 or no sources exist."""
     if os.environ.get("MOELORA_NO_EXT", "0") == "1":
         return [], {}
-    sources = sorted(
-        os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")
-    ) if os.path.isdir("csrc") else []
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not sources:
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    ext = CppExtension(
-        "moelora._C",
-        sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
-    )
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    if _cuda_wanted():
+        # TORCH_CUDA_ARCH_LIST is read by torch's build helper; default to A100 + H100.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        ext = CUDAExtension(
+            "moelora._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            define_macros=[("MOELORA_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
+            },
+        )
+    else:
+        ext = CppExtension("moelora._C", sources, extra_compile_args={"cxx": cxx_flags})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

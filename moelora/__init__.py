@@ -19,3 +19,17 @@ __all__ = [
     "validation_enabled",
     "reference",
 ]
+
+# --- issue 3: fused routing and token dispatch/combine (moelora._C + PyTorch fallbacks) ---
+from . import _ext  # noqa: E402
+from .routing import (  # noqa: E402
+    DispatchMetadata,
+    RouteResult,
+    combine,
+    dispatch,
+    dispatch_metadata,
+    route,
+)
+
+__all__ += ["route", "dispatch_metadata", "dispatch", "combine", "RouteResult", "DispatchMetadata"]
+# --- end issue 3 ---

@@ -1,0 +1,199 @@
+"""Autograd and fake (meta) kernels of the routing and dispatch ops.
+
+Gradients (all computed with the ops themselves or in PyTorch, fixed-order, no atomics):
+  dispatch  out[i] = w[p_i] x[p_i // k]:  dx = combine(g, w),  dw[t,j] = <x[t], g[inv[t,j]]>
+  combine   out[t] = sum_j w[t,j] y[inv[t,j]]:  dy = dispatch(g, w),  dw[t,j] = <g[t], y[inv[t,j]]>
+  pair_dot  out[t,j] = <a[t], b[inv[t,j]]>:  da = combine(b, g),  db = dispatch(a, g)
+  router_topk: d logits through weights, prob_sums and lse, recomputed from the logits in
+  PyTorch (route_backward); ids and counts are not differentiable. Logits read as -inf
+  (NaN, -inf, rows of only -inf) get zero gradient.
+For the native ops they are registered with torch.library.register_autograd / register_fake;
+the PyTorch fallbacks get the same formulas through autograd.Function classes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from . import _routing_torch as fb
+
+
+def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
+    """Gradient w.r.t. logits of router_topk's (weights, prob_sums, lse)."""
+    x = fb.clean_logits(logits)
+    probs, _, _ = fb.softmax_stats(x)
+    ids = ids.long()
+    g_probs = torch.zeros_like(probs)
+    g_x = torch.zeros_like(probs)
+    if g_prob_sums is not None:
+        g_probs = g_probs + g_prob_sums.to(probs.dtype).unsqueeze(0)
+    if g_weights is not None:
+        gw = g_weights.to(probs.dtype)
+        w = weights.to(probs.dtype)
+        if mode == fb.SOFTMAX_TOPK:
+            if renormalize:
+                total = probs.gather(1, ids).sum(-1, keepdim=True)
+                gw = torch.where(total > 0, (gw - (gw * w).sum(-1, keepdim=True)) / total,
+                                 torch.zeros_like(gw))
+            g_probs = g_probs.scatter_add(1, ids, gw)
+        else:  # weights = softmax of the selected logits
+            g_x = g_x.scatter_add(1, ids, w * (gw - (gw * w).sum(-1, keepdim=True)))
+    g_x = g_x + probs * (g_probs - (probs * g_probs).sum(-1, keepdim=True))
+    if g_lse is not None:
+        g_x = g_x + g_lse.to(probs.dtype).unsqueeze(1) * probs
+    g_x = torch.where(x == float("-inf"), torch.zeros_like(g_x), g_x)
+    return g_x.to(logits.dtype)
+
+
+def _cast_like(grad, ref):
+    return None if grad is None else grad.to(ref.dtype)
+
+
+class _Ops:
+    """The five ops, native (torch.ops.moelora) or PyTorch fallbacks."""
+
+    def __init__(self, native: bool):
+        if native:
+            ns = torch.ops.moelora
+            self.router_topk, self.dispatch_metadata = ns.router_topk, ns.dispatch_metadata
+            self.dispatch, self.combine, self.pair_dot = ns.dispatch, ns.combine, ns.pair_dot
+        else:
+            self.router_topk, self.dispatch_metadata = _RouteFn.apply, fb.dispatch_metadata
+            self.dispatch, self.combine, self.pair_dot = _DispatchFn.apply, _CombineFn.apply, _PairDotFn.apply
+
+
+def _dispatch_grads(ops, needs, x, sp, inv, w, g):
+    gx = ops.combine(g, sp, inv, w) if needs[0] else None
+    gw = _cast_like(ops.pair_dot(x, g, sp, inv), w) if (w is not None and needs[3]) else None
+    return gx, None, None, gw
+
+
+def _combine_grads(ops, needs, y, sp, inv, w, g):
+    gy = ops.dispatch(g, sp, inv, w) if needs[0] else None
+    gw = _cast_like(ops.pair_dot(g, y, sp, inv), w) if (w is not None and needs[3]) else None
+    return gy, None, None, gw
+
+
+def _pair_dot_grads(ops, needs, a, b, sp, inv, g):
+    ga = ops.combine(b, sp, inv, g) if needs[0] else None
+    gb = ops.dispatch(a, sp, inv, g) if needs[1] else None
+    return ga, gb, None, None
+
+
+# ---- PyTorch fallbacks as autograd.Functions ---------------------------------------------
+class _RouteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, top_k, mode, renormalize):
+        out = fb.router_topk(logits, top_k, mode, renormalize)
+        ctx.save_for_backward(logits, out[1], out[0])
+        ctx.mode, ctx.renormalize = mode, renormalize
+        ctx.mark_non_differentiable(out[1], out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_w, g_ids, g_counts, g_ps, g_lse):
+        logits, ids, weights = ctx.saved_tensors
+        return route_backward(logits, ids, weights, ctx.mode, ctx.renormalize, g_w, g_ps, g_lse), None, None, None
+
+
+class _DispatchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sp, inv, w):
+        ctx.save_for_backward(x, sp, inv, w)
+        return fb.dispatch(x, sp, inv, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _dispatch_grads(FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
+
+
+class _CombineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, sp, inv, w):
+        ctx.save_for_backward(y, sp, inv, w)
+        return fb.combine(y, sp, inv, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _combine_grads(FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
+
+
+class _PairDotFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, sp, inv):
+        ctx.save_for_backward(a, b, sp, inv)
+        return fb.pair_dot(a, b, sp, inv)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _pair_dot_grads(FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
+
+
+FALLBACK_OPS = _Ops(native=False)
+NATIVE_OPS = _Ops(native=True) if _ext.HAS_C else None
+
+
+# ---- Native ops: fake kernels and autograd -----------------------------------------------
+def _register_native():
+    lib = "moelora::"
+
+    @torch.library.register_fake(lib + "router_topk")
+    def _router_fake(logits, top_k, mode, renormalize):
+        T, E = logits.shape
+        acc = fb.acc_dtype(logits.dtype)
+        return (logits.new_empty((T, top_k), dtype=acc), logits.new_empty((T, top_k), dtype=torch.int32),
+                logits.new_empty((E,), dtype=torch.int64), logits.new_empty((E,), dtype=acc),
+                logits.new_empty((T,), dtype=acc))
+
+    @torch.library.register_fake(lib + "dispatch_metadata")
+    def _meta_fake(topk_ids, num_experts, block_size):
+        T, k = topk_ids.shape
+        n = T * k
+        i64 = dict(dtype=torch.int64)
+        padded = block_size > 0
+        mp = fb.padded_length(n, num_experts, block_size) if padded else 0
+        return (topk_ids.new_empty((num_experts,), **i64), topk_ids.new_empty((num_experts + 1,), **i64),
+                topk_ids.new_empty((n,), **i64), topk_ids.new_empty((T, k), **i64),
+                topk_ids.new_empty((num_experts + 1 if padded else 0,), **i64), topk_ids.new_empty((mp,), **i64),
+                topk_ids.new_empty((T, k) if padded else (0, 0), **i64),
+                topk_ids.new_empty((mp // block_size if padded else 0,), dtype=torch.int32))
+
+    @torch.library.register_fake(lib + "dispatch")
+    def _dispatch_fake(x, sorted_pairs, inverse, weights):
+        return x.new_empty((sorted_pairs.shape[0], x.shape[1]))
+
+    @torch.library.register_fake(lib + "combine")
+    def _combine_fake(y, sorted_pairs, inverse, weights):
+        return y.new_empty((inverse.shape[0], y.shape[1]))
+
+    @torch.library.register_fake(lib + "pair_dot")
+    def _pair_dot_fake(a, b, sorted_pairs, inverse):
+        return a.new_empty(tuple(inverse.shape), dtype=fb.acc_dtype(a.dtype))
+
+    def _route_setup(ctx, inputs, output):
+        logits, _, mode, renormalize = inputs
+        ctx.save_for_backward(logits, output[1], output[0])
+        ctx.mode, ctx.renormalize = mode, renormalize
+
+    def _route_bwd(ctx, g_w, g_ids, g_counts, g_ps, g_lse):
+        logits, ids, weights = ctx.saved_tensors
+        return route_backward(logits, ids, weights, ctx.mode, ctx.renormalize, g_w, g_ps, g_lse), None, None, None
+
+    def _save_all(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    torch.library.register_autograd(lib + "router_topk", _route_bwd, setup_context=_route_setup)
+    torch.library.register_autograd(
+        lib + "dispatch", lambda ctx, g: _dispatch_grads(NATIVE_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g),
+        setup_context=_save_all)
+    torch.library.register_autograd(
+        lib + "combine", lambda ctx, g: _combine_grads(NATIVE_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g),
+        setup_context=_save_all)
+    torch.library.register_autograd(
+        lib + "pair_dot", lambda ctx, g: _pair_dot_grads(NATIVE_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g),
+        setup_context=_save_all)
+
+
+if _ext.HAS_C:
+    _register_native()

@@ -1,0 +1,212 @@
+"""moelora.route: C++ and fallback paths vs a Python-loop reference, ties, NaN, edge sizes,
+determinism, opcheck, gradients and argument validation; CUDA vs CPU when a GPU is there."""
+
+import pytest
+import torch
+
+import moelora
+from moelora import _ext
+from _routing_helpers import PATHS, needs_c, needs_cuda_kernels, route_reference, run_path
+
+MODES = [("softmax_topk", False), ("softmax_topk", True), ("topk_softmax", False)]
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+
+
+def _check_route(out, logits, top_k, mode, renorm):
+    T, E = logits.shape
+    w_ref, ids_ref, cnt_ref, ps_ref, lse_ref = route_reference(logits, top_k, mode, renorm)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    assert out.weights.dtype == acc and out.prob_sums.dtype == acc and out.lse.dtype == acc
+    assert out.ids.dtype == torch.int32 and out.counts.dtype == torch.int64
+    assert out.weights.shape == (T, top_k) and out.lse.shape == (T,) and out.counts.shape == (E,)
+    assert torch.equal(out.ids.long(), ids_ref)
+    assert torch.equal(out.counts, cnt_ref)
+    tol = TOL[logits.dtype]
+    torch.testing.assert_close(out.weights.double(), w_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.prob_sums.double(), ps_ref, rtol=tol * 10, atol=tol * max(T, 1))
+    torch.testing.assert_close(out.lse.double(), lse_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_route_matches_reference(path, mode, renorm, dtype):
+    g = torch.Generator().manual_seed(hash((mode, renorm, str(dtype))) % 2**31)
+    logits = (torch.randn(37, 11, generator=g) * 3).to(dtype)
+    out = run_path(path, moelora.route, logits, 3, mode=mode, renormalize=renorm)
+    _check_route(out, logits, 3, mode, renorm)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
+@pytest.mark.parametrize("T,E,k", [(0, 8, 2), (5, 1, 1), (19, 257, 4), (7, 6, 6), (3, 1024, 8)])
+def test_route_edge_sizes(path, mode, renorm, T, E, k):
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T * 1000 + E))
+    out = run_path(path, moelora.route, logits, k, mode=mode, renormalize=renorm)
+    _check_route(out, logits, k, mode, renorm)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_ties_and_nan(path, mode, renorm):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-2, 2, (40, 9), generator=g).float()  # many ties
+    logits[3] = float("nan")  # all-NaN row: ids 0..k-1, weights 0
+    logits[4, ::2] = float("nan")
+    logits[5] = float("-inf")
+    logits[6, 1:] = float("-inf")  # one finite logit, then -inf ties
+    logits[7] = 0.0
+    out = run_path(path, moelora.route, logits, 4, mode=mode, renormalize=renorm)
+    _check_route(out, logits, 4, mode, renorm)
+    assert torch.equal(out.ids[3].long(), torch.arange(4)) and torch.equal(out.ids[5].long(), torch.arange(4))
+    assert out.weights[3].abs().sum() == 0 and out.lse[3] == float("-inf")
+    assert ((out.ids >= 0) & (out.ids < 9)).all()
+    assert all(len(set(r)) == 4 for r in out.ids.tolist())  # distinct per token
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_route_all_tokens_to_one_expert(path):
+    logits = torch.randn(50, 16)
+    logits[:, 5] += 100.0
+    out = run_path(path, moelora.route, logits, 1, mode="topk_softmax")
+    assert (out.ids == 5).all() and out.counts[5] == 50 and out.counts.sum() == 50
+    assert torch.equal(out.weights, torch.ones(50, 1))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_route_deterministic_and_leading_dims(path):
+    logits = torch.randn(4, 300, 64)
+    a = run_path(path, moelora.route, logits, 2)
+    b = run_path(path, moelora.route, logits, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a.weights.shape == (4, 300, 2) and a.lse.shape == (4, 300)
+
+
+@needs_c
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_fallback_equals_native(mode, renorm):
+    logits = torch.randn(513, 40) * 4
+    a = run_path("native", moelora.route, logits, 5, mode=mode, renormalize=renorm)
+    b = run_path("fallback", moelora.route, logits, 5, mode=mode, renormalize=renorm)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts)
+    for x, y in ((a.weights, b.weights), (a.prob_sums, b.prob_sums), (a.lse, b.lse)):
+        torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-6)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_router_opcheck(dtype):
+    logits = torch.randn(13, 10, dtype=dtype, requires_grad=dtype != torch.bfloat16)
+    for mode, renorm in ((0, True), (1, False)):
+        torch.library.opcheck(torch.ops.moelora.router_topk.default, (logits, 3, mode, renorm))
+
+
+def _route_sum(path, mode, renorm, k, coef):
+    def f(logits):
+        out = run_path(path, moelora.route, logits, k, mode=mode, renormalize=renorm)
+        return out.weights, (out.prob_sums * coef).sum(), out.lse
+    return f
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_gradcheck(path, mode, renorm):
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 7, dtype=torch.float64, generator=g).requires_grad_()
+    coef = torch.randn(7, dtype=torch.float64, generator=g)
+    torch.autograd.gradcheck(_route_sum(path, mode, renorm, 3, coef), (logits,))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_grad_matches_torch_autograd(path, mode, renorm):
+    """fp32 logits: gradient vs plain-PyTorch autograd of softmax / topk / logsumexp."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(33, 8, generator=g)
+    gw, gps, glse = torch.randn(33, 2, generator=g), torch.randn(8, generator=g), torch.randn(33, generator=g)
+    x = logits.clone().requires_grad_()
+    out = run_path(path, moelora.route, x, 2, mode=mode, renormalize=renorm)
+    ((out.weights * gw).sum() + (out.prob_sums * gps).sum() + (out.lse * glse).sum()).backward()
+    y = logits.clone().requires_grad_()
+    probs = torch.softmax(y, -1)
+    ids = out.ids.long()
+    if mode == "softmax_topk":
+        w = probs.gather(1, ids)
+        if renorm:
+            w = w / w.sum(-1, keepdim=True)
+    else:
+        w = torch.softmax(y.gather(1, ids), -1)
+    ((w * gw).sum() + (probs.sum(0) * gps).sum() + (torch.logsumexp(y, -1) * glse).sum()).backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_route_grad_nan_rows_are_zero(path):
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    logits[1] = float("nan")
+    logits[2, 0] = float("nan")
+    x = logits.clone().requires_grad_()
+    out = run_path(path, moelora.route, x, 2, renormalize=True)
+    (out.weights.sum() + out.prob_sums.sum() + out.lse[[0, 2, 3]].sum()).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all() and x.grad[2, 0] == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_route_validation(path):
+    logits = torch.randn(4, 6)
+    cases = [
+        (ValueError, "top_k", (logits, 7)), (ValueError, "top_k", (logits, 0)), (TypeError, "top_k", (logits, 2.0)),
+        (TypeError, "logits", (logits.long(), 2)), (TypeError, "logits", (logits.numpy(), 2)),
+        (ValueError, "experts", (torch.randn(2, 5000), 2)), (ValueError, "experts", (torch.randn(2, 0), 1)),
+    ]
+    for exc, word, args in cases:
+        with pytest.raises(exc, match=word):
+            run_path(path, moelora.route, *args)
+    with pytest.raises(ValueError, match="mode"):
+        run_path(path, moelora.route, logits, 2, mode="sigmoid")
+    with pytest.raises(TypeError, match="renormalize"):
+        run_path(path, moelora.route, logits, 2, renormalize=1)
+
+
+@needs_c
+def test_native_op_checks_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        torch.ops.moelora.router_topk(torch.randn(3, 4), 5, 0, False)
+    with pytest.raises(ValueError, match="number of experts"):
+        torch.ops.moelora.router_topk(torch.randn(3, 5000), 2, 0, False)
+    with pytest.raises(TypeError, match="logits"):
+        torch.ops.moelora.router_topk(torch.ones(3, 4, dtype=torch.int32), 2, 0, False)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------
+@needs_cuda_kernels
+@pytest.mark.parametrize("T,E,k", [(65536, 64, 2), (4099, 8, 2), (1000, 257, 8), (33, 4096, 4), (0, 16, 2), (9, 5, 5)])
+@pytest.mark.parametrize("mode,renorm", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_route_cuda_matches_cpu(T, E, k, mode, renorm, dtype):
+    logits = (torch.randn(T, E) * 2).to(dtype)
+    if T > 8:
+        logits[1] = float("nan")
+        logits[2, : E // 2] = float("nan")
+        logits[3] = torch.round(logits[3])  # ties
+    cpu = moelora.route(logits, k, mode=mode, renormalize=renorm)
+    gpu = moelora.route(logits.cuda(), k, mode=mode, renormalize=renorm)
+    gpu2 = moelora.route(logits.cuda(), k, mode=mode, renormalize=renorm)
+    assert all(torch.equal(a, b) for a, b in zip(gpu, gpu2))  # bitwise reproducible
+    assert torch.equal(gpu.ids.cpu(), cpu.ids) and torch.equal(gpu.counts.cpu(), cpu.counts)
+    torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu.lse.cpu(), cpu.lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gpu.prob_sums.cpu(), cpu.prob_sums, rtol=1e-4, atol=1e-3)
+
+
+@needs_cuda_kernels
+def test_route_cuda_fp64_and_grad():
+    logits = torch.randn(300, 2500, dtype=torch.float64)  # fp64 with opted-in shared memory
+    cpu = moelora.route(logits, 3, renormalize=True)
+    gpu = moelora.route(logits.cuda(), 3, renormalize=True)
+    assert torch.equal(gpu.ids.cpu(), cpu.ids)
+    torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-12, atol=1e-14)
+    x = logits[:8, :9].cuda().requires_grad_()
+    torch.autograd.gradcheck(_route_sum("native", "topk_softmax", False, 2, torch.randn(9, dtype=torch.float64,
+                                                                                          device="cuda")), (x,))
+    torch.library.opcheck(torch.ops.moelora.router_topk.default, (x, 2, 0, True))
