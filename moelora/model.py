@@ -186,7 +186,9 @@ def clear_aux_losses(model: nn.Module) -> None:
 def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per routed module (by name), from its last forward: ``load`` (slots per token routed
     to each expert, [E]), ``entropy`` (mean routing entropy, nats), and the unweighted
-    ``load_balancing_loss`` and ``z_loss``."""
+    ``load_balancing_loss`` and ``z_loss``. Names are relative to the wrapped model."""
+    if isinstance(model, MoELoRAModel):
+        model = model.model
     return {name: dict(m._last_router_stats) for name, m in model.named_modules()
             if isinstance(m, RoutedModule) and getattr(m, "_last_router_stats", None) is not None}
 
