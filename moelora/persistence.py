@@ -69,10 +69,14 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
         config = MoELoRAConfig.from_dict(json.load(f))
     wrapped = get_moelora_model(model, config)
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    expected = adapter_state_dict(wrapped, config.bias).keys()
+    expected = adapter_state_dict(wrapped, config.bias)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"checkpoint does not fit the model: {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[name].shape)}")
     wrapped.model.load_state_dict(state, strict=False)
     if not is_trainable:
         for p in wrapped.parameters():
