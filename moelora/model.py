@@ -151,10 +151,14 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
 
 
 def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
-    """requires_grad only for lora_* parameters (A, B, gamma, DoRA magnitude), routers and
-    the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers)."""
+    """requires_grad only for lora_* parameters (A, B, gamma, DoRA magnitude), routers,
+    upcycled MoE FFNs and MoLEx gates, and the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers)."""
     for name, p in model.named_parameters():
         p.requires_grad_(any(m in name for m in TRAINABLE_MARKERS))
+    for m in model.modules():  # upcycled MoE FFNs and MoLEx gates stay trainable
+        if getattr(m, "_moelora_trainable", False):
+            for p in m.parameters():
+                p.requires_grad_(True)
     if bias == "all":
         for name, p in model.named_parameters():
             if name.endswith("bias"):
