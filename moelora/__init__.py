@@ -30,11 +30,12 @@ from .model import (  # noqa: E402
 from .merge import merge_adapter, merge_and_unload, unmerge_adapter  # noqa: E402
 from .persistence import export_peft_lora, from_pretrained, load_peft_lora, save_pretrained  # noqa: E402
 from .upcycle import MoEFFN, moe_ffn, upcycle_ffn  # noqa: E402
+from .molex import MoLEx, apply_molex  # noqa: E402
 
 __all__ += [
     "MoELoRAConfig", "MoELoRALinear", "Router", "load_balancing_loss", "router_z_loss",
     "MoELoRAModel", "aux_loss", "get_moelora_model", "router_stats", "set_task_ids", "step_routers",
     "use_task_ids", "merge_adapter", "merge_and_unload", "unmerge_adapter",
     "export_peft_lora", "from_pretrained", "load_peft_lora", "save_pretrained",
-    "MoEFFN", "moe_ffn", "upcycle_ffn",
+    "MoEFFN", "moe_ffn", "upcycle_ffn", "MoLEx", "apply_molex",
 ]
