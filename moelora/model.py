@@ -79,8 +79,10 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
         raise ValueError("MoELoRAConfig.target_modules must be set (a list of module-name suffixes, a regex "
                          "string, or 'all-linear')")
     candidates = []
+    # Linear layers inside moelora's own modules (MoLEx gates, upcycled experts) are not targets.
+    owned = {id(sub) for m in model.modules() if getattr(m, "_moelora_trainable", False) for sub in m.modules()}
     for name, module in model.named_modules():
-        if not _is_linear(module) or isinstance(module, Router):
+        if not _is_linear(module) or isinstance(module, Router) or id(module) in owned:
             continue
         if any(p in name.split(".") for p in ("base_layer",)):
             raise ValueError("the model already holds MoE-LoRA layers; inject into a clean model")
@@ -282,6 +284,19 @@ class MoELoRAModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with model.disable_adapter():`` runs the base model (as PEFT's)."""
+        layers = [m for m in self.model.modules() if isinstance(m, MoELoRALinear)]
+        previous = [m.disable_adapters for m in layers]
+        for m in layers:
+            m.disable_adapters = True
+        try:
+            yield
+        finally:
+            for m, prev in zip(layers, previous):
+                m.disable_adapters = prev
 
     def merge_adapter(self, task: Optional[int] = None) -> None:
         from .merge import merge_adapter

@@ -121,7 +121,7 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().clone()
         if use_dora:
             state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().clone()
-        key = "^" + re.escape(name)
+        key = re.escape(name)
         rank_pattern[key], alpha_pattern[key] = rank, alpha
     config = LoraConfig(r=rank_pattern[next(iter(rank_pattern))], lora_alpha=alpha_pattern[next(iter(alpha_pattern))],
                         target_modules=[n for n, _ in layers], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
@@ -152,7 +152,7 @@ def _read_peft_checkpoint(directory: str):
 
 def _peft_value(name: str, pattern: dict, default):
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?(?:{key})$", name) or re.match(key, name):
+        if re.match(rf"(.*\.)?(?:{key})$", name):
             return value
     return default
 
@@ -174,8 +174,8 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
             r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
             target_modules=sorted(modules), num_experts=1, top_k=1, use_rslora=use_rslora,
             use_dora=bool(peft_config.get("use_dora", False)),
-            rank_pattern={"^" + re.escape(n): r for n, r in ranks.items()},
-            alpha_pattern={"^" + re.escape(n): a for n, a in alphas.items()})
+            rank_pattern={re.escape(n): r for n, r in ranks.items()},
+            alpha_pattern={re.escape(n): a for n, a in alphas.items()})
         wrapped, target = get_moelora_model(model, config), 0
     inner = wrapped.model
     for name, tensors in modules.items():

@@ -196,3 +196,21 @@ def test_torch_compile_of_injected_model_matches_eager():
         compiled = torch.compile(model.model, backend="aot_eager")
         out = compiled(ids).logits
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_and_molex_gates_not_targeted():
+    base = tiny_llama(num_layers=2)
+    ids = token_batch()
+    expected = base(ids).logits
+    moelora.apply_molex(base, gate="cosine", proj_dim=4)
+    with_molex = base(ids, use_cache=False).logits
+    model = get_moelora_model(base, MoELoRAConfig(target_modules="all-linear", num_experts=2, top_k=1))
+    assert not any("molex" in n for n in _layers(model))
+    assert all(p.requires_grad for p in base.molex.parameters())
+    randomize_adapters(model)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, with_molex)
+    assert not torch.allclose(model(ids, use_cache=False).logits, with_molex)
+    base.molex.remove()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, expected)
