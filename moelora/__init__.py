@@ -1,35 +1,40 @@
 """moelora: fused mixture-of-experts LoRA kernels for PyTorch.
 
-The functional operator is :func:`moe_lora`; ``moelora.reference`` holds the pure
-PyTorch formulations it is tested and benchmarked against.
+- Functional operator: :func:`moe_lora` (Triton kernels, or PyTorch as reference/fallback);
+  ``moelora.reference`` holds the pure-PyTorch formulations it is tested against.
+- Routing and token movement: :func:`route`, :func:`dispatch_metadata`, :func:`dispatch`,
+  :func:`combine` (the ``moelora._C`` extension, with PyTorch fallbacks).
+- Layers and model integration: :class:`MoELoRALinear`, :func:`get_moelora_model`, aux
+  losses, MoE FFN upcycling, MoLEx, save/load/merge and PEFT interop.
 """
 
+from . import _ext, reference
 from ._config import current_backend, use_backend, validation, validation_enabled
+from .config import MoELoRAConfig
 from .functional import moe_lora, resolve_backend
-from . import reference
+from .layer import MoELoRALinear
+from .losses import load_balancing_loss, router_z_loss
+from .merge import merge_adapter, merge_and_unload, unmerge_adapter
+from .model import (MoELoRAModel, aux_loss, get_moelora_model, router_stats, set_task_ids, step_routers,
+                    use_task_ids)
+from .molex import MoLEx, apply_molex
+from .persistence import export_peft_lora, from_pretrained, load_peft_lora, save_pretrained
+from .routers import Router
+from .routing import DispatchMetadata, RouteResult, combine, dispatch, dispatch_metadata, route
+from .upcycle import MoEFFN, moe_ffn, upcycle_ffn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "moe_lora",
-    "resolve_backend",
-    "current_backend",
-    "use_backend",
-    "validation",
-    "validation_enabled",
+    # operator and switches
+    "moe_lora", "resolve_backend", "current_backend", "use_backend", "validation", "validation_enabled",
     "reference",
+    # routing and token movement
+    "route", "dispatch_metadata", "dispatch", "combine", "RouteResult", "DispatchMetadata",
+    # layers and models
+    "MoELoRAConfig", "MoELoRALinear", "Router", "load_balancing_loss", "router_z_loss",
+    "MoELoRAModel", "aux_loss", "get_moelora_model", "router_stats", "set_task_ids", "step_routers",
+    "use_task_ids", "merge_adapter", "merge_and_unload", "unmerge_adapter",
+    "export_peft_lora", "from_pretrained", "load_peft_lora", "save_pretrained",
+    "MoEFFN", "moe_ffn", "upcycle_ffn", "MoLEx", "apply_molex",
 ]
-
-# --- issue 3: fused routing and token dispatch/combine (moelora._C + PyTorch fallbacks) ---
-from . import _ext  # noqa: E402
-from .routing import (  # noqa: E402
-    DispatchMetadata,
-    RouteResult,
-    combine,
-    dispatch,
-    dispatch_metadata,
-    route,
-)
-
-__all__ += ["route", "dispatch_metadata", "dispatch", "combine", "RouteResult", "DispatchMetadata"]
-# --- end issue 3 ---

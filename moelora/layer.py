@@ -1,0 +1,246 @@
+"""``MoELoRALinear``: a frozen linear layer plus a routed mixture of LoRA experts.
+
+    y = base_layer(x) + s * sum_j w[t,j] * lora_B[e[t,j]] @ (lora_A[(e[t,j])] @ dropout(x[t]))
+
+computed by :func:`moelora.moe_lora`; s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)).
+Routing (see :mod:`moelora.routers`) comes from a learned ``router`` (fp32 logits) or, for
+task routing, from the task ids given with the batch and the per-task scales ``lora_gamma``.
+With one expert and no task routing there is no router: every token uses expert 0 with
+weight 1, and the layer is PEFT's LoRA layer (optionally DoRA).
+
+Parameter layouts follow PEFT / nn.Linear: ``lora_A`` [r, d_in] (shared A, MoSLD) or
+[E, r, d_in]; ``lora_B`` [E, d_out, r]; ``router.weight`` [E, d_in]. With task routing and a
+shared LoRA, expert E (the last) is the shared LoRA, used by every token with weight 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import moe_lora
+from .losses import RoutedModule
+from .routers import ROUTER_MODES, Router, Routing, task_routing
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as [d_in, d_out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def linear_dims(module: nn.Module):
+    """(d_in, d_out, fan_in_fan_out) of an nn.Linear or a transformers Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out, True
+    raise TypeError(f"MoELoRALinear wraps nn.Linear or transformers Conv1D layers, got {type(module).__name__}")
+
+
+class MoELoRALinear(nn.Module, RoutedModule):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) with a mixture of LoRA experts.
+
+    Args:
+        base_layer: the frozen layer; its parameters are not touched.
+        num_experts: E (the number of tasks for ``router="task"``).
+        top_k: experts per token (ignored for task routing, which uses 1).
+        r, lora_alpha, use_rslora, lora_dropout, init_lora_weights, use_dora: as PEFT's
+            LoraConfig (``init_lora_weights``: True = kaiming-uniform A, "gaussian" =
+            N(0, 1/r) A, both with B = 0; False = random B too). DoRA needs E = 1.
+        share_lora_a: one A [r, d_in] shared by all experts (MoSLD).
+        lora_a_dropout: MoSLD's Bernoulli dropout on A's weights (training only, kept weights
+            rescaled by 1/(1-p)).
+        router: "softmax_topk", "topk_softmax", "threshold" or "task".
+        router_renormalize: renormalise the kept top-k probabilities ("softmax_topk").
+        router_jitter_noise: multiplicative U(1-j, 1+j) noise on the router input in training.
+        threshold_eps, threshold_eps_start, threshold_ramp_steps: the eps schedule of
+            threshold routing.
+        task_shared_lora: task routing with a shared LoRA beside the task experts.
+        router_aux_loss_coef, router_z_loss_coef: weights of the load-balancing and z losses.
+    """
+
+    def __init__(self, base_layer: nn.Module, num_experts: int = 4, top_k: int = 2, r: int = 8,
+                 lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 share_lora_a: bool = False, lora_a_dropout: float = 0.0, router: str = "softmax_topk",
+                 router_renormalize: bool = True, router_jitter_noise: float = 0.0,
+                 threshold_eps: float = 0.0, threshold_eps_start: float = 0.0, threshold_ramp_steps: int = 0,
+                 task_shared_lora: bool = False, init_lora_weights: Union[bool, str] = True,
+                 use_dora: bool = False, router_aux_loss_coef: float = 0.01, router_z_loss_coef: float = 0.001):
+        super().__init__()
+        d_in, d_out, self.fan_in_fan_out = linear_dims(base_layer)
+        check_layer_args(num_experts, top_k, r, lora_dropout, lora_a_dropout, router, init_lora_weights,
+                         use_dora, task_shared_lora)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = d_in, d_out
+        self.num_experts, self.r, self.lora_alpha, self.use_rslora = num_experts, r, lora_alpha, use_rslora
+        self.router_mode = router
+        self.top_k = 1 if router == "task" or num_experts == 1 else top_k
+        self.share_lora_a, self.lora_a_dropout = share_lora_a, lora_a_dropout
+        self.task_shared_lora = task_shared_lora
+        self.use_dora = use_dora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.aux_loss_coef, self.z_loss_coef = router_aux_loss_coef, router_z_loss_coef
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.merged_task: Optional[int] = None
+        self.disable_adapters = False
+        self._task_ids = None
+        self._clear_routing_record()
+
+        weight = base_layer.weight
+        # As PEFT (autocast_adapter_dtype): half-precision bases get fp32 adapters.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = dict(device=weight.device, dtype=dtype)
+        n_lora = num_experts + (1 if task_shared_lora else 0)
+        self.lora_A = nn.Parameter(torch.empty((r, d_in) if share_lora_a else (n_lora, r, d_in), **factory))
+        self.lora_B = nn.Parameter(torch.empty(n_lora, d_out, r, **factory))
+        if router == "task":
+            self.router = None
+            self.lora_gamma = nn.Parameter(torch.zeros(num_experts, **factory))
+        elif num_experts > 1:
+            self.router = Router(d_in, num_experts, top_k, router, router_renormalize, router_jitter_noise,
+                                 threshold_eps_start, threshold_eps, threshold_ramp_steps, device=weight.device)
+        else:
+            self.router = None
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(d_out, **factory))
+        self.reset_lora_parameters(init_lora_weights)
+
+    # ----------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        a_slices = [self.lora_A] if self.share_lora_a else list(self.lora_A)
+        for a in a_slices:
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init_lora_weights is False or self.router_mode == "task":
+            # Task experts are gated by gamma = 0 at init, so B may (and must, for gamma to
+            # receive a gradient) start non-zero.
+            for b in self.lora_B:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            self.lora_B.zero_()
+        if self.task_shared_lora and init_lora_weights is not False:
+            self.lora_B[-1].zero_()
+        if self.use_dora:
+            self.lora_magnitude_vector.copy_(self._weight_norm(self.base_weight().to(self.lora_B.dtype)))
+
+    # ----------------------------------------------------------------------------- helpers
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in nn.Linear layout [d_out, d_in] (a view; Conv1D transposed)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    @property
+    def routing_is_static(self) -> bool:
+        """True when routing does not depend on the input (E = 1, or task routing)."""
+        return self.router is None
+
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.scaling * self.lora_B[0] @ self.expert_A(0)
+        return torch.linalg.norm(weight + delta, dim=1)
+
+    def expert_A(self, e: int) -> torch.Tensor:
+        return self.lora_A if self.share_lora_a else self.lora_A[e]
+
+    def _effective_A(self) -> torch.Tensor:
+        a = self.lora_A
+        if self.training and self.lora_a_dropout > 0:
+            keep = torch.empty_like(a).bernoulli_(1.0 - self.lora_a_dropout)
+            a = a * keep / (1.0 - self.lora_a_dropout)
+        return a
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Routing for input x [..., d_in]; records the aux losses of learned routers."""
+        lead = tuple(x.shape[:-1])
+        if self.router_mode == "task":
+            if self._task_ids is None:
+                raise RuntimeError(
+                    "this MoELoRALinear routes by task id but none is set: call "
+                    "moelora.set_task_ids(model, ids), use `with moelora.use_task_ids(model, ids):`, or pass "
+                    "task_ids=... to the MoELoRAModel's forward")
+            shared = self.num_experts if self.task_shared_lora else None
+            return task_routing(self._task_ids, self.lora_gamma, lead, shared)
+        num_tokens = math.prod(lead)
+        if self.router is None:
+            ids = torch.zeros(num_tokens, 1, dtype=torch.long, device=x.device)
+            return Routing(torch.ones(num_tokens, 1, device=x.device), ids, None, None)
+        routing = self.router(x)
+        self._record_routing(routing.probs, routing.logits, routing.ids, routing.weights, self.num_experts)
+        return routing
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        routing = self.route(x)
+        dtype = self.lora_B.dtype
+        x_lora = self.lora_dropout(x.to(dtype))
+        lora_a = self._effective_A()
+        if self.use_dora:
+            return self._dora_forward(x_lora, lora_a, routing, result)
+        out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=self.scaling,
+                       base_out=result.to(dtype))
+        return out.to(result.dtype)
+
+    def _dora_forward(self, x_lora, lora_a, routing, result):
+        """PEFT's DoRA (single expert): the column norm of W + s*B@A is a constant."""
+        dtype = self.lora_B.dtype
+        weight = self.base_weight().to(dtype)
+        a0 = lora_a if self.share_lora_a else lora_a[0]
+        norm = torch.linalg.norm(weight + self.scaling * (self.lora_B[0] @ a0).detach(), dim=1).detach()
+        mag_scale = self.lora_magnitude_vector / norm
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_no_bias = result.to(dtype) - (bias.to(dtype) if bias is not None else 0)
+        else:
+            base_no_bias = F.linear(x_lora, weight)
+        lora_out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=self.scaling)
+        out = result.to(dtype) + (mag_scale - 1) * base_no_bias + mag_scale * lora_out
+        return out.to(result.dtype)
+
+    # ----------------------------------------------------------------------------- merge
+    def merge(self, task: Optional[int] = None) -> None:
+        """Fold the adapter into the base weight (static routing only; see moelora.merge)."""
+        from .merge import merge_layer
+
+        merge_layer(self, task)
+
+    def unmerge(self) -> None:
+        from .merge import unmerge_layer
+
+        unmerge_layer(self)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, r={self.r}, router={self.router_mode}, share_lora_a={self.share_lora_a}")
+
+
+def check_layer_args(num_experts, top_k, r, lora_dropout, lora_a_dropout, router, init_lora_weights,
+                     use_dora, task_shared_lora) -> None:
+    """Clear errors for impossible layer settings."""
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if router not in ROUTER_MODES:
+        raise ValueError(f"router must be one of {ROUTER_MODES}, got {router!r}")
+    if router != "task" and num_experts > 1 and not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    for name, p in (("lora_dropout", lora_dropout), ("lora_a_dropout", lora_a_dropout)):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {p}")
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    if use_dora and (num_experts != 1 or router == "task"):
+        raise ValueError("use_dora needs a single expert without task routing (num_experts=1)")
+    if task_shared_lora and router != "task":
+        raise ValueError("task_shared_lora needs router='task'")

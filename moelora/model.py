@@ -1,0 +1,331 @@
+"""Injecting MoE-LoRA layers into a model, and the model-level helpers.
+
+:func:`get_moelora_model` replaces the ``nn.Linear`` (or GPT-2 ``Conv1D``) modules named by
+``config.target_modules`` with :class:`MoELoRALinear`, freezes everything but the adapters,
+routers and task scales, and returns a :class:`MoELoRAModel` wrapper.
+
+Auxiliary losses: every routed module keeps the weighted load-balancing + z-loss of its
+last forward. ``moelora.aux_loss(model)`` sums them (custom loops add it to their loss).
+``MoELoRAModel.forward`` clears the stored losses before running the wrapped model and,
+when ``config.add_aux_loss_to_output`` is set and the output carries a ``loss`` (transformers
+models given labels), adds the aux loss to ``output.loss`` once; trainers reading
+``outputs.loss`` then see it exactly once. Tuple outputs (``return_dict=False``) are left
+unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import MoELoRAConfig
+from .layer import MoELoRALinear, is_conv1d
+from .losses import RoutedModule
+from .routers import Router
+
+DEFAULT_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
+OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+TRAINABLE_MARKERS = ("lora_", "router.")
+
+
+# ------------------------------------------------------------------------------- matching
+def _matches(name: str, patterns) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def layer_index(name: str, layers_pattern=None) -> Optional[int]:
+    """Index of the numbered layer holding module ``name`` (as PEFT's layers_pattern)."""
+    patterns = layers_pattern or DEFAULT_LAYERS_PATTERN
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    alternatives = "|".join(re.escape(p) for p in patterns)
+    m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def _pattern_value(name: str, pattern: Dict[str, float], default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?(?:{key})$", name):
+            return value
+    return default
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _output_head_ids(model: nn.Module) -> set:
+    ids = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if head is not None:
+            ids.add(id(head))
+    return ids
+
+
+def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
+    """Names of the modules ``config`` selects, in model order; errors name what failed."""
+    if config.target_modules is None:
+        raise ValueError("MoELoRAConfig.target_modules must be set (a list of module-name suffixes, a regex "
+                         "string, or 'all-linear')")
+    candidates = []
+    # Linear layers inside moelora's own modules (MoLEx gates, upcycled experts) are not targets.
+    owned = {id(sub) for m in model.modules() if getattr(m, "_moelora_trainable", False) for sub in m.modules()}
+    for name, module in model.named_modules():
+        if not _is_linear(module) or isinstance(module, Router) or id(module) in owned:
+            continue
+        if any(p in name.split(".") for p in ("base_layer",)):
+            raise ValueError("the model already holds MoE-LoRA layers; inject into a clean model")
+        candidates.append((name, module))
+    target = config.target_modules
+    if target == "all-linear":
+        heads = _output_head_ids(model)
+        selected = [n for n, m in candidates if id(m) not in heads and n.split(".")[-1] not in OUTPUT_HEAD_NAMES]
+    else:
+        selected = [n for n, _ in candidates if _matches(n, target)]
+        if isinstance(target, str):
+            if not selected:
+                raise ValueError(f"target_modules regex {target!r} matches no linear module of the model")
+        else:
+            unknown = [t for t in target if not any(_matches(n, [t]) for n, _ in candidates)]
+            if unknown:
+                raise ValueError(f"target_modules {unknown} not found among the model's linear modules "
+                                 f"(e.g. {[n for n, _ in candidates[:6]]})")
+    if config.exclude_modules:
+        selected = [n for n in selected if not _matches(n, config.exclude_modules)]
+    if config.layers_to_transform is not None:
+        keep = set(config.layers_to_transform)
+        selected = [n for n in selected if layer_index(n, config.layers_pattern) in keep]
+    if not selected:
+        raise ValueError("no module left to adapt after applying exclude_modules / layers_to_transform")
+    return selected
+
+
+def _num_layers(model: nn.Module, layers_pattern) -> int:
+    indices = [layer_index(n, layers_pattern) for n, _ in model.named_modules()]
+    indices = [i for i in indices if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
+    """Replace the targeted layers in place; returns their names."""
+    names = find_target_modules(model, config)
+    num_layers = _num_layers(model, config.layers_pattern)
+    if isinstance(config.num_experts, (list, tuple)) and len(config.num_experts) != num_layers:
+        raise ValueError(f"num_experts lists {len(config.num_experts)} per-layer counts but the model has "
+                         f"{num_layers} layers")
+    for name in names:
+        base = model.get_submodule(name)
+        idx = layer_index(name, config.layers_pattern)
+        n_exp = config.experts_for_layer(idx, num_layers, name)
+        top_k = config.top_k
+        if config.router != "task" and n_exp > 1 and top_k > n_exp:
+            raise ValueError(f"top_k={top_k} exceeds num_experts={n_exp} of layer {idx} ({name})")
+        layer = MoELoRALinear(
+            base, num_experts=n_exp, top_k=top_k,
+            r=_pattern_value(name, config.rank_pattern, config.r),
+            lora_alpha=_pattern_value(name, config.alpha_pattern, config.lora_alpha),
+            lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, share_lora_a=config.share_lora_a,
+            lora_a_dropout=config.lora_a_dropout, router=config.router,
+            router_renormalize=config.router_renormalize, router_jitter_noise=config.router_jitter_noise,
+            threshold_eps=config.threshold_eps, threshold_eps_start=config.threshold_eps_start,
+            threshold_ramp_steps=config.threshold_ramp_steps, task_shared_lora=config.task_shared_lora,
+            init_lora_weights=config.init_lora_weights, use_dora=config.use_dora,
+            router_aux_loss_coef=config.router_aux_loss_coef, router_z_loss_coef=config.router_z_loss_coef)
+        _set_module(model, name, layer)
+    mark_only_adapters_trainable(model, config.bias)
+    return names
+
+
+def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
+    """requires_grad only for lora_* parameters (A, B, gamma, DoRA magnitude), routers,
+    upcycled MoE FFNs and MoLEx gates, and the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(m in name for m in TRAINABLE_MARKERS))
+    for m in model.modules():  # upcycled MoE FFNs and MoLEx gates stay trainable
+        if getattr(m, "_moelora_trainable", False):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for m in model.modules():
+            if isinstance(m, MoELoRALinear) and getattr(m.base_layer, "bias", None) is not None:
+                m.base_layer.bias.requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------- helpers
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the weighted auxiliary losses every routed module stored in its last forward."""
+    losses = [m._last_aux_loss for m in model.modules()
+              if isinstance(m, RoutedModule) and getattr(m, "_last_aux_loss", None) is not None]
+    if not losses:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def clear_aux_losses(model: nn.Module) -> None:
+    """Forget every stored loss and statistic (done at the start of MoELoRAModel.forward)."""
+    for m in model.modules():
+        if isinstance(m, RoutedModule):
+            m._clear_routing_record()
+
+
+def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per routed module (by name), from its last forward: ``load`` (slots per token routed
+    to each expert, [E]), ``entropy`` (mean routing entropy, nats), and the unweighted
+    ``load_balancing_loss`` and ``z_loss``. Names are relative to the wrapped model."""
+    if isinstance(model, MoELoRAModel):
+        model = model.model
+    return {name: dict(m._last_router_stats) for name, m in model.named_modules()
+            if isinstance(m, RoutedModule) and getattr(m, "_last_router_stats", None) is not None}
+
+
+def _task_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, MoELoRALinear) and m.router_mode == "task"]
+
+
+def set_task_ids(model: nn.Module, ids) -> None:
+    """Give every task-routed layer the task ids of the next batches: an int, one id per
+    example ([batch]) or one per token; ``None`` clears them."""
+    layers = _task_layers(model)
+    if not layers and ids is not None:
+        raise ValueError("the model has no task-routed MoE-LoRA layer (router='task')")
+    for layer in layers:
+        layer._task_ids = ids
+
+
+@contextlib.contextmanager
+def use_task_ids(model: nn.Module, ids):
+    """``with moelora.use_task_ids(model, ids): model(...)``: task ids for the block only."""
+    layers = _task_layers(model)
+    previous = [layer._task_ids for layer in layers]
+    set_task_ids(model, ids)
+    try:
+        yield
+    finally:
+        for layer, prev in zip(layers, previous):
+            layer._task_ids = prev
+
+
+def step_routers(model: nn.Module, n: int = 1) -> None:
+    """Advance every router's threshold schedule by ``n`` steps (call once per optimiser step)."""
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.step(n)
+
+
+# ------------------------------------------------------------------------------- wrapper
+class MoELoRAModel(nn.Module):
+    """A model with MoE-LoRA layers injected, shaped like PEFT's PeftModel.
+
+    ``forward(*args, task_ids=None, **kwargs)`` calls the wrapped model (``self.model``) and
+    adds the auxiliary loss to ``output.loss`` (see the module docstring). Attributes the
+    wrapper lacks are looked up on the wrapped model.
+    """
+
+    def __init__(self, model: nn.Module, config: MoELoRAConfig):
+        super().__init__()
+        self.model = model
+        self.moelora_config = config
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def forward(self, *args, task_ids=None, **kwargs):
+        clear_aux_losses(self.model)
+        ctx = use_task_ids(self.model, task_ids) if task_ids is not None else contextlib.nullcontext()
+        with ctx:
+            output = self.model(*args, **kwargs)
+        if self.moelora_config.add_aux_loss_to_output and isinstance(output, dict):
+            loss = output.get("loss")
+            if loss is not None:
+                output["loss"] = loss + aux_loss(self.model).to(loss.dtype)
+        return output
+
+    # helpers bound to the wrapped model
+    def aux_loss(self) -> torch.Tensor:
+        return aux_loss(self.model)
+
+    def router_stats(self):
+        return router_stats(self.model)
+
+    def set_task_ids(self, ids) -> None:
+        set_task_ids(self.model, ids)
+
+    def step_routers(self, n: int = 1) -> None:
+        step_routers(self.model, n)
+
+    def get_nb_trainable_parameters(self):
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.model.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with model.disable_adapter():`` runs the base model (as PEFT's)."""
+        layers = [m for m in self.model.modules() if isinstance(m, MoELoRALinear)]
+        previous = [m.disable_adapters for m in layers]
+        for m in layers:
+            m.disable_adapters = True
+        try:
+            yield
+        finally:
+            for m, prev in zip(layers, previous):
+                m.disable_adapters = prev
+
+    def merge_adapter(self, task: Optional[int] = None) -> None:
+        from .merge import merge_adapter
+
+        merge_adapter(self.model, task)
+
+    def unmerge_adapter(self) -> None:
+        from .merge import unmerge_adapter
+
+        unmerge_adapter(self.model)
+
+    def merge_and_unload(self, task: Optional[int] = None) -> nn.Module:
+        from .merge import merge_and_unload
+
+        return merge_and_unload(self.model, task)
+
+    def save_pretrained(self, save_directory: str) -> None:
+        from .persistence import save_pretrained
+
+        save_pretrained(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False) -> "MoELoRAModel":
+        from .persistence import from_pretrained
+
+        return from_pretrained(model, directory, is_trainable=is_trainable)
+
+
+def get_moelora_model(model: nn.Module, config: MoELoRAConfig) -> MoELoRAModel:
+    """Inject MoE-LoRA layers into ``model`` (in place) and wrap it; see the module docstring."""
+    inject_moelora(model, config)
+    return MoELoRAModel(model, config)

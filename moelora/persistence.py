@@ -1,0 +1,203 @@
+"""Saving and loading adapters, and interop with PEFT LoRA checkpoints.
+
+- :func:`save_pretrained` writes ``moelora_config.json`` and ``adapter_model.safetensors``
+  (adapter, router and task-scale parameters, router schedule buffers, trainable biases);
+  :func:`from_pretrained` injects the layers into a fresh base model and loads them back
+  bit-exactly.
+- :func:`export_peft_lora` writes a plain PEFT LoRA checkpoint (``adapter_config.json`` +
+  ``adapter_model.safetensors``) for static routing: E = 1 (LoRA or DoRA), or one task of a
+  task-routed model, whose delta s*gamma*B_t@A_t (+ s*B_sh@A_sh) becomes a rank-r (2r)
+  LoRA with the same scaling.
+- :func:`load_peft_lora` reads a PEFT LoRA checkpoint as a single expert: into a fresh
+  model (E = 1), or into expert ``expert`` of an injected model with per-expert A.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import CONFIG_NAME, MoELoRAConfig
+from .layer import MoELoRALinear
+from .model import TRAINABLE_MARKERS, MoELoRAModel, get_moelora_model
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.model if isinstance(model, MoELoRAModel) else model
+
+
+def adapter_state_dict(model: nn.Module, bias: str = "none") -> dict:
+    """The tensors a checkpoint holds, named as in the wrapped model's state_dict."""
+    inner = _inner(model)
+    state = {}
+    for name, tensor in inner.state_dict().items():
+        is_adapter = any(m in name for m in TRAINABLE_MARKERS)
+        is_bias = bias != "none" and name.endswith("bias")
+        if bias == "lora_only" and is_bias:
+            is_bias = name.endswith("base_layer.bias")
+        if is_adapter or is_bias:
+            state[name] = tensor.detach().contiguous().clone()
+    return state
+
+
+def save_pretrained(model: MoELoRAModel, save_directory: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(save_directory, exist_ok=True)
+    config = model.moelora_config
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        f.write(config.to_json_string())
+    save_file(adapter_state_dict(model, config.bias), os.path.join(save_directory, WEIGHTS_NAME),
+              metadata={"format": "pt"})
+
+
+def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
+    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        config = MoELoRAConfig.from_dict(json.load(f))
+    wrapped = get_moelora_model(model, config)
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    expected = adapter_state_dict(wrapped, config.bias)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"checkpoint does not fit the model: {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[name].shape)}")
+    wrapped.model.load_state_dict(state, strict=False)
+    if not is_trainable:
+        for p in wrapped.parameters():
+            p.requires_grad_(False)
+        wrapped.eval()
+    return wrapped
+
+
+# ------------------------------------------------------------------------------- PEFT interop
+def _static_lora_factors(layer: MoELoRALinear, task: Optional[int]):
+    """(A [r', d_in], B [d_out, r']) with layer.scaling * B @ A = the layer's static delta."""
+    if layer.router is not None:
+        raise ValueError(f"only static routing exports to PEFT LoRA (num_experts=1 or task routing); this layer "
+                         f"has a learned router over {layer.num_experts} experts")
+    if layer.router_mode != "task":
+        return layer.expert_A(0), layer.lora_B[0]
+    if task is None or not 0 <= task < layer.num_experts:
+        raise ValueError(f"exporting a task-routed model needs task in [0, {layer.num_experts}), got {task!r}")
+    a, b = layer.expert_A(task), layer.lora_gamma[task] * layer.lora_B[task]
+    if layer.task_shared_lora:
+        a = torch.cat([a, layer.expert_A(layer.num_experts)], dim=0)
+        b = torch.cat([b, layer.lora_B[-1]], dim=1)
+    return a, b
+
+
+def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] = None) -> None:
+    """Write a PEFT LoRA checkpoint equal to the adapter (for ``task`` if task-routed)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    layers = [(n, m) for n, m in _inner(model).named_modules() if isinstance(m, MoELoRALinear)]
+    if not layers:
+        raise ValueError("the model holds no MoELoRALinear layer")
+    use_rslora = layers[0][1].use_rslora
+    use_dora = layers[0][1].use_dora
+    state, rank_pattern, alpha_pattern = {}, {}, {}
+    for name, layer in layers:
+        a, b = _static_lora_factors(layer, task)
+        rank = a.shape[0]
+        alpha = layer.scaling * (math.sqrt(rank) if use_rslora else rank)
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().clone()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().clone()
+        if use_dora:
+            state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().clone()
+        key = re.escape(name)
+        rank_pattern[key], alpha_pattern[key] = rank, alpha
+    config = LoraConfig(r=rank_pattern[next(iter(rank_pattern))], lora_alpha=alpha_pattern[next(iter(alpha_pattern))],
+                        target_modules=[n for n, _ in layers], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                        use_rslora=use_rslora, use_dora=use_dora, bias="none")
+    os.makedirs(save_directory, exist_ok=True)
+    config.save_pretrained(save_directory)
+    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _read_peft_checkpoint(directory: str):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, PEFT_CONFIG_NAME)) as f:
+        peft_config = json.load(f)
+    if peft_config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    modules = {}
+    for key, tensor in state.items():
+        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)\.weight|"
+                         rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_magnitude_vector)(?:\.weight)?", key)
+        if m is None:
+            raise ValueError(f"unsupported tensor in the PEFT checkpoint: {key}")
+        name, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        modules.setdefault(name, {})[part] = tensor
+    return peft_config, modules
+
+
+def _peft_value(name: str, pattern: dict, default):
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?(?:{key})$", name):
+            return value
+    return default
+
+
+@torch.no_grad()
+def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
+    """Load a PEFT LoRA checkpoint as one expert (see the module docstring); returns the wrapper."""
+    peft_config, modules = _read_peft_checkpoint(directory)
+    use_rslora = bool(peft_config.get("use_rslora", False))
+    if isinstance(model, MoELoRAModel):
+        wrapped, target = model, expert if expert is not None else 0
+    else:
+        if expert not in (None, 0):
+            raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
+        ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
+        alphas = {n: _peft_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
+                  for n in modules}
+        config = MoELoRAConfig(
+            r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
+            target_modules=sorted(modules), num_experts=1, top_k=1, use_rslora=use_rslora,
+            use_dora=bool(peft_config.get("use_dora", False)),
+            rank_pattern={re.escape(n): r for n, r in ranks.items()},
+            alpha_pattern={re.escape(n): a for n, a in alphas.items()})
+        wrapped, target = get_moelora_model(model, config), 0
+    inner = wrapped.model
+    for name, tensors in modules.items():
+        layer = inner.get_submodule(name)
+        if not isinstance(layer, MoELoRALinear):
+            raise ValueError(f"{name} is not a MoE-LoRA layer of the model")
+        a, b = tensors["lora_A"], tensors["lora_B"]
+        if tuple(b.shape) != tuple(layer.lora_B.shape[1:]) or a.shape[0] != layer.r:
+            raise ValueError(f"{name}: PEFT rank {a.shape[0]} / shape {tuple(b.shape)} does not fit the layer "
+                             f"(r={layer.r}, B {tuple(layer.lora_B.shape[1:])})")
+        alpha = _peft_value(name, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
+        peft_scaling = alpha / (math.sqrt(a.shape[0]) if use_rslora else a.shape[0])
+        if layer.share_lora_a and layer.num_experts > 1:
+            raise ValueError("cannot load a PEFT LoRA into one expert of a layer whose A is shared")
+        if layer.share_lora_a:
+            layer.lora_A.copy_(a)
+        else:
+            layer.lora_A[target].copy_(a)
+        # Keep the layer's scaling; fold any difference into B.
+        layer.lora_B[target].copy_(b * (peft_scaling / layer.scaling))
+        if "lora_magnitude_vector" in tensors:
+            if not layer.use_dora:
+                raise ValueError(f"{name}: the checkpoint is DoRA but the layer is not")
+            layer.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
+    return wrapped

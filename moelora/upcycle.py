@@ -1,0 +1,192 @@
+"""Upcycling a pretrained transformer FFN into a mixture of FFN experts (sparse upcycling).
+
+:func:`upcycle_ffn` replaces FFN blocks with :class:`MoEFFN`, whose E experts all start as
+copies of the pretrained FFN and whose router (ST-MoE threshold routing by default) mixes
+the kept experts with weights summing to 1, so at init the block computes the original
+FFN (up to matmul rounding: BLAS blocking depends on how many rows an expert gets).
+
+    ffn(x)        = W_out act(W_in x + b_in) + b_out            (BERT, generic two-linear MLP)
+    ffn(x)        = W_out (act(W_gate x) * (W_in x))             (LLaMA-style gated MLP)
+    MoEFFN(x)[t]  = sum_j w[t,j] ffn_{e[t,j]}(x[t])
+
+Expert compute is :func:`moe_ffn`: tokens sorted by expert (stable argsort), one matmul
+chain per expert segment, gate-weighted ``index_add`` back to token order. Slots with
+weight 0 (dropped by threshold routing) are skipped. It is the single place a fused
+dispatch/grouped-GEMM/combine kernel would replace.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layer import is_conv1d
+from .losses import RoutedModule
+from .model import _matches, _set_module, layer_index
+from .routers import Router
+
+
+def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_in: torch.Tensor,
+            b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
+            activation: Callable, w_gate: Optional[torch.Tensor] = None,
+            b_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Routed expert FFNs on x [T, d_in] with expert weights stacked on dim 0; returns [T, d_out].
+
+    Synchronises with the host once (the per-expert segment sizes).
+    """
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w_in.shape[0]
+    flat_w = topk_weights.reshape(-1)
+    flat_ids = torch.where(flat_w != 0, topk_ids.reshape(-1).long(), num_experts)  # dropped -> sentinel E
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()
+    routed = sum(counts)
+    order = order[:routed]
+    tokens = order // top_k
+    xs = x.index_select(0, tokens)
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        seg = xs[start:start + n]
+        h = F.linear(seg, w_in[e], None if b_in is None else b_in[e])
+        if w_gate is None:
+            h = activation(h)
+        else:
+            h = activation(F.linear(seg, w_gate[e], None if b_gate is None else b_gate[e])) * h
+        outs.append(F.linear(h, w_out[e], None if b_out is None else b_out[e]))
+        start += n
+    out = x.new_zeros(num_tokens, w_out.shape[1])
+    if not outs:
+        return out
+    ys = torch.cat(outs) * flat_w[order].to(x.dtype).unsqueeze(-1)
+    return out.index_add(0, tokens, ys)
+
+
+def _weight_and_bias(module: nn.Module):
+    """(weight [d_out, d_in], bias) of an nn.Linear or transformers Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if is_conv1d(module):
+        return module.weight.t(), module.bias
+    raise TypeError(f"an FFN projection must be nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+def _stack(t: Optional[torch.Tensor], num_experts: int) -> Optional[nn.Parameter]:
+    if t is None:
+        return None
+    return nn.Parameter(t.detach().unsqueeze(0).repeat(num_experts, *([1] * t.dim())).contiguous())
+
+
+class MoEFFN(nn.Module, RoutedModule):
+    """E copies of one FFN behind a router; see the module docstring.
+
+    Parameters (expert dim first, nn.Linear layouts): ``w_in`` [E, d_ff, d_in], ``b_in``,
+    ``w_gate`` (gated MLPs), ``w_out`` [E, d_out, d_ff], ``b_out``, ``router.weight`` [E, d_in].
+    """
+
+    _moelora_trainable = True  # get_moelora_model keeps the upcycled experts trainable
+
+    def __init__(self, in_proj: nn.Module, out_proj: nn.Module, activation: Callable, num_experts: int,
+                 top_k: int, gate_proj: Optional[nn.Module] = None, router: str = "threshold",
+                 threshold_eps: float = 0.0, threshold_eps_start: float = 0.0, threshold_ramp_steps: int = 0,
+                 router_jitter_noise: float = 0.0, router_aux_loss_coef: float = 0.01,
+                 router_z_loss_coef: float = 0.001):
+        super().__init__()
+        w_in, b_in = _weight_and_bias(in_proj)
+        w_out, b_out = _weight_and_bias(out_proj)
+        if w_out.shape[1] != w_in.shape[0]:
+            raise ValueError(f"out_proj takes {w_out.shape[1]} features but in_proj gives {w_in.shape[0]}")
+        self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
+        self.w_in, self.b_in = _stack(w_in, num_experts), _stack(b_in, num_experts)
+        self.w_out, self.b_out = _stack(w_out, num_experts), _stack(b_out, num_experts)
+        if gate_proj is not None:
+            w_gate, b_gate = _weight_and_bias(gate_proj)
+            self.w_gate, self.b_gate = _stack(w_gate, num_experts), _stack(b_gate, num_experts)
+        else:
+            self.w_gate = self.b_gate = None
+        self.router = Router(w_in.shape[1], num_experts, top_k, router, jitter_noise=router_jitter_noise,
+                             eps_start=threshold_eps_start, eps_end=threshold_eps,
+                             eps_ramp_steps=threshold_ramp_steps, device=w_in.device)
+        self.aux_loss_coef, self.z_loss_coef = router_aux_loss_coef, router_z_loss_coef
+        self._clear_routing_record()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.router(x)
+        self._record_routing(routing.probs, routing.logits, routing.ids, routing.weights, self.num_experts)
+        flat = x.reshape(-1, x.shape[-1])
+        out = moe_ffn(flat, routing.ids, routing.weights, self.w_in, self.b_in, self.w_out, self.b_out,
+                      self.activation, self.w_gate, self.b_gate)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, d_in={self.w_in.shape[2]}, "
+                f"d_ff={self.w_in.shape[1]}, gated={self.w_gate is not None}")
+
+
+def _is_bert_layer(m: nn.Module) -> bool:
+    inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
+    return (inter is not None and out is not None and hasattr(inter, "dense")
+            and hasattr(inter, "intermediate_act_fn") and hasattr(out, "dense"))
+
+
+def _is_gated_mlp(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_modules=None,
+                in_proj: Optional[str] = None, out_proj: Optional[str] = None, gate_proj: Optional[str] = None,
+                activation: Optional[Callable] = None, layers_to_transform=None, layers_pattern=None,
+                **router_kwargs) -> List[str]:
+    """Replace FFN blocks of ``model`` by :class:`MoEFFN` (in place); returns their names.
+
+    Without ``ffn_modules`` it finds BERT layers (``intermediate`` + ``output``: the
+    intermediate becomes the MoE and ``output.dense`` an identity, so BertOutput's dropout,
+    residual and LayerNorm stay) and LLaMA-style MLPs (gate/up/down_proj + act_fn). For
+    any other MLP give ``ffn_modules`` (suffixes or a regex, as target_modules), the names of
+    its ``in_proj`` / ``out_proj`` (and ``gate_proj``) children and ``activation``; the whole
+    module is then replaced by out_proj(act(in_proj(x))) (times act(gate_proj(x)) if gated),
+    so anything else its forward did (dropout) is dropped.
+    ``router_kwargs`` go to MoEFFN (router, threshold_eps, threshold_eps_start,
+    threshold_ramp_steps, router_jitter_noise, router_aux_loss_coef, router_z_loss_coef).
+    """
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    targets = []
+    for name, m in model.named_modules():
+        if ffn_modules is not None:
+            if name and _matches(name, ffn_modules):
+                targets.append((name, "generic"))
+        elif _is_bert_layer(m):
+            targets.append((name, "bert"))
+        elif _is_gated_mlp(m):
+            targets.append((name, "gated"))
+    if layers_to_transform is not None:
+        keep = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+        targets = [(n, k) for n, k in targets if layer_index(n, layers_pattern) in keep]
+    if not targets:
+        raise ValueError("no FFN found to upcycle: give ffn_modules=[...] with in_proj, out_proj and activation")
+    if ffn_modules is not None and (in_proj is None or out_proj is None or activation is None):
+        raise ValueError("a generic FFN needs in_proj, out_proj and activation")
+    for name, kind in targets:
+        m = model.get_submodule(name)
+        if kind == "bert":
+            moe = MoEFFN(m.intermediate.dense, m.output.dense, m.intermediate.intermediate_act_fn, num_experts,
+                         top_k, **router_kwargs)
+            m.intermediate = moe
+            m.output.dense = nn.Identity()
+        elif kind == "gated":
+            moe = MoEFFN(m.up_proj, m.down_proj, m.act_fn, num_experts, top_k, gate_proj=m.gate_proj, **router_kwargs)
+            _set_module(model, name, moe)
+        else:
+            try:
+                parts = [m.get_submodule(p) if p else None for p in (in_proj, out_proj, gate_proj)]
+            except AttributeError as err:
+                raise ValueError(f"{name} lacks one of in_proj={in_proj!r}, out_proj={out_proj!r}, "
+                                 f"gate_proj={gate_proj!r}") from err
+            moe = MoEFFN(parts[0], parts[1], activation, num_experts, top_k, gate_proj=parts[2], **router_kwargs)
+            _set_module(model, name, moe)
+    return [n for n, _ in targets]

@@ -1,0 +1,189 @@
+"""MoELoRALinear: identity at init, the routed formula, gradients, PEFT equivalence, errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moelora
+from moelora import MoELoRALinear
+from moelora.reference import moe_lora_naive
+from tiny_models import randomize_adapters
+
+LAYER_KINDS = {
+    "softmax_topk": dict(num_experts=4, top_k=2),
+    "topk_softmax": dict(num_experts=4, top_k=2, router="topk_softmax"),
+    "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.2),
+    "shared_a": dict(num_experts=3, top_k=2, share_lora_a=True, lora_a_dropout=0.1),
+    "task": dict(num_experts=3, router="task"),
+    "task_shared": dict(num_experts=3, router="task", task_shared_lora=True),
+    "single": dict(num_experts=1),
+    "dora": dict(num_experts=1, use_dora=True),
+    "rslora_gaussian": dict(num_experts=2, top_k=1, use_rslora=True, init_lora_weights="gaussian"),
+}
+
+
+def _base(d_in=12, d_out=10, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out)
+
+
+def _layer(kind, **extra):
+    layer = MoELoRALinear(_base(), r=4, lora_alpha=8, **{**LAYER_KINDS[kind], **extra})
+    layer._task_ids = torch.tensor([2, 0]) if "task" in kind else None
+    return layer
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_fresh_layer_returns_base_output_exactly(kind):
+    layer = _layer(kind).train()
+    x = torch.randn(2, 5, 12)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "topk_softmax", "shared_a", "task", "task_shared", "single"])
+def test_layer_computes_routed_formula(kind):
+    layer = _layer(kind).eval()
+    randomize_adapters(layer)
+    x = torch.randn(2, 5, 12)
+    routing = layer.route(x)
+    expected = moe_lora_naive(x, layer.lora_A, layer.lora_B, routing.ids, routing.weights,
+                              scaling=2.0, base_out=layer.base_layer(x))
+    torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a", "task_shared", "dora"])
+def test_gradients_reach_router_a_b_and_gamma(kind):
+    layer = _layer(kind).train()
+    randomize_adapters(layer)
+    layer(torch.randn(2, 5, 12)).sum().backward()
+    expected = ["lora_A", "lora_B"] + (["router.weight"] if layer.router is not None else []) \
+        + (["lora_gamma"] if kind.startswith("task") else []) + (["lora_magnitude_vector"] if kind == "dora" else [])
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+    for name in expected:
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    assert layer.base_layer.weight.grad is not None  # the bare layer leaves freezing to the caller
+
+
+def test_task_gamma_gets_gradient_at_init():
+    layer = _layer("task").train()
+    layer(torch.randn(2, 5, 12)).sum().backward()
+    assert layer.lora_gamma.grad[[0, 2]].abs().min() > 0
+    assert layer.lora_gamma.grad[1] == 0  # task 1 absent from the batch
+
+
+def test_lora_a_dropout_masks_shared_a_in_training_only():
+    layer = _layer("shared_a", lora_a_dropout=0.5)
+    randomize_adapters(layer)
+    x = torch.randn(2, 5, 12)
+    layer.train()
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    keep = torch.empty_like(layer.lora_A).bernoulli_(0.5)
+    routing = layer.route(x)
+    expected = moe_lora_naive(x, layer.lora_A * keep / 0.5, layer.lora_B, routing.ids, routing.weights,
+                              scaling=2.0, base_out=layer.base_layer(x))
+    torch.testing.assert_close(out, expected)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_parameter_counts_follow_configuration():
+    d_in, d_out, r, e = 12, 10, 4, 4
+    per_expert = MoELoRALinear(_base(), num_experts=e, top_k=2, r=r)
+    shared = MoELoRALinear(_base(), num_experts=e, top_k=2, r=r, share_lora_a=True)
+    task = MoELoRALinear(_base(), num_experts=e, r=r, router="task", task_shared_lora=True)
+    adapters = lambda m: sum(p.numel() for n, p in m.named_parameters() if not n.startswith("base_layer"))  # noqa
+    assert adapters(per_expert) == e * r * d_in + e * d_out * r + e * d_in
+    assert adapters(shared) == r * d_in + e * d_out * r + e * d_in
+    assert adapters(task) == (e + 1) * (r * d_in + d_out * r) + e
+    assert adapters(MoELoRALinear(_base(), num_experts=1, r=r)) == r * (d_in + d_out)
+
+
+def test_half_precision_base_gets_fp32_adapters_and_keeps_output_dtype():
+    layer = MoELoRALinear(_base().to(torch.bfloat16), num_experts=2, top_k=1, r=4)
+    assert layer.lora_A.dtype == torch.float32 and layer.router.weight.dtype == torch.float32
+    x = torch.randn(3, 12, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_missing_task_ids_raise():
+    layer = _layer("task")
+    layer._task_ids = None
+    with pytest.raises(RuntimeError, match="routes by task id but none is set"):
+        layer(torch.randn(2, 12))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=4, top_k=5), "top_k must be in"),
+    (dict(num_experts=0), "num_experts must be a positive int"),
+    (dict(lora_dropout=-0.1), "lora_dropout must be in"),
+    (dict(lora_a_dropout=1.0, share_lora_a=True), "lora_a_dropout must be in"),
+    (dict(router="hash"), "router must be one of"),
+    (dict(num_experts=2, top_k=1, use_dora=True), "use_dora needs a single expert"),
+    (dict(task_shared_lora=True), "task_shared_lora needs router='task'"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights must be"),
+    (dict(r=0), "r must be a positive int"),
+])
+def test_bad_layer_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoELoRALinear(_base(), **kwargs)
+
+
+def test_rejects_non_linear_base():
+    with pytest.raises(TypeError, match="wraps nn.Linear or transformers Conv1D"):
+        MoELoRALinear(nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize("use_dora,use_rslora", [(False, False), (False, True), (True, False)])
+def test_single_expert_equals_peft_lora(use_dora, use_rslora):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=use_dora, use_rslora=use_rslora,
+                     lora_dropout=0.1, init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg).eval()
+    ours = nn.Sequential(MoELoRALinear(base[0].base_layer, num_experts=1, r=4, lora_alpha=8, use_dora=use_dora,
+                                       use_rslora=use_rslora, lora_dropout=0.1), nn.ReLU(),
+                         MoELoRALinear(base[2].base_layer, num_experts=1, r=4, lora_alpha=8, use_dora=use_dora,
+                                       use_rslora=use_rslora, lora_dropout=0.1)).eval()
+    with torch.no_grad():
+        for i in (0, 2):
+            ours[i].lora_A[0].copy_(peft_model.base_model.model[i].lora_A["default"].weight)
+            ours[i].lora_B[0].copy_(peft_model.base_model.model[i].lora_B["default"].weight)
+            if use_dora:
+                mag = peft_model.base_model.model[i].lora_magnitude_vector["default"].weight
+                ours[i].lora_magnitude_vector.copy_(mag * 1.1)
+                mag.mul_(1.1)
+    x = torch.randn(3, 7, 12)
+    expected = peft_model(x)
+    assert not torch.allclose(expected, base[2].base_layer(torch.relu(base[0].base_layer(x))))
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+    # training mode: same dropout draws give the same result (dropout masks drawn in the same order)
+    peft_model.train(); ours.train()
+    torch.manual_seed(3)
+    expected = peft_model(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scaling_is_alpha_over_r_or_sqrt_r():
+    assert MoELoRALinear(_base(), num_experts=1, r=4, lora_alpha=8).scaling == 2.0
+    assert MoELoRALinear(_base(), num_experts=1, r=4, lora_alpha=8, use_rslora=True).scaling == 8 / math.sqrt(4)
+
+
+def test_functional_backend_is_what_runs(monkeypatch):
+    calls = []
+    real = moelora.layer.moe_lora
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("base_out") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moelora.layer, "moe_lora", spy)
+    _layer("softmax_topk")(torch.randn(3, 12))
+    assert calls == [True]

@@ -1,0 +1,216 @@
+"""get_moelora_model on tiny transformers models: targeting, per-layer experts, freezing,
+aux losses, router stats, task ids, torch.compile."""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moelora
+from moelora import MoELoRAConfig, MoELoRALinear, get_moelora_model
+from tiny_models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+
+
+def _layers(model):
+    inner = model.model if isinstance(model, moelora.MoELoRAModel) else model
+    return {n: m for n, m in inner.named_modules() if isinstance(m, MoELoRALinear)}
+
+
+def test_bert_fresh_equals_base_and_only_adapters_train():
+    base = tiny_bert()
+    ids = token_batch()
+    expected = base(ids).last_hidden_state
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2))
+    assert torch.equal(model(ids).last_hidden_state, expected)
+    layers = _layers(model)
+    assert sorted(layers) == sorted(f"encoder.layer.{i}.attention.self.{p}" for i in range(4) for p in ("query", "value"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(re.search(r"lora_A|lora_B|router\.weight", n) for n in trainable)
+    n_trainable, _ = model.get_nb_trainable_parameters()
+    assert n_trainable == 8 * (4 * 8 * 16 + 4 * 16 * 8 + 4 * 16)
+
+
+def test_llama_all_linear_with_mola_preset_excludes_lm_head():
+    model = get_moelora_model(tiny_llama(), MoELoRAConfig(target_modules="all-linear", num_experts="2468", top_k=2))
+    layers = _layers(model)
+    assert "lm_head" not in layers and len(layers) == 4 * 7
+    for name, layer in layers.items():
+        idx = int(re.search(r"layers\.(\d+)\.", name).group(1))
+        assert layer.num_experts == (2, 4, 6, 8)[idx]
+        assert layer.router.weight.shape == (layer.num_experts, layer.in_features)
+
+
+def test_per_layer_expert_list_callable_and_layers_to_transform():
+    cfg = MoELoRAConfig(target_modules=["q_proj"], num_experts=[2, 3, 5, 2], top_k=2)
+    assert [m.num_experts for m in _layers(get_moelora_model(tiny_llama(), cfg)).values()] == [2, 3, 5, 2]
+    cfg = MoELoRAConfig(target_modules=["q_proj"], num_experts=lambda i, n: i + 2, top_k=2, layers_to_transform=[1, 3])
+    layers = _layers(get_moelora_model(tiny_llama(), cfg))
+    assert {n: m.num_experts for n, m in layers.items()} == {"model.layers.1.self_attn.q_proj": 3,
+                                                              "model.layers.3.self_attn.q_proj": 5}
+
+
+def test_rank_and_alpha_patterns_as_peft():
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, num_experts=2, top_k=1,
+                        rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 16})
+    layers = _layers(get_moelora_model(tiny_llama(), cfg))
+    assert layers["model.layers.1.self_attn.v_proj"].r == 2
+    assert layers["model.layers.1.self_attn.v_proj"].scaling == 4.0
+    assert layers["model.layers.0.self_attn.q_proj"].scaling == 4.0
+    assert layers["model.layers.1.self_attn.q_proj"].scaling == 2.0
+
+
+def test_gpt2_conv1d_is_handled():
+    base = tiny_gpt2()
+    ids = token_batch()
+    expected = base(ids).logits
+    model = get_moelora_model(base, MoELoRAConfig(target_modules="all-linear", num_experts=2, top_k=1, r=4))
+    layers = _layers(model)
+    assert "lm_head" not in layers and {n.split(".")[-1] for n in layers} == {"c_attn", "c_proj", "c_fc"}
+    assert layers["transformer.h.0.attn.c_attn"].out_features == 48
+    assert torch.equal(model(ids).logits, expected)
+    randomize_adapters(model)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert layers["transformer.h.0.mlp.c_fc"].lora_B.grad.abs().sum() > 0
+
+
+def test_bert_classifier_head_excluded_from_all_linear():
+    model = get_moelora_model(tiny_bert(classification=True),
+                              MoELoRAConfig(target_modules="all-linear", exclude_modules=["pooler.dense"]))
+    assert not any("classifier" in n or "pooler" in n for n in _layers(model))
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(target_modules=["query", "nonexistent_proj"]), r"target_modules \['nonexistent_proj'\] not found"),
+    (dict(target_modules=r".*\.nothing"), "matches no linear module"),
+    (dict(target_modules=None), "target_modules must be set"),
+    (dict(target_modules=["query"], num_experts=[2, 2, 2]), "lists 3 per-layer counts but the model has 4 layers"),
+    (dict(target_modules=["query"], num_experts="2467"), "preset must be one of"),
+    (dict(target_modules=["query"], num_experts=[2, 2, 3, 2], top_k=3), "top_k=3 exceeds num_experts=2"),
+    (dict(target_modules=["query"], num_experts=4, top_k=5), "top_k must be in"),
+    (dict(target_modules=["query"], lora_dropout=-0.5), "lora_dropout must be in"),
+    (dict(target_modules=["query"], layers_to_transform=[9]), "no module left to adapt"),
+    (dict(target_modules=["dense"], num_experts="5555"), "not inside a numbered layer"),
+    (dict(target_modules=["query"], bias="some"), "bias must be one of"),
+])
+def test_bad_configurations_raise(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        get_moelora_model(tiny_bert(num_layers=4), MoELoRAConfig(**cfg))
+
+
+def test_num_experts_one_with_top_k_above_is_fine_but_list_with_bad_entry_is_not():
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=1, top_k=2))
+    assert all(m.router is None for m in _layers(model).values())
+    with pytest.raises(ValueError, match="every per-layer num_experts"):
+        MoELoRAConfig(num_experts=[2, 0])
+
+
+def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
+    model = get_moelora_model(tiny_llama(), MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts="8228",
+                                                          top_k=2, router_aux_loss_coef=0.5, router_z_loss_coef=0.1))
+    ids = token_batch()
+    with torch.no_grad():
+        plain = model.model(ids, labels=ids).loss
+    out = model(ids, labels=ids)
+    stats = moelora.router_stats(model)
+    assert len(stats) == 8
+    per_layer = sum(0.5 * s["load_balancing_loss"] + 0.1 * s["z_loss"] for s in stats.values())
+    aux = moelora.aux_loss(model)
+    torch.testing.assert_close(aux, per_layer)
+    torch.testing.assert_close(out.loss, plain + aux)
+    assert aux.requires_grad
+    # A no-grad forward replaces the stored losses with graph-free ones.
+    with torch.no_grad():
+        model(ids[:1])
+    assert not moelora.aux_loss(model).requires_grad
+    # Without labels the output has no loss and nothing is added.
+    assert model(ids).loss is None
+    # Switched off: output.loss is the wrapped model's loss.
+    model.moelora_config.add_aux_loss_to_output = False
+    torch.testing.assert_close(model(ids, labels=ids).loss, plain)
+
+
+def test_aux_loss_per_layer_for_different_expert_counts():
+    from moelora.losses import load_balancing_loss
+
+    model = get_moelora_model(tiny_llama(), MoELoRAConfig(target_modules=["q_proj"], num_experts=[2, 4, 6, 8],
+                                                          top_k=2, router_z_loss_coef=0.0))
+    captured = {}
+    for name, layer in _layers(model).items():
+        layer.router.register_forward_hook(lambda m, a, out, name=name: captured.__setitem__(name, out))
+    model(token_batch())
+    expected = sum(0.01 * load_balancing_loss(r.probs, r.ids, r.probs.shape[-1]) for r in captured.values())
+    torch.testing.assert_close(moelora.aux_loss(model), expected)
+    for name, s in moelora.router_stats(model).items():
+        e = _layers(model)[name].num_experts
+        assert s["load"].shape == (e,)
+        torch.testing.assert_close(s["load"].sum(), torch.tensor(2.0))
+        assert 0 <= s["entropy"] <= torch.log(torch.tensor(float(e)))
+
+
+def test_task_ids_by_setter_context_and_forward_kwarg():
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task",
+                                                         task_shared_lora=True))
+    randomize_adapters(model)
+    ids = token_batch()
+    with pytest.raises(RuntimeError, match="none is set"):
+        model(ids)
+    out_kw = model(ids, task_ids=torch.tensor([0, 2])).last_hidden_state
+    with moelora.use_task_ids(model, torch.tensor([0, 2])):
+        out_ctx = model(ids).last_hidden_state
+    moelora.set_task_ids(model, torch.tensor([0, 2]))
+    out_set = model(ids).last_hidden_state
+    assert torch.equal(out_kw, out_ctx) and torch.equal(out_kw, out_set)
+    # per-example tasks: example 0 with task 0 equals a batch of task 0 only
+    torch.testing.assert_close(model(ids[:1], task_ids=0).last_hidden_state, out_kw[:1])
+    out_set.sum().backward()
+    gamma = _layers(model)["encoder.layer.0.attention.self.query"].lora_gamma
+    assert gamma.grad[0] != 0 and gamma.grad[2] != 0 and gamma.grad[1] == 0
+    with pytest.raises(ValueError, match="no task-routed"):
+        moelora.set_task_ids(tiny_bert(), 1)
+
+
+def test_bias_modes_mark_biases_trainable():
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], bias="lora_only"))
+    trainable_biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert trainable_biases == {f"model.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in range(4)}
+
+
+def test_plain_module_injection():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    model = get_moelora_model(net, MoELoRAConfig(target_modules=["0"], num_experts=3, top_k=2, r=2))
+    assert isinstance(model.model[0], MoELoRALinear) and isinstance(model.model[2], nn.Linear)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(model(x), net[2](net[1](net[0].base_layer(x))))
+
+
+def test_torch_compile_of_injected_model_matches_eager():
+    model = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=4, top_k=2))
+    randomize_adapters(model)
+    ids = token_batch(seq=4)
+    eager = model(ids).logits
+    with moelora.validation(False):
+        compiled = torch.compile(model.model, backend="aot_eager")
+        out = compiled(ids).logits
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_and_molex_gates_not_targeted():
+    base = tiny_llama(num_layers=2)
+    ids = token_batch()
+    expected = base(ids).logits
+    moelora.apply_molex(base, gate="cosine", proj_dim=4)
+    with_molex = base(ids, use_cache=False).logits
+    model = get_moelora_model(base, MoELoRAConfig(target_modules="all-linear", num_experts=2, top_k=1))
+    assert not any("molex" in n for n in _layers(model))
+    assert all(p.requires_grad for p in base.molex.parameters())
+    randomize_adapters(model)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, with_molex)
+    assert not torch.allclose(model(ids, use_cache=False).logits, with_molex)
+    base.molex.remove()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, expected)

@@ -1,0 +1,133 @@
+"""save_pretrained / from_pretrained, merge / unmerge, PEFT LoRA export and import."""
+
+import pytest
+import torch
+
+import moelora
+from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
+from tiny_models import randomize_adapters, tiny_bert, tiny_llama, token_batch
+
+
+def _perturb_all_adapters(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    cfg = MoELoRAConfig(target_modules=["q_proj", "down_proj"], num_experts=[2, 3], top_k=2, router="threshold",
+                        threshold_eps=0.2, threshold_ramp_steps=10, share_lora_a=True)
+    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    _perturb_all_adapters(model)
+    model.step_routers(4)
+    model.eval()
+    ids = token_batch()
+    expected = model(ids).logits
+    model.save_pretrained(str(tmp_path))
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+    assert torch.equal(loaded(ids).logits, expected)
+    assert loaded.moelora_config == cfg
+    saved = moelora.persistence.adapter_state_dict(model)
+    for name, tensor in moelora.persistence.adapter_state_dict(loaded).items():
+        assert torch.equal(tensor, saved[name]), name
+    assert any(n.endswith("router.num_steps") for n in saved)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path), is_trainable=True) \
+        .get_nb_trainable_parameters()[0] > 0
+
+
+def test_load_into_wrong_model_raises(tmp_path):
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
+    model.save_pretrained(str(tmp_path))
+    cfg = MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1, r=2)
+    (tmp_path / "moelora_config.json").write_text(cfg.to_json_string())
+    with pytest.raises(ValueError, match=r"does not fit the model: .*q_proj.lora_A has shape \(2, 8, 16\)"):
+        MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_unmerge_single_expert(use_dora):
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules="all-linear", num_experts=1,
+                                                                      use_dora=use_dora))
+    _perturb_all_adapters(model)
+    ids = token_batch()
+    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    expected = model(ids).logits
+    model.merge_adapter()
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(model.model.model.layers[0].self_attn.q_proj.base_layer.weight,
+                           weights["model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    model.unmerge_adapter()
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, moelora.MoELoRALinear) for m in plain.modules())
+    torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_task_routed_layer_for_chosen_task_and_reject_learned_router():
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query", "value"], num_experts=3,
+                                                         router="task", task_shared_lora=True))
+    randomize_adapters(model)
+    _perturb_all_adapters(model)
+    ids = token_batch()
+    expected = model(ids, task_ids=1).last_hidden_state
+    model.merge_adapter(task=1)
+    torch.testing.assert_close(model(ids).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(ids, task_ids=1).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs task in"):
+        model.merge_adapter()
+    routed = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match="router depends on the input"):
+        routed.merge_adapter()
+
+
+def test_export_task_adapter_to_peft_and_load_with_peft(tmp_path):
+    from peft import PeftModel
+
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query", "value"], num_experts=3,
+                                                         router="task", task_shared_lora=True, r=4, lora_alpha=4,
+                                                         rank_pattern={"value": 2}))
+    randomize_adapters(model)
+    _perturb_all_adapters(model)
+    ids = token_batch()
+    expected = model(ids, task_ids=2).last_hidden_state
+    moelora.export_peft_lora(model, str(tmp_path), task=2)
+    peft_model = PeftModel.from_pretrained(tiny_bert(), str(tmp_path)).eval()
+    torch.testing.assert_close(peft_model(ids).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs task in"):
+        moelora.export_peft_lora(model, str(tmp_path))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_import_peft_lora_as_single_expert_and_into_an_expert(tmp_path, use_dora):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2), LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=use_dora)).eval()
+    ids = token_batch()
+    expected = peft_model(ids).logits
+    peft_model.save_pretrained(str(tmp_path))
+    ours = moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path)).eval()
+    torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    # round trip back to PEFT
+    moelora.export_peft_lora(ours, str(tmp_path / "again"))
+    from peft import PeftModel
+    again = PeftModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "again")).eval()
+    torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    if use_dora:
+        return
+    # into expert 1 of a task-routed model: task 1 with gamma = 1 reproduces the PEFT model
+    tasks = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"], r=4,
+                                                                      lora_alpha=8, num_experts=2, router="task"))
+    moelora.load_peft_lora(tasks, str(tmp_path), expert=1)
+    with torch.no_grad():
+        for m in tasks.modules():
+            if isinstance(m, moelora.MoELoRALinear):
+                m.lora_gamma.fill_(1.0)
+    torch.testing.assert_close(tasks(ids, task_ids=1).logits, expected, rtol=1e-5, atol=1e-5)

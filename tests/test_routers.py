@@ -1,0 +1,139 @@
+"""Routers (moelora.routers) and the auxiliary losses (moelora.losses)."""
+
+import math
+
+import pytest
+import torch
+
+import moelora
+from moelora.losses import expert_load, load_balancing_loss, router_z_loss, routing_entropy
+from moelora.routers import Router, softmax_topk, task_routing, threshold_routing, topk_softmax
+
+
+def _logits(t=64, e=6, seed=0):
+    return torch.randn(t, e, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_softmax_topk_renormalised_and_not():
+    logits = _logits()
+    probs = torch.softmax(logits, -1)
+    r = softmax_topk(logits, 2)
+    ref_p, ref_ids = probs.topk(2, dim=-1)
+    assert torch.equal(r.ids, ref_ids)
+    torch.testing.assert_close(r.weights, ref_p / ref_p.sum(-1, keepdim=True))
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(64))
+    torch.testing.assert_close(softmax_topk(logits, 2, renormalize=False).weights, ref_p)
+
+
+def test_topk_softmax_is_mixtral_gate():
+    logits = _logits()
+    r = topk_softmax(logits, 3)
+    top, ids = logits.topk(3, dim=-1)
+    assert torch.equal(r.ids, ids)
+    torch.testing.assert_close(r.weights, torch.softmax(top, -1))
+
+
+def test_logits_computed_in_fp32_for_half_inputs():
+    router = Router(8, 4, 2)
+    r = router(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert r.logits.dtype == torch.float32 and r.weights.dtype == torch.float32
+
+
+def test_threshold_eps_zero_keeps_all_top_n():
+    logits = _logits()
+    r = threshold_routing(logits, 3, eps=0.0, training=True)
+    top, _ = torch.softmax(logits, -1).topk(3, dim=-1)
+    torch.testing.assert_close(r.weights, top / top.sum(-1, keepdim=True))
+    assert bool((r.weights > 0).all())
+
+
+def test_threshold_eval_is_deterministic_and_keeps_best():
+    logits = _logits()
+    a = threshold_routing(logits, 3, eps=0.3, training=False)
+    b = threshold_routing(logits, 3, eps=0.3, training=False)
+    assert torch.equal(a.weights, b.weights)
+    p_hat = torch.softmax(logits, -1).topk(3, dim=-1).values
+    p_hat = p_hat / p_hat.sum(-1, keepdim=True)
+    expected_keep = p_hat >= 0.3
+    expected_keep[:, 0] = True
+    assert torch.equal(a.weights > 0, expected_keep)
+    torch.testing.assert_close(a.weights.sum(-1), torch.ones(64))
+
+
+def test_threshold_training_keeps_with_probability_p_over_eps():
+    # Every token: p_hat of the second expert is 1/(1+e) ~ 0.269; eps = 0.538 -> kept half the time.
+    n = 4000
+    logits = torch.tensor([[1.0, 0.0, -20.0]]).repeat(n, 1)
+    p2 = 1 / (1 + math.e)
+    r = threshold_routing(logits, 2, eps=2 * p2, training=True, generator=torch.Generator().manual_seed(0))
+    kept = (r.weights[:, 1] > 0).float().mean().item()
+    assert abs(kept - 0.5) < 0.04
+    assert bool((r.weights[:, 0] > 0).all())
+
+
+def test_threshold_schedule_is_linear_and_stepped_by_trainer():
+    router = Router(4, 4, 2, mode="threshold", eps_start=0.0, eps_end=0.2, eps_ramp_steps=10)
+    assert router.eps == 0.0
+    model = torch.nn.Sequential(router)
+    moelora.step_routers(model, 5)
+    assert router.eps == pytest.approx(0.1)
+    moelora.step_routers(model, 50)
+    assert router.eps == pytest.approx(0.2)
+
+
+def test_task_routing_broadcasts_per_example_ids_and_adds_shared_expert():
+    gamma = torch.tensor([0.5, -1.0, 2.0])
+    r = task_routing(torch.tensor([2, 0]), gamma, (2, 3))
+    assert r.ids.tolist() == [[2]] * 3 + [[0]] * 3
+    assert r.weights.flatten().tolist() == [2.0] * 3 + [0.5] * 3
+    r = task_routing(1, gamma, (4,), shared_expert=3)
+    assert r.ids.tolist() == [[1, 3]] * 4
+    assert r.weights.tolist() == [[-1.0, 1.0]] * 4
+    with pytest.raises(ValueError, match="task ids of shape"):
+        task_routing(torch.tensor([0, 1, 2]), gamma, (2, 3))
+
+
+def test_router_jitter_only_in_training():
+    router = Router(8, 4, 2, jitter_noise=0.5)
+    x = torch.randn(16, 8)
+    router.eval()
+    assert torch.equal(router.logits(x), router.logits(x))
+    router.train()
+    assert not torch.equal(router.logits(x), router.logits(x))
+
+
+def test_nan_logits_give_in_range_ids():
+    logits = torch.full((4, 5), float("nan"))
+    for r in (softmax_topk(logits, 2), topk_softmax(logits, 2), threshold_routing(logits, 2, 0.1, True)):
+        assert bool(((r.ids >= 0) & (r.ids < 5)).all())
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_load_balancing_loss_equals_mixtral(top_k):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits = _logits(t=40, e=8)
+    r = softmax_topk(logits, top_k)
+    ours = load_balancing_loss(r.probs, r.ids, 8)
+    ref = load_balancing_loss_func((logits,), num_experts=8, top_k=top_k)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_z_loss_entropy_and_load_formulas():
+    logits = _logits(t=10, e=4)
+    torch.testing.assert_close(router_z_loss(logits), (torch.logsumexp(logits, -1) ** 2).mean())
+    uniform = torch.full((3, 4), 0.25)
+    torch.testing.assert_close(routing_entropy(uniform), torch.tensor(math.log(4)))
+    ids = torch.tensor([[0, 1], [0, 2], [0, 3]])
+    w = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.7, 0.3]])
+    assert expert_load(ids, 4).tolist() == pytest.approx([1.0, 1 / 3, 1 / 3, 1 / 3])
+    assert expert_load(ids, 4, w).tolist() == pytest.approx([1.0, 1 / 3, 0.0, 1 / 3])
+
+
+def test_router_rejects_bad_settings():
+    with pytest.raises(ValueError, match="top_k must be in"):
+        Router(8, 4, 5)
+    with pytest.raises(ValueError, match="Router mode must be one of"):
+        Router(8, 4, 2, mode="sinkhorn")
+    with pytest.raises(ValueError, match="jitter noise must be >= 0"):
+        Router(8, 4, 2, jitter_noise=-0.1)
