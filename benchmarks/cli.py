@@ -1,0 +1,159 @@
+"""Command line: ``python -m benchmarks [options]`` runs the suite and writes the results.
+
+On a CUDA device: the full shape suite S1-S5 (bf16 by default), the S1 whole-layer case,
+the CUDA-graph check and the S1 token sweep, in priority order under ``--time-budget``.
+On a CPU: the same structure at tiny sizes (a smoke run; GPU numbers need a GPU).
+Writes ``bench-<device>-<date>.json`` and ``.png`` under ``--out-dir`` and prints a table
+and the target check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from . import ceilings as ceilings_mod
+from . import graphcheck, impls, report, targets
+from .plot import sweep_plot
+from .runner import PASSES, RunContext, run_group
+from .shapes import suite, sweep_shapes
+from .timing import Budget
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+PRIORITY = ["S1", "S3", "S5", "S2", "S4"]  # run order; S1's layer case and graph check follow S1
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="S1,S2,S3,S4,S5", help="comma-separated subset of S1..S5")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="S1 token sweep")
+    p.add_argument("--sweep-tokens", default=None, help="comma-separated token counts for the sweep")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 50 GPU, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per case (default 3 GPU, 1 CPU)")
+    p.add_argument("--min-repeats", type=int, default=None, help="floor for the adaptive repeat count")
+    p.add_argument("--case-cap", type=float, default=None,
+                   help="seconds one case's timed loop may take; fewer repeats for slow cases (default 1.0 GPU)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run; cases left when it runs out are recorded as skipped")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, 4-point sweep, shorter case cap")
+    p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of fwd,bwd,fwdbwd")
+    p.add_argument("--graph-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA-graph capture check of the S1 forward+backward")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    budget = Budget(args.time_budget)
+    log = lambda msg: print(msg, flush=True)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)
+    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+    repeats = args.repeats or ((15 if args.quick else 50) if on_gpu else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    min_repeats = args.min_repeats or min(repeats, 5 if on_gpu else 3)
+    case_cap = args.case_cap or ((0.4 if args.quick else 1.0) if on_gpu else 0.3)
+    passes = [p for p in args.passes.split(",") if p]
+    shapes = suite(on_gpu)
+    wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in shapes]
+    if unknown:
+        print(f"unknown shapes {unknown}; choose from {sorted(shapes)}", file=sys.stderr)
+        return 2
+
+    meta = report.metadata(device)
+    if not on_gpu:
+        log("No CUDA device: running the tiny CPU stand-in suite (torch backend, naive loop, baselines). "
+            "GPU numbers need a GPU: run the same command on a CUDA machine.")
+    log(f"moelora benchmarks on {meta['device_name']} ({device}), torch {meta['torch']}, triton {meta['triton']}, "
+        f"dtype {str(dtype).replace('torch.', '')}, repeats {repeats}, budget {args.time_budget}")
+    paths = report.result_paths(args.out_dir, meta)
+    results = {
+        "schema": "moelora-bench/1",
+        "meta": {**meta, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": str(dtype).replace("torch.", ""),
+                 "repeats": repeats, "warmup": warmup, "min_repeats": min_repeats, "case_cap_s": case_cap,
+                 "time_budget_s": args.time_budget, "moelora_validation": False,
+                 "timing": "CUDA events per iteration after warm-up (perf_counter on CPU), median and IQR; "
+                           "input sets rotated per iteration; fwd = training forward (autograd recording); "
+                           "bwd = backward alone on a retained forward graph (torch.autograd.grad, retain_graph); "
+                           "fwdbwd = forward + torch.autograd.grad in one step"},
+        "shapes": {},
+        "ceilings": {},
+        "cases": [],
+        "checks": {},
+    }
+
+    def save():
+        report.annotate(results["cases"])
+        results["meta"]["elapsed_s"] = budget.elapsed()
+        report.write_json(paths["json"], results)
+
+    try:
+        results["ceilings"] = ceilings_mod.measure(device, dtype)
+        c = results["ceilings"]
+        log(f"[{budget.elapsed():6.1f}s] ceilings: copy {c['copy_GBps']:.0f} GB/s, "
+            f"{c['matmul_dtype']} matmul {c['matmul_TFLOPs']:.1f} TFLOP/s")
+    except Exception as exc:
+        results["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"ceilings failed: {exc}")
+
+    ctx = RunContext(device=device, dtype=dtype, repeats=repeats, warmup=warmup, min_repeats=min_repeats,
+                     case_cap_s=case_cap, budget=budget, ceilings=results["ceilings"], log=log)
+    for name in [s for s in PRIORITY if s in wanted]:
+        shape = shapes[name]
+        results["shapes"][name] = shape.to_dict()
+        log(f"[{budget.elapsed():6.1f}s] {name}: {shape.note} T={shape.tokens} d_in={shape.d_in} "
+            f"d_out={shape.d_out} r={shape.rank} E={shape.experts} k={shape.top_k}")
+        group = "ffn" if shape.kind == "ffn" else "delta"
+        results["cases"] += run_group(ctx, shape, group, impls.impls_for(group), passes)
+        save()
+        if shape.layer:
+            results["cases"] += run_group(ctx, shape, "layer", impls.impls_for("layer"), passes)
+            save()
+        if name == "S1" and args.graph_check:
+            if budget.exhausted():
+                results["checks"]["cuda_graph_S1"] = {"status": "skipped", "reason": "time budget exhausted"}
+            else:
+                results["checks"]["cuda_graph_S1"] = graphcheck.check(shape, dtype, device)
+            log(f"[{budget.elapsed():6.1f}s] CUDA-graph check S1: {results['checks']['cuda_graph_S1']['status']}")
+            save()
+
+    if args.sweep:
+        tokens = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else None
+        sweep = sweep_shapes(on_gpu, tokens)
+        if args.quick and tokens is None:
+            sweep = sweep[::2]
+        sweep_passes = [p for p in ("fwd", "fwdbwd") if p in passes] or passes
+        sweep_impls = [impls.by_name(n) for n in impls.SWEEP]
+        results["shapes"]["S1-sweep"] = {"tokens": [s.tokens for s in sweep], **sweep[0].to_dict()}
+        for shape in sweep:
+            results["cases"] += run_group(ctx, shape, "delta", sweep_impls, sweep_passes, label="sweep")
+            save()
+
+    note = sweep_plot(results["cases"], paths["png"],
+                      f"moelora S1 sweep on {meta['device_name']}, {results['meta']['dtype']}, {meta['date']}")
+    results["plot"] = {"path": str(paths["png"]) if note is None else None, "skipped": note}
+    results["targets"] = targets.evaluate(results)
+    save()
+    print()
+    print(report.table(results["cases"], markdown=args.markdown), flush=True)
+    print()
+    print(targets.format_targets(results["targets"], results["meta"]), flush=True)
+    print(f"\nresults: {paths['json']}" + (f"\nplot:    {paths['png']}" if note is None else f"\nplot skipped: {note}"))
+    print(f"elapsed {budget.elapsed():.1f} s", flush=True)
+    return 0
