@@ -42,8 +42,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="seconds one case's timed loop may take; fewer repeats for slow cases (default 1.0 GPU)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run; cases left when it runs out are recorded as skipped")
+    p.add_argument("--sweep-share", type=float, default=0.25,
+                   help="share of --time-budget kept for the sweep, which runs last (default 0.25)")
     p.add_argument("--quick", action="store_true", help="fewer repeats, 4-point sweep, shorter case cap")
     p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of fwd,bwd,fwdbwd")
+    p.add_argument("--skip", default="", help="comma-separated implementation names not to run")
     p.add_argument("--graph-check", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA-graph capture check of the S1 forward+backward")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -112,8 +115,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         results["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
         log(f"ceilings failed: {exc}")
 
+    main_budget = budget
+    if args.sweep and args.time_budget is not None:  # the suite stops early enough to leave the sweep its share
+        main_budget = Budget(args.time_budget * (1 - args.sweep_share))
+        main_budget.start = budget.start
     ctx = RunContext(device=device, dtype=dtype, repeats=repeats, warmup=warmup, min_repeats=min_repeats,
-                     case_cap_s=case_cap, budget=budget, ceilings=results["ceilings"], log=log)
+                     case_cap_s=case_cap, budget=main_budget, ceilings=results["ceilings"], log=log,
+                     skip=frozenset(n for n in args.skip.split(",") if n))
     for name in [s for s in PRIORITY if s in wanted]:
         shape = shapes[name]
         results["shapes"][name] = shape.to_dict()
@@ -126,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             results["cases"] += run_group(ctx, shape, "layer", impls.impls_for("layer"), passes)
             save()
         if name == "S1" and args.graph_check:
-            if budget.exhausted():
+            if main_budget.exhausted():
                 results["checks"]["cuda_graph_S1"] = {"status": "skipped", "reason": "time budget exhausted"}
             else:
                 results["checks"]["cuda_graph_S1"] = graphcheck.check(shape, dtype, device)
@@ -140,6 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             sweep = sweep[::2]
         sweep_passes = [p for p in ("fwd", "fwdbwd") if p in passes] or passes
         sweep_impls = [impls.by_name(n) for n in impls.SWEEP]
+        ctx.budget = budget
+        ctx.repeats = max(ctx.min_repeats, repeats // 2)  # the sweep trades repeats for points
+        ctx.case_cap_s = case_cap / 2
         results["shapes"]["S1-sweep"] = {"tokens": [s.tokens for s in sweep], **sweep[0].to_dict()}
         for shape in sweep:
             results["cases"] += run_group(ctx, shape, "delta", sweep_impls, sweep_passes, label="sweep")

@@ -41,6 +41,7 @@ class RunContext:
     budget: Budget
     ceilings: dict
     log: Callable[[str], None]
+    skip: frozenset = frozenset()  # implementation names excluded with --skip
 
 
 def _error_text(exc: BaseException) -> str:
@@ -59,8 +60,12 @@ def _recover(device: torch.device) -> None:
             pass
 
 
+def _reference_kind(group: str, impl: str) -> str:
+    return impl if group == "layer" and impl in ("linear-frozen", "peft-lora") else group
+
+
 def _reference(shape: Shape, group: str, impl: str, s: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """What the implementation must compute on set ``s`` (fp32-accumulated), or None."""
+    """What the implementation must compute on set ``s`` (in fp32)."""
     with torch.no_grad():
         if group == "ffn":
             args = [t.float() if t.is_floating_point() else t for t in (s["x"], s["w13"], s["w2"], s["ids"], s["w"])]
@@ -133,7 +138,7 @@ def run_group(ctx: RunContext, shape: Shape, group: str, impls: List[Impl],
     elt = torch.empty((), dtype=ctx.dtype).element_size()
     runnable = []
     for impl in impls:
-        reason = impl.probe(shape, ctx.device)
+        reason = "excluded with --skip" if impl.name in ctx.skip else impl.probe(shape, ctx.device)
         if reason is not None:
             for p in passes:
                 records.append({**_base_record(shape, tag, impl, p), "status": "skipped", "reason": reason})
@@ -160,15 +165,16 @@ def run_group(ctx: RunContext, shape: Shape, group: str, impls: List[Impl],
         _recover(ctx.device)
         return records
 
+    refs: Dict[str, torch.Tensor] = {}  # fp32 reference outputs on sets[0], by kind
     with moelora.validation(False):
         for impl in runnable:
-            records.extend(_run_impl(ctx, shape, group, impl, passes, sets, elt, tag))
-    del sets
+            records.extend(_run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs))
+    del sets, refs
     _recover(ctx.device)
     return records
 
 
-def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag) -> List[dict]:
+def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dict]:
     out = []
     counts = metrics.counts(shape, group, impl.name, elt)
     common = {}
@@ -176,10 +182,11 @@ def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag) -> List[dict]:
         prepared = [impl.prepare(shape, s) for s in sets]
         with torch.no_grad():
             y0 = prepared[0].forward()
-        ref = _reference(shape, group, impl.name, sets[0])
-        if ref is not None:
-            common["rel_err_vs_reference"] = _rel_err(y0, ref)
-        del y0, ref
+        kind = _reference_kind(group, impl.name)
+        if kind not in refs:
+            refs[kind] = _reference(shape, group, impl.name, sets[0])
+        common["rel_err_vs_reference"] = _rel_err(y0, refs[kind])
+        del y0
         known = list(sets[0].values()) + list(prepared[0].leaves)
         for m in prepared[0].keep:
             if isinstance(m, torch.nn.Module):
