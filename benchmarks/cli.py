@@ -50,6 +50,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--graph-check", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA-graph capture check of the S1 forward+backward")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--cpu-threads", type=int, default=1,
+                   help="torch threads on CPU (default 1: steadier on a shared machine; 0 keeps torch's default)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     return p.parse_args(argv)
@@ -57,15 +59,22 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    # an explicit index: torch.cuda.set_device rejects an index-less torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    previous_threads = torch.get_num_threads()
+    if not on_gpu and args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        return _run(args, device, on_gpu)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> int:
     budget = Budget(args.time_budget)
     log = lambda msg: print(msg, flush=True)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.cuda.set_device(device)
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     repeats = args.repeats or ((15 if args.quick else 50) if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
@@ -88,9 +97,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     paths = report.result_paths(args.out_dir, meta)
     results = {
         "schema": "moelora-bench/1",
-        "meta": {**meta, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": str(dtype).replace("torch.", ""),
+        "meta": {**meta, "argv": sys.argv[1:], "dtype": str(dtype).replace("torch.", ""),
                  "repeats": repeats, "warmup": warmup, "min_repeats": min_repeats, "case_cap_s": case_cap,
                  "time_budget_s": args.time_budget, "moelora_validation": False,
+                 "torch_threads": torch.get_num_threads(),
                  "timing": "CUDA events per iteration after warm-up (perf_counter on CPU), median and IQR; "
                            "input sets rotated per iteration; fwd = training forward (autograd recording); "
                            "bwd = backward alone on a retained forward graph (torch.autograd.grad, retain_graph); "
