@@ -10,14 +10,17 @@ and the target check.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from . import ceilings as ceilings_mod
-from . import graphcheck, impls, report, targets
+from . import graphcheck, impls, report, runner, targets
 from .plot import sweep_plot
 from .runner import PASSES, RunContext, run_group
 from .shapes import suite, sweep_shapes
@@ -54,6 +57,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="torch threads on CPU (default 1: steadier on a shared machine; 0 keeps torch's default)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue the run recorded in this results JSON (used after a lost CUDA context)")
+    p.add_argument("--max-restarts", type=int, default=4, help="restarts allowed after a lost CUDA context")
     return p.parse_args(argv)
 
 
@@ -67,12 +73,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not on_gpu and args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
     try:
-        return _run(args, device, on_gpu)
+        return _run(args, device, on_gpu, list(argv) if argv is not None else sys.argv[1:])
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> int:
+def _restart(argv: List[str], json_path: Path) -> None:
+    """Replace this process by a fresh one that resumes from ``json_path``."""
+    rest, skip_next = [], False
+    for a in argv:
+        if skip_next:
+            skip_next = False
+        elif a == "--resume":
+            skip_next = True
+        elif not a.startswith("--resume="):
+            rest.append(a)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *rest, "--resume", str(json_path)])
+
+
+def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: List[str]) -> int:
     budget = Budget(args.time_budget)
     log = lambda msg: print(msg, flush=True)
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
@@ -97,10 +118,10 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> int:
     paths = report.result_paths(args.out_dir, meta)
     results = {
         "schema": "moelora-bench/1",
-        "meta": {**meta, "argv": sys.argv[1:], "dtype": str(dtype).replace("torch.", ""),
+        "meta": {**meta, "argv": argv, "dtype": str(dtype).replace("torch.", ""),
                  "repeats": repeats, "warmup": warmup, "min_repeats": min_repeats, "case_cap_s": case_cap,
                  "time_budget_s": args.time_budget, "moelora_validation": False,
-                 "torch_threads": torch.get_num_threads(),
+                 "torch_threads": torch.get_num_threads(), "start_epoch": time.time(), "restarts": 0,
                  "timing": "CUDA events per iteration after warm-up (perf_counter on CPU), median and IQR; "
                            "input sets rotated per iteration; fwd = training forward (autograd recording); "
                            "bwd = backward alone on a retained forward graph (torch.autograd.grad, retain_graph); "
@@ -110,20 +131,28 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> int:
         "cases": [],
         "checks": {},
     }
+    if args.resume is not None:
+        results = json.loads(Path(args.resume).read_text())
+        results["meta"]["restarts"] = results["meta"].get("restarts", 0) + 1
+        budget.start = time.monotonic() - (time.time() - results["meta"]["start_epoch"])
+        paths = {"json": Path(args.resume), "png": Path(args.resume).with_suffix(".png")}
+        log(f"[{budget.elapsed():6.1f}s] resuming {args.resume} (restart {results['meta']['restarts']}), "
+            f"{len(results['cases'])} cases recorded")
 
     def save():
         report.annotate(results["cases"])
         results["meta"]["elapsed_s"] = budget.elapsed()
         report.write_json(paths["json"], results)
 
-    try:
-        results["ceilings"] = ceilings_mod.measure(device, dtype)
-        c = results["ceilings"]
-        log(f"[{budget.elapsed():6.1f}s] ceilings: copy {c['copy_GBps']:.0f} GB/s, "
-            f"{c['matmul_dtype']} matmul {c['matmul_TFLOPs']:.1f} TFLOP/s")
-    except Exception as exc:
-        results["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
-        log(f"ceilings failed: {exc}")
+    if not results["ceilings"]:
+        try:
+            results["ceilings"] = ceilings_mod.measure(device, dtype)
+            c = results["ceilings"]
+            log(f"[{budget.elapsed():6.1f}s] ceilings: copy {c['copy_GBps']:.0f} GB/s, "
+                f"{c['matmul_dtype']} matmul {c['matmul_TFLOPs']:.1f} TFLOP/s")
+        except Exception as exc:
+            results["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"ceilings failed: {exc}")
 
     main_budget = budget
     if args.sweep and args.time_budget is not None:  # the suite stops early enough to leave the sweep its share
@@ -131,7 +160,26 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> int:
         main_budget.start = budget.start
     ctx = RunContext(device=device, dtype=dtype, repeats=repeats, warmup=warmup, min_repeats=min_repeats,
                      case_cap_s=case_cap, budget=main_budget, ceilings=results["ceilings"], log=log,
-                     skip=frozenset(n for n in args.skip.split(",") if n))
+                     skip=frozenset(n for n in args.skip.split(",") if n),
+                     done=frozenset(c["id"] for c in results["cases"]),
+                     poisoned=frozenset(e["last_case"].split("/")[-1]
+                                        for e in results["meta"].get("device_lost_events", []) if e.get("last_case")))
+
+    def lost(culprit: Optional[str] = None) -> bool:
+        """After a lost CUDA context: save, then restart (or give up after --max-restarts).
+
+        The culprit (default: the last case recorded) is skipped for the rest of the run."""
+        if not ctx.device_lost:
+            return False
+        last = culprit or (results["cases"][-1]["id"] if results["cases"] else None)
+        results["meta"].setdefault("device_lost_events", []).append({"after_s": budget.elapsed(), "last_case": last})
+        save()
+        if results["meta"]["restarts"] < args.max_restarts:
+            log(f"[{budget.elapsed():6.1f}s] restarting the process to resume after the lost CUDA context")
+            _restart(argv, paths["json"])
+        log("too many restarts: finishing with what was recorded")
+        return True
+
     for name in [s for s in PRIORITY if s in wanted]:
         shape = shapes[name]
         results["shapes"][name] = shape.to_dict()
@@ -140,18 +188,25 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> int:
         group = "ffn" if shape.kind == "ffn" else "delta"
         results["cases"] += run_group(ctx, shape, group, impls.impls_for(group), passes)
         save()
+        if lost():
+            break
         if shape.layer:
             results["cases"] += run_group(ctx, shape, "layer", impls.impls_for("layer"), passes)
             save()
-        if name == "S1" and args.graph_check:
+            if lost():
+                break
+        if name == "S1" and args.graph_check and "cuda_graph_S1" not in results["checks"]:
             if main_budget.exhausted():
                 results["checks"]["cuda_graph_S1"] = {"status": "skipped", "reason": "time budget exhausted"}
             else:
                 results["checks"]["cuda_graph_S1"] = graphcheck.check(shape, dtype, device)
             log(f"[{budget.elapsed():6.1f}s] CUDA-graph check S1: {results['checks']['cuda_graph_S1']['status']}")
             save()
+            ctx.device_lost = not runner.cuda_alive(device)
+            if lost("checks/cuda_graph_S1"):
+                break
 
-    if args.sweep:
+    if args.sweep and not ctx.device_lost:
         tokens = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else None
         sweep = sweep_shapes(on_gpu, tokens)
         if args.quick and tokens is None:
@@ -165,9 +220,11 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> int:
         for shape in sweep:
             results["cases"] += run_group(ctx, shape, "delta", sweep_impls, sweep_passes, label="sweep")
             save()
+            if lost():
+                break
 
-    note = sweep_plot(results["cases"], paths["png"],
-                      f"moelora S1 sweep on {meta['device_name']}, {results['meta']['dtype']}, {meta['date']}")
+    note = sweep_plot(results["cases"], paths["png"], f"moelora S1 sweep on {results['meta']['device_name']}, "
+                      f"{results['meta']['dtype']}, {results['meta']['date']}")
     results["plot"] = {"path": str(paths["png"]) if note is None else None, "skipped": note}
     results["targets"] = targets.evaluate(results)
     save()

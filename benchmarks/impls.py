@@ -222,36 +222,40 @@ def _peer_impls(group: str) -> List[Impl]:
                  description=f"peer package {peer} (probed)") for peer, module in PEERS.items()]
 
 
+# Baselines first, moelora last within each group: a kernel that takes down the CUDA
+# context then costs no baseline of its group (see the restart logic in cli.py).
 DELTA = [
-    Impl("moelora-triton", "delta", _moelora("triton", "auto"), _needs_cuda, True, "moelora Triton, regime auto"),
-    Impl("moelora-triton-dense", "delta", _moelora("triton", "dense"), _needs_cuda, True, "moelora Triton, dense forced"),
-    Impl("moelora-triton-grouped", "delta", _moelora("triton", "grouped"), _needs_cuda, True,
-         "moelora Triton, grouped forced"),
-    Impl("moelora-torch", "delta", _moelora("torch"), moelora=True, description="moelora torch backend (einsum)"),
     Impl("naive", "delta", _naive, description="per-expert Python loop (moelora.reference.moe_lora_naive)"),
     Impl("torch-dense", "delta", _dense, description="best plain PyTorch: x@A^T, gated expand, one GEMM K=E*r"),
     Impl("torch-grouped-mm", "delta", _grouped, _needs_grouped_mm,
          description="sorted tokens, torch grouped_mm per expert, index_add combine"),
-] + _peer_impls("delta")
+] + _peer_impls("delta") + [
+    Impl("moelora-torch", "delta", _moelora("torch"), moelora=True, description="moelora torch backend (einsum)"),
+    Impl("moelora-triton", "delta", _moelora("triton", "auto"), _needs_cuda, True, "moelora Triton, regime auto"),
+    Impl("moelora-triton-dense", "delta", _moelora("triton", "dense"), _needs_cuda, True, "moelora Triton, dense forced"),
+    Impl("moelora-triton-grouped", "delta", _moelora("triton", "grouped"), _needs_cuda, True,
+         "moelora Triton, grouped forced"),
+]
 
 LAYER = [
     Impl("linear-frozen", "layer", _linear, description="frozen nn.Linear alone (the floor we add to)"),
+    Impl("torch-dense-layer", "layer", _dense_layer, description="frozen nn.Linear + best plain PyTorch (addmm)"),
+    Impl("peft-lora", "layer", _peft_layer, _needs_peft, description="PEFT single-adapter LoRA layer, same r"),
     Impl("moelora-layer", "layer", _moelora_layer, _needs_cuda, True,
          "frozen nn.Linear + moelora Triton (base_out = linear output)"),
     Impl("moelora-MoELoRALinear", "layer", _moelora_linear_layer, _needs_moelora_layer, True,
          "moelora.MoELoRALinear"),
-    Impl("torch-dense-layer", "layer", _dense_layer, description="frozen nn.Linear + best plain PyTorch (addmm)"),
-    Impl("peft-lora", "layer", _peft_layer, _needs_peft, description="PEFT single-adapter LoRA layer, same r"),
 ]
 
 FFN = [
-    Impl("moelora-ffn", "ffn", _ffn_moelora, _needs_moelora_ffn, True, "moelora full-FFN op"),
     Impl("naive-ffn", "ffn", _ffn_naive, description="per-expert loop over SwiGLU experts"),
     Impl("torch-grouped-mm-ffn", "ffn", _ffn_grouped, _needs_grouped_mm,
          description="dispatch + torch grouped_mm + index_add combine"),
-] + _peer_impls("ffn")
+] + _peer_impls("ffn") + [
+    Impl("moelora-ffn", "ffn", _ffn_moelora, _needs_moelora_ffn, True, "moelora full-FFN op"),
+]
 
-SWEEP = ["moelora-triton", "torch-dense", "naive", "torch-grouped-mm", "moelora-torch"]
+SWEEP = ["naive", "torch-dense", "torch-grouped-mm", "moelora-torch", "moelora-triton"]
 
 
 def impls_for(group: str) -> List[Impl]:

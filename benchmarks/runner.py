@@ -6,7 +6,9 @@ warmed up, then timed per pass while cycling the sets:
 - ``bwd``: backward ALONE: the forward graph of each set is built once before timing and
   ``torch.autograd.grad(y, leaves, dy, retain_graph=True)`` is timed (not fwd+bwd - fwd).
 - ``fwdbwd``: forward then ``torch.autograd.grad`` in one timed step.
-Every failure is caught and recorded in its case; the run goes on.
+Every failure is caught and recorded in its case; the run goes on. A failure that leaves
+the CUDA context unusable (e.g. an illegal memory access) sets ``ctx.device_lost``: the
+group stops and the CLI restarts the process, which resumes after the recorded cases.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class RunContext:
     ceilings: dict
     log: Callable[[str], None]
     skip: frozenset = frozenset()  # implementation names excluded with --skip
+    done: frozenset = frozenset()  # case ids already recorded (a resumed run)
+    poisoned: frozenset = frozenset()  # implementations that took down the CUDA context earlier
+    device_lost: bool = False  # set when the CUDA context no longer works
 
 
 def _error_text(exc: BaseException) -> str:
@@ -58,6 +63,27 @@ def _recover(device: torch.device) -> None:
             torch.cuda.empty_cache()
         except Exception:
             pass
+
+
+def cuda_alive(device: torch.device) -> bool:
+    """Whether the CUDA context still runs work (sticky errors make every call fail)."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        t = torch.ones(1, device=device)
+        t += 1
+        torch.cuda.synchronize(device)
+        return True
+    except Exception:
+        return False
+
+
+def _after_error(ctx: RunContext) -> None:
+    _recover(ctx.device)
+    if not cuda_alive(ctx.device):
+        ctx.device_lost = True
+        ctx.log("  the CUDA context is lost: stopping this process (the run resumes in a new one)")
 
 
 def _reference_kind(group: str, impl: str) -> str:
@@ -138,7 +164,20 @@ def run_group(ctx: RunContext, shape: Shape, group: str, impls: List[Impl],
     elt = torch.empty((), dtype=ctx.dtype).element_size()
     runnable = []
     for impl in impls:
-        reason = "excluded with --skip" if impl.name in ctx.skip else impl.probe(shape, ctx.device)
+        ids = [_base_record(shape, tag, impl, p)["id"] for p in passes]
+        if any(i in ctx.done for i in ids):  # resumed run: recorded before the restart
+            for p, i in zip(passes, ids):
+                if i not in ctx.done:
+                    records.append({**_base_record(shape, tag, impl, p), "status": "error",
+                                    "error": "the CUDA context was lost during an earlier pass of this "
+                                             "implementation; the run restarted without it"})
+            continue
+        if impl.name in ctx.skip:
+            reason = "excluded with --skip"
+        elif impl.name in ctx.poisoned:
+            reason = "took down the CUDA context earlier in this run (see meta.device_lost_events)"
+        else:
+            reason = impl.probe(shape, ctx.device)
         if reason is not None:
             for p in passes:
                 records.append({**_base_record(shape, tag, impl, p), "status": "skipped", "reason": reason})
@@ -162,13 +201,15 @@ def run_group(ctx: RunContext, shape: Shape, group: str, impls: List[Impl],
             for p in passes:
                 records.append({**_base_record(shape, tag, impl, p), "status": "error", "error": err})
         ctx.log(f"  input sets for {shape.name} failed: {err.splitlines()[0]}")
-        _recover(ctx.device)
+        _after_error(ctx)
         return records
 
     refs: Dict[str, torch.Tensor] = {}  # fp32 reference outputs on sets[0], by kind
     with moelora.validation(False):
         for impl in runnable:
             records.extend(_run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs))
+            if ctx.device_lost:
+                break
     del sets, refs
     _recover(ctx.device)
     return records
@@ -195,7 +236,7 @@ def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dic
     except Exception as exc:
         err = _error_text(exc)
         ctx.log(f"  error {shape.name} {group} {impl.name}: {err.splitlines()[0][:200]}")
-        _recover(ctx.device)
+        _after_error(ctx)
         return [{**_base_record(shape, tag, impl, p), "status": "error", "error": err} for p in passes]
 
     for p in passes:
@@ -214,8 +255,10 @@ def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dic
         except Exception as exc:
             rec.update(status="error", error=_error_text(exc))
             ctx.log(f"  error {shape.name} {group} {p} {impl.name}: {rec['error'].splitlines()[0][:200]}")
-            _recover(ctx.device)
+            _after_error(ctx)
         out.append(rec)
+        if ctx.device_lost:
+            break
     del prepared
     _recover(ctx.device)
     return out

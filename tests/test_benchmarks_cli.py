@@ -65,3 +65,55 @@ def test_skip_option(tmp_path, impl):
     results, _ = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--skip", impl, "--passes", "fwd")
     c = [c for c in results["cases"] if c["impl"] == impl]
     assert c and all(x["status"] == "skipped" and x["reason"] == "excluded with --skip" for x in c)
+
+
+def test_resume_keeps_recorded_cases(tmp_path):
+    first, path = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--passes", "fwd")
+    before = {c["id"]: c["times_ms"] for c in first["cases"] if c["status"] == "ok"}
+    rc = cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--repeats", "3", "--shapes", "S4,S2",
+                   "--no-sweep", "--passes", "fwd", "--resume", str(path)])
+    assert rc == 0
+    resumed = json.loads(path.read_text())
+    assert resumed["meta"]["restarts"] == 1
+    ids = [c["id"] for c in resumed["cases"]]
+    assert len(ids) == len(set(ids))  # nothing recorded twice
+    for case_id, times in before.items():  # recorded cases were kept, not re-run
+        assert next(c for c in resumed["cases"] if c["id"] == case_id)["times_ms"] == times
+    assert any(i.startswith("S2/delta/fwd/") for i in ids)
+
+
+def test_lost_device_saves_and_restarts(tmp_path, monkeypatch):
+    """A failure that kills the CUDA context: results are saved, then the process re-executes itself."""
+    from benchmarks import impls, runner
+
+    class Exec(Exception):
+        pass
+
+    def broken(shape, s):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def fake_execv(exe, argv):
+        raise Exec(argv)
+
+    monkeypatch.setattr(impls.by_name("torch-dense"), "prepare", broken)
+    monkeypatch.setattr(runner, "cuda_alive", lambda device: False)
+    monkeypatch.setattr(cli.os, "execv", fake_execv)
+    with pytest.raises(Exec) as info:
+        cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--repeats", "3", "--shapes", "S4,S2",
+                  "--no-sweep", "--passes", "fwd"])
+    argv = info.value.args[0]
+    path = Path(argv[argv.index("--resume") + 1])
+    assert argv[1:3] == ["-m", "benchmarks"] and "--shapes" in argv
+    results = json.loads(path.read_text())
+    assert results["meta"]["device_lost_events"][0]["last_case"] == "S2/delta/fwd/torch-dense"  # S2 runs first
+    assert next(c for c in results["cases"] if c["impl"] == "torch-dense")["status"] == "error"
+    assert not any(c["shape"] == "S4" for c in results["cases"])
+
+    monkeypatch.undo()  # the "new process": a working device again
+    assert cli.main(argv[3:]) == 0
+    resumed = {c["id"]: c for c in json.loads(path.read_text())["cases"]}
+    assert resumed["S2/delta/fwd/torch-dense"]["status"] == "error"
+    assert resumed["S2/delta/fwd/moelora-torch"]["status"] == "ok"
+    assert resumed["S4/delta/fwd/naive"]["status"] == "ok"
+    assert resumed["S4/delta/fwd/torch-dense"]["status"] == "skipped"
+    assert "CUDA context" in resumed["S4/delta/fwd/torch-dense"]["reason"]
