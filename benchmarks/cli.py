@@ -139,11 +139,17 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         log(f"[{budget.elapsed():6.1f}s] resuming {args.resume} (restart {results['meta']['restarts']}), "
             f"{len(results['cases'])} cases recorded")
 
+    phases = results["meta"].setdefault("phases_s", {})  # seconds per part, to plan budgets
+
+    def phase(name: str, since: float) -> None:
+        phases[name] = round(phases.get(name, 0.0) + budget.elapsed() - since, 2)
+
     def save():
         report.annotate(results["cases"])
         results["meta"]["elapsed_s"] = budget.elapsed()
         report.write_json(paths["json"], results)
 
+    t0 = budget.elapsed()
     if not results["ceilings"]:
         try:
             results["ceilings"] = ceilings_mod.measure(device, dtype)
@@ -153,6 +159,7 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         except Exception as exc:
             results["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"ceilings failed: {exc}")
+        phase("ceilings", t0)
 
     main_budget = budget
     if args.sweep and args.time_budget is not None:  # the suite stops early enough to leave the sweep its share
@@ -186,21 +193,27 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         log(f"[{budget.elapsed():6.1f}s] {name}: {shape.note} T={shape.tokens} d_in={shape.d_in} "
             f"d_out={shape.d_out} r={shape.rank} E={shape.experts} k={shape.top_k}")
         group = "ffn" if shape.kind == "ffn" else "delta"
+        t0 = budget.elapsed()
         results["cases"] += run_group(ctx, shape, group, impls.impls_for(group), passes)
+        phase(name, t0)
         save()
         if lost():
             break
         if shape.layer:
+            t0 = budget.elapsed()
             results["cases"] += run_group(ctx, shape, "layer", impls.impls_for("layer"), passes)
+            phase(f"{name}-layer", t0)
             save()
             if lost():
                 break
         if name == "S1" and args.graph_check and "cuda_graph_S1" not in results["checks"]:
+            t0 = budget.elapsed()
             if main_budget.exhausted():
                 results["checks"]["cuda_graph_S1"] = {"status": "skipped", "reason": "time budget exhausted"}
             else:
                 results["checks"]["cuda_graph_S1"] = graphcheck.check(shape, dtype, device)
             log(f"[{budget.elapsed():6.1f}s] CUDA-graph check S1: {results['checks']['cuda_graph_S1']['status']}")
+            phase("graph-check", t0)
             save()
             ctx.device_lost = not runner.cuda_alive(device)
             if lost("checks/cuda_graph_S1"):
@@ -218,7 +231,9 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         ctx.case_cap_s = case_cap / 2
         results["shapes"]["S1-sweep"] = {"tokens": [s.tokens for s in sweep], **sweep[0].to_dict()}
         for shape in sweep:
+            t0 = budget.elapsed()
             results["cases"] += run_group(ctx, shape, "delta", sweep_impls, sweep_passes, label="sweep")
+            phase(f"sweep-T{shape.tokens}", t0)
             save()
             if lost():
                 break
@@ -233,5 +248,8 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
     print()
     print(targets.format_targets(results["targets"], results["meta"]), flush=True)
     print(f"\nresults: {paths['json']}" + (f"\nplot:    {paths['png']}" if note is None else f"\nplot skipped: {note}"))
+    counts = {st: sum(c["status"] == st for c in results["cases"]) for st in ("ok", "error", "skipped")}
+    print(f"cases: {counts['ok']} ok, {counts['error']} errors, {counts['skipped']} skipped; "
+          f"seconds per part: {phases}")
     print(f"elapsed {budget.elapsed():.1f} s", flush=True)
     return 0
