@@ -73,8 +73,11 @@ def _moelora_ffn_op():
 
 
 def _needs_moelora_ffn(shape, device):
-    return None if _moelora_ffn_op() is not None else \
-        f"moelora exposes no FFN op (looked for {', '.join(MOELORA_FFN_NAMES)})"
+    if _moelora_ffn_op() is not None:
+        return None
+    parts = [n for n in ("route", "dispatch", "combine") if hasattr(moelora, n)]
+    extra = f"; it has {', '.join(parts)}, which benchmarks/ does not compose into an FFN" if parts else ""
+    return f"moelora exposes no FFN op (looked for {', '.join(MOELORA_FFN_NAMES)}){extra}"
 
 
 def _needs_moelora_layer(shape, device):

@@ -19,6 +19,9 @@ from benchmarks.impls import by_name
 from benchmarks.inputs import make_set
 from benchmarks.shapes import Shape
 
+# When benchmarking is on, keep each case short: these are small shapes, not the suite.
+pytestmark = pytest.mark.benchmark(max_time=0.2, min_rounds=3, warmup=False)
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32

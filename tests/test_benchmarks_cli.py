@@ -117,3 +117,20 @@ def test_lost_device_saves_and_restarts(tmp_path, monkeypatch):
     assert resumed["S4/delta/fwd/naive"]["status"] == "ok"
     assert resumed["S4/delta/fwd/torch-dense"]["status"] == "skipped"
     assert "CUDA context" in resumed["S4/delta/fwd/torch-dense"]["reason"]
+
+
+def test_failing_backend_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """moelora's Triton cases forced to run here fail (no GPU / no kernels): recorded per case."""
+    from benchmarks import impls
+
+    for name in ("moelora-triton", "moelora-triton-dense", "moelora-triton-grouped"):
+        monkeypatch.setattr(impls.by_name(name), "probe", lambda shape, device: None)
+    monkeypatch.setattr(impls.by_name("moelora-triton"), "prepare",
+                        lambda shape, s: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
+    results, _ = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--passes", "fwd,fwdbwd")
+    cases = {c["id"]: c for c in results["cases"]}
+    assert cases["S4/delta/fwd/moelora-triton"]["status"] == "error"
+    assert "kernel exploded" in cases["S4/delta/fwd/moelora-triton"]["error"]
+    assert cases["S4/delta/fwdbwd/moelora-triton-grouped"]["status"] in ("error", "ok")
+    assert cases["S4/delta/fwdbwd/naive"]["status"] == "ok"
+    assert cases["S4/delta/fwdbwd/moelora-torch"]["status"] == "ok"
