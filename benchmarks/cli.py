@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -28,6 +29,7 @@ from .timing import Budget
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+_WATCHDOGS: List[threading.Timer] = []  # cancelled when main() returns or raises
 PRIORITY = ["S1", "S3", "S5", "S2", "S4"]  # run order; S1's layer case and graph check follow S1
 
 
@@ -45,6 +47,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="seconds one case's timed loop may take; fewer repeats for slow cases (default 1.0 GPU)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run; cases left when it runs out are recorded as skipped")
+    p.add_argument("--hard-deadline", type=float, default=None,
+                   help="seconds after which a watchdog saves the results, prints the summary and exits "
+                        "even if a case hangs (default: --time-budget + 60)")
     p.add_argument("--sweep-share", type=float, default=0.25,
                    help="share of --time-budget kept for the sweep, which runs last (default 0.25)")
     p.add_argument("--quick", action="store_true", help="fewer repeats, 4-point sweep, shorter case cap")
@@ -76,6 +81,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run(args, device, on_gpu, list(argv) if argv is not None else sys.argv[1:])
     finally:
         torch.set_num_threads(previous_threads)
+        while _WATCHDOGS:
+            _WATCHDOGS.pop().cancel()
 
 
 def _restart(argv: List[str], json_path: Path) -> None:
@@ -148,6 +155,42 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         report.annotate(results["cases"])
         results["meta"]["elapsed_s"] = budget.elapsed()
         report.write_json(paths["json"], results)
+
+    def finish(note_plot: bool = True) -> None:
+        note = sweep_plot(results["cases"], paths["png"], f"moelora S1 sweep on {results['meta']['device_name']}, "
+                          f"{results['meta']['dtype']}, {results['meta']['date']}") if note_plot else "not drawn"
+        results["plot"] = {"path": str(paths["png"]) if note is None else None, "skipped": note}
+        results["targets"] = targets.evaluate(results)
+        save()
+        print()
+        print(report.table(results["cases"], markdown=args.markdown), flush=True)
+        print()
+        print(targets.format_targets(results["targets"], results["meta"]), flush=True)
+        print(f"\nresults: {paths['json']}" + (f"\nplot:    {paths['png']}" if note is None else f"\nplot skipped: {note}"))
+        counts = {st: sum(c["status"] == st for c in results["cases"]) for st in ("ok", "error", "skipped")}
+        print(f"cases: {counts['ok']} ok, {counts['error']} errors, {counts['skipped']} skipped; "
+              f"seconds per part: {phases}")
+        print(f"elapsed {budget.elapsed():.1f} s", flush=True)
+
+    deadline = args.hard_deadline if args.hard_deadline is not None else (
+        args.time_budget + 60 if args.time_budget is not None else None)
+    watchdog = None
+    if deadline is not None:
+        def on_deadline():
+            log(f"[{budget.elapsed():6.1f}s] hard deadline reached: saving what was recorded and exiting")
+            results["meta"]["hard_deadline_hit"] = True
+            for _ in range(5):  # the main thread may be mutating the results: retry
+                try:
+                    finish(note_plot=False)
+                    break
+                except RuntimeError:
+                    time.sleep(0.2)
+            sys.stdout.flush()
+            os._exit(3)
+        watchdog = threading.Timer(max(0.0, deadline - budget.elapsed()), on_deadline)
+        watchdog.daemon = True
+        watchdog.start()
+        _WATCHDOGS.append(watchdog)
 
     t0 = budget.elapsed()
     if not results["ceilings"]:
@@ -238,18 +281,7 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
             if lost():
                 break
 
-    note = sweep_plot(results["cases"], paths["png"], f"moelora S1 sweep on {results['meta']['device_name']}, "
-                      f"{results['meta']['dtype']}, {results['meta']['date']}")
-    results["plot"] = {"path": str(paths["png"]) if note is None else None, "skipped": note}
-    results["targets"] = targets.evaluate(results)
-    save()
-    print()
-    print(report.table(results["cases"], markdown=args.markdown), flush=True)
-    print()
-    print(targets.format_targets(results["targets"], results["meta"]), flush=True)
-    print(f"\nresults: {paths['json']}" + (f"\nplot:    {paths['png']}" if note is None else f"\nplot skipped: {note}"))
-    counts = {st: sum(c["status"] == st for c in results["cases"]) for st in ("ok", "error", "skipped")}
-    print(f"cases: {counts['ok']} ok, {counts['error']} errors, {counts['skipped']} skipped; "
-          f"seconds per part: {phases}")
-    print(f"elapsed {budget.elapsed():.1f} s", flush=True)
+    if watchdog is not None:
+        watchdog.cancel()
+    finish()
     return 0

@@ -134,3 +134,22 @@ def test_failing_backend_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert cases["S4/delta/fwdbwd/moelora-triton-grouped"]["status"] in ("error", "ok")
     assert cases["S4/delta/fwdbwd/naive"]["status"] == "ok"
     assert cases["S4/delta/fwdbwd/moelora-torch"]["status"] == "ok"
+
+
+def test_hard_deadline_saves_and_exits(tmp_path, monkeypatch, capsys):
+    """A case that hangs past --hard-deadline: the watchdog writes the JSON, prints the summary, exits."""
+    import threading
+    import time
+
+    from benchmarks import impls
+
+    exited = threading.Event()
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exited.set())
+    monkeypatch.setattr(impls.by_name("torch-dense"), "prepare",
+                        lambda shape, s: (time.sleep(2.0), (_ for _ in ()).throw(RuntimeError("hung")))[1])
+    cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--repeats", "3", "--shapes", "S4",
+              "--no-sweep", "--passes", "fwd", "--hard-deadline", "0.5"])
+    assert exited.is_set()
+    results = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert results["meta"]["hard_deadline_hit"] is True
+    assert "hard deadline reached" in capsys.readouterr().out
