@@ -1,0 +1,272 @@
+"""The implementations timed side by side, by group, each with an availability probe.
+
+An implementation turns one input set into a ``Prepared``: a zero-argument forward and
+the leaves that backward differentiates. ``probe`` returns None when it can run here or
+the reason it is skipped (recorded in the JSON). Errors raised while running are caught
+by the runner and recorded per case.
+
+Groups: ``delta`` (MoE-LoRA delta alone), ``layer`` (base nn.Linear + delta, whole
+layer), ``ffn`` (full-FFN MoE).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import moelora
+from moelora import reference
+
+from . import baselines
+from .shapes import Shape
+
+# Names under which a moelora full-FFN MoE op would appear (issue 5: only if exposed).
+MOELORA_FFN_NAMES = ("moe_ffn", "moe_mlp")
+# Peers that might express the op (probed by module spec only: importing some of them patches torch).
+PEERS = {"liger-kernel": "liger_kernel", "unsloth": "unsloth", "fms-acceleration-moe": "fms_acceleration_moe"}
+
+
+@dataclass
+class Prepared:
+    forward: Callable[[], torch.Tensor]
+    leaves: List[torch.Tensor]
+    keep: list = field(default_factory=list)  # modules / tensors to keep alive
+
+
+@dataclass
+class Impl:
+    name: str
+    group: str  # "delta", "layer" or "ffn"
+    prepare: Callable[[Shape, Dict[str, torch.Tensor]], Prepared]
+    probe: Callable[[Shape, torch.device], Optional[str]] = lambda shape, device: None
+    moelora: bool = False  # one of moelora's own implementations (not a baseline)
+    description: str = ""
+
+
+# ---- probes ---------------------------------------------------------------------------
+
+def _needs_cuda(shape, device):
+    return None if device.type == "cuda" else "moelora's Triton backend is timed on CUDA only"
+
+
+def _needs_grouped_mm(shape, device):
+    return None if baselines.grouped_mm_fn() is not None else \
+        "this torch has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
+
+
+def _needs_peft(shape, device):
+    if importlib.util.find_spec("peft") is None:
+        return "peft is not installed"
+    return None
+
+
+def _moelora_ffn_op():
+    for name in MOELORA_FFN_NAMES:
+        if hasattr(moelora, name):
+            return getattr(moelora, name)
+    return None
+
+
+def _needs_moelora_ffn(shape, device):
+    if _moelora_ffn_op() is not None:
+        return None
+    parts = [n for n in ("route", "dispatch", "combine") if hasattr(moelora, n)]
+    extra = f"; it has {', '.join(parts)}, which benchmarks/ does not compose into an FFN" if parts else ""
+    return f"moelora exposes no FFN op (looked for {', '.join(MOELORA_FFN_NAMES)}){extra}"
+
+
+def _needs_moelora_layer(shape, device):
+    return None if hasattr(moelora, "MoELoRALinear") else "moelora.MoELoRALinear is not in this tree"
+
+
+def _peer_probe(module: str):
+    def probe(shape, device):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        return (f"{module} is installed but benchmarks/ has no adapter expressing this op with it "
+                "(none of its public ops computes a MoE-LoRA delta)")
+    return probe
+
+
+# ---- delta ----------------------------------------------------------------------------
+
+def _delta_leaves(s):
+    return [s["x"], s["a"], s["b"], s["w"]]
+
+
+def _moelora(backend: str, regime: str = "auto"):
+    def prepare(shape, s):
+        def fwd():
+            return moelora.moe_lora(s["x"], s["a"], s["b"], s["ids"], s["w"], scaling=shape.scaling,
+                                    backend=backend, regime=regime)
+        return Prepared(fwd, _delta_leaves(s))
+    return prepare
+
+
+def _naive(shape, s):
+    return Prepared(lambda: reference.moe_lora_naive(s["x"], s["a"], s["b"], s["ids"], s["w"],
+                                                     scaling=shape.scaling), _delta_leaves(s))
+
+
+def _dense(shape, s):
+    return Prepared(lambda: baselines.moe_lora_dense(s["x"], s["a"], s["b"], s["ids"], s["w"],
+                                                     shape.scaling), _delta_leaves(s))
+
+
+def _grouped(shape, s):
+    return Prepared(lambda: baselines.moe_lora_grouped_mm(s["x"], s["a"], s["b"], s["ids"], s["w"],
+                                                          shape.scaling), _delta_leaves(s))
+
+
+# ---- whole layer ----------------------------------------------------------------------
+
+def _linear(shape, s):
+    return Prepared(lambda: F.linear(s["x"], s["w0"]), [s["x"]])
+
+
+def _moelora_layer(shape, s):
+    def fwd():
+        base = F.linear(s["x"], s["w0"])
+        return moelora.moe_lora(s["x"], s["a"], s["b"], s["ids"], s["w"], scaling=shape.scaling,
+                                base_out=base, backend="triton", regime="auto")
+    return Prepared(fwd, _delta_leaves(s))
+
+
+def _dense_layer(shape, s):
+    def fwd():
+        base = F.linear(s["x"], s["w0"])
+        return baselines.moe_lora_dense(s["x"], s["a"], s["b"], s["ids"], s["w"], shape.scaling, base_out=base)
+    return Prepared(fwd, _delta_leaves(s))
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_layer(shape, s):
+    """PEFT's single-adapter LoRA (get_peft_model on nn.Linear) at the same r, same dtype."""
+    from peft import LoraConfig, get_peft_model
+
+    w0 = s["w0"]
+    linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device, dtype=w0.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w0)
+    config = LoraConfig(r=shape.rank, lora_alpha=int(shape.scaling * shape.rank), lora_dropout=0.0,
+                        target_modules=["proj"])
+    model = get_peft_model(_Wrapped(linear), config).to(w0.dtype)
+    lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
+    with torch.no_grad():  # PEFT starts B at zero; use the set's random weights instead
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.copy_(s["a"] if s["a"].dim() == 2 else s["a"][0])
+            elif "lora_B" in n:
+                p.copy_(s["b"][0])
+    return Prepared(lambda: model(s["x"]), [s["x"]] + lora_params, keep=[model])
+
+
+def _moelora_linear_layer(shape, s):
+    """moelora.MoELoRALinear wrapping the frozen base (constructor arguments matched by name)."""
+    w0 = s["w0"]
+    linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device, dtype=w0.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w0)
+    linear.weight.requires_grad_(False)
+    cls = moelora.MoELoRALinear
+    params = inspect.signature(cls).parameters
+    wanted = {("base_layer", "base", "linear"): linear, ("num_experts", "experts"): shape.experts,
+              ("r", "rank"): shape.rank, ("top_k", "k"): shape.top_k,
+              ("lora_alpha", "alpha"): int(shape.scaling * shape.rank),
+              ("shared_a", "share_a"): shape.shared_a}
+    kwargs = {}
+    for names, value in wanted.items():
+        for n in names:
+            if n in params:
+                kwargs[n] = value
+                break
+    layer = cls(**kwargs).to(device=w0.device, dtype=w0.dtype)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    return Prepared(lambda: layer(s["x"]), [s["x"]] + trainable, keep=[layer])
+
+
+# ---- full-FFN MoE -----------------------------------------------------------------------
+
+def _ffn_leaves(s):
+    return [s["x"], s["w13"], s["w2"], s["w"]]
+
+
+def _ffn_naive(shape, s):
+    return Prepared(lambda: baselines.moe_ffn_naive(s["x"], s["w13"], s["w2"], s["ids"], s["w"]), _ffn_leaves(s))
+
+
+def _ffn_grouped(shape, s):
+    return Prepared(lambda: baselines.moe_ffn_grouped_mm(s["x"], s["w13"], s["w2"], s["ids"], s["w"]),
+                    _ffn_leaves(s))
+
+
+def _ffn_moelora(shape, s):
+    op = _moelora_ffn_op()
+    return Prepared(lambda: op(s["x"], s["w13"], s["w2"], s["ids"], s["w"]), _ffn_leaves(s))
+
+
+def _peer_impls(group: str) -> List[Impl]:
+    def never(shape, s):
+        raise RuntimeError("no adapter")
+    return [Impl(f"{peer}{'-ffn' if group == 'ffn' else ''}", group, never, _peer_probe(module),
+                 description=f"peer package {peer} (probed)") for peer, module in PEERS.items()]
+
+
+# Baselines first, moelora last within each group: a kernel that takes down the CUDA
+# context then costs no baseline of its group (see the restart logic in cli.py).
+DELTA = [
+    Impl("naive", "delta", _naive, description="per-expert Python loop (moelora.reference.moe_lora_naive)"),
+    Impl("torch-dense", "delta", _dense, description="best plain PyTorch: x@A^T, gated expand, one GEMM K=E*r"),
+    Impl("torch-grouped-mm", "delta", _grouped, _needs_grouped_mm,
+         description="sorted tokens, torch grouped_mm per expert, index_add combine"),
+] + _peer_impls("delta") + [
+    Impl("moelora-torch", "delta", _moelora("torch"), moelora=True, description="moelora torch backend (einsum)"),
+    Impl("moelora-triton", "delta", _moelora("triton", "auto"), _needs_cuda, True, "moelora Triton, regime auto"),
+    Impl("moelora-triton-dense", "delta", _moelora("triton", "dense"), _needs_cuda, True, "moelora Triton, dense forced"),
+    Impl("moelora-triton-grouped", "delta", _moelora("triton", "grouped"), _needs_cuda, True,
+         "moelora Triton, grouped forced"),
+]
+
+LAYER = [
+    Impl("linear-frozen", "layer", _linear, description="frozen nn.Linear alone (the floor we add to)"),
+    Impl("torch-dense-layer", "layer", _dense_layer, description="frozen nn.Linear + best plain PyTorch (addmm)"),
+    Impl("peft-lora", "layer", _peft_layer, _needs_peft, description="PEFT single-adapter LoRA layer, same r"),
+    Impl("moelora-layer", "layer", _moelora_layer, _needs_cuda, True,
+         "frozen nn.Linear + moelora Triton (base_out = linear output)"),
+    Impl("moelora-MoELoRALinear", "layer", _moelora_linear_layer, _needs_moelora_layer, True,
+         "moelora.MoELoRALinear"),
+]
+
+FFN = [
+    Impl("naive-ffn", "ffn", _ffn_naive, description="per-expert loop over SwiGLU experts"),
+    Impl("torch-grouped-mm-ffn", "ffn", _ffn_grouped, _needs_grouped_mm,
+         description="dispatch + torch grouped_mm + index_add combine"),
+] + _peer_impls("ffn") + [
+    Impl("moelora-ffn", "ffn", _ffn_moelora, _needs_moelora_ffn, True, "moelora full-FFN op"),
+]
+
+SWEEP = ["naive", "torch-dense", "torch-grouped-mm", "moelora-torch", "moelora-triton"]
+
+
+def impls_for(group: str) -> List[Impl]:
+    return {"delta": DELTA, "layer": LAYER, "ffn": FFN}[group]
+
+
+def by_name(name: str) -> Impl:
+    for impl in DELTA + LAYER + FFN:
+        if impl.name == name:
+            return impl
+    raise KeyError(name)

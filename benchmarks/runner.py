@@ -1,0 +1,264 @@
+"""Runs one group of cases (one shape, one group, several implementations, several passes).
+
+Each implementation is prepared on every input set, checked once against a reference,
+warmed up, then timed per pass while cycling the sets:
+- ``fwd``: the training forward (autograd records the graph; the output is dropped).
+- ``bwd``: backward ALONE: the forward graph of each set is built once before timing and
+  ``torch.autograd.grad(y, leaves, dy, retain_graph=True)`` is timed (not fwd+bwd - fwd).
+- ``fwdbwd``: forward then ``torch.autograd.grad`` in one timed step.
+Every failure is caught and recorded in its case; the run goes on. A failure that leaves
+the CUDA context unusable (e.g. an illegal memory access) sets ``ctx.device_lost``: the
+group stops and the CLI restarts the process, which resumes after the recorded cases.
+"""
+
+from __future__ import annotations
+
+import gc
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import moelora
+
+from . import baselines, memory, metrics
+from .impls import Impl, Prepared
+from .inputs import make_sets, rotation_count
+from .shapes import Shape
+from .timing import Budget, adaptive_repeats, summarize, synchronize, time_iterations
+
+PASSES = ("fwd", "bwd", "fwdbwd")
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    dtype: torch.dtype
+    repeats: int
+    warmup: int
+    min_repeats: int
+    case_cap_s: float
+    budget: Budget
+    ceilings: dict
+    log: Callable[[str], None]
+    skip: frozenset = frozenset()  # implementation names excluded with --skip
+    done: frozenset = frozenset()  # case ids already recorded (a resumed run)
+    poisoned: frozenset = frozenset()  # implementations that took down the CUDA context earlier
+    device_lost: bool = False  # set when the CUDA context no longer works
+
+
+def _error_text(exc: BaseException) -> str:
+    tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-3:])
+    return f"{type(exc).__name__}: {exc}"[:1500] + "\n" + tail[-1500:]
+
+
+def _recover(device: torch.device) -> None:
+    """Free what a finished or failed case left behind (GPU only: gc is slow with big imports)."""
+    if device.type == "cuda":
+        gc.collect()
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
+def cuda_alive(device: torch.device) -> bool:
+    """Whether the CUDA context still runs work (sticky errors make every call fail)."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        t = torch.ones(1, device=device)
+        t += 1
+        torch.cuda.synchronize(device)
+        return True
+    except Exception:
+        return False
+
+
+def _after_error(ctx: RunContext) -> None:
+    _recover(ctx.device)
+    if not cuda_alive(ctx.device):
+        ctx.device_lost = True
+        ctx.log("  the CUDA context is lost: stopping this process (the run resumes in a new one)")
+
+
+def _reference_kind(group: str, impl: str) -> str:
+    return impl if group == "layer" and impl in ("linear-frozen", "peft-lora") else group
+
+
+def _reference(shape: Shape, group: str, impl: str, s: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """What the implementation must compute on set ``s`` (in fp32)."""
+    with torch.no_grad():
+        if group == "ffn":
+            args = [t.float() if t.is_floating_point() else t for t in (s["x"], s["w13"], s["w2"], s["ids"], s["w"])]
+            return baselines.moe_ffn_naive(*args)
+        if group == "layer" and impl in ("linear-frozen", "peft-lora"):
+            base = F.linear(s["x"].float(), s["w0"].float())
+            if impl == "linear-frozen":
+                return base
+            a = s["a"] if s["a"].dim() == 2 else s["a"][0]
+            return base + shape.scaling * (s["x"].float() @ a.float().t()) @ s["b"][0].float().t()
+        base = F.linear(s["x"].float(), s["w0"].float()) if group == "layer" else None
+        return moelora.reference.moe_lora_torch(
+            s["x"].float(), s["a"].float(), s["b"].float(), s["ids"], s["w"].float(),
+            scaling=shape.scaling, base_out=base)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().float().reshape(ref.shape)
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _base_record(shape: Shape, group: str, impl: Impl, pass_name: str) -> dict:
+    """``group`` here is the label recorded (e.g. "sweep" for delta cases of the sweep)."""
+    return {"id": f"{shape.name}/{group}/{pass_name}/{impl.name}", "shape": shape.name.split("@")[0],
+            "tokens": shape.tokens, "group": group, "impl": impl.name, "pass": pass_name,
+            "moelora": impl.moelora, "description": impl.description}
+
+
+def _steps(pass_name: str, prepared: List[Prepared], sets: List[dict]):
+    n = len(prepared)
+    if pass_name == "fwd":
+        return lambda i: prepared[i % n].forward(), None
+
+    def fwdbwd(i):
+        p = prepared[i % n]
+        y = p.forward()
+        return torch.autograd.grad(y, p.leaves, sets[i % n]["grad_out"].view_as(y), allow_unused=True)
+
+    if pass_name == "fwdbwd":
+        return fwdbwd, None
+    outs = [p.forward() for p in prepared]  # forward graphs kept for the backward-alone timing
+
+    def bwd(i):
+        return torch.autograd.grad(outs[i % n], prepared[i % n].leaves, sets[i % n]["grad_out"].view_as(outs[i % n]),
+                                   retain_graph=True, allow_unused=True)
+    return bwd, outs
+
+
+def _time_pass(ctx: RunContext, pass_name: str, prepared, sets, rec: dict) -> None:
+    step, keep = _steps(pass_name, prepared, sets)
+    warm = time_iterations(step, max(1, ctx.warmup), ctx.device)
+    estimate = min(warm[-2:]) if len(warm) > 1 else warm[-1]
+    cap = max(0.05, min(ctx.case_cap_s, ctx.budget.remaining() / 4))
+    reps = adaptive_repeats(estimate, ctx.repeats, ctx.min_repeats, cap)
+    times = time_iterations(step, reps, ctx.device, start=len(warm))
+    rec.update({"status": "ok", "warmup_ms": warm, "times_ms": times, **summarize(times)})
+    rec["peak_bytes"] = memory.peak_bytes(lambda: step(0), ctx.device)
+    del keep
+
+
+def run_group(ctx: RunContext, shape: Shape, group: str, impls: List[Impl],
+              passes=PASSES, sets_count: Optional[int] = None, label: Optional[str] = None) -> List[dict]:
+    """Time every implementation of one group on one shape; returns one record per (impl, pass).
+
+    ``label`` is the group name recorded (default ``group``)."""
+    records: List[dict] = []
+    tag = label or group
+    elt = torch.empty((), dtype=ctx.dtype).element_size()
+    runnable = []
+    for impl in impls:
+        ids = [_base_record(shape, tag, impl, p)["id"] for p in passes]
+        if any(i in ctx.done for i in ids):  # resumed run: recorded before the restart
+            for p, i in zip(passes, ids):
+                if i not in ctx.done:
+                    records.append({**_base_record(shape, tag, impl, p), "status": "error",
+                                    "error": "the CUDA context was lost during an earlier pass of this "
+                                             "implementation; the run restarted without it"})
+            continue
+        if impl.name in ctx.skip:
+            reason = "excluded with --skip"
+        elif impl.name in ctx.poisoned:
+            reason = "took down the CUDA context earlier in this run (see meta.device_lost_events)"
+        else:
+            reason = impl.probe(shape, ctx.device)
+        if reason is not None:
+            for p in passes:
+                records.append({**_base_record(shape, tag, impl, p), "status": "skipped", "reason": reason})
+            ctx.log(f"  skip {group:5s} {impl.name}: {reason}")
+        else:
+            runnable.append(impl)
+    if not runnable:
+        return records
+    if ctx.budget.exhausted():
+        for impl in runnable:
+            for p in passes:
+                records.append({**_base_record(shape, tag, impl, p), "status": "skipped",
+                                "reason": "time budget exhausted"})
+        return records
+    try:
+        count = sets_count or rotation_count(shape, ctx.dtype, ctx.device)
+        sets = make_sets(shape, ctx.dtype, ctx.device, count)
+    except Exception as exc:  # e.g. out of memory
+        err = _error_text(exc)
+        for impl in runnable:
+            for p in passes:
+                records.append({**_base_record(shape, tag, impl, p), "status": "error", "error": err})
+        ctx.log(f"  input sets for {shape.name} failed: {err.splitlines()[0]}")
+        _after_error(ctx)
+        return records
+
+    refs: Dict[str, torch.Tensor] = {}  # fp32 reference outputs on sets[0], by kind
+    with moelora.validation(False):
+        for impl in runnable:
+            records.extend(_run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs))
+            if ctx.device_lost:
+                break
+    del sets, refs
+    _recover(ctx.device)
+    return records
+
+
+def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dict]:
+    out = []
+    counts = metrics.counts(shape, group, impl.name, elt)
+    common = {}
+    try:
+        prepared = [impl.prepare(shape, s) for s in sets]
+        with torch.no_grad():
+            y0 = prepared[0].forward()
+        kind = _reference_kind(group, impl.name)
+        if kind not in refs:
+            refs[kind] = _reference(shape, group, impl.name, sets[0])
+        common["rel_err_vs_reference"] = _rel_err(y0, refs[kind])
+        del y0
+        known = list(sets[0].values()) + list(prepared[0].leaves)
+        for m in prepared[0].keep:
+            if isinstance(m, torch.nn.Module):
+                known += list(m.parameters()) + list(m.buffers())
+        common.update(memory.saved_activation_bytes(prepared[0].forward, known))
+    except Exception as exc:
+        err = _error_text(exc)
+        ctx.log(f"  error {shape.name} {group} {impl.name}: {err.splitlines()[0][:200]}")
+        _after_error(ctx)
+        return [{**_base_record(shape, tag, impl, p), "status": "error", "error": err} for p in passes]
+
+    for p in passes:
+        rec = {**_base_record(shape, tag, impl, p), "sets": len(sets), **common}
+        if ctx.budget.exhausted():
+            rec.update(status="skipped", reason="time budget exhausted")
+            out.append(rec)
+            continue
+        try:
+            _time_pass(ctx, p, prepared, sets, rec)
+            rec.update(metrics.derived(rec.get("median_ms"), counts[p]["flops"], counts[p]["bytes"], ctx.ceilings))
+            pct = rec.get("pct_floor")
+            ctx.log(f"[{ctx.budget.elapsed():6.1f}s] {shape.name:9s} {group:5s} {p:6s} {impl.name:24s} "
+                    f"{rec['median_ms']:10.4f} ms  IQR {rec['iqr_ms']:.4f}  n={rec['n']}"
+                    + (f"  {pct:5.1f}% of floor" if pct is not None else ""))
+        except Exception as exc:
+            rec.update(status="error", error=_error_text(exc))
+            ctx.log(f"  error {shape.name} {group} {p} {impl.name}: {rec['error'].splitlines()[0][:200]}")
+            _after_error(ctx)
+        out.append(rec)
+        if ctx.device_lost:
+            break
+    del prepared
+    _recover(ctx.device)
+    return out

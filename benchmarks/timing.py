@@ -1,0 +1,88 @@
+"""Timing primitives: per-iteration device timers, robust statistics, a run-wide budget.
+
+On CUDA each iteration is bracketed by a pair of CUDA events on the current stream
+(asynchronous launches, one synchronize at the end); on CPU by ``time.perf_counter``.
+Inputs are rotated by the caller so that consecutive iterations touch different memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, List, Sequence
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_iterations(step: Callable[[int], object], iterations: int, device: torch.device,
+                    start: int = 0) -> List[float]:
+    """Run ``step(i)`` for i in [start, start + iterations); return each one's time in ms."""
+    if iterations <= 0:
+        return []
+    if device.type == "cuda":
+        begin = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]
+        end = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]
+        for n in range(iterations):
+            begin[n].record()
+            step(start + n)
+            end[n].record()
+        torch.cuda.synchronize(device)
+        return [b.elapsed_time(e) for b, e in zip(begin, end)]
+    times = []
+    for n in range(iterations):
+        t0 = time.perf_counter()
+        step(start + n)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize(times_ms: Sequence[float]) -> dict:
+    """Median, quartiles and IQR (ms) of a list of timings."""
+    if not times_ms:
+        return {"n": 0}
+    ordered = sorted(times_ms)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {
+        "n": len(ordered),
+        "median_ms": statistics.median(ordered),
+        "q25_ms": q1,
+        "q75_ms": q3,
+        "iqr_ms": q3 - q1,
+        "min_ms": ordered[0],
+        "max_ms": ordered[-1],
+    }
+
+
+def adaptive_repeats(estimate_ms: float, repeats: int, min_repeats: int, case_cap_s: float) -> int:
+    """Repeats so that one case's timed loop stays near ``case_cap_s`` (never under min)."""
+    if estimate_ms <= 0:
+        return repeats
+    fit = int(case_cap_s * 1e3 / estimate_ms)
+    return max(min_repeats, min(repeats, fit))
+
+
+class Budget:
+    """Wall-clock budget for the whole run; cases check ``exhausted()`` before starting."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def remaining(self) -> float:
+        if self.seconds is None:
+            return float("inf")
+        return self.seconds - self.elapsed()
+
+    def exhausted(self) -> bool:
+        return self.remaining() <= 0

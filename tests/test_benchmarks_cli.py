@@ -1,0 +1,155 @@
+"""The benchmark CLI's CPU default runs end to end and writes the expected JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
+
+from benchmarks import cli, targets  # noqa: E402
+
+
+def _run(tmp_path, *extra):
+    rc = cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--repeats", "3", *extra])
+    assert rc == 0
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    return json.loads(files[0].read_text()), files[0]
+
+
+def test_cpu_default_writes_results(tmp_path, capsys):
+    results, path = _run(tmp_path, "--shapes", "S1,S5", "--sweep-tokens", "32,64")
+    assert {"schema", "meta", "shapes", "ceilings", "cases", "checks", "plot", "targets"} <= set(results)
+    meta = results["meta"]
+    for key in ("device_name", "torch", "triton", "cuda", "git_commit", "date", "dtype"):
+        assert key in meta
+    assert results["ceilings"]["copy_GBps"] > 0 and results["ceilings"]["matmul_TFLOPs"] > 0
+    assert set(results["shapes"]) >= {"S1", "S5", "S1-sweep"}
+    cases = {c["id"]: c for c in results["cases"]}
+    for p in ("fwd", "bwd", "fwdbwd"):
+        for impl in ("naive", "moelora-torch", "torch-dense"):
+            c = cases[f"S1/delta/{p}/{impl}"]
+            assert c["status"] == "ok", c
+            assert len(c["times_ms"]) == c["n"] >= 3
+            assert c["median_ms"] > 0 and c["GBps"] > 0 and c["TFLOPs"] > 0 and c["floor_ms"] > 0
+            assert c["rel_err_vs_reference"] < 1e-5
+        assert cases[f"S1/layer/{p}/linear-frozen"]["status"] == "ok"
+        assert cases[f"S5/ffn/{p}/naive-ffn"]["status"] == "ok"
+        assert cases[f"S1/delta/{p}/moelora-triton"]["status"] == "skipped"
+    assert cases["S1/delta/fwdbwd/moelora-torch"]["saved_bytes"] > 0
+    assert "speedup_vs_naive" in cases["S1/delta/fwdbwd/moelora-torch"]
+    assert "ratio_vs_linear" in cases["S1/layer/fwdbwd/linear-frozen"]
+    assert any(c["group"] == "sweep" and c["tokens"] == 64 and c["status"] == "ok" for c in results["cases"])
+    assert results["checks"]["cuda_graph_S1"]["status"] == "skipped"
+    assert results["plot"]["path"] and Path(results["plot"]["path"]).stat().st_size > 1000
+    assert {t["status"] for t in results["targets"]} <= {"met", "missed", "not measured"}
+    out = capsys.readouterr().out
+    assert "GPU numbers need a GPU" in out and "S1/delta/fwd/naive" in out
+    assert targets.main([str(path)]) == 0
+
+
+def test_time_budget_records_skips(tmp_path):
+    results, _ = _run(tmp_path, "--shapes", "S2", "--no-sweep", "--time-budget", "0", "--markdown")
+    statuses = {c["status"] for c in results["cases"]}
+    assert statuses == {"skipped"}
+    assert any(c.get("reason") == "time budget exhausted" for c in results["cases"])
+    assert results["plot"]["skipped"]
+
+
+@pytest.mark.parametrize("impl", ["naive"])
+def test_skip_option(tmp_path, impl):
+    results, _ = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--skip", impl, "--passes", "fwd")
+    c = [c for c in results["cases"] if c["impl"] == impl]
+    assert c and all(x["status"] == "skipped" and x["reason"] == "excluded with --skip" for x in c)
+
+
+def test_resume_keeps_recorded_cases(tmp_path):
+    first, path = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--passes", "fwd")
+    before = {c["id"]: c["times_ms"] for c in first["cases"] if c["status"] == "ok"}
+    rc = cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--repeats", "3", "--shapes", "S4,S2",
+                   "--no-sweep", "--passes", "fwd", "--resume", str(path)])
+    assert rc == 0
+    resumed = json.loads(path.read_text())
+    assert resumed["meta"]["restarts"] == 1
+    ids = [c["id"] for c in resumed["cases"]]
+    assert len(ids) == len(set(ids))  # nothing recorded twice
+    for case_id, times in before.items():  # recorded cases were kept, not re-run
+        assert next(c for c in resumed["cases"] if c["id"] == case_id)["times_ms"] == times
+    assert any(i.startswith("S2/delta/fwd/") for i in ids)
+
+
+def test_lost_device_saves_and_restarts(tmp_path, monkeypatch):
+    """A failure that kills the CUDA context: results are saved, then the process re-executes itself."""
+    from benchmarks import impls, runner
+
+    class Exec(Exception):
+        pass
+
+    def broken(shape, s):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def fake_execv(exe, argv):
+        raise Exec(argv)
+
+    monkeypatch.setattr(impls.by_name("torch-dense"), "prepare", broken)
+    monkeypatch.setattr(runner, "cuda_alive", lambda device: False)
+    monkeypatch.setattr(cli.os, "execv", fake_execv)
+    with pytest.raises(Exec) as info:
+        cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--repeats", "3", "--shapes", "S4,S2",
+                  "--no-sweep", "--passes", "fwd"])
+    argv = info.value.args[0]
+    path = Path(argv[argv.index("--resume") + 1])
+    assert argv[1:3] == ["-m", "benchmarks"] and "--shapes" in argv
+    results = json.loads(path.read_text())
+    assert results["meta"]["device_lost_events"][0]["last_case"] == "S2/delta/fwd/torch-dense"  # S2 runs first
+    assert next(c for c in results["cases"] if c["impl"] == "torch-dense")["status"] == "error"
+    assert not any(c["shape"] == "S4" for c in results["cases"])
+
+    monkeypatch.undo()  # the "new process": a working device again
+    assert cli.main(argv[3:]) == 0
+    resumed = {c["id"]: c for c in json.loads(path.read_text())["cases"]}
+    assert resumed["S2/delta/fwd/torch-dense"]["status"] == "error"
+    assert resumed["S2/delta/fwd/moelora-torch"]["status"] == "ok"
+    assert resumed["S4/delta/fwd/naive"]["status"] == "ok"
+    assert resumed["S4/delta/fwd/torch-dense"]["status"] == "skipped"
+    assert "CUDA context" in resumed["S4/delta/fwd/torch-dense"]["reason"]
+
+
+def test_failing_backend_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """moelora's Triton cases forced to run here fail (no GPU / no kernels): recorded per case."""
+    from benchmarks import impls
+
+    for name in ("moelora-triton", "moelora-triton-dense", "moelora-triton-grouped"):
+        monkeypatch.setattr(impls.by_name(name), "probe", lambda shape, device: None)
+    monkeypatch.setattr(impls.by_name("moelora-triton"), "prepare",
+                        lambda shape, s: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
+    results, _ = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--passes", "fwd,fwdbwd")
+    cases = {c["id"]: c for c in results["cases"]}
+    assert cases["S4/delta/fwd/moelora-triton"]["status"] == "error"
+    assert "kernel exploded" in cases["S4/delta/fwd/moelora-triton"]["error"]
+    assert cases["S4/delta/fwdbwd/moelora-triton-grouped"]["status"] in ("error", "ok")
+    assert cases["S4/delta/fwdbwd/naive"]["status"] == "ok"
+    assert cases["S4/delta/fwdbwd/moelora-torch"]["status"] == "ok"
+
+
+def test_hard_deadline_saves_and_exits(tmp_path, monkeypatch, capsys):
+    """A case that hangs past --hard-deadline: the watchdog writes the JSON, prints the summary, exits."""
+    import threading
+    import time
+
+    from benchmarks import impls
+
+    exited = threading.Event()
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exited.set())
+    monkeypatch.setattr(impls.by_name("torch-dense"), "prepare",
+                        lambda shape, s: (time.sleep(2.0), (_ for _ in ()).throw(RuntimeError("hung")))[1])
+    cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--repeats", "3", "--shapes", "S4",
+              "--no-sweep", "--passes", "fwd", "--hard-deadline", "0.5"])
+    assert exited.is_set()
+    results = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert results["meta"]["hard_deadline_hit"] is True
+    assert "hard deadline reached" in capsys.readouterr().out
