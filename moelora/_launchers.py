@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels.gating import gate_backward_kernel, gate_expand_kernel
+from .triton_kernels.gating import gate_backward_kernel, gate_expand_kernel, gated_expand_kernel
 from .triton_kernels.grouped import combine_pairs_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel
 from .triton_kernels.matmul import matmul_kernel
 
@@ -37,6 +37,11 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _dot_config(compute_dtype: torch.dtype) -> dict:
     tf32 = compute_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
+    return _dot_config_cached(compute_dtype, tf32)
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_config_cached(compute_dtype: torch.dtype, tf32: bool) -> dict:
     return {
         "DOT_DTYPE": _TL_DTYPES[compute_dtype],
         "ACC_DTYPE": _TL_DTYPES[accumulator_dtype(compute_dtype)],
@@ -90,17 +95,16 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
     splits = _split_count(tiles, K, a.device) if split_k else 1
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, k_per_split)
-    if splits == 1:
-        partial = out.unsqueeze(0)
-    else:
-        partial = torch.empty(splits, M, N, dtype=acc_dtype, device=a.device)
+    # One split writes straight into ``out``; several write fp32 partials [splits, M, N].
+    partial = out if splits == 1 else torch.empty(splits, M, N, dtype=acc_dtype, device=a.device)
+    split_stride = 0 if splits == 1 else partial.stride(0)
     has_addend = addend is not None and splits == 1
-    d = addend if has_addend else partial
+    d = addend if has_addend else out
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
     matmul_kernel[grid](
         a, b, partial, d, M, N, K, k_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2), d.stride(-2), d.stride(-1),
+        split_stride, partial.stride(-2), partial.stride(-1), d.stride(0), d.stride(1),
         alpha, HAS_ADDEND=has_addend, **_dot_config(compute_dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
@@ -131,6 +135,33 @@ def gate_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         COMPUTE_DTYPE=_TL_DTYPES[accumulator_dtype(h.dtype)],
         TOP_K=topk_ids.shape[1], BLOCK_K=_routing_blocks(topk_ids.shape[1]),
         BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
+    )
+    return out
+
+
+def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, lora_b: torch.Tensor, *,
+                 scaling: float, shared_a: bool, base: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = base + sum_e (s * G[:, e] * h_e) @ B[e]^T in one kernel; y in B's dtype, [T, d_out]."""
+    num_experts, N, rank = lora_b.shape
+    T = h.shape[0]
+    if out is None:
+        out = torch.empty(T, N, dtype=lora_b.dtype, device=h.device)
+    if T == 0 or N == 0:
+        return out
+    block_t = 64
+    block_n = _pow2_block(N, 16, 128)
+    base_arg = base if base is not None else out
+    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
+    gated_expand_kernel[grid](
+        h, topk_ids, topk_weights, lora_b, base_arg, out, T, N, num_experts, rank, scaling,
+        h.stride(0), 0 if shared_a else rank * h.stride(1), h.stride(1),
+        topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        base_arg.stride(0), base_arg.stride(1), out.stride(0), out.stride(1),
+        SHARED_A=shared_a, HAS_BASE=base is not None, **_dot_config(lora_b.dtype),
+        TOP_K=topk_ids.shape[1], BLOCK_K=_routing_blocks(topk_ids.shape[1]),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=_pow2_block(rank, 16, 1 << 16),
     )
     return out
 

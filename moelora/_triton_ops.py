@@ -3,15 +3,19 @@
 
 Two regimes compute the same function:
 
-- dense (small E*r): h = x A^T once; Hg = s * G (.) h over all E*r columns; y = base +
-  Hg B_stack^T (one GEMM, K = E*r). Backward: dHg = dy B_stack, then dh, dw from the
-  gating kernel, dB_stack = dy^T Hg, dA = dh^T x, dx = dh A.
+- dense (small E*r): h = x A^T once; y = base + Hg B_stack^T with the gated
+  intermediate Hg = s * G (.) h (all E*r columns) formed in the GEMM's prologue, never
+  in memory. Backward: dHg = dy B_stack, then dh, dw from the gating kernel,
+  dB_stack = dy^T Hg, dA = dh^T x, dx = dh A.
 - grouped (large E*r): pairs sorted by expert, grouped GEMMs gather rows in the
   prologue and apply the gate in the epilogue, writing pair-major rows that a fixed-order
   per-token sum combines (no atomics). Per-expert A: h_pair = x[t] A_e^T per pair.
 
 Saved for backward: x, the weights, the routing and h (T x r; T x E*r for a dense
 per-expert A; T*k x r for a grouped per-expert A). Every step is deterministic.
+
+Under torch.compile the custom ops are traced; in eager mode ``_EagerMoELoRA`` runs the
+same forward and backward without the custom-op dispatch.
 """
 
 from __future__ import annotations
@@ -60,13 +64,10 @@ def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
 # ---------------------------------------------------------------- dense regime
 
 def _dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
-    num_experts, _, rank = lora_b.shape
     shared = lora_a.dim() == 2
     acc = K.accumulator_dtype(x.dtype)
     h = K.matmul(x, _a_rows(lora_a).t(), out_dtype=acc, compute_dtype=x.dtype)
-    hg = K.gate_expand(h, topk_ids, topk_weights, num_experts=num_experts, rank=rank, scaling=scaling,
-                       shared_a=shared, out_dtype=x.dtype)
-    y = K.matmul(hg, _b_stack(lora_b).t(), out_dtype=x.dtype, compute_dtype=x.dtype, addend=base_out)
+    y = K.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=shared, base=base_out)
     return y, h
 
 
@@ -153,13 +154,23 @@ def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling,
 
 # ------------------------------------------------------------ custom ops
 
+def _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
+    run = _grouped_forward if grouped else _dense_forward
+    return run(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling)
+
+
+def _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped, need_dx):
+    run = _grouped_backward if grouped else _dense_backward
+    dx, dlora_a, dlora_b, dw = run(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx)
+    return dx, dlora_a, dlora_b, dw.to(topk_weights.dtype)
+
+
 @torch.library.custom_op("moelora::moe_lora_forward", mutates_args=())
 def moe_lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, base_out: Optional[torch.Tensor], scaling: float,
                      grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [T, d_out], h): the fused MoE-LoRA forward; h is what backward needs."""
-    run = _grouped_forward if grouped else _dense_forward
-    return run(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling)
+    return _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped)
 
 
 @moe_lora_forward.register_fake
@@ -174,11 +185,9 @@ def moe_lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, l
                       topk_ids: torch.Tensor, topk_weights: torch.Tensor, h: torch.Tensor, scaling: float,
                       grouped: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dlora_a, dlora_b, dtopk_weights); dx is an empty [0, d_in] tensor when not needed."""
-    run = _grouped_backward if grouped else _dense_backward
-    dx, dlora_a, dlora_b, dw = run(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx)
-    if dx is None:
-        dx = x.new_empty(0, x.shape[1])
-    return dx, dlora_a, dlora_b, dw.to(topk_weights.dtype)
+    dx, dlora_a, dlora_b, dw = _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped,
+                                         need_dx)
+    return (x.new_empty(0, x.shape[1]) if dx is None else dx), dlora_a, dlora_b, dw
 
 
 @moe_lora_backward.register_fake
@@ -187,23 +196,45 @@ def _(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped, need_d
     return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(topk_weights)
 
 
-def _setup_context(ctx, inputs, output):
+def _save_for_backward(ctx, inputs, h):
     x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped = inputs
-    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, output[1])
+    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, h)
     ctx.scaling = scaling
     ctx.grouped = grouped
     ctx.has_base = base_out is not None
 
 
-def _backward(ctx, dy, _dh):
+def _input_grads(ctx, dy, backward):
+    """Gradients for (x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped)."""
     x, lora_a, lora_b, topk_ids, topk_weights, h = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, dlora_a, dlora_b, dw = moe_lora_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h,
-                                                 ctx.scaling, ctx.grouped, need_dx)
+    dx, dlora_a, dlora_b, dw = backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, ctx.scaling,
+                                        ctx.grouped, need_dx)
     return (dx if need_dx else None, dlora_a, dlora_b, None, dw, dy if ctx.has_base else None, None, None)
 
 
-moe_lora_forward.register_autograd(_backward, setup_context=_setup_context)
+moe_lora_forward.register_autograd(
+    lambda ctx, dy, _dh: _input_grads(ctx, dy, moe_lora_backward),
+    setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, inputs, output[1]),
+)
+
+
+class _EagerMoELoRA(torch.autograd.Function):
+    """The custom ops' forward and backward without the custom-op dispatch, for eager mode.
+
+    That dispatch costs tens of microseconds of host time per call, which is most of the
+    layer's time at small T; torch.compile traces the custom ops instead.
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, h = _forward(*inputs)
+        _save_for_backward(ctx, inputs, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _input_grads(ctx, dy, _backward)
 
 
 def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
@@ -215,6 +246,8 @@ def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
         return moe_lora_torch_impl(args)
     if regime == "auto":
         regime = choose_regime(num_experts, rank, args.topk_ids.shape[1])
-    y, _ = moe_lora_forward(args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
-                            args.scaling, regime == "grouped")
-    return y
+    inputs = (args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out, args.scaling,
+              regime == "grouped")
+    if torch.compiler.is_compiling():
+        return moe_lora_forward(*inputs)[0]
+    return _EagerMoELoRA.apply(*inputs)

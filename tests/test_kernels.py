@@ -116,3 +116,16 @@ def test_expert_blocks_layout():
     assert b.block_expert.tolist() == [0, 1, 2, -1, -1]  # bound: cdiv(T*k + E*(block-1), block) = 5
     assert b.row_pair.tolist() == [1, 4, -1, -1, 3, -1, -1, -1, 0, 2, 5, -1] + [-1] * 8
     assert b.valid.tolist() == [True] * 6 + [False, False]
+
+
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_gated_expand(shared_a):
+    T, E, r, k, N, s = 70, 5, 3, 2, 40, 0.3
+    ids, w = routing(T, E, k)
+    h, B, base = randn(T, r if shared_a else E * r), randn(E, N, r), randn(T, N)
+    G = dense_gates(ids, w, E, torch.float64) * s
+    h3 = h.double().view(T, 1 if shared_a else E, r).expand(T, E, r)
+    expected = base.double() + torch.einsum("te,ter,enr->tn", G, h3, B.double())
+    big, out = poisoned_view(T, N)
+    K.gated_expand(h, ids, w, B, scaling=s, shared_a=shared_a, base=base, out=out)
+    assert_only_view_written(big, out, expected, 1e-6)

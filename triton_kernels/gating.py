@@ -1,4 +1,4 @@
-"""Dense gated expand of the LoRA intermediate, and its backward.
+"""Dense gated expand of the LoRA intermediate (alone, or fused into the expand GEMM), and its backward.
 
 With G[t, e] = sum of the gate weights of the slots of token t that chose expert e
 (ids outside [0, E) contribute nothing), s the LoRA scale and h the r-wide
@@ -90,3 +90,50 @@ def gate_backward_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     tl.store(dw_ptr + offs_t[:, None] * stride_dwt + offs_k[None, :] * stride_dwk,
              dw.to(dw_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_k[None, :] < TOP_K))
+
+
+@triton.jit
+def gated_expand_kernel(
+    h_ptr, ids_ptr, w_ptr, b_ptr, base_ptr, y_ptr,
+    T, N, num_experts, rank, scaling,
+    stride_ht, stride_he, stride_hr,
+    stride_it, stride_ik, stride_wt, stride_wk,
+    stride_be, stride_bn, stride_br,
+    stride_xt, stride_xn, stride_yt, stride_yn,
+    SHARED_A: tl.constexpr, HAS_BASE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """y = base + sum_e (s * G[:, e] * h_e) @ B[e]^T: the gate applied in the GEMM prologue.
+
+    The gated intermediate never leaves registers. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    """
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_t = offs_t < T
+    mask_n = offs_n < N
+    mask_r = offs_r < rank
+    ids, w = _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_wt, stride_wk,
+                           TOP_K, BLOCK_K, ACC_DTYPE)
+    h_ptrs = h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr
+    h_mask = mask_t[:, None] & mask_r[None, :]
+    h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC_DTYPE)  # the shared A's h, or expert 0's
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+    b_mask = mask_r[:, None] & mask_n[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
+    for e in range(num_experts):
+        gate = tl.sum(tl.where(ids == e, w, 0.0), axis=1) * scaling
+        if not SHARED_A:
+            if e > 0:
+                h = tl.load(h_ptrs + e * stride_he, mask=h_mask, other=0.0).to(ACC_DTYPE)
+        b = tl.load(b_ptrs + e * stride_be, mask=b_mask, other=0.0)
+        acc += tl.dot((gate[:, None] * h).to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                      out_dtype=ACC_DTYPE)
+    mask = mask_t[:, None] & mask_n[None, :]
+    if HAS_BASE:
+        acc += tl.load(base_ptr + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
+                       mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mask)
