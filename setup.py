@@ -41,7 +41,10 @@ def _native_extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    # No -std flag: torch's build helper adds the C++ standard of the installed torch
+    # (C++17 or C++20 depending on its version) to both compilers; forcing C++17 on a
+    # C++20 torch builds its header code under a standard it was never tested with.
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     if _cuda_wanted():
         # TORCH_CUDA_ARCH_LIST is read by torch's build helper; default to A100 + H100.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -51,7 +54,7 @@ def _native_extensions():
             define_macros=[("MOELORA_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
+                "nvcc": ["-O3", "-lineinfo"],
             },
         )
     else:

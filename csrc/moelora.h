@@ -22,6 +22,9 @@ enum RouterMode : int64_t { kSoftmaxTopk = 0, kTopkSoftmax = 1 };
 #define MOELORA_CHECK_SHAPE(x, ...)                                         \
   TORCH_CHECK_VALUE((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ \
                     "), got ", (x).sizes())
+// CPU kernels read tensor data on the host: a device tensor there would be a host segfault.
+#define MOELORA_CHECK_CPU(x) \
+  TORCH_CHECK_VALUE((x).device().is_cpu(), #x " must be a CPU tensor here, got ", (x).device())
 #define MOELORA_CHECK_DIM(x, d) \
   TORCH_CHECK_VALUE((x).dim() == (d), #x " must be ", (d), "-D, got shape ", (x).sizes())
 #define MOELORA_CHECK_INDEX(x) \

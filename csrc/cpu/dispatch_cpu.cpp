@@ -80,6 +80,7 @@ MetaOut metadata_cpu_typed(const at::Tensor& ids_t, int64_t E, int64_t bs) {
 
 MetaOut dispatch_metadata_cpu(const at::Tensor& topk_ids, int64_t num_experts, int64_t block_size) {
   check_meta_args(topk_ids, num_experts, block_size);
+  MOELORA_CHECK_CPU(topk_ids);  // the ids are read on the host below
   const at::Tensor ids = topk_ids.contiguous();
   if (ids.scalar_type() == at::kInt) return metadata_cpu_typed<int32_t>(ids, num_experts, block_size);
   return metadata_cpu_typed<int64_t>(ids, num_experts, block_size);
@@ -99,6 +100,7 @@ void dispatch_float(at::ScalarType t, F&& f) {
 at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& sp_in, const at::Tensor& inv_in,
                         const c10::optional<at::Tensor>& w_in) {
   const int64_t N = check_gather_args("dispatch", x_in, sp_in, inv_in, w_in);
+  MOELORA_CHECK_CPU(x_in);  // check_gather_args put every other tensor on x's device
   TORCH_CHECK_VALUE(x_in.size(0) == inv_in.size(0), "dispatch: x has ", x_in.size(0),
                     " rows but inverse has ", inv_in.size(0), " tokens");
   const at::Tensor x = x_in.contiguous(), sp = sp_in.contiguous();
@@ -138,6 +140,7 @@ at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& sp_in, const a
 at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& sp_in, const at::Tensor& inv_in,
                        const c10::optional<at::Tensor>& w_in) {
   check_gather_args("combine", y_in, sp_in, inv_in, w_in);
+  MOELORA_CHECK_CPU(y_in);
   TORCH_CHECK_VALUE(y_in.size(0) == sp_in.size(0), "combine: y_sorted has ", y_in.size(0),
                     " rows but sorted_pairs has ", sp_in.size(0), " entries");
   const at::Tensor y = y_in.contiguous(), inv = inv_in.contiguous();
@@ -178,6 +181,7 @@ at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& sp_in, const at
 at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& sp_in,
                         const at::Tensor& inv_in) {
   check_gather_args("pair_dot", b_in, sp_in, inv_in, c10::nullopt);
+  MOELORA_CHECK_CPU(b_in);
   TORCH_CHECK_VALUE(b_in.size(0) == sp_in.size(0), "pair_dot: b_sorted has ", b_in.size(0),
                     " rows but sorted_pairs has ", sp_in.size(0), " entries");
   MOELORA_CHECK_DEVICE(a_in, b_in.device());

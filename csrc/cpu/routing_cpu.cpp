@@ -106,8 +106,7 @@ void router_topk_cpu_typed(const at::Tensor& logits, int64_t k, int64_t mode, bo
 
 RouterOut router_topk_cpu(const at::Tensor& logits_in, int64_t top_k, int64_t mode, bool renormalize) {
   check_router_args(logits_in, top_k, mode);
-  TORCH_CHECK_VALUE(logits_in.device().is_cpu(), "logits must be a CPU tensor here, got ",
-                    logits_in.device());
+  MOELORA_CHECK_CPU(logits_in);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
   const auto acc = acc_dtype(logits.scalar_type());
