@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -27,9 +28,10 @@ from moelora import _ext
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+                              capture_output=True, text=True, timeout=10).stdout.strip() \
+            or os.environ.get("MOELORA_GIT_COMMIT", "unknown")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("MOELORA_GIT_COMMIT", "unknown")
 
 
 def _time(fn, repeats: int, warmup: int, cuda: bool) -> list:

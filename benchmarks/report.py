@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import subprocess
@@ -43,8 +44,10 @@ def metadata(device: torch.device) -> dict:
         "moelora": getattr(moelora, "__version__", None),
         "moelora_features": {n: hasattr(moelora, n) for n in
                              ("moe_lora", "MoELoRALinear", "route", "dispatch", "combine", "moe_ffn")},
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        # A copy of the tree without .git (e.g. on a lent GPU machine) names its commit in
+        # MOELORA_GIT_COMMIT; its cleanliness is then unknown.
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("MOELORA_GIT_COMMIT"),
+        "git_dirty": bool(_git("status", "--porcelain")) if _git("rev-parse", "HEAD") else None,
         "host": platform.node(),
     }
     if device.type == "cuda":
