@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
