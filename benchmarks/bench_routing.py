@@ -26,12 +26,15 @@ from moelora import _ext
 
 
 def _git_commit() -> str:
+    """HEAD of the checkout, else MOELORA_GIT_COMMIT (a tree copied without .git), else "unknown"."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip() \
-            or os.environ.get("MOELORA_GIT_COMMIT", "unknown")
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("MOELORA_GIT_COMMIT", "unknown")
+        pass
+    return os.environ.get("MOELORA_GIT_COMMIT", "unknown")
 
 
 def _time(fn, repeats: int, warmup: int, cuda: bool) -> list:
