@@ -33,6 +33,7 @@ def metadata(device: torch.device) -> dict:
     except Exception:
         triton_version = None
     import moelora
+    head = _git("rev-parse", "HEAD")
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device_type": device.type,
@@ -46,8 +47,8 @@ def metadata(device: torch.device) -> dict:
                              ("moe_lora", "MoELoRALinear", "route", "dispatch", "combine", "moe_ffn")},
         # A copy of the tree without .git (e.g. on a lent GPU machine) names its commit in
         # MOELORA_GIT_COMMIT; its cleanliness is then unknown.
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("MOELORA_GIT_COMMIT"),
-        "git_dirty": bool(_git("status", "--porcelain")) if _git("rev-parse", "HEAD") else None,
+        "git_commit": head or os.environ.get("MOELORA_GIT_COMMIT"),
+        "git_dirty": bool(_git("status", "--porcelain")) if head else None,
         "host": platform.node(),
     }
     if device.type == "cuda":

@@ -33,7 +33,7 @@ from ._validation import MoELoRAArgs
 DENSE_MAX_WIDTH = 512
 
 
-def choose_regime(num_experts: int, rank: int, top_k: int) -> str:
+def choose_regime(num_experts: int, rank: int) -> str:
     return "dense" if num_experts * rank <= DENSE_MAX_WIDTH else "grouped"
 
 
@@ -238,14 +238,10 @@ class _EagerMoELoRA(torch.autograd.Function):
 
 
 def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
-    """Run the Triton backend on validated, flattened arguments; returns [T, d_out]."""
+    """Run the Triton backend on validated, flattened arguments with T > 0; returns [T, d_out]."""
     num_experts, _, rank = args.lora_b.shape
-    if args.x.shape[0] == 0:
-        from .reference import moe_lora_torch_impl
-
-        return moe_lora_torch_impl(args)
     if regime == "auto":
-        regime = choose_regime(num_experts, rank, args.topk_ids.shape[1])
+        regime = choose_regime(num_experts, rank)
     inputs = (args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out, args.scaling,
               regime == "grouped")
     if torch.compiler.is_compiling():

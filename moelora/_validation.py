@@ -120,11 +120,13 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     topk_weights = topk_weights.reshape(num_tokens, top_k)
     if validation_enabled() and num_tokens > 0 and not _tracing_or_capturing():
         lo, hi = torch.aminmax(topk_ids)
-        if bool(lo < 0) or bool(hi >= num_experts):
+        finite = torch.isfinite(topk_weights).all().to(lo.dtype)
+        lo, hi, finite = torch.stack([lo, hi, finite]).tolist()  # one device-to-host copy
+        if lo < 0 or hi >= num_experts:
             raise ValueError(
-                f"topk_ids must lie in [0, {num_experts}), got values in [{int(lo)}, {int(hi)}] "
+                f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}] "
                 "(switch the check off with moelora.validation(False) for graph capture)")
-        if not bool(torch.isfinite(topk_weights).all()):
+        if not finite:
             raise ValueError("topk_weights contains NaN or Inf")
 
     return MoELoRAArgs(

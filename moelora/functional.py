@@ -72,7 +72,8 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out)
-    if resolve_backend(backend, args.x.device) == "torch":
+    # No kernel runs on zero tokens: the torch path returns the empty result with its autograd.
+    if resolve_backend(backend, args.x.device) == "torch" or args.x.shape[0] == 0:
         out = moe_lora_torch_impl(args)
     else:
         from ._triton_ops import moe_lora_triton
