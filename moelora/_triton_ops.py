@@ -7,8 +7,8 @@ Two regimes compute the same function:
   intermediate Hg = s * G (.) h (all E*r columns) formed in the GEMM's prologue, never
   in memory. Backward: dHg = dy B_stack, then dh, dw from the gating kernel,
   dB_stack = dy^T Hg, dA = dh^T x, dx = dh A.
-- grouped (large E*r): pairs sorted by expert, grouped GEMMs gather rows in the
-  prologue and apply the gate in the epilogue, writing pair-major rows that a fixed-order
+- grouped (large E*r): pairs sorted by expert (moelora.routing's dispatch metadata,
+  i.e. the moelora._C kernels when built), grouped GEMMs gather rows in the prologue and apply the gate in the epilogue, writing pair-major rows that a fixed-order
   per-token sum combines (no atomics). Per-expert A: h_pair = x[t] A_e^T per pair.
 
 Saved for backward: x, the weights, the routing and h (T x r; T x E*r for a dense
@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import _launchers as K
-from ._grouping import expert_blocks
+from .routing import expert_layout
 from ._validation import MoELoRAArgs
 
 # Dense while the gated intermediate is at most this wide; measured crossover on GPU
@@ -96,18 +96,18 @@ def _grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scalin
     top_k = topk_ids.shape[1]
     acc = K.accumulator_dtype(x.dtype)
     block_m = _block_m()
-    blocks = expert_blocks(topk_ids, num_experts, block_m)
+    meta = expert_layout(topk_ids, num_experts, block_m)
     if lora_a.dim() == 2:
         h = K.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
         h_by_token = True
     else:
         h = torch.zeros(topk_ids.numel(), rank, dtype=acc, device=x.device)
-        K.grouped_matmul(x, lora_a, h, blocks.row_pair, blocks.block_expert, block_m, top_k=top_k,
+        K.grouped_matmul(x, lora_a, h, meta.sorted_pairs_padded, meta.block_expert, block_m, top_k=top_k,
                          a_by_token=True, weight_nk_strides=(lora_a.stride(1), lora_a.stride(2)),
                          compute_dtype=x.dtype)
         h_by_token = False
     pairs = torch.empty(topk_ids.numel(), d_out, dtype=x.dtype, device=x.device)
-    K.grouped_matmul(h, lora_b, pairs, blocks.row_pair, blocks.block_expert, block_m, top_k=top_k,
+    K.grouped_matmul(h, lora_b, pairs, meta.sorted_pairs_padded, meta.block_expert, block_m, top_k=top_k,
                      a_by_token=h_by_token, weight_nk_strides=(lora_b.stride(1), lora_b.stride(2)),
                      compute_dtype=x.dtype, alpha=scaling, scale=topk_weights.reshape(-1))
     y = K.combine_pairs(pairs, topk_ids, num_experts, out_dtype=x.dtype, base=base_out)
@@ -120,18 +120,19 @@ def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling,
     shared = lora_a.dim() == 2
     acc = h.dtype
     block_m = _block_m()
-    blocks = expert_blocks(topk_ids, num_experts, block_m)
+    meta = expert_layout(topk_ids, num_experts, block_m)
     flat_w = topk_weights.reshape(-1)
+    valid = meta.inverse.reshape(-1) >= 0
 
     dh_pair = torch.zeros(topk_ids.numel(), rank, dtype=acc, device=x.device)
-    K.grouped_matmul(dy, lora_b, dh_pair, blocks.row_pair, blocks.block_expert, block_m, top_k=top_k,
+    K.grouped_matmul(dy, lora_b, dh_pair, meta.sorted_pairs_padded, meta.block_expert, block_m, top_k=top_k,
                      a_by_token=True, weight_nk_strides=(lora_b.stride(2), lora_b.stride(1)),
                      compute_dtype=x.dtype)
     h_pair = h.repeat_interleave(top_k, dim=0) if shared else h
-    dw = torch.where(blocks.valid, scaling * (dh_pair * h_pair).sum(-1), 0).view(T, top_k)
-    dh_pair = dh_pair * (scaling * torch.where(blocks.valid, flat_w.to(acc), 0))[:, None]
+    dw = torch.where(valid, scaling * (dh_pair * h_pair).sum(-1), 0).view(T, top_k)
+    dh_pair = dh_pair * (scaling * torch.where(valid, flat_w.to(acc), 0))[:, None]
 
-    dlora_b = K.grouped_weight_grad(dy, h, blocks.order, blocks.offsets, num_experts=num_experts, top_k=top_k,
+    dlora_b = K.grouped_weight_grad(dy, h, meta.sorted_pairs, meta.offsets, num_experts=num_experts, top_k=top_k,
                                     left_by_token=True, right_by_token=shared, compute_dtype=x.dtype,
                                     out_dtype=lora_b.dtype, alpha=scaling, scale=flat_w)
     if shared:
@@ -139,13 +140,13 @@ def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling,
         dlora_a = K.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True)
         dx = K.matmul(dh, lora_a, out_dtype=x.dtype, compute_dtype=x.dtype) if need_dx else None
     else:
-        dlora_a = K.grouped_weight_grad(dh_pair, x, blocks.order, blocks.offsets, num_experts=num_experts,
+        dlora_a = K.grouped_weight_grad(dh_pair, x, meta.sorted_pairs, meta.offsets, num_experts=num_experts,
                                         top_k=top_k, left_by_token=False, right_by_token=True,
                                         compute_dtype=x.dtype, out_dtype=lora_a.dtype)
         dx = None
         if need_dx:
             dx_pair = torch.empty(topk_ids.numel(), x.shape[1], dtype=x.dtype, device=x.device)
-            K.grouped_matmul(dh_pair, lora_a, dx_pair, blocks.row_pair, blocks.block_expert, block_m,
+            K.grouped_matmul(dh_pair, lora_a, dx_pair, meta.sorted_pairs_padded, meta.block_expert, block_m,
                              top_k=top_k, a_by_token=False,
                              weight_nk_strides=(lora_a.stride(2), lora_a.stride(1)), compute_dtype=x.dtype)
             dx = K.combine_pairs(dx_pair, topk_ids, num_experts, out_dtype=x.dtype)

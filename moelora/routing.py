@@ -145,11 +145,17 @@ def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Opti
             raise ValueError(
                 f"topk_ids must lie in [0, {num_experts}), got values in [{int(lo)}, {int(hi)}] "
                 "(with moelora.validation(False) such pairs are left out instead)")
+    return expert_layout(topk_ids, num_experts, block_size)
+
+
+def expert_layout(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int]) -> DispatchMetadata:
+    """dispatch_metadata without argument checks, for callers that validated already (the
+    grouped regime of moelora.moe_lora): native op when built, else the PyTorch fallback."""
     out = _ops(topk_ids.device).dispatch_metadata(topk_ids, num_experts, block_size or 0)
     counts, offsets, sp, inv, po, spp, invp, be = out
     if block_size is None:
         po = spp = invp = be = None
-    return DispatchMetadata(num_experts, top_k, block_size, counts, offsets, sp, inv, po, spp, invp, be)
+    return DispatchMetadata(num_experts, topk_ids.shape[1], block_size, counts, offsets, sp, inv, po, spp, invp, be)
 
 
 def _check_meta(meta, device):

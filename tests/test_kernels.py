@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE
 from moe_inputs import TOLERANCE, rel_err
 from moelora import _launchers as K
-from moelora._grouping import expert_blocks
+from moelora.routing import dispatch_metadata
 from moelora.reference import dense_gates
 
 NAN = float("nan")
@@ -81,10 +81,10 @@ def test_grouped_matmul_weight_grad_and_combine():
     T, E, k, d_in, N, block_m = 37, 6, 2, 20, 24, 16
     ids, w = routing(T, E, k)
     x, W = randn(T, d_in), randn(E, N, d_in)
-    blocks = expert_blocks(ids, E, block_m)
+    meta = dispatch_metadata(ids, E, block_m)
     pair_ids = ids.reshape(-1)
     big, out = poisoned_view(T * k, N)
-    K.grouped_matmul(x, W, out, blocks.row_pair, blocks.block_expert, block_m, top_k=k, a_by_token=True,
+    K.grouped_matmul(x, W, out, meta.sorted_pairs_padded, meta.block_expert, block_m, top_k=k, a_by_token=True,
                      weight_nk_strides=(W.stride(1), W.stride(2)), compute_dtype=torch.float32, alpha=2.0,
                      scale=w.reshape(-1))
     xt = x.double().repeat_interleave(k, 0)
@@ -99,23 +99,13 @@ def test_grouped_matmul_weight_grad_and_combine():
     dy = randn(T, N)
     grad = torch.full((E, N + 1, d_in + 2), NAN, device=DEVICE)
     view = grad[:, 1:, 1:-1]
-    K.grouped_weight_grad(dy, x, blocks.order, blocks.offsets, num_experts=E, top_k=k, left_by_token=True,
+    K.grouped_weight_grad(dy, x, meta.sorted_pairs, meta.offsets, num_experts=E, top_k=k, left_by_token=True,
                           right_by_token=True, compute_dtype=torch.float32, out_dtype=torch.float32,
                           scale=w.reshape(-1), out=view)
     onehot = torch.nn.functional.one_hot(ids, E).double() * w.double()[:, :, None]  # [T, k, E]
     ref = torch.einsum("tke,tn,td->end", onehot, dy.double(), x.double())
     assert torch.isfinite(view).all() and rel_err(view, ref) < 1e-6
     assert torch.isnan(grad[:, 0]).all() and torch.isnan(grad[:, :, 0]).all() and torch.isnan(grad[:, :, -1]).all()
-
-
-def test_expert_blocks_layout():
-    ids = torch.tensor([[2, 0], [2, 1], [0, 2], [5, -1]], device=DEVICE)  # 5 and -1 invalid for E = 3
-    b = expert_blocks(ids, 3, 4)
-    assert b.order[:6].tolist() == [1, 4, 3, 0, 2, 5]
-    assert b.offsets.tolist() == [0, 2, 3, 6]
-    assert b.block_expert.tolist() == [0, 1, 2, -1, -1]  # bound: cdiv(T*k + E*(block-1), block) = 5
-    assert b.row_pair.tolist() == [1, 4, -1, -1, 3, -1, -1, -1, 0, 2, 5, -1] + [-1] * 8
-    assert b.valid.tolist() == [True] * 6 + [False, False]
 
 
 @pytest.mark.parametrize("shared_a", [True, False])
