@@ -21,7 +21,8 @@ from .molex import MoLEx, apply_molex
 from .persistence import export_peft_lora, from_pretrained, load_peft_lora, save_pretrained
 from .routers import Router
 from .routing import DispatchMetadata, RouteResult, combine, dispatch, dispatch_metadata, route
-from .upcycle import MoEFFN, moe_ffn, upcycle_ffn
+from .ffn import moe_ffn
+from .upcycle import MoEFFN, upcycle_ffn
 
 __version__ = "0.1.0"
 

@@ -193,8 +193,8 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
 def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, row_pair: torch.Tensor,
                    block_expert: torch.Tensor, block_m: int, *, top_k: int, a_by_token: bool,
                    weight_nk_strides: tuple, compute_dtype: torch.dtype, alpha: float = 1.0,
-                   scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """out[p] = alpha * scale[p] * a[row(p)] @ W[e]^T over the expert blocks; returns ``out``.
+                   scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[p] = alpha * scale[p] * a[row(p)] @ W[e]^T (+ bias[e], [E, N]) over the expert blocks; returns ``out``.
 
     ``weight`` is [E, ...] and ``weight_nk_strides`` addresses W[e] as [N, K]; N = out.shape[1].
     Rows of ``out`` of pairs with invalid ids are left untouched.
@@ -207,11 +207,13 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, row
     block_k = _pow2_block(K, 16, 64)
     grid = (block_expert.numel(), triton.cdiv(N, block_n))
     scale_arg = scale if scale is not None else out
+    bias_arg = bias if bias is not None else out
     grouped_matmul_kernel[grid](
-        a, weight, out, row_pair, block_expert, scale_arg, N, K, top_k, alpha,
+        a, weight, out, row_pair, block_expert, scale_arg, bias_arg, N, K, top_k, alpha,
         a.stride(0), a.stride(1), weight.stride(0), weight_nk_strides[0], weight_nk_strides[1],
         out.stride(0), out.stride(1), scale.stride(0) if scale is not None else 0,
-        A_BY_TOKEN=a_by_token, HAS_SCALE=scale is not None, **_dot_config(compute_dtype),
+        bias_arg.stride(0), bias_arg.stride(1),
+        A_BY_TOKEN=a_by_token, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, **_dot_config(compute_dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return out

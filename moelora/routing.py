@@ -182,6 +182,13 @@ def dispatch(x: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
     if x.dim() != 2 or x.shape[0] != inv.shape[0]:
         raise ValueError(f"x must have shape [T, d] with T = {inv.shape[0]}, got {tuple(x.shape)}")
     _check_positions("meta sorted pairs", sp, inv.numel())
+    return dispatch_rows(x, meta)
+
+
+def dispatch_rows(x: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
+    """dispatch without argument checks (no host synchronisation), for callers that built
+    ``meta`` from ``x``'s routing themselves (moelora.moe_ffn)."""
+    sp, inv = meta.layout
     return _ops(x.device).dispatch(x, sp, inv, None)
 
 

@@ -2,17 +2,20 @@
 
 :func:`upcycle_ffn` replaces FFN blocks with :class:`MoEFFN`, whose E experts all start as
 copies of the pretrained FFN and whose router (ST-MoE threshold routing by default) mixes
-the kept experts with weights summing to 1, so at init the block computes the original
-FFN (up to matmul rounding: BLAS blocking depends on how many rows an expert gets).
+the kept experts with weights summing to 1, so at init the block computes the original FFN.
 
     ffn(x)        = W_out act(W_in x + b_in) + b_out            (BERT, generic two-linear MLP)
     ffn(x)        = W_out (act(W_gate x) * (W_in x))             (LLaMA-style gated MLP)
     MoEFFN(x)[t]  = sum_j w[t,j] ffn_{e[t,j]}(x[t])
 
-Expert compute is :func:`moe_ffn`: tokens sorted by expert (stable argsort), one matmul
-chain per expert segment, gate-weighted ``index_add`` back to token order. Slots with
-weight 0 (dropped by threshold routing) are skipped. It is the single place a fused
-dispatch/grouped-GEMM/combine kernel would replace.
+Expert compute is :func:`moelora.moe_ffn` (moelora/ffn.py): the extension's dispatch
+metadata and grouped GEMMs on the Triton backend, a matmul chain per expert segment on
+the torch backend. It mixes with ``normalize=True``, so with all experts routed and
+eps = 0 a fresh upcycled block returns exactly (bitwise) the original FFN's output
+wherever the expert GEMMs round as the original's (the torch backend: each expert then
+multiplies all tokens in order, the very matmul the FFN ran); the Triton grouped GEMM
+rounds differently from cuBLAS, to the GEMM's precision. Slots dropped by threshold
+routing (weight 0) are skipped.
 """
 
 from __future__ import annotations
@@ -21,49 +24,12 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .ffn import moe_ffn
 from .layer import is_conv1d
 from .losses import RoutedModule
 from .model import _matches, _set_module, layer_index
 from .routers import Router
-
-
-def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_in: torch.Tensor,
-            b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
-            activation: Callable, w_gate: Optional[torch.Tensor] = None,
-            b_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Routed expert FFNs on x [T, d_in] with expert weights stacked on dim 0; returns [T, d_out].
-
-    Synchronises with the host once (the per-expert segment sizes).
-    """
-    num_tokens, top_k = topk_ids.shape
-    num_experts = w_in.shape[0]
-    flat_w = topk_weights.reshape(-1)
-    flat_ids = torch.where(flat_w != 0, topk_ids.reshape(-1).long(), num_experts)  # dropped -> sentinel E
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()
-    routed = sum(counts)
-    order = order[:routed]
-    tokens = order // top_k
-    xs = x.index_select(0, tokens)
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        seg = xs[start:start + n]
-        h = F.linear(seg, w_in[e], None if b_in is None else b_in[e])
-        if w_gate is None:
-            h = activation(h)
-        else:
-            h = activation(F.linear(seg, w_gate[e], None if b_gate is None else b_gate[e])) * h
-        outs.append(F.linear(h, w_out[e], None if b_out is None else b_out[e]))
-        start += n
-    out = x.new_zeros(num_tokens, w_out.shape[1])
-    if not outs:
-        return out
-    ys = torch.cat(outs) * flat_w[order].to(x.dtype).unsqueeze(-1)
-    return out.index_add(0, tokens, ys)
 
 
 def _weight_and_bias(module: nn.Module):
@@ -119,7 +85,7 @@ class MoEFFN(nn.Module, RoutedModule):
         self._record_routing(routing.probs, routing.logits, routing.ids, routing.weights, self.num_experts)
         flat = x.reshape(-1, x.shape[-1])
         out = moe_ffn(flat, routing.ids, routing.weights, self.w_in, self.b_in, self.w_out, self.b_out,
-                      self.activation, self.w_gate, self.b_gate)
+                      self.activation, self.w_gate, self.b_gate, normalize=True)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:

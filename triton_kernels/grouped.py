@@ -14,14 +14,15 @@ import triton.language as tl
 
 @triton.jit
 def grouped_matmul_kernel(
-    a_ptr, w_ptr, c_ptr, row_pair_ptr, block_expert_ptr, scale_ptr,
+    a_ptr, w_ptr, c_ptr, row_pair_ptr, block_expert_ptr, scale_ptr, bias_ptr,
     N, K, top_k, alpha,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_scale,
-    A_BY_TOKEN: tl.constexpr, HAS_SCALE: tl.constexpr,
+    stride_be, stride_bn,
+    A_BY_TOKEN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C[p, :] = alpha * scale[p] * A[row(p), :] @ W[e]^T for the pairs p of one block of expert e.
+    """C[p, :] = alpha * scale[p] * A[row(p), :] @ W[e]^T (+ bias[e]) for the pairs p of one block of expert e.
 
     W[e] is addressed as [N, K] through its strides. Grid: (num_blocks, cdiv(N, BLOCK_N)).
     """
@@ -51,6 +52,9 @@ def grouped_matmul_kernel(
     if HAS_SCALE:
         scale = tl.load(scale_ptr + pair * stride_scale, mask=mask_m, other=0.0)
         acc = acc * scale.to(ACC_DTYPE)[:, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
+        acc = acc + bias.to(ACC_DTYPE)[None, :]
     tl.store(c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
