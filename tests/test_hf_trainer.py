@@ -104,6 +104,45 @@ def test_trainer_loss_decreases_and_eval_reports_the_loss(tmp_path):
     assert end < start - 0.1, (start, end)
 
 
+class MicroBatchRecorder(transformers.Trainer):
+    """Trainer remembering the micro-batches it computed losses on."""
+
+    micro_batches: list
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.micro_batches.append({k: v.detach().clone() for k, v in inputs.items() if k != "num_items_in_batch"})
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("loss_kwargs", [True, False], ids=["num_items_in_batch", "accepts_loss_kwargs=False"])
+def test_gradient_accumulation_weights_the_aux_loss_per_micro_batch(tmp_path, loss_kwargs):
+    """With num_items_in_batch (transformers models) Trainer sums the micro-batch losses, each
+    normalised by the whole accumulated batch's token count: the aux loss, added per
+    micro-batch, is summed (as transformers' Mixtral's). With ``accepts_loss_kwargs = False``
+    each micro-batch loss is a mean divided by the accumulation steps: the aux loss is averaged."""
+    accumulation = 2
+    model = _llama_moelora()
+    if not loss_kwargs:
+        model.accepts_loss_kwargs = False
+    reference = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    trainer = MicroBatchRecorder(model=model, train_dataset=_lm_dataset(n=4), args=_args(
+        tmp_path, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation))
+    trainer.micro_batches = []
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs is loss_kwargs and len(trainer.micro_batches) == accumulation
+
+    total = 0
+    for batch in trainer.micro_batches:  # equal token counts: sum/num_items == mean / accumulation
+        task = reference.model(**batch).loss
+        aux = moelora.aux_loss(reference)
+        total = total + (task / accumulation + aux if loss_kwargs else (task + aux) / accumulation)
+    expected = torch.autograd.grad(total, list(_trainable(reference).values()))
+    for (name, p), grad in zip(_trainable(model).items(), expected):
+        torch.testing.assert_close(before[name] - p.detach(), grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------- what Trainer reads from forward
 def test_wrapper_forward_shows_the_wrapped_signature():
     model = _llama_moelora()
