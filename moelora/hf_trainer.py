@@ -8,8 +8,9 @@ input/output embeddings (GPT-2, many small LLaMA-style models) cannot be checkpo
 
 :class:`MoELoRATrainer` saves that state dict with the tied aliases left out (Trainer's
 resume and best-model loading read it back unchanged: they load non-strictly, and an alias
-is the tensor that was kept) and writes the adapter in moelora's format beside it, so every
-checkpoint also loads with ``MoELoRAModel.from_pretrained(base_model, checkpoint_dir)``.
+is the tensor that was kept; Trainer logs the alias as a missing key) and writes the adapter
+in moelora's format beside it, so every checkpoint also loads with
+``MoELoRAModel.from_pretrained(base_model, checkpoint_dir)``.
 """
 
 from __future__ import annotations
