@@ -17,6 +17,7 @@ import moelora
 from moelora import MoELoRAConfig, MoELoRALinear, get_moelora_model
 from tiny_models import randomize_adapters, tiny_llama, token_batch
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 STEPS = 3
 
 

@@ -25,8 +25,11 @@ import distributed_workers as workers
 from moelora import MoELoRAModel
 from tiny_models import tiny_llama
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [
+    pytest.mark.usefixtures("single_torch_thread"),
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+]
 TIMEOUT_S = 240
 TOL = dict(rtol=1e-5, atol=1e-6)
 

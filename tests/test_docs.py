@@ -8,6 +8,7 @@ import re
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
 
 # (file, fewest python blocks it has, text its blocks print)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
 

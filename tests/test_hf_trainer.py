@@ -18,6 +18,7 @@ from tiny_models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 transformers = pytest.importorskip("transformers")
 from moelora.hf_trainer import MoELoRATrainer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 VOCAB, SEQ = 64, 8
 
 
