@@ -72,7 +72,8 @@ def main(argv=None) -> dict:
         losses.append(loss.item())
         if step % 10 == 0 or step == args.steps - 1:
             stats = model.router_stats()["model.layers.0.self_attn.q_proj"]
-            print(f"step {step:3d}  loss {loss.item():.3f}  eps {model.model.model.layers[0].self_attn.q_proj.router.eps:.3f}"
+            eps = model.model.model.layers[0].self_attn.q_proj.router.eps
+            print(f"step {step:3d}  loss {loss.item():.3f}  eps {eps:.3f}"
                   f"  layer-0 q_proj load {[round(x, 2) for x in stats['load'].tolist()]}")
     if args.output_dir:
         model.save_pretrained(args.output_dir)

@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
         before = trainer.evaluate()["eval_loss"]
         trainer.train()
         after = trainer.evaluate()["eval_loss"]
-        trainer.save_model(output_dir)  # model.safetensors + the adapter (moelora_config.json, adapter_model.safetensors)
+        # model.safetensors (Trainer's resume) + the adapter (moelora_config.json, adapter_model.safetensors)
+        trainer.save_model(output_dir)
 
         model.eval()
         ids = arithmetic_sequences(2, seed=2)[0]["input_ids"][None].to(model.device)

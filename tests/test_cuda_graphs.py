@@ -46,7 +46,8 @@ def _grads(model):
 @pytest.mark.parametrize("router", list(ROUTERS))
 def test_captured_forward_backward_replays_like_eager(router):
     model = _injected_stack(ROUTERS[router])
-    # Threshold sampling draws random numbers in training: compare it in eval mode (deterministic, still differentiable).
+    # Threshold sampling draws random numbers in training: compare it in eval mode
+    # (deterministic, still differentiable).
     model.train(router != "threshold")
     eager_model = copy.deepcopy(model)
     static_x = torch.randn(64, 32, device="cuda")

@@ -185,7 +185,7 @@ def test_trainer_keeps_the_columns_the_model_takes_and_drops_the_rest(tmp_path):
     model = get_moelora_model(tiny_bert(num_layers=2, classification=True),
                               MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2, r=4))
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, VOCAB, (SEQ,), generator=g), "attention_mask": torch.ones(SEQ, dtype=torch.long),
+    data = [{"input_ids": torch.randint(0, VOCAB, (SEQ,), generator=g), "attention_mask": torch.ones(SEQ).long(),
              "labels": torch.tensor(i % 3), "example_id": f"row-{i}"} for i in range(8)]
     trainer = transformers.Trainer(model=model, train_dataset=data, args=_args(tmp_path, learning_rate=1e-2))
     batch = next(iter(trainer.get_train_dataloader()))
