@@ -56,14 +56,35 @@ def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
 
 
+def _without_routing_record(inherited_getstate):
+    """A ``__getstate__`` returning the inherited state with the routing record cleared."""
+
+    def __getstate__(self):
+        record = dict(self.__dict__)
+        self._clear_routing_record()
+        try:
+            return inherited_getstate(self)
+        finally:
+            self.__dict__.update(record)
+
+    return __getstate__
+
+
 class RoutedModule:
     """Mixin: stores the last forward's auxiliary losses and routing statistics.
 
     Subclasses set ``aux_loss_coef`` and ``z_loss_coef`` and call :meth:`_record_routing`.
+    Copies (``copy.deepcopy``, pickling) start with no record: the stored loss carries its
+    forward's autograd graph, which deepcopy refuses.
     """
 
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__getstate__" not in cls.__dict__:  # nn.Module's comes first in the MRO: wrap it
+            cls.__getstate__ = _without_routing_record(cls.__getstate__)
 
     def _clear_routing_record(self) -> None:
         self._last_aux_loss: Optional[torch.Tensor] = None

@@ -7,16 +7,20 @@ routers and task scales, and returns a :class:`MoELoRAModel` wrapper.
 Auxiliary losses: every routed module keeps the weighted load-balancing + z-loss of its
 last forward. ``moelora.aux_loss(model)`` sums them (custom loops add it to their loss).
 ``MoELoRAModel.forward`` clears the stored losses before running the wrapped model and,
-when ``config.add_aux_loss_to_output`` is set and the output carries a ``loss`` (transformers
-models given labels), adds the aux loss to ``output.loss`` once; trainers reading
-``outputs.loss`` then see it exactly once. Tuple outputs (``return_dict=False``) are left
+when ``config.add_aux_loss_to_output`` is set and the output carries a loss, adds the aux
+loss to it once; trainers reading ``outputs.loss`` then see it exactly once. The loss is
+``output["loss"]`` of dict outputs (transformers' ModelOutput), or, when ``labels`` were
+passed, the first element of a tuple output if that is a 0-d float tensor (transformers
+models with ``return_dict=False`` return ``(loss, logits, ...)``); other outputs are left
 unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
+import types
 from typing import Dict, List, Optional
 
 import torch
@@ -234,18 +238,56 @@ def step_routers(model: nn.Module, n: int = 1) -> None:
 
 
 # ------------------------------------------------------------------------------- wrapper
+def _is_loss_scalar(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
+
+
+def _wrapped_signature(model: nn.Module) -> Optional[inspect.Signature]:
+    """The wrapped model's forward signature plus ``task_ids`` (None if it has none)."""
+    try:
+        inner = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    params = [p for p in inner.parameters.values() if p.name != "task_ids"]
+    var_keyword = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+    task_ids = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    return inner.replace(parameters=[self_param, *params, task_ids, *var_keyword])
+
+
+def _forward_with_wrapped_signature(wrapper: "MoELoRAModel"):
+    """``wrapper.forward``, bound, with the wrapped model's signature: tools that read it
+    (transformers' Trainer drops dataset columns the forward does not name, and passes
+    ``num_items_in_batch`` only to forwards taking ``**kwargs``) then see the real one."""
+    signature = _wrapped_signature(wrapper.model)
+    if signature is None:
+        return None
+
+    def forward(self, *args, **kwargs):
+        return type(self).forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = MoELoRAModel.forward.__doc__
+    return types.MethodType(forward, wrapper)
+
+
 class MoELoRAModel(nn.Module):
     """A model with MoE-LoRA layers injected, shaped like PEFT's PeftModel.
 
-    ``forward(*args, task_ids=None, **kwargs)`` calls the wrapped model (``self.model``) and
-    adds the auxiliary loss to ``output.loss`` (see the module docstring). Attributes the
-    wrapper lacks are looked up on the wrapped model.
+    ``forward(*args, labels=None, task_ids=None, **kwargs)`` calls the wrapped model
+    (``self.model``) and adds the auxiliary loss to its loss (see the module docstring).
+    ``inspect.signature(wrapper.forward)`` shows the wrapped model's arguments. Attributes
+    the wrapper lacks are looked up on the wrapped model.
     """
 
     def __init__(self, model: nn.Module, config: MoELoRAConfig):
         super().__init__()
         self.model = model
         self.moelora_config = config
+        forward = _forward_with_wrapped_signature(self)
+        if forward is not None:
+            self.forward = forward
 
     def __getattr__(self, name):
         try:
@@ -253,15 +295,26 @@ class MoELoRAModel(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
 
-    def forward(self, *args, task_ids=None, **kwargs):
+    def forward(self, *args, labels=None, task_ids=None, **kwargs):
+        """Run the wrapped model (``labels`` are passed on when given; ``task_ids`` go to the
+        task-routed layers) and add the auxiliary loss to its loss once."""
         clear_aux_losses(self.model)
+        if labels is not None:
+            kwargs["labels"] = labels
         ctx = use_task_ids(self.model, task_ids) if task_ids is not None else contextlib.nullcontext()
         with ctx:
             output = self.model(*args, **kwargs)
-        if self.moelora_config.add_aux_loss_to_output and isinstance(output, dict):
+        if self.moelora_config.add_aux_loss_to_output:
+            output = self._with_aux_loss(output, labels_given=labels is not None)
+        return output
+
+    def _with_aux_loss(self, output, labels_given: bool):
+        if isinstance(output, dict):
             loss = output.get("loss")
             if loss is not None:
                 output["loss"] = loss + aux_loss(self.model).to(loss.dtype)
+        elif labels_given and type(output) is tuple and output and _is_loss_scalar(output[0]):
+            output = (output[0] + aux_loss(self.model).to(output[0].dtype),) + output[1:]
         return output
 
     # helpers bound to the wrapped model
@@ -313,10 +366,17 @@ class MoELoRAModel(nn.Module):
 
         return merge_and_unload(self.model, task)
 
-    def save_pretrained(self, save_directory: str) -> None:
+    def save_pretrained(self, save_directory: str, state_dict: Optional[dict] = None,
+                        is_main_process: bool = True, **kwargs) -> None:
+        """Write the adapter (see :func:`moelora.save_pretrained`). Takes the arguments
+        transformers passes to ``PreTrainedModel.save_pretrained``: ``state_dict`` (e.g. a
+        gathered FSDP state dict) is read instead of the model's own, only the main process
+        writes, and the other keyword arguments (``safe_serialization``, ...) are ignored: the
+        adapter is always one safetensors file."""
         from .persistence import save_pretrained
 
-        save_pretrained(self, save_directory)
+        if is_main_process:
+            save_pretrained(self, save_directory, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False) -> "MoELoRAModel":

@@ -36,29 +36,71 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, MoELoRAModel) else model
 
 
-def adapter_state_dict(model: nn.Module, bias: str = "none") -> dict:
-    """The tensors a checkpoint holds, named as in the wrapped model's state_dict."""
-    inner = _inner(model)
+def _is_saved(name: str, bias: str) -> bool:
+    """Whether a checkpoint holds the tensor ``name`` (adapters, routers, chosen biases)."""
+    if any(m in name for m in TRAINABLE_MARKERS):
+        return True
+    if bias == "all":
+        return name.endswith("bias")
+    return bias == "lora_only" and name.endswith("base_layer.bias")
+
+
+def _strip_wrapper_prefix(name: str, known: set) -> Optional[str]:
+    """``name`` without the prefix a wrapper added ("model.", "module.model.", ...), if the
+    rest is a name of the wrapped model's state_dict."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        candidate = ".".join(parts[i:])
+        if candidate in known:
+            return candidate
+    return None
+
+
+def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optional[dict] = None) -> dict:
+    """The tensors a checkpoint holds, named as in the wrapped model's state_dict.
+
+    ``state_dict`` (e.g. a full state dict gathered from FSDP, or a wrapper's, whose names
+    carry a prefix) is read instead of the model's own when given; it must hold every
+    adapter tensor, unsharded.
+    """
+    own = _inner(model).state_dict()
+    if state_dict is None:
+        source = own
+    else:
+        known = set(own)
+        source = {}
+        for name, tensor in state_dict.items():
+            stripped = _strip_wrapper_prefix(name, known)
+            if stripped is not None:
+                source[stripped] = tensor
+        missing = sorted(n for n in own if _is_saved(n, bias) and n not in source)
+        if missing:
+            raise ValueError(f"state_dict lacks adapter tensors of the model, e.g. {missing[:3]} (an FSDP full "
+                             "state dict is only gathered on rank 0: save there)")
     state = {}
-    for name, tensor in inner.state_dict().items():
-        is_adapter = any(m in name for m in TRAINABLE_MARKERS)
-        is_bias = bias != "none" and name.endswith("bias")
-        if bias == "lora_only" and is_bias:
-            is_bias = name.endswith("base_layer.bias")
-        if is_adapter or is_bias:
-            state[name] = tensor.detach().contiguous().clone()
+    for name, tensor in source.items():
+        if not _is_saved(name, bias):
+            continue
+        if hasattr(tensor, "device_mesh"):
+            raise ValueError(
+                f"{name} is sharded ({type(tensor).__name__}): gather a full state dict first, e.g. "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+                "StateDictOptions(full_state_dict=True, cpu_offload=True)), and pass it as state_dict=")
+        state[name] = tensor.detach().contiguous().clone()
     return state
 
 
-def save_pretrained(model: MoELoRAModel, save_directory: str) -> None:
+def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None) -> None:
+    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` (see the module docstring);
+    with ``state_dict`` the tensors come from it (see :func:`adapter_state_dict`)."""
     from safetensors.torch import save_file
 
-    os.makedirs(save_directory, exist_ok=True)
     config = model.moelora_config
+    state = adapter_state_dict(model, config.bias, state_dict)
+    os.makedirs(save_directory, exist_ok=True)
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
         f.write(config.to_json_string())
-    save_file(adapter_state_dict(model, config.bias), os.path.join(save_directory, WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:

@@ -19,7 +19,7 @@ None, logits [T, E] fp32 or None)``; probs and logits feed the auxiliary losses.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -51,14 +51,17 @@ def topk_softmax(logits: torch.Tensor, top_k: int) -> Routing:
     return Routing(torch.softmax(top_logits, dim=-1), ids, torch.softmax(logits, dim=-1), logits)
 
 
-def threshold_routing(logits: torch.Tensor, top_n: int, eps: float, training: bool,
+def threshold_routing(logits: torch.Tensor, top_n: int, eps: Union[float, torch.Tensor], training: bool,
                       generator: Optional[torch.Generator] = None) -> Routing:
-    """ST-MoE threshold routing over the top-n experts (see the module docstring)."""
+    """ST-MoE threshold routing over the top-n experts (see the module docstring).
+
+    ``eps`` is a float or a 0-d tensor (a scheduled eps read without a host sync).
+    """
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
     top_p, ids = torch.topk(probs, top_n, dim=-1)
     p_hat = top_p / top_p.sum(dim=-1, keepdim=True)
-    if eps <= 0:
+    if not isinstance(eps, torch.Tensor) and eps <= 0:
         keep = torch.ones_like(p_hat, dtype=torch.bool)
     elif training:
         u = torch.rand(p_hat.shape, device=p_hat.device, generator=generator)
@@ -126,9 +129,18 @@ class Router(nn.Linear):
 
     @property
     def eps(self) -> float:
+        """The current eps, read on the host (for logging; forward uses :meth:`scheduled_eps`)."""
         if self.eps_ramp_steps <= 0:
             return self.eps_end
         frac = min(1.0, int(self.num_steps) / self.eps_ramp_steps)
+        return self.eps_start + (self.eps_end - self.eps_start) * frac
+
+    def scheduled_eps(self) -> Union[float, torch.Tensor]:
+        """eps for this forward: a float without a ramp, else a 0-d tensor computed from the
+        step buffer on its device, so torch.compile and CUDA graphs see no host read."""
+        if self.eps_ramp_steps <= 0:
+            return self.eps_end
+        frac = torch.clamp(self.num_steps.float() / self.eps_ramp_steps, max=1.0)
         return self.eps_start + (self.eps_end - self.eps_start) * frac
 
     def step(self, n: int = 1) -> None:
@@ -146,7 +158,7 @@ class Router(nn.Linear):
             return softmax_topk(logits, self.top_k, self.renormalize)
         if self.mode == "topk_softmax":
             return topk_softmax(logits, self.top_k)
-        return threshold_routing(logits, self.top_k, self.eps, self.training)
+        return threshold_routing(logits, self.top_k, self.scheduled_eps(), self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, top_k={self.top_k}"

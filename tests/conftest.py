@@ -8,6 +8,7 @@ kernel tests ask for backend="triton" explicitly.
 
 import os
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -16,3 +17,13 @@ if not HAS_CUDA:
     os.environ.setdefault("MOELORA_BACKEND", "torch")
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread for modules that train tiny models: their matmuls gain nothing from
+    more, and on a small shared machine extra threads only wait for each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

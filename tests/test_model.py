@@ -1,6 +1,7 @@
 """get_moelora_model on tiny transformers models: targeting, per-layer experts, freezing,
 aux losses, router stats, task ids, torch.compile."""
 
+import copy
 import re
 
 import pytest
@@ -214,3 +215,17 @@ def test_disable_adapter_and_molex_gates_not_targeted():
     base.molex.remove()
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, expected)
+
+
+def test_deepcopy_after_a_training_forward_starts_without_routing_record():
+    base = tiny_llama(num_layers=2)
+    moelora.apply_molex(base, gate="linear")
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2))
+    model.train()
+    ids = token_batch()
+    model(ids, labels=ids, use_cache=False)  # every routed module now holds a loss with its graph
+    assert moelora.aux_loss(model).grad_fn is not None
+    clone = copy.deepcopy(model)  # deepcopy refuses non-leaf tensors: the record is left out
+    assert moelora.router_stats(clone) == {}
+    assert moelora.aux_loss(model).grad_fn is not None  # the original keeps its record
+    torch.testing.assert_close(clone(ids, use_cache=False).logits, model(ids, use_cache=False).logits)

@@ -1,0 +1,52 @@
+"""transformers' ``Trainer`` for MoE-LoRA models (needs transformers; not imported by ``moelora``).
+
+A plain ``Trainer`` trains a :class:`~moelora.MoELoRAModel` as it is: the loss it optimises is
+``outputs.loss``, which already holds the auxiliary loss once. Saving is where it falls
+short: a module that is not a ``PreTrainedModel`` is checkpointed as its whole state dict
+through safetensors, which refuses tensors that share memory, so models with tied
+input/output embeddings (GPT-2, many small LLaMA-style models) cannot be checkpointed.
+
+:class:`MoELoRATrainer` saves that state dict with the tied aliases left out (Trainer's
+resume and best-model loading read it back unchanged: they load non-strictly, and an alias
+is the tensor that was kept; Trainer logs the alias as a missing key) and writes the adapter
+in moelora's format beside it, so every checkpoint also loads with
+``MoELoRAModel.from_pretrained(base_model, checkpoint_dir)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import Trainer
+
+from .model import MoELoRAModel
+
+
+def without_tied_aliases(state_dict: dict) -> dict:
+    """``state_dict`` keeping one name per shared tensor (the first one), as safetensors needs."""
+    kept, seen = {}, set()
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride())) if isinstance(tensor, torch.Tensor) else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        kept[name] = tensor
+    return kept
+
+
+class MoELoRATrainer(Trainer):
+    """``transformers.Trainer`` whose checkpoints of a MoELoRAModel work with tied embeddings
+    and hold the adapter in moelora's format too (see the module docstring)."""
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, MoELoRAModel):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None:
+            state_dict = model.state_dict()
+        super()._save(output_dir, without_tied_aliases(state_dict))
+        model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)

@@ -1,0 +1,147 @@
+"""The ranks of test_distributed.py: each runs every scenario on its shard of one global
+batch (gloo, CPU) and saves what the parent process compares to single-process runs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import moelora
+from tiny_models import randomize_adapters, tiny_llama
+
+WORLD = 2
+PER_RANK = 2
+SEQ = 6
+EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
+
+
+def build_model(aux: bool = True, router: str = "softmax_topk") -> moelora.MoELoRAModel:
+    """The same tiny injected LLaMA on every rank (B != 0: every adapter gets gradient)."""
+    coefs = {} if aux else dict(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    config = moelora.MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=4,
+                                   router=router, **coefs)
+    model = moelora.get_moelora_model(tiny_llama(num_layers=2), config)
+    randomize_adapters(model)
+    return model.train()
+
+
+def global_batch(seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 64, (WORLD * PER_RANK, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def shard(batch: torch.Tensor, rank: int) -> torch.Tensor:
+    return batch[rank * PER_RANK:(rank + 1) * PER_RANK]
+
+
+def eval_batch() -> torch.Tensor:
+    return torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(11))
+
+
+def trainable_grads(model: torch.nn.Module) -> dict:
+    """{name: grad} of the trainable parameters, names as in the MoELoRAModel; None if unused."""
+    return {n: (None if p.grad is None else p.grad.detach().clone())
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def ddp_gradients(rank: int, aux: bool) -> dict:
+    model = build_model(aux=aux)
+    ddp = DistributedDataParallel(model)
+    _loss(ddp, shard(global_batch(), rank)).backward()
+    return trainable_grads(model)
+
+
+def ddp_with_idle_experts(rank: int) -> dict:
+    """Task routing with every token on task 0: experts 1..3 get no token in any step."""
+    model = build_model(router="task")
+    moelora.set_task_ids(model, 0)
+    ddp = DistributedDataParallel(model)  # find_unused_parameters=False
+    for _ in range(2):  # a parameter left out of the graph would raise in the second forward
+        _loss(ddp, shard(global_batch(), rank)).backward()
+    return trainable_grads(model)
+
+
+def ddp_with_disabled_layer(rank: int) -> dict:
+    """One layer's adapters switched off: its router, A and B are not in the graph."""
+    results = {}
+    for find_unused in (False, True):
+        model = build_model()
+        model.model.model.layers[0].self_attn.q_proj.disable_adapters = True
+        ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
+        try:
+            for _ in range(2):
+                _loss(ddp, shard(global_batch(), rank)).backward()
+            results[find_unused] = trainable_grads(model)
+        except RuntimeError as exc:
+            results[find_unused] = str(exc)
+    return results
+
+
+def ddp_example_checkpoint(out_dir: str) -> dict:
+    """examples/train_distributed.py under DDP: rank 0 saves, both ranks report outputs."""
+    import train_distributed
+
+    directory = os.path.join(out_dir, "ddp_adapter")
+    ddp, losses = train_distributed.train("ddp", steps=2, batch_per_rank=PER_RANK, output_dir=directory)
+    ddp.eval()
+    with torch.no_grad():
+        logits = ddp.module(input_ids=eval_batch()).logits
+    return {"directory": directory, "logits": logits, "losses": losses}
+
+
+def fsdp2_run(rank: int, out_dir: str) -> dict:
+    """fully_shard per decoder layer + root: gradients, one step, full state dict, adapter."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model(aux=False)
+    model.step_routers(3)  # a buffer to carry through sharding and gathering
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _loss(model, shard(global_batch(), rank)).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    try:
+        model.save_pretrained(os.path.join(out_dir, "unused"))
+        unsharded_save_error = None
+    except ValueError as exc:
+        unsharded_save_error = str(exc)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    directory = os.path.join(out_dir, "fsdp2_adapter")
+    model.save_pretrained(directory, state_dict=full, is_main_process=rank == 0)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=eval_batch()).logits
+    return {"grads": grads, "full_state_dict": full, "directory": directory, "logits": logits,
+            "unsharded_save_error": unsharded_save_error}
+
+
+def run(rank: int, port: int, out_dir: str) -> None:
+    """Entry point of each spawned rank."""
+    sys.path.insert(0, EXAMPLES)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {
+            "ddp_task_only": ddp_gradients(rank, aux=False),
+            "ddp_with_aux": ddp_gradients(rank, aux=True),
+            "ddp_idle_experts": ddp_with_idle_experts(rank),
+            "ddp_example": ddp_example_checkpoint(out_dir),
+            "fsdp2": fsdp2_run(rank, out_dir),
+            "ddp_disabled_layer": ddp_with_disabled_layer(rank),  # last: its failing DDP is left behind
+        }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,118 @@
+"""torch.compile: MoE-LoRA layers and injected models train under ``fullgraph=True`` (no graph
+break, no recompilation across optimiser steps) and match eager training.
+
+The kernels' own custom ops are compiled in test_custom_ops.py; the forward of an injected
+LLaMA under aot_eager in test_model.py. Here: every router mode and A layout, training
+steps, a custom module stack, a transformers model, and inductor once.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import moelora
+from moelora import MoELoRAConfig, MoELoRALinear, get_moelora_model
+from tiny_models import randomize_adapters, tiny_llama, token_batch
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # no cache-size fallback to eager carried over from other tests
+    yield
+    torch._dynamo.reset()
+
+
+def _train(model, loss_fn, inputs, compiled: bool, backend="aot_eager", between_steps=None):
+    """STEPS of SGD on loss_fn(model, inputs); returns (losses, counter or None)."""
+    counter = CompileCounterWithBackend(backend) if compiled else None
+    step_loss = torch.compile(loss_fn, fullgraph=True, backend=counter) if compiled else loss_fn
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        torch.manual_seed(0)  # same draws for jitter / threshold sampling in both runs
+        loss = step_loss(model, inputs)
+        loss.backward()
+        opt.step()
+        if between_steps is not None:
+            between_steps(model)
+        losses.append(loss.detach())
+    return torch.stack(losses), counter
+
+
+def _assert_trains_like_eager(model, loss_fn, inputs, backend="aot_eager", between_steps=None, tol=1e-5):
+    eager_model = copy.deepcopy(model)
+    eager, _ = _train(eager_model, loss_fn, inputs, compiled=False, between_steps=between_steps)
+    compiled, counter = _train(model, loss_fn, inputs, compiled=True, backend=backend, between_steps=between_steps)
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations: recompiled between steps"
+    torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=name)
+
+
+def _layer_loss(layer, x):
+    y = layer(x)
+    return y.square().mean() + moelora.aux_loss(layer)
+
+
+LAYER_MODES = {
+    "softmax_topk": dict(router="softmax_topk", router_jitter_noise=0.1),
+    "topk_softmax": dict(router="topk_softmax"),
+    # eps ramps from 0 to 0.4 as the steps go: the scheduled eps is read without a host sync
+    "threshold": dict(router="threshold", top_k=3, threshold_eps=0.4, threshold_ramp_steps=2),
+    "task": dict(router="task", task_shared_lora=True),
+}
+
+
+@pytest.mark.parametrize("share_lora_a", [True, False], ids=["sharedA", "expertA"])
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_layer_trains_under_fullgraph_compile_like_eager(mode, share_lora_a):
+    torch.manual_seed(0)
+    settings = dict(num_experts=4, top_k=2, r=4, lora_dropout=0.1, share_lora_a=share_lora_a)
+    settings.update(LAYER_MODES[mode])
+    layer = MoELoRALinear(nn.Linear(12, 10), **settings).train()
+    randomize_adapters(layer)
+    if mode == "task":
+        moelora.set_task_ids(layer, torch.tensor([0, 3, 1]))
+    step = moelora.step_routers if mode == "threshold" else None
+    _assert_trains_like_eager(layer, _layer_loss, torch.randn(3, 5, 12), between_steps=step)
+
+
+def test_layer_trains_under_inductor_like_eager():
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(12, 10), num_experts=4, top_k=2, r=4).train()
+    randomize_adapters(layer)
+    _assert_trains_like_eager(layer, _layer_loss, torch.randn(3, 5, 12), backend="inductor", tol=1e-4)
+
+
+def test_custom_module_stack_trains_under_fullgraph_compile_like_eager():
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    model = get_moelora_model(stack, MoELoRAConfig(target_modules=["0", "2", "4"], num_experts=3,
+                                                   top_k=2, r=2))
+    randomize_adapters(model)
+    model.train()
+
+    def loss_fn(m, x):
+        return m(x).square().mean() + m.aux_loss()
+
+    _assert_trains_like_eager(model, loss_fn, torch.randn(6, 8))
+
+
+def test_transformers_model_trains_under_fullgraph_compile_like_eager():
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                      num_experts=4, top_k=2, r=4))
+    randomize_adapters(model)
+    model.train()
+    ids = token_batch(batch=2, seq=6)
+
+    def loss_fn(m, ids):
+        return m(input_ids=ids, labels=ids).loss  # task loss + aux loss, added by MoELoRAModel.forward
+
+    _assert_trains_like_eager(model, loss_fn, ids)

@@ -1,0 +1,149 @@
+"""torch.distributed with 2 CPU processes (gloo): DDP and FSDP2 give the gradients of one
+process on the same data, parameters and buffers survive state-dict gathering and
+save_pretrained, and what DDP needs when parameters are left out of the graph.
+
+The router auxiliary loss is computed by each rank on its own shard, and DDP averages the
+gradients: the gradient is that of mean_r(task_r + aux_r). The task loss (a mean over equal
+shards) matches one process on the concatenated batch; the load-balancing loss, a product of
+per-batch means, does not: the tests below show both.
+
+All scenarios run in one spawn of two ranks (tests/distributed_workers.py); the tests
+compare what the ranks saved with single-process runs made here.
+"""
+
+import os
+import socket
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_workers as workers
+from moelora import MoELoRAModel
+from tiny_models import tiny_llama
+
+pytestmark = [
+    pytest.mark.usefixtures("single_torch_thread"),
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+]
+TIMEOUT_S = 240
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run every scenario on two ranks; returns (results of rank 0, of rank 1)."""
+    out_dir = str(tmp_path_factory.mktemp("distributed"))
+    context = mp.start_processes(workers.run, args=(_free_port(), out_dir), nprocs=workers.WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):  # raises with the rank's traceback if one failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the distributed ranks did not finish within {TIMEOUT_S} s")
+    return tuple(torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(workers.WORLD))
+
+
+def _single_process_grads(aux: bool, per_shard: bool) -> dict:
+    """Gradients of one process: the loss on the concatenated batch, or the mean of the
+    per-shard losses (each with its own aux loss, as every DDP rank computes it)."""
+    model = workers.build_model(aux=aux)
+    batch = workers.global_batch()
+    if per_shard:
+        shards = [workers.shard(batch, r) for r in range(workers.WORLD)]
+        loss = sum(model(input_ids=s, labels=s).loss for s in shards) / len(shards)
+    else:
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    return workers.trainable_grads(model)
+
+
+def _assert_grads_close(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, **TOL, msg=name)
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+# ------------------------------------------------------------------------- DDP
+def test_ddp_gradients_equal_one_process_on_the_concatenated_batch(ranks):
+    expected = _single_process_grads(aux=False, per_shard=False)
+    for results in ranks:
+        _assert_grads_close(results["ddp_task_only"], expected)
+
+
+def test_ddp_with_aux_loss_averages_each_ranks_own_aux_loss(ranks):
+    per_shard = _single_process_grads(aux=True, per_shard=True)
+    for results in ranks:
+        _assert_grads_close(results["ddp_with_aux"], per_shard)
+    concatenated = _single_process_grads(aux=True, per_shard=False)
+    gap = _max_difference(ranks[0]["ddp_with_aux"], concatenated)
+    assert gap > 1e-4, "the aux loss on the concatenated batch would give other gradients"
+
+
+def test_ddp_needs_no_find_unused_parameters_for_experts_without_tokens(ranks):
+    grads = ranks[0]["ddp_idle_experts"]  # two steps ran with find_unused_parameters=False
+    assert all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        if name.endswith(("lora_B", "lora_A")):
+            assert grad[0].abs().sum() > 0 and torch.all(grad[1:] == 0), name
+        if name.endswith("lora_gamma"):
+            assert grad[0] != 0 and torch.all(grad[1:] == 0), name
+
+
+def test_ddp_with_switched_off_adapters_needs_find_unused_parameters(ranks):
+    for results in ranks:
+        outcome = results["ddp_disabled_layer"]
+        assert isinstance(outcome[False], str) and "find_unused_parameters" in outcome[False]
+        grads = outcome[True]
+        off = [n for n in grads if ".layers.0.self_attn.q_proj." in n]
+        assert len(off) == 3 and all(grads[n] is None for n in off)  # router, A, B
+        assert all(g is not None for n, g in grads.items() if n not in off)
+
+
+def test_ddp_example_trains_in_sync_and_saves_a_reloadable_adapter(ranks):
+    sys.path.insert(0, workers.EXAMPLES)
+    import train_distributed
+
+    rank0, rank1 = (r["ddp_example"] for r in ranks)
+    torch.testing.assert_close(rank1["logits"], rank0["logits"], rtol=0, atol=0)
+    loaded = MoELoRAModel.from_pretrained(train_distributed.build_base_model(), rank0["directory"])
+    torch.testing.assert_close(loaded(input_ids=workers.eval_batch()).logits, rank0["logits"])
+
+
+# ------------------------------------------------------------------------- FSDP2
+def test_fsdp2_gradients_equal_one_process_on_the_concatenated_batch(ranks):
+    expected = _single_process_grads(aux=False, per_shard=False)
+    for results in ranks:
+        _assert_grads_close(results["fsdp2"]["grads"], expected)
+
+
+def test_fsdp2_full_state_dict_and_adapter_reload_with_the_same_outputs(ranks):
+    rank0, rank1 = (r["fsdp2"] for r in ranks)
+    assert rank1["full_state_dict"] == {}  # gathered to rank 0 only (cpu_offload)
+    torch.testing.assert_close(rank1["logits"], rank0["logits"])
+    assert "sharded" in rank0["unsharded_save_error"]  # save_pretrained asks for the gathered state dict
+
+    fresh = workers.build_model(aux=False)
+    fresh.load_state_dict(rank0["full_state_dict"])  # strict: every parameter and buffer is there
+    fresh.eval()
+    torch.testing.assert_close(fresh(input_ids=workers.eval_batch()).logits, rank0["logits"], **TOL)
+
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), rank0["directory"])
+    torch.testing.assert_close(loaded(input_ids=workers.eval_batch()).logits, rank0["logits"], **TOL)
+    steps = [m.num_steps for n, m in loaded.model.named_modules() if n.endswith("router")]
+    assert len(steps) == 4 and all(int(s) == 3 for s in steps)  # the router buffers came through

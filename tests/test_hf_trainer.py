@@ -1,0 +1,252 @@
+"""transformers' Trainer with a MoELoRAModel: the loss it optimises holds the aux loss once,
+its column dropping and loss kwargs read the wrapped model's signature, tuple outputs, and
+checkpoints (MoELoRATrainer, tied embeddings, resume, save_pretrained arguments)."""
+
+import copy
+import inspect
+import io
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moelora
+from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
+from tiny_models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+from moelora.hf_trainer import MoELoRATrainer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+VOCAB, SEQ = 64, 8
+
+
+def _args(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True,
+                    save_strategy="no", logging_steps=1, seed=0, per_device_train_batch_size=4, max_steps=3)
+    settings.update(overrides)
+    return transformers.TrainingArguments(**settings)
+
+
+def _lm_dataset(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, VOCAB, (n, SEQ), generator=g)]
+
+
+def _llama_moelora(**overrides):
+    cfg = dict(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=4)
+    cfg.update(overrides)
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(**cfg))
+    randomize_adapters(model)  # B != 0: router and A get task-loss gradient too
+    return model.train()
+
+
+def _trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------- the loss Trainer optimises
+def test_one_trainer_step_follows_the_gradient_of_task_plus_aux_loss_once(tmp_path):
+    model = _llama_moelora()
+    data = _lm_dataset(n=8)
+    reference = copy.deepcopy(model)
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    task = reference.model(**batch).loss  # the bare model: no aux loss added
+    aux = moelora.aux_loss(reference)
+    assert aux.item() > 0
+    params = list(_trainable(reference).values())
+    grads = {k: torch.autograd.grad(loss, params, retain_graph=True)
+             for k, loss in (("once", task + aux), ("without", task), ("twice", task + 2 * aux))}
+
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    lr = 1.0  # plain SGD, no clipping or decay: the step is -lr * grad
+    trainer = transformers.Trainer(model=model, train_dataset=data, args=_args(
+        tmp_path, optim="sgd", learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=0.0, max_steps=1, per_device_train_batch_size=len(data)))
+    assert trainer.model_accepts_loss_kwargs  # LLaMA takes num_items_in_batch through the wrapper
+    trainer.train()
+    stepped = torch.cat([(before[n] - p.detach()).flatten() / lr for n, p in _trainable(model).items()])
+    expected = {k: torch.cat([g.flatten() for g in gs]) for k, gs in grads.items()}
+    torch.testing.assert_close(stepped, expected["once"], rtol=1e-4, atol=1e-6)
+    for other in ("without", "twice"):
+        assert (stepped - expected[other]).abs().max() > 100 * (stepped - expected["once"]).abs().max()
+    for kind in ("router.weight", "lora_A", "lora_B"):  # every kind of adapter parameter was trained
+        moved = [n for n, p in _trainable(model).items() if n.endswith(kind) and not torch.equal(p, before[n])]
+        assert len(moved) == 4, kind
+
+
+def test_outputs_loss_is_task_loss_plus_aux_loss_for_dict_and_tuple_outputs():
+    model = _llama_moelora()
+    ids = _lm_dataset(n=2)[0]["input_ids"][None]
+    out = model(input_ids=ids, labels=ids)
+    aux = moelora.aux_loss(model)
+    task = model.model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(out.loss, task + aux)
+    as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    assert type(as_tuple) is tuple
+    torch.testing.assert_close(as_tuple[0], out.loss)  # (loss, logits, ...): the aux loss once
+    torch.testing.assert_close(as_tuple[1], out.logits)
+    no_labels = model(input_ids=ids, return_dict=False)  # no loss first: left unchanged
+    torch.testing.assert_close(no_labels[0], out.logits)
+
+
+def test_trainer_loss_decreases_and_eval_reports_the_loss(tmp_path):
+    model = _llama_moelora()
+    data = _lm_dataset(n=4)
+    trainer = transformers.Trainer(model=model, train_dataset=data, eval_dataset=data, args=_args(
+        tmp_path, learning_rate=2e-2, max_steps=12))
+    assert trainer.label_names == ["labels"]  # read from MoELoRAModel.forward: evaluation gathers the loss
+    start = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    end = trainer.evaluate()["eval_loss"]
+    assert end < start - 0.1, (start, end)
+
+
+class MicroBatchRecorder(transformers.Trainer):
+    """Trainer remembering the micro-batches it computed losses on."""
+
+    micro_batches: list
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.micro_batches.append({k: v.detach().clone() for k, v in inputs.items() if k != "num_items_in_batch"})
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("loss_kwargs", [True, False], ids=["num_items_in_batch", "accepts_loss_kwargs=False"])
+def test_gradient_accumulation_weights_the_aux_loss_per_micro_batch(tmp_path, loss_kwargs):
+    """With num_items_in_batch (transformers models) Trainer sums the micro-batch losses, each
+    normalised by the whole accumulated batch's token count: the aux loss, added per
+    micro-batch, is summed (as transformers' Mixtral's). With ``accepts_loss_kwargs = False``
+    each micro-batch loss is a mean divided by the accumulation steps: the aux loss is averaged."""
+    accumulation = 2
+    model = _llama_moelora()
+    if not loss_kwargs:
+        model.accepts_loss_kwargs = False
+    reference = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    trainer = MicroBatchRecorder(model=model, train_dataset=_lm_dataset(n=4), args=_args(
+        tmp_path, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation))
+    trainer.micro_batches = []
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs is loss_kwargs and len(trainer.micro_batches) == accumulation
+
+    total = 0
+    for batch in trainer.micro_batches:  # equal token counts: sum/num_items == mean / accumulation
+        task = reference.model(**batch).loss
+        aux = moelora.aux_loss(reference)
+        total = total + (task / accumulation + aux if loss_kwargs else (task + aux) / accumulation)
+    expected = torch.autograd.grad(total, list(_trainable(reference).values()))
+    for (name, p), grad in zip(_trainable(model).items(), expected):
+        torch.testing.assert_close(before[name] - p.detach(), grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------- what Trainer reads from forward
+def test_wrapper_forward_shows_the_wrapped_signature():
+    model = _llama_moelora()
+    params = inspect.signature(model.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "task_ids"} <= set(params)
+    assert list(params)[-1] == "kwargs"
+
+    class NoKwargs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, features, labels=None):
+            out = self.proj(features)
+            return {"loss": out.square().mean() if labels is not None else None, "logits": out}
+
+    wrapped = get_moelora_model(NoKwargs(), MoELoRAConfig(target_modules=["proj"], num_experts=2, top_k=1))
+    assert list(inspect.signature(wrapped.forward).parameters) == ["features", "labels", "task_ids"]
+
+
+def test_copies_of_the_wrapper_run_their_own_model():
+    model = _llama_moelora()
+    ids = _lm_dataset(n=1)[0]["input_ids"][None]
+    expected = model(input_ids=ids).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(clone(input_ids=ids).logits, expected)
+        with torch.no_grad():
+            for n, p in clone.named_parameters():
+                if n.endswith("lora_B"):
+                    p.zero_()
+        assert not torch.allclose(clone(input_ids=ids).logits, expected)  # the clone's own weights
+        torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+def test_trainer_keeps_the_columns_the_model_takes_and_drops_the_rest(tmp_path):
+    model = get_moelora_model(tiny_bert(num_layers=2, classification=True),
+                              MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2, r=4))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, VOCAB, (SEQ,), generator=g), "attention_mask": torch.ones(SEQ).long(),
+             "labels": torch.tensor(i % 3), "example_id": f"row-{i}"} for i in range(8)]
+    trainer = transformers.Trainer(model=model, train_dataset=data, args=_args(tmp_path, learning_rate=1e-2))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}  # example_id dropped, inputs kept
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_trainer_passes_no_loss_kwargs_to_a_forward_without_kwargs(tmp_path):
+    class Regressor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(6, 1)
+
+        def forward(self, features, labels=None):
+            pred = self.proj(features).squeeze(-1)
+            return {"loss": (pred - labels).square().mean(), "logits": pred}
+
+    model = get_moelora_model(Regressor(), MoELoRAConfig(target_modules=["proj"], num_experts=3, top_k=2, r=2))
+    g = torch.Generator().manual_seed(1)
+    data = [{"features": torch.randn(6, generator=g), "labels": torch.randn((), generator=g)} for _ in range(8)]
+    trainer = transformers.Trainer(model=model, train_dataset=data, args=_args(tmp_path))
+    assert not trainer.model_accepts_loss_kwargs
+    trainer.train()  # a num_items_in_batch kwarg would raise TypeError in Regressor.forward
+
+
+# ------------------------------------------------------------------------- checkpoints
+def test_moelora_trainer_checkpoints_a_tied_embedding_model_and_resumes(tmp_path):
+    def gpt2_moelora():
+        return get_moelora_model(tiny_gpt2(), MoELoRAConfig(target_modules=["c_attn"], num_experts=4, top_k=2, r=4))
+
+    data = _lm_dataset(n=8)
+    model = gpt2_moelora()
+    assert model.model.lm_head.weight is model.model.transformer.wte.weight
+    trainer = MoELoRATrainer(model=model, train_dataset=data, args=_args(
+        tmp_path, save_strategy="steps", save_steps=2, max_steps=2, learning_rate=1e-2))
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert {"model.safetensors", "adapter_model.safetensors", "moelora_config.json"} <= set(os.listdir(checkpoint))
+    ids = data[0]["input_ids"][None]
+    model.eval()
+    expected = model(input_ids=ids).logits
+
+    loaded = MoELoRAModel.from_pretrained(tiny_gpt2(), str(checkpoint))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    resumed_model = gpt2_moelora()
+    resumed = MoELoRATrainer(model=resumed_model, train_dataset=data, args=_args(tmp_path, max_steps=2))
+    resumed.train(resume_from_checkpoint=str(checkpoint))  # loads the checkpoint, no step left to take
+    resumed_model.eval()
+    torch.testing.assert_close(resumed_model(input_ids=ids).logits, expected)
+
+
+def test_save_pretrained_takes_the_arguments_transformers_passes(tmp_path):
+    model = _llama_moelora()
+    model.eval()
+    ids = _lm_dataset(n=1)[0]["input_ids"][None]
+    model.save_pretrained(str(tmp_path / "skipped"), is_main_process=False)
+    assert not (tmp_path / "skipped").exists()
+    model.save_pretrained(str(tmp_path / "a"), state_dict=model.state_dict(), safe_serialization=True)
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "a"))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="lacks adapter tensors"):
+        model.save_pretrained(str(tmp_path / "b"), state_dict={})
