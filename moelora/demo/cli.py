@@ -61,5 +61,9 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
 
 
 def main(argv=None) -> int:
-    metrics = run(options_from_args(parser().parse_args(argv)))
+    p = parser()
+    args = p.parse_args(argv)
+    if args.router == "task" and args.mola:
+        p.error("--mola sets learned-router expert counts; --router task uses one expert per task")
+    metrics = run(options_from_args(args))
     return 0 if metrics["reload_identical"] else 1

@@ -125,6 +125,7 @@ def save_and_check_reload(opts: DemoOptions, model, heads, backbone, trained, ev
 def run(opts: DemoOptions) -> dict:
     """Run the demo; prints the report, writes ``opts.out_dir`` and returns the metrics."""
     start = time.perf_counter()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything loads from local files
     seconds = {}
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(opts.out_dir, exist_ok=True)
