@@ -9,9 +9,10 @@ accuracy before and after training and the expert load per layer, plots the loss
 load, saves the adapter and task heads, reloads them into a fresh encoder and checks that
 the outputs are identical.
 
-Modules: ``data`` (the tasks), ``backbone`` (the base encoder), ``training`` (heads,
-batches, training, evaluation), ``checkpoint`` (save / reload), ``report`` (table, plot,
-JSON), ``run`` (the whole demo), ``cli`` (flags).
+Modules: ``data`` (the tasks), ``backbone`` (the base encoder), ``encoding`` (batches,
+pooling, task heads, loss), ``training`` (the training loop), ``evaluation`` (accuracy,
+expert load, linear probe), ``checkpoint`` (save / reload), ``report`` (table, plot, JSON),
+``run`` (the whole demo), ``cli`` (flags).
 """
 
 from .cli import main
