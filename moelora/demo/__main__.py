@@ -1,0 +1,7 @@
+"""``python -m moelora.demo``: see :mod:`moelora.demo`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
