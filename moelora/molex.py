@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._structure import record
 from .losses import RoutedModule, expert_load, load_balancing_loss, routing_entropy
 from .model import DEFAULT_LAYERS_PATTERN
 
@@ -195,5 +196,10 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
         if hidden_size is None:
             raise ValueError("pass hidden_size= (the width of the layers' hidden states)")
     molex = MoLEx(stack, hidden_size, **kwargs)
+    first = next(stack.parameters(), None)
+    if first is not None:
+        molex.to(first.device)  # the gates live where the layers do (fp32 whatever the model's dtype)
     target.add_module("molex", molex)
+    stack_name = next(n for n, m in target.named_modules() if m is stack)
+    record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
     return molex

@@ -1,9 +1,10 @@
 """Saving and loading adapters, and interop with PEFT LoRA checkpoints.
 
 - :func:`save_pretrained` writes ``moelora_config.json`` and ``adapter_model.safetensors``
-  (adapter, router and task-scale parameters, router schedule buffers, trainable biases);
-  :func:`from_pretrained` injects the layers into a fresh base model and loads them back
-  bit-exactly.
+  (adapter, router and task-scale parameters, router schedule buffers, trainable biases,
+  and every tensor of the modules moelora added whole: upcycled MoE FFNs, MoLEx gates);
+  :func:`from_pretrained` replays ``upcycle_ffn`` / ``apply_molex`` (recorded in the
+  config), injects the layers into a fresh base model and loads them back bit-exactly.
 - :func:`export_peft_lora` writes a plain PEFT LoRA checkpoint (``adapter_config.json`` +
   ``adapter_model.safetensors``) for static routing: E = 1 (LoRA or DoRA), or one task of a
   task-routed model, whose delta s*gamma*B_t@A_t (+ s*B_sh@A_sh) becomes a rank-r (2r)
@@ -23,11 +24,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import _structure
 from .config import CONFIG_NAME, MoELoRAConfig
 from .layer import MoELoRALinear
 from .model import TRAINABLE_MARKERS, MoELoRAModel, get_moelora_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora._structure)
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
@@ -36,9 +39,15 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, MoELoRAModel) else model
 
 
-def _is_saved(name: str, bias: str) -> bool:
-    """Whether a checkpoint holds the tensor ``name`` (adapters, routers, chosen biases)."""
-    if any(m in name for m in TRAINABLE_MARKERS):
+def _owned_prefixes(model: nn.Module) -> tuple:
+    """Name prefixes of the modules moelora added whole (upcycled MoE FFNs, MoLEx)."""
+    return tuple(n + "." for n, m in _inner(model).named_modules() if getattr(m, "_moelora_trainable", False))
+
+
+def _is_saved(name: str, bias: str, owned: tuple = ()) -> bool:
+    """Whether a checkpoint holds the tensor ``name`` (adapters, routers, moelora-added
+    modules, chosen biases)."""
+    if any(m in name for m in TRAINABLE_MARKERS) or name.startswith(owned):
         return True
     if bias == "all":
         return name.endswith("bias")
@@ -64,6 +73,7 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
     adapter tensor, unsharded.
     """
     own = _inner(model).state_dict()
+    owned = _owned_prefixes(model)
     if state_dict is None:
         source = own
     else:
@@ -73,13 +83,13 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
             stripped = _strip_wrapper_prefix(name, known)
             if stripped is not None:
                 source[stripped] = tensor
-        missing = sorted(n for n in own if _is_saved(n, bias) and n not in source)
+        missing = sorted(n for n in own if _is_saved(n, bias, owned) and n not in source)
         if missing:
             raise ValueError(f"state_dict lacks adapter tensors of the model, e.g. {missing[:3]} (an FSDP full "
                              "state dict is only gathered on rank 0: save there)")
     state = {}
     for name, tensor in source.items():
-        if not _is_saved(name, bias):
+        if not _is_saved(name, bias, owned):
             continue
         if hasattr(tensor, "device_mesh"):
             raise ValueError(
@@ -98,8 +108,12 @@ def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Option
     config = model.moelora_config
     state = adapter_state_dict(model, config.bias, state_dict)
     os.makedirs(save_directory, exist_ok=True)
+    saved = config.to_dict()
+    structure = _structure.to_json(_inner(model))
+    if structure:
+        saved[STRUCTURE_KEY] = structure
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-        f.write(config.to_json_string())
+        json.dump(saved, f, indent=2, sort_keys=True)
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
@@ -108,7 +122,10 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, CONFIG_NAME)) as f:
-        config = MoELoRAConfig.from_dict(json.load(f))
+        saved = json.load(f)
+    structure = saved.pop(STRUCTURE_KEY, [])
+    config = MoELoRAConfig.from_dict(saved)
+    _structure.replay(model, structure)
     wrapped = get_moelora_model(model, config)
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
     expected = adapter_state_dict(wrapped, config.bias)

@@ -28,7 +28,8 @@ import torch.nn as nn
 from .ffn import moe_ffn
 from .layer import is_conv1d
 from .losses import RoutedModule
-from .model import _matches, _set_module, layer_index
+from ._structure import record
+from .model import MoELoRAModel, _matches, _set_module, layer_index
 from .routers import Router
 
 
@@ -121,6 +122,11 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     """
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if isinstance(model, MoELoRAModel):
+        model = model.model
+    call = dict(num_experts=num_experts, top_k=top_k, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj,
+                gate_proj=gate_proj, activation=activation, layers_to_transform=layers_to_transform,
+                layers_pattern=layers_pattern, **router_kwargs)
     targets = []
     for name, m in model.named_modules():
         if ffn_modules is not None:
@@ -155,4 +161,5 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
                                  f"gate_proj={gate_proj!r}") from err
             moe = MoEFFN(parts[0], parts[1], activation, num_experts, top_k, gate_proj=parts[2], **router_kwargs)
             _set_module(model, name, moe)
+    record(model, "upcycle_ffn", call)  # replayed by moelora.from_pretrained
     return [n for n, _ in targets]

@@ -38,6 +38,67 @@ def test_save_load_round_trip_is_exact(tmp_path):
         .get_nb_trainable_parameters()[0] > 0
 
 
+@pytest.mark.parametrize("upcycle_first", [True, False])
+def test_round_trip_replays_upcycling_and_molex(tmp_path, upcycle_first):
+    """Upcycled MoE FFNs and MoLEx gates are saved whole and rebuilt on the fresh model."""
+    cfg = MoELoRAConfig(target_modules=["query", "value"], num_experts=2, top_k=1)
+
+    def build(model):
+        if upcycle_first:
+            moelora.upcycle_ffn(model, num_experts=3, top_k=2, router="threshold", threshold_eps=0.1)
+        wrapped = get_moelora_model(model, cfg)
+        moelora.apply_molex(wrapped, gate="cosine", proj_dim=8, learn_alpha=True)
+        if not upcycle_first:
+            moelora.upcycle_ffn(wrapped, num_experts=3, top_k=2)
+        return wrapped
+
+    model = build(tiny_bert(num_layers=3))
+    _perturb_all_adapters(model)
+    model.eval()
+    ids = token_batch()
+    expected = model(ids).last_hidden_state
+    model.save_pretrained(str(tmp_path))
+    loaded = MoELoRAModel.from_pretrained(tiny_bert(num_layers=3), str(tmp_path))
+    assert hasattr(loaded.model, "molex")
+    assert sum(type(m).__name__ == "MoEFFN" for m in loaded.modules()) == 3
+    assert torch.equal(loaded(ids).last_hidden_state, expected)
+    saved = moelora.persistence.adapter_state_dict(model)
+    assert any(".intermediate.w_in" in n for n in saved) and any(n.startswith("molex.") for n in saved)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.mlp = torch.nn.ModuleDict({"fc1": torch.nn.Linear(8, 16), "fc2": torch.nn.Linear(16, 8)})
+
+    def forward(self, x):
+        x = x + self.proj(x)
+        mlp = self.mlp
+        return x + (mlp(x) if not isinstance(mlp, torch.nn.ModuleDict) else mlp.fc2(torch.relu(mlp.fc1(x))))
+
+
+def _mlp_stack():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(_Block(), _Block())
+
+
+@pytest.mark.parametrize("activation", [torch.relu, lambda t: t.relu()], ids=["importable", "lambda"])
+def test_upcycled_generic_ffn_round_trip_saves_its_activation_by_name(tmp_path, activation):
+    net = _mlp_stack()
+    moelora.upcycle_ffn(net, 2, 1, ffn_modules=["mlp"], in_proj="fc1", out_proj="fc2", activation=activation)
+    model = get_moelora_model(net, MoELoRAConfig(target_modules=["proj"], num_experts=2, top_k=1))
+    _perturb_all_adapters(model)
+    x = torch.randn(3, 5, 8)
+    if activation is not torch.relu:
+        with pytest.raises(ValueError, match="cannot be saved by name"):
+            model.save_pretrained(str(tmp_path))
+        return
+    model.save_pretrained(str(tmp_path))
+    loaded = moelora.from_pretrained(_mlp_stack(), str(tmp_path))
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
 def test_load_into_wrong_model_raises(tmp_path):
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
     model.save_pretrained(str(tmp_path))
