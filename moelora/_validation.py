@@ -118,16 +118,7 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
 
     topk_ids = topk_ids.reshape(num_tokens, top_k)
     topk_weights = topk_weights.reshape(num_tokens, top_k)
-    if validation_enabled() and num_tokens > 0 and not _tracing_or_capturing():
-        lo, hi = torch.aminmax(topk_ids)
-        finite = torch.isfinite(topk_weights).all().to(lo.dtype)
-        lo, hi, finite = torch.stack([lo, hi, finite]).tolist()  # one device-to-host copy
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(
-                f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}] "
-                "(switch the check off with moelora.validation(False) for graph capture)")
-        if not finite:
-            raise ValueError("topk_weights contains NaN or Inf")
+    check_routing_values(topk_ids, topk_weights, num_experts)
 
     return MoELoRAArgs(
         x=x.reshape(num_tokens, d_in),
@@ -139,3 +130,19 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
         scaling=float(scaling),
         out_shape=out_shape,
     )
+
+
+def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> None:
+    """The syncing checks (ids in [0, E), finite weights): one device-to-host copy, only with
+    moelora.validation on and never under torch.compile or graph capture."""
+    if not validation_enabled() or topk_ids.numel() == 0 or _tracing_or_capturing():
+        return
+    lo, hi = torch.aminmax(topk_ids)
+    finite = torch.isfinite(topk_weights).all().to(lo.dtype)
+    lo, hi, finite = torch.stack([lo, hi, finite]).tolist()  # one device-to-host copy
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(
+            f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}] "
+            "(switch the check off with moelora.validation(False) for graph capture)")
+    if not finite:
+        raise ValueError("topk_weights contains NaN or Inf")

@@ -4,7 +4,8 @@
                    (gated MLPs: W_out[e] (act(W_gate[e] x + b_gate[e]) * (W_in[e] x + b_in[e])) + b_out[e])
     moe_ffn(x)[t] = sum_j w[t,j] ffn_{e[t,j]}(x[t])
 
-Slots with weight 0 (dropped by threshold routing) and ids outside [0, E) are skipped.
+Slots with weight 0 (dropped by threshold routing) are skipped. Ids outside [0, E) raise
+(moelora.validation on, the default; one host read) or, with validation off, are skipped.
 With ``normalize=True`` the kept weights are divided by their sum and the mixture is
 evaluated as ``y_0 + sum_j w_j (y_j - y_0)`` (y_0: the first slot's expert output), equal
 to ``sum_j w_j y_j`` because the weights sum to one; identical experts (a freshly upcycled
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .functional import resolve_backend
+from ._validation import check_routing_values
 from .routing import dispatch_rows, expert_layout
 
 
@@ -47,6 +49,7 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    check_routing_values(topk_ids, topk_weights, num_experts)
 
 
 def _experts_triton(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate):

@@ -143,3 +143,18 @@ def test_argument_errors_name_the_argument():
         moelora.moe_ffn(x, ids, weights[:, :1], **args)
     with pytest.raises(TypeError, match="topk_ids must be int32 or int64"):
         moelora.moe_ffn(x, ids.float(), weights, **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_ids_raise_or_are_skipped_with_validation_off(backend):
+    x, ids, weights, ffn = make_ffn(gated=False)
+    bad = ids.clone()
+    bad[3, 0] = 5  # E = 5
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 5\)"):
+        moelora.moe_ffn(x, bad, weights, activation=F.gelu, backend=backend, **ffn)
+    with moelora.validation(False):
+        got = moelora.moe_ffn(x, bad, weights, activation=F.gelu, backend=backend, **ffn)
+    dropped = weights.detach().clone()
+    dropped[3, 0] = 0.0
+    expected = moelora.moe_ffn(x, ids, dropped, activation=F.gelu, backend=backend, **ffn)
+    assert torch.equal(got, expected)
