@@ -33,7 +33,7 @@ class PairLayout(NamedTuple):
 
 def pair_layout(topk_ids: torch.Tensor, num_experts: int) -> PairLayout:
     """Sort the pairs by expert (moelora._C when built) and pad each segment to the GEMM tile."""
-    block_m = 32 if K.interpreting() else 64
+    block_m = K.grouped_block_m()
     meta = expert_layout(topk_ids, num_experts, block_m)
     return PairLayout(topk_ids, meta.sorted_pairs, meta.offsets, meta.sorted_pairs_padded, meta.block_expert,
                       block_m)

@@ -30,6 +30,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def grouped_block_m() -> int:
+    """Rows per expert block of the grouped GEMMs (the padding of the expert-sorted layout)."""
+    return 32 if interpreting() else 64
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for every input dtype except fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32

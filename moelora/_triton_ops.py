@@ -37,10 +37,6 @@ def choose_regime(num_experts: int, rank: int) -> str:
     return "dense" if num_experts * rank <= DENSE_MAX_WIDTH else "grouped"
 
 
-def _block_m() -> int:
-    return 32 if K.interpreting() else 64
-
-
 def _b_stack(lora_b: torch.Tensor) -> torch.Tensor:
     """[E, d_out, r] -> [d_out, E*r] with column e*r + i = B[e, :, i]."""
     num_experts, d_out, rank = lora_b.shape
@@ -95,7 +91,7 @@ def _grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scalin
     num_experts, d_out, rank = lora_b.shape
     top_k = topk_ids.shape[1]
     acc = K.accumulator_dtype(x.dtype)
-    block_m = _block_m()
+    block_m = K.grouped_block_m()
     meta = expert_layout(topk_ids, num_experts, block_m)
     if lora_a.dim() == 2:
         h = K.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
@@ -119,7 +115,7 @@ def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling,
     T, top_k = topk_ids.shape
     shared = lora_a.dim() == 2
     acc = h.dtype
-    block_m = _block_m()
+    block_m = K.grouped_block_m()
     meta = expert_layout(topk_ids, num_experts, block_m)
     flat_w = topk_weights.reshape(-1)
     valid = meta.inverse.reshape(-1) >= 0
