@@ -56,13 +56,13 @@ def _experts_triton(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate
     """Pair-major [T*k, d_out] expert outputs from grouped GEMMs (zero rows for skipped pairs)."""
     from ._grouped_linear import grouped_linear, pair_layout
 
-    layout = pair_layout(ids, w_in.shape[0])
-    h = grouped_linear(x, w_in, b_in, layout, by_token=True)
+    meta = pair_layout(ids, w_in.shape[0])
+    h = grouped_linear(x, w_in, b_in, meta, ids, by_token=True)
     if w_gate is None:
         h = activation(h)
     else:
-        h = activation(grouped_linear(x, w_gate, b_gate, layout, by_token=True)) * h
-    return grouped_linear(h, w_out, b_out, layout, by_token=False)
+        h = activation(grouped_linear(x, w_gate, b_gate, meta, ids, by_token=True)) * h
+    return grouped_linear(h, w_out, b_out, meta, ids, by_token=False)
 
 
 def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate):
