@@ -1,20 +1,30 @@
 """Python launchers of the raw Triton kernels: output allocation, strides, block sizes.
 
 Each launcher computes one kernel's result on tensors of any strides; no launcher reads
-device memory on the host, so all of them are CUDA-graph safe.
+device memory on the host, so all of them are CUDA-graph safe. Launch configurations
+(grid, block sizes, compile-time flags) are computed once per (shapes, strides, dtypes,
+device) and cached, so the hot path does no more than build a key and launch.
+
+Every launch goes through :func:`launch`. :func:`count_launches` replaces the launches by
+a counter (no kernel runs): with it the host time of the Python around the kernels and the
+number of kernels per call can be measured on any machine, a CPU included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
-from typing import Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels.gating import gate_backward_kernel, gate_expand_kernel, gated_expand_kernel
+from .triton_kernels.dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX, gate_backward_kernel,
+                                   gated_expand_kernel, lora_down_kernel, lora_weight_grad_kernel,
+                                   lora_weight_grad_reduce_kernel, router_aux_loss_kernel, threshold_weights_kernel)
 from .triton_kernels.grouped import combine_pairs_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel
 from .triton_kernels.matmul import matmul_kernel
 
@@ -30,6 +40,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_INTERPRETING = interpreting()
+
+
 def grouped_block_m() -> int:
     """Rows per expert block of the grouped GEMMs (the padding of the expert-sorted layout)."""
     return 32 if interpreting() else 64
@@ -40,9 +53,61 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# ------------------------------------------------------------------------------ launching
+_launch_hook: Optional[Callable] = None
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """kernel[grid](*args, **meta), or the counting hook of :func:`count_launches`."""
+    if _launch_hook is not None:
+        _launch_hook(kernel, grid)
+        return
+    kernel[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def skip_launches():
+    """Within the block no Triton kernel runs (for host-time measurements)."""
+    global _launch_hook
+    previous = _launch_hook
+    _launch_hook = _skip
+    try:
+        yield
+    finally:
+        _launch_hook = previous
+
+
+def _skip(kernel, grid) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Within the block no Triton kernel runs: each launch is recorded in the yielded list
+    instead, as (kernel name, grid) once the block exits. Launchers' outputs stay unwritten."""
+    global _launch_hook
+    calls: List[tuple] = []
+    previous = _launch_hook
+    _launch_hook = lambda kernel, grid: calls.append((kernel, grid))  # noqa: E731
+    try:
+        yield calls
+    finally:
+        _launch_hook = previous
+        calls[:] = [(_kernel_name(kernel), grid) for kernel, grid in calls]
+
+
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", repr(fn))
+
+
+def _tf32(compute_dtype: torch.dtype) -> bool:
+    """Whether float32 products use tf32 (torch's allow_tf32 setting, read per call)."""
+    return compute_dtype is torch.float32 and not _INTERPRETING and torch.backends.cuda.matmul.allow_tf32
+
+
 def _dot_config(compute_dtype: torch.dtype) -> dict:
-    tf32 = compute_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
-    return _dot_config_cached(compute_dtype, tf32)
+    return _dot_config_cached(compute_dtype, _tf32(compute_dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,8 +119,31 @@ def _dot_config_cached(compute_dtype: torch.dtype, tf32: bool) -> dict:
     }
 
 
+_FP32_SAFE = 2.0 ** 64
+
+
+def scale_factors(scaling: float) -> tuple:
+    """(scale, scale_out) with scale * scale_out == scaling, both comfortably inside float32's
+    range: the kernels apply ``scale`` with the gate and ``scale_out`` last, so a LoRA scale out
+    of float32's range (kernel scalars are float32) still gives the finite results it should."""
+    magnitude = abs(scaling)
+    if magnitude == 0 or (1 / _FP32_SAFE <= magnitude <= _FP32_SAFE) or not math.isfinite(scaling):
+        return scaling, 1.0
+    half = 2.0 ** (math.frexp(magnitude)[1] // 2)  # a power of two: the split is exact
+    return scaling / half, half
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (triton.cdiv costs microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _pow2_block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, next_power_of_2(n)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,125 +164,315 @@ def _split_count(tiles: int, reduction: int, device: torch.device, min_per_split
     return max(1, min(want, reduction // min_per_split, 64))
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_dtype: torch.dtype,
-           alpha: float = 1.0, addend: Optional[torch.Tensor] = None, split_k: bool = False,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """alpha * a @ b (+ addend) for a [M, K], b [K, N] of any strides; fp32/fp64 accumulation.
-
-    With ``split_k`` the K range is cut into slices whose fp32 partials are summed in a
-    fixed order (for weight gradients, whose reduction runs over all tokens). ``out``
-    (any strides) receives the result when given.
-    """
-    M, K = a.shape
-    N = b.shape[1]
-    acc_dtype = accumulator_dtype(compute_dtype)
-    if out is None:
-        out = torch.empty(M, N, dtype=out_dtype, device=a.device)
-    if M == 0 or N == 0 or K == 0:
-        out.copy_(addend if addend is not None else torch.zeros((), dtype=out_dtype))
-        return out
-    block_m = 64 if M >= 64 or interpreting() else _pow2_block(M, 16, 64)
+# ------------------------------------------------------------------------------ matmul
+@functools.lru_cache(maxsize=4096)
+def _matmul_config(M: int, N: int, K: int, device: torch.device, split_k: bool, dtype: torch.dtype, tf32: bool,
+                   has_second: bool, sanitize_b: bool, has_addend: bool):
+    """(grid, splits, k_per_split, meta) of matmul_kernel."""
+    block_m = 64 if M >= 64 or _INTERPRETING else _pow2_block(M, 16, 64)
     block_n = _pow2_block(N, 16, 128)
     block_k = _pow2_block(K, 16, 64)
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    splits = _split_count(tiles, K, a.device) if split_k else 1
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = triton.cdiv(K, k_per_split)
+    tiles = cdiv(M, block_m) * cdiv(N, block_n)
+    splits = _split_count(tiles, K, device) if split_k else 1
+    k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
+    splits = cdiv(max(K, 1), k_per_split)
+    meta = dict(_dot_config_cached(dtype, tf32), HAS_SECOND=has_second, SANITIZE_B=sanitize_b,
+                HAS_ADDEND=has_addend and splits == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return (cdiv(M, block_m), cdiv(N, block_n), splits), splits, k_per_split, meta
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_dtype: torch.dtype,
+           alpha: float = 1.0, addend: Optional[torch.Tensor] = None, split_k: bool = False,
+           out: Optional[torch.Tensor] = None, stacked_b: bool = False,
+           second: Optional[tuple] = None, sanitize_b: bool = False) -> torch.Tensor:
+    """alpha * (a @ b [+ a2 @ b2]) (+ addend) for operands of any strides and float dtypes; fp32/fp64 accumulation.
+
+    ``stacked_b``: b is [E, K, r], read as B_stack [K, E*r] (column e*r + i = b[e, :, i]).
+    ``second``: (a2 [M, K2], b2 [K2, N]) added to the product (a K-concatenated GEMM).
+    ``sanitize_b``: non-finite entries of b only reach the rows of a that weigh them (see
+    triton_kernels.matmul). With ``split_k`` the K range is cut into slices whose fp32
+    partials are summed in a fixed order (for weight gradients, whose reduction runs over all
+    tokens). ``out`` (any strides) receives the result when given.
+    """
+    M, K = a.shape
+    if stacked_b:
+        groups, _, group = b.shape
+        N = groups * group
+        sb_g, sb_k, sb_n = b.stride()
+    else:
+        N = b.shape[1]
+        group = max(N, 1)
+        (sb_k, sb_n), sb_g = b.stride(), 0
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    K2 = second[0].shape[1] if second is not None else 0
+    if M == 0 or N == 0 or K + K2 == 0:
+        out.copy_(addend if addend is not None else torch.zeros((), dtype=out_dtype))
+        return out
+    grid, splits, k_per_split, meta = _matmul_config(M, N, K, a.device, split_k, compute_dtype, _tf32(compute_dtype),
+                                                     second is not None, sanitize_b, addend is not None)
     # One split writes straight into ``out``; several write fp32 partials [splits, M, N].
-    partial = out if splits == 1 else torch.empty(splits, M, N, dtype=acc_dtype, device=a.device)
+    partial = out if splits == 1 else torch.empty(splits, M, N, dtype=accumulator_dtype(compute_dtype),
+                                                  device=a.device)
     split_stride = 0 if splits == 1 else partial.stride(0)
-    has_addend = addend is not None and splits == 1
-    d = addend if has_addend else out
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
-    matmul_kernel[grid](
-        a, b, partial, d, M, N, K, k_per_split,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        split_stride, partial.stride(-2), partial.stride(-1), d.stride(0), d.stride(1),
-        alpha, HAS_ADDEND=has_addend, **_dot_config(compute_dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
+    d = addend if addend is not None and splits == 1 else out
+    a2, b2 = second if second is not None else (a, b)
+    launch(matmul_kernel, grid,
+           a, b, a2, b2, partial, d, M, N, K, K2, k_per_split, group,
+           *a.stride(), sb_k, sb_g, sb_n, *a2.stride(), b2.stride(0), b2.stride(-1),
+           split_stride, partial.stride(-2), partial.stride(-1), *d.stride(), alpha, **meta)
     if splits > 1:
         total = partial.sum(0)
-        out.copy_(total if addend is None else total + addend.to(acc_dtype))
+        out.copy_(total if addend is None else total + addend.to(partial.dtype))
     return out
 
 
+# ------------------------------------------------------------------------------ dense regime
 def _routing_blocks(top_k: int) -> int:
-    return triton.next_power_of_2(top_k)
+    return next_power_of_2(top_k)
 
 
-def gate_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, num_experts: int,
-                rank: int, scaling: float, shared_a: bool, out_dtype: torch.dtype,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Hg [T, E*r] = s * G[t, e] * h_e[t]  (h [T, r] shared, or [T, E*r] per expert)."""
-    T = h.shape[0]
-    if out is None:
-        out = torch.empty(T, num_experts * rank, dtype=out_dtype, device=h.device)
-    block_t = 64 if interpreting() else 32
-    grid = (triton.cdiv(T, block_t),)
-    gate_expand_kernel[grid](
-        h, topk_ids, topk_weights, out, T, num_experts, rank, scaling,
-        h.stride(0), 0 if shared_a else rank * h.stride(1), h.stride(1),
-        topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        out.stride(0), out.stride(1),
-        COMPUTE_DTYPE=_TL_DTYPES[accumulator_dtype(h.dtype)],
-        TOP_K=topk_ids.shape[1], BLOCK_K=_routing_blocks(topk_ids.shape[1]),
-        BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
-    )
-    return out
+@functools.lru_cache(maxsize=4096)
+def _lora_down_config(T: int, K: int, R: int, E: int, dtype: torch.dtype, tf32: bool) -> tuple:
+    block_t = 32 if _INTERPRETING else 64
+    block_r = _pow2_block(R, 16, 128)
+    meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, BLOCK_T=block_t, BLOCK_R=block_r,
+                BLOCK_E=_pow2_block(E, 16, 1 << 16), BLOCK_K=_pow2_block(K, 16, 64))
+    return (cdiv(T, block_t), cdiv(R, block_r)), meta
+
+
+def lora_down(x: torch.Tensor, a_rows: torch.Tensor, router_weight: Optional[torch.Tensor] = None):
+    """(h = x @ a_rows^T [T, R], logits = x @ router_weight^T [T, E] or None) in x's accumulator dtype,
+    reading x once; a_rows and router_weight of any float dtype are rounded to x's dtype."""
+    T, K = x.shape
+    R = a_rows.shape[0]
+    acc = accumulator_dtype(x.dtype)
+    h = torch.empty(T, R, dtype=acc, device=x.device)
+    has_router = router_weight is not None
+    logits = torch.empty(T, router_weight.shape[0], dtype=acc, device=x.device) if has_router else None
+    if T == 0:
+        return h, logits
+    r_w = router_weight if has_router else a_rows
+    lg = logits if has_router else h
+    grid, meta = _lora_down_config(T, K, R, r_w.shape[0] if has_router else 0, x.dtype, _tf32(x.dtype))
+    launch(lora_down_kernel, grid, x, a_rows, r_w, h, lg, T, K, R, r_w.shape[0],
+           *x.stride(), *a_rows.stride(), *r_w.stride(), *h.stride(), *lg.stride(), **meta)
+    return h, logits
+
+
+@functools.lru_cache(maxsize=4096)
+def _gated_expand_config(T: int, N: int, rank: int, top_k: int, has_base: bool, has_bias: bool,
+                         dtype: torch.dtype, tf32: bool) -> tuple:
+    block_t = 64 if _INTERPRETING else 128
+    block_n = _pow2_block(N, 16, 128)
+    meta = dict(_dot_config_cached(dtype, tf32), HAS_BASE=has_base, HAS_BIAS=has_bias, TOP_K=top_k,
+                BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_N=block_n,
+                BLOCK_R=_pow2_block(rank, 16, 1 << 16))
+    if not _INTERPRETING:
+        meta["num_warps"] = 8
+    return (cdiv(T, block_t), cdiv(N, block_n)), meta
 
 
 def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, lora_b: torch.Tensor, *,
                  scaling: float, shared_a: bool, base: Optional[torch.Tensor] = None,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = base + sum_e (s * G[:, e] * h_e) @ B[e]^T in one kernel; y in B's dtype, [T, d_out]."""
+                 bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                 compute_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = base + bias + sum_e (s * G[:, e] * h_e) @ B[e]^T in one kernel, [T, d_out] in ``out_dtype``
+    (default B's dtype); products in ``compute_dtype`` (default B's dtype), fp32 accumulation."""
     num_experts, N, rank = lora_b.shape
     T = h.shape[0]
     if out is None:
-        out = torch.empty(T, N, dtype=lora_b.dtype, device=h.device)
+        out = torch.empty(T, N, dtype=out_dtype or lora_b.dtype, device=h.device)
     if T == 0 or N == 0:
         return out
-    block_t = 64
-    block_n = _pow2_block(N, 16, 128)
+    compute_dtype = compute_dtype or lora_b.dtype
+    grid, meta = _gated_expand_config(T, N, rank, topk_ids.shape[1], base is not None, bias is not None,
+                                      compute_dtype, _tf32(compute_dtype))
     base_arg = base if base is not None else out
-    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
-    gated_expand_kernel[grid](
-        h, topk_ids, topk_weights, lora_b, base_arg, out, T, N, num_experts, rank, scaling,
-        h.stride(0), 0 if shared_a else rank * h.stride(1), h.stride(1),
-        topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        base_arg.stride(0), base_arg.stride(1), out.stride(0), out.stride(1),
-        SHARED_A=shared_a, HAS_BASE=base is not None, **_dot_config(lora_b.dtype),
-        TOP_K=topk_ids.shape[1], BLOCK_K=_routing_blocks(topk_ids.shape[1]),
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=_pow2_block(rank, 16, 1 << 16),
-    )
+    bias_arg = bias if bias is not None else out
+    sh_t, sh_r = h.stride()
+    launch(gated_expand_kernel, grid,
+           h, topk_ids, topk_weights, lora_b, base_arg, bias_arg, out, T, N, num_experts, rank, *scale_factors(scaling),
+           sh_t, 0 if shared_a else rank * sh_r, sh_r, *topk_ids.stride(), *topk_weights.stride(), *lora_b.stride(),
+           base_arg.stride(0), base_arg.stride(-1), bias_arg.stride(-1), *out.stride(), **meta)
     return out
+
+
+ROUTER_GRAD_MODES = {"softmax_topk": SOFTMAX_RENORMALIZED, "softmax_topk_plain": SOFTMAX_PLAIN,
+                     "topk_softmax": TOPK_SOFTMAX, "threshold": SOFTMAX_RENORMALIZED}
+
+
+class RouterGrad(NamedTuple):
+    """What gate_backward needs to differentiate a router: logits [T, E] fp32, counts [E] (routed
+    slots per expert), the aux-loss gradient (0-d, or None), the mode (ROUTER_GRAD_MODES key)
+    and the aux-loss coefficients."""
+
+    logits: torch.Tensor
+    counts: torch.Tensor
+    g_aux: Optional[torch.Tensor]
+    mode: str
+    lb_coef: float
+    z_coef: float
+
+
+@functools.lru_cache(maxsize=4096)
+def _gate_backward_config(T: int, rank: int, top_k: int, E: int, shared_a: bool, router: int, has_aux: bool,
+                          dtype: torch.dtype):
+    block_t = 64 if _INTERPRETING else 32
+    meta = dict(SHARED_A=shared_a, ROUTER=router, HAS_AUX_GRAD=has_aux, ACC=_TL_DTYPES[dtype], TOP_K=top_k,
+                BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
+                BLOCK_E=_pow2_block(E, 1, 1 << 16))
+    return (cdiv(T, block_t),), meta
 
 
 def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                   num_experts: int, rank: int, scaling: float, shared_a: bool,
-                  dh: Optional[torch.Tensor] = None, dw: Optional[torch.Tensor] = None):
-    """(dh, dw): dh [T, r] (shared A) or [T, E*r], dw [T, k]; both in h's (accumulator) dtype."""
+                  router: Optional[RouterGrad] = None, dh: Optional[torch.Tensor] = None,
+                  dw: Optional[torch.Tensor] = None):
+    """(dh, dw) without ``router``, (dh, d logits) with it; all fp32 (fp64 for fp64 h).
+
+    dh is [T, r] (shared A) or [T, E*r]; dw [T, k]; d logits [T, E] includes the gradient of
+    the router's auxiliary loss when ``router.g_aux`` is given.
+    """
     T = h.shape[0]
     if dh is None:
         dh = torch.empty(T, rank if shared_a else num_experts * rank, dtype=h.dtype, device=h.device)
-    if dw is None:
-        dw = torch.empty(topk_ids.shape, dtype=h.dtype, device=h.device)
-    block_t = 64 if interpreting() else 32
-    grid = (triton.cdiv(T, block_t),)
-    gate_backward_kernel[grid](
-        dhg, h, topk_ids, topk_weights, dh, dw, T, num_experts, rank, scaling,
-        dhg.stride(0), dhg.stride(1),
-        h.stride(0), 0 if shared_a else rank * h.stride(1), h.stride(1),
-        topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        dh.stride(0), dh.stride(1), dw.stride(0), dw.stride(1),
-        SHARED_A=shared_a, COMPUTE_DTYPE=_TL_DTYPES[h.dtype],
-        TOP_K=topk_ids.shape[1], BLOCK_K=_routing_blocks(topk_ids.shape[1]),
-        BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
-    )
-    return dh, dw
+    if router is None:
+        if dw is None:
+            dw = torch.empty(topk_ids.shape, dtype=h.dtype, device=h.device)
+        second, logits, counts, g_aux = dw, dw, dw, dw
+        mode, lb_coef, z_coef, has_aux = NO_ROUTER, 0.0, 0.0, False
+    else:
+        logits, counts = router.logits, router.counts
+        second = torch.empty(logits.shape, dtype=h.dtype, device=h.device)
+        has_aux = router.g_aux is not None
+        g_aux = router.g_aux if has_aux else logits
+        mode, lb_coef, z_coef = ROUTER_GRAD_MODES[router.mode], router.lb_coef, router.z_coef
+    if T == 0:
+        return dh, second
+    grid, meta = _gate_backward_config(T, rank, topk_ids.shape[1], num_experts, shared_a, mode, has_aux, h.dtype)
+    sh_t, sh_r = h.stride()
+    launch(gate_backward_kernel, grid,
+           dhg, h, topk_ids, topk_weights, dh, second, logits, counts, g_aux, second,
+           T, num_experts, rank, *scale_factors(scaling), 1.0 / T, lb_coef, z_coef,
+           *dhg.stride(), sh_t, 0 if shared_a else rank * sh_r, sh_r, *topk_ids.stride(), *topk_weights.stride(),
+           *dh.stride(), second.stride(0), second.stride(-1), logits.stride(0), logits.stride(-1),
+           second.stride(0), second.stride(-1), **meta)
+    return dh, second
 
 
+@functools.lru_cache(maxsize=4096)
+def _weight_grad_config(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, top_k: int, shared_a: bool,
+                        device: torch.device, dtype: torch.dtype, tf32: bool, splits: Optional[int]):
+    """(grid, splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta) of lora_weight_grad_kernel.
+
+    Tiles of 64 rows (32 when that fills the device without splitting T); T is split so that
+    every SM gets about two programs, unless ``splits`` forces a number (tests)."""
+    block_cb = _pow2_block(NB, 16, 256)
+    block_ca = _pow2_block(R + E, 16, 256)
+    block_t = 32 if _INTERPRETING else 64
+    target = _target_programs(device)
+    tiles_b_c, tiles_a_c = cdiv(NB, block_cb), cdiv(R + E, block_ca)
+
+    def tiles(bm):
+        return cdiv(d_out, bm) * tiles_b_c + cdiv(d_in, bm) * tiles_a_c
+
+    block_m = 64
+    if device.type == "cuda" and tiles(block_m) < target and tiles(32) >= 0.75 * target:
+        block_m = 32
+    n_tiles = tiles(block_m)
+    if splits is None:
+        splits = _split_count(n_tiles, T, device)
+    t_per_split = cdiv(cdiv(T, splits), block_t) * block_t
+    splits = max(1, cdiv(T, t_per_split))
+    meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_ROUTER=E > 0, SPLIT=splits > 1, TOP_K=top_k,
+                BLOCK_M=block_m, BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
+    tiles_b = cdiv(d_out, block_m) * tiles_b_c
+    return (n_tiles * splits,), splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta
+
+
+_REDUCE_BLOCK = 1024
+
+
+def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, dh: torch.Tensor, dlogits: Optional[torch.Tensor], *,
+                     rank: int, scaling: float, shared_a: bool, dlora_b: torch.Tensor, dlora_a: torch.Tensor,
+                     drouter: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> None:
+    """Writes dlora_b [E, d_out, r] = (dy^T Hg) in B's layout, dlora_a [R, d_in] = dh^T x (a view of
+    A's gradient as A_rows) and drouter [E, d_in] = dlogits^T x, in their own dtypes, from one
+    kernel (plus a fixed-order reduction of the splits of T when the device needs them;
+    ``splits`` forces their number)."""
+    T, d_out = dy.shape
+    d_in = x.shape[1]
+    R = dh.shape[1]
+    E = drouter.shape[0] if drouter is not None else 0
+    NB = dlora_b.shape[0] * rank
+    if T == 0:
+        dlora_b.zero_()
+        dlora_a.zero_()
+        if drouter is not None:
+            drouter.zero_()
+        return
+    grid, splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta = _weight_grad_config(
+        T, d_out, d_in, R, E, NB, topk_ids.shape[1], shared_a, x.device, x.dtype, _tf32(x.dtype), splits)
+    dl = dlogits if dlogits is not None else dh
+    dr = drouter if drouter is not None else dlora_a
+    part_a_offset = splits * d_out * NB
+    acc = accumulator_dtype(x.dtype)
+    part = (torch.empty(part_a_offset + splits * (R + E) * d_in, dtype=acc, device=x.device)
+            if splits > 1 else dh)
+    launch(lora_weight_grad_kernel, grid,
+           dy, x, h, topk_ids, topk_weights, dh, dl, dlora_b, dlora_a, dr, part,
+           T, d_out, d_in, R, E, NB, rank, *scale_factors(scaling), tiles_b, tiles_b_c, tiles_a_c, t_per_split,
+           part_a_offset,
+           *dy.stride(), *x.stride(), *h.stride(), *topk_ids.stride(), *topk_weights.stride(), *dh.stride(),
+           *dl.stride(), *dlora_b.stride(), *dlora_a.stride(), *dr.stride(), **meta)
+    if splits > 1:
+        blocks_b = cdiv(d_out * NB, _REDUCE_BLOCK)
+        blocks_a = cdiv((R + E) * d_in, _REDUCE_BLOCK)
+        launch(lora_weight_grad_reduce_kernel, (blocks_b + blocks_a,),
+               part, dlora_b, dlora_a, dr, d_out, d_in, R, E, NB, rank, splits, blocks_b, part_a_offset,
+               *dlora_b.stride(), *dlora_a.stride(), *dr.stride(), HAS_ROUTER=E > 0, ACC_DTYPE=_TL_DTYPES[acc],
+               BLOCK=_REDUCE_BLOCK)
+
+
+def router_aux_loss(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor, *, lb_coef: float,
+                    z_coef: float, kept: Optional[tuple] = None):
+    """(loss 0-d, stats [2] = (lb, z), counts [E]) in lse's dtype: the Switch load-balancing loss lb
+    and the router z-loss z of one layer from the router op's counts, prob_sums and lse, weighted
+    into loss. With ``kept`` = (ids, weights) the counts are recounted over the slots with
+    weight > 0 (threshold routing) and returned (int64), else ``counts`` is returned."""
+    loss = torch.empty((), dtype=lse.dtype, device=lse.device)
+    stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
+    T, E = lse.shape[0], counts.shape[0]
+    ids, w = kept if kept is not None else (counts.view(1, -1), prob_sums.view(1, -1))
+    out_counts = torch.empty(E, dtype=torch.int64, device=lse.device) if kept is not None else counts
+    launch(router_aux_loss_kernel, (1,), counts, prob_sums, lse, ids, w, loss, stats, out_counts,
+           T, E, 1.0 / max(T, 1), lb_coef, z_coef, lse.stride(0), *ids.stride(), *w.stride(),
+           COUNT_KEPT=kept is not None, TOP_K=ids.shape[1], ACC=_TL_DTYPES[lse.dtype],
+           BLOCK_E=_pow2_block(E + 1, 16, 1 << 16), BLOCK_T=256 if kept is not None else 1024,
+           BLOCK_K=next_power_of_2(ids.shape[1]))
+    return loss, stats, out_counts
+
+
+def threshold_weights(top_p: torch.Tensor, noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor], *,
+                      eps_start: float, eps_end: float, ramp_steps: int) -> torch.Tensor:
+    """ST-MoE threshold routing's kept, renormalised weights [T, n] from the top-n probabilities,
+    in one kernel (see threshold_weights_kernel); the eps schedule is read on the device."""
+    T, n = top_p.shape
+    w = torch.empty_like(top_p)
+    if T == 0:
+        return w
+    ramp = ramp_steps > 0 and num_steps is not None
+    block_t = 128
+    launch(threshold_weights_kernel, (cdiv(T, block_t),), top_p, noise if noise is not None else top_p,
+           num_steps if ramp else top_p, w, T, eps_start, eps_end, 1.0 / ramp_steps if ramp else 0.0,
+           *top_p.stride(), *(noise.stride() if noise is not None else top_p.stride()), *w.stride(),
+           HAS_NOISE=noise is not None, HAS_RAMP=ramp, TOP_K=n, BLOCK_T=block_t, BLOCK_K=next_power_of_2(n))
+    return w
+
+
+# ------------------------------------------------------------------------------ grouped regime
 def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, row_pair: torch.Tensor,
                    block_expert: torch.Tensor, block_m: int, *, top_k: int, a_by_token: bool,
                    weight_nk_strides: tuple, compute_dtype: torch.dtype, alpha: float = 1.0,
@@ -210,7 +488,7 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, row
         return out
     block_n = _pow2_block(N, 16, 128)
     block_k = _pow2_block(K, 16, 64)
-    grid = (block_expert.numel(), triton.cdiv(N, block_n))
+    grid = (block_expert.numel(), cdiv(N, block_n))
     scale_arg = scale if scale is not None else out
     bias_arg = bias if bias is not None else out
     grouped_matmul_kernel[grid](
@@ -234,7 +512,7 @@ def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, order: torch.Te
     block_a = _pow2_block(NA, 16, 64)
     block_b = _pow2_block(NB, 16, 64)
     block_k = 32
-    tiles = num_experts * triton.cdiv(NA, block_a) * triton.cdiv(NB, block_b)
+    tiles = num_experts * cdiv(NA, block_a) * cdiv(NB, block_b)
     splits = _split_count(tiles, order.numel() // max(num_experts, 1), left.device)
     if out is None:
         out = torch.empty(num_experts, NA, NB, dtype=out_dtype, device=left.device)
@@ -242,7 +520,7 @@ def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, order: torch.Te
         partial = out.unsqueeze(0)
     else:
         partial = torch.empty(splits, num_experts, NA, NB, dtype=acc_dtype, device=left.device)
-    grid = (num_experts * splits, triton.cdiv(NA, block_a), triton.cdiv(NB, block_b))
+    grid = (num_experts * splits, cdiv(NA, block_a), cdiv(NB, block_b))
     scale_arg = scale if scale is not None else partial
     grouped_weight_grad_kernel[grid](
         left, right, partial, order, offsets, scale_arg, NA, NB, top_k, splits, alpha,
@@ -267,7 +545,7 @@ def combine_pairs(pairs: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
     if T == 0 or N == 0:
         return out
     block_t, block_n = 32, _pow2_block(N, 16, 128)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
+    grid = (cdiv(T, block_t), cdiv(N, block_n))
     base_arg = base if base is not None else out
     combine_pairs_kernel[grid](
         pairs, topk_ids, base_arg, out, T, N, num_experts,

@@ -5,8 +5,9 @@ Two regimes compute the same function:
 
 - dense (small E*r): h = x A^T once; y = base + Hg B_stack^T with the gated
   intermediate Hg = s * G (.) h (all E*r columns) formed in the GEMM's prologue, never
-  in memory. Backward: dHg = dy B_stack, then dh, dw from the gating kernel,
-  dB_stack = dy^T Hg, dA = dh^T x, dx = dh A.
+  in memory (triton_kernels/dense.py). Backward: dHg = dy B_stack, then dh, dw from the
+  gating kernel, dB_stack = dy^T Hg and dA = dh^T x in one kernel, dx = dh A. Kernels per
+  call: 2 forward, 4 backward (5 when T is split over the device).
 - grouped (large E*r): pairs sorted by expert (moelora.routing's dispatch metadata,
   i.e. the moelora._C kernels when built), grouped GEMMs gather rows in the prologue and apply the gate in the epilogue, writing pair-major rows that a fixed-order
   per-token sum combines (no atomics). Per-expert A: h_pair = x[t] A_e^T per pair.
@@ -37,12 +38,6 @@ def choose_regime(num_experts: int, rank: int) -> str:
     return "dense" if num_experts * rank <= DENSE_MAX_WIDTH else "grouped"
 
 
-def _b_stack(lora_b: torch.Tensor) -> torch.Tensor:
-    """[E, d_out, r] -> [d_out, E*r] with column e*r + i = B[e, :, i]."""
-    num_experts, d_out, rank = lora_b.shape
-    return lora_b.permute(1, 0, 2).reshape(d_out, num_experts * rank)
-
-
 def _a_rows(lora_a: torch.Tensor) -> torch.Tensor:
     """A as a [rows, d_in] matrix: [r, d_in] shared, or the E matrices stacked [E*r, d_in]."""
     return lora_a if lora_a.dim() == 2 else lora_a.reshape(-1, lora_a.shape[-1])
@@ -60,28 +55,27 @@ def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
 # ---------------------------------------------------------------- dense regime
 
 def _dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
-    shared = lora_a.dim() == 2
-    acc = K.accumulator_dtype(x.dtype)
-    h = K.matmul(x, _a_rows(lora_a).t(), out_dtype=acc, compute_dtype=x.dtype)
-    y = K.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=shared, base=base_out)
+    """2 kernels: h = x A_rows^T (lora_down), y = base + Hg B_stack^T (gated_expand)."""
+    h, _ = K.lora_down(x, _a_rows(lora_a))
+    y = K.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2, base=base_out,
+                       out_dtype=x.dtype, compute_dtype=x.dtype)
     return y, h
 
 
 def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
+    """4 kernels (5 when the device needs split reductions): dHg = dy B_stack; dh, dw; dB and dA
+    in one weight-gradient kernel; dx = dh A_rows."""
     num_experts, d_out, rank = lora_b.shape
     shared = lora_a.dim() == 2
-    acc = h.dtype
-    b_stack = _b_stack(lora_b)
-    dhg = K.matmul(dy, b_stack, out_dtype=acc, compute_dtype=x.dtype)
+    dhg = K.matmul(dy, lora_b, stacked_b=True, out_dtype=h.dtype, compute_dtype=x.dtype)
     dh, dw = K.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
                              scaling=scaling, shared_a=shared)
-    hg = K.gate_expand(h, topk_ids, topk_weights, num_experts=num_experts, rank=rank, scaling=scaling,
-                       shared_a=shared, out_dtype=x.dtype)
-    db_stack = K.matmul(dy.t(), hg, out_dtype=acc, compute_dtype=x.dtype, split_k=True)
-    dlora_b = db_stack.view(d_out, num_experts, rank).permute(1, 0, 2).to(lora_b.dtype).contiguous()
     a_rows = _a_rows(lora_a)
-    dlora_a = K.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True).view(lora_a.shape)
-    dx = K.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype) if need_dx else None
+    dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
+    dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
+    K.lora_weight_grad(dy, x, h, topk_ids, topk_weights, dh, None, rank=rank, scaling=scaling, shared_a=shared,
+                       dlora_b=dlora_b, dlora_a=dlora_a.view(a_rows.shape))
+    dx = K.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared) if need_dx else None
     return dx, dlora_a, dlora_b, dw
 
 

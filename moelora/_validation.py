@@ -146,3 +146,14 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
             "(switch the check off with moelora.validation(False) for graph capture)")
     if not finite:
         raise ValueError("topk_weights contains NaN or Inf")
+
+
+def check_ids_in_range(name: str, ids: torch.Tensor, upper: int) -> None:
+    """ids in [0, upper), with the rule of check_routing_values (one host read, only while
+    moelora.validation is on and never under torch.compile or graph capture)."""
+    if not validation_enabled() or ids.numel() == 0 or _tracing_or_capturing():
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = torch.stack([lo, hi]).tolist()
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")

@@ -2,11 +2,19 @@
 
     y = base_layer(x) + s * sum_j w[t,j] * lora_B[e[t,j]] @ (lora_A[(e[t,j])] @ dropout(x[t]))
 
-computed by :func:`moelora.moe_lora`; s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)).
-Routing (see :mod:`moelora.routers`) comes from a learned ``router`` (fp32 logits) or, for
-task routing, from the task ids given with the batch and the per-task scales ``lora_gamma``.
-With one expert and no task routing there is no router: every token uses expert 0 with
-weight 1, and the layer is PEFT's LoRA layer (optionally DoRA).
+s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). Routing (see :mod:`moelora.routers`) comes
+from a learned ``router`` (fp32 weights; moelora's routing op) or, for task routing, from the
+task ids given with the batch and the per-task scales ``lora_gamma``. With one expert and no
+task routing there is no router: every token uses expert 0 with weight 1, and the layer is
+PEFT's LoRA layer (optionally DoRA).
+
+The forward is one fused op, :func:`moelora.fused_linear.moe_lora_linear`, which owns the
+base GEMM (x read once for the LoRA down-projection and the router logits; dx accumulated in
+one GEMM; see that module). It takes every feature except these, which run the composed path
+(base layer, then :func:`moelora.moe_lora` with ``base_out``): DoRA, base layers other than a
+plain ``nn.Linear`` / GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks,
+and extra forward arguments. Router jitter and LoRA dropout keep the fused op but cost a
+separate router GEMM over the jittered x, resp. the dropped-out copy of x (see README).
 
 Parameter layouts follow PEFT / nn.Linear: ``lora_A`` [r, d_in] (shared A, MoSLD) or
 [E, r, d_in]; ``lora_B`` [E, d_out, r]; ``router.weight`` [E, d_in]. With task routing and a
@@ -22,9 +30,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
 from .functional import moe_lora
+from .fused_linear import RouterSpec, moe_lora_linear
 from .losses import RoutedModule
 from .routers import ROUTER_MODES, Router, Routing, task_routing
+
+
+_SINGLE = {}
+
+
+def _single_expert_routing(num_tokens: int, device: torch.device):
+    """ids 0 and weights 1 for every token ([T, 1] stride-0 views of cached scalars)."""
+    pair = _SINGLE.get(device)
+    if pair is None:
+        pair = _SINGLE[device] = (torch.zeros(1, 1, dtype=torch.int32, device=device),
+                                  torch.ones(1, 1, dtype=torch.float32, device=device))
+    return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -138,11 +161,6 @@ class MoELoRALinear(nn.Module, RoutedModule):
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
-    @property
-    def routing_is_static(self) -> bool:
-        """True when routing does not depend on the input (E = 1, or task routing)."""
-        return self.router is None
-
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         delta = self.scaling * self.lora_B[0] @ self.expert_A(0)
         return torch.linalg.norm(weight + delta, dim=1)
@@ -160,6 +178,15 @@ class MoELoRALinear(nn.Module, RoutedModule):
     def route(self, x: torch.Tensor) -> Routing:
         """Routing for input x [..., d_in]; records the aux losses of learned routers."""
         lead = tuple(x.shape[:-1])
+        router, ids, weights = self._routing_inputs(x.reshape(-1, x.shape[-1]), lead)
+        if router is None:
+            return Routing(weights, ids)
+        routing = self.router(x)
+        self._record_routing(routing)
+        return routing
+
+    def _routing_inputs(self, x2: torch.Tensor, lead: tuple):
+        """(RouterSpec, None, None) for a learned router, else (None, ids, weights) of static routing."""
         if self.router_mode == "task":
             if self._task_ids is None:
                 raise RuntimeError(
@@ -167,20 +194,45 @@ class MoELoRALinear(nn.Module, RoutedModule):
                     "moelora.set_task_ids(model, ids), use `with moelora.use_task_ids(model, ids):`, or pass "
                     "task_ids=... to the MoELoRAModel's forward")
             shared = self.num_experts if self.task_shared_lora else None
-            return task_routing(self._task_ids, self.lora_gamma, lead, shared)
-        num_tokens = math.prod(lead)
+            routing = task_routing(self._task_ids, self.lora_gamma, lead, shared)
+            return None, routing.ids, routing.weights
         if self.router is None:
-            ids = torch.zeros(num_tokens, 1, dtype=torch.long, device=x.device)
-            return Routing(torch.ones(num_tokens, 1, device=x.device), ids, None, None)
-        routing = self.router(x)
-        self._record_routing(routing.probs, routing.logits, routing.ids, routing.weights, self.num_experts)
-        return routing
+            ids, weights = _single_expert_routing(x2.shape[0], x2.device)
+            return None, ids, weights
+        r = self.router
+        logits = r.logits(x2) if r.jitters else None
+        spec = RouterSpec(None if r.jitters else r.weight, logits, r.mode, r.top_k, r.renormalize, r.eps_start,
+                          r.eps_end, r.eps_ramp_steps, r.num_steps, r.threshold_noise(x2.shape[0], x2.device),
+                          self.aux_loss_coef, self.z_loss_coef)
+        return spec, None, None
+
+    def _fusable(self, args, kwargs) -> bool:
+        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra arguments."""
+        base = self.base_layer
+        return (not args and not kwargs and not self.use_dora and (type(base) is nn.Linear or is_conv1d(base))
+                and not base._forward_hooks and not base._forward_pre_hooks
+                and not _global_forward_hooks and not _global_forward_pre_hooks)
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        if not self._fusable(args, kwargs):
+            return self._composed_forward(x, *args, **kwargs)
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, self.in_features)
+        router, ids, weights = self._routing_inputs(x2, lead)
+        lora_input = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x2)
+        y, out = moe_lora_linear(x2, self.base_weight(), self.base_layer.bias, self._effective_A(), self.lora_B,
+                                 scaling=self.scaling, router=router, topk_ids=ids, topk_weights=weights,
+                                 lora_input=lora_input)
+        if out.aux_loss is not None:
+            self._record_routing(out.routing, out.aux_loss, out.aux_stats)
+        return y.view(*lead, self.out_features)
+
+    def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """base_layer(x, ...) + moelora.moe_lora (DoRA, custom base layers, extra arguments)."""
+        result = self.base_layer(x, *args, **kwargs)
         routing = self.route(x)
         dtype = self.lora_B.dtype
         x_lora = self.lora_dropout(x.to(dtype))

@@ -6,15 +6,17 @@
   per layer, it stays correct when layers have different expert counts.
 - Router z-loss (ST-MoE): ``mean_t logsumexp(logits[t])^2``.
 
-:class:`RoutedModule` is the mixin of every module with a learned router: after each
-forward it holds that forward's weighted losses and detached statistics (the previous
-forward's values are replaced, never accumulated), which ``moelora.aux_loss`` and
-``moelora.router_stats`` collect.
+:func:`aux_losses` computes both from the statistics of moelora's routing op (counts,
+prob_sums, lse), as the fused layer's kernel does. :class:`RoutedModule` is the mixin of
+every module with a learned router: after each forward it holds that forward's weighted
+losses and statistics (the previous forward's values are replaced, never accumulated),
+which ``moelora.aux_loss`` and ``moelora.router_stats`` collect.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,46 @@ def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
 
 
+def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor, lb_coef: float, z_coef: float):
+    """(loss, stats) of one layer from its routing statistics, in their dtype (fp32, fp64 for fp64
+    logits): loss = lb_coef * lb + z_coef * z (differentiable), stats = (lb, z) detached, with
+    lb = E * sum_e (counts_e / T) (prob_sums_e / T) and z = mean_t lse_t^2 (T = lse.numel(); 0 for
+    T = 0). The PyTorch twin of the fused layer's router_aux_loss kernel."""
+    inv_t = 1.0 / max(lse.numel(), 1)
+    lb = counts.to(prob_sums.dtype).dot(prob_sums) * (counts.numel() * inv_t * inv_t)
+    z = lse.dot(lse) * inv_t
+    return lb_coef * lb + z_coef * z, torch.stack([lb, z]).detach()
+
+
+class RouterStats(Mapping):
+    """One forward's routing statistics, computed when read: ``load`` (slots per token routed
+    to each expert, [E]), ``entropy`` (mean routing entropy in nats) and the unweighted
+    ``load_balancing_loss`` and ``z_loss`` (from ``aux_stats``). All detached."""
+
+    KEYS = ("load", "entropy", "load_balancing_loss", "z_loss")
+
+    def __init__(self, counts: torch.Tensor, logits: Optional[torch.Tensor], aux_stats: torch.Tensor,
+                 num_tokens: int):
+        self._counts, self._logits, self._aux_stats, self._num_tokens = counts, logits, aux_stats, num_tokens
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.KEYS:
+            raise KeyError(key)
+        if self._num_tokens == 0:
+            raise ValueError("routing statistics are undefined: this module routed no tokens in its last forward")
+        if key == "load":
+            return self._counts.detach().float() / self._num_tokens
+        if key == "entropy":
+            return routing_entropy(torch.softmax(self._logits.detach().float(), dim=-1))
+        return self._aux_stats[0 if key == "load_balancing_loss" else 1].detach()
+
+    def __iter__(self):
+        return iter(self.KEYS)
+
+    def __len__(self) -> int:
+        return len(self.KEYS)
+
+
 def _without_routing_record(inherited_getstate):
     """A ``__getstate__`` returning the inherited state with the routing record cleared."""
 
@@ -88,22 +130,18 @@ class RoutedModule:
 
     def _clear_routing_record(self) -> None:
         self._last_aux_loss: Optional[torch.Tensor] = None
-        self._last_router_stats: Optional[Dict[str, torch.Tensor]] = None
+        self._last_router_stats: Optional[Mapping] = None
 
-    def _record_routing(self, probs: torch.Tensor, logits: Optional[torch.Tensor], ids: torch.Tensor,
-                        weights: torch.Tensor, num_experts: int) -> None:
-        loss = probs.new_zeros(())
-        lb = load_balancing_loss(probs, ids, num_experts, weights)
-        if self.aux_loss_coef:
-            loss = loss + self.aux_loss_coef * lb
-        z = router_z_loss(logits) if logits is not None else probs.new_zeros(())
-        if self.z_loss_coef and logits is not None:
-            loss = loss + self.z_loss_coef * z
+    def _record_routing(self, routing, aux_loss: Optional[torch.Tensor] = None,
+                        aux_stats: Optional[torch.Tensor] = None) -> None:
+        """Keep this forward's weighted aux loss and statistics from a learned ``routing``
+        (moelora.routers.Routing). ``aux_loss`` and ``aux_stats`` (from :func:`aux_losses` or the
+        fused layer's kernel) are computed here when not given."""
+        if aux_loss is None:
+            aux_loss, aux_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, self.aux_loss_coef,
+                                             self.z_loss_coef)
         # Only keep a graph when it can be used: no stale autograd graphs after eval passes.
-        self._last_aux_loss = loss if torch.is_grad_enabled() else loss.detach()
-        self._last_router_stats = {
-            "load": expert_load(ids, num_experts, weights).detach(),
-            "entropy": routing_entropy(probs).detach(),
-            "load_balancing_loss": lb.detach(),
-            "z_loss": z.detach(),
-        }
+        # (Written to __dict__: nn.Module.__setattr__ costs microseconds per call.)
+        self.__dict__["_last_aux_loss"] = aux_loss if torch.is_grad_enabled() else aux_loss.detach()
+        self.__dict__["_last_router_stats"] = RouterStats(routing.counts, routing.logits, aux_stats,
+                                                          routing.weights.shape[0])

@@ -1,6 +1,7 @@
-"""Routers: from router logits (computed in fp32) to top-k expert ids and gate weights.
+"""Routers: from router logits (fp32) to top-k expert ids and gate weights.
 
-One small function per routing mode, so a fused routing op can replace any of them:
+Every learned mode runs on moelora's fused routing op (``moelora.route``: moelora._C, or its
+PyTorch fallback), so the layers and ``moelora.route`` share one implementation:
 
 - ``softmax_topk``: softmax over all experts, keep the top-k, renormalise them to sum to 1
   (MoSLD, MoLA); with ``renormalize=False`` the kept probabilities are used as they are.
@@ -13,8 +14,9 @@ One small function per routing mode, so a fused routing op can replace any of th
 - ``task``: k = 1, the expert is the task id given with the batch, the gate a trainable
   per-task scale gamma (see :func:`task_routing`).
 
-Every mode returns ``Routing(weights [T, k] fp32, ids [T, k] int64, probs [T, E] fp32 or
-None, logits [T, E] fp32 or None)``; probs and logits feed the auxiliary losses.
+A learned mode returns ``Routing(weights [T, k] fp32, ids [T, k] int32, logits [T, E] fp32,
+counts [E] (kept slots per expert), prob_sums [E] (summed softmax probabilities), lse [T]
+(logsumexp of the logits))``: the last three are the statistics of the auxiliary losses.
 """
 
 from __future__ import annotations
@@ -24,63 +26,110 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
+from ._routing_torch import acc_dtype
+from ._validation import check_ids_in_range
+from .routing import router_topk
+
 ROUTER_MODES = ("softmax_topk", "topk_softmax", "threshold", "task")
 
 
 class Routing(NamedTuple):
     weights: torch.Tensor  # [T, k] fp32
-    ids: torch.Tensor  # [T, k] int64
-    probs: Optional[torch.Tensor]  # [T, E] fp32 softmax over all experts (None for task routing)
-    logits: Optional[torch.Tensor]  # [T, E] fp32 (None for task routing)
+    ids: torch.Tensor  # [T, k] int32 (int64 for task routing)
+    logits: Optional[torch.Tensor] = None  # [T, E] fp32 (None for static routing)
+    counts: Optional[torch.Tensor] = None  # [E]: slots with weight > 0 routed to each expert
+    prob_sums: Optional[torch.Tensor] = None  # [E]: sum over tokens of the softmax probabilities
+    lse: Optional[torch.Tensor] = None  # [T]: logsumexp of each token's logits
+
+    @property
+    def probs(self) -> Optional[torch.Tensor]:
+        """[T, E] softmax of the logits (computed on access)."""
+        return None if self.logits is None else torch.softmax(self.logits, dim=-1)
+
+
+def scheduled_eps(eps_start: float, eps_end: float, ramp_steps: int,
+                  num_steps: Optional[torch.Tensor]) -> Union[float, torch.Tensor]:
+    """Threshold routing's eps: eps_end without a ramp, else eps_start + (eps_end - eps_start) *
+    min(num_steps / ramp_steps, 1) as a 0-d tensor computed on num_steps' device (no host read)."""
+    if ramp_steps <= 0 or num_steps is None:
+        return eps_end
+    frac = torch.clamp(num_steps.float() / ramp_steps, max=1.0)
+    return eps_start + (eps_end - eps_start) * frac
+
+
+def threshold_keep(top_p: torch.Tensor, eps: Union[float, torch.Tensor], noise: Optional[torch.Tensor]):
+    """ST-MoE's kept weights from the top-n probabilities ``top_p`` [T, n] (best first): the best
+    always, another iff ``noise < p_hat / eps`` (``noise`` uniform [T, n], training) or
+    ``p_hat >= eps`` (``noise`` None); every slot while eps <= 0; renormalised over the kept
+    slots, 0 for dropped ones. Differentiable in top_p. ``eps`` is a float or a 0-d tensor.
+    The PyTorch twin of the fused layer's threshold_weights kernel."""
+    tiny = torch.finfo(top_p.dtype).tiny
+    if not isinstance(eps, torch.Tensor) and eps <= 0:
+        return top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    p_hat = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    keep = noise < torch.clamp(p_hat / eps, max=1.0) if noise is not None else p_hat >= eps
+    keep[..., 0] = True  # the best expert always
+    if isinstance(eps, torch.Tensor):
+        keep = keep | (eps <= 0)
+    kept = torch.where(keep, top_p, torch.zeros_like(top_p))
+    return kept / kept.sum(dim=-1, keepdim=True).clamp_min(tiny)
+
+
+def kept_counts(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: slots with weight > 0 routed to each expert."""
+    kept = (weights > 0).reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, ids.reshape(-1).long(), kept)
+
+
+def route_logits(logits: torch.Tensor, mode: str, top_k: int, renormalize: bool = True,
+                 eps: Union[float, torch.Tensor] = 0.0, noise: Optional[torch.Tensor] = None) -> Routing:
+    """Routing of [T, E] logits in any learned mode (see the module docstring); differentiable in
+    the logits through the weights, prob_sums and lse."""
+    logits = logits.to(acc_dtype(logits.dtype))
+    if mode == "threshold":
+        top_p, ids, counts, prob_sums, lse = router_topk(logits, top_k, "softmax_topk", False)
+        weights = threshold_keep(top_p, eps, noise)
+        if isinstance(eps, torch.Tensor) or eps > 0:
+            counts = kept_counts(ids, weights, logits.shape[-1])
+    else:
+        weights, ids, counts, prob_sums, lse = router_topk(logits, top_k, mode, renormalize)
+    return Routing(weights, ids, logits, counts, prob_sums, lse)
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
     """Softmax over all experts, then the top-k probabilities (renormalised by default)."""
-    logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routing(weights, ids, probs, logits)
+    return route_logits(logits, "softmax_topk", top_k, renormalize)
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int) -> Routing:
     """Top-k logits, then a softmax over those k (Mixtral's gate)."""
-    logits = logits.float()
-    top_logits, ids = torch.topk(logits, top_k, dim=-1)
-    return Routing(torch.softmax(top_logits, dim=-1), ids, torch.softmax(logits, dim=-1), logits)
+    return route_logits(logits, "topk_softmax", top_k)
 
 
 def threshold_routing(logits: torch.Tensor, top_n: int, eps: Union[float, torch.Tensor], training: bool,
                       generator: Optional[torch.Generator] = None) -> Routing:
-    """ST-MoE threshold routing over the top-n experts (see the module docstring).
-
-    ``eps`` is a float or a 0-d tensor (a scheduled eps read without a host sync).
-    """
-    logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
-    top_p, ids = torch.topk(probs, top_n, dim=-1)
-    p_hat = top_p / top_p.sum(dim=-1, keepdim=True)
-    if not isinstance(eps, torch.Tensor) and eps <= 0:
-        keep = torch.ones_like(p_hat, dtype=torch.bool)
-    elif training:
-        u = torch.rand(p_hat.shape, device=p_hat.device, generator=generator)
-        keep = u < torch.clamp(p_hat / eps, max=1.0)
-    else:
-        keep = p_hat >= eps
-    keep[..., 0] = True  # the best expert always
-    kept = torch.where(keep, top_p, torch.zeros_like(top_p))
-    return Routing(kept / kept.sum(dim=-1, keepdim=True), ids, probs, logits)
+    """ST-MoE threshold routing over the top-n experts (see the module docstring)."""
+    noise = None
+    if training and (isinstance(eps, torch.Tensor) or eps > 0):
+        noise = torch.rand((logits.shape[0], top_n), device=logits.device, generator=generator)
+    return route_logits(logits, "threshold", top_n, eps=eps, noise=noise)
 
 
-def task_routing(task_ids: torch.Tensor, gamma: torch.Tensor, lead_shape: tuple,
-                 shared_expert: Optional[int] = None) -> Routing:
+def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert: Optional[int] = None) -> Routing:
     """k = 1 (k = 2 with a shared LoRA): expert = task id, weight = gamma[task].
 
-    ``task_ids`` is a scalar, one id per example ([B], broadcast over the other leading dims
-    of x) or one id per token (``lead_shape``). With ``shared_expert`` every token also uses
-    that expert with weight 1 (the report's lora-shared).
+    ``task_ids`` is an int, one id per example ([B], broadcast over the other leading dims of
+    x) or one id per token (``lead_shape``); integers only. With ``shared_expert`` every token
+    also uses that expert with weight 1 (the report's lora-shared).
     """
+    num_tasks = gamma.shape[0]
+    if isinstance(task_ids, bool) or not isinstance(task_ids, (int, torch.Tensor)):
+        raise TypeError(f"task ids must be an int or an integer tensor, got {type(task_ids).__name__}")
+    if isinstance(task_ids, torch.Tensor) and (task_ids.is_floating_point() or task_ids.is_complex()
+                                               or task_ids.dtype == torch.bool):
+        raise TypeError(f"task ids must be integers, got a tensor of {task_ids.dtype}")
+    if isinstance(task_ids, int) and not 0 <= task_ids < num_tasks:
+        raise ValueError(f"task id must be in [0, {num_tasks}), got {task_ids}")
     task_ids = torch.as_tensor(task_ids, device=gamma.device).long()
     if task_ids.dim() == 0:
         ids = task_ids.expand(lead_shape)
@@ -93,11 +142,15 @@ def task_routing(task_ids: torch.Tensor, gamma: torch.Tensor, lead_shape: tuple,
             f"task ids of shape {tuple(task_ids.shape)} fit neither one id per example "
             f"(first dim of {tuple(lead_shape)}) nor one per token")
     ids = ids.reshape(-1, 1)
-    weights = gamma.float()[ids]
+    check_ids_in_range("task ids", ids, num_tasks)
+    # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the
+    # atomics of index_put), and out-of-range ids (validation off) get weight 0.
+    one_hot = (ids == torch.arange(num_tasks, device=ids.device)).to(acc_dtype(gamma.dtype))
+    weights = one_hot @ gamma.to(one_hot.dtype).unsqueeze(1)
     if shared_expert is not None:
-        ids = torch.cat([ids, torch.full_like(ids, shared_expert)], dim=1)
-        weights = torch.cat([weights, torch.ones_like(weights)], dim=1)
-    return Routing(weights, ids, None, None)
+        ids = nn.functional.pad(ids, (0, 1), value=shared_expert)
+        weights = nn.functional.pad(weights, (0, 1), value=1.0)
+    return Routing(weights, ids)
 
 
 class Router(nn.Linear):
@@ -138,28 +191,35 @@ class Router(nn.Linear):
     def scheduled_eps(self) -> Union[float, torch.Tensor]:
         """eps for this forward: a float without a ramp, else a 0-d tensor computed from the
         step buffer on its device, so torch.compile and CUDA graphs see no host read."""
-        if self.eps_ramp_steps <= 0:
-            return self.eps_end
-        frac = torch.clamp(self.num_steps.float() / self.eps_ramp_steps, max=1.0)
-        return self.eps_start + (self.eps_end - self.eps_start) * frac
+        return scheduled_eps(self.eps_start, self.eps_end, self.eps_ramp_steps, self.num_steps)
 
     def step(self, n: int = 1) -> None:
         self.num_steps += n
 
+    @property
+    def jitters(self) -> bool:
+        """Whether the router input is jittered in this forward (training with jitter noise)."""
+        return self.training and self.jitter_noise > 0
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, x.shape[-1]).float()
-        if self.training and self.jitter_noise > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        return nn.functional.linear(x, self.weight.float())
+        """[T, E] logits of x [..., d_in] in fp32 (fp64 for fp64 x), jittered in training."""
+        x = x.reshape(-1, x.shape[-1])
+        x = x.to(acc_dtype(x.dtype))
+        if self.jitters:  # drawn in fp32 whatever x's dtype: the same noise for the same seed
+            noise = torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            x = x * noise.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype))
+
+    def threshold_noise(self, num_tokens: int, device) -> Optional[torch.Tensor]:
+        """The uniform draws of threshold routing in training, [T, top_k] (None when not needed)."""
+        if self.mode != "threshold" or not self.training or (self.eps_ramp_steps <= 0 and self.eps_end <= 0):
+            return None
+        return torch.rand((num_tokens, self.top_k), device=device)
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.logits(x)
-        if self.mode == "softmax_topk":
-            return softmax_topk(logits, self.top_k, self.renormalize)
-        if self.mode == "topk_softmax":
-            return topk_softmax(logits, self.top_k)
-        return threshold_routing(logits, self.top_k, self.scheduled_eps(), self.training)
+        return route_logits(logits, self.mode, self.top_k, self.renormalize, self.scheduled_eps(),
+                            self.threshold_noise(logits.shape[0], logits.device))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, top_k={self.top_k}"
-

@@ -120,6 +120,12 @@ def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormal
     return RouteResult(w.view(*lead, top_k), ids.view(*lead, top_k), counts, prob_sums, lse.view(lead))
 
 
+def router_topk(logits: torch.Tensor, top_k: int, mode: str, renormalize: bool):
+    """route() on validated [T, E] logits without argument checks, for moelora's own layers:
+    (weights, ids, counts, prob_sums, lse) from the native op when built, else the fallback."""
+    return _ops(logits.device).router_topk(logits, top_k, MODES[mode], renormalize)
+
+
 def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int] = None) -> DispatchMetadata:
     """Stable expert-sorted order of the (token, slot) pairs; see DispatchMetadata.
 

@@ -83,7 +83,7 @@ class MoEFFN(nn.Module, RoutedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)
-        self._record_routing(routing.probs, routing.logits, routing.ids, routing.weights, self.num_experts)
+        self._record_routing(routing)
         flat = x.reshape(-1, x.shape[-1])
         out = moe_ffn(flat, routing.ids, routing.weights, self.w_in, self.b_in, self.w_out, self.b_out,
                       self.activation, self.w_gate, self.b_gate, normalize=True)

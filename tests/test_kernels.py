@@ -55,16 +55,12 @@ def routing(T, E, k):
 
 
 @pytest.mark.parametrize("shared_a", [True, False])
-def test_gate_expand_and_backward(shared_a):
+def test_gate_backward(shared_a):
     T, E, r, k, s = 45, 5, 3, 2, 0.3
     ids, w = routing(T, E, k)
     h = randn(T, r if shared_a else E * r)
     G = dense_gates(ids, w, E, torch.float64) * s
     h3 = h.double().view(T, 1 if shared_a else E, r).expand(T, E, r)
-    big, out = poisoned_view(T, E * r)
-    K.gate_expand(h, ids, w, num_experts=E, rank=r, scaling=s, shared_a=shared_a, out_dtype=torch.float32, out=out)
-    assert_only_view_written(big, out, (G[:, :, None] * h3).reshape(T, E * r), 1e-6)
-
     dhg = randn(T, E * r)
     big_dh, dh = poisoned_view(T, h.shape[1])
     big_dw, dw = poisoned_view(T, k)
@@ -75,6 +71,135 @@ def test_gate_expand_and_backward(shared_a):
     P = s * (dhg3 * h3).sum(-1)
     assert_only_view_written(big_dh, dh, dh_ref, 1e-6)
     assert_only_view_written(big_dw, dw, P.gather(1, ids), 1e-6)
+
+
+ROUTER_MODES = {"softmax_topk": ("softmax_topk", True), "softmax_topk_plain": ("softmax_topk", False),
+                "topk_softmax": ("topk_softmax", True), "threshold": ("threshold", True)}
+
+
+@pytest.mark.parametrize("with_aux", [True, False], ids=["aux", "no_aux"])
+@pytest.mark.parametrize("mode", list(ROUTER_MODES))
+def test_gate_backward_differentiates_router_and_aux_loss(mode, with_aux):
+    """d logits of L = sum_j w[t,j] * P[t, ids[t,j]] + g * aux(counts, prob_sums, lse), P the
+    gate gradient, against float64 autograd through moelora's routing op."""
+    from moelora.losses import aux_losses
+    from moelora.routers import route_logits
+
+    T, E, r, s, g = 45, 6, 4, 0.3, 1.7
+    k = 3 if mode == "threshold" else 2
+    logits = (randn(T, E) * 2).double().requires_grad_()
+    logits.data[3, :] = float("-inf")  # a fully masked row
+    logits.data[4, 2] = float("nan")
+    route_mode, renorm = ROUTER_MODES[mode]
+    routing_ref = route_logits(logits, route_mode, k, renorm, eps=0.3 if mode == "threshold" else 0.0)
+    h, dhg = randn(T, r), randn(T, E * r)
+    P = s * (dhg.double().view(T, E, r) * h.double()[:, None, :]).sum(-1)
+    loss = (routing_ref.weights * P.gather(1, routing_ref.ids.long())).sum()
+    aux, _ = aux_losses(routing_ref.counts, routing_ref.prob_sums, routing_ref.lse, 0.01, 0.001)
+    if with_aux:
+        loss = loss + g * aux
+    (dl_ref,) = torch.autograd.grad(loss, logits)
+    router = K.RouterGrad(logits.detach().float(), routing_ref.counts, torch.tensor(g, device=DEVICE) if with_aux
+                          else None, mode, 0.01, 0.001)
+    dh, dl = K.gate_backward(dhg, h, routing_ref.ids, routing_ref.weights.float(), num_experts=E, rank=r, scaling=s,
+                             shared_a=True, router=router)
+    assert torch.isfinite(dl).all() and rel_err(dl, dl_ref) < 1e-5
+    assert torch.equal(dl[3], torch.zeros(E, device=DEVICE))  # logits read as -inf get no gradient
+
+
+def test_lora_down_reads_x_once_for_h_and_logits():
+    T, d, R, E = 70, 90, 24, 6
+    x, a, wr = randn(T, 3 * d)[:, ::3], randn(R, d, dtype=torch.float64), randn(E, d)  # strided x, fp64 A
+    h, logits = K.lora_down(x, a, wr)
+    assert h.dtype == logits.dtype == torch.float32
+    assert rel_err(h, x.double() @ a.t()) < 1e-6 and rel_err(logits, x.double() @ wr.double().t()) < 1e-6
+    h_only, none = K.lora_down(x, a)
+    assert none is None and torch.equal(h_only, h)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_lora_weight_grad(shared_a, splits):
+    """dB (written in its [E, d_out, r] layout), dA and dW_router into strided views of NaN buffers,
+    in one kernel (plus the reduction of forced splits of T); experts without tokens get exact zeros."""
+    T, d_in, d_out, E, r, k, s = 75, 40, 33, 5, 3, 2, 0.3
+    ids, w = routing(T, E, k)
+    ids[ids == 4] = 0  # expert 4 gets no token
+    ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % 4, ids[:, 1])
+    R = r if shared_a else E * r
+    dy, x, h, dh, dl = randn(T, d_out), randn(T, d_in), randn(T, R), randn(T, R), randn(T, E)
+    big_b = torch.full((E, d_out + 1, r + 2), NAN, device=DEVICE)
+    db = big_b[:, 1:, 1:-1]
+    big_a, da = poisoned_view(R, d_in)
+    big_r, dr = poisoned_view(E, d_in)
+    K.lora_weight_grad(dy, x, h, ids, w, dh, dl, rank=r, scaling=s, shared_a=shared_a, dlora_b=db, dlora_a=da,
+                       drouter=dr, splits=splits)
+    G = dense_gates(ids, w, E, torch.float64) * s
+    h3 = h.double().view(T, 1 if shared_a else E, r).expand(T, E, r)
+    hg = (G[:, :, None] * h3)  # [T, E, r]
+    db_ref = torch.einsum("tn,ter->enr", dy.double(), hg)
+    assert torch.isfinite(db).all() and rel_err(db, db_ref) < 1e-6
+    assert torch.isnan(big_b[:, 0]).all() and torch.isnan(big_b[:, :, 0]).all() and torch.isnan(big_b[:, :, -1]).all()
+    assert torch.equal(db[4], torch.zeros_like(db[4]))
+    assert_only_view_written(big_a, da, dh.double().t() @ x.double(), 1e-6)
+    assert_only_view_written(big_r, dr, dl.double().t() @ x.double(), 1e-6)
+
+
+def test_router_aux_loss_matches_the_torch_formula():
+    from moelora.losses import aux_losses
+    from moelora.routing import route
+
+    res = route(randn(3000, 7) * 3, 2, renormalize=True)
+    loss, stats, counts = K.router_aux_loss(res.counts, res.prob_sums, res.lse, lb_coef=0.01, z_coef=0.001)
+    ref_loss, ref_stats = aux_losses(res.counts, res.prob_sums.double(), res.lse.double(), 0.01, 0.001)
+    assert rel_err(loss, ref_loss) < 1e-6 and rel_err(stats, ref_stats) < 1e-6 and counts is res.counts
+
+
+@pytest.mark.parametrize("ramp", [0, 4])
+@pytest.mark.parametrize("training", [True, False])
+def test_threshold_weights_and_kept_counts(training, ramp):
+    """ST-MoE threshold routing in one kernel (eps schedule read on the device) equals the PyTorch
+    formula; the aux kernel recounts the kept slots."""
+    from moelora.losses import aux_losses
+    from moelora.routers import kept_counts, scheduled_eps, threshold_keep
+    from moelora.routing import route
+
+    T, E, n = 300, 6, 3
+    res = route(randn(T, E) * 2, n)
+    noise = torch.rand(T, n, device=DEVICE) if training else None
+    steps = torch.tensor(3, device=DEVICE)
+    w = K.threshold_weights(res.weights, noise, steps, eps_start=0.05, eps_end=0.4, ramp_steps=ramp)
+    ref = threshold_keep(res.weights, scheduled_eps(0.05, 0.4, ramp, steps), noise)
+    assert torch.equal(w > 0, ref > 0) and rel_err(w, ref) < 1e-6
+    assert 0 < (w == 0).sum() < T * (n - 1)  # some slots dropped, the best never
+    loss, _, counts = K.router_aux_loss(res.counts, res.prob_sums, res.lse, lb_coef=0.01, z_coef=0.001,
+                                        kept=(res.ids, w))
+    assert torch.equal(counts, kept_counts(res.ids, w, E))
+    ref_loss, _ = aux_losses(counts, res.prob_sums, res.lse, 0.01, 0.001)
+    assert rel_err(loss, ref_loss) < 1e-6
+
+
+def test_matmul_stacked_b_second_pair_and_sanitized_b():
+    """B_stack read from [E, K, r]; [a | a2] @ [b ; b2]; a non-finite entry of b reaches only the
+    rows of a that weigh it."""
+    M, Kd, E, r, K2 = 50, 30, 4, 5, 6
+    a, b, a2, b2 = randn(M, Kd), randn(E, Kd, r), randn(M, K2), randn(K2, E * r)
+    big, out = poisoned_view(M, E * r)
+    K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, stacked_b=True, second=(a2, b2), out=out)
+    b_stack = b.double().permute(1, 0, 2).reshape(Kd, E * r)
+    assert_only_view_written(big, out, a.double() @ b_stack + a2.double() @ b2.double(), 1e-6)
+
+    bad = randn(Kd, 8)
+    bad[3, 5] = float("nan")
+    bad[7, 2] = float("inf")
+    a = randn(M, Kd)
+    a[:10, 3] = 0  # rows 0-9 do not weigh the NaN
+    a[:20, 7] = 0  # rows 0-19 do not weigh the Inf
+    out = K.matmul(a, bad, out_dtype=torch.float32, compute_dtype=torch.float32, sanitize_b=True)
+    clean = torch.where(torch.isfinite(bad), bad, 0).double()
+    assert rel_err(out[:10], a[:10].double() @ clean) < 1e-6
+    assert torch.isnan(out[10:, 5]).all() and torch.isnan(out[20:, 2]).all()
+    assert torch.isfinite(out[10:20, 2]).all() and torch.isfinite(out[:, [0, 1, 3, 4, 6, 7]]).all()
 
 
 def test_grouped_matmul_weight_grad_and_combine():
@@ -119,3 +244,27 @@ def test_gated_expand(shared_a):
     big, out = poisoned_view(T, N)
     K.gated_expand(h, ids, w, B, scaling=s, shared_a=shared_a, base=base, out=out)
     assert_only_view_written(big, out, expected, 1e-6)
+
+
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_gated_expand_ignores_nonfinite_weights_of_unchosen_experts(shared_a):
+    """NaN/Inf in B (or h) of an expert reach only the tokens that chose it, and only the output
+    rows where that expert's B is not finite; bias is added."""
+    T, E, r, k, N, s = 70, 5, 3, 2, 40, 0.3
+    ids, w = routing(T, E, k)
+    h, B, bias = randn(T, r if shared_a else E * r), randn(E, N, r), randn(N)
+    B[2, 7, 1] = float("nan")
+    B[2, 9, 0] = float("inf")
+    if not shared_a:
+        h[:, 2 * r:3 * r] = float("nan")  # per-expert h of expert 2 (its A is NaN): only its tokens see it
+    out = K.gated_expand(h, ids, w, B, scaling=s, shared_a=shared_a, bias=bias)
+    chose_2 = (ids == 2).any(1)
+    assert torch.isfinite(out[~chose_2]).all()
+    clean_b = torch.where(torch.isfinite(B), B, 0)
+    clean_h = torch.where(torch.isfinite(h), h, 0)
+    G = dense_gates(ids, w, E, torch.float64) * s
+    h3 = clean_h.double().view(T, 1 if shared_a else E, r).expand(T, E, r)
+    expected = bias.double() + torch.einsum("te,ter,enr->tn", G, h3, clean_b.double())
+    assert rel_err(out[~chose_2], expected[~chose_2]) < 1e-6
+    if shared_a:
+        assert torch.isnan(out[chose_2][:, [7, 9]]).all() and torch.isfinite(out[chose_2][:, :7]).all()

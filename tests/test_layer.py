@@ -176,14 +176,24 @@ def test_scaling_is_alpha_over_r_or_sqrt_r():
     assert MoELoRALinear(_base(), num_experts=1, r=4, lora_alpha=8, use_rslora=True).scaling == 8 / math.sqrt(4)
 
 
-def test_functional_backend_is_what_runs(monkeypatch):
+def test_forward_is_the_fused_op(monkeypatch):
+    """The layer's forward is one call of moe_lora_linear (which owns the base GEMM); DoRA runs
+    the composed path: base layer, then moe_lora with base_out."""
     calls = []
-    real = moelora.layer.moe_lora
+    real_fused, real_op = moelora.layer.moe_lora_linear, moelora.layer.moe_lora
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("base_out") is not None)
-        return real(*args, **kwargs)
+    def spy_fused(*args, **kwargs):
+        calls.append("fused")
+        return real_fused(*args, **kwargs)
 
-    monkeypatch.setattr(moelora.layer, "moe_lora", spy)
+    def spy_op(*args, **kwargs):
+        calls.append("moe_lora" if kwargs.get("base_out") is None else "moe_lora+base")
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(moelora.layer, "moe_lora_linear", spy_fused)
+    monkeypatch.setattr(moelora.layer, "moe_lora", spy_op)
     _layer("softmax_topk")(torch.randn(3, 12))
-    assert calls == [True]
+    assert calls == ["fused"]
+    calls.clear()
+    _layer("dora")(torch.randn(3, 12))
+    assert calls == ["moe_lora"]

@@ -137,11 +137,12 @@ def test_aux_loss_per_layer_for_different_expert_counts():
 
     model = get_moelora_model(tiny_llama(), MoELoRAConfig(target_modules=["q_proj"], num_experts=[2, 4, 6, 8],
                                                           top_k=2, router_z_loss_coef=0.0))
-    captured = {}
+    inputs = {}
     for name, layer in _layers(model).items():
-        layer.router.register_forward_hook(lambda m, a, out, name=name: captured.__setitem__(name, out))
+        layer.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
     model(token_batch())
-    expected = sum(0.01 * load_balancing_loss(r.probs, r.ids, r.probs.shape[-1]) for r in captured.values())
+    routings = [_layers(model)[name].router(x) for name, x in inputs.items()]
+    expected = sum(0.01 * load_balancing_loss(r.probs, r.ids, r.probs.shape[-1]) for r in routings)
     torch.testing.assert_close(moelora.aux_loss(model), expected)
     for name, s in moelora.router_stats(model).items():
         e = _layers(model)[name].num_experts

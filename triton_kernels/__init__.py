@@ -1,9 +1,13 @@
 """Raw Triton kernels of moelora (installed as ``moelora.triton_kernels``).
 
-- ``matmul``:  strided GEMM with split-K, fp32/fp64 accumulation, optional addend.
-- ``gating``:  dense gated expand of the r-wide intermediate and its backward.
+- ``matmul``:  strided GEMM with split-K, grouped B columns (B_stack read from [E, K, r]), a
+  second K-concatenated operand pair, fp32/fp64 accumulation, optional addend.
+- ``dense``:   the dense MoE-LoRA regime and the fused layer: down-projection with the router
+  logits in one pass over x, gated expand, gate + router backward, all weight gradients in
+  one kernel, threshold routing and the router's auxiliary loss.
 - ``grouped``: expert-sorted grouped GEMMs (row gather prologue, gate epilogue),
   the per-expert weight-gradient reduction, and the fixed-order combine.
 
-Launchers, autograd and custom-op registration live in ``moelora._triton_ops``.
+Launchers (cached launch configurations) live in ``moelora._launchers``; autograd and custom
+ops in ``moelora._triton_ops`` (the operator) and ``moelora.fused_linear`` (the layer).
 """

@@ -1,8 +1,14 @@
-"""Strided GEMM: C[s] = alpha * A[:, Ks] @ B[Ks, :] (+ D), one K-slice Ks per split s.
+"""Strided GEMM: C[s] = alpha * (A[:, Ks] @ B[Ks, :] + A2 @ B2) (+ D), one K-slice Ks per split s.
 
-Operands may have any strides (transposes, stride-0 broadcast gradients); offsets are
-int64. With SPLIT > 1 each split writes an fp32 partial that the caller reduces in a
-fixed order, which keeps the result deterministic.
+Operands may have any strides (transposes, stride-0 broadcast gradients) and any float
+dtype (converted to DOT_DTYPE in registers); offsets are int64. B's columns may be grouped:
+column c of B is addressed as (c // b_group) * stride_bg + (c % b_group) * stride_bn, which
+reads B_stack = [B_0 | ... | B_{E-1}] straight from an [E, N, r] tensor. A second operand
+pair (A2 [M, K2] @ B2 [K2, N], HAS_SECOND) extends the reduction: [A | A2] @ [B ; B2] without
+concatenating anything. With SANITIZE_B, non-finite entries of B count as 0 for the rows of A
+whose coefficient on them is 0 and make C NaN where it is not (0 * NaN is not taken as NaN).
+With SPLIT > 1 each split writes an fp32 partial that the caller reduces in a fixed order,
+which keeps the result deterministic.
 """
 
 import triton
@@ -10,17 +16,34 @@ import triton.language as tl
 
 
 @triton.jit
+def _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, SANITIZE_B: tl.constexpr):
+    if SANITIZE_B:
+        b = b.to(ACC_DTYPE)
+        finite = (b - b) == 0
+        acc += tl.dot(a.to(DOT_DTYPE), tl.where(finite, b, 0.0).to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                      out_dtype=ACC_DTYPE)
+        hits = tl.dot((a != 0).to(DOT_DTYPE), (~finite).to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                      out_dtype=ACC_DTYPE)
+        poisoned = poisoned | (hits > 0)
+    else:
+        acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc, poisoned
+
+
+@triton.jit
 def matmul_kernel(
-    a_ptr, b_ptr, c_ptr, d_ptr,
-    M, N, K, k_per_split,
-    stride_am, stride_ak, stride_bk, stride_bn,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, d_ptr,
+    M, N, K, K2, k_per_split, b_group,
+    stride_am, stride_ak, stride_bk, stride_bg, stride_bn,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_cs, stride_cm, stride_cn, stride_dm, stride_dn,
     alpha,
-    HAS_ADDEND: tl.constexpr,
+    HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, SANITIZE_B: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT)."""
+    """Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT). The second pair is added by split 0."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
@@ -28,21 +51,35 @@ def matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    b_cols = (offs_n // b_group) * stride_bg + (offs_n % b_group) * stride_bn
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    poisoned = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int1)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + b_cols[None, :],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
-                      out_dtype=ACC_DTYPE)
+        acc, poisoned = _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, SANITIZE_B)
+    if HAS_SECOND:
+        if pid_s == 0:
+            for k0 in range(0, K2, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K2
+                a = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_k[None, :] * stride_a2k,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(b2_ptr + offs_k[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                              out_dtype=ACC_DTYPE)
 
     acc = acc * alpha
+    if SANITIZE_B:
+        acc = tl.where(poisoned, float("nan"), acc)
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_ADDEND:
         d = tl.load(d_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0)

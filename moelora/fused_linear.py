@@ -1,0 +1,388 @@
+"""``moe_lora_linear``: a frozen linear layer plus routed LoRA experts as ONE autograd op.
+
+    y = x W^T + b + s * sum_j w[t,j] * B[e[t,j]] @ (A[(e[t,j])] @ x_lora[t])
+
+with the routing (w, e) either given (task routing, one expert) or computed from router
+logits x W_router^T by moelora's routing op in any learned mode, plus the router's
+auxiliary loss. This is MoELoRALinear's forward and backward; it owns the base GEMM so that
+x is read once for the LoRA down-projection and the router logits, the expand GEMM adds into
+the base output, and dx = dy W + [dh | d logits] [A ; W_router] accumulates in one GEMM.
+
+Triton backend (``_fused_forward`` / ``_fused_backward``), per call:
+
+  forward   lora_down: [h | logits] = x [A_rows ; W_router]^T (fp32 accumulation, x read once)
+            router_topk (moelora._C) + router_aux_loss: weights, ids, counts, aux [3]
+            gated_expand: y = bias + Hg B_stack^T;  y += x W^T (cuBLAS addmm_)
+  backward  dHg = dy B_stack;  gate_backward: dh and d logits (routing + aux loss gradients)
+            dx = [dh | d logits] [A_rows ; W_router] (Triton), dx += dy W (cuBLAS addmm_)
+            lora_weight_grad: dB (in its [E, d_out, r] layout), dA, dW_router in one kernel,
+            split reductions summed in a fixed order on the device
+
+Saved for backward: x (and x_lora when LoRA dropout makes it differ), h [T, R], the routing
+(logits [T, E], ids, weights, counts); nothing T x d_out. Deterministic; no host sync.
+Operands are rounded to x's dtype (adapters may be fp32 over a bf16 base) and accumulated
+in fp32. In eager mode an autograd.Function runs it; under torch.compile the same
+forward and backward are the custom ops ``moelora::moe_lora_linear_fwd`` / ``_bwd``.
+
+PyTorch backend (``_composed``): F.linear + the routing op + moelora.moe_lora's torch
+backend, differentiated by autograd; the reference of the Triton path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _launchers as K
+from .functional import moe_lora, resolve_backend
+from .losses import aux_losses
+from .routers import Routing, route_logits, scheduled_eps
+from .routing import router_topk
+
+
+class RouterSpec(NamedTuple):
+    """A learned router: ``weight`` [E, d_in] (logits = x W_router^T, fused with the LoRA
+    down-projection) or precomputed ``logits`` [T, E] (e.g. jittered router inputs), the mode
+    ("softmax_topk", "topk_softmax" or "threshold"), top_k, renormalize, threshold routing's
+    eps schedule (eps_start -> eps_end over ramp_steps steps of the ``num_steps`` counter, read
+    on the device) and training draws ``noise`` [T, k] (None at eval), and the auxiliary-loss
+    coefficients."""
+
+    weight: Optional[torch.Tensor]
+    logits: Optional[torch.Tensor]
+    mode: str
+    top_k: int
+    renormalize: bool = True
+    eps_start: float = 0.0
+    eps_end: float = 0.0
+    ramp_steps: int = 0
+    num_steps: Optional[torch.Tensor] = None
+    noise: Optional[torch.Tensor] = None
+    lb_coef: float = 0.01
+    z_coef: float = 0.001
+
+
+def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, *, scaling: float, router: Optional[RouterSpec] = None,
+                    topk_ids: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                    lora_input: Optional[torch.Tensor] = None, backend: Optional[str] = None):
+    """The MoE-LoRA linear layer on x [T, d_in]; see the module docstring.
+
+    Args:
+        weight: the frozen base weight [d_out, d_in] (any strides: a Conv1D's weight.t()).
+        bias: [d_out] or None.
+        lora_a: [r, d_in] (shared) or [E, r, d_in]; lora_b: [E, d_out, r].
+        router: a :class:`RouterSpec` (learned routing), or None with ``topk_ids`` and
+            ``topk_weights`` [T, k] given (static routing; the weights may require grad).
+        lora_input: the LoRA branch's input when it differs from x (LoRA dropout).
+
+    Returns:
+        (y [T, d_out] in x's dtype, :class:`LayerOutput`): the routing used and, for a learned
+        router, the auxiliary losses of this forward.
+    """
+    T = x.shape[0]
+    if resolve_backend(backend, x.device) == "torch" or T == 0:
+        return _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input)
+    r = router
+    args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input)
+    if torch.compiler.is_compiling():
+        y, h, logits, ids, weights, counts, aux_loss, aux_stats = moe_lora_linear_fwd(*args)
+    else:
+        y, h, logits, ids, weights, counts, aux_loss, aux_stats = _MoELoRALinearFn.apply(*args)
+    if r is None:
+        return y, LayerOutput(Routing(topk_weights, topk_ids), None, None)
+    return y, LayerOutput(Routing(weights, ids, r.logits if r.logits is not None else logits, counts), aux_loss,
+                          aux_stats)
+
+
+def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input) -> tuple:
+    """The flat argument list of the fused op (``moelora::moe_lora_linear_fwd``): 12 tensors or
+    None, then the 9 scalars (scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
+    lb_coef, z_coef)."""
+    r = router
+    if r is None:
+        return (x, weight, bias, lora_a, lora_b, None, None, topk_ids, topk_weights, None, None, lora_input,
+                float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0)
+    num_steps = r.num_steps if r.mode == "threshold" and r.ramp_steps > 0 else None
+    return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, None, r.noise, num_steps, lora_input,
+            float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
+            int(r.ramp_steps), float(r.lb_coef), float(r.z_coef))
+
+
+class LayerOutput(NamedTuple):
+    """What moe_lora_linear returns beside y: the routing and, for a learned router, this
+    forward's weighted auxiliary loss (0-d, differentiable) and its unweighted parts
+    ``aux_stats`` = (load-balancing loss, z-loss)."""
+
+    routing: Routing
+    aux_loss: Optional[torch.Tensor]
+    aux_stats: Optional[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input):
+    dtype = lora_b.dtype
+    base = F.linear(x, weight, bias)
+    aux_loss = aux_stats = None
+    if router is not None:
+        logits = router.logits if router.logits is not None else F.linear(x.to(router.weight.dtype), router.weight)
+        eps = scheduled_eps(router.eps_start, router.eps_end, router.ramp_steps, router.num_steps)
+        routing = route_logits(logits, router.mode, router.top_k, router.renormalize, eps, router.noise)
+        aux_loss, aux_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, router.lb_coef,
+                                         router.z_coef)
+        topk_ids, topk_weights = routing.ids, routing.weights
+    else:
+        routing = Routing(topk_weights, topk_ids)
+    xl = x if lora_input is None else lora_input
+    y = moe_lora(xl.to(dtype), lora_a, lora_b, topk_ids, topk_weights, scaling=scaling, base_out=base.to(dtype),
+                 backend="torch")
+    return y.to(x.dtype), LayerOutput(routing, aux_loss, aux_stats)
+
+
+# ----------------------------------------------------------------------------- Triton backend
+def _in_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _compute_weights(lora_a, lora_b, router_weight, dtype):
+    """(A_rows [R, d_in], B [E, d_out, r], W_router) rounded to the compute dtype (x's): adapters
+    kept in fp32 over a half-precision base are cast once per forward (small tensors)."""
+    return (_in_dtype(lora_a.reshape(-1, lora_a.shape[-1]), dtype), _in_dtype(lora_b, dtype),
+            _in_dtype(router_weight, dtype))
+
+
+# Inside the fused op no autograd is recorded: dispatching the routing op below the autograd
+# key skips its (Python) autograd wrapper.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_end, ramp_steps, lb_coef, z_coef):
+    """(weights, ids, counts, aux_loss, aux_stats): the routing op, threshold routing's kernel,
+    the aux-loss kernel (which recounts the kept slots for threshold routing)."""
+    threshold = mode == "threshold"
+    with _below_autograd():
+        weights, ids, counts, prob_sums, lse = router_topk(logits, top_k, "softmax_topk" if threshold else mode,
+                                                           renormalize and not threshold)
+    kept = None
+    if threshold:
+        weights = K.threshold_weights(weights, noise, num_steps, eps_start=eps_start, eps_end=eps_end,
+                                      ramp_steps=ramp_steps)
+        kept = (ids, weights)
+    aux_loss, aux_stats, counts = K.router_aux_loss(counts, prob_sums, lse, lb_coef=lb_coef, z_coef=z_coef, kept=kept)
+    return weights, ids, counts, aux_loss, aux_stats
+
+
+def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
+                   num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
+                   z_coef):
+    """((y, h, logits, ids, weights, counts, aux_loss, aux_stats), (A_rows, B, W_router) in x's dtype);
+    for static routing ids and weights are the given ones and logits, counts and aux are empty."""
+    dtype = x.dtype
+    xl = x if lora_input is None else lora_input
+    a_rows, b_c, wr = _compute_weights(lora_a, lora_b, router_weight, dtype)
+    if wr is not None and lora_input is None:
+        h, logits = K.lora_down(x, a_rows, wr)
+    else:
+        h, _ = K.lora_down(xl, a_rows)
+        logits = K.lora_down(x, wr)[0] if wr is not None else logits_in
+    if mode == "static":
+        ids, weights, counts, aux_loss, aux_stats = topk_ids, topk_weights, *(x.new_empty(0) for _ in range(3))
+    else:
+        weights, ids, counts, aux_loss, aux_stats = _route(logits, mode, top_k, renormalize, noise, num_steps,
+                                                           eps_start, eps_end, ramp_steps, lb_coef, z_coef)
+    y = K.gated_expand(h, ids, weights, b_c, scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype,
+                       compute_dtype=dtype)
+    y.addmm_(x, weight.t())
+    logits = x.new_empty(0) if logits is None else logits
+    return (y, h, logits, ids, weights, counts, aux_loss, aux_stats), (a_rows, b_c, wr)
+
+
+def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
+                    scaling, mode, renormalize, lb_coef, z_coef, needs, compute_weights=None):
+    """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input);
+    ``needs`` says which are wanted (None where not). ``compute_weights``: forward's
+    (A_rows, B, W_router) in x's dtype, recast here when not given."""
+    need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
+    dtype = x.dtype
+    if dy is None:  # only the aux loss reached the loss
+        dy = x.new_zeros(x.shape[0], weight.shape[0])
+    shared = lora_a.dim() == 2
+    num_experts, d_out, rank = lora_b.shape
+    xl = x if lora_input is None else lora_input
+    a_c, b_c, wr_c = compute_weights or _compute_weights(lora_a, lora_b, router_weight, dtype)
+    dhg = K.matmul(dy, b_c, stacked_b=True, out_dtype=torch.float32 if dtype != torch.float64 else dtype,
+                   compute_dtype=dtype)
+    router = None
+    if mode != "static":
+        grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
+        router = K.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
+    dh, dw_or_dl = K.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank, scaling=scaling,
+                                   shared_a=shared, router=router)
+    dl = dw_or_dl if router is not None else None
+    fused_router = router_weight is not None and lora_input is None
+    dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
+    dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
+    drouter = (torch.empty(router_weight.shape, dtype=router_weight.dtype, device=x.device)
+               if fused_router else None)
+    K.lora_weight_grad(dy, xl, h, ids, weights, dh, dl if fused_router else None, rank=rank, scaling=scaling,
+                       shared_a=shared, dlora_b=dlora_b, dlora_a=dlora_a.view(a_c.shape), drouter=drouter)
+    if router_weight is not None and not fused_router and need_router:
+        drouter = K.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
+    dx = dlora_input = None
+    if need_lora_input:
+        dlora_input = K.matmul(dh, a_c, out_dtype=dtype, compute_dtype=dtype, sanitize_b=not shared)
+    if need_x:
+        if lora_input is None:
+            second = (dl, wr_c) if router_weight is not None else None
+            dx = K.matmul(dh, a_c, out_dtype=dtype, compute_dtype=dtype, second=second, sanitize_b=not shared)
+        elif router_weight is not None:
+            dx = K.matmul(dl, wr_c, out_dtype=dtype, compute_dtype=dtype)
+        if dx is None:
+            dx = torch.mm(dy, weight.to(dtype))
+        else:
+            dx.addmm_(dy, weight)
+    dweight = torch.mm(dy.t(), x) if need_weight else None
+    dbias = dy.sum(0) if need_bias else None
+    dlogits = dl if need_logits and router_weight is None and mode != "static" else None
+    dw = dw_or_dl.to(weights.dtype) if need_w and mode == "static" else None
+    return dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input
+
+
+def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor):
+    """The op's outputs: routing tensors that were inputs (static ids and weights, precomputed
+    logits) are not returned (an op may not return its inputs); empty placeholders stand in."""
+    y, h, logits, ids, weights, counts, aux_loss, aux_stats = out
+    if static:
+        ids, weights = x.new_empty(0, dtype=ids.dtype), x.new_empty(0)
+    if logits_given:
+        logits = x.new_empty(0)
+    return y, h, logits, ids, weights, counts, aux_loss, aux_stats
+
+
+class _MoELoRALinearFn(torch.autograd.Function):
+    """Eager-mode autograd of the fused layer: the custom ops' forward and backward without
+    the custom-op dispatch (tens of microseconds of host time per call)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
+                num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
+                z_coef):
+        out, compute_weights = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids,
+                                              topk_weights, noise, num_steps, lora_input, scaling, mode, top_k,
+                                              renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef)
+        _, h, logits, ids, weights, counts, _, _ = out
+        ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
+                              *compute_weights)
+        ctx.config = (scaling, mode, renormalize, lb_coef, z_coef)
+        ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
+        out = _outputs(out, mode == "static", logits_in is not None, x)
+        ctx.mark_non_differentiable(*out[1:6], out[7])
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, _dh, _dlogits, _dids, _dweights, _dcounts, g_aux, _dstats):
+        n = ctx.needs_input_grad
+        needs = (n[0], n[1], n[2], n[5], n[6], n[8], n[11])
+        saved = ctx.saved_tensors
+        dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = _fused_backward(
+            dy, g_aux, *saved[:11], *ctx.config, needs, compute_weights=saved[11:])
+        return (dx, dweight, dbias, dlora_a if n[3] else None, dlora_b if n[4] else None,
+                drouter if n[5] else None, dlogits, None, dw, None, None, dlora_input) + (None,) * 9
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+@torch.library.custom_op("moelora::moe_lora_linear_fwd", mutates_args=())
+def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                        lora_b: torch.Tensor, router_weight: Optional[torch.Tensor], logits_in: Optional[torch.Tensor],
+                        topk_ids: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
+                        noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor],
+                        lora_input: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
+                        eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor, torch.Tensor]:
+    """(y, h, logits, ids, weights, counts, aux_loss, aux_stats) of the fused layer; see the module docstring."""
+    out, _ = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
+                            num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
+                            lb_coef, z_coef)
+    return _outputs(out, mode == "static", logits_in is not None, x)
+
+
+@moe_lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
+      lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef):
+    T = x.shape[0]
+    acc = K.accumulator_dtype(x.dtype)
+    y = x.new_empty(T, weight.shape[0])
+    h = x.new_empty(T, lora_a.reshape(-1, lora_a.shape[-1]).shape[0], dtype=acc)
+    if mode == "static":
+        empty = x.new_empty(0)
+        return (y, h, empty, x.new_empty(0, dtype=topk_ids.dtype), x.new_empty(0), x.new_empty(0), x.new_empty(0),
+                x.new_empty(0))
+    E = router_weight.shape[0] if router_weight is not None else logits_in.shape[1]
+    logits = x.new_empty(T, E, dtype=acc) if logits_in is None else x.new_empty(0)
+    ids = x.new_empty(T, top_k, dtype=torch.int32)
+    weights = x.new_empty(T, top_k, dtype=acc if logits_in is None else logits_in.dtype)
+    return (y, h, logits, ids, weights, x.new_empty(E, dtype=torch.int64), x.new_empty((), dtype=acc),
+            x.new_empty(2, dtype=acc))
+
+
+@torch.library.custom_op("moelora::moe_lora_linear_bwd", mutates_args=())
+def moe_lora_linear_bwd(dy: torch.Tensor, g_aux: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                        lora_a: torch.Tensor, lora_b: torch.Tensor, router_weight: Optional[torch.Tensor],
+                        h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        counts: torch.Tensor, lora_input: Optional[torch.Tensor], scaling: float, mode: str,
+                        renormalize: bool, lb_coef: float, z_coef: float,
+                        needs: list[bool]) -> list[torch.Tensor]:
+    """The gradients of the fused layer (empty tensors where ``needs`` is False)."""
+    grads = _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
+                            lora_input, scaling, mode, renormalize, lb_coef, z_coef, tuple(needs))
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@moe_lora_linear_bwd.register_fake
+def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input, scaling,
+      mode, renormalize, lb_coef, z_coef, needs):
+    need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
+    fused_router = router_weight is not None and lora_input is None
+
+    def grad(like, wanted):
+        return torch.empty_like(like) if wanted else x.new_empty(0)
+
+    return [grad(x, need_x), grad(weight, need_weight), x.new_empty(weight.shape[0]) if need_bias else x.new_empty(0),
+            torch.empty_like(lora_a), torch.empty_like(lora_b),
+            grad(router_weight, router_weight is not None and (fused_router or need_router)),
+            grad(logits, need_logits and router_weight is None and mode != "static"),
+            grad(weights, need_w and mode == "static"), grad(lora_input, need_lora_input)]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
+     lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef) = inputs
+    _, h, logits, ids, weights, counts, _, _ = output
+    if mode == "static":
+        ids, weights = topk_ids, topk_weights
+    if logits_in is not None:
+        logits = logits_in
+    ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input)
+    ctx.config = (scaling, mode, renormalize, lb_coef, z_coef)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(*output[1:6], output[7])
+    ctx.set_materialize_grads(False)
+
+
+def _custom_op_backward(ctx, dy, _dh, _dlogits, _dids, _dweights, _dcounts, g_aux, _dstats):
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2] and ctx.has_bias, n[5], n[6], n[8], n[11]]
+    grads = moe_lora_linear_bwd(dy, g_aux, *ctx.saved_tensors, *ctx.config, needs)
+    dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = grads
+    keep = lambda g, wanted: g if wanted else None  # noqa: E731
+    return (keep(dx, n[0]), keep(dweight, n[1]), keep(dbias, needs[2]), keep(dlora_a, n[3]), keep(dlora_b, n[4]),
+            keep(drouter, n[5]), keep(dlogits, n[6]), None, keep(dw, n[8]), None, None, keep(dlora_input, n[11])
+            ) + (None,) * 9
+
+
+moe_lora_linear_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)

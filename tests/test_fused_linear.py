@@ -1,0 +1,291 @@
+"""MoELoRALinear's fused op (moelora.fused_linear) on the Triton kernels against a float64
+reference: the same layer in float64 on the PyTorch backend (base GEMM, moelora's routing op,
+the torch operator, autograd). Output, aux loss and every gradient (x, A, B, router weight,
+task scales, bias) for every router mode and layer feature; exact zeros for experts without
+tokens; non-finite weights of unchosen experts stay out; bitwise repeats; saved activations;
+torch.compile and the custom ops.
+
+Without a GPU the kernels run under the Triton interpreter (fp32, fp16).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moelora
+from conftest import DEVICE, HAS_CUDA
+from moe_inputs import rel_err
+from moelora import MoELoRALinear, fused_linear
+
+KINDS = {
+    "softmax_topk": dict(num_experts=4, top_k=2),
+    "softmax_plain": dict(num_experts=4, top_k=2, router_renormalize=False),
+    "topk_softmax": dict(num_experts=4, top_k=2, router="topk_softmax"),
+    "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.3),
+    "threshold_ramp": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.3, threshold_ramp_steps=4),
+    "shared_a_mosld": dict(num_experts=3, top_k=2, share_lora_a=True, lora_a_dropout=0.2),
+    "per_expert_k1": dict(num_experts=5, top_k=1, use_rslora=True),
+    "task": dict(num_experts=3, router="task"),
+    "task_shared": dict(num_experts=3, router="task", task_shared_lora=True),
+    "single": dict(num_experts=1),
+    "lora_dropout": dict(num_experts=4, top_k=2, lora_dropout=0.3),
+    "jitter": dict(num_experts=4, top_k=2, router_jitter_noise=0.2),
+}
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _layer(kind, base=None, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    base = base if base is not None else nn.Linear(40, 24)
+    layer = MoELoRALinear(base.to(DEVICE, dtype), r=8, lora_alpha=16, init_lora_weights=False, **KINDS[kind])
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.startswith("router"):
+                p.mul_(4)  # decisive routing: float64 and fp32 choose the same experts
+            if name == "lora_gamma":
+                p.copy_(torch.randn_like(p))
+    layer.base_layer.requires_grad_(False)
+    return layer
+
+
+def _task_ids(layer, lead):
+    if layer.router_mode == "task":
+        layer._task_ids = torch.randint(0, layer.num_experts, (lead[0],), device=DEVICE,
+                                        generator=torch.Generator(device=DEVICE).manual_seed(3))
+
+
+def _run(layer, x, backend, seed=1):
+    """(y, aux or None, grads by name) of one training step with a random output gradient."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    torch.manual_seed(seed)  # the same dropout / jitter / threshold draws on both backends
+    with moelora.use_backend(backend):
+        y = layer(x)
+        aux = layer._last_aux_loss
+        gen = torch.Generator(device=DEVICE).manual_seed(2)
+        loss = (y.double() * torch.randn(y.shape, device=DEVICE, generator=gen, dtype=torch.float64)).sum()
+        if aux is not None:
+            loss = loss + 10 * aux.double()
+        loss.backward()
+    grads = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters() if p.requires_grad}}
+    return y, aux, grads
+
+
+def _compare(kind, dtype=torch.float32, base=None, lead=(3, 7), train=True):
+    layer = _layer(kind, base, dtype).train(train)
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(*lead, layer.in_features, device=DEVICE).to(dtype)
+    _task_ids(layer, lead)
+    reference._task_ids = layer._task_ids
+    y, aux, grads = _run(layer, x, "triton")
+    y_ref, aux_ref, grads_ref = _run(reference, x.double(), "torch")
+    tol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == (*lead, layer.out_features)
+    assert rel_err(y, y_ref) < tol, f"output rel err {rel_err(y, y_ref)}"
+    assert (aux is None) == (aux_ref is None)
+    if aux is not None:
+        assert rel_err(aux, aux_ref) < tol
+    assert set(grads) == set(grads_ref)
+    for name, g in grads.items():
+        assert g is not None and grads_ref[name] is not None, name
+        assert rel_err(g, grads_ref[name]) < tol, f"grad {name} rel err {rel_err(g, grads_ref[name])}"
+    return layer, grads
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fused_layer_matches_float64_reference(kind):
+    _compare(kind)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "task_shared"])
+def test_fused_layer_eval_mode(kind):
+    _compare(kind, train=False)
+
+
+def test_half_precision_base_with_fp32_adapters():
+    """The default over a half-precision base: fp32 adapters, rounded to fp16 in the kernels."""
+    layer, _ = _compare("softmax_topk", dtype=torch.float16)
+    assert layer.lora_A.dtype == torch.float32
+
+
+def test_conv1d_base_and_trainable_base_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    _compare("softmax_topk", base=Conv1D(24, 40))
+    layer = _layer("shared_a_mosld").train()
+    layer.base_layer.requires_grad_(True)  # a user unfreezing the base gets its gradients too
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(9, 40, device=DEVICE)
+    _, _, grads = _run(layer, x, "triton")
+    _, _, grads_ref = _run(reference, x.double(), "torch")
+    for name in ("base_layer.weight", "base_layer.bias", "lora_A", "router.weight"):
+        assert rel_err(grads[name], grads_ref[name]) < TOL[torch.float32], name
+
+
+def test_experts_without_tokens_get_exact_zero_gradients():
+    layer = _layer("per_expert_k1")
+    with torch.no_grad():
+        layer.router.weight[3] = -50.0  # expert 3 never wins on positive inputs
+    x = torch.randn(20, 40, device=DEVICE).abs()
+    with moelora.use_backend("triton"):
+        layer(x).sum().backward()
+    assert torch.equal(layer.lora_B.grad[3], torch.zeros_like(layer.lora_B.grad[3]))
+    assert torch.equal(layer.lora_A.grad[3], torch.zeros_like(layer.lora_A.grad[3]))
+    assert layer.lora_B.grad[[0, 1, 2, 4]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_nonfinite_weights_of_an_unchosen_expert_stay_out(shared_a):
+    layer = _layer("shared_a_mosld" if shared_a else "per_expert_k1").eval()
+    E = layer.num_experts
+    with torch.no_grad():
+        layer.router.weight[E - 1] = -1e4  # never chosen on positive inputs...
+        layer.lora_B[E - 1, 3, 0] = float("nan")  # ...whatever it holds
+        layer.lora_B[E - 1, 5, 1] = float("inf")
+        if not shared_a:
+            layer.lora_A[E - 1, 2, 4] = float("nan")
+    x = torch.rand(16, 40, device=DEVICE)
+    with moelora.use_backend("triton"):
+        y = layer(x)
+        y.sum().backward()
+    assert torch.isfinite(y).all()
+    for name, p in layer.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
+def test_bitwise_repeats():
+    layer = _layer("threshold").eval()
+    x = torch.randn(33, 40, device=DEVICE)
+    runs = [_run(layer, x, "triton") for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    for name in runs[0][2]:
+        assert torch.equal(runs[0][2][name], runs[1][2][name]), name
+
+
+def test_saved_activations_are_x_h_and_the_routing():
+    """Saved for backward: x (once), h [T, r], the routing (logits, ids, weights, counts) and the
+    adapters rounded to x's dtype; nothing T x d_out."""
+    layer = MoELoRALinear(nn.Linear(64, 96).to(DEVICE).half(), num_experts=8, top_k=2, r=16, share_lora_a=True)
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(50, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    saved = []
+    with moelora.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    storages = {t.untyped_storage().data_ptr(): t for t in saved}
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    activations = [t for ptr, t in storages.items() if ptr not in params and t.dim() > 0 and t.numel() > 0]
+    T, E, r, k = 50, 8, 16, 2
+    allowed = T * r * 4 + T * E * 4 + T * k * (4 + 4) + E * 8  # h, logits (fp32), ids + weights, counts
+    adapters = sum(p.numel() * 2 for p in (layer.lora_A, layer.lora_B, layer.router.weight))  # fp16 copies
+    assert sum(t.numel() * t.element_size() for t in activations) <= allowed + adapters
+    assert all(t.shape[-1] != 96 or t.dim() != 2 or t.shape[0] != T for t in activations)  # nothing T x d_out
+    del y
+
+
+def test_no_host_synchronisation():
+    """With validation off nothing reads device memory on the host (CUDA graphs, torch.compile)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SyncCounter(TorchDispatchMode):
+        syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "item", "nonzero", "equal"):
+                SyncCounter.syncs += 1
+            return func(*args, **(kwargs or {}))
+
+    for kind in ("softmax_topk", "threshold_ramp", "task_shared"):
+        layer = _layer(kind).train()
+        _task_ids(layer, (4,))
+        x = torch.randn(4, 40, device=DEVICE, requires_grad=True)
+        with moelora.use_backend("triton"), moelora.validation(False), SyncCounter():
+            y = layer(x)
+            (y.sum() + (layer._last_aux_loss if layer._last_aux_loss is not None else 0)).backward()
+        assert SyncCounter.syncs == 0, kind
+
+
+def test_empty_batch():
+    layer = _layer("softmax_topk")
+    x = torch.randn(0, 40, device=DEVICE, requires_grad=True)
+    with moelora.use_backend("triton"):
+        y = layer(x)
+        y.sum().backward()
+    assert y.shape == (0, 24) and x.grad.shape == (0, 40)
+    with pytest.raises(ValueError, match="routed no tokens"):
+        moelora.router_stats(nn.Sequential(layer))
+
+
+def test_router_stats_from_the_fused_op():
+    layer = _layer("softmax_topk")
+    x = torch.randn(30, 40, device=DEVICE)
+    with moelora.use_backend("triton"):
+        layer(x)
+    stats = moelora.router_stats(nn.Sequential(layer))["0"]
+    routing = layer.router(x)
+    load = torch.bincount(routing.ids.reshape(-1).long(), minlength=4).float() / 30
+    torch.testing.assert_close(stats["load"], load)
+    assert 0 < stats["entropy"] <= torch.log(torch.tensor(4.0))
+    lb = moelora.load_balancing_loss(routing.probs, routing.ids, 4)
+    torch.testing.assert_close(stats["load_balancing_loss"], lb, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats["z_loss"], moelora.router_z_loss(routing.logits), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold_ramp", "task_shared", "jitter", "lora_dropout"])
+def test_custom_ops_opcheck(kind):
+    layer = _layer(kind).train()
+    _task_ids(layer, (6,))
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    router, ids, weights = layer._routing_inputs(x, (6,))
+    lora_input = layer.lora_dropout(x) if kind == "lora_dropout" else None
+    args = fused_linear.op_args(x, layer.base_weight(), layer.base_layer.bias, layer.lora_A, layer.lora_B,
+                                layer.scaling, router, ids, weights, lora_input)
+    args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)  # leaves: opcheck runs backward several times
+    with moelora.use_backend("triton"):
+        torch.library.opcheck(fused_linear.moe_lora_linear_fwd, args)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold_ramp", "task_shared"])
+def test_torch_compile_fullgraph_trains_like_eager(kind):
+    layer = _layer(kind).train()
+    _task_ids(layer, (5,))
+    eager_layer = copy.deepcopy(layer)
+    x = torch.randn(5, 40, device=DEVICE)
+
+    def loss_fn(m, x):
+        y = m(x)
+        aux = m._last_aux_loss
+        return y.square().mean() + (aux if aux is not None else 0)
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    with moelora.use_backend("triton"):
+        for _ in range(2):
+            for m, fn in ((layer, compiled), (eager_layer, loss_fn)):
+                m.zero_grad()
+                torch.manual_seed(0)
+                fn(m, x).backward()
+                with torch.no_grad():
+                    for p in m.parameters():
+                        if p.grad is not None:
+                            p -= 0.1 * p.grad
+            moelora.step_routers(nn.Sequential(layer))
+            moelora.step_routers(nn.Sequential(eager_layer))
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    for (name, p), q in zip(layer.named_parameters(), eager_layer.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="bf16 kernels need a GPU")
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a_mosld", "task_shared", "per_expert_k1"])
+def test_bf16_on_gpu(kind):
+    _compare(kind, dtype=torch.bfloat16, lead=(4, 300))

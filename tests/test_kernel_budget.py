@@ -1,0 +1,94 @@
+"""Structural budgets of the hot paths, measured on CPU with moelora.profiling.count_kernels:
+Triton launches counted (not run) plus ATen compute ops (views and allocations excluded).
+A change that adds a kernel to these paths fails here; GPU timings live in the benchmark.
+
+Budgets (issue 10): moe_lora dense regime forward <= 2 and forward+backward <= 7;
+MoELoRALinear (shared A, softmax_topk, training, aux losses on) forward+backward <= 20,
+base GEMMs and aux losses included. The pinned counts below are today's: lower them when a
+change removes a kernel.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moelora
+from conftest import DEVICE
+from moelora.profiling import count_kernels
+
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="counted on CPU (launches are not run)")
+
+
+def _operator_inputs(shared_a=True, T=64, d=64, r=16, E=8, k=2):
+    torch.manual_seed(0)
+    a_shape = (r, d) if shared_a else (E, r, d)
+    leaves = [torch.randn(T, d), torch.randn(*a_shape), torch.randn(E, d, r), torch.rand(T, k)]
+    for t in leaves:
+        t.requires_grad_()
+    ids = torch.rand(T, E).argsort(1)[:, :k]
+    return leaves, ids
+
+
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_moe_lora_dense_kernel_budget(shared_a):
+    (x, a, b, w), ids = _operator_inputs(shared_a)
+    with moelora.use_backend("triton"), moelora.validation(False):
+        with count_kernels() as fwd:
+            y = moelora.moe_lora(x, a, b, ids, w, scaling=0.5, regime="dense")
+        dy = torch.randn_like(y)
+        with count_kernels() as bwd:
+            torch.autograd.grad(y, [x, a, b, w], dy)
+    assert fwd.total <= 2, fwd
+    assert fwd.total + bwd.total <= 6, bwd  # budget 7; today: 2 + 4 (a 5th when T is split)
+    assert not fwd.aten and not bwd.aten, (fwd, bwd)
+
+
+LAYER_BUDGET = 20
+# Today's counts per layer feature (x in the adapters' dtype: a half-precision base adds the
+# three casts of the adapters to x's dtype in the forward).
+LAYER_SETTINGS = {
+    "softmax_topk": ({}, 10),
+    "topk_softmax": (dict(router="topk_softmax"), 10),
+    "per_expert_a": (dict(share_lora_a=False), 10),
+    "threshold": (dict(router="threshold", top_k=3, threshold_eps=0.2, threshold_ramp_steps=10), 12),
+    "mosld_a_dropout": (dict(lora_a_dropout=0.1), 15),
+    "jitter": (dict(router_jitter_noise=0.1), 17),
+    "lora_dropout": (dict(lora_dropout=0.1), 18),
+    "task_shared": (dict(router="task", task_shared_lora=True), 18),
+}
+
+
+@pytest.mark.parametrize("feature", list(LAYER_SETTINGS))
+def test_moelora_linear_kernel_budget(feature):
+    settings, today = LAYER_SETTINGS[feature]
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(64, 64), **{**dict(num_experts=8, top_k=2, r=16, share_lora_a=True),
+                                                       **settings}).train()
+    layer.base_layer.requires_grad_(False)
+    if feature == "task_shared":
+        moelora.set_task_ids(nn.Sequential(layer), torch.tensor([3, 1]))
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    with moelora.use_backend("triton"), moelora.validation(False):
+        with count_kernels() as fwd:
+            y = layer(x)
+        outputs, grads = [y], [torch.randn_like(y)]
+        if layer._last_aux_loss is not None:
+            outputs.append(layer._last_aux_loss)
+            grads.append(torch.ones(()))
+        with count_kernels() as bwd:
+            torch.autograd.grad(outputs, [x] + params, grads)
+    total = fwd.total + bwd.total
+    assert total <= min(today, LAYER_BUDGET), f"forward {fwd}\nbackward {bwd}"
+    # The base GEMMs (forward y += x W^T, backward dx += dy W) are the two addmm_ on cuBLAS.
+    assert fwd.aten.count("addmm_") == 1 and bwd.aten.count("addmm_") == 1
+
+
+def test_counts_are_real_launches():
+    """The counter sees what runs: the same call without the counter launches real kernels
+    (interpreter) and gives the values; with it, no kernel runs."""
+    (x, a, b, w), ids = _operator_inputs()
+    with moelora.use_backend("triton"):
+        with count_kernels() as counted:
+            moelora.moe_lora(x, a, b, ids, w, scaling=0.5, regime="dense")
+    assert counted.triton == ["lora_down_kernel", "gated_expand_kernel"]

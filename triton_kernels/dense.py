@@ -1,0 +1,510 @@
+"""Kernels of the dense MoE-LoRA regime and of the fused MoE-LoRA linear layer.
+
+Notation: T tokens, x [T, d_in], E experts, top-k slots per token (ids, w [T, k]), LoRA rank
+r, s the LoRA scale, A_rows the down-projection as a matrix ([r, d_in] shared, or the E
+matrices stacked [E*r, d_in]), R its row count, h = x A_rows^T [T, R], and
+
+    G[t, e]        = sum of w[t, j] over the slots j with ids[t, j] == e (0 if none)
+    Hg[t, e*r + i] = s * G[t, e] * h_e[t, i]      (h_e = h for a shared A, else h[:, e*r:(e+1)*r])
+
+Forward:   y = base + Hg @ B_stack^T             (gated_expand_kernel: Hg formed in the prologue)
+Backward:  dHg = dy @ B_stack (matmul_kernel), then gate_backward_kernel:
+               dw[t, j]  = s * <dHg_e[t], h_e[t]>        for e = ids[t, j]
+               dh_e[t]   = s * G[t, e] * dHg_e[t]      (shared A: summed over e)
+           and, for a learned router with logits [T, E], d logits (router_backward below),
+           weight gradients (lora_weight_grad_kernel): dB_stack = dy^T Hg, dA_rows = dh^T x,
+           dW_router = dlogits^T x.
+Routers with logits: probabilities p = softmax(logits) (NaN read as -inf), and the layer's
+auxiliary loss aux = lb_coef * E * sum_e f_e P_e + z_coef * mean_t lse_t^2 with f_e the routed
+slots of expert e per token and P_e the mean probability (router_aux_loss_kernel).
+
+The scale s reaches the kernels as two fp32 factors s = scale * scale_out (scale_out = 1 unless
+|s| leaves float32's range): the first enters with the gate, the second last, so a result that
+is finite in exact arithmetic stays finite. Unchosen experts never contribute, whatever their weights hold: a NaN or Inf in the B (or
+per-expert A) of an expert that a token did not choose leaves that token's outputs and
+gradients finite. Every kernel is deterministic (no atomics) and uses int64 offsets.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_wt, stride_wk,
+                  TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """ids [BLOCK_T, BLOCK_K] (-1 where masked) and w (0 where masked) of a block of tokens."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = mask_t[:, None] & (offs_k[None, :] < TOP_K)
+    ids = tl.load(ids_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=mask, other=-1)
+    w = tl.load(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
+    return ids, w.to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _finite(v):
+    """True where v is neither NaN nor +-Inf (v - v is 0 exactly for finite v)."""
+    return (v - v) == 0
+
+
+@triton.jit
+def lora_down_kernel(
+    x_ptr, a_ptr, r_ptr, h_ptr, l_ptr,
+    T, K, R, E,
+    stride_xt, stride_xk, stride_ar, stride_ak, stride_re, stride_rk,
+    stride_ht, stride_hr, stride_lt, stride_le,
+    HAS_ROUTER: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """h = x @ A_rows^T [T, R] and, with HAS_ROUTER, logits = x @ W_router^T [T, E], in one pass over x.
+
+    Weights of any float dtype are converted to DOT_DTYPE in registers; outputs accumulate in
+    ACC_DTYPE. The router columns are computed by the programs with program_id(1) == 0.
+    Grid: (cdiv(T, BLOCK_T), cdiv(R, BLOCK_R)).
+    """
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_t = offs_t < T
+    mask_r = offs_r < R
+    mask_e = offs_e < tl.where(pid_r == 0, E, 0)  # the router columns: programs with pid_r == 0 only
+    acc_h = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC_DTYPE)
+    acc_l = tl.zeros((BLOCK_T, BLOCK_E), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc_h += tl.dot(x, a.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_ROUTER:
+            wr = tl.load(r_ptr + offs_e[None, :] * stride_re + offs_k[:, None] * stride_rk,
+                         mask=mask_k[:, None] & mask_e[None, :], other=0.0)
+            acc_l += tl.dot(x, wr.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr, acc_h,
+             mask=mask_t[:, None] & mask_r[None, :])
+    if HAS_ROUTER:
+        tl.store(l_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le, acc_l,
+                 mask=mask_t[:, None] & mask_e[None, :])
+
+
+@triton.jit
+def gated_expand_kernel(
+    h_ptr, ids_ptr, w_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
+    T, N, num_experts, rank, scaling, scale_out,
+    stride_ht, stride_he, stride_hr,
+    stride_it, stride_ik, stride_wt, stride_wk,
+    stride_be, stride_bn, stride_br,
+    stride_xt, stride_xn, stride_bias, stride_yt, stride_yn,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """y = base + bias + sum_e Hg_e @ B[e]^T, the gated intermediate formed in the GEMM prologue.
+
+    stride_he is 0 for a shared A. Experts that no token of the block chose are skipped; a
+    token's output is NaN only where an expert it chose holds a non-finite weight in that
+    output row. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    """
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_t = offs_t < T
+    mask_n = offs_n < N
+    mask_r = offs_r < rank
+    ids, w = _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_wt, stride_wk,
+                           TOP_K, BLOCK_K, ACC_DTYPE)
+    h_ptrs = h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr
+    h_mask = mask_t[:, None] & mask_r[None, :]
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+    b_mask = mask_r[:, None] & mask_n[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
+    poisoned = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.int1)
+    for e in range(num_experts):
+        chosen = ids == e
+        picked = tl.max(chosen.to(tl.int32), axis=1) > 0
+        if tl.max(picked.to(tl.int32), axis=0) > 0:
+            gate = tl.sum(tl.where(chosen, w, 0.0), axis=1) * scaling
+            h = tl.load(h_ptrs + e * stride_he, mask=h_mask, other=0.0).to(ACC_DTYPE)
+            lhs = tl.where(picked[:, None], gate[:, None] * h, 0.0)
+            b = tl.load(b_ptrs + e * stride_be, mask=b_mask, other=0.0).to(ACC_DTYPE)
+            finite = _finite(b)
+            acc += tl.dot(lhs.to(DOT_DTYPE), tl.where(finite, b, 0.0).to(DOT_DTYPE),
+                          input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            bad_n = tl.max((~finite).to(tl.int32), axis=0) > 0
+            poisoned = poisoned | (picked[:, None] & bad_n[None, :])
+    acc = tl.where(poisoned, float("nan"), acc * scale_out)
+    mask = mask_t[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    if HAS_BASE:
+        acc += tl.load(base_ptr + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
+                       mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# Router gradient modes of gate_backward_kernel (ROUTER).
+NO_ROUTER = 0  # weights are inputs: write dw
+SOFTMAX_RENORMALIZED = 1  # w_j = p[id_j] / sum over kept slots (softmax_topk renormalised, threshold)
+SOFTMAX_PLAIN = 2  # w_j = p[id_j]
+TOPK_SOFTMAX = 3  # w = softmax over the chosen logits
+
+
+@triton.jit
+def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, dw,
+                     E, inv_t, lb_coef, z_coef, stride_lt, stride_le,
+                     ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, TOP_K: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """d aux/d logits + d(loss through w)/d logits for a block of tokens ([BLOCK_T, BLOCK_E] fp32).
+
+    g_w = dw; the aux-loss gradient g enters as d aux / d prob_sums_e = lb_coef * E * f_e / T
+    and d aux / d lse_t = 2 * z_coef * lse_t / T. Logits read as -inf (NaN, -inf) get 0.
+    """
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    x = tl.load(logits_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le,
+                mask=mask_t[:, None] & mask_e[None, :], other=float("-inf")).to(ACC)
+    x = tl.where(x != x, float("-inf"), x)
+    m = tl.max(x, axis=1)
+    empty = m == float("-inf")
+    ex = tl.exp(x - tl.where(empty, 0.0, m)[:, None])
+    total = tl.sum(ex, axis=1)
+    p = tl.where(empty[:, None], 0.0, ex / tl.where(empty, 1.0, total)[:, None])
+    offs_k = tl.arange(0, BLOCK_K)
+    g_p = tl.zeros((BLOCK_T, BLOCK_E), dtype=ACC)
+    g_x = tl.zeros((BLOCK_T, BLOCK_E), dtype=ACC)
+    if ROUTER == 1:  # renormalised over the kept (w > 0) slots
+        kept = w > 0
+        dot = tl.sum(tl.where(kept, dw * w, 0.0), axis=1)
+        s_kept = tl.zeros((BLOCK_T,), dtype=ACC)
+        for j in tl.static_range(TOP_K):
+            id_j = tl.sum(tl.where(offs_k[None, :] == j, ids, 0), axis=1)
+            kept_j = tl.sum(tl.where((offs_k[None, :] == j) & kept, 1, 0), axis=1) > 0
+            s_kept += tl.where(kept_j, tl.sum(tl.where(offs_e[None, :] == id_j[:, None], p, 0.0), axis=1), 0.0)
+        scale = tl.where(s_kept > 0, 1.0 / tl.where(s_kept > 0, s_kept, 1.0), 0.0)
+        for j in tl.static_range(TOP_K):
+            id_j = tl.sum(tl.where(offs_k[None, :] == j, ids, 0), axis=1)
+            kept_j = tl.sum(tl.where((offs_k[None, :] == j) & kept, 1, 0), axis=1) > 0
+            gw_j = tl.sum(tl.where(offs_k[None, :] == j, dw, 0.0), axis=1)
+            g_j = tl.where(kept_j, (gw_j - dot) * scale, 0.0)
+            g_p += tl.where(offs_e[None, :] == id_j[:, None], g_j[:, None], 0.0)
+    elif ROUTER == 2:
+        for j in tl.static_range(TOP_K):
+            id_j = tl.sum(tl.where(offs_k[None, :] == j, ids, 0), axis=1)
+            gw_j = tl.sum(tl.where(offs_k[None, :] == j, dw, 0.0), axis=1)
+            g_p += tl.where(offs_e[None, :] == id_j[:, None], gw_j[:, None], 0.0)
+    else:  # TOPK_SOFTMAX
+        dot = tl.sum(dw * w, axis=1)
+        for j in tl.static_range(TOP_K):
+            id_j = tl.sum(tl.where(offs_k[None, :] == j, ids, 0), axis=1)
+            gw_j = tl.sum(tl.where(offs_k[None, :] == j, dw, 0.0), axis=1)
+            w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
+            g_x += tl.where(offs_e[None, :] == id_j[:, None], (w_j * (gw_j - dot))[:, None], 0.0)
+    if HAS_AUX_GRAD:
+        g = tl.load(g_aux_ptr).to(ACC)
+        f = tl.load(counts_ptr + offs_e, mask=mask_e, other=0).to(ACC) * inv_t
+        g_p += (g * lb_coef * inv_t * E * f)[None, :]
+        lse = tl.where(empty, 0.0, m + tl.log(tl.where(empty, 1.0, total)))
+        g_x += (2.0 * g * z_coef * inv_t * lse)[:, None] * p
+    g_x += p * (g_p - tl.sum(p * g_p, axis=1)[:, None])
+    return tl.where(x == float("-inf"), 0.0, g_x)
+
+
+@triton.jit
+def gate_backward_kernel(
+    dhg_ptr, h_ptr, ids_ptr, w_ptr, dh_ptr, dw_ptr,
+    logits_ptr, counts_ptr, g_aux_ptr, dl_ptr,
+    T, num_experts, rank, scaling, scale_out, inv_t, lb_coef, z_coef,
+    stride_gt, stride_gc,
+    stride_ht, stride_he, stride_hr,
+    stride_it, stride_ik, stride_wt, stride_wk,
+    stride_dht, stride_dhc, stride_dwt, stride_dwk,
+    stride_lt, stride_le, stride_dlt, stride_dle,
+    SHARED_A: tl.constexpr, ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, ACC: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """dh [T, R] and either dw [T, k] (ROUTER == NO_ROUTER) or d logits [T, E], all in ACC (fp32, fp64 for fp64).
+
+    Grid: (cdiv(T, BLOCK_T),).
+    """
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_t = offs_t < T
+    mask = mask_t[:, None] & (offs_r[None, :] < rank)
+    ids, w = _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_wt, stride_wk,
+                           TOP_K, BLOCK_K, ACC)
+    h_ptrs = h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr
+    h = tl.load(h_ptrs, mask=mask, other=0.0).to(ACC)
+    dw = tl.zeros((BLOCK_T, BLOCK_K), dtype=ACC)
+    dh_shared = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
+    for e in range(num_experts):
+        chosen = ids == e
+        picked = tl.max(chosen.to(tl.int32), axis=1) > 0
+        gate = tl.sum(tl.where(chosen, w, 0.0), axis=1) * scaling
+        col = e * rank + offs_r[None, :]
+        dhg = tl.load(dhg_ptr + offs_t[:, None] * stride_gt + col * stride_gc, mask=mask, other=0.0).to(ACC)
+        if not SHARED_A:
+            h = tl.load(h_ptrs + e * stride_he, mask=mask, other=0.0).to(ACC)
+        p = (tl.sum(dhg * h, axis=1) * scaling) * scale_out
+        dw += tl.where(chosen, p[:, None], 0.0)
+        dh_e = tl.where(picked[:, None], (gate[:, None] * dhg) * scale_out, 0.0)
+        if SHARED_A:
+            dh_shared += dh_e
+        else:
+            tl.store(dh_ptr + offs_t[:, None] * stride_dht + col * stride_dhc, dh_e, mask=mask)
+    if SHARED_A:
+        tl.store(dh_ptr + offs_t[:, None] * stride_dht + offs_r[None, :] * stride_dhc, dh_shared, mask=mask)
+    if ROUTER == 0:
+        offs_k = tl.arange(0, BLOCK_K)
+        tl.store(dw_ptr + offs_t[:, None] * stride_dwt + offs_k[None, :] * stride_dwk,
+                 dw.to(dw_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_k[None, :] < TOP_K))
+    else:
+        dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, dw,
+                              num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le,
+                              ROUTER, HAS_AUX_GRAD, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
+        offs_e = tl.arange(0, BLOCK_E)
+        tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl,
+                 mask=mask_t[:, None] & (offs_e[None, :] < num_experts))
+
+
+@triton.jit
+def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
+                stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+                SHARED_A: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                ACC: tl.constexpr):
+    """Hg[offs_t, offs_c] (ACC), zero for (token, expert) pairs the token did not choose."""
+    expert = offs_c // rank
+    gate = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+    chosen = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.int1)
+    for j in tl.static_range(TOP_K):
+        id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
+        w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
+        hit = id_j[:, None] == expert[None, :]
+        gate += tl.where(hit, w_j[:, None], 0.0)
+        chosen = chosen | hit
+    h_col = offs_c % rank if SHARED_A else offs_c
+    h = tl.load(h_ptr + offs_t[:, None] * stride_ht + h_col[None, :] * stride_hr,
+                mask=mask_t[:, None] & mask_c[None, :], other=0.0).to(ACC)
+    return tl.where(chosen, (gate * scaling) * h, 0.0)
+
+
+@triton.jit
+def _store_lora_b(ptr, offs_n, offs_c, mask, rank, stride_e, stride_n, stride_i, acc):
+    """dB_stack[n, e*r + i] (acc, [BLOCK_N, BLOCK_C]) into dB[e, n, i]."""
+    tl.store(ptr + (offs_c // rank)[None, :] * stride_e + offs_n[:, None] * stride_n
+             + (offs_c % rank)[None, :] * stride_i, acc.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_lora_a(a_ptr, r_ptr, offs_k, offs_c, mask, R, stride_ar, stride_ak, stride_re, stride_rk, acc,
+                  HAS_ROUTER: tl.constexpr):
+    """[dA_rows | dW_router]^T (acc, [BLOCK_K, BLOCK_C]): column c < R into dA_rows[c, k], else
+    dW_router[c - R, k]."""
+    tl.store(a_ptr + offs_c[None, :] * stride_ar + offs_k[:, None] * stride_ak, acc.to(a_ptr.dtype.element_ty),
+             mask=mask & (offs_c[None, :] < R))
+    if HAS_ROUTER:
+        c_r = tl.where(offs_c >= R, offs_c - R, 0)
+        tl.store(r_ptr + c_r[None, :] * stride_re + offs_k[:, None] * stride_rk, acc.to(r_ptr.dtype.element_ty),
+                 mask=mask & (offs_c[None, :] >= R))
+
+
+@triton.jit
+def lora_weight_grad_kernel(
+    dy_ptr, x_ptr, h_ptr, ids_ptr, w_ptr, dh_ptr, dl_ptr,
+    db_ptr, da_ptr, dr_ptr, part_ptr,
+    T, d_out, d_in, R, E, NB, rank, scaling, scale_out, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
+    stride_yt, stride_yn, stride_xt, stride_xk,
+    stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+    stride_dht, stride_dhr, stride_dlt, stride_dle,
+    stride_be, stride_bn, stride_bi, stride_ar, stride_ak, stride_re, stride_rk,
+    SHARED_A: tl.constexpr, HAS_ROUTER: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CB: tl.constexpr, BLOCK_CA: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """All weight gradients of the dense regime in one launch: two jobs reducing over T.
+
+    job B: dB_stack [d_out, NB = E*r] = dy^T Hg, written as dB [E, d_out, r];
+    job A: [dA_rows | dW_router]^T [d_in, R + E] = x^T [dh | dlogits], column c < R written
+           into dA_rows [R, d_in], c >= R into dW_router [E, d_in] (E = 0 without a router).
+    Program p works on split p // tiles of T (t_per_split tokens each) and tile p % tiles:
+    tiles_b tiles of job B, then those of job A (tiles = tiles_b + tiles_a). Without SPLIT the
+    results are written in place; with SPLIT each split writes ACC_DTYPE partials (job B at
+    part_ptr [S, d_out, NB], job A at part_ptr + part_a_offset [S, R + E, d_in]) that
+    lora_weight_grad_reduce_kernel sums in split order. Grid: (tiles * num_splits,).
+    """
+    pid = tl.program_id(0)
+    tiles = tiles_b + tl.cdiv(d_in, BLOCK_M) * tiles_a_c
+    split = pid // tiles
+    tile = pid % tiles
+    t_lo = split.to(tl.int64) * t_per_split
+    t_hi = tl.minimum(t_lo + t_per_split, T)
+    if tile < tiles_b:  # ---------------------------------------------------------------- job B
+        offs_m = (tile // tiles_b_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = (tile % tiles_b_c) * BLOCK_CB + tl.arange(0, BLOCK_CB)
+        mask_m = offs_m < d_out
+        mask_c = offs_c < NB
+        acc = tl.zeros((BLOCK_M, BLOCK_CB), dtype=ACC_DTYPE)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask_t = offs_t < t_hi
+            dyt = tl.load(dy_ptr + offs_t[None, :] * stride_yt + offs_m[:, None] * stride_yn,
+                          mask=mask_m[:, None] & mask_t[None, :], other=0.0)
+            hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
+                             stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+                             SHARED_A, TOP_K, BLOCK_T, BLOCK_CB, ACC_DTYPE)
+            acc += tl.dot(dyt.to(DOT_DTYPE), hg.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                          out_dtype=ACC_DTYPE)
+        acc = acc * scale_out
+        mask = mask_m[:, None] & mask_c[None, :]
+        if SPLIT:
+            tl.store(part_ptr + (split * d_out + offs_m[:, None]) * NB + offs_c[None, :], acc, mask=mask)
+        else:
+            _store_lora_b(db_ptr, offs_m, offs_c, mask, rank, stride_be, stride_bn, stride_bi, acc)
+    else:  # ------------------------------------------------------------------------------ job A
+        tile_a = tile - tiles_b
+        offs_m = (tile_a // tiles_a_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = (tile_a % tiles_a_c) * BLOCK_CA + tl.arange(0, BLOCK_CA)
+        mask_m = offs_m < d_in
+        mask_c = offs_c < R + E
+        acc = tl.zeros((BLOCK_M, BLOCK_CA), dtype=ACC_DTYPE)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask_t = offs_t < t_hi
+            xt = tl.load(x_ptr + offs_t[None, :] * stride_xt + offs_m[:, None] * stride_xk,
+                         mask=mask_m[:, None] & mask_t[None, :], other=0.0)
+            d = tl.load(dh_ptr + offs_t[:, None] * stride_dht + offs_c[None, :] * stride_dhr,
+                        mask=mask_t[:, None] & (offs_c[None, :] < R), other=0.0)
+            if HAS_ROUTER:
+                c_r = tl.where(offs_c >= R, offs_c - R, 0)
+                d += tl.load(dl_ptr + offs_t[:, None] * stride_dlt + c_r[None, :] * stride_dle,
+                             mask=mask_t[:, None] & (offs_c[None, :] >= R) & mask_c[None, :], other=0.0)
+            acc += tl.dot(xt.to(DOT_DTYPE), d.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                          out_dtype=ACC_DTYPE)
+        mask = mask_m[:, None] & mask_c[None, :]
+        if SPLIT:
+            tl.store(part_ptr + part_a_offset + (split * (R + E) + offs_c[None, :]) * d_in + offs_m[:, None], acc,
+                     mask=mask)
+        else:
+            _store_lora_a(da_ptr, dr_ptr, offs_m, offs_c, mask, R, stride_ar, stride_ak, stride_re, stride_rk, acc,
+                          HAS_ROUTER)
+
+
+@triton.jit
+def lora_weight_grad_reduce_kernel(
+    part_ptr, db_ptr, da_ptr, dr_ptr,
+    d_out, d_in, R, E, NB, rank, num_splits, blocks_b, part_a_offset,
+    stride_be, stride_bn, stride_bi, stride_ar, stride_ak, stride_re, stride_rk,
+    HAS_ROUTER: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Sums the split partials of lora_weight_grad_kernel in split order and writes dB, dA_rows
+    and dW_router. Program p < blocks_b: BLOCK entries of job B (flat over [d_out, NB]); the
+    others: BLOCK entries of job A (flat over [R + E, d_in]). Grid: (blocks_b + blocks_a,).
+    """
+    pid = tl.program_id(0)
+    if pid < blocks_b:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        size = d_out * NB
+        mask = offs < size
+        acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+        for s in range(num_splits):
+            acc += tl.load(part_ptr + s * size + offs, mask=mask, other=0.0)
+        n = offs // NB
+        c = offs % NB
+        tl.store(db_ptr + (c // rank) * stride_be + n * stride_bn + (c % rank) * stride_bi,
+                 acc.to(db_ptr.dtype.element_ty), mask=mask)
+    else:
+        offs = (pid - blocks_b).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        size = (R + E) * d_in
+        mask = offs < size
+        acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+        for s in range(num_splits):
+            acc += tl.load(part_ptr + part_a_offset + s * size + offs, mask=mask, other=0.0)
+        c = offs // d_in
+        k = offs % d_in
+        tl.store(da_ptr + c * stride_ar + k * stride_ak, acc.to(da_ptr.dtype.element_ty), mask=mask & (c < R))
+        if HAS_ROUTER:
+            c_r = tl.where(c >= R, c - R, 0)
+            tl.store(dr_ptr + c_r * stride_re + k * stride_rk, acc.to(dr_ptr.dtype.element_ty),
+                     mask=mask & (c >= R))
+
+
+@triton.jit
+def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, T, eps_start, eps_end, inv_ramp,
+                             stride_pt, stride_pk, stride_nt, stride_nk, stride_wt, stride_wk,
+                             HAS_NOISE: tl.constexpr, HAS_RAMP: tl.constexpr, TOP_K: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ST-MoE threshold routing's kept weights from the top-n probabilities (best first):
+    p_hat = top_p / sum(top_p); the best slot always kept, another iff noise < p_hat / eps
+    (training draws, HAS_NOISE) or p_hat >= eps (eval); every slot while eps <= 0; kept
+    probabilities renormalised, dropped slots 0. eps = eps_start + (eps_end - eps_start) *
+    min(num_steps / ramp, 1) read on the device (HAS_RAMP), else eps_end. Grid: (cdiv(T, BLOCK_T),).
+    """
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
+    p = tl.load(top_p_ptr + offs_t[:, None] * stride_pt + offs_k[None, :] * stride_pk, mask=mask,
+                other=0.0).to(tl.float32)
+    if HAS_RAMP:
+        steps = tl.load(num_steps_ptr).to(tl.float32)
+        eps = eps_start + (eps_end - eps_start) * tl.minimum(steps * inv_ramp, 1.0)
+    else:
+        eps = eps_end + tl.zeros((), dtype=tl.float32)
+    total = tl.sum(p, axis=1)
+    p_hat = p / tl.maximum(total, 1.17549435e-38)[:, None]
+    if HAS_NOISE:
+        u = tl.load(noise_ptr + offs_t[:, None] * stride_nt + offs_k[None, :] * stride_nk, mask=mask, other=2.0)
+        keep = u < tl.minimum(p_hat / eps, 1.0)
+    else:
+        keep = p_hat >= eps
+    eps_tile = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32) + eps
+    keep = tl.where((offs_k[None, :] == 0) | (eps_tile <= 0), True, keep)
+    kept = tl.where(keep & mask, p, 0.0)
+    w = kept / tl.maximum(tl.sum(kept, axis=1), 1.17549435e-38)[:, None]
+    tl.store(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, w.to(w_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def router_aux_loss_kernel(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
+                           T, E, inv_t, lb_coef, z_coef, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
+                           COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """loss = lb_coef * lb + z_coef * z and stats = (lb, z) with lb = E * sum_e (counts_e / T)(prob_sums_e / T)
+    (Switch load balancing) and z = mean_t lse_t^2 (ST-MoE z-loss), in ACC, summed in a fixed order.
+    With COUNT_KEPT the counts are those of the slots with weight > 0 (threshold routing), counted
+    here from ids and w and written to kept_ptr [E] (int64). Grid: (1,).
+    """
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    if COUNT_KEPT:
+        offs_k = tl.arange(0, BLOCK_K)
+        kept = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
+            ids = tl.load(ids_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=mask, other=-1)
+            w = tl.load(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
+            bins = tl.where((w > 0) & (ids >= 0) & (ids < E), ids, BLOCK_E - 1)
+            kept += tl.histogram(tl.reshape(bins, (BLOCK_T * BLOCK_K,)), BLOCK_E)
+        kept = tl.where(mask_e, kept, 0)
+        tl.store(kept_ptr + offs_e, kept.to(tl.int64), mask=mask_e)
+        counts = kept.to(ACC)
+    else:
+        counts = tl.load(counts_ptr + offs_e, mask=mask_e, other=0).to(ACC)
+    prob_sums = tl.load(prob_sums_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
+    lb = tl.sum(counts * prob_sums, axis=0) * (E * inv_t * inv_t)
+    z_acc = tl.zeros((BLOCK_T,), dtype=ACC)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        lse = tl.load(lse_ptr + offs_t * stride_lse, mask=offs_t < T, other=0.0).to(ACC)
+        z_acc += lse * lse
+    z = tl.sum(z_acc, axis=0) * inv_t
+    tl.store(loss_ptr, lb_coef * lb + z_coef * z)
+    tl.store(stats_ptr, lb)
+    tl.store(stats_ptr + 1, z)
