@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 
 from . import ceilings as ceilings_mod
-from . import graphcheck, impls, report, runner, targets
+from . import graphcheck, hostcost, impls, report, runner, targets
 from .plot import sweep_plot
 from .runner import PASSES, RunContext, run_group
 from .shapes import suite, sweep_shapes
@@ -65,6 +65,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, default=None,
                    help="continue the run recorded in this results JSON (used after a lost CUDA context)")
     p.add_argument("--max-restarts", type=int, default=4, help="restarts allowed after a lost CUDA context")
+    p.add_argument("--profile", metavar="CASE", default=None,
+                   help="print the per-kernel device-time table of one case, e.g. "
+                        "S1/layer/fwdbwd/moelora-MoELoRALinear, and exit (see benchmarks/profile.py)")
+    p.add_argument("--host-overhead", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure moelora's host time per call with the Triton launches skipped "
+                        "(benchmarks/hostcost.py)")
     return p.parse_args(argv)
 
 
@@ -115,6 +121,11 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
     if unknown:
         print(f"unknown shapes {unknown}; choose from {sorted(shapes)}", file=sys.stderr)
         return 2
+
+    if args.profile:
+        from . import profile
+
+        return profile.run(args.profile, shapes, dtype, device, args.out_dir)
 
     meta = report.metadata(device)
     if not on_gpu:
@@ -280,6 +291,18 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
             save()
             if lost():
                 break
+
+    if args.host_overhead and "host_overhead" not in results:
+        t0 = budget.elapsed()
+        try:
+            results["host_overhead"] = hostcost.measure(device)
+            log(f"[{budget.elapsed():6.1f}s] host time per call, Triton launches skipped (benchmarks/hostcost.py):\n"
+                + hostcost.table(results["host_overhead"]))
+        except Exception as exc:
+            results["host_overhead"] = [{"case": "error", "error": f"{type(exc).__name__}: {exc}"}]
+            log(f"host overhead measurement failed: {exc}")
+        phase("host-overhead", t0)
+        save()
 
     if watchdog is not None:
         watchdog.cancel()

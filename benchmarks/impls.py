@@ -11,8 +11,8 @@ layer), ``ffn`` (full-FFN MoE).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -36,6 +36,9 @@ class Prepared:
     forward: Callable[[], torch.Tensor]
     leaves: List[torch.Tensor]
     keep: list = field(default_factory=list)  # modules / tensors to keep alive
+    # What forward must compute, for implementations that route by themselves (MoELoRALinear);
+    # None: the runner's reference from the set's routing.
+    reference: Optional[Callable[[], torch.Tensor]] = None
 
 
 @dataclass
@@ -174,28 +177,44 @@ def _peft_layer(shape, s):
     return Prepared(lambda: model(s["x"]), [s["x"]] + lora_params, keep=[model])
 
 
-def _moelora_linear_layer(shape, s):
-    """moelora.MoELoRALinear wrapping the frozen base (constructor arguments matched by name)."""
-    w0 = s["w0"]
-    linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device, dtype=w0.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(w0)
-    linear.weight.requires_grad_(False)
-    cls = moelora.MoELoRALinear
-    params = inspect.signature(cls).parameters
-    wanted = {("base_layer", "base", "linear"): linear, ("num_experts", "experts"): shape.experts,
-              ("r", "rank"): shape.rank, ("top_k", "k"): shape.top_k,
-              ("lora_alpha", "alpha"): int(shape.scaling * shape.rank),
-              ("shared_a", "share_a"): shape.shared_a}
-    kwargs = {}
-    for names, value in wanted.items():
-        for n in names:
-            if n in params:
-                kwargs[n] = value
-                break
-    layer = cls(**kwargs).to(device=w0.device, dtype=w0.dtype)
-    trainable = [p for p in layer.parameters() if p.requires_grad]
-    return Prepared(lambda: layer(s["x"]), [s["x"]] + trainable, keep=[layer])
+LAYER_ROUTERS = {
+    "softmax_topk": {},
+    "topk_softmax": dict(router="topk_softmax"),
+    "threshold": dict(router="threshold", threshold_eps=0.2),
+    "task": dict(router="task"),
+}
+
+
+def _moelora_linear_layer(router: str):
+    """moelora.MoELoRALinear as a user builds it: the frozen base nn.Linear (the set's W0), its
+    constructor's defaults (fp32 adapters over a half-precision base, as PEFT) with the shape's
+    E, k, r, alpha and A layout, random adapters, and ``router``'s mode; task routing gets one
+    task per 512-token sequence."""
+    def prepare(shape, s):
+        w0 = s["w0"]
+        linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device, dtype=w0.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w0)
+        linear.weight.requires_grad_(False)
+        layer = moelora.MoELoRALinear(linear, num_experts=shape.experts, top_k=shape.top_k, r=shape.rank,
+                                      lora_alpha=shape.scaling * shape.rank, share_lora_a=shape.shared_a,
+                                      init_lora_weights=False, **LAYER_ROUTERS[router])
+        if router == "task":
+            tasks = torch.arange(shape.tokens, device=w0.device) // 512 % shape.experts
+            moelora.set_task_ids(torch.nn.Sequential(layer), tasks)
+        layer.train()
+        trainable = [p for p in layer.parameters() if p.requires_grad]
+
+        def forward():  # the aux loss is computed (and recorded) in every training forward
+            return layer(s["x"])
+
+        def reference():
+            ref = copy.deepcopy(layer).float()
+            with moelora.use_backend("torch"):
+                return ref(s["x"].float())
+
+        return Prepared(forward, [s["x"]] + trainable, keep=[layer], reference=reference)
+    return prepare
 
 
 # ---- full-FFN MoE -----------------------------------------------------------------------
@@ -253,8 +272,10 @@ LAYER = [
     Impl("peft-lora", "layer", _peft_layer, _needs_peft, description="PEFT single-adapter LoRA layer, same r"),
     Impl("moelora-layer", "layer", _moelora_layer, _needs_cuda, True,
          "frozen nn.Linear + moelora Triton (base_out = linear output)"),
-    Impl("moelora-MoELoRALinear", "layer", _moelora_linear_layer, _needs_moelora_layer, True,
-         "moelora.MoELoRALinear"),
+] + [
+    Impl("moelora-MoELoRALinear" + ("" if router == "softmax_topk" else f"-{router}"), "layer",
+         _moelora_linear_layer(router), _needs_moelora_layer, True, f"moelora.MoELoRALinear, router={router}")
+    for router in LAYER_ROUTERS
 ]
 
 FFN = [

@@ -1,13 +1,16 @@
-"""Checks issue 5's performance targets against a results JSON and prints met / missed.
+"""Checks the open issues' performance targets against a results JSON and prints met / missed.
 
     python -m benchmarks.targets benchmarks/results/bench-....json
 
-Targets (moelora = "moelora-triton", regime auto; whole layer = "moelora-layer"):
-- S1 delta forward >= 70% of the memory floor;
-- S1 delta fwd+bwd >= 10x faster than the naive loop;
-- S1 whole layer fwd+bwd <= 1.10x frozen nn.Linear fwd+bwd, and faster than PEFT LoRA;
-- S3 within 1.5x of its floor (fwd, bwd, fwd+bwd) and ahead of every baseline;
-- S5 ahead of the naive loop and torch grouped_mm (needs a moelora FFN op).
+Issue 10 (layer speed; moelora = "moelora-triton", regime auto):
+- S1 MoELoRALinear fwd+bwd <= 1.15x frozen nn.Linear fwd+bwd (eager), and faster than PEFT LoRA;
+- moelora-triton <= torch-dense at every S1 sweep point, forward and forward+backward;
+- host enqueue per S1 fwd+bwd: moe_lora <= 0.25 ms, MoELoRALinear <= 0.45 ms;
+- device time of the S1 delta fwd+bwd (CUDA-graph replay) <= 0.12 ms.
+Issue 11 (grouped GEMMs):
+- S5 moe_ffn fwd+bwd <= 0.90x torch-grouped-mm-ffn and <= 1.4x the compute floor;
+- S3 fwd+bwd <= 2.5x its memory floor;
+- S2 and S4 fwd+bwd <= torch-dense.
 A target whose cases did not run reads "not measured".
 """
 
@@ -32,60 +35,66 @@ def _target(name, met, detail) -> dict:
             "detail": detail}
 
 
+def _ratio_target(out, name, case, base, limit, what):
+    """Appends "case median / base median <= limit"."""
+    if case and base:
+        r = case["median_ms"] / base["median_ms"]
+        out.append(_target(name, r <= limit, f"{r:.3f}x ({case['median_ms']:.4f} ms vs {base['median_ms']:.4f} ms)"))
+    else:
+        out.append(_target(name, None, f"{what} not measured"))
+
+
 def evaluate(results: dict) -> List[dict]:
     cases = results.get("cases", [])
     out = []
 
-    c = _find(cases, "S1", "delta", "fwd", "moelora-triton")
-    pct = c.get("pct_memory_floor") if c else None
-    out.append(_target("S1 delta forward >= 70% of memory floor", None if pct is None else pct >= 70,
-                       f"{pct:.1f}% of the memory floor ({c['median_ms']:.4f} ms vs {c['memory_floor_ms']:.4f} ms)"
-                       if pct is not None else "moelora-triton S1 fwd not measured"))
-
-    m = _find(cases, "S1", "delta", "fwdbwd", "moelora-triton")
-    n = _find(cases, "S1", "delta", "fwdbwd", "naive")
-    sp = n["median_ms"] / m["median_ms"] if m and n else None
-    out.append(_target("S1 delta fwd+bwd >= 10x faster than naive", None if sp is None else sp >= 10,
-                       f"{sp:.2f}x ({m['median_ms']:.4f} ms vs naive {n['median_ms']:.4f} ms)" if sp else
-                       "moelora-triton or naive S1 fwdbwd not measured"))
-
-    layer = _find(cases, "S1", "layer", "fwdbwd", "moelora-layer")
+    # ---- issue 10
+    layer = _find(cases, "S1", "layer", "fwdbwd", "moelora-MoELoRALinear")
     lin = _find(cases, "S1", "layer", "fwdbwd", "linear-frozen")
     peft = _find(cases, "S1", "layer", "fwdbwd", "peft-lora")
-    ratio = layer["median_ms"] / lin["median_ms"] if layer and lin else None
-    out.append(_target("S1 whole layer fwd+bwd <= 1.10x frozen nn.Linear", None if ratio is None else ratio <= 1.10,
-                       f"{ratio:.3f}x ({layer['median_ms']:.4f} ms vs {lin['median_ms']:.4f} ms)" if ratio else
-                       "moelora-layer or linear-frozen not measured"))
-    out.append(_target("S1 whole layer fwd+bwd faster than PEFT LoRA",
-                       None if not (layer and peft) else layer["median_ms"] < peft["median_ms"],
-                       f"{layer['median_ms']:.4f} ms vs PEFT {peft['median_ms']:.4f} ms" if layer and peft else
-                       "moelora-layer or peft-lora not measured"))
+    _ratio_target(out, "S1 MoELoRALinear fwd+bwd <= 1.15x frozen nn.Linear", layer, lin, 1.15,
+                  "moelora-MoELoRALinear or linear-frozen")
+    _ratio_target(out, "S1 MoELoRALinear fwd+bwd faster than PEFT LoRA", layer, peft, 1.0,
+                  "moelora-MoELoRALinear or peft-lora")
+    sweep = [c for c in cases if c["group"] == "sweep" and c["impl"] == "moelora-triton" and c.get("status") == "ok"]
+    worse = []
+    for c in sweep:
+        d = next((b for b in cases if b["group"] == "sweep" and b["impl"] == "torch-dense" and b["pass"] == c["pass"]
+                  and b["tokens"] == c["tokens"] and b.get("status") == "ok"), None)
+        if d is not None and c["median_ms"] > d["median_ms"]:
+            worse.append(f"T{c['tokens']} {c['pass']} {c['median_ms'] / d['median_ms']:.2f}x")
+    out.append(_target("moelora-triton <= torch-dense at every S1 sweep point", None if not sweep else not worse,
+                       f"{len(sweep)} points; slower at: {', '.join(worse) or 'none'}" if sweep else
+                       "sweep not measured"))
+    for name, impl, group, limit in (("moe_lora", "moelora-triton", "delta", 0.25),
+                                     ("MoELoRALinear", "moelora-MoELoRALinear", "layer", 0.45)):
+        c = _find(cases, "S1", group, "fwdbwd", impl)
+        host = c.get("host_median_ms") if c else None
+        out.append(_target(f"S1 host enqueue per fwd+bwd, {name} <= {limit} ms", None if host is None else host <= limit,
+                           f"{host:.3f} ms, {c.get('kernels_per_iter')} kernels" if host is not None else
+                           f"{impl} S1 fwdbwd not measured"))
+    graph = results.get("checks", {}).get("cuda_graph_S1", {})
+    replay = graph.get("replay_median_ms")
+    out.append(_target("S1 delta fwd+bwd device time (CUDA-graph replay) <= 0.12 ms",
+                       None if replay is None else replay <= 0.12,
+                       f"{replay:.4f} ms ({graph.get('status')})" if replay is not None else "graph check not run"))
 
-    for p in ("fwd", "bwd", "fwdbwd"):
-        c = _find(cases, "S3", "delta", p, "moelora-triton")
-        if not c or not c.get("floor_ms"):
-            out.append(_target(f"S3 {p} within 1.5x of floor", None, "moelora-triton S3 not measured"))
-            out.append(_target(f"S3 {p} ahead of every baseline", None, "moelora-triton S3 not measured"))
-            continue
-        x = c["median_ms"] / c["floor_ms"]
-        out.append(_target(f"S3 {p} within 1.5x of floor", x <= 1.5,
-                           f"{x:.2f}x the {c['bound']} floor ({c['median_ms']:.4f} ms vs {c['floor_ms']:.4f} ms)"))
-        base = [b for b in cases if b["shape"] == "S3" and b["group"] == "delta" and b["pass"] == p
-                and not b.get("moelora") and b.get("status") == "ok"]
-        if not base:
-            out.append(_target(f"S3 {p} ahead of every baseline", None, "no baseline measured"))
-        else:
-            best = min(base, key=lambda b: b["median_ms"])
-            out.append(_target(f"S3 {p} ahead of every baseline", c["median_ms"] < best["median_ms"],
-                               f"{c['median_ms']:.4f} ms vs best baseline {best['impl']} {best['median_ms']:.4f} ms "
-                               f"({len(base)} baselines)"))
-
+    # ---- issue 11
     f = _find(cases, "S5", "ffn", "fwdbwd", "moelora-ffn")
-    for base_name in ("naive-ffn", "torch-grouped-mm-ffn"):
-        b = _find(cases, "S5", "ffn", "fwdbwd", base_name)
-        out.append(_target(f"S5 fwd+bwd ahead of {base_name}", None if not (f and b) else f["median_ms"] < b["median_ms"],
-                           f"{f['median_ms']:.4f} ms vs {b['median_ms']:.4f} ms" if f and b else
-                           ("moelora exposes no FFN op" if not f else f"{base_name} not measured")))
+    _ratio_target(out, "S5 moe_ffn fwd+bwd <= 0.90x torch-grouped-mm-ffn", f,
+                  _find(cases, "S5", "ffn", "fwdbwd", "torch-grouped-mm-ffn"), 0.90, "moelora-ffn or torch-grouped-mm-ffn")
+    floor = f.get("floor_ms") if f else None
+    out.append(_target("S5 moe_ffn fwd+bwd <= 1.4x the compute floor", None if not floor else f["median_ms"] / floor <= 1.4,
+                       f"{f['median_ms'] / floor:.2f}x ({f['median_ms']:.4f} ms vs {floor:.4f} ms)" if floor else
+                       "moelora-ffn S5 not measured"))
+    c = _find(cases, "S3", "delta", "fwdbwd", "moelora-triton")
+    floor = c.get("memory_floor_ms") if c else None
+    out.append(_target("S3 fwd+bwd <= 2.5x the memory floor", None if not floor else c["median_ms"] / floor <= 2.5,
+                       f"{c['median_ms'] / floor:.2f}x ({c['median_ms']:.4f} ms vs {floor:.4f} ms)" if floor else
+                       "moelora-triton S3 not measured"))
+    for shape in ("S2", "S4"):
+        _ratio_target(out, f"{shape} fwd+bwd <= torch-dense", _find(cases, shape, "delta", "fwdbwd", "moelora-triton"),
+                      _find(cases, shape, "delta", "fwdbwd", "torch-dense"), 1.0, f"moelora-triton or torch-dense {shape}")
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -20,17 +20,26 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_iterations(step: Callable[[int], object], iterations: int, device: torch.device,
-                    start: int = 0) -> List[float]:
-    """Run ``step(i)`` for i in [start, start + iterations); return each one's time in ms."""
+                    start: int = 0, host_ms: Optional[List[float]] = None) -> List[float]:
+    """Run ``step(i)`` for i in [start, start + iterations); return each one's time in ms.
+
+    With ``host_ms`` (a list) each iteration's host enqueue time is appended to it: the host
+    clock from the call to its return, without waiting for the device (on CUDA the device is
+    synchronised before each iteration, so the launch queue starts empty)."""
     if iterations <= 0:
         return []
     if device.type == "cuda":
         begin = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]
         end = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]
         for n in range(iterations):
+            if host_ms is not None:
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
             begin[n].record()
             step(start + n)
             end[n].record()
+            if host_ms is not None:
+                host_ms.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize(device)
         return [b.elapsed_time(e) for b, e in zip(begin, end)]
     times = []
@@ -38,6 +47,8 @@ def time_iterations(step: Callable[[int], object], iterations: int, device: torc
         t0 = time.perf_counter()
         step(start + n)
         times.append((time.perf_counter() - t0) * 1e3)
+    if host_ms is not None:
+        host_ms.extend(times)
     return times
 
 

@@ -1,0 +1,133 @@
+"""Host time and kernels per call of moelora's hot paths with the Triton launches skipped
+(moelora.profiling): what moelora's own Python costs around its kernels, measurable on any
+machine, a CPU included, so that host-overhead work can go on without a GPU.
+
+On a GPU machine the tensors live on the GPU (ATen ops are enqueued, not waited for); on a
+CPU they are tiny CPU tensors. Either way Triton launches are skipped: add the launcher's own
+cost per Triton launch (the benchmark's host enqueue column has the full figure on a GPU).
+Frozen nn.Linear and PEFT's LoRA layer are measured alongside for scale.
+
+    python -m benchmarks.hostcost
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Callable, List
+
+import torch
+import torch.nn as nn
+
+import moelora
+from moelora.profiling import count_kernels, host_time
+
+# GPU: S1 (the ATen ops are enqueued, not waited for); CPU: tiny, so that they cost their dispatch only.
+GPU_SIZES, CPU_SIZES = (8192, 4096), (32, 64)
+R, E, K = 16, 8, 2
+ROUTERS = {"softmax_topk": {}, "topk_softmax": dict(router="topk_softmax"),
+           "threshold": dict(router="threshold", top_k=3, threshold_eps=0.2),
+           "task": dict(router="task", task_shared_lora=True)}
+
+
+@contextlib.contextmanager
+def _triton_backend(device: torch.device):
+    """The Triton backend for ``device``: on a CPU through the interpreter switch (no kernel runs)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if device.type != "cuda":
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with moelora.use_backend("triton"), moelora.validation(False):
+            yield
+    finally:
+        if device.type != "cuda":
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+
+
+def _record(name: str, step: Callable[[], object], out: List[dict], note: str) -> None:
+    with count_kernels() as counts:
+        step()
+    seconds = host_time(step, iterations=30, warmup=5)
+    out.append({"case": name, "host_us": seconds * 1e6, "kernels": counts.total, "triton": len(counts.triton),
+                "aten": len(counts.aten), "note": note})
+
+
+def measure(device: torch.device) -> List[dict]:
+    """One record per case: host microseconds per call (median), kernels, Triton launches, ATen ops."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    T, D = GPU_SIZES if device.type == "cuda" else CPU_SIZES
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(grad)
+
+    out: List[dict] = []
+    x, a, b = rand(T, D), rand(R, D), rand(E, D, R)
+    ids = torch.rand(T, E, generator=gen).argsort(1)[:, :K].to(device)
+    w = torch.rand(T, K, generator=gen).to(device).requires_grad_()
+    dy = rand(T, D, grad=False)
+    with _triton_backend(device):
+        _record("moe_lora fwd", lambda: moelora.moe_lora(x, a, b, ids, w, scaling=2.0, regime="dense"), out,
+                "dense regime, shared A")
+        _record("moe_lora fwd+bwd", lambda: torch.autograd.grad(
+            moelora.moe_lora(x, a, b, ids, w, scaling=2.0, regime="dense"), [x, a, b, w], dy), out,
+            "dense regime, shared A")
+        for router, settings in ROUTERS.items():
+            kwargs = {**dict(num_experts=E, top_k=K, r=R, share_lora_a=True), **settings}
+            layer = moelora.MoELoRALinear(nn.Linear(D, D, device=device, dtype=dtype), **kwargs).train()
+            layer.base_layer.requires_grad_(False)
+            if router == "task":
+                moelora.set_task_ids(nn.Sequential(layer), torch.arange(T, device=device) % E)
+            params = [p for p in layer.parameters() if p.requires_grad]
+
+            def step(layer=layer, params=params):
+                y = layer(x)
+                outputs, grads = [y], [dy]
+                if layer._last_aux_loss is not None:
+                    outputs.append(layer._last_aux_loss)
+                    grads.append(torch.ones((), device=device, dtype=layer._last_aux_loss.dtype))
+                torch.autograd.grad(outputs, [x] + params, grads)
+
+            _record(f"MoELoRALinear fwd+bwd ({router})", step, out, "shared A, training, aux loss in the backward")
+    linear = nn.Linear(D, D, device=device, dtype=dtype).requires_grad_(False)
+    _record("frozen nn.Linear fwd+bwd", lambda: torch.autograd.grad(linear(x), [x], dy), out, "for scale")
+    if importlib.util.find_spec("peft") is not None:
+        from peft import LoraConfig, get_peft_model
+
+        class Wrapped(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = nn.Linear(D, D, device=device, dtype=dtype)
+
+            def forward(self, inputs):
+                return self.proj(inputs)
+
+        peft = get_peft_model(Wrapped(), LoraConfig(r=R, lora_alpha=2 * R, target_modules=["proj"]))
+        trainable = [p for p in peft.parameters() if p.requires_grad]
+        _record("PEFT LoRA fwd+bwd", lambda: torch.autograd.grad(peft(x), [x] + trainable, dy), out,
+                "for scale (PEFT's own ops, all run)")
+    return out
+
+
+def table(records: List[dict]) -> str:
+    lines = [f"{'case':40s} {'host us':>9s} {'kernels':>8s} {'Triton':>7s} {'ATen':>5s}  note"]
+    for r in records:
+        lines.append(f"{r['case']:40s} {r['host_us']:9.1f} {r['kernels']:8d} {r['triton']:7d} {r['aten']:5d}  "
+                     f"{r['note']}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    T, D = GPU_SIZES if device.type == "cuda" else CPU_SIZES
+    print(f"host time per call with Triton launches skipped, on {device} (T={T}, d={D}, r={R}, E={E}, k={K})")
+    print(table(measure(device)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

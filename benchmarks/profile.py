@@ -1,0 +1,66 @@
+"""``python -m benchmarks --profile S1/layer/fwdbwd/moelora-MoELoRALinear``: the per-kernel
+device-time table of one case (torch.profiler), plus its median time, host enqueue time and
+kernels per iteration. The case id is shape/group/pass/implementation as in the results JSON
+(group: delta, layer or ffn; pass: fwd, bwd or fwdbwd). The table is printed and written to
+``profile-<shape>-<group>-<pass>-<impl>.txt`` under --out-dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import moelora
+
+from . import impls
+from .inputs import make_sets
+from .runner import _steps
+from .timing import summarize, time_iterations
+
+
+def run(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.device, out_dir: Path,
+        iterations: int = 10) -> int:
+    try:
+        shape_name, group, pass_name, impl_name = case_id.split("/")
+        shape, impl = shapes[shape_name], impls.by_name(impl_name)
+    except (ValueError, KeyError):
+        print(f"--profile wants shape/group/pass/implementation, e.g. S1/layer/fwdbwd/moelora-MoELoRALinear; "
+              f"shapes {sorted(shapes)}, implementations {[i.name for i in impls.DELTA + impls.LAYER + impls.FFN]}")
+        return 2
+    if impl.group != group:
+        print(f"{impl_name} belongs to the {impl.group} group, not {group}")
+        return 2
+    reason = impl.probe(shape, device)
+    if reason is not None:
+        print(f"{case_id} cannot run here: {reason}")
+        return 2
+    with moelora.validation(False):
+        sets = make_sets(shape, dtype, device, 2)
+        prepared = [impl.prepare(shape, s) for s in sets]
+        step, keep = _steps(pass_name, prepared, sets)
+        time_iterations(step, 3, device)
+        host = []
+        times = time_iterations(step, iterations, device, start=3, host_ms=host)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for i in range(iterations):
+                step(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        del keep
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    head = (f"{case_id} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+            f"{str(dtype).replace('torch.', '')}: median {summarize(times)['median_ms']:.4f} ms, host enqueue "
+            f"{summarize(host)['median_ms']:.4f} ms, {kernels / iterations:.1f} device kernels per iteration "
+            f"({iterations} iterations profiled; times are totals over them)")
+    text = head + "\n" + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    print(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"profile-{case_id.replace('/', '-')}.txt"
+    path.write_text(text)
+    print(f"written to {path}")
+    return 0
