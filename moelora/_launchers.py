@@ -387,6 +387,8 @@ def _weight_grad_config(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     splits = max(1, cdiv(T, t_per_split))
     meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_ROUTER=E > 0, SPLIT=splits > 1, TOP_K=top_k,
                 BLOCK_M=block_m, BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
+    if not _INTERPRETING:
+        meta["num_warps"] = 8  # job B's gated tile: three [BLOCK_T, BLOCK_CB] temporaries
     tiles_b = cdiv(d_out, block_m) * tiles_b_c
     return (n_tiles * splits,), splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta
 

@@ -13,7 +13,7 @@ base GEMM (x read once for the LoRA down-projection and the router logits; dx ac
 one GEMM; see that module). It takes every feature except these, which run the composed path
 (base layer, then :func:`moelora.moe_lora` with ``base_out``): DoRA, base layers other than a
 plain ``nn.Linear`` / GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks,
-and extra forward arguments. Router jitter and LoRA dropout keep the fused op but cost a
+extra forward arguments, and layers whose E*r calls for moe_lora's grouped regime. Router jitter and LoRA dropout keep the fused op but cost a
 separate router GEMM over the jittered x, resp. the dropped-out copy of x (see README).
 
 Parameter layouts follow PEFT / nn.Linear: ``lora_A`` [r, d_in] (shared A, MoSLD) or
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from ._triton_ops import choose_regime
 from .functional import moe_lora
 from .fused_linear import RouterSpec, moe_lora_linear
 from .losses import RoutedModule
@@ -207,11 +208,13 @@ class MoELoRALinear(nn.Module, RoutedModule):
         return spec, None, None
 
     def _fusable(self, args, kwargs) -> bool:
-        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra arguments."""
+        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra
+        arguments, and experts few enough for the dense regime (E*r small: see moelora._triton_ops)."""
         base = self.base_layer
         return (not args and not kwargs and not self.use_dora and (type(base) is nn.Linear or is_conv1d(base))
                 and not base._forward_hooks and not base._forward_pre_hooks
-                and not _global_forward_hooks and not _global_forward_pre_hooks)
+                and not _global_forward_hooks and not _global_forward_pre_hooks
+                and choose_regime(self.lora_B.shape[0], self.r) == "dense")
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -42,8 +42,8 @@ def _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_w
 
 @triton.jit
 def _finite(v):
-    """True where v is neither NaN nor +-Inf (v - v is 0 exactly for finite v)."""
-    return (v - v) == 0
+    """True where v is neither NaN nor +-Inf (NaN compares false)."""
+    return tl.abs(v) < float("inf")
 
 
 @triton.jit
@@ -491,7 +491,7 @@ def router_aux_loss_kernel(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, l
             ids = tl.load(ids_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=mask, other=-1)
             w = tl.load(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
             bins = tl.where((w > 0) & (ids >= 0) & (ids < E), ids, BLOCK_E - 1)
-            kept += tl.histogram(tl.reshape(bins, (BLOCK_T * BLOCK_K,)), BLOCK_E)
+            kept += tl.histogram(tl.reshape(bins.to(tl.int32), (BLOCK_T * BLOCK_K,)), BLOCK_E)
         kept = tl.where(mask_e, kept, 0)
         tl.store(kept_ptr + offs_e, kept.to(tl.int64), mask=mask_e)
         counts = kept.to(ACC)

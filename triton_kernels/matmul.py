@@ -20,7 +20,7 @@ def _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.c
                    INPUT_PRECISION: tl.constexpr, SANITIZE_B: tl.constexpr):
     if SANITIZE_B:
         b = b.to(ACC_DTYPE)
-        finite = (b - b) == 0
+        finite = tl.abs(b) < float("inf")  # NaN compares false
         acc += tl.dot(a.to(DOT_DTYPE), tl.where(finite, b, 0.0).to(DOT_DTYPE), input_precision=INPUT_PRECISION,
                       out_dtype=ACC_DTYPE)
         hits = tl.dot((a != 0).to(DOT_DTYPE), (~finite).to(DOT_DTYPE), input_precision=INPUT_PRECISION,
