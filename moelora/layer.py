@@ -39,7 +39,10 @@ def linear_dims(module: nn.Module):
     if is_conv1d(module):
         d_in, d_out = module.weight.shape
         return d_in, d_out, True
-    raise TypeError(f"MoELoRALinear wraps nn.Linear or transformers Conv1D layers, got {type(module).__name__}")
+    hint = {"Embedding": "; use moelora.MoELoRAEmbedding for nn.Embedding",
+            "Conv1d": "; use moelora.MoELoRAConv for convolutions", "Conv2d": "; use moelora.MoELoRAConv for convolutions",
+            "Conv3d": "; use moelora.MoELoRAConv for convolutions"}.get(type(module).__name__, "")
+    raise TypeError(f"MoELoRALinear wraps nn.Linear or transformers Conv1D layers, got {type(module).__name__}{hint}")
 
 
 class MoELoRALinear(nn.Module, RoutedModule):
