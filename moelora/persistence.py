@@ -15,11 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,8 @@ import torch.nn as nn
 from . import _structure
 from .config import CONFIG_NAME, MoELoRAConfig
 from .layer import MoELoRALinear
-from .model import TRAINABLE_MARKERS, MoELoRAModel, get_moelora_model
+from .adapters import optional_names
+from .model import DEFAULT_ADAPTER, TRAINABLE_MARKERS, MoELoRAModel, get_moelora_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora._structure)
@@ -100,9 +102,42 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
     return state
 
 
-def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None) -> None:
-    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` (see the module docstring);
-    with ``state_dict`` the tensors come from it (see :func:`adapter_state_dict`)."""
+def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None,
+                    selected_adapters: Optional[List[str]] = None) -> None:
+    """Write each adapter of ``model`` (``selected_adapters``, default all) as PEFT lays them out:
+    the adapter "default" in ``save_directory``, any other in ``save_directory/<name>``. With
+    ``state_dict`` (read instead of the model's own) only the active adapter is written."""
+    if state_dict is not None or not model.inactive_adapters:
+        _save_active_adapter(model, _adapter_directory(save_directory, model.active_adapter), state_dict)
+        return
+    for name in optional_names(selected_adapters, model.adapter_configs):
+        with _adapter_active(model, name):
+            _save_active_adapter(model, _adapter_directory(save_directory, name))
+
+
+def _adapter_directory(save_directory: str, adapter_name: str) -> str:
+    return save_directory if adapter_name == DEFAULT_ADAPTER else os.path.join(save_directory, adapter_name)
+
+
+@contextlib.contextmanager
+def _adapter_active(model: MoELoRAModel, adapter_name: str):
+    """Make ``adapter_name`` the active adapter inside the block (trainability restored after)."""
+    if adapter_name == model.active_adapter:
+        yield
+        return
+    previous, flags = model.active_adapter, [(p, p.requires_grad) for p in model.parameters()]
+    model.set_adapter(adapter_name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _save_active_adapter(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None) -> None:
+    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` of the active adapter (see
+    the module docstring); with ``state_dict`` the tensors come from it (see :func:`adapter_state_dict`)."""
     from safetensors.torch import save_file
 
     config = model.moelora_config
@@ -117,16 +152,47 @@ def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Option
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
-    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights."""
-    from safetensors.torch import load_file
-
+def _read_config(directory: str):
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         saved = json.load(f)
     structure = saved.pop(STRUCTURE_KEY, [])
-    config = MoELoRAConfig.from_dict(saved)
+    return MoELoRAConfig.from_dict(saved), structure
+
+
+def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
+    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights
+    (as the adapter "default"; :func:`load_adapter` adds the others)."""
+    config, structure = _read_config(directory)
     _structure.replay(model, structure)
     wrapped = get_moelora_model(model, config)
+    _load_active_adapter_weights(wrapped, directory)
+    if not is_trainable:
+        for p in wrapped.parameters():
+            p.requires_grad_(False)
+        wrapped.eval()
+    wrapped.adapters_trainable = is_trainable
+    return wrapped
+
+
+def load_adapter(model: MoELoRAModel, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name`` (inactive), as PEFT's
+    ``load_adapter``. The model must have the structure (upcycling, MoLEx) the adapter was
+    saved with; ``is_trainable`` makes the adapters trainable when activated."""
+    config, structure = _read_config(directory)
+    if structure != _structure.to_json(_inner(model)):
+        raise ValueError(f"the adapter in {directory} was saved on a model with the structural edits {structure}, "
+                         f"this model has {_structure.to_json(_inner(model))}")
+    model.add_adapter(adapter_name, config)
+    model.adapters_trainable = model.adapters_trainable and is_trainable
+    with _adapter_active(model, adapter_name):
+        _load_active_adapter_weights(model, directory)
+
+
+def _load_active_adapter_weights(wrapped: MoELoRAModel, directory: str) -> None:
+    """Load ``adapter_model.safetensors`` into the active adapter, checking names and shapes."""
+    from safetensors.torch import load_file
+
+    config = wrapped.moelora_config
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
     expected = adapter_state_dict(wrapped, config.bias)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -137,11 +203,6 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
             raise ValueError(f"checkpoint does not fit the model: {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(expected[name].shape)}")
     wrapped.model.load_state_dict(state, strict=False)
-    if not is_trainable:
-        for p in wrapped.parameters():
-            p.requires_grad_(False)
-        wrapped.eval()
-    return wrapped
 
 
 # ------------------------------------------------------------------------------- PEFT interop
