@@ -55,7 +55,9 @@ class ModulesToSaveWrapper(nn.Module):
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
-        except AttributeError:  # attributes of the wrapped module (out_features, weight, ...)
+        except AttributeError:  # public attributes of the wrapped module (out_features, weight, ...)
+            if name.startswith("_"):
+                raise
             return getattr(super().__getattr__("modules_to_save"), name)
 
 
