@@ -11,6 +11,12 @@
   LoRA with the same scaling.
 - :func:`load_peft_lora` reads a PEFT LoRA checkpoint as a single expert: into a fresh
   model (E = 1), or into expert ``expert`` of an injected model with per-expert A.
+- Both handle PEFT's layers on linear layers, embeddings (``lora_embedding_A/B``) and
+  convolutions (conv kernels), the biases a ``bias="all"`` / ``"lora_only"`` adapter trains,
+  and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``).
+- Named adapters (:mod:`moelora.adapters`): :func:`save_pretrained` writes "default" in the
+  directory and any other adapter in a subfolder named after it (PEFT's layout);
+  :func:`load_adapter` adds one to a loaded model.
 """
 
 from __future__ import annotations
