@@ -55,25 +55,30 @@ def moe_lora_on_projection(h: torch.Tensor, selector: torch.Tensor, lora_b: torc
 
 
 class AdapterLayerBase(nn.Module, RoutedModule):
-    """A frozen base layer plus E LoRA experts whose A projects ``a_in`` features per position.
+    """A frozen base layer plus E LoRA experts whose A projects ``a_in`` features per position
+    and whose B [E, d_out, r / b_groups] acts block-diagonally over ``b_groups`` groups.
 
-    Subclasses name the base layer's geometry and implement ``forward``; see
-    :class:`moelora.MoELoRAEmbedding` and :class:`moelora.MoELoRAConv` for the arguments
-    (those of :class:`moelora.MoELoRALinear`, without DoRA).
+    The layer arguments (``num_experts`` to ``router_z_loss_coef``) are those of
+    :class:`moelora.MoELoRALinear`, with its defaults; DoRA is not supported. Subclasses pass
+    the base layer's geometry and the router's class and input width, and implement ``forward``.
     """
 
-    def __init__(self, base_layer: nn.Module, *, a_in: int, d_out: int, b_rank: int, num_experts: int, top_k: int,
-                 r: int, lora_alpha: float, use_rslora: bool, share_lora_a: bool, lora_a_dropout: float,
-                 router: str, router_renormalize: bool, router_jitter_noise: float, threshold_eps: float,
-                 threshold_eps_start: float, threshold_ramp_steps: int, task_shared_lora: bool,
-                 init_lora_weights: Union[bool, str], use_dora: bool, router_aux_loss_coef: float,
-                 router_z_loss_coef: float, lora_dropout: float, router_class=Router, router_in: int = 0,
+    def __init__(self, base_layer: nn.Module, num_experts: int = 4, top_k: int = 2, r: int = 8,
+                 lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 share_lora_a: bool = False, lora_a_dropout: float = 0.0, router: str = "softmax_topk",
+                 router_renormalize: bool = True, router_jitter_noise: float = 0.0,
+                 threshold_eps: float = 0.0, threshold_eps_start: float = 0.0, threshold_ramp_steps: int = 0,
+                 task_shared_lora: bool = False, init_lora_weights: Union[bool, str] = True,
+                 use_dora: bool = False, router_aux_loss_coef: float = 0.01, router_z_loss_coef: float = 0.001,
+                 *, a_in: int, d_out: int, router_in: int, b_groups: int = 1, router_class=Router,
                  router_kwargs: Optional[dict] = None):
         super().__init__()
         check_layer_args(num_experts, top_k, r, lora_dropout, lora_a_dropout, router, init_lora_weights,
                          use_dora, task_shared_lora)
         if use_dora:
             raise ValueError(f"use_dora is supported on linear layers only, not on {type(self).__name__}")
+        if r % b_groups:
+            raise ValueError(f"r must be a multiple of the convolution's groups ({b_groups}), got r={r}")
         self.base_layer = base_layer
         self.num_experts, self.r, self.lora_alpha, self.use_rslora = num_experts, r, lora_alpha, use_rslora
         self.router_mode = router
@@ -96,7 +101,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self.num_lora = num_experts + (1 if task_shared_lora else 0)
         a_shape = (r, a_in) if share_lora_a else (self.num_lora, r, a_in)
         self._register_lora(nn.Parameter(torch.empty(a_shape, **factory)),
-                            nn.Parameter(torch.empty(self.num_lora, d_out, b_rank, **factory)))
+                            nn.Parameter(torch.empty(self.num_lora, d_out, r // b_groups, **factory)))
         if router == "task":
             self.router = None
             self.lora_gamma = nn.Parameter(torch.zeros(num_experts, **factory))

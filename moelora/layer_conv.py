@@ -86,32 +86,17 @@ class MoELoRAConv(AdapterLayerBase):
     """A frozen ``nn.Conv1d/2d/3d`` with E LoRA experts; arguments as :class:`moelora.MoELoRALinear`
     (see the module docstring; DoRA is not supported; r must be a multiple of the base's groups)."""
 
-    def __init__(self, base_layer: nn.Module, num_experts: int = 4, top_k: int = 2, r: int = 8,
-                 lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
-                 share_lora_a: bool = False, lora_a_dropout: float = 0.0, router: str = "softmax_topk",
-                 router_renormalize: bool = True, router_jitter_noise: float = 0.0,
-                 threshold_eps: float = 0.0, threshold_eps_start: float = 0.0, threshold_ramp_steps: int = 0,
-                 task_shared_lora: bool = False, init_lora_weights: Union[bool, str] = True,
-                 use_dora: bool = False, router_aux_loss_coef: float = 0.01, router_z_loss_coef: float = 0.001):
+    def __init__(self, base_layer: nn.Module, *args, lora_dropout: float = 0.0, **kwargs):
         if not is_conv(base_layer):
             raise TypeError(f"MoELoRAConv wraps nn.Conv1d, nn.Conv2d or nn.Conv3d layers, got "
                             f"{type(base_layer).__name__}")
-        groups = base_layer.groups
-        if isinstance(r, int) and r % groups:
-            raise ValueError(f"r must be a multiple of the convolution's groups ({groups}), got r={r}")
-        kernel_size = tuple(base_layer.kernel_size)
+        groups, kernel_size = base_layer.groups, tuple(base_layer.kernel_size)
         patch = base_layer.in_channels * math.prod(kernel_size)
         geometry = ConvGeometry.of(base_layer)
-        super().__init__(
-            base_layer, a_in=patch, d_out=base_layer.out_channels, b_rank=r // groups, num_experts=num_experts,
-            top_k=top_k, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, share_lora_a=share_lora_a,
-            lora_a_dropout=lora_a_dropout, router=router, router_renormalize=router_renormalize,
-            router_jitter_noise=router_jitter_noise, threshold_eps=threshold_eps,
-            threshold_eps_start=threshold_eps_start, threshold_ramp_steps=threshold_ramp_steps,
-            task_shared_lora=task_shared_lora, init_lora_weights=init_lora_weights, use_dora=use_dora,
-            router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef,
-            lora_dropout=lora_dropout, router_class=ConvRouter, router_in=patch,
-            router_kwargs=dict(kernel_size=kernel_size, in_channels=base_layer.in_channels, geometry=geometry))
+        super().__init__(base_layer, *args, lora_dropout=lora_dropout, a_in=patch, d_out=base_layer.out_channels,
+                         router_in=patch, b_groups=groups, router_class=ConvRouter,
+                         router_kwargs=dict(kernel_size=kernel_size, in_channels=base_layer.in_channels,
+                                            geometry=geometry), **kwargs)
         self.in_channels, self.out_channels, self.groups = base_layer.in_channels, base_layer.out_channels, groups
         self.in_features, self.out_features = patch, base_layer.out_channels
         self.kernel_size, self.geometry = kernel_size, geometry
@@ -123,7 +108,7 @@ class MoELoRAConv(AdapterLayerBase):
             # B [E, C_out, r/g] acts as the block-diagonal [E, C_out, r]: output channel o reads
             # the r/g projected channels of its group.
             out_group = torch.arange(self.out_channels) // (self.out_channels // groups)
-            rank_group = torch.arange(r) // (r // groups)
+            rank_group = torch.arange(self.r) // (self.r // groups)
             mask = (out_group[:, None] == rank_group[None, :]).to(self.lora_B.dtype)
             self.register_buffer("lora_b_group_mask", mask.to(self.lora_B.device), persistent=False)
 

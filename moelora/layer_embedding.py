@@ -29,24 +29,11 @@ class MoELoRAEmbedding(AdapterLayerBase):
     """A frozen ``nn.Embedding`` with E LoRA experts; arguments as :class:`moelora.MoELoRALinear`
     (see the module docstring; DoRA is not supported)."""
 
-    def __init__(self, base_layer: nn.Module, num_experts: int = 4, top_k: int = 2, r: int = 8,
-                 lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
-                 share_lora_a: bool = False, lora_a_dropout: float = 0.0, router: str = "softmax_topk",
-                 router_renormalize: bool = True, router_jitter_noise: float = 0.0,
-                 threshold_eps: float = 0.0, threshold_eps_start: float = 0.0, threshold_ramp_steps: int = 0,
-                 task_shared_lora: bool = False, init_lora_weights: Union[bool, str] = True,
-                 use_dora: bool = False, router_aux_loss_coef: float = 0.01, router_z_loss_coef: float = 0.001):
+    def __init__(self, base_layer: nn.Module, *args, **kwargs):
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"MoELoRAEmbedding wraps nn.Embedding layers, got {type(base_layer).__name__}")
-        super().__init__(
-            base_layer, a_in=base_layer.num_embeddings, d_out=base_layer.embedding_dim, b_rank=r, num_experts=num_experts,
-            top_k=top_k, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, share_lora_a=share_lora_a,
-            lora_a_dropout=lora_a_dropout, router=router, router_renormalize=router_renormalize,
-            router_jitter_noise=router_jitter_noise, threshold_eps=threshold_eps,
-            threshold_eps_start=threshold_eps_start, threshold_ramp_steps=threshold_ramp_steps,
-            task_shared_lora=task_shared_lora, init_lora_weights=init_lora_weights, use_dora=use_dora,
-            router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef,
-            lora_dropout=lora_dropout, router_in=base_layer.embedding_dim)
+        super().__init__(base_layer, *args, a_in=base_layer.num_embeddings, d_out=base_layer.embedding_dim,
+                         router_in=base_layer.embedding_dim, **kwargs)
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
         self.in_features, self.out_features = self.num_embeddings, self.embedding_dim  # PEFT's names
 
