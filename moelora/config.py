@@ -3,8 +3,7 @@
 Fields shared with PEFT's ``LoraConfig`` keep its names and meaning (r, lora_alpha,
 lora_dropout, target_modules, exclude_modules, layers_to_transform, layers_pattern,
 rank_pattern, alpha_pattern, use_rslora, init_lora_weights, use_dora, bias, modules_to_save);
-the rest
-describe the experts, the router and the auxiliary losses.
+the rest describe the experts, the router and the auxiliary losses.
 
 ``num_experts`` may differ per layer (MoLA): an int, a list with one count per layer, a
 callable ``(layer_index, num_layers) -> int``, or a preset over layer quarters ("2468",

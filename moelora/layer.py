@@ -39,9 +39,9 @@ def linear_dims(module: nn.Module):
     if is_conv1d(module):
         d_in, d_out = module.weight.shape
         return d_in, d_out, True
-    hint = {"Embedding": "; use moelora.MoELoRAEmbedding for nn.Embedding",
-            "Conv1d": "; use moelora.MoELoRAConv for convolutions", "Conv2d": "; use moelora.MoELoRAConv for convolutions",
-            "Conv3d": "; use moelora.MoELoRAConv for convolutions"}.get(type(module).__name__, "")
+    hint = ("; use moelora.MoELoRAEmbedding for nn.Embedding" if isinstance(module, nn.Embedding) else
+            "; use moelora.MoELoRAConv for convolutions" if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            else "")
     raise TypeError(f"MoELoRALinear wraps nn.Linear or transformers Conv1D layers, got {type(module).__name__}{hint}")
 
 
