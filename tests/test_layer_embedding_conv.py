@@ -211,16 +211,19 @@ def _peft_equivalence(net, target, ours, copy_weights, x, lora_dropout=0.0):
                                                 lora_dropout=lora_dropout))
     peft_layer = peft_model.base_model.model.get_submodule(target)
     copy_weights(peft_layer, ours)
+    x_peft, x_ours = (x.detach().clone().requires_grad_(x.is_floating_point()) for _ in range(2))
     for train in (False, True):
         peft_model.train(train), ours.train(train)
         torch.manual_seed(7)
-        expected = peft_model(x)
+        expected = peft_model(x_peft)
         torch.manual_seed(7)
-        out = ours(x)
+        out = ours(x_ours)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     weights = torch.randn_like(out)
     (expected * weights).sum().backward()
     (out * weights).sum().backward()
+    if x.is_floating_point():
+        torch.testing.assert_close(x_ours.grad, x_peft.grad, rtol=1e-5, atol=1e-6)
     return peft_layer
 
 
@@ -253,8 +256,7 @@ def test_single_expert_conv_equals_peft(conv):
             ours.lora_A[0].copy_(peft_layer.lora_A["default"].weight.reshape(4, -1))
             ours.lora_B[0].copy_(peft_layer.lora_B["default"].weight.reshape(6, -1))
 
-    x = torch.randn(2, 4, 7, requires_grad=True) if isinstance(net[0], nn.Conv1d) \
-        else torch.randn(2, 4, 7, 6, requires_grad=True)
+    x = torch.randn(2, 4, 7) if isinstance(net[0], nn.Conv1d) else torch.randn(2, 4, 7, 6)
     peft_layer = _peft_equivalence(net, "0", ours, copy, x, lora_dropout=0.2)
     torch.testing.assert_close(ours.lora_A.grad[0], peft_layer.lora_A["default"].weight.grad.reshape(4, -1))
     torch.testing.assert_close(ours.lora_B.grad[0], peft_layer.lora_B["default"].weight.grad.reshape(6, -1))
