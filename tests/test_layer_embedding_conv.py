@@ -81,7 +81,8 @@ def _mix(layer, h_of, base, routing):
     for t in range(base.shape[0]):
         for j in range(routing.ids.shape[1]):
             e = int(routing.ids[t, j])
-            out[t] = out[t] + layer.scaling * routing.weights[t, j].to(out.dtype) * (_full_b_loop(layer, e) @ h_of(e, t))
+            gate = layer.scaling * routing.weights[t, j].to(out.dtype)
+            out[t] = out[t] + gate * (_full_b_loop(layer, e) @ h_of(e, t))
     return out
 
 
@@ -166,8 +167,8 @@ def test_conv_matches_float64_loop(kind, mode):
     _check_against_loop(layer, lambda m, x: m(x), conv_loop, _conv_input(kind))
 
 
-@pytest.mark.parametrize("make", [lambda m: _embedding(m, torch.float32), lambda m: _conv("conv2d_3x3_s2", m, torch.float32)],
-                         ids=["embedding", "conv"])
+@pytest.mark.parametrize("make", [lambda m: _embedding(m, torch.float32),
+                                  lambda m: _conv("conv2d_3x3_s2", m, torch.float32)], ids=["embedding", "conv"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_fresh_layer_returns_base_output_exactly(make, mode):
     layer = make(mode).train()
@@ -196,7 +197,8 @@ def test_pointwise_conv_is_the_linear_case_and_calls_the_operator(monkeypatch):
 def test_triton_backend_runs_both_layers(dtype):
     """The Triton kernels (the interpreter on CPU) give the torch backend's result; on a GPU
     also with bfloat16 bases (fp32 adapters)."""
-    emb, conv = _fill(_embedding("softmax_topk", torch.float32)), _fill(_conv("conv2d_grouped", "shared_a", torch.float32))
+    emb = _fill(_embedding("softmax_topk", torch.float32))
+    conv = _fill(_conv("conv2d_grouped", "shared_a", torch.float32))
     ids, x = torch.tensor([[1, 4, 0], [2, 2, 9]], device=DEVICE), _conv_input("conv2d_grouped", dtype).to(DEVICE)
     for layer, inp in ((emb, ids), (conv, x)):
         layer.base_layer.to(dtype)

@@ -187,7 +187,8 @@ def test_enable_disable_adapter_layers_as_peft():
 
 # ----------------------------------------------------------------------------------- named adapters
 def _two_adapter_model():
-    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
+    model = get_moelora_model(tiny_llama(num_layers=2),
+                              MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
     randomize_adapters(model, seed=1)
     model.add_adapter("second", MoELoRAConfig(target_modules=["v_proj", "embed_tokens"], num_experts=3, top_k=2, r=2))
     return model
