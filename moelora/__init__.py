@@ -13,6 +13,8 @@ from ._config import current_backend, use_backend, validation, validation_enable
 from .config import MoELoRAConfig
 from .functional import moe_lora, resolve_backend
 from .layer import MoELoRALinear
+from .layer_conv import MoELoRAConv
+from .layer_embedding import MoELoRAEmbedding
 from .losses import load_balancing_loss, router_z_loss
 from .merge import merge_adapter, merge_and_unload, unmerge_adapter
 from .model import (MoELoRAModel, aux_loss, get_moelora_model, router_stats, set_task_ids, step_routers,
@@ -33,7 +35,7 @@ __all__ = [
     # routing and token movement
     "route", "dispatch_metadata", "dispatch", "combine", "RouteResult", "DispatchMetadata",
     # layers and models
-    "MoELoRAConfig", "MoELoRALinear", "Router", "load_balancing_loss", "router_z_loss",
+    "MoELoRAConfig", "MoELoRALinear", "MoELoRAEmbedding", "MoELoRAConv", "Router", "load_balancing_loss", "router_z_loss",
     "MoELoRAModel", "aux_loss", "get_moelora_model", "router_stats", "set_task_ids", "step_routers",
     "use_task_ids", "merge_adapter", "merge_and_unload", "unmerge_adapter",
     "export_peft_lora", "from_pretrained", "load_peft_lora", "save_pretrained",

@@ -14,6 +14,8 @@ from typing import Callable, List, Tuple
 import torch.nn as nn
 
 ATTRIBUTE = "_moelora_structure"
+# Arguments whose default changed, with the value a record written before holds implicitly.
+LEGACY_DEFAULTS = {"apply_molex": {"bias": False}}  # MoLEx's linear gate gained its bias
 
 
 def record(model: nn.Module, op: str, kwargs: dict) -> None:
@@ -66,7 +68,7 @@ def replay(model: nn.Module, records: list) -> None:
 
     ops = {"upcycle_ffn": upcycle_ffn, "apply_molex": apply_molex}
     for entry in records:
-        op, kwargs = entry["op"], dict(entry["kwargs"])
+        op, kwargs = entry["op"], {**LEGACY_DEFAULTS.get(entry["op"], {}), **entry["kwargs"]}
         if op not in ops:
             raise ValueError(f"unknown structural edit {op!r} in the checkpoint")
         if isinstance(kwargs.get("activation"), str):

@@ -2,8 +2,8 @@
 
 Fields shared with PEFT's ``LoraConfig`` keep its names and meaning (r, lora_alpha,
 lora_dropout, target_modules, exclude_modules, layers_to_transform, layers_pattern,
-rank_pattern, alpha_pattern, use_rslora, init_lora_weights, use_dora, bias); the rest
-describe the experts, the router and the auxiliary losses.
+rank_pattern, alpha_pattern, use_rslora, init_lora_weights, use_dora, bias, modules_to_save);
+the rest describe the experts, the router and the auxiliary losses.
 
 ``num_experts`` may differ per layer (MoLA): an int, a list with one count per layer, a
 callable ``(layer_index, num_layers) -> int``, or a preset over layer quarters ("2468",
@@ -40,6 +40,7 @@ class MoELoRAConfig:
     init_lora_weights: Union[bool, str] = True
     use_dora: bool = False
     bias: str = "none"
+    modules_to_save: Optional[Union[List[str], str]] = None  # trained and saved whole (moelora.adapters)
     base_model_name_or_path: Optional[str] = None
     # --- experts and routing
     num_experts: Union[int, List[int], str, Callable[[int, int], int]] = 4

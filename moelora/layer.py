@@ -42,7 +42,7 @@ from .routers import ROUTER_MODES, Router, Routing, task_routing
 _SINGLE = {}
 
 
-def _single_expert_routing(num_tokens: int, device: torch.device):
+def single_expert_routing(num_tokens: int, device: torch.device):
     """ids 0 and weights 1 for every token ([T, 1] stride-0 views of cached scalars)."""
     pair = _SINGLE.get(device)
     if pair is None:
@@ -63,7 +63,10 @@ def linear_dims(module: nn.Module):
     if is_conv1d(module):
         d_in, d_out = module.weight.shape
         return d_in, d_out, True
-    raise TypeError(f"MoELoRALinear wraps nn.Linear or transformers Conv1D layers, got {type(module).__name__}")
+    hint = ("; use moelora.MoELoRAEmbedding for nn.Embedding" if isinstance(module, nn.Embedding) else
+            "; use moelora.MoELoRAConv for convolutions" if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            else "")
+    raise TypeError(f"MoELoRALinear wraps nn.Linear or transformers Conv1D layers, got {type(module).__name__}{hint}")
 
 
 class MoELoRALinear(nn.Module, RoutedModule):
@@ -198,7 +201,7 @@ class MoELoRALinear(nn.Module, RoutedModule):
             routing = task_routing(self._task_ids, self.lora_gamma, lead, shared)
             return None, routing.ids, routing.weights
         if self.router is None:
-            ids, weights = _single_expert_routing(x2.shape[0], x2.device)
+            ids, weights = single_expert_routing(x2.shape[0], x2.device)
             return None, ids, weights
         r = self.router
         logits = r.logits(x2) if r.jitters else None

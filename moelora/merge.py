@@ -70,9 +70,9 @@ def unmerge_layer(layer) -> None:
 
 
 def _moelora_layers(model: nn.Module):
-    from .layer import MoELoRALinear
+    from ._layer_base import is_adapter_layer
 
-    return [m for m in model.modules() if isinstance(m, MoELoRALinear)]
+    return [m for m in model.modules() if is_adapter_layer(m)]
 
 
 def merge_adapter(model: nn.Module, task: Optional[int] = None) -> None:
@@ -94,11 +94,11 @@ def merge_and_unload(model: nn.Module, task: Optional[int] = None) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Replace every MoELoRALinear by its base layer (merged or not); returns the model."""
-    from .layer import MoELoRALinear
+    """Replace every MoE-LoRA layer by its base layer (merged or not); returns the model."""
+    from ._layer_base import is_adapter_layer
 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, MoELoRALinear):
+            if is_adapter_layer(child):
                 setattr(module, child_name, child.base_layer)
     return model

@@ -1,7 +1,10 @@
 """Injecting MoE-LoRA layers into a model, and the model-level helpers.
 
-:func:`get_moelora_model` replaces the ``nn.Linear`` (or GPT-2 ``Conv1D``) modules named by
-``config.target_modules`` with :class:`MoELoRALinear`, freezes everything but the adapters,
+:func:`get_moelora_model` replaces the modules named by ``config.target_modules`` with
+MoE-LoRA layers, as PEFT's LoRA: ``nn.Linear`` (or GPT-2 ``Conv1D``) with
+:class:`MoELoRALinear`, ``nn.Embedding`` with :class:`MoELoRAEmbedding`, ``nn.Conv1d/2d/3d``
+with :class:`MoELoRAConv` (a regex matching several kinds adapts each with its class;
+``"all-linear"`` takes the linear layers only). It freezes everything but the adapters,
 routers and task scales, and returns a :class:`MoELoRAModel` wrapper.
 
 Auxiliary losses: every routed module keeps the weighted load-balancing + z-loss of its
@@ -26,12 +29,18 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ._layer_base import is_adapter_layer
+from . import adapters
+from .adapters import wrap_modules_to_save
 from .config import MoELoRAConfig
 from .layer import MoELoRALinear, is_conv1d
+from .layer_conv import MoELoRAConv, is_conv
+from .layer_embedding import MoELoRAEmbedding
 from .losses import RoutedModule
 from .routers import Router
 
 DEFAULT_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
+DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 TRAINABLE_MARKERS = ("lora_", "router.")
 
@@ -64,6 +73,18 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def adapter_class(module: nn.Module):
+    """The MoE-LoRA layer class that wraps ``module`` (None if there is none), as PEFT's
+    LoRA: linear layers (and GPT-2 Conv1D), embeddings, convolutions."""
+    if _is_linear(module):
+        return MoELoRALinear
+    if isinstance(module, nn.Embedding):
+        return MoELoRAEmbedding
+    if is_conv(module):
+        return MoELoRAConv
+    return None
+
+
 def _output_head_ids(model: nn.Module) -> set:
     ids = set()
     get_out = getattr(model, "get_output_embeddings", None)
@@ -86,7 +107,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     # Linear layers inside moelora's own modules (MoLEx gates, upcycled experts) are not targets.
     owned = {id(sub) for m in model.modules() if getattr(m, "_moelora_trainable", False) for sub in m.modules()}
     for name, module in model.named_modules():
-        if not _is_linear(module) or isinstance(module, Router) or id(module) in owned:
+        if adapter_class(module) is None or isinstance(module, Router) or id(module) in owned:
             continue
         if any(p in name.split(".") for p in ("base_layer",)):
             raise ValueError("the model already holds MoE-LoRA layers; inject into a clean model")
@@ -94,16 +115,19 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     target = config.target_modules
     if target == "all-linear":
         heads = _output_head_ids(model)
-        selected = [n for n, m in candidates if id(m) not in heads and n.split(".")[-1] not in OUTPUT_HEAD_NAMES]
+        selected = [n for n, m in candidates if _is_linear(m) and id(m) not in heads
+                    and n.split(".")[-1] not in OUTPUT_HEAD_NAMES]
     else:
         selected = [n for n, _ in candidates if _matches(n, target)]
         if isinstance(target, str):
             if not selected:
-                raise ValueError(f"target_modules regex {target!r} matches no linear module of the model")
+                raise ValueError(f"target_modules regex {target!r} matches no linear module (nor embedding or "
+                                 "convolution) of the model")
         else:
             unknown = [t for t in target if not any(_matches(n, [t]) for n, _ in candidates)]
             if unknown:
-                raise ValueError(f"target_modules {unknown} not found among the model's linear modules "
+                raise ValueError(f"target_modules {unknown} not found among the model's linear, embedding and "
+                                 "convolution modules "
                                  f"(e.g. {[n for n, _ in candidates[:6]]})")
     if config.exclude_modules:
         selected = [n for n in selected if not _matches(n, config.exclude_modules)]
@@ -140,7 +164,10 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
         top_k = config.top_k
         if config.router != "task" and n_exp > 1 and top_k > n_exp:
             raise ValueError(f"top_k={top_k} exceeds num_experts={n_exp} of layer {idx} ({name})")
-        layer = MoELoRALinear(
+        layer_class = adapter_class(base)
+        if layer_class is not MoELoRALinear and config.use_dora:
+            raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
+        layer = layer_class(
             base, num_experts=n_exp, top_k=top_k,
             r=_pattern_value(name, config.rank_pattern, config.r),
             lora_alpha=_pattern_value(name, config.alpha_pattern, config.lora_alpha),
@@ -152,6 +179,7 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             init_lora_weights=config.init_lora_weights, use_dora=config.use_dora,
             router_aux_loss_coef=config.router_aux_loss_coef, router_z_loss_coef=config.router_z_loss_coef)
         _set_module(model, name, layer)
+    wrap_modules_to_save(model, config.modules_to_save)
     mark_only_adapters_trainable(model, config.bias)
     return names
 
@@ -171,7 +199,7 @@ def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
                 p.requires_grad_(True)
     elif bias == "lora_only":
         for m in model.modules():
-            if isinstance(m, MoELoRALinear) and getattr(m.base_layer, "bias", None) is not None:
+            if is_adapter_layer(m) and getattr(m.base_layer, "bias", None) is not None:
                 m.base_layer.bias.requires_grad_(True)
 
 
@@ -204,7 +232,7 @@ def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
 
 
 def _task_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, MoELoRALinear) and m.router_mode == "task"]
+    return [m for m in model.modules() if is_adapter_layer(m) and m.router_mode == "task"]
 
 
 def set_task_ids(model: nn.Module, ids) -> None:
@@ -279,12 +307,20 @@ class MoELoRAModel(nn.Module):
     (``self.model``) and adds the auxiliary loss to its loss (see the module docstring).
     ``inspect.signature(wrapper.forward)`` shows the wrapped model's arguments. Attributes
     the wrapper lacks are looked up on the wrapped model.
+
+    Named adapters as PEFT's (:mod:`moelora.adapters`): the first is ``"default"``;
+    ``add_adapter`` / ``load_adapter`` add more, ``set_adapter`` activates one,
+    ``delete_adapter`` drops one; ``moelora_config`` is the active adapter's config and
+    ``adapter_configs`` holds them all. Inactive adapters live in ``inactive_adapters``, frozen.
     """
 
-    def __init__(self, model: nn.Module, config: MoELoRAConfig):
+    def __init__(self, model: nn.Module, config: MoELoRAConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.model = model
-        self.moelora_config = config
+        self.adapter_configs: Dict[str, MoELoRAConfig] = {adapter_name: config}
+        self.active_adapter = adapter_name
+        self.inactive_adapters = nn.ModuleDict()
+        self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
         forward = _forward_with_wrapped_signature(self)
         if forward is not None:
             self.forward = forward
@@ -341,14 +377,13 @@ class MoELoRAModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """``with model.disable_adapter():`` runs the base model (as PEFT's)."""
-        layers = [m for m in self.model.modules() if isinstance(m, MoELoRALinear)]
-        previous = [m.disable_adapters for m in layers]
-        for m in layers:
-            m.disable_adapters = True
+        modules = list(adapters.adapter_modules(self.model).values())
+        previous = [m.disable_adapters for m in modules]
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            for m, prev in zip(layers, previous):
+            for m, prev in zip(modules, previous):
                 m.disable_adapters = prev
 
     def merge_adapter(self, task: Optional[int] = None) -> None:
@@ -362,27 +397,107 @@ class MoELoRAModel(nn.Module):
         unmerge_adapter(self.model)
 
     def merge_and_unload(self, task: Optional[int] = None) -> nn.Module:
+        """Merge the adapter into the base weights and return the plain model (saved modules:
+        their trained copies)."""
         from .merge import merge_and_unload
 
-        return merge_and_unload(self.model, task)
+        merge_and_unload(self.model, task)
+        adapters.unwrap_modules_to_save(self.model)
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """The base model back, without merging: every adapter module replaced by its original."""
+        adapters.deactivate(self.model)
+        return self.model
 
     def save_pretrained(self, save_directory: str, state_dict: Optional[dict] = None,
-                        is_main_process: bool = True, **kwargs) -> None:
-        """Write the adapter (see :func:`moelora.save_pretrained`). Takes the arguments
-        transformers passes to ``PreTrainedModel.save_pretrained``: ``state_dict`` (e.g. a
-        gathered FSDP state dict) is read instead of the model's own, only the main process
-        writes, and the other keyword arguments (``safe_serialization``, ...) are ignored: the
-        adapter is always one safetensors file."""
+                        is_main_process: bool = True, selected_adapters: Optional[List[str]] = None,
+                        **kwargs) -> None:
+        """Write the adapters (see :func:`moelora.save_pretrained`; "default" in
+        ``save_directory``, the others in subfolders named after them, as PEFT). Takes the
+        arguments transformers passes to ``PreTrainedModel.save_pretrained``: ``state_dict``
+        (e.g. a gathered FSDP state dict) is read instead of the model's own, only the main
+        process writes, and the other keyword arguments (``safe_serialization``, ...) are
+        ignored: an adapter is always one safetensors file."""
         from .persistence import save_pretrained
 
         if is_main_process:
-            save_pretrained(self, save_directory, state_dict=state_dict)
+            save_pretrained(self, save_directory, state_dict=state_dict, selected_adapters=selected_adapters)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False) -> "MoELoRAModel":
         from .persistence import from_pretrained
 
         return from_pretrained(model, directory, is_trainable=is_trainable)
+
+    # ----------------------------------------------------------------- PEFT adapter conventions
+    @property
+    def moelora_config(self) -> MoELoRAConfig:
+        """The active adapter's configuration."""
+        return self.adapter_configs[self.active_adapter]
+
+    @property
+    def active_adapters(self) -> List[str]:
+        return [self.active_adapter]
+
+    def enable_adapter_layers(self) -> None:
+        """Run the adapter again after :meth:`disable_adapter_layers`."""
+        adapters.set_adapter_layers(self.model, True)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model (merged layers are unmerged first) until :meth:`enable_adapter_layers`."""
+        adapters.set_adapter_layers(self.model, False)
+
+    def add_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:
+        """Add an adapter built from ``config`` (inactive and frozen; see :meth:`set_adapter`)."""
+        adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=False)
+        active = adapters.deactivate(self.model)
+        try:
+            inject_moelora(self.model, config)
+            new = adapters.deactivate(self.model)
+        finally:
+            adapters.activate(self.model, active)
+            self._mark_trainable()
+        self.inactive_adapters[adapter_name] = adapters.stored(new)
+        self.adapter_configs[adapter_name] = config
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Activate ``adapter_name``: its layers go into the model (trainable unless the model was
+        loaded for inference); the active one is stored, frozen (merged layers are unmerged)."""
+        adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=True)
+        if adapter_name == self.active_adapter:
+            return
+        incoming = self.inactive_adapters[adapter_name]
+        outgoing = adapters.deactivate(self.model)
+        adapters.activate(self.model, dict(incoming.items()))
+        del self.inactive_adapters[adapter_name]
+        self.inactive_adapters[self.active_adapter] = adapters.stored(outgoing)
+        self.active_adapter = adapter_name
+        self._mark_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop ``adapter_name``; deleting the active one activates the first remaining adapter."""
+        adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=True)
+        if adapter_name == self.active_adapter:
+            others = [n for n in self.adapter_configs if n != adapter_name]
+            if not others:
+                raise ValueError(f"{adapter_name!r} is the model's only adapter; it cannot be deleted")
+            self.set_adapter(others[0])
+        del self.inactive_adapters[adapter_name]
+        del self.adapter_configs[adapter_name]
+
+    def load_adapter(self, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load an adapter saved by :meth:`save_pretrained` as ``adapter_name`` (inactive)."""
+        from .persistence import load_adapter
+
+        load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
+
+    def _mark_trainable(self) -> None:
+        if self.adapters_trainable:
+            mark_only_adapters_trainable(self.model, self.moelora_config.bias)
+        else:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
 
 
 def get_moelora_model(model: nn.Module, config: MoELoRAConfig) -> MoELoRAModel:

@@ -5,21 +5,40 @@ Each layer t of a residual stack is mixed with one other layer j chosen by a gat
     z_{t+1} = z_t + a * u_t(z_t) + (1 - a) * u_j(z_t),     u_l(z) = layer_l(z) - z
 
 - gate (one shared by all layers, or one per layer) over the L layers, the own layer masked:
-  "linear" (logits = W z), "cosine" (cos(P z, e_l) / temperature, P a projection to
-  ``proj_dim``), "cosine_sigmoid" (the same, gate value sigmoid(cos / temperature));
+  "linear" (logits = W z + b, as the paper's ``nn.Linear(hidden, L)``: with Llama-3.2-1B's
+  16 layers of width 2048 and one shared gate, 32,784 parameters), "cosine"
+  (cos(P z, e_l) / temperature, P a projection to ``proj_dim``, bias-free by default),
+  "cosine_sigmoid" (the same, gate value sigmoid(cos / temperature)); ``bias`` overrides;
 - top-1 per token, then one j per batch: the mode of the token choices ("mode") or the
-  argmax of the mean gate probabilities ("mean"); choosing j reads one value on the host;
+  argmax of the mean gate probabilities ("mean"), kept on the device;
 - ``a`` fixed (e.g. 0.95) or learned (a = sigmoid(theta));
 - the gate learns through a straight-through factor g[t,j] / stopgrad(g[t,j]) (= 1 in the
   forward) on the u_j term, and a Switch load-balancing loss over the token choices.
 
+Running u_j without reading j on the host (``layer_selection="device"``, the default where
+the layers have the same parameter names and shapes): the parameters and buffers of the L
+layers are stacked once per forward and layer t's own code runs with layer j's slice
+(``torch.func.functional_call``), so no host sync, and torch.compile(fullgraph=True) and
+CUDA-graph capture work. The price: one copy of the stack's parameters per forward, plus
+the gathered slice of each mixing call kept for backward. ``layer_selection="host"`` calls
+``layers[j]`` itself (no copies, one host read per layer; needed where layers differ, e.g.
+MoLA's per-layer expert counts); ``"auto"`` picks device where it can. The layers run
+layer t's code: exact where layers differ only in their parameters (not e.g. alternating
+sliding-window layers: use "host" there).
+
 Applied with forward hooks on the existing layers (module names and state dicts of the
-base model are unchanged); the gates live in ``model.molex``. Decoder stacks must run
-without a KV cache (layer j would write into layer j's cache slot).
+base model are unchanged); the gates live in ``model.molex``. The aux losses and router
+statistics of MoE-LoRA layers inside the stack are those of each layer's own call. KV
+caches: the mixing call runs without the cache (layer j would otherwise write into its
+own slot), which is exact for a forward over whole sequences (training, evaluation,
+prefill) with the model's default ``use_cache``; decoding from a cache that already holds
+tokens raises (the mixing layer would need keys it never computed: generate with
+``use_cache=False``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -33,32 +52,38 @@ from .model import DEFAULT_LAYERS_PATTERN
 
 GATE_TYPES = ("linear", "cosine", "cosine_sigmoid")
 BATCH_ROUTING = ("mode", "mean")
+LAYER_SELECTION = ("auto", "device", "host")
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
 class LayerGate(nn.Module):
     """Scores of the L layers for each token: returns (logits [T, L], gate values [T, L])."""
 
     def __init__(self, hidden_size: int, num_layers: int, gate: str = "linear", proj_dim: Optional[int] = None,
-                 temperature: float = 0.07):
+                 temperature: float = 0.07, bias: Optional[bool] = None):
         super().__init__()
         if gate not in GATE_TYPES:
             raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
         self.gate = gate
+        if bias is None:
+            bias = gate == "linear"  # the paper's linear gate is nn.Linear(hidden, L) with its bias
         if gate == "linear":
-            self.weight = nn.Parameter(torch.empty(num_layers, hidden_size))
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            linear = nn.Linear(hidden_size, num_layers, bias=bias)  # nn.Linear's init, as the paper
+            self.weight = linear.weight
+            self.bias = linear.bias
         else:
             proj_dim = proj_dim or hidden_size
-            self.proj = nn.Linear(hidden_size, proj_dim, bias=False)
+            self.proj = nn.Linear(hidden_size, proj_dim, bias=bias)
             self.layer_embeddings = nn.Parameter(torch.randn(num_layers, proj_dim))
             self.temperature = temperature
 
     def forward(self, z: torch.Tensor, exclude: int):
         z = z.reshape(-1, z.shape[-1]).float()
         if self.gate == "linear":
-            logits = F.linear(z, self.weight.float())
+            logits = F.linear(z, self.weight.float(), None if self.bias is None else self.bias.float())
         else:
-            logits = F.linear(F.normalize(F.linear(z, self.proj.weight.float()), dim=-1),
+            proj_bias = None if self.proj.bias is None else self.proj.bias.float()
+            logits = F.linear(F.normalize(F.linear(z, self.proj.weight.float(), proj_bias), dim=-1),
                               F.normalize(self.layer_embeddings.float(), dim=-1)) / self.temperature
         mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         mask[exclude] = True
@@ -74,7 +99,8 @@ class MoLEx(nn.Module, RoutedModule):
 
     def __init__(self, layers: nn.ModuleList, hidden_size: int, gate: str = "linear", shared_gate: bool = True,
                  proj_dim: Optional[int] = None, alpha: float = 0.95, learn_alpha: bool = False,
-                 batch_routing: str = "mode", aux_loss_coef: float = 0.01, temperature: float = 0.07):
+                 batch_routing: str = "mode", aux_loss_coef: float = 0.01, temperature: float = 0.07,
+                 bias: Optional[bool] = None, layer_selection: str = "auto"):
         super().__init__()
         num_layers = len(layers)
         if num_layers < 2:
@@ -83,10 +109,14 @@ class MoLEx(nn.Module, RoutedModule):
             raise ValueError(f"batch_routing must be one of {BATCH_ROUTING}, got {batch_routing!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if layer_selection not in LAYER_SELECTION:
+            raise ValueError(f"layer_selection must be one of {LAYER_SELECTION}, got {layer_selection!r}")
+        self.layer_selection = layer_selection
+        self._stacked = None  # the layers' stacked tensors of the forward under way (device selection)
         self._layers = [layers]  # a list: not registered, the stack belongs to the model
         self.num_layers, self.batch_routing, self.shared_gate = num_layers, batch_routing, shared_gate
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, 0.0
-        make = lambda: LayerGate(hidden_size, num_layers, gate, proj_dim, temperature)  # noqa: E731
+        make = lambda: LayerGate(hidden_size, num_layers, gate, proj_dim, temperature, bias)  # noqa: E731
         self.gates = nn.ModuleList([make()] if shared_gate else [make() for _ in range(num_layers)])
         if learn_alpha:
             a = min(max(alpha, 1e-4), 1 - 1e-4)
@@ -94,7 +124,8 @@ class MoLEx(nn.Module, RoutedModule):
         else:
             self.register_buffer("alpha_value", torch.tensor(float(alpha)))
         self._calling_other = False
-        self._handles = [layer.register_forward_hook(self._hook(t), with_kwargs=True)
+        # Bound methods (not closures): a deepcopy of the model copies the hooks onto its own MoLEx.
+        self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True)
                          for t, layer in enumerate(layers)]
         self._clear_routing_record()
 
@@ -107,39 +138,31 @@ class MoLEx(nn.Module, RoutedModule):
         self._per_layer = {}
 
     def choose(self, z: torch.Tensor, t: int):
-        """(j, straight-through factor [T], logits, gate values, token choices) for layer t."""
+        """(j as a 0-d device tensor, straight-through factor [T], logits, gate values, token
+        choices) for layer t; nothing is read on the host."""
         gate = self.gates[0 if self.shared_gate else t]
         logits, values = gate(z, exclude=t)
         token_choice = values.argmax(dim=-1)
-        if self.batch_routing == "mode":
-            j = int(torch.bincount(token_choice, minlength=self.num_layers).argmax())
+        if self.batch_routing == "mode":  # one-hot counts: a static shape (bincount's is data-dependent)
+            j = F.one_hot(token_choice, self.num_layers).sum(dim=0).argmax()
         else:
-            j = int(values.mean(dim=0).argmax())
-        g = values[:, j]
+            j = values.mean(dim=0).argmax()
+        g = values.index_select(1, j.reshape(1)).squeeze(1)
         return j, g / g.detach(), logits, values, token_choice
 
-    def _hook(self, t: int):
-        def hook(module, args, kwargs, output):
-            if self._calling_other:
-                return None
-            for key in ("past_key_values", "past_key_value", "layer_past", "cache"):
-                cache = kwargs.get(key)
-                if cache is not None and not (isinstance(cache, (tuple, list)) and len(cache) == 0):
-                    raise RuntimeError("MoLEx mixes layers and cannot share a KV cache: run with use_cache=False")
-            z = args[0] if args else kwargs["hidden_states"]
-            h_t = output[0] if isinstance(output, tuple) else output
-            j, st, logits, values, token_choice = self.choose(z, t)
-            self._calling_other = True
-            try:
-                other = self._layers[0][j](*args, **kwargs)
-            finally:
-                self._calling_other = False
-            h_j = other[0] if isinstance(other, tuple) else other
-            a = self.alpha.to(z.dtype)
-            mixed = z + a * (h_t - z) + (1 - a) * (h_j - z) * st.to(z.dtype).reshape(*z.shape[:-1], 1)
-            self._record(t, j, logits, values, token_choice)
-            return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
-        return hook
+    def _mix(self, t: int, module, args, kwargs, output):
+        """Forward hook of layer t: its output becomes z + a u_t(z) + (1 - a) u_j(z)."""
+        if self._calling_other:
+            return None
+        z = args[0] if args else kwargs["hidden_states"]
+        h_t = output[0] if isinstance(output, tuple) else output
+        j, st, logits, values, token_choice = self.choose(z, t)
+        other = self._call_layer(t, j, args, _without_cache(kwargs, t, z))
+        h_j = other[0] if isinstance(other, tuple) else other
+        a = self.alpha.to(z.dtype)
+        mixed = z + a * (h_t - z) + (1 - a) * (h_j - z) * st.to(z.dtype).reshape(*z.shape[:-1], 1)
+        self._record(t, j, logits, values, token_choice)
+        return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
 
     def _record(self, t, j, logits, values, token_choice) -> None:
         probs = torch.softmax(logits, dim=-1)
@@ -151,15 +174,88 @@ class MoLEx(nn.Module, RoutedModule):
         self._last_router_stats = {
             "load": torch.stack([expert_load(v[3][:, None], self.num_layers) for v in self._per_layer.values()]).mean(0),
             "entropy": torch.stack([routing_entropy(v[2]) for v in self._per_layer.values()]).mean(),
-            "chosen_layers": torch.tensor([self._per_layer[k][1] if k in self._per_layer else -1
-                                           for k in range(self.num_layers)]),
+            "chosen_layers": torch.stack([self._per_layer[k][1].detach() if k in self._per_layer
+                                          else torch.full_like(j, -1) for k in range(self.num_layers)]),
         }
+
+    # ------------------------------------------------------------------ running u_j(z_t)
+    def _call_layer(self, t: int, j: torch.Tensor, args, kwargs):
+        """Layer j on layer t's input (see the module docstring); the routing records of the
+        layer whose code runs are those of its own call afterwards."""
+        layers = self._layers[0]
+        device = self._device_selection(layers)
+        if t == 0 or self._stacked is None:
+            self._stacked = _stack_layers(layers) if device else None
+        runner = layers[t] if device else layers[int(j)]  # "host": one host read
+        records = _routing_records(runner)
+        self._calling_other = True
+        try:
+            if device:
+                index = j.reshape(1)  # a tensor op, not an integer index (no host read, traceable)
+                tensors = {name: stacked.index_select(0, index).squeeze(0) for name, stacked in self._stacked.items()}
+                out = torch.func.functional_call(runner, tensors, args, kwargs, strict=True)
+            else:
+                out = runner(*args, **kwargs)
+        finally:
+            self._calling_other = False
+            _restore_routing_records(records)
+            if t == self.num_layers - 1:
+                self._stacked = None  # not kept alive between forwards
+        return out
+
+    def _device_selection(self, layers: nn.ModuleList) -> bool:
+        if self.layer_selection == "host":
+            return False
+        uniform = len({_layer_signature(layer) for layer in layers}) == 1
+        if not uniform and self.layer_selection == "device":
+            raise ValueError("layer_selection='device' needs layers with the same parameter and buffer names and "
+                             "shapes (e.g. MoLA's per-layer expert counts differ): use 'host'")
+        return uniform
 
     def remove(self) -> None:
         """Detach the hooks (the model computes its plain stack again)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _layer_signature(layer: nn.Module) -> tuple:
+    return tuple((n, tuple(t.shape), t.dtype) for n, t in (*layer.named_parameters(), *layer.named_buffers()))
+
+
+def _stack_layers(layers: nn.ModuleList) -> dict:
+    """{name: [L, ...] stack} of every parameter and buffer of the layers (differentiable)."""
+    names = [n for n, _ in (*layers[0].named_parameters(), *layers[0].named_buffers())]
+    per_layer = [dict((*layer.named_parameters(), *layer.named_buffers())) for layer in layers]
+    return {name: torch.stack([tensors[name] for tensors in per_layer]) for name in names}
+
+
+def _routing_records(module: nn.Module) -> list:
+    return [(m, m._last_aux_loss, m._last_router_stats) for m in module.modules()
+            if isinstance(m, RoutedModule) and not isinstance(m, MoLEx)]
+
+
+def _restore_routing_records(records: list) -> None:
+    for m, loss, stats in records:
+        m._last_aux_loss, m._last_router_stats = loss, stats
+
+
+def _without_cache(kwargs: dict, t: int, z: torch.Tensor) -> dict:
+    """The layer's keyword arguments for a mixing call: no KV cache (see the module docstring).
+    Raises while decoding, i.e. when layer t's cache held tokens before this forward."""
+    kwargs = dict(kwargs)
+    for key in CACHE_KWARGS:
+        cache = kwargs.get(key)
+        if cache is None or (isinstance(cache, (tuple, list)) and len(cache) == 0):
+            continue
+        cached = cache.get_seq_length(t) if hasattr(cache, "get_seq_length") else None
+        if cached is None or z.dim() < 3 or cached > z.shape[-2]:
+            raise RuntimeError("MoLEx cannot decode from a KV cache that already holds tokens (layer j would "
+                               "need keys it never computed): generate with use_cache=False")
+        kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None) -> nn.ModuleList:
@@ -182,7 +278,7 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     """Turn the layer stack of ``model`` into MoLEx; returns the MoLEx module (``model.molex``).
 
     kwargs: gate, shared_gate, proj_dim, alpha, learn_alpha, batch_routing, aux_loss_coef,
-    temperature (see :class:`MoLEx`).
+    temperature, bias, layer_selection (see :class:`MoLEx` and the module docstring).
     """
     from .model import MoELoRAModel
 
@@ -201,5 +297,6 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
         molex.to(first.device)  # the gates live where the layers do (fp32 whatever the model's dtype)
     target.add_module("molex", molex)
     stack_name = next(n for n, m in target.named_modules() if m is stack)
+    kwargs.setdefault("bias", None)  # recorded explicitly: records without it predate the gate's bias
     record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
     return molex

@@ -11,15 +11,22 @@
   LoRA with the same scaling.
 - :func:`load_peft_lora` reads a PEFT LoRA checkpoint as a single expert: into a fresh
   model (E = 1), or into expert ``expert`` of an injected model with per-expert A.
+- Both handle PEFT's layers on linear layers, embeddings (``lora_embedding_A/B``) and
+  convolutions (conv kernels), the biases a ``bias="all"`` / ``"lora_only"`` adapter trains,
+  and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``).
+- Named adapters (:mod:`moelora.adapters`): :func:`save_pretrained` writes "default" in the
+  directory and any other adapter in a subfolder named after it (PEFT's layout);
+  :func:`load_adapter` adds one to a loaded model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,7 +34,11 @@ import torch.nn as nn
 from . import _structure
 from .config import CONFIG_NAME, MoELoRAConfig
 from .layer import MoELoRALinear
-from .model import TRAINABLE_MARKERS, MoELoRAModel, get_moelora_model
+from .layer_conv import MoELoRAConv
+from .layer_embedding import MoELoRAEmbedding
+from ._layer_base import is_adapter_layer
+from .adapters import ModulesToSaveWrapper, optional_names
+from .model import DEFAULT_ADAPTER, TRAINABLE_MARKERS, MoELoRAModel, get_moelora_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora._structure)
@@ -100,9 +111,42 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
     return state
 
 
-def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None) -> None:
-    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` (see the module docstring);
-    with ``state_dict`` the tensors come from it (see :func:`adapter_state_dict`)."""
+def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None,
+                    selected_adapters: Optional[List[str]] = None) -> None:
+    """Write each adapter of ``model`` (``selected_adapters``, default all) as PEFT lays them out:
+    the adapter "default" in ``save_directory``, any other in ``save_directory/<name>``. With
+    ``state_dict`` (read instead of the model's own) only the active adapter is written."""
+    if state_dict is not None or not model.inactive_adapters:
+        _save_active_adapter(model, _adapter_directory(save_directory, model.active_adapter), state_dict)
+        return
+    for name in optional_names(selected_adapters, model.adapter_configs):
+        with _adapter_active(model, name):
+            _save_active_adapter(model, _adapter_directory(save_directory, name))
+
+
+def _adapter_directory(save_directory: str, adapter_name: str) -> str:
+    return save_directory if adapter_name == DEFAULT_ADAPTER else os.path.join(save_directory, adapter_name)
+
+
+@contextlib.contextmanager
+def _adapter_active(model: MoELoRAModel, adapter_name: str):
+    """Make ``adapter_name`` the active adapter inside the block (trainability restored after)."""
+    if adapter_name == model.active_adapter:
+        yield
+        return
+    previous, flags = model.active_adapter, [(p, p.requires_grad) for p in model.parameters()]
+    model.set_adapter(adapter_name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _save_active_adapter(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None) -> None:
+    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` of the active adapter (see
+    the module docstring); with ``state_dict`` the tensors come from it (see :func:`adapter_state_dict`)."""
     from safetensors.torch import save_file
 
     config = model.moelora_config
@@ -117,16 +161,47 @@ def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Option
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
-    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights."""
-    from safetensors.torch import load_file
-
+def _read_config(directory: str):
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         saved = json.load(f)
     structure = saved.pop(STRUCTURE_KEY, [])
-    config = MoELoRAConfig.from_dict(saved)
+    return MoELoRAConfig.from_dict(saved), structure
+
+
+def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
+    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights
+    (as the adapter "default"; :func:`load_adapter` adds the others)."""
+    config, structure = _read_config(directory)
     _structure.replay(model, structure)
     wrapped = get_moelora_model(model, config)
+    _load_active_adapter_weights(wrapped, directory)
+    if not is_trainable:
+        for p in wrapped.parameters():
+            p.requires_grad_(False)
+        wrapped.eval()
+    wrapped.adapters_trainable = is_trainable
+    return wrapped
+
+
+def load_adapter(model: MoELoRAModel, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name`` (inactive), as PEFT's
+    ``load_adapter``. The model must have the structure (upcycling, MoLEx) the adapter was
+    saved with; ``is_trainable`` makes the adapters trainable when activated."""
+    config, structure = _read_config(directory)
+    if structure != _structure.to_json(_inner(model)):
+        raise ValueError(f"the adapter in {directory} was saved on a model with the structural edits {structure}, "
+                         f"this model has {_structure.to_json(_inner(model))}")
+    model.add_adapter(adapter_name, config)
+    model.adapters_trainable = model.adapters_trainable and is_trainable
+    with _adapter_active(model, adapter_name):
+        _load_active_adapter_weights(model, directory)
+
+
+def _load_active_adapter_weights(wrapped: MoELoRAModel, directory: str) -> None:
+    """Load ``adapter_model.safetensors`` into the active adapter, checking names and shapes."""
+    from safetensors.torch import load_file
+
+    config = wrapped.moelora_config
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
     expected = adapter_state_dict(wrapped, config.bias)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -137,11 +212,6 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
             raise ValueError(f"checkpoint does not fit the model: {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(expected[name].shape)}")
     wrapped.model.load_state_dict(state, strict=False)
-    if not is_trainable:
-        for p in wrapped.parameters():
-            p.requires_grad_(False)
-        wrapped.eval()
-    return wrapped
 
 
 # ------------------------------------------------------------------------------- PEFT interop
@@ -161,14 +231,50 @@ def _static_lora_factors(layer: MoELoRALinear, task: Optional[int]):
     return a, b
 
 
-def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] = None) -> None:
-    """Write a PEFT LoRA checkpoint equal to the adapter (for ``task`` if task-routed)."""
+def _peft_layer_tensors(name: str, layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> dict:
+    """PEFT's tensors of one layer from its factors A [r', d_in], B [d_out, r'] (flat layouts)."""
+    prefix = f"{PEFT_PREFIX}{name}."
+    if isinstance(layer, MoELoRAEmbedding):
+        return {prefix + "lora_embedding_A": a, prefix + "lora_embedding_B": b}
+    if isinstance(layer, MoELoRAConv):  # A a conv kernel [r', C_in, *kernel], B 1 x 1 [C_out, r'/groups, 1, ...]
+        if layer.groups > 1 and layer.task_shared_lora:
+            raise ValueError(f"{name}: a task-shared LoRA on a grouped convolution has no PEFT equivalent")
+        ones = (1,) * len(layer.kernel_size)
+        return {prefix + "lora_A.weight": a.reshape(a.shape[0], layer.in_channels, *layer.kernel_size),
+                prefix + "lora_B.weight": b.reshape(*b.shape, *ones)}
+    return {prefix + "lora_A.weight": a, prefix + "lora_B.weight": b}
+
+
+def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
+    """(PEFT tensors of the saved modules and of the biases ``bias`` names, saved module names).
+
+    PEFT names a saved module's tensors ``<module>.<param>`` and a bias ``<module>.bias``
+    (``<module>.base_layer.bias`` in an adapted layer), as the model's own state dict does."""
+    inner = _inner(model)
+    saved = {n: m for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    state = {f"{PEFT_PREFIX}{n}.{k}": t for n, m in saved.items() for k, t in m.modules_to_save.state_dict().items()}
+    if bias != "none":
+        skip = _owned_prefixes(model) + tuple(f"{n}." for n in saved)
+        for name, tensor in inner.state_dict().items():
+            if name.startswith(skip) or not name.endswith("bias"):
+                continue
+            if bias == "all" or name.endswith("base_layer.bias"):
+                state[PEFT_PREFIX + name] = tensor
+    return {k: t.detach().contiguous().clone() for k, t in state.items()}, sorted(saved)
+
+
+def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] = None,
+                     bias: Optional[str] = None) -> None:
+    """Write a PEFT LoRA checkpoint equal to the active adapter (for ``task`` if task-routed), with
+    its saved modules and the biases ``bias`` names (default: the adapter's ``bias``)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    layers = [(n, m) for n, m in _inner(model).named_modules() if isinstance(m, MoELoRALinear)]
+    layers = [(n, m) for n, m in _inner(model).named_modules() if is_adapter_layer(m)]
     if not layers:
-        raise ValueError("the model holds no MoELoRALinear layer")
+        raise ValueError("the model holds no MoE-LoRA layer")
+    if bias is None:
+        bias = model.moelora_config.bias if isinstance(model, MoELoRAModel) else "none"
     use_rslora = layers[0][1].use_rslora
     use_dora = layers[0][1].use_dora
     state, rank_pattern, alpha_pattern = {}, {}, {}
@@ -176,21 +282,24 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
         a, b = _static_lora_factors(layer, task)
         rank = a.shape[0]
         alpha = layer.scaling * (math.sqrt(rank) if use_rslora else rank)
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().clone()
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().clone()
+        state.update({k: t.detach().contiguous().clone() for k, t in _peft_layer_tensors(name, layer, a, b).items()})
         if use_dora:
             state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().clone()
         key = re.escape(name)
         rank_pattern[key], alpha_pattern[key] = rank, alpha
+    extra, saved_modules = _peft_extra_tensors(model, bias)
+    state.update(extra)
     config = LoraConfig(r=rank_pattern[next(iter(rank_pattern))], lora_alpha=alpha_pattern[next(iter(alpha_pattern))],
                         target_modules=[n for n, _ in layers], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                        use_rslora=use_rslora, use_dora=use_dora, bias="none")
+                        use_rslora=use_rslora, use_dora=use_dora, bias=bias,
+                        modules_to_save=saved_modules or None)
     os.makedirs(save_directory, exist_ok=True)
     config.save_pretrained(save_directory)
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _read_peft_checkpoint(directory: str):
+    """(config, {module: {"lora_A"|"lora_B"|"lora_magnitude_vector": tensor}}, {name: other tensor})."""
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, PEFT_CONFIG_NAME)) as f:
@@ -198,15 +307,38 @@ def _read_peft_checkpoint(directory: str):
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    modules = {}
+    modules, others = {}, {}
     for key, tensor in state.items():
         m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)\.weight|"
-                         rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_magnitude_vector)(?:\.weight)?", key)
-        if m is None:
+                         rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_magnitude_vector)(?:\.weight)?|"
+                         rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_embedding_(A|B)", key)
+        if m is not None:
+            name = m.group(1) or m.group(3) or m.group(5)
+            part = m.group(2) or m.group(4) or f"lora_{m.group(6)}"
+            if part in ("lora_A", "lora_B"):  # conv kernels [r, C_in, *kernel] / [C_out, r/groups, 1, ...] flat
+                tensor = tensor.reshape(tensor.shape[0], -1)
+            modules.setdefault(name, {})[part] = tensor
+        elif key.startswith(PEFT_PREFIX):
+            others[key[len(PEFT_PREFIX):]] = tensor  # biases and saved modules
+        else:
             raise ValueError(f"unsupported tensor in the PEFT checkpoint: {key}")
-        name, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-        modules.setdefault(name, {})[part] = tensor
-    return peft_config, modules
+    return peft_config, modules, others
+
+
+def _load_peft_extras(inner: nn.Module, others: dict) -> None:
+    """Copy a PEFT checkpoint's biases and saved modules' tensors into the model."""
+    saved = [n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    own = inner.state_dict(keep_vars=True)
+    for key, tensor in others.items():
+        owner = next((n for n in saved if key.startswith(n + ".")), None)
+        if owner is None and not key.endswith("bias"):
+            raise ValueError(f"unsupported tensor in the PEFT checkpoint: {PEFT_PREFIX}{key} (neither LoRA, a bias, "
+                             "nor a tensor of its modules_to_save)")
+        name = f"{owner}.modules_to_save.{key[len(owner) + 1:]}" if owner else key
+        if name not in own or own[name].shape != tensor.shape:
+            raise ValueError(f"{PEFT_PREFIX}{key} of the PEFT checkpoint does not fit the model "
+                             f"({'no tensor ' + name if name not in own else 'shape ' + str(tuple(own[name].shape))})")
+        own[name].copy_(tensor)
 
 
 def _peft_value(name: str, pattern: dict, default):
@@ -219,7 +351,7 @@ def _peft_value(name: str, pattern: dict, default):
 @torch.no_grad()
 def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
     """Load a PEFT LoRA checkpoint as one expert (see the module docstring); returns the wrapper."""
-    peft_config, modules = _read_peft_checkpoint(directory)
+    peft_config, modules, others = _read_peft_checkpoint(directory)
     use_rslora = bool(peft_config.get("use_rslora", False))
     if isinstance(model, MoELoRAModel):
         wrapped, target = model, expert if expert is not None else 0
@@ -234,12 +366,13 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
             target_modules=sorted(modules), num_experts=1, top_k=1, use_rslora=use_rslora,
             use_dora=bool(peft_config.get("use_dora", False)),
             rank_pattern={re.escape(n): r for n, r in ranks.items()},
-            alpha_pattern={re.escape(n): a for n, a in alphas.items()})
+            alpha_pattern={re.escape(n): a for n, a in alphas.items()}, bias=peft_config.get("bias", "none"),
+            modules_to_save=peft_config.get("modules_to_save"))
         wrapped, target = get_moelora_model(model, config), 0
     inner = wrapped.model
     for name, tensors in modules.items():
         layer = inner.get_submodule(name)
-        if not isinstance(layer, MoELoRALinear):
+        if not is_adapter_layer(layer):
             raise ValueError(f"{name} is not a MoE-LoRA layer of the model")
         a, b = tensors["lora_A"], tensors["lora_B"]
         if tuple(b.shape) != tuple(layer.lora_B.shape[1:]) or a.shape[0] != layer.r:
@@ -259,4 +392,5 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
             if not layer.use_dora:
                 raise ValueError(f"{name}: the checkpoint is DoRA but the layer is not")
             layer.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
+    _load_peft_extras(inner, others)
     return wrapped

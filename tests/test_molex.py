@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import moelora
 from moelora.molex import MoLEx, apply_molex
-from tiny_models import tiny_bert, tiny_llama, token_batch
+from tiny_models import randomize_adapters, tiny_bert, tiny_llama, token_batch
 
 
 class Stack(nn.Module):
@@ -60,6 +60,7 @@ def test_alpha_one_is_the_plain_stack_and_batch_choice_rules():
     # mode: the most frequent token choice; mean: argmax of the mean gate probabilities
     with torch.no_grad():
         molex.gates[0].weight.zero_()
+        molex.gates[0].bias.zero_()  # the paper's linear gate has a bias
         molex.gates[0].weight[2, 0] = 10.0  # tokens with z[...,0] > 0 prefer layer 2
         molex.gates[0].weight[3, 0] = -10.0  # the others layer 3
     zz = torch.zeros(1, 5, 8)
@@ -94,8 +95,11 @@ def test_molex_on_bert_and_llama_stacks():
     out = llama(ids, labels=ids, use_cache=False)
     out.loss.backward()
     assert llama.molex.gates[0].proj.weight.grad is not None
-    with pytest.raises(RuntimeError, match="use_cache=False"):
-        llama(ids, use_cache=True)
+    # the model's default use_cache: the mixing calls run without the cache, same result
+    cached = llama(ids)
+    torch.testing.assert_close(cached.logits, llama(ids, use_cache=False).logits)
+    with pytest.raises(RuntimeError, match="cannot decode from a KV cache"):
+        llama(ids[:, -1:], past_key_values=cached.past_key_values)
 
 
 def test_molex_with_moelora_model_and_errors():
@@ -114,3 +118,145 @@ def test_molex_with_moelora_model_and_errors():
     with pytest.raises(ValueError, match="pass hidden_size"):
         apply_molex(Stack())
     molex.remove()
+
+
+# ------------------------------------------------------------------ MoLEx as published
+def test_llama_3_2_1b_trainable_parameter_count_matches_the_paper():
+    """LoRA r 8 on q_proj and v_proj of Llama-3.2-1B: 851,968; with MoLEx's shared linear gate
+    (nn.Linear(2048, 16) with its bias): 884,752, the paper's count. Built on the meta device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = moelora.get_moelora_model(LlamaForCausalLM(cfg), moelora.MoELoRAConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], num_experts=1))
+    assert model.get_nb_trainable_parameters()[0] == 851_968
+    apply_molex(model, gate="linear", shared_gate=True)
+    assert model.get_nb_trainable_parameters()[0] == 884_752
+
+
+def _lora_llama(num_layers=3):
+    model = moelora.get_moelora_model(tiny_llama(num_layers=num_layers), moelora.MoELoRAConfig(
+        target_modules=["q_proj", "v_proj"], num_experts=3, top_k=2, r=4))
+    randomize_adapters(model)
+    return model
+
+
+def test_device_selection_equals_host_selection_in_outputs_and_gradients():
+    ids = token_batch()
+    grads, outputs = [], []
+    for selection in ("host", "device"):
+        model = _lora_llama()
+        apply_molex(model, gate="linear", layer_selection=selection, learn_alpha=True)
+        model.train()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        outputs.append(out.loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        stats = moelora.router_stats(model)
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    # routed layers report their own call, not the mixing calls that ran their code
+    assert stats["model.layers.0.self_attn.q_proj"]["load"].sum() == pytest.approx(2.0)
+
+
+def test_device_selection_reads_nothing_on_the_host(monkeypatch):
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8, layer_selection="device", learn_alpha=True)
+    z = torch.randn(3, 5, 8)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a value was read on the host")
+
+    for name in ("item", "tolist", "__int__", "__index__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    out = stack(z)
+    (out.square().sum() + molex._last_aux_loss).backward()
+    monkeypatch.undo()
+    assert molex.alpha_logit.grad != 0
+
+
+def test_device_selection_needs_uniform_layers_and_auto_falls_back():
+    model = moelora.get_moelora_model(tiny_llama(num_layers=4), moelora.MoELoRAConfig(
+        target_modules=["q_proj"], num_experts="2468", top_k=2))
+    molex = apply_molex(model, layer_selection="auto")
+    model(token_batch())  # per-layer expert counts differ: the host path runs
+    molex.layer_selection = "device"
+    with pytest.raises(ValueError, match="needs layers with the same parameter"):
+        model(token_batch())
+    with pytest.raises(ValueError, match="layer_selection must be one of"):
+        apply_molex(Stack(), hidden_size=8, layer_selection="gpu")
+
+
+def test_molex_trains_under_fullgraph_compile_like_eager():
+    from test_compile import _assert_trains_like_eager
+
+    torch._dynamo.reset()
+    model = _lora_llama(num_layers=2)
+    apply_molex(model, gate="linear", learn_alpha=True)
+    model.train()
+
+    def loss_fn(m, ids):
+        return m(input_ids=ids, labels=ids).loss  # default use_cache; aux losses added by the wrapper
+
+    with moelora.validation(False):
+        _assert_trains_like_eager(model, loss_fn, token_batch(batch=2, seq=6))
+    torch._dynamo.reset()
+
+
+def test_checkpoints_of_the_bias_free_gate_still_load(tmp_path):
+    """Records written before the gate had a bias replay without one."""
+    import json
+
+    model = moelora.get_moelora_model(tiny_bert(num_layers=2), moelora.MoELoRAConfig(target_modules=["query"]))
+    apply_molex(model, gate="linear", bias=False)
+    ids = token_batch()
+    expected = model.eval()(ids).last_hidden_state
+    model.save_pretrained(str(tmp_path))
+    path = tmp_path / "moelora_config.json"
+    saved = json.loads(path.read_text())
+    del saved["structure"][0]["kwargs"]["bias"]  # as written by earlier versions
+    path.write_text(json.dumps(saved))
+    loaded = moelora.from_pretrained(tiny_bert(num_layers=2), str(tmp_path))
+    assert loaded.model.molex.gates[0].bias is None
+    assert torch.equal(loaded(ids).last_hidden_state, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_molex_forward_backward_replays_in_a_cuda_graph():
+    import copy
+
+    torch.manual_seed(0)
+    stack = Stack(d=32).cuda()
+    molex = apply_molex(stack, hidden_size=32, layer_selection="device", learn_alpha=True)
+    eager = copy.deepcopy(stack)
+
+    def step(s, x):
+        loss = s(x).square().mean() + moelora.aux_loss(s)
+        loss.backward()
+        return loss
+
+    static_x = torch.randn(64, 32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            stack.zero_grad(set_to_none=True)
+            step(stack, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    stack.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(stack, static_x)
+    for seed in (1, 2):
+        x = torch.randn(64, 32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+        static_x.copy_(x)
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        torch.testing.assert_close(static_loss, step(eager, x), rtol=1e-4, atol=1e-5)
+        for p, q in zip(stack.parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    assert molex.alpha_logit.grad is not None

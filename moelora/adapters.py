@@ -1,0 +1,187 @@
+"""PEFT's adapter conventions on a :class:`moelora.MoELoRAModel`: ``modules_to_save``, switching
+the adapter layers off and on, and several named adapters on one model.
+
+- ``modules_to_save`` (a list of module names, matched as ``target_modules``): each named module
+  is wrapped in :class:`ModulesToSaveWrapper`, which keeps the frozen original and runs a
+  trainable copy (``<name>.modules_to_save``), saved and loaded with the adapter (as PEFT's
+  wrapper; PEFT checkpoints name the copy's tensors ``<name>.<param>``).
+- ``set_adapter_layers(model, enabled)``: every MoE-LoRA layer and saved module of the model
+  computes the base model's function while disabled (merged layers are unmerged first, as
+  PEFT does on a disabled forward).
+- Named adapters. The layers and saved modules of the active adapter sit in the model, so the
+  forward of every layer is the single-adapter one. Each other adapter is a
+  :class:`StoredAdapter` held by the wrapper (``MoELoRAModel.inactive_adapters``, so ``.to()``
+  and ``state_dict`` see it) with its parameters frozen; the base layers it wraps are not
+  stored twice: a stored layer's ``base_layer`` (``original_module``) is a
+  :class:`DetachedBase` until the adapter is activated, when it gets the model's module back.
+  ``activate`` / ``deactivate`` swap the modules; everything outside the adapter layers (the
+  base model, MoLEx gates, upcycled FFNs and, as in PEFT, the biases trained with
+  ``bias="all"`` / ``"lora_only"``) is shared by all adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional
+
+import torch.nn as nn
+
+from ._layer_base import is_adapter_layer
+
+
+class DetachedBase(nn.Module):
+    """Stands in for the base layer of a stored (inactive) adapter's layer."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this MoE-LoRA layer belongs to an inactive adapter; activate it with "
+                           "model.set_adapter(name)")
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained and saved with the adapter: a trainable copy (``modules_to_save``) runs
+    in place of the frozen ``original_module`` (which runs while adapters are disabled)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = copy.deepcopy(module)
+        # Trainable, saved whole with the adapter, never a target of injection (see moelora.model).
+        self.modules_to_save._moelora_trainable = True
+        self.disable_adapters = False
+
+    def forward(self, *args, **kwargs):
+        return (self.original_module if self.disable_adapters else self.modules_to_save)(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # public attributes of the wrapped module (out_features, weight, ...)
+            if name.startswith("_"):
+                raise
+            return getattr(super().__getattr__("modules_to_save"), name)
+
+
+def _matches(name: str, patterns) -> bool:
+    from .model import _matches as matches
+
+    return matches(name, patterns)
+
+
+def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:
+    """Wrap the modules ``patterns`` names (suffixes or a regex) in :class:`ModulesToSaveWrapper`."""
+    if not patterns:
+        return []
+    from .model import _set_module
+
+    names = [n for n, m in model.named_modules() if n and _matches(n, patterns)
+             and not isinstance(m, (ModulesToSaveWrapper, DetachedBase))]
+    if not names:
+        raise ValueError(f"modules_to_save {patterns!r} matches no module of the model")
+    for name in names:
+        module = model.get_submodule(name)
+        if any(is_adapter_layer(m) for m in module.modules()):
+            raise ValueError(f"modules_to_save names {name}, which holds MoE-LoRA layers; a module is either "
+                             "a target or saved whole")
+        _set_module(model, name, ModulesToSaveWrapper(module))
+    return names
+
+
+def is_adapter_module(module: nn.Module) -> bool:
+    """A module that belongs to one adapter: a MoE-LoRA layer or a saved module's wrapper."""
+    return is_adapter_layer(module) or isinstance(module, ModulesToSaveWrapper)
+
+
+def adapter_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """The adapter's modules in ``model`` by name (layers and saved-module wrappers)."""
+    return {n: m for n, m in model.named_modules() if is_adapter_module(m)}
+
+
+def _original_attribute(module: nn.Module) -> str:
+    return "original_module" if isinstance(module, ModulesToSaveWrapper) else "base_layer"
+
+
+def unwrap_modules_to_save(model: nn.Module) -> None:
+    """Replace each saved module's wrapper by its trained copy (PEFT's merge_and_unload)."""
+    from .model import _set_module
+
+    for name, wrapper in list(adapter_modules(model).items()):
+        if isinstance(wrapper, ModulesToSaveWrapper):
+            trained = wrapper.modules_to_save
+            del trained._moelora_trainable
+            _set_module(model, name, trained)
+
+
+def set_adapter_layers(model: nn.Module, enabled: bool) -> None:
+    """Switch every MoE-LoRA layer and saved module of ``model`` on or off (see module docstring)."""
+    for module in adapter_modules(model).values():
+        if not enabled and getattr(module, "merged", False):
+            module.unmerge()
+        module.disable_adapters = not enabled
+
+
+class StoredAdapter(nn.Module):
+    """An inactive adapter: its modules (``layers``) and the names they take in the model."""
+
+    def __init__(self, modules: Dict[str, nn.Module]):
+        super().__init__()
+        self.names = list(modules)
+        self.layers = nn.ModuleList(modules.values())
+
+    def items(self):
+        return zip(self.names, self.layers)
+
+
+def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
+    """Take the active adapter's modules out of ``model`` (the base modules go back in place)
+    and return them, their base modules replaced by :class:`DetachedBase`."""
+    from .model import _set_module
+
+    taken = {}
+    for name, module in adapter_modules(model).items():
+        if getattr(module, "merged", False):
+            module.unmerge()
+        if is_adapter_layer(module):
+            module._clear_routing_record()
+        _set_module(model, name, getattr(module, _original_attribute(module)))
+        setattr(module, _original_attribute(module), DetachedBase())
+        taken[name] = module
+    return taken
+
+
+def activate(model: nn.Module, modules: Dict[str, nn.Module]) -> None:
+    """Put an adapter's modules into ``model``, each around the model's module of its name."""
+    from .model import _set_module
+
+    for name, module in modules.items():
+        original = model.get_submodule(name)
+        if is_adapter_module(original):
+            raise RuntimeError(f"{name} already holds an adapter module; deactivate the active adapter first")
+        setattr(module, _original_attribute(module), original)
+        _set_module(model, name, module)
+
+
+def freeze(modules: Dict[str, nn.Module]) -> None:
+    for module in modules.values():
+        for name, p in module.named_parameters():
+            p.requires_grad_(False)
+
+
+def stored(modules: Dict[str, nn.Module]) -> StoredAdapter:
+    freeze(modules)
+    return StoredAdapter(modules)
+
+
+def check_adapter_name(name: str, existing, must_exist: bool) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ValueError(f"adapter names are non-empty strings without '.' or '/', got {name!r}")
+    if must_exist and name not in existing:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(existing)}")
+    if not must_exist and name in existing:
+        raise ValueError(f"the model already has an adapter named {name!r}")
+
+
+def optional_names(names: Optional[List[str]], existing) -> List[str]:
+    names = list(existing) if names is None else list(names)
+    for name in names:
+        check_adapter_name(name, existing, must_exist=True)
+    return names

@@ -1,0 +1,152 @@
+"""``MoELoRAConv``: a frozen ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` plus a routed
+mixture of LoRA experts, one token per output position.
+
+    y[n, :, p] = conv(x)[n, :, p] + s * sum_j w[n,p,j] * B[e] @ (A[(e)] (*) x)[n, :, p]     (e = e[n,p,j])
+
+As PEFT's LoRA conv layers: A is a convolution with the base's kernel size, stride,
+padding and dilation (and its ``padding_mode``; groups 1), B a 1 x 1 convolution with the
+base's groups. Parameters are stored flat, in the layout of :class:`moelora.MoELoRALinear`
+over the patch of C_in * prod(kernel) inputs: ``lora_A`` [r, C_in*k] (shared, MoSLD) or
+[E, r, C_in*k] (the conv kernel [r, C_in, *kernel] flattened), ``lora_B`` [E, C_out, r/groups]
+(PEFT's [C_out, r/groups, 1, ...] kernel squeezed).
+
+The learned router reads, like MoELoRALinear's, the input of each output position: the patch
+the kernel sees. Its logits are a convolution of x with ``router.weight`` [E, C_in*k] viewed
+as an [E, C_in, *kernel] kernel, with the base's geometry (groups 1), in fp32. For a 1 x 1
+kernel that is the per-position input channels.
+
+Computation: a 1 x 1 kernel with stride 1 and no padding is the linear case, and runs as
+``moelora.moe_lora`` on x's channels, [N*H*W, C_in] (A, B and the router as MoELoRALinear's).
+Otherwise A runs as a convolution, and the routed B step is ``moe_lora`` on the projected
+channels (see :mod:`moelora._layer_base`). Merging (static routing) folds
+s*B@A, reshaped to the base kernel, into the base weight; not with groups > 1 (as PEFT).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._layer_base import AdapterLayerBase
+from .functional import moe_lora
+from .routers import Router
+
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvGeometry(NamedTuple):
+    """What a convolution with the base layer's kernel needs besides its weight."""
+
+    stride: tuple
+    padding: Union[tuple, str]
+    dilation: tuple
+    padding_mode: str
+    reversed_padding: tuple  # F.pad's order, for padding modes other than "zeros"
+
+    @classmethod
+    def of(cls, conv: nn.Module) -> "ConvGeometry":
+        return cls(tuple(conv.stride), conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+                   tuple(conv.dilation), conv.padding_mode, tuple(conv._reversed_padding_repeated_twice))
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """``x`` convolved with ``weight`` [C_out, C_in/groups, *kernel] in this geometry."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self.reversed_padding, mode=self.padding_mode), 0
+        return CONV_FUNCTIONS[weight.dim() - 2](x, weight, None, self.stride, padding, self.dilation, groups)
+
+
+def is_conv(module: nn.Module) -> bool:
+    """nn.Conv1d / 2d / 3d (and subclasses); not transposed convolutions."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+class ConvRouter(Router):
+    """A :class:`Router` whose logits are a convolution: ``weight`` [E, C_in*k] is applied to the
+    patch of every output position (the kernel [E, C_in, *kernel], the base's geometry)."""
+
+    def __init__(self, *args, kernel_size: tuple, in_channels: int, geometry: ConvGeometry, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel_size, self.in_channels, self.geometry = tuple(kernel_size), in_channels, geometry
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C_in, *spatial] -> fp32 logits [N * prod(out spatial), E] (positions in order)."""
+        x = x.float()
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        kernel = self.weight.float().reshape(self.out_features, self.in_channels, *self.kernel_size)
+        return self.geometry.conv(x, kernel).movedim(1, -1).reshape(-1, self.out_features)
+
+
+class MoELoRAConv(AdapterLayerBase):
+    """A frozen ``nn.Conv1d/2d/3d`` with E LoRA experts; arguments as :class:`moelora.MoELoRALinear`
+    (see the module docstring; DoRA is not supported; r must be a multiple of the base's groups)."""
+
+    def __init__(self, base_layer: nn.Module, *args, lora_dropout: float = 0.0, **kwargs):
+        if not is_conv(base_layer):
+            raise TypeError(f"MoELoRAConv wraps nn.Conv1d, nn.Conv2d or nn.Conv3d layers, got "
+                            f"{type(base_layer).__name__}")
+        groups, kernel_size = base_layer.groups, tuple(base_layer.kernel_size)
+        patch = base_layer.in_channels * math.prod(kernel_size)
+        geometry = ConvGeometry.of(base_layer)
+        super().__init__(base_layer, *args, lora_dropout=lora_dropout, a_in=patch, d_out=base_layer.out_channels,
+                         router_in=patch, b_groups=groups, router_class=ConvRouter,
+                         router_kwargs=dict(kernel_size=kernel_size, in_channels=base_layer.in_channels,
+                                            geometry=geometry), **kwargs)
+        self.in_channels, self.out_channels, self.groups = base_layer.in_channels, base_layer.out_channels, groups
+        self.in_features, self.out_features = patch, base_layer.out_channels
+        self.kernel_size, self.geometry = kernel_size, geometry
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        unpadded = geometry.padding == "valid" or (not isinstance(geometry.padding, str)
+                                                   and not any(geometry.padding))
+        self.pointwise = all(k == 1 for k in kernel_size) and all(s == 1 for s in geometry.stride) and unpadded
+        if groups > 1:
+            # B [E, C_out, r/g] acts as the block-diagonal [E, C_out, r]: output channel o reads
+            # the r/g projected channels of its group.
+            out_group = torch.arange(self.out_channels) // (self.out_channels // groups)
+            rank_group = torch.arange(self.r) // (self.r // groups)
+            mask = (out_group[:, None] == rank_group[None, :]).to(self.lora_B.dtype)
+            self.register_buffer("lora_b_group_mask", mask.to(self.lora_B.device), persistent=False)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base kernel as [C_out, C_in/groups * prod(kernel)] (a view)."""
+        return self.base_layer.weight.reshape(self.out_channels, -1)
+
+    def full_lora_B(self) -> torch.Tensor:
+        """B as [E, C_out, r] (block-diagonal over the groups when groups > 1)."""
+        if self.groups == 1:
+            return self.lora_B
+        return self.lora_B.repeat(1, 1, self.groups) * self.lora_b_group_mask
+
+    def merge(self, task=None) -> None:
+        if self.groups > 1:
+            raise ValueError("merging is not supported for convolutions with groups > 1 (as PEFT): the LoRA "
+                             "delta of a grouped convolution is not a grouped kernel")
+        super().merge(task)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        lead = (result.shape[0],) + tuple(result.shape[2:])  # N, *output spatial
+        routing = self.route(x, lead)
+        dtype = self.lora_B.dtype
+        x_lora = self.lora_dropout(x.to(dtype))
+        lora_a, lora_b = self._effective_A(), self.full_lora_B()
+        base_out = result.to(dtype).movedim(1, -1)
+        if self.pointwise:
+            out = moe_lora(x_lora.movedim(1, -1), lora_a, lora_b, routing.ids, routing.weights,
+                           scaling=self.scaling, base_out=base_out)
+        else:
+            kernel = lora_a.reshape(-1, self.in_channels, *self.kernel_size)  # [(E*)r, C_in, *kernel]
+            h = self.geometry.conv(x_lora, kernel).movedim(1, -1)
+            out = self._lora_on_projection(h, routing, base_out, lora_b)
+        return out.movedim(-1, 1).contiguous().to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
+                f"groups={self.groups}, {super().extra_repr()}")

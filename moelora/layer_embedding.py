@@ -1,0 +1,87 @@
+"""``MoELoRAEmbedding``: a frozen ``nn.Embedding`` plus a routed mixture of LoRA experts.
+
+    y[t] = embed(id[t]) + s * sum_j w[t,j] * lora_embedding_B[e[t,j]] @ lora_embedding_A[(e[t,j])][:, id[t]]
+
+Layouts are PEFT's (``lora_embedding_A`` [r, num_embeddings], ``lora_embedding_B``
+[embedding_dim, r]) with an expert dimension: A [r, V] shared (MoSLD) or [E, r, V], B
+[E, D, r]. The A step is a lookup of A's columns (with the base's ``padding_idx`` and
+``scale_grad_by_freq``, as PEFT); the routed B step is :func:`moelora.moe_lora` (see
+:mod:`moelora._layer_base`). The learned router reads the frozen embedding vector of each
+token (fp32 logits, ``router.weight`` [E, D]); task routing and the single expert work
+as in :class:`moelora.MoELoRALinear`. As PEFT: A starts at zero and B ~ N(0, 1) (so a fresh
+layer returns the base output), no dropout is applied to the lookup (``lora_dropout`` is
+accepted and unused), and a base ``embed_scale`` (Gemma's scaled embeddings) scales the
+adapter's output too.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._layer_base import AdapterLayerBase
+
+
+class MoELoRAEmbedding(AdapterLayerBase):
+    """A frozen ``nn.Embedding`` with E LoRA experts; arguments as :class:`moelora.MoELoRALinear`
+    (see the module docstring; DoRA is not supported)."""
+
+    def __init__(self, base_layer: nn.Module, *args, **kwargs):
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"MoELoRAEmbedding wraps nn.Embedding layers, got {type(base_layer).__name__}")
+        super().__init__(base_layer, *args, a_in=base_layer.num_embeddings, d_out=base_layer.embedding_dim,
+                         router_in=base_layer.embedding_dim, **kwargs)
+        self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
+        self.in_features, self.out_features = self.num_embeddings, self.embedding_dim  # PEFT's names
+
+    def _register_lora(self, lora_a: nn.Parameter, lora_b: nn.Parameter) -> None:
+        self.lora_embedding_A, self.lora_embedding_B = lora_a, lora_b
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        """A under the name every MoE-LoRA layer uses (the parameter is ``lora_embedding_A``)."""
+        return self.lora_embedding_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.lora_embedding_B
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        """PEFT's embedding init: A = 0, B ~ N(0, 1); ``init_lora_weights=False`` and task experts
+        (gated by gamma = 0 at init, and A must be non-zero for gamma to get a gradient) draw A
+        from N(0, 1) too; a task-shared LoRA keeps A = 0."""
+        nn.init.normal_(self.lora_B)
+        if init_lora_weights is False or self.router_mode == "task":
+            nn.init.normal_(self.lora_A)
+            if self.task_shared_lora and init_lora_weights is not False and not self.share_lora_a:
+                self.lora_A[-1].zero_()
+        else:
+            self.lora_A.zero_()
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in the adapter's [d_out, d_in] = [D, V] layout (a view)."""
+        return self.base_layer.weight.t()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        routing = self.route(result, tuple(x.shape))  # the router reads the frozen embedding vectors
+        dtype = self.lora_B.dtype
+        lora_a = self._effective_A()
+        rows = lora_a if lora_a.dim() == 2 else lora_a.reshape(-1, self.num_embeddings)  # [E*r, V]
+        base = self.base_layer
+        h = F.embedding(x, rows.t(), padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
+        embed_scale = getattr(base, "embed_scale", None)
+        if embed_scale is None:
+            return self._lora_on_projection(h, routing, result.to(dtype)).to(result.dtype)
+        delta = self._lora_on_projection(h, routing, None)
+        return (result.to(dtype) + delta * torch.as_tensor(embed_scale, dtype=dtype, device=delta.device)) \
+            .to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, {super().extra_repr()}"

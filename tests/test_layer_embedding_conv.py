@@ -1,0 +1,327 @@
+"""MoELoRAEmbedding and MoELoRAConv: identity at init, every router mode against a float64
+loop (outputs and gradients), PEFT's LoRA Embedding / Conv layers for one expert, the
+1 x 1 convolution as the linear case, merging, errors."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moelora
+from moelora import MoELoRAConv, MoELoRAEmbedding, MoELoRALinear
+from conftest import DEVICE
+from tiny_models import randomize_adapters
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+MODES = {
+    "softmax_topk": dict(num_experts=4, top_k=2),
+    "topk_softmax": dict(num_experts=4, top_k=2, router="topk_softmax", router_renormalize=False),
+    "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.3),
+    "shared_a": dict(num_experts=3, top_k=2, share_lora_a=True),
+    "task": dict(num_experts=3, router="task"),
+    "task_shared": dict(num_experts=3, router="task", task_shared_lora=True),
+    "single": dict(num_experts=1),
+}
+CONVS = {
+    "conv2d_3x3_s2": lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1),
+    "conv2d_dilated_reflect": lambda: nn.Conv2d(3, 6, (3, 2), padding=2, dilation=2, padding_mode="reflect"),
+    "conv2d_grouped": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+    "conv2d_1x1": lambda: nn.Conv2d(3, 6, 1),
+    "conv1d": lambda: nn.Conv1d(3, 6, 3, padding=1),
+}
+
+
+def _fill(layer, seed=3):
+    """Random non-zero A, B, gamma and router weights (float64 layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return layer
+
+
+def _embedding(mode, dtype=torch.float64, **extra):
+    torch.manual_seed(0)
+    layer = MoELoRAEmbedding(nn.Embedding(11, 8, padding_idx=0).to(dtype), r=4, lora_alpha=8,
+                             **{**MODES[mode], **extra})
+    layer._task_ids = torch.tensor([2, 0]) if mode.startswith("task") else None
+    return layer
+
+
+def _conv(kind, mode, dtype=torch.float64, **extra):
+    torch.manual_seed(0)
+    layer = MoELoRAConv(CONVS[kind]().to(dtype), r=4, lora_alpha=8, **{**MODES[mode], **extra})
+    layer._task_ids = torch.tensor([2, 0]) if mode.startswith("task") else None
+    return layer
+
+
+def _conv_input(kind, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 3, 7) if kind == "conv1d" else (2, 4 if "grouped" in kind else 3, 6, 5)
+    return torch.randn(shape, generator=g, dtype=dtype)
+
+
+def _full_b_loop(layer, e):
+    """B[e] as a dense [C_out, r] matrix, built entry by entry (block-diagonal for groups)."""
+    b = layer.lora_B[e]
+    if not isinstance(layer, MoELoRAConv) or layer.groups == 1:
+        return b
+    out, rg = b.shape
+    full = b.new_zeros(out, layer.r)
+    for o in range(out):
+        g = o // (out // layer.groups)
+        full[o, g * rg:(g + 1) * rg] = b[o]
+    return full
+
+
+def _mix(layer, h_of, base, routing):
+    """base[t] + s * sum_j w[t,j] * B[e] @ h_of(e, t), one token and slot at a time."""
+    out = base.clone()
+    for t in range(base.shape[0]):
+        for j in range(routing.ids.shape[1]):
+            e = int(routing.ids[t, j])
+            gate = layer.scaling * routing.weights[t, j].to(out.dtype)
+            out[t] = out[t] + gate * (_full_b_loop(layer, e) @ h_of(e, t))
+    return out
+
+
+def embedding_loop(layer, ids):
+    """The float64 reference of MoELoRAEmbedding."""
+    base = layer.base_layer(ids)
+    routing = layer.route(base, tuple(ids.shape))
+    flat = ids.reshape(-1)
+    pad = layer.base_layer.padding_idx
+
+    def column(e, t):  # no gradient flows into the padding_idx column (F.embedding's rule)
+        a = layer.expert_A(e)[:, flat[t]]
+        return a.detach() if flat[t] == pad else a
+
+    out = _mix(layer, column, base.reshape(-1, base.shape[-1]), routing)
+    return out.reshape(base.shape)
+
+
+def _patches(layer, x):
+    """[N*L, C_in*k] input patches of the output positions, by unfold (independent of conv)."""
+    base = layer.base_layer
+    if layer.geometry.padding_mode != "zeros":
+        x = F.pad(x, layer.geometry.reversed_padding, mode=layer.geometry.padding_mode)
+        padding = 0
+    else:
+        padding = base.padding
+    if x.dim() == 3:  # Conv1d as a 1 x k Conv2d
+        x, kernel = x.unsqueeze(2), (1, base.kernel_size[0])
+        stride, dilation = (1, base.stride[0]), (1, base.dilation[0])
+        padding = (0, padding[0]) if not isinstance(padding, int) else (0, padding)
+    else:
+        kernel, stride, dilation = base.kernel_size, base.stride, base.dilation
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def conv_loop(layer, x):
+    """The float64 reference of MoELoRAConv (router logits from the patches too)."""
+    base = layer.base_layer(x)
+    tokens = base.movedim(1, -1).reshape(-1, base.shape[1])
+    lead = (base.shape[0],) + tuple(base.shape[2:])
+    patches = _patches(layer, x)
+    if layer.router is not None:
+        logits = patches @ layer.router.weight.double().t()  # the router computes in fp32
+        torch.testing.assert_close(layer.router.logits(x).double(), logits, rtol=1e-5, atol=1e-5)
+    routing = layer.route(x, lead)
+    out = _mix(layer, lambda e, t: layer.expert_A(e) @ patches[t], tokens, routing)
+    return out.reshape(*lead, -1).movedim(-1, 1)
+
+
+def _check_against_loop(layer, run, reference, inputs):
+    layer.eval()  # threshold routing samples in training; eval is deterministic and differentiable
+    weights = torch.randn_like(run(layer, inputs))
+    out = run(layer, inputs)
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    expected = reference(layer, inputs)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert {"lora_B"} <= {n.replace("lora_embedding_", "lora_") for n in grads}
+    for name, p in layer.named_parameters():
+        if p.grad is not None:
+            assert name in grads, name
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-10, msg=name)
+    if layer.router is not None:
+        assert grads["router.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_embedding_matches_float64_loop(mode):
+    layer = _fill(_embedding(mode))
+    ids = torch.tensor([[1, 5, 0, 10, 5], [3, 3, 7, 2, 9]])
+    _check_against_loop(layer, lambda m, i: m(i), embedding_loop, ids)
+    assert torch.all(layer.lora_A.grad[..., 0] == 0)  # padding_idx, as PEFT
+
+
+@pytest.mark.parametrize("kind", list(CONVS))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_conv_matches_float64_loop(kind, mode):
+    layer = _fill(_conv(kind, mode))
+    _check_against_loop(layer, lambda m, x: m(x), conv_loop, _conv_input(kind))
+
+
+@pytest.mark.parametrize("make", [lambda m: _embedding(m, torch.float32),
+                                  lambda m: _conv("conv2d_3x3_s2", m, torch.float32)], ids=["embedding", "conv"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fresh_layer_returns_base_output_exactly(make, mode):
+    layer = make(mode).train()
+    x = torch.tensor([[1, 4, 0], [2, 2, 9]]) if isinstance(layer, MoELoRAEmbedding) else _conv_input("c", torch.float32)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_pointwise_conv_is_the_linear_case_and_calls_the_operator(monkeypatch):
+    conv = _fill(_conv("conv2d_1x1", "softmax_topk", torch.float32))
+    linear = MoELoRALinear(nn.Linear(3, 6), num_experts=4, top_k=2, r=4, lora_alpha=8)
+    with torch.no_grad():
+        linear.base_layer.weight.copy_(conv.base_layer.weight.reshape(6, 3))
+        linear.base_layer.bias.copy_(conv.base_layer.bias)
+        for name in ("lora_A", "lora_B", "router.weight"):
+            linear.get_parameter(name).copy_(conv.get_parameter(name))
+    calls = []
+    real = moelora.layer_conv.moe_lora
+    monkeypatch.setattr(moelora.layer_conv, "moe_lora", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x = torch.randn(2, 3, 4, 5)
+    out = conv(x)
+    assert calls == [torch.Size([2, 4, 5, 3])]  # the input channels of every position, no projection
+    torch.testing.assert_close(out, linear(x.movedim(1, -1)).movedim(-1, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32])
+def test_triton_backend_runs_both_layers(dtype):
+    """The Triton kernels (the interpreter on CPU) give the torch backend's result; on a GPU
+    also with bfloat16 bases (fp32 adapters)."""
+    emb = _fill(_embedding("softmax_topk", torch.float32))
+    conv = _fill(_conv("conv2d_grouped", "shared_a", torch.float32))
+    ids, x = torch.tensor([[1, 4, 0], [2, 2, 9]], device=DEVICE), _conv_input("conv2d_grouped", dtype).to(DEVICE)
+    for layer, inp in ((emb, ids), (conv, x)):
+        layer.base_layer.to(dtype)
+        layer.to(DEVICE).eval()
+        with moelora.use_backend("torch"):
+            expected = layer(inp)
+        with moelora.use_backend("triton"):
+            out = layer(inp)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------- PEFT
+def _peft_equivalence(net, target, ours, copy_weights, x, lora_dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False,
+                                                lora_dropout=lora_dropout))
+    peft_layer = peft_model.base_model.model.get_submodule(target)
+    copy_weights(peft_layer, ours)
+    x_peft, x_ours = (x.detach().clone().requires_grad_(x.is_floating_point()) for _ in range(2))
+    for train in (False, True):
+        peft_model.train(train), ours.train(train)
+        torch.manual_seed(7)
+        expected = peft_model(x_peft)
+        torch.manual_seed(7)
+        out = ours(x_ours)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(out)
+    (expected * weights).sum().backward()
+    (out * weights).sum().backward()
+    if x.is_floating_point():
+        torch.testing.assert_close(x_ours.grad, x_peft.grad, rtol=1e-5, atol=1e-6)
+    return peft_layer
+
+
+def test_single_expert_embedding_equals_peft():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(12, 6, padding_idx=1))
+    ours = MoELoRAEmbedding(net[0], num_experts=1, r=4, lora_alpha=8)
+
+    def copy(peft_layer, ours):
+        with torch.no_grad():
+            ours.lora_A[0].copy_(peft_layer.lora_embedding_A["default"])
+            ours.lora_B[0].copy_(peft_layer.lora_embedding_B["default"])
+
+    ids = torch.tensor([[1, 3, 11, 3], [0, 1, 5, 7]])
+    peft_layer = _peft_equivalence(net, "0", ours, copy, ids)
+    torch.testing.assert_close(ours.lora_A.grad[0], peft_layer.lora_embedding_A["default"].grad)
+    torch.testing.assert_close(ours.lora_B.grad[0], peft_layer.lora_embedding_B["default"].grad)
+
+
+@pytest.mark.parametrize("conv", [lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), lambda: nn.Conv2d(4, 6, 1),
+                                  lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: nn.Conv1d(4, 6, 3, padding=1)],
+                         ids=["3x3_s2", "1x1", "grouped", "conv1d"])
+def test_single_expert_conv_equals_peft(conv):
+    torch.manual_seed(0)
+    net = nn.Sequential(conv())
+    ours = MoELoRAConv(net[0], num_experts=1, r=4, lora_alpha=8, lora_dropout=0.2)
+
+    def copy(peft_layer, ours):
+        with torch.no_grad():
+            ours.lora_A[0].copy_(peft_layer.lora_A["default"].weight.reshape(4, -1))
+            ours.lora_B[0].copy_(peft_layer.lora_B["default"].weight.reshape(6, -1))
+
+    x = torch.randn(2, 4, 7) if isinstance(net[0], nn.Conv1d) else torch.randn(2, 4, 7, 6)
+    peft_layer = _peft_equivalence(net, "0", ours, copy, x, lora_dropout=0.2)
+    torch.testing.assert_close(ours.lora_A.grad[0], peft_layer.lora_A["default"].weight.grad.reshape(4, -1))
+    torch.testing.assert_close(ours.lora_B.grad[0], peft_layer.lora_B["default"].weight.grad.reshape(6, -1))
+
+
+# ----------------------------------------------------------------------------------- merge, errors
+@pytest.mark.parametrize("make,inp", [
+    (lambda m: _embedding(m, torch.float32), lambda: torch.tensor([[1, 4, 0], [2, 2, 9]])),
+    (lambda m: _conv("conv2d_3x3_s2", m, torch.float32), lambda: _conv_input("c", torch.float32)),
+], ids=["embedding", "conv"])
+@pytest.mark.parametrize("mode", ["single", "task_shared"])
+def test_merge_unmerge_static_routing(make, inp, mode):
+    layer = _fill(make(mode)).eval()
+    x = inp()
+    task = 1 if mode.startswith("task") else None
+    layer._task_ids = task
+    expected = layer(x)
+    before = layer.base_layer.weight.clone()
+    layer.merge(task)
+    assert layer.merged and not torch.equal(layer.base_layer.weight, before)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_refusals():
+    with pytest.raises(ValueError, match="router depends on the input"):
+        _embedding("softmax_topk").merge()
+    with pytest.raises(ValueError, match="groups > 1"):
+        _conv("conv2d_grouped", "single").merge()
+
+
+def test_wrong_bases_and_settings_raise_clear_errors():
+    with pytest.raises(TypeError, match="wraps nn.Linear or transformers Conv1D.*MoELoRAEmbedding"):
+        MoELoRALinear(nn.Embedding(4, 4))
+    with pytest.raises(TypeError, match="wraps nn.Linear or transformers Conv1D.*MoELoRAConv"):
+        MoELoRALinear(nn.Conv2d(3, 3, 1))
+    with pytest.raises(TypeError, match="MoELoRAEmbedding wraps nn.Embedding"):
+        MoELoRAEmbedding(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="MoELoRAConv wraps nn.Conv1d, nn.Conv2d or nn.Conv3d"):
+        MoELoRAConv(nn.ConvTranspose2d(3, 3, 1))
+    with pytest.raises(ValueError, match="multiple of the convolution's groups"):
+        MoELoRAConv(nn.Conv2d(4, 4, 1, groups=4), r=6)
+    with pytest.raises(ValueError, match="use_dora is supported on linear layers only"):
+        MoELoRAEmbedding(nn.Embedding(4, 4), num_experts=1, use_dora=True)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        MoELoRAConv(nn.Conv2d(3, 3, 1), num_experts=2, top_k=3)
+    layer = _conv("conv2d_1x1", "task")
+    layer._task_ids = None
+    with pytest.raises(RuntimeError, match="routes by task id but none is set"):
+        layer(torch.randn(1, 3, 2, 2, dtype=torch.float64))
+
+
+def test_half_precision_bases_get_fp32_adapters_and_keep_dtype():
+    emb = MoELoRAEmbedding(nn.Embedding(10, 8).to(torch.bfloat16), num_experts=2, top_k=1, r=4)
+    conv = MoELoRAConv(nn.Conv2d(3, 8, 3).to(torch.bfloat16), num_experts=2, top_k=1, r=4)
+    randomize_adapters(conv)
+    assert emb.lora_A.dtype == conv.lora_B.dtype == torch.float32
+    assert emb(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+    assert conv(torch.randn(1, 3, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16

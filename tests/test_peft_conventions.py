@@ -1,0 +1,281 @@
+"""What PEFT users expect, checked against PEFT itself: injection into embeddings and
+convolutions by target_modules, modules_to_save, enable/disable_adapter_layers, named
+adapters (add/set/delete/load, the saved folder layout), trained biases in PEFT checkpoints."""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moelora
+from moelora import MoELoRAConfig, MoELoRAConv, MoELoRAEmbedding, MoELoRALinear, MoELoRAModel, get_moelora_model
+from moelora.adapters import DetachedBase, ModulesToSaveWrapper
+from tiny_models import randomize_adapters, tiny_bert, tiny_llama, token_batch
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+class Net(nn.Module):
+    """Token embedding + a 1-d convolution over the sequence + linear layers + a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(self.proj(h)))
+
+
+IDS = torch.tensor([[1, 5, 7, 19, 3], [2, 2, 0, 11, 4]])
+
+
+def _perturb(model, seed=5, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_regex_adapts_embedding_conv_and_linear_each_with_its_class_and_round_trips(tmp_path):
+    model = get_moelora_model(Net(), MoELoRAConfig(target_modules=r"embed|conv|proj", num_experts=3, top_k=2, r=2))
+    inner = model.model
+    assert (type(inner.embed), type(inner.conv), type(inner.proj)) == (MoELoRAEmbedding, MoELoRAConv, MoELoRALinear)
+    assert isinstance(inner.head, nn.Linear)
+    trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
+    assert {"embed.lora_embedding_A", "embed.router.weight", "conv.lora_A", "conv.router.weight"} <= trainable
+    assert not any("base_layer" in n for n in trainable)
+    _perturb(model)
+    model.eval()
+    expected = model(IDS)
+    assert moelora.router_stats(model).keys() == {"embed", "conv", "proj"}
+    model.save_pretrained(str(tmp_path))
+    loaded = MoELoRAModel.from_pretrained(Net(), str(tmp_path))
+    assert torch.equal(loaded(IDS), expected)
+    # "all-linear" keeps to the linear layers
+    linear_only = get_moelora_model(Net(), MoELoRAConfig(target_modules="all-linear", num_experts=2, top_k=1))
+    assert isinstance(linear_only.model.embed, nn.Embedding) and isinstance(linear_only.model.conv, nn.Conv1d)
+
+
+def test_peft_checkpoint_of_embedding_and_conv_imports_and_exports(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    peft_model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "conv", "proj"],
+                                                  init_lora_weights=False)).eval()
+    expected = peft_model(IDS)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = moelora.load_peft_lora(Net(), str(tmp_path / "peft")).eval()
+    assert isinstance(ours.model.embed, MoELoRAEmbedding) and isinstance(ours.model.conv, MoELoRAConv)
+    torch.testing.assert_close(ours(IDS), expected, rtol=1e-5, atol=1e-6)
+    moelora.export_peft_lora(ours, str(tmp_path / "again"))
+    again = PeftModel.from_pretrained(Net(), str(tmp_path / "again")).eval()
+    torch.testing.assert_close(again(IDS), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- modules_to_save
+def test_modules_to_save_train_save_and_load_with_the_adapter(tmp_path):
+    cfg = MoELoRAConfig(target_modules=["query", "value"], num_experts=2, top_k=1, modules_to_save=["classifier"])
+    model = get_moelora_model(tiny_bert(classification=True), cfg)
+    wrapper = model.model.classifier
+    assert isinstance(wrapper, ModulesToSaveWrapper) and wrapper.out_features == 3
+    assert all(p.requires_grad for p in wrapper.modules_to_save.parameters())
+    assert not any(p.requires_grad for p in wrapper.original_module.parameters())
+    ids = token_batch()
+    before = model(ids).logits
+    _perturb(model)
+    model.eval()
+    expected = model(ids).logits
+    assert not torch.allclose(expected, before)
+    with model.disable_adapter():  # the original head and no LoRA: the base model
+        torch.testing.assert_close(model(ids).logits, tiny_bert(classification=True)(ids).logits)
+    model.save_pretrained(str(tmp_path))
+    loaded = MoELoRAModel.from_pretrained(tiny_bert(classification=True), str(tmp_path))
+    assert torch.equal(loaded(ids).logits, expected)
+    with pytest.raises(ValueError, match="matches no module"):
+        get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], modules_to_save=["nothing"]))
+
+
+def test_modules_to_save_and_biases_interoperate_with_peft(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    peft_model = get_peft_model(tiny_bert(classification=True), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False, modules_to_save=["classifier"],
+        bias="lora_only"))
+    _perturb(peft_model)  # trains the LoRA factors, the classifier copy and the adapted layers' biases
+    peft_model.eval()
+    ids = token_batch()
+    expected = peft_model(ids).logits
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = moelora.load_peft_lora(tiny_bert(classification=True), str(tmp_path / "peft")).eval()
+    assert ours.moelora_config.bias == "lora_only" and ours.moelora_config.modules_to_save == ["classifier"]
+    torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    moelora.export_peft_lora(ours, str(tmp_path / "again"))
+    again = PeftModel.from_pretrained(tiny_bert(classification=True), str(tmp_path / "again")).eval()
+    torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    # merge_and_unload keeps the trained head, as PEFT's
+    merged = ours.merge_and_unload()
+    assert isinstance(merged.classifier, nn.Linear)
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_export_carries_trained_biases_and_round_trips(tmp_path, bias):
+    from peft import PeftModel
+
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1, bias=bias)
+    base = tiny_llama(num_layers=2)
+    with torch.no_grad():  # LLaMA has no biases: give the targeted and one other layer some
+        for name in ("q_proj", "v_proj", "o_proj"):
+            layer = base.model.layers[0].self_attn.get_submodule(name)
+            layer.bias = nn.Parameter(torch.zeros(layer.out_features))
+
+    def fresh():
+        model = tiny_llama(num_layers=2)
+        for name in ("q_proj", "v_proj", "o_proj"):
+            layer = model.model.layers[0].self_attn.get_submodule(name)
+            layer.bias = nn.Parameter(torch.zeros(layer.out_features))
+        return model
+
+    model = get_moelora_model(base, cfg)
+    _perturb(model)
+    model.eval()
+    ids = token_batch()
+    expected = model(ids).logits
+    moelora.export_peft_lora(model, str(tmp_path))
+    peft_model = PeftModel.from_pretrained(fresh(), str(tmp_path)).eval()
+    assert peft_model.peft_config["default"].bias == bias
+    torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    back = moelora.load_peft_lora(fresh(), str(tmp_path)).eval()
+    torch.testing.assert_close(back(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    o_bias = back.model.model.layers[0].self_attn.o_proj.bias
+    assert (o_bias.abs().sum() > 0) == (bias == "all")
+
+
+# ----------------------------------------------------------------------------------- enable / disable
+def test_enable_disable_adapter_layers_as_peft():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    ids = token_batch()
+    base = tiny_llama(num_layers=2)(ids).logits
+    with_lora = peft_model(ids).logits
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                     num_experts=1, r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, layer in ours.model.named_modules():
+            if isinstance(layer, MoELoRALinear):
+                peft_layer = peft_model.base_model.model.get_submodule(name)
+                layer.lora_A[0].copy_(peft_layer.lora_A["default"].weight)
+                layer.lora_B[0].copy_(peft_layer.lora_B["default"].weight)
+    for model in (peft_model, ours):
+        model.disable_adapter_layers()
+        torch.testing.assert_close(model(ids).logits, base)
+        model.enable_adapter_layers()
+        torch.testing.assert_close(model(ids).logits, with_lora, rtol=1e-5, atol=1e-5)
+    ours.merge_adapter()
+    ours.disable_adapter_layers()  # a merged adapter is unmerged first
+    torch.testing.assert_close(ours(ids).logits, base, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- named adapters
+def _two_adapter_model():
+    model = get_moelora_model(tiny_llama(num_layers=2),
+                              MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
+    randomize_adapters(model, seed=1)
+    model.add_adapter("second", MoELoRAConfig(target_modules=["v_proj", "embed_tokens"], num_experts=3, top_k=2, r=2))
+    return model
+
+
+def test_add_set_delete_adapters():
+    model = _two_adapter_model()
+    ids = token_batch()
+    inner = model.model.model
+    assert model.active_adapter == "default" and model.active_adapters == ["default"]
+    assert isinstance(inner.layers[0].self_attn.q_proj, MoELoRALinear)
+    assert isinstance(inner.layers[0].self_attn.v_proj, nn.Linear)  # "second" is stored, not in the model
+    stored = model.inactive_adapters["second"]
+    assert all(isinstance(m.base_layer, DetachedBase) for m in stored.layers)
+    assert not any(p.requires_grad for p in stored.parameters())
+    assert any(k.startswith("inactive_adapters.second.") for k in model.state_dict())
+    default_out = model(ids).logits
+
+    model.set_adapter("second")
+    assert model.active_adapter == "second" and model.moelora_config.num_experts == 3
+    assert isinstance(inner.layers[0].self_attn.q_proj, nn.Linear)
+    assert isinstance(inner.embed_tokens, MoELoRAEmbedding) and inner.embed_tokens.lora_A.requires_grad
+    assert not any(p.requires_grad for p in model.inactive_adapters["default"].parameters())
+    randomize_adapters(model.model, seed=3)  # the wrapper's parameters include the stored adapter's
+    _perturb(model)
+    second_out = model(ids).logits
+    assert not torch.allclose(second_out, default_out)
+    model.to(torch.float64)  # moves the stored adapter too
+    assert model.inactive_adapters["default"].layers[0].lora_A.dtype == torch.float64
+    model.to(torch.float32)
+
+    model.set_adapter("default")
+    torch.testing.assert_close(model(ids).logits, default_out)
+    with pytest.raises(ValueError, match="already has an adapter named 'second'"):
+        model.add_adapter("second", MoELoRAConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="no adapter named 'third'"):
+        model.set_adapter("third")
+    model.delete_adapter("default")  # the active one: "second" takes over
+    assert model.active_adapter == "second" and list(model.adapter_configs) == ["second"]
+    torch.testing.assert_close(model(ids).logits, second_out)
+    with pytest.raises(ValueError, match="only adapter"):
+        model.delete_adapter("second")
+
+
+def test_named_adapters_save_as_peft_lays_them_out_and_load_back(tmp_path):
+    model = _two_adapter_model()
+    model.set_adapter("second")
+    _perturb(model)
+    model.set_adapter("default")
+    model.eval()
+    ids = token_batch()
+    outputs = {}
+    for name in ("default", "second"):
+        model.set_adapter(name)
+        outputs[name] = model(ids).logits
+    model.set_adapter("default")
+    model.save_pretrained(str(tmp_path))
+    assert {"moelora_config.json", "adapter_model.safetensors", "second"} <= set(os.listdir(tmp_path))
+    assert {"moelora_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "second"))
+    assert model.active_adapter == "default" and not isinstance(model.model.model.embed_tokens, MoELoRAEmbedding)
+
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+    loaded.load_adapter(str(tmp_path / "second"), "second")
+    for name in ("default", "second"):
+        loaded.set_adapter(name)
+        assert torch.equal(loaded(ids).logits, outputs[name]), name
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+
+
+def test_named_plain_lora_adapters_match_peft_multi_adapter_model(tmp_path):
+    from peft import PeftModel
+
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1, r=4))
+    ours.add_adapter("other", MoELoRAConfig(target_modules=["v_proj", "o_proj"], num_experts=1, r=2, lora_alpha=4))
+    ids = token_batch()
+    expected = {}
+    for name in ("default", "other"):
+        ours.set_adapter(name)
+        _perturb(ours, seed=len(name))
+        expected[name] = ours(ids).logits
+        moelora.export_peft_lora(ours, str(tmp_path / name))
+    peft_model = PeftModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "default"))
+    peft_model.load_adapter(str(tmp_path / "other"), adapter_name="other")
+    for name in ("default", "other"):
+        peft_model.set_adapter(name)
+        torch.testing.assert_close(peft_model(ids).logits, expected[name], rtol=1e-5, atol=1e-5)
+    # the folder layout of a multi-adapter save is PEFT's
+    peft_model.save_pretrained(str(tmp_path / "peft_saved"))
+    ours.save_pretrained(str(tmp_path / "ours_saved"))
+    assert os.path.isdir(tmp_path / "peft_saved" / "other") and os.path.isdir(tmp_path / "ours_saved" / "other")
