@@ -46,6 +46,19 @@ def _tracing_or_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def syncing_checks_enabled() -> bool:
+    """Whether checks that read device values on the host run now: moelora.validation is on
+    and neither torch.compile nor CUDA-graph capture is running. Every such check in moelora
+    asks this (the rule of this module's docstring)."""
+    return validation_enabled() and not _tracing_or_capturing()
+
+
+def host_values(*scalars: torch.Tensor) -> list:
+    """0-d tensors (one device) as Python numbers, in one device-to-host copy."""
+    dtype = torch.float64 if any(t.is_floating_point() for t in scalars) else torch.int64
+    return torch.stack([t.to(dtype) for t in scalars]).tolist()
+
+
 def _require_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -133,13 +146,13 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
 
 
 def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> None:
-    """The syncing checks (ids in [0, E), finite weights): one device-to-host copy, only with
-    moelora.validation on and never under torch.compile or graph capture."""
-    if not validation_enabled() or topk_ids.numel() == 0 or _tracing_or_capturing():
+    """The syncing checks (ids in [0, E), finite weights): one device-to-host copy, only when
+    syncing_checks_enabled()."""
+    if topk_ids.numel() == 0 or not syncing_checks_enabled():
         return
     lo, hi = torch.aminmax(topk_ids)
-    finite = torch.isfinite(topk_weights).all().to(lo.dtype)
-    lo, hi, finite = torch.stack([lo, hi, finite]).tolist()  # one device-to-host copy
+    lo, hi, finite = host_values(lo, hi, torch.isfinite(topk_weights).all())  # one device-to-host copy
+    lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_experts:
         raise ValueError(
             f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}] "
