@@ -113,7 +113,8 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     if topk_ids.dim() < 1 or topk_ids.shape[-1] < 1:
         raise ValueError(f"topk_ids must have shape [T, k] with k >= 1, got {tuple(topk_ids.shape)}")
     top_k = topk_ids.shape[-1]
-    if topk_ids.numel() != num_tokens * top_k or topk_ids.dim() not in (2, len(lead) + 1):
+    flat_ids = topk_ids.dim() == 2 and topk_ids.shape[0] == num_tokens
+    if not flat_ids and tuple(topk_ids.shape[:-1]) != lead:  # same element count is not enough
         raise ValueError(
             f"topk_ids must have shape [{num_tokens}, k] or {list(lead) + ['k']} to match x of shape "
             f"{tuple(x.shape)}, got {tuple(topk_ids.shape)}")
@@ -145,13 +146,19 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     )
 
 
-def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> None:
-    """The syncing checks (ids in [0, E), finite weights): one device-to-host copy, only when
-    syncing_checks_enabled()."""
+def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                         positive_kept_sums: bool = False) -> None:
+    """The syncing checks (ids in [0, E), finite weights; with ``positive_kept_sums`` also: the
+    nonzero weights of every token that has any sum to a positive value, as moe_ffn's
+    normalize=True needs): one device-to-host copy, only when syncing_checks_enabled()."""
     if topk_ids.numel() == 0 or not syncing_checks_enabled():
         return
     lo, hi = torch.aminmax(topk_ids)
-    lo, hi, finite = host_values(lo, hi, torch.isfinite(topk_weights).all())  # one device-to-host copy
+    checks = [lo, hi, torch.isfinite(topk_weights).all()]
+    if positive_kept_sums:
+        kept = topk_weights != 0
+        checks.append((~kept.any(-1) | (torch.where(kept, topk_weights, 0).sum(-1) > 0)).all())
+    lo, hi, finite, *positive = host_values(*checks)  # one device-to-host copy
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_experts:
         raise ValueError(
@@ -159,3 +166,35 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
             "(switch the check off with moelora.validation(False) for graph capture)")
     if not finite:
         raise ValueError("topk_weights contains NaN or Inf")
+    if positive and not positive[0]:
+        raise ValueError("normalize=True needs the kept topk_weights of every token to sum to a positive value "
+                         "(the nonzero weights are divided by their sum); some token's sum to zero or less")
+
+
+def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, normalize) -> None:
+    """Types, dtypes and devices of moelora.moe_ffn's arguments (shapes: moelora.ffn).
+
+    ``weights``: {name: tensor or None} of w_in, b_in, w_out, b_out, w_gate, b_gate.
+    """
+    for name, value in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        _require_tensor(name, value)
+    for name, value in weights.items():
+        if value is not None:
+            _require_tensor(name, value)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name, value in weights.items():
+        if value is not None and value.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {value.dtype}")
+    if topk_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
+    for name, value in (("topk_ids", topk_ids), ("topk_weights", topk_weights), *weights.items()):
+        if value is not None and value.device != x.device:
+            raise ValueError(f"{name} is on {value.device} but x is on {x.device}; all inputs must share a device")
+    if not callable(activation) or isinstance(activation, torch.Tensor):
+        hint = f" (e.g. torch.nn.functional.{activation})" if isinstance(activation, str) else ""
+        raise TypeError(f"activation must be a callable{hint}, got {type(activation).__name__} {activation!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
