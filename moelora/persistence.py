@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -27,7 +29,7 @@ import torch.nn as nn
 from . import _structure
 from .config import CONFIG_NAME, MoELoRAConfig
 from .layer import MoELoRALinear
-from .model import TRAINABLE_MARKERS, MoELoRAModel, get_moelora_model
+from .model import MoELoRAModel, adapter_tensor_names, get_moelora_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora._structure)
@@ -39,24 +41,9 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, MoELoRAModel) else model
 
 
-def _owned_prefixes(model: nn.Module) -> tuple:
-    """Name prefixes of the modules moelora added whole (upcycled MoE FFNs, MoLEx)."""
-    return tuple(n + "." for n, m in _inner(model).named_modules() if getattr(m, "_moelora_trainable", False))
-
-
-def _is_saved(name: str, bias: str, owned: tuple = ()) -> bool:
-    """Whether a checkpoint holds the tensor ``name`` (adapters, routers, moelora-added
-    modules, chosen biases)."""
-    if any(m in name for m in TRAINABLE_MARKERS) or name.startswith(owned):
-        return True
-    if bias == "all":
-        return name.endswith("bias")
-    return bias == "lora_only" and name.endswith("base_layer.bias")
-
-
 def _strip_wrapper_prefix(name: str, known: set) -> Optional[str]:
     """``name`` without the prefix a wrapper added ("model.", "module.model.", ...), if the
-    rest is a name of the wrapped model's state_dict."""
+    rest is one of the ``known`` names (the adapter tensors of the wrapped model)."""
     parts = name.split(".")
     for i in range(len(parts)):
         candidate = ".".join(parts[i:])
@@ -72,24 +59,22 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
     carry a prefix) is read instead of the model's own when given; it must hold every
     adapter tensor, unsharded.
     """
-    own = _inner(model).state_dict()
-    owned = _owned_prefixes(model)
+    saved = adapter_tensor_names(_inner(model), bias)
     if state_dict is None:
-        source = own
+        source = _inner(model).state_dict()
     else:
-        known = set(own)
         source = {}
         for name, tensor in state_dict.items():
-            stripped = _strip_wrapper_prefix(name, known)
+            stripped = _strip_wrapper_prefix(name, saved)
             if stripped is not None:
                 source[stripped] = tensor
-        missing = sorted(n for n in own if _is_saved(n, bias, owned) and n not in source)
+        missing = sorted(saved - set(source))
         if missing:
             raise ValueError(f"state_dict lacks adapter tensors of the model, e.g. {missing[:3]} (an FSDP full "
                              "state dict is only gathered on rank 0: save there)")
     state = {}
     for name, tensor in source.items():
-        if not _is_saved(name, bias, owned):
+        if name not in saved:
             continue
         if hasattr(tensor, "device_mesh"):
             raise ValueError(
@@ -117,26 +102,93 @@ def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Option
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
-    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights."""
+def _read_json(path: str, what: str) -> dict:
+    """The JSON object in ``path``; errors name the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text (JSON) file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _read_safetensors(path: str) -> dict:
+    """The tensors in the safetensors file ``path``; errors name the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        saved = json.load(f)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (the adapter's weights)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_checkpoint(directory: str):
+    """(config, structure records, tensors) of a checkpoint, every file read and checked."""
+    config_path = os.path.join(directory, CONFIG_NAME)
+    saved = _read_json(config_path, "the MoE-LoRA config")
     structure = saved.pop(STRUCTURE_KEY, [])
-    config = MoELoRAConfig.from_dict(saved)
-    _structure.replay(model, structure)
-    wrapped = get_moelora_model(model, config)
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    expected = adapter_state_dict(wrapped, config.bias)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"checkpoint does not fit the model: {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(expected[name].shape)}")
-    wrapped.model.load_state_dict(state, strict=False)
+    try:
+        config = MoELoRAConfig.from_dict(saved)
+        _structure.check_records(structure)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{config_path}: {exc}") from None
+    return config, structure, _read_safetensors(os.path.join(directory, WEIGHTS_NAME))
+
+
+@contextlib.contextmanager
+def _restored_on_error(model: nn.Module):
+    """Undo every change to ``model``'s module tree (children, attributes, hooks, classes,
+    requires_grad flags) if the block raises; parameter values are not touched by the
+    blocks that use it before they succeed."""
+    modules = list(model.modules())
+    saved = [(m, type(m), {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in vars(m).items()})
+             for m in modules]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for m, cls, attributes in saved:
+            m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
+def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
+    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights.
+
+    Every file is read and checked before ``model`` is changed; if the tensors then do not
+    fit the injected model, ``model`` is restored as it was (a corrected retry works).
+    Checkpoints written before adapter membership was explicit may also hold a base model's
+    own tensors whose names contain ``router.`` or ``lora_`` (they were trained then): such
+    tensors, where the model has them with the same shape, are loaded too.
+    """
+    config, structure, state = _read_checkpoint(directory)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    with _restored_on_error(model):
+        _structure.replay(model, structure)
+        wrapped = get_moelora_model(model, config)
+        expected = adapter_tensor_names(wrapped.model, config.bias)
+        present = wrapped.model.state_dict()
+        missing = sorted(expected - set(state))
+        unexpected = sorted(n for n in state if n not in expected and n not in present)
+        if missing or unexpected:
+            raise ValueError(f"{weights_path}: checkpoint does not fit the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for name, tensor in state.items():
+            if tensor.shape != present[name].shape:
+                raise ValueError(f"{weights_path}: checkpoint does not fit the model: {name} has shape "
+                                 f"{tuple(tensor.shape)}, the model expects {tuple(present[name].shape)}")
+        wrapped.model.load_state_dict(state, strict=False)
     if not is_trainable:
         for p in wrapped.parameters():
             p.requires_grad_(False)
@@ -191,22 +243,51 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
 
 
 def _read_peft_checkpoint(directory: str):
-    from safetensors.torch import load_file
-
-    with open(os.path.join(directory, PEFT_CONFIG_NAME)) as f:
-        peft_config = json.load(f)
+    """(adapter config, {module name: {"lora_A", "lora_B"[, "lora_magnitude_vector"]}}, weights
+    path) of a PEFT LoRA checkpoint; errors name the file."""
+    config_path, weights_path = os.path.join(directory, PEFT_CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    peft_config = _read_json(config_path, "the PEFT adapter config")
     if peft_config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        raise ValueError(f"{config_path}: not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")
+    state = _read_safetensors(weights_path)
     modules = {}
     for key, tensor in state.items():
         m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)\.weight|"
                          rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_magnitude_vector)(?:\.weight)?", key)
         if m is None:
-            raise ValueError(f"unsupported tensor in the PEFT checkpoint: {key}")
+            raise ValueError(f"{weights_path}: unsupported tensor in the PEFT checkpoint: {key}")
         name, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
         modules.setdefault(name, {})[part] = tensor
-    return peft_config, modules
+    if not modules:
+        raise ValueError(f"{weights_path}: the PEFT checkpoint holds no LoRA tensor")
+    for name, tensors in modules.items():
+        for part in ("lora_A", "lora_B"):
+            if part not in tensors:
+                raise ValueError(f"{weights_path}: {name} has no {PEFT_PREFIX}{name}.{part}.weight "
+                                 f"(found {sorted(tensors)})")
+            if tensors[part].dim() != 2:
+                raise ValueError(f"{weights_path}: {name}.{part} must be 2-D, got shape {tuple(tensors[part].shape)}")
+    return peft_config, modules, weights_path
+
+
+def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path: str) -> None:
+    """The PEFT tensors of module ``name`` fit expert ``target`` of ``layer`` exactly (no
+    broadcasting): A [r, d_in], B [d_out, r], DoRA magnitude [d_out]."""
+    if not isinstance(layer, MoELoRALinear):
+        raise ValueError(f"{weights_path}: {name} is not a MoE-LoRA layer of the model")
+    if not 0 <= target < layer.num_experts:
+        raise ValueError(f"expert must be in [0, {layer.num_experts}) for {name}, got {target}")
+    if layer.share_lora_a and layer.num_experts > 1:
+        raise ValueError(f"{name}: cannot load a PEFT LoRA into one expert of a layer whose A is shared")
+    expected = {"lora_A": (layer.r, layer.in_features), "lora_B": (layer.out_features, layer.r)}
+    if "lora_magnitude_vector" in tensors:
+        if not layer.use_dora:
+            raise ValueError(f"{weights_path}: {name}: the checkpoint is DoRA but the layer is not")
+        expected["lora_magnitude_vector"] = (layer.out_features,)
+    for part, shape in expected.items():
+        if tuple(tensors[part].shape) != shape:
+            raise ValueError(f"{weights_path}: {name}.{part} has shape {tuple(tensors[part].shape)}, the layer "
+                             f"(r={layer.r}, d_in={layer.in_features}, d_out={layer.out_features}) needs {shape}")
 
 
 def _peft_value(name: str, pattern: dict, default):
@@ -218,37 +299,44 @@ def _peft_value(name: str, pattern: dict, default):
 
 @torch.no_grad()
 def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
-    """Load a PEFT LoRA checkpoint as one expert (see the module docstring); returns the wrapper."""
-    peft_config, modules = _read_peft_checkpoint(directory)
+    """Load a PEFT LoRA checkpoint as one expert (see the module docstring); returns the wrapper.
+    Every tensor is checked against its layer before any is copied; a fresh ``model`` is left
+    as it was when the checkpoint does not fit."""
+    peft_config, modules, weights_path = _read_peft_checkpoint(directory)
+    if expert is not None and (not isinstance(expert, int) or isinstance(expert, bool)):
+        raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")
     use_rslora = bool(peft_config.get("use_rslora", False))
-    if isinstance(model, MoELoRAModel):
-        wrapped, target = model, expert if expert is not None else 0
-    else:
-        if expert not in (None, 0):
-            raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
-        ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
-        alphas = {n: _peft_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
-                  for n in modules}
-        config = MoELoRAConfig(
-            r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
-            target_modules=sorted(modules), num_experts=1, top_k=1, use_rslora=use_rslora,
-            use_dora=bool(peft_config.get("use_dora", False)),
-            rank_pattern={re.escape(n): r for n, r in ranks.items()},
-            alpha_pattern={re.escape(n): a for n, a in alphas.items()})
-        wrapped, target = get_moelora_model(model, config), 0
-    inner = wrapped.model
+    with _restored_on_error(model):
+        if isinstance(model, MoELoRAModel):
+            wrapped, target = model, expert if expert is not None else 0
+        else:
+            if expert not in (None, 0):
+                raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
+            ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
+            alphas = {n: _peft_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
+                      for n in modules}
+            try:
+                config = MoELoRAConfig(
+                    r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
+                    target_modules=sorted(modules), num_experts=1, top_k=1, use_rslora=use_rslora,
+                    use_dora=bool(peft_config.get("use_dora", False)),
+                    rank_pattern={re.escape(n): r for n, r in ranks.items()},
+                    alpha_pattern={re.escape(n): a for n, a in alphas.items()})
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{os.path.join(directory, PEFT_CONFIG_NAME)}: {exc}") from None
+            wrapped, target = get_moelora_model(model, config), 0
+        inner = wrapped.model
+        layers = {}
+        for name, tensors in modules.items():
+            try:
+                layers[name] = inner.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{weights_path}: the model has no module {name}") from None
+            _check_peft_fits(name, tensors, layers[name], target, weights_path)
     for name, tensors in modules.items():
-        layer = inner.get_submodule(name)
-        if not isinstance(layer, MoELoRALinear):
-            raise ValueError(f"{name} is not a MoE-LoRA layer of the model")
-        a, b = tensors["lora_A"], tensors["lora_B"]
-        if tuple(b.shape) != tuple(layer.lora_B.shape[1:]) or a.shape[0] != layer.r:
-            raise ValueError(f"{name}: PEFT rank {a.shape[0]} / shape {tuple(b.shape)} does not fit the layer "
-                             f"(r={layer.r}, B {tuple(layer.lora_B.shape[1:])})")
+        layer, a, b = layers[name], tensors["lora_A"], tensors["lora_B"]
         alpha = _peft_value(name, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
         peft_scaling = alpha / (math.sqrt(a.shape[0]) if use_rslora else a.shape[0])
-        if layer.share_lora_a and layer.num_experts > 1:
-            raise ValueError("cannot load a PEFT LoRA into one expert of a layer whose A is shared")
         if layer.share_lora_a:
             layer.lora_A.copy_(a)
         else:
@@ -256,7 +344,5 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
         # Keep the layer's scaling; fold any difference into B.
         layer.lora_B[target].copy_(b * (peft_scaling / layer.scaling))
         if "lora_magnitude_vector" in tensors:
-            if not layer.use_dora:
-                raise ValueError(f"{name}: the checkpoint is DoRA but the layer is not")
             layer.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
     return wrapped
