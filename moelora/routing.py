@@ -25,6 +25,7 @@ from ._validation import host_values, syncing_checks_enabled
 
 MODES = {"softmax_topk": _fb.SOFTMAX_TOPK, "topk_softmax": _fb.TOPK_SOFTMAX}
 MAX_EXPERTS = _ext.MAX_EXPERTS
+MAX_BLOCK_SIZE = _ext.MAX_BLOCK_SIZE
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -101,8 +102,10 @@ def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormal
     (MoSLD / MoLA); "topk_softmax": weights = softmax over the chosen logits (Mixtral, MoLEx;
     renormalize changes nothing). Experts are chosen on the logits (maths in fp32, fp64 for
     fp64 logits), ties to the lower index; NaN logits count as -inf, so ids are always valid
-    and distinct (a row of only NaN/-inf gets ids 0..k-1, weights 0, lse -inf). Gradients
-    flow to logits from weights, prob_sums and lse.
+    and distinct (a row of only NaN/-inf gets ids 0..k-1, weights 0, lse -inf). A row with
+    +inf logits gets the softmax's limit: probability 1/n on each of its n +inf entries, 0
+    elsewhere, lse = +inf (weights and prob_sums stay finite). Gradients flow to logits
+    from weights, prob_sums and lse.
     """
     _check_float("logits", logits)
     if logits.dim() < 1:
@@ -123,9 +126,11 @@ def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormal
 
 def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int] = None) -> DispatchMetadata:
     """Stable expert-sorted order of the (token, slot) pairs; see DispatchMetadata.
+    ``block_size``: None (no padded layout) or an int in [1, MAX_BLOCK_SIZE = 65536].
 
     With moelora.validation on (default), ids outside [0, num_experts) raise ValueError (one
-    device-to-host sync); with it off they are left out of every bucket.
+    device-to-host sync; skipped under torch.compile and CUDA-graph capture); with it off
+    they are left out of every bucket.
     """
     _require("topk_ids", topk_ids)
     if topk_ids.dtype not in (torch.int32, torch.int64):

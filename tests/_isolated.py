@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,3 +59,17 @@ def outcome_of(fn, check=None) -> dict:
     if check is not None:
         outcome["check"] = bool(check(value))
     return outcome
+
+
+def check_outcome(outcome: dict, expected) -> None:
+    """Assert that a case's outcome is what ``expected`` describes: (exception class, message
+    regex), or ("returns", check) for a call that must return and pass ``check``."""
+    assert "crash" not in outcome, f"the process crashed: {outcome['crash']}"
+    if expected[0] == "returns":
+        assert "returned" in outcome, f"raised {outcome['raised'][0]}: {outcome['message']}"
+        assert outcome["check"], outcome["returned"]
+        return
+    exc, pattern = expected
+    assert "raised" in outcome, f"no error; returned {outcome['returned']}"
+    assert exc.__name__ in outcome["raised"], f"raised {outcome['raised'][0]}: {outcome['message']}"
+    assert re.search(pattern, outcome["message"]), f"message {outcome['message']!r} does not match {pattern!r}"

@@ -2,12 +2,10 @@
 suite): a ValueError/TypeError whose message names the argument and the expected value,
 and out-of-range indices handled without an error. Cases: tests/native_error_cases.py."""
 
-import re
-
 import pytest
 
 import native_error_cases
-from _isolated import run_isolated
+from _isolated import check_outcome, run_isolated
 from _routing_helpers import needs_c
 
 pytestmark = needs_c
@@ -18,19 +16,6 @@ NAMES = sorted(native_error_cases.CASES)
 @pytest.fixture(scope="module")
 def outcomes():
     return run_isolated("native_error_cases", NAMES)
-
-
-def check_outcome(outcome: dict, expected) -> None:
-    """Assert that a case's outcome (tests/_isolated.py) is what ``expected`` describes."""
-    assert "crash" not in outcome, f"the process crashed: {outcome['crash']}"
-    if expected[0] == "returns":
-        assert "returned" in outcome, f"raised {outcome['raised'][0]}: {outcome['message']}"
-        assert outcome["check"], outcome["returned"]
-        return
-    exc, pattern = expected
-    assert "raised" in outcome, f"no error; returned {outcome['returned']}"
-    assert exc.__name__ in outcome["raised"], f"raised {outcome['raised'][0]}: {outcome['message']}"
-    assert re.search(pattern, outcome["message"]), f"message {outcome['message']!r} does not match {pattern!r}"
 
 
 @pytest.mark.parametrize("name", NAMES)
