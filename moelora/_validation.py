@@ -65,29 +65,33 @@ def _require_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out) -> MoELoRAArgs:
-    """Validate the operator's arguments and return them flattened (see MoELoRAArgs)."""
-    for name, value in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b),
-                        ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+def check_tensor_args(x, topk_ids, topk_weights, weights: dict, optional: dict) -> None:
+    """Types, dtypes and devices shared by the operators: x a float tensor; ``weights`` (every
+    value required) and ``optional`` ({name: tensor or None}) tensors of x's dtype; topk_ids
+    int32/int64, topk_weights floating point; everything on x's device."""
+    for name, value in (("x", x), *weights.items(), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         _require_tensor(name, value)
-    if base_out is not None:
-        _require_tensor("base_out", base_out)
-
+    tensors = dict(weights, **{n: t for n, t in optional.items() if t is not None})
+    for name, value in optional.items():
+        if value is not None:
+            _require_tensor(name, value)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("base_out", base_out)):
-        if t is not None and t.dtype != x.dtype:
+    for name, t in tensors.items():
+        if t.dtype != x.dtype:
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
     if topk_ids.dtype not in ID_DTYPES:
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
+    for name, t in (*tensors.items(), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
 
-    device = x.device
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("topk_ids", topk_ids),
-                    ("topk_weights", topk_weights), ("base_out", base_out)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but x is on {device}; all inputs must share a device")
+
+def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out) -> MoELoRAArgs:
+    """Validate the operator's arguments and return them flattened (see MoELoRAArgs)."""
+    check_tensor_args(x, topk_ids, topk_weights, dict(lora_a=lora_a, lora_b=lora_b), dict(base_out=base_out))
 
     if x.dim() < 1:
         raise ValueError("x must have shape [..., d_in], got a 0-d tensor")
@@ -176,23 +180,8 @@ def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, nor
 
     ``weights``: {name: tensor or None} of w_in, b_in, w_out, b_out, w_gate, b_gate.
     """
-    for name, value in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
-        _require_tensor(name, value)
-    for name, value in weights.items():
-        if value is not None:
-            _require_tensor(name, value)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    for name, value in weights.items():
-        if value is not None and value.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {value.dtype}")
-    if topk_ids.dtype not in ID_DTYPES:
-        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if not topk_weights.is_floating_point():
-        raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
-    for name, value in (("topk_ids", topk_ids), ("topk_weights", topk_weights), *weights.items()):
-        if value is not None and value.device != x.device:
-            raise ValueError(f"{name} is on {value.device} but x is on {x.device}; all inputs must share a device")
+    required = {n: weights[n] for n in ("w_in", "w_out")}
+    check_tensor_args(x, topk_ids, topk_weights, required, {n: t for n, t in weights.items() if n not in required})
     if not callable(activation) or isinstance(activation, torch.Tensor):
         hint = f" (e.g. torch.nn.functional.{activation})" if isinstance(activation, str) else ""
         raise TypeError(f"activation must be a callable{hint}, got {type(activation).__name__} {activation!r}")

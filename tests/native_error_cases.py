@@ -1,5 +1,5 @@
 """Argument errors and out-of-range values of every native op (torch.ops.moelora.*), run by
-tests/test_native_errors.py in child processes (tests/_isolated.py): a case that crashes
+tests/test_bad_inputs.py in child processes (tests/_isolated.py): a case that crashes
 the interpreter (a broken C++ runtime in the extension, an out-of-bounds write) then fails
 alone. Each case: (call, expected) with expected = (exception class, message regex), or
 ("returns", check) for inputs that must be handled without an error.
@@ -135,7 +135,7 @@ def _segfault():
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
-# Cases of the harness itself (tests/test_native_errors.py checks that a crash fails one case).
+# Cases of the harness itself (tests/test_bad_inputs.py checks that a crash fails one case).
 HARNESS_CASES = {"harness/before": lambda: 1, "harness/crash": _segfault, "harness/after": lambda: 1}
 
 

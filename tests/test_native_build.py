@@ -95,6 +95,20 @@ def test_link_problem_detects_a_static_runtime(tmp_path):
 
 
 @needs_gxx
+def test_import_refuses_an_extension_with_a_static_runtime(tmp_path):
+    """moelora._ext does not use such an extension (the fallbacks run) and says why."""
+    from types import SimpleNamespace
+
+    static = _cxx_runtime._link_probe(_compiler(), str(tmp_path), ["-static-libstdc++"], "static")
+    dynamic = _cxx_runtime._link_probe(_compiler(), str(tmp_path), [], "dynamic")
+    module = dict(MAX_EXPERTS=_ext.MAX_EXPERTS, MAX_BLOCK_SIZE=_ext.MAX_BLOCK_SIZE)
+    assert "torch errors raised inside it would crash" in _ext._untrusted_reason(SimpleNamespace(__file__=static, **module))
+    assert _ext._untrusted_reason(SimpleNamespace(__file__=dynamic, **module)) is None
+    stale = dict(module, MAX_BLOCK_SIZE=None)
+    assert "built from other sources" in _ext._untrusted_reason(SimpleNamespace(__file__=dynamic, **stale))
+
+
+@needs_gxx
 @pytest.mark.parametrize("toolchain", ["specs_add_static_libstdcxx", "lib_dir_with_only_libstdcxx_a"])
 def test_probe_repairs_a_compiler_that_links_the_runtime_statically(tmp_path, monkeypatch, toolchain):
     if toolchain == "specs_add_static_libstdcxx":
