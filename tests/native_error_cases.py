@@ -131,6 +131,36 @@ CASES = {
 }
 
 
+# The same checks on the CUDA kernels' entry points (GPU machines with a CUDA build only).
+if torch.cuda.is_available() and moelora._ext.has_cuda_kernels():
+    cx, csp, cinv, cw, cy = (t.cuda() for t in (x, sp, inv, w, y))
+    CASES.update({
+        "cuda/router_topk/top_k_above_E": (lambda: ops.router_topk(torch.randn(3, 4, device="cuda"), 5, 0, False),
+                                           (ValueError, r"top_k must be in \[1, E = 4\], got 5")),
+        "cuda/router_topk/int_logits": (lambda: ops.router_topk(torch.ones(3, 4, dtype=torch.int32, device="cuda"), 2,
+                                                                0, False),
+                                        (TypeError, r"logits must be float16, bfloat16, float32 or float64, got Int")),
+        "cuda/dispatch_metadata/block_size_int64_max": (
+            lambda: ops.dispatch_metadata(_ids(4, 1).cuda(), 1, 2**63 - 1),
+            (ValueError, r"block_size must be in \[0, 65536\] .*got 9223372036854775807")),
+        "cuda/dispatch_metadata/block_size_2_52_many_experts": (
+            lambda: ops.dispatch_metadata(_ids(4, 1).cuda(), 4096, 2**52), (ValueError, r"got 4503599627370496")),
+        "cuda/dispatch/1d_x": (lambda: ops.dispatch(torch.randn(3, device="cuda"), csp, cinv, None),
+                               (ValueError, r"dispatch: x must be 2-D, got shape \[3\]")),
+        "cuda/combine/rows_mismatch": (lambda: ops.combine(torch.randn(5, 4, device="cuda"), csp, cinv, None),
+                                       (ValueError, r"combine: y_sorted has 5 rows but sorted_pairs has 6 entries")),
+        "cuda/pair_dot/dtype_mismatch": (lambda: ops.pair_dot(cx.double(), cy, csp, cinv),
+                                         (TypeError, r"pair_dot: a \(Double\) and b_sorted \(Float\) must share a "
+                                                     r"dtype")),
+        "cuda/dispatch/pairs_out_of_range": (
+            lambda: ops.dispatch(cx, torch.tensor([0, 10**12, -5, 6, 5], device="cuda"), cinv, cw).cpu(),
+            ("returns", lambda out: out.shape == (5, 4) and bool((out[1:4] == 0).all()))),
+        "cuda/combine/positions_out_of_range": (
+            lambda: ops.combine(cy, csp, torch.tensor([[0, 10**12], [-9, 1], [5, 6]], device="cuda"), None).cpu(),
+            ("returns", lambda out: torch.equal(out[2], y[5]))),
+    })
+
+
 def _segfault():
     os.kill(os.getpid(), signal.SIGSEGV)
 

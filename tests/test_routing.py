@@ -235,3 +235,22 @@ def test_route_cuda_fp64_and_grad():
     torch.autograd.gradcheck(_route_sum("native", "topk_softmax", False, 2, torch.randn(9, dtype=torch.float64,
                                                                                           device="cuda")), (x,))
     torch.library.opcheck(torch.ops.moelora.router_topk.default, (x, 2, 0, True))
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_cuda_plus_inf_logits_match_cpu(mode, renorm):
+    inf = float("inf")
+    logits = torch.randn(70, 40)
+    logits[0, 7] = inf
+    logits[1, [3, 30]] = inf
+    logits[2, :] = float("nan")
+    logits[2, 39] = inf
+    logits[3, 5], logits[3, 6] = inf, 1e30
+    cpu = moelora.route(logits, 3, mode=mode, renormalize=renorm)
+    gpu = moelora.route(logits.cuda(), 3, mode=mode, renormalize=renorm)
+    assert torch.equal(gpu.ids.cpu(), cpu.ids) and torch.equal(gpu.counts.cpu(), cpu.counts)
+    assert torch.equal(gpu.lse.cpu()[:4], cpu.lse[:4]) and torch.isinf(cpu.lse[:4]).all()
+    torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu.prob_sums.cpu(), cpu.prob_sums, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(gpu.weights).all() and torch.isfinite(gpu.prob_sums).all()
