@@ -159,6 +159,7 @@ def pair_dot(a, b, sorted_pairs, inverse):
         return torch.zeros(T, k, dtype=acc, device=a.device)
     pos = inverse.reshape(-1)
     valid = (pos >= 0) & (pos < P)
-    rows = b.index_select(0, torch.where(valid, pos, torch.zeros_like(pos))).to(acc).view(T, k, -1)
+    # [T, k, d] spelled out: view(T, k, -1) fails for T = 0 (a padded layout has rows then).
+    rows = b.index_select(0, torch.where(valid, pos, torch.zeros_like(pos))).to(acc).view(T, k, b.shape[1])
     dots = (a.to(acc).unsqueeze(1) * rows).sum(-1)
     return torch.where(valid.view(T, k), dots, torch.zeros((), dtype=acc, device=a.device))

@@ -163,6 +163,12 @@ def _restored_on_error(model: nn.Module):
         raise
 
 
+def _legacy_base_tensor(name: str, present: dict) -> bool:
+    """A base model's tensor that checkpoints of the substring era saved with the adapter (its
+    name contained 'lora_' or 'router.'): loaded as saved."""
+    return name in present and ("lora_" in name or "router." in name)
+
+
 def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
     """Inject the saved configuration into ``model`` (a fresh base model) and load the weights.
 
@@ -170,7 +176,8 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
     fit the injected model, ``model`` is restored as it was (a corrected retry works).
     Checkpoints written before adapter membership was explicit may also hold a base model's
     own tensors whose names contain ``router.`` or ``lora_`` (they were trained then): such
-    tensors, where the model has them with the same shape, are loaded too.
+    tensors, where the model has them with the same shape, are loaded too; any other tensor
+    the adapter does not have is an error.
     """
     config, structure, state = _read_checkpoint(directory)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
@@ -180,7 +187,7 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
         expected = adapter_tensor_names(wrapped.model, config.bias)
         present = wrapped.model.state_dict()
         missing = sorted(expected - set(state))
-        unexpected = sorted(n for n in state if n not in expected and n not in present)
+        unexpected = sorted(n for n in state if n not in expected and not _legacy_base_tensor(n, present))
         if missing or unexpected:
             raise ValueError(f"{weights_path}: checkpoint does not fit the model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")

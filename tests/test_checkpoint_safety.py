@@ -223,6 +223,10 @@ def test_checkpoints_that_also_hold_base_router_tensors_still_load(tmp_path):
     save_file(state, str(weights))
     loaded = moelora.from_pretrained(_MoEBase(), str(tmp_path))
     assert torch.equal(loaded.model.router.weight, torch.full((4, 8), 0.25))
+    state["proj.base_layer.weight"] = torch.zeros(8, 8)  # any other base tensor is not part of an adapter
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"does not fit the model: missing \[\], unexpected \['proj.base_layer.weight'\]"):
+        moelora.from_pretrained(_MoEBase(), str(tmp_path))
 
 
 # ---- 9. load_peft_lora: exact shapes, expert in range, files named ----------------------------

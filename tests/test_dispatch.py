@@ -209,6 +209,17 @@ def test_validation(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_combine_backward_with_no_tokens_and_a_padded_layout(path):
+    """T = 0 with block_size: y_sorted still has the padding rows (found by test_properties)."""
+    meta = run_path(path, moelora.dispatch_metadata, torch.zeros(0, 1, dtype=torch.long), 1, block_size=2)
+    y = torch.randn(meta.sorted_pairs_padded.shape[0], 3, requires_grad=True)
+    w = torch.rand(0, 1, requires_grad=True)
+    out = run_path(path, moelora.combine, y, meta, w)
+    gy, gw = torch.autograd.grad(out.sum(), (y, w))
+    assert out.shape == (0, 3) and gw.shape == (0, 1) and torch.equal(gy, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_syncing_checks_skip_themselves_under_torch_compile(path):
     """The range checks read device values on the host; like moelora._validation's they skip
     themselves while torch.compile traces (a host read there is a graph break)."""

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moelora
+from conftest import DEVICE
 from _routing_helpers import metadata_reference, route_reference, run_path
 
 PROFILE = dict(derandomize=True, database=None, deadline=None, print_blob=True,
@@ -26,9 +27,10 @@ ROUTING_PATHS = st.sampled_from(["native", "fallback"] if moelora._ext.HAS_C els
 
 
 # ---- strategies ------------------------------------------------------------------------------
-def strided(t: torch.Tensor, requires_grad=False) -> torch.Tensor:
+def strided(t: torch.Tensor, requires_grad=False, device="cpu") -> torch.Tensor:
     """The values of t in a non-contiguous view (every other element of a larger buffer)."""
-    buf = torch.full(tuple(t.shape) + (2,), float("nan") if t.is_floating_point() else -99, dtype=t.dtype)
+    buf = torch.full(tuple(t.shape) + (2,), float("nan") if t.is_floating_point() else -99, dtype=t.dtype,
+                     device=device)
     view = buf[..., 0]
     view.copy_(t)
     view = view.detach()
@@ -71,14 +73,14 @@ def assert_grads_match(y, leaves, y_ref, ref_leaves, names, dtype):
     """Gradients of y (leaves) and of the float64 loop y_ref (ref_leaves) for one random
     output gradient agree; leaves either side leaves unused (T = 0, dropped slots) get 0."""
     grad = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(y, leaves, grad.to(dtype).reshape(y.shape), allow_unused=True)
+    grads = torch.autograd.grad(y, leaves, grad.to(y.device, dtype).reshape(y.shape), allow_unused=True)
     grads_ref = (torch.autograd.grad(y_ref, ref_leaves, grad, allow_unused=True) if y_ref.requires_grad
                  else [None] * len(leaves))
     for name, got, want, leaf in zip(names, grads, grads_ref, leaves):
         got = torch.zeros_like(leaf) if got is None else got
         want = torch.zeros(leaf.shape, dtype=torch.float64) if want is None else want
         assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(got.cpu().double(), want, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
 
 
 # ---- moe_lora ---------------------------------------------------------------------------------
@@ -123,24 +125,24 @@ def moe_lora_problems(draw, max_tokens=10, max_width=9, max_experts=6, dtypes=(t
                 out_of_range=out_of_range)
 
 
-def check_moe_lora(p, **kw):
+def check_moe_lora(p, device="cpu", **kw):
     dtype, lead = p["dtype"], p["lead"]
     shaped = lambda t: t.reshape(*lead, t.shape[-1])  # noqa: E731
-    x = strided(shaped(p["x"].to(dtype)), requires_grad=True)
-    a, b = strided(p["a"].to(dtype), True), strided(p["b"].to(dtype), True)
-    ids = strided(shaped(p["ids"]))
-    w = strided(shaped(p["w"].to(dtype)), True)
-    base = strided(shaped(p["base"].to(dtype)), True) if p["base"] is not None else None
+    x = strided(shaped(p["x"].to(dtype)), True, device)
+    a, b = strided(p["a"].to(dtype), True, device), strided(p["b"].to(dtype), True, device)
+    ids = strided(shaped(p["ids"]), device=device)
+    w = strided(shaped(p["w"].to(dtype)), True, device)
+    base = strided(shaped(p["base"].to(dtype)), True, device) if p["base"] is not None else None
     leaves = [t for t in (x, a, b, w, base) if t is not None]
     with moelora.validation(not p["out_of_range"]):
         y = moelora.moe_lora(x, a, b, ids, w, scaling=p["scaling"], base_out=base, **kw)
     assert y.shape == (*lead, p["b"].shape[1]) and y.dtype == dtype
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
     rx, ra, rb, rw = ref_leaves[:4]
     rbase = ref_leaves[4] if base is not None else None
     flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     y_ref = moe_lora_loop(flat(rx), ra, rb, p["ids"], flat(rw), p["scaling"], flat(rbase))
-    torch.testing.assert_close(y.double().reshape(y_ref.shape), y_ref, **TOL[dtype])
+    torch.testing.assert_close(y.cpu().double().reshape(y_ref.shape), y_ref, **TOL[dtype])
     assert_grads_match(y, leaves, y_ref, ref_leaves, ["x", "lora_a", "lora_b", "topk_weights", "base_out"], dtype)
 
 
@@ -155,7 +157,7 @@ def test_moe_lora_torch_backend_matches_the_per_token_loop(p):
        st.sampled_from(["dense", "grouped"]))
 def test_moe_lora_triton_backend_matches_the_per_token_loop(p, regime):
     # NaN/Inf in unused experts: strict xfail of the dense regime in test_operator_edge_values.py.
-    check_moe_lora(p, backend="triton", regime=regime)
+    check_moe_lora(p, DEVICE, backend="triton", regime=regime)
 
 
 # ---- moe_ffn ----------------------------------------------------------------------------------
