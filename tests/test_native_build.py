@@ -87,7 +87,8 @@ def _wrapper(tmp_path, name, link_args):
 @needs_gxx
 def test_link_problem_detects_a_static_runtime(tmp_path):
     compiler = _compiler()
-    dynamic = _cxx_runtime._link_probe(compiler, str(tmp_path), [], "dynamic")
+    repair = _cxx_runtime.runtime_link_args(compiler, "libstdc++.so.6")  # [] unless g++ links statically itself
+    dynamic = _cxx_runtime._link_probe(compiler, str(tmp_path), repair, "dynamic")
     static = _cxx_runtime._link_probe(compiler, str(tmp_path), ["-static-libstdc++"], "static")
     assert _cxx_runtime.link_problem(dynamic, "libstdc++.so.6") is None
     assert "std::basic_ostream symbols" in _cxx_runtime.link_problem(static, "libstdc++.so.6")
@@ -99,8 +100,9 @@ def test_import_refuses_an_extension_with_a_static_runtime(tmp_path):
     """moelora._ext does not use such an extension (the fallbacks run) and says why."""
     from types import SimpleNamespace
 
-    static = _cxx_runtime._link_probe(_compiler(), str(tmp_path), ["-static-libstdc++"], "static")
-    dynamic = _cxx_runtime._link_probe(_compiler(), str(tmp_path), [], "dynamic")
+    compiler = _compiler()
+    static = _cxx_runtime._link_probe(compiler, str(tmp_path), ["-static-libstdc++"], "static")
+    dynamic = _cxx_runtime._link_probe(compiler, str(tmp_path), _cxx_runtime.runtime_link_args(compiler), "dynamic")
     module = dict(MAX_EXPERTS=_ext.MAX_EXPERTS, MAX_BLOCK_SIZE=_ext.MAX_BLOCK_SIZE)
     assert "torch errors raised inside it would crash" in _ext._untrusted_reason(SimpleNamespace(__file__=static, **module))
     assert _ext._untrusted_reason(SimpleNamespace(__file__=dynamic, **module)) is None
