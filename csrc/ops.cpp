@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "moelora.h"
 
 namespace moelora {
@@ -27,27 +29,39 @@ void check_meta_args(const at::Tensor& topk_ids, int64_t num_experts, int64_t bl
   TORCH_CHECK_VALUE(topk_ids.size(1) >= 1 && topk_ids.size(1) <= num_experts,
                     "topk_ids.shape[1] (k) must be in [1, num_experts = ", num_experts, "], got ",
                     topk_ids.size(1));
-  TORCH_CHECK_VALUE(block_size >= 0, "block_size must be >= 0 (0: no padding), got ", block_size);
+  TORCH_CHECK_VALUE(block_size >= 0 && block_size <= kMaxBlockSize, "block_size must be in [0, ", kMaxBlockSize,
+                    "] (0: no padding), got ", block_size);
+  // Unreachable for tensors that fit in memory, checked anyway: the padded length must fit int64.
+  const int64_t num_pairs = topk_ids.size(0) * topk_ids.size(1);
+  TORCH_CHECK_VALUE(block_size == 0 || num_pairs <= std::numeric_limits<int64_t>::max() / 2 -
+                                                        num_experts * kMaxBlockSize,
+                    "topk_ids has too many pairs (", num_pairs, ") for a padded layout");
 }
 
-int64_t check_gather_args(const char* op, const at::Tensor& data, const at::Tensor& sorted_pairs,
-                          const at::Tensor& inverse, const c10::optional<at::Tensor>& weights) {
-  MOELORA_CHECK_DIM(data, 2);
-  MOELORA_CHECK_FLOAT(data);
+int64_t check_gather_args(const char* op, const char* data_name, const at::Tensor& data,
+                          const at::Tensor& sorted_pairs, const at::Tensor& inverse,
+                          const c10::optional<at::Tensor>& weights) {
+  TORCH_CHECK_VALUE(data.dim() == 2, op, ": ", data_name, " must be 2-D, got shape ", data.sizes());
+  TORCH_CHECK_TYPE(data.scalar_type() == at::kFloat || data.scalar_type() == at::kHalf ||
+                       data.scalar_type() == at::kBFloat16 || data.scalar_type() == at::kDouble,
+                   op, ": ", data_name, " must be float16, bfloat16, float32 or float64, got ", data.scalar_type());
   MOELORA_CHECK_DIM(sorted_pairs, 1);
   MOELORA_CHECK_INDEX(sorted_pairs);
   MOELORA_CHECK_DIM(inverse, 2);
   MOELORA_CHECK_INDEX(inverse);
   TORCH_CHECK_VALUE(inverse.size(1) >= 1, op, ": inverse must have shape [T, k] with k >= 1, got ",
                     inverse.sizes());
-  MOELORA_CHECK_DEVICE(sorted_pairs, data.device());
-  MOELORA_CHECK_DEVICE(inverse, data.device());
+  TORCH_CHECK_VALUE(sorted_pairs.device() == data.device(), op, ": sorted_pairs must be on ", data_name,
+                    "'s device ", data.device(), ", got ", sorted_pairs.device());
+  TORCH_CHECK_VALUE(inverse.device() == data.device(), op, ": inverse must be on ", data_name, "'s device ",
+                    data.device(), ", got ", inverse.device());
   if (weights.has_value()) {
-    const at::Tensor& w = *weights;
-    MOELORA_CHECK_FLOAT(w);
-    MOELORA_CHECK_DEVICE(w, data.device());
-    TORCH_CHECK_VALUE(w.sizes() == inverse.sizes(), op, ": weights must have the shape of inverse ",
-                      inverse.sizes(), ", got ", w.sizes());
+    const at::Tensor& weights_ = *weights;
+    MOELORA_CHECK_FLOAT_AS(weights_, "weights");
+    TORCH_CHECK_VALUE(weights_.device() == data.device(), op, ": weights must be on ", data_name, "'s device ",
+                      data.device(), ", got ", weights_.device());
+    TORCH_CHECK_VALUE(weights_.sizes() == inverse.sizes(), op, ": weights must have the shape of inverse ",
+                      inverse.sizes(), ", got ", weights_.sizes());
   }
   return inverse.size(0) * inverse.size(1);
 }
@@ -85,5 +99,6 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (module == nullptr) return nullptr;
   PyModule_AddIntConstant(module, "WITH_CUDA", MOELORA_WITH_CUDA);
   PyModule_AddIntConstant(module, "MAX_EXPERTS", static_cast<long>(moelora::kMaxExperts));
+  PyModule_AddIntConstant(module, "MAX_BLOCK_SIZE", static_cast<long>(moelora::kMaxBlockSize));
   return module;
 }

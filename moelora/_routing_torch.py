@@ -9,22 +9,33 @@ Same contracts as the native ops, argument for argument:
   pair_dot(a [T, d], b [P, d], sorted_pairs [P], inverse [T, k]) -> [T, k] acc
 (acc = float64 for float64 data, float32 otherwise). Integer outputs, dispatch and combine
 equal the C++ CPU kernels bitwise; router floats and pair_dot agree to rounding. No host
-synchronisation: every shape follows from input shapes.
+synchronisation: every shape follows from input shapes. A router row with +inf logits gets
+the softmax's limit: probability split equally over its +inf entries, lse = +inf.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _ext
+
 SOFTMAX_TOPK, TOPK_SOFTMAX = 0, 1
+INF = float("inf")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_block_size(block_size: int) -> None:
+    """block_size (of the padded layout) in [1, MAX_BLOCK_SIZE]: keeps every padded offset in int64."""
+    if not 1 <= block_size <= _ext.MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be in [1, {_ext.MAX_BLOCK_SIZE}] (or None: no padding), got {block_size}")
+
+
 def padded_length(num_pairs, num_experts: int, block_size: int):
     """Rows of the padded layout: T*k + E*(block_size-1), rounded up to a multiple of block_size."""
+    check_block_size(block_size)
     raw = num_pairs + num_experts * (block_size - 1)
     return (raw + block_size - 1) // block_size * block_size
 
@@ -32,16 +43,24 @@ def padded_length(num_pairs, num_experts: int, block_size: int):
 def clean_logits(logits: torch.Tensor) -> torch.Tensor:
     """Logits in the accumulation dtype with NaN replaced by -inf."""
     x = logits.to(acc_dtype(logits.dtype))
-    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    return torch.where(torch.isnan(x), torch.full_like(x, -INF), x)
+
+
+def shifted_exp(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """exp(x - m) for row maxima m, with the limit 1 (x = +inf) / 0 (else) on rows where m = +inf."""
+    infinite = m == INF
+    limit = (x == INF).to(x.dtype)
+    return torch.where(infinite, limit, torch.exp(x - torch.where(m.abs() == INF, torch.zeros_like(m), m)))
 
 
 def softmax_stats(x: torch.Tensor):
-    """(probs, lse, masked) of cleaned logits; a row of only -inf has probs 0 and lse -inf."""
+    """(probs, lse, masked) of cleaned logits; a row of only -inf has probs 0 and lse -inf; a
+    row with +inf logits has equal probabilities on those (0 elsewhere) and lse +inf."""
     m = x.amax(-1, keepdim=True)
-    masked = m == float("-inf")
-    ex = torch.exp(x - torch.where(masked, torch.zeros_like(m), m))
+    masked = m == -INF
+    ex = shifted_exp(x, m)
     s = ex.sum(-1, keepdim=True)
-    lse = torch.where(masked, m, m + torch.log(s)).squeeze(-1)
+    lse = torch.where(masked | (m == INF), m, m + torch.log(s)).squeeze(-1)
     probs = torch.where(masked, torch.zeros_like(ex), ex / s)
     return probs, lse, masked
 
@@ -56,7 +75,7 @@ def router_topk(logits: torch.Tensor, top_k: int, mode: int, renormalize: bool):
     else:
         sel = x.gather(1, ids)
         top = sel[:, :1]
-        weights = torch.where(top == float("-inf"), torch.zeros_like(sel), torch.exp(sel - top))
+        weights = torch.where(top == -INF, torch.zeros_like(sel), shifted_exp(sel, top))
     if renormalize or mode == TOPK_SOFTMAX:
         total = weights.sum(-1, keepdim=True)
         weights = torch.where(total > 0, weights / total, torch.zeros_like(weights))
@@ -140,6 +159,7 @@ def pair_dot(a, b, sorted_pairs, inverse):
         return torch.zeros(T, k, dtype=acc, device=a.device)
     pos = inverse.reshape(-1)
     valid = (pos >= 0) & (pos < P)
-    rows = b.index_select(0, torch.where(valid, pos, torch.zeros_like(pos))).to(acc).view(T, k, -1)
+    # [T, k, d] spelled out: view(T, k, -1) fails for T = 0 (a padded layout has rows then).
+    rows = b.index_select(0, torch.where(valid, pos, torch.zeros_like(pos))).to(acc).view(T, k, b.shape[1])
     dots = (a.to(acc).unsqueeze(1) * rows).sum(-1)
     return torch.where(valid.view(T, k), dots, torch.zeros((), dtype=acc, device=a.device))

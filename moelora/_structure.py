@@ -4,18 +4,33 @@
 Each records its call (name and JSON-able arguments) on the model it edited;
 ``save_pretrained`` writes the records into ``moelora_config.json`` and ``from_pretrained``
 replays them, in order, before injecting the adapters and loading the weights.
+
+A checkpoint never makes moelora import or call arbitrary code: the only callables it can
+name are activations from an allow-list (as transformers' and PEFT's string keys):
+torch's activation functions by name (``torch.nn.functional.gelu``; ``torch.relu``) and
+transformers' ``ACT2FN`` names (``gelu_new``, ``silu``, ...). Saving any other activation
+fails at save time; a checkpoint naming anything else fails at load time.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, List, Tuple
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ATTRIBUTE = "_moelora_structure"
+OPS = ("upcycle_ffn", "apply_molex")
 # Arguments whose default changed, with the value a record written before holds implicitly.
 LEGACY_DEFAULTS = {"apply_molex": {"bias": False}}  # MoLEx's linear gate gained its bias
+
+# Activation functions a checkpoint may name, in these namespaces (torch._C._nn: names that
+# earlier checkpoints hold for the builtins F.gelu, F.softplus, ...).
+TORCH_ACTIVATIONS = ("celu", "elu", "gelu", "glu", "hardshrink", "hardsigmoid", "hardswish", "hardtanh",
+                     "leaky_relu", "logsigmoid", "mish", "relu", "relu6", "rrelu", "selu", "sigmoid", "silu",
+                     "softplus", "softshrink", "softsign", "tanh", "tanhshrink")
+TORCH_NAMESPACES = {"torch.nn.functional": F, "torch": torch, "torch._C._nn": torch._C._nn}
 
 
 def record(model: nn.Module, op: str, kwargs: dict) -> None:
@@ -27,27 +42,55 @@ def recorded(model: nn.Module) -> List[Tuple[str, dict]]:
     return list(model.__dict__.get(ATTRIBUTE, []))
 
 
+def _transformers_activations():
+    """(ACT2CLS, ACT2FN) of transformers, or ({}, None) without transformers."""
+    try:
+        from transformers.activations import ACT2CLS, ACT2FN
+    except ImportError:
+        return {}, None
+    return ACT2CLS, ACT2FN
+
+
+def _module_state(m: nn.Module) -> dict:
+    return {k: getattr(v, "__func__", v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+
+
 def callable_name(fn: Callable, what: str) -> str:
-    """A dotted name that imports ``fn`` back (torch.relu, torch.nn.functional.gelu, ...)."""
-    short = getattr(fn, "__name__", "?")
-    # torch's builtins (torch.relu) carry no usable __module__: try the torch namespaces too.
-    for name in (f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', short)}", f"torch.{short}",
-                 f"torch.nn.functional.{short}"):
-        try:
-            if resolve_callable(name) is fn:
-                return name
-        except (ImportError, AttributeError, ValueError):
-            continue
-    raise ValueError(f"{what} {fn!r} cannot be saved by name; use an importable function "
-                     "(e.g. torch.nn.functional.gelu) to save this model with save_pretrained")
+    """The allow-listed name of the activation ``fn`` (torch.nn.functional.gelu, torch.relu,
+    or a transformers ACT2FN name such as gelu_new); ValueError for anything else."""
+    for prefix, namespace in TORCH_NAMESPACES.items():
+        for name in TORCH_ACTIVATIONS:
+            if getattr(namespace, name, None) is fn:
+                return f"{prefix}.{name}"
+    act2cls, act2fn = _transformers_activations()
+    if isinstance(fn, nn.Module):
+        for key, spec in act2cls.items():
+            cls = spec[0] if isinstance(spec, tuple) else spec
+            if type(fn) is cls:
+                candidate = act2fn[key]
+                if _module_state(candidate) == _module_state(fn):
+                    return key
+    raise ValueError(
+        f"{what} {fn!r} cannot be saved by name: checkpoints name activations from an allow-list only "
+        f"(torch.nn.functional.{{{', '.join(TORCH_ACTIVATIONS)}}} or a transformers ACT2FN name); use one of "
+        "those (e.g. torch.nn.functional.gelu) to save this model with save_pretrained")
 
 
 def resolve_callable(name: str) -> Callable:
-    module, _, attr = name.rpartition(".")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """The activation an allow-listed ``name`` stands for (see the module docstring); ValueError
+    for any other name, which is never imported."""
+    if not isinstance(name, str):
+        raise ValueError(f"an activation is saved as a string, got {type(name).__name__} {name!r}")
+    prefix, _, short = name.rpartition(".")
+    if prefix in TORCH_NAMESPACES and short in TORCH_ACTIVATIONS and hasattr(TORCH_NAMESPACES[prefix], short):
+        return getattr(TORCH_NAMESPACES[prefix], short)
+    act2cls, act2fn = _transformers_activations()
+    if name in act2cls:
+        return act2fn[name]
+    raise ValueError(
+        f"activation {name!r} is not allowed in a checkpoint: allowed are torch.nn.functional.<name> and "
+        f"torch.<name> for <name> in {TORCH_ACTIVATIONS}, and transformers' ACT2FN names "
+        f"{tuple(act2cls) if act2cls else '(transformers not installed)'}")
 
 
 def to_json(model: nn.Module) -> list:
@@ -55,22 +98,35 @@ def to_json(model: nn.Module) -> list:
     out = []
     for op, kwargs in recorded(model):
         kwargs = dict(kwargs)
-        if callable(kwargs.get("activation")):
+        if kwargs.get("activation") is not None:
             kwargs["activation"] = callable_name(kwargs["activation"], "upcycle_ffn activation")
         out.append({"op": op, "kwargs": kwargs})
     return out
 
 
+def check_records(records) -> None:
+    """ValueError unless ``records`` (a checkpoint's "structure") is a list of
+    {"op": one of OPS, "kwargs": {...}} whose activations are allow-listed."""
+    if not isinstance(records, list):
+        raise ValueError(f'"structure" must be a list of {{"op", "kwargs"}} entries, got {type(records).__name__}')
+    for i, entry in enumerate(records):
+        if not isinstance(entry, dict) or not isinstance(entry.get("kwargs"), dict) or "op" not in entry:
+            raise ValueError(f'structure entry {i} must be {{"op": ..., "kwargs": {{...}}}}, got {entry!r}')
+        if entry["op"] not in OPS:
+            raise ValueError(f"structure entry {i}: unknown structural edit {entry['op']!r} (known: {OPS})")
+        if entry["kwargs"].get("activation") is not None:
+            resolve_callable(entry["kwargs"]["activation"])
+
+
 def replay(model: nn.Module, records: list) -> None:
-    """Apply the saved edits to a fresh base model, in their original order."""
+    """Apply the saved edits (checked by check_records) to a fresh base model, in order."""
     from .molex import apply_molex
     from .upcycle import upcycle_ffn
 
+    check_records(records)
     ops = {"upcycle_ffn": upcycle_ffn, "apply_molex": apply_molex}
     for entry in records:
-        op, kwargs = entry["op"], {**LEGACY_DEFAULTS.get(entry["op"], {}), **entry["kwargs"]}
-        if op not in ops:
-            raise ValueError(f"unknown structural edit {op!r} in the checkpoint")
-        if isinstance(kwargs.get("activation"), str):
+        kwargs = {**LEGACY_DEFAULTS.get(entry["op"], {}), **entry["kwargs"]}
+        if kwargs.get("activation") is not None:
             kwargs["activation"] = resolve_callable(kwargs["activation"])
-        ops[op](model, **kwargs)
+        ops[entry["op"]](model, **kwargs)

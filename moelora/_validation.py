@@ -46,35 +46,52 @@ def _tracing_or_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def syncing_checks_enabled() -> bool:
+    """Whether checks that read device values on the host run now: moelora.validation is on
+    and neither torch.compile nor CUDA-graph capture is running. Every such check in moelora
+    asks this (the rule of this module's docstring)."""
+    return validation_enabled() and not _tracing_or_capturing()
+
+
+def host_values(*scalars: torch.Tensor) -> list:
+    """0-d tensors (one device) as Python numbers, in one device-to-host copy."""
+    dtype = torch.float64 if any(t.is_floating_point() for t in scalars) else torch.int64
+    return torch.stack([t.to(dtype) for t in scalars]).tolist()
+
+
 def _require_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
 
 
-def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out) -> MoELoRAArgs:
-    """Validate the operator's arguments and return them flattened (see MoELoRAArgs)."""
-    for name, value in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b),
-                        ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+def check_tensor_args(x, topk_ids, topk_weights, weights: dict, optional: dict) -> None:
+    """Types, dtypes and devices shared by the operators: x a float tensor; ``weights`` (every
+    value required) and ``optional`` ({name: tensor or None}) tensors of x's dtype; topk_ids
+    int32/int64, topk_weights floating point; everything on x's device."""
+    for name, value in (("x", x), *weights.items(), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         _require_tensor(name, value)
-    if base_out is not None:
-        _require_tensor("base_out", base_out)
-
+    tensors = dict(weights, **{n: t for n, t in optional.items() if t is not None})
+    for name, value in optional.items():
+        if value is not None:
+            _require_tensor(name, value)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("base_out", base_out)):
-        if t is not None and t.dtype != x.dtype:
+    for name, t in tensors.items():
+        if t.dtype != x.dtype:
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
     if topk_ids.dtype not in ID_DTYPES:
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
+    for name, t in (*tensors.items(), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
 
-    device = x.device
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("topk_ids", topk_ids),
-                    ("topk_weights", topk_weights), ("base_out", base_out)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but x is on {device}; all inputs must share a device")
+
+def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out) -> MoELoRAArgs:
+    """Validate the operator's arguments and return them flattened (see MoELoRAArgs)."""
+    check_tensor_args(x, topk_ids, topk_weights, dict(lora_a=lora_a, lora_b=lora_b), dict(base_out=base_out))
 
     if x.dim() < 1:
         raise ValueError("x must have shape [..., d_in], got a 0-d tensor")
@@ -100,7 +117,8 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     if topk_ids.dim() < 1 or topk_ids.shape[-1] < 1:
         raise ValueError(f"topk_ids must have shape [T, k] with k >= 1, got {tuple(topk_ids.shape)}")
     top_k = topk_ids.shape[-1]
-    if topk_ids.numel() != num_tokens * top_k or topk_ids.dim() not in (2, len(lead) + 1):
+    flat_ids = topk_ids.dim() == 2 and topk_ids.shape[0] == num_tokens
+    if not flat_ids and tuple(topk_ids.shape[:-1]) != lead:  # same element count is not enough
         raise ValueError(
             f"topk_ids must have shape [{num_tokens}, k] or {list(lead) + ['k']} to match x of shape "
             f"{tuple(x.shape)}, got {tuple(topk_ids.shape)}")
@@ -132,28 +150,50 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     )
 
 
-def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> None:
-    """The syncing checks (ids in [0, E), finite weights): one device-to-host copy, only with
-    moelora.validation on and never under torch.compile or graph capture."""
-    if not validation_enabled() or topk_ids.numel() == 0 or _tracing_or_capturing():
+def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                         positive_kept_sums: bool = False) -> None:
+    """The syncing checks (ids in [0, E), finite weights; with ``positive_kept_sums`` also: the
+    nonzero weights of every token that has any sum to a positive value, as moe_ffn's
+    normalize=True needs): one device-to-host copy, only when syncing_checks_enabled()."""
+    if topk_ids.numel() == 0 or not syncing_checks_enabled():
         return
     lo, hi = torch.aminmax(topk_ids)
-    finite = torch.isfinite(topk_weights).all().to(lo.dtype)
-    lo, hi, finite = torch.stack([lo, hi, finite]).tolist()  # one device-to-host copy
+    checks = [lo, hi, torch.isfinite(topk_weights).all()]
+    if positive_kept_sums:
+        kept = topk_weights != 0
+        checks.append((~kept.any(-1) | (torch.where(kept, topk_weights, 0).sum(-1) > 0)).all())
+    lo, hi, finite, *positive = host_values(*checks)  # one device-to-host copy
+    lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_experts:
         raise ValueError(
             f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}] "
             "(switch the check off with moelora.validation(False) for graph capture)")
     if not finite:
         raise ValueError("topk_weights contains NaN or Inf")
+    if positive and not positive[0]:
+        raise ValueError("normalize=True needs the kept topk_weights of every token to sum to a positive value "
+                         "(the nonzero weights are divided by their sum); some token's sum to zero or less")
+
+
+def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, normalize) -> None:
+    """Types, dtypes and devices of moelora.moe_ffn's arguments (shapes: moelora.ffn).
+
+    ``weights``: {name: tensor or None} of w_in, b_in, w_out, b_out, w_gate, b_gate.
+    """
+    required = {n: weights[n] for n in ("w_in", "w_out")}
+    check_tensor_args(x, topk_ids, topk_weights, required, {n: t for n, t in weights.items() if n not in required})
+    if not callable(activation) or isinstance(activation, torch.Tensor):
+        hint = f" (e.g. torch.nn.functional.{activation})" if isinstance(activation, str) else ""
+        raise TypeError(f"activation must be a callable{hint}, got {type(activation).__name__} {activation!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
 
 
 def check_ids_in_range(name: str, ids: torch.Tensor, upper: int) -> None:
     """ids in [0, upper), with the rule of check_routing_values (one host read, only while
     moelora.validation is on and never under torch.compile or graph capture)."""
-    if not validation_enabled() or ids.numel() == 0 or _tracing_or_capturing():
+    if ids.numel() == 0 or not syncing_checks_enabled():
         return
-    lo, hi = torch.aminmax(ids)
-    lo, hi = torch.stack([lo, hi]).tolist()
+    lo, hi = host_values(*torch.aminmax(ids))
     if lo < 0 or hi >= upper:
         raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
@@ -60,8 +61,7 @@ class MoELoRAConfig:
     add_aux_loss_to_output: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        _check_field_types(self)
         for name in ("lora_dropout", "lora_a_dropout"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
@@ -70,19 +70,18 @@ class MoELoRAConfig:
             raise ValueError(f"router must be one of {ROUTER_MODES}, got {self.router!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         if isinstance(self.num_experts, str) and self.num_experts not in EXPERT_PRESETS:
             raise ValueError(f"num_experts preset must be one of {EXPERT_PRESETS}, got {self.num_experts!r}")
-        if isinstance(self.num_experts, int) and self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if isinstance(self.num_experts, (list, tuple)) and not all(isinstance(n, int) and n >= 1 for n in self.num_experts):
+        if isinstance(self.num_experts, (list, tuple)) and not all(_is_int(n) and n >= 1 for n in self.num_experts):
             raise ValueError(f"every per-layer num_experts must be an int >= 1, got {self.num_experts}")
         if self.router != "task" and isinstance(self.num_experts, int) and self.num_experts > 1 \
                 and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got top_k={self.top_k}")
-        if self.router_jitter_noise < 0:
-            raise ValueError(f"router_jitter_noise must be >= 0, got {self.router_jitter_noise}")
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise ValueError("auxiliary loss coefficients must be >= 0")
+        if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
+            raise ValueError("target_modules is an empty list: name at least one module (a list of module-name "
+                             "suffixes, a regex string, or 'all-linear')")
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
 
@@ -117,8 +116,89 @@ class MoELoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoELoRAConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a MoELoRAConfig is read from a dict (a JSON object), got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown MoELoRAConfig fields: {sorted(unknown)}")
         return cls(**d)
+
+
+# ------------------------------------------------------------------------------- field checks
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_names(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v))
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+def _finite_nonneg(v) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
+# field -> (type predicate, value predicate or None, what it must be). A wrong type raises
+# TypeError, a value out of range ValueError; None passes where it is the default.
+_FIELD_KINDS = {
+    "r": (_is_int, lambda v: v >= 1, "a positive int"),
+    "lora_alpha": (_is_real, _finite, "a finite number"),
+    "lora_dropout": (_is_real, None, "a number in [0, 1)"),
+    "lora_a_dropout": (_is_real, None, "a number in [0, 1)"),
+    "target_modules": (_is_names, None, "a list of module-name suffixes, a regex string or 'all-linear'"),
+    "exclude_modules": (_is_names, None, "a list of module-name suffixes or a regex string"),
+    "layers_to_transform": (lambda v: _is_int(v) or (isinstance(v, (list, tuple)) and all(map(_is_int, v))), None,
+                            "an int or a list of ints"),
+    "layers_pattern": (_is_names, None, "a string or a list of strings"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(r) for k, r in v.items()),
+                     lambda v: all(r >= 1 for r in v.values()), "a dict of module-name patterns to positive ints"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_real(a) for k, a in v.items()),
+                      lambda v: all(map(_finite, v.values())), "a dict of module-name patterns to finite numbers"),
+    "use_rslora": (_is_bool, None, "a bool"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), None, "True, False or 'gaussian'"),
+    "use_dora": (_is_bool, None, "a bool"),
+    "bias": (lambda v: isinstance(v, str), None, f"one of {BIAS_MODES}"),
+    "modules_to_save": (_is_names, None, "a list of module-name suffixes or a regex string"),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), None, "a string"),
+    "num_experts": (lambda v: _is_int(v) or isinstance(v, (str, list, tuple)) or callable(v),
+                    lambda v: not _is_int(v) or v >= 1,
+                    "a positive int, a list of per-layer ints, a preset string or a callable"),
+    "top_k": (_is_int, lambda v: v >= 1, "a positive int"),
+    "router": (lambda v: isinstance(v, str), None, f"one of {ROUTER_MODES}"),
+    "router_renormalize": (_is_bool, None, "a bool"),
+    "router_jitter_noise": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "share_lora_a": (_is_bool, None, "a bool"),
+    "threshold_eps": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "threshold_eps_start": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "threshold_ramp_steps": (_is_int, lambda v: v >= 0, "an int >= 0"),
+    "task_shared_lora": (_is_bool, None, "a bool"),
+    "router_aux_loss_coef": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "router_z_loss_coef": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "add_aux_loss_to_output": (_is_bool, None, "a bool"),
+}
+
+
+def _check_field_types(config: "MoELoRAConfig") -> None:
+    """TypeError for a value of the wrong type (a string for a number, 4.0 for an int) and
+    ValueError for an impossible value (inf, a count below 1), naming the field."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None and f.default is None:
+            continue
+        type_ok, value_ok, what = _FIELD_KINDS[f.name]
+        if not type_ok(value):
+            raise TypeError(f"MoELoRAConfig.{f.name} must be {what}, got {type(value).__name__} {value!r}")
+        if value_ok is not None and not value_ok(value):
+            raise ValueError(f"MoELoRAConfig.{f.name} must be {what}, got {value!r}")

@@ -10,7 +10,9 @@ With ``normalize=True`` the kept weights are divided by their sum and the mixtur
 evaluated as ``y_0 + sum_j w_j (y_j - y_0)`` (y_0: the first slot's expert output), equal
 to ``sum_j w_j y_j`` because the weights sum to one; identical experts (a freshly upcycled
 FFN) then reproduce the original FFN bit for bit instead of up to the rounding of a
-weighted sum.
+weighted sum. A token whose slots were all dropped gets 0; kept weights that sum to zero
+or less cannot be normalised and raise ValueError (moelora.validation on; with it off that
+token's output is meaningless, typically inf).
 
 Backends (as :func:`moelora.moe_lora`): ``triton`` sorts the pairs by expert with the
 dispatch metadata of moelora._C and runs each projection as one grouped GEMM that gathers
@@ -27,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from .functional import resolve_backend
-from ._validation import check_routing_values
+from ._validation import check_moe_ffn_args, check_routing_values
 from .routing import dispatch_rows, expert_layout
 
 
-def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate):
+def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize):
+    check_moe_ffn_args(x, topk_ids, topk_weights, dict(w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out,
+                                                       w_gate=w_gate, b_gate=b_gate), activation, normalize)
     if x.dim() != 2:
         raise ValueError(f"x must have shape [T, d_in], got {tuple(x.shape)}")
     if w_in.dim() != 3 or w_in.shape[2] != x.shape[1]:
@@ -47,9 +51,7 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"topk_ids and topk_weights must both have shape [T = {x.shape[0]}, k], got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    check_routing_values(topk_ids, topk_weights, num_experts)
+    check_routing_values(topk_ids, topk_weights, num_experts, positive_kept_sums=normalize)
 
 
 def _experts_triton(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate):
@@ -111,7 +113,7 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     x's dtype, differentiable w.r.t. x, every weight and bias, and topk_weights. See the
     module docstring for ``normalize`` and ``backend``.
     """
-    _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate)
+    _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize)
     num_tokens, top_k = topk_ids.shape
     num_experts = w_in.shape[0]
     kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < num_experts)

@@ -24,7 +24,7 @@ import contextlib
 import inspect
 import re
 import types
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,6 @@ from .routers import Router
 DEFAULT_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
 DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
-TRAINABLE_MARKERS = ("lora_", "router.")
 
 
 # ------------------------------------------------------------------------------- matching
@@ -184,23 +183,53 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     return names
 
 
-def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
-    """requires_grad only for lora_* parameters (A, B, gamma, DoRA magnitude), routers,
-    upcycled MoE FFNs and MoLEx gates, and the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers)."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(m in name for m in TRAINABLE_MARKERS))
-    for m in model.modules():  # upcycled MoE FFNs and MoLEx gates stay trainable
-        if getattr(m, "_moelora_trainable", False):
-            for p in m.parameters():
-                p.requires_grad_(True)
+def _adapter_owners(module: nn.Module, prefix: str = ""):
+    """(name, module, recurse) of what moelora added to ``module``'s tree: an adapter layer's
+    (MoELoRALinear, MoELoRAEmbedding, MoELoRAConv) own tensors and every child but its base layer; modules moelora added whole
+    (``_moelora_trainable``: upcycled MoE FFNs, MoLEx) with everything inside them."""
+    if getattr(module, "_moelora_trainable", False):
+        yield prefix, module, True
+        return
+    if is_adapter_layer(module):
+        yield prefix, module, False
+        for name, child in module.named_children():
+            if name != "base_layer":
+                yield f"{prefix}{name}.", child, True
+        return
+    for name, child in module.named_children():
+        yield from _adapter_owners(child, f"{prefix}{name}.")
+
+
+def adapter_tensor_names(model: nn.Module, bias: str = "none") -> Set[str]:
+    """Names (as in ``model.state_dict()``) of the tensors of moelora's adapters: what
+    :func:`mark_only_adapters_trainable` leaves trainable (its parameters) and what a
+    checkpoint holds. Membership comes from moelora's module types (see _adapter_owners),
+    never from substrings of names, so a base model's own ``router`` or ``lora_`` tensors
+    are not adapters. ``bias``: "all" adds every bias parameter, "lora_only" the biases of
+    the adapted layers."""
+    names = set()
+    for prefix, owner, recurse in _adapter_owners(model):
+        for sub_prefix, sub in (owner.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False)
+                                if recurse else [(prefix.rstrip("."), owner)]):
+            dot = f"{sub_prefix}." if sub_prefix else ""
+            names.update(dot + n for n, p in sub._parameters.items() if p is not None)
+            names.update(dot + n for n, b in sub._buffers.items()
+                         if b is not None and n not in sub._non_persistent_buffers_set)
     if bias == "all":
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.requires_grad_(True)
+        names.update(n for n, _ in model.named_parameters(remove_duplicate=False) if n.endswith("bias"))
     elif bias == "lora_only":
-        for m in model.modules():
-            if is_adapter_layer(m) and getattr(m.base_layer, "bias", None) is not None:
-                m.base_layer.bias.requires_grad_(True)
+        names.update(f"{n}.base_layer.bias" for n, m in model.named_modules()
+                     if is_adapter_layer(m) and getattr(m.base_layer, "bias", None) is not None)
+    return names
+
+
+def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
+    """requires_grad only for the adapters' parameters (:func:`adapter_tensor_names`: lora_A/B,
+    task scales, DoRA magnitudes, routers of MoE-LoRA layers, upcycled MoE FFNs, MoLEx gates)
+    and the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers)."""
+    trainable = adapter_tensor_names(model, bias)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from .layer_conv import MoELoRAConv
 from .layer_embedding import MoELoRAEmbedding
 from ._layer_base import is_adapter_layer
 from .adapters import ModulesToSaveWrapper, optional_names
-from .model import DEFAULT_ADAPTER, TRAINABLE_MARKERS, MoELoRAModel, get_moelora_model
+from .model import DEFAULT_ADAPTER, MoELoRAModel, adapter_tensor_names, get_moelora_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora._structure)
@@ -55,19 +56,9 @@ def _owned_prefixes(model: nn.Module) -> tuple:
     return tuple(n + "." for n, m in _inner(model).named_modules() if getattr(m, "_moelora_trainable", False))
 
 
-def _is_saved(name: str, bias: str, owned: tuple = ()) -> bool:
-    """Whether a checkpoint holds the tensor ``name`` (adapters, routers, moelora-added
-    modules, chosen biases)."""
-    if any(m in name for m in TRAINABLE_MARKERS) or name.startswith(owned):
-        return True
-    if bias == "all":
-        return name.endswith("bias")
-    return bias == "lora_only" and name.endswith("base_layer.bias")
-
-
 def _strip_wrapper_prefix(name: str, known: set) -> Optional[str]:
     """``name`` without the prefix a wrapper added ("model.", "module.model.", ...), if the
-    rest is a name of the wrapped model's state_dict."""
+    rest is one of the ``known`` names (the adapter tensors of the wrapped model)."""
     parts = name.split(".")
     for i in range(len(parts)):
         candidate = ".".join(parts[i:])
@@ -83,24 +74,22 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
     carry a prefix) is read instead of the model's own when given; it must hold every
     adapter tensor, unsharded.
     """
-    own = _inner(model).state_dict()
-    owned = _owned_prefixes(model)
+    saved = adapter_tensor_names(_inner(model), bias)
     if state_dict is None:
-        source = own
+        source = _inner(model).state_dict()
     else:
-        known = set(own)
         source = {}
         for name, tensor in state_dict.items():
-            stripped = _strip_wrapper_prefix(name, known)
+            stripped = _strip_wrapper_prefix(name, saved)
             if stripped is not None:
                 source[stripped] = tensor
-        missing = sorted(n for n in own if _is_saved(n, bias, owned) and n not in source)
+        missing = sorted(saved - set(source))
         if missing:
             raise ValueError(f"state_dict lacks adapter tensors of the model, e.g. {missing[:3]} (an FSDP full "
                              "state dict is only gathered on rank 0: save there)")
     state = {}
     for name, tensor in source.items():
-        if not _is_saved(name, bias, owned):
+        if name not in saved:
             continue
         if hasattr(tensor, "device_mesh"):
             raise ValueError(
@@ -161,20 +150,89 @@ def _save_active_adapter(model: MoELoRAModel, save_directory: str, state_dict: O
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def _read_config(directory: str):
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        saved = json.load(f)
+def _read_json(path: str, what: str) -> dict:
+    """The JSON object in ``path``; errors name the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text (JSON) file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _read_safetensors(path: str) -> dict:
+    """The tensors in the safetensors file ``path``; errors name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (the adapter's weights)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_checkpoint(directory: str):
+    """(config, structure records, tensors) of a checkpoint, every file read and checked."""
+    config_path = os.path.join(directory, CONFIG_NAME)
+    saved = _read_json(config_path, "the MoE-LoRA config")
     structure = saved.pop(STRUCTURE_KEY, [])
-    return MoELoRAConfig.from_dict(saved), structure
+    try:
+        config = MoELoRAConfig.from_dict(saved)
+        _structure.check_records(structure)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{config_path}: {exc}") from None
+    return config, structure, _read_safetensors(os.path.join(directory, WEIGHTS_NAME))
+
+
+@contextlib.contextmanager
+def _restored_on_error(model: nn.Module):
+    """Undo every change to ``model``'s module tree (children, attributes, hooks, classes,
+    requires_grad flags) if the block raises; parameter values are not touched by the
+    blocks that use it before they succeed."""
+    modules = list(model.modules())
+    saved = [(m, type(m), {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in vars(m).items()})
+             for m in modules]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for m, cls, attributes in saved:
+            m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
+def _legacy_base_tensor(name: str, present: dict) -> bool:
+    """A base model's tensor that checkpoints of the substring era saved with the adapter (its
+    name contained 'lora_' or 'router.'): loaded as saved."""
+    return name in present and ("lora_" in name or "router." in name)
 
 
 def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
     """Inject the saved configuration into ``model`` (a fresh base model) and load the weights
-    (as the adapter "default"; :func:`load_adapter` adds the others)."""
-    config, structure = _read_config(directory)
-    _structure.replay(model, structure)
-    wrapped = get_moelora_model(model, config)
-    _load_active_adapter_weights(wrapped, directory)
+    (as the adapter "default"; :func:`load_adapter` adds the others).
+
+    Every file is read and checked before ``model`` is changed; if the tensors then do not
+    fit the injected model, ``model`` is restored as it was (a corrected retry works).
+    Checkpoints written before adapter membership was explicit may also hold a base model's
+    own tensors whose names contain ``router.`` or ``lora_`` (they were trained then): such
+    tensors, where the model has them with the same shape, are loaded too; any other tensor
+    the adapter does not have is an error.
+    """
+    config, structure, state = _read_checkpoint(directory)
+    with _restored_on_error(model):
+        _structure.replay(model, structure)
+        wrapped = get_moelora_model(model, config)
+        _load_active_adapter_weights(wrapped, state, os.path.join(directory, WEIGHTS_NAME))
     if not is_trainable:
         for p in wrapped.parameters():
             p.requires_grad_(False)
@@ -186,31 +244,35 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
 def load_adapter(model: MoELoRAModel, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name`` (inactive), as PEFT's
     ``load_adapter``. The model must have the structure (upcycling, MoLEx) the adapter was
-    saved with; ``is_trainable`` makes the adapters trainable when activated."""
-    config, structure = _read_config(directory)
+    saved with; ``is_trainable`` makes the adapters trainable when activated. Every file is
+    checked first; an adapter that does not fit is not added."""
+    config, structure, state = _read_checkpoint(directory)
     if structure != _structure.to_json(_inner(model)):
         raise ValueError(f"the adapter in {directory} was saved on a model with the structural edits {structure}, "
                          f"this model has {_structure.to_json(_inner(model))}")
     model.add_adapter(adapter_name, config)
+    try:
+        with _adapter_active(model, adapter_name):
+            _load_active_adapter_weights(model, state, os.path.join(directory, WEIGHTS_NAME))
+    except BaseException:
+        model.delete_adapter(adapter_name)
+        raise
     model.adapters_trainable = model.adapters_trainable and is_trainable
-    with _adapter_active(model, adapter_name):
-        _load_active_adapter_weights(model, directory)
 
 
-def _load_active_adapter_weights(wrapped: MoELoRAModel, directory: str) -> None:
-    """Load ``adapter_model.safetensors`` into the active adapter, checking names and shapes."""
-    from safetensors.torch import load_file
-
-    config = wrapped.moelora_config
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    expected = adapter_state_dict(wrapped, config.bias)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+def _load_active_adapter_weights(wrapped: MoELoRAModel, state: dict, weights_path: str) -> None:
+    """Load ``state`` (read from ``weights_path``) into the active adapter, checking names and shapes first."""
+    expected = adapter_tensor_names(wrapped.model, wrapped.moelora_config.bias)
+    present = wrapped.model.state_dict()
+    missing = sorted(expected - set(state))
+    unexpected = sorted(n for n in state if n not in expected and not _legacy_base_tensor(n, present))
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{weights_path}: checkpoint does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"checkpoint does not fit the model: {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(expected[name].shape)}")
+        if tensor.shape != present[name].shape:
+            raise ValueError(f"{weights_path}: checkpoint does not fit the model: {name} has shape "
+                             f"{tuple(tensor.shape)}, the model expects {tuple(present[name].shape)}")
     wrapped.model.load_state_dict(state, strict=False)
 
 
@@ -299,14 +361,13 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
 
 
 def _read_peft_checkpoint(directory: str):
-    """(config, {module: {"lora_A"|"lora_B"|"lora_magnitude_vector": tensor}}, {name: other tensor})."""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(directory, PEFT_CONFIG_NAME)) as f:
-        peft_config = json.load(f)
+    """(adapter config, {module: {"lora_A"|"lora_B"|"lora_magnitude_vector": tensor}}, {name: other
+    tensor}, weights path) of a PEFT LoRA checkpoint; errors name the file."""
+    config_path, weights_path = os.path.join(directory, PEFT_CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    peft_config = _read_json(config_path, "the PEFT adapter config")
     if peft_config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        raise ValueError(f"{config_path}: not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")
+    state = _read_safetensors(weights_path)
     modules, others = {}, {}
     for key, tensor in state.items():
         m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)\.weight|"
@@ -316,29 +377,63 @@ def _read_peft_checkpoint(directory: str):
             name = m.group(1) or m.group(3) or m.group(5)
             part = m.group(2) or m.group(4) or f"lora_{m.group(6)}"
             if part in ("lora_A", "lora_B"):  # conv kernels [r, C_in, *kernel] / [C_out, r/groups, 1, ...] flat
+                if tensor.dim() < 2:
+                    raise ValueError(f"{weights_path}: {name}.{part} must be 2-D (a conv kernel: 3-D or more), got "
+                                     f"shape {tuple(tensor.shape)}")
                 tensor = tensor.reshape(tensor.shape[0], -1)
             modules.setdefault(name, {})[part] = tensor
         elif key.startswith(PEFT_PREFIX):
             others[key[len(PEFT_PREFIX):]] = tensor  # biases and saved modules
         else:
-            raise ValueError(f"unsupported tensor in the PEFT checkpoint: {key}")
-    return peft_config, modules, others
+            raise ValueError(f"{weights_path}: unsupported tensor in the PEFT checkpoint: {key}")
+    if not modules:
+        raise ValueError(f"{weights_path}: the PEFT checkpoint holds no LoRA tensor")
+    for name, tensors in modules.items():
+        for part in ("lora_A", "lora_B"):
+            if part not in tensors:
+                raise ValueError(f"{weights_path}: {name} has no {PEFT_PREFIX}{name}.{part}.weight "
+                                 f"(found {sorted(tensors)})")
+    return peft_config, modules, others, weights_path
 
 
-def _load_peft_extras(inner: nn.Module, others: dict) -> None:
-    """Copy a PEFT checkpoint's biases and saved modules' tensors into the model."""
+def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path: str) -> None:
+    """The PEFT tensors of module ``name`` fit expert ``target`` of ``layer`` exactly (no
+    broadcasting): A and B as one expert's, the DoRA magnitude as the layer's."""
+    if not is_adapter_layer(layer):
+        raise ValueError(f"{weights_path}: {name} is not a MoE-LoRA layer of the model")
+    if not 0 <= target < layer.num_experts:
+        raise ValueError(f"expert must be in [0, {layer.num_experts}) for {name}, got {target}")
+    if layer.share_lora_a and layer.num_experts > 1:
+        raise ValueError(f"{name}: cannot load a PEFT LoRA into one expert of a layer whose A is shared")
+    expected = {"lora_A": tuple(layer.lora_A.shape[0 if layer.share_lora_a else 1:]),
+                "lora_B": tuple(layer.lora_B.shape[1:])}
+    if "lora_magnitude_vector" in tensors:
+        if not layer.use_dora:
+            raise ValueError(f"{weights_path}: {name}: the checkpoint is DoRA but the layer is not")
+        expected["lora_magnitude_vector"] = tuple(layer.lora_magnitude_vector.shape)
+    for part, shape in expected.items():
+        if tuple(tensors[part].shape) != shape:
+            raise ValueError(f"{weights_path}: {name}.{part} has shape {tuple(tensors[part].shape)}, the layer "
+                             f"(r={layer.r}) needs {shape}")
+
+
+def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> list:
+    """(model tensor, checkpoint tensor) of a PEFT checkpoint's biases and saved modules' tensors,
+    every one checked to exist in the model with the same shape."""
     saved = [n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     own = inner.state_dict(keep_vars=True)
+    pairs = []
     for key, tensor in others.items():
         owner = next((n for n in saved if key.startswith(n + ".")), None)
         if owner is None and not key.endswith("bias"):
-            raise ValueError(f"unsupported tensor in the PEFT checkpoint: {PEFT_PREFIX}{key} (neither LoRA, a bias, "
-                             "nor a tensor of its modules_to_save)")
+            raise ValueError(f"{weights_path}: unsupported tensor in the PEFT checkpoint: {PEFT_PREFIX}{key} "
+                             "(neither LoRA, a bias, nor a tensor of its modules_to_save)")
         name = f"{owner}.modules_to_save.{key[len(owner) + 1:]}" if owner else key
         if name not in own or own[name].shape != tensor.shape:
-            raise ValueError(f"{PEFT_PREFIX}{key} of the PEFT checkpoint does not fit the model "
+            raise ValueError(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model "
                              f"({'no tensor ' + name if name not in own else 'shape ' + str(tuple(own[name].shape))})")
-        own[name].copy_(tensor)
+        pairs.append((own[name], tensor))
+    return pairs
 
 
 def _peft_value(name: str, pattern: dict, default):
@@ -350,38 +445,46 @@ def _peft_value(name: str, pattern: dict, default):
 
 @torch.no_grad()
 def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
-    """Load a PEFT LoRA checkpoint as one expert (see the module docstring); returns the wrapper."""
-    peft_config, modules, others = _read_peft_checkpoint(directory)
+    """Load a PEFT LoRA checkpoint as one expert (see the module docstring); returns the wrapper.
+    Every tensor is checked against the model before any is copied; a fresh ``model`` is left
+    as it was when the checkpoint does not fit."""
+    peft_config, modules, others, weights_path = _read_peft_checkpoint(directory)
+    if expert is not None and (not isinstance(expert, int) or isinstance(expert, bool)):
+        raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")
     use_rslora = bool(peft_config.get("use_rslora", False))
-    if isinstance(model, MoELoRAModel):
-        wrapped, target = model, expert if expert is not None else 0
-    else:
-        if expert not in (None, 0):
-            raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
-        ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
-        alphas = {n: _peft_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
-                  for n in modules}
-        config = MoELoRAConfig(
-            r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
-            target_modules=sorted(modules), num_experts=1, top_k=1, use_rslora=use_rslora,
-            use_dora=bool(peft_config.get("use_dora", False)),
-            rank_pattern={re.escape(n): r for n, r in ranks.items()},
-            alpha_pattern={re.escape(n): a for n, a in alphas.items()}, bias=peft_config.get("bias", "none"),
-            modules_to_save=peft_config.get("modules_to_save"))
-        wrapped, target = get_moelora_model(model, config), 0
-    inner = wrapped.model
+    with _restored_on_error(model):
+        if isinstance(model, MoELoRAModel):
+            wrapped, target = model, expert if expert is not None else 0
+        else:
+            if expert not in (None, 0):
+                raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
+            ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
+            alphas = {n: _peft_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
+                      for n in modules}
+            try:
+                config = MoELoRAConfig(
+                    r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
+                    target_modules=sorted(modules), num_experts=1, top_k=1, use_rslora=use_rslora,
+                    use_dora=bool(peft_config.get("use_dora", False)),
+                    rank_pattern={re.escape(n): r for n, r in ranks.items()},
+                    alpha_pattern={re.escape(n): a for n, a in alphas.items()}, bias=peft_config.get("bias", "none"),
+                    modules_to_save=peft_config.get("modules_to_save"))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{os.path.join(directory, PEFT_CONFIG_NAME)}: {exc}") from None
+            wrapped, target = get_moelora_model(model, config), 0
+        inner = wrapped.model
+        layers = {}
+        for name, tensors in modules.items():
+            try:
+                layers[name] = inner.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{weights_path}: the model has no module {name}") from None
+            _check_peft_fits(name, tensors, layers[name], target, weights_path)
+        extras = _peft_extras_targets(inner, others, weights_path)
     for name, tensors in modules.items():
-        layer = inner.get_submodule(name)
-        if not is_adapter_layer(layer):
-            raise ValueError(f"{name} is not a MoE-LoRA layer of the model")
-        a, b = tensors["lora_A"], tensors["lora_B"]
-        if tuple(b.shape) != tuple(layer.lora_B.shape[1:]) or a.shape[0] != layer.r:
-            raise ValueError(f"{name}: PEFT rank {a.shape[0]} / shape {tuple(b.shape)} does not fit the layer "
-                             f"(r={layer.r}, B {tuple(layer.lora_B.shape[1:])})")
+        layer, a, b = layers[name], tensors["lora_A"], tensors["lora_B"]
         alpha = _peft_value(name, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
         peft_scaling = alpha / (math.sqrt(a.shape[0]) if use_rslora else a.shape[0])
-        if layer.share_lora_a and layer.num_experts > 1:
-            raise ValueError("cannot load a PEFT LoRA into one expert of a layer whose A is shared")
         if layer.share_lora_a:
             layer.lora_A.copy_(a)
         else:
@@ -389,8 +492,7 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
         # Keep the layer's scaling; fold any difference into B.
         layer.lora_B[target].copy_(b * (peft_scaling / layer.scaling))
         if "lora_magnitude_vector" in tensors:
-            if not layer.use_dora:
-                raise ValueError(f"{name}: the checkpoint is DoRA but the layer is not")
             layer.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
-    _load_peft_extras(inner, others)
+    for own, tensor in extras:
+        own.copy_(tensor)
     return wrapped

@@ -8,7 +8,8 @@
 A pair is p = t*k + j (token t, slot j). Everything runs in moelora._C (C++ on CPU, CUDA
 kernels on GPU) when it is built, else in the PyTorch fallbacks (moelora._routing_torch);
 every path is deterministic and free of host synchronisation, except the optional range
-checks of moelora.validation (on by default; switch off for CUDA-graph capture).
+checks of moelora.validation (on by default; skipped under torch.compile and CUDA-graph
+capture, as every syncing check of moelora: moelora._validation.syncing_checks_enabled).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from . import _ext
 from . import _routing_autograd as _ag
 from . import _routing_torch as _fb
-from ._config import validation_enabled
+from ._validation import host_values, syncing_checks_enabled
 
 MODES = {"softmax_topk": _fb.SOFTMAX_TOPK, "topk_softmax": _fb.TOPK_SOFTMAX}
 MAX_EXPERTS = _ext.MAX_EXPERTS
+MAX_BLOCK_SIZE = _ext.MAX_BLOCK_SIZE
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -100,8 +102,10 @@ def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormal
     (MoSLD / MoLA); "topk_softmax": weights = softmax over the chosen logits (Mixtral, MoLEx;
     renormalize changes nothing). Experts are chosen on the logits (maths in fp32, fp64 for
     fp64 logits), ties to the lower index; NaN logits count as -inf, so ids are always valid
-    and distinct (a row of only NaN/-inf gets ids 0..k-1, weights 0, lse -inf). Gradients
-    flow to logits from weights, prob_sums and lse.
+    and distinct (a row of only NaN/-inf gets ids 0..k-1, weights 0, lse -inf). A row with
+    +inf logits gets the softmax's limit: probability 1/n on each of its n +inf entries, 0
+    elsewhere, lse = +inf (weights and prob_sums stay finite). Gradients flow to logits
+    from weights, prob_sums and lse.
     """
     _check_float("logits", logits)
     if logits.dim() < 1:
@@ -128,9 +132,11 @@ def router_topk(logits: torch.Tensor, top_k: int, mode: str, renormalize: bool):
 
 def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int] = None) -> DispatchMetadata:
     """Stable expert-sorted order of the (token, slot) pairs; see DispatchMetadata.
+    ``block_size``: None (no padded layout) or an int in [1, MAX_BLOCK_SIZE = 65536].
 
     With moelora.validation on (default), ids outside [0, num_experts) raise ValueError (one
-    device-to-host sync); with it off they are left out of every bucket.
+    device-to-host sync; skipped under torch.compile and CUDA-graph capture); with it off
+    they are left out of every bucket.
     """
     _require("topk_ids", topk_ids)
     if topk_ids.dtype not in (torch.int32, torch.int64):
@@ -143,15 +149,21 @@ def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Opti
         raise ValueError(f"k (topk_ids.shape[1] = {top_k}) must not exceed num_experts = {num_experts}")
     if block_size is not None:
         _require("block_size", block_size, int)
-        if block_size < 1:
-            raise ValueError(f"block_size must be a positive int or None, got {block_size}")
-    if validation_enabled() and topk_ids.numel() > 0:
-        lo, hi = torch.aminmax(topk_ids)
-        if bool(lo < 0) or bool(hi >= num_experts):
-            raise ValueError(
-                f"topk_ids must lie in [0, {num_experts}), got values in [{int(lo)}, {int(hi)}] "
-                "(with moelora.validation(False) such pairs are left out instead)")
+        _fb.check_block_size(block_size)
+    lo, hi = _index_range(topk_ids)
+    if lo is not None and (lo < 0 or hi >= num_experts):
+        raise ValueError(
+            f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}] "
+            "(with moelora.validation(False) such pairs are left out instead)")
     return expert_layout(topk_ids, num_experts, block_size)
+
+
+def _index_range(index: torch.Tensor):
+    """(min, max) of an index tensor read on the host (one copy) when the syncing checks run
+    (moelora._validation.syncing_checks_enabled), else (None, None)."""
+    if index.numel() == 0 or not syncing_checks_enabled():
+        return None, None
+    return tuple(int(v) for v in host_values(*torch.aminmax(index)))
 
 
 def expert_layout(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int]) -> DispatchMetadata:
@@ -174,10 +186,9 @@ def _check_meta(meta, device):
 
 
 def _check_positions(name, index, upper):
-    if validation_enabled() and index.numel() > 0:
-        lo, hi = torch.aminmax(index)
-        if bool(lo < -1) or bool(hi >= upper):
-            raise ValueError(f"{name} must lie in [-1, {upper}), got values in [{int(lo)}, {int(hi)}]")
+    lo, hi = _index_range(index)
+    if lo is not None and (lo < -1 or hi >= upper):
+        raise ValueError(f"{name} must lie in [-1, {upper}), got values in [{lo}, {hi}]")
 
 
 def dispatch(x: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:

@@ -22,7 +22,8 @@ def run_path(path, fn, *args, **kwargs):
 
 
 def route_reference(logits, top_k, mode, renormalize):
-    """Row by row in float64: NaN -> -inf, ids sorted by (-logit, index)."""
+    """Row by row in float64: NaN -> -inf, ids sorted by (-logit, index); a row with +inf
+    logits takes the softmax's limit (equal probabilities on the +inf entries, lse +inf)."""
     T, E = logits.shape
     x = logits.double().tolist()
     weights, ids, lses = [], [], []
@@ -33,6 +34,10 @@ def route_reference(logits, top_k, mode, renormalize):
         if m == float("-inf"):
             p = [0.0] * E
             lse = float("-inf")
+        elif m == float("inf"):
+            n_inf = sum(a == m for a in v)
+            p = [1.0 / n_inf if a == m else 0.0 for a in v]
+            lse = m
         else:
             s = sum(math.exp(a - m) for a in v)
             p = [math.exp(a - m) / s for a in v]
@@ -42,7 +47,10 @@ def route_reference(logits, top_k, mode, renormalize):
             w = [p[e] for e in order]
         else:
             top = v[order[0]]
-            w = [0.0 if top == float("-inf") else math.exp(v[e] - top) for e in order]
+            if top == float("inf"):
+                w = [1.0 if v[e] == top else 0.0 for e in order]
+            else:
+                w = [0.0 if top == float("-inf") else math.exp(v[e] - top) for e in order]
         if renormalize or mode == "topk_softmax":
             tot = sum(w)
             w = [a / tot if tot > 0 else 0.0 for a in w]

@@ -92,8 +92,9 @@ def ddp_example_checkpoint(out_dir: str) -> dict:
     directory = os.path.join(out_dir, "ddp_adapter")
     ddp, losses = train_distributed.train("ddp", steps=2, batch_per_rank=PER_RANK, output_dir=directory)
     ddp.eval()
+    device = next(ddp.module.parameters()).device  # cuda:N where the example trains on a GPU
     with torch.no_grad():
-        logits = ddp.module(input_ids=eval_batch()).logits
+        logits = ddp.module(input_ids=eval_batch().to(device)).logits.cpu()
     return {"directory": directory, "logits": logits, "losses": losses}
 
 

@@ -208,6 +208,35 @@ def test_validation(path):
     assert torch.equal(out, torch.tensor([[2.0] * 4, [1.0] * 4]))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_combine_backward_with_no_tokens_and_a_padded_layout(path):
+    """T = 0 with block_size: y_sorted still has the padding rows (found by test_properties)."""
+    meta = run_path(path, moelora.dispatch_metadata, torch.zeros(0, 1, dtype=torch.long), 1, block_size=2)
+    y = torch.randn(meta.sorted_pairs_padded.shape[0], 3, requires_grad=True)
+    w = torch.rand(0, 1, requires_grad=True)
+    out = run_path(path, moelora.combine, y, meta, w)
+    gy, gw = torch.autograd.grad(out.sum(), (y, w))
+    assert out.shape == (0, 3) and gw.shape == (0, 1) and torch.equal(gy, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_syncing_checks_skip_themselves_under_torch_compile(path):
+    """The range checks read device values on the host; like moelora._validation's they skip
+    themselves while torch.compile traces (a host read there is a graph break)."""
+    torch._dynamo.reset()
+
+    def f(ids, x, y):
+        meta = moelora.dispatch_metadata(ids, 3, block_size=2)
+        return moelora.dispatch(x, meta), moelora.combine(y, meta, None)
+
+    ids, x, y = torch.tensor([[0, 1], [1, 2]]), torch.randn(2, 4), torch.randn(8, 4)
+    with _ext.force_fallback(path == "fallback"):
+        eager = f(ids, x, y)
+        compiled = torch.compile(f, fullgraph=True, backend="eager")(ids, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    torch._dynamo.reset()
+
+
 def test_import_and_fallbacks_without_extension():
     code = (
         "import sys; sys.modules['moelora._C'] = None\n"

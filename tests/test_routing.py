@@ -65,6 +65,31 @@ def test_route_ties_and_nan(path, mode, renorm):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_route_plus_inf_logits_take_the_softmax_limit(path, mode, renorm, dtype):
+    """+inf logits: probability split equally over them (0 elsewhere), finite weights and
+    prob_sums, lse = +inf, finite gradients; the other rows are unaffected."""
+    inf = float("inf")
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    logits[0, 2] = inf  # one +inf logit: weight 1 on expert 2
+    logits[1, 1] = logits[1, 3] = inf  # two: 1/2 each
+    logits[2, :] = torch.tensor([inf, float("nan"), -inf, 3.0, inf])  # with NaN and -inf
+    logits[3, 4] = inf
+    logits[3, 0] = 50.0  # selection still by the logits: expert 0 second
+    x = logits.clone().requires_grad_()
+    out = run_path(path, moelora.route, x, 2, mode=mode, renormalize=renorm)
+    _check_route(out, logits, 2, mode, renorm)
+    assert out.ids[0, 0] == 2 and out.weights[0, 0] == 1 and out.weights[0, 1] == 0
+    assert out.ids[1].tolist() == [1, 3] and (out.weights[1] == 0.5).all()
+    assert out.ids[3].tolist() == [4, 0]
+    assert torch.isinf(out.lse[:4]).all() and (out.lse[:4] > 0).all() and torch.isfinite(out.lse[4:]).all()
+    assert torch.isfinite(out.weights).all() and torch.isfinite(out.prob_sums).all()
+    (out.weights.sum() + out.prob_sums.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_route_all_tokens_to_one_expert(path):
     logits = torch.randn(50, 16)
     logits[:, 5] += 100.0
@@ -210,3 +235,22 @@ def test_route_cuda_fp64_and_grad():
     torch.autograd.gradcheck(_route_sum("native", "topk_softmax", False, 2, torch.randn(9, dtype=torch.float64,
                                                                                           device="cuda")), (x,))
     torch.library.opcheck(torch.ops.moelora.router_topk.default, (x, 2, 0, True))
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_cuda_plus_inf_logits_match_cpu(mode, renorm):
+    inf = float("inf")
+    logits = torch.randn(70, 40)
+    logits[0, 7] = inf
+    logits[1, [3, 30]] = inf
+    logits[2, :] = float("nan")
+    logits[2, 39] = inf
+    logits[3, 5], logits[3, 6] = inf, 1e30
+    cpu = moelora.route(logits, 3, mode=mode, renormalize=renorm)
+    gpu = moelora.route(logits.cuda(), 3, mode=mode, renormalize=renorm)
+    assert torch.equal(gpu.ids.cpu(), cpu.ids) and torch.equal(gpu.counts.cpu(), cpu.counts)
+    assert torch.equal(gpu.lse.cpu()[:4], cpu.lse[:4]) and torch.isinf(cpu.lse[:4]).all()
+    torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu.prob_sums.cpu(), cpu.prob_sums, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(gpu.weights).all() and torch.isfinite(gpu.prob_sums).all()

@@ -99,8 +99,8 @@ void dispatch_float(at::ScalarType t, F&& f) {
 
 at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& sp_in, const at::Tensor& inv_in,
                         const c10::optional<at::Tensor>& w_in) {
-  const int64_t N = check_gather_args("dispatch", x_in, sp_in, inv_in, w_in);
-  MOELORA_CHECK_CPU(x_in);  // check_gather_args put every other tensor on x's device
+  const int64_t N = check_gather_args("dispatch", "x", x_in, sp_in, inv_in, w_in);
+  MOELORA_CHECK_CPU_AS(x_in, "x");  // check_gather_args put every other tensor on x's device
   TORCH_CHECK_VALUE(x_in.size(0) == inv_in.size(0), "dispatch: x has ", x_in.size(0),
                     " rows but inverse has ", inv_in.size(0), " tokens");
   const at::Tensor x = x_in.contiguous(), sp = sp_in.contiguous();
@@ -139,8 +139,8 @@ at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& sp_in, const a
 
 at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& sp_in, const at::Tensor& inv_in,
                        const c10::optional<at::Tensor>& w_in) {
-  check_gather_args("combine", y_in, sp_in, inv_in, w_in);
-  MOELORA_CHECK_CPU(y_in);
+  check_gather_args("combine", "y_sorted", y_in, sp_in, inv_in, w_in);
+  MOELORA_CHECK_CPU_AS(y_in, "y_sorted");
   TORCH_CHECK_VALUE(y_in.size(0) == sp_in.size(0), "combine: y_sorted has ", y_in.size(0),
                     " rows but sorted_pairs has ", sp_in.size(0), " entries");
   const at::Tensor y = y_in.contiguous(), inv = inv_in.contiguous();
@@ -180,12 +180,13 @@ at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& sp_in, const at
 
 at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& sp_in,
                         const at::Tensor& inv_in) {
-  check_gather_args("pair_dot", b_in, sp_in, inv_in, c10::nullopt);
-  MOELORA_CHECK_CPU(b_in);
+  check_gather_args("pair_dot", "b_sorted", b_in, sp_in, inv_in, c10::nullopt);
+  MOELORA_CHECK_CPU_AS(b_in, "b_sorted");
   TORCH_CHECK_VALUE(b_in.size(0) == sp_in.size(0), "pair_dot: b_sorted has ", b_in.size(0),
                     " rows but sorted_pairs has ", sp_in.size(0), " entries");
-  MOELORA_CHECK_DEVICE(a_in, b_in.device());
-  MOELORA_CHECK_DIM(a_in, 2);
+  TORCH_CHECK_VALUE(a_in.device() == b_in.device(), "pair_dot: a must be on b_sorted's device ", b_in.device(),
+                    ", got ", a_in.device());
+  MOELORA_CHECK_DIM_AS(a_in, "pair_dot: a", 2);
   TORCH_CHECK_TYPE(a_in.scalar_type() == b_in.scalar_type(), "pair_dot: a (", a_in.scalar_type(),
                    ") and b_sorted (", b_in.scalar_type(), ") must share a dtype");
   TORCH_CHECK_VALUE(a_in.size(0) == inv_in.size(0) && a_in.size(1) == b_in.size(1),

@@ -1,6 +1,8 @@
 // CPU kernel of moelora::router_topk: per row, softmax statistics (max, logsumexp, probs),
 // top-k selection on the logits (ties to the lower index, NaN read as -inf) and the gate
 // weights; per expert, assignment counts and probability sums reduced in a fixed order.
+// A row with +inf logits gets the softmax's limit: probability split equally over its +inf
+// entries (0 elsewhere) and lse = +inf.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -25,6 +27,7 @@ void router_rows(const scalar_t* logits, int64_t row_begin, int64_t row_end, int
                  int64_t mode, bool renormalize, acc_t* weights, int32_t* ids, acc_t* lse,
                  acc_t* psum, int64_t* cnt) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
   std::vector<acc_t> v(E);
   std::vector<int32_t> order(E);
   for (int64_t t = row_begin; t < row_end; ++t) {
@@ -37,12 +40,16 @@ void router_rows(const scalar_t* logits, int64_t row_begin, int64_t row_end, int
       m = std::max(m, x);
     }
     const bool masked = (m == neg_inf);  // every logit -inf or NaN
+    // exp(v - m), and its limit for a row with +inf logits: 1 on those, 0 elsewhere.
+    const auto shifted_exp = [&](acc_t x) {
+      return m == pos_inf ? acc_t(x == pos_inf ? 1 : 0) : std::exp(x - m);
+    };
     acc_t s = 0;
     if (!masked) {
-      for (int64_t e = 0; e < E; ++e) s += std::exp(v[e] - m);
+      for (int64_t e = 0; e < E; ++e) s += shifted_exp(v[e]);
     }
-    lse[t] = masked ? neg_inf : m + std::log(s);
-    for (int64_t e = 0; e < E; ++e) psum[e] += masked ? acc_t(0) : std::exp(v[e] - m) / s;
+    lse[t] = (masked || m == pos_inf) ? m : m + std::log(s);
+    for (int64_t e = 0; e < E; ++e) psum[e] += masked ? acc_t(0) : shifted_exp(v[e]) / s;
 
     std::iota(order.begin(), order.end(), 0);
     std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
@@ -54,7 +61,9 @@ void router_rows(const scalar_t* logits, int64_t row_begin, int64_t row_end, int
       const int32_t e = order[j];
       acc_t w;
       if (mode == kSoftmaxTopk) {
-        w = masked ? acc_t(0) : std::exp(v[e] - m) / s;
+        w = masked ? acc_t(0) : shifted_exp(v[e]) / s;
+      } else if (top == pos_inf) {
+        w = v[e] == pos_inf ? acc_t(1) : acc_t(0);
       } else {
         w = (top == neg_inf) ? acc_t(0) : std::exp(v[e] - top);
       }
@@ -106,7 +115,7 @@ void router_topk_cpu_typed(const at::Tensor& logits, int64_t k, int64_t mode, bo
 
 RouterOut router_topk_cpu(const at::Tensor& logits_in, int64_t top_k, int64_t mode, bool renormalize) {
   check_router_args(logits_in, top_k, mode);
-  MOELORA_CHECK_CPU(logits_in);
+  MOELORA_CHECK_CPU_AS(logits_in, "logits");
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
   const auto acc = acc_dtype(logits.scalar_type());

@@ -26,7 +26,8 @@ namespace {
 
 namespace K = kernels;
 
-#define MOELORA_CHECK_CUDA(x) TORCH_CHECK_VALUE((x).is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
+#define MOELORA_CHECK_CUDA_AS(x, name) TORCH_CHECK_VALUE((x).is_cuda(), name " must be a CUDA tensor, got ", (x).device())
+#define MOELORA_CHECK_CUDA(x) MOELORA_CHECK_CUDA_AS(x, #x)
 
 // Calls f(T{}) with the CUDA element type of t (float, __half, __nv_bfloat16, double).
 template <typename F>
@@ -47,7 +48,7 @@ T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 RouterOut router_topk_cuda(const at::Tensor& logits_in, int64_t top_k, int64_t mode, bool renormalize) {
   check_router_args(logits_in, top_k, mode);
-  MOELORA_CHECK_CUDA(logits_in);
+  MOELORA_CHECK_CUDA_AS(logits_in, "logits");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
@@ -163,8 +164,8 @@ void gather_rows_raw(const at::Tensor& x, const at::Tensor& sp, int64_t N, int64
 
 at::Tensor dispatch_cuda(const at::Tensor& x_in, const at::Tensor& sp_in, const at::Tensor& inv_in,
                          const c10::optional<at::Tensor>& w_in) {
-  const int64_t N = check_gather_args("dispatch", x_in, sp_in, inv_in, w_in);
-  MOELORA_CHECK_CUDA(x_in);
+  const int64_t N = check_gather_args("dispatch", "x", x_in, sp_in, inv_in, w_in);
+  MOELORA_CHECK_CUDA_AS(x_in, "x");
   TORCH_CHECK_VALUE(x_in.size(0) == inv_in.size(0), "dispatch: x has ", x_in.size(0), " rows but inverse has ",
                     inv_in.size(0), " tokens");
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -189,8 +190,8 @@ at::Tensor dispatch_cuda(const at::Tensor& x_in, const at::Tensor& sp_in, const 
 
 at::Tensor combine_cuda(const at::Tensor& y_in, const at::Tensor& sp_in, const at::Tensor& inv_in,
                         const c10::optional<at::Tensor>& w_in) {
-  check_gather_args("combine", y_in, sp_in, inv_in, w_in);
-  MOELORA_CHECK_CUDA(y_in);
+  check_gather_args("combine", "y_sorted", y_in, sp_in, inv_in, w_in);
+  MOELORA_CHECK_CUDA_AS(y_in, "y_sorted");
   TORCH_CHECK_VALUE(y_in.size(0) == sp_in.size(0), "combine: y_sorted has ", y_in.size(0),
                     " rows but sorted_pairs has ", sp_in.size(0), " entries");
   const c10::cuda::CUDAGuard guard(y_in.device());
@@ -212,10 +213,11 @@ at::Tensor combine_cuda(const at::Tensor& y_in, const at::Tensor& sp_in, const a
 
 at::Tensor pair_dot_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& sp_in,
                          const at::Tensor& inv_in) {
-  check_gather_args("pair_dot", b_in, sp_in, inv_in, c10::nullopt);
-  MOELORA_CHECK_CUDA(b_in);
-  MOELORA_CHECK_DIM(a_in, 2);
-  MOELORA_CHECK_DEVICE(a_in, b_in.device());
+  check_gather_args("pair_dot", "b_sorted", b_in, sp_in, inv_in, c10::nullopt);
+  MOELORA_CHECK_CUDA_AS(b_in, "b_sorted");
+  MOELORA_CHECK_DIM_AS(a_in, "pair_dot: a", 2);
+  TORCH_CHECK_VALUE(a_in.device() == b_in.device(), "pair_dot: a must be on b_sorted's device ", b_in.device(),
+                    ", got ", a_in.device());
   TORCH_CHECK_TYPE(a_in.scalar_type() == b_in.scalar_type(), "pair_dot: a (", a_in.scalar_type(),
                    ") and b_sorted (", b_in.scalar_type(), ") must share a dtype");
   TORCH_CHECK_VALUE(a_in.size(0) == inv_in.size(0) && a_in.size(1) == b_in.size(1),

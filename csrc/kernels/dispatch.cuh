@@ -7,6 +7,8 @@
 //       the earlier pairs of its expert comes from __match_any_sync + popc, so the order
 //       within an expert is increasing p. Ids outside [0, E) are skipped (inverse = -1).
 //   block_expert: expert of each block_size-row block of the padded layout.
+//   Offsets are int64; the caller bounds block_size (<= moelora::kMaxBlockSize, checked in
+//   csrc/ops.cpp), so padded offsets and b * block_size stay far inside int64.
 //   dispatch / combine / pair_dot: row gathers, a fixed-order weighted sum per token and the
 //     per-pair dot product, with fp32 (fp64 for fp64 data) accumulation.
 #pragma once

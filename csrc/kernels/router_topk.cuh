@@ -2,7 +2,8 @@
 // row, the logsumexp, the full softmax (accumulated into per-expert partial sums), the
 // top-k ids (on the logits, NaN read as -inf, ties to the lower index) and the gate
 // weights; per-block partial sums and counts are then reduced in a fixed order by a second
-// tiny kernel, so every output is bitwise reproducible (no atomics at all).
+// tiny kernel, so every output is bitwise reproducible (no atomics at all). A row with +inf
+// logits gets the softmax's limit (probability split equally over its +inf entries, lse +inf).
 #pragma once
 
 #include <climits>
@@ -29,6 +30,11 @@ template <typename A> inline size_t router_smem_bytes(int64_t E) {
 inline int64_t router_num_blocks(int64_t T, int64_t E) {
   const int64_t b = ceil_div(T, router_warps_per_block(E));
   return b < kRouterMaxBlocks ? b : kRouterMaxBlocks;
+}
+
+// exp(v - m), or its limit 1 / 0 (v = +inf / v finite) when the row maximum m is +inf.
+template <typename A> __device__ __forceinline__ A shifted_exp(A v, A m, bool infinite) {
+  return infinite ? (v == m ? A(1) : A(0)) : exp_acc(v - m);
 }
 
 // Grid: router_num_blocks(T, E) blocks of 32 * router_warps_per_block(E) threads; warp w of
@@ -66,13 +72,14 @@ __global__ void router_topk_kernel(const T* __restrict__ logits, int64_t num_row
     }
     m = warp_max(m);
     const bool masked = (m == ninf);
+    const bool infinite = (m == -ninf);  // +inf logits: the softmax's limit, 1 on those, 0 elsewhere
     A s = A(0);
     if (!masked) {
-      for (int e = lane; e < E; e += kWarpSize) s += exp_acc(vals[e] - m);
+      for (int e = lane; e < E; e += kWarpSize) s += shifted_exp(vals[e], m, infinite);
       s = warp_sum(s);
     }
-    if (lane == 0) lse[t] = masked ? ninf : m + log_acc(s);
-    for (int e = lane; e < E; e += kWarpSize) psum[e] += masked ? A(0) : exp_acc(vals[e] - m) / s;
+    if (lane == 0) lse[t] = (masked || infinite) ? m : m + log_acc(s);
+    for (int e = lane; e < E; e += kWarpSize) psum[e] += masked ? A(0) : shifted_exp(vals[e], m, infinite) / s;
     __syncwarp();
 
     // k rounds of a warp-wide argmax; a chosen entry is marked NaN (no real value is NaN now).
@@ -100,7 +107,9 @@ __global__ void router_topk_kernel(const T* __restrict__ logits, int64_t num_row
       if (j == 0) top = best_v;
       A w;
       if (mode == 0) {
-        w = masked ? A(0) : exp_acc(best_v - m) / s;
+        w = masked ? A(0) : shifted_exp(best_v, m, infinite) / s;
+      } else if (top == -ninf) {
+        w = best_v == top ? A(1) : A(0);
       } else {
         w = (top == ninf) ? A(0) : exp_acc(best_v - top);
       }

@@ -1,0 +1,164 @@
+"""A bad-input sweep over the public API (moe_lora, moe_ffn, route, dispatch_metadata,
+dispatch, combine, MoELoRAConfig), run by tests/test_bad_inputs.py in child processes
+(tests/_isolated.py), so a crash fails one case. Each case: (call, expected) with expected =
+(exception class, regex naming the argument and what was expected), or ("returns", check)
+for inputs that must be handled without an error (validation off, empty batches).
+File errors of checkpoints: tests/test_checkpoint_safety.py; native ops: native_error_cases.py."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import moelora
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _isolated import outcome_of  # noqa: E402
+
+g = torch.Generator().manual_seed(0)
+T, D, R, E, K, FF = 6, 8, 2, 3, 2, 5
+X = torch.randn(T, D, generator=g)
+A, B = torch.randn(R, D, generator=g), torch.randn(E, 4, R, generator=g)
+IDS = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+W = torch.rand(T, K, generator=g)
+W_IN, W_OUT = torch.randn(E, FF, D, generator=g), torch.randn(E, D, FF, generator=g)
+META = moelora.dispatch_metadata(IDS, E)
+
+
+def lora(**over):
+    kw = dict(x=X, lora_a=A, lora_b=B, topk_ids=IDS, topk_weights=W)
+    extra = {k: over.pop(k) for k in ("scaling", "backend") if k in over}
+    kw.update(over)
+    return lambda: moelora.moe_lora(kw["x"], kw["lora_a"], kw["lora_b"], kw["topk_ids"], kw["topk_weights"],
+                                    backend=extra.get("backend", "torch"), **{k: v for k, v in extra.items()
+                                                                             if k != "backend"})
+
+
+def ffn(**over):
+    kw = dict(x=X, topk_ids=IDS, topk_weights=W, w_in=W_IN, b_in=None, w_out=W_OUT, b_out=None, activation=F.silu)
+    extra = {k: over.pop(k) for k in ("normalize", "w_gate") if k in over}
+    kw.update(over)
+    return lambda: moelora.moe_ffn(*kw.values(), **extra)
+
+
+def unvalidated(fn):
+    def call():
+        with moelora.validation(False):
+            return fn()
+    return call
+
+
+def config(**kw):
+    return lambda: moelora.MoELoRAConfig(**kw)
+
+
+def finite_shape(shape):
+    return lambda out: tuple(out.shape) == shape and bool(torch.isfinite(out).all())
+
+
+CASES = {
+    # moe_lora
+    "moe_lora/int_x": (lora(x=X.int()), (TypeError, r"x must be float16, bfloat16, float32 or float64, got torch.int32")),
+    "moe_lora/list_x": (lora(x=[1.0]), (TypeError, r"x must be a torch.Tensor, got list")),
+    "moe_lora/ids_other_leading_shape": (lora(x=X.view(2, 3, D), topk_ids=IDS.view(3, 2, K), topk_weights=W.view(3, 2, K)),
+                                         (ValueError, r"topk_ids must have shape \[6, k\] or \[2, 3, 'k'\]")),
+    "moe_lora/scaling_string": (lora(scaling="2"), (TypeError, r"scaling must be a finite Python number, got '2'")),
+    "moe_lora/scaling_nan": (lora(scaling=math.nan), (TypeError, r"scaling must be a finite Python number, got nan")),
+    "moe_lora/ids_out_of_range": (lora(topk_ids=IDS + 1), (ValueError, r"topk_ids must lie in \[0, 3\), got values in "
+                                                                       r"\[1, 3\]")),
+    "moe_lora/ids_out_of_range_unvalidated": (unvalidated(lora(topk_ids=IDS * 1000 - 7)), ("returns", finite_shape((T, 4)))),
+    "moe_lora/empty_batch": (lora(x=X[:0], topk_ids=IDS[:0], topk_weights=W[:0]), ("returns", finite_shape((0, 4)))),
+    "moe_lora/backend_name": (lora(backend="cuda"), (ValueError, r"backend must be one of \('auto', 'torch', 'triton'\), "
+                                                                 r"got 'cuda'")),
+    # moe_ffn
+    "moe_ffn/int_x": (ffn(x=X.int()), (TypeError, r"x must be float16, bfloat16, float32 or float64, got torch.int32")),
+    "moe_ffn/mixed_fp64_fp32": (ffn(w_out=W_OUT.double()), (TypeError, r"w_out must have the dtype of x "
+                                                                       r"\(torch.float32\), got torch.float64")),
+    "moe_ffn/activation_string": (ffn(activation="relu"), (TypeError, r"activation must be a callable \(e.g. "
+                                                                      r"torch.nn.functional.relu\), got str 'relu'")),
+    "moe_ffn/normalize_int": (ffn(normalize=1), (TypeError, r"normalize must be a bool, got int")),
+    "moe_ffn/list_x": (ffn(x=[[1.0]]), (TypeError, r"x must be a torch.Tensor, got list")),
+    "moe_ffn/bias_shape": (ffn(b_in=torch.zeros(E, FF + 1)), (ValueError, r"b_in must have shape \[3, 5\], got \(3, 6\)")),
+    "moe_ffn/w_gate_shape": (ffn(w_gate=torch.zeros(E, FF, D + 1)), (ValueError, r"w_gate must have w_in's shape "
+                                                                                 r"\(3, 5, 8\), got \(3, 5, 9\)")),
+    "moe_ffn/float_ids": (ffn(topk_ids=IDS.float()), (TypeError, r"topk_ids must be int32 or int64, got torch.float32")),
+    "moe_ffn/ids_out_of_range": (ffn(topk_ids=IDS + 3), (ValueError, r"topk_ids must lie in \[0, 3\)")),
+    "moe_ffn/ids_out_of_range_unvalidated": (unvalidated(ffn(topk_ids=IDS - 5)), ("returns", finite_shape((T, D)))),
+    "moe_ffn/normalize_zero_sum": (ffn(topk_weights=torch.tensor([[0.5, -0.5]] * T), normalize=True),
+                                   (ValueError, r"normalize=True needs the kept topk_weights of every token to sum to a "
+                                                r"positive value")),
+    # route
+    "route/int_logits": (lambda: moelora.route(torch.ones(3, 4, dtype=torch.long), 2),
+                         (TypeError, r"logits must be float16, bfloat16, float32 or float64, got torch.int64")),
+    "route/float_top_k": (lambda: moelora.route(torch.randn(3, 4), 2.0), (TypeError, r"top_k must be int, got float")),
+    "route/top_k_above_E": (lambda: moelora.route(torch.randn(3, 4), 9), (ValueError, r"top_k must be in \[1, E = 4\], "
+                                                                                     r"got 9")),
+    "route/mode": (lambda: moelora.route(torch.randn(3, 4), 2, mode="sigmoid"),
+                   (ValueError, r"mode must be one of \('softmax_topk', 'topk_softmax'\), got 'sigmoid'")),
+    "route/too_many_experts": (lambda: moelora.route(torch.randn(3, 5000), 2),
+                               (ValueError, r"the number of experts must be in \[1, 4096\], got 5000")),
+    "route/plus_inf_logit": (lambda: moelora.route(torch.tensor([[math.inf, 0.0]]), 2).weights,
+                             ("returns", lambda w: w.tolist() == [[1.0, 0.0]])),
+    # dispatch_metadata / dispatch / combine
+    "dispatch_metadata/block_size_int64_max": (lambda: moelora.dispatch_metadata(torch.zeros(4, 1, dtype=torch.long), 1,
+                                                                                 block_size=2**63 - 1),
+                                               (ValueError, r"block_size must be in \[1, 65536\] \(or None: no "
+                                                            r"padding\), got 9223372036854775807")),
+    "dispatch_metadata/block_size_2_52": (lambda: moelora.dispatch_metadata(torch.zeros(4, 1, dtype=torch.long), 4096,
+                                                                            block_size=2**52),
+                                          (ValueError, r"block_size must be in \[1, 65536\].*got 4503599627370496")),
+    "dispatch_metadata/block_size_zero": (lambda: moelora.dispatch_metadata(IDS, E, block_size=0),
+                                          (ValueError, r"block_size must be in \[1, 65536\].*got 0")),
+    "dispatch_metadata/block_size_float": (lambda: moelora.dispatch_metadata(IDS, E, block_size=4.0),
+                                           (TypeError, r"block_size must be int, got float")),
+    "dispatch_metadata/bool_num_experts": (lambda: moelora.dispatch_metadata(IDS, True),
+                                           (TypeError, r"num_experts must be int, got bool")),
+    "dispatch_metadata/float_ids": (lambda: moelora.dispatch_metadata(IDS.float(), E),
+                                    (TypeError, r"topk_ids must be int32 or int64, got torch.float32")),
+    "dispatch_metadata/ids_out_of_range_unvalidated": (
+        unvalidated(lambda: moelora.dispatch_metadata(IDS * 10**12, E, block_size=4).inverse_padded),
+        ("returns", lambda inv: inv.shape == (T, K) and bool((inv[IDS != 0] == -1).all()))),
+    "dispatch/meta_tuple": (lambda: moelora.dispatch(X, tuple(META)),
+                            (TypeError, r"meta must be the DispatchMetadata of dispatch_metadata\(\), got tuple")),
+    "dispatch/x_rows": (lambda: moelora.dispatch(X[:2], META), (ValueError, r"x must have shape \[T, d\] with T = 6, "
+                                                                            r"got \(2, 8\)")),
+    "dispatch/forged_positions": (lambda: moelora.dispatch(X, META._replace(sorted_pairs=META.sorted_pairs * 10**9)),
+                                  (ValueError, r"meta sorted pairs must lie in \[-1, 12\)")),
+    "combine/y_rows": (lambda: moelora.combine(torch.randn(5, 4), META, None),
+                       (ValueError, r"y_sorted must have shape \[12, d\] \(the rows of dispatch\), got \(5, 4\)")),
+    "combine/weights_shape": (lambda: moelora.combine(torch.randn(12, 4), META, W[:, :1]),
+                              (ValueError, r"topk_weights must have shape \(6, 2\), got \(6, 1\)")),
+    "combine/forged_positions_unvalidated": (
+        unvalidated(lambda: moelora.combine(torch.randn(12, 4), META._replace(inverse=META.inverse - 10**12), W)),
+        ("returns", lambda out: torch.equal(out, torch.zeros(T, 4)))),
+    # MoELoRAConfig
+    "config/top_k_string": (config(top_k="2"), (TypeError, r"MoELoRAConfig.top_k must be a positive int, got str '2'")),
+    "config/lora_alpha_string": (config(lora_alpha="16"), (TypeError, r"MoELoRAConfig.lora_alpha must be a finite "
+                                                                      r"number, got str '16'")),
+    "config/num_experts_float": (config(num_experts=4.0), (TypeError, r"MoELoRAConfig.num_experts must be a positive "
+                                                                      r"int.*got float 4.0")),
+    "config/top_k_float": (config(top_k=2.5), (TypeError, r"MoELoRAConfig.top_k must be a positive int, got float 2.5")),
+    "config/lora_alpha_inf": (config(lora_alpha=math.inf), (ValueError, r"MoELoRAConfig.lora_alpha must be a finite "
+                                                                        r"number, got inf")),
+    "config/r_zero": (config(r=0), (ValueError, r"MoELoRAConfig.r must be a positive int, got 0")),
+    "config/dropout_string": (config(lora_dropout="0.1"), (TypeError, r"MoELoRAConfig.lora_dropout must be a number in "
+                                                                      r"\[0, 1\), got str '0.1'")),
+    "config/target_modules_empty": (config(target_modules=[]), (ValueError, r"target_modules is an empty list")),
+    "config/target_modules_int": (config(target_modules=[3]), (TypeError, r"MoELoRAConfig.target_modules must be a "
+                                                                          r"list of module-name suffixes")),
+    "config/router": (config(router="top1"), (ValueError, r"router must be one of \('softmax_topk', 'topk_softmax', "
+                                                          r"'threshold', 'task'\), got 'top1'")),
+    "config/init_lora_weights": (config(init_lora_weights="pissa"), (ValueError, r"init_lora_weights must be True, "
+                                                                                 r"False or 'gaussian', got 'pissa'")),
+    "config/from_list": (lambda: moelora.MoELoRAConfig.from_dict([1, 2]),
+                         (TypeError, r"a MoELoRAConfig is read from a dict \(a JSON object\), got list")),
+}
+
+
+def run_case(name: str) -> dict:
+    call, expected = CASES[name]
+    return outcome_of(call, expected[1] if expected[0] == "returns" else None)

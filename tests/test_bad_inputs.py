@@ -1,0 +1,45 @@
+"""Bad inputs never crash the process and get clear errors: every case runs in a child
+process (tests/_isolated.py), so a crash fails that case alone.
+
+- tests/native_error_cases.py: every native op (torch.ops.moelora.*) with bad arguments
+  and out-of-range indices; messages matched in full, numbers included (an extension with
+  a static copy of libstdc++ cuts them short or crashes).
+- tests/bad_input_cases.py: the public API (moe_lora, moe_ffn, route, dispatch_metadata,
+  dispatch, combine, MoELoRAConfig).
+Each raises ValueError or TypeError naming the argument and what was expected, or (where
+documented: validation off, empty batches, out-of-range indices) returns a sane result."""
+
+import pytest
+
+import bad_input_cases
+import native_error_cases
+from _isolated import check_outcome, run_isolated
+from _routing_helpers import needs_c
+
+SWEEPS = {"native_error_cases": native_error_cases.CASES, "bad_input_cases": bad_input_cases.CASES}
+PARAMS = [pytest.param(module, name, id=name, marks=[needs_c] if module == "native_error_cases" else [])
+          for module, cases in SWEEPS.items() for name in sorted(cases)]
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    runs = {}
+
+    def outcome(module, name):
+        if module not in runs:  # one child process per sweep (more only after a crash)
+            runs[module] = run_isolated(module, sorted(SWEEPS[module]))
+        return runs[module][name]
+    return outcome
+
+
+@pytest.mark.parametrize("module,name", PARAMS)
+def test_bad_input(outcomes, module, name):
+    check_outcome(outcomes(module, name), SWEEPS[module][name][1])
+
+
+def test_a_crash_fails_only_its_case():
+    out = run_isolated("native_error_cases", ["harness/before", "harness/crash", "harness/after"])
+    assert out["harness/before"] == out["harness/after"] == {"returned": "1"}
+    assert "exit status -11" in out["harness/crash"]["crash"]
+    with pytest.raises(AssertionError, match="the process crashed"):
+        check_outcome(out["harness/crash"], (ValueError, ""))

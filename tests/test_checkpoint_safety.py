@@ -1,0 +1,293 @@
+"""Checkpoints: a failed load leaves the caller's model as it was (and a retry works), files
+that are not what they should be raise errors naming the file, no checkpoint imports code
+(activations come from an allow-list), adapter membership does not depend on substrings
+of base-model names, and PEFT tensors must fit their layer exactly."""
+
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moelora
+from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
+from moelora.persistence import adapter_state_dict
+from tiny_models import randomize_adapters, tiny_llama, token_batch
+
+CONFIG = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, top_k=1)
+
+
+def _fingerprint(model: nn.Module):
+    """Everything a failed load must leave as it was: module tree, classes, hooks, flags, values."""
+    return ([(n, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+            {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()},
+            sorted(vars(model)))
+
+
+def _assert_untouched(model, before):
+    after = _fingerprint(model)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert after[1].keys() == before[1].keys()
+    for name, (flag, value) in before[1].items():
+        assert after[1][name][0] == flag and torch.equal(after[1][name][1], value), name
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint with structural edits (MoLEx) and adapters, and its outputs."""
+    model = get_moelora_model(tiny_llama(num_layers=2), CONFIG)
+    moelora.apply_molex(model, gate="cosine", proj_dim=4)
+    randomize_adapters(model)
+    model.eval()
+    model.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        return tmp_path, model(token_batch(), use_cache=False).logits
+
+
+# ---- 8. from_pretrained: check first, leave the model untouched on failure, retry works ------
+def test_failed_load_leaves_the_model_untouched_and_a_retry_works(saved):
+    directory, expected = saved
+    config_path = directory / "moelora_config.json"
+    good = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(good, r=4)))  # the weights are r=8: shapes do not fit
+    base = tiny_llama(num_layers=2).eval()
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: checkpoint does not fit the model: .*lora_A"):
+        moelora.from_pretrained(base, str(directory))
+    _assert_untouched(base, before)
+    config_path.write_text(json.dumps(good))
+    loaded = moelora.from_pretrained(base, str(directory))
+    with torch.no_grad():
+        assert torch.equal(loaded(token_batch(), use_cache=False).logits, expected)
+
+
+@pytest.mark.parametrize("corrupt,error,match", [
+    ("weights_truncated", ValueError, r"adapter_model.safetensors: not a readable safetensors file"),
+    ("weights_garbage", ValueError, r"adapter_model.safetensors: not a readable safetensors file"),
+    ("weights_missing", FileNotFoundError, r"adapter_model.safetensors: no such file"),
+    ("config_invalid_json", ValueError, r"moelora_config.json: not valid JSON"),
+    ("config_a_list", ValueError, r"moelora_config.json: the MoE-LoRA config must be a JSON object, got a JSON list"),
+    ("config_wrong_type", TypeError, r"moelora_config.json: MoELoRAConfig.top_k must be a positive int, got str '1'"),
+    ("config_unknown_field", ValueError, r"moelora_config.json: unknown MoELoRAConfig fields: \['colour'\]"),
+    ("structure_without_kwargs", ValueError, r"moelora_config.json: structure entry 0 must be \{\"op\": \.\.\., "
+                                             r"\"kwargs\""),
+    ("structure_unknown_op", ValueError, r"moelora_config.json: structure entry 0: unknown structural edit 'rm_rf'"),
+])
+def test_broken_files_raise_errors_naming_the_file_before_touching_the_model(saved, corrupt, error, match):
+    directory, _ = saved
+    weights, config_path = directory / "adapter_model.safetensors", directory / "moelora_config.json"
+    config = json.loads(config_path.read_text())
+    if corrupt == "weights_truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif corrupt == "weights_garbage":
+        weights.write_bytes(b"\x00\x01garbage" * 50)
+    elif corrupt == "weights_missing":
+        weights.unlink()
+    elif corrupt == "config_invalid_json":
+        config_path.write_text("{not json")
+    elif corrupt == "config_a_list":
+        config_path.write_text("[1, 2]")
+    elif corrupt == "config_wrong_type":
+        config_path.write_text(json.dumps(dict(config, top_k="1")))
+    elif corrupt == "config_unknown_field":
+        config_path.write_text(json.dumps(dict(config, colour="red")))
+    elif corrupt == "structure_without_kwargs":
+        config_path.write_text(json.dumps(dict(config, structure=[{"op": "apply_molex"}])))
+    else:
+        config_path.write_text(json.dumps(dict(config, structure=[{"op": "rm_rf", "kwargs": {}}])))
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(error, match=match):
+        moelora.from_pretrained(base, str(directory))
+    _assert_untouched(base, before)
+
+
+# ---- checkpoints never import code: activations from an allow-list ----------------------------
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(8, 16), "fc2": nn.Linear(16, 8)})
+
+    def forward(self, x):
+        mlp = self.mlp  # an MoEFFN once upcycled
+        return x + self.proj(x) + (mlp.fc2(F.gelu(mlp.fc1(x))) if isinstance(mlp, nn.ModuleDict) else mlp(x))
+
+
+def _upcycled(activation):
+    torch.manual_seed(0)
+    net = nn.Sequential(_Block(), _Block())
+    moelora.upcycle_ffn(net, 2, 1, ffn_modules=["mlp"], in_proj="fc1", out_proj="fc2", activation=activation)
+    return get_moelora_model(net, MoELoRAConfig(target_modules=["proj"], num_experts=2, top_k=1))
+
+
+def my_activation(t):
+    return t.relu()
+
+
+def _fresh():
+    torch.manual_seed(0)
+    return nn.Sequential(_Block(), _Block())
+
+
+@pytest.mark.parametrize("activation,name", [(F.gelu, "torch.nn.functional.gelu"), (torch.tanh, "torch.tanh"),
+                                             ("gelu_new", "gelu_new"), ("swish", "swish")])
+def test_allow_listed_activations_round_trip_by_name(tmp_path, activation, name):
+    if isinstance(activation, str):
+        activation = pytest.importorskip("transformers.activations").ACT2FN[activation]
+    model = _upcycled(activation).eval()
+    model.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "moelora_config.json").read_text())["structure"]
+    assert saved[0]["kwargs"]["activation"] == name
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(moelora.from_pretrained(_fresh(), str(tmp_path))(x), model(x))
+
+
+def test_saving_an_activation_outside_the_allow_list_fails_at_save_time(tmp_path):
+    model = _upcycled(my_activation)  # importable by its dotted name, but not allow-listed
+    with pytest.raises(ValueError, match=r"cannot be saved by name: checkpoints name activations from an allow-list"):
+        model.save_pretrained(str(tmp_path))
+
+
+def test_loading_names_outside_the_allow_list_imports_nothing(tmp_path):
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_moelora_module.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\ndef act(t):\n    return t\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        model = _upcycled(F.relu)
+        model.save_pretrained(str(tmp_path / "ckpt"))
+        config_path = tmp_path / "ckpt" / "moelora_config.json"
+        config = json.loads(config_path.read_text())
+        for evil in ("evil_moelora_module.act", "os.system", "builtins.eval"):
+            config["structure"][0]["kwargs"]["activation"] = evil
+            config_path.write_text(json.dumps(config))
+            base = _fresh()
+            before = _fingerprint(base)
+            with pytest.raises(ValueError, match=rf"moelora_config.json: activation '{evil}' is not allowed"):
+                moelora.from_pretrained(base, str(tmp_path / "ckpt"))
+            _assert_untouched(base, before)
+        assert not marker.exists() and "evil_moelora_module" not in sys.modules
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_names_earlier_checkpoints_hold_still_load():
+    from moelora import _structure
+
+    assert _structure.resolve_callable("torch._C._nn.gelu") is F.gelu
+    assert _structure.resolve_callable("torch.relu") is torch.relu
+    assert _structure.resolve_callable("torch.nn.functional.silu") is F.silu
+
+
+# ---- adapter membership: moelora's modules, not substrings of names ---------------------------
+class _MoEBase(nn.Module):
+    """A base model with its own router (as MoE base models have) and a 'lora_'-named layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 8)
+        self.router = nn.Linear(8, 4)
+        self.lora_like = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.proj(x) + self.lora_like(self.router(x).softmax(-1))
+
+
+def test_a_base_models_own_router_stays_frozen_and_out_of_the_checkpoint(tmp_path):
+    model = get_moelora_model(_MoEBase(), MoELoRAConfig(target_modules=["proj"], num_experts=3, top_k=2))
+    trainable = {n for n, p in model.model.named_parameters() if p.requires_grad}
+    assert trainable == {"proj.lora_A", "proj.lora_B", "proj.router.weight"}
+    saved = adapter_state_dict(model)
+    assert set(saved) == {"proj.lora_A", "proj.lora_B", "proj.router.weight", "proj.router.num_steps"}
+    model.save_pretrained(str(tmp_path))
+    loaded = moelora.from_pretrained(_MoEBase(), str(tmp_path))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_checkpoints_that_also_hold_base_router_tensors_still_load(tmp_path):
+    """Earlier versions saved (and trained) any tensor named like 'router.': loaded as saved."""
+    from safetensors.torch import load_file, save_file
+
+    model = get_moelora_model(_MoEBase(), MoELoRAConfig(target_modules=["proj"], num_experts=3, top_k=2))
+    model.save_pretrained(str(tmp_path))
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    state["router.weight"] = torch.full((4, 8), 0.25)
+    save_file(state, str(weights))
+    loaded = moelora.from_pretrained(_MoEBase(), str(tmp_path))
+    assert torch.equal(loaded.model.router.weight, torch.full((4, 8), 0.25))
+    state["proj.base_layer.weight"] = torch.zeros(8, 8)  # any other base tensor is not part of an adapter
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"does not fit the model: missing \[\], unexpected \['proj.base_layer.weight'\]"):
+        moelora.from_pretrained(_MoEBase(), str(tmp_path))
+
+
+# ---- 9. load_peft_lora: exact shapes, expert in range, files named ----------------------------
+def _peft_checkpoint(directory, tensors, config=None):
+    from safetensors.torch import save_file
+
+    directory.mkdir(exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config or {"peft_type": "LORA", "r": 4,
+                                                                         "lora_alpha": 8}))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj."
+    save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+    return str(directory)
+
+
+GOOD = {"lora_A.weight": torch.randn(4, 16), "lora_B.weight": torch.randn(16, 4)}
+
+
+@pytest.mark.parametrize("tensors,match", [
+    (dict(GOOD, **{"lora_A.weight": torch.randn(4, 1)}), r"q_proj.lora_A has shape \(4, 1\), the layer .* needs \(4, 16\)"),
+    (dict(GOOD, **{"lora_A.weight": torch.randn(4, 12)}), r"q_proj.lora_A has shape \(4, 12\)"),
+    (dict(GOOD, **{"lora_B.weight": torch.randn(1, 4)}), r"q_proj.lora_B has shape \(1, 4\).* needs \(16, 4\)"),
+    ({"lora_A.weight": torch.randn(4, 16)}, r"adapter_model.safetensors: model.layers.0.self_attn.q_proj has no "
+                                            r".*lora_B.weight"),
+    (dict(GOOD, **{"lora_A.weight": torch.randn(4)}), r"q_proj.lora_A must be 2-D"),
+])
+def test_peft_tensors_must_fit_their_layer_exactly(tmp_path, tensors, match):
+    directory = _peft_checkpoint(tmp_path / "peft", tensors)
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=match):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)  # the fresh model is left as it was
+    moelora.load_peft_lora(base, _peft_checkpoint(tmp_path / "good", GOOD))  # and a retry works
+
+
+def test_peft_dora_magnitude_must_have_d_out_entries(tmp_path):
+    directory = _peft_checkpoint(tmp_path / "peft", dict(GOOD, lora_magnitude_vector=torch.ones(1)),
+                                 {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True})
+    with pytest.raises(ValueError, match=r"q_proj.lora_magnitude_vector has shape \(1,\).* needs \(16,\)"):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), directory)
+
+
+@pytest.mark.parametrize("expert,error,match", [(-1, ValueError, r"expert must be in \[0, 3\) .*got -1"),
+                                                 (3, ValueError, r"expert must be in \[0, 3\) .*got 3"),
+                                                 (1.0, TypeError, r"expert must be an int or None, got float")])
+def test_peft_expert_must_be_an_expert_of_the_layer(tmp_path, expert, error, match):
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, num_experts=3,
+                                                                      router="task"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(error, match=match):
+        moelora.load_peft_lora(model, _peft_checkpoint(tmp_path / "peft", GOOD), expert=expert)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_peft_files_are_named_in_errors(tmp_path):
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD)
+    (tmp_path / "peft" / "adapter_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"adapter_config.json: the PEFT adapter config must be a JSON object"):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), directory)
+    (tmp_path / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: (not a readable safetensors file|the PEFT "
+                                         r"checkpoint holds no LoRA tensor)"):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), directory)

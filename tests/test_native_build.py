@@ -1,0 +1,146 @@
+"""The native extension links torch's C++ runtime dynamically (a static copy of libstdc++
+in moelora._C turns every TORCH_CHECK error into a crash), and setup.py's toolchain probe
+(moelora/_cxx_runtime.py) repairs or refuses compilers that would link it statically."""
+
+import importlib.util
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from moelora import _cxx_runtime, _ext
+
+LINUX = sys.platform.startswith("linux")
+
+
+def _extension_path():
+    spec = importlib.util.find_spec("moelora._C")
+    return None if spec is None else spec.origin
+
+
+def test_elf_reader_matches_readelf_on_the_extension():
+    path = _extension_path()
+    if path is None or not LINUX:
+        pytest.skip("moelora._C is not built (or not an ELF platform)")
+    info = _cxx_runtime.read_elf(path)
+    assert info.needed, "no NEEDED entries read"
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not installed: the reader's own result is checked by the next test")
+    out = subprocess.run([readelf, "-d", path], capture_output=True, text=True, check=True).stdout
+    assert info.needed == re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
+    dynsym = subprocess.run([readelf, "-W", "--dyn-syms", path], capture_output=True, text=True, check=True).stdout
+    defined = {f[7].split("@")[0] for f in (line.split() for line in dynsym.splitlines())
+               if len(f) >= 8 and f[0][:-1].isdigit() and f[6] != "UND"}
+    assert defined <= info.defined
+
+
+def test_extension_links_the_cxx_runtime_dynamically():
+    """NEEDED lists torch's libstdc++ and no std::basic_ostream symbol is defined inside."""
+    path = _extension_path()
+    if path is None or not LINUX:
+        pytest.skip("moelora._C is not built (or not an ELF platform)")
+    runtime = _cxx_runtime.torch_cxx_runtime()
+    info = _cxx_runtime.read_elf(path)
+    assert runtime in info.needed, f"{runtime} is not a NEEDED library of {path}: {info.needed}"
+    ostream = [s for s in info.defined if s.startswith(_cxx_runtime.OSTREAM_SYMBOL_PREFIXES)]
+    assert not ostream, f"{len(ostream)} std::basic_ostream symbols defined in {path}, e.g. {ostream[:3]}"
+    assert _cxx_runtime.link_problem(path) is None
+    assert _ext.HAS_C, f"moelora._C was not used: {_ext.LOAD_ERROR}"
+
+
+# ---- the toolchain probe of setup.py -------------------------------------------------------
+def _compiler():
+    from setuptools._distutils.ccompiler import new_compiler
+    from setuptools._distutils.sysconfig import customize_compiler
+
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    return compiler
+
+
+def _static_libstdcxx():
+    gxx = shutil.which("g++")
+    if gxx is None or not LINUX:
+        return None
+    path = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+needs_gxx = pytest.mark.skipif(_static_libstdcxx() is None, reason="needs g++ with a static libstdc++.a (Linux)")
+
+
+def _wrapper(tmp_path, name, link_args):
+    """A CXX that is g++ plus ``link_args`` on link lines (a toolchain with other defaults)."""
+    script = tmp_path / name
+    script.write_text("#!/bin/sh\n"
+                      'case " $* " in *" -c "*) exec g++ "$@";; esac\n'
+                      f'exec g++ {link_args} "$@"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+@needs_gxx
+def test_link_problem_detects_a_static_runtime(tmp_path):
+    compiler = _compiler()
+    repair = _cxx_runtime.runtime_link_args(compiler, "libstdc++.so.6")  # [] unless g++ links statically itself
+    dynamic = _cxx_runtime._link_probe(compiler, str(tmp_path), repair, "dynamic")
+    static = _cxx_runtime._link_probe(compiler, str(tmp_path), ["-static-libstdc++"], "static")
+    assert _cxx_runtime.link_problem(dynamic, "libstdc++.so.6") is None
+    assert "std::basic_ostream symbols" in _cxx_runtime.link_problem(static, "libstdc++.so.6")
+    assert "libstdc++.so.6" not in _cxx_runtime.read_elf(static).needed
+
+
+@needs_gxx
+def test_import_refuses_an_extension_with_a_static_runtime(tmp_path):
+    """moelora._ext does not use such an extension (the fallbacks run) and says why."""
+    from types import SimpleNamespace
+
+    compiler = _compiler()
+    static = _cxx_runtime._link_probe(compiler, str(tmp_path), ["-static-libstdc++"], "static")
+    dynamic = _cxx_runtime._link_probe(compiler, str(tmp_path), _cxx_runtime.runtime_link_args(compiler), "dynamic")
+    module = dict(MAX_EXPERTS=_ext.MAX_EXPERTS, MAX_BLOCK_SIZE=_ext.MAX_BLOCK_SIZE)
+    assert "torch errors raised inside it would crash" in _ext._untrusted_reason(SimpleNamespace(__file__=static, **module))
+    assert _ext._untrusted_reason(SimpleNamespace(__file__=dynamic, **module)) is None
+    stale = dict(module, MAX_BLOCK_SIZE=None)
+    assert "built from other sources" in _ext._untrusted_reason(SimpleNamespace(__file__=dynamic, **stale))
+
+
+@needs_gxx
+@pytest.mark.parametrize("toolchain", ["specs_add_static_libstdcxx", "lib_dir_with_only_libstdcxx_a"])
+def test_probe_repairs_a_compiler_that_links_the_runtime_statically(tmp_path, monkeypatch, toolchain):
+    if toolchain == "specs_add_static_libstdcxx":
+        link_args = "-static-libstdc++"
+    else:
+        static_only = tmp_path / "lib"
+        static_only.mkdir()
+        (static_only / "libstdc++.a").symlink_to(_static_libstdcxx())
+        link_args = f"-L{static_only}"
+    monkeypatch.setenv("CXX", _wrapper(tmp_path, "g++-static", link_args))
+    compiler = _compiler()
+    assert _cxx_runtime.link_problem(_cxx_runtime._link_probe(compiler, str(tmp_path), [], "before"),
+                                     "libstdc++.so.6") is not None  # the toolchain really links it statically
+    extra = _cxx_runtime.runtime_link_args(compiler, "libstdc++.so.6")
+    assert len(extra) == 1 and os.path.basename(extra[0]).startswith("libstdc++.so.6")
+    assert _cxx_runtime.link_problem(_cxx_runtime._link_probe(compiler, str(tmp_path), extra, "after"),
+                                     "libstdc++.so.6") is None
+
+
+@needs_gxx
+def test_probe_refuses_a_compiler_it_cannot_repair_and_says_what_to_set(tmp_path, monkeypatch):
+    whole = f"-Wl,--whole-archive {_static_libstdcxx()} -Wl,--no-whole-archive"
+    monkeypatch.setenv("CXX", _wrapper(tmp_path, "g++-hostile", f"-static-libstdc++ {whole}"))
+    with pytest.raises(RuntimeError, match=r"g\+\+-hostile.*std::basic_ostream.*Set CXX \(and CC\)"):
+        _cxx_runtime.runtime_link_args(_compiler(), "libstdc++.so.6")
+
+
+def test_read_elf_rejects_other_files(tmp_path):
+    for content in (b"", b"not an ELF file at all", b"\x7fELF\x02\x01" + b"\0" * 10):
+        path = tmp_path / "x.so"
+        path.write_bytes(content)
+        with pytest.raises(_cxx_runtime.NotElfError):
+            _cxx_runtime.read_elf(str(path))

@@ -1,0 +1,130 @@
+"""Inputs that used to give silent wrong answers: routing tensors whose leading shape differs
+from x's, NaN/Inf in experts no token chose, scalings that overflow in fp32, and moe_ffn's
+normalisation of kept weights that do not sum to a positive value."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moelora
+from conftest import DEVICE
+from moe_inputs import make_problem, rel_err
+from moelora.reference import moe_lora_naive, moe_lora_torch
+
+TRITON_SCALING_XFAIL = pytest.mark.xfail(strict=True, reason="the grouped kernels apply the scaling as one fp32 "
+                                                               "factor (the dense ones split it: moelora._launchers."
+                                                               "scale_factors)")
+
+# (name, call(x, a, b, ids, w, **kw)) of every path of the operator
+PATHS = {
+    "torch": lambda *a, **kw: moelora.moe_lora(*a, backend="torch", **kw),
+    "naive": moe_lora_naive,
+    "triton-dense": lambda *a, **kw: moelora.moe_lora(*a, backend="triton", regime="dense", **kw),
+    "triton-grouped": lambda *a, **kw: moelora.moe_lora(*a, backend="triton", regime="grouped", **kw),
+}
+
+
+def _path_params(xfails):
+    return [pytest.param(name, marks=xfails[name]) if name in xfails else name for name in PATHS]
+
+
+# ---- 1. routing tensors must match x's leading shape -----------------------------------------
+@pytest.mark.parametrize("ids_shape", [(3, 2, 2), (1, 6, 2), (6, 1, 2), (2, 3, 1, 2)])
+def test_ids_with_another_leading_shape_are_rejected(ids_shape):
+    p = make_problem(6, 8, 5, 2, 3, 2, seed=1)
+    x = p.x.detach().view(2, 3, 8)
+    ids, w = p.topk_ids.reshape(ids_shape), p.topk_weights.detach().reshape(ids_shape)
+    with pytest.raises(ValueError, match=r"topk_ids must have shape \[6, k\] or \[2, 3, 'k'\] to match x"):
+        moelora.moe_lora(x, p.lora_a, p.lora_b, ids, w)
+
+
+def test_ids_matching_or_flattened_are_accepted():
+    p = make_problem(6, 8, 5, 2, 3, 2, seed=1)
+    x = p.x.detach().view(2, 3, 8)
+    flat = moelora.moe_lora(x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights)
+    nested = moelora.moe_lora(x, p.lora_a, p.lora_b, p.topk_ids.view(2, 3, 2), p.topk_weights.view(2, 3, 2))
+    assert flat.shape == (2, 3, 5) and torch.equal(flat, nested)
+
+
+# ---- 2. NaN/Inf in experts no token chose ----------------------------------------------------
+def _poisoned_problem(shared_a, seed=3):
+    """Experts 3 and 5 of 6 get no token; their B (and A) hold NaN and Inf."""
+    p = make_problem(9, 16, 12, 4, 6, 2, shared_a=shared_a, experts=3, device=DEVICE, seed=seed)
+    clean_b, clean_a = p.lora_b.detach().clone(), p.lora_a.detach().clone()
+    with torch.no_grad():
+        p.lora_b[3, 0, 0], p.lora_b[3, 5] = float("nan"), float("inf")
+        p.lora_b[5, :, 1] = -float("inf")
+        if not shared_a:
+            p.lora_a[3, 1, 2], p.lora_a[5] = float("nan"), float("inf")
+    return p, clean_a, clean_b
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_nan_and_inf_in_unchosen_experts_change_nothing(path, shared_a):
+    p, clean_a, clean_b = _poisoned_problem(shared_a)
+    y = PATHS[path](*p.args(), scaling=p.scaling, base_out=p.base_out)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, p.leaves(), g)
+    leaves = [t.detach().double().requires_grad_() for t in (p.x, clean_a, clean_b, p.topk_weights, p.base_out)]
+    y_ref = moe_lora_torch(*leaves[:3], p.topk_ids, leaves[3], scaling=p.scaling, base_out=leaves[4])
+    grads_ref = torch.autograd.grad(y_ref, leaves, g.double())
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) < 1e-5
+    for name, got, ref in zip(["x", "lora_a", "lora_b", "topk_weights", "base_out"], grads, grads_ref):
+        assert torch.isfinite(got).all() and rel_err(got, ref) < 1e-5, name
+    assert (grads[2][3:] == 0).all() and (shared_a or (grads[1][3:] == 0).all())
+
+
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_torch_backend_nan_in_a_chosen_expert_reaches_only_its_tokens(shared_a):
+    p, _, _ = _poisoned_problem(shared_a)
+    with torch.no_grad():
+        p.lora_b[1, 4, 0] = float("nan")  # row 4 of B[1]
+        if not shared_a:
+            p.lora_a[2, 0, 0] = float("inf")
+    y = moelora.moe_lora(*p.args(), scaling=p.scaling, backend="torch")
+    uses = lambda e: (p.topk_ids == e).any(1)  # noqa: E731
+    bad = torch.zeros_like(y, dtype=torch.bool)
+    bad[uses(1), 4] = True
+    if not shared_a:
+        bad[uses(2)] = True
+    assert torch.isnan(y[bad]).all() and torch.isfinite(y[~bad]).all()
+    y_ref = moe_lora_naive(*p.args(), scaling=p.scaling)
+    torch.testing.assert_close(y[~bad], y_ref[~bad])
+
+
+# ---- 3. scaling beyond fp32's range -----------------------------------------------------------
+@pytest.mark.parametrize("path", _path_params({"triton-grouped": TRITON_SCALING_XFAIL}))
+@pytest.mark.parametrize("scaling,x_scale", [(1e39, 1.0), (1e-41, 1e5)])
+def test_scaling_outside_the_fp32_range_gives_the_representable_result(path, scaling, x_scale):
+    """s * w * h overflows (s = 1e39) or is subnormal (s = 1e-41) in fp32, s * w * B @ h is O(1)."""
+    p = make_problem(5, 8, 6, 2, 3, 2, with_base=False, device=DEVICE, seed=4)
+    x = (p.x.detach() * x_scale).requires_grad_()
+    b = (p.lora_b.detach() / (scaling * x_scale)).requires_grad_()
+    args = (x, p.lora_a, b, p.topk_ids, p.topk_weights)
+    y = PATHS[path](*args, scaling=scaling)
+    y_ref = moe_lora_torch(*(t.double() if t.is_floating_point() else t for t in args), scaling=scaling)
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) < 1e-5, (y, y_ref)
+
+
+# ---- 5. moe_ffn(normalize=True) with kept weights that do not sum to a positive value ----------
+def _ffn_inputs(weights):
+    g = torch.Generator().manual_seed(0)
+    T, d, f, E = len(weights), 4, 6, 3
+    x = torch.randn(T, d, generator=g)
+    w_in, w_out = torch.randn(E, f, d, generator=g), torch.randn(E, d, f, generator=g)
+    ids = torch.tensor([[0, 1]] * T)
+    return x, ids, torch.tensor(weights), w_in, None, w_out, None, F.silu
+
+
+@pytest.mark.parametrize("weights", [[[0.5, -0.5]], [[0.3, 0.7], [-0.2, -0.4]], [[0.0, -1e-3]]])
+def test_moe_ffn_normalize_rejects_kept_weights_without_a_positive_sum(weights):
+    with pytest.raises(ValueError, match=r"normalize=True needs the kept topk_weights of every token to sum to a "
+                                         r"positive value"):
+        moelora.moe_ffn(*_ffn_inputs(weights), normalize=True)
+    moelora.moe_ffn(*_ffn_inputs(weights), normalize=False)  # nothing to normalise: fine
+
+
+def test_moe_ffn_normalize_with_every_slot_dropped_gives_zero():
+    out = moelora.moe_ffn(*_ffn_inputs([[0.0, 0.0], [0.2, 0.6]]), normalize=True)
+    assert torch.equal(out[0], torch.zeros(4)) and torch.isfinite(out).all()
