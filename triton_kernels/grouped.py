@@ -142,7 +142,7 @@ def grouped_weight_grad_kernel(
     for k0 in range(lo, hi, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         mask_k = rows < hi
-        if L_BY_TOKEN or R_BY_TOKEN or HAS_SCALE:
+        if (L_BY_TOKEN or R_BY_TOKEN) or HAS_SCALE:
             pair = tl.load(row_pair_ptr + rows, mask=mask_k, other=0).to(tl.int64)
         l_row = pair // top_k if L_BY_TOKEN else rows
         r_row = pair // top_k if R_BY_TOKEN else rows
