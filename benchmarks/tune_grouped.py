@@ -100,35 +100,35 @@ class Gemm(NamedTuple):
 
 
 def ffn_gemms(s: Sizes) -> List[Gemm]:
-    """The S5 FFN's grouped GEMMs (forward, dx, weight gradients) on random row-space data."""
+    """The S5 FFN's grouped GEMMs (stacked [gate; up] weight w13 as the benchmark's; forward,
+    dx, weight gradients) on random row-space data."""
     ids, _ = _routing(s)
     meta = expert_layout(ids, s.experts, LAYOUT_BLOCK)
     offs = group_ends(meta)
     R = meta.sorted_pairs_padded.numel()
     rows = s.tokens * s.top_k / s.experts
-    x, xs = _randn(s.tokens, s.d), None
+    x = _randn(s.tokens, s.d)
     xs = dispatch_rows(x, meta)
-    w_in, w_gate = _randn(s.experts, s.d_ff, s.d, scale=s.d ** -0.5), _randn(s.experts, s.d_ff, s.d, scale=s.d ** -0.5)
-    w_out = _randn(s.experts, s.d, s.d_ff, scale=s.d_ff ** -0.5)
-    h, d_in, d_gate, d_out = _randn(R, s.d_ff), _randn(R, s.d_ff), _randn(R, s.d_ff), _randn(R, s.d)
+    w13 = _randn(s.experts, 2 * s.d_ff, s.d, scale=s.d ** -0.5)
+    w2 = _randn(s.experts, s.d, s.d_ff, scale=s.d_ff ** -0.5)
+    h, d13, d_out = _randn(R, s.d_ff), _randn(R, 2 * s.d_ff), _randn(R, s.d)
     gmm = grouped_mm_fn()
-    both = (d_gate, w_gate, (w_gate.stride(2), w_gate.stride(1)))
-    mm_class = K.grouped_shape_class("matmul", s.d_ff, s.d, rows)
-    wg_class = K.grouped_shape_class("wgrad", s.d_ff, s.d, rows)
+    mm_class = K.grouped_shape_class("matmul", 2 * s.d_ff, s.d, rows)
+    wg_class = K.grouped_shape_class("wgrad", 2 * s.d_ff, s.d, rows)
     return [
-        Gemm("S5 h_in = x W_in^T", "matmul", mm_class,
-             lambda c: rows_linear(x, w_in, meta, "triton", a_by_token=True, config=c),
-             lambda: gmm(xs, w_in.transpose(1, 2), offs=offs)),
-        Gemm("S5 out = h W_out^T", "matmul", mm_class,
-             lambda c: rows_linear(h, w_out, meta, "triton", config=c),
-             lambda: gmm(h, w_out.transpose(1, 2), offs=offs)),
-        Gemm("S5 dx rows = d_in W_in + d_gate W_gate", "matmul", mm_class,
-             lambda c: rows_linear(d_in, w_in, meta, "triton", transposed=True, second=both, config=c),
-             lambda: (gmm(d_in, w_in, offs=offs), gmm(d_gate, w_gate, offs=offs))),
-        Gemm("S5 dW_in = d_in^T x", "wgrad", wg_class,
-             lambda c: rows_weight_grad(d_in, x, meta, "triton", right_by_token=True, out_dtype=DTYPE, config=c),
-             lambda: gmm(d_in.t(), xs, offs=offs)),
-        Gemm("S5 dW_out = d_out^T h", "wgrad", wg_class,
+        Gemm("S5 h13 = x W13^T", "matmul", mm_class,
+             lambda c: rows_linear(x, w13, meta, "triton", a_by_token=True, config=c),
+             lambda: gmm(xs, w13.transpose(1, 2), offs=offs)),
+        Gemm("S5 out = h W2^T", "matmul", mm_class,
+             lambda c: rows_linear(h, w2, meta, "triton", config=c),
+             lambda: gmm(h, w2.transpose(1, 2), offs=offs)),
+        Gemm("S5 dx rows = d13 W13", "matmul", mm_class,
+             lambda c: rows_linear(d13, w13, meta, "triton", transposed=True, config=c),
+             lambda: gmm(d13, w13, offs=offs)),
+        Gemm("S5 dW13 = d13^T x", "wgrad", wg_class,
+             lambda c: rows_weight_grad(d13, x, meta, "triton", right_by_token=True, out_dtype=DTYPE, config=c),
+             lambda: gmm(d13.t(), xs, offs=offs)),
+        Gemm("S5 dW2 = d_out^T h", "wgrad", wg_class,
              lambda c: rows_weight_grad(d_out, h, meta, "triton", out_dtype=DTYPE, config=c),
              lambda: gmm(d_out.t(), h, offs=offs)),
     ]
@@ -220,25 +220,24 @@ def _config_key(c: TileConfig) -> str:
 
 
 def time_ffn_plans(s: Sizes, repeats: int, report: dict) -> None:
-    """moe_ffn forward+backward at S5 on each (GEMM engine, weight-gradient engine) pair."""
+    """moe_ffn forward+backward at S5 (SwiGLU, stacked w13 as the benchmark's) on each
+    (GEMM engine, weight-gradient engine) pair."""
     ids, w = _routing(s)
     x = _randn(s.tokens, s.d).requires_grad_()
     weights = w.requires_grad_()
-    w_in, w_gate = (_randn(s.experts, s.d_ff, s.d, scale=s.d ** -0.5).requires_grad_() for _ in range(2))
-    w_out = _randn(s.experts, s.d, s.d_ff, scale=s.d_ff ** -0.5).requires_grad_()
-    leaves = [x, weights, w_in, w_gate, w_out]
-    engines = ["triton"] + (["grouped_mm"] if ffn._grouped_mm_applies(x, w_in, w_out, w_gate, ids.numel()) else [])
-    rows = s.tokens * s.top_k / s.experts
+    w13 = _randn(s.experts, 2 * s.d_ff, s.d, scale=s.d ** -0.5).requires_grad_()
+    w2 = _randn(s.experts, s.d, s.d_ff, scale=s.d_ff ** -0.5).requires_grad_()
+    leaves = [x, weights, w13, w2]
+    engines = ["triton"] + (["grouped_mm"] if ffn._grouped_mm_applies(x, w13, w2, None, ids.numel()) else [])
     results = {}
     for gemm in engines:
         for wgrad in engines:
-            base = ffn.ffn_plan(x, w_in, w_out, w_gate, s.top_k, gemm)
-            plan = ffn.FFNPlan(gemm, wgrad, base.layout_block)
+            plan = ffn.FFNPlan(gemm, wgrad, ffn.ffn_plan(x, w13, w2, None, s.top_k, gemm).layout_block)
 
             def step(plan=plan):
                 coef = ffn.mixing_weights(weights, True)
-                y = ffn._moe_ffn_triton(x, ids, coef, w_in, None, w_out, None, w_gate, None, torch.nn.functional.silu,
-                                        True, plan)
+                y = ffn._moe_ffn_triton(x, ids, coef, w13, None, w2, None, None, None, torch.nn.functional.silu,
+                                        True, True, plan)
                 torch.autograd.grad(y, leaves, torch.ones_like(y))
 
             with moelora.validation(False):
@@ -246,7 +245,7 @@ def time_ffn_plans(s: Sizes, repeats: int, report: dict) -> None:
     best = min(results, key=results.get)
     gemm, wgrad = (part.split("=")[1] for part in best.split(","))
     report["ffn"] = {"sizes": s._asdict(), "fwd_bwd_ms": results, "best": best,
-                     "shape_class": K.grouped_shape_class("matmul", s.d_ff, s.d, rows),
+                     "shape_class": K.grouped_shape_class("matmul", 2 * s.d_ff, s.d, s.tokens * s.top_k / s.experts),
                      "engines": {"gemm": gemm, "wgrad": wgrad}}
 
 

@@ -444,11 +444,15 @@ def glu_forward(hg: Optional[torch.Tensor], hu: torch.Tensor, bg: Optional[torch
 
 
 def glu_backward(dout: torch.Tensor, hg: Optional[torch.Tensor], hu: torch.Tensor, bg: Optional[torch.Tensor],
-                 bu: Optional[torch.Tensor], meta, ids: torch.Tensor, act: int):
-    """(dhg or None, dhu), each [R, F] in hu's dtype, 0 on padding rows: the gradients of glu_forward."""
+                 bu: Optional[torch.Tensor], meta, ids: torch.Tensor, act: int, out: Optional[tuple] = None):
+    """(dhg or None, dhu), each [R, F] in hu's dtype, 0 on padding rows: the gradients of
+    glu_forward, written into ``out`` = (dhg, dhu) (any strides) when given."""
     num_rows, F = hu.shape
-    dhu = torch.empty(num_rows, F, dtype=hu.dtype, device=hu.device)
-    dhg = torch.empty_like(dhu) if hg is not None else None
+    if out is not None:
+        dhg, dhu = out
+    else:
+        dhu = torch.empty(num_rows, F, dtype=hu.dtype, device=hu.device)
+        dhg = torch.empty_like(dhu) if hg is not None else None
     if num_rows == 0 or F == 0:
         return dhg, dhu
     gate, bg_arg, bu_arg, strides = _glu_args(hg, hu, bg, bu, ids)

@@ -53,17 +53,23 @@ from .routing import DispatchMetadata, dispatch_rows, expert_layout
 from .triton_kernels.grouped import GELU, GELU_TANH, RELU, SILU
 
 
-def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate):
+def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate):
     if x.dim() != 2:
         raise ValueError(f"x must have shape [T, d_in], got {tuple(x.shape)}")
     if w_in.dim() != 3 or w_in.shape[2] != x.shape[1]:
         raise ValueError(f"w_in must have shape [E, d_ff, d_in = {x.shape[1]}], got {tuple(w_in.shape)}")
     num_experts, d_ff = w_in.shape[:2]
+    if stacked_gate:
+        if w_gate is not None or b_gate is not None:
+            raise ValueError("with stacked_gate=True, w_in holds the gate rows: w_gate and b_gate must be None")
+        if d_ff % 2:
+            raise ValueError(f"with stacked_gate=True, w_in must have shape [E, 2 * d_ff, d_in], got {tuple(w_in.shape)}")
+    rows_in, d_ff = d_ff, d_ff // 2 if stacked_gate else d_ff
     if w_out.dim() != 3 or w_out.shape[0] != num_experts or w_out.shape[2] != d_ff:
         raise ValueError(f"w_out must have shape [E = {num_experts}, d_out, d_ff = {d_ff}], got {tuple(w_out.shape)}")
     if w_gate is not None and tuple(w_gate.shape) != tuple(w_in.shape):
         raise ValueError(f"w_gate must have w_in's shape {tuple(w_in.shape)}, got {tuple(w_gate.shape)}")
-    for name, bias, rows in (("b_in", b_in, d_ff), ("b_gate", b_gate, d_ff), ("b_out", b_out, w_out.shape[1])):
+    for name, bias, rows in (("b_in", b_in, rows_in), ("b_gate", b_gate, d_ff), ("b_out", b_out, w_out.shape[1])):
         if bias is not None and tuple(bias.shape) != (num_experts, rows):
             raise ValueError(f"{name} must have shape [{num_experts}, {rows}], got {tuple(bias.shape)}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or tuple(topk_weights.shape) != tuple(topk_ids.shape):
@@ -133,10 +139,15 @@ def _glu(h_gate, h_in, b_gate, b_in, meta, ids, activation):
     return torch.where(valid[:, None], out, 0)
 
 
-def _glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation):
-    """(d h_gate or None, d h_in) of _glu, 0 on padding rows."""
+def _glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation, out=None):
+    """(d h_gate or None, d h_in) of _glu, 0 on padding rows; written into ``out`` (a pair of
+    views) when given."""
     if isinstance(activation, int):
-        return K.glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation)
+        return K.glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation, out=out)
+    if out is not None:
+        for view, grad in zip(out, _glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation)):
+            view.copy_(grad)
+        return out
     valid, (u, g) = _row_biases(meta, ids, (h_in, h_gate if h_gate is not None else h_in), b_in, b_gate)
     d_h = torch.where(valid[:, None], d_h, 0)
     if h_gate is None:
@@ -178,7 +189,7 @@ def _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs) -> bool:
     """torch's grouped GEMM can take every operand of this FFN (dtype, alignment, int32 ends)."""
     if grouped_mm_fn() is None or num_pairs + 16 * w_in.shape[0] >= 2 ** 31:
         return False
-    widths_ok = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w_in.shape[1], w_out.shape[1]))
+    widths_ok = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], *w_in.shape[1:], *w_out.shape[1:]))
     tensors = [t for t in (x, w_in, w_out, w_gate) if t is not None]
     strides_ok = all(grouped_mm_layout_ok(t, check_start=False) for t in tensors)
     return widths_ok and strides_ok and len({t.dtype for t in tensors}) == 1
@@ -190,7 +201,8 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
     looks up FFN_ENGINES where grouped_mm runs natively and uses Triton elsewhere."""
     if engine not in ("auto",) + ENGINES:
         raise ValueError(f"engine must be one of {('auto',) + ENGINES}, got {engine!r}")
-    E, d_ff, d_in = w_in.shape
+    E, d_first, d_in = w_in.shape  # d_first = 2 d_ff with stacked_gate
+    d_ff, d_out = w_out.shape[2], w_out.shape[1]
     num_pairs = x.shape[0] * top_k
     applies = _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs)
     if engine == "grouped_mm" and not applies:
@@ -200,7 +212,7 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
         gemm = wgrad = "triton"
         if applies and x.dtype == torch.bfloat16 and grouped_mm_native(x.device):
             major = torch.cuda.get_device_capability(x.device)[0]
-            shape = K.grouped_shape_class("matmul", d_ff, d_in, num_pairs / E)
+            shape = K.grouped_shape_class("matmul", d_first, d_in, num_pairs / E)
             pick = {kind: FFN_ENGINES.get((major, kind, shape), FFN_ENGINES.get((major, kind, "*"), "triton"))
                     for kind in ("gemm", "wgrad")}
             gemm, wgrad = pick["gemm"], pick["wgrad"]
@@ -209,9 +221,8 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
     block = K.grouped_layout_block()
     if gemm == "triton":
         rows = num_pairs / E
-        d_out = w_out.shape[1]
         block = K.grouped_layout_block(*(K.grouped_config("matmul", n, k, rows) for n, k in
-                                         ((d_ff, d_in), (d_out, d_ff), (d_ff, d_out), (d_in, d_ff))))
+                                         ((d_first, d_in), (d_out, d_ff), (d_ff, d_out), (d_in, d_first))))
     return FFNPlan(gemm, wgrad, block)
 
 
@@ -223,8 +234,8 @@ class _Saved(NamedTuple):
     meta: DispatchMetadata
     offs: Optional[torch.Tensor]  # int32 group ends (grouped_mm)
     x_rows: Optional[torch.Tensor]  # x gathered into row space (grouped_mm)
-    h_gate: Optional[torch.Tensor]  # gate projection (gated MLPs)
-    h_in: torch.Tensor
+    h_gate: Optional[torch.Tensor]  # gate projection (separate w_gate)
+    h_in: torch.Tensor  # first projection (gate columns first with stacked_gate)
     h: torch.Tensor  # activation output, input of the second projection
     out: torch.Tensor  # second projection (no bias)
 
@@ -245,16 +256,33 @@ def _unpack(tensors, num_experts: int, top_k: int, block: int) -> _Saved:
     return _Saved(meta, *rest)
 
 
-def _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, plan: FFNPlan):
+def _halves(t: Optional[torch.Tensor]):
+    """(first half, second half) of the last dim: the gate and up parts of a stacked projection."""
+    if t is None:
+        return None, None
+    half = t.shape[-1] // 2
+    return t[..., :half], t[..., half:]
+
+
+def _first_projection(h_gate, h_in, b_gate, b_in, stacked):
+    """(h_gate, h_in, b_gate, b_in) for the activation, split from a stacked projection."""
+    if not stacked:
+        return h_gate, h_in, b_gate, b_in
+    return (*_halves(h_in), *_halves(b_in))
+
+
+def _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked,
+                 plan: FFNPlan):
     """(y [T, d_out], _Saved). ``ids`` [T, k] with -1 for skipped slots; ``coef`` [T, k] the
-    mixing weights; ``activation`` a fused-kernel code or a callable."""
+    mixing weights; ``activation`` a fused-kernel code or a callable; ``stacked``: w_in, b_in
+    hold [gate; up] (one GEMM for both)."""
     meta = expert_layout(ids, w_in.shape[0], plan.layout_block)
     offs = group_ends(meta) if plan.gathers_x else None
     x_rows = dispatch_rows(x, meta) if plan.gathers_x else None
     source, by_token = (x_rows, False) if plan.gemm == "grouped_mm" else (x, True)
     h_in = rows_linear(source, w_in, meta, plan.gemm, a_by_token=by_token, offs=offs)
     h_gate = None if w_gate is None else rows_linear(source, w_gate, meta, plan.gemm, a_by_token=by_token, offs=offs)
-    h = _glu(h_gate, h_in, b_gate, b_in, meta, ids, activation)
+    h = _glu(*_first_projection(h_gate, h_in, b_gate, b_in, stacked), meta, ids, activation)
     out = rows_linear(h, w_out, meta, plan.gemm, offs=offs)
     y = K.combine_rows(out, meta, out_dtype=x.dtype, coef=coef, anchored=anchored,
                        bias=None if b_out is None else (ids, b_out))
@@ -262,7 +290,7 @@ def _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activat
 
 
 def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved: _Saved, activation,
-                  anchored, plan: FFNPlan, needs):
+                  anchored, stacked, plan: FFNPlan, needs):
     """[dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate] (None where not needed)."""
     need_x, need_coef, need_w_in, need_b_in, need_w_out, need_b_out, need_w_gate, need_b_gate = needs
     meta, offs = saved.meta, saved.offs
@@ -280,7 +308,13 @@ def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, sa
     db_out = K.segment_sum(d_out, meta, out_dtype=b_out.dtype) if need_b_out else None
     dw_out = rows_weight_grad(d_out, saved.h, meta, plan.wgrad, out_dtype=w_out.dtype, offs=offs) if need_w_out else None
     d_h = rows_linear(d_out, w_out, meta, plan.gemm, transposed=True, offs=offs)
-    d_gate, d_in = _glu_backward(d_h, saved.h_gate, saved.h_in, b_gate, b_in, meta, ids, activation)
+    first = _first_projection(saved.h_gate, saved.h_in, b_gate, b_in, stacked)
+    if stacked:  # d of the stacked projection, written by halves; from here on it is "d_in"
+        d_in = torch.empty_like(saved.h_in)
+        d_gate = None
+        _glu_backward(d_h, *first, meta, ids, activation, out=_halves(d_in))
+    else:
+        d_gate, d_in = _glu_backward(d_h, *first, meta, ids, activation)
     db_in = K.segment_sum(d_in, meta, out_dtype=b_in.dtype) if need_b_in else None
     db_gate = K.segment_sum(d_gate, meta, out_dtype=b_gate.dtype) if need_b_gate else None
     x_rows, x_by_token = (saved.x_rows, False) if saved.x_rows is not None else (x, True)
@@ -290,13 +324,13 @@ def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, sa
                                offs=offs) if need_w_gate else None
     dx = None
     if need_x:
-        if plan.gemm == "triton":
-            second = None if w_gate is None else (d_gate, w_gate, (w_gate.stride(2), w_gate.stride(1)))
-            dx_rows, dx_rows2 = rows_linear(d_in, w_in, meta, "triton", transposed=True, second=second), None
+        if plan.gemm == "triton" or d_gate is None:
+            second = None if d_gate is None else dict(second=(d_gate, w_gate, (w_gate.stride(2), w_gate.stride(1))))
+            dx_rows = rows_linear(d_in, w_in, meta, plan.gemm, transposed=True, offs=offs, **(second or {}))
+            dx_rows2 = None
         else:
             dx_rows = rows_linear(d_in, w_in, meta, plan.gemm, transposed=True, offs=offs)
-            dx_rows2 = None if w_gate is None else rows_linear(d_gate, w_gate, meta, plan.gemm, transposed=True,
-                                                                offs=offs)
+            dx_rows2 = rows_linear(d_gate, w_gate, meta, plan.gemm, transposed=True, offs=offs)
         dx = K.combine_rows(dx_rows, meta, out_dtype=x.dtype, second=dx_rows2)
     return [dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate]
 
@@ -305,7 +339,8 @@ def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, sa
 
 def _fake_saved(x, ids, w_in, w_out, w_gate, gathers_x: bool, layout_block: int) -> List[torch.Tensor]:
     T, top_k = ids.shape
-    E, d_ff, d_in = w_in.shape
+    E, d_first, d_in = w_in.shape
+    d_ff = w_out.shape[2]
     rows = padded_length(T * top_k, E, layout_block)
     i64 = dict(dtype=torch.int64)
     return [x.new_empty(E, **i64), x.new_empty(E + 1, **i64), x.new_empty(rows, **i64), x.new_empty(T, top_k, **i64),
@@ -313,23 +348,24 @@ def _fake_saved(x, ids, w_in, w_out, w_gate, gathers_x: bool, layout_block: int)
             x.new_empty(E if gathers_x else 0, dtype=torch.int32 if gathers_x else x.dtype),
             x.new_empty((rows, d_in) if gathers_x else (0,)),
             x.new_empty((rows, d_ff) if w_gate is not None else (0,)),
-            x.new_empty(rows, d_ff), x.new_empty(rows, d_ff), x.new_empty(rows, w_out.shape[1])]
+            x.new_empty(rows, d_first), x.new_empty(rows, d_ff), x.new_empty(rows, w_out.shape[1])]
 
 
 @torch.library.custom_op("moelora::moe_ffn_forward", mutates_args=())
 def moe_ffn_forward(x: torch.Tensor, ids: torch.Tensor, coef: torch.Tensor, w_in: torch.Tensor,
                     b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
                     w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], activation: str, anchored: bool,
-                    gemm: str, wgrad: str, layout_block: int) -> List[torch.Tensor]:
+                    stacked: bool, gemm: str, wgrad: str, layout_block: int) -> List[torch.Tensor]:
     """[y, *saved]: the fused moe_ffn forward (see the module docstring); ``activation`` a key
     of ACTIVATION_CODES or of a registered callable."""
     y, saved = _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, _resolve_activation(activation),
-                            anchored, FFNPlan(gemm, wgrad, layout_block))
+                            anchored, stacked, FFNPlan(gemm, wgrad, layout_block))
     return [y] + _pack(saved, x)
 
 
 @moe_ffn_forward.register_fake
-def _(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, gemm, wgrad, layout_block):
+def _(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, gemm, wgrad,
+      layout_block):
     gathers_x = FFNPlan(gemm, wgrad, layout_block).gathers_x
     return [x.new_empty(x.shape[0], w_out.shape[1])] + _fake_saved(x, ids, w_in, w_out, w_gate, gathers_x,
                                                                     layout_block)
@@ -339,17 +375,17 @@ def _(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchor
 def moe_ffn_backward(dy: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, coef: torch.Tensor, w_in: torch.Tensor,
                      b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
                      w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], saved: List[torch.Tensor],
-                     activation: str, anchored: bool, gemm: str, wgrad: str, layout_block: int,
+                     activation: str, anchored: bool, stacked: bool, gemm: str, wgrad: str, layout_block: int,
                      needs: List[bool]) -> List[torch.Tensor]:
     """[dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate], empty where not needed."""
     grads = _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate,
                           _unpack(saved, w_in.shape[0], ids.shape[1], layout_block), _resolve_activation(activation),
-                          anchored, FFNPlan(gemm, wgrad, layout_block), needs)
+                          anchored, stacked, FFNPlan(gemm, wgrad, layout_block), needs)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @moe_ffn_backward.register_fake
-def _(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, gemm, wgrad,
+def _(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked, gemm, wgrad,
       layout_block, needs):
     like = (x, coef, w_in, b_in, w_out, b_out, w_gate, b_gate)
     return [torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(like, needs)]
@@ -358,39 +394,39 @@ def _(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activat
 _DIFFERENTIABLE = (0, 2, 3, 4, 5, 6, 7, 8)  # x, coef, w_in, b_in, w_out, b_out, w_gate, b_gate
 
 
-def _save(ctx, inputs, saved: List[torch.Tensor], activation, anchored, plan):
+def _save(ctx, inputs, saved: List[torch.Tensor], activation, anchored, stacked, plan):
     ctx.save_for_backward(*inputs[:9], *saved)
-    ctx.activation, ctx.anchored, ctx.plan = activation, anchored, plan
+    ctx.activation, ctx.anchored, ctx.stacked, ctx.plan = activation, anchored, stacked, plan
 
 
 def _input_grads(ctx, dy, backward) -> tuple:
     """Gradients for (x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate) and None for the rest."""
     tensors = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in _DIFFERENTIABLE]
-    grads = backward(dy, *tensors[:9], tensors[9:], ctx.activation, ctx.anchored, ctx.plan, needs)
+    grads = backward(dy, *tensors[:9], tensors[9:], ctx.activation, ctx.anchored, ctx.stacked, ctx.plan, needs)
     out = [None] * len(ctx.needs_input_grad)
     for i, g, need in zip(_DIFFERENTIABLE, grads, needs):
         out[i] = g if need else None
     return tuple(out)
 
 
-def _op_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, plan,
-                 needs):
+def _op_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked,
+                 plan, needs):
     return moe_ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, list(saved), activation,
-                            anchored, *plan, needs)
+                            anchored, stacked, *plan, needs)
 
 
-def _eager_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, plan,
-                    needs):
+def _eager_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked,
+                    plan, needs):
     return _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate,
-                         _unpack(saved, w_in.shape[0], ids.shape[1], plan.layout_block), activation, anchored, plan,
-                         needs)
+                         _unpack(saved, w_in.shape[0], ids.shape[1], plan.layout_block), activation, anchored, stacked,
+                         plan, needs)
 
 
 moe_ffn_forward.register_autograd(
     lambda ctx, grads: _input_grads(ctx, grads[0], _op_backward),  # grads of [y, *saved]
-    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1:], inputs[9], inputs[10],
-                                                    FFNPlan(*inputs[11:14])),
+    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1:], inputs[9], inputs[10], inputs[11],
+                                                    FFNPlan(*inputs[12:15])),
 )
 
 
@@ -399,10 +435,11 @@ class _EagerMoEFFN(torch.autograd.Function):
     the activation passed as it is; torch.compile traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, plan):
-        y, saved = _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, plan)
+    def forward(ctx, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, plan):
+        y, saved = _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked,
+                                plan)
         _save(ctx, (x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate), _pack(saved, x),
-              activation, anchored, plan)
+              activation, anchored, stacked, plan)
         return y
 
     @staticmethod
@@ -410,24 +447,27 @@ class _EagerMoEFFN(torch.autograd.Function):
         return _input_grads(ctx, dy, _eager_backward)
 
 
-def _moe_ffn_triton(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, plan):
+def _moe_ffn_triton(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, plan):
     if torch.compiler.is_compiling():
         return moe_ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, _activation_key(activation),
-                               anchored, *plan)[0]
+                               anchored, stacked, *plan)[0]
     name = fused_activation_name(activation)
     code = ACTIVATION_CODES[name] if name is not None else activation
-    return _EagerMoEFFN.apply(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, code, anchored, plan)
+    return _EagerMoEFFN.apply(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, code, anchored, stacked, plan)
 
 
 # ------------------------------------------------------------------------ torch backend
 
-def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate):
+def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked):
     """Pair-major [T*k, d_out] expert outputs (zero rows for skipped pairs), one F.linear per
     expert segment of the expert-sorted rows."""
     meta = expert_layout(ids, w_in.shape[0], None)
     rows = dispatch_rows(x, meta)  # [T*k, d_in], expert-sorted, skipped pairs last
     h = segment_linear(rows, w_in, b_in, meta.offsets)
-    if w_gate is None:
+    if stacked:
+        gate, h = _halves(h)
+        h = activation(gate) * h
+    elif w_gate is None:
         h = activation(h)
     else:
         h = activation(segment_linear(rows, w_gate, b_gate, meta.offsets)) * h
@@ -460,22 +500,25 @@ def mix_experts(pairs: torch.Tensor, weights: torch.Tensor, normalize: bool) -> 
 def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_in: torch.Tensor,
             b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
             activation: Callable, w_gate: Optional[torch.Tensor] = None, b_gate: Optional[torch.Tensor] = None,
-            *, normalize: bool = False, backend: Optional[str] = None, engine: str = "auto") -> torch.Tensor:
+            *, normalize: bool = False, backend: Optional[str] = None, engine: str = "auto",
+            stacked_gate: bool = False) -> torch.Tensor:
     """Routed expert FFNs on x [T, d_in] with expert weights stacked on dim 0 (nn.Linear
     layouts: w_in/w_gate [E, d_ff, d_in], w_out [E, d_out, d_ff]); returns [T, d_out] in
     x's dtype, differentiable w.r.t. x, every weight and bias, and topk_weights. See the
     module docstring for ``normalize`` and ``backend``; ``engine`` (Triton backend only):
-    "auto" (:func:`ffn_plan`), "triton" or "grouped_mm".
+    "auto" (:func:`ffn_plan`), "triton" or "grouped_mm". ``stacked_gate``: w_in [E, 2 d_ff,
+    d_in] (and b_in [E, 2 d_ff]) hold the gate rows, then the up rows (the "w13" layout of
+    fused MoE kernels; one GEMM for both), w_gate and b_gate are None.
     """
-    _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate)
+    _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate)
     num_tokens, top_k = topk_ids.shape
     num_experts = w_in.shape[0]
     kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < num_experts)
     ids = torch.where(kept, topk_ids, -1)
     weights = torch.where(kept, topk_weights, 0)
     if resolve_backend(backend, x.device) == "torch" or num_tokens == 0:
-        pairs = _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate)
+        pairs = _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked_gate)
         return mix_experts(pairs.view(num_tokens, top_k, w_out.shape[1]), weights, normalize)
     plan = ffn_plan(x, w_in, w_out, w_gate, top_k, engine)
     return _moe_ffn_triton(x, ids, mixing_weights(weights, normalize), w_in, b_in, w_out, b_out, w_gate, b_gate,
-                           activation, normalize, plan)
+                           activation, normalize, stacked_gate, plan)

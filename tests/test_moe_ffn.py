@@ -99,6 +99,32 @@ def test_matches_float64_loop_with_gradients(path, normalize, gated, bias):
     check_against_reference(x, ids, weights, ffn, path, F.silu if gated else F.gelu, normalize)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_gate_weight_matches_the_float64_loop(path, bias):
+    """w_in = [w_gate; w_in] stacked ("w13", one GEMM for both), b_in likewise."""
+    x, ids, weights, ffn = make_ffn(bias=bias, seed=8)
+    w13 = torch.cat([ffn["w_gate"], ffn["w_in"]], 1).detach().requires_grad_()
+    b13 = torch.cat([ffn["b_gate"], ffn["b_in"]], 1).detach().requires_grad_() if bias else None
+    backend, engine = path
+    y = moelora.moe_ffn(x, ids, weights, w13, b13, ffn["w_out"], ffn["b_out"], F.silu, normalize=True,
+                        backend=backend, engine=engine, stacked_gate=True)
+    grad = torch.randn_like(y)
+    params = [x, weights, w13, ffn["w_out"]] + ([b13, ffn["b_out"]] if bias else [])
+    got = torch.autograd.grad(y, params, grad)
+    ref = {n: (t.detach().double().requires_grad_() if t is not None else None) for n, t in ffn.items()}
+    xr, wr = x.detach().double().requires_grad_(), weights.detach().double().requires_grad_()
+    y_ref = reference(xr, ids, wr, ref, F.silu, True)
+    names = ["w_gate", "w_in", "w_out"] + (["b_gate", "b_in", "b_out"] if bias else [])
+    g = dict(zip(["x", "w"] + names, torch.autograd.grad(y_ref, [xr, wr] + [ref[n] for n in names], grad.double())))
+    expected = [g["x"], g["w"], torch.cat([g["w_gate"], g["w_in"]], 1), g["w_out"]]
+    if bias:
+        expected += [torch.cat([g["b_gate"], g["b_in"]], 1), g["b_out"]]
+    assert rel_err(y, y_ref) < TOL[x.dtype]
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert rel_err(a, b) < TOL[x.dtype], f"gradient {i}: {rel_err(a, b)}"
+
+
 @pytest.mark.parametrize("path", TRITON_PATHS, ids=path_id)
 @pytest.mark.parametrize("activation", ["tanh", "gelu_tanh", "relu_module", "lambda"])
 def test_other_activations_on_the_triton_backend(path, activation):
@@ -343,6 +369,10 @@ def test_argument_errors_name_the_argument():
         moelora.moe_ffn(x, ids, weights[:, :1], **args)
     with pytest.raises(TypeError, match="topk_ids must be int32 or int64"):
         moelora.moe_ffn(x, ids.float(), weights, **args)
+    with pytest.raises(ValueError, match="w_gate and b_gate must be None"):
+        moelora.moe_ffn(x, ids, weights, stacked_gate=True, **{**args, "w_gate": ffn["w_in"]})
+    with pytest.raises(ValueError, match=r"w_out must have shape \[E = 5, d_out, d_ff = 20\]"):
+        moelora.moe_ffn(x, ids, weights, stacked_gate=True, **args)  # w_in's 40 rows = 2 x 20
     with pytest.raises(ValueError, match="engine must be one of"):
         moelora.moe_ffn(x, ids, weights, backend="triton", engine="cutlass", **args)
     with pytest.raises(ValueError, match="engine='grouped_mm' needs"):  # d_in 6 fp32 = 24 bytes a row
@@ -375,9 +405,12 @@ def test_opcheck_fused_ops(path):
     plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], ffn["w_gate"], 2, path[1])
     params = [t.detach() if t is not None else None for t in (ffn["w_in"], ffn["b_in"], ffn["w_out"], ffn["b_out"],
                                                               ffn["w_gate"], ffn["b_gate"])]
-    args = (x.detach(), ids, coef, *params, "silu", True, *plan)
-    torch.library.opcheck(ffn_module.moe_ffn_forward, args, test_utils=("test_schema", "test_faketensor",
-                                                                        "test_aot_dispatch_dynamic"))
-    out = ffn_module.moe_ffn_forward(*args)
-    bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, *plan, [True] * 8)
-    torch.library.opcheck(ffn_module.moe_ffn_backward, bwd_args)
+    stacked = (torch.cat([params[4], params[0]], 1), torch.cat([params[5], params[1]], 1), *params[2:4], None, None)
+    for weights_, is_stacked in ((params, False), (stacked, True)):
+        args = (x.detach(), ids, coef, *weights_, "silu", True, is_stacked, *plan)
+        torch.library.opcheck(ffn_module.moe_ffn_forward, args, test_utils=("test_schema", "test_faketensor",
+                                                                            "test_aot_dispatch_dynamic"))
+        out = ffn_module.moe_ffn_forward(*args)
+        needs = [t is not None for t in (x, coef, *weights_)]
+        bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, is_stacked, *plan, needs)
+        torch.library.opcheck(ffn_module.moe_ffn_backward, bwd_args)
