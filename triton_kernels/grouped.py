@@ -316,11 +316,17 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _glu_inputs(hg_ptr, hu_ptr, bg_ptr, bu_ptr, row_pair_ptr, ids_ptr, rows, mask_r, offs_f, mask_f, top_k,
-                stride_gm, stride_gf, stride_um, stride_uf, stride_bge, stride_bgf, stride_bue, stride_buf,
-                stride_idt, stride_idk,
-                GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """(valid rows, g = hg + bg[e], u = hu + bu[e]) in ACC_DTYPE for the rows' experts e."""
+def _glu_tile(hg_ptr, hu_ptr, bg_ptr, bu_ptr, row_pair_ptr, ids_ptr, num_rows, F, top_k,
+              stride_gm, stride_gf, stride_um, stride_uf, stride_bge, stride_bgf, stride_bue, stride_buf,
+              stride_idt, stride_idk,
+              GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """This program's (rows, offs_f, store mask, valid rows, g = hg + bg[e], u = hu + bu[e]),
+    g and u in ACC_DTYPE, e the expert of each row's pair."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_f = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_r = rows < num_rows
+    mask_f = offs_f < F
     pair = tl.load(row_pair_ptr + rows, mask=mask_r, other=-1).to(tl.int64)
     valid = pair >= 0
     pair = tl.where(valid, pair, 0)
@@ -340,7 +346,7 @@ def _glu_inputs(hg_ptr, hu_ptr, bg_ptr, bu_ptr, row_pair_ptr, ids_ptr, rows, mas
         if HAS_BG:
             g += tl.load(bg_ptr + expert[:, None] * stride_bge + offs_f[None, :] * stride_bgf, mask=mask,
                          other=0.0).to(ACC_DTYPE)
-    return valid, g, u
+    return rows, offs_f, mask_r[:, None] & mask_f[None, :], valid, g, u
 
 
 @triton.jit
@@ -356,17 +362,14 @@ def glu_forward_kernel(
 
     e = the expert of row r's pair (ids[p // k, p % k]). Grid: (cdiv(num_rows, BLOCK_R), cdiv(F, BLOCK_F)).
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_f = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask_r = rows < num_rows
-    mask_f = offs_f < F
-    valid, g, u = _glu_inputs(hg_ptr, hu_ptr, bg_ptr, bu_ptr, row_pair_ptr, ids_ptr, rows, mask_r, offs_f, mask_f,
-                              top_k, stride_gm, stride_gf, stride_um, stride_uf, stride_bge, stride_bgf,
-                              stride_bue, stride_buf, stride_idt, stride_idk, GATED, HAS_BG, HAS_BU, ACC_DTYPE)
+    rows, offs_f, store_mask, valid, g, u = _glu_tile(
+        hg_ptr, hu_ptr, bg_ptr, bu_ptr, row_pair_ptr, ids_ptr, num_rows, F, top_k, stride_gm, stride_gf, stride_um,
+        stride_uf, stride_bge, stride_bgf, stride_bue, stride_buf, stride_idt, stride_idk, GATED, HAS_BG, HAS_BU,
+        ACC_DTYPE, BLOCK_R, BLOCK_F)
     out = _act(g, ACT) * u if GATED else _act(u, ACT)
     out = tl.where(valid[:, None], out, 0.0)
     tl.store(out_ptr + rows[:, None] * stride_om + offs_f[None, :] * stride_of, out.to(out_ptr.dtype.element_ty),
-             mask=mask_r[:, None] & mask_f[None, :])
+             mask=store_mask)
 
 
 @triton.jit
@@ -381,16 +384,12 @@ def glu_backward_kernel(
     """Gradients of glu_forward: dhg = dout * u * act'(g), dhu = dout * act(g) (GATED), else
     dhu = dout * act'(u); 0 on padding rows. Grid: (cdiv(num_rows, BLOCK_R), cdiv(F, BLOCK_F)).
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_f = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask_r = rows < num_rows
-    mask_f = offs_f < F
-    valid, g, u = _glu_inputs(hg_ptr, hu_ptr, bg_ptr, bu_ptr, row_pair_ptr, ids_ptr, rows, mask_r, offs_f, mask_f,
-                              top_k, stride_gm, stride_gf, stride_um, stride_uf, stride_bge, stride_bgf,
-                              stride_bue, stride_buf, stride_idt, stride_idk, GATED, HAS_BG, HAS_BU, ACC_DTYPE)
+    rows, offs_f, store_mask, valid, g, u = _glu_tile(
+        hg_ptr, hu_ptr, bg_ptr, bu_ptr, row_pair_ptr, ids_ptr, num_rows, F, top_k, stride_gm, stride_gf, stride_um,
+        stride_uf, stride_bge, stride_bgf, stride_bue, stride_buf, stride_idt, stride_idk, GATED, HAS_BG, HAS_BU,
+        ACC_DTYPE, BLOCK_R, BLOCK_F)
     dout = tl.load(dout_ptr + rows[:, None] * stride_dm + offs_f[None, :] * stride_df,
-                   mask=valid[:, None] & mask_f[None, :], other=0.0).to(ACC_DTYPE)
-    store_mask = mask_r[:, None] & mask_f[None, :]
+                   mask=store_mask & valid[:, None], other=0.0).to(ACC_DTYPE)
     if GATED:
         dhg = tl.where(valid[:, None], dout * u * _act_grad(g, ACT), 0.0)
         tl.store(dhg_ptr + rows[:, None] * stride_dgm + offs_f[None, :] * stride_dgf,
