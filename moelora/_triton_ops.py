@@ -7,12 +7,15 @@ Two regimes compute the same function:
   intermediate Hg = s * G (.) h (all E*r columns) formed in the GEMM's prologue, never
   in memory. Backward: dHg = dy B_stack, then dh, dw from the gating kernel,
   dB_stack = dy^T Hg, dA = dh^T x, dx = dh A.
-- grouped (large E*r): pairs sorted by expert (moelora.routing's dispatch metadata,
-  i.e. the moelora._C kernels when built), grouped GEMMs gather rows in the prologue and apply the gate in the epilogue, writing pair-major rows that a fixed-order
-  per-token sum combines (no atomics). Per-expert A: h_pair = x[t] A_e^T per pair.
+- grouped (large E*r): pairs sorted by expert into padded row space (moelora.routing's
+  dispatch metadata, i.e. the moelora._C kernels when built); grouped GEMMs gather rows
+  in the prologue and apply the gate in the epilogue, and a fixed-order per-token sum
+  combines the rows (no atomics). Backward: dh rows = s w dy B_e with dw in the same
+  GEMM's epilogue, dB by a fixed-order grouped reduction. Per-expert A: h rows = x[t] A_e^T.
 
 Saved for backward: x, the weights, the routing and h (T x r; T x E*r for a dense
-per-expert A; R x r, the padded row space, for a grouped per-expert A). Every step is deterministic.
+per-expert A; R x r, the padded row space, for a grouped per-expert A). Every step is
+deterministic.
 
 Under torch.compile the custom ops are traced; in eager mode ``_EagerMoELoRA`` runs the
 same forward and backward without the custom-op dispatch.
