@@ -241,7 +241,7 @@ def test_fullgraph_compile_matches_eager(path):
         return run(x, ids, weights, ffn, path, normalize=True).square().sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # the custom ops are what is traced
     got = compiled(x, weights, ffn)
     grads = torch.autograd.grad(got, leaves(x, weights, ffn))
     eager = loss(x, weights, ffn)
