@@ -301,7 +301,7 @@ def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
     shared = [c for c in out if c["shared"]]
     dense_wins = [c["width_per_slot"] for c in shared if c["dense_ms"] <= c["grouped_ms"]]
     grouped_wins = [c["width_per_slot"] for c in shared if c["dense_ms"] > c["grouped_ms"]]
-    suggestion = _DEFAULT_WIDTH = _triton_ops.DENSE_WIDTH_PER_SLOT
+    current = suggestion = _triton_ops.DENSE_WIDTH_PER_SLOT
     if dense_wins and grouped_wins:
         lo, hi = max(dense_wins), min(grouped_wins)
         suggestion = int(math.sqrt(lo * hi)) if lo < hi else int(lo)
@@ -309,7 +309,7 @@ def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
         suggestion = int(max(dense_wins))
     elif grouped_wins:
         suggestion = int(min(grouped_wins) / 2)
-    report["regime"] = {"cases": out, "dense_width_per_slot": suggestion, "current": _DEFAULT_WIDTH}
+    report["regime"] = {"cases": out, "dense_width_per_slot": suggestion, "current": current}
 
 
 def paste_text(report: dict) -> str:
