@@ -233,15 +233,11 @@ def _ffn_grouped(shape, s):
 
 
 def _ffn_moelora(shape, s):
-    """moelora.moe_ffn(x, ids, weights, w_in, b_in, w_out, b_out, activation, w_gate): SwiGLU with
-    w13 = [gate; up] split into w_gate and w_in."""
+    """moelora.moe_ffn(x, ids, weights, w13, None, w2, None, F.silu, stacked_gate=True): SwiGLU with
+    w13 = [gate; up] as one weight (one GEMM for both, as the grouped_mm baseline)."""
     op = _moelora_ffn_op()
-    d_ff = s["w2"].shape[2]
-
-    def run():
-        w13 = s["w13"]
-        return op(s["x"], s["ids"], s["w"], w13[:, d_ff:], None, s["w2"], None, F.silu, w_gate=w13[:, :d_ff])
-    return Prepared(run, _ffn_leaves(s))
+    return Prepared(lambda: op(s["x"], s["ids"], s["w"], s["w13"], None, s["w2"], None, F.silu, stacked_gate=True),
+                    _ffn_leaves(s))
 
 
 def _peer_impls(group: str) -> List[Impl]:

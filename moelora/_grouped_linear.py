@@ -1,72 +1,185 @@
-"""Per-expert linear layers over the expert-sorted (token, slot) pairs, on the Triton kernels.
+"""Per-expert linear layers over expert-sorted rows: the two GEMM engines and the torch
+backend's segment loop.
 
-    grouped_linear(a, weight [E, N, K], bias [E, N] | None, meta, ids)[p] = a[row(p)] @ weight[e(p)]^T + bias[e(p)]
+Row space (moelora.routing.DispatchMetadata with a block size): row r holds the pair
+p = sorted_pairs_padded[r] (-1 on padding), expert e's rows start at padded_offsets[e];
+rows without a pair are zero in every row-space tensor.
 
-for every pair p = t*k + j whose id is valid; rows of the other pairs are zero. ``row(p)``
-is the token t when ``a`` holds one row per token ([T, K]) and p when it holds one row per
-pair ([T*k, K]). Output rows are pair-major ([T*k, N]), so consecutive expert layers chain
-without permutations. Backward: da by the same grouped GEMM against weight^T (per-token
-inputs sum their k slots in fixed order), dweight and dbias by the fixed-order per-expert
-reduction (experts without pairs get exact zeros). Deterministic, no host synchronisation.
+    rows_linear(a, W, meta)[r]   = a[row(r)] @ W[e]^T   (or @ W[e] with ``transposed``)
+    rows_weight_grad(L, R, meta)[e] = sum over e's rows of L[row(r)]^T R[row(r)]
+
+Engines:
+- ``triton``: the grouped kernels of moelora.triton_kernels.grouped; token-major operands
+  are gathered in the prologue (row(r) = p // k), tiles from the shape-class table.
+  Deterministic (fixed-order reductions, no atomics).
+- ``grouped_mm``: torch's grouped GEMM (torch.nn.functional.grouped_mm / torch._grouped_mm;
+  CUTLASS on sm90/sm100 for bfloat16, no host synchronisation there). Operands must
+  already be in row space (the caller gathers x once), every stride 16-byte aligned
+  (:func:`grouped_mm_layout_ok`), int32 group ends (:func:`group_ends`). No split-K:
+  deterministic. Elsewhere (other dtypes or GPUs) torch runs a per-group loop that reads
+  the offsets on the host; moelora only picks it on CPU, for tests.
+
+``segment_linear`` is the torch backend's per-expert F.linear over unpadded expert
+segments (one host read of the segment bounds), registered as a custom op so that
+torch.compile sees one opaque, differentiable op instead of data-dependent slicing.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import _launchers as K
-from .routing import DispatchMetadata, expert_layout
+
+ENGINES = ("triton", "grouped_mm")
 
 
-def pair_layout(topk_ids: torch.Tensor, num_experts: int) -> DispatchMetadata:
-    """Sort the pairs by expert (moelora._C when built) and pad each segment to the GEMM tile."""
-    return expert_layout(topk_ids, num_experts, K.grouped_block_m())
+def grouped_mm_fn():
+    """torch's grouped GEMM (public name first), or None on a torch without it."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _nk(weight: torch.Tensor, transposed: bool = False):
-    """Strides addressing weight[e] as [N, K] (or its transpose as [K, N])."""
-    return (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
+def grouped_mm_native(device: torch.device) -> bool:
+    """True where torch runs grouped_mm as one CUTLASS kernel for bfloat16 (sm90, sm100)."""
+    if grouped_mm_fn() is None or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
-class _GroupedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, weight, bias, meta: DispatchMetadata, topk_ids, by_token: bool):
-        out = torch.zeros(topk_ids.numel(), weight.shape[1], dtype=a.dtype, device=a.device)
-        K.grouped_matmul(a, weight, out, meta.sorted_pairs_padded, meta.block_expert, meta.block_size,
-                         top_k=meta.top_k, a_by_token=by_token, weight_nk_strides=_nk(weight),
-                         compute_dtype=a.dtype, bias=bias)
-        ctx.save_for_backward(a, weight, topk_ids)
-        ctx.meta, ctx.by_token, ctx.has_bias = meta, by_token, bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        a, weight, topk_ids = ctx.saved_tensors
-        meta, by_token = ctx.meta, ctx.by_token
-        num_experts, top_k = weight.shape[0], meta.top_k
-        da = dweight = dbias = None
-        if ctx.needs_input_grad[0]:
-            da_pair = torch.zeros(dout.shape[0], weight.shape[2], dtype=a.dtype, device=a.device)
-            K.grouped_matmul(dout, weight, da_pair, meta.sorted_pairs_padded, meta.block_expert, meta.block_size,
-                             top_k=top_k, a_by_token=False, weight_nk_strides=_nk(weight, transposed=True),
-                             compute_dtype=a.dtype)
-            da = K.combine_pairs(da_pair, topk_ids, num_experts, out_dtype=a.dtype) if by_token else da_pair
-        if ctx.needs_input_grad[1]:
-            dweight = K.grouped_weight_grad(dout, a, meta.sorted_pairs, meta.offsets, num_experts=num_experts,
-                                            top_k=top_k, left_by_token=False, right_by_token=by_token,
-                                            compute_dtype=a.dtype, out_dtype=weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            ones = torch.ones(dout.shape[0], 1, dtype=a.dtype, device=a.device)
-            dbias = K.grouped_weight_grad(dout, ones, meta.sorted_pairs, meta.offsets, num_experts=num_experts,
-                                          top_k=top_k, left_by_token=False, right_by_token=False,
-                                          compute_dtype=a.dtype, out_dtype=weight.dtype).squeeze(2)
-        return da, dweight, dbias, None, None, None
+def grouped_mm_layout_ok(t: torch.Tensor, check_start: bool = True) -> bool:
+    """grouped_mm's layout rules: unit stride in one of the last two dims and a multiple of
+    16 bytes in the other (and in the batch dim of a 3-d operand), and, with
+    ``check_start`` (not under torch.compile, where it is not known), a 16-byte aligned start."""
+    if t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    align = 16 // t.element_size()
+    if check_start and (t.storage_offset() * t.element_size()) % 16:
+        return False
+    rows, cols = t.shape[-2], t.shape[-1]
+    s_rows, s_cols = t.stride(-2), t.stride(-1)
+    if s_cols == 1 and s_rows % align == 0 and s_rows >= max(1, cols):
+        ok = True
+    elif s_rows == 1 and s_cols % align == 0 and s_cols >= max(1, rows):
+        ok = True
+    else:
+        ok = False
+    return ok and (t.dim() == 2 or t.stride(0) % align == 0)
 
 
-def grouped_linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], meta: DispatchMetadata,
-                   topk_ids: torch.Tensor, by_token: bool) -> torch.Tensor:
-    """Pair-major [T*k, N] expert outputs, ``meta`` from :func:`pair_layout` of ``topk_ids``;
-    see the module docstring."""
-    return _GroupedLinear.apply(a, weight, bias, meta, topk_ids, by_token)
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where its start is not 16-byte aligned (a view at an odd
+    offset; the strides were checked when the plan was made)."""
+    return t if grouped_mm_layout_ok(t) else t.contiguous()
+
+
+def group_ends(meta) -> torch.Tensor:
+    """grouped_mm's ``offs``: the int32 end row of each expert's padded segment, the last one
+    extended over the unused tail (zero rows), so that every output row is written."""
+    ends = meta.padded_offsets[1:]
+    tail = torch.full((1,), meta.sorted_pairs_padded.numel(), dtype=ends.dtype, device=ends.device)
+    return torch.cat([ends[:-1], tail]).to(torch.int32)
+
+
+def rows_linear(a: torch.Tensor, weight: torch.Tensor, meta, engine: str, *, a_by_token: bool = False,
+                transposed: bool = False, offs: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                compute_dtype: Optional[torch.dtype] = None, **triton_kwargs) -> torch.Tensor:
+    """[R, N] expert outputs in row space: a[row(r)] @ W[e]^T, or a[row(r)] @ W[e] with
+    ``transposed`` (weight [E, N, K] either way addressed through its strides); Triton
+    multiplies in ``compute_dtype`` (default a's dtype) and writes ``out_dtype`` (default a's).
+
+    grouped_mm needs ``a`` in row space and ``offs`` (:func:`group_ends`). Rows without a
+    pair come out zero (grouped_mm: where a's are zero, as every row-space tensor here).
+    ``triton_kwargs`` go to K.grouped_matmul (alpha, scale, second, gate_grad, config).
+    """
+    if engine == "grouped_mm":
+        if a_by_token or triton_kwargs:
+            raise ValueError("the grouped_mm engine takes row-space operands and no epilogue")
+        weight = _aligned(weight)
+        return grouped_mm_fn()(_aligned(a), weight if transposed else weight.transpose(1, 2), offs=offs)
+    n = weight.shape[2] if transposed else weight.shape[1]
+    out = torch.empty(meta.sorted_pairs_padded.numel(), n, dtype=out_dtype or a.dtype, device=a.device)
+    strides = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
+    return K.grouped_matmul(a, weight, out, meta, a_by_token=a_by_token, weight_nk_strides=strides,
+                            compute_dtype=compute_dtype or a.dtype, **triton_kwargs)
+
+
+def rows_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, engine: str, *, out_dtype: torch.dtype,
+                     left_by_token: bool = False, right_by_token: bool = False,
+                     offs: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None,
+                     **triton_kwargs) -> torch.Tensor:
+    """[E, NA, NB]: per expert, the sum over its rows of left[row(r)]^T right[row(r)]; exact
+    zeros for experts without rows. grouped_mm: both operands in row space, padding rows
+    zero in one of them (the K-grouped 2-d x 2-d form)."""
+    if engine == "grouped_mm":
+        if left_by_token or right_by_token or triton_kwargs:
+            raise ValueError("the grouped_mm engine takes row-space operands and no epilogue")
+        return grouped_mm_fn()(_aligned(left).t(), _aligned(right), offs=offs).to(out_dtype)
+    return K.grouped_weight_grad(left, right, meta, left_by_token=left_by_token, right_by_token=right_by_token,
+                                 compute_dtype=compute_dtype or left.dtype, out_dtype=out_dtype, **triton_kwargs)
+
+
+# ------------------------------------------------------------ torch backend: segment loop
+
+def _segments(offsets: torch.Tensor):
+    """([(e, start, end) of the non-empty experts], end of the last segment)."""
+    bounds = offsets.tolist()  # the host read of this path
+    return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]], bounds[-1]
+
+
+@torch.library.custom_op("moelora::segment_linear", mutates_args=())
+def segment_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   offsets: torch.Tensor) -> torch.Tensor:
+    """out[i] = F.linear(rows[i], weight[e], bias[e]) for offsets[e] <= i < offsets[e+1]; zero
+    rows from offsets[E] on. One F.linear per non-empty expert, so an expert that gets every
+    row rounds exactly like the plain linear layer."""
+    out = rows.new_empty(rows.shape[0], weight.shape[1])
+    segments, end = _segments(offsets)
+    for e, lo, hi in segments:
+        out[lo:hi] = F.linear(rows[lo:hi], weight[e], None if bias is None else bias[e])
+    out[end:] = 0
+    return out
+
+
+@segment_linear.register_fake
+def _(rows, weight, bias, offsets):
+    return rows.new_empty(rows.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("moelora::segment_linear_backward", mutates_args=())
+def segment_linear_backward(grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                            has_bias: bool) -> List[torch.Tensor]:
+    """[d_rows, d_weight, d_bias (empty without bias)]; experts without rows get zeros."""
+    segments, end = _segments(offsets)
+    d_rows = torch.empty_like(rows)
+    d_rows[end:] = 0
+    d_weight = torch.zeros_like(weight) if len(segments) < weight.shape[0] else torch.empty_like(weight)
+    d_bias = weight.new_zeros(weight.shape[:2] if has_bias else (0,))
+    for e, lo, hi in segments:
+        g = grad[lo:hi]
+        d_rows[lo:hi] = g @ weight[e]
+        d_weight[e] = g.t() @ rows[lo:hi]
+        if has_bias:
+            d_bias[e] = g.sum(0)
+    return [d_rows, d_weight, d_bias]
+
+
+@segment_linear_backward.register_fake
+def _(grad, rows, weight, offsets, has_bias):
+    return [torch.empty_like(rows), torch.empty_like(weight), weight.new_empty(weight.shape[:2] if has_bias else (0,))]
+
+
+def _segment_linear_setup(ctx, inputs, output):
+    rows, weight, bias, offsets = inputs
+    ctx.save_for_backward(rows, weight, offsets)
+    ctx.has_bias = bias is not None
+
+
+def _segment_linear_grads(ctx, grad):
+    rows, weight, offsets = ctx.saved_tensors
+    d_rows, d_weight, d_bias = segment_linear_backward(grad, rows, weight, offsets, ctx.has_bias)
+    return d_rows, d_weight, (d_bias if ctx.has_bias else None), None
+
+
+segment_linear.register_autograd(_segment_linear_grads, setup_context=_segment_linear_setup)

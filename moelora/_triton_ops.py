@@ -8,12 +8,15 @@ Two regimes compute the same function:
   in memory (triton_kernels/dense.py). Backward: dHg = dy B_stack, then dh, dw from the
   gating kernel, dB_stack = dy^T Hg and dA = dh^T x in one kernel, dx = dh A. Kernels per
   call: 2 forward, 4 backward (5 when T is split over the device).
-- grouped (large E*r): pairs sorted by expert (moelora.routing's dispatch metadata,
-  i.e. the moelora._C kernels when built), grouped GEMMs gather rows in the prologue and apply the gate in the epilogue, writing pair-major rows that a fixed-order
-  per-token sum combines (no atomics). Per-expert A: h_pair = x[t] A_e^T per pair.
+- grouped (large E*r): pairs sorted by expert into padded row space (moelora.routing's
+  dispatch metadata, i.e. the moelora._C kernels when built); grouped GEMMs gather rows
+  in the prologue and apply the gate in the epilogue, and a fixed-order per-token sum
+  combines the rows (no atomics). Backward: dh rows = s w dy B_e with dw in the same
+  GEMM's epilogue, dB by a fixed-order grouped reduction. Per-expert A: h rows = x[t] A_e^T.
 
 Saved for backward: x, the weights, the routing and h (T x r; T x E*r for a dense
-per-expert A; T*k x r for a grouped per-expert A). Every step is deterministic.
+per-expert A; R x r, the padded row space, for a grouped per-expert A). Every step is
+deterministic.
 
 Under torch.compile the custom ops are traced; in eager mode ``_EagerMoELoRA`` runs the
 same forward and backward without the custom-op dispatch.
@@ -26,16 +29,27 @@ from typing import Optional
 import torch
 
 from . import _launchers as K
+from ._grouped_linear import rows_linear, rows_weight_grad
+from ._routing_torch import padded_length
 from .routing import expert_layout
 from ._validation import MoELoRAArgs
 
-# Dense while the gated intermediate is at most this wide; measured crossover on GPU
-# belongs in the autotune table of the benchmark issue.
-DENSE_MAX_WIDTH = 512
+# Crossover of the two regimes (benchmarks/tune_grouped.py measures it): dense while
+# E*r <= DENSE_WIDTH_PER_SLOT * k.
+DENSE_WIDTH_PER_SLOT = 256
 
 
-def choose_regime(num_experts: int, rank: int) -> str:
-    return "dense" if num_experts * rank <= DENSE_MAX_WIDTH else "grouped"
+def choose_regime(num_experts: int, rank: int, top_k: int = 2) -> str:
+    """"dense" or "grouped" for E experts of rank r with k slots per token.
+
+    Dense: the gated expand's GEMMs are E*r wide (x and y move once; the FLOPs grow with
+    E*r, for every token). Grouped: only the k selected experts compute, but each token's k
+    expert rows (T*k x d_out) pass through memory twice forward and dy is gathered k times
+    backward. Per token, dense spends ~6 E r d FLOPs, grouped ~8 k d extra bytes: on H100
+    (~270 FLOP per byte) they cross near E*r = 350 k. The threshold DENSE_WIDTH_PER_SLOT * k
+    (256 * k: E*r <= 512 at k = 2, as before) is to be replaced by the measured crossover.
+    """
+    return "dense" if num_experts * rank <= DENSE_WIDTH_PER_SLOT * top_k else "grouped"
 
 
 def _a_rows(lora_a: torch.Tensor) -> torch.Tensor:
@@ -48,7 +62,7 @@ def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
     if lora_a.dim() == 2:
         return (x.shape[0], rank)
     if grouped:
-        return (topk_ids.numel(), rank)
+        return (padded_length(topk_ids.numel(), num_experts, _grouped_block(x, lora_a, lora_b, topk_ids)), rank)
     return (x.shape[0], num_experts * rank)
 
 
@@ -80,67 +94,66 @@ def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, n
 
 
 # -------------------------------------------------------------- grouped regime
+# Row space of moelora._grouped_linear (pairs sorted by expert, segments padded to the
+# largest row tile of the regime's GEMMs); outputs of the GEMMs stay in row space and one
+# fixed-order combine returns them to tokens.
+
+def _grouped_block(x, lora_a, lora_b, topk_ids) -> int:
+    num_experts, d_out, rank = lora_b.shape
+    rows = topk_ids.numel() / num_experts
+    shapes = [(d_out, rank), (rank, d_out)]
+    if lora_a.dim() == 3:
+        shapes += [(rank, x.shape[1]), (x.shape[1], rank)]
+    return K.grouped_layout_block(*(K.grouped_config("matmul", n, k, rows) for n, k in shapes))
+
+
+def _grouped_layout(x, lora_a, lora_b, topk_ids):
+    return expert_layout(topk_ids, lora_b.shape[0], _grouped_block(x, lora_a, lora_b, topk_ids))
+
 
 def _grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
-    num_experts, d_out, rank = lora_b.shape
-    top_k = topk_ids.shape[1]
+    """y = base + combine of the rows s * w_p * B_e h; h = x A^T [T, r] (shared A) or the
+    row-space x[t] A_e^T [R, r] (per-expert A)."""
     acc = K.accumulator_dtype(x.dtype)
-    block_m = K.grouped_block_m()
-    meta = expert_layout(topk_ids, num_experts, block_m)
-    if lora_a.dim() == 2:
+    meta = _grouped_layout(x, lora_a, lora_b, topk_ids)
+    shared = lora_a.dim() == 2
+    if shared:
         h = K.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
-        h_by_token = True
     else:
-        h = torch.zeros(topk_ids.numel(), rank, dtype=acc, device=x.device)
-        K.grouped_matmul(x, lora_a, h, meta.sorted_pairs_padded, meta.block_expert, block_m, top_k=top_k,
-                         a_by_token=True, weight_nk_strides=(lora_a.stride(1), lora_a.stride(2)),
-                         compute_dtype=x.dtype)
-        h_by_token = False
-    pairs = torch.empty(topk_ids.numel(), d_out, dtype=x.dtype, device=x.device)
-    K.grouped_matmul(h, lora_b, pairs, meta.sorted_pairs_padded, meta.block_expert, block_m, top_k=top_k,
-                     a_by_token=h_by_token, weight_nk_strides=(lora_b.stride(1), lora_b.stride(2)),
-                     compute_dtype=x.dtype, alpha=scaling, scale=topk_weights.reshape(-1))
-    y = K.combine_pairs(pairs, topk_ids, num_experts, out_dtype=x.dtype, base=base_out)
-    return y, h
+        h = rows_linear(x, lora_a, meta, "triton", a_by_token=True, out_dtype=acc, compute_dtype=x.dtype)
+    rows = rows_linear(h, lora_b, meta, "triton", a_by_token=shared, out_dtype=x.dtype, compute_dtype=x.dtype,
+                       alpha=scaling, scale=topk_weights.reshape(-1))
+    return K.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out), h
 
 
 def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
-    num_experts, d_out, rank = lora_b.shape
+    """One gathered pass of dy for dh (with the gate gradient in its epilogue), one for dB;
+    then dA, dx from dh (dense for a shared A, grouped per expert)."""
     T, top_k = topk_ids.shape
     shared = lora_a.dim() == 2
     acc = h.dtype
-    block_m = K.grouped_block_m()
-    meta = expert_layout(topk_ids, num_experts, block_m)
-    flat_w = topk_weights.reshape(-1)
-    valid = meta.inverse.reshape(-1) >= 0
-
-    dh_pair = torch.zeros(topk_ids.numel(), rank, dtype=acc, device=x.device)
-    K.grouped_matmul(dy, lora_b, dh_pair, meta.sorted_pairs_padded, meta.block_expert, block_m, top_k=top_k,
-                     a_by_token=True, weight_nk_strides=(lora_b.stride(2), lora_b.stride(1)),
-                     compute_dtype=x.dtype)
-    h_pair = h.repeat_interleave(top_k, dim=0) if shared else h
-    dw = torch.where(valid, scaling * (dh_pair * h_pair).sum(-1), 0).view(T, top_k)
-    dh_pair = dh_pair * (scaling * torch.where(valid, flat_w.to(acc), 0))[:, None]
-
-    dlora_b = K.grouped_weight_grad(dy, h, meta.sorted_pairs, meta.offsets, num_experts=num_experts, top_k=top_k,
-                                    left_by_token=True, right_by_token=shared, compute_dtype=x.dtype,
-                                    out_dtype=lora_b.dtype, alpha=scaling, scale=flat_w)
+    meta = _grouped_layout(x, lora_a, lora_b, topk_ids)
+    w = topk_weights.reshape(-1)
+    dw = torch.zeros(T * top_k, dtype=acc, device=x.device)  # pairs outside the layout keep 0
+    # dh rows = s * w_p * (dy[t] B_e), dw[p] = s * <dy[t] B_e, h>
+    dh_rows = rows_linear(dy, lora_b, meta, "triton", a_by_token=True, transposed=True, out_dtype=acc,
+                          compute_dtype=x.dtype, alpha=scaling, scale=w, gate_grad=(h, shared, dw))
+    dlora_b = rows_weight_grad(dy, h, meta, "triton", left_by_token=True, right_by_token=shared,
+                               out_dtype=lora_b.dtype, compute_dtype=x.dtype, alpha=scaling, scale=w)
+    dx = None
     if shared:
-        dh = dh_pair.view(T, top_k, rank).sum(1)
+        dh = K.combine_rows(dh_rows, meta, out_dtype=acc)
         dlora_a = K.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True)
-        dx = K.matmul(dh, lora_a, out_dtype=x.dtype, compute_dtype=x.dtype) if need_dx else None
-    else:
-        dlora_a = K.grouped_weight_grad(dh_pair, x, meta.sorted_pairs, meta.offsets, num_experts=num_experts,
-                                        top_k=top_k, left_by_token=False, right_by_token=True,
-                                        compute_dtype=x.dtype, out_dtype=lora_a.dtype)
-        dx = None
         if need_dx:
-            dx_pair = torch.empty(topk_ids.numel(), x.shape[1], dtype=x.dtype, device=x.device)
-            K.grouped_matmul(dh_pair, lora_a, dx_pair, meta.sorted_pairs_padded, meta.block_expert, block_m,
-                             top_k=top_k, a_by_token=False,
-                             weight_nk_strides=(lora_a.stride(2), lora_a.stride(1)), compute_dtype=x.dtype)
-            dx = K.combine_pairs(dx_pair, topk_ids, num_experts, out_dtype=x.dtype)
-    return dx, dlora_a, dlora_b, dw
+            dx = K.matmul(dh, lora_a, out_dtype=x.dtype, compute_dtype=x.dtype)
+    else:
+        dlora_a = rows_weight_grad(dh_rows, x, meta, "triton", right_by_token=True, out_dtype=lora_a.dtype,
+                                   compute_dtype=x.dtype)
+        if need_dx:
+            dx_rows = rows_linear(dh_rows, lora_a, meta, "triton", transposed=True, out_dtype=x.dtype,
+                                  compute_dtype=x.dtype)
+            dx = K.combine_rows(dx_rows, meta, out_dtype=x.dtype)
+    return dx, dlora_a, dlora_b, dw.view(T, top_k)
 
 
 # ------------------------------------------------------------ custom ops
@@ -232,7 +245,7 @@ def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
     """Run the Triton backend on validated, flattened arguments with T > 0; returns [T, d_out]."""
     num_experts, _, rank = args.lora_b.shape
     if regime == "auto":
-        regime = choose_regime(num_experts, rank)
+        regime = choose_regime(num_experts, rank, args.topk_ids.shape[-1])
     inputs = (args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out, args.scaling,
               regime == "grouped")
     if torch.compiler.is_compiling():

@@ -6,34 +6,57 @@
 
 Slots with weight 0 (dropped by threshold routing) are skipped. Ids outside [0, E) raise
 (moelora.validation on, the default; one host read) or, with validation off, are skipped.
-With ``normalize=True`` the kept weights are divided by their sum and the mixture is
-evaluated as ``y_0 + sum_j w_j (y_j - y_0)`` (y_0: the first slot's expert output), equal
-to ``sum_j w_j y_j`` because the weights sum to one; identical experts (a freshly upcycled
-FFN) then reproduce the original FFN bit for bit instead of up to the rounding of a
-weighted sum. A token whose slots were all dropped gets 0; kept weights that sum to zero
-or less cannot be normalised and raise ValueError (moelora.validation on; with it off that
-token's output is meaningless, typically inf).
+With ``normalize=True`` the kept weights c = w / sum(w) mix the expert outputs z_j as
+``z_0 + sum_j c_j (z_j - z_0)``, equal to ``sum_j c_j z_j`` because the c_j sum to one;
+identical experts (a freshly upcycled FFN) then reproduce the original FFN bit for bit
+instead of up to the rounding of a weighted sum. A token whose slots were all dropped gets 0;
+kept weights that sum to zero or less cannot be normalised and raise ValueError
+(moelora.validation on; with it off that token's output is meaningless, typically inf).
 
-Backends (as :func:`moelora.moe_lora`): ``triton`` sorts the pairs by expert with the
-dispatch metadata of moelora._C and runs each projection as one grouped GEMM that gathers
-its rows in the prologue and adds the bias in the epilogue (moelora._grouped_linear), with
-no host synchronisation; ``torch`` gathers the rows in expert order (moelora.dispatch's op) and
-runs one matmul chain per expert segment (one host synchronisation: the segment sizes).
+Backends (as :func:`moelora.moe_lora`):
+
+- ``triton``: the (token, slot) pairs are sorted by expert (moelora.routing's dispatch
+  metadata, the moelora._C kernels when built) into padded row space; per projection one
+  grouped GEMM on the engine of :func:`ffn_plan`: ``grouped_mm`` (torch's CUTLASS grouped
+  GEMM; x is gathered once into row space) or ``triton`` (moelora's grouped kernels, rows
+  gathered in the prologue, tiles from the shape-class table). The gated activation, the
+  biases of the first projection and the padding are one elementwise kernel
+  (``glu_forward``, SiLU/GELU/GELU-tanh/ReLU; any other activation callable runs as
+  PyTorch ops on the same rows); the gate weights, b_out and the mixing are one combine
+  kernel. Backward: one row kernel gives the output-row gradients and the gate-weight
+  gradients together, weight gradients are grouped GEMMs over each expert's rows (no
+  per-expert Python loop), bias gradients fixed-order segment sums. No host
+  synchronisation, no full-buffer zero fills; saved for backward: the routing layout, the
+  projections' outputs (and, on the grouped_mm engine, the gathered x). Deterministic:
+  the Triton kernels reduce in a fixed order without atomics and torch's grouped GEMM
+  runs without split-K (checked bitwise on the GPU in tests/test_moe_ffn.py).
+- ``torch``: rows gathered in expert order (moelora.dispatch's op), one F.linear per
+  non-empty expert segment (``moelora::segment_linear``, a custom op so torch.compile
+  keeps it whole; it reads the segment bounds on the host: free on CPU, one
+  synchronisation per projection on a GPU). Deterministic; an expert that gets every
+  token rounds exactly like the original linear layers.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import resolve_backend
+from . import _launchers as K
+from ._grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, grouped_mm_native,
+                              rows_linear, rows_weight_grad, segment_linear)
+from ._routing_torch import padded_length
 from ._validation import check_moe_ffn_args, check_routing_values
-from .routing import dispatch_rows, expert_layout
+from .functional import resolve_backend
+from .routing import DispatchMetadata, dispatch_rows, expert_layout
+from .triton_kernels.grouped import GELU, GELU_TANH, RELU, SILU
 
 
-def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize):
+def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
+                    normalize):
     check_moe_ffn_args(x, topk_ids, topk_weights, dict(w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out,
                                                        w_gate=w_gate, b_gate=b_gate), activation, normalize)
     if x.dim() != 2:
@@ -41,11 +64,17 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
     if w_in.dim() != 3 or w_in.shape[2] != x.shape[1]:
         raise ValueError(f"w_in must have shape [E, d_ff, d_in = {x.shape[1]}], got {tuple(w_in.shape)}")
     num_experts, d_ff = w_in.shape[:2]
+    if stacked_gate:
+        if w_gate is not None or b_gate is not None:
+            raise ValueError("with stacked_gate=True, w_in holds the gate rows: w_gate and b_gate must be None")
+        if d_ff % 2:
+            raise ValueError(f"with stacked_gate=True, w_in must have shape [E, 2 * d_ff, d_in], got {tuple(w_in.shape)}")
+    rows_in, d_ff = d_ff, d_ff // 2 if stacked_gate else d_ff
     if w_out.dim() != 3 or w_out.shape[0] != num_experts or w_out.shape[2] != d_ff:
         raise ValueError(f"w_out must have shape [E = {num_experts}, d_out, d_ff = {d_ff}], got {tuple(w_out.shape)}")
     if w_gate is not None and tuple(w_gate.shape) != tuple(w_in.shape):
         raise ValueError(f"w_gate must have w_in's shape {tuple(w_in.shape)}, got {tuple(w_gate.shape)}")
-    for name, bias, rows in (("b_in", b_in, d_ff), ("b_gate", b_gate, d_ff), ("b_out", b_out, w_out.shape[1])):
+    for name, bias, rows in (("b_in", b_in, rows_in), ("b_gate", b_gate, d_ff), ("b_out", b_out, w_out.shape[1])):
         if bias is not None and tuple(bias.shape) != (num_experts, rows):
             raise ValueError(f"{name} must have shape [{num_experts}, {rows}], got {tuple(bias.shape)}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or tuple(topk_weights.shape) != tuple(topk_ids.shape):
@@ -54,52 +83,419 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
     check_routing_values(topk_ids, topk_weights, num_experts, positive_kept_sums=normalize)
 
 
-def _experts_triton(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate):
-    """Pair-major [T*k, d_out] expert outputs from grouped GEMMs (zero rows for skipped pairs)."""
-    from ._grouped_linear import grouped_linear, pair_layout
+# ------------------------------------------------------------------------ activations
 
-    meta = pair_layout(ids, w_in.shape[0])
-    h = grouped_linear(x, w_in, b_in, meta, ids, by_token=True)
-    if w_gate is None:
+ACTIVATION_CODES = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU}
+_TRANSFORMERS_ACTIVATIONS = {"SiLUActivation": "silu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+                             "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh"}
+_CALLABLES = {}  # key -> activation callable the fused kernels do not know (read under torch.compile)
+
+
+def fused_activation_name(activation: Callable) -> Optional[str]:
+    """The fused kernels' name for ``activation`` (a key of ACTIVATION_CODES), or None."""
+    if activation is F.silu or isinstance(activation, nn.SiLU):
+        return "silu"
+    if activation is F.gelu:
+        return "gelu"
+    if isinstance(activation, nn.GELU):
+        return "gelu" if activation.approximate == "none" else "gelu_tanh"
+    if activation is F.relu or activation is torch.relu or isinstance(activation, nn.ReLU):
+        return "relu"
+    kind = type(activation)
+    if kind.__module__.startswith("transformers"):
+        if kind.__name__ == "GELUActivation" and getattr(activation, "act", None) is F.gelu:
+            return "gelu"
+        return _TRANSFORMERS_ACTIVATIONS.get(kind.__name__)
+    return None
+
+
+@torch.compiler.assume_constant_result  # evaluated (and registered) while torch.compile traces
+def _activation_key(activation: Callable) -> str:
+    """A string naming ``activation`` for the custom ops (fused name, or a registry key)."""
+    name = fused_activation_name(activation)
+    if name is not None:
+        return name
+    key = f"callable:{id(activation)}"
+    _CALLABLES[key] = activation
+    return key
+
+
+def _resolve_activation(key: str):
+    """The fused-kernel code of ``key``, or the registered callable."""
+    return ACTIVATION_CODES[key] if key in ACTIVATION_CODES else _CALLABLES[key]
+
+
+def _row_biases(meta, ids, h, *biases):
+    """(valid [R], [h + bias[e] for each bias]) per row r, e the expert of its pair."""
+    pair = meta.sorted_pairs_padded
+    valid = pair >= 0
+    experts = ids.reshape(-1).long()[pair.clamp(min=0)]
+    return valid, [t if b is None else t + b[experts] for t, b in zip(h, biases)]
+
+
+def _glu(h_gate, h_in, b_gate, b_in, meta, ids, activation):
+    """Row-space act(h_gate + b_gate) * (h_in + b_in) (act(h_in + b_in) ungated), 0 on padding."""
+    if isinstance(activation, int):
+        return K.glu_forward(h_gate, h_in, b_gate, b_in, meta, ids, activation)
+    valid, (u, g) = _row_biases(meta, ids, (h_in, h_gate if h_gate is not None else h_in), b_in, b_gate)
+    out = activation(u) if h_gate is None else activation(g) * u
+    return torch.where(valid[:, None], out, 0)
+
+
+def _glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation, out=None):
+    """(d h_gate or None, d h_in) of _glu, 0 on padding rows; written into ``out`` (a pair of
+    views) when given."""
+    if isinstance(activation, int):
+        return K.glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation, out=out)
+    if out is not None:
+        for view, grad in zip(out, _glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation)):
+            view.copy_(grad)
+        return out
+    valid, (u, g) = _row_biases(meta, ids, (h_in, h_gate if h_gate is not None else h_in), b_in, b_gate)
+    d_h = torch.where(valid[:, None], d_h, 0)
+    if h_gate is None:
+        grads = (torch.func.vjp(activation, u)[1](d_h)[0],)
+    else:
+        grads = torch.func.vjp(lambda gate, up: activation(gate) * up, g, u)[1](d_h)
+    grads = [torch.where(valid[:, None], t, 0) for t in grads]
+    return (None, grads[0]) if h_gate is None else (grads[0], grads[1])
+
+
+# ------------------------------------------------------------------------ engine plan
+
+class FFNPlan(NamedTuple):
+    """How the Triton backend runs one moe_ffn call."""
+
+    gemm: str  # engine of the GEMMs with row-space outputs (both projections, dh, dx)
+    wgrad: str  # engine of the weight gradients
+    layout_block: int  # padding of the expert segments in row space
+
+    @property
+    def gathers_x(self) -> bool:
+        """x is copied into row space once (the grouped_mm engine reads row-space operands)."""
+        return "grouped_mm" in (self.gemm, self.wgrad)
+
+
+# Engine by (GPU major capability, GEMM kind, shape class of the first projection, from
+# _launchers.grouped_shape_class; "*" = any class), measured by benchmarks/tune_grouped.py.
+# It applies where torch's grouped_mm runs natively (bfloat16 on sm90/sm100, aligned
+# strides); everything else runs the Triton engine.
+FFN_ENGINES = {
+    (9, "gemm", "*"): "grouped_mm",
+    (9, "wgrad", "*"): "grouped_mm",
+    (10, "gemm", "*"): "grouped_mm",
+    (10, "wgrad", "*"): "grouped_mm",
+}
+
+
+def _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs) -> bool:
+    """torch's grouped GEMM can take every operand of this FFN (dtype, alignment, int32 ends)."""
+    if grouped_mm_fn() is None or num_pairs + 16 * w_in.shape[0] >= 2 ** 31:
+        return False
+    widths_ok = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], *w_in.shape[1:], *w_out.shape[1:]))
+    tensors = [t for t in (x, w_in, w_out, w_gate) if t is not None]
+    strides_ok = all(grouped_mm_layout_ok(t, check_start=False) for t in tensors)
+    return widths_ok and strides_ok and len({t.dtype for t in tensors}) == 1
+
+
+def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: Optional[torch.Tensor], top_k: int,
+             engine: str = "auto") -> FFNPlan:
+    """The engines for this call: ``engine`` "triton" or "grouped_mm" forces both, "auto"
+    looks up FFN_ENGINES where grouped_mm runs natively and uses Triton elsewhere."""
+    if engine not in ("auto",) + ENGINES:
+        raise ValueError(f"engine must be one of {('auto',) + ENGINES}, got {engine!r}")
+    E, d_first, d_in = w_in.shape  # d_first = 2 d_ff with stacked_gate
+    d_ff, d_out = w_out.shape[2], w_out.shape[1]
+    num_pairs = x.shape[0] * top_k
+    applies = _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs)
+    if engine == "grouped_mm" and not applies:
+        raise ValueError("engine='grouped_mm' needs torch's grouped_mm and bfloat16/float16/float32 operands of one "
+                         "dtype whose rows are 16-byte aligned (d_in, d_ff, d_out multiples of 16 bytes)")
+    if engine == "auto":
+        gemm = wgrad = "triton"
+        if applies and x.dtype == torch.bfloat16 and grouped_mm_native(x.device):
+            major = torch.cuda.get_device_capability(x.device)[0]
+            shape = K.grouped_shape_class("matmul", d_first, d_in, num_pairs / E)
+            pick = {kind: FFN_ENGINES.get((major, kind, shape), FFN_ENGINES.get((major, kind, "*"), "triton"))
+                    for kind in ("gemm", "wgrad")}
+            gemm, wgrad = pick["gemm"], pick["wgrad"]
+    else:
+        gemm = wgrad = engine
+    block = K.grouped_layout_block()
+    if gemm == "triton":
+        rows = num_pairs / E
+        block = K.grouped_layout_block(*(K.grouped_config("matmul", n, k, rows) for n, k in
+                                         ((d_first, d_in), (d_out, d_ff), (d_ff, d_out), (d_in, d_first))))
+    return FFNPlan(gemm, wgrad, block)
+
+
+# ------------------------------------------------------------------ fused forward/backward
+
+class _Saved(NamedTuple):
+    """What backward needs besides the inputs (None where this plan has none)."""
+
+    meta: DispatchMetadata
+    offs: Optional[torch.Tensor]  # int32 group ends (grouped_mm)
+    x_rows: Optional[torch.Tensor]  # x gathered into row space (grouped_mm)
+    h_gate: Optional[torch.Tensor]  # gate projection (separate w_gate)
+    h_in: torch.Tensor  # first projection (gate columns first with stacked_gate)
+    h: torch.Tensor  # activation output, input of the second projection
+    out: torch.Tensor  # second projection (no bias)
+
+
+_META_FIELDS = ("counts", "padded_offsets", "sorted_pairs_padded", "inverse_padded", "block_expert")
+
+
+def _pack(saved: _Saved, like: torch.Tensor) -> List[torch.Tensor]:
+    meta = [getattr(saved.meta, f) for f in _META_FIELDS]
+    return meta + [t if t is not None else like.new_empty(0) for t in saved[1:]]
+
+
+def _unpack(tensors, num_experts: int, top_k: int, block: int) -> _Saved:
+    counts, padded_offsets, sorted_pairs_padded, inverse_padded, block_expert = tensors[:5]
+    meta = DispatchMetadata(num_experts, top_k, block, counts, None, None, None, padded_offsets,
+                            sorted_pairs_padded, inverse_padded, block_expert)
+    rest = [t if t.numel() or i >= 3 else None for i, t in enumerate(tensors[5:])]
+    return _Saved(meta, *rest)
+
+
+def _halves(t: Optional[torch.Tensor]):
+    """(first half, second half) of the last dim: the gate and up parts of a stacked projection."""
+    if t is None:
+        return None, None
+    half = t.shape[-1] // 2
+    return t[..., :half], t[..., half:]
+
+
+def _first_projection(h_gate, h_in, b_gate, b_in, stacked):
+    """(h_gate, h_in, b_gate, b_in) for the activation, split from a stacked projection."""
+    if not stacked:
+        return h_gate, h_in, b_gate, b_in
+    return (*_halves(h_in), *_halves(b_in))
+
+
+def _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked,
+                 plan: FFNPlan):
+    """(y [T, d_out], _Saved). ``ids`` [T, k] with -1 for skipped slots; ``coef`` [T, k] the
+    mixing weights; ``activation`` a fused-kernel code or a callable; ``stacked``: w_in, b_in
+    hold [gate; up] (one GEMM for both)."""
+    meta = expert_layout(ids, w_in.shape[0], plan.layout_block)
+    offs = group_ends(meta) if plan.gathers_x else None
+    x_rows = dispatch_rows(x, meta) if plan.gathers_x else None
+    source, by_token = (x_rows, False) if plan.gemm == "grouped_mm" else (x, True)
+    h_in = rows_linear(source, w_in, meta, plan.gemm, a_by_token=by_token, offs=offs)
+    h_gate = None if w_gate is None else rows_linear(source, w_gate, meta, plan.gemm, a_by_token=by_token, offs=offs)
+    h = _glu(*_first_projection(h_gate, h_in, b_gate, b_in, stacked), meta, ids, activation)
+    out = rows_linear(h, w_out, meta, plan.gemm, offs=offs)
+    y = K.combine_rows(out, meta, out_dtype=x.dtype, coef=coef, anchored=anchored,
+                       bias=None if b_out is None else (ids, b_out))
+    return y, _Saved(meta, offs, x_rows, h_gate, h_in, h, out)
+
+
+def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved: _Saved, activation,
+                  anchored, stacked, plan: FFNPlan, needs):
+    """[dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate] (None where not needed)."""
+    need_x, need_coef, need_w_in, need_b_in, need_w_out, need_b_out, need_w_gate, need_b_gate = needs
+    meta, offs = saved.meta, saved.offs
+    acc = K.accumulator_dtype(x.dtype)
+    # d out rows = c * dy (slot 0 of an anchored mix: 1 - the other slots' c), g = <dy, z>.
+    row_coef = coef.to(acc)
+    if anchored:
+        row_coef = torch.cat([1 - row_coef[:, 1:].sum(1, keepdim=True), row_coef[:, 1:]], 1)
+    d_out, g = K.combine_rows_backward(dy, saved.out, meta, ids, row_coef.reshape(-1), bias=b_out,
+                                       need_g=need_coef)
+    dcoef = None
+    if need_coef:
+        g = g.view(ids.shape)
+        dcoef = (g - g[:, :1] if anchored else g).to(coef.dtype)
+    db_out = K.segment_sum(d_out, meta, out_dtype=b_out.dtype) if need_b_out else None
+    dw_out = rows_weight_grad(d_out, saved.h, meta, plan.wgrad, out_dtype=w_out.dtype, offs=offs) if need_w_out else None
+    d_h = rows_linear(d_out, w_out, meta, plan.gemm, transposed=True, offs=offs)
+    first = _first_projection(saved.h_gate, saved.h_in, b_gate, b_in, stacked)
+    if stacked:  # d of the stacked projection, written by halves; from here on it is "d_in"
+        d_in = torch.empty_like(saved.h_in)
+        d_gate = None
+        _glu_backward(d_h, *first, meta, ids, activation, out=_halves(d_in))
+    else:
+        d_gate, d_in = _glu_backward(d_h, *first, meta, ids, activation)
+    db_in = K.segment_sum(d_in, meta, out_dtype=b_in.dtype) if need_b_in else None
+    db_gate = K.segment_sum(d_gate, meta, out_dtype=b_gate.dtype) if need_b_gate else None
+    x_rows, x_by_token = (saved.x_rows, False) if saved.x_rows is not None else (x, True)
+    dw_in = rows_weight_grad(d_in, x_rows, meta, plan.wgrad, out_dtype=w_in.dtype, right_by_token=x_by_token,
+                             offs=offs) if need_w_in else None
+    dw_gate = rows_weight_grad(d_gate, x_rows, meta, plan.wgrad, out_dtype=w_gate.dtype, right_by_token=x_by_token,
+                               offs=offs) if need_w_gate else None
+    dx = None
+    if need_x:
+        if plan.gemm == "triton" or d_gate is None:
+            second = None if d_gate is None else dict(second=(d_gate, w_gate, (w_gate.stride(2), w_gate.stride(1))))
+            dx_rows = rows_linear(d_in, w_in, meta, plan.gemm, transposed=True, offs=offs, **(second or {}))
+            dx_rows2 = None
+        else:
+            dx_rows = rows_linear(d_in, w_in, meta, plan.gemm, transposed=True, offs=offs)
+            dx_rows2 = rows_linear(d_gate, w_gate, meta, plan.gemm, transposed=True, offs=offs)
+        dx = K.combine_rows(dx_rows, meta, out_dtype=x.dtype, second=dx_rows2)
+    return [dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate]
+
+
+# ------------------------------------------------------------------ custom ops and autograd
+
+def _fake_saved(x, ids, w_in, w_out, w_gate, gathers_x: bool, layout_block: int) -> List[torch.Tensor]:
+    T, top_k = ids.shape
+    E, d_first, d_in = w_in.shape
+    d_ff = w_out.shape[2]
+    rows = padded_length(T * top_k, E, layout_block)
+    i64 = dict(dtype=torch.int64)
+    return [x.new_empty(E, **i64), x.new_empty(E + 1, **i64), x.new_empty(rows, **i64), x.new_empty(T, top_k, **i64),
+            x.new_empty(rows // layout_block, dtype=torch.int32),
+            x.new_empty(E if gathers_x else 0, dtype=torch.int32 if gathers_x else x.dtype),
+            x.new_empty((rows, d_in) if gathers_x else (0,)),
+            x.new_empty((rows, d_ff) if w_gate is not None else (0,)),
+            x.new_empty(rows, d_first), x.new_empty(rows, d_ff), x.new_empty(rows, w_out.shape[1])]
+
+
+@torch.library.custom_op("moelora::moe_ffn_forward", mutates_args=())
+def moe_ffn_forward(x: torch.Tensor, ids: torch.Tensor, coef: torch.Tensor, w_in: torch.Tensor,
+                    b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
+                    w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], activation: str, anchored: bool,
+                    stacked: bool, gemm: str, wgrad: str, layout_block: int) -> List[torch.Tensor]:
+    """[y, *saved]: the fused moe_ffn forward (see the module docstring); ``activation`` a key
+    of ACTIVATION_CODES or of a registered callable."""
+    y, saved = _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, _resolve_activation(activation),
+                            anchored, stacked, FFNPlan(gemm, wgrad, layout_block))
+    return [y] + _pack(saved, x)
+
+
+@moe_ffn_forward.register_fake
+def _(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, gemm, wgrad,
+      layout_block):
+    gathers_x = FFNPlan(gemm, wgrad, layout_block).gathers_x
+    return [x.new_empty(x.shape[0], w_out.shape[1])] + _fake_saved(x, ids, w_in, w_out, w_gate, gathers_x,
+                                                                    layout_block)
+
+
+@torch.library.custom_op("moelora::moe_ffn_backward", mutates_args=())
+def moe_ffn_backward(dy: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, coef: torch.Tensor, w_in: torch.Tensor,
+                     b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
+                     w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], saved: List[torch.Tensor],
+                     activation: str, anchored: bool, stacked: bool, gemm: str, wgrad: str, layout_block: int,
+                     needs: List[bool]) -> List[torch.Tensor]:
+    """[dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate], empty where not needed."""
+    grads = _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate,
+                          _unpack(saved, w_in.shape[0], ids.shape[1], layout_block), _resolve_activation(activation),
+                          anchored, stacked, FFNPlan(gemm, wgrad, layout_block), needs)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@moe_ffn_backward.register_fake
+def _(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked, gemm, wgrad,
+      layout_block, needs):
+    like = (x, coef, w_in, b_in, w_out, b_out, w_gate, b_gate)
+    return [torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(like, needs)]
+
+
+_DIFFERENTIABLE = (0, 2, 3, 4, 5, 6, 7, 8)  # x, coef, w_in, b_in, w_out, b_out, w_gate, b_gate
+
+
+def _save(ctx, inputs, saved: List[torch.Tensor], activation, anchored, stacked, plan):
+    ctx.save_for_backward(*inputs[:9], *saved)
+    ctx.activation, ctx.anchored, ctx.stacked, ctx.plan = activation, anchored, stacked, plan
+
+
+def _input_grads(ctx, dy, backward) -> tuple:
+    """Gradients for (x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate) and None for the rest."""
+    tensors = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) for i in _DIFFERENTIABLE]
+    grads = backward(dy, *tensors[:9], tensors[9:], ctx.activation, ctx.anchored, ctx.stacked, ctx.plan, needs)
+    out = [None] * len(ctx.needs_input_grad)
+    for i, g, need in zip(_DIFFERENTIABLE, grads, needs):
+        out[i] = g if need else None
+    return tuple(out)
+
+
+def _op_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked,
+                 plan, needs):
+    return moe_ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, list(saved), activation,
+                            anchored, stacked, *plan, needs)
+
+
+def _eager_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked,
+                    plan, needs):
+    return _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate,
+                         _unpack(saved, w_in.shape[0], ids.shape[1], plan.layout_block), activation, anchored, stacked,
+                         plan, needs)
+
+
+moe_ffn_forward.register_autograd(
+    lambda ctx, grads: _input_grads(ctx, grads[0], _op_backward),  # grads of [y, *saved]
+    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1:], inputs[9], inputs[10], inputs[11],
+                                                    FFNPlan(*inputs[12:15])),
+)
+
+
+class _EagerMoEFFN(torch.autograd.Function):
+    """The custom ops' forward and backward without the custom-op dispatch (eager mode), with
+    the activation passed as it is; torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, plan):
+        y, saved = _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked,
+                                plan)
+        _save(ctx, (x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate), _pack(saved, x),
+              activation, anchored, stacked, plan)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _input_grads(ctx, dy, _eager_backward)
+
+
+def _moe_ffn_triton(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, plan):
+    if torch.compiler.is_compiling():
+        return moe_ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, _activation_key(activation),
+                               anchored, stacked, *plan)[0]
+    name = fused_activation_name(activation)
+    code = ACTIVATION_CODES[name] if name is not None else activation
+    return _EagerMoEFFN.apply(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, code, anchored, stacked, plan)
+
+
+# ------------------------------------------------------------------------ torch backend
+
+def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked):
+    """Pair-major [T*k, d_out] expert outputs (zero rows for skipped pairs), one F.linear per
+    expert segment of the expert-sorted rows."""
+    meta = expert_layout(ids, w_in.shape[0], None)
+    rows = dispatch_rows(x, meta)  # [T*k, d_in], expert-sorted, skipped pairs last
+    h = segment_linear(rows, w_in, b_in, meta.offsets)
+    if stacked:
+        gate, h = _halves(h)
+        h = activation(gate) * h
+    elif w_gate is None:
         h = activation(h)
     else:
-        h = activation(grouped_linear(x, w_gate, b_gate, meta, ids, by_token=True)) * h
-    return grouped_linear(h, w_out, b_out, meta, ids, by_token=False)
-
-
-def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate):
-    """Pair-major [T*k, d_out] expert outputs from one matmul chain per expert segment."""
-    num_experts = w_in.shape[0]
-    meta = expert_layout(ids, num_experts, None)
-    rows = dispatch_rows(x, meta)  # [T*k, d_in], expert-sorted, skipped pairs last
-    segments = []
-    bounds = meta.offsets.tolist()  # the one host synchronisation of this path
-    for e in range(num_experts):
-        seg = rows[bounds[e]:bounds[e + 1]]
-        if seg.shape[0] == 0:
-            continue
-        h = F.linear(seg, w_in[e], None if b_in is None else b_in[e])
-        if w_gate is None:
-            h = activation(h)
-        else:
-            h = activation(F.linear(seg, w_gate[e], None if b_gate is None else b_gate[e])) * h
-        segments.append(F.linear(h, w_out[e], None if b_out is None else b_out[e]))
-    skipped = rows.shape[0] - bounds[-1]
-    sorted_out = torch.cat(segments + [x.new_zeros(skipped, w_out.shape[1])])
+        h = activation(segment_linear(rows, w_gate, b_gate, meta.offsets)) * h
+    sorted_out = segment_linear(h, w_out, b_out, meta.offsets)
     position = meta.inverse.reshape(-1)
     kept = position >= 0
     pairs = sorted_out.index_select(0, torch.where(kept, position, 0))
     return torch.where(kept[:, None], pairs, 0)
 
 
+def mixing_weights(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The mixing coefficients in fp32 (fp64 for fp64): the weights (zero for skipped slots),
+    divided by their sum with ``normalize`` (a row of only skipped slots stays 0)."""
+    w = weights.to(K.accumulator_dtype(weights.dtype))
+    if not normalize:
+        return w
+    return w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
 def mix_experts(pairs: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """[T, d] from expert outputs [T, k, d] (zero for skipped slots) and their weights [T, k]
     (zero for skipped slots); fixed slot order, accumulated in fp32 (fp64 for fp64 data)."""
-    acc = torch.float64 if pairs.dtype == torch.float64 else torch.float32
-    w = weights.to(acc)
+    w = mixing_weights(weights, normalize).to(K.accumulator_dtype(pairs.dtype))
     if not normalize:
         return (w.unsqueeze(-1) * pairs).sum(1).to(pairs.dtype)
-    w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)  # all skipped: w stays 0
     first = pairs[:, :1]
     return (first.squeeze(1) + (w.unsqueeze(-1) * (pairs - first)).sum(1)).to(pairs.dtype)
 
@@ -107,19 +503,26 @@ def mix_experts(pairs: torch.Tensor, weights: torch.Tensor, normalize: bool) -> 
 def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_in: torch.Tensor,
             b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
             activation: Callable, w_gate: Optional[torch.Tensor] = None, b_gate: Optional[torch.Tensor] = None,
-            *, normalize: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+            *, normalize: bool = False, backend: Optional[str] = None, engine: str = "auto",
+            stacked_gate: bool = False) -> torch.Tensor:
     """Routed expert FFNs on x [T, d_in] with expert weights stacked on dim 0 (nn.Linear
     layouts: w_in/w_gate [E, d_ff, d_in], w_out [E, d_out, d_ff]); returns [T, d_out] in
     x's dtype, differentiable w.r.t. x, every weight and bias, and topk_weights. See the
-    module docstring for ``normalize`` and ``backend``.
+    module docstring for ``normalize`` and ``backend``; ``engine`` (Triton backend only):
+    "auto" (:func:`ffn_plan`), "triton" or "grouped_mm". ``stacked_gate``: w_in [E, 2 d_ff,
+    d_in] (and b_in [E, 2 d_ff]) hold the gate rows, then the up rows (the "w13" layout of
+    fused MoE kernels; one GEMM for both), w_gate and b_gate are None.
     """
-    _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize)
+    _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
+                    normalize)
     num_tokens, top_k = topk_ids.shape
     num_experts = w_in.shape[0]
     kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < num_experts)
     ids = torch.where(kept, topk_ids, -1)
     weights = torch.where(kept, topk_weights, 0)
-    use_triton = resolve_backend(backend, x.device) == "triton" and num_tokens > 0
-    experts = _experts_triton if use_triton else _experts_torch
-    pairs = experts(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate)
-    return mix_experts(pairs.view(num_tokens, top_k, w_out.shape[1]), weights, normalize)
+    if resolve_backend(backend, x.device) == "torch" or num_tokens == 0:
+        pairs = _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked_gate)
+        return mix_experts(pairs.view(num_tokens, top_k, w_out.shape[1]), weights, normalize)
+    plan = ffn_plan(x, w_in, w_out, w_gate, top_k, engine)
+    return _moe_ffn_triton(x, ids, mixing_weights(weights, normalize), w_in, b_in, w_out, b_out, w_gate, b_gate,
+                           activation, normalize, stacked_gate, plan)

@@ -217,7 +217,7 @@ class MoELoRALinear(nn.Module, RoutedModule):
         return (not args and not kwargs and not self.use_dora and (type(base) is nn.Linear or is_conv1d(base))
                 and not base._forward_hooks and not base._forward_pre_hooks
                 and not _global_forward_hooks and not _global_forward_pre_hooks
-                and choose_regime(self.lora_B.shape[0], self.r) == "dense")
+                and choose_regime(self.lora_B.shape[0], self.r, self.top_k) == "dense")
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -202,35 +202,129 @@ def test_matmul_stacked_b_second_pair_and_sanitized_b():
     assert torch.isfinite(out[10:20, 2]).all() and torch.isfinite(out[:, [0, 1, 3, 4, 6, 7]]).all()
 
 
-def test_grouped_matmul_weight_grad_and_combine():
-    T, E, k, d_in, N, block_m = 37, 6, 2, 20, 24, 16
-    ids, w = routing(T, E, k)
-    x, W = randn(T, d_in), randn(E, N, d_in)
-    meta = dispatch_metadata(ids, E, block_m)
-    pair_ids = ids.reshape(-1)
-    big, out = poisoned_view(T * k, N)
-    K.grouped_matmul(x, W, out, meta.sorted_pairs_padded, meta.block_expert, block_m, top_k=k, a_by_token=True,
-                     weight_nk_strides=(W.stride(1), W.stride(2)), compute_dtype=torch.float32, alpha=2.0,
-                     scale=w.reshape(-1))
-    xt = x.double().repeat_interleave(k, 0)
-    expected = 2.0 * w.reshape(-1, 1).double() * torch.einsum("pd,pnd->pn", xt, W.double()[pair_ids])
-    assert_only_view_written(big, out, expected, 1e-6)
+def _row_layout(T, E, k, block=16, experts=None):
+    ids = torch.rand(T, E).argsort(1)[:, :k].to(DEVICE)
+    if experts is not None:  # only the first ``experts`` experts get pairs
+        ids = torch.rand(T, experts).argsort(1)[:, :k].to(DEVICE)
+    return ids, dispatch_metadata(ids, E, block)
 
-    big_y, y = poisoned_view(T, N)
-    base = randn(T, N)
-    K.combine_pairs(out, ids, E, out_dtype=torch.float32, base=base, out=y)
-    assert_only_view_written(big_y, y, base.double() + expected.view(T, k, N).sum(1), 1e-6)
 
-    dy = randn(T, N)
+def _pair_rows(meta):
+    """(rows holding a pair [n], their pairs [n]) of the row space."""
+    rows = (meta.sorted_pairs_padded >= 0).nonzero().squeeze(1)
+    return rows, meta.sorted_pairs_padded[rows]
+
+
+def test_grouped_matmul_rows_with_second_operand_scale_and_gate_grad():
+    """Row r of expert e gets scale[p] * alpha * (x[t] @ W[e]^T + a2[t] @ W2[e]^T), t = p // k; the gate-gradient
+    epilogue writes dw[p] = <alpha * x[p // k] @ W[e]^T ..., h[p // k]>; padding rows may stay unwritten."""
+    T, E, k, d_in, N = 37, 6, 2, 20, 24
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    x, W, W2, w = randn(T, d_in), randn(E, N, d_in), randn(E, d_in, N), torch.rand(T * k, device=DEVICE)
+    a2, h = randn(T, d_in), randn(T, N)
+    big, out = poisoned_view(R, N)
+    dw = torch.full((T * k,), NAN, device=DEVICE)
+    K.grouped_matmul(x, W, out, meta, a_by_token=True, weight_nk_strides=(W.stride(1), W.stride(2)),
+                     compute_dtype=torch.float32, alpha=2.0, scale=w,
+                     second=(a2, W2, (W2.stride(2), W2.stride(1))), gate_grad=(h, True, dw))
+    rows, pairs = _pair_rows(meta)
+    e = ids.reshape(-1)[pairs]
+    first = torch.einsum("pd,pnd->pn", x.double()[pairs // k], W.double()[e])
+    second = torch.einsum("pd,pdn->pn", a2.double()[pairs // k], W2.double()[e])
+    expected = 2.0 * w.double()[pairs, None] * (first + second)
+    assert rel_err(out[rows], expected) < 1e-6
+    assert rel_err(dw[pairs], 2.0 * ((first + second) * h.double()[pairs // k]).sum(1)) < 1e-6
+    margin = torch.ones_like(big, dtype=torch.bool)
+    margin[1:R + 1, 3:3 + 2 * N:2] = False
+    assert torch.isnan(big[margin]).all(), "write outside the view"
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+def test_combine_rows(anchored):
+    """out[t] = base + z_a + sum_j c[t, j] (z_j - z_a), z_j = rows[inverse] + second[inverse] + bias[ids]."""
+    T, E, k, N = 29, 5, 3, 40
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    rows, second, bias, base, coef = randn(R, N), randn(R, N), randn(E, N), randn(T, N), torch.rand(T, k, device=DEVICE)
+    big, y = poisoned_view(T, N)
+    K.combine_rows(rows, meta, out_dtype=torch.float32, coef=coef, anchored=anchored, bias=(ids, bias), base=base,
+                   second=second, out=y)
+    z = (rows + second).double()[meta.inverse_padded] + bias.double()[ids]  # [T, k, N]
+    anchor = z[:, :1] if anchored else torch.zeros_like(z[:, :1])
+    expected = base.double() + anchor.squeeze(1) + (coef.double()[:, :, None] * (z - anchor)).sum(1)
+    assert_only_view_written(big, y, expected, 1e-6)
+
+
+def test_grouped_weight_grad_and_segment_sum():
+    T, E, k, d_in, N = 37, 6, 2, 20, 24
+    ids, meta = _row_layout(T, E, k, experts=4)  # experts 4, 5 get nothing: exact zeros
+    R = meta.sorted_pairs_padded.numel()
+    w = torch.rand(T, k, device=DEVICE)
+    dy, x_rows = randn(T, N), randn(R, d_in)
     grad = torch.full((E, N + 1, d_in + 2), NAN, device=DEVICE)
     view = grad[:, 1:, 1:-1]
-    K.grouped_weight_grad(dy, x, meta.sorted_pairs, meta.offsets, num_experts=E, top_k=k, left_by_token=True,
-                          right_by_token=True, compute_dtype=torch.float32, out_dtype=torch.float32,
-                          scale=w.reshape(-1), out=view)
-    onehot = torch.nn.functional.one_hot(ids, E).double() * w.double()[:, :, None]  # [T, k, E]
-    ref = torch.einsum("tke,tn,td->end", onehot, dy.double(), x.double())
+    K.grouped_weight_grad(dy, x_rows, meta, left_by_token=True, right_by_token=False, compute_dtype=torch.float32,
+                          out_dtype=torch.float32, alpha=0.5, scale=w.reshape(-1), out=view)
+    rows, pairs = _pair_rows(meta)
+    onehot = torch.nn.functional.one_hot(ids.reshape(-1)[pairs], E).double() * w.double().reshape(-1)[pairs, None]
+    ref = 0.5 * torch.einsum("pe,pn,pd->end", onehot, dy.double()[pairs // k], x_rows.double()[rows])
     assert torch.isfinite(view).all() and rel_err(view, ref) < 1e-6
+    assert torch.equal(view[4:], torch.zeros_like(view[4:]))
     assert torch.isnan(grad[:, 0]).all() and torch.isnan(grad[:, :, 0]).all() and torch.isnan(grad[:, :, -1]).all()
+    sums = K.segment_sum(x_rows, meta, out_dtype=torch.float32)
+    onehot = torch.nn.functional.one_hot(ids.reshape(-1)[pairs], E).double()
+    assert rel_err(sums, onehot.t() @ x_rows.double()[rows]) < 1e-6
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_combine_rows_backward(with_bias):
+    """drows[r] = coef[p] * dy[p // k] (0 on padding), g[p] = <dy[p // k], rows[r] + bias[e]>."""
+    T, E, k, N = 23, 4, 2, 300
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    dy, rows, bias, coef = randn(T, N), randn(R, N), randn(E, N), torch.rand(T * k, device=DEVICE)
+    drows, g = K.combine_rows_backward(dy, rows, meta, ids, coef, bias=bias if with_bias else None)
+    r, pairs = _pair_rows(meta)
+    z = rows.double()[r] + (bias.double()[ids.reshape(-1)[pairs]] if with_bias else 0)
+    assert rel_err(drows[r], coef.double()[pairs, None] * dy.double()[pairs // k]) < 1e-6
+    padding = torch.ones(R, dtype=torch.bool, device=DEVICE)
+    padding[r] = False
+    assert torch.equal(drows[padding], torch.zeros_like(drows[padding]))
+    assert rel_err(g[pairs], (dy.double()[pairs // k] * z).sum(1)) < 1e-6
+
+
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+               "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"), "relu": torch.relu}
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_glu_forward_backward(act, gated):
+    """act(hg + bg[e]) * (hu + bu[e]) and its gradients by autograd in float64; 0 on padding rows."""
+    from moelora.ffn import ACTIVATION_CODES
+
+    T, E, k, F_ = 21, 4, 2, 40
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    hg, hu, bg, bu, dout = randn(R, F_) * 2, randn(R, F_), randn(E, F_), randn(E, F_), randn(R, F_)
+    code = ACTIVATION_CODES[act]
+    out = K.glu_forward(hg if gated else None, hu, bg if gated else None, bu, meta, ids, code)
+    dhg, dhu = K.glu_backward(dout, hg if gated else None, hu, bg if gated else None, bu, meta, ids, code)
+    r, pairs = _pair_rows(meta)
+    e = ids.reshape(-1)[pairs]
+    g = (hg.double()[r] + bg.double()[e]).requires_grad_()
+    u = (hu.double()[r] + bu.double()[e]).requires_grad_()
+    ref = ACTIVATIONS[act](g) * u if gated else ACTIVATIONS[act](u)
+    ref_grads = torch.autograd.grad(ref, [g, u] if gated else [u], dout.double()[r])
+    padding = torch.ones(R, dtype=torch.bool, device=DEVICE)
+    padding[r] = False
+    assert rel_err(out[r], ref) < 1e-6 and torch.equal(out[padding], torch.zeros_like(out[padding]))
+    assert rel_err(dhu[r], ref_grads[-1]) < 1e-6 and torch.equal(dhu[padding], torch.zeros_like(dhu[padding]))
+    if gated:
+        assert rel_err(dhg[r], ref_grads[0]) < 1e-6
+    else:
+        assert dhg is None
 
 
 @pytest.mark.parametrize("shared_a", [True, False])

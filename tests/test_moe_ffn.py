@@ -1,17 +1,36 @@
 """moelora.moe_ffn (routed expert FFNs) against a float64 per-token loop: forward, every
-gradient, both backends (Triton under the interpreter without a GPU), skipped slots,
-exact zeros for experts without tokens, the exact identity of identical experts."""
+gradient, every path (the torch backend; the Triton backend on its Triton and grouped_mm
+engines, under the interpreter without a GPU), skipped slots, exact zeros for experts
+without tokens, the exact identity of identical experts, determinism, gradcheck,
+torch.compile(fullgraph=True), and on a GPU bfloat16, CUDA-graph capture and no host sync."""
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import moelora
 from conftest import DEVICE, HAS_CUDA
 from moe_inputs import rel_err
+from moelora import ffn as ffn_module
+from moelora._grouped_linear import grouped_mm_fn
 
-BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+needs_grouped_mm = pytest.mark.skipif(grouped_mm_fn() is None, reason="this torch has no grouped_mm")
+# (backend, engine): the torch backend, and the Triton backend on each GEMM engine
+PATHS = [("torch", "auto"), ("triton", "triton"), pytest.param(("triton", "grouped_mm"), marks=needs_grouped_mm)]
+TRITON_PATHS = PATHS[1:]
+
+
+def path_id(path):
+    return "-".join(path) if path[0] == "triton" else "torch"
+
+
+def run(x, ids, weights, ffn, path, activation=F.silu, normalize=False):
+    backend, engine = path
+    return moelora.moe_ffn(x, ids, weights, activation=activation, normalize=normalize, backend=backend,
+                           engine=engine, **ffn)
 
 
 def make_ffn(T=37, d=24, f=40, d_out=20, E=5, k=2, *, gated=True, bias=True, dtype=torch.float32, seed=0):
@@ -54,32 +73,85 @@ def leaves(x, weights, ffn):
     return [x, weights] + [t for t in ffn.values() if t is not None]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("gated,bias", [(True, True), (False, False)])
-def test_matches_float64_loop_with_gradients(backend, normalize, gated, bias):
-    x, ids, weights, ffn = make_ffn(gated=gated, bias=bias)
-    act = F.silu if gated else F.gelu
-    y = moelora.moe_ffn(x, ids, weights, activation=act, normalize=normalize, backend=backend, **ffn)
+def check_against_reference(x, ids, weights, ffn, path, act, normalize, grad_kind="random", dtype_tol=None):
+    """Forward and every gradient against the float64 loop."""
+    y = run(x, ids, weights, ffn, path, act, normalize)
     assert y.shape == (x.shape[0], ffn["w_out"].shape[1]) and y.dtype == x.dtype
-    grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, leaves(x, weights, ffn), grad)
+    grad = torch.randn_like(y) if grad_kind == "random" else torch.ones_like(y)
+    target = y if grad_kind == "random" else y.sum()  # y.sum(): a stride-0 gradient reaches backward
+    got = torch.autograd.grad(target, leaves(x, weights, ffn), grad if grad_kind == "random" else None)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves(x, weights, ffn)]
     ref_ffn = dict(zip([n for n, t in ffn.items() if t is not None], ref_leaves[2:]))
     ref_ffn.update({n: None for n, t in ffn.items() if t is None})
     y_ref = reference(ref_leaves[0], ids, ref_leaves[1], ref_ffn, act, normalize)
     expected = torch.autograd.grad(y_ref, ref_leaves, grad.double())
-    assert rel_err(y, y_ref) < TOL[x.dtype]
+    tol = dtype_tol or TOL[x.dtype]
+    assert rel_err(y, y_ref) < tol
     for i, (g, r) in enumerate(zip(got, expected)):
-        assert rel_err(g, r) < TOL[x.dtype], f"gradient {i}: {rel_err(g, r)}"
+        assert rel_err(g, r) < tol, f"gradient {i}: {rel_err(g, r)}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_experts_without_tokens_get_exact_zero_gradients(backend):
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("gated,bias", [(True, True), (False, False)])
+def test_matches_float64_loop_with_gradients(path, normalize, gated, bias):
+    x, ids, weights, ffn = make_ffn(gated=gated, bias=bias)
+    check_against_reference(x, ids, weights, ffn, path, F.silu if gated else F.gelu, normalize)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_gate_weight_matches_the_float64_loop(path, bias):
+    """w_in = [w_gate; w_in] stacked ("w13", one GEMM for both), b_in likewise."""
+    x, ids, weights, ffn = make_ffn(bias=bias, seed=8)
+    w13 = torch.cat([ffn["w_gate"], ffn["w_in"]], 1).detach().requires_grad_()
+    b13 = torch.cat([ffn["b_gate"], ffn["b_in"]], 1).detach().requires_grad_() if bias else None
+    backend, engine = path
+    y = moelora.moe_ffn(x, ids, weights, w13, b13, ffn["w_out"], ffn["b_out"], F.silu, normalize=True,
+                        backend=backend, engine=engine, stacked_gate=True)
+    grad = torch.randn_like(y)
+    params = [x, weights, w13, ffn["w_out"]] + ([b13, ffn["b_out"]] if bias else [])
+    got = torch.autograd.grad(y, params, grad)
+    ref = {n: (t.detach().double().requires_grad_() if t is not None else None) for n, t in ffn.items()}
+    xr, wr = x.detach().double().requires_grad_(), weights.detach().double().requires_grad_()
+    y_ref = reference(xr, ids, wr, ref, F.silu, True)
+    names = ["w_gate", "w_in", "w_out"] + (["b_gate", "b_in", "b_out"] if bias else [])
+    g = dict(zip(["x", "w"] + names, torch.autograd.grad(y_ref, [xr, wr] + [ref[n] for n in names], grad.double())))
+    expected = [g["x"], g["w"], torch.cat([g["w_gate"], g["w_in"]], 1), g["w_out"]]
+    if bias:
+        expected += [torch.cat([g["b_gate"], g["b_in"]], 1), g["b_out"]]
+    assert rel_err(y, y_ref) < TOL[x.dtype]
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert rel_err(a, b) < TOL[x.dtype], f"gradient {i}: {rel_err(a, b)}"
+
+
+@pytest.mark.parametrize("path", TRITON_PATHS, ids=path_id)
+@pytest.mark.parametrize("activation", ["tanh", "gelu_tanh", "relu_module", "lambda"])
+def test_other_activations_on_the_triton_backend(path, activation):
+    """GELU-tanh and ReLU run in the fused kernels; other callables as PyTorch ops on the rows."""
+    act = {"tanh": torch.tanh, "gelu_tanh": nn.GELU(approximate="tanh"), "relu_module": nn.ReLU(),
+           "lambda": lambda t: t * torch.sigmoid(1.702 * t)}[activation]
+    x, ids, weights, ffn = make_ffn(T=20, gated=activation != "relu_module", seed=7)
+    check_against_reference(x, ids, weights, ffn, path, act, normalize=True, grad_kind="sum")
+
+
+def test_fused_activation_names():
+    from transformers.activations import ACT2FN
+
+    name = ffn_module.fused_activation_name
+    assert name(F.silu) == name(nn.SiLU()) == name(ACT2FN["silu"]) == "silu"
+    assert name(F.gelu) == name(nn.GELU()) == name(ACT2FN["gelu"]) == "gelu"
+    assert name(ACT2FN["gelu_new"]) == name(ACT2FN["gelu_pytorch_tanh"]) == name(nn.GELU("tanh")) == "gelu_tanh"
+    assert name(torch.relu) == name(nn.ReLU()) == "relu"
+    assert name(torch.tanh) is None and name(ACT2FN["quick_gelu"]) is None
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_experts_without_tokens_get_exact_zero_gradients(path):
     x, ids, weights, ffn = make_ffn(E=6, k=2)
     ids = ids % 3  # experts 3..5 get nothing; ids stay distinct per token only where they were
     ids[:, 1] = (ids[:, 0] + 1) % 3
-    y = moelora.moe_ffn(x, ids, weights, activation=F.silu, backend=backend, **ffn)
+    y = run(x, ids, weights, ffn, path)
     y.backward(torch.randn_like(y))
     for name in ("w_in", "b_in", "w_out", "b_out", "w_gate", "b_gate"):
         grad = ffn[name].grad
@@ -87,18 +159,35 @@ def test_experts_without_tokens_get_exact_zero_gradients(backend):
         assert grad[:3].abs().sum() > 0, name
 
 
-def test_triton_bitwise_deterministic():
+@pytest.mark.parametrize("path", TRITON_PATHS, ids=path_id)
+def test_triton_bitwise_deterministic(path):
     def once():
         x, ids, weights, ffn = make_ffn(seed=5)
-        y = moelora.moe_ffn(x, ids, weights, activation=F.silu, normalize=True, backend="triton", **ffn)
+        y = run(x, ids, weights, ffn, path, normalize=True)
         return [y, *torch.autograd.grad(y, leaves(x, weights, ffn), y.detach() + 1)]
 
     for a, b in zip(once(), once()):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_identical_experts_reproduce_one_ffn_exactly_when_normalized(backend):
+def test_gradcheck_float64_triton():
+    """The fused op's hand-written backward (anchored combine, gated activation, segment sums)
+    by finite differences through the mixing weights' normalisation. No weight is 0 here:
+    a weight of 0 drops its slot, a step the finite differences would cross."""
+    x, ids, weights, ffn = make_ffn(T=6, d=5, f=7, d_out=4, E=3, dtype=torch.float64, seed=3)
+    weights = weights.detach() + 0.1
+    names = [n for n, t in ffn.items() if t is not None]
+
+    def fn(x, w, *params):
+        return moelora.moe_ffn(x, ids, w, activation=F.silu, normalize=True, backend="triton", engine="triton",
+                               **dict(zip(names, params)))
+
+    inputs = [t.detach().double().requires_grad_() for t in [x, weights] + [ffn[n] for n in names]]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_identical_experts_reproduce_one_ffn_exactly_when_normalized(path):
     """Upcycling's promise: copies of one FFN mixed by weights summing to one return that
     FFN's output bit for bit (the backend's own single-expert result)."""
     x, ids, weights, ffn = make_ffn(E=4, k=4, seed=2)
@@ -107,27 +196,165 @@ def test_identical_experts_reproduce_one_ffn_exactly_when_normalized(backend):
     weights[::3, 1:] = 0.0  # some tokens keep only their best expert
     copies = {n: t.detach()[:1].expand_as(t).contiguous() if t is not None else None for n, t in ffn.items()}
     with torch.no_grad():
-        mixed = moelora.moe_ffn(x, ids, weights, activation=F.silu, normalize=True, backend=backend, **copies)
-        single = moelora.moe_ffn(x, ids[:, :1] * 0, torch.ones_like(weights[:, :1]), activation=F.silu,
-                                 backend=backend, **{n: t[:1] if t is not None else None for n, t in copies.items()})
+        mixed = run(x, ids, weights, copies, path, normalize=True)
+        single = run(x, ids[:, :1] * 0, torch.ones_like(weights[:, :1]), {n: t[:1] if t is not None else None
+                                                                            for n, t in copies.items()}, path)
     assert torch.equal(mixed, single)
 
 
-def test_zero_tokens():
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_zero_tokens(path):
     x, ids, weights, ffn = make_ffn()
-    for backend in BACKENDS:
-        empty = moelora.moe_ffn(x[:0], ids[:0], weights[:0], activation=F.silu, backend=backend, **ffn)
-        assert empty.shape == (0, ffn["w_out"].shape[1])
+    empty = run(x[:0], ids[:0], weights[:0], ffn, path)
+    assert empty.shape == (0, ffn["w_out"].shape[1])
+    empty.sum().backward()
+    assert torch.equal(ffn["w_in"].grad, torch.zeros_like(ffn["w_in"]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(
-    torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason="the interpreter's bfloat16 is broken"))])
-def test_half_precision_triton(dtype):
-    T = 300 if HAS_CUDA else 20
-    x, ids, weights, ffn = make_ffn(T=T, dtype=dtype, seed=1)
-    y = moelora.moe_ffn(x, ids, weights, activation=F.silu, backend="triton", **ffn)
-    ref = reference(x, ids, weights, ffn, F.silu, False)
-    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
+@pytest.mark.parametrize("path", TRITON_PATHS, ids=path_id)
+def test_half_precision_triton(path):
+    x, ids, weights, ffn = make_ffn(T=20, d=32, f=48, d_out=16, dtype=torch.float16, seed=1)
+    check_against_reference(x, ids, weights, ffn, path, F.silu, normalize=True)
+
+
+def test_plan_picks_the_engine_by_device_dtype_and_table(monkeypatch):
+    x, ids, weights, ffn = make_ffn(d=32, f=48, d_out=16, dtype=torch.bfloat16)
+    plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], ffn["w_gate"], 2)
+    if not HAS_CUDA:
+        assert plan.gemm == plan.wgrad == "triton"  # CPU: grouped_mm is not native here
+    monkeypatch.setattr(ffn_module, "grouped_mm_native", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(ffn_module, "FFN_ENGINES", {(9, "gemm", "*"): "triton", (9, "wgrad", "*"): "grouped_mm"})
+    plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], ffn["w_gate"], 2)
+    assert (plan.gemm, plan.wgrad) == ("triton", "grouped_mm") and plan.gathers_x
+    fp32 = ffn_module.ffn_plan(x.float(), ffn["w_in"].float(), ffn["w_out"].float(), None, 2)
+    assert (fp32.gemm, fp32.wgrad) == ("triton", "triton")  # grouped_mm runs natively only in bf16
+    odd = ffn_module.ffn_plan(x[:, :30], ffn["w_in"][:, :, :30], ffn["w_out"], None, 2)
+    assert odd.gemm == "triton"  # 30 bf16 = 60 bytes: rows not 16-byte aligned
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_fullgraph_compile_matches_eager(path):
+    x, ids, weights, ffn = make_ffn(T=12, d=16, f=24, d_out=8, E=4, seed=4)
+
+    def loss(x, weights, ffn):
+        return run(x, ids, weights, ffn, path, normalize=True).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # the custom ops are what is traced
+    got = compiled(x, weights, ffn)
+    grads = torch.autograd.grad(got, leaves(x, weights, ffn))
+    eager = loss(x, weights, ffn)
+    for a, b in zip((got, *grads), (eager, *torch.autograd.grad(eager, leaves(x, weights, ffn)))):
+        assert rel_err(a, b) < 1e-5
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_moeffn_trains_under_fullgraph_compile(backend, single_torch_thread):
+    """An upcycled gated MLP (threshold routing, all experts trainable) compiles whole: the
+    torch backend's segment loop and the Triton backend's fused op are custom ops."""
+    from moelora.upcycle import MoEFFN
+
+    torch.manual_seed(0)
+    mlp = dict(in_proj=nn.Linear(16, 32), out_proj=nn.Linear(32, 16), gate_proj=nn.Linear(16, 32))
+    moe = MoEFFN(**mlp, activation=nn.SiLU(), num_experts=4, top_k=2, router="softmax_topk").to(DEVICE)
+    with torch.no_grad():
+        for p in (moe.w_in, moe.w_out, moe.w_gate):
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+
+    def step(m):
+        return m(x).square().mean() + moelora.aux_loss(m)
+
+    torch._dynamo.reset()
+    with moelora.use_backend(backend):
+        eager = copy_and_train(moe, step, compiled=False)
+        compiled = copy_and_train(moe, step, compiled=True)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def copy_and_train(module, step, compiled, steps=2):
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    module = copy.deepcopy(module)
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(step, fullgraph=True, backend=counter) if compiled else step
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = fn(module)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    if compiled:
+        assert counter.frame_count == 1
+    return torch.stack(losses + [p.detach().sum() for p in module.parameters()])
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+@needs_gpu
+@pytest.mark.parametrize("engine", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gpu_bfloat16_with_gradients(engine, normalize):
+    x, ids, weights, ffn = make_ffn(T=700, d=256, f=384, d_out=128, E=8, dtype=torch.bfloat16, seed=1)
+    check_against_reference(x, ids, weights, ffn, ("triton", engine), F.silu, normalize)
+
+
+@needs_gpu
+@pytest.mark.parametrize("engine", ["triton", "grouped_mm"])
+def test_gpu_bfloat16_empty_experts_exact_zeros_and_bitwise_repeats(engine):
+    """Also the CUTLASS K-grouped weight gradient: groups without rows must come out 0."""
+    def once():
+        x, ids, weights, ffn = make_ffn(T=300, d=128, f=256, d_out=64, E=8, dtype=torch.bfloat16, seed=2)
+        ids = ids % 4
+        ids[:, 1] = (ids[:, 0] + 1) % 4
+        y = run(x, ids, weights, ffn, ("triton", engine), normalize=True)
+        return [y, *torch.autograd.grad(y, leaves(x, weights, ffn), torch.ones_like(y))]
+
+    first, second = once(), once()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for g in first[3:]:  # every weight and bias gradient (after y, dx, d weights): experts 4..7 got nothing
+        assert torch.equal(g[4:], torch.zeros_like(g[4:]))
+        assert g[:4].abs().sum() > 0
+
+
+@needs_gpu
+@pytest.mark.parametrize("engine", ["triton", "grouped_mm"])
+def test_gpu_no_host_sync_and_cuda_graph_capture(engine):
+    x, ids, weights, ffn = make_ffn(T=256, d=64, f=128, d_out=64, E=4, dtype=torch.bfloat16, seed=3)
+    params = leaves(x, weights, ffn)
+
+    def step():
+        y = run(x, ids, weights, ffn, ("triton", engine), normalize=True)
+        return [y, *torch.autograd.grad(y, params, torch.ones_like(y))]
+
+    with moelora.validation(False):
+        eager = step()  # compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, eager):
+        assert torch.equal(a, b)
 
 
 def test_argument_errors_name_the_argument():
@@ -143,18 +370,48 @@ def test_argument_errors_name_the_argument():
         moelora.moe_ffn(x, ids, weights[:, :1], **args)
     with pytest.raises(TypeError, match="topk_ids must be int32 or int64"):
         moelora.moe_ffn(x, ids.float(), weights, **args)
+    with pytest.raises(ValueError, match="w_gate and b_gate must be None"):
+        moelora.moe_ffn(x, ids, weights, stacked_gate=True, **{**args, "w_gate": ffn["w_in"]})
+    with pytest.raises(ValueError, match=r"w_out must have shape \[E = 5, d_out, d_ff = 20\]"):
+        moelora.moe_ffn(x, ids, weights, stacked_gate=True, **args)  # w_in's 40 rows = 2 x 20
+    with pytest.raises(ValueError, match="engine must be one of"):
+        moelora.moe_ffn(x, ids, weights, backend="triton", engine="cutlass", **args)
+    with pytest.raises(ValueError, match="engine='grouped_mm' needs"):  # d_in 6 fp32 = 24 bytes a row
+        small = make_ffn(d=6, gated=False)
+        moelora.moe_ffn(small[0], small[1], small[2], activation=F.gelu, backend="triton", engine="grouped_mm",
+                        **small[3])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_out_of_range_ids_raise_or_are_skipped_with_validation_off(backend):
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_out_of_range_ids_raise_or_are_skipped_with_validation_off(path):
     x, ids, weights, ffn = make_ffn(gated=False)
     bad = ids.clone()
     bad[3, 0] = 5  # E = 5
     with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 5\)"):
-        moelora.moe_ffn(x, bad, weights, activation=F.gelu, backend=backend, **ffn)
+        run(x, bad, weights, ffn, path, F.gelu)
     with moelora.validation(False):
-        got = moelora.moe_ffn(x, bad, weights, activation=F.gelu, backend=backend, **ffn)
+        got = run(x, bad, weights, ffn, path, F.gelu)
     dropped = weights.detach().clone()
     dropped[3, 0] = 0.0
-    expected = moelora.moe_ffn(x, ids, dropped, activation=F.gelu, backend=backend, **ffn)
+    expected = run(x, ids, dropped, ffn, path, F.gelu)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("path", TRITON_PATHS, ids=path_id)
+def test_opcheck_fused_ops(path):
+    """The fused forward and backward as custom ops: fake kernels, schemas, compile traces."""
+    x, ids, weights, ffn = make_ffn(T=10, d=16, f=24, d_out=8, E=3, seed=6)
+    ids = torch.where(weights != 0, ids, -1)
+    coef = ffn_module.mixing_weights(weights.detach(), True)
+    plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], ffn["w_gate"], 2, path[1])
+    params = [t.detach() if t is not None else None for t in (ffn["w_in"], ffn["b_in"], ffn["w_out"], ffn["b_out"],
+                                                              ffn["w_gate"], ffn["b_gate"])]
+    stacked = (torch.cat([params[4], params[0]], 1), torch.cat([params[5], params[1]], 1), *params[2:4], None, None)
+    for weights_, is_stacked in ((params, False), (stacked, True)):
+        args = (x.detach(), ids, coef, *weights_, "silu", True, is_stacked, *plan)
+        torch.library.opcheck(ffn_module.moe_ffn_forward, args, test_utils=("test_schema", "test_faketensor",
+                                                                            "test_aot_dispatch_dynamic"))
+        out = ffn_module.moe_ffn_forward(*args)
+        needs = [t is not None for t in (x, coef, *weights_)]
+        bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, is_stacked, *plan, needs)
+        torch.library.opcheck(ffn_module.moe_ffn_backward, bwd_args)

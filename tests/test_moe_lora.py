@@ -283,3 +283,14 @@ def test_backends_agree():
     y_t = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="triton")
     y_r = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="torch")
     assert rel_err(y_t, y_r) < TOLERANCE[torch.float32]
+
+
+def test_choose_regime_is_a_width_per_slot_threshold(monkeypatch):
+    """Dense while E*r <= DENSE_WIDTH_PER_SLOT * k (the crossover benchmarks/tune_grouped.py measures)."""
+    from moelora import _triton_ops
+
+    monkeypatch.setattr(_triton_ops, "DENSE_WIDTH_PER_SLOT", 256)
+    choose = _triton_ops.choose_regime
+    assert choose(8, 16, 2) == "dense" and choose(64, 64, 4) == "grouped"  # S1, S3
+    assert choose(32, 16, 2) == "dense" and choose(33, 16, 2) == "grouped"
+    assert choose(64, 16, 4) == "dense" and choose(64, 16, 1) == "grouped"

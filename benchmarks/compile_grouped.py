@@ -1,0 +1,109 @@
+"""Compile the grouped kernels for Hopper (sm_90) ahead of time, without a GPU.
+
+    python -m benchmarks.compile_grouped      # exit 1 if a kernel fails or overflows shared memory
+
+Triton's compiler and the bundled ptxas reject what the interpreter lets through
+(unsupported constructs, a tile config needing more than the 227 KiB of shared memory a
+block may use). Every tile config of moelora._launchers.GROUPED_CONFIGS is compiled with
+every flag of its kernel on, beside the defaults and the row kernels (all activations).
+Run it in a process that has not run interpreted kernels (TRITON_INTERPRET unset): the
+interpreter patches triton.language in place.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+import triton.language as tl
+
+SM90_SHARED_LIMIT = 232448
+DOT = dict(DOT_DTYPE=tl.bfloat16, ACC_DTYPE=tl.float32, INPUT_PRECISION="ieee")
+POINTERS = {"row_pair_ptr": "*i64", "starts_ptr": "*i64", "counts_ptr": "*i64", "inverse_ptr": "*i64",
+            "block_expert_ptr": "*i32", "ids_ptr": "*i32", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
+            "h_ptr": "*fp32", "dw_ptr": "*fp32", "g_ptr": "*fp32"}
+
+
+# How launches specialise: unit strides (the contiguous dim of each operand) become the
+# constant 1, pointers and the other strides and sizes are multiples of 16 bytes / elements.
+UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_a2k", "stride_w2k", "stride_cn", "stride_hn", "stride_scale",
+                "stride_la", "stride_rb", "stride_ob", "stride_rn", "stride_r2n", "stride_ik", "stride_ck",
+                "stride_idk", "stride_bn", "stride_bbn", "stride_on", "stride_dn", "stride_dcn", "stride_gf",
+                "stride_uf", "stride_bgf", "stride_buf", "stride_of", "stride_df", "stride_dgf", "stride_duf"}
+ALIGNED_INTS = {"num_rows", "N", "K", "NA", "NB", "F", "layout_block"}
+
+
+def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> int:
+    """Compile ``kernel`` (a JITFunction) for sm_90 with bf16 pointers, specialised as a launch
+    on aligned row-major operands would be; returns its shared memory bytes."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, values, attrs = {}, dict(constexprs), {}
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr or p.name in UNIT_STRIDES:
+            signature[p.name] = "constexpr"
+            values.setdefault(p.name, 1)
+            continue
+        if p.name.endswith("_ptr"):
+            signature[p.name] = POINTERS.get(p.name, "*bf16")
+        else:
+            signature[p.name] = "fp32" if p.name == "alpha" else "i32"
+        if p.name.endswith("_ptr") or p.name.startswith("stride") or p.name in ALIGNED_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    out = triton.compile(ASTSource(kernel, signature, values, attrs), target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=num_warps, num_stages=num_stages))
+    return out.metadata.shared
+
+
+def jobs():
+    """(name, kernel, constexprs, num_warps, num_stages) of every variant to compile."""
+    from moelora import _launchers as K
+    from moelora.triton_kernels import grouped as G
+
+    for kernel in ("matmul", "wgrad"):
+        configs = {"default": K._default_config(kernel, 4096, 4096)}
+        configs.update({cls: c for cls, c in K.GROUPED_CONFIGS.items() if cls.startswith(kernel + ":")})
+        for name, c in configs.items():
+            if kernel == "matmul":
+                flags = dict(A_BY_TOKEN=True, HAS_SECOND=True, HAS_SCALE=True, GATE_GRAD=False, H_BY_TOKEN=False)
+                yield (f"grouped_matmul {name} {tuple(c)}", G.grouped_matmul_kernel,
+                       dict(**flags, **DOT, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group),
+                       c.num_warps, c.num_stages)
+            else:
+                flags = dict(L_BY_TOKEN=True, R_BY_TOKEN=False, HAS_SCALE=True)
+                yield (f"grouped_weight_grad {name} {tuple(c)}", G.grouped_weight_grad_kernel,
+                       dict(**flags, **DOT, BLOCK_A=c.block_m, BLOCK_B=c.block_n, BLOCK_K=c.block_k, GROUP_A=c.group),
+                       c.num_warps, c.num_stages)
+    yield ("grouped_matmul gate-grad epilogue", G.grouped_matmul_kernel,
+           dict(A_BY_TOKEN=True, HAS_SECOND=False, HAS_SCALE=True, GATE_GRAD=True, H_BY_TOKEN=True, **DOT,
+                BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3)
+    yield ("combine_rows", G.combine_rows_kernel,
+           dict(TOP_K=2, HAS_SECOND=True, HAS_COEF=True, ANCHORED=True, HAS_BIAS=True, HAS_BASE=True,
+                ACC_DTYPE=tl.float32, BLOCK_T=32, BLOCK_N=128), 4, 3)
+    yield ("combine_rows_backward", G.combine_rows_backward_kernel,
+           dict(HAS_BIAS=True, NEED_G=True, ACC_DTYPE=tl.float32, BLOCK_R=16, BLOCK_N=256), 4, 3)
+    for act in (G.SILU, G.GELU, G.GELU_TANH, G.RELU):
+        for name, kernel in (("glu_forward", G.glu_forward_kernel), ("glu_backward", G.glu_backward_kernel)):
+            yield (f"{name} act {act}", kernel, dict(GATED=True, HAS_BG=True, HAS_BU=True, ACT=act,
+                                                     ACC_DTYPE=tl.float32, BLOCK_R=32, BLOCK_F=128), 4, 3)
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, constexprs, warps, stages in jobs():
+        try:
+            shared = compile_sm90(kernel, constexprs, warps, stages)
+        except Exception as err:  # noqa: BLE001 - reported, counted
+            failed += 1
+            print(f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}")
+            continue
+        over = shared > SM90_SHARED_LIMIT
+        failed += over
+        print(f"{'FAIL' if over else 'ok  '} {name}: {shared} bytes of shared memory")
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""benchmarks/tune_grouped.py runs end to end (on CPU: tiny shapes under the interpreter) and
+writes a report whose paste lines are valid Python for the tables they name."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import tune_grouped
+from moelora._launchers import TileConfig
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs at full size (about 90 s): "
+                    "the GPU session runs it itself")
+def test_tune_grouped_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune_grouped.K, "GROUPED_CONFIGS", {})  # the run installs its picks here
+    out = tmp_path / "tune.json"
+    assert tune_grouped.main(["--out", str(out), "--budget", "300"]) == 0
+    report = json.loads(out.read_text())
+    assert report["tiles"] and not report["skipped"] and not report["errors"]
+    for entry in report["tiles"].values():
+        assert entry["best"] in entry["candidates"] and entry["triton_best_ms"] > 0
+    assert set(report["ffn"]["fwd_bwd_ms"]) >= {"gemm=triton,wgrad=triton"}
+    assert all(c["dense_ms"] > 0 and c["grouped_ms"] > 0 for c in report["regime"]["cases"])
+    table = {}
+    exec("\n".join(line for line in report["paste"].splitlines() if not line.startswith(("#", "    (")))
+         .replace("Dict[str, TileConfig]", "dict"), {"TileConfig": TileConfig, "torch": torch}, table)
+    assert set(table["GROUPED_CONFIGS"]) == set(report["tiles"]) and table["DENSE_WIDTH_PER_SLOT"] > 0
