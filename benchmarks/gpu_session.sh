@@ -8,7 +8,7 @@
 #   MOELORA_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
 #
 # MOELORA_GIT_COMMIT names the commit when the tree has no .git (a copied working tree).
-# DEADLINE (seconds, default 400) bounds the whole script: the tests get what is left.
+# DEADLINE (seconds, default 450) bounds the whole script: the tests get what is left.
 # BENCH_B (default 150) is the benchmark's own budget, PROFILE the case profiled.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-session-out}
 mkdir -p "$OUT"
 START=$(date +%s)
-DEADLINE=${DEADLINE:-400}
+DEADLINE=${DEADLINE:-450}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 LOG="$OUT/session.log"
 
@@ -29,6 +29,9 @@ EOF
 timeout 200 python3 -m pip install --no-build-isolation --no-deps -e . -q >> "$LOG" 2>&1
 echo "build rc=$? after $(( $(date +%s) - START )) s" | tee -a "$LOG"
 python3 -c "import moelora; print('moelora._C CUDA kernels:', moelora._ext.has_cuda_kernels())" 2>&1 | tee -a "$LOG"
+{ echo "NEEDED of _C: $(readelf -d moelora/_C*.so 2>/dev/null | grep NEEDED | grep -o '\[.*\]' | tr '\n' ' ')"
+  echo "std::basic_ostream symbols defined in _C: $(nm -C --defined-only moelora/_C*.so 2>/dev/null | grep -c 'std::basic_ostream')"
+} | tee -a "$LOG"
 
 timeout $(( ${BENCH_B:-150} + 60 )) python3 -m benchmarks --quick --time-budget "${BENCH_B:-150}" --out-dir "$OUT" \
   > "$OUT/bench.log" 2>&1
@@ -41,7 +44,7 @@ echo "profile rc=$? ($PROFILE)" | tee -a "$LOG"
 
 T=$(left)
 if [ "$T" -gt 30 ]; then
-  timeout "$T" python3 -m pytest -q -n 8 -p no:cacheprovider -rfE tests benchmarks > "$OUT/tests.log" 2>&1
+  timeout "$T" python3 -m pytest -q -n 12 -p no:cacheprovider -rfE tests benchmarks > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in ${T} s box :: $(tail -n 1 "$OUT/tests.log")" | tee -a "$LOG"
   grep -E "^(FAILED|ERROR)|Fatal Python error|Segmentation" "$OUT/tests.log" | head -20 | tee -a "$LOG"
 else

@@ -315,6 +315,70 @@ def _store_lora_a(a_ptr, r_ptr, offs_k, offs_c, mask, R, stride_ar, stride_ak, s
 
 
 @triton.jit
+def _weight_grad_b(dy_ptr, h_ptr, ids_ptr, w_ptr, db_ptr, part_ptr, tile, split, t_lo, t_hi, d_out, NB, rank,
+                   scaling, scale_out, tiles_b_c, stride_yt, stride_yn, stride_ht, stride_hr, stride_it, stride_ik,
+                   stride_wt, stride_wk, stride_be, stride_bn, stride_bi,
+                   SHARED_A: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_CB: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Job B of lora_weight_grad_kernel: one [BLOCK_M, BLOCK_CB] tile of dB_stack = dy^T Hg over [t_lo, t_hi)."""
+    offs_m = (tile // tiles_b_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = (tile % tiles_b_c) * BLOCK_CB + tl.arange(0, BLOCK_CB)
+    mask_m = offs_m < d_out
+    mask_c = offs_c < NB
+    acc = tl.zeros((BLOCK_M, BLOCK_CB), dtype=ACC_DTYPE)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_hi
+        dyt = tl.load(dy_ptr + offs_t[None, :] * stride_yt + offs_m[:, None] * stride_yn,
+                      mask=mask_m[:, None] & mask_t[None, :], other=0.0)
+        hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
+                         stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+                         SHARED_A, TOP_K, BLOCK_T, BLOCK_CB, ACC_DTYPE)
+        acc += tl.dot(dyt.to(DOT_DTYPE), hg.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    acc = acc * scale_out
+    mask = mask_m[:, None] & mask_c[None, :]
+    if SPLIT:
+        tl.store(part_ptr + (split * d_out + offs_m[:, None]) * NB + offs_c[None, :], acc, mask=mask)
+    else:
+        _store_lora_b(db_ptr, offs_m, offs_c, mask, rank, stride_be, stride_bn, stride_bi, acc)
+
+
+@triton.jit
+def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile_a, split, t_lo, t_hi, d_in, R, E,
+                   tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr, stride_dlt, stride_dle,
+                   stride_ar, stride_ak, stride_re, stride_rk,
+                   HAS_ROUTER: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CA: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    """Job A of lora_weight_grad_kernel: one [BLOCK_M, BLOCK_CA] tile of x^T [dh | dlogits] over [t_lo, t_hi)."""
+    offs_m = (tile_a // tiles_a_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = (tile_a % tiles_a_c) * BLOCK_CA + tl.arange(0, BLOCK_CA)
+    mask_m = offs_m < d_in
+    mask_c = offs_c < R + E
+    acc = tl.zeros((BLOCK_M, BLOCK_CA), dtype=ACC_DTYPE)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_hi
+        xt = tl.load(x_ptr + offs_t[None, :] * stride_xt + offs_m[:, None] * stride_xk,
+                     mask=mask_m[:, None] & mask_t[None, :], other=0.0)
+        d = tl.load(dh_ptr + offs_t[:, None] * stride_dht + offs_c[None, :] * stride_dhr,
+                    mask=mask_t[:, None] & (offs_c[None, :] < R), other=0.0)
+        if HAS_ROUTER:
+            c_r = tl.where(offs_c >= R, offs_c - R, 0)
+            d += tl.load(dl_ptr + offs_t[:, None] * stride_dlt + c_r[None, :] * stride_dle,
+                         mask=mask_t[:, None] & (offs_c[None, :] >= R) & mask_c[None, :], other=0.0)
+        acc += tl.dot(xt.to(DOT_DTYPE), d.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    mask = mask_m[:, None] & mask_c[None, :]
+    if SPLIT:
+        tl.store(part_ptr + part_a_offset + (split * (R + E) + offs_c[None, :]) * d_in + offs_m[:, None], acc,
+                 mask=mask)
+    else:
+        _store_lora_a(da_ptr, dr_ptr, offs_m, offs_c, mask, R, stride_ar, stride_ak, stride_re, stride_rk, acc,
+                      HAS_ROUTER)
+
+
+@triton.jit
 def lora_weight_grad_kernel(
     dy_ptr, x_ptr, h_ptr, ids_ptr, w_ptr, dh_ptr, dl_ptr,
     db_ptr, da_ptr, dr_ptr, part_ptr,
@@ -344,55 +408,16 @@ def lora_weight_grad_kernel(
     tile = pid % tiles
     t_lo = split.to(tl.int64) * t_per_split
     t_hi = tl.minimum(t_lo + t_per_split, T)
-    if tile < tiles_b:  # ---------------------------------------------------------------- job B
-        offs_m = (tile // tiles_b_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_c = (tile % tiles_b_c) * BLOCK_CB + tl.arange(0, BLOCK_CB)
-        mask_m = offs_m < d_out
-        mask_c = offs_c < NB
-        acc = tl.zeros((BLOCK_M, BLOCK_CB), dtype=ACC_DTYPE)
-        for t0 in range(t_lo, t_hi, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            mask_t = offs_t < t_hi
-            dyt = tl.load(dy_ptr + offs_t[None, :] * stride_yt + offs_m[:, None] * stride_yn,
-                          mask=mask_m[:, None] & mask_t[None, :], other=0.0)
-            hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
-                             stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
-                             SHARED_A, TOP_K, BLOCK_T, BLOCK_CB, ACC_DTYPE)
-            acc += tl.dot(dyt.to(DOT_DTYPE), hg.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
-                          out_dtype=ACC_DTYPE)
-        acc = acc * scale_out
-        mask = mask_m[:, None] & mask_c[None, :]
-        if SPLIT:
-            tl.store(part_ptr + (split * d_out + offs_m[:, None]) * NB + offs_c[None, :], acc, mask=mask)
-        else:
-            _store_lora_b(db_ptr, offs_m, offs_c, mask, rank, stride_be, stride_bn, stride_bi, acc)
-    else:  # ------------------------------------------------------------------------------ job A
-        tile_a = tile - tiles_b
-        offs_m = (tile_a // tiles_a_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_c = (tile_a % tiles_a_c) * BLOCK_CA + tl.arange(0, BLOCK_CA)
-        mask_m = offs_m < d_in
-        mask_c = offs_c < R + E
-        acc = tl.zeros((BLOCK_M, BLOCK_CA), dtype=ACC_DTYPE)
-        for t0 in range(t_lo, t_hi, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            mask_t = offs_t < t_hi
-            xt = tl.load(x_ptr + offs_t[None, :] * stride_xt + offs_m[:, None] * stride_xk,
-                         mask=mask_m[:, None] & mask_t[None, :], other=0.0)
-            d = tl.load(dh_ptr + offs_t[:, None] * stride_dht + offs_c[None, :] * stride_dhr,
-                        mask=mask_t[:, None] & (offs_c[None, :] < R), other=0.0)
-            if HAS_ROUTER:
-                c_r = tl.where(offs_c >= R, offs_c - R, 0)
-                d += tl.load(dl_ptr + offs_t[:, None] * stride_dlt + c_r[None, :] * stride_dle,
-                             mask=mask_t[:, None] & (offs_c[None, :] >= R) & mask_c[None, :], other=0.0)
-            acc += tl.dot(xt.to(DOT_DTYPE), d.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
-                          out_dtype=ACC_DTYPE)
-        mask = mask_m[:, None] & mask_c[None, :]
-        if SPLIT:
-            tl.store(part_ptr + part_a_offset + (split * (R + E) + offs_c[None, :]) * d_in + offs_m[:, None], acc,
-                     mask=mask)
-        else:
-            _store_lora_a(da_ptr, dr_ptr, offs_m, offs_c, mask, R, stride_ar, stride_ak, stride_re, stride_rk, acc,
-                          HAS_ROUTER)
+    if tile < tiles_b:
+        _weight_grad_b(dy_ptr, h_ptr, ids_ptr, w_ptr, db_ptr, part_ptr, tile, split, t_lo, t_hi, d_out, NB, rank,
+                       scaling, scale_out, tiles_b_c, stride_yt, stride_yn, stride_ht, stride_hr, stride_it, stride_ik,
+                       stride_wt, stride_wk, stride_be, stride_bn, stride_bi, SHARED_A, SPLIT, DOT_DTYPE, ACC_DTYPE,
+                       INPUT_PRECISION, TOP_K, BLOCK_M, BLOCK_CB, BLOCK_T)
+    else:
+        _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile - tiles_b, split, t_lo, t_hi, d_in, R, E,
+                       tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr, stride_dlt,
+                       stride_dle, stride_ar, stride_ak, stride_re, stride_rk, HAS_ROUTER, SPLIT, DOT_DTYPE,
+                       ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_CA, BLOCK_T)
 
 
 @triton.jit

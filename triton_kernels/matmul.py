@@ -67,14 +67,14 @@ def matmul_kernel(
         acc, poisoned = _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, SANITIZE_B)
     if HAS_SECOND:
         if pid_s == 0:
-            for k0 in range(0, K2, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K2
-                a = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_k[None, :] * stride_a2k,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(b2_ptr + offs_k[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+            for j0 in range(0, K2, BLOCK_K):
+                offs_j = j0 + tl.arange(0, BLOCK_K)
+                mask_j = offs_j < K2
+                a2 = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_j[None, :] * stride_a2k,
+                             mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+                b2 = tl.load(b2_ptr + offs_j[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
+                             mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+                acc += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
                               out_dtype=ACC_DTYPE)
 
     acc = acc * alpha

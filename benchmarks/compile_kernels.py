@@ -1,11 +1,13 @@
-"""Compile the grouped kernels for Hopper (sm_90) ahead of time, without a GPU.
+"""Compile moelora's Triton kernels for Hopper (sm_90) ahead of time, without a GPU.
 
-    python -m benchmarks.compile_grouped      # exit 1 if a kernel fails or overflows shared memory
+    python -m benchmarks.compile_kernels      # exit 1 if a kernel fails or overflows shared memory
 
 Triton's compiler and the bundled ptxas reject what the interpreter lets through
-(unsupported constructs, a tile config needing more than the 227 KiB of shared memory a
-block may use). Every tile config of moelora._launchers.GROUPED_CONFIGS is compiled with
-every flag of its kernel on, beside the defaults and the row kernels (all activations).
+(unsupported constructs, a variable whose type differs between the branches of an if, a
+tile config needing more than the 227 KiB of shared memory a block may use). Every tile
+config of moelora._launchers.GROUPED_CONFIGS is compiled with every flag of its kernel on,
+beside the defaults and the row kernels (all activations), and every kernel of the dense
+regime and the fused layer (triton_kernels/dense.py, matmul.py) in each of its modes.
 Run it in a process that has not run interpreted kernels (TRITON_INTERPRET unset): the
 interpreter patches triton.language in place.
 """
@@ -22,6 +24,11 @@ DOT = dict(DOT_DTYPE=tl.bfloat16, ACC_DTYPE=tl.float32, INPUT_PRECISION="ieee")
 POINTERS = {"row_pair_ptr": "*i64", "starts_ptr": "*i64", "counts_ptr": "*i64", "inverse_ptr": "*i64",
             "block_expert_ptr": "*i32", "ids_ptr": "*i32", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
             "h_ptr": "*fp32", "dw_ptr": "*fp32", "g_ptr": "*fp32"}
+# The dense kernels' fp32 / int operands (routing, statistics, the r-wide intermediates).
+DENSE_POINTERS = {"num_steps_ptr": "*i64", "kept_ptr": "*i64", "g_aux_ptr": "*fp32", "logits_ptr": "*fp32",
+                  "dl_ptr": "*fp32", "dh_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "dhg_ptr": "*fp32",
+                  "loss_ptr": "*fp32", "stats_ptr": "*fp32", "prob_sums_ptr": "*fp32", "lse_ptr": "*fp32",
+                  "top_p_ptr": "*fp32", "noise_ptr": "*fp32", "l_ptr": "*fp32", "a_ptr": "*fp32", "r_ptr": "*fp32"}
 
 
 # How launches specialise: unit strides (the contiguous dim of each operand) become the
@@ -33,9 +40,10 @@ UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_a2k", "stride_w2k", "stride_cn
 ALIGNED_INTS = {"num_rows", "N", "K", "NA", "NB", "F", "layout_block"}
 
 
-def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> int:
-    """Compile ``kernel`` (a JITFunction) for sm_90 with bf16 pointers, specialised as a launch
-    on aligned row-major operands would be; returns its shared memory bytes."""
+def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int = 3, pointers=None) -> int:
+    """Compile ``kernel`` (a JITFunction) for sm_90 with bf16 pointers (``pointers`` maps names
+    to other types), specialised as a launch on aligned row-major operands would be; returns
+    its shared memory bytes."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -46,7 +54,7 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int =
             values.setdefault(p.name, 1)
             continue
         if p.name.endswith("_ptr"):
-            signature[p.name] = POINTERS.get(p.name, "*bf16")
+            signature[p.name] = (pointers or POINTERS).get(p.name, "*bf16")
         else:
             signature[p.name] = "fp32" if p.name == "alpha" else "i32"
         if p.name.endswith("_ptr") or p.name.startswith("stride") or p.name in ALIGNED_INTS:
@@ -89,11 +97,43 @@ def jobs():
                                                      ACC_DTYPE=tl.float32, BLOCK_R=32, BLOCK_F=128), 4, 3)
 
 
+def dense_jobs():
+    """(name, kernel, constexprs, num_warps, num_stages) of the dense regime's and fused layer's kernels."""
+    from moelora.triton_kernels import dense as D
+    from moelora.triton_kernels import matmul as M
+
+    routing = dict(TOP_K=2, BLOCK_K=2)
+    yield ("lora_down with router", D.lora_down_kernel,
+           dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3)
+    yield ("gated_expand", D.gated_expand_kernel,
+           dict(HAS_BASE=True, HAS_BIAS=True, **DOT, **routing, BLOCK_T=128, BLOCK_N=128, BLOCK_R=16), 8, 3)
+    for router in (D.NO_ROUTER, D.SOFTMAX_RENORMALIZED, D.SOFTMAX_PLAIN, D.TOPK_SOFTMAX):
+        for shared in (True, False):
+            yield (f"gate_backward router {router} shared {shared}", D.gate_backward_kernel,
+                   dict(SHARED_A=shared, ROUTER=router, HAS_AUX_GRAD=router != D.NO_ROUTER, ACC=tl.float32, **routing,
+                        BLOCK_T=32, BLOCK_R=16, BLOCK_E=8), 4, 3)
+    for split in (True, False):
+        for shared in (True, False):
+            yield (f"lora_weight_grad split {split} shared {shared}", D.lora_weight_grad_kernel,
+                   dict(SHARED_A=shared, HAS_ROUTER=shared, SPLIT=split, **DOT, TOP_K=2, BLOCK_M=32, BLOCK_CB=128,
+                        BLOCK_CA=32, BLOCK_T=64), 8, 3)
+    yield ("lora_weight_grad_reduce", D.lora_weight_grad_reduce_kernel,
+           dict(HAS_ROUTER=True, ACC_DTYPE=tl.float32, BLOCK=1024), 4, 3)
+    for kept in (True, False):
+        yield (f"router_aux_loss kept {kept}", D.router_aux_loss_kernel,
+               dict(COUNT_KEPT=kept, TOP_K=3, ACC=tl.float32, BLOCK_E=16, BLOCK_T=256, BLOCK_K=4), 4, 3)
+    yield ("threshold_weights", D.threshold_weights_kernel,
+           dict(HAS_NOISE=True, HAS_RAMP=True, TOP_K=3, BLOCK_T=128, BLOCK_K=4), 4, 3)
+    yield ("matmul stacked, second pair, sanitized", M.matmul_kernel,
+           dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 3)
+
+
 def main() -> int:
     failed = 0
-    for name, kernel, constexprs, warps, stages in jobs():
+    for name, kernel, constexprs, warps, stages in list(jobs()) + list(dense_jobs()):
         try:
-            shared = compile_sm90(kernel, constexprs, warps, stages)
+            pointers = None if kernel.__module__.endswith("grouped") else {**POINTERS, **DENSE_POINTERS}
+            shared = compile_sm90(kernel, constexprs, warps, stages, pointers)
         except Exception as err:  # noqa: BLE001 - reported, counted
             failed += 1
             print(f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}")
