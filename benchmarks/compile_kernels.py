@@ -25,7 +25,7 @@ POINTERS = {"row_pair_ptr": "*i64", "starts_ptr": "*i64", "counts_ptr": "*i64", 
             "block_expert_ptr": "*i32", "ids_ptr": "*i32", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
             "h_ptr": "*fp32", "dw_ptr": "*fp32", "g_ptr": "*fp32"}
 # The dense kernels' fp32 / int operands (routing, statistics, the r-wide intermediates).
-DENSE_POINTERS = {"num_steps_ptr": "*i64", "kept_ptr": "*i64", "g_aux_ptr": "*fp32", "logits_ptr": "*fp32",
+DENSE_POINTERS = {"hg_ptr": "*bf16", "num_steps_ptr": "*i64", "kept_ptr": "*i64", "g_aux_ptr": "*fp32", "logits_ptr": "*fp32",
                   "dl_ptr": "*fp32", "dh_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "dhg_ptr": "*fp32",
                   "loss_ptr": "*fp32", "stats_ptr": "*fp32", "prob_sums_ptr": "*fp32", "lse_ptr": "*fp32",
                   "top_p_ptr": "*fp32", "noise_ptr": "*fp32", "l_ptr": "*fp32", "a_ptr": "*fp32", "r_ptr": "*fp32"}
@@ -105,18 +105,20 @@ def dense_jobs():
     routing = dict(TOP_K=2, BLOCK_K=2)
     yield ("lora_down with router", D.lora_down_kernel,
            dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3)
-    yield ("gated_expand", D.gated_expand_kernel,
-           dict(HAS_BASE=True, HAS_BIAS=True, **DOT, **routing, BLOCK_T=128, BLOCK_N=128, BLOCK_R=16), 8, 3)
+    for shared in (True, False):
+        yield (f"gated_expand shared {shared}", D.gated_expand_kernel,
+               dict(SHARED_A=shared, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
+                    BLOCK_C=128), 8, 1)
     for router in (D.NO_ROUTER, D.SOFTMAX_RENORMALIZED, D.SOFTMAX_PLAIN, D.TOPK_SOFTMAX):
         for shared in (True, False):
             yield (f"gate_backward router {router} shared {shared}", D.gate_backward_kernel,
-                   dict(SHARED_A=shared, ROUTER=router, HAS_AUX_GRAD=router != D.NO_ROUTER, ACC=tl.float32, **routing,
-                        BLOCK_T=32, BLOCK_R=16, BLOCK_E=8), 4, 3)
+                   dict(SHARED_A=shared, ROUTER=router, HAS_AUX_GRAD=router != D.NO_ROUTER, WRITE_HG=True,
+                        ACC=tl.float32, **routing, BLOCK_T=32, BLOCK_R=16, BLOCK_E=8), 4, 3)
     for split in (True, False):
-        for shared in (True, False):
-            yield (f"lora_weight_grad split {split} shared {shared}", D.lora_weight_grad_kernel,
-                   dict(SHARED_A=shared, HAS_ROUTER=shared, SPLIT=split, **DOT, TOP_K=2, BLOCK_M=32, BLOCK_CB=128,
-                        BLOCK_CA=32, BLOCK_T=64), 8, 3)
+        for router in (True, False):
+            yield (f"lora_weight_grad split {split} router {router}", D.lora_weight_grad_kernel,
+                   dict(HAS_ROUTER=router, SPLIT=split, **DOT, BLOCK_M=32, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),
+                   4, 3)
     yield ("lora_weight_grad_reduce", D.lora_weight_grad_reduce_kernel,
            dict(HAS_ROUTER=True, ACC_DTYPE=tl.float32, BLOCK=1024), 4, 3)
     for kept in (True, False):

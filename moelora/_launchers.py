@@ -51,14 +51,61 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------ launching
 _launch_hook: Optional[Callable] = None
+# Compiled kernels by (kernel, specialisation of the arguments, compile-time arguments): a launch
+# whose key was seen calls the compiled kernel directly, skipping Triton's per-launch binding,
+# specialisation and cache-key work (tens of microseconds of host time per launch).
+_compiled: Dict[tuple, tuple] = {}
+_direct_launch = {"enabled": not _INTERPRETING and os.environ.get("MOELORA_DIRECT_LAUNCH", "1") != "0"}
+
+
+def _specialisation(args) -> tuple:
+    """What Triton specialises a launch on: tensors' dtypes and 16-byte alignment, ints being 1,
+    multiples of 16 or beyond int32 (see triton.runtime.jit's specialize_impl)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, int) and not isinstance(a, bool):
+            key.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+        else:
+            key.append(type(a))
+    return tuple(key)
+
+
+def _current_stream():
+    """The stream Triton launches on (its driver's current device and stream)."""
+    from triton.runtime.driver import driver
+
+    active = driver.active
+    return active.get_current_stream(active.get_current_device())
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """kernel[grid](*args, **meta), or the counting hook of :func:`count_launches`."""
+    """kernel[grid](*args, **meta) (constexprs and launch options by keyword), or the counting
+    hook of :func:`count_launches`. On a GPU the second and later launches of a kernel with the
+    same specialisation call its compiled kernel directly (MOELORA_DIRECT_LAUNCH=0: never)."""
     if _launch_hook is not None:
         _launch_hook(kernel, grid)
         return
-    kernel[grid](*args, **meta)
+    if not _direct_launch["enabled"]:
+        kernel[grid](*args, **meta)
+        return
+    key = (id(kernel), _specialisation(args), tuple(meta.items()))
+    entry = _compiled.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        names = kernel.arg_names[len(args):]
+        if compiled is not None and all(n in meta for n in names) and hasattr(compiled, "packed_metadata"):
+            _compiled[key] = (compiled, tuple(meta[n] for n in names))
+        return
+    compiled, constexprs = entry
+    grid = tuple(grid) + (1, 1)
+    try:
+        compiled.run(grid[0], grid[1], grid[2], _current_stream(), compiled.function, compiled.packed_metadata,
+                     None, None, None, *args, *constexprs)
+    except TypeError:  # another Triton's launcher signature: launch the documented way from now on
+        _direct_launch["enabled"] = False
+        kernel[grid](*args, **meta)
 
 
 @contextlib.contextmanager
@@ -257,15 +304,14 @@ def lora_down(x: torch.Tensor, a_rows: torch.Tensor, router_weight: Optional[tor
 
 
 @functools.lru_cache(maxsize=4096)
-def _gated_expand_config(T: int, N: int, rank: int, top_k: int, has_base: bool, has_bias: bool,
+def _gated_expand_config(T: int, N: int, NB: int, top_k: int, shared_a: bool, has_base: bool, has_bias: bool,
                          dtype: torch.dtype, tf32: bool) -> tuple:
-    block_t = 64 if _INTERPRETING else 128
+    block_t = 64
     block_n = _pow2_block(N, 16, 128)
-    meta = dict(_dot_config_cached(dtype, tf32), HAS_BASE=has_base, HAS_BIAS=has_bias, TOP_K=top_k,
-                BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_N=block_n,
-                BLOCK_R=_pow2_block(rank, 16, 1 << 16))
-    if not _INTERPRETING:
-        meta["num_warps"] = 8
+    meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=has_base, HAS_BIAS=has_bias,
+                TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_C=_pow2_block(NB, 16, 128))
+    if not _INTERPRETING:  # K = E*r is one or two tiles: no software pipelining, more programs per SM
+        meta.update(num_warps=8, num_stages=1)
     return (cdiv(T, block_t), cdiv(N, block_n)), meta
 
 
@@ -282,14 +328,13 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
     if T == 0 or N == 0:
         return out
     compute_dtype = compute_dtype or lora_b.dtype
-    grid, meta = _gated_expand_config(T, N, rank, topk_ids.shape[1], base is not None, bias is not None,
-                                      compute_dtype, _tf32(compute_dtype))
+    grid, meta = _gated_expand_config(T, N, num_experts * rank, topk_ids.shape[1], shared_a, base is not None,
+                                      bias is not None, compute_dtype, _tf32(compute_dtype))
     base_arg = base if base is not None else out
     bias_arg = bias if bias is not None else out
-    sh_t, sh_r = h.stride()
     launch(gated_expand_kernel, grid,
-           h, topk_ids, topk_weights, lora_b, base_arg, bias_arg, out, T, N, num_experts, rank, *scale_factors(scaling),
-           sh_t, 0 if shared_a else rank * sh_r, sh_r, *topk_ids.stride(), *topk_weights.stride(), *lora_b.stride(),
+           h, topk_ids, topk_weights, lora_b, base_arg, bias_arg, out, T, N, num_experts * rank, rank,
+           *scale_factors(scaling), *h.stride(), *topk_ids.stride(), *topk_weights.stride(), *lora_b.stride(),
            base_arg.stride(0), base_arg.stride(-1), bias_arg.stride(-1), *out.stride(), **meta)
     return out
 
@@ -313,10 +358,10 @@ class RouterGrad(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def _gate_backward_config(T: int, rank: int, top_k: int, E: int, shared_a: bool, router: int, has_aux: bool,
-                          dtype: torch.dtype):
+                          write_hg: bool, dtype: torch.dtype):
     block_t = 64 if _INTERPRETING else 32
-    meta = dict(SHARED_A=shared_a, ROUTER=router, HAS_AUX_GRAD=has_aux, ACC=_TL_DTYPES[dtype], TOP_K=top_k,
-                BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
+    meta = dict(SHARED_A=shared_a, ROUTER=router, HAS_AUX_GRAD=has_aux, WRITE_HG=write_hg, ACC=_TL_DTYPES[dtype],
+                TOP_K=top_k, BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
                 BLOCK_E=_pow2_block(E, 1, 1 << 16))
     return (cdiv(T, block_t),), meta
 
@@ -324,8 +369,9 @@ def _gate_backward_config(T: int, rank: int, top_k: int, E: int, shared_a: bool,
 def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                   num_experts: int, rank: int, scaling: float, shared_a: bool,
                   router: Optional[RouterGrad] = None, dh: Optional[torch.Tensor] = None,
-                  dw: Optional[torch.Tensor] = None):
-    """(dh, dw) without ``router``, (dh, d logits) with it; all fp32 (fp64 for fp64 h).
+                  dw: Optional[torch.Tensor] = None, hg_dtype: Optional[torch.dtype] = None):
+    """(dh, dw) without ``router``, (dh, d logits) with it; all fp32 (fp64 for fp64 h). With
+    ``hg_dtype`` also the gated intermediate Hg [T, E*r] in that dtype: (dh, dw or d logits, Hg).
 
     dh is [T, r] (shared A) or [T, E*r]; dw [T, k]; d logits [T, E] includes the gradient of
     the router's auxiliary loss when ``router.g_aux`` is given.
@@ -344,22 +390,26 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
         has_aux = router.g_aux is not None
         g_aux = router.g_aux if has_aux else logits
         mode, lb_coef, z_coef = ROUTER_GRAD_MODES[router.mode], router.lb_coef, router.z_coef
+    hg = torch.empty(T, num_experts * rank, dtype=hg_dtype, device=h.device) if hg_dtype is not None else None
+    outputs = (dh, second) if hg is None else (dh, second, hg)
     if T == 0:
-        return dh, second
-    grid, meta = _gate_backward_config(T, rank, topk_ids.shape[1], num_experts, shared_a, mode, has_aux, h.dtype)
+        return outputs
+    grid, meta = _gate_backward_config(T, rank, topk_ids.shape[1], num_experts, shared_a, mode, has_aux,
+                                       hg is not None, h.dtype)
+    hg_arg = hg if hg is not None else dh
     sh_t, sh_r = h.stride()
     launch(gate_backward_kernel, grid,
-           dhg, h, topk_ids, topk_weights, dh, second, logits, counts, g_aux, second,
+           dhg, h, topk_ids, topk_weights, dh, second, logits, counts, g_aux, second, hg_arg,
            T, num_experts, rank, *scale_factors(scaling), 1.0 / T, lb_coef, z_coef,
            *dhg.stride(), sh_t, 0 if shared_a else rank * sh_r, sh_r, *topk_ids.stride(), *topk_weights.stride(),
            *dh.stride(), second.stride(0), second.stride(-1), logits.stride(0), logits.stride(-1),
-           second.stride(0), second.stride(-1), **meta)
-    return dh, second
+           second.stride(0), second.stride(-1), *hg_arg.stride(), **meta)
+    return outputs
 
 
 @functools.lru_cache(maxsize=4096)
-def _weight_grad_config(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, top_k: int, shared_a: bool,
-                        device: torch.device, dtype: torch.dtype, tf32: bool, splits: Optional[int]):
+def _weight_grad_config(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, device: torch.device,
+                        dtype: torch.dtype, tf32: bool, splits: Optional[int]):
     """(grid, splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta) of lora_weight_grad_kernel.
 
     Tiles of 64 rows (32 when that fills the device without splitting T); T is split so that
@@ -381,10 +431,8 @@ def _weight_grad_config(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
         splits = _split_count(n_tiles, T, device)
     t_per_split = cdiv(cdiv(T, splits), block_t) * block_t
     splits = max(1, cdiv(T, t_per_split))
-    meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_ROUTER=E > 0, SPLIT=splits > 1, TOP_K=top_k,
-                BLOCK_M=block_m, BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
-    if not _INTERPRETING:
-        meta["num_warps"] = 8  # job B's gated tile: three [BLOCK_T, BLOCK_CB] temporaries
+    meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, SPLIT=splits > 1, BLOCK_M=block_m,
+                BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
     tiles_b = cdiv(d_out, block_m) * tiles_b_c
     return (n_tiles * splits,), splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta
 
@@ -392,14 +440,15 @@ def _weight_grad_config(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
 _REDUCE_BLOCK = 1024
 
 
-def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, dh: torch.Tensor, dlogits: Optional[torch.Tensor], *,
-                     rank: int, scaling: float, shared_a: bool, dlora_b: torch.Tensor, dlora_a: torch.Tensor,
-                     drouter: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> None:
-    """Writes dlora_b [E, d_out, r] = (dy^T Hg) in B's layout, dlora_a [R, d_in] = dh^T x (a view of
-    A's gradient as A_rows) and drouter [E, d_in] = dlogits^T x, in their own dtypes, from one
-    kernel (plus a fixed-order reduction of the splits of T when the device needs them;
-    ``splits`` forces their number)."""
+def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: torch.Tensor,
+                     dlogits: Optional[torch.Tensor], *, rank: int, scaling: float, dlora_b: torch.Tensor,
+                     dlora_a: torch.Tensor, drouter: Optional[torch.Tensor] = None,
+                     splits: Optional[int] = None) -> None:
+    """Writes dlora_b [E, d_out, r] = s_out * (dy^T Hg) in B's layout (Hg [T, E*r] from
+    gate_backward, which holds the rest of the scale ``scaling``), dlora_a [R, d_in] = dh^T x (a
+    view of A's gradient as A_rows) and drouter [E, d_in] = dlogits^T x, in their own dtypes,
+    from one kernel (plus a fixed-order reduction of the splits of T when the device needs
+    them; ``splits`` forces their number)."""
     T, d_out = dy.shape
     d_in = x.shape[1]
     R = dh.shape[1]
@@ -412,7 +461,7 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, topk_id
             drouter.zero_()
         return
     grid, splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta = _weight_grad_config(
-        T, d_out, d_in, R, E, NB, topk_ids.shape[1], shared_a, x.device, x.dtype, _tf32(x.dtype), splits)
+        T, d_out, d_in, R, E, NB, x.device, x.dtype, _tf32(x.dtype), splits)
     dl = dlogits if dlogits is not None else dh
     dr = drouter if drouter is not None else dlora_a
     part_a_offset = splits * d_out * NB
@@ -420,11 +469,10 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, topk_id
     part = (torch.empty(part_a_offset + splits * (R + E) * d_in, dtype=acc, device=x.device)
             if splits > 1 else dh)
     launch(lora_weight_grad_kernel, grid,
-           dy, x, h, topk_ids, topk_weights, dh, dl, dlora_b, dlora_a, dr, part,
-           T, d_out, d_in, R, E, NB, rank, *scale_factors(scaling), tiles_b, tiles_b_c, tiles_a_c, t_per_split,
-           part_a_offset,
-           *dy.stride(), *x.stride(), *h.stride(), *topk_ids.stride(), *topk_weights.stride(), *dh.stride(),
-           *dl.stride(), *dlora_b.stride(), *dlora_a.stride(), *dr.stride(), **meta)
+           dy, x, hg, dh, dl, dlora_b, dlora_a, dr, part,
+           T, d_out, d_in, R, E, NB, rank, scale_factors(scaling)[1], tiles_b, tiles_b_c, tiles_a_c, t_per_split,
+           part_a_offset, *dy.stride(), *x.stride(), *hg.stride(), *dh.stride(), *dl.stride(), *dlora_b.stride(),
+           *dlora_a.stride(), *dr.stride(), **meta)
     if splits > 1:
         blocks_b = cdiv(d_out * NB, _REDUCE_BLOCK)
         blocks_a = cdiv((R + E) * d_in, _REDUCE_BLOCK)

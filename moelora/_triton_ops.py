@@ -82,13 +82,13 @@ def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, n
     num_experts, d_out, rank = lora_b.shape
     shared = lora_a.dim() == 2
     dhg = K.matmul(dy, lora_b, stacked_b=True, out_dtype=h.dtype, compute_dtype=x.dtype)
-    dh, dw = K.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
-                             scaling=scaling, shared_a=shared)
+    dh, dw, hg = K.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
+                                 scaling=scaling, shared_a=shared, hg_dtype=x.dtype)
     a_rows = _a_rows(lora_a)
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
-    K.lora_weight_grad(dy, x, h, topk_ids, topk_weights, dh, None, rank=rank, scaling=scaling, shared_a=shared,
-                       dlora_b=dlora_b, dlora_a=dlora_a.view(a_rows.shape))
+    K.lora_weight_grad(dy, x, hg, dh, None, rank=rank, scaling=scaling, dlora_b=dlora_b,
+                       dlora_a=dlora_a.view(a_rows.shape))
     dx = K.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared) if need_dx else None
     return dx, dlora_a, dlora_b, dw
 

@@ -219,16 +219,16 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     if mode != "static":
         grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
         router = K.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
-    dh, dw_or_dl = K.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank, scaling=scaling,
-                                   shared_a=shared, router=router)
+    dh, dw_or_dl, hg = K.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank, scaling=scaling,
+                                       shared_a=shared, router=router, hg_dtype=dtype)
     dl = dw_or_dl if router is not None else None
     fused_router = router_weight is not None and lora_input is None
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
     drouter = (torch.empty(router_weight.shape, dtype=router_weight.dtype, device=x.device)
                if fused_router else None)
-    K.lora_weight_grad(dy, xl, h, ids, weights, dh, dl if fused_router else None, rank=rank, scaling=scaling,
-                       shared_a=shared, dlora_b=dlora_b, dlora_a=dlora_a.view(a_c.shape), drouter=drouter)
+    K.lora_weight_grad(dy, xl, hg, dh, dl if fused_router else None, rank=rank, scaling=scaling, dlora_b=dlora_b,
+                       dlora_a=dlora_a.view(a_c.shape), drouter=drouter)
     if router_weight is not None and not fused_router and need_router:
         drouter = K.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
     dx = dlora_input = None

@@ -64,7 +64,9 @@ def test_gate_backward(shared_a):
     dhg = randn(T, E * r)
     big_dh, dh = poisoned_view(T, h.shape[1])
     big_dw, dw = poisoned_view(T, k)
-    K.gate_backward(dhg, h, ids, w, num_experts=E, rank=r, scaling=s, shared_a=shared_a, dh=dh, dw=dw)
+    _, _, hg = K.gate_backward(dhg, h, ids, w, num_experts=E, rank=r, scaling=s, shared_a=shared_a, dh=dh, dw=dw,
+                               hg_dtype=torch.float32)
+    assert rel_err(hg, (G[:, :, None] * h3).reshape(T, E * r)) < 1e-6
     dhg3 = dhg.double().view(T, E, r)
     dh_ref = (G[:, :, None] * dhg3)
     dh_ref = dh_ref.sum(1) if shared_a else dh_ref.reshape(T, E * r)
@@ -101,8 +103,8 @@ def test_gate_backward_differentiates_router_and_aux_loss(mode, with_aux):
     (dl_ref,) = torch.autograd.grad(loss, logits)
     router = K.RouterGrad(logits.detach().float(), routing_ref.counts, torch.tensor(g, device=DEVICE) if with_aux
                           else None, mode, 0.01, 0.001)
-    dh, dl = K.gate_backward(dhg, h, routing_ref.ids, routing_ref.weights.float(), num_experts=E, rank=r, scaling=s,
-                             shared_a=True, router=router)
+    dh, dl = K.gate_backward(dhg, h, routing_ref.ids, routing_ref.weights.float(), num_experts=E, rank=r,
+                             scaling=s, shared_a=True, router=router)
     assert torch.isfinite(dl).all() and rel_err(dl, dl_ref) < 1e-5
     assert torch.equal(dl[3], torch.zeros(E, device=DEVICE))  # logits read as -inf get no gradient
 
@@ -118,31 +120,30 @@ def test_lora_down_reads_x_once_for_h_and_logits():
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("shared_a", [True, False])
-def test_lora_weight_grad(shared_a, splits):
+@pytest.mark.parametrize("with_router", [True, False])
+def test_lora_weight_grad(with_router, splits):
     """dB (written in its [E, d_out, r] layout), dA and dW_router into strided views of NaN buffers,
     in one kernel (plus the reduction of forced splits of T); experts without tokens get exact zeros."""
-    T, d_in, d_out, E, r, k, s = 75, 40, 33, 5, 3, 2, 0.3
-    ids, w = routing(T, E, k)
-    ids[ids == 4] = 0  # expert 4 gets no token
-    ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % 4, ids[:, 1])
-    R = r if shared_a else E * r
-    dy, x, h, dh, dl = randn(T, d_out), randn(T, d_in), randn(T, R), randn(T, R), randn(T, E)
+    T, d_in, d_out, E, r, R, s = 75, 40, 33, 5, 3, 15, 1e39  # a scale beyond fp32: hg holds 2^64-ish of it
+    hg = randn(T, E * r)
+    hg[:, 4 * r:] = 0  # expert 4 gets no token
+    dy, x, dh, dl = randn(T, d_out), randn(T, d_in), randn(T, R), randn(T, E)
+    s_in, s_out = K.scale_factors(s)
     big_b = torch.full((E, d_out + 1, r + 2), NAN, device=DEVICE)
     db = big_b[:, 1:, 1:-1]
     big_a, da = poisoned_view(R, d_in)
     big_r, dr = poisoned_view(E, d_in)
-    K.lora_weight_grad(dy, x, h, ids, w, dh, dl, rank=r, scaling=s, shared_a=shared_a, dlora_b=db, dlora_a=da,
-                       drouter=dr, splits=splits)
-    G = dense_gates(ids, w, E, torch.float64) * s
-    h3 = h.double().view(T, 1 if shared_a else E, r).expand(T, E, r)
-    hg = (G[:, :, None] * h3)  # [T, E, r]
-    db_ref = torch.einsum("tn,ter->enr", dy.double(), hg)
+    K.lora_weight_grad(dy, x, hg, dh, dl if with_router else None, rank=r, scaling=s, dlora_b=db, dlora_a=da,
+                       drouter=dr if with_router else None, splits=splits)
+    db_ref = s_out * torch.einsum("tn,tc->nc", dy.double(), hg.double()).view(d_out, E, r).permute(1, 0, 2)
     assert torch.isfinite(db).all() and rel_err(db, db_ref) < 1e-6
     assert torch.isnan(big_b[:, 0]).all() and torch.isnan(big_b[:, :, 0]).all() and torch.isnan(big_b[:, :, -1]).all()
     assert torch.equal(db[4], torch.zeros_like(db[4]))
     assert_only_view_written(big_a, da, dh.double().t() @ x.double(), 1e-6)
-    assert_only_view_written(big_r, dr, dl.double().t() @ x.double(), 1e-6)
+    if with_router:
+        assert_only_view_written(big_r, dr, dl.double().t() @ x.double(), 1e-6)
+    else:
+        assert torch.isnan(big_r).all()
 
 
 def test_router_aux_loss_matches_the_torch_formula():
@@ -362,3 +363,35 @@ def test_gated_expand_ignores_nonfinite_weights_of_unchosen_experts(shared_a):
     assert rel_err(out[~chose_2], expected[~chose_2]) < 1e-6
     if shared_a:
         assert torch.isnan(out[chose_2][:, [7, 9]]).all() and torch.isfinite(out[chose_2][:, :7]).all()
+
+
+def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(monkeypatch):
+    """The second launch with the same specialisation calls the compiled kernel directly, with the
+    positional arguments then the constexprs in the kernel's parameter order (as Triton's
+    JITFunction.run passes them); another specialisation (an unaligned tensor) compiles anew."""
+    runs = []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *args):
+            runs.append(args)
+
+    class Kernel:
+        arg_names = ["a_ptr", "n", "BLOCK", "FLAG"]
+        launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: (self.launches.append((grid, args, meta)), Compiled())[1]
+
+    monkeypatch.setattr(K, "_direct_launch", {"enabled": True})
+    monkeypatch.setattr(K, "_compiled", {})
+    monkeypatch.setattr(K, "_current_stream", lambda: "stream")
+    kernel, x = Kernel(), torch.zeros(8)
+    K.launch(kernel, (3,), x, 5, FLAG=True, BLOCK=16, num_warps=4)
+    K.launch(kernel, (7, 2), x, 5, FLAG=True, BLOCK=16, num_warps=4)
+    assert len(kernel.launches) == 1
+    assert runs == [(7, 2, 1, "stream", "fn", "meta", None, None, None, x, 5, 16, True)]
+    K.launch(kernel, (3,), x[1:], 5, FLAG=True, BLOCK=16, num_warps=4)  # 4-byte offset: not 16-byte aligned
+    K.launch(kernel, (3,), x, 1, FLAG=True, BLOCK=16, num_warps=4)  # an int equal to 1
+    assert len(kernel.launches) == 3 and len(runs) == 1

@@ -11,6 +11,7 @@ Forward:   y = base + Hg @ B_stack^T             (gated_expand_kernel: Hg formed
 Backward:  dHg = dy @ B_stack (matmul_kernel), then gate_backward_kernel:
                dw[t, j]  = s * <dHg_e[t], h_e[t]>        for e = ids[t, j]
                dh_e[t]   = s * G[t, e] * dHg_e[t]      (shared A: summed over e)
+               and Hg itself (T x E*r, small), which the weight gradients read,
            and, for a learned router with logits [T, E], d logits (router_backward below),
            weight gradients (lora_weight_grad_kernel): dB_stack = dy^T Hg, dA_rows = dh^T x,
            dW_router = dlogits^T x.
@@ -27,6 +28,8 @@ gradients finite. Every kernel is deterministic (no atomics) and uses int64 offs
 
 import triton
 import triton.language as tl
+
+from .matmul import _sanitized_dot
 
 
 @triton.jit
@@ -92,51 +95,60 @@ def lora_down_kernel(
 
 
 @triton.jit
+def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
+                stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+                SHARED_A: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                ACC: tl.constexpr):
+    """Hg[offs_t, offs_c] (ACC), zero for (token, expert) pairs the token did not choose."""
+    expert = offs_c // rank
+    gate = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+    chosen = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.int1)
+    for j in tl.static_range(TOP_K):
+        id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
+        w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
+        hit = id_j[:, None] == expert[None, :]
+        gate += tl.where(hit, w_j[:, None], 0.0)
+        chosen = chosen | hit
+    h_col = offs_c % rank if SHARED_A else offs_c
+    h = tl.load(h_ptr + offs_t[:, None] * stride_ht + h_col[None, :] * stride_hr,
+                mask=mask_t[:, None] & mask_c[None, :], other=0.0).to(ACC)
+    return tl.where(chosen, (gate * scaling) * h, 0.0)
+
+
+@triton.jit
 def gated_expand_kernel(
     h_ptr, ids_ptr, w_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
-    T, N, num_experts, rank, scaling, scale_out,
-    stride_ht, stride_he, stride_hr,
+    T, N, NB, rank, scaling, scale_out,
+    stride_ht, stride_hr,
     stride_it, stride_ik, stride_wt, stride_wk,
     stride_be, stride_bn, stride_br,
     stride_xt, stride_xn, stride_bias, stride_yt, stride_yn,
-    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SHARED_A: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """y = base + bias + sum_e Hg_e @ B[e]^T, the gated intermediate formed in the GEMM prologue.
+    """y = base + bias + Hg @ B_stack^T, one GEMM with K = E*r whose A operand, the gated
+    intermediate Hg, is formed in the prologue from h and the routing (never in memory) and
+    whose B operand is read from B [E, d_out, r] directly.
 
-    stride_he is 0 for a shared A. Experts that no token of the block chose are skipped; a
-    token's output is NaN only where an expert it chose holds a non-finite weight in that
-    output row. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    Non-finite entries of an expert's B reach only the tokens that chose it (sanitized dot,
+    see triton_kernels.matmul). Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
     """
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_t = offs_t < T
     mask_n = offs_n < N
-    mask_r = offs_r < rank
-    ids, w = _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_wt, stride_wk,
-                           TOP_K, BLOCK_K, ACC_DTYPE)
-    h_ptrs = h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr
-    h_mask = mask_t[:, None] & mask_r[None, :]
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
-    b_mask = mask_r[:, None] & mask_n[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
     poisoned = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.int1)
-    for e in range(num_experts):
-        chosen = ids == e
-        picked = tl.max(chosen.to(tl.int32), axis=1) > 0
-        if tl.max(picked.to(tl.int32), axis=0) > 0:
-            gate = tl.sum(tl.where(chosen, w, 0.0), axis=1) * scaling
-            h = tl.load(h_ptrs + e * stride_he, mask=h_mask, other=0.0).to(ACC_DTYPE)
-            lhs = tl.where(picked[:, None], gate[:, None] * h, 0.0)
-            b = tl.load(b_ptrs + e * stride_be, mask=b_mask, other=0.0).to(ACC_DTYPE)
-            finite = _finite(b)
-            acc += tl.dot(lhs.to(DOT_DTYPE), tl.where(finite, b, 0.0).to(DOT_DTYPE),
-                          input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            bad_n = tl.max((~finite).to(tl.int32), axis=0) > 0
-            poisoned = poisoned | (picked[:, None] & bad_n[None, :])
+    for c0 in range(0, NB, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < NB
+        hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
+                         stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+                         SHARED_A, TOP_K, BLOCK_T, BLOCK_C, ACC_DTYPE)
+        b = tl.load(b_ptr + (offs_c // rank)[:, None] * stride_be + offs_n[None, :] * stride_bn
+                    + (offs_c % rank)[:, None] * stride_br, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc, poisoned = _sanitized_dot(hg, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, True)
     acc = tl.where(poisoned, float("nan"), acc * scale_out)
     mask = mask_t[:, None] & mask_n[None, :]
     if HAS_BIAS:
@@ -218,18 +230,21 @@ def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, 
 @triton.jit
 def gate_backward_kernel(
     dhg_ptr, h_ptr, ids_ptr, w_ptr, dh_ptr, dw_ptr,
-    logits_ptr, counts_ptr, g_aux_ptr, dl_ptr,
+    logits_ptr, counts_ptr, g_aux_ptr, dl_ptr, hg_ptr,
     T, num_experts, rank, scaling, scale_out, inv_t, lb_coef, z_coef,
     stride_gt, stride_gc,
     stride_ht, stride_he, stride_hr,
     stride_it, stride_ik, stride_wt, stride_wk,
     stride_dht, stride_dhc, stride_dwt, stride_dwk,
-    stride_lt, stride_le, stride_dlt, stride_dle,
-    SHARED_A: tl.constexpr, ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, ACC: tl.constexpr,
+    stride_lt, stride_le, stride_dlt, stride_dle, stride_hgt, stride_hgc,
+    SHARED_A: tl.constexpr, ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, WRITE_HG: tl.constexpr,
+    ACC: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """dh [T, R] and either dw [T, k] (ROUTER == NO_ROUTER) or d logits [T, E], all in ACC (fp32, fp64 for fp64).
+    """dh [T, R] and either dw [T, k] (ROUTER == NO_ROUTER) or d logits [T, E], all in ACC (fp32, fp64 for fp64);
+    with WRITE_HG also the gated intermediate Hg [T, E*r] (without scale_out), which the
+    weight-gradient kernel reads.
 
     Grid: (cdiv(T, BLOCK_T),).
     """
@@ -251,6 +266,9 @@ def gate_backward_kernel(
         dhg = tl.load(dhg_ptr + offs_t[:, None] * stride_gt + col * stride_gc, mask=mask, other=0.0).to(ACC)
         if not SHARED_A:
             h = tl.load(h_ptrs + e * stride_he, mask=mask, other=0.0).to(ACC)
+        if WRITE_HG:
+            tl.store(hg_ptr + offs_t[:, None] * stride_hgt + col * stride_hgc,
+                     tl.where(picked[:, None], gate[:, None] * h, 0.0).to(hg_ptr.dtype.element_ty), mask=mask)
         p = (tl.sum(dhg * h, axis=1) * scaling) * scale_out
         dw += tl.where(chosen, p[:, None], 0.0)
         dh_e = tl.where(picked[:, None], (gate[:, None] * dhg) * scale_out, 0.0)
@@ -274,27 +292,6 @@ def gate_backward_kernel(
 
 
 @triton.jit
-def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
-                stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
-                SHARED_A: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                ACC: tl.constexpr):
-    """Hg[offs_t, offs_c] (ACC), zero for (token, expert) pairs the token did not choose."""
-    expert = offs_c // rank
-    gate = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
-    chosen = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.int1)
-    for j in tl.static_range(TOP_K):
-        id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
-        w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
-        hit = id_j[:, None] == expert[None, :]
-        gate += tl.where(hit, w_j[:, None], 0.0)
-        chosen = chosen | hit
-    h_col = offs_c % rank if SHARED_A else offs_c
-    h = tl.load(h_ptr + offs_t[:, None] * stride_ht + h_col[None, :] * stride_hr,
-                mask=mask_t[:, None] & mask_c[None, :], other=0.0).to(ACC)
-    return tl.where(chosen, (gate * scaling) * h, 0.0)
-
-
-@triton.jit
 def _store_lora_b(ptr, offs_n, offs_c, mask, rank, stride_e, stride_n, stride_i, acc):
     """dB_stack[n, e*r + i] (acc, [BLOCK_N, BLOCK_C]) into dB[e, n, i]."""
     tl.store(ptr + (offs_c // rank)[None, :] * stride_e + offs_n[:, None] * stride_n
@@ -315,12 +312,11 @@ def _store_lora_a(a_ptr, r_ptr, offs_k, offs_c, mask, R, stride_ar, stride_ak, s
 
 
 @triton.jit
-def _weight_grad_b(dy_ptr, h_ptr, ids_ptr, w_ptr, db_ptr, part_ptr, tile, split, t_lo, t_hi, d_out, NB, rank,
-                   scaling, scale_out, tiles_b_c, stride_yt, stride_yn, stride_ht, stride_hr, stride_it, stride_ik,
-                   stride_wt, stride_wk, stride_be, stride_bn, stride_bi,
-                   SHARED_A: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_CB: tl.constexpr, BLOCK_T: tl.constexpr):
+def _weight_grad_b(dy_ptr, hg_ptr, db_ptr, part_ptr, tile, split, t_lo, t_hi, d_out, NB, rank, scale_out, tiles_b_c,
+                   stride_yt, stride_yn, stride_hgt, stride_hgc, stride_be, stride_bn, stride_bi,
+                   SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CB: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
     """Job B of lora_weight_grad_kernel: one [BLOCK_M, BLOCK_CB] tile of dB_stack = dy^T Hg over [t_lo, t_hi)."""
     offs_m = (tile // tiles_b_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = (tile % tiles_b_c) * BLOCK_CB + tl.arange(0, BLOCK_CB)
@@ -332,9 +328,8 @@ def _weight_grad_b(dy_ptr, h_ptr, ids_ptr, w_ptr, db_ptr, part_ptr, tile, split,
         mask_t = offs_t < t_hi
         dyt = tl.load(dy_ptr + offs_t[None, :] * stride_yt + offs_m[:, None] * stride_yn,
                       mask=mask_m[:, None] & mask_t[None, :], other=0.0)
-        hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
-                         stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
-                         SHARED_A, TOP_K, BLOCK_T, BLOCK_CB, ACC_DTYPE)
+        hg = tl.load(hg_ptr + offs_t[:, None] * stride_hgt + offs_c[None, :] * stride_hgc,
+                     mask=mask_t[:, None] & mask_c[None, :], other=0.0)
         acc += tl.dot(dyt.to(DOT_DTYPE), hg.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     acc = acc * scale_out
     mask = mask_m[:, None] & mask_c[None, :]
@@ -380,20 +375,20 @@ def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile_a, spli
 
 @triton.jit
 def lora_weight_grad_kernel(
-    dy_ptr, x_ptr, h_ptr, ids_ptr, w_ptr, dh_ptr, dl_ptr,
+    dy_ptr, x_ptr, hg_ptr, dh_ptr, dl_ptr,
     db_ptr, da_ptr, dr_ptr, part_ptr,
-    T, d_out, d_in, R, E, NB, rank, scaling, scale_out, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
-    stride_yt, stride_yn, stride_xt, stride_xk,
-    stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+    T, d_out, d_in, R, E, NB, rank, scale_out, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
+    stride_yt, stride_yn, stride_xt, stride_xk, stride_hgt, stride_hgc,
     stride_dht, stride_dhr, stride_dlt, stride_dle,
     stride_be, stride_bn, stride_bi, stride_ar, stride_ak, stride_re, stride_rk,
-    SHARED_A: tl.constexpr, HAS_ROUTER: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TOP_K: tl.constexpr,
+    HAS_ROUTER: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CB: tl.constexpr, BLOCK_CA: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """All weight gradients of the dense regime in one launch: two jobs reducing over T.
 
-    job B: dB_stack [d_out, NB = E*r] = dy^T Hg, written as dB [E, d_out, r];
+    job B: dB_stack [d_out, NB = E*r] = dy^T Hg (Hg as gate_backward_kernel wrote it), written
+           as dB [E, d_out, r];
     job A: [dA_rows | dW_router]^T [d_in, R + E] = x^T [dh | dlogits], column c < R written
            into dA_rows [R, d_in], c >= R into dW_router [E, d_in] (E = 0 without a router).
     Program p works on split p // tiles of T (t_per_split tokens each) and tile p % tiles:
@@ -409,10 +404,9 @@ def lora_weight_grad_kernel(
     t_lo = split.to(tl.int64) * t_per_split
     t_hi = tl.minimum(t_lo + t_per_split, T)
     if tile < tiles_b:
-        _weight_grad_b(dy_ptr, h_ptr, ids_ptr, w_ptr, db_ptr, part_ptr, tile, split, t_lo, t_hi, d_out, NB, rank,
-                       scaling, scale_out, tiles_b_c, stride_yt, stride_yn, stride_ht, stride_hr, stride_it, stride_ik,
-                       stride_wt, stride_wk, stride_be, stride_bn, stride_bi, SHARED_A, SPLIT, DOT_DTYPE, ACC_DTYPE,
-                       INPUT_PRECISION, TOP_K, BLOCK_M, BLOCK_CB, BLOCK_T)
+        _weight_grad_b(dy_ptr, hg_ptr, db_ptr, part_ptr, tile, split, t_lo, t_hi, d_out, NB, rank, scale_out,
+                       tiles_b_c, stride_yt, stride_yn, stride_hgt, stride_hgc, stride_be, stride_bn, stride_bi,
+                       SPLIT, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_CB, BLOCK_T)
     else:
         _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile - tiles_b, split, t_lo, t_hi, d_in, R, E,
                        tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr, stride_dlt,
