@@ -281,13 +281,16 @@ def _lora_down_config(T: int, K: int, R: int, E: int, dtype: torch.dtype, tf32: 
     block_r = _pow2_block(R, 16, 128)
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, BLOCK_T=block_t, BLOCK_R=block_r,
                 BLOCK_E=_pow2_block(E, 16, 1 << 16), BLOCK_K=_pow2_block(K, 16, 64))
-    return (cdiv(T, block_t), cdiv(R, block_r)), meta
+    return (cdiv(T, block_t), max(1, cdiv(R, block_r))), meta
 
 
-def lora_down(x: torch.Tensor, a_rows: torch.Tensor, router_weight: Optional[torch.Tensor] = None):
+def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Optional[torch.Tensor] = None):
     """(h = x @ a_rows^T [T, R], logits = x @ router_weight^T [T, E] or None) in x's accumulator dtype,
-    reading x once; a_rows and router_weight of any float dtype are rounded to x's dtype."""
+    reading x once; a_rows of any float dtype is rounded to x's dtype, the router's product runs in
+    the accumulator dtype. ``a_rows`` None: the router logits alone (h is [T, 0])."""
     T, K = x.shape
+    if a_rows is None:
+        a_rows = x.new_empty(0, K)
     R = a_rows.shape[0]
     acc = accumulator_dtype(x.dtype)
     h = torch.empty(T, R, dtype=acc, device=x.device)

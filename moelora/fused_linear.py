@@ -148,10 +148,10 @@ def _in_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.T
 
 
 def _compute_weights(lora_a, lora_b, router_weight, dtype):
-    """(A_rows [R, d_in], B [E, d_out, r], W_router) rounded to the compute dtype (x's): adapters
-    kept in fp32 over a half-precision base are cast once per forward (small tensors)."""
-    return (_in_dtype(lora_a.reshape(-1, lora_a.shape[-1]), dtype), _in_dtype(lora_b, dtype),
-            _in_dtype(router_weight, dtype))
+    """(A_rows [R, d_in], B [E, d_out, r], W_router): A and B rounded to the compute dtype (x's;
+    adapters kept in fp32 over a half-precision base are cast once per forward, small tensors);
+    the router weight stays in its dtype (the router GEMM runs in fp32)."""
+    return _in_dtype(lora_a.reshape(-1, lora_a.shape[-1]), dtype), _in_dtype(lora_b, dtype), router_weight
 
 
 # Inside the fused op no autograd is recorded: dispatching the routing op below the autograd
@@ -187,7 +187,7 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
         h, logits = K.lora_down(x, a_rows, wr)
     else:
         h, _ = K.lora_down(xl, a_rows)
-        logits = K.lora_down(x, wr)[0] if wr is not None else logits_in
+        logits = K.lora_down(x, None, wr)[1] if wr is not None else logits_in
     if mode == "static":
         ids, weights, counts, aux_loss, aux_stats = topk_ids, topk_weights, *(x.new_empty(0) for _ in range(3))
     else:

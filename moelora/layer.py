@@ -175,7 +175,8 @@ class MoELoRALinear(nn.Module, RoutedModule):
     def _effective_A(self) -> torch.Tensor:
         a = self.lora_A
         if self.training and self.lora_a_dropout > 0:
-            keep = torch.empty_like(a).bernoulli_(1.0 - self.lora_a_dropout)
+            # drawn in fp32 whatever A's dtype: the same mask for the same seed on every device
+            keep = torch.empty(a.shape, device=a.device).bernoulli_(1.0 - self.lora_a_dropout).to(a.dtype)
             a = a * keep / (1.0 - self.lora_a_dropout)
         return a
 

@@ -174,7 +174,7 @@ class Router(nn.Linear):
         self.mode, self.top_k, self.renormalize = mode, top_k, renormalize
         self.jitter_noise = jitter_noise
         self.eps_start, self.eps_end, self.eps_ramp_steps = float(eps_start), float(eps_end), int(eps_ramp_steps)
-        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device), persistent=True)
 
     @property
     def num_experts(self) -> int:

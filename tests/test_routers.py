@@ -137,3 +137,10 @@ def test_router_rejects_bad_settings():
         Router(8, 4, 2, mode="sinkhorn")
     with pytest.raises(ValueError, match="jitter noise must be >= 0"):
         Router(8, 4, 2, jitter_noise=-0.1)
+
+
+def test_router_buffers_live_on_the_router_device():
+    """The threshold schedule's step counter is created where the router's weight is: a layer
+    built over a GPU base reads it on the GPU (the fused kernels take its pointer)."""
+    router = Router(8, 4, 2, mode="threshold", eps_end=0.2, eps_ramp_steps=10, device="meta")
+    assert router.weight.device.type == "meta" and router.num_steps.device.type == "meta"

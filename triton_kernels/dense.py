@@ -61,8 +61,9 @@ def lora_down_kernel(
 ):
     """h = x @ A_rows^T [T, R] and, with HAS_ROUTER, logits = x @ W_router^T [T, E], in one pass over x.
 
-    Weights of any float dtype are converted to DOT_DTYPE in registers; outputs accumulate in
-    ACC_DTYPE. The router columns are computed by the programs with program_id(1) == 0.
+    A (any float dtype) is converted to DOT_DTYPE in registers; the router's product runs in
+    ACC_DTYPE (fp32: the router weight is not rounded to x's dtype, so expert choices match an
+    fp32 router's); outputs accumulate in ACC_DTYPE. The router columns are computed by the programs with program_id(1) == 0.
     Grid: (cdiv(T, BLOCK_T), cdiv(R, BLOCK_R)).
     """
     pid_t = tl.program_id(0).to(tl.int64)
@@ -83,10 +84,10 @@ def lora_down_kernel(
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc_h += tl.dot(x, a.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if HAS_ROUTER:
+        if HAS_ROUTER:  # in ACC_DTYPE (x exact, the router weight not rounded): routing does not flip on rounding
             wr = tl.load(r_ptr + offs_e[None, :] * stride_re + offs_k[:, None] * stride_rk,
                          mask=mask_k[:, None] & mask_e[None, :], other=0.0)
-            acc_l += tl.dot(x, wr.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc_l += tl.dot(x.to(ACC_DTYPE), wr.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
     tl.store(h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr, acc_h,
              mask=mask_t[:, None] & mask_r[None, :])
     if HAS_ROUTER:
