@@ -45,10 +45,10 @@ def metadata(device: torch.device) -> dict:
         "moelora": getattr(moelora, "__version__", None),
         "moelora_features": {n: hasattr(moelora, n) for n in
                              ("moe_lora", "MoELoRALinear", "route", "dispatch", "combine", "moe_ffn")},
-        # A copy of the tree without .git (e.g. on a lent GPU machine) names its commit in
-        # MOELORA_GIT_COMMIT; its cleanliness is then unknown.
-        "git_commit": head or os.environ.get("MOELORA_GIT_COMMIT"),
-        "git_dirty": bool(_git("status", "--porcelain")) if head else None,
+        # A copy of the tree (e.g. on a lent GPU machine, whose .git may name another commit, or
+        # none) names its commit in MOELORA_GIT_COMMIT, which wins; its cleanliness is then unknown.
+        "git_commit": os.environ.get("MOELORA_GIT_COMMIT") or head,
+        "git_dirty": bool(_git("status", "--porcelain")) if head and not os.environ.get("MOELORA_GIT_COMMIT") else None,
         "host": platform.node(),
     }
     if device.type == "cuda":
