@@ -20,9 +20,10 @@ Triton backend (``_fused_forward`` / ``_fused_backward``), per call:
 
 Saved for backward: x (and x_lora when LoRA dropout makes it differ), h [T, R], the routing
 (logits [T, E], ids, weights, counts); nothing T x d_out. Deterministic; no host sync.
-Operands are rounded to x's dtype (adapters may be fp32 over a bf16 base) and accumulated
-in fp32. In eager mode an autograd.Function runs it; under torch.compile the same
-forward and backward are the custom ops ``moelora::moe_lora_linear_fwd`` / ``_bwd``.
+A and B are rounded to x's dtype (adapters may be fp32 over a bf16 base), the router's
+product runs in fp32; everything accumulates in fp32. In eager mode an autograd.Function
+runs it; under torch.compile the same forward and backward are the custom ops
+``moelora::moe_lora_linear_fwd`` / ``_bwd``.
 
 PyTorch backend (``_composed``): F.linear + the routing op + moelora.moe_lora's torch
 backend, differentiated by autograd; the reference of the Triton path.

@@ -45,7 +45,7 @@ def test_moe_lora_dense_kernel_budget(shared_a):
 
 LAYER_BUDGET = 20
 # Today's counts per layer feature (x in the adapters' dtype: a half-precision base adds the
-# three casts of the adapters to x's dtype in the forward).
+# two casts of A and B to x's dtype in the forward).
 LAYER_SETTINGS = {
     "softmax_topk": ({}, 10),
     "topk_softmax": (dict(router="topk_softmax"), 10),
