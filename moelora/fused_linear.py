@@ -11,7 +11,7 @@ the base output, and dx = dy W + [dh | d logits] [A ; W_router] accumulates in o
 Triton backend (``_fused_forward`` / ``_fused_backward``), per call:
 
   forward   lora_down: [h | logits] = x [A_rows ; W_router]^T (fp32 accumulation, x read once)
-            router_topk (moelora._C) + router_aux_loss: weights, ids, counts, aux [3]
+            router_topk (moelora._C) + router_aux_loss: weights, ids, counts, aux_loss, aux_stats [2]
             gated_expand: y = bias + Hg B_stack^T;  y += x W^T (cuBLAS addmm_)
   backward  dHg = dy B_stack;  gate_backward: dh and d logits (routing + aux loss gradients)
             dx = [dh | d logits] [A_rows ; W_router] (Triton), dx += dy W (cuBLAS addmm_)
@@ -179,7 +179,8 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                    num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
                    z_coef):
-    """((y, h, logits, ids, weights, counts, aux_loss, aux_stats), (A_rows, B, W_router) in x's dtype);
+    """((y, h, logits, ids, weights, counts, aux_loss, aux_stats), (A_rows, B, W_router) as
+    :func:`_compute_weights` gives them);
     for static routing ids and weights are the given ones and logits, counts and aux are empty."""
     dtype = x.dtype
     xl = x if lora_input is None else lora_input
@@ -205,7 +206,7 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
                     scaling, mode, renormalize, lb_coef, z_coef, needs, compute_weights=None):
     """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input);
     ``needs`` says which are wanted (None where not). ``compute_weights``: forward's
-    (A_rows, B, W_router) in x's dtype, recast here when not given."""
+    (A_rows, B, W_router) from :func:`_compute_weights`, recomputed here when not given."""
     need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
     dtype = x.dtype
     if dy is None:  # only the aux loss reached the loss
@@ -214,8 +215,7 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     num_experts, d_out, rank = lora_b.shape
     xl = x if lora_input is None else lora_input
     a_c, b_c, wr_c = compute_weights or _compute_weights(lora_a, lora_b, router_weight, dtype)
-    dhg = K.matmul(dy, b_c, stacked_b=True, out_dtype=torch.float32 if dtype != torch.float64 else dtype,
-                   compute_dtype=dtype)
+    dhg = K.matmul(dy, b_c, stacked_b=True, out_dtype=K.accumulator_dtype(dtype), compute_dtype=dtype)
     router = None
     if mode != "static":
         grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
@@ -301,10 +301,9 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         topk_ids: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
                         noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor],
                         lora_input: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
-                        eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor, torch.Tensor]:
+                        eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats) of the fused layer; see the module docstring."""
     out, _ = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                             num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,

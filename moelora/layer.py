@@ -13,8 +13,9 @@ base GEMM (x read once for the LoRA down-projection and the router logits; dx ac
 one GEMM; see that module). It takes every feature except these, which run the composed path
 (base layer, then :func:`moelora.moe_lora` with ``base_out``): DoRA, base layers other than a
 plain ``nn.Linear`` / GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks,
-extra forward arguments, and layers whose E*r calls for moe_lora's grouped regime. Router jitter and LoRA dropout keep the fused op but cost a
-separate router GEMM over the jittered x, resp. the dropped-out copy of x (see README).
+extra forward arguments, and layers whose E*r calls for moe_lora's grouped regime. Router
+jitter and LoRA dropout keep the fused op but cost a separate router GEMM over the jittered
+x, resp. the dropped-out copy of x (see README).
 
 Parameter layouts follow PEFT / nn.Linear: ``lora_A`` [r, d_in] (shared A, MoSLD) or
 [E, r, d_in]; ``lora_B`` [E, d_out, r]; ``router.weight`` [E, d_in]. With task routing and a
