@@ -51,61 +51,95 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------ launching
 _launch_hook: Optional[Callable] = None
-# Compiled kernels by (kernel, specialisation of the arguments, compile-time arguments): a launch
-# whose key was seen calls the compiled kernel directly, skipping Triton's per-launch binding,
-# specialisation and cache-key work (tens of microseconds of host time per launch).
-_compiled: Dict[tuple, tuple] = {}
 _direct_launch = {"enabled": not _INTERPRETING and os.environ.get("MOELORA_DIRECT_LAUNCH", "1") != "0"}
 
 
-def _specialisation(args) -> tuple:
-    """What Triton specialises a launch on: tensors' dtypes and 16-byte alignment, ints being 1,
-    multiples of 16 or beyond int32 (see triton.runtime.jit's specialize_impl)."""
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, int) and not isinstance(a, bool):
-            key.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
-        else:
-            key.append(type(a))
-    return tuple(key)
-
-
 def _current_stream():
-    """The stream Triton launches on (its driver's current device and stream)."""
-    from triton.runtime.driver import driver
+    """The raw CUDA stream Triton launches on: the current stream of the current device."""
+    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
 
-    active = driver.active
-    return active.get_current_stream(active.get_current_device())
+
+class KernelLaunch:
+    """``kernel[grid](*args, *fixed, **meta)`` for one launch configuration (shapes, strides,
+    dtypes, device), built once per configuration by the launchers' cached config functions.
+
+    The kernels launched this way take their parameters in the order: pointers, per-call floats,
+    configuration scalars (sizes, strides and what follows from them: ``fixed``), constexprs
+    (``meta``, with the launch options num_warps / num_stages). A call passes the first two
+    groups: ``launch(*tensors, *floats)``. Floats must be Python floats.
+
+    On a GPU the first launch goes through Triton (which compiles or finds the kernel). Triton
+    specialises a launch on its tensors' dtypes and 16-byte alignment, on the ints and on the
+    constexprs; here the ints and constexprs are fixed, so a later launch whose tensors have
+    the first launch's dtypes and are 16-byte aligned calls the compiled kernel directly,
+    skipping Triton's per-launch argument binding and cache lookup; any other launch goes
+    through Triton again (MOELORA_DIRECT_LAUNCH=0: always). The check costs the same with the
+    launches skipped (``skip_launches``), so host time measured on a CPU includes it.
+    """
+
+    __slots__ = ("kernel", "grid", "fixed", "meta", "_dtypes", "_direct")
+
+    def __init__(self, kernel, grid: tuple, fixed: tuple, **meta):
+        self.kernel = kernel
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.fixed = tuple(fixed)
+        self.meta = meta
+        self._dtypes: Optional[tuple] = None  # the tensors' dtypes at the recorded aligned launch
+        self._direct = None  # (compiled kernel, constexpr values) on a GPU; see _record
+
+    def _same_specialisation(self, args) -> bool:
+        dtypes = self._dtypes
+        if dtypes is None:
+            return False
+        for t, dtype in zip(args, dtypes):  # the tensors come first
+            if t.dtype is not dtype or t.data_ptr() & 15:
+                return False
+        return True
+
+    def __call__(self, *args) -> None:
+        same = self._same_specialisation(args)
+        if _launch_hook is not None:
+            _launch_hook(self.kernel, self.grid)
+            if self._dtypes is None:  # so that the check above runs as it does on a GPU
+                self._record(args, None)
+            return
+        direct = self._direct
+        if same and direct:
+            compiled, constexprs = direct
+            try:
+                compiled.run(self.grid[0], self.grid[1], self.grid[2], _current_stream(), compiled.function,
+                             compiled.packed_metadata, None, None, None, *args, *self.fixed, *constexprs)
+                return
+            except TypeError:  # another Triton's launcher signature: launch through Triton from now on
+                _direct_launch["enabled"] = False
+                self._direct = False
+        compiled = self.kernel[self.grid](*args, *self.fixed, **self.meta)
+        if direct is None and _direct_launch["enabled"]:
+            self._record(args, compiled)
+
+    def _record(self, args, compiled) -> None:
+        """Remember the tensors' dtypes of an aligned launch and, given the compiled kernel, the
+        direct launch (None: not tried yet; False: not possible with this Triton)."""
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if any(t.data_ptr() & 15 for t in tensors):
+            return  # an unaligned launch: wait for an aligned one
+        self._dtypes = tuple(t.dtype for t in tensors)
+        if compiled is None:
+            return
+        names = self.kernel.arg_names[len(args) + len(self.fixed):]
+        if hasattr(compiled, "packed_metadata") and all(n in self.meta for n in names):
+            self._direct = (compiled, tuple(self.meta[n] for n in names))
+        else:
+            self._direct = False
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """kernel[grid](*args, **meta) (constexprs and launch options by keyword), or the counting
-    hook of :func:`count_launches`. On a GPU the second and later launches of a kernel with the
-    same specialisation call its compiled kernel directly (MOELORA_DIRECT_LAUNCH=0: never)."""
+    """kernel[grid](*args, **meta) through Triton's own launcher (kernels whose configuration is not
+    cached: the grouped regime's), or the hook of :func:`count_launches` / :func:`skip_launches`."""
     if _launch_hook is not None:
         _launch_hook(kernel, grid)
         return
-    if not _direct_launch["enabled"]:
-        kernel[grid](*args, **meta)
-        return
-    key = (id(kernel), _specialisation(args), tuple(meta.items()))
-    entry = _compiled.get(key)
-    if entry is None:
-        compiled = kernel[grid](*args, **meta)
-        names = kernel.arg_names[len(args):]
-        if compiled is not None and all(n in meta for n in names) and hasattr(compiled, "packed_metadata"):
-            _compiled[key] = (compiled, tuple(meta[n] for n in names))
-        return
-    compiled, constexprs = entry
-    grid = tuple(grid) + (1, 1)
-    try:
-        compiled.run(grid[0], grid[1], grid[2], _current_stream(), compiled.function, compiled.packed_metadata,
-                     None, None, None, *args, *constexprs)
-    except TypeError:  # another Triton's launcher signature: launch the documented way from now on
-        _direct_launch["enabled"] = False
-        kernel[grid](*args, **meta)
+    kernel[grid](*args, **meta)
 
 
 @contextlib.contextmanager
@@ -171,7 +205,7 @@ def scale_factors(scaling: float) -> tuple:
     of float32's range (kernel scalars are float32) still gives the finite results it should."""
     magnitude = abs(scaling)
     if magnitude == 0 or (1 / _FP32_SAFE <= magnitude <= _FP32_SAFE) or not math.isfinite(scaling):
-        return scaling, 1.0
+        return float(scaling), 1.0
     half = 2.0 ** (math.frexp(magnitude)[1] // 2)  # a power of two: the split is exact
     return scaling / half, half
 
@@ -207,11 +241,17 @@ def _split_count(tiles: int, reduction: int, device: torch.device, min_per_split
     return max(1, min(want, reduction // min_per_split, 64))
 
 
+def _rows(n: int, cols: int) -> tuple:
+    """Strides of a contiguous [n, cols] tensor that a launcher allocates."""
+    return (cols, 1)
+
+
 # ------------------------------------------------------------------------------ matmul
 @functools.lru_cache(maxsize=4096)
-def _matmul_config(M: int, N: int, K: int, device: torch.device, split_k: bool, dtype: torch.dtype, tf32: bool,
-                   has_second: bool, sanitize_b: bool, has_addend: bool):
-    """(grid, splits, k_per_split, meta) of matmul_kernel."""
+def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple, b_strides: tuple,
+                   a2_strides: tuple, b2_strides: tuple, out_strides: tuple, addend_strides: Optional[tuple],
+                   device: torch.device, split_k: bool, dtype: torch.dtype, tf32: bool, sanitize_b: bool):
+    """(KernelLaunch of matmul_kernel, splits); b_strides = (k, group, n) strides of b."""
     block_m = 64 if M >= 64 or _INTERPRETING else _pow2_block(M, 16, 64)
     block_n = _pow2_block(N, 16, 128)
     block_k = _pow2_block(K, 16, 64)
@@ -219,9 +259,15 @@ def _matmul_config(M: int, N: int, K: int, device: torch.device, split_k: bool, 
     splits = _split_count(tiles, K, device) if split_k else 1
     k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
     splits = cdiv(max(K, 1), k_per_split)
-    meta = dict(_dot_config_cached(dtype, tf32), HAS_SECOND=has_second, SANITIZE_B=sanitize_b,
-                HAS_ADDEND=has_addend and splits == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    return (cdiv(M, block_m), cdiv(N, block_n), splits), splits, k_per_split, meta
+    has_addend = addend_strides is not None and splits == 1
+    # One split writes straight into ``out``; several write fp32 partials [splits, M, N].
+    split_stride, partial_strides = (0, out_strides) if splits == 1 else (M * N, (N, 1))
+    d_strides = addend_strides if has_addend else out_strides
+    meta = dict(_dot_config_cached(dtype, tf32), HAS_SECOND=K2 > 0, SANITIZE_B=sanitize_b, HAS_ADDEND=has_addend,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    fixed = (M, N, K, K2, k_per_split, group, *a_strides, *b_strides, *a2_strides, *b2_strides, split_stride,
+             *partial_strides, *d_strides)
+    return KernelLaunch(matmul_kernel, (cdiv(M, block_m), cdiv(N, block_n), splits), fixed, **meta), splits
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_dtype: torch.dtype,
@@ -246,27 +292,26 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
         N = b.shape[1]
         group = max(N, 1)
         (sb_k, sb_n), sb_g = b.stride(), 0
+    given_out = out is not None
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype, device=a.device)
-    K2 = second[0].shape[1] if second is not None else 0
+    a2, b2 = second if second is not None else (a, b)
+    K2 = a2.shape[1] if second is not None else 0
     if M == 0 or N == 0 or K + K2 == 0:
         out.copy_(addend if addend is not None else torch.zeros((), dtype=out_dtype))
         return out
-    grid, splits, k_per_split, meta = _matmul_config(M, N, K, a.device, split_k, compute_dtype, _tf32(compute_dtype),
-                                                     second is not None, sanitize_b, addend is not None)
-    # One split writes straight into ``out``; several write fp32 partials [splits, M, N].
-    partial = out if splits == 1 else torch.empty(splits, M, N, dtype=accumulator_dtype(compute_dtype),
-                                                  device=a.device)
-    split_stride = 0 if splits == 1 else partial.stride(0)
-    d = addend if addend is not None and splits == 1 else out
-    a2, b2 = second if second is not None else (a, b)
-    launch(matmul_kernel, grid,
-           a, b, a2, b2, partial, d, M, N, K, K2, k_per_split, group,
-           *a.stride(), sb_k, sb_g, sb_n, *a2.stride(), b2.stride(0), b2.stride(-1),
-           split_stride, partial.stride(-2), partial.stride(-1), *d.stride(), alpha, **meta)
-    if splits > 1:
-        total = partial.sum(0)
-        out.copy_(total if addend is None else total + addend.to(partial.dtype))
+    b2_strides = (b2.stride(0), b2.stride(-1))
+    kernel, splits = _matmul_launch(M, N, K, K2, group, a.stride(), (sb_k, sb_g, sb_n), a2.stride(), b2_strides,
+                                    out.stride() if given_out else _rows(M, N),
+                                    addend.stride() if addend is not None else None, a.device, split_k,
+                                    compute_dtype, _tf32(compute_dtype), sanitize_b)
+    if splits == 1:
+        kernel(a, b, a2, b2, out, addend if addend is not None else out, float(alpha))
+        return out
+    partial = torch.empty(splits, M, N, dtype=accumulator_dtype(compute_dtype), device=a.device)
+    kernel(a, b, a2, b2, partial, out, float(alpha))
+    total = partial.sum(0)
+    out.copy_(total if addend is None else total + addend.to(partial.dtype))
     return out
 
 
@@ -276,12 +321,16 @@ def _routing_blocks(top_k: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _lora_down_config(T: int, K: int, R: int, E: int, dtype: torch.dtype, tf32: bool) -> tuple:
+def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_strides: tuple, a_strides: tuple,
+                      r_strides: tuple, dtype: torch.dtype, tf32: bool) -> KernelLaunch:
     block_t = 32 if _INTERPRETING else 64
     block_r = _pow2_block(R, 16, 128)
-    meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, BLOCK_T=block_t, BLOCK_R=block_r,
-                BLOCK_E=_pow2_block(E, 16, 1 << 16), BLOCK_K=_pow2_block(K, 16, 64))
-    return (cdiv(T, block_t), max(1, cdiv(R, block_r))), meta
+    meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=has_router, BLOCK_T=block_t, BLOCK_R=block_r,
+                BLOCK_E=_pow2_block(E if has_router else 0, 16, 1 << 16), BLOCK_K=_pow2_block(K, 16, 64))
+    h_strides = _rows(T, R)
+    logits_strides = _rows(T, E) if has_router else h_strides
+    fixed = (T, K, R, E, *x_strides, *a_strides, *r_strides, *h_strides, *logits_strides)
+    return KernelLaunch(lora_down_kernel, (cdiv(T, block_t), max(1, cdiv(R, block_r))), fixed, **meta)
 
 
 def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Optional[torch.Tensor] = None):
@@ -299,23 +348,28 @@ def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Op
     if T == 0:
         return h, logits
     r_w = router_weight if has_router else a_rows
-    lg = logits if has_router else h
-    grid, meta = _lora_down_config(T, K, R, r_w.shape[0] if has_router else 0, x.dtype, _tf32(x.dtype))
-    launch(lora_down_kernel, grid, x, a_rows, r_w, h, lg, T, K, R, r_w.shape[0],
-           *x.stride(), *a_rows.stride(), *r_w.stride(), *h.stride(), *lg.stride(), **meta)
+    kernel = _lora_down_launch(T, K, R, r_w.shape[0], has_router, x.stride(), a_rows.stride(), r_w.stride(), x.dtype,
+                               _tf32(x.dtype))
+    kernel(x, a_rows, r_w, h, logits if has_router else h)
     return h, logits
 
 
 @functools.lru_cache(maxsize=4096)
-def _gated_expand_config(T: int, N: int, NB: int, top_k: int, shared_a: bool, has_base: bool, has_bias: bool,
-                         dtype: torch.dtype, tf32: bool) -> tuple:
+def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a: bool, h_strides: tuple,
+                         ids_strides: tuple, w_strides: tuple, b_strides: tuple, base_strides: Optional[tuple],
+                         bias_stride: Optional[int], out_strides: tuple, dtype: torch.dtype,
+                         tf32: bool) -> KernelLaunch:
     block_t = 64
     block_n = _pow2_block(N, 16, 128)
-    meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=has_base, HAS_BIAS=has_bias,
-                TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_C=_pow2_block(NB, 16, 128))
+    meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=base_strides is not None,
+                HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
+                BLOCK_C=_pow2_block(E * rank, 16, 128))
     if not _INTERPRETING:  # K = E*r is one or two tiles: no software pipelining, more programs per SM
         meta.update(num_warps=8, num_stages=1)
-    return (cdiv(T, block_t), cdiv(N, block_n)), meta
+    fixed = (T, N, E * rank, rank, *h_strides, *ids_strides, *w_strides, *b_strides,
+             *(base_strides if base_strides is not None else out_strides),
+             bias_stride if bias_stride is not None else out_strides[-1], *out_strides)
+    return KernelLaunch(gated_expand_kernel, (cdiv(T, block_t), cdiv(N, block_n)), fixed, **meta)
 
 
 def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, lora_b: torch.Tensor, *,
@@ -326,19 +380,19 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
     (default B's dtype); products in ``compute_dtype`` (default B's dtype), fp32 accumulation."""
     num_experts, N, rank = lora_b.shape
     T = h.shape[0]
+    given_out = out is not None
     if out is None:
         out = torch.empty(T, N, dtype=out_dtype or lora_b.dtype, device=h.device)
     if T == 0 or N == 0:
         return out
     compute_dtype = compute_dtype or lora_b.dtype
-    grid, meta = _gated_expand_config(T, N, num_experts * rank, topk_ids.shape[1], shared_a, base is not None,
-                                      bias is not None, compute_dtype, _tf32(compute_dtype))
-    base_arg = base if base is not None else out
-    bias_arg = bias if bias is not None else out
-    launch(gated_expand_kernel, grid,
-           h, topk_ids, topk_weights, lora_b, base_arg, bias_arg, out, T, N, num_experts * rank, rank,
-           *scale_factors(scaling), *h.stride(), *topk_ids.stride(), *topk_weights.stride(), *lora_b.stride(),
-           base_arg.stride(0), base_arg.stride(-1), bias_arg.stride(-1), *out.stride(), **meta)
+    kernel = _gated_expand_launch(T, N, num_experts, rank, topk_ids.shape[1], shared_a, h.stride(), topk_ids.stride(),
+                                  topk_weights.stride(), lora_b.stride(),
+                                  (base.stride(0), base.stride(-1)) if base is not None else None,
+                                  bias.stride(-1) if bias is not None else None,
+                                  out.stride() if given_out else _rows(T, N), compute_dtype, _tf32(compute_dtype))
+    kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
+           out, *scale_factors(scaling))
     return out
 
 
@@ -360,13 +414,21 @@ class RouterGrad(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _gate_backward_config(T: int, rank: int, top_k: int, E: int, shared_a: bool, router: int, has_aux: bool,
-                          write_hg: bool, dtype: torch.dtype):
+def _gate_backward_launch(T: int, rank: int, top_k: int, E: int, shared_a: bool, router: int, has_aux: bool,
+                          write_hg: bool, dtype: torch.dtype, dhg_strides: tuple, h_strides: tuple,
+                          ids_strides: tuple, w_strides: tuple, dh_strides: tuple, second_strides: tuple,
+                          logits_strides: tuple) -> KernelLaunch:
+    """second: dw [T, k] (no router) or d logits [T, E]; logits_strides those of the router's logits
+    (of dw without a router)."""
     block_t = 64 if _INTERPRETING else 32
     meta = dict(SHARED_A=shared_a, ROUTER=router, HAS_AUX_GRAD=has_aux, WRITE_HG=write_hg, ACC=_TL_DTYPES[dtype],
                 TOP_K=top_k, BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
                 BLOCK_E=_pow2_block(E, 1, 1 << 16))
-    return (cdiv(T, block_t),), meta
+    sh_t, sh_r = h_strides
+    hg_strides = _rows(T, E * rank) if write_hg else dh_strides
+    fixed = (T, E, rank, 1.0 / T, *dhg_strides, sh_t, 0 if shared_a else rank * sh_r, sh_r, *ids_strides, *w_strides,
+             *dh_strides, *second_strides, *logits_strides, *second_strides, *hg_strides)
+    return KernelLaunch(gate_backward_kernel, (cdiv(T, block_t),), fixed, **meta)
 
 
 def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
@@ -380,40 +442,45 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
     the router's auxiliary loss when ``router.g_aux`` is given.
     """
     T = h.shape[0]
+    dh_cols = rank if shared_a else num_experts * rank
+    dh_strides = dh.stride() if dh is not None else _rows(T, dh_cols)
     if dh is None:
-        dh = torch.empty(T, rank if shared_a else num_experts * rank, dtype=h.dtype, device=h.device)
+        dh = torch.empty(T, dh_cols, dtype=h.dtype, device=h.device)
     if router is None:
+        second_strides = dw.stride() if dw is not None else _rows(T, topk_ids.shape[1])
         if dw is None:
             dw = torch.empty(topk_ids.shape, dtype=h.dtype, device=h.device)
         second, logits, counts, g_aux = dw, dw, dw, dw
+        logits_strides = second_strides
         mode, lb_coef, z_coef, has_aux = NO_ROUTER, 0.0, 0.0, False
     else:
         logits, counts = router.logits, router.counts
         second = torch.empty(logits.shape, dtype=h.dtype, device=h.device)
+        second_strides, logits_strides = _rows(T, logits.shape[1]), logits.stride()
         has_aux = router.g_aux is not None
         g_aux = router.g_aux if has_aux else logits
-        mode, lb_coef, z_coef = ROUTER_GRAD_MODES[router.mode], router.lb_coef, router.z_coef
+        mode, lb_coef, z_coef = ROUTER_GRAD_MODES[router.mode], float(router.lb_coef), float(router.z_coef)
     hg = torch.empty(T, num_experts * rank, dtype=hg_dtype, device=h.device) if hg_dtype is not None else None
     outputs = (dh, second) if hg is None else (dh, second, hg)
     if T == 0:
         return outputs
-    grid, meta = _gate_backward_config(T, rank, topk_ids.shape[1], num_experts, shared_a, mode, has_aux,
-                                       hg is not None, h.dtype)
-    hg_arg = hg if hg is not None else dh
-    sh_t, sh_r = h.stride()
-    launch(gate_backward_kernel, grid,
-           dhg, h, topk_ids, topk_weights, dh, second, logits, counts, g_aux, second, hg_arg,
-           T, num_experts, rank, *scale_factors(scaling), 1.0 / T, lb_coef, z_coef,
-           *dhg.stride(), sh_t, 0 if shared_a else rank * sh_r, sh_r, *topk_ids.stride(), *topk_weights.stride(),
-           *dh.stride(), second.stride(0), second.stride(-1), logits.stride(0), logits.stride(-1),
-           second.stride(0), second.stride(-1), *hg_arg.stride(), **meta)
+    kernel = _gate_backward_launch(T, rank, topk_ids.shape[1], num_experts, shared_a, mode, has_aux, hg is not None,
+                                   h.dtype, dhg.stride(), h.stride(), topk_ids.stride(), topk_weights.stride(),
+                                   dh_strides, second_strides, logits_strides)
+    kernel(dhg, h, topk_ids, topk_weights, dh, second, logits, counts, g_aux, second, hg if hg is not None else dh,
+           *scale_factors(scaling), lb_coef, z_coef)
     return outputs
 
 
+_REDUCE_BLOCK = 1024
+
+
 @functools.lru_cache(maxsize=4096)
-def _weight_grad_config(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, device: torch.device,
-                        dtype: torch.dtype, tf32: bool, splits: Optional[int]):
-    """(grid, splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta) of lora_weight_grad_kernel.
+def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, rank: int, device: torch.device,
+                        dtype: torch.dtype, acc: torch.dtype, tf32: bool, splits: Optional[int], dy_strides: tuple,
+                        x_strides: tuple, hg_strides: tuple, dh_strides: tuple, dl_strides: tuple,
+                        db_strides: tuple, da_strides: tuple, dr_strides: tuple):
+    """(KernelLaunch of lora_weight_grad_kernel, of the split reduction or None, partials' length).
 
     Tiles of 64 rows (32 when that fills the device without splitting T); T is split so that
     every SM gets about two programs, unless ``splits`` forces a number (tests)."""
@@ -437,10 +504,18 @@ def _weight_grad_config(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, SPLIT=splits > 1, BLOCK_M=block_m,
                 BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
     tiles_b = cdiv(d_out, block_m) * tiles_b_c
-    return (n_tiles * splits,), splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta
-
-
-_REDUCE_BLOCK = 1024
+    part_a_offset = splits * d_out * NB
+    fixed = (T, d_out, d_in, R, E, NB, rank, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
+             *dy_strides, *x_strides, *hg_strides, *dh_strides, *dl_strides, *db_strides, *da_strides, *dr_strides)
+    main = KernelLaunch(lora_weight_grad_kernel, (n_tiles * splits,), fixed, **meta)
+    if splits == 1:
+        return main, None, 0
+    blocks_b = cdiv(d_out * NB, _REDUCE_BLOCK)
+    blocks_a = cdiv((R + E) * d_in, _REDUCE_BLOCK)
+    reduce = KernelLaunch(lora_weight_grad_reduce_kernel, (blocks_b + blocks_a,),
+                          (d_out, d_in, R, E, NB, rank, splits, blocks_b, part_a_offset, *db_strides, *da_strides,
+                           *dr_strides), HAS_ROUTER=E > 0, ACC_DTYPE=_TL_DTYPES[acc], BLOCK=_REDUCE_BLOCK)
+    return main, reduce, part_a_offset + splits * (R + E) * d_in
 
 
 def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: torch.Tensor,
@@ -463,26 +538,25 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: to
         if drouter is not None:
             drouter.zero_()
         return
-    grid, splits, t_per_split, tiles_b, tiles_b_c, tiles_a_c, meta = _weight_grad_config(
-        T, d_out, d_in, R, E, NB, x.device, x.dtype, _tf32(x.dtype), splits)
     dl = dlogits if dlogits is not None else dh
     dr = drouter if drouter is not None else dlora_a
-    part_a_offset = splits * d_out * NB
     acc = accumulator_dtype(x.dtype)
-    part = (torch.empty(part_a_offset + splits * (R + E) * d_in, dtype=acc, device=x.device)
-            if splits > 1 else dh)
-    launch(lora_weight_grad_kernel, grid,
-           dy, x, hg, dh, dl, dlora_b, dlora_a, dr, part,
-           T, d_out, d_in, R, E, NB, rank, scale_factors(scaling)[1], tiles_b, tiles_b_c, tiles_a_c, t_per_split,
-           part_a_offset, *dy.stride(), *x.stride(), *hg.stride(), *dh.stride(), *dl.stride(), *dlora_b.stride(),
-           *dlora_a.stride(), *dr.stride(), **meta)
-    if splits > 1:
-        blocks_b = cdiv(d_out * NB, _REDUCE_BLOCK)
-        blocks_a = cdiv((R + E) * d_in, _REDUCE_BLOCK)
-        launch(lora_weight_grad_reduce_kernel, (blocks_b + blocks_a,),
-               part, dlora_b, dlora_a, dr, d_out, d_in, R, E, NB, rank, splits, blocks_b, part_a_offset,
-               *dlora_b.stride(), *dlora_a.stride(), *dr.stride(), HAS_ROUTER=E > 0, ACC_DTYPE=_TL_DTYPES[acc],
-               BLOCK=_REDUCE_BLOCK)
+    kernel, reduce, part_length = _weight_grad_launch(
+        T, d_out, d_in, R, E, NB, rank, x.device, x.dtype, acc, _tf32(x.dtype), splits, dy.stride(), x.stride(),
+        hg.stride(), dh.stride(), dl.stride(), dlora_b.stride(), dlora_a.stride(), dr.stride())
+    part = torch.empty(part_length, dtype=acc, device=x.device) if reduce is not None else dh
+    kernel(dy, x, hg, dh, dl, dlora_b, dlora_a, dr, part, scale_factors(scaling)[1])
+    if reduce is not None:
+        reduce(part, dlora_b, dlora_a, dr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _aux_loss_launch(T: int, E: int, top_k: int, count_kept: bool, lse_stride: int, ids_strides: tuple,
+                     w_strides: tuple, dtype: torch.dtype) -> KernelLaunch:
+    return KernelLaunch(router_aux_loss_kernel, (1,), (T, E, 1.0 / max(T, 1), lse_stride, *ids_strides, *w_strides),
+                        COUNT_KEPT=count_kept, TOP_K=top_k, ACC=_TL_DTYPES[dtype],
+                        BLOCK_E=_pow2_block(E + 1, 16, 1 << 16), BLOCK_T=256 if count_kept else 1024,
+                        BLOCK_K=next_power_of_2(top_k))
 
 
 def router_aux_loss(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor, *, lb_coef: float,
@@ -496,12 +570,18 @@ def router_aux_loss(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Te
     T, E = lse.shape[0], counts.shape[0]
     ids, w = kept if kept is not None else (counts.view(1, -1), prob_sums.view(1, -1))
     out_counts = torch.empty(E, dtype=torch.int64, device=lse.device) if kept is not None else counts
-    launch(router_aux_loss_kernel, (1,), counts, prob_sums, lse, ids, w, loss, stats, out_counts,
-           T, E, 1.0 / max(T, 1), lb_coef, z_coef, lse.stride(0), *ids.stride(), *w.stride(),
-           COUNT_KEPT=kept is not None, TOP_K=ids.shape[1], ACC=_TL_DTYPES[lse.dtype],
-           BLOCK_E=_pow2_block(E + 1, 16, 1 << 16), BLOCK_T=256 if kept is not None else 1024,
-           BLOCK_K=next_power_of_2(ids.shape[1]))
+    kernel = _aux_loss_launch(T, E, ids.shape[1], kept is not None, lse.stride(0), ids.stride(), w.stride(), lse.dtype)
+    kernel(counts, prob_sums, lse, ids, w, loss, stats, out_counts, float(lb_coef), float(z_coef))
     return loss, stats, out_counts
+
+
+@functools.lru_cache(maxsize=4096)
+def _threshold_launch(T: int, n: int, p_strides: tuple, noise_strides: Optional[tuple], ramp: bool) -> KernelLaunch:
+    block_t = 128
+    return KernelLaunch(threshold_weights_kernel, (cdiv(T, block_t),),
+                        (T, *p_strides, *(noise_strides or p_strides), *_rows(T, n)),
+                        HAS_NOISE=noise_strides is not None, HAS_RAMP=ramp, TOP_K=n, BLOCK_T=block_t,
+                        BLOCK_K=next_power_of_2(n))
 
 
 def threshold_weights(top_p: torch.Tensor, noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor], *,
@@ -509,15 +589,13 @@ def threshold_weights(top_p: torch.Tensor, noise: Optional[torch.Tensor], num_st
     """ST-MoE threshold routing's kept, renormalised weights [T, n] from the top-n probabilities,
     in one kernel (see threshold_weights_kernel); the eps schedule is read on the device."""
     T, n = top_p.shape
-    w = torch.empty_like(top_p)
+    w = torch.empty(T, n, dtype=top_p.dtype, device=top_p.device)
     if T == 0:
         return w
     ramp = ramp_steps > 0 and num_steps is not None
-    block_t = 128
-    launch(threshold_weights_kernel, (cdiv(T, block_t),), top_p, noise if noise is not None else top_p,
-           num_steps if ramp else top_p, w, T, eps_start, eps_end, 1.0 / ramp_steps if ramp else 0.0,
-           *top_p.stride(), *(noise.stride() if noise is not None else top_p.stride()), *w.stride(),
-           HAS_NOISE=noise is not None, HAS_RAMP=ramp, TOP_K=n, BLOCK_T=block_t, BLOCK_K=next_power_of_2(n))
+    kernel = _threshold_launch(T, n, top_p.stride(), noise.stride() if noise is not None else None, ramp)
+    kernel(top_p, noise if noise is not None else top_p, num_steps if ramp else top_p, w, float(eps_start),
+           float(eps_end), 1.0 / ramp_steps if ramp else 0.0)
     return w
 
 

@@ -24,6 +24,7 @@ same forward and backward without the custom-op dispatch.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -32,7 +33,7 @@ from . import _launchers as K
 from ._grouped_linear import rows_linear, rows_weight_grad
 from ._routing_torch import padded_length
 from .routing import expert_layout
-from ._validation import MoELoRAArgs
+from ._validation import MoELoRAArgs, as_2d
 
 # Crossover of the two regimes (benchmarks/tune_grouped.py measures it): dense while
 # E*r <= DENSE_WIDTH_PER_SLOT * k.
@@ -88,7 +89,7 @@ def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, n
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
     K.lora_weight_grad(dy, x, hg, dh, None, rank=rank, scaling=scaling, dlora_b=dlora_b,
-                       dlora_a=dlora_a.view(a_rows.shape))
+                       dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape))
     dx = K.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared) if need_dx else None
     return dx, dlora_a, dlora_b, dw
 
@@ -209,7 +210,8 @@ def _save_for_backward(ctx, inputs, h):
 
 
 def _input_grads(ctx, dy, backward):
-    """Gradients for (x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped)."""
+    """Gradients for (x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped), the
+    saved x, routing and dy being [T, ...] (see _EagerMoELoRA for other leading shapes)."""
     x, lora_a, lora_b, topk_ids, topk_weights, h = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, dlora_a, dlora_b, dw = backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, ctx.scaling,
@@ -227,27 +229,42 @@ class _EagerMoELoRA(torch.autograd.Function):
     """The custom ops' forward and backward without the custom-op dispatch, for eager mode.
 
     That dispatch costs tens of microseconds of host time per call, which is most of the
-    layer's time at small T; torch.compile traces the custom ops instead.
+    layer's time at small T; torch.compile traces the custom ops instead. Inputs of any
+    leading shape are flattened here, below autograd: no view nodes in the graph.
     """
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped, out_shape):
+        T, k = math.prod(out_shape[:-1]), topk_ids.shape[-1]
+        inputs = (as_2d(x, T, x.shape[-1]), lora_a, lora_b, as_2d(topk_ids, T, k), as_2d(topk_weights, T, k),
+                  None if base_out is None else as_2d(base_out, T, out_shape[-1]), scaling, grouped)
         y, h = _forward(*inputs)
         _save_for_backward(ctx, inputs, h)
-        return y
+        ctx.shapes = (x.shape, topk_weights.shape)
+        return y if len(out_shape) == 2 else y.view(out_shape)
 
     @staticmethod
     def backward(ctx, dy):
-        return _input_grads(ctx, dy, _backward)
+        x_shape, w_shape = ctx.shapes
+        flat = len(x_shape) == 2
+        dx, dlora_a, dlora_b, _, dw, dbase, _, _ = _input_grads(ctx, dy if flat else dy.reshape(-1, dy.shape[-1]),
+                                                                _backward)
+        if not flat:
+            dx = None if dx is None else dx.view(x_shape)
+        if len(w_shape) != 2:
+            dw = dw.view(w_shape)
+        return dx, dlora_a, dlora_b, None, dw, None if dbase is None else dy, None, None, None
 
 
 def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
-    """Run the Triton backend on validated, flattened arguments with T > 0; returns [T, d_out]."""
+    """Run the Triton backend on validated arguments with T > 0; returns [..., d_out] (args.out_shape)."""
     num_experts, _, rank = args.lora_b.shape
     if regime == "auto":
         regime = choose_regime(num_experts, rank, args.topk_ids.shape[-1])
-    inputs = (args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out, args.scaling,
-              regime == "grouped")
+    grouped = regime == "grouped"
     if torch.compiler.is_compiling():
-        return moe_lora_forward(*inputs)[0]
-    return _EagerMoELoRA.apply(*inputs)
+        flat = args.flattened()
+        return moe_lora_forward(flat.x, flat.lora_a, flat.lora_b, flat.topk_ids, flat.topk_weights, flat.base_out,
+                                flat.scaling, grouped)[0].reshape(args.out_shape)
+    return _EagerMoELoRA.apply(args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
+                               args.scaling, grouped, args.out_shape)

@@ -19,14 +19,15 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 
 class MoELoRAArgs(NamedTuple):
-    """Inputs flattened to 2-D token-major form, plus the sizes the kernels need."""
+    """The operator's validated inputs, as given (x [..., d_in], routing [..., k] or [T, k],
+    base_out [..., d_out]); :meth:`flattened` gives the 2-D token-major form the backends use."""
 
-    x: torch.Tensor  # [T, d_in]
+    x: torch.Tensor  # [..., d_in]
     lora_a: torch.Tensor  # [r, d_in] or [E, r, d_in]
     lora_b: torch.Tensor  # [E, d_out, r]
-    topk_ids: torch.Tensor  # [T, k]
-    topk_weights: torch.Tensor  # [T, k]
-    base_out: Optional[torch.Tensor]  # [T, d_out] or None
+    topk_ids: torch.Tensor  # [..., k] or [T, k]
+    topk_weights: torch.Tensor  # shape of topk_ids
+    base_out: Optional[torch.Tensor]  # [..., d_out] or None
     scaling: float
     out_shape: tuple  # leading shape of x + (d_out,)
 
@@ -37,6 +38,23 @@ class MoELoRAArgs(NamedTuple):
     @property
     def num_experts(self) -> int:
         return self.lora_b.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.out_shape[:-1])
+
+    def flattened(self) -> "MoELoRAArgs":
+        """x [T, d_in], topk_ids and topk_weights [T, k], base_out [T, d_out] (views; a tensor
+        already in that shape is returned itself, so no autograd view node is recorded)."""
+        d_in, top_k, T = self.x.shape[-1], self.topk_ids.shape[-1], self.num_tokens
+        return self._replace(x=as_2d(self.x, T, d_in), topk_ids=as_2d(self.topk_ids, T, top_k),
+                             topk_weights=as_2d(self.topk_weights, T, top_k),
+                             base_out=None if self.base_out is None else as_2d(self.base_out, T, self.out_shape[-1]))
+
+
+def as_2d(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``t`` viewed as [rows, cols]; ``t`` itself when it has that shape already (no view node)."""
+    return t if t.dim() == 2 and t.shape[0] == rows else t.reshape(rows, cols)
 
 
 def _tracing_or_capturing() -> bool:
@@ -134,20 +152,8 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
 
-    topk_ids = topk_ids.reshape(num_tokens, top_k)
-    topk_weights = topk_weights.reshape(num_tokens, top_k)
     check_routing_values(topk_ids, topk_weights, num_experts)
-
-    return MoELoRAArgs(
-        x=x.reshape(num_tokens, d_in),
-        lora_a=lora_a,
-        lora_b=lora_b,
-        topk_ids=topk_ids,
-        topk_weights=topk_weights,
-        base_out=None if base_out is None else base_out.reshape(num_tokens, d_out),
-        scaling=float(scaling),
-        out_shape=out_shape,
-    )
+    return MoELoRAArgs(x, lora_a, lora_b, topk_ids, topk_weights, base_out, float(scaling), out_shape)
 
 
 def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,

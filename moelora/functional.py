@@ -73,10 +73,8 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out)
     # No kernel runs on zero tokens: the torch path returns the empty result with its autograd.
-    if resolve_backend(backend, args.x.device) == "torch" or args.x.shape[0] == 0:
-        out = moe_lora_torch_impl(args)
-    else:
-        from ._triton_ops import moe_lora_triton
+    if resolve_backend(backend, args.x.device) == "torch" or args.num_tokens == 0:
+        return moe_lora_torch_impl(args).reshape(args.out_shape)
+    from ._triton_ops import moe_lora_triton
 
-        out = moe_lora_triton(args, regime)
-    return out.reshape(args.out_shape)
+    return moe_lora_triton(args, regime)

@@ -32,6 +32,7 @@ backend, differentiated by autograd; the reference of the Triton path.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -42,6 +43,7 @@ from .functional import moe_lora, resolve_backend
 from .losses import aux_losses
 from .routers import Routing, route_logits, scheduled_eps
 from .routing import router_topk
+from ._validation import as_2d
 
 
 class RouterSpec(NamedTuple):
@@ -70,7 +72,7 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     lora_b: torch.Tensor, *, scaling: float, router: Optional[RouterSpec] = None,
                     topk_ids: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
                     lora_input: Optional[torch.Tensor] = None, backend: Optional[str] = None):
-    """The MoE-LoRA linear layer on x [T, d_in]; see the module docstring.
+    """The MoE-LoRA linear layer on x [..., d_in] (T tokens); see the module docstring.
 
     Args:
         weight: the frozen base weight [d_out, d_in] (any strides: a Conv1D's weight.t()).
@@ -78,20 +80,28 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         lora_a: [r, d_in] (shared) or [E, r, d_in]; lora_b: [E, d_out, r].
         router: a :class:`RouterSpec` (learned routing), or None with ``topk_ids`` and
             ``topk_weights`` [T, k] given (static routing; the weights may require grad).
-        lora_input: the LoRA branch's input when it differs from x (LoRA dropout).
+        lora_input: the LoRA branch's input (shape of x) when it differs from x (LoRA dropout).
+        Routing tensors (given or returned) are [T, ...].
 
     Returns:
-        (y [T, d_out] in x's dtype, :class:`LayerOutput`): the routing used and, for a learned
+        (y [..., d_out] in x's dtype, :class:`LayerOutput`): the routing used and, for a learned
         router, the auxiliary losses of this forward.
     """
-    T = x.shape[0]
+    T = math.prod(x.shape[:-1])
     if resolve_backend(backend, x.device) == "torch" or T == 0:
-        return _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input)
+        flat = (lambda t: t if t is None else t.reshape(T, t.shape[-1]))  # noqa: E731
+        y, out = _composed(flat(x), weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights,
+                           flat(lora_input))
+        return y.reshape(x.shape[:-1] + (weight.shape[0],)), out
     r = router
-    args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input)
     if torch.compiler.is_compiling():
+        xl = None if lora_input is None else lora_input.reshape(T, x.shape[-1])
+        args = op_args(x.reshape(T, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, router, topk_ids,
+                       topk_weights, xl)
         y, h, logits, ids, weights, counts, aux_loss, aux_stats = moe_lora_linear_fwd(*args)
+        y = y.reshape(x.shape[:-1] + (weight.shape[0],))
     else:
+        args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input)
         y, h, logits, ids, weights, counts, aux_loss, aux_stats = _MoELoRALinearFn.apply(*args)
     if r is None:
         return y, LayerOutput(Routing(topk_weights, topk_ids), None, None)
@@ -229,7 +239,7 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     drouter = (torch.empty(router_weight.shape, dtype=router_weight.dtype, device=x.device)
                if fused_router else None)
     K.lora_weight_grad(dy, xl, hg, dh, dl if fused_router else None, rank=rank, scaling=scaling, dlora_b=dlora_b,
-                       dlora_a=dlora_a.view(a_c.shape), drouter=drouter)
+                       dlora_a=dlora_a if shared else dlora_a.view(a_c.shape), drouter=drouter)
     if router_weight is not None and not fused_router and need_router:
         drouter = K.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
     dx = dlora_input = None
@@ -265,12 +275,17 @@ def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor):
 
 class _MoELoRALinearFn(torch.autograd.Function):
     """Eager-mode autograd of the fused layer: the custom ops' forward and backward without
-    the custom-op dispatch (tens of microseconds of host time per call)."""
+    the custom-op dispatch (tens of microseconds of host time per call). x and lora_input of
+    any leading shape are flattened here, below autograd: no view nodes in the graph."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                 num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
                 z_coef):
+        x_shape, T = x.shape, math.prod(x.shape[:-1])
+        x = as_2d(x, T, x_shape[-1])
+        if lora_input is not None:
+            lora_input = as_2d(lora_input, T, x_shape[-1])
         out, compute_weights = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids,
                                               topk_weights, noise, num_steps, lora_input, scaling, mode, top_k,
                                               renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef)
@@ -278,9 +293,12 @@ class _MoELoRALinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
                               *compute_weights)
         ctx.config = (scaling, mode, renormalize, lb_coef, z_coef)
+        ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
         out = _outputs(out, mode == "static", logits_in is not None, x)
         ctx.mark_non_differentiable(*out[1:6], out[7])
+        if len(x_shape) != 2:
+            out = (out[0].view(x_shape[:-1] + (weight.shape[0],)),) + out[1:]
         return out
 
     @staticmethod
@@ -288,8 +306,14 @@ class _MoELoRALinearFn(torch.autograd.Function):
         n = ctx.needs_input_grad
         needs = (n[0], n[1], n[2], n[5], n[6], n[8], n[11])
         saved = ctx.saved_tensors
+        x_shape = ctx.x_shape
+        if dy is not None and len(x_shape) != 2:
+            dy = dy.reshape(-1, dy.shape[-1])
         dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = _fused_backward(
             dy, g_aux, *saved[:11], *ctx.config, needs, compute_weights=saved[11:])
+        if len(x_shape) != 2:
+            dx = None if dx is None else dx.view(x_shape)
+            dlora_input = None if dlora_input is None else dlora_input.view(x_shape)
         return (dx, dweight, dbias, dlora_a if n[3] else None, dlora_b if n[4] else None,
                 drouter if n[5] else None, dlogits, None, dw, None, None, dlora_input) + (None,) * 9
 

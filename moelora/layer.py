@@ -183,16 +183,18 @@ class MoELoRALinear(nn.Module, RoutedModule):
 
     def route(self, x: torch.Tensor) -> Routing:
         """Routing for input x [..., d_in]; records the aux losses of learned routers."""
-        lead = tuple(x.shape[:-1])
-        router, ids, weights = self._routing_inputs(x.reshape(-1, x.shape[-1]), lead)
+        router, ids, weights = self._routing_inputs(x)
         if router is None:
             return Routing(weights, ids)
         routing = self.router(x)
         self._record_routing(routing)
         return routing
 
-    def _routing_inputs(self, x2: torch.Tensor, lead: tuple):
-        """(RouterSpec, None, None) for a learned router, else (None, ids, weights) of static routing."""
+    def _routing_inputs(self, x: torch.Tensor):
+        """(RouterSpec, None, None) for a learned router, else (None, ids, weights) of static routing,
+        for the T tokens of x [..., d_in] (routing tensors are [T, ...])."""
+        lead = tuple(x.shape[:-1])
+        num_tokens = math.prod(lead)
         if self.router_mode == "task":
             if self._task_ids is None:
                 raise RuntimeError(
@@ -203,12 +205,12 @@ class MoELoRALinear(nn.Module, RoutedModule):
             routing = task_routing(self._task_ids, self.lora_gamma, lead, shared)
             return None, routing.ids, routing.weights
         if self.router is None:
-            ids, weights = single_expert_routing(x2.shape[0], x2.device)
+            ids, weights = single_expert_routing(num_tokens, x.device)
             return None, ids, weights
         r = self.router
-        logits = r.logits(x2) if r.jitters else None
+        logits = r.logits(x.reshape(num_tokens, x.shape[-1])) if r.jitters else None
         spec = RouterSpec(None if r.jitters else r.weight, logits, r.mode, r.top_k, r.renormalize, r.eps_start,
-                          r.eps_end, r.eps_ramp_steps, r.num_steps, r.threshold_noise(x2.shape[0], x2.device),
+                          r.eps_end, r.eps_ramp_steps, r.num_steps, r.threshold_noise(num_tokens, x.device),
                           self.aux_loss_coef, self.z_loss_coef)
         return spec, None, None
 
@@ -227,16 +229,14 @@ class MoELoRALinear(nn.Module, RoutedModule):
             return self.base_layer(x, *args, **kwargs)
         if not self._fusable(args, kwargs):
             return self._composed_forward(x, *args, **kwargs)
-        lead = tuple(x.shape[:-1])
-        x2 = x.reshape(-1, self.in_features)
-        router, ids, weights = self._routing_inputs(x2, lead)
-        lora_input = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x2)
-        y, out = moe_lora_linear(x2, self.base_weight(), self.base_layer.bias, self._effective_A(), self.lora_B,
+        router, ids, weights = self._routing_inputs(x)
+        lora_input = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
+        y, out = moe_lora_linear(x, self.base_weight(), self.base_layer.bias, self._effective_A(), self.lora_B,
                                  scaling=self.scaling, router=router, topk_ids=ids, topk_weights=weights,
                                  lora_input=lora_input)
         if out.aux_loss is not None:
             self._record_routing(out.routing, out.aux_loss, out.aux_stats)
-        return y.view(*lead, self.out_features)
+        return y
 
     def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """base_layer(x, ...) + moelora.moe_lora (DoRA, custom base layers, extra arguments)."""

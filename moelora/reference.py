@@ -62,7 +62,7 @@ class _FinitePart(torch.autograd.Function):
 
 
 def moe_lora_torch_impl(args: MoELoRAArgs) -> torch.Tensor:
-    """Vectorised dense gated expand on validated, flattened arguments; returns [T, d_out].
+    """Vectorised dense gated expand on validated arguments; returns [T, d_out].
 
     The dense form multiplies every expert's B (and per-expert A) by every token's gate, 0
     for the experts the token did not choose, and 0 * NaN is NaN: so the contraction runs on
@@ -70,6 +70,7 @@ def moe_lora_torch_impl(args: MoELoRAArgs) -> torch.Tensor:
     expert reaches are set to NaN afterwards (per-expert A: the whole token; B: the output
     features of its non-finite rows). Gradients treat the non-finite entries as 0.
     """
+    args = args.flattened()
     x, lora_a, lora_b = args.x, args.lora_a, args.lora_b
     acc = compute_dtype(x.dtype, args.scaling)
     num_experts, d_out, rank = lora_b.shape
@@ -108,7 +109,7 @@ def moe_lora_naive(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling=1.0, ba
     the baseline moelora's benchmarks beat. It synchronises with the host once per expert.
     Scalings outside fp32's comfortable range run in float64 (see compute_dtype).
     """
-    args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out)
+    args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out).flattened()
     dtype = torch.float64 if compute_dtype(args.x.dtype, args.scaling) == torch.float64 else args.x.dtype
     x2, ids, w = args.x.to(dtype), args.topk_ids, args.topk_weights
     num_experts, d_out, _ = args.lora_b.shape

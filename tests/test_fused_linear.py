@@ -247,7 +247,7 @@ def test_custom_ops_opcheck(kind):
     layer = _layer(kind).train()
     _task_ids(layer, (6,))
     x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
-    router, ids, weights = layer._routing_inputs(x, (6,))
+    router, ids, weights = layer._routing_inputs(x)
     lora_input = layer.lora_dropout(x) if kind == "lora_dropout" else None
     args = fused_linear.op_args(x, layer.base_weight(), layer.base_layer.bias, layer.lora_A, layer.lora_B,
                                 layer.scaling, router, ids, weights, lora_input)

@@ -92,3 +92,32 @@ def test_counts_are_real_launches():
         with count_kernels() as counted:
             moelora.moe_lora(x, a, b, ids, w, scaling=0.5, regime="dense")
     assert counted.triton == ["lora_down_kernel", "gated_expand_kernel"]
+
+
+def _graph_nodes(*outputs) -> list:
+    """Names of the autograd nodes between ``outputs`` and the leaves (AccumulateGrad excluded)."""
+    seen, stack = set(), [t.grad_fn for t in outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sorted(type(node).__name__ for node in seen if type(node).__name__ != "AccumulateGrad")
+
+
+@pytest.mark.parametrize("lead", [(64,), (4, 16)], ids=["2d", "3d"])
+def test_one_autograd_node_per_call(lead):
+    """The operator and the fused layer each record ONE autograd node, whatever x's leading
+    shape (flattening happens inside, below autograd): no view nodes for the engine to run."""
+    (x, a, b, w), ids = _operator_inputs()
+    x3 = x.detach().view(*lead, x.shape[-1]).requires_grad_()
+    layer = moelora.MoELoRALinear(nn.Linear(64, 64), num_experts=8, top_k=2, r=16, share_lora_a=True).train()
+    with moelora.use_backend("triton"), moelora.validation(False):
+        with moelora._launchers.skip_launches():
+            y = moelora.moe_lora(x3, a, b, ids.view(*lead, 2), w.detach().view(*lead, 2).requires_grad_(),
+                                 scaling=0.5, base_out=torch.randn(*lead, 64, requires_grad=True))
+            assert _graph_nodes(y) == ["_EagerMoELoRABackward"]
+            y = layer(x3)
+            assert y.shape == (*lead, 64)
+            assert _graph_nodes(y, layer._last_aux_loss) == ["_MoELoRALinearFnBackward"]

@@ -366,9 +366,10 @@ def test_gated_expand_ignores_nonfinite_weights_of_unchosen_experts(shared_a):
 
 
 def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(monkeypatch):
-    """The second launch with the same specialisation calls the compiled kernel directly, with the
-    positional arguments then the constexprs in the kernel's parameter order (as Triton's
-    JITFunction.run passes them); another specialisation (an unaligned tensor) compiles anew."""
+    """A KernelLaunch's second launch with tensors of the first one's dtypes and alignment calls the
+    compiled kernel directly, with Triton's argument order: tensors, per-call floats, the
+    configuration's fixed scalars, then the constexprs in parameter order. An unaligned tensor or
+    another dtype goes through Triton; the hooks see every launch."""
     runs = []
 
     class Compiled:
@@ -378,20 +379,67 @@ def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(mo
             runs.append(args)
 
     class Kernel:
-        arg_names = ["a_ptr", "n", "BLOCK", "FLAG"]
+        arg_names = ["a_ptr", "alpha", "n", "stride", "BLOCK", "FLAG"]
         launches = []
 
         def __getitem__(self, grid):
             return lambda *args, **meta: (self.launches.append((grid, args, meta)), Compiled())[1]
 
     monkeypatch.setattr(K, "_direct_launch", {"enabled": True})
-    monkeypatch.setattr(K, "_compiled", {})
     monkeypatch.setattr(K, "_current_stream", lambda: "stream")
     kernel, x = Kernel(), torch.zeros(8)
-    K.launch(kernel, (3,), x, 5, FLAG=True, BLOCK=16, num_warps=4)
-    K.launch(kernel, (7, 2), x, 5, FLAG=True, BLOCK=16, num_warps=4)
-    assert len(kernel.launches) == 1
-    assert runs == [(7, 2, 1, "stream", "fn", "meta", None, None, None, x, 5, 16, True)]
-    K.launch(kernel, (3,), x[1:], 5, FLAG=True, BLOCK=16, num_warps=4)  # 4-byte offset: not 16-byte aligned
-    K.launch(kernel, (3,), x, 1, FLAG=True, BLOCK=16, num_warps=4)  # an int equal to 1
+    launch = K.KernelLaunch(kernel, (3, 2), (5, 1), FLAG=True, BLOCK=16, num_warps=4)
+    launch(x, 0.5)
+    assert kernel.launches == [((3, 2, 1), (x, 0.5, 5, 1), dict(FLAG=True, BLOCK=16, num_warps=4))]
+    launch(x, 0.25)
+    assert runs == [(3, 2, 1, "stream", "fn", "meta", None, None, None, x, 0.25, 5, 1, 16, True)]
+    launch(x[1:], 0.5)  # 4-byte offset: not 16-byte aligned
+    launch(x.double(), 0.5)  # another dtype
     assert len(kernel.launches) == 3 and len(runs) == 1
+    with K.count_launches() as calls:
+        launch(x, 0.5)
+    assert len(calls) == 1 and calls[0][1] == (3, 2, 1)
+    assert len(kernel.launches) == 3 and len(runs) == 1
+
+
+def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
+    """What makes the direct launch sound: every KernelLaunch call of the dense launchers passes
+    tensors, then Python floats only; the ints that Triton specialises on all sit in the cached
+    configuration (its key holds the shapes and strides they come from)."""
+    seen = []
+    original = K.KernelLaunch.__call__
+
+    def recording(self, *args):
+        seen.append((self, args))
+        return original(self, *args)
+
+    monkeypatch.setattr(K.KernelLaunch, "__call__", recording)
+    T, E, r, k, d = 40, 4, 3, 2, 24
+    ids, w = routing(T, E, k)
+    x, a, router_w, B, dy = randn(T, d), randn(r, d), randn(E, d), randn(E, d, r), randn(T, d)
+    with K.count_launches():
+        for x_in in (x, x.t().contiguous().t()):  # two stride patterns
+            h, logits = K.lora_down(x_in, a, router_w)
+            K.gated_expand(h, ids, w, B, scaling=0.5, shared_a=True, bias=randn(d))
+            dhg = K.matmul(dy, B, stacked_b=True, out_dtype=torch.float32, compute_dtype=torch.float32)
+            dh, dl, hg = K.gate_backward(dhg, h, ids, w, num_experts=E, rank=r, scaling=0.5, shared_a=True,
+                                         router=K.RouterGrad(logits, torch.ones(E, dtype=torch.int64, device=DEVICE),
+                                                             torch.ones((), device=DEVICE), "softmax_topk", 0.01, 1e-3),
+                                         hg_dtype=torch.float32)
+            K.lora_weight_grad(dy, x_in, hg, dh, dl, rank=r, scaling=0.5, dlora_b=torch.empty_like(B),
+                               dlora_a=torch.empty_like(a), drouter=torch.empty_like(router_w), splits=2)
+            K.matmul(dh, a, out_dtype=torch.float32, compute_dtype=torch.float32, second=(dl, router_w), alpha=2)
+            K.router_aux_loss(torch.ones(E, dtype=torch.int64, device=DEVICE), torch.rand(E, device=DEVICE),
+                              torch.rand(T, device=DEVICE), lb_coef=0.01, z_coef=0, kept=(ids, w))
+            K.threshold_weights(w, torch.rand(T, k, device=DEVICE), torch.zeros((), device=DEVICE), eps_start=0,
+                                eps_end=0.2, ramp_steps=10)
+    kernels = {launch.kernel for launch, _ in seen}
+    assert len(kernels) == 8, kernels
+    for launch, args in seen:
+        tensors = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
+        assert tensors == list(range(len(tensors))), (launch.kernel, args)
+        assert all(type(v) is float for v in args[len(tensors):]), (launch.kernel, args)
+        assert all(type(v) in (int, float) for v in launch.fixed), (launch.kernel, launch.fixed)
+        names = launch.kernel.arg_names
+        assert len(args) + len(launch.fixed) + sum(n in launch.meta for n in names) == len(names), launch.kernel
+    assert len({id(launch) for launch, _ in seen}) > len(kernels)  # other strides, other configurations

@@ -21,9 +21,14 @@ slots of expert e per token and P_e the mean probability (router_aux_loss_kernel
 
 The scale s reaches the kernels as two fp32 factors s = scale * scale_out (scale_out = 1 unless
 |s| leaves float32's range): the first enters with the gate, the second last, so a result that
-is finite in exact arithmetic stays finite. Unchosen experts never contribute, whatever their weights hold: a NaN or Inf in the B (or
-per-expert A) of an expert that a token did not choose leaves that token's outputs and
-gradients finite. Every kernel is deterministic (no atomics) and uses int64 offsets.
+is finite in exact arithmetic stays finite. Unchosen experts never contribute, whatever their
+weights hold: a NaN or Inf in the B (or per-expert A) of an expert that a token did not
+choose leaves that token's outputs and gradients finite. Every kernel is deterministic (no atomics) and uses int64 offsets.
+
+Parameters of every kernel launched here (and of matmul_kernel) come in one order: pointers,
+then the floats that change from call to call, then the sizes and strides fixed by the launch
+configuration, then the constexprs: moelora._launchers.KernelLaunch passes the first two groups
+per call and keeps the others with the configuration.
 """
 
 import triton
@@ -119,7 +124,8 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
 @triton.jit
 def gated_expand_kernel(
     h_ptr, ids_ptr, w_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
-    T, N, NB, rank, scaling, scale_out,
+    scaling, scale_out,
+    T, N, NB, rank,
     stride_ht, stride_hr,
     stride_it, stride_ik, stride_wt, stride_wk,
     stride_be, stride_bn, stride_br,
@@ -232,7 +238,8 @@ def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, 
 def gate_backward_kernel(
     dhg_ptr, h_ptr, ids_ptr, w_ptr, dh_ptr, dw_ptr,
     logits_ptr, counts_ptr, g_aux_ptr, dl_ptr, hg_ptr,
-    T, num_experts, rank, scaling, scale_out, inv_t, lb_coef, z_coef,
+    scaling, scale_out, lb_coef, z_coef,
+    T, num_experts, rank, inv_t,
     stride_gt, stride_gc,
     stride_ht, stride_he, stride_hr,
     stride_it, stride_ik, stride_wt, stride_wk,
@@ -378,7 +385,8 @@ def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile_a, spli
 def lora_weight_grad_kernel(
     dy_ptr, x_ptr, hg_ptr, dh_ptr, dl_ptr,
     db_ptr, da_ptr, dr_ptr, part_ptr,
-    T, d_out, d_in, R, E, NB, rank, scale_out, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
+    scale_out,
+    T, d_out, d_in, R, E, NB, rank, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
     stride_yt, stride_yn, stride_xt, stride_xk, stride_hgt, stride_hgc,
     stride_dht, stride_dhr, stride_dlt, stride_dle,
     stride_be, stride_bn, stride_bi, stride_ar, stride_ak, stride_re, stride_rk,
@@ -455,7 +463,7 @@ def lora_weight_grad_reduce_kernel(
 
 
 @triton.jit
-def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, T, eps_start, eps_end, inv_ramp,
+def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, eps_start, eps_end, inv_ramp, T,
                              stride_pt, stride_pk, stride_nt, stride_nk, stride_wt, stride_wk,
                              HAS_NOISE: tl.constexpr, HAS_RAMP: tl.constexpr, TOP_K: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -492,7 +500,7 @@ def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, T, eps_
 
 @triton.jit
 def router_aux_loss_kernel(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
-                           T, E, inv_t, lb_coef, z_coef, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
+                           lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
                            COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """loss = lb_coef * lb + z_coef * z and stats = (lb, z) with lb = E * sum_e (counts_e / T)(prob_sums_e / T)

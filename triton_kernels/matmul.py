@@ -34,11 +34,11 @@ def _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.c
 @triton.jit
 def matmul_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, d_ptr,
+    alpha,
     M, N, K, K2, k_per_split, b_group,
     stride_am, stride_ak, stride_bk, stride_bg, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_cs, stride_cm, stride_cn, stride_dm, stride_dn,
-    alpha,
     HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, SANITIZE_B: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
