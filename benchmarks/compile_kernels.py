@@ -37,6 +37,7 @@ UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_a2k", "stride_w2k", "stride_cn
                 "stride_la", "stride_rb", "stride_ob", "stride_rn", "stride_r2n", "stride_ik", "stride_ck",
                 "stride_idk", "stride_bn", "stride_bbn", "stride_on", "stride_dn", "stride_dcn", "stride_gf",
                 "stride_uf", "stride_bgf", "stride_buf", "stride_of", "stride_df", "stride_dgf", "stride_duf"}
+FLOAT_SCALARS = {"alpha", "scaling", "scale_out", "inv_t", "lb_coef", "z_coef", "eps_start", "eps_end", "inv_ramp"}
 ALIGNED_INTS = {"num_rows", "N", "K", "NA", "NB", "F", "layout_block"}
 
 
@@ -56,7 +57,7 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int =
         if p.name.endswith("_ptr"):
             signature[p.name] = (pointers or POINTERS).get(p.name, "*bf16")
         else:
-            signature[p.name] = "fp32" if p.name == "alpha" else "i32"
+            signature[p.name] = "fp32" if p.name in FLOAT_SCALARS else "i32"
         if p.name.endswith("_ptr") or p.name.startswith("stride") or p.name in ALIGNED_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
     out = triton.compile(ASTSource(kernel, signature, values, attrs), target=GPUTarget("cuda", 90, 32),

@@ -3,8 +3,9 @@
 machine, a CPU included, so that host-overhead work can go on without a GPU.
 
 On a GPU machine the tensors live on the GPU (ATen ops are enqueued, not waited for); on a
-CPU they are tiny CPU tensors. Either way Triton launches are skipped: add the launcher's own
-cost per Triton launch (the benchmark's host enqueue column has the full figure on a GPU).
+CPU they are tiny CPU tensors. Either way Triton launches are skipped after moelora's Python
+has prepared them (cached configuration, direct-launch check): add the C launcher's own cost per
+Triton launch (the benchmark's host enqueue column has the full figure on a GPU).
 Frozen nn.Linear and PEFT's LoRA layer are measured alongside for scale.
 
     python -m benchmarks.hostcost

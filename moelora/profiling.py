@@ -8,8 +8,9 @@ not depend on the (unwritten) values, so the counts are those of a real GPU call
 op (``torch.ops.moelora.*``) counts as one, whatever number of kernels its CUDA version uses.
 
 :func:`host_time` times the Python path of a call the same way (launches skipped):
-what remains is moelora's own host work plus ATen's dispatch on tiny CPU tensors. On a GPU
-machine each counted launch adds the launcher's own cost (measured by the benchmark).
+what remains is moelora's own host work (each launch prepared up to the call into the compiled
+kernel: see moelora._launchers.KernelLaunch) plus ATen's dispatch on tiny CPU tensors. On a GPU
+machine each counted launch adds Triton's C launcher (measured by the benchmark).
 """
 
 from __future__ import annotations
