@@ -192,3 +192,20 @@ def test_import_peft_lora_as_single_expert_and_into_an_expert(tmp_path, use_dora
             if isinstance(m, moelora.MoELoRALinear):
                 m.lora_gamma.fill_(1.0)
     torch.testing.assert_close(tasks(ids, task_ids=1).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_written_by_earlier_code_still_loads():
+    """tests/fixtures/checkpoint_v0 was saved by the code before the package was reorganised
+    (tests/fixtures/make_checkpoint_v0.py): today's from_pretrained rebuilds the same model."""
+    import os
+
+    from safetensors.torch import load_file
+
+    directory = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint_v0")
+    base = tiny_bert(num_layers=2)
+    base.load_state_dict(load_file(os.path.join(directory, "base_model.safetensors")))
+    loaded = moelora.from_pretrained(base, directory)
+    assert sum(type(m).__name__ == "MoEFFN" for m in loaded.modules()) == 2
+    assert hasattr(loaded.model, "molex")
+    expected = load_file(os.path.join(directory, "expected.safetensors"))["last_hidden_state"]
+    torch.testing.assert_close(loaded(token_batch()).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
