@@ -1,9 +1,7 @@
 """Build script for moelora.
 
-The Python package ``moelora`` is assembled from two folders: ``moelora/`` and
-``triton_kernels/``, the latter installed as ``moelora.triton_kernels`` so that it can
-never collide with the unrelated PyPI project that owns the top-level name
-``triton_kernels``.
+The Python package ``moelora`` (its Triton kernels in ``moelora/kernels/``, so that no
+top-level name can collide with another project's) plus the native extension:
 
 Native extension ``moelora._C`` (xformers / torchao style, see ``_native_extensions``):
 - C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built;
@@ -114,8 +112,7 @@ setup(
     name="moelora",
     version="0.1.0",
     description="Fused mixture-of-experts LoRA kernels (Triton + CUDA) for PyTorch",
-    packages=["moelora", "moelora.demo", "moelora.triton_kernels"],
-    package_dir={"moelora": "moelora", "moelora.triton_kernels": "triton_kernels"},
+    packages=["moelora", "moelora.demo", "moelora.kernels"],
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={

@@ -5,9 +5,9 @@
 Triton's compiler and the bundled ptxas reject what the interpreter lets through
 (unsupported constructs, a variable whose type differs between the branches of an if, a
 tile config needing more than the 227 KiB of shared memory a block may use). Every tile
-config of moelora._launchers.GROUPED_CONFIGS is compiled with every flag of its kernel on,
+config of moelora.kernels.launchers.GROUPED_CONFIGS is compiled with every flag of its kernel on,
 beside the defaults and the row kernels (all activations), and every kernel of the dense
-regime and the fused layer (triton_kernels/dense.py, matmul.py) in each of its modes.
+regime and the fused layer (moelora/kernels/dense.py, matmul.py) in each of its modes.
 Run it in a process that has not run interpreted kernels (TRITON_INTERPRET unset): the
 interpreter patches triton.language in place.
 """
@@ -67,8 +67,8 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int =
 
 def jobs():
     """(name, kernel, constexprs, num_warps, num_stages) of every variant to compile."""
-    from moelora import _launchers as K
-    from moelora.triton_kernels import grouped as G
+    from moelora.kernels import launchers as K
+    from moelora.kernels import grouped as G
 
     for kernel in ("matmul", "wgrad"):
         configs = {"default": K._default_config(kernel, 4096, 4096)}
@@ -100,8 +100,8 @@ def jobs():
 
 def dense_jobs():
     """(name, kernel, constexprs, num_warps, num_stages) of the dense regime's and fused layer's kernels."""
-    from moelora.triton_kernels import dense as D
-    from moelora.triton_kernels import matmul as M
+    from moelora.kernels import dense as D
+    from moelora.kernels import matmul as M
 
     routing = dict(TOP_K=2, BLOCK_K=2)
     yield ("lora_down with router", D.lora_down_kernel,

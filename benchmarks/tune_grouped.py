@@ -4,7 +4,7 @@ configs per shape class, the MoE FFN's GEMM engine, and the MoE-LoRA regime cros
     python -m benchmarks.tune_grouped --out tune.json      # GPU: about 90 s on an H100/H200
     python -m benchmarks.tune_grouped --out smoke.json     # CPU: a tiny smoke run (interpreter)
 
-1. Tiles: for each shape class of moelora._launchers.grouped_shape_class met at S5 (the
+1. Tiles: for each shape class of moelora.kernels.launchers.grouped_shape_class met at S5 (the
    upcycled FFN: T 8192, d 2048, d_ff 5632, E 8, k 2) and S3 (MoE-LoRA: T 32768, d 4096,
    r 64, E 64, k 4, shared A), a handful of TileConfigs of grouped_matmul /
    grouped_weight_grad are timed on the GEMMs of that class (summed), beside torch's
@@ -38,10 +38,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before moelora defines its kernels
 
 import moelora  # noqa: E402
-from moelora import _launchers as K  # noqa: E402
+from moelora.kernels import launchers as K  # noqa: E402
 from moelora import _triton_ops, ffn  # noqa: E402
 from moelora._grouped_linear import group_ends, grouped_mm_fn, rows_linear, rows_weight_grad  # noqa: E402
-from moelora._launchers import TileConfig  # noqa: E402
+from moelora.kernels.launchers import TileConfig  # noqa: E402
 from moelora.routing import dispatch_rows, expert_layout  # noqa: E402
 
 from .timing import Budget, summarize, time_iterations  # noqa: E402
@@ -313,7 +313,7 @@ def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
 
 
 def paste_text(report: dict) -> str:
-    lines = ["# moelora/_launchers.py", "GROUPED_CONFIGS: Dict[str, TileConfig] = {"]
+    lines = ["# moelora/kernels/launchers.py", "GROUPED_CONFIGS: Dict[str, TileConfig] = {"]
     for shape_class, entry in report["tiles"].items():
         if "best" in entry:
             gm = entry.get("grouped_mm_total_ms")

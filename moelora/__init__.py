@@ -17,10 +17,10 @@ from .layer_conv import MoELoRAConv
 from .layer_embedding import MoELoRAEmbedding
 from .losses import load_balancing_loss, router_z_loss
 from .merge import merge_adapter, merge_and_unload, unmerge_adapter
-from .model import (MoELoRAModel, aux_loss, get_moelora_model, router_stats, set_task_ids, step_routers,
-                    use_task_ids)
+from .model import (MoELoRAModel, aux_loss, from_pretrained, get_moelora_model, load_peft_lora, router_stats,
+                    set_task_ids, step_routers, use_task_ids)
 from .molex import MoLEx, apply_molex
-from .persistence import export_peft_lora, from_pretrained, load_peft_lora, save_pretrained
+from .persistence import export_peft_lora, save_pretrained
 from .routers import Router
 from .routing import DispatchMetadata, RouteResult, combine, dispatch, dispatch_metadata, route
 from .ffn import moe_ffn

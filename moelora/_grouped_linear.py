@@ -9,7 +9,7 @@ rows without a pair are zero in every row-space tensor.
     rows_weight_grad(L, R, meta)[e] = sum over e's rows of L[row(r)]^T R[row(r)]
 
 Engines:
-- ``triton``: the grouped kernels of moelora.triton_kernels.grouped; token-major operands
+- ``triton``: the grouped kernels of moelora.kernels.grouped; token-major operands
   are gathered in the prologue (row(r) = p // k), tiles from the shape-class table.
   Deterministic (fixed-order reductions, no atomics).
 - ``grouped_mm``: torch's grouped GEMM (torch.nn.functional.grouped_mm / torch._grouped_mm;
@@ -31,7 +31,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _launchers as K
+from .kernels import launchers as K
 
 ENGINES = ("triton", "grouped_mm")
 

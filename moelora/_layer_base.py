@@ -17,8 +17,8 @@ T x (E*r)^2 product next to the projection itself; convolutions with a 1 x 1 ker
 :class:`moelora.routers.Router`, task routing via :func:`moelora.routers.task_routing`, or
 the fixed expert 0 with weight 1) and the aux-loss record (:class:`moelora.losses.RoutedModule`);
 init, A-dropout, merging and the names of its attributes are those of
-:class:`moelora.MoELoRALinear`, so :mod:`moelora.merge` and :mod:`moelora.persistence`
-handle every layer alike.
+:class:`moelora.MoELoRALinear` (its methods, borrowed), so :mod:`moelora.merge` and
+:mod:`moelora.persistence` handle every layer alike.
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ class AdapterLayerBase(nn.Module, RoutedModule):
     reset_lora_parameters = MoELoRALinear.reset_lora_parameters
     expert_A = MoELoRALinear.expert_A
     _effective_A = MoELoRALinear._effective_A
+    static_lora_factors = MoELoRALinear.static_lora_factors
+    delta_weight = MoELoRALinear.delta_weight
     merge = MoELoRALinear.merge
     unmerge = MoELoRALinear.unmerge
 

@@ -5,6 +5,9 @@ Each records its call (name and JSON-able arguments) on the model it edited;
 ``save_pretrained`` writes the records into ``moelora_config.json`` and ``from_pretrained``
 replays them, in order, before injecting the adapters and loading the weights.
 
+The edits register themselves here (:func:`structural_edit`), so this module imports neither
+of them: the registry is filled when moelora is imported.
+
 A checkpoint never makes moelora import or call arbitrary code: the only callables it can
 name are activations from an allow-list (as transformers' and PEFT's string keys):
 torch's activation functions by name (``torch.nn.functional.gelu``; ``torch.relu``) and
@@ -14,14 +17,14 @@ fails at save time; a checkpoint naming anything else fails at load time.
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 ATTRIBUTE = "_moelora_structure"
-OPS = ("upcycle_ffn", "apply_molex")
+_EDITS: Dict[str, Callable] = {}  # name -> function(model, **kwargs), filled by structural_edit
 # Arguments whose default changed, with the value a record written before holds implicitly.
 LEGACY_DEFAULTS = {"apply_molex": {"bias": False}}  # MoLEx's linear gate gained its bias
 
@@ -31,6 +34,12 @@ TORCH_ACTIVATIONS = ("celu", "elu", "gelu", "glu", "hardshrink", "hardsigmoid", 
                      "leaky_relu", "logsigmoid", "mish", "relu", "relu6", "rrelu", "selu", "sigmoid", "silu",
                      "softplus", "softshrink", "softsign", "tanh", "tanhshrink")
 TORCH_NAMESPACES = {"torch.nn.functional": F, "torch": torch, "torch._C._nn": torch._C._nn}
+
+
+def structural_edit(fn: Callable) -> Callable:
+    """Register ``fn(model, **kwargs)`` as an edit that checkpoints replay by its name (a decorator)."""
+    _EDITS[fn.__name__] = fn
+    return fn
 
 
 def record(model: nn.Module, op: str, kwargs: dict) -> None:
@@ -106,27 +115,24 @@ def to_json(model: nn.Module) -> list:
 
 def check_records(records) -> None:
     """ValueError unless ``records`` (a checkpoint's "structure") is a list of
-    {"op": one of OPS, "kwargs": {...}} whose activations are allow-listed."""
+    {"op": a registered edit, "kwargs": {...}} whose activations are allow-listed."""
     if not isinstance(records, list):
         raise ValueError(f'"structure" must be a list of {{"op", "kwargs"}} entries, got {type(records).__name__}')
     for i, entry in enumerate(records):
         if not isinstance(entry, dict) or not isinstance(entry.get("kwargs"), dict) or "op" not in entry:
             raise ValueError(f'structure entry {i} must be {{"op": ..., "kwargs": {{...}}}}, got {entry!r}')
-        if entry["op"] not in OPS:
-            raise ValueError(f"structure entry {i}: unknown structural edit {entry['op']!r} (known: {OPS})")
+        if entry["op"] not in _EDITS:
+            raise ValueError(f"structure entry {i}: unknown structural edit {entry['op']!r} "
+                             f"(known: {tuple(_EDITS)})")
         if entry["kwargs"].get("activation") is not None:
             resolve_callable(entry["kwargs"]["activation"])
 
 
 def replay(model: nn.Module, records: list) -> None:
     """Apply the saved edits (checked by check_records) to a fresh base model, in order."""
-    from .molex import apply_molex
-    from .upcycle import upcycle_ffn
-
     check_records(records)
-    ops = {"upcycle_ffn": upcycle_ffn, "apply_molex": apply_molex}
     for entry in records:
         kwargs = {**LEGACY_DEFAULTS.get(entry["op"], {}), **entry["kwargs"]}
         if kwargs.get("activation") is not None:
             kwargs["activation"] = resolve_callable(kwargs["activation"])
-        ops[entry["op"]](model, **kwargs)
+        _EDITS[entry["op"]](model, **kwargs)

@@ -5,7 +5,7 @@ Two regimes compute the same function:
 
 - dense (small E*r): h = x A^T once; y = base + Hg B_stack^T with the gated
   intermediate Hg = s * G (.) h (all E*r columns) formed in the GEMM's prologue, never
-  in memory (triton_kernels/dense.py). Backward: dHg = dy B_stack, then dh, dw from the
+  in memory (moelora/kernels/dense.py). Backward: dHg = dy B_stack, then dh, dw from the
   gating kernel, dB_stack = dy^T Hg and dA = dh^T x in one kernel, dx = dh A. Kernels per
   call: 2 forward, 4 backward (5 when T is split over the device).
 - grouped (large E*r): pairs sorted by expert into padded row space (moelora.routing's
@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from . import _launchers as K
+from .kernels import launchers as K
 from ._grouped_linear import rows_linear, rows_weight_grad
 from ._routing_torch import padded_length
 from .routing import expert_layout

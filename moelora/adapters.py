@@ -22,11 +22,14 @@ the adapter layers off and on, and several named adapters on one model.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch.nn as nn
 
 from ._layer_base import is_adapter_layer
+from .targets import matches, set_module
+
+DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
 
 
 class DetachedBase(nn.Module):
@@ -61,19 +64,12 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(super().__getattr__("modules_to_save"), name)
 
 
-def _matches(name: str, patterns) -> bool:
-    from .model import _matches as matches
-
-    return matches(name, patterns)
-
-
 def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:
     """Wrap the modules ``patterns`` names (suffixes or a regex) in :class:`ModulesToSaveWrapper`."""
     if not patterns:
         return []
-    from .model import _set_module
 
-    names = [n for n, m in model.named_modules() if n and _matches(n, patterns)
+    names = [n for n, m in model.named_modules() if n and matches(n, patterns)
              and not isinstance(m, (ModulesToSaveWrapper, DetachedBase))]
     if not names:
         raise ValueError(f"modules_to_save {patterns!r} matches no module of the model")
@@ -82,7 +78,7 @@ def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:
         if any(is_adapter_layer(m) for m in module.modules()):
             raise ValueError(f"modules_to_save names {name}, which holds MoE-LoRA layers; a module is either "
                              "a target or saved whole")
-        _set_module(model, name, ModulesToSaveWrapper(module))
+        set_module(model, name, ModulesToSaveWrapper(module))
     return names
 
 
@@ -102,13 +98,12 @@ def _original_attribute(module: nn.Module) -> str:
 
 def unwrap_modules_to_save(model: nn.Module) -> None:
     """Replace each saved module's wrapper by its trained copy (PEFT's merge_and_unload)."""
-    from .model import _set_module
 
     for name, wrapper in list(adapter_modules(model).items()):
         if isinstance(wrapper, ModulesToSaveWrapper):
             trained = wrapper.modules_to_save
             del trained._moelora_trainable
-            _set_module(model, name, trained)
+            set_module(model, name, trained)
 
 
 def set_adapter_layers(model: nn.Module, enabled: bool) -> None:
@@ -134,7 +129,6 @@ class StoredAdapter(nn.Module):
 def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
     """Take the active adapter's modules out of ``model`` (the base modules go back in place)
     and return them, their base modules replaced by :class:`DetachedBase`."""
-    from .model import _set_module
 
     taken = {}
     for name, module in adapter_modules(model).items():
@@ -142,7 +136,7 @@ def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
             module.unmerge()
         if is_adapter_layer(module):
             module._clear_routing_record()
-        _set_module(model, name, getattr(module, _original_attribute(module)))
+        set_module(model, name, getattr(module, _original_attribute(module)))
         setattr(module, _original_attribute(module), DetachedBase())
         taken[name] = module
     return taken
@@ -150,14 +144,13 @@ def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
 
 def activate(model: nn.Module, modules: Dict[str, nn.Module]) -> None:
     """Put an adapter's modules into ``model``, each around the model's module of its name."""
-    from .model import _set_module
 
     for name, module in modules.items():
         original = model.get_submodule(name)
         if is_adapter_module(original):
             raise RuntimeError(f"{name} already holds an adapter module; deactivate the active adapter first")
         setattr(module, _original_attribute(module), original)
-        _set_module(model, name, module)
+        set_module(model, name, module)
 
 
 def freeze(modules: Dict[str, nn.Module]) -> None:
@@ -185,3 +178,53 @@ def optional_names(names: Optional[List[str]], existing) -> List[str]:
     for name in names:
         check_adapter_name(name, existing, must_exist=True)
     return names
+
+
+# ------------------------------------------------------------------------------- membership
+def _adapter_owners(module: nn.Module, prefix: str = ""):
+    """(name, module, recurse) of what moelora added to ``module``'s tree: an adapter layer's
+    (MoELoRALinear, MoELoRAEmbedding, MoELoRAConv) own tensors and every child but its base layer; modules moelora added whole
+    (``_moelora_trainable``: upcycled MoE FFNs, MoLEx) with everything inside them."""
+    if getattr(module, "_moelora_trainable", False):
+        yield prefix, module, True
+        return
+    if is_adapter_layer(module):
+        yield prefix, module, False
+        for name, child in module.named_children():
+            if name != "base_layer":
+                yield f"{prefix}{name}.", child, True
+        return
+    for name, child in module.named_children():
+        yield from _adapter_owners(child, f"{prefix}{name}.")
+
+
+def adapter_tensor_names(model: nn.Module, bias: str = "none") -> Set[str]:
+    """Names (as in ``model.state_dict()``) of the tensors of moelora's adapters: what
+    :func:`mark_only_adapters_trainable` leaves trainable (its parameters) and what a
+    checkpoint holds. Membership comes from moelora's module types (see _adapter_owners),
+    never from substrings of names, so a base model's own ``router`` or ``lora_`` tensors
+    are not adapters. ``bias``: "all" adds every bias parameter, "lora_only" the biases of
+    the adapted layers."""
+    names = set()
+    for prefix, owner, recurse in _adapter_owners(model):
+        for sub_prefix, sub in (owner.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False)
+                                if recurse else [(prefix.rstrip("."), owner)]):
+            dot = f"{sub_prefix}." if sub_prefix else ""
+            names.update(dot + n for n, p in sub._parameters.items() if p is not None)
+            names.update(dot + n for n, b in sub._buffers.items()
+                         if b is not None and n not in sub._non_persistent_buffers_set)
+    if bias == "all":
+        names.update(n for n, _ in model.named_parameters(remove_duplicate=False) if n.endswith("bias"))
+    elif bias == "lora_only":
+        names.update(f"{n}.base_layer.bias" for n, m in model.named_modules()
+                     if is_adapter_layer(m) and getattr(m.base_layer, "bias", None) is not None)
+    return names
+
+
+def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
+    """requires_grad only for the adapters' parameters (:func:`adapter_tensor_names`: lora_A/B,
+    task scales, DoRA magnitudes, routers of MoE-LoRA layers, upcycled MoE FFNs, MoLEx gates)
+    and the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers)."""
+    trainable = adapter_tensor_names(model, bias)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)

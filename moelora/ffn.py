@@ -45,14 +45,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _launchers as K
+from .kernels import launchers as K
 from ._grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, grouped_mm_native,
                               rows_linear, rows_weight_grad, segment_linear)
 from ._routing_torch import padded_length
 from ._validation import check_moe_ffn_args, check_routing_values
 from .functional import resolve_backend
 from .routing import DispatchMetadata, dispatch_rows, expert_layout
-from .triton_kernels.grouped import GELU, GELU_TANH, RELU, SILU
+from .kernels.grouped import GELU, GELU_TANH, RELU, SILU
 
 
 def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
@@ -177,7 +177,7 @@ class FFNPlan(NamedTuple):
 
 
 # Engine by (GPU major capability, GEMM kind, shape class of the first projection, from
-# _launchers.grouped_shape_class; "*" = any class), measured by benchmarks/tune_grouped.py.
+# moelora.kernels.launchers.grouped_shape_class; "*" = any class), measured by benchmarks/tune_grouped.py.
 # It applies where torch's grouped_mm runs natively (bfloat16 on sm90/sm100, aligned
 # strides); everything else runs the Triton engine.
 FFN_ENGINES = {

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ._config import BACKENDS, current_backend
+from ._triton_ops import moe_lora_triton
 from ._validation import check_moe_lora_args
 from .reference import moe_lora_torch_impl
 
@@ -75,6 +76,4 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
     # No kernel runs on zero tokens: the torch path returns the empty result with its autograd.
     if resolve_backend(backend, args.x.device) == "torch" or args.num_tokens == 0:
         return moe_lora_torch_impl(args).reshape(args.out_shape)
-    from ._triton_ops import moe_lora_triton
-
     return moe_lora_triton(args, regime)

@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _launchers as K
+from .kernels import launchers as K
 from .functional import moe_lora, resolve_backend
 from .losses import aux_losses
 from .routers import Routing, route_logits, scheduled_eps

@@ -268,16 +268,64 @@ class MoELoRALinear(nn.Module, RoutedModule):
         return out.to(result.dtype)
 
     # ----------------------------------------------------------------------------- merge
+    # Only static routing merges: a single expert (plain LoRA or DoRA), or task routing with the
+    # task fixed at merge time. dW = s * gamma[task] * B[task] @ A[task] (+ s * B[shared] @
+    # A[shared] with a shared LoRA); E = 1: dW = s * B[0] @ A[0]. DoRA merges
+    # W' = m / ||W + dW||_row * (W + dW) and keeps the norm to unmerge. A merged layer returns
+    # base_layer(x) until it is unmerged.
+    def static_lora_factors(self, task: Optional[int] = None):
+        """(A [r', d_in], B [d_out, r']) with scaling * B @ A = the static adapter's weight delta
+        (r' = 2r for a task with the shared LoRA); ValueError for a learned router."""
+        if self.router is not None:
+            raise ValueError(
+                "only static routing folds into one weight delta (merge, PEFT export): num_experts=1, or task "
+                f"routing with a chosen task; this layer's router depends on the input ({self.router_mode!r} "
+                f"over {self.num_experts} experts)")
+        if self.router_mode != "task":
+            return self.expert_A(0), self.lora_B[0]
+        if task is None or not 0 <= task < self.num_experts:
+            raise ValueError(f"a task-routed layer needs task in [0, {self.num_experts}), got {task!r}")
+        a, b = self.expert_A(task), self.lora_gamma[task] * self.lora_B[task]
+        if self.task_shared_lora:
+            a = torch.cat([a, self.expert_A(self.num_experts)], dim=0)
+            b = torch.cat([b, self.lora_B[-1]], dim=1)
+        return a, b
+
+    def delta_weight(self, task: Optional[int] = None) -> torch.Tensor:
+        """The static adapter's weight delta in nn.Linear layout [d_out, d_in] (see above)."""
+        a, b = self.static_lora_factors(task)
+        return self.scaling * (b @ a)
+
+    @torch.no_grad()
     def merge(self, task: Optional[int] = None) -> None:
-        """Fold the adapter into the base weight (static routing only; see moelora.merge)."""
-        from .merge import merge_layer
+        """Fold the adapter into the base weight (static routing only; see above)."""
+        if self.merged:
+            raise RuntimeError("the layer is already merged; unmerge it first")
+        weight = self.base_layer.weight
+        w = self.base_weight()  # view in [d_out, d_in] layout, writes go to the base weight
+        delta = self.delta_weight(task).to(torch.float32)
+        if self.use_dora:
+            merged = w.float() + delta
+            self._dora_merge_scale = (self.lora_magnitude_vector.float() / torch.linalg.norm(merged, dim=1)).detach()
+            self._dora_merged_delta = delta
+            w.copy_((merged * self._dora_merge_scale[:, None]).to(weight.dtype))
+        else:
+            w.copy_((w.float() + delta).to(weight.dtype))
+        self.merged, self.merged_task = True, task
 
-        merge_layer(self, task)
-
+    @torch.no_grad()
     def unmerge(self) -> None:
-        from .merge import unmerge_layer
-
-        unmerge_layer(self)
+        if not self.merged:
+            raise RuntimeError("the layer is not merged")
+        weight = self.base_layer.weight
+        w = self.base_weight()
+        if self.use_dora:
+            restored = w.float() / self._dora_merge_scale[:, None] - self._dora_merged_delta
+            del self._dora_merge_scale, self._dora_merged_delta
+        else:
+            restored = w.float() - self.delta_weight(self.merged_task).float()
+        w.copy_(restored.to(weight.dtype))
+        self.merged, self.merged_task = False, None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "

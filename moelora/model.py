@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import re
 import types
 from typing import Dict, List, Optional, Set
@@ -29,45 +30,20 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.nn as nn
 
+from . import _structure, adapters, merge, persistence
 from ._layer_base import is_adapter_layer
-from . import adapters
-from .adapters import wrap_modules_to_save
+from .adapters import DEFAULT_ADAPTER, mark_only_adapters_trainable, wrap_modules_to_save
 from .config import MoELoRAConfig
 from .layer import MoELoRALinear, is_conv1d
 from .layer_conv import MoELoRAConv, is_conv
 from .layer_embedding import MoELoRAEmbedding
 from .losses import RoutedModule
 from .routers import Router
+from .targets import OUTPUT_HEAD_NAMES, layer_index, matches, pattern_value, set_module, unwrap
 
-DEFAULT_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
-DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
-OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 
 # ------------------------------------------------------------------------------- matching
-def _matches(name: str, patterns) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def layer_index(name: str, layers_pattern=None) -> Optional[int]:
-    """Index of the numbered layer holding module ``name`` (as PEFT's layers_pattern)."""
-    patterns = layers_pattern or DEFAULT_LAYERS_PATTERN
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    alternatives = "|".join(re.escape(p) for p in patterns)
-    m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
-    return int(m.group(1)) if m else None
-
-
-def _pattern_value(name: str, pattern: Dict[str, float], default):
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?(?:{key})$", name):
-            return value
-    return default
-
-
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -117,19 +93,19 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
         selected = [n for n, m in candidates if _is_linear(m) and id(m) not in heads
                     and n.split(".")[-1] not in OUTPUT_HEAD_NAMES]
     else:
-        selected = [n for n, _ in candidates if _matches(n, target)]
+        selected = [n for n, _ in candidates if matches(n, target)]
         if isinstance(target, str):
             if not selected:
                 raise ValueError(f"target_modules regex {target!r} matches no linear module (nor embedding or "
                                  "convolution) of the model")
         else:
-            unknown = [t for t in target if not any(_matches(n, [t]) for n, _ in candidates)]
+            unknown = [t for t in target if not any(matches(n, [t]) for n, _ in candidates)]
             if unknown:
                 raise ValueError(f"target_modules {unknown} not found among the model's linear, embedding and "
                                  "convolution modules "
                                  f"(e.g. {[n for n, _ in candidates[:6]]})")
     if config.exclude_modules:
-        selected = [n for n in selected if not _matches(n, config.exclude_modules)]
+        selected = [n for n in selected if not matches(n, config.exclude_modules)]
     if config.layers_to_transform is not None:
         keep = set(config.layers_to_transform)
         selected = [n for n in selected if layer_index(n, config.layers_pattern) in keep]
@@ -142,11 +118,6 @@ def _num_layers(model: nn.Module, layers_pattern) -> int:
     indices = [layer_index(n, layers_pattern) for n, _ in model.named_modules()]
     indices = [i for i in indices if i is not None]
     return max(indices) + 1 if indices else 0
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
@@ -168,8 +139,8 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
         layer = layer_class(
             base, num_experts=n_exp, top_k=top_k,
-            r=_pattern_value(name, config.rank_pattern, config.r),
-            lora_alpha=_pattern_value(name, config.alpha_pattern, config.lora_alpha),
+            r=pattern_value(name, config.rank_pattern, config.r),
+            lora_alpha=pattern_value(name, config.alpha_pattern, config.lora_alpha),
             lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, share_lora_a=config.share_lora_a,
             lora_a_dropout=config.lora_a_dropout, router=config.router,
             router_renormalize=config.router_renormalize, router_jitter_noise=config.router_jitter_noise,
@@ -177,59 +148,10 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             threshold_ramp_steps=config.threshold_ramp_steps, task_shared_lora=config.task_shared_lora,
             init_lora_weights=config.init_lora_weights, use_dora=config.use_dora,
             router_aux_loss_coef=config.router_aux_loss_coef, router_z_loss_coef=config.router_z_loss_coef)
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
     wrap_modules_to_save(model, config.modules_to_save)
     mark_only_adapters_trainable(model, config.bias)
     return names
-
-
-def _adapter_owners(module: nn.Module, prefix: str = ""):
-    """(name, module, recurse) of what moelora added to ``module``'s tree: an adapter layer's
-    (MoELoRALinear, MoELoRAEmbedding, MoELoRAConv) own tensors and every child but its base layer; modules moelora added whole
-    (``_moelora_trainable``: upcycled MoE FFNs, MoLEx) with everything inside them."""
-    if getattr(module, "_moelora_trainable", False):
-        yield prefix, module, True
-        return
-    if is_adapter_layer(module):
-        yield prefix, module, False
-        for name, child in module.named_children():
-            if name != "base_layer":
-                yield f"{prefix}{name}.", child, True
-        return
-    for name, child in module.named_children():
-        yield from _adapter_owners(child, f"{prefix}{name}.")
-
-
-def adapter_tensor_names(model: nn.Module, bias: str = "none") -> Set[str]:
-    """Names (as in ``model.state_dict()``) of the tensors of moelora's adapters: what
-    :func:`mark_only_adapters_trainable` leaves trainable (its parameters) and what a
-    checkpoint holds. Membership comes from moelora's module types (see _adapter_owners),
-    never from substrings of names, so a base model's own ``router`` or ``lora_`` tensors
-    are not adapters. ``bias``: "all" adds every bias parameter, "lora_only" the biases of
-    the adapted layers."""
-    names = set()
-    for prefix, owner, recurse in _adapter_owners(model):
-        for sub_prefix, sub in (owner.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False)
-                                if recurse else [(prefix.rstrip("."), owner)]):
-            dot = f"{sub_prefix}." if sub_prefix else ""
-            names.update(dot + n for n, p in sub._parameters.items() if p is not None)
-            names.update(dot + n for n, b in sub._buffers.items()
-                         if b is not None and n not in sub._non_persistent_buffers_set)
-    if bias == "all":
-        names.update(n for n, _ in model.named_parameters(remove_duplicate=False) if n.endswith("bias"))
-    elif bias == "lora_only":
-        names.update(f"{n}.base_layer.bias" for n, m in model.named_modules()
-                     if is_adapter_layer(m) and getattr(m.base_layer, "bias", None) is not None)
-    return names
-
-
-def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
-    """requires_grad only for the adapters' parameters (:func:`adapter_tensor_names`: lora_A/B,
-    task scales, DoRA magnitudes, routers of MoE-LoRA layers, upcycled MoE FFNs, MoLEx gates)
-    and the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers)."""
-    trainable = adapter_tensor_names(model, bias)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -254,8 +176,7 @@ def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per routed module (by name), from its last forward: ``load`` (slots per token routed
     to each expert, [E]), ``entropy`` (mean routing entropy, nats), and the unweighted
     ``load_balancing_loss`` and ``z_loss``. Names are relative to the wrapped model."""
-    if isinstance(model, MoELoRAModel):
-        model = model.model
+    model = unwrap(model)
     return {name: dict(m._last_router_stats) for name, m in model.named_modules()
             if isinstance(m, RoutedModule) and getattr(m, "_last_router_stats", None) is not None}
 
@@ -343,6 +264,8 @@ class MoELoRAModel(nn.Module):
     ``adapter_configs`` holds them all. Inactive adapters live in ``inactive_adapters``, frozen.
     """
 
+    is_moelora_model = True  # what moelora.targets.unwrap looks for
+
     def __init__(self, model: nn.Module, config: MoELoRAConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.model = model
@@ -416,21 +339,15 @@ class MoELoRAModel(nn.Module):
                 m.disable_adapters = prev
 
     def merge_adapter(self, task: Optional[int] = None) -> None:
-        from .merge import merge_adapter
-
-        merge_adapter(self.model, task)
+        merge.merge_adapter(self.model, task)
 
     def unmerge_adapter(self) -> None:
-        from .merge import unmerge_adapter
-
-        unmerge_adapter(self.model)
+        merge.unmerge_adapter(self.model)
 
     def merge_and_unload(self, task: Optional[int] = None) -> nn.Module:
         """Merge the adapter into the base weights and return the plain model (saved modules:
         their trained copies)."""
-        from .merge import merge_and_unload
-
-        merge_and_unload(self.model, task)
+        merge.merge_and_unload(self.model, task)
         adapters.unwrap_modules_to_save(self.model)
         return self.model
 
@@ -448,15 +365,11 @@ class MoELoRAModel(nn.Module):
         (e.g. a gathered FSDP state dict) is read instead of the model's own, only the main
         process writes, and the other keyword arguments (``safe_serialization``, ...) are
         ignored: an adapter is always one safetensors file."""
-        from .persistence import save_pretrained
-
         if is_main_process:
-            save_pretrained(self, save_directory, state_dict=state_dict, selected_adapters=selected_adapters)
+            persistence.save_pretrained(self, save_directory, state_dict=state_dict, selected_adapters=selected_adapters)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False) -> "MoELoRAModel":
-        from .persistence import from_pretrained
-
         return from_pretrained(model, directory, is_trainable=is_trainable)
 
     # ----------------------------------------------------------------- PEFT adapter conventions
@@ -517,9 +430,7 @@ class MoELoRAModel(nn.Module):
 
     def load_adapter(self, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
         """Load an adapter saved by :meth:`save_pretrained` as ``adapter_name`` (inactive)."""
-        from .persistence import load_adapter
-
-        load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
+        persistence.load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
 
     def _mark_trainable(self) -> None:
         if self.adapters_trainable:
@@ -533,3 +444,47 @@ def get_moelora_model(model: nn.Module, config: MoELoRAConfig) -> MoELoRAModel:
     """Inject MoE-LoRA layers into ``model`` (in place) and wrap it; see the module docstring."""
     inject_moelora(model, config)
     return MoELoRAModel(model, config)
+
+
+def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
+    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights
+    (as the adapter "default"; :meth:`MoELoRAModel.load_adapter` adds the others).
+
+    Every file is read and checked before ``model`` is changed; if the tensors then do not
+    fit the injected model, ``model`` is restored as it was (a corrected retry works).
+    Checkpoints written before adapter membership was explicit may also hold a base model's
+    own tensors whose names contain ``router.`` or ``lora_`` (they were trained then): such
+    tensors, where the model has them with the same shape, are loaded too; any other tensor
+    the adapter does not have is an error.
+    """
+    config, structure, state = persistence.read_checkpoint(directory)
+    with persistence.restored_on_error(model):
+        _structure.replay(model, structure)
+        wrapped = get_moelora_model(model, config)
+        persistence.load_active_adapter_weights(wrapped, state, os.path.join(directory, persistence.WEIGHTS_NAME))
+    if not is_trainable:
+        for p in wrapped.parameters():
+            p.requires_grad_(False)
+        wrapped.eval()
+    wrapped.adapters_trainable = is_trainable
+    return wrapped
+
+
+@torch.no_grad()
+def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
+    """Load a PEFT LoRA checkpoint as one expert (see moelora.persistence); returns the wrapper.
+    Every tensor is checked against the model before any is copied; a fresh ``model`` is left
+    as it was when the checkpoint does not fit."""
+    peft_config, modules, others, weights_path = persistence.read_peft_checkpoint(directory)
+    if expert is not None and (not isinstance(expert, int) or isinstance(expert, bool)):
+        raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")
+    with persistence.restored_on_error(model):
+        if isinstance(model, MoELoRAModel):
+            wrapped, target = model, expert if expert is not None else 0
+        else:
+            if expert not in (None, 0):
+                raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
+            wrapped, target = get_moelora_model(model, persistence.peft_as_config(peft_config, modules, directory)), 0
+        layers, extras = persistence.check_peft_checkpoint(wrapped.model, modules, others, target, weights_path)
+    persistence.copy_peft_checkpoint(peft_config, modules, layers, extras, target)
+    return wrapped

@@ -46,9 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._structure import record
+from ._structure import record, structural_edit
 from .losses import RoutedModule, expert_load, load_balancing_loss, routing_entropy
-from .model import DEFAULT_LAYERS_PATTERN
+from .targets import DEFAULT_LAYERS_PATTERN, unwrap
 
 GATE_TYPES = ("linear", "cosine", "cosine_sigmoid")
 BATCH_ROUTING = ("mode", "mean")
@@ -273,6 +273,7 @@ def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] =
     return max(stacks, key=len)
 
 
+@structural_edit
 def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None, hidden_size: Optional[int] = None,
                 **kwargs) -> MoLEx:
     """Turn the layer stack of ``model`` into MoLEx; returns the MoLEx module (``model.molex``).
@@ -280,9 +281,7 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     kwargs: gate, shared_gate, proj_dim, alpha, learn_alpha, batch_routing, aux_loss_coef,
     temperature, bias, layer_selection (see :class:`MoLEx` and the module docstring).
     """
-    from .model import MoELoRAModel
-
-    target = model.model if isinstance(model, MoELoRAModel) else model
+    target = unwrap(model)
     if hasattr(target, "molex"):
         raise ValueError("MoLEx is already applied to this model")
     stack = find_layer_stack(target, layers)

@@ -3,14 +3,16 @@
 - :func:`save_pretrained` writes ``moelora_config.json`` and ``adapter_model.safetensors``
   (adapter, router and task-scale parameters, router schedule buffers, trainable biases,
   and every tensor of the modules moelora added whole: upcycled MoE FFNs, MoLEx gates);
-  :func:`from_pretrained` replays ``upcycle_ffn`` / ``apply_molex`` (recorded in the
-  config), injects the layers into a fresh base model and loads them back bit-exactly.
+  ``moelora.from_pretrained`` (moelora.model, on top of this module's readers) replays
+  ``upcycle_ffn`` / ``apply_molex`` (recorded in the config), injects the layers into a fresh
+  base model and loads them back bit-exactly.
 - :func:`export_peft_lora` writes a plain PEFT LoRA checkpoint (``adapter_config.json`` +
   ``adapter_model.safetensors``) for static routing: E = 1 (LoRA or DoRA), or one task of a
   task-routed model, whose delta s*gamma*B_t@A_t (+ s*B_sh@A_sh) becomes a rank-r (2r)
   LoRA with the same scaling.
-- :func:`load_peft_lora` reads a PEFT LoRA checkpoint as a single expert: into a fresh
-  model (E = 1), or into expert ``expert`` of an injected model with per-expert A.
+- ``moelora.load_peft_lora`` (moelora.model, with this module's PEFT readers) reads a PEFT
+  LoRA checkpoint as a single expert: into a fresh model (E = 1), or into expert ``expert``
+  of an injected model with per-expert A.
 - Both handle PEFT's layers on linear layers, embeddings (``lora_embedding_A/B``) and
   convolutions (conv kernels), the biases a ``bias="all"`` / ``"lora_only"`` adapter trains,
   and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``).
@@ -38,8 +40,8 @@ from .layer import MoELoRALinear
 from .layer_conv import MoELoRAConv
 from .layer_embedding import MoELoRAEmbedding
 from ._layer_base import is_adapter_layer
-from .adapters import ModulesToSaveWrapper, optional_names
-from .model import DEFAULT_ADAPTER, MoELoRAModel, adapter_tensor_names, get_moelora_model
+from .adapters import DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, optional_names
+from .targets import pattern_value, unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora._structure)
@@ -47,13 +49,9 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    return model.model if isinstance(model, MoELoRAModel) else model
-
-
 def _owned_prefixes(model: nn.Module) -> tuple:
     """Name prefixes of the modules moelora added whole (upcycled MoE FFNs, MoLEx)."""
-    return tuple(n + "." for n, m in _inner(model).named_modules() if getattr(m, "_moelora_trainable", False))
+    return tuple(n + "." for n, m in unwrap(model).named_modules() if getattr(m, "_moelora_trainable", False))
 
 
 def _strip_wrapper_prefix(name: str, known: set) -> Optional[str]:
@@ -74,9 +72,9 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
     carry a prefix) is read instead of the model's own when given; it must hold every
     adapter tensor, unsharded.
     """
-    saved = adapter_tensor_names(_inner(model), bias)
+    saved = adapter_tensor_names(unwrap(model), bias)
     if state_dict is None:
-        source = _inner(model).state_dict()
+        source = unwrap(model).state_dict()
     else:
         source = {}
         for name, tensor in state_dict.items():
@@ -100,7 +98,7 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
     return state
 
 
-def save_pretrained(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None,
+def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[dict] = None,
                     selected_adapters: Optional[List[str]] = None) -> None:
     """Write each adapter of ``model`` (``selected_adapters``, default all) as PEFT lays them out:
     the adapter "default" in ``save_directory``, any other in ``save_directory/<name>``. With
@@ -118,7 +116,7 @@ def _adapter_directory(save_directory: str, adapter_name: str) -> str:
 
 
 @contextlib.contextmanager
-def _adapter_active(model: MoELoRAModel, adapter_name: str):
+def _adapter_active(model: nn.Module, adapter_name: str):
     """Make ``adapter_name`` the active adapter inside the block (trainability restored after)."""
     if adapter_name == model.active_adapter:
         yield
@@ -133,7 +131,7 @@ def _adapter_active(model: MoELoRAModel, adapter_name: str):
             p.requires_grad_(flag)
 
 
-def _save_active_adapter(model: MoELoRAModel, save_directory: str, state_dict: Optional[dict] = None) -> None:
+def _save_active_adapter(model: nn.Module, save_directory: str, state_dict: Optional[dict] = None) -> None:
     """Write ``moelora_config.json`` and ``adapter_model.safetensors`` of the active adapter (see
     the module docstring); with ``state_dict`` the tensors come from it (see :func:`adapter_state_dict`)."""
     from safetensors.torch import save_file
@@ -142,7 +140,7 @@ def _save_active_adapter(model: MoELoRAModel, save_directory: str, state_dict: O
     state = adapter_state_dict(model, config.bias, state_dict)
     os.makedirs(save_directory, exist_ok=True)
     saved = config.to_dict()
-    structure = _structure.to_json(_inner(model))
+    structure = _structure.to_json(unwrap(model))
     if structure:
         saved[STRUCTURE_KEY] = structure
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
@@ -177,7 +175,7 @@ def _read_safetensors(path: str) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
-def _read_checkpoint(directory: str):
+def read_checkpoint(directory: str):
     """(config, structure records, tensors) of a checkpoint, every file read and checked."""
     config_path = os.path.join(directory, CONFIG_NAME)
     saved = _read_json(config_path, "the MoE-LoRA config")
@@ -191,7 +189,7 @@ def _read_checkpoint(directory: str):
 
 
 @contextlib.contextmanager
-def _restored_on_error(model: nn.Module):
+def restored_on_error(model: nn.Module):
     """Undo every change to ``model``'s module tree (children, attributes, hooks, classes,
     requires_grad flags) if the block raises; parameter values are not touched by the
     blocks that use it before they succeed."""
@@ -217,50 +215,26 @@ def _legacy_base_tensor(name: str, present: dict) -> bool:
     return name in present and ("lora_" in name or "router." in name)
 
 
-def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
-    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights
-    (as the adapter "default"; :func:`load_adapter` adds the others).
-
-    Every file is read and checked before ``model`` is changed; if the tensors then do not
-    fit the injected model, ``model`` is restored as it was (a corrected retry works).
-    Checkpoints written before adapter membership was explicit may also hold a base model's
-    own tensors whose names contain ``router.`` or ``lora_`` (they were trained then): such
-    tensors, where the model has them with the same shape, are loaded too; any other tensor
-    the adapter does not have is an error.
-    """
-    config, structure, state = _read_checkpoint(directory)
-    with _restored_on_error(model):
-        _structure.replay(model, structure)
-        wrapped = get_moelora_model(model, config)
-        _load_active_adapter_weights(wrapped, state, os.path.join(directory, WEIGHTS_NAME))
-    if not is_trainable:
-        for p in wrapped.parameters():
-            p.requires_grad_(False)
-        wrapped.eval()
-    wrapped.adapters_trainable = is_trainable
-    return wrapped
-
-
-def load_adapter(model: MoELoRAModel, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
+def load_adapter(model: nn.Module, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name`` (inactive), as PEFT's
     ``load_adapter``. The model must have the structure (upcycling, MoLEx) the adapter was
     saved with; ``is_trainable`` makes the adapters trainable when activated. Every file is
     checked first; an adapter that does not fit is not added."""
-    config, structure, state = _read_checkpoint(directory)
-    if structure != _structure.to_json(_inner(model)):
+    config, structure, state = read_checkpoint(directory)
+    if structure != _structure.to_json(unwrap(model)):
         raise ValueError(f"the adapter in {directory} was saved on a model with the structural edits {structure}, "
-                         f"this model has {_structure.to_json(_inner(model))}")
+                         f"this model has {_structure.to_json(unwrap(model))}")
     model.add_adapter(adapter_name, config)
     try:
         with _adapter_active(model, adapter_name):
-            _load_active_adapter_weights(model, state, os.path.join(directory, WEIGHTS_NAME))
+            load_active_adapter_weights(model, state, os.path.join(directory, WEIGHTS_NAME))
     except BaseException:
         model.delete_adapter(adapter_name)
         raise
     model.adapters_trainable = model.adapters_trainable and is_trainable
 
 
-def _load_active_adapter_weights(wrapped: MoELoRAModel, state: dict, weights_path: str) -> None:
+def load_active_adapter_weights(wrapped: nn.Module, state: dict, weights_path: str) -> None:
     """Load ``state`` (read from ``weights_path``) into the active adapter, checking names and shapes first."""
     expected = adapter_tensor_names(wrapped.model, wrapped.moelora_config.bias)
     present = wrapped.model.state_dict()
@@ -277,22 +251,6 @@ def _load_active_adapter_weights(wrapped: MoELoRAModel, state: dict, weights_pat
 
 
 # ------------------------------------------------------------------------------- PEFT interop
-def _static_lora_factors(layer: MoELoRALinear, task: Optional[int]):
-    """(A [r', d_in], B [d_out, r']) with layer.scaling * B @ A = the layer's static delta."""
-    if layer.router is not None:
-        raise ValueError(f"only static routing exports to PEFT LoRA (num_experts=1 or task routing); this layer "
-                         f"has a learned router over {layer.num_experts} experts")
-    if layer.router_mode != "task":
-        return layer.expert_A(0), layer.lora_B[0]
-    if task is None or not 0 <= task < layer.num_experts:
-        raise ValueError(f"exporting a task-routed model needs task in [0, {layer.num_experts}), got {task!r}")
-    a, b = layer.expert_A(task), layer.lora_gamma[task] * layer.lora_B[task]
-    if layer.task_shared_lora:
-        a = torch.cat([a, layer.expert_A(layer.num_experts)], dim=0)
-        b = torch.cat([b, layer.lora_B[-1]], dim=1)
-    return a, b
-
-
 def _peft_layer_tensors(name: str, layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> dict:
     """PEFT's tensors of one layer from its factors A [r', d_in], B [d_out, r'] (flat layouts)."""
     prefix = f"{PEFT_PREFIX}{name}."
@@ -312,7 +270,7 @@ def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
 
     PEFT names a saved module's tensors ``<module>.<param>`` and a bias ``<module>.bias``
     (``<module>.base_layer.bias`` in an adapted layer), as the model's own state dict does."""
-    inner = _inner(model)
+    inner = unwrap(model)
     saved = {n: m for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     state = {f"{PEFT_PREFIX}{n}.{k}": t for n, m in saved.items() for k, t in m.modules_to_save.state_dict().items()}
     if bias != "none":
@@ -332,16 +290,16 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    layers = [(n, m) for n, m in _inner(model).named_modules() if is_adapter_layer(m)]
+    layers = [(n, m) for n, m in unwrap(model).named_modules() if is_adapter_layer(m)]
     if not layers:
         raise ValueError("the model holds no MoE-LoRA layer")
     if bias is None:
-        bias = model.moelora_config.bias if isinstance(model, MoELoRAModel) else "none"
+        bias = model.moelora_config.bias if unwrap(model) is not model else "none"
     use_rslora = layers[0][1].use_rslora
     use_dora = layers[0][1].use_dora
     state, rank_pattern, alpha_pattern = {}, {}, {}
     for name, layer in layers:
-        a, b = _static_lora_factors(layer, task)
+        a, b = layer.static_lora_factors(task)
         rank = a.shape[0]
         alpha = layer.scaling * (math.sqrt(rank) if use_rslora else rank)
         state.update({k: t.detach().contiguous().clone() for k, t in _peft_layer_tensors(name, layer, a, b).items()})
@@ -360,7 +318,7 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def _read_peft_checkpoint(directory: str):
+def read_peft_checkpoint(directory: str):
     """(adapter config, {module: {"lora_A"|"lora_B"|"lora_magnitude_vector": tensor}}, {name: other
     tensor}, weights path) of a PEFT LoRA checkpoint; errors name the file."""
     config_path, weights_path = os.path.join(directory, PEFT_CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
@@ -436,63 +394,53 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> l
     return pairs
 
 
-def _peft_value(name: str, pattern: dict, default):
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?(?:{key})$", name):
-            return value
-    return default
+def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAConfig:
+    """The MoELoRAConfig of a fresh model that takes a PEFT LoRA checkpoint (its config and
+    its LoRA tensors by module, from :func:`read_peft_checkpoint`) as its only expert."""
+    ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
+    alphas = {n: pattern_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
+              for n in modules}
+    try:
+        return MoELoRAConfig(
+            r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
+            target_modules=sorted(modules), num_experts=1, top_k=1,
+            use_rslora=bool(peft_config.get("use_rslora", False)),
+            use_dora=bool(peft_config.get("use_dora", False)),
+            rank_pattern={re.escape(n): r for n, r in ranks.items()},
+            alpha_pattern={re.escape(n): a for n, a in alphas.items()}, bias=peft_config.get("bias", "none"),
+            modules_to_save=peft_config.get("modules_to_save"))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{os.path.join(directory, PEFT_CONFIG_NAME)}: {exc}") from None
+
+
+def check_peft_checkpoint(inner: nn.Module, modules: dict, others: dict, target: int, weights_path: str):
+    """(layers by name, extras) of a PEFT checkpoint checked against ``inner`` (the injected model):
+    every LoRA tensor fits expert ``target`` of its layer, every bias / saved-module tensor fits."""
+    layers = {}
+    for name, tensors in modules.items():
+        try:
+            layers[name] = inner.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{weights_path}: the model has no module {name}") from None
+        _check_peft_fits(name, tensors, layers[name], target, weights_path)
+    return layers, _peft_extras_targets(inner, others, weights_path)
 
 
 @torch.no_grad()
-def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
-    """Load a PEFT LoRA checkpoint as one expert (see the module docstring); returns the wrapper.
-    Every tensor is checked against the model before any is copied; a fresh ``model`` is left
-    as it was when the checkpoint does not fit."""
-    peft_config, modules, others, weights_path = _read_peft_checkpoint(directory)
-    if expert is not None and (not isinstance(expert, int) or isinstance(expert, bool)):
-        raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")
+def copy_peft_checkpoint(peft_config: dict, modules: dict, layers: dict, extras: list, target: int) -> None:
+    """Copy the checked tensors (:func:`check_peft_checkpoint`) into expert ``target``; the layers
+    keep their scaling, any difference to the checkpoint's is folded into B."""
     use_rslora = bool(peft_config.get("use_rslora", False))
-    with _restored_on_error(model):
-        if isinstance(model, MoELoRAModel):
-            wrapped, target = model, expert if expert is not None else 0
-        else:
-            if expert not in (None, 0):
-                raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
-            ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
-            alphas = {n: _peft_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
-                      for n in modules}
-            try:
-                config = MoELoRAConfig(
-                    r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
-                    target_modules=sorted(modules), num_experts=1, top_k=1, use_rslora=use_rslora,
-                    use_dora=bool(peft_config.get("use_dora", False)),
-                    rank_pattern={re.escape(n): r for n, r in ranks.items()},
-                    alpha_pattern={re.escape(n): a for n, a in alphas.items()}, bias=peft_config.get("bias", "none"),
-                    modules_to_save=peft_config.get("modules_to_save"))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{os.path.join(directory, PEFT_CONFIG_NAME)}: {exc}") from None
-            wrapped, target = get_moelora_model(model, config), 0
-        inner = wrapped.model
-        layers = {}
-        for name, tensors in modules.items():
-            try:
-                layers[name] = inner.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"{weights_path}: the model has no module {name}") from None
-            _check_peft_fits(name, tensors, layers[name], target, weights_path)
-        extras = _peft_extras_targets(inner, others, weights_path)
     for name, tensors in modules.items():
         layer, a, b = layers[name], tensors["lora_A"], tensors["lora_B"]
-        alpha = _peft_value(name, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
+        alpha = pattern_value(name, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
         peft_scaling = alpha / (math.sqrt(a.shape[0]) if use_rslora else a.shape[0])
         if layer.share_lora_a:
             layer.lora_A.copy_(a)
         else:
             layer.lora_A[target].copy_(a)
-        # Keep the layer's scaling; fold any difference into B.
         layer.lora_B[target].copy_(b * (peft_scaling / layer.scaling))
         if "lora_magnitude_vector" in tensors:
             layer.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
     for own, tensor in extras:
         own.copy_(tensor)
-    return wrapped

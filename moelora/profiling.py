@@ -9,7 +9,7 @@ op (``torch.ops.moelora.*``) counts as one, whatever number of kernels its CUDA 
 
 :func:`host_time` times the Python path of a call the same way (launches skipped):
 what remains is moelora's own host work (each launch prepared up to the call into the compiled
-kernel: see moelora._launchers.KernelLaunch) plus ATen's dispatch on tiny CPU tensors. On a GPU
+kernel: see moelora.kernels.launchers.KernelLaunch) plus ATen's dispatch on tiny CPU tensors. On a GPU
 machine each counted launch adds Triton's C launcher (measured by the benchmark).
 """
 
@@ -23,7 +23,7 @@ from typing import Callable, List
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _launchers
+from .kernels import launchers
 
 _ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "empty_permuted",
                 "lift_fresh", "set_", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
@@ -62,7 +62,7 @@ def count_kernels():
     """``with count_kernels() as counts: ...``: the block's Triton launches are counted instead
     of run, its ATen compute ops counted as they run; see the module docstring."""
     counts = KernelCounts()
-    with _launchers.count_launches() as calls, _AtenCounter(counts.aten):
+    with launchers.count_launches() as calls, _AtenCounter(counts.aten):
         yield counts
     counts.triton.extend(name for name, _ in calls)
 
@@ -76,7 +76,7 @@ def host_time(fn: Callable[[], object], iterations: int = 50, warmup: int = 10) 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: a thread pool only adds waiting on a shared machine
     try:
-        with _launchers.skip_launches():
+        with launchers.skip_launches():
             for i in range(warmup + iterations):
                 t0 = time.perf_counter()
                 fn()

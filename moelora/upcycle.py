@@ -28,9 +28,9 @@ import torch.nn as nn
 from .ffn import moe_ffn
 from .layer import is_conv1d
 from .losses import RoutedModule
-from ._structure import record
-from .model import MoELoRAModel, _matches, _set_module, layer_index
+from ._structure import record, structural_edit
 from .routers import Router
+from .targets import layer_index, matches, set_module, unwrap
 
 
 def _weight_and_bias(module: nn.Module):
@@ -104,6 +104,7 @@ def _is_gated_mlp(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
+@structural_edit
 def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_modules=None,
                 in_proj: Optional[str] = None, out_proj: Optional[str] = None, gate_proj: Optional[str] = None,
                 activation: Optional[Callable] = None, layers_to_transform=None, layers_pattern=None,
@@ -122,15 +123,14 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     """
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if isinstance(model, MoELoRAModel):
-        model = model.model
+    model = unwrap(model)
     call = dict(num_experts=num_experts, top_k=top_k, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj,
                 gate_proj=gate_proj, activation=activation, layers_to_transform=layers_to_transform,
                 layers_pattern=layers_pattern, **router_kwargs)
     targets = []
     for name, m in model.named_modules():
         if ffn_modules is not None:
-            if name and _matches(name, ffn_modules):
+            if name and matches(name, ffn_modules):
                 targets.append((name, "generic"))
         elif _is_bert_layer(m):
             targets.append((name, "bert"))
@@ -152,7 +152,7 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
             m.output.dense = nn.Identity()
         elif kind == "gated":
             moe = MoEFFN(m.up_proj, m.down_proj, m.act_fn, num_experts, top_k, gate_proj=m.gate_proj, **router_kwargs)
-            _set_module(model, name, moe)
+            set_module(model, name, moe)
         else:
             try:
                 parts = [m.get_submodule(p) if p else None for p in (in_proj, out_proj, gate_proj)]
@@ -160,6 +160,6 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
                 raise ValueError(f"{name} lacks one of in_proj={in_proj!r}, out_proj={out_proj!r}, "
                                  f"gate_proj={gate_proj!r}") from err
             moe = MoEFFN(parts[0], parts[1], activation, num_experts, top_k, gate_proj=parts[2], **router_kwargs)
-            _set_module(model, name, moe)
+            set_module(model, name, moe)
     record(model, "upcycle_ffn", call)  # replayed by moelora.from_pretrained
     return [n for n, _ in targets]

@@ -114,7 +114,7 @@ def test_one_autograd_node_per_call(lead):
     x3 = x.detach().view(*lead, x.shape[-1]).requires_grad_()
     layer = moelora.MoELoRALinear(nn.Linear(64, 64), num_experts=8, top_k=2, r=16, share_lora_a=True).train()
     with moelora.use_backend("triton"), moelora.validation(False):
-        with moelora._launchers.skip_launches():
+        with moelora.kernels.launchers.skip_launches():
             y = moelora.moe_lora(x3, a, b, ids.view(*lead, 2), w.detach().view(*lead, 2).requires_grad_(),
                                  scaling=0.5, base_out=torch.randn(*lead, 64, requires_grad=True))
             assert _graph_nodes(y) == ["_EagerMoELoRABackward"]

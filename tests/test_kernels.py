@@ -6,7 +6,7 @@ import torch
 
 from conftest import DEVICE
 from moe_inputs import TOLERANCE, rel_err
-from moelora import _launchers as K
+from moelora.kernels import launchers as K
 from moelora.routing import dispatch_metadata
 from moelora.reference import dense_gates
 

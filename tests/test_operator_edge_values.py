@@ -12,7 +12,7 @@ from moe_inputs import make_problem, rel_err
 from moelora.reference import moe_lora_naive, moe_lora_torch
 
 TRITON_SCALING_XFAIL = pytest.mark.xfail(strict=True, reason="the grouped kernels apply the scaling as one fp32 "
-                                                               "factor (the dense ones split it: moelora._launchers."
+                                                               "factor (the dense ones split it: moelora.kernels.launchers."
                                                                "scale_factors)")
 
 # (name, call(x, a, b, ids, w, **kw)) of every path of the operator

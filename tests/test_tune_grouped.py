@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import tune_grouped
-from moelora._launchers import TileConfig
+from moelora.kernels.launchers import TileConfig
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs at full size (about 90 s): "

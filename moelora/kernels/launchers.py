@@ -22,12 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels.dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX, gate_backward_kernel,
+from .dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX, gate_backward_kernel,
                                    gated_expand_kernel, lora_down_kernel, lora_weight_grad_kernel,
                                    lora_weight_grad_reduce_kernel, router_aux_loss_kernel, threshold_weights_kernel)
-from .triton_kernels.grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
+from .grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
                                      glu_forward_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel)
-from .triton_kernels.matmul import matmul_kernel
+from .matmul import matmul_kernel
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -279,7 +279,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
     ``stacked_b``: b is [E, K, r], read as B_stack [K, E*r] (column e*r + i = b[e, :, i]).
     ``second``: (a2 [M, K2], b2 [K2, N]) added to the product (a K-concatenated GEMM).
     ``sanitize_b``: non-finite entries of b only reach the rows of a that weigh them (see
-    triton_kernels.matmul). With ``split_k`` the K range is cut into slices whose fp32
+    moelora.kernels.matmul). With ``split_k`` the K range is cut into slices whose fp32
     partials are summed in a fixed order (for weight gradients, whose reduction runs over all
     tokens). ``out`` (any strides) receives the result when given.
     """
@@ -601,7 +601,7 @@ def threshold_weights(top_p: torch.Tensor, noise: Optional[torch.Tensor], num_st
 
 # ------------------------------------------------------- grouped GEMMs over expert-sorted rows
 #
-# Row space (triton_kernels/grouped.py): the pairs sorted by expert, each expert's segment
+# Row space (moelora/kernels/grouped.py): the pairs sorted by expert, each expert's segment
 # padded to the layout block; ``meta`` is the DispatchMetadata of moelora.routing built with
 # that block size (sorted_pairs_padded = the pair of each row, padded_offsets = segment
 # starts, counts, block_expert, inverse_padded = the row of each pair).
@@ -838,7 +838,7 @@ def _glu_meta(hg, hu, bg, bu, act: int):
 def glu_forward(hg: Optional[torch.Tensor], hu: torch.Tensor, bg: Optional[torch.Tensor], bu: Optional[torch.Tensor],
                 meta, ids: torch.Tensor, act: int) -> torch.Tensor:
     """[R, F]: act(hg + bg[e]) * (hu + bu[e]) per row (act(hu + bu[e]) without hg), 0 on padding
-    rows; e the expert of the row's pair in ``ids`` [T, k]; ``act`` a code of triton_kernels.grouped."""
+    rows; e the expert of the row's pair in ``ids`` [T, k]; ``act`` a code of moelora.kernels.grouped."""
     num_rows, F = hu.shape
     out = torch.empty(num_rows, F, dtype=hu.dtype, device=hu.device)
     if num_rows == 0 or F == 0:

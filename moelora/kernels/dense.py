@@ -27,7 +27,7 @@ choose leaves that token's outputs and gradients finite. Every kernel is determi
 
 Parameters of every kernel launched here (and of matmul_kernel) come in one order: pointers,
 then the floats that change from call to call, then the sizes and strides fixed by the launch
-configuration, then the constexprs: moelora._launchers.KernelLaunch passes the first two groups
+configuration, then the constexprs: moelora.kernels.launchers.KernelLaunch passes the first two groups
 per call and keeps the others with the configuration.
 """
 
@@ -139,7 +139,7 @@ def gated_expand_kernel(
     whose B operand is read from B [E, d_out, r] directly.
 
     Non-finite entries of an expert's B reach only the tokens that chose it (sanitized dot,
-    see triton_kernels.matmul). Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    see moelora.kernels.matmul). Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
     """
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

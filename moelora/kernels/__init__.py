@@ -1,4 +1,4 @@
-"""Raw Triton kernels of moelora (installed as ``moelora.triton_kernels``).
+"""moelora's Triton kernels and their launchers (this folder imports nothing else of moelora).
 
 - ``matmul``:  strided GEMM with split-K, grouped B columns (B_stack read from [E, K, r]), a
   second K-concatenated operand pair, fp32/fp64 accumulation, optional addend.
@@ -8,6 +8,9 @@
 - ``grouped``: expert-sorted grouped GEMMs (row gather prologue, gate epilogue),
   the per-expert weight-gradient reduction, and the fixed-order combine.
 
-Launchers (cached launch configurations) live in ``moelora._launchers``; autograd and custom
-ops in ``moelora._triton_ops`` (the operator) and ``moelora.fused_linear`` (the layer).
+- ``launchers``: one Python launcher per kernel (output allocation, cached launch
+  configurations, direct launches, the launch counter of moelora.profiling).
+
+Autograd and custom ops live with their ops: ``moelora._triton_ops`` (the operator),
+``moelora.fused_linear`` (the layer), ``moelora.ffn`` (the MoE FFN).
 """
