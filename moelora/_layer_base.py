@@ -91,7 +91,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self.merged = False
         self.merged_task: Optional[int] = None
         self.disable_adapters = False
-        self._task_ids = None
+        self.task_ids = None  # task routing: the ids of the next forwards (moelora.set_task_ids sets them)
         self._clear_routing_record()
 
         weight = base_layer.weight
@@ -132,13 +132,13 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         """Routing of the ``lead_shape`` output positions; the learned router reads
         ``router_input`` (what it reads is the subclass's choice) and records its aux losses."""
         if self.router_mode == "task":
-            if self._task_ids is None:
+            if self.task_ids is None:
                 raise RuntimeError(
                     f"this {type(self).__name__} routes by task id but none is set: call moelora.set_task_ids(model, "
                     "ids), use `with moelora.use_task_ids(model, ids):`, or pass task_ids=... to the MoELoRAModel's "
                     "forward")
             shared = self.num_experts if self.task_shared_lora else None
-            return task_routing(self._task_ids, self.lora_gamma, lead_shape, shared)
+            return task_routing(self.task_ids, self.lora_gamma, lead_shape, shared)
         if self.router is None:
             ids, weights = single_expert_routing(math.prod(lead_shape), self.lora_B.device)
             return Routing(weights, ids)

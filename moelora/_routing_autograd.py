@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
+from .kernels.launchers import accumulator_dtype
 from . import _routing_torch as fb
 
 
@@ -141,7 +142,7 @@ def _register_native():
     @torch.library.register_fake(lib + "router_topk")
     def _router_fake(logits, top_k, mode, renormalize):
         T, E = logits.shape
-        acc = fb.acc_dtype(logits.dtype)
+        acc = accumulator_dtype(logits.dtype)
         return (logits.new_empty((T, top_k), dtype=acc), logits.new_empty((T, top_k), dtype=torch.int32),
                 logits.new_empty((E,), dtype=torch.int64), logits.new_empty((E,), dtype=acc),
                 logits.new_empty((T,), dtype=acc))
@@ -169,7 +170,7 @@ def _register_native():
 
     @torch.library.register_fake(lib + "pair_dot")
     def _pair_dot_fake(a, b, sorted_pairs, inverse):
-        return a.new_empty(tuple(inverse.shape), dtype=fb.acc_dtype(a.dtype))
+        return a.new_empty(tuple(inverse.shape), dtype=accumulator_dtype(a.dtype))
 
     def _route_setup(ctx, inputs, output):
         logits, _, mode, renormalize = inputs

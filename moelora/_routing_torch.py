@@ -18,13 +18,12 @@ from __future__ import annotations
 import torch
 
 from . import _ext
+from .kernels.launchers import accumulator_dtype
 
 SOFTMAX_TOPK, TOPK_SOFTMAX = 0, 1
 INF = float("inf")
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_block_size(block_size: int) -> None:
@@ -42,7 +41,7 @@ def padded_length(num_pairs, num_experts: int, block_size: int):
 
 def clean_logits(logits: torch.Tensor) -> torch.Tensor:
     """Logits in the accumulation dtype with NaN replaced by -inf."""
-    x = logits.to(acc_dtype(logits.dtype))
+    x = logits.to(accumulator_dtype(logits.dtype))
     return torch.where(torch.isnan(x), torch.full_like(x, -INF), x)
 
 
@@ -129,13 +128,13 @@ def dispatch(x, sorted_pairs, inverse, weights):
         return x.new_zeros(sorted_pairs.shape[0], x.shape[1])
     rows = x.index_select(0, p // k)
     if weights is not None:
-        acc = acc_dtype(x.dtype)
+        acc = accumulator_dtype(x.dtype)
         rows = (weights.reshape(-1).to(acc)[p].unsqueeze(1) * rows.to(acc)).to(x.dtype)
     return torch.where(valid.unsqueeze(1), rows, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def combine(y, sorted_pairs, inverse, weights):
-    acc = acc_dtype(y.dtype)
+    acc = accumulator_dtype(y.dtype)
     T, k = inverse.shape
     P = y.shape[0]
     out = torch.zeros(T, y.shape[1], dtype=acc, device=y.device)
@@ -152,7 +151,7 @@ def combine(y, sorted_pairs, inverse, weights):
 
 
 def pair_dot(a, b, sorted_pairs, inverse):
-    acc = acc_dtype(a.dtype)
+    acc = accumulator_dtype(a.dtype)
     T, k = inverse.shape
     P = b.shape[0]
     if P == 0:

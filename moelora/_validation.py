@@ -143,8 +143,7 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     if topk_weights.shape != topk_ids.shape:
         raise ValueError(
             f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
-    if top_k > num_experts:
-        raise ValueError(f"k (topk_ids.shape[-1] = {top_k}) must not exceed the number of experts E = {num_experts}")
+    check_top_k(top_k, num_experts, "k (topk_ids.shape[-1])")
     out_shape = lead + (d_out,)
     if base_out is not None and tuple(base_out.shape) != out_shape:
         raise ValueError(f"base_out must have shape {out_shape}, got {tuple(base_out.shape)}")
@@ -154,6 +153,12 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
 
     check_routing_values(topk_ids, topk_weights, num_experts)
     return MoELoRAArgs(x, lora_a, lora_b, topk_ids, topk_weights, base_out, float(scaling), out_shape)
+
+
+def check_top_k(top_k: int, num_experts: int, name: str = "top_k") -> None:
+    """ValueError naming ``name`` unless 1 <= top_k <= num_experts (moelora's one top-k check)."""
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"{name} must be in [1, num_experts={num_experts}], got {top_k}")
 
 
 def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,

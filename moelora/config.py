@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
 from .routers import ROUTER_MODES
+from ._validation import check_top_k
 
 EXPERT_PRESETS = ("2468", "8642", "8228", "5555")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -76,9 +77,8 @@ class MoELoRAConfig:
             raise ValueError(f"num_experts preset must be one of {EXPERT_PRESETS}, got {self.num_experts!r}")
         if isinstance(self.num_experts, (list, tuple)) and not all(_is_int(n) and n >= 1 for n in self.num_experts):
             raise ValueError(f"every per-layer num_experts must be an int >= 1, got {self.num_experts}")
-        if self.router != "task" and isinstance(self.num_experts, int) and self.num_experts > 1 \
-                and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got top_k={self.top_k}")
+        if self.router != "task" and isinstance(self.num_experts, int) and self.num_experts > 1:
+            check_top_k(self.top_k, self.num_experts)
         if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
             raise ValueError("target_modules is an empty list: name at least one module (a list of module-name "
                              "suffixes, a regex string, or 'all-linear')")

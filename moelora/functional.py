@@ -8,13 +8,13 @@ float64 reference). ``auto`` picks triton where it can run, torch elsewhere.
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Optional
 
 import torch
 
 from ._config import BACKENDS, current_backend
 from ._triton_ops import moe_lora_triton
+from .kernels.launchers import interpreting
 from ._validation import check_moe_lora_args
 from .reference import moe_lora_torch_impl
 
@@ -28,16 +28,12 @@ def triton_available() -> bool:
     return _TRITON_AVAILABLE
 
 
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     """The backend that will run for tensors on ``device`` ("torch" or "triton")."""
     name = requested if requested is not None else current_backend()
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    triton_can_run = triton_available() and (device.type == "cuda" or triton_interpreter_enabled())
+    triton_can_run = triton_available() and (device.type == "cuda" or interpreting())
     if name == "auto":
         return "triton" if triton_can_run else "torch"
     if name == "triton" and not triton_can_run:

@@ -38,6 +38,7 @@ from .functional import moe_lora
 from .fused_linear import RouterSpec, moe_lora_linear
 from .losses import RoutedModule
 from .routers import ROUTER_MODES, Router, Routing, task_routing
+from ._validation import check_top_k
 
 
 _SINGLE = {}
@@ -117,7 +118,7 @@ class MoELoRALinear(nn.Module, RoutedModule):
         self.merged = False
         self.merged_task: Optional[int] = None
         self.disable_adapters = False
-        self._task_ids = None
+        self.task_ids = None  # task routing: the ids of the next forwards (moelora.set_task_ids sets them)
         self._clear_routing_record()
 
         weight = base_layer.weight
@@ -196,13 +197,13 @@ class MoELoRALinear(nn.Module, RoutedModule):
         lead = tuple(x.shape[:-1])
         num_tokens = math.prod(lead)
         if self.router_mode == "task":
-            if self._task_ids is None:
+            if self.task_ids is None:
                 raise RuntimeError(
                     "this MoELoRALinear routes by task id but none is set: call "
                     "moelora.set_task_ids(model, ids), use `with moelora.use_task_ids(model, ids):`, or pass "
                     "task_ids=... to the MoELoRAModel's forward")
             shared = self.num_experts if self.task_shared_lora else None
-            routing = task_routing(self._task_ids, self.lora_gamma, lead, shared)
+            routing = task_routing(self.task_ids, self.lora_gamma, lead, shared)
             return None, routing.ids, routing.weights
         if self.router is None:
             ids, weights = single_expert_routing(num_tokens, x.device)
@@ -339,8 +340,8 @@ def check_layer_args(num_experts, top_k, r, lora_dropout, lora_a_dropout, router
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if router not in ROUTER_MODES:
         raise ValueError(f"router must be one of {ROUTER_MODES}, got {router!r}")
-    if router != "task" and num_experts > 1 and not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
+    if router != "task" and num_experts > 1:
+        check_top_k(top_k, num_experts)
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     for name, p in (("lora_dropout", lora_dropout), ("lora_a_dropout", lora_a_dropout)):

@@ -23,9 +23,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import re
 import types
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -39,6 +38,7 @@ from .layer_conv import MoELoRAConv, is_conv
 from .layer_embedding import MoELoRAEmbedding
 from .losses import RoutedModule
 from .routers import Router
+from ._validation import check_top_k
 from .targets import OUTPUT_HEAD_NAMES, layer_index, matches, pattern_value, set_module, unwrap
 
 
@@ -132,8 +132,8 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
         idx = layer_index(name, config.layers_pattern)
         n_exp = config.experts_for_layer(idx, num_layers, name)
         top_k = config.top_k
-        if config.router != "task" and n_exp > 1 and top_k > n_exp:
-            raise ValueError(f"top_k={top_k} exceeds num_experts={n_exp} of layer {idx} ({name})")
+        if config.router != "task" and n_exp > 1:
+            check_top_k(top_k, n_exp, f"top_k of layer {idx} ({name})")
         layer_class = adapter_class(base)
         if layer_class is not MoELoRALinear and config.use_dora:
             raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
@@ -192,20 +192,20 @@ def set_task_ids(model: nn.Module, ids) -> None:
     if not layers and ids is not None:
         raise ValueError("the model has no task-routed MoE-LoRA layer (router='task')")
     for layer in layers:
-        layer._task_ids = ids
+        layer.task_ids = ids
 
 
 @contextlib.contextmanager
 def use_task_ids(model: nn.Module, ids):
     """``with moelora.use_task_ids(model, ids): model(...)``: task ids for the block only."""
     layers = _task_layers(model)
-    previous = [layer._task_ids for layer in layers]
+    previous = [layer.task_ids for layer in layers]
     set_task_ids(model, ids)
     try:
         yield
     finally:
         for layer, prev in zip(layers, previous):
-            layer._task_ids = prev
+            layer.task_ids = prev
 
 
 def step_routers(model: nn.Module, n: int = 1) -> None:

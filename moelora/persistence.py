@@ -36,7 +36,6 @@ import torch.nn as nn
 
 from . import _structure
 from .config import CONFIG_NAME, MoELoRAConfig
-from .layer import MoELoRALinear
 from .layer_conv import MoELoRAConv
 from .layer_embedding import MoELoRAEmbedding
 from ._layer_base import is_adapter_layer

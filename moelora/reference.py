@@ -12,10 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import MoELoRAArgs, check_moe_lora_args
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from .kernels.launchers import accumulator_dtype
 
 
 # Scalings outside [2^-64, 2^64] are applied in float64: fp32 would overflow (or flush)
@@ -29,7 +26,7 @@ def compute_dtype(dtype: torch.dtype, scaling: float) -> torch.dtype:
     lo, hi = SCALING_RANGE_FP32
     if scaling != 0 and not lo <= abs(scaling) <= hi:
         return torch.float64
-    return _accumulation_dtype(dtype)
+    return accumulator_dtype(dtype)
 
 
 def dense_gates(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,

@@ -26,8 +26,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
-from ._routing_torch import acc_dtype
-from ._validation import check_ids_in_range
+from .kernels.launchers import accumulator_dtype
+from ._validation import check_ids_in_range, check_top_k
 from .routing import router_topk
 
 ROUTER_MODES = ("softmax_topk", "topk_softmax", "threshold", "task")
@@ -85,7 +85,7 @@ def route_logits(logits: torch.Tensor, mode: str, top_k: int, renormalize: bool 
                  eps: Union[float, torch.Tensor] = 0.0, noise: Optional[torch.Tensor] = None) -> Routing:
     """Routing of [T, E] logits in any learned mode (see the module docstring); differentiable in
     the logits through the weights, prob_sums and lse."""
-    logits = logits.to(acc_dtype(logits.dtype))
+    logits = logits.to(accumulator_dtype(logits.dtype))
     if mode == "threshold":
         top_p, ids, counts, prob_sums, lse = router_topk(logits, top_k, "softmax_topk", False)
         weights = threshold_keep(top_p, eps, noise)
@@ -145,7 +145,7 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     check_ids_in_range("task ids", ids, num_tasks)
     # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the
     # atomics of index_put), and out-of-range ids (validation off) get weight 0.
-    one_hot = (ids == torch.arange(num_tasks, device=ids.device)).to(acc_dtype(gamma.dtype))
+    one_hot = (ids == torch.arange(num_tasks, device=ids.device)).to(accumulator_dtype(gamma.dtype))
     weights = one_hot @ gamma.to(one_hot.dtype).unsqueeze(1)
     if shared_expert is not None:
         ids = nn.functional.pad(ids, (0, 1), value=shared_expert)
@@ -166,8 +166,7 @@ class Router(nn.Linear):
                  eps_end: float = 0.0, eps_ramp_steps: int = 0, device=None):
         if mode not in ROUTER_MODES or mode == "task":
             raise ValueError(f"Router mode must be one of {ROUTER_MODES[:3]}, got {mode!r}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        check_top_k(top_k, num_experts)
         if jitter_noise < 0:
             raise ValueError(f"router jitter noise must be >= 0, got {jitter_noise}")
         super().__init__(in_features, num_experts, bias=False, device=device, dtype=torch.float32)
@@ -204,7 +203,7 @@ class Router(nn.Linear):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, E] logits of x [..., d_in] in fp32 (fp64 for fp64 x), jittered in training."""
         x = x.reshape(-1, x.shape[-1])
-        x = x.to(acc_dtype(x.dtype))
+        x = x.to(accumulator_dtype(x.dtype))
         if self.jitters:  # drawn in fp32 whatever x's dtype: the same noise for the same seed
             noise = torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             x = x * noise.to(x.dtype)

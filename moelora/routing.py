@@ -21,7 +21,7 @@ import torch
 from . import _ext
 from . import _routing_autograd as _ag
 from . import _routing_torch as _fb
-from ._validation import host_values, syncing_checks_enabled
+from ._validation import check_top_k, host_values, syncing_checks_enabled
 
 MODES = {"softmax_topk": _fb.SOFTMAX_TOPK, "topk_softmax": _fb.TOPK_SOFTMAX}
 MAX_EXPERTS = _ext.MAX_EXPERTS
@@ -113,8 +113,7 @@ def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormal
     _check_experts(logits.shape[-1])
     num_experts = logits.shape[-1]
     _require("top_k", top_k, int)
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, E = {num_experts}], got {top_k}")
+    check_top_k(top_k, num_experts)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
     _require("renormalize", renormalize, bool)
@@ -145,8 +144,7 @@ def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Opti
         raise ValueError(f"topk_ids must have shape [T, k] with k >= 1, got {tuple(topk_ids.shape)}")
     _check_experts(num_experts)
     top_k = topk_ids.shape[1]
-    if top_k > num_experts:
-        raise ValueError(f"k (topk_ids.shape[1] = {top_k}) must not exceed num_experts = {num_experts}")
+    check_top_k(top_k, num_experts, "k (topk_ids.shape[1])")
     if block_size is not None:
         _require("block_size", block_size, int)
         _fb.check_block_size(block_size)

@@ -31,6 +31,7 @@ from .losses import RoutedModule
 from ._structure import record, structural_edit
 from .routers import Router
 from .targets import layer_index, matches, set_module, unwrap
+from ._validation import check_top_k
 
 
 def _weight_and_bias(module: nn.Module):
@@ -121,8 +122,7 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     ``router_kwargs`` go to MoEFFN (router, threshold_eps, threshold_eps_start,
     threshold_ramp_steps, router_jitter_noise, router_aux_loss_coef, router_z_loss_coef).
     """
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    check_top_k(top_k, num_experts)
     model = unwrap(model)
     call = dict(num_experts=num_experts, top_k=top_k, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj,
                 gate_proj=gate_proj, activation=activation, layers_to_transform=layers_to_transform,

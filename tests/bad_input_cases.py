@@ -95,7 +95,7 @@ CASES = {
     "route/int_logits": (lambda: moelora.route(torch.ones(3, 4, dtype=torch.long), 2),
                          (TypeError, r"logits must be float16, bfloat16, float32 or float64, got torch.int64")),
     "route/float_top_k": (lambda: moelora.route(torch.randn(3, 4), 2.0), (TypeError, r"top_k must be int, got float")),
-    "route/top_k_above_E": (lambda: moelora.route(torch.randn(3, 4), 9), (ValueError, r"top_k must be in \[1, E = 4\], "
+    "route/top_k_above_E": (lambda: moelora.route(torch.randn(3, 4), 9), (ValueError, r"top_k must be in \[1, num_experts=4\], "
                                                                                      r"got 9")),
     "route/mode": (lambda: moelora.route(torch.randn(3, 4), 2, mode="sigmoid"),
                    (ValueError, r"mode must be one of \('softmax_topk', 'topk_softmax'\), got 'sigmoid'")),

@@ -52,7 +52,7 @@ def _layer(kind, base=None, dtype=torch.float32, seed=0):
 
 def _task_ids(layer, lead):
     if layer.router_mode == "task":
-        layer._task_ids = torch.randint(0, layer.num_experts, (lead[0],), device=DEVICE,
+        layer.task_ids = torch.randint(0, layer.num_experts, (lead[0],), device=DEVICE,
                                         generator=torch.Generator(device=DEVICE).manual_seed(3))
 
 
@@ -82,7 +82,7 @@ def _compare(kind, dtype=torch.float32, base=None, lead=(3, 7), train=True, refe
         reference = reference.to(reference_dtype)
     x = torch.randn(*lead, layer.in_features, device=DEVICE).to(dtype)
     _task_ids(layer, lead)
-    reference._task_ids = layer._task_ids
+    reference.task_ids = layer.task_ids
     y, aux, grads = _run(layer, x, "triton")
     y_ref, aux_ref, grads_ref = _run(reference, x.to(reference_dtype or dtype), "torch")
     tol = TOL[dtype]

@@ -31,7 +31,7 @@ def _base(d_in=12, d_out=10, seed=0):
 
 def _layer(kind, **extra):
     layer = MoELoRALinear(_base(), r=4, lora_alpha=8, **{**LAYER_KINDS[kind], **extra})
-    layer._task_ids = torch.tensor([2, 0]) if "task" in kind else None
+    layer.task_ids = torch.tensor([2, 0]) if "task" in kind else None
     return layer
 
 
@@ -112,7 +112,7 @@ def test_half_precision_base_gets_fp32_adapters_and_keeps_output_dtype():
 
 def test_missing_task_ids_raise():
     layer = _layer("task")
-    layer._task_ids = None
+    layer.task_ids = None
     with pytest.raises(RuntimeError, match="routes by task id but none is set"):
         layer(torch.randn(2, 12))
 

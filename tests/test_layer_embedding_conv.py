@@ -45,14 +45,14 @@ def _embedding(mode, dtype=torch.float64, **extra):
     torch.manual_seed(0)
     layer = MoELoRAEmbedding(nn.Embedding(11, 8, padding_idx=0).to(dtype), r=4, lora_alpha=8,
                              **{**MODES[mode], **extra})
-    layer._task_ids = torch.tensor([2, 0]) if mode.startswith("task") else None
+    layer.task_ids = torch.tensor([2, 0]) if mode.startswith("task") else None
     return layer
 
 
 def _conv(kind, mode, dtype=torch.float64, **extra):
     torch.manual_seed(0)
     layer = MoELoRAConv(CONVS[kind]().to(dtype), r=4, lora_alpha=8, **{**MODES[mode], **extra})
-    layer._task_ids = torch.tensor([2, 0]) if mode.startswith("task") else None
+    layer.task_ids = torch.tensor([2, 0]) if mode.startswith("task") else None
     return layer
 
 
@@ -280,7 +280,7 @@ def test_merge_unmerge_static_routing(make, inp, mode):
     layer = _fill(make(mode)).eval()
     x = inp()
     task = 1 if mode.startswith("task") else None
-    layer._task_ids = task
+    layer.task_ids = task
     expected = layer(x)
     before = layer.base_layer.weight.clone()
     layer.merge(task)
@@ -313,7 +313,7 @@ def test_wrong_bases_and_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="top_k must be in"):
         MoELoRAConv(nn.Conv2d(3, 3, 1), num_experts=2, top_k=3)
     layer = _conv("conv2d_1x1", "task")
-    layer._task_ids = None
+    layer.task_ids = None
     with pytest.raises(RuntimeError, match="routes by task id but none is set"):
         layer(torch.randn(1, 3, 2, 2, dtype=torch.float64))
 

@@ -36,7 +36,7 @@ def test_errors(p, backend):
         (ValueError, r"lora_a has shape \(2, 4, 8\)", dict(lora_a=torch.randn(2, 4, 8, device=DEVICE))),
         (ValueError, r"topk_ids must have shape \[6, k\]", dict(topk_ids=p.topk_ids[:5])),
         (ValueError, "topk_weights must have the shape of topk_ids", dict(topk_weights=p.topk_weights[:, :1])),
-        (ValueError, r"k \(topk_ids.shape\[-1\] = 4\) must not exceed the number of experts E = 3",
+        (ValueError, r"k \(topk_ids.shape\[-1\]\) must be in \[1, num_experts=3\], got 4",
          dict(topk_ids=torch.zeros(6, 4, dtype=torch.long, device=DEVICE),
               topk_weights=torch.ones(6, 4, device=DEVICE))),
         (ValueError, r"topk_ids must lie in \[0, 3\), got values in \[0, 3\]",

@@ -19,7 +19,6 @@ import os
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from .dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX, gate_backward_kernel,
