@@ -1,14 +1,18 @@
-"""Process-wide switches: which backend runs the operator and whether inputs are validated.
+"""Process-wide switches, each a thread-local setting (a context manager) over an environment
+variable: which backend runs the operator, whether inputs are validated, and whether the
+PyTorch fallbacks replace the native extension's kernels.
 
-Backend: ``moelora.use_backend("torch" | "triton" | "auto")`` (a context manager) or the
-environment variable ``MOELORA_BACKEND``; a ``backend=`` argument on a call wins over both.
+Backend: ``moelora.use_backend("torch" | "triton" | "auto")`` or the environment variable
+``MOELORA_BACKEND``; a ``backend=`` argument on a call wins over both.
 
 Validation: shape, dtype and device checks are free and always on. Checks that need a
 device-to-host copy (expert ids in range, finite gate weights) are on by default and are
-switched off with ``moelora.validation(False)`` (a context manager) or
-``MOELORA_VALIDATE=0``. They are skipped by themselves while torch.compile traces
-and during CUDA-graph capture. With them off, kernels
-still never read or write out of bounds: out-of-range ids contribute nothing.
+switched off with ``moelora.validation(False)`` or ``MOELORA_VALIDATE=0``. They are skipped
+by themselves while torch.compile traces and during CUDA-graph capture. With them off,
+kernels still never read or write out of bounds: out-of-range ids contribute nothing.
+
+Fallbacks: ``force_fallback()`` or ``MOELORA_FORCE_FALLBACK=1`` runs the PyTorch versions of
+moelora._C's routing and dispatch ops (e.g. to compare them with the kernels).
 """
 
 from __future__ import annotations
@@ -20,6 +24,23 @@ import threading
 BACKENDS = ("auto", "torch", "triton")
 
 _state = threading.local()
+
+
+@contextlib.contextmanager
+def _scoped(setting: str, value):
+    """Within the block ``setting`` of this thread is ``value``."""
+    previous = getattr(_state, setting, None)
+    setattr(_state, setting, value)
+    try:
+        yield
+    finally:
+        setattr(_state, setting, previous)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    """The boolean environment variable ``name`` ("0", "false", "False": off); unset or empty: ``default``."""
+    value = os.environ.get(name, "").strip()
+    return default if not value else value not in ("0", "false", "False")
 
 
 def _env_backend() -> str:
@@ -34,33 +55,30 @@ def current_backend() -> str:
     return getattr(_state, "backend", None) or _env_backend()
 
 
-@contextlib.contextmanager
 def use_backend(name: str):
     """Run the operator with ``name`` ("auto", "torch" or "triton") inside the block."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous = getattr(_state, "backend", None)
-    _state.backend = name
-    try:
-        yield
-    finally:
-        _state.backend = previous
+    return _scoped("backend", name)
 
 
 def validation_enabled() -> bool:
     """Whether checks that need a device-to-host sync run (see module docstring)."""
     flag = getattr(_state, "validate", None)
-    if flag is not None:
-        return flag
-    return os.environ.get("MOELORA_VALIDATE", "1").strip() not in ("0", "false", "False")
+    return flag if flag is not None else _env_flag("MOELORA_VALIDATE", True)
 
 
-@contextlib.contextmanager
 def validation(enabled: bool):
     """Switch the syncing input checks on or off inside the block."""
-    previous = getattr(_state, "validate", None)
-    _state.validate = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.validate = previous
+    return _scoped("validate", bool(enabled))
+
+
+def fallback_forced() -> bool:
+    """Whether the PyTorch fallbacks replace moelora._C's ops (force_fallback block or MOELORA_FORCE_FALLBACK=1)."""
+    flag = getattr(_state, "force_fallback", None)
+    return flag if flag is not None else _env_flag("MOELORA_FORCE_FALLBACK", False)
+
+
+def force_fallback(enabled: bool = True):
+    """Run the PyTorch fallbacks instead of moelora._C's kernels inside the block."""
+    return _scoped("force_fallback", bool(enabled))

@@ -10,20 +10,18 @@ An extension that carries its own static copy of the C++ runtime (see
 not used either: import warns and the fallbacks run.
 
 The fallbacks can be forced, e.g. to compare them with the kernels, with
-``force_fallback()`` (a context manager) or ``MOELORA_FORCE_FALLBACK=1``.
+``moelora._config.force_fallback()`` (a context manager) or ``MOELORA_FORCE_FALLBACK=1``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import warnings
 from typing import Optional
 
 import torch
 
 from . import _cxx_runtime
+from ._config import fallback_forced
 
 MAX_EXPERTS = 4096  # must equal moelora::kMaxExperts in csrc/moelora.h
 
@@ -60,28 +58,6 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
     HAS_C = False
     WITH_CUDA = False
     LOAD_ERROR = exc
-
-_state = threading.local()
-
-
-def fallback_forced() -> bool:
-    """Whether the PyTorch fallbacks are forced (force_fallback block or MOELORA_FORCE_FALLBACK=1)."""
-    flag = getattr(_state, "force", None)
-    if flag is not None:
-        return flag
-    return os.environ.get("MOELORA_FORCE_FALLBACK", "0").strip() not in ("0", "", "false", "False")
-
-
-@contextlib.contextmanager
-def force_fallback(enabled: bool = True):
-    """Run the PyTorch fallbacks instead of the native kernels inside the block."""
-    previous = getattr(_state, "force", None)
-    _state.force = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.force = previous
-
 
 def has_cpu_kernels() -> bool:
     """Whether moelora._C is loaded (it always carries the C++ CPU kernels)."""

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from moelora import _ext
+from moelora import _config, _ext
 
 needs_c = pytest.mark.skipif(not _ext.HAS_C, reason="moelora._C not built (MOELORA_NO_EXT=1)")
 needs_cuda_kernels = pytest.mark.skipif(
@@ -17,7 +17,7 @@ PATHS = [pytest.param("native", marks=needs_c), "fallback"]
 
 
 def run_path(path, fn, *args, **kwargs):
-    with _ext.force_fallback(path == "fallback"):
+    with _config.force_fallback(path == "fallback"):
         return fn(*args, **kwargs)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moelora
-from moelora import _ext
+from moelora import _config
 from _routing_helpers import PATHS, metadata_reference, needs_c, needs_cuda_kernels, run_path
 
 FIELDS = ("counts", "offsets", "sorted_pairs", "inverse", "padded_offsets", "sorted_pairs_padded",
@@ -230,7 +230,7 @@ def test_syncing_checks_skip_themselves_under_torch_compile(path):
         return moelora.dispatch(x, meta), moelora.combine(y, meta, None)
 
     ids, x, y = torch.tensor([[0, 1], [1, 2]]), torch.randn(2, 4), torch.randn(8, 4)
-    with _ext.force_fallback(path == "fallback"):
+    with _config.force_fallback(path == "fallback"):
         eager = f(ids, x, y)
         compiled = torch.compile(f, fullgraph=True, backend="eager")(ids, x, y)
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
