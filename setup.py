@@ -112,7 +112,8 @@ setup(
     name="moelora",
     version="0.1.0",
     description="Fused mixture-of-experts LoRA kernels (Triton + CUDA) for PyTorch",
-    packages=["moelora", "moelora.demo", "moelora.kernels"],
+    packages=["moelora", "moelora.demo", "moelora.kernels", "moelora.ops", "moelora.modules", "moelora.tuner",
+              "moelora.integrations"],
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={

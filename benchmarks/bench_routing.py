@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import moelora
-from moelora import _ext
+from moelora.ops import native as _ext
 
 
 def _git_commit() -> str:

@@ -28,7 +28,7 @@ print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "|
 EOF
 timeout 200 python3 -m pip install --no-build-isolation --no-deps -e . -q >> "$LOG" 2>&1
 echo "build rc=$? after $(( $(date +%s) - START )) s" | tee -a "$LOG"
-python3 -c "import moelora; print('moelora._C CUDA kernels:', moelora._ext.has_cuda_kernels())" 2>&1 | tee -a "$LOG"
+python3 -c "import moelora; print('moelora._C CUDA kernels:', moelora.ops.native.has_cuda_kernels())" 2>&1 | tee -a "$LOG"
 { echo "NEEDED of _C: $(readelf -d moelora/_C*.so 2>/dev/null | grep NEEDED | grep -o '\[.*\]' | tr '\n' ' ')"
   echo "std::basic_ostream symbols defined in _C: $(nm -C --defined-only moelora/_C*.so 2>/dev/null | grep -c 'std::basic_ostream')"
 } | tee -a "$LOG"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import moelora
-from moelora import reference
+from moelora.ops import reference
 
 from . import baselines
 from .shapes import Shape
@@ -250,7 +250,7 @@ def _peer_impls(group: str) -> List[Impl]:
 # Baselines first, moelora last within each group: a kernel that takes down the CUDA
 # context then costs no baseline of its group (see the restart logic in cli.py).
 DELTA = [
-    Impl("naive", "delta", _naive, description="per-expert Python loop (moelora.reference.moe_lora_naive)"),
+    Impl("naive", "delta", _naive, description="per-expert Python loop (moelora.ops.reference.moe_lora_naive)"),
     Impl("torch-dense", "delta", _dense, description="best plain PyTorch: x@A^T, gated expand, one GEMM K=E*r"),
     Impl("torch-grouped-mm", "delta", _grouped, _needs_grouped_mm,
          description="sorted tokens, torch grouped_mm per expert, index_add combine"),

@@ -103,7 +103,7 @@ def _reference(shape: Shape, group: str, impl: str, s: Dict[str, torch.Tensor]) 
             a = s["a"] if s["a"].dim() == 2 else s["a"][0]
             return base + shape.scaling * (s["x"].float() @ a.float().t()) @ s["b"][0].float().t()
         base = F.linear(s["x"].float(), s["w0"].float()) if group == "layer" else None
-        return moelora.reference.moe_lora_torch(
+        return moelora.ops.reference.moe_lora_torch(
             s["x"].float(), s["a"].float(), s["b"].float(), s["ids"], s["w"].float(),
             scaling=shape.scaling, base_out=base)
 

@@ -39,7 +39,7 @@ def _skip_reason(name: str, shape: Shape):
     if name == "moelora-triton":
         if not HAS_CUDA:
             return "Triton cases need CUDA"
-        if importlib.util.find_spec("moelora._triton_ops") is None:
+        if importlib.util.find_spec("moelora.ops.moe_lora_triton") is None:
             return "moelora's Triton backend is not in this tree"
     if name == "torch-grouped-mm" and baselines.grouped_mm_fn() is None:
         return "no grouped_mm in this torch"
@@ -62,7 +62,7 @@ def test_delta_fwd_bwd(benchmark, name, shape):
     with moelora.validation(False):
         out = benchmark(_fwd_bwd, prepared, s["grad_out"])
     with torch.no_grad():
-        ref = moelora.reference.moe_lora_torch(s["x"].double(), s["a"].double(), s["b"].double(), s["ids"],
+        ref = moelora.ops.reference.moe_lora_torch(s["x"].double(), s["a"].double(), s["b"].double(), s["ids"],
                                               s["w"].double(), scaling=shape.scaling)
     y = out[0].detach().double()
     assert torch.isfinite(y).all()

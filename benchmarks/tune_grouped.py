@@ -10,10 +10,10 @@ configs per shape class, the MoE FFN's GEMM engine, and the MoE-LoRA regime cros
    grouped_weight_grad are timed on the GEMMs of that class (summed), beside torch's
    grouped_mm on the same GEMMs (operands already in row space).
 2. FFN engine: moe_ffn forward+backward at S5 with each (GEMM, weight-gradient) engine pair
-   (tuned tiles installed), for moelora.ffn.FFN_ENGINES.
+   (tuned tiles installed), for moelora.ops.moe_ffn.FFN_ENGINES.
 3. Regime: moe_lora forward+backward, dense against grouped, shared A, r 16, E*r from 256
    to 2048 at k = 2 and 4 (T 8192), plus S2 and S4 (per-expert A), for
-   moelora._triton_ops.DENSE_WIDTH_PER_SLOT.
+   moelora.ops.moe_lora_triton.DENSE_WIDTH_PER_SLOT.
 
 Everything is bf16 on a GPU (fp32 on CPU), medians of CUDA-event timings; the candidates
 of a stage are compiled in parallel threads first. ``--budget`` (s) skips what is left
@@ -38,11 +38,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before moelora defines its kernels
 
 import moelora  # noqa: E402
-from moelora.kernels import launchers as K  # noqa: E402
-from moelora import _triton_ops, ffn  # noqa: E402
-from moelora._grouped_linear import group_ends, grouped_mm_fn, rows_linear, rows_weight_grad  # noqa: E402
-from moelora.kernels.launchers import TileConfig  # noqa: E402
-from moelora.routing import dispatch_rows, expert_layout  # noqa: E402
+from moelora.kernels import launchers as K
+from moelora.ops import moe_lora_triton as _triton_ops, moe_ffn as ffn
+from moelora.ops.grouped_linear import group_ends, grouped_mm_fn, rows_linear, rows_weight_grad
+from moelora.kernels.launchers import TileConfig
+from moelora.ops.routing import dispatch_rows, expert_layout
 
 from .timing import Budget, summarize, time_iterations  # noqa: E402
 
@@ -325,11 +325,11 @@ def paste_text(report: dict) -> str:
         major = torch.cuda.get_device_capability()[0]
         cls = report["ffn"]["shape_class"]
         eng = report["ffn"]["engines"]
-        lines += ["# moelora/ffn.py (FFN_ENGINES entries)",
+        lines += ["# moelora/ops/moe_ffn.py (FFN_ENGINES entries)",
                   f'    ({major}, "gemm", "{cls}"): "{eng["gemm"]}",',
                   f'    ({major}, "wgrad", "{cls}"): "{eng["wgrad"]}",']
     if "regime" in report:
-        lines += ["# moelora/_triton_ops.py", f"DENSE_WIDTH_PER_SLOT = {report['regime']['dense_width_per_slot']}"]
+        lines += ["# moelora/ops/moe_lora_triton.py", f"DENSE_WIDTH_PER_SLOT = {report['regime']['dense_width_per_slot']}"]
     return "\n".join(lines)
 
 

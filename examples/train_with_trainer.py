@@ -5,7 +5,7 @@
 A tiny LLaMA is built from a config (no download) and learns to continue arithmetic
 sequences. ``MoELoRAModel.forward`` adds the router auxiliary loss to ``outputs.loss`` once,
 so the loss Trainer optimises is task loss + aux loss with no Trainer subclass.
-:class:`moelora.hf_trainer.MoELoRATrainer` is Trainer with checkpoints that also work for
+:class:`moelora.integrations.hf_trainer.MoELoRATrainer` is Trainer with checkpoints that also work for
 tied embeddings and carry the adapter in moelora's format; plain ``Trainer`` trains the same.
 """
 
@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     from transformers import TrainingArguments
 
-    from moelora.hf_trainer import MoELoRATrainer
+    from moelora.integrations.hf_trainer import MoELoRATrainer
 
     config = moelora.MoELoRAConfig(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], num_experts=4,
                                    top_k=2, r=8, lora_alpha=16, router_aux_loss_coef=0.01, router_z_loss_coef=0.001)

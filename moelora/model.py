@@ -29,17 +29,17 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from . import _structure, adapters, merge, persistence
-from ._layer_base import is_adapter_layer
-from .adapters import DEFAULT_ADAPTER, mark_only_adapters_trainable, wrap_modules_to_save
-from .config import MoELoRAConfig
-from .layer import MoELoRALinear, is_conv1d
-from .layer_conv import MoELoRAConv, is_conv
-from .layer_embedding import MoELoRAEmbedding
-from .losses import RoutedModule
-from .routers import Router
-from ._validation import check_top_k
-from .targets import OUTPUT_HEAD_NAMES, layer_index, matches, pattern_value, set_module, unwrap
+from moelora.tuner import structure as _structure, adapters, merge
+from moelora import persistence
+from moelora.modules.adapter_base import is_adapter_layer
+from moelora.tuner.adapters import DEFAULT_ADAPTER, mark_only_adapters_trainable, wrap_modules_to_save
+from moelora.tuner.config import MoELoRAConfig
+from moelora.modules.linear import MoELoRALinear, is_conv1d
+from moelora.modules.conv import MoELoRAConv, is_conv
+from moelora.modules.embedding import MoELoRAEmbedding
+from moelora.modules.routed import RoutedModule
+from moelora.modules.router import Router
+from moelora.tuner.targets import OUTPUT_HEAD_NAMES, layer_index, matches, set_module, unwrap
 
 
 
@@ -129,25 +129,10 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                          f"{num_layers} layers")
     for name in names:
         base = model.get_submodule(name)
-        idx = layer_index(name, config.layers_pattern)
-        n_exp = config.experts_for_layer(idx, num_layers, name)
-        top_k = config.top_k
-        if config.router != "task" and n_exp > 1:
-            check_top_k(top_k, n_exp, f"top_k of layer {idx} ({name})")
         layer_class = adapter_class(base)
         if layer_class is not MoELoRALinear and config.use_dora:
             raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
-        layer = layer_class(
-            base, num_experts=n_exp, top_k=top_k,
-            r=pattern_value(name, config.rank_pattern, config.r),
-            lora_alpha=pattern_value(name, config.alpha_pattern, config.lora_alpha),
-            lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, share_lora_a=config.share_lora_a,
-            lora_a_dropout=config.lora_a_dropout, router=config.router,
-            router_renormalize=config.router_renormalize, router_jitter_noise=config.router_jitter_noise,
-            threshold_eps=config.threshold_eps, threshold_eps_start=config.threshold_eps_start,
-            threshold_ramp_steps=config.threshold_ramp_steps, task_shared_lora=config.task_shared_lora,
-            init_lora_weights=config.init_lora_weights, use_dora=config.use_dora,
-            router_aux_loss_coef=config.router_aux_loss_coef, router_z_loss_coef=config.router_z_loss_coef)
+        layer = layer_class(base, config.layer_settings(name, layer_index(name, config.layers_pattern), num_layers))
         set_module(model, name, layer)
     wrap_modules_to_save(model, config.modules_to_save)
     mark_only_adapters_trainable(model, config.bias)
@@ -258,13 +243,13 @@ class MoELoRAModel(nn.Module):
     ``inspect.signature(wrapper.forward)`` shows the wrapped model's arguments. Attributes
     the wrapper lacks are looked up on the wrapped model.
 
-    Named adapters as PEFT's (:mod:`moelora.adapters`): the first is ``"default"``;
+    Named adapters as PEFT's (:mod:`moelora.tuner.adapters`): the first is ``"default"``;
     ``add_adapter`` / ``load_adapter`` add more, ``set_adapter`` activates one,
     ``delete_adapter`` drops one; ``moelora_config`` is the active adapter's config and
     ``adapter_configs`` holds them all. Inactive adapters live in ``inactive_adapters``, frozen.
     """
 
-    is_moelora_model = True  # what moelora.targets.unwrap looks for
+    is_moelora_model = True  # what moelora.tuner.targets.unwrap looks for
 
     def __init__(self, model: nn.Module, config: MoELoRAConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()

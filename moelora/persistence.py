@@ -16,7 +16,7 @@
 - Both handle PEFT's layers on linear layers, embeddings (``lora_embedding_A/B``) and
   convolutions (conv kernels), the biases a ``bias="all"`` / ``"lora_only"`` adapter trains,
   and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``).
-- Named adapters (:mod:`moelora.adapters`): :func:`save_pretrained` writes "default" in the
+- Named adapters (:mod:`moelora.tuner.adapters`): :func:`save_pretrained` writes "default" in the
   directory and any other adapter in a subfolder named after it (PEFT's layout);
   :func:`load_adapter` adds one to a loaded model.
 """
@@ -34,16 +34,16 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from . import _structure
-from .config import CONFIG_NAME, MoELoRAConfig
-from .layer_conv import MoELoRAConv
-from .layer_embedding import MoELoRAEmbedding
-from ._layer_base import is_adapter_layer
-from .adapters import DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, optional_names
-from .targets import pattern_value, unwrap
+from moelora.tuner import structure as _structure
+from moelora.tuner.config import CONFIG_NAME, MoELoRAConfig
+from moelora.modules.conv import MoELoRAConv
+from moelora.modules.embedding import MoELoRAEmbedding
+from moelora.modules.adapter_base import is_adapter_layer
+from moelora.tuner.adapters import DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, optional_names
+from moelora.tuner.targets import pattern_value, unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora._structure)
+STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora.tuner.structure)
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 

@@ -23,7 +23,7 @@ from typing import Callable, List
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .kernels import launchers
+from moelora.kernels import launchers
 
 _ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "empty_permuted",
                 "lift_fresh", "set_", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from moelora import _config, _ext
+from moelora import switches as _config
+from moelora.ops import native as _ext
 
 needs_c = pytest.mark.skipif(not _ext.HAS_C, reason="moelora._C not built (MOELORA_NO_EXT=1)")
 needs_cuda_kernels = pytest.mark.skipif(

@@ -22,7 +22,7 @@ def say(msg):
 
 
 def main(pattern=""):
-    from moelora import _ext
+    from moelora.ops import native as _ext
 
     say(f"torch {torch.__version__}, cuda {torch.version.cuda}, HAS_C={_ext.HAS_C}, WITH_CUDA={_ext.WITH_CUDA}")
     if not (torch.cuda.is_available() and _ext.has_cuda_kernels()):

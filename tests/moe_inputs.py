@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moelora.reference import moe_lora_torch
+from moelora.ops.reference import moe_lora_torch
 
 # Relative-error bounds ||out - ref|| / ||ref|| against the float64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -132,7 +132,7 @@ CASES = {
 
 
 # The same checks on the CUDA kernels' entry points (GPU machines with a CUDA build only).
-if torch.cuda.is_available() and moelora._ext.has_cuda_kernels():
+if torch.cuda.is_available() and moelora.ops.native.has_cuda_kernels():
     cx, csp, cinv, cw, cy = (t.cuda() for t in (x, sp, inv, w, y))
     CASES.update({
         "cuda/router_topk/top_k_above_E": (lambda: ops.router_topk(torch.randn(3, 4, device="cuda"), 5, 0, False),

@@ -1,6 +1,7 @@
 """The package's import graph (read from the source with ast): moelora's modules import each
 other one way, at module level only, so no import cycle exists and none is hidden inside a
-function."""
+function, and every layer of the package imports only the layers below it (README,
+"Architecture")."""
 
 import ast
 import os
@@ -103,6 +104,32 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+# The layers, bottom up, by the first name under moelora (a folder or a top-level module).
+LAYERS = [{"kernels", "switches", "_C", "_cxx_runtime"}, {"ops", "profiling"}, {"modules"}, {"tuner"},
+          {"persistence"}, {"model"}, {"integrations", ""}, {"demo"}]
+
+
+def _layer(module: str) -> tuple:
+    """(rank, part) of a moelora module; the package's own __init__ is part "" (the top)."""
+    part = module.split(".")[1] if "." in module else ""
+    return next(rank for rank, parts in enumerate(LAYERS) if part in parts), part
+
+
+def test_every_layer_imports_only_the_layers_below_it():
+    upward = []
+    for module, edges in _graph().items():
+        rank, part = _layer(module)
+        for target, line, _ in edges:
+            target_rank, target_part = _layer(target)
+            if target_part != part and target_rank >= rank:
+                upward.append(f"{module}:{line} imports {target}")
+    assert not upward, "imports against the layering:\n" + "\n".join(upward)
+
+
+def test_every_module_has_a_layer():
+    assert all(_layer(m) for m in _graph())
 
 
 @pytest.mark.parametrize("source, expected", [

@@ -176,7 +176,7 @@ def test_loading_names_outside_the_allow_list_imports_nothing(tmp_path):
 
 
 def test_names_earlier_checkpoints_hold_still_load():
-    from moelora import _structure
+    from moelora.tuner import structure as _structure
 
     assert _structure.resolve_callable("torch._C._nn.gelu") is F.gelu
     assert _structure.resolve_callable("torch.relu") is torch.relu

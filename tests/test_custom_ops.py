@@ -6,7 +6,7 @@ import torch
 import moelora
 from conftest import DEVICE
 from moe_inputs import TOLERANCE, make_problem, rel_err
-from moelora import _triton_ops
+from moelora.ops import moe_lora_triton as _triton_ops
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["dense", "grouped"])

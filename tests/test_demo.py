@@ -14,9 +14,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
-from moelora.demo import main  # noqa: E402
+from moelora.demo import main
 from moelora.demo.checkpoint import load_checkpoint  # noqa: E402
-from moelora.demo.data import TASKS, make_datasets  # noqa: E402
+from moelora.demo.data import TASKS, make_datasets
 from moelora.demo.run import CHECKPOINT_DIR, FALLBACK_DIR, METRICS_FILE, MIN_GAIN, PLOT_FILE  # noqa: E402
 from moelora.demo.evaluation import evaluate  # noqa: E402
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moelora
-from moelora import _config
+from moelora import switches as _config
 from _routing_helpers import PATHS, metadata_reference, needs_c, needs_cuda_kernels, run_path
 
 FIELDS = ("counts", "offsets", "sorted_pairs", "inverse", "padded_offsets", "sorted_pairs_padded",
@@ -124,7 +124,7 @@ def test_fallback_equals_native_bitwise(dtype):
             xs = run_path(path, moelora.dispatch, x, meta)
             outs.append((meta, xs, run_path(path, moelora.combine, xs * 3, meta, w),
                          run_path(path, torch.ops.moelora.dispatch if path == "native" else
-                                  moelora._routing_torch.dispatch, x, *meta.layout, w)))
+                                  moelora.ops.routing_torch.dispatch, x, *meta.layout, w)))
         (ma, *ra), (mb, *rb) = outs
         assert all(torch.equal(getattr(ma, f), getattr(mb, f)) for f in FIELDS if getattr(ma, f) is not None)
         assert all(torch.equal(a, b) for a, b in zip(ra, rb))
@@ -221,7 +221,7 @@ def test_combine_backward_with_no_tokens_and_a_padded_layout(path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_syncing_checks_skip_themselves_under_torch_compile(path):
-    """The range checks read device values on the host; like moelora._validation's they skip
+    """The range checks read device values on the host; like moelora.ops.validation's they skip
     themselves while torch.compile traces (a host read there is a graph break)."""
     torch._dynamo.reset()
 
@@ -241,7 +241,7 @@ def test_import_and_fallbacks_without_extension():
     code = (
         "import sys; sys.modules['moelora._C'] = None\n"
         "import torch, moelora\n"
-        "from moelora import _ext\n"
+        "from moelora.ops import native as _ext\n"
         "assert not _ext.HAS_C and not _ext.use_native(torch.device('cpu'))\n"
         "r = moelora.route(torch.randn(6, 4), 2)\n"
         "m = moelora.dispatch_metadata(r.ids, 4, block_size=2)\n"

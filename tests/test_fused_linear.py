@@ -1,4 +1,4 @@
-"""MoELoRALinear's fused op (moelora.fused_linear) on the Triton kernels against a float64
+"""MoELoRALinear's fused op (moelora.ops.moe_lora_linear) on the Triton kernels against a float64
 reference: the same layer in float64 on the PyTorch backend (base GEMM, moelora's routing op,
 the torch operator, autograd). Output, aux loss and every gradient (x, A, B, router weight,
 task scales, bias) for every router mode and layer feature; exact zeros for experts without
@@ -17,7 +17,8 @@ import torch.nn as nn
 import moelora
 from conftest import DEVICE, HAS_CUDA
 from moe_inputs import rel_err
-from moelora import MoELoRALinear, fused_linear
+from moelora import MoELoRALinear
+from moelora.ops import moe_lora_linear as fused_linear
 
 KINDS = {
     "softmax_topk": dict(num_experts=4, top_k=2),

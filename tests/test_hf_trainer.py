@@ -16,7 +16,7 @@ from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
 from tiny_models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
-from moelora.hf_trainer import MoELoRATrainer  # noqa: E402
+from moelora.integrations.hf_trainer import MoELoRATrainer
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 VOCAB, SEQ = 64, 8

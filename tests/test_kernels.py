@@ -7,8 +7,8 @@ import torch
 from conftest import DEVICE
 from moe_inputs import TOLERANCE, rel_err
 from moelora.kernels import launchers as K
-from moelora.routing import dispatch_metadata
-from moelora.reference import dense_gates
+from moelora.ops.routing import dispatch_metadata
+from moelora.ops.reference import dense_gates
 
 NAN = float("nan")
 
@@ -84,8 +84,8 @@ ROUTER_MODES = {"softmax_topk": ("softmax_topk", True), "softmax_topk_plain": ("
 def test_gate_backward_differentiates_router_and_aux_loss(mode, with_aux):
     """d logits of L = sum_j w[t,j] * P[t, ids[t,j]] + g * aux(counts, prob_sums, lse), P the
     gate gradient, against float64 autograd through moelora's routing op."""
-    from moelora.losses import aux_losses
-    from moelora.routers import route_logits
+    from moelora.ops.losses import aux_losses
+    from moelora.ops.routing_modes import route_logits
 
     T, E, r, s, g = 45, 6, 4, 0.3, 1.7
     k = 3 if mode == "threshold" else 2
@@ -147,8 +147,8 @@ def test_lora_weight_grad(with_router, splits):
 
 
 def test_router_aux_loss_matches_the_torch_formula():
-    from moelora.losses import aux_losses
-    from moelora.routing import route
+    from moelora.ops.losses import aux_losses
+    from moelora.ops.routing import route
 
     res = route(randn(3000, 7) * 3, 2, renormalize=True)
     loss, stats, counts = K.router_aux_loss(res.counts, res.prob_sums, res.lse, lb_coef=0.01, z_coef=0.001)
@@ -161,9 +161,9 @@ def test_router_aux_loss_matches_the_torch_formula():
 def test_threshold_weights_and_kept_counts(training, ramp):
     """ST-MoE threshold routing in one kernel (eps schedule read on the device) equals the PyTorch
     formula; the aux kernel recounts the kept slots."""
-    from moelora.losses import aux_losses
-    from moelora.routers import kept_counts, scheduled_eps, threshold_keep
-    from moelora.routing import route
+    from moelora.ops.losses import aux_losses
+    from moelora.ops.routing_modes import kept_counts, scheduled_eps, threshold_keep
+    from moelora.ops.routing import route
 
     T, E, n = 300, 6, 3
     res = route(randn(T, E) * 2, n)
@@ -303,7 +303,7 @@ ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gel
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
 def test_glu_forward_backward(act, gated):
     """act(hg + bg[e]) * (hu + bu[e]) and its gradients by autograd in float64; 0 on padding rows."""
-    from moelora.ffn import ACTIVATION_CODES
+    from moelora.ops.moe_ffn import ACTIVATION_CODES
 
     T, E, k, F_ = 21, 4, 2, 40
     ids, meta = _row_layout(T, E, k)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import moelora
 from moelora import MoELoRALinear
-from moelora.reference import moe_lora_naive
+from moelora.ops.reference import moe_lora_naive
 from tiny_models import randomize_adapters
 
 LAYER_KINDS = {
@@ -180,7 +180,7 @@ def test_forward_is_the_fused_op(monkeypatch):
     """The layer's forward is one call of moe_lora_linear (which owns the base GEMM); DoRA runs
     the composed path: base layer, then moe_lora with base_out."""
     calls = []
-    real_fused, real_op = moelora.layer.moe_lora_linear, moelora.layer.moe_lora
+    real_fused, real_op = moelora.modules.linear.moe_lora_linear, moelora.modules.linear.moe_lora
 
     def spy_fused(*args, **kwargs):
         calls.append("fused")
@@ -190,10 +190,34 @@ def test_forward_is_the_fused_op(monkeypatch):
         calls.append("moe_lora" if kwargs.get("base_out") is None else "moe_lora+base")
         return real_op(*args, **kwargs)
 
-    monkeypatch.setattr(moelora.layer, "moe_lora_linear", spy_fused)
-    monkeypatch.setattr(moelora.layer, "moe_lora", spy_op)
+    monkeypatch.setattr(moelora.modules.linear, "moe_lora_linear", spy_fused)
+    monkeypatch.setattr(moelora.modules.linear, "moe_lora", spy_op)
     _layer("softmax_topk")(torch.randn(3, 12))
     assert calls == ["fused"]
     calls.clear()
     _layer("dora")(torch.randn(3, 12))
     assert calls == ["moe_lora"]
+
+
+def test_layers_are_built_from_settings_or_the_same_keywords():
+    """A layer takes LayerSettings (checked once) or its fields as keywords, not both; a config
+    gives each injected layer its settings (per-layer experts, rank and alpha patterns)."""
+    from moelora.modules.adapter_base import LayerSettings
+
+    settings = LayerSettings(num_experts=3, top_k=2, r=4, router="topk_softmax", share_lora_a=True)
+    torch.manual_seed(0)
+    by_settings = MoELoRALinear(nn.Linear(6, 5), settings)
+    torch.manual_seed(0)
+    by_keywords = MoELoRALinear(nn.Linear(6, 5), num_experts=3, top_k=2, r=4, router="topk_softmax",
+                                share_lora_a=True)
+    assert by_settings.settings == by_keywords.settings == settings
+    for (name, a), (_, b) in zip(by_settings.state_dict().items(), by_keywords.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(TypeError, match="not both"):
+        MoELoRALinear(nn.Linear(6, 5), settings, r=8)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        LayerSettings(num_experts=2, top_k=3)
+    config = moelora.MoELoRAConfig(target_modules=["q"], num_experts=[2, 3], r=4, lora_alpha=8, rank_pattern={"q": 8},
+                                   alpha_pattern={r"layers\.1\.q": 2})
+    layer = config.layer_settings("layers.1.q", 1, 2)
+    assert (layer.num_experts, layer.r, layer.lora_alpha, layer.top_k) == (3, 8, 2, 2)

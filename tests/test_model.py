@@ -89,7 +89,7 @@ def test_bert_classifier_head_excluded_from_all_linear():
     (dict(target_modules=["query"], num_experts=[2, 2, 2]), "lists 3 per-layer counts but the model has 4 layers"),
     (dict(target_modules=["query"], num_experts="2467"), "preset must be one of"),
     (dict(target_modules=["query"], num_experts=[2, 2, 3, 2], top_k=3),
-     r"top_k of layer 0 \(.*query\) must be in \[1, num_experts=2\], got 3"),
+     r"layer 0 \(.*query\): top_k must be in \[1, num_experts=2\], got 3"),
     (dict(target_modules=["query"], num_experts=4, top_k=5), "top_k must be in"),
     (dict(target_modules=["query"], lora_dropout=-0.5), "lora_dropout must be in"),
     (dict(target_modules=["query"], layers_to_transform=[9]), "no module left to adapt"),
@@ -134,7 +134,7 @@ def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
 
 
 def test_aux_loss_per_layer_for_different_expert_counts():
-    from moelora.losses import load_balancing_loss
+    from moelora.ops.losses import load_balancing_loss
 
     model = get_moelora_model(tiny_llama(), MoELoRAConfig(target_modules=["q_proj"], num_experts=[2, 4, 6, 8],
                                                           top_k=2, router_z_loss_coef=0.0))

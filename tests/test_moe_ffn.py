@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import moelora
 from conftest import DEVICE, HAS_CUDA
 from moe_inputs import rel_err
-from moelora import ffn as ffn_module
-from moelora._grouped_linear import grouped_mm_fn
+from moelora.ops import moe_ffn as ffn_module
+from moelora.ops.grouped_linear import grouped_mm_fn
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -254,7 +254,7 @@ def test_fullgraph_compile_matches_eager(path):
 def test_moeffn_trains_under_fullgraph_compile(backend, single_torch_thread):
     """An upcycled gated MLP (threshold routing, all experts trainable) compiles whole: the
     torch backend's segment loop and the Triton backend's fused op are custom ops."""
-    from moelora.upcycle import MoEFFN
+    from moelora.modules.ffn import MoEFFN
 
     torch.manual_seed(0)
     mlp = dict(in_proj=nn.Linear(16, 32), out_proj=nn.Linear(32, 16), gate_proj=nn.Linear(16, 32))

@@ -10,7 +10,7 @@ import torch
 import moelora
 from conftest import DEVICE, HAS_CUDA
 from moe_inputs import TOLERANCE, make_problem, reference, rel_err
-from moelora.reference import moe_lora_naive
+from moelora.ops.reference import moe_lora_naive
 
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 REGIMES = ["dense", "grouped"]
@@ -91,7 +91,7 @@ def test_gpu_many_tokens_int64_offsets(regime):
     w = torch.rand(T, 1, device=DEVICE)
     y = moelora.moe_lora(x, a, b, ids, w, backend="triton", regime=regime)
     rows = torch.tensor([0, T // 2, T - 1], device=DEVICE)
-    ref = moelora.reference.moe_lora_torch(x[rows].double(), a.double(), b.double(), ids[rows], w[rows].double())
+    ref = moelora.ops.reference.moe_lora_torch(x[rows].double(), a.double(), b.double(), ids[rows], w[rows].double())
     assert rel_err(y[rows], ref) < TOLERANCE[torch.bfloat16]
 
 
@@ -174,8 +174,9 @@ def test_bitwise_deterministic(shared_a, regime):
 def test_grouped_regime_uses_extension_layout(shared_a, monkeypatch):
     """The grouped regime sorts pairs with moelora._C when it is built, and its results equal
     those over the PyTorch fallback layout bitwise."""
-    from moelora import _config, _ext
-    from moelora import _routing_autograd as ops
+    from moelora import switches as _config
+    from moelora.ops import native as _ext
+    from moelora.ops import routing_autograd as ops
 
     def once():
         p = make_problem(90, 40, 56, 8, 8, 2, shared_a=shared_a, device=DEVICE, seed=4)
@@ -228,7 +229,7 @@ def test_out_of_range_ids_with_validation_off_contribute_nothing(regime):
     with moelora.validation(False):
         y = moelora.moe_lora(p.x, p.lora_a, p.lora_b, bad, w, scaling=p.scaling, backend="triton", regime=regime)
         y.sum().backward()
-    ref = moelora.reference.moe_lora_torch(p.x.detach().double(), p.lora_a.detach().double(),
+    ref = moelora.ops.reference.moe_lora_torch(p.x.detach().double(), p.lora_a.detach().double(),
                                            p.lora_b.detach().double(), bad.clamp(0, 3), masked_w.double(),
                                            scaling=p.scaling)
     assert rel_err(y, ref) < TOLERANCE[torch.float32]
@@ -287,7 +288,7 @@ def test_backends_agree():
 
 def test_choose_regime_is_a_width_per_slot_threshold(monkeypatch):
     """Dense while E*r <= DENSE_WIDTH_PER_SLOT * k (the crossover benchmarks/tune_grouped.py measures)."""
-    from moelora import _triton_ops
+    from moelora.ops import moe_lora_triton as _triton_ops
 
     monkeypatch.setattr(_triton_ops, "DENSE_WIDTH_PER_SLOT", 256)
     choose = _triton_ops.choose_regime

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import moelora
-from moelora.molex import MoLEx, apply_molex
+from moelora.modules.molex import MoLEx
+from moelora.tuner.molex import apply_molex
 from tiny_models import randomize_adapters, tiny_bert, tiny_llama, token_batch
 
 

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from moelora import _cxx_runtime, _ext
+from moelora import _cxx_runtime
+from moelora.ops import native as _ext
 
 LINUX = sys.platform.startswith("linux")
 
@@ -97,7 +98,7 @@ def test_link_problem_detects_a_static_runtime(tmp_path):
 
 @needs_gxx
 def test_import_refuses_an_extension_with_a_static_runtime(tmp_path):
-    """moelora._ext does not use such an extension (the fallbacks run) and says why."""
+    """moelora.ops.native does not use such an extension (the fallbacks run) and says why."""
     from types import SimpleNamespace
 
     compiler = _compiler()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import moelora
 from conftest import DEVICE
 from moe_inputs import make_problem, rel_err
-from moelora.reference import moe_lora_naive, moe_lora_torch
+from moelora.ops.reference import moe_lora_naive, moe_lora_torch
 
 TRITON_SCALING_XFAIL = pytest.mark.xfail(strict=True, reason="the grouped kernels apply the scaling as one fp32 "
                                                                "factor (the dense ones split it: moelora.kernels.launchers."

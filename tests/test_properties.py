@@ -23,7 +23,7 @@ from _routing_helpers import metadata_reference, route_reference, run_path
 PROFILE = dict(derandomize=True, database=None, deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
-ROUTING_PATHS = st.sampled_from(["native", "fallback"] if moelora._ext.HAS_C else ["fallback"])
+ROUTING_PATHS = st.sampled_from(["native", "fallback"] if moelora.ops.native.HAS_C else ["fallback"])
 
 
 # ---- strategies ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Routers (moelora.routers) and the auxiliary losses (moelora.losses)."""
+"""Routers (moelora.ops.routing_modes) and the auxiliary losses (moelora.ops.losses)."""
 
 import math
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import moelora
-from moelora.losses import expert_load, load_balancing_loss, router_z_loss, routing_entropy
-from moelora.routers import Router, softmax_topk, task_routing, threshold_routing, topk_softmax
+from moelora.ops.losses import expert_load, load_balancing_loss, router_z_loss, routing_entropy
+from moelora.modules.router import Router
+from moelora.ops.routing_modes import softmax_topk, task_routing, threshold_routing, topk_softmax
 
 
 def _logits(t=64, e=6, seed=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import moelora
-from moelora import _ext
+from moelora.ops import native as _ext
 from _routing_helpers import PATHS, needs_c, needs_cuda_kernels, route_reference, run_path
 
 MODES = [("softmax_topk", False), ("softmax_topk", True), ("topk_softmax", False)]

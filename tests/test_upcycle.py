@@ -6,7 +6,8 @@ import torch.nn as nn
 
 import moelora
 from moelora import moe_ffn
-from moelora.upcycle import MoEFFN, upcycle_ffn
+from moelora.modules.ffn import MoEFFN
+from moelora.tuner.upcycle import upcycle_ffn
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 

@@ -15,7 +15,7 @@ expert load, linear probe), ``checkpoint`` (save / reload), ``report`` (table, p
 ``run`` (the whole demo), ``cli`` (flags).
 """
 
-from .cli import main
-from .run import DemoOptions, run
+from moelora.demo.cli import main
+from moelora.demo.run import DemoOptions, run
 
 __all__ = ["DemoOptions", "main", "run"]

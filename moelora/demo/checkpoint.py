@@ -18,9 +18,9 @@ import torch
 
 import moelora
 
-from .backbone import Backbone, load_encoder
-from .data import TASKS
-from .encoding import TaskHeads
+from moelora.demo.backbone import Backbone, load_encoder
+from moelora.demo.data import TASKS
+from moelora.demo.encoding import TaskHeads
 
 ADAPTER_DIR = "adapter"
 HEADS_FILE = "heads.safetensors"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import EXPERT_PRESETS
-from ..routers import ROUTER_MODES
-from .run import RUN_SIZES, DemoOptions, run
+from moelora.tuner.config import EXPERT_PRESETS
+from moelora.ops.routing_modes import ROUTER_MODES
+from moelora.demo.run import RUN_SIZES, DemoOptions, run
 
 
 def _sizes_help(name: str) -> str:

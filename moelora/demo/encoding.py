@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import NUM_CLASSES, TASKS, Example
+from moelora.demo.data import NUM_CLASSES, TASKS, Example
 
 PAIR_TASKS = ("similarity",)
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import moelora
 
-from .data import TASKS, Example
-from .encoding import TaskHeads, collate, embed, task_features
+from moelora.demo.data import TASKS, Example
+from moelora.demo.encoding import TaskHeads, collate, embed, task_features
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 import re
 from typing import Dict, List
 
-from .data import TASKS
+from moelora.demo.data import TASKS
 
 COLUMNS = (
     ("untrained", "untrained"),

@@ -12,13 +12,13 @@ import torch
 
 import moelora
 
-from . import report
-from .backbone import load_encoder, prepare_backbone
-from .checkpoint import load_checkpoint, outputs_identical, save_checkpoint
-from .data import TASKS, all_words, make_datasets
-from .encoding import TaskHeads, count_parameters
-from .evaluation import encode_by_task, evaluate, linear_probe
-from .training import TrainSettings, train
+from moelora.demo import report
+from moelora.demo.backbone import load_encoder, prepare_backbone
+from moelora.demo.checkpoint import load_checkpoint, outputs_identical, save_checkpoint
+from moelora.demo.data import TASKS, all_words, make_datasets
+from moelora.demo.encoding import TaskHeads, count_parameters
+from moelora.demo.evaluation import encode_by_task, evaluate, linear_probe
+from moelora.demo.training import TrainSettings, train
 
 MIN_GAIN = 0.15  # "clearly better": at least 15 accuracy points over the untrained model on every task
 MOLEX_SETTINGS = {"gate": "linear", "alpha": 0.95, "learn_alpha": True, "aux_loss_coef": 0.01}

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 import moelora
 
-from .data import Example
-from .encoding import TaskHeads, batch_loss, collate, embed
+from moelora.demo.data import Example
+from moelora.demo.encoding import TaskHeads, batch_loss, collate, embed
 
 
 @dataclass

@@ -34,7 +34,7 @@ per call and keeps the others with the configuration.
 import triton
 import triton.language as tl
 
-from .matmul import _sanitized_dot
+from moelora.kernels.matmul import _sanitized_dot
 
 
 @triton.jit

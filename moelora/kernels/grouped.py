@@ -273,7 +273,7 @@ def combine_rows_backward_kernel(
         tl.store(g_ptr + pair, g, mask=valid)
 
 
-# Activations of the fused GLU kernels (ACT codes; moelora.ffn maps callables to them).
+# Activations of the fused GLU kernels (ACT codes; moelora.ops.moe_ffn maps callables to them).
 SILU, GELU, GELU_TANH, RELU = 0, 1, 2, 3
 
 

@@ -21,12 +21,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 import triton.language as tl
 
-from .dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX, gate_backward_kernel,
-                                   gated_expand_kernel, lora_down_kernel, lora_weight_grad_kernel,
-                                   lora_weight_grad_reduce_kernel, router_aux_loss_kernel, threshold_weights_kernel)
-from .grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
+from moelora.kernels.dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX,
+                                   gate_backward_kernel, gated_expand_kernel, lora_down_kernel,
+                                   lora_weight_grad_kernel, lora_weight_grad_reduce_kernel, router_aux_loss_kernel,
+                                   threshold_weights_kernel)
+from moelora.kernels.grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
                                      glu_forward_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel)
-from .matmul import matmul_kernel
+from moelora.kernels.matmul import matmul_kernel
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -601,7 +602,7 @@ def threshold_weights(top_p: torch.Tensor, noise: Optional[torch.Tensor], num_st
 # ------------------------------------------------------- grouped GEMMs over expert-sorted rows
 #
 # Row space (moelora/kernels/grouped.py): the pairs sorted by expert, each expert's segment
-# padded to the layout block; ``meta`` is the DispatchMetadata of moelora.routing built with
+# padded to the layout block; ``meta`` is the DispatchMetadata of moelora.ops.routing built with
 # that block size (sorted_pairs_padded = the pair of each row, padded_offsets = segment
 # starts, counts, block_expert, inverse_padded = the row of each pair).
 

@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Set
 
 import torch.nn as nn
 
-from ._layer_base import is_adapter_layer
-from .targets import matches, set_module
+from moelora.modules.adapter_base import is_adapter_layer
+from moelora.tuner.targets import matches, set_module
 
 DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
 

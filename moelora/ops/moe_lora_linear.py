@@ -38,12 +38,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import launchers as K
-from .functional import moe_lora, resolve_backend
-from .losses import aux_losses
-from .routers import Routing, route_logits, scheduled_eps
-from .routing import router_topk
-from ._validation import as_2d
+from moelora.kernels import launchers
+from moelora.ops.moe_lora import moe_lora, resolve_backend
+from moelora.ops.losses import aux_losses
+from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
+from moelora.ops.routing import router_topk
+from moelora.ops.validation import as_2d
 
 
 class RouterSpec(NamedTuple):
@@ -179,10 +179,10 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
                                                            renormalize and not threshold)
     kept = None
     if threshold:
-        weights = K.threshold_weights(weights, noise, num_steps, eps_start=eps_start, eps_end=eps_end,
+        weights = launchers.threshold_weights(weights, noise, num_steps, eps_start=eps_start, eps_end=eps_end,
                                       ramp_steps=ramp_steps)
         kept = (ids, weights)
-    aux_loss, aux_stats, counts = K.router_aux_loss(counts, prob_sums, lse, lb_coef=lb_coef, z_coef=z_coef, kept=kept)
+    aux_loss, aux_stats, counts = launchers.router_aux_loss(counts, prob_sums, lse, lb_coef=lb_coef, z_coef=z_coef, kept=kept)
     return weights, ids, counts, aux_loss, aux_stats
 
 
@@ -196,16 +196,16 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     xl = x if lora_input is None else lora_input
     a_rows, b_c, wr = _compute_weights(lora_a, lora_b, router_weight, dtype)
     if wr is not None and lora_input is None:
-        h, logits = K.lora_down(x, a_rows, wr)
+        h, logits = launchers.lora_down(x, a_rows, wr)
     else:
-        h, _ = K.lora_down(xl, a_rows)
-        logits = K.lora_down(x, None, wr)[1] if wr is not None else logits_in
+        h, _ = launchers.lora_down(xl, a_rows)
+        logits = launchers.lora_down(x, None, wr)[1] if wr is not None else logits_in
     if mode == "static":
         ids, weights, counts, aux_loss, aux_stats = topk_ids, topk_weights, *(x.new_empty(0) for _ in range(3))
     else:
         weights, ids, counts, aux_loss, aux_stats = _route(logits, mode, top_k, renormalize, noise, num_steps,
                                                            eps_start, eps_end, ramp_steps, lb_coef, z_coef)
-    y = K.gated_expand(h, ids, weights, b_c, scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype,
+    y = launchers.gated_expand(h, ids, weights, b_c, scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype,
                        compute_dtype=dtype)
     y.addmm_(x, weight.t())
     logits = x.new_empty(0) if logits is None else logits
@@ -225,12 +225,12 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     num_experts, d_out, rank = lora_b.shape
     xl = x if lora_input is None else lora_input
     a_c, b_c, wr_c = compute_weights or _compute_weights(lora_a, lora_b, router_weight, dtype)
-    dhg = K.matmul(dy, b_c, stacked_b=True, out_dtype=K.accumulator_dtype(dtype), compute_dtype=dtype)
+    dhg = launchers.matmul(dy, b_c, stacked_b=True, out_dtype=launchers.accumulator_dtype(dtype), compute_dtype=dtype)
     router = None
     if mode != "static":
         grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
-        router = K.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
-    dh, dw_or_dl, hg = K.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank, scaling=scaling,
+        router = launchers.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
+    dh, dw_or_dl, hg = launchers.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank, scaling=scaling,
                                        shared_a=shared, router=router, hg_dtype=dtype)
     dl = dw_or_dl if router is not None else None
     fused_router = router_weight is not None and lora_input is None
@@ -238,19 +238,19 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
     drouter = (torch.empty(router_weight.shape, dtype=router_weight.dtype, device=x.device)
                if fused_router else None)
-    K.lora_weight_grad(dy, xl, hg, dh, dl if fused_router else None, rank=rank, scaling=scaling, dlora_b=dlora_b,
+    launchers.lora_weight_grad(dy, xl, hg, dh, dl if fused_router else None, rank=rank, scaling=scaling, dlora_b=dlora_b,
                        dlora_a=dlora_a if shared else dlora_a.view(a_c.shape), drouter=drouter)
     if router_weight is not None and not fused_router and need_router:
-        drouter = K.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
+        drouter = launchers.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
     dx = dlora_input = None
     if need_lora_input:
-        dlora_input = K.matmul(dh, a_c, out_dtype=dtype, compute_dtype=dtype, sanitize_b=not shared)
+        dlora_input = launchers.matmul(dh, a_c, out_dtype=dtype, compute_dtype=dtype, sanitize_b=not shared)
     if need_x:
         if lora_input is None:
             second = (dl, wr_c) if router_weight is not None else None
-            dx = K.matmul(dh, a_c, out_dtype=dtype, compute_dtype=dtype, second=second, sanitize_b=not shared)
+            dx = launchers.matmul(dh, a_c, out_dtype=dtype, compute_dtype=dtype, second=second, sanitize_b=not shared)
         elif router_weight is not None:
-            dx = K.matmul(dl, wr_c, out_dtype=dtype, compute_dtype=dtype)
+            dx = launchers.matmul(dl, wr_c, out_dtype=dtype, compute_dtype=dtype)
         if dx is None:
             dx = torch.mm(dy, weight.to(dtype))
         else:
@@ -339,7 +339,7 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
       lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef):
     T = x.shape[0]
-    acc = K.accumulator_dtype(x.dtype)
+    acc = launchers.accumulator_dtype(x.dtype)
     y = x.new_empty(T, weight.shape[0])
     h = x.new_empty(T, lora_a.reshape(-1, lora_a.shape[-1]).shape[0], dtype=acc)
     if mode == "static":

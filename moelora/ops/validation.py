@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._config import validation_enabled
+from moelora.switches import validation_enabled
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -187,7 +187,7 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
 
 
 def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, normalize) -> None:
-    """Types, dtypes and devices of moelora.moe_ffn's arguments (shapes: moelora.ffn).
+    """Types, dtypes and devices of moelora.moe_ffn's arguments (shapes: moelora.ops.moe_ffn).
 
     ``weights``: {name: tensor or None} of w_in, b_in, w_out, b_out, w_gate, b_gate.
     """

@@ -3,7 +3,7 @@
 Same contracts as the native ops, argument for argument:
   router_topk(logits [T, E], top_k, mode, renormalize)
       -> weights [T, k] acc, ids [T, k] int32, counts [E] int64, prob_sums [E] acc, lse [T] acc
-  dispatch_metadata(topk_ids [T, k], E, block_size) -> 8 tensors (see moelora.routing)
+  dispatch_metadata(topk_ids [T, k], E, block_size) -> 8 tensors (see moelora.ops.routing)
   dispatch(x [T, d], sorted_pairs [P], inverse [T, k], weights [T, k] | None) -> [P, d]
   combine(y [P, d], sorted_pairs [P], inverse [T, k], weights [T, k] | None) -> [T, d]
   pair_dot(a [T, d], b [P, d], sorted_pairs [P], inverse [T, k]) -> [T, k] acc
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
-from .kernels.launchers import accumulator_dtype
+from moelora.ops import native
+from moelora.kernels.launchers import accumulator_dtype
 
 SOFTMAX_TOPK, TOPK_SOFTMAX = 0, 1
 INF = float("inf")
@@ -28,8 +28,8 @@ INF = float("inf")
 
 def check_block_size(block_size: int) -> None:
     """block_size (of the padded layout) in [1, MAX_BLOCK_SIZE]: keeps every padded offset in int64."""
-    if not 1 <= block_size <= _ext.MAX_BLOCK_SIZE:
-        raise ValueError(f"block_size must be in [1, {_ext.MAX_BLOCK_SIZE}] (or None: no padding), got {block_size}")
+    if not 1 <= block_size <= native.MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be in [1, {native.MAX_BLOCK_SIZE}] (or None: no padding), got {block_size}")
 
 
 def padded_length(num_pairs, num_experts: int, block_size: int):

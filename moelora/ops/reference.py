@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validation import MoELoRAArgs, check_moe_lora_args
-from .kernels.launchers import accumulator_dtype
+from moelora.ops.validation import MoELoRAArgs, check_moe_lora_args
+from moelora.kernels.launchers import accumulator_dtype
 
 
 # Scalings outside [2^-64, 2^64] are applied in float64: fp32 would overflow (or flush)

@@ -8,7 +8,7 @@ Two regimes compute the same function:
   in memory (moelora/kernels/dense.py). Backward: dHg = dy B_stack, then dh, dw from the
   gating kernel, dB_stack = dy^T Hg and dA = dh^T x in one kernel, dx = dh A. Kernels per
   call: 2 forward, 4 backward (5 when T is split over the device).
-- grouped (large E*r): pairs sorted by expert into padded row space (moelora.routing's
+- grouped (large E*r): pairs sorted by expert into padded row space (moelora.ops.routing's
   dispatch metadata, i.e. the moelora._C kernels when built); grouped GEMMs gather rows
   in the prologue and apply the gate in the epilogue, and a fixed-order per-token sum
   combines the rows (no atomics). Backward: dh rows = s w dy B_e with dw in the same
@@ -29,11 +29,11 @@ from typing import Optional
 
 import torch
 
-from .kernels import launchers as K
-from ._grouped_linear import rows_linear, rows_weight_grad
-from ._routing_torch import padded_length
-from .routing import expert_layout
-from ._validation import MoELoRAArgs, as_2d
+from moelora.kernels import launchers
+from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
+from moelora.ops.routing_torch import padded_length
+from moelora.ops.routing import expert_layout
+from moelora.ops.validation import MoELoRAArgs, as_2d
 
 # Crossover of the two regimes (benchmarks/tune_grouped.py measures it): dense while
 # E*r <= DENSE_WIDTH_PER_SLOT * k.
@@ -71,8 +71,8 @@ def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
 
 def _dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
     """2 kernels: h = x A_rows^T (lora_down), y = base + Hg B_stack^T (gated_expand)."""
-    h, _ = K.lora_down(x, _a_rows(lora_a))
-    y = K.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2, base=base_out,
+    h, _ = launchers.lora_down(x, _a_rows(lora_a))
+    y = launchers.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2, base=base_out,
                        out_dtype=x.dtype, compute_dtype=x.dtype)
     return y, h
 
@@ -82,20 +82,20 @@ def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, n
     in one weight-gradient kernel; dx = dh A_rows."""
     num_experts, d_out, rank = lora_b.shape
     shared = lora_a.dim() == 2
-    dhg = K.matmul(dy, lora_b, stacked_b=True, out_dtype=h.dtype, compute_dtype=x.dtype)
-    dh, dw, hg = K.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
+    dhg = launchers.matmul(dy, lora_b, stacked_b=True, out_dtype=h.dtype, compute_dtype=x.dtype)
+    dh, dw, hg = launchers.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
                                  scaling=scaling, shared_a=shared, hg_dtype=x.dtype)
     a_rows = _a_rows(lora_a)
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
-    K.lora_weight_grad(dy, x, hg, dh, None, rank=rank, scaling=scaling, dlora_b=dlora_b,
+    launchers.lora_weight_grad(dy, x, hg, dh, None, rank=rank, scaling=scaling, dlora_b=dlora_b,
                        dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape))
-    dx = K.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared) if need_dx else None
+    dx = launchers.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared) if need_dx else None
     return dx, dlora_a, dlora_b, dw
 
 
 # -------------------------------------------------------------- grouped regime
-# Row space of moelora._grouped_linear (pairs sorted by expert, segments padded to the
+# Row space of moelora.ops.grouped_linear (pairs sorted by expert, segments padded to the
 # largest row tile of the regime's GEMMs); outputs of the GEMMs stay in row space and one
 # fixed-order combine returns them to tokens.
 
@@ -105,7 +105,7 @@ def _grouped_block(x, lora_a, lora_b, topk_ids) -> int:
     shapes = [(d_out, rank), (rank, d_out)]
     if lora_a.dim() == 3:
         shapes += [(rank, x.shape[1]), (x.shape[1], rank)]
-    return K.grouped_layout_block(*(K.grouped_config("matmul", n, k, rows) for n, k in shapes))
+    return launchers.grouped_layout_block(*(launchers.grouped_config("matmul", n, k, rows) for n, k in shapes))
 
 
 def _grouped_layout(x, lora_a, lora_b, topk_ids):
@@ -115,16 +115,16 @@ def _grouped_layout(x, lora_a, lora_b, topk_ids):
 def _grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
     """y = base + combine of the rows s * w_p * B_e h; h = x A^T [T, r] (shared A) or the
     row-space x[t] A_e^T [R, r] (per-expert A)."""
-    acc = K.accumulator_dtype(x.dtype)
+    acc = launchers.accumulator_dtype(x.dtype)
     meta = _grouped_layout(x, lora_a, lora_b, topk_ids)
     shared = lora_a.dim() == 2
     if shared:
-        h = K.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
+        h = launchers.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
     else:
         h = rows_linear(x, lora_a, meta, "triton", a_by_token=True, out_dtype=acc, compute_dtype=x.dtype)
     rows = rows_linear(h, lora_b, meta, "triton", a_by_token=shared, out_dtype=x.dtype, compute_dtype=x.dtype,
                        alpha=scaling, scale=topk_weights.reshape(-1))
-    return K.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out), h
+    return launchers.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out), h
 
 
 def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
@@ -143,17 +143,17 @@ def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling,
                                out_dtype=lora_b.dtype, compute_dtype=x.dtype, alpha=scaling, scale=w)
     dx = None
     if shared:
-        dh = K.combine_rows(dh_rows, meta, out_dtype=acc)
-        dlora_a = K.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True)
+        dh = launchers.combine_rows(dh_rows, meta, out_dtype=acc)
+        dlora_a = launchers.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True)
         if need_dx:
-            dx = K.matmul(dh, lora_a, out_dtype=x.dtype, compute_dtype=x.dtype)
+            dx = launchers.matmul(dh, lora_a, out_dtype=x.dtype, compute_dtype=x.dtype)
     else:
         dlora_a = rows_weight_grad(dh_rows, x, meta, "triton", right_by_token=True, out_dtype=lora_a.dtype,
                                    compute_dtype=x.dtype)
         if need_dx:
             dx_rows = rows_linear(dh_rows, lora_a, meta, "triton", transposed=True, out_dtype=x.dtype,
                                   compute_dtype=x.dtype)
-            dx = K.combine_rows(dx_rows, meta, out_dtype=x.dtype)
+            dx = launchers.combine_rows(dx_rows, meta, out_dtype=x.dtype)
     return dx, dlora_a, dlora_b, dw.view(T, top_k)
 
 
@@ -181,7 +181,7 @@ def moe_lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 @moe_lora_forward.register_fake
 def _(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
     y = x.new_empty(x.shape[0], lora_b.shape[1])
-    h = x.new_empty(_saved_h_shape(x, lora_a, lora_b, topk_ids, grouped), dtype=K.accumulator_dtype(x.dtype))
+    h = x.new_empty(_saved_h_shape(x, lora_a, lora_b, topk_ids, grouped), dtype=launchers.accumulator_dtype(x.dtype))
     return y, h
 
 

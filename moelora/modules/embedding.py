@@ -6,7 +6,7 @@ Layouts are PEFT's (``lora_embedding_A`` [r, num_embeddings], ``lora_embedding_B
 [embedding_dim, r]) with an expert dimension: A [r, V] shared (MoSLD) or [E, r, V], B
 [E, D, r]. The A step is a lookup of A's columns (with the base's ``padding_idx`` and
 ``scale_grad_by_freq``, as PEFT); the routed B step is :func:`moelora.moe_lora` (see
-:mod:`moelora._layer_base`). The learned router reads the frozen embedding vector of each
+:mod:`moelora.modules.adapter_base`). The learned router reads the frozen embedding vector of each
 token (fp32 logits, ``router.weight`` [E, D]); task routing and the single expert work
 as in :class:`moelora.MoELoRALinear`. As PEFT: A starts at zero and B ~ N(0, 1) (so a fresh
 layer returns the base output), no dropout is applied to the lookup (``lora_dropout`` is
@@ -16,24 +16,24 @@ adapter's output too.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._layer_base import AdapterLayerBase
+from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings
 
 
 class MoELoRAEmbedding(AdapterLayerBase):
     """A frozen ``nn.Embedding`` with E LoRA experts; arguments as :class:`moelora.MoELoRALinear`
     (see the module docstring; DoRA is not supported)."""
 
-    def __init__(self, base_layer: nn.Module, *args, **kwargs):
+    def __init__(self, base_layer: nn.Module, settings: Optional[LayerSettings] = None, **kwargs):
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"MoELoRAEmbedding wraps nn.Embedding layers, got {type(base_layer).__name__}")
-        super().__init__(base_layer, *args, a_in=base_layer.num_embeddings, d_out=base_layer.embedding_dim,
-                         router_in=base_layer.embedding_dim, **kwargs)
+        super().__init__(base_layer, layer_settings(settings, kwargs), a_in=base_layer.num_embeddings,
+                         d_out=base_layer.embedding_dim, router_in=base_layer.embedding_dim)
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
         self.in_features, self.out_features = self.num_embeddings, self.embedding_dim  # PEFT's names
 

@@ -12,11 +12,11 @@ from typing import Optional
 
 import torch
 
-from ._config import BACKENDS, current_backend
-from ._triton_ops import moe_lora_triton
-from .kernels.launchers import interpreting
-from ._validation import check_moe_lora_args
-from .reference import moe_lora_torch_impl
+from moelora.switches import BACKENDS, current_backend
+from moelora.ops.moe_lora_triton import moe_lora_triton
+from moelora.kernels.launchers import interpreting
+from moelora.ops.validation import check_moe_lora_args
+from moelora.ops.reference import moe_lora_torch_impl
 
 REGIMES = ("auto", "dense", "grouped")
 

@@ -15,7 +15,7 @@ kept weights that sum to zero or less cannot be normalised and raise ValueError
 
 Backends (as :func:`moelora.moe_lora`):
 
-- ``triton``: the (token, slot) pairs are sorted by expert (moelora.routing's dispatch
+- ``triton``: the (token, slot) pairs are sorted by expert (moelora.ops.routing's dispatch
   metadata, the moelora._C kernels when built) into padded row space; per projection one
   grouped GEMM on the engine of :func:`ffn_plan`: ``grouped_mm`` (torch's CUTLASS grouped
   GEMM; x is gathered once into row space) or ``triton`` (moelora's grouped kernels, rows
@@ -45,14 +45,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import launchers as K
-from ._grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, grouped_mm_native,
-                              rows_linear, rows_weight_grad, segment_linear)
-from ._routing_torch import padded_length
-from ._validation import check_moe_ffn_args, check_routing_values
-from .functional import resolve_backend
-from .routing import DispatchMetadata, dispatch_rows, expert_layout
-from .kernels.grouped import GELU, GELU_TANH, RELU, SILU
+from moelora.kernels import launchers
+from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, grouped_mm_native,
+                                        rows_linear, rows_weight_grad, segment_linear)
+from moelora.ops.routing_torch import padded_length
+from moelora.ops.validation import check_moe_ffn_args, check_routing_values
+from moelora.ops.moe_lora import resolve_backend
+from moelora.ops.routing import DispatchMetadata, dispatch_rows, expert_layout
+from moelora.kernels.grouped import GELU, GELU_TANH, RELU, SILU
 
 
 def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
@@ -136,7 +136,7 @@ def _row_biases(meta, ids, h, *biases):
 def _glu(h_gate, h_in, b_gate, b_in, meta, ids, activation):
     """Row-space act(h_gate + b_gate) * (h_in + b_in) (act(h_in + b_in) ungated), 0 on padding."""
     if isinstance(activation, int):
-        return K.glu_forward(h_gate, h_in, b_gate, b_in, meta, ids, activation)
+        return launchers.glu_forward(h_gate, h_in, b_gate, b_in, meta, ids, activation)
     valid, (u, g) = _row_biases(meta, ids, (h_in, h_gate if h_gate is not None else h_in), b_in, b_gate)
     out = activation(u) if h_gate is None else activation(g) * u
     return torch.where(valid[:, None], out, 0)
@@ -146,7 +146,7 @@ def _glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation, out=No
     """(d h_gate or None, d h_in) of _glu, 0 on padding rows; written into ``out`` (a pair of
     views) when given."""
     if isinstance(activation, int):
-        return K.glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation, out=out)
+        return launchers.glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation, out=out)
     if out is not None:
         for view, grad in zip(out, _glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation)):
             view.copy_(grad)
@@ -215,16 +215,16 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
         gemm = wgrad = "triton"
         if applies and x.dtype == torch.bfloat16 and grouped_mm_native(x.device):
             major = torch.cuda.get_device_capability(x.device)[0]
-            shape = K.grouped_shape_class("matmul", d_first, d_in, num_pairs / E)
+            shape = launchers.grouped_shape_class("matmul", d_first, d_in, num_pairs / E)
             pick = {kind: FFN_ENGINES.get((major, kind, shape), FFN_ENGINES.get((major, kind, "*"), "triton"))
                     for kind in ("gemm", "wgrad")}
             gemm, wgrad = pick["gemm"], pick["wgrad"]
     else:
         gemm = wgrad = engine
-    block = K.grouped_layout_block()
+    block = launchers.grouped_layout_block()
     if gemm == "triton":
         rows = num_pairs / E
-        block = K.grouped_layout_block(*(K.grouped_config("matmul", n, k, rows) for n, k in
+        block = launchers.grouped_layout_block(*(launchers.grouped_config("matmul", n, k, rows) for n, k in
                                          ((d_first, d_in), (d_out, d_ff), (d_ff, d_out), (d_in, d_first))))
     return FFNPlan(gemm, wgrad, block)
 
@@ -287,7 +287,7 @@ def _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activat
     h_gate = None if w_gate is None else rows_linear(source, w_gate, meta, plan.gemm, a_by_token=by_token, offs=offs)
     h = _glu(*_first_projection(h_gate, h_in, b_gate, b_in, stacked), meta, ids, activation)
     out = rows_linear(h, w_out, meta, plan.gemm, offs=offs)
-    y = K.combine_rows(out, meta, out_dtype=x.dtype, coef=coef, anchored=anchored,
+    y = launchers.combine_rows(out, meta, out_dtype=x.dtype, coef=coef, anchored=anchored,
                        bias=None if b_out is None else (ids, b_out))
     return y, _Saved(meta, offs, x_rows, h_gate, h_in, h, out)
 
@@ -297,18 +297,18 @@ def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, sa
     """[dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate] (None where not needed)."""
     need_x, need_coef, need_w_in, need_b_in, need_w_out, need_b_out, need_w_gate, need_b_gate = needs
     meta, offs = saved.meta, saved.offs
-    acc = K.accumulator_dtype(x.dtype)
+    acc = launchers.accumulator_dtype(x.dtype)
     # d out rows = c * dy (slot 0 of an anchored mix: 1 - the other slots' c), g = <dy, z>.
     row_coef = coef.to(acc)
     if anchored:
         row_coef = torch.cat([1 - row_coef[:, 1:].sum(1, keepdim=True), row_coef[:, 1:]], 1)
-    d_out, g = K.combine_rows_backward(dy, saved.out, meta, ids, row_coef.reshape(-1), bias=b_out,
+    d_out, g = launchers.combine_rows_backward(dy, saved.out, meta, ids, row_coef.reshape(-1), bias=b_out,
                                        need_g=need_coef)
     dcoef = None
     if need_coef:
         g = g.view(ids.shape)
         dcoef = (g - g[:, :1] if anchored else g).to(coef.dtype)
-    db_out = K.segment_sum(d_out, meta, out_dtype=b_out.dtype) if need_b_out else None
+    db_out = launchers.segment_sum(d_out, meta, out_dtype=b_out.dtype) if need_b_out else None
     dw_out = rows_weight_grad(d_out, saved.h, meta, plan.wgrad, out_dtype=w_out.dtype, offs=offs) if need_w_out else None
     d_h = rows_linear(d_out, w_out, meta, plan.gemm, transposed=True, offs=offs)
     first = _first_projection(saved.h_gate, saved.h_in, b_gate, b_in, stacked)
@@ -318,8 +318,8 @@ def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, sa
         _glu_backward(d_h, *first, meta, ids, activation, out=_halves(d_in))
     else:
         d_gate, d_in = _glu_backward(d_h, *first, meta, ids, activation)
-    db_in = K.segment_sum(d_in, meta, out_dtype=b_in.dtype) if need_b_in else None
-    db_gate = K.segment_sum(d_gate, meta, out_dtype=b_gate.dtype) if need_b_gate else None
+    db_in = launchers.segment_sum(d_in, meta, out_dtype=b_in.dtype) if need_b_in else None
+    db_gate = launchers.segment_sum(d_gate, meta, out_dtype=b_gate.dtype) if need_b_gate else None
     x_rows, x_by_token = (saved.x_rows, False) if saved.x_rows is not None else (x, True)
     dw_in = rows_weight_grad(d_in, x_rows, meta, plan.wgrad, out_dtype=w_in.dtype, right_by_token=x_by_token,
                              offs=offs) if need_w_in else None
@@ -334,7 +334,7 @@ def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, sa
         else:
             dx_rows = rows_linear(d_in, w_in, meta, plan.gemm, transposed=True, offs=offs)
             dx_rows2 = rows_linear(d_gate, w_gate, meta, plan.gemm, transposed=True, offs=offs)
-        dx = K.combine_rows(dx_rows, meta, out_dtype=x.dtype, second=dx_rows2)
+        dx = launchers.combine_rows(dx_rows, meta, out_dtype=x.dtype, second=dx_rows2)
     return [dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate]
 
 
@@ -484,7 +484,7 @@ def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate,
 def mixing_weights(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """The mixing coefficients in fp32 (fp64 for fp64): the weights (zero for skipped slots),
     divided by their sum with ``normalize`` (a row of only skipped slots stays 0)."""
-    w = weights.to(K.accumulator_dtype(weights.dtype))
+    w = weights.to(launchers.accumulator_dtype(weights.dtype))
     if not normalize:
         return w
     return w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
@@ -493,7 +493,7 @@ def mixing_weights(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
 def mix_experts(pairs: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """[T, d] from expert outputs [T, k, d] (zero for skipped slots) and their weights [T, k]
     (zero for skipped slots); fixed slot order, accumulated in fp32 (fp64 for fp64 data)."""
-    w = mixing_weights(weights, normalize).to(K.accumulator_dtype(pairs.dtype))
+    w = mixing_weights(weights, normalize).to(launchers.accumulator_dtype(pairs.dtype))
     if not normalize:
         return (w.unsqueeze(-1) * pairs).sum(1).to(pairs.dtype)
     first = pairs[:, :1]

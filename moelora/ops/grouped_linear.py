@@ -1,7 +1,7 @@
 """Per-expert linear layers over expert-sorted rows: the two GEMM engines and the torch
 backend's segment loop.
 
-Row space (moelora.routing.DispatchMetadata with a block size): row r holds the pair
+Row space (moelora.ops.routing.DispatchMetadata with a block size): row r holds the pair
 p = sorted_pairs_padded[r] (-1 on padding), expert e's rows start at padded_offsets[e];
 rows without a pair are zero in every row-space tensor.
 
@@ -31,7 +31,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import launchers as K
+from moelora.kernels import launchers
 
 ENGINES = ("triton", "grouped_mm")
 
@@ -91,7 +91,7 @@ def rows_linear(a: torch.Tensor, weight: torch.Tensor, meta, engine: str, *, a_b
 
     grouped_mm needs ``a`` in row space and ``offs`` (:func:`group_ends`). Rows without a
     pair come out zero (grouped_mm: where a's are zero, as every row-space tensor here).
-    ``triton_kwargs`` go to K.grouped_matmul (alpha, scale, second, gate_grad, config).
+    ``triton_kwargs`` go to launchers.grouped_matmul (alpha, scale, second, gate_grad, config).
     """
     if engine == "grouped_mm":
         if a_by_token or triton_kwargs:
@@ -101,7 +101,7 @@ def rows_linear(a: torch.Tensor, weight: torch.Tensor, meta, engine: str, *, a_b
     n = weight.shape[2] if transposed else weight.shape[1]
     out = torch.empty(meta.sorted_pairs_padded.numel(), n, dtype=out_dtype or a.dtype, device=a.device)
     strides = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
-    return K.grouped_matmul(a, weight, out, meta, a_by_token=a_by_token, weight_nk_strides=strides,
+    return launchers.grouped_matmul(a, weight, out, meta, a_by_token=a_by_token, weight_nk_strides=strides,
                             compute_dtype=compute_dtype or a.dtype, **triton_kwargs)
 
 
@@ -116,7 +116,7 @@ def rows_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, engine: str,
         if left_by_token or right_by_token or triton_kwargs:
             raise ValueError("the grouped_mm engine takes row-space operands and no epilogue")
         return grouped_mm_fn()(_aligned(left).t(), _aligned(right), offs=offs).to(out_dtype)
-    return K.grouped_weight_grad(left, right, meta, left_by_token=left_by_token, right_by_token=right_by_token,
+    return launchers.grouped_weight_grad(left, right, meta, left_by_token=left_by_token, right_by_token=right_by_token,
                                  compute_dtype=compute_dtype or left.dtype, out_dtype=out_dtype, **triton_kwargs)
 
 

@@ -8,7 +8,7 @@ the kept experts with weights summing to 1, so at init the block computes the or
     ffn(x)        = W_out (act(W_gate x) * (W_in x))             (LLaMA-style gated MLP)
     MoEFFN(x)[t]  = sum_j w[t,j] ffn_{e[t,j]}(x[t])
 
-Expert compute is :func:`moelora.moe_ffn` (moelora/ffn.py): the extension's dispatch
+Expert compute is :func:`moelora.moe_ffn` (moelora/ops/moe_ffn.py): the extension's dispatch
 metadata and grouped GEMMs on the Triton backend, a matmul chain per expert segment on
 the torch backend. It mixes with ``normalize=True``, so with all experts routed and
 eps = 0 a fresh upcycled block returns exactly (bitwise) the original FFN's output
@@ -22,77 +22,12 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional
 
-import torch
 import torch.nn as nn
 
-from .ffn import moe_ffn
-from .layer import is_conv1d
-from .losses import RoutedModule
-from ._structure import record, structural_edit
-from .routers import Router
-from .targets import layer_index, matches, set_module, unwrap
-from ._validation import check_top_k
-
-
-def _weight_and_bias(module: nn.Module):
-    """(weight [d_out, d_in], bias) of an nn.Linear or transformers Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    if is_conv1d(module):
-        return module.weight.t(), module.bias
-    raise TypeError(f"an FFN projection must be nn.Linear or Conv1D, got {type(module).__name__}")
-
-
-def _stack(t: Optional[torch.Tensor], num_experts: int) -> Optional[nn.Parameter]:
-    if t is None:
-        return None
-    return nn.Parameter(t.detach().unsqueeze(0).repeat(num_experts, *([1] * t.dim())).contiguous())
-
-
-class MoEFFN(nn.Module, RoutedModule):
-    """E copies of one FFN behind a router; see the module docstring.
-
-    Parameters (expert dim first, nn.Linear layouts): ``w_in`` [E, d_ff, d_in], ``b_in``,
-    ``w_gate`` (gated MLPs), ``w_out`` [E, d_out, d_ff], ``b_out``, ``router.weight`` [E, d_in].
-    """
-
-    _moelora_trainable = True  # get_moelora_model keeps the upcycled experts trainable
-
-    def __init__(self, in_proj: nn.Module, out_proj: nn.Module, activation: Callable, num_experts: int,
-                 top_k: int, gate_proj: Optional[nn.Module] = None, router: str = "threshold",
-                 threshold_eps: float = 0.0, threshold_eps_start: float = 0.0, threshold_ramp_steps: int = 0,
-                 router_jitter_noise: float = 0.0, router_aux_loss_coef: float = 0.01,
-                 router_z_loss_coef: float = 0.001):
-        super().__init__()
-        w_in, b_in = _weight_and_bias(in_proj)
-        w_out, b_out = _weight_and_bias(out_proj)
-        if w_out.shape[1] != w_in.shape[0]:
-            raise ValueError(f"out_proj takes {w_out.shape[1]} features but in_proj gives {w_in.shape[0]}")
-        self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
-        self.w_in, self.b_in = _stack(w_in, num_experts), _stack(b_in, num_experts)
-        self.w_out, self.b_out = _stack(w_out, num_experts), _stack(b_out, num_experts)
-        if gate_proj is not None:
-            w_gate, b_gate = _weight_and_bias(gate_proj)
-            self.w_gate, self.b_gate = _stack(w_gate, num_experts), _stack(b_gate, num_experts)
-        else:
-            self.w_gate = self.b_gate = None
-        self.router = Router(w_in.shape[1], num_experts, top_k, router, jitter_noise=router_jitter_noise,
-                             eps_start=threshold_eps_start, eps_end=threshold_eps,
-                             eps_ramp_steps=threshold_ramp_steps, device=w_in.device)
-        self.aux_loss_coef, self.z_loss_coef = router_aux_loss_coef, router_z_loss_coef
-        self._clear_routing_record()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = self.router(x)
-        self._record_routing(routing)
-        flat = x.reshape(-1, x.shape[-1])
-        out = moe_ffn(flat, routing.ids, routing.weights, self.w_in, self.b_in, self.w_out, self.b_out,
-                      self.activation, self.w_gate, self.b_gate, normalize=True)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, top_k={self.top_k}, d_in={self.w_in.shape[2]}, "
-                f"d_ff={self.w_in.shape[1]}, gated={self.w_gate is not None}")
+from moelora.tuner.structure import record, structural_edit
+from moelora.tuner.targets import layer_index, matches, set_module, unwrap
+from moelora.ops.validation import check_top_k
+from moelora.modules.ffn import MoEFFN
 
 
 def _is_bert_layer(m: nn.Module) -> bool:

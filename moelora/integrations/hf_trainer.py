@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from transformers import Trainer
 
-from .model import MoELoRAModel
+from moelora.model import MoELoRAModel
 
 
 def without_tied_aliases(state_dict: dict) -> dict:

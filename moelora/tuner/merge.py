@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ._layer_base import is_adapter_layer
+from moelora.modules.adapter_base import is_adapter_layer
 
 
 def _moelora_layers(model: nn.Module):

@@ -3,14 +3,14 @@
 ``moelora._C`` registers the ops ``torch.ops.moelora.{router_topk, dispatch_metadata,
 dispatch, combine, pair_dot}`` with CPU kernels (always) and CUDA kernels (CUDA builds).
 Import never fails when the extension is missing (``MOELORA_NO_EXT=1`` builds, or a
-broken build): callers then run the PyTorch fallbacks in ``moelora._routing_torch``.
+broken build): callers then run the PyTorch fallbacks in ``moelora.ops.routing_torch``.
 
 An extension that carries its own static copy of the C++ runtime (see
 ``moelora._cxx_runtime``: every torch error raised inside it would crash the process) is
 not used either: import warns and the fallbacks run.
 
 The fallbacks can be forced, e.g. to compare them with the kernels, with
-``moelora._config.force_fallback()`` (a context manager) or ``MOELORA_FORCE_FALLBACK=1``.
+``moelora.switches.force_fallback()`` (a context manager) or ``MOELORA_FORCE_FALLBACK=1``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import _cxx_runtime
-from ._config import fallback_forced
+from moelora import _cxx_runtime
+from moelora.switches import fallback_forced
 
 MAX_EXPERTS = 4096  # must equal moelora::kMaxExperts in csrc/moelora.h
 
@@ -43,7 +43,7 @@ def _untrusted_reason(module) -> Optional[str]:
 
 
 try:
-    from . import _C  # noqa: F401  (importing registers the ops)
+    from moelora import _C
 
     HAS_C = True
     WITH_CUDA = bool(_C.WITH_CUDA)

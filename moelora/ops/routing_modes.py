@@ -26,9 +26,10 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
-from .kernels.launchers import accumulator_dtype
-from ._validation import check_ids_in_range, check_top_k
-from .routing import router_topk
+from moelora.kernels.launchers import accumulator_dtype
+from moelora.ops.validation import check_ids_in_range
+from moelora.ops.routing import router_topk
+
 
 ROUTER_MODES = ("softmax_topk", "topk_softmax", "threshold", "task")
 
@@ -151,74 +152,3 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
         ids = nn.functional.pad(ids, (0, 1), value=shared_expert)
         weights = nn.functional.pad(weights, (0, 1), value=1.0)
     return Routing(weights, ids)
-
-
-class Router(nn.Linear):
-    """The learned gate: an ``nn.Linear(d_in, E, bias=False)`` whose logits are computed in
-    fp32, plus the routing mode, top-k, jitter noise and the threshold schedule.
-
-    ``eps`` for threshold routing rises linearly from ``eps_start`` to ``eps_end`` over
-    ``eps_ramp_steps`` calls of :meth:`step` (``moelora.step_routers(model)``).
-    """
-
-    def __init__(self, in_features: int, num_experts: int, top_k: int, mode: str = "softmax_topk",
-                 renormalize: bool = True, jitter_noise: float = 0.0, eps_start: float = 0.0,
-                 eps_end: float = 0.0, eps_ramp_steps: int = 0, device=None):
-        if mode not in ROUTER_MODES or mode == "task":
-            raise ValueError(f"Router mode must be one of {ROUTER_MODES[:3]}, got {mode!r}")
-        check_top_k(top_k, num_experts)
-        if jitter_noise < 0:
-            raise ValueError(f"router jitter noise must be >= 0, got {jitter_noise}")
-        super().__init__(in_features, num_experts, bias=False, device=device, dtype=torch.float32)
-        self.mode, self.top_k, self.renormalize = mode, top_k, renormalize
-        self.jitter_noise = jitter_noise
-        self.eps_start, self.eps_end, self.eps_ramp_steps = float(eps_start), float(eps_end), int(eps_ramp_steps)
-        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device), persistent=True)
-
-    @property
-    def num_experts(self) -> int:
-        return self.out_features
-
-    @property
-    def eps(self) -> float:
-        """The current eps, read on the host (for logging; forward uses :meth:`scheduled_eps`)."""
-        if self.eps_ramp_steps <= 0:
-            return self.eps_end
-        frac = min(1.0, int(self.num_steps) / self.eps_ramp_steps)
-        return self.eps_start + (self.eps_end - self.eps_start) * frac
-
-    def scheduled_eps(self) -> Union[float, torch.Tensor]:
-        """eps for this forward: a float without a ramp, else a 0-d tensor computed from the
-        step buffer on its device, so torch.compile and CUDA graphs see no host read."""
-        return scheduled_eps(self.eps_start, self.eps_end, self.eps_ramp_steps, self.num_steps)
-
-    def step(self, n: int = 1) -> None:
-        self.num_steps += n
-
-    @property
-    def jitters(self) -> bool:
-        """Whether the router input is jittered in this forward (training with jitter noise)."""
-        return self.training and self.jitter_noise > 0
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, E] logits of x [..., d_in] in fp32 (fp64 for fp64 x), jittered in training."""
-        x = x.reshape(-1, x.shape[-1])
-        x = x.to(accumulator_dtype(x.dtype))
-        if self.jitters:  # drawn in fp32 whatever x's dtype: the same noise for the same seed
-            noise = torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            x = x * noise.to(x.dtype)
-        return nn.functional.linear(x, self.weight.to(x.dtype))
-
-    def threshold_noise(self, num_tokens: int, device) -> Optional[torch.Tensor]:
-        """The uniform draws of threshold routing in training, [T, top_k] (None when not needed)."""
-        if self.mode != "threshold" or not self.training or (self.eps_ramp_steps <= 0 and self.eps_end <= 0):
-            return None
-        return torch.rand((num_tokens, self.top_k), device=device)
-
-    def forward(self, x: torch.Tensor) -> Routing:
-        logits = self.logits(x)
-        return route_logits(logits, self.mode, self.top_k, self.renormalize, self.scheduled_eps(),
-                            self.threshold_noise(logits.shape[0], logits.device))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mode={self.mode}, top_k={self.top_k}"

@@ -18,22 +18,22 @@ kernel that is the per-position input channels.
 Computation: a 1 x 1 kernel with stride 1 and no padding is the linear case, and runs as
 ``moelora.moe_lora`` on x's channels, [N*H*W, C_in] (A, B and the router as MoELoRALinear's).
 Otherwise A runs as a convolution, and the routed B step is ``moe_lora`` on the projected
-channels (see :mod:`moelora._layer_base`). Merging (static routing) folds
+channels (see :mod:`moelora.modules.adapter_base`). Merging (static routing) folds
 s*B@A, reshaped to the base kernel, into the base weight; not with groups > 1 (as PEFT).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._layer_base import AdapterLayerBase
-from .functional import moe_lora
-from .routers import Router
+from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings
+from moelora.ops.moe_lora import moe_lora
+from moelora.modules.router import Router
 
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -86,21 +86,22 @@ class MoELoRAConv(AdapterLayerBase):
     """A frozen ``nn.Conv1d/2d/3d`` with E LoRA experts; arguments as :class:`moelora.MoELoRALinear`
     (see the module docstring; DoRA is not supported; r must be a multiple of the base's groups)."""
 
-    def __init__(self, base_layer: nn.Module, *args, lora_dropout: float = 0.0, **kwargs):
+    def __init__(self, base_layer: nn.Module, settings: Optional[LayerSettings] = None, **kwargs):
         if not is_conv(base_layer):
             raise TypeError(f"MoELoRAConv wraps nn.Conv1d, nn.Conv2d or nn.Conv3d layers, got "
                             f"{type(base_layer).__name__}")
         groups, kernel_size = base_layer.groups, tuple(base_layer.kernel_size)
         patch = base_layer.in_channels * math.prod(kernel_size)
         geometry = ConvGeometry.of(base_layer)
-        super().__init__(base_layer, *args, lora_dropout=lora_dropout, a_in=patch, d_out=base_layer.out_channels,
+        settings = layer_settings(settings, kwargs)
+        super().__init__(base_layer, settings, a_in=patch, d_out=base_layer.out_channels,
                          router_in=patch, b_groups=groups, router_class=ConvRouter,
                          router_kwargs=dict(kernel_size=kernel_size, in_channels=base_layer.in_channels,
-                                            geometry=geometry), **kwargs)
+                                            geometry=geometry))
         self.in_channels, self.out_channels, self.groups = base_layer.in_channels, base_layer.out_channels, groups
         self.in_features, self.out_features = patch, base_layer.out_channels
         self.kernel_size, self.geometry = kernel_size, geometry
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
         unpadded = geometry.padding == "valid" or (not isinstance(geometry.padding, str)
                                                    and not any(geometry.padding))
         self.pointwise = all(k == 1 for k in kernel_size) and all(s == 1 for s in geometry.stride) and unpadded

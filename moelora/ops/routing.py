@@ -6,10 +6,10 @@
     combine(y_sorted, meta, topk_weights)    -> [T, d], out[t] = sum_j w[t,j] * y_sorted[pos(t,j)]
 
 A pair is p = t*k + j (token t, slot j). Everything runs in moelora._C (C++ on CPU, CUDA
-kernels on GPU) when it is built, else in the PyTorch fallbacks (moelora._routing_torch);
+kernels on GPU) when it is built, else in the PyTorch fallbacks (moelora.ops.routing_torch);
 every path is deterministic and free of host synchronisation, except the optional range
 checks of moelora.validation (on by default; skipped under torch.compile and CUDA-graph
-capture, as every syncing check of moelora: moelora._validation.syncing_checks_enabled).
+capture, as every syncing check of moelora: moelora.ops.validation.syncing_checks_enabled).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _ext
-from . import _routing_autograd as _ag
-from . import _routing_torch as _fb
-from ._validation import check_top_k, host_values, syncing_checks_enabled
+from moelora.ops import native
+from moelora.ops import routing_autograd as _ag
+from moelora.ops import routing_torch as _fb
+from moelora.ops.validation import check_top_k, host_values, syncing_checks_enabled
 
 MODES = {"softmax_topk": _fb.SOFTMAX_TOPK, "topk_softmax": _fb.TOPK_SOFTMAX}
-MAX_EXPERTS = _ext.MAX_EXPERTS
-MAX_BLOCK_SIZE = _ext.MAX_BLOCK_SIZE
+MAX_EXPERTS = native.MAX_EXPERTS
+MAX_BLOCK_SIZE = native.MAX_BLOCK_SIZE
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -73,7 +73,7 @@ class DispatchMetadata(NamedTuple):
 
 
 def _ops(device: torch.device):
-    return _ag.NATIVE_OPS if _ext.use_native(device) else _ag.FALLBACK_OPS
+    return _ag.NATIVE_OPS if native.use_native(device) else _ag.FALLBACK_OPS
 
 
 def _require(name, value, kind=torch.Tensor):
@@ -158,7 +158,7 @@ def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Opti
 
 def _index_range(index: torch.Tensor):
     """(min, max) of an index tensor read on the host (one copy) when the syncing checks run
-    (moelora._validation.syncing_checks_enabled), else (None, None)."""
+    (moelora.ops.validation.syncing_checks_enabled), else (None, None)."""
     if index.numel() == 0 or not syncing_checks_enabled():
         return None, None
     return tuple(int(v) for v in host_values(*torch.aminmax(index)))

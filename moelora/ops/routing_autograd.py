@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
-from .kernels.launchers import accumulator_dtype
-from . import _routing_torch as fb
+from moelora.ops import native
+from moelora.kernels.launchers import accumulator_dtype
+from moelora.ops import routing_torch as fb
 
 
 def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
@@ -82,57 +82,49 @@ def _pair_dot_grads(ops, needs, a, b, sp, inv, g):
     return ga, gb, None, None
 
 
+def _save_route(ctx, logits, out, mode, renormalize):
+    ctx.save_for_backward(logits, out[1], out[0])
+    ctx.mode, ctx.renormalize = mode, renormalize
+
+
+def _route_grads(ctx, g_w, g_ids, g_counts, g_ps, g_lse):
+    logits, ids, weights = ctx.saved_tensors
+    return route_backward(logits, ids, weights, ctx.mode, ctx.renormalize, g_w, g_ps, g_lse), None, None, None
+
+
 # ---- PyTorch fallbacks as autograd.Functions ---------------------------------------------
 class _RouteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k, mode, renormalize):
         out = fb.router_topk(logits, top_k, mode, renormalize)
-        ctx.save_for_backward(logits, out[1], out[0])
-        ctx.mode, ctx.renormalize = mode, renormalize
+        _save_route(ctx, logits, out, mode, renormalize)
         ctx.mark_non_differentiable(out[1], out[2])
         return out
 
-    @staticmethod
-    def backward(ctx, g_w, g_ids, g_counts, g_ps, g_lse):
-        logits, ids, weights = ctx.saved_tensors
-        return route_backward(logits, ids, weights, ctx.mode, ctx.renormalize, g_w, g_ps, g_lse), None, None, None
+    backward = staticmethod(_route_grads)
 
 
-class _DispatchFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, sp, inv, w):
-        ctx.save_for_backward(x, sp, inv, w)
-        return fb.dispatch(x, sp, inv, w)
+def _fallback_function(name: str, forward, grads):
+    """An autograd.Function running the PyTorch fallback ``forward``, its inputs saved, whose
+    backward is ``grads`` on the fallback ops (the native ops register the same ``grads``)."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return _dispatch_grads(FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
+    def fwd(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return forward(*inputs)
 
+    def bwd(ctx, g):
+        return grads(FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
 
-class _CombineFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, sp, inv, w):
-        ctx.save_for_backward(y, sp, inv, w)
-        return fb.combine(y, sp, inv, w)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _combine_grads(FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _PairDotFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, sp, inv):
-        ctx.save_for_backward(a, b, sp, inv)
-        return fb.pair_dot(a, b, sp, inv)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _pair_dot_grads(FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
+_DispatchFn = _fallback_function("_DispatchFn", fb.dispatch, _dispatch_grads)
+_CombineFn = _fallback_function("_CombineFn", fb.combine, _combine_grads)
+_PairDotFn = _fallback_function("_PairDotFn", fb.pair_dot, _pair_dot_grads)
 
 
 FALLBACK_OPS = _Ops(native=False)
-NATIVE_OPS = _Ops(native=True) if _ext.HAS_C else None
+NATIVE_OPS = _Ops(native=True) if native.HAS_C else None
 
 
 # ---- Native ops: fake kernels and autograd -----------------------------------------------
@@ -174,17 +166,12 @@ def _register_native():
 
     def _route_setup(ctx, inputs, output):
         logits, _, mode, renormalize = inputs
-        ctx.save_for_backward(logits, output[1], output[0])
-        ctx.mode, ctx.renormalize = mode, renormalize
-
-    def _route_bwd(ctx, g_w, g_ids, g_counts, g_ps, g_lse):
-        logits, ids, weights = ctx.saved_tensors
-        return route_backward(logits, ids, weights, ctx.mode, ctx.renormalize, g_w, g_ps, g_lse), None, None, None
+        _save_route(ctx, logits, output, mode, renormalize)
 
     def _save_all(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
-    torch.library.register_autograd(lib + "router_topk", _route_bwd, setup_context=_route_setup)
+    torch.library.register_autograd(lib + "router_topk", _route_grads, setup_context=_route_setup)
     torch.library.register_autograd(
         lib + "dispatch", lambda ctx, g: _dispatch_grads(NATIVE_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g),
         setup_context=_save_all)
@@ -196,5 +183,5 @@ def _register_native():
         setup_context=_save_all)
 
 
-if _ext.HAS_C:
+if native.HAS_C:
     _register_native()

@@ -18,8 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
-from .routers import ROUTER_MODES
-from ._validation import check_top_k
+from moelora.modules.adapter_base import LayerSettings
+from moelora.ops.routing_modes import ROUTER_MODES
+from moelora.tuner.targets import pattern_value
 
 EXPERT_PRESETS = ("2468", "8642", "8228", "5555")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -42,7 +43,7 @@ class MoELoRAConfig:
     init_lora_weights: Union[bool, str] = True
     use_dora: bool = False
     bias: str = "none"
-    modules_to_save: Optional[Union[List[str], str]] = None  # trained and saved whole (moelora.adapters)
+    modules_to_save: Optional[Union[List[str], str]] = None  # trained and saved whole (moelora.tuner.adapters)
     base_model_name_or_path: Optional[str] = None
     # --- experts and routing
     num_experts: Union[int, List[int], str, Callable[[int, int], int]] = 4
@@ -63,27 +64,39 @@ class MoELoRAConfig:
 
     def __post_init__(self):
         _check_field_types(self)
-        for name in ("lora_dropout", "lora_a_dropout"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}")
-        if self.router not in ROUTER_MODES:
-            raise ValueError(f"router must be one of {ROUTER_MODES}, got {self.router!r}")
+        self._layer_fields(_is_int(self.num_experts) and self.num_experts)  # LayerSettings checks them
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         if isinstance(self.num_experts, str) and self.num_experts not in EXPERT_PRESETS:
             raise ValueError(f"num_experts preset must be one of {EXPERT_PRESETS}, got {self.num_experts!r}")
         if isinstance(self.num_experts, (list, tuple)) and not all(_is_int(n) and n >= 1 for n in self.num_experts):
             raise ValueError(f"every per-layer num_experts must be an int >= 1, got {self.num_experts}")
-        if self.router != "task" and isinstance(self.num_experts, int) and self.num_experts > 1:
-            check_top_k(self.top_k, self.num_experts)
         if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
             raise ValueError("target_modules is an empty list: name at least one module (a list of module-name "
                              "suffixes, a regex string, or 'all-linear')")
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+
+    def _layer_fields(self, num_experts) -> LayerSettings:
+        """LayerSettings from this config's fields (the one check of the layer hyper-parameters);
+        with per-layer expert counts (``num_experts`` None / False here) the count-dependent checks
+        wait for each layer's count."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LayerSettings)}
+        if not num_experts:
+            fields["num_experts"] = 1 if self.use_dora or self.router == "task" else max(2, self.top_k)
+        else:
+            fields["num_experts"] = num_experts
+        return LayerSettings(**fields)
+
+    def layer_settings(self, module_name: str, layer_index: Optional[int], num_layers: int) -> LayerSettings:
+        """The settings of the layer injected at ``module_name`` (the ``layer_index``-th of
+        ``num_layers``): its expert count, rank_pattern and alpha_pattern applied."""
+        try:
+            settings = self._layer_fields(self.experts_for_layer(layer_index, num_layers, module_name))
+            return dataclasses.replace(settings, r=pattern_value(module_name, self.rank_pattern, self.r),
+                                       lora_alpha=pattern_value(module_name, self.alpha_pattern, self.lora_alpha))
+        except ValueError as exc:
+            raise ValueError(f"layer {layer_index} ({module_name}): {exc}") from None
 
     def experts_for_layer(self, layer_index: Optional[int], num_layers: int, module_name: str) -> int:
         """The expert count of the layer with index ``layer_index`` out of ``num_layers``."""

@@ -1,0 +1,7 @@
+"""nn.Modules built on moelora.ops: the MoE-LoRA layers (``linear``: MoELoRALinear, ``conv``,
+``embedding``, and ``adapter_base``, what the last two share), the learned ``router``, the
+aux-loss record every routed module keeps (``routed``), the upcycled expert FFN (``ffn``) and
+MoLEx (``molex``).
+
+May import: moelora.ops, moelora.kernels, moelora.switches.
+"""

@@ -1,0 +1,316 @@
+"""What every MoE-LoRA layer shares (MoELoRALinear, MoELoRAConv, MoELoRAEmbedding).
+
+:class:`LayerSettings` holds one layer's hyper-parameters, checked once; a layer is built from
+them (``MoELoRAConfig.layer_settings`` gives them for a module of a model) or from the same
+keyword arguments. :class:`AdapterLayerBase` holds the base layer, A and B, the routing (a
+learned :class:`moelora.modules.router.Router`, task routing via
+:func:`moelora.ops.routing_modes.task_routing`, or the fixed expert 0 with weight 1), the
+aux-loss record (:class:`moelora.modules.routed.RoutedModule`), init, A-dropout and merging, so
+that moelora.tuner.merge and moelora.persistence handle every layer alike.
+
+Embedding and convolution layers compute the LoRA down-projection with the base layer's own
+operation (a lookup into A's columns, or a convolution with A as the kernel), giving h per
+output position: [T, r] with a shared A, [T, E*r] with per-expert A. The rest is the MoE-LoRA
+operator on h:
+
+    y[t] = base[t] + s * sum_j w[t,j] * B[e[t,j]] @ h[t, block of e[t,j]]
+
+which is ``moelora.moe_lora(h, S, B, ...)`` with S the identity [r, r] (shared A) or the
+block selector [E, r, E*r] (S[e] = the rows e*r..e*r+r of the identity): the fused
+kernels (Triton on GPU) run the gated expand and every gradient.
+:func:`moe_lora_on_projection` does exactly that. The selector costs an extra
+T x (E*r)^2 product next to the projection itself; convolutions with a 1 x 1 kernel, stride
+1 and no padding skip the projection and call ``moe_lora`` on the input channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from moelora.ops.moe_lora import moe_lora
+from moelora.modules.routed import RoutedModule
+from moelora.modules.router import Router
+from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
+from moelora.ops.validation import check_top_k
+
+
+_SINGLE = {}
+
+
+def single_expert_routing(num_tokens: int, device: torch.device):
+    """ids 0 and weights 1 for every token ([T, 1] stride-0 views of cached scalars)."""
+    pair = _SINGLE.get(device)
+    if pair is None:
+        pair = _SINGLE[device] = (torch.zeros(1, 1, dtype=torch.int32, device=device),
+                                  torch.ones(1, 1, dtype=torch.float32, device=device))
+    return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSettings:
+    """The hyper-parameters of one MoE-LoRA layer (PEFT's names where PEFT has them), checked
+    when made. ``router``: "softmax_topk", "topk_softmax", "threshold" or "task"; the threshold
+    router's eps rises from ``threshold_eps_start`` to ``threshold_eps`` over
+    ``threshold_ramp_steps`` steps; ``task_shared_lora`` adds a LoRA every token uses (task
+    routing); ``lora_a_dropout`` is MoSLD's dropout of the shared A."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    share_lora_a: bool = False
+    lora_a_dropout: float = 0.0
+    router: str = "softmax_topk"
+    router_renormalize: bool = True
+    router_jitter_noise: float = 0.0
+    threshold_eps: float = 0.0
+    threshold_eps_start: float = 0.0
+    threshold_ramp_steps: int = 0
+    task_shared_lora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    use_dora: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+
+    def __post_init__(self):
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        if self.router not in ROUTER_MODES:
+            raise ValueError(f"router must be one of {ROUTER_MODES}, got {self.router!r}")
+        if self.router != "task" and self.num_experts > 1:
+            check_top_k(self.top_k, self.num_experts)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        for name in ("lora_dropout", "lora_a_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.use_dora and (self.num_experts != 1 or self.router == "task"):
+            raise ValueError("use_dora needs a single expert without task routing (num_experts=1)")
+        if self.task_shared_lora and self.router != "task":
+            raise ValueError("task_shared_lora needs router='task'")
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scale: lora_alpha / r (rsLoRA: lora_alpha / sqrt(r))."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def layer_settings(settings: Optional[LayerSettings], kwargs: dict) -> LayerSettings:
+    """A layer constructor's settings: ``settings``, or LayerSettings(**kwargs); not both."""
+    if settings is None:
+        return LayerSettings(**kwargs)
+    if kwargs:
+        raise TypeError(f"give a layer either settings or keyword arguments, not both (got {sorted(kwargs)})")
+    if not isinstance(settings, LayerSettings):
+        raise TypeError(f"settings must be a LayerSettings, got {type(settings).__name__}")
+    return settings
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a MoE-LoRA layer (MoELoRALinear, MoELoRAEmbedding or MoELoRAConv)."""
+    return isinstance(module, AdapterLayerBase)
+
+
+def projection_selector(num_blocks: int, rank: int, device=None, dtype=None) -> torch.Tensor:
+    """The A that makes ``moe_lora`` read h as given: I_r [r, r] for one block, else the block
+    selector [E, r, E*r] (entry [e, i, e*r + i] = 1)."""
+    eye = torch.eye(num_blocks * rank, device=device, dtype=dtype)
+    return eye if num_blocks == 1 else eye.reshape(num_blocks, rank, num_blocks * rank)
+
+
+def moe_lora_on_projection(h: torch.Tensor, selector: torch.Tensor, lora_b: torch.Tensor, routing: Routing,
+                           scaling: float, base_out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``base_out + s * sum_j w_j B[e_j] h[..., block e_j]`` for projected inputs h [..., r] or
+    [..., E*r] (see the module docstring); returns [..., d_out]."""
+    return moe_lora(h, selector, lora_b, routing.ids, routing.weights, scaling=scaling, base_out=base_out)
+
+
+class AdapterLayerBase(nn.Module, RoutedModule):
+    """A frozen base layer plus E LoRA experts whose A projects ``a_in`` features per position
+    and whose B [E, d_out, r / b_groups] acts block-diagonally over ``b_groups`` groups, routed
+    per position; built from :class:`LayerSettings`. Subclasses pass the base layer's geometry
+    and the router's class and input width, and implement ``forward``.
+    """
+
+    supports_dora = False  # MoELoRALinear: True
+    uses_selector = True  # the projection selector of moe_lora_on_projection (MoELoRALinear: False)
+
+    def __init__(self, base_layer: nn.Module, settings: LayerSettings, *, a_in: int, d_out: int, router_in: int,
+                 b_groups: int = 1, router_class=Router, router_kwargs: Optional[dict] = None):
+        super().__init__()
+        s = settings
+        if s.use_dora and not self.supports_dora:
+            raise ValueError(f"use_dora is supported on linear layers only, not on {type(self).__name__}")
+        if s.r % b_groups:
+            raise ValueError(f"r must be a multiple of the convolution's groups ({b_groups}), got r={s.r}")
+        self.settings = s
+        self.base_layer = base_layer
+        self.num_experts, self.r, self.lora_alpha, self.use_rslora = s.num_experts, s.r, s.lora_alpha, s.use_rslora
+        self.router_mode = s.router
+        self.top_k = 1 if s.router == "task" or s.num_experts == 1 else s.top_k
+        self.share_lora_a, self.lora_a_dropout = s.share_lora_a, s.lora_a_dropout
+        self.task_shared_lora = s.task_shared_lora
+        self.use_dora = s.use_dora
+        self.scaling = s.scaling
+        self.aux_loss_coef, self.z_loss_coef = s.router_aux_loss_coef, s.router_z_loss_coef
+        self.merged = False
+        self.merged_task: Optional[int] = None
+        self.disable_adapters = False
+        self.task_ids = None  # task routing: the ids of the next forwards (moelora.set_task_ids sets them)
+        self._clear_routing_record()
+
+        weight = base_layer.weight
+        # As PEFT (autocast_adapter_dtype): half-precision bases get fp32 adapters.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = dict(device=weight.device, dtype=dtype)
+        self.num_lora = s.num_experts + (1 if s.task_shared_lora else 0)
+        a_shape = (s.r, a_in) if s.share_lora_a else (self.num_lora, s.r, a_in)
+        self._register_lora(nn.Parameter(torch.empty(a_shape, **factory)),
+                            nn.Parameter(torch.empty(self.num_lora, d_out, s.r // b_groups, **factory)))
+        if s.router == "task":
+            self.router = None
+            self.lora_gamma = nn.Parameter(torch.zeros(s.num_experts, **factory))
+        elif s.num_experts > 1:
+            self.router = router_class(router_in, s.num_experts, s.top_k, s.router, s.router_renormalize,
+                                       s.router_jitter_noise, s.threshold_eps_start, s.threshold_eps,
+                                       s.threshold_ramp_steps, device=weight.device, **(router_kwargs or {}))
+        else:
+            self.router = None
+        if self.uses_selector:
+            blocks = 1 if s.share_lora_a else self.num_lora
+            self.register_buffer("lora_selector", projection_selector(blocks, s.r, **factory), persistent=False)
+        self._add_parameters(factory)
+        self.reset_lora_parameters(s.init_lora_weights)
+
+    def _register_lora(self, lora_a: nn.Parameter, lora_b: nn.Parameter) -> None:
+        """Register A and B (under PEFT's names for the layer type)."""
+        self.lora_A, self.lora_B = lora_a, lora_b
+
+    def _add_parameters(self, factory: dict) -> None:
+        """Parameters a layer type adds (created before the init below)."""
+
+    # ----------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        a_slices = [self.lora_A] if self.share_lora_a else list(self.lora_A)
+        for a in a_slices:
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init_lora_weights is False or self.router_mode == "task":
+            # Task experts are gated by gamma = 0 at init, so B may (and must, for gamma to
+            # receive a gradient) start non-zero.
+            for b in self.lora_B:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            self.lora_B.zero_()
+        if self.task_shared_lora and init_lora_weights is not False:
+            self.lora_B[-1].zero_()
+
+    def expert_A(self, e: int) -> torch.Tensor:
+        return self.lora_A if self.share_lora_a else self.lora_A[e]
+
+    def _effective_A(self) -> torch.Tensor:
+        a = self.lora_A
+        if self.training and self.lora_a_dropout > 0:
+            # drawn in fp32 whatever A's dtype: the same mask for the same seed on every device
+            keep = torch.empty(a.shape, device=a.device).bernoulli_(1.0 - self.lora_a_dropout).to(a.dtype)
+            a = a * keep / (1.0 - self.lora_a_dropout)
+        return a
+
+    # ----------------------------------------------------------------------------- merge
+    # Only static routing merges: a single expert (plain LoRA or DoRA), or task routing with the
+    # task fixed at merge time. dW = s * gamma[task] * B[task] @ A[task] (+ s * B[shared] @
+    # A[shared] with a shared LoRA); E = 1: dW = s * B[0] @ A[0]. DoRA merges
+    # W' = m / ||W + dW||_row * (W + dW) and keeps the norm to unmerge. A merged layer returns
+    # base_layer(x) until it is unmerged.
+    def static_lora_factors(self, task: Optional[int] = None):
+        """(A [r', d_in], B [d_out, r']) with scaling * B @ A = the static adapter's weight delta
+        (r' = 2r for a task with the shared LoRA); ValueError for a learned router."""
+        if self.router is not None:
+            raise ValueError(
+                "only static routing folds into one weight delta (merge, PEFT export): num_experts=1, or task "
+                f"routing with a chosen task; this layer's router depends on the input ({self.router_mode!r} "
+                f"over {self.num_experts} experts)")
+        if self.router_mode != "task":
+            return self.expert_A(0), self.lora_B[0]
+        if task is None or not 0 <= task < self.num_experts:
+            raise ValueError(f"a task-routed layer needs task in [0, {self.num_experts}), got {task!r}")
+        a, b = self.expert_A(task), self.lora_gamma[task] * self.lora_B[task]
+        if self.task_shared_lora:
+            a = torch.cat([a, self.expert_A(self.num_experts)], dim=0)
+            b = torch.cat([b, self.lora_B[-1]], dim=1)
+        return a, b
+
+    def delta_weight(self, task: Optional[int] = None) -> torch.Tensor:
+        """The static adapter's weight delta in nn.Linear layout [d_out, d_in] (see above)."""
+        a, b = self.static_lora_factors(task)
+        return self.scaling * (b @ a)
+
+    @torch.no_grad()
+    def merge(self, task: Optional[int] = None) -> None:
+        """Fold the adapter into the base weight (static routing only; see above)."""
+        if self.merged:
+            raise RuntimeError("the layer is already merged; unmerge it first")
+        weight = self.base_layer.weight
+        w = self.base_weight()  # view in [d_out, d_in] layout, writes go to the base weight
+        delta = self.delta_weight(task).to(torch.float32)
+        if self.use_dora:
+            merged = w.float() + delta
+            self._dora_merge_scale = (self.lora_magnitude_vector.float() / torch.linalg.norm(merged, dim=1)).detach()
+            self._dora_merged_delta = delta
+            w.copy_((merged * self._dora_merge_scale[:, None]).to(weight.dtype))
+        else:
+            w.copy_((w.float() + delta).to(weight.dtype))
+        self.merged, self.merged_task = True, task
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("the layer is not merged")
+        weight = self.base_layer.weight
+        w = self.base_weight()
+        if self.use_dora:
+            restored = w.float() / self._dora_merge_scale[:, None] - self._dora_merged_delta
+            del self._dora_merge_scale, self._dora_merged_delta
+        else:
+            restored = w.float() - self.delta_weight(self.merged_task).float()
+        w.copy_(restored.to(weight.dtype))
+        self.merged, self.merged_task = False, None
+
+    def route(self, router_input: torch.Tensor, lead_shape: tuple) -> Routing:
+        """Routing of the ``lead_shape`` output positions; the learned router reads
+        ``router_input`` (what it reads is the subclass's choice) and records its aux losses."""
+        if self.router_mode == "task":
+            if self.task_ids is None:
+                raise RuntimeError(
+                    f"this {type(self).__name__} routes by task id but none is set: call moelora.set_task_ids(model, "
+                    "ids), use `with moelora.use_task_ids(model, ids):`, or pass task_ids=... to the MoELoRAModel's "
+                    "forward")
+            shared = self.num_experts if self.task_shared_lora else None
+            return task_routing(self.task_ids, self.lora_gamma, lead_shape, shared)
+        if self.router is None:
+            ids, weights = single_expert_routing(math.prod(lead_shape), self.lora_B.device)
+            return Routing(weights, ids)
+        routing = self.router(router_input)
+        self._record_routing(routing)
+        return routing
+
+    def _lora_on_projection(self, h: torch.Tensor, routing: Routing, base_out: Optional[torch.Tensor],
+                            lora_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        lora_b = self.lora_B if lora_b is None else lora_b
+        return moe_lora_on_projection(h, self.lora_selector, lora_b, routing, self.scaling, base_out)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, r={self.r}, router={self.router_mode}, "
+                f"share_lora_a={self.share_lora_a}")

@@ -1,0 +1,66 @@
+"""``MoEFFN``: a routed mixture of FFN experts (sparse upcycling: every expert starts as a
+copy of one pretrained FFN) on ``moelora.moe_ffn``; ``moelora.upcycle_ffn`` builds it."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from moelora.ops.moe_ffn import moe_ffn
+from moelora.modules.linear import linear_weight
+from moelora.modules.routed import RoutedModule
+from moelora.modules.router import Router
+
+
+def _stack(t: Optional[torch.Tensor], num_experts: int) -> Optional[nn.Parameter]:
+    if t is None:
+        return None
+    return nn.Parameter(t.detach().unsqueeze(0).repeat(num_experts, *([1] * t.dim())).contiguous())
+
+
+class MoEFFN(nn.Module, RoutedModule):
+    """E copies of one FFN behind a router; see the module docstring.
+
+    Parameters (expert dim first, nn.Linear layouts): ``w_in`` [E, d_ff, d_in], ``b_in``,
+    ``w_gate`` (gated MLPs), ``w_out`` [E, d_out, d_ff], ``b_out``, ``router.weight`` [E, d_in].
+    """
+
+    _moelora_trainable = True  # get_moelora_model keeps the upcycled experts trainable
+
+    def __init__(self, in_proj: nn.Module, out_proj: nn.Module, activation: Callable, num_experts: int,
+                 top_k: int, gate_proj: Optional[nn.Module] = None, router: str = "threshold",
+                 threshold_eps: float = 0.0, threshold_eps_start: float = 0.0, threshold_ramp_steps: int = 0,
+                 router_jitter_noise: float = 0.0, router_aux_loss_coef: float = 0.01,
+                 router_z_loss_coef: float = 0.001):
+        super().__init__()
+        w_in, b_in = linear_weight(in_proj, "an FFN projection must be one of the"), in_proj.bias
+        w_out, b_out = linear_weight(out_proj, "an FFN projection must be one of the"), out_proj.bias
+        if w_out.shape[1] != w_in.shape[0]:
+            raise ValueError(f"out_proj takes {w_out.shape[1]} features but in_proj gives {w_in.shape[0]}")
+        self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
+        self.w_in, self.b_in = _stack(w_in, num_experts), _stack(b_in, num_experts)
+        self.w_out, self.b_out = _stack(w_out, num_experts), _stack(b_out, num_experts)
+        if gate_proj is not None:
+            w_gate, b_gate = linear_weight(gate_proj, "an FFN projection must be one of the"), gate_proj.bias
+            self.w_gate, self.b_gate = _stack(w_gate, num_experts), _stack(b_gate, num_experts)
+        else:
+            self.w_gate = self.b_gate = None
+        self.router = Router(w_in.shape[1], num_experts, top_k, router, jitter_noise=router_jitter_noise,
+                             eps_start=threshold_eps_start, eps_end=threshold_eps,
+                             eps_ramp_steps=threshold_ramp_steps, device=w_in.device)
+        self.aux_loss_coef, self.z_loss_coef = router_aux_loss_coef, router_z_loss_coef
+        self._clear_routing_record()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.router(x)
+        self._record_routing(routing)
+        flat = x.reshape(-1, x.shape[-1])
+        out = moe_ffn(flat, routing.ids, routing.weights, self.w_in, self.b_in, self.w_out, self.b_out,
+                      self.activation, self.w_gate, self.b_gate, normalize=True)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, d_in={self.w_in.shape[2]}, "
+                f"d_ff={self.w_in.shape[1]}, gated={self.w_gate is not None}")

@@ -1,0 +1,209 @@
+"""``MoELoRALinear``: a frozen linear layer plus a routed mixture of LoRA experts.
+
+    y = base_layer(x) + s * sum_j w[t,j] * lora_B[e[t,j]] @ (lora_A[(e[t,j])] @ dropout(x[t]))
+
+s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). Routing (see :mod:`moelora.ops.routing_modes`) comes
+from a learned ``router`` (fp32 weights; moelora's routing op) or, for task routing, from the
+task ids given with the batch and the per-task scales ``lora_gamma``. With one expert and no
+task routing there is no router: every token uses expert 0 with weight 1, and the layer is
+PEFT's LoRA layer (optionally DoRA).
+
+The forward is one fused op, :func:`moelora.ops.moe_lora_linear.moe_lora_linear`, which owns the
+base GEMM (x read once for the LoRA down-projection and the router logits; dx accumulated in
+one GEMM; see that module). It takes every feature except these, which run the composed path
+(base layer, then :func:`moelora.moe_lora` with ``base_out``): DoRA, base layers other than a
+plain ``nn.Linear`` / GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks,
+extra forward arguments, and layers whose E*r calls for moe_lora's grouped regime. Router
+jitter and LoRA dropout keep the fused op but cost a separate router GEMM over the jittered
+x, resp. the dropped-out copy of x (see README).
+
+Parameter layouts follow PEFT / nn.Linear: ``lora_A`` [r, d_in] (shared A, MoSLD) or
+[E, r, d_in]; ``lora_B`` [E, d_out, r]; ``router.weight`` [E, d_in]. With task routing and a
+shared LoRA, expert E (the last) is the shared LoRA, used by every token with weight 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from moelora.ops.moe_lora_triton import choose_regime
+from moelora.ops.moe_lora import moe_lora
+from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
+from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
+from moelora.ops.routing_modes import Routing, task_routing
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as [d_in, d_out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def linear_dims(module: nn.Module, role: str = "MoELoRALinear wraps"):
+    """(d_in, d_out, fan_in_fan_out) of an nn.Linear or a transformers Conv1D; for any other
+    module a TypeError that starts with ``role``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out, True
+    hint = ("; use moelora.MoELoRAEmbedding for nn.Embedding" if isinstance(module, nn.Embedding) else
+            "; use moelora.MoELoRAConv for convolutions" if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            else "")
+    raise TypeError(f"{role} nn.Linear or transformers Conv1D layers, got {type(module).__name__}{hint}")
+
+
+def linear_weight(module: nn.Module, role: str = "MoELoRALinear wraps") -> torch.Tensor:
+    """The weight of an nn.Linear or transformers Conv1D in nn.Linear layout [d_out, d_in] (a view)."""
+    return module.weight.t() if linear_dims(module, role)[2] else module.weight
+
+
+class MoELoRALinear(AdapterLayerBase):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) with a mixture of LoRA experts.
+
+    Args (the fields of :class:`LayerSettings`, given as ``settings`` or one by one):
+        base_layer: the frozen layer; its parameters are not touched.
+        num_experts: E (the number of tasks for ``router="task"``).
+        top_k: experts per token (ignored for task routing, which uses 1).
+        r, lora_alpha, use_rslora, lora_dropout, init_lora_weights, use_dora: as PEFT's
+            LoraConfig (``init_lora_weights``: True = kaiming-uniform A, "gaussian" =
+            N(0, 1/r) A, both with B = 0; False = random B too). DoRA needs E = 1.
+        share_lora_a: one A [r, d_in] shared by all experts (MoSLD).
+        lora_a_dropout: MoSLD's Bernoulli dropout on A's weights (training only, kept weights
+            rescaled by 1/(1-p)).
+        router: "softmax_topk", "topk_softmax", "threshold" or "task".
+        router_renormalize: renormalise the kept top-k probabilities ("softmax_topk").
+        router_jitter_noise: multiplicative U(1-j, 1+j) noise on the router input in training.
+        threshold_eps, threshold_eps_start, threshold_ramp_steps: the eps schedule of
+            threshold routing.
+        task_shared_lora: task routing with a shared LoRA beside the task experts.
+        router_aux_loss_coef, router_z_loss_coef: weights of the load-balancing and z losses.
+    """
+
+    supports_dora = True
+    uses_selector = False
+
+    def __init__(self, base_layer: nn.Module, settings: Optional[LayerSettings] = None, **kwargs):
+        """``settings`` (:class:`LayerSettings`) or its fields as keyword arguments (above)."""
+        d_in, d_out, _ = linear_dims(base_layer)  # a clear error for other base layers, first
+        super().__init__(base_layer, layer_settings(settings, kwargs), a_in=d_in, d_out=d_out, router_in=d_in)
+
+    def _add_parameters(self, factory: dict) -> None:
+        d_in, d_out, self.fan_in_fan_out = linear_dims(self.base_layer)
+        self.in_features, self.out_features = d_in, d_out
+        p = self.settings.lora_dropout
+        self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(d_out, **factory))
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        super().reset_lora_parameters(init_lora_weights)
+        if self.use_dora:
+            self.lora_magnitude_vector.copy_(self._weight_norm(self.base_weight().to(self.lora_B.dtype)))
+
+    # ----------------------------------------------------------------------------- helpers
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in nn.Linear layout [d_out, d_in] (a view; Conv1D transposed)."""
+        w = self.base_layer.weight  # (linear_weight's rule, with the layout found at construction)
+        return w.t() if self.fan_in_fan_out else w
+
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.scaling * self.lora_B[0] @ self.expert_A(0)
+        return torch.linalg.norm(weight + delta, dim=1)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Routing for input x [..., d_in]; records the aux losses of learned routers."""
+        router, ids, weights = self._routing_inputs(x)
+        if router is None:
+            return Routing(weights, ids)
+        routing = self.router(x)
+        self._record_routing(routing)
+        return routing
+
+    def _routing_inputs(self, x: torch.Tensor):
+        """(RouterSpec, None, None) for a learned router, else (None, ids, weights) of static routing,
+        for the T tokens of x [..., d_in] (routing tensors are [T, ...])."""
+        lead = tuple(x.shape[:-1])
+        num_tokens = math.prod(lead)
+        if self.router_mode == "task":
+            if self.task_ids is None:
+                raise RuntimeError(
+                    "this MoELoRALinear routes by task id but none is set: call "
+                    "moelora.set_task_ids(model, ids), use `with moelora.use_task_ids(model, ids):`, or pass "
+                    "task_ids=... to the MoELoRAModel's forward")
+            shared = self.num_experts if self.task_shared_lora else None
+            routing = task_routing(self.task_ids, self.lora_gamma, lead, shared)
+            return None, routing.ids, routing.weights
+        if self.router is None:
+            ids, weights = single_expert_routing(num_tokens, x.device)
+            return None, ids, weights
+        r = self.router
+        logits = r.logits(x.reshape(num_tokens, x.shape[-1])) if r.jitters else None
+        spec = RouterSpec(None if r.jitters else r.weight, logits, r.mode, r.top_k, r.renormalize, r.eps_start,
+                          r.eps_end, r.eps_ramp_steps, r.num_steps, r.threshold_noise(num_tokens, x.device),
+                          self.aux_loss_coef, self.z_loss_coef)
+        return spec, None, None
+
+    def _fusable(self, args, kwargs) -> bool:
+        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra
+        arguments, and experts few enough for the dense regime (E*r small: see moelora.ops.moe_lora_triton)."""
+        base = self.base_layer
+        return (not args and not kwargs and not self.use_dora and (type(base) is nn.Linear or is_conv1d(base))
+                and not base._forward_hooks and not base._forward_pre_hooks
+                and not _global_forward_hooks and not _global_forward_pre_hooks
+                and choose_regime(self.lora_B.shape[0], self.r, self.top_k) == "dense")
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        if not self._fusable(args, kwargs):
+            return self._composed_forward(x, *args, **kwargs)
+        router, ids, weights = self._routing_inputs(x)
+        lora_input = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
+        y, out = moe_lora_linear(x, self.base_weight(), self.base_layer.bias, self._effective_A(), self.lora_B,
+                                 scaling=self.scaling, router=router, topk_ids=ids, topk_weights=weights,
+                                 lora_input=lora_input)
+        if out.aux_loss is not None:
+            self._record_routing(out.routing, out.aux_loss, out.aux_stats)
+        return y
+
+    def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """base_layer(x, ...) + moelora.moe_lora (DoRA, custom base layers, extra arguments)."""
+        result = self.base_layer(x, *args, **kwargs)
+        routing = self.route(x)
+        dtype = self.lora_B.dtype
+        x_lora = self.lora_dropout(x.to(dtype))
+        lora_a = self._effective_A()
+        if self.use_dora:
+            return self._dora_forward(x_lora, lora_a, routing, result)
+        out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=self.scaling,
+                       base_out=result.to(dtype))
+        return out.to(result.dtype)
+
+    def _dora_forward(self, x_lora, lora_a, routing, result):
+        """PEFT's DoRA (single expert): the column norm of W + s*B@A is a constant."""
+        dtype = self.lora_B.dtype
+        weight = self.base_weight().to(dtype)
+        a0 = lora_a if self.share_lora_a else lora_a[0]
+        norm = torch.linalg.norm(weight + self.scaling * (self.lora_B[0] @ a0).detach(), dim=1).detach()
+        mag_scale = self.lora_magnitude_vector / norm
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_no_bias = result.to(dtype) - (bias.to(dtype) if bias is not None else 0)
+        else:
+            base_no_bias = F.linear(x_lora, weight)
+        lora_out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=self.scaling)
+        out = result.to(dtype) + (mag_scale - 1) * base_no_bias + mag_scale * lora_out
+        return out.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, r={self.r}, router={self.router_mode}, share_lora_a={self.share_lora_a}")

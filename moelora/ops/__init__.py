@@ -1,0 +1,13 @@
+"""moelora's operators, one file per op: the functional entry, the backend choice, the autograd
+Function and custom op, and the PyTorch backend (argument checks once, in ``validation``).
+
+- ``moe_lora`` (+ ``moe_lora_triton``: the Triton compositions and custom ops; ``reference``:
+  the PyTorch backend and the naive per-expert loop),
+- ``moe_lora_linear``: MoELoRALinear's whole forward and backward as one op,
+- ``moe_ffn`` (+ ``grouped_linear``: per-expert GEMMs over expert-sorted rows),
+- ``routing`` (+ ``native``: the moelora._C extension, ``routing_torch``: its PyTorch
+  fallbacks, ``routing_autograd``), ``routing_modes`` (the router modes on top of it) and
+  ``losses`` (the routers' auxiliary losses).
+
+May import: moelora.kernels, moelora.switches, moelora._C. Nothing here holds parameters.
+"""

@@ -1,0 +1,68 @@
+"""Router auxiliary losses and statistics, computed per layer.
+
+- Switch load-balancing loss of one layer with E experts:
+  ``E * sum_e f_e * P_e``, f_e = (slots routed to e) / T, P_e = mean router probability of e.
+  Equals transformers' Mixtral ``load_balancing_loss_func`` for one layer's logits; being
+  per layer, it stays correct when layers have different expert counts.
+- Router z-loss (ST-MoE): ``mean_t logsumexp(logits[t])^2``.
+
+:func:`aux_losses` computes both from the statistics of moelora's routing op (counts,
+prob_sums, lse), as the fused layer's kernel does. :class:`RoutedModule` is the mixin of
+every module with a learned router: after each forward it holds that forward's weighted
+losses and statistics (the previous forward's values are replaced, never accumulated),
+which ``moelora.aux_loss`` and ``moelora.router_stats`` collect.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """f_e: routed slots per expert divided by the number of tokens, [E] fp32.
+
+    Slots with weight 0 (dropped by threshold routing) are not counted when ``weights``
+    is given. Built from one-hot sums: no host sync, deterministic.
+    """
+    ids = ids.reshape(-1, ids.shape[-1])
+    one_hot = F.one_hot(ids.long(), num_experts).float()  # [T, k, E]
+    if weights is not None:
+        one_hot = one_hot * (weights.reshape(ids.shape) > 0).float().unsqueeze(-1)
+    return one_hot.sum(dim=(0, 1)) / max(ids.shape[0], 1)
+
+
+def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch load-balancing loss of one layer (see the module docstring)."""
+    probs = probs.reshape(-1, num_experts).float()
+    if probs.shape[0] == 0:
+        return probs.sum()
+    return num_experts * torch.sum(expert_load(ids, num_experts, weights) * probs.mean(dim=0))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    if logits.shape[0] == 0:
+        return logits.sum()
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy (nats) of the router distribution."""
+    probs = probs.reshape(-1, probs.shape[-1]).float()
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+
+
+def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor, lb_coef: float, z_coef: float):
+    """(loss, stats) of one layer from its routing statistics, in their dtype (fp32, fp64 for fp64
+    logits): loss = lb_coef * lb + z_coef * z (differentiable), stats = (lb, z) detached, with
+    lb = E * sum_e (counts_e / T) (prob_sums_e / T) and z = mean_t lse_t^2 (T = lse.numel(); 0 for
+    T = 0). The PyTorch twin of the fused layer's router_aux_loss kernel."""
+    inv_t = 1.0 / max(lse.numel(), 1)
+    lb = counts.to(prob_sums.dtype).dot(prob_sums) * (counts.numel() * inv_t * inv_t)
+    z = lse.dot(lse) * inv_t
+    return lb_coef * lb + z_coef * z, torch.stack([lb, z]).detach()

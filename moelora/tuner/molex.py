@@ -1,0 +1,55 @@
+"""``apply_molex``: turns a model's layer stack into MoLEx (moelora.modules.molex), and
+finds that stack (``find_layer_stack``)."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch.nn as nn
+
+from moelora.tuner.structure import record, structural_edit
+from moelora.tuner.targets import DEFAULT_LAYERS_PATTERN, unwrap
+from moelora.modules.molex import MoLEx
+
+
+def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None) -> nn.ModuleList:
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    if isinstance(layers, str):
+        stack = model.get_submodule(layers)
+        if not isinstance(stack, nn.ModuleList):
+            raise ValueError(f"{layers} is a {type(stack).__name__}, not an nn.ModuleList of layers")
+        return stack
+    stacks = [m for n, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and n.split(".")[-1] in DEFAULT_LAYERS_PATTERN and len(m) > 1]
+    if not stacks:
+        raise ValueError("no layer stack found; pass layers='dotted.name.of.the.ModuleList'")
+    return max(stacks, key=len)
+
+
+@structural_edit
+def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None, hidden_size: Optional[int] = None,
+                **kwargs) -> MoLEx:
+    """Turn the layer stack of ``model`` into MoLEx; returns the MoLEx module (``model.molex``).
+
+    kwargs: gate, shared_gate, proj_dim, alpha, learn_alpha, batch_routing, aux_loss_coef,
+    temperature, bias, layer_selection (see :class:`MoLEx` and the module docstring).
+    """
+    target = unwrap(model)
+    if hasattr(target, "molex"):
+        raise ValueError("MoLEx is already applied to this model")
+    stack = find_layer_stack(target, layers)
+    if hidden_size is None:
+        cfg = getattr(target, "config", None)
+        hidden_size = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        if hidden_size is None:
+            raise ValueError("pass hidden_size= (the width of the layers' hidden states)")
+    molex = MoLEx(stack, hidden_size, **kwargs)
+    first = next(stack.parameters(), None)
+    if first is not None:
+        molex.to(first.device)  # the gates live where the layers do (fp32 whatever the model's dtype)
+    target.add_module("molex", molex)
+    stack_name = next(n for n, m in target.named_modules() if m is stack)
+    kwargs.setdefault("bias", None)  # recorded explicitly: records without it predate the gate's bias
+    record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
+    return molex
