@@ -88,9 +88,9 @@ def measure(device: torch.device) -> List[dict]:
             def step(layer=layer, params=params):
                 y = layer(x)
                 outputs, grads = [y], [dy]
-                if layer._last_aux_loss is not None:
-                    outputs.append(layer._last_aux_loss)
-                    grads.append(torch.ones((), device=device, dtype=layer._last_aux_loss.dtype))
+                if layer.last_aux_loss is not None:
+                    outputs.append(layer.last_aux_loss)
+                    grads.append(torch.ones((), device=device, dtype=layer.last_aux_loss.dtype))
                 torch.autograd.grad(outputs, [x] + params, grads)
 
             _record(f"MoELoRALinear fwd+bwd ({router})", step, out, "shared A, training, aux loss in the backward")

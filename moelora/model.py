@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from moelora.tuner import structure as _structure, adapters, merge
 from moelora import persistence
-from moelora.modules.adapter_base import is_adapter_layer
+from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
 from moelora.tuner.adapters import DEFAULT_ADAPTER, mark_only_adapters_trainable, wrap_modules_to_save
 from moelora.tuner.config import MoELoRAConfig
 from moelora.modules.linear import MoELoRALinear, is_conv1d
@@ -80,7 +80,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                          "string, or 'all-linear')")
     candidates = []
     # Linear layers inside moelora's own modules (MoLEx gates, upcycled experts) are not targets.
-    owned = {id(sub) for m in model.modules() if getattr(m, "_moelora_trainable", False) for sub in m.modules()}
+    owned = {id(sub) for m in model.modules() if owned_by_moelora(m) for sub in m.modules()}
     for name, module in model.named_modules():
         if adapter_class(module) is None or isinstance(module, Router) or id(module) in owned:
             continue
@@ -142,8 +142,7 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
 # ------------------------------------------------------------------------------- helpers
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the weighted auxiliary losses every routed module stored in its last forward."""
-    losses = [m._last_aux_loss for m in model.modules()
-              if isinstance(m, RoutedModule) and getattr(m, "_last_aux_loss", None) is not None]
+    losses = [m.last_aux_loss for m in model.modules() if isinstance(m, RoutedModule) and m.last_aux_loss is not None]
     if not losses:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
@@ -154,7 +153,7 @@ def clear_aux_losses(model: nn.Module) -> None:
     """Forget every stored loss and statistic (done at the start of MoELoRAModel.forward)."""
     for m in model.modules():
         if isinstance(m, RoutedModule):
-            m._clear_routing_record()
+            m.clear_routing_record()
 
 
 def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -162,8 +161,8 @@ def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
     to each expert, [E]), ``entropy`` (mean routing entropy, nats), and the unweighted
     ``load_balancing_loss`` and ``z_loss``. Names are relative to the wrapped model."""
     model = unwrap(model)
-    return {name: dict(m._last_router_stats) for name, m in model.named_modules()
-            if isinstance(m, RoutedModule) and getattr(m, "_last_router_stats", None) is not None}
+    return {name: dict(m.last_router_stats) for name, m in model.named_modules()
+            if isinstance(m, RoutedModule) and m.last_router_stats is not None}
 
 
 def _task_layers(model: nn.Module):

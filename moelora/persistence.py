@@ -38,7 +38,7 @@ from moelora.tuner import structure as _structure
 from moelora.tuner.config import CONFIG_NAME, MoELoRAConfig
 from moelora.modules.conv import MoELoRAConv
 from moelora.modules.embedding import MoELoRAEmbedding
-from moelora.modules.adapter_base import is_adapter_layer
+from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
 from moelora.tuner.adapters import DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, optional_names
 from moelora.tuner.targets import pattern_value, unwrap
 
@@ -50,7 +50,7 @@ PEFT_PREFIX = "base_model.model."
 
 def _owned_prefixes(model: nn.Module) -> tuple:
     """Name prefixes of the modules moelora added whole (upcycled MoE FFNs, MoLEx)."""
-    return tuple(n + "." for n, m in unwrap(model).named_modules() if getattr(m, "_moelora_trainable", False))
+    return tuple(n + "." for n, m in unwrap(model).named_modules() if owned_by_moelora(m))
 
 
 def _strip_wrapper_prefix(name: str, known: set) -> Optional[str]:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import moelora
-from tiny_models import randomize_adapters, tiny_llama
+from helpers import randomize_adapters, tiny_llama
 
 WORLD = 2
 PER_RANK = 2

@@ -14,7 +14,7 @@ import pytest
 import bad_input_cases
 import native_error_cases
 from _isolated import check_outcome, run_isolated
-from _routing_helpers import needs_c
+from helpers import needs_c
 
 SWEEPS = {"native_error_cases": native_error_cases.CASES, "bad_input_cases": bad_input_cases.CASES}
 PARAMS = [pytest.param(module, name, id=name, marks=[needs_c] if module == "native_error_cases" else [])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import moelora
 from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
 from moelora.persistence import adapter_state_dict
-from tiny_models import randomize_adapters, tiny_llama, token_batch
+from helpers import randomize_adapters, tiny_llama, token_batch
 
 CONFIG = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, top_k=1)
 

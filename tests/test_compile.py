@@ -15,7 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import moelora
 from moelora import MoELoRAConfig, MoELoRALinear, get_moelora_model
-from tiny_models import randomize_adapters, tiny_llama, token_batch
+from helpers import randomize_adapters, tiny_llama, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 STEPS = 3

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import moelora
 from moelora import MoELoRAConfig, get_moelora_model
-from tiny_models import randomize_adapters
+from helpers import randomize_adapters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 import distributed_workers as workers
 from moelora import MoELoRAModel
-from tiny_models import tiny_llama
+from helpers import tiny_llama
 
 pytestmark = [
     pytest.mark.usefixtures("single_torch_thread"),

@@ -73,8 +73,8 @@ def test_moelora_linear_kernel_budget(feature):
         with count_kernels() as fwd:
             y = layer(x)
         outputs, grads = [y], [torch.randn_like(y)]
-        if layer._last_aux_loss is not None:
-            outputs.append(layer._last_aux_loss)
+        if layer.last_aux_loss is not None:
+            outputs.append(layer.last_aux_loss)
             grads.append(torch.ones(()))
         with count_kernels() as bwd:
             torch.autograd.grad(outputs, [x] + params, grads)
@@ -120,4 +120,4 @@ def test_one_autograd_node_per_call(lead):
             assert _graph_nodes(y) == ["_EagerMoELoRABackward"]
             y = layer(x3)
             assert y.shape == (*lead, 64)
-            assert _graph_nodes(y, layer._last_aux_loss) == ["_MoELoRALinearFnBackward"]
+            assert _graph_nodes(y, layer.last_aux_loss) == ["_MoELoRALinearFnBackward"]

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import moelora
 from moelora import MoELoRAConfig, MoELoRALinear, get_moelora_model
-from tiny_models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from helpers import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 
 def _layers(model):

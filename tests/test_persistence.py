@@ -5,7 +5,7 @@ import torch
 
 import moelora
 from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
-from tiny_models import randomize_adapters, tiny_bert, tiny_llama, token_batch
+from helpers import randomize_adapters, tiny_bert, tiny_llama, token_batch
 
 
 def _perturb_all_adapters(model, seed=5):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import moelora
 from conftest import DEVICE
-from _routing_helpers import metadata_reference, route_reference, run_path
+from helpers import metadata_reference, route_reference, run_path
 
 PROFILE = dict(derandomize=True, database=None, deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -190,7 +190,7 @@ def test_moe_ffn_matches_the_per_token_loop(data):
     ids, w, used, out_of_range = draw(routing(T, E))
     normalize = draw(st.booleans())
     if normalize:
-        w = w.abs()  # positive kept sums (the others raise: test_operator_edge_values.py)
+        w = w.abs()  # positive kept sums (the others raise: test_moe_lora_edge_values.py)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     gated = draw(st.booleans())
     p = {"w_in": torch.randn(E, f, d, generator=g, dtype=torch.float64),

@@ -115,6 +115,14 @@ def layer_settings(settings: Optional[LayerSettings], kwargs: dict) -> LayerSett
     return settings
 
 
+def owned_by_moelora(module: nn.Module) -> bool:
+    """Whether moelora added ``module`` to a model whole (an upcycled MoEFFN, MoLEx, the trained
+    copy of a ``modules_to_save`` module: their class or instance sets ``moelora_owned``), so that
+    every tensor in it is an adapter tensor, trained and saved (moelora.tuner.adapters)."""
+    # Read from the instance or its class only: wrappers forward unknown attributes to what they wrap.
+    return bool(module.__dict__.get("moelora_owned", getattr(type(module), "moelora_owned", False)))
+
+
 def is_adapter_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a MoE-LoRA layer (MoELoRALinear, MoELoRAEmbedding or MoELoRAConv)."""
     return isinstance(module, AdapterLayerBase)
@@ -166,7 +174,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self.merged_task: Optional[int] = None
         self.disable_adapters = False
         self.task_ids = None  # task routing: the ids of the next forwards (moelora.set_task_ids sets them)
-        self._clear_routing_record()
+        self.clear_routing_record()
 
         weight = base_layer.weight
         # As PEFT (autocast_adapter_dtype): half-precision bases get fp32 adapters.

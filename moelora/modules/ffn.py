@@ -27,7 +27,7 @@ class MoEFFN(nn.Module, RoutedModule):
     ``w_gate`` (gated MLPs), ``w_out`` [E, d_out, d_ff], ``b_out``, ``router.weight`` [E, d_in].
     """
 
-    _moelora_trainable = True  # get_moelora_model keeps the upcycled experts trainable
+    moelora_owned = True  # trained and saved whole (moelora.modules.adapter_base.owned_by_moelora)
 
     def __init__(self, in_proj: nn.Module, out_proj: nn.Module, activation: Callable, num_experts: int,
                  top_k: int, gate_proj: Optional[nn.Module] = None, router: str = "threshold",
@@ -51,7 +51,7 @@ class MoEFFN(nn.Module, RoutedModule):
                              eps_start=threshold_eps_start, eps_end=threshold_eps,
                              eps_ramp_steps=threshold_ramp_steps, device=w_in.device)
         self.aux_loss_coef, self.z_loss_coef = router_aux_loss_coef, router_z_loss_coef
-        self._clear_routing_record()
+        self.clear_routing_record()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)

@@ -101,7 +101,7 @@ class LayerGate(nn.Module):
 class MoLEx(nn.Module, RoutedModule):
     """Gates, mixing coefficient and losses of MoLEx over one layer stack (see module docstring)."""
 
-    _moelora_trainable = True
+    moelora_owned = True  # trained and saved whole (moelora.modules.adapter_base.owned_by_moelora)
 
     def __init__(self, layers: nn.ModuleList, hidden_size: int, gate: str = "linear", shared_gate: bool = True,
                  proj_dim: Optional[int] = None, alpha: float = 0.95, learn_alpha: bool = False,
@@ -133,14 +133,14 @@ class MoLEx(nn.Module, RoutedModule):
         # Bound methods (not closures): a deepcopy of the model copies the hooks onto its own MoLEx.
         self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True)
                          for t, layer in enumerate(layers)]
-        self._clear_routing_record()
+        self.clear_routing_record()
 
     @property
     def alpha(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha_logit) if hasattr(self, "alpha_logit") else self.alpha_value
 
-    def _clear_routing_record(self) -> None:
-        super()._clear_routing_record()
+    def clear_routing_record(self) -> None:
+        super().clear_routing_record()
         self._per_layer = {}
 
     def choose(self, z: torch.Tensor, t: int):
@@ -237,13 +237,13 @@ def _stack_layers(layers: nn.ModuleList) -> dict:
 
 
 def _routing_records(module: nn.Module) -> list:
-    return [(m, m._last_aux_loss, m._last_router_stats) for m in module.modules()
+    return [(m, m.routing_record()) for m in module.modules()
             if isinstance(m, RoutedModule) and not isinstance(m, MoLEx)]
 
 
 def _restore_routing_records(records: list) -> None:
-    for m, loss, stats in records:
-        m._last_aux_loss, m._last_router_stats = loss, stats
+    for m, record in records:
+        m.restore_routing_record(record)
 
 
 def _without_cache(kwargs: dict, t: int, z: torch.Tensor) -> dict:

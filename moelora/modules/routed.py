@@ -46,7 +46,7 @@ def _without_routing_record(inherited_getstate):
 
     def __getstate__(self):
         record = dict(self.__dict__)
-        self._clear_routing_record()
+        self.clear_routing_record()
         try:
             return inherited_getstate(self)
         finally:
@@ -58,7 +58,8 @@ def _without_routing_record(inherited_getstate):
 class RoutedModule:
     """Mixin: stores the last forward's auxiliary losses and routing statistics.
 
-    Subclasses set ``aux_loss_coef`` and ``z_loss_coef`` and call :meth:`_record_routing`.
+    Subclasses set ``aux_loss_coef`` and ``z_loss_coef`` and call :meth:`_record_routing`;
+    ``last_aux_loss`` / ``last_router_stats`` read the record (moelora.aux_loss, router_stats).
     Copies (``copy.deepcopy``, pickling) start with no record: the stored loss carries its
     forward's autograd graph, which deepcopy refuses.
     """
@@ -71,9 +72,28 @@ class RoutedModule:
         if "__getstate__" not in cls.__dict__:  # nn.Module's comes first in the MRO: wrap it
             cls.__getstate__ = _without_routing_record(cls.__getstate__)
 
-    def _clear_routing_record(self) -> None:
-        self._last_aux_loss: Optional[torch.Tensor] = None
-        self._last_router_stats: Optional[Mapping] = None
+    def clear_routing_record(self) -> None:
+        """Forget the last forward's loss and statistics (moelora.aux_loss then skips this module)."""
+        self.__dict__["_last_aux_loss"] = None
+        self.__dict__["_last_router_stats"] = None
+
+    @property
+    def last_aux_loss(self) -> Optional[torch.Tensor]:
+        """The weighted auxiliary loss (0-d) of this module's last forward, or None."""
+        return self.__dict__.get("_last_aux_loss")
+
+    @property
+    def last_router_stats(self) -> Optional[Mapping]:
+        """The routing statistics of this module's last forward (see :class:`RouterStats`), or None."""
+        return self.__dict__.get("_last_router_stats")
+
+    def routing_record(self) -> tuple:
+        """(last_aux_loss, last_router_stats), for :meth:`restore_routing_record`."""
+        return self.last_aux_loss, self.last_router_stats
+
+    def restore_routing_record(self, record: tuple) -> None:
+        """Put back a record saved by :meth:`routing_record` (a forward that must not replace it)."""
+        self.__dict__["_last_aux_loss"], self.__dict__["_last_router_stats"] = record
 
     def _record_routing(self, routing, aux_loss: Optional[torch.Tensor] = None,
                         aux_stats: Optional[torch.Tensor] = None) -> None:

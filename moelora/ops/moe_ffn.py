@@ -29,7 +29,7 @@ Backends (as :func:`moelora.moe_lora`):
   synchronisation, no full-buffer zero fills; saved for backward: the routing layout, the
   projections' outputs (and, on the grouped_mm engine, the gathered x). Deterministic:
   the Triton kernels reduce in a fixed order without atomics and torch's grouped GEMM
-  runs without split-K (checked bitwise on the GPU in tests/test_moe_ffn.py).
+  runs without split-K (checked bitwise on the GPU in tests/ops/test_moe_ffn.py).
 - ``torch``: rows gathered in expert order (moelora.dispatch's op), one F.linear per
   non-empty expert segment (``moelora::segment_linear``, a custom op so torch.compile
   keeps it whole; it reads the segment bounds on the host: free on CPU, one

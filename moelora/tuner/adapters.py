@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Set
 
 import torch.nn as nn
 
-from moelora.modules.adapter_base import is_adapter_layer
+from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
 from moelora.tuner.targets import matches, set_module
 
 DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
@@ -49,7 +49,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module = module
         self.modules_to_save = copy.deepcopy(module)
         # Trainable, saved whole with the adapter, never a target of injection (see moelora.model).
-        self.modules_to_save._moelora_trainable = True
+        self.modules_to_save.moelora_owned = True
         self.disable_adapters = False
 
     def forward(self, *args, **kwargs):
@@ -102,7 +102,7 @@ def unwrap_modules_to_save(model: nn.Module) -> None:
     for name, wrapper in list(adapter_modules(model).items()):
         if isinstance(wrapper, ModulesToSaveWrapper):
             trained = wrapper.modules_to_save
-            del trained._moelora_trainable
+            del trained.moelora_owned
             set_module(model, name, trained)
 
 
@@ -135,7 +135,7 @@ def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
         if getattr(module, "merged", False):
             module.unmerge()
         if is_adapter_layer(module):
-            module._clear_routing_record()
+            module.clear_routing_record()
         set_module(model, name, getattr(module, _original_attribute(module)))
         setattr(module, _original_attribute(module), DetachedBase())
         taken[name] = module
@@ -184,8 +184,8 @@ def optional_names(names: Optional[List[str]], existing) -> List[str]:
 def _adapter_owners(module: nn.Module, prefix: str = ""):
     """(name, module, recurse) of what moelora added to ``module``'s tree: an adapter layer's
     (MoELoRALinear, MoELoRAEmbedding, MoELoRAConv) own tensors and every child but its base layer; modules moelora added whole
-    (``_moelora_trainable``: upcycled MoE FFNs, MoLEx) with everything inside them."""
-    if getattr(module, "_moelora_trainable", False):
+    (``owned_by_moelora``: upcycled MoE FFNs, MoLEx) with everything inside them."""
+    if owned_by_moelora(module):
         yield prefix, module, True
         return
     if is_adapter_layer(module):

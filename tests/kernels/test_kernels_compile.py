@@ -14,7 +14,7 @@ def test_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     run = subprocess.run([sys.executable, "-m", "benchmarks.compile_kernels"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     if "ptxas" in run.stdout + run.stderr and "not found" in (run.stdout + run.stderr).lower():

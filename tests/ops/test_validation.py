@@ -5,7 +5,7 @@ import torch
 
 import moelora
 from conftest import DEVICE
-from moe_inputs import make_problem
+from helpers import make_problem
 
 
 def call(p, **over):

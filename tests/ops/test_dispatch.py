@@ -10,7 +10,7 @@ import torch
 
 import moelora
 from moelora import switches as _config
-from _routing_helpers import PATHS, metadata_reference, needs_c, needs_cuda_kernels, run_path
+from helpers import PATHS, metadata_reference, needs_c, needs_cuda_kernels, run_path
 
 FIELDS = ("counts", "offsets", "sorted_pairs", "inverse", "padded_offsets", "sorted_pairs_padded",
           "inverse_padded", "block_expert")

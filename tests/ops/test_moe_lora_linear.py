@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import moelora
 from conftest import DEVICE, HAS_CUDA
-from moe_inputs import rel_err
+from helpers import rel_err
 from moelora import MoELoRALinear
 from moelora.ops import moe_lora_linear as fused_linear
 
@@ -64,7 +64,7 @@ def _run(layer, x, backend, seed=1):
     torch.manual_seed(seed)  # the same dropout / jitter / threshold draws on both backends
     with moelora.use_backend(backend):
         y = layer(x)
-        aux = layer._last_aux_loss
+        aux = layer.last_aux_loss
         gen = torch.Generator(device=DEVICE).manual_seed(2)
         loss = (y.double() * torch.randn(y.shape, device=DEVICE, generator=gen, dtype=torch.float64)).sum()
         if aux is not None:
@@ -213,7 +213,7 @@ def test_no_host_synchronisation():
         x = torch.randn(4, 40, device=DEVICE, requires_grad=True)
         with moelora.use_backend("triton"), moelora.validation(False), SyncCounter():
             y = layer(x)
-            (y.sum() + (layer._last_aux_loss if layer._last_aux_loss is not None else 0)).backward()
+            (y.sum() + (layer.last_aux_loss if layer.last_aux_loss is not None else 0)).backward()
         assert SyncCounter.syncs == 0, kind
 
 
@@ -267,7 +267,7 @@ def test_torch_compile_fullgraph_trains_like_eager(kind):
 
     def loss_fn(m, x):
         y = m(x)
-        aux = m._last_aux_loss
+        aux = m.last_aux_loss
         return y.square().mean() + (aux if aux is not None else 0)
 
     from torch._dynamo.testing import CompileCounterWithBackend

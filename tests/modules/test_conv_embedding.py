@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import moelora
 from moelora import MoELoRAConv, MoELoRAEmbedding, MoELoRALinear
 from conftest import DEVICE
-from tiny_models import randomize_adapters
+from helpers import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import moelora
 from moelora import MoELoRALinear
 from moelora.ops.reference import moe_lora_naive
-from tiny_models import randomize_adapters
+from helpers import randomize_adapters
 
 LAYER_KINDS = {
     "softmax_topk": dict(num_experts=4, top_k=2),

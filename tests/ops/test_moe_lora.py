@@ -9,7 +9,7 @@ import torch
 
 import moelora
 from conftest import DEVICE, HAS_CUDA
-from moe_inputs import TOLERANCE, make_problem, reference, rel_err
+from helpers import TOLERANCE, make_problem, reference, rel_err
 from moelora.ops.reference import moe_lora_naive
 
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

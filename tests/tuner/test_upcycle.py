@@ -8,7 +8,7 @@ import moelora
 from moelora import moe_ffn
 from moelora.modules.ffn import MoEFFN
 from moelora.tuner.upcycle import upcycle_ffn
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from helpers import tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 
 def _perturb_experts(model, seed=3):

@@ -6,7 +6,7 @@ import torch
 
 import moelora
 from moelora.ops import native as _ext
-from _routing_helpers import PATHS, needs_c, needs_cuda_kernels, route_reference, run_path
+from helpers import PATHS, needs_c, needs_cuda_kernels, route_reference, run_path
 
 MODES = [("softmax_topk", False), ("softmax_topk", True), ("topk_softmax", False)]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}

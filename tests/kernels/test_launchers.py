@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from moe_inputs import TOLERANCE, rel_err
+from helpers import TOLERANCE, rel_err
 from moelora.kernels import launchers as K
 from moelora.ops.routing import dispatch_metadata
 from moelora.ops.reference import dense_gates

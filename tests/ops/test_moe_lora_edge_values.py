@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import moelora
 from conftest import DEVICE
-from moe_inputs import make_problem, rel_err
+from helpers import make_problem, rel_err
 from moelora.ops.reference import moe_lora_naive, moe_lora_torch
 
 TRITON_SCALING_XFAIL = pytest.mark.xfail(strict=True, reason="the grouped kernels apply the scaling as one fp32 "

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import moelora
 from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
-from tiny_models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from moelora.integrations.hf_trainer import MoELoRATrainer

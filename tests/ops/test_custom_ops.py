@@ -5,7 +5,7 @@ import torch
 
 import moelora
 from conftest import DEVICE
-from moe_inputs import TOLERANCE, make_problem, rel_err
+from helpers import TOLERANCE, make_problem, rel_err
 from moelora.ops import moe_lora_triton as _triton_ops
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import moelora
 from conftest import DEVICE, HAS_CUDA
-from moe_inputs import rel_err
+from helpers import rel_err
 from moelora.ops import moe_ffn as ffn_module
 from moelora.ops.grouped_linear import grouped_mm_fn
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import moelora
 from moelora import MoELoRAConfig, MoELoRAConv, MoELoRAEmbedding, MoELoRALinear, MoELoRAModel, get_moelora_model
 from moelora.tuner.adapters import DetachedBase, ModulesToSaveWrapper
-from tiny_models import randomize_adapters, tiny_bert, tiny_llama, token_batch
+from helpers import randomize_adapters, tiny_bert, tiny_llama, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -1,0 +1,238 @@
+"""Helpers shared by the tests: random MoE-LoRA problems and the float64 reference they are
+compared with, tiny transformers models built from configs (no downloads), and the
+routing/dispatch execution paths with slow, obviously correct loop references."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny transformers models are built from configs
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moelora import switches  # noqa: E402
+from moelora.ops import native  # noqa: E402
+from moelora.ops.reference import moe_lora_torch  # noqa: E402
+
+
+# Relative-error bounds ||out - ref|| / ||ref|| against the float64 reference.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    base_out: torch.Tensor | None
+    scaling: float
+
+    def leaves(self):
+        """The differentiable inputs, in a fixed order."""
+        out = [self.x, self.lora_a, self.lora_b, self.topk_weights]
+        return out + ([self.base_out] if self.base_out is not None else [])
+
+    def args(self):
+        return (self.x, self.lora_a, self.lora_b, self.topk_ids, self.topk_weights)
+
+
+def routing(T: int, E: int, k: int, *, device, id_dtype=torch.int64, experts: int | None = None,
+            one_expert: bool = False, generator=None) -> torch.Tensor:
+    """[T, k] distinct ids per token drawn from the first ``experts`` experts (all by default).
+
+    ``one_expert`` sends slot 0 of every token to expert 0 (k = 1: all tokens on it).
+    """
+    pool = experts or E
+    ids = torch.rand(T, pool, generator=generator).argsort(dim=1)[:, :k]
+    if one_expert:
+        ids = torch.rand(T, E, generator=generator).argsort(dim=1)
+        ids = torch.cat([torch.zeros(T, 1, dtype=torch.long), ids[ids != 0].view(T, E - 1)], dim=1)[:, :k]
+    return ids.to(device=device, dtype=id_dtype)
+
+
+def make_problem(T, d_in, d_out, r, E, k, *, shared_a=True, dtype=torch.float32, device="cpu",
+                 id_dtype=torch.int64, with_base=True, experts=None, one_expert=False,
+                 scaling=0.7, seed=0) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+
+    a_shape = (r, d_in) if shared_a else (E, r, d_in)
+    return Problem(
+        x=rand(T, d_in),
+        lora_a=(torch.randn(*a_shape, generator=g) / d_in**0.5).to(device=device, dtype=dtype).requires_grad_(),
+        lora_b=rand(E, d_out, r),
+        topk_ids=routing(T, E, k, device=device, id_dtype=id_dtype, experts=experts, one_expert=one_expert,
+                         generator=g),
+        topk_weights=torch.rand(T, k, generator=g).to(device).requires_grad_(),
+        base_out=rand(T, d_out) if with_base else None,
+        scaling=scaling,
+    )
+
+
+def reference(p: Problem, grad_out: torch.Tensor):
+    """(y, grads of p.leaves()) of the float64 torch reference."""
+    leaves = [t.detach().double().requires_grad_() for t in p.leaves()]
+    x, a, b, w = leaves[:4]
+    base = leaves[4] if p.base_out is not None else None
+    y = moe_lora_torch(x, a, b, p.topk_ids, w, scaling=p.scaling, base_out=base)
+    grads = torch.autograd.grad(y, leaves, grad_out.double())
+    return y, grads
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().double()
+    ref = ref.detach().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm()
+    diff = (out - ref).norm()
+    return float(diff) if denom == 0 else float(diff / denom)
+
+
+def tiny_bert(num_layers=4, classification=False):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg) if classification else BertModel(cfg)
+    return model.eval()
+
+
+def tiny_llama(num_layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(num_layers=2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=16, n_layer=num_layers, n_head=2, n_positions=32,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def token_batch(batch=2, seq=5, vocab=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def randomize_adapters(model, seed=2, scale=0.5):
+    """Give every lora_B / lora_gamma non-zero values so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_gamma" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+needs_c = pytest.mark.skipif(not native.HAS_C, reason="moelora._C not built (MOELORA_NO_EXT=1)")
+
+
+needs_cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and native.has_cuda_kernels()), reason="needs a GPU and moelora._C CUDA kernels")
+
+
+# "native": moelora._C kernels; "fallback": the PyTorch fallbacks (forced).
+PATHS = [pytest.param("native", marks=needs_c), "fallback"]
+
+
+def run_path(path, fn, *args, **kwargs):
+    with switches.force_fallback(path == "fallback"):
+        return fn(*args, **kwargs)
+
+
+def route_reference(logits, top_k, mode, renormalize):
+    """Row by row in float64: NaN -> -inf, ids sorted by (-logit, index); a row with +inf
+    logits takes the softmax's limit (equal probabilities on the +inf entries, lse +inf)."""
+    T, E = logits.shape
+    x = logits.double().tolist()
+    weights, ids, lses = [], [], []
+    probs_all = []
+    for row in x:
+        v = [float("-inf") if math.isnan(a) else a for a in row]
+        m = max(v)
+        if m == float("-inf"):
+            p = [0.0] * E
+            lse = float("-inf")
+        elif m == float("inf"):
+            n_inf = sum(a == m for a in v)
+            p = [1.0 / n_inf if a == m else 0.0 for a in v]
+            lse = m
+        else:
+            s = sum(math.exp(a - m) for a in v)
+            p = [math.exp(a - m) / s for a in v]
+            lse = m + math.log(s)
+        order = sorted(range(E), key=lambda e: (-v[e], e))[:top_k]
+        if mode == "softmax_topk":
+            w = [p[e] for e in order]
+        else:
+            top = v[order[0]]
+            if top == float("inf"):
+                w = [1.0 if v[e] == top else 0.0 for e in order]
+            else:
+                w = [0.0 if top == float("-inf") else math.exp(v[e] - top) for e in order]
+        if renormalize or mode == "topk_softmax":
+            tot = sum(w)
+            w = [a / tot if tot > 0 else 0.0 for a in w]
+        weights.append(w)
+        ids.append(order)
+        lses.append(lse)
+        probs_all.append(p)
+    counts = [0] * E
+    for row in ids:
+        for e in row:
+            counts[e] += 1
+    prob_sums = [sum(p[e] for p in probs_all) for e in range(E)]
+    as_t = lambda v, dt: torch.tensor(v, dtype=dt).reshape(-1) if len(v) == 0 else torch.tensor(v, dtype=dt)
+    return (as_t(weights, torch.float64).reshape(T, top_k), as_t(ids, torch.int64).reshape(T, top_k),
+            torch.tensor(counts, dtype=torch.int64), torch.tensor(prob_sums, dtype=torch.float64),
+            as_t(lses, torch.float64).reshape(T))
+
+
+def metadata_reference(topk_ids, num_experts, block_size):
+    """Python-loop stable counting sort; returns a dict of the DispatchMetadata fields."""
+    T, k = topk_ids.shape
+    ids = topk_ids.reshape(-1).tolist()
+    n = len(ids)
+    counts = [sum(1 for e in ids if e == x) for x in range(num_experts)]
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    order = sorted((p for p in range(n) if 0 <= ids[p] < num_experts), key=lambda p: (ids[p], p))
+    sorted_pairs = order + [-1] * (n - len(order))
+    inverse = [-1] * n
+    for pos, p in enumerate(order):
+        inverse[p] = pos
+    out = dict(counts=counts, offsets=offsets, sorted_pairs=sorted_pairs, inverse=inverse)
+    if block_size is not None:
+        po = [0]
+        for c in counts:
+            po.append(po[-1] + (c + block_size - 1) // block_size * block_size)
+        max_padded = (n + num_experts * (block_size - 1) + block_size - 1) // block_size * block_size
+        spp = [-1] * max_padded
+        invp = [-1] * n
+        for p in order:
+            e = ids[p]
+            ppos = po[e] + inverse[p] - offsets[e]
+            spp[ppos] = p
+            invp[p] = ppos
+        be = [-1] * (max_padded // block_size)
+        for e in range(num_experts):
+            for b in range(po[e] // block_size, po[e + 1] // block_size):
+                be[b] = e
+        out.update(padded_offsets=po, sorted_pairs_padded=spp, inverse_padded=invp, block_expert=be)
+    return out
