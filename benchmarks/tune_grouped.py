@@ -13,7 +13,7 @@ configs per shape class, the MoE FFN's GEMM engine, and the MoE-LoRA regime cros
    (tuned tiles installed), for moelora.ops.moe_ffn.FFN_ENGINES.
 3. Regime: moe_lora forward+backward, dense against grouped, shared A, r 16, E*r from 256
    to 2048 at k = 2 and 4 (T 8192), plus S2 and S4 (per-expert A), for
-   moelora.ops.moe_lora_triton.DENSE_WIDTH_PER_SLOT.
+   moelora.ops.moe_lora.DENSE_WIDTH_PER_SLOT.
 
 Everything is bf16 on a GPU (fp32 on CPU), medians of CUDA-event timings; the candidates
 of a stage are compiled in parallel threads first. ``--budget`` (s) skips what is left
@@ -39,7 +39,7 @@ if not torch.cuda.is_available():
 
 import moelora  # noqa: E402
 from moelora.kernels import launchers as K
-from moelora.ops import moe_lora_triton as _triton_ops, moe_ffn as ffn
+from moelora.ops import moe_ffn as ffn, moe_lora as moe_lora_module
 from moelora.ops.grouped_linear import group_ends, grouped_mm_fn, rows_linear, rows_weight_grad
 from moelora.kernels.launchers import TileConfig
 from moelora.ops.routing import dispatch_rows, expert_layout
@@ -301,7 +301,7 @@ def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
     shared = [c for c in out if c["shared"]]
     dense_wins = [c["width_per_slot"] for c in shared if c["dense_ms"] <= c["grouped_ms"]]
     grouped_wins = [c["width_per_slot"] for c in shared if c["dense_ms"] > c["grouped_ms"]]
-    current = suggestion = _triton_ops.DENSE_WIDTH_PER_SLOT
+    current = suggestion = moe_lora_module.DENSE_WIDTH_PER_SLOT
     if dense_wins and grouped_wins:
         lo, hi = max(dense_wins), min(grouped_wins)
         suggestion = int(math.sqrt(lo * hi)) if lo < hi else int(lo)
@@ -329,7 +329,7 @@ def paste_text(report: dict) -> str:
                   f'    ({major}, "gemm", "{cls}"): "{eng["gemm"]}",',
                   f'    ({major}, "wgrad", "{cls}"): "{eng["wgrad"]}",']
     if "regime" in report:
-        lines += ["# moelora/ops/moe_lora_triton.py", f"DENSE_WIDTH_PER_SLOT = {report['regime']['dense_width_per_slot']}"]
+        lines += ["# moelora/ops/moe_lora.py", f"DENSE_WIDTH_PER_SLOT = {report['regime']['dense_width_per_slot']}"]
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """moelora: fused mixture-of-experts LoRA kernels for PyTorch.
 
 - Functional operator: :func:`moe_lora` (Triton kernels, or PyTorch as reference/fallback);
-  ``moelora.ops.reference`` holds the pure-PyTorch formulations it is tested against.
+  ``moelora.reference`` holds the pure-PyTorch formulations it is tested against (the naive
+  per-expert loop, and the vectorised one that is the torch backend).
 - Routing and token movement: :func:`route`, :func:`dispatch_metadata`, :func:`dispatch`,
   :func:`combine` (the ``moelora._C`` extension, with PyTorch fallbacks).
 - Layers and model integration: :class:`MoELoRALinear`, :func:`get_moelora_model`, aux

@@ -11,6 +11,6 @@
 - ``launchers``: one Python launcher per kernel (output allocation, cached launch
   configurations, direct launches, the launch counter of moelora.profiling).
 
-Autograd and custom ops live with their ops: ``moelora.ops.moe_lora_triton`` (the operator),
+Autograd and custom ops live with their ops: ``moelora.ops.moe_lora`` (the operator),
 ``moelora.ops.moe_lora_linear`` (the layer), ``moelora.ops.moe_ffn`` (the MoE FFN).
 """

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from moelora.ops.moe_lora_triton import choose_regime
+from moelora.ops.moe_lora import choose_regime
 from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
@@ -153,7 +153,7 @@ class MoELoRALinear(AdapterLayerBase):
 
     def _fusable(self, args, kwargs) -> bool:
         """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra
-        arguments, and experts few enough for the dense regime (E*r small: see moelora.ops.moe_lora_triton)."""
+        arguments, and experts few enough for the dense regime (E*r small: see moelora.ops.moe_lora)."""
         base = self.base_layer
         return (not args and not kwargs and not self.use_dora and (type(base) is nn.Linear or is_conv1d(base))
                 and not base._forward_hooks and not base._forward_pre_hooks

@@ -1,8 +1,8 @@
 """moelora's operators, one file per op: the functional entry, the backend choice, the autograd
 Function and custom op, and the PyTorch backend (argument checks once, in ``validation``).
 
-- ``moe_lora`` (+ ``moe_lora_triton``: the Triton compositions and custom ops; ``reference``:
-  the PyTorch backend and the naive per-expert loop),
+- ``moe_lora``: the entry, backend choice, PyTorch backend and Triton compositions, custom ops
+  and autograd (``reference``: the naive per-expert loop, the baseline),
 - ``moe_lora_linear``: MoELoRALinear's whole forward and backward as one op,
 - ``moe_ffn`` (+ ``grouped_linear``: per-expert GEMMs over expert-sorted rows),
 - ``routing`` (+ ``native``: the moelora._C extension, ``routing_torch``: its PyTorch

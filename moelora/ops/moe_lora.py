@@ -1,22 +1,52 @@
-"""The public functional operator ``moe_lora`` and its backend choice.
+"""``moelora.moe_lora``, the MoE-LoRA operator: its entry, backend choice and both backends.
 
-Backends: ``triton`` (fused kernels, forward and backward; CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``) and ``torch`` (vectorised PyTorch, the CPU default and the
-float64 reference). ``auto`` picks triton where it can run, torch elsewhere.
+    y[t] = base[t] + s * sum_j w[t,j] * B[e[t,j]] @ (A[e[t,j] or shared] @ x[t])
+
+Backends: ``triton`` (fused kernels, forward and backward; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and ``torch`` (vectorised PyTorch, differentiated by autograd: the CPU
+default and, in float64, the reference the kernels are tested against). ``auto`` picks triton
+where it can run, torch elsewhere. Arguments are checked once (moelora.ops.validation).
+
+PyTorch backend (:func:`moe_lora_torch_impl`): the dense gated expand. The sum runs over the
+chosen experts only: experts no slot of a token chose contribute nothing to it, whatever their
+weights hold (NaN, Inf).
+
+Triton backend: two regimes compute the same function:
+
+- dense (small E*r): h = x A^T once; y = base + Hg B_stack^T with the gated
+  intermediate Hg = s * G (.) h (all E*r columns) formed in the GEMM's prologue, never
+  in memory (moelora/kernels/dense.py). Backward: dHg = dy B_stack, then dh, dw from the
+  gating kernel, dB_stack = dy^T Hg and dA = dh^T x in one kernel, dx = dh A. Kernels per
+  call: 2 forward, 4 backward (5 when T is split over the device).
+- grouped (large E*r): pairs sorted by expert into padded row space (moelora.ops.routing's
+  dispatch metadata, i.e. the moelora._C kernels when built); grouped GEMMs gather rows
+  in the prologue and apply the gate in the epilogue, and a fixed-order per-token sum
+  combines the rows (no atomics). Backward: dh rows = s w dy B_e with dw in the same
+  GEMM's epilogue, dB by a fixed-order grouped reduction. Per-expert A: h rows = x[t] A_e^T.
+
+Saved for backward: x, the weights, the routing and h (T x r; T x E*r for a dense per-expert A;
+R x r, the padded row space, for a grouped per-expert A). Every step is deterministic. Under
+torch.compile the custom ops ``moelora::moe_lora_forward`` / ``_backward`` are traced; in eager
+mode ``_EagerMoELoRA`` runs the same forward and backward without the custom-op dispatch.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from moelora.kernels import launchers
+from moelora.kernels.launchers import accumulator_dtype, interpreting
+from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
+from moelora.ops.routing import expert_layout
+from moelora.ops.routing_torch import padded_length
+from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args
 from moelora.switches import BACKENDS, current_backend
-from moelora.ops.moe_lora_triton import moe_lora_triton
-from moelora.kernels.launchers import interpreting
-from moelora.ops.validation import check_moe_lora_args
-from moelora.ops.reference import moe_lora_torch_impl
+
 
 REGIMES = ("auto", "dense", "grouped")
 
@@ -73,3 +103,315 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
     if resolve_backend(backend, args.x.device) == "torch" or args.num_tokens == 0:
         return moe_lora_torch_impl(args).reshape(args.out_shape)
     return moe_lora_triton(args, regime)
+
+
+# ------------------------------------------------------------------------------ PyTorch backend
+# Scalings outside [2^-64, 2^64] are applied in float64: fp32 would overflow (or flush)
+# s * w * h although s * w * B @ h is representable (e.g. s = 1e39 with a tiny B).
+SCALING_RANGE_FP32 = (2.0**-64, 2.0**64)
+
+
+def compute_dtype(dtype: torch.dtype, scaling: float) -> torch.dtype:
+    """The dtype the pure-PyTorch paths compute in: fp32 for half inputs, float64 when the
+    scaling lies outside SCALING_RANGE_FP32, else the input dtype."""
+    lo, hi = SCALING_RANGE_FP32
+    if scaling != 0 and not lo <= abs(scaling) <= hi:
+        return torch.float64
+    return accumulator_dtype(dtype)
+
+
+def dense_gates(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                dtype: torch.dtype, with_chosen: bool = False):
+    """G[t, e] = sum of the gate weights of the slots of token t that chose e; [T, E]; with
+    ``with_chosen`` also the bool [T, E] "a slot of t chose e" (whatever its weight).
+
+    Ids outside [0, E) contribute nothing. Built with one-hot sums, not scatter_add,
+    so it is deterministic on every device.
+    """
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    safe_ids = torch.where(valid, topk_ids, 0).long()
+    weights = torch.where(valid, topk_weights.to(dtype), 0)
+    one_hot = F.one_hot(safe_ids, num_experts) * valid[..., None]  # [T, k, E] int
+    gates = torch.einsum("tke,tk->te", one_hot.to(dtype), weights)
+    return (gates, one_hot.sum(1) > 0) if with_chosen else gates
+
+
+class _FinitePart(torch.autograd.Function):
+    """Forward: the tensor with NaN/Inf replaced by 0. Backward: the gradient unchanged (the
+    dense formula's weight gradients do not depend on the weights' values)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def moe_lora_torch_impl(args: MoELoRAArgs) -> torch.Tensor:
+    """Vectorised dense gated expand on validated arguments; returns [T, d_out].
+
+    The dense form multiplies every expert's B (and per-expert A) by every token's gate, 0
+    for the experts the token did not choose, and 0 * NaN is NaN: so the contraction runs on
+    the finite part of the weights, and the outputs that a non-finite weight of a chosen
+    expert reaches are set to NaN afterwards (per-expert A: the whole token; B: the output
+    features of its non-finite rows). Gradients treat the non-finite entries as 0.
+    """
+    args = args.flattened()
+    x, lora_a, lora_b = args.x, args.lora_a, args.lora_b
+    acc = compute_dtype(x.dtype, args.scaling)
+    num_experts, d_out, rank = lora_b.shape
+    gates, chosen = dense_gates(args.topk_ids, args.topk_weights, num_experts, acc, with_chosen=True)
+    gates = gates * args.scaling
+    xa = x.to(acc)
+    if args.shared_a:
+        h = (xa @ lora_a.to(acc).t())[:, None, :]  # [T, 1, r]
+        bad_a = None
+    else:
+        h = torch.einsum("td,erd->ter", xa, _FinitePart.apply(lora_a.to(acc)))  # [T, E, r]
+        bad_a = ~torch.isfinite(lora_a).flatten(1).all(1)  # [E]
+    # Unchosen (token, expert) blocks are exact zeros, whatever x or a shared A hold.
+    gated = torch.where(chosen[:, :, None], gates[:, :, None] * h, torch.zeros((), dtype=acc, device=x.device))
+    delta = torch.einsum("ter,eor->to", gated, _FinitePart.apply(lora_b.to(acc)))
+    bad = ~torch.isfinite(lora_b).all(2)  # [E, d_out]: rows of B with a NaN/Inf
+    if bad_a is not None:
+        bad = bad | bad_a[:, None]
+    reached = chosen.to(acc) @ bad.to(acc)  # [T, d_out]: chosen experts with a non-finite weight there
+    delta = torch.where(reached > 0, torch.full((), float("nan"), dtype=acc, device=x.device), delta)
+    if args.base_out is not None:
+        delta = delta + args.base_out.to(acc)
+    return delta.to(x.dtype)
+
+
+def moe_lora_torch(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling=1.0, base_out=None):
+    """Vectorised PyTorch MoE-LoRA (the CPU backend); same contract as ``moelora.moe_lora``."""
+    args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out)
+    return moe_lora_torch_impl(args).reshape(args.out_shape)
+
+
+# ------------------------------------------------------------------------------ Triton backend
+# Crossover of the two regimes (benchmarks/tune_grouped.py measures it): dense while
+# E*r <= DENSE_WIDTH_PER_SLOT * k.
+DENSE_WIDTH_PER_SLOT = 256
+
+
+def choose_regime(num_experts: int, rank: int, top_k: int = 2) -> str:
+    """"dense" or "grouped" for E experts of rank r with k slots per token.
+
+    Dense: the gated expand's GEMMs are E*r wide (x and y move once; the FLOPs grow with
+    E*r, for every token). Grouped: only the k selected experts compute, but each token's k
+    expert rows (T*k x d_out) pass through memory twice forward and dy is gathered k times
+    backward. Per token, dense spends ~6 E r d FLOPs, grouped ~8 k d extra bytes: on H100
+    (~270 FLOP per byte) they cross near E*r = 350 k. The threshold DENSE_WIDTH_PER_SLOT * k
+    (256 * k: E*r <= 512 at k = 2, as before) is to be replaced by the measured crossover.
+    """
+    return "dense" if num_experts * rank <= DENSE_WIDTH_PER_SLOT * top_k else "grouped"
+
+
+def _a_rows(lora_a: torch.Tensor) -> torch.Tensor:
+    """A as a [rows, d_in] matrix: [r, d_in] shared, or the E matrices stacked [E*r, d_in]."""
+    return lora_a if lora_a.dim() == 2 else lora_a.reshape(-1, lora_a.shape[-1])
+
+
+def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
+    num_experts, _, rank = lora_b.shape
+    if lora_a.dim() == 2:
+        return (x.shape[0], rank)
+    if grouped:
+        return (padded_length(topk_ids.numel(), num_experts, _grouped_block(x, lora_a, lora_b, topk_ids)), rank)
+    return (x.shape[0], num_experts * rank)
+
+
+def _dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
+    """2 kernels: h = x A_rows^T (lora_down), y = base + Hg B_stack^T (gated_expand)."""
+    h, _ = launchers.lora_down(x, _a_rows(lora_a))
+    y = launchers.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2, base=base_out,
+                       out_dtype=x.dtype, compute_dtype=x.dtype)
+    return y, h
+
+
+def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
+    """4 kernels (5 when the device needs split reductions): dHg = dy B_stack; dh, dw; dB and dA
+    in one weight-gradient kernel; dx = dh A_rows."""
+    num_experts, d_out, rank = lora_b.shape
+    shared = lora_a.dim() == 2
+    dhg = launchers.matmul(dy, lora_b, stacked_b=True, out_dtype=h.dtype, compute_dtype=x.dtype)
+    dh, dw, hg = launchers.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
+                                 scaling=scaling, shared_a=shared, hg_dtype=x.dtype)
+    a_rows = _a_rows(lora_a)
+    dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
+    dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
+    launchers.lora_weight_grad(dy, x, hg, dh, None, rank=rank, scaling=scaling, dlora_b=dlora_b,
+                       dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape))
+    dx = launchers.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared) if need_dx else None
+    return dx, dlora_a, dlora_b, dw
+
+
+def _grouped_block(x, lora_a, lora_b, topk_ids) -> int:
+    num_experts, d_out, rank = lora_b.shape
+    rows = topk_ids.numel() / num_experts
+    shapes = [(d_out, rank), (rank, d_out)]
+    if lora_a.dim() == 3:
+        shapes += [(rank, x.shape[1]), (x.shape[1], rank)]
+    return launchers.grouped_layout_block(*(launchers.grouped_config("matmul", n, k, rows) for n, k in shapes))
+
+
+def _grouped_layout(x, lora_a, lora_b, topk_ids):
+    return expert_layout(topk_ids, lora_b.shape[0], _grouped_block(x, lora_a, lora_b, topk_ids))
+
+
+def _grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
+    """y = base + combine of the rows s * w_p * B_e h; h = x A^T [T, r] (shared A) or the
+    row-space x[t] A_e^T [R, r] (per-expert A)."""
+    acc = launchers.accumulator_dtype(x.dtype)
+    meta = _grouped_layout(x, lora_a, lora_b, topk_ids)
+    shared = lora_a.dim() == 2
+    if shared:
+        h = launchers.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
+    else:
+        h = rows_linear(x, lora_a, meta, "triton", a_by_token=True, out_dtype=acc, compute_dtype=x.dtype)
+    rows = rows_linear(h, lora_b, meta, "triton", a_by_token=shared, out_dtype=x.dtype, compute_dtype=x.dtype,
+                       alpha=scaling, scale=topk_weights.reshape(-1))
+    return launchers.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out), h
+
+
+def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
+    """One gathered pass of dy for dh (with the gate gradient in its epilogue), one for dB;
+    then dA, dx from dh (dense for a shared A, grouped per expert)."""
+    T, top_k = topk_ids.shape
+    shared = lora_a.dim() == 2
+    acc = h.dtype
+    meta = _grouped_layout(x, lora_a, lora_b, topk_ids)
+    w = topk_weights.reshape(-1)
+    dw = torch.zeros(T * top_k, dtype=acc, device=x.device)  # pairs outside the layout keep 0
+    # dh rows = s * w_p * (dy[t] B_e), dw[p] = s * <dy[t] B_e, h>
+    dh_rows = rows_linear(dy, lora_b, meta, "triton", a_by_token=True, transposed=True, out_dtype=acc,
+                          compute_dtype=x.dtype, alpha=scaling, scale=w, gate_grad=(h, shared, dw))
+    dlora_b = rows_weight_grad(dy, h, meta, "triton", left_by_token=True, right_by_token=shared,
+                               out_dtype=lora_b.dtype, compute_dtype=x.dtype, alpha=scaling, scale=w)
+    dx = None
+    if shared:
+        dh = launchers.combine_rows(dh_rows, meta, out_dtype=acc)
+        dlora_a = launchers.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True)
+        if need_dx:
+            dx = launchers.matmul(dh, lora_a, out_dtype=x.dtype, compute_dtype=x.dtype)
+    else:
+        dlora_a = rows_weight_grad(dh_rows, x, meta, "triton", right_by_token=True, out_dtype=lora_a.dtype,
+                                   compute_dtype=x.dtype)
+        if need_dx:
+            dx_rows = rows_linear(dh_rows, lora_a, meta, "triton", transposed=True, out_dtype=x.dtype,
+                                  compute_dtype=x.dtype)
+            dx = launchers.combine_rows(dx_rows, meta, out_dtype=x.dtype)
+    return dx, dlora_a, dlora_b, dw.view(T, top_k)
+
+
+def _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
+    run = _grouped_forward if grouped else _dense_forward
+    return run(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling)
+
+
+def _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped, need_dx):
+    run = _grouped_backward if grouped else _dense_backward
+    dx, dlora_a, dlora_b, dw = run(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx)
+    return dx, dlora_a, dlora_b, dw.to(topk_weights.dtype)
+
+
+@torch.library.custom_op("moelora::moe_lora_forward", mutates_args=())
+def moe_lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, base_out: Optional[torch.Tensor], scaling: float,
+                     grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [T, d_out], h): the fused MoE-LoRA forward; h is what backward needs."""
+    return _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped)
+
+
+@moe_lora_forward.register_fake
+def _(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
+    y = x.new_empty(x.shape[0], lora_b.shape[1])
+    h = x.new_empty(_saved_h_shape(x, lora_a, lora_b, topk_ids, grouped), dtype=launchers.accumulator_dtype(x.dtype))
+    return y, h
+
+
+@torch.library.custom_op("moelora::moe_lora_backward", mutates_args=())
+def moe_lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      topk_ids: torch.Tensor, topk_weights: torch.Tensor, h: torch.Tensor, scaling: float,
+                      grouped: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dlora_a, dlora_b, dtopk_weights); dx is an empty [0, d_in] tensor when not needed."""
+    dx, dlora_a, dlora_b, dw = _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped,
+                                         need_dx)
+    return (x.new_empty(0, x.shape[1]) if dx is None else dx), dlora_a, dlora_b, dw
+
+
+@moe_lora_backward.register_fake
+def _(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped, need_dx):
+    dx = x.new_empty(x.shape if need_dx else (0, x.shape[1]))
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(topk_weights)
+
+
+def _save_for_backward(ctx, inputs, h):
+    x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, h)
+    ctx.scaling = scaling
+    ctx.grouped = grouped
+    ctx.has_base = base_out is not None
+
+
+def _input_grads(ctx, dy, backward):
+    """Gradients for (x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped), the
+    saved x, routing and dy being [T, ...] (see _EagerMoELoRA for other leading shapes)."""
+    x, lora_a, lora_b, topk_ids, topk_weights, h = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, dlora_a, dlora_b, dw = backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, ctx.scaling,
+                                        ctx.grouped, need_dx)
+    return (dx if need_dx else None, dlora_a, dlora_b, None, dw, dy if ctx.has_base else None, None, None)
+
+
+moe_lora_forward.register_autograd(
+    lambda ctx, dy, _dh: _input_grads(ctx, dy, moe_lora_backward),
+    setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, inputs, output[1]),
+)
+
+
+class _EagerMoELoRA(torch.autograd.Function):
+    """The custom ops' forward and backward without the custom-op dispatch, for eager mode.
+
+    That dispatch costs tens of microseconds of host time per call, which is most of the
+    layer's time at small T; torch.compile traces the custom ops instead. Inputs of any
+    leading shape are flattened here, below autograd: no view nodes in the graph.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped, out_shape):
+        T, k = math.prod(out_shape[:-1]), topk_ids.shape[-1]
+        inputs = (as_2d(x, T, x.shape[-1]), lora_a, lora_b, as_2d(topk_ids, T, k), as_2d(topk_weights, T, k),
+                  None if base_out is None else as_2d(base_out, T, out_shape[-1]), scaling, grouped)
+        y, h = _forward(*inputs)
+        _save_for_backward(ctx, inputs, h)
+        ctx.shapes = (x.shape, topk_weights.shape)
+        return y if len(out_shape) == 2 else y.view(out_shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_shape, w_shape = ctx.shapes
+        flat = len(x_shape) == 2
+        dx, dlora_a, dlora_b, _, dw, dbase, _, _ = _input_grads(ctx, dy if flat else dy.reshape(-1, dy.shape[-1]),
+                                                                _backward)
+        if not flat:
+            dx = None if dx is None else dx.view(x_shape)
+        if len(w_shape) != 2:
+            dw = dw.view(w_shape)
+        return dx, dlora_a, dlora_b, None, dw, None if dbase is None else dy, None, None, None
+
+
+def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
+    """Run the Triton backend on validated arguments with T > 0; returns [..., d_out] (args.out_shape)."""
+    num_experts, _, rank = args.lora_b.shape
+    if regime == "auto":
+        regime = choose_regime(num_experts, rank, args.topk_ids.shape[-1])
+    grouped = regime == "grouped"
+    if torch.compiler.is_compiling():
+        flat = args.flattened()
+        return moe_lora_forward(flat.x, flat.lora_a, flat.lora_b, flat.topk_ids, flat.topk_weights, flat.base_out,
+                                flat.scaling, grouped)[0].reshape(args.out_shape)
+    return _EagerMoELoRA.apply(args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
+                               args.scaling, grouped, args.out_shape)

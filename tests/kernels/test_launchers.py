@@ -8,7 +8,7 @@ from conftest import DEVICE
 from helpers import TOLERANCE, rel_err
 from moelora.kernels import launchers as K
 from moelora.ops.routing import dispatch_metadata
-from moelora.ops.reference import dense_gates
+from moelora.ops.moe_lora import dense_gates
 
 NAN = float("nan")
 

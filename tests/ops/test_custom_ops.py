@@ -6,7 +6,7 @@ import torch
 import moelora
 from conftest import DEVICE
 from helpers import TOLERANCE, make_problem, rel_err
-from moelora.ops import moe_lora_triton as _triton_ops
+from moelora.ops import moe_lora as moe_lora_module
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["dense", "grouped"])
@@ -14,12 +14,12 @@ from moelora.ops import moe_lora_triton as _triton_ops
 def test_opcheck(shared_a, grouped):
     p = make_problem(12, 8, 10, 4, 3, 2, shared_a=shared_a, device=DEVICE)
     args = (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.base_out, p.scaling, grouped)
-    torch.library.opcheck(_triton_ops.moe_lora_forward, args)
-    y, h = _triton_ops.moe_lora_forward(*args)
+    torch.library.opcheck(moe_lora_module.moe_lora_forward, args)
+    y, h = moe_lora_module.moe_lora_forward(*args)
     dy = torch.randn_like(y)
     bwd_args = (dy, p.x.detach(), p.lora_a.detach(), p.lora_b.detach(), p.topk_ids, p.topk_weights.detach(),
                 h.detach(), p.scaling, grouped, True)
-    torch.library.opcheck(_triton_ops.moe_lora_backward, bwd_args)
+    torch.library.opcheck(moe_lora_module.moe_lora_backward, bwd_args)
 
 
 @pytest.mark.parametrize("regime", ["dense", "grouped"])

@@ -288,10 +288,10 @@ def test_backends_agree():
 
 def test_choose_regime_is_a_width_per_slot_threshold(monkeypatch):
     """Dense while E*r <= DENSE_WIDTH_PER_SLOT * k (the crossover benchmarks/tune_grouped.py measures)."""
-    from moelora.ops import moe_lora_triton as _triton_ops
+    from moelora.ops import moe_lora as moe_lora_module
 
-    monkeypatch.setattr(_triton_ops, "DENSE_WIDTH_PER_SLOT", 256)
-    choose = _triton_ops.choose_regime
+    monkeypatch.setattr(moe_lora_module, "DENSE_WIDTH_PER_SLOT", 256)
+    choose = moe_lora_module.choose_regime
     assert choose(8, 16, 2) == "dense" and choose(64, 64, 4) == "grouped"  # S1, S3
     assert choose(32, 16, 2) == "dense" and choose(33, 16, 2) == "grouped"
     assert choose(64, 16, 4) == "dense" and choose(64, 16, 1) == "grouped"
