@@ -221,3 +221,15 @@ def test_layers_are_built_from_settings_or_the_same_keywords():
                                    alpha_pattern={r"layers\.1\.q": 2})
     layer = config.layer_settings("layers.1.q", 1, 2)
     assert (layer.num_experts, layer.r, layer.lora_alpha, layer.top_k) == (3, 8, 2, 2)
+
+
+def test_config_and_layer_settings_share_their_defaults():
+    """MoELoRAConfig declares the layer fields again (it is the user-facing, PEFT-shaped config):
+    their defaults must stay those of LayerSettings."""
+    import dataclasses
+
+    from moelora.modules.adapter_base import LayerSettings
+
+    config_defaults = {f.name: f.default for f in dataclasses.fields(moelora.MoELoRAConfig)}
+    for f in dataclasses.fields(LayerSettings):
+        assert config_defaults[f.name] == f.default, f.name
