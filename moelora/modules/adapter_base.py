@@ -296,7 +296,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         w.copy_(restored.to(weight.dtype))
         self.merged, self.merged_task = False, None
 
-    def route(self, router_input: torch.Tensor, lead_shape: tuple) -> Routing:
+    def compute_routing(self, router_input: torch.Tensor, lead_shape: tuple) -> Routing:
         """Routing of the ``lead_shape`` output positions; the learned router reads
         ``router_input`` (what it reads is the subclass's choice) and records its aux losses."""
         if self.router_mode == "task":

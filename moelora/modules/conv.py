@@ -134,7 +134,7 @@ class MoELoRAConv(AdapterLayerBase):
         if self.disable_adapters or self.merged:
             return result
         lead = (result.shape[0],) + tuple(result.shape[2:])  # N, *output spatial
-        routing = self.route(x, lead)
+        routing = self.compute_routing(x, lead)
         dtype = self.lora_B.dtype
         x_lora = self.lora_dropout(x.to(dtype))
         lora_a, lora_b = self._effective_A(), self.full_lora_B()

@@ -70,7 +70,7 @@ class MoELoRAEmbedding(AdapterLayerBase):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
-        routing = self.route(result, tuple(x.shape))  # the router reads the frozen embedding vectors
+        routing = self.compute_routing(result, tuple(x.shape))  # the router reads the frozen embedding vectors
         dtype = self.lora_B.dtype
         lora_a = self._effective_A()
         rows = lora_a if lora_a.dim() == 2 else lora_a.reshape(-1, self.num_embeddings)  # [E*r, V]

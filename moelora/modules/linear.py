@@ -118,8 +118,9 @@ class MoELoRALinear(AdapterLayerBase):
         delta = self.scaling * self.lora_B[0] @ self.expert_A(0)
         return torch.linalg.norm(weight + delta, dim=1)
 
-    def route(self, x: torch.Tensor) -> Routing:
-        """Routing for input x [..., d_in]; records the aux losses of learned routers."""
+    def compute_routing(self, x: torch.Tensor) -> Routing:
+        """The routing of input x [..., d_in] (ids and gates per token; ``moelora.route`` is the
+        routing op on logits); records the aux losses of learned routers."""
         router, ids, weights = self._routing_inputs(x)
         if router is None:
             return Routing(weights, ids)
@@ -178,7 +179,7 @@ class MoELoRALinear(AdapterLayerBase):
     def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """base_layer(x, ...) + moelora.moe_lora (DoRA, custom base layers, extra arguments)."""
         result = self.base_layer(x, *args, **kwargs)
-        routing = self.route(x)
+        routing = self.compute_routing(x)
         dtype = self.lora_B.dtype
         x_lora = self.lora_dropout(x.to(dtype))
         lora_a = self._effective_A()

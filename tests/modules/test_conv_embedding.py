@@ -89,7 +89,7 @@ def _mix(layer, h_of, base, routing):
 def embedding_loop(layer, ids):
     """The float64 reference of MoELoRAEmbedding."""
     base = layer.base_layer(ids)
-    routing = layer.route(base, tuple(ids.shape))
+    routing = layer.compute_routing(base, tuple(ids.shape))
     flat = ids.reshape(-1)
     pad = layer.base_layer.padding_idx
 
@@ -128,7 +128,7 @@ def conv_loop(layer, x):
     if layer.router is not None:
         logits = patches @ layer.router.weight.double().t()  # the router computes in fp32
         torch.testing.assert_close(layer.router.logits(x).double(), logits, rtol=1e-5, atol=1e-5)
-    routing = layer.route(x, lead)
+    routing = layer.compute_routing(x, lead)
     out = _mix(layer, lambda e, t: layer.expert_A(e) @ patches[t], tokens, routing)
     return out.reshape(*lead, -1).movedim(-1, 1)
 

@@ -47,7 +47,7 @@ def test_layer_computes_routed_formula(kind):
     layer = _layer(kind).eval()
     randomize_adapters(layer)
     x = torch.randn(2, 5, 12)
-    routing = layer.route(x)
+    routing = layer.compute_routing(x)
     expected = moe_lora_naive(x, layer.lora_A, layer.lora_B, routing.ids, routing.weights,
                               scaling=2.0, base_out=layer.base_layer(x))
     torch.testing.assert_close(layer(x), expected)
@@ -82,7 +82,7 @@ def test_lora_a_dropout_masks_shared_a_in_training_only():
     out = layer(x)
     torch.manual_seed(7)
     keep = torch.empty_like(layer.lora_A).bernoulli_(0.5)
-    routing = layer.route(x)
+    routing = layer.compute_routing(x)
     expected = moe_lora_naive(x, layer.lora_A * keep / 0.5, layer.lora_B, routing.ids, routing.weights,
                               scaling=2.0, base_out=layer.base_layer(x))
     torch.testing.assert_close(out, expected)
