@@ -3,6 +3,9 @@
 - Functional operator: :func:`moe_lora` (Triton kernels, or PyTorch as reference/fallback);
   ``moelora.reference`` holds the pure-PyTorch formulations it is tested against (the naive
   per-expert loop, and the vectorised one that is the torch backend).
+- Import paths are those of the folders (moelora.kernels, ops, modules, tuner, integrations:
+  see README, "Architecture"); ``moelora.reference`` and ``moelora.hf_trainer`` keep their
+  documented paths.
 - Routing and token movement: :func:`route`, :func:`dispatch_metadata`, :func:`dispatch`,
   :func:`combine` (the ``moelora._C`` extension, with PyTorch fallbacks).
 - Layers and model integration: :class:`MoELoRALinear`, :func:`get_moelora_model`, aux
@@ -10,7 +13,7 @@
 """
 
 from moelora.switches import current_backend, use_backend, validation, validation_enabled
-from moelora.ops import reference
+from moelora import reference
 from moelora.ops.moe_lora import moe_lora, resolve_backend
 from moelora.ops.moe_ffn import moe_ffn
 from moelora.ops.routing import DispatchMetadata, RouteResult, combine, dispatch, dispatch_metadata, route

@@ -108,7 +108,7 @@ def test_no_import_cycles():
 
 # The layers, bottom up, by the first name under moelora (a folder or a top-level module).
 LAYERS = [{"kernels", "switches", "_C", "_cxx_runtime"}, {"ops", "profiling"}, {"modules"}, {"tuner"},
-          {"persistence"}, {"model"}, {"integrations", ""}, {"demo"}]
+          {"persistence"}, {"model"}, {"integrations"}, {"reference", "hf_trainer"}, {""}, {"demo"}]
 
 
 def _layer(module: str) -> tuple:
@@ -142,3 +142,18 @@ def test_the_graph_sees_every_form_of_import(tmp_path, source, expected):
     path = tmp_path / "a.py"
     path.write_text(source)
     assert {t for t, _, _ in _imports("moelora.a", str(path), {"moelora", "moelora.a", "moelora.b"})} == expected
+
+
+def test_documented_import_paths_keep_working():
+    """The public API (moelora.*) and the import paths the documentation gave before the
+    package was reorganised."""
+    import importlib
+
+    import moelora
+    from moelora.reference import dense_gates, moe_lora_naive, moe_lora_torch  # noqa: F401
+
+    assert moelora.reference.moe_lora_naive is moe_lora_naive
+    for name in moelora.__all__:
+        assert getattr(moelora, name) is not None, name
+    if importlib.util.find_spec("transformers") is not None:
+        from moelora.hf_trainer import MoELoRATrainer  # noqa: F401
