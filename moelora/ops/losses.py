@@ -7,10 +7,9 @@
 - Router z-loss (ST-MoE): ``mean_t logsumexp(logits[t])^2``.
 
 :func:`aux_losses` computes both from the statistics of moelora's routing op (counts,
-prob_sums, lse), as the fused layer's kernel does. :class:`RoutedModule` is the mixin of
-every module with a learned router: after each forward it holds that forward's weighted
-losses and statistics (the previous forward's values are replaced, never accumulated),
-which ``moelora.aux_loss`` and ``moelora.router_stats`` collect.
+prob_sums, lse), as the fused layer's kernel does. Every module with a learned router keeps
+its last forward's losses and statistics (moelora.modules.routed.RoutedModule), which
+``moelora.aux_loss`` and ``moelora.router_stats`` collect.
 """
 
 from __future__ import annotations
