@@ -64,7 +64,7 @@ class MoELoRAConfig:
 
     def __post_init__(self):
         _check_field_types(self)
-        self._layer_fields(_is_int(self.num_experts) and self.num_experts)  # LayerSettings checks them
+        self._layer_fields(self.num_experts if _is_int(self.num_experts) else None)  # LayerSettings checks them
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if isinstance(self.num_experts, str) and self.num_experts not in EXPERT_PRESETS:
@@ -77,24 +77,22 @@ class MoELoRAConfig:
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
 
-    def _layer_fields(self, num_experts) -> LayerSettings:
-        """LayerSettings from this config's fields (the one check of the layer hyper-parameters);
-        with per-layer expert counts (``num_experts`` None / False here) the count-dependent checks
-        wait for each layer's count."""
+    def _layer_fields(self, num_experts: Optional[int], **overrides) -> LayerSettings:
+        """LayerSettings from this config's fields and ``overrides`` (the one check of the layer
+        hyper-parameters); with per-layer expert counts (``num_experts`` None) the checks that
+        depend on the count wait for each layer's."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LayerSettings)}
-        if not num_experts:
-            fields["num_experts"] = 1 if self.use_dora or self.router == "task" else max(2, self.top_k)
-        else:
-            fields["num_experts"] = num_experts
-        return LayerSettings(**fields)
+        if num_experts is None:
+            num_experts = 1 if self.use_dora or self.router == "task" else max(2, self.top_k)
+        return LayerSettings(**{**fields, **overrides, "num_experts": num_experts})
 
     def layer_settings(self, module_name: str, layer_index: Optional[int], num_layers: int) -> LayerSettings:
         """The settings of the layer injected at ``module_name`` (the ``layer_index``-th of
         ``num_layers``): its expert count, rank_pattern and alpha_pattern applied."""
         try:
-            settings = self._layer_fields(self.experts_for_layer(layer_index, num_layers, module_name))
-            return dataclasses.replace(settings, r=pattern_value(module_name, self.rank_pattern, self.r),
-                                       lora_alpha=pattern_value(module_name, self.alpha_pattern, self.lora_alpha))
+            return self._layer_fields(self.experts_for_layer(layer_index, num_layers, module_name),
+                                      r=pattern_value(module_name, self.rank_pattern, self.r),
+                                      lora_alpha=pattern_value(module_name, self.alpha_pattern, self.lora_alpha))
         except ValueError as exc:
             raise ValueError(f"layer {layer_index} ({module_name}): {exc}") from None
 
