@@ -32,7 +32,6 @@ mode ``_EagerMoELoRA`` runs the same forward and backward without the custom-op 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Optional
 
@@ -51,24 +50,17 @@ from moelora.switches import BACKENDS, current_backend
 REGIMES = ("auto", "dense", "grouped")
 
 
-_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-
-
-def triton_available() -> bool:
-    return _TRITON_AVAILABLE
-
-
 def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     """The backend that will run for tensors on ``device`` ("torch" or "triton")."""
     name = requested if requested is not None else current_backend()
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    triton_can_run = triton_available() and (device.type == "cuda" or interpreting())
+    triton_can_run = device.type == "cuda" or interpreting()  # triton itself is a dependency (imported above)
     if name == "auto":
         return "triton" if triton_can_run else "torch"
     if name == "triton" and not triton_can_run:
         raise ValueError(
-            "backend='triton' needs triton installed and CUDA tensors (or TRITON_INTERPRET=1 "
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
             f"for CPU tensors); got tensors on {device}")
     return name
 
