@@ -241,8 +241,8 @@ def _split_count(tiles: int, reduction: int, device: torch.device, min_per_split
     return max(1, min(want, reduction // min_per_split, 64))
 
 
-def _rows(n: int, cols: int) -> tuple:
-    """Strides of a contiguous [n, cols] tensor that a launcher allocates."""
+def _contiguous(cols: int) -> tuple:
+    """Strides of a contiguous 2-D tensor with ``cols`` columns (one a launcher allocates)."""
     return (cols, 1)
 
 
@@ -302,7 +302,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
         return out
     b2_strides = (b2.stride(0), b2.stride(-1))
     kernel, splits = _matmul_launch(M, N, K, K2, group, a.stride(), (sb_k, sb_g, sb_n), a2.stride(), b2_strides,
-                                    out.stride() if given_out else _rows(M, N),
+                                    out.stride() if given_out else _contiguous(N),
                                     addend.stride() if addend is not None else None, a.device, split_k,
                                     compute_dtype, _tf32(compute_dtype), sanitize_b)
     if splits == 1:
@@ -327,8 +327,8 @@ def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_stride
     block_r = _pow2_block(R, 16, 128)
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=has_router, BLOCK_T=block_t, BLOCK_R=block_r,
                 BLOCK_E=_pow2_block(E if has_router else 0, 16, 1 << 16), BLOCK_K=_pow2_block(K, 16, 64))
-    h_strides = _rows(T, R)
-    logits_strides = _rows(T, E) if has_router else h_strides
+    h_strides = _contiguous(R)
+    logits_strides = _contiguous(E) if has_router else h_strides
     fixed = (T, K, R, E, *x_strides, *a_strides, *r_strides, *h_strides, *logits_strides)
     return KernelLaunch(lora_down_kernel, (cdiv(T, block_t), max(1, cdiv(R, block_r))), fixed, **meta)
 
@@ -390,7 +390,7 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
                                   topk_weights.stride(), lora_b.stride(),
                                   (base.stride(0), base.stride(-1)) if base is not None else None,
                                   bias.stride(-1) if bias is not None else None,
-                                  out.stride() if given_out else _rows(T, N), compute_dtype, _tf32(compute_dtype))
+                                  out.stride() if given_out else _contiguous(N), compute_dtype, _tf32(compute_dtype))
     kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
            out, *scale_factors(scaling))
     return out
@@ -425,7 +425,7 @@ def _gate_backward_launch(T: int, rank: int, top_k: int, E: int, shared_a: bool,
                 TOP_K=top_k, BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
                 BLOCK_E=_pow2_block(E, 1, 1 << 16))
     sh_t, sh_r = h_strides
-    hg_strides = _rows(T, E * rank) if write_hg else dh_strides
+    hg_strides = _contiguous(E * rank) if write_hg else dh_strides
     fixed = (T, E, rank, 1.0 / T, *dhg_strides, sh_t, 0 if shared_a else rank * sh_r, sh_r, *ids_strides, *w_strides,
              *dh_strides, *second_strides, *logits_strides, *second_strides, *hg_strides)
     return KernelLaunch(gate_backward_kernel, (cdiv(T, block_t),), fixed, **meta)
@@ -443,11 +443,11 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
     """
     T = h.shape[0]
     dh_cols = rank if shared_a else num_experts * rank
-    dh_strides = dh.stride() if dh is not None else _rows(T, dh_cols)
+    dh_strides = dh.stride() if dh is not None else _contiguous(dh_cols)
     if dh is None:
         dh = torch.empty(T, dh_cols, dtype=h.dtype, device=h.device)
     if router is None:
-        second_strides = dw.stride() if dw is not None else _rows(T, topk_ids.shape[1])
+        second_strides = dw.stride() if dw is not None else _contiguous(topk_ids.shape[1])
         if dw is None:
             dw = torch.empty(topk_ids.shape, dtype=h.dtype, device=h.device)
         second, logits, counts, g_aux = dw, dw, dw, dw
@@ -456,7 +456,7 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
     else:
         logits, counts = router.logits, router.counts
         second = torch.empty(logits.shape, dtype=h.dtype, device=h.device)
-        second_strides, logits_strides = _rows(T, logits.shape[1]), logits.stride()
+        second_strides, logits_strides = _contiguous(logits.shape[1]), logits.stride()
         has_aux = router.g_aux is not None
         g_aux = router.g_aux if has_aux else logits
         mode, lb_coef, z_coef = ROUTER_GRAD_MODES[router.mode], float(router.lb_coef), float(router.z_coef)
@@ -579,7 +579,7 @@ def router_aux_loss(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Te
 def _threshold_launch(T: int, n: int, p_strides: tuple, noise_strides: Optional[tuple], ramp: bool) -> KernelLaunch:
     block_t = 128
     return KernelLaunch(threshold_weights_kernel, (cdiv(T, block_t),),
-                        (T, *p_strides, *(noise_strides or p_strides), *_rows(T, n)),
+                        (T, *p_strides, *(noise_strides or p_strides), *_contiguous(n)),
                         HAS_NOISE=noise_strides is not None, HAS_RAMP=ramp, TOP_K=n, BLOCK_T=block_t,
                         BLOCK_K=next_power_of_2(n))
 
