@@ -236,3 +236,21 @@ def metadata_reference(topk_ids, num_experts, block_size):
                 be[b] = e
         out.update(padded_offsets=po, sorted_pairs_padded=spp, inverse_padded=invp, block_expert=be)
     return out
+
+
+def capture_training_step(module, step, warmup: int = 3):
+    """(CUDA graph, its static output) of ``step()``, a training step of ``module``, captured
+    after ``warmup`` eager runs on a side stream (kernels compiled, allocator settled); the
+    gradients are cleared before every run and before the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            module.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    module.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import moelora
 from moelora import MoELoRAConfig, get_moelora_model
-from helpers import randomize_adapters
+from helpers import capture_training_step, randomize_adapters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -55,17 +55,7 @@ def test_captured_forward_backward_replays_like_eager(router):
     if router == "task":
         moelora.set_task_ids(model, static_tasks)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: kernels compiled, allocator settled
-        for _ in range(3):
-            model.zero_grad(set_to_none=True)
-            _step(model, static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    model.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = _step(model, static_x)
+    graph, static_loss = capture_training_step(model, lambda: _step(model, static_x))
 
     for seed in (1, 2, 3):
         g = torch.Generator(device="cuda").manual_seed(seed)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import moelora
 from moelora.modules.molex import MoLEx
 from moelora.tuner.molex import apply_molex
-from helpers import randomize_adapters, tiny_bert, tiny_llama, token_batch
+from helpers import capture_training_step, randomize_adapters, tiny_bert, tiny_llama, token_batch
 
 
 class Stack(nn.Module):
@@ -241,17 +241,7 @@ def test_molex_forward_backward_replays_in_a_cuda_graph():
         return loss
 
     static_x = torch.randn(64, 32, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            stack.zero_grad(set_to_none=True)
-            step(stack, static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    stack.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(stack, static_x)
+    graph, static_loss = capture_training_step(stack, lambda: step(stack, static_x))
     for seed in (1, 2):
         x = torch.randn(64, 32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
         static_x.copy_(x)
