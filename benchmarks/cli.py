@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 
 from . import ceilings as ceilings_mod
-from . import graphcheck, hostcost, impls, report, runner, targets
+from . import graphcheck, hostcost, impls, report, runner, targets, tuned
 from .plot import sweep_plot
 from .runner import PASSES, RunContext, run_group
 from .shapes import suite, sweep_shapes
@@ -68,6 +68,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--profile", metavar="CASE", default=None,
                    help="print the per-kernel device-time table of one case, e.g. "
                         "S1/layer/fwdbwd/moelora-MoELoRALinear, and exit (see benchmarks/profile.py)")
+    p.add_argument("--tuned", default="",
+                   help="comma-separated JSON reports of benchmarks.tune_dense / tune_grouped whose tables to "
+                        "install before running (benchmarks/tuned.py); recorded in the results' meta")
     p.add_argument("--host-overhead", action=argparse.BooleanOptionalAction, default=True,
                    help="measure moelora's host time per call with the Triton launches skipped "
                         "(benchmarks/hostcost.py)")
@@ -122,6 +125,9 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         print(f"unknown shapes {unknown}; choose from {sorted(shapes)}", file=sys.stderr)
         return 2
 
+    installed = tuned.install(p for p in args.tuned.split(",") if p)
+    if installed:
+        log(f"tuned tables installed: {json.dumps(installed)}")
     if args.profile:
         from . import profile
 
@@ -138,7 +144,7 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         "schema": "moelora-bench/1",
         "meta": {**meta, "argv": argv, "dtype": str(dtype).replace("torch.", ""),
                  "repeats": repeats, "warmup": warmup, "min_repeats": min_repeats, "case_cap_s": case_cap,
-                 "time_budget_s": args.time_budget, "moelora_validation": False,
+                 "time_budget_s": args.time_budget, "moelora_validation": False, "tuned": installed,
                  "torch_threads": torch.get_num_threads(), "start_epoch": time.time(), "restarts": 0,
                  "timing": "CUDA events per iteration after warm-up (perf_counter on CPU), median and IQR; "
                            "input sets rotated per iteration; fwd = training forward (autograd recording); "

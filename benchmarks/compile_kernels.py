@@ -5,19 +5,25 @@
 Triton's compiler and the bundled ptxas reject what the interpreter lets through
 (unsupported constructs, a variable whose type differs between the branches of an if, a
 tile config needing more than the 227 KiB of shared memory a block may use). Every tile
-config of moelora.kernels.launchers.GROUPED_CONFIGS is compiled with every flag of its kernel on,
-beside the defaults and the row kernels (all activations), and every kernel of the dense
-regime and the fused layer (moelora/kernels/dense.py, matmul.py) in each of its modes.
+config of moelora.kernels.launchers.GROUPED_CONFIGS and every tuning candidate
+(benchmarks/tile_candidates.py) is compiled with every flag of its kernel on, beside the
+defaults and the row kernels (all activations); every kernel of the dense regime and the
+fused layer (moelora/kernels/dense.py, matmul.py) in each of its modes, and in its most
+demanding mode with every DENSE_CONFIGS entry and tuning candidate.
 Run it in a process that has not run interpreted kernels (TRITON_INTERPRET unset): the
 interpreter patches triton.language in place.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import sys
 
 import triton
 import triton.language as tl
+
+from benchmarks import tile_candidates
 
 SM90_SHARED_LIMIT = 232448
 DOT = dict(DOT_DTYPE=tl.bfloat16, ACC_DTYPE=tl.float32, INPUT_PRECISION="ieee")
@@ -73,6 +79,8 @@ def jobs():
     for kernel in ("matmul", "wgrad"):
         configs = {"default": K._default_config(kernel, 4096, 4096)}
         configs.update({cls: c for cls, c in K.GROUPED_CONFIGS.items() if cls.startswith(kernel + ":")})
+        table = tile_candidates.GROUPED_MATMUL if kernel == "matmul" else tile_candidates.GROUPED_WGRAD
+        configs.update({f"candidate {widths}": K.TileConfig(*c) for widths, options in table.items() for c in options})
         for name, c in configs.items():
             if kernel == "matmul":
                 flags = dict(A_BY_TOKEN=True, HAS_SECOND=True, HAS_SCALE=True, GATE_GRAD=False, H_BY_TOKEN=False)
@@ -131,19 +139,59 @@ def dense_jobs():
            dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 3)
 
 
+# The dense kernels' constexprs at S1 (bf16, r 16, E 8, k 2) and launch options, as the launchers
+# choose them by default; a DENSE_CONFIGS entry or tuning candidate overrides some of them.
+DENSE_TILE_BASE = {
+    "lora_down": (dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3),
+    "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
+                          BLOCK_C=128), 8, 1),
+    "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+               4, 3),
+    "lora_weight_grad": (dict(HAS_ROUTER=True, SPLIT=True, **DOT, BLOCK_M=64, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),
+                         4, 3),
+}
+
+
+def dense_tile_jobs():
+    """Every DENSE_CONFIGS entry and every tune_dense candidate, each kernel in its most demanding mode."""
+    from moelora.kernels import dense as D
+    from moelora.kernels import launchers as K
+    from moelora.kernels import matmul as M
+
+    kernels = {"lora_down": D.lora_down_kernel, "gated_expand": D.gated_expand_kernel, "matmul": M.matmul_kernel,
+               "lora_weight_grad": D.lora_weight_grad_kernel}
+    for name, kernel in kernels.items():
+        tiles = {cls: t for cls, t in K.DENSE_CONFIGS.items() if cls.split(":")[0] == name}
+        tiles.update({f"candidate {i}": t for i, t in enumerate(tile_candidates.DENSE[name])})
+        base, warps, stages = DENSE_TILE_BASE[name]
+        for label, t in tiles.items():
+            constexprs = {**base, **{key: value for key, value in t.items() if key.startswith("BLOCK_")}}
+            yield (f"{name} {label} {t}", kernel, constexprs, t.get("num_warps", warps), t.get("num_stages", stages))
+
+
+def all_jobs() -> list:
+    return list(jobs()) + list(dense_jobs()) + list(dense_tile_jobs())
+
+
+def compile_job(index: int) -> str:
+    """Compile job ``index`` of all_jobs(); its report line ("ok  ..." or "FAIL ...")."""
+    name, kernel, constexprs, warps, stages = all_jobs()[index]
+    try:
+        pointers = None if kernel.__module__.endswith("grouped") else {**POINTERS, **DENSE_POINTERS}
+        shared = compile_sm90(kernel, constexprs, warps, stages, pointers)
+    except Exception as err:  # noqa: BLE001 - reported, counted
+        return f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}"
+    return f"{'FAIL' if shared > SM90_SHARED_LIMIT else 'ok  '} {name}: {shared} bytes of shared memory"
+
+
 def main() -> int:
-    failed = 0
-    for name, kernel, constexprs, warps, stages in list(jobs()) + list(dense_jobs()):
-        try:
-            pointers = None if kernel.__module__.endswith("grouped") else {**POINTERS, **DENSE_POINTERS}
-            shared = compile_sm90(kernel, constexprs, warps, stages, pointers)
-        except Exception as err:  # noqa: BLE001 - reported, counted
-            failed += 1
-            print(f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}")
-            continue
-        over = shared > SM90_SHARED_LIMIT
-        failed += over
-        print(f"{'FAIL' if over else 'ok  '} {name}: {shared} bytes of shared memory")
+    """Compile every job, in parallel processes (one per CPU), and report each."""
+    count = len(all_jobs())
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, 16)) as pool:
+        lines = list(pool.map(compile_job, range(count)))
+    for line in lines:
+        print(line)
+    failed = sum(line.startswith("FAIL") for line in lines)
     print(f"{failed} failed")
     return 1 if failed else 0
 

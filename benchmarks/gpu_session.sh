@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks of a development session in one time-boxed command: build the extension
-# (CUDA kernels), the benchmark (results JSON + plot, targets, host overhead), the per-kernel
-# profile of the case being tuned, then the whole test suite on the GPU (pytest-xdist) with a
-# one-line summary. Every log and results file goes to $OUT (default ./gpu-session-out); at
-# most six files, so that they all come back from a lent machine.
+# (CUDA kernels), the tile tuners (dense and grouped kernels: TUNE=0 skips them), the
+# benchmark with their picks installed (results JSON + plot, targets, host overhead), the
+# per-kernel profile of the case being tuned, then the whole test suite on the GPU
+# (pytest-xdist) with a one-line summary. Every log and results file goes to $OUT (default
+# ./gpu-session-out); at most eight files, so that they all come back from a lent machine.
 #
 #   MOELORA_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
 #
 # MOELORA_GIT_COMMIT names the commit when the tree has no .git (a copied working tree).
-# DEADLINE (seconds, default 450) bounds the whole script: the tests get what is left.
-# BENCH_B (default 150) is the benchmark's own budget, PROFILE the case profiled.
+# DEADLINE (seconds, default 540) bounds the whole script: the tests get what is left.
+# TUNE_B (default 60) is each tuner's budget, BENCH_B (default 150) the benchmark's, PROFILE
+# the case profiled. The tuners' JSON "paste" lines are what to commit into the tables; the
+# benchmark's meta.tuned records the picks it ran with.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
@@ -17,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-session-out}
 mkdir -p "$OUT"
 START=$(date +%s)
-DEADLINE=${DEADLINE:-450}
+DEADLINE=${DEADLINE:-540}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 LOG="$OUT/session.log"
 
@@ -33,13 +36,26 @@ python3 -c "import moelora; print('moelora._C CUDA kernels:', moelora.ops.native
   echo "std::basic_ostream symbols defined in _C: $(nm -C --defined-only moelora/_C*.so 2>/dev/null | grep -c 'std::basic_ostream')"
 } | tee -a "$LOG"
 
+TUNED=""
+if [ "${TUNE:-1}" = 1 ]; then
+  for TUNER in dense grouped; do
+    timeout $(( ${TUNE_B:-60} + 60 )) python3 -m benchmarks.tune_$TUNER --budget "${TUNE_B:-60}" \
+      --out "$OUT/tune-$TUNER.json" > "$OUT/tune.log" 2>&1
+    RC=$?
+    echo "tune_$TUNER rc=$RC after $(( $(date +%s) - START )) s" | tee -a "$LOG"
+    grep -v "^ *$" "$OUT/tune.log" | tail -n 25 >> "$LOG"
+    [ "$RC" = 0 ] && TUNED="$TUNED${TUNED:+,}$OUT/tune-$TUNER.json"
+  done
+  rm -f "$OUT/tune.log"
+fi
+
 timeout $(( ${BENCH_B:-150} + 60 )) python3 -m benchmarks --quick --time-budget "${BENCH_B:-150}" --out-dir "$OUT" \
-  > "$OUT/bench.log" 2>&1
+  ${TUNED:+--tuned "$TUNED"} > "$OUT/bench.log" 2>&1
 echo "benchmark rc=$? after $(( $(date +%s) - START )) s" | tee -a "$LOG"
 sed -n '/^not measured\|^met\|^missed/p' "$OUT/bench.log"
 
 PROFILE=${PROFILE:-S1/layer/fwdbwd/moelora-MoELoRALinear}
-timeout 60 python3 -m benchmarks --profile "$PROFILE" --out-dir "$OUT" > /dev/null 2>> "$LOG"
+timeout 60 python3 -m benchmarks --profile "$PROFILE" --out-dir "$OUT" ${TUNED:+--tuned "$TUNED"} > /dev/null 2>> "$LOG"
 echo "profile rc=$? ($PROFILE)" | tee -a "$LOG"
 
 T=$(left)

@@ -44,23 +44,13 @@ from moelora.ops.grouped_linear import group_ends, grouped_mm_fn, rows_linear, r
 from moelora.kernels.launchers import TileConfig
 from moelora.ops.routing import dispatch_rows, expert_layout
 
+from . import tile_candidates  # noqa: E402
 from .timing import Budget, summarize, time_iterations  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.bfloat16 if GPU else torch.float32
 
-# Candidates per (kernel, widths) part of the shape class; the first is the default's shape.
-MATMUL_CANDIDATES = {
-    "ll": [(64, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (64, 256, 64, 8, 4, 3)],
-    "ls": [(64, 128, 64, 8, 4, 2), (64, 256, 64, 8, 4, 2), (128, 128, 64, 8, 8, 2), (128, 256, 64, 8, 8, 2)],
-    "sl": [(64, 64, 64, 8, 4, 3), (64, 64, 128, 8, 4, 3), (128, 64, 64, 8, 4, 3), (128, 64, 128, 8, 8, 3)],
-}
-WGRAD_CANDIDATES = {
-    "ll": [(64, 64, 32, 8, 4, 3), (128, 128, 32, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3)],
-    "ls": [(64, 64, 32, 8, 4, 3), (128, 64, 64, 8, 4, 3), (256, 64, 64, 8, 8, 3), (64, 64, 128, 8, 4, 3)],
-}
-SMOKE_CANDIDATES = [(32, 32, 32, 4, 1, 1)]
 LAYOUT_BLOCK = 128 if GPU else 32  # every candidate's row tile divides it
 TILES_SHARE = 0.6  # of the budget; the FFN engine and regime stages get the rest
 
@@ -166,9 +156,9 @@ def lora_gemms(s: Sizes) -> List[Gemm]:
 
 def candidates(kernel: str, shape_class: str) -> List[TileConfig]:
     if not GPU:
-        return [TileConfig(*c) for c in SMOKE_CANDIDATES]
+        return [TileConfig(*c) for c in tile_candidates.GROUPED_SMOKE]
     widths = shape_class.split(":")[1]
-    table = MATMUL_CANDIDATES if kernel == "matmul" else WGRAD_CANDIDATES
+    table = tile_candidates.GROUPED_MATMUL if kernel == "matmul" else tile_candidates.GROUPED_WGRAD
     return [TileConfig(*c) for c in table.get(widths, table["ll"])]
 
 
@@ -333,6 +323,18 @@ def paste_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _tables(report: dict) -> None:
+    """The picks as data (what ``python -m benchmarks --tuned`` installs; see benchmarks/tuned.py)."""
+    report["grouped_configs"] = {shape_class: json.loads(entry["best"]) for shape_class, entry in report["tiles"].items()
+                                 if "best" in entry}
+    if "ffn" in report and GPU:
+        major = torch.cuda.get_device_capability()[0]
+        report["ffn_engines"] = [[major, kind, report["ffn"]["shape_class"], engine]
+                                 for kind, engine in report["ffn"]["engines"].items()]
+    if "regime" in report:
+        report["dense_width_per_slot"] = report["regime"]["dense_width_per_slot"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tune-grouped.json", help="JSON file to write")
@@ -358,6 +360,7 @@ def main(argv=None) -> int:
     phases["regime_s"] = time.monotonic() - t0
     report["phases"] = phases
     report["paste"] = paste_text(report)
+    _tables(report)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps({k: report[k] for k in ("device", "phases", "skipped", "errors")}, indent=1))

@@ -246,15 +246,92 @@ def _contiguous(cols: int) -> tuple:
     return (cols, 1)
 
 
+# ------------------------------------------------------------------------------ dense tiles
+# Tiles of the dense kernels by shape class, measured on Hopper (H100/H200, bf16) by
+# ``python -m benchmarks.tune_dense`` (paste its "paste" output here). Each entry overrides some
+# of the launcher's default tiles (DENSE_TILE_KEYS); a class not listed keeps the defaults, and
+# the interpreter always does. Change the table through install_dense_configs (it checks the
+# entries and drops the cached launch configurations).
+DENSE_CONFIGS: Dict[str, Dict[str, int]] = {
+}
+
+# What a DENSE_CONFIGS entry (or a launcher's ``tiles`` argument) may set, per kernel.
+DENSE_TILE_KEYS = {
+    "lora_down": ("BLOCK_T", "BLOCK_K", "num_warps", "num_stages"),
+    "gated_expand": ("BLOCK_T", "BLOCK_N", "BLOCK_C", "num_warps", "num_stages"),
+    "lora_weight_grad": ("BLOCK_M", "BLOCK_T", "BLOCK_CB", "BLOCK_CA", "num_warps", "num_stages"),
+    "matmul": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
+}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def dense_shape_class(kernel: str, rows: int, n: int, k: int) -> str:
+    """Key of DENSE_CONFIGS: ``kernel:<n><k>:<rows>`` for a GEMM of ``rows`` tokens, n output
+    columns and reduction k (widths s <= 64 < m <= 256 < l as grouped_shape_class's; rows few
+    (< 2048) or many). Per kernel: lora_down n = R, k = d_in; gated_expand n = d_out, k = E*r;
+    lora_weight_grad n = d_out, k = E*r (its reduction runs over the rows); matmul n = N, k = K.
+    E.g. S1's gated expand is ``gated_expand:lm:many``, its dx = dh A ``matmul:ls:many``."""
+    return f"{kernel}:{_width_class(n)}{_width_class(k)}:{'few' if rows < 2048 else 'many'}"
+
+
+def check_tiles(kernel: str, tiles: Dict[str, int]) -> Dict[str, int]:
+    """``tiles`` if ``kernel`` (a DENSE_TILE_KEYS key) may use them, else a ValueError saying why."""
+    if kernel not in DENSE_TILE_KEYS:
+        raise ValueError(f"kernel must be one of {sorted(DENSE_TILE_KEYS)}, got {kernel!r}")
+    for name, value in tiles.items():
+        if name not in DENSE_TILE_KEYS[kernel]:
+            raise ValueError(f"{kernel} tiles may set {DENSE_TILE_KEYS[kernel]}, got {name!r}")
+        if name == "num_stages":
+            ok, expected = isinstance(value, int) and value >= 1, "an int >= 1"
+        else:
+            smallest = 1 if name == "num_warps" else 16
+            ok = isinstance(value, int) and value >= smallest and not value & (value - 1)
+            expected = f"a power of two >= {smallest}"
+        if not ok:
+            raise ValueError(f"{kernel} {name} must be {expected}, got {value!r}")
+    return tiles
+
+
+def _tiles_key(kernel: str, tiles: Optional[Dict[str, int]]) -> tuple:
+    """A launcher's ``tiles`` argument as part of its cached configuration's key (() for none)."""
+    return tuple(sorted(check_tiles(kernel, tiles).items())) if tiles else ()
+
+
+def _dense_tiles(kernel: str, given: tuple, rows: int, n: int, k: int) -> Dict[str, int]:
+    """The tile overrides of one launch: the launcher's ``tiles`` argument, else the table's."""
+    if given:
+        return dict(given)
+    if _INTERPRETING:
+        return {}
+    return DENSE_CONFIGS.get(dense_shape_class(kernel, rows, n, k), {})
+
+
+def _launch_options(tiles: Dict[str, int]) -> Dict[str, int]:
+    return {name: tiles[name] for name in _LAUNCH_OPTIONS if name in tiles}
+
+
+def install_dense_configs(configs: Dict[str, Dict[str, int]], replace: bool = False) -> None:
+    """Add ``{shape class: tiles}`` entries to DENSE_CONFIGS (checked; e.g. a tune_dense result),
+    or with ``replace`` make them the whole table; drops the launch configurations cached before."""
+    checked = {shape_class: check_tiles(shape_class.split(":")[0], dict(tiles)) for shape_class, tiles in configs.items()}
+    if replace:
+        DENSE_CONFIGS.clear()
+    DENSE_CONFIGS.update(checked)
+    for cached in (_matmul_launch, _lora_down_launch, _gated_expand_launch, _weight_grad_launch):
+        cached.cache_clear()
+
+
 # ------------------------------------------------------------------------------ matmul
 @functools.lru_cache(maxsize=4096)
 def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple, b_strides: tuple,
                    a2_strides: tuple, b2_strides: tuple, out_strides: tuple, addend_strides: Optional[tuple],
-                   device: torch.device, split_k: bool, dtype: torch.dtype, tf32: bool, sanitize_b: bool):
+                   device: torch.device, split_k: bool, dtype: torch.dtype, tf32: bool, sanitize_b: bool,
+                   given_tiles: tuple):
     """(KernelLaunch of matmul_kernel, splits); b_strides = (k, group, n) strides of b."""
-    block_m = 64 if M >= 64 or _INTERPRETING else _pow2_block(M, 16, 64)
-    block_n = _pow2_block(N, 16, 128)
-    block_k = _pow2_block(K, 16, 64)
+    overrides = _dense_tiles("matmul", given_tiles, M, N, K)
+    block_m = overrides.get("BLOCK_M") or (64 if M >= 64 or _INTERPRETING else _pow2_block(M, 16, 64))
+    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 128)
+    block_k = overrides.get("BLOCK_K") or _pow2_block(K, 16, 64)
     tiles = cdiv(M, block_m) * cdiv(N, block_n)
     splits = _split_count(tiles, K, device) if split_k else 1
     k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
@@ -264,7 +341,7 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
     split_stride, partial_strides = (0, out_strides) if splits == 1 else (M * N, (N, 1))
     d_strides = addend_strides if has_addend else out_strides
     meta = dict(_dot_config_cached(dtype, tf32), HAS_SECOND=K2 > 0, SANITIZE_B=sanitize_b, HAS_ADDEND=has_addend,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch_options(overrides))
     fixed = (M, N, K, K2, k_per_split, group, *a_strides, *b_strides, *a2_strides, *b2_strides, split_stride,
              *partial_strides, *d_strides)
     return KernelLaunch(matmul_kernel, (cdiv(M, block_m), cdiv(N, block_n), splits), fixed, **meta), splits
@@ -273,7 +350,8 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_dtype: torch.dtype,
            alpha: float = 1.0, addend: Optional[torch.Tensor] = None, split_k: bool = False,
            out: Optional[torch.Tensor] = None, stacked_b: bool = False,
-           second: Optional[tuple] = None, sanitize_b: bool = False) -> torch.Tensor:
+           second: Optional[tuple] = None, sanitize_b: bool = False,
+           tiles: Optional[Dict[str, int]] = None) -> torch.Tensor:
     """alpha * (a @ b [+ a2 @ b2]) (+ addend) for operands of any strides and float dtypes; fp32/fp64 accumulation.
 
     ``stacked_b``: b is [E, K, r], read as B_stack [K, E*r] (column e*r + i = b[e, :, i]).
@@ -281,7 +359,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
     ``sanitize_b``: non-finite entries of b only reach the rows of a that weigh them (see
     moelora.kernels.matmul). With ``split_k`` the K range is cut into slices whose fp32
     partials are summed in a fixed order (for weight gradients, whose reduction runs over all
-    tokens). ``out`` (any strides) receives the result when given.
+    tokens). ``out`` (any strides) receives the result when given. ``tiles``: tile overrides
+    (DENSE_TILE_KEYS["matmul"]) instead of DENSE_CONFIGS' (tuning, tests).
     """
     M, K = a.shape
     if stacked_b:
@@ -304,7 +383,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
     kernel, splits = _matmul_launch(M, N, K, K2, group, a.stride(), (sb_k, sb_g, sb_n), a2.stride(), b2_strides,
                                     out.stride() if given_out else _contiguous(N),
                                     addend.stride() if addend is not None else None, a.device, split_k,
-                                    compute_dtype, _tf32(compute_dtype), sanitize_b)
+                                    compute_dtype, _tf32(compute_dtype), sanitize_b, _tiles_key("matmul", tiles))
     if splits == 1:
         kernel(a, b, a2, b2, out, addend if addend is not None else out, float(alpha))
         return out
@@ -322,21 +401,25 @@ def _routing_blocks(top_k: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_strides: tuple, a_strides: tuple,
-                      r_strides: tuple, dtype: torch.dtype, tf32: bool) -> KernelLaunch:
-    block_t = 32 if _INTERPRETING else 64
+                      r_strides: tuple, dtype: torch.dtype, tf32: bool, given_tiles: tuple) -> KernelLaunch:
+    overrides = _dense_tiles("lora_down", given_tiles, T, R, K)
+    block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
     block_r = _pow2_block(R, 16, 128)
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=has_router, BLOCK_T=block_t, BLOCK_R=block_r,
-                BLOCK_E=_pow2_block(E if has_router else 0, 16, 1 << 16), BLOCK_K=_pow2_block(K, 16, 64))
+                BLOCK_E=_pow2_block(E if has_router else 0, 16, 1 << 16),
+                BLOCK_K=overrides.get("BLOCK_K") or _pow2_block(K, 16, 64), **_launch_options(overrides))
     h_strides = _contiguous(R)
     logits_strides = _contiguous(E) if has_router else h_strides
     fixed = (T, K, R, E, *x_strides, *a_strides, *r_strides, *h_strides, *logits_strides)
     return KernelLaunch(lora_down_kernel, (cdiv(T, block_t), max(1, cdiv(R, block_r))), fixed, **meta)
 
 
-def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Optional[torch.Tensor] = None):
+def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Optional[torch.Tensor] = None, *,
+              tiles: Optional[Dict[str, int]] = None):
     """(h = x @ a_rows^T [T, R], logits = x @ router_weight^T [T, E] or None) in x's accumulator dtype,
     reading x once; a_rows of any float dtype is rounded to x's dtype, the router's product runs in
-    the accumulator dtype. ``a_rows`` None: the router logits alone (h is [T, 0])."""
+    the accumulator dtype. ``a_rows`` None: the router logits alone (h is [T, 0]). ``tiles``: tile
+    overrides instead of DENSE_CONFIGS' (tuning, tests)."""
     T, K = x.shape
     if a_rows is None:
         a_rows = x.new_empty(0, K)
@@ -349,7 +432,7 @@ def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Op
         return h, logits
     r_w = router_weight if has_router else a_rows
     kernel = _lora_down_launch(T, K, R, r_w.shape[0], has_router, x.stride(), a_rows.stride(), r_w.stride(), x.dtype,
-                               _tf32(x.dtype))
+                               _tf32(x.dtype), _tiles_key("lora_down", tiles))
     kernel(x, a_rows, r_w, h, logits if has_router else h)
     return h, logits
 
@@ -358,14 +441,16 @@ def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Op
 def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a: bool, h_strides: tuple,
                          ids_strides: tuple, w_strides: tuple, b_strides: tuple, base_strides: Optional[tuple],
                          bias_stride: Optional[int], out_strides: tuple, dtype: torch.dtype,
-                         tf32: bool) -> KernelLaunch:
-    block_t = 64
-    block_n = _pow2_block(N, 16, 128)
+                         tf32: bool, given_tiles: tuple) -> KernelLaunch:
+    overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank)
+    block_t = overrides.get("BLOCK_T") or 64
+    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 128)
     meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=base_strides is not None,
                 HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
-                BLOCK_C=_pow2_block(E * rank, 16, 128))
+                BLOCK_C=overrides.get("BLOCK_C") or _pow2_block(E * rank, 16, 128))
     if not _INTERPRETING:  # K = E*r is one or two tiles: no software pipelining, more programs per SM
         meta.update(num_warps=8, num_stages=1)
+    meta.update(_launch_options(overrides))
     fixed = (T, N, E * rank, rank, *h_strides, *ids_strides, *w_strides, *b_strides,
              *(base_strides if base_strides is not None else out_strides),
              bias_stride if bias_stride is not None else out_strides[-1], *out_strides)
@@ -375,9 +460,11 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
 def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, lora_b: torch.Tensor, *,
                  scaling: float, shared_a: bool, base: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
-                 compute_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 compute_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
+                 tiles: Optional[Dict[str, int]] = None) -> torch.Tensor:
     """y = base + bias + sum_e (s * G[:, e] * h_e) @ B[e]^T in one kernel, [T, d_out] in ``out_dtype``
-    (default B's dtype); products in ``compute_dtype`` (default B's dtype), fp32 accumulation."""
+    (default B's dtype); products in ``compute_dtype`` (default B's dtype), fp32 accumulation.
+    ``tiles``: tile overrides instead of DENSE_CONFIGS' (tuning, tests)."""
     num_experts, N, rank = lora_b.shape
     T = h.shape[0]
     given_out = out is not None
@@ -390,7 +477,8 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
                                   topk_weights.stride(), lora_b.stride(),
                                   (base.stride(0), base.stride(-1)) if base is not None else None,
                                   bias.stride(-1) if bias is not None else None,
-                                  out.stride() if given_out else _contiguous(N), compute_dtype, _tf32(compute_dtype))
+                                  out.stride() if given_out else _contiguous(N), compute_dtype, _tf32(compute_dtype),
+                                  _tiles_key("gated_expand", tiles))
     kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
            out, *scale_factors(scaling))
     return out
@@ -479,22 +567,24 @@ _REDUCE_BLOCK = 1024
 def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, rank: int, device: torch.device,
                         dtype: torch.dtype, acc: torch.dtype, tf32: bool, splits: Optional[int], dy_strides: tuple,
                         x_strides: tuple, hg_strides: tuple, dh_strides: tuple, dl_strides: tuple,
-                        db_strides: tuple, da_strides: tuple, dr_strides: tuple):
+                        db_strides: tuple, da_strides: tuple, dr_strides: tuple, given_tiles: tuple):
     """(KernelLaunch of lora_weight_grad_kernel, of the split reduction or None, partials' length).
 
-    Tiles of 64 rows (32 when that fills the device without splitting T); T is split so that
-    every SM gets about two programs, unless ``splits`` forces a number (tests)."""
-    block_cb = _pow2_block(NB, 16, 256)
-    block_ca = _pow2_block(R + E, 16, 256)
-    block_t = 32 if _INTERPRETING else 64
+    Tiles of 64 rows (32 when that fills the device without splitting T) unless the tile table
+    says otherwise; T is split so that every SM gets about two programs, unless ``splits``
+    forces a number (tests)."""
+    overrides = _dense_tiles("lora_weight_grad", given_tiles, T, d_out, NB)
+    block_cb = overrides.get("BLOCK_CB") or _pow2_block(NB, 16, 256)
+    block_ca = overrides.get("BLOCK_CA") or _pow2_block(R + E, 16, 256)
+    block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
     target = _target_programs(device)
     tiles_b_c, tiles_a_c = cdiv(NB, block_cb), cdiv(R + E, block_ca)
 
     def tiles(bm):
         return cdiv(d_out, bm) * tiles_b_c + cdiv(d_in, bm) * tiles_a_c
 
-    block_m = 64
-    if device.type == "cuda" and tiles(block_m) < target and tiles(32) >= 0.75 * target:
+    block_m = overrides.get("BLOCK_M") or 64
+    if "BLOCK_M" not in overrides and device.type == "cuda" and tiles(block_m) < target and tiles(32) >= 0.75 * target:
         block_m = 32
     n_tiles = tiles(block_m)
     if splits is None:
@@ -502,7 +592,7 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     t_per_split = cdiv(cdiv(T, splits), block_t) * block_t
     splits = max(1, cdiv(T, t_per_split))
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, SPLIT=splits > 1, BLOCK_M=block_m,
-                BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
+                BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t, **_launch_options(overrides))
     tiles_b = cdiv(d_out, block_m) * tiles_b_c
     part_a_offset = splits * d_out * NB
     fixed = (T, d_out, d_in, R, E, NB, rank, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
@@ -521,12 +611,12 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
 def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: torch.Tensor,
                      dlogits: Optional[torch.Tensor], *, rank: int, scaling: float, dlora_b: torch.Tensor,
                      dlora_a: torch.Tensor, drouter: Optional[torch.Tensor] = None,
-                     splits: Optional[int] = None) -> None:
+                     splits: Optional[int] = None, tiles: Optional[Dict[str, int]] = None) -> None:
     """Writes dlora_b [E, d_out, r] = s_out * (dy^T Hg) in B's layout (Hg [T, E*r] from
     gate_backward, which holds the rest of the scale ``scaling``), dlora_a [R, d_in] = dh^T x (a
     view of A's gradient as A_rows) and drouter [E, d_in] = dlogits^T x, in their own dtypes,
     from one kernel (plus a fixed-order reduction of the splits of T when the device needs
-    them; ``splits`` forces their number)."""
+    them; ``splits`` forces their number; ``tiles``: tile overrides instead of DENSE_CONFIGS')."""
     T, d_out = dy.shape
     d_in = x.shape[1]
     R = dh.shape[1]
@@ -543,7 +633,8 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: to
     acc = accumulator_dtype(x.dtype)
     kernel, reduce, part_length = _weight_grad_launch(
         T, d_out, d_in, R, E, NB, rank, x.device, x.dtype, acc, _tf32(x.dtype), splits, dy.stride(), x.stride(),
-        hg.stride(), dh.stride(), dl.stride(), dlora_b.stride(), dlora_a.stride(), dr.stride())
+        hg.stride(), dh.stride(), dl.stride(), dlora_b.stride(), dlora_a.stride(), dr.stride(),
+        _tiles_key("lora_weight_grad", tiles))
     part = torch.empty(part_length, dtype=acc, device=x.device) if reduce is not None else dh
     kernel(dy, x, hg, dh, dl, dlora_b, dlora_a, dr, part, scale_factors(scaling)[1])
     if reduce is not None:

@@ -4,6 +4,7 @@ NaN-filled buffers, the view must be fully written and right, the margins untouc
 import pytest
 import torch
 
+from benchmarks import tile_candidates
 from conftest import DEVICE
 from helpers import TOLERANCE, rel_err
 from moelora.kernels import launchers as K
@@ -443,3 +444,95 @@ def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
         names = launch.kernel.arg_names
         assert len(args) + len(launch.fixed) + sum(n in launch.meta for n in names) == len(names), launch.kernel
     assert len({id(launch) for launch, _ in seen}) > len(kernels)  # other strides, other configurations
+
+# ------------------------------------------------------------------ dense tiles (DENSE_CONFIGS)
+def _dense_candidates():
+    return [pytest.param(kernel, tiles, id=f"{kernel}-{i}") for kernel, options in tile_candidates.DENSE.items()
+            for i, tiles in enumerate(options)]
+
+
+@pytest.mark.parametrize("kernel, tiles", _dense_candidates())
+def test_every_dense_tile_candidate_computes_the_reference(kernel, tiles, monkeypatch):
+    """Each tile candidate benchmarks/tune_dense.py may put into DENSE_CONFIGS gives the float64
+    result, into poisoned strided outputs, on shapes that leave partial tiles in every dim (and
+    split reductions where the kernel has them); an expert without tokens gets exact zeros."""
+    T, d, r, E, k, s = 150, 72, 16, 5, 2, 0.3
+    monkeypatch.setattr(K, "_target_programs", lambda device: 64)  # split the reductions
+    ids, w = routing(T, E, k)
+    if kernel == "lora_down":
+        x, a, wr = randn(T, 2 * d)[:, ::2], randn(r, d), randn(E, d)
+        h, logits = K.lora_down(x, a, wr, tiles=tiles)
+        assert rel_err(h, x.double() @ a.double().t()) < 1e-6
+        assert rel_err(logits, x.double() @ wr.double().t()) < 1e-6
+    elif kernel == "gated_expand":
+        h, B, base, bias = randn(T, r), randn(E, d, r), randn(T, d), randn(d)
+        G = dense_gates(ids, w, E, torch.float64) * s
+        expected = base.double() + bias.double() + torch.einsum("te,tr,enr->tn", G, h.double(), B.double())
+        big, out = poisoned_view(T, d)
+        K.gated_expand(h, ids, w, B, scaling=s, shared_a=True, base=base, bias=bias, out=out, tiles=tiles)
+        assert_only_view_written(big, out, expected, 1e-6)
+    elif kernel == "matmul":
+        dy, B, dl, wr = randn(T, d), randn(E, d, r), randn(T, E), randn(E, E * r)
+        big, out = poisoned_view(T, E * r)
+        K.matmul(dy, B, out_dtype=torch.float32, compute_dtype=torch.float32, stacked_b=True, second=(dl, wr),
+                 out=out, tiles=tiles)
+        b_stack = B.double().permute(1, 0, 2).reshape(d, E * r)
+        assert_only_view_written(big, out, dy.double() @ b_stack + dl.double() @ wr.double(), 1e-6)
+        big, out = poisoned_view(d, r)
+        dh = randn(T, r)
+        K.matmul(dy.t(), dh, out_dtype=torch.float32, compute_dtype=torch.float32, split_k=True, out=out, tiles=tiles)
+        assert_only_view_written(big, out, dy.double().t() @ dh.double(), 1e-6)
+    else:
+        dy, x, dh, dl = randn(T, d), randn(T, d), randn(T, r), randn(T, E)
+        hg = randn(T, E * r)
+        hg[:, 4 * r:] = 0  # expert 4 gets no token
+        big_b = torch.full((E, d + 1, r + 2), NAN, device=DEVICE)
+        db = big_b[:, 1:, 1:-1]
+        (big_a, da), (big_r, dr) = poisoned_view(r, d), poisoned_view(E, d)
+        K.lora_weight_grad(dy, x, hg, dh, dl, rank=r, scaling=s, dlora_b=db, dlora_a=da, drouter=dr, tiles=tiles)
+        db_ref = torch.einsum("tn,tc->nc", dy.double(), hg.double()).view(d, E, r).permute(1, 0, 2)
+        assert torch.isfinite(big_b[:, 1:, 1:-1]).all() and rel_err(db, db_ref) < 1e-6
+        assert torch.equal(db[4], torch.zeros_like(db[4]))
+        assert_only_view_written(big_a, da, dh.double().t() @ x.double(), 1e-6)
+        assert_only_view_written(big_r, dr, dl.double().t() @ x.double(), 1e-6)
+
+
+def test_dense_tile_table_entries_are_valid_and_used_off_the_interpreter(monkeypatch):
+    """DENSE_CONFIGS as committed passes install_dense_configs' checks; off the interpreter a
+    launch of a listed shape class takes the entry, a launcher's ``tiles`` win over it, and the
+    interpreter keeps the defaults."""
+    K.install_dense_configs(dict(K.DENSE_CONFIGS))
+    for shape_class in K.DENSE_CONFIGS:
+        kernel, widths, rows = shape_class.split(":")
+        assert kernel in K.DENSE_TILE_KEYS and len(widths) == 2 and set(widths) <= set("sml") and rows in ("few", "many")
+    assert K.dense_shape_class("gated_expand", 8192, 4096, 128) == "gated_expand:lm:many"
+    with monkeypatch.context() as patch:
+        patch.setattr(K, "DENSE_CONFIGS", {"gated_expand:lm:many": dict(BLOCK_T=128, num_warps=4)})
+        assert K._dense_tiles("gated_expand", (), 8192, 4096, 128) == {}  # interpreter
+        patch.setattr(K, "_INTERPRETING", False)
+        assert K._dense_tiles("gated_expand", (), 8192, 4096, 128) == dict(BLOCK_T=128, num_warps=4)
+        assert K._dense_tiles("gated_expand", (), 1024, 4096, 128) == {}
+        assert K._dense_tiles("gated_expand", (("BLOCK_T", 32),), 8192, 4096, 128) == dict(BLOCK_T=32)
+    T, E, r, d = 150, 4, 16, 72
+    ids, w = routing(T, E, 2)
+    with K.count_launches() as calls:
+        K.gated_expand(randn(T, r), ids, w, randn(E, d, r), scaling=1.0, shared_a=True)
+        K.gated_expand(randn(T, r), ids, w, randn(E, d, r), scaling=1.0, shared_a=True,
+                       tiles=dict(BLOCK_T=128, BLOCK_N=32))
+    assert [grid for _, grid in calls] == [(3, 1, 1), (2, 3, 1)]
+
+
+@pytest.mark.parametrize("kernel, tiles, message", [
+    ("gated_expand", dict(BLOCK_M=64), "gated_expand tiles may set"),
+    ("gated_expand", dict(BLOCK_T=48), "BLOCK_T must be a power of two >= 16"),
+    ("matmul", dict(BLOCK_K=8), "BLOCK_K must be a power of two >= 16"),
+    ("matmul", dict(num_warps=3), "num_warps must be a power of two >= 1"),
+    ("lora_down", dict(num_stages=0), "num_stages must be an int >= 1"),
+    ("gate_backward", dict(BLOCK_T=32), "kernel must be one of"),
+])
+def test_bad_tiles_are_refused_with_the_reason(kernel, tiles, message):
+    with pytest.raises(ValueError, match=message):
+        K.install_dense_configs({f"{kernel}:ll:many": tiles})
+    if kernel in K.DENSE_TILE_KEYS:
+        with pytest.raises(ValueError, match=message):
+            K.check_tiles(kernel, tiles)

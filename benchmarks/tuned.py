@@ -1,0 +1,49 @@
+"""Install the tables that tuning runs measured into this process, so that one GPU session can
+tune and then benchmark with the picks before they are pasted into the code:
+
+    python -m benchmarks.tune_dense --out tune-dense.json
+    python -m benchmarks.tune_grouped --out tune-grouped.json
+    python -m benchmarks --tuned tune-dense.json,tune-grouped.json
+
+A tune_dense report adds its ``dense_configs`` to moelora.kernels.launchers.DENSE_CONFIGS; a
+tune_grouped report its ``grouped_configs`` to GROUPED_CONFIGS, its ``ffn_engines`` to
+moelora.ops.moe_ffn.FFN_ENGINES and its ``dense_width_per_slot`` to
+moelora.ops.moe_lora.DENSE_WIDTH_PER_SLOT. The benchmark records what it installed in its
+results' meta (``tuned``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from moelora.kernels import launchers
+from moelora.ops import moe_ffn, moe_lora
+
+
+def install(paths: Iterable[str]) -> dict:
+    """Install the tables of each report; returns {path: what was installed from it}."""
+    installed = {}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        got = {}
+        if report.get("dense_configs"):
+            launchers.install_dense_configs(report["dense_configs"])
+            got["dense_configs"] = report["dense_configs"]
+        if report.get("grouped_configs"):
+            launchers.GROUPED_CONFIGS.update({shape_class: launchers.TileConfig(*tiles)
+                                              for shape_class, tiles in report["grouped_configs"].items()})
+            got["grouped_configs"] = report["grouped_configs"]
+        if report.get("ffn_engines"):
+            moe_ffn.FFN_ENGINES.update({(major, kind, shape_class): engine
+                                        for major, kind, shape_class, engine in report["ffn_engines"]})
+            got["ffn_engines"] = report["ffn_engines"]
+        if report.get("dense_width_per_slot"):
+            moe_lora.DENSE_WIDTH_PER_SLOT = int(report["dense_width_per_slot"])
+            got["dense_width_per_slot"] = moe_lora.DENSE_WIDTH_PER_SLOT
+        if not {"dense_configs", "grouped_configs"} & set(report):
+            raise ValueError(f"{path}: no tuned table in it (expected the JSON of benchmarks.tune_dense or "
+                             "benchmarks.tune_grouped)")
+        installed[str(path)] = got
+    return installed
