@@ -101,8 +101,9 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         y, h, logits, ids, weights, counts, aux_loss, aux_stats = moe_lora_linear_fwd(*args)
         y = y.reshape(x.shape[:-1] + (weight.shape[0],))
     else:
-        args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input)
-        y, h, logits, ids, weights, counts, aux_loss, aux_stats = _MoELoRALinearFn.apply(*args)
+        args, extra = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input), []
+        y, aux_loss = _MoELoRALinearFn.apply(*args[:9], args[9:], extra)
+        h, logits, ids, weights, counts, aux_stats = extra
     if r is None:
         return y, LayerOutput(Routing(topk_weights, topk_ids), None, None)
     return y, LayerOutput(Routing(weights, ids, r.logits if r.logits is not None else logits, counts), aux_loss,
@@ -110,15 +111,17 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 
 def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input) -> tuple:
-    """The flat argument list of the fused op (``moelora::moe_lora_linear_fwd``): 12 tensors or
-    None, then the 9 scalars (scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
-    lb_coef, z_coef)."""
+    """The flat argument list of the fused op (``moelora::moe_lora_linear_fwd``): the 9 tensors
+    that may need a gradient (x, weight, bias, lora_a, lora_b, router_weight, logits_in,
+    topk_weights, lora_input; each may be None but x, weight and the adapters), the 3 others
+    (topk_ids, noise, num_steps), then the 9 scalars (scaling, mode, top_k, renormalize,
+    eps_start, eps_end, ramp_steps, lb_coef, z_coef)."""
     r = router
     if r is None:
-        return (x, weight, bias, lora_a, lora_b, None, None, topk_ids, topk_weights, None, None, lora_input,
+        return (x, weight, bias, lora_a, lora_b, None, None, topk_weights, lora_input, topk_ids, None, None,
                 float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0)
     num_steps = r.num_steps if r.mode == "threshold" and r.ramp_steps > 0 else None
-    return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, None, r.noise, num_steps, lora_input,
+    return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, lora_input, None, r.noise, num_steps,
             float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
             int(r.ramp_steps), float(r.lb_coef), float(r.z_coef))
 
@@ -276,12 +279,20 @@ def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor):
 class _MoELoRALinearFn(torch.autograd.Function):
     """Eager-mode autograd of the fused layer: the custom ops' forward and backward without
     the custom-op dispatch (tens of microseconds of host time per call). x and lora_input of
-    any leading shape are flattened here, below autograd: no view nodes in the graph."""
+    any leading shape are flattened here, below autograd: no view nodes in the graph.
+
+    Autograd's work per call grows with the Function's inputs and outputs, so only the tensors
+    that may need a gradient are inputs: (x, weight, bias, lora_a, lora_b, router_weight,
+    logits_in, topk_weights, lora_input), then ``rest`` = the op's other arguments as
+    op_args orders them (topk_ids, noise, num_steps, then the 9 scalars). The outputs are
+    y [..., d_out] and aux_loss; the non-differentiable ones (h, logits, ids, weights, counts,
+    aux_stats) are appended to the list ``extra``.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
-                z_coef):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, rest, extra):
+        topk_ids, noise, num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, \
+            z_coef = rest
         x_shape, T = x.shape, math.prod(x.shape[:-1])
         x = as_2d(x, T, x_shape[-1])
         if lora_input is not None:
@@ -289,22 +300,19 @@ class _MoELoRALinearFn(torch.autograd.Function):
         out, compute_weights = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids,
                                               topk_weights, noise, num_steps, lora_input, scaling, mode, top_k,
                                               renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef)
-        _, h, logits, ids, weights, counts, _, _ = out
+        y, h, logits, ids, weights, counts, aux_loss, aux_stats = out
         ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
                               *compute_weights)
         ctx.config = (scaling, mode, renormalize, lb_coef, z_coef)
         ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
-        out = _outputs(out, mode == "static", logits_in is not None, x)
-        ctx.mark_non_differentiable(*out[1:6], out[7])
-        if len(x_shape) != 2:
-            out = (out[0].view(x_shape[:-1] + (weight.shape[0],)),) + out[1:]
-        return out
+        extra.extend((h, logits, ids, weights, counts, aux_stats))
+        return (y if len(x_shape) == 2 else y.view(x_shape[:-1] + (weight.shape[0],))), aux_loss
 
     @staticmethod
-    def backward(ctx, dy, _dh, _dlogits, _dids, _dweights, _dcounts, g_aux, _dstats):
+    def backward(ctx, dy, g_aux):
         n = ctx.needs_input_grad
-        needs = (n[0], n[1], n[2], n[5], n[6], n[8], n[11])
+        needs = (n[0], n[1], n[2], n[5], n[6], n[7], n[8])
         saved = ctx.saved_tensors
         x_shape = ctx.x_shape
         if dy is not None and len(x_shape) != 2:
@@ -315,16 +323,16 @@ class _MoELoRALinearFn(torch.autograd.Function):
             dx = None if dx is None else dx.view(x_shape)
             dlora_input = None if dlora_input is None else dlora_input.view(x_shape)
         return (dx, dweight, dbias, dlora_a if n[3] else None, dlora_b if n[4] else None,
-                drouter if n[5] else None, dlogits, None, dw, None, None, dlora_input) + (None,) * 9
+                drouter if n[5] else None, dlogits, dw, dlora_input, None, None)
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
 @torch.library.custom_op("moelora::moe_lora_linear_fwd", mutates_args=())
 def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                         lora_b: torch.Tensor, router_weight: Optional[torch.Tensor], logits_in: Optional[torch.Tensor],
-                        topk_ids: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
-                        noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor],
-                        lora_input: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
+                        topk_weights: Optional[torch.Tensor], lora_input: Optional[torch.Tensor],
+                        topk_ids: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                        num_steps: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
                         eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -336,8 +344,8 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 @moe_lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
-      lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef):
+def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, topk_ids, noise,
+      num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef):
     T = x.shape[0]
     acc = launchers.accumulator_dtype(x.dtype)
     y = x.new_empty(T, weight.shape[0])
@@ -384,8 +392,8 @@ def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weigh
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
-     lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef) = inputs
+    (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, topk_ids, noise,
+     num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef) = inputs
     _, h, logits, ids, weights, counts, _, _ = output
     if mode == "static":
         ids, weights = topk_ids, topk_weights
@@ -400,13 +408,12 @@ def _setup_context(ctx, inputs, output):
 
 def _custom_op_backward(ctx, dy, _dh, _dlogits, _dids, _dweights, _dcounts, g_aux, _dstats):
     n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2] and ctx.has_bias, n[5], n[6], n[8], n[11]]
+    needs = [n[0], n[1], n[2] and ctx.has_bias, n[5], n[6], n[7], n[8]]
     grads = moe_lora_linear_bwd(dy, g_aux, *ctx.saved_tensors, *ctx.config, needs)
     dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = grads
     keep = lambda g, wanted: g if wanted else None  # noqa: E731
     return (keep(dx, n[0]), keep(dweight, n[1]), keep(dbias, needs[2]), keep(dlora_a, n[3]), keep(dlora_b, n[4]),
-            keep(drouter, n[5]), keep(dlogits, n[6]), None, keep(dw, n[8]), None, None, keep(dlora_input, n[11])
-            ) + (None,) * 9
+            keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7]), keep(dlora_input, n[8])) + (None,) * 12
 
 
 moe_lora_linear_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
