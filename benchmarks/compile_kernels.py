@@ -107,7 +107,8 @@ def jobs():
 
 
 def dense_jobs():
-    """(name, kernel, constexprs, num_warps, num_stages) of the dense regime's and fused layer's kernels."""
+    """(name, kernel, constexprs, num_warps, num_stages[, pointer types]) of the dense regime's and
+    fused layer's kernels."""
     from moelora.kernels import dense as D
     from moelora.kernels import matmul as M
 
@@ -137,6 +138,14 @@ def dense_jobs():
            dict(HAS_NOISE=True, HAS_RAMP=True, TOP_K=3, BLOCK_T=128, BLOCK_K=4), 4, 3)
     yield ("matmul stacked, second pair, sanitized", M.matmul_kernel,
            dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 3)
+    # fp32 adapters over a bf16 base: A and B are read in fp32 and rounded in registers
+    fp32_b = {"b_ptr": "*fp32", "b2_ptr": "*fp32"}
+    yield ("gated_expand, fp32 B", D.gated_expand_kernel,
+           dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128, BLOCK_C=128),
+           8, 1, fp32_b)
+    yield ("matmul stacked, fp32 B", M.matmul_kernel,
+           dict(HAS_SECOND=True, HAS_ADDEND=False, SANITIZE_B=False, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+           4, 3, fp32_b)
 
 
 # The dense kernels' constexprs at S1 (bf16, r 16, E 8, k 2) and launch options, as the launchers
@@ -175,9 +184,11 @@ def all_jobs() -> list:
 
 def compile_job(index: int) -> str:
     """Compile job ``index`` of all_jobs(); its report line ("ok  ..." or "FAIL ...")."""
-    name, kernel, constexprs, warps, stages = all_jobs()[index]
+    name, kernel, constexprs, warps, stages, *pointer_types = all_jobs()[index]
     try:
         pointers = None if kernel.__module__.endswith("grouped") else {**POINTERS, **DENSE_POINTERS}
+        if pointer_types:  # a variant with some operands in another dtype
+            pointers = {**(pointers or POINTERS), **pointer_types[0]}
         shared = compile_sm90(kernel, constexprs, warps, stages, pointers)
     except Exception as err:  # noqa: BLE001 - reported, counted
         return f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}"

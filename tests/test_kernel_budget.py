@@ -44,8 +44,7 @@ def test_moe_lora_dense_kernel_budget(shared_a):
 
 
 LAYER_BUDGET = 20
-# Today's counts per layer feature (x in the adapters' dtype: a half-precision base adds the
-# two casts of A and B to x's dtype in the forward).
+# Today's counts per layer feature.
 LAYER_SETTINGS = {
     "softmax_topk": ({}, 10),
     "topk_softmax": (dict(router="topk_softmax"), 10),
@@ -55,6 +54,9 @@ LAYER_SETTINGS = {
     "jitter": (dict(router_jitter_noise=0.1), 17),
     "lora_dropout": (dict(lora_dropout=0.1), 18),
     "task_shared": (dict(router="task", task_shared_lora=True), 18),
+    # fp32 adapters over a bf16 base (PEFT's and the benchmark's setup): the kernels read A and B
+    # as they are, no cast kernels
+    "bf16_base": ({}, 10),
 }
 
 
@@ -62,12 +64,14 @@ LAYER_SETTINGS = {
 def test_moelora_linear_kernel_budget(feature):
     settings, today = LAYER_SETTINGS[feature]
     torch.manual_seed(0)
-    layer = moelora.MoELoRALinear(nn.Linear(64, 64), **{**dict(num_experts=8, top_k=2, r=16, share_lora_a=True),
-                                                       **settings}).train()
+    dtype = torch.bfloat16 if feature == "bf16_base" else torch.float32
+    layer = moelora.MoELoRALinear(nn.Linear(64, 64, dtype=dtype),
+                                  **{**dict(num_experts=8, top_k=2, r=16, share_lora_a=True), **settings}).train()
     layer.base_layer.requires_grad_(False)
+    assert layer.lora_B.dtype == torch.float32
     if feature == "task_shared":
         moelora.set_task_ids(nn.Sequential(layer), torch.tensor([3, 1]))
-    x = torch.randn(2, 32, 64, requires_grad=True)
+    x = torch.randn(2, 32, 64, dtype=dtype, requires_grad=True)
     params = [p for p in layer.parameters() if p.requires_grad]
     with moelora.use_backend("triton"), moelora.validation(False):
         with count_kernels() as fwd:
@@ -75,7 +79,7 @@ def test_moelora_linear_kernel_budget(feature):
         outputs, grads = [y], [torch.randn_like(y)]
         if layer.last_aux_loss is not None:
             outputs.append(layer.last_aux_loss)
-            grads.append(torch.ones(()))
+            grads.append(torch.ones((), dtype=layer.last_aux_loss.dtype))
         with count_kernels() as bwd:
             torch.autograd.grad(outputs, [x] + params, grads)
     total = fwd.total + bwd.total

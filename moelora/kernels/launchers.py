@@ -313,7 +313,8 @@ def _launch_options(tiles: Dict[str, int]) -> Dict[str, int]:
 def install_dense_configs(configs: Dict[str, Dict[str, int]], replace: bool = False) -> None:
     """Add ``{shape class: tiles}`` entries to DENSE_CONFIGS (checked; e.g. a tune_dense result),
     or with ``replace`` make them the whole table; drops the launch configurations cached before."""
-    checked = {shape_class: check_tiles(shape_class.split(":")[0], dict(tiles)) for shape_class, tiles in configs.items()}
+    checked = {shape_class: check_tiles(shape_class.split(":")[0], dict(tiles))
+               for shape_class, tiles in configs.items()}
     if replace:
         DENSE_CONFIGS.clear()
     DENSE_CONFIGS.update(checked)

@@ -201,7 +201,7 @@ def choose_regime(num_experts: int, rank: int, top_k: int = 2) -> str:
     return "dense" if num_experts * rank <= DENSE_WIDTH_PER_SLOT * top_k else "grouped"
 
 
-def _a_rows(lora_a: torch.Tensor) -> torch.Tensor:
+def lora_a_rows(lora_a: torch.Tensor) -> torch.Tensor:
     """A as a [rows, d_in] matrix: [r, d_in] shared, or the E matrices stacked [E*r, d_in]."""
     return lora_a if lora_a.dim() == 2 else lora_a.reshape(-1, lora_a.shape[-1])
 
@@ -217,9 +217,9 @@ def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
 
 def _dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
     """2 kernels: h = x A_rows^T (lora_down), y = base + Hg B_stack^T (gated_expand)."""
-    h, _ = launchers.lora_down(x, _a_rows(lora_a))
-    y = launchers.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2, base=base_out,
-                       out_dtype=x.dtype, compute_dtype=x.dtype)
+    h, _ = launchers.lora_down(x, lora_a_rows(lora_a))
+    y = launchers.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2,
+                               base=base_out, out_dtype=x.dtype, compute_dtype=x.dtype)
     return y, h
 
 
@@ -231,12 +231,14 @@ def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, n
     dhg = launchers.matmul(dy, lora_b, stacked_b=True, out_dtype=h.dtype, compute_dtype=x.dtype)
     dh, dw, hg = launchers.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
                                  scaling=scaling, shared_a=shared, hg_dtype=x.dtype)
-    a_rows = _a_rows(lora_a)
+    a_rows = lora_a_rows(lora_a)
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
     launchers.lora_weight_grad(dy, x, hg, dh, None, rank=rank, scaling=scaling, dlora_b=dlora_b,
                        dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape))
-    dx = launchers.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared) if need_dx else None
+    dx = None
+    if need_dx:
+        dx = launchers.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared)
     return dx, dlora_a, dlora_b, dw
 
 

@@ -20,8 +20,9 @@ Triton backend (``_fused_forward`` / ``_fused_backward``), per call:
 
 Saved for backward: x (and x_lora when LoRA dropout makes it differ), h [T, R], the routing
 (logits [T, E], ids, weights, counts); nothing T x d_out. Deterministic; no host sync.
-A and B are rounded to x's dtype (adapters may be fp32 over a bf16 base), the router's
-product runs in fp32; everything accumulates in fp32. In eager mode an autograd.Function
+A and B of any float dtype (fp32 adapters over a bf16 base, as PEFT keeps them) are read as
+they are and rounded to x's dtype in registers by the kernels (no cast kernels, nothing
+saved twice); the router's product runs in fp32; everything accumulates in fp32. In eager mode an autograd.Function
 runs it; under torch.compile the same forward and backward are the custom ops
 ``moelora::moe_lora_linear_fwd`` / ``_bwd``.
 
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.ops.moe_lora import moe_lora, resolve_backend
+from moelora.ops.moe_lora import lora_a_rows, moe_lora, resolve_backend
 from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
@@ -157,17 +158,6 @@ def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_w
 
 
 # ----------------------------------------------------------------------------- Triton backend
-def _in_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-def _compute_weights(lora_a, lora_b, router_weight, dtype):
-    """(A_rows [R, d_in], B [E, d_out, r], W_router): A and B rounded to the compute dtype (x's;
-    adapters kept in fp32 over a half-precision base are cast once per forward, small tensors);
-    the router weight stays in its dtype (the router GEMM runs in fp32)."""
-    return _in_dtype(lora_a.reshape(-1, lora_a.shape[-1]), dtype), _in_dtype(lora_b, dtype), router_weight
-
-
 # Inside the fused op no autograd is recorded: dispatching the routing op below the autograd
 # key skips its (Python) autograd wrapper.
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
@@ -185,19 +175,19 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
         weights = launchers.threshold_weights(weights, noise, num_steps, eps_start=eps_start, eps_end=eps_end,
                                       ramp_steps=ramp_steps)
         kept = (ids, weights)
-    aux_loss, aux_stats, counts = launchers.router_aux_loss(counts, prob_sums, lse, lb_coef=lb_coef, z_coef=z_coef, kept=kept)
+    aux_loss, aux_stats, counts = launchers.router_aux_loss(counts, prob_sums, lse, lb_coef=lb_coef, z_coef=z_coef,
+                                                            kept=kept)
     return weights, ids, counts, aux_loss, aux_stats
 
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                    num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
                    z_coef):
-    """((y, h, logits, ids, weights, counts, aux_loss, aux_stats), (A_rows, B, W_router) as
-    :func:`_compute_weights` gives them);
-    for static routing ids and weights are the given ones and logits, counts and aux are empty."""
+    """(y, h, logits, ids, weights, counts, aux_loss, aux_stats); for static routing ids and
+    weights are the given ones and logits, counts and aux are empty."""
     dtype = x.dtype
     xl = x if lora_input is None else lora_input
-    a_rows, b_c, wr = _compute_weights(lora_a, lora_b, router_weight, dtype)
+    a_rows, wr = lora_a_rows(lora_a), router_weight
     if wr is not None and lora_input is None:
         h, logits = launchers.lora_down(x, a_rows, wr)
     else:
@@ -208,18 +198,17 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     else:
         weights, ids, counts, aux_loss, aux_stats = _route(logits, mode, top_k, renormalize, noise, num_steps,
                                                            eps_start, eps_end, ramp_steps, lb_coef, z_coef)
-    y = launchers.gated_expand(h, ids, weights, b_c, scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype,
-                       compute_dtype=dtype)
+    y = launchers.gated_expand(h, ids, weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias,
+                               out_dtype=dtype, compute_dtype=dtype)
     y.addmm_(x, weight.t())
     logits = x.new_empty(0) if logits is None else logits
-    return (y, h, logits, ids, weights, counts, aux_loss, aux_stats), (a_rows, b_c, wr)
+    return y, h, logits, ids, weights, counts, aux_loss, aux_stats
 
 
 def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
-                    scaling, mode, renormalize, lb_coef, z_coef, needs, compute_weights=None):
+                    scaling, mode, renormalize, lb_coef, z_coef, needs):
     """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input);
-    ``needs`` says which are wanted (None where not). ``compute_weights``: forward's
-    (A_rows, B, W_router) from :func:`_compute_weights`, recomputed here when not given."""
+    ``needs`` says which are wanted (None where not)."""
     need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
     dtype = x.dtype
     if dy is None:  # only the aux loss reached the loss
@@ -227,22 +216,24 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     shared = lora_a.dim() == 2
     num_experts, d_out, rank = lora_b.shape
     xl = x if lora_input is None else lora_input
-    a_c, b_c, wr_c = compute_weights or _compute_weights(lora_a, lora_b, router_weight, dtype)
-    dhg = launchers.matmul(dy, b_c, stacked_b=True, out_dtype=launchers.accumulator_dtype(dtype), compute_dtype=dtype)
+    a_c, wr_c = lora_a_rows(lora_a), router_weight
+    dhg = launchers.matmul(dy, lora_b, stacked_b=True, out_dtype=launchers.accumulator_dtype(dtype),
+                           compute_dtype=dtype)
     router = None
     if mode != "static":
         grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
         router = launchers.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
-    dh, dw_or_dl, hg = launchers.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank, scaling=scaling,
-                                       shared_a=shared, router=router, hg_dtype=dtype)
+    dh, dw_or_dl, hg = launchers.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank,
+                                               scaling=scaling, shared_a=shared, router=router, hg_dtype=dtype)
     dl = dw_or_dl if router is not None else None
     fused_router = router_weight is not None and lora_input is None
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
     drouter = (torch.empty(router_weight.shape, dtype=router_weight.dtype, device=x.device)
                if fused_router else None)
-    launchers.lora_weight_grad(dy, xl, hg, dh, dl if fused_router else None, rank=rank, scaling=scaling, dlora_b=dlora_b,
-                       dlora_a=dlora_a if shared else dlora_a.view(a_c.shape), drouter=drouter)
+    launchers.lora_weight_grad(dy, xl, hg, dh, dl if fused_router else None, rank=rank, scaling=scaling,
+                               dlora_b=dlora_b, dlora_a=dlora_a if shared else dlora_a.view(a_c.shape),
+                               drouter=drouter)
     if router_weight is not None and not fused_router and need_router:
         drouter = launchers.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
     dx = dlora_input = None
@@ -297,12 +288,10 @@ class _MoELoRALinearFn(torch.autograd.Function):
         x = as_2d(x, T, x_shape[-1])
         if lora_input is not None:
             lora_input = as_2d(lora_input, T, x_shape[-1])
-        out, compute_weights = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids,
-                                              topk_weights, noise, num_steps, lora_input, scaling, mode, top_k,
-                                              renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef)
-        y, h, logits, ids, weights, counts, aux_loss, aux_stats = out
-        ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
-                              *compute_weights)
+        y, h, logits, ids, weights, counts, aux_loss, aux_stats = _fused_forward(
+            x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
+            lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input)
         ctx.config = (scaling, mode, renormalize, lb_coef, z_coef)
         ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
@@ -313,12 +302,11 @@ class _MoELoRALinearFn(torch.autograd.Function):
     def backward(ctx, dy, g_aux):
         n = ctx.needs_input_grad
         needs = (n[0], n[1], n[2], n[5], n[6], n[7], n[8])
-        saved = ctx.saved_tensors
         x_shape = ctx.x_shape
         if dy is not None and len(x_shape) != 2:
             dy = dy.reshape(-1, dy.shape[-1])
         dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = _fused_backward(
-            dy, g_aux, *saved[:11], *ctx.config, needs, compute_weights=saved[11:])
+            dy, g_aux, *ctx.saved_tensors, *ctx.config, needs)
         if len(x_shape) != 2:
             dx = None if dx is None else dx.view(x_shape)
             dlora_input = None if dlora_input is None else dlora_input.view(x_shape)
@@ -337,7 +325,7 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats) of the fused layer; see the module docstring."""
-    out, _ = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
+    out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                             num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
                             lb_coef, z_coef)
     return _outputs(out, mode == "static", logits_in is not None, x)

@@ -112,10 +112,12 @@ def test_fused_layer_eval_mode(kind):
     _compare(kind, train=False)
 
 
-def test_half_precision_base_with_fp32_adapters():
-    """The default over a half-precision base: fp32 adapters, rounded to fp16 in the kernels."""
-    layer, _ = _compare("softmax_topk", dtype=torch.float16)
-    assert layer.lora_A.dtype == torch.float32
+@pytest.mark.parametrize("kind", ["softmax_topk", "per_expert_k1", "task_shared"])
+def test_half_precision_base_with_fp32_adapters(kind):
+    """The default over a half-precision base: fp32 adapters, read as they are and rounded to
+    fp16 in registers by every kernel that reads A or B (no cast kernels), all gradients."""
+    layer, _ = _compare(kind, dtype=torch.float16)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
 
 
 def test_conv1d_base_and_trainable_base_weight():
