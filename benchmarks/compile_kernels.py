@@ -116,10 +116,9 @@ def dense_jobs():
     yield ("lora_down with router", D.lora_down_kernel,
            dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3)
     for shared in (True, False):
-        for expert_major in (False, True):
-            yield (f"gated_expand shared {shared} expert-major {expert_major}", D.gated_expand_kernel,
-                   dict(SHARED_A=shared, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
-                        BLOCK_C=128, EXPERT_MAJOR=expert_major, RANK=16 if expert_major else 1, BLOCK_K=2), 8, 1)
+        yield (f"gated_expand shared {shared}", D.gated_expand_kernel,
+               dict(SHARED_A=shared, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
+                    BLOCK_C=128), 8, 1)
     for router in (D.NO_ROUTER, D.SOFTMAX_RENORMALIZED, D.SOFTMAX_PLAIN, D.TOPK_SOFTMAX):
         for shared in (True, False):
             yield (f"gate_backward router {router} shared {shared}", D.gate_backward_kernel,
@@ -142,8 +141,8 @@ def dense_jobs():
     # fp32 adapters over a bf16 base: A and B are read in fp32 and rounded in registers
     fp32_b = {"b_ptr": "*fp32", "b2_ptr": "*fp32"}
     yield ("gated_expand, fp32 B", D.gated_expand_kernel,
-           dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128, BLOCK_C=128,
-                EXPERT_MAJOR=False, RANK=1, BLOCK_K=2), 8, 1, fp32_b)
+           dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128, BLOCK_C=128),
+           8, 1, fp32_b)
     yield ("matmul stacked, fp32 B", M.matmul_kernel,
            dict(HAS_SECOND=True, HAS_ADDEND=False, SANITIZE_B=False, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
            4, 3, fp32_b)
@@ -154,7 +153,7 @@ def dense_jobs():
 DENSE_TILE_BASE = {
     "lora_down": (dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3),
     "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
-                          BLOCK_C=128, EXPERT_MAJOR=False, RANK=1, BLOCK_K=2), 8, 1),
+                          BLOCK_C=128), 8, 1),
     "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
                4, 3),
     "lora_weight_grad": (dict(HAS_ROUTER=True, SPLIT=True, **DOT, BLOCK_M=64, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),
@@ -175,9 +174,7 @@ def dense_tile_jobs():
         tiles.update({f"candidate {i}": t for i, t in enumerate(tile_candidates.DENSE[name])})
         base, warps, stages = DENSE_TILE_BASE[name]
         for label, t in tiles.items():
-            constexprs = {**base, **{key: value for key, value in t.items() if key not in ("num_warps", "num_stages")}}
-            if constexprs.get("EXPERT_MAJOR"):
-                constexprs.update(EXPERT_MAJOR=True, RANK=16)
+            constexprs = {**base, **{key: value for key, value in t.items() if key.startswith("BLOCK_")}}
             yield (f"{name} {label} {t}", kernel, constexprs, t.get("num_warps", warps), t.get("num_stages", stages))
 
 

@@ -40,11 +40,6 @@ DENSE = {
         dict(BLOCK_T=64, BLOCK_N=128, BLOCK_C=64, num_warps=4, num_stages=2),
         dict(BLOCK_T=128, BLOCK_N=256, BLOCK_C=32, num_warps=8, num_stages=3),
         dict(BLOCK_T=32, BLOCK_N=128, num_warps=4, num_stages=1),
-        # expert-major column tiles (r a power of two): B read as contiguous [n-tile, r] blocks
-        dict(EXPERT_MAJOR=1, num_warps=8, num_stages=1),
-        dict(EXPERT_MAJOR=1, BLOCK_T=128, BLOCK_N=128, num_warps=8, num_stages=1),
-        dict(EXPERT_MAJOR=1, BLOCK_T=64, BLOCK_N=128, num_warps=4, num_stages=2),
-        dict(EXPERT_MAJOR=1, BLOCK_T=128, BLOCK_N=64, BLOCK_C=64, num_warps=4, num_stages=2),
     ],
     "matmul": [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -68,7 +63,7 @@ DENSE = {
 # On a CPU (the interpreter) one small candidate per kernel, so that the smoke run is quick.
 DENSE_SMOKE = {
     "lora_down": [dict(BLOCK_T=16, BLOCK_K=16)],
-    "gated_expand": [dict(BLOCK_T=16, BLOCK_N=16, BLOCK_C=16), dict(EXPERT_MAJOR=1, BLOCK_T=16, BLOCK_N=16)],
+    "gated_expand": [dict(BLOCK_T=16, BLOCK_N=16, BLOCK_C=16)],
     "matmul": [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)],
     "lora_weight_grad": [dict(BLOCK_M=16, BLOCK_T=16, BLOCK_CB=16, BLOCK_CA=16)],
 }

@@ -122,36 +122,6 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
 
 
 @triton.jit
-def _gated_tile_by_expert(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, e0, num_experts, scaling,
-                          stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
-                          SHARED_A: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_C: tl.constexpr, RANK: tl.constexpr, ACC: tl.constexpr):
-    """_gated_tile for the BLOCK_C // RANK whole experts from e0 on (their RANK columns each):
-    h read row-contiguously, a shared A's once per token and broadcast over the experts."""
-    offs_c = tl.arange(0, BLOCK_C)
-    expert = e0 + offs_c // RANK
-    ids, w = _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_wt, stride_wk,
-                           TOP_K, BLOCK_K, ACC)  # one [BLOCK_T, BLOCK_K] load each
-    offs_k = tl.arange(0, BLOCK_K)
-    gate = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
-    chosen = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.int1)
-    for j in tl.static_range(TOP_K):
-        id_j = tl.sum(tl.where(offs_k[None, :] == j, ids, 0), axis=1)
-        w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
-        hit = id_j[:, None] == expert[None, :]
-        gate += tl.where(hit, w_j[:, None], 0.0)
-        chosen = chosen | hit
-    if SHARED_A:
-        h = tl.load(h_ptr + offs_t[:, None] * stride_ht + tl.arange(0, RANK)[None, :] * stride_hr,
-                    mask=mask_t[:, None], other=0.0).to(ACC)
-        h = tl.reshape(tl.broadcast_to(h[:, None, :], (BLOCK_T, BLOCK_C // RANK, RANK)), (BLOCK_T, BLOCK_C))
-    else:
-        h = tl.load(h_ptr + offs_t[:, None] * stride_ht + (e0 * RANK + offs_c)[None, :] * stride_hr,
-                    mask=mask_t[:, None] & (expert < num_experts)[None, :], other=0.0).to(ACC)
-    return tl.where(chosen, (gate * scaling) * h, 0.0)
-
-
-@triton.jit
 def gated_expand_kernel(
     h_ptr, ids_ptr, w_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
     scaling, scale_out,
@@ -163,17 +133,13 @@ def gated_expand_kernel(
     SHARED_A: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    EXPERT_MAJOR: tl.constexpr, RANK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = base + bias + Hg @ B_stack^T, one GEMM with K = E*r whose A operand, the gated
     intermediate Hg, is formed in the prologue from h and the routing (never in memory) and
     whose B operand is read from B [E, d_out, r] directly.
 
-    Column tiles of BLOCK_C: by default any E*r, B gathered element by element. EXPERT_MAJOR
-    (r = RANK a power of two dividing BLOCK_C): each tile holds BLOCK_C / RANK whole experts,
-    B[e, n-tile, :] is read as the contiguous block it is and h once per token row; the same
-    products in the same order. Non-finite entries of an expert's B reach only the tokens that
-    chose it (sanitized dot, see moelora.kernels.matmul). Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    Non-finite entries of an expert's B reach only the tokens that chose it (sanitized dot,
+    see moelora.kernels.matmul). Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
     """
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,30 +147,15 @@ def gated_expand_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
     poisoned = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.int1)
-    if EXPERT_MAJOR:
-        E_TILE: tl.constexpr = BLOCK_C // RANK
-        offs_i = tl.arange(0, RANK)
-        for e0 in range(0, NB // RANK, E_TILE):
-            offs_e = e0 + tl.arange(0, E_TILE)
-            mask_e = offs_e < NB // RANK
-            hg = _gated_tile_by_expert(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, e0, NB // RANK, scaling,
-                                       stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
-                                       SHARED_A, TOP_K, BLOCK_K, BLOCK_T, BLOCK_C, RANK, ACC_DTYPE)
-            b = tl.load(b_ptr + offs_e[:, None, None] * stride_be + offs_n[None, :, None] * stride_bn
-                        + offs_i[None, None, :] * stride_br, mask=mask_e[:, None, None] & mask_n[None, :, None],
-                        other=0.0)  # [E_TILE, BLOCK_N, RANK]
-            b = tl.reshape(tl.permute(b, (0, 2, 1)), (BLOCK_C, BLOCK_N))
-            acc, poisoned = _sanitized_dot(hg, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, True)
-    else:
-        for c0 in range(0, NB, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < NB
-            hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
-                             stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
-                             SHARED_A, TOP_K, BLOCK_T, BLOCK_C, ACC_DTYPE)
-            b = tl.load(b_ptr + (offs_c // rank)[:, None] * stride_be + offs_n[None, :] * stride_bn
-                        + (offs_c % rank)[:, None] * stride_br, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            acc, poisoned = _sanitized_dot(hg, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, True)
+    for c0 in range(0, NB, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < NB
+        hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
+                         stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+                         SHARED_A, TOP_K, BLOCK_T, BLOCK_C, ACC_DTYPE)
+        b = tl.load(b_ptr + (offs_c // rank)[:, None] * stride_be + offs_n[None, :] * stride_bn
+                    + (offs_c % rank)[:, None] * stride_br, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc, poisoned = _sanitized_dot(hg, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, True)
     acc = tl.where(poisoned, float("nan"), acc * scale_out)
     mask = mask_t[:, None] & mask_n[None, :]
     if HAS_BIAS:

@@ -258,7 +258,7 @@ DENSE_CONFIGS: Dict[str, Dict[str, int]] = {
 # What a DENSE_CONFIGS entry (or a launcher's ``tiles`` argument) may set, per kernel.
 DENSE_TILE_KEYS = {
     "lora_down": ("BLOCK_T", "BLOCK_K", "num_warps", "num_stages"),
-    "gated_expand": ("BLOCK_T", "BLOCK_N", "BLOCK_C", "EXPERT_MAJOR", "num_warps", "num_stages"),
+    "gated_expand": ("BLOCK_T", "BLOCK_N", "BLOCK_C", "num_warps", "num_stages"),
     "lora_weight_grad": ("BLOCK_M", "BLOCK_T", "BLOCK_CB", "BLOCK_CA", "num_warps", "num_stages"),
     "matmul": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
 }
@@ -283,8 +283,6 @@ def check_tiles(kernel: str, tiles: Dict[str, int]) -> Dict[str, int]:
             raise ValueError(f"{kernel} tiles may set {DENSE_TILE_KEYS[kernel]}, got {name!r}")
         if name == "num_stages":
             ok, expected = isinstance(value, int) and value >= 1, "an int >= 1"
-        elif not name.startswith("BLOCK_") and name != "num_warps":  # a kernel variant's flag
-            ok, expected = value in (0, 1), "0 or 1"
         else:
             smallest = 1 if name == "num_warps" else 16
             ok = isinstance(value, int) and value >= smallest and not value & (value - 1)
@@ -448,12 +446,9 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
     overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank)
     block_t = overrides.get("BLOCK_T") or 64
     block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 128)
-    block_c = overrides.get("BLOCK_C") or _pow2_block(E * rank, 16, 128)
-    # expert-major column tiles need whole experts per tile: r a power of two dividing BLOCK_C
-    expert_major = bool(overrides.get("EXPERT_MAJOR")) and rank & (rank - 1) == 0 and rank <= block_c
     meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=base_strides is not None,
-                HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_C=block_c,
-                EXPERT_MAJOR=expert_major, RANK=rank if expert_major else 1, BLOCK_K=_routing_blocks(top_k))
+                HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
+                BLOCK_C=overrides.get("BLOCK_C") or _pow2_block(E * rank, 16, 128))
     if not _INTERPRETING:  # K = E*r is one or two tiles: no software pipelining, more programs per SM
         meta.update(num_warps=8, num_stages=1)
     meta.update(_launch_options(overrides))

@@ -465,14 +465,12 @@ def test_every_dense_tile_candidate_computes_the_reference(kernel, tiles, monkey
         assert rel_err(h, x.double() @ a.double().t()) < 1e-6
         assert rel_err(logits, x.double() @ wr.double().t()) < 1e-6
     elif kernel == "gated_expand":
+        h, B, base, bias = randn(T, r), randn(E, d, r), randn(T, d), randn(d)
         G = dense_gates(ids, w, E, torch.float64) * s
-        for shared_a in (True, False):
-            h, B, base, bias = randn(T, r if shared_a else E * r), randn(E, d, r), randn(T, d), randn(d)
-            h3 = h.double().view(T, 1 if shared_a else E, r).expand(T, E, r)
-            expected = base.double() + bias.double() + torch.einsum("te,ter,enr->tn", G, h3, B.double())
-            big, out = poisoned_view(T, d)
-            K.gated_expand(h, ids, w, B, scaling=s, shared_a=shared_a, base=base, bias=bias, out=out, tiles=tiles)
-            assert_only_view_written(big, out, expected, 1e-6)
+        expected = base.double() + bias.double() + torch.einsum("te,tr,enr->tn", G, h.double(), B.double())
+        big, out = poisoned_view(T, d)
+        K.gated_expand(h, ids, w, B, scaling=s, shared_a=True, base=base, bias=bias, out=out, tiles=tiles)
+        assert_only_view_written(big, out, expected, 1e-6)
     elif kernel == "matmul":
         dy, B, dl, wr = randn(T, d), randn(E, d, r), randn(T, E), randn(E, E * r)
         big, out = poisoned_view(T, E * r)
@@ -524,35 +522,12 @@ def test_dense_tile_table_entries_are_valid_and_used_off_the_interpreter(monkeyp
     assert [grid for _, grid in calls] == [(3, 1, 1), (2, 3, 1)]
 
 
-@pytest.mark.parametrize("rank, expert_major", [(16, True), (8, True), (1, True), (3, False), (256, False)])
-def test_expert_major_gated_expand_needs_whole_power_of_two_experts_per_tile(rank, expert_major):
-    """EXPERT_MAJOR applies where r is a power of two no wider than the column tile; elsewhere the
-    launch keeps the element-wise tiles, and the result is right either way (NaN of an unchosen
-    expert's B kept away)."""
-    T, E, k, d, s = 40, 3, 2, 24, 0.7
-    ids, w = routing(T, E, k)
-    h, B = randn(T, rank), randn(E, d, rank)
-    B[1, 5, 0] = float("nan")
-    tiles = dict(EXPERT_MAJOR=1, BLOCK_C=128)
-    launch = K._gated_expand_launch(T, d, E, rank, k, True, h.stride(), ids.stride(), w.stride(), B.stride(), None,
-                                    None, (d, 1), torch.float32, False, K._tiles_key("gated_expand", tiles))
-    assert launch.meta["EXPERT_MAJOR"] is expert_major and launch.meta["RANK"] == (rank if expert_major else 1)
-    out = K.gated_expand(h, ids, w, B, scaling=s, shared_a=True, tiles=tiles)
-    G = dense_gates(ids, w, E, torch.float64) * s
-    clean = torch.where(torch.isfinite(B), B, 0).double()
-    expected = torch.einsum("te,tr,enr->tn", G, h.double(), clean)
-    chose_1 = (ids == 1).any(1)
-    assert rel_err(out[~chose_1], expected[~chose_1]) < 1e-6
-    assert torch.isnan(out[chose_1][:, 5]).all() and torch.isfinite(out[chose_1][:, :5]).all()
-
-
 @pytest.mark.parametrize("kernel, tiles, message", [
     ("gated_expand", dict(BLOCK_M=64), "gated_expand tiles may set"),
     ("gated_expand", dict(BLOCK_T=48), "BLOCK_T must be a power of two >= 16"),
     ("matmul", dict(BLOCK_K=8), "BLOCK_K must be a power of two >= 16"),
     ("matmul", dict(num_warps=3), "num_warps must be a power of two >= 1"),
     ("lora_down", dict(num_stages=0), "num_stages must be an int >= 1"),
-    ("gated_expand", dict(EXPERT_MAJOR=2), "EXPERT_MAJOR must be 0 or 1"),
     ("gate_backward", dict(BLOCK_T=32), "kernel must be one of"),
 ])
 def test_bad_tiles_are_refused_with_the_reason(kernel, tiles, message):
