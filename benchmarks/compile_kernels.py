@@ -116,9 +116,10 @@ def dense_jobs():
     yield ("lora_down with router", D.lora_down_kernel,
            dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3)
     for shared in (True, False):
-        yield (f"gated_expand shared {shared}", D.gated_expand_kernel,
-               dict(SHARED_A=shared, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
-                    BLOCK_C=128), 8, 1)
+        for rank in (16, 8, 0):  # r = 16, 8 compiled in; any other r read at run time
+            yield (f"gated_expand shared {shared} RANK {rank}", D.gated_expand_kernel,
+                   dict(SHARED_A=shared, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
+                        BLOCK_C=128, RANK=rank), 8, 1)
     for router in (D.NO_ROUTER, D.SOFTMAX_RENORMALIZED, D.SOFTMAX_PLAIN, D.TOPK_SOFTMAX):
         for shared in (True, False):
             yield (f"gate_backward router {router} shared {shared}", D.gate_backward_kernel,
@@ -136,16 +137,18 @@ def dense_jobs():
                dict(COUNT_KEPT=kept, TOP_K=3, ACC=tl.float32, BLOCK_E=16, BLOCK_T=256, BLOCK_K=4), 4, 3)
     yield ("threshold_weights", D.threshold_weights_kernel,
            dict(HAS_NOISE=True, HAS_RAMP=True, TOP_K=3, BLOCK_T=128, BLOCK_K=4), 4, 3)
-    yield ("matmul stacked, second pair, sanitized", M.matmul_kernel,
-           dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 3)
+    for group in (16, 0, -1):  # stacked B with r = 16, plain B, stacked with r not a power of two
+        yield (f"matmul B_GROUP {group}, second pair, sanitized", M.matmul_kernel,
+               dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=group, **DOT, BLOCK_M=64, BLOCK_N=128,
+                    BLOCK_K=64), 4, 3)
     # fp32 adapters over a bf16 base: A and B are read in fp32 and rounded in registers
     fp32_b = {"b_ptr": "*fp32", "b2_ptr": "*fp32"}
     yield ("gated_expand, fp32 B", D.gated_expand_kernel,
-           dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128, BLOCK_C=128),
-           8, 1, fp32_b)
+           dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128, BLOCK_C=128,
+                RANK=16), 8, 1, fp32_b)
     yield ("matmul stacked, fp32 B", M.matmul_kernel,
-           dict(HAS_SECOND=True, HAS_ADDEND=False, SANITIZE_B=False, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-           4, 3, fp32_b)
+           dict(HAS_SECOND=True, HAS_ADDEND=False, SANITIZE_B=False, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
+                BLOCK_K=64), 4, 3, fp32_b)
 
 
 # The dense kernels' constexprs at S1 (bf16, r 16, E 8, k 2) and launch options, as the launchers
@@ -153,9 +156,9 @@ def dense_jobs():
 DENSE_TILE_BASE = {
     "lora_down": (dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3),
     "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
-                          BLOCK_C=128), 8, 1),
-    "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, **DOT, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-               4, 3),
+                          BLOCK_C=128, RANK=16), 8, 1),
+    "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
+                    BLOCK_K=64), 4, 3),
     "lora_weight_grad": (dict(HAS_ROUTER=True, SPLIT=True, **DOT, BLOCK_M=64, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),
                          4, 3),
 }

@@ -132,11 +132,13 @@ def gated_expand_kernel(
     stride_xt, stride_xn, stride_bias, stride_yt, stride_yn,
     SHARED_A: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, RANK: tl.constexpr,
 ):
     """y = base + bias + Hg @ B_stack^T, one GEMM with K = E*r whose A operand, the gated
     intermediate Hg, is formed in the prologue from h and the routing (never in memory) and
-    whose B operand is read from B [E, d_out, r] directly.
+    whose B operand is read from B [E, d_out, r] directly. RANK: r when it is a power of two
+    (known at compile time, the compiler sees B's r contiguous columns per expert and loads
+    them as vectors), else 0 (r read from ``rank``).
 
     Non-finite entries of an expert's B reach only the tokens that chose it (sanitized dot,
     see moelora.kernels.matmul). Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
@@ -147,6 +149,7 @@ def gated_expand_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
     poisoned = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.int1)
+    rank = RANK if RANK > 0 else rank
     for c0 in range(0, NB, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < NB

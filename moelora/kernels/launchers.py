@@ -241,6 +241,11 @@ def _split_count(tiles: int, reduction: int, device: torch.device, min_per_split
     return max(1, min(want, reduction // min_per_split, 64))
 
 
+def _pow2_or_zero(n: int) -> int:
+    """n if it is a power of two, else 0: a size worth compiling into a kernel (see gated_expand_kernel's RANK)."""
+    return n if n > 0 and n & (n - 1) == 0 else 0
+
+
 def _contiguous(cols: int) -> tuple:
     """Strides of a contiguous 2-D tensor with ``cols`` columns (one a launcher allocates)."""
     return (cols, 1)
@@ -341,8 +346,9 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
     # One split writes straight into ``out``; several write fp32 partials [splits, M, N].
     split_stride, partial_strides = (0, out_strides) if splits == 1 else (M * N, (N, 1))
     d_strides = addend_strides if has_addend else out_strides
+    b_group = 0 if group >= N else (_pow2_or_zero(group) or -1)  # see matmul_kernel's B_GROUP
     meta = dict(_dot_config_cached(dtype, tf32), HAS_SECOND=K2 > 0, SANITIZE_B=sanitize_b, HAS_ADDEND=has_addend,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch_options(overrides))
+                B_GROUP=b_group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch_options(overrides))
     fixed = (M, N, K, K2, k_per_split, group, *a_strides, *b_strides, *a2_strides, *b2_strides, split_stride,
              *partial_strides, *d_strides)
     return KernelLaunch(matmul_kernel, (cdiv(M, block_m), cdiv(N, block_n), splits), fixed, **meta), splits
@@ -448,7 +454,7 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
     block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 128)
     meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=base_strides is not None,
                 HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
-                BLOCK_C=overrides.get("BLOCK_C") or _pow2_block(E * rank, 16, 128))
+                BLOCK_C=overrides.get("BLOCK_C") or _pow2_block(E * rank, 16, 128), RANK=_pow2_or_zero(rank))
     if not _INTERPRETING:  # K = E*r is one or two tiles: no software pipelining, more programs per SM
         meta.update(num_warps=8, num_stages=1)
     meta.update(_launch_options(overrides))

@@ -39,11 +39,16 @@ def matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bg, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_cs, stride_cm, stride_cn, stride_dm, stride_dn,
-    HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, SANITIZE_B: tl.constexpr,
+    HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, SANITIZE_B: tl.constexpr, B_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT). The second pair is added by split 0."""
+    """Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT). The second pair is added by split 0.
+
+    B_GROUP: 0 for ungrouped columns, the group size when it is a power of two, -1 for another
+    size (read from ``b_group``): a compile-time group lets the compiler see that B's columns
+    run contiguously inside a group, so B's tiles are copied with vector (asynchronous) loads.
+    """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
@@ -51,7 +56,12 @@ def matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    b_cols = (offs_n // b_group) * stride_bg + (offs_n % b_group) * stride_bn
+    if B_GROUP == 0:
+        b_cols = offs_n * stride_bn
+    elif B_GROUP > 0:
+        b_cols = (offs_n // B_GROUP) * stride_bg + (offs_n % B_GROUP) * stride_bn
+    else:
+        b_cols = (offs_n // b_group) * stride_bg + (offs_n % b_group) * stride_bn
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
 
