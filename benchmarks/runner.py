@@ -27,7 +27,7 @@ from . import baselines, kernels, memory, metrics
 from .impls import Impl, Prepared
 from .inputs import make_sets, rotation_count
 from .shapes import Shape
-from .timing import Budget, adaptive_repeats, summarize, synchronize, time_iterations
+from .timing import Budget, adaptive_repeats, summarize, time_iterations
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 

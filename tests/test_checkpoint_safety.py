@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moelora
-from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
+from moelora import MoELoRAConfig, get_moelora_model
 from moelora.persistence import adapter_state_dict
 from helpers import randomize_adapters, tiny_llama, token_batch
 

@@ -10,7 +10,6 @@ the Triton backend runs under the interpreter with a handful of tiny examples.
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings

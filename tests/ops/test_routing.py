@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import moelora
-from moelora.ops import native as _ext
 from helpers import PATHS, needs_c, needs_cuda_kernels, route_reference, run_path
 
 MODES = [("softmax_topk", False), ("softmax_topk", True), ("topk_softmax", False)]
