@@ -7,6 +7,8 @@ Inputs are rotated by the caller so that consecutive iterations touch different 
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import statistics
 import time
 from typing import Callable, List, Optional, Sequence
@@ -97,3 +99,28 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.remaining() <= 0
+
+
+def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median time of ``fn()`` in ms over ``repeats`` iterations after one untimed call (the tuners')."""
+    fn()
+    return summarize(time_iterations(lambda i: fn(), repeats, device))["median_ms"]
+
+
+def compile_in_parallel(calls: List[Callable[[], object]]) -> None:
+    """On a GPU, run each call once from a thread pool so that Triton compiles the candidates of a
+    tuner (and ptxas runs) in parallel; each call must carry its own configuration in its
+    arguments. Failures are ignored here: the timed run reports them."""
+    if not torch.cuda.is_available() or not calls:
+        return
+    try:
+        calls[0]()  # Triton's driver and caches set up from this thread first
+    except Exception:  # noqa: BLE001 - reported when timed
+        pass
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
+        for future in [pool.submit(call) for call in calls[1:]]:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - a candidate that fails is reported when timed
+                pass
+    torch.cuda.synchronize()

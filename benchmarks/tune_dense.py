@@ -26,7 +26,6 @@ sm_90 by ``python -m benchmarks.compile_kernels``.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import sys
@@ -42,7 +41,7 @@ import moelora  # noqa: E402
 from moelora.kernels import launchers as K  # noqa: E402
 
 from . import tile_candidates  # noqa: E402
-from .timing import Budget, summarize, time_iterations  # noqa: E402
+from .timing import Budget, compile_in_parallel, median_ms  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -115,29 +114,6 @@ def candidates(kernel: str) -> List[Dict[str, int]]:
     return [{}] + (tile_candidates.DENSE if GPU else tile_candidates.DENSE_SMOKE)[kernel]
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    return summarize(time_iterations(lambda i: fn(), repeats, DEVICE))["median_ms"]
-
-
-def _precompile(calls: List[Callable[[], object]]) -> None:
-    """Run each call once from a thread pool: Triton compiles (and ptxas runs) in parallel.
-    The tiles travel as arguments (no shared state), so the threads do not interfere."""
-    if not GPU or not calls:
-        return
-    try:
-        calls[0]()  # Triton's driver and caches set up from this thread first
-    except Exception:  # noqa: BLE001 - reported when timed
-        pass
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
-        for future in [pool.submit(call) for call in calls[1:]]:
-            try:
-                future.result()
-            except Exception:  # noqa: BLE001 - a candidate that fails is reported when timed
-                pass
-    torch.cuda.synchronize()
-
-
 def _key(tiles: Dict[str, int]) -> str:
     return json.dumps(tiles, sort_keys=True)
 
@@ -148,7 +124,7 @@ def tune_classes(all_jobs: List[Job], repeats: int, budget: Budget, report: dict
     classes: Dict[str, List[Job]] = {}
     for job in all_jobs:
         classes.setdefault(job.shape_class, []).append(job)
-    _precompile([lambda j=j, c=c: j.run(c) for j in all_jobs for c in candidates(j.kernel)])
+    compile_in_parallel([lambda j=j, c=c: j.run(c) for j in all_jobs for c in candidates(j.kernel)])
     for shape_class, members in classes.items():
         if budget.exhausted():
             report["skipped"].append(f"tiles {shape_class}: budget")
@@ -156,7 +132,8 @@ def tune_classes(all_jobs: List[Job], repeats: int, budget: Budget, report: dict
         entry = {"kernel": members[0].kernel, "jobs": [j.name for j in members], "candidates": {}}
         for tiles in candidates(members[0].kernel):
             try:
-                entry["candidates"][_key(tiles)] = sum(median_ms(lambda j=j: j.run(tiles), repeats) for j in members)
+                entry["candidates"][_key(tiles)] = sum(median_ms(lambda j=j: j.run(tiles), repeats, DEVICE)
+                                                       for j in members)
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: recorded, skipped
                 entry["candidates"][_key(tiles)] = f"error: {type(err).__name__}: {err}"[:200]
         timed = {key: ms for key, ms in entry["candidates"].items() if isinstance(ms, float)}
@@ -195,7 +172,7 @@ def time_end_to_end(repeats: int, report: dict, label: str) -> None:
     with moelora.use_backend("triton"), moelora.validation(False):
         for name, step in (("moe_lora fwd+bwd", op), ("MoELoRALinear fwd+bwd", linear)):
             try:
-                out[name] = median_ms(step, repeats)
+                out[name] = median_ms(step, repeats, DEVICE)
             except Exception as err:  # noqa: BLE001 - recorded
                 report["errors"].append(f"end to end {label} {name}: {type(err).__name__}: {err}"[:300])
 
@@ -238,7 +215,8 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     for shape_class, entry in report["tiles"].items():
-        print(f"{shape_class}: default {entry.get('default_ms')} ms, best {entry.get('best')} {entry.get('best_ms')} ms")
+        print(f"{shape_class}: default {entry.get('default_ms')} ms, best {entry.get('best')} "
+              f"{entry.get('best_ms')} ms")
     print("end to end (ms):", json.dumps(report["end_to_end"]))
     if report["skipped"] or report["errors"]:
         print("skipped:", report["skipped"], "errors:", report["errors"])

@@ -24,7 +24,6 @@ to put into those tables.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from moelora.kernels.launchers import TileConfig
 from moelora.ops.routing import dispatch_rows, expert_layout
 
 from . import tile_candidates  # noqa: E402
-from .timing import Budget, summarize, time_iterations  # noqa: E402
+from .timing import Budget, compile_in_parallel, median_ms  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -75,11 +74,6 @@ def _routing(s: Sizes):
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.rand(s.tokens, s.experts, generator=g).argsort(1)[:, :s.top_k].to(DEVICE)
     return ids, torch.rand(s.tokens, s.top_k, generator=g).to(DEVICE)
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    return summarize(time_iterations(lambda i: fn(), repeats, DEVICE))["median_ms"]
 
 
 class Gemm(NamedTuple):
@@ -162,23 +156,6 @@ def candidates(kernel: str, shape_class: str) -> List[TileConfig]:
     return [TileConfig(*c) for c in table.get(widths, table["ll"])]
 
 
-def _precompile(jobs: List[Callable[[], object]]) -> None:
-    """Run each job once from a thread pool: Triton compiles (and ptxas runs) in parallel."""
-    if not GPU or not jobs:
-        return
-    try:
-        jobs[0]()  # Triton's driver and caches set up from this thread first
-    except Exception:  # noqa: BLE001 - reported when timed
-        pass
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
-        for future in [pool.submit(job) for job in jobs[1:]]:
-            try:
-                future.result()
-            except Exception:  # noqa: BLE001 - a candidate that fails is reported when timed
-                pass
-    torch.cuda.synchronize()
-
-
 def tune_tiles(gemms: List[Gemm], repeats: int, budget: Budget, report: dict) -> None:
     """Time every candidate of each class on its GEMMs (compiled class by class, in parallel);
     install the best in K.GROUPED_CONFIGS. Classes left when TILES_SHARE of the budget is
@@ -190,18 +167,18 @@ def tune_tiles(gemms: List[Gemm], repeats: int, budget: Budget, report: dict) ->
         if budget.seconds is not None and budget.elapsed() > TILES_SHARE * budget.seconds:
             report["skipped"].append(f"tiles {shape_class}: budget")
             continue
-        _precompile([lambda g=g, c=c: g.triton(c) for g in members for c in candidates(g.kernel, shape_class)])
+        compile_in_parallel([lambda g=g, c=c: g.triton(c) for g in members for c in candidates(g.kernel, shape_class)])
         entry = {"gemms": [g.name for g in members], "candidates": {}, "grouped_mm_ms": {}}
         for config in candidates(members[0].kernel, shape_class):
             try:
-                total = sum(median_ms(lambda g=g: g.triton(config), repeats) for g in members)
+                total = sum(median_ms(lambda g=g: g.triton(config), repeats, DEVICE) for g in members)
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: recorded, skipped
                 entry["candidates"][_config_key(config)] = f"error: {type(err).__name__}: {err}"[:200]
                 continue
             entry["candidates"][_config_key(config)] = total
         for g in members:
             if g.grouped_mm is not None and grouped_mm_fn() is not None:
-                entry["grouped_mm_ms"][g.name] = median_ms(g.grouped_mm, repeats)
+                entry["grouped_mm_ms"][g.name] = median_ms(g.grouped_mm, repeats, DEVICE)
         timed = {k: v for k, v in entry["candidates"].items() if isinstance(v, float)}
         if timed:
             best = min(timed, key=timed.get)
@@ -240,7 +217,7 @@ def time_ffn_plans(s: Sizes, repeats: int, report: dict) -> None:
             name = f"gemm={gemm},wgrad={wgrad}"
             try:
                 with moelora.validation(False):
-                    results[name] = median_ms(step, repeats)
+                    results[name] = median_ms(step, repeats, DEVICE)
             except Exception as err:  # noqa: BLE001 - recorded; the other pairs still run
                 report["errors"].append(f"ffn {name}: {type(err).__name__}: {err}"[:300])
     if not results:
@@ -283,7 +260,7 @@ def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
 
             try:
                 with moelora.validation(False):
-                    row[f"{regime}_ms"] = median_ms(step, repeats)
+                    row[f"{regime}_ms"] = median_ms(step, repeats, DEVICE)
             except Exception as err:  # noqa: BLE001 - recorded; the other cases still run
                 report["errors"].append(f"regime {regime} {case}: {type(err).__name__}: {err}"[:300])
         if "dense_ms" in row and "grouped_ms" in row:
@@ -325,8 +302,8 @@ def paste_text(report: dict) -> str:
 
 def _tables(report: dict) -> None:
     """The picks as data (what ``python -m benchmarks --tuned`` installs; see benchmarks/tuned.py)."""
-    report["grouped_configs"] = {shape_class: json.loads(entry["best"]) for shape_class, entry in report["tiles"].items()
-                                 if "best" in entry}
+    report["grouped_configs"] = {shape_class: json.loads(entry["best"])
+                                 for shape_class, entry in report["tiles"].items() if "best" in entry}
     if "ffn" in report and GPU:
         major = torch.cuda.get_device_capability()[0]
         report["ffn_engines"] = [[major, kind, report["ffn"]["shape_class"], engine]
