@@ -9,8 +9,8 @@
 #   MOELORA_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
 #
 # MOELORA_GIT_COMMIT names the commit when the tree has no .git (a copied working tree).
-# DEADLINE (seconds, default 540) bounds the whole script: the tests get what is left.
-# TUNE_B (default 60) is each tuner's budget, BENCH_B (default 150) the benchmark's, PROFILE
+# DEADLINE (seconds, default 480) bounds the whole script: the tests get what is left.
+# TUNE_B (default 40) is each tuner's budget, BENCH_B (default 120) the benchmark's, PROFILE
 # the case profiled. The tuners' JSON "paste" lines are what to commit into the tables; the
 # benchmark's meta.tuned records the picks it ran with.
 set -o pipefail
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-session-out}
 mkdir -p "$OUT"
 START=$(date +%s)
-DEADLINE=${DEADLINE:-540}
+DEADLINE=${DEADLINE:-480}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 LOG="$OUT/session.log"
 
@@ -39,7 +39,7 @@ python3 -c "import moelora; print('moelora._C CUDA kernels:', moelora.ops.native
 TUNED=""
 if [ "${TUNE:-1}" = 1 ]; then
   for TUNER in dense grouped; do
-    timeout $(( ${TUNE_B:-60} + 60 )) python3 -m benchmarks.tune_$TUNER --budget "${TUNE_B:-60}" \
+    timeout $(( ${TUNE_B:-40} + 60 )) python3 -m benchmarks.tune_$TUNER --budget "${TUNE_B:-40}" \
       --out "$OUT/tune-$TUNER.json" > "$OUT/tune.log" 2>&1
     RC=$?
     echo "tune_$TUNER rc=$RC after $(( $(date +%s) - START )) s" | tee -a "$LOG"
@@ -49,7 +49,7 @@ if [ "${TUNE:-1}" = 1 ]; then
   rm -f "$OUT/tune.log"
 fi
 
-timeout $(( ${BENCH_B:-150} + 60 )) python3 -m benchmarks --quick --time-budget "${BENCH_B:-150}" --out-dir "$OUT" \
+timeout $(( ${BENCH_B:-120} + 60 )) python3 -m benchmarks --quick --time-budget "${BENCH_B:-120}" --out-dir "$OUT" \
   ${TUNED:+--tuned "$TUNED"} > "$OUT/bench.log" 2>&1
 echo "benchmark rc=$? after $(( $(date +%s) - START )) s" | tee -a "$LOG"
 sed -n '/^not measured\|^met\|^missed/p' "$OUT/bench.log"
