@@ -315,10 +315,19 @@ def _launch_options(tiles: Dict[str, int]) -> Dict[str, int]:
     return {name: tiles[name] for name in _LAUNCH_OPTIONS if name in tiles}
 
 
+def _shape_class_kernel(shape_class: str) -> str:
+    """The kernel of a DENSE_CONFIGS key, after checking that the key is one dense_shape_class gives."""
+    parts = shape_class.split(":")
+    if len(parts) != 3 or len(parts[1]) != 2 or not set(parts[1]) <= set("sml") or parts[2] not in ("few", "many"):
+        raise ValueError(f"a DENSE_CONFIGS key is kernel:<n><k>:<rows> with widths s, m or l and rows few or many "
+                         f"(see dense_shape_class), got {shape_class!r}")
+    return parts[0]
+
+
 def install_dense_configs(configs: Dict[str, Dict[str, int]], replace: bool = False) -> None:
     """Add ``{shape class: tiles}`` entries to DENSE_CONFIGS (checked; e.g. a tune_dense result),
     or with ``replace`` make them the whole table; drops the launch configurations cached before."""
-    checked = {shape_class: check_tiles(shape_class.split(":")[0], dict(tiles))
+    checked = {shape_class: check_tiles(_shape_class_kernel(shape_class), dict(tiles))
                for shape_class, tiles in configs.items()}
     if replace:
         DENSE_CONFIGS.clear()

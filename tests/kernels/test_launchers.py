@@ -503,11 +503,7 @@ def test_dense_tile_table_entries_are_valid_and_used_off_the_interpreter(monkeyp
     """DENSE_CONFIGS as committed passes install_dense_configs' checks; off the interpreter a
     launch of a listed shape class takes the entry, a launcher's ``tiles`` win over it, and the
     interpreter keeps the defaults."""
-    K.install_dense_configs(dict(K.DENSE_CONFIGS))
-    for shape_class in K.DENSE_CONFIGS:
-        kernel, widths, rows = shape_class.split(":")
-        assert kernel in K.DENSE_TILE_KEYS and len(widths) == 2 and set(widths) <= set("sml")
-        assert rows in ("few", "many")
+    K.install_dense_configs(dict(K.DENSE_CONFIGS))  # checks every key and entry
     assert K.dense_shape_class("gated_expand", 8192, 4096, 128) == "gated_expand:lm:many"
     with monkeypatch.context() as patch:
         patch.setattr(K, "DENSE_CONFIGS", {"gated_expand:lm:many": dict(BLOCK_T=128, num_warps=4)})
@@ -539,3 +535,9 @@ def test_bad_tiles_are_refused_with_the_reason(kernel, tiles, message):
     if kernel in K.DENSE_TILE_KEYS:
         with pytest.raises(ValueError, match=message):
             K.check_tiles(kernel, tiles)
+
+
+@pytest.mark.parametrize("key", ["gated_expand", "gated_expand:lx:many", "gated_expand:lm:lots", "matmul:lll:few"])
+def test_malformed_table_keys_are_refused(key):
+    with pytest.raises(ValueError, match="a DENSE_CONFIGS key is kernel:<n><k>:<rows>"):
+        K.install_dense_configs({key: dict(BLOCK_T=64)})
