@@ -22,8 +22,8 @@ Saved for backward: x (and x_lora when LoRA dropout makes it differ), h [T, R], 
 (logits [T, E], ids, weights, counts); nothing T x d_out. Deterministic; no host sync.
 A and B of any float dtype (fp32 adapters over a bf16 base, as PEFT keeps them) are read as
 they are and rounded to x's dtype in registers by the kernels (no cast kernels, nothing
-saved twice); the router's product runs in fp32; everything accumulates in fp32. In eager mode an autograd.Function
-runs it; under torch.compile the same forward and backward are the custom ops
+saved twice); the router's product runs in fp32; everything accumulates in fp32. In eager
+mode an autograd.Function runs it; under torch.compile the same forward and backward are the custom ops
 ``moelora::moe_lora_linear_fwd`` / ``_bwd``.
 
 PyTorch backend (``_composed``): F.linear + the routing op + moelora.moe_lora's torch
@@ -187,12 +187,12 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     weights are the given ones and logits, counts and aux are empty."""
     dtype = x.dtype
     xl = x if lora_input is None else lora_input
-    a_rows, wr = lora_a_rows(lora_a), router_weight
-    if wr is not None and lora_input is None:
-        h, logits = launchers.lora_down(x, a_rows, wr)
+    a_rows = lora_a_rows(lora_a)
+    if router_weight is not None and lora_input is None:
+        h, logits = launchers.lora_down(x, a_rows, router_weight)
     else:
         h, _ = launchers.lora_down(xl, a_rows)
-        logits = launchers.lora_down(x, None, wr)[1] if wr is not None else logits_in
+        logits = launchers.lora_down(x, None, router_weight)[1] if router_weight is not None else logits_in
     if mode == "static":
         ids, weights, counts, aux_loss, aux_stats = topk_ids, topk_weights, *(x.new_empty(0) for _ in range(3))
     else:
@@ -203,6 +203,11 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     y.addmm_(x, weight.t())
     logits = x.new_empty(0) if logits is None else logits
     return y, h, logits, ids, weights, counts, aux_loss, aux_stats
+
+
+# The op's inputs (op_args order) whose gradients _fused_backward computes only on request, in the
+# order of its ``needs``: x, weight, bias, router_weight, logits_in, topk_weights, lora_input.
+_ON_REQUEST = (0, 1, 2, 5, 6, 7, 8)
 
 
 def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
@@ -216,7 +221,7 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     shared = lora_a.dim() == 2
     num_experts, d_out, rank = lora_b.shape
     xl = x if lora_input is None else lora_input
-    a_c, wr_c = lora_a_rows(lora_a), router_weight
+    a_rows = lora_a_rows(lora_a)
     dhg = launchers.matmul(dy, lora_b, stacked_b=True, out_dtype=launchers.accumulator_dtype(dtype),
                            compute_dtype=dtype)
     router = None
@@ -232,19 +237,20 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     drouter = (torch.empty(router_weight.shape, dtype=router_weight.dtype, device=x.device)
                if fused_router else None)
     launchers.lora_weight_grad(dy, xl, hg, dh, dl if fused_router else None, rank=rank, scaling=scaling,
-                               dlora_b=dlora_b, dlora_a=dlora_a if shared else dlora_a.view(a_c.shape),
+                               dlora_b=dlora_b, dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape),
                                drouter=drouter)
     if router_weight is not None and not fused_router and need_router:
         drouter = launchers.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
     dx = dlora_input = None
     if need_lora_input:
-        dlora_input = launchers.matmul(dh, a_c, out_dtype=dtype, compute_dtype=dtype, sanitize_b=not shared)
+        dlora_input = launchers.matmul(dh, a_rows, out_dtype=dtype, compute_dtype=dtype, sanitize_b=not shared)
     if need_x:
         if lora_input is None:
-            second = (dl, wr_c) if router_weight is not None else None
-            dx = launchers.matmul(dh, a_c, out_dtype=dtype, compute_dtype=dtype, second=second, sanitize_b=not shared)
+            second = (dl, router_weight) if router_weight is not None else None
+            dx = launchers.matmul(dh, a_rows, out_dtype=dtype, compute_dtype=dtype, second=second,
+                                  sanitize_b=not shared)
         elif router_weight is not None:
-            dx = launchers.matmul(dl, wr_c, out_dtype=dtype, compute_dtype=dtype)
+            dx = launchers.matmul(dl, router_weight, out_dtype=dtype, compute_dtype=dtype)
         if dx is None:
             dx = torch.mm(dy, weight.to(dtype))
         else:
@@ -301,7 +307,7 @@ class _MoELoRALinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, g_aux):
         n = ctx.needs_input_grad
-        needs = (n[0], n[1], n[2], n[5], n[6], n[7], n[8])
+        needs = tuple(n[i] for i in _ON_REQUEST)
         x_shape = ctx.x_shape
         if dy is not None and len(x_shape) != 2:
             dy = dy.reshape(-1, dy.shape[-1])
@@ -326,8 +332,8 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats) of the fused layer; see the module docstring."""
     out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                            num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
-                            lb_coef, z_coef)
+                         num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
+                         lb_coef, z_coef)
     return _outputs(out, mode == "static", logits_in is not None, x)
 
 
@@ -396,7 +402,8 @@ def _setup_context(ctx, inputs, output):
 
 def _custom_op_backward(ctx, dy, _dh, _dlogits, _dids, _dweights, _dcounts, g_aux, _dstats):
     n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2] and ctx.has_bias, n[5], n[6], n[7], n[8]]
+    needs = [n[i] for i in _ON_REQUEST]
+    needs[2] = needs[2] and ctx.has_bias
     grads = moe_lora_linear_bwd(dy, g_aux, *ctx.saved_tensors, *ctx.config, needs)
     dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = grads
     keep = lambda g, wanted: g if wanted else None  # noqa: E731
