@@ -17,6 +17,7 @@ interpreter patches triton.language in place.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import sys
 
@@ -181,8 +182,10 @@ def dense_tile_jobs():
             yield (f"{name} {label} {t}", kernel, constexprs, t.get("num_warps", warps), t.get("num_stages", stages))
 
 
-def all_jobs() -> list:
-    return list(jobs()) + list(dense_jobs()) + list(dense_tile_jobs())
+@functools.lru_cache(maxsize=None)
+def all_jobs() -> tuple:
+    """Every job, built once per process (each worker of main's pool looks its jobs up here)."""
+    return tuple(jobs()) + tuple(dense_jobs()) + tuple(dense_tile_jobs())
 
 
 def compile_job(index: int) -> str:

@@ -41,6 +41,7 @@ import moelora  # noqa: E402
 from moelora.kernels import launchers as K  # noqa: E402
 
 from . import tile_candidates  # noqa: E402
+from .report import metadata  # noqa: E402
 from .timing import Budget, compile_in_parallel, median_ms  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -195,9 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20 if GPU else 1)
     args = parser.parse_args(argv)
     budget = Budget(args.budget)
-    report = {"device": torch.cuda.get_device_name() if GPU else "cpu", "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "dtype": str(DTYPE),
-              "git_commit": os.environ.get("MOELORA_GIT_COMMIT"), "sizes": [s._asdict() for s in ROW_SIZES],
+    report = {"meta": metadata(DEVICE), "dtype": str(DTYPE), "sizes": [s._asdict() for s in ROW_SIZES],
               "tiles": {}, "dense_configs": {}, "end_to_end": {}, "skipped": [], "errors": []}
     torch.manual_seed(0)
     t0 = time.monotonic()

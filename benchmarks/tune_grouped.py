@@ -44,6 +44,7 @@ from moelora.kernels.launchers import TileConfig
 from moelora.ops.routing import dispatch_rows, expert_layout
 
 from . import tile_candidates  # noqa: E402
+from .report import metadata  # noqa: E402
 from .timing import Budget, compile_in_parallel, median_ms  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -319,8 +320,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10 if GPU else 1)
     args = parser.parse_args(argv)
     budget = Budget(args.budget)
-    report = {"device": torch.cuda.get_device_name() if GPU else "cpu", "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "dtype": str(DTYPE), "tiles": {}, "skipped": [], "errors": []}
+    report = {"meta": metadata(DEVICE), "dtype": str(DTYPE), "tiles": {}, "skipped": [], "errors": []}
     torch.manual_seed(0)
     phases = {}
     t0 = time.monotonic()
@@ -340,7 +340,8 @@ def main(argv=None) -> int:
     _tables(report)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(json.dumps({k: report[k] for k in ("device", "phases", "skipped", "errors")}, indent=1))
+    summary = {"device": report["meta"]["device_name"], **{k: report[k] for k in ("phases", "skipped", "errors")}}
+    print(json.dumps(summary, indent=1))
     for shape_class, entry in report["tiles"].items():
         print(f"{shape_class}: {entry.get('candidates')} grouped_mm {entry.get('grouped_mm_total_ms')}")
     if "ffn" in report:

@@ -27,6 +27,9 @@ def install(paths: Iterable[str]) -> dict:
     installed = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
+        if not {"dense_configs", "grouped_configs"} & set(report):
+            raise ValueError(f"{path}: no tuned table in it (expected the JSON of benchmarks.tune_dense or "
+                             "benchmarks.tune_grouped)")
         got = {}
         if report.get("dense_configs"):
             launchers.install_dense_configs(report["dense_configs"])
@@ -42,8 +45,5 @@ def install(paths: Iterable[str]) -> dict:
         if report.get("dense_width_per_slot"):
             moe_lora.DENSE_WIDTH_PER_SLOT = int(report["dense_width_per_slot"])
             got["dense_width_per_slot"] = moe_lora.DENSE_WIDTH_PER_SLOT
-        if not {"dense_configs", "grouped_configs"} & set(report):
-            raise ValueError(f"{path}: no tuned table in it (expected the JSON of benchmarks.tune_dense or "
-                             "benchmarks.tune_grouped)")
         installed[str(path)] = got
     return installed
