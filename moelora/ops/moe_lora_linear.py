@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -205,9 +206,9 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     return y, h, logits, ids, weights, counts, aux_loss, aux_stats
 
 
-# The op's inputs (op_args order) whose gradients _fused_backward computes only on request, in the
-# order of its ``needs``: x, weight, bias, router_weight, logits_in, topk_weights, lora_input.
-_ON_REQUEST = (0, 1, 2, 5, 6, 7, 8)
+# needs_input_grad -> _fused_backward's ``needs``: the op's inputs (op_args order) whose gradients it
+# computes only on request: x, weight, bias, router_weight, logits_in, topk_weights, lora_input.
+_on_request = operator.itemgetter(0, 1, 2, 5, 6, 7, 8)
 
 
 def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
@@ -307,7 +308,7 @@ class _MoELoRALinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, g_aux):
         n = ctx.needs_input_grad
-        needs = tuple(n[i] for i in _ON_REQUEST)
+        needs = _on_request(n)
         x_shape = ctx.x_shape
         if dy is not None and len(x_shape) != 2:
             dy = dy.reshape(-1, dy.shape[-1])
@@ -402,7 +403,7 @@ def _setup_context(ctx, inputs, output):
 
 def _custom_op_backward(ctx, dy, _dh, _dlogits, _dids, _dweights, _dcounts, g_aux, _dstats):
     n = ctx.needs_input_grad
-    needs = [n[i] for i in _ON_REQUEST]
+    needs = list(_on_request(n))
     needs[2] = needs[2] and ctx.has_bias
     grads = moe_lora_linear_bwd(dy, g_aux, *ctx.saved_tensors, *ctx.config, needs)
     dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = grads
