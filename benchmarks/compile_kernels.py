@@ -19,7 +19,11 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from typing import Optional
 
 import triton
 import triton.language as tl
@@ -48,10 +52,10 @@ FLOAT_SCALARS = {"alpha", "scaling", "scale_out", "inv_t", "lb_coef", "z_coef", 
 ALIGNED_INTS = {"num_rows", "N", "K", "NA", "NB", "F", "layout_block"}
 
 
-def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int = 3, pointers=None) -> int:
+def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int = 3, pointers=None) -> tuple:
     """Compile ``kernel`` (a JITFunction) for sm_90 with bf16 pointers (``pointers`` maps names
     to other types), specialised as a launch on aligned row-major operands would be; returns
-    its shared memory bytes."""
+    (shared memory bytes, registers per thread or None where no cuobjdump can read the cubin)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -69,7 +73,21 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int =
             attrs[(i,)] = [["tt.divisibility", 16]]
     out = triton.compile(ASTSource(kernel, signature, values, attrs), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=num_warps, num_stages=num_stages))
-    return out.metadata.shared
+    return out.metadata.shared, registers(out.asm["cubin"])
+
+
+def registers(cubin: bytes) -> Optional[int]:
+    """Registers per thread of a compiled kernel, read from its cubin by the cuobjdump that comes
+    with Triton's CUDA backend (None if there is none)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+)", usage)
+    return int(found.group(1)) if found else None
 
 
 def jobs():
@@ -118,9 +136,11 @@ def dense_jobs():
            dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3)
     for shared in (True, False):
         for rank in (16, 8, 0):  # r = 16, 8 compiled in; any other r read at run time
-            yield (f"gated_expand shared {shared} RANK {rank}", D.gated_expand_kernel,
-                   dict(SHARED_A=shared, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
-                        BLOCK_C=128, RANK=rank), 8, 1)
+            for base in (True, False):  # moe_lora's base + delta; the fused layer's bias + delta
+                block_n, warps, stages = (64, 4, 3) if base else (128, 8, 2)  # the launcher's defaults
+                yield (f"gated_expand shared {shared} RANK {rank} base {base}", D.gated_expand_kernel,
+                       dict(SHARED_A=shared, HAS_BASE=base, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64,
+                            BLOCK_N=block_n, BLOCK_C=16, RANK=rank), warps, stages)
     for router in (D.NO_ROUTER, D.SOFTMAX_RENORMALIZED, D.SOFTMAX_PLAIN, D.TOPK_SOFTMAX):
         for shared in (True, False):
             yield (f"gate_backward router {router} shared {shared}", D.gate_backward_kernel,
@@ -145,8 +165,8 @@ def dense_jobs():
     # fp32 adapters over a bf16 base: A and B are read in fp32 and rounded in registers
     fp32_b = {"b_ptr": "*fp32", "b2_ptr": "*fp32"}
     yield ("gated_expand, fp32 B", D.gated_expand_kernel,
-           dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128, BLOCK_C=128,
-                RANK=16), 8, 1, fp32_b)
+           dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128, BLOCK_C=16,
+                RANK=16), 8, 2, fp32_b)
     yield ("matmul stacked, fp32 B", M.matmul_kernel,
            dict(HAS_SECOND=True, HAS_ADDEND=False, SANITIZE_B=False, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
                 BLOCK_K=64), 4, 3, fp32_b)
@@ -156,13 +176,31 @@ def dense_jobs():
 # choose them by default; a DENSE_CONFIGS entry or tuning candidate overrides some of them.
 DENSE_TILE_BASE = {
     "lora_down": (dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3),
-    "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128,
-                          BLOCK_C=128, RANK=16), 8, 1),
+    "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=64,
+                          BLOCK_C=16, RANK=16), 4, 3),
     "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
                     BLOCK_K=64), 4, 3),
     "lora_weight_grad": (dict(HAS_ROUTER=True, SPLIT=True, **DOT, BLOCK_M=64, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),
                          4, 3),
 }
+
+
+# Programs per SM that a default launch's registers must allow (checked where cuobjdump can
+# read the cubin; an SM has 65536 registers, given out 8 per thread at a time). The gated
+# expand's sanitized pass (non-finite tiles only) works on 16-row slices so that it does not
+# raise the registers of the finite path: sanitizing every tile took over 200 registers, one
+# program per SM.
+MIN_PROGRAMS_PER_SM = {
+    **{f"gated_expand shared {shared} RANK {rank} base {base}": 2
+       for shared in (True, False) for rank in (16, 8, 0) for base in (True, False)},
+    "gated_expand, fp32 B": 2,
+}
+SM90_REGISTERS = 65536
+
+
+def programs_per_sm(registers: int, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps whose registers fit in one SM together."""
+    return SM90_REGISTERS // (-(-max(registers, 1) // 8) * 8 * 32 * num_warps)
 
 
 def dense_tile_jobs():
@@ -195,10 +233,14 @@ def compile_job(index: int) -> str:
         pointers = None if kernel.__module__.endswith("grouped") else {**POINTERS, **DENSE_POINTERS}
         if pointer_types:  # a variant with some operands in another dtype
             pointers = {**(pointers or POINTERS), **pointer_types[0]}
-        shared = compile_sm90(kernel, constexprs, warps, stages, pointers)
+        shared, regs = compile_sm90(kernel, constexprs, warps, stages, pointers)
     except Exception as err:  # noqa: BLE001 - reported, counted
         return f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}"
-    return f"{'FAIL' if shared > SM90_SHARED_LIMIT else 'ok  '} {name}: {shared} bytes of shared memory"
+    wanted = MIN_PROGRAMS_PER_SM.get(name)
+    fits = None if regs is None else programs_per_sm(regs, warps)
+    over = shared > SM90_SHARED_LIMIT or (wanted is not None and fits is not None and fits < wanted)
+    return (f"{'FAIL' if over else 'ok  '} {name}: {shared} bytes of shared memory, {regs} registers"
+            + (f" ({fits} programs per SM, at least {wanted} wanted)" if wanted is not None else ""))
 
 
 def main() -> int:

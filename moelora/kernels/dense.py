@@ -34,7 +34,7 @@ per call and keeps the others with the configuration.
 import triton
 import triton.language as tl
 
-from moelora.kernels.matmul import _sanitized_dot
+from moelora.kernels.matmul import SANITIZED_SLICE, _any_nonfinite, _sanitized_dot
 
 
 @triton.jit
@@ -122,6 +122,45 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
 
 
 @triton.jit
+def _gated_expand_acc(h_ptr, ids_ptr, w_ptr, b_ptr, offs_t, mask_t, offs_n, mask_n, NB, rank, scaling,
+                      stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk, stride_be, stride_bn, stride_br,
+                      SHARED_A: tl.constexpr, SANITIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TOP_K: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(acc, poisoned): Hg @ B_stack^T for the tokens offs_t and the columns offs_n, with plain
+    dots, or with SANITIZE dots that take B's non-finite entries as 0 where Hg's coefficient on
+    them is 0 and mark the outputs where it is not (moelora.kernels.matmul._sanitized_dot)."""
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
+    poisoned = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.int1)
+    for c0 in range(0, NB, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < NB
+        hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
+                         stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+                         SHARED_A, TOP_K, BLOCK_T, BLOCK_C, ACC_DTYPE)
+        b = tl.load(b_ptr + (offs_c // rank)[:, None] * stride_be + offs_n[None, :] * stride_bn
+                    + (offs_c % rank)[:, None] * stride_br, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc, poisoned = _sanitized_dot(hg, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, SANITIZE)
+    return acc, poisoned
+
+
+@triton.jit
+def _gated_expand_store(acc, poisoned, offs_t, mask_t, offs_n, mask_n, base_ptr, bias_ptr, y_ptr, scale_out,
+                        stride_xt, stride_xn, stride_bias, stride_yt, stride_yn,
+                        HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """y[offs_t, offs_n] = base + bias + acc * scale_out, NaN where poisoned."""
+    acc = tl.where(poisoned, float("nan"), acc * scale_out)
+    mask = mask_t[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    if HAS_BASE:
+        acc += tl.load(base_ptr + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
+                       mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def gated_expand_kernel(
     h_ptr, ids_ptr, w_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
     scaling, scale_out,
@@ -140,34 +179,38 @@ def gated_expand_kernel(
     (known at compile time, the compiler sees B's r contiguous columns per expert and loads
     them as vectors), else 0 (r read from ``rank``).
 
-    Non-finite entries of an expert's B reach only the tokens that chose it (sanitized dot,
-    see moelora.kernels.matmul). Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    Non-finite entries of an expert's B reach only the tokens that chose it. A tile is
+    computed with plain dots; a tile whose result is not all finite (a non-finite B or h within
+    its reach, or an overflow) is computed again, SANITIZED_SLICE rows at a time, with dots
+    that take B's non-finite entries as 0 where Hg's coefficient on them is 0 and give NaN
+    where it is not (moelora.kernels.matmul._sanitized_dot). Finite tiles therefore cost one
+    dot per step and the registers of the plain GEMM. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
     """
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_t = tl.program_id(0).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_t = offs_t < T
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
-    poisoned = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.int1)
     rank = RANK if RANK > 0 else rank
-    for c0 in range(0, NB, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < NB
-        hg = _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, scaling,
-                         stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
-                         SHARED_A, TOP_K, BLOCK_T, BLOCK_C, ACC_DTYPE)
-        b = tl.load(b_ptr + (offs_c // rank)[:, None] * stride_be + offs_n[None, :] * stride_bn
-                    + (offs_c % rank)[:, None] * stride_br, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        acc, poisoned = _sanitized_dot(hg, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, True)
-    acc = tl.where(poisoned, float("nan"), acc * scale_out)
-    mask = mask_t[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
-    if HAS_BASE:
-        acc += tl.load(base_ptr + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
-                       mask=mask, other=0.0).to(ACC_DTYPE)
-    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=mask)
+    acc, poisoned = _gated_expand_acc(h_ptr, ids_ptr, w_ptr, b_ptr, offs_t, mask_t, offs_n, mask_n, NB, rank,
+                                      scaling, stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
+                                      stride_be, stride_bn, stride_br, SHARED_A, False, DOT_DTYPE, ACC_DTYPE,
+                                      INPUT_PRECISION, TOP_K, BLOCK_T, BLOCK_N, BLOCK_C)
+    if _any_nonfinite(acc):
+        for t0 in range(0, BLOCK_T, SANITIZED_SLICE):
+            offs_s = pid_t * BLOCK_T + t0 + tl.arange(0, SANITIZED_SLICE)
+            mask_s = offs_s < T
+            acc_s, poisoned_s = _gated_expand_acc(
+                h_ptr, ids_ptr, w_ptr, b_ptr, offs_s, mask_s, offs_n, mask_n, NB, rank, scaling,
+                stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk, stride_be, stride_bn, stride_br,
+                SHARED_A, True, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TOP_K, SANITIZED_SLICE, BLOCK_N,
+                SANITIZED_SLICE)
+            _gated_expand_store(acc_s, poisoned_s, offs_s, mask_s, offs_n, mask_n, base_ptr, bias_ptr, y_ptr,
+                                scale_out, stride_xt, stride_xn, stride_bias, stride_yt, stride_yn, HAS_BASE,
+                                HAS_BIAS, ACC_DTYPE)
+    else:
+        _gated_expand_store(acc, poisoned, offs_t, mask_t, offs_n, mask_n, base_ptr, bias_ptr, y_ptr, scale_out,
+                            stride_xt, stride_xn, stride_bias, stride_yt, stride_yn, HAS_BASE, HAS_BIAS, ACC_DTYPE)
 
 
 # Router gradient modes of gate_backward_kernel (ROUTER).

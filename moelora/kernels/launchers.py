@@ -458,14 +458,20 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
                          ids_strides: tuple, w_strides: tuple, b_strides: tuple, base_strides: Optional[tuple],
                          bias_stride: Optional[int], out_strides: tuple, dtype: torch.dtype,
                          tf32: bool, given_tiles: tuple) -> KernelLaunch:
+    """Default tiles: Hg's E*r columns 16 at a time; 64 x 128 outputs per program with 8 warps and
+    a two-stage pipeline, or, adding a base (whose tile the epilogue loads), 64 x 64 with 4
+    warps and three stages. Compiled for sm_90 by Triton 3.6 and 3.9 either fits at least two
+    programs per SM in registers (benchmarks/compile_kernels.py checks it); a whole E*r = 128
+    step at once, as before, took over 200 registers: one program per SM."""
+    has_base = base_strides is not None
     overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank)
     block_t = overrides.get("BLOCK_T") or 64
-    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 128)
-    meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=base_strides is not None,
+    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if has_base else 128)
+    meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=has_base,
                 HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
-                BLOCK_C=overrides.get("BLOCK_C") or _pow2_block(E * rank, 16, 128), RANK=_pow2_or_zero(rank))
-    if not _INTERPRETING:  # K = E*r is one or two tiles: no software pipelining, more programs per SM
-        meta.update(num_warps=8, num_stages=1)
+                BLOCK_C=overrides.get("BLOCK_C") or 16, RANK=_pow2_or_zero(rank))
+    if not _INTERPRETING:
+        meta.update(num_warps=4, num_stages=3) if has_base else meta.update(num_warps=8, num_stages=2)
     meta.update(_launch_options(overrides))
     fixed = (T, N, E * rank, rank, *h_strides, *ids_strides, *w_strides, *b_strides,
              *(base_strides if base_strides is not None else out_strides),

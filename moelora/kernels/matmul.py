@@ -16,6 +16,12 @@ import triton.language as tl
 
 
 @triton.jit
+def _any_nonfinite(acc):
+    """Whether the tile ``acc`` holds a NaN or an Inf (a scalar: the tile-wide or of it)."""
+    return tl.max(tl.where(tl.abs(acc) < float("inf"), 0, 1)) > 0
+
+
+@triton.jit
 def _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, SANITIZE_B: tl.constexpr):
     if SANITIZE_B:
@@ -29,6 +35,59 @@ def _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.c
     else:
         acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc, poisoned
+
+
+# Rows (and reduction columns) per step of a sanitized pass, which runs only for tiles whose
+# plain result is not all finite: small, so that the pass needs few registers and the finite
+# path keeps the occupancy of a plain GEMM.
+SANITIZED_SLICE = tl.constexpr(16)
+
+
+@triton.jit
+def _matmul_acc(a_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, b_cols, k_start, k_end, stride_am, stride_ak, stride_bk,
+                SANITIZE_B: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(acc, poisoned): A[offs_m, k_start:k_end] @ B[k_start:k_end, offs_n] with _sanitized_dot."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    poisoned = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int1)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + b_cols[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc, poisoned = _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, SANITIZE_B)
+    return acc, poisoned
+
+
+@triton.jit
+def _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, alpha, K2,
+                   stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn,
+                   stride_dm, stride_dn, HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr,
+                   SANITIZE_B: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[s, offs_m, offs_n] = alpha * (acc + A2 @ B2 (split 0)), NaN where poisoned, (+ D)."""
+    if HAS_SECOND:
+        if pid_s == 0:
+            for j0 in range(0, K2, BLOCK_K):
+                offs_j = j0 + tl.arange(0, BLOCK_K)
+                mask_j = offs_j < K2
+                a2 = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_j[None, :] * stride_a2k,
+                             mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+                b2 = tl.load(b2_ptr + offs_j[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
+                             mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+                acc += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                              out_dtype=ACC_DTYPE)
+    acc = acc * alpha
+    if SANITIZE_B:
+        acc = tl.where(poisoned, float("nan"), acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_ADDEND:
+        d = tl.load(d_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0)
+        acc += d.to(ACC_DTYPE)
+    c_ptrs = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -48,6 +107,11 @@ def matmul_kernel(
     B_GROUP: 0 for ungrouped columns, the group size when it is a power of two, -1 for another
     size (read from ``b_group``): a compile-time group lets the compiler see that B's columns
     run contiguously inside a group, so B's tiles are copied with vector (asynchronous) loads.
+
+    SANITIZE_B: the tile is computed with plain dots first; only a tile whose product is not all
+    finite (a non-finite A or B within its reach, or an overflow) is computed again,
+    SANITIZED_SLICE rows at a time, with sanitized dots (_sanitized_dot). Finite tiles cost one
+    dot per step and the registers of a plain GEMM.
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -65,34 +129,24 @@ def matmul_kernel(
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    poisoned = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int1)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + b_cols[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc, poisoned = _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, SANITIZE_B)
-    if HAS_SECOND:
-        if pid_s == 0:
-            for j0 in range(0, K2, BLOCK_K):
-                offs_j = j0 + tl.arange(0, BLOCK_K)
-                mask_j = offs_j < K2
-                a2 = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_j[None, :] * stride_a2k,
-                             mask=mask_m[:, None] & mask_j[None, :], other=0.0)
-                b2 = tl.load(b2_ptr + offs_j[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
-                             mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-                acc += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
-                              out_dtype=ACC_DTYPE)
-
-    acc = acc * alpha
+    acc, poisoned = _matmul_acc(a_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, b_cols, k_start, k_end, stride_am,
+                                stride_ak, stride_bk, False, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_M,
+                                BLOCK_N, BLOCK_K)
+    redo = False
     if SANITIZE_B:
-        acc = tl.where(poisoned, float("nan"), acc)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_ADDEND:
-        d = tl.load(d_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0)
-        acc += d.to(ACC_DTYPE)
-    c_ptrs = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        redo = _any_nonfinite(acc)
+    if redo:
+        for m0 in range(0, BLOCK_M, SANITIZED_SLICE):
+            offs_s = pid_m * BLOCK_M + m0 + tl.arange(0, SANITIZED_SLICE)
+            mask_s = offs_s < M
+            acc_s, poisoned_s = _matmul_acc(a_ptr, b_ptr, offs_s, mask_s, offs_n, mask_n, b_cols, k_start, k_end,
+                                            stride_am, stride_ak, stride_bk, True, DOT_DTYPE, ACC_DTYPE,
+                                            INPUT_PRECISION, SANITIZED_SLICE, BLOCK_N, SANITIZED_SLICE)
+            _matmul_finish(acc_s, poisoned_s, offs_s, mask_s, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr,
+                           alpha, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn,
+                           stride_dm, stride_dn, HAS_SECOND, HAS_ADDEND, SANITIZE_B, DOT_DTYPE, ACC_DTYPE,
+                           INPUT_PRECISION, SANITIZED_SLICE)
+    else:
+        _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, alpha, K2,
+                       stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn, stride_dm,
+                       stride_dn, HAS_SECOND, HAS_ADDEND, SANITIZE_B, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_K)

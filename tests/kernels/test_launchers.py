@@ -205,6 +205,57 @@ def test_matmul_stacked_b_second_pair_and_sanitized_b(r):
     assert torch.isfinite(out[10:20, 2]).all() and torch.isfinite(out[:, [0, 1, 3, 4, 6, 7]]).all()
 
 
+@pytest.mark.parametrize("split_k", [False, True])
+def test_sanitized_matmul_recomputes_only_tiles_that_are_not_finite(monkeypatch, split_k):
+    """Tiles whose plain product is finite keep it (bitwise the result for a finite b); a tile with
+    a non-finite b entry in reach is computed again in 16-row slices with sanitized dots, the
+    second pair, alpha and the addend applied to each slice (split over K too)."""
+    if split_k:
+        monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    M, Kd, N, K2 = 50, 600 if split_k else 30, 40, 6
+    a, a2, b2, d = randn(M, Kd), randn(M, K2), randn(K2, N), randn(M, N)
+    bad = randn(Kd, N)
+    bad[3, 5], bad[7, 20] = NAN, float("inf")
+    a[:10, 3] = 0  # rows 0-9 do not weigh the NaN
+    a[:20, 7] = 0  # rows 0-19 do not weigh the Inf
+    clean = torch.where(torch.isfinite(bad), bad, 0)
+    kwargs = dict(out_dtype=torch.float32, compute_dtype=torch.float32, alpha=0.5, second=(a2, b2), addend=None if
+                  split_k else d, split_k=split_k, sanitize_b=True, tiles=dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16))
+    out = K.matmul(a, bad, **kwargs)
+    out_clean = K.matmul(a, clean, **kwargs)
+    assert torch.equal(out[:, 32:], out_clean[:, 32:])  # the third column tile: no sanitized pass
+    expected = 0.5 * (a.double() @ clean.double() + a2.double() @ b2.double()) + (0 if split_k else d.double())
+    poisoned = torch.zeros(M, N, dtype=torch.bool, device=DEVICE)
+    poisoned[10:, 5], poisoned[20:, 20] = True, True
+    assert torch.isnan(out[poisoned]).all() and torch.isfinite(out[~poisoned]).all()
+    assert rel_err(out[~poisoned], expected[~poisoned]) < 1e-6
+
+
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_gated_expand_recomputes_only_tiles_that_are_not_finite(shared_a):
+    """Tiles whose plain product is finite keep it (bitwise the result for a finite B); a tile
+    with a non-finite B entry in reach is computed again in 16-row slices with sanitized dots:
+    NaN only where a token chose the expert, the reference elsewhere, bias added to every slice."""
+    T, E, r, k, N, s = 70, 5, 4, 2, 40, 0.3
+    ids, w = routing(T, E, k)
+    h, B, bias = randn(T, r if shared_a else E * r), randn(E, N, r), randn(N)
+    B[2, 20, 1], B[2, 35, 0] = NAN, -float("inf")  # column tiles 2 and 3 of 16; tile 1 stays finite
+    clean_b = torch.where(torch.isfinite(B), B, 0)
+    tiles = dict(BLOCK_T=32, BLOCK_N=16, BLOCK_C=16)  # E*r = 20: two Hg steps per tile
+    out = K.gated_expand(h, ids, w, B, scaling=s, shared_a=shared_a, bias=bias, tiles=tiles)
+    out_clean = K.gated_expand(h, ids, w, clean_b, scaling=s, shared_a=shared_a, bias=bias, tiles=tiles)
+    assert torch.equal(out[:, :16], out_clean[:, :16])
+    G = dense_gates(ids, w, E, torch.float64) * s
+    h3 = h.double().view(T, 1 if shared_a else E, r).expand(T, E, r)
+    expected = bias.double() + torch.einsum("te,ter,enr->tn", G, h3, clean_b.double())
+    poisoned = torch.zeros(T, N, dtype=torch.bool, device=DEVICE)
+    chose_2 = (ids == 2).any(1)
+    poisoned[chose_2, 20] = True
+    poisoned[chose_2, 35] = True
+    assert torch.isnan(out[poisoned]).all() and torch.isfinite(out[~poisoned]).all()
+    assert rel_err(out[~poisoned], expected[~poisoned]) < 1e-6
+
+
 def _row_layout(T, E, k, block=16, experts=None):
     ids = torch.rand(T, E).argsort(1)[:, :k].to(DEVICE)
     if experts is not None:  # only the first ``experts`` experts get pairs
