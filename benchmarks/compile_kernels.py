@@ -99,7 +99,8 @@ def jobs():
         configs = {"default": K._default_config(kernel, 4096, 4096)}
         configs.update({cls: c for cls, c in K.GROUPED_CONFIGS.items() if cls.startswith(kernel + ":")})
         table = tile_candidates.GROUPED_MATMUL if kernel == "matmul" else tile_candidates.GROUPED_WGRAD
-        configs.update({f"candidate {widths}": K.TileConfig(*c) for widths, options in table.items() for c in options})
+        configs.update({f"candidate {widths} {i}": K.TileConfig(*c) for widths, options in table.items()
+                        for i, c in enumerate(options)})
         for name, c in configs.items():
             if kernel == "matmul":
                 flags = dict(A_BY_TOKEN=True, HAS_SECOND=True, HAS_SCALE=True, GATE_GRAD=False, H_BY_TOKEN=False)
