@@ -10,6 +10,13 @@ config of moelora.kernels.launchers.GROUPED_CONFIGS and every tuning candidate
 defaults and the row kernels (all activations); every kernel of the dense regime and the
 fused layer (moelora/kernels/dense.py, matmul.py) in each of its modes, and in its most
 demanding mode with every DENSE_CONFIGS entry and tuning candidate.
+
+Beside these, every launch of three training steps (the fused MoELoRALinear at S1, moe_lora's
+dense regime with a shared and with a per-expert A) is traced with
+moelora.kernels.launchers.record_launches and compiled exactly as configured and as Triton
+specialises it; each must fit at least MIN_PROGRAMS_PER_SM programs per SM in registers and
+shared memory, without spilling (a structural budget: an SM running one program at a time
+cannot hide its memory latency). Each line reports the registers per thread.
 Run it in a process that has not run interpreted kernels (TRITON_INTERPRET unset): the
 interpreter patches triton.language in place.
 """
@@ -25,6 +32,7 @@ import sys
 import tempfile
 from typing import Optional
 
+import torch
 import triton
 import triton.language as tl
 
@@ -78,7 +86,7 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int =
 
 def registers(cubin: bytes) -> Optional[int]:
     """Registers per thread of a compiled kernel, read from its cubin by the cuobjdump that comes
-    with Triton's CUDA backend (None if there is none)."""
+    with Triton's CUDA backend (None if there is none); -1 if it spills registers to the stack."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return None
@@ -86,8 +94,10 @@ def registers(cubin: bytes) -> Optional[int]:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+)", usage)
-    return int(found.group(1)) if found else None
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if not found:
+        return None
+    return -1 if int(found.group(2)) else int(found.group(1))
 
 
 def jobs():
@@ -150,8 +160,8 @@ def dense_jobs():
     for split in (True, False):
         for router in (True, False):
             yield (f"lora_weight_grad split {split} router {router}", D.lora_weight_grad_kernel,
-                   dict(HAS_ROUTER=router, SPLIT=split, **DOT, BLOCK_M=32, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),
-                   4, 3)
+                   dict(HAS_ROUTER=router, SPLIT=split, **DOT, BLOCK_M=64, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),
+                   8, 3)
     yield ("lora_weight_grad_reduce", D.lora_weight_grad_reduce_kernel,
            dict(HAS_ROUTER=True, ACC_DTYPE=tl.float32, BLOCK=1024), 4, 3)
     for kept in (True, False):
@@ -182,26 +192,105 @@ DENSE_TILE_BASE = {
     "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
                     BLOCK_K=64), 4, 3),
     "lora_weight_grad": (dict(HAS_ROUTER=True, SPLIT=True, **DOT, BLOCK_M=64, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),
-                         4, 3),
+                         8, 3),
 }
 
 
-# Programs per SM that a default launch's registers must allow (checked where cuobjdump can
-# read the cubin; an SM has 65536 registers, given out 8 per thread at a time). The gated
-# expand's sanitized pass (non-finite tiles only) works on 16-row slices so that it does not
-# raise the registers of the finite path: sanitizing every tile took over 200 registers, one
-# program per SM.
-MIN_PROGRAMS_PER_SM = {
-    **{f"gated_expand shared {shared} RANK {rank} base {base}": 2
-       for shared in (True, False) for rank in (16, 8, 0) for base in (True, False)},
-    "gated_expand, fp32 B": 2,
-}
+# Every launch of the traced training steps (traced_jobs) must not spill registers and must
+# leave room for at least this many programs per SM in registers and shared memory (checked
+# where cuobjdump can read the cubin; an SM has 65536 registers, given out 8 per thread at a
+# time). The gated expand's sanitized pass
+# (non-finite tiles only) works on 16-row slices so that it does not raise the registers of
+# the finite path: sanitizing every tile took over 200 registers, one program per SM at S1.
+MIN_PROGRAMS_PER_SM = 2
 SM90_REGISTERS = 65536
 
 
-def programs_per_sm(registers: int, num_warps: int) -> int:
-    """Programs of ``num_warps`` warps whose registers fit in one SM together."""
-    return SM90_REGISTERS // (-(-max(registers, 1) // 8) * 8 * 32 * num_warps)
+def programs_per_sm(registers: int, num_warps: int, shared: int = 0) -> int:
+    """Programs of ``num_warps`` warps whose registers and shared memory (1 KiB of it reserved
+    per program) fit in one SM together."""
+    by_registers = SM90_REGISTERS // (-(-max(registers, 1) // 8) * 8 * 32 * num_warps)
+    return min(by_registers, SM90_SHARED_LIMIT // (shared + 1024))
+
+
+def compile_launch(launch, dtypes: tuple, floats: int) -> tuple:
+    """Compile a configured launch (moelora.kernels.launchers.KernelLaunch) for sm_90 as Triton
+    specialises it when launched with tensors of ``dtypes`` (16-byte aligned) and ``floats``
+    per-call floats: ints equal to 1 become constants, ints divisible by 16 are marked so.
+    Returns (shared memory bytes, registers per thread or None)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    values = [*dtypes, *([1.5] * floats), *launch.fixed]
+    signature, constants, attrs = {}, {}, {}
+    params = [p for p in launch.kernel.params if not p.is_constexpr]
+    for i, p in enumerate(launch.kernel.params):
+        if p.is_constexpr:
+            signature[p.name], constants[p.name] = "constexpr", launch.meta[p.name]
+            continue
+        value = values[params.index(p)]
+        if isinstance(value, torch.dtype):
+            signature[p.name] = "*" + TRITON_TYPES[value]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[p.name] = "fp32"
+        elif value == 1:
+            signature[p.name], constants[p.name] = "constexpr", 1
+        else:
+            signature[p.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {k: launch.meta[k] for k in ("num_warps", "num_stages") if k in launch.meta}
+    out = triton.compile(ASTSource(launch.kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                         options=options)
+    return out.metadata.shared, registers(out.asm["cubin"])
+
+
+TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by traced_jobs
+
+
+def traced_jobs():
+    """(name, KernelLaunch, tensor dtypes, per-call floats, num_warps) of every Triton launch of
+    three training steps, configured by the launchers as on a 132-SM Hopper GPU: the fused
+    MoELoRALinear (bf16 base, fp32 adapters, shared A, softmax_topk with the aux loss: S1's
+    benchmark case), moe_lora's dense regime adding a base (bf16, shared A), and with a
+    per-expert A of rank 8. Sizes are T 2048 and d 512: the launch configurations (tiles,
+    flags, divisibility) are those of S1's T 8192 and d 4096, the CPU work stays small."""
+    from moelora.kernels import launchers as K
+    from moelora.ops import moe_lora as ML
+    from moelora.ops import moe_lora_linear as L
+
+    TRITON_TYPES.update({torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                         torch.int32: "i32", torch.int64: "i64"})
+    K._target_programs = lambda device: 2 * 132  # an H100 / H200 (the launchers' only device query)
+    T, d, E, k = 2048, 512, 8, 2
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    x, w0, dy = rand(T, d), rand(d, d), rand(T, d)
+    steps = {}
+    with K.record_launches() as calls:
+        adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in ((16, d), (E, d, 16), (E, d))]
+        router = L.RouterSpec(adapters[2], None, "softmax_topk", k)
+        args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None)
+        y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
+        torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
+        steps["S1 layer"], calls[:] = list(calls), []
+        x = x.detach()
+        ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
+        w = torch.rand(T, k, generator=gen)
+        for name, a in (("S1 moe_lora base + delta", rand(16, d)), ("S2 moe_lora per-expert A", rand(E, 8, d))):
+            b = rand(E, d, a.shape[-2])
+            y, h = ML._dense_forward(x, a, b, ids, w, rand(T, d), 2.0)
+            ML._dense_backward(dy, x, a, b, ids, w, h, 2.0, True)
+            steps[name], calls[:] = list(calls), []
+    for step, launches in steps.items():
+        for i, (launch, dtypes, floats) in enumerate(launches):
+            name = getattr(launch.kernel, "__name__", None) or launch.kernel.fn.__name__
+            yield (f"{step} #{i} {name} {dict((k, v) for k, v in launch.meta.items() if k.startswith('BLOCK'))}",
+                   launch, dtypes, floats, launch.meta.get("num_warps", 4))
 
 
 def dense_tile_jobs():
@@ -224,23 +313,31 @@ def dense_tile_jobs():
 @functools.lru_cache(maxsize=None)
 def all_jobs() -> tuple:
     """Every job, built once per process (each worker of main's pool looks its jobs up here)."""
-    return tuple(jobs()) + tuple(dense_jobs()) + tuple(dense_tile_jobs())
+    return tuple(jobs()) + tuple(dense_jobs()) + tuple(dense_tile_jobs()) + tuple(traced_jobs())
 
 
 def compile_job(index: int) -> str:
     """Compile job ``index`` of all_jobs(); its report line ("ok  ..." or "FAIL ...")."""
-    name, kernel, constexprs, warps, stages, *pointer_types = all_jobs()[index]
+    job = all_jobs()[index]
+    name = job[0]
     try:
-        pointers = None if kernel.__module__.endswith("grouped") else {**POINTERS, **DENSE_POINTERS}
-        if pointer_types:  # a variant with some operands in another dtype
-            pointers = {**(pointers or POINTERS), **pointer_types[0]}
-        shared, regs = compile_sm90(kernel, constexprs, warps, stages, pointers)
+        if isinstance(job[1], triton.JITFunction):
+            _, kernel, constexprs, warps, stages, *pointer_types = job
+            pointers = None if kernel.__module__.endswith("grouped") else {**POINTERS, **DENSE_POINTERS}
+            if pointer_types:  # a variant with some operands in another dtype
+                pointers = {**(pointers or POINTERS), **pointer_types[0]}
+            shared, regs = compile_sm90(kernel, constexprs, warps, stages, pointers)
+            wanted = None
+        else:  # a traced launch
+            _, launch, dtypes, floats, warps = job
+            shared, regs = compile_launch(launch, dtypes, floats)
+            wanted = MIN_PROGRAMS_PER_SM
     except Exception as err:  # noqa: BLE001 - reported, counted
         return f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}"
-    wanted = MIN_PROGRAMS_PER_SM.get(name)
-    fits = None if regs is None else programs_per_sm(regs, warps)
-    over = shared > SM90_SHARED_LIMIT or (wanted is not None and fits is not None and fits < wanted)
-    return (f"{'FAIL' if over else 'ok  '} {name}: {shared} bytes of shared memory, {regs} registers"
+    fits = None if regs is None or regs < 0 else programs_per_sm(regs, warps, shared)
+    over = shared > SM90_SHARED_LIMIT or (wanted is not None and regs is not None and (fits or 0) < wanted)
+    used = "registers spilled to the stack" if regs == -1 else f"{regs} registers"
+    return (f"{'FAIL' if over else 'ok  '} {name}: {shared} bytes of shared memory, {used}"
             + (f" ({fits} programs per SM, at least {wanted} wanted)" if wanted is not None else ""))
 
 

@@ -99,7 +99,7 @@ class KernelLaunch:
     def __call__(self, *args) -> None:
         same = self._same_specialisation(args)
         if _launch_hook is not None:
-            _launch_hook(self.kernel, self.grid)
+            _launch_hook(self.kernel, self.grid, self, args)
             if self._dtypes is None:  # so that the check above runs as it does on a GPU
                 self._record(args, None)
             return
@@ -154,7 +154,7 @@ def skip_launches():
         _launch_hook = previous
 
 
-def _skip(kernel, grid) -> None:
+def _skip(kernel, grid, configured=None, args=None) -> None:
     return None
 
 
@@ -165,12 +165,33 @@ def count_launches():
     global _launch_hook
     calls: List[tuple] = []
     previous = _launch_hook
-    _launch_hook = lambda kernel, grid: calls.append((kernel, grid))  # noqa: E731
+    _launch_hook = lambda kernel, grid, configured=None, args=None: calls.append((kernel, grid))  # noqa: E731
     try:
         yield calls
     finally:
         _launch_hook = previous
         calls[:] = [(_kernel_name(kernel), grid) for kernel, grid in calls]
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block no Triton kernel runs: each launch of a cached configuration is recorded
+    in the yielded list instead, as (KernelLaunch, the tensors' dtypes, the number of per-call
+    floats), e.g. to compile exactly what a call launches (benchmarks/compile_kernels.py)."""
+    global _launch_hook
+    calls: List[tuple] = []
+    previous = _launch_hook
+
+    def record(kernel, grid, configured=None, args=None):
+        if configured is not None:
+            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+            calls.append((configured, dtypes, len(args) - len(dtypes)))
+
+    _launch_hook = record
+    try:
+        yield calls
+    finally:
+        _launch_hook = previous
 
 
 def _kernel_name(kernel) -> str:
@@ -592,29 +613,27 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
                         db_strides: tuple, da_strides: tuple, dr_strides: tuple, given_tiles: tuple):
     """(KernelLaunch of lora_weight_grad_kernel, of the split reduction or None, partials' length).
 
-    Tiles of 64 rows (32 when that fills the device without splitting T) unless the tile table
-    says otherwise; T is split so that every SM gets about two programs, unless ``splits``
-    forces a number (tests)."""
+    Default tiles: 64 rows of d_out / d_in with 8 warps, T split so that every SM gets about two
+    programs (``splits`` forces a number: tests). Every row tile reads all of its T-slice of the
+    narrow operand (Hg [T, E*r] for dB, [dh | dlogits] for dA), so halving the rows per tile
+    doubles that traffic (at S1 32-row tiles read Hg 128 times: 256 MB); splitting T fills
+    the device instead, for a few MB of partials. The tile table (tune_dense) may say otherwise."""
     overrides = _dense_tiles("lora_weight_grad", given_tiles, T, d_out, NB)
     block_cb = overrides.get("BLOCK_CB") or _pow2_block(NB, 16, 256)
     block_ca = overrides.get("BLOCK_CA") or _pow2_block(R + E, 16, 256)
     block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
-    target = _target_programs(device)
     tiles_b_c, tiles_a_c = cdiv(NB, block_cb), cdiv(R + E, block_ca)
-
-    def tiles(bm):
-        return cdiv(d_out, bm) * tiles_b_c + cdiv(d_in, bm) * tiles_a_c
-
     block_m = overrides.get("BLOCK_M") or 64
-    if "BLOCK_M" not in overrides and device.type == "cuda" and tiles(block_m) < target and tiles(32) >= 0.75 * target:
-        block_m = 32
-    n_tiles = tiles(block_m)
+    n_tiles = cdiv(d_out, block_m) * tiles_b_c + cdiv(d_in, block_m) * tiles_a_c
     if splits is None:
         splits = _split_count(n_tiles, T, device)
     t_per_split = cdiv(cdiv(T, splits), block_t) * block_t
     splits = max(1, cdiv(T, t_per_split))
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, SPLIT=splits > 1, BLOCK_M=block_m,
-                BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t, **_launch_options(overrides))
+                BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
+    if not _INTERPRETING:
+        meta.update(num_warps=8)
+    meta.update(_launch_options(overrides))
     tiles_b = cdiv(d_out, block_m) * tiles_b_c
     part_a_offset = splits * d_out * NB
     fixed = (T, d_out, d_in, R, E, NB, rank, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,

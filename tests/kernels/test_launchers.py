@@ -419,6 +419,18 @@ def test_gated_expand_ignores_nonfinite_weights_of_unchosen_experts(shared_a):
         assert torch.isnan(out[chose_2][:, [7, 9]]).all() and torch.isfinite(out[chose_2][:, :7]).all()
 
 
+def test_record_launches_gives_each_configured_launch_and_its_argument_types():
+    """What benchmarks/compile_kernels.py compiles: the KernelLaunch a call makes, its tensors'
+    dtypes and its count of per-call floats; nothing runs."""
+    a, b = randn(40, 30), randn(30, 20, dtype=torch.float64)
+    with K.record_launches() as calls:
+        K.matmul(a, b, out_dtype=torch.float16, compute_dtype=torch.float32, alpha=0.5)
+    ((launch, dtypes, floats),) = calls
+    assert launch.kernel is K.matmul_kernel and launch.grid == (1, 1, 1)
+    assert dtypes == (torch.float32, torch.float64, torch.float32, torch.float64, torch.float16, torch.float16)
+    assert floats == 1 and launch.fixed[:3] == (40, 20, 30)  # M, N, K lead the configuration's scalars
+
+
 def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(monkeypatch):
     """A KernelLaunch's second launch with tensors of the first one's dtypes and alignment calls the
     compiled kernel directly, with Triton's argument order: tensors, per-call floats, the
