@@ -213,25 +213,27 @@ def programs_per_sm(registers: int, num_warps: int, shared: int = 0) -> int:
     return min(by_registers, SM90_SHARED_LIMIT // (shared + 1024))
 
 
-def compile_launch(launch, dtypes: tuple, floats: int) -> tuple:
-    """Compile a configured launch (moelora.kernels.launchers.KernelLaunch) for sm_90 as Triton
-    specialises it when launched with tensors of ``dtypes`` (16-byte aligned) and ``floats``
-    per-call floats: ints equal to 1 become constants, ints divisible by 16 are marked so.
-    Returns (shared memory bytes, registers per thread or None)."""
+def compile_launch(kernel, meta: dict, values: tuple) -> tuple:
+    """Compile a recorded launch (moelora.kernels.launchers.record_launches: the kernel, its
+    constexprs and options, its other parameters' values with tensors as dtypes) for sm_90 as
+    Triton specialises it: tensors 16-byte aligned, ints equal to 1 made constants, ints
+    divisible by 16 marked so, None as a constant. Returns (shared memory bytes, registers per
+    thread, -1 if they spill, or None)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    values = [*dtypes, *([1.5] * floats), *launch.fixed]
     signature, constants, attrs = {}, {}, {}
-    params = [p for p in launch.kernel.params if not p.is_constexpr]
-    for i, p in enumerate(launch.kernel.params):
+    values = iter(values)
+    for i, p in enumerate(kernel.params):
         if p.is_constexpr:
-            signature[p.name], constants[p.name] = "constexpr", launch.meta[p.name]
+            signature[p.name], constants[p.name] = "constexpr", meta[p.name]
             continue
-        value = values[params.index(p)]
+        value = next(values)
         if isinstance(value, torch.dtype):
             signature[p.name] = "*" + TRITON_TYPES[value]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value is None:
+            signature[p.name], constants[p.name] = "constexpr", None
         elif isinstance(value, float):
             signature[p.name] = "fp32"
         elif value == 1:
@@ -240,8 +242,8 @@ def compile_launch(launch, dtypes: tuple, floats: int) -> tuple:
             signature[p.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {k: launch.meta[k] for k in ("num_warps", "num_stages") if k in launch.meta}
-    out = triton.compile(ASTSource(launch.kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    out = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                          options=options)
     return out.metadata.shared, registers(out.asm["cubin"])
 
@@ -250,12 +252,14 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 
 def traced_jobs():
-    """(name, KernelLaunch, tensor dtypes, per-call floats, num_warps) of every Triton launch of
-    three training steps, configured by the launchers as on a 132-SM Hopper GPU: the fused
-    MoELoRALinear (bf16 base, fp32 adapters, shared A, softmax_topk with the aux loss: S1's
-    benchmark case), moe_lora's dense regime adding a base (bf16, shared A), and with a
-    per-expert A of rank 8. Sizes are T 2048 and d 512: the launch configurations (tiles,
-    flags, divisibility) are those of S1's T 8192 and d 4096, the CPU work stays small."""
+    """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
+    of five training steps (launchers.record_launches), configured by the launchers as on a
+    132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters, shared A,
+    softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime adding a base
+    (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A r 64, E 64,
+    k 4 as S3; per-expert A r 32, E 32). Sizes are scaled down (T 2048 or 4096, d 512) where
+    the launch configurations (tiles, flags, divisibility, shape classes) stay those of the
+    full shapes, so that the CPU work stays small."""
     from moelora.kernels import launchers as K
     from moelora.ops import moe_lora as ML
     from moelora.ops import moe_lora_linear as L
@@ -286,11 +290,20 @@ def traced_jobs():
             y, h = ML._dense_forward(x, a, b, ids, w, rand(T, d), 2.0)
             ML._dense_backward(dy, x, a, b, ids, w, h, 2.0, True)
             steps[name], calls[:] = list(calls), []
+        T, k = 4096, 4  # 256 rows per expert: the "many" shape classes of S3
+        x, dy = rand(T, d), rand(T, d)
+        for name, E, a in (("S3 moe_lora grouped", 64, rand(64, d)), ("moe_lora grouped per-expert A", 32,
+                                                                       rand(32, 32, d))):
+            ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
+            w = torch.rand(T, k, generator=gen)
+            b = rand(E, d, a.shape[-2])
+            y, h = ML._grouped_forward(x, a, b, ids, w, rand(T, d), 2.0)
+            ML._grouped_backward(dy, x, a, b, ids, w, h, 2.0, True)
+            steps[name], calls[:] = list(calls), []
     for step, launches in steps.items():
-        for i, (launch, dtypes, floats) in enumerate(launches):
-            name = getattr(launch.kernel, "__name__", None) or launch.kernel.fn.__name__
-            yield (f"{step} #{i} {name} {dict((k, v) for k, v in launch.meta.items() if k.startswith('BLOCK'))}",
-                   launch, dtypes, floats, launch.meta.get("num_warps", 4))
+        for i, (kernel, meta, values) in enumerate(launches):
+            tiles = {k: v for k, v in meta.items() if k.startswith("BLOCK")}
+            yield f"{step} #{i} {kernel.__name__} {tiles}", kernel, meta, values
 
 
 def dense_tile_jobs():
@@ -321,7 +334,7 @@ def compile_job(index: int) -> str:
     job = all_jobs()[index]
     name = job[0]
     try:
-        if isinstance(job[1], triton.JITFunction):
+        if len(job) > 4:  # (name, kernel, constexprs, warps, stages[, pointer types])
             _, kernel, constexprs, warps, stages, *pointer_types = job
             pointers = None if kernel.__module__.endswith("grouped") else {**POINTERS, **DENSE_POINTERS}
             if pointer_types:  # a variant with some operands in another dtype
@@ -329,9 +342,9 @@ def compile_job(index: int) -> str:
             shared, regs = compile_sm90(kernel, constexprs, warps, stages, pointers)
             wanted = None
         else:  # a traced launch
-            _, launch, dtypes, floats, warps = job
-            shared, regs = compile_launch(launch, dtypes, floats)
-            wanted = MIN_PROGRAMS_PER_SM
+            _, kernel, meta, values = job
+            shared, regs = compile_launch(kernel, meta, values)
+            warps, wanted = meta.get("num_warps", 4), MIN_PROGRAMS_PER_SM
     except Exception as err:  # noqa: BLE001 - reported, counted
         return f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}"
     fits = None if regs is None or regs < 0 else programs_per_sm(regs, warps, shared)

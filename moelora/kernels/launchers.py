@@ -137,7 +137,7 @@ def launch(kernel, grid, *args, **meta) -> None:
     """kernel[grid](*args, **meta) through Triton's own launcher (kernels whose configuration is not
     cached: the grouped regime's), or the hook of :func:`count_launches` / :func:`skip_launches`."""
     if _launch_hook is not None:
-        _launch_hook(kernel, grid)
+        _launch_hook(kernel, grid, None, (args, meta))
         return
     kernel[grid](*args, **meta)
 
@@ -175,17 +175,20 @@ def count_launches():
 
 @contextlib.contextmanager
 def record_launches():
-    """Within the block no Triton kernel runs: each launch of a cached configuration is recorded
-    in the yielded list instead, as (KernelLaunch, the tensors' dtypes, the number of per-call
-    floats), e.g. to compile exactly what a call launches (benchmarks/compile_kernels.py)."""
+    """Within the block no Triton kernel runs: each launch is recorded in the yielded list
+    instead, as (kernel, its constexprs and launch options, the values of its other parameters
+    in order with each tensor replaced by its dtype), e.g. to compile exactly what a call
+    launches (benchmarks/compile_kernels.py)."""
     global _launch_hook
     calls: List[tuple] = []
     previous = _launch_hook
 
     def record(kernel, grid, configured=None, args=None):
         if configured is not None:
-            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
-            calls.append((configured, dtypes, len(args) - len(dtypes)))
+            values, meta = (*args, *configured.fixed), configured.meta
+        else:
+            (values, meta) = args
+        calls.append((kernel, dict(meta), tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in values)))
 
     _launch_hook = record
     try:

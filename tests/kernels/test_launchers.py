@@ -419,16 +419,21 @@ def test_gated_expand_ignores_nonfinite_weights_of_unchosen_experts(shared_a):
         assert torch.isnan(out[chose_2][:, [7, 9]]).all() and torch.isfinite(out[chose_2][:, :7]).all()
 
 
-def test_record_launches_gives_each_configured_launch_and_its_argument_types():
-    """What benchmarks/compile_kernels.py compiles: the KernelLaunch a call makes, its tensors'
-    dtypes and its count of per-call floats; nothing runs."""
+def test_record_launches_gives_each_launch_with_its_configuration_and_argument_types():
+    """What benchmarks/compile_kernels.py compiles: each launch's kernel, constexprs and the values
+    of its other parameters in order (tensors as dtypes), for cached configurations and for the
+    grouped kernels' direct launches alike; nothing runs."""
     a, b = randn(40, 30), randn(30, 20, dtype=torch.float64)
+    ids, meta = _row_layout(40, 4, 2)
     with K.record_launches() as calls:
         K.matmul(a, b, out_dtype=torch.float16, compute_dtype=torch.float32, alpha=0.5)
-    ((launch, dtypes, floats),) = calls
-    assert launch.kernel is K.matmul_kernel and launch.grid == (1, 1, 1)
-    assert dtypes == (torch.float32, torch.float64, torch.float32, torch.float64, torch.float16, torch.float16)
-    assert floats == 1 and launch.fixed[:3] == (40, 20, 30)  # M, N, K lead the configuration's scalars
+        K.combine_rows(randn(meta.sorted_pairs_padded.numel(), 20), meta, out_dtype=torch.float32)
+    (kernel, options, values), (grouped, grouped_options, grouped_values) = calls
+    assert kernel is K.matmul_kernel and options["BLOCK_M"] == 64 and options["SANITIZE_B"] is False
+    assert values[:7] == (torch.float32, torch.float64, torch.float32, torch.float64, torch.float16, torch.float16,
+                          0.5)
+    assert values[7:10] == (40, 20, 30)  # M, N, K: the configuration's scalars follow
+    assert grouped is K.combine_rows_kernel and torch.float32 in grouped_values and "BLOCK_N" in grouped_options
 
 
 def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(monkeypatch):
