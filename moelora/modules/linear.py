@@ -109,9 +109,10 @@ class MoELoRALinear(AdapterLayerBase):
             self.lora_magnitude_vector.copy_(self._weight_norm(self.base_weight().to(self.lora_B.dtype)))
 
     # ----------------------------------------------------------------------------- helpers
-    def base_weight(self) -> torch.Tensor:
-        """The base weight in nn.Linear layout [d_out, d_in] (a view; Conv1D transposed)."""
-        w = self.base_layer.weight  # (linear_weight's rule, with the layout found at construction)
+    def base_weight(self, base: Optional[nn.Module] = None) -> torch.Tensor:
+        """The base weight in nn.Linear layout [d_out, d_in] (a view; Conv1D transposed); ``base``:
+        the base layer, when the caller holds it already."""
+        w = (base if base is not None else self.base_layer).weight  # linear_weight's rule, layout found at init
         return w.t() if self.fan_in_fan_out else w
 
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
@@ -142,34 +143,40 @@ class MoELoRALinear(AdapterLayerBase):
             shared = self.num_experts if self.task_shared_lora else None
             routing = task_routing(self.task_ids, self.lora_gamma, lead, shared)
             return None, routing.ids, routing.weights
-        if self.router is None:
+        r = self.router
+        if r is None:
             ids, weights = single_expert_routing(num_tokens, x.device)
             return None, ids, weights
-        r = self.router
-        logits = r.logits(x.reshape(num_tokens, x.shape[-1])) if r.jitters else None
-        spec = RouterSpec(None if r.jitters else r.weight, logits, r.mode, r.top_k, r.renormalize, r.eps_start,
-                          r.eps_end, r.eps_ramp_steps, r.num_steps, r.threshold_noise(num_tokens, x.device),
+        jitters, threshold = r.jitters, r.mode == "threshold"
+        logits = r.logits(x.reshape(num_tokens, x.shape[-1])) if jitters else None
+        spec = RouterSpec(None if jitters else r.weight, logits, r.mode, r.top_k, r.renormalize, r.eps_start,
+                          r.eps_end, r.eps_ramp_steps, r.num_steps if threshold else None,
+                          r.threshold_noise(num_tokens, x.device) if threshold else None,
                           self.aux_loss_coef, self.z_loss_coef)
         return spec, None, None
 
-    def _fusable(self, args, kwargs) -> bool:
+    def _fusable(self, base: nn.Module, lora_b: torch.Tensor, args, kwargs) -> bool:
         """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra
         arguments, and experts few enough for the dense regime (E*r small: see moelora.ops.moe_lora)."""
-        base = self.base_layer
         return (not args and not kwargs and not self.use_dora and (type(base) is nn.Linear or is_conv1d(base))
                 and not base._forward_hooks and not base._forward_pre_hooks
                 and not _global_forward_hooks and not _global_forward_pre_hooks
-                and choose_regime(self.lora_B.shape[0], self.r, self.top_k) == "dense")
+                and choose_regime(lora_b.shape[0], self.r, self.top_k) == "dense")
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # Each submodule and parameter is read once: a read through nn.Module.__getattr__ costs
+        # about a microsecond of host time, which this path pays on every call.
+        base = self.base_layer
         if self.disable_adapters or self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        if not self._fusable(args, kwargs):
+            return base(x, *args, **kwargs)
+        lora_b = self.lora_B
+        if not self._fusable(base, lora_b, args, kwargs):
             return self._composed_forward(x, *args, **kwargs)
         router, ids, weights = self._routing_inputs(x)
-        lora_input = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
-        y, out = moe_lora_linear(x, self.base_weight(), self.base_layer.bias, self._effective_A(), self.lora_B,
+        dropout = self.lora_dropout
+        lora_input = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+        y, out = moe_lora_linear(x, self.base_weight(base), base.bias, self._effective_A(), lora_b,
                                  scaling=self.scaling, router=router, topk_ids=ids, topk_weights=weights,
                                  lora_input=lora_input)
         if out.aux_loss is not None:
