@@ -40,6 +40,7 @@ from benchmarks import tile_candidates
 
 SM90_SHARED_LIMIT = 232448
 DOT = dict(DOT_DTYPE=tl.bfloat16, ACC_DTYPE=tl.float32, INPUT_PRECISION="ieee")
+NO_AUX = dict(HAS_AUX=False, COUNT_KEPT=False, BLOCK_E=16, BLOCK_AUX_T=1024, BLOCK_K=2)  # gated_expand without a router
 POINTERS = {"row_pair_ptr": "*i64", "starts_ptr": "*i64", "counts_ptr": "*i64", "inverse_ptr": "*i64",
             "block_expert_ptr": "*i32", "ids_ptr": "*i32", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
             "h_ptr": "*fp32", "dw_ptr": "*fp32", "g_ptr": "*fp32"}
@@ -151,7 +152,7 @@ def dense_jobs():
                 block_n, warps, stages = (64, 4, 3) if base else (128, 8, 2)  # the launcher's defaults
                 yield (f"gated_expand shared {shared} RANK {rank} base {base}", D.gated_expand_kernel,
                        dict(SHARED_A=shared, HAS_BASE=base, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64,
-                            BLOCK_N=block_n, BLOCK_C=16, RANK=rank), warps, stages)
+                            BLOCK_N=block_n, BLOCK_C=16, RANK=rank, **NO_AUX), warps, stages)
     for router in (D.NO_ROUTER, D.SOFTMAX_RENORMALIZED, D.SOFTMAX_PLAIN, D.TOPK_SOFTMAX):
         for shared in (True, False):
             yield (f"gate_backward router {router} shared {shared}", D.gate_backward_kernel,
@@ -165,8 +166,9 @@ def dense_jobs():
     yield ("lora_weight_grad_reduce", D.lora_weight_grad_reduce_kernel,
            dict(HAS_ROUTER=True, ACC_DTYPE=tl.float32, BLOCK=1024), 4, 3)
     for kept in (True, False):
-        yield (f"router_aux_loss kept {kept}", D.router_aux_loss_kernel,
-               dict(COUNT_KEPT=kept, TOP_K=3, ACC=tl.float32, BLOCK_E=16, BLOCK_T=256, BLOCK_K=4), 4, 3)
+        yield (f"gated_expand with the router aux loss, kept {kept}", D.gated_expand_kernel,
+               dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=3, BLOCK_T=64, BLOCK_N=128,
+                    BLOCK_C=16, RANK=16, HAS_AUX=True, COUNT_KEPT=kept, BLOCK_E=16, BLOCK_AUX_T=256, BLOCK_K=4), 8, 2)
     yield ("threshold_weights", D.threshold_weights_kernel,
            dict(HAS_NOISE=True, HAS_RAMP=True, TOP_K=3, BLOCK_T=128, BLOCK_K=4), 4, 3)
     for group in (16, 0, -1):  # stacked B with r = 16, plain B, stacked with r not a power of two
@@ -177,7 +179,7 @@ def dense_jobs():
     fp32_b = {"b_ptr": "*fp32", "b2_ptr": "*fp32"}
     yield ("gated_expand, fp32 B", D.gated_expand_kernel,
            dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=128, BLOCK_C=16,
-                RANK=16), 8, 2, fp32_b)
+                RANK=16, **NO_AUX), 8, 2, fp32_b)
     yield ("matmul stacked, fp32 B", M.matmul_kernel,
            dict(HAS_SECOND=True, HAS_ADDEND=False, SANITIZE_B=False, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
                 BLOCK_K=64), 4, 3, fp32_b)
@@ -188,7 +190,7 @@ def dense_jobs():
 DENSE_TILE_BASE = {
     "lora_down": (dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3),
     "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=64,
-                          BLOCK_C=16, RANK=16), 4, 3),
+                          BLOCK_C=16, RANK=16, **NO_AUX), 4, 3),
     "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
                     BLOCK_K=64), 4, 3),
     "lora_weight_grad": (dict(HAS_ROUTER=True, SPLIT=True, **DOT, BLOCK_M=64, BLOCK_CB=128, BLOCK_CA=32, BLOCK_T=64),

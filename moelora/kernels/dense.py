@@ -17,7 +17,8 @@ Backward:  dHg = dy @ B_stack (matmul_kernel), then gate_backward_kernel:
            dW_router = dlogits^T x.
 Routers with logits: probabilities p = softmax(logits) (NaN read as -inf), and the layer's
 auxiliary loss aux = lb_coef * E * sum_e f_e P_e + z_coef * mean_t lse_t^2 with f_e the routed
-slots of expert e per token and P_e the mean probability (router_aux_loss_kernel).
+slots of expert e per token and P_e the mean probability (_router_aux_loss, run by
+gated_expand_kernel's first program).
 
 The scale s reaches the kernels as two fp32 factors s = scale * scale_out (scale_out = 1 unless
 |s| leaves float32's range): the first enters with the gate, the second last, so a result that
@@ -161,17 +162,61 @@ def _gated_expand_store(acc, poisoned, offs_t, mask_t, offs_n, mask_n, base_ptr,
 
 
 @triton.jit
+def _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
+                     lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
+                     COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """loss = lb_coef * lb + z_coef * z and stats = (lb, z) with lb = E * sum_e (counts_e / T)(prob_sums_e / T)
+    (Switch load balancing) and z = mean_t lse_t^2 (ST-MoE z-loss), in ACC, summed in a fixed order,
+    by one program (gated_expand_kernel's first). With COUNT_KEPT the counts are those of the
+    slots with weight > 0 (threshold routing), counted here from ids and w and written to
+    kept_ptr [E] (int64).
+    """
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    if COUNT_KEPT:
+        offs_k = tl.arange(0, BLOCK_K)
+        kept = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
+            ids = tl.load(ids_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=mask, other=-1)
+            w = tl.load(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
+            bins = tl.where((w > 0) & (ids >= 0) & (ids < E), ids, BLOCK_E - 1)
+            kept += tl.histogram(tl.reshape(bins.to(tl.int32), (BLOCK_T * BLOCK_K,)), BLOCK_E)
+        kept = tl.where(mask_e, kept, 0)
+        tl.store(kept_ptr + offs_e, kept.to(tl.int64), mask=mask_e)
+        counts = kept.to(ACC)
+    else:
+        counts = tl.load(counts_ptr + offs_e, mask=mask_e, other=0).to(ACC)
+    prob_sums = tl.load(prob_sums_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
+    lb = tl.sum(counts * prob_sums, axis=0) * (E * inv_t * inv_t)
+    z_acc = tl.zeros((BLOCK_T,), dtype=ACC)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        lse = tl.load(lse_ptr + offs_t * stride_lse, mask=offs_t < T, other=0.0).to(ACC)
+        z_acc += lse * lse
+    z = tl.sum(z_acc, axis=0) * inv_t
+    tl.store(loss_ptr, lb_coef * lb + z_coef * z)
+    tl.store(stats_ptr, lb)
+    tl.store(stats_ptr + 1, z)
+
+
+@triton.jit
 def gated_expand_kernel(
     h_ptr, ids_ptr, w_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
-    scaling, scale_out,
-    T, N, NB, rank,
+    counts_ptr, prob_sums_ptr, lse_ptr, loss_ptr, stats_ptr, kept_ptr,
+    scaling, scale_out, lb_coef, z_coef,
+    T, N, NB, rank, E, inv_t,
     stride_ht, stride_hr,
     stride_it, stride_ik, stride_wt, stride_wk,
     stride_be, stride_bn, stride_br,
-    stride_xt, stride_xn, stride_bias, stride_yt, stride_yn,
+    stride_xt, stride_xn, stride_bias, stride_yt, stride_yn, stride_lse,
     SHARED_A: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, RANK: tl.constexpr,
+    HAS_AUX: tl.constexpr, COUNT_KEPT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_AUX_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """y = base + bias + Hg @ B_stack^T, one GEMM with K = E*r whose A operand, the gated
     intermediate Hg, is formed in the prologue from h and the routing (never in memory) and
@@ -184,7 +229,12 @@ def gated_expand_kernel(
     its reach, or an overflow) is computed again, SANITIZED_SLICE rows at a time, with dots
     that take B's non-finite entries as 0 where Hg's coefficient on them is 0 and give NaN
     where it is not (moelora.kernels.matmul._sanitized_dot). Finite tiles therefore cost one
-    dot per step and the registers of the plain GEMM. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    dot per step and the registers of the plain GEMM.
+
+    HAS_AUX: a learned router's auxiliary loss from the routing op's counts, prob_sums and lse is
+    computed too, by program (0, 0) after its tile (_router_aux_loss, E experts, inv_t = 1 / T):
+    the layer's forward needs no launch of its own for it. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)),
+    at least one program.
     """
     pid_t = tl.program_id(0).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -211,6 +261,11 @@ def gated_expand_kernel(
     else:
         _gated_expand_store(acc, poisoned, offs_t, mask_t, offs_n, mask_n, base_ptr, bias_ptr, y_ptr, scale_out,
                             stride_xt, stride_xn, stride_bias, stride_yt, stride_yn, HAS_BASE, HAS_BIAS, ACC_DTYPE)
+    if HAS_AUX:
+        if (pid_t == 0) & (tl.program_id(1) == 0):
+            _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
+                             lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
+                             COUNT_KEPT, TOP_K, ACC_DTYPE, BLOCK_E, BLOCK_AUX_T, BLOCK_K)
 
 
 # Router gradient modes of gate_backward_kernel (ROUTER).
@@ -542,43 +597,3 @@ def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, eps_sta
     w = kept / tl.maximum(tl.sum(kept, axis=1), 1.17549435e-38)[:, None]
     tl.store(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, w.to(w_ptr.dtype.element_ty),
              mask=mask)
-
-
-@triton.jit
-def router_aux_loss_kernel(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
-                           lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
-                           COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """loss = lb_coef * lb + z_coef * z and stats = (lb, z) with lb = E * sum_e (counts_e / T)(prob_sums_e / T)
-    (Switch load balancing) and z = mean_t lse_t^2 (ST-MoE z-loss), in ACC, summed in a fixed order.
-    With COUNT_KEPT the counts are those of the slots with weight > 0 (threshold routing), counted
-    here from ids and w and written to kept_ptr [E] (int64). Grid: (1,).
-    """
-    offs_e = tl.arange(0, BLOCK_E)
-    mask_e = offs_e < E
-    if COUNT_KEPT:
-        offs_k = tl.arange(0, BLOCK_K)
-        kept = tl.zeros((BLOCK_E,), dtype=tl.int32)
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
-            ids = tl.load(ids_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=mask, other=-1)
-            w = tl.load(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
-            bins = tl.where((w > 0) & (ids >= 0) & (ids < E), ids, BLOCK_E - 1)
-            kept += tl.histogram(tl.reshape(bins.to(tl.int32), (BLOCK_T * BLOCK_K,)), BLOCK_E)
-        kept = tl.where(mask_e, kept, 0)
-        tl.store(kept_ptr + offs_e, kept.to(tl.int64), mask=mask_e)
-        counts = kept.to(ACC)
-    else:
-        counts = tl.load(counts_ptr + offs_e, mask=mask_e, other=0).to(ACC)
-    prob_sums = tl.load(prob_sums_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
-    lb = tl.sum(counts * prob_sums, axis=0) * (E * inv_t * inv_t)
-    z_acc = tl.zeros((BLOCK_T,), dtype=ACC)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        lse = tl.load(lse_ptr + offs_t * stride_lse, mask=offs_t < T, other=0.0).to(ACC)
-        z_acc += lse * lse
-    z = tl.sum(z_acc, axis=0) * inv_t
-    tl.store(loss_ptr, lb_coef * lb + z_coef * z)
-    tl.store(stats_ptr, lb)
-    tl.store(stats_ptr + 1, z)

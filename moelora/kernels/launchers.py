@@ -23,8 +23,7 @@ import triton.language as tl
 
 from moelora.kernels.dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX,
                                    gate_backward_kernel, gated_expand_kernel, lora_down_kernel,
-                                   lora_weight_grad_kernel, lora_weight_grad_reduce_kernel, router_aux_loss_kernel,
-                                   threshold_weights_kernel)
+                                   lora_weight_grad_kernel, lora_weight_grad_reduce_kernel, threshold_weights_kernel)
 from moelora.kernels.grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
                                      glu_forward_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel)
 from moelora.kernels.matmul import matmul_kernel
@@ -477,46 +476,68 @@ def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Op
     return h, logits
 
 
+class RouterAux(NamedTuple):
+    """A learned router's statistics for its auxiliary loss, which gated_expand computes in the
+    same launch: the routing op's counts [E], prob_sums [E] and lse [T], the coefficients, and
+    whether the counts are recounted over the slots with weight > 0 (threshold routing)."""
+
+    counts: torch.Tensor
+    prob_sums: torch.Tensor
+    lse: torch.Tensor
+    lb_coef: float
+    z_coef: float
+    count_kept: bool = False
+
+
 @functools.lru_cache(maxsize=4096)
 def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a: bool, h_strides: tuple,
                          ids_strides: tuple, w_strides: tuple, b_strides: tuple, base_strides: Optional[tuple],
                          bias_stride: Optional[int], out_strides: tuple, dtype: torch.dtype,
-                         tf32: bool, given_tiles: tuple) -> KernelLaunch:
+                         tf32: bool, aux: Optional[tuple], given_tiles: tuple) -> KernelLaunch:
     """Default tiles: Hg's E*r columns 16 at a time; 64 x 128 outputs per program with 8 warps and
     a two-stage pipeline, or, adding a base (whose tile the epilogue loads), 64 x 64 with 4
     warps and three stages. Compiled for sm_90 by Triton 3.6 and 3.9 either fits at least two
     programs per SM in registers (benchmarks/compile_kernels.py checks it); a whole E*r = 128
-    step at once, as before, took over 200 registers: one program per SM."""
+    step at once, as before, took over 200 registers: one program per SM. ``aux``: None, or
+    (router experts, lse stride, count_kept) of the router aux loss the first program computes."""
     has_base = base_strides is not None
     overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank)
     block_t = overrides.get("BLOCK_T") or 64
     block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if has_base else 128)
+    aux_experts, lse_stride, count_kept = aux if aux is not None else (E, 0, False)
     meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=has_base,
                 HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
-                BLOCK_C=overrides.get("BLOCK_C") or 16, RANK=_pow2_or_zero(rank))
+                BLOCK_C=overrides.get("BLOCK_C") or 16, RANK=_pow2_or_zero(rank), HAS_AUX=aux is not None,
+                COUNT_KEPT=count_kept, BLOCK_E=_pow2_block(aux_experts + 1, 16, 1 << 16),
+                BLOCK_AUX_T=256 if count_kept else 1024, BLOCK_K=next_power_of_2(top_k))
     if not _INTERPRETING:
         meta.update(num_warps=4, num_stages=3) if has_base else meta.update(num_warps=8, num_stages=2)
     meta.update(_launch_options(overrides))
-    fixed = (T, N, E * rank, rank, *h_strides, *ids_strides, *w_strides, *b_strides,
+    fixed = (T, N, E * rank, rank, aux_experts, 1.0 / max(T, 1), *h_strides, *ids_strides, *w_strides, *b_strides,
              *(base_strides if base_strides is not None else out_strides),
-             bias_stride if bias_stride is not None else out_strides[-1], *out_strides)
-    return KernelLaunch(gated_expand_kernel, (cdiv(T, block_t), cdiv(N, block_n)), fixed, **meta)
+             bias_stride if bias_stride is not None else out_strides[-1], *out_strides, lse_stride)
+    grid = (max(1, cdiv(T, block_t)), max(1, cdiv(N, block_n)))
+    return KernelLaunch(gated_expand_kernel, grid, fixed, **meta)
 
 
 def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, lora_b: torch.Tensor, *,
                  scaling: float, shared_a: bool, base: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
                  compute_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
-                 tiles: Optional[Dict[str, int]] = None) -> torch.Tensor:
+                 aux: Optional[RouterAux] = None, tiles: Optional[Dict[str, int]] = None):
     """y = base + bias + sum_e (s * G[:, e] * h_e) @ B[e]^T in one kernel, [T, d_out] in ``out_dtype``
     (default B's dtype); products in ``compute_dtype`` (default B's dtype), fp32 accumulation.
-    ``tiles``: tile overrides instead of DENSE_CONFIGS' (tuning, tests)."""
+
+    With ``aux`` (a :class:`RouterAux`) the same launch computes the router's auxiliary loss:
+    returns (y, loss 0-d, stats [2] = (lb, z) in lse's dtype, counts [E]), counts being the kept
+    slots' (int64) when ``aux.count_kept``, else ``aux.counts``. ``tiles``: tile overrides instead
+    of DENSE_CONFIGS' (tuning, tests)."""
     num_experts, N, rank = lora_b.shape
     T = h.shape[0]
     given_out = out is not None
     if out is None:
         out = torch.empty(T, N, dtype=out_dtype or lora_b.dtype, device=h.device)
-    if T == 0 or N == 0:
+    if aux is None and (T == 0 or N == 0):
         return out
     compute_dtype = compute_dtype or lora_b.dtype
     kernel = _gated_expand_launch(T, N, num_experts, rank, topk_ids.shape[1], shared_a, h.stride(), topk_ids.stride(),
@@ -524,10 +545,20 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
                                   (base.stride(0), base.stride(-1)) if base is not None else None,
                                   bias.stride(-1) if bias is not None else None,
                                   out.stride() if given_out else _contiguous(N), compute_dtype, _tf32(compute_dtype),
+                                  None if aux is None else (aux.counts.shape[0], aux.lse.stride(0), aux.count_kept),
                                   _tiles_key("gated_expand", tiles))
+    if aux is None:
+        kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
+               out, out, out, out, out, out, out, *scale_factors(scaling), 0.0, 0.0)
+        return out
+    lse = aux.lse
+    loss = torch.empty((), dtype=lse.dtype, device=lse.device)
+    stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
+    counts = torch.empty_like(aux.counts) if aux.count_kept else aux.counts
     kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
-           out, *scale_factors(scaling))
-    return out
+           out, aux.counts, aux.prob_sums, lse, loss, stats, counts, *scale_factors(scaling), float(aux.lb_coef),
+           float(aux.z_coef))
+    return out, loss, stats, counts
 
 
 ROUTER_GRAD_MODES = {"softmax_topk": SOFTMAX_RENORMALIZED, "softmax_topk_plain": SOFTMAX_PLAIN,
@@ -683,31 +714,6 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: to
     kernel(dy, x, hg, dh, dl, dlora_b, dlora_a, dr, part, scale_factors(scaling)[1])
     if reduce is not None:
         reduce(part, dlora_b, dlora_a, dr)
-
-
-@functools.lru_cache(maxsize=4096)
-def _aux_loss_launch(T: int, E: int, top_k: int, count_kept: bool, lse_stride: int, ids_strides: tuple,
-                     w_strides: tuple, dtype: torch.dtype) -> KernelLaunch:
-    return KernelLaunch(router_aux_loss_kernel, (1,), (T, E, 1.0 / max(T, 1), lse_stride, *ids_strides, *w_strides),
-                        COUNT_KEPT=count_kept, TOP_K=top_k, ACC=_TL_DTYPES[dtype],
-                        BLOCK_E=_pow2_block(E + 1, 16, 1 << 16), BLOCK_T=256 if count_kept else 1024,
-                        BLOCK_K=next_power_of_2(top_k))
-
-
-def router_aux_loss(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor, *, lb_coef: float,
-                    z_coef: float, kept: Optional[tuple] = None):
-    """(loss 0-d, stats [2] = (lb, z), counts [E]) in lse's dtype: the Switch load-balancing loss lb
-    and the router z-loss z of one layer from the router op's counts, prob_sums and lse, weighted
-    into loss. With ``kept`` = (ids, weights) the counts are recounted over the slots with
-    weight > 0 (threshold routing) and returned (int64), else ``counts`` is returned."""
-    loss = torch.empty((), dtype=lse.dtype, device=lse.device)
-    stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
-    T, E = lse.shape[0], counts.shape[0]
-    ids, w = kept if kept is not None else (counts.view(1, -1), prob_sums.view(1, -1))
-    out_counts = torch.empty(E, dtype=torch.int64, device=lse.device) if kept is not None else counts
-    kernel = _aux_loss_launch(T, E, ids.shape[1], kept is not None, lse.stride(0), ids.stride(), w.stride(), lse.dtype)
-    kernel(counts, prob_sums, lse, ids, w, loss, stats, out_counts, float(lb_coef), float(z_coef))
-    return loss, stats, out_counts
 
 
 @functools.lru_cache(maxsize=4096)

@@ -60,7 +60,7 @@ def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor,
     """(loss, stats) of one layer from its routing statistics, in their dtype (fp32, fp64 for fp64
     logits): loss = lb_coef * lb + z_coef * z (differentiable), stats = (lb, z) detached, with
     lb = E * sum_e (counts_e / T) (prob_sums_e / T) and z = mean_t lse_t^2 (T = lse.numel(); 0 for
-    T = 0). The PyTorch twin of the fused layer's router_aux_loss kernel."""
+    T = 0). The PyTorch twin of the aux loss the fused layer's gated expand computes (_router_aux_loss)."""
     inv_t = 1.0 / max(lse.numel(), 1)
     lb = counts.to(prob_sums.dtype).dot(prob_sums) * (counts.numel() * inv_t * inv_t)
     z = lse.dot(lse) * inv_t

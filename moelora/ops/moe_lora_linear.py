@@ -11,8 +11,9 @@ the base output, and dx = dy W + [dh | d logits] [A ; W_router] accumulates in o
 Triton backend (``_fused_forward`` / ``_fused_backward``), per call:
 
   forward   lora_down: [h | logits] = x [A_rows ; W_router]^T (fp32 accumulation, x read once)
-            router_topk (moelora._C) + router_aux_loss: weights, ids, counts, aux_loss, aux_stats [2]
-            gated_expand: y = bias + Hg B_stack^T;  y += x W^T (cuBLAS addmm_)
+            router_topk (moelora._C) (+ threshold_weights): weights, ids, counts, prob_sums, lse
+            gated_expand: y = bias + Hg B_stack^T, and in its first program aux_loss, aux_stats [2]
+            from the counts, prob_sums and lse;  y += x W^T (cuBLAS addmm_)
   backward  dHg = dy B_stack;  gate_backward: dh and d logits (routing + aux loss gradients)
             dx = [dh | d logits] [A_rows ; W_router] (Triton), dx += dy W (cuBLAS addmm_)
             lora_weight_grad: dB (in its [E, d_out, r] layout), dA, dW_router in one kernel,
@@ -165,20 +166,16 @@ _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nul
 
 
 def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_end, ramp_steps, lb_coef, z_coef):
-    """(weights, ids, counts, aux_loss, aux_stats): the routing op, threshold routing's kernel,
-    the aux-loss kernel (which recounts the kept slots for threshold routing)."""
+    """(weights, ids, launchers.RouterAux): the routing op and threshold routing's kernel; the aux
+    loss (over the kept slots for threshold routing) is computed by the gated expand's launch."""
     threshold = mode == "threshold"
     with _below_autograd():
         weights, ids, counts, prob_sums, lse = router_topk(logits, top_k, "softmax_topk" if threshold else mode,
                                                            renormalize and not threshold)
-    kept = None
     if threshold:
         weights = launchers.threshold_weights(weights, noise, num_steps, eps_start=eps_start, eps_end=eps_end,
-                                      ramp_steps=ramp_steps)
-        kept = (ids, weights)
-    aux_loss, aux_stats, counts = launchers.router_aux_loss(counts, prob_sums, lse, lb_coef=lb_coef, z_coef=z_coef,
-                                                            kept=kept)
-    return weights, ids, counts, aux_loss, aux_stats
+                                              ramp_steps=ramp_steps)
+    return weights, ids, launchers.RouterAux(counts, prob_sums, lse, lb_coef, z_coef, count_kept=threshold)
 
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
@@ -194,13 +191,14 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     else:
         h, _ = launchers.lora_down(xl, a_rows)
         logits = launchers.lora_down(x, None, router_weight)[1] if router_weight is not None else logits_in
+    expand = dict(scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype, compute_dtype=dtype)
     if mode == "static":
         ids, weights, counts, aux_loss, aux_stats = topk_ids, topk_weights, *(x.new_empty(0) for _ in range(3))
+        y = launchers.gated_expand(h, ids, weights, lora_b, **expand)
     else:
-        weights, ids, counts, aux_loss, aux_stats = _route(logits, mode, top_k, renormalize, noise, num_steps,
-                                                           eps_start, eps_end, ramp_steps, lb_coef, z_coef)
-    y = launchers.gated_expand(h, ids, weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias,
-                               out_dtype=dtype, compute_dtype=dtype)
+        weights, ids, aux = _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_end, ramp_steps,
+                                   lb_coef, z_coef)
+        y, aux_loss, aux_stats, counts = launchers.gated_expand(h, ids, weights, lora_b, aux=aux, **expand)
     y.addmm_(x, weight.t())
     logits = x.new_empty(0) if logits is None else logits
     return y, h, logits, ids, weights, counts, aux_loss, aux_stats

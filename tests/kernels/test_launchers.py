@@ -147,12 +147,26 @@ def test_lora_weight_grad(with_router, splits):
         assert torch.isnan(big_r).all()
 
 
-def test_router_aux_loss_matches_the_torch_formula():
+def _expand_with_aux(res, weights, count_kept, tiles=None):
+    """gated_expand over random h and B with the routing ``res`` (ids, and ``weights``) and its aux loss."""
+    T, k = res.ids.shape
+    E, r = res.counts.shape[0], 4
+    aux = K.RouterAux(res.counts, res.prob_sums, res.lse, 0.01, 0.001, count_kept=count_kept)
+    h, B = randn(T, r), randn(E, 24, r)
+    y, loss, stats, counts = K.gated_expand(h, res.ids, weights, B, scaling=0.5, shared_a=True, aux=aux, tiles=tiles)
+    assert rel_err(y, K.gated_expand(h, res.ids, weights, B, scaling=0.5, shared_a=True, tiles=tiles)) == 0
+    return loss, stats, counts
+
+
+@pytest.mark.parametrize("tiles", [None, dict(BLOCK_T=16, BLOCK_N=16)], ids=["default", "many programs"])
+def test_gated_expand_computes_the_router_aux_loss(tiles):
+    """The aux loss of the layer's router, computed by the gated expand's first program, matches
+    the PyTorch formula; the expansion is unchanged by it."""
     from moelora.ops.losses import aux_losses
     from moelora.ops.routing import route
 
     res = route(randn(3000, 7) * 3, 2, renormalize=True)
-    loss, stats, counts = K.router_aux_loss(res.counts, res.prob_sums, res.lse, lb_coef=0.01, z_coef=0.001)
+    loss, stats, counts = _expand_with_aux(res, res.weights, False, tiles)
     ref_loss, ref_stats = aux_losses(res.counts, res.prob_sums.double(), res.lse.double(), 0.01, 0.001)
     assert rel_err(loss, ref_loss) < 1e-6 and rel_err(stats, ref_stats) < 1e-6 and counts is res.counts
 
@@ -174,8 +188,7 @@ def test_threshold_weights_and_kept_counts(training, ramp):
     ref = threshold_keep(res.weights, scheduled_eps(0.05, 0.4, ramp, steps), noise)
     assert torch.equal(w > 0, ref > 0) and rel_err(w, ref) < 1e-6
     assert 0 < (w == 0).sum() < T * (n - 1)  # some slots dropped, the best never
-    loss, _, counts = K.router_aux_loss(res.counts, res.prob_sums, res.lse, lb_coef=0.01, z_coef=0.001,
-                                        kept=(res.ids, w))
+    loss, _, counts = _expand_with_aux(res, w, True)
     assert torch.equal(counts, kept_counts(res.ids, w, E))
     ref_loss, _ = aux_losses(counts, res.prob_sums, res.lse, 0.01, 0.001)
     assert rel_err(loss, ref_loss) < 1e-6
@@ -500,12 +513,13 @@ def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
             K.lora_weight_grad(dy, x_in, hg, dh, dl, rank=r, scaling=0.5, dlora_b=torch.empty_like(B),
                                dlora_a=torch.empty_like(a), drouter=torch.empty_like(router_w), splits=2)
             K.matmul(dh, a, out_dtype=torch.float32, compute_dtype=torch.float32, second=(dl, router_w), alpha=2)
-            K.router_aux_loss(torch.ones(E, dtype=torch.int64, device=DEVICE), torch.rand(E, device=DEVICE),
-                              torch.rand(T, device=DEVICE), lb_coef=0.01, z_coef=0, kept=(ids, w))
+            counts = torch.ones(E, dtype=torch.int64, device=DEVICE)
+            aux = K.RouterAux(counts, torch.rand(E, device=DEVICE), torch.rand(T, device=DEVICE), 0.01, 0.0, True)
+            K.gated_expand(h, ids, w, B, scaling=0.5, shared_a=True, aux=aux)
             K.threshold_weights(w, torch.rand(T, k, device=DEVICE), torch.zeros((), device=DEVICE), eps_start=0,
                                 eps_end=0.2, ramp_steps=10)
     kernels = {launch.kernel for launch, _ in seen}
-    assert len(kernels) == 8, kernels
+    assert len(kernels) == 7, kernels
     for launch, args in seen:
         tensors = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
         assert tensors == list(range(len(tensors))), (launch.kernel, args)
