@@ -11,8 +11,8 @@ defaults and the row kernels (all activations); every kernel of the dense regime
 fused layer (moelora/kernels/dense.py, matmul.py) in each of its modes, and in its most
 demanding mode with every DENSE_CONFIGS entry and tuning candidate.
 
-Beside these, every launch of three training steps (the fused MoELoRALinear at S1, moe_lora's
-dense regime with a shared and with a per-expert A) is traced with
+Beside these, every launch of five training steps (the fused MoELoRALinear at S1, moe_lora's
+dense regime with a shared and with a per-expert A, its grouped regime with both) is traced with
 moelora.kernels.launchers.record_launches and compiled exactly as configured and as Triton
 specialises it; each must fit at least MIN_PROGRAMS_PER_SM programs per SM in registers and
 shared memory, without spilling (a structural budget: an SM running one program at a time
@@ -40,7 +40,8 @@ from benchmarks import tile_candidates
 
 SM90_SHARED_LIMIT = 232448
 DOT = dict(DOT_DTYPE=tl.bfloat16, ACC_DTYPE=tl.float32, INPUT_PRECISION="ieee")
-NO_AUX = dict(HAS_AUX=False, COUNT_KEPT=False, BLOCK_E=16, BLOCK_AUX_T=1024, BLOCK_K=2)  # gated_expand without a router
+# gated_expand's constexprs without a router
+NO_AUX = dict(HAS_AUX=False, COUNT_KEPT=False, AUX_ACC=tl.float32, BLOCK_E=16, BLOCK_AUX_T=1024, BLOCK_K=2)
 POINTERS = {"row_pair_ptr": "*i64", "starts_ptr": "*i64", "counts_ptr": "*i64", "inverse_ptr": "*i64",
             "block_expert_ptr": "*i32", "ids_ptr": "*i32", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
             "h_ptr": "*fp32", "dw_ptr": "*fp32", "g_ptr": "*fp32"}
@@ -168,7 +169,8 @@ def dense_jobs():
     for kept in (True, False):
         yield (f"gated_expand with the router aux loss, kept {kept}", D.gated_expand_kernel,
                dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=3, BLOCK_T=64, BLOCK_N=128,
-                    BLOCK_C=16, RANK=16, HAS_AUX=True, COUNT_KEPT=kept, BLOCK_E=16, BLOCK_AUX_T=256, BLOCK_K=4), 8, 2)
+                    BLOCK_C=16, RANK=16, HAS_AUX=True, COUNT_KEPT=kept, AUX_ACC=tl.float32, BLOCK_E=16,
+                    BLOCK_AUX_T=256, BLOCK_K=4), 8, 2)
     yield ("threshold_weights", D.threshold_weights_kernel,
            dict(HAS_NOISE=True, HAS_RAMP=True, TOP_K=3, BLOCK_T=128, BLOCK_K=4), 4, 3)
     for group in (16, 0, -1):  # stacked B with r = 16, plain B, stacked with r not a power of two
@@ -268,40 +270,44 @@ def traced_jobs():
 
     TRITON_TYPES.update({torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                          torch.int32: "i32", torch.int64: "i64"})
+    target_programs = K._target_programs
     K._target_programs = lambda device: 2 * 132  # an H100 / H200 (the launchers' only device query)
-    T, d, E, k = 2048, 512, 8, 2
-    gen = torch.Generator().manual_seed(0)
+    try:
+        T, d, E, k = 2048, 512, 8, 2
+        gen = torch.Generator().manual_seed(0)
 
-    def rand(*shape, dtype=torch.bfloat16):
-        return torch.randn(*shape, generator=gen).to(dtype)
+        def rand(*shape, dtype=torch.bfloat16):
+            return torch.randn(*shape, generator=gen).to(dtype)
 
-    x, w0, dy = rand(T, d), rand(d, d), rand(T, d)
-    steps = {}
-    with K.record_launches() as calls:
-        adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in ((16, d), (E, d, 16), (E, d))]
-        router = L.RouterSpec(adapters[2], None, "softmax_topk", k)
-        args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None)
-        y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
-        torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
-        steps["S1 layer"], calls[:] = list(calls), []
-        x = x.detach()
-        ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
-        w = torch.rand(T, k, generator=gen)
-        for name, a in (("S1 moe_lora base + delta", rand(16, d)), ("S2 moe_lora per-expert A", rand(E, 8, d))):
-            b = rand(E, d, a.shape[-2])
-            y, h = ML._dense_forward(x, a, b, ids, w, rand(T, d), 2.0)
-            ML._dense_backward(dy, x, a, b, ids, w, h, 2.0, True)
-            steps[name], calls[:] = list(calls), []
-        T, k = 4096, 4  # 256 rows per expert: the "many" shape classes of S3
-        x, dy = rand(T, d), rand(T, d)
-        for name, E, a in (("S3 moe_lora grouped", 64, rand(64, d)), ("moe_lora grouped per-expert A", 32,
-                                                                       rand(32, 32, d))):
+        x, w0, dy = rand(T, d), rand(d, d), rand(T, d)
+        steps = {}
+        with K.record_launches() as calls:
+            adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in ((16, d), (E, d, 16), (E, d))]
+            router = L.RouterSpec(adapters[2], None, "softmax_topk", k)
+            args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None)
+            y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
+            torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
+            steps["S1 layer"], calls[:] = list(calls), []
+            x = x.detach()
             ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
             w = torch.rand(T, k, generator=gen)
-            b = rand(E, d, a.shape[-2])
-            y, h = ML._grouped_forward(x, a, b, ids, w, rand(T, d), 2.0)
-            ML._grouped_backward(dy, x, a, b, ids, w, h, 2.0, True)
-            steps[name], calls[:] = list(calls), []
+            for name, a in (("S1 moe_lora base + delta", rand(16, d)), ("S2 moe_lora per-expert A", rand(E, 8, d))):
+                b = rand(E, d, a.shape[-2])
+                y, h = ML._dense_forward(x, a, b, ids, w, rand(T, d), 2.0)
+                ML._dense_backward(dy, x, a, b, ids, w, h, 2.0, True)
+                steps[name], calls[:] = list(calls), []
+            T, k = 4096, 4  # 256 rows per expert: the "many" shape classes of S3
+            x, dy = rand(T, d), rand(T, d)
+            for name, E, a in (("S3 moe_lora grouped", 64, rand(64, d)), ("moe_lora grouped per-expert A", 32,
+                                                                           rand(32, 32, d))):
+                ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
+                w = torch.rand(T, k, generator=gen)
+                b = rand(E, d, a.shape[-2])
+                y, h = ML._grouped_forward(x, a, b, ids, w, rand(T, d), 2.0)
+                ML._grouped_backward(dy, x, a, b, ids, w, h, 2.0, True)
+                steps[name], calls[:] = list(calls), []
+    finally:
+        K._target_programs = target_programs
     for step, launches in steps.items():
         for i, (kernel, meta, values) in enumerate(launches):
             tiles = {k: v for k, v in meta.items() if k.startswith("BLOCK")}

@@ -215,8 +215,8 @@ def gated_expand_kernel(
     SHARED_A: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, RANK: tl.constexpr,
-    HAS_AUX: tl.constexpr, COUNT_KEPT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_AUX_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    HAS_AUX: tl.constexpr, COUNT_KEPT: tl.constexpr, AUX_ACC: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_AUX_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = base + bias + Hg @ B_stack^T, one GEMM with K = E*r whose A operand, the gated
     intermediate Hg, is formed in the prologue from h and the routing (never in memory) and
@@ -232,7 +232,8 @@ def gated_expand_kernel(
     dot per step and the registers of the plain GEMM.
 
     HAS_AUX: a learned router's auxiliary loss from the routing op's counts, prob_sums and lse is
-    computed too, by program (0, 0) after its tile (_router_aux_loss, E experts, inv_t = 1 / T):
+    computed too, in AUX_ACC (lse's dtype), by program (0, 0) after its tile (_router_aux_loss, E
+    experts, inv_t = 1 / T):
     the layer's forward needs no launch of its own for it. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)),
     at least one program.
     """
@@ -265,7 +266,7 @@ def gated_expand_kernel(
         if (pid_t == 0) & (tl.program_id(1) == 0):
             _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
                              lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
-                             COUNT_KEPT, TOP_K, ACC_DTYPE, BLOCK_E, BLOCK_AUX_T, BLOCK_K)
+                             COUNT_KEPT, TOP_K, AUX_ACC, BLOCK_E, BLOCK_AUX_T, BLOCK_K)
 
 
 # Router gradient modes of gate_backward_kernel (ROUTER).

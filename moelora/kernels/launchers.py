@@ -499,16 +499,17 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
     warps and three stages. Compiled for sm_90 by Triton 3.6 and 3.9 either fits at least two
     programs per SM in registers (benchmarks/compile_kernels.py checks it); a whole E*r = 128
     step at once, as before, took over 200 registers: one program per SM. ``aux``: None, or
-    (router experts, lse stride, count_kept) of the router aux loss the first program computes."""
+    (router experts, lse stride, count_kept, lse dtype) of the router aux loss the first program
+    computes."""
     has_base = base_strides is not None
     overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank)
     block_t = overrides.get("BLOCK_T") or 64
     block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if has_base else 128)
-    aux_experts, lse_stride, count_kept = aux if aux is not None else (E, 0, False)
+    aux_experts, lse_stride, count_kept, aux_dtype = aux if aux is not None else (E, 0, False, torch.float32)
     meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=has_base,
                 HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
                 BLOCK_C=overrides.get("BLOCK_C") or 16, RANK=_pow2_or_zero(rank), HAS_AUX=aux is not None,
-                COUNT_KEPT=count_kept, BLOCK_E=_pow2_block(aux_experts + 1, 16, 1 << 16),
+                COUNT_KEPT=count_kept, AUX_ACC=_TL_DTYPES[aux_dtype], BLOCK_E=_pow2_block(aux_experts + 1, 16, 1 << 16),
                 BLOCK_AUX_T=256 if count_kept else 1024, BLOCK_K=next_power_of_2(top_k))
     if not _INTERPRETING:
         meta.update(num_warps=4, num_stages=3) if has_base else meta.update(num_warps=8, num_stages=2)
@@ -545,7 +546,8 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
                                   (base.stride(0), base.stride(-1)) if base is not None else None,
                                   bias.stride(-1) if bias is not None else None,
                                   out.stride() if given_out else _contiguous(N), compute_dtype, _tf32(compute_dtype),
-                                  None if aux is None else (aux.counts.shape[0], aux.lse.stride(0), aux.count_kept),
+                                  None if aux is None else (aux.counts.shape[0], aux.lse.stride(0), aux.count_kept,
+                                                            aux.lse.dtype),
                                   _tiles_key("gated_expand", tiles))
     if aux is None:
         kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
@@ -554,7 +556,7 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
     lse = aux.lse
     loss = torch.empty((), dtype=lse.dtype, device=lse.device)
     stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
-    counts = torch.empty_like(aux.counts) if aux.count_kept else aux.counts
+    counts = torch.empty(aux.counts.shape, dtype=torch.int64, device=lse.device) if aux.count_kept else aux.counts
     kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
            out, aux.counts, aux.prob_sums, lse, loss, stats, counts, *scale_factors(scaling), float(aux.lb_coef),
            float(aux.z_coef))
