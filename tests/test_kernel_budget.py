@@ -55,7 +55,7 @@ LAYER_SETTINGS = {
     "mosld_a_dropout": (dict(lora_a_dropout=0.1), 14),
     "jitter": (dict(router_jitter_noise=0.1), 16),
     "lora_dropout": (dict(lora_dropout=0.1), 17),
-    "task_shared": (dict(router="task", task_shared_lora=True), 18),
+    "task_shared": (dict(router="task", task_shared_lora=True), 12),  # ids built once per task-id tensor
     "plain_lora": (dict(num_experts=1, top_k=1), 8),  # no router: fixed ids and weights, cached
     # fp32 adapters over a bf16 base (PEFT's and the benchmark's setup): the kernels read A and B
     # as they are, no cast kernels

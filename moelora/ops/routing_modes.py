@@ -25,9 +25,10 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moelora.kernels.launchers import accumulator_dtype
-from moelora.ops.validation import check_ids_in_range
+from moelora.ops.validation import _tracing_or_capturing, check_ids_in_range, syncing_checks_enabled
 from moelora.ops.routing import router_topk
 
 
@@ -122,6 +123,12 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     ``task_ids`` is an int, one id per example ([B], broadcast over the other leading dims of
     x) or one id per token (``lead_shape``); integers only. With ``shared_expert`` every token
     also uses that expert with weight 1 (the report's lora-shared).
+
+    The ids and the one-hot matrix of a task-id tensor are built once and reused while the
+    tensor is alive and unchanged (its version counter): the layers of a model route by the
+    same task ids, so each batch pays for them once, not once per layer. Only the weights,
+    which depend on the trainable gamma, are computed per call. Nothing is reused under
+    torch.compile or CUDA-graph capture (the graph must record how the ids are made).
     """
     num_tasks = gamma.shape[0]
     if isinstance(task_ids, bool) or not isinstance(task_ids, (int, torch.Tensor)):
@@ -131,7 +138,36 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
         raise TypeError(f"task ids must be integers, got a tensor of {task_ids.dtype}")
     if isinstance(task_ids, int) and not 0 <= task_ids < num_tasks:
         raise ValueError(f"task id must be in [0, {num_tasks}), got {task_ids}")
-    task_ids = torch.as_tensor(task_ids, device=gamma.device).long()
+    dtype = accumulator_dtype(gamma.dtype)
+    cached = isinstance(task_ids, torch.Tensor) and not _tracing_or_capturing()
+    key = (tuple(lead_shape), num_tasks, shared_expert, gamma.device, dtype)
+    entry = _TASK_ROUTING.get(task_ids, {}).get(key) if cached else None
+    if entry is None or entry[0] != task_ids._version or (not entry[1] and syncing_checks_enabled()):
+        ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype)
+        if cached:
+            if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
+                del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
+            _TASK_ROUTING.setdefault(task_ids, {})[key] = (task_ids._version, syncing_checks_enabled(), ids, one_hot)
+    else:
+        ids, one_hot = entry[2:]
+    # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the
+    # atomics of index_put), and out-of-range ids (validation off) get weight 0.
+    weights = one_hot @ gamma.to(dtype).unsqueeze(1)
+    if shared_expert is not None:
+        weights = nn.functional.pad(weights, (0, 1), value=1.0)
+    return Routing(weights, ids)
+
+
+# task_routing's reusable part per task-id tensor (by identity, while it is alive; the
+# _TASK_ROUTING_TENSORS newest only, so that task ids kept for a whole dataset do not pile up):
+# {key: (version, checked by the syncing checks, ids, one_hot)}.
+_TASK_ROUTING = WeakIdKeyDictionary()
+_TASK_ROUTING_TENSORS = 4
+
+
+def _task_ids_one_hot(task_ids, lead_shape: tuple, num_tasks: int, shared_expert: Optional[int], device, dtype):
+    """(ids [T, k], one-hot [T, num_tasks]) of task routing (k = 2 with the shared expert)."""
+    task_ids = torch.as_tensor(task_ids, device=device).long()
     if task_ids.dim() == 0:
         ids = task_ids.expand(lead_shape)
     elif tuple(task_ids.shape) == tuple(lead_shape):
@@ -144,11 +180,7 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
             f"(first dim of {tuple(lead_shape)}) nor one per token")
     ids = ids.reshape(-1, 1)
     check_ids_in_range("task ids", ids, num_tasks)
-    # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the
-    # atomics of index_put), and out-of-range ids (validation off) get weight 0.
-    one_hot = (ids == torch.arange(num_tasks, device=ids.device)).to(accumulator_dtype(gamma.dtype))
-    weights = one_hot @ gamma.to(one_hot.dtype).unsqueeze(1)
+    one_hot = (ids == torch.arange(num_tasks, device=ids.device)).to(dtype)
     if shared_expert is not None:
         ids = nn.functional.pad(ids, (0, 1), value=shared_expert)
-        weights = nn.functional.pad(weights, (0, 1), value=1.0)
-    return Routing(weights, ids)
+    return ids, one_hot

@@ -94,6 +94,34 @@ def test_task_routing_broadcasts_per_example_ids_and_adds_shared_expert():
         task_routing(torch.tensor([0, 1, 2]), gamma, (2, 3))
 
 
+def test_task_routing_reuses_the_ids_of_a_task_id_tensor_until_it_changes():
+    """Layers routing by the same task-id tensor build its ids and one-hot matrix once; gamma's
+    weights (and gradient) are computed per call; an in-place change of the ids, a validation
+    switched on after an unchecked build, or another lead shape builds them again."""
+    from moelora.ops import routing_modes
+
+    gamma = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    tasks = torch.tensor([2, 0])
+    first, second = task_routing(tasks, gamma, (2, 3)), task_routing(tasks, gamma, (2, 3))
+    assert second.ids is first.ids and second.weights is not first.weights
+    (grad,) = torch.autograd.grad(second.weights.sum(), gamma)
+    assert grad.tolist() == [3.0, 0.0, 3.0]
+    tasks[1] = 1  # in place: the version counter moves
+    changed = task_routing(tasks, gamma, (2, 3))
+    assert changed.ids.flatten().tolist() == [2] * 3 + [1] * 3
+    assert changed.weights.flatten().tolist() == [2.0] * 3 + [-1.0] * 3
+    assert task_routing(tasks, gamma, (2, 4)).ids.shape == (8, 1)
+    bad = torch.tensor([5])
+    with moelora.validation(False):
+        assert task_routing(bad, gamma, (1,)).weights.tolist() == [[0.0]]  # out of range: weight 0
+    with pytest.raises(ValueError, match="task ids must lie in"):
+        task_routing(bad, gamma, (1,))
+    kept = [torch.tensor([i % 3]) for i in range(10)]
+    for t in kept:
+        task_routing(t, gamma, (1,))
+    assert len(routing_modes._TASK_ROUTING) <= routing_modes._TASK_ROUTING_TENSORS
+
+
 def test_router_jitter_only_in_training():
     router = Router(8, 4, 2, jitter_noise=0.5)
     x = torch.randn(16, 8)
