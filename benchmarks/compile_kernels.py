@@ -66,9 +66,6 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int =
     """Compile ``kernel`` (a JITFunction) for sm_90 with bf16 pointers (``pointers`` maps names
     to other types), specialised as a launch on aligned row-major operands would be; returns
     (shared memory bytes, registers per thread or None where no cuobjdump can read the cubin)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     signature, values, attrs = {}, dict(constexprs), {}
     for i, p in enumerate(kernel.params):
         if p.is_constexpr or p.name in UNIT_STRIDES:
@@ -81,8 +78,16 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int = 4, num_stages: int =
             signature[p.name] = "fp32" if p.name in FLOAT_SCALARS else "i32"
         if p.name.endswith("_ptr") or p.name.startswith("stride") or p.name in ALIGNED_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    out = triton.compile(ASTSource(kernel, signature, values, attrs), target=GPUTarget("cuda", 90, 32),
-                         options=dict(num_warps=num_warps, num_stages=num_stages))
+    return _compile(kernel, signature, values, attrs, dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _compile(kernel, signature: dict, constants: dict, attrs: dict, options: dict) -> tuple:
+    """Compile for sm_90: (shared memory bytes, registers per thread as :func:`registers` reads them)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                         options=options)
     return out.metadata.shared, registers(out.asm["cubin"])
 
 
@@ -203,9 +208,9 @@ DENSE_TILE_BASE = {
 # Every launch of the traced training steps (traced_jobs) must not spill registers and must
 # leave room for at least this many programs per SM in registers and shared memory (checked
 # where cuobjdump can read the cubin; an SM has 65536 registers, given out 8 per thread at a
-# time). The gated expand's sanitized pass
-# (non-finite tiles only) works on 16-row slices so that it does not raise the registers of
-# the finite path: sanitizing every tile took over 200 registers, one program per SM at S1.
+# time). The gated expand's sanitized pass (non-finite tiles only) works on 16-row slices so
+# that it does not raise the registers of the finite path: sanitizing every tile took over 200
+# registers, one program per SM at S1.
 MIN_PROGRAMS_PER_SM = 2
 SM90_REGISTERS = 65536
 
@@ -223,9 +228,6 @@ def compile_launch(kernel, meta: dict, values: tuple) -> tuple:
     Triton specialises it: tensors 16-byte aligned, ints equal to 1 made constants, ints
     divisible by 16 marked so, None as a constant. Returns (shared memory bytes, registers per
     thread, -1 if they spill, or None)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     signature, constants, attrs = {}, {}, {}
     values = iter(values)
     for i, p in enumerate(kernel.params):
@@ -246,10 +248,7 @@ def compile_launch(kernel, meta: dict, values: tuple) -> tuple:
             signature[p.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
-    out = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                         options=options)
-    return out.metadata.shared, registers(out.asm["cubin"])
+    return _compile(kernel, signature, constants, attrs, {k: meta[k] for k in ("num_warps", "num_stages") if k in meta})
 
 
 TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by traced_jobs

@@ -233,9 +233,8 @@ def gated_expand_kernel(
 
     HAS_AUX: a learned router's auxiliary loss from the routing op's counts, prob_sums and lse is
     computed too, in AUX_ACC (lse's dtype), by program (0, 0) after its tile (_router_aux_loss, E
-    experts, inv_t = 1 / T):
-    the layer's forward needs no launch of its own for it. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)),
-    at least one program.
+    experts, inv_t = 1 / T): the layer's forward needs no launch of its own for it.
+    Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)), at least one program.
     """
     pid_t = tl.program_id(0).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)

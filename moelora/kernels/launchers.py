@@ -549,18 +549,17 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
                                   None if aux is None else (aux.counts.shape[0], aux.lse.stride(0), aux.count_kept,
                                                             aux.lse.dtype),
                                   _tiles_key("gated_expand", tiles))
-    if aux is None:
-        kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
-               out, out, out, out, out, out, out, *scale_factors(scaling), 0.0, 0.0)
-        return out
-    lse = aux.lse
-    loss = torch.empty((), dtype=lse.dtype, device=lse.device)
-    stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
-    counts = torch.empty(aux.counts.shape, dtype=torch.int64, device=lse.device) if aux.count_kept else aux.counts
+    if aux is None:  # the aux loss's pointers and coefficients are placeholders
+        aux_args, coefs = (out,) * 6, (0.0, 0.0)
+    else:
+        lse = aux.lse
+        loss = torch.empty((), dtype=lse.dtype, device=lse.device)
+        stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
+        counts = torch.empty(aux.counts.shape, dtype=torch.int64, device=lse.device) if aux.count_kept else aux.counts
+        aux_args, coefs = (aux.counts, aux.prob_sums, lse, loss, stats, counts), (float(aux.lb_coef), float(aux.z_coef))
     kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
-           out, aux.counts, aux.prob_sums, lse, loss, stats, counts, *scale_factors(scaling), float(aux.lb_coef),
-           float(aux.z_coef))
-    return out, loss, stats, counts
+           out, *aux_args, *scale_factors(scaling), *coefs)
+    return out if aux is None else (out, loss, stats, counts)
 
 
 ROUTER_GRAD_MODES = {"softmax_topk": SOFTMAX_RENORMALIZED, "softmax_topk_plain": SOFTMAX_PLAIN,
