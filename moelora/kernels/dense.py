@@ -50,12 +50,6 @@ def _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_w
 
 
 @triton.jit
-def _finite(v):
-    """True where v is neither NaN nor +-Inf (NaN compares false)."""
-    return tl.abs(v) < float("inf")
-
-
-@triton.jit
 def lora_down_kernel(
     x_ptr, a_ptr, r_ptr, h_ptr, l_ptr,
     T, K, R, E,

@@ -25,8 +25,10 @@ def _any_nonfinite(acc):
 def _sanitized_dot(a, b, acc, poisoned, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, SANITIZE_B: tl.constexpr):
     if SANITIZE_B:
-        b = b.to(ACC_DTYPE)
-        finite = tl.abs(b) < float("inf")  # NaN compares false
+        # B as the dot reads it: an fp32 entry beyond fp16's range is Inf once rounded to fp16
+        # and, like any other Inf, must reach only the rows whose coefficient on it is not 0.
+        b = b.to(DOT_DTYPE)
+        finite = tl.abs(b.to(ACC_DTYPE)) < float("inf")  # NaN compares false
         acc += tl.dot(a.to(DOT_DTYPE), tl.where(finite, b, 0.0).to(DOT_DTYPE), input_precision=INPUT_PRECISION,
                       out_dtype=ACC_DTYPE)
         hits = tl.dot((a != 0).to(DOT_DTYPE), (~finite).to(DOT_DTYPE), input_precision=INPUT_PRECISION,

@@ -1,6 +1,7 @@
 """Inputs that used to give silent wrong answers: routing tensors whose leading shape differs
-from x's, NaN/Inf in experts no token chose, scalings that overflow in fp32, and moe_ffn's
-normalisation of kept weights that do not sum to a positive value."""
+from x's, NaN/Inf in experts no token chose (and fp32 adapter values that become Inf in fp16
+compute), scalings that overflow in fp32, and moe_ffn's normalisation of kept weights that do
+not sum to a positive value."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 import moelora
 from conftest import DEVICE
 from helpers import make_problem, rel_err
+from moelora.ops import moe_lora_linear as fused_linear
 from moelora.ops.reference import moe_lora_naive, moe_lora_torch
 
 TRITON_SCALING_XFAIL = pytest.mark.xfail(strict=True, reason="the grouped kernels apply the scaling as one fp32 "
@@ -91,6 +93,34 @@ def test_torch_backend_nan_in_a_chosen_expert_reaches_only_its_tokens(shared_a):
     assert torch.isnan(y[bad]).all() and torch.isfinite(y[~bad]).all()
     y_ref = moe_lora_naive(*p.args(), scaling=p.scaling)
     torch.testing.assert_close(y[~bad], y_ref[~bad])
+
+
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_fp32_adapter_values_beyond_fp16_range_stay_in_unchosen_experts(shared_a):
+    """fp16 activations, fp32 adapters (the layer's default over an fp16 base): the kernels round
+    A and B to fp16 in registers, where 1e5 becomes Inf. Like any Inf of an expert no token
+    chose, it must change nothing: forward and every gradient as in float64."""
+    p = make_problem(9, 16, 12, 4, 6, 2, shared_a=shared_a, experts=3, device=DEVICE, seed=5)
+    weight = torch.randn(12, 16, device=DEVICE) / 4
+    a, b = p.lora_a.detach().clone(), p.lora_b.detach().clone()
+    with torch.no_grad():
+        b[3, 2, 1], b[5, :, 0] = 1e5, -7e4
+        if not shared_a:
+            a[4, 0, 3] = 3e5
+    leaves = [p.x.detach().half().requires_grad_(), a.requires_grad_(), b.requires_grad_(),
+              p.topk_weights.detach().clone().requires_grad_()]
+    y, _ = fused_linear.moe_lora_linear(leaves[0], weight.half(), None, *leaves[1:3], scaling=p.scaling,
+                                        topk_ids=p.topk_ids, topk_weights=leaves[3], backend="triton")
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    ref = [t.detach().double().requires_grad_() for t in (p.x.half(), p.lora_a, p.lora_b, p.topk_weights)]
+    y_ref, _ = fused_linear.moe_lora_linear(ref[0], weight.double(), None, *ref[1:3], scaling=p.scaling,
+                                            topk_ids=p.topk_ids, topk_weights=ref[3], backend="torch")
+    grads_ref = torch.autograd.grad(y_ref, ref, g.double())
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) < 5e-3
+    for name, got, want in zip(["x", "lora_a", "lora_b", "topk_weights"], grads, grads_ref):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 5e-3, name
+    assert (grads[2][3:] == 0).all() and (shared_a or (grads[1][3:] == 0).all())
 
 
 # ---- 3. scaling beyond fp32's range -----------------------------------------------------------
