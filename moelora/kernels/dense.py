@@ -395,6 +395,55 @@ def gate_backward_kernel(
 
 
 @triton.jit
+def router_backward_kernel(
+    ids_ptr, w_ptr, dw_ptr, logits_ptr, counts_ptr, g_aux_ptr, dl_ptr,
+    lb_coef, z_coef,
+    T, num_experts, inv_t,
+    stride_it, stride_ik, stride_wt, stride_wk, stride_dwt, stride_dwk,
+    stride_lt, stride_le, stride_dlt, stride_dle,
+    ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, ACC: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """d logits [T, E] (ACC) from the gradient of the routing weights dw [T, k] and the
+    aux-loss gradient (_router_backward): gate_backward_kernel's router part, for the grouped
+    regime, whose dh GEMM computes dw in its epilogue.
+
+    Grid: (cdiv(T, BLOCK_T),).
+    """
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    ids, w = _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_wt, stride_wk,
+                           TOP_K, BLOCK_K, ACC)
+    offs_k = tl.arange(0, BLOCK_K)
+    dw = tl.load(dw_ptr + offs_t[:, None] * stride_dwt + offs_k[None, :] * stride_dwk,
+                 mask=mask_t[:, None] & (offs_k[None, :] < TOP_K), other=0.0).to(ACC)
+    dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, dw,
+                          num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le,
+                          ROUTER, HAS_AUX_GRAD, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
+    offs_e = tl.arange(0, BLOCK_E)
+    tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl,
+             mask=mask_t[:, None] & (offs_e[None, :] < num_experts))
+
+
+@triton.jit
+def router_aux_loss_kernel(
+    ids_ptr, w_ptr, counts_ptr, prob_sums_ptr, lse_ptr, loss_ptr, stats_ptr, kept_ptr,
+    lb_coef, z_coef,
+    T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
+    COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, AUX_ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_AUX_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The router's auxiliary loss (_router_aux_loss) on its own, for the grouped regime, which
+    has no gated expand to compute it in.
+
+    Grid: (1,).
+    """
+    _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
+                     lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
+                     COUNT_KEPT, TOP_K, AUX_ACC, BLOCK_E, BLOCK_AUX_T, BLOCK_K)
+
+
+@triton.jit
 def _store_lora_b(ptr, offs_n, offs_c, mask, rank, stride_e, stride_n, stride_i, acc):
     """dB_stack[n, e*r + i] (acc, [BLOCK_N, BLOCK_C]) into dB[e, n, i]."""
     tl.store(ptr + (offs_c // rank)[None, :] * stride_e + offs_n[:, None] * stride_n

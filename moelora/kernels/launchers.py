@@ -23,7 +23,8 @@ import triton.language as tl
 
 from moelora.kernels.dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX,
                                    gate_backward_kernel, gated_expand_kernel, lora_down_kernel,
-                                   lora_weight_grad_kernel, lora_weight_grad_reduce_kernel, threshold_weights_kernel)
+                                   lora_weight_grad_kernel, lora_weight_grad_reduce_kernel, router_aux_loss_kernel,
+                                   router_backward_kernel, threshold_weights_kernel)
 from moelora.kernels.grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
                                      glu_forward_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel)
 from moelora.kernels.matmul import matmul_kernel
@@ -478,8 +479,9 @@ def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Op
 
 class RouterAux(NamedTuple):
     """A learned router's statistics for its auxiliary loss, which gated_expand computes in the
-    same launch: the routing op's counts [E], prob_sums [E] and lse [T], the coefficients, and
-    whether the counts are recounted over the slots with weight > 0 (threshold routing)."""
+    same launch (router_aux_loss in a launch of its own): the routing op's counts [E],
+    prob_sums [E] and lse [T], the coefficients, and whether the counts are recounted over the
+    slots with weight > 0 (threshold routing)."""
 
     counts: torch.Tensor
     prob_sums: torch.Tensor
@@ -487,6 +489,41 @@ class RouterAux(NamedTuple):
     lb_coef: float
     z_coef: float
     count_kept: bool = False
+
+
+def _aux_meta(experts: int, count_kept: bool, dtype: torch.dtype, top_k: int) -> dict:
+    """The constexprs of _router_aux_loss (moelora.kernels.dense) for E experts, in ``dtype``."""
+    return dict(COUNT_KEPT=count_kept, AUX_ACC=_TL_DTYPES[dtype], BLOCK_E=_pow2_block(experts + 1, 16, 1 << 16),
+                BLOCK_AUX_T=256 if count_kept else 1024, BLOCK_K=next_power_of_2(top_k))
+
+
+def _aux_args(aux: RouterAux):
+    """(the pointers, the coefficients) that _router_aux_loss takes for ``aux``; the pointers
+    end with its outputs: loss (0-d), stats [2] and the counts (the kept slots', new, when
+    ``aux.count_kept``)."""
+    lse = aux.lse
+    loss = torch.empty((), dtype=lse.dtype, device=lse.device)
+    stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
+    counts = torch.empty(aux.counts.shape, dtype=torch.int64, device=lse.device) if aux.count_kept else aux.counts
+    return (aux.counts, aux.prob_sums, lse, loss, stats, counts), (float(aux.lb_coef), float(aux.z_coef))
+
+
+@functools.lru_cache(maxsize=1024)
+def _router_aux_loss_launch(T: int, E: int, top_k: int, count_kept: bool, dtype: torch.dtype, lse_stride: int,
+                            ids_strides: tuple, w_strides: tuple) -> KernelLaunch:
+    fixed = (T, E, 1.0 / max(T, 1), lse_stride, *ids_strides, *w_strides)
+    return KernelLaunch(router_aux_loss_kernel, (1,), fixed, TOP_K=top_k, **_aux_meta(E, count_kept, dtype, top_k))
+
+
+def router_aux_loss(topk_ids: torch.Tensor, topk_weights: torch.Tensor, aux: RouterAux):
+    """(loss 0-d, stats [2] = (lb, z), counts [E]) of a learned router in one single-program
+    launch (what gated_expand computes beside its tile, for the grouped regime); counts as in
+    gated_expand."""
+    args, coefs = _aux_args(aux)
+    kernel = _router_aux_loss_launch(topk_ids.shape[0], aux.counts.shape[0], topk_ids.shape[1], aux.count_kept,
+                                     aux.lse.dtype, aux.lse.stride(0), topk_ids.stride(), topk_weights.stride())
+    kernel(topk_ids, topk_weights, *args, *coefs)
+    return args[3:]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -509,8 +546,7 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
     meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=has_base,
                 HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
                 BLOCK_C=overrides.get("BLOCK_C") or 16, RANK=_pow2_or_zero(rank), HAS_AUX=aux is not None,
-                COUNT_KEPT=count_kept, AUX_ACC=_TL_DTYPES[aux_dtype], BLOCK_E=_pow2_block(aux_experts + 1, 16, 1 << 16),
-                BLOCK_AUX_T=256 if count_kept else 1024, BLOCK_K=next_power_of_2(top_k))
+                **_aux_meta(aux_experts, count_kept, aux_dtype, top_k))
     if not _INTERPRETING:
         meta.update(num_warps=4, num_stages=3) if has_base else meta.update(num_warps=8, num_stages=2)
     meta.update(_launch_options(overrides))
@@ -549,17 +585,11 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
                                   None if aux is None else (aux.counts.shape[0], aux.lse.stride(0), aux.count_kept,
                                                             aux.lse.dtype),
                                   _tiles_key("gated_expand", tiles))
-    if aux is None:  # the aux loss's pointers and coefficients are placeholders
-        aux_args, coefs = (out,) * 6, (0.0, 0.0)
-    else:
-        lse = aux.lse
-        loss = torch.empty((), dtype=lse.dtype, device=lse.device)
-        stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
-        counts = torch.empty(aux.counts.shape, dtype=torch.int64, device=lse.device) if aux.count_kept else aux.counts
-        aux_args, coefs = (aux.counts, aux.prob_sums, lse, loss, stats, counts), (float(aux.lb_coef), float(aux.z_coef))
+    # without aux, the aux loss's pointers and coefficients are placeholders
+    aux_args, coefs = ((out,) * 6, (0.0, 0.0)) if aux is None else _aux_args(aux)
     kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
            out, *aux_args, *scale_factors(scaling), *coefs)
-    return out if aux is None else (out, loss, stats, counts)
+    return out if aux is None else (out, *aux_args[3:])
 
 
 ROUTER_GRAD_MODES = {"softmax_topk": SOFTMAX_RENORMALIZED, "softmax_topk_plain": SOFTMAX_PLAIN,
@@ -636,6 +666,35 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
     kernel(dhg, h, topk_ids, topk_weights, dh, second, logits, counts, g_aux, second, hg if hg is not None else dh,
            *scale_factors(scaling), lb_coef, z_coef)
     return outputs
+
+
+@functools.lru_cache(maxsize=1024)
+def _router_backward_launch(T: int, E: int, top_k: int, mode: int, has_aux: bool, dtype: torch.dtype,
+                            ids_strides: tuple, w_strides: tuple, dw_strides: tuple,
+                            logits_strides: tuple) -> KernelLaunch:
+    block_t = 64 if _INTERPRETING else 32
+    meta = dict(ROUTER=mode, HAS_AUX_GRAD=has_aux, ACC=_TL_DTYPES[dtype], TOP_K=top_k,
+                BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_E=_pow2_block(E, 1, 1 << 16))
+    fixed = (T, E, 1.0 / T, *ids_strides, *w_strides, *dw_strides, *logits_strides, *_contiguous(E))
+    return KernelLaunch(router_backward_kernel, (cdiv(T, block_t),), fixed, **meta)
+
+
+def router_backward(dw: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    router: RouterGrad) -> torch.Tensor:
+    """d logits [T, E] in dw's dtype from the gradient of the routing weights dw [T, k] and, with
+    ``router.g_aux``, of the aux loss: gate_backward's router part, for the grouped regime (whose
+    dh GEMM gives dw)."""
+    logits = router.logits
+    T, E = logits.shape
+    dl = torch.empty(T, E, dtype=dw.dtype, device=dw.device)
+    if T == 0:
+        return dl
+    has_aux = router.g_aux is not None
+    kernel = _router_backward_launch(T, E, topk_ids.shape[1], ROUTER_GRAD_MODES[router.mode], has_aux, dw.dtype,
+                                     topk_ids.stride(), topk_weights.stride(), dw.stride(), logits.stride())
+    kernel(topk_ids, topk_weights, dw, logits, router.counts, router.g_aux if has_aux else logits, dl,
+           float(router.lb_coef), float(router.z_coef))
+    return dl
 
 
 _REDUCE_BLOCK = 1024

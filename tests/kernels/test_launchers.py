@@ -108,6 +108,11 @@ def test_gate_backward_differentiates_router_and_aux_loss(mode, with_aux):
                              scaling=s, shared_a=True, router=router)
     assert torch.isfinite(dl).all() and rel_err(dl, dl_ref) < 1e-5
     assert torch.equal(dl[3], torch.zeros(E, device=DEVICE))  # logits read as -inf get no gradient
+    # the grouped regime's router_backward, from the weights' gradient dw = P[t, ids[t, j]]
+    dw = P.gather(1, routing_ref.ids.long()).float()
+    dl_rows = K.router_backward(dw, routing_ref.ids, routing_ref.weights.float(), router)
+    assert torch.isfinite(dl_rows).all() and rel_err(dl_rows, dl_ref) < 1e-5
+    assert torch.equal(dl_rows[3], torch.zeros(E, device=DEVICE))
 
 
 def test_lora_down_reads_x_once_for_h_and_logits():
@@ -155,6 +160,9 @@ def _expand_with_aux(res, weights, count_kept, tiles=None):
     h, B = randn(T, r), randn(E, 24, r)
     y, loss, stats, counts = K.gated_expand(h, res.ids, weights, B, scaling=0.5, shared_a=True, aux=aux, tiles=tiles)
     assert rel_err(y, K.gated_expand(h, res.ids, weights, B, scaling=0.5, shared_a=True, tiles=tiles)) == 0
+    # the grouped regime's launch of its own computes the same, bit for bit
+    alone = K.router_aux_loss(res.ids, weights, aux)
+    assert all(torch.equal(a, b) for a, b in zip(alone, (loss, stats, counts)))
     return loss, stats, counts
 
 
@@ -516,10 +524,13 @@ def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
             counts = torch.ones(E, dtype=torch.int64, device=DEVICE)
             aux = K.RouterAux(counts, torch.rand(E, device=DEVICE), torch.rand(T, device=DEVICE), 0.01, 0.0, True)
             K.gated_expand(h, ids, w, B, scaling=0.5, shared_a=True, aux=aux)
+            K.router_aux_loss(ids, w, aux)
+            K.router_backward(randn(T, k), ids, w, K.RouterGrad(logits, counts, torch.ones((), device=DEVICE),
+                                                                "softmax_topk", 0.01, 1e-3))
             K.threshold_weights(w, torch.rand(T, k, device=DEVICE), torch.zeros((), device=DEVICE), eps_start=0,
                                 eps_end=0.2, ramp_steps=10)
     kernels = {launch.kernel for launch, _ in seen}
-    assert len(kernels) == 7, kernels
+    assert len(kernels) == 9, kernels
     for launch, args in seen:
         tensors = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
         assert tensors == list(range(len(tensors))), (launch.kernel, args)
