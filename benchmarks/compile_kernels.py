@@ -256,11 +256,13 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of five training steps (launchers.record_launches), configured by the launchers as on a
+    of seven training steps (launchers.record_launches), configured by the launchers as on a
     132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters, shared A,
     softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime adding a base
     (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A r 64, E 64,
-    k 4 as S3; per-expert A r 32, E 32). Sizes are scaled down (T 2048 or 4096, d 512) where
+    k 4 as S3; per-expert A r 32, E 32); the fused layer in the grouped regime (E 64, r 16:
+    shared A with softmax_topk, per-expert A with threshold routing). Sizes are scaled down
+    (T 2048 or 4096, d 512) where
     the launch configurations (tiles, flags, divisibility, shape classes) stay those of the
     full shapes, so that the CPU work stays small."""
     from moelora.kernels import launchers as K
@@ -283,7 +285,7 @@ def traced_jobs():
         with K.record_launches() as calls:
             adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in ((16, d), (E, d, 16), (E, d))]
             router = L.RouterSpec(adapters[2], None, "softmax_topk", k)
-            args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None)
+            args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None, False)
             y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
             torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
             steps["S1 layer"], calls[:] = list(calls), []
@@ -304,6 +306,17 @@ def traced_jobs():
                 b = rand(E, d, a.shape[-2])
                 y, h = ML._grouped_forward(x, a, b, ids, w, rand(T, d), 2.0)
                 ML._grouped_backward(dy, x, a, b, ids, w, h, 2.0, True)
+                steps[name], calls[:] = list(calls), []
+            E, k, w0 = 64, 2, rand(d, d)  # E*r = 1024: the fused layer in the grouped regime
+            for name, a_shape, mode in (("grouped layer", (16, d), "softmax_topk"),
+                                        ("grouped layer per-expert A threshold", (E, 16, d), "threshold")):
+                adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in (a_shape, (E, d, 16),
+                                                                                             (E, d))]
+                router = L.RouterSpec(adapters[2], None, mode, k, eps_start=0.2, eps_end=0.2)
+                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None, True)
+                y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
+                torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
+                x = x.detach()
                 steps[name], calls[:] = list(calls), []
     finally:
         K._target_programs = target_programs

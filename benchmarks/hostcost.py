@@ -29,7 +29,8 @@ GPU_SIZES, CPU_SIZES = (8192, 4096), (32, 64)
 R, E, K = 16, 8, 2
 ROUTERS = {"softmax_topk": {}, "topk_softmax": dict(router="topk_softmax"),
            "threshold": dict(router="threshold", top_k=3, threshold_eps=0.2),
-           "task": dict(router="task", task_shared_lora=True)}
+           "task": dict(router="task", task_shared_lora=True),
+           "softmax_topk, E 64: grouped": dict(num_experts=64)}
 
 
 @contextlib.contextmanager

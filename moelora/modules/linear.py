@@ -10,12 +10,12 @@ PEFT's LoRA layer (optionally DoRA).
 
 The forward is one fused op, :func:`moelora.ops.moe_lora_linear.moe_lora_linear`, which owns the
 base GEMM (x read once for the LoRA down-projection and the router logits; dx accumulated in
-one GEMM; see that module). It takes every feature except these, which run the composed path
-(base layer, then :func:`moelora.moe_lora` with ``base_out``): DoRA, base layers other than a
-plain ``nn.Linear`` / GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks,
-extra forward arguments, and layers whose E*r calls for moe_lora's grouped regime. Router
-jitter and LoRA dropout keep the fused op but cost a separate router GEMM over the jittered
-x, resp. the dropped-out copy of x (see README).
+one GEMM; see that module), in moelora.moe_lora's dense or grouped regime (large E*r). It
+takes every feature except these, which run the composed path (base layer, then
+:func:`moelora.moe_lora` with ``base_out``): DoRA, base layers other than a plain
+``nn.Linear`` / GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks, and
+extra forward arguments. Router jitter and LoRA dropout keep the fused op but cost a separate
+router GEMM over the jittered x, resp. the dropped-out copy of x (see README).
 
 Parameter layouts follow PEFT / nn.Linear: ``lora_A`` [r, d_in] (shared A, MoSLD) or
 [E, r, d_in]; ``lora_B`` [E, d_out, r]; ``router.weight`` [E, d_in]. With task routing and a
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from moelora.ops.moe_lora import choose_regime
 from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
@@ -155,13 +154,13 @@ class MoELoRALinear(AdapterLayerBase):
                           self.aux_loss_coef, self.z_loss_coef)
         return spec, None, None
 
-    def _fusable(self, base: nn.Module, lora_b: torch.Tensor, args, kwargs) -> bool:
+    def _fusable(self, base: nn.Module, args, kwargs) -> bool:
         """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra
-        arguments, and experts few enough for the dense regime (E*r small: see moelora.ops.moe_lora)."""
+        arguments, no DoRA (any number of experts: the op runs moelora.moe_lora's dense or grouped
+        regime)."""
         return (not args and not kwargs and not self.use_dora and (type(base) is nn.Linear or is_conv1d(base))
                 and not base._forward_hooks and not base._forward_pre_hooks
-                and not _global_forward_hooks and not _global_forward_pre_hooks
-                and choose_regime(lora_b.shape[0], self.r, self.top_k) == "dense")
+                and not _global_forward_hooks and not _global_forward_pre_hooks)
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -170,13 +169,12 @@ class MoELoRALinear(AdapterLayerBase):
         base = self.base_layer
         if self.disable_adapters or self.merged:
             return base(x, *args, **kwargs)
-        lora_b = self.lora_B
-        if not self._fusable(base, lora_b, args, kwargs):
+        if not self._fusable(base, args, kwargs):
             return self._composed_forward(x, *args, **kwargs)
         router, ids, weights = self._routing_inputs(x)
         dropout = self.lora_dropout
         lora_input = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
-        y, out = moe_lora_linear(x, self.base_weight(base), base.bias, self._effective_A(), lora_b,
+        y, out = moe_lora_linear(x, self.base_weight(base), base.bias, self._effective_A(), self.lora_B,
                                  scaling=self.scaling, router=router, topk_ids=ids, topk_weights=weights,
                                  lora_input=lora_input)
         if out.aux_loss is not None:

@@ -211,7 +211,7 @@ def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
     if lora_a.dim() == 2:
         return (x.shape[0], rank)
     if grouped:
-        return (padded_length(topk_ids.numel(), num_experts, _grouped_block(x, lora_a, lora_b, topk_ids)), rank)
+        return (grouped_row_count(x.shape[1], lora_a, lora_b, topk_ids.numel()), rank)
     return (x.shape[0], num_experts * rank)
 
 
@@ -242,24 +242,32 @@ def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, n
     return dx, dlora_a, dlora_b, dw
 
 
-def _grouped_block(x, lora_a, lora_b, topk_ids) -> int:
+def _grouped_block(d_in: int, lora_a, lora_b, pairs: int) -> int:
+    """The segment padding of the grouped regime's layout for ``pairs`` (token, slot) pairs: the
+    largest row tile of the grouped GEMMs that run over it."""
     num_experts, d_out, rank = lora_b.shape
-    rows = topk_ids.numel() / num_experts
+    rows = pairs / num_experts
     shapes = [(d_out, rank), (rank, d_out)]
     if lora_a.dim() == 3:
-        shapes += [(rank, x.shape[1]), (x.shape[1], rank)]
+        shapes += [(rank, d_in), (d_in, rank)]
     return launchers.grouped_layout_block(*(launchers.grouped_config("matmul", n, k, rows) for n, k in shapes))
 
 
-def _grouped_layout(x, lora_a, lora_b, topk_ids):
-    return expert_layout(topk_ids, lora_b.shape[0], _grouped_block(x, lora_a, lora_b, topk_ids))
+def grouped_row_count(d_in: int, lora_a, lora_b, pairs: int) -> int:
+    """Rows of the grouped regime's padded row space for ``pairs`` (token, slot) pairs."""
+    return padded_length(pairs, lora_b.shape[0], _grouped_block(d_in, lora_a, lora_b, pairs))
+
+
+def grouped_layout(x, lora_a, lora_b, topk_ids):
+    """The grouped regime's dispatch metadata (moelora.ops.routing.expert_layout) of ``topk_ids``."""
+    return expert_layout(topk_ids, lora_b.shape[0], _grouped_block(x.shape[1], lora_a, lora_b, topk_ids.numel()))
 
 
 def _grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
     """y = base + combine of the rows s * w_p * B_e h; h = x A^T [T, r] (shared A) or the
     row-space x[t] A_e^T [R, r] (per-expert A)."""
     acc = launchers.accumulator_dtype(x.dtype)
-    meta = _grouped_layout(x, lora_a, lora_b, topk_ids)
+    meta = grouped_layout(x, lora_a, lora_b, topk_ids)
     shared = lora_a.dim() == 2
     if shared:
         h = launchers.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
@@ -276,7 +284,7 @@ def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling,
     T, top_k = topk_ids.shape
     shared = lora_a.dim() == 2
     acc = h.dtype
-    meta = _grouped_layout(x, lora_a, lora_b, topk_ids)
+    meta = grouped_layout(x, lora_a, lora_b, topk_ids)
     w = topk_weights.reshape(-1)
     dw = torch.zeros(T * top_k, dtype=acc, device=x.device)  # pairs outside the layout keep 0
     # dh rows = s * w_p * (dy[t] B_e), dw[p] = s * <dy[t] B_e, h>

@@ -8,7 +8,8 @@ auxiliary loss. This is MoELoRALinear's forward and backward; it owns the base G
 x is read once for the LoRA down-projection and the router logits, the expand GEMM adds into
 the base output, and dx = dy W + [dh | d logits] [A ; W_router] accumulates in one GEMM.
 
-Triton backend (``_fused_forward`` / ``_fused_backward``), per call:
+Triton backend (``_fused_forward`` / ``_fused_backward``), per call, in moelora.moe_lora's
+dense regime (E*r small):
 
   forward   lora_down: [h | logits] = x [A_rows ; W_router]^T (fp32 accumulation, x read once)
             router_topk (moelora._C) (+ threshold_weights): weights, ids, counts, prob_sums, lse
@@ -19,8 +20,19 @@ Triton backend (``_fused_forward`` / ``_fused_backward``), per call:
             lora_weight_grad: dB (in its [E, d_out, r] layout), dA, dW_router in one kernel,
             split reductions summed in a fixed order on the device
 
-Saved for backward: x (and x_lora when LoRA dropout makes it differ), h [T, R], the routing
-(logits [T, E], ids, weights, counts); nothing T x d_out. Deterministic; no host sync.
+and in its grouped regime (large E*r; ``_grouped_expand`` / ``_grouped_lora_backward``):
+
+  forward   lora_down and the routing as above (per-expert A: logits only); the pairs sorted by
+            expert (dispatch metadata); per-expert A: rows x[t] A_e^T (grouped GEMM); rows
+            s w B_e h (grouped GEMM); y = x W^T + b (cuBLAS), the rows summed into it per token
+            in a fixed order (combine_rows); router_aux_loss: aux_loss, aux_stats
+  backward  dh rows = s w dy B_e with dw in the epilogue (grouped GEMM); dB (grouped reduction);
+            router_backward: d logits from dw; dA, dW_router (matmuls over x, or per expert
+            from the rows); dx = [dh | d logits] [A ; W_router] + dy W
+
+Saved for backward: x (and x_lora when LoRA dropout makes it differ), h [T, R] (the grouped
+regime's per-expert A: its rows [rows, r]), the routing (logits [T, E], ids, weights, counts);
+nothing T x d_out. Deterministic; no host sync.
 A and B of any float dtype (fp32 adapters over a bf16 base, as PEFT keeps them) are read as
 they are and rounded to x's dtype in registers by the kernels (no cast kernels, nothing
 saved twice); the router's product runs in fp32; everything accumulates in fp32. In eager
@@ -42,7 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.ops.moe_lora import lora_a_rows, moe_lora, resolve_backend
+from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
+from moelora.ops.moe_lora import (choose_regime, grouped_layout, grouped_row_count, lora_a_rows, moe_lora,
+                                   resolve_backend)
 from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
@@ -97,14 +111,17 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                            flat(lora_input))
         return y.reshape(x.shape[:-1] + (weight.shape[0],)), out
     r = router
+    top_k = r.top_k if r is not None else topk_ids.shape[-1]
+    grouped = choose_regime(lora_b.shape[0], lora_b.shape[2], top_k) == "grouped"
     if torch.compiler.is_compiling():
         xl = None if lora_input is None else lora_input.reshape(T, x.shape[-1])
         args = op_args(x.reshape(T, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, router, topk_ids,
-                       topk_weights, xl)
+                       topk_weights, xl, grouped)
         y, h, logits, ids, weights, counts, aux_loss, aux_stats = moe_lora_linear_fwd(*args)
         y = y.reshape(x.shape[:-1] + (weight.shape[0],))
     else:
-        args, extra = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input), []
+        args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input, grouped)
+        extra = []
         y, aux_loss = _MoELoRALinearFn.apply(*args[:9], args[9:], extra)
         h, logits, ids, weights, counts, aux_stats = extra
     if r is None:
@@ -113,20 +130,21 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                           aux_stats)
 
 
-def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input) -> tuple:
+def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input,
+            grouped: bool) -> tuple:
     """The flat argument list of the fused op (``moelora::moe_lora_linear_fwd``): the 9 tensors
     that may need a gradient (x, weight, bias, lora_a, lora_b, router_weight, logits_in,
     topk_weights, lora_input; each may be None but x, weight and the adapters), the 3 others
-    (topk_ids, noise, num_steps), then the 9 scalars (scaling, mode, top_k, renormalize,
-    eps_start, eps_end, ramp_steps, lb_coef, z_coef)."""
+    (topk_ids, noise, num_steps), then the 10 scalars (scaling, mode, top_k, renormalize,
+    eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped: the regime of moelora.moe_lora)."""
     r = router
     if r is None:
         return (x, weight, bias, lora_a, lora_b, None, None, topk_weights, lora_input, topk_ids, None, None,
-                float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0)
+                float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0, grouped)
     num_steps = r.num_steps if r.mode == "threshold" and r.ramp_steps > 0 else None
     return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, lora_input, None, r.noise, num_steps,
             float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
-            int(r.ramp_steps), float(r.lb_coef), float(r.z_coef))
+            int(r.ramp_steps), float(r.lb_coef), float(r.z_coef), grouped)
 
 
 class LayerOutput(NamedTuple):
@@ -180,28 +198,51 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                    num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
-                   z_coef):
+                   z_coef, grouped):
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats); for static routing ids and
-    weights are the given ones and logits, counts and aux are empty."""
+    weights are the given ones and logits, counts and aux are empty. h is [T, R], or for the
+    grouped regime's per-expert A the rows x[t] A_e^T [rows of the layout, r]."""
     dtype = x.dtype
     xl = x if lora_input is None else lora_input
-    a_rows = lora_a_rows(lora_a)
+    down_rows = None if grouped and lora_a.dim() == 3 else lora_a_rows(lora_a)  # grouped: per row, below
     if router_weight is not None and lora_input is None:
-        h, logits = launchers.lora_down(x, a_rows, router_weight)
+        h, logits = launchers.lora_down(x, down_rows, router_weight)
     else:
-        h, _ = launchers.lora_down(xl, a_rows)
+        h = launchers.lora_down(xl, down_rows)[0] if down_rows is not None else None
         logits = launchers.lora_down(x, None, router_weight)[1] if router_weight is not None else logits_in
-    expand = dict(scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype, compute_dtype=dtype)
     if mode == "static":
-        ids, weights, counts, aux_loss, aux_stats = topk_ids, topk_weights, *(x.new_empty(0) for _ in range(3))
-        y = launchers.gated_expand(h, ids, weights, lora_b, **expand)
+        ids, weights, aux = topk_ids, topk_weights, None
     else:
         weights, ids, aux = _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_end, ramp_steps,
                                    lb_coef, z_coef)
-        y, aux_loss, aux_stats, counts = launchers.gated_expand(h, ids, weights, lora_b, aux=aux, **expand)
-    y.addmm_(x, weight.t())
+    if grouped:
+        y, h = _grouped_expand(x, xl, weight, bias, h if down_rows is not None else None, lora_a, lora_b, ids,
+                               weights, scaling)
+        out = launchers.router_aux_loss(ids, weights, aux) if aux is not None else None
+    else:
+        expand = dict(scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype, compute_dtype=dtype)
+        out = launchers.gated_expand(h, ids, weights, lora_b, aux=aux, **expand)
+        y, out = (out, None) if aux is None else (out[0], out[1:])
+        y.addmm_(x, weight.t())
+    aux_loss, aux_stats, counts = out if out is not None else (x.new_empty(0) for _ in range(3))
     logits = x.new_empty(0) if logits is None else logits
     return y, h, logits, ids, weights, counts, aux_loss, aux_stats
+
+
+def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scaling):
+    """(y, h) of the grouped regime (large E*r; moelora.moe_lora's): y = x W^T + b (cuBLAS) plus
+    the fixed-order per-token sum of the expert rows s w B_e h (grouped GEMM over the pairs
+    sorted by expert, combined into y in place). ``h`` None (per-expert A): the rows
+    x_lora[t] A_e^T are computed here."""
+    dtype = x.dtype
+    meta = grouped_layout(x, lora_a, lora_b, ids)
+    if h is None:
+        h = rows_linear(xl, lora_a, meta, "triton", a_by_token=True, out_dtype=launchers.accumulator_dtype(dtype),
+                        compute_dtype=dtype)
+    rows = rows_linear(h, lora_b, meta, "triton", a_by_token=lora_a.dim() == 2, out_dtype=dtype,
+                       compute_dtype=dtype, alpha=scaling, scale=weights.reshape(-1))
+    y = F.linear(x, weight, bias)
+    return launchers.combine_rows(rows, meta, out_dtype=dtype, base=y, out=y), h
 
 
 # needs_input_grad -> _fused_backward's ``needs``: the op's inputs (op_args order) whose gradients it
@@ -210,26 +251,47 @@ _on_request = operator.itemgetter(0, 1, 2, 5, 6, 7, 8)
 
 
 def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
-                    scaling, mode, renormalize, lb_coef, z_coef, needs):
+                    scaling, mode, renormalize, lb_coef, z_coef, grouped, needs):
     """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input);
     ``needs`` says which are wanted (None where not)."""
     need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
     dtype = x.dtype
     if dy is None:  # only the aux loss reached the loss
         dy = x.new_zeros(x.shape[0], weight.shape[0])
+    router = None
+    if mode != "static":
+        grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
+        router = launchers.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
+    lora_backward = _grouped_lora_backward if grouped else _dense_lora_backward
+    dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input = lora_backward(
+        dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, scaling, router, needs)
+    if need_x:
+        if dx is None:
+            dx = torch.mm(dy, weight.to(dtype))
+        else:
+            dx.addmm_(dy, weight)
+    dweight = torch.mm(dy.t(), x) if need_weight else None
+    dbias = dy.sum(0) if need_bias else None
+    dlogits = dl if need_logits and router_weight is None and router is not None else None
+    dw = dw.to(weights.dtype) if need_w and router is None else None
+    return dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input
+
+
+def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, scaling, router, needs):
+    """(dx before dy W or None, dA, dB, dW_router, d logits, dw, d lora_input) of the dense regime:
+    dHg = dy B_stack; gate_backward: dh and dw or d logits (routing and aux-loss gradients);
+    lora_weight_grad: dB, dA (and dW_router, the router reading x); dx = [dh | dl] [A ; W_router]."""
+    need_x, _, _, need_router, _, _, need_lora_input = needs
+    dtype = x.dtype
     shared = lora_a.dim() == 2
     num_experts, d_out, rank = lora_b.shape
     xl = x if lora_input is None else lora_input
     a_rows = lora_a_rows(lora_a)
     dhg = launchers.matmul(dy, lora_b, stacked_b=True, out_dtype=launchers.accumulator_dtype(dtype),
                            compute_dtype=dtype)
-    router = None
-    if mode != "static":
-        grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
-        router = launchers.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
     dh, dw_or_dl, hg = launchers.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank,
                                                scaling=scaling, shared_a=shared, router=router, hg_dtype=dtype)
-    dl = dw_or_dl if router is not None else None
+    dl, dw = (dw_or_dl, None) if router is not None else (None, dw_or_dl)
     fused_router = router_weight is not None and lora_input is None
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
@@ -250,15 +312,59 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
                                   sanitize_b=not shared)
         elif router_weight is not None:
             dx = launchers.matmul(dl, router_weight, out_dtype=dtype, compute_dtype=dtype)
-        if dx is None:
-            dx = torch.mm(dy, weight.to(dtype))
-        else:
-            dx.addmm_(dy, weight)
-    dweight = torch.mm(dy.t(), x) if need_weight else None
-    dbias = dy.sum(0) if need_bias else None
-    dlogits = dl if need_logits and router_weight is None and mode != "static" else None
-    dw = dw_or_dl.to(weights.dtype) if need_w and mode == "static" else None
-    return dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input
+    return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
+
+
+def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, scaling, router,
+                           needs):
+    """The same for the grouped regime (moelora.moe_lora's): dh rows = s w dy B_e with dw in the
+    same grouped GEMM's epilogue; dB by a fixed-order grouped reduction; router_backward: d
+    logits from dw; then dA, dW_router and dx = [dh | dl] [A ; W_router] (dense for a shared
+    A; per expert, from the rows, for a per-expert A)."""
+    need_x, _, _, need_router, _, _, need_lora_input = needs
+    dtype = x.dtype
+    acc = h.dtype
+    T, top_k = ids.shape
+    shared = lora_a.dim() == 2
+    xl = x if lora_input is None else lora_input
+    meta = grouped_layout(x, lora_a, lora_b, ids)
+    w = weights.reshape(-1)
+    # a learned router's ids are all in the layout; given ids outside it (validation off) keep dw = 0
+    dw = (torch.empty if router is not None else torch.zeros)(T * top_k, dtype=acc, device=x.device)
+    dh_rows = rows_linear(dy, lora_b, meta, "triton", a_by_token=True, transposed=True, out_dtype=acc,
+                          compute_dtype=dtype, alpha=scaling, scale=w, gate_grad=(h, shared, dw))
+    dlora_b = rows_weight_grad(dy, h, meta, "triton", left_by_token=True, right_by_token=shared,
+                               out_dtype=lora_b.dtype, compute_dtype=dtype, alpha=scaling, scale=w)
+    dw = dw.view(T, top_k)
+    dl = launchers.router_backward(dw, ids, weights, router) if router is not None else None
+    drouter = None
+    if router_weight is not None and (need_router or lora_input is None):
+        drouter = launchers.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
+    dx = dlora_input = None
+    router_dx = (dl, router_weight) if router_weight is not None and need_x else None
+    if shared:
+        dh = launchers.combine_rows(dh_rows, meta, out_dtype=acc)
+        dlora_a = launchers.matmul(dh.t(), xl, out_dtype=lora_a.dtype, compute_dtype=dtype, split_k=True)
+        if need_lora_input:
+            dlora_input = launchers.matmul(dh, lora_a, out_dtype=dtype, compute_dtype=dtype)
+        if need_x and lora_input is None:
+            dx = launchers.matmul(dh, lora_a, out_dtype=dtype, compute_dtype=dtype, second=router_dx)
+        elif router_dx is not None:
+            dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype)
+        return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
+    dlora_a = rows_weight_grad(dh_rows, xl, meta, "triton", right_by_token=True, out_dtype=lora_a.dtype,
+                               compute_dtype=dtype)
+    lora_dx = need_lora_input or (need_x and lora_input is None)
+    dx_rows = rows_linear(dh_rows, lora_a, meta, "triton", transposed=True, out_dtype=dtype,
+                          compute_dtype=dtype) if lora_dx else None
+    if router_dx is not None:
+        dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype)
+    if lora_input is not None:
+        if need_lora_input:
+            dlora_input = launchers.combine_rows(dx_rows, meta, out_dtype=dtype)
+    elif need_x:
+        dx = launchers.combine_rows(dx_rows, meta, out_dtype=dtype, base=dx, out=dx)
+    return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
 
 
 def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor):
@@ -288,16 +394,16 @@ class _MoELoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, rest, extra):
         topk_ids, noise, num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, \
-            z_coef = rest
+            z_coef, grouped = rest
         x_shape, T = x.shape, math.prod(x.shape[:-1])
         x = as_2d(x, T, x_shape[-1])
         if lora_input is not None:
             lora_input = as_2d(lora_input, T, x_shape[-1])
         y, h, logits, ids, weights, counts, aux_loss, aux_stats = _fused_forward(
             x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
-            lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef)
+            lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped)
         ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input)
-        ctx.config = (scaling, mode, renormalize, lb_coef, z_coef)
+        ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, grouped)
         ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
         extra.extend((h, logits, ids, weights, counts, aux_stats))
@@ -326,23 +432,27 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         topk_weights: Optional[torch.Tensor], lora_input: Optional[torch.Tensor],
                         topk_ids: Optional[torch.Tensor], noise: Optional[torch.Tensor],
                         num_steps: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
-                        eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float,
+                        grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats) of the fused layer; see the module docstring."""
     out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                          num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
-                         lb_coef, z_coef)
+                         lb_coef, z_coef, grouped)
     return _outputs(out, mode == "static", logits_in is not None, x)
 
 
 @moe_lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, topk_ids, noise,
-      num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef):
+      num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped):
     T = x.shape[0]
     acc = launchers.accumulator_dtype(x.dtype)
     y = x.new_empty(T, weight.shape[0])
-    h = x.new_empty(T, lora_a.reshape(-1, lora_a.shape[-1]).shape[0], dtype=acc)
+    if grouped and lora_a.dim() == 3:  # the rows x[t] A_e^T of the layout
+        pairs = T * (top_k if mode != "static" else topk_ids.shape[1])
+        h = x.new_empty(grouped_row_count(x.shape[1], lora_a, lora_b, pairs), lora_b.shape[2], dtype=acc)
+    else:
+        h = x.new_empty(T, lora_a.reshape(-1, lora_a.shape[-1]).shape[0], dtype=acc)
     if mode == "static":
         empty = x.new_empty(0)
         return (y, h, empty, x.new_empty(0, dtype=topk_ids.dtype), x.new_empty(0), x.new_empty(0), x.new_empty(0),
@@ -360,17 +470,17 @@ def moe_lora_linear_bwd(dy: torch.Tensor, g_aux: Optional[torch.Tensor], x: torc
                         lora_a: torch.Tensor, lora_b: torch.Tensor, router_weight: Optional[torch.Tensor],
                         h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                         counts: torch.Tensor, lora_input: Optional[torch.Tensor], scaling: float, mode: str,
-                        renormalize: bool, lb_coef: float, z_coef: float,
+                        renormalize: bool, lb_coef: float, z_coef: float, grouped: bool,
                         needs: list[bool]) -> list[torch.Tensor]:
     """The gradients of the fused layer (empty tensors where ``needs`` is False)."""
     grads = _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
-                            lora_input, scaling, mode, renormalize, lb_coef, z_coef, tuple(needs))
+                            lora_input, scaling, mode, renormalize, lb_coef, z_coef, grouped, tuple(needs))
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @moe_lora_linear_bwd.register_fake
 def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input, scaling,
-      mode, renormalize, lb_coef, z_coef, needs):
+      mode, renormalize, lb_coef, z_coef, grouped, needs):
     need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
     fused_router = router_weight is not None and lora_input is None
 
@@ -386,14 +496,14 @@ def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weigh
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, topk_ids, noise,
-     num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef) = inputs
+     num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped) = inputs
     _, h, logits, ids, weights, counts, _, _ = output
     if mode == "static":
         ids, weights = topk_ids, topk_weights
     if logits_in is not None:
         logits = logits_in
     ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input)
-    ctx.config = (scaling, mode, renormalize, lb_coef, z_coef)
+    ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, grouped)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(*output[1:6], output[7])
     ctx.set_materialize_grads(False)
@@ -407,7 +517,7 @@ def _custom_op_backward(ctx, dy, _dh, _dlogits, _dids, _dweights, _dcounts, g_au
     dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = grads
     keep = lambda g, wanted: g if wanted else None  # noqa: E731
     return (keep(dx, n[0]), keep(dweight, n[1]), keep(dbias, needs[2]), keep(dlora_a, n[3]), keep(dlora_b, n[4]),
-            keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7]), keep(dlora_input, n[8])) + (None,) * 12
+            keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7]), keep(dlora_input, n[8])) + (None,) * 13
 
 
 moe_lora_linear_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)

@@ -18,6 +18,7 @@ import moelora
 from conftest import DEVICE, HAS_CUDA
 from helpers import rel_err
 from moelora import MoELoRALinear
+from moelora.ops import moe_lora as moe_lora_module
 from moelora.ops import moe_lora_linear as fused_linear
 
 KINDS = {
@@ -99,8 +100,23 @@ def _compare(kind, dtype=torch.float32, base=None, lead=(3, 7), train=True, refe
     return layer, grads
 
 
+@pytest.fixture(params=["dense", "grouped"])
+def regime(request, monkeypatch):
+    """The fused op's regime (moelora.moe_lora's): "grouped", which large E*r calls for, is forced
+    on the small test layers by a dense width of 0, and the test fails unless it ran."""
+    if request.param == "dense":
+        yield "dense"
+        return
+    monkeypatch.setattr(moe_lora_module, "DENSE_WIDTH_PER_SLOT", 0)
+    calls = []
+    expand = fused_linear._grouped_expand
+    monkeypatch.setattr(fused_linear, "_grouped_expand", lambda *a: calls.append(1) or expand(*a))
+    yield "grouped"
+    assert calls, "the fused op's grouped regime did not run"
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_fused_layer_matches_float64_reference(kind):
+def test_fused_layer_matches_float64_reference(kind, regime):
     # CUDA's dropout draws depend on the dtype: LoRA dropout is compared with an fp32 reference there
     # (the same mask); A-dropout, jitter and threshold routing draw in fp32 whatever the dtype.
     cuda_dropout = kind == "lora_dropout" and DEVICE.type == "cuda"
@@ -108,12 +124,12 @@ def test_fused_layer_matches_float64_reference(kind):
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "task_shared"])
-def test_fused_layer_eval_mode(kind):
+def test_fused_layer_eval_mode(kind, regime):
     _compare(kind, train=False)
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "per_expert_k1", "task_shared"])
-def test_half_precision_base_with_fp32_adapters(kind):
+def test_half_precision_base_with_fp32_adapters(kind, regime):
     """The default over a half-precision base: fp32 adapters, read as they are and rounded to
     fp16 in registers by every kernel that reads A or B (no cast kernels), all gradients."""
     layer, _ = _compare(kind, dtype=torch.float16)
@@ -135,7 +151,7 @@ def test_conv1d_base_and_trainable_base_weight():
         assert rel_err(grads[name], grads_ref[name]) < TOL[torch.float32], name
 
 
-def test_experts_without_tokens_get_exact_zero_gradients():
+def test_experts_without_tokens_get_exact_zero_gradients(regime):
     layer = _layer("per_expert_k1")
     with torch.no_grad():
         layer.router.weight[3] = -50.0  # expert 3 never wins on positive inputs
@@ -148,7 +164,7 @@ def test_experts_without_tokens_get_exact_zero_gradients():
 
 
 @pytest.mark.parametrize("shared_a", [True, False])
-def test_nonfinite_weights_of_an_unchosen_expert_stay_out(shared_a):
+def test_nonfinite_weights_of_an_unchosen_expert_stay_out(shared_a, regime):
     layer = _layer("shared_a_mosld" if shared_a else "per_expert_k1").eval()
     E = layer.num_experts
     with torch.no_grad():
@@ -167,7 +183,7 @@ def test_nonfinite_weights_of_an_unchosen_expert_stay_out(shared_a):
             assert torch.isfinite(p.grad).all(), name
 
 
-def test_bitwise_repeats():
+def test_bitwise_repeats(regime):
     layer = _layer("threshold").eval()
     x = torch.randn(33, 40, device=DEVICE)
     runs = [_run(layer, x, "triton") for _ in range(2)]
@@ -176,7 +192,7 @@ def test_bitwise_repeats():
         assert torch.equal(runs[0][2][name], runs[1][2][name]), name
 
 
-def test_saved_activations_are_x_h_and_the_routing():
+def test_saved_activations_are_x_h_and_the_routing(regime):
     """Saved for backward: x (once), h [T, r], the routing (logits, ids, weights, counts) and the
     adapters rounded to x's dtype; nothing T x d_out."""
     layer = MoELoRALinear(nn.Linear(64, 96).to(DEVICE).half(), num_experts=8, top_k=2, r=16, share_lora_a=True)
@@ -197,7 +213,7 @@ def test_saved_activations_are_x_h_and_the_routing():
     del y
 
 
-def test_no_host_synchronisation():
+def test_no_host_synchronisation(regime):
     """With validation off nothing reads device memory on the host (CUDA graphs, torch.compile)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -246,14 +262,14 @@ def test_router_stats_from_the_fused_op():
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold_ramp", "task_shared", "jitter", "lora_dropout"])
-def test_custom_ops_opcheck(kind):
+def test_custom_ops_opcheck(kind, regime):
     layer = _layer(kind).train()
     _task_ids(layer, (6,))
     x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     router, ids, weights = layer._routing_inputs(x)
     lora_input = layer.lora_dropout(x) if kind == "lora_dropout" else None
     args = fused_linear.op_args(x, layer.base_weight(), layer.base_layer.bias, layer.lora_A, layer.lora_B,
-                                layer.scaling, router, ids, weights, lora_input)
+                                layer.scaling, router, ids, weights, lora_input, regime == "grouped")
     args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
                  else a for a in args)  # leaves: opcheck runs backward several times
     with moelora.use_backend("triton"):
@@ -261,7 +277,7 @@ def test_custom_ops_opcheck(kind):
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold_ramp", "task_shared"])
-def test_torch_compile_fullgraph_trains_like_eager(kind):
+def test_torch_compile_fullgraph_trains_like_eager(kind, regime):
     layer = _layer(kind).train()
     _task_ids(layer, (5,))
     eager_layer = copy.deepcopy(layer)
@@ -297,7 +313,7 @@ def test_torch_compile_fullgraph_trains_like_eager(kind):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 kernels need a GPU")
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a_mosld", "task_shared", "per_expert_k1"])
-def test_bf16_on_gpu(kind):
+def test_bf16_on_gpu(kind, regime):
     """A bf16 base with the default fp32 adapters against the same layer on the PyTorch backend
     (which computes the LoRA branch in fp32): both route on fp32 logits of the same bf16 x."""
     _compare(kind, dtype=torch.bfloat16, lead=(4, 300), reference_dtype=None)
