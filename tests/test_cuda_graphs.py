@@ -21,6 +21,7 @@ ROUTERS = {
     "topk_softmax": dict(router="topk_softmax"),
     "threshold": dict(router="threshold", top_k=3, threshold_eps=0.3, threshold_ramp_steps=4),
     "task": dict(router="task", task_shared_lora=True),
+    "grouped": dict(router="softmax_topk", num_experts=80),  # E*r = 640: the fused op's grouped regime
 }
 
 
