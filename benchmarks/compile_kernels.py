@@ -256,18 +256,21 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of seven training steps (launchers.record_launches), configured by the launchers as on a
+    of seven training steps and one backward (launchers.record_launches), configured by the launchers as on a
     132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters, shared A,
     softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime adding a base
     (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A r 64, E 64,
     k 4 as S3; per-expert A r 32, E 32); the fused layer in the grouped regime (E 64, r 16:
-    shared A with softmax_topk, per-expert A with threshold routing). Sizes are scaled down
+    shared A with softmax_topk, per-expert A with threshold routing); and the routing op's
+    backward (moelora.route). Sizes are scaled down
     (T 2048 or 4096, d 512) where
     the launch configurations (tiles, flags, divisibility, shape classes) stay those of the
     full shapes, so that the CPU work stays small."""
     from moelora.kernels import launchers as K
     from moelora.ops import moe_lora as ML
     from moelora.ops import moe_lora_linear as L
+    from moelora.ops import routing_autograd
+    from moelora.ops.routing import route
 
     TRITON_TYPES.update({torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                          torch.int32: "i32", torch.int64: "i64"})
@@ -318,6 +321,11 @@ def traced_jobs():
                 torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
                 x = x.detach()
                 steps[name], calls[:] = list(calls), []
+            logits = rand(T, E, dtype=torch.float32)  # the routing op's backward, every gradient given
+            out = route(logits, k, renormalize=True)
+            routing_autograd._router_topk_backward(logits, out.ids, out.weights, rand(T, k, dtype=torch.float32),
+                                                   rand(E, dtype=torch.float32), rand(T, dtype=torch.float32), 0, True)
+            steps["routing op backward"], calls[:] = list(calls), []
     finally:
         K._target_programs = target_programs
     for step, launches in steps.items():

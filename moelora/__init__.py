@@ -12,9 +12,9 @@
   losses, MoE FFN upcycling, MoLEx, save/load/merge and PEFT interop.
 """
 
-from moelora.switches import current_backend, use_backend, validation, validation_enabled
+from moelora.switches import current_backend, resolve_backend, use_backend, validation, validation_enabled
 from moelora import reference
-from moelora.ops.moe_lora import moe_lora, resolve_backend
+from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_ffn import moe_ffn
 from moelora.ops.routing import DispatchMetadata, RouteResult, combine, dispatch, dispatch_metadata, route
 from moelora.ops.losses import load_balancing_loss, router_z_loss

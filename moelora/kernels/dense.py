@@ -270,14 +270,17 @@ TOPK_SOFTMAX = 3  # w = softmax over the chosen logits
 
 
 @triton.jit
-def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, dw,
-                     E, inv_t, lb_coef, z_coef, stride_lt, stride_le,
-                     ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, TOP_K: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, offs_t, mask_t, ids, w, dw,
+                     E, inv_t, lb_coef, z_coef, stride_lt, stride_le, stride_glse,
+                     ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, HAS_STAT_GRADS: tl.constexpr,
+                     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                     ACC: tl.constexpr):
     """d aux/d logits + d(loss through w)/d logits for a block of tokens ([BLOCK_T, BLOCK_E] fp32).
 
     g_w = dw; the aux-loss gradient g enters as d aux / d prob_sums_e = lb_coef * E * f_e / T
-    and d aux / d lse_t = 2 * z_coef * lse_t / T. Logits read as -inf (NaN, -inf) get 0.
+    and d aux / d lse_t = 2 * z_coef * lse_t / T. HAS_STAT_GRADS: gradients of the routing op's
+    prob_sums [E] and lse [T] are given (g_ps_ptr, g_lse_ptr) and enter the same way. Logits
+    read as -inf (NaN, -inf) get 0.
     """
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
@@ -325,6 +328,9 @@ def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, 
         g_p += (g * lb_coef * inv_t * E * f)[None, :]
         lse = tl.where(empty, 0.0, m + tl.log(tl.where(empty, 1.0, total)))
         g_x += (2.0 * g * z_coef * inv_t * lse)[:, None] * p
+    if HAS_STAT_GRADS:
+        g_p += tl.load(g_ps_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)[None, :]
+        g_x += tl.load(g_lse_ptr + offs_t * stride_glse, mask=mask_t, other=0.0).to(ACC)[:, None] * p
     g_x += p * (g_p - tl.sum(p * g_p, axis=1)[:, None])
     return tl.where(x == float("-inf"), 0.0, g_x)
 
@@ -386,9 +392,9 @@ def gate_backward_kernel(
         tl.store(dw_ptr + offs_t[:, None] * stride_dwt + offs_k[None, :] * stride_dwk,
                  dw.to(dw_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_k[None, :] < TOP_K))
     else:
-        dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, dw,
-                              num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le,
-                              ROUTER, HAS_AUX_GRAD, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
+        dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, logits_ptr, logits_ptr, offs_t, mask_t, ids, w, dw,
+                              num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le, 0,
+                              ROUTER, HAS_AUX_GRAD, False, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
         offs_e = tl.arange(0, BLOCK_E)
         tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl,
                  mask=mask_t[:, None] & (offs_e[None, :] < num_experts))
@@ -396,17 +402,18 @@ def gate_backward_kernel(
 
 @triton.jit
 def router_backward_kernel(
-    ids_ptr, w_ptr, dw_ptr, logits_ptr, counts_ptr, g_aux_ptr, dl_ptr,
+    ids_ptr, w_ptr, dw_ptr, logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, dl_ptr,
     lb_coef, z_coef,
     T, num_experts, inv_t,
     stride_it, stride_ik, stride_wt, stride_wk, stride_dwt, stride_dwk,
-    stride_lt, stride_le, stride_dlt, stride_dle,
-    ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, ACC: tl.constexpr,
+    stride_lt, stride_le, stride_glse, stride_dlt, stride_dle,
+    ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, HAS_STAT_GRADS: tl.constexpr, ACC: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """d logits [T, E] (ACC) from the gradient of the routing weights dw [T, k] and the
-    aux-loss gradient (_router_backward): gate_backward_kernel's router part, for the grouped
-    regime, whose dh GEMM computes dw in its epilogue.
+    """d logits [T, E] (computed in ACC) from the gradient of the routing weights dw [T, k] and
+    the aux-loss gradient, or the gradients of the routing op's prob_sums and lse
+    (_router_backward): gate_backward_kernel's router part, for the grouped regime (whose dh
+    GEMM computes dw in its epilogue) and for the routing op's own backward.
 
     Grid: (cdiv(T, BLOCK_T),).
     """
@@ -417,11 +424,11 @@ def router_backward_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     dw = tl.load(dw_ptr + offs_t[:, None] * stride_dwt + offs_k[None, :] * stride_dwk,
                  mask=mask_t[:, None] & (offs_k[None, :] < TOP_K), other=0.0).to(ACC)
-    dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, offs_t, mask_t, ids, w, dw,
-                          num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le,
-                          ROUTER, HAS_AUX_GRAD, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
+    dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, offs_t, mask_t, ids, w, dw,
+                          num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le, stride_glse,
+                          ROUTER, HAS_AUX_GRAD, HAS_STAT_GRADS, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
     offs_e = tl.arange(0, BLOCK_E)
-    tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl,
+    tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl.to(dl_ptr.dtype.element_ty),
              mask=mask_t[:, None] & (offs_e[None, :] < num_experts))
 
 

@@ -598,11 +598,11 @@ ROUTER_GRAD_MODES = {"softmax_topk": SOFTMAX_RENORMALIZED, "softmax_topk_plain":
 
 class RouterGrad(NamedTuple):
     """What gate_backward needs to differentiate a router: logits [T, E] fp32, counts [E] (routed
-    slots per expert), the aux-loss gradient (0-d, or None), the mode (ROUTER_GRAD_MODES key)
-    and the aux-loss coefficients."""
+    slots per expert; needed with g_aux only), the aux-loss gradient (0-d, or None), the mode
+    (ROUTER_GRAD_MODES key) and the aux-loss coefficients."""
 
     logits: torch.Tensor
-    counts: torch.Tensor
+    counts: Optional[torch.Tensor]
     g_aux: Optional[torch.Tensor]
     mode: str
     lb_coef: float
@@ -669,31 +669,39 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
 
 
 @functools.lru_cache(maxsize=1024)
-def _router_backward_launch(T: int, E: int, top_k: int, mode: int, has_aux: bool, dtype: torch.dtype,
-                            ids_strides: tuple, w_strides: tuple, dw_strides: tuple,
-                            logits_strides: tuple) -> KernelLaunch:
+def _router_backward_launch(T: int, E: int, top_k: int, mode: int, has_aux: bool, stat_grads: bool,
+                            dtype: torch.dtype, ids_strides: tuple, w_strides: tuple, dw_strides: tuple,
+                            logits_strides: tuple, glse_stride: int) -> KernelLaunch:
     block_t = 64 if _INTERPRETING else 32
-    meta = dict(ROUTER=mode, HAS_AUX_GRAD=has_aux, ACC=_TL_DTYPES[dtype], TOP_K=top_k,
+    meta = dict(ROUTER=mode, HAS_AUX_GRAD=has_aux, HAS_STAT_GRADS=stat_grads, ACC=_TL_DTYPES[dtype], TOP_K=top_k,
                 BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_E=_pow2_block(E, 1, 1 << 16))
-    fixed = (T, E, 1.0 / T, *ids_strides, *w_strides, *dw_strides, *logits_strides, *_contiguous(E))
+    fixed = (T, E, 1.0 / T, *ids_strides, *w_strides, *dw_strides, *logits_strides, glse_stride, *_contiguous(E))
     return KernelLaunch(router_backward_kernel, (cdiv(T, block_t),), fixed, **meta)
 
 
-def router_backward(dw: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                    router: RouterGrad) -> torch.Tensor:
-    """d logits [T, E] in dw's dtype from the gradient of the routing weights dw [T, k] and, with
-    ``router.g_aux``, of the aux loss: gate_backward's router part, for the grouped regime (whose
-    dh GEMM gives dw)."""
+def router_backward(dw: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, router: RouterGrad, *,
+                    g_prob_sums: Optional[torch.Tensor] = None, g_lse: Optional[torch.Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """d logits [T, E] (``out_dtype``, default the logits' accumulator dtype) from the gradient of
+    the routing weights dw [T, k] and, with ``router.g_aux``, of the aux loss, or with
+    ``g_prob_sums`` [E] and ``g_lse`` [T] (both given) of the routing op's prob_sums and lse:
+    gate_backward's router part, for the grouped regime (whose dh GEMM gives dw) and the routing
+    op's backward."""
     logits = router.logits
     T, E = logits.shape
-    dl = torch.empty(T, E, dtype=dw.dtype, device=dw.device)
+    acc = accumulator_dtype(logits.dtype)
+    dl = torch.empty(T, E, dtype=out_dtype or acc, device=logits.device)
     if T == 0:
         return dl
-    has_aux = router.g_aux is not None
-    kernel = _router_backward_launch(T, E, topk_ids.shape[1], ROUTER_GRAD_MODES[router.mode], has_aux, dw.dtype,
-                                     topk_ids.stride(), topk_weights.stride(), dw.stride(), logits.stride())
-    kernel(topk_ids, topk_weights, dw, logits, router.counts, router.g_aux if has_aux else logits, dl,
-           float(router.lb_coef), float(router.z_coef))
+    has_aux, stat_grads = router.g_aux is not None, g_prob_sums is not None
+    if stat_grads != (g_lse is not None):
+        raise ValueError("g_prob_sums and g_lse go together (zeros for the one without a gradient)")
+    kernel = _router_backward_launch(T, E, topk_ids.shape[1], ROUTER_GRAD_MODES[router.mode], has_aux, stat_grads, acc,
+                                     topk_ids.stride(), topk_weights.stride(), dw.stride(), logits.stride(),
+                                     g_lse.stride(0) if stat_grads else 0)
+    kernel(topk_ids, topk_weights, dw, logits, router.counts if has_aux else logits,
+           router.g_aux if has_aux else logits, g_prob_sums if stat_grads else logits,
+           g_lse if stat_grads else logits, dl, float(router.lb_coef), float(router.z_coef))
     return dl
 
 

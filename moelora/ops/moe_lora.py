@@ -39,30 +39,15 @@ import torch
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.kernels.launchers import accumulator_dtype, interpreting
+from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
 from moelora.ops.routing import expert_layout
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args
-from moelora.switches import BACKENDS, current_backend
+from moelora.switches import resolve_backend
 
 
 REGIMES = ("auto", "dense", "grouped")
-
-
-def resolve_backend(requested: Optional[str], device: torch.device) -> str:
-    """The backend that will run for tensors on ``device`` ("torch" or "triton")."""
-    name = requested if requested is not None else current_backend()
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    triton_can_run = device.type == "cuda" or interpreting()  # triton itself is a dependency (imported above)
-    if name == "auto":
-        return "triton" if triton_can_run else "torch"
-    if name == "triton" and not triton_can_run:
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-            f"for CPU tensors); got tensors on {device}")
-    return name
 
 
 def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,

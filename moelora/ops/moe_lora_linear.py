@@ -55,12 +55,12 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
-from moelora.ops.moe_lora import (choose_regime, grouped_layout, grouped_row_count, lora_a_rows, moe_lora,
-                                   resolve_backend)
+from moelora.ops.moe_lora import choose_regime, grouped_layout, grouped_row_count, lora_a_rows, moe_lora
 from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import as_2d
+from moelora.switches import resolve_backend
 
 
 class RouterSpec(NamedTuple):

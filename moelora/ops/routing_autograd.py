@@ -4,24 +4,66 @@ Gradients (all computed with the ops themselves or in PyTorch, fixed-order, no a
   dispatch  out[i] = w[p_i] x[p_i // k]:  dx = combine(g, w),  dw[t,j] = <x[t], g[inv[t,j]]>
   combine   out[t] = sum_j w[t,j] y[inv[t,j]]:  dy = dispatch(g, w),  dw[t,j] = <g[t], y[inv[t,j]]>
   pair_dot  out[t,j] = <a[t], b[inv[t,j]]>:  da = combine(b, g),  db = dispatch(a, g)
-  router_topk: d logits through weights, prob_sums and lse, recomputed from the logits in
-  PyTorch (route_backward); ids and counts are not differentiable. Logits read as -inf
-  (NaN, -inf, rows of only -inf) get zero gradient.
+  router_topk: d logits through weights, prob_sums and lse (route_backward): one Triton kernel
+  (launchers.router_backward, the one that differentiates the fused layer's router) where the
+  Triton backend runs, else recomputed from the logits in PyTorch; ids and counts are not
+  differentiable. Logits read as -inf (NaN, -inf, rows of only -inf) get zero gradient.
 For the native ops they are registered with torch.library.register_autograd / register_fake;
 the PyTorch fallbacks get the same formulas through autograd.Function classes.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from moelora.ops import native
+from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
+from moelora.ops import native
 from moelora.ops import routing_torch as fb
+from moelora.switches import current_backend, resolve_backend
 
 
 def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
-    """Gradient w.r.t. logits of router_topk's (weights, prob_sums, lse)."""
+    """Gradient w.r.t. logits of router_topk's (weights, prob_sums, lse): one Triton kernel where
+    the Triton backend runs (the custom op moelora::router_topk_backward while torch.compile
+    traces), else PyTorch."""
+    if current_backend() != "torch" and resolve_backend("auto", logits.device) == "triton":
+        traced = type(logits) is not torch.Tensor  # fake / functional tensors: torch.compile
+        run = router_topk_backward if traced else _router_topk_backward
+        return run(logits, ids, weights, g_weights, g_prob_sums, g_lse, mode, renormalize)
+    return _route_backward_torch(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse)
+
+
+def _router_topk_backward(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                          g_weights: Optional[torch.Tensor], g_prob_sums: Optional[torch.Tensor],
+                          g_lse: Optional[torch.Tensor], mode: int, renormalize: bool) -> torch.Tensor:
+    """route_backward on the Triton kernel (launchers.router_backward); gradients not given count as 0."""
+    acc = accumulator_dtype(logits.dtype)
+    (T, E), k = logits.shape, ids.shape[1]
+    if g_weights is None:
+        g_weights = logits.new_zeros(T, k, dtype=acc)
+    if g_prob_sums is not None or g_lse is not None:
+        g_prob_sums = g_prob_sums if g_prob_sums is not None else logits.new_zeros(E, dtype=acc)
+        g_lse = g_lse if g_lse is not None else logits.new_zeros(T, dtype=acc)
+    name = "topk_softmax" if mode == fb.TOPK_SOFTMAX else "softmax_topk" if renormalize else "softmax_topk_plain"
+    router = launchers.RouterGrad(logits, None, None, name, 0.0, 0.0)
+    return launchers.router_backward(g_weights, ids, weights, router, g_prob_sums=g_prob_sums, g_lse=g_lse,
+                                     out_dtype=logits.dtype)
+
+
+router_topk_backward = torch.library.custom_op("moelora::router_topk_backward", _router_topk_backward,
+                                               mutates_args=())
+
+
+@router_topk_backward.register_fake
+def _(logits, ids, weights, g_weights, g_prob_sums, g_lse, mode, renormalize):
+    return torch.empty_like(logits)
+
+
+def _route_backward_torch(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
+    """route_backward in PyTorch (devices without Triton, the torch backend)."""
     x = fb.clean_logits(logits)
     probs, _, _ = fb.softmax_stats(x)
     ids = ids.long()

@@ -1,5 +1,6 @@
 """moelora.route: C++ and fallback paths vs a Python-loop reference, ties, NaN, edge sizes,
-determinism, opcheck, gradients and argument validation; CUDA vs CPU when a GPU is there."""
+determinism, opcheck, gradients (the Triton kernel and PyTorch) and argument validation;
+CUDA vs CPU when a GPU is there."""
 
 import pytest
 import torch
@@ -125,6 +126,24 @@ def test_router_opcheck(dtype):
         torch.library.opcheck(torch.ops.moelora.router_topk.default, (logits, 3, mode, renorm))
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def grad_path(request, monkeypatch):
+    """Where the routing op's backward runs: the Triton kernel (the Triton backend; checked to
+    have run) or PyTorch (the torch backend)."""
+    from moelora.ops import routing_autograd
+
+    if request.param == "torch":
+        monkeypatch.setenv("MOELORA_BACKEND", "torch")
+        yield "torch"
+        return
+    monkeypatch.setenv("MOELORA_BACKEND", "auto")  # the test session's default is torch (conftest)
+    calls = []
+    kernel = routing_autograd._router_topk_backward
+    monkeypatch.setattr(routing_autograd, "_router_topk_backward", lambda *a: calls.append(1) or kernel(*a))
+    yield "kernel"
+    assert calls, "the routing op's backward kernel did not run"
+
+
 def _route_sum(path, mode, renorm, k, coef):
     def f(logits):
         out = run_path(path, moelora.route, logits, k, mode=mode, renormalize=renorm)
@@ -134,7 +153,7 @@ def _route_sum(path, mode, renorm, k, coef):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode,renorm", MODES)
-def test_route_gradcheck(path, mode, renorm):
+def test_route_gradcheck(path, mode, renorm, grad_path):
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(6, 7, dtype=torch.float64, generator=g).requires_grad_()
     coef = torch.randn(7, dtype=torch.float64, generator=g)
@@ -143,7 +162,7 @@ def test_route_gradcheck(path, mode, renorm):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode,renorm", MODES)
-def test_route_grad_matches_torch_autograd(path, mode, renorm):
+def test_route_grad_matches_torch_autograd(path, mode, renorm, grad_path):
     """fp32 logits: gradient vs plain-PyTorch autograd of softmax / topk / logsumexp."""
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(33, 8, generator=g)
@@ -165,7 +184,7 @@ def test_route_grad_matches_torch_autograd(path, mode, renorm):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_route_grad_nan_rows_are_zero(path):
+def test_route_grad_nan_rows_are_zero(path, grad_path):
     logits = torch.randn(4, 5, dtype=torch.float64)
     logits[1] = float("nan")
     logits[2, 0] = float("nan")
@@ -173,6 +192,20 @@ def test_route_grad_nan_rows_are_zero(path):
     out = run_path(path, moelora.route, x, 2, renormalize=True)
     (out.weights.sum() + out.prob_sums.sum() + out.lse[[0, 2, 3]].sum()).backward()
     assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all() and x.grad[2, 0] == 0
+
+
+@pytest.mark.parametrize("given", ["all", "weights", "stats"])
+def test_route_backward_op_opcheck(given, monkeypatch):
+    """The custom op that torch.compile traces for the routing op's backward kernel."""
+    from moelora.ops.routing_autograd import router_topk_backward
+
+    monkeypatch.setenv("MOELORA_BACKEND", "auto")
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(20, 6, generator=g)
+    out = moelora.route(logits, 2, renormalize=True)
+    gw, gps, glse = torch.randn(20, 2, generator=g), torch.randn(6, generator=g), torch.randn(20, generator=g)
+    grads = {"all": (gw, gps, glse), "weights": (gw, None, None), "stats": (None, gps, None)}[given]
+    torch.library.opcheck(router_topk_backward, (logits, out.ids, out.weights, *grads, 0, True))
 
 
 @pytest.mark.parametrize("path", PATHS)
