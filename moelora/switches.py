@@ -75,6 +75,12 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     return name
 
 
+def kernels_run(device: torch.device) -> bool:
+    """Whether moelora's own code paths take the Triton kernels for tensors on ``device``: the
+    Triton backend can run there (:func:`resolve_backend` "auto") and is not switched off."""
+    return current_backend() != "torch" and (device.type == "cuda" or interpreting())
+
+
 def use_backend(name: str):
     """Run the operator with ``name`` ("auto", "torch" or "triton") inside the block."""
     if name not in BACKENDS:

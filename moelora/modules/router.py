@@ -9,9 +9,11 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.validation import check_top_k
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, route_logits, scheduled_eps
+from moelora.switches import kernels_run
 
 
 class Router(nn.Linear):
@@ -62,8 +64,12 @@ class Router(nn.Linear):
         return self.training and self.jitter_noise > 0
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, E] logits of x [..., d_in] in fp32 (fp64 for fp64 x), jittered in training."""
+        """[T, E] logits of x [..., d_in] in fp32 (fp64 for fp64 x), jittered in training. Where the
+        Triton kernels run (eager, no jitter) one kernel reads x in its own dtype and
+        accumulates in fp32 (:class:`_RouterLogitsFn`): no fp32 copy of x, none saved."""
         x = x.reshape(-1, x.shape[-1])
+        if not self.jitters and kernels_run(x.device) and not torch.compiler.is_compiling():
+            return _RouterLogitsFn.apply(x, self.weight)
         x = x.to(accumulator_dtype(x.dtype))
         if self.jitters:  # drawn in fp32 whatever x's dtype: the same noise for the same seed
             noise = torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
@@ -83,3 +89,25 @@ class Router(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, top_k={self.top_k}"
+
+
+class _RouterLogitsFn(torch.autograd.Function):
+    """logits = x W^T [T, E] in x's accumulator dtype from x in its own dtype (launchers.lora_down's
+    router part; W of any float dtype); backward dx = dl W and dW = dl^T x, both multiplied in
+    the accumulator dtype as the fp32 linear layer they replace (Triton matmuls, fixed order)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return launchers.lora_down(x, None, weight)[1]
+
+    @staticmethod
+    def backward(ctx, dl):
+        x, weight = ctx.saved_tensors
+        acc = dl.dtype
+        dx = dweight = None
+        if ctx.needs_input_grad[0]:
+            dx = launchers.matmul(dl, weight, out_dtype=x.dtype, compute_dtype=acc)
+        if ctx.needs_input_grad[1]:
+            dweight = launchers.matmul(dl.t(), x, out_dtype=weight.dtype, compute_dtype=acc, split_k=True)
+        return dx, dweight

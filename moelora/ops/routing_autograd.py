@@ -22,14 +22,14 @@ from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops import native
 from moelora.ops import routing_torch as fb
-from moelora.switches import current_backend, resolve_backend
+from moelora.switches import kernels_run
 
 
 def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
     """Gradient w.r.t. logits of router_topk's (weights, prob_sums, lse): one Triton kernel where
     the Triton backend runs (the custom op moelora::router_topk_backward while torch.compile
     traces), else PyTorch."""
-    if current_backend() != "torch" and resolve_backend("auto", logits.device) == "triton":
+    if kernels_run(logits.device):
         traced = type(logits) is not torch.Tensor  # fake / functional tensors: torch.compile
         run = router_topk_backward if traced else _router_topk_backward
         return run(logits, ids, weights, g_weights, g_prob_sums, g_lse, mode, renormalize)

@@ -40,6 +40,34 @@ def test_logits_computed_in_fp32_for_half_inputs():
     assert r.logits.dtype == torch.float32 and r.weights.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_router_logits_kernel_matches_float64_without_an_fp32_copy_of_x(dtype):
+    """Where the Triton kernels run, one kernel computes the logits from x in its own dtype
+    (fp32 accumulation) and the backward is two matmuls: logits, dx and dW as float64 within
+    fp32's rounding of the inputs, and nothing of x's size saved in fp32."""
+    from conftest import DEVICE
+
+    router = Router(48, 6, 2, device=DEVICE)
+    x = torch.randn(37, 48, device=DEVICE).to(dtype).requires_grad_()
+    saved = []
+    with moelora.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        logits = router.logits(x)
+    assert type(logits.grad_fn).__name__ == "_RouterLogitsFnBackward" and logits.dtype == torch.float32
+    copies = [t for t in saved if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in copies)
+    g = torch.randn_like(logits)
+    with moelora.use_backend("triton"):
+        dx, dw = torch.autograd.grad(logits, [x, router.weight], g)
+    x64, w64 = x.detach().double().requires_grad_(), router.weight.detach().double().requires_grad_()
+    ref = x64 @ w64.t()
+    dx_ref, dw_ref = torch.autograd.grad(ref, [x64, w64], g.double())
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    tol = 2e-6 if dtype == torch.float32 else 1e-3  # dx is rounded to x's dtype
+    assert rel(logits, ref) < 2e-6 and rel(dw, dw_ref) < 2e-6 and rel(dx, dx_ref) < tol
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+
+
 def test_threshold_eps_zero_keeps_all_top_n():
     logits = _logits()
     r = threshold_routing(logits, 3, eps=0.0, training=True)
