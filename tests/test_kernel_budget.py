@@ -127,6 +127,30 @@ def test_composed_path_kernel_counts(feature):
     assert fwd.total + bwd.total <= today, f"forward {fwd}\nbackward {bwd}"
 
 
+def test_moe_ffn_module_kernel_budget():
+    """An upcycled MoE FFN block (MoEFFN: SwiGLU experts, softmax_topk router, aux loss on), one
+    training step: the router's logits, backward and aux loss are a kernel each (today's 64)."""
+    import torch.nn.functional as F
+    from moelora.modules.ffn import MoEFFN
+
+    torch.manual_seed(0)
+    d, d_ff = 64, 96
+    block = MoEFFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), F.silu, 4, 2, gate_proj=nn.Linear(d, d_ff),
+                   router="softmax_topk").train()
+    x = torch.randn(2, 32, d, requires_grad=True)
+    params = [p for p in block.parameters() if p.requires_grad]
+    with moelora.use_backend("triton"), moelora.validation(False):
+        with count_kernels():
+            block(x)
+        with count_kernels() as fwd:
+            y = block(x)
+        grads = [torch.randn_like(y), torch.ones(())]
+        with count_kernels() as bwd:
+            torch.autograd.grad([y, block.last_aux_loss], [x] + params, grads)
+    assert fwd.total + bwd.total <= 64, f"forward {fwd}\nbackward {bwd}"
+    assert {"lora_down_kernel", "router_aux_loss_kernel"} <= set(fwd.triton) and "router_backward_kernel" in bwd.triton
+
+
 def test_counts_are_real_launches():
     """The counter sees what runs: the same call without the counter launches real kernels
     (interpreter) and gives the values; with it, no kernel runs."""

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from moelora.ops.losses import aux_losses, routing_entropy
+from moelora.ops.losses import routing_aux_losses, routing_entropy
 
 
 class RouterStats(Mapping):
@@ -98,11 +98,10 @@ class RoutedModule:
     def _record_routing(self, routing, aux_loss: Optional[torch.Tensor] = None,
                         aux_stats: Optional[torch.Tensor] = None) -> None:
         """Keep this forward's weighted aux loss and statistics from a learned ``routing``
-        (moelora.ops.routing_modes.Routing). ``aux_loss`` and ``aux_stats`` (from :func:`aux_losses` or the
-        fused layer's kernel) are computed here when not given."""
+        (moelora.ops.routing_modes.Routing). ``aux_loss`` and ``aux_stats`` (from the fused layer's
+        kernel) are computed here when not given (moelora.ops.losses.routing_aux_losses)."""
         if aux_loss is None:
-            aux_loss, aux_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, self.aux_loss_coef,
-                                             self.z_loss_coef)
+            aux_loss, aux_stats = routing_aux_losses(routing, self.aux_loss_coef, self.z_loss_coef)
         # Only keep a graph when it can be used: no stale autograd graphs after eval passes.
         # (Written to __dict__: nn.Module.__setattr__ costs microseconds per call.)
         self.__dict__["_last_aux_loss"] = aux_loss if torch.is_grad_enabled() else aux_loss.detach()

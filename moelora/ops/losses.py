@@ -7,9 +7,10 @@
 - Router z-loss (ST-MoE): ``mean_t logsumexp(logits[t])^2``.
 
 :func:`aux_losses` computes both from the statistics of moelora's routing op (counts,
-prob_sums, lse), as the fused layer's kernel does. Every module with a learned router keeps
-its last forward's losses and statistics (moelora.modules.routed.RoutedModule), which
-``moelora.aux_loss`` and ``moelora.router_stats`` collect.
+prob_sums, lse), as the fused layer's kernel does; :func:`routing_aux_losses` runs that
+kernel (launchers.router_aux_loss) where the Triton kernels run. Every module with a learned
+router keeps its last forward's losses and statistics (moelora.modules.routed.RoutedModule),
+which ``moelora.aux_loss`` and ``moelora.router_stats`` collect.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from moelora.kernels import launchers
+from moelora.switches import kernels_run
 
 
 def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -65,3 +69,36 @@ def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor,
     lb = counts.to(prob_sums.dtype).dot(prob_sums) * (counts.numel() * inv_t * inv_t)
     z = lse.dot(lse) * inv_t
     return lb_coef * lb + z_coef * z, torch.stack([lb, z]).detach()
+
+
+def routing_aux_losses(routing, lb_coef: float, z_coef: float):
+    """:func:`aux_losses` of a learned ``routing`` (moelora.ops.routing_modes.Routing): in eager mode
+    where the Triton kernels run, one single-program kernel (the fused layer's) whose backward
+    is four elementwise ops; else (torch.compile, other devices, no tokens) the PyTorch formula."""
+    lse = routing.lse
+    if lse.numel() == 0 or not kernels_run(lse.device) or torch.compiler.is_compiling():
+        return aux_losses(routing.counts, routing.prob_sums, lse, lb_coef, z_coef)
+    return _AuxLossFn.apply(routing.counts, routing.prob_sums, lse, routing.ids, routing.weights, lb_coef, z_coef)
+
+
+class _AuxLossFn(torch.autograd.Function):
+    """(loss, stats) from launchers.router_aux_loss; backward: d loss / d prob_sums_e =
+    lb_coef * E * counts_e / T^2 and d loss / d lse_t = 2 * z_coef * lse_t / T."""
+
+    @staticmethod
+    def forward(ctx, counts, prob_sums, lse, ids, weights, lb_coef, z_coef):
+        loss, stats, _ = launchers.router_aux_loss(ids, weights, launchers.RouterAux(counts, prob_sums, lse, lb_coef,
+                                                                                      z_coef))
+        ctx.save_for_backward(counts, lse)
+        ctx.coefs = (lb_coef, z_coef)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, g, _):
+        counts, lse = ctx.saved_tensors
+        lb_coef, z_coef = ctx.coefs
+        inv_t = 1.0 / lse.numel()
+        g_prob_sums = counts.to(lse.dtype) * (g * (lb_coef * counts.numel() * inv_t * inv_t))
+        g_lse = lse * (g * (2.0 * z_coef * inv_t))
+        return None, g_prob_sums, g_lse, None, None, None, None

@@ -187,6 +187,27 @@ def test_z_loss_entropy_and_load_formulas():
     assert expert_load(ids, 4, w).tolist() == pytest.approx([1.0, 1 / 3, 0.0, 1 / 3])
 
 
+@pytest.mark.parametrize("mode", ["softmax_topk", "threshold"])
+def test_routing_aux_losses_kernel_matches_the_formula(mode):
+    """Where the Triton kernels run, a learned routing's aux loss is one kernel: loss, stats and
+    the gradient reaching the logits (through prob_sums and lse) as aux_losses' in float64."""
+    from moelora.ops.losses import aux_losses, routing_aux_losses
+    from moelora.ops.routing_modes import route_logits
+
+    logits = (torch.randn(50, 7, dtype=torch.float64) * 2).requires_grad_()
+    routing = route_logits(logits, mode, 3, eps=0.3)
+    with moelora.use_backend("triton"):
+        loss, stats = routing_aux_losses(routing, 0.01, 0.001)
+        assert type(loss.grad_fn).__name__ == "_AuxLossFnBackward"
+        (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    ref_loss, ref_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, 0.01, 0.001)
+    (ref_grad,) = torch.autograd.grad(ref_loss, logits)
+    # the kernel sums in float64 but takes 1/T and the coefficients as fp32 scalars (Triton's floats)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+
+
 def test_router_rejects_bad_settings():
     with pytest.raises(ValueError, match="top_k must be in"):
         Router(8, 4, 5)
