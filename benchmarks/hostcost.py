@@ -20,8 +20,10 @@ from typing import Callable, List
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import moelora
+from moelora.modules.ffn import MoEFFN
 from moelora.profiling import count_kernels, host_time
 
 # GPU: S1 (the ATen ops are enqueued, not waited for); CPU: tiny, so that they cost their dispatch only.
@@ -30,7 +32,7 @@ R, E, K = 16, 8, 2
 ROUTERS = {"softmax_topk": {}, "topk_softmax": dict(router="topk_softmax"),
            "threshold": dict(router="threshold", top_k=3, threshold_eps=0.2),
            "task": dict(router="task", task_shared_lora=True),
-           "softmax_topk, E 64: grouped": dict(num_experts=64)}
+           "E 64, grouped": dict(num_experts=64)}
 
 
 @contextlib.contextmanager
@@ -60,6 +62,22 @@ def _record(name: str, step: Callable[[], object], out: List[dict], note: str) -
                 "aten": len(counts.aten), "note": note})
 
 
+def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    """One training step of ``module`` on x: forward, then the gradients of x and the trainable
+    parameters from dy and, when the module has a learned router, its aux loss."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        y = module(x)
+        outputs, grads = [y], [dy]
+        if module.last_aux_loss is not None:
+            outputs.append(module.last_aux_loss)
+            grads.append(torch.ones((), device=x.device, dtype=module.last_aux_loss.dtype))
+        torch.autograd.grad(outputs, [x] + params, grads)
+
+    return step
+
+
 def measure(device: torch.device) -> List[dict]:
     """One record per case: host microseconds per call (median), kernels, Triton launches, ATen ops."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -86,17 +104,12 @@ def measure(device: torch.device) -> List[dict]:
             layer.base_layer.requires_grad_(False)
             if router == "task":
                 moelora.set_task_ids(nn.Sequential(layer), torch.arange(T, device=device) % E)
-            params = [p for p in layer.parameters() if p.requires_grad]
-
-            def step(layer=layer, params=params):
-                y = layer(x)
-                outputs, grads = [y], [dy]
-                if layer.last_aux_loss is not None:
-                    outputs.append(layer.last_aux_loss)
-                    grads.append(torch.ones((), device=device, dtype=layer.last_aux_loss.dtype))
-                torch.autograd.grad(outputs, [x] + params, grads)
-
-            _record(f"MoELoRALinear fwd+bwd ({router})", step, out, "shared A, training, aux loss in the backward")
+            _record(f"MoELoRALinear fwd+bwd ({router})", _training_step(layer, x, dy), out,
+                    "shared A, training, aux loss in the backward")
+        linears = [nn.Linear(D, D, device=device, dtype=dtype) for _ in range(3)]
+        block = MoEFFN(linears[0], linears[1], F.silu, E, K, gate_proj=linears[2], router="softmax_topk").train()
+        _record("MoEFFN fwd+bwd (SwiGLU, softmax_topk)", _training_step(block, x, dy), out,
+                "upcycled MoE FFN block (d_ff = d), aux loss in the backward")
     linear = nn.Linear(D, D, device=device, dtype=dtype).requires_grad_(False)
     _record("frozen nn.Linear fwd+bwd", lambda: torch.autograd.grad(linear(x), [x], dy), out, "for scale")
     if importlib.util.find_spec("peft") is not None:
