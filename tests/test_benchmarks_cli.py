@@ -46,6 +46,9 @@ def test_cpu_default_writes_results(tmp_path, capsys):
     assert any(c["group"] == "sweep" and c["tokens"] == 64 and c["status"] == "ok" for c in results["cases"])
     assert results["checks"]["cuda_graph_S1"]["status"] == "skipped"
     assert results["plot"]["path"] and Path(results["plot"]["path"]).stat().st_size > 1000
+    host = {r["case"]: r for r in results["host_overhead"]}
+    assert "error" not in host and all(r["host_us"] > 0 and r["kernels"] > 0 for r in host.values())
+    assert {"MoELoRALinear fwd+bwd (E 64, grouped)", "MoEFFN fwd+bwd (SwiGLU, softmax_topk)"} <= set(host)
     assert {t["status"] for t in results["targets"]} <= {"met", "missed", "not measured"}
     out = capsys.readouterr().out
     assert "GPU numbers need a GPU" in out and "S1/delta/fwd/naive" in out
