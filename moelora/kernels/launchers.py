@@ -672,9 +672,10 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
 def _router_backward_launch(T: int, E: int, top_k: int, mode: int, has_aux: bool, stat_grads: bool,
                             dtype: torch.dtype, ids_strides: tuple, w_strides: tuple, dw_strides: tuple,
                             logits_strides: tuple, glse_stride: int) -> KernelLaunch:
-    block_t = 64 if _INTERPRETING else 32
+    block_e = _pow2_block(E, 1, 1 << 16)
+    block_t = max(1, min(64 if _INTERPRETING else 32, 4096 // block_e))  # [BLOCK_T, BLOCK_E] tiles of 4096 at most
     meta = dict(ROUTER=mode, HAS_AUX_GRAD=has_aux, HAS_STAT_GRADS=stat_grads, ACC=_TL_DTYPES[dtype], TOP_K=top_k,
-                BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_E=_pow2_block(E, 1, 1 << 16))
+                BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_E=block_e)
     fixed = (T, E, 1.0 / T, *ids_strides, *w_strides, *dw_strides, *logits_strides, glse_stride, *_contiguous(E))
     return KernelLaunch(router_backward_kernel, (cdiv(T, block_t),), fixed, **meta)
 

@@ -194,6 +194,21 @@ def test_route_grad_nan_rows_are_zero(path, grad_path):
     assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all() and x.grad[2, 0] == 0
 
 
+@pytest.mark.parametrize("E,k", [(300, 4), (2048, 2)])
+def test_route_backward_kernel_with_many_experts(E, k):
+    """Rows per program shrink as E grows (tiles of 4096 logits): the kernel's gradient equals
+    the PyTorch formula's."""
+    from moelora.ops import routing_autograd
+
+    g = torch.Generator().manual_seed(E)
+    logits = torch.randn(9, E, generator=g) * 2
+    out = moelora.route(logits, k, renormalize=True)
+    grads = (torch.randn(9, k, generator=g), torch.randn(E, generator=g), torch.randn(9, generator=g))
+    got = routing_autograd._router_topk_backward(logits, out.ids, out.weights, *grads, 0, True)
+    want = routing_autograd._route_backward_torch(logits, out.ids, out.weights, 0, True, *grads)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("given", ["all", "weights", "stats"])
 def test_route_backward_op_opcheck(given, monkeypatch):
     """The custom op that torch.compile traces for the routing op's backward kernel."""
