@@ -43,6 +43,25 @@ def test_moe_lora_dense_kernel_budget(shared_a):
     assert not fwd.aten and not bwd.aten, (fwd, bwd)
 
 
+def _count_training_step(module: nn.Module, x: torch.Tensor):
+    """(forward, backward) kernel counts of one training step of ``module`` on x, the aux loss
+    of a learned router included, after a first call (which fills what is cached per process,
+    e.g. plain LoRA's fixed routing)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    with moelora.use_backend("triton"), moelora.validation(False):
+        with count_kernels():
+            module(x)
+        with count_kernels() as fwd:
+            y = module(x)
+        outputs, grads = [y], [torch.randn_like(y)]
+        if module.last_aux_loss is not None:
+            outputs.append(module.last_aux_loss)
+            grads.append(torch.ones((), dtype=module.last_aux_loss.dtype))
+        with count_kernels() as bwd:
+            torch.autograd.grad(outputs, [x] + params, grads)
+    return fwd, bwd
+
+
 LAYER_BUDGET = 20
 # Today's counts per layer feature.
 # (The router's aux loss is computed by the gated expand's launch: learned routers cost one
@@ -78,19 +97,7 @@ def test_moelora_linear_kernel_budget(feature):
     assert layer.lora_B.dtype == torch.float32
     if feature == "task_shared":
         moelora.set_task_ids(nn.Sequential(layer), torch.tensor([3, 1]))
-    x = torch.randn(2, 32, 64, dtype=dtype, requires_grad=True)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    with moelora.use_backend("triton"), moelora.validation(False):
-        with count_kernels():  # a first call fills what is cached per process (plain LoRA's fixed routing)
-            layer(x)
-        with count_kernels() as fwd:
-            y = layer(x)
-        outputs, grads = [y], [torch.randn_like(y)]
-        if layer.last_aux_loss is not None:
-            outputs.append(layer.last_aux_loss)
-            grads.append(torch.ones((), dtype=layer.last_aux_loss.dtype))
-        with count_kernels() as bwd:
-            torch.autograd.grad(outputs, [x] + params, grads)
+    fwd, bwd = _count_training_step(layer, torch.randn(2, 32, 64, dtype=dtype, requires_grad=True))
     total = fwd.total + bwd.total
     assert total <= min(today, LAYER_BUDGET), f"forward {fwd}\nbackward {bwd}"
     # The base GEMMs on cuBLAS: forward y += x W^T (addmm_; the grouped regime: y = x W^T + b,
@@ -113,17 +120,7 @@ def test_composed_path_kernel_counts(feature):
     layer.base_layer.requires_grad_(False)
     if hook:
         layer.base_layer.register_forward_hook(lambda module, inputs, output: None)
-    x = torch.randn(2, 32, 64, requires_grad=True)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    with moelora.use_backend("triton"), moelora.validation(False):
-        with count_kernels() as fwd:
-            y = layer(x)
-        outputs, grads = [y], [torch.randn_like(y)]
-        if layer.last_aux_loss is not None:
-            outputs.append(layer.last_aux_loss)
-            grads.append(torch.ones((), dtype=layer.last_aux_loss.dtype))
-        with count_kernels() as bwd:
-            torch.autograd.grad(outputs, [x] + params, grads)
+    fwd, bwd = _count_training_step(layer, torch.randn(2, 32, 64, requires_grad=True))
     assert fwd.total + bwd.total <= today, f"forward {fwd}\nbackward {bwd}"
 
 
@@ -137,16 +134,7 @@ def test_moe_ffn_module_kernel_budget():
     d, d_ff = 64, 96
     block = MoEFFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), F.silu, 4, 2, gate_proj=nn.Linear(d, d_ff),
                    router="softmax_topk").train()
-    x = torch.randn(2, 32, d, requires_grad=True)
-    params = [p for p in block.parameters() if p.requires_grad]
-    with moelora.use_backend("triton"), moelora.validation(False):
-        with count_kernels():
-            block(x)
-        with count_kernels() as fwd:
-            y = block(x)
-        grads = [torch.randn_like(y), torch.ones(())]
-        with count_kernels() as bwd:
-            torch.autograd.grad([y, block.last_aux_loss], [x] + params, grads)
+    fwd, bwd = _count_training_step(block, torch.randn(2, 32, d, requires_grad=True))
     assert fwd.total + bwd.total <= 64, f"forward {fwd}\nbackward {bwd}"
     assert {"lora_down_kernel", "router_aux_loss_kernel"} <= set(fwd.triton) and "router_backward_kernel" in bwd.triton
 
