@@ -151,7 +151,7 @@ def dense_jobs():
 
     routing = dict(TOP_K=2, BLOCK_K=2)
     yield ("lora_down with router", D.lora_down_kernel,
-           dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3)
+           dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64, COLUMNS=2), 4, 3)
     for shared in (True, False):
         for rank in (16, 8, 0):  # r = 16, 8 compiled in; any other r read at run time
             for base in (True, False):  # moe_lora's base + delta; the fused layer's bias + delta
@@ -195,7 +195,7 @@ def dense_jobs():
 # The dense kernels' constexprs at S1 (bf16, r 16, E 8, k 2) and launch options, as the launchers
 # choose them by default; a DENSE_CONFIGS entry or tuning candidate overrides some of them.
 DENSE_TILE_BASE = {
-    "lora_down": (dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64), 4, 3),
+    "lora_down": (dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64, COLUMNS=2), 4, 3),
     "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=64,
                           BLOCK_C=16, RANK=16, **NO_AUX), 4, 3),
     "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
@@ -256,16 +256,17 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of seven training steps and one backward (launchers.record_launches), configured by the launchers as on a
-    132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters, shared A,
-    softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime adding a base
-    (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A r 64, E 64,
-    k 4 as S3; per-expert A r 32, E 32); the fused layer in the grouped regime (E 64, r 16:
-    shared A with softmax_topk, per-expert A with threshold routing); and the routing op's
-    backward (moelora.route). Sizes are scaled down
-    (T 2048 or 4096, d 512) where
-    the launch configurations (tiles, flags, divisibility, shape classes) stay those of the
-    full shapes, so that the CPU work stays small."""
+    of eleven training steps and one backward (launchers.record_launches), configured by the
+    launchers as on a 132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters,
+    shared A, softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime
+    adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
+    r 64, E 64, k 4 as S3; per-expert A r 32, E 32); the fused layer in the grouped regime
+    (E 64, r 16: shared A with softmax_topk, per-expert A with threshold routing); dense layers
+    of other widths (256 experts of rank 2, 64 of rank 8, 16 per-expert A's of rank 32, 8 of
+    rank 8); and the routing op's backward (moelora.route). Sizes are
+    scaled down (T 2048 or 4096, d 512) where the launch configurations (tiles, flags,
+    divisibility, shape classes) stay those of the full shapes, so that the CPU work stays
+    small."""
     from moelora.kernels import launchers as K
     from moelora.ops import moe_lora as ML
     from moelora.ops import moe_lora_linear as L
@@ -317,6 +318,18 @@ def traced_jobs():
                                                                                              (E, d))]
                 router = L.RouterSpec(adapters[2], None, mode, k, eps_start=0.2, eps_end=0.2)
                 args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None, True)
+                y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
+                torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
+                x = x.detach()
+                steps[name], calls[:] = list(calls), []
+            # wide dense layers (E*r = 512 at k = 2): many experts, or wide per-expert A's
+            for name, E, a_shape in (("layer with 256 experts", 256, (2, d)), ("layer with 64 experts", 64, (8, d)),
+                                     ("layer per-expert A r 32", 16, (16, 32, d)), ("layer r 8", 8, (8, d))):
+                r = a_shape[-2]
+                adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in (a_shape, (E, d, r),
+                                                                                             (E, d))]
+                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, L.RouterSpec(adapters[2], None,
+                                 "softmax_topk", k), None, None, None, False)
                 y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
                 torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
                 x = x.detach()

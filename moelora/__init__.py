@@ -12,7 +12,8 @@
   losses, MoE FFN upcycling, MoLEx, save/load/merge and PEFT interop.
 """
 
-from moelora.switches import current_backend, resolve_backend, use_backend, validation, validation_enabled
+from moelora.ops.backend import resolve_backend
+from moelora.switches import current_backend, use_backend, validation, validation_enabled
 from moelora import reference
 from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_ffn import moe_ffn

@@ -20,11 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Optional
-
-import torch
-
-from moelora.kernels.launchers import interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -58,27 +53,6 @@ def _env_backend() -> str:
 def current_backend() -> str:
     """The backend requested by the innermost ``use_backend`` block, else MOELORA_BACKEND."""
     return getattr(_state, "backend", None) or _env_backend()
-
-
-def resolve_backend(requested: Optional[str], device: torch.device) -> str:
-    """The backend that will run for tensors on ``device`` ("torch" or "triton")."""
-    name = requested if requested is not None else current_backend()
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    triton_can_run = device.type == "cuda" or interpreting()  # triton itself is a dependency
-    if name == "auto":
-        return "triton" if triton_can_run else "torch"
-    if name == "triton" and not triton_can_run:
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-            f"for CPU tensors); got tensors on {device}")
-    return name
-
-
-def kernels_run(device: torch.device) -> bool:
-    """Whether moelora's own code paths take the Triton kernels for tensors on ``device``: the
-    Triton backend can run there (:func:`resolve_backend` "auto") and is not switched off."""
-    return current_backend() != "torch" and (device.type == "cuda" or interpreting())
 
 
 def use_backend(name: str):

@@ -58,22 +58,27 @@ def lora_down_kernel(
     HAS_ROUTER: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    COLUMNS: tl.constexpr,
 ):
     """h = x @ A_rows^T [T, R] and, with HAS_ROUTER, logits = x @ W_router^T [T, E], in one pass over x.
 
     A (any float dtype) is converted to DOT_DTYPE in registers; the router's product runs in
     ACC_DTYPE (fp32: the router weight is not rounded to x's dtype, so expert choices match an
-    fp32 router's); outputs accumulate in ACC_DTYPE. The router columns are computed by the programs with program_id(1) == 0.
-    Grid: (cdiv(T, BLOCK_T), cdiv(R, BLOCK_R)).
+    fp32 router's); outputs accumulate in ACC_DTYPE. Program t * COLUMNS + j computes, for the
+    t-th BLOCK_T tokens, the j-th BLOCK_R columns of h and the j-th BLOCK_E columns of the
+    logits (either may be past the end): the router's columns, however many, are tiled like
+    A's, and the programs that read the same rows of x run next to each other.
+    Grid: (cdiv(T, BLOCK_T) * COLUMNS,), COLUMNS = max(cdiv(R, BLOCK_R), cdiv(E, BLOCK_E), 1).
     """
-    pid_t = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_t = pid // COLUMNS
+    pid_r = pid % COLUMNS
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_e = tl.arange(0, BLOCK_E)
+    offs_e = pid_r * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_t = offs_t < T
     mask_r = offs_r < R
-    mask_e = offs_e < tl.where(pid_r == 0, E, 0)  # the router columns: programs with pid_r == 0 only
+    mask_e = offs_e < E
     acc_h = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC_DTYPE)
     acc_l = tl.zeros((BLOCK_T, BLOCK_E), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):

@@ -444,14 +444,18 @@ def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_stride
                       r_strides: tuple, dtype: torch.dtype, tf32: bool, given_tiles: tuple) -> KernelLaunch:
     overrides = _dense_tiles("lora_down", given_tiles, T, R, K)
     block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
-    block_r = _pow2_block(R, 16, 128)
+    block_r = _pow2_block(R, 16, 64)  # 128 spill registers for sm_90 (wide per-expert A's take more programs)
+    # The router's fp32 product is register-hungry: 16 of its columns per program (80 registers
+    # for sm_90 at 4 warps; 32 take 190, 64 spill, 512 need more shared memory than an SM has).
+    block_e = 16
+    columns = max(1, cdiv(R, block_r), cdiv(E, block_e) if has_router else 0)
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=has_router, BLOCK_T=block_t, BLOCK_R=block_r,
-                BLOCK_E=_pow2_block(E if has_router else 0, 16, 1 << 16),
-                BLOCK_K=overrides.get("BLOCK_K") or _pow2_block(K, 16, 64), **_launch_options(overrides))
+                BLOCK_E=block_e, BLOCK_K=overrides.get("BLOCK_K") or _pow2_block(K, 16, 64), COLUMNS=columns,
+                **_launch_options(overrides))
     h_strides = _contiguous(R)
     logits_strides = _contiguous(E) if has_router else h_strides
     fixed = (T, K, R, E, *x_strides, *a_strides, *r_strides, *h_strides, *logits_strides)
-    return KernelLaunch(lora_down_kernel, (cdiv(T, block_t), max(1, cdiv(R, block_r))), fixed, **meta)
+    return KernelLaunch(lora_down_kernel, (cdiv(T, block_t) * columns,), fixed, **meta)
 
 
 def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Optional[torch.Tensor] = None, *,
@@ -475,6 +479,12 @@ def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Op
                                _tf32(x.dtype), _tiles_key("lora_down", tiles))
     kernel(x, a_rows, r_w, h, logits if has_router else h)
     return h, logits
+
+
+# gated_expand computes a router's aux loss in its first program for routers of at most this
+# many experts; more would take registers from every program of the expand (at 256 experts,
+# 165 per thread for sm_90: one program per SM), so router_aux_loss runs on its own.
+GATED_EXPAND_AUX_EXPERTS = 64
 
 
 class RouterAux(NamedTuple):
@@ -532,23 +542,26 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
                          bias_stride: Optional[int], out_strides: tuple, dtype: torch.dtype,
                          tf32: bool, aux: Optional[tuple], given_tiles: tuple) -> KernelLaunch:
     """Default tiles: Hg's E*r columns 16 at a time; 64 x 128 outputs per program with 8 warps and
-    a two-stage pipeline, or, adding a base (whose tile the epilogue loads), 64 x 64 with 4
-    warps and three stages. Compiled for sm_90 by Triton 3.6 and 3.9 either fits at least two
+    a two-stage pipeline, or, adding a base (whose tile the epilogue loads) or below rank 16,
+    64 x 64 with 4 warps and three stages. Compiled for sm_90 by Triton 3.6 and 3.9 either fits at least two
     programs per SM in registers (benchmarks/compile_kernels.py checks it); a whole E*r = 128
     step at once, as before, took over 200 registers: one program per SM. ``aux``: None, or
     (router experts, lse stride, count_kept, lse dtype) of the router aux loss the first program
     computes."""
     has_base = base_strides is not None
+    # 64 x 64 tiles with 4 warps also below rank 16, where an expert's columns fill less than a
+    # 16-column step: the 8-warp 64 x 128 tile then takes ~165 registers (one program per SM)
+    narrow = has_base or rank < 16
     overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank)
     block_t = overrides.get("BLOCK_T") or 64
-    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if has_base else 128)
+    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if narrow else 128)
     aux_experts, lse_stride, count_kept, aux_dtype = aux if aux is not None else (E, 0, False, torch.float32)
     meta = dict(_dot_config_cached(dtype, tf32), SHARED_A=shared_a, HAS_BASE=has_base,
                 HAS_BIAS=bias_stride is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_N=block_n,
                 BLOCK_C=overrides.get("BLOCK_C") or 16, RANK=_pow2_or_zero(rank), HAS_AUX=aux is not None,
                 **_aux_meta(aux_experts, count_kept, aux_dtype, top_k))
     if not _INTERPRETING:
-        meta.update(num_warps=4, num_stages=3) if has_base else meta.update(num_warps=8, num_stages=2)
+        meta.update(num_warps=4, num_stages=3) if narrow else meta.update(num_warps=8, num_stages=2)
     meta.update(_launch_options(overrides))
     fixed = (T, N, E * rank, rank, aux_experts, 1.0 / max(T, 1), *h_strides, *ids_strides, *w_strides, *b_strides,
              *(base_strides if base_strides is not None else out_strides),
@@ -609,6 +622,13 @@ class RouterGrad(NamedTuple):
     z_coef: float
 
 
+def _router_rows(block_e: int) -> int:
+    """Tokens per program of the kernels that differentiate a router (_router_backward): 32 (64 in
+    the interpreter), fewer as the experts grow, so that its [tokens, BLOCK_E] tiles hold at most
+    4096 values."""
+    return max(1, min(64 if _INTERPRETING else 32, 4096 // block_e))
+
+
 @functools.lru_cache(maxsize=4096)
 def _gate_backward_launch(T: int, rank: int, top_k: int, E: int, shared_a: bool, router: int, has_aux: bool,
                           write_hg: bool, dtype: torch.dtype, dhg_strides: tuple, h_strides: tuple,
@@ -616,10 +636,11 @@ def _gate_backward_launch(T: int, rank: int, top_k: int, E: int, shared_a: bool,
                           logits_strides: tuple) -> KernelLaunch:
     """second: dw [T, k] (no router) or d logits [T, E]; logits_strides those of the router's logits
     (of dw without a router)."""
-    block_t = 64 if _INTERPRETING else 32
+    block_e = _pow2_block(E, 1, 1 << 16)
+    block_t = _router_rows(block_e) if router != NO_ROUTER else 64 if _INTERPRETING else 32
     meta = dict(SHARED_A=shared_a, ROUTER=router, HAS_AUX_GRAD=has_aux, WRITE_HG=write_hg, ACC=_TL_DTYPES[dtype],
                 TOP_K=top_k, BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
-                BLOCK_E=_pow2_block(E, 1, 1 << 16))
+                BLOCK_E=block_e)
     sh_t, sh_r = h_strides
     hg_strides = _contiguous(E * rank) if write_hg else dh_strides
     fixed = (T, E, rank, 1.0 / T, *dhg_strides, sh_t, 0 if shared_a else rank * sh_r, sh_r, *ids_strides, *w_strides,
@@ -673,7 +694,7 @@ def _router_backward_launch(T: int, E: int, top_k: int, mode: int, has_aux: bool
                             dtype: torch.dtype, ids_strides: tuple, w_strides: tuple, dw_strides: tuple,
                             logits_strides: tuple, glse_stride: int) -> KernelLaunch:
     block_e = _pow2_block(E, 1, 1 << 16)
-    block_t = max(1, min(64 if _INTERPRETING else 32, 4096 // block_e))  # [BLOCK_T, BLOCK_E] tiles of 4096 at most
+    block_t = _router_rows(block_e)
     meta = dict(ROUTER=mode, HAS_AUX_GRAD=has_aux, HAS_STAT_GRADS=stat_grads, ACC=_TL_DTYPES[dtype], TOP_K=top_k,
                 BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_E=block_e)
     fixed = (T, E, 1.0 / T, *ids_strides, *w_strides, *dw_strides, *logits_strides, glse_stride, *_contiguous(E))
@@ -722,8 +743,10 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     doubles that traffic (at S1 32-row tiles read Hg 128 times: 256 MB); splitting T fills
     the device instead, for a few MB of partials. The tile table (tune_dense) may say otherwise."""
     overrides = _dense_tiles("lora_weight_grad", given_tiles, T, d_out, NB)
-    block_cb = overrides.get("BLOCK_CB") or _pow2_block(NB, 16, 256)
-    block_ca = overrides.get("BLOCK_CA") or _pow2_block(R + E, 16, 256)
+    # At most 128 columns of dB and 64 of [dA | dW_router] per tile: wider tiles need more shared
+    # memory than an SM has (256 x 256: 319 KB for sm_90), so wide layers take several tiles.
+    block_cb = overrides.get("BLOCK_CB") or _pow2_block(NB, 16, 128)
+    block_ca = overrides.get("BLOCK_CA") or _pow2_block(R + E, 16, 64)
     block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
     tiles_b_c, tiles_a_c = cdiv(NB, block_cb), cdiv(R + E, block_ca)
     block_m = overrides.get("BLOCK_M") or 64

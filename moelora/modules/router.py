@@ -13,7 +13,7 @@ from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.validation import check_top_k
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, route_logits, scheduled_eps
-from moelora.switches import kernels_run
+from moelora.ops.backend import kernels_run
 
 
 class Router(nn.Linear):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.switches import kernels_run
+from moelora.ops.backend import kernels_run
 
 
 def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -50,7 +50,7 @@ from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grou
                                         rows_linear, rows_weight_grad, segment_linear)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values
-from moelora.switches import resolve_backend
+from moelora.ops.backend import resolve_backend
 from moelora.ops.routing import DispatchMetadata, dispatch_rows, expert_layout
 from moelora.kernels.grouped import GELU, GELU_TANH, RELU, SILU
 

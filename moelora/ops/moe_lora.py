@@ -44,7 +44,7 @@ from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
 from moelora.ops.routing import expert_layout
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args
-from moelora.switches import resolve_backend
+from moelora.ops.backend import resolve_backend
 
 
 REGIMES = ("auto", "dense", "grouped")

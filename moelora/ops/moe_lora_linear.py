@@ -60,7 +60,7 @@ from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import as_2d
-from moelora.switches import resolve_backend
+from moelora.ops.backend import resolve_backend
 
 
 class RouterSpec(NamedTuple):
@@ -215,15 +215,18 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     else:
         weights, ids, aux = _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_end, ramp_steps,
                                    lb_coef, z_coef)
+    out = None
     if grouped:
         y, h = _grouped_expand(x, xl, weight, bias, h if down_rows is not None else None, lora_a, lora_b, ids,
                                weights, scaling)
-        out = launchers.router_aux_loss(ids, weights, aux) if aux is not None else None
     else:
+        folded = aux if aux is not None and aux.counts.shape[0] <= launchers.GATED_EXPAND_AUX_EXPERTS else None
         expand = dict(scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype, compute_dtype=dtype)
-        out = launchers.gated_expand(h, ids, weights, lora_b, aux=aux, **expand)
-        y, out = (out, None) if aux is None else (out[0], out[1:])
+        out = launchers.gated_expand(h, ids, weights, lora_b, aux=folded, **expand)
+        y, out = (out, None) if folded is None else (out[0], out[1:])
         y.addmm_(x, weight.t())
+    if aux is not None and out is None:  # the grouped regime, or too many experts to fold into the expand
+        out = launchers.router_aux_loss(ids, weights, aux)
     aux_loss, aux_stats, counts = out if out is not None else (x.new_empty(0) for _ in range(3))
     logits = x.new_empty(0) if logits is None else logits
     return y, h, logits, ids, weights, counts, aux_loss, aux_stats

@@ -22,7 +22,7 @@ from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops import native
 from moelora.ops import routing_torch as fb
-from moelora.switches import kernels_run
+from moelora.ops.backend import kernels_run
 
 
 def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):

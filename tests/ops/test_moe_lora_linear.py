@@ -123,6 +123,25 @@ def test_fused_layer_matches_float64_reference(kind, regime):
     _compare(kind, reference_dtype=torch.float32 if cuda_dropout else torch.float64)
 
 
+@pytest.mark.parametrize("num_experts,rank,top_k", [(256, 2, 2), (300, 8, 4)], ids=["dense-E256", "grouped-E300"])
+def test_many_experts(num_experts, rank, top_k):
+    """Hundreds of experts (the router's columns tiled over programs, the router gradient's
+    tokens per program shrinking with E): output, aux loss and every gradient as float64."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(40, 24).to(DEVICE), r=rank, lora_alpha=16, init_lora_weights=False,
+                          num_experts=num_experts, top_k=top_k)
+    layer.base_layer.requires_grad_(False)
+    with torch.no_grad():
+        layer.router.weight.mul_(4)
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(3, 7, 40, device=DEVICE)
+    y, aux, grads = _run(layer, x, "triton")
+    y_ref, aux_ref, grads_ref = _run(reference, x.double(), "torch")
+    assert rel_err(y, y_ref) < 2e-5 and rel_err(aux, aux_ref) < 2e-5
+    for name, g in grads.items():
+        assert rel_err(g, grads_ref[name]) < 2e-5, name
+
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "task_shared"])
 def test_fused_layer_eval_mode(kind, regime):
     _compare(kind, train=False)
