@@ -256,14 +256,14 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of eleven training steps and one backward (launchers.record_launches), configured by the
+    of thirteen training steps and one backward (launchers.record_launches), configured by the
     launchers as on a 132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters,
     shared A, softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime
     adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32); the fused layer in the grouped regime
     (E 64, r 16: shared A with softmax_topk, per-expert A with threshold routing); dense layers
     of other widths (256 experts of rank 2, 64 of rank 8, 16 per-expert A's of rank 32, 8 of
-    rank 8); and the routing op's backward (moelora.route). Sizes are
+    rank 8) and S1's in fp32 and fp16; and the routing op's backward (moelora.route). Sizes are
     scaled down (T 2048 or 4096, d 512) where the launch configurations (tiles, flags,
     divisibility, shape classes) stay those of the full shapes, so that the CPU work stays
     small."""
@@ -323,16 +323,20 @@ def traced_jobs():
                 x = x.detach()
                 steps[name], calls[:] = list(calls), []
             # wide dense layers (E*r = 512 at k = 2): many experts, or wide per-expert A's
-            for name, E, a_shape in (("layer with 256 experts", 256, (2, d)), ("layer with 64 experts", 64, (8, d)),
-                                     ("layer per-expert A r 32", 16, (16, 32, d)), ("layer r 8", 8, (8, d))):
+            for name, E, a_shape, dtype in (("layer with 256 experts", 256, (2, d), torch.bfloat16),
+                                            ("layer with 64 experts", 64, (8, d), torch.bfloat16),
+                                            ("layer per-expert A r 32", 16, (16, 32, d), torch.bfloat16),
+                                            ("layer r 8", 8, (8, d), torch.bfloat16),
+                                            ("layer fp32", 8, (16, d), torch.float32),
+                                            ("layer fp16", 8, (16, d), torch.float16)):
                 r = a_shape[-2]
                 adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in (a_shape, (E, d, r),
                                                                                              (E, d))]
-                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, L.RouterSpec(adapters[2], None,
-                                 "softmax_topk", k), None, None, None, False)
+                xd, wd, dyd = x.to(dtype).requires_grad_(), w0.to(dtype), dy.to(dtype)
+                args = L.op_args(xd, wd, None, *adapters[:2], 2.0, L.RouterSpec(adapters[2], None, "softmax_topk", k),
+                                 None, None, None, False)
                 y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
-                torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
-                x = x.detach()
+                torch.autograd.grad([y, aux_loss], [xd, *adapters], [dyd, torch.ones(())])
                 steps[name], calls[:] = list(calls), []
             logits = rand(T, E, dtype=torch.float32)  # the routing op's backward, every gradient given
             out = route(logits, k, renormalize=True)

@@ -747,7 +747,8 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     # memory than an SM has (256 x 256: 319 KB for sm_90), so wide layers take several tiles.
     block_cb = overrides.get("BLOCK_CB") or _pow2_block(NB, 16, 128)
     block_ca = overrides.get("BLOCK_CA") or _pow2_block(R + E, 16, 64)
-    block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
+    # 16 tokens per step for 4-byte operands (fp32 layers): 64 spill registers for sm_90
+    block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64 if dtype.itemsize <= 2 else 16)
     tiles_b_c, tiles_a_c = cdiv(NB, block_cb), cdiv(R + E, block_ca)
     block_m = overrides.get("BLOCK_M") or 64
     n_tiles = cdiv(d_out, block_m) * tiles_b_c + cdiv(d_in, block_m) * tiles_a_c
