@@ -298,10 +298,15 @@ def traced_jobs():
             x = x.detach()
             ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
             w = torch.rand(T, k, generator=gen)
-            for name, a in (("S1 moe_lora base + delta", rand(16, d)), ("S2 moe_lora per-expert A", rand(E, 8, d))):
-                b = rand(E, d, a.shape[-2])
-                y, h = ML._dense_forward(x, a, b, ids, w, rand(T, d), 2.0)
-                ML._dense_backward(dy, x, a, b, ids, w, h, 2.0, True)
+            for name, a, dtype in (("S1 moe_lora base + delta", rand(16, d), torch.bfloat16),
+                                   ("S2 moe_lora per-expert A", rand(E, 8, d), torch.bfloat16),
+                                   ("moe_lora per-expert A r 64", rand(E, 64, d), torch.bfloat16),
+                                   ("moe_lora fp32", rand(16, d, dtype=torch.float32), torch.float32),
+                                   ("moe_lora per-expert A fp32", rand(E, 8, d, dtype=torch.float32), torch.float32)):
+                b = rand(E, d, a.shape[-2], dtype=dtype)
+                xd, dyd = x.to(dtype), dy.to(dtype)
+                y, h = ML._dense_forward(xd, a, b, ids, w, rand(T, d, dtype=dtype), 2.0)
+                ML._dense_backward(dyd, xd, a, b, ids, w, h, 2.0, True)
                 steps[name], calls[:] = list(calls), []
             T, k = 4096, 4  # 256 rows per expert: the "many" shape classes of S3
             x, dy = rand(T, d), rand(T, d)

@@ -368,8 +368,13 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
                    given_tiles: tuple):
     """(KernelLaunch of matmul_kernel, splits); b_strides = (k, group, n) strides of b."""
     overrides = _dense_tiles("matmul", given_tiles, M, N, K)
-    block_m = overrides.get("BLOCK_M") or (64 if M >= 64 or _INTERPRETING else _pow2_block(M, 16, 64))
-    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 128)
+    # 4-byte operands (fp32 layers) take 32 x 64 tiles and a two-stage pipeline: the only tile of
+    # a sweep that neither Triton 3.6 nor 3.9 spills for sm_90 in any of the fp32 layers' GEMMs
+    # (the sanitized redo and B's expert groups included; benchmarks/compile_kernels.py traces them)
+    narrow = dtype.itemsize > 2 and not _INTERPRETING
+    block_m = overrides.get("BLOCK_M") or (32 if narrow else 64 if M >= 64 or _INTERPRETING else
+                                           _pow2_block(M, 16, 64))
+    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if narrow else 128)
     block_k = overrides.get("BLOCK_K") or _pow2_block(K, 16, 64)
     tiles = cdiv(M, block_m) * cdiv(N, block_n)
     splits = _split_count(tiles, K, device) if split_k else 1
@@ -381,7 +386,10 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
     d_strides = addend_strides if has_addend else out_strides
     b_group = 0 if group >= N else (_pow2_or_zero(group) or -1)  # see matmul_kernel's B_GROUP
     meta = dict(_dot_config_cached(dtype, tf32), HAS_SECOND=K2 > 0, SANITIZE_B=sanitize_b, HAS_ADDEND=has_addend,
-                B_GROUP=b_group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch_options(overrides))
+                B_GROUP=b_group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if narrow:
+        meta.update(num_stages=2)
+    meta.update(_launch_options(overrides))
     fixed = (M, N, K, K2, k_per_split, group, *a_strides, *b_strides, *a2_strides, *b2_strides, split_stride,
              *partial_strides, *d_strides)
     return KernelLaunch(matmul_kernel, (cdiv(M, block_m), cdiv(N, block_n), splits), fixed, **meta), splits
@@ -444,13 +452,17 @@ def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_stride
                       r_strides: tuple, dtype: torch.dtype, tf32: bool, given_tiles: tuple) -> KernelLaunch:
     overrides = _dense_tiles("lora_down", given_tiles, T, R, K)
     block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
-    block_r = _pow2_block(R, 16, 64)  # 128 spill registers for sm_90 (wide per-expert A's take more programs)
+    # 64 of A's rows per program, 64-deep steps (32 and 32 for 4-byte x): more spill registers for
+    # sm_90 (wide per-expert A's take more programs)
+    wide = dtype.itemsize <= 2
+    block_r = _pow2_block(R, 16, 64 if wide else 32)
     # The router's fp32 product is register-hungry: 16 of its columns per program (80 registers
     # for sm_90 at 4 warps; 32 take 190, 64 spill, 512 need more shared memory than an SM has).
     block_e = 16
     columns = max(1, cdiv(R, block_r), cdiv(E, block_e) if has_router else 0)
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=has_router, BLOCK_T=block_t, BLOCK_R=block_r,
-                BLOCK_E=block_e, BLOCK_K=overrides.get("BLOCK_K") or _pow2_block(K, 16, 64), COLUMNS=columns,
+                BLOCK_E=block_e, BLOCK_K=overrides.get("BLOCK_K") or _pow2_block(K, 16, 64 if wide else 32),
+                COLUMNS=columns,
                 **_launch_options(overrides))
     h_strides = _contiguous(R)
     logits_strides = _contiguous(E) if has_router else h_strides
