@@ -368,14 +368,15 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
                    given_tiles: tuple):
     """(KernelLaunch of matmul_kernel, splits); b_strides = (k, group, n) strides of b."""
     overrides = _dense_tiles("matmul", given_tiles, M, N, K)
-    # 4-byte operands (fp32 layers) take 32 x 64 tiles and a two-stage pipeline: the only tile of
-    # a sweep that neither Triton 3.6 nor 3.9 spills for sm_90 in any of the fp32 layers' GEMMs
-    # (the sanitized redo and B's expert groups included; benchmarks/compile_kernels.py traces them)
+    # 4-byte operands (fp32 layers) take 32 x 32 tiles, 32-deep steps and a two-stage pipeline: of
+    # a sweep of 16 tiles over the fp32 GEMMs that benchmarks/compile_kernels.py traces (the
+    # sanitized redo and B's expert groups included), the one neither Triton 3.6 nor 3.9 spills
+    # for sm_90 in any
     narrow = dtype.itemsize > 2 and not _INTERPRETING
     block_m = overrides.get("BLOCK_M") or (32 if narrow else 64 if M >= 64 or _INTERPRETING else
                                            _pow2_block(M, 16, 64))
-    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if narrow else 128)
-    block_k = overrides.get("BLOCK_K") or _pow2_block(K, 16, 64)
+    block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 32 if narrow else 128)
+    block_k = overrides.get("BLOCK_K") or _pow2_block(K, 16, 32 if narrow else 64)
     tiles = cdiv(M, block_m) * cdiv(N, block_n)
     splits = _split_count(tiles, K, device) if split_k else 1
     k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
@@ -911,6 +912,15 @@ def grouped_config(kernel: str, n: int, k: int, rows_per_expert: float) -> TileC
     return GROUPED_CONFIGS.get(grouped_shape_class(kernel, n, k, rows_per_expert)) or _default_config(kernel, n, k)
 
 
+def _four_byte(cfg: TileConfig, compute_dtype: torch.dtype) -> TileConfig:
+    """The table's tiles (sized for 2-byte operands) for ``compute_dtype``: with 4-byte operands
+    (fp32) at most 32 x 64 with 32-deep steps and two stages, which sm_90 holds without spilling."""
+    if compute_dtype.itemsize <= 2 or _INTERPRETING:
+        return cfg
+    return cfg._replace(block_m=min(cfg.block_m, 32), block_n=min(cfg.block_n, 64), block_k=min(cfg.block_k, 32),
+                        num_stages=2)
+
+
 def grouped_layout_block(*matmul_configs: TileConfig) -> int:
     """Padding of the expert segments: the largest row tile of the grouped_matmul launches
     that will run over the layout (each tile then lies in one expert; smaller tiles halve
@@ -938,7 +948,7 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, met
     K = a.shape[1]
     if num_rows == 0 or N == 0:
         return out
-    cfg = config or grouped_config("matmul", N, K, _rows_per_expert(meta))
+    cfg = config or _four_byte(grouped_config("matmul", N, K, _rows_per_expert(meta)), compute_dtype)
     block_m, block_n = cfg.block_m, cfg.block_n
     while meta.block_size % block_m:  # a row tile must lie in one expert's segment
         block_m //= 2
@@ -976,7 +986,7 @@ def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, *, left_b
     NA, NB = left.shape[1], right.shape[1]
     E = meta.num_experts
     rows_per_expert = _rows_per_expert(meta)
-    cfg = config or grouped_config("wgrad", NA, NB, rows_per_expert)
+    cfg = config or _four_byte(grouped_config("wgrad", NA, NB, rows_per_expert), compute_dtype)
     tiles = cdiv(NA, cfg.block_m) * cdiv(NB, cfg.block_n)
     splits = _split_count(E * tiles, int(rows_per_expert), left.device)
     if out is None:
