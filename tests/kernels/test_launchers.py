@@ -614,6 +614,47 @@ def test_dense_tile_table_entries_are_valid_and_used_off_the_interpreter(monkeyp
     assert [grid for _, grid in calls] == [(3, 1, 1), (2, 3, 1)]
 
 
+_LAUNCH_CACHES = ("_matmul_launch", "_lora_down_launch", "_gated_expand_launch", "_gate_backward_launch",
+                  "_weight_grad_launch", "_router_backward_launch", "_router_aux_loss_launch", "_threshold_launch")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the GPU's defaults run there anyway")
+@pytest.mark.parametrize("regime, shared_a", [("dense", True), ("dense", False), ("grouped", True),
+                                              ("grouped", False)])
+def test_gpu_default_tiles_of_fp32_compute_the_reference(regime, shared_a, monkeypatch):
+    """The tiles the launchers choose off the interpreter for fp32 (GPU-only defaults: 32 x 32 x 32
+    matmuls, 32-row lora_down, 16-token weight-gradient steps, the grouped table shrunk), run
+    here under the interpreter: forward and every gradient as float64."""
+    import moelora
+    from helpers import make_problem, reference
+
+    for name in _LAUNCH_CACHES:
+        getattr(K, name).cache_clear()
+    monkeypatch.setattr(K, "_INTERPRETING", False)
+    try:
+        p = make_problem(70, 48, 40, 8, 6, 2, shared_a=shared_a, seed=9)
+        with moelora.use_backend("triton"):
+            y = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, regime=regime)
+            g = torch.randn_like(y)
+            grads = torch.autograd.grad(y, p.leaves(), g)
+            with K.record_launches() as calls:  # the same call, to see its tiles
+                torch.autograd.grad(moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out,
+                                                     regime=regime), p.leaves(), g)
+    finally:
+        for name in _LAUNCH_CACHES:
+            getattr(K, name).cache_clear()
+    y_ref, grads_ref = reference(p, g)
+    assert rel_err(y, y_ref) < 1e-5
+    for got, want in zip(grads, grads_ref):
+        assert rel_err(got, want) < 1e-5
+    tiles = [(kernel.__name__, meta) for kernel, meta, _ in calls]
+    assert all(max(m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"]) <= 32 and m["num_stages"] == 2
+               for name, m in tiles if name == "matmul_kernel")
+    assert all(m["BLOCK_M"] <= 32 and m["BLOCK_N"] <= 64 and m["BLOCK_K"] <= 32 and m["num_stages"] == 2
+               for name, m in tiles if name == "grouped_matmul_kernel")
+    assert any(name == ("matmul_kernel" if regime == "dense" else "grouped_matmul_kernel") for name, _ in tiles)
+
+
 @pytest.mark.parametrize("kernel, tiles, message", [
     ("gated_expand", dict(BLOCK_M=64), "gated_expand tiles may set"),
     ("gated_expand", dict(BLOCK_T=48), "BLOCK_T must be a power of two >= 16"),
