@@ -17,7 +17,7 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     name = requested if requested is not None else current_backend()
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    triton_can_run = device.type == "cuda" or interpreting()
+    triton_can_run = _triton_can_run(device)
     if name == "auto":
         return "triton" if triton_can_run else "torch"
     if name == "triton" and not triton_can_run:
@@ -30,4 +30,8 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
 def kernels_run(device: torch.device) -> bool:
     """Whether moelora's own code paths take the Triton kernels for tensors on ``device``: the
     Triton backend can run there (:func:`resolve_backend` "auto") and is not switched off."""
-    return current_backend() != "torch" and (device.type == "cuda" or interpreting())
+    return current_backend() != "torch" and _triton_can_run(device)
+
+
+def _triton_can_run(device: torch.device) -> bool:
+    return device.type == "cuda" or interpreting()
