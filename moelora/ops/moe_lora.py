@@ -248,58 +248,73 @@ def grouped_layout(x, lora_a, lora_b, topk_ids):
     return expert_layout(topk_ids, lora_b.shape[0], _grouped_block(x.shape[1], lora_a, lora_b, topk_ids.numel()))
 
 
-def _grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
+def grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, h=None, out=None):
     """y = base + combine of the rows s * w_p * B_e h; h = x A^T [T, r] (shared A) or the
-    row-space x[t] A_e^T [R, r] (per-expert A)."""
+    row-space x[t] A_e^T [R, r] (per-expert A), or the given ``h`` (a shared A's, computed by the
+    caller: the fused layer's pass over x); ``out``: the result's tensor (base_out itself where
+    the caller owns it), else a new one."""
     acc = launchers.accumulator_dtype(x.dtype)
     meta = grouped_layout(x, lora_a, lora_b, topk_ids)
     shared = lora_a.dim() == 2
-    if shared:
+    if h is None and shared:
         h = launchers.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
-    else:
+    elif h is None:
         h = rows_linear(x, lora_a, meta, "triton", a_by_token=True, out_dtype=acc, compute_dtype=x.dtype)
     rows = rows_linear(h, lora_b, meta, "triton", a_by_token=shared, out_dtype=x.dtype, compute_dtype=x.dtype,
                        alpha=scaling, scale=topk_weights.reshape(-1))
-    return launchers.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out), h
+    return launchers.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out, out=out), h
 
 
-def _grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
-    """One gathered pass of dy for dh (with the gate gradient in its epilogue), one for dB;
-    then dA, dx from dh (dense for a shared A, grouped per expert)."""
-    T, top_k = topk_ids.shape
+def grouped_output_grads(dy, h, lora_a, lora_b, meta, topk_weights, scaling, dw, compute_dtype):
+    """(dh rows, dB) of the grouped regime: one gathered pass of dy for the dh rows
+    s * w_p * (dy[t] B_e), with the gate gradient dw[p] = s * <dy[t] B_e, h> written into ``dw``
+    [T*k] by the same GEMM's epilogue (pairs outside the layout left as they are), one for dB."""
     shared = lora_a.dim() == 2
-    acc = h.dtype
-    meta = grouped_layout(x, lora_a, lora_b, topk_ids)
     w = topk_weights.reshape(-1)
-    dw = torch.zeros(T * top_k, dtype=acc, device=x.device)  # pairs outside the layout keep 0
-    # dh rows = s * w_p * (dy[t] B_e), dw[p] = s * <dy[t] B_e, h>
-    dh_rows = rows_linear(dy, lora_b, meta, "triton", a_by_token=True, transposed=True, out_dtype=acc,
-                          compute_dtype=x.dtype, alpha=scaling, scale=w, gate_grad=(h, shared, dw))
+    dh_rows = rows_linear(dy, lora_b, meta, "triton", a_by_token=True, transposed=True, out_dtype=h.dtype,
+                          compute_dtype=compute_dtype, alpha=scaling, scale=w, gate_grad=(h, shared, dw))
     dlora_b = rows_weight_grad(dy, h, meta, "triton", left_by_token=True, right_by_token=shared,
-                               out_dtype=lora_b.dtype, compute_dtype=x.dtype, alpha=scaling, scale=w)
+                               out_dtype=lora_b.dtype, compute_dtype=compute_dtype, alpha=scaling, scale=w)
+    return dh_rows, dlora_b
+
+
+def grouped_input_grads(dh_rows, x, lora_a, meta, need_dx, second=None):
+    """(dA, dx or None) of the grouped regime from its dh rows: dense for a shared A (the rows
+    combined into dh [T, r]; dA = dh^T x, dx = dh A), per expert from the rows for a per-expert
+    A. ``second`` = (a2, b2): dx also gets a2 @ b2 (the fused layer's router: dl W_router)."""
+    dtype = x.dtype
+    if lora_a.dim() == 2:
+        dh = launchers.combine_rows(dh_rows, meta, out_dtype=dh_rows.dtype)
+        dlora_a = launchers.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=dtype, split_k=True)
+        dx = launchers.matmul(dh, lora_a, out_dtype=dtype, compute_dtype=dtype, second=second) if need_dx else None
+        return dlora_a, dx
+    dlora_a = rows_weight_grad(dh_rows, x, meta, "triton", right_by_token=True, out_dtype=lora_a.dtype,
+                               compute_dtype=dtype)
     dx = None
-    if shared:
-        dh = launchers.combine_rows(dh_rows, meta, out_dtype=acc)
-        dlora_a = launchers.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=x.dtype, split_k=True)
-        if need_dx:
-            dx = launchers.matmul(dh, lora_a, out_dtype=x.dtype, compute_dtype=x.dtype)
-    else:
-        dlora_a = rows_weight_grad(dh_rows, x, meta, "triton", right_by_token=True, out_dtype=lora_a.dtype,
-                                   compute_dtype=x.dtype)
-        if need_dx:
-            dx_rows = rows_linear(dh_rows, lora_a, meta, "triton", transposed=True, out_dtype=x.dtype,
-                                  compute_dtype=x.dtype)
-            dx = launchers.combine_rows(dx_rows, meta, out_dtype=x.dtype)
+    if need_dx:
+        dx_rows = rows_linear(dh_rows, lora_a, meta, "triton", transposed=True, out_dtype=dtype, compute_dtype=dtype)
+        base = launchers.matmul(*second, out_dtype=dtype, compute_dtype=dtype) if second is not None else None
+        dx = launchers.combine_rows(dx_rows, meta, out_dtype=dtype, base=base, out=base)
+    return dlora_a, dx
+
+
+def grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
+    """dx, dA, dB and dw of moe_lora's grouped regime (grouped_output_grads, grouped_input_grads)."""
+    T, top_k = topk_ids.shape
+    meta = grouped_layout(x, lora_a, lora_b, topk_ids)
+    dw = torch.zeros(T * top_k, dtype=h.dtype, device=x.device)  # pairs outside the layout keep 0
+    dh_rows, dlora_b = grouped_output_grads(dy, h, lora_a, lora_b, meta, topk_weights, scaling, dw, x.dtype)
+    dlora_a, dx = grouped_input_grads(dh_rows, x, lora_a, meta, need_dx)
     return dx, dlora_a, dlora_b, dw.view(T, top_k)
 
 
 def _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
-    run = _grouped_forward if grouped else _dense_forward
+    run = grouped_forward if grouped else _dense_forward
     return run(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling)
 
 
 def _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped, need_dx):
-    run = _grouped_backward if grouped else _dense_backward
+    run = grouped_backward if grouped else _dense_backward
     dx, dlora_a, dlora_b, dw = run(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx)
     return dx, dlora_a, dlora_b, dw.to(topk_weights.dtype)
 

@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
-from moelora.ops.moe_lora import choose_regime, grouped_layout, grouped_row_count, lora_a_rows, moe_lora
+from moelora.ops.moe_lora import (choose_regime, grouped_forward, grouped_input_grads, grouped_layout,
+                                  grouped_output_grads, grouped_row_count, lora_a_rows, moe_lora)
 from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
@@ -233,19 +233,11 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
 
 
 def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scaling):
-    """(y, h) of the grouped regime (large E*r; moelora.moe_lora's): y = x W^T + b (cuBLAS) plus
-    the fixed-order per-token sum of the expert rows s w B_e h (grouped GEMM over the pairs
-    sorted by expert, combined into y in place). ``h`` None (per-expert A): the rows
-    x_lora[t] A_e^T are computed here."""
-    dtype = x.dtype
-    meta = grouped_layout(x, lora_a, lora_b, ids)
-    if h is None:
-        h = rows_linear(xl, lora_a, meta, "triton", a_by_token=True, out_dtype=launchers.accumulator_dtype(dtype),
-                        compute_dtype=dtype)
-    rows = rows_linear(h, lora_b, meta, "triton", a_by_token=lora_a.dim() == 2, out_dtype=dtype,
-                       compute_dtype=dtype, alpha=scaling, scale=weights.reshape(-1))
+    """(y, h) of the grouped regime (large E*r): y = x W^T + b (cuBLAS), then moelora.moe_lora's
+    grouped forward over x_lora adds the expert rows into it in place. ``h``: a shared A's
+    x_lora A^T (lora_down's), or None (per-expert A: its rows are computed there)."""
     y = F.linear(x, weight, bias)
-    return launchers.combine_rows(rows, meta, out_dtype=dtype, base=y, out=y), h
+    return grouped_forward(xl, lora_a, lora_b, ids, weights, y, scaling, h=h, out=y)
 
 
 # needs_input_grad -> _fused_backward's ``needs``: the op's inputs (op_args order) whose gradients it
@@ -326,47 +318,22 @@ def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights
     A; per expert, from the rows, for a per-expert A)."""
     need_x, _, _, need_router, _, _, need_lora_input = needs
     dtype = x.dtype
-    acc = h.dtype
     T, top_k = ids.shape
-    shared = lora_a.dim() == 2
-    xl = x if lora_input is None else lora_input
     meta = grouped_layout(x, lora_a, lora_b, ids)
-    w = weights.reshape(-1)
     # a learned router's ids are all in the layout; given ids outside it (validation off) keep dw = 0
-    dw = (torch.empty if router is not None else torch.zeros)(T * top_k, dtype=acc, device=x.device)
-    dh_rows = rows_linear(dy, lora_b, meta, "triton", a_by_token=True, transposed=True, out_dtype=acc,
-                          compute_dtype=dtype, alpha=scaling, scale=w, gate_grad=(h, shared, dw))
-    dlora_b = rows_weight_grad(dy, h, meta, "triton", left_by_token=True, right_by_token=shared,
-                               out_dtype=lora_b.dtype, compute_dtype=dtype, alpha=scaling, scale=w)
+    dw = (torch.empty if router is not None else torch.zeros)(T * top_k, dtype=h.dtype, device=x.device)
+    dh_rows, dlora_b = grouped_output_grads(dy, h, lora_a, lora_b, meta, weights, scaling, dw, dtype)
     dw = dw.view(T, top_k)
     dl = launchers.router_backward(dw, ids, weights, router) if router is not None else None
     drouter = None
     if router_weight is not None and (need_router or lora_input is None):
         drouter = launchers.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
-    dx = dlora_input = None
     router_dx = (dl, router_weight) if router_weight is not None and need_x else None
-    if shared:
-        dh = launchers.combine_rows(dh_rows, meta, out_dtype=acc)
-        dlora_a = launchers.matmul(dh.t(), xl, out_dtype=lora_a.dtype, compute_dtype=dtype, split_k=True)
-        if need_lora_input:
-            dlora_input = launchers.matmul(dh, lora_a, out_dtype=dtype, compute_dtype=dtype)
-        if need_x and lora_input is None:
-            dx = launchers.matmul(dh, lora_a, out_dtype=dtype, compute_dtype=dtype, second=router_dx)
-        elif router_dx is not None:
-            dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype)
-        return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
-    dlora_a = rows_weight_grad(dh_rows, xl, meta, "triton", right_by_token=True, out_dtype=lora_a.dtype,
-                               compute_dtype=dtype)
-    lora_dx = need_lora_input or (need_x and lora_input is None)
-    dx_rows = rows_linear(dh_rows, lora_a, meta, "triton", transposed=True, out_dtype=dtype,
-                          compute_dtype=dtype) if lora_dx else None
-    if router_dx is not None:
-        dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype)
-    if lora_input is not None:
-        if need_lora_input:
-            dlora_input = launchers.combine_rows(dx_rows, meta, out_dtype=dtype)
-    elif need_x:
-        dx = launchers.combine_rows(dx_rows, meta, out_dtype=dtype, base=dx, out=dx)
+    if lora_input is None:
+        dlora_a, dx = grouped_input_grads(dh_rows, x, lora_a, meta, need_x, second=router_dx)
+        return dx, dlora_a, dlora_b, drouter, dl, dw, None
+    dlora_a, dlora_input = grouped_input_grads(dh_rows, lora_input, lora_a, meta, need_lora_input)
+    dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype) if router_dx is not None else None
     return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
 
 
