@@ -186,7 +186,7 @@ def tune_tiles(gemms: List[Gemm], repeats: int, budget: Budget, report: dict) ->
             entry["best"] = best
             entry["triton_best_ms"] = timed[best]
             entry["grouped_mm_total_ms"] = sum(entry["grouped_mm_ms"].values()) or None
-            K.GROUPED_CONFIGS[shape_class] = TileConfig(*json.loads(best))
+            K.install_grouped_configs({shape_class: json.loads(best)})
         report["tiles"][shape_class] = entry
 
 

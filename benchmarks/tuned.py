@@ -35,8 +35,7 @@ def install(paths: Iterable[str]) -> dict:
             launchers.install_dense_configs(report["dense_configs"])
             got["dense_configs"] = report["dense_configs"]
         if report.get("grouped_configs"):
-            launchers.GROUPED_CONFIGS.update({shape_class: launchers.TileConfig(*tiles)
-                                              for shape_class, tiles in report["grouped_configs"].items()})
+            launchers.install_grouped_configs(report["grouped_configs"])
             got["grouped_configs"] = report["grouped_configs"]
         if report.get("ffn_engines"):
             moe_ffn.FFN_ENGINES.update({(major, kind, shape_class): engine

@@ -48,8 +48,8 @@ def _expert_dot(acc, a_ptr, w_ptr, a_row, mask_m, offs_n, mask_n, K,
 
 @triton.jit
 def grouped_matmul_kernel(
-    a_ptr, w_ptr, a2_ptr, w2_ptr, c_ptr, row_pair_ptr, block_expert_ptr, scale_ptr, h_ptr, dw_ptr,
-    num_rows, N, K, top_k, layout_block, alpha,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, c_ptr, row_pair_ptr, block_expert_ptr, scale_ptr, h_ptr, dw_ptr, alpha,
+    num_rows, N, K, top_k, layout_block,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk,
     stride_a2m, stride_a2k, stride_w2e, stride_w2n, stride_w2k,
     stride_cm, stride_cn, stride_scale, stride_hm, stride_hn,
@@ -105,8 +105,8 @@ def grouped_matmul_kernel(
 
 @triton.jit
 def grouped_weight_grad_kernel(
-    l_ptr, r_ptr, out_ptr, row_pair_ptr, starts_ptr, counts_ptr, scale_ptr,
-    NA, NB, top_k, num_splits, alpha,
+    l_ptr, r_ptr, out_ptr, row_pair_ptr, starts_ptr, counts_ptr, scale_ptr, alpha,
+    NA, NB, top_k, num_splits,
     stride_lm, stride_la, stride_rm, stride_rb,
     stride_os, stride_oe, stride_oa, stride_ob, stride_scale,
     L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, HAS_SCALE: tl.constexpr,

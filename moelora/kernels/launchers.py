@@ -5,8 +5,9 @@ device memory on the host, so all of them are CUDA-graph safe. Launch configurat
 (grid, block sizes, compile-time flags) are computed once per (shapes, strides, dtypes,
 device) and cached, so the hot path does no more than build a key and launch.
 
-Every launch goes through :func:`launch`. :func:`count_launches` replaces the launches by
-a counter (no kernel runs): with it the host time of the Python around the kernels and the
+Every launch is a :class:`KernelLaunch` built by a cached configuration function
+(``_<kernel>_launch``; :func:`clear_launch_caches` drops them all). :func:`count_launches`
+replaces the launches by a counter (no kernel runs): with it the host time of the Python around the kernels and the
 number of kernels per call can be measured on any machine, a CPU included.
 """
 
@@ -133,15 +134,6 @@ class KernelLaunch:
             self._direct = False
 
 
-def launch(kernel, grid, *args, **meta) -> None:
-    """kernel[grid](*args, **meta) through Triton's own launcher (kernels whose configuration is not
-    cached: the grouped regime's), or the hook of :func:`count_launches` / :func:`skip_launches`."""
-    if _launch_hook is not None:
-        _launch_hook(kernel, grid, None, (args, meta))
-        return
-    kernel[grid](*args, **meta)
-
-
 @contextlib.contextmanager
 def skip_launches():
     """Within the block no Triton kernel runs (for host-time measurements)."""
@@ -154,7 +146,7 @@ def skip_launches():
         _launch_hook = previous
 
 
-def _skip(kernel, grid, configured=None, args=None) -> None:
+def _skip(kernel, grid, configured, args) -> None:
     return None
 
 
@@ -165,7 +157,7 @@ def count_launches():
     global _launch_hook
     calls: List[tuple] = []
     previous = _launch_hook
-    _launch_hook = lambda kernel, grid, configured=None, args=None: calls.append((kernel, grid))  # noqa: E731
+    _launch_hook = lambda kernel, grid, configured, args: calls.append((kernel, grid))  # noqa: E731
     try:
         yield calls
     finally:
@@ -183,12 +175,10 @@ def record_launches():
     calls: List[tuple] = []
     previous = _launch_hook
 
-    def record(kernel, grid, configured=None, args=None):
-        if configured is not None:
-            values, meta = (*args, *configured.fixed), configured.meta
-        else:
-            (values, meta) = args
-        calls.append((kernel, dict(meta), tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in values)))
+    def record(kernel, grid, configured, args):
+        values = (*args, *configured.fixed)
+        calls.append((kernel, dict(configured.meta),
+                      tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in values)))
 
     _launch_hook = record
     try:
@@ -356,8 +346,7 @@ def install_dense_configs(configs: Dict[str, Dict[str, int]], replace: bool = Fa
     if replace:
         DENSE_CONFIGS.clear()
     DENSE_CONFIGS.update(checked)
-    for cached in (_matmul_launch, _lora_down_launch, _gated_expand_launch, _weight_grad_launch):
-        cached.cache_clear()
+    clear_launch_caches()
 
 
 # ------------------------------------------------------------------------------ matmul
@@ -907,9 +896,16 @@ def _interpreter_config(kernel: str, n: int, k: int) -> TileConfig:
 
 def grouped_config(kernel: str, n: int, k: int, rows_per_expert: float) -> TileConfig:
     """The tiles for a grouped kernel on this shape: table entry, else the default."""
-    if interpreting():
+    if _INTERPRETING:
         return _interpreter_config(kernel, n, k)
     return GROUPED_CONFIGS.get(grouped_shape_class(kernel, n, k, rows_per_expert)) or _default_config(kernel, n, k)
+
+
+def install_grouped_configs(configs: Dict[str, TileConfig]) -> None:
+    """Add ``{shape class: TileConfig}`` entries to GROUPED_CONFIGS (e.g. a tune_grouped result);
+    drops the launch configurations cached before."""
+    GROUPED_CONFIGS.update({shape_class: TileConfig(*tiles) for shape_class, tiles in configs.items()})
+    clear_launch_caches()
 
 
 def _four_byte(cfg: TileConfig, compute_dtype: torch.dtype) -> TileConfig:
@@ -928,8 +924,34 @@ def grouped_layout_block(*matmul_configs: TileConfig) -> int:
     return max([16] + [c.block_m for c in matmul_configs])
 
 
-def _rows_per_expert(meta) -> float:
-    return meta.inverse_padded.numel() / max(meta.num_experts, 1)
+def _meta_args(meta) -> tuple:
+    """What a grouped launch configuration takes from the layout: (top_k, layout block, pairs T*k,
+    experts); the rows per expert (pairs / experts) pick the tile table's row class."""
+    return meta.top_k, meta.block_size, meta.inverse_padded.numel(), meta.num_experts
+
+
+@functools.lru_cache(maxsize=4096)
+def _grouped_matmul_launch(num_rows: int, N: int, K: int, layout: tuple, a_strides: tuple, w_strides: tuple,
+                           a2_strides: tuple, w2_strides: tuple, out_strides: tuple, scale_stride: int,
+                           h_strides: tuple, a_by_token: bool, has_second: bool, has_scale: bool, gate_grad: bool,
+                           h_by_token: bool, dtype: torch.dtype, tf32: bool,
+                           config: Optional[TileConfig]) -> KernelLaunch:
+    """grouped_matmul_kernel's launch; ``layout`` = _meta_args, w_strides = (e, n, k) strides."""
+    top_k, layout_block, pairs, experts = layout
+    cfg = config or _four_byte(grouped_config("matmul", N, K, pairs / max(experts, 1)), dtype)
+    block_m, block_n = cfg.block_m, cfg.block_n
+    while layout_block % block_m:  # a row tile must lie in one expert's segment
+        block_m //= 2
+    if block_m < 16:
+        raise ValueError(f"the layout block must be a multiple of 16 rows, got {layout_block}")
+    if gate_grad:
+        block_n = _pow2_block(N, 16, 1 << 16)  # the row dot needs every column in one tile
+    fixed = (num_rows, N, K, top_k, layout_block, *a_strides, *w_strides, *a2_strides, *w2_strides, *out_strides,
+             scale_stride, *h_strides)
+    return KernelLaunch(grouped_matmul_kernel, (num_rows // block_m * cdiv(N, block_n),), fixed,
+                        A_BY_TOKEN=a_by_token, HAS_SECOND=has_second, HAS_SCALE=has_scale, GATE_GRAD=gate_grad,
+                        H_BY_TOKEN=h_by_token, **_dot_config_cached(dtype, tf32), BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_K=cfg.block_k, GROUP_M=cfg.group, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, meta, *, a_by_token: bool,
@@ -945,33 +967,42 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, met
     Rows without a pair (padding, unused tail) get zeros. Returns ``out``.
     """
     num_rows, N = out.shape
-    K = a.shape[1]
     if num_rows == 0 or N == 0:
         return out
-    cfg = config or _four_byte(grouped_config("matmul", N, K, _rows_per_expert(meta)), compute_dtype)
-    block_m, block_n = cfg.block_m, cfg.block_n
-    while meta.block_size % block_m:  # a row tile must lie in one expert's segment
-        block_m //= 2
-    if block_m < 16:
-        raise ValueError(f"the layout block must be a multiple of 16 rows, got {meta.block_size}")
-    if gate_grad is not None:
-        block_n = _pow2_block(N, 16, 1 << 16)  # the row dot needs every column in one tile
     a2, w2, w2_nk = second if second is not None else (a, weight, weight_nk_strides)
     h, h_by_token, dw = gate_grad if gate_grad is not None else (out, False, out)
     scale_arg = scale if scale is not None else out
-    grid = (num_rows // block_m * cdiv(N, block_n),)
-    launch(grouped_matmul_kernel, grid,
-        a, weight, a2, w2, out, meta.sorted_pairs_padded, meta.block_expert, scale_arg, h, dw,
-        num_rows, N, K, meta.top_k, meta.block_size, alpha,
-        a.stride(0), a.stride(1), weight.stride(0), weight_nk_strides[0], weight_nk_strides[1],
-        a2.stride(0), a2.stride(1), w2.stride(0), w2_nk[0], w2_nk[1],
-        out.stride(0), out.stride(1), scale.stride(0) if scale is not None else 0, h.stride(0), h.stride(1),
-        A_BY_TOKEN=a_by_token, HAS_SECOND=second is not None, HAS_SCALE=scale is not None,
-        GATE_GRAD=gate_grad is not None, H_BY_TOKEN=h_by_token, **_dot_config(compute_dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    kernel = _grouped_matmul_launch(
+        num_rows, N, a.shape[1], _meta_args(meta), a.stride(), (weight.stride(0), *weight_nk_strides), a2.stride(),
+        (w2.stride(0), *w2_nk), out.stride(), scale.stride(0) if scale is not None else 0, h.stride(), a_by_token,
+        second is not None, scale is not None, gate_grad is not None, h_by_token, compute_dtype, _tf32(compute_dtype),
+        config)
+    kernel(a, weight, a2, w2, out, meta.sorted_pairs_padded, meta.block_expert, scale_arg, h, dw, float(alpha))
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _grouped_weight_grad_launch(NA: int, NB: int, layout: tuple, l_strides: tuple, r_strides: tuple,
+                                out_strides: Optional[tuple], scale_stride: int, l_by_token: bool, r_by_token: bool,
+                                has_scale: bool, dtype: torch.dtype, tf32: bool, device: torch.device,
+                                config: Optional[TileConfig]) -> tuple:
+    """(grouped_weight_grad_kernel's launch, splits); ``out_strides``: those of the [E, NA, NB]
+    output written directly (one split), None for a new contiguous one."""
+    top_k, _, pairs, E = layout
+    rows_per_expert = pairs / max(E, 1)
+    cfg = config or _four_byte(grouped_config("wgrad", NA, NB, rows_per_expert), dtype)
+    tiles = cdiv(NA, cfg.block_m) * cdiv(NB, cfg.block_n)
+    splits = _split_count(E * tiles, int(rows_per_expert), device)
+    if splits > 1:  # fp32 partials [splits, E, NA, NB]
+        partial_strides = (E * NA * NB, NA * NB, NB, 1)
+    else:  # the output itself, as [1, E, NA, NB]
+        partial_strides = (0, *(out_strides or (NA * NB, NB, 1)))
+    fixed = (NA, NB, top_k, splits, *l_strides, *r_strides, *partial_strides, scale_stride)
+    launch = KernelLaunch(grouped_weight_grad_kernel, (E * splits * tiles,), fixed, L_BY_TOKEN=l_by_token,
+                          R_BY_TOKEN=r_by_token, HAS_SCALE=has_scale, **_dot_config_cached(dtype, tf32),
+                          BLOCK_A=cfg.block_m, BLOCK_B=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_A=cfg.group,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return launch, splits
 
 
 def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, *, left_by_token: bool,
@@ -985,27 +1016,18 @@ def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, *, left_b
     """
     NA, NB = left.shape[1], right.shape[1]
     E = meta.num_experts
-    rows_per_expert = _rows_per_expert(meta)
-    cfg = config or _four_byte(grouped_config("wgrad", NA, NB, rows_per_expert), compute_dtype)
-    tiles = cdiv(NA, cfg.block_m) * cdiv(NB, cfg.block_n)
-    splits = _split_count(E * tiles, int(rows_per_expert), left.device)
+    kernel, splits = _grouped_weight_grad_launch(
+        NA, NB, _meta_args(meta), left.stride(), right.stride(), out.stride() if out is not None else None,
+        scale.stride(0) if scale is not None else 0, left_by_token, right_by_token, scale is not None,
+        compute_dtype, _tf32(compute_dtype), left.device, config)
     if out is None:
         out = torch.empty(E, NA, NB, dtype=out_dtype, device=left.device)
     if splits == 1:
-        partial = out.unsqueeze(0)
+        partial = out
     else:
         partial = torch.empty(splits, E, NA, NB, dtype=accumulator_dtype(compute_dtype), device=left.device)
-    scale_arg = scale if scale is not None else partial
-    launch(grouped_weight_grad_kernel, (E * splits * tiles,),
-        left, right, partial, meta.sorted_pairs_padded, meta.padded_offsets, meta.counts, scale_arg,
-        NA, NB, meta.top_k, splits, alpha,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
-        scale.stride(0) if scale is not None else 0,
-        L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, HAS_SCALE=scale is not None,
-        **_dot_config(compute_dtype), BLOCK_A=cfg.block_m, BLOCK_B=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_A=cfg.group, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    kernel(left, right, partial, meta.sorted_pairs_padded, meta.padded_offsets, meta.counts,
+           scale if scale is not None else partial, float(alpha))
     if splits > 1:
         out.copy_(partial.sum(0))
     return out
@@ -1016,6 +1038,19 @@ def segment_sum(rows: torch.Tensor, meta, *, out_dtype: torch.dtype) -> torch.Te
     ones = torch.ones((), dtype=rows.dtype, device=rows.device).expand(rows.shape[0], 1)
     return grouped_weight_grad(rows, ones, meta, left_by_token=False, right_by_token=False,
                                compute_dtype=rows.dtype, out_dtype=out_dtype).squeeze(2)
+
+
+@functools.lru_cache(maxsize=4096)
+def _combine_rows_launch(T: int, N: int, top_k: int, rows_strides: tuple, second_strides: tuple,
+                         inverse_strides: tuple, coef_strides: tuple, ids_strides: tuple, bias_strides: tuple,
+                         base_strides: tuple, out_strides: tuple, has_second: bool, has_coef: bool, anchored: bool,
+                         has_bias: bool, has_base: bool, acc_dtype: torch.dtype) -> KernelLaunch:
+    block_t, block_n = 32, _pow2_block(N, 16, 128)
+    fixed = (T, N, *rows_strides, *second_strides, *inverse_strides, *coef_strides, *ids_strides, *bias_strides,
+             *base_strides, *out_strides)
+    return KernelLaunch(combine_rows_kernel, (cdiv(T, block_t), cdiv(N, block_n)), fixed, TOP_K=top_k,
+                        HAS_SECOND=has_second, HAS_COEF=has_coef, ANCHORED=anchored, HAS_BIAS=has_bias,
+                        HAS_BASE=has_base, ACC_DTYPE=_TL_DTYPES[acc_dtype], BLOCK_T=block_t, BLOCK_N=block_n)
 
 
 def combine_rows(rows: torch.Tensor, meta, *, out_dtype: torch.dtype, coef: Optional[torch.Tensor] = None,
@@ -1037,19 +1072,23 @@ def combine_rows(rows: torch.Tensor, meta, *, out_dtype: torch.dtype, coef: Opti
     second_arg = second if second is not None else rows
     coef_arg = coef if coef is not None else inverse
     base_arg = base if base is not None else out
-    block_t, block_n = 32, _pow2_block(N, 16, 128)
-    grid = (cdiv(T, block_t), cdiv(N, block_n))
-    launch(combine_rows_kernel, grid,
-        rows, second_arg, inverse, coef_arg, ids, bias_e, base_arg, out, T, N,
-        rows.stride(0), rows.stride(1), second_arg.stride(0), second_arg.stride(1),
-        inverse.stride(0), inverse.stride(1), coef_arg.stride(0), coef_arg.stride(1),
-        ids.stride(0), ids.stride(1), bias_e.stride(0), bias_e.stride(1),
-        base_arg.stride(0), base_arg.stride(1), out.stride(0), out.stride(1),
-        TOP_K=top_k, HAS_SECOND=second is not None, HAS_COEF=coef is not None, ANCHORED=anchored,
-        HAS_BIAS=bias is not None, HAS_BASE=base is not None, ACC_DTYPE=_TL_DTYPES[accumulator_dtype(out_dtype)],
-        BLOCK_T=block_t, BLOCK_N=block_n,
-    )
+    kernel = _combine_rows_launch(T, N, top_k, rows.stride(), second_arg.stride(), inverse.stride(),
+                                  coef_arg.stride(), ids.stride(), bias_e.stride(), base_arg.stride(), out.stride(),
+                                  second is not None, coef is not None, anchored, bias is not None, base is not None,
+                                  accumulator_dtype(out_dtype))
+    kernel(rows, second_arg, inverse, coef_arg, ids, bias_e, base_arg, out)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _combine_rows_backward_launch(num_rows: int, N: int, top_k: int, dy_strides: tuple, rows_strides: tuple,
+                                  ids_strides: tuple, bias_strides: tuple, has_bias: bool, need_g: bool,
+                                  acc_dtype: torch.dtype) -> KernelLaunch:
+    block_r = 32 if _INTERPRETING else 16
+    fixed = (num_rows, N, top_k, *dy_strides, *rows_strides, *ids_strides, *bias_strides, *_contiguous(N))
+    return KernelLaunch(combine_rows_backward_kernel, (cdiv(num_rows, block_r),), fixed, HAS_BIAS=has_bias,
+                        NEED_G=need_g, ACC_DTYPE=_TL_DTYPES[acc_dtype], BLOCK_R=block_r,
+                        BLOCK_N=_pow2_block(N, 16, 256))
 
 
 def combine_rows_backward(dy: torch.Tensor, rows: torch.Tensor, meta, ids: torch.Tensor, row_coef: torch.Tensor,
@@ -1064,31 +1103,31 @@ def combine_rows_backward(dy: torch.Tensor, rows: torch.Tensor, meta, ids: torch
     if num_rows == 0:
         return drows, g
     bias_arg = bias if bias is not None else rows
-    block_r = 32 if interpreting() else 16
-    launch(combine_rows_backward_kernel, (cdiv(num_rows, block_r),),
-        dy, rows, ids, bias_arg, row_coef, meta.sorted_pairs_padded, drows, g if need_g else drows,
-        num_rows, N, meta.top_k,
-        dy.stride(0), dy.stride(1), rows.stride(0), rows.stride(1), ids.stride(0), ids.stride(1),
-        bias_arg.stride(0), bias_arg.stride(1), drows.stride(0), drows.stride(1),
-        HAS_BIAS=bias is not None, NEED_G=need_g, ACC_DTYPE=_TL_DTYPES[acc],
-        BLOCK_R=block_r, BLOCK_N=_pow2_block(N, 16, 256),
-    )
+    kernel = _combine_rows_backward_launch(num_rows, N, meta.top_k, dy.stride(), rows.stride(), ids.stride(),
+                                           bias_arg.stride(), bias is not None, need_g, acc)
+    kernel(dy, rows, ids, bias_arg, row_coef, meta.sorted_pairs_padded, drows, g if need_g else drows)
     return drows, g
 
 
-def _glu_args(hg, hu, bg, bu, ids):
+@functools.lru_cache(maxsize=4096)
+def _glu_launch(backward: bool, num_rows: int, F: int, top_k: int, strides: tuple, gated: bool, has_bg: bool,
+                has_bu: bool, act: int, acc_dtype: torch.dtype) -> KernelLaunch:
+    """glu_forward_kernel's or glu_backward_kernel's launch; ``strides``: all the kernel's, in order."""
+    block_r, block_f = 32, _pow2_block(F, 16, 128)
+    return KernelLaunch(glu_backward_kernel if backward else glu_forward_kernel,
+                        (cdiv(num_rows, block_r), cdiv(F, block_f)), (num_rows, F, top_k, *strides), GATED=gated,
+                        HAS_BG=has_bg, HAS_BU=has_bu, ACT=act, ACC_DTYPE=_TL_DTYPES[acc_dtype], BLOCK_R=block_r,
+                        BLOCK_F=block_f)
+
+
+def _glu_operands(hg, hu, bg, bu, ids) -> tuple:
+    """(gate, bg, bu) with placeholders for the absent ones, and their strides with hu's and ids'
+    in the kernels' order."""
     gate = hg if hg is not None else hu
     bg_arg = bg if bg is not None else hu
     bu_arg = bu if bu is not None else hu
     return (gate, bg_arg, bu_arg,
-            (gate.stride(0), gate.stride(1), hu.stride(0), hu.stride(1), bg_arg.stride(0), bg_arg.stride(1),
-             bu_arg.stride(0), bu_arg.stride(1), ids.stride(0), ids.stride(1)))
-
-
-def _glu_meta(hg, hu, bg, bu, act: int):
-    block_f = _pow2_block(hu.shape[1], 16, 128)
-    return dict(GATED=hg is not None, HAS_BG=bg is not None, HAS_BU=bu is not None, ACT=act,
-                ACC_DTYPE=_TL_DTYPES[accumulator_dtype(hu.dtype)], BLOCK_R=32, BLOCK_F=block_f)
+            (*gate.stride(), *hu.stride(), *bg_arg.stride(), *bu_arg.stride(), *ids.stride()))
 
 
 def glu_forward(hg: Optional[torch.Tensor], hu: torch.Tensor, bg: Optional[torch.Tensor], bu: Optional[torch.Tensor],
@@ -1099,11 +1138,10 @@ def glu_forward(hg: Optional[torch.Tensor], hu: torch.Tensor, bg: Optional[torch
     out = torch.empty(num_rows, F, dtype=hu.dtype, device=hu.device)
     if num_rows == 0 or F == 0:
         return out
-    gate, bg_arg, bu_arg, strides = _glu_args(hg, hu, bg, bu, ids)
-    meta_args = _glu_meta(hg, hu, bg, bu, act)
-    grid = (cdiv(num_rows, meta_args["BLOCK_R"]), cdiv(F, meta_args["BLOCK_F"]))
-    launch(glu_forward_kernel, grid, gate, hu, bg_arg, bu_arg, out, meta.sorted_pairs_padded, ids, num_rows, F,
-           meta.top_k, *strides, out.stride(0), out.stride(1), **meta_args)
+    gate, bg_arg, bu_arg, strides = _glu_operands(hg, hu, bg, bu, ids)
+    kernel = _glu_launch(False, num_rows, F, meta.top_k, (*strides, *out.stride()), hg is not None, bg is not None,
+                         bu is not None, act, accumulator_dtype(hu.dtype))
+    kernel(gate, hu, bg_arg, bu_arg, out, meta.sorted_pairs_padded, ids)
     return out
 
 
@@ -1119,11 +1157,22 @@ def glu_backward(dout: torch.Tensor, hg: Optional[torch.Tensor], hu: torch.Tenso
         dhg = torch.empty_like(dhu) if hg is not None else None
     if num_rows == 0 or F == 0:
         return dhg, dhu
-    gate, bg_arg, bu_arg, strides = _glu_args(hg, hu, bg, bu, ids)
+    gate, bg_arg, bu_arg, strides = _glu_operands(hg, hu, bg, bu, ids)
     dhg_arg = dhg if dhg is not None else dhu
-    meta_args = _glu_meta(hg, hu, bg, bu, act)
-    grid = (cdiv(num_rows, meta_args["BLOCK_R"]), cdiv(F, meta_args["BLOCK_F"]))
-    launch(glu_backward_kernel, grid, dout, gate, hu, bg_arg, bu_arg, dhg_arg, dhu, meta.sorted_pairs_padded, ids,
-           num_rows, F, meta.top_k, dout.stride(0), dout.stride(1), *strides,
-           dhg_arg.stride(0), dhg_arg.stride(1), dhu.stride(0), dhu.stride(1), **meta_args)
+    kernel = _glu_launch(True, num_rows, F, meta.top_k, (*dout.stride(), *strides, *dhg_arg.stride(), *dhu.stride()),
+                         hg is not None, bg is not None, bu is not None, act, accumulator_dtype(hu.dtype))
+    kernel(dout, gate, hu, bg_arg, bu_arg, dhg_arg, dhu, meta.sorted_pairs_padded, ids)
     return dhg, dhu
+
+
+# Every cached launch configuration (dropped together when a tile table changes).
+_LAUNCH_CACHES = (_matmul_launch, _lora_down_launch, _router_aux_loss_launch, _gated_expand_launch,
+                  _gate_backward_launch, _router_backward_launch, _weight_grad_launch, _threshold_launch,
+                  _grouped_matmul_launch, _grouped_weight_grad_launch, _combine_rows_launch,
+                  _combine_rows_backward_launch, _glu_launch)
+
+
+def clear_launch_caches() -> None:
+    """Drop every cached launch configuration (after a tile table or the interpreter switch changed)."""
+    for cached in _LAUNCH_CACHES:
+        cached.cache_clear()

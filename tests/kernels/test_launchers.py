@@ -442,8 +442,8 @@ def test_gated_expand_ignores_nonfinite_weights_of_unchosen_experts(shared_a):
 
 def test_record_launches_gives_each_launch_with_its_configuration_and_argument_types():
     """What benchmarks/compile_kernels.py compiles: each launch's kernel, constexprs and the values
-    of its other parameters in order (tensors as dtypes), for cached configurations and for the
-    grouped kernels' direct launches alike; nothing runs."""
+    of its other parameters in order (tensors as dtypes), dense and grouped kernels alike; nothing
+    runs."""
     a, b = randn(40, 30), randn(30, 20, dtype=torch.float64)
     ids, meta = _row_layout(40, 4, 2)
     with K.record_launches() as calls:
@@ -495,7 +495,7 @@ def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(mo
 
 
 def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
-    """What makes the direct launch sound: every KernelLaunch call of the dense launchers passes
+    """What makes the direct launch sound: every KernelLaunch call of the launchers (dense and grouped) passes
     tensors, then Python floats only; the ints that Triton specialises on all sit in the cached
     configuration (its key holds the shapes and strides they come from)."""
     seen = []
@@ -509,6 +509,8 @@ def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
     T, E, r, k, d = 40, 4, 3, 2, 24
     ids, w = routing(T, E, k)
     x, a, router_w, B, dy = randn(T, d), randn(r, d), randn(E, d), randn(E, d, r), randn(T, d)
+    meta = dispatch_metadata(ids, E, 16)
+    R = meta.sorted_pairs_padded.numel()
     with K.count_launches():
         for x_in in (x, x.t().contiguous().t()):  # two stride patterns
             h, logits = K.lora_down(x_in, a, router_w)
@@ -529,8 +531,20 @@ def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
                                                                 "softmax_topk", 0.01, 1e-3))
             K.threshold_weights(w, torch.rand(T, k, device=DEVICE), torch.zeros((), device=DEVICE), eps_start=0,
                                 eps_end=0.2, ramp_steps=10)
+            rows = randn(R, d)
+            K.grouped_matmul(x_in, B.transpose(1, 2), rows, meta, a_by_token=True, weight_nk_strides=(1, d),
+                             compute_dtype=torch.float32, alpha=2, scale=w.reshape(-1))
+            K.grouped_matmul(rows, B.transpose(1, 2), randn(R, d), meta, a_by_token=False, weight_nk_strides=(1, d),
+                             compute_dtype=torch.float32, gate_grad=(x_in, True, torch.empty(T * k, device=DEVICE)))
+            K.grouped_weight_grad(x_in, rows, meta, left_by_token=True, right_by_token=False,
+                                  compute_dtype=torch.float32, out_dtype=torch.float32, scale=w.reshape(-1))
+            K.segment_sum(rows, meta, out_dtype=torch.float32)
+            K.combine_rows(rows, meta, out_dtype=torch.float32, coef=w, bias=(ids, randn(E, d)), base=x_in)
+            K.combine_rows_backward(dy, rows, meta, ids, w.reshape(-1), bias=randn(E, d))
+            K.glu_backward(rows, rows, K.glu_forward(rows, rows, None, randn(E, d), meta, ids, 0), None, None, meta,
+                           ids, 0)
     kernels = {launch.kernel for launch, _ in seen}
-    assert len(kernels) == 9, kernels
+    assert len(kernels) == 15, kernels
     for launch, args in seen:
         tensors = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
         assert tensors == list(range(len(tensors))), (launch.kernel, args)
@@ -614,10 +628,6 @@ def test_dense_tile_table_entries_are_valid_and_used_off_the_interpreter(monkeyp
     assert [grid for _, grid in calls] == [(3, 1, 1), (2, 3, 1)]
 
 
-_LAUNCH_CACHES = ("_matmul_launch", "_lora_down_launch", "_gated_expand_launch", "_gate_backward_launch",
-                  "_weight_grad_launch", "_router_backward_launch", "_router_aux_loss_launch", "_threshold_launch")
-
-
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the GPU's defaults run there anyway")
 @pytest.mark.parametrize("regime, shared_a", [("dense", True), ("dense", False), ("grouped", True),
                                               ("grouped", False)])
@@ -628,8 +638,7 @@ def test_gpu_default_tiles_of_fp32_compute_the_reference(regime, shared_a, monke
     import moelora
     from helpers import make_problem, reference
 
-    for name in _LAUNCH_CACHES:
-        getattr(K, name).cache_clear()
+    K.clear_launch_caches()
     monkeypatch.setattr(K, "_INTERPRETING", False)
     try:
         p = make_problem(70, 48, 40, 8, 6, 2, shared_a=shared_a, seed=9)
@@ -641,8 +650,7 @@ def test_gpu_default_tiles_of_fp32_compute_the_reference(regime, shared_a, monke
                 torch.autograd.grad(moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out,
                                                      regime=regime), p.leaves(), g)
     finally:
-        for name in _LAUNCH_CACHES:
-            getattr(K, name).cache_clear()
+        K.clear_launch_caches()
     y_ref, grads_ref = reference(p, g)
     assert rel_err(y, y_ref) < 1e-5
     for got, want in zip(grads, grads_ref):
