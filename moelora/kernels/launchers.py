@@ -917,11 +917,12 @@ def _four_byte(cfg: TileConfig, compute_dtype: torch.dtype) -> TileConfig:
                         num_stages=2)
 
 
-def grouped_layout_block(*matmul_configs: TileConfig) -> int:
-    """Padding of the expert segments: the largest row tile of the grouped_matmul launches
-    that will run over the layout (each tile then lies in one expert; smaller tiles halve
-    down to fit); 16 without any."""
-    return max([16] + [c.block_m for c in matmul_configs])
+@functools.lru_cache(maxsize=4096)
+def grouped_layout_block(matmul_shapes: tuple = (), rows_per_expert: float = 0.0) -> int:
+    """Padding of the expert segments for the grouped_matmul launches of ``matmul_shapes``
+    ((N, K) pairs) that will run over the layout: the largest row tile of their tiles
+    (each tile then lies in one expert; smaller tiles halve down to fit); 16 without any."""
+    return max([16] + [grouped_config("matmul", n, k, rows_per_expert).block_m for n, k in matmul_shapes])
 
 
 def _meta_args(meta) -> tuple:
@@ -1169,7 +1170,7 @@ def glu_backward(dout: torch.Tensor, hg: Optional[torch.Tensor], hu: torch.Tenso
 _LAUNCH_CACHES = (_matmul_launch, _lora_down_launch, _router_aux_loss_launch, _gated_expand_launch,
                   _gate_backward_launch, _router_backward_launch, _weight_grad_launch, _threshold_launch,
                   _grouped_matmul_launch, _grouped_weight_grad_launch, _combine_rows_launch,
-                  _combine_rows_backward_launch, _glu_launch)
+                  _combine_rows_backward_launch, _glu_launch, grouped_layout_block)
 
 
 def clear_launch_caches() -> None:

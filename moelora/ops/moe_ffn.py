@@ -221,11 +221,8 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
             gemm, wgrad = pick["gemm"], pick["wgrad"]
     else:
         gemm = wgrad = engine
-    block = launchers.grouped_layout_block()
-    if gemm == "triton":
-        rows = num_pairs / E
-        block = launchers.grouped_layout_block(*(launchers.grouped_config("matmul", n, k, rows) for n, k in
-                                         ((d_first, d_in), (d_out, d_ff), (d_ff, d_out), (d_in, d_first))))
+    shapes = ((d_first, d_in), (d_out, d_ff), (d_ff, d_out), (d_in, d_first)) if gemm == "triton" else ()
+    block = launchers.grouped_layout_block(shapes, num_pairs / E)
     return FFNPlan(gemm, wgrad, block)
 
 

@@ -231,11 +231,8 @@ def _grouped_block(d_in: int, lora_a, lora_b, pairs: int) -> int:
     """The segment padding of the grouped regime's layout for ``pairs`` (token, slot) pairs: the
     largest row tile of the grouped GEMMs that run over it."""
     num_experts, d_out, rank = lora_b.shape
-    rows = pairs / num_experts
-    shapes = [(d_out, rank), (rank, d_out)]
-    if lora_a.dim() == 3:
-        shapes += [(rank, d_in), (d_in, rank)]
-    return launchers.grouped_layout_block(*(launchers.grouped_config("matmul", n, k, rows) for n, k in shapes))
+    shapes = ((d_out, rank), (rank, d_out)) + (((rank, d_in), (d_in, rank)) if lora_a.dim() == 3 else ())
+    return launchers.grouped_layout_block(shapes, pairs / num_experts)
 
 
 def grouped_row_count(d_in: int, lora_a, lora_b, pairs: int) -> int:

@@ -13,8 +13,9 @@ from moelora.ops import moe_lora as moe_lora_module
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs at full size (about 90 s): "
                     "the GPU session runs it itself")
-def test_tune_grouped_smoke(tmp_path, monkeypatch):
+def test_tune_grouped_smoke(tmp_path, monkeypatch, request):
     monkeypatch.setattr(tune_grouped.K, "GROUPED_CONFIGS", {})  # the run installs its picks here
+    request.addfinalizer(tune_grouped.K.clear_launch_caches)  # configurations cached from them go with it
     out = tmp_path / "tune.json"
     assert tune_grouped.main(["--out", str(out), "--budget", "300"]) == 0
     report = json.loads(out.read_text())
