@@ -210,8 +210,7 @@ def time_ffn_plans(s: Sizes, repeats: int, report: dict) -> None:
             plan = ffn.FFNPlan(gemm, wgrad, ffn.ffn_plan(x, w13, w2, None, s.top_k, gemm).layout_block)
 
             def step(plan=plan):
-                coef = ffn.mixing_weights(weights, True)
-                y = ffn._moe_ffn_triton(x, ids, coef, w13, None, w2, None, None, None, torch.nn.functional.silu,
+                y = ffn._moe_ffn_triton(x, ids, weights, w13, None, w2, None, None, None, torch.nn.functional.silu,
                                         True, True, plan)
                 torch.autograd.grad(y, leaves, torch.ones_like(y))
 

@@ -1,4 +1,4 @@
-"""Grouped GEMMs over expert-sorted rows, the fixed-order combine, and the FFN's row kernels.
+"""Grouped GEMMs over expert-sorted rows, the fixed-order combine, and the FFN's row and routing kernels.
 
 Row space: the (token, slot) pairs p = t * k + j sorted stably by expert, each expert's
 segment starting at ``starts[e]`` and padded to a multiple of the layout block
@@ -109,14 +109,15 @@ def grouped_weight_grad_kernel(
     NA, NB, top_k, num_splits,
     stride_lm, stride_la, stride_rm, stride_rb,
     stride_os, stride_oe, stride_oa, stride_ob, stride_scale,
-    L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, HAS_SCALE: tl.constexpr,
+    L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, R_ONES: tl.constexpr, HAS_SCALE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_A: tl.constexpr,
 ):
     """out[s, e] = alpha * sum_r L[row(r)]^T (scale[p] * R[row(r)]) over slice s of expert e's rows.
 
     Expert e owns rows starts[e] .. starts[e] + counts[e]; row(r) = p // k (token-major
-    operand) or r; p = row_pair[r]. The reduction runs in row order: deterministic.
+    operand) or r; p = row_pair[r]; R_ONES: R is a column of ones (NB = 1, r_ptr unread: the
+    per-expert row sums). The reduction runs in row order: deterministic.
     Experts without rows get exact zeros.
     Grid: (E * num_splits * cdiv(NA, BLOCK_A) * cdiv(NB, BLOCK_B),), expert-major, so that
     the programs running together share one expert's rows.
@@ -148,8 +149,11 @@ def grouped_weight_grad_kernel(
         r_row = pair // top_k if R_BY_TOKEN else rows
         lt = tl.load(l_ptr + l_row[None, :] * stride_lm + offs_a[:, None] * stride_la,
                      mask=mask_a[:, None] & mask_k[None, :], other=0.0)
-        rt = tl.load(r_ptr + r_row[:, None] * stride_rm + offs_b[None, :] * stride_rb,
-                     mask=mask_k[:, None] & mask_b[None, :], other=0.0)
+        if R_ONES:
+            rt = tl.where(mask_k[:, None] & mask_b[None, :], 1.0, 0.0)
+        else:
+            rt = tl.load(r_ptr + r_row[:, None] * stride_rm + offs_b[None, :] * stride_rb,
+                         mask=mask_k[:, None] & mask_b[None, :], other=0.0)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + pair * stride_scale, mask=mask_k, other=0.0)
             rt = rt.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[:, None]
@@ -271,6 +275,76 @@ def combine_rows_backward_kernel(
             g += tl.sum(dy * z, axis=1)
     if NEED_G:
         tl.store(g_ptr + pair, g, mask=valid)
+
+
+@triton.jit
+def _kept_weights(ids_ptr, w_ptr, offs_t, offs_k, mask, E, stride_it, stride_ik, stride_wt, stride_wk,
+                  ACC_DTYPE: tl.constexpr):
+    """(ids, kept, w): a slot is kept when its weight is nonzero and its id in [0, E); w is its
+    weight in ACC_DTYPE, 0 where not kept."""
+    ids = tl.load(ids_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=mask, other=-1)
+    w = tl.load(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=mask,
+                other=0.0).to(ACC_DTYPE)
+    kept = mask & (w != 0) & (ids >= 0) & (ids < E)
+    return ids, kept, tl.where(kept, w, 0.0)
+
+
+@triton.jit
+def mixing_weights_kernel(
+    ids_ptr, w_ptr, ids_out_ptr, coef_ptr, row_coef_ptr,
+    T, E, stride_it, stride_ik, stride_wt, stride_wk,
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, TINY: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The FFN's routing for the combine: ids_out = ids where kept, else -1 (kept: weight != 0
+    and id in [0, E)); coef = the kept weights (0 elsewhere), divided by their sum (at least
+    TINY, NaN propagating) with NORMALIZE; with NORMALIZE also row_coef = the coefficients of
+    the rows in the anchored mix z_0 + sum_j c_j (z_j - z_0): slot 0's is 1 - sum_{j>0} c_j.
+    ids_out, coef, row_coef: contiguous [T, TOP_K].
+    Grid: (cdiv(T, BLOCK_T),).
+    """
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
+    ids, kept, c = _kept_weights(ids_ptr, w_ptr, offs_t, offs_k, mask, E, stride_it, stride_ik, stride_wt,
+                                 stride_wk, ACC_DTYPE)
+    out = offs_t[:, None] * TOP_K + offs_k[None, :]
+    if NORMALIZE:
+        c = c / tl.maximum(tl.sum(c, axis=1), TINY, propagate_nan=tl.PropagateNan.ALL)[:, None]
+        others = tl.sum(tl.where(offs_k[None, :] > 0, c, 0.0), axis=1)
+        tl.store(row_coef_ptr + out, tl.where(offs_k[None, :] == 0, 1.0 - others[:, None], c), mask=mask)
+    tl.store(ids_out_ptr + out, tl.where(kept, ids, -1).to(ids_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(coef_ptr + out, c, mask=mask)
+
+
+@triton.jit
+def mixing_weights_backward_kernel(
+    g_ptr, ids_ptr, w_ptr, dw_ptr,
+    T, E, stride_it, stride_ik, stride_wt, stride_wk, stride_dt, stride_dk,
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, TINY: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """d weights of mixing_weights_kernel's coefficients and the combine, from g [T * TOP_K]
+    (contiguous; g[p] = <dy[t], z_j>, read for kept slots only): dc_j = g_j (NORMALIZE, the
+    anchored mix: g_j - g_0); NORMALIZE: with s the kept weights' sum and S = max(s, TINY),
+    dw_i = dc_i / S - [s >= TINY] sum_j dc_j c_j / S; 0 for slots not kept.
+    Grid: (cdiv(T, BLOCK_T),).
+    """
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
+    _, kept, w = _kept_weights(ids_ptr, w_ptr, offs_t, offs_k, mask, E, stride_it, stride_ik, stride_wt,
+                               stride_wk, ACC_DTYPE)
+    dc = tl.load(g_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], mask=kept, other=0.0).to(ACC_DTYPE)
+    if NORMALIZE:  # the anchored mix: -g_0 cancels below wherever the c_j sum to one (s >= TINY)
+        dc -= tl.sum(tl.where(offs_k[None, :] == 0, dc, 0.0), axis=1)[:, None]
+        s = tl.sum(w, axis=1)
+        scale = tl.maximum(s, TINY, propagate_nan=tl.PropagateNan.ALL)
+        c = w / scale[:, None]
+        through_sum = tl.where(s >= TINY, tl.sum(dc * c, axis=1) / scale, 0.0)
+        dc = dc / scale[:, None] - through_sum[:, None]
+    tl.store(dw_ptr + offs_t[:, None] * stride_dt + offs_k[None, :] * stride_dk,
+             tl.where(kept, dc, 0.0).to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 # Activations of the fused GLU kernels (ACT codes; moelora.ops.moe_ffn maps callables to them).

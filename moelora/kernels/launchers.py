@@ -27,7 +27,8 @@ from moelora.kernels.dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZE
                                    lora_weight_grad_kernel, lora_weight_grad_reduce_kernel, router_aux_loss_kernel,
                                    router_backward_kernel, threshold_weights_kernel)
 from moelora.kernels.grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
-                                     glu_forward_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel)
+                                     glu_forward_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel,
+                                     mixing_weights_backward_kernel, mixing_weights_kernel)
 from moelora.kernels.matmul import matmul_kernel
 
 _TL_DTYPES = {
@@ -917,11 +918,19 @@ def _four_byte(cfg: TileConfig, compute_dtype: torch.dtype) -> TileConfig:
                         num_stages=2)
 
 
-@functools.lru_cache(maxsize=4096)
+@torch.compiler.assume_constant_result  # torch.compile takes the value instead of tracing the cache
 def grouped_layout_block(matmul_shapes: tuple = (), rows_per_expert: float = 0.0) -> int:
     """Padding of the expert segments for the grouped_matmul launches of ``matmul_shapes``
     ((N, K) pairs) that will run over the layout: the largest row tile of their tiles
     (each tile then lies in one expert; smaller tiles halve down to fit); 16 without any."""
+    try:
+        return _layout_block(matmul_shapes, rows_per_expert)
+    except TypeError:  # symbolic sizes (fake tensors of dynamic shapes) are not hashable
+        return _layout_block.__wrapped__(matmul_shapes, rows_per_expert)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_block(matmul_shapes: tuple, rows_per_expert: float) -> int:
     return max([16] + [grouped_config("matmul", n, k, rows_per_expert).block_m for n, k in matmul_shapes])
 
 
@@ -985,7 +994,7 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, met
 @functools.lru_cache(maxsize=4096)
 def _grouped_weight_grad_launch(NA: int, NB: int, layout: tuple, l_strides: tuple, r_strides: tuple,
                                 out_strides: Optional[tuple], scale_stride: int, l_by_token: bool, r_by_token: bool,
-                                has_scale: bool, dtype: torch.dtype, tf32: bool, device: torch.device,
+                                r_ones: bool, has_scale: bool, dtype: torch.dtype, tf32: bool, device: torch.device,
                                 config: Optional[TileConfig]) -> tuple:
     """(grouped_weight_grad_kernel's launch, splits); ``out_strides``: those of the [E, NA, NB]
     output written directly (one split), None for a new contiguous one."""
@@ -1000,27 +1009,30 @@ def _grouped_weight_grad_launch(NA: int, NB: int, layout: tuple, l_strides: tupl
         partial_strides = (0, *(out_strides or (NA * NB, NB, 1)))
     fixed = (NA, NB, top_k, splits, *l_strides, *r_strides, *partial_strides, scale_stride)
     launch = KernelLaunch(grouped_weight_grad_kernel, (E * splits * tiles,), fixed, L_BY_TOKEN=l_by_token,
-                          R_BY_TOKEN=r_by_token, HAS_SCALE=has_scale, **_dot_config_cached(dtype, tf32),
+                          R_BY_TOKEN=r_by_token, R_ONES=r_ones, HAS_SCALE=has_scale, **_dot_config_cached(dtype, tf32),
                           BLOCK_A=cfg.block_m, BLOCK_B=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_A=cfg.group,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return launch, splits
 
 
-def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, *, left_by_token: bool,
+def grouped_weight_grad(left: torch.Tensor, right: Optional[torch.Tensor], meta, *, left_by_token: bool,
                         right_by_token: bool, compute_dtype: torch.dtype, out_dtype: torch.dtype,
                         alpha: float = 1.0, scale: Optional[torch.Tensor] = None,
                         out: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None) -> torch.Tensor:
     """[E, NA, NB]: per expert e, alpha * sum over its rows r of left[row(r)]^T (scale[p] * right[row(r)]).
 
-    row(r) as in grouped_matmul; the sum runs in row order (fixed-order fp32 slices when the
-    rows are split over programs): deterministic; experts without rows get exact zeros.
+    row(r) as in grouped_matmul; ``right`` None: a column of ones (NB = 1: per-expert row sums).
+    The sum runs in row order (fixed-order fp32 slices when the rows are split over programs):
+    deterministic; experts without rows get exact zeros.
     """
-    NA, NB = left.shape[1], right.shape[1]
+    ones = right is None
+    right = left if ones else right  # placeholder pointer, unread
+    NA, NB = left.shape[1], 1 if ones else right.shape[1]
     E = meta.num_experts
     kernel, splits = _grouped_weight_grad_launch(
-        NA, NB, _meta_args(meta), left.stride(), right.stride(), out.stride() if out is not None else None,
-        scale.stride(0) if scale is not None else 0, left_by_token, right_by_token, scale is not None,
-        compute_dtype, _tf32(compute_dtype), left.device, config)
+        NA, NB, _meta_args(meta), left.stride(), (0, 0) if ones else right.stride(),
+        out.stride() if out is not None else None, scale.stride(0) if scale is not None else 0, left_by_token,
+        right_by_token, ones, scale is not None, compute_dtype, _tf32(compute_dtype), left.device, config)
     if out is None:
         out = torch.empty(E, NA, NB, dtype=out_dtype, device=left.device)
     if splits == 1:
@@ -1036,8 +1048,7 @@ def grouped_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, *, left_b
 
 def segment_sum(rows: torch.Tensor, meta, *, out_dtype: torch.dtype) -> torch.Tensor:
     """[E, N]: per expert, the fixed-order sum of its rows of ``rows`` [R, N] (bias gradients)."""
-    ones = torch.ones((), dtype=rows.dtype, device=rows.device).expand(rows.shape[0], 1)
-    return grouped_weight_grad(rows, ones, meta, left_by_token=False, right_by_token=False,
+    return grouped_weight_grad(rows, None, meta, left_by_token=False, right_by_token=False,
                                compute_dtype=rows.dtype, out_dtype=out_dtype).squeeze(2)
 
 
@@ -1095,12 +1106,12 @@ def _combine_rows_backward_launch(num_rows: int, N: int, top_k: int, dy_strides:
 def combine_rows_backward(dy: torch.Tensor, rows: torch.Tensor, meta, ids: torch.Tensor, row_coef: torch.Tensor,
                           *, bias: Optional[torch.Tensor] = None, need_g: bool = True):
     """(drows [R, N] in dy's dtype, g [T*k] accumulator dtype): drows[r] = row_coef[p] * dy[t],
-    g[p] = <dy[t], rows[r] + bias[ids[t, j]]> for the pair p = t*k + j of row r (0 where
-    the pair has no row); ``row_coef`` flat over the pairs."""
+    g[p] = <dy[t], rows[r] + bias[ids[t, j]]> for the pair p = t*k + j of row r (unwritten
+    where the pair has no row); ``row_coef`` flat over the pairs."""
     num_rows, N = rows.shape
     acc = accumulator_dtype(dy.dtype)
     drows = torch.empty(num_rows, N, dtype=dy.dtype, device=dy.device)
-    g = torch.zeros(ids.numel() if need_g else 0, dtype=acc, device=dy.device)
+    g = torch.empty(ids.numel() if need_g else 0, dtype=acc, device=dy.device)
     if num_rows == 0:
         return drows, g
     bias_arg = bias if bias is not None else rows
@@ -1166,11 +1177,54 @@ def glu_backward(dout: torch.Tensor, hg: Optional[torch.Tensor], hu: torch.Tenso
     return dhg, dhu
 
 
+@functools.lru_cache(maxsize=4096)
+def _mixing_launch(backward: bool, T: int, top_k: int, E: int, ids_strides: tuple, w_strides: tuple,
+                   dw_strides: tuple, normalize: bool, acc_dtype: torch.dtype) -> KernelLaunch:
+    """mixing_weights_kernel's or mixing_weights_backward_kernel's launch."""
+    block_k = next_power_of_2(top_k)
+    block_t = max(16, 2048 // block_k)
+    fixed = (T, E, *ids_strides, *w_strides, *dw_strides)
+    return KernelLaunch(mixing_weights_backward_kernel if backward else mixing_weights_kernel, (cdiv(T, block_t),),
+                        fixed, TOP_K=top_k, NORMALIZE=normalize, TINY=torch.finfo(acc_dtype).tiny,
+                        ACC_DTYPE=_TL_DTYPES[acc_dtype], BLOCK_T=block_t, BLOCK_K=block_k)
+
+
+def mixing_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, normalize: bool):
+    """(ids, coef, row_coef) of a routed FFN's mix, each [T, k] (see mixing_weights_kernel): the
+    ids with -1 for skipped slots (weight 0 or id outside [0, num_experts)), the mixing
+    coefficients in the accumulator dtype of the weights (divided by their sum with
+    ``normalize``) and, with ``normalize``, the rows' coefficients in the anchored mix (else
+    ``coef`` itself)."""
+    T, top_k = topk_ids.shape
+    acc = accumulator_dtype(topk_weights.dtype)
+    ids = torch.empty(T, top_k, dtype=topk_ids.dtype, device=topk_ids.device)
+    coef = torch.empty(T, top_k, dtype=acc, device=topk_ids.device)
+    row_coef = torch.empty_like(coef) if normalize else coef
+    if T:
+        kernel = _mixing_launch(False, T, top_k, num_experts, topk_ids.stride(), topk_weights.stride(), (),
+                                normalize, acc)
+        kernel(topk_ids, topk_weights, ids, coef, row_coef)
+    return ids, coef, row_coef
+
+
+def mixing_weights_backward(g: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                            normalize: bool) -> torch.Tensor:
+    """d topk_weights [T, k] (topk_weights' dtype) of mixing_weights and the combine, from
+    g [T * k] = <dy[t], z_j> of each slot's expert output (read for kept slots only)."""
+    T, top_k = topk_ids.shape
+    dw = torch.empty(T, top_k, dtype=topk_weights.dtype, device=topk_weights.device)
+    if T:
+        kernel = _mixing_launch(True, T, top_k, num_experts, topk_ids.stride(), topk_weights.stride(), dw.stride(),
+                                normalize, accumulator_dtype(topk_weights.dtype))
+        kernel(g, topk_ids, topk_weights, dw)
+    return dw
+
+
 # Every cached launch configuration (dropped together when a tile table changes).
 _LAUNCH_CACHES = (_matmul_launch, _lora_down_launch, _router_aux_loss_launch, _gated_expand_launch,
                   _gate_backward_launch, _router_backward_launch, _weight_grad_launch, _threshold_launch,
                   _grouped_matmul_launch, _grouped_weight_grad_launch, _combine_rows_launch,
-                  _combine_rows_backward_launch, _glu_launch, grouped_layout_block)
+                  _combine_rows_backward_launch, _glu_launch, _mixing_launch, _layout_block)
 
 
 def clear_launch_caches() -> None:

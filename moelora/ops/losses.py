@@ -92,6 +92,7 @@ class _AuxLossFn(torch.autograd.Function):
         ctx.save_for_backward(counts, lse)
         ctx.coefs = (lb_coef, z_coef)
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # stats get no zero gradient
         return loss, stats
 
     @staticmethod

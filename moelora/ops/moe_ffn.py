@@ -15,7 +15,9 @@ kept weights that sum to zero or less cannot be normalised and raise ValueError
 
 Backends (as :func:`moelora.moe_lora`):
 
-- ``triton``: the (token, slot) pairs are sorted by expert (moelora.ops.routing's dispatch
+- ``triton``: one small kernel masks the skipped slots (id -1) and turns the kept weights into
+  the mixing coefficients (``launchers.mixing_weights``; its twin gives the weights' gradient
+  in the backward); the (token, slot) pairs are sorted by expert (moelora.ops.routing's dispatch
   metadata, the moelora._C kernels when built) into padded row space; per projection one
   grouped GEMM on the engine of :func:`ffn_plan`: ``grouped_mm`` (torch's CUTLASS grouped
   GEMM; x is gathered once into row space) or ``triton`` (moelora's grouped kernels, rows
@@ -25,7 +27,7 @@ Backends (as :func:`moelora.moe_lora`):
   PyTorch ops on the same rows); the gate weights, b_out and the mixing are one combine
   kernel. Backward: one row kernel gives the output-row gradients and the gate-weight
   gradients together, weight gradients are grouped GEMMs over each expert's rows (no
-  per-expert Python loop), bias gradients fixed-order segment sums. No host
+  per-expert Python loop), bias gradients fixed-order per-expert row sums. No host
   synchronisation, no full-buffer zero fills; saved for backward: the routing layout, the
   projections' outputs (and, on the grouped_mm engine, the gathered x). Deterministic:
   the Triton kernels reduce in a fixed order without atomics and torch's grouped GEMM
@@ -232,6 +234,8 @@ class _Saved(NamedTuple):
     """What backward needs besides the inputs (None where this plan has none)."""
 
     meta: DispatchMetadata
+    ids: torch.Tensor  # the routing's ids, -1 for skipped slots
+    row_coef: torch.Tensor  # the rows' coefficients in the mix (launchers.mixing_weights)
     offs: Optional[torch.Tensor]  # int32 group ends (grouped_mm)
     x_rows: Optional[torch.Tensor]  # x gathered into row space (grouped_mm)
     h_gate: Optional[torch.Tensor]  # gate projection (separate w_gate)
@@ -252,8 +256,11 @@ def _unpack(tensors, num_experts: int, top_k: int, block: int) -> _Saved:
     counts, padded_offsets, sorted_pairs_padded, inverse_padded, block_expert = tensors[:5]
     meta = DispatchMetadata(num_experts, top_k, block, counts, None, None, None, padded_offsets,
                             sorted_pairs_padded, inverse_padded, block_expert)
-    rest = [t if t.numel() or i >= 3 else None for i, t in enumerate(tensors[5:])]
+    rest = [t if t.numel() or i not in _OPTIONAL else None for i, t in enumerate(tensors[5:])]
     return _Saved(meta, *rest)
+
+
+_OPTIONAL = (2, 3, 4)  # offs, x_rows, h_gate: positions in _Saved after meta
 
 
 def _halves(t: Optional[torch.Tensor]):
@@ -271,11 +278,12 @@ def _first_projection(h_gate, h_in, b_gate, b_in, stacked):
     return (*_halves(h_in), *_halves(b_in))
 
 
-def _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked,
+def _ffn_forward(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, stacked,
                  plan: FFNPlan):
-    """(y [T, d_out], _Saved). ``ids`` [T, k] with -1 for skipped slots; ``coef`` [T, k] the
-    mixing weights; ``activation`` a fused-kernel code or a callable; ``stacked``: w_in, b_in
-    hold [gate; up] (one GEMM for both)."""
+    """(y [T, d_out], _Saved). ``activation`` a fused-kernel code or a callable; ``stacked``:
+    w_in, b_in hold [gate; up] (one GEMM for both); ``normalize``: the anchored mix of
+    normalised weights (see the module docstring)."""
+    ids, coef, row_coef = launchers.mixing_weights(topk_ids, topk_weights, w_in.shape[0], normalize)
     meta = expert_layout(ids, w_in.shape[0], plan.layout_block)
     offs = group_ends(meta) if plan.gathers_x else None
     x_rows = dispatch_rows(x, meta) if plan.gathers_x else None
@@ -284,27 +292,22 @@ def _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activat
     h_gate = None if w_gate is None else rows_linear(source, w_gate, meta, plan.gemm, a_by_token=by_token, offs=offs)
     h = _glu(*_first_projection(h_gate, h_in, b_gate, b_in, stacked), meta, ids, activation)
     out = rows_linear(h, w_out, meta, plan.gemm, offs=offs)
-    y = launchers.combine_rows(out, meta, out_dtype=x.dtype, coef=coef, anchored=anchored,
-                       bias=None if b_out is None else (ids, b_out))
-    return y, _Saved(meta, offs, x_rows, h_gate, h_in, h, out)
+    y = launchers.combine_rows(out, meta, out_dtype=x.dtype, coef=coef, anchored=normalize,
+                               bias=None if b_out is None else (ids, b_out))
+    return y, _Saved(meta, ids, row_coef, offs, x_rows, h_gate, h_in, h, out)
 
 
-def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved: _Saved, activation,
-                  anchored, stacked, plan: FFNPlan, needs):
-    """[dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate] (None where not needed)."""
-    need_x, need_coef, need_w_in, need_b_in, need_w_out, need_b_out, need_w_gate, need_b_gate = needs
-    meta, offs = saved.meta, saved.offs
-    acc = launchers.accumulator_dtype(x.dtype)
-    # d out rows = c * dy (slot 0 of an anchored mix: 1 - the other slots' c), g = <dy, z>.
-    row_coef = coef.to(acc)
-    if anchored:
-        row_coef = torch.cat([1 - row_coef[:, 1:].sum(1, keepdim=True), row_coef[:, 1:]], 1)
-    d_out, g = launchers.combine_rows_backward(dy, saved.out, meta, ids, row_coef.reshape(-1), bias=b_out,
-                                       need_g=need_coef)
-    dcoef = None
-    if need_coef:
-        g = g.view(ids.shape)
-        dcoef = (g - g[:, :1] if anchored else g).to(coef.dtype)
+def _ffn_backward(dy, x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, saved: _Saved, activation,
+                  normalize, stacked, plan: FFNPlan, needs):
+    """[dx, d topk_weights, dw_in, db_in, dw_out, db_out, dw_gate, db_gate] (None where not needed)."""
+    need_x, need_weights, need_w_in, need_b_in, need_w_out, need_b_out, need_w_gate, need_b_gate = needs
+    meta, offs, ids = saved.meta, saved.offs, saved.ids
+    # d out rows = c * dy (the rows' coefficients of the mix), g = <dy, z> for the weights' gradient
+    d_out, g = launchers.combine_rows_backward(dy, saved.out, meta, ids, saved.row_coef.reshape(-1), bias=b_out,
+                                               need_g=need_weights)
+    dweights = None
+    if need_weights:
+        dweights = launchers.mixing_weights_backward(g, topk_ids, topk_weights, w_in.shape[0], normalize)
     db_out = launchers.segment_sum(d_out, meta, out_dtype=b_out.dtype) if need_b_out else None
     dw_out = rows_weight_grad(d_out, saved.h, meta, plan.wgrad, out_dtype=w_out.dtype, offs=offs) if need_w_out else None
     d_h = rows_linear(d_out, w_out, meta, plan.gemm, transposed=True, offs=offs)
@@ -332,19 +335,21 @@ def _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, sa
             dx_rows = rows_linear(d_in, w_in, meta, plan.gemm, transposed=True, offs=offs)
             dx_rows2 = rows_linear(d_gate, w_gate, meta, plan.gemm, transposed=True, offs=offs)
         dx = launchers.combine_rows(dx_rows, meta, out_dtype=x.dtype, second=dx_rows2)
-    return [dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate]
+    return [dx, dweights, dw_in, db_in, dw_out, db_out, dw_gate, db_gate]
 
 
 # ------------------------------------------------------------------ custom ops and autograd
 
-def _fake_saved(x, ids, w_in, w_out, w_gate, gathers_x: bool, layout_block: int) -> List[torch.Tensor]:
-    T, top_k = ids.shape
+def _fake_saved(x, topk_ids, topk_weights, w_in, w_out, w_gate, gathers_x: bool, layout_block: int
+                ) -> List[torch.Tensor]:
+    T, top_k = topk_ids.shape
     E, d_first, d_in = w_in.shape
     d_ff = w_out.shape[2]
     rows = padded_length(T * top_k, E, layout_block)
     i64 = dict(dtype=torch.int64)
     return [x.new_empty(E, **i64), x.new_empty(E + 1, **i64), x.new_empty(rows, **i64), x.new_empty(T, top_k, **i64),
             x.new_empty(rows // layout_block, dtype=torch.int32),
+            torch.empty_like(topk_ids), x.new_empty(T, top_k, dtype=launchers.accumulator_dtype(topk_weights.dtype)),
             x.new_empty(E if gathers_x else 0, dtype=torch.int32 if gathers_x else x.dtype),
             x.new_empty((rows, d_in) if gathers_x else (0,)),
             x.new_empty((rows, d_ff) if w_gate is not None else (0,)),
@@ -352,75 +357,74 @@ def _fake_saved(x, ids, w_in, w_out, w_gate, gathers_x: bool, layout_block: int)
 
 
 @torch.library.custom_op("moelora::moe_ffn_forward", mutates_args=())
-def moe_ffn_forward(x: torch.Tensor, ids: torch.Tensor, coef: torch.Tensor, w_in: torch.Tensor,
+def moe_ffn_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_in: torch.Tensor,
                     b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
-                    w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], activation: str, anchored: bool,
+                    w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], activation: str, normalize: bool,
                     stacked: bool, gemm: str, wgrad: str, layout_block: int) -> List[torch.Tensor]:
     """[y, *saved]: the fused moe_ffn forward (see the module docstring); ``activation`` a key
     of ACTIVATION_CODES or of a registered callable."""
-    y, saved = _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, _resolve_activation(activation),
-                            anchored, stacked, FFNPlan(gemm, wgrad, layout_block))
+    y, saved = _ffn_forward(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate,
+                            _resolve_activation(activation), normalize, stacked, FFNPlan(gemm, wgrad, layout_block))
     return [y] + _pack(saved, x)
 
 
 @moe_ffn_forward.register_fake
-def _(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, gemm, wgrad,
-      layout_block):
+def _(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, stacked, gemm,
+      wgrad, layout_block):
     gathers_x = FFNPlan(gemm, wgrad, layout_block).gathers_x
-    return [x.new_empty(x.shape[0], w_out.shape[1])] + _fake_saved(x, ids, w_in, w_out, w_gate, gathers_x,
-                                                                    layout_block)
+    return [x.new_empty(x.shape[0], w_out.shape[1])] + _fake_saved(x, topk_ids, topk_weights, w_in, w_out, w_gate,
+                                                                    gathers_x, layout_block)
 
 
 @torch.library.custom_op("moelora::moe_ffn_backward", mutates_args=())
-def moe_ffn_backward(dy: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, coef: torch.Tensor, w_in: torch.Tensor,
-                     b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
-                     w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], saved: List[torch.Tensor],
-                     activation: str, anchored: bool, stacked: bool, gemm: str, wgrad: str, layout_block: int,
-                     needs: List[bool]) -> List[torch.Tensor]:
-    """[dx, dcoef, dw_in, db_in, dw_out, db_out, dw_gate, db_gate], empty where not needed."""
-    grads = _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate,
-                          _unpack(saved, w_in.shape[0], ids.shape[1], layout_block), _resolve_activation(activation),
-                          anchored, stacked, FFNPlan(gemm, wgrad, layout_block), needs)
+def moe_ffn_backward(dy: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
+                     b_out: Optional[torch.Tensor], w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor],
+                     saved: List[torch.Tensor], activation: str, normalize: bool, stacked: bool, gemm: str,
+                     wgrad: str, layout_block: int, needs: List[bool]) -> List[torch.Tensor]:
+    """[dx, d topk_weights, dw_in, db_in, dw_out, db_out, dw_gate, db_gate], empty where not needed."""
+    grads = _ffn_backward(dy, x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate,
+                          _unpack(saved, w_in.shape[0], topk_ids.shape[1], layout_block),
+                          _resolve_activation(activation), normalize, stacked, FFNPlan(gemm, wgrad, layout_block),
+                          needs)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @moe_ffn_backward.register_fake
-def _(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked, gemm, wgrad,
-      layout_block, needs):
-    like = (x, coef, w_in, b_in, w_out, b_out, w_gate, b_gate)
+def _(dy, x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, normalize, stacked,
+      gemm, wgrad, layout_block, needs):
+    like = (x, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate)
     return [torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(like, needs)]
 
 
-_DIFFERENTIABLE = (0, 2, 3, 4, 5, 6, 7, 8)  # x, coef, w_in, b_in, w_out, b_out, w_gate, b_gate
+_DIFFERENTIABLE = (0, 2, 3, 4, 5, 6, 7, 8)  # x, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate
 
 
-def _save(ctx, inputs, saved: List[torch.Tensor], activation, anchored, stacked, plan):
+def _save(ctx, inputs, saved: List[torch.Tensor], activation, normalize, stacked, plan):
     ctx.save_for_backward(*inputs[:9], *saved)
-    ctx.activation, ctx.anchored, ctx.stacked, ctx.plan = activation, anchored, stacked, plan
+    ctx.activation, ctx.normalize, ctx.stacked, ctx.plan = activation, normalize, stacked, plan
 
 
 def _input_grads(ctx, dy, backward) -> tuple:
-    """Gradients for (x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate) and None for the rest."""
+    """Gradients for (x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate) and None for the rest."""
     tensors = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in _DIFFERENTIABLE]
-    grads = backward(dy, *tensors[:9], tensors[9:], ctx.activation, ctx.anchored, ctx.stacked, ctx.plan, needs)
+    grads = backward(dy, *tensors[:9], saved=tensors[9:], activation=ctx.activation, normalize=ctx.normalize,
+                     stacked=ctx.stacked, plan=ctx.plan, needs=needs)
     out = [None] * len(ctx.needs_input_grad)
     for i, g, need in zip(_DIFFERENTIABLE, grads, needs):
         out[i] = g if need else None
     return tuple(out)
 
 
-def _op_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked,
-                 plan, needs):
-    return moe_ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, list(saved), activation,
-                            anchored, stacked, *plan, needs)
+def _op_backward(dy, *inputs, saved, activation, normalize, stacked, plan, needs):
+    return moe_ffn_backward(dy, *inputs, list(saved), activation, normalize, stacked, *plan, needs)
 
 
-def _eager_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, anchored, stacked,
-                    plan, needs):
-    return _ffn_backward(dy, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate,
-                         _unpack(saved, w_in.shape[0], ids.shape[1], plan.layout_block), activation, anchored, stacked,
-                         plan, needs)
+def _eager_backward(dy, *inputs, saved, activation, normalize, stacked, plan, needs):
+    topk_ids, w_in = inputs[1], inputs[3]
+    return _ffn_backward(dy, *inputs, _unpack(saved, w_in.shape[0], topk_ids.shape[1], plan.layout_block),
+                         activation, normalize, stacked, plan, needs)
 
 
 moe_ffn_forward.register_autograd(
@@ -435,11 +439,11 @@ class _EagerMoEFFN(torch.autograd.Function):
     the activation passed as it is; torch.compile traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, plan):
-        y, saved = _ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked,
-                                plan)
-        _save(ctx, (x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate), _pack(saved, x),
-              activation, anchored, stacked, plan)
+    def forward(ctx, x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize,
+                stacked, plan):
+        inputs = (x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate)
+        y, saved = _ffn_forward(*inputs, activation, normalize, stacked, plan)
+        _save(ctx, inputs, _pack(saved, x), activation, normalize, stacked, plan)
         return y
 
     @staticmethod
@@ -447,13 +451,14 @@ class _EagerMoEFFN(torch.autograd.Function):
         return _input_grads(ctx, dy, _eager_backward)
 
 
-def _moe_ffn_triton(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, anchored, stacked, plan):
+def _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize,
+                    stacked, plan):
+    inputs = (x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate)
     if torch.compiler.is_compiling():
-        return moe_ffn_forward(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, _activation_key(activation),
-                               anchored, stacked, *plan)[0]
+        return moe_ffn_forward(*inputs, _activation_key(activation), normalize, stacked, *plan)[0]
     name = fused_activation_name(activation)
     code = ACTIVATION_CODES[name] if name is not None else activation
-    return _EagerMoEFFN.apply(x, ids, coef, w_in, b_in, w_out, b_out, w_gate, b_gate, code, anchored, stacked, plan)
+    return _EagerMoEFFN.apply(*inputs, code, normalize, stacked, plan)
 
 
 # ------------------------------------------------------------------------ torch backend
@@ -513,13 +518,12 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
                     normalize)
     num_tokens, top_k = topk_ids.shape
-    num_experts = w_in.shape[0]
-    kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < num_experts)
-    ids = torch.where(kept, topk_ids, -1)
-    weights = torch.where(kept, topk_weights, 0)
     if resolve_backend(backend, x.device) == "torch" or num_tokens == 0:
+        kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < w_in.shape[0])
+        ids = torch.where(kept, topk_ids, -1)
         pairs = _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked_gate)
-        return mix_experts(pairs.view(num_tokens, top_k, w_out.shape[1]), weights, normalize)
+        return mix_experts(pairs.view(num_tokens, top_k, w_out.shape[1]), torch.where(kept, topk_weights, 0),
+                           normalize)
     plan = ffn_plan(x, w_in, w_out, w_gate, top_k, engine)
-    return _moe_ffn_triton(x, ids, mixing_weights(weights, normalize), w_in, b_in, w_out, b_out, w_gate, b_gate,
-                           activation, normalize, stacked_gate, plan)
+    return _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize,
+                           stacked_gate, plan)

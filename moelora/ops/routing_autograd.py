@@ -127,6 +127,7 @@ def _pair_dot_grads(ops, needs, a, b, sp, inv, g):
 def _save_route(ctx, logits, out, mode, renormalize):
     ctx.save_for_backward(logits, out[1], out[0])
     ctx.mode, ctx.renormalize = mode, renormalize
+    ctx.set_materialize_grads(False)  # no zero gradients built for ids, counts or unused outputs
 
 
 def _route_grads(ctx, g_w, g_ids, g_counts, g_ps, g_lse):

@@ -100,6 +100,20 @@ def test_matches_float64_loop_with_gradients(path, normalize, gated, bias):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_slots_dropped_anywhere_match_the_float64_loop(path, normalize):
+    """Zero weights in any slot (the anchor slot 0 included) and tokens with every slot
+    dropped: the forward and every gradient, the routing weights' above all (on the Triton
+    backend one kernel masks and normalises them, one gives their gradient)."""
+    x, ids, weights, ffn = make_ffn(T=23, k=3, seed=11)
+    with torch.no_grad():
+        weights[1::3, 0] = 0.0  # the anchor slot
+        weights[2::5, 1] = 0.0
+        weights[7] = 0.0  # every slot of token 7
+    check_against_reference(x, ids, weights, ffn, path, F.silu, normalize)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
 @pytest.mark.parametrize("bias", [True, False])
 def test_stacked_gate_weight_matches_the_float64_loop(path, bias):
     """w_in = [w_gate; w_in] stacked ("w13", one GEMM for both), b_in likewise."""
@@ -401,17 +415,16 @@ def test_out_of_range_ids_raise_or_are_skipped_with_validation_off(path):
 def test_opcheck_fused_ops(path):
     """The fused forward and backward as custom ops: fake kernels, schemas, compile traces."""
     x, ids, weights, ffn = make_ffn(T=10, d=16, f=24, d_out=8, E=3, seed=6)
-    ids = torch.where(weights != 0, ids, -1)
-    coef = ffn_module.mixing_weights(weights.detach(), True)
+    weights = weights.detach()
     plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], ffn["w_gate"], 2, path[1])
     params = [t.detach() if t is not None else None for t in (ffn["w_in"], ffn["b_in"], ffn["w_out"], ffn["b_out"],
                                                               ffn["w_gate"], ffn["b_gate"])]
     stacked = (torch.cat([params[4], params[0]], 1), torch.cat([params[5], params[1]], 1), *params[2:4], None, None)
     for weights_, is_stacked in ((params, False), (stacked, True)):
-        args = (x.detach(), ids, coef, *weights_, "silu", True, is_stacked, *plan)
+        args = (x.detach(), ids, weights, *weights_, "silu", True, is_stacked, *plan)
         torch.library.opcheck(ffn_module.moe_ffn_forward, args, test_utils=("test_schema", "test_faketensor",
                                                                             "test_aot_dispatch_dynamic"))
         out = ffn_module.moe_ffn_forward(*args)
-        needs = [t is not None for t in (x, coef, *weights_)]
+        needs = [t is not None for t in (x, weights, *weights_)]
         bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, is_stacked, *plan, needs)
         torch.library.opcheck(ffn_module.moe_ffn_backward, bwd_args)
