@@ -31,10 +31,11 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _expert_dot(acc, a_ptr, w_ptr, a_row, mask_m, offs_n, mask_n, K,
-                stride_am, stride_ak, stride_wn, stride_wk,
+                stride_am, stride_ak, stride_wn, stride_wk, a_scale,
                 DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """acc + A[a_row, :] @ W^T with W addressed as [N, K] through its strides."""
+                BLOCK_K: tl.constexpr, PRESCALE: tl.constexpr):
+    """acc + A[a_row, :] @ W^T with W addressed as [N, K] through its strides (PRESCALE:
+    (a_scale * A) @ W^T, A scaled before it is rounded to DOT_DTYPE)."""
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -42,19 +43,21 @@ def _expert_dot(acc, a_ptr, w_ptr, a_row, mask_m, offs_n, mask_n, K,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if PRESCALE:
+            a = a.to(ACC_DTYPE) * a_scale
         acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
 @triton.jit
 def grouped_matmul_kernel(
-    a_ptr, w_ptr, a2_ptr, w2_ptr, c_ptr, row_pair_ptr, block_expert_ptr, scale_ptr, h_ptr, dw_ptr, alpha,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, c_ptr, row_pair_ptr, block_expert_ptr, scale_ptr, h_ptr, dw_ptr, alpha, alpha_out,
     num_rows, N, K, top_k, layout_block,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk,
     stride_a2m, stride_a2k, stride_w2e, stride_w2n, stride_w2k,
     stride_cm, stride_cn, stride_scale, stride_hm, stride_hn,
     A_BY_TOKEN: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_SCALE: tl.constexpr,
-    GATE_GRAD: tl.constexpr, H_BY_TOKEN: tl.constexpr,
+    GATE_GRAD: tl.constexpr, H_BY_TOKEN: tl.constexpr, PRESCALE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -63,7 +66,9 @@ def grouped_matmul_kernel(
     row(r) = p // k (A_BY_TOKEN) or r; p = row_pair[r]. W[e] is addressed as [N, K] through
     its strides. GATE_GRAD (one column tile, BLOCK_N >= N) also writes
     dw[p] = <alpha * (A @ W^T)[r], H[row_h(r)]>. Rows without a pair (padding, unused tail)
-    get zeros.
+    get zeros. The scale is applied as two factors, ``alpha`` first and ``alpha_out`` last
+    (launchers.scale_factors: a product outside fp32's range still gives representable
+    results); PRESCALE (a split scale): alpha multiplies the A tiles before the dot.
     Grid: (num_rows / BLOCK_M * cdiv(N, BLOCK_N),), GROUP_M row tiles at a time.
     """
     num_m = num_rows // BLOCK_M
@@ -85,27 +90,29 @@ def grouped_matmul_kernel(
     a_row = pair // top_k if A_BY_TOKEN else rows
 
     acc = _expert_dot(acc, a_ptr, w_ptr + expert * stride_we, a_row, mask_m, offs_n, mask_n, K,
-                      stride_am, stride_ak, stride_wn, stride_wk, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_K)
+                      stride_am, stride_ak, stride_wn, stride_wk, alpha, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
+                      BLOCK_K, PRESCALE)
     if HAS_SECOND:
         acc = _expert_dot(acc, a2_ptr, w2_ptr + expert * stride_w2e, a_row, mask_m, offs_n, mask_n, K,
-                          stride_a2m, stride_a2k, stride_w2n, stride_w2k, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
-                          BLOCK_K)
-
-    acc = acc * alpha
+                          stride_a2m, stride_a2k, stride_w2n, stride_w2k, alpha, DOT_DTYPE, ACC_DTYPE,
+                          INPUT_PRECISION, BLOCK_K, PRESCALE)
+    if not PRESCALE:
+        acc = acc * alpha
     if GATE_GRAD:
         h_row = pair // top_k if H_BY_TOKEN else rows
         h = tl.load(h_ptr + h_row[:, None] * stride_hm + offs_n[None, :] * stride_hn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        tl.store(dw_ptr + pair, tl.sum(acc * h.to(ACC_DTYPE), axis=1), mask=mask_m)
+        tl.store(dw_ptr + pair, tl.sum(acc * h.to(ACC_DTYPE), axis=1) * alpha_out, mask=mask_m)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + pair * stride_scale, mask=mask_m, other=0.0)
         acc = acc * scale.to(ACC_DTYPE)[:, None]
+    acc = acc * alpha_out
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
 @triton.jit
 def grouped_weight_grad_kernel(
-    l_ptr, r_ptr, out_ptr, row_pair_ptr, starts_ptr, counts_ptr, scale_ptr, alpha,
+    l_ptr, r_ptr, out_ptr, row_pair_ptr, starts_ptr, counts_ptr, scale_ptr, alpha, alpha_out,
     NA, NB, top_k, num_splits,
     stride_lm, stride_la, stride_rm, stride_rb,
     stride_os, stride_oe, stride_oa, stride_ob, stride_scale,
@@ -113,7 +120,7 @@ def grouped_weight_grad_kernel(
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_A: tl.constexpr,
 ):
-    """out[s, e] = alpha * sum_r L[row(r)]^T (scale[p] * R[row(r)]) over slice s of expert e's rows.
+    """out[s, e] = alpha * alpha_out * sum_r L[row(r)]^T (scale[p] * R[row(r)]) over slice s of expert e's rows.
 
     Expert e owns rows starts[e] .. starts[e] + counts[e]; row(r) = p // k (token-major
     operand) or r; p = row_pair[r]; R_ONES: R is a column of ones (NB = 1, r_ptr unread: the
@@ -159,7 +166,7 @@ def grouped_weight_grad_kernel(
             rt = rt.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[:, None]
         acc += tl.dot(lt.to(DOT_DTYPE), rt.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    acc = acc * alpha
+    acc = acc * alpha * alpha_out
     tl.store(out_ptr + split * stride_os + expert * stride_oe + offs_a[:, None] * stride_oa
              + offs_b[None, :] * stride_ob, acc.to(out_ptr.dtype.element_ty),
              mask=mask_a[:, None] & mask_b[None, :])

@@ -944,7 +944,7 @@ def _meta_args(meta) -> tuple:
 def _grouped_matmul_launch(num_rows: int, N: int, K: int, layout: tuple, a_strides: tuple, w_strides: tuple,
                            a2_strides: tuple, w2_strides: tuple, out_strides: tuple, scale_stride: int,
                            h_strides: tuple, a_by_token: bool, has_second: bool, has_scale: bool, gate_grad: bool,
-                           h_by_token: bool, dtype: torch.dtype, tf32: bool,
+                           h_by_token: bool, prescale: bool, dtype: torch.dtype, tf32: bool,
                            config: Optional[TileConfig]) -> KernelLaunch:
     """grouped_matmul_kernel's launch; ``layout`` = _meta_args, w_strides = (e, n, k) strides."""
     top_k, layout_block, pairs, experts = layout
@@ -960,7 +960,7 @@ def _grouped_matmul_launch(num_rows: int, N: int, K: int, layout: tuple, a_strid
              scale_stride, *h_strides)
     return KernelLaunch(grouped_matmul_kernel, (num_rows // block_m * cdiv(N, block_n),), fixed,
                         A_BY_TOKEN=a_by_token, HAS_SECOND=has_second, HAS_SCALE=has_scale, GATE_GRAD=gate_grad,
-                        H_BY_TOKEN=h_by_token, **_dot_config_cached(dtype, tf32), BLOCK_M=block_m, BLOCK_N=block_n,
+                        H_BY_TOKEN=h_by_token, PRESCALE=prescale, **_dot_config_cached(dtype, tf32), BLOCK_M=block_m, BLOCK_N=block_n,
                         BLOCK_K=cfg.block_k, GROUP_M=cfg.group, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -974,7 +974,8 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, met
     addressing W[e] as [N, K]; row(r) = the token of row r's pair (``a_by_token``) or r.
     ``second`` = (a2, weight2, weight2_nk_strides), same row rule and K. ``gate_grad`` =
     (h, h_by_token, dw): also dw[p] = <alpha * (a @ W^T)[r], h[row(r)]> (dw flat over pairs).
-    Rows without a pair (padding, unused tail) get zeros. Returns ``out``.
+    Rows without a pair (padding, unused tail) get zeros. ``alpha`` outside fp32's range is
+    applied in two factors (scale_factors), the first to a's tiles. Returns ``out``.
     """
     num_rows, N = out.shape
     if num_rows == 0 or N == 0:
@@ -982,12 +983,13 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, met
     a2, w2, w2_nk = second if second is not None else (a, weight, weight_nk_strides)
     h, h_by_token, dw = gate_grad if gate_grad is not None else (out, False, out)
     scale_arg = scale if scale is not None else out
+    alpha, alpha_out = scale_factors(alpha)
     kernel = _grouped_matmul_launch(
         num_rows, N, a.shape[1], _meta_args(meta), a.stride(), (weight.stride(0), *weight_nk_strides), a2.stride(),
         (w2.stride(0), *w2_nk), out.stride(), scale.stride(0) if scale is not None else 0, h.stride(), a_by_token,
-        second is not None, scale is not None, gate_grad is not None, h_by_token, compute_dtype, _tf32(compute_dtype),
-        config)
-    kernel(a, weight, a2, w2, out, meta.sorted_pairs_padded, meta.block_expert, scale_arg, h, dw, float(alpha))
+        second is not None, scale is not None, gate_grad is not None, h_by_token, alpha_out != 1.0, compute_dtype,
+        _tf32(compute_dtype), config)
+    kernel(a, weight, a2, w2, out, meta.sorted_pairs_padded, meta.block_expert, scale_arg, h, dw, alpha, alpha_out)
     return out
 
 
@@ -1040,7 +1042,7 @@ def grouped_weight_grad(left: torch.Tensor, right: Optional[torch.Tensor], meta,
     else:
         partial = torch.empty(splits, E, NA, NB, dtype=accumulator_dtype(compute_dtype), device=left.device)
     kernel(left, right, partial, meta.sorted_pairs_padded, meta.padded_offsets, meta.counts,
-           scale if scale is not None else partial, float(alpha))
+           scale if scale is not None else partial, *scale_factors(alpha))
     if splits > 1:
         out.copy_(partial.sum(0))
     return out

@@ -13,9 +13,6 @@ from helpers import make_problem, rel_err
 from moelora.ops import moe_lora_linear as fused_linear
 from moelora.ops.reference import moe_lora_naive, moe_lora_torch
 
-TRITON_SCALING_XFAIL = pytest.mark.xfail(strict=True, reason="the grouped kernels apply the scaling as one fp32 "
-                                                               "factor (the dense ones split it: moelora.kernels.launchers."
-                                                               "scale_factors)")
 
 # (name, call(x, a, b, ids, w, **kw)) of every path of the operator
 PATHS = {
@@ -24,10 +21,6 @@ PATHS = {
     "triton-dense": lambda *a, **kw: moelora.moe_lora(*a, backend="triton", regime="dense", **kw),
     "triton-grouped": lambda *a, **kw: moelora.moe_lora(*a, backend="triton", regime="grouped", **kw),
 }
-
-
-def _path_params(xfails):
-    return [pytest.param(name, marks=xfails[name]) if name in xfails else name for name in PATHS]
 
 
 # ---- 1. routing tensors must match x's leading shape -----------------------------------------
@@ -124,7 +117,7 @@ def test_fp32_adapter_values_beyond_fp16_range_stay_in_unchosen_experts(shared_a
 
 
 # ---- 3. scaling beyond fp32's range -----------------------------------------------------------
-@pytest.mark.parametrize("path", _path_params({"triton-grouped": TRITON_SCALING_XFAIL}))
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("scaling,x_scale", [(1e39, 1.0), (1e-41, 1e5)])
 def test_scaling_outside_the_fp32_range_gives_the_representable_result(path, scaling, x_scale):
     """s * w * h overflows (s = 1e39) or is subnormal (s = 1e-41) in fp32, s * w * B @ h is O(1)."""
