@@ -7,8 +7,9 @@ device) and cached, so the hot path does no more than build a key and launch.
 
 Every launch is a :class:`KernelLaunch` built by a cached configuration function
 (``_<kernel>_launch``; :func:`clear_launch_caches` drops them all). :func:`count_launches`
-replaces the launches by a counter (no kernel runs): with it the host time of the Python around the kernels and the
-number of kernels per call can be measured on any machine, a CPU included.
+replaces the launches by a counter (no kernel runs): with it the host time of the Python
+around the kernels and the number of kernels per call can be measured on any machine, a CPU
+included.
 """
 
 from __future__ import annotations
@@ -960,8 +961,9 @@ def _grouped_matmul_launch(num_rows: int, N: int, K: int, layout: tuple, a_strid
              scale_stride, *h_strides)
     return KernelLaunch(grouped_matmul_kernel, (num_rows // block_m * cdiv(N, block_n),), fixed,
                         A_BY_TOKEN=a_by_token, HAS_SECOND=has_second, HAS_SCALE=has_scale, GATE_GRAD=gate_grad,
-                        H_BY_TOKEN=h_by_token, PRESCALE=prescale, **_dot_config_cached(dtype, tf32), BLOCK_M=block_m, BLOCK_N=block_n,
-                        BLOCK_K=cfg.block_k, GROUP_M=cfg.group, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        H_BY_TOKEN=h_by_token, PRESCALE=prescale, **_dot_config_cached(dtype, tf32),
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, meta, *, a_by_token: bool,

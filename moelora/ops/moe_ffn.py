@@ -309,7 +309,8 @@ def _ffn_backward(dy, x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gat
     if need_weights:
         dweights = launchers.mixing_weights_backward(g, topk_ids, topk_weights, w_in.shape[0], normalize)
     db_out = launchers.segment_sum(d_out, meta, out_dtype=b_out.dtype) if need_b_out else None
-    dw_out = rows_weight_grad(d_out, saved.h, meta, plan.wgrad, out_dtype=w_out.dtype, offs=offs) if need_w_out else None
+    dw_out = (rows_weight_grad(d_out, saved.h, meta, plan.wgrad, out_dtype=w_out.dtype, offs=offs) if need_w_out
+              else None)
     d_h = rows_linear(d_out, w_out, meta, plan.gemm, transposed=True, offs=offs)
     first = _first_projection(saved.h_gate, saved.h_in, b_gate, b_in, stacked)
     if stacked:  # d of the stacked projection, written by halves; from here on it is "d_in"
