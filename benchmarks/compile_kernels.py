@@ -316,12 +316,12 @@ def traced_jobs():
                 ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
                 w = torch.rand(T, k, generator=gen)
                 b = rand(E, d, a.shape[-2])
-                y, h = ML.grouped_forward(x, a, b, ids, w, rand(T, d), 2.0)
-                ML.grouped_backward(dy, x, a, b, ids, w, h, 2.0, True)
+                y, h, layout = ML.grouped_forward(x, a, b, ids, w, rand(T, d), 2.0)
+                ML.grouped_backward(dy, x, a, b, ids, w, h, layout, 2.0, True)
                 steps[name], calls[:] = list(calls), []
             xf, af, bf = x.float(), rand(64, d, dtype=torch.float32), rand(E, d, 64, dtype=torch.float32)
-            y, h = ML.grouped_forward(xf, af, bf, ids, w, rand(T, d, dtype=torch.float32), 2.0)
-            ML.grouped_backward(dy.float(), xf, af, bf, ids, w, h, 2.0, True)
+            y, h, layout = ML.grouped_forward(xf, af, bf, ids, w, rand(T, d, dtype=torch.float32), 2.0)
+            ML.grouped_backward(dy.float(), xf, af, bf, ids, w, h, layout, 2.0, True)
             steps["moe_lora grouped fp32"], calls[:] = list(calls), []
             E, k, w0 = 64, 2, rand(d, d)  # E*r = 1024: the fused layer in the grouped regime
             for name, a_shape, mode in (("grouped layer", (16, d), "softmax_topk"),

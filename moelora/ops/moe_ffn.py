@@ -53,7 +53,8 @@ from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grou
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values
 from moelora.ops.backend import resolve_backend
-from moelora.ops.routing import DispatchMetadata, dispatch_rows, expert_layout
+from moelora.ops.routing import (LAYOUT_FIELDS, DispatchMetadata, dispatch_rows, expert_layout, fake_layout_tensors,
+                                 layout_from_tensors, layout_tensors)
 from moelora.kernels.grouped import GELU, GELU_TANH, RELU, SILU
 
 
@@ -244,19 +245,13 @@ class _Saved(NamedTuple):
     out: torch.Tensor  # second projection (no bias)
 
 
-_META_FIELDS = ("counts", "padded_offsets", "sorted_pairs_padded", "inverse_padded", "block_expert")
-
-
 def _pack(saved: _Saved, like: torch.Tensor) -> List[torch.Tensor]:
-    meta = [getattr(saved.meta, f) for f in _META_FIELDS]
-    return meta + [t if t is not None else like.new_empty(0) for t in saved[1:]]
+    return layout_tensors(saved.meta) + [t if t is not None else like.new_empty(0) for t in saved[1:]]
 
 
 def _unpack(tensors, num_experts: int, top_k: int, block: int) -> _Saved:
-    counts, padded_offsets, sorted_pairs_padded, inverse_padded, block_expert = tensors[:5]
-    meta = DispatchMetadata(num_experts, top_k, block, counts, None, None, None, padded_offsets,
-                            sorted_pairs_padded, inverse_padded, block_expert)
-    rest = [t if t.numel() or i not in _OPTIONAL else None for i, t in enumerate(tensors[5:])]
+    meta = layout_from_tensors(tensors[:len(LAYOUT_FIELDS)], num_experts, top_k, block)
+    rest = [t if t.numel() or i not in _OPTIONAL else None for i, t in enumerate(tensors[len(LAYOUT_FIELDS):])]
     return _Saved(meta, *rest)
 
 
@@ -347,14 +342,12 @@ def _fake_saved(x, topk_ids, topk_weights, w_in, w_out, w_gate, gathers_x: bool,
     E, d_first, d_in = w_in.shape
     d_ff = w_out.shape[2]
     rows = padded_length(T * top_k, E, layout_block)
-    i64 = dict(dtype=torch.int64)
-    return [x.new_empty(E, **i64), x.new_empty(E + 1, **i64), x.new_empty(rows, **i64), x.new_empty(T, top_k, **i64),
-            x.new_empty(rows // layout_block, dtype=torch.int32),
-            torch.empty_like(topk_ids), x.new_empty(T, top_k, dtype=launchers.accumulator_dtype(topk_weights.dtype)),
-            x.new_empty(E if gathers_x else 0, dtype=torch.int32 if gathers_x else x.dtype),
-            x.new_empty((rows, d_in) if gathers_x else (0,)),
-            x.new_empty((rows, d_ff) if w_gate is not None else (0,)),
-            x.new_empty(rows, d_first), x.new_empty(rows, d_ff), x.new_empty(rows, w_out.shape[1])]
+    return fake_layout_tensors(x, T, top_k, E, layout_block) + [
+        torch.empty_like(topk_ids), x.new_empty(T, top_k, dtype=launchers.accumulator_dtype(topk_weights.dtype)),
+        x.new_empty(E if gathers_x else 0, dtype=torch.int32 if gathers_x else x.dtype),
+        x.new_empty((rows, d_in) if gathers_x else (0,)),
+        x.new_empty((rows, d_ff) if w_gate is not None else (0,)),
+        x.new_empty(rows, d_first), x.new_empty(rows, d_ff), x.new_empty(rows, w_out.shape[1])]
 
 
 @torch.library.custom_op("moelora::moe_ffn_forward", mutates_args=())

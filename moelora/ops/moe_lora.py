@@ -25,7 +25,9 @@ Triton backend: two regimes compute the same function:
   GEMM's epilogue, dB by a fixed-order grouped reduction. Per-expert A: h rows = x[t] A_e^T.
 
 Saved for backward: x, the weights, the routing and h (T x r; T x E*r for a dense per-expert A;
-R x r, the padded row space, for a grouped per-expert A). Every step is deterministic. Under
+R x r, the padded row space, for a grouped per-expert A), and in the grouped regime the pairs'
+layout (moelora.ops.routing.layout_tensors: O(T*k) ints; the backward does not sort again).
+Every step is deterministic. Under
 torch.compile the custom ops ``moelora::moe_lora_forward`` / ``_backward`` are traced; in eager
 mode ``_EagerMoELoRA`` runs the same forward and backward without the custom-op dispatch.
 """
@@ -33,7 +35,7 @@ mode ``_EagerMoELoRA`` runs the same forward and backward without the custom-op 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
-from moelora.ops.routing import expert_layout
+from moelora.ops.routing import expert_layout, fake_layout_tensors, layout_from_tensors, layout_tensors
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args
 from moelora.ops.backend import resolve_backend
@@ -245,11 +247,25 @@ def grouped_layout(x, lora_a, lora_b, topk_ids):
     return expert_layout(topk_ids, lora_b.shape[0], _grouped_block(x.shape[1], lora_a, lora_b, topk_ids.numel()))
 
 
+def saved_layout(x, lora_a, lora_b, topk_ids, layout: List[torch.Tensor]):
+    """The grouped regime's layout from the forward's ``layout_tensors`` (no second sort)."""
+    block = _grouped_block(x.shape[1], lora_a, lora_b, topk_ids.numel())
+    return layout_from_tensors(layout, lora_b.shape[0], topk_ids.shape[1], block)
+
+
+def fake_grouped_layout(x, lora_a, lora_b, top_k: int) -> List[torch.Tensor]:
+    """Empty tensors shaped as the grouped regime's saved layout of x's tokens with ``top_k``
+    slots each (custom ops' fake kernels)."""
+    T = x.shape[0]
+    return fake_layout_tensors(x, T, top_k, lora_b.shape[0], _grouped_block(x.shape[1], lora_a, lora_b, T * top_k))
+
+
 def grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, h=None, out=None):
-    """y = base + combine of the rows s * w_p * B_e h; h = x A^T [T, r] (shared A) or the
-    row-space x[t] A_e^T [R, r] (per-expert A), or the given ``h`` (a shared A's, computed by the
-    caller: the fused layer's pass over x); ``out``: the result's tensor (base_out itself where
-    the caller owns it), else a new one."""
+    """(y, h, layout): y = base + combine of the rows s * w_p * B_e h; h = x A^T [T, r] (shared A)
+    or the row-space x[t] A_e^T [R, r] (per-expert A), or the given ``h`` (a shared A's, computed
+    by the caller: the fused layer's pass over x); ``out``: the result's tensor (base_out itself
+    where the caller owns it), else a new one; ``layout``: the pairs' layout as
+    ``layout_tensors`` (saved for the backward)."""
     acc = launchers.accumulator_dtype(x.dtype)
     meta = grouped_layout(x, lora_a, lora_b, topk_ids)
     shared = lora_a.dim() == 2
@@ -259,7 +275,7 @@ def grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling
         h = rows_linear(x, lora_a, meta, "triton", a_by_token=True, out_dtype=acc, compute_dtype=x.dtype)
     rows = rows_linear(h, lora_b, meta, "triton", a_by_token=shared, out_dtype=x.dtype, compute_dtype=x.dtype,
                        alpha=scaling, scale=topk_weights.reshape(-1))
-    return launchers.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out, out=out), h
+    return launchers.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out, out=out), h, layout_tensors(meta)
 
 
 def grouped_output_grads(dy, h, lora_a, lora_b, meta, topk_weights, scaling, dw, compute_dtype):
@@ -295,32 +311,40 @@ def grouped_input_grads(dh_rows, x, lora_a, meta, need_dx, second=None):
     return dlora_a, dx
 
 
-def grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx):
-    """dx, dA, dB and dw of moe_lora's grouped regime (grouped_output_grads, grouped_input_grads)."""
+def grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, scaling, need_dx):
+    """dx, dA, dB and dw of moe_lora's grouped regime (grouped_output_grads, grouped_input_grads)
+    over the forward's ``layout``."""
     T, top_k = topk_ids.shape
-    meta = grouped_layout(x, lora_a, lora_b, topk_ids)
+    meta = saved_layout(x, lora_a, lora_b, topk_ids, layout)
     dw = torch.zeros(T * top_k, dtype=h.dtype, device=x.device)  # pairs outside the layout keep 0
     dh_rows, dlora_b = grouped_output_grads(dy, h, lora_a, lora_b, meta, topk_weights, scaling, dw, x.dtype)
     dlora_a, dx = grouped_input_grads(dh_rows, x, lora_a, meta, need_dx)
     return dx, dlora_a, dlora_b, dw.view(T, top_k)
 
 
-def _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
-    run = grouped_forward if grouped else _dense_forward
-    return run(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling)
+def _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped) -> List[torch.Tensor]:
+    """[y, h, *layout]: layout the grouped regime's layout_tensors (none in the dense regime)."""
+    if grouped:
+        y, h, layout = grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling)
+        return [y, h, *layout]
+    return list(_dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling))
 
 
-def _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped, need_dx):
-    run = grouped_backward if grouped else _dense_backward
-    dx, dlora_a, dlora_b, dw = run(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx)
+def _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, scaling, grouped, need_dx):
+    if grouped:
+        grads = grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, scaling, need_dx)
+    else:
+        grads = _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, need_dx)
+    dx, dlora_a, dlora_b, dw = grads
     return dx, dlora_a, dlora_b, dw.to(topk_weights.dtype)
 
 
 @torch.library.custom_op("moelora::moe_lora_forward", mutates_args=())
 def moe_lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, base_out: Optional[torch.Tensor], scaling: float,
-                     grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [T, d_out], h): the fused MoE-LoRA forward; h is what backward needs."""
+                     grouped: bool) -> List[torch.Tensor]:
+    """[y [T, d_out], h, *layout]: the fused MoE-LoRA forward; h and the grouped regime's pair
+    layout are what backward needs."""
     return _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped)
 
 
@@ -328,28 +352,30 @@ def moe_lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 def _(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
     y = x.new_empty(x.shape[0], lora_b.shape[1])
     h = x.new_empty(_saved_h_shape(x, lora_a, lora_b, topk_ids, grouped), dtype=launchers.accumulator_dtype(x.dtype))
-    return y, h
+    return [y, h] + (fake_grouped_layout(x, lora_a, lora_b, topk_ids.shape[1]) if grouped else [])
 
 
 @torch.library.custom_op("moelora::moe_lora_backward", mutates_args=())
 def moe_lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                      topk_ids: torch.Tensor, topk_weights: torch.Tensor, h: torch.Tensor, scaling: float,
-                      grouped: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      topk_ids: torch.Tensor, topk_weights: torch.Tensor, h: torch.Tensor,
+                      layout: List[torch.Tensor], scaling: float, grouped: bool,
+                      need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dlora_a, dlora_b, dtopk_weights); dx is an empty [0, d_in] tensor when not needed."""
-    dx, dlora_a, dlora_b, dw = _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped,
+    dx, dlora_a, dlora_b, dw = _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, scaling, grouped,
                                          need_dx)
     return (x.new_empty(0, x.shape[1]) if dx is None else dx), dlora_a, dlora_b, dw
 
 
 @moe_lora_backward.register_fake
-def _(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, grouped, need_dx):
+def _(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, scaling, grouped, need_dx):
     dx = x.new_empty(x.shape if need_dx else (0, x.shape[1]))
     return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(topk_weights)
 
 
-def _save_for_backward(ctx, inputs, h):
+def _save_for_backward(ctx, inputs, saved):
+    """``saved`` = [h, *layout] of _forward."""
     x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped = inputs
-    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, h)
+    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, *saved)
     ctx.scaling = scaling
     ctx.grouped = grouped
     ctx.has_base = base_out is not None
@@ -358,17 +384,20 @@ def _save_for_backward(ctx, inputs, h):
 def _input_grads(ctx, dy, backward):
     """Gradients for (x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped), the
     saved x, routing and dy being [T, ...] (see _EagerMoELoRA for other leading shapes)."""
-    x, lora_a, lora_b, topk_ids, topk_weights, h = ctx.saved_tensors
+    x, lora_a, lora_b, topk_ids, topk_weights, h, *layout = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, dlora_a, dlora_b, dw = backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, ctx.scaling,
+    dx, dlora_a, dlora_b, dw = backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, ctx.scaling,
                                         ctx.grouped, need_dx)
     return (dx if need_dx else None, dlora_a, dlora_b, None, dw, dy if ctx.has_base else None, None, None)
 
 
-moe_lora_forward.register_autograd(
-    lambda ctx, dy, _dh: _input_grads(ctx, dy, moe_lora_backward),
-    setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, inputs, output[1]),
-)
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    _save_for_backward(ctx, inputs, output[1:])
+
+
+moe_lora_forward.register_autograd(lambda ctx, grads: _input_grads(ctx, grads[0], moe_lora_backward),
+                                   setup_context=_setup_context)
 
 
 class _EagerMoELoRA(torch.autograd.Function):
@@ -384,8 +413,8 @@ class _EagerMoELoRA(torch.autograd.Function):
         T, k = math.prod(out_shape[:-1]), topk_ids.shape[-1]
         inputs = (as_2d(x, T, x.shape[-1]), lora_a, lora_b, as_2d(topk_ids, T, k), as_2d(topk_weights, T, k),
                   None if base_out is None else as_2d(base_out, T, out_shape[-1]), scaling, grouped)
-        y, h = _forward(*inputs)
-        _save_for_backward(ctx, inputs, h)
+        y, *saved = _forward(*inputs)
+        _save_for_backward(ctx, inputs, saved)
         ctx.shapes = (x.shape, topk_weights.shape)
         return y if len(out_shape) == 2 else y.view(out_shape)
 

@@ -31,8 +31,8 @@ and in its grouped regime (large E*r; ``_grouped_expand`` / ``_grouped_lora_back
             from the rows); dx = [dh | d logits] [A ; W_router] + dy W
 
 Saved for backward: x (and x_lora when LoRA dropout makes it differ), h [T, R] (the grouped
-regime's per-expert A: its rows [rows, r]), the routing (logits [T, E], ids, weights, counts);
-nothing T x d_out. Deterministic; no host sync.
+regime's per-expert A: its rows [rows, r]), the routing (logits [T, E], ids, weights, counts;
+the grouped regime's pair layout too); nothing T x d_out. Deterministic; no host sync.
 A and B of any float dtype (fp32 adapters over a bf16 base, as PEFT keeps them) are read as
 they are and rounded to x's dtype in registers by the kernels (no cast kernels, nothing
 saved twice); the router's product runs in fp32; everything accumulates in fp32. In eager
@@ -48,14 +48,14 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.ops.moe_lora import (choose_regime, grouped_forward, grouped_input_grads, grouped_layout,
-                                  grouped_output_grads, grouped_row_count, lora_a_rows, moe_lora)
+from moelora.ops.moe_lora import (choose_regime, fake_grouped_layout, grouped_forward, grouped_input_grads,
+                                  grouped_output_grads, grouped_row_count, lora_a_rows, moe_lora, saved_layout)
 from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
@@ -117,7 +117,7 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         xl = None if lora_input is None else lora_input.reshape(T, x.shape[-1])
         args = op_args(x.reshape(T, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, router, topk_ids,
                        topk_weights, xl, grouped)
-        y, h, logits, ids, weights, counts, aux_loss, aux_stats = moe_lora_linear_fwd(*args)
+        y, h, logits, ids, weights, counts, aux_loss, aux_stats = moe_lora_linear_fwd(*args)[:8]
         y = y.reshape(x.shape[:-1] + (weight.shape[0],))
     else:
         args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input, grouped)
@@ -199,9 +199,10 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                    num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
                    z_coef, grouped):
-    """(y, h, logits, ids, weights, counts, aux_loss, aux_stats); for static routing ids and
-    weights are the given ones and logits, counts and aux are empty. h is [T, R], or for the
-    grouped regime's per-expert A the rows x[t] A_e^T [rows of the layout, r]."""
+    """(y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout); for static routing ids
+    and weights are the given ones and logits, counts and aux are empty. h is [T, R], or for the
+    grouped regime's per-expert A the rows x[t] A_e^T [rows of the layout, r]; layout: the
+    grouped regime's pair layout (moelora.ops.routing.layout_tensors), [] in the dense regime."""
     dtype = x.dtype
     xl = x if lora_input is None else lora_input
     down_rows = None if grouped and lora_a.dim() == 3 else lora_a_rows(lora_a)  # grouped: per row, below
@@ -215,10 +216,10 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     else:
         weights, ids, aux = _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_end, ramp_steps,
                                    lb_coef, z_coef)
-    out = None
+    out, layout = None, []
     if grouped:
-        y, h = _grouped_expand(x, xl, weight, bias, h if down_rows is not None else None, lora_a, lora_b, ids,
-                               weights, scaling)
+        y, h, layout = _grouped_expand(x, xl, weight, bias, h if down_rows is not None else None, lora_a, lora_b,
+                                       ids, weights, scaling)
     else:
         folded = aux if aux is not None and aux.counts.shape[0] <= launchers.GATED_EXPAND_AUX_EXPERTS else None
         expand = dict(scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype, compute_dtype=dtype)
@@ -229,11 +230,11 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
         out = launchers.router_aux_loss(ids, weights, aux)
     aux_loss, aux_stats, counts = out if out is not None else (x.new_empty(0) for _ in range(3))
     logits = x.new_empty(0) if logits is None else logits
-    return y, h, logits, ids, weights, counts, aux_loss, aux_stats
+    return y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout
 
 
 def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scaling):
-    """(y, h) of the grouped regime (large E*r): y = x W^T + b (cuBLAS), then moelora.moe_lora's
+    """(y, h, layout) of the grouped regime (large E*r): y = x W^T + b (cuBLAS), then moelora.moe_lora's
     grouped forward over x_lora adds the expert rows into it in place. ``h``: a shared A's
     x_lora A^T (lora_down's), or None (per-expert A: its rows are computed there)."""
     y = F.linear(x, weight, bias)
@@ -246,9 +247,9 @@ _on_request = operator.itemgetter(0, 1, 2, 5, 6, 7, 8)
 
 
 def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
-                    scaling, mode, renormalize, lb_coef, z_coef, grouped, needs):
+                    layout, scaling, mode, renormalize, lb_coef, z_coef, grouped, needs):
     """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input);
-    ``needs`` says which are wanted (None where not)."""
+    ``needs`` says which are wanted (None where not); ``layout``: the forward's (grouped regime)."""
     need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
     dtype = x.dtype
     if dy is None:  # only the aux loss reached the loss
@@ -257,9 +258,13 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     if mode != "static":
         grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
         router = launchers.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
-    lora_backward = _grouped_lora_backward if grouped else _dense_lora_backward
-    dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input = lora_backward(
-        dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, scaling, router, needs)
+    if grouped:
+        grads = _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, layout,
+                                       scaling, router, needs)
+    else:
+        grads = _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, scaling,
+                                     router, needs)
+    dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input = grads
     if need_x:
         if dx is None:
             dx = torch.mm(dy, weight.to(dtype))
@@ -310,8 +315,8 @@ def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, 
     return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
 
 
-def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, scaling, router,
-                           needs):
+def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, layout, scaling,
+                           router, needs):
     """The same for the grouped regime (moelora.moe_lora's): dh rows = s w dy B_e with dw in the
     same grouped GEMM's epilogue; dB by a fixed-order grouped reduction; router_backward: d
     logits from dw; then dA, dW_router and dx = [dh | dl] [A ; W_router] (dense for a shared
@@ -319,7 +324,7 @@ def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights
     need_x, _, _, need_router, _, _, need_lora_input = needs
     dtype = x.dtype
     T, top_k = ids.shape
-    meta = grouped_layout(x, lora_a, lora_b, ids)
+    meta = saved_layout(x, lora_a, lora_b, ids, layout)
     # a learned router's ids are all in the layout; given ids outside it (validation off) keep dw = 0
     dw = (torch.empty if router is not None else torch.zeros)(T * top_k, dtype=h.dtype, device=x.device)
     dh_rows, dlora_b = grouped_output_grads(dy, h, lora_a, lora_b, meta, weights, scaling, dw, dtype)
@@ -337,15 +342,15 @@ def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights
     return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
 
 
-def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor):
+def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor) -> List[torch.Tensor]:
     """The op's outputs: routing tensors that were inputs (static ids and weights, precomputed
     logits) are not returned (an op may not return its inputs); empty placeholders stand in."""
-    y, h, logits, ids, weights, counts, aux_loss, aux_stats = out
+    y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout = out
     if static:
         ids, weights = x.new_empty(0, dtype=ids.dtype), x.new_empty(0)
     if logits_given:
         logits = x.new_empty(0)
-    return y, h, logits, ids, weights, counts, aux_loss, aux_stats
+    return [y, h, logits, ids, weights, counts, aux_loss, aux_stats, *layout]
 
 
 class _MoELoRALinearFn(torch.autograd.Function):
@@ -369,10 +374,11 @@ class _MoELoRALinearFn(torch.autograd.Function):
         x = as_2d(x, T, x_shape[-1])
         if lora_input is not None:
             lora_input = as_2d(lora_input, T, x_shape[-1])
-        y, h, logits, ids, weights, counts, aux_loss, aux_stats = _fused_forward(
+        y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout = _fused_forward(
             x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
             lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
+                              *layout)
         ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, grouped)
         ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
@@ -386,8 +392,9 @@ class _MoELoRALinearFn(torch.autograd.Function):
         x_shape = ctx.x_shape
         if dy is not None and len(x_shape) != 2:
             dy = dy.reshape(-1, dy.shape[-1])
+        saved = ctx.saved_tensors
         dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = _fused_backward(
-            dy, g_aux, *ctx.saved_tensors, *ctx.config, needs)
+            dy, g_aux, *saved[:11], saved[11:], *ctx.config, needs)
         if len(x_shape) != 2:
             dx = None if dx is None else dx.view(x_shape)
             dlora_input = None if dlora_input is None else dlora_input.view(x_shape)
@@ -403,9 +410,9 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         topk_ids: Optional[torch.Tensor], noise: Optional[torch.Tensor],
                         num_steps: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
                         eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float,
-                        grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, logits, ids, weights, counts, aux_loss, aux_stats) of the fused layer; see the module docstring."""
+                        grouped: bool) -> List[torch.Tensor]:
+    """[y, h, logits, ids, weights, counts, aux_loss, aux_stats, *layout] of the fused layer (see
+    the module docstring); layout: the grouped regime's pair layout, none in the dense regime."""
     out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                          num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
                          lb_coef, z_coef, grouped)
@@ -418,39 +425,40 @@ def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, l
     T = x.shape[0]
     acc = launchers.accumulator_dtype(x.dtype)
     y = x.new_empty(T, weight.shape[0])
+    k = top_k if mode != "static" else topk_ids.shape[1]
     if grouped and lora_a.dim() == 3:  # the rows x[t] A_e^T of the layout
-        pairs = T * (top_k if mode != "static" else topk_ids.shape[1])
-        h = x.new_empty(grouped_row_count(x.shape[1], lora_a, lora_b, pairs), lora_b.shape[2], dtype=acc)
+        h = x.new_empty(grouped_row_count(x.shape[1], lora_a, lora_b, T * k), lora_b.shape[2], dtype=acc)
     else:
         h = x.new_empty(T, lora_a.reshape(-1, lora_a.shape[-1]).shape[0], dtype=acc)
+    layout = fake_grouped_layout(x, lora_a, lora_b, k) if grouped else []
     if mode == "static":
         empty = x.new_empty(0)
-        return (y, h, empty, x.new_empty(0, dtype=topk_ids.dtype), x.new_empty(0), x.new_empty(0), x.new_empty(0),
-                x.new_empty(0))
+        return [y, h, empty, x.new_empty(0, dtype=topk_ids.dtype), x.new_empty(0), x.new_empty(0), x.new_empty(0),
+                x.new_empty(0), *layout]
     E = router_weight.shape[0] if router_weight is not None else logits_in.shape[1]
     logits = x.new_empty(T, E, dtype=acc) if logits_in is None else x.new_empty(0)
     ids = x.new_empty(T, top_k, dtype=torch.int32)
     weights = x.new_empty(T, top_k, dtype=acc if logits_in is None else logits_in.dtype)
-    return (y, h, logits, ids, weights, x.new_empty(E, dtype=torch.int64), x.new_empty((), dtype=acc),
-            x.new_empty(2, dtype=acc))
+    return [y, h, logits, ids, weights, x.new_empty(E, dtype=torch.int64), x.new_empty((), dtype=acc),
+            x.new_empty(2, dtype=acc), *layout]
 
 
 @torch.library.custom_op("moelora::moe_lora_linear_bwd", mutates_args=())
 def moe_lora_linear_bwd(dy: torch.Tensor, g_aux: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                         lora_a: torch.Tensor, lora_b: torch.Tensor, router_weight: Optional[torch.Tensor],
                         h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                        counts: torch.Tensor, lora_input: Optional[torch.Tensor], scaling: float, mode: str,
-                        renormalize: bool, lb_coef: float, z_coef: float, grouped: bool,
+                        counts: torch.Tensor, lora_input: Optional[torch.Tensor], layout: List[torch.Tensor],
+                        scaling: float, mode: str, renormalize: bool, lb_coef: float, z_coef: float, grouped: bool,
                         needs: list[bool]) -> list[torch.Tensor]:
     """The gradients of the fused layer (empty tensors where ``needs`` is False)."""
     grads = _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
-                            lora_input, scaling, mode, renormalize, lb_coef, z_coef, grouped, tuple(needs))
+                            lora_input, layout, scaling, mode, renormalize, lb_coef, z_coef, grouped, tuple(needs))
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @moe_lora_linear_bwd.register_fake
-def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input, scaling,
-      mode, renormalize, lb_coef, z_coef, grouped, needs):
+def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input, layout,
+      scaling, mode, renormalize, lb_coef, z_coef, grouped, needs):
     need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
     fused_router = router_weight is not None and lora_input is None
 
@@ -467,23 +475,28 @@ def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weigh
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, topk_ids, noise,
      num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped) = inputs
-    _, h, logits, ids, weights, counts, _, _ = output
+    _, h, logits, ids, weights, counts, _, _, *layout = output
     if mode == "static":
         ids, weights = topk_ids, topk_weights
     if logits_in is not None:
         logits = logits_in
-    ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
+                          *layout)
     ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, grouped)
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(*output[1:6], output[7])
+    ctx.mark_non_differentiable(*output[1:6], *output[7:])
     ctx.set_materialize_grads(False)
 
 
-def _custom_op_backward(ctx, dy, _dh, _dlogits, _dids, _dweights, _dcounts, g_aux, _dstats):
+def _custom_op_backward(ctx, grads):
+    """Gradients of the inputs from those of the outputs [y, h, logits, ids, weights, counts,
+    aux_loss, aux_stats, *layout] (only y's and aux_loss's reach here)."""
+    dy, g_aux = grads[0], grads[6]
     n = ctx.needs_input_grad
     needs = list(_on_request(n))
     needs[2] = needs[2] and ctx.has_bias
-    grads = moe_lora_linear_bwd(dy, g_aux, *ctx.saved_tensors, *ctx.config, needs)
+    saved = ctx.saved_tensors
+    grads = moe_lora_linear_bwd(dy, g_aux, *saved[:11], list(saved[11:]), *ctx.config, needs)
     dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = grads
     keep = lambda g, wanted: g if wanted else None  # noqa: E731
     return (keep(dx, n[0]), keep(dweight, n[1]), keep(dbias, needs[2]), keep(dlora_a, n[3]), keep(dlora_b, n[4]),

@@ -14,7 +14,7 @@ capture, as every syncing check of moelora: moelora.ops.validation.syncing_check
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -172,6 +172,33 @@ def expert_layout(topk_ids: torch.Tensor, num_experts: int, block_size: Optional
     if block_size is None:
         po = spp = invp = be = None
     return DispatchMetadata(num_experts, topk_ids.shape[1], block_size, counts, offsets, sp, inv, po, spp, invp, be)
+
+
+# The fields of a padded layout that the grouped kernels read: what an op saves of its
+# forward's layout for the backward, instead of sorting the pairs again.
+LAYOUT_FIELDS = ("counts", "padded_offsets", "sorted_pairs_padded", "inverse_padded", "block_expert")
+
+
+def layout_tensors(meta: DispatchMetadata) -> List[torch.Tensor]:
+    """The LAYOUT_FIELDS of a padded layout, in that order."""
+    return [getattr(meta, name) for name in LAYOUT_FIELDS]
+
+
+def layout_from_tensors(tensors: Sequence[torch.Tensor], num_experts: int, top_k: int,
+                        block_size: int) -> DispatchMetadata:
+    """The padded layout of :func:`layout_tensors`' tensors (the unpadded fields None)."""
+    counts, padded_offsets, sorted_pairs_padded, inverse_padded, block_expert = tensors
+    return DispatchMetadata(num_experts, top_k, block_size, counts, None, None, None, padded_offsets,
+                            sorted_pairs_padded, inverse_padded, block_expert)
+
+
+def fake_layout_tensors(like: torch.Tensor, tokens: int, top_k: int, num_experts: int,
+                        block_size: int) -> List[torch.Tensor]:
+    """Empty tensors shaped as :func:`layout_tensors`' (for the custom ops' fake kernels)."""
+    rows = _fb.padded_length(tokens * top_k, num_experts, block_size)
+    i64 = dict(dtype=torch.int64)
+    return [like.new_empty(num_experts, **i64), like.new_empty(num_experts + 1, **i64), like.new_empty(rows, **i64),
+            like.new_empty(tokens, top_k, **i64), like.new_empty(rows // block_size, dtype=torch.int32)]
 
 
 def _check_meta(meta, device):

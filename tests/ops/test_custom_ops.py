@@ -15,10 +15,11 @@ def test_opcheck(shared_a, grouped):
     p = make_problem(12, 8, 10, 4, 3, 2, shared_a=shared_a, device=DEVICE)
     args = (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.base_out, p.scaling, grouped)
     torch.library.opcheck(moe_lora_module.moe_lora_forward, args)
-    y, h = moe_lora_module.moe_lora_forward(*args)
+    y, h, *layout = moe_lora_module.moe_lora_forward(*args)
+    assert len(layout) == (5 if grouped else 0)  # the grouped regime's backward reuses the forward's layout
     dy = torch.randn_like(y)
     bwd_args = (dy, p.x.detach(), p.lora_a.detach(), p.lora_b.detach(), p.topk_ids, p.topk_weights.detach(),
-                h.detach(), p.scaling, grouped, True)
+                h.detach(), layout, p.scaling, grouped, True)
     torch.library.opcheck(moe_lora_module.moe_lora_backward, bwd_args)
 
 
