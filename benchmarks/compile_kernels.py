@@ -256,11 +256,12 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of eighteen training steps and one backward (launchers.record_launches), configured by the
+    of nineteen training steps and one backward (launchers.record_launches), configured by the
     launchers as on a 132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters,
     shared A, softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime
     adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
-    r 64, E 64, k 4 as S3; per-expert A r 32, E 32); the fused layer in the grouped regime
+    r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
+    the fused layer in the grouped regime
     (E 64, r 16: shared A with softmax_topk, per-expert A with threshold routing); dense layers
     of other widths (256 experts of rank 2, 64 of rank 8, 16 per-expert A's of rank 32, 8 of
     rank 8) and S1's in fp32 and fp16; moe_lora's dense regime in fp32 and with per-expert A's
@@ -319,6 +320,9 @@ def traced_jobs():
                 y, h, layout = ML.grouped_forward(x, a, b, ids, w, rand(T, d), 2.0)
                 ML.grouped_backward(dy, x, a, b, ids, w, h, layout, 2.0, True)
                 steps[name], calls[:] = list(calls), []
+            y, h, layout = ML.grouped_forward(x, a, b, ids, w, rand(T, d), 1e39)  # beyond fp32: PRESCALE tiles
+            ML.grouped_backward(dy, x, a, b, ids, w, h, layout, 1e39, True)
+            steps["moe_lora grouped, scale beyond fp32"], calls[:] = list(calls), []
             xf, af, bf = x.float(), rand(64, d, dtype=torch.float32), rand(E, d, 64, dtype=torch.float32)
             y, h, layout = ML.grouped_forward(xf, af, bf, ids, w, rand(T, d, dtype=torch.float32), 2.0)
             ML.grouped_backward(dy.float(), xf, af, bf, ids, w, h, layout, 2.0, True)
