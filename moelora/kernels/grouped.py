@@ -285,15 +285,19 @@ def combine_rows_backward_kernel(
 
 
 @triton.jit
-def _kept_weights(ids_ptr, w_ptr, offs_t, offs_k, mask, E, stride_it, stride_ik, stride_wt, stride_wk,
-                  ACC_DTYPE: tl.constexpr):
-    """(ids, kept, w): a slot is kept when its weight is nonzero and its id in [0, E); w is its
-    weight in ACC_DTYPE, 0 where not kept."""
+def _kept_weights(ids_ptr, w_ptr, T, E, stride_it, stride_ik, stride_wt, stride_wk, TOP_K: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(offs_t, offs_k, mask, ids, kept, w) of this program's BLOCK_T tokens x BLOCK_K slots: a
+    slot is kept when its weight is nonzero and its id in [0, E); w is its weight in ACC_DTYPE,
+    0 where not kept."""
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
     ids = tl.load(ids_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=mask, other=-1)
     w = tl.load(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=mask,
                 other=0.0).to(ACC_DTYPE)
     kept = mask & (w != 0) & (ids >= 0) & (ids < E)
-    return ids, kept, tl.where(kept, w, 0.0)
+    return offs_t, offs_k, mask, ids, kept, tl.where(kept, w, 0.0)
 
 
 @triton.jit
@@ -310,11 +314,8 @@ def mixing_weights_kernel(
     ids_out, coef, row_coef: contiguous [T, TOP_K].
     Grid: (cdiv(T, BLOCK_T),).
     """
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
-    ids, kept, c = _kept_weights(ids_ptr, w_ptr, offs_t, offs_k, mask, E, stride_it, stride_ik, stride_wt,
-                                 stride_wk, ACC_DTYPE)
+    offs_t, offs_k, mask, ids, kept, c = _kept_weights(ids_ptr, w_ptr, T, E, stride_it, stride_ik, stride_wt,
+                                                       stride_wk, TOP_K, ACC_DTYPE, BLOCK_T, BLOCK_K)
     out = offs_t[:, None] * TOP_K + offs_k[None, :]
     if NORMALIZE:
         c = c / tl.maximum(tl.sum(c, axis=1), TINY, propagate_nan=tl.PropagateNan.ALL)[:, None]
@@ -337,11 +338,8 @@ def mixing_weights_backward_kernel(
     dw_i = dc_i / S - [s >= TINY] sum_j dc_j c_j / S; 0 for slots not kept.
     Grid: (cdiv(T, BLOCK_T),).
     """
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
-    _, kept, w = _kept_weights(ids_ptr, w_ptr, offs_t, offs_k, mask, E, stride_it, stride_ik, stride_wt,
-                               stride_wk, ACC_DTYPE)
+    offs_t, offs_k, mask, _, kept, w = _kept_weights(ids_ptr, w_ptr, T, E, stride_it, stride_ik, stride_wt,
+                                                     stride_wk, TOP_K, ACC_DTYPE, BLOCK_T, BLOCK_K)
     dc = tl.load(g_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], mask=kept, other=0.0).to(ACC_DTYPE)
     if NORMALIZE:  # the anchored mix: -g_0 cancels below wherever the c_j sum to one (s >= TINY)
         dc -= tl.sum(tl.where(offs_k[None, :] == 0, dc, 0.0), axis=1)[:, None]
