@@ -45,7 +45,6 @@ backend, differentiated by autograd; the reference of the Triton path.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 from typing import List, NamedTuple, Optional
@@ -178,18 +177,12 @@ def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_w
 
 
 # ----------------------------------------------------------------------------- Triton backend
-# Inside the fused op no autograd is recorded: dispatching the routing op below the autograd
-# key skips its (Python) autograd wrapper.
-_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
-
-
 def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_end, ramp_steps, lb_coef, z_coef):
     """(weights, ids, launchers.RouterAux): the routing op and threshold routing's kernel; the aux
     loss (over the kept slots for threshold routing) is computed by the gated expand's launch."""
     threshold = mode == "threshold"
-    with _below_autograd():
-        weights, ids, counts, prob_sums, lse = router_topk(logits, top_k, "softmax_topk" if threshold else mode,
-                                                           renormalize and not threshold)
+    weights, ids, counts, prob_sums, lse = router_topk(logits, top_k, "softmax_topk" if threshold else mode,
+                                                       renormalize and not threshold)
     if threshold:
         weights = launchers.threshold_weights(weights, noise, num_steps, eps_start=eps_start, eps_end=eps_end,
                                               ramp_steps=ramp_steps)

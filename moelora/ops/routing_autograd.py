@@ -8,12 +8,15 @@ Gradients (all computed with the ops themselves or in PyTorch, fixed-order, no a
   (launchers.router_backward, the one that differentiates the fused layer's router) where the
   Triton backend runs, else recomputed from the logits in PyTorch; ids and counts are not
   differentiable. Logits read as -inf (NaN, -inf, rows of only -inf) get zero gradient.
-For the native ops they are registered with torch.library.register_autograd / register_fake;
-the PyTorch fallbacks get the same formulas through autograd.Function classes.
+For the native ops they are registered with torch.library.register_autograd / register_fake
+(what torch.compile traces); in eager mode router_topk runs below autograd inside an
+autograd.Function with the same formulas (_NativeRouteFn: no custom-op autograd dispatch), and
+the PyTorch fallbacks get them through autograd.Function classes too.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -93,13 +96,30 @@ def _cast_like(grad, ref):
     return None if grad is None else grad.to(ref.dtype)
 
 
+# Dispatch below the autograd key: a custom op then runs its kernel without its (Python) autograd
+# wrapper, whose host time is tens of microseconds per call.
+below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+def _native_router_topk(logits, top_k, mode, renormalize):
+    """moelora::router_topk with its autograd: while torch.compile traces, the custom op (its
+    registered autograd); in eager mode :class:`_NativeRouteFn` when logits need a gradient,
+    else the op below autograd (the custom-op autograd dispatch costs tens of microseconds)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.moelora.router_topk(logits, top_k, mode, renormalize)
+    if logits.requires_grad and torch.is_grad_enabled():
+        return _NativeRouteFn.apply(logits, top_k, mode, renormalize)
+    with below_autograd():
+        return torch.ops.moelora.router_topk(logits, top_k, mode, renormalize)
+
+
 class _Ops:
     """The five ops, native (torch.ops.moelora) or PyTorch fallbacks."""
 
     def __init__(self, native: bool):
         if native:
             ns = torch.ops.moelora
-            self.router_topk, self.dispatch_metadata = ns.router_topk, ns.dispatch_metadata
+            self.router_topk, self.dispatch_metadata = _native_router_topk, ns.dispatch_metadata
             self.dispatch, self.combine, self.pair_dot = ns.dispatch, ns.combine, ns.pair_dot
         else:
             self.router_topk, self.dispatch_metadata = _RouteFn.apply, fb.dispatch_metadata
@@ -140,6 +160,20 @@ class _RouteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k, mode, renormalize):
         out = fb.router_topk(logits, top_k, mode, renormalize)
+        _save_route(ctx, logits, out, mode, renormalize)
+        ctx.mark_non_differentiable(out[1], out[2])
+        return out
+
+    backward = staticmethod(_route_grads)
+
+
+class _NativeRouteFn(torch.autograd.Function):
+    """The native router_topk (below autograd) with the gradients its custom op registers, for eager mode."""
+
+    @staticmethod
+    def forward(ctx, logits, top_k, mode, renormalize):
+        with below_autograd():
+            out = torch.ops.moelora.router_topk(logits, top_k, mode, renormalize)
         _save_route(ctx, logits, out, mode, renormalize)
         ctx.mark_non_differentiable(out[1], out[2])
         return out

@@ -126,6 +126,24 @@ def test_router_opcheck(dtype):
         torch.library.opcheck(torch.ops.moelora.router_topk.default, (logits, 3, mode, renorm))
 
 
+@needs_c
+def test_native_route_in_eager_mode_skips_the_custom_op_autograd_dispatch():
+    """Eager mode runs the native op below autograd (its Python autograd dispatch costs tens of
+    microseconds per call): an autograd.Function node when logits need a gradient, none
+    otherwise; the gradients are the registered ones (checked against PyTorch's in the tests
+    below, whose native path is this one)."""
+    from moelora.ops.routing import router_topk
+
+    logits = torch.randn(9, 6, requires_grad=True)
+    weights, ids, counts, prob_sums, lse = router_topk(logits, 2, "softmax_topk", True)
+    assert type(weights.grad_fn).__name__ == "_NativeRouteFnBackward" and lse.grad_fn is weights.grad_fn
+    assert not ids.requires_grad and not counts.requires_grad
+    torch.autograd.grad(weights.sum() + lse.sum() + prob_sums.sum(), logits)
+    with torch.no_grad():
+        assert router_topk(logits, 2, "softmax_topk", True)[0].grad_fn is None
+    assert router_topk(logits.detach(), 2, "softmax_topk", True)[0].grad_fn is None
+
+
 @pytest.fixture(params=["kernel", "torch"])
 def grad_path(request, monkeypatch):
     """Where the routing op's backward runs: the Triton kernel (the Triton backend; checked to
