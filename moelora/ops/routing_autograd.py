@@ -9,9 +9,10 @@ Gradients (all computed with the ops themselves or in PyTorch, fixed-order, no a
   Triton backend runs, else recomputed from the logits in PyTorch; ids and counts are not
   differentiable. Logits read as -inf (NaN, -inf, rows of only -inf) get zero gradient.
 For the native ops they are registered with torch.library.register_autograd / register_fake
-(what torch.compile traces); in eager mode router_topk runs below autograd inside an
-autograd.Function with the same formulas (_NativeRouteFn: no custom-op autograd dispatch), and
-the PyTorch fallbacks get them through autograd.Function classes too.
+(what torch.compile traces); in eager mode the native ops run below autograd, inside
+autograd.Functions with the same formulas when an input needs a gradient (no custom-op autograd
+dispatch: tens of microseconds of host time per call), and the PyTorch fallbacks get the same
+formulas through autograd.Functions too.
 """
 
 from __future__ import annotations
@@ -101,26 +102,45 @@ def _cast_like(grad, ref):
 below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
-def _native_router_topk(logits, top_k, mode, renormalize):
-    """moelora::router_topk with its autograd: while torch.compile traces, the custom op (its
-    registered autograd); in eager mode :class:`_NativeRouteFn` when logits need a gradient,
-    else the op below autograd (the custom-op autograd dispatch costs tens of microseconds)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.moelora.router_topk(logits, top_k, mode, renormalize)
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _NativeRouteFn.apply(logits, top_k, mode, renormalize)
-    with below_autograd():
-        return torch.ops.moelora.router_topk(logits, top_k, mode, renormalize)
+def _below(op):
+    """``op`` dispatched below the autograd key."""
+    def run(*args):
+        with below_autograd():
+            return op(*args)
+    return run
+
+
+def _eager(op, function=None):
+    """A native custom op with its autograd: while torch.compile traces, the op itself (its
+    registered autograd); in eager mode ``function`` (an autograd.Function over the op below
+    autograd, with the same gradients) when an input needs a gradient, else the op below
+    autograd: the custom-op autograd dispatch costs tens of microseconds per call."""
+    below = _below(op)
+
+    def run(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if function is not None and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return function.apply(*args)
+        return below(*args)
+    return run
 
 
 class _Ops:
-    """The five ops, native (torch.ops.moelora) or PyTorch fallbacks."""
+    """The five ops, native (torch.ops.moelora, see _eager) or PyTorch fallbacks."""
 
     def __init__(self, native: bool):
         if native:
             ns = torch.ops.moelora
-            self.router_topk, self.dispatch_metadata = _native_router_topk, ns.dispatch_metadata
-            self.dispatch, self.combine, self.pair_dot = ns.dispatch, ns.combine, ns.pair_dot
+            self.router_topk = _eager(ns.router_topk, _route_function("_NativeRouteFn", _below(ns.router_topk)))
+            self.dispatch_metadata = _eager(ns.dispatch_metadata)
+            self.dispatch = _eager(ns.dispatch, _saving_function("_NativeDispatchFn", _below(ns.dispatch),
+                                                                 _dispatch_grads, native=True))
+            self.combine = _eager(ns.combine, _saving_function("_NativeCombineFn", _below(ns.combine),
+                                                               _combine_grads, native=True))
+            self.pair_dot = _eager(ns.pair_dot, _saving_function("_NativePairDotFn", _below(ns.pair_dot),
+                                                                 _pair_dot_grads, native=True))
         else:
             self.router_topk, self.dispatch_metadata = _RouteFn.apply, fb.dispatch_metadata
             self.dispatch, self.combine, self.pair_dot = _DispatchFn.apply, _CombineFn.apply, _PairDotFn.apply
@@ -155,49 +175,40 @@ def _route_grads(ctx, g_w, g_ids, g_counts, g_ps, g_lse):
     return route_backward(logits, ids, weights, ctx.mode, ctx.renormalize, g_w, g_ps, g_lse), None, None, None
 
 
-# ---- PyTorch fallbacks as autograd.Functions ---------------------------------------------
-class _RouteFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, top_k, mode, renormalize):
-        out = fb.router_topk(logits, top_k, mode, renormalize)
+# ---- autograd.Functions: the PyTorch fallbacks, and the native ops in eager mode ---------------
+def _route_function(name: str, router_topk):
+    """An autograd.Function running ``router_topk`` (the fallback, or the native op below
+    autograd) with the routing op's gradients."""
+
+    def fwd(ctx, logits, top_k, mode, renormalize):
+        out = router_topk(logits, top_k, mode, renormalize)
         _save_route(ctx, logits, out, mode, renormalize)
         ctx.mark_non_differentiable(out[1], out[2])
         return out
 
-    backward = staticmethod(_route_grads)
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(fwd), "backward": staticmethod(_route_grads)})
 
 
-class _NativeRouteFn(torch.autograd.Function):
-    """The native router_topk (below autograd) with the gradients its custom op registers, for eager mode."""
-
-    @staticmethod
-    def forward(ctx, logits, top_k, mode, renormalize):
-        with below_autograd():
-            out = torch.ops.moelora.router_topk(logits, top_k, mode, renormalize)
-        _save_route(ctx, logits, out, mode, renormalize)
-        ctx.mark_non_differentiable(out[1], out[2])
-        return out
-
-    backward = staticmethod(_route_grads)
-
-
-def _fallback_function(name: str, forward, grads):
-    """An autograd.Function running the PyTorch fallback ``forward``, its inputs saved, whose
-    backward is ``grads`` on the fallback ops (the native ops register the same ``grads``)."""
+def _saving_function(name: str, forward, grads, native: bool = False):
+    """An autograd.Function running ``forward`` (a fallback, or a native op below autograd), its
+    inputs saved, whose backward is ``grads`` on the same kind of ops (the native ops register the
+    same ``grads`` for torch.compile)."""
 
     def fwd(ctx, *inputs):
         ctx.save_for_backward(*inputs)
         return forward(*inputs)
 
     def bwd(ctx, g):
-        return grads(FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
+        return grads(NATIVE_OPS if native else FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-_DispatchFn = _fallback_function("_DispatchFn", fb.dispatch, _dispatch_grads)
-_CombineFn = _fallback_function("_CombineFn", fb.combine, _combine_grads)
-_PairDotFn = _fallback_function("_PairDotFn", fb.pair_dot, _pair_dot_grads)
+_RouteFn = _route_function("_RouteFn", fb.router_topk)
+_DispatchFn = _saving_function("_DispatchFn", fb.dispatch, _dispatch_grads)
+_CombineFn = _saving_function("_CombineFn", fb.combine, _combine_grads)
+_PairDotFn = _saving_function("_PairDotFn", fb.pair_dot, _pair_dot_grads)
 
 
 FALLBACK_OPS = _Ops(native=False)

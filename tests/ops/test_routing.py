@@ -127,11 +127,11 @@ def test_router_opcheck(dtype):
 
 
 @needs_c
-def test_native_route_in_eager_mode_skips_the_custom_op_autograd_dispatch():
-    """Eager mode runs the native op below autograd (its Python autograd dispatch costs tens of
-    microseconds per call): an autograd.Function node when logits need a gradient, none
-    otherwise; the gradients are the registered ones (checked against PyTorch's in the tests
-    below, whose native path is this one)."""
+def test_native_ops_in_eager_mode_skip_the_custom_op_autograd_dispatch():
+    """Eager mode runs the native ops below autograd (their Python autograd dispatch costs tens
+    of microseconds per call): an autograd.Function node when an input needs a gradient, none
+    otherwise; the gradients are the registered ones (checked against references in this file
+    and tests/ops/test_dispatch.py, whose native paths are these)."""
     from moelora.ops.routing import router_topk
 
     logits = torch.randn(9, 6, requires_grad=True)
@@ -142,6 +142,13 @@ def test_native_route_in_eager_mode_skips_the_custom_op_autograd_dispatch():
     with torch.no_grad():
         assert router_topk(logits, 2, "softmax_topk", True)[0].grad_fn is None
     assert router_topk(logits.detach(), 2, "softmax_topk", True)[0].grad_fn is None
+    meta = moelora.dispatch_metadata(ids, num_experts=6)
+    x = torch.randn(9, 5, requires_grad=True)
+    rows = moelora.dispatch(x, meta)
+    y = moelora.combine(rows, meta, weights)
+    assert type(rows.grad_fn).__name__ == "_NativeDispatchFnBackward"
+    assert type(y.grad_fn).__name__ == "_NativeCombineFnBackward"
+    assert moelora.combine(rows.detach(), meta, weights.detach()).grad_fn is None
 
 
 @pytest.fixture(params=["kernel", "torch"])
