@@ -6,7 +6,8 @@
   logits in one pass over x, gated expand, gate + router backward, all weight gradients in
   one kernel, threshold routing and the router's auxiliary loss.
 - ``grouped``: expert-sorted grouped GEMMs (row gather prologue, gate epilogue),
-  the per-expert weight-gradient reduction, and the fixed-order combine.
+  the per-expert weight-gradient reduction, the fixed-order combine, and the MoE FFN's
+  row kernels (gated activation) and routing kernels (mask and mixing weights).
 
 - ``launchers``: one Python launcher per kernel (output allocation, cached launch
   configurations, direct launches, the launch counter of moelora.profiling).
