@@ -261,15 +261,13 @@ def traced_jobs():
     shared A, softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime
     adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
-    the fused layer in the grouped regime
-    (E 64, r 16: shared A with softmax_topk, per-expert A with threshold routing); dense layers
-    of other widths (256 experts of rank 2, 64 of rank 8, 16 per-expert A's of rank 32, 8 of
-    rank 8) and S1's in fp32 and fp16; moe_lora's dense regime in fp32 and with per-expert A's
-    of rank 64, its grouped regime in fp32; moe_ffn on the Triton engine; and the routing op's
-    backward (moelora.route). Sizes are
-    scaled down (T 2048 or 4096, d 512) where the launch configurations (tiles, flags,
-    divisibility, shape classes) stay those of the full shapes, so that the CPU work stays
-    small."""
+    the fused layer in the grouped regime (E 64, r 16: shared A with softmax_topk, per-expert A
+    with threshold routing); dense layers of other widths (256 experts of rank 2, 64 of rank 8,
+    16 per-expert A's of rank 32, 8 of rank 8) and S1's in fp32 and fp16; moe_lora's dense
+    regime in fp32 and with per-expert A's of rank 64, its grouped regime in fp32; moe_ffn on
+    the Triton engine; and the routing op's backward (moelora.route). Sizes are scaled down
+    (T 2048 or 4096, d 512) where the launch configurations (tiles, flags, divisibility, shape
+    classes) stay those of the full shapes, so that the CPU work stays small."""
     from moelora.kernels import launchers as K
     from moelora.ops import moe_ffn as MF
     from moelora.ops import moe_lora as ML
@@ -357,13 +355,13 @@ def traced_jobs():
             # moe_ffn on the Triton engine (bf16 SwiGLU experts, biases, normalised mixing: an upcycled block)
             E, d_ff = 8, 1024
             ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
-            coef = torch.rand(T, k, generator=gen).requires_grad_()
+            gates = torch.rand(T, k, generator=gen).requires_grad_()
             weights = [rand(*shape).requires_grad_() for shape in ((E, d_ff, d), (E, d_ff), (E, d, d_ff), (E, d),
                                                                     (E, d_ff, d), (E, d_ff))]
             xf = x.detach().requires_grad_()
             plan = MF.ffn_plan(xf, weights[0], weights[2], weights[4], k, "triton")
-            y = MF._EagerMoEFFN.apply(xf, ids, coef, *weights, MF.ACTIVATION_CODES["silu"], True, False, plan)
-            torch.autograd.grad(y, [xf, coef, *weights], dy)
+            y = MF._EagerMoEFFN.apply(xf, ids, gates, *weights, MF.ACTIVATION_CODES["silu"], True, False, plan)
+            torch.autograd.grad(y, [xf, gates, *weights], dy)
             steps["moe_ffn triton engine"], calls[:] = list(calls), []
             logits = rand(T, E, dtype=torch.float32)  # the routing op's backward, every gradient given
             out = route(logits, k, renormalize=True)

@@ -445,8 +445,10 @@ def router_aux_loss_kernel(
     COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, AUX_ACC: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_AUX_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The router's auxiliary loss (_router_aux_loss) on its own, for the grouped regime, which
-    has no gated expand to compute it in.
+    """The router's auxiliary loss (_router_aux_loss) on its own: for the fused layer's grouped
+    regime (no gated expand to compute it in) and routers with more experts than the expand
+    takes (launchers.GATED_EXPAND_AUX_EXPERTS), and for the Router module's aux loss
+    (moelora.ops.losses.routing_aux_losses).
 
     Grid: (1,).
     """

@@ -361,8 +361,8 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
     overrides = _dense_tiles("matmul", given_tiles, M, N, K)
     # 4-byte operands (fp32 layers) take 32 x 32 tiles, 32-deep steps and a two-stage pipeline: of
     # a sweep of 16 tiles over the fp32 GEMMs that benchmarks/compile_kernels.py traces (the
-    # sanitized redo and B's expert groups included), the one neither Triton 3.6 nor 3.9 spills
-    # for sm_90 in any
+    # sanitized redo and B's expert groups included), the only one that neither Triton 3.6 nor
+    # 3.9 spills for sm_90 in any of them
     narrow = dtype.itemsize > 2 and not _INTERPRETING
     block_m = overrides.get("BLOCK_M") or (32 if narrow else 64 if M >= 64 or _INTERPRETING else
                                            _pow2_block(M, 16, 64))
@@ -444,8 +444,8 @@ def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_stride
                       r_strides: tuple, dtype: torch.dtype, tf32: bool, given_tiles: tuple) -> KernelLaunch:
     overrides = _dense_tiles("lora_down", given_tiles, T, R, K)
     block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
-    # 64 of A's rows per program, 64-deep steps (32 and 32 for 4-byte x): more spill registers for
-    # sm_90 (wide per-expert A's take more programs)
+    # At most 64 of A's rows per program and 64-deep steps (32 and 32 for 4-byte x): larger tiles
+    # spill registers for sm_90 (wide per-expert A's take more programs instead)
     wide = dtype.itemsize <= 2
     block_r = _pow2_block(R, 16, 64 if wide else 32)
     # The router's fp32 product is register-hungry: 16 of its columns per program (80 registers
@@ -531,8 +531,8 @@ def _router_aux_loss_launch(T: int, E: int, top_k: int, count_kept: bool, dtype:
 
 def router_aux_loss(topk_ids: torch.Tensor, topk_weights: torch.Tensor, aux: RouterAux):
     """(loss 0-d, stats [2] = (lb, z), counts [E]) of a learned router in one single-program
-    launch (what gated_expand computes beside its tile, for the grouped regime); counts as in
-    gated_expand."""
+    launch (what gated_expand computes beside its tile, where there is no expand to take it:
+    see router_aux_loss_kernel); counts as in gated_expand."""
     args, coefs = _aux_args(aux)
     kernel = _router_aux_loss_launch(topk_ids.shape[0], aux.counts.shape[0], topk_ids.shape[1], aux.count_kept,
                                      aux.lse.dtype, aux.lse.stride(0), topk_ids.stride(), topk_weights.stride())

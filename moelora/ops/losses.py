@@ -74,7 +74,7 @@ def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor,
 def routing_aux_losses(routing, lb_coef: float, z_coef: float):
     """:func:`aux_losses` of a learned ``routing`` (moelora.ops.routing_modes.Routing): in eager mode
     where the Triton kernels run, one single-program kernel (the fused layer's) whose backward
-    is four elementwise ops; else (torch.compile, other devices, no tokens) the PyTorch formula."""
+    is five elementwise ops; else (torch.compile, other devices, no tokens) the PyTorch formula."""
     lse = routing.lse
     if lse.numel() == 0 or not kernels_run(lse.device) or torch.compiler.is_compiling():
         return aux_losses(routing.counts, routing.prob_sums, lse, lb_coef, z_coef)
