@@ -151,7 +151,8 @@ def dense_jobs():
 
     routing = dict(TOP_K=2, BLOCK_K=2)
     yield ("lora_down with router", D.lora_down_kernel,
-           dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64, COLUMNS=2), 4, 3)
+           dict(HAS_ROUTER=True, **DOT, ROUTER_SPLITS=3, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64,
+                COLUMNS=2), 4, 3)
     for shared in (True, False):
         for rank in (16, 8, 0):  # r = 16, 8 compiled in; any other r read at run time
             for base in (True, False):  # moe_lora's base + delta; the fused layer's bias + delta
@@ -195,7 +196,8 @@ def dense_jobs():
 # The dense kernels' constexprs at S1 (bf16, r 16, E 8, k 2) and launch options, as the launchers
 # choose them by default; a DENSE_CONFIGS entry or tuning candidate overrides some of them.
 DENSE_TILE_BASE = {
-    "lora_down": (dict(HAS_ROUTER=True, **DOT, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64, COLUMNS=2), 4, 3),
+    "lora_down": (dict(HAS_ROUTER=True, **DOT, ROUTER_SPLITS=3, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64,
+                COLUMNS=2), 4, 3),
     "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=64,
                           BLOCK_C=16, RANK=16, **NO_AUX), 4, 3),
     "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
@@ -257,7 +259,7 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
     of nineteen training steps and one backward (launchers.record_launches), configured by the
-    launchers as on a 132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters,
+    launchers' defaults (the tile tables emptied meanwhile) as on a 132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters,
     shared A, softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime
     adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
@@ -279,6 +281,12 @@ def traced_jobs():
                          torch.int32: "i32", torch.int64: "i64"})
     target_programs = K._target_programs
     K._target_programs = lambda device: 2 * 132  # an H100 / H200 (the launchers' only device query)
+    # The launchers' defaults, which are chosen from compiled kernels and held to the policy here;
+    # tile-table entries were measured on a GPU (they are among the candidates compiled above).
+    tables = dict(K.DENSE_CONFIGS), dict(K.GROUPED_CONFIGS)
+    K.DENSE_CONFIGS.clear()
+    K.GROUPED_CONFIGS.clear()
+    K.clear_launch_caches()
     try:
         T, d, E, k = 2048, 512, 8, 2
         gen = torch.Generator().manual_seed(0)
@@ -370,6 +378,9 @@ def traced_jobs():
             steps["routing op backward"], calls[:] = list(calls), []
     finally:
         K._target_programs = target_programs
+        K.DENSE_CONFIGS.update(tables[0])
+        K.GROUPED_CONFIGS.update(tables[1])
+        K.clear_launch_caches()
     for step, launches in steps.items():
         for i, (kernel, meta, values) in enumerate(launches):
             tiles = {k: v for k, v in meta.items() if k.startswith("BLOCK")}

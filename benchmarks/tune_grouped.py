@@ -13,7 +13,7 @@ configs per shape class, the MoE FFN's GEMM engine, and the MoE-LoRA regime cros
    (tuned tiles installed), for moelora.ops.moe_ffn.FFN_ENGINES.
 3. Regime: moe_lora forward+backward, dense against grouped, shared A, r 16, E*r from 256
    to 2048 at k = 2 and 4 (T 8192), plus S2 and S4 (per-expert A), for
-   moelora.ops.moe_lora.DENSE_WIDTH_PER_SLOT.
+   moelora.ops.moe_lora.DENSE_MAX_WIDTH (the E*r up to which dense runs).
 
 Everything is bf16 on a GPU (fp32 on CPU), medians of CUDA-event timings; the candidates
 of a stage are compiled in parallel threads first. ``--budget`` (s) skips what is left
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -239,7 +238,7 @@ def regime_cases() -> List[dict]:
 
 
 def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
-    """moe_lora forward+backward in both regimes; the crossover in E*r per slot."""
+    """moe_lora forward+backward in both regimes; the crossover in E*r."""
     out = []
     for case in regime_cases():
         if budget.exhausted():
@@ -252,7 +251,7 @@ def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
         x = _randn(T, d).requires_grad_()
         a = _randn(*((r, d) if case["shared"] else (E, r, d)), scale=d ** -0.5).requires_grad_()
         b = _randn(E, d, r).requires_grad_()
-        row = dict(case, width_per_slot=E * r / k)
+        row = dict(case, width=E * r)
         for regime in ("dense", "grouped"):
             def step(regime=regime):
                 y = moelora.moe_lora(x, a, b, ids, w, scaling=2.0, backend="triton", regime=regime)
@@ -265,18 +264,21 @@ def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
                 report["errors"].append(f"regime {regime} {case}: {type(err).__name__}: {err}"[:300])
         if "dense_ms" in row and "grouped_ms" in row:
             out.append(row)
-    shared = [c for c in out if c["shared"]]
-    dense_wins = [c["width_per_slot"] for c in shared if c["dense_ms"] <= c["grouped_ms"]]
-    grouped_wins = [c["width_per_slot"] for c in shared if c["dense_ms"] > c["grouped_ms"]]
-    current = suggestion = moe_lora_module.DENSE_WIDTH_PER_SLOT
-    if dense_wins and grouped_wins:
-        lo, hi = max(dense_wins), min(grouped_wins)
-        suggestion = int(math.sqrt(lo * hi)) if lo < hi else int(lo)
-    elif dense_wins:
-        suggestion = int(max(dense_wins))
-    elif grouped_wins:
-        suggestion = int(min(grouped_wins) / 2)
-    report["regime"] = {"cases": out, "dense_width_per_slot": suggestion, "current": current}
+    current = moe_lora_module.DENSE_MAX_WIDTH
+    report["regime"] = {"cases": out, "dense_max_width": best_threshold(out, current), "current": current}
+
+
+def best_threshold(cases: List[dict], current: int) -> int:
+    """The E*r up to which dense runs that costs the measured cases least in total (dense at
+    or below it, grouped above; ties: the one nearest ``current``); ``current`` without cases."""
+    if not cases:
+        return current
+    candidates = sorted({0, *(c["width"] for c in cases)})
+
+    def total(limit):
+        return sum(c["dense_ms"] if c["width"] <= limit else c["grouped_ms"] for c in cases)
+
+    return int(min(candidates, key=lambda limit: (total(limit), abs(limit - current))))
 
 
 def paste_text(report: dict) -> str:
@@ -296,7 +298,7 @@ def paste_text(report: dict) -> str:
                   f'    ({major}, "gemm", "{cls}"): "{eng["gemm"]}",',
                   f'    ({major}, "wgrad", "{cls}"): "{eng["wgrad"]}",']
     if "regime" in report:
-        lines += ["# moelora/ops/moe_lora.py", f"DENSE_WIDTH_PER_SLOT = {report['regime']['dense_width_per_slot']}"]
+        lines += ["# moelora/ops/moe_lora.py", f"DENSE_MAX_WIDTH = {report['regime']['dense_max_width']}"]
     return "\n".join(lines)
 
 
@@ -309,7 +311,7 @@ def _tables(report: dict) -> None:
         report["ffn_engines"] = [[major, kind, report["ffn"]["shape_class"], engine]
                                  for kind, engine in report["ffn"]["engines"].items()]
     if "regime" in report:
-        report["dense_width_per_slot"] = report["regime"]["dense_width_per_slot"]
+        report["dense_max_width"] = report["regime"]["dense_max_width"]
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,9 @@ import triton.language as tl
 
 from moelora.kernels.matmul import SANITIZED_SLICE, _any_nonfinite, _sanitized_dot
 
+# Routing slots per token up to which the gated prologue unrolls its loop over them.
+UNROLLED_SLOTS = tl.constexpr(16)
+
 
 @triton.jit
 def _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_wt, stride_wk,
@@ -56,7 +59,7 @@ def lora_down_kernel(
     stride_xt, stride_xk, stride_ar, stride_ak, stride_re, stride_rk,
     stride_ht, stride_hr, stride_lt, stride_le,
     HAS_ROUTER: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUTER_SPLITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
@@ -64,7 +67,11 @@ def lora_down_kernel(
 
     A (any float dtype) is converted to DOT_DTYPE in registers; the router's product runs in
     ACC_DTYPE (fp32: the router weight is not rounded to x's dtype, so expert choices match an
-    fp32 router's); outputs accumulate in ACC_DTYPE. Program t * COLUMNS + j computes, for the
+    fp32 router's). For bf16 x it is ROUTER_SPLITS bf16 tensor-core products: the weight split
+    into that many bf16 pieces (3 for an fp32 weight, which they hold to all 24 bits; 1 for a
+    bf16 weight), each product of bf16 x and a piece exact in fp32, so the logits are x @ W^T
+    rounded as an fp32 product is (an fp32 dot runs on the CUDA cores, many times slower);
+    ROUTER_SPLITS 0: an fp32 dot (fp16 and fp32 x). Outputs accumulate in ACC_DTYPE. Program t * COLUMNS + j computes, for the
     t-th BLOCK_T tokens, the j-th BLOCK_R columns of h and the j-th BLOCK_E columns of the
     logits (either may be past the end): the router's columns, however many, are tiled like
     A's, and the programs that read the same rows of x run next to each other.
@@ -92,7 +99,14 @@ def lora_down_kernel(
         if HAS_ROUTER:  # in ACC_DTYPE (x exact, the router weight not rounded): routing does not flip on rounding
             wr = tl.load(r_ptr + offs_e[None, :] * stride_re + offs_k[:, None] * stride_rk,
                          mask=mask_k[:, None] & mask_e[None, :], other=0.0)
-            acc_l += tl.dot(x.to(ACC_DTYPE), wr.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
+            if ROUTER_SPLITS == 0:
+                acc_l += tl.dot(x.to(ACC_DTYPE), wr.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
+            else:  # x is bf16: W = w_1 + ... + w_S in bf16 pieces
+                rest = wr.to(ACC_DTYPE)
+                for _ in tl.static_range(ROUTER_SPLITS):
+                    piece = rest.to(tl.bfloat16)
+                    acc_l += tl.dot(x, piece, out_dtype=ACC_DTYPE)
+                    rest -= piece.to(ACC_DTYPE)
     tl.store(h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr, acc_h,
              mask=mask_t[:, None] & mask_r[None, :])
     if HAS_ROUTER:
@@ -107,18 +121,37 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
                 ACC: tl.constexpr):
     """Hg[offs_t, offs_c] (ACC), zero for (token, expert) pairs the token did not choose."""
     expert = offs_c // rank
-    gate = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
-    chosen = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.int1)
-    for j in tl.static_range(TOP_K):
-        id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
-        w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
-        hit = id_j[:, None] == expert[None, :]
-        gate += tl.where(hit, w_j[:, None], 0.0)
-        chosen = chosen | hit
     h_col = offs_c % rank if SHARED_A else offs_c
-    h = tl.load(h_ptr + offs_t[:, None] * stride_ht + h_col[None, :] * stride_hr,
-                mask=mask_t[:, None] & mask_c[None, :], other=0.0).to(ACC)
-    return tl.where(chosen, (gate * scaling) * h, 0.0)
+    h_ptrs = h_ptr + offs_t[:, None] * stride_ht + h_col[None, :] * stride_hr
+    h_mask = mask_t[:, None] & mask_c[None, :]
+    if TOP_K <= UNROLLED_SLOTS:  # the slots' gates summed per column, then one product with h
+        gate = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+        chosen = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.int1)
+        for j in tl.static_range(TOP_K):
+            id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
+            w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
+            hit = id_j[:, None] == expert[None, :]
+            gate += tl.where(hit, w_j[:, None], 0.0)
+            chosen = chosen | hit
+        h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC)
+        hg = tl.where(chosen, (gate * scaling) * h, 0.0)
+    else:  # a loop adding each slot's product (the form above, unrolled, fails to compile under
+        # Triton 3.6 at top_k 64 and takes every register at 32)
+        h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC)
+        hg = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+        for j in range(TOP_K):
+            hg = _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, j, scaling, stride_it, stride_ik,
+                                 stride_wt, stride_wk, ACC)
+    return hg
+
+
+@triton.jit
+def _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, j, scaling, stride_it, stride_ik, stride_wt,
+                    stride_wk, ACC: tl.constexpr):
+    """hg + (w_j * scaling) * h where routing slot j of the tokens offs_t chose the column's expert."""
+    id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
+    w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
+    return hg + tl.where(id_j[:, None] == expert[None, :], (w_j * scaling)[:, None] * h, 0.0)
 
 
 @triton.jit
@@ -276,7 +309,7 @@ TOPK_SOFTMAX = 3  # w = softmax over the chosen logits
 
 @triton.jit
 def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, offs_t, mask_t, ids, w, dw,
-                     E, inv_t, lb_coef, z_coef, stride_lt, stride_le, stride_glse,
+                     E, inv_t, lb_coef, z_coef, stride_lt, stride_le, stride_gps, stride_glse,
                      ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, HAS_STAT_GRADS: tl.constexpr,
                      TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                      ACC: tl.constexpr):
@@ -334,7 +367,7 @@ def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, off
         lse = tl.where(empty, 0.0, m + tl.log(tl.where(empty, 1.0, total)))
         g_x += (2.0 * g * z_coef * inv_t * lse)[:, None] * p
     if HAS_STAT_GRADS:
-        g_p += tl.load(g_ps_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)[None, :]
+        g_p += tl.load(g_ps_ptr + offs_e * stride_gps, mask=mask_e, other=0.0).to(ACC)[None, :]
         g_x += tl.load(g_lse_ptr + offs_t * stride_glse, mask=mask_t, other=0.0).to(ACC)[:, None] * p
     g_x += p * (g_p - tl.sum(p * g_p, axis=1)[:, None])
     return tl.where(x == float("-inf"), 0.0, g_x)
@@ -398,7 +431,7 @@ def gate_backward_kernel(
                  dw.to(dw_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_k[None, :] < TOP_K))
     else:
         dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, logits_ptr, logits_ptr, offs_t, mask_t, ids, w, dw,
-                              num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le, 0,
+                              num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le, 0, 0,
                               ROUTER, HAS_AUX_GRAD, False, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
         offs_e = tl.arange(0, BLOCK_E)
         tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl,
@@ -411,7 +444,7 @@ def router_backward_kernel(
     lb_coef, z_coef,
     T, num_experts, inv_t,
     stride_it, stride_ik, stride_wt, stride_wk, stride_dwt, stride_dwk,
-    stride_lt, stride_le, stride_glse, stride_dlt, stride_dle,
+    stride_lt, stride_le, stride_gps, stride_glse, stride_dlt, stride_dle,
     ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, HAS_STAT_GRADS: tl.constexpr, ACC: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -430,7 +463,7 @@ def router_backward_kernel(
     dw = tl.load(dw_ptr + offs_t[:, None] * stride_dwt + offs_k[None, :] * stride_dwk,
                  mask=mask_t[:, None] & (offs_k[None, :] < TOP_K), other=0.0).to(ACC)
     dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, offs_t, mask_t, ids, w, dw,
-                          num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le, stride_glse,
+                          num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le, stride_gps, stride_glse,
                           ROUTER, HAS_AUX_GRAD, HAS_STAT_GRADS, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
     offs_e = tl.arange(0, BLOCK_E)
     tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl.to(dl_ptr.dtype.element_ty),

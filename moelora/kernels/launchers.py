@@ -272,8 +272,14 @@ def _contiguous(cols: int) -> tuple:
 # ``python -m benchmarks.tune_dense`` (paste its "paste" output here). Each entry overrides some
 # of the launcher's default tiles (DENSE_TILE_KEYS); a class not listed keeps the defaults, and
 # the interpreter always does. Change the table through install_dense_configs (it checks the
-# entries and drops the cached launch configurations).
+# entries and drops the cached launch configurations). Entries: H200, Triton 3.6, 40 s of tuning
+# (benchmarks/results/tune-dense-nvidia-h200-20261128T190225.json; median ms against the defaults).
 DENSE_CONFIGS: Dict[str, Dict[str, int]] = {
+    "lora_down:sl:many": dict(BLOCK_K=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.2658 ms, default 0.2842 ms
+    "gated_expand:lm:many": dict(BLOCK_C=16, BLOCK_N=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1709 ms, default 0.1783 ms
+    "matmul:ls:many": dict(BLOCK_M=128, BLOCK_N=64, num_stages=3, num_warps=4),  # 0.1389 ms, default 0.1714 ms
+    "lora_weight_grad:lm:many": dict(BLOCK_M=32, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.2080 ms, default 0.2776 ms
+    "lora_down:sl:few": dict(BLOCK_K=128, BLOCK_T=32, num_stages=4, num_warps=4),  # 0.2508 ms, default 0.2601 ms
 }
 
 # What a DENSE_CONFIGS entry (or a launcher's ``tiles`` argument) may set, per kernel.
@@ -417,7 +423,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
     a2, b2 = second if second is not None else (a, b)
     K2 = a2.shape[1] if second is not None else 0
     if M == 0 or N == 0 or K + K2 == 0:
-        out.copy_(addend if addend is not None else torch.zeros((), dtype=out_dtype))
+        if addend is not None:
+            out.copy_(addend)
+        else:
+            out.zero_()  # a zero on the device (a host scalar's copy cannot be captured in a CUDA graph)
         return out
     b2_strides = (b2.stride(0), b2.stride(-1))
     kernel, splits = _matmul_launch(M, N, K, K2, group, a.stride(), (sb_k, sb_g, sb_n), a2.stride(), b2_strides,
@@ -439,10 +448,19 @@ def _routing_blocks(top_k: int) -> int:
     return next_power_of_2(top_k)
 
 
+_SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11}  # with the implicit bit; fp32 and wider: 24
+
+
 @functools.lru_cache(maxsize=4096)
 def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_strides: tuple, a_strides: tuple,
-                      r_strides: tuple, dtype: torch.dtype, tf32: bool, given_tiles: tuple) -> KernelLaunch:
+                      r_strides: tuple, dtype: torch.dtype, router_dtype: torch.dtype, tf32: bool,
+                      given_tiles: tuple) -> KernelLaunch:
     overrides = _dense_tiles("lora_down", given_tiles, T, R, K)
+    # bf16 x: the router's product as bf16 tensor-core products of the weight's bf16 pieces, as
+    # many as its significand needs (fp32 3, fp16 2, bf16 1); else, and under the interpreter
+    # (whose bf16 dots are wrong under Triton 3.9), an fp32 dot
+    split = has_router and dtype == torch.bfloat16 and not _INTERPRETING
+    router_splits = cdiv(_SIGNIFICAND_BITS.get(router_dtype, 24), 8) if split else 0
     block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
     # At most 64 of A's rows per program and 64-deep steps (32 and 32 for 4-byte x): larger tiles
     # spill registers for sm_90 (wide per-expert A's take more programs instead)
@@ -452,7 +470,8 @@ def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_stride
     # for sm_90 at 4 warps; 32 take 190, 64 spill, 512 need more shared memory than an SM has).
     block_e = 16
     columns = max(1, cdiv(R, block_r), cdiv(E, block_e) if has_router else 0)
-    meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=has_router, BLOCK_T=block_t, BLOCK_R=block_r,
+    meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=has_router, ROUTER_SPLITS=router_splits,
+                BLOCK_T=block_t, BLOCK_R=block_r,
                 BLOCK_E=block_e, BLOCK_K=overrides.get("BLOCK_K") or _pow2_block(K, 16, 64 if wide else 32),
                 COLUMNS=columns,
                 **_launch_options(overrides))
@@ -480,7 +499,7 @@ def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Op
         return h, logits
     r_w = router_weight if has_router else a_rows
     kernel = _lora_down_launch(T, K, R, r_w.shape[0], has_router, x.stride(), a_rows.stride(), r_w.stride(), x.dtype,
-                               _tf32(x.dtype), _tiles_key("lora_down", tiles))
+                               r_w.dtype, _tf32(x.dtype), _tiles_key("lora_down", tiles))
     kernel(x, a_rows, r_w, h, logits if has_router else h)
     return h, logits
 
@@ -696,12 +715,13 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
 @functools.lru_cache(maxsize=1024)
 def _router_backward_launch(T: int, E: int, top_k: int, mode: int, has_aux: bool, stat_grads: bool,
                             dtype: torch.dtype, ids_strides: tuple, w_strides: tuple, dw_strides: tuple,
-                            logits_strides: tuple, glse_stride: int) -> KernelLaunch:
+                            logits_strides: tuple, gps_stride: int, glse_stride: int) -> KernelLaunch:
     block_e = _pow2_block(E, 1, 1 << 16)
     block_t = _router_rows(block_e)
     meta = dict(ROUTER=mode, HAS_AUX_GRAD=has_aux, HAS_STAT_GRADS=stat_grads, ACC=_TL_DTYPES[dtype], TOP_K=top_k,
                 BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_E=block_e)
-    fixed = (T, E, 1.0 / T, *ids_strides, *w_strides, *dw_strides, *logits_strides, glse_stride, *_contiguous(E))
+    fixed = (T, E, 1.0 / T, *ids_strides, *w_strides, *dw_strides, *logits_strides, gps_stride, glse_stride,
+             *_contiguous(E))
     return KernelLaunch(router_backward_kernel, (cdiv(T, block_t),), fixed, **meta)
 
 
@@ -724,7 +744,7 @@ def router_backward(dw: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         raise ValueError("g_prob_sums and g_lse go together (zeros for the one without a gradient)")
     kernel = _router_backward_launch(T, E, topk_ids.shape[1], ROUTER_GRAD_MODES[router.mode], has_aux, stat_grads, acc,
                                      topk_ids.stride(), topk_weights.stride(), dw.stride(), logits.stride(),
-                                     g_lse.stride(0) if stat_grads else 0)
+                                     g_prob_sums.stride(0) if stat_grads else 0, g_lse.stride(0) if stat_grads else 0)
     kernel(topk_ids, topk_weights, dw, logits, router.counts if has_aux else logits,
            router.g_aux if has_aux else logits, g_prob_sums if stat_grads else logits,
            g_lse if stat_grads else logits, dl, float(router.lb_coef), float(router.z_coef))
@@ -879,8 +899,15 @@ def grouped_shape_class(kernel: str, n: int, k: int, rows_per_expert: float) -> 
 
 # Tile configs by shape class, measured on Hopper (H100/H200, bf16) by
 # ``python -m benchmarks.tune_grouped`` (paste its "configs" output here). Classes not listed
-# use _default_config; the interpreter always uses _interpreter_config.
+# use _default_config; the interpreter always uses _interpreter_config. Entries: H200, Triton 3.6
+# (benchmarks/results/tune-grouped-nvidia-h200-20261128T190225.json; median ms, and torch's
+# grouped_mm on the same GEMM).
 GROUPED_CONFIGS: Dict[str, TileConfig] = {
+    "matmul:ll:many": TileConfig(128, 128, 64, 8, 8, 3),  # 3.588 ms, grouped_mm 2.850 ms
+    "wgrad:ll:many": TileConfig(128, 128, 64, 8, 8, 3),  # 3.134 ms, grouped_mm 1.649 ms
+    "matmul:ls:many": TileConfig(64, 256, 64, 8, 4, 2),  # 0.741 ms, grouped_mm 0.426 ms
+    "matmul:sl:many": TileConfig(128, 64, 64, 8, 4, 3),  # 0.245 ms, grouped_mm 0.384 ms
+    "wgrad:ls:many": TileConfig(128, 64, 64, 8, 4, 3),  # 0.707 ms, grouped_mm 0.388 ms
 }
 
 

@@ -91,8 +91,8 @@ class LayerGate(nn.Module):
             proj_bias = None if self.proj.bias is None else self.proj.bias.float()
             logits = F.linear(F.normalize(F.linear(z, self.proj.weight.float(), proj_bias), dim=-1),
                               F.normalize(self.layer_embeddings.float(), dim=-1)) / self.temperature
-        mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        mask[exclude] = True
+        # built on the device (an indexed assignment would copy a host scalar: not capturable)
+        mask = torch.arange(logits.shape[-1], device=logits.device) == exclude
         logits = logits.masked_fill(mask, float("-inf"))
         values = torch.sigmoid(logits) if self.gate == "cosine_sigmoid" else torch.softmax(logits, dim=-1)
         return logits, values

@@ -112,12 +112,17 @@ def fused_activation_name(activation: Callable) -> Optional[str]:
     return None
 
 
-@torch.compiler.assume_constant_result  # evaluated (and registered) while torch.compile traces
 def _activation_key(activation: Callable) -> str:
-    """A string naming ``activation`` for the custom ops (fused name, or a registry key)."""
+    """A string naming ``activation`` for the custom ops: its fused name (traced through by
+    torch.compile: the isinstance tests on a module such as nn.SiLU are guarded on), else a
+    registry key."""
     name = fused_activation_name(activation)
-    if name is not None:
-        return name
+    return name if name is not None else _callable_key(activation)
+
+
+@torch.compiler.assume_constant_result  # evaluated (and registered) while torch.compile traces
+def _callable_key(activation: Callable) -> str:
+    """The registry key of an activation the fused kernels do not know."""
     key = f"callable:{id(activation)}"
     _CALLABLES[key] = activation
     return key

@@ -170,22 +170,24 @@ def moe_lora_torch(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling=1.0, ba
 
 
 # ------------------------------------------------------------------------------ Triton backend
-# Crossover of the two regimes (benchmarks/tune_grouped.py measures it): dense while
-# E*r <= DENSE_WIDTH_PER_SLOT * k.
-DENSE_WIDTH_PER_SLOT = 256
+# Crossover of the two regimes, measured by benchmarks/tune_grouped.py: dense while
+# E*r <= DENSE_MAX_WIDTH.
+DENSE_MAX_WIDTH = 1024
 
 
-def choose_regime(num_experts: int, rank: int, top_k: int = 2) -> str:
-    """"dense" or "grouped" for E experts of rank r with k slots per token.
+def choose_regime(num_experts: int, rank: int) -> str:
+    """"dense" or "grouped" for E experts of rank r.
 
     Dense: the gated expand's GEMMs are E*r wide (x and y move once; the FLOPs grow with
     E*r, for every token). Grouped: only the k selected experts compute, but each token's k
     expert rows (T*k x d_out) pass through memory twice forward and dy is gathered k times
-    backward. Per token, dense spends ~6 E r d FLOPs, grouped ~8 k d extra bytes: on H100
-    (~270 FLOP per byte) they cross near E*r = 350 k. The threshold DENSE_WIDTH_PER_SLOT * k
-    (256 * k: E*r <= 512 at k = 2, as before) is to be replaced by the measured crossover.
+    backward. Measured on an H200 (bf16, T 8192, d 4096, shared A of rank 16, forward and
+    backward; benchmarks/results/tune-grouped-nvidia-h200-20261128T190225.json): dense is
+    faster up to E*r = 1024 and grouped from 2048, at k = 2 and at k = 4 alike (dense 1.10
+    against grouped 1.47 ms at E 64, k 2; 2.01 against 1.93 ms at E 128, k 2; 2.06 against
+    1.49 ms at E 128, k 4), so the threshold is on E*r alone.
     """
-    return "dense" if num_experts * rank <= DENSE_WIDTH_PER_SLOT * top_k else "grouped"
+    return "dense" if num_experts * rank <= DENSE_MAX_WIDTH else "grouped"
 
 
 def lora_a_rows(lora_a: torch.Tensor) -> torch.Tensor:
@@ -435,7 +437,7 @@ def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
     """Run the Triton backend on validated arguments with T > 0; returns [..., d_out] (args.out_shape)."""
     num_experts, _, rank = args.lora_b.shape
     if regime == "auto":
-        regime = choose_regime(num_experts, rank, args.topk_ids.shape[-1])
+        regime = choose_regime(num_experts, rank)
     grouped = regime == "grouped"
     if torch.compiler.is_compiling():
         flat = args.flattened()

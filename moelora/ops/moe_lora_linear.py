@@ -110,8 +110,7 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                            flat(lora_input))
         return y.reshape(x.shape[:-1] + (weight.shape[0],)), out
     r = router
-    top_k = r.top_k if r is not None else topk_ids.shape[-1]
-    grouped = choose_regime(lora_b.shape[0], lora_b.shape[2], top_k) == "grouped"
+    grouped = choose_regime(lora_b.shape[0], lora_b.shape[2]) == "grouped"
     if torch.compiler.is_compiling():
         xl = None if lora_input is None else lora_input.reshape(T, x.shape[-1])
         args = op_args(x.reshape(T, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, router, topk_ids,

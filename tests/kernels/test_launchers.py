@@ -440,7 +440,17 @@ def test_gated_expand_ignores_nonfinite_weights_of_unchosen_experts(shared_a):
         assert torch.isnan(out[chose_2][:, [7, 9]]).all() and torch.isfinite(out[chose_2][:, :7]).all()
 
 
-def test_record_launches_gives_each_launch_with_its_configuration_and_argument_types():
+@pytest.fixture
+def interpreter_configs(monkeypatch):
+    """Launch configurations as the launchers set them under the interpreter, on any machine
+    (launches recorded or counted, not run); none of them stays cached after the test."""
+    monkeypatch.setattr(K, "_INTERPRETING", True)
+    K.clear_launch_caches()
+    yield
+    K.clear_launch_caches()
+
+
+def test_record_launches_gives_each_launch_with_its_configuration_and_argument_types(interpreter_configs):
     """What benchmarks/compile_kernels.py compiles: each launch's kernel, constexprs and the values
     of its other parameters in order (tensors as dtypes), dense and grouped kernels alike; nothing
     runs."""
@@ -606,7 +616,7 @@ def test_every_dense_tile_candidate_computes_the_reference(kernel, tiles, monkey
         assert_only_view_written(big_r, dr, dl.double().t() @ x.double(), 1e-6)
 
 
-def test_dense_tile_table_entries_are_valid_and_used_off_the_interpreter(monkeypatch):
+def test_dense_tile_table_entries_are_valid_and_used_off_the_interpreter(monkeypatch, interpreter_configs):
     """DENSE_CONFIGS as committed passes install_dense_configs' checks; off the interpreter a
     launch of a listed shape class takes the entry, a launcher's ``tiles`` win over it, and the
     interpreter keeps the defaults."""

@@ -27,11 +27,11 @@ def test_tune_grouped_smoke(tmp_path, monkeypatch, request):
     table = {}
     exec("\n".join(line for line in report["paste"].splitlines() if not line.startswith(("#", "    (")))
          .replace("Dict[str, TileConfig]", "dict"), {"TileConfig": TileConfig, "torch": torch}, table)
-    assert set(table["GROUPED_CONFIGS"]) == set(report["tiles"]) and table["DENSE_WIDTH_PER_SLOT"] > 0
+    assert set(table["GROUPED_CONFIGS"]) == set(report["tiles"]) and table["DENSE_MAX_WIDTH"] >= 0
     # the same picks as data, which ``python -m benchmarks --tuned`` installs
     assert {cls: TileConfig(*tiles) for cls, tiles in report["grouped_configs"].items()} == table["GROUPED_CONFIGS"]
     monkeypatch.setattr(tune_grouped.K, "GROUPED_CONFIGS", {})
-    monkeypatch.setattr(moe_lora_module, "DENSE_WIDTH_PER_SLOT", 1)
+    monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", -1)
     installed = tuned.install([str(out)])[str(out)]
     assert tune_grouped.K.GROUPED_CONFIGS == table["GROUPED_CONFIGS"]
-    assert moe_lora_module.DENSE_WIDTH_PER_SLOT == table["DENSE_WIDTH_PER_SLOT"] == installed["dense_width_per_slot"]
+    assert moe_lora_module.DENSE_MAX_WIDTH == table["DENSE_MAX_WIDTH"] == installed["dense_max_width"]

@@ -347,7 +347,9 @@ def test_gpu_no_host_sync_and_cuda_graph_capture(engine):
 
     def step():
         y = run(x, ids, weights, ffn, ("triton", engine), normalize=True)
-        return [y, *torch.autograd.grad(y, params, torch.ones_like(y))]
+        # y detached: a graph kept alive would keep the leaves' AccumulateGrad nodes of the eager
+        # step, on the default stream, which the captured backward cannot wait on
+        return [y.detach(), *torch.autograd.grad(y, params, torch.ones_like(y))]
 
     with moelora.validation(False):
         eager = step()  # compiles the kernels

@@ -286,12 +286,11 @@ def test_backends_agree():
     assert rel_err(y_t, y_r) < TOLERANCE[torch.float32]
 
 
-def test_choose_regime_is_a_width_per_slot_threshold(monkeypatch):
-    """Dense while E*r <= DENSE_WIDTH_PER_SLOT * k (the crossover benchmarks/tune_grouped.py measures)."""
+def test_choose_regime_is_a_width_threshold(monkeypatch):
+    """Dense while E*r <= DENSE_MAX_WIDTH (the crossover benchmarks/tune_grouped.py measures)."""
     from moelora.ops import moe_lora as moe_lora_module
 
-    monkeypatch.setattr(moe_lora_module, "DENSE_WIDTH_PER_SLOT", 256)
     choose = moe_lora_module.choose_regime
-    assert choose(8, 16, 2) == "dense" and choose(64, 64, 4) == "grouped"  # S1, S3
-    assert choose(32, 16, 2) == "dense" and choose(33, 16, 2) == "grouped"
-    assert choose(64, 16, 4) == "dense" and choose(64, 16, 1) == "grouped"
+    assert choose(8, 16) == "dense" and choose(64, 64) == "grouped"  # S1, S3 as committed
+    monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", 512)
+    assert choose(32, 16) == "dense" and choose(33, 16) == "grouped" and choose(8, 64) == "dense"

@@ -107,7 +107,7 @@ def regime(request, monkeypatch):
     if request.param == "dense":
         yield "dense"
         return
-    monkeypatch.setattr(moe_lora_module, "DENSE_WIDTH_PER_SLOT", 0)
+    monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", 0)
     calls = []
     expand = fused_linear._grouped_expand
     monkeypatch.setattr(fused_linear, "_grouped_expand", lambda *a: calls.append(1) or expand(*a))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moelora
+from conftest import DEVICE
 from helpers import PATHS, needs_c, needs_cuda_kernels, route_reference, run_path
 
 MODES = [("softmax_topk", False), ("softmax_topk", True), ("topk_softmax", False)]
@@ -153,19 +154,20 @@ def test_native_ops_in_eager_mode_skip_the_custom_op_autograd_dispatch():
 
 @pytest.fixture(params=["kernel", "torch"])
 def grad_path(request, monkeypatch):
-    """Where the routing op's backward runs: the Triton kernel (the Triton backend; checked to
-    have run) or PyTorch (the torch backend)."""
+    """The device of the test's logits, by where the routing op's backward runs: the Triton
+    kernel (the Triton backend, on the device where it runs: CUDA, or the CPU under the
+    interpreter; checked to have run) or PyTorch (the torch backend, on the CPU)."""
     from moelora.ops import routing_autograd
 
     if request.param == "torch":
         monkeypatch.setenv("MOELORA_BACKEND", "torch")
-        yield "torch"
+        yield torch.device("cpu")
         return
     monkeypatch.setenv("MOELORA_BACKEND", "auto")  # the test session's default is torch (conftest)
     calls = []
     kernel = routing_autograd._router_topk_backward
     monkeypatch.setattr(routing_autograd, "_router_topk_backward", lambda *a: calls.append(1) or kernel(*a))
-    yield "kernel"
+    yield DEVICE
     assert calls, "the routing op's backward kernel did not run"
 
 
@@ -180,8 +182,8 @@ def _route_sum(path, mode, renorm, k, coef):
 @pytest.mark.parametrize("mode,renorm", MODES)
 def test_route_gradcheck(path, mode, renorm, grad_path):
     g = torch.Generator().manual_seed(11)
-    logits = torch.randn(6, 7, dtype=torch.float64, generator=g).requires_grad_()
-    coef = torch.randn(7, dtype=torch.float64, generator=g)
+    logits = torch.randn(6, 7, dtype=torch.float64, generator=g).to(grad_path).requires_grad_()
+    coef = torch.randn(7, dtype=torch.float64, generator=g).to(grad_path)
     torch.autograd.gradcheck(_route_sum(path, mode, renorm, 3, coef), (logits,))
 
 
@@ -190,8 +192,9 @@ def test_route_gradcheck(path, mode, renorm, grad_path):
 def test_route_grad_matches_torch_autograd(path, mode, renorm, grad_path):
     """fp32 logits: gradient vs plain-PyTorch autograd of softmax / topk / logsumexp."""
     g = torch.Generator().manual_seed(5)
-    logits = torch.randn(33, 8, generator=g)
-    gw, gps, glse = torch.randn(33, 2, generator=g), torch.randn(8, generator=g), torch.randn(33, generator=g)
+    logits = torch.randn(33, 8, generator=g).to(grad_path)
+    gw, gps, glse = (t.to(grad_path) for t in (torch.randn(33, 2, generator=g), torch.randn(8, generator=g),
+                                               torch.randn(33, generator=g)))
     x = logits.clone().requires_grad_()
     out = run_path(path, moelora.route, x, 2, mode=mode, renormalize=renorm)
     ((out.weights * gw).sum() + (out.prob_sums * gps).sum() + (out.lse * glse).sum()).backward()
@@ -210,7 +213,7 @@ def test_route_grad_matches_torch_autograd(path, mode, renorm, grad_path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_route_grad_nan_rows_are_zero(path, grad_path):
-    logits = torch.randn(4, 5, dtype=torch.float64)
+    logits = torch.randn(4, 5, dtype=torch.float64, device=grad_path)
     logits[1] = float("nan")
     logits[2, 0] = float("nan")
     x = logits.clone().requires_grad_()
@@ -226,11 +229,34 @@ def test_route_backward_kernel_with_many_experts(E, k):
     from moelora.ops import routing_autograd
 
     g = torch.Generator().manual_seed(E)
-    logits = torch.randn(9, E, generator=g) * 2
+    logits = (torch.randn(9, E, generator=g) * 2).to(DEVICE)
     out = moelora.route(logits, k, renormalize=True)
-    grads = (torch.randn(9, k, generator=g), torch.randn(E, generator=g), torch.randn(9, generator=g))
+    grads = [t.to(DEVICE) for t in (torch.randn(9, k, generator=g), torch.randn(E, generator=g),
+                                    torch.randn(9, generator=g))]
     got = routing_autograd._router_topk_backward(logits, out.ids, out.weights, *grads, 0, True)
     want = routing_autograd._route_backward_torch(logits, out.ids, out.weights, 0, True, *grads)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_backward_kernel_reads_broadcast_gradients(mode, renorm):
+    """Gradients as autograd hands them over for sums (expanded: stride 0) and sliced (strided):
+    the kernel reads them through their strides, equal to the PyTorch formula on copies."""
+    from moelora.ops import routing_autograd
+    from moelora.ops import routing_torch as fb
+
+    T, E, k = 10, 6, 2
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(T, E, generator=g).to(DEVICE)
+    code = fb.TOPK_SOFTMAX if mode == "topk_softmax" else fb.SOFTMAX_TOPK
+    out = moelora.route(logits, k, mode=mode, renormalize=renorm)
+    g_weights = torch.randn(T, 2 * k, generator=g).to(DEVICE)[:, ::2]  # strided
+    g_prob_sums = torch.full((1,), 0.75, device=DEVICE).expand(E)  # d sum(prob_sums) * 0.75
+    g_lse = torch.full((1,), -1.5, device=DEVICE).expand(T)
+    grads = (g_weights, g_prob_sums, g_lse)
+    got = routing_autograd._router_topk_backward(logits, out.ids, out.weights, *grads, code, renorm)
+    want = routing_autograd._route_backward_torch(logits, out.ids, out.weights, code, renorm,
+                                                  *(t.contiguous() for t in grads))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -241,9 +267,10 @@ def test_route_backward_op_opcheck(given, monkeypatch):
 
     monkeypatch.setenv("MOELORA_BACKEND", "auto")
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(20, 6, generator=g)
+    logits = torch.randn(20, 6, generator=g).to(DEVICE)
     out = moelora.route(logits, 2, renormalize=True)
-    gw, gps, glse = torch.randn(20, 2, generator=g), torch.randn(6, generator=g), torch.randn(20, generator=g)
+    gw, gps, glse = (t.to(DEVICE) for t in (torch.randn(20, 2, generator=g), torch.randn(6, generator=g),
+                                            torch.randn(20, generator=g)))
     grads = {"all": (gw, gps, glse), "weights": (gw, None, None), "stats": (None, gps, None)}[given]
     torch.library.opcheck(router_topk_backward, (logits, out.ids, out.weights, *grads, 0, True))
 
