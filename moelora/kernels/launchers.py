@@ -272,14 +272,15 @@ def _contiguous(cols: int) -> tuple:
 # ``python -m benchmarks.tune_dense`` (paste its "paste" output here). Each entry overrides some
 # of the launcher's default tiles (DENSE_TILE_KEYS); a class not listed keeps the defaults, and
 # the interpreter always does. Change the table through install_dense_configs (it checks the
-# entries and drops the cached launch configurations). Entries: H200, Triton 3.6, 40 s of tuning
-# (benchmarks/results/tune-dense-nvidia-h200-20261128T190225.json; median ms against the defaults).
+# entries and drops the cached launch configurations). Entries: H200, Triton 3.6, commit f3481a5
+# (benchmarks/results/tune-dense-nvidia-h200-20261128T193823.json; median ms against the defaults).
 DENSE_CONFIGS: Dict[str, Dict[str, int]] = {
-    "lora_down:sl:many": dict(BLOCK_K=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.2658 ms, default 0.2842 ms
-    "gated_expand:lm:many": dict(BLOCK_C=16, BLOCK_N=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1709 ms, default 0.1783 ms
-    "matmul:ls:many": dict(BLOCK_M=128, BLOCK_N=64, num_stages=3, num_warps=4),  # 0.1389 ms, default 0.1714 ms
-    "lora_weight_grad:lm:many": dict(BLOCK_M=32, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.2080 ms, default 0.2776 ms
-    "lora_down:sl:few": dict(BLOCK_K=128, BLOCK_T=32, num_stages=4, num_warps=4),  # 0.2508 ms, default 0.2601 ms
+    "lora_down:sl:many": dict(BLOCK_K=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1071 ms, default 0.1121 ms
+    "gated_expand:lm:many": dict(BLOCK_C=16, BLOCK_N=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1393 ms, default 0.1795 ms
+    "matmul:ml:many": dict(BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, num_stages=4, num_warps=4),  # 0.0580 ms, default 0.0628 ms
+    "matmul:ls:many": dict(BLOCK_M=128, BLOCK_N=64, num_stages=3, num_warps=4),  # 0.1168 ms, default 0.1460 ms
+    "lora_weight_grad:lm:many": dict(BLOCK_M=32, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1960 ms, default 0.2495 ms
+    "matmul:ml:few": dict(BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, num_stages=4, num_warps=4),  # 0.0506 ms, default 0.0539 ms
 }
 
 # What a DENSE_CONFIGS entry (or a launcher's ``tiles`` argument) may set, per kernel.
