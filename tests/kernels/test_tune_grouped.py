@@ -2,6 +2,7 @@
 writes a report whose paste lines are valid Python for the tables they name."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +36,20 @@ def test_tune_grouped_smoke(tmp_path, monkeypatch, request):
     installed = tuned.install([str(out)])[str(out)]
     assert tune_grouped.K.GROUPED_CONFIGS == table["GROUPED_CONFIGS"]
     assert moe_lora_module.DENSE_MAX_WIDTH == table["DENSE_MAX_WIDTH"] == installed["dense_max_width"]
+
+
+def test_regime_threshold_is_the_cheapest_on_the_committed_h200_cases():
+    """The threshold the tuner picks from the H200 run's regime cases is DENSE_MAX_WIDTH as
+    committed (dense wins up to E*r 1024 at k 2 and 4, grouped at 2048); with mixed results at
+    one width it is the one that costs the cases least in total; of equal ones, the nearest to
+    the current threshold."""
+    report = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+                         / "tune-grouped-nvidia-h200-20261128T190225.json").read_text())
+    cases = [dict(c, width=c["E"] * c["r"]) for c in report["regime"]["cases"]]
+    assert tune_grouped.best_threshold(cases, 256) == moe_lora_module.DENSE_MAX_WIDTH == 1024
+    made_up = [dict(width=512, dense_ms=1.0, grouped_ms=2.0), dict(width=1024, dense_ms=2.0, grouped_ms=1.5),
+               dict(width=1024, dense_ms=1.0, grouped_ms=1.1), dict(width=2048, dense_ms=3.0, grouped_ms=1.0)]
+    assert tune_grouped.best_threshold(made_up, 0) == 512  # in all 4.6 ms; 1024: 5.0, 0: 5.6, 2048: 7.0
+    tie = [dict(width=512, dense_ms=1.0, grouped_ms=1.0)]  # 0 and 512 cost the same
+    assert tune_grouped.best_threshold(tie, 400) == 512 and tune_grouped.best_threshold(tie, 100) == 0
+    assert tune_grouped.best_threshold([], 777) == 777
