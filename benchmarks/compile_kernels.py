@@ -197,7 +197,7 @@ def dense_jobs():
 # choose them by default; a DENSE_CONFIGS entry or tuning candidate overrides some of them.
 DENSE_TILE_BASE = {
     "lora_down": (dict(HAS_ROUTER=True, **DOT, ROUTER_SPLITS=3, BLOCK_T=64, BLOCK_R=16, BLOCK_E=16, BLOCK_K=64,
-                COLUMNS=2), 4, 3),
+                       COLUMNS=2), 4, 3),
     "gated_expand": (dict(SHARED_A=True, HAS_BASE=True, HAS_BIAS=True, **DOT, TOP_K=2, BLOCK_T=64, BLOCK_N=64,
                           BLOCK_C=16, RANK=16, **NO_AUX), 4, 3),
     "matmul": (dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=16, **DOT, BLOCK_M=64, BLOCK_N=128,
@@ -259,8 +259,9 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
     of nineteen training steps and one backward (launchers.record_launches), configured by the
-    launchers' defaults (the tile tables emptied meanwhile) as on a 132-SM Hopper GPU: the fused MoELoRALinear (bf16 base, fp32 adapters,
-    shared A, softmax_topk with the aux loss: S1's benchmark case); moe_lora's dense regime
+    launchers' defaults (the tile tables emptied meanwhile) as on a 132-SM Hopper GPU: the fused
+    MoELoRALinear (bf16 base, fp32 adapters, shared A, softmax_topk with the aux loss: S1's
+    benchmark case); moe_lora's dense regime
     adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
     the fused layer in the grouped regime (E 64, r 16: shared A with softmax_topk, per-expert A
