@@ -271,7 +271,7 @@ def _contiguous(cols: int) -> tuple:
 # Tiles of the dense kernels by shape class, measured on Hopper (H100/H200, bf16) by
 # ``python -m benchmarks.tune_dense`` (paste its "paste" output here). Each entry overrides some
 # of the launcher's default tiles (DENSE_TILE_KEYS); a class not listed keeps the defaults, and
-# the interpreter always does. Change the table through install_dense_configs (it checks the
+# so do 4-byte operands and the interpreter. Change the table through install_dense_configs (it checks the
 # entries and drops the cached launch configurations). Entries: H200, Triton 3.6, commit f3481a5
 # (benchmarks/results/tune-dense-nvidia-h200-20261128T193823.json; median ms against the defaults).
 DENSE_CONFIGS: Dict[str, Dict[str, int]] = {
@@ -325,11 +325,13 @@ def _tiles_key(kernel: str, tiles: Optional[Dict[str, int]]) -> tuple:
     return tuple(sorted(check_tiles(kernel, tiles).items())) if tiles else ()
 
 
-def _dense_tiles(kernel: str, given: tuple, rows: int, n: int, k: int) -> Dict[str, int]:
-    """The tile overrides of one launch: the launcher's ``tiles`` argument, else the table's."""
+def _dense_tiles(kernel: str, given: tuple, rows: int, n: int, k: int, dtype: torch.dtype) -> Dict[str, int]:
+    """The tile overrides of one launch: the launcher's ``tiles`` argument, else the table's for
+    2-byte operands (the table holds bf16 measurements: with 4-byte operands its tiles spill
+    registers, and the launchers' fp32 defaults are sized for those)."""
     if given:
         return dict(given)
-    if _INTERPRETING:
+    if _INTERPRETING or dtype.itemsize > 2:
         return {}
     return DENSE_CONFIGS.get(dense_shape_class(kernel, rows, n, k), {})
 
@@ -365,7 +367,7 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
                    device: torch.device, split_k: bool, dtype: torch.dtype, tf32: bool, sanitize_b: bool,
                    given_tiles: tuple):
     """(KernelLaunch of matmul_kernel, splits); b_strides = (k, group, n) strides of b."""
-    overrides = _dense_tiles("matmul", given_tiles, M, N, K)
+    overrides = _dense_tiles("matmul", given_tiles, M, N, K, dtype)
     # 4-byte operands (fp32 layers) take 32 x 32 tiles, 32-deep steps and a two-stage pipeline: of
     # a sweep of 16 tiles over the fp32 GEMMs that benchmarks/compile_kernels.py traces (the
     # sanitized redo and B's expert groups included), the only one that neither Triton 3.6 nor
@@ -456,7 +458,7 @@ _SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11}  # with the implicit 
 def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_strides: tuple, a_strides: tuple,
                       r_strides: tuple, dtype: torch.dtype, router_dtype: torch.dtype, tf32: bool,
                       given_tiles: tuple) -> KernelLaunch:
-    overrides = _dense_tiles("lora_down", given_tiles, T, R, K)
+    overrides = _dense_tiles("lora_down", given_tiles, T, R, K, dtype)
     # bf16 x: the router's product as bf16 tensor-core products of the weight's bf16 pieces, as
     # many as its significand needs (fp32 3, fp16 2, bf16 1); else, and under the interpreter
     # (whose bf16 dots are wrong under Triton 3.9), an fp32 dot
@@ -576,7 +578,7 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
     # 64 x 64 tiles with 4 warps also below rank 16, where an expert's columns fill less than a
     # 16-column step: the 8-warp 64 x 128 tile then takes ~165 registers (one program per SM)
     narrow = has_base or rank < 16
-    overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank)
+    overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank, dtype)
     block_t = overrides.get("BLOCK_T") or 64
     block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if narrow else 128)
     aux_experts, lse_stride, count_kept, aux_dtype = aux if aux is not None else (E, 0, False, torch.float32)
@@ -767,7 +769,7 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     narrow operand (Hg [T, E*r] for dB, [dh | dlogits] for dA), so halving the rows per tile
     doubles that traffic (at S1 32-row tiles read Hg 128 times: 256 MB); splitting T fills
     the device instead, for a few MB of partials. The tile table (tune_dense) may say otherwise."""
-    overrides = _dense_tiles("lora_weight_grad", given_tiles, T, d_out, NB)
+    overrides = _dense_tiles("lora_weight_grad", given_tiles, T, d_out, NB, dtype)
     # At most 128 columns of dB and 64 of [dA | dW_router] per tile: wider tiles need more shared
     # memory than an SM has (256 x 256: 319 KB for sm_90), so wide layers take several tiles.
     block_cb = overrides.get("BLOCK_CB") or _pow2_block(NB, 16, 128)

@@ -618,17 +618,20 @@ def test_every_dense_tile_candidate_computes_the_reference(kernel, tiles, monkey
 
 def test_dense_tile_table_entries_are_valid_and_used_off_the_interpreter(monkeypatch, interpreter_configs):
     """DENSE_CONFIGS as committed passes install_dense_configs' checks; off the interpreter a
-    launch of a listed shape class takes the entry, a launcher's ``tiles`` win over it, and the
-    interpreter keeps the defaults."""
+    launch of a listed shape class with 2-byte operands takes the entry, a launcher's ``tiles``
+    win over it, and the interpreter and 4-byte operands keep the defaults."""
     K.install_dense_configs(dict(K.DENSE_CONFIGS))  # checks every key and entry
     assert K.dense_shape_class("gated_expand", 8192, 4096, 128) == "gated_expand:lm:many"
     with monkeypatch.context() as patch:
         patch.setattr(K, "DENSE_CONFIGS", {"gated_expand:lm:many": dict(BLOCK_T=128, num_warps=4)})
-        assert K._dense_tiles("gated_expand", (), 8192, 4096, 128) == {}  # interpreter
+        bf16 = torch.bfloat16
+        assert K._dense_tiles("gated_expand", (), 8192, 4096, 128, bf16) == {}  # interpreter
         patch.setattr(K, "_INTERPRETING", False)
-        assert K._dense_tiles("gated_expand", (), 8192, 4096, 128) == dict(BLOCK_T=128, num_warps=4)
-        assert K._dense_tiles("gated_expand", (), 1024, 4096, 128) == {}
-        assert K._dense_tiles("gated_expand", (("BLOCK_T", 32),), 8192, 4096, 128) == dict(BLOCK_T=32)
+        assert K._dense_tiles("gated_expand", (), 8192, 4096, 128, bf16) == dict(BLOCK_T=128, num_warps=4)
+        assert K._dense_tiles("gated_expand", (), 8192, 4096, 128, torch.float16) == dict(BLOCK_T=128, num_warps=4)
+        assert K._dense_tiles("gated_expand", (), 8192, 4096, 128, torch.float32) == {}  # bf16 measurements
+        assert K._dense_tiles("gated_expand", (), 1024, 4096, 128, bf16) == {}
+        assert K._dense_tiles("gated_expand", (("BLOCK_T", 32),), 8192, 4096, 128, torch.float32) == dict(BLOCK_T=32)
     T, E, r, d = 150, 4, 16, 72
     ids, w = routing(T, E, 2)
     with K.count_launches() as calls:
