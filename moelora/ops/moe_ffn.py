@@ -256,11 +256,12 @@ def _pack(saved: _Saved, like: torch.Tensor) -> List[torch.Tensor]:
 
 def _unpack(tensors, num_experts: int, top_k: int, block: int) -> _Saved:
     meta = layout_from_tensors(tensors[:len(LAYOUT_FIELDS)], num_experts, top_k, block)
-    rest = [t if t.numel() or i not in _OPTIONAL else None for i, t in enumerate(tensors[len(LAYOUT_FIELDS):])]
+    rest = [None if name in _OPTIONAL and not t.numel() else t
+            for name, t in zip(_Saved._fields[1:], tensors[len(LAYOUT_FIELDS):])]
     return _Saved(meta, *rest)
 
 
-_OPTIONAL = (2, 3, 4)  # offs, x_rows, h_gate: positions in _Saved after meta
+_OPTIONAL = ("offs", "x_rows", "h_gate")  # the _Saved fields packed as empty tensors where a plan has none
 
 
 def _halves(t: Optional[torch.Tensor]):

@@ -237,6 +237,10 @@ def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scalin
 # computes only on request: x, weight, bias, router_weight, logits_in, topk_weights, lora_input.
 _on_request = operator.itemgetter(0, 1, 2, 5, 6, 7, 8)
 
+# Saved tensors before the grouped regime's pair layout: x, weight, lora_a, lora_b, router_weight, h,
+# logits, ids, weights, counts, lora_input (both autograd paths save them in this order).
+_FIXED_SAVED = 11
+
 
 def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
                     layout, scaling, mode, renormalize, lb_coef, z_coef, grouped, needs):
@@ -386,7 +390,7 @@ class _MoELoRALinearFn(torch.autograd.Function):
             dy = dy.reshape(-1, dy.shape[-1])
         saved = ctx.saved_tensors
         dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = _fused_backward(
-            dy, g_aux, *saved[:11], saved[11:], *ctx.config, needs)
+            dy, g_aux, *saved[:_FIXED_SAVED], saved[_FIXED_SAVED:], *ctx.config, needs)
         if len(x_shape) != 2:
             dx = None if dx is None else dx.view(x_shape)
             dlora_input = None if dlora_input is None else dlora_input.view(x_shape)
@@ -488,7 +492,7 @@ def _custom_op_backward(ctx, grads):
     needs = list(_on_request(n))
     needs[2] = needs[2] and ctx.has_bias
     saved = ctx.saved_tensors
-    grads = moe_lora_linear_bwd(dy, g_aux, *saved[:11], list(saved[11:]), *ctx.config, needs)
+    grads = moe_lora_linear_bwd(dy, g_aux, *saved[:_FIXED_SAVED], list(saved[_FIXED_SAVED:]), *ctx.config, needs)
     dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = grads
     keep = lambda g, wanted: g if wanted else None  # noqa: E731
     return (keep(dx, n[0]), keep(dweight, n[1]), keep(dbias, needs[2]), keep(dlora_a, n[3]), keep(dlora_b, n[4]),
