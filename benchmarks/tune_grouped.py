@@ -8,7 +8,8 @@ configs per shape class, the MoE FFN's GEMM engine, and the MoE-LoRA regime cros
    upcycled FFN: T 8192, d 2048, d_ff 5632, E 8, k 2) and S3 (MoE-LoRA: T 32768, d 4096,
    r 64, E 64, k 4, shared A), a handful of TileConfigs of grouped_matmul /
    grouped_weight_grad are timed on the GEMMs of that class (summed), beside torch's
-   grouped_mm on the same GEMMs (operands already in row space).
+   grouped_mm on the same GEMMs (operands already in row space; S3's rows h B^T as moe_lora's
+   forward runs it on grouped_mm, h gathered: the pick for moelora.ops.moe_lora.ROWS_ENGINES).
 2. FFN engine: moe_ffn forward+backward at S5 with each (GEMM, weight-gradient) engine pair
    (tuned tiles installed), for moelora.ops.moe_ffn.FFN_ENGINES.
 3. Regime: moe_lora forward+backward, dense against grouped, shared A, r 16, E*r from 256
@@ -38,7 +39,7 @@ if not torch.cuda.is_available():
 import moelora  # noqa: E402
 from moelora.kernels import launchers as K
 from moelora.ops import moe_ffn as ffn, moe_lora as moe_lora_module
-from moelora.ops.grouped_linear import group_ends, grouped_mm_fn, rows_linear, rows_weight_grad
+from moelora.ops.grouped_linear import group_ends, grouped_mm_fn, native_major, rows_linear, rows_weight_grad
 from moelora.kernels.launchers import TileConfig
 from moelora.ops.routing import dispatch_rows, expert_layout
 
@@ -119,6 +120,11 @@ def ffn_gemms(s: Sizes) -> List[Gemm]:
     ]
 
 
+# The grouped forward's rows GEMM; on grouped_mm timed as moe_lora's forward runs it (h scaled,
+# rounded and gathered into row space, the group ends, the GEMM): moe_lora.ROWS_ENGINES.
+ROWS_GEMM = "S3 y rows = h B^T"
+
+
 def lora_gemms(s: Sizes) -> List[Gemm]:
     """The S3 grouped regime's GEMMs: y rows = s w h B^T, dh = s w dy B (with the gate
     gradient epilogue), dB = s dy^T (w h)."""
@@ -134,9 +140,9 @@ def lora_gemms(s: Sizes) -> List[Gemm]:
     gmm = grouped_mm_fn()
     common = dict(compute_dtype=DTYPE, alpha=2.0, scale=flat_w)
     return [
-        Gemm("S3 y rows = h B^T", "matmul", K.grouped_shape_class("matmul", s.d, r, rows),
+        Gemm(ROWS_GEMM, "matmul", K.grouped_shape_class("matmul", s.d, r, rows),
              lambda c: rows_linear(h, lora_b, meta, "triton", a_by_token=True, out_dtype=DTYPE, config=c, **common),
-             lambda: gmm(hs, lora_b.transpose(1, 2), offs=offs)),
+             lambda: moe_lora_module.grouped_rows(h, lora_b, meta, w, 2.0, "grouped_mm", DTYPE, h_by_token=True)),
         Gemm("S3 dh rows = dy B (+ dw)", "matmul", K.grouped_shape_class("matmul", r, s.d, rows),
              lambda c: rows_linear(dy, lora_b, meta, "triton", a_by_token=True, transposed=True,
                                    out_dtype=torch.float32, gate_grad=(h, True, dw), config=c, **common),
@@ -299,7 +305,25 @@ def paste_text(report: dict) -> str:
                   f'    ({major}, "wgrad", "{cls}"): "{eng["wgrad"]}",']
     if "regime" in report:
         lines += ["# moelora/ops/moe_lora.py", f"DENSE_MAX_WIDTH = {report['regime']['dense_max_width']}"]
+    pick = rows_engine_pick(report)
+    if pick is not None:
+        major, shape_class, engine = pick
+        lines += ["# moelora/ops/moe_lora.py (ROWS_ENGINES entry)", f'    ({major}, "{shape_class}"): "{engine}",']
     return "\n".join(lines)
+
+
+def rows_engine_pick(report: dict) -> Optional[list]:
+    """[major, shape class, engine] of the grouped forward's rows GEMM: grouped_mm (its whole
+    path timed) when faster than the class's best Triton tile, on a GPU where it runs natively;
+    None elsewhere or when the class holds other GEMMs too (their sum is not comparable)."""
+    major = native_major(DEVICE)
+    for shape_class, entry in report["tiles"].items():
+        if entry["gemms"] == [ROWS_GEMM] and "best" in entry and ROWS_GEMM in entry["grouped_mm_ms"]:
+            if major is None:
+                return None
+            faster = entry["grouped_mm_ms"][ROWS_GEMM] < entry["triton_best_ms"]
+            return [major, shape_class, "grouped_mm" if faster else "triton"]
+    return None
 
 
 def _tables(report: dict) -> None:
@@ -312,6 +336,9 @@ def _tables(report: dict) -> None:
                                  for kind, engine in report["ffn"]["engines"].items()]
     if "regime" in report:
         report["dense_max_width"] = report["regime"]["dense_max_width"]
+    pick = rows_engine_pick(report)
+    if pick is not None:
+        report["rows_engines"] = [pick]
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,8 @@ tune and then benchmark with the picks before they are pasted into the code:
 
 A tune_dense report adds its ``dense_configs`` to moelora.kernels.launchers.DENSE_CONFIGS; a
 tune_grouped report its ``grouped_configs`` to GROUPED_CONFIGS, its ``ffn_engines`` to
-moelora.ops.moe_ffn.FFN_ENGINES and its ``dense_max_width`` to
-moelora.ops.moe_lora.DENSE_MAX_WIDTH. The benchmark records what it installed in its
+moelora.ops.moe_ffn.FFN_ENGINES, its ``rows_engines`` to moelora.ops.moe_lora.ROWS_ENGINES and
+its ``dense_max_width`` to moelora.ops.moe_lora.DENSE_MAX_WIDTH. The benchmark records what it installed in its
 results' meta (``tuned``).
 """
 
@@ -41,6 +41,10 @@ def install(paths: Iterable[str]) -> dict:
             moe_ffn.FFN_ENGINES.update({(major, kind, shape_class): engine
                                         for major, kind, shape_class, engine in report["ffn_engines"]})
             got["ffn_engines"] = report["ffn_engines"]
+        if report.get("rows_engines"):
+            moe_lora.ROWS_ENGINES.update({(major, shape_class): engine
+                                          for major, shape_class, engine in report["rows_engines"]})
+            got["rows_engines"] = report["rows_engines"]
         if report.get("dense_max_width") is not None:
             moe_lora.DENSE_MAX_WIDTH = int(report["dense_max_width"])
             got["dense_max_width"] = moe_lora.DENSE_MAX_WIDTH

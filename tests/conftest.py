@@ -27,3 +27,16 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def grouped_mm_rows(monkeypatch):
+    """The grouped forward's rows on the grouped_mm engine whatever the device (on a CPU torch's
+    reference loop); yields the list of grouped_mm calls."""
+    from moelora.ops import grouped_linear, moe_lora as moe_lora_module  # imported once TRITON_INTERPRET is set
+
+    calls = []
+    gmm = grouped_linear.grouped_mm_fn()
+    monkeypatch.setattr(moe_lora_module, "rows_engine", lambda *args: "grouped_mm")
+    monkeypatch.setattr(grouped_linear, "grouped_mm_fn", lambda: lambda *a, **kw: calls.append(1) or gmm(*a, **kw))
+    yield calls

@@ -207,7 +207,8 @@ def combine_rows_kernel(
     """out[t] = base[t] + z_a + sum_j coef[t, j] * (z_j - z_a), in slot order.
 
     z_j = rows[inv[t, j]] (+ rows2[inv[t, j]]) (+ bias[ids[t, j]]), zero for slots whose
-    inverse is -1; z_a = z_0 with ANCHORED, else 0; coef = 1 without HAS_COEF. Anchored,
+    inverse is -1 (their coef is not read); z_a = z_0 with ANCHORED, else 0; coef = 1 without
+    HAS_COEF. Anchored,
     slots whose z_j equals z_0 bitwise add exactly nothing.
     Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
     """
@@ -231,8 +232,9 @@ def combine_rows_kernel(
         z = _slot_value(rows_ptr, rows2_ptr, inverse_ptr, ids_ptr, bias_ptr, offs_t, mask_t, offs_n, mask_n,
                         j, stride_rm, stride_rn, stride_r2m, stride_r2n, stride_it, stride_ik,
                         stride_idt, stride_idk, stride_be, stride_bn, HAS_SECOND, HAS_BIAS, ACC_DTYPE)
-        if HAS_COEF:
-            c = tl.load(coef_ptr + offs_t * stride_ct + j * stride_ck, mask=mask_t, other=0.0).to(ACC_DTYPE)
+        if HAS_COEF:  # a slot outside the layout adds nothing, whatever its coefficient holds
+            in_layout = tl.load(inverse_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1) >= 0
+            c = tl.load(coef_ptr + offs_t * stride_ct + j * stride_ck, mask=in_layout, other=0.0).to(ACC_DTYPE)
             acc += c[:, None] * (z - anchor)
         else:
             acc += z - anchor

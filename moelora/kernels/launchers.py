@@ -1105,7 +1105,8 @@ def combine_rows(rows: torch.Tensor, meta, *, out_dtype: torch.dtype, coef: Opti
     """out[t] = base[t] + z_a + sum_j coef[t, j] (z_j - z_a) in slot order (see combine_rows_kernel).
 
     z_j = rows[inverse[t, j]] (+ second[...]) (+ bias_e[ids[t, j]] for ``bias`` = (ids, bias_e)),
-    zero for pairs outside the layout; z_a = z_0 when ``anchored``, else 0; coef [T, k] or 1.
+    zero for pairs outside the layout (their coef unread); z_a = z_0 when ``anchored``, else 0;
+    coef [T, k] or 1.
     """
     inverse = meta.inverse_padded
     T, top_k = inverse.shape

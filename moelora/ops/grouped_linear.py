@@ -26,6 +26,7 @@ torch.compile sees one opaque, differentiable op instead of data-dependent slici
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -41,11 +42,18 @@ def grouped_mm_fn():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def grouped_mm_native(device: torch.device) -> bool:
-    """True where torch runs grouped_mm as one CUTLASS kernel for bfloat16 (sm90, sm100)."""
-    if grouped_mm_fn() is None or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+def native_major(device: torch.device) -> Optional[int]:
+    """The major compute capability of ``device`` where torch runs grouped_mm as one CUTLASS
+    kernel for bfloat16 (9 or 10, sm90 / sm100: the key of the engine tables), else None."""
+    if device.type != "cuda" or grouped_mm_fn() is None:
+        return None
+    return _native_major(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _native_major(index: int) -> Optional[int]:
+    major = torch.cuda.get_device_capability(index)[0]
+    return major if major in (9, 10) else None
 
 
 def grouped_mm_layout_ok(t: torch.Tensor, check_start: bool = True) -> bool:

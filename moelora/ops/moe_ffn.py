@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, grouped_mm_native,
+from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, native_major,
                                         rows_linear, rows_weight_grad, segment_linear)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values
@@ -221,8 +221,8 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
                          "dtype whose rows are 16-byte aligned (d_in, d_ff, d_out multiples of 16 bytes)")
     if engine == "auto":
         gemm = wgrad = "triton"
-        if applies and x.dtype == torch.bfloat16 and grouped_mm_native(x.device):
-            major = torch.cuda.get_device_capability(x.device)[0]
+        major = native_major(x.device)
+        if applies and x.dtype == torch.bfloat16 and major is not None:
             shape = launchers.grouped_shape_class("matmul", d_first, d_in, num_pairs / E)
             pick = {kind: FFN_ENGINES.get((major, kind, shape), FFN_ENGINES.get((major, kind, "*"), "triton"))
                     for kind in ("gemm", "wgrad")}

@@ -21,7 +21,9 @@ Triton backend: two regimes compute the same function:
 - grouped (large E*r): pairs sorted by expert into padded row space (moelora.ops.routing's
   dispatch metadata, i.e. the moelora._C kernels when built); grouped GEMMs gather rows
   in the prologue and apply the gate in the epilogue, and a fixed-order per-token sum
-  combines the rows (no atomics). Backward: dh rows = s w dy B_e with dw in the same
+  combines the rows (no atomics). Where ROWS_ENGINES picks it (sm90, bf16), the forward's
+  rows run on torch's grouped_mm instead, h gathered into row space first and the gates
+  applied by the combine. Backward: dh rows = s w dy B_e with dw in the same
   GEMM's epilogue, dB by a fixed-order grouped reduction. Per-expert A: h rows = x[t] A_e^T.
 
 Saved for backward: x, the weights, the routing and h (T x r; T x E*r for a dense per-expert A;
@@ -42,8 +44,9 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
-from moelora.ops.grouped_linear import rows_linear, rows_weight_grad
-from moelora.ops.routing import expert_layout, fake_layout_tensors, layout_from_tensors, layout_tensors
+from moelora.ops.grouped_linear import grouped_mm_layout_ok, native_major, rows_linear, rows_weight_grad
+from moelora.ops.routing import (dispatch_rows, expert_layout, fake_layout_tensors, layout_from_tensors,
+                                 layout_tensors)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args
 from moelora.ops.backend import resolve_backend
@@ -262,12 +265,60 @@ def fake_grouped_layout(x, lora_a, lora_b, top_k: int) -> List[torch.Tensor]:
     return fake_layout_tensors(x, T, top_k, lora_b.shape[0], _grouped_block(x.shape[1], lora_a, lora_b, T * top_k))
 
 
+# Engine of the grouped regime's forward GEMM (the rows s * w * B_e h) by (major compute
+# capability, launchers.grouped_shape_class of the GEMM), where torch's grouped_mm runs natively;
+# the Triton grouped kernel elsewhere and for classes not listed. Measured by
+# benchmarks/tune_grouped.py (the GEMM with the gather of h included): H200, S3's h B^T
+# (T 32768, d_out 4096, r 64, E 64, k 4) 0.741 ms Triton against 0.426 ms grouped_mm
+# (benchmarks/results/tune-grouped-nvidia-h200-20261128T190225.json, the GEMM alone).
+ROWS_ENGINES = {(9, "matmul:ls:many"): "grouped_mm"}
+
+
+def rows_engine(x, lora_b, pairs: int, rows: int, scaling: float) -> str:
+    """"grouped_mm" or "triton": the engine of the grouped forward's rows for these operands.
+
+    grouped_mm where ROWS_ENGINES picks it for this GPU and shape, x and B are bfloat16, B's
+    rows and columns 16-byte aligned, the ``rows`` of the layout fit int32 group ends, and s
+    lies in SCALING_RANGE_FP32 (it scales h before h is rounded to bfloat16)."""
+    major = native_major(x.device)
+    if major is None or x.dtype is not torch.bfloat16 or lora_b.dtype is not torch.bfloat16 or rows >= 2 ** 31:
+        return "triton"
+    lo, hi = SCALING_RANGE_FP32
+    if scaling != 0 and not lo <= abs(scaling) <= hi:
+        return "triton"
+    num_experts, d_out, rank = lora_b.shape
+    if not (grouped_mm_layout_ok(lora_b.transpose(1, 2), check_start=False) and d_out % 8 == 0 and rank % 8 == 0):
+        return "triton"
+    shape_class = launchers.grouped_shape_class("matmul", d_out, rank, pairs / num_experts)
+    return ROWS_ENGINES.get((major, shape_class), "triton")
+
+
+def grouped_rows(h, lora_b, meta, topk_weights, scaling, engine: str, out_dtype: torch.dtype, *, h_by_token: bool):
+    """(rows, coef) of the grouped forward: rows [R, d_out] and the per-pair factors ``coef``
+    [T, k] that combine_rows applies (None: already applied), rows * coef = s * w_p * B_e h.
+
+    triton: one grouped GEMM, h gathered in its prologue, s * w_p in its epilogue.
+    grouped_mm: s * h rounded to B's dtype (one kernel), gathered into row space for a shared
+    A's h [T, r] (one copy), the int32 group ends, torch's grouped_mm; w stays for combine_rows.
+    Rows past the last segment are not written; combine_rows does not read them."""
+    if engine == "triton":
+        rows = rows_linear(h, lora_b, meta, "triton", a_by_token=h_by_token, out_dtype=out_dtype,
+                           compute_dtype=out_dtype, alpha=scaling, scale=topk_weights.reshape(-1))
+        return rows, None
+    hs = torch.mul(h, scaling, out=torch.empty(h.shape, dtype=lora_b.dtype, device=h.device))
+    if h_by_token:
+        hs = dispatch_rows(hs, meta)
+    offs = meta.padded_offsets[1:].to(torch.int32)
+    return rows_linear(hs, lora_b, meta, "grouped_mm", offs=offs), topk_weights
+
+
 def grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, h=None, out=None):
-    """(y, h, layout): y = base + combine of the rows s * w_p * B_e h; h = x A^T [T, r] (shared A)
-    or the row-space x[t] A_e^T [R, r] (per-expert A), or the given ``h`` (a shared A's, computed
-    by the caller: the fused layer's pass over x); ``out``: the result's tensor (base_out itself
-    where the caller owns it), else a new one; ``layout``: the pairs' layout as
-    ``layout_tensors`` (saved for the backward)."""
+    """(y, h, layout): y = base + combine of the rows s * w_p * B_e h (:func:`grouped_rows`, on
+    the engine of :func:`rows_engine`); h = x A^T [T, r] (shared A) or the row-space x[t] A_e^T
+    [R, r] (per-expert A), or the given ``h`` (a shared A's, computed by the caller: the fused
+    layer's pass over x); ``out``: the result's tensor (base_out itself where the caller owns
+    it), else a new one; ``layout``: the pairs' layout as ``layout_tensors`` (saved for the
+    backward)."""
     acc = launchers.accumulator_dtype(x.dtype)
     meta = grouped_layout(x, lora_a, lora_b, topk_ids)
     shared = lora_a.dim() == 2
@@ -275,9 +326,10 @@ def grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling
         h = launchers.matmul(x, lora_a.t(), out_dtype=acc, compute_dtype=x.dtype)
     elif h is None:
         h = rows_linear(x, lora_a, meta, "triton", a_by_token=True, out_dtype=acc, compute_dtype=x.dtype)
-    rows = rows_linear(h, lora_b, meta, "triton", a_by_token=shared, out_dtype=x.dtype, compute_dtype=x.dtype,
-                       alpha=scaling, scale=topk_weights.reshape(-1))
-    return launchers.combine_rows(rows, meta, out_dtype=x.dtype, base=base_out, out=out), h, layout_tensors(meta)
+    engine = rows_engine(x, lora_b, topk_ids.numel(), meta.sorted_pairs_padded.numel(), scaling)
+    rows, coef = grouped_rows(h, lora_b, meta, topk_weights, scaling, engine, x.dtype, h_by_token=shared)
+    y = launchers.combine_rows(rows, meta, out_dtype=x.dtype, coef=coef, base=base_out, out=out)
+    return y, h, layout_tensors(meta)
 
 
 def grouped_output_grads(dy, h, lora_a, lora_b, meta, topk_weights, scaling, dw, compute_dtype):

@@ -24,7 +24,8 @@ and in its grouped regime (large E*r; ``_grouped_expand`` / ``_grouped_lora_back
 
   forward   lora_down and the routing as above (per-expert A: logits only); the pairs sorted by
             expert (dispatch metadata); per-expert A: rows x[t] A_e^T (grouped GEMM); rows
-            s w B_e h (grouped GEMM); y = x W^T + b (cuBLAS), the rows summed into it per token
+            s w B_e h (grouped GEMM, or torch's grouped_mm by moelora.ops.moe_lora.ROWS_ENGINES);
+            y = x W^T + b (cuBLAS), the rows summed into it per token
             in a fixed order (combine_rows); router_aux_loss: aux_loss, aux_stats
   backward  dh rows = s w dy B_e with dw in the epilogue (grouped GEMM); dB (grouped reduction);
             router_backward: d logits from dw; dA, dW_router (matmuls over x, or per expert

@@ -53,3 +53,30 @@ def test_regime_threshold_is_the_cheapest_on_the_committed_h200_cases():
     tie = [dict(width=512, dense_ms=1.0, grouped_ms=1.0)]  # 0 and 512 cost the same
     assert tune_grouped.best_threshold(tie, 400) == 512 and tune_grouped.best_threshold(tie, 100) == 0
     assert tune_grouped.best_threshold([], 777) == 777
+
+
+def test_rows_engine_is_the_pick_of_the_committed_h200_run(monkeypatch):
+    """moe_lora.ROWS_ENGINES as committed is what the tuner picks from the H200 run (S3's rows:
+    grouped_mm 0.426 ms against 0.741 ms for the best Triton tile); a slower grouped_mm picks
+    Triton; nothing is picked where grouped_mm is not native or the class holds other GEMMs."""
+    report = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+                         / "tune-grouped-nvidia-h200-20261128T190225.json").read_text())
+    monkeypatch.setattr(tune_grouped, "native_major", lambda device: 9)
+    major, shape_class, engine = tune_grouped.rows_engine_pick(report)
+    assert moe_lora_module.ROWS_ENGINES == {(major, shape_class): engine} == {(9, "matmul:ls:many"): "grouped_mm"}
+    entry = report["tiles"][shape_class]
+    entry["grouped_mm_ms"][tune_grouped.ROWS_GEMM] = entry["triton_best_ms"] * 1.01
+    assert tune_grouped.rows_engine_pick(report) == [9, shape_class, "triton"]
+    entry["gemms"].append("another GEMM of the class")
+    assert tune_grouped.rows_engine_pick(report) is None
+    monkeypatch.setattr(tune_grouped, "native_major", lambda device: None)
+    entry["gemms"].pop()
+    assert tune_grouped.rows_engine_pick(report) is None
+
+
+def test_tuned_installs_the_rows_engines(tmp_path, monkeypatch):
+    monkeypatch.setattr(moe_lora_module, "ROWS_ENGINES", {})
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"grouped_configs": {}, "rows_engines": [[9, "matmul:ls:few", "grouped_mm"]]}))
+    assert tuned.install([str(path)])[str(path)] == {"rows_engines": [[9, "matmul:ls:few", "grouped_mm"]]}
+    assert moe_lora_module.ROWS_ENGINES == {(9, "matmul:ls:few"): "grouped_mm"}

@@ -236,8 +236,7 @@ def test_plan_picks_the_engine_by_device_dtype_and_table(monkeypatch):
     plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], ffn["w_gate"], 2)
     if not HAS_CUDA:
         assert plan.gemm == plan.wgrad == "triton"  # CPU: grouped_mm is not native here
-    monkeypatch.setattr(ffn_module, "grouped_mm_native", lambda device: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(ffn_module, "native_major", lambda device: 9)
     monkeypatch.setattr(ffn_module, "FFN_ENGINES", {(9, "gemm", "*"): "triton", (9, "wgrad", "*"): "grouped_mm"})
     plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], ffn["w_gate"], 2)
     assert (plan.gemm, plan.wgrad) == ("triton", "grouped_mm") and plan.gathers_x

@@ -294,3 +294,55 @@ def test_choose_regime_is_a_width_threshold(monkeypatch):
     assert choose(8, 16) == "dense" and choose(64, 64) == "grouped"  # S1, S3 as committed
     monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", 512)
     assert choose(32, 16) == "dense" and choose(33, 16) == "grouped" and choose(8, 64) == "dense"
+
+
+# ---- the grouped regime's forward rows on torch's grouped_mm (sm90 bf16 by ROWS_ENGINES) ----------
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+@pytest.mark.parametrize("shape", [(97, 47, 60, 16, 8, 2), (7, 47, 600, 8, 7, 3), (130, 64, 72, 64, 4, 2)],
+                         ids=lambda s: "T{}-din{}-dout{}-r{}-E{}-k{}".format(*s))
+def test_grouped_rows_on_grouped_mm_match_float64_reference(shape, shared_a, grouped_mm_rows):
+    """Forward and every gradient with the rows from grouped_mm and the gates applied by
+    combine_rows; experts 0 .. E/2 - 1 only, so that the others' gradients must be exact zeros."""
+    T, d_in, d_out, r, E, k = shape
+    p = make_problem(T, d_in, d_out, r, E, min(k, E // 2), shared_a=shared_a, experts=E // 2, device=DEVICE, seed=T)
+    _, grads = run_and_check(p, regime="grouped")
+    assert grouped_mm_rows, "the grouped_mm engine did not run"
+    assert (grads[2][E // 2:] == 0).all() and (shared_a or (grads[1][E // 2:] == 0).all())
+
+
+def test_grouped_mm_rows_ignore_the_weights_of_out_of_range_ids(grouped_mm_rows):
+    """Slots whose id is out of range lie outside the layout: combine_rows does not read their
+    weight (here Inf and NaN), as the Triton engine's epilogue never sees them."""
+    p = make_problem(40, 16, 24, 8, 6, 2, device=DEVICE, seed=5)
+    ids = p.topk_ids.clone()
+    ids[3, 1], ids[7, 0] = 6, -1
+    w = p.topk_weights.detach().clone()
+    w[3, 1], w[7, 0] = float("inf"), float("nan")
+    with moelora.validation(False):
+        y = moelora.moe_lora(p.x, p.lora_a, p.lora_b, ids, w, scaling=p.scaling, backend="triton", regime="grouped")
+    kept = torch.where((ids >= 0) & (ids < 6), w, 0.0)
+    ref = moe_lora_naive(p.x.double(), p.lora_a.double(), p.lora_b.double(), ids.clamp(0, 5), kept.double(),
+                         scaling=p.scaling)
+    assert grouped_mm_rows and torch.isfinite(y).all() and rel_err(y, ref) < TOLERANCE[torch.float32]
+
+
+def test_rows_engine_by_device_dtype_shape_and_table(monkeypatch):
+    """grouped_mm where the table picks it for the GPU and the shape class and the operands suit
+    it (bf16, 16-byte aligned B, s within fp32's range); Triton everywhere else."""
+    from moelora.ops import moe_lora as moe_lora_module
+
+    engine = moe_lora_module.rows_engine
+    bf16 = dict(dtype=torch.bfloat16)
+    x, b = torch.empty(8, 32, **bf16), torch.empty(64, 4096, 64, **bf16)  # S3: d_out 4096, r 64, E 64
+    pairs, rows = 32768 * 4, 32768 * 4 + 64 * 127
+    if not HAS_CUDA:
+        assert engine(x, b, pairs, rows, 2.0) == "triton"  # CPU: grouped_mm is not native here
+    monkeypatch.setattr(moe_lora_module, "native_major", lambda device: 9)
+    assert engine(x, b, pairs, rows, 2.0) == "grouped_mm"  # matmul:ls:many, as committed
+    assert engine(x, b, 64 * 100, rows, 2.0) == "triton"  # matmul:ls:few: not in the table
+    assert engine(x.float(), b.float(), pairs, rows, 2.0) == "triton"  # fp32: Triton
+    assert engine(x, b[:, :, :60], pairs, rows, 2.0) == "triton"  # r 60: B's rows not 16-byte aligned
+    assert engine(x, b, pairs, rows, 1e30) == "triton"  # s outside SCALING_RANGE_FP32
+    assert engine(x, b, pairs, 2 ** 31, 2.0) == "triton"  # int32 group ends
+    monkeypatch.setattr(moe_lora_module, "native_major", lambda device: None)
+    assert engine(x, b, pairs, rows, 2.0) == "triton"

@@ -123,6 +123,16 @@ def test_fused_layer_matches_float64_reference(kind, regime):
     _compare(kind, reference_dtype=torch.float32 if cuda_dropout else torch.float64)
 
 
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "per_expert_k1", "task_shared", "lora_dropout"])
+def test_fused_layer_with_grouped_mm_rows_matches_float64_reference(kind, monkeypatch, grouped_mm_rows):
+    """The grouped regime with its forward rows on torch's grouped_mm (moe_lora.ROWS_ENGINES; on a
+    CPU torch's reference loop): every router mode's gates reach combine_rows."""
+    monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", 0)
+    cuda_dropout = kind == "lora_dropout" and DEVICE.type == "cuda"
+    _compare(kind, reference_dtype=torch.float32 if cuda_dropout else torch.float64)
+    assert grouped_mm_rows, "the grouped_mm engine did not run"
+
+
 @pytest.mark.parametrize("num_experts,rank,top_k", [(256, 2, 2), (300, 8, 4)], ids=["dense-E256", "grouped-E300"])
 def test_many_experts(num_experts, rank, top_k):
     """Hundreds of experts (the router's columns tiled over programs, the router gradient's
