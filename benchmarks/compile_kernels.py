@@ -258,10 +258,10 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of nineteen training steps and one backward (launchers.record_launches), configured by the
+    of twenty training steps and one backward (launchers.record_launches), configured by the
     launchers' defaults (the tile tables emptied meanwhile) as on a 132-SM Hopper GPU: the fused
     MoELoRALinear (bf16 base, fp32 adapters, shared A, softmax_topk with the aux loss: S1's
-    benchmark case); moe_lora's dense regime
+    benchmark case; and with LoRA dropout's keep mask); moe_lora's dense regime
     adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
     the fused layer in the grouped regime (E 64, r 16: shared A with softmax_topk, per-expert A
@@ -279,7 +279,7 @@ def traced_jobs():
     from moelora.ops.routing import route
 
     TRITON_TYPES.update({torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                         torch.int32: "i32", torch.int64: "i64"})
+                         torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"})
     target_programs = K._target_programs
     K._target_programs = lambda device: 2 * 132  # an H100 / H200 (the launchers' only device query)
     # The launchers' defaults, which are chosen from compiled kernels and held to the policy here;
@@ -300,10 +300,13 @@ def traced_jobs():
         with K.record_launches() as calls:
             adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in ((16, d), (E, d, 16), (E, d))]
             router = L.RouterSpec(adapters[2], None, "softmax_topk", k)
-            args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None, False)
-            y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
-            torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
-            steps["S1 layer"], calls[:] = list(calls), []
+            for name, p in (("S1 layer", 0.0), ("S1 layer, LoRA dropout", 0.1)):
+                mask, keep_scale = L.lora_dropout_mask(x, p)
+                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, mask,
+                                 keep_scale, False)
+                y, aux_loss = L._MoELoRALinearFn.apply(*args[:L._GRAD_INPUTS], args[L._GRAD_INPUTS:], [])
+                torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
+                steps[name], calls[:] = list(calls), []
             x = x.detach()
             ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
             w = torch.rand(T, k, generator=gen)
@@ -340,8 +343,8 @@ def traced_jobs():
                 adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in (a_shape, (E, d, 16),
                                                                                              (E, d))]
                 router = L.RouterSpec(adapters[2], None, mode, k, eps_start=0.2, eps_end=0.2)
-                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None, True)
-                y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
+                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None, 1.0, True)
+                y, aux_loss = L._MoELoRALinearFn.apply(*args[:L._GRAD_INPUTS], args[L._GRAD_INPUTS:], [])
                 torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
                 x = x.detach()
                 steps[name], calls[:] = list(calls), []
@@ -357,8 +360,8 @@ def traced_jobs():
                                                                                              (E, d))]
                 xd, wd, dyd = x.to(dtype).requires_grad_(), w0.to(dtype), dy.to(dtype)
                 args = L.op_args(xd, wd, None, *adapters[:2], 2.0, L.RouterSpec(adapters[2], None, "softmax_topk", k),
-                                 None, None, None, False)
-                y, aux_loss = L._MoELoRALinearFn.apply(*args[:9], args[9:], [])
+                                 None, None, None, 1.0, False)
+                y, aux_loss = L._MoELoRALinearFn.apply(*args[:L._GRAD_INPUTS], args[L._GRAD_INPUTS:], [])
                 torch.autograd.grad([y, aux_loss], [xd, *adapters], [dyd, torch.ones(())])
                 steps[name], calls[:] = list(calls), []
             # moe_ffn on the Triton engine (bf16 SwiGLU experts, biases, normalised mixing: an upcycled block)

@@ -74,3 +74,16 @@ def test_captured_forward_backward_replays_like_eager(router):
         if router == "threshold":
             model.step_routers()  # in place on the buffer the graph reads
             eager_model.step_routers()
+
+
+def test_lora_dropout_draws_a_new_keep_mask_on_every_replay():
+    """The keep mask comes from bernoulli_ on the device's generator, which a captured graph
+    advances on each replay: the same input gives another loss every time."""
+    model = _injected_stack(dict(router="softmax_topk", lora_dropout=0.5))
+    static_x = torch.randn(64, 32, device="cuda")
+    graph, static_loss = capture_training_step(model, lambda: _step(model, static_x))
+    losses = []
+    for _ in range(3):
+        graph.replay()
+        losses.append(static_loss.item())
+    assert len(set(losses)) == 3, losses

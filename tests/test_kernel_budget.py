@@ -73,7 +73,9 @@ LAYER_SETTINGS = {
     "threshold": (dict(router="threshold", top_k=3, threshold_eps=0.2, threshold_ramp_steps=10), 11),
     "mosld_a_dropout": (dict(lora_a_dropout=0.1), 14),
     "jitter": (dict(router_jitter_noise=0.1), 16),
-    "lora_dropout": (dict(lora_dropout=0.1), 17),
+    # the keep mask (bernoulli_) read by the kernels beside x: no dropped-out copy of x, no extra
+    # GEMM passes for its gradient
+    "lora_dropout": (dict(lora_dropout=0.1), 10),
     "task_shared": (dict(router="task", task_shared_lora=True), 12),  # ids built once per task-id tensor
     "plain_lora": (dict(num_experts=1, top_k=1), 8),  # no router: fixed ids and weights, cached
     # fp32 adapters over a bf16 base (PEFT's and the benchmark's setup): the kernels read A and B

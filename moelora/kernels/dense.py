@@ -54,16 +54,20 @@ def _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_w
 
 @triton.jit
 def lora_down_kernel(
-    x_ptr, a_ptr, r_ptr, h_ptr, l_ptr,
+    x_ptr, a_ptr, r_ptr, h_ptr, l_ptr, m_ptr,
+    mask_scale,
     T, K, R, E,
     stride_xt, stride_xk, stride_ar, stride_ak, stride_re, stride_rk,
-    stride_ht, stride_hr, stride_lt, stride_le,
-    HAS_ROUTER: tl.constexpr,
+    stride_ht, stride_hr, stride_lt, stride_le, stride_mt, stride_mk,
+    HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUTER_SPLITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
     """h = x @ A_rows^T [T, R] and, with HAS_ROUTER, logits = x @ W_router^T [T, E], in one pass over x.
+
+    HAS_MASK (LoRA dropout): h = mask_scale * (x (.) keep) @ A_rows^T with the bool keep mask
+    [T, K] (m_ptr) read beside x; the logits read x as it is.
 
     A (any float dtype) is converted to DOT_DTYPE in registers; the router's product runs in
     ACC_DTYPE (fp32: the router weight is not rounded to x's dtype, so expert choices match an
@@ -96,7 +100,13 @@ def lora_down_kernel(
                     mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc_h += tl.dot(x, a.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_MASK:
+            keep = tl.load(m_ptr + offs_t[:, None] * stride_mt + offs_k[None, :] * stride_mk,
+                           mask=mask_t[:, None] & mask_k[None, :], other=0)
+            acc_h += tl.dot(tl.where(keep != 0, x, 0.0), a.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                            out_dtype=ACC_DTYPE)
+        else:
+            acc_h += tl.dot(x, a.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_ROUTER:  # in ACC_DTYPE (x exact, the router weight not rounded): routing does not flip on rounding
             wr = tl.load(r_ptr + offs_e[None, :] * stride_re + offs_k[:, None] * stride_rk,
                          mask=mask_k[:, None] & mask_e[None, :], other=0.0)
@@ -108,6 +118,8 @@ def lora_down_kernel(
                     piece = rest.to(tl.bfloat16)
                     acc_l += tl.dot(x, piece, out_dtype=ACC_DTYPE)
                     rest -= piece.to(ACC_DTYPE)
+    if HAS_MASK:
+        acc_h = acc_h * mask_scale
     tl.store(h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr, acc_h,
              mask=mask_t[:, None] & mask_r[None, :])
     if HAS_ROUTER:
@@ -540,13 +552,14 @@ def _weight_grad_b(dy_ptr, hg_ptr, db_ptr, part_ptr, tile, split, t_lo, t_hi, d_
 
 
 @triton.jit
-def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile_a, split, t_lo, t_hi, d_in, R, E,
-                   tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr, stride_dlt, stride_dle,
-                   stride_ar, stride_ak, stride_re, stride_rk,
-                   HAS_ROUTER: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CA: tl.constexpr,
-                   BLOCK_T: tl.constexpr):
-    """Job A of lora_weight_grad_kernel: one [BLOCK_M, BLOCK_CA] tile of x^T [dh | dlogits] over [t_lo, t_hi)."""
+def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, mask_scale, tile_a, split, t_lo, t_hi,
+                   d_in, R, E, tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr, stride_dlt,
+                   stride_dle, stride_ar, stride_ak, stride_re, stride_rk, stride_mt, stride_mk,
+                   HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_CA: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Job A of lora_weight_grad_kernel: one [BLOCK_M, BLOCK_CA] tile of x^T [dh | dlogits] over [t_lo, t_hi);
+    HAS_MASK: dh's columns take mask_scale * (x (.) keep) instead of x (two products per step)."""
     offs_m = (tile_a // tiles_a_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = (tile_a % tiles_a_c) * BLOCK_CA + tl.arange(0, BLOCK_CA)
     mask_m = offs_m < d_in
@@ -559,11 +572,18 @@ def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile_a, spli
                      mask=mask_m[:, None] & mask_t[None, :], other=0.0)
         d = tl.load(dh_ptr + offs_t[:, None] * stride_dht + offs_c[None, :] * stride_dhr,
                     mask=mask_t[:, None] & (offs_c[None, :] < R), other=0.0)
+        if HAS_MASK:  # dA reads the dropped-out x, dW_router x itself
+            keep = tl.load(m_ptr + offs_t[None, :] * stride_mt + offs_m[:, None] * stride_mk,
+                           mask=mask_m[:, None] & mask_t[None, :], other=0)
+            acc += tl.dot(tl.where(keep != 0, xt, 0.0).to(DOT_DTYPE), (d.to(ACC_DTYPE) * mask_scale).to(DOT_DTYPE),
+                          input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            d = tl.zeros((BLOCK_T, BLOCK_CA), dtype=ACC_DTYPE)
         if HAS_ROUTER:
             c_r = tl.where(offs_c >= R, offs_c - R, 0)
             d += tl.load(dl_ptr + offs_t[:, None] * stride_dlt + c_r[None, :] * stride_dle,
                          mask=mask_t[:, None] & (offs_c[None, :] >= R) & mask_c[None, :], other=0.0)
-        acc += tl.dot(xt.to(DOT_DTYPE), d.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_ROUTER or not HAS_MASK:
+            acc += tl.dot(xt.to(DOT_DTYPE), d.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     mask = mask_m[:, None] & mask_c[None, :]
     if SPLIT:
         tl.store(part_ptr + part_a_offset + (split * (R + E) + offs_c[None, :]) * d_in + offs_m[:, None], acc,
@@ -576,13 +596,13 @@ def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile_a, spli
 @triton.jit
 def lora_weight_grad_kernel(
     dy_ptr, x_ptr, hg_ptr, dh_ptr, dl_ptr,
-    db_ptr, da_ptr, dr_ptr, part_ptr,
-    scale_out,
+    db_ptr, da_ptr, dr_ptr, part_ptr, m_ptr,
+    scale_out, mask_scale,
     T, d_out, d_in, R, E, NB, rank, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
     stride_yt, stride_yn, stride_xt, stride_xk, stride_hgt, stride_hgc,
     stride_dht, stride_dhr, stride_dlt, stride_dle,
-    stride_be, stride_bn, stride_bi, stride_ar, stride_ak, stride_re, stride_rk,
-    HAS_ROUTER: tl.constexpr, SPLIT: tl.constexpr,
+    stride_be, stride_bn, stride_bi, stride_ar, stride_ak, stride_re, stride_rk, stride_mt, stride_mk,
+    HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CB: tl.constexpr, BLOCK_CA: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -591,7 +611,8 @@ def lora_weight_grad_kernel(
     job B: dB_stack [d_out, NB = E*r] = dy^T Hg (Hg as gate_backward_kernel wrote it), written
            as dB [E, d_out, r];
     job A: [dA_rows | dW_router]^T [d_in, R + E] = x^T [dh | dlogits], column c < R written
-           into dA_rows [R, d_in], c >= R into dW_router [E, d_in] (E = 0 without a router).
+           into dA_rows [R, d_in], c >= R into dW_router [E, d_in] (E = 0 without a router);
+           HAS_MASK (LoRA dropout): dA_rows reads mask_scale * (x (.) keep), keep [T, d_in] bool.
     Program p works on split p // tiles of T (t_per_split tokens each) and tile p % tiles:
     tiles_b tiles of job B, then those of job A (tiles = tiles_b + tiles_a). Without SPLIT the
     results are written in place; with SPLIT each split writes ACC_DTYPE partials (job B at
@@ -609,10 +630,10 @@ def lora_weight_grad_kernel(
                        tiles_b_c, stride_yt, stride_yn, stride_hgt, stride_hgc, stride_be, stride_bn, stride_bi,
                        SPLIT, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_CB, BLOCK_T)
     else:
-        _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, tile - tiles_b, split, t_lo, t_hi, d_in, R, E,
-                       tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr, stride_dlt,
-                       stride_dle, stride_ar, stride_ak, stride_re, stride_rk, HAS_ROUTER, SPLIT, DOT_DTYPE,
-                       ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_CA, BLOCK_T)
+        _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, mask_scale, tile - tiles_b, split,
+                       t_lo, t_hi, d_in, R, E, tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr,
+                       stride_dlt, stride_dle, stride_ar, stride_ak, stride_re, stride_rk, stride_mt, stride_mk,
+                       HAS_ROUTER, HAS_MASK, SPLIT, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_CA, BLOCK_T)
 
 
 @triton.jit

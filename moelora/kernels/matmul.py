@@ -1,4 +1,5 @@
-"""Strided GEMM: C[s] = alpha * (A[:, Ks] @ B[Ks, :] + A2 @ B2) (+ D), one K-slice Ks per split s.
+"""Strided GEMM: C[s] = alpha * (A[:, Ks] @ B[Ks, :] + A2 @ B2) (+ D), one K-slice Ks per split s
+(the first product optionally masked: HAS_MASK).
 
 Operands may have any strides (transposes, stride-0 broadcast gradients) and any float
 dtype (converted to DOT_DTYPE in registers); offsets are int64. B's columns may be grouped:
@@ -64,12 +65,17 @@ def _matmul_acc(a_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, b_cols, k_start, k
 
 
 @triton.jit
-def _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, alpha, K2,
-                   stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn,
-                   stride_dm, stride_dn, HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr,
-                   SANITIZE_B: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[s, offs_m, offs_n] = alpha * (acc + A2 @ B2 (split 0)), NaN where poisoned, (+ D)."""
+def _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr, alpha,
+                   mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn,
+                   stride_dm, stride_dn, stride_mm, stride_mn, HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr,
+                   HAS_MASK: tl.constexpr, SANITIZE_B: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[s, offs_m, offs_n] = alpha * (acc (.) mask_scale keep + A2 @ B2 (split 0)), NaN where poisoned, (+ D);
+    keep = 1 without HAS_MASK."""
+    if HAS_MASK:
+        keep = tl.load(m_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                       mask=mask_m[:, None] & mask_n[None, :], other=0)
+        acc = tl.where(keep != 0, acc * mask_scale, 0.0)
     if HAS_SECOND:
         if pid_s == 0:
             for j0 in range(0, K2, BLOCK_K):
@@ -94,13 +100,14 @@ def _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr,
 
 @triton.jit
 def matmul_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, d_ptr,
-    alpha,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr,
+    alpha, mask_scale,
     M, N, K, K2, k_per_split, b_group,
     stride_am, stride_ak, stride_bk, stride_bg, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-    stride_cs, stride_cm, stride_cn, stride_dm, stride_dn,
-    HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, SANITIZE_B: tl.constexpr, B_GROUP: tl.constexpr,
+    stride_cs, stride_cm, stride_cn, stride_dm, stride_dn, stride_mm, stride_mn,
+    HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_MASK: tl.constexpr, SANITIZE_B: tl.constexpr,
+    B_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -109,6 +116,9 @@ def matmul_kernel(
     B_GROUP: 0 for ungrouped columns, the group size when it is a power of two, -1 for another
     size (read from ``b_group``): a compile-time group lets the compiler see that B's columns
     run contiguously inside a group, so B's tiles are copied with vector (asynchronous) loads.
+
+    HAS_MASK: the product A @ B (not the second pair) is multiplied by mask_scale where the
+    bool M [M, N] (m_ptr) is true and zeroed elsewhere (LoRA dropout's backward; no split).
 
     SANITIZE_B: the tile is computed with plain dots first; only a tile whose product is not all
     finite (a non-finite A or B within its reach, or an overflow) is computed again,
@@ -145,10 +155,11 @@ def matmul_kernel(
                                             stride_am, stride_ak, stride_bk, True, DOT_DTYPE, ACC_DTYPE,
                                             INPUT_PRECISION, SANITIZED_SLICE, BLOCK_N, SANITIZED_SLICE)
             _matmul_finish(acc_s, poisoned_s, offs_s, mask_s, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr,
-                           alpha, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn,
-                           stride_dm, stride_dn, HAS_SECOND, HAS_ADDEND, SANITIZE_B, DOT_DTYPE, ACC_DTYPE,
-                           INPUT_PRECISION, SANITIZED_SLICE)
+                           m_ptr, alpha, mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs,
+                           stride_cm, stride_cn, stride_dm, stride_dn, stride_mm, stride_mn, HAS_SECOND, HAS_ADDEND,
+                           HAS_MASK, SANITIZE_B, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, SANITIZED_SLICE)
     else:
-        _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, alpha, K2,
-                       stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn, stride_dm,
-                       stride_dn, HAS_SECOND, HAS_ADDEND, SANITIZE_B, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_K)
+        _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr, alpha,
+                       mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn,
+                       stride_dm, stride_dn, stride_mm, stride_mn, HAS_SECOND, HAS_ADDEND, HAS_MASK, SANITIZE_B,
+                       DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_K)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from moelora.ops.moe_lora import moe_lora
-from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
+from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, moe_lora_linear
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
 from moelora.ops.routing_modes import Routing, task_routing
 
@@ -72,7 +72,9 @@ class MoELoRALinear(AdapterLayerBase):
         top_k: experts per token (ignored for task routing, which uses 1).
         r, lora_alpha, use_rslora, lora_dropout, init_lora_weights, use_dora: as PEFT's
             LoraConfig (``init_lora_weights``: True = kaiming-uniform A, "gaussian" =
-            N(0, 1/r) A, both with B = 0; False = random B too). DoRA needs E = 1.
+            N(0, 1/r) A, both with B = 0; False = random B too). DoRA needs E = 1. LoRA
+            dropout draws a bool keep mask (``bernoulli_``, kept elements scaled by 1/(1-p))
+            that the fused kernels read beside x: PEFT's distribution, not its random stream.
         share_lora_a: one A [r, d_in] shared by all experts (MoSLD).
         lora_a_dropout: MoSLD's Bernoulli dropout on A's weights (training only, kept weights
             rescaled by 1/(1-p)).
@@ -173,10 +175,12 @@ class MoELoRALinear(AdapterLayerBase):
             return self._composed_forward(x, *args, **kwargs)
         router, ids, weights = self._routing_inputs(x)
         dropout = self.lora_dropout
-        lora_input = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+        # LoRA dropout as a keep mask that the op's kernels read beside x (x_lora is never formed)
+        mask, keep_scale = ((None, 1.0) if isinstance(dropout, nn.Identity) or not self.training
+                            else lora_dropout_mask(x, dropout.p))
         y, out = moe_lora_linear(x, self.base_weight(base), base.bias, self._effective_A(), self.lora_B,
                                  scaling=self.scaling, router=router, topk_ids=ids, topk_weights=weights,
-                                 lora_input=lora_input)
+                                 dropout_mask=mask, dropout_scale=keep_scale)
         if out.aux_loss is not None:
             self._record_routing(out.routing, out.aux_loss, out.aux_stats)
         return y

@@ -20,6 +20,12 @@ dense regime (E*r small):
             lora_weight_grad: dB (in its [E, d_out, r] layout), dA, dW_router in one kernel,
             split reductions summed in a fixed order on the device
 
+LoRA dropout (a bool keep mask M of x's shape, drawn by :func:`lora_dropout_mask`, and its
+scale s_d = 1/(1-p); the LoRA branch reads x_lora = s_d M (.) x, the router and the base x)
+costs no kernel in the dense regime: lora_down reads M beside x (h from x_lora, the logits
+from x), lora_weight_grad reads it for dA, and the dx GEMM masks its [dh] A part. x_lora is
+never formed (the grouped regime forms it where a per-expert A or dA needs it).
+
 and in its grouped regime (large E*r; ``_grouped_expand`` / ``_grouped_lora_backward``):
 
   forward   lora_down and the routing as above (per-expert A: logits only); the pairs sorted by
@@ -31,7 +37,7 @@ and in its grouped regime (large E*r; ``_grouped_expand`` / ``_grouped_lora_back
             router_backward: d logits from dw; dA, dW_router (matmuls over x, or per expert
             from the rows); dx = [dh | d logits] [A ; W_router] + dy W
 
-Saved for backward: x (and x_lora when LoRA dropout makes it differ), h [T, R] (the grouped
+Saved for backward: x (and LoRA dropout's bool mask), h [T, R] (the grouped
 regime's per-expert A: its rows [rows, r]), the routing (logits [T, E], ids, weights, counts;
 the grouped regime's pair layout too); nothing T x d_out. Deterministic; no host sync.
 A and B of any float dtype (fp32 adapters over a bf16 base, as PEFT keeps them) are read as
@@ -88,7 +94,8 @@ class RouterSpec(NamedTuple):
 def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                     lora_b: torch.Tensor, *, scaling: float, router: Optional[RouterSpec] = None,
                     topk_ids: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
-                    lora_input: Optional[torch.Tensor] = None, backend: Optional[str] = None):
+                    dropout_mask: Optional[torch.Tensor] = None, dropout_scale: float = 1.0,
+                    backend: Optional[str] = None):
     """The MoE-LoRA linear layer on x [..., d_in] (T tokens); see the module docstring.
 
     Args:
@@ -97,7 +104,9 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         lora_a: [r, d_in] (shared) or [E, r, d_in]; lora_b: [E, d_out, r].
         router: a :class:`RouterSpec` (learned routing), or None with ``topk_ids`` and
             ``topk_weights`` [T, k] given (static routing; the weights may require grad).
-        lora_input: the LoRA branch's input (shape of x) when it differs from x (LoRA dropout).
+        dropout_mask, dropout_scale: LoRA dropout: the bool keep mask (shape of x) and the scale
+            of the kept elements; the LoRA branch reads dropout_scale * dropout_mask (.) x
+            (:func:`lora_dropout_mask` draws both).
         Routing tensors (given or returned) are [T, ...].
 
     Returns:
@@ -108,20 +117,21 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if resolve_backend(backend, x.device) == "torch" or T == 0:
         flat = (lambda t: t if t is None else t.reshape(T, t.shape[-1]))  # noqa: E731
         y, out = _composed(flat(x), weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights,
-                           flat(lora_input))
+                           flat(dropout_mask), dropout_scale)
         return y.reshape(x.shape[:-1] + (weight.shape[0],)), out
     r = router
     grouped = choose_regime(lora_b.shape[0], lora_b.shape[2]) == "grouped"
     if torch.compiler.is_compiling():
-        xl = None if lora_input is None else lora_input.reshape(T, x.shape[-1])
+        mask = None if dropout_mask is None else dropout_mask.reshape(T, x.shape[-1])
         args = op_args(x.reshape(T, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, router, topk_ids,
-                       topk_weights, xl, grouped)
+                       topk_weights, mask, dropout_scale, grouped)
         y, h, logits, ids, weights, counts, aux_loss, aux_stats = moe_lora_linear_fwd(*args)[:8]
         y = y.reshape(x.shape[:-1] + (weight.shape[0],))
     else:
-        args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input, grouped)
+        args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, dropout_mask,
+                       dropout_scale, grouped)
         extra = []
-        y, aux_loss = _MoELoRALinearFn.apply(*args[:9], args[9:], extra)
+        y, aux_loss = _MoELoRALinearFn.apply(*args[:_GRAD_INPUTS], args[_GRAD_INPUTS:], extra)
         h, logits, ids, weights, counts, aux_stats = extra
     if r is None:
         return y, LayerOutput(Routing(topk_weights, topk_ids), None, None)
@@ -129,21 +139,43 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                           aux_stats)
 
 
-def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input,
-            grouped: bool) -> tuple:
-    """The flat argument list of the fused op (``moelora::moe_lora_linear_fwd``): the 9 tensors
+# The fused op's first _GRAD_INPUTS arguments are the tensors that may need a gradient.
+_GRAD_INPUTS = 8
+
+
+def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, dropout_mask,
+            dropout_scale: float, grouped: bool) -> tuple:
+    """The flat argument list of the fused op (``moelora::moe_lora_linear_fwd``): the 8 tensors
     that may need a gradient (x, weight, bias, lora_a, lora_b, router_weight, logits_in,
-    topk_weights, lora_input; each may be None but x, weight and the adapters), the 3 others
-    (topk_ids, noise, num_steps), then the 10 scalars (scaling, mode, top_k, renormalize,
-    eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped: the regime of moelora.moe_lora)."""
+    topk_weights; each may be None but x, weight and the adapters), the 4 others (topk_ids,
+    noise, num_steps, dropout_mask), then the 11 scalars (scaling, mode, top_k, renormalize,
+    eps_start, eps_end, ramp_steps, lb_coef, z_coef, dropout_scale, grouped: the regime of
+    moelora.moe_lora)."""
     r = router
     if r is None:
-        return (x, weight, bias, lora_a, lora_b, None, None, topk_weights, lora_input, topk_ids, None, None,
-                float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0, grouped)
+        return (x, weight, bias, lora_a, lora_b, None, None, topk_weights, topk_ids, None, None, dropout_mask,
+                float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0, float(dropout_scale), grouped)
     num_steps = r.num_steps if r.mode == "threshold" and r.ramp_steps > 0 else None
-    return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, lora_input, None, r.noise, num_steps,
+    return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, None, r.noise, num_steps, dropout_mask,
             float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
-            int(r.ramp_steps), float(r.lb_coef), float(r.z_coef), grouped)
+            int(r.ramp_steps), float(r.lb_coef), float(r.z_coef), float(dropout_scale), grouped)
+
+
+def lora_dropout_mask(x: torch.Tensor, p: float):
+    """(keep mask, scale) of LoRA dropout with probability ``p`` for x: a bool tensor of x's shape,
+    each element kept with probability 1 - p (one bernoulli_ draw from the generator of x's
+    device), and 1 / (1 - p); (None, 1.0) for p = 0, an all-False mask and 0.0 for p >= 1."""
+    if p <= 0:
+        return None, 1.0
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    if p >= 1:
+        return mask.zero_(), 0.0
+    return mask.bernoulli_(1.0 - p), 1.0 / (1.0 - p)
+
+
+def dropped_out(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """x_lora = scale * mask (.) x in x's dtype (what the kernels read without forming it)."""
+    return torch.where(mask, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class LayerOutput(NamedTuple):
@@ -157,7 +189,7 @@ class LayerOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- torch backend
-def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, lora_input):
+def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, dropout_mask, dropout_scale):
     dtype = lora_b.dtype
     base = F.linear(x, weight, bias)
     aux_loss = aux_stats = None
@@ -170,7 +202,7 @@ def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_w
         topk_ids, topk_weights = routing.ids, routing.weights
     else:
         routing = Routing(topk_weights, topk_ids)
-    xl = x if lora_input is None else lora_input
+    xl = x if dropout_mask is None else dropped_out(x, dropout_mask, dropout_scale)
     y = moe_lora(xl.to(dtype), lora_a, lora_b, topk_ids, topk_weights, scaling=scaling, base_out=base.to(dtype),
                  backend="torch")
     return y.to(x.dtype), LayerOutput(routing, aux_loss, aux_stats)
@@ -190,20 +222,21 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
 
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                   num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
-                   z_coef, grouped):
+                   num_steps, dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
+                   z_coef, dropout_scale, grouped):
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout); for static routing ids
     and weights are the given ones and logits, counts and aux are empty. h is [T, R], or for the
     grouped regime's per-expert A the rows x[t] A_e^T [rows of the layout, r]; layout: the
     grouped regime's pair layout (moelora.ops.routing.layout_tensors), [] in the dense regime."""
     dtype = x.dtype
-    xl = x if lora_input is None else lora_input
     down_rows = None if grouped and lora_a.dim() == 3 else lora_a_rows(lora_a)  # grouped: per row, below
-    if router_weight is not None and lora_input is None:
-        h, logits = launchers.lora_down(x, down_rows, router_weight)
-    else:
-        h = launchers.lora_down(xl, down_rows)[0] if down_rows is not None else None
-        logits = launchers.lora_down(x, None, router_weight)[1] if router_weight is not None else logits_in
+    if down_rows is not None or router_weight is not None:
+        mask = dropout_mask if down_rows is not None else None
+        h, logits = launchers.lora_down(x, down_rows, router_weight, mask=mask, mask_scale=dropout_scale)
+    if down_rows is None:
+        h = None
+    if router_weight is None:
+        logits = logits_in
     if mode == "static":
         ids, weights, aux = topk_ids, topk_weights, None
     else:
@@ -211,8 +244,8 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
                                    lb_coef, z_coef)
     out, layout = None, []
     if grouped:
-        y, h, layout = _grouped_expand(x, xl, weight, bias, h if down_rows is not None else None, lora_a, lora_b,
-                                       ids, weights, scaling)
+        xl = x if dropout_mask is None or h is not None else dropped_out(x, dropout_mask, dropout_scale)
+        y, h, layout = _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scaling)
     else:
         folded = aux if aux is not None and aux.counts.shape[0] <= launchers.GATED_EXPAND_AUX_EXPERTS else None
         expand = dict(scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype, compute_dtype=dtype)
@@ -235,19 +268,19 @@ def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scalin
 
 
 # needs_input_grad -> _fused_backward's ``needs``: the op's inputs (op_args order) whose gradients it
-# computes only on request: x, weight, bias, router_weight, logits_in, topk_weights, lora_input.
-_on_request = operator.itemgetter(0, 1, 2, 5, 6, 7, 8)
+# computes only on request: x, weight, bias, router_weight, logits_in, topk_weights.
+_on_request = operator.itemgetter(0, 1, 2, 5, 6, 7)
 
 # Saved tensors before the grouped regime's pair layout: x, weight, lora_a, lora_b, router_weight, h,
-# logits, ids, weights, counts, lora_input (both autograd paths save them in this order).
+# logits, ids, weights, counts, dropout_mask (both autograd paths save them in this order).
 _FIXED_SAVED = 11
 
 
-def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
-                    layout, scaling, mode, renormalize, lb_coef, z_coef, grouped, needs):
-    """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input);
+def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
+                    dropout_mask, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped, needs):
+    """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights);
     ``needs`` says which are wanted (None where not); ``layout``: the forward's (grouped regime)."""
-    need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
+    need_x, need_weight, need_bias, _, need_logits, need_w = needs
     dtype = x.dtype
     if dy is None:  # only the aux loss reached the loss
         dy = x.new_zeros(x.shape[0], weight.shape[0])
@@ -255,13 +288,14 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     if mode != "static":
         grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
         router = launchers.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
+    dropout = (dropout_mask, dropout_scale)
     if grouped:
-        grads = _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, layout,
-                                       scaling, router, needs)
+        grads = _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, layout,
+                                       scaling, router, need_x)
     else:
-        grads = _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, scaling,
-                                     router, needs)
-    dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input = grads
+        grads = _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, scaling, router,
+                                     need_x)
+    dx, dlora_a, dlora_b, drouter, dl, dw = grads
     if need_x:
         if dx is None:
             dx = torch.mm(dy, weight.to(dtype))
@@ -271,54 +305,47 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     dbias = dy.sum(0) if need_bias else None
     dlogits = dl if need_logits and router_weight is None and router is not None else None
     dw = dw.to(weights.dtype) if need_w and router is None else None
-    return dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input
+    return dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw
 
 
-def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, scaling, router, needs):
-    """(dx before dy W or None, dA, dB, dW_router, d logits, dw, d lora_input) of the dense regime:
-    dHg = dy B_stack; gate_backward: dh and dw or d logits (routing and aux-loss gradients);
-    lora_weight_grad: dB, dA (and dW_router, the router reading x); dx = [dh | dl] [A ; W_router]."""
-    need_x, _, _, need_router, _, _, need_lora_input = needs
+def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, scaling, router, need_x):
+    """(dx before dy W or None, dA, dB, dW_router, d logits, dw) of the dense regime: dHg = dy B_stack;
+    gate_backward: dh and dw or d logits (routing and aux-loss gradients); lora_weight_grad: dB, dA
+    (and dW_router, the router reading x); dx = [dh | dl] [A ; W_router]. ``dropout`` = (mask or
+    None, scale): dA reads x_lora and the dx GEMM masks dh A (its dl W_router part stays)."""
+    mask, mask_scale = dropout
     dtype = x.dtype
     shared = lora_a.dim() == 2
     num_experts, d_out, rank = lora_b.shape
-    xl = x if lora_input is None else lora_input
     a_rows = lora_a_rows(lora_a)
     dhg = launchers.matmul(dy, lora_b, stacked_b=True, out_dtype=launchers.accumulator_dtype(dtype),
                            compute_dtype=dtype)
     dh, dw_or_dl, hg = launchers.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank,
                                                scaling=scaling, shared_a=shared, router=router, hg_dtype=dtype)
     dl, dw = (dw_or_dl, None) if router is not None else (None, dw_or_dl)
-    fused_router = router_weight is not None and lora_input is None
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
     drouter = (torch.empty(router_weight.shape, dtype=router_weight.dtype, device=x.device)
-               if fused_router else None)
-    launchers.lora_weight_grad(dy, xl, hg, dh, dl if fused_router else None, rank=rank, scaling=scaling,
+               if router_weight is not None else None)
+    launchers.lora_weight_grad(dy, x, hg, dh, dl if router_weight is not None else None, rank=rank, scaling=scaling,
                                dlora_b=dlora_b, dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape),
-                               drouter=drouter)
-    if router_weight is not None and not fused_router and need_router:
-        drouter = launchers.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
-    dx = dlora_input = None
-    if need_lora_input:
-        dlora_input = launchers.matmul(dh, a_rows, out_dtype=dtype, compute_dtype=dtype, sanitize_b=not shared)
+                               drouter=drouter, mask=mask, mask_scale=mask_scale)
+    dx = None
     if need_x:
-        if lora_input is None:
-            second = (dl, router_weight) if router_weight is not None else None
-            dx = launchers.matmul(dh, a_rows, out_dtype=dtype, compute_dtype=dtype, second=second,
-                                  sanitize_b=not shared)
-        elif router_weight is not None:
-            dx = launchers.matmul(dl, router_weight, out_dtype=dtype, compute_dtype=dtype)
-    return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
+        second = (dl, router_weight) if router_weight is not None else None
+        dx = launchers.matmul(dh, a_rows, out_dtype=dtype, compute_dtype=dtype, second=second, sanitize_b=not shared,
+                              mask=mask, mask_scale=mask_scale)
+    return dx, dlora_a, dlora_b, drouter, dl, dw
 
 
-def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, lora_input, layout, scaling,
-                           router, needs):
+def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, layout, scaling,
+                           router, need_x):
     """The same for the grouped regime (moelora.moe_lora's): dh rows = s w dy B_e with dw in the
     same grouped GEMM's epilogue; dB by a fixed-order grouped reduction; router_backward: d
     logits from dw; then dA, dW_router and dx = [dh | dl] [A ; W_router] (dense for a shared
-    A; per expert, from the rows, for a per-expert A)."""
-    need_x, _, _, need_router, _, _, need_lora_input = needs
+    A; per expert, from the rows, for a per-expert A). With LoRA dropout x_lora is formed for dA
+    and dx gets s_d M (.) d x_lora."""
+    mask, mask_scale = dropout
     dtype = x.dtype
     T, top_k = ids.shape
     meta = saved_layout(x, lora_a, lora_b, ids, layout)
@@ -328,15 +355,19 @@ def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights
     dw = dw.view(T, top_k)
     dl = launchers.router_backward(dw, ids, weights, router) if router is not None else None
     drouter = None
-    if router_weight is not None and (need_router or lora_input is None):
+    if router_weight is not None:
         drouter = launchers.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
     router_dx = (dl, router_weight) if router_weight is not None and need_x else None
-    if lora_input is None:
+    if mask is None:
         dlora_a, dx = grouped_input_grads(dh_rows, x, lora_a, meta, need_x, second=router_dx)
-        return dx, dlora_a, dlora_b, drouter, dl, dw, None
-    dlora_a, dlora_input = grouped_input_grads(dh_rows, lora_input, lora_a, meta, need_lora_input)
-    dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype) if router_dx is not None else None
-    return dx, dlora_a, dlora_b, drouter, dl, dw, dlora_input
+        return dx, dlora_a, dlora_b, drouter, dl, dw
+    dlora_a, dx_lora = grouped_input_grads(dh_rows, dropped_out(x, mask, mask_scale), lora_a, meta, need_x)
+    dx = None
+    if need_x:
+        dx = dropped_out(dx_lora, mask, mask_scale)  # x_lora = s_d M (.) x
+        if router_dx is not None:
+            dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype, addend=dx, out=dx)
+    return dx, dlora_a, dlora_b, drouter, dl, dw
 
 
 def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor) -> List[torch.Tensor]:
@@ -352,31 +383,32 @@ def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor) -> List[tor
 
 class _MoELoRALinearFn(torch.autograd.Function):
     """Eager-mode autograd of the fused layer: the custom ops' forward and backward without
-    the custom-op dispatch (tens of microseconds of host time per call). x and lora_input of
+    the custom-op dispatch (tens of microseconds of host time per call). x and the dropout mask of
     any leading shape are flattened here, below autograd: no view nodes in the graph.
 
     Autograd's work per call grows with the Function's inputs and outputs, so only the tensors
     that may need a gradient are inputs: (x, weight, bias, lora_a, lora_b, router_weight,
-    logits_in, topk_weights, lora_input), then ``rest`` = the op's other arguments as
-    op_args orders them (topk_ids, noise, num_steps, then the 9 scalars). The outputs are
+    logits_in, topk_weights), then ``rest`` = the op's other arguments as op_args orders them
+    (topk_ids, noise, num_steps, dropout_mask, then the 11 scalars). The outputs are
     y [..., d_out] and aux_loss; the non-differentiable ones (h, logits, ids, weights, counts,
     aux_stats) are appended to the list ``extra``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, rest, extra):
-        topk_ids, noise, num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, \
-            z_coef, grouped = rest
+    def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, rest, extra):
+        topk_ids, noise, num_steps, dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, \
+            lb_coef, z_coef, dropout_scale, grouped = rest
         x_shape, T = x.shape, math.prod(x.shape[:-1])
         x = as_2d(x, T, x_shape[-1])
-        if lora_input is not None:
-            lora_input = as_2d(lora_input, T, x_shape[-1])
+        if dropout_mask is not None:
+            dropout_mask = as_2d(dropout_mask, T, x_shape[-1])
         y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout = _fused_forward(
             x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
-            lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
+            dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
+            dropout_scale, grouped)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask,
                               *layout)
-        ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, grouped)
+        ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped)
         ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
         extra.extend((h, logits, ids, weights, counts, aux_stats))
@@ -390,35 +422,35 @@ class _MoELoRALinearFn(torch.autograd.Function):
         if dy is not None and len(x_shape) != 2:
             dy = dy.reshape(-1, dy.shape[-1])
         saved = ctx.saved_tensors
-        dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = _fused_backward(
+        dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw = _fused_backward(
             dy, g_aux, *saved[:_FIXED_SAVED], saved[_FIXED_SAVED:], *ctx.config, needs)
-        if len(x_shape) != 2:
-            dx = None if dx is None else dx.view(x_shape)
-            dlora_input = None if dlora_input is None else dlora_input.view(x_shape)
+        if len(x_shape) != 2 and dx is not None:
+            dx = dx.view(x_shape)
         return (dx, dweight, dbias, dlora_a if n[3] else None, dlora_b if n[4] else None,
-                drouter if n[5] else None, dlogits, dw, dlora_input, None, None)
+                drouter if n[5] else None, dlogits, dw, None, None)
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
 @torch.library.custom_op("moelora::moe_lora_linear_fwd", mutates_args=())
 def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                         lora_b: torch.Tensor, router_weight: Optional[torch.Tensor], logits_in: Optional[torch.Tensor],
-                        topk_weights: Optional[torch.Tensor], lora_input: Optional[torch.Tensor],
-                        topk_ids: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-                        num_steps: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
+                        topk_weights: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor],
+                        noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor],
+                        dropout_mask: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
                         eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float,
-                        grouped: bool) -> List[torch.Tensor]:
+                        dropout_scale: float, grouped: bool) -> List[torch.Tensor]:
     """[y, h, logits, ids, weights, counts, aux_loss, aux_stats, *layout] of the fused layer (see
     the module docstring); layout: the grouped regime's pair layout, none in the dense regime."""
     out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                         num_steps, lora_input, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
-                         lb_coef, z_coef, grouped)
+                         num_steps, dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
+                         lb_coef, z_coef, dropout_scale, grouped)
     return _outputs(out, mode == "static", logits_in is not None, x)
 
 
 @moe_lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, topk_ids, noise,
-      num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped):
+def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, topk_ids, noise, num_steps,
+      dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, dropout_scale,
+      grouped):
     T = x.shape[0]
     acc = launchers.accumulator_dtype(x.dtype)
     y = x.new_empty(T, weight.shape[0])
@@ -444,42 +476,42 @@ def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, l
 def moe_lora_linear_bwd(dy: torch.Tensor, g_aux: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                         lora_a: torch.Tensor, lora_b: torch.Tensor, router_weight: Optional[torch.Tensor],
                         h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                        counts: torch.Tensor, lora_input: Optional[torch.Tensor], layout: List[torch.Tensor],
-                        scaling: float, mode: str, renormalize: bool, lb_coef: float, z_coef: float, grouped: bool,
-                        needs: list[bool]) -> list[torch.Tensor]:
+                        counts: torch.Tensor, dropout_mask: Optional[torch.Tensor], layout: List[torch.Tensor],
+                        scaling: float, mode: str, renormalize: bool, lb_coef: float, z_coef: float,
+                        dropout_scale: float, grouped: bool, needs: list[bool]) -> list[torch.Tensor]:
     """The gradients of the fused layer (empty tensors where ``needs`` is False)."""
     grads = _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
-                            lora_input, layout, scaling, mode, renormalize, lb_coef, z_coef, grouped, tuple(needs))
+                            dropout_mask, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped,
+                            tuple(needs))
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @moe_lora_linear_bwd.register_fake
-def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input, layout,
-      scaling, mode, renormalize, lb_coef, z_coef, grouped, needs):
-    need_x, need_weight, need_bias, need_router, need_logits, need_w, need_lora_input = needs
-    fused_router = router_weight is not None and lora_input is None
+def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask, layout,
+      scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped, needs):
+    need_x, need_weight, need_bias, _, need_logits, need_w = needs
 
     def grad(like, wanted):
         return torch.empty_like(like) if wanted else x.new_empty(0)
 
     return [grad(x, need_x), grad(weight, need_weight), x.new_empty(weight.shape[0]) if need_bias else x.new_empty(0),
-            torch.empty_like(lora_a), torch.empty_like(lora_b),
-            grad(router_weight, router_weight is not None and (fused_router or need_router)),
+            torch.empty_like(lora_a), torch.empty_like(lora_b), grad(router_weight, router_weight is not None),
             grad(logits, need_logits and router_weight is None and mode != "static"),
-            grad(weights, need_w and mode == "static"), grad(lora_input, need_lora_input)]
+            grad(weights, need_w and mode == "static")]
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, lora_input, topk_ids, noise,
-     num_steps, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, grouped) = inputs
+    (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, topk_ids, noise, num_steps,
+     dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, dropout_scale,
+     grouped) = inputs
     _, h, logits, ids, weights, counts, _, _, *layout = output
     if mode == "static":
         ids, weights = topk_ids, topk_weights
     if logits_in is not None:
         logits = logits_in
-    ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, lora_input,
+    ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask,
                           *layout)
-    ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, grouped)
+    ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(*output[1:6], *output[7:])
     ctx.set_materialize_grads(False)
@@ -494,10 +526,10 @@ def _custom_op_backward(ctx, grads):
     needs[2] = needs[2] and ctx.has_bias
     saved = ctx.saved_tensors
     grads = moe_lora_linear_bwd(dy, g_aux, *saved[:_FIXED_SAVED], list(saved[_FIXED_SAVED:]), *ctx.config, needs)
-    dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw, dlora_input = grads
+    dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw = grads
     keep = lambda g, wanted: g if wanted else None  # noqa: E731
     return (keep(dx, n[0]), keep(dweight, n[1]), keep(dbias, needs[2]), keep(dlora_a, n[3]), keep(dlora_b, n[4]),
-            keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7]), keep(dlora_input, n[8])) + (None,) * 13
+            keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7])) + (None,) * 15
 
 
 moe_lora_linear_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)

@@ -125,6 +125,59 @@ def test_lora_down_reads_x_once_for_h_and_logits():
     assert none is None and torch.equal(h_only, h)
 
 
+def keep_mask(rows, cols, p=0.3):
+    """A LoRA-dropout keep mask [rows, cols] (bool), as a transposed view: any strides are read."""
+    return (torch.rand(cols, rows, device=DEVICE) >= p).t()
+
+
+def test_lora_down_with_a_dropout_mask_masks_h_only():
+    """h = s * (x (.) keep) A^T with the keep mask read beside x; the logits read x unmasked."""
+    T, d, R, E, s = 70, 90, 24, 6, 1 / 0.7
+    x, a, wr, keep = randn(T, d), randn(R, d), randn(E, d), keep_mask(T, d)
+    h, logits = K.lora_down(x, a, wr, mask=keep, mask_scale=s)
+    x_lora = torch.where(keep, x.double() * s, 0)
+    assert rel_err(h, x_lora @ a.double().t()) < 1e-6 and rel_err(logits, x.double() @ wr.double().t()) < 1e-6
+    h_only, _ = K.lora_down(x, a, mask=keep, mask_scale=s)
+    assert torch.equal(h_only, h)
+
+
+@pytest.mark.parametrize("sanitize_b", [False, True], ids=["plain", "sanitized"])
+def test_matmul_masks_the_first_product_only(sanitize_b):
+    """mask_scale * keep (.) (a @ b) + a2 @ b2 + addend: LoRA dropout's dx in one launch."""
+    M, Kd, N, K2, s = 50, 30, 40, 6, 2.0
+    a, b, a2, b2, d, keep = randn(M, Kd), randn(Kd, N), randn(M, K2), randn(K2, N), randn(M, N), keep_mask(M, N)
+    if sanitize_b:
+        b[3, 5] = float("nan")
+        a[:, 3] = 0  # no row weighs the NaN
+    big, out = poisoned_view(M, N)
+    K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, second=(a2, b2), addend=d, mask=keep,
+             mask_scale=s, sanitize_b=sanitize_b, out=out)
+    clean = torch.where(torch.isfinite(b), b, 0).double()
+    expected = torch.where(keep, s * (a.double() @ clean), 0) + a2.double() @ b2.double() + d.double()
+    assert_only_view_written(big, out, expected, 1e-6)
+    with pytest.raises(ValueError, match="not to split_k"):
+        K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, mask=keep, split_k=True)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("with_router", [True, False])
+def test_lora_weight_grad_with_a_dropout_mask(with_router, splits):
+    """dA = dh^T (s * x (.) keep) while dW_router = dlogits^T x reads x unmasked, in one kernel."""
+    T, d_in, d_out, E, r, R, s = 75, 40, 33, 5, 3, 15, 1 / 0.6
+    hg, dy, x, dh, dl, keep = randn(T, E * r), randn(T, d_out), randn(T, d_in), randn(T, R), randn(T, E), \
+        keep_mask(T, d_in, 0.4)
+    db = torch.empty(E, d_out, r, device=DEVICE)
+    big_a, da = poisoned_view(R, d_in)
+    big_r, dr = poisoned_view(E, d_in)
+    K.lora_weight_grad(dy, x, hg, dh, dl if with_router else None, rank=r, scaling=1.0, dlora_b=db, dlora_a=da,
+                       drouter=dr if with_router else None, mask=keep, mask_scale=s, splits=splits)
+    x_lora = torch.where(keep, x.double() * s, 0)
+    assert_only_view_written(big_a, da, dh.double().t() @ x_lora, 1e-6)
+    assert rel_err(db, (dy.double().t() @ hg.double()).view(d_out, E, r).permute(1, 0, 2)) < 1e-6
+    if with_router:
+        assert_only_view_written(big_r, dr, dl.double().t() @ x.double(), 1e-6)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("with_router", [True, False])
 def test_lora_weight_grad(with_router, splits):
@@ -461,9 +514,9 @@ def test_record_launches_gives_each_launch_with_its_configuration_and_argument_t
         K.combine_rows(randn(meta.sorted_pairs_padded.numel(), 20), meta, out_dtype=torch.float32)
     (kernel, options, values), (grouped, grouped_options, grouped_values) = calls
     assert kernel is K.matmul_kernel and options["BLOCK_M"] == 64 and options["SANITIZE_B"] is False
-    assert values[:7] == (torch.float32, torch.float64, torch.float32, torch.float64, torch.float16, torch.float16,
-                          0.5)
-    assert values[7:10] == (40, 20, 30)  # M, N, K: the configuration's scalars follow
+    assert values[:9] == (torch.float32, torch.float64, torch.float32, torch.float64, torch.float16, torch.float16,
+                          torch.float16, 0.5, 1.0)  # the unused addend and mask pointers: the output
+    assert values[9:12] == (40, 20, 30)  # M, N, K: the configuration's scalars follow
     assert grouped is K.combine_rows_kernel and torch.float32 in grouped_values and "BLOCK_N" in grouped_options
 
 

@@ -33,6 +33,7 @@ KINDS = {
     "task_shared": dict(num_experts=3, router="task", task_shared_lora=True),
     "single": dict(num_experts=1),
     "lora_dropout": dict(num_experts=4, top_k=2, lora_dropout=0.3),
+    "lora_dropout_shared_a_task": dict(num_experts=3, router="task", share_lora_a=True, lora_dropout=0.3),
     "jitter": dict(num_experts=4, top_k=2, router_jitter_noise=0.2),
 }
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -117,10 +118,9 @@ def regime(request, monkeypatch):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_fused_layer_matches_float64_reference(kind, regime):
-    # CUDA's dropout draws depend on the dtype: LoRA dropout is compared with an fp32 reference there
-    # (the same mask); A-dropout, jitter and threshold routing draw in fp32 whatever the dtype.
-    cuda_dropout = kind == "lora_dropout" and DEVICE.type == "cuda"
-    _compare(kind, reference_dtype=torch.float32 if cuda_dropout else torch.float64)
+    # Every draw is dtype-free: LoRA dropout's keep mask is a bool tensor, A-dropout, jitter and
+    # threshold routing draw in fp32 whatever the dtype; so the float64 copy draws the same.
+    _compare(kind)
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "per_expert_k1", "task_shared", "lora_dropout"])
@@ -128,8 +128,7 @@ def test_fused_layer_with_grouped_mm_rows_matches_float64_reference(kind, monkey
     """The grouped regime with its forward rows on torch's grouped_mm (moe_lora.ROWS_ENGINES; on a
     CPU torch's reference loop): every router mode's gates reach combine_rows."""
     monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", 0)
-    cuda_dropout = kind == "lora_dropout" and DEVICE.type == "cuda"
-    _compare(kind, reference_dtype=torch.float32 if cuda_dropout else torch.float64)
+    _compare(kind)
     assert grouped_mm_rows, "the grouped_mm engine did not run"
 
 
@@ -242,6 +241,26 @@ def test_saved_activations_are_x_h_and_the_routing(regime):
     del y
 
 
+def test_lora_dropout_saves_its_keep_mask_not_the_dropped_input(regime):
+    """With LoRA dropout the kernels read the bool keep mask beside x: saved for backward are x,
+    the mask (1 byte per element of x), h and the routing; no dropped-out copy of x."""
+    layer = MoELoRALinear(nn.Linear(64, 96).to(DEVICE).half(), num_experts=8, top_k=2, r=16, share_lora_a=True,
+                          lora_dropout=0.25).train()
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(50, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    saved = []
+    with moelora.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    activations = [t for t in {t.untyped_storage().data_ptr(): t for t in saved}.values()
+                   if t.untyped_storage().data_ptr() not in params and t.dim() > 0 and t.numel() > 0]
+    masks = [t for t in activations if t.dtype == torch.bool]
+    assert len(masks) == 1 and masks[0].shape == x.shape and 0.6 < masks[0].float().mean() < 0.9
+    assert not any(t.shape == x.shape and t.is_floating_point() for t in activations)  # no x_lora
+    del y
+
+
 def test_no_host_synchronisation(regime):
     """With validation off nothing reads device memory on the host (CUDA graphs, torch.compile)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -296,9 +315,9 @@ def test_custom_ops_opcheck(kind, regime):
     _task_ids(layer, (6,))
     x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     router, ids, weights = layer._routing_inputs(x)
-    lora_input = layer.lora_dropout(x) if kind == "lora_dropout" else None
+    mask, keep_scale = fused_linear.lora_dropout_mask(x, layer.lora_dropout.p if kind == "lora_dropout" else 0.0)
     args = fused_linear.op_args(x, layer.base_weight(), layer.base_layer.bias, layer.lora_A, layer.lora_B,
-                                layer.scaling, router, ids, weights, lora_input, regime == "grouped")
+                                layer.scaling, router, ids, weights, mask, keep_scale, regime == "grouped")
     args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
                  else a for a in args)  # leaves: opcheck runs backward several times
     with moelora.use_backend("triton"):
