@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from moelora.ops.moe_lora import moe_lora
+from moelora.ops.moe_lora_linear import dropped_out, lora_dropout_mask
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
@@ -231,9 +232,9 @@ class AdapterLayerBase(nn.Module, RoutedModule):
     def _effective_A(self) -> torch.Tensor:
         a = self.lora_A
         if self.training and self.lora_a_dropout > 0:
-            # drawn in fp32 whatever A's dtype: the same mask for the same seed on every device
-            keep = torch.empty(a.shape, device=a.device).bernoulli_(1.0 - self.lora_a_dropout).to(a.dtype)
-            a = a * keep / (1.0 - self.lora_a_dropout)
+            # a bool mask, whatever A's dtype: the same mask for the same seed on every device
+            keep, scale = lora_dropout_mask(a, self.lora_a_dropout)
+            a = dropped_out(a, keep, scale)
         return a
 
     # ----------------------------------------------------------------------------- merge
