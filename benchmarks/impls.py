@@ -39,6 +39,9 @@ class Prepared:
     # What forward must compute, for implementations that route by themselves (MoELoRALinear);
     # None: the runner's reference from the set's routing.
     reference: Optional[Callable[[], torch.Tensor]] = None
+    # For implementations whose forward draws random numbers (LoRA dropout): runs forward and an
+    # fp32 reference of that same draw, and returns their relative error (instead of reference).
+    check: Optional[Callable[[], float]] = None
 
 
 @dataclass
@@ -156,25 +159,58 @@ class _Wrapped(torch.nn.Module):
         return self.proj(x)
 
 
-def _peft_layer(shape, s):
-    """PEFT's single-adapter LoRA (get_peft_model on nn.Linear) at the same r, same dtype."""
-    from peft import LoraConfig, get_peft_model
+# LoRA dropout of the "-dropout" layer cases (PEFT's and MoELoRALinear's)
+LAYER_DROPOUT = 0.1
 
-    w0 = s["w0"]
-    linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device, dtype=w0.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(w0)
-    config = LoraConfig(r=shape.rank, lora_alpha=int(shape.scaling * shape.rank), lora_dropout=0.0,
-                        target_modules=["proj"])
-    model = get_peft_model(_Wrapped(linear), config).to(w0.dtype)
-    lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
-    with torch.no_grad():  # PEFT starts B at zero; use the set's random weights instead
-        for n, p in model.named_parameters():
-            if "lora_A" in n:
-                p.copy_(s["a"] if s["a"].dim() == 2 else s["a"][0])
-            elif "lora_B" in n:
-                p.copy_(s["b"][0])
-    return Prepared(lambda: model(s["x"]), [s["x"]] + lora_params, keep=[model])
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32 (out reshaped to ref's shape); NaN where out is not finite."""
+    out = out.detach().float().reshape(ref.shape)
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out - ref.detach().float()).norm() / ref.detach().float().norm().clamp_min(1e-30))
+
+
+def _peft_layer(dropout: float):
+    """PEFT's single-adapter LoRA (get_peft_model on nn.Linear) at the same r, same dtype, with
+    LoRA dropout ``dropout`` (in training mode; checked against the fp32 formula on the input
+    its dropout module returned)."""
+    def prepare(shape, s):
+        from peft import LoraConfig, get_peft_model
+
+        w0 = s["w0"]
+        linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device, dtype=w0.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w0)
+        config = LoraConfig(r=shape.rank, lora_alpha=int(shape.scaling * shape.rank), lora_dropout=dropout,
+                            target_modules=["proj"])
+        model = get_peft_model(_Wrapped(linear), config).to(w0.dtype).train()
+        lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
+        a, b = (s["a"] if s["a"].dim() == 2 else s["a"][0]), s["b"][0]
+        with torch.no_grad():  # PEFT starts B at zero; use the set's random weights instead
+            for n, p in model.named_parameters():
+                if "lora_A" in n:
+                    p.copy_(a)
+                elif "lora_B" in n:
+                    p.copy_(b)
+        if not dropout:
+            return Prepared(lambda: model(s["x"]), [s["x"]] + lora_params, keep=[model])
+
+        def check():
+            dropout_module = next(m for n, m in model.named_modules() if n.endswith("lora_dropout.default"))
+            seen = []
+            handle = dropout_module.register_forward_hook(lambda module, args, out: seen.append(out))
+            try:
+                with torch.no_grad():
+                    y = model(s["x"])
+            finally:
+                handle.remove()
+            x_lora = seen[0].float()
+            ref = F.linear(s["x"].float(), w0.float()) + shape.scaling * (x_lora @ a.float().t()) @ b.float().t()
+            return rel_err(y, ref)
+
+        return Prepared(lambda: model(s["x"]), [s["x"]] + lora_params, keep=[model], check=check)
+    return prepare
 
 
 LAYER_ROUTERS = {
@@ -185,11 +221,12 @@ LAYER_ROUTERS = {
 }
 
 
-def _moelora_linear_layer(router: str):
+def _moelora_linear_layer(router: str, dropout: float = 0.0):
     """moelora.MoELoRALinear as a user builds it: the frozen base nn.Linear (the set's W0), its
     constructor's defaults (fp32 adapters over a half-precision base, as PEFT) with the shape's
-    E, k, r, alpha and A layout, random adapters, and ``router``'s mode; task routing gets one
-    task per 512-token sequence."""
+    E, k, r, alpha and A layout, random adapters, ``router``'s mode and LoRA dropout
+    ``dropout``; task routing gets one task per 512-token sequence. With dropout the check runs
+    the layer and its fp32 copy (torch backend) from one generator state: the same keep mask."""
     def prepare(shape, s):
         w0 = s["w0"]
         linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device, dtype=w0.dtype)
@@ -198,7 +235,7 @@ def _moelora_linear_layer(router: str):
         linear.weight.requires_grad_(False)
         layer = moelora.MoELoRALinear(linear, num_experts=shape.experts, top_k=shape.top_k, r=shape.rank,
                                       lora_alpha=shape.scaling * shape.rank, share_lora_a=shape.shared_a,
-                                      init_lora_weights=False, **LAYER_ROUTERS[router])
+                                      init_lora_weights=False, lora_dropout=dropout, **LAYER_ROUTERS[router])
         if router == "task":
             tasks = torch.arange(shape.tokens, device=w0.device) // 512 % shape.experts
             moelora.set_task_ids(torch.nn.Sequential(layer), tasks)
@@ -213,7 +250,21 @@ def _moelora_linear_layer(router: str):
             with moelora.use_backend("torch"):
                 return ref(s["x"].float())
 
-        return Prepared(forward, [s["x"]] + trainable, keep=[layer], reference=reference)
+        if not dropout:
+            return Prepared(forward, [s["x"]] + trainable, keep=[layer], reference=reference)
+
+        def check():
+            state = torch.cuda.get_rng_state(w0.device) if w0.is_cuda else torch.get_rng_state()
+            with torch.no_grad():
+                y = forward()
+            if w0.is_cuda:
+                torch.cuda.set_rng_state(state, w0.device)
+            else:
+                torch.set_rng_state(state)
+            with torch.no_grad():
+                return rel_err(y, reference())
+
+        return Prepared(forward, [s["x"]] + trainable, keep=[layer], check=check)
     return prepare
 
 
@@ -265,13 +316,18 @@ DELTA = [
 LAYER = [
     Impl("linear-frozen", "layer", _linear, description="frozen nn.Linear alone (the floor we add to)"),
     Impl("torch-dense-layer", "layer", _dense_layer, description="frozen nn.Linear + best plain PyTorch (addmm)"),
-    Impl("peft-lora", "layer", _peft_layer, _needs_peft, description="PEFT single-adapter LoRA layer, same r"),
+    Impl("peft-lora", "layer", _peft_layer(0.0), _needs_peft, description="PEFT single-adapter LoRA layer, same r"),
+    Impl("peft-lora-dropout", "layer", _peft_layer(LAYER_DROPOUT), _needs_peft,
+         description=f"PEFT's LoRA layer with lora_dropout={LAYER_DROPOUT}"),
     Impl("moelora-layer", "layer", _moelora_layer, _needs_cuda, True,
          "frozen nn.Linear + moelora Triton (base_out = linear output)"),
 ] + [
     Impl("moelora-MoELoRALinear" + ("" if router == "softmax_topk" else f"-{router}"), "layer",
          _moelora_linear_layer(router), _needs_moelora_layer, True, f"moelora.MoELoRALinear, router={router}")
     for router in LAYER_ROUTERS
+] + [
+    Impl("moelora-MoELoRALinear-dropout", "layer", _moelora_linear_layer("softmax_topk", LAYER_DROPOUT),
+         _needs_moelora_layer, True, f"moelora.MoELoRALinear, router=softmax_topk, lora_dropout={LAYER_DROPOUT}"),
 ]
 
 FFN = [

@@ -44,7 +44,7 @@ def _layer_counts(shape: Shape, elt: int, impl: str) -> Dict[str, Dict[str, floa
         return {"fwd": {"flops": base_flops, "bytes": T * di * elt + T * do * elt + w0},
                 "bwd": {"flops": base_flops, "bytes": T * do * elt + T * di * elt + w0}}
     delta = _delta_counts(shape, elt)
-    if impl == "peft-lora":  # single adapter: E = 1, k = 1, same r
+    if impl.startswith("peft-lora"):  # single adapter: E = 1, k = 1, same r
         r = shape.rank
         lora = 2 * T * di * r + 2 * T * r * do
         return {"fwd": {"flops": base_flops + lora, "bytes": delta["fwd"]["bytes"] + w0},

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import moelora
 
 from . import baselines, kernels, memory, metrics
-from .impls import Impl, Prepared
+from .impls import Impl, Prepared, rel_err
 from .inputs import make_sets, rotation_count
 from .shapes import Shape
 from .timing import Budget, adaptive_repeats, summarize, time_iterations
@@ -106,13 +106,6 @@ def _reference(shape: Shape, group: str, impl: str, s: Dict[str, torch.Tensor]) 
         return moelora.ops.reference.moe_lora_torch(
             s["x"].float(), s["a"].float(), s["b"].float(), s["ids"], s["w"].float(),
             scaling=shape.scaling, base_out=base)
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.detach().float().reshape(ref.shape)
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _base_record(shape: Shape, group: str, impl: Impl, pass_name: str) -> dict:
@@ -224,19 +217,22 @@ def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dic
     common = {}
     try:
         prepared = [impl.prepare(shape, s) for s in sets]
-        with torch.no_grad():
-            y0 = prepared[0].forward()
-        if prepared[0].reference is not None:  # an implementation that routes by itself
-            with torch.no_grad():
-                ref = prepared[0].reference()
+        if prepared[0].check is not None:  # a forward that draws random numbers checks itself
+            common["rel_err_vs_reference"] = prepared[0].check()
         else:
-            kind = _reference_kind(group, impl.name)
-            if kind not in refs:
-                refs[kind] = _reference(shape, group, impl.name, sets[0])
-            ref = refs[kind]
-        common["rel_err_vs_reference"] = _rel_err(y0, ref)
-        del ref
-        del y0
+            with torch.no_grad():
+                y0 = prepared[0].forward()
+            if prepared[0].reference is not None:  # an implementation that routes by itself
+                with torch.no_grad():
+                    ref = prepared[0].reference()
+            else:
+                kind = _reference_kind(group, impl.name)
+                if kind not in refs:
+                    refs[kind] = _reference(shape, group, impl.name, sets[0])
+                ref = refs[kind]
+            common["rel_err_vs_reference"] = rel_err(y0, ref)
+            del ref
+            del y0
         known = list(sets[0].values()) + list(prepared[0].leaves)
         for m in prepared[0].keep:
             if isinstance(m, torch.nn.Module):
