@@ -220,45 +220,40 @@ def test_bitwise_repeats(regime):
         assert torch.equal(runs[0][2][name], runs[1][2][name]), name
 
 
-def test_saved_activations_are_x_h_and_the_routing(regime):
-    """Saved for backward: x (once), h [T, r], the routing (logits, ids, weights, counts) and the
-    adapters rounded to x's dtype; nothing T x d_out."""
-    layer = MoELoRALinear(nn.Linear(64, 96).to(DEVICE).half(), num_experts=8, top_k=2, r=16, share_lora_a=True)
+def _saved_activations(**settings):
+    """(layer, x, y, the activations one fp16 training forward of the fused layer saves: tensors
+    other than x and the parameters, one per storage)."""
+    layer = MoELoRALinear(nn.Linear(64, 96).to(DEVICE).half(), num_experts=8, top_k=2, r=16, share_lora_a=True,
+                          **settings).train()
     layer.base_layer.requires_grad_(False)
     x = torch.randn(50, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
     saved = []
     with moelora.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
-    storages = {t.untyped_storage().data_ptr(): t for t in saved}
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
-    activations = [t for ptr, t in storages.items() if ptr not in params and t.dim() > 0 and t.numel() > 0]
+    storages = {t.untyped_storage().data_ptr(): t for t in saved}
+    return layer, x, y, [t for ptr, t in storages.items() if ptr not in params and t.dim() > 0 and t.numel() > 0]
+
+
+def test_saved_activations_are_x_h_and_the_routing(regime):
+    """Saved for backward: x (once), h [T, r], the routing (logits, ids, weights, counts) and the
+    adapters rounded to x's dtype; nothing T x d_out."""
+    layer, x, y, activations = _saved_activations()
     T, E, r, k = 50, 8, 16, 2
     allowed = T * r * 4 + T * E * 4 + T * k * (4 + 4) + E * 8  # h, logits (fp32), ids + weights, counts
     adapters = sum(p.numel() * 2 for p in (layer.lora_A, layer.lora_B, layer.router.weight))  # fp16 copies
     assert sum(t.numel() * t.element_size() for t in activations) <= allowed + adapters
     assert all(t.shape[-1] != 96 or t.dim() != 2 or t.shape[0] != T for t in activations)  # nothing T x d_out
-    del y
 
 
 def test_lora_dropout_saves_its_keep_mask_not_the_dropped_input(regime):
     """With LoRA dropout the kernels read the bool keep mask beside x: saved for backward are x,
     the mask (1 byte per element of x), h and the routing; no dropped-out copy of x."""
-    layer = MoELoRALinear(nn.Linear(64, 96).to(DEVICE).half(), num_experts=8, top_k=2, r=16, share_lora_a=True,
-                          lora_dropout=0.25).train()
-    layer.base_layer.requires_grad_(False)
-    x = torch.randn(50, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
-    saved = []
-    with moelora.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.append(t) or t, lambda t: t):
-        y = layer(x)
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
-    activations = [t for t in {t.untyped_storage().data_ptr(): t for t in saved}.values()
-                   if t.untyped_storage().data_ptr() not in params and t.dim() > 0 and t.numel() > 0]
+    layer, x, y, activations = _saved_activations(lora_dropout=0.25)
     masks = [t for t in activations if t.dtype == torch.bool]
     assert len(masks) == 1 and masks[0].shape == x.shape and 0.6 < masks[0].float().mean() < 0.9
     assert not any(t.shape == x.shape and t.is_floating_point() for t in activations)  # no x_lora
-    del y
 
 
 def test_no_host_synchronisation(regime):
