@@ -258,10 +258,10 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of twenty training steps and one backward (launchers.record_launches), configured by the
+    of twenty-one training steps and one backward (launchers.record_launches), configured by the
     launchers' defaults (the tile tables emptied meanwhile) as on a 132-SM Hopper GPU: the fused
     MoELoRALinear (bf16 base, fp32 adapters, shared A, softmax_topk with the aux loss: S1's
-    benchmark case; and with LoRA dropout's keep mask); moe_lora's dense regime
+    benchmark case; and with LoRA dropout's keep mask, with router jitter); moe_lora's dense regime
     adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
     the fused layer in the grouped regime (E 64, r 16: shared A with softmax_topk, per-expert A
@@ -300,10 +300,11 @@ def traced_jobs():
         with K.record_launches() as calls:
             adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in ((16, d), (E, d, 16), (E, d))]
             router = L.RouterSpec(adapters[2], None, "softmax_topk", k)
-            for name, p in (("S1 layer", 0.0), ("S1 layer, LoRA dropout", 0.1)):
+            for name, p, jitter in (("S1 layer", 0.0, None), ("S1 layer, LoRA dropout", 0.1, None),
+                                    ("S1 layer, router jitter", 0.0, 1 + 0.01 * rand(T, d, dtype=torch.float32))):
                 mask, keep_scale = L.lora_dropout_mask(x, p)
-                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, mask,
-                                 keep_scale, False)
+                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router._replace(jitter=jitter),
+                                 None, None, mask, keep_scale, False)
                 y, aux_loss = L._MoELoRALinearFn.apply(*args[:L._GRAD_INPUTS], args[L._GRAD_INPUTS:], [])
                 torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
                 steps[name], calls[:] = list(calls), []

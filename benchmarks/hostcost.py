@@ -33,6 +33,7 @@ ROUTERS = {"softmax_topk": {}, "topk_softmax": dict(router="topk_softmax"),
            "threshold": dict(router="threshold", top_k=3, threshold_eps=0.2),
            "task": dict(router="task", task_shared_lora=True),
            "LoRA dropout 0.1": dict(lora_dropout=0.1),
+           "router jitter 0.1": dict(router_jitter_noise=0.1),
            "E 64, grouped": dict(num_experts=64)}
 
 

@@ -54,12 +54,12 @@ def _load_routing(ids_ptr, w_ptr, offs_t, mask_t, stride_it, stride_ik, stride_w
 
 @triton.jit
 def lora_down_kernel(
-    x_ptr, a_ptr, r_ptr, h_ptr, l_ptr, m_ptr,
+    x_ptr, a_ptr, r_ptr, h_ptr, l_ptr, m_ptr, j_ptr,
     mask_scale,
     T, K, R, E,
     stride_xt, stride_xk, stride_ar, stride_ak, stride_re, stride_rk,
-    stride_ht, stride_hr, stride_lt, stride_le, stride_mt, stride_mk,
-    HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr,
+    stride_ht, stride_hr, stride_lt, stride_le, stride_mt, stride_mk, stride_jt, stride_jk,
+    HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_JITTER: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUTER_SPLITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     COLUMNS: tl.constexpr,
@@ -67,7 +67,9 @@ def lora_down_kernel(
     """h = x @ A_rows^T [T, R] and, with HAS_ROUTER, logits = x @ W_router^T [T, E], in one pass over x.
 
     HAS_MASK (LoRA dropout): h = mask_scale * (x (.) keep) @ A_rows^T with the bool keep mask
-    [T, K] (m_ptr) read beside x; the logits read x as it is.
+    [T, K] (m_ptr) read beside x; the logits read x as it is. HAS_JITTER (router jitter): the
+    logits are (x (.) J) @ W_router^T with the factors J [T, K] (j_ptr), an fp32 product
+    (ROUTER_SPLITS 0: x (.) J is not a bf16 number).
 
     A (any float dtype) is converted to DOT_DTYPE in registers; the router's product runs in
     ACC_DTYPE (fp32: the router weight is not rounded to x's dtype, so expert choices match an
@@ -110,7 +112,12 @@ def lora_down_kernel(
         if HAS_ROUTER:  # in ACC_DTYPE (x exact, the router weight not rounded): routing does not flip on rounding
             wr = tl.load(r_ptr + offs_e[None, :] * stride_re + offs_k[:, None] * stride_rk,
                          mask=mask_k[:, None] & mask_e[None, :], other=0.0)
-            if ROUTER_SPLITS == 0:
+            if HAS_JITTER:
+                jit = tl.load(j_ptr + offs_t[:, None] * stride_jt + offs_k[None, :] * stride_jk,
+                              mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+                acc_l += tl.dot(x.to(ACC_DTYPE) * jit.to(ACC_DTYPE), wr.to(ACC_DTYPE), input_precision="ieee",
+                                out_dtype=ACC_DTYPE)
+            elif ROUTER_SPLITS == 0:
                 acc_l += tl.dot(x.to(ACC_DTYPE), wr.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
             else:  # x is bf16: W = w_1 + ... + w_S in bf16 pieces
                 rest = wr.to(ACC_DTYPE)
@@ -552,14 +559,16 @@ def _weight_grad_b(dy_ptr, hg_ptr, db_ptr, part_ptr, tile, split, t_lo, t_hi, d_
 
 
 @triton.jit
-def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, mask_scale, tile_a, split, t_lo, t_hi,
-                   d_in, R, E, tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr, stride_dlt,
-                   stride_dle, stride_ar, stride_ak, stride_re, stride_rk, stride_mt, stride_mk,
-                   HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_CA: tl.constexpr, BLOCK_T: tl.constexpr):
+def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, j_ptr, mask_scale, tile_a, split, t_lo,
+                   t_hi, d_in, R, E, tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr,
+                   stride_dlt, stride_dle, stride_ar, stride_ak, stride_re, stride_rk, stride_mt, stride_mk,
+                   stride_jt, stride_jk,
+                   HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_JITTER: tl.constexpr, SPLIT: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_CA: tl.constexpr, BLOCK_T: tl.constexpr):
     """Job A of lora_weight_grad_kernel: one [BLOCK_M, BLOCK_CA] tile of x^T [dh | dlogits] over [t_lo, t_hi);
-    HAS_MASK: dh's columns take mask_scale * (x (.) keep) instead of x (two products per step)."""
+    HAS_MASK: dh's columns take mask_scale * (x (.) keep) instead of x, HAS_JITTER: dlogits' take
+    x (.) J (two products per step with either)."""
     offs_m = (tile_a // tiles_a_c).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = (tile_a % tiles_a_c) * BLOCK_CA + tl.arange(0, BLOCK_CA)
     mask_m = offs_m < d_in
@@ -572,17 +581,24 @@ def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, mask_
                      mask=mask_m[:, None] & mask_t[None, :], other=0.0)
         d = tl.load(dh_ptr + offs_t[:, None] * stride_dht + offs_c[None, :] * stride_dhr,
                     mask=mask_t[:, None] & (offs_c[None, :] < R), other=0.0)
-        if HAS_MASK:  # dA reads the dropped-out x, dW_router x itself
-            keep = tl.load(m_ptr + offs_t[None, :] * stride_mt + offs_m[:, None] * stride_mk,
-                           mask=mask_m[:, None] & mask_t[None, :], other=0)
-            acc += tl.dot(tl.where(keep != 0, xt, 0.0).to(DOT_DTYPE), (d.to(ACC_DTYPE) * mask_scale).to(DOT_DTYPE),
-                          input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_MASK or HAS_JITTER:  # dA reads the dropped-out x, dW_router the jittered x
+            xa = xt
+            if HAS_MASK:
+                keep = tl.load(m_ptr + offs_t[None, :] * stride_mt + offs_m[:, None] * stride_mk,
+                               mask=mask_m[:, None] & mask_t[None, :], other=0)
+                xa = tl.where(keep != 0, xt, 0.0)
+                d = d.to(ACC_DTYPE) * mask_scale
+            acc += tl.dot(xa.to(DOT_DTYPE), d.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             d = tl.zeros((BLOCK_T, BLOCK_CA), dtype=ACC_DTYPE)
         if HAS_ROUTER:
             c_r = tl.where(offs_c >= R, offs_c - R, 0)
             d += tl.load(dl_ptr + offs_t[:, None] * stride_dlt + c_r[None, :] * stride_dle,
                          mask=mask_t[:, None] & (offs_c[None, :] >= R) & mask_c[None, :], other=0.0)
-        if HAS_ROUTER or not HAS_MASK:
+            if HAS_JITTER:
+                jit = tl.load(j_ptr + offs_t[None, :] * stride_jt + offs_m[:, None] * stride_jk,
+                              mask=mask_m[:, None] & mask_t[None, :], other=0.0)
+                xt = xt.to(ACC_DTYPE) * jit.to(ACC_DTYPE)
+        if HAS_ROUTER or not (HAS_MASK or HAS_JITTER):
             acc += tl.dot(xt.to(DOT_DTYPE), d.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     mask = mask_m[:, None] & mask_c[None, :]
     if SPLIT:
@@ -596,13 +612,14 @@ def _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, mask_
 @triton.jit
 def lora_weight_grad_kernel(
     dy_ptr, x_ptr, hg_ptr, dh_ptr, dl_ptr,
-    db_ptr, da_ptr, dr_ptr, part_ptr, m_ptr,
+    db_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, j_ptr,
     scale_out, mask_scale,
     T, d_out, d_in, R, E, NB, rank, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
     stride_yt, stride_yn, stride_xt, stride_xk, stride_hgt, stride_hgc,
     stride_dht, stride_dhr, stride_dlt, stride_dle,
     stride_be, stride_bn, stride_bi, stride_ar, stride_ak, stride_re, stride_rk, stride_mt, stride_mk,
-    HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    stride_jt, stride_jk,
+    HAS_ROUTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_JITTER: tl.constexpr, SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CB: tl.constexpr, BLOCK_CA: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -612,7 +629,8 @@ def lora_weight_grad_kernel(
            as dB [E, d_out, r];
     job A: [dA_rows | dW_router]^T [d_in, R + E] = x^T [dh | dlogits], column c < R written
            into dA_rows [R, d_in], c >= R into dW_router [E, d_in] (E = 0 without a router);
-           HAS_MASK (LoRA dropout): dA_rows reads mask_scale * (x (.) keep), keep [T, d_in] bool.
+           HAS_MASK (LoRA dropout): dA_rows reads mask_scale * (x (.) keep), keep [T, d_in] bool;
+           HAS_JITTER (router jitter): dW_router reads x (.) J, J [T, d_in] (j_ptr).
     Program p works on split p // tiles of T (t_per_split tokens each) and tile p % tiles:
     tiles_b tiles of job B, then those of job A (tiles = tiles_b + tiles_a). Without SPLIT the
     results are written in place; with SPLIT each split writes ACC_DTYPE partials (job B at
@@ -630,10 +648,11 @@ def lora_weight_grad_kernel(
                        tiles_b_c, stride_yt, stride_yn, stride_hgt, stride_hgc, stride_be, stride_bn, stride_bi,
                        SPLIT, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_CB, BLOCK_T)
     else:
-        _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, mask_scale, tile - tiles_b, split,
-                       t_lo, t_hi, d_in, R, E, tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht, stride_dhr,
-                       stride_dlt, stride_dle, stride_ar, stride_ak, stride_re, stride_rk, stride_mt, stride_mk,
-                       HAS_ROUTER, HAS_MASK, SPLIT, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_CA, BLOCK_T)
+        _weight_grad_a(x_ptr, dh_ptr, dl_ptr, da_ptr, dr_ptr, part_ptr, m_ptr, j_ptr, mask_scale, tile - tiles_b,
+                       split, t_lo, t_hi, d_in, R, E, tiles_a_c, part_a_offset, stride_xt, stride_xk, stride_dht,
+                       stride_dhr, stride_dlt, stride_dle, stride_ar, stride_ak, stride_re, stride_rk, stride_mt,
+                       stride_mk, stride_jt, stride_jk, HAS_ROUTER, HAS_MASK, HAS_JITTER, SPLIT, DOT_DTYPE, ACC_DTYPE,
+                       INPUT_PRECISION, BLOCK_M, BLOCK_CA, BLOCK_T)
 
 
 @triton.jit

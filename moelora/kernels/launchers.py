@@ -364,8 +364,8 @@ def install_dense_configs(configs: Dict[str, Dict[str, int]], replace: bool = Fa
 @functools.lru_cache(maxsize=4096)
 def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple, b_strides: tuple,
                    a2_strides: tuple, b2_strides: tuple, out_strides: tuple, addend_strides: Optional[tuple],
-                   mask_strides: Optional[tuple], device: torch.device, split_k: bool, dtype: torch.dtype, tf32: bool,
-                   sanitize_b: bool, given_tiles: tuple):
+                   mask_strides: Optional[tuple], s2_strides: Optional[tuple], device: torch.device, split_k: bool,
+                   dtype: torch.dtype, tf32: bool, sanitize_b: bool, given_tiles: tuple):
     """(KernelLaunch of matmul_kernel, splits); b_strides = (k, group, n) strides of b."""
     overrides = _dense_tiles("matmul", given_tiles, M, N, K, dtype)
     # 4-byte operands (fp32 layers) take 32 x 32 tiles, 32-deep steps and a two-stage pipeline: of
@@ -387,13 +387,13 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
     d_strides = addend_strides if has_addend else out_strides
     b_group = 0 if group >= N else (_pow2_or_zero(group) or -1)  # see matmul_kernel's B_GROUP
     meta = dict(_dot_config_cached(dtype, tf32), HAS_SECOND=K2 > 0, SANITIZE_B=sanitize_b, HAS_ADDEND=has_addend,
-                HAS_MASK=mask_strides is not None, B_GROUP=b_group, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_K=block_k)
+                HAS_MASK=mask_strides is not None, HAS_SECOND_SCALE=s2_strides is not None, B_GROUP=b_group,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     if narrow:
         meta.update(num_stages=2)
     meta.update(_launch_options(overrides))
     fixed = (M, N, K, K2, k_per_split, group, *a_strides, *b_strides, *a2_strides, *b2_strides, split_stride,
-             *partial_strides, *d_strides, *(mask_strides or (0, 0)))
+             *partial_strides, *d_strides, *(mask_strides or (0, 0)), *(s2_strides or (0, 0)))
     return KernelLaunch(matmul_kernel, (cdiv(M, block_m), cdiv(N, block_n), splits), fixed, **meta), splits
 
 
@@ -401,11 +401,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
            alpha: float = 1.0, addend: Optional[torch.Tensor] = None, split_k: bool = False,
            out: Optional[torch.Tensor] = None, stacked_b: bool = False,
            second: Optional[tuple] = None, sanitize_b: bool = False, mask: Optional[torch.Tensor] = None,
-           mask_scale: float = 1.0, tiles: Optional[Dict[str, int]] = None) -> torch.Tensor:
+           mask_scale: float = 1.0, second_scale: Optional[torch.Tensor] = None,
+           tiles: Optional[Dict[str, int]] = None) -> torch.Tensor:
     """alpha * (a @ b [+ a2 @ b2]) (+ addend) for operands of any strides and float dtypes; fp32/fp64 accumulation.
 
     ``mask``: a bool [M, N] tensor; a @ b is then mask_scale * (a @ b) where it is true and 0
     elsewhere (the second product is not masked; LoRA dropout's backward). Not with ``split_k``.
+    ``second_scale``: an [M, N] tensor multiplying a2 @ b2 elementwise (router jitter's backward).
     ``stacked_b``: b is [E, K, r], read as B_stack [K, E*r] (column e*r + i = b[e, :, i]).
     ``second``: (a2 [M, K2], b2 [K2, N]) added to the product (a K-concatenated GEMM).
     ``sanitize_b``: non-finite entries of b only reach the rows of a that weigh them (see
@@ -428,8 +430,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
         out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     a2, b2 = second if second is not None else (a, b)
     K2 = a2.shape[1] if second is not None else 0
-    if mask is not None and split_k:
-        raise ValueError("matmul: a mask applies to the whole product, not to split_k's partials")
+    if (mask is not None or second_scale is not None) and split_k:
+        raise ValueError("matmul: a mask or second_scale applies to the whole product, not to split_k's partials")
     if M == 0 or N == 0 or K + K2 == 0:
         if addend is not None:
             out.copy_(addend)
@@ -440,14 +442,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
     kernel, splits = _matmul_launch(M, N, K, K2, group, a.stride(), (sb_k, sb_g, sb_n), a2.stride(), b2_strides,
                                     out.stride() if given_out else _contiguous(N),
                                     addend.stride() if addend is not None else None,
-                                    mask.stride() if mask is not None else None, a.device, split_k,
+                                    mask.stride() if mask is not None else None,
+                                    second_scale.stride() if second is not None and second_scale is not None else None,
+                                    a.device, split_k,
                                     compute_dtype, _tf32(compute_dtype), sanitize_b, _tiles_key("matmul", tiles))
     mask_arg = mask if mask is not None else out
+    s2_arg = second_scale if second_scale is not None else out
     if splits == 1:
-        kernel(a, b, a2, b2, out, addend if addend is not None else out, mask_arg, float(alpha), float(mask_scale))
+        kernel(a, b, a2, b2, out, addend if addend is not None else out, mask_arg, s2_arg, float(alpha),
+               float(mask_scale))
         return out
     partial = torch.empty(splits, M, N, dtype=accumulator_dtype(compute_dtype), device=a.device)
-    kernel(a, b, a2, b2, partial, out, mask_arg, float(alpha), float(mask_scale))
+    kernel(a, b, a2, b2, partial, out, mask_arg, s2_arg, float(alpha), float(mask_scale))
     total = partial.sum(0)
     out.copy_(total if addend is None else total + addend.to(partial.dtype))
     return out
@@ -463,13 +469,13 @@ _SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11}  # with the implicit 
 
 @functools.lru_cache(maxsize=4096)
 def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_strides: tuple, a_strides: tuple,
-                      r_strides: tuple, mask_strides: Optional[tuple], dtype: torch.dtype, router_dtype: torch.dtype,
-                      tf32: bool, given_tiles: tuple) -> KernelLaunch:
+                      r_strides: tuple, mask_strides: Optional[tuple], jitter_strides: Optional[tuple],
+                      dtype: torch.dtype, router_dtype: torch.dtype, tf32: bool, given_tiles: tuple) -> KernelLaunch:
     overrides = _dense_tiles("lora_down", given_tiles, T, R, K, dtype)
     # bf16 x: the router's product as bf16 tensor-core products of the weight's bf16 pieces, as
     # many as its significand needs (fp32 3, fp16 2, bf16 1); else, and under the interpreter
     # (whose bf16 dots are wrong under Triton 3.9), an fp32 dot
-    split = has_router and dtype == torch.bfloat16 and not _INTERPRETING
+    split = has_router and dtype == torch.bfloat16 and not _INTERPRETING and jitter_strides is None
     router_splits = cdiv(_SIGNIFICAND_BITS.get(router_dtype, 24), 8) if split else 0
     block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
     # At most 64 of A's rows per program and 64-deep steps (32 and 32 for 4-byte x): larger tiles
@@ -481,24 +487,28 @@ def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_stride
     block_e = 16
     columns = max(1, cdiv(R, block_r), cdiv(E, block_e) if has_router else 0)
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=has_router, HAS_MASK=mask_strides is not None,
-                ROUTER_SPLITS=router_splits,
+                HAS_JITTER=jitter_strides is not None, ROUTER_SPLITS=router_splits,
                 BLOCK_T=block_t, BLOCK_R=block_r,
                 BLOCK_E=block_e, BLOCK_K=overrides.get("BLOCK_K") or _pow2_block(K, 16, 64 if wide else 32),
                 COLUMNS=columns,
                 **_launch_options(overrides))
     h_strides = _contiguous(R)
     logits_strides = _contiguous(E) if has_router else h_strides
-    fixed = (T, K, R, E, *x_strides, *a_strides, *r_strides, *h_strides, *logits_strides, *(mask_strides or (0, 0)))
+    fixed = (T, K, R, E, *x_strides, *a_strides, *r_strides, *h_strides, *logits_strides, *(mask_strides or (0, 0)),
+             *(jitter_strides or (0, 0)))
     return KernelLaunch(lora_down_kernel, (cdiv(T, block_t) * columns,), fixed, **meta)
 
 
 def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Optional[torch.Tensor] = None, *,
-              mask: Optional[torch.Tensor] = None, mask_scale: float = 1.0, tiles: Optional[Dict[str, int]] = None):
+              mask: Optional[torch.Tensor] = None, mask_scale: float = 1.0, jitter: Optional[torch.Tensor] = None,
+              tiles: Optional[Dict[str, int]] = None):
     """(h = x @ a_rows^T [T, R], logits = x @ router_weight^T [T, E] or None) in x's accumulator dtype,
     reading x once; a_rows of any float dtype is rounded to x's dtype, the router's product runs in
     the accumulator dtype. ``a_rows`` None: the router logits alone (h is [T, 0]). ``mask`` (LoRA
     dropout): a bool [T, d_in] tensor; h is then mask_scale * (x (.) mask) @ a_rows^T (the logits
-    read x unmasked). ``tiles``: tile overrides instead of DENSE_CONFIGS' (tuning, tests)."""
+    read x unmasked). ``jitter`` (router jitter): a [T, d_in] tensor of factors; the logits are then
+    (x (.) jitter) @ router_weight^T, an fp32 product. ``tiles``: tile overrides instead of
+    DENSE_CONFIGS' (tuning, tests)."""
     T, K = x.shape
     if a_rows is None:
         a_rows = x.new_empty(0, K)
@@ -510,10 +520,13 @@ def lora_down(x: torch.Tensor, a_rows: Optional[torch.Tensor], router_weight: Op
     if T == 0:
         return h, logits
     r_w = router_weight if has_router else a_rows
+    jitter = jitter if has_router else None
     kernel = _lora_down_launch(T, K, R, r_w.shape[0], has_router, x.stride(), a_rows.stride(), r_w.stride(),
-                               mask.stride() if mask is not None else None, x.dtype, r_w.dtype, _tf32(x.dtype),
+                               mask.stride() if mask is not None else None,
+                               jitter.stride() if jitter is not None else None, x.dtype, r_w.dtype, _tf32(x.dtype),
                                _tiles_key("lora_down", tiles))
-    kernel(x, a_rows, r_w, h, logits if has_router else h, mask if mask is not None else h, float(mask_scale))
+    kernel(x, a_rows, r_w, h, logits if has_router else h, mask if mask is not None else h,
+           jitter if jitter is not None else h, float(mask_scale))
     return h, logits
 
 
@@ -772,7 +785,7 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
                         dtype: torch.dtype, acc: torch.dtype, tf32: bool, splits: Optional[int], dy_strides: tuple,
                         x_strides: tuple, hg_strides: tuple, dh_strides: tuple, dl_strides: tuple,
                         db_strides: tuple, da_strides: tuple, dr_strides: tuple, mask_strides: Optional[tuple],
-                        given_tiles: tuple):
+                        jitter_strides: Optional[tuple], given_tiles: tuple):
     """(KernelLaunch of lora_weight_grad_kernel, of the split reduction or None, partials' length).
 
     Default tiles: 64 rows of d_out / d_in with 8 warps, T split so that every SM gets about two
@@ -795,7 +808,7 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     t_per_split = cdiv(cdiv(T, splits), block_t) * block_t
     splits = max(1, cdiv(T, t_per_split))
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, HAS_MASK=mask_strides is not None,
-                SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
+                HAS_JITTER=jitter_strides is not None, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
     if not _INTERPRETING:
         meta.update(num_warps=8)
     meta.update(_launch_options(overrides))
@@ -803,7 +816,7 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     part_a_offset = splits * d_out * NB
     fixed = (T, d_out, d_in, R, E, NB, rank, tiles_b, tiles_b_c, tiles_a_c, t_per_split, part_a_offset,
              *dy_strides, *x_strides, *hg_strides, *dh_strides, *dl_strides, *db_strides, *da_strides, *dr_strides,
-             *(mask_strides or (0, 0)))
+             *(mask_strides or (0, 0)), *(jitter_strides or (0, 0)))
     main = KernelLaunch(lora_weight_grad_kernel, (n_tiles * splits,), fixed, **meta)
     if splits == 1:
         return main, None, 0
@@ -819,11 +832,13 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: to
                      dlogits: Optional[torch.Tensor], *, rank: int, scaling: float, dlora_b: torch.Tensor,
                      dlora_a: torch.Tensor, drouter: Optional[torch.Tensor] = None,
                      mask: Optional[torch.Tensor] = None, mask_scale: float = 1.0,
-                     splits: Optional[int] = None, tiles: Optional[Dict[str, int]] = None) -> None:
+                     jitter: Optional[torch.Tensor] = None, splits: Optional[int] = None,
+                     tiles: Optional[Dict[str, int]] = None) -> None:
     """Writes dlora_b [E, d_out, r] = s_out * (dy^T Hg) in B's layout (Hg [T, E*r] from
     gate_backward, which holds the rest of the scale ``scaling``), dlora_a [R, d_in] = dh^T x (a
     view of A's gradient as A_rows; with a bool ``mask`` [T, d_in], LoRA dropout's, dh^T x_lora
-    for x_lora = mask_scale * x (.) mask) and drouter [E, d_in] = dlogits^T x, in their own dtypes,
+    for x_lora = mask_scale * x (.) mask) and drouter [E, d_in] = dlogits^T x (x (.) ``jitter``
+    with router jitter's [T, d_in] factors), in their own dtypes,
     from one kernel (plus a fixed-order reduction of the splits of T when the device needs
     them; ``splits`` forces their number; ``tiles``: tile overrides instead of DENSE_CONFIGS')."""
     T, d_out = dy.shape
@@ -843,10 +858,11 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: to
     kernel, reduce, part_length = _weight_grad_launch(
         T, d_out, d_in, R, E, NB, rank, x.device, x.dtype, acc, _tf32(x.dtype), splits, dy.stride(), x.stride(),
         hg.stride(), dh.stride(), dl.stride(), dlora_b.stride(), dlora_a.stride(), dr.stride(),
-        mask.stride() if mask is not None else None, _tiles_key("lora_weight_grad", tiles))
+        mask.stride() if mask is not None else None, jitter.stride() if jitter is not None and E > 0 else None,
+        _tiles_key("lora_weight_grad", tiles))
     part = torch.empty(part_length, dtype=acc, device=x.device) if reduce is not None else dh
-    kernel(dy, x, hg, dh, dl, dlora_b, dlora_a, dr, part, mask if mask is not None else dh, scale_factors(scaling)[1],
-           float(mask_scale))
+    kernel(dy, x, hg, dh, dl, dlora_b, dlora_a, dr, part, mask if mask is not None else dh,
+           jitter if jitter is not None else dh, scale_factors(scaling)[1], float(mask_scale))
     if reduce is not None:
         reduce(part, dlora_b, dlora_a, dr)
 

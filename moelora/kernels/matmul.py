@@ -1,5 +1,5 @@
 """Strided GEMM: C[s] = alpha * (A[:, Ks] @ B[Ks, :] + A2 @ B2) (+ D), one K-slice Ks per split s
-(the first product optionally masked: HAS_MASK).
+(the first product optionally masked: HAS_MASK; the second scaled elementwise: HAS_SECOND_SCALE).
 
 Operands may have any strides (transposes, stride-0 broadcast gradients) and any float
 dtype (converted to DOT_DTYPE in registers); offsets are int64. B's columns may be grouped:
@@ -65,28 +65,46 @@ def _matmul_acc(a_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, b_cols, k_start, k
 
 
 @triton.jit
-def _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr, alpha,
-                   mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn,
-                   stride_dm, stride_dn, stride_mm, stride_mn, HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr,
-                   HAS_MASK: tl.constexpr, SANITIZE_B: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _second_product(acc, a2_ptr, b2_ptr, offs_m, mask_m, offs_n, mask_n, K2, stride_a2m, stride_a2k, stride_b2k,
+                    stride_b2n, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """acc + A2[offs_m, :] @ B2[:, offs_n]."""
+    for j0 in range(0, K2, BLOCK_K):
+        offs_j = j0 + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < K2
+        a2 = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_j[None, :] * stride_a2k,
+                     mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        b2 = tl.load(b2_ptr + offs_j[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
+                     mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr, s2_ptr,
+                   alpha, mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm,
+                   stride_cn, stride_dm, stride_dn, stride_mm, stride_mn, stride_s2m, stride_s2n,
+                   HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_MASK: tl.constexpr,
+                   HAS_SECOND_SCALE: tl.constexpr, SANITIZE_B: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[s, offs_m, offs_n] = alpha * (acc (.) mask_scale keep + A2 @ B2 (split 0)), NaN where poisoned, (+ D);
-    keep = 1 without HAS_MASK."""
+    """C[s, offs_m, offs_n] = alpha * (acc (.) mask_scale keep + S2 (.) A2 @ B2 (split 0)), NaN where
+    poisoned, (+ D); keep = 1 without HAS_MASK, S2 = 1 without HAS_SECOND_SCALE."""
     if HAS_MASK:
         keep = tl.load(m_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                        mask=mask_m[:, None] & mask_n[None, :], other=0)
         acc = tl.where(keep != 0, acc * mask_scale, 0.0)
     if HAS_SECOND:
         if pid_s == 0:
-            for j0 in range(0, K2, BLOCK_K):
-                offs_j = j0 + tl.arange(0, BLOCK_K)
-                mask_j = offs_j < K2
-                a2 = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_j[None, :] * stride_a2k,
-                             mask=mask_m[:, None] & mask_j[None, :], other=0.0)
-                b2 = tl.load(b2_ptr + offs_j[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
-                             mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-                acc += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
-                              out_dtype=ACC_DTYPE)
+            if HAS_SECOND_SCALE:  # its own accumulator, scaled, then added
+                acc2 = _second_product(tl.zeros(acc.shape, dtype=ACC_DTYPE), a2_ptr, b2_ptr, offs_m, mask_m, offs_n,
+                                       mask_n, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, DOT_DTYPE,
+                                       ACC_DTYPE, INPUT_PRECISION, BLOCK_K)
+                s2 = tl.load(s2_ptr + offs_m[:, None] * stride_s2m + offs_n[None, :] * stride_s2n,
+                             mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+                acc += acc2 * s2.to(ACC_DTYPE)
+            else:
+                acc = _second_product(acc, a2_ptr, b2_ptr, offs_m, mask_m, offs_n, mask_n, K2, stride_a2m, stride_a2k,
+                                      stride_b2k, stride_b2n, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_K)
     acc = acc * alpha
     if SANITIZE_B:
         acc = tl.where(poisoned, float("nan"), acc)
@@ -100,14 +118,14 @@ def _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr,
 
 @triton.jit
 def matmul_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr, s2_ptr,
     alpha, mask_scale,
     M, N, K, K2, k_per_split, b_group,
     stride_am, stride_ak, stride_bk, stride_bg, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-    stride_cs, stride_cm, stride_cn, stride_dm, stride_dn, stride_mm, stride_mn,
-    HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_MASK: tl.constexpr, SANITIZE_B: tl.constexpr,
-    B_GROUP: tl.constexpr,
+    stride_cs, stride_cm, stride_cn, stride_dm, stride_dn, stride_mm, stride_mn, stride_s2m, stride_s2n,
+    HAS_SECOND: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SECOND_SCALE: tl.constexpr,
+    SANITIZE_B: tl.constexpr, B_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -119,6 +137,8 @@ def matmul_kernel(
 
     HAS_MASK: the product A @ B (not the second pair) is multiplied by mask_scale where the
     bool M [M, N] (m_ptr) is true and zeroed elsewhere (LoRA dropout's backward; no split).
+    HAS_SECOND_SCALE: the second pair's product is multiplied elementwise by S2 [M, N] (s2_ptr;
+    router jitter's backward).
 
     SANITIZE_B: the tile is computed with plain dots first; only a tile whose product is not all
     finite (a non-finite A or B within its reach, or an overflow) is computed again,
@@ -155,11 +175,13 @@ def matmul_kernel(
                                             stride_am, stride_ak, stride_bk, True, DOT_DTYPE, ACC_DTYPE,
                                             INPUT_PRECISION, SANITIZED_SLICE, BLOCK_N, SANITIZED_SLICE)
             _matmul_finish(acc_s, poisoned_s, offs_s, mask_s, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr,
-                           m_ptr, alpha, mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs,
-                           stride_cm, stride_cn, stride_dm, stride_dn, stride_mm, stride_mn, HAS_SECOND, HAS_ADDEND,
-                           HAS_MASK, SANITIZE_B, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, SANITIZED_SLICE)
+                           m_ptr, s2_ptr, alpha, mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+                           stride_cs, stride_cm, stride_cn, stride_dm, stride_dn, stride_mm, stride_mn, stride_s2m,
+                           stride_s2n, HAS_SECOND, HAS_ADDEND, HAS_MASK, HAS_SECOND_SCALE, SANITIZE_B, DOT_DTYPE,
+                           ACC_DTYPE, INPUT_PRECISION, SANITIZED_SLICE)
     else:
-        _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr, alpha,
-                       mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs, stride_cm, stride_cn,
-                       stride_dm, stride_dn, stride_mm, stride_mn, HAS_SECOND, HAS_ADDEND, HAS_MASK, SANITIZE_B,
-                       DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, BLOCK_K)
+        _matmul_finish(acc, poisoned, offs_m, mask_m, offs_n, mask_n, pid_s, a2_ptr, b2_ptr, c_ptr, d_ptr, m_ptr,
+                       s2_ptr, alpha, mask_scale, K2, stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cs,
+                       stride_cm, stride_cn, stride_dm, stride_dn, stride_mm, stride_mn, stride_s2m, stride_s2n,
+                       HAS_SECOND, HAS_ADDEND, HAS_MASK, HAS_SECOND_SCALE, SANITIZE_B, DOT_DTYPE, ACC_DTYPE,
+                       INPUT_PRECISION, BLOCK_K)

@@ -148,12 +148,11 @@ class MoELoRALinear(AdapterLayerBase):
         if r is None:
             ids, weights = single_expert_routing(num_tokens, x.device)
             return None, ids, weights
-        jitters, threshold = r.jitters, r.mode == "threshold"
-        logits = r.logits(x.reshape(num_tokens, x.shape[-1])) if jitters else None
-        spec = RouterSpec(None if jitters else r.weight, logits, r.mode, r.top_k, r.renormalize, r.eps_start,
-                          r.eps_end, r.eps_ramp_steps, r.num_steps if threshold else None,
+        threshold = r.mode == "threshold"
+        spec = RouterSpec(r.weight, None, r.mode, r.top_k, r.renormalize, r.eps_start, r.eps_end, r.eps_ramp_steps,
+                          r.num_steps if threshold else None,
                           r.threshold_noise(num_tokens, x.device) if threshold else None,
-                          self.aux_loss_coef, self.z_loss_coef)
+                          self.aux_loss_coef, self.z_loss_coef, r.jitter_factors(x) if r.jitters else None)
         return spec, None, None
 
     def _fusable(self, base: nn.Module, args, kwargs) -> bool:

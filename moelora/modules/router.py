@@ -71,10 +71,14 @@ class Router(nn.Linear):
         if not self.jitters and kernels_run(x.device) and not torch.compiler.is_compiling():
             return _RouterLogitsFn.apply(x, self.weight)
         x = x.to(accumulator_dtype(x.dtype))
-        if self.jitters:  # drawn in fp32 whatever x's dtype: the same noise for the same seed
-            noise = torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            x = x * noise.to(x.dtype)
+        if self.jitters:
+            x = x * self.jitter_factors(x).to(x.dtype)
         return nn.functional.linear(x, self.weight.to(x.dtype))
+
+    def jitter_factors(self, x: torch.Tensor) -> torch.Tensor:
+        """The multiplicative noise of the router input x: U(1 - jitter_noise, 1 + jitter_noise) per
+        element, x's shape, drawn in fp32 whatever x's dtype (the same noise for the same seed)."""
+        return torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
 
     def threshold_noise(self, num_tokens: int, device) -> Optional[torch.Tensor]:
         """The uniform draws of threshold routing in training, [T, top_k] (None when not needed)."""

@@ -24,7 +24,9 @@ LoRA dropout (a bool keep mask M of x's shape, drawn by :func:`lora_dropout_mask
 scale s_d = 1/(1-p); the LoRA branch reads x_lora = s_d M (.) x, the router and the base x)
 costs no kernel in the dense regime: lora_down reads M beside x (h from x_lora, the logits
 from x), lora_weight_grad reads it for dA, and the dx GEMM masks its [dh] A part. x_lora is
-never formed (the grouped regime forms it where a per-expert A or dA needs it).
+never formed (the grouped regime forms it where a per-expert A or dA needs it). Router jitter
+(factors J of x's shape, the router reading x (.) J) likewise: lora_down reads J for the logits
+(an fp32 product), lora_weight_grad for dW_router, the dx GEMM for its d logits W_router part.
 
 and in its grouped regime (large E*r; ``_grouped_expand`` / ``_grouped_lora_backward``):
 
@@ -74,8 +76,9 @@ class RouterSpec(NamedTuple):
     down-projection) or precomputed ``logits`` [T, E] (e.g. jittered router inputs), the mode
     ("softmax_topk", "topk_softmax" or "threshold"), top_k, renormalize, threshold routing's
     eps schedule (eps_start -> eps_end over ramp_steps steps of the ``num_steps`` counter, read
-    on the device) and training draws ``noise`` [T, k] (None at eval), and the auxiliary-loss
-    coefficients."""
+    on the device) and training draws ``noise`` [T, k] (None at eval), the auxiliary-loss
+    coefficients, and router jitter's factors ``jitter`` (x's shape; the router reads x (.) jitter;
+    None without jitter)."""
 
     weight: Optional[torch.Tensor]
     logits: Optional[torch.Tensor]
@@ -89,6 +92,7 @@ class RouterSpec(NamedTuple):
     noise: Optional[torch.Tensor] = None
     lb_coef: float = 0.01
     z_coef: float = 0.001
+    jitter: Optional[torch.Tensor] = None
 
 
 def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -122,9 +126,10 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     r = router
     grouped = choose_regime(lora_b.shape[0], lora_b.shape[2]) == "grouped"
     if torch.compiler.is_compiling():
-        mask = None if dropout_mask is None else dropout_mask.reshape(T, x.shape[-1])
-        args = op_args(x.reshape(T, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, router, topk_ids,
-                       topk_weights, mask, dropout_scale, grouped)
+        flat = (lambda t: t if t is None else t.reshape(T, x.shape[-1]))  # noqa: E731
+        args = op_args(flat(x), weight, bias, lora_a, lora_b, scaling,
+                       r if r is None or r.jitter is None else r._replace(jitter=flat(r.jitter)), topk_ids,
+                       topk_weights, flat(dropout_mask), dropout_scale, grouped)
         y, h, logits, ids, weights, counts, aux_loss, aux_stats = moe_lora_linear_fwd(*args)[:8]
         y = y.reshape(x.shape[:-1] + (weight.shape[0],))
     else:
@@ -147,17 +152,17 @@ def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_wei
             dropout_scale: float, grouped: bool) -> tuple:
     """The flat argument list of the fused op (``moelora::moe_lora_linear_fwd``): the 8 tensors
     that may need a gradient (x, weight, bias, lora_a, lora_b, router_weight, logits_in,
-    topk_weights; each may be None but x, weight and the adapters), the 4 others (topk_ids,
-    noise, num_steps, dropout_mask), then the 11 scalars (scaling, mode, top_k, renormalize,
+    topk_weights; each may be None but x, weight and the adapters), the 5 others (topk_ids,
+    noise, num_steps, dropout_mask, jitter), then the 11 scalars (scaling, mode, top_k, renormalize,
     eps_start, eps_end, ramp_steps, lb_coef, z_coef, dropout_scale, grouped: the regime of
     moelora.moe_lora)."""
     r = router
     if r is None:
-        return (x, weight, bias, lora_a, lora_b, None, None, topk_weights, topk_ids, None, None, dropout_mask,
+        return (x, weight, bias, lora_a, lora_b, None, None, topk_weights, topk_ids, None, None, dropout_mask, None,
                 float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0, float(dropout_scale), grouped)
     num_steps = r.num_steps if r.mode == "threshold" and r.ramp_steps > 0 else None
     return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, None, r.noise, num_steps, dropout_mask,
-            float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
+            r.jitter, float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
             int(r.ramp_steps), float(r.lb_coef), float(r.z_coef), float(dropout_scale), grouped)
 
 
@@ -195,7 +200,13 @@ def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_w
     base = F.linear(x, weight, bias)
     aux_loss = aux_stats = None
     if router is not None:
-        logits = router.logits if router.logits is not None else F.linear(x.to(router.weight.dtype), router.weight)
+        if router.logits is not None:
+            logits = router.logits
+        else:
+            x_router = x.to(router.weight.dtype)
+            if router.jitter is not None:
+                x_router = x_router * router.jitter.reshape(x.shape).to(x_router.dtype)
+            logits = F.linear(x_router, router.weight)
         eps = scheduled_eps(router.eps_start, router.eps_end, router.ramp_steps, router.num_steps)
         routing = route_logits(logits, router.mode, router.top_k, router.renormalize, eps, router.noise)
         aux_loss, aux_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, router.lb_coef,
@@ -223,8 +234,8 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
 
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                   num_steps, dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
-                   z_coef, dropout_scale, grouped):
+                   num_steps, dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
+                   lb_coef, z_coef, dropout_scale, grouped):
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout); for static routing ids
     and weights are the given ones and logits, counts and aux are empty. h is [T, R], or for the
     grouped regime's per-expert A the rows x[t] A_e^T [rows of the layout, r]; layout: the
@@ -233,7 +244,8 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     down_rows = None if grouped and lora_a.dim() == 3 else lora_a_rows(lora_a)  # grouped: per row, below
     if down_rows is not None or router_weight is not None:
         mask = dropout_mask if down_rows is not None else None
-        h, logits = launchers.lora_down(x, down_rows, router_weight, mask=mask, mask_scale=dropout_scale)
+        h, logits = launchers.lora_down(x, down_rows, router_weight, mask=mask, mask_scale=dropout_scale,
+                                        jitter=jitter)
     if down_rows is None:
         h = None
     if router_weight is None:
@@ -273,12 +285,13 @@ def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scalin
 _on_request = operator.itemgetter(0, 1, 2, 5, 6, 7)
 
 # Saved tensors before the grouped regime's pair layout: x, weight, lora_a, lora_b, router_weight, h,
-# logits, ids, weights, counts, dropout_mask (both autograd paths save them in this order).
-_FIXED_SAVED = 11
+# logits, ids, weights, counts, dropout_mask, jitter (both autograd paths save them in this order).
+_FIXED_SAVED = 12
 
 
 def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
-                    dropout_mask, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped, needs):
+                    dropout_mask, jitter, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped,
+                    needs):
     """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights);
     ``needs`` says which are wanted (None where not); ``layout``: the forward's (grouped regime)."""
     need_x, need_weight, need_bias, _, need_logits, need_w = needs
@@ -291,11 +304,11 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
         router = launchers.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
     dropout = (dropout_mask, dropout_scale)
     if grouped:
-        grads = _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, layout,
+        grads = _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, layout,
                                        scaling, router, need_x)
     else:
-        grads = _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, scaling, router,
-                                     need_x)
+        grads = _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, scaling,
+                                     router, need_x)
     dx, dlora_a, dlora_b, drouter, dl, dw = grads
     if need_x:
         if dx is None:
@@ -309,11 +322,13 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     return dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw
 
 
-def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, scaling, router, need_x):
+def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, scaling, router,
+                         need_x):
     """(dx before dy W or None, dA, dB, dW_router, d logits, dw) of the dense regime: dHg = dy B_stack;
     gate_backward: dh and dw or d logits (routing and aux-loss gradients); lora_weight_grad: dB, dA
     (and dW_router, the router reading x); dx = [dh | dl] [A ; W_router]. ``dropout`` = (mask or
-    None, scale): dA reads x_lora and the dx GEMM masks dh A (its dl W_router part stays)."""
+    None, scale): dA reads x_lora and the dx GEMM masks dh A (its dl W_router part stays);
+    ``jitter``: dW_router reads x (.) J and the dx GEMM scales dl W_router by J."""
     mask, mask_scale = dropout
     dtype = x.dtype
     shared = lora_a.dim() == 2
@@ -330,22 +345,23 @@ def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, 
                if router_weight is not None else None)
     launchers.lora_weight_grad(dy, x, hg, dh, dl if router_weight is not None else None, rank=rank, scaling=scaling,
                                dlora_b=dlora_b, dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape),
-                               drouter=drouter, mask=mask, mask_scale=mask_scale)
+                               drouter=drouter, mask=mask, mask_scale=mask_scale, jitter=jitter)
     dx = None
     if need_x:
         second = (dl, router_weight) if router_weight is not None else None
         dx = launchers.matmul(dh, a_rows, out_dtype=dtype, compute_dtype=dtype, second=second, sanitize_b=not shared,
-                              mask=mask, mask_scale=mask_scale)
+                              mask=mask, mask_scale=mask_scale, second_scale=jitter)
     return dx, dlora_a, dlora_b, drouter, dl, dw
 
 
-def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, layout, scaling,
+def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, layout, scaling,
                            router, need_x):
     """The same for the grouped regime (moelora.moe_lora's): dh rows = s w dy B_e with dw in the
     same grouped GEMM's epilogue; dB by a fixed-order grouped reduction; router_backward: d
     logits from dw; then dA, dW_router and dx = [dh | dl] [A ; W_router] (dense for a shared
     A; per expert, from the rows, for a per-expert A). With LoRA dropout x_lora is formed for dA
-    and dx gets s_d M (.) d x_lora."""
+    and dx gets s_d M (.) d x_lora; with router jitter x (.) J is formed for dW_router and dx gets
+    J (.) (dl W_router)."""
     mask, mask_scale = dropout
     dtype = x.dtype
     T, top_k = ids.shape
@@ -357,17 +373,21 @@ def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights
     dl = launchers.router_backward(dw, ids, weights, router) if router is not None else None
     drouter = None
     if router_weight is not None:
-        drouter = launchers.matmul(dl.t(), x, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
+        x_router = x if jitter is None else x * jitter
+        drouter = launchers.matmul(dl.t(), x_router, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
     router_dx = (dl, router_weight) if router_weight is not None and need_x else None
+    fused_dx = router_dx if jitter is None else None  # d logits W_router added by the dx GEMMs below
     if mask is None:
-        dlora_a, dx = grouped_input_grads(dh_rows, x, lora_a, meta, need_x, second=router_dx)
-        return dx, dlora_a, dlora_b, drouter, dl, dw
-    dlora_a, dx_lora = grouped_input_grads(dh_rows, dropped_out(x, mask, mask_scale), lora_a, meta, need_x)
-    dx = None
-    if need_x:
-        dx = dropped_out(dx_lora, mask, mask_scale)  # x_lora = s_d M (.) x
-        if router_dx is not None:
-            dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype, addend=dx, out=dx)
+        dlora_a, dx = grouped_input_grads(dh_rows, x, lora_a, meta, need_x, second=fused_dx)
+    else:
+        dlora_a, dx_lora = grouped_input_grads(dh_rows, dropped_out(x, mask, mask_scale), lora_a, meta, need_x)
+        dx = None
+        if need_x:
+            dx = dropped_out(dx_lora, mask, mask_scale)  # x_lora = s_d M (.) x
+            if fused_dx is not None:
+                dx = launchers.matmul(*fused_dx, out_dtype=dtype, compute_dtype=dtype, addend=dx, out=dx)
+    if jitter is not None and router_dx is not None:  # x_router = J (.) x
+        dx += launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype).mul_(jitter)
     return dx, dlora_a, dlora_b, drouter, dl, dw
 
 
@@ -390,25 +410,27 @@ class _MoELoRALinearFn(torch.autograd.Function):
     Autograd's work per call grows with the Function's inputs and outputs, so only the tensors
     that may need a gradient are inputs: (x, weight, bias, lora_a, lora_b, router_weight,
     logits_in, topk_weights), then ``rest`` = the op's other arguments as op_args orders them
-    (topk_ids, noise, num_steps, dropout_mask, then the 11 scalars). The outputs are
+    (topk_ids, noise, num_steps, dropout_mask, jitter, then the 11 scalars). The outputs are
     y [..., d_out] and aux_loss; the non-differentiable ones (h, logits, ids, weights, counts,
     aux_stats) are appended to the list ``extra``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, rest, extra):
-        topk_ids, noise, num_steps, dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, \
-            lb_coef, z_coef, dropout_scale, grouped = rest
+        topk_ids, noise, num_steps, dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, \
+            ramp_steps, lb_coef, z_coef, dropout_scale, grouped = rest
         x_shape, T = x.shape, math.prod(x.shape[:-1])
         x = as_2d(x, T, x_shape[-1])
         if dropout_mask is not None:
             dropout_mask = as_2d(dropout_mask, T, x_shape[-1])
+        if jitter is not None:
+            jitter = as_2d(jitter, T, x_shape[-1])
         y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout = _fused_forward(
             x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
-            dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
+            dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
             dropout_scale, grouped)
         ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask,
-                              *layout)
+                              jitter, *layout)
         ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped)
         ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
@@ -437,21 +459,21 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         lora_b: torch.Tensor, router_weight: Optional[torch.Tensor], logits_in: Optional[torch.Tensor],
                         topk_weights: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor],
                         noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor],
-                        dropout_mask: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
-                        eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float,
-                        dropout_scale: float, grouped: bool) -> List[torch.Tensor]:
+                        dropout_mask: Optional[torch.Tensor], jitter: Optional[torch.Tensor], scaling: float, mode: str,
+                        top_k: int, renormalize: bool, eps_start: float, eps_end: float, ramp_steps: int,
+                        lb_coef: float, z_coef: float, dropout_scale: float, grouped: bool) -> List[torch.Tensor]:
     """[y, h, logits, ids, weights, counts, aux_loss, aux_stats, *layout] of the fused layer (see
     the module docstring); layout: the grouped regime's pair layout, none in the dense regime."""
     out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                         num_steps, dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
-                         lb_coef, z_coef, dropout_scale, grouped)
+                         num_steps, dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end,
+                         ramp_steps, lb_coef, z_coef, dropout_scale, grouped)
     return _outputs(out, mode == "static", logits_in is not None, x)
 
 
 @moe_lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, topk_ids, noise, num_steps,
-      dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, dropout_scale,
-      grouped):
+      dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
+      dropout_scale, grouped):
     T = x.shape[0]
     acc = launchers.accumulator_dtype(x.dtype)
     y = x.new_empty(T, weight.shape[0])
@@ -477,19 +499,19 @@ def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, t
 def moe_lora_linear_bwd(dy: torch.Tensor, g_aux: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                         lora_a: torch.Tensor, lora_b: torch.Tensor, router_weight: Optional[torch.Tensor],
                         h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                        counts: torch.Tensor, dropout_mask: Optional[torch.Tensor], layout: List[torch.Tensor],
-                        scaling: float, mode: str, renormalize: bool, lb_coef: float, z_coef: float,
-                        dropout_scale: float, grouped: bool, needs: list[bool]) -> list[torch.Tensor]:
+                        counts: torch.Tensor, dropout_mask: Optional[torch.Tensor], jitter: Optional[torch.Tensor],
+                        layout: List[torch.Tensor], scaling: float, mode: str, renormalize: bool, lb_coef: float,
+                        z_coef: float, dropout_scale: float, grouped: bool, needs: list[bool]) -> list[torch.Tensor]:
     """The gradients of the fused layer (empty tensors where ``needs`` is False)."""
     grads = _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
-                            dropout_mask, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped,
-                            tuple(needs))
+                            dropout_mask, jitter, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale,
+                            grouped, tuple(needs))
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @moe_lora_linear_bwd.register_fake
-def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask, layout,
-      scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped, needs):
+def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask, jitter,
+      layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped, needs):
     need_x, need_weight, need_bias, _, need_logits, need_w = needs
 
     def grad(like, wanted):
@@ -503,15 +525,15 @@ def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weigh
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, topk_ids, noise, num_steps,
-     dropout_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef, dropout_scale,
-     grouped) = inputs
+     dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
+     dropout_scale, grouped) = inputs
     _, h, logits, ids, weights, counts, _, _, *layout = output
     if mode == "static":
         ids, weights = topk_ids, topk_weights
     if logits_in is not None:
         logits = logits_in
     ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask,
-                          *layout)
+                          jitter, *layout)
     ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(*output[1:6], *output[7:])
@@ -530,7 +552,7 @@ def _custom_op_backward(ctx, grads):
     dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw = grads
     keep = lambda g, wanted: g if wanted else None  # noqa: E731
     return (keep(dx, n[0]), keep(dweight, n[1]), keep(dbias, needs[2]), keep(dlora_a, n[3]), keep(dlora_b, n[4]),
-            keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7])) + (None,) * 15
+            keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7])) + (None,) * 16
 
 
 moe_lora_linear_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)

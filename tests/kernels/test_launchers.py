@@ -159,6 +159,27 @@ def test_matmul_masks_the_first_product_only(sanitize_b):
         K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, mask=keep, split_k=True)
 
 
+def test_lora_down_with_router_jitter_scales_the_router_input_only():
+    """logits = (x (.) J) W_router^T (fp32 product), h from x (or x_lora with a dropout mask too)."""
+    T, d, R, E, s = 70, 90, 24, 6, 1 / 0.7
+    x, a, wr, keep = randn(T, d), randn(R, d), randn(E, d), keep_mask(T, d)
+    jit = 1 + 0.2 * (2 * torch.rand(d, T, device=DEVICE) - 1).t()  # a transposed view: any strides
+    h, logits = K.lora_down(x, a, wr, mask=keep, mask_scale=s, jitter=jit)
+    assert rel_err(logits, (x.double() * jit.double()) @ wr.double().t()) < 1e-6
+    assert rel_err(h, torch.where(keep, x.double() * s, 0) @ a.double().t()) < 1e-6
+
+
+def test_matmul_scales_the_second_product_elementwise():
+    """a @ b + S2 (.) (a2 @ b2): router jitter's dx in one launch, beside LoRA dropout's mask."""
+    M, Kd, N, K2 = 50, 30, 40, 6
+    a, b, a2, b2, keep, s2 = randn(M, Kd), randn(Kd, N), randn(M, K2), randn(K2, N), keep_mask(M, N), randn(M, N)
+    big, out = poisoned_view(M, N)
+    K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, second=(a2, b2), mask=keep, mask_scale=2.0,
+             second_scale=s2, out=out)
+    expected = torch.where(keep, 2.0 * (a.double() @ b.double()), 0) + s2.double() * (a2.double() @ b2.double())
+    assert_only_view_written(big, out, expected, 1e-6)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("with_router", [True, False])
 def test_lora_weight_grad_with_a_dropout_mask(with_router, splits):
@@ -176,6 +197,14 @@ def test_lora_weight_grad_with_a_dropout_mask(with_router, splits):
     assert rel_err(db, (dy.double().t() @ hg.double()).view(d_out, E, r).permute(1, 0, 2)) < 1e-6
     if with_router:
         assert_only_view_written(big_r, dr, dl.double().t() @ x.double(), 1e-6)
+        # router jitter: dW_router reads x (.) J, with the dropout mask on dA or without it
+        jit = 1 + 0.2 * (2 * torch.rand(T, d_in, device=DEVICE) - 1)
+        for m in (keep, None):
+            K.lora_weight_grad(dy, x, hg, dh, dl, rank=r, scaling=1.0, dlora_b=db, dlora_a=da, drouter=dr, mask=m,
+                               mask_scale=s, jitter=jit, splits=splits)
+            x_a = x_lora if m is not None else x.double()
+            assert rel_err(da, dh.double().t() @ x_a) < 1e-6
+            assert rel_err(dr, dl.double().t() @ (x.double() * jit.double())) < 1e-6
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -514,9 +543,9 @@ def test_record_launches_gives_each_launch_with_its_configuration_and_argument_t
         K.combine_rows(randn(meta.sorted_pairs_padded.numel(), 20), meta, out_dtype=torch.float32)
     (kernel, options, values), (grouped, grouped_options, grouped_values) = calls
     assert kernel is K.matmul_kernel and options["BLOCK_M"] == 64 and options["SANITIZE_B"] is False
-    assert values[:9] == (torch.float32, torch.float64, torch.float32, torch.float64, torch.float16, torch.float16,
-                          torch.float16, 0.5, 1.0)  # the unused addend and mask pointers: the output
-    assert values[9:12] == (40, 20, 30)  # M, N, K: the configuration's scalars follow
+    assert values[:10] == (torch.float32, torch.float64, torch.float32, torch.float64, torch.float16, torch.float16,
+                           torch.float16, torch.float16, 0.5, 1.0)  # unused addend, mask, scale pointers: the output
+    assert values[10:13] == (40, 20, 30)  # M, N, K: the configuration's scalars follow
     assert grouped is K.combine_rows_kernel and torch.float32 in grouped_values and "BLOCK_N" in grouped_options
 
 

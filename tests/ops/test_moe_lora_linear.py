@@ -256,6 +256,14 @@ def test_lora_dropout_saves_its_keep_mask_not_the_dropped_input(regime):
     assert not any(t.shape == x.shape and t.is_floating_point() for t in activations)  # no x_lora
 
 
+def test_router_jitter_saves_its_factors_not_the_jittered_input(regime):
+    """With router jitter the kernels read the factors J beside x: saved for backward are x, J
+    (fp32, x's shape: the draws' own dtype), h and the routing; no jittered copy of x."""
+    layer, x, y, activations = _saved_activations(router_jitter_noise=0.1)
+    shaped = [t for t in activations if t.shape == x.shape]
+    assert len(shaped) == 1 and shaped[0].dtype == torch.float32 and (shaped[0] - 1).abs().max() <= 0.1
+
+
 def test_no_host_synchronisation(regime):
     """With validation off nothing reads device memory on the host (CUDA graphs, torch.compile)."""
     from torch.utils._python_dispatch import TorchDispatchMode
