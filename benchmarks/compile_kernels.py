@@ -268,9 +268,10 @@ def traced_jobs():
     with threshold routing); dense layers of other widths (256 experts of rank 2, 64 of rank 8,
     16 per-expert A's of rank 32, 8 of rank 8) and S1's in fp32 and fp16; moe_lora's dense
     regime in fp32 and with per-expert A's of rank 64, its grouped regime in fp32; moe_ffn on
-    the Triton engine; and the routing op's backward (moelora.route). Sizes are scaled down
-    (T 2048 or 4096, d 512) where the launch configurations (tiles, flags, divisibility, shape
-    classes) stay those of the full shapes, so that the CPU work stays small."""
+    the Triton engine; the routing op's backward (moelora.route) and the Router's aux-loss
+    backward. Sizes are scaled down (T 2048 or 4096, d 512) where the launch configurations
+    (tiles, flags, divisibility, shape classes) stay those of the full shapes, so that the CPU
+    work stays small."""
     from moelora.kernels import launchers as K
     from moelora.ops import moe_ffn as MF
     from moelora.ops import moe_lora as ML
@@ -381,6 +382,8 @@ def traced_jobs():
             routing_autograd._router_topk_backward(logits, out.ids, out.weights, rand(T, k, dtype=torch.float32),
                                                    rand(E, dtype=torch.float32), rand(T, dtype=torch.float32), 0, True)
             steps["routing op backward"], calls[:] = list(calls), []
+            K.router_aux_loss_backward(torch.ones(()), out.counts, out.lse, 0.01, 0.001)  # the Router's aux loss
+            steps["aux loss backward"], calls[:] = list(calls), []
     finally:
         K._target_programs = target_programs
         K.DENSE_CONFIGS.update(tables[0])

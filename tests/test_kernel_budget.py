@@ -113,7 +113,7 @@ def test_moelora_linear_kernel_budget(feature):
 # Layers the fused op cannot take run the composed path (base layer, router module, moe_lora):
 # today's counts, listed in the README with the fused ones.
 COMPOSED_SETTINGS = {"dora": (dict(num_experts=1, top_k=1, use_dora=True), False, 29),
-                     "base_with_hook": ({}, True, 24)}
+                     "base_with_hook": ({}, True, 17)}
 
 
 @pytest.mark.parametrize("feature", list(COMPOSED_SETTINGS))
@@ -131,8 +131,8 @@ def test_composed_path_kernel_counts(feature):
 
 def test_moe_ffn_module_kernel_budget():
     """An upcycled MoE FFN block (MoEFFN: SwiGLU experts, softmax_topk router, aux loss on), one
-    training step: the router's logits, backward and aux loss are a kernel each, the FFN's
-    mask and normalisation of the weights one kernel forward and one backward (today's 31)."""
+    training step: the router's logits, backward, aux loss and its backward are a kernel each,
+    the FFN's mask and normalisation of the weights one kernel forward and one backward (today's 27)."""
     import torch.nn.functional as F
     from moelora.modules.ffn import MoEFFN
 
@@ -141,9 +141,10 @@ def test_moe_ffn_module_kernel_budget():
     block = MoEFFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), F.silu, 4, 2, gate_proj=nn.Linear(d, d_ff),
                    router="softmax_topk").train()
     fwd, bwd = _count_training_step(block, torch.randn(2, 32, d, requires_grad=True))
-    assert fwd.total + bwd.total <= 31, f"forward {fwd}\nbackward {bwd}"
+    assert fwd.total + bwd.total <= 27, f"forward {fwd}\nbackward {bwd}"
     assert {"lora_down_kernel", "router_aux_loss_kernel", "mixing_weights_kernel"} <= set(fwd.triton)
-    assert {"router_backward_kernel", "mixing_weights_backward_kernel"} <= set(bwd.triton)
+    assert {"router_backward_kernel", "router_aux_loss_backward_kernel",
+            "mixing_weights_backward_kernel"} <= set(bwd.triton)
 
 
 @pytest.mark.parametrize("normalize", [False, True])

@@ -511,6 +511,33 @@ def router_aux_loss_kernel(
 
 
 @triton.jit
+def router_aux_loss_backward_kernel(
+    g_ptr, counts_ptr, lse_ptr, g_prob_sums_ptr, g_lse_ptr,
+    lb_scale, z_scale,
+    E, T, stride_c, stride_l,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The gradients of router_aux_loss_kernel's loss given its gradient g (0-d): d prob_sums[e] =
+    lb_scale * g * counts[e] and d lse[t] = z_scale * g * lse[t] (lb_scale = lb_coef E / T^2,
+    z_scale = 2 z_coef / T), computed and written in ACC (lse's dtype: fp32, or fp64 for fp64 logits).
+    Programs below cdiv(E, BLOCK) write BLOCK experts,
+    the others BLOCK tokens. Grid: (cdiv(E, BLOCK) + cdiv(T, BLOCK),)."""
+    pid = tl.program_id(0)
+    blocks_e = tl.cdiv(E, BLOCK)
+    g = tl.load(g_ptr).to(ACC)
+    if pid < blocks_e:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < E
+        c = tl.load(counts_ptr + offs * stride_c, mask=mask, other=0).to(ACC)
+        tl.store(g_prob_sums_ptr + offs, (lb_scale * g) * c, mask=mask)
+    else:
+        offs = (pid - blocks_e).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < T
+        lse = tl.load(lse_ptr + offs * stride_l, mask=mask, other=0.0)
+        tl.store(g_lse_ptr + offs, (z_scale * g) * lse.to(ACC), mask=mask)
+
+
+@triton.jit
 def _store_lora_b(ptr, offs_n, offs_c, mask, rank, stride_e, stride_n, stride_i, acc):
     """dB_stack[n, e*r + i] (acc, [BLOCK_N, BLOCK_C]) into dB[e, n, i]."""
     tl.store(ptr + (offs_c // rank)[None, :] * stride_e + offs_n[:, None] * stride_n

@@ -25,8 +25,9 @@ import triton.language as tl
 
 from moelora.kernels.dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX,
                                    gate_backward_kernel, gated_expand_kernel, lora_down_kernel,
-                                   lora_weight_grad_kernel, lora_weight_grad_reduce_kernel, router_aux_loss_kernel,
-                                   router_backward_kernel, threshold_weights_kernel)
+                                   lora_weight_grad_kernel, lora_weight_grad_reduce_kernel,
+                                   router_aux_loss_backward_kernel, router_aux_loss_kernel, router_backward_kernel,
+                                   threshold_weights_kernel)
 from moelora.kernels.grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
                                      glu_forward_kernel, grouped_matmul_kernel, grouped_weight_grad_kernel,
                                      mixing_weights_backward_kernel, mixing_weights_kernel)
@@ -583,6 +584,27 @@ def router_aux_loss(topk_ids: torch.Tensor, topk_weights: torch.Tensor, aux: Rou
                                      aux.lse.dtype, aux.lse.stride(0), topk_ids.stride(), topk_weights.stride())
     kernel(topk_ids, topk_weights, *args, *coefs)
     return args[3:]
+
+
+@functools.lru_cache(maxsize=1024)
+def _router_aux_loss_backward_launch(E: int, T: int, counts_stride: int, lse_stride: int,
+                                     dtype: torch.dtype) -> KernelLaunch:
+    block = 1024
+    return KernelLaunch(router_aux_loss_backward_kernel, (cdiv(E, block) + cdiv(T, block),),
+                        (E, T, counts_stride, lse_stride), ACC=_TL_DTYPES[accumulator_dtype(dtype)], BLOCK=block)
+
+
+def router_aux_loss_backward(g: torch.Tensor, counts: torch.Tensor, lse: torch.Tensor, lb_coef: float,
+                             z_coef: float):
+    """(d prob_sums [E], d lse [T]) of router_aux_loss's loss from its gradient ``g`` (0-d), in
+    lse's dtype (products in its accumulator dtype), in one launch."""
+    E, T = counts.shape[0], lse.shape[0]
+    g_prob_sums = torch.empty(E, dtype=lse.dtype, device=lse.device)
+    g_lse = torch.empty(T, dtype=lse.dtype, device=lse.device)
+    inv_t = 1.0 / max(T, 1)
+    kernel = _router_aux_loss_backward_launch(E, T, counts.stride(0), lse.stride(0), lse.dtype)
+    kernel(g, counts, lse, g_prob_sums, g_lse, float(lb_coef * E * inv_t * inv_t), float(2.0 * z_coef * inv_t))
+    return g_prob_sums, g_lse
 
 
 @functools.lru_cache(maxsize=4096)

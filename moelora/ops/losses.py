@@ -74,7 +74,8 @@ def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor,
 def routing_aux_losses(routing, lb_coef: float, z_coef: float):
     """:func:`aux_losses` of a learned ``routing`` (moelora.ops.routing_modes.Routing): in eager mode
     where the Triton kernels run, one single-program kernel (the fused layer's) whose backward
-    is five elementwise ops; else (torch.compile, other devices, no tokens) the PyTorch formula."""
+    is one more (launchers.router_aux_loss_backward); else (torch.compile, other devices, no
+    tokens) the PyTorch formula."""
     lse = routing.lse
     if lse.numel() == 0 or not kernels_run(lse.device) or torch.compiler.is_compiling():
         return aux_losses(routing.counts, routing.prob_sums, lse, lb_coef, z_coef)
@@ -98,8 +99,5 @@ class _AuxLossFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         counts, lse = ctx.saved_tensors
-        lb_coef, z_coef = ctx.coefs
-        inv_t = 1.0 / lse.numel()
-        g_prob_sums = counts.to(lse.dtype) * (g * (lb_coef * counts.numel() * inv_t * inv_t))
-        g_lse = lse * (g * (2.0 * z_coef * inv_t))
+        g_prob_sums, g_lse = launchers.router_aux_loss_backward(g, counts, lse, *ctx.coefs)
         return None, g_prob_sums, g_lse, None, None, None, None

@@ -125,6 +125,20 @@ def test_lora_down_reads_x_once_for_h_and_logits():
     assert none is None and torch.equal(h_only, h)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_router_aux_loss_backward(dtype):
+    """d prob_sums = lb_coef E / T^2 g counts and d lse = 2 z_coef / T g lse, from strided counts and
+    lse, over several programs of experts and of tokens."""
+    T, E, lb, z = 2500, 1100, 0.01, 0.001
+    counts = torch.randint(0, 50, (E, 2), device=DEVICE)[:, 0]
+    lse = torch.randn(T, 3, device=DEVICE, dtype=dtype)[:, 1]
+    g = torch.tensor(1.7, device=DEVICE)
+    g_ps, g_lse = K.router_aux_loss_backward(g, counts, lse, lb, z)
+    assert g_ps.dtype == g_lse.dtype == dtype and g_ps.shape == (E,) and g_lse.shape == (T,)
+    assert rel_err(g_ps, 1.7 * lb * E / T ** 2 * counts.double()) < 1e-6
+    assert rel_err(g_lse, 1.7 * 2 * z / T * lse.double()) < 1e-6
+
+
 def keep_mask(rows, cols, p=0.3):
     """A LoRA-dropout keep mask [rows, cols] (bool), as a transposed view: any strides are read."""
     return (torch.rand(cols, rows, device=DEVICE) >= p).t()

@@ -202,10 +202,11 @@ def test_routing_aux_losses_kernel_matches_the_formula(mode):
         (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
     ref_loss, ref_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, 0.01, 0.001)
     (ref_grad,) = torch.autograd.grad(ref_loss, logits)
-    # the kernel sums in float64 but takes 1/T and the coefficients as fp32 scalars (Triton's floats)
+    # the kernels (forward and backward) compute in float64 but take 1/T and the coefficients as
+    # fp32 scalars (Triton's floats)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(stats, ref_stats, rtol=1e-6, atol=0)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
 
 
 def test_router_rejects_bad_settings():
