@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
-from moelora.ops.grouped_linear import grouped_mm_layout_ok, native_major, rows_linear, rows_weight_grad
+from moelora.ops.grouped_linear import (group_ends, grouped_mm_layout_ok, native_major, rows_linear,
+                                        rows_weight_grad)
 from moelora.ops.routing import (dispatch_rows, expert_layout, fake_layout_tensors, layout_from_tensors,
                                  layout_tensors)
 from moelora.ops.routing_torch import padded_length
@@ -299,8 +300,8 @@ def grouped_rows(h, lora_b, meta, topk_weights, scaling, engine: str, out_dtype:
 
     triton: one grouped GEMM, h gathered in its prologue, s * w_p in its epilogue.
     grouped_mm: s * h rounded to B's dtype (one kernel), gathered into row space for a shared
-    A's h [T, r] (one copy), the int32 group ends, torch's grouped_mm; w stays for combine_rows.
-    Rows past the last segment are not written; combine_rows does not read them."""
+    A's h [T, r] (one copy), the int32 group ends (group_ends: the last one extended over the
+    unused tail, as moe_ffn runs grouped_mm), torch's grouped_mm; w stays for combine_rows."""
     if engine == "triton":
         rows = rows_linear(h, lora_b, meta, "triton", a_by_token=h_by_token, out_dtype=out_dtype,
                            compute_dtype=out_dtype, alpha=scaling, scale=topk_weights.reshape(-1))
@@ -308,8 +309,7 @@ def grouped_rows(h, lora_b, meta, topk_weights, scaling, engine: str, out_dtype:
     hs = torch.mul(h, scaling, out=torch.empty(h.shape, dtype=lora_b.dtype, device=h.device))
     if h_by_token:
         hs = dispatch_rows(hs, meta)
-    offs = meta.padded_offsets[1:].to(torch.int32)
-    return rows_linear(hs, lora_b, meta, "grouped_mm", offs=offs), topk_weights
+    return rows_linear(hs, lora_b, meta, "grouped_mm", offs=group_ends(meta)), topk_weights
 
 
 def grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, h=None, out=None):
