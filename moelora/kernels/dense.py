@@ -519,9 +519,9 @@ def router_aux_loss_backward_kernel(
 ):
     """The gradients of router_aux_loss_kernel's loss given its gradient g (0-d): d prob_sums[e] =
     lb_scale * g * counts[e] and d lse[t] = z_scale * g * lse[t] (lb_scale = lb_coef E / T^2,
-    z_scale = 2 z_coef / T), computed and written in ACC (lse's dtype: fp32, or fp64 for fp64 logits).
-    Programs below cdiv(E, BLOCK) write BLOCK experts,
-    the others BLOCK tokens. Grid: (cdiv(E, BLOCK) + cdiv(T, BLOCK),)."""
+    z_scale = 2 z_coef / T), computed and written in ACC (lse's dtype: fp32, or fp64 for fp64
+    logits). Programs below cdiv(E, BLOCK) write BLOCK experts, the others BLOCK tokens.
+    Grid: (cdiv(E, BLOCK) + cdiv(T, BLOCK),)."""
     pid = tl.program_id(0)
     blocks_e = tl.cdiv(E, BLOCK)
     g = tl.load(g_ptr).to(ACC)
