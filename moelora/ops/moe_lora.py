@@ -268,10 +268,11 @@ def fake_grouped_layout(x, lora_a, lora_b, top_k: int) -> List[torch.Tensor]:
 
 # Engine of the grouped regime's forward GEMM (the rows s * w * B_e h) by (major compute
 # capability, launchers.grouped_shape_class of the GEMM), where torch's grouped_mm runs natively;
-# the Triton grouped kernel elsewhere and for classes not listed. Measured by
-# benchmarks/tune_grouped.py (the GEMM with the gather of h included): H200, S3's h B^T
-# (T 32768, d_out 4096, r 64, E 64, k 4) 0.741 ms Triton against 0.426 ms grouped_mm
-# (benchmarks/results/tune-grouped-nvidia-h200-20261128T190225.json, the GEMM alone).
+# the Triton grouped kernel elsewhere and for classes not listed. benchmarks/tune_grouped.py
+# times both engines (grouped_mm with the gather of h included) and pastes the pick. The entry:
+# H200, S3's h B^T (T 32768, d_out 4096, r 64, E 64, k 4), 0.741 ms Triton against 0.426 ms
+# grouped_mm, the GEMM alone (benchmarks/results/tune-grouped-nvidia-h200-20261128T190225.json,
+# a run before the gather was timed with it).
 ROWS_ENGINES = {(9, "matmul:ls:many"): "grouped_mm"}
 
 
