@@ -30,6 +30,9 @@ DENSE = {
         dict(BLOCK_T=32, BLOCK_K=128, num_warps=4, num_stages=4),
         dict(BLOCK_T=256, BLOCK_K=64, num_warps=8, num_stages=3),
         dict(BLOCK_T=64, BLOCK_K=256, num_warps=8, num_stages=2),
+        # 16-token tiles: four times the programs of the default at small T (T 1024: 64 for 132
+        # SMs), where every candidate above measured the same (benchmarks/README, lead 5)
+        dict(BLOCK_T=16, BLOCK_K=128, num_warps=4, num_stages=4),
     ],
     # Chosen with their sm_90 register counts in view (S1, fp32 B): each needs at most 167
     # registers per thread, i.e. two to four programs per SM, but the last two (one); the last
