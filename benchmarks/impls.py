@@ -254,13 +254,8 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0):
             return Prepared(forward, [s["x"]] + trainable, keep=[layer], reference=reference)
 
         def check():
-            state = torch.cuda.get_rng_state(w0.device) if w0.is_cuda else torch.get_rng_state()
-            with torch.no_grad():
-                y = forward()
-            if w0.is_cuda:
-                torch.cuda.set_rng_state(state, w0.device)
-            else:
-                torch.set_rng_state(state)
+            with torch.no_grad(), torch.random.fork_rng(devices=[w0.device] if w0.is_cuda else []):
+                y = forward()  # the generator state is restored after it: reference() draws the same
             with torch.no_grad():
                 return rel_err(y, reference())
 

@@ -78,10 +78,11 @@ def lora_down_kernel(
     bf16 weight), each product of bf16 x and a piece exact in fp32, so the logits are x @ W^T
     rounded as an fp32 product is. An fp32 dot runs on the CUDA cores instead: at S1 on an H200
     this kernel's launches in tune_dense (with and without the router) took 2.5x as long in all
-    that way. ROUTER_SPLITS 0: the fp32 dot (fp16 and fp32 x). Outputs accumulate in ACC_DTYPE. Program t * COLUMNS + j computes, for the
-    t-th BLOCK_T tokens, the j-th BLOCK_R columns of h and the j-th BLOCK_E columns of the
-    logits (either may be past the end): the router's columns, however many, are tiled like
-    A's, and the programs that read the same rows of x run next to each other.
+    that way. ROUTER_SPLITS 0: the fp32 dot (fp16 and fp32 x). Outputs accumulate in
+    ACC_DTYPE. Program t * COLUMNS + j computes, for the t-th BLOCK_T tokens, the j-th BLOCK_R
+    columns of h and the j-th BLOCK_E columns of the logits (either may be past the end): the
+    router's columns, however many, are tiled like A's, and the programs that read the same rows
+    of x run next to each other.
     Grid: (cdiv(T, BLOCK_T) * COLUMNS,), COLUMNS = max(cdiv(R, BLOCK_R), cdiv(E, BLOCK_E), 1).
     """
     pid = tl.program_id(0).to(tl.int64)

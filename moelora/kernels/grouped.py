@@ -208,8 +208,7 @@ def combine_rows_kernel(
 
     z_j = rows[inv[t, j]] (+ rows2[inv[t, j]]) (+ bias[ids[t, j]]), zero for slots whose
     inverse is -1 (their coef is not read); z_a = z_0 with ANCHORED, else 0; coef = 1 without
-    HAS_COEF. Anchored,
-    slots whose z_j equals z_0 bitwise add exactly nothing.
+    HAS_COEF. Anchored, slots whose z_j equals z_0 bitwise add exactly nothing.
     Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
     """
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -272,8 +272,8 @@ def _contiguous(cols: int) -> tuple:
 # Tiles of the dense kernels by shape class, measured on Hopper (H100/H200, bf16) by
 # ``python -m benchmarks.tune_dense`` (paste its "paste" output here). Each entry overrides some
 # of the launcher's default tiles (DENSE_TILE_KEYS); a class not listed keeps the defaults, and
-# so do 4-byte operands and the interpreter. Change the table through install_dense_configs (it checks the
-# entries and drops the cached launch configurations). Entries: H200, Triton 3.6, commit f3481a5
+# so do 4-byte operands and the interpreter. Change the table through install_dense_configs (it
+# checks the entries and drops the cached launch configurations). Entries: H200, Triton 3.6, commit f3481a5
 # (benchmarks/results/tune-dense-nvidia-h200-20261128T193823.json; median ms against the defaults).
 DENSE_CONFIGS: Dict[str, Dict[str, int]] = {
     "lora_down:sl:many": dict(BLOCK_K=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1071 ms, default 0.1121 ms
@@ -431,6 +431,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
         out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     a2, b2 = second if second is not None else (a, b)
     K2 = a2.shape[1] if second is not None else 0
+    second_scale = second_scale if second is not None else None
     if (mask is not None or second_scale is not None) and split_k:
         raise ValueError("matmul: a mask or second_scale applies to the whole product, not to split_k's partials")
     if M == 0 or N == 0 or K + K2 == 0:
@@ -444,7 +445,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, compute_
                                     out.stride() if given_out else _contiguous(N),
                                     addend.stride() if addend is not None else None,
                                     mask.stride() if mask is not None else None,
-                                    second_scale.stride() if second is not None and second_scale is not None else None,
+                                    second_scale.stride() if second_scale is not None else None,
                                     a.device, split_k,
                                     compute_dtype, _tf32(compute_dtype), sanitize_b, _tiles_key("matmul", tiles))
     mask_arg = mask if mask is not None else out
@@ -830,7 +831,8 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     t_per_split = cdiv(cdiv(T, splits), block_t) * block_t
     splits = max(1, cdiv(T, t_per_split))
     meta = dict(_dot_config_cached(dtype, tf32), HAS_ROUTER=E > 0, HAS_MASK=mask_strides is not None,
-                HAS_JITTER=jitter_strides is not None, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_CB=block_cb, BLOCK_CA=block_ca, BLOCK_T=block_t)
+                HAS_JITTER=jitter_strides is not None, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_CB=block_cb,
+                BLOCK_CA=block_ca, BLOCK_T=block_t)
     if not _INTERPRETING:
         meta.update(num_warps=8)
     meta.update(_launch_options(overrides))
@@ -876,11 +878,12 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: to
         return
     dl = dlogits if dlogits is not None else dh
     dr = drouter if drouter is not None else dlora_a
+    jitter = jitter if E > 0 else None  # it scales the router's input only
     acc = accumulator_dtype(x.dtype)
     kernel, reduce, part_length = _weight_grad_launch(
         T, d_out, d_in, R, E, NB, rank, x.device, x.dtype, acc, _tf32(x.dtype), splits, dy.stride(), x.stride(),
         hg.stride(), dh.stride(), dl.stride(), dlora_b.stride(), dlora_a.stride(), dr.stride(),
-        mask.stride() if mask is not None else None, jitter.stride() if jitter is not None and E > 0 else None,
+        mask.stride() if mask is not None else None, jitter.stride() if jitter is not None else None,
         _tiles_key("lora_weight_grad", tiles))
     part = torch.empty(part_length, dtype=acc, device=x.device) if reduce is not None else dh
     kernel(dy, x, hg, dh, dl, dlora_b, dlora_a, dr, part, mask if mask is not None else dh,
