@@ -11,7 +11,7 @@ import concurrent.futures
 import os
 import statistics
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -102,9 +102,90 @@ class Budget:
 
 
 def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median time of ``fn()`` in ms over ``repeats`` iterations after one untimed call (the tuners')."""
+    """Median wall time of ``fn()`` in ms over ``repeats`` iterations after one untimed call: on
+    CUDA, event pairs around calls launched back to back, so a call whose host launch cost
+    exceeds its device time is timed at its host cost (what eager mode pays)."""
     fn()
     return summarize(time_iterations(lambda i: fn(), repeats, device))["median_ms"]
+
+
+_L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 (H100 / H200: 50 MB), as triton.testing.do_bench flushes
+_SLEEP_CALIBRATION_CYCLES = 20_000_000
+_DEVICE_CHUNK = 16  # iterations enqueued behind one sleep
+_MAX_SLEEP_MARGIN = 64.0
+_flush_buffers: Dict[int, torch.Tensor] = {}
+_sleep_cycles_per_ms: Dict[int, float] = {}
+
+
+def _cycles_per_ms(index: int) -> float:
+    """How many cycles of ``torch.cuda._sleep`` last a millisecond on device ``index`` (measured once)."""
+    if index not in _sleep_cycles_per_ms:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(index)
+        begin.record()
+        torch.cuda._sleep(_SLEEP_CALIBRATION_CYCLES)
+        end.record()
+        end.synchronize()
+        _sleep_cycles_per_ms[index] = _SLEEP_CALIBRATION_CYCLES / max(begin.elapsed_time(end), 1e-3)
+    return _sleep_cycles_per_ms[index]
+
+
+def device_median_ms(fn: Callable[[], object], repeats: int, device: torch.device, flush_l2: bool = True) -> float:
+    """Median device time of ``fn()`` in ms: its kernels run back to back, the host's launch cost
+    excluded (what a tile or engine choice changes; eager wall time is :func:`median_ms`).
+
+    On CUDA, after one untimed call, the iterations are enqueued in chunks of _DEVICE_CHUNK
+    behind a ``torch.cuda._sleep`` kernel sized to outlast the host's enqueueing of the chunk
+    (twice its measured host time per iteration); each iteration is an L2 flush (with
+    ``flush_l2``: a 256 MB zero fill, so every call starts from a cold L2, as in
+    ``triton.testing.do_bench``), a begin event, ``fn()``, an end event. Each event pair then
+    brackets ``fn``'s kernels only. A chunk whose sleep had ended before the host finished
+    enqueueing it (so the device may have waited on the host) is timed again behind a sleep
+    twice as long; a ``fn`` that synchronises with the device can never be timed so, and
+    raises RuntimeError. On CPU: :func:`median_ms`.
+    """
+    if device.type != "cuda":
+        return median_ms(fn, repeats, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    flush = None
+    if flush_l2:
+        flush = _flush_buffers.get(index)
+        if flush is None:
+            flush = _flush_buffers[index] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    if flush is not None:
+        flush.zero_()
+    fn()
+    host_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize(device)
+    cycles_per_ms = _cycles_per_ms(index)
+    times: List[float] = []
+    margin = 2.0
+    while len(times) < repeats:
+        n = min(_DEVICE_CHUNK, repeats - len(times))
+        begin = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        end = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        slept = torch.cuda.Event()
+        torch.cuda._sleep(int((margin * n * host_ms + 0.5) * cycles_per_ms))
+        slept.record()
+        for i in range(n):
+            if flush is not None:
+                flush.zero_()
+            begin[i].record()
+            fn()
+            end[i].record()
+        host_ahead = not slept.query()  # the device is still asleep: nothing above waited on the host
+        torch.cuda.synchronize(device)
+        if host_ahead:
+            times += [b.elapsed_time(e) for b, e in zip(begin, end)]
+            continue
+        margin *= 2
+        if margin > _MAX_SLEEP_MARGIN:
+            raise RuntimeError("device_median_ms: the device caught up with the host behind a sleep "
+                               f"{_MAX_SLEEP_MARGIN:g}x the call's host time; does fn synchronise with the device?")
+    return statistics.median(times)
 
 
 def compile_in_parallel(calls: List[Callable[[], object]]) -> None:

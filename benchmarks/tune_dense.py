@@ -16,7 +16,12 @@ benchmarks/tile_candidates.py:
 The timings of one shape class (launchers.dense_shape_class) are summed. A candidate
 that beats the defaults by more than MIN_GAIN is installed into DENSE_CONFIGS; then
 moe_lora and MoELoRALinear forward+backward at S1 are timed with the default tiles and
-with the picks. bf16 on a GPU (fp32 on CPU), medians of CUDA-event timings. The JSON holds
+with the picks. bf16 on a GPU (fp32 on CPU). Every choice is made on device time
+(timing.device_median_ms: the kernels back to back from a cold L2, the host's launch cost
+excluded; the launches of a small kernel cost the host more than the kernel costs the
+device, so eager timings would compare host costs); each job's time at the best tiles is
+recorded beside its memory floor at the copy bandwidth measured in the same run, and the end
+to end calls' wall times beside their device times (``end_to_end_wall``). The JSON holds
 every timing, ``dense_configs`` (what ``python -m benchmarks --tuned`` installs) and
 ``paste``: the lines to put into DENSE_CONFIGS. Every candidate is checked against a float64
 reference under the interpreter by tests/kernels/test_launchers.py and compiled for
@@ -40,9 +45,9 @@ if not torch.cuda.is_available():
 import moelora  # noqa: E402
 from moelora.kernels import launchers as K  # noqa: E402
 
-from . import tile_candidates  # noqa: E402
+from . import ceilings, tile_candidates  # noqa: E402
 from .report import metadata  # noqa: E402
-from .timing import Budget, compile_in_parallel, median_ms  # noqa: E402
+from .timing import Budget, compile_in_parallel, device_median_ms, median_ms  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -66,6 +71,11 @@ class Job(NamedTuple):
     kernel: str  # a DENSE_TILE_KEYS key
     shape_class: str
     run: Callable[[Dict[str, int]], object]  # tiles -> launch
+    nbytes: int  # what the launch must move at least: each operand read once, each output written once
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _randn(*shape, dtype=None):
@@ -87,26 +97,31 @@ def jobs(s: Sizes) -> List[Job]:
     down = K.dense_shape_class("lora_down", T, r, d)
     expand = K.dense_shape_class("gated_expand", T, d, E * r)
     wgrad = K.dense_shape_class("lora_weight_grad", T, d, E * r)
+    y = _randn(T, d)  # an output of the job's shape and dtype, for its byte count
     return [
-        Job("h = x A^T", "lora_down", down, lambda t: K.lora_down(x, a, tiles=t)),
-        Job("h, logits = x [A; W_router]^T", "lora_down", down, lambda t: K.lora_down(x, a, router, tiles=t)),
+        Job("h = x A^T", "lora_down", down, lambda t: K.lora_down(x, a, tiles=t), _nbytes(x, a, h)),
+        Job("h, logits = x [A; W_router]^T", "lora_down", down, lambda t: K.lora_down(x, a, router, tiles=t),
+            _nbytes(x, a, router, h, dl)),
         Job("y = base + Hg B^T", "gated_expand", expand,
             lambda t: K.gated_expand(h, ids, w, b, scaling=2.0, shared_a=True, base=base, out_dtype=DTYPE,
-                                     compute_dtype=DTYPE, tiles=t)),
+                                     compute_dtype=DTYPE, tiles=t), _nbytes(h, ids, w, b, base, y)),
         Job("y = bias + Hg B^T (layer)", "gated_expand", expand,
             lambda t: K.gated_expand(h, ids, w, b, scaling=2.0, shared_a=True, bias=bias, out_dtype=DTYPE,
-                                     compute_dtype=DTYPE, tiles=t)),
+                                     compute_dtype=DTYPE, tiles=t), _nbytes(h, ids, w, b, bias, y)),
         Job("dHg = dy B_stack", "matmul", K.dense_shape_class("matmul", T, E * r, d),
-            lambda t: K.matmul(dy, b, stacked_b=True, out_dtype=acc, compute_dtype=DTYPE, tiles=t)),
+            lambda t: K.matmul(dy, b, stacked_b=True, out_dtype=acc, compute_dtype=DTYPE, tiles=t),
+            _nbytes(dy, b) + T * E * r * torch.finfo(acc).bits // 8),
         Job("dx = dh A", "matmul", K.dense_shape_class("matmul", T, d, r),
-            lambda t: K.matmul(dh, a, out_dtype=DTYPE, compute_dtype=DTYPE, tiles=t)),
+            lambda t: K.matmul(dh, a, out_dtype=DTYPE, compute_dtype=DTYPE, tiles=t), _nbytes(dh, a, y)),
         Job("dx = dh A + dl W_router (layer)", "matmul", K.dense_shape_class("matmul", T, d, r),
-            lambda t: K.matmul(dh, a, out_dtype=DTYPE, compute_dtype=DTYPE, second=(dl, router), tiles=t)),
+            lambda t: K.matmul(dh, a, out_dtype=DTYPE, compute_dtype=DTYPE, second=(dl, router), tiles=t),
+            _nbytes(dh, a, dl, router, y)),
         Job("dB, dA", "lora_weight_grad", wgrad,
-            lambda t: K.lora_weight_grad(dy, x, hg, dh, None, rank=r, scaling=2.0, dlora_b=db, dlora_a=da, tiles=t)),
+            lambda t: K.lora_weight_grad(dy, x, hg, dh, None, rank=r, scaling=2.0, dlora_b=db, dlora_a=da, tiles=t),
+            _nbytes(dy, x, hg, dh, db, da)),
         Job("dB, dA, dW_router (layer)", "lora_weight_grad", wgrad,
             lambda t: K.lora_weight_grad(dy, x, hg, dh, dl, rank=r, scaling=2.0, dlora_b=db, dlora_a=da, drouter=dr,
-                                         tiles=t)),
+                                         tiles=t), _nbytes(dy, x, hg, dh, dl, db, da, dr)),
     ]
 
 
@@ -119,9 +134,11 @@ def _key(tiles: Dict[str, int]) -> str:
     return json.dumps(tiles, sort_keys=True)
 
 
-def tune_classes(all_jobs: List[Job], repeats: int, budget: Budget, report: dict) -> None:
-    """Time every candidate of each shape class on its jobs; install the best where it beats the
-    defaults by MIN_GAIN. Classes left when the budget is spent are skipped (recorded)."""
+def tune_classes(all_jobs: List[Job], repeats: int, budget: Budget, report: dict, copy_gbps: float) -> None:
+    """Time every candidate of each shape class on its jobs (device time: ``device_median_ms``);
+    install the best where it beats the defaults by MIN_GAIN; record each job's time at the best
+    tiles beside its memory floor at ``copy_gbps``. Classes left when the budget is spent are
+    skipped (recorded)."""
     classes: Dict[str, List[Job]] = {}
     for job in all_jobs:
         classes.setdefault(job.shape_class, []).append(job)
@@ -131,10 +148,11 @@ def tune_classes(all_jobs: List[Job], repeats: int, budget: Budget, report: dict
             report["skipped"].append(f"tiles {shape_class}: budget")
             continue
         entry = {"kernel": members[0].kernel, "jobs": [j.name for j in members], "candidates": {}}
+        per_job = {}
         for tiles in candidates(members[0].kernel):
             try:
-                entry["candidates"][_key(tiles)] = sum(median_ms(lambda j=j: j.run(tiles), repeats, DEVICE)
-                                                       for j in members)
+                per_job[_key(tiles)] = [device_median_ms(lambda j=j: j.run(tiles), repeats, DEVICE) for j in members]
+                entry["candidates"][_key(tiles)] = sum(per_job[_key(tiles)])
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: recorded, skipped
                 entry["candidates"][_key(tiles)] = f"error: {type(err).__name__}: {err}"[:200]
         timed = {key: ms for key, ms in entry["candidates"].items() if isinstance(ms, float)}
@@ -142,6 +160,8 @@ def tune_classes(all_jobs: List[Job], repeats: int, budget: Budget, report: dict
         if timed and default is not None:
             best = min(timed, key=timed.get)
             entry.update(best=best, best_ms=timed[best], default_ms=default)
+            entry["best_per_job"] = {j.name: dict(ms=ms, memory_floor_ms=j.nbytes / (copy_gbps * 1e6))
+                                     for j, ms in zip(members, per_job[best])}
             if best != _key({}) and timed[best] < (1 - MIN_GAIN) * default:
                 report["dense_configs"][shape_class] = json.loads(best)
         report["tiles"][shape_class] = entry
@@ -170,10 +190,12 @@ def time_end_to_end(repeats: int, report: dict, label: str) -> None:
         torch.autograd.grad([y, layer.last_aux_loss], [x] + params, [dy, torch.ones((), device=DEVICE)])
 
     out = report["end_to_end"].setdefault(label, {})
+    wall = report["end_to_end_wall"].setdefault(label, {})
     with moelora.use_backend("triton"), moelora.validation(False):
         for name, step in (("moe_lora fwd+bwd", op), ("MoELoRALinear fwd+bwd", linear)):
             try:
-                out[name] = median_ms(step, repeats, DEVICE)
+                out[name] = device_median_ms(step, repeats, DEVICE)
+                wall[name] = median_ms(step, repeats, DEVICE)
             except Exception as err:  # noqa: BLE001 - recorded
                 report["errors"].append(f"end to end {label} {name}: {type(err).__name__}: {err}"[:300])
 
@@ -197,14 +219,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     budget = Budget(args.budget)
     report = {"meta": metadata(DEVICE), "dtype": str(DTYPE), "sizes": [s._asdict() for s in ROW_SIZES],
-              "tiles": {}, "dense_configs": {}, "end_to_end": {}, "skipped": [], "errors": []}
+              "tiles": {}, "dense_configs": {}, "end_to_end": {}, "end_to_end_wall": {},
+              "skipped": [], "errors": []}
     torch.manual_seed(0)
     t0 = time.monotonic()
     previous = dict(K.DENSE_CONFIGS)
     K.install_dense_configs({}, replace=True)  # the defaults are what the candidates compete with
     try:
         time_end_to_end(args.repeats, report, "default tiles")
-        tune_classes([job for s in ROW_SIZES for job in jobs(s)], args.repeats, budget, report)
+        report["ceilings"] = ceilings.measure(DEVICE, DTYPE)
+        tune_classes([job for s in ROW_SIZES for job in jobs(s)], args.repeats, budget, report,
+                     report["ceilings"]["copy_GBps"])
         K.install_dense_configs(report["dense_configs"])
         time_end_to_end(args.repeats, report, "tuned tiles")
     finally:
@@ -214,9 +239,11 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     for shape_class, entry in report["tiles"].items():
+        floors = ", ".join(f"{job['ms'] / job['memory_floor_ms']:.1f}x" for job in entry.get("best_per_job", {}).values())
         print(f"{shape_class}: default {entry.get('default_ms')} ms, best {entry.get('best')} "
-              f"{entry.get('best_ms')} ms")
-    print("end to end (ms):", json.dumps(report["end_to_end"]))
+              f"{entry.get('best_ms')} ms (jobs at {floors or '-'} their memory floors)")
+    print("end to end, device ms:", json.dumps(report["end_to_end"]))
+    print("end to end, wall ms:", json.dumps(report["end_to_end_wall"]))
     if report["skipped"] or report["errors"]:
         print("skipped:", report["skipped"], "errors:", report["errors"])
     print(report["paste"])

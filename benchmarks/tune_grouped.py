@@ -16,8 +16,11 @@ configs per shape class, the MoE FFN's GEMM engine, and the MoE-LoRA regime cros
    to 2048 at k = 2 and 4 (T 8192), plus S2 and S4 (per-expert A), for
    moelora.ops.moe_lora.DENSE_MAX_WIDTH (the E*r up to which dense runs).
 
-Everything is bf16 on a GPU (fp32 on CPU), medians of CUDA-event timings; the candidates
-of a stage are compiled in parallel threads first. ``--budget`` (s) skips what is left
+Everything is bf16 on a GPU (fp32 on CPU). Every choice is made on device time
+(timing.device_median_ms: the kernels back to back from a cold L2, the host's launch cost
+excluded); the FFN plans and the regimes also record their eager wall times (``_wall_ms``),
+where the host's launch cost counts. The candidates of a stage are compiled in parallel
+threads first. ``--budget`` (s) skips what is left
 when it runs out (recorded). The JSON holds every timing and ``paste``: the Python lines
 to put into those tables.
 """
@@ -45,7 +48,7 @@ from moelora.ops.routing import dispatch_rows, expert_layout
 
 from . import tile_candidates  # noqa: E402
 from .report import metadata  # noqa: E402
-from .timing import Budget, compile_in_parallel, median_ms  # noqa: E402
+from .timing import Budget, compile_in_parallel, device_median_ms, median_ms  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -177,14 +180,14 @@ def tune_tiles(gemms: List[Gemm], repeats: int, budget: Budget, report: dict) ->
         entry = {"gemms": [g.name for g in members], "candidates": {}, "grouped_mm_ms": {}}
         for config in candidates(members[0].kernel, shape_class):
             try:
-                total = sum(median_ms(lambda g=g: g.triton(config), repeats, DEVICE) for g in members)
+                total = sum(device_median_ms(lambda g=g: g.triton(config), repeats, DEVICE) for g in members)
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: recorded, skipped
                 entry["candidates"][_config_key(config)] = f"error: {type(err).__name__}: {err}"[:200]
                 continue
             entry["candidates"][_config_key(config)] = total
         for g in members:
             if g.grouped_mm is not None and grouped_mm_fn() is not None:
-                entry["grouped_mm_ms"][g.name] = median_ms(g.grouped_mm, repeats, DEVICE)
+                entry["grouped_mm_ms"][g.name] = device_median_ms(g.grouped_mm, repeats, DEVICE)
         timed = {k: v for k, v in entry["candidates"].items() if isinstance(v, float)}
         if timed:
             best = min(timed, key=timed.get)
@@ -209,7 +212,7 @@ def time_ffn_plans(s: Sizes, repeats: int, report: dict) -> None:
     w2 = _randn(s.experts, s.d, s.d_ff, scale=s.d_ff ** -0.5).requires_grad_()
     leaves = [x, weights, w13, w2]
     engines = ["triton"] + (["grouped_mm"] if ffn._grouped_mm_applies(x, w13, w2, None, ids.numel()) else [])
-    results = {}
+    results, wall = {}, {}
     for gemm in engines:
         for wgrad in engines:
             plan = ffn.FFNPlan(gemm, wgrad, ffn.ffn_plan(x, w13, w2, None, s.top_k, gemm).layout_block)
@@ -222,14 +225,15 @@ def time_ffn_plans(s: Sizes, repeats: int, report: dict) -> None:
             name = f"gemm={gemm},wgrad={wgrad}"
             try:
                 with moelora.validation(False):
-                    results[name] = median_ms(step, repeats, DEVICE)
+                    results[name] = device_median_ms(step, repeats, DEVICE)
+                    wall[name] = median_ms(step, repeats, DEVICE)
             except Exception as err:  # noqa: BLE001 - recorded; the other pairs still run
                 report["errors"].append(f"ffn {name}: {type(err).__name__}: {err}"[:300])
     if not results:
         return
     best = min(results, key=results.get)
     gemm, wgrad = (part.split("=")[1] for part in best.split(","))
-    report["ffn"] = {"sizes": s._asdict(), "fwd_bwd_ms": results, "best": best,
+    report["ffn"] = {"sizes": s._asdict(), "fwd_bwd_ms": results, "fwd_bwd_wall_ms": wall, "best": best,
                      "shape_class": K.grouped_shape_class("matmul", 2 * s.d_ff, s.d, s.tokens * s.top_k / s.experts),
                      "engines": {"gemm": gemm, "wgrad": wgrad}}
 
@@ -265,7 +269,8 @@ def time_regimes(repeats: int, budget: Budget, report: dict) -> None:
 
             try:
                 with moelora.validation(False):
-                    row[f"{regime}_ms"] = median_ms(step, repeats, DEVICE)
+                    row[f"{regime}_ms"] = device_median_ms(step, repeats, DEVICE)
+                    row[f"{regime}_wall_ms"] = median_ms(step, repeats, DEVICE)
             except Exception as err:  # noqa: BLE001 - recorded; the other cases still run
                 report["errors"].append(f"regime {regime} {case}: {type(err).__name__}: {err}"[:300])
         if "dense_ms" in row and "grouped_ms" in row:

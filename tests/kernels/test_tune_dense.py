@@ -25,8 +25,12 @@ def test_tune_dense_smoke(tmp_path):
         assert set(entry["candidates"]) == {"{}"} | {json.dumps(t, sort_keys=True) for t in
                                                     tune_dense.tile_candidates.DENSE_SMOKE[entry["kernel"]]}
         assert entry["best"] in entry["candidates"] and entry["default_ms"] > 0 and entry["best_ms"] > 0
+        assert list(entry["best_per_job"]) == entry["jobs"]
+        assert all(job["ms"] > 0 and job["memory_floor_ms"] > 0 for job in entry["best_per_job"].values())
+    assert report["ceilings"]["copy_GBps"] > 0
     for label in ("default tiles", "tuned tiles"):
-        assert set(report["end_to_end"][label]) == {"moe_lora fwd+bwd", "MoELoRALinear fwd+bwd"}
+        for timings in ("end_to_end", "end_to_end_wall"):
+            assert set(report[timings][label]) == {"moe_lora fwd+bwd", "MoELoRALinear fwd+bwd"}
 
 
 def test_paste_and_install_of_a_dense_report(tmp_path, monkeypatch):

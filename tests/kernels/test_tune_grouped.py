@@ -24,7 +24,9 @@ def test_tune_grouped_smoke(tmp_path, monkeypatch, request):
     for entry in report["tiles"].values():
         assert entry["best"] in entry["candidates"] and entry["triton_best_ms"] > 0
     assert set(report["ffn"]["fwd_bwd_ms"]) >= {"gemm=triton,wgrad=triton"}
-    assert all(c["dense_ms"] > 0 and c["grouped_ms"] > 0 for c in report["regime"]["cases"])
+    assert set(report["ffn"]["fwd_bwd_wall_ms"]) == set(report["ffn"]["fwd_bwd_ms"])
+    assert all(c[f"{regime}{timing}"] > 0 for c in report["regime"]["cases"] for regime in ("dense", "grouped")
+               for timing in ("_ms", "_wall_ms"))
     table = {}
     exec("\n".join(line for line in report["paste"].splitlines() if not line.startswith(("#", "    (")))
          .replace("Dict[str, TileConfig]", "dict"), {"TileConfig": TileConfig, "torch": torch}, table)
