@@ -29,12 +29,19 @@ from moelora.profiling import count_kernels, host_time
 # GPU: S1 (the ATen ops are enqueued, not waited for); CPU: tiny, so that they cost their dispatch only.
 GPU_SIZES, CPU_SIZES = (8192, 4096), (32, 64)
 R, E, K = 16, 8, 2
-ROUTERS = {"softmax_topk": {}, "topk_softmax": dict(router="topk_softmax"),
-           "threshold": dict(router="threshold", top_k=3, threshold_eps=0.2),
-           "task": dict(router="task", task_shared_lora=True),
-           "LoRA dropout 0.1": dict(lora_dropout=0.1),
-           "router jitter 0.1": dict(router_jitter_noise=0.1),
-           "E 64, grouped": dict(num_experts=64)}
+LAYER_NOTE = "shared A, training, aux loss in the backward"
+LAYER_CASES = {  # MoELoRALinear settings beside the defaults (num_experts E, top_k K, r R, shared A), and a note
+    "softmax_topk": ({}, LAYER_NOTE),
+    "topk_softmax": (dict(router="topk_softmax"), LAYER_NOTE),
+    "threshold": (dict(router="threshold", top_k=3, threshold_eps=0.2), LAYER_NOTE),
+    "task": (dict(router="task", task_shared_lora=True), "shared A, training, task routing with a shared LoRA"),
+    "LoRA dropout 0.1": (dict(lora_dropout=0.1), LAYER_NOTE),
+    "router jitter 0.1": (dict(router_jitter_noise=0.1), LAYER_NOTE),
+    "E 128, grouped": (dict(num_experts=128), LAYER_NOTE + "; E*r 2048: the grouped regime"),
+    "per-expert A": (dict(share_lora_a=False), "per-expert A, training, aux loss in the backward"),
+    "MoSLD A-dropout 0.1": (dict(lora_a_dropout=0.1), LAYER_NOTE),
+    "DoRA, E 1": (dict(num_experts=1, top_k=1, use_dora=True), "the composed path: base layer, moe_lora, DoRA norm"),
+}
 
 
 @contextlib.contextmanager
@@ -100,14 +107,13 @@ def measure(device: torch.device) -> List[dict]:
         _record("moe_lora fwd+bwd", lambda: torch.autograd.grad(
             moelora.moe_lora(x, a, b, ids, w, scaling=2.0, regime="dense"), [x, a, b, w], dy), out,
             "dense regime, shared A")
-        for router, settings in ROUTERS.items():
+        for case, (settings, note) in LAYER_CASES.items():
             kwargs = {**dict(num_experts=E, top_k=K, r=R, share_lora_a=True), **settings}
             layer = moelora.MoELoRALinear(nn.Linear(D, D, device=device, dtype=dtype), **kwargs).train()
             layer.base_layer.requires_grad_(False)
-            if router == "task":
+            if case == "task":
                 moelora.set_task_ids(nn.Sequential(layer), torch.arange(T, device=device) % E)
-            _record(f"MoELoRALinear fwd+bwd ({router})", _training_step(layer, x, dy), out,
-                    "shared A, training, aux loss in the backward")
+            _record(f"MoELoRALinear fwd+bwd ({case})", _training_step(layer, x, dy), out, note)
         linears = [nn.Linear(D, D, device=device, dtype=dtype) for _ in range(3)]
         block = MoEFFN(linears[0], linears[1], F.silu, E, K, gate_proj=linears[2], router="softmax_topk").train()
         _record("MoEFFN fwd+bwd (SwiGLU, softmax_topk)", _training_step(block, x, dy), out,
@@ -133,9 +139,9 @@ def measure(device: torch.device) -> List[dict]:
 
 
 def table(records: List[dict]) -> str:
-    lines = [f"{'case':40s} {'host us':>9s} {'kernels':>8s} {'Triton':>7s} {'ATen':>5s}  note"]
+    lines = [f"{'case':46s} {'host us':>9s} {'kernels':>8s} {'Triton':>7s} {'ATen':>5s}  note"]
     for r in records:
-        lines.append(f"{r['case']:40s} {r['host_us']:9.1f} {r['kernels']:8d} {r['triton']:7d} {r['aten']:5d}  "
+        lines.append(f"{r['case']:46s} {r['host_us']:9.1f} {r['kernels']:8d} {r['triton']:7d} {r['aten']:5d}  "
                      f"{r['note']}")
     return "\n".join(lines)
 
