@@ -99,7 +99,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(cases: List[dict], markdown: bool = False) -> str:
-    head = ["case", "median ms", "IQR ms", "host ms", "kernels", "GB/s", "TFLOP/s", "% floor", "peak MB",
+    head = ["case", "median ms", "IQR ms", "host ms", "device ms", "kernels", "GB/s", "TFLOP/s", "% floor", "peak MB",
             "saved MB", "vs naive", "status"]
     rows = []
     for c in cases:
@@ -107,7 +107,8 @@ def table(cases: List[dict], markdown: bool = False) -> str:
             vs = (f"{c['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in c else
                   f"{c['ratio_vs_linear']:.3f} of lin" if "ratio_vs_linear" in c else "-")
             rows.append([c["id"], _fmt(c.get("median_ms"), ".4f"), _fmt(c.get("iqr_ms"), ".4f"),
-                         _fmt(c.get("host_median_ms"), ".3f"), _fmt(c.get("kernels_per_iter"), "d"),
+                         _fmt(c.get("host_median_ms"), ".3f"), _fmt(c.get("device_median_ms"), ".4f"),
+                         _fmt(c.get("kernels_per_iter"), "d"),
                          _fmt(c.get("GBps"), ".0f"), _fmt(c.get("TFLOPs"), ".1f"), _fmt(c.get("pct_floor"), ".1f"),
                          _fmt(c["peak_bytes"] / 2**20 if c.get("peak_bytes") is not None else None, ".1f"),
                          _fmt(c["saved_bytes"] / 2**20 if c.get("saved_bytes") is not None else None, ".2f"),

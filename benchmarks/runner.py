@@ -14,6 +14,7 @@ group stops and the CLI restarts the process, which resumes after the recorded c
 from __future__ import annotations
 
 import gc
+import itertools
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -27,9 +28,13 @@ from . import baselines, kernels, memory, metrics
 from .impls import Impl, Prepared, rel_err
 from .inputs import make_sets, rotation_count
 from .shapes import Shape
-from .timing import Budget, adaptive_repeats, summarize, time_iterations
+from .timing import Budget, adaptive_repeats, device_median_ms, summarize, time_iterations
 
 PASSES = ("fwd", "bwd", "fwdbwd")
+# Shapes whose cases also record their device time on a GPU (the kernels back to back, the host
+# excluded: timing.device_median_ms), beside the eager median: which cases the host bounds.
+DEVICE_TIMED_SHAPES = ("S1",)
+DEVICE_REPEATS = 10
 
 
 @dataclass
@@ -145,6 +150,13 @@ def _time_pass(ctx: RunContext, pass_name: str, prepared, sets, rec: dict) -> No
     times = time_iterations(step, reps, ctx.device, start=len(warm), host_ms=host)
     rec.update({"status": "ok", "warmup_ms": warm, "times_ms": times, **summarize(times),
                 "host_ms": host, "host_median_ms": summarize(host).get("median_ms")})
+    if ctx.device.type == "cuda" and rec["shape"] in DEVICE_TIMED_SHAPES:
+        order = itertools.count(len(warm) + reps)  # the input sets keep rotating
+        try:
+            rec["device_median_ms"] = device_median_ms(lambda: step(next(order)), min(reps, DEVICE_REPEATS),
+                                                       ctx.device, max_margin=8)
+        except RuntimeError as exc:  # a case that synchronises with the host (e.g. the naive loop)
+            rec["device_time_error"] = str(exc)
     rec["kernels_per_iter"] = kernels.per_iteration(lambda: step(0), ctx.device)
     rec["peak_bytes"] = memory.peak_bytes(lambda: step(0), ctx.device)
     del keep

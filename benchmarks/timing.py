@@ -130,7 +130,8 @@ def _cycles_per_ms(index: int) -> float:
     return _sleep_cycles_per_ms[index]
 
 
-def device_median_ms(fn: Callable[[], object], repeats: int, device: torch.device, flush_l2: bool = True) -> float:
+def device_median_ms(fn: Callable[[], object], repeats: int, device: torch.device, flush_l2: bool = True,
+                     max_margin: float = _MAX_SLEEP_MARGIN) -> float:
     """Median device time of ``fn()`` in ms: its kernels run back to back, the host's launch cost
     excluded (what a tile or engine choice changes; eager wall time is :func:`median_ms`).
 
@@ -141,8 +142,8 @@ def device_median_ms(fn: Callable[[], object], repeats: int, device: torch.devic
     ``triton.testing.do_bench``), a begin event, ``fn()``, an end event. Each event pair then
     brackets ``fn``'s kernels only. A chunk whose sleep had ended before the host finished
     enqueueing it (so the device may have waited on the host) is timed again behind a sleep
-    twice as long; a ``fn`` that synchronises with the device can never be timed so, and
-    raises RuntimeError. On CPU: :func:`median_ms`.
+    twice as long, up to ``max_margin`` times the host time; a ``fn`` that synchronises with
+    the device can never be timed so, and raises RuntimeError. On CPU: :func:`median_ms`.
     """
     if device.type != "cuda":
         return median_ms(fn, repeats, device)
@@ -182,9 +183,9 @@ def device_median_ms(fn: Callable[[], object], repeats: int, device: torch.devic
             times += [b.elapsed_time(e) for b, e in zip(begin, end)]
             continue
         margin *= 2
-        if margin > _MAX_SLEEP_MARGIN:
+        if margin > max_margin:
             raise RuntimeError("device_median_ms: the device caught up with the host behind a sleep "
-                               f"{_MAX_SLEEP_MARGIN:g}x the call's host time; does fn synchronise with the device?")
+                               f"{max_margin:g}x the call's host time; does fn synchronise with the device?")
     return statistics.median(times)
 
 
