@@ -71,7 +71,7 @@ LAYER_SETTINGS = {
     "topk_softmax": (dict(router="topk_softmax"), 9),
     "per_expert_a": (dict(share_lora_a=False), 9),
     "threshold": (dict(router="threshold", top_k=3, threshold_eps=0.2, threshold_ramp_steps=10), 11),
-    "mosld_a_dropout": (dict(lora_a_dropout=0.1), 14),
+    "mosld_a_dropout": (dict(lora_a_dropout=0.1), 12),  # A (.) M forward and backward, the bernoulli_ draw
     # the jitter factors (uniform_) read by the kernels beside x: no jittered copy of x, no router GEMMs
     "jitter": (dict(router_jitter_noise=0.1), 10),
     # the keep mask (bernoulli_) read by the kernels beside x: no dropped-out copy of x, no extra

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from moelora.ops.moe_lora import moe_lora
-from moelora.ops.moe_lora_linear import dropped_out, lora_dropout_mask
+from moelora.ops.moe_lora_linear import lora_dropout_mask
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
@@ -229,13 +229,16 @@ class AdapterLayerBase(nn.Module, RoutedModule):
     def expert_A(self, e: int) -> torch.Tensor:
         return self.lora_A if self.share_lora_a else self.lora_A[e]
 
-    def _effective_A(self) -> torch.Tensor:
+    def _effective_A(self) -> Tuple[torch.Tensor, float]:
+        """(A as the LoRA branch reads it, a factor on the layer's scaling): A and 1.0, or in
+        training with MoSLD's A-dropout A (.) M and 1 / (1 - p), M a bool keep mask (whatever A's
+        dtype: the same mask for the same seed on every device) and the dropout's scale folded
+        into the scaling, so that it costs one elementwise op forward and one backward."""
         a = self.lora_A
         if self.training and self.lora_a_dropout > 0:
-            # a bool mask, whatever A's dtype: the same mask for the same seed on every device
             keep, scale = lora_dropout_mask(a, self.lora_a_dropout)
-            a = dropped_out(a, keep, scale)
-        return a
+            return a * keep, scale
+        return a, 1.0
 
     # ----------------------------------------------------------------------------- merge
     # Only static routing merges: a single expert (plain LoRA or DoRA), or task routing with the
@@ -316,9 +319,10 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         return routing
 
     def _lora_on_projection(self, h: torch.Tensor, routing: Routing, base_out: Optional[torch.Tensor],
-                            lora_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            lora_b: Optional[torch.Tensor] = None, scaling: Optional[float] = None) -> torch.Tensor:
         lora_b = self.lora_B if lora_b is None else lora_b
-        return moe_lora_on_projection(h, self.lora_selector, lora_b, routing, self.scaling, base_out)
+        scaling = self.scaling if scaling is None else scaling
+        return moe_lora_on_projection(h, self.lora_selector, lora_b, routing, scaling, base_out)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, r={self.r}, router={self.router_mode}, "

@@ -137,15 +137,16 @@ class MoELoRAConv(AdapterLayerBase):
         routing = self.compute_routing(x, lead)
         dtype = self.lora_B.dtype
         x_lora = self.lora_dropout(x.to(dtype))
-        lora_a, lora_b = self._effective_A(), self.full_lora_B()
+        (lora_a, a_scale), lora_b = self._effective_A(), self.full_lora_B()
+        scaling = self.scaling * a_scale
         base_out = result.to(dtype).movedim(1, -1)
         if self.pointwise:
             out = moe_lora(x_lora.movedim(1, -1), lora_a, lora_b, routing.ids, routing.weights,
-                           scaling=self.scaling, base_out=base_out)
+                           scaling=scaling, base_out=base_out)
         else:
             kernel = lora_a.reshape(-1, self.in_channels, *self.kernel_size)  # [(E*)r, C_in, *kernel]
             h = self.geometry.conv(x_lora, kernel).movedim(1, -1)
-            out = self._lora_on_projection(h, routing, base_out, lora_b)
+            out = self._lora_on_projection(h, routing, base_out, lora_b, scaling)
         return out.movedim(-1, 1).contiguous().to(result.dtype)
 
     def extra_repr(self) -> str:

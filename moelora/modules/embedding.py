@@ -72,14 +72,15 @@ class MoELoRAEmbedding(AdapterLayerBase):
             return result
         routing = self.compute_routing(result, tuple(x.shape))  # the router reads the frozen embedding vectors
         dtype = self.lora_B.dtype
-        lora_a = self._effective_A()
+        lora_a, a_scale = self._effective_A()
+        scaling = self.scaling * a_scale
         rows = lora_a if lora_a.dim() == 2 else lora_a.reshape(-1, self.num_embeddings)  # [E*r, V]
         base = self.base_layer
         h = F.embedding(x, rows.t(), padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
         embed_scale = getattr(base, "embed_scale", None)
         if embed_scale is None:
-            return self._lora_on_projection(h, routing, result.to(dtype)).to(result.dtype)
-        delta = self._lora_on_projection(h, routing, None)
+            return self._lora_on_projection(h, routing, result.to(dtype), scaling=scaling).to(result.dtype)
+        delta = self._lora_on_projection(h, routing, None, scaling=scaling)
         return (result.to(dtype) + delta * torch.as_tensor(embed_scale, dtype=dtype, device=delta.device)) \
             .to(result.dtype)
 

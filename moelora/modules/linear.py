@@ -177,8 +177,9 @@ class MoELoRALinear(AdapterLayerBase):
         # LoRA dropout as a keep mask that the op's kernels read beside x (x_lora is never formed)
         mask, keep_scale = ((None, 1.0) if isinstance(dropout, nn.Identity) or not self.training
                             else lora_dropout_mask(x, dropout.p))
-        y, out = moe_lora_linear(x, self.base_weight(base), base.bias, self._effective_A(), self.lora_B,
-                                 scaling=self.scaling, router=router, topk_ids=ids, topk_weights=weights,
+        lora_a, a_scale = self._effective_A()
+        y, out = moe_lora_linear(x, self.base_weight(base), base.bias, lora_a, self.lora_B,
+                                 scaling=self.scaling * a_scale, router=router, topk_ids=ids, topk_weights=weights,
                                  dropout_mask=mask, dropout_scale=keep_scale)
         if out.aux_loss is not None:
             self._record_routing(out.routing, out.aux_loss, out.aux_stats)
@@ -190,26 +191,28 @@ class MoELoRALinear(AdapterLayerBase):
         routing = self.compute_routing(x)
         dtype = self.lora_B.dtype
         x_lora = self.lora_dropout(x.to(dtype))
-        lora_a = self._effective_A()
+        lora_a, a_scale = self._effective_A()
+        scaling = self.scaling * a_scale
         if self.use_dora:
-            return self._dora_forward(x_lora, lora_a, routing, result)
-        out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=self.scaling,
+            return self._dora_forward(x_lora, lora_a, scaling, routing, result)
+        out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=scaling,
                        base_out=result.to(dtype))
         return out.to(result.dtype)
 
-    def _dora_forward(self, x_lora, lora_a, routing, result):
-        """PEFT's DoRA (single expert): the column norm of W + s*B@A is a constant."""
+    def _dora_forward(self, x_lora, lora_a, scaling, routing, result):
+        """PEFT's DoRA (single expert): the column norm of W + s*B@A is a constant (s: ``scaling``,
+        the layer's times A-dropout's scale)."""
         dtype = self.lora_B.dtype
         weight = self.base_weight().to(dtype)
         a0 = lora_a if self.share_lora_a else lora_a[0]
-        norm = torch.linalg.norm(weight + self.scaling * (self.lora_B[0] @ a0).detach(), dim=1).detach()
+        norm = torch.linalg.norm(weight + scaling * (self.lora_B[0] @ a0).detach(), dim=1).detach()
         mag_scale = self.lora_magnitude_vector / norm
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = self.base_layer.bias
             base_no_bias = result.to(dtype) - (bias.to(dtype) if bias is not None else 0)
         else:
             base_no_bias = F.linear(x_lora, weight)
-        lora_out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=self.scaling)
+        lora_out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=scaling)
         out = result.to(dtype) + (mag_scale - 1) * base_no_bias + mag_scale * lora_out
         return out.to(result.dtype)
 
