@@ -40,7 +40,7 @@ LAYER_CASES = {  # MoELoRALinear settings beside the defaults (num_experts E, to
     "E 128, grouped": (dict(num_experts=128), LAYER_NOTE + "; E*r 2048: the grouped regime"),
     "per-expert A": (dict(share_lora_a=False), "per-expert A, training, aux loss in the backward"),
     "MoSLD A-dropout 0.1": (dict(lora_a_dropout=0.1), LAYER_NOTE),
-    "DoRA, E 1": (dict(num_experts=1, top_k=1, use_dora=True), "the composed path: base layer, moe_lora, DoRA norm"),
+    "DoRA, E 1": (dict(num_experts=1, top_k=1, use_dora=True), "the fused op, then the magnitude (norm of W + s B A)"),
 }
 
 

@@ -84,6 +84,16 @@ def test_layer_trains_under_fullgraph_compile_like_eager(mode, share_lora_a):
     _assert_trains_like_eager(layer, _layer_loss, torch.randn(3, 5, 12), between_steps=step)
 
 
+@pytest.mark.parametrize("settings", [dict(num_experts=1, use_dora=True),
+                                      dict(num_experts=4, top_k=2, share_lora_a=True, lora_a_dropout=0.2)],
+                         ids=["dora", "mosld_a_dropout"])
+def test_dora_and_a_dropout_layers_train_under_fullgraph_compile_like_eager(settings):
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(12, 10), r=4, **settings).train()
+    randomize_adapters(layer)
+    _assert_trains_like_eager(layer, _layer_loss, torch.randn(3, 5, 12))
+
+
 def test_layer_trains_under_inductor_like_eager():
     torch.manual_seed(0)
     layer = MoELoRALinear(nn.Linear(12, 10), num_experts=4, top_k=2, r=4).train()

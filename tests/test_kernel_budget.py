@@ -112,8 +112,22 @@ def test_moelora_linear_kernel_budget(feature):
 
 # Layers the fused op cannot take run the composed path (base layer, router module, moe_lora):
 # today's counts, listed in the README with the fused ones.
-COMPOSED_SETTINGS = {"dora": (dict(num_experts=1, top_k=1, use_dora=True), False, 29),
+COMPOSED_SETTINGS = {"dora_with_lora_dropout": (dict(num_experts=1, top_k=1, use_dora=True, lora_dropout=0.1), False,
+                                              33),
                      "base_with_hook": ({}, True, 17)}
+
+
+@pytest.mark.parametrize("dtype,today", [(torch.float32, 17), (torch.bfloat16, 21)], ids=["fp32", "bf16_base"])
+def test_dora_kernel_budget(dtype, today):
+    """DoRA without LoRA dropout: the fused op (the bias left out), then the magnitude m / ||W + s B A||_row
+    (a GEMM and a norm, no gradient) times its output plus the bias; with a bf16 base, casts to the
+    adapters' fp32 and back."""
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(64, 64, dtype=dtype), num_experts=1, top_k=1, r=16, use_dora=True).train()
+    layer.base_layer.requires_grad_(False)
+    fwd, bwd = _count_training_step(layer, torch.randn(2, 32, 64, dtype=dtype, requires_grad=True))
+    assert fwd.total + bwd.total <= today, f"forward {fwd}\nbackward {bwd}"
+    assert fwd.triton == ["lora_down_kernel", "gated_expand_kernel"] and fwd.aten.count("addmm_") == 1
 
 
 @pytest.mark.parametrize("feature", list(COMPOSED_SETTINGS))

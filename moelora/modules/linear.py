@@ -12,10 +12,12 @@ The forward is one fused op, :func:`moelora.ops.moe_lora_linear.moe_lora_linear`
 base GEMM (x read once for the LoRA down-projection and the router logits; dx accumulated in
 one GEMM; see that module), in moelora.moe_lora's dense or grouped regime (large E*r). It
 takes every feature except these, which run the composed path (base layer, then
-:func:`moelora.moe_lora` with ``base_out``): DoRA, base layers other than a plain
-``nn.Linear`` / GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks, and
-extra forward arguments. Router jitter and LoRA dropout keep the fused op but cost a separate
-router GEMM over the jittered x, resp. the dropped-out copy of x (see README).
+:func:`moelora.moe_lora` with ``base_out``): base layers other than a plain ``nn.Linear`` /
+GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks, extra forward
+arguments, and DoRA with LoRA dropout in training (PEFT's DoRA then scales a second base GEMM
+over the dropped-out x). LoRA dropout's keep mask and router jitter's factors are read by the
+op's kernels beside x; DoRA otherwise scales the fused op's output by its magnitude, and
+MoSLD's A-dropout passes A (.) M with the dropout's scale folded into s (see README).
 
 Parameter layouts follow PEFT / nn.Linear: ``lora_A`` [r, d_in] (shared A, MoSLD) or
 [E, r, d_in]; ``lora_B`` [E, d_out, r]; ``router.weight`` [E, d_in]. With task routing and a
@@ -157,9 +159,11 @@ class MoELoRALinear(AdapterLayerBase):
 
     def _fusable(self, base: nn.Module, args, kwargs) -> bool:
         """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra
-        arguments, no DoRA (any number of experts: the op runs moelora.moe_lora's dense or grouped
-        regime)."""
-        return (not args and not kwargs and not self.use_dora and (type(base) is nn.Linear or is_conv1d(base))
+        arguments, no DoRA with LoRA dropout in training (PEFT's DoRA then scales a second base
+        GEMM over the dropped-out x). Any number of experts: the op runs moelora.moe_lora's dense
+        or grouped regime."""
+        return (not args and not kwargs and (type(base) is nn.Linear or is_conv1d(base))
+                and not (self.use_dora and self.training and not isinstance(self.lora_dropout, nn.Identity))
                 and not base._forward_hooks and not base._forward_pre_hooks
                 and not _global_forward_hooks and not _global_forward_pre_hooks)
 
@@ -178,6 +182,8 @@ class MoELoRALinear(AdapterLayerBase):
         mask, keep_scale = ((None, 1.0) if isinstance(dropout, nn.Identity) or not self.training
                             else lora_dropout_mask(x, dropout.p))
         lora_a, a_scale = self._effective_A()
+        if self.use_dora:
+            return self._fused_dora_forward(x, base, lora_a, self.scaling * a_scale, ids, weights)
         y, out = moe_lora_linear(x, self.base_weight(base), base.bias, lora_a, self.lora_B,
                                  scaling=self.scaling * a_scale, router=router, topk_ids=ids, topk_weights=weights,
                                  dropout_mask=mask, dropout_scale=keep_scale)
@@ -199,14 +205,32 @@ class MoELoRALinear(AdapterLayerBase):
                        base_out=result.to(dtype))
         return out.to(result.dtype)
 
+    def _fused_dora_forward(self, x, base, lora_a, scaling, ids, weights):
+        """PEFT's DoRA without LoRA dropout: m / ||W + s B A||_row (.) (x W^T + s B A x) + b, the
+        parenthesis by the fused op (bias left out), the rest two elementwise ops (in the adapters'
+        dtype, as the composed path) beside the norm's GEMM and reduction."""
+        weight = self.base_weight(base)
+        y, _ = moe_lora_linear(x, weight, None, lora_a, self.lora_B, scaling=scaling, topk_ids=ids,
+                               topk_weights=weights)
+        mag_scale = self.lora_magnitude_vector / self._dora_norm(weight, lora_a, scaling)
+        out = y * mag_scale  # (addcmul's backward would cost two more multiplications)
+        return (out if base.bias is None else out + base.bias).to(x.dtype)
+
+    def _dora_norm(self, weight: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> torch.Tensor:
+        """||W + s B A||_row in the adapters' dtype, a constant (no gradient flows through it, as in
+        PEFT's DoRA); s: ``scaling``, the layer's times A-dropout's scale."""
+        a0 = lora_a if self.share_lora_a else lora_a[0]
+        with torch.no_grad():
+            return torch.linalg.norm(torch.addmm(weight.to(self.lora_B.dtype), self.lora_B[0], a0, alpha=scaling),
+                                     dim=1)
+
     def _dora_forward(self, x_lora, lora_a, scaling, routing, result):
-        """PEFT's DoRA (single expert): the column norm of W + s*B@A is a constant (s: ``scaling``,
-        the layer's times A-dropout's scale)."""
+        """PEFT's DoRA (single expert) with LoRA dropout in training: the column norm of W + s*B@A is
+        a constant (s: ``scaling``, the layer's times A-dropout's scale) and the magnitude scales a
+        base GEMM over the dropped-out x."""
         dtype = self.lora_B.dtype
         weight = self.base_weight().to(dtype)
-        a0 = lora_a if self.share_lora_a else lora_a[0]
-        norm = torch.linalg.norm(weight + scaling * (self.lora_B[0] @ a0).detach(), dim=1).detach()
-        mag_scale = self.lora_magnitude_vector / norm
+        mag_scale = self.lora_magnitude_vector / self._dora_norm(weight, lora_a, scaling)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = self.base_layer.bias
             base_no_bias = result.to(dtype) - (bias.to(dtype) if bias is not None else 0)

@@ -162,7 +162,20 @@ def test_single_expert_equals_peft_lora(use_dora, use_rslora):
     x = torch.randn(3, 7, 12)
     expected = peft_model(x)
     assert not torch.allclose(expected, base[2].base_layer(torch.relu(base[0].base_layer(x))))
-    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+    out = ours(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # every adapter gradient as PEFT's (DoRA: the fused path, its magnitude vector included)
+    g = torch.randn(out.shape)
+    theirs = {n.replace("base_model.model.", ""): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    mine = {n: p for n, p in ours.named_parameters() if "base_layer" not in n}
+    names = {f"{i}.{kind}": (f"{i}.lora_{kind}.default.weight" if kind in ("A", "B")
+                             else f"{i}.lora_magnitude_vector.default.weight")
+             for i in (0, 2) for kind in ("A", "B") + (("magnitude_vector",) if use_dora else ())}
+    grads_theirs = torch.autograd.grad((expected * g).sum(), [theirs[t] for t in names.values()])
+    grads_mine = torch.autograd.grad((out * g).sum(), [mine[f"{m.split('.')[0]}.lora_{m.split('.')[1]}"]
+                                                       for m in names])
+    for name, got, want in zip(names, grads_mine, grads_theirs):
+        torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-4, atol=1e-6, msg=name)
     # training mode: same dropout draws give the same result (dropout masks drawn in the same order)
     peft_model.train(); ours.train()
     torch.manual_seed(3)
@@ -177,8 +190,8 @@ def test_scaling_is_alpha_over_r_or_sqrt_r():
 
 
 def test_forward_is_the_fused_op(monkeypatch):
-    """The layer's forward is one call of moe_lora_linear (which owns the base GEMM); DoRA runs
-    the composed path: base layer, then moe_lora with base_out."""
+    """The layer's forward is one call of moe_lora_linear (which owns the base GEMM); DoRA with
+    LoRA dropout in training runs the composed path: base layer, then moe_lora."""
     calls = []
     real_fused, real_op = moelora.modules.linear.moe_lora_linear, moelora.modules.linear.moe_lora
 
@@ -195,8 +208,14 @@ def test_forward_is_the_fused_op(monkeypatch):
     _layer("softmax_topk")(torch.randn(3, 12))
     assert calls == ["fused"]
     calls.clear()
-    _layer("dora")(torch.randn(3, 12))
+    _layer("dora")(torch.randn(3, 12))  # DoRA without LoRA dropout: the fused op too
+    assert calls == ["fused"]
+    calls.clear()
+    _layer("dora", lora_dropout=0.1).train()(torch.randn(3, 12))  # with it, a second base GEMM over x_lora
     assert calls == ["moe_lora"]
+    calls.clear()
+    _layer("dora", lora_dropout=0.1).eval()(torch.randn(3, 12))
+    assert calls == ["fused"]
 
 
 def test_layers_are_built_from_settings_or_the_same_keywords():
