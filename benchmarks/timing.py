@@ -111,7 +111,7 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> f
 
 _L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 (H100 / H200: 50 MB), as triton.testing.do_bench flushes
 _SLEEP_CALIBRATION_CYCLES = 20_000_000
-_DEVICE_CHUNK = 16  # iterations enqueued behind one sleep
+_DEVICE_CHUNK = 8  # iterations enqueued behind one sleep (a few hundred launches at most: the queue has room)
 _MAX_SLEEP_MARGIN = 64.0
 _flush_buffers: Dict[int, torch.Tensor] = {}
 _sleep_cycles_per_ms: Dict[int, float] = {}
