@@ -11,7 +11,8 @@ Issue 11 (grouped GEMMs):
 - S5 moe_ffn fwd+bwd <= 0.90x torch-grouped-mm-ffn and <= 1.4x the compute floor;
 - S3 fwd+bwd <= 2.5x its memory floor;
 - S2 and S4 fwd+bwd <= torch-dense.
-A target whose cases did not run reads "not measured".
+A target whose cases did not run reads "not measured". The ratios are of eager medians; where
+both cases recorded their device time (S1 on a GPU), its ratio follows ("device time").
 """
 
 from __future__ import annotations
@@ -35,11 +36,20 @@ def _target(name, met, detail) -> dict:
             "detail": detail}
 
 
+def _device_ratio(case, base) -> str:
+    """"; device time R x" where both cases recorded their device time (host excluded), else ""."""
+    if case.get("device_median_ms") and base.get("device_median_ms"):
+        return f"; device time {case['device_median_ms'] / base['device_median_ms']:.3f}x"
+    return ""
+
+
 def _ratio_target(out, name, case, base, limit, what):
-    """Appends "case median / base median <= limit"."""
+    """Appends "case median / base median <= limit" (the eager medians; the ratio of their device
+    times beside it where recorded)."""
     if case and base:
         r = case["median_ms"] / base["median_ms"]
-        out.append(_target(name, r <= limit, f"{r:.3f}x ({case['median_ms']:.4f} ms vs {base['median_ms']:.4f} ms)"))
+        out.append(_target(name, r <= limit, f"{r:.3f}x ({case['median_ms']:.4f} ms vs {base['median_ms']:.4f} ms)"
+                           + _device_ratio(case, base)))
     else:
         out.append(_target(name, None, f"{what} not measured"))
 
@@ -62,7 +72,7 @@ def evaluate(results: dict) -> List[dict]:
         d = next((b for b in cases if b["group"] == "sweep" and b["impl"] == "torch-dense" and b["pass"] == c["pass"]
                   and b["tokens"] == c["tokens"] and b.get("status") == "ok"), None)
         if d is not None and c["median_ms"] > d["median_ms"]:
-            worse.append(f"T{c['tokens']} {c['pass']} {c['median_ms'] / d['median_ms']:.2f}x")
+            worse.append(f"T{c['tokens']} {c['pass']} {c['median_ms'] / d['median_ms']:.2f}x" + _device_ratio(c, d))
     out.append(_target("moelora-triton <= torch-dense at every S1 sweep point", None if not sweep else not worse,
                        f"{len(sweep)} points; slower at: {', '.join(worse) or 'none'}" if sweep else
                        "sweep not measured"))

@@ -158,3 +158,21 @@ def test_hard_deadline_saves_and_exits(tmp_path, monkeypatch, capsys):
     results = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert results["meta"]["hard_deadline_hit"] is True
     assert "hard deadline reached" in capsys.readouterr().out
+
+
+def test_targets_read_eager_medians_and_show_device_time_ratios():
+    def case(impl, group, median, device=None, tokens=8192, shape="S1"):
+        c = {"shape": shape, "group": group, "pass": "fwdbwd", "impl": impl, "tokens": tokens, "status": "ok",
+             "median_ms": median, "host_median_ms": median}
+        return c if device is None else {**c, "device_median_ms": device}
+
+    results = {"cases": [case("moelora-MoELoRALinear", "layer", 1.4, 0.9), case("linear-frozen", "layer", 0.7, 0.72),
+                         case("peft-lora", "layer", 1.0),
+                         case("moelora-triton", "sweep", 0.4, 0.2, 512), case("torch-dense", "sweep", 0.3, 0.25, 512)]}
+    found = {t["target"]: t for t in targets.evaluate(results)}
+    layer = found["S1 MoELoRALinear fwd+bwd <= 1.15x frozen nn.Linear"]
+    assert layer["status"] == "missed" and layer["detail"].startswith("2.000x") and "device time 1.250x" in layer["detail"]
+    peft = found["S1 MoELoRALinear fwd+bwd faster than PEFT LoRA"]
+    assert peft["status"] == "missed" and "device time" not in peft["detail"]  # PEFT's case has no device time
+    sweep = found["moelora-triton <= torch-dense at every S1 sweep point"]
+    assert sweep["status"] == "missed" and "T512 fwdbwd 1.33x; device time 0.800x" in sweep["detail"]
