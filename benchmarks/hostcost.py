@@ -41,6 +41,8 @@ LAYER_CASES = {  # MoELoRALinear settings beside the defaults (num_experts E, to
     "per-expert A": (dict(share_lora_a=False), "per-expert A, training, aux loss in the backward"),
     "MoSLD A-dropout 0.1": (dict(lora_a_dropout=0.1), LAYER_NOTE),
     "DoRA, E 1": (dict(num_experts=1, top_k=1, use_dora=True), "the fused op, then the magnitude (norm of W + s B A)"),
+    "DoRA, E 1, LoRA dropout 0.1": (dict(num_experts=1, top_k=1, use_dora=True, lora_dropout=0.1),
+                                    "the composed path: PEFT's second base GEMM over the dropped-out x"),
 }
 
 
@@ -139,9 +141,9 @@ def measure(device: torch.device) -> List[dict]:
 
 
 def table(records: List[dict]) -> str:
-    lines = [f"{'case':46s} {'host us':>9s} {'kernels':>8s} {'Triton':>7s} {'ATen':>5s}  note"]
+    lines = [f"{'case':52s} {'host us':>9s} {'kernels':>8s} {'Triton':>7s} {'ATen':>5s}  note"]
     for r in records:
-        lines.append(f"{r['case']:46s} {r['host_us']:9.1f} {r['kernels']:8d} {r['triton']:7d} {r['aten']:5d}  "
+        lines.append(f"{r['case']:52s} {r['host_us']:9.1f} {r['kernels']:8d} {r['triton']:7d} {r['aten']:5d}  "
                      f"{r['note']}")
     return "\n".join(lines)
 
