@@ -325,3 +325,22 @@ def test_half_precision_bases_get_fp32_adapters_and_keep_dtype():
     assert emb.lora_A.dtype == conv.lora_B.dtype == torch.float32
     assert emb(torch.tensor([[1, 2]])).dtype == torch.bfloat16
     assert conv(torch.randn(1, 3, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["embedding", "conv2d_3x3_s2", "conv2d_1x1"])
+def test_a_dropout_is_the_layer_with_a_masked_and_rescaled(kind):
+    """MoSLD's A-dropout (training): the output of the layer whose shared A is A (.) M / (1 - p),
+    M the keep mask the forward drew (the dropout's scale is folded into the LoRA scaling)."""
+    make = (lambda: _embedding("shared_a", lora_a_dropout=0.5)) if kind == "embedding" else \
+        (lambda: _conv(kind, "shared_a", lora_a_dropout=0.5))
+    layer, reference = _fill(make()), _fill(make())
+    x = torch.tensor([[0, 3, 5, 7], [1, 2, 10, 4]]) if kind == "embedding" else _conv_input(kind)
+    torch.manual_seed(5)
+    out = layer.train()(x)
+    torch.manual_seed(5)
+    keep = torch.empty(layer.lora_A.shape, dtype=torch.bool).bernoulli_(0.5)  # the forward's first draw
+    with torch.no_grad():
+        reference.lora_A.mul_(keep / 0.5)
+    expected = reference.eval()(x)  # eval: no A-dropout
+    assert not torch.allclose(out, _fill(make()).eval()(x))  # the mask changed the output
+    torch.testing.assert_close(out, expected)
