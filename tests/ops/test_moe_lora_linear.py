@@ -364,7 +364,7 @@ def test_torch_compile_fullgraph_trains_like_eager(kind, regime):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 kernels need a GPU")
-@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a_mosld", "task_shared", "per_expert_k1"])
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a_mosld", "task_shared", "per_expert_k1", "dora"])
 def test_bf16_on_gpu(kind, regime):
     """A bf16 base with the default fp32 adapters against the same layer on the PyTorch backend
     (which computes the LoRA branch in fp32): both route on fp32 logits of the same bf16 x."""
