@@ -68,8 +68,13 @@ def make_set(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) 
     return s
 
 
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """The bytes of the tensors' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def set_bytes(s: Dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in s.values())
+    return tensor_bytes(*s.values())
 
 
 def make_sets(shape: Shape, dtype, device, count: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:

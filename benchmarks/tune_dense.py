@@ -46,6 +46,7 @@ import moelora  # noqa: E402
 from moelora.kernels import launchers as K  # noqa: E402
 
 from . import ceilings, tile_candidates  # noqa: E402
+from .inputs import tensor_bytes  # noqa: E402
 from .report import metadata  # noqa: E402
 from .timing import Budget, compile_in_parallel, device_median_ms, median_ms  # noqa: E402
 
@@ -74,10 +75,6 @@ class Job(NamedTuple):
     nbytes: int  # what the launch must move at least: each operand read once, each output written once
 
 
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _randn(*shape, dtype=None):
     return torch.randn(*shape, device=DEVICE).to(dtype or DTYPE)
 
@@ -99,29 +96,29 @@ def jobs(s: Sizes) -> List[Job]:
     wgrad = K.dense_shape_class("lora_weight_grad", T, d, E * r)
     y = _randn(T, d)  # an output of the job's shape and dtype, for its byte count
     return [
-        Job("h = x A^T", "lora_down", down, lambda t: K.lora_down(x, a, tiles=t), _nbytes(x, a, h)),
+        Job("h = x A^T", "lora_down", down, lambda t: K.lora_down(x, a, tiles=t), tensor_bytes(x, a, h)),
         Job("h, logits = x [A; W_router]^T", "lora_down", down, lambda t: K.lora_down(x, a, router, tiles=t),
-            _nbytes(x, a, router, h, dl)),
+            tensor_bytes(x, a, router, h, dl)),
         Job("y = base + Hg B^T", "gated_expand", expand,
             lambda t: K.gated_expand(h, ids, w, b, scaling=2.0, shared_a=True, base=base, out_dtype=DTYPE,
-                                     compute_dtype=DTYPE, tiles=t), _nbytes(h, ids, w, b, base, y)),
+                                     compute_dtype=DTYPE, tiles=t), tensor_bytes(h, ids, w, b, base, y)),
         Job("y = bias + Hg B^T (layer)", "gated_expand", expand,
             lambda t: K.gated_expand(h, ids, w, b, scaling=2.0, shared_a=True, bias=bias, out_dtype=DTYPE,
-                                     compute_dtype=DTYPE, tiles=t), _nbytes(h, ids, w, b, bias, y)),
+                                     compute_dtype=DTYPE, tiles=t), tensor_bytes(h, ids, w, b, bias, y)),
         Job("dHg = dy B_stack", "matmul", K.dense_shape_class("matmul", T, E * r, d),
             lambda t: K.matmul(dy, b, stacked_b=True, out_dtype=acc, compute_dtype=DTYPE, tiles=t),
-            _nbytes(dy, b) + T * E * r * torch.finfo(acc).bits // 8),
+            tensor_bytes(dy, b) + T * E * r * torch.finfo(acc).bits // 8),
         Job("dx = dh A", "matmul", K.dense_shape_class("matmul", T, d, r),
-            lambda t: K.matmul(dh, a, out_dtype=DTYPE, compute_dtype=DTYPE, tiles=t), _nbytes(dh, a, y)),
+            lambda t: K.matmul(dh, a, out_dtype=DTYPE, compute_dtype=DTYPE, tiles=t), tensor_bytes(dh, a, y)),
         Job("dx = dh A + dl W_router (layer)", "matmul", K.dense_shape_class("matmul", T, d, r),
             lambda t: K.matmul(dh, a, out_dtype=DTYPE, compute_dtype=DTYPE, second=(dl, router), tiles=t),
-            _nbytes(dh, a, dl, router, y)),
+            tensor_bytes(dh, a, dl, router, y)),
         Job("dB, dA", "lora_weight_grad", wgrad,
             lambda t: K.lora_weight_grad(dy, x, hg, dh, None, rank=r, scaling=2.0, dlora_b=db, dlora_a=da, tiles=t),
-            _nbytes(dy, x, hg, dh, db, da)),
+            tensor_bytes(dy, x, hg, dh, db, da)),
         Job("dB, dA, dW_router (layer)", "lora_weight_grad", wgrad,
             lambda t: K.lora_weight_grad(dy, x, hg, dh, dl, rank=r, scaling=2.0, dlora_b=db, dlora_a=da, drouter=dr,
-                                         tiles=t), _nbytes(dy, x, hg, dh, dl, db, da, dr)),
+                                         tiles=t), tensor_bytes(dy, x, hg, dh, dl, db, da, dr)),
     ]
 
 
@@ -239,7 +236,8 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     for shape_class, entry in report["tiles"].items():
-        floors = ", ".join(f"{job['ms'] / job['memory_floor_ms']:.1f}x" for job in entry.get("best_per_job", {}).values())
+        floors = ", ".join(f"{job['ms'] / job['memory_floor_ms']:.1f}x"
+                           for job in entry.get("best_per_job", {}).values())
         print(f"{shape_class}: default {entry.get('default_ms')} ms, best {entry.get('best')} "
               f"{entry.get('best_ms')} ms (jobs at {floors or '-'} their memory floors)")
     print("end to end, device ms:", json.dumps(report["end_to_end"]))
