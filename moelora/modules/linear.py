@@ -109,7 +109,7 @@ class MoELoRALinear(AdapterLayerBase):
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
         super().reset_lora_parameters(init_lora_weights)
         if self.use_dora:
-            self.lora_magnitude_vector.copy_(self._weight_norm(self.base_weight().to(self.lora_B.dtype)))
+            self.lora_magnitude_vector.copy_(self._dora_norm(self.base_weight(), self.lora_A, self.scaling))
 
     # ----------------------------------------------------------------------------- helpers
     def base_weight(self, base: Optional[nn.Module] = None) -> torch.Tensor:
@@ -117,10 +117,6 @@ class MoELoRALinear(AdapterLayerBase):
         the base layer, when the caller holds it already."""
         w = (base if base is not None else self.base_layer).weight  # linear_weight's rule, layout found at init
         return w.t() if self.fan_in_fan_out else w
-
-    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = self.scaling * self.lora_B[0] @ self.expert_A(0)
-        return torch.linalg.norm(weight + delta, dim=1)
 
     def compute_routing(self, x: torch.Tensor) -> Routing:
         """The routing of input x [..., d_in] (ids and gates per token; ``moelora.route`` is the
