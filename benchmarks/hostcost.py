@@ -6,7 +6,10 @@ On a GPU machine the tensors live on the GPU (ATen ops are enqueued, not waited 
 CPU they are tiny CPU tensors. Either way Triton launches are skipped after moelora's Python
 has prepared them (cached configuration, direct-launch check): add the C launcher's own cost per
 Triton launch (the benchmark's host enqueue column has the full figure on a GPU).
-Frozen nn.Linear and PEFT's LoRA layer are measured alongside for scale.
+Frozen nn.Linear and PEFT's LoRA layer are measured alongside for scale. Two rows time a
+training step under torch.compile (fullgraph; inductor): the layer, whose compiled graph calls
+the custom ops moe_lora_linear_fwd / _bwd, and the frozen Linear; of those only the Triton
+launches are counted.
 
     python -m benchmarks.hostcost
 """
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 import moelora
 from moelora.modules.ffn import MoEFFN
+from moelora.kernels import launchers
 from moelora.profiling import count_kernels, host_time
 
 # GPU: S1 (the ATen ops are enqueued, not waited for); CPU: tiny, so that they cost their dispatch only.
@@ -63,27 +67,43 @@ def _triton_backend(device: torch.device):
                 os.environ["TRITON_INTERPRET"] = previous
 
 
-def _record(name: str, step: Callable[[], object], out: List[dict], note: str) -> None:
-    with count_kernels():  # a first call fills what is cached per process (as tests/test_kernel_budget.py)
-        step()
-    with count_kernels() as counts:
-        step()
+def _record(name: str, step: Callable[[], object], out: List[dict], note: str, compiled: bool = False) -> None:
+    """Host time and kernels of ``step``; of a compiled step only its Triton launches are counted
+    (the ATen counter, a TorchDispatchMode, would change what the compiled code runs)."""
+    if compiled:
+        with launchers.skip_launches():
+            step()  # compiles
+        with launchers.count_launches() as calls:
+            step()
+        triton, aten = len(calls), None
+    else:
+        with count_kernels():  # a first call fills what is cached per process (as tests/test_kernel_budget.py)
+            step()
+        with count_kernels() as counts:
+            step()
+        triton, aten = len(counts.triton), len(counts.aten)
     seconds = host_time(step, iterations=30, warmup=5)
-    out.append({"case": name, "host_us": seconds * 1e6, "kernels": counts.total, "triton": len(counts.triton),
-                "aten": len(counts.aten), "note": note})
+    out.append({"case": name, "host_us": seconds * 1e6, "kernels": None if aten is None else triton + aten,
+                "triton": triton, "aten": aten, "note": note})
 
 
-def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
-    """One training step of ``module`` on x: forward, then the gradients of x and the trainable
-    parameters from dy and, when the module has a learned router, its aux loss."""
+def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, compiled: bool = False) -> Callable[[], object]:
+    """One training step of ``module`` on x: forward (``compiled``: torch.compile, fullgraph), then the
+    gradients of x and the trainable parameters from dy and, when the module has a learned
+    router, its aux loss."""
     params = [p for p in module.parameters() if p.requires_grad]
 
+    def forward(inputs):
+        return module(inputs), getattr(module, "last_aux_loss", None)
+
+    forward = torch.compile(forward, fullgraph=True) if compiled else forward
+
     def step():
-        y = module(x)
+        y, aux_loss = forward(x)
         outputs, grads = [y], [dy]
-        if module.last_aux_loss is not None:
-            outputs.append(module.last_aux_loss)
-            grads.append(torch.ones((), device=x.device, dtype=module.last_aux_loss.dtype))
+        if aux_loss is not None:
+            outputs.append(aux_loss)
+            grads.append(torch.ones((), device=x.device, dtype=aux_loss.dtype))
         torch.autograd.grad(outputs, [x] + params, grads)
 
     return step
@@ -120,8 +140,15 @@ def measure(device: torch.device) -> List[dict]:
         block = MoEFFN(linears[0], linears[1], F.silu, E, K, gate_proj=linears[2], router="softmax_topk").train()
         _record("MoEFFN fwd+bwd (SwiGLU, softmax_topk)", _training_step(block, x, dy), out,
                 "upcycled MoE FFN block (d_ff = d), aux loss in the backward")
+        layer = moelora.MoELoRALinear(nn.Linear(D, D, device=device, dtype=dtype), num_experts=E, top_k=K, r=R,
+                                      share_lora_a=True).train()
+        layer.base_layer.requires_grad_(False)
+        _record("MoELoRALinear fwd+bwd (softmax_topk), torch.compile", _training_step(layer, x, dy, compiled=True),
+                out, LAYER_NOTE + "; fullgraph, the custom ops moe_lora_linear_fwd / _bwd", compiled=True)
     linear = nn.Linear(D, D, device=device, dtype=dtype).requires_grad_(False)
     _record("frozen nn.Linear fwd+bwd", lambda: torch.autograd.grad(linear(x), [x], dy), out, "for scale")
+    _record("frozen nn.Linear fwd+bwd, torch.compile", _training_step(linear, x, dy, compiled=True), out,
+            "for scale (fullgraph)", compiled=True)
     if importlib.util.find_spec("peft") is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -143,8 +170,8 @@ def measure(device: torch.device) -> List[dict]:
 def table(records: List[dict]) -> str:
     lines = [f"{'case':52s} {'host us':>9s} {'kernels':>8s} {'Triton':>7s} {'ATen':>5s}  note"]
     for r in records:
-        lines.append(f"{r['case']:52s} {r['host_us']:9.1f} {r['kernels']:8d} {r['triton']:7d} {r['aten']:5d}  "
-                     f"{r['note']}")
+        kernels, aten = (str(r[key]) if r[key] is not None else "-" for key in ("kernels", "aten"))
+        lines.append(f"{r['case']:52s} {r['host_us']:9.1f} {kernels:>8s} {r['triton']:7d} {aten:>5s}  {r['note']}")
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ Function and custom op, and the PyTorch backend (argument checks once, in ``vali
 - ``moe_ffn`` (+ ``grouped_linear``: per-expert GEMMs over expert-sorted rows),
 - ``routing`` (+ ``native``: the moelora._C extension, ``routing_torch``: its PyTorch
   fallbacks, ``routing_autograd``), ``routing_modes`` (the router modes on top of it) and
-  ``losses`` (the routers' auxiliary losses).
+  ``losses`` (the routers' auxiliary losses),
+- ``registration``: how the Python ops that torch.compile traces are registered with the
+  dispatcher (``custom_op``, leaner per call than torch.library.custom_op).
 
 May import: moelora.kernels, moelora.switches, moelora._C. Nothing here holds parameters.
 """

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
+from moelora.ops.registration import custom_op
 
 ENGINES = ("triton", "grouped_mm")
 
@@ -136,7 +137,7 @@ def _segments(offsets: torch.Tensor):
     return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]], bounds[-1]
 
 
-@torch.library.custom_op("moelora::segment_linear", mutates_args=())
+@custom_op("segment_linear")
 def segment_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    offsets: torch.Tensor) -> torch.Tensor:
     """out[i] = F.linear(rows[i], weight[e], bias[e]) for offsets[e] <= i < offsets[e+1]; zero
@@ -155,7 +156,7 @@ def _(rows, weight, bias, offsets):
     return rows.new_empty(rows.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("moelora::segment_linear_backward", mutates_args=())
+@custom_op("segment_linear_backward")
 def segment_linear_backward(grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
                             has_bias: bool) -> List[torch.Tensor]:
     """[d_rows, d_weight, d_bias (empty without bias)]; experts without rows get zeros."""

@@ -53,6 +53,7 @@ from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grou
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values
 from moelora.ops.backend import resolve_backend
+from moelora.ops.registration import custom_op
 from moelora.ops.routing import (LAYOUT_FIELDS, DispatchMetadata, dispatch_rows, expert_layout, fake_layout_tensors,
                                  layout_from_tensors, layout_tensors)
 from moelora.kernels.grouped import GELU, GELU_TANH, RELU, SILU
@@ -356,7 +357,7 @@ def _fake_saved(x, topk_ids, topk_weights, w_in, w_out, w_gate, gathers_x: bool,
         x.new_empty(rows, d_first), x.new_empty(rows, d_ff), x.new_empty(rows, w_out.shape[1])]
 
 
-@torch.library.custom_op("moelora::moe_ffn_forward", mutates_args=())
+@custom_op("moe_ffn_forward")
 def moe_ffn_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_in: torch.Tensor,
                     b_in: Optional[torch.Tensor], w_out: torch.Tensor, b_out: Optional[torch.Tensor],
                     w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor], activation: str, normalize: bool,
@@ -376,7 +377,7 @@ def _(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activ
                                                                     gathers_x, layout_block)
 
 
-@torch.library.custom_op("moelora::moe_ffn_backward", mutates_args=())
+@custom_op("moe_ffn_backward")
 def moe_ffn_backward(dy: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
                      b_out: Optional[torch.Tensor], w_gate: Optional[torch.Tensor], b_gate: Optional[torch.Tensor],

@@ -51,6 +51,7 @@ from moelora.ops.routing import (dispatch_rows, expert_layout, fake_layout_tenso
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args
 from moelora.ops.backend import resolve_backend
+from moelora.ops.registration import custom_op
 
 
 REGIMES = ("auto", "dense", "grouped")
@@ -394,7 +395,7 @@ def _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, scaling,
     return dx, dlora_a, dlora_b, dw.to(topk_weights.dtype)
 
 
-@torch.library.custom_op("moelora::moe_lora_forward", mutates_args=())
+@custom_op("moe_lora_forward")
 def moe_lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, base_out: Optional[torch.Tensor], scaling: float,
                      grouped: bool) -> List[torch.Tensor]:
@@ -410,7 +411,7 @@ def _(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped):
     return [y, h] + (fake_grouped_layout(x, lora_a, lora_b, topk_ids.shape[1]) if grouped else [])
 
 
-@torch.library.custom_op("moelora::moe_lora_backward", mutates_args=())
+@custom_op("moe_lora_backward")
 def moe_lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                       topk_ids: torch.Tensor, topk_weights: torch.Tensor, h: torch.Tensor,
                       layout: List[torch.Tensor], scaling: float, grouped: bool,

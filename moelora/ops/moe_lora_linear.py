@@ -69,6 +69,7 @@ from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import as_2d
 from moelora.ops.backend import resolve_backend
+from moelora.ops.registration import custom_op
 
 
 class RouterSpec(NamedTuple):
@@ -454,7 +455,7 @@ class _MoELoRALinearFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
-@torch.library.custom_op("moelora::moe_lora_linear_fwd", mutates_args=())
+@custom_op("moe_lora_linear_fwd")
 def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                         lora_b: torch.Tensor, router_weight: Optional[torch.Tensor], logits_in: Optional[torch.Tensor],
                         topk_weights: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor],
@@ -495,7 +496,7 @@ def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, t
             x.new_empty(2, dtype=acc), *layout]
 
 
-@torch.library.custom_op("moelora::moe_lora_linear_bwd", mutates_args=())
+@custom_op("moe_lora_linear_bwd")
 def moe_lora_linear_bwd(dy: torch.Tensor, g_aux: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                         lora_a: torch.Tensor, lora_b: torch.Tensor, router_weight: Optional[torch.Tensor],
                         h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

@@ -27,6 +27,7 @@ from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops import native
 from moelora.ops import routing_torch as fb
 from moelora.ops.backend import kernels_run
+from moelora.ops.registration import CustomOp
 
 
 def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
@@ -57,8 +58,7 @@ def _router_topk_backward(logits: torch.Tensor, ids: torch.Tensor, weights: torc
                                      out_dtype=logits.dtype)
 
 
-router_topk_backward = torch.library.custom_op("moelora::router_topk_backward", _router_topk_backward,
-                                               mutates_args=())
+router_topk_backward = CustomOp("router_topk_backward", _router_topk_backward)
 
 
 @router_topk_backward.register_fake

@@ -423,9 +423,9 @@ def test_opcheck_fused_ops(path):
     stacked = (torch.cat([params[4], params[0]], 1), torch.cat([params[5], params[1]], 1), *params[2:4], None, None)
     for weights_, is_stacked in ((params, False), (stacked, True)):
         args = (x.detach(), ids, weights, *weights_, "silu", True, is_stacked, *plan)
-        torch.library.opcheck(ffn_module.moe_ffn_forward, args, test_utils=("test_schema", "test_faketensor",
+        torch.library.opcheck(ffn_module.moe_ffn_forward.default, args, test_utils=("test_schema", "test_faketensor",
                                                                             "test_aot_dispatch_dynamic"))
         out = ffn_module.moe_ffn_forward(*args)
         needs = [t is not None for t in (x, weights, *weights_)]
         bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, is_stacked, *plan, needs)
-        torch.library.opcheck(ffn_module.moe_ffn_backward, bwd_args)
+        torch.library.opcheck(ffn_module.moe_ffn_backward.default, bwd_args)

@@ -272,7 +272,7 @@ def test_route_backward_op_opcheck(given, monkeypatch):
     gw, gps, glse = (t.to(DEVICE) for t in (torch.randn(20, 2, generator=g), torch.randn(6, generator=g),
                                             torch.randn(20, generator=g)))
     grads = {"all": (gw, gps, glse), "weights": (gw, None, None), "stats": (None, gps, None)}[given]
-    torch.library.opcheck(router_topk_backward, (logits, out.ids, out.weights, *grads, 0, True))
+    torch.library.opcheck(router_topk_backward.default, (logits, out.ids, out.weights, *grads, 0, True))
 
 
 @pytest.mark.parametrize("path", PATHS)
