@@ -302,10 +302,13 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         t0 = budget.elapsed()
         try:
             results["host_overhead"] = hostcost.measure(device)
+            save()  # before the compiled rows, whose compilation takes seconds
+            results["host_overhead"] += hostcost.measure_compiled(device)
             log(f"[{budget.elapsed():6.1f}s] host time per call, Triton launches skipped (benchmarks/hostcost.py):\n"
                 + hostcost.table(results["host_overhead"]))
         except Exception as exc:
-            results["host_overhead"] = [{"case": "error", "error": f"{type(exc).__name__}: {exc}"}]
+            results["host_overhead"] = results.get("host_overhead", []) + [
+                {"case": "error", "error": f"{type(exc).__name__}: {exc}"}]
             log(f"host overhead measurement failed: {exc}")
         phase("host-overhead", t0)
         save()

@@ -109,10 +109,14 @@ def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, compile
     return step
 
 
+def _sizes(device: torch.device) -> tuple:
+    """(dtype, T, d) of the measurements on ``device``."""
+    return (torch.bfloat16, *GPU_SIZES) if device.type == "cuda" else (torch.float32, *CPU_SIZES)
+
+
 def measure(device: torch.device) -> List[dict]:
     """One record per case: host microseconds per call (median), kernels, Triton launches, ATen ops."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    T, D = GPU_SIZES if device.type == "cuda" else CPU_SIZES
+    dtype, T, D = _sizes(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape, grad=True):
@@ -140,15 +144,8 @@ def measure(device: torch.device) -> List[dict]:
         block = MoEFFN(linears[0], linears[1], F.silu, E, K, gate_proj=linears[2], router="softmax_topk").train()
         _record("MoEFFN fwd+bwd (SwiGLU, softmax_topk)", _training_step(block, x, dy), out,
                 "upcycled MoE FFN block (d_ff = d), aux loss in the backward")
-        layer = moelora.MoELoRALinear(nn.Linear(D, D, device=device, dtype=dtype), num_experts=E, top_k=K, r=R,
-                                      share_lora_a=True).train()
-        layer.base_layer.requires_grad_(False)
-        _record("MoELoRALinear fwd+bwd (softmax_topk), torch.compile", _training_step(layer, x, dy, compiled=True),
-                out, LAYER_NOTE + "; fullgraph, the custom ops moe_lora_linear_fwd / _bwd", compiled=True)
     linear = nn.Linear(D, D, device=device, dtype=dtype).requires_grad_(False)
     _record("frozen nn.Linear fwd+bwd", lambda: torch.autograd.grad(linear(x), [x], dy), out, "for scale")
-    _record("frozen nn.Linear fwd+bwd, torch.compile", _training_step(linear, x, dy, compiled=True), out,
-            "for scale (fullgraph)", compiled=True)
     if importlib.util.find_spec("peft") is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -167,6 +164,27 @@ def measure(device: torch.device) -> List[dict]:
     return out
 
 
+def measure_compiled(device: torch.device) -> List[dict]:
+    """The same records for a training step under torch.compile (fullgraph; inductor) of the
+    layer, whose compiled graph calls the custom ops moe_lora_linear_fwd / _bwd, and of the
+    frozen Linear; of those steps only the Triton launches are counted."""
+    dtype, T, D = _sizes(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(T, D, generator=gen).to(device, dtype).requires_grad_()
+    dy = torch.randn(T, D, generator=gen).to(device, dtype)
+    out: List[dict] = []
+    with _triton_backend(device):
+        layer = moelora.MoELoRALinear(nn.Linear(D, D, device=device, dtype=dtype), num_experts=E, top_k=K, r=R,
+                                      share_lora_a=True).train()
+        layer.base_layer.requires_grad_(False)
+        _record("MoELoRALinear fwd+bwd (softmax_topk), torch.compile", _training_step(layer, x, dy, compiled=True),
+                out, LAYER_NOTE + "; fullgraph", compiled=True)
+    linear = nn.Linear(D, D, device=device, dtype=dtype).requires_grad_(False)
+    _record("frozen nn.Linear fwd+bwd, torch.compile", _training_step(linear, x, dy, compiled=True), out,
+            "for scale (fullgraph)", compiled=True)
+    return out
+
+
 def table(records: List[dict]) -> str:
     lines = [f"{'case':52s} {'host us':>9s} {'kernels':>8s} {'Triton':>7s} {'ATen':>5s}  note"]
     for r in records:
@@ -177,9 +195,9 @@ def table(records: List[dict]) -> str:
 
 def main() -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    T, D = GPU_SIZES if device.type == "cuda" else CPU_SIZES
+    _, T, D = _sizes(device)
     print(f"host time per call with Triton launches skipped, on {device} (T={T}, d={D}, r={R}, E={E}, k={K})")
-    print(table(measure(device)))
+    print(table(measure(device) + measure_compiled(device)))
     return 0
 
 
