@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import moelora
 from conftest import DEVICE
+from moelora.ops import moe_lora as moe_lora_module
 from moelora.profiling import count_kernels
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="counted on CPU (launches are not run)")
@@ -82,11 +83,15 @@ LAYER_SETTINGS = {
     # fp32 adapters over a bf16 base (PEFT's and the benchmark's setup): the kernels read A and B
     # as they are, no cast kernels
     "bf16_base": ({}, 9),
-    # E*r = 1024: moelora.moe_lora's grouped regime inside the fused op (the layout's metadata
-    # op in the forward, its tensors saved for the backward; the aux loss and the router's
-    # backward have launches of their own)
-    "grouped_regime": (dict(num_experts=64), 15),
-    "grouped_per_expert_a": (dict(num_experts=64, share_lora_a=False), 17),
+    # E*r = 2048 > DENSE_MAX_WIDTH: moelora.moe_lora's grouped regime inside the fused op (the
+    # layout's metadata op in the forward, its tensors saved for the backward; the aux loss and
+    # the router's backward have launches of their own)
+    "grouped_regime": (dict(num_experts=128), 15),
+    "grouped_per_expert_a": (dict(num_experts=128, share_lora_a=False), 17),
+    # jitter: x (.) J formed for dW_router (one mul); the dx GEMM scales its d logits W_router
+    # part by J (a per-expert A: that product scaled, then the rows added into it)
+    "grouped_jitter": (dict(num_experts=128, router_jitter_noise=0.1), 17),
+    "grouped_per_expert_a_jitter": (dict(num_experts=128, share_lora_a=False, router_jitter_noise=0.1), 20),
 }
 
 
@@ -108,6 +113,8 @@ def test_moelora_linear_kernel_budget(feature):
     # which its expert rows are then added into: addmm), backward dx += dy W (addmm_).
     assert fwd.aten.count("addmm_") + fwd.aten.count("addmm") == 1 and bwd.aten.count("addmm_") == 1
     assert "moelora.dispatch_metadata" not in bwd.aten  # the grouped regime reuses the forward's layout
+    grouped = layer.num_experts * layer.r > moe_lora_module.DENSE_MAX_WIDTH
+    assert grouped == feature.startswith("grouped") == ("moelora.dispatch_metadata" in fwd.aten), (fwd, bwd)
 
 
 # Layers the fused op cannot take run the composed path (base layer, router module, moe_lora):

@@ -347,15 +347,18 @@ def grouped_output_grads(dy, h, lora_a, lora_b, meta, topk_weights, scaling, dw,
     return dh_rows, dlora_b
 
 
-def grouped_input_grads(dh_rows, x, lora_a, meta, need_dx, second=None):
+def grouped_input_grads(dh_rows, x, lora_a, meta, need_dx, second=None, second_scale=None):
     """(dA, dx or None) of the grouped regime from its dh rows: dense for a shared A (the rows
     combined into dh [T, r]; dA = dh^T x, dx = dh A), per expert from the rows for a per-expert
-    A. ``second`` = (a2, b2): dx also gets a2 @ b2 (the fused layer's router: dl W_router)."""
+    A. ``second`` = (a2, b2): dx also gets a2 @ b2 (the fused layer's router: dl W_router),
+    times ``second_scale`` [T, d_in] elementwise where given (router jitter's factors J: the
+    router read x (.) J)."""
     dtype = x.dtype
     if lora_a.dim() == 2:
         dh = launchers.combine_rows(dh_rows, meta, out_dtype=dh_rows.dtype)
         dlora_a = launchers.matmul(dh.t(), x, out_dtype=lora_a.dtype, compute_dtype=dtype, split_k=True)
-        dx = launchers.matmul(dh, lora_a, out_dtype=dtype, compute_dtype=dtype, second=second) if need_dx else None
+        dx = (launchers.matmul(dh, lora_a, out_dtype=dtype, compute_dtype=dtype, second=second,
+                               second_scale=second_scale) if need_dx else None)
         return dlora_a, dx
     dlora_a = rows_weight_grad(dh_rows, x, meta, "triton", right_by_token=True, out_dtype=lora_a.dtype,
                                compute_dtype=dtype)
@@ -363,6 +366,8 @@ def grouped_input_grads(dh_rows, x, lora_a, meta, need_dx, second=None):
     if need_dx:
         dx_rows = rows_linear(dh_rows, lora_a, meta, "triton", transposed=True, out_dtype=dtype, compute_dtype=dtype)
         base = launchers.matmul(*second, out_dtype=dtype, compute_dtype=dtype) if second is not None else None
+        if base is not None and second_scale is not None:
+            base.mul_(second_scale)
         dx = launchers.combine_rows(dx_rows, meta, out_dtype=dtype, base=base, out=base)
     return dlora_a, dx
 

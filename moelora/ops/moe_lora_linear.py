@@ -376,19 +376,18 @@ def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights
     if router_weight is not None:
         x_router = x if jitter is None else x * jitter
         drouter = launchers.matmul(dl.t(), x_router, out_dtype=router_weight.dtype, compute_dtype=dtype, split_k=True)
-    router_dx = (dl, router_weight) if router_weight is not None and need_x else None
-    fused_dx = router_dx if jitter is None else None  # d logits W_router added by the dx GEMMs below
-    if mask is None:
-        dlora_a, dx = grouped_input_grads(dh_rows, x, lora_a, meta, need_x, second=fused_dx)
+    router_dx = (dl, router_weight) if router_weight is not None and need_x else None  # x_router = J (.) x
+    if mask is None:  # d logits W_router (times J) added by the dx GEMMs
+        dlora_a, dx = grouped_input_grads(dh_rows, x, lora_a, meta, need_x, second=router_dx, second_scale=jitter)
     else:
         dlora_a, dx_lora = grouped_input_grads(dh_rows, dropped_out(x, mask, mask_scale), lora_a, meta, need_x)
         dx = None
         if need_x:
             dx = dropped_out(dx_lora, mask, mask_scale)  # x_lora = s_d M (.) x
-            if fused_dx is not None:
-                dx = launchers.matmul(*fused_dx, out_dtype=dtype, compute_dtype=dtype, addend=dx, out=dx)
-    if jitter is not None and router_dx is not None:  # x_router = J (.) x
-        dx += launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype).mul_(jitter)
+            if router_dx is not None and jitter is None:
+                dx = launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype, addend=dx, out=dx)
+            elif router_dx is not None:
+                dx += launchers.matmul(*router_dx, out_dtype=dtype, compute_dtype=dtype).mul_(jitter)
     return dx, dlora_a, dlora_b, drouter, dl, dw
 
 

@@ -35,6 +35,8 @@ KINDS = {
     "lora_dropout": dict(num_experts=4, top_k=2, lora_dropout=0.3),
     "lora_dropout_shared_a_task": dict(num_experts=3, router="task", share_lora_a=True, lora_dropout=0.3),
     "jitter": dict(num_experts=4, top_k=2, router_jitter_noise=0.2),
+    "jitter_shared_a": dict(num_experts=4, top_k=2, share_lora_a=True, router_jitter_noise=0.2),
+    "jitter_lora_dropout": dict(num_experts=4, top_k=2, router_jitter_noise=0.2, lora_dropout=0.3),
     "dora": dict(num_experts=1, use_dora=True),  # the fused op, then the magnitude (and its gradient)
 }
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
