@@ -1,17 +1,25 @@
 """moelora's Python operators (the custom ops torch.compile traces) registered with the
-dispatcher directly, at the lowest host cost per call.
+dispatcher directly, at a lower host cost per call than ``torch.library.custom_op``.
 
-``torch.library.custom_op`` runs every call of its operator through Python layers of its own:
-an autograd kernel that re-dispatches (the arguments boxed and unboxed twice), a check that
-no output aliases an input, and the device wrapper. With the fused layer's 24 arguments and 8
-outputs that costs about 35 us of host time per call beyond the implementation on the
-development VM, against about 15 us when the same function is the operator's one kernel
-(torch.library.Library.impl, "CompositeExplicitAutograd"); a compiled graph pays it twice per
-layer and step (forward and backward op). :func:`custom_op` registers that way: the schema
-inferred from the annotations by ``torch.library.infer_schema`` (as custom_op does), the
-function run with dynamo disabled (torch.compiler.disable, as custom_op does), fake implementations and autograd
-registered by ``torch.library.register_fake`` / ``register_autograd``. The implementations
-never return their inputs or views of them (custom_op's aliasing check is what they promise).
+``torch.library.custom_op`` runs every call of its operator through Python layers of its own
+beside the autograd kernel: a device wrapper with a per-call check whether the kernel is
+disabled, and a check that no output aliases an input. For the fused layer's forward op (24
+arguments, 8 outputs; launches skipped, one process, best of 5 x 2000 calls on the development
+VM) a call took 87.5 us through custom_op and 78.6 us registered here, the implementation
+itself 50.1 us; of the 28.5 us left, the dispatcher's boxing is about 12.5, the autograd
+kernel (``register_autograd``; it runs in compiled graphs too, with grad mode off) about 13.5
+and dynamo's disable wrapper about 3. A compiled graph calls two such ops per layer and step
+(forward and backward): a compiled training step of 8 MoELoRALinear layers took 326 us per
+layer with the ops on custom_op and 277 us registered here (same process, both compiled,
+best of 6 x 300 steps).
+
+:func:`custom_op` registers the function as the operator's one kernel
+(torch.library.Library.impl, "CompositeExplicitAutograd"): the schema inferred from the
+annotations by ``torch.library.infer_schema`` (as custom_op does), the function run with dynamo
+disabled (torch.compiler.disable, as custom_op does), fake implementations and autograd
+registered by ``torch.library.register_fake`` / ``register_autograd``. The implementations never
+return their inputs or views of them (custom_op's aliasing check is what they promise;
+``torch.library.opcheck`` checks it in the tests).
 """
 
 from __future__ import annotations
