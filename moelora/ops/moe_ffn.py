@@ -428,11 +428,23 @@ def _eager_backward(dy, *inputs, saved, activation, normalize, stacked, plan, ne
                          activation, normalize, stacked, plan, needs)
 
 
-moe_ffn_forward.register_autograd(
-    lambda ctx, grads: _input_grads(ctx, grads[0], _op_backward),  # grads of [y, *saved]
-    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1:], inputs[9], inputs[10], inputs[11],
-                                                    FFNPlan(*inputs[12:15])),
-)
+class _TracedMoEFFN(torch.autograd.Function):
+    """The custom ops' autograd under torch.compile: dynamo traces this Function (forward: the op
+    moe_ffn_forward; backward: moe_ffn_backward) into the graph. The ops carry no autograd kernel
+    of their own, whose Python would run on every call of a compiled graph (see
+    moelora.ops.moe_lora_linear._TracedMoELoRALinearFn); called directly, they are not
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = moe_ffn_forward(*inputs)  # [y, *saved]
+        ctx.mark_non_differentiable(*output[1:])
+        _save(ctx, inputs, output[1:], inputs[9], inputs[10], inputs[11], FFNPlan(*inputs[12:15]))
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, dy, *unused):
+        return _input_grads(ctx, dy, _op_backward)
 
 
 class _EagerMoEFFN(torch.autograd.Function):
@@ -456,7 +468,7 @@ def _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
                     stacked, plan):
     inputs = (x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate)
     if torch.compiler.is_compiling():
-        return moe_ffn_forward(*inputs, _activation_key(activation), normalize, stacked, *plan)[0]
+        return _TracedMoEFFN.apply(*inputs, _activation_key(activation), normalize, stacked, *plan)[0]
     name = fused_activation_name(activation)
     code = ACTIVATION_CODES[name] if name is not None else activation
     return _EagerMoEFFN.apply(*inputs, code, normalize, stacked, plan)

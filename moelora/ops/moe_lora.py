@@ -452,13 +452,23 @@ def _input_grads(ctx, dy, backward):
     return (dx if need_dx else None, dlora_a, dlora_b, None, dw, dy if ctx.has_base else None, None, None)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    _save_for_backward(ctx, inputs, output[1:])
+class _TracedMoELoRA(torch.autograd.Function):
+    """The custom ops' autograd under torch.compile: dynamo traces this Function (forward: the op
+    moe_lora_forward; backward: moe_lora_backward) into the graph. The ops carry no autograd
+    kernel of their own, whose Python would run on every call of a compiled graph (see
+    moelora.ops.moe_lora_linear._TracedMoELoRALinearFn); called directly, they are not
+    differentiable."""
 
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = moe_lora_forward(*inputs)
+        ctx.mark_non_differentiable(*output[1:])
+        _save_for_backward(ctx, inputs, output[1:])
+        return tuple(output)
 
-moe_lora_forward.register_autograd(lambda ctx, grads: _input_grads(ctx, grads[0], moe_lora_backward),
-                                   setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dy, *unused):
+        return _input_grads(ctx, dy, moe_lora_backward)
 
 
 class _EagerMoELoRA(torch.autograd.Function):
@@ -500,7 +510,7 @@ def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
     grouped = regime == "grouped"
     if torch.compiler.is_compiling():
         flat = args.flattened()
-        return moe_lora_forward(flat.x, flat.lora_a, flat.lora_b, flat.topk_ids, flat.topk_weights, flat.base_out,
-                                flat.scaling, grouped)[0].reshape(args.out_shape)
+        return _TracedMoELoRA.apply(flat.x, flat.lora_a, flat.lora_b, flat.topk_ids, flat.topk_weights, flat.base_out,
+                                    flat.scaling, grouped)[0].reshape(args.out_shape)
     return _EagerMoELoRA.apply(args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
                                args.scaling, grouped, args.out_shape)

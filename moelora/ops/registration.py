@@ -16,10 +16,15 @@ best of 6 x 300 steps).
 :func:`custom_op` registers the function as the operator's one kernel
 (torch.library.Library.impl, "CompositeExplicitAutograd"): the schema inferred from the
 annotations by ``torch.library.infer_schema`` (as custom_op does), the function run with dynamo
-disabled (torch.compiler.disable, as custom_op does), fake implementations and autograd
-registered by ``torch.library.register_fake`` / ``register_autograd``. The implementations never
-return their inputs or views of them (custom_op's aliasing check is what they promise;
-``torch.library.opcheck`` checks it in the tests).
+disabled (torch.compiler.disable, as custom_op does), fake implementations registered by
+``torch.library.register_fake``. The implementations never return their inputs or views of
+them (custom_op's aliasing check is what they promise; ``torch.library.opcheck`` checks it in
+the tests).
+
+Autograd: the ops that only compiled graphs call (moe_lora, moe_lora_linear and moe_ffn's
+forward and backward) carry none; under torch.compile each pair is differentiated by an
+autograd.Function that dynamo traces, so no autograd kernel runs per call. ``segment_linear``,
+which eager code calls too, registers its backward with ``register_autograd``.
 """
 
 from __future__ import annotations

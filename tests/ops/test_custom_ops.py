@@ -17,13 +17,15 @@ from moelora.ops import moe_lora as moe_lora_module
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
 def test_opcheck(shared_a, grouped):
     p = make_problem(12, 8, 10, 4, 3, 2, shared_a=shared_a, device=DEVICE)
-    args = (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.base_out, p.scaling, grouped)
+    # without grad: the ops carry no autograd of their own (moe_lora._TracedMoELoRA differentiates
+    # them under torch.compile; test_torch_compile_fullgraph compares its gradients with eager)
+    args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in
+                 (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.base_out, p.scaling, grouped))
     torch.library.opcheck(moe_lora_module.moe_lora_forward.default, args)
     y, h, *layout = moe_lora_module.moe_lora_forward(*args)
     assert len(layout) == (5 if grouped else 0)  # the grouped regime's backward reuses the forward's layout
     dy = torch.randn_like(y)
-    bwd_args = (dy, p.x.detach(), p.lora_a.detach(), p.lora_b.detach(), p.topk_ids, p.topk_weights.detach(),
-                h.detach(), layout, p.scaling, grouped, True)
+    bwd_args = (dy, *args[:5], h, layout, p.scaling, grouped, True)
     torch.library.opcheck(moe_lora_module.moe_lora_backward.default, bwd_args)
 
 
