@@ -35,7 +35,9 @@ def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_su
     the Triton backend runs (the custom op moelora::router_topk_backward while torch.compile
     traces), else PyTorch."""
     if kernels_run(logits.device):
-        traced = type(logits) is not torch.Tensor  # fake / functional tensors: torch.compile
+        # dynamo tracing the backward (torch 2.11 gives it plain tensors), or AOT autograd's
+        # fake / functional tensors
+        traced = torch.compiler.is_compiling() or type(logits) is not torch.Tensor
         run = router_topk_backward if traced else _router_topk_backward
         return run(logits, ids, weights, g_weights, g_prob_sums, g_lse, mode, renormalize)
     return _route_backward_torch(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse)
