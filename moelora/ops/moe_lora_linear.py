@@ -55,7 +55,6 @@ backend, differentiated by autograd; the reference of the Triton path.
 from __future__ import annotations
 
 import math
-import operator
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -281,9 +280,13 @@ def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scalin
     return grouped_forward(xl, lora_a, lora_b, ids, weights, y, scaling, h=h, out=y)
 
 
-# needs_input_grad -> _fused_backward's ``needs``: the op's inputs (op_args order) whose gradients it
-# computes only on request: x, weight, bias, router_weight, logits_in, topk_weights.
-_on_request = operator.itemgetter(0, 1, 2, 5, 6, 7)
+def _on_request(n) -> tuple:
+    """needs_input_grad -> _fused_backward's ``needs``: the op's inputs (op_args order) whose
+    gradients it computes only on request: x, weight, bias, router_weight, logits_in, topk_weights.
+    (A function rather than operator.itemgetter, which dynamo cannot trace in
+    _TracedMoELoRALinearFn.backward.)"""
+    return n[0], n[1], n[2], n[5], n[6], n[7]
+
 
 # Saved tensors before the grouped regime's pair layout: x, weight, lora_a, lora_b, router_weight, h,
 # logits, ids, weights, counts, dropout_mask, jitter (both autograd paths save them in this order).
@@ -556,7 +559,8 @@ class _TracedMoELoRALinearFn(torch.autograd.Function):
         aux_loss, aux_stats, *layout] (only y's and aux_loss's reach here)."""
         dy, g_aux = grads[0], grads[6]
         n = ctx.needs_input_grad
-        needs = [n[0], n[1], n[2] and ctx.has_bias, n[5], n[6], n[7]]  # _on_request's (traced: no itemgetter)
+        needs = list(_on_request(n))
+        needs[2] = needs[2] and ctx.has_bias
         saved = ctx.saved_tensors
         grads = moe_lora_linear_bwd(dy, g_aux, *saved[:_FIXED_SAVED], list(saved[_FIXED_SAVED:]), *ctx.config, needs)
         dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw = grads
