@@ -114,6 +114,15 @@ def _sizes(device: torch.device) -> tuple:
     return (torch.bfloat16, *GPU_SIZES) if device.type == "cuda" else (torch.float32, *CPU_SIZES)
 
 
+def _layer(device: torch.device, dtype: torch.dtype, d: int, **settings) -> nn.Module:
+    """A training MoELoRALinear on a frozen d x d Linear: ``settings`` beside the defaults (num_experts E,
+    top_k K, r R, shared A)."""
+    kwargs = {**dict(num_experts=E, top_k=K, r=R, share_lora_a=True), **settings}
+    layer = moelora.MoELoRALinear(nn.Linear(d, d, device=device, dtype=dtype), **kwargs).train()
+    layer.base_layer.requires_grad_(False)
+    return layer
+
+
 def measure(device: torch.device) -> List[dict]:
     """One record per case: host microseconds per call (median), kernels, Triton launches, ATen ops."""
     dtype, T, D = _sizes(device)
@@ -134,9 +143,7 @@ def measure(device: torch.device) -> List[dict]:
             moelora.moe_lora(x, a, b, ids, w, scaling=2.0, regime="dense"), [x, a, b, w], dy), out,
             "dense regime, shared A")
         for case, (settings, note) in LAYER_CASES.items():
-            kwargs = {**dict(num_experts=E, top_k=K, r=R, share_lora_a=True), **settings}
-            layer = moelora.MoELoRALinear(nn.Linear(D, D, device=device, dtype=dtype), **kwargs).train()
-            layer.base_layer.requires_grad_(False)
+            layer = _layer(device, dtype, D, **settings)
             if case == "task":
                 moelora.set_task_ids(nn.Sequential(layer), torch.arange(T, device=device) % E)
             _record(f"MoELoRALinear fwd+bwd ({case})", _training_step(layer, x, dy), out, note)
@@ -174,9 +181,7 @@ def measure_compiled(device: torch.device) -> List[dict]:
     dy = torch.randn(T, D, generator=gen).to(device, dtype)
     out: List[dict] = []
     with _triton_backend(device):
-        layer = moelora.MoELoRALinear(nn.Linear(D, D, device=device, dtype=dtype), num_experts=E, top_k=K, r=R,
-                                      share_lora_a=True).train()
-        layer.base_layer.requires_grad_(False)
+        layer = _layer(device, dtype, D)
         _record("MoELoRALinear fwd+bwd (softmax_topk), torch.compile", _training_step(layer, x, dy, compiled=True),
                 out, LAYER_NOTE + "; fullgraph", compiled=True)
     linear = nn.Linear(D, D, device=device, dtype=dtype).requires_grad_(False)
