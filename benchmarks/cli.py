@@ -65,8 +65,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, default=None,
                    help="continue the run recorded in this results JSON (used after a lost CUDA context)")
     p.add_argument("--max-restarts", type=int, default=4, help="restarts allowed after a lost CUDA context")
-    p.add_argument("--profile", metavar="CASE", default=None,
-                   help="print the per-kernel device-time table of one case, e.g. "
+    p.add_argument("--profile", metavar="CASES", default=None,
+                   help="print the per-kernel device-time table of each comma-separated case, e.g. "
                         "S1/layer/fwdbwd/moelora-MoELoRALinear, and exit (see benchmarks/profile.py)")
     p.add_argument("--tuned", default="",
                    help="comma-separated JSON reports of benchmarks.tune_dense / tune_grouped whose tables to "

@@ -1,8 +1,9 @@
 """``python -m benchmarks --profile S1/layer/fwdbwd/moelora-MoELoRALinear``: the per-kernel
-device-time table of one case (torch.profiler), plus its median time, host enqueue time and
+device-time table of a case (torch.profiler), plus its median time, host enqueue time and
 kernels per iteration. The case id is shape/group/pass/implementation as in the results JSON
-(group: delta, layer or ffn; pass: fwd, bwd or fwdbwd). The table is printed and written to
-``profile-<shape>-<group>-<pass>-<impl>.txt`` under --out-dir.
+(group: delta, layer or ffn; pass: fwd, bwd or fwdbwd); several comma-separated ids profile
+each in turn. Each table is printed and written to ``profile-<shape>-<group>-<pass>-<impl>.txt``
+under --out-dir.
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ from .runner import _steps
 from .timing import summarize, time_iterations
 
 
-def run(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.device, out_dir: Path,
+def run(case_ids: str, shapes: dict, dtype: torch.dtype, device: torch.device, out_dir: Path,
         iterations: int = 10) -> int:
+    """Profile each of the comma-separated ``case_ids``; 0 when all ran, else 2 (every case is tried)."""
+    codes = [run_case(case_id, shapes, dtype, device, out_dir, iterations) for case_id in case_ids.split(",")]
+    return max(codes)
+
+
+def run_case(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.device, out_dir: Path,
+             iterations: int = 10) -> int:
     try:
         shape_name, group, pass_name, impl_name = case_id.split("/")
         shape, impl = shapes[shape_name], impls.by_name(impl_name)

@@ -182,3 +182,19 @@ def test_targets_read_eager_medians_and_show_device_time_ratios():
     assert peft["status"] == "missed" and "device time" not in peft["detail"]  # PEFT's case has no device time
     sweep = found["moelora-triton <= torch-dense at every S1 sweep point"]
     assert sweep["status"] == "missed" and "T512 fwdbwd 1.33x; device time 0.800x" in sweep["detail"]
+
+
+def test_profile_writes_one_table_per_case(tmp_path, capsys):
+    """--profile takes comma-separated cases (gpu_session.sh profiles S1's layer and S3's grouped delta);
+    a bad id fails the run without keeping the others from being profiled."""
+    cases = "S3/delta/fwdbwd/moelora-torch,S1/layer/fwd/linear-frozen"
+    rc = cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--profile", cases])
+    assert rc == 0
+    for case in cases.split(","):
+        text = (tmp_path / f"profile-{case.replace('/', '-')}.txt").read_text()
+        assert text.startswith(f"{case} on cpu") and "device kernels per iteration" in text
+    rc = cli.main(["--device", "cpu", "--out-dir", str(tmp_path / "bad"), "--profile",
+                   "S3/delta/fwd/no-such-impl,S1/delta/fwd/moelora-torch"])
+    assert rc == 2
+    assert "--profile wants shape/group/pass/implementation" in capsys.readouterr().out
+    assert (tmp_path / "bad" / "profile-S1-delta-fwd-moelora-torch.txt").exists()
