@@ -5,15 +5,15 @@
 # per-kernel profiles of the cases being tuned, then the whole test suite on the GPU
 # (pytest-xdist) with a one-line summary. Every log and results file goes to $OUT (default
 # ./gpu-session-out); at most eight files, so that they all come back from a lent machine
-# (the benchmark's log is appended to session.log for that reason).
+# (the profiles are written to one file, profiles.txt, for that reason).
 #
 #   MOELORA_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
 #
 # MOELORA_GIT_COMMIT names the commit when the tree has no .git (a copied working tree).
 # DEADLINE (seconds, default 480) bounds the whole script: the tests get what is left.
 # TUNE_B (default 40) is each tuner's budget, BENCH_B (default 120) the benchmark's, PROFILE
-# the cases profiled (comma-separated; default S1's layer and S3's grouped delta, the two
-# largest misses). The tuners' JSON "paste" lines are what to commit into the tables; the
+# the cases profiled (comma-separated; default S1's layer, S3's grouped delta and S5's
+# moe_ffn, the three targets still missed). The tuners' JSON "paste" lines are what to commit into the tables; the
 # benchmark's meta.tuned records the picks it ran with.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -55,12 +55,15 @@ timeout $(( ${BENCH_B:-120} + 60 )) python3 -m benchmarks --quick --time-budget 
   ${TUNED:+--tuned "$TUNED"} > "$OUT/bench.log" 2>&1
 echo "benchmark rc=$? after $(( $(date +%s) - START )) s" | tee -a "$LOG"
 sed -n '/^not measured\|^met\|^missed/p' "$OUT/bench.log"
-{ echo "---- benchmark log"; cat "$OUT/bench.log"; echo "---- end of benchmark log"; } >> "$LOG"
-rm -f "$OUT/bench.log"
 
-PROFILE=${PROFILE:-S1/layer/fwdbwd/moelora-MoELoRALinear,S3/delta/fwdbwd/moelora-triton}
-timeout 90 python3 -m benchmarks --profile "$PROFILE" --out-dir "$OUT" ${TUNED:+--tuned "$TUNED"} > /dev/null 2>> "$LOG"
+PROFILE=${PROFILE:-S1/layer/fwdbwd/moelora-MoELoRALinear,S3/delta/fwdbwd/moelora-triton,S5/ffn/fwdbwd/moelora-ffn}
+mkdir -p "$OUT/profiles"
+timeout 120 python3 -m benchmarks --profile "$PROFILE" --out-dir "$OUT/profiles" ${TUNED:+--tuned "$TUNED"} \
+  > /dev/null 2>> "$LOG"
 echo "profile rc=$? ($PROFILE)" | tee -a "$LOG"
+for F in "$OUT"/profiles/profile-*.txt; do [ -f "$F" ] && { echo "==== $(basename "$F")"; cat "$F"; echo; }; done \
+  > "$OUT/profiles.txt"
+rm -rf "$OUT/profiles"
 
 T=$(left)
 if [ "$T" -gt 30 ]; then
