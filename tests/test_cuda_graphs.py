@@ -12,23 +12,27 @@ import torch.nn as nn
 
 import moelora
 from moelora import MoELoRAConfig, get_moelora_model
+from moelora.ops.moe_lora import choose_regime
 from helpers import capture_training_step, randomize_adapters
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 ROUTERS = {
     "softmax_topk": dict(router="softmax_topk", share_lora_a=True),
     "topk_softmax": dict(router="topk_softmax"),
     "threshold": dict(router="threshold", top_k=3, threshold_eps=0.3, threshold_ramp_steps=4),
     "task": dict(router="task", task_shared_lora=True),
-    "grouped": dict(router="softmax_topk", num_experts=80),  # E*r = 640: the fused op's grouped regime
+    "grouped": dict(router="softmax_topk", num_experts=160),  # E*r = 1280: the fused op's grouped regime
 }
+
+
+STACK_CONFIG = {"target_modules": ["0", "2"], "num_experts": 4, "top_k": 2, "r": 8}
 
 
 def _injected_stack(settings):
     torch.manual_seed(0)
     stack = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-    config = MoELoRAConfig(**{"target_modules": ["0", "2"], "num_experts": 4, "top_k": 2, "r": 8, **settings})
+    config = MoELoRAConfig(**{**STACK_CONFIG, **settings})
     model = get_moelora_model(stack, config).cuda()
     randomize_adapters(model)
     return model
@@ -44,6 +48,14 @@ def _grads(model):
     return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
+def test_the_grouped_case_runs_the_grouped_regime():
+    """The "grouped" case's width lies above the regime threshold (a case whose E*r the threshold
+    later passes would silently test the dense regime twice)."""
+    settings = {**STACK_CONFIG, **ROUTERS["grouped"]}
+    assert choose_regime(settings["num_experts"], settings["r"]) == "grouped"
+
+
+@needs_cuda
 @pytest.mark.parametrize("router", list(ROUTERS))
 def test_captured_forward_backward_replays_like_eager(router):
     model = _injected_stack(ROUTERS[router])
@@ -76,6 +88,7 @@ def test_captured_forward_backward_replays_like_eager(router):
             eager_model.step_routers()
 
 
+@needs_cuda
 def test_lora_dropout_draws_a_new_keep_mask_on_every_replay():
     """The keep mask comes from bernoulli_ on the device's generator, which a captured graph
     advances on each replay: the same input gives another loss every time."""
