@@ -140,7 +140,9 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
                 stride_ht, stride_hr, stride_it, stride_ik, stride_wt, stride_wk,
                 SHARED_A: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 ACC: tl.constexpr):
-    """Hg[offs_t, offs_c] (ACC), zero for (token, expert) pairs the token did not choose."""
+    """Hg[offs_t, offs_c] (ACC), zero for (token, expert) pairs the token did not choose and for
+    the columns past the end (mask_c false), whose "expert" an out-of-range id may name: its
+    weight, NaN or Inf, must not reach the product with B."""
     expert = offs_c // rank
     h_col = offs_c % rank if SHARED_A else offs_c
     h_ptrs = h_ptr + offs_t[:, None] * stride_ht + h_col[None, :] * stride_hr
@@ -151,7 +153,7 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
         for j in tl.static_range(TOP_K):
             id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
             w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
-            hit = id_j[:, None] == expert[None, :]
+            hit = (id_j[:, None] == expert[None, :]) & mask_c[None, :]
             gate += tl.where(hit, w_j[:, None], 0.0)
             chosen = chosen | hit
         h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC)
@@ -161,18 +163,20 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
         h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC)
         hg = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
         for j in range(TOP_K):
-            hg = _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, j, scaling, stride_it, stride_ik,
-                                 stride_wt, stride_wk, ACC)
+            hg = _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, mask_c, j, scaling, stride_it,
+                                 stride_ik, stride_wt, stride_wk, ACC)
     return hg
 
 
 @triton.jit
-def _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, j, scaling, stride_it, stride_ik, stride_wt,
-                    stride_wk, ACC: tl.constexpr):
-    """hg + (w_j * scaling) * h where routing slot j of the tokens offs_t chose the column's expert."""
+def _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, mask_c, j, scaling, stride_it, stride_ik,
+                    stride_wt, stride_wk, ACC: tl.constexpr):
+    """hg + (w_j * scaling) * h where routing slot j of the tokens offs_t chose the column's expert
+    (columns inside the matrix: mask_c)."""
     id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
     w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
-    return hg + tl.where(id_j[:, None] == expert[None, :], (w_j * scaling)[:, None] * h, 0.0)
+    hit = (id_j[:, None] == expert[None, :]) & mask_c[None, :]
+    return hg + tl.where(hit, (w_j * scaling)[:, None] * h, 0.0)
 
 
 @triton.jit

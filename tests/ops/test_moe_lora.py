@@ -217,21 +217,27 @@ def test_naive_loop_matches_torch_backend():
     assert rel_err(y_naive, y_ref) < 1e-12
 
 
+@pytest.mark.parametrize("rank, experts, top_k", [(3, 4, 2), (1, 18, 17)], ids=["k2", "k17"])
 @pytest.mark.parametrize("regime", REGIMES)
-def test_out_of_range_ids_with_validation_off_contribute_nothing(regime):
-    """With checks off, bad ids must neither crash nor touch memory: they add nothing."""
-    p = make_problem(30, 16, 20, 4, 4, 2, device=DEVICE)
+def test_out_of_range_ids_with_validation_off_contribute_nothing(regime, rank, experts, top_k):
+    """With checks off, bad ids must neither crash nor touch memory: they add nothing, whatever
+    their weights (here NaN and Inf). E*r (12; 18) leaves padding columns in the dense regime's
+    16-wide column tiles, which the ids just past E name (k 17: the kernel's slot loop)."""
+    p = make_problem(30, 16, 20, rank, experts, top_k, device=DEVICE)
     bad = p.topk_ids.clone()
-    bad[::3, 1] = 4
+    bad[::3, 1] = experts
+    bad[1::6, 1] = experts + 1
     bad[1::5, 0] = -7
-    w = p.topk_weights.detach()
-    masked_w = torch.where((bad >= 0) & (bad < 4), w, torch.zeros_like(w))
+    w = p.topk_weights.detach().clone()
+    out_of_range = (bad < 0) | (bad >= experts)
+    w[out_of_range] = torch.tensor([float("nan"), float("inf")], device=DEVICE).repeat(30)[:int(out_of_range.sum())]
+    masked_w = torch.where(out_of_range, torch.zeros_like(w), w)
     with moelora.validation(False):
         y = moelora.moe_lora(p.x, p.lora_a, p.lora_b, bad, w, scaling=p.scaling, backend="triton", regime=regime)
         y.sum().backward()
     ref = moelora.ops.reference.moe_lora_torch(p.x.detach().double(), p.lora_a.detach().double(),
-                                           p.lora_b.detach().double(), bad.clamp(0, 3), masked_w.double(),
-                                           scaling=p.scaling)
+                                           p.lora_b.detach().double(), bad.clamp(0, experts - 1),
+                                           masked_w.double(), scaling=p.scaling)
     assert rel_err(y, ref) < TOLERANCE[torch.float32]
     assert torch.isfinite(p.lora_b.grad).all() and torch.isfinite(p.x.grad).all()
 
