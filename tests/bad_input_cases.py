@@ -31,7 +31,7 @@ META = moelora.dispatch_metadata(IDS, E)
 
 def lora(**over):
     kw = dict(x=X, lora_a=A, lora_b=B, topk_ids=IDS, topk_weights=W)
-    extra = {k: over.pop(k) for k in ("scaling", "backend") if k in over}
+    extra = {k: over.pop(k) for k in ("scaling", "backend", "regime") if k in over}
     kw.update(over)
     return lambda: moelora.moe_lora(kw["x"], kw["lora_a"], kw["lora_b"], kw["topk_ids"], kw["topk_weights"],
                                     backend=extra.get("backend", "torch"), **{k: v for k, v in extra.items()
@@ -40,7 +40,7 @@ def lora(**over):
 
 def ffn(**over):
     kw = dict(x=X, topk_ids=IDS, topk_weights=W, w_in=W_IN, b_in=None, w_out=W_OUT, b_out=None, activation=F.silu)
-    extra = {k: over.pop(k) for k in ("normalize", "w_gate") if k in over}
+    extra = {k: over.pop(k) for k in ("normalize", "w_gate", "b_gate") if k in over}
     kw.update(over)
     return lambda: moelora.moe_ffn(*kw.values(), **extra)
 
@@ -74,6 +74,19 @@ CASES = {
     "moe_lora/empty_batch": (lora(x=X[:0], topk_ids=IDS[:0], topk_weights=W[:0]), ("returns", finite_shape((0, 4)))),
     "moe_lora/backend_name": (lora(backend="cuda"), (ValueError, r"backend must be one of \('auto', 'torch', 'triton'\), "
                                                                  r"got 'cuda'")),
+    "moe_lora/scaling_int_beyond_float": (lora(scaling=10 ** 400), (TypeError, r"scaling must be a finite Python number")),
+    "moe_lora/scaling_beyond_triton_range": (lora(scaling=1e80, backend="triton"),
+                                             (ValueError, r"scaling must be 0 or of magnitude in \[2\*\*-250, 2\*\*250\] "
+                                                          r"on the Triton backend .* got 1e\+80; backend='torch' takes it")),
+    "moe_lora/scaling_beyond_triton_range_on_torch": (lora(scaling=1e80, lora_b=torch.zeros(E, 4, R)),
+                                                      ("returns", finite_shape((T, 4)))),
+    "moe_lora/zero_width_per_expert_a_dense": (lora(x=X[:, :0], lora_a=torch.randn(E, R, 0), backend="triton",
+                                                    regime="dense"), ("returns", finite_shape((T, 4)))),
+    "moe_lora/grouped_beyond_max_experts": (lora(lora_b=torch.randn(5000, 4, R), backend="triton", regime="grouped"),
+                                            (ValueError, r"regime='grouped' sorts the pairs by expert, for at most 4096 "
+                                                         r"experts: lora_b.shape\[0\] is 5000")),
+    "moe_lora/auto_beyond_max_experts": (lora(lora_b=torch.randn(5000, 4, R), backend="triton"),
+                                         ("returns", finite_shape((T, 4)))),
     # moe_ffn
     "moe_ffn/int_x": (ffn(x=X.int()), (TypeError, r"x must be float16, bfloat16, float32 or float64, got torch.int32")),
     "moe_ffn/mixed_fp64_fp32": (ffn(w_out=W_OUT.double()), (TypeError, r"w_out must have the dtype of x "
@@ -85,6 +98,10 @@ CASES = {
     "moe_ffn/bias_shape": (ffn(b_in=torch.zeros(E, FF + 1)), (ValueError, r"b_in must have shape \[3, 5\], got \(3, 6\)")),
     "moe_ffn/w_gate_shape": (ffn(w_gate=torch.zeros(E, FF, D + 1)), (ValueError, r"w_gate must have w_in's shape "
                                                                                  r"\(3, 5, 8\), got \(3, 5, 9\)")),
+    "moe_ffn/b_gate_without_w_gate": (ffn(b_gate=torch.zeros(E, FF)),
+                                      (ValueError, r"b_gate is the gate projection's bias: it needs w_gate")),
+    "moe_ffn/beyond_max_experts": (ffn(w_in=torch.randn(5000, FF, D), w_out=torch.randn(5000, D, FF)),
+                                   (ValueError, r"moe_ffn takes at most 4096 experts: w_in.shape\[0\] is 5000")),
     "moe_ffn/float_ids": (ffn(topk_ids=IDS.float()), (TypeError, r"topk_ids must be int32 or int64, got torch.float32")),
     "moe_ffn/ids_out_of_range": (ffn(topk_ids=IDS + 3), (ValueError, r"topk_ids must lie in \[0, 3\)")),
     "moe_ffn/ids_out_of_range_unvalidated": (unvalidated(ffn(topk_ids=IDS - 5)), ("returns", finite_shape((T, D)))),
@@ -99,6 +116,8 @@ CASES = {
                                                                                      r"got 9")),
     "route/mode": (lambda: moelora.route(torch.randn(3, 4), 2, mode="sigmoid"),
                    (ValueError, r"mode must be one of \('softmax_topk', 'topk_softmax'\), got 'sigmoid'")),
+    "route/mode_list": (lambda: moelora.route(torch.randn(3, 4), 2, mode=["softmax_topk"]),
+                        (ValueError, r"mode must be one of \('softmax_topk', 'topk_softmax'\), got \['softmax_topk'\]")),
     "route/too_many_experts": (lambda: moelora.route(torch.randn(3, 5000), 2),
                                (ValueError, r"the number of experts must be in \[1, 4096\], got 5000")),
     "route/plus_inf_logit": (lambda: moelora.route(torch.tensor([[math.inf, 0.0]]), 2).weights,

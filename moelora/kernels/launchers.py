@@ -214,15 +214,22 @@ def _dot_config_cached(compute_dtype: torch.dtype, tf32: bool) -> dict:
 
 
 _FP32_SAFE = 2.0 ** 64
+# The largest scale magnitude whose two factors stay normal float32 numbers (at most 2**125 each).
+SCALE_LIMIT = 2.0 ** 250
 
 
 def scale_factors(scaling: float) -> tuple:
     """(scale, scale_out) with scale * scale_out == scaling, both comfortably inside float32's
     range: the kernels apply ``scale`` with the gate and ``scale_out`` last, so a LoRA scale out
-    of float32's range (kernel scalars are float32) still gives the finite results it should."""
+    of float32's range (kernel scalars are float32) still gives the finite results it should.
+    A nonzero scale of magnitude outside [1 / SCALE_LIMIT, SCALE_LIMIT] fits no such pair: a
+    ValueError (the torch backend, which computes in float64, takes it)."""
     magnitude = abs(scaling)
     if magnitude == 0 or (1 / _FP32_SAFE <= magnitude <= _FP32_SAFE) or not math.isfinite(scaling):
         return float(scaling), 1.0
+    if not 1 / SCALE_LIMIT <= magnitude <= SCALE_LIMIT:
+        raise ValueError(f"scaling must be 0 or of magnitude in [2**-250, 2**250] on the Triton backend (its "
+                         f"kernels apply it as two float32 factors), got {scaling!r}; backend='torch' takes it")
     half = 2.0 ** (math.frexp(magnitude)[1] // 2)  # a power of two: the split is exact
     return scaling / half, half
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
-from moelora.ops.validation import check_top_k
+from moelora.ops.validation import check_top_k, refuse_double_backward
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, route_logits, scheduled_eps
 from moelora.ops.backend import kernels_run
 
@@ -107,6 +107,7 @@ class _RouterLogitsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dl):
+        refuse_double_backward("the router")
         x, weight = ctx.saved_tensors
         acc = dl.dtype
         dx = dweight = None

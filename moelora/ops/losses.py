@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.ops.backend import kernels_run
+from moelora.ops.validation import refuse_double_backward
 
 
 def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -98,6 +99,7 @@ class _AuxLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _):
+        refuse_double_backward("the aux loss")
         counts, lse = ctx.saved_tensors
         g_prob_sums, g_lse = launchers.router_aux_loss_backward(g, counts, lse, *ctx.coefs)
         return None, g_prob_sums, g_lse, None, None, None, None

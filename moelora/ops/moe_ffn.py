@@ -51,11 +51,11 @@ from moelora.kernels import launchers
 from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, native_major,
                                         rows_linear, rows_weight_grad, segment_linear)
 from moelora.ops.routing_torch import padded_length
-from moelora.ops.validation import check_moe_ffn_args, check_routing_values
+from moelora.ops.validation import check_moe_ffn_args, check_routing_values, refuse_double_backward
 from moelora.ops.backend import resolve_backend
 from moelora.ops.registration import custom_op
-from moelora.ops.routing import (LAYOUT_FIELDS, DispatchMetadata, dispatch_rows, expert_layout, fake_layout_tensors,
-                                 layout_from_tensors, layout_tensors)
+from moelora.ops.routing import (LAYOUT_FIELDS, MAX_EXPERTS, DispatchMetadata, dispatch_rows, expert_layout,
+                                 fake_layout_tensors, layout_from_tensors, layout_tensors)
 from moelora.kernels.grouped import GELU, GELU_TANH, RELU, SILU
 
 
@@ -68,11 +68,16 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
     if w_in.dim() != 3 or w_in.shape[2] != x.shape[1]:
         raise ValueError(f"w_in must have shape [E, d_ff, d_in = {x.shape[1]}], got {tuple(w_in.shape)}")
     num_experts, d_ff = w_in.shape[:2]
+    if num_experts > MAX_EXPERTS:  # the expert sort's limit, on both backends
+        raise ValueError(f"moe_ffn takes at most {MAX_EXPERTS} experts: w_in.shape[0] is {num_experts}")
     if stacked_gate:
         if w_gate is not None or b_gate is not None:
             raise ValueError("with stacked_gate=True, w_in holds the gate rows: w_gate and b_gate must be None")
         if d_ff % 2:
             raise ValueError(f"with stacked_gate=True, w_in must have shape [E, 2 * d_ff, d_in], got {tuple(w_in.shape)}")
+    elif b_gate is not None and w_gate is None:
+        raise ValueError("b_gate is the gate projection's bias: it needs w_gate (or stacked_gate=True with the gate "
+                         "rows and their bias in w_in and b_in)")
     rows_in, d_ff = d_ff, d_ff // 2 if stacked_gate else d_ff
     if w_out.dim() != 3 or w_out.shape[0] != num_experts or w_out.shape[2] != d_ff:
         raise ValueError(f"w_out must have shape [E = {num_experts}, d_out, d_ff = {d_ff}], got {tuple(w_out.shape)}")
@@ -461,6 +466,7 @@ class _EagerMoEFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("moe_ffn")
         return _input_grads(ctx, dy, _eager_backward)
 
 

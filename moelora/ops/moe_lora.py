@@ -46,10 +46,10 @@ from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.grouped_linear import (group_ends, grouped_mm_layout_ok, native_major, rows_linear,
                                         rows_weight_grad)
-from moelora.ops.routing import (dispatch_rows, expert_layout, fake_layout_tensors, layout_from_tensors,
+from moelora.ops.routing import (MAX_EXPERTS, dispatch_rows, expert_layout, fake_layout_tensors, layout_from_tensors,
                                  layout_tensors)
 from moelora.ops.routing_torch import padded_length
-from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args
+from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args, refuse_double_backward
 from moelora.ops.backend import resolve_backend
 from moelora.ops.registration import custom_op
 
@@ -74,7 +74,8 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
             output); without it the delta alone is returned.
         backend: "auto" (default: see the module docstring), "triton" or "torch".
         regime: triton only: "dense" (gated expand over all E*r columns), "grouped"
-            (expert-sorted grouped GEMM) or "auto" (chosen from the shape).
+            (expert-sorted grouped GEMM, at most MAX_EXPERTS = 4096 experts) or "auto"
+            (chosen from the shape).
 
     Returns:
         [..., d_out] tensor in x's dtype, differentiable w.r.t. x, lora_a, lora_b,
@@ -83,6 +84,9 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out)
+    if regime == "grouped" and args.lora_b.shape[0] > MAX_EXPERTS:
+        raise ValueError(f"regime='grouped' sorts the pairs by expert, for at most {MAX_EXPERTS} experts: "
+                         f"lora_b.shape[0] is {args.lora_b.shape[0]} (regime='dense' takes any number)")
     # No kernel runs on zero tokens: the torch path returns the empty result with its autograd.
     if resolve_backend(backend, args.x.device) == "torch" or args.num_tokens == 0:
         return moe_lora_torch_impl(args).reshape(args.out_shape)
@@ -190,14 +194,18 @@ def choose_regime(num_experts: int, rank: int) -> str:
     backward; benchmarks/results/tune-grouped-nvidia-h200-20261128T190225.json): dense is
     faster up to E*r = 1024 and grouped from 2048, at k = 2 and at k = 4 alike (dense 1.10
     against grouped 1.47 ms at E 64, k 2; 2.01 against 1.93 ms at E 128, k 2; 2.06 against
-    1.49 ms at E 128, k 4), so the threshold is on E*r alone.
+    1.49 ms at E 128, k 4), so the threshold is on E*r alone. Beyond MAX_EXPERTS experts, which
+    the expert sort does not take, dense.
     """
-    return "dense" if num_experts * rank <= DENSE_MAX_WIDTH else "grouped"
+    return "dense" if num_experts * rank <= DENSE_MAX_WIDTH or num_experts > MAX_EXPERTS else "grouped"
 
 
 def lora_a_rows(lora_a: torch.Tensor) -> torch.Tensor:
     """A as a [rows, d_in] matrix: [r, d_in] shared, or the E matrices stacked [E*r, d_in]."""
-    return lora_a if lora_a.dim() == 2 else lora_a.reshape(-1, lora_a.shape[-1])
+    if lora_a.dim() == 2:
+        return lora_a
+    num_experts, rank, d_in = lora_a.shape
+    return lora_a.reshape(num_experts * rank, d_in)  # not -1: d_in may be 0
 
 
 def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
@@ -491,6 +499,7 @@ class _EagerMoELoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("moe_lora")
         x_shape, w_shape = ctx.shapes
         flat = len(x_shape) == 2
         dx, dlora_a, dlora_b, _, dw, dbase, _, _ = _input_grads(ctx, dy if flat else dy.reshape(-1, dy.shape[-1]),

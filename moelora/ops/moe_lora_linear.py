@@ -66,7 +66,7 @@ from moelora.ops.moe_lora import (choose_regime, fake_grouped_layout, grouped_fo
 from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
-from moelora.ops.validation import as_2d
+from moelora.ops.validation import as_2d, refuse_double_backward
 from moelora.ops.backend import resolve_backend
 from moelora.ops.registration import custom_op
 
@@ -442,6 +442,7 @@ class _MoELoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, g_aux):
+        refuse_double_backward("MoELoRALinear")
         n = ctx.needs_input_grad
         needs = _on_request(n)
         x_shape = ctx.x_shape
@@ -484,7 +485,7 @@ def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, t
     if grouped and lora_a.dim() == 3:  # the rows x[t] A_e^T of the layout
         h = x.new_empty(grouped_row_count(x.shape[1], lora_a, lora_b, T * k), lora_b.shape[2], dtype=acc)
     else:
-        h = x.new_empty(T, lora_a.reshape(-1, lora_a.shape[-1]).shape[0], dtype=acc)
+        h = x.new_empty(T, lora_a_rows(lora_a).shape[0], dtype=acc)
     layout = fake_grouped_layout(x, lora_a, lora_b, k) if grouped else []
     if mode == "static":
         empty = x.new_empty(0)

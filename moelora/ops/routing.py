@@ -114,7 +114,7 @@ def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormal
     num_experts = logits.shape[-1]
     _require("top_k", top_k, int)
     check_top_k(top_k, num_experts)
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
     _require("renormalize", renormalize, bool)
     lead = logits.shape[:-1]

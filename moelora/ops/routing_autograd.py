@@ -33,13 +33,15 @@ from moelora.ops.registration import CustomOp
 def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
     """Gradient w.r.t. logits of router_topk's (weights, prob_sums, lse): one Triton kernel where
     the Triton backend runs (the custom op moelora::router_topk_backward while torch.compile
-    traces), else PyTorch."""
+    traces), else PyTorch; PyTorch also where the gradient must itself be differentiable
+    (grad mode on in the backward: ``create_graph=True``), which the kernel's is not."""
     if kernels_run(logits.device):
         # dynamo tracing the backward (torch 2.11 gives it plain tensors), or AOT autograd's
         # fake / functional tensors
-        traced = torch.compiler.is_compiling() or type(logits) is not torch.Tensor
-        run = router_topk_backward if traced else _router_topk_backward
-        return run(logits, ids, weights, g_weights, g_prob_sums, g_lse, mode, renormalize)
+        if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
+            return router_topk_backward(logits, ids, weights, g_weights, g_prob_sums, g_lse, mode, renormalize)
+        if not torch.is_grad_enabled():
+            return _router_topk_backward(logits, ids, weights, g_weights, g_prob_sums, g_lse, mode, renormalize)
     return _route_backward_torch(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse)
 
 

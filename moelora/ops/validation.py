@@ -77,6 +77,28 @@ def host_values(*scalars: torch.Tensor) -> list:
     return torch.stack([t.to(dtype) for t in scalars]).tolist()
 
 
+def is_finite_number(value) -> bool:
+    """Whether ``value`` is a Python int or float (not a bool) with a finite float value (an int
+    beyond float's range, such as 10**400, is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def refuse_double_backward(op: str) -> None:
+    """Raise where a backward built of kernels runs with grad mode on, i.e. under
+    ``create_graph=True``: its gradients are not differentiable (not in the incoming gradient,
+    nor in the saved inputs they depend on), and ``once_differentiable`` would let
+    ``torch.autograd.grad(..., inputs)`` drop the second-order terms without a word. Free in a
+    plain backward (grad mode is off there)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}'s Triton backward is not differentiable (create_graph=True, double backward): "
+                           "run it on backend='torch' (moelora.use_backend('torch')) for higher-order gradients")
+
+
 def _require_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -148,7 +170,7 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     if base_out is not None and tuple(base_out.shape) != out_shape:
         raise ValueError(f"base_out must have shape {out_shape}, got {tuple(base_out.shape)}")
 
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+    if not is_finite_number(scaling):
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
 
     check_routing_values(topk_ids, topk_weights, num_experts)

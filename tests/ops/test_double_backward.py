@@ -1,0 +1,104 @@
+"""Higher-order gradients (``create_graph=True``): the torch backend's ops are differentiable
+twice and match a float64 autograd reference; a backward built of Triton kernels is not, and
+raises instead of returning a gradient without its second-order terms (which
+``once_differentiable`` would let ``torch.autograd.grad(..., inputs)`` do silently). The routing
+op's backward switches to its differentiable PyTorch form there."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moelora
+from conftest import DEVICE
+from moelora.ops.losses import routing_aux_losses
+from moelora.ops.reference import moe_lora_naive
+from moelora.ops.routing_modes import route_logits
+
+T, D, R, E, K = 6, 8, 2, 3, 2
+F64 = dict(dtype=torch.float64, device=DEVICE)
+
+
+def _penalty_grads(fn, leaves):
+    """Gradients of sum(y) + |d sum(y^2) / d leaves[0]|^2 (a gradient penalty) w.r.t. the leaves."""
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    y = fn(*leaves)
+    g = torch.autograd.grad(y.pow(2).sum(), leaves[0], create_graph=True)[0]
+    return torch.autograd.grad(y.sum() + g.pow(2).sum(), leaves)
+
+
+def _routing():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.rand(T, E, generator=g).argsort(1)[:, :K].to(DEVICE)
+    return ids, torch.rand(T, K, generator=g, dtype=torch.float64).to(DEVICE)
+
+
+def _assert_close(got, want):
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()).item() < 1e-10
+
+
+def test_moe_lora_torch_backend_is_twice_differentiable():
+    ids, w = _routing()
+    leaves = [torch.randn(T, D, **F64), torch.randn(R, D, **F64), torch.randn(E, D, R, **F64), w]
+    got = _penalty_grads(lambda x, a, b, w: moelora.moe_lora(x, a, b, ids, w, backend="torch"), leaves)
+    _assert_close(got, _penalty_grads(lambda x, a, b, w: moe_lora_naive(x, a, b, ids, w), leaves))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_route_is_twice_differentiable_on_both_backends(backend):
+    logits = torch.randn(T, E, **F64)
+
+    def reference(z):
+        chosen = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices[:, :K]
+        return z.softmax(-1).gather(1, chosen)
+
+    with moelora.use_backend(backend):
+        got = _penalty_grads(lambda z: moelora.route(z, K).weights, [logits])
+    _assert_close(got, _penalty_grads(reference, [logits]))
+
+
+def _moe_lora(x):
+    ids, w = _routing()
+    return moelora.moe_lora(x, torch.randn(R, D, **F64), torch.randn(E, D, R, **F64), ids, w, backend="triton")
+
+
+def _moe_ffn(x):
+    ids, w = _routing()
+    return moelora.moe_ffn(x, ids, w, torch.randn(E, 5, D, **F64), None, torch.randn(E, D, 5, **F64), None, F.silu,
+                           backend="triton")
+
+
+def _layer(x):
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(D, D), num_experts=E, top_k=K, r=R, init_lora_weights=False)
+    with moelora.use_backend("triton"):
+        return layer.to(**F64)(x) + 0 * moelora.aux_loss(layer)
+
+
+@pytest.mark.parametrize("op, fn", [("moe_lora", _moe_lora), ("moe_ffn", _moe_ffn), ("MoELoRALinear", _layer)])
+def test_triton_backward_refuses_create_graph(op, fn):
+    x = torch.randn(T, D, **F64, requires_grad=True)
+    y = fn(x)
+    torch.autograd.grad(y.pow(2).sum(), x, retain_graph=True)  # first order: fine
+    with pytest.raises(RuntimeError, match=f"{op}'s Triton backward is not differentiable .*backend='torch'"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True, retain_graph=True)
+    # a constant incoming gradient too: d sum(y) / dx still depends on the weights
+    with pytest.raises(RuntimeError, match=f"{op}'s Triton backward is not differentiable"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_router_and_aux_loss_backwards_refuse_create_graph():
+    """The Router module's logits and the aux loss of its routing (kernels of their own where the
+    Triton backend runs: routed modules outside the fused layer, e.g. MoEFFN)."""
+    torch.manual_seed(0)
+    router = moelora.Router(D, E, top_k=K).to(**F64)
+    x = torch.randn(T, D, **F64, requires_grad=True)
+    with moelora.use_backend("triton"):
+        logits = router.logits(x)
+        with pytest.raises(RuntimeError, match="the router's Triton backward is not differentiable"):
+            torch.autograd.grad(logits.pow(2).sum(), x, create_graph=True)
+        z = torch.randn(T, E, **F64, requires_grad=True)
+        loss, _ = routing_aux_losses(route_logits(z, "softmax_topk", K), 0.01, 0.001)
+        with pytest.raises(RuntimeError, match="the aux loss's Triton backward is not differentiable"):
+            torch.autograd.grad(loss, z, create_graph=True)
