@@ -15,7 +15,10 @@
   of an injected model with per-expert A.
 - Both handle PEFT's layers on linear layers, embeddings (``lora_embedding_A/B``) and
   convolutions (conv kernels), the biases a ``bias="all"`` / ``"lora_only"`` adapter trains,
-  and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``).
+  and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``). The import also
+  takes the input / output embedding weights PEFT saves with ``save_embedding_layers`` (by
+  default when ``embed_tokens`` or ``lm_head`` is a target: ``<module>.base_layer.weight``)
+  and copies them into the model's base layers, as PEFT does.
 - Named adapters (:mod:`moelora.tuner.adapters`): :func:`save_pretrained` writes "default" in the
   directory and any other adapter in a subfolder named after it (PEFT's layout);
   :func:`load_adapter` adds one to a loaded model.
@@ -374,21 +377,43 @@ def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path:
                              f"(r={layer.r}) needs {shape}")
 
 
+def _peft_embedding_prefixes(inner: nn.Module) -> tuple:
+    """Name prefixes of the tensors of the input and output embedding layers that PEFT's
+    ``save_embedding_layers`` saves (a transformers model's ``get_input_embeddings`` /
+    ``get_output_embeddings``): the base layer of an adapted one (embed_tokens or lm_head among
+    the targets), a layer that is not adapted (a resized vocabulary) whole."""
+    inner_names = {id(m): n for n, m in inner.named_modules()}
+    prefixes = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(inner, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if layer is not None and id(layer) in inner_names:
+            prefixes.append(f"{inner_names[id(layer)]}.{'base_layer.' if is_adapter_layer(layer) else ''}")
+    return tuple(prefixes)
+
+
 def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> list:
-    """(model tensor, checkpoint tensor) of a PEFT checkpoint's biases and saved modules' tensors,
-    every one checked to exist in the model with the same shape."""
+    """(model tensor, checkpoint tensor) of a PEFT checkpoint's biases, saved modules' tensors and
+    embedding layers' weights (:func:`_peft_embedding_prefixes`; PEFT loads these into the base
+    model too), every one checked to exist in the model with the same shape."""
     saved = [n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    embeddings = _peft_embedding_prefixes(inner)
     own = inner.state_dict(keep_vars=True)
     pairs = []
     for key, tensor in others.items():
         owner = next((n for n in saved if key.startswith(n + ".")), None)
-        if owner is None and not key.endswith("bias"):
+        if owner is None and not key.endswith("bias") and not key.startswith(embeddings):
             raise ValueError(f"{weights_path}: unsupported tensor in the PEFT checkpoint: {PEFT_PREFIX}{key} "
-                             "(neither LoRA, a bias, nor a tensor of its modules_to_save)")
+                             "(neither LoRA, a bias, a tensor of its modules_to_save, nor a weight of the model's "
+                             "input / output embedding layer)")
         name = f"{owner}.modules_to_save.{key[len(owner) + 1:]}" if owner else key
-        if name not in own or own[name].shape != tensor.shape:
-            raise ValueError(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model "
-                             f"({'no tensor ' + name if name not in own else 'shape ' + str(tuple(own[name].shape))})")
+        if name not in own:
+            raise ValueError(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model (no tensor {name})")
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model: {key} has shape "
+                             f"{tuple(tensor.shape)}, the model's has shape {tuple(own[name].shape)}")
         pairs.append((own[name], tensor))
     return pairs
 

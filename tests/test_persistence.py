@@ -194,6 +194,39 @@ def test_import_peft_lora_as_single_expert_and_into_an_expert(tmp_path, use_dora
     torch.testing.assert_close(tasks(ids, task_ids=1).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_import_peft_checkpoint_with_targeted_embeddings_loads_their_saved_base_weights(tmp_path):
+    """With embed_tokens / lm_head among the targets PEFT also saves their base weights
+    (save_embedding_layers="auto"); loading copies them into the base layers, as PEFT does."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"], init_lora_weights=False)).eval()
+    with torch.no_grad():  # e.g. a resized and retrained vocabulary: the saved base weights differ from the fresh ones
+        peft_model.base_model.model.model.embed_tokens.base_layer.weight.mul_(1.5)
+        peft_model.base_model.model.lm_head.base_layer.weight.add_(0.1)
+    ids = token_batch()
+    expected = peft_model(ids).logits
+    peft_model.save_pretrained(str(tmp_path))
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    embedding = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert {embedding, "base_model.model.lm_head.base_layer.weight"} <= set(state)
+    torch.testing.assert_close(PeftModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path)).eval()(ids).logits,
+                               expected)
+    ours = moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path)).eval()
+    torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not ours.model.model.embed_tokens.base_layer.weight.requires_grad  # still the frozen base
+    # a saved base weight of another shape is an error naming it; the fresh model is left as it was
+    state[embedding] = torch.zeros(65, 16)
+    save_file(state, str(weights))
+    base = tiny_llama(num_layers=2)
+    with pytest.raises(ValueError, match=r"model.embed_tokens.base_layer.weight has shape \(65, 16\), the model's "
+                                         r"has shape \(64, 16\)"):
+        moelora.load_peft_lora(base, str(tmp_path))
+    assert type(base.model.embed_tokens) is torch.nn.Embedding
+
+
 def test_checkpoint_written_by_earlier_code_still_loads():
     """tests/fixtures/checkpoint_v0 was saved by the code before the package was reorganised
     (tests/fixtures/make_checkpoint_v0.py): today's from_pretrained rebuilds the same model."""
