@@ -375,7 +375,8 @@ class MoELoRAModel(nn.Module):
         adapters.set_adapter_layers(self.model, False)
 
     def add_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:
-        """Add an adapter built from ``config`` (inactive and frozen; see :meth:`set_adapter`)."""
+        """Add an adapter built from ``config`` (inactive and frozen; see :meth:`set_adapter`), its
+        modules in the model's train / eval mode (``self.training``)."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=False)
         active = adapters.deactivate(self.model)
         try:
@@ -384,7 +385,7 @@ class MoELoRAModel(nn.Module):
         finally:
             adapters.activate(self.model, active)
             self._mark_trainable()
-        self.inactive_adapters[adapter_name] = adapters.stored(new)
+        self.inactive_adapters[adapter_name] = adapters.stored(new).train(self.training)
         self.adapter_configs[adapter_name] = config
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -397,7 +398,7 @@ class MoELoRAModel(nn.Module):
         outgoing = adapters.deactivate(self.model)
         adapters.activate(self.model, dict(incoming.items()))
         del self.inactive_adapters[adapter_name]
-        self.inactive_adapters[self.active_adapter] = adapters.stored(outgoing)
+        self.inactive_adapters[self.active_adapter] = adapters.stored(outgoing).train(self.training)
         self.active_adapter = adapter_name
         self._mark_trainable()
 
@@ -413,7 +414,8 @@ class MoELoRAModel(nn.Module):
         del self.adapter_configs[adapter_name]
 
     def load_adapter(self, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load an adapter saved by :meth:`save_pretrained` as ``adapter_name`` (inactive)."""
+        """Load an adapter saved by :meth:`save_pretrained` as ``adapter_name`` (inactive, in the
+        model's train / eval mode, as :meth:`add_adapter`)."""
         persistence.load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
 
     def _mark_trainable(self) -> None:

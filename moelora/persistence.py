@@ -220,7 +220,9 @@ def _legacy_base_tensor(name: str, present: dict) -> bool:
 def load_adapter(model: nn.Module, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name`` (inactive), as PEFT's
     ``load_adapter``. The model must have the structure (upcycling, MoLEx) the adapter was
-    saved with; ``is_trainable`` makes the adapters trainable when activated. Every file is
+    saved with; ``is_trainable`` makes the adapters trainable when activated. Its modules are
+    in the model's train / eval mode (``MoELoRAModel.add_adapter``): an adapter loaded into a
+    model from ``from_pretrained`` (eval) runs without dropout or router noise. Every file is
     checked first; an adapter that does not fit is not added."""
     config, structure, state = read_checkpoint(directory)
     if structure != _structure.to_json(unwrap(model)):

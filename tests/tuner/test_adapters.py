@@ -258,6 +258,31 @@ def test_named_adapters_save_as_peft_lays_them_out_and_load_back(tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
 
 
+def test_added_and_loaded_adapters_follow_the_models_train_or_eval_mode(tmp_path):
+    """A new adapter's layers (dropout, router noise) are built in the model's mode: an adapter
+    added to or loaded into an eval model runs deterministically once activated."""
+    model = get_moelora_model(tiny_llama(num_layers=2),
+                              MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1)).train()
+    model.add_adapter("noisy", MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2,
+                                             lora_dropout=0.5, router_jitter_noise=0.5))
+    assert all(m.training for m in model.modules())  # a training model: new modules train too
+    model.set_adapter("noisy")
+    randomize_adapters(model.model)
+    model.set_adapter("default")
+    model.save_pretrained(str(tmp_path))
+    ids = token_batch()
+
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))  # for inference: eval
+    loaded.load_adapter(str(tmp_path / "noisy"), "noisy")
+    loaded.add_adapter("added", MoELoRAConfig(target_modules=["k_proj"], num_experts=1, lora_dropout=0.3))
+    assert not [n for n, m in loaded.named_modules() if m.training]
+    for name in ("noisy", "added"):
+        loaded.set_adapter(name)
+        assert not [n for n, m in loaded.named_modules() if m.training], name
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, loaded(ids).logits), name
+
+
 def test_named_plain_lora_adapters_match_peft_multi_adapter_model(tmp_path):
     from peft import PeftModel
 
