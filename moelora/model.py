@@ -459,8 +459,9 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
 @torch.no_grad()
 def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
     """Load a PEFT LoRA checkpoint as one expert (see moelora.persistence); returns the wrapper.
-    Every tensor is checked against the model before any is copied; a fresh ``model`` is left
-    as it was when the checkpoint does not fit."""
+    Into expert ``expert`` of a task-routed model the task's gate ``lora_gamma[expert]`` is set to
+    1, so that task computes the PEFT LoRA. Every tensor is checked against the model before any
+    is copied; a fresh ``model`` is left as it was when the checkpoint does not fit."""
     peft_config, modules, others, weights_path = persistence.read_peft_checkpoint(directory)
     if expert is not None and (not isinstance(expert, int) or isinstance(expert, bool)):
         raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")

@@ -12,7 +12,9 @@
   LoRA with the same scaling.
 - ``moelora.load_peft_lora`` (moelora.model, with this module's PEFT readers) reads a PEFT
   LoRA checkpoint as a single expert: into a fresh model (E = 1), or into expert ``expert``
-  of an injected model with per-expert A.
+  of an injected model with per-expert A. Into a task-routed model it sets that task's gate
+  ``lora_gamma[expert]`` to 1, so the task computes the PEFT LoRA exactly (a layer's
+  task-shared LoRA must be zero, else it raises).
 - Both handle PEFT's layers on linear layers, embeddings (``lora_embedding_A/B``) and
   convolutions (conv kernels), the biases a ``bias="all"`` / ``"lora_only"`` adapter trains,
   and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``). The import also
@@ -360,13 +362,20 @@ def read_peft_checkpoint(directory: str):
 
 def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path: str) -> None:
     """The PEFT tensors of module ``name`` fit expert ``target`` of ``layer`` exactly (no
-    broadcasting): A and B as one expert's, the DoRA magnitude as the layer's."""
+    broadcasting): A and B as one expert's, the DoRA magnitude as the layer's. In a task-routed
+    layer the task-shared LoRA, which every task adds, must be zero (B, or A where it is not
+    the imported one), so that task ``target`` computes the PEFT LoRA exactly."""
     if not is_adapter_layer(layer):
         raise ValueError(f"{weights_path}: {name} is not a MoE-LoRA layer of the model")
     if not 0 <= target < layer.num_experts:
         raise ValueError(f"expert must be in [0, {layer.num_experts}) for {name}, got {target}")
     if layer.share_lora_a and layer.num_experts > 1:
         raise ValueError(f"{name}: cannot load a PEFT LoRA into one expert of a layer whose A is shared")
+    if layer.task_shared_lora and layer.lora_B[-1].any() and (
+            layer.share_lora_a or layer.expert_A(layer.num_experts).any()):
+        raise ValueError(f"{name}: the layer's task-shared LoRA is non-zero and adds to every task's output, so task "
+                         f"{target} would not compute the PEFT LoRA; load it into a layer whose shared LoRA is zero "
+                         "(as injected)")
     expected = {"lora_A": tuple(layer.lora_A.shape[0 if layer.share_lora_a else 1:]),
                 "lora_B": tuple(layer.lora_B.shape[1:])}
     if "lora_magnitude_vector" in tensors:
@@ -455,7 +464,9 @@ def check_peft_checkpoint(inner: nn.Module, modules: dict, others: dict, target:
 @torch.no_grad()
 def copy_peft_checkpoint(peft_config: dict, modules: dict, layers: dict, extras: list, target: int) -> None:
     """Copy the checked tensors (:func:`check_peft_checkpoint`) into expert ``target``; the layers
-    keep their scaling, any difference to the checkpoint's is folded into B."""
+    keep their scaling, any difference to the checkpoint's is folded into B. A task-routed
+    layer's ``lora_gamma[target]`` is set to 1 (the gate of task ``target``; B holds any gamma
+    :func:`export_peft_lora` folded in), so that task computes the PEFT LoRA."""
     use_rslora = bool(peft_config.get("use_rslora", False))
     for name, tensors in modules.items():
         layer, a, b = layers[name], tensors["lora_A"], tensors["lora_B"]
@@ -466,6 +477,8 @@ def copy_peft_checkpoint(peft_config: dict, modules: dict, layers: dict, extras:
         else:
             layer.lora_A[target].copy_(a)
         layer.lora_B[target].copy_(b * (peft_scaling / layer.scaling))
+        if layer.router_mode == "task":
+            layer.lora_gamma[target] = 1.0
         if "lora_magnitude_vector" in tensors:
             layer.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
     for own, tensor in extras:

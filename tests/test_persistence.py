@@ -183,15 +183,41 @@ def test_import_peft_lora_as_single_expert_and_into_an_expert(tmp_path, use_dora
     torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-5)
     if use_dora:
         return
-    # into expert 1 of a task-routed model: task 1 with gamma = 1 reproduces the PEFT model
+    # into expert 1 of a task-routed model: the load sets gamma[1] = 1, task 1 reproduces the PEFT model
     tasks = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"], r=4,
                                                                       lora_alpha=8, num_experts=2, router="task"))
     moelora.load_peft_lora(tasks, str(tmp_path), expert=1)
-    with torch.no_grad():
-        for m in tasks.modules():
-            if isinstance(m, moelora.MoELoRALinear):
-                m.lora_gamma.fill_(1.0)
     torch.testing.assert_close(tasks(ids, task_ids=1).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_task_imports_into_that_task_expert_exactly(tmp_path):
+    """export_peft_lora(task=t) then load_peft_lora(expert=t): the load sets gamma[t] = 1 (B holds
+    gamma folded in), so task t computes the PEFT LoRA; the other tasks are left as they were.
+    A non-zero task-shared LoRA would add to task t's output: an error, nothing copied."""
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, router="task")
+    source = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    _perturb_all_adapters(source)
+    source.eval()
+    ids = token_batch()
+    moelora.export_peft_lora(source, str(tmp_path), task=1)
+    target = get_moelora_model(tiny_llama(num_layers=2), cfg).eval()
+    randomize_adapters(target, seed=7)
+    other_task = target(ids, task_ids=2).logits
+    moelora.load_peft_lora(target, str(tmp_path), expert=1)
+    torch.testing.assert_close(target(ids, task_ids=1).logits, source(ids, task_ids=1).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(target(ids, task_ids=2).logits, other_task)
+    assert target.model.model.layers[0].self_attn.q_proj.lora_gamma[1].item() == 1.0
+
+    shared_cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, router="task", task_shared_lora=True)
+    fresh = get_moelora_model(tiny_llama(num_layers=2), shared_cfg).eval()  # the shared LoRA starts at zero: exact
+    moelora.load_peft_lora(fresh, str(tmp_path), expert=1)
+    torch.testing.assert_close(fresh(ids, task_ids=1).logits, source(ids, task_ids=1).logits, rtol=1e-5, atol=1e-5)
+    trained = get_moelora_model(tiny_llama(num_layers=2), shared_cfg)
+    randomize_adapters(trained)
+    before = {n: p.detach().clone() for n, p in trained.named_parameters()}
+    with pytest.raises(ValueError, match=r"q_proj: the layer's task-shared LoRA is non-zero"):
+        moelora.load_peft_lora(trained, str(tmp_path), expert=1)
+    assert all(torch.equal(p, before[n]) for n, p in trained.named_parameters())
 
 
 def test_import_peft_checkpoint_with_targeted_embeddings_loads_their_saved_base_weights(tmp_path):
