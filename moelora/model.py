@@ -323,6 +323,9 @@ class MoELoRAModel(nn.Module):
                 m.disable_adapters = prev
 
     def merge_adapter(self, task: Optional[int] = None) -> None:
+        """Fold every layer's adapter into its base weight (``task`` for task-routed layers), or none:
+        if one layer cannot merge (a learned router, merged already) nothing is merged and the
+        error names that layer."""
         merge.merge_adapter(self.model, task)
 
     def unmerge_adapter(self) -> None:

@@ -148,6 +148,22 @@ def test_merge_task_routed_layer_for_chosen_task_and_reject_learned_router():
         routed.merge_adapter()
 
 
+def test_merge_adapter_merges_every_layer_or_none_and_errors_name_the_layer():
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=[1, 2],
+                                                                      top_k=1))
+    _perturb_all_adapters(model)
+    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    for _ in range(2):  # layer 0 could merge, layer 1 cannot: nothing is merged, and a retry says the same
+        with pytest.raises(ValueError, match=r"^model.layers.1.self_attn.q_proj: only static routing folds"):
+            model.merge_adapter()
+        assert not any(m.merged for m in model.modules() if isinstance(m, moelora.MoELoRALinear))
+        assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+    single = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    single.merge_adapter()
+    with pytest.raises(RuntimeError, match=r"^model.layers.0.self_attn.q_proj: the layer is already merged"):
+        single.merge_adapter()
+
+
 def test_export_task_adapter_to_peft_and_load_with_peft(tmp_path):
     from peft import PeftModel
 

@@ -269,11 +269,17 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         a, b = self.static_lora_factors(task)
         return self.scaling * (b @ a)
 
+    def check_merge(self, task: Optional[int] = None) -> None:
+        """Raise the error :meth:`merge` would (the layer is merged already, or its routing does not
+        fold into one weight delta), changing nothing: ``merge_adapter`` checks every layer first."""
+        if self.merged:
+            raise RuntimeError("the layer is already merged; unmerge it first")
+        self.static_lora_factors(task)
+
     @torch.no_grad()
     def merge(self, task: Optional[int] = None) -> None:
         """Fold the adapter into the base weight (static routing only; see above)."""
-        if self.merged:
-            raise RuntimeError("the layer is already merged; unmerge it first")
+        self.check_merge(task)
         weight = self.base_layer.weight
         w = self.base_weight()  # view in [d_out, d_in] layout, writes go to the base weight
         delta = self.delta_weight(task).to(torch.float32)

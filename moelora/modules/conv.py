@@ -123,11 +123,11 @@ class MoELoRAConv(AdapterLayerBase):
             return self.lora_B
         return self.lora_B.repeat(1, 1, self.groups) * self.lora_b_group_mask
 
-    def merge(self, task=None) -> None:
+    def check_merge(self, task=None) -> None:
         if self.groups > 1:
             raise ValueError("merging is not supported for convolutions with groups > 1 (as PEFT): the LoRA "
                              "delta of a grouped convolution is not a grouped kernel")
-        super().merge(task)
+        super().check_merge(task)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

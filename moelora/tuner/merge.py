@@ -1,5 +1,7 @@
 """Folding every adapter of a model into the frozen base weights, and back out; each layer
-merges itself (``MoELoRALinear.merge`` / ``unmerge``: static routing only, see there)."""
+merges itself (``MoELoRALinear.merge`` / ``unmerge``: static routing only, see there).
+:func:`merge_adapter` checks every layer before it merges any, so a model is never left
+half-merged."""
 
 from __future__ import annotations
 
@@ -11,17 +13,25 @@ from moelora.modules.adapter_base import is_adapter_layer
 
 
 def _moelora_layers(model: nn.Module):
-    return [m for m in model.modules() if is_adapter_layer(m)]
+    """(module path, layer) of every MoE-LoRA layer of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if is_adapter_layer(m)]
 
 
 def merge_adapter(model: nn.Module, task: Optional[int] = None) -> None:
-    """Merge every MoELoRALinear of ``model`` (``task`` for task-routed layers)."""
-    for layer in _moelora_layers(model):
-        layer.merge(task if layer.router_mode == "task" else None)
+    """Merge every MoE-LoRA layer of ``model`` (``task`` for task-routed layers), or none: every
+    layer is checked first (``check_merge``), and the error names the layer that cannot merge."""
+    layers = [(name, layer, task if layer.router_mode == "task" else None) for name, layer in _moelora_layers(model)]
+    for name, layer, layer_task in layers:
+        try:
+            layer.check_merge(layer_task)
+        except (RuntimeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+    for _, layer, layer_task in layers:
+        layer.merge(layer_task)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    for layer in _moelora_layers(model):
+    for _, layer in _moelora_layers(model):
         if layer.merged:
             layer.unmerge()
 
