@@ -206,6 +206,29 @@ def test_import_peft_lora_as_single_expert_and_into_an_expert(tmp_path, use_dora
     torch.testing.assert_close(tasks(ids, task_ids=1).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_import_peft_lora_keeps_its_lora_dropout_and_base_model_name(tmp_path):
+    """The MoELoRAConfig built for a PEFT checkpoint carries the PEFT config's fields moelora has
+    (lora_dropout: continued training drops out as PEFT's would)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                     lora_dropout=0.3))
+    peft_model.save_pretrained(str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    peft_config = json.loads(config_path.read_text())
+    assert peft_config["lora_dropout"] == 0.3
+    config_path.write_text(json.dumps(dict(peft_config, base_model_name_or_path="tiny/llama")))
+    ours = moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path))
+    assert ours.moelora_config.lora_dropout == 0.3 and ours.moelora_config.base_model_name_or_path == "tiny/llama"
+    dropout = ours.model.model.layers[0].self_attn.q_proj.lora_dropout
+    assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.3
+    config_path.write_text(json.dumps(dict(peft_config, lora_dropout=1.5)))
+    with pytest.raises(ValueError, match=r"adapter_config.json: lora_dropout must be in \[0, 1\), got 1.5"):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path))
+
+
 def test_exported_task_imports_into_that_task_expert_exactly(tmp_path):
     """export_peft_lora(task=t) then load_peft_lora(expert=t): the load sets gamma[t] = 1 (B holds
     gamma folded in), so task t computes the PEFT LoRA; the other tasks are left as they were.
