@@ -177,6 +177,19 @@ def test_task_ids_by_setter_context_and_forward_kwarg():
         moelora.set_task_ids(tiny_bert(), 1)
 
 
+def test_task_ids_forward_kwarg_under_inference_mode():
+    """task_ids made under torch.inference_mode (inference tensors) route like any other."""
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task"))
+    randomize_adapters(model)
+    model.eval()
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(ids, task_ids=torch.tensor([0, 2])).last_hidden_state
+    with torch.inference_mode():
+        out = model(ids, task_ids=torch.tensor([0, 2])).last_hidden_state
+    torch.testing.assert_close(out, expected)
+
+
 def test_bias_modes_mark_biases_trainable():
     model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], bias="lora_only"))
     trainable_biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}

@@ -128,7 +128,8 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     tensor is alive and unchanged (its version counter): the layers of a model route by the
     same task ids, so each batch pays for them once, not once per layer. Only the weights,
     which depend on the trainable gamma, are computed per call. Nothing is reused under
-    torch.compile or CUDA-graph capture (the graph must record how the ids are made).
+    torch.compile or CUDA-graph capture (the graph must record how the ids are made), nor for
+    an inference tensor (made under torch.inference_mode), which has no version counter.
     """
     num_tasks = gamma.shape[0]
     if isinstance(task_ids, bool) or not isinstance(task_ids, (int, torch.Tensor)):
@@ -139,7 +140,8 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     if isinstance(task_ids, int) and not 0 <= task_ids < num_tasks:
         raise ValueError(f"task id must be in [0, {num_tasks}), got {task_ids}")
     dtype = accumulator_dtype(gamma.dtype)
-    cached = isinstance(task_ids, torch.Tensor) and not _tracing_or_capturing()
+    cached = (isinstance(task_ids, torch.Tensor) and not task_ids.is_inference()
+              and not _tracing_or_capturing())
     key = (tuple(lead_shape), num_tasks, shared_expert, gamma.device, dtype)
     entry = _TASK_ROUTING.get(task_ids, {}).get(key) if cached else None
     if entry is None or entry[0] != task_ids._version or (not entry[1] and syncing_checks_enabled()):

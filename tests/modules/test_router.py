@@ -150,6 +150,30 @@ def test_task_routing_reuses_the_ids_of_a_task_id_tensor_until_it_changes():
     assert len(routing_modes._TASK_ROUTING) <= routing_modes._TASK_ROUTING_TENSORS
 
 
+def test_task_routing_of_inference_tensors_under_inference_mode():
+    """A task-id tensor made under torch.inference_mode has no version counter: it is routed
+    without the reuse cache, by task_routing and by a task-routed layer, with the same result
+    as under no_grad."""
+    from moelora.ops import routing_modes
+
+    gamma = torch.tensor([0.5, -1.0, 2.0])
+    layer = moelora.MoELoRALinear(torch.nn.Linear(8, 8), num_experts=3, r=2, router="task").eval()
+    torch.nn.init.normal_(layer.lora_B, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        moelora.set_task_ids(layer, torch.tensor([0, 2]))
+        expected = layer(x)
+    with torch.inference_mode():
+        tasks = torch.tensor([2, 0])
+        assert tasks.is_inference()
+        r = task_routing(tasks, gamma, (2, 3))
+        assert r.ids.flatten().tolist() == [2] * 3 + [0] * 3
+        assert r.weights.flatten().tolist() == [2.0] * 3 + [0.5] * 3
+        assert tasks not in routing_modes._TASK_ROUTING
+        moelora.set_task_ids(layer, torch.tensor([0, 2]))
+        torch.testing.assert_close(layer(x), expected)
+
+
 def test_router_jitter_only_in_training():
     router = Router(8, 4, 2, jitter_noise=0.5)
     x = torch.randn(16, 8)
