@@ -15,16 +15,20 @@ Each layer t of a residual stack is mixed with one other layer j chosen by a gat
 - the gate learns through a straight-through factor g[t,j] / stopgrad(g[t,j]) (= 1 in the
   forward) on the u_j term, and a Switch load-balancing loss over the token choices.
 
-Running u_j without reading j on the host (``layer_selection="device"``, the default where
-the layers have the same parameter names and shapes): the parameters and buffers of the L
-layers are stacked once per forward and layer t's own code runs with layer j's slice
-(``torch.func.functional_call``), so no host sync, and torch.compile(fullgraph=True) and
-CUDA-graph capture work. The price: one copy of the stack's parameters per forward, plus
-the gathered slice of each mixing call kept for backward. ``layer_selection="host"`` calls
-``layers[j]`` itself (no copies, one host read per layer; needed where layers differ, e.g.
-MoLA's per-layer expert counts); ``"auto"`` picks device where it can. The layers run
-layer t's code: exact where layers differ only in their parameters (not e.g. alternating
-sliding-window layers: use "host" there).
+Running u_j without reading j on the host (``layer_selection="device"``): the parameters and
+buffers of the L layers are stacked once per forward and layer t's own code runs with layer
+j's slice (``torch.func.functional_call``), so no host sync, and torch.compile(fullgraph=True)
+and CUDA-graph capture work. The price: one copy of the stack's parameters per forward, plus
+the gathered slice of each mixing call kept for backward. That is exact only where the
+layers differ in nothing but their tensors' values. ``layer_selection="host"`` calls
+``layers[j]`` itself (no copies, one host read per layer). ``"auto"`` (the default) picks
+device where the layers are alike (:func:`_layer_signature`): the same submodules with the
+same parameter and buffer names, shapes and dtypes, and the same non-tensor attributes
+(train/eval mode, a MoE-LoRA layer's scaling, top-k, router mode and schedule, dropout
+probabilities, a window size, ...; ``layer_idx``, the layer's KV-cache slot, which the
+mixing calls do not use, aside); otherwise host (e.g. MoLA's per-layer expert counts, a
+per-layer ``alpha_pattern``, alternating sliding-window layers). ``"device"`` raises where
+they differ.
 
 Applied with forward hooks on the existing layers (module names and state dicts of the
 base model are unchanged); the gates live in ``model.molex``. The aux losses and router
@@ -38,6 +42,7 @@ tokens raises (the mixing layer would need keys it never computed: generate with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional
@@ -118,7 +123,8 @@ class MoLEx(nn.Module, RoutedModule):
         if layer_selection not in LAYER_SELECTION:
             raise ValueError(f"layer_selection must be one of {LAYER_SELECTION}, got {layer_selection!r}")
         self.layer_selection = layer_selection
-        self._stacked = None  # the layers' stacked tensors of the forward under way (device selection)
+        # the stacked tensors of the forward under way (device selection), False while host selection runs
+        self._stacked = None
         self._layers = [layers]  # a list: not registered, the stack belongs to the model
         self.num_layers, self.batch_routing, self.shared_gate = num_layers, batch_routing, shared_gate
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, 0.0
@@ -189,9 +195,9 @@ class MoLEx(nn.Module, RoutedModule):
         """Layer j on layer t's input (see the module docstring); the routing records of the
         layer whose code runs are those of its own call afterwards."""
         layers = self._layers[0]
-        device = self._device_selection(layers)
-        if t == 0 or self._stacked is None:
-            self._stacked = _stack_layers(layers) if device else None
+        if t == 0 or self._stacked is None:  # decided once per forward
+            self._stacked = _stack_layers(layers) if self._device_selection(layers) else False
+        device = self._stacked is not False
         runner = layers[t] if device else layers[int(j)]  # "host": one host read
         records = _routing_records(runner)
         self._calling_other = True
@@ -210,12 +216,15 @@ class MoLEx(nn.Module, RoutedModule):
         return out
 
     def _device_selection(self, layers: nn.ModuleList) -> bool:
+        """Whether this forward runs device selection: "device", or "auto" with layers alike
+        (:func:`_layer_signature`); "device" with layers that differ raises."""
         if self.layer_selection == "host":
             return False
         uniform = len({_layer_signature(layer) for layer in layers}) == 1
         if not uniform and self.layer_selection == "device":
             raise ValueError("layer_selection='device' needs layers with the same parameter and buffer names and "
-                             "shapes (e.g. MoLA's per-layer expert counts differ): use 'host'")
+                             "shapes and the same non-tensor attributes (e.g. MoLA's per-layer expert counts, or "
+                             "a per-layer alpha_pattern's scaling, differ): use 'host'")
         return uniform
 
     def remove(self) -> None:
@@ -226,7 +235,29 @@ class MoLEx(nn.Module, RoutedModule):
 
 
 def _layer_signature(layer: nn.Module) -> tuple:
-    return tuple((n, tuple(t.shape), t.dtype) for n, t in (*layer.named_parameters(), *layer.named_buffers()))
+    """What must be equal across the layers for device selection to run layer t's code with layer
+    j's tensors: the name, shape and dtype of every parameter and buffer, and the type and the
+    public non-tensor attributes of every submodule (train/eval mode, a MoE-LoRA layer's scaling,
+    top-k, router settings, dropout probabilities, ...), except ``layer_idx``: the KV-cache slot
+    of transformers' attention layers, unused by the mixing calls, which run without the cache."""
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in (*layer.named_parameters(), *layer.named_buffers()))
+    modules = tuple((name, type(m), tuple((k, _attribute_value(v)) for k, v in m.__dict__.items()
+                                          if not k.startswith("_") and k != "layer_idx"))
+                    for name, m in layer.named_modules())
+    return tensors, modules
+
+
+def _attribute_value(v):
+    """A module attribute as _layer_signature compares it: numbers, strings and frozen dataclasses
+    (LayerSettings) by value, tuples and lists elementwise, anything else (a shared config, a
+    task-id tensor) by identity."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return tuple(_attribute_value(x) for x in v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type) and type(v).__dataclass_params__.frozen:
+        return v
+    return ("object", id(v))
 
 
 def _stack_layers(layers: nn.ModuleList) -> dict:

@@ -190,6 +190,36 @@ def test_device_selection_needs_uniform_layers_and_auto_falls_back():
         model(token_batch())
     with pytest.raises(ValueError, match="layer_selection must be one of"):
         apply_molex(Stack(), hidden_size=8, layer_selection="gpu")
+    uniform = _lora_llama()  # alike but for layer_idx (the KV-cache slot): device selection
+    assert apply_molex(uniform, layer_selection="auto")._device_selection(uniform.model.model.layers)
+
+
+@pytest.mark.parametrize("differs", [
+    dict(lora_alpha=64.0), dict(use_rslora=True), dict(router="topk_softmax"), dict(top_k=1),
+    dict(router_renormalize=False), dict(router="threshold", threshold_eps=0.3), dict(lora_dropout=0.1),
+    dict(lora_a_dropout=0.1), dict(router_jitter_noise=0.1)], ids=lambda d: ",".join(d))
+def test_auto_selection_falls_back_to_host_where_layer_settings_differ(differs):
+    """Device selection runs layer t's code with layer j's tensors: layers with the same tensor
+    shapes but other settings (scaling, routing, dropout, ...) take the host path under "auto",
+    whose outputs it then equals; "device" refuses them."""
+    z = torch.randn(2, 5, 8)
+    outputs = []
+    for selection in ("auto", "host"):
+        stack = Stack(num_layers=3)
+        stack.layers = nn.ModuleList(
+            moelora.MoELoRALinear(layer, **{**dict(num_experts=3, top_k=2, r=4, share_lora_a=True),
+                                            **(differs if t == 1 else {})})
+            for t, layer in enumerate(stack.layers))
+        randomize_adapters(stack)
+        molex = apply_molex(stack, hidden_size=8, layer_selection=selection)
+        with torch.no_grad():
+            molex.gates[0].weight.normal_(generator=torch.Generator().manual_seed(1))
+            outputs.append(stack.eval()(z))
+            assert not molex._device_selection(stack.layers)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    molex.layer_selection = "device"
+    with pytest.raises(ValueError, match="same non-tensor attributes"):
+        stack(z)
 
 
 def test_molex_trains_under_fullgraph_compile_like_eager():
