@@ -3,6 +3,9 @@ mixture of LoRA experts, one token per output position.
 
     y[n, :, p] = conv(x)[n, :, p] + s * sum_j w[n,p,j] * B[e] @ (A[(e)] (*) x)[n, :, p]     (e = e[n,p,j])
 
+x is [N, C_in, *spatial] or, as nn.Conv1d/2d/3d accept, unbatched [C_in, *spatial] (the
+output then is that of a batch of one, without the batch dim).
+
 As PEFT's LoRA conv layers: A is a convolution with the base's kernel size, stride,
 padding and dilation (and its ``padding_mode``; groups 1), B a 1 x 1 convolution with the
 base's groups. Parameters are stored flat, in the layout of :class:`moelora.MoELoRALinear`
@@ -133,6 +136,9 @@ class MoELoRAConv(AdapterLayerBase):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
+        unbatched = x.dim() == len(self.kernel_size) + 1  # [C_in, *spatial], as nn.Conv1d/2d/3d accept
+        if unbatched:  # the adapter runs on a batch of one
+            x, result = x.unsqueeze(0), result.unsqueeze(0)
         lead = (result.shape[0],) + tuple(result.shape[2:])  # N, *output spatial
         routing = self.compute_routing(x, lead)
         dtype = self.lora_B.dtype
@@ -147,7 +153,8 @@ class MoELoRAConv(AdapterLayerBase):
             kernel = lora_a.reshape(-1, self.in_channels, *self.kernel_size)  # [(E*)r, C_in, *kernel]
             h = self.geometry.conv(x_lora, kernel).movedim(1, -1)
             out = self._lora_on_projection(h, routing, base_out, lora_b, scaling)
-        return out.movedim(-1, 1).contiguous().to(result.dtype)
+        out = out.movedim(-1, 1).contiguous().to(result.dtype)
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size={self.kernel_size}, "

@@ -176,6 +176,20 @@ def test_fresh_layer_returns_base_output_exactly(make, mode):
     assert torch.equal(layer(x), layer.base_layer(x))
 
 
+@pytest.mark.parametrize("kind", list(CONVS) + ["conv3d"])
+@pytest.mark.parametrize("mode", ["softmax_topk", "shared_a", "task_shared", "single"])
+def test_conv_takes_unbatched_input_as_a_batch_of_one(kind, mode):
+    """[C_in, *spatial] (which nn.Conv1d/2d/3d accept) gives the output of the batch of one."""
+    make = CONVS.get(kind, lambda: nn.Conv3d(3, 6, 2, padding=1))
+    layer = _fill(MoELoRAConv(make().double(), r=4, lora_alpha=8, **MODES[mode])).eval()
+    layer.task_ids = 1 if mode.startswith("task") else None
+    x = _conv_input(kind)[0] if kind in CONVS else torch.randn(3, 4, 5, 3, dtype=torch.float64)
+    out = layer(x)
+    assert out.shape == layer.base_layer(x).shape
+    torch.testing.assert_close(out, layer(x.unsqueeze(0)).squeeze(0), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, layer.base_layer(x))
+
+
 def test_pointwise_conv_is_the_linear_case_and_calls_the_operator(monkeypatch):
     conv = _fill(_conv("conv2d_1x1", "softmax_topk", torch.float32))
     linear = MoELoRALinear(nn.Linear(3, 6), num_experts=4, top_k=2, r=4, lora_alpha=8)
