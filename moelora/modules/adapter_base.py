@@ -52,13 +52,75 @@ def single_expert_routing(num_tokens: int, device: torch.device):
     return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
 
 
+# ------------------------------------------------------------------------------- field checks
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+def _finite_nonneg(v) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
+# field -> (type predicate, value predicate or None, what it must be): the checks of one
+# field's value alone, for LayerSettings and (with its own fields) MoELoRAConfig. A wrong type
+# raises TypeError, a value out of range ValueError (check_field). Checks that involve several
+# fields (top_k <= num_experts, DoRA's single expert, ...) and the value checks left None here
+# (dropout ranges, the router modes, init_lora_weights) are LayerSettings.__post_init__'s.
+LAYER_FIELD_KINDS = {
+    "num_experts": (_is_int, lambda v: v >= 1, "a positive int"),
+    "top_k": (_is_int, lambda v: v >= 1, "a positive int"),
+    "r": (_is_int, lambda v: v >= 1, "a positive int"),
+    "lora_alpha": (_is_real, _finite, "a finite number"),
+    "lora_dropout": (_is_real, None, "a number in [0, 1)"),
+    "use_rslora": (_is_bool, None, "a bool"),
+    "share_lora_a": (_is_bool, None, "a bool"),
+    "lora_a_dropout": (_is_real, None, "a number in [0, 1)"),
+    "router": (lambda v: isinstance(v, str), None, f"one of {ROUTER_MODES}"),
+    "router_renormalize": (_is_bool, None, "a bool"),
+    "router_jitter_noise": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "threshold_eps": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "threshold_eps_start": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "threshold_ramp_steps": (_is_int, lambda v: v >= 0, "an int >= 0"),
+    "task_shared_lora": (_is_bool, None, "a bool"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), None, "True, False or 'gaussian'"),
+    "use_dora": (_is_bool, None, "a bool"),
+    "router_aux_loss_coef": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "router_z_loss_coef": (_is_real, _finite_nonneg, "a finite number >= 0"),
+}
+
+
+def check_field(name: str, value, kind: tuple) -> None:
+    """TypeError for a value of the wrong type (a string for a number, 4.0 for an int), ValueError
+    for an impossible one (inf, a count below 1); both name the field as ``name``. ``kind``: a
+    (type predicate, value predicate or None, what it must be) entry of LAYER_FIELD_KINDS."""
+    type_ok, value_ok, what = kind
+    if not type_ok(value):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if value_ok is not None and not value_ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSettings:
     """The hyper-parameters of one MoE-LoRA layer (PEFT's names where PEFT has them), checked
-    when made. ``router``: "softmax_topk", "topk_softmax", "threshold" or "task"; the threshold
-    router's eps rises from ``threshold_eps_start`` to ``threshold_eps`` over
-    ``threshold_ramp_steps`` steps; ``task_shared_lora`` adds a LoRA every token uses (task
-    routing); ``lora_a_dropout`` is MoSLD's dropout of the shared A."""
+    when made (each field by LAYER_FIELD_KINDS, then the rules between fields): a layer's
+    constructor and MoELoRAConfig give the same errors for the same values. ``router``:
+    "softmax_topk", "topk_softmax", "threshold" or "task"; the threshold router's eps rises
+    from ``threshold_eps_start`` to ``threshold_eps`` over ``threshold_ramp_steps`` steps;
+    ``task_shared_lora`` adds a LoRA every token uses (task routing); ``lora_a_dropout`` is
+    MoSLD's dropout of the shared A."""
 
     num_experts: int = 4
     top_k: int = 2
@@ -81,14 +143,12 @@ class LayerSettings:
     router_z_loss_coef: float = 0.001
 
     def __post_init__(self):
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        for name, kind in LAYER_FIELD_KINDS.items():
+            check_field(name, getattr(self, name), kind)
         if self.router not in ROUTER_MODES:
             raise ValueError(f"router must be one of {ROUTER_MODES}, got {self.router!r}")
         if self.router != "task" and self.num_experts > 1:
             check_top_k(self.top_k, self.num_experts)
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
         for name in ("lora_dropout", "lora_a_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
-from moelora.modules.adapter_base import LayerSettings
-from moelora.ops.routing_modes import ROUTER_MODES
+from moelora.modules.adapter_base import (LAYER_FIELD_KINDS, LayerSettings, _finite, _is_bool, _is_int, _is_real,
+                                          check_field)
 from moelora.tuner.targets import pattern_value
 
 EXPERT_PRESETS = ("2468", "8642", "8228", "5555")
@@ -137,37 +136,16 @@ class MoELoRAConfig:
 
 
 # ------------------------------------------------------------------------------- field checks
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _is_names(v) -> bool:
     return isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v))
 
 
-def _is_bool(v) -> bool:
-    return isinstance(v, bool)
-
-
-def _finite(v) -> bool:
-    return math.isfinite(v)
-
-
-def _finite_nonneg(v) -> bool:
-    return math.isfinite(v) and v >= 0
-
-
-# field -> (type predicate, value predicate or None, what it must be). A wrong type raises
-# TypeError, a value out of range ValueError; None passes where it is the default.
+# field -> (type predicate, value predicate or None, what it must be), as LAYER_FIELD_KINDS: the
+# layer fields' own entries (one check for a layer's constructor and the config), then the
+# config's own fields and its num_experts, which may also be per layer. None passes where it
+# is the default.
 _FIELD_KINDS = {
-    "r": (_is_int, lambda v: v >= 1, "a positive int"),
-    "lora_alpha": (_is_real, _finite, "a finite number"),
-    "lora_dropout": (_is_real, None, "a number in [0, 1)"),
-    "lora_a_dropout": (_is_real, None, "a number in [0, 1)"),
+    **{name: kind for name, kind in LAYER_FIELD_KINDS.items() if name != "num_experts"},
     "target_modules": (_is_names, None, "a list of module-name suffixes, a regex string or 'all-linear'"),
     "exclude_modules": (_is_names, None, "a list of module-name suffixes or a regex string"),
     "layers_to_transform": (lambda v: _is_int(v) or (isinstance(v, (list, tuple)) and all(map(_is_int, v))), None,
@@ -177,39 +155,22 @@ _FIELD_KINDS = {
                      lambda v: all(r >= 1 for r in v.values()), "a dict of module-name patterns to positive ints"),
     "alpha_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_real(a) for k, a in v.items()),
                       lambda v: all(map(_finite, v.values())), "a dict of module-name patterns to finite numbers"),
-    "use_rslora": (_is_bool, None, "a bool"),
-    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), None, "True, False or 'gaussian'"),
-    "use_dora": (_is_bool, None, "a bool"),
     "bias": (lambda v: isinstance(v, str), None, f"one of {BIAS_MODES}"),
     "modules_to_save": (_is_names, None, "a list of module-name suffixes or a regex string"),
     "base_model_name_or_path": (lambda v: isinstance(v, str), None, "a string"),
     "num_experts": (lambda v: _is_int(v) or isinstance(v, (str, list, tuple)) or callable(v),
                     lambda v: not _is_int(v) or v >= 1,
                     "a positive int, a list of per-layer ints, a preset string or a callable"),
-    "top_k": (_is_int, lambda v: v >= 1, "a positive int"),
-    "router": (lambda v: isinstance(v, str), None, f"one of {ROUTER_MODES}"),
-    "router_renormalize": (_is_bool, None, "a bool"),
-    "router_jitter_noise": (_is_real, _finite_nonneg, "a finite number >= 0"),
-    "share_lora_a": (_is_bool, None, "a bool"),
-    "threshold_eps": (_is_real, _finite_nonneg, "a finite number >= 0"),
-    "threshold_eps_start": (_is_real, _finite_nonneg, "a finite number >= 0"),
-    "threshold_ramp_steps": (_is_int, lambda v: v >= 0, "an int >= 0"),
-    "task_shared_lora": (_is_bool, None, "a bool"),
-    "router_aux_loss_coef": (_is_real, _finite_nonneg, "a finite number >= 0"),
-    "router_z_loss_coef": (_is_real, _finite_nonneg, "a finite number >= 0"),
     "add_aux_loss_to_output": (_is_bool, None, "a bool"),
 }
 
 
 def _check_field_types(config: "MoELoRAConfig") -> None:
     """TypeError for a value of the wrong type (a string for a number, 4.0 for an int) and
-    ValueError for an impossible value (inf, a count below 1), naming the field."""
+    ValueError for an impossible value (inf, a count below 1), naming the field
+    (moelora.modules.adapter_base.check_field)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if value is None and f.default is None:
             continue
-        type_ok, value_ok, what = _FIELD_KINDS[f.name]
-        if not type_ok(value):
-            raise TypeError(f"MoELoRAConfig.{f.name} must be {what}, got {type(value).__name__} {value!r}")
-        if value_ok is not None and not value_ok(value):
-            raise ValueError(f"MoELoRAConfig.{f.name} must be {what}, got {value!r}")
+        check_field(f"MoELoRAConfig.{f.name}", value, _FIELD_KINDS[f.name])

@@ -133,6 +133,27 @@ def test_bad_layer_settings_raise(kwargs, match):
         MoELoRALinear(_base(), **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(num_experts=4, top_k=2.0), dict(num_experts=4, top_k="2"), dict(lora_alpha="16"), dict(lora_alpha=math.inf),
+    dict(lora_dropout="0.1"), dict(router="threshold", threshold_eps=-1.0),
+    dict(router="threshold", threshold_eps=math.nan), dict(router="threshold", threshold_eps=0.5, threshold_ramp_steps=-5),
+    dict(router_aux_loss_coef=-1.0), dict(router_z_loss_coef=math.inf), dict(num_experts=1, router_jitter_noise=-1.0),
+    dict(r=4.0), dict(share_lora_a=1), dict(router_renormalize="yes"),
+], ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items()))
+def test_layer_constructors_check_their_fields_as_the_config(kwargs):
+    """MoELoRALinear, MoELoRAConv and MoELoRAEmbedding reject what MoELoRAConfig rejects, with
+    the same error naming the argument (LayerSettings' checks are the config's)."""
+    with pytest.raises((TypeError, ValueError)) as config_error:
+        moelora.MoELoRAConfig(target_modules=["q"], **kwargs)
+    expected = config_error.value
+    assert str(expected).startswith("MoELoRAConfig.")
+    for make in (lambda: MoELoRALinear(_base(), **kwargs), lambda: moelora.MoELoRAConv(nn.Conv1d(3, 4, 3), **kwargs),
+                 lambda: moelora.MoELoRAEmbedding(nn.Embedding(5, 4), **kwargs)):
+        with pytest.raises(type(expected)) as error:
+            make()
+        assert "MoELoRAConfig." + str(error.value) == str(expected)
+
+
 def test_rejects_non_linear_base():
     with pytest.raises(TypeError, match="wraps nn.Linear or transformers Conv1D"):
         MoELoRALinear(nn.Conv2d(3, 3, 1))
