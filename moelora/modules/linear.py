@@ -120,11 +120,13 @@ class MoELoRALinear(AdapterLayerBase):
 
     def compute_routing(self, x: torch.Tensor) -> Routing:
         """The routing of input x [..., d_in] (ids and gates per token; ``moelora.route`` is the
-        routing op on logits); records the aux losses of learned routers."""
-        router, ids, weights = self._routing_inputs(x)
-        if router is None:
+        routing op on logits); records the aux losses of learned routers. A learned router draws
+        its random numbers (jitter, threshold sampling) once, in its own forward."""
+        router = self.router
+        if router is None:  # static routing: task ids or the single expert
+            _, ids, weights = self._routing_inputs(x)
             return Routing(weights, ids)
-        routing = self.router(x)
+        routing = router(x)
         self._record_routing(routing)
         return routing
 

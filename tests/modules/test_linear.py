@@ -1,5 +1,6 @@
 """MoELoRALinear: identity at init, the routed formula, gradients, PEFT equivalence, errors."""
 
+import copy
 import math
 
 import pytest
@@ -203,6 +204,25 @@ def test_single_expert_equals_peft_lora(use_dora, use_rslora):
     expected = peft_model(x)
     torch.manual_seed(3)
     torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,extra", [("threshold", {}), ("softmax_topk", dict(router_jitter_noise=0.2)),
+                                        ("shared_a", {})], ids=["threshold", "jitter", "a_dropout"])
+def test_composed_path_draws_random_numbers_as_the_fused_path(kind, extra):
+    """The composed path (here for a base layer with a forward hook) draws the router's threshold
+    noise or jitter factors once, in the router: from the same seed it gives the fused path's
+    output and leaves the generator where the fused path does."""
+    fused = _layer(kind, **extra).train()
+    randomize_adapters(fused)
+    composed = copy.deepcopy(fused)
+    composed.base_layer.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(4, 6, 12)
+    results = []
+    for layer in (fused, composed):
+        torch.manual_seed(5)
+        results.append((layer(x), torch.rand(3)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(results[1][1], results[0][1])
 
 
 def test_scaling_is_alpha_over_r_or_sqrt_r():
