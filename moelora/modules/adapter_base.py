@@ -37,7 +37,7 @@ from moelora.ops.moe_lora_linear import lora_dropout_mask
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
-from moelora.ops.validation import check_top_k
+from moelora.ops.validation import check_top_k, is_finite_number
 
 
 _SINGLE = {}
@@ -66,11 +66,11 @@ def _is_bool(v) -> bool:
 
 
 def _finite(v) -> bool:
-    return math.isfinite(v)
+    return is_finite_number(v)  # an int beyond float's range is not (math.isfinite would raise)
 
 
 def _finite_nonneg(v) -> bool:
-    return math.isfinite(v) and v >= 0
+    return is_finite_number(v) and v >= 0
 
 
 # field -> (type predicate, value predicate or None, what it must be): the checks of one
