@@ -292,7 +292,8 @@ def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
 def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] = None,
                      bias: Optional[str] = None) -> None:
     """Write a PEFT LoRA checkpoint equal to the active adapter (for ``task`` if task-routed), with
-    its saved modules and the biases ``bias`` names (default: the adapter's ``bias``)."""
+    its saved modules, the biases ``bias`` names (default: the adapter's ``bias``) and its layers'
+    lora_dropout (one value: layers that differ in it raise)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -303,6 +304,10 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
         bias = model.moelora_config.bias if unwrap(model) is not model else "none"
     use_rslora = layers[0][1].use_rslora
     use_dora = layers[0][1].use_dora
+    dropouts = {layer.settings.lora_dropout for _, layer in layers}
+    if len(dropouts) > 1:  # PEFT's LoraConfig has one lora_dropout
+        raise ValueError(f"the layers' lora_dropout values differ ({sorted(dropouts)}): a PEFT LoRA checkpoint holds "
+                         "one")
     state, rank_pattern, alpha_pattern = {}, {}, {}
     for name, layer in layers:
         a, b = layer.static_lora_factors(task)
@@ -317,7 +322,7 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     state.update(extra)
     config = LoraConfig(r=rank_pattern[next(iter(rank_pattern))], lora_alpha=alpha_pattern[next(iter(alpha_pattern))],
                         target_modules=[n for n, _ in layers], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                        use_rslora=use_rslora, use_dora=use_dora, bias=bias,
+                        use_rslora=use_rslora, use_dora=use_dora, bias=bias, lora_dropout=dropouts.pop(),
                         modules_to_save=saved_modules or None)
     os.makedirs(save_directory, exist_ok=True)
     config.save_pretrained(save_directory)

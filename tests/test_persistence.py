@@ -1,5 +1,7 @@
 """save_pretrained / from_pretrained, merge / unmerge, PEFT LoRA export and import."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -227,6 +229,22 @@ def test_import_peft_lora_keeps_its_lora_dropout_and_base_model_name(tmp_path):
     config_path.write_text(json.dumps(dict(peft_config, lora_dropout=1.5)))
     with pytest.raises(ValueError, match=r"adapter_config.json: lora_dropout must be in \[0, 1\), got 1.5"):
         moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path))
+
+
+def test_export_peft_lora_writes_the_layers_lora_dropout(tmp_path):
+    """PEFT's config gets the adapter's lora_dropout (a round trip keeps it); layers that differ
+    in it cannot be written as one PEFT config."""
+    import json
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                       num_experts=1, lora_dropout=0.2))
+    moelora.export_peft_lora(model, str(tmp_path / "a"))
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_dropout"] == 0.2
+    assert moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path / "a")).moelora_config.lora_dropout == 0.2
+    layer = model.model.model.layers[1].self_attn.v_proj
+    layer.settings = dataclasses.replace(layer.settings, lora_dropout=0.4)
+    with pytest.raises(ValueError, match=r"the layers' lora_dropout values differ \(\[0.2, 0.4\]\)"):
+        moelora.export_peft_lora(model, str(tmp_path / "b"))
 
 
 def test_exported_task_imports_into_that_task_expert_exactly(tmp_path):
