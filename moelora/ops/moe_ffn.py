@@ -224,7 +224,9 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
     applies = _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs)
     if engine == "grouped_mm" and not applies:
         raise ValueError("engine='grouped_mm' needs torch's grouped_mm and bfloat16/float16/float32 operands of one "
-                         "dtype whose rows are 16-byte aligned (d_in, d_ff, d_out multiples of 16 bytes)")
+                         "dtype whose rows are 16-byte aligned (d_in, d_ff, d_out multiples of 16 bytes) and laid out "
+                         "with a unit stride in one of their last two dims and 16-byte multiples in the others "
+                         "(x and the weights: grouped_linear.grouped_mm_layout_ok)")
     if engine == "auto":
         gemm = wgrad = "triton"
         major = native_major(x.device)
