@@ -140,8 +140,9 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     if isinstance(task_ids, int) and not 0 <= task_ids < num_tasks:
         raise ValueError(f"task id must be in [0, {num_tasks}), got {task_ids}")
     dtype = accumulator_dtype(gamma.dtype)
-    cached = (isinstance(task_ids, torch.Tensor) and not task_ids.is_inference()
-              and not _tracing_or_capturing())
+    # is_inference last: dynamo cannot trace it, and under torch.compile nothing is cached anyway
+    cached = (isinstance(task_ids, torch.Tensor) and not _tracing_or_capturing()
+              and not task_ids.is_inference())
     key = (tuple(lead_shape), num_tasks, shared_expert, gamma.device, dtype)
     entry = _TASK_ROUTING.get(task_ids, {}).get(key) if cached else None
     if entry is None or entry[0] != task_ids._version or (not entry[1] and syncing_checks_enabled()):
