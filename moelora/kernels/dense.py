@@ -153,30 +153,29 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
         for j in tl.static_range(TOP_K):
             id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
             w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
-            hit = (id_j[:, None] == expert[None, :]) & mask_c[None, :]
+            hit = id_j[:, None] == expert[None, :]
             gate += tl.where(hit, w_j[:, None], 0.0)
             chosen = chosen | hit
         h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC)
-        hg = tl.where(chosen, (gate * scaling) * h, 0.0)
+        hg = tl.where(chosen & mask_c[None, :], (gate * scaling) * h, 0.0)
     else:  # a loop adding each slot's product (the form above, unrolled, fails to compile under
         # Triton 3.6 at top_k 64 and takes every register at 32)
         h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC)
         hg = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
         for j in range(TOP_K):
-            hg = _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, mask_c, j, scaling, stride_it,
-                                 stride_ik, stride_wt, stride_wk, ACC)
+            hg = _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, j, scaling, stride_it, stride_ik,
+                                 stride_wt, stride_wk, ACC)
+        hg = tl.where(mask_c[None, :], hg, 0.0)
     return hg
 
 
 @triton.jit
-def _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, mask_c, j, scaling, stride_it, stride_ik,
-                    stride_wt, stride_wk, ACC: tl.constexpr):
-    """hg + (w_j * scaling) * h where routing slot j of the tokens offs_t chose the column's expert
-    (columns inside the matrix: mask_c)."""
+def _add_gated_slot(hg, h, ids_ptr, w_ptr, offs_t, mask_t, expert, j, scaling, stride_it, stride_ik, stride_wt,
+                    stride_wk, ACC: tl.constexpr):
+    """hg + (w_j * scaling) * h where routing slot j of the tokens offs_t chose the column's expert."""
     id_j = tl.load(ids_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
     w_j = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(ACC)
-    hit = (id_j[:, None] == expert[None, :]) & mask_c[None, :]
-    return hg + tl.where(hit, (w_j * scaling)[:, None] * h, 0.0)
+    return hg + tl.where(id_j[:, None] == expert[None, :], (w_j * scaling)[:, None] * h, 0.0)
 
 
 @triton.jit
