@@ -34,10 +34,11 @@ Applied with forward hooks on the existing layers (module names and state dicts 
 base model are unchanged); the gates live in ``model.molex``. The aux losses and router
 statistics of MoE-LoRA layers inside the stack are those of each layer's own call. KV
 caches: the mixing call runs without the cache (layer j would otherwise write into its
-own slot), which is exact for a forward over whole sequences (training, evaluation,
-prefill) with the model's default ``use_cache``; decoding from a cache that already holds
-tokens raises (the mixing layer would need keys it never computed: generate with
-``use_cache=False``).
+own slot): any argument that is a transformers ``Cache``, by keyword or positional (GPT-2's
+blocks take it positionally), and any keyword of ``CACHE_KWARGS``, is passed as None. That
+is exact for a forward over whole sequences (training, evaluation, prefill) with the
+model's default ``use_cache``; decoding from a cache that already holds tokens raises (the
+mixing layer would need keys it never computed: generate with ``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -169,7 +171,7 @@ class MoLEx(nn.Module, RoutedModule):
         z = args[0] if args else kwargs["hidden_states"]
         h_t = output[0] if isinstance(output, tuple) else output
         j, st, logits, values, token_choice = self.choose(z, t)
-        other = self._call_layer(t, j, args, _without_cache(kwargs, t, z))
+        other = self._call_layer(t, j, *_without_cache(args, kwargs, t, z))
         h_j = other[0] if isinstance(other, tuple) else other
         a = self.alpha.to(z.dtype)
         mixed = z + a * (h_t - z) + (1 - a) * (h_j - z) * st.to(z.dtype).reshape(*z.shape[:-1], 1)
@@ -277,19 +279,42 @@ def _restore_routing_records(records: list) -> None:
         m.restore_routing_record(record)
 
 
-def _without_cache(kwargs: dict, t: int, z: torch.Tensor) -> dict:
-    """The layer's keyword arguments for a mixing call: no KV cache (see the module docstring).
+def _is_kv_cache(value) -> bool:
+    """Whether ``value`` is a transformers KV cache (``transformers.cache_utils.Cache``), looked up
+    only where transformers is already imported (without it no such object exists)."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    cache_class = getattr(cache_utils, "Cache", None)
+    return cache_class is not None and isinstance(value, cache_class)
+
+
+def _without_cache(args: tuple, kwargs: dict, t: int, z: torch.Tensor):
+    """The layer's (args, kwargs) for a mixing call, without the KV cache (see the module
+    docstring): every argument, positional or keyword, that is a transformers ``Cache``
+    (GPT-2's blocks take it positionally), and any other non-empty value of a keyword in
+    ``CACHE_KWARGS`` (legacy tuple caches), become None; ``use_cache`` becomes False.
     Raises while decoding, i.e. when layer t's cache held tokens before this forward."""
-    kwargs = dict(kwargs)
-    for key in CACHE_KWARGS:
-        cache = kwargs.get(key)
-        if cache is None or (isinstance(cache, (tuple, list)) and len(cache) == 0):
-            continue
+
+    def is_cache(value, key=None) -> bool:
+        if _is_kv_cache(value):
+            return True
+        return key in CACHE_KWARGS and value is not None and not (isinstance(value, (tuple, list)) and len(value) == 0)
+
+    def check(cache) -> None:
         cached = cache.get_seq_length(t) if hasattr(cache, "get_seq_length") else None
         if cached is None or z.dim() < 3 or cached > z.shape[-2]:
             raise RuntimeError("MoLEx cannot decode from a KV cache that already holds tokens (layer j would "
                                "need keys it never computed): generate with use_cache=False")
-        kwargs[key] = None
+
+    args = list(args)
+    for i, value in enumerate(args):
+        if is_cache(value):
+            check(value)
+            args[i] = None
+    kwargs = dict(kwargs)
+    for key, value in kwargs.items():
+        if is_cache(value, key):
+            check(value)
+            kwargs[key] = None
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
-    return kwargs
+    return tuple(args), kwargs

@@ -7,7 +7,7 @@ import torch.nn as nn
 import moelora
 from moelora.modules.molex import MoLEx
 from moelora.tuner.molex import apply_molex
-from helpers import capture_training_step, randomize_adapters, tiny_bert, tiny_llama, token_batch
+from helpers import capture_training_step, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 
 class Stack(nn.Module):
@@ -101,6 +101,21 @@ def test_molex_on_bert_and_llama_stacks():
     torch.testing.assert_close(cached.logits, llama(ids, use_cache=False).logits)
     with pytest.raises(RuntimeError, match="cannot decode from a KV cache"):
         llama(ids[:, -1:], past_key_values=cached.past_key_values)
+
+
+def test_molex_on_gpt2_keeps_the_positional_cache_out_of_the_mixing_calls():
+    """GPT-2's blocks take the KV cache positionally: the mixing calls run without it too, so the
+    default use_cache changes nothing, the cache holds each layer's own keys only, and decoding
+    from it raises."""
+    model = tiny_gpt2(num_layers=3)
+    ids = token_batch(seq=7)
+    apply_molex(model, alpha=0.8)
+    with torch.no_grad():
+        cached = model(ids, use_cache=True)
+        torch.testing.assert_close(cached.logits, model(ids, use_cache=False).logits, rtol=0, atol=0)
+    assert [cached.past_key_values.get_seq_length(t) for t in range(3)] == [7, 7, 7]
+    with pytest.raises(RuntimeError, match="cannot decode from a KV cache"):
+        model(ids[:, -1:], past_key_values=cached.past_key_values)
 
 
 def test_molex_with_moelora_model_and_errors():
