@@ -20,15 +20,19 @@ buffers of the L layers are stacked once per forward and layer t's own code runs
 j's slice (``torch.func.functional_call``), so no host sync, and torch.compile(fullgraph=True)
 and CUDA-graph capture work. The price: one copy of the stack's parameters per forward, plus
 the gathered slice of each mixing call kept for backward. That is exact only where the
-layers differ in nothing but their tensors' values. ``layer_selection="host"`` calls
-``layers[j]`` itself (no copies, one host read per layer). ``"auto"`` (the default) picks
-device where the layers are alike (:func:`_layer_signature`): the same submodules with the
-same parameter and buffer names, shapes and dtypes, and the same non-tensor attributes
-(train/eval mode, a MoE-LoRA layer's scaling, top-k, router mode and schedule, dropout
-probabilities, a window size, ...; ``layer_idx``, the layer's KV-cache slot, which the
-mixing calls do not use, aside); otherwise host (e.g. MoLA's per-layer expert counts, a
-per-layer ``alpha_pattern``, alternating sliding-window layers). ``"device"`` raises where
-they differ.
+layers differ in nothing but their tensors' values, and where they are not
+gradient-checkpointed (a checkpointed layer's recomputation in backward would run layer t's
+own tensors, not layer j's). ``layer_selection="host"`` calls ``layers[j]`` itself (no
+copies, one host read per layer). ``"auto"`` (the default) picks device where the layers
+are alike (:func:`_layer_signature`): the same submodules with the same parameter and
+buffer names, shapes and dtypes, and the same non-tensor attributes (train/eval mode, a
+MoE-LoRA layer's scaling, top-k, router mode and schedule, dropout probabilities, a window
+size, ...; ``layer_idx``, the layer's KV-cache slot, which the mixing calls do not use, and
+``gradient_checkpointing`` aside), and where they are not checkpointed in this forward
+(:func:`_checkpointed`: transformers' ``gradient_checkpointing`` flag, in training mode with
+gradients enabled); otherwise host (e.g. MoLA's per-layer expert counts, a per-layer
+``alpha_pattern``, alternating sliding-window layers, gradient checkpointing in training).
+``"device"`` raises where they differ or are checkpointed.
 
 Applied with forward hooks on the existing layers (module names and state dicts of the
 base model are unchanged); the gates live in ``model.molex``. The aux losses and router
@@ -64,6 +68,10 @@ BATCH_ROUTING = ("mode", "mean")
 
 
 LAYER_SELECTION = ("auto", "device", "host")
+
+
+# Module attributes _layer_signature leaves out (see there).
+SIGNATURE_EXEMPT = ("layer_idx", "gradient_checkpointing")
 
 
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
@@ -219,15 +227,23 @@ class MoLEx(nn.Module, RoutedModule):
 
     def _device_selection(self, layers: nn.ModuleList) -> bool:
         """Whether this forward runs device selection: "device", or "auto" with layers alike
-        (:func:`_layer_signature`); "device" with layers that differ raises."""
+        (:func:`_layer_signature`) and not gradient-checkpointed in this forward
+        (:func:`_checkpointed`: the recomputation in backward would run layer t's own tensors,
+        not layer j's slice); "device" raises for checkpointed layers and for layers that differ."""
         if self.layer_selection == "host":
             return False
+        checkpointed = _checkpointed(layers)
         uniform = len({_layer_signature(layer) for layer in layers}) == 1
-        if not uniform and self.layer_selection == "device":
-            raise ValueError("layer_selection='device' needs layers with the same parameter and buffer names and "
-                             "shapes and the same non-tensor attributes (e.g. MoLA's per-layer expert counts, or "
-                             "a per-layer alpha_pattern's scaling, differ): use 'host'")
-        return uniform
+        if self.layer_selection == "device":
+            if checkpointed:
+                raise ValueError("layer_selection='device' cannot run gradient-checkpointed layers (the recomputation "
+                                 "in backward would use layer t's own parameters, not layer j's): use 'host' or "
+                                 "'auto', or disable gradient checkpointing")
+            if not uniform:
+                raise ValueError("layer_selection='device' needs layers with the same parameter and buffer names and "
+                                 "shapes and the same non-tensor attributes (e.g. MoLA's per-layer expert counts, or "
+                                 "a per-layer alpha_pattern's scaling, differ): use 'host'")
+        return uniform and not checkpointed
 
     def remove(self) -> None:
         """Detach the hooks (the model computes its plain stack again)."""
@@ -236,15 +252,24 @@ class MoLEx(nn.Module, RoutedModule):
         self._handles = []
 
 
+def _checkpointed(layers: nn.ModuleList) -> bool:
+    """Whether a module of the layers checkpoints its forward in this forward: transformers'
+    rule (GradientCheckpointingLayer), its ``gradient_checkpointing`` flag set, in training
+    mode, with gradients enabled."""
+    return torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True and m.training
+                                           for m in layers.modules())
+
+
 def _layer_signature(layer: nn.Module) -> tuple:
     """What must be equal across the layers for device selection to run layer t's code with layer
     j's tensors: the name, shape and dtype of every parameter and buffer, and the type and the
     public non-tensor attributes of every submodule (train/eval mode, a MoE-LoRA layer's scaling,
     top-k, router settings, dropout probabilities, ...), except ``layer_idx``: the KV-cache slot
-    of transformers' attention layers, unused by the mixing calls, which run without the cache."""
+    of transformers' attention layers, unused by the mixing calls, which run without the cache, and
+    ``gradient_checkpointing`` (checkpointed layers take the host path, :func:`_checkpointed`)."""
     tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in (*layer.named_parameters(), *layer.named_buffers()))
     modules = tuple((name, type(m), tuple((k, _attribute_value(v)) for k, v in m.__dict__.items()
-                                          if not k.startswith("_") and k != "layer_idx"))
+                                          if not k.startswith("_") and k not in SIGNATURE_EXEMPT))
                     for name, m in layer.named_modules())
     return tensors, modules
 

@@ -209,6 +209,39 @@ def test_device_selection_needs_uniform_layers_and_auto_falls_back():
     assert apply_molex(uniform, layer_selection="auto")._device_selection(uniform.model.model.layers)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_changes_no_gradient(use_reentrant):
+    """Checkpointed layers recompute in backward with their own parameters, so device selection
+    (layer t's code on layer j's slice) cannot run them: "auto" takes the host path, whose
+    gradients equal those without checkpointing, and "device" raises."""
+    import warnings
+
+    ids = token_batch(seq=7)
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_llama(num_layers=3)
+        molex = apply_molex(model, alpha=0.7, layer_selection="auto")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notes
+            out = model(ids, labels=ids, use_cache=False)
+            out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (ckpt_loss, ckpt_grads) = results
+    torch.testing.assert_close(ckpt_loss, loss)
+    assert ckpt_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not molex._device_selection(model.model.layers)
+    with torch.no_grad():  # nothing is checkpointed without gradients: device selection runs
+        assert molex._device_selection(model.model.layers)
+    molex.layer_selection = "device"
+    with pytest.raises(ValueError, match="cannot run gradient-checkpointed layers"):
+        model(ids, labels=ids, use_cache=False)
+
+
 @pytest.mark.parametrize("differs", [
     dict(lora_alpha=64.0), dict(use_rslora=True), dict(router="topk_softmax"), dict(top_k=1),
     dict(router_renormalize=False), dict(router="threshold", threshold_eps=0.3), dict(lora_dropout=0.1),
