@@ -34,15 +34,17 @@ gradients enabled); otherwise host (e.g. MoLA's per-layer expert counts, a per-l
 ``alpha_pattern``, alternating sliding-window layers, gradient checkpointing in training).
 ``"device"`` raises where they differ or are checkpointed.
 
-Applied with forward hooks on the existing layers (module names and state dicts of the
-base model are unchanged); the gates live in ``model.molex``. The aux losses and router
-statistics of MoE-LoRA layers inside the stack are those of each layer's own call. KV
-caches: the mixing call runs without the cache (layer j would otherwise write into its
-own slot): any argument that is a transformers ``Cache``, by keyword or positional (GPT-2's
-blocks take it positionally), and any keyword of ``CACHE_KWARGS``, is passed as None. That
-is exact for a forward over whole sequences (training, evaluation, prefill) with the
-model's default ``use_cache``; decoding from a cache that already holds tokens raises (the
-mixing layer would need keys it never computed: generate with ``use_cache=False``).
+Applied with forward hooks on the existing layers (module names and state dicts of the base
+model are unchanged); the gates live in ``model.molex``. :meth:`MoLEx.remove` undoes
+apply_molex: hooks, ``model.molex``, its routing record and the checkpoint's record of it.
+The aux losses and router statistics of MoE-LoRA layers inside the stack are those of each
+layer's own call. KV caches: the mixing call runs without the cache (layer j would otherwise
+write into its own slot): any argument that is a transformers ``Cache``, by keyword or
+positional (GPT-2's blocks take it positionally), and any keyword of ``CACHE_KWARGS``, is
+passed as None. That is exact for a forward over whole sequences (training, evaluation,
+prefill) with the model's default ``use_cache``; decoding from a cache that already holds
+tokens raises (the mixing layer would need keys it never computed: generate with
+``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class MoLEx(nn.Module, RoutedModule):
         else:
             self.register_buffer("alpha_value", torch.tensor(float(alpha)))
         self._calling_other = False
+        self._on_remove = []  # callables(self) that remove() runs: apply_molex's undo (moelora.tuner.molex)
         # Bound methods (not closures): a deepcopy of the model copies the hooks onto its own MoLEx.
         self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True)
                          for t, layer in enumerate(layers)]
@@ -246,10 +249,19 @@ class MoLEx(nn.Module, RoutedModule):
         return uniform and not checkpointed
 
     def remove(self) -> None:
-        """Detach the hooks (the model computes its plain stack again)."""
+        """Undo apply_molex: detach the hooks (the model computes its plain stack again), forget
+        the routing record (``moelora.aux_loss`` and ``router_stats`` no longer see it), and run
+        what apply_molex registered in ``_on_remove``: take this module off the model
+        (``model.molex``) and drop its structural record, so the model saves as it did before
+        apply_molex and takes apply_molex again. A second call does nothing."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._stacked = None
+        self.clear_routing_record()
+        on_remove, self._on_remove = self._on_remove, []
+        for undo in on_remove:
+            undo(self)
 
 
 def _checkpointed(layers: nn.ModuleList) -> bool:

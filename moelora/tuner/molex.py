@@ -3,11 +3,12 @@ finds that stack (``find_layer_stack``)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch.nn as nn
 
-from moelora.tuner.structure import record, structural_edit
+from moelora.tuner.structure import forget, record, structural_edit
 from moelora.tuner.targets import DEFAULT_LAYERS_PATTERN, unwrap
 from moelora.modules.molex import MoLEx
 
@@ -30,7 +31,8 @@ def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] =
 @structural_edit
 def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None, hidden_size: Optional[int] = None,
                 **kwargs) -> MoLEx:
-    """Turn the layer stack of ``model`` into MoLEx; returns the MoLEx module (``model.molex``).
+    """Turn the layer stack of ``model`` into MoLEx; returns the MoLEx module (``model.molex``),
+    whose :meth:`~MoLEx.remove` undoes this call.
 
     kwargs: gate, shared_gate, proj_dim, alpha, learn_alpha, batch_routing, aux_loss_coef,
     temperature, bias, layer_selection (see :class:`MoLEx` and the module docstring).
@@ -51,5 +53,15 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     target.add_module("molex", molex)
     stack_name = next(n for n, m in target.named_modules() if m is stack)
     kwargs.setdefault("bias", None)  # recorded explicitly: records without it predate the gate's bias
-    record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
+    entry = record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
+    # a partial of a module-level function, not a closure: a deepcopy of the model undoes on its own copy
+    molex._on_remove.append(functools.partial(_unapply_molex, target, entry))
     return molex
+
+
+def _unapply_molex(target: nn.Module, entry, molex: MoLEx) -> None:
+    """apply_molex's share of :meth:`MoLEx.remove`: take ``molex`` off ``target`` and drop the
+    structural record (``entry``), so checkpoints saved afterwards do not replay apply_molex."""
+    if target._modules.get("molex") is molex:
+        delattr(target, "molex")
+    forget(target, entry)

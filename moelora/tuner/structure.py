@@ -42,9 +42,17 @@ def structural_edit(fn: Callable) -> Callable:
     return fn
 
 
-def record(model: nn.Module, op: str, kwargs: dict) -> None:
-    """Remember that ``op(model, **kwargs)`` was applied to ``model``."""
-    model.__dict__[ATTRIBUTE] = recorded(model) + [(op, dict(kwargs))]
+def record(model: nn.Module, op: str, kwargs: dict) -> Tuple[str, dict]:
+    """Remember that ``op(model, **kwargs)`` was applied to ``model``; returns the record (for :func:`forget`)."""
+    entry = (op, dict(kwargs))
+    model.__dict__[ATTRIBUTE] = recorded(model) + [entry]
+    return entry
+
+
+def forget(model: nn.Module, entry: Tuple[str, dict]) -> None:
+    """Drop ``entry`` (what :func:`record` returned) from the records of ``model``: the edit was
+    undone, checkpoints no longer replay it."""
+    model.__dict__[ATTRIBUTE] = [e for e in recorded(model) if e is not entry]
 
 
 def recorded(model: nn.Module) -> List[Tuple[str, dict]]:

@@ -40,6 +40,7 @@ def test_molex_follows_the_recursion(gate, shared_gate, batch_routing):
         molex = apply_molex(stack, hidden_size=8, gate=gate, shared_gate=shared_gate, proj_dim=4,
                             batch_routing=batch_routing, alpha=0.9)
         out = stack(z)
+        chosen = moelora.router_stats(stack)["molex"]["chosen_layers"]
         molex.remove()
         plain = stack(z)
         molex._handles = []  # manual recursion runs the plain layers
@@ -47,7 +48,6 @@ def test_molex_follows_the_recursion(gate, shared_gate, batch_routing):
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out, plain)
     assert len(molex.gates) == (1 if shared_gate else 4)
-    chosen = moelora.router_stats(stack)["molex"]["chosen_layers"]
     assert all(c != t for t, c in enumerate(chosen.tolist()))  # never the layer itself
 
 
@@ -134,6 +134,31 @@ def test_molex_with_moelora_model_and_errors():
     with pytest.raises(ValueError, match="pass hidden_size"):
         apply_molex(Stack())
     molex.remove()
+
+
+def test_remove_undoes_apply_molex(tmp_path):
+    """remove() leaves the model as before apply_molex: its outputs, no MoLEx loss or statistics,
+    no model.molex, checkpoints that do not replay apply_molex, and apply_molex works again."""
+    ids = token_batch(seq=7)
+    model = tiny_llama(num_layers=3)
+    plain = model(ids).logits
+    molex = apply_molex(model, alpha=0.8)
+    model(ids)
+    molex.remove()
+    molex.remove()  # a second call does nothing
+    assert torch.equal(model(ids).logits, plain)
+    assert not hasattr(model, "molex")
+    assert moelora.aux_loss(model).item() == 0 and moelora.router_stats(model) == {}
+    wrapped = moelora.get_moelora_model(model, moelora.MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
+                                                                     top_k=1))
+    randomize_adapters(wrapped)
+    expected = wrapped(ids).logits
+    wrapped.save_pretrained(str(tmp_path))
+    loaded = moelora.from_pretrained(tiny_llama(num_layers=3), str(tmp_path))
+    assert not hasattr(loaded.model, "molex")
+    assert torch.equal(loaded(ids).logits, expected)
+    again = apply_molex(wrapped, alpha=0.8)
+    assert wrapped.model.molex is again and not torch.equal(wrapped(ids).logits, expected)
 
 
 # ------------------------------------------------------------------ MoLEx as published
