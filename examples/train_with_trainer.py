@@ -6,7 +6,9 @@ A tiny LLaMA is built from a config (no download) and learns to continue arithme
 sequences. ``MoELoRAModel.forward`` adds the router auxiliary loss to ``outputs.loss`` once,
 so the loss Trainer optimises is task loss + aux loss with no Trainer subclass.
 :class:`moelora.integrations.hf_trainer.MoELoRATrainer` is Trainer with checkpoints that also work for
-tied embeddings and carry the adapter in moelora's format; plain ``Trainer`` trains the same.
+tied embeddings and carry the adapter in moelora's format; plain ``Trainer`` trains the same
+(with threshold routing's eps ramp, ``threshold_ramp_steps > 0``, only when given
+``callbacks=[StepRoutersCallback()]``, which MoELoRATrainer installs).
 """
 
 from __future__ import annotations

@@ -11,6 +11,14 @@ resume and best-model loading read it back unchanged: they load non-strictly, an
 is the tensor that was kept; Trainer logs the alias as a missing key) and writes the adapter
 in moelora's format beside it, so every checkpoint also loads with
 ``MoELoRAModel.from_pretrained(base_model, checkpoint_dir)``.
+
+Threshold routing with an eps ramp (``router="threshold"`` and ``threshold_ramp_steps > 0``)
+needs ``moelora.step_routers(model)`` once per optimiser step, which Trainer does not call:
+:class:`StepRoutersCallback` calls it at ``on_step_end`` (once per optimiser step, after the
+gradient-accumulation micro-batches), and :class:`MoELoRATrainer` installs it. A plain
+``Trainer`` needs ``callbacks=[StepRoutersCallback()]`` for such models (other routers have no
+schedule). The routers' step counts are buffers of the model, saved in its checkpoints, so a
+run resumed from a checkpoint goes on from the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from moelora.model import MoELoRAModel
+from moelora.model import MoELoRAModel, step_routers
 
 
 def without_tied_aliases(state_dict: dict) -> dict:
@@ -37,9 +45,26 @@ def without_tied_aliases(state_dict: dict) -> dict:
     return kept
 
 
+class StepRoutersCallback(TrainerCallback):
+    """Advances the routers' threshold schedules (``moelora.step_routers``) once per optimiser
+    step: at ``on_step_end``, which Trainer calls after each optimiser step (not per
+    gradient-accumulation micro-batch). Needed with a plain ``Trainer`` for threshold routing
+    with ``threshold_ramp_steps > 0``; :class:`MoELoRATrainer` installs it."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            step_routers(model)
+
+
 class MoELoRATrainer(Trainer):
     """``transformers.Trainer`` whose checkpoints of a MoELoRAModel work with tied embeddings
-    and hold the adapter in moelora's format too (see the module docstring)."""
+    and hold the adapter in moelora's format too, and that advances the routers' threshold
+    schedules once per optimiser step (:class:`StepRoutersCallback`; see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(cb, StepRoutersCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(StepRoutersCallback())  # one, also where callbacks=[...] holds it already
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         model = self.accelerator.unwrap_model(self.model)

@@ -1,6 +1,7 @@
 """transformers' Trainer with a MoELoRAModel: the loss it optimises holds the aux loss once,
-its column dropping and loss kwargs read the wrapped model's signature, tuple outputs, and
-checkpoints (MoELoRATrainer, tied embeddings, resume, save_pretrained arguments)."""
+its column dropping and loss kwargs read the wrapped model's signature, tuple outputs, the
+threshold routers' eps schedule (StepRoutersCallback), and checkpoints (MoELoRATrainer, tied
+embeddings, resume, save_pretrained arguments)."""
 
 import copy
 import inspect
@@ -16,7 +17,8 @@ from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
 from helpers import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
-from moelora.integrations.hf_trainer import MoELoRATrainer
+from moelora.integrations.hf_trainer import MoELoRATrainer, StepRoutersCallback
+from moelora.modules.router import Router
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 VOCAB, SEQ = 64, 8
@@ -142,6 +144,69 @@ def test_gradient_accumulation_weights_the_aux_loss_per_micro_batch(tmp_path, lo
     expected = torch.autograd.grad(total, list(_trainable(reference).values()))
     for (name, p), grad in zip(_trainable(model).items(), expected):
         torch.testing.assert_close(before[name] - p.detach(), grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------- the threshold routers' schedule
+class RouterStepRecorder(transformers.TrainerCallback):
+    """Records every router's step count at the start of each optimiser step (before its micro-batches)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.seen.append(sorted({int(m.num_steps) for m in model.modules() if isinstance(m, Router)}))
+
+
+def _threshold_llama():
+    return _llama_moelora(router="threshold", threshold_eps=0.2, threshold_ramp_steps=4)
+
+
+def _router_steps(model):
+    return sorted({int(m.num_steps) for m in model.modules() if isinstance(m, Router)})
+
+
+@pytest.mark.parametrize("make", ["MoELoRATrainer", "Trainer+callback", "MoELoRATrainer+callback"])
+def test_trainer_advances_threshold_routers_once_per_optimizer_step(tmp_path, make):
+    """3 optimiser steps of 2 accumulated micro-batches each: the routers' eps ramp advances 3
+    times (at each optimiser step, not per micro-batch), once whether MoELoRATrainer installs
+    the callback or it is also given (or given to a plain Trainer)."""
+    model = _threshold_llama()
+    recorder = RouterStepRecorder()
+    callbacks = [recorder] + ([StepRoutersCallback()] if make.endswith("callback") else [])
+    trainer_class = transformers.Trainer if make.startswith("Trainer") else MoELoRATrainer
+    trainer = trainer_class(model=model, train_dataset=_lm_dataset(n=12), callbacks=callbacks, args=_args(
+        tmp_path, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    trainer.train()
+    assert recorder.seen == [[0], [1], [2]]  # 4 routers (2 layers x q, v), each at the optimiser step's count
+    assert _router_steps(model) == [3]
+    router = model.model.model.layers[0].self_attn.q_proj.router
+    assert router.eps == pytest.approx(0.15)  # 0.2 * 3 / 4
+
+
+def test_plain_trainer_without_the_callback_leaves_the_schedule_alone(tmp_path):
+    model = _threshold_llama()
+    transformers.Trainer(model=model, train_dataset=_lm_dataset(n=8), args=_args(tmp_path, max_steps=2)).train()
+    assert _router_steps(model) == [0]  # what StepRoutersCallback is for (docs/integration.md)
+
+
+def test_resumed_training_goes_on_from_the_checkpoints_router_step(tmp_path):
+    """The step count is a buffer of the model, saved in the checkpoint: resuming from step 2 of 4
+    ends at 4, as the run without the interruption, not 2 + 4 or 2."""
+    data = _lm_dataset(n=16)
+    model = _threshold_llama()
+    MoELoRATrainer(model=model, train_dataset=data, args=_args(
+        tmp_path, save_strategy="steps", save_steps=2, max_steps=4, per_device_train_batch_size=2)).train()
+    assert _router_steps(model) == [4]
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    resumed_model = _threshold_llama()
+    recorder = RouterStepRecorder()
+    resumed = MoELoRATrainer(model=resumed_model, train_dataset=data, callbacks=[recorder], args=_args(
+        tmp_path, max_steps=4, per_device_train_batch_size=2))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert recorder.seen == [[2], [3]]  # steps 3 and 4 ran with the checkpoint's schedule
+    assert _router_steps(resumed_model) == [4]
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(a, b)  # the same training as the uninterrupted run
 
 
 # ------------------------------------------------------------------------- what Trainer reads from forward
