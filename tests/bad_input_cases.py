@@ -1,5 +1,6 @@
 """A bad-input sweep over the public API (moe_lora, moe_ffn, route, dispatch_metadata,
-dispatch, combine, MoELoRAConfig), run by tests/test_bad_inputs.py in child processes
+dispatch, combine, MoELoRAConfig, Router, MoEFFN, upcycle_ffn, apply_molex), run by
+tests/test_bad_inputs.py in child processes
 (tests/_isolated.py), so a crash fails one case. Each case: (call, expected) with expected =
 (exception class, regex naming the argument and what was expected), or ("returns", check)
 for inputs that must be handled without an error (validation off, empty batches).
@@ -18,6 +19,7 @@ import moelora
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _isolated import outcome_of  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 
 g = torch.Generator().manual_seed(0)
 T, D, R, E, K, FF = 6, 8, 2, 3, 2, 5
@@ -54,6 +56,57 @@ def unvalidated(fn):
 
 def config(**kw):
     return lambda: moelora.MoELoRAConfig(**kw)
+
+
+def unchanged_on_error(edit, make_model):
+    """A call of ``edit(model, **kw)`` on a fresh model that, where it raises, must leave the model
+    as it was (an AssertionError replaces the error otherwise, failing the case)."""
+    def with_kwargs(**kw):
+        def call():
+            model = make_model()
+            before = repr(model)
+            try:
+                return edit(model, **kw)
+            except Exception:
+                assert repr(model) == before, "the model was changed before the error"
+                raise
+        return call
+    return with_kwargs
+
+
+upcycle = unchanged_on_error(lambda m, **kw: moelora.upcycle_ffn(m, **{"num_experts": 4, "top_k": 2, **kw}),
+                             lambda: tiny_llama(num_layers=2))
+molex = unchanged_on_error(moelora.apply_molex, lambda: tiny_llama(num_layers=2))
+
+
+class Stack(torch.nn.Module):
+    """Four width-8 layers that declare no width (MoLEx's hidden_size is checked at the forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, z):
+        for layer in self.layers:
+            z = layer(z)
+        return z
+
+
+def molex_forward(hidden_size):
+    def call():
+        stack = Stack()
+        moelora.apply_molex(stack, hidden_size=hidden_size)
+        return stack(torch.randn(3, 8))
+    return call
+
+
+def router(**kw):
+    return lambda: moelora.Router(**{"in_features": 8, "num_experts": 4, "top_k": 2, **kw})
+
+
+def moe_ffn_module(**kw):
+    lin = torch.nn.Linear
+    return lambda: moelora.MoEFFN(lin(8, 16), lin(16, 8), F.silu, **{"num_experts": 4, "top_k": 2, **kw})
 
 
 def finite_shape(shape):
@@ -175,6 +228,65 @@ CASES = {
                                                                                  r"False or 'gaussian', got 'pissa'")),
     "config/from_list": (lambda: moelora.MoELoRAConfig.from_dict([1, 2]),
                          (TypeError, r"a MoELoRAConfig is read from a dict \(a JSON object\), got list")),
+    # upcycle_ffn: the router arguments as the layers' fields of the same names, before the model changes
+    "upcycle_ffn/aux_loss_coef_negative": (upcycle(router_aux_loss_coef=-1.0),
+                                           (ValueError, r"^router_aux_loss_coef must be a finite number >= 0, "
+                                                        r"got -1.0$")),
+    "upcycle_ffn/threshold_eps_negative": (upcycle(threshold_eps=-0.5),
+                                           (ValueError, r"^threshold_eps must be a finite number >= 0, got -0.5$")),
+    "upcycle_ffn/threshold_eps_nan": (upcycle(threshold_eps=math.nan),
+                                      (ValueError, r"^threshold_eps must be a finite number >= 0, got nan$")),
+    "upcycle_ffn/ramp_steps_float": (upcycle(threshold_ramp_steps=2.5),
+                                     (TypeError, r"^threshold_ramp_steps must be an int >= 0, got float 2.5$")),
+    "upcycle_ffn/jitter_nan": (upcycle(router_jitter_noise=math.nan),
+                               (ValueError, r"^router_jitter_noise must be a finite number >= 0, got nan$")),
+    "upcycle_ffn/num_experts_float": (upcycle(num_experts=4.0),
+                                      (TypeError, r"^num_experts must be a positive int, got float 4.0$")),
+    "upcycle_ffn/num_experts_string": (upcycle(num_experts="4"),
+                                       (TypeError, r"^num_experts must be a positive int, got str '4'$")),
+    "upcycle_ffn/top_k_float": (upcycle(top_k=2.0), (TypeError, r"^top_k must be a positive int, got float 2.0$")),
+    "upcycle_ffn/router_task": (upcycle(router="task"), (ValueError, r"^router must be one of \('softmax_topk', "
+                                                                     r"'topk_softmax', 'threshold'\), got 'task'$")),
+    "upcycle_ffn/unknown_router_argument": (upcycle(threshold=0.1), (TypeError, r"unknown router arguments "
+                                                                                r"\['threshold'\]")),
+    "upcycle_ffn/activation_string": (upcycle(ffn_modules=["mlp"], in_proj="up_proj", out_proj="down_proj",
+                                              activation="silu"),
+                                      (TypeError, r"activation must be a callable \(e.g. torch.nn.functional.silu\)")),
+    "MoEFFN/z_loss_coef_inf": (moe_ffn_module(router_z_loss_coef=math.inf),
+                               (ValueError, r"^router_z_loss_coef must be a finite number >= 0, got inf$")),
+    "MoEFFN/top_k_string": (moe_ffn_module(top_k="2"), (TypeError, r"^top_k must be a positive int, got str '2'$")),
+    # Router: the same checks under Router's argument names
+    "Router/jitter_nan": (router(jitter_noise=math.nan), (ValueError, r"^jitter_noise must be a finite number >= 0, "
+                                                                      r"got nan$")),
+    "Router/eps_end_negative": (router(mode="threshold", eps_end=-0.5),
+                                (ValueError, r"^eps_end must be a finite number >= 0, got -0.5$")),
+    "Router/ramp_steps_float": (router(mode="threshold", eps_ramp_steps=2.5),
+                                (TypeError, r"^eps_ramp_steps must be an int >= 0, got float 2.5$")),
+    "Router/top_k_float": (router(top_k=2.0), (TypeError, r"^top_k must be a positive int, got float 2.0$")),
+    "Router/renormalize_string": (router(renormalize="no"), (TypeError, r"^renormalize must be a bool, got str 'no'$")),
+    # apply_molex / MoLEx / LayerGate, before the model changes
+    "apply_molex/aux_loss_coef_negative": (molex(aux_loss_coef=-1.0),
+                                           (ValueError, r"^aux_loss_coef must be a finite number >= 0, got -1.0$")),
+    "apply_molex/temperature_zero": (molex(gate="cosine", temperature=0.0),
+                                     (ValueError, r"^temperature must be a finite number > 0, got 0.0$")),
+    "apply_molex/proj_dim_negative": (molex(gate="cosine", proj_dim=-2),
+                                      (ValueError, r"^proj_dim must be a positive int or None \(hidden_size\), "
+                                                   r"got -2$")),
+    "apply_molex/proj_dim_zero": (molex(gate="cosine", proj_dim=0),
+                                  (ValueError, r"^proj_dim must be a positive int or None \(hidden_size\), got 0$")),
+    "apply_molex/alpha_string": (molex(alpha="0.9"), (TypeError, r"^alpha must be a number in \[0, 1\], "
+                                                                 r"got str '0.9'$")),
+    "apply_molex/shared_gate_string": (molex(shared_gate="no"), (TypeError, r"^shared_gate must be a bool, "
+                                                                            r"got str 'no'$")),
+    "apply_molex/bias_string": (molex(bias="yes"), (TypeError, r"^bias must be a bool or None")),
+    "apply_molex/hidden_size_of_another_width": (molex(hidden_size=8),
+                                                 (ValueError, r"hidden_size=8 does not match the model's width: its "
+                                                              r"layers take hidden states of width 16")),
+    "apply_molex/hidden_size_float": (molex(hidden_size=16.0), (TypeError, r"^hidden_size must be a positive int, "
+                                                                           r"got float 16.0$")),
+    "apply_molex/hidden_size_at_forward": (molex_forward(hidden_size=16),
+                                           (ValueError, r"MoLEx was applied with hidden_size=16, but the model's "
+                                                        r"hidden states are 8 wide")),
 }
 
 

@@ -1,5 +1,6 @@
 """nn.Modules built on moelora.ops: the MoE-LoRA layers (``linear``: MoELoRALinear, ``conv``,
-``embedding``, and ``adapter_base``, what the last two share), the learned ``router``, the
+``embedding``, and ``adapter_base``, what the last two share), the per-argument checks they
+and the other modules share (``fields``), the learned ``router``, the
 aux-loss record every routed module keeps (``routed``), the upcycled expert FFN (``ffn``) and
 MoLEx (``molex``).
 

@@ -9,9 +9,28 @@ import torch
 import torch.nn as nn
 
 from moelora.ops.moe_ffn import moe_ffn
+from moelora.ops.validation import check_activation, check_top_k
+from moelora.modules.fields import LAYER_FIELD_KINDS, check_field
 from moelora.modules.linear import linear_weight
 from moelora.modules.routed import RoutedModule
-from moelora.modules.router import Router
+from moelora.modules.router import LEARNED_MODE_KIND, Router
+
+
+# MoEFFN's router arguments (upcycle_ffn's ``router_kwargs``), named as the layers' fields.
+ROUTER_ARGS = ("router", "threshold_eps", "threshold_eps_start", "threshold_ramp_steps", "router_jitter_noise",
+               "router_aux_loss_coef", "router_z_loss_coef")
+
+
+def check_ffn_settings(num_experts, top_k, **router_kwargs) -> None:
+    """The checks of MoEFFN's expert and router arguments (MoEFFN's and upcycle_ffn's, before
+    anything is built or changed): each as the layers' field of the same name (LAYER_FIELD_KINDS;
+    ``router``: a learned router's mode), then top_k <= num_experts; unknown names raise TypeError."""
+    unknown = sorted(set(router_kwargs) - set(ROUTER_ARGS))
+    if unknown:
+        raise TypeError(f"unknown router arguments {unknown}: MoEFFN takes {ROUTER_ARGS}")
+    for name, value in dict(num_experts=num_experts, top_k=top_k, **router_kwargs).items():
+        check_field(name, value, LEARNED_MODE_KIND if name == "router" else LAYER_FIELD_KINDS[name])
+    check_top_k(top_k, num_experts)
 
 
 def _stack(t: Optional[torch.Tensor], num_experts: int) -> Optional[nn.Parameter]:
@@ -25,6 +44,8 @@ class MoEFFN(nn.Module, RoutedModule):
 
     Parameters (expert dim first, nn.Linear layouts): ``w_in`` [E, d_ff, d_in], ``b_in``,
     ``w_gate`` (gated MLPs), ``w_out`` [E, d_out, d_ff], ``b_out``, ``router.weight`` [E, d_in].
+    The router arguments are checked as the MoE-LoRA layers' fields of the same names
+    (:func:`check_ffn_settings`).
     """
 
     moelora_owned = True  # trained and saved whole (moelora.modules.adapter_base.owned_by_moelora)
@@ -35,6 +56,11 @@ class MoEFFN(nn.Module, RoutedModule):
                  router_jitter_noise: float = 0.0, router_aux_loss_coef: float = 0.01,
                  router_z_loss_coef: float = 0.001):
         super().__init__()
+        check_ffn_settings(num_experts, top_k, router=router, threshold_eps=threshold_eps,
+                           threshold_eps_start=threshold_eps_start, threshold_ramp_steps=threshold_ramp_steps,
+                           router_jitter_noise=router_jitter_noise, router_aux_loss_coef=router_aux_loss_coef,
+                           router_z_loss_coef=router_z_loss_coef)
+        check_activation(activation)
         w_in, b_in = linear_weight(in_proj, "an FFN projection must be one of the"), in_proj.bias
         w_out, b_out = linear_weight(out_proj, "an FFN projection must be one of the"), out_proj.bias
         if w_out.shape[1] != w_in.shape[0]:

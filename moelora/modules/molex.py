@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moelora.modules.fields import LAYER_FIELD_KINDS, _finite, _is_bool, _is_int, _is_real, check_field
 from moelora.modules.routed import RoutedModule
 from moelora.ops.losses import expert_load, load_balancing_loss, routing_entropy
 
@@ -79,6 +80,27 @@ SIGNATURE_EXEMPT = ("layer_idx", "gradient_checkpointing")
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
+# The checks of MoLEx's and LayerGate's arguments (moelora.modules.fields.check_field; aux_loss_coef
+# as the layers' router_aux_loss_coef); proj_dim and bias may also be None (their defaults).
+MOLEX_ARG_KINDS = {
+    "hidden_size": (_is_int, lambda v: v >= 1, "a positive int"),
+    "num_layers": (_is_int, lambda v: v >= 1, "a positive int"),
+    "shared_gate": (_is_bool, None, "a bool"),
+    "proj_dim": (_is_int, lambda v: v >= 1, "a positive int or None (hidden_size)"),
+    "alpha": (_is_real, lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "learn_alpha": (_is_bool, None, "a bool"),
+    "aux_loss_coef": LAYER_FIELD_KINDS["router_aux_loss_coef"],
+    "temperature": (_is_real, lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "bias": (_is_bool, None, "a bool or None (the gate's default)"),
+}
+
+
+def _check_args(**values) -> None:
+    for name, value in values.items():
+        if not (value is None and name in ("proj_dim", "bias")):
+            check_field(name, value, MOLEX_ARG_KINDS[name])
+
+
 class LayerGate(nn.Module):
     """Scores of the L layers for each token: returns (logits [T, L], gate values [T, L])."""
 
@@ -87,7 +109,9 @@ class LayerGate(nn.Module):
         super().__init__()
         if gate not in GATE_TYPES:
             raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
-        self.gate = gate
+        _check_args(hidden_size=hidden_size, num_layers=num_layers, proj_dim=proj_dim, temperature=temperature,
+                    bias=bias)
+        self.gate, self.hidden_size = gate, hidden_size
         if bias is None:
             bias = gate == "linear"  # the paper's linear gate is nn.Linear(hidden, L) with its bias
         if gate == "linear":
@@ -95,12 +119,15 @@ class LayerGate(nn.Module):
             self.weight = linear.weight
             self.bias = linear.bias
         else:
-            proj_dim = proj_dim or hidden_size
+            proj_dim = hidden_size if proj_dim is None else proj_dim
             self.proj = nn.Linear(hidden_size, proj_dim, bias=bias)
             self.layer_embeddings = nn.Parameter(torch.randn(num_layers, proj_dim))
             self.temperature = temperature
 
     def forward(self, z: torch.Tensor, exclude: int):
+        if z.shape[-1] != self.hidden_size:
+            raise ValueError(f"MoLEx was applied with hidden_size={self.hidden_size}, but the model's hidden states "
+                             f"are {z.shape[-1]} wide: apply it with hidden_size={z.shape[-1]}")
         z = z.reshape(-1, z.shape[-1]).float()
         if self.gate == "linear":
             logits = F.linear(z, self.weight.float(), None if self.bias is None else self.bias.float())
@@ -130,8 +157,8 @@ class MoLEx(nn.Module, RoutedModule):
             raise ValueError("MoLEx needs a stack of at least 2 layers")
         if batch_routing not in BATCH_ROUTING:
             raise ValueError(f"batch_routing must be one of {BATCH_ROUTING}, got {batch_routing!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        _check_args(hidden_size=hidden_size, shared_gate=shared_gate, alpha=alpha, learn_alpha=learn_alpha,
+                    aux_loss_coef=aux_loss_coef)
         if layer_selection not in LAYER_SELECTION:
             raise ValueError(f"layer_selection must be one of {LAYER_SELECTION}, got {layer_selection!r}")
         self.layer_selection = layer_selection

@@ -14,6 +14,20 @@ from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.validation import check_top_k, refuse_double_backward
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, route_logits, scheduled_eps
 from moelora.ops.backend import kernels_run
+from moelora.modules.fields import LAYER_FIELD_KINDS, _is_int, check_field
+
+
+# The modes of a learned router (task routing has none).
+LEARNED_MODES = tuple(m for m in ROUTER_MODES if m != "task")
+
+# The checks of Router's own arguments (check_field), and of MoEFFN's ``router``:
+LEARNED_MODE_KIND = (lambda v: isinstance(v, str), lambda v: v in LEARNED_MODES, f"one of {LEARNED_MODES}")
+IN_FEATURES_KIND = (_is_int, lambda v: v >= 1, "a positive int")
+
+# Router argument -> the layer field it is (LAYER_FIELD_KINDS: the same check under Router's name).
+ROUTER_ARG_FIELDS = {"num_experts": "num_experts", "top_k": "top_k", "renormalize": "router_renormalize",
+                     "jitter_noise": "router_jitter_noise", "eps_start": "threshold_eps_start",
+                     "eps_end": "threshold_eps", "eps_ramp_steps": "threshold_ramp_steps"}
 
 
 class Router(nn.Linear):
@@ -21,17 +35,21 @@ class Router(nn.Linear):
     fp32, plus the routing mode, top-k, jitter noise and the threshold schedule.
 
     ``eps`` for threshold routing rises linearly from ``eps_start`` to ``eps_end`` over
-    ``eps_ramp_steps`` calls of :meth:`step` (``moelora.step_routers(model)``).
+    ``eps_ramp_steps`` calls of :meth:`step` (``moelora.step_routers(model)``). The arguments
+    are checked as the layers' same fields (``ROUTER_ARG_FIELDS``: ``jitter_noise`` as
+    ``router_jitter_noise``, ``eps_end`` as ``threshold_eps``, ...), the errors naming Router's.
     """
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, mode: str = "softmax_topk",
                  renormalize: bool = True, jitter_noise: float = 0.0, eps_start: float = 0.0,
                  eps_end: float = 0.0, eps_ramp_steps: int = 0, device=None):
-        if mode not in ROUTER_MODES or mode == "task":
-            raise ValueError(f"Router mode must be one of {ROUTER_MODES[:3]}, got {mode!r}")
+        check_field("in_features", in_features, IN_FEATURES_KIND)
+        check_field("mode", mode, LEARNED_MODE_KIND)
+        given = dict(num_experts=num_experts, top_k=top_k, renormalize=renormalize, jitter_noise=jitter_noise,
+                     eps_start=eps_start, eps_end=eps_end, eps_ramp_steps=eps_ramp_steps)
+        for name, field in ROUTER_ARG_FIELDS.items():
+            check_field(name, given[name], LAYER_FIELD_KINDS[field])
         check_top_k(top_k, num_experts)
-        if jitter_noise < 0:
-            raise ValueError(f"router jitter noise must be >= 0, got {jitter_noise}")
         super().__init__(in_features, num_experts, bias=False, device=device, dtype=torch.float32)
         self.mode, self.top_k, self.renormalize = mode, top_k, renormalize
         self.jitter_noise = jitter_noise

@@ -208,6 +208,13 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
                          "(the nonzero weights are divided by their sum); some token's sum to zero or less")
 
 
+def check_activation(activation) -> None:
+    """TypeError unless ``activation`` is a callable (moe_ffn's, MoEFFN's and upcycle_ffn's)."""
+    if not callable(activation) or isinstance(activation, torch.Tensor):
+        hint = f" (e.g. torch.nn.functional.{activation})" if isinstance(activation, str) else ""
+        raise TypeError(f"activation must be a callable{hint}, got {type(activation).__name__} {activation!r}")
+
+
 def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, normalize) -> None:
     """Types, dtypes and devices of moelora.moe_ffn's arguments (shapes: moelora.ops.moe_ffn).
 
@@ -215,9 +222,7 @@ def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, nor
     """
     required = {n: weights[n] for n in ("w_in", "w_out")}
     check_tensor_args(x, topk_ids, topk_weights, required, {n: t for n, t in weights.items() if n not in required})
-    if not callable(activation) or isinstance(activation, torch.Tensor):
-        hint = f" (e.g. torch.nn.functional.{activation})" if isinstance(activation, str) else ""
-        raise TypeError(f"activation must be a callable{hint}, got {type(activation).__name__} {activation!r}")
+    check_activation(activation)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
 

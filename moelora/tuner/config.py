@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
-from moelora.modules.adapter_base import (LAYER_FIELD_KINDS, LayerSettings, _finite, _is_bool, _is_int, _is_real,
-                                          check_field)
+from moelora.modules.adapter_base import LayerSettings
+from moelora.modules.fields import LAYER_FIELD_KINDS, _finite, _is_bool, _is_int, _is_real, check_field
 from moelora.tuner.targets import pattern_value
 
 EXPERT_PRESETS = ("2468", "8642", "8228", "5555")
@@ -168,7 +168,7 @@ _FIELD_KINDS = {
 def _check_field_types(config: "MoELoRAConfig") -> None:
     """TypeError for a value of the wrong type (a string for a number, 4.0 for an int) and
     ValueError for an impossible value (inf, a count below 1), naming the field
-    (moelora.modules.adapter_base.check_field)."""
+    (moelora.modules.fields.check_field)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if value is None and f.default is None:

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from moelora.tuner.structure import forget, record, structural_edit
 from moelora.tuner.targets import DEFAULT_LAYERS_PATTERN, unwrap
-from moelora.modules.molex import MoLEx
+from moelora.modules.fields import check_field
+from moelora.modules.molex import MOLEX_ARG_KINDS, MoLEx
 
 
 def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None) -> nn.ModuleList:
@@ -35,7 +36,10 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     whose :meth:`~MoLEx.remove` undoes this call.
 
     kwargs: gate, shared_gate, proj_dim, alpha, learn_alpha, batch_routing, aux_loss_coef,
-    temperature, bias, layer_selection (see :class:`MoLEx` and the module docstring).
+    temperature, bias, layer_selection (see :class:`MoLEx` and the module docstring). Every
+    argument is checked before the model is changed; ``hidden_size`` (default: the config's
+    ``hidden_size`` or ``n_embd``) must be the width of the layers' hidden states: it is compared
+    with the layers' own ``hidden_size`` where they declare one, else at the first forward.
     """
     target = unwrap(model)
     if hasattr(target, "molex"):
@@ -46,6 +50,11 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
         hidden_size = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
         if hidden_size is None:
             raise ValueError("pass hidden_size= (the width of the layers' hidden states)")
+    check_field("hidden_size", hidden_size, MOLEX_ARG_KINDS["hidden_size"])
+    width = getattr(stack[0], "hidden_size", None)  # transformers' decoder layers declare it (LLaMA, Mistral, ...)
+    if isinstance(width, int) and not isinstance(width, bool) and hidden_size != width:
+        raise ValueError(f"hidden_size={hidden_size!r} does not match the model's width: its layers take hidden "
+                         f"states of width {width} (pass hidden_size={width} or leave it out)")
     molex = MoLEx(stack, hidden_size, **kwargs)
     first = next(stack.parameters(), None)
     if first is not None:

@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from moelora.tuner.structure import record, structural_edit
 from moelora.tuner.targets import layer_index, matches, set_module, unwrap
-from moelora.ops.validation import check_top_k
-from moelora.modules.ffn import MoEFFN
+from moelora.ops.validation import check_activation
+from moelora.modules.ffn import MoEFFN, check_ffn_settings
 
 
 def _is_bert_layer(m: nn.Module) -> bool:
@@ -55,9 +55,12 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     module is then replaced by out_proj(act(in_proj(x))) (times act(gate_proj(x)) if gated),
     so anything else its forward did (dropout) is dropped.
     ``router_kwargs`` go to MoEFFN (router, threshold_eps, threshold_eps_start,
-    threshold_ramp_steps, router_jitter_noise, router_aux_loss_coef, router_z_loss_coef).
+    threshold_ramp_steps, router_jitter_noise, router_aux_loss_coef, router_z_loss_coef), checked
+    as the MoE-LoRA layers' fields of the same names before the model is changed.
     """
-    check_top_k(top_k, num_experts)
+    check_ffn_settings(num_experts, top_k, **router_kwargs)
+    if activation is not None:
+        check_activation(activation)
     model = unwrap(model)
     call = dict(num_experts=num_experts, top_k=top_k, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj,
                 gate_proj=gate_proj, activation=activation, layers_to_transform=layers_to_transform,

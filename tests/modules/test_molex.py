@@ -1,5 +1,7 @@
 """MoLEx: the layer-mixing formula, gates, batch routing, learned alpha, losses, transformers stacks."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -159,6 +161,41 @@ def test_remove_undoes_apply_molex(tmp_path):
     assert torch.equal(loaded(ids).logits, expected)
     again = apply_molex(wrapped, alpha=0.8)
     assert wrapped.model.molex is again and not torch.equal(wrapped(ids).logits, expected)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(aux_loss_coef=-1.0), ValueError, r"^aux_loss_coef must be a finite number >= 0, got -1.0$"),
+    (dict(aux_loss_coef=math.nan), ValueError, r"^aux_loss_coef must be a finite number >= 0, got nan$"),
+    (dict(gate="cosine", temperature=0.0), ValueError, r"^temperature must be a finite number > 0, got 0.0$"),
+    (dict(gate="cosine", proj_dim=-2), ValueError, r"^proj_dim must be a positive int or None \(hidden_size\)"),
+    (dict(gate="cosine", proj_dim=0), ValueError, r"^proj_dim must be a positive int or None \(hidden_size\)"),
+    (dict(gate="cosine", proj_dim=4.0), TypeError, r"^proj_dim must be a positive int .*got float 4.0$"),
+    (dict(alpha="0.9"), TypeError, r"^alpha must be a number in \[0, 1\], got str '0.9'$"),
+    (dict(alpha=1.5), ValueError, r"^alpha must be a number in \[0, 1\], got 1.5$"),
+    (dict(shared_gate="no"), TypeError, r"^shared_gate must be a bool, got str 'no'$"),
+    (dict(learn_alpha=1), TypeError, r"^learn_alpha must be a bool, got int 1$"),
+    (dict(bias="yes"), TypeError, r"^bias must be a bool or None \(the gate's default\), got str 'yes'$"),
+    (dict(hidden_size=8.0), TypeError, r"^hidden_size must be a positive int, got float 8.0$"),
+    (dict(hidden_size="8"), TypeError, r"^hidden_size must be a positive int, got str '8'$"),
+], ids=lambda v: ",".join(f"{k}={x!r}" for k, x in v.items()) if isinstance(v, dict) else None)
+def test_apply_molex_checks_its_arguments_before_changing_the_model(kwargs, error, match):
+    stack = Stack()
+    with pytest.raises(error, match=match):
+        apply_molex(stack, **{"hidden_size": 8, **kwargs})
+    assert not hasattr(stack, "molex") and not stack.layers[0]._forward_hooks
+
+
+def test_a_hidden_size_other_than_the_models_width_raises_naming_both():
+    llama = tiny_llama()  # its layers declare their width: checked when applied
+    with pytest.raises(ValueError, match=r"hidden_size=8 does not match the model's width: its layers take hidden "
+                                         r"states of width 16 \(pass hidden_size=16 or leave it out\)"):
+        apply_molex(llama, hidden_size=8)
+    assert not hasattr(llama, "molex")
+    stack = Stack(d=8)  # plain layers: checked at the first forward, before the gate multiplies
+    apply_molex(stack, hidden_size=16)
+    with pytest.raises(ValueError, match=r"MoLEx was applied with hidden_size=16, but the model's hidden states are "
+                                         r"8 wide: apply it with hidden_size=8"):
+        stack(torch.randn(2, 8))
 
 
 # ------------------------------------------------------------------ MoLEx as published

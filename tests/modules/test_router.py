@@ -236,10 +236,31 @@ def test_routing_aux_losses_kernel_matches_the_formula(mode):
 def test_router_rejects_bad_settings():
     with pytest.raises(ValueError, match="top_k must be in"):
         Router(8, 4, 5)
-    with pytest.raises(ValueError, match="Router mode must be one of"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('softmax_topk', 'topk_softmax', 'threshold'\)"):
         Router(8, 4, 2, mode="sinkhorn")
-    with pytest.raises(ValueError, match="jitter noise must be >= 0"):
+    with pytest.raises(ValueError, match="jitter_noise must be a finite number >= 0"):
         Router(8, 4, 2, jitter_noise=-0.1)
+    with pytest.raises(TypeError, match="in_features must be a positive int, got float 8.0"):
+        Router(8.0, 4, 2)
+
+
+@pytest.mark.parametrize("layer_kwargs", [
+    dict(num_experts=4.0), dict(num_experts="4"), dict(top_k=2.0), dict(router_jitter_noise=math.nan),
+    dict(router_jitter_noise=-1), dict(threshold_eps=-0.5), dict(threshold_eps=math.inf), dict(threshold_eps_start=math.nan),
+    dict(threshold_ramp_steps=2.5), dict(threshold_ramp_steps=-1), dict(router_renormalize="yes"),
+], ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items()))
+def test_router_checks_its_arguments_as_the_layers_fields(layer_kwargs):
+    """Router's arguments get the layers' checks and messages, under Router's names
+    (jitter_noise for router_jitter_noise, eps_end for threshold_eps, ...)."""
+    from moelora.modules.router import ROUTER_ARG_FIELDS
+    with pytest.raises((TypeError, ValueError)) as layer_error:
+        moelora.MoELoRALinear(torch.nn.Linear(8, 8), router="threshold", **{"num_experts": 4, "top_k": 2,
+                                                                          **layer_kwargs})
+    (field, value), = layer_kwargs.items()
+    name = next(arg for arg, f in ROUTER_ARG_FIELDS.items() if f == field)
+    with pytest.raises(type(layer_error.value)) as error:
+        Router(8, **{"num_experts": 4, "top_k": 2, "mode": "threshold", name: value})
+    assert str(error.value) == str(layer_error.value).replace(field, name, 1)
 
 
 def test_router_buffers_live_on_the_router_device():

@@ -1,5 +1,7 @@
 """MoE FFN upcycling: exact at init, routing/gradients, generic MLPs, errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -121,6 +123,29 @@ def test_upcycle_errors():
         upcycle_ffn(tiny_bert(), num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="no FFN found to upcycle"):
         upcycle_ffn(nn.Sequential(nn.Linear(2, 2)), num_experts=2, top_k=1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(router_aux_loss_coef=-1.0), dict(router_z_loss_coef=math.inf), dict(threshold_eps=-0.5),
+    dict(threshold_eps=math.nan), dict(threshold_eps_start=-1), dict(threshold_ramp_steps=2.5),
+    dict(router_jitter_noise=math.nan), dict(num_experts=4.0), dict(num_experts="4"), dict(top_k=2.0),
+    dict(top_k="2"),
+], ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items()))
+def test_upcycle_ffn_and_moe_ffn_check_their_arguments_as_the_layers(kwargs):
+    """upcycle_ffn and MoEFFN reject what the MoE-LoRA layers reject, with the layers' message,
+    and upcycle_ffn before it changes the model (top_k=2.0 used to upcycle, then fail in the forward)."""
+    call = {"num_experts": 4, "top_k": 2, **kwargs}
+    with pytest.raises((TypeError, ValueError)) as layer_error:
+        moelora.MoELoRALinear(nn.Linear(8, 8), **call)
+    model = tiny_llama()
+    before = repr(model)
+    with pytest.raises(type(layer_error.value)) as error:
+        upcycle_ffn(model, **call)
+    assert str(error.value) == str(layer_error.value)
+    assert repr(model) == before
+    with pytest.raises(type(layer_error.value)) as error:
+        MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, **call)
+    assert str(error.value) == str(layer_error.value)
 
 
 def test_get_moelora_model_keeps_upcycled_experts_trainable():
