@@ -32,7 +32,9 @@ size, ...; ``layer_idx``, the layer's KV-cache slot, which the mixing calls do n
 (:func:`_checkpointed`: transformers' ``gradient_checkpointing`` flag, in training mode with
 gradients enabled); otherwise host (e.g. MoLA's per-layer expert counts, a per-layer
 ``alpha_pattern``, alternating sliding-window layers, gradient checkpointing in training).
-``"device"`` raises where they differ or are checkpointed.
+``"device"`` raises where they differ or are checkpointed. Whether the layers are alike is
+read in eager mode (at apply_molex and in every eager forward); a compiled graph uses the last
+eager reading (dynamo, in torch 2.11, cannot trace a module's ``__dict__``).
 
 Applied with forward hooks on the existing layers (module names and state dicts of the base
 model are unchanged); the gates live in ``model.molex``. :meth:`MoLEx.remove` undoes
@@ -175,6 +177,7 @@ class MoLEx(nn.Module, RoutedModule):
         else:
             self.register_buffer("alpha_value", torch.tensor(float(alpha)))
         self._calling_other = False
+        self._alike = _layers_alike(layers)  # whether the layers are alike (_device_selection), eager reading
         self._on_remove = []  # callables(self) that remove() runs: apply_molex's undo (moelora.tuner.molex)
         # Bound methods (not closures): a deepcopy of the model copies the hooks onto its own MoLEx.
         self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True)
@@ -263,7 +266,9 @@ class MoLEx(nn.Module, RoutedModule):
         if self.layer_selection == "host":
             return False
         checkpointed = _checkpointed(layers)
-        uniform = len({_layer_signature(layer) for layer in layers}) == 1
+        if not torch.compiler.is_compiling():  # a compiled graph uses the last eager reading (or apply's)
+            self._alike = _layers_alike(layers)
+        uniform = self._alike
         if self.layer_selection == "device":
             if checkpointed:
                 raise ValueError("layer_selection='device' cannot run gradient-checkpointed layers (the recomputation "
@@ -297,6 +302,12 @@ def _checkpointed(layers: nn.ModuleList) -> bool:
     mode, with gradients enabled."""
     return torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True and m.training
                                            for m in layers.modules())
+
+
+def _layers_alike(layers: nn.ModuleList) -> bool:
+    """Whether all the layers have one :func:`_layer_signature` (read in eager mode only: dynamo,
+    in torch 2.11, cannot trace a module's ``__dict__``)."""
+    return len({_layer_signature(layer) for layer in layers}) == 1
 
 
 def _layer_signature(layer: nn.Module) -> tuple:
