@@ -10,24 +10,28 @@ from moelora.ops.routing_modes import ROUTER_MODES
 from moelora.ops.validation import is_finite_number
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An int that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_real(v) -> bool:
+def is_real(v) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _is_bool(v) -> bool:
+def is_bool(v) -> bool:
     return isinstance(v, bool)
-
-
-def _finite(v) -> bool:
-    return is_finite_number(v)  # an int beyond float's range is not (math.isfinite would raise)
 
 
 def _finite_nonneg(v) -> bool:
     return is_finite_number(v) and v >= 0
+
+
+# Kinds (check_field's entries) that several arguments share.
+POSITIVE_INT = (is_int, lambda v: v >= 1, "a positive int")
+BOOL = (is_bool, None, "a bool")
+FINITE_NONNEG = (is_real, _finite_nonneg, "a finite number >= 0")
 
 
 # field -> (type predicate, value predicate or None, what it must be): the checks of one
@@ -37,25 +41,25 @@ def _finite_nonneg(v) -> bool:
 # fields (top_k <= num_experts, DoRA's single expert, ...) and the value checks left None here
 # (dropout ranges, the router modes, init_lora_weights) are LayerSettings.__post_init__'s.
 LAYER_FIELD_KINDS = {
-    "num_experts": (_is_int, lambda v: v >= 1, "a positive int"),
-    "top_k": (_is_int, lambda v: v >= 1, "a positive int"),
-    "r": (_is_int, lambda v: v >= 1, "a positive int"),
-    "lora_alpha": (_is_real, _finite, "a finite number"),
-    "lora_dropout": (_is_real, None, "a number in [0, 1)"),
-    "use_rslora": (_is_bool, None, "a bool"),
-    "share_lora_a": (_is_bool, None, "a bool"),
-    "lora_a_dropout": (_is_real, None, "a number in [0, 1)"),
+    "num_experts": POSITIVE_INT,
+    "top_k": POSITIVE_INT,
+    "r": POSITIVE_INT,
+    "lora_alpha": (is_real, is_finite_number, "a finite number"),
+    "lora_dropout": (is_real, None, "a number in [0, 1)"),
+    "use_rslora": BOOL,
+    "share_lora_a": BOOL,
+    "lora_a_dropout": (is_real, None, "a number in [0, 1)"),
     "router": (lambda v: isinstance(v, str), None, f"one of {ROUTER_MODES}"),
-    "router_renormalize": (_is_bool, None, "a bool"),
-    "router_jitter_noise": (_is_real, _finite_nonneg, "a finite number >= 0"),
-    "threshold_eps": (_is_real, _finite_nonneg, "a finite number >= 0"),
-    "threshold_eps_start": (_is_real, _finite_nonneg, "a finite number >= 0"),
-    "threshold_ramp_steps": (_is_int, lambda v: v >= 0, "an int >= 0"),
-    "task_shared_lora": (_is_bool, None, "a bool"),
+    "router_renormalize": BOOL,
+    "router_jitter_noise": FINITE_NONNEG,
+    "threshold_eps": FINITE_NONNEG,
+    "threshold_eps_start": FINITE_NONNEG,
+    "threshold_ramp_steps": (is_int, lambda v: v >= 0, "an int >= 0"),
+    "task_shared_lora": BOOL,
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), None, "True, False or 'gaussian'"),
-    "use_dora": (_is_bool, None, "a bool"),
-    "router_aux_loss_coef": (_is_real, _finite_nonneg, "a finite number >= 0"),
-    "router_z_loss_coef": (_is_real, _finite_nonneg, "a finite number >= 0"),
+    "use_dora": BOOL,
+    "router_aux_loss_coef": FINITE_NONNEG,
+    "router_z_loss_coef": FINITE_NONNEG,
 }
 
 

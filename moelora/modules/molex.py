@@ -61,7 +61,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moelora.modules.fields import LAYER_FIELD_KINDS, _finite, _is_bool, _is_int, _is_real, check_field
+from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, POSITIVE_INT, check_field, is_bool, is_int, is_real
+from moelora.ops.validation import is_finite_number
 from moelora.modules.routed import RoutedModule
 from moelora.ops.losses import expert_load, load_balancing_loss, routing_entropy
 
@@ -85,15 +86,15 @@ CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 # The checks of MoLEx's and LayerGate's arguments (moelora.modules.fields.check_field; aux_loss_coef
 # as the layers' router_aux_loss_coef); proj_dim and bias may also be None (their defaults).
 MOLEX_ARG_KINDS = {
-    "hidden_size": (_is_int, lambda v: v >= 1, "a positive int"),
-    "num_layers": (_is_int, lambda v: v >= 1, "a positive int"),
-    "shared_gate": (_is_bool, None, "a bool"),
-    "proj_dim": (_is_int, lambda v: v >= 1, "a positive int or None (hidden_size)"),
-    "alpha": (_is_real, lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "learn_alpha": (_is_bool, None, "a bool"),
+    "hidden_size": POSITIVE_INT,
+    "num_layers": POSITIVE_INT,
+    "shared_gate": BOOL,
+    "proj_dim": (is_int, lambda v: v >= 1, "a positive int or None (hidden_size)"),
+    "alpha": (is_real, lambda v: is_finite_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "learn_alpha": BOOL,
     "aux_loss_coef": LAYER_FIELD_KINDS["router_aux_loss_coef"],
-    "temperature": (_is_real, lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "bias": (_is_bool, None, "a bool or None (the gate's default)"),
+    "temperature": (is_real, lambda v: is_finite_number(v) and v > 0, "a finite number > 0"),
+    "bias": (is_bool, None, "a bool or None (the gate's default)"),
 }
 
 

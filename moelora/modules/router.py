@@ -14,15 +14,14 @@ from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.validation import check_top_k, refuse_double_backward
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, route_logits, scheduled_eps
 from moelora.ops.backend import kernels_run
-from moelora.modules.fields import LAYER_FIELD_KINDS, _is_int, check_field
+from moelora.modules.fields import LAYER_FIELD_KINDS, POSITIVE_INT, check_field
 
 
 # The modes of a learned router (task routing has none).
 LEARNED_MODES = tuple(m for m in ROUTER_MODES if m != "task")
 
-# The checks of Router's own arguments (check_field), and of MoEFFN's ``router``:
+# The check of Router's ``mode`` and of MoEFFN's ``router`` (check_field).
 LEARNED_MODE_KIND = (lambda v: isinstance(v, str), lambda v: v in LEARNED_MODES, f"one of {LEARNED_MODES}")
-IN_FEATURES_KIND = (_is_int, lambda v: v >= 1, "a positive int")
 
 # Router argument -> the layer field it is (LAYER_FIELD_KINDS: the same check under Router's name).
 ROUTER_ARG_FIELDS = {"num_experts": "num_experts", "top_k": "top_k", "renormalize": "router_renormalize",
@@ -43,7 +42,7 @@ class Router(nn.Linear):
     def __init__(self, in_features: int, num_experts: int, top_k: int, mode: str = "softmax_topk",
                  renormalize: bool = True, jitter_noise: float = 0.0, eps_start: float = 0.0,
                  eps_end: float = 0.0, eps_ramp_steps: int = 0, device=None):
-        check_field("in_features", in_features, IN_FEATURES_KIND)
+        check_field("in_features", in_features, POSITIVE_INT)
         check_field("mode", mode, LEARNED_MODE_KIND)
         given = dict(num_experts=num_experts, top_k=top_k, renormalize=renormalize, jitter_noise=jitter_noise,
                      eps_start=eps_start, eps_end=eps_end, eps_ramp_steps=eps_ramp_steps)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
 from moelora.modules.adapter_base import LayerSettings
-from moelora.modules.fields import LAYER_FIELD_KINDS, _finite, _is_bool, _is_int, _is_real, check_field
+from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, check_field, is_int, is_real
+from moelora.ops.validation import is_finite_number
 from moelora.tuner.targets import pattern_value
 
 EXPERT_PRESETS = ("2468", "8642", "8228", "5555")
@@ -63,12 +64,12 @@ class MoELoRAConfig:
 
     def __post_init__(self):
         _check_field_types(self)
-        self._layer_fields(self.num_experts if _is_int(self.num_experts) else None)  # LayerSettings checks them
+        self._layer_fields(self.num_experts if is_int(self.num_experts) else None)  # LayerSettings checks them
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if isinstance(self.num_experts, str) and self.num_experts not in EXPERT_PRESETS:
             raise ValueError(f"num_experts preset must be one of {EXPERT_PRESETS}, got {self.num_experts!r}")
-        if isinstance(self.num_experts, (list, tuple)) and not all(_is_int(n) and n >= 1 for n in self.num_experts):
+        if isinstance(self.num_experts, (list, tuple)) and not all(is_int(n) and n >= 1 for n in self.num_experts):
             raise ValueError(f"every per-layer num_experts must be an int >= 1, got {self.num_experts}")
         if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
             raise ValueError("target_modules is an empty list: name at least one module (a list of module-name "
@@ -148,20 +149,21 @@ _FIELD_KINDS = {
     **{name: kind for name, kind in LAYER_FIELD_KINDS.items() if name != "num_experts"},
     "target_modules": (_is_names, None, "a list of module-name suffixes, a regex string or 'all-linear'"),
     "exclude_modules": (_is_names, None, "a list of module-name suffixes or a regex string"),
-    "layers_to_transform": (lambda v: _is_int(v) or (isinstance(v, (list, tuple)) and all(map(_is_int, v))), None,
+    "layers_to_transform": (lambda v: is_int(v) or (isinstance(v, (list, tuple)) and all(map(is_int, v))), None,
                             "an int or a list of ints"),
     "layers_pattern": (_is_names, None, "a string or a list of strings"),
-    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(r) for k, r in v.items()),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_int(r) for k, r in v.items()),
                      lambda v: all(r >= 1 for r in v.values()), "a dict of module-name patterns to positive ints"),
-    "alpha_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_real(a) for k, a in v.items()),
-                      lambda v: all(map(_finite, v.values())), "a dict of module-name patterns to finite numbers"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_real(a) for k, a in v.items()),
+                      lambda v: all(map(is_finite_number, v.values())),
+                      "a dict of module-name patterns to finite numbers"),
     "bias": (lambda v: isinstance(v, str), None, f"one of {BIAS_MODES}"),
     "modules_to_save": (_is_names, None, "a list of module-name suffixes or a regex string"),
     "base_model_name_or_path": (lambda v: isinstance(v, str), None, "a string"),
-    "num_experts": (lambda v: _is_int(v) or isinstance(v, (str, list, tuple)) or callable(v),
-                    lambda v: not _is_int(v) or v >= 1,
+    "num_experts": (lambda v: is_int(v) or isinstance(v, (str, list, tuple)) or callable(v),
+                    lambda v: not is_int(v) or v >= 1,
                     "a positive int, a list of per-layer ints, a preset string or a callable"),
-    "add_aux_loss_to_output": (_is_bool, None, "a bool"),
+    "add_aux_loss_to_output": BOOL,
 }
 
 
