@@ -449,10 +449,15 @@ class _MoELoRALinearFn(torch.autograd.Function):
         if dy is not None and len(x_shape) != 2:
             dy = dy.reshape(-1, dy.shape[-1])
         saved = ctx.saved_tensors
+        aux_only = dy is None  # only the aux loss reached the loss: y's inputs get no gradient, as in PyTorch
+        if aux_only:
+            needs = (needs[0], False, False, *needs[3:])
         dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw = _fused_backward(
             dy, g_aux, *saved[:_FIXED_SAVED], saved[_FIXED_SAVED:], *ctx.config, needs)
         if len(x_shape) != 2 and dx is not None:
             dx = dx.view(x_shape)
+        if aux_only:
+            dlora_a = dlora_b = dw = None
         return (dx, dweight, dbias, dlora_a if n[3] else None, dlora_b if n[4] else None,
                 drouter if n[5] else None, dlogits, dw, None, None)
 

@@ -194,6 +194,32 @@ def test_experts_without_tokens_get_exact_zero_gradients(regime):
     assert layer.lora_B.grad[[0, 1, 2, 4]].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "jitter_lora_dropout"])
+def test_aux_loss_alone_gives_the_gradients_pytorch_gives(kind, regime):
+    """A loss of the aux loss only: the router weight and x get their gradients, and the LoRA
+    weights and the base layer get None, as on the PyTorch backend (zeros would let an
+    optimiser's weight decay and momentum move them)."""
+    layer = _layer(kind).train()
+    layer.base_layer.requires_grad_(True)
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(3, 7, layer.in_features, device=DEVICE)
+    grads = {}
+    for name, module, backend, dtype in [("triton", layer, "triton", torch.float32),
+                                         ("torch", reference, "torch", torch.float64)]:
+        xi = x.to(dtype).detach().requires_grad_()
+        torch.manual_seed(1)
+        with moelora.use_backend(backend):
+            module(xi)
+            module.last_aux_loss.backward()
+        grads[name] = {"x": xi.grad, **{n: p.grad for n, p in module.named_parameters()}}
+    for name, g_ref in grads["torch"].items():
+        g = grads["triton"][name]
+        assert (g is None) == (g_ref is None), name
+        if g is not None:
+            assert rel_err(g, g_ref) < TOL[torch.float32], f"grad {name} rel err {rel_err(g, g_ref)}"
+    assert grads["triton"]["router.weight"] is not None and grads["triton"]["lora_B"] is None
+
+
 @pytest.mark.parametrize("shared_a", [True, False])
 def test_nonfinite_weights_of_an_unchosen_expert_stay_out(shared_a, regime):
     layer = _layer("shared_a_mosld" if shared_a else "per_expert_k1").eval()
