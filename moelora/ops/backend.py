@@ -1,6 +1,6 @@
 """Which backend runs: the user's choice (moelora.switches: ``use_backend``, MOELORA_BACKEND, a
 ``backend=`` argument) against what the device allows (Triton on CUDA tensors, or on CPU
-tensors under ``TRITON_INTERPRET=1``)."""
+tensors under ``TRITON_INTERPRET=1``), and how torch.autocast reaches the ops."""
 
 from __future__ import annotations
 
@@ -35,3 +35,22 @@ def kernels_run(device: torch.device) -> bool:
 
 def _triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
+
+
+_AUTOCAST_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Devices autocast knows (asked of torch.is_autocast_enabled, which raises for others such as
+# meta; torch.amp.is_autocast_available would say, but dynamo 2.11 cannot trace it).
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """Under torch.autocast for x's device, the dtype a matmul reads x in there (autocast's
+    dtype; float64 and non-float tensors keep theirs); None outside autocast. The ops cast to it
+    what F.linear would (x, base_out and the weights they multiply it by: moe_lora's A and B,
+    the fused layer's frozen weight and bias, moe_ffn's expert weights) and run without
+    autocast; the fused layer leaves its adapters and router weight as they are (its kernels
+    round them in registers). fp32 parameters get fp32 gradients, as through autocast's casts."""
+    device_type = x.device.type
+    if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if x.dtype in _AUTOCAST_FLOATS else x.dtype

@@ -67,7 +67,7 @@ from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import as_2d, refuse_double_backward
-from moelora.ops.backend import resolve_backend
+from moelora.ops.backend import autocast_dtype, resolve_backend
 from moelora.ops.registration import custom_op
 
 
@@ -114,9 +114,16 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         Routing tensors (given or returned) are [T, ...].
 
     Returns:
-        (y [..., d_out] in x's dtype, :class:`LayerOutput`): the routing used and, for a learned
+        (y [..., d_out] in x's dtype (autocast's under torch.autocast), :class:`LayerOutput`): the routing used and, for a learned
         router, the auxiliary losses of this forward.
     """
+    cast = autocast_dtype(x)
+    if cast is not None:  # torch.autocast: x and the base layer in its dtype, as F.linear's; the op runs without it
+        with torch.autocast(x.device.type, enabled=False):
+            return moe_lora_linear(x.to(cast), weight.to(cast), bias if bias is None else bias.to(cast), lora_a,
+                                   lora_b, scaling=scaling, router=router, topk_ids=topk_ids,
+                                   topk_weights=topk_weights, dropout_mask=dropout_mask, dropout_scale=dropout_scale,
+                                   backend=backend)
     T = math.prod(x.shape[:-1])
     if resolve_backend(backend, x.device) == "torch" or T == 0:
         flat = (lambda t: t if t is None else t.reshape(T, t.shape[-1]))  # noqa: E731

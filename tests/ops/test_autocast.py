@@ -1,0 +1,184 @@
+"""torch.autocast reaches moelora's ops as it reaches F.linear: the activations (and a frozen
+layer's weight and bias, or the expert weights) are read in autocast's dtype, the output comes
+in it, and fp32 parameters get fp32 gradients. So a mixed-precision step (fp32 weights,
+``torch.autocast``, as the HF Trainer's bf16=True) runs the half-precision kernels; before,
+the ops ignored autocast and ran in fp32. Each op under autocast is checked bitwise against the
+same op called on inputs cast by hand, and the layers against a float64 reference."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moelora
+from conftest import DEVICE, HAS_CUDA
+from helpers import rel_err, routing
+from moelora.modules.ffn import MoEFFN
+from moelora.ops.moe_ffn import moe_ffn
+from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
+
+AMP_DTYPES = [torch.bfloat16, torch.float16]
+TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _kernels_in_bfloat16_need_a_gpu(request):
+    params = request.node.callspec.params
+    if params.get("backend") == "triton" and params.get("amp") == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("the Triton interpreter's bfloat16 is not the GPU's (as the kernels' bf16 tests, GPU only)")
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _step(fn, leaves, grad, amp):
+    """(output, gradients of ``leaves``) of fn(*leaves) under autocast to ``amp`` (None: without)."""
+    with torch.autocast(DEVICE.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return out, [t.grad for t in leaves]
+
+
+def _assert_same(autocast, by_hand):
+    (y, grads), (y_ref, grads_ref) = autocast, by_hand
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    for g, g_ref, in zip(grads, grads_ref):
+        assert g.dtype == g_ref.dtype and torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_moe_lora_reads_x_in_the_autocast_dtype(backend, shared_a, amp):
+    torch.manual_seed(0)
+    T, d_in, d_out, r, E, k = 9, 24, 20, 4, 5, 2
+    x = torch.randn(T, d_in, device=DEVICE)
+    lora_a = torch.randn(*((r, d_in) if shared_a else (E, r, d_in)), device=DEVICE) / d_in ** 0.5
+    lora_b, base_out = torch.randn(E, d_out, r, device=DEVICE), torch.randn(T, d_out, device=DEVICE)
+    ids, weights = routing(T, E, k, device=DEVICE), torch.rand(T, k, device=DEVICE)
+    grad = torch.randn(T, d_out, device=DEVICE)
+    leaves = (x, lora_a, lora_b, weights, base_out)
+
+    def op(x, a, b, w, base):
+        return moelora.moe_lora(x, a, b, ids, w, scaling=0.5, base_out=base, backend=backend)
+
+    autocast = _step(op, _leaves(*leaves), grad, amp)
+    assert autocast[0].dtype == amp and all(g.dtype == torch.float32 for g in autocast[1])
+    by_hand = _step(lambda x, a, b, w, base: op(x.to(amp), a.to(amp), b.to(amp), w, base.to(amp)), _leaves(*leaves),
+                    grad, None)
+    _assert_same(autocast, by_hand)
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_lora_linear_reads_x_and_the_base_layer_in_the_autocast_dtype(backend, amp):
+    torch.manual_seed(0)
+    T, d_in, d_out, r, E = 9, 24, 20, 4, 5
+    x, weight, bias = torch.randn(T, d_in, device=DEVICE), torch.randn(d_out, d_in, device=DEVICE), \
+        torch.randn(d_out, device=DEVICE)
+    lora_a, lora_b = torch.randn(r, d_in, device=DEVICE) / 5, torch.randn(E, d_out, r, device=DEVICE)
+    router_weight = torch.randn(E, d_in, device=DEVICE)
+    grad = torch.randn(T, d_out, device=DEVICE)
+    leaves = (x, weight, bias, lora_a, lora_b, router_weight)
+
+    def op(x, w, b, a, lb, rw):
+        y, out = moe_lora_linear(x, w, b, a, lb, scaling=0.5, router=RouterSpec(rw, None, "softmax_topk", 2),
+                                 backend=backend)
+        return y + 0 * out.aux_loss  # the router weight's gradient through the aux loss too
+
+    autocast = _step(op, _leaves(*leaves), grad, amp)
+    assert autocast[0].dtype == amp and all(g.dtype == torch.float32 for g in autocast[1])
+    by_hand = _step(lambda x, w, b, *rest: op(x.to(amp), w.to(amp), b.to(amp), *rest), _leaves(*leaves), grad, None)
+    _assert_same(autocast, by_hand)
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_ffn_reads_x_and_the_expert_weights_in_the_autocast_dtype(backend, amp):
+    torch.manual_seed(0)
+    T, d, d_ff, E, k = 9, 16, 24, 4, 2
+    x = torch.randn(T, d, device=DEVICE)
+    w_in, w_gate, w_out = (torch.randn(E, d_ff, d, device=DEVICE) / 4, torch.randn(E, d_ff, d, device=DEVICE) / 4,
+                           torch.randn(E, d, d_ff, device=DEVICE) / 5)
+    b_in, b_out = torch.randn(E, d_ff, device=DEVICE), torch.randn(E, d, device=DEVICE)
+    ids, weights = routing(T, E, k, device=DEVICE), torch.rand(T, k, device=DEVICE)
+    grad = torch.randn(T, d, device=DEVICE)
+    leaves = (x, weights, w_in, b_in, w_out, b_out, w_gate)
+
+    def op(x, w, w_in, b_in, w_out, b_out, w_gate):
+        return moe_ffn(x, ids, w, w_in, b_in, w_out, b_out, F.silu, w_gate, backend=backend)
+
+    autocast = _step(op, _leaves(*leaves), grad, amp)
+    assert autocast[0].dtype == amp and all(g.dtype == torch.float32 for g in autocast[1])
+    by_hand = _step(lambda x, w, *ws: op(x.to(amp), w, *(t.to(amp) for t in ws)), _leaves(*leaves), grad, None)
+    _assert_same(autocast, by_hand)
+
+
+def _layers():
+    torch.manual_seed(0)
+    linear = moelora.MoELoRALinear(nn.Linear(24, 20), num_experts=4, top_k=2, r=4, init_lora_weights=False)
+    task = moelora.MoELoRALinear(nn.Linear(24, 20), num_experts=3, r=4, router="task", task_shared_lora=True,
+                                 init_lora_weights=False)
+    task.task_ids = torch.tensor([2, 0], device=DEVICE)
+    ffn = MoEFFN(nn.Linear(24, 32), nn.Linear(32, 24), F.silu, num_experts=4, top_k=2, gate_proj=nn.Linear(24, 32),
+                 router="softmax_topk")
+    return {"linear": linear, "task": task, "ffn": ffn}
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "task", "ffn"])
+def test_layers_train_in_the_autocast_dtype(kind, backend, amp):
+    """fp32 layers under autocast: the output in autocast's dtype (as nn.Linear's), fp32
+    gradients for every parameter, all within the half-precision tolerance of float64."""
+    layer = _layers()[kind].to(DEVICE).train()
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    grad = torch.randn(2, 5, layer.base_layer.out_features if kind != "ffn" else 24, device=DEVICE)
+    results = []
+    for module, dtype, amp_dtype, name in [(layer, torch.float32, amp, backend), (reference, torch.float64, None,
+                                                                                    "torch")]:
+        xi = x.to(dtype).detach().requires_grad_()
+        with moelora.use_backend(name), torch.autocast(DEVICE.type, dtype=amp, enabled=amp_dtype is not None):
+            y = module(xi)
+            aux = moelora.aux_loss(module)
+        ((y.to(dtype) * grad.to(dtype)).sum() + (0 if aux is None else aux.to(dtype))).backward()
+        results.append((y, {"x": xi.grad, **{n: p.grad for n, p in module.named_parameters() if p.grad is not None}}))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.dtype == amp and rel_err(y, y_ref) < TOL[amp]
+    assert set(grads) == set(grads_ref)
+    for name, g in grads.items():
+        assert g.dtype == torch.float32, name
+        assert rel_err(g, grads_ref[name]) < TOL[amp] * 2, f"grad {name} rel err {rel_err(g, grads_ref[name])}"
+
+
+@pytest.mark.parametrize("kind", ["linear", "ffn"])
+def test_torch_compile_fullgraph_under_autocast_trains_like_eager(kind):
+    """The autocast check and cast are traced: one graph, the same step as eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    layer = _layers()[kind].to(DEVICE).train()
+    eager_layer = copy.deepcopy(layer)
+    x = torch.randn(5, 24, device=DEVICE)
+
+    def loss_fn(m, x):
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            y = m(x)
+        assert y.dtype == torch.float16
+        return y.float().square().mean() + moelora.aux_loss(m)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    with moelora.use_backend("triton"):
+        for m, fn in ((layer, compiled), (eager_layer, loss_fn)):
+            fn(m, x).backward()
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    for (name, p), q in zip(layer.named_parameters(), eager_layer.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
