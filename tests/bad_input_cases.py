@@ -29,6 +29,7 @@ IDS = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
 W = torch.rand(T, K, generator=g)
 W_IN, W_OUT = torch.randn(E, FF, D, generator=g), torch.randn(E, D, FF, generator=g)
 META = moelora.dispatch_metadata(IDS, E)
+META_ON_META = META._replace(**{n: getattr(META, n).to("meta") for n in ("counts", "offsets", "sorted_pairs", "inverse")})
 
 
 def lora(**over):
@@ -125,6 +126,10 @@ CASES = {
                                                                        r"\[1, 3\]")),
     "moe_lora/ids_out_of_range_unvalidated": (unvalidated(lora(topk_ids=IDS * 1000 - 7)), ("returns", finite_shape((T, 4)))),
     "moe_lora/empty_batch": (lora(x=X[:0], topk_ids=IDS[:0], topk_weights=W[:0]), ("returns", finite_shape((0, 4)))),
+    # the meta device holds no values: the syncing checks skip themselves there (as under torch.compile)
+    "moe_lora/meta_device": (lora(**{n: t.to("meta") for n, t in dict(x=X, lora_a=A, lora_b=B, topk_ids=IDS,
+                                                                        topk_weights=W).items()}),
+                             ("returns", lambda out: out.is_meta and tuple(out.shape) == (T, 4))),
     "moe_lora/backend_name": (lora(backend="cuda"), (ValueError, r"backend must be one of \('auto', 'torch', 'triton'\), "
                                                                  r"got 'cuda'")),
     "moe_lora/scaling_int_beyond_float": (lora(scaling=10 ** 400), (TypeError, r"scaling must be a finite Python number")),
@@ -194,6 +199,13 @@ CASES = {
     "dispatch_metadata/ids_out_of_range_unvalidated": (
         unvalidated(lambda: moelora.dispatch_metadata(IDS * 10**12, E, block_size=4).inverse_padded),
         ("returns", lambda inv: inv.shape == (T, K) and bool((inv[IDS != 0] == -1).all()))),
+    "dispatch_metadata/meta_device": (lambda: moelora.dispatch_metadata(IDS.to("meta"), E, block_size=4),
+                                      ("returns", lambda m: m.inverse_padded.is_meta and m.inverse.shape == (T, K))),
+    "dispatch/meta_device": (lambda: moelora.dispatch(X.to("meta"), META_ON_META),
+                             ("returns", lambda out: out.is_meta and tuple(out.shape) == (T * K, D))),
+    "combine/meta_device": (lambda: moelora.combine(torch.randn(T * K, 4, device="meta"), META_ON_META,
+                                                    W.to("meta")),
+                            ("returns", lambda out: out.is_meta and tuple(out.shape) == (T, 4))),
     "dispatch/meta_tuple": (lambda: moelora.dispatch(X, tuple(META)),
                             (TypeError, r"meta must be the DispatchMetadata of dispatch_metadata\(\), got tuple")),
     "dispatch/x_rows": (lambda: moelora.dispatch(X[:2], META), (ValueError, r"x must have shape \[T, d\] with T = 6, "

@@ -159,7 +159,7 @@ def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Opti
 def _index_range(index: torch.Tensor):
     """(min, max) of an index tensor read on the host (one copy) when the syncing checks run
     (moelora.ops.validation.syncing_checks_enabled), else (None, None)."""
-    if index.numel() == 0 or not syncing_checks_enabled():
+    if index.numel() == 0 or not syncing_checks_enabled(index):
         return None, None
     return tuple(int(v) for v in host_values(*torch.aminmax(index)))
 

@@ -64,11 +64,12 @@ def _tracing_or_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def syncing_checks_enabled() -> bool:
-    """Whether checks that read device values on the host run now: moelora.validation is on
-    and neither torch.compile nor CUDA-graph capture is running. Every such check in moelora
-    asks this (the rule of this module's docstring)."""
-    return validation_enabled() and not _tracing_or_capturing()
+def syncing_checks_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether checks that read device values on the host run now: moelora.validation is on,
+    neither torch.compile nor CUDA-graph capture is running, and none of ``tensors`` (those the
+    check would read) is on the meta device, which holds no values (shapes only, as under
+    torch.compile). Every such check in moelora asks this (the rule of this module's docstring)."""
+    return validation_enabled() and not _tracing_or_capturing() and not any(t.is_meta for t in tensors)
 
 
 def host_values(*scalars: torch.Tensor) -> list:
@@ -188,7 +189,7 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
     """The syncing checks (ids in [0, E), finite weights; with ``positive_kept_sums`` also: the
     nonzero weights of every token that has any sum to a positive value, as moe_ffn's
     normalize=True needs): one device-to-host copy, only when syncing_checks_enabled()."""
-    if topk_ids.numel() == 0 or not syncing_checks_enabled():
+    if topk_ids.numel() == 0 or not syncing_checks_enabled(topk_ids, topk_weights):
         return
     lo, hi = torch.aminmax(topk_ids)
     checks = [lo, hi, torch.isfinite(topk_weights).all()]
@@ -230,7 +231,7 @@ def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, nor
 def check_ids_in_range(name: str, ids: torch.Tensor, upper: int) -> None:
     """ids in [0, upper), with the rule of check_routing_values (one host read, only while
     moelora.validation is on and never under torch.compile or graph capture)."""
-    if ids.numel() == 0 or not syncing_checks_enabled():
+    if ids.numel() == 0 or not syncing_checks_enabled(ids):
         return
     lo, hi = host_values(*torch.aminmax(ids))
     if lo < 0 or hi >= upper:
