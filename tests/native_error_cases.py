@@ -103,6 +103,14 @@ CASES = {
                                (ValueError, r"dispatch: x has 4 rows but inverse has 3 tokens")),
     "dispatch/pairs_out_of_range": (lambda: ops.dispatch(x, torch.tensor([0, 10**12, -5, 6, 5]), inv, w),
                                     ("returns", lambda out: out.shape == (5, 4) and bool((out[1:4] == 0).all()))),
+    # An input on the meta device sends the call to the op's Meta kernel (its fake), which must check
+    # the devices as the CPU kernel does (it returned an uninitialised CPU tensor before).
+    "dispatch/sorted_pairs_on_meta": (lambda: ops.dispatch(x, sp.to("meta"), inv.to("meta"), None),
+                                      (ValueError, r"dispatch: sorted_pairs must be on x's device cpu, got meta")),
+    "dispatch/x_on_meta": (lambda: ops.dispatch(x.to("meta"), sp, inv, None),
+                           (ValueError, r"dispatch: sorted_pairs must be on x's device meta, got cpu")),
+    "dispatch/weights_on_meta": (lambda: ops.dispatch(x, sp, inv, w.to("meta")),
+                                 (ValueError, r"dispatch: weights must be on x's device cpu, got meta")),
     # combine(y_sorted [P, d], sorted_pairs [P], inverse [T, k], weights [T, k] | None)
     "combine/1d_y_sorted": (lambda: ops.combine(torch.randn(6), sp, inv, None),
                             (ValueError, r"combine: y_sorted must be 2-D, got shape \[6\]")),
@@ -115,6 +123,10 @@ CASES = {
     "combine/positions_out_of_range": (lambda: ops.combine(y, sp, torch.tensor([[0, 10**12], [-9, 1], [5, 6]]), None),
                                        ("returns", lambda out: torch.equal(out[0], y[0]) and torch.equal(out[1], y[1])
                                         and torch.equal(out[2], y[5]))),
+    "combine/inverse_on_meta": (lambda: ops.combine(y, sp, inv.to("meta"), None),
+                                (ValueError, r"combine: inverse must be on y_sorted's device cpu, got meta")),
+    "combine/weights_on_meta": (lambda: ops.combine(y, sp, inv, w.to("meta")),
+                                (ValueError, r"combine: weights must be on y_sorted's device cpu, got meta")),
     # pair_dot(a [T, d], b_sorted [P, d], sorted_pairs [P], inverse [T, k])
     "pair_dot/dtype_mismatch": (lambda: ops.pair_dot(x.double(), y, sp, inv),
                                 (TypeError, r"pair_dot: a \(Double\) and b_sorted \(Float\) must share a dtype")),
@@ -128,6 +140,10 @@ CASES = {
                                (ValueError, r"pair_dot: b_sorted has 5 rows but sorted_pairs has 6 entries")),
     "pair_dot/positions_out_of_range": (lambda: ops.pair_dot(x, y, sp, torch.tensor([[0, 10**12], [-3, 1], [2, 3]])),
                                         ("returns", lambda out: out.shape == (3, 2) and out[0, 1] == 0 and out[1, 0] == 0)),
+    "pair_dot/a_on_meta": (lambda: ops.pair_dot(x.to("meta"), y, sp, inv),
+                           (ValueError, r"pair_dot: a must be on b_sorted's device cpu, got meta")),
+    "pair_dot/b_sorted_on_meta": (lambda: ops.pair_dot(x, y.to("meta"), sp.to("meta"), inv.to("meta")),
+                                  (ValueError, r"pair_dot: a must be on b_sorted's device meta, got cpu")),
 }
 
 

@@ -244,16 +244,26 @@ def _register_native():
                 topk_ids.new_empty((T, k) if padded else (0, 0), **i64),
                 topk_ids.new_empty((mp // block_size if padded else 0,), dtype=torch.int32))
 
+    # The fakes are the ops' Meta kernels too, which the dispatcher picks when any input is on the
+    # meta device: the kernels' device checks, else data on another device gets an empty result there.
+    def _same_device(op, data_name, data, **tensors):
+        for name, t in tensors.items():
+            if t is not None and t.device != data.device:
+                raise ValueError(f"{op}: {name} must be on {data_name}'s device {data.device}, got {t.device}")
+
     @torch.library.register_fake(lib + "dispatch")
     def _dispatch_fake(x, sorted_pairs, inverse, weights):
+        _same_device("dispatch", "x", x, sorted_pairs=sorted_pairs, inverse=inverse, weights=weights)
         return x.new_empty((sorted_pairs.shape[0], x.shape[1]))
 
     @torch.library.register_fake(lib + "combine")
     def _combine_fake(y, sorted_pairs, inverse, weights):
+        _same_device("combine", "y_sorted", y, sorted_pairs=sorted_pairs, inverse=inverse, weights=weights)
         return y.new_empty((inverse.shape[0], y.shape[1]))
 
     @torch.library.register_fake(lib + "pair_dot")
     def _pair_dot_fake(a, b, sorted_pairs, inverse):
+        _same_device("pair_dot", "b_sorted", b, sorted_pairs=sorted_pairs, inverse=inverse, a=a)
         return a.new_empty(tuple(inverse.shape), dtype=accumulator_dtype(a.dtype))
 
     def _route_setup(ctx, inputs, output):
