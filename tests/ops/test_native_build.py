@@ -145,3 +145,29 @@ def test_read_elf_rejects_other_files(tmp_path):
         path.write_bytes(content)
         with pytest.raises(_cxx_runtime.NotElfError):
             _cxx_runtime.read_elf(str(path))
+
+
+def test_read_elf_rejects_malformed_section_headers(tmp_path):
+    """A section linking to a string table that does not exist, or to one that lies past the end
+    of the file, is a malformed ELF file (NotElfError, which native.py's import check catches),
+    not an IndexError / ValueError out of ``import moelora``."""
+    import struct
+
+    path = _extension_path()
+    if path is None or not LINUX:
+        pytest.skip("moelora._C is not built (or not an ELF platform)")
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[4] == 2 and data[5] == 1, "the test patches a 64-bit little-endian ELF file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    dynamic = next(shoff + i * shentsize for i in range(shnum)
+                   if struct.unpack_from("<I", data, shoff + i * shentsize + 4)[0] == 6)  # SHT_DYNAMIC
+    strtab = shoff + struct.unpack_from("<I", data, dynamic + 40)[0] * shentsize
+    for field, value in ((dynamic + 40, struct.pack("<I", 0xFFFF)),  # sh_link: no such section
+                         (strtab + 24, struct.pack("<Q", 2 * len(data)))):  # sh_offset: past the end
+        broken = bytearray(data)
+        broken[field:field + len(value)] = value
+        (tmp_path / "x.so").write_bytes(bytes(broken))
+        with pytest.raises(_cxx_runtime.NotElfError, match="malformed"):
+            _cxx_runtime.read_elf(str(tmp_path / "x.so"))
