@@ -55,6 +55,13 @@ def unvalidated(fn):
     return call
 
 
+def fallback(fn):
+    def call():
+        with moelora.switches.force_fallback():
+            return fn()
+    return call
+
+
 def config(**kw):
     return lambda: moelora.MoELoRAConfig(**kw)
 
@@ -162,6 +169,17 @@ CASES = {
                                    (ValueError, r"moe_ffn takes at most 4096 experts: w_in.shape\[0\] is 5000")),
     "moe_ffn/float_ids": (ffn(topk_ids=IDS.float()), (TypeError, r"topk_ids must be int32 or int64, got torch.float32")),
     "moe_ffn/ids_out_of_range": (ffn(topk_ids=IDS + 3), (ValueError, r"topk_ids must lie in \[0, 3\)")),
+    # the expert sort's bounds (1 <= k <= E, E >= 1), checked on both paths: the PyTorch fallback of the sort
+    # accepted what the native op refuses
+    "moe_ffn/k_above_experts": (ffn(topk_ids=torch.zeros(T, E + 1, dtype=torch.long), topk_weights=torch.rand(T, E + 1)),
+                                (ValueError, r"^k \(topk_ids.shape\[1\]\) must be in \[1, num_experts=3\], got 4$")),
+    "moe_ffn/k_above_experts_fallback": (
+        fallback(unvalidated(ffn(topk_ids=torch.zeros(T, E + 1, dtype=torch.long), topk_weights=torch.rand(T, E + 1)))),
+        (ValueError, r"^k \(topk_ids.shape\[1\]\) must be in \[1, num_experts=3\], got 4$")),
+    "moe_ffn/k_zero_fallback": (fallback(ffn(topk_ids=IDS[:, :0], topk_weights=W[:, :0])),
+                                (ValueError, r"^k \(topk_ids.shape\[1\]\) must be in \[1, num_experts=3\], got 0$")),
+    "moe_ffn/no_experts_fallback": (fallback(unvalidated(ffn(w_in=W_IN[:0], w_out=W_OUT[:0]))),
+                                    (ValueError, r"^moe_ffn needs at least one expert: w_in.shape\[0\] is 0$")),
     "moe_ffn/ids_out_of_range_unvalidated": (unvalidated(ffn(topk_ids=IDS - 5)), ("returns", finite_shape((T, D)))),
     "moe_ffn/normalize_zero_sum": (ffn(topk_weights=torch.tensor([[0.5, -0.5]] * T), normalize=True),
                                    (ValueError, r"normalize=True needs the kept topk_weights of every token to sum to a "

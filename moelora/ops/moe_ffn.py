@@ -51,7 +51,7 @@ from moelora.kernels import launchers
 from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, native_major,
                                         rows_linear, rows_weight_grad, segment_linear)
 from moelora.ops.routing_torch import padded_length
-from moelora.ops.validation import check_moe_ffn_args, check_routing_values, refuse_double_backward
+from moelora.ops.validation import check_moe_ffn_args, check_routing_values, check_top_k, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, resolve_backend
 from moelora.ops.registration import custom_op
 from moelora.ops.routing import (LAYOUT_FIELDS, MAX_EXPERTS, DispatchMetadata, dispatch_rows, expert_layout,
@@ -70,6 +70,8 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
     num_experts, d_ff = w_in.shape[:2]
     if num_experts > MAX_EXPERTS:  # the expert sort's limit, on both backends
         raise ValueError(f"moe_ffn takes at most {MAX_EXPERTS} experts: w_in.shape[0] is {num_experts}")
+    if num_experts < 1:
+        raise ValueError(f"moe_ffn needs at least one expert: w_in.shape[0] is {num_experts}")
     if stacked_gate:
         if w_gate is not None or b_gate is not None:
             raise ValueError("with stacked_gate=True, w_in holds the gate rows: w_gate and b_gate must be None")
@@ -89,6 +91,7 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"topk_ids and topk_weights must both have shape [T = {x.shape[0]}, k], got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+    check_top_k(topk_ids.shape[1], num_experts, "k (topk_ids.shape[1])")  # the expert sort's, on both backends
     check_routing_values(topk_ids, topk_weights, num_experts, positive_kept_sums=normalize)
 
 
