@@ -87,14 +87,16 @@ def _record(name: str, step: Callable[[], object], out: List[dict], note: str, c
                 "triton": triton, "aten": aten, "note": note})
 
 
-def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, compiled: bool = False) -> Callable[[], object]:
-    """One training step of ``module`` on x: forward (``compiled``: torch.compile, fullgraph), then the
-    gradients of x and the trainable parameters from dy and, when the module has a learned
-    router, its aux loss."""
+def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, compiled: bool = False,
+                   autocast: bool = False) -> Callable[[], object]:
+    """One training step of ``module`` on x: forward (``compiled``: torch.compile, fullgraph;
+    ``autocast``: under torch.autocast to bfloat16), then the gradients of x and the trainable
+    parameters from dy and, when the module has a learned router, its aux loss."""
     params = [p for p in module.parameters() if p.requires_grad]
 
     def forward(inputs):
-        return module(inputs), getattr(module, "last_aux_loss", None)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return module(inputs), getattr(module, "last_aux_loss", None)
 
     forward = torch.compile(forward, fullgraph=True) if compiled else forward
 
@@ -147,12 +149,20 @@ def measure(device: torch.device) -> List[dict]:
             if case == "task":
                 moelora.set_task_ids(nn.Sequential(layer), torch.arange(T, device=device) % E)
             _record(f"MoELoRALinear fwd+bwd ({case})", _training_step(layer, x, dy), out, note)
+        # mixed precision as the HF Trainer's bf16=True runs it: fp32 weights, torch.autocast
+        x32, dy32 = x.detach().float().requires_grad_(), dy.float()
+        _record("MoELoRALinear fwd+bwd (softmax_topk), autocast", _training_step(_layer(device, torch.float32, D), x32,
+                                                                                dy32, autocast=True), out,
+                LAYER_NOTE + "; fp32 weights, torch.autocast(bfloat16): casts of x, W and b")
         linears = [nn.Linear(D, D, device=device, dtype=dtype) for _ in range(3)]
         block = MoEFFN(linears[0], linears[1], F.silu, E, K, gate_proj=linears[2], router="softmax_topk").train()
         _record("MoEFFN fwd+bwd (SwiGLU, softmax_topk)", _training_step(block, x, dy), out,
                 "upcycled MoE FFN block (d_ff = d), aux loss in the backward")
     linear = nn.Linear(D, D, device=device, dtype=dtype).requires_grad_(False)
     _record("frozen nn.Linear fwd+bwd", lambda: torch.autograd.grad(linear(x), [x], dy), out, "for scale")
+    linear32 = nn.Linear(D, D, device=device).requires_grad_(False)
+    _record("frozen nn.Linear fwd+bwd, autocast", _training_step(linear32, x32, dy32, autocast=True), out,
+            "for scale (fp32 weights, torch.autocast(bfloat16))")
     if importlib.util.find_spec("peft") is not None:
         from peft import LoraConfig, get_peft_model
 
