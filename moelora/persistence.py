@@ -20,7 +20,9 @@
   and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``). The import also
   takes the input / output embedding weights PEFT saves with ``save_embedding_layers`` (by
   default when ``embed_tokens`` or ``lm_head`` is a target: ``<module>.base_layer.weight``)
-  and copies them into the model's base layers, as PEFT does.
+  and copies them into the model's base layers, as PEFT does. A PEFT config setting it cannot
+  reproduce (layer_replication, lora_bias, PiSSA's or LoftQ's init_lora_weights, ...) is refused,
+  the error naming the field (PEFT_SUPPORTED_FIELDS).
 - Named adapters (:mod:`moelora.tuner.adapters`): :func:`save_pretrained` writes "default" in the
   directory and any other adapter in a subfolder named after it (PEFT's layout);
   :func:`load_adapter` adds one to a loaded model.
@@ -51,6 +53,22 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora.tuner.structure)
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+# The fields of PEFT's adapter_config.json that load_peft_lora reproduces (peft_as_config), that
+# describe the checkpoint, or that chose what its tensors hold (the targets, their ranks, the
+# initial weights, which the tensors replace) or a layout they do not change (fan_in_fan_out: the
+# base weight's, GPT-2's Conv1D); the *_config of an init_lora_weights mode is read with that mode
+# only, runtime_config at run time only. Any other field (layer_replication, lora_bias,
+# trainable_token_indices, use_qalora, ...) must be unset (None, False, {} or []): a checkpoint
+# that uses it computes what moelora does not, and loading it is refused naming the field.
+PEFT_SUPPORTED_FIELDS = (
+    "lora_alpha", "alpha_pattern", "lora_dropout", "use_rslora", "use_dora", "bias", "modules_to_save",
+    "base_model_name_or_path", "peft_type", "task_type", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "r", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "init_lora_weights", "fan_in_fan_out", "eva_config", "corda_config", "loftq_config", "lora_ga_config",
+    "megatron_core", "qalora_group_size", "runtime_config")
+# init_lora_weights modes whose checkpoint holds the whole adapter: the base weights stay as they
+# were (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite them; MiCA is a LoRA variant).
+PEFT_INIT_LORA_WEIGHTS = ("gaussian", "orthogonal", "eva")
 
 
 def _owned_prefixes(model: nn.Module) -> tuple:
@@ -336,6 +354,7 @@ def read_peft_checkpoint(directory: str):
     peft_config = _read_json(config_path, "the PEFT adapter config")
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")
+    _check_peft_fields(peft_config, config_path)
     state = _read_safetensors(weights_path)
     modules, others = {}, {}
     for key, tensor in state.items():
@@ -363,6 +382,21 @@ def read_peft_checkpoint(directory: str):
                 raise ValueError(f"{weights_path}: {name} has no {PEFT_PREFIX}{name}.{part}.weight "
                                  f"(found {sorted(tensors)})")
     return peft_config, modules, others, weights_path
+
+
+def _check_peft_fields(peft_config: dict, config_path: str) -> None:
+    """ValueError naming the field for a PEFT config setting moelora cannot reproduce (see
+    PEFT_SUPPORTED_FIELDS and PEFT_INIT_LORA_WEIGHTS)."""
+    for name, value in peft_config.items():
+        if name not in PEFT_SUPPORTED_FIELDS and not (value is None or value is False or value in ({}, [])):
+            raise ValueError(f"{config_path}: {name}={value!r} is not supported: moelora cannot reproduce what it "
+                             f"changes; a PEFT LoRA checkpoint loads with it unset (None, False, {{}} or [])")
+    init = peft_config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or (isinstance(init, str) and init in PEFT_INIT_LORA_WEIGHTS)):
+        raise ValueError(f"{config_path}: init_lora_weights={init!r} is not supported: moelora loads adapters "
+                         f"initialised with True, False or {PEFT_INIT_LORA_WEIGHTS}, which leave the base model as "
+                         "it was (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base weights: convert the "
+                         "adapter with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...))")
 
 
 def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path: str) -> None:
@@ -440,7 +474,8 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAC
     checkpoint's modules as exact targets, their ranks and alphas, and the PEFT config's
     lora_dropout, use_rslora, use_dora, bias, modules_to_save and base_model_name_or_path (PEFT's
     defaults where it has none). The PEFT fields that choose targets or initial weights do not
-    apply: the targets and the weights come from the checkpoint."""
+    apply: the targets and the weights come from the checkpoint (:func:`read_peft_checkpoint`
+    refused the settings moelora cannot reproduce)."""
     ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
     alphas = {n: pattern_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
               for n in modules}

@@ -291,3 +291,44 @@ def test_peft_files_are_named_in_errors(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: (not a readable safetensors file|the PEFT "
                                          r"checkpoint holds no LoRA tensor)"):
         moelora.load_peft_lora(tiny_llama(num_layers=2), directory)
+
+
+# ---- PEFT config fields moelora cannot reproduce are refused, naming the field -----------------
+@pytest.mark.parametrize("field,value,match", [
+    ("layer_replication", [[0, 1], [1, 2]], r"layer_replication=\[\[0, 1\], \[1, 2\]\] is not supported"),
+    ("lora_bias", True, r"lora_bias=True is not supported"),
+    ("trainable_token_indices", [3, 5], r"trainable_token_indices=\[3, 5\] is not supported"),
+    ("use_qalora", True, r"use_qalora=True is not supported"),
+    ("target_parameters", ["mlp.experts.gate_up_proj"], r"target_parameters=.* is not supported"),
+    ("a_future_peft_field", 1, r"a_future_peft_field=1 is not supported"),
+    ("init_lora_weights", "pissa", r"init_lora_weights='pissa' is not supported: .*rewrite the base weights"),
+    ("init_lora_weights", "olora", r"init_lora_weights='olora' is not supported"),
+    ("init_lora_weights", "loftq", r"init_lora_weights='loftq' is not supported"),
+    ("init_lora_weights", 1, r"init_lora_weights=1 is not supported"),
+])
+def test_peft_config_settings_moelora_cannot_reproduce_are_refused(tmp_path, field, value, match):
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, field: value}
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, config)
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=r"adapter_config.json: " + match):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)
+
+
+def test_peft_config_metadata_and_fields_moelora_honours_are_accepted(tmp_path):
+    """What PEFT writes by default (every unused feature unset), its metadata, the fields that
+    chose the checkpoint's targets, ranks and initial weights, and fan_in_fan_out load."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers",
+                        rank_pattern={"q_proj": 4}, init_lora_weights="gaussian", fan_in_fan_out=True,
+                        exclude_modules=["k_proj"], base_model_name_or_path="tiny/llama", revision="main",
+                        task_type="CAUSAL_LM", inference_mode=True).to_dict()
+    config = json.loads(json.dumps(config, default=str))  # as PEFT's save_pretrained writes it
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, config)
+    loaded = moelora.load_peft_lora(tiny_llama(num_layers=2), directory)
+    assert loaded.moelora_config.base_model_name_or_path == "tiny/llama"
+    for init in (True, False, "orthogonal", "eva"):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), _peft_checkpoint(tmp_path / "peft", GOOD,
+                                                                          dict(config, init_lora_weights=init)))
