@@ -332,3 +332,17 @@ def test_peft_config_metadata_and_fields_moelora_honours_are_accepted(tmp_path):
     for init in (True, False, "orthogonal", "eva"):
         moelora.load_peft_lora(tiny_llama(num_layers=2), _peft_checkpoint(tmp_path / "peft", GOOD,
                                                                           dict(config, init_lora_weights=init)))
+
+
+@pytest.mark.parametrize("field,value", [("target_modules", "q_(proj"), ("exclude_modules", "("),
+                                         ("modules_to_save", "*"), ("rank_pattern", {"q_(": 4}),
+                                         ("alpha_pattern", {"[q": 4.0})])
+def test_config_regexes_that_do_not_compile_raise_naming_the_file_and_field(saved, field, value):
+    directory, _ = saved
+    config_path = directory / "moelora_config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **{field: value})))
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=rf"moelora_config.json: MoELoRAConfig.{field} must be .*valid regex"):
+        moelora.from_pretrained(base, str(directory))
+    _assert_untouched(base, before)

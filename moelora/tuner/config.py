@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
@@ -141,24 +142,44 @@ def _is_names(v) -> bool:
     return isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v))
 
 
+def _is_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _regex_if_str(v) -> bool:
+    """A list of names, or a string that is a valid regex (moelora.tuner.targets.matches)."""
+    return not isinstance(v, str) or _is_regex(v)
+
+
+def _pattern_keys_are_regexes(pattern: dict) -> bool:
+    """Every key a valid regex as moelora.tuner.targets.pattern_value reads it."""
+    return all(_is_regex(rf"(.*\.)?(?:{key})$") for key in pattern)
+
+
 # field -> (type predicate, value predicate or None, what it must be), as LAYER_FIELD_KINDS: the
 # layer fields' own entries (one check for a layer's constructor and the config), then the
 # config's own fields and its num_experts, which may also be per layer. None passes where it
 # is the default.
 _FIELD_KINDS = {
     **{name: kind for name, kind in LAYER_FIELD_KINDS.items() if name != "num_experts"},
-    "target_modules": (_is_names, None, "a list of module-name suffixes, a regex string or 'all-linear'"),
-    "exclude_modules": (_is_names, None, "a list of module-name suffixes or a regex string"),
+    "target_modules": (_is_names, _regex_if_str,
+                       "a list of module-name suffixes, a valid regex string or 'all-linear'"),
+    "exclude_modules": (_is_names, _regex_if_str, "a list of module-name suffixes or a valid regex string"),
     "layers_to_transform": (lambda v: is_int(v) or (isinstance(v, (list, tuple)) and all(map(is_int, v))), None,
                             "an int or a list of ints"),
     "layers_pattern": (_is_names, None, "a string or a list of strings"),
     "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_int(r) for k, r in v.items()),
-                     lambda v: all(r >= 1 for r in v.values()), "a dict of module-name patterns to positive ints"),
+                     lambda v: all(r >= 1 for r in v.values()) and _pattern_keys_are_regexes(v),
+                     "a dict of module-name patterns (valid regexes) to positive ints"),
     "alpha_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_real(a) for k, a in v.items()),
-                      lambda v: all(map(is_finite_number, v.values())),
-                      "a dict of module-name patterns to finite numbers"),
+                      lambda v: all(map(is_finite_number, v.values())) and _pattern_keys_are_regexes(v),
+                      "a dict of module-name patterns (valid regexes) to finite numbers"),
     "bias": (lambda v: isinstance(v, str), None, f"one of {BIAS_MODES}"),
-    "modules_to_save": (_is_names, None, "a list of module-name suffixes or a regex string"),
+    "modules_to_save": (_is_names, _regex_if_str, "a list of module-name suffixes or a valid regex string"),
     "base_model_name_or_path": (lambda v: isinstance(v, str), None, "a string"),
     "num_experts": (lambda v: is_int(v) or isinstance(v, (str, list, tuple)) or callable(v),
                     lambda v: not is_int(v) or v >= 1,
