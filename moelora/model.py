@@ -466,6 +466,7 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
     1, so that task computes the PEFT LoRA. Every tensor is checked against the model before any
     is copied; a fresh ``model`` is left as it was when the checkpoint does not fit."""
     peft_config, modules, others, weights_path = persistence.read_peft_checkpoint(directory)
+    config = persistence.peft_as_config(peft_config, modules, directory)  # checks its fields, for any model
     if expert is not None and (not isinstance(expert, int) or isinstance(expert, bool)):
         raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")
     with persistence.restored_on_error(model):
@@ -474,7 +475,7 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
         else:
             if expert not in (None, 0):
                 raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
-            wrapped, target = get_moelora_model(model, persistence.peft_as_config(peft_config, modules, directory)), 0
+            wrapped, target = get_moelora_model(model, config), 0
         layers, extras = persistence.check_peft_checkpoint(wrapped.model, modules, others, target, weights_path)
     persistence.copy_peft_checkpoint(peft_config, modules, layers, extras, target)
     return wrapped

@@ -470,24 +470,22 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> l
 
 def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAConfig:
     """The MoELoRAConfig of a fresh model that takes a PEFT LoRA checkpoint (its config and
-    its LoRA tensors by module, from :func:`read_peft_checkpoint`) as its only expert: the
+    its LoRA tensors by module, from :func:`read_peft_checkpoint`) as its only expert (its
+    checks are those of the PEFT config's fields, whatever the model it loads into): the
     checkpoint's modules as exact targets, their ranks and alphas, and the PEFT config's
     lora_dropout, use_rslora, use_dora, bias, modules_to_save and base_model_name_or_path (PEFT's
     defaults where it has none). The PEFT fields that choose targets or initial weights do not
     apply: the targets and the weights come from the checkpoint (:func:`read_peft_checkpoint`
     refused the settings moelora cannot reproduce)."""
     ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
-    alphas = {n: pattern_value(n, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
-              for n in modules}
-    try:
+    try:  # PEFT's lora_alpha and alpha_pattern: the layers read them as PEFT's (pattern_value)
         return MoELoRAConfig(
-            r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
+            r=next(iter(ranks.values())), lora_alpha=peft_config.get("lora_alpha", 8),
             lora_dropout=peft_config.get("lora_dropout", 0.0),
             target_modules=sorted(modules), num_experts=1, top_k=1,
-            use_rslora=bool(peft_config.get("use_rslora", False)),
-            use_dora=bool(peft_config.get("use_dora", False)),
+            use_rslora=peft_config.get("use_rslora", False), use_dora=peft_config.get("use_dora", False),
             rank_pattern={re.escape(n): r for n, r in ranks.items()},
-            alpha_pattern={re.escape(n): a for n, a in alphas.items()}, bias=peft_config.get("bias", "none"),
+            alpha_pattern=peft_config.get("alpha_pattern") or {}, bias=peft_config.get("bias", "none"),
             modules_to_save=peft_config.get("modules_to_save"),
             base_model_name_or_path=peft_config.get("base_model_name_or_path"))
     except (TypeError, ValueError) as exc:
@@ -513,7 +511,7 @@ def copy_peft_checkpoint(peft_config: dict, modules: dict, layers: dict, extras:
     keep their scaling, any difference to the checkpoint's is folded into B. A task-routed
     layer's ``lora_gamma[target]`` is set to 1 (the gate of task ``target``; B holds any gamma
     :func:`export_peft_lora` folded in), so that task computes the PEFT LoRA."""
-    use_rslora = bool(peft_config.get("use_rslora", False))
+    use_rslora = peft_config.get("use_rslora", False)
     for name, tensors in modules.items():
         layer, a, b = layers[name], tensors["lora_A"], tensors["lora_B"]
         alpha = pattern_value(name, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))

@@ -346,3 +346,36 @@ def test_config_regexes_that_do_not_compile_raise_naming_the_file_and_field(save
     with pytest.raises(ValueError, match=rf"moelora_config.json: MoELoRAConfig.{field} must be .*valid regex"):
         moelora.from_pretrained(base, str(directory))
     _assert_untouched(base, before)
+
+
+@pytest.mark.parametrize("field,value,error,match", [
+    ("use_rslora", "false", TypeError, r"use_rslora must be a bool, got str 'false'"),
+    ("use_dora", 1, TypeError, r"use_dora must be a bool, got int 1"),
+    ("lora_alpha", float("nan"), ValueError, r"lora_alpha must be a finite number, got nan"),
+    ("lora_alpha", "8", TypeError, r"lora_alpha must be a finite number, got str '8'"),
+    ("alpha_pattern", {"v_proj": "x", "q_proj": 4}, TypeError, r"alpha_pattern must be a dict of module-name patterns"),
+    ("alpha_pattern", [["q_proj", 4]], TypeError, r"alpha_pattern must be a dict of module-name patterns"),
+    ("lora_dropout", 1.5, ValueError, r"lora_dropout must be in \[0, 1\), got 1.5"),
+])
+def test_peft_config_fields_of_the_wrong_type_raise_before_any_model_is_changed(tmp_path, field, value, error, match):
+    """Into a fresh model and into an expert of an injected one alike: checked before anything is
+    copied (a str use_rslora is not read as True, a NaN lora_alpha does not reach B)."""
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, field: value})
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(error, match=r"adapter_config.json: .*" + match):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, num_experts=2,
+                                                                      router="task"))
+    before = _fingerprint(model)
+    with pytest.raises(error, match=r"adapter_config.json: .*" + match):
+        moelora.load_peft_lora(model, directory, expert=1)
+    _assert_untouched(model, before)
+
+
+def test_peft_alpha_pattern_applies_to_the_layers_it_names(tmp_path):
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                          "alpha_pattern": {"layers.0.self_attn.q_proj": 2}})
+    layer = moelora.load_peft_lora(tiny_llama(num_layers=2), directory).model.model.layers[0].self_attn.q_proj
+    assert layer.scaling == 0.5 and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
