@@ -121,21 +121,23 @@ def _num_layers(model: nn.Module, layers_pattern) -> int:
 
 
 def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
-    """Replace the targeted layers in place; returns their names."""
+    """Replace the targeted layers in place; returns their names. If a layer or saved module
+    cannot be made, ``model`` is left as it was (the layers made before it are taken out)."""
     names = find_target_modules(model, config)
     num_layers = _num_layers(model, config.layers_pattern)
     if isinstance(config.num_experts, (list, tuple)) and len(config.num_experts) != num_layers:
         raise ValueError(f"num_experts lists {len(config.num_experts)} per-layer counts but the model has "
                          f"{num_layers} layers")
-    for name in names:
-        base = model.get_submodule(name)
-        layer_class = adapter_class(base)
-        if layer_class is not MoELoRALinear and config.use_dora:
-            raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
-        layer = layer_class(base, config.layer_settings(name, layer_index(name, config.layers_pattern), num_layers))
-        set_module(model, name, layer)
-    wrap_modules_to_save(model, config.modules_to_save)
-    mark_only_adapters_trainable(model, config.bias)
+    with persistence.restored_on_error(model):
+        for name in names:
+            base = model.get_submodule(name)
+            layer_class = adapter_class(base)
+            if layer_class is not MoELoRALinear and config.use_dora:
+                raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
+            layer = layer_class(base, config.layer_settings(name, layer_index(name, config.layers_pattern), num_layers))
+            set_module(model, name, layer)
+        wrap_modules_to_save(model, config.modules_to_save)
+        mark_only_adapters_trainable(model, config.bias)
     return names
 
 

@@ -379,3 +379,42 @@ def test_peft_alpha_pattern_applies_to_the_layers_it_names(tmp_path):
                                                           "alpha_pattern": {"layers.0.self_attn.q_proj": 2}})
     layer = moelora.load_peft_lora(tiny_llama(num_layers=2), directory).model.model.layers[0].self_attn.q_proj
     assert layer.scaling == 0.5 and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
+
+
+# ---- injection that fails part-way (add_adapter, load_adapter, get_moelora_model) changes nothing ----
+@pytest.mark.parametrize("config,match", [
+    (MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1, modules_to_save=["nothere"]),
+     r"modules_to_save \['nothere'\] matches no module"),
+    (MoELoRAConfig(target_modules=["v_proj", "lm_head"], num_experts=[2, 2], top_k=1),
+     r"layer None \(lm_head\): per-layer num_experts needs a layer index"),
+])
+def test_an_adapter_that_cannot_be_injected_leaves_the_model_as_it_was(tmp_path, config, match):
+    model = get_moelora_model(tiny_llama(num_layers=2), CONFIG)
+    randomize_adapters(model)
+    model.eval()
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=match):
+        model.add_adapter("other", config)
+    _assert_untouched(model, before)
+    assert list(model.adapter_configs) == ["default"] and not model.inactive_adapters
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, expected)
+    model.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1))  # a retry works
+
+    source = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["v_proj"], num_experts=2,
+                                                                       top_k=1))
+    source.save_pretrained(str(tmp_path))  # then given a config that does not fit
+    (tmp_path / "moelora_config.json").write_text(json.dumps(config.to_dict()))
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=match):
+        model.load_adapter(str(tmp_path), "loaded")
+    _assert_untouched(model, before)
+
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=match):
+        get_moelora_model(base, config)
+    _assert_untouched(base, before)
