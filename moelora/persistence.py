@@ -311,13 +311,18 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
                      bias: Optional[str] = None) -> None:
     """Write a PEFT LoRA checkpoint equal to the active adapter (for ``task`` if task-routed), with
     its saved modules, the biases ``bias`` names (default: the adapter's ``bias``) and its layers'
-    lora_dropout (one value: layers that differ in it raise)."""
+    lora_dropout (one value: layers that differ in it raise). A model with upcycled FFNs or MoLEx
+    raises: PEFT has no place for them."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     layers = [(n, m) for n, m in unwrap(model).named_modules() if is_adapter_layer(m)]
     if not layers:
         raise ValueError("the model holds no MoE-LoRA layer")
+    edits = [op for op, _ in _structure.recorded(unwrap(model))]
+    if edits:  # their modules (MoE FFNs, MoLEx gates) are part of the model's function
+        raise ValueError(f"the model has structural edits {edits} that a PEFT LoRA checkpoint cannot hold (LoRA "
+                         "layers, saved modules and biases only); save it with save_pretrained")
     if bias is None:
         bias = model.moelora_config.bias if unwrap(model) is not model else "none"
     use_rslora = layers[0][1].use_rslora

@@ -325,3 +325,16 @@ def test_checkpoint_written_by_earlier_code_still_loads():
     assert hasattr(loaded.model, "molex")
     expected = load_file(os.path.join(directory, "expected.safetensors"))["last_hidden_state"]
     torch.testing.assert_close(loaded(token_batch()).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("edit", ["apply_molex", "upcycle_ffn"])
+def test_export_peft_lora_refuses_models_with_upcycled_ffns_or_molex(tmp_path, edit):
+    """PEFT has no place for an upcycled MoE FFN or a MoLEx gate: the export would compute another function."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    if edit == "apply_molex":
+        moelora.apply_molex(model, gate="cosine", proj_dim=4)
+    else:
+        moelora.upcycle_ffn(model, num_experts=2, top_k=1)
+    with pytest.raises(ValueError, match=rf"structural edits \['{edit}'\] that a PEFT LoRA checkpoint cannot hold"):
+        moelora.export_peft_lora(model, str(tmp_path / "peft"))
+    assert not (tmp_path / "peft").exists()
