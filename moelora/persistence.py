@@ -406,7 +406,8 @@ def _check_peft_fields(peft_config: dict, config_path: str) -> None:
 
 def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path: str) -> None:
     """The PEFT tensors of module ``name`` fit expert ``target`` of ``layer`` exactly (no
-    broadcasting): A and B as one expert's, the DoRA magnitude as the layer's. In a task-routed
+    broadcasting): A and B as one expert's, the DoRA magnitude as the layer's (a DoRA layer needs
+    one, a LoRA layer takes none). In a task-routed
     layer the task-shared LoRA, which every task adds, must be zero (B, or A where it is not
     the imported one), so that task ``target`` computes the PEFT LoRA exactly."""
     if not is_adapter_layer(layer):
@@ -426,6 +427,9 @@ def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path:
         if not layer.use_dora:
             raise ValueError(f"{weights_path}: {name}: the checkpoint is DoRA but the layer is not")
         expected["lora_magnitude_vector"] = tuple(layer.lora_magnitude_vector.shape)
+    elif layer.use_dora:  # its magnitude would stay the layer's own: not the checkpoint's function
+        raise ValueError(f"{weights_path}: {name}: the layer is DoRA but the checkpoint has no "
+                         f"{PEFT_PREFIX}{name}.lora_magnitude_vector")
     for part, shape in expected.items():
         if tuple(tensors[part].shape) != shape:
             raise ValueError(f"{weights_path}: {name}.{part} has shape {tuple(tensors[part].shape)}, the layer "

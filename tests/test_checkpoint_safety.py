@@ -418,3 +418,23 @@ def test_an_adapter_that_cannot_be_injected_leaves_the_model_as_it_was(tmp_path,
     with pytest.raises(ValueError, match=match):
         get_moelora_model(base, config)
     _assert_untouched(base, before)
+
+
+def test_peft_lora_without_dora_magnitudes_does_not_load_into_a_dora_layer(tmp_path):
+    """A DoRA layer would keep its own magnitude: neither the checkpoint's LoRA nor its DoRA."""
+    plain = _peft_checkpoint(tmp_path / "plain", GOOD)
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, num_experts=1,
+                                                                      use_dora=True))
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: model.layers.0.self_attn.q_proj: the layer is "
+                                         r"DoRA but the checkpoint has no .*q_proj.lora_magnitude_vector"):
+        moelora.load_peft_lora(model, plain)
+    _assert_untouched(model, before)
+    # a config saying use_dora whose tensors lack the magnitude: the fresh model is left as it was
+    missing = _peft_checkpoint(tmp_path / "missing", GOOD, {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "use_dora": True})
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=r"the layer is DoRA but the checkpoint has no"):
+        moelora.load_peft_lora(base, missing)
+    _assert_untouched(base, before)
