@@ -271,7 +271,23 @@ def load_active_adapter_weights(wrapped: nn.Module, state: dict, weights_path: s
         if tensor.shape != present[name].shape:
             raise ValueError(f"{weights_path}: checkpoint does not fit the model: {name} has shape "
                              f"{tuple(tensor.shape)}, the model expects {tuple(present[name].shape)}")
+        _check_dtype_kind(f"{weights_path}: checkpoint does not fit the model: {name}", tensor, present[name])
     wrapped.model.load_state_dict(state, strict=False)
+
+
+def _dtype_kind(tensor: torch.Tensor) -> str:
+    if tensor.is_floating_point():
+        return "floating-point"
+    return "complex" if tensor.is_complex() else "bool" if tensor.dtype == torch.bool else "integer"
+
+
+def _check_dtype_kind(what: str, tensor: torch.Tensor, own: torch.Tensor) -> None:
+    """ValueError unless ``tensor`` is of the kind of ``own``'s dtype (floating-point, integer, ...):
+    copying it would round (a float step counter) or cast bools and ints into weights silently.
+    Floating-point precisions may differ (a bf16 checkpoint loads into fp32 adapters)."""
+    if _dtype_kind(tensor) != _dtype_kind(own):
+        raise ValueError(f"{what} has dtype {tensor.dtype}, the model's is {own.dtype} ({_dtype_kind(own)} values "
+                         "expected)")
 
 
 # ------------------------------------------------------------------------------- PEFT interop
@@ -434,6 +450,7 @@ def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path:
         if tuple(tensors[part].shape) != shape:
             raise ValueError(f"{weights_path}: {name}.{part} has shape {tuple(tensors[part].shape)}, the layer "
                              f"(r={layer.r}) needs {shape}")
+        _check_dtype_kind(f"{weights_path}: {name}.{part}", tensors[part], layer.lora_B)
 
 
 def _peft_embedding_prefixes(inner: nn.Module) -> tuple:
@@ -473,6 +490,7 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> l
         if own[name].shape != tensor.shape:
             raise ValueError(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model: {key} has shape "
                              f"{tuple(tensor.shape)}, the model's has shape {tuple(own[name].shape)}")
+        _check_dtype_kind(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model: {key}", tensor, own[name])
         pairs.append((own[name], tensor))
     return pairs
 

@@ -438,3 +438,51 @@ def test_peft_lora_without_dora_magnitudes_does_not_load_into_a_dora_layer(tmp_p
     with pytest.raises(ValueError, match=r"the layer is DoRA but the checkpoint has no"):
         moelora.load_peft_lora(base, missing)
     _assert_untouched(base, before)
+
+
+# ---- tensors of another dtype kind are refused (floating-point precisions may differ) ------------
+@pytest.mark.parametrize("suffix,make,match", [
+    ("q_proj.lora_A", lambda t: (t * 100).long(), r"q_proj.lora_A has dtype torch.int64, the model's is torch.float32"),
+    ("q_proj.lora_B", lambda t: t > 0, r"q_proj.lora_B has dtype torch.bool, the model's is torch.float32"),
+    ("router.num_steps", lambda t: t.float() + 0.7, r"num_steps has dtype torch.float32, the model's is torch.int64 "
+                                                     r"\(integer values expected\)"),
+])
+def test_checkpoint_tensors_of_another_dtype_kind_raise(tmp_path, suffix, make, match):
+    from safetensors.torch import load_file, save_file
+
+    model = get_moelora_model(tiny_llama(num_layers=2), CONFIG)
+    randomize_adapters(model)
+    model.eval()
+    model.save_pretrained(str(tmp_path))
+    weights = str(tmp_path / "adapter_model.safetensors")
+    state = load_file(weights)
+    name = next(n for n in state if n.endswith(suffix))
+    save_file(dict(state, **{name: make(state[name])}), weights)
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: checkpoint does not fit the model: .*" + match):
+        moelora.from_pretrained(base, str(tmp_path))
+    _assert_untouched(base, before)
+    # another floating-point precision loads (rounded as load_state_dict rounds)
+    save_file({n: t.bfloat16() if t.is_floating_point() else t for n, t in state.items()}, weights)
+    loaded = moelora.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+    assert torch.equal(loaded.model.get_parameter(name.replace("router.num_steps", "lora_A")),
+                       state[name.replace("router.num_steps", "lora_A")].bfloat16().float())
+
+
+def test_peft_tensors_of_another_dtype_kind_raise(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=r"q_proj.lora_A has dtype torch.int64, the model's is torch.float32"):
+        moelora.load_peft_lora(base, _peft_checkpoint(tmp_path / "a", dict(GOOD, **{"lora_A.weight":
+                                                                                    torch.ones(4, 16).long()})))
+    _assert_untouched(base, before)
+    directory = _peft_checkpoint(tmp_path / "b", GOOD)  # plus an int input embedding (save_embedding_layers)
+    weights = str(tmp_path / "b" / "adapter_model.safetensors")
+    save_file(dict(load_file(weights), **{"base_model.model.model.embed_tokens.weight": torch.ones(64, 16).long()}),
+              weights)
+    with pytest.raises(ValueError, match=r"embed_tokens.weight does not fit the model: .* has dtype torch.int64"):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)
