@@ -259,6 +259,7 @@ class MoELoRAModel(nn.Module):
         self.active_adapter = adapter_name
         self.inactive_adapters = nn.ModuleDict()
         self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
+        self.inference_adapters = set()  # adapters loaded with is_trainable=False: frozen when active
         forward = _forward_with_wrapped_signature(self)
         if forward is not None:
             self.forward = forward
@@ -417,14 +418,16 @@ class MoELoRAModel(nn.Module):
             self.set_adapter(others[0])
         del self.inactive_adapters[adapter_name]
         del self.adapter_configs[adapter_name]
+        self.inference_adapters.discard(adapter_name)
 
     def load_adapter(self, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
         """Load an adapter saved by :meth:`save_pretrained` as ``adapter_name`` (inactive, in the
-        model's train / eval mode, as :meth:`add_adapter`)."""
+        model's train / eval mode, as :meth:`add_adapter`); without ``is_trainable`` it stays frozen
+        when activated, the other adapters keep their trainability (as PEFT's)."""
         persistence.load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
 
     def _mark_trainable(self) -> None:
-        if self.adapters_trainable:
+        if self.adapters_trainable and self.active_adapter not in self.inference_adapters:
             mark_only_adapters_trainable(self.model, self.moelora_config.bias)
         else:
             for p in self.model.parameters():

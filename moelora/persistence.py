@@ -240,7 +240,9 @@ def _legacy_base_tensor(name: str, present: dict) -> bool:
 def load_adapter(model: nn.Module, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name`` (inactive), as PEFT's
     ``load_adapter``. The model must have the structure (upcycling, MoLEx) the adapter was
-    saved with; ``is_trainable`` makes the adapters trainable when activated. Its modules are
+    saved with; ``is_trainable`` makes this adapter trainable when activated (unless the model was
+    loaded for inference), without it the adapter stays frozen and the others keep their
+    trainability. Its modules are
     in the model's train / eval mode (``MoELoRAModel.add_adapter``): an adapter loaded into a
     model from ``from_pretrained`` (eval) runs without dropout or router noise. Every file is
     checked first; an adapter that does not fit is not added."""
@@ -255,7 +257,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str, is_trainab
     except BaseException:
         model.delete_adapter(adapter_name)
         raise
-    model.adapters_trainable = model.adapters_trainable and is_trainable
+    if not is_trainable:
+        model.inference_adapters.add(adapter_name)
 
 
 def load_active_adapter_weights(wrapped: nn.Module, state: dict, weights_path: str) -> None:

@@ -304,3 +304,25 @@ def test_named_plain_lora_adapters_match_peft_multi_adapter_model(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "peft_saved"))
     ours.save_pretrained(str(tmp_path / "ours_saved"))
     assert os.path.isdir(tmp_path / "peft_saved" / "other") and os.path.isdir(tmp_path / "ours_saved" / "other")
+
+
+def test_loading_an_adapter_for_inference_leaves_the_trained_adapter_trainable(tmp_path):
+    """load_adapter(is_trainable=False) freezes the loaded adapter only: the adapter being trained
+    stays trainable after switching to the loaded one and back (as PEFT's load_adapter)."""
+    get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["v_proj"], num_experts=1)) \
+        .save_pretrained(str(tmp_path))
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
+                                                                      top_k=1))
+    trainable = model.get_nb_trainable_parameters()[0]
+    model.load_adapter(str(tmp_path), "reference")
+    model.load_adapter(str(tmp_path), "tuned", is_trainable=True)
+    model.set_adapter("reference")
+    assert model.get_nb_trainable_parameters()[0] == 0
+    model.set_adapter("tuned")
+    assert model.get_nb_trainable_parameters()[0] > 0
+    model.set_adapter("default")
+    assert model.get_nb_trainable_parameters()[0] == trainable
+    model.delete_adapter("reference")
+    model.load_adapter(str(tmp_path), "reference", is_trainable=True)  # the name is free again
+    model.set_adapter("reference")
+    assert model.get_nb_trainable_parameters()[0] > 0
