@@ -481,6 +481,7 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
             if expert not in (None, 0):
                 raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
             wrapped, target = get_moelora_model(model, config), 0
-        layers, extras = persistence.check_peft_checkpoint(wrapped.model, modules, others, target, weights_path)
+        layers, extras = persistence.check_peft_checkpoint(peft_config, wrapped.model, modules, others, target,
+                                                               weights_path)
     persistence.copy_peft_checkpoint(peft_config, modules, layers, extras, target)
     return wrapped

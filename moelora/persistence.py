@@ -522,9 +522,17 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAC
         raise type(exc)(f"{os.path.join(directory, PEFT_CONFIG_NAME)}: {exc}") from None
 
 
-def check_peft_checkpoint(inner: nn.Module, modules: dict, others: dict, target: int, weights_path: str):
+def _peft_scaling(peft_config: dict, name: str, rank: int) -> float:
+    """The scaling PEFT gives module ``name``'s LoRA of rank ``rank``."""
+    alpha = pattern_value(name, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
+    return alpha / (math.sqrt(rank) if peft_config.get("use_rslora", False) else rank)
+
+
+def check_peft_checkpoint(peft_config: dict, inner: nn.Module, modules: dict, others: dict, target: int,
+                          weights_path: str):
     """(layers by name, extras) of a PEFT checkpoint checked against ``inner`` (the injected model):
-    every LoRA tensor fits expert ``target`` of its layer, every bias / saved-module tensor fits."""
+    every LoRA tensor fits expert ``target`` of its layer (whose scaling can take the checkpoint's),
+    every bias / saved-module tensor fits."""
     layers = {}
     for name, tensors in modules.items():
         try:
@@ -532,6 +540,11 @@ def check_peft_checkpoint(inner: nn.Module, modules: dict, others: dict, target:
         except AttributeError:
             raise ValueError(f"{weights_path}: the model has no module {name}") from None
         _check_peft_fits(name, tensors, layers[name], target, weights_path)
+        peft_scaling = _peft_scaling(peft_config, name, tensors["lora_A"].shape[0])
+        if layers[name].scaling == 0 and peft_scaling != 0:  # B would have to be infinite
+            raise ValueError(f"{weights_path}: {name}: the layer's scaling is 0 (lora_alpha="
+                             f"{layers[name].lora_alpha}), it cannot compute the checkpoint's LoRA (scaling "
+                             f"{peft_scaling})")
     return layers, _peft_extras_targets(inner, others, weights_path)
 
 
@@ -541,16 +554,14 @@ def copy_peft_checkpoint(peft_config: dict, modules: dict, layers: dict, extras:
     keep their scaling, any difference to the checkpoint's is folded into B. A task-routed
     layer's ``lora_gamma[target]`` is set to 1 (the gate of task ``target``; B holds any gamma
     :func:`export_peft_lora` folded in), so that task computes the PEFT LoRA."""
-    use_rslora = peft_config.get("use_rslora", False)
     for name, tensors in modules.items():
         layer, a, b = layers[name], tensors["lora_A"], tensors["lora_B"]
-        alpha = pattern_value(name, peft_config.get("alpha_pattern"), peft_config.get("lora_alpha", 8))
-        peft_scaling = alpha / (math.sqrt(a.shape[0]) if use_rslora else a.shape[0])
+        peft_scaling = _peft_scaling(peft_config, name, a.shape[0])
         if layer.share_lora_a:
             layer.lora_A.copy_(a)
         else:
             layer.lora_A[target].copy_(a)
-        layer.lora_B[target].copy_(b * (peft_scaling / layer.scaling))
+        layer.lora_B[target].copy_(b if peft_scaling == layer.scaling else b * (peft_scaling / layer.scaling))
         if layer.router_mode == "task":
             layer.lora_gamma[target] = 1.0
         if "lora_magnitude_vector" in tensors:

@@ -486,3 +486,22 @@ def test_peft_tensors_of_another_dtype_kind_raise(tmp_path):
     with pytest.raises(ValueError, match=r"embed_tokens.weight does not fit the model: .* has dtype torch.int64"):
         moelora.load_peft_lora(base, directory)
     _assert_untouched(base, before)
+
+
+def test_peft_lora_alpha_zero_loads_as_a_no_op_and_a_zero_scaled_layer_refuses_a_real_lora(tmp_path):
+    """lora_alpha=0 (PEFT: a no-op adapter) divided by the layer's zero scaling after the model was
+    changed; a layer whose scaling is 0 cannot take a non-zero scaled LoRA: an error before any copy."""
+    zero = _peft_checkpoint(tmp_path / "zero", GOOD, {"peft_type": "LORA", "r": 4, "lora_alpha": 0})
+    model = moelora.load_peft_lora(tiny_llama(num_layers=2), zero)
+    layer = model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling == 0 and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, tiny_llama(num_layers=2).eval()(ids).logits)
+    tasks = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, lora_alpha=0,
+                                                                      num_experts=2, router="task"))
+    before = _fingerprint(tasks)
+    with pytest.raises(ValueError, match=r"q_proj: the layer's scaling is 0 \(lora_alpha=0\), it cannot compute the "
+                                         r"checkpoint's LoRA \(scaling 2.0\)"):
+        moelora.load_peft_lora(tasks, _peft_checkpoint(tmp_path / "good", GOOD), expert=1)
+    _assert_untouched(tasks, before)
