@@ -124,11 +124,13 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
                     selected_adapters: Optional[List[str]] = None) -> None:
     """Write each adapter of ``model`` (``selected_adapters``, default all) as PEFT lays them out:
     the adapter "default" in ``save_directory``, any other in ``save_directory/<name>``. With
-    ``state_dict`` (read instead of the model's own) only the active adapter is written."""
+    ``state_dict`` (read instead of the model's own) only the active adapter is written. Names the
+    model has no adapter of raise."""
+    names = optional_names(selected_adapters, model.adapter_configs)
     if state_dict is not None or not model.inactive_adapters:
         _save_active_adapter(model, _adapter_directory(save_directory, model.active_adapter), state_dict)
         return
-    for name in optional_names(selected_adapters, model.adapter_configs):
+    for name in names:
         with _adapter_active(model, name):
             _save_active_adapter(model, _adapter_directory(save_directory, name))
 

@@ -326,3 +326,14 @@ def test_loading_an_adapter_for_inference_leaves_the_trained_adapter_trainable(t
     model.load_adapter(str(tmp_path), "reference", is_trainable=True)  # the name is free again
     model.set_adapter("reference")
     assert model.get_nb_trainable_parameters()[0] > 0
+
+
+def test_save_pretrained_refuses_selected_adapters_the_model_does_not_have(tmp_path):
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    with pytest.raises(ValueError, match=r"no adapter named 'defualt'; the model has \['default'\]"):
+        model.save_pretrained(str(tmp_path), selected_adapters=["defualt"])  # one adapter: was ignored
+    assert not os.listdir(tmp_path)
+    model.add_adapter("second", MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
+    with pytest.raises(ValueError, match=r"no adapter named 'third'"):
+        model.save_pretrained(str(tmp_path), selected_adapters=["second", "third"])
+    assert not os.listdir(tmp_path)  # checked before anything is written
