@@ -131,8 +131,23 @@ def _grouped(shape, s):
 
 # ---- whole layer ----------------------------------------------------------------------
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # the sets' dtypes autocast runs the "-autocast" cases in
+
 def _linear(shape, s):
     return Prepared(lambda: F.linear(s["x"], s["w0"]), [s["x"]])
+
+
+def _linear_autocast(shape, s):
+    """The frozen nn.Linear in mixed precision as the HF Trainer's bf16=True runs it: an fp32
+    weight and fp32 x under torch.autocast to the set's dtype (the casts of x and W0 included;
+    an fp32 set, the CPU's, runs without autocast)."""
+    x, w0 = s["x"].detach().float().requires_grad_(), s["w0"].float()
+    amp = s["x"].dtype
+
+    def fwd():
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp in HALF_DTYPES):
+            return F.linear(x, w0)
+    return Prepared(fwd, [x])
 
 
 def _moelora_layer(shape, s):
@@ -221,15 +236,20 @@ LAYER_ROUTERS = {
 }
 
 
-def _moelora_linear_layer(router: str, dropout: float = 0.0):
+def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = False):
     """moelora.MoELoRALinear as a user builds it: the frozen base nn.Linear (the set's W0), its
     constructor's defaults (fp32 adapters over a half-precision base, as PEFT) with the shape's
     E, k, r, alpha and A layout, random adapters, ``router``'s mode and LoRA dropout
     ``dropout``; task routing gets one task per 512-token sequence. With dropout the check runs
-    the layer and its fp32 copy (torch backend) from one generator state: the same keep mask."""
+    the layer and its fp32 copy (torch backend) from one generator state: the same keep mask.
+    ``autocast``: mixed precision as the HF Trainer's bf16=True runs it (an fp32 base and fp32 x
+    under torch.autocast to the set's dtype; an fp32 set, the CPU's, runs without autocast)."""
     def prepare(shape, s):
         w0 = s["w0"]
-        linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device, dtype=w0.dtype)
+        x = s["x"] if not autocast else s["x"].detach().float().requires_grad_()
+        amp = autocast and s["x"].dtype in HALF_DTYPES
+        linear = torch.nn.Linear(shape.d_in, shape.d_out, bias=False, device=w0.device,
+                                 dtype=torch.float32 if autocast else w0.dtype)
         with torch.no_grad():
             linear.weight.copy_(w0)
         linear.weight.requires_grad_(False)
@@ -243,15 +263,16 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0):
         trainable = [p for p in layer.parameters() if p.requires_grad]
 
         def forward():  # the aux loss is computed (and recorded) in every training forward
-            return layer(s["x"])
+            with torch.autocast(x.device.type, dtype=s["x"].dtype, enabled=amp):
+                return layer(x)
 
         def reference():
             ref = copy.deepcopy(layer).float()
             with moelora.use_backend("torch"):
-                return ref(s["x"].float())
+                return ref(x.float())
 
         if not dropout:
-            return Prepared(forward, [s["x"]] + trainable, keep=[layer], reference=reference)
+            return Prepared(forward, [x] + trainable, keep=[layer], reference=reference)
 
         def check():
             with torch.no_grad(), torch.random.fork_rng(devices=[w0.device] if w0.is_cuda else []):
@@ -259,7 +280,7 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0):
             with torch.no_grad():
                 return rel_err(y, reference())
 
-        return Prepared(forward, [s["x"]] + trainable, keep=[layer], check=check)
+        return Prepared(forward, [x] + trainable, keep=[layer], check=check)
     return prepare
 
 
@@ -323,6 +344,10 @@ LAYER = [
 ] + [
     Impl("moelora-MoELoRALinear-dropout", "layer", _moelora_linear_layer("softmax_topk", LAYER_DROPOUT),
          _needs_moelora_layer, True, f"moelora.MoELoRALinear, router=softmax_topk, lora_dropout={LAYER_DROPOUT}"),
+    Impl("linear-frozen-autocast", "layer", _linear_autocast,
+         description="frozen nn.Linear, fp32 weight under torch.autocast (mixed precision, as HF Trainer bf16=True)"),
+    Impl("moelora-MoELoRALinear-autocast", "layer", _moelora_linear_layer("softmax_topk", autocast=True),
+         _needs_moelora_layer, True, "moelora.MoELoRALinear, router=softmax_topk, fp32 base under torch.autocast"),
 ]
 
 FFN = [

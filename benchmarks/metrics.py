@@ -40,7 +40,7 @@ def _layer_counts(shape: Shape, elt: int, impl: str) -> Dict[str, Dict[str, floa
     T, di, do = shape.tokens, shape.d_in, shape.d_out
     base_flops = 2 * T * di * do
     w0 = di * do * elt
-    if impl == "linear-frozen":
+    if impl.startswith("linear-frozen"):  # (the autocast case's fp32 reads of x and W0 are not counted)
         return {"fwd": {"flops": base_flops, "bytes": T * di * elt + T * do * elt + w0},
                 "bwd": {"flops": base_flops, "bytes": T * do * elt + T * di * elt + w0}}
     delta = _delta_counts(shape, elt)

@@ -75,7 +75,8 @@ def annotate(cases: List[dict]) -> None:
             if ref:
                 c["speedup_vs_naive"] = ref["median_ms"] / c["median_ms"]
         elif group == "layer":
-            ref = index.get((shape, tokens, group, p, "linear-frozen"))
+            ref = index.get((shape, tokens, group, p, "linear-frozen-autocast" if impl.endswith("-autocast")
+                             else "linear-frozen"))
             if ref:
                 c["ratio_vs_linear"] = c["median_ms"] / ref["median_ms"]
 

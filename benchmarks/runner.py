@@ -93,7 +93,9 @@ def _after_error(ctx: RunContext) -> None:
 
 
 def _reference_kind(group: str, impl: str) -> str:
-    return impl if group == "layer" and impl in ("linear-frozen", "peft-lora") else group
+    if group == "layer" and impl.startswith("linear-frozen"):  # the Linear alone, with or without autocast
+        return "linear-frozen"
+    return impl if group == "layer" and impl == "peft-lora" else group
 
 
 def _reference(shape: Shape, group: str, impl: str, s: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
@@ -102,9 +104,9 @@ def _reference(shape: Shape, group: str, impl: str, s: Dict[str, torch.Tensor]) 
         if group == "ffn":
             args = [t.float() if t.is_floating_point() else t for t in (s["x"], s["w13"], s["w2"], s["ids"], s["w"])]
             return baselines.moe_ffn_naive(*args)
-        if group == "layer" and impl in ("linear-frozen", "peft-lora"):
+        if group == "layer" and (impl.startswith("linear-frozen") or impl == "peft-lora"):
             base = F.linear(s["x"].float(), s["w0"].float())
-            if impl == "linear-frozen":
+            if impl.startswith("linear-frozen"):
                 return base
             a = s["a"] if s["a"].dim() == 2 else s["a"][0]
             return base + shape.scaling * (s["x"].float() @ a.float().t()) @ s["b"][0].float().t()

@@ -38,6 +38,8 @@ def test_cpu_default_writes_results(tmp_path, capsys):
             assert c["median_ms"] > 0 and c["GBps"] > 0 and c["TFLOPs"] > 0 and c["floor_ms"] > 0
             assert c["rel_err_vs_reference"] < 1e-5
         assert cases[f"S1/layer/{p}/linear-frozen"]["status"] == "ok"
+        assert cases[f"S1/layer/{p}/linear-frozen-autocast"]["status"] == "ok"
+        assert cases[f"S1/layer/{p}/moelora-MoELoRALinear-autocast"]["status"] == "ok"
         assert cases[f"S5/ffn/{p}/naive-ffn"]["status"] == "ok"
         assert cases[f"S1/delta/{p}/moelora-triton"]["status"] == "skipped"
     assert cases["S1/delta/fwdbwd/moelora-torch"]["saved_bytes"] > 0
@@ -56,6 +58,8 @@ def test_cpu_default_writes_results(tmp_path, capsys):
     # the compiled layer launches the eager layer's Triton kernels; the compiled Linear none
     assert host["MoELoRALinear fwd+bwd (softmax_topk), torch.compile"]["triton"] == dense["triton"]
     assert host["frozen nn.Linear fwd+bwd, torch.compile"]["triton"] == 0
+    # under autocast the layer launches the same Triton kernels (the casts are ATen ops)
+    assert host["MoELoRALinear fwd+bwd (softmax_topk), autocast"]["triton"] == dense["triton"]
     assert {t["status"] for t in results["targets"]} <= {"met", "missed", "not measured"}
     out = capsys.readouterr().out
     assert "GPU numbers need a GPU" in out and "S1/delta/fwd/naive" in out
