@@ -43,14 +43,23 @@ _AUTOCAST_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
 
 
-def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """Under torch.autocast for x's device, the dtype a matmul reads x in there (autocast's
-    dtype; float64 and non-float tensors keep theirs); None outside autocast. The ops cast to it
-    what F.linear would (x, base_out and the weights they multiply it by: moe_lora's A and B,
-    the fused layer's frozen weight and bias, moe_ffn's expert weights) and run without
-    autocast; the fused layer leaves its adapters and router weight as they are (its kernels
-    round them in registers). fp32 parameters get fp32 gradients, as through autocast's casts."""
+def autocast_dtype(x) -> Optional[torch.dtype]:
+    """autocast's dtype where torch.autocast is on for the device of the tensor ``x``, else None
+    (also for an ``x`` that is no tensor: the op's checks refuse it). The ops then cast with
+    :func:`autocast_input` what F.linear's autocast would cast (x, base_out and the weights x is
+    multiplied by: moe_lora's A and B, the fused layer's frozen weight and bias, moe_ffn's expert
+    weights), check and run without autocast; the fused layer leaves its adapters and router
+    weight as they are (its kernels round them in registers). fp32 parameters get fp32
+    gradients, through the casts' backward."""
+    if not isinstance(x, torch.Tensor):
+        return None
     device_type = x.device.type
     if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
         return None
-    return torch.get_autocast_dtype(device_type) if x.dtype in _AUTOCAST_FLOATS else x.dtype
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_input(t, dtype: torch.dtype):
+    """``t`` as torch.autocast hands it to a matmul running in ``dtype``: a float32, float16 or
+    bfloat16 tensor cast to it; anything else (float64, integers, None) as it is."""
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FLOATS else t

@@ -52,7 +52,7 @@ from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grou
                                         rows_linear, rows_weight_grad, segment_linear)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values, check_top_k, refuse_double_backward
-from moelora.ops.backend import autocast_dtype, resolve_backend
+from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
 from moelora.ops.registration import custom_op
 from moelora.ops.routing import (LAYOUT_FIELDS, MAX_EXPERTS, DispatchMetadata, dispatch_rows, expert_layout,
                                  fake_layout_tensors, layout_from_tensors, layout_tensors)
@@ -539,12 +539,10 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     d_in] (and b_in [E, 2 d_ff]) hold the gate rows, then the up rows (the "w13" layout of
     fused MoE kernels; one GEMM for both), w_gate and b_gate are None.
     """
-    _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
-                    normalize)
     cast = autocast_dtype(x)
     if cast is not None:  # torch.autocast: x and the expert weights in its dtype, as F.linear's; the op runs without it
         x, w_in, b_in, w_out, b_out, w_gate, b_gate = (
-            t if t is None else t.to(cast) for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate))
+            autocast_input(t, cast) for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate))
         with torch.autocast(x.device.type, enabled=False):
             return _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize,
                             backend, engine, stacked_gate)
@@ -554,6 +552,8 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
 
 def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, backend, engine,
              stacked_gate) -> torch.Tensor:
+    _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
+                    normalize)
     num_tokens, top_k = topk_ids.shape
     if resolve_backend(backend, x.device) == "torch" or num_tokens == 0:
         kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < w_in.shape[0])

@@ -50,7 +50,7 @@ from moelora.ops.routing import (MAX_EXPERTS, dispatch_rows, expert_layout, fake
                                  layout_tensors)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args, refuse_double_backward
-from moelora.ops.backend import autocast_dtype, resolve_backend
+from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
 from moelora.ops.registration import custom_op
 
 
@@ -81,22 +81,21 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
         [..., d_out] tensor in x's dtype (autocast's under torch.autocast), differentiable
         w.r.t. x, lora_a, lora_b, topk_weights and base_out.
     """
+    cast = autocast_dtype(x)
+    if cast is not None:  # torch.autocast: x, A, B and base_out in its dtype, as a matmul's; the op runs without it
+        x, lora_a, lora_b, base_out = (autocast_input(t, cast) for t in (x, lora_a, lora_b, base_out))
+        with torch.autocast(x.device.type, enabled=False):
+            return _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime)
+    return _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime)
+
+
+def _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime) -> torch.Tensor:
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out)
     if regime == "grouped" and args.lora_b.shape[0] > MAX_EXPERTS:
         raise ValueError(f"regime='grouped' sorts the pairs by expert, for at most {MAX_EXPERTS} experts: "
                          f"lora_b.shape[0] is {args.lora_b.shape[0]} (regime='dense' takes any number)")
-    cast = autocast_dtype(args.x)
-    if cast is not None:  # torch.autocast: x, A, B and base_out in its dtype, as a matmul's; the op runs without it
-        base = args.base_out
-        with torch.autocast(args.x.device.type, enabled=False):
-            return _moe_lora(args._replace(x=args.x.to(cast), lora_a=args.lora_a.to(cast), lora_b=args.lora_b.to(cast),
-                                           base_out=base if base is None else base.to(cast)), backend, regime)
-    return _moe_lora(args, backend, regime)
-
-
-def _moe_lora(args: MoELoRAArgs, backend: Optional[str], regime: str) -> torch.Tensor:
     # No kernel runs on zero tokens: the torch path returns the empty result with its autograd.
     if resolve_backend(backend, args.x.device) == "torch" or args.num_tokens == 0:
         return moe_lora_torch_impl(args).reshape(args.out_shape)

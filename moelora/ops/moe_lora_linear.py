@@ -67,7 +67,7 @@ from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import as_2d, refuse_double_backward
-from moelora.ops.backend import autocast_dtype, resolve_backend
+from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
 from moelora.ops.registration import custom_op
 
 
@@ -120,8 +120,8 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     cast = autocast_dtype(x)
     if cast is not None:  # torch.autocast: x and the base layer in its dtype, as F.linear's; the op runs without it
         with torch.autocast(x.device.type, enabled=False):
-            return moe_lora_linear(x.to(cast), weight.to(cast), bias if bias is None else bias.to(cast), lora_a,
-                                   lora_b, scaling=scaling, router=router, topk_ids=topk_ids,
+            return moe_lora_linear(autocast_input(x, cast), autocast_input(weight, cast), autocast_input(bias, cast),
+                                   lora_a, lora_b, scaling=scaling, router=router, topk_ids=topk_ids,
                                    topk_weights=topk_weights, dropout_mask=dropout_mask, dropout_scale=dropout_scale,
                                    backend=backend)
     T = math.prod(x.shape[:-1])
