@@ -24,6 +24,7 @@ import contextlib
 import inspect
 import os
 import types
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -143,12 +144,29 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
 
 # ------------------------------------------------------------------------------- helpers
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the weighted auxiliary losses every routed module stored in its last forward."""
-    losses = [m.last_aux_loss for m in model.modules() if isinstance(m, RoutedModule) and m.last_aux_loss is not None]
+    """Sum of the weighted auxiliary losses every routed module stored in its last forward.
+
+    Warns, when gradients are enabled, if a module's loss came from a training-mode forward
+    run without gradients (reentrant gradient checkpointing; see
+    :attr:`moelora.modules.routed.RoutedModule.aux_loss_lost_grad`): that loss trains nothing."""
+    routed = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedModule) and m.last_aux_loss is not None]
+    losses = [m.last_aux_loss for _, m in routed]
+    if torch.is_grad_enabled():
+        _warn_aux_loss_without_grad([n for n, m in routed if m.aux_loss_lost_grad])
     if not losses:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
     return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def _warn_aux_loss_without_grad(names: List[str]) -> None:
+    if names:
+        warnings.warn(
+            f"the router aux loss of {len(names)} module(s) (first: {names[0] or 'the module itself'}) was "
+            "computed in training mode without gradients, so it trains no router: their forward ran under "
+            "torch.no_grad(), as reentrant gradient checkpointing runs it (torch.utils.checkpoint(..., "
+            "use_reentrant=True), or gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+            "True})); use use_reentrant=False", stacklevel=3)
 
 
 def clear_aux_losses(model: nn.Module) -> None:

@@ -247,3 +247,35 @@ def test_deepcopy_after_a_training_forward_starts_without_routing_record():
     assert moelora.router_stats(clone) == {}
     assert moelora.aux_loss(model).grad_fn is not None  # the original keeps its record
     torch.testing.assert_close(clone(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(use_reentrant):
+    """Reentrant checkpointing runs the layers' forward under torch.no_grad(): their aux losses
+    (MoE-LoRA layers, an upcycled MoEFFN, MoLEx) have no gradient, which moelora.aux_loss says
+    instead of training no router in silence; non-reentrant checkpointing gives the router its
+    aux-loss gradient, and a forward without gradients (eval, generation) warns of nothing."""
+    import warnings
+
+    base = tiny_llama(num_layers=2)
+    moelora.upcycle_ffn(base, num_experts=2, top_k=1, router="softmax_topk", layers_to_transform=[0])
+    moelora.apply_molex(base, gate="linear")
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2,
+                                                   router_aux_loss_coef=1.0))
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ids = token_batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        with torch.no_grad():
+            model(ids, labels=ids, use_cache=False)
+    messages = [str(w.message) for w in caught if "aux loss" in str(w.message)]
+    router = model.model.model.layers[0].self_attn.q_proj.router.weight
+    if use_reentrant:
+        assert len(messages) == 1 and "use_reentrant=False" in messages[0], messages
+        assert "module(s) (first: model.layers.0" in messages[0]
+        assert not moelora.aux_loss(model).requires_grad
+    else:
+        assert messages == [] and router.grad is not None

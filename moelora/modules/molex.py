@@ -224,9 +224,11 @@ class MoLEx(nn.Module, RoutedModule):
         probs = torch.softmax(logits, dim=-1)
         lb = load_balancing_loss(probs, token_choice[:, None], self.num_layers)
         loss = self.aux_loss_coef * lb
-        self._per_layer[t] = (loss if torch.is_grad_enabled() else loss.detach(), j, probs.detach(),
-                              token_choice.detach())
+        grad = torch.is_grad_enabled()
+        self._per_layer[t] = (loss if grad else loss.detach(), j, probs.detach(), token_choice.detach(),
+                              not grad and self.training)
         self._last_aux_loss = torch.stack([v[0] for v in self._per_layer.values()]).sum()
+        self._aux_loss_lost_grad = any(v[4] for v in self._per_layer.values())
         self._last_router_stats = {
             "load": torch.stack([expert_load(v[3][:, None], self.num_layers) for v in self._per_layer.values()]).mean(0),
             "entropy": torch.stack([routing_entropy(v[2]) for v in self._per_layer.values()]).mean(),

@@ -76,6 +76,15 @@ class RoutedModule:
         """Forget the last forward's loss and statistics (moelora.aux_loss then skips this module)."""
         self.__dict__["_last_aux_loss"] = None
         self.__dict__["_last_router_stats"] = None
+        self.__dict__["_aux_loss_lost_grad"] = False
+
+    @property
+    def aux_loss_lost_grad(self) -> bool:
+        """Whether the last forward ran in training mode without gradients (so its stored aux loss
+        has none): inside a forward with gradients, that is reentrant gradient checkpointing
+        (``torch.utils.checkpoint(..., use_reentrant=True)``), whose checkpointed forward runs under
+        ``torch.no_grad()``; the recomputation in backward comes too late for the aux loss."""
+        return self.__dict__.get("_aux_loss_lost_grad", False)
 
     @property
     def last_aux_loss(self) -> Optional[torch.Tensor]:
@@ -88,12 +97,13 @@ class RoutedModule:
         return self.__dict__.get("_last_router_stats")
 
     def routing_record(self) -> tuple:
-        """(last_aux_loss, last_router_stats), for :meth:`restore_routing_record`."""
-        return self.last_aux_loss, self.last_router_stats
+        """(last_aux_loss, last_router_stats, aux_loss_lost_grad), for :meth:`restore_routing_record`."""
+        return self.last_aux_loss, self.last_router_stats, self.aux_loss_lost_grad
 
     def restore_routing_record(self, record: tuple) -> None:
         """Put back a record saved by :meth:`routing_record` (a forward that must not replace it)."""
-        self.__dict__["_last_aux_loss"], self.__dict__["_last_router_stats"] = record
+        (self.__dict__["_last_aux_loss"], self.__dict__["_last_router_stats"],
+         self.__dict__["_aux_loss_lost_grad"]) = record
 
     def _record_routing(self, routing, aux_loss: Optional[torch.Tensor] = None,
                         aux_stats: Optional[torch.Tensor] = None) -> None:
@@ -104,6 +114,8 @@ class RoutedModule:
             aux_loss, aux_stats = routing_aux_losses(routing, self.aux_loss_coef, self.z_loss_coef)
         # Only keep a graph when it can be used: no stale autograd graphs after eval passes.
         # (Written to __dict__: nn.Module.__setattr__ costs microseconds per call.)
-        self.__dict__["_last_aux_loss"] = aux_loss if torch.is_grad_enabled() else aux_loss.detach()
+        grad = torch.is_grad_enabled()
+        self.__dict__["_last_aux_loss"] = aux_loss if grad else aux_loss.detach()
+        self.__dict__["_aux_loss_lost_grad"] = not grad and self.training
         self.__dict__["_last_router_stats"] = RouterStats(routing.counts, routing.logits, aux_stats,
                                                           routing.weights.shape[0])
