@@ -15,8 +15,8 @@ over the patch of C_in * prod(kernel) inputs: ``lora_A`` [r, C_in*k] (shared, Mo
 
 The learned router reads, like MoELoRALinear's, the input of each output position: the patch
 the kernel sees. Its logits are a convolution of x with ``router.weight`` [E, C_in*k] viewed
-as an [E, C_in, *kernel] kernel, with the base's geometry (groups 1), in fp32. For a 1 x 1
-kernel that is the per-position input channels.
+as an [E, C_in, *kernel] kernel, with the base's geometry (groups 1), in fp32 (fp64 for fp64
+x). For a 1 x 1 kernel that is the per-position input channels.
 
 Computation: a 1 x 1 kernel with stride 1 and no padding is the linear case, and runs as
 ``moelora.moe_lora`` on x's channels, [N*H*W, C_in] (A, B and the router as MoELoRALinear's).
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings
 from moelora.ops.moe_lora import moe_lora
+from moelora.kernels.launchers import accumulator_dtype
 from moelora.modules.router import Router
 
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -77,11 +78,12 @@ class ConvRouter(Router):
         self.kernel_size, self.in_channels, self.geometry = tuple(kernel_size), in_channels, geometry
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, C_in, *spatial] -> fp32 logits [N * prod(out spatial), E] (positions in order)."""
-        x = x.float()
-        if self.training and self.jitter_noise > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        kernel = self.weight.float().reshape(self.out_features, self.in_channels, *self.kernel_size)
+        """x [N, C_in, *spatial] -> logits [N * prod(out spatial), E] (positions in order) in fp32
+        (fp64 for fp64 x), as :meth:`Router.logits`, with its jitter noise."""
+        x = x.to(accumulator_dtype(x.dtype))
+        if self.jitters:
+            x = x * self.jitter_factors(x).to(x.dtype)
+        kernel = self.weight.to(x.dtype).reshape(self.out_features, self.in_channels, *self.kernel_size)
         return self.geometry.conv(x, kernel).movedim(1, -1).reshape(-1, self.out_features)
 
 

@@ -126,8 +126,8 @@ def conv_loop(layer, x):
     lead = (base.shape[0],) + tuple(base.shape[2:])
     patches = _patches(layer, x)
     if layer.router is not None:
-        logits = patches @ layer.router.weight.double().t()  # the router computes in fp32
-        torch.testing.assert_close(layer.router.logits(x).double(), logits, rtol=1e-5, atol=1e-5)
+        logits = patches @ layer.router.weight.double().t()  # fp64 for fp64 x, as Router's
+        torch.testing.assert_close(layer.router.logits(x), logits, rtol=1e-12, atol=1e-12)
     routing = layer.compute_routing(x, lead)
     out = _mix(layer, lambda e, t: layer.expert_A(e) @ patches[t], tokens, routing)
     return out.reshape(*lead, -1).movedim(-1, 1)
