@@ -213,9 +213,13 @@ def use_task_ids(model: nn.Module, ids):
 
 
 def step_routers(model: nn.Module, n: int = 1) -> None:
-    """Advance every router's threshold schedule by ``n`` steps (call once per optimiser step)."""
+    """Advance every router's threshold schedule by ``n`` steps (call once per optimiser step).
+    The routers of inactive adapters (``MoELoRAModel.inactive_adapters``), which are not trained,
+    keep their step: the wrapper or the model it wraps, the same routers step."""
+    inactive = {id(m) for store in model.modules() if isinstance(store, adapters.StoredAdapter)
+                for m in store.modules()}
     for m in model.modules():
-        if isinstance(m, Router):
+        if isinstance(m, Router) and id(m) not in inactive:
             m.step(n)
 
 

@@ -233,6 +233,29 @@ def test_add_set_delete_adapters():
         model.delete_adapter("second")
 
 
+def test_step_routers_leaves_inactive_adapters_schedules_alone():
+    """moelora.step_routers on the wrapper (what StepRoutersCallback / MoELoRATrainer call) steps
+    the active adapter's routers only, as model.step_routers(): a stored adapter is not trained."""
+    from moelora.modules.router import Router
+
+    def config():
+        return MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2, router="threshold",
+                             threshold_eps=0.2, threshold_ramp_steps=10)
+
+    model = get_moelora_model(tiny_llama(num_layers=2), config())
+    model.add_adapter("second", config())
+
+    def steps(module):
+        return sorted(int(m.num_steps) for m in module.modules() if isinstance(m, Router))
+
+    model.step_routers()
+    moelora.step_routers(model, 2)
+    assert steps(model.model) == [3, 3] and steps(model.inactive_adapters) == [0, 0]
+    model.set_adapter("second")
+    moelora.step_routers(model)
+    assert steps(model.model) == [1, 1] and steps(model.inactive_adapters) == [3, 3]
+
+
 def test_named_adapters_save_as_peft_lays_them_out_and_load_back(tmp_path):
     model = _two_adapter_model()
     model.set_adapter("second")
