@@ -294,16 +294,32 @@ class MoELoRAModel(nn.Module):
 
     def forward(self, *args, labels=None, task_ids=None, **kwargs):
         """Run the wrapped model (``labels`` are passed on when given; ``task_ids`` go to the
-        task-routed layers) and add the auxiliary loss to its loss once."""
+        task-routed layers) and add the auxiliary loss to its loss once.
+
+        ``task_ids`` stay on the layers until the next forward of the wrapper, which first puts
+        back what they held before (unless changed since): a gradient-checkpointed layer runs its
+        forward again in backward, and must route that recomputation by the same task ids."""
         clear_aux_losses(self.model)
+        self._restore_task_ids()
         if labels is not None:
             kwargs["labels"] = labels
-        ctx = use_task_ids(self.model, task_ids) if task_ids is not None else contextlib.nullcontext()
-        with ctx:
-            output = self.model(*args, **kwargs)
+        if task_ids is not None:
+            layers = _task_layers(self.model)
+            previous = [layer.task_ids for layer in layers]
+            set_task_ids(self.model, task_ids)
+            self.__dict__["_forward_task_ids"] = (task_ids, layers, previous)
+        output = self.model(*args, **kwargs)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
         return output
+
+    def _restore_task_ids(self) -> None:
+        """Put back the task ids the layers held before the last forward's ``task_ids`` (see
+        :meth:`forward`), where they still hold that forward's."""
+        ids, layers, previous = self.__dict__.pop("_forward_task_ids", (None, (), ()))
+        for layer, prev in zip(layers, previous):
+            if layer.task_ids is ids:
+                layer.task_ids = prev
 
     def _with_aux_loss(self, output, labels_given: bool):
         if isinstance(output, dict):

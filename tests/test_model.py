@@ -279,3 +279,39 @@ def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(
         assert not moelora.aux_loss(model).requires_grad
     else:
         assert messages == [] and router.grad is not None
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("stale", [False, True], ids=["none_set", "other_ids_set"])
+def test_task_ids_forward_kwarg_routes_the_checkpointed_recomputation_too(use_reentrant, stale):
+    """A gradient-checkpointed layer runs its forward again in backward: the task ids given to the
+    wrapper's forward must still route it then (not the ids set before, nor none), so the
+    gradients equal those without checkpointing. The next forward puts the earlier ids back."""
+    import warnings
+
+    ids = token_batch(seq=7)
+    grads = []
+    for checkpointing in (False, True):
+        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                          num_experts=3, router="task"))
+        randomize_adapters(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        before = torch.tensor([1, 1]) if stale else None
+        if stale:
+            model.set_task_ids(before)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notes
+            model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        model.eval()
+        if stale:  # the next forward routes by the ids set before
+            expected = model(ids, use_cache=False, task_ids=before).logits
+            torch.testing.assert_close(model(ids, use_cache=False).logits, expected)
+        else:
+            with pytest.raises(RuntimeError, match="none is set"):
+                model(ids, use_cache=False)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
