@@ -433,8 +433,9 @@ class MoELoRAModel(nn.Module):
         self.adapter_configs[adapter_name] = config
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Activate ``adapter_name``: its layers go into the model (trainable unless the model was
-        loaded for inference); the active one is stored, frozen (merged layers are unmerged)."""
+        """Activate ``adapter_name``: its layers go into the model (trainable unless the model or
+        this adapter was loaded for inference, ``is_trainable=False``); the active one is stored,
+        frozen (merged layers are unmerged)."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=True)
         if adapter_name == self.active_adapter:
             return
