@@ -45,8 +45,12 @@ def _step(fn, leaves, grad, amp):
     return out, [t.grad for t in leaves]
 
 
-def _assert_same(autocast, by_hand):
-    (y, grads), (y_ref, grads_ref) = autocast, by_hand
+def _assert_autocast_casts_as_by_hand(op, by_hand, leaves, grad, amp):
+    """op(*leaves) under autocast to ``amp``: its output in amp, fp32 gradients, and bitwise the
+    output and gradients of ``by_hand`` (op on the leaves cast by hand) without autocast."""
+    y, grads = _step(op, _leaves(*leaves), grad, amp)
+    y_ref, grads_ref = _step(by_hand, _leaves(*leaves), grad, None)
+    assert y.dtype == amp and all(g.dtype == torch.float32 for g in grads)
     assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
     for g, g_ref, in zip(grads, grads_ref):
         assert g.dtype == g_ref.dtype and torch.equal(g, g_ref)
@@ -68,11 +72,8 @@ def test_moe_lora_reads_x_in_the_autocast_dtype(backend, shared_a, amp):
     def op(x, a, b, w, base):
         return moelora.moe_lora(x, a, b, ids, w, scaling=0.5, base_out=base, backend=backend)
 
-    autocast = _step(op, _leaves(*leaves), grad, amp)
-    assert autocast[0].dtype == amp and all(g.dtype == torch.float32 for g in autocast[1])
-    by_hand = _step(lambda x, a, b, w, base: op(x.to(amp), a.to(amp), b.to(amp), w, base.to(amp)), _leaves(*leaves),
-                    grad, None)
-    _assert_same(autocast, by_hand)
+    _assert_autocast_casts_as_by_hand(
+        op, lambda x, a, b, w, base: op(x.to(amp), a.to(amp), b.to(amp), w, base.to(amp)), leaves, grad, amp)
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES)
@@ -92,10 +93,8 @@ def test_moe_lora_linear_reads_x_and_the_base_layer_in_the_autocast_dtype(backen
                                  backend=backend)
         return y + 0 * out.aux_loss  # the router weight's gradient through the aux loss too
 
-    autocast = _step(op, _leaves(*leaves), grad, amp)
-    assert autocast[0].dtype == amp and all(g.dtype == torch.float32 for g in autocast[1])
-    by_hand = _step(lambda x, w, b, *rest: op(x.to(amp), w.to(amp), b.to(amp), *rest), _leaves(*leaves), grad, None)
-    _assert_same(autocast, by_hand)
+    _assert_autocast_casts_as_by_hand(
+        op, lambda x, w, b, *rest: op(x.to(amp), w.to(amp), b.to(amp), *rest), leaves, grad, amp)
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES)
@@ -114,10 +113,8 @@ def test_moe_ffn_reads_x_and_the_expert_weights_in_the_autocast_dtype(backend, a
     def op(x, w, w_in, b_in, w_out, b_out, w_gate):
         return moe_ffn(x, ids, w, w_in, b_in, w_out, b_out, F.silu, w_gate, backend=backend)
 
-    autocast = _step(op, _leaves(*leaves), grad, amp)
-    assert autocast[0].dtype == amp and all(g.dtype == torch.float32 for g in autocast[1])
-    by_hand = _step(lambda x, w, *ws: op(x.to(amp), w, *(t.to(amp) for t in ws)), _leaves(*leaves), grad, None)
-    _assert_same(autocast, by_hand)
+    _assert_autocast_casts_as_by_hand(
+        op, lambda x, w, *ws: op(x.to(amp), w, *(t.to(amp) for t in ws)), leaves, grad, amp)
 
 
 def _layers():
