@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings
+from moelora.ops.backend import autocast_dtype
 
 
 class MoELoRAEmbedding(AdapterLayerBase):
@@ -78,11 +79,15 @@ class MoELoRAEmbedding(AdapterLayerBase):
         base = self.base_layer
         h = F.embedding(x, rows.t(), padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
         embed_scale = getattr(base, "embed_scale", None)
-        if embed_scale is None:
+        if embed_scale is None and autocast_dtype(h) is None:  # the op adds the delta to the frozen vectors
             return self._lora_on_projection(h, routing, result.to(dtype), scaling=scaling).to(result.dtype)
+        # The delta alone, added here in the adapters' dtype as PEFT adds it: times the base's
+        # embed_scale, or under autocast (the op's output is in autocast's dtype, and the frozen
+        # vectors keep theirs, as nn.Embedding's under autocast)
         delta = self._lora_on_projection(h, routing, None, scaling=scaling)
-        return (result.to(dtype) + delta * torch.as_tensor(embed_scale, dtype=dtype, device=delta.device)) \
-            .to(result.dtype)
+        if embed_scale is not None:
+            delta = delta * torch.as_tensor(embed_scale, dtype=dtype, device=delta.device)
+        return (result.to(dtype) + delta).to(result.dtype)
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, {super().extra_repr()}"

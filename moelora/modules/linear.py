@@ -212,7 +212,7 @@ class MoELoRALinear(AdapterLayerBase):
                                topk_weights=weights)
         mag_scale = self.lora_magnitude_vector / self._dora_norm(weight, lora_a, scaling)
         out = y * mag_scale  # (addcmul's backward would cost two more multiplications)
-        return (out if base.bias is None else out + base.bias).to(x.dtype)
+        return (out if base.bias is None else out + base.bias).to(y.dtype)  # x's, or autocast's
 
     def _dora_norm(self, weight: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> torch.Tensor:
         """||W + s B A||_row in the adapters' dtype, a constant (no gradient flows through it, as in

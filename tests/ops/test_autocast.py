@@ -128,10 +128,11 @@ def _layers():
                  router="softmax_topk")
     conv = MoELoRAConv(nn.Conv2d(3, 6, 3), num_experts=3, top_k=2, r=4, init_lora_weights=False)
     embedding = MoELoRAEmbedding(nn.Embedding(30, 12), num_experts=3, top_k=2, r=4, init_lora_weights=False)
+    dora = moelora.MoELoRALinear(nn.Linear(24, 20), num_experts=1, r=4, use_dora=True, init_lora_weights=False)
     tokens = torch.randn(2, 5, 24, device=DEVICE)
     return {"linear": (linear, tokens), "task": (task, tokens), "ffn": (ffn, tokens),
             "conv": (conv, torch.randn(2, 3, 6, 6, device=DEVICE)),
-            "embedding": (embedding, torch.randint(0, 30, (2, 5), device=DEVICE))}
+            "embedding": (embedding, torch.randint(0, 30, (2, 5), device=DEVICE)), "dora": (dora, tokens)}
 
 
 # What the base layer alone returns under autocast: nn.Embedding is not autocast (fp32 stays fp32)
@@ -140,7 +141,7 @@ BASE_UNDER_AUTOCAST = {"embedding": torch.float32}
 
 @pytest.mark.parametrize("amp", AMP_DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["linear", "task", "ffn", "conv", "embedding"])
+@pytest.mark.parametrize("kind", ["linear", "task", "ffn", "conv", "embedding", "dora"])
 def test_layers_train_in_the_autocast_dtype(kind, backend, amp):
     """fp32 layers under autocast: the output in the dtype their base layer gives there
     (autocast's for nn.Linear and nn.Conv2d), fp32 gradients for every parameter, all within
@@ -167,6 +168,23 @@ def test_layers_train_in_the_autocast_dtype(kind, backend, amp):
             continue
         assert g.dtype == torch.float32, name
         assert rel_err(g, grads_ref[name]) < TOL[amp] * 2, f"grad {name} rel err {rel_err(g, grads_ref[name])}"
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_keeps_the_frozen_vectors_in_their_dtype(backend, amp):
+    """nn.Embedding is not autocast: a fresh MoELoRAEmbedding (A = 0) under autocast returns the
+    frozen vectors bitwise, and a trained one adds its delta to them unrounded (as PEFT)."""
+    layer, ids = _layers()["embedding"]
+    layer = layer.to(DEVICE)
+    with moelora.use_backend(backend), torch.autocast(DEVICE.type, dtype=amp):
+        fresh = copy.deepcopy(layer)
+        fresh.reset_lora_parameters(True)
+        assert torch.equal(fresh(ids), layer.base_layer(ids))
+        y = layer(ids)
+    with moelora.use_backend(backend):
+        delta = layer(ids) - layer.base_layer(ids)
+    assert y.dtype == torch.float32 and rel_err(y - layer.base_layer(ids), delta) < TOL[amp]
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES)
