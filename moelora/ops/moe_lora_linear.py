@@ -307,7 +307,8 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     ``needs`` says which are wanted (None where not); ``layout``: the forward's (grouped regime)."""
     need_x, need_weight, need_bias, _, need_logits, need_w = needs
     dtype = x.dtype
-    if dy is None:  # only the aux loss reached the loss
+    aux_only = dy is None  # only the aux loss reached the loss
+    if aux_only:
         dy = x.new_zeros(x.shape[0], weight.shape[0])
     router = None
     if mode != "static":
@@ -324,7 +325,7 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     if need_x:
         if dx is None:
             dx = torch.mm(dy, weight.to(dtype))
-        else:
+        elif not aux_only:  # (dy = 0 adds nothing)
             dx.addmm_(dy, weight)
     dweight = torch.mm(dy.t(), x) if need_weight else None
     dbias = dy.sum(0) if need_bias else None
@@ -456,7 +457,9 @@ class _MoELoRALinearFn(torch.autograd.Function):
         if dy is not None and len(x_shape) != 2:
             dy = dy.reshape(-1, dy.shape[-1])
         saved = ctx.saved_tensors
-        aux_only = dy is None  # only the aux loss reached the loss: y's inputs get no gradient, as in PyTorch
+        # Only the aux loss reached the loss: y's inputs get no gradient, as in PyTorch. (A compiled
+        # graph cannot tell: AOTAutograd hands its backward a zero dy, and those gradients are zeros.)
+        aux_only = dy is None
         if aux_only:
             needs = (needs[0], False, False, *needs[3:])
         dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw = _fused_backward(
