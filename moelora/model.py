@@ -39,7 +39,7 @@ from moelora.modules.linear import MoELoRALinear, is_conv1d
 from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.routed import RoutedModule
-from moelora.modules.router import Router
+from moelora.modules.router import Router, check_steps
 from moelora.tuner.targets import OUTPUT_HEAD_NAMES, layer_index, matches, set_module, unwrap
 
 
@@ -216,6 +216,7 @@ def step_routers(model: nn.Module, n: int = 1) -> None:
     """Advance every router's threshold schedule by ``n`` steps (call once per optimiser step).
     The routers of inactive adapters (``MoELoRAModel.inactive_adapters``), which are not trained,
     keep their step: the wrapper or the model it wraps, the same routers step."""
+    check_steps(n)
     inactive = {id(m) for store in model.modules() if isinstance(store, adapters.StoredAdapter)
                 for m in store.modules()}
     for m in model.modules():

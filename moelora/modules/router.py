@@ -4,6 +4,7 @@ noise and the threshold schedule that ``moelora.step_routers`` advances."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -73,7 +74,8 @@ class Router(nn.Linear):
         return scheduled_eps(self.eps_start, self.eps_end, self.eps_ramp_steps, self.num_steps)
 
     def step(self, n: int = 1) -> None:
-        self.num_steps += n
+        """Advance the threshold eps ramp's step counter by ``n`` optimiser steps (on the device)."""
+        self.num_steps += check_steps(n)
 
     @property
     def jitters(self) -> bool:
@@ -133,3 +135,11 @@ class _RouterLogitsFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dweight = launchers.matmul(dl.t(), x, out_dtype=weight.dtype, compute_dtype=acc, split_k=True)
         return dx, dweight
+
+
+def check_steps(n) -> int:
+    """``n`` as a number of optimiser steps: a non-negative integer (a numpy one too), else a
+    ValueError naming it (a float or a bool would count wrongly, a negative one rewind the ramp)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative int (optimiser steps), got {n!r}")
+    return int(n)

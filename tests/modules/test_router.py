@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,16 @@ def test_threshold_schedule_is_linear_and_stepped_by_trainer():
     assert router.eps == pytest.approx(0.1)
     moelora.step_routers(model, 50)
     assert router.eps == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("n", [0.5, True, -1, "2", None])
+def test_router_steps_are_non_negative_ints(n):
+    router = Router(4, 4, 2, mode="threshold", eps_start=0.0, eps_end=0.2, eps_ramp_steps=10)
+    for step in (router.step, lambda n: moelora.step_routers(torch.nn.Sequential(), n)):  # (no router there)
+        with pytest.raises(ValueError, match="n must be a non-negative int"):
+            step(n)
+    router.step(np.int64(3))
+    assert int(router.num_steps) == 3
 
 
 def test_task_routing_broadcasts_per_example_ids_and_adds_shared_expert():
