@@ -122,6 +122,9 @@ def grouped_weight_grad_kernel(
 ):
     """out[s, e] = alpha * alpha_out * sum_r L[row(r)]^T (scale[p] * R[row(r)]) over slice s of expert e's rows.
 
+    With HAS_SCALE, alpha multiplies the scale before R's tile is rounded to DOT_DTYPE (as the
+    dense regime's Hg = s * G * h), alpha_out the result.
+
     Expert e owns rows starts[e] .. starts[e] + counts[e]; row(r) = p // k (token-major
     operand) or r; p = row_pair[r]; R_ONES: R is a column of ones (NB = 1, r_ptr unread: the
     per-expert row sums). The reduction runs in row order: deterministic.
@@ -161,12 +164,14 @@ def grouped_weight_grad_kernel(
         else:
             rt = tl.load(r_ptr + r_row[:, None] * stride_rm + offs_b[None, :] * stride_rb,
                          mask=mask_k[:, None] & mask_b[None, :], other=0.0)
-        if HAS_SCALE:
+        if HAS_SCALE:  # alpha too, before R is rounded to DOT_DTYPE: alpha * scale * R may fit where R does not
             scale = tl.load(scale_ptr + pair * stride_scale, mask=mask_k, other=0.0)
-            rt = rt.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[:, None]
+            rt = rt.to(ACC_DTYPE) * (scale.to(ACC_DTYPE) * alpha)[:, None]
         acc += tl.dot(lt.to(DOT_DTYPE), rt.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    acc = acc * alpha * alpha_out
+    if not HAS_SCALE:
+        acc = acc * alpha
+    acc = acc * alpha_out
     tl.store(out_ptr + split * stride_os + expert * stride_oe + offs_a[:, None] * stride_oa
              + offs_b[None, :] * stride_ob, acc.to(out_ptr.dtype.element_ty),
              mask=mask_a[:, None] & mask_b[None, :])

@@ -1073,7 +1073,9 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, met
     ``second`` = (a2, weight2, weight2_nk_strides), same row rule and K. ``gate_grad`` =
     (h, h_by_token, dw): also dw[p] = <alpha * (a @ W^T)[r], h[row(r)]> (dw flat over pairs).
     Rows without a pair (padding, unused tail) get zeros. ``alpha`` outside fp32's range is
-    applied in two factors (scale_factors), the first to a's tiles. Returns ``out``.
+    applied in two factors (scale_factors), the first to a's tiles; so is any ``alpha`` where
+    ``a`` is wider than ``compute_dtype`` (fp32 h for fp16 products: alpha * h is rounded, not h,
+    which may lie outside fp16's range where alpha * h does not). Returns ``out``.
     """
     num_rows, N = out.shape
     if num_rows == 0 or N == 0:
@@ -1081,11 +1083,13 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, met
     a2, w2, w2_nk = second if second is not None else (a, weight, weight_nk_strides)
     h, h_by_token, dw = gate_grad if gate_grad is not None else (out, False, out)
     scale_arg = scale if scale is not None else out
+    prescale = alpha != 1.0 and a.dtype.itemsize > compute_dtype.itemsize
     alpha, alpha_out = scale_factors(alpha)
+    prescale = prescale or alpha_out != 1.0
     kernel = _grouped_matmul_launch(
         num_rows, N, a.shape[1], _meta_args(meta), a.stride(), (weight.stride(0), *weight_nk_strides), a2.stride(),
         (w2.stride(0), *w2_nk), out.stride(), scale.stride(0) if scale is not None else 0, h.stride(), a_by_token,
-        second is not None, scale is not None, gate_grad is not None, h_by_token, alpha_out != 1.0, compute_dtype,
+        second is not None, scale is not None, gate_grad is not None, h_by_token, prescale, compute_dtype,
         _tf32(compute_dtype), config)
     kernel(a, weight, a2, w2, out, meta.sorted_pairs_padded, meta.block_expert, scale_arg, h, dw, alpha, alpha_out)
     return out

@@ -151,3 +151,29 @@ def test_moe_ffn_normalize_rejects_kept_weights_without_a_positive_sum(weights):
 def test_moe_ffn_normalize_with_every_slot_dropped_gives_zero():
     out = moelora.moe_ffn(*_ffn_inputs([[0.0, 0.0], [0.2, 0.6]]), normalize=True)
     assert torch.equal(out[0], torch.zeros(4)) and torch.isfinite(out).all()
+
+
+# ---- 6. fp16 activations whose h = x A^T leaves fp16's range while s * w * h does not ----------
+@pytest.mark.parametrize("path", ["triton-dense", "triton-grouped"])
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_fp16_h_beyond_fp16_range_with_a_small_scale(path, shared_a):
+    """h is kept in fp32 (|h| ~ 1.3e5 here, fp16's largest is 65504); the LoRA scale 1e-3 brings
+    s * w * h back into range, as the dense regime and the torch backend compute it: the grouped
+    regime must not round h itself to fp16 first (Inf in y and in dB)."""
+    g = torch.Generator().manual_seed(0)
+    T, d_in, d_out, r, E, k = 12, 64, 8, 4, 3, 2
+    x = (4000 + 100 * torch.randn(T, d_in, generator=g)).half()
+    a = (0.5 + 0.01 * torch.randn(*(() if shared_a else (E,)), r, d_in, generator=g)).half()
+    b = torch.randn(E, d_out, r, generator=g).half()
+    ids = torch.rand(T, E, generator=g).argsort(1)[:, :k].to(DEVICE)
+    w = torch.rand(T, k, generator=g)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, a, b, w)]
+    y = PATHS[path](*leaves[:3], ids, leaves[3], scaling=1e-3)
+    dy = torch.randn(y.shape, generator=g).half().to(DEVICE)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = moe_lora_torch(*ref[:3], ids, ref[3], scaling=1e-3)
+    grads_ref = torch.autograd.grad(y_ref, ref, dy.double())
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) < 5e-3
+    for name, got, want in zip(["x", "lora_a", "lora_b", "topk_weights"], grads, grads_ref):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 5e-3, name
