@@ -27,7 +27,8 @@ from moelora.kernels import launchers
 
 _ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "empty_permuted",
                 "lift_fresh", "set_", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
-                "is_same_size", "_local_scalar_dense"}
+                "is_same_size", "_local_scalar_dense",
+                "_unsafe_view"}  # a view that autograd does not track as one (reshape of a non-viewable result)
 
 
 @dataclass
