@@ -91,8 +91,11 @@ def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, compile
                    autocast: bool = False) -> Callable[[], object]:
     """One training step of ``module`` on x: forward (``compiled``: torch.compile, fullgraph;
     ``autocast``: under torch.autocast to bfloat16), then the gradients of x and the trainable
-    parameters from dy and, when the module has a learned router, its aux loss."""
+    parameters from dy and, when the module has a learned router, its aux loss (its gradient
+    seed made once, outside the step, as dy and as tests/test_kernel_budget.py counts: the
+    kernel counts are the module's, the same as that test's)."""
     params = [p for p in module.parameters() if p.requires_grad]
+    seeds = {}  # aux-loss dtype -> its gradient seed
 
     def forward(inputs):
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -105,7 +108,9 @@ def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, compile
         outputs, grads = [y], [dy]
         if aux_loss is not None:
             outputs.append(aux_loss)
-            grads.append(torch.ones((), device=x.device, dtype=aux_loss.dtype))
+            if aux_loss.dtype not in seeds:
+                seeds[aux_loss.dtype] = torch.ones((), device=x.device, dtype=aux_loss.dtype)
+            grads.append(seeds[aux_loss.dtype])
         torch.autograd.grad(outputs, [x] + params, grads)
 
     return step

@@ -241,3 +241,40 @@ def test_one_autograd_node_per_call(lead):
             y = layer(x3)
             assert y.shape == (*lead, 64)
             assert _graph_nodes(y, layer.last_aux_loss) == ["_MoELoRALinearFnBackward"]
+
+
+# python -m benchmarks.hostcost's layer rows (LAYER_CASES) and the counts above that the README's
+# table lists: the same settings count the same kernels there.
+HOSTCOST_CASES = {"softmax_topk": LAYER_SETTINGS["softmax_topk"][1], "topk_softmax": LAYER_SETTINGS["topk_softmax"][1],
+                  "threshold": LAYER_SETTINGS["threshold"][1], "task": LAYER_SETTINGS["task_shared"][1],
+                  "LoRA dropout 0.1": LAYER_SETTINGS["lora_dropout"][1],
+                  "router jitter 0.1": LAYER_SETTINGS["jitter"][1],
+                  "E 128, grouped": LAYER_SETTINGS["grouped_regime"][1],
+                  "per-expert A": LAYER_SETTINGS["per_expert_a"][1],
+                  "MoSLD A-dropout 0.1": LAYER_SETTINGS["mosld_a_dropout"][1], "DoRA, E 1": 17,
+                  "DoRA, E 1, LoRA dropout 0.1": COMPOSED_SETTINGS["dora_with_lora_dropout"][2]}
+
+
+def test_hostcost_counts_the_budgets_kernels():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
+    from benchmarks import hostcost
+
+    assert set(HOSTCOST_CASES) == set(hostcost.LAYER_CASES)
+    cpu, (_, T, d) = torch.device("cpu"), hostcost._sizes(torch.device("cpu"))
+    counted = {}
+    for case, (settings, _) in hostcost.LAYER_CASES.items():
+        torch.manual_seed(0)
+        layer = hostcost._layer(cpu, torch.float32, d, **settings)
+        if case == "task":
+            moelora.set_task_ids(nn.Sequential(layer), torch.arange(T) % 8)
+        step = hostcost._training_step(layer, torch.randn(T, d, requires_grad=True), torch.randn(T, d))
+        with moelora.use_backend("triton"), moelora.validation(False):
+            with count_kernels():
+                step()
+            with count_kernels() as counts:
+                step()
+        counted[case] = counts.total
+    assert counted == HOSTCOST_CASES
