@@ -28,3 +28,20 @@ def test_docs_code_blocks_run(name, min_blocks, printed):
         for i, block in enumerate(blocks):
             exec(compile(block, f"docs/{name} block {i}", "exec"), namespace)
     assert printed in out.getvalue()
+
+
+# What README.md says docs/layers.md has a runnable example of, as the calls and arguments its
+# blocks must contain.
+LAYERS_FEATURES = ['router="topk_softmax"', 'router="threshold"', 'router="task"', "router_jitter_noise",
+                   "moelora.aux_loss(", "router_stats(", 'num_experts="8642"', "rank_pattern=", "alpha_pattern=",
+                   "upcycle_ffn(", "apply_molex(", "save_pretrained(", "from_pretrained(", "merge_adapter(",
+                   "unmerge_adapter(", "export_peft_lora(", "load_peft_lora(", "use_dora=True", "MoELoRAEmbedding",
+                   "MoELoRAConv", "modules_to_save=", "disable_adapter_layers(", "enable_adapter_layers(",
+                   "add_adapter(", "set_adapter(", 'bias="lora_only"']
+
+
+def test_layers_doc_has_an_example_of_every_feature_the_readme_lists():
+    readme = open(os.path.join(DOCS, os.pardir, "README.md")).read()
+    assert "`docs/layers.md` has a runnable example for every feature" in readme
+    blocks = "\n".join(re.findall(r"```python\n(.*?)```", open(os.path.join(DOCS, "layers.md")).read(), flags=re.S))
+    assert [feature for feature in LAYERS_FEATURES if feature not in blocks] == []
