@@ -333,22 +333,28 @@ class MoELoRAModel(nn.Module):
 
     # helpers bound to the wrapped model
     def aux_loss(self) -> torch.Tensor:
+        """:func:`moelora.aux_loss` of the wrapped model (already in ``outputs.loss``: do not add it twice)."""
         return aux_loss(self.model)
 
     def router_stats(self):
+        """:func:`moelora.router_stats` of the wrapped model."""
         return router_stats(self.model)
 
     def set_task_ids(self, ids) -> None:
+        """:func:`moelora.set_task_ids` on the wrapped model."""
         set_task_ids(self.model, ids)
 
     def step_routers(self, n: int = 1) -> None:
+        """:func:`moelora.step_routers` on the wrapped model: once per optimiser step."""
         step_routers(self.model, n)
 
     def get_nb_trainable_parameters(self):
+        """(trainable parameters, all parameters) of the wrapped model, as PEFT's."""
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.model.parameters())
 
     def print_trainable_parameters(self) -> None:
+        """Print the counts of :meth:`get_nb_trainable_parameters`, as PEFT's."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
@@ -371,6 +377,7 @@ class MoELoRAModel(nn.Module):
         merge.merge_adapter(self.model, task)
 
     def unmerge_adapter(self) -> None:
+        """Undo :meth:`merge_adapter`: every merged layer's adapter is taken back out of its base weight."""
         merge.unmerge_adapter(self.model)
 
     def merge_and_unload(self, task: Optional[int] = None) -> nn.Module:
@@ -399,6 +406,8 @@ class MoELoRAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False) -> "MoELoRAModel":
+        """:func:`moelora.from_pretrained`: ``model`` (a fresh base model) with the adapter saved in
+        ``directory``; frozen unless ``is_trainable``."""
         return from_pretrained(model, directory, is_trainable=is_trainable)
 
     # ----------------------------------------------------------------- PEFT adapter conventions
@@ -409,6 +418,7 @@ class MoELoRAModel(nn.Module):
 
     @property
     def active_adapters(self) -> List[str]:
+        """``[active_adapter]`` (PEFT's list form)."""
         return [self.active_adapter]
 
     def enable_adapter_layers(self) -> None:

@@ -45,3 +45,24 @@ def test_layers_doc_has_an_example_of_every_feature_the_readme_lists():
     assert "`docs/layers.md` has a runnable example for every feature" in readme
     blocks = "\n".join(re.findall(r"```python\n(.*?)```", open(os.path.join(DOCS, "layers.md")).read(), flags=re.S))
     assert [feature for feature in LAYERS_FEATURES if feature not in blocks] == []
+
+
+def test_public_api_has_docstrings():
+    """Every name moelora exports, and the public methods of its classes, say what they do (a
+    dataclass's generated signature does not count)."""
+    import inspect
+
+    import moelora
+
+    missing = []
+    for name in moelora.__all__:
+        obj = getattr(moelora, name)
+        doc = inspect.getdoc(obj) or ""
+        if not doc or doc.startswith(f"{name}("):
+            missing.append(name)
+        if inspect.isclass(obj) and obj.__module__.startswith("moelora"):
+            for attr, value in vars(obj).items():
+                func = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                if not attr.startswith("_") and inspect.isfunction(func) and not inspect.getdoc(func):
+                    missing.append(f"{name}.{attr}")
+    assert missing == []

@@ -211,6 +211,9 @@ class AdapterLayerBase(nn.Module, RoutedModule):
     # ----------------------------------------------------------------------------- init
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        """PEFT's init: A kaiming-uniform (``"gaussian"``: normal, std 1/r), B zero, so the layer starts
+        as its base; ``init_lora_weights=False`` and task experts (gated by gamma = 0) draw B
+        kaiming-uniform too; a task-shared LoRA's B starts at zero."""
         a_slices = [self.lora_A] if self.share_lora_a else list(self.lora_A)
         for a in a_slices:
             if init_lora_weights == "gaussian":

@@ -48,6 +48,7 @@ class MoELoRAEmbedding(AdapterLayerBase):
 
     @property
     def lora_B(self) -> nn.Parameter:
+        """B under the name every MoE-LoRA layer uses (the parameter is ``lora_embedding_B``)."""
         return self.lora_embedding_B
 
     @torch.no_grad()

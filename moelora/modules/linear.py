@@ -107,6 +107,8 @@ class MoELoRALinear(AdapterLayerBase):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        """As every MoE-LoRA layer's (PEFT's init); DoRA's magnitude then starts at the row norms of
+        W + s B A, as PEFT's."""
         super().reset_lora_parameters(init_lora_weights)
         if self.use_dora:
             self.lora_magnitude_vector.copy_(self._dora_norm(self.base_weight(), self.lora_A, self.scaling))

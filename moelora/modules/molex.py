@@ -187,6 +187,7 @@ class MoLEx(nn.Module, RoutedModule):
 
     @property
     def alpha(self) -> torch.Tensor:
+        """The mixing coefficient a: sigmoid of its logit when learned (``learn_alpha``), else the fixed value."""
         return torch.sigmoid(self.alpha_logit) if hasattr(self, "alpha_logit") else self.alpha_value
 
     def clear_routing_record(self) -> None:

@@ -58,6 +58,7 @@ class Router(nn.Linear):
 
     @property
     def num_experts(self) -> int:
+        """E, the gate's output width."""
         return self.out_features
 
     @property
@@ -74,7 +75,8 @@ class Router(nn.Linear):
         return scheduled_eps(self.eps_start, self.eps_end, self.eps_ramp_steps, self.num_steps)
 
     def step(self, n: int = 1) -> None:
-        """Advance the threshold eps ramp's step counter by ``n`` optimiser steps (on the device)."""
+        """Advance the threshold eps schedule by ``n`` optimiser steps, on the device (see
+        :func:`moelora.step_routers`)."""
         self.num_steps += check_steps(n)
 
     @property

@@ -30,6 +30,16 @@ CONFIG_NAME = "moelora_config.json"
 
 @dataclass
 class MoELoRAConfig:
+    """What :func:`moelora.get_moelora_model` injects, and where (see the module docstring).
+
+    PEFT's LoraConfig fields keep its names and meaning; ``num_experts`` (an int, a per-layer
+    list, a callable ``(layer_index, num_layers) -> int`` or a MoLA preset), ``top_k``, the
+    router fields and ``share_lora_a`` / ``lora_a_dropout`` / ``task_shared_lora`` are
+    :class:`moelora.LayerSettings`'s; ``router_aux_loss_coef`` / ``router_z_loss_coef`` weigh the
+    auxiliary losses, which ``MoELoRAModel.forward`` adds to ``outputs.loss`` while
+    ``add_aux_loss_to_output``. Every field is checked when the config is made.
+    """
+
     # --- as PEFT's LoraConfig
     r: int = 8
     lora_alpha: float = 8
@@ -119,15 +129,18 @@ class MoELoRAConfig:
         return spec[layer_index]
 
     def to_dict(self) -> dict:
+        """The fields as a dict (what ``moelora_config.json`` holds); a callable num_experts cannot be saved."""
         if callable(self.num_experts):
             raise ValueError("a config with a callable num_experts cannot be saved; give a list instead")
         return dataclasses.asdict(self)
 
     def to_json_string(self) -> str:
+        """:meth:`to_dict` as JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoELoRAConfig":
+        """The config of a :meth:`to_dict` dict, checked as a new config; unknown fields raise."""
         if not isinstance(d, dict):
             raise TypeError(f"a MoELoRAConfig is read from a dict (a JSON object), got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -31,6 +31,8 @@ def merge_adapter(model: nn.Module, task: Optional[int] = None) -> None:
 
 
 def unmerge_adapter(model: nn.Module) -> None:
+    """Take every merged MoE-LoRA layer's adapter back out of its base weight (layers that are
+    not merged are left alone)."""
     for _, layer in _moelora_layers(model):
         if layer.merged:
             layer.unmerge()
