@@ -8,7 +8,8 @@ Backend: ``moelora.use_backend("torch" | "triton" | "auto")`` or the environment
 Validation: shape, dtype and device checks are free and always on. Checks that need a
 device-to-host copy (expert ids in range, finite gate weights) are on by default and are
 switched off with ``moelora.validation(False)`` or ``MOELORA_VALIDATE=0``. They are skipped
-by themselves while torch.compile traces and during CUDA-graph capture. With them off,
+by themselves while torch.compile traces, during CUDA-graph capture and for meta tensors (no
+values to read: ``moelora.ops.validation.syncing_checks_enabled``). With them off,
 kernels still never read or write out of bounds: out-of-range ids contribute nothing.
 
 Fallbacks: ``force_fallback()`` or ``MOELORA_FORCE_FALLBACK=1`` runs the PyTorch versions of
