@@ -201,7 +201,13 @@ def set_task_ids(model: nn.Module, ids) -> None:
 
 @contextlib.contextmanager
 def use_task_ids(model: nn.Module, ids):
-    """``with moelora.use_task_ids(model, ids): model(...)``: task ids for the block only."""
+    """``with moelora.use_task_ids(model, ids): model(...)``: task ids for the block only.
+
+    Under gradient checkpointing the checkpointed layers run their forward again in backward,
+    reading the task ids the layers hold then: call ``backward`` inside the block (or pass
+    ``task_ids`` to :meth:`MoELoRAModel.forward`, whose ids stay until its next forward), else
+    the recomputation routes by the ids outside the block (wrong gradients, or an error when
+    none are set)."""
     layers = _task_layers(model)
     previous = [layer.task_ids for layer in layers]
     set_task_ids(model, ids)
