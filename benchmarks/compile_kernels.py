@@ -258,7 +258,7 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of twenty-one training steps and one backward (launchers.record_launches), configured by the
+    of twenty-one training steps and two backwards (launchers.record_launches), configured by the
     launchers' defaults (the tile tables emptied meanwhile) as on a 132-SM Hopper GPU: the fused
     MoELoRALinear (bf16 base, fp32 adapters, shared A, softmax_topk with the aux loss: S1's
     benchmark case; and with LoRA dropout's keep mask, with router jitter); moe_lora's dense regime
