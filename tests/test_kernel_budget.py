@@ -80,6 +80,8 @@ LAYER_SETTINGS = {
     "lora_dropout": (dict(lora_dropout=0.1), 10),
     "task_shared": (dict(router="task", task_shared_lora=True), 12),  # ids built once per task-id tensor
     "plain_lora": (dict(num_experts=1, top_k=1), 8),  # no router: fixed ids and weights, cached
+    "rslora": (dict(use_rslora=True), 9),  # the README's table lists rsLoRA and a Conv1D base at 9
+    "conv1d_base": ({}, 9),  # GPT-2's Conv1D as the base layer (its weight transposed, no copy)
     # fp32 adapters over a bf16 base (PEFT's and the benchmark's setup): the kernels read A and B
     # as they are, no cast kernels
     "bf16_base": ({}, 9),
@@ -100,7 +102,11 @@ def test_moelora_linear_kernel_budget(feature):
     settings, today = LAYER_SETTINGS[feature]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if feature == "bf16_base" else torch.float32
-    layer = moelora.MoELoRALinear(nn.Linear(64, 64, dtype=dtype),
+    if feature == "conv1d_base":
+        base = pytest.importorskip("transformers.pytorch_utils").Conv1D(64, 64)
+    else:
+        base = nn.Linear(64, 64, dtype=dtype)
+    layer = moelora.MoELoRALinear(base,
                                   **{**dict(num_experts=8, top_k=2, r=16, share_lora_a=True), **settings}).train()
     layer.base_layer.requires_grad_(False)
     assert layer.lora_B.dtype == torch.float32
