@@ -125,6 +125,24 @@ def tiny_gpt2(num_layers=2):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_t5(num_layers=2):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=num_layers, num_heads=2,
+                   dropout_rate=0.0, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_vit(num_layers=2):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
+                    image_size=8, patch_size=4, num_channels=3, num_labels=3)
+    return ViTForImageClassification(cfg).eval()
+
+
 def token_batch(batch=2, seq=5, vocab=64, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import moelora
 from moelora import MoELoRAConfig, MoELoRALinear, get_moelora_model
-from helpers import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from helpers import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit, token_batch
 
 
 def _layers(model):
@@ -315,3 +315,22 @@ def test_task_ids_forward_kwarg_routes_the_checkpointed_recomputation_too(use_re
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_layers_expose_the_base_weight_and_bias_as_peft_t5_and_vit_run():
+    """Model code reads a targeted layer's weight (T5's ``wo.weight.dtype``, ViT's patch
+    ``projection.weight.dtype``): the MoE-LoRA layers give the base layer's, as PEFT's layers."""
+    t5, ids = tiny_t5(), token_batch()
+    with torch.no_grad():  # (T5 on CPU rounds differently with and without trainable weights)
+        expected = t5(input_ids=ids, decoder_input_ids=ids).logits
+        model = get_moelora_model(t5, MoELoRAConfig(target_modules=["q", "v", "wo"], num_experts=2, top_k=1, r=4))
+        wo = model.model.encoder.block[0].layer[1].DenseReluDense.wo
+        assert wo.weight is wo.base_layer.weight and wo.bias is None
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, expected)
+        vit = tiny_vit()
+        pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        expected = vit(pixel_values=pixels).logits
+        model = get_moelora_model(vit, MoELoRAConfig(target_modules=["projection", "q_proj"], num_experts=2, top_k=1))
+        projection = model.model.vit.embeddings.patch_embeddings.projection
+        assert isinstance(projection, moelora.MoELoRAConv) and projection.bias is projection.base_layer.bias
+        assert torch.equal(model(pixel_values=pixels).logits, expected)

@@ -230,6 +230,18 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         if self.task_shared_lora and init_lora_weights is not False:
             self.lora_B[-1].zero_()
 
+    # As PEFT's tuner layers: model code reads the wrapped layer's weight and bias through the
+    # adapter layer (T5's ``self.wo.weight.dtype``, ViT's ``projection.weight.dtype``).
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (the frozen parameter itself, in its own layout)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The base layer's bias (None without one)."""
+        return self.base_layer.bias
+
     def expert_A(self, e: int) -> torch.Tensor:
         return self.lora_A if self.share_lora_a else self.lora_A[e]
 
