@@ -334,3 +334,23 @@ def test_layers_expose_the_base_weight_and_bias_as_peft_t5_and_vit_run():
         projection = model.model.vit.embeddings.patch_embeddings.projection
         assert isinstance(projection, moelora.MoELoRAConv) and projection.bias is projection.base_layer.bias
         assert torch.equal(model(pixel_values=pixels).logits, expected)
+
+
+def test_merge_refuses_a_layer_tied_to_another_module():
+    """GPT-2 ties lm_head to wte: merging the wte adapter would add it to lm_head's weight too (a
+    silently different model), so nothing merges and the error names both; an untied copy merges."""
+    ids = token_batch()
+    model = get_moelora_model(tiny_gpt2(), MoELoRAConfig(target_modules=["c_attn", "wte"], num_experts=1, r=4))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.model.transformer.wte.lora_embedding_A.normal_()
+    weights = {n: p.clone() for n, p in model.model.named_parameters()}
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match=r"transformer\.wte: .*tied to lm_head\.weight"):
+            merge()
+        assert all(torch.equal(p, weights[n]) for n, p in model.model.named_parameters())
+    untied = get_moelora_model(tiny_gpt2(), MoELoRAConfig(target_modules=["c_attn", "wte"], num_experts=1, r=4,
+                                                          modules_to_save=["lm_head"]))
+    randomize_adapters(untied)
+    expected = untied(ids).logits
+    torch.testing.assert_close(untied.merge_and_unload()(ids).logits, expected, rtol=1e-5, atol=1e-5)

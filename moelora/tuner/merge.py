@@ -1,7 +1,8 @@
 """Folding every adapter of a model into the frozen base weights, and back out; each layer
 merges itself (``MoELoRALinear.merge`` / ``unmerge``: static routing only, see there).
 :func:`merge_adapter` checks every layer before it merges any, so a model is never left
-half-merged."""
+half-merged; a layer whose base weight is tied to another module's (tied embeddings) does not
+merge."""
 
 from __future__ import annotations
 
@@ -26,8 +27,28 @@ def merge_adapter(model: nn.Module, task: Optional[int] = None) -> None:
             layer.check_merge(layer_task)
         except (RuntimeError, ValueError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
+    _check_untied(model, layers)
     for _, layer, layer_task in layers:
         layer.merge(layer_task)
+
+
+def _check_untied(model: nn.Module, layers) -> None:
+    """ValueError if a layer's base weight is also a weight of another module of ``model`` (an
+    embedding tied to the output head): merging would add the layer's delta to that module too.
+    The frozen original a saved module's wrapper keeps (run only while adapters are disabled,
+    which unmerges first) does not count."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for name, layer, _ in layers:
+        own = f"{name}.base_layer." if name else "base_layer."
+        tied = [n for n in names.get(id(layer.base_layer.weight), [])
+                if not n.startswith(own) and ".original_module." not in f".{n}"]
+        if tied:
+            raise ValueError(
+                f"{name}: its base weight is tied to {tied[0]} (e.g. tie_word_embeddings), so merging would add "
+                "its adapter to that module too and change the model's output; untie them before injecting "
+                "(give the other module its own copy of the weight) or leave this module out of target_modules")
 
 
 def unmerge_adapter(model: nn.Module) -> None:
