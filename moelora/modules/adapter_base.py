@@ -32,6 +32,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import lora_dropout_mask
 from moelora.modules.routed import RoutedModule
@@ -298,14 +299,15 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self.check_merge(task)
         weight = self.base_layer.weight
         w = self.base_weight()  # view in [d_out, d_in] layout, writes go to the base weight
-        delta = self.delta_weight(task).to(torch.float32)
+        acc = accumulator_dtype(weight.dtype)  # fp32, fp64 for fp64 weights (unmerge restores them)
+        delta = self.delta_weight(task).to(acc)
         if self.use_dora:
-            merged = w.float() + delta
-            self._dora_merge_scale = (self.lora_magnitude_vector.float() / torch.linalg.norm(merged, dim=1)).detach()
+            merged = w.to(acc) + delta
+            self._dora_merge_scale = (self.lora_magnitude_vector.to(acc) / torch.linalg.norm(merged, dim=1)).detach()
             self._dora_merged_delta = delta
             w.copy_((merged * self._dora_merge_scale[:, None]).to(weight.dtype))
         else:
-            w.copy_((w.float() + delta).to(weight.dtype))
+            w.copy_((w.to(acc) + delta).to(weight.dtype))
         self.merged, self.merged_task = True, task
 
     @torch.no_grad()
@@ -314,11 +316,12 @@ class AdapterLayerBase(nn.Module, RoutedModule):
             raise RuntimeError("the layer is not merged")
         weight = self.base_layer.weight
         w = self.base_weight()
+        acc = accumulator_dtype(weight.dtype)
         if self.use_dora:
-            restored = w.float() / self._dora_merge_scale[:, None] - self._dora_merged_delta
+            restored = w.to(acc) / self._dora_merge_scale[:, None] - self._dora_merged_delta
             del self._dora_merge_scale, self._dora_merged_delta
         else:
-            restored = w.float() - self.delta_weight(self.merged_task).float()
+            restored = w.to(acc) - self.delta_weight(self.merged_task).to(acc)
         w.copy_(restored.to(weight.dtype))
         self.merged, self.merged_task = False, None
 

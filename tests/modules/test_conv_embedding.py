@@ -304,6 +304,26 @@ def test_merge_unmerge_static_routing(make, inp, mode):
     torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("make,inp", [
+    (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4), lambda: torch.randn(3, 8, dtype=torch.float64)),
+    (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4, use_dora=True),
+     lambda: torch.randn(3, 8, dtype=torch.float64)),
+    (lambda: _embedding("single"), lambda: torch.tensor([[1, 4, 0], [2, 2, 9]])),
+    (lambda: _conv("conv2d_3x3_s2", "single"), lambda: _conv_input("c")),
+], ids=["linear", "dora", "embedding", "conv"])
+def test_merge_unmerge_of_fp64_layers_rounds_in_fp64(make, inp):
+    """Merging folds the delta in fp64 for fp64 weights (fp32 for the others): unmerge gives the
+    fp64 weights back to fp64's rounding, and the merged layer computes the unmerged one's output."""
+    torch.manual_seed(0)
+    layer = _fill(make()).eval()
+    x = inp()
+    expected, before = layer(x), layer.base_layer.weight.clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-14, atol=1e-14)
+
+
 def test_merge_refusals():
     with pytest.raises(ValueError, match="router depends on the input"):
         _embedding("softmax_topk").merge()
