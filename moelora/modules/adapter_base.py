@@ -287,10 +287,14 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         return self.scaling * (b @ a)
 
     def check_merge(self, task: Optional[int] = None) -> None:
-        """Raise the error :meth:`merge` would (the layer is merged already, or its routing does not
-        fold into one weight delta), changing nothing: ``merge_adapter`` checks every layer first."""
+        """Raise the error :meth:`merge` would (the layer is merged already or disabled, or its routing
+        does not fold into one weight delta), changing nothing: ``merge_adapter`` checks every layer first."""
         if self.merged:
             raise RuntimeError("the layer is already merged; unmerge it first")
+        if self.disable_adapters:  # it would return the merged weight's output while disabled
+            raise RuntimeError("the adapter layers are disabled (disable_adapter_layers() or `with "
+                               "model.disable_adapter():`) and a disabled layer computes its base layer; enable "
+                               "them before merging")
         self.static_lora_factors(task)
 
     @torch.no_grad()

@@ -184,6 +184,19 @@ def test_enable_disable_adapter_layers_as_peft():
     ours.disable_adapter_layers()  # a merged adapter is unmerged first
     torch.testing.assert_close(ours(ids).logits, base, rtol=1e-5, atol=1e-5)
 
+    # merging a disabled adapter would make the disabled model compute the adapter: refused, nothing merges
+    def refused():
+        with pytest.raises(RuntimeError, match=r"self_attn\.q_proj: the adapter layers are disabled"):
+            ours.merge_adapter()
+        assert not any(getattr(m, "merged", False) for m in ours.modules())
+        torch.testing.assert_close(ours(ids).logits, base, rtol=1e-5, atol=1e-5)
+
+    ours.enable_adapter_layers()
+    with ours.disable_adapter():
+        refused()
+    ours.disable_adapter_layers()
+    refused()
+
 
 # ----------------------------------------------------------------------------------- named adapters
 def _two_adapter_model():
