@@ -41,6 +41,9 @@ _AUTOCAST_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # Devices autocast knows (asked of torch.is_autocast_enabled, which raises for others such as
 # meta; torch.amp.is_autocast_available would say, but dynamo 2.11 cannot trace it).
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+# Whether autocast is on for any device (torch's own check, which dynamo traces; the per-device
+# check below where a torch lacks it): the common case, autocast off, skips x's device.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def autocast_dtype(x) -> Optional[torch.dtype]:
@@ -51,7 +54,7 @@ def autocast_dtype(x) -> Optional[torch.dtype]:
     weights), check and run without autocast; the fused layer leaves its adapters and router
     weight as they are (its kernels round them in registers). fp32 parameters get fp32
     gradients, through the casts' backward."""
-    if not isinstance(x, torch.Tensor):
+    if not _any_autocast() or not isinstance(x, torch.Tensor):  # the first: a tenth of a microsecond
         return None
     device_type = x.device.type
     if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
