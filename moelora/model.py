@@ -107,11 +107,17 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                                  f"(e.g. {[n for n, _ in candidates[:6]]})")
     if config.exclude_modules:
         selected = [n for n in selected if not matches(n, config.exclude_modules)]
+        if not selected:
+            raise ValueError(f"exclude_modules {config.exclude_modules!r} excludes every module target_modules "
+                             "selects: no module left to adapt")
     if config.layers_to_transform is not None:
         keep = set(config.layers_to_transform)
+        found = sorted({i for i in (layer_index(n, config.layers_pattern) for n in selected) if i is not None})
         selected = [n for n in selected if layer_index(n, config.layers_pattern) in keep]
-    if not selected:
-        raise ValueError("no module left to adapt after applying exclude_modules / layers_to_transform")
+        if not selected:
+            raise ValueError(f"layers_to_transform {sorted(keep)} (layers_pattern {config.layers_pattern!r}) keeps "
+                             f"none of the selected modules, whose layer indices are {found or 'none'}: no module "
+                             "left to adapt")
     return selected
 
 

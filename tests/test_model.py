@@ -92,7 +92,10 @@ def test_bert_classifier_head_excluded_from_all_linear():
      r"layer 0 \(.*query\): top_k must be in \[1, num_experts=2\], got 3"),
     (dict(target_modules=["query"], num_experts=4, top_k=5), "top_k must be in"),
     (dict(target_modules=["query"], lora_dropout=-0.5), "lora_dropout must be in"),
-    (dict(target_modules=["query"], layers_to_transform=[9]), "no module left to adapt"),
+    (dict(target_modules=["query"], layers_to_transform=[9]),
+     r"layers_to_transform \[9\] \(layers_pattern None\) keeps none of the selected modules, whose layer indices "
+     r"are \[0, 1, 2, 3\]"),
+    (dict(target_modules=["query"], exclude_modules=["query"]), r"exclude_modules \['query'\] excludes every module"),
     (dict(target_modules=["dense"], num_experts="5555"), "not inside a numbered layer"),
     (dict(target_modules=["query"], bias="some"), "bias must be one of"),
 ])
