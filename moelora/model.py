@@ -295,6 +295,9 @@ class MoELoRAModel(nn.Module):
         self.inactive_adapters = nn.ModuleDict()
         self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
         self.inference_adapters = set()  # adapters loaded with is_trainable=False: frozen when active
+        # [(task ids, their layers, what those held before)] of the last forward given task_ids, or []
+        # (a list mutated in place: dynamo 2.11 cannot trace a module's __dict__.pop)
+        self._forward_task_ids = []
         forward = _forward_with_wrapped_signature(self)
         if forward is not None:
             self.forward = forward
@@ -320,7 +323,7 @@ class MoELoRAModel(nn.Module):
             layers = _task_layers(self.model)
             previous = [layer.task_ids for layer in layers]
             set_task_ids(self.model, task_ids)
-            self.__dict__["_forward_task_ids"] = (task_ids, layers, previous)
+            self._forward_task_ids.append((task_ids, layers, previous))
         output = self.model(*args, **kwargs)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
@@ -329,10 +332,12 @@ class MoELoRAModel(nn.Module):
     def _restore_task_ids(self) -> None:
         """Put back the task ids the layers held before the last forward's ``task_ids`` (see
         :meth:`forward`), where they still hold that forward's."""
-        ids, layers, previous = self.__dict__.pop("_forward_task_ids", (None, (), ()))
-        for layer, prev in zip(layers, previous):
-            if layer.task_ids is ids:
-                layer.task_ids = prev
+        state = self._forward_task_ids
+        if state:
+            ids, layers, previous = state.pop()
+            for layer, prev in zip(layers, previous):
+                if layer.task_ids is ids:
+                    layer.task_ids = prev
 
     def _with_aux_loss(self, output, labels_given: bool):
         if isinstance(output, dict):
