@@ -202,3 +202,13 @@ def test_profile_writes_one_table_per_case(tmp_path, capsys):
     assert rc == 2
     assert "--profile wants shape/group/pass/implementation" in capsys.readouterr().out
     assert (tmp_path / "bad" / "profile-S1-delta-fwd-moelora-torch.txt").exists()
+
+
+def test_ffn_target_reads_the_compute_floor_not_the_larger_floor():
+    """Issue 11's S5 target is against the compute floor; a case whose memory floor is larger
+    (floor_ms = max of both) must not be judged against the memory floor."""
+    ffn = {"shape": "S5", "group": "ffn", "pass": "fwdbwd", "impl": "moelora-ffn", "tokens": 8192, "status": "ok",
+           "median_ms": 6.0, "floor_ms": 5.0, "memory_floor_ms": 5.0, "compute_floor_ms": 3.0}
+    found = {t["target"]: t for t in targets.evaluate({"cases": [ffn]})}
+    t = found["S5 moe_ffn fwd+bwd <= 1.4x the compute floor"]
+    assert t["status"] == "missed" and t["detail"].startswith("2.00x"), t
