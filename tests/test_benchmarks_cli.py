@@ -212,3 +212,14 @@ def test_ffn_target_reads_the_compute_floor_not_the_larger_floor():
     found = {t["target"]: t for t in targets.evaluate({"cases": [ffn]})}
     t = found["S5 moe_ffn fwd+bwd <= 1.4x the compute floor"]
     assert t["status"] == "missed" and t["detail"].startswith("2.00x"), t
+
+
+def test_faster_than_peft_is_strict():
+    """Issue 10: MoELoRALinear "faster than PEFT's single LoRA": a tie is not faster."""
+    def case(impl, median):
+        return {"shape": "S1", "group": "layer", "pass": "fwdbwd", "impl": impl, "tokens": 8192, "status": "ok",
+                "median_ms": median}
+
+    found = {t["target"]: t for t in targets.evaluate({"cases": [case("moelora-MoELoRALinear", 1.0),
+                                                                 case("peft-lora", 1.0)]})}
+    assert found["S1 MoELoRALinear fwd+bwd faster than PEFT LoRA"]["status"] == "missed"
