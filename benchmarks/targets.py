@@ -66,15 +66,22 @@ def evaluate(results: dict) -> List[dict]:
                   "moelora-MoELoRALinear or linear-frozen")
     _ratio_target(out, "S1 MoELoRALinear fwd+bwd faster than PEFT LoRA", layer, peft, 1.0,
                   "moelora-MoELoRALinear or peft-lora", strict=True)
-    sweep = [c for c in cases if c["group"] == "sweep" and c["impl"] == "moelora-triton" and c.get("status") == "ok"]
-    worse = []
-    for c in sweep:
-        d = next((b for b in cases if b["group"] == "sweep" and b["impl"] == "torch-dense" and b["pass"] == c["pass"]
-                  and b["tokens"] == c["tokens"] and b.get("status") == "ok"), None)
-        if d is not None and c["median_ms"] > d["median_ms"]:
-            worse.append(f"T{c['tokens']} {c['pass']} {c['median_ms'] / d['median_ms']:.2f}x" + _device_ratio(c, d))
-    out.append(_target("moelora-triton <= torch-dense at every S1 sweep point", None if not sweep else not worse,
-                       f"{len(sweep)} points; slower at: {', '.join(worse) or 'none'}" if sweep else
+    # every point (tokens, pass) either implementation was recorded at: met only when both ran at each
+    sweep = [c for c in cases if c["group"] == "sweep" and c["impl"] in ("moelora-triton", "torch-dense")
+             and c["pass"] in ("fwd", "fwdbwd")]
+    ok = {(c["impl"], c["tokens"], c["pass"]): c for c in sweep if c.get("status") == "ok"}
+    worse, unmeasured = [], []
+    for tokens, p in sorted({(c["tokens"], c["pass"]) for c in sweep}):
+        c, d = ok.get(("moelora-triton", tokens, p)), ok.get(("torch-dense", tokens, p))
+        if c is None or d is None:
+            unmeasured.append(f"T{tokens} {p}")
+        elif c["median_ms"] > d["median_ms"]:
+            worse.append(f"T{tokens} {p} {c['median_ms'] / d['median_ms']:.2f}x" + _device_ratio(c, d))
+    measured = sum(1 for (i, t, p) in ok if i == "moelora-triton" and ("torch-dense", t, p) in ok)
+    out.append(_target("moelora-triton <= torch-dense at every S1 sweep point",
+                       None if not measured else (False if worse else (None if unmeasured else True)),
+                       f"{measured} points; slower at: {', '.join(worse) or 'none'}"
+                       + (f"; not measured at: {', '.join(unmeasured)}" if unmeasured else "") if measured else
                        "sweep not measured"))
     for name, impl, group, limit in (("moe_lora", "moelora-triton", "delta", 0.25),
                                      ("MoELoRALinear", "moelora-MoELoRALinear", "layer", 0.45)):

@@ -223,3 +223,24 @@ def test_faster_than_peft_is_strict():
     found = {t["target"]: t for t in targets.evaluate({"cases": [case("moelora-MoELoRALinear", 1.0),
                                                                  case("peft-lora", 1.0)]})}
     assert found["S1 MoELoRALinear fwd+bwd faster than PEFT LoRA"]["status"] == "missed"
+
+
+def test_sweep_target_is_not_met_when_points_are_missing():
+    """"At every S1 sweep point": a point where either side did not run (an error, the time budget)
+    leaves the target unmeasured, not met."""
+    def case(impl, p, tokens, median=None, status="ok"):
+        c = {"shape": "S1", "group": "sweep", "pass": p, "impl": impl, "tokens": tokens, "status": status}
+        return {**c, "median_ms": median} if status == "ok" else c
+
+    cases = [case("moelora-triton", "fwd", 512, 0.1), case("torch-dense", "fwd", 512, 0.2),
+             case("moelora-triton", "fwdbwd", 512, 0.1), case("torch-dense", "fwdbwd", 512, status="error"),
+             case("moelora-triton", "fwd", 1024, status="skipped"), case("torch-dense", "fwd", 1024, 0.3)]
+    found = {t["target"]: t for t in targets.evaluate({"cases": cases})}
+    sweep = found["moelora-triton <= torch-dense at every S1 sweep point"]
+    assert sweep["status"] == "not measured", sweep
+    assert sweep["detail"].startswith("1 points") and "not measured at: T512 fwdbwd, T1024 fwd" in sweep["detail"]
+    # a slower point is a miss whatever else is missing
+    cases.append(case("moelora-triton", "fwdbwd", 2048, 0.5))
+    cases.append(case("torch-dense", "fwdbwd", 2048, 0.4))
+    found = {t["target"]: t for t in targets.evaluate({"cases": cases})}
+    assert found["moelora-triton <= torch-dense at every S1 sweep point"]["status"] == "missed"
