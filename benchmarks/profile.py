@@ -17,7 +17,7 @@ import moelora
 from . import impls
 from .inputs import make_sets
 from .runner import _steps
-from .timing import summarize, time_iterations
+from .timing import summarize, time_eager, time_iterations
 
 
 def run(case_ids: str, shapes: dict, dtype: torch.dtype, device: torch.device, out_dir: Path,
@@ -48,8 +48,7 @@ def run_case(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.devic
         prepared = [impl.prepare(shape, s) for s in sets]
         step, keep = _steps(pass_name, prepared, sets)
         time_iterations(step, 3, device)
-        host = []
-        times = time_iterations(step, iterations, device, start=3, host_ms=host)
+        times, host = time_eager(step, iterations, device, start=3)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)

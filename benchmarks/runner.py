@@ -28,7 +28,7 @@ from . import baselines, kernels, memory, metrics
 from .impls import Impl, Prepared, rel_err
 from .inputs import make_sets, rotation_count
 from .shapes import Shape
-from .timing import Budget, adaptive_repeats, device_median_ms, summarize, time_iterations
+from .timing import Budget, adaptive_repeats, device_median_ms, summarize, time_eager, time_iterations
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 # Shapes whose cases (the S1 sweep's too) also record their device time on a GPU (the kernels
@@ -149,12 +149,11 @@ def _time_pass(ctx: RunContext, pass_name: str, prepared, sets, rec: dict) -> No
     estimate = min(warm[-2:]) if len(warm) > 1 else warm[-1]
     cap = max(0.05, min(ctx.case_cap_s, ctx.budget.remaining() / 4))
     reps = adaptive_repeats(estimate, ctx.repeats, ctx.min_repeats, cap)
-    host = []
-    times = time_iterations(step, reps, ctx.device, start=len(warm), host_ms=host)
+    times, host = time_eager(step, reps, ctx.device, start=len(warm))
     rec.update({"status": "ok", "warmup_ms": warm, "times_ms": times, **summarize(times),
                 "host_ms": host, "host_median_ms": summarize(host).get("median_ms")})
     if ctx.device.type == "cuda" and rec["shape"] in DEVICE_TIMED_SHAPES:
-        order = itertools.count(len(warm) + reps)  # the input sets keep rotating
+        order = itertools.count(len(warm) + reps + len(host))  # the input sets keep rotating
         try:
             rec["device_median_ms"] = device_median_ms(lambda: step(next(order)), min(reps, DEVICE_REPEATS),
                                                        ctx.device, max_margin=4)

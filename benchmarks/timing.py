@@ -11,7 +11,7 @@ import concurrent.futures
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +52,28 @@ def time_iterations(step: Callable[[int], object], iterations: int, device: torc
     if host_ms is not None:
         host_ms.extend(times)
     return times
+
+
+HOST_REPEATS = 10  # iterations of the host enqueue timing on CUDA (each after a synchronize)
+
+
+def time_eager(step: Callable[[int], object], iterations: int, device: torch.device, start: int = 0,
+               host_repeats: int = HOST_REPEATS) -> Tuple[List[float], List[float]]:
+    """(per-iteration times, host enqueue times) in ms of ``step(i)`` in eager mode.
+
+    The timed iterations are launched back to back, as eager training runs them (the host
+    enqueues the next iteration while the device runs this one), so a host-bound step is timed
+    at its host cost and a device-bound one at its device time. On CUDA the host enqueue time
+    comes from ``min(iterations, host_repeats)`` further iterations, each after a synchronize
+    (the launch queue empty): synchronising between the timed iterations would add the host's
+    latency to the first launch to every one of them. On CPU both are the same wall times."""
+    if device.type != "cuda":
+        times = time_iterations(step, iterations, device, start=start)
+        return times, list(times)
+    times = time_iterations(step, iterations, device, start=start)
+    host: List[float] = []
+    time_iterations(step, min(iterations, host_repeats), device, start=start + iterations, host_ms=host)
+    return times, host
 
 
 def summarize(times_ms: Sequence[float]) -> dict:
