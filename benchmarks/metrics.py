@@ -44,11 +44,12 @@ def _layer_counts(shape: Shape, elt: int, impl: str) -> Dict[str, Dict[str, floa
         return {"fwd": {"flops": base_flops, "bytes": T * di * elt + T * do * elt + w0},
                 "bwd": {"flops": base_flops, "bytes": T * do * elt + T * di * elt + w0}}
     delta = _delta_counts(shape, elt)
-    if impl.startswith("peft-lora"):  # single adapter: E = 1, k = 1, same r
+    if impl.startswith("peft-lora"):  # single adapter: E = 1, k = 1, same r, no routing
         r = shape.rank
         lora = 2 * T * di * r + 2 * T * r * do
-        return {"fwd": {"flops": base_flops + lora, "bytes": delta["fwd"]["bytes"] + w0},
-                "bwd": {"flops": base_flops + 2 * lora, "bytes": delta["bwd"]["bytes"] + w0}}
+        w = (r * di + do * r) * elt
+        return {"fwd": {"flops": base_flops + lora, "bytes": T * di * elt + T * do * elt + w + w0},
+                "bwd": {"flops": base_flops + 2 * lora, "bytes": T * do * elt + 2 * T * di * elt + 2 * w + w0}}
     return {"fwd": {"flops": base_flops + delta["fwd"]["flops"], "bytes": delta["fwd"]["bytes"] + w0},
             "bwd": {"flops": base_flops + delta["bwd"]["flops"], "bytes": delta["bwd"]["bytes"] + w0}}
 

@@ -297,3 +297,20 @@ def test_host_enqueue_targets_read_the_layer_cases():
                                                                  case("moelora-layer", "layer", 0.3)]})}
     t = found["S1 host enqueue per fwd+bwd, moe_lora <= 0.25 ms"]
     assert t["status"] == "missed" and t["detail"].startswith("0.300 ms"), t
+
+
+def test_peft_layer_bytes_are_one_adapters():
+    """PEFT's case moves one LoRA's weights and no routing (its FLOPs count E = 1, k = 1 too): at
+    S1 in bf16, x, y and W0 plus A [r, d_in] and B [d_out, r] forward; backward dy, x (for dA),
+    dx and W0, the weights read and their gradients written."""
+    from benchmarks import metrics
+    from benchmarks.shapes import GPU_SUITE
+
+    s = GPU_SUITE["S1"]
+    T, d, r, elt = s.tokens, s.d_in, s.rank, 2
+    lora, w0 = 2 * r * d * elt, d * d * elt
+    c = metrics.counts(s, "layer", "peft-lora", elt)
+    assert c["fwd"]["bytes"] == 2 * T * d * elt + lora + w0
+    assert c["bwd"]["bytes"] == 3 * T * d * elt + 2 * lora + w0
+    assert c["fwdbwd"]["bytes"] == c["fwd"]["bytes"] + c["bwd"]["bytes"]
+    assert c["fwd"]["flops"] == 2 * T * d * d + 4 * T * d * r
