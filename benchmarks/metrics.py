@@ -4,10 +4,13 @@ Counts are the operator's useful work, the same for every implementation of a ca
 that GB/s, TFLOP/s and the percentage of the floor compare implementations directly:
 - FLOPs: sparse (selected experts only). Delta forward, shared A: 2 T d_in r + 2 T k r d_out;
   per-expert A: 2 T k r (d_in + d_out). Delta backward: twice the forward (dH', dB; dA, dx).
-- Bytes (the fewest a fused kernel must move): forward reads x, writes y (reads base in the
-  layer), reads the weights and routing; backward reads dy and x, writes dx, reads the weights,
-  writes their gradients and the gate gradient.
-- Whole layer adds the frozen base GEMM: 2 T d_in d_out forward, the same again for dx.
+- Bytes (the fewest a fused kernel must move): forward reads x, writes y, reads the weights
+  and routing; backward reads dy and x, writes dx, reads the weights, writes their gradients
+  and the gate gradient.
+- Whole layer adds the frozen base GEMM: 2 T d_in d_out forward, the same again for dx, and
+  W0's bytes in each pass (a fused layer computes base + delta in one pass: no base output is
+  written or read). PEFT's cases: one adapter (E = 1, k = 1), no routing. The "-autocast" cases
+  (fp32 x and W0 under torch.autocast) read x and W0 and write dx at 4 bytes per element.
 - Full-FFN MoE (SwiGLU): forward 2 T k d (3 d_ff); backward twice that.
 floor = max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the same run.
 """
@@ -21,17 +24,19 @@ from .shapes import Shape
 ROUTING_BYTES = 8  # int32 id + fp32 weight per (token, slot)
 
 
-def _delta_counts(shape: Shape, elt: int) -> Dict[str, Dict[str, float]]:
+def _delta_counts(shape: Shape, elt: int, x_elt: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """``x_elt``: the element size of x and dx where it differs from ``elt`` (autocast's fp32 x)."""
     T, di, do, r, E, k = shape.tokens, shape.d_in, shape.d_out, shape.rank, shape.experts, shape.top_k
+    xe = x_elt or elt
     a_elems = r * di if shape.shared_a else E * r * di
     w_bytes = (a_elems + E * do * r) * elt
     route = T * k * ROUTING_BYTES
     down = 2 * T * di * r if shape.shared_a else 2 * T * k * di * r
     up = 2 * T * k * r * do
     fwd_flops = down + up
-    fwd_bytes = T * di * elt + T * do * elt + w_bytes + route
+    fwd_bytes = T * di * xe + T * do * elt + w_bytes + route
     bwd_flops = 2 * fwd_flops
-    bwd_bytes = T * do * elt + T * di * elt + T * di * elt + 2 * w_bytes + route + T * k * 4
+    bwd_bytes = T * do * elt + T * di * xe + T * di * xe + 2 * w_bytes + route + T * k * 4
     return {"fwd": {"flops": fwd_flops, "bytes": fwd_bytes},
             "bwd": {"flops": bwd_flops, "bytes": bwd_bytes}}
 
@@ -39,11 +44,14 @@ def _delta_counts(shape: Shape, elt: int) -> Dict[str, Dict[str, float]]:
 def _layer_counts(shape: Shape, elt: int, impl: str) -> Dict[str, Dict[str, float]]:
     T, di, do = shape.tokens, shape.d_in, shape.d_out
     base_flops = 2 * T * di * do
-    w0 = di * do * elt
-    if impl.startswith("linear-frozen"):  # (the autocast case's fp32 reads of x and W0 are not counted)
-        return {"fwd": {"flops": base_flops, "bytes": T * di * elt + T * do * elt + w0},
-                "bwd": {"flops": base_flops, "bytes": T * do * elt + T * di * elt + w0}}
-    delta = _delta_counts(shape, elt)
+    # the "-autocast" cases (mixed precision) hold x and W0 in fp32: a fused kernel reads them (and
+    # writes dx) at 4 bytes and casts in registers; y and dy are in the run's dtype
+    wide = 4 if impl.endswith("-autocast") else elt
+    w0 = di * do * wide
+    if impl.startswith("linear-frozen"):
+        return {"fwd": {"flops": base_flops, "bytes": T * di * wide + T * do * elt + w0},
+                "bwd": {"flops": base_flops, "bytes": T * do * elt + T * di * wide + w0}}
+    delta = _delta_counts(shape, elt, wide)
     if impl.startswith("peft-lora"):  # single adapter: E = 1, k = 1, same r, no routing
         r = shape.rank
         lora = 2 * T * di * r + 2 * T * r * do

@@ -314,3 +314,23 @@ def test_peft_layer_bytes_are_one_adapters():
     assert c["bwd"]["bytes"] == 3 * T * d * elt + 2 * lora + w0
     assert c["fwdbwd"]["bytes"] == c["fwd"]["bytes"] + c["bwd"]["bytes"]
     assert c["fwd"]["flops"] == 2 * T * d * d + 4 * T * d * r
+
+
+def test_autocast_layer_bytes_count_the_fp32_x_and_base_weight():
+    """The "-autocast" cases hold x and W0 in fp32 (mixed precision): at S1 in bf16 the fewest bytes
+    read x and W0 (and write dx) at 4 bytes per element, y and dy at 2."""
+    from benchmarks import metrics
+    from benchmarks.shapes import GPU_SUITE
+
+    s = GPU_SUITE["S1"]
+    T, d = s.tokens, s.d_in
+    lin = metrics.counts(s, "layer", "linear-frozen", 2)
+    amp = metrics.counts(s, "layer", "linear-frozen-autocast", 2)
+    assert amp["fwd"]["bytes"] == T * d * 4 + T * d * 2 + d * d * 4
+    assert amp["bwd"]["bytes"] == T * d * 2 + T * d * 4 + d * d * 4
+    assert amp["fwd"]["flops"] == lin["fwd"]["flops"]
+    layer = metrics.counts(s, "layer", "moelora-MoELoRALinear", 2)
+    layer_amp = metrics.counts(s, "layer", "moelora-MoELoRALinear-autocast", 2)
+    assert layer_amp["fwd"]["bytes"] - layer["fwd"]["bytes"] == 2 * T * d + 2 * d * d  # x, W0
+    assert layer_amp["bwd"]["bytes"] - layer["bwd"]["bytes"] == 2 * (2 * T * d) + 2 * d * d  # x, dx, W0
+    assert metrics.counts(s, "layer", "linear-frozen-autocast", 4) == metrics.counts(s, "layer", "linear-frozen", 4)
