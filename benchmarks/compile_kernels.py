@@ -11,8 +11,9 @@ defaults and the row kernels (all activations); every kernel of the dense regime
 fused layer (moelora/kernels/dense.py, matmul.py) in each of its modes, and in its most
 demanding mode with every DENSE_CONFIGS entry and tuning candidate.
 
-Beside these, every launch of five training steps (the fused MoELoRALinear at S1, moe_lora's
-dense regime with a shared and with a per-expert A, its grouped regime with both) is traced with
+Beside these, every launch of twenty-one training steps and two backwards (the fused
+MoELoRALinear at S1 and in other widths, dtypes and modes, moe_lora's dense and grouped regimes,
+moe_ffn's Triton engine, the routing op's and the aux loss's backwards: see traced_jobs) is traced with
 moelora.kernels.launchers.record_launches and compiled exactly as configured and as Triton
 specialises it; each must fit at least MIN_PROGRAMS_PER_SM programs per SM in registers and
 shared memory, without spilling (a structural budget: an SM running one program at a time
