@@ -46,11 +46,14 @@ _SINGLE = {}
 
 
 def single_expert_routing(num_tokens: int, device: torch.device):
-    """ids 0 and weights 1 for every token ([T, 1] stride-0 views of cached scalars)."""
+    """ids 0 and weights 1 for every token ([T, 1] stride-0 views of cached scalars). The scalars
+    are made outside inference mode: an inference tensor cached by a first forward under
+    torch.inference_mode could not be saved for backward by the training forwards after it."""
     pair = _SINGLE.get(device)
     if pair is None:
-        pair = _SINGLE[device] = (torch.zeros(1, 1, dtype=torch.int32, device=device),
-                                  torch.ones(1, 1, dtype=torch.float32, device=device))
+        with torch.inference_mode(False):
+            pair = _SINGLE[device] = (torch.zeros(1, 1, dtype=torch.int32, device=device),
+                                      torch.ones(1, 1, dtype=torch.float32, device=device))
     return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
 
 

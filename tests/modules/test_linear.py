@@ -293,3 +293,25 @@ def test_config_and_layer_settings_share_their_defaults():
     config_defaults = {f.name: f.default for f in dataclasses.fields(moelora.MoELoRAConfig)}
     for f in dataclasses.fields(LayerSettings):
         assert config_defaults[f.name] == f.default, f.name
+
+
+@pytest.mark.parametrize("make", [lambda: MoELoRALinear(_base(6, 5), num_experts=1, r=2),
+                                  lambda: moelora.MoELoRAEmbedding(nn.Embedding(7, 5), num_experts=1, r=2)],
+                         ids=["linear", "embedding"])
+def test_single_expert_layer_trains_after_a_first_forward_under_inference_mode(make, monkeypatch):
+    """The single expert's cached ids and weights are made outside inference mode: a first forward
+    under torch.inference_mode (an evaluation before training) cached inference tensors, which the
+    Triton kernels' training forward then could not save for backward (RuntimeError)."""
+    from moelora.modules import adapter_base
+
+    monkeypatch.setattr(adapter_base, "_SINGLE", {})  # as in a fresh process
+    layer = make()
+    randomize_adapters(layer)
+    x = torch.tensor([[1, 3, 6]]) if isinstance(layer, moelora.MoELoRAEmbedding) else torch.randn(1, 3, 6)
+    with moelora.use_backend("triton"):
+        with torch.inference_mode():
+            expected = layer(x)
+        y = layer(x)
+        y.sum().backward()
+    torch.testing.assert_close(y.detach(), expected)
+    assert sum(p.grad.abs().sum() for p in (layer.lora_A, layer.lora_B)) > 0
