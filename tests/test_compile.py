@@ -126,3 +126,26 @@ def test_transformers_model_trains_under_fullgraph_compile_like_eager():
         return m(input_ids=ids, labels=ids).loss  # task loss + aux loss, added by MoELoRAModel.forward
 
     _assert_trains_like_eager(model, loss_fn, ids)
+
+
+def test_layers_with_different_scalings_compiled_one_by_one_under_fullgraph():
+    """Per-block compilation (torch.compile(block, fullgraph=True) for each block, as FSDP2
+    recipes do) runs one code object over layers whose scalings differ (alpha_pattern, rsLoRA
+    with rank_pattern): dynamo then traces the scaling as a symbolic float, which moe_lora's
+    finite-number check could not read (torch.* op returned non-Tensor: an error under
+    fullgraph, a graph break per layer without it)."""
+    x = torch.randn(2, 3, 6)
+    for alpha in (8, 16, 32):
+        torch.manual_seed(0)
+        layer = MoELoRALinear(nn.Linear(6, 5), num_experts=4, top_k=2, r=2, lora_alpha=alpha).train()
+        randomize_adapters(layer)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        y = compiled(x)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B)]
+        layer.zero_grad()
+        expected = layer(x)
+        expected.square().sum().backward()
+        torch.testing.assert_close(y, expected, msg=f"lora_alpha={alpha}")
+        for grad, p in zip(grads, (layer.lora_A, layer.lora_B)):
+            torch.testing.assert_close(grad, p.grad, msg=f"lora_alpha={alpha}")

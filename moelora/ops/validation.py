@@ -78,10 +78,15 @@ def host_values(*scalars: torch.Tensor) -> list:
     return torch.stack([t.to(dtype) for t in scalars]).tolist()
 
 
+def is_number(value) -> bool:
+    """Whether ``value`` is a Python int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def is_finite_number(value) -> bool:
     """Whether ``value`` is a Python int or float (not a bool) with a finite float value (an int
     beyond float's range, such as 10**400, is not)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_number(value):
         return False
     try:
         return math.isfinite(value)
@@ -171,7 +176,10 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     if base_out is not None and tuple(base_out.shape) != out_shape:
         raise ValueError(f"base_out must have shape {out_shape}, got {tuple(base_out.shape)}")
 
-    if not is_finite_number(scaling):
+    # Under torch.compile a float that dynamo saw change between calls of the same code (the
+    # scalings of layers compiled one by one, as per-block compilation does) is traced as a
+    # symbolic float, whose value is not known here: only its type is checked.
+    if not (is_number(scaling) if torch.compiler.is_compiling() else is_finite_number(scaling)):
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
 
     check_routing_values(topk_ids, topk_weights, num_experts)
