@@ -36,6 +36,9 @@ gradients enabled); otherwise host (e.g. MoLA's per-layer expert counts, a per-l
 read in eager mode (at apply_molex and in every eager forward); a compiled graph uses the last
 eager reading (dynamo, in torch 2.11, cannot trace a module's ``__dict__``).
 
+FSDP2: shard the stack as one unit (``fully_shard`` on the model), not layer by layer
+(:func:`_refuse_sharded_layers` raises there: each rank runs the layer j its own batch chose).
+
 Applied with forward hooks on the existing layers (module names and state dicts of the base
 model are unchanged); the gates live in ``model.molex``. :meth:`MoLEx.remove` undoes
 apply_molex: hooks, ``model.molex``, its routing record and the checkpoint's record of it.
@@ -243,6 +246,7 @@ class MoLEx(nn.Module, RoutedModule):
         layer whose code runs are those of its own call afterwards."""
         layers = self._layers[0]
         if t == 0 or self._stacked is None:  # decided once per forward
+            _refuse_sharded_layers(layers)
             self._stacked = _stack_layers(layers) if self._device_selection(layers) else False
         device = self._stacked is not False
         runner = layers[t] if device else layers[int(j)]  # "host": one host read
@@ -298,6 +302,20 @@ class MoLEx(nn.Module, RoutedModule):
         on_remove, self._on_remove = self._on_remove, []
         for undo in on_remove:
             undo(self)
+
+
+def _refuse_sharded_layers(layers: nn.ModuleList) -> None:
+    """Raise where FSDP2 shards the layers (or modules inside them) one by one: device selection
+    would stack layers whose parameters are sharded outside their own forward, and host selection
+    runs layer j, which each rank chooses from its own batch, so the ranks would gather different
+    layers' parameters and wait for each other forever. Looked up only where FSDP2 is imported."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is not None and any(isinstance(m, fsdp_module) for layer in layers for m in layer.modules()):
+        raise RuntimeError("MoLEx cannot mix layers that FSDP2 shards one by one (fully_shard on each layer of "
+                           "the stack): layer t's mixing call runs layer j, chosen by each rank from its own batch, "
+                           "while that layer's parameters are sharded. Shard the stack as one unit instead: "
+                           "fully_shard(model) (or the module holding the stack) without fully_shard on its layers")
 
 
 def _checkpointed(layers: nn.ModuleList) -> bool:

@@ -391,3 +391,37 @@ def test_molex_forward_backward_replays_in_a_cuda_graph():
         for p, q in zip(stack.parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
     assert molex.alpha_logit.grad is not None
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+@pytest.mark.parametrize("selection", ["auto", "host"])
+def test_fsdp2_sharding_the_layers_one_by_one_is_refused_and_the_whole_stack_works(selection):
+    """FSDP2 with fully_shard on each layer of the stack: device selection stacked layers whose
+    parameters are sharded outside their own forward (a DTensor error), and host selection runs
+    layer j, chosen by each rank from its own batch, so ranks gathered different layers and hung
+    (two gloo ranks: tests/test_distributed.py's set-up). Both now raise, saying to shard the stack
+    as one unit; fully_shard on the model alone gives the unsharded model's loss. World size 1."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ids = token_batch(batch=2, seq=5)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        per_layer = tiny_llama(num_layers=3)
+        apply_molex(per_layer, layer_selection=selection)
+        for layer in per_layer.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(per_layer, mesh=mesh)
+        with pytest.raises(RuntimeError, match="FSDP2 shards one by one"):
+            per_layer(input_ids=ids, labels=ids)
+
+        whole = tiny_llama(num_layers=3)
+        apply_molex(whole, layer_selection=selection)
+        expected = whole(input_ids=ids, labels=ids).loss
+        fully_shard(whole, mesh=mesh)
+        torch.testing.assert_close(whole(input_ids=ids, labels=ids).loss, expected)
+    finally:
+        dist.destroy_process_group()
