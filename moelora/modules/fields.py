@@ -7,17 +7,12 @@ Router, which the layers import, uses them too."""
 from __future__ import annotations
 
 from moelora.ops.routing_modes import ROUTER_MODES
-from moelora.ops.validation import is_finite_number
+from moelora.ops.validation import is_finite_number, is_number as is_real  # is_real: an int or float, not a bool
 
 
 def is_int(v) -> bool:
     """An int that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_real(v) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def is_bool(v) -> bool:
