@@ -149,3 +149,17 @@ def test_layers_with_different_scalings_compiled_one_by_one_under_fullgraph():
         torch.testing.assert_close(y, expected, msg=f"lora_alpha={alpha}")
         for grad, p in zip(grads, (layer.lora_A, layer.lora_B)):
             torch.testing.assert_close(grad, p.grad, msg=f"lora_alpha={alpha}")
+
+
+def test_torch_func_transforms_are_refused_as_the_readme_says():
+    """README (Backends): torch.func's grad and vmap do not run through the layer on either backend
+    yet, and raise rather than return a wrong gradient. A test that fails once they work, so
+    the README's sentence is updated with them."""
+    from torch.func import functional_call, grad
+
+    layer = moelora.MoELoRALinear(nn.Linear(8, 8), num_experts=4, top_k=2, r=4, init_lora_weights=False)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(5, 8)
+    for backend in ("torch", "triton"):
+        with moelora.use_backend(backend), pytest.raises(RuntimeError, match="functorch transforms"):
+            grad(lambda p: functional_call(layer, p, (x,)).sum())(params)
