@@ -151,15 +151,55 @@ def test_layers_with_different_scalings_compiled_one_by_one_under_fullgraph():
             torch.testing.assert_close(grad, p.grad, msg=f"lora_alpha={alpha}")
 
 
-def test_torch_func_transforms_are_refused_as_the_readme_says():
-    """README (Backends): torch.func's grad and vmap do not run through the layer on either backend
-    yet, and raise rather than return a wrong gradient. A test that fails once they work, so
-    the README's sentence is updated with them."""
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "task", "dora", "conv", "embedding"])
+def test_torch_func_grad_runs_through_the_layers_on_the_torch_backend(kind):
+    """README (Backends): torch.func.grad of a functional_call equals autograd's gradient on the
+    torch backend, for every adapter layer kind (eval: no random draws)."""
     from torch.func import functional_call, grad
 
-    layer = moelora.MoELoRALinear(nn.Linear(8, 8), num_experts=4, top_k=2, r=4, init_lora_weights=False)
-    params = {k: v.detach() for k, v in layer.named_parameters()}
+    from moelora.modules.conv import MoELoRAConv
+    from moelora.modules.embedding import MoELoRAEmbedding
+
+    torch.manual_seed(0)
     x = torch.randn(5, 8)
-    for backend in ("torch", "triton"):
+    if kind == "conv":
+        layer, x = MoELoRAConv(nn.Conv2d(3, 4, 3), num_experts=3, top_k=2, r=4), torch.randn(2, 3, 6, 6)
+    elif kind == "embedding":
+        layer, x = MoELoRAEmbedding(nn.Embedding(10, 6), num_experts=3, top_k=2, r=4), torch.randint(0, 10, (2, 5))
+    else:
+        settings = {"softmax_topk": dict(num_experts=4, top_k=2),
+                    "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.2),
+                    "task": dict(num_experts=3, router="task", task_shared_lora=True),
+                    "dora": dict(num_experts=1, use_dora=True)}[kind]
+        layer = MoELoRALinear(nn.Linear(8, 8), r=4, **settings)
+        if kind == "task":
+            layer.task_ids = torch.tensor([0, 1, 2, 1, 0])
+    randomize_adapters(layer)
+    layer.eval()
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    with moelora.use_backend("torch"):
+        grads = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+        layer(x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_torch_func_transforms_the_readme_lists_as_unsupported_raise():
+    """README (Backends): vmap, and any transform through the Triton backend or moe_ffn, raise
+    rather than return a wrong gradient. A test that fails once they work, so the README's
+    sentence is updated with them."""
+    from torch.func import functional_call, grad, vmap
+    from moelora.modules.ffn import MoEFFN
+
+    layer = MoELoRALinear(nn.Linear(8, 8), num_experts=4, top_k=2, r=4, init_lora_weights=False).eval()
+    ffn = MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.nn.functional.silu, num_experts=4, top_k=2,
+                 router="softmax_topk").eval()
+    x = torch.randn(5, 8)
+    for module, backend in ((layer, "triton"), (ffn, "torch")):
+        params = {k: v.detach() for k, v in module.named_parameters()}
         with moelora.use_backend(backend), pytest.raises(RuntimeError, match="functorch transforms"):
-            grad(lambda p: functional_call(layer, p, (x,)).sum())(params)
+            grad(lambda p: functional_call(module, p, (x,)).sum())(params)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    with moelora.use_backend("torch"), pytest.raises(RuntimeError, match="data pointer|does not have vmap support"):
+        vmap(lambda xi: functional_call(layer, params, (xi[None],)))(x)

@@ -135,11 +135,18 @@ def dense_gates(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts:
 
 class _FinitePart(torch.autograd.Function):
     """Forward: the tensor with NaN/Inf replaced by 0. Backward: the gradient unchanged (the
-    dense formula's weight gradients do not depend on the weights' values)."""
+    dense formula's weight gradients do not depend on the weights' values). (setup_context
+    form, with a generated vmap rule: torch.func transforms run through it.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, t):
+    def forward(t):
         return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):

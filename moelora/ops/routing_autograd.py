@@ -180,18 +180,28 @@ def _route_grads(ctx, g_w, g_ids, g_counts, g_ps, g_lse):
 
 
 # ---- autograd.Functions: the PyTorch fallbacks, and the native ops in eager mode ---------------
+def _route_setup(ctx, inputs, output):
+    logits, _, mode, renormalize = inputs
+    _save_route(ctx, logits, output, mode, renormalize)
+
+
+def _save_all(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+# The Functions below take the setup_context form (forward without ctx), which torch.func's
+# grad needs to run through them.
 def _route_function(name: str, router_topk):
     """An autograd.Function running ``router_topk`` (the fallback, or the native op below
     autograd) with the routing op's gradients."""
 
-    def fwd(ctx, logits, top_k, mode, renormalize):
-        out = router_topk(logits, top_k, mode, renormalize)
-        _save_route(ctx, logits, out, mode, renormalize)
-        ctx.mark_non_differentiable(out[1], out[2])
-        return out
+    def setup(ctx, inputs, output):
+        _route_setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1], output[2])
 
-    return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(fwd), "backward": staticmethod(_route_grads)})
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(router_topk),
+                                                   "setup_context": staticmethod(setup),
+                                                   "backward": staticmethod(_route_grads)})
 
 
 def _saving_function(name: str, forward, grads, native: bool = False):
@@ -199,14 +209,12 @@ def _saving_function(name: str, forward, grads, native: bool = False):
     inputs saved, whose backward is ``grads`` on the same kind of ops (the native ops register the
     same ``grads`` for torch.compile)."""
 
-    def fwd(ctx, *inputs):
-        ctx.save_for_backward(*inputs)
-        return forward(*inputs)
-
     def bwd(ctx, g):
         return grads(NATIVE_OPS if native else FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "setup_context": staticmethod(_save_all),
+                                                   "backward": staticmethod(bwd)})
 
 
 _RouteFn = _route_function("_RouteFn", fb.router_topk)
@@ -265,13 +273,6 @@ def _register_native():
     def _pair_dot_fake(a, b, sorted_pairs, inverse):
         _same_device("pair_dot", "b_sorted", b, sorted_pairs=sorted_pairs, inverse=inverse, a=a)
         return a.new_empty(tuple(inverse.shape), dtype=accumulator_dtype(a.dtype))
-
-    def _route_setup(ctx, inputs, output):
-        logits, _, mode, renormalize = inputs
-        _save_route(ctx, logits, output, mode, renormalize)
-
-    def _save_all(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     torch.library.register_autograd(lib + "router_topk", _route_grads, setup_context=_route_setup)
     torch.library.register_autograd(
