@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings
 from moelora.ops.moe_lora import moe_lora
 from moelora.kernels.launchers import accumulator_dtype
+from moelora.ops.backend import without_autocast
 from moelora.modules.router import Router
 
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -84,7 +85,8 @@ class ConvRouter(Router):
         if self.jitters:
             x = x * self.jitter_factors(x).to(x.dtype)
         kernel = self.weight.to(x.dtype).reshape(self.out_features, self.in_channels, *self.kernel_size)
-        return self.geometry.conv(x, kernel).movedim(1, -1).reshape(-1, self.out_features)
+        with without_autocast(x):  # fp32 under torch.autocast too
+            return self.geometry.conv(x, kernel).movedim(1, -1).reshape(-1, self.out_features)
 
 
 class MoELoRAConv(AdapterLayerBase):

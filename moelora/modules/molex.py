@@ -65,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, POSITIVE_INT, check_field, is_bool, is_int, is_real
+from moelora.ops.backend import without_autocast
 from moelora.ops.validation import is_finite_number
 from moelora.modules.routed import RoutedModule
 from moelora.ops.losses import expert_load, load_balancing_loss, routing_entropy
@@ -135,12 +136,13 @@ class LayerGate(nn.Module):
             raise ValueError(f"MoLEx was applied with hidden_size={self.hidden_size}, but the model's hidden states "
                              f"are {z.shape[-1]} wide: apply it with hidden_size={z.shape[-1]}")
         z = z.reshape(-1, z.shape[-1]).float()
-        if self.gate == "linear":
-            logits = F.linear(z, self.weight.float(), None if self.bias is None else self.bias.float())
-        else:
-            proj_bias = None if self.proj.bias is None else self.proj.bias.float()
-            logits = F.linear(F.normalize(F.linear(z, self.proj.weight.float(), proj_bias), dim=-1),
-                              F.normalize(self.layer_embeddings.float(), dim=-1)) / self.temperature
+        with without_autocast(z):  # fp32 logits under torch.autocast too
+            if self.gate == "linear":
+                logits = F.linear(z, self.weight.float(), None if self.bias is None else self.bias.float())
+            else:
+                proj_bias = None if self.proj.bias is None else self.proj.bias.float()
+                logits = F.linear(F.normalize(F.linear(z, self.proj.weight.float(), proj_bias), dim=-1),
+                                  F.normalize(self.layer_embeddings.float(), dim=-1)) / self.temperature
         # built on the device (an indexed assignment would copy a host scalar: not capturable)
         mask = torch.arange(logits.shape[-1], device=logits.device) == exclude
         logits = logits.masked_fill(mask, float("-inf"))

@@ -14,7 +14,7 @@ from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.validation import check_top_k, refuse_double_backward
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, route_logits, scheduled_eps
-from moelora.ops.backend import kernels_run
+from moelora.ops.backend import kernels_run, without_autocast
 from moelora.modules.fields import LAYER_FIELD_KINDS, POSITIVE_INT, check_field
 
 
@@ -94,7 +94,8 @@ class Router(nn.Linear):
         x = x.to(accumulator_dtype(x.dtype))
         if self.jitters:
             x = x * self.jitter_factors(x).to(x.dtype)
-        return nn.functional.linear(x, self.weight.to(x.dtype))
+        with without_autocast(x):  # fp32 under torch.autocast too, as the kernel's
+            return nn.functional.linear(x, self.weight.to(x.dtype))
 
     def jitter_factors(self, x: torch.Tensor) -> torch.Tensor:
         """The multiplicative noise of the router input x: U(1 - jitter_noise, 1 + jitter_noise) per

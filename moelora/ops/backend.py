@@ -4,6 +4,7 @@ tensors under ``TRITON_INTERPRET=1``), and how torch.autocast reaches the ops.""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -66,3 +67,12 @@ def autocast_input(t, dtype: torch.dtype):
     """``t`` as torch.autocast hands it to a matmul running in ``dtype``: a float32, float16 or
     bfloat16 tensor cast to it; anything else (float64, integers, None) as it is."""
     return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FLOATS else t
+
+
+def without_autocast(x):
+    """A context in which ops on ``x`` run without torch.autocast (a null context where autocast is
+    off for x's device): for what moelora computes in its own precision whatever autocast says
+    (the routers' fp32 logits, as the fused layer's kernels compute them)."""
+    if autocast_dtype(x) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)

@@ -232,3 +232,28 @@ def test_torch_compile_fullgraph_under_autocast_trains_like_eager(kind):
     for (name, p), q in zip(layer.named_parameters(), eager_layer.parameters()):
         assert p.grad.dtype == torch.float32, name
         torch.testing.assert_close(p.grad, q.grad, rtol=TOL[torch.float16], atol=1e-4, msg=name)  # fp16 sums' order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("jitter", [0.0, 0.1])
+def test_router_logits_stay_fp32_under_autocast(backend, jitter):
+    """The routers' logits are fp32 under autocast as without it (as the fused layer's kernels
+    compute them) on every path: the torch backend, jitter, a convolution's router, MoLEx's gates.
+    Before, F.linear / conv under autocast rounded them to its dtype off the router kernel's path."""
+    from moelora.modules.molex import LayerGate
+
+    torch.manual_seed(0)
+    linear = moelora.MoELoRALinear(nn.Linear(24, 20), num_experts=4, top_k=2, r=4, router_jitter_noise=jitter)
+    conv = MoELoRAConv(nn.Conv2d(3, 6, 3), num_experts=3, top_k=2, r=4, router_jitter_noise=jitter)
+    cases = [(linear.router.to(DEVICE).train(), torch.randn(7, 24, device=DEVICE)),
+             (conv.router.to(DEVICE).train(), torch.randn(2, 3, 6, 6, device=DEVICE))]
+    for gate in ("linear", "cosine"):
+        cases.append((LayerGate(24, 4, gate).to(DEVICE), torch.randn(7, 24, device=DEVICE)))
+    for module, x in cases:
+        logits = []
+        for amp in (torch.bfloat16, None):
+            torch.manual_seed(1)  # the same jitter
+            with moelora.use_backend(backend), torch.autocast(DEVICE.type, dtype=torch.bfloat16,
+                                                              enabled=amp is not None):
+                logits.append(module(x, 0)[0] if isinstance(module, LayerGate) else module.logits(x))
+        assert logits[0].dtype == torch.float32 and torch.equal(logits[0], logits[1]), type(module).__name__
