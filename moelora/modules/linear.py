@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from moelora.ops.backend import without_autocast
 from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, moe_lora_linear
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
@@ -220,7 +221,7 @@ class MoELoRALinear(AdapterLayerBase):
         """||W + s B A||_row in the adapters' dtype, a constant (no gradient flows through it, as in
         PEFT's DoRA); s: ``scaling``, the layer's times A-dropout's scale."""
         a0 = lora_a if self.share_lora_a else lora_a[0]
-        with torch.no_grad():
+        with torch.no_grad(), without_autocast(weight):  # under torch.autocast too (addmm would round W)
             return torch.linalg.norm(torch.addmm(weight.to(self.lora_B.dtype), self.lora_B[0], a0, alpha=scaling),
                                      dim=1)
 

@@ -257,3 +257,18 @@ def test_router_logits_stay_fp32_under_autocast(backend, jitter):
                                                               enabled=amp is not None):
                 logits.append(module(x, 0)[0] if isinstance(module, LayerGate) else module.logits(x))
         assert logits[0].dtype == torch.float32 and torch.equal(logits[0], logits[1]), type(module).__name__
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES)
+def test_dora_weight_norm_is_not_rounded_under_autocast(amp):
+    """DoRA's ||W + s B A||_row is in the adapters' dtype under autocast too (as PEFT's, whose W
+    stays fp32): before, autocast ran its addmm in half precision, so a fresh layer's magnitude
+    scale m / ||W|| was off 1 by up to ~0.4% per output row."""
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(64, 48), num_experts=1, r=4, use_dora=True).to(DEVICE)
+    weight = layer.base_weight()
+    norm = layer._dora_norm(weight, layer.lora_A, layer.scaling)
+    with torch.autocast(DEVICE.type, dtype=amp):
+        norm_amp = layer._dora_norm(weight, layer.lora_A, layer.scaling)
+    assert norm_amp.dtype == torch.float32 and torch.equal(norm_amp, norm)
+    assert torch.equal(layer.lora_magnitude_vector / norm_amp, torch.ones_like(norm))
