@@ -339,6 +339,26 @@ def test_layers_expose_the_base_weight_and_bias_as_peft_t5_and_vit_run():
         assert torch.equal(model(pixel_values=pixels).logits, expected)
 
 
+def test_tie_weights_after_injection_ties_the_targeted_head_base_weight():
+    """transformers' tie_weights (which resize_token_embeddings, the Trainer's checkpoint loading and
+    users call) assigns ``lm_head.weight = embed_tokens.weight``: on a targeted lm_head that goes to
+    its base layer. Before, nn.Module refused a parameter named like the layer's weight property
+    (KeyError: attribute 'weight' already exists)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True)
+    base = LlamaForCausalLM(cfg).eval()
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj", "lm_head"], num_experts=2, top_k=1, r=2))
+    head, embed = base.lm_head, base.model.embed_tokens
+    head.base_layer.weight = nn.Parameter(embed.weight.detach().clone())  # untied, as a load may leave it
+    base.tie_weights()
+    assert head.weight is embed.weight and head.base_layer.weight is embed.weight
+    assert "weight" not in head._parameters
+    model(token_batch())
+
+
 def test_merge_refuses_a_layer_tied_to_another_module():
     """GPT-2 ties lm_head to wte: merging the wte adapter would add it to lm_head's weight too (a
     silently different model), so nothing merges and the error names both; an untied copy merges."""

@@ -246,6 +246,14 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         """The base layer's bias (None without one)."""
         return self.base_layer.bias
 
+    def __setattr__(self, name: str, value) -> None:
+        # Assignments go to the base layer too (transformers' tie_weights sets ``lm_head.weight =
+        # embed_tokens.weight``): nn.Module would refuse a parameter named like the properties above.
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", ()):
+            setattr(self.base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def expert_A(self, e: int) -> torch.Tensor:
         return self.lora_A if self.share_lora_a else self.lora_A[e]
 
