@@ -214,6 +214,8 @@ def use_task_ids(model: nn.Module, ids):
     ``task_ids`` to :meth:`MoELoRAModel.forward`, whose ids stay until its next forward), else
     the recomputation routes by the ids outside the block (wrong gradients, or an error when
     none are set)."""
+    if isinstance(model, MoELoRAModel):  # its last forward's task_ids go first: the block's forward would drop
+        model._restore_task_ids()          # them, and the block's end put them back for good
     layers = _task_layers(model)
     previous = [layer.task_ids for layer in layers]
     set_task_ids(model, ids)

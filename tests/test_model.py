@@ -284,6 +284,25 @@ def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(
         assert messages == [] and router.grad is not None
 
 
+def test_use_task_ids_after_a_forward_with_task_ids_leaves_no_stale_ids():
+    """The wrapper's forward(task_ids=) keeps its ids until its next forward; a use_task_ids block
+    after it must not end by putting them back for good (its forward dropped the record that would
+    have restored them): after the block the layers hold what they held before that forward."""
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task"))
+    ids = token_batch()
+    model(ids, task_ids=torch.tensor([0, 2]))
+    with moelora.use_task_ids(model, torch.tensor([1, 1])):
+        model(ids)
+    with pytest.raises(RuntimeError, match="none is set"):
+        model(ids)
+    before = torch.tensor([2, 2])
+    model.set_task_ids(before)
+    model(ids, task_ids=torch.tensor([0, 2]))
+    with moelora.use_task_ids(model, 1):
+        model(ids)
+    assert all(layer.task_ids is before for layer in _layers(model).values())
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("stale", [False, True], ids=["none_set", "other_ids_set"])
 def test_task_ids_forward_kwarg_routes_the_checkpointed_recomputation_too(use_reentrant, stale):
