@@ -51,7 +51,7 @@ from moelora.ops.routing import (MAX_EXPERTS, dispatch_rows, expert_layout, fake
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
-from moelora.ops.registration import custom_op
+from moelora.ops.registration import EagerFunction, custom_op
 
 
 REGIMES = ("auto", "dense", "grouped")
@@ -133,24 +133,13 @@ def dense_gates(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts:
     return (gates, one_hot.sum(1) > 0) if with_chosen else gates
 
 
-class _FinitePart(torch.autograd.Function):
-    """Forward: the tensor with NaN/Inf replaced by 0. Backward: the gradient unchanged (the
-    dense formula's weight gradients do not depend on the weights' values). (setup_context
-    form, with a generated vmap rule: torch.func transforms run through it.)"""
+def _finite_part(t):
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
-    generate_vmap_rule = True
 
-    @staticmethod
-    def forward(t):
-        return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+# Forward: the tensor with NaN/Inf replaced by 0. Backward: the gradient unchanged (the dense
+# formula's weight gradients do not depend on the weights' values).
+_FinitePart = EagerFunction("_FinitePart", _finite_part, lambda ctx, inputs, output: None, lambda ctx, grad: grad)
 
 
 def moe_lora_torch_impl(args: MoELoRAArgs) -> torch.Tensor:

@@ -27,7 +27,7 @@ from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops import native
 from moelora.ops import routing_torch as fb
 from moelora.ops.backend import kernels_run
-from moelora.ops.registration import CustomOp
+from moelora.ops.registration import CustomOp, EagerFunction
 
 
 def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
@@ -189,9 +189,7 @@ def _save_all(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-# The Functions below take the setup_context form (forward without ctx), which torch.func's
-# grad needs to run through them.
-def _route_function(name: str, router_topk):
+def _route_function(name: str, router_topk) -> EagerFunction:
     """An autograd.Function running ``router_topk`` (the fallback, or the native op below
     autograd) with the routing op's gradients."""
 
@@ -199,12 +197,10 @@ def _route_function(name: str, router_topk):
         _route_setup(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1], output[2])
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(router_topk),
-                                                   "setup_context": staticmethod(setup),
-                                                   "backward": staticmethod(_route_grads)})
+    return EagerFunction(name, router_topk, setup, _route_grads)
 
 
-def _saving_function(name: str, forward, grads, native: bool = False):
+def _saving_function(name: str, forward, grads, native: bool = False) -> EagerFunction:
     """An autograd.Function running ``forward`` (a fallback, or a native op below autograd), its
     inputs saved, whose backward is ``grads`` on the same kind of ops (the native ops register the
     same ``grads`` for torch.compile)."""
@@ -212,9 +208,7 @@ def _saving_function(name: str, forward, grads, native: bool = False):
     def bwd(ctx, g):
         return grads(NATIVE_OPS if native else FALLBACK_OPS, ctx.needs_input_grad, *ctx.saved_tensors, g)
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                   "setup_context": staticmethod(_save_all),
-                                                   "backward": staticmethod(bwd)})
+    return EagerFunction(name, forward, _save_all, bwd)
 
 
 _RouteFn = _route_function("_RouteFn", fb.router_topk)
