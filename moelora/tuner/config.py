@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Union
 from moelora.modules.adapter_base import LayerSettings
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, check_field, is_int, is_real
 from moelora.ops.validation import is_finite_number
-from moelora.tuner.targets import pattern_value
+from moelora.tuner.targets import pattern_key_regex, pattern_value
 
 EXPERT_PRESETS = ("2468", "8642", "8228", "5555")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -170,7 +170,7 @@ def _regex_if_str(v) -> bool:
 
 def _pattern_keys_are_regexes(pattern: dict) -> bool:
     """Every key a valid regex as moelora.tuner.targets.pattern_value reads it."""
-    return all(_is_regex(rf"(.*\.)?(?:{key})$") for key in pattern)
+    return all(_is_regex(pattern_key_regex(key)) for key in pattern)
 
 
 # field -> (type predicate, value predicate or None, what it must be), as LAYER_FIELD_KINDS: the

@@ -35,11 +35,17 @@ def layer_index(name: str, layers_pattern=None) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def pattern_key_regex(key: str) -> str:
+    """The regex a rank_pattern / alpha_pattern key stands for: ``key`` matching the end of a
+    module name, whole dotted parts (PEFT's rule)."""
+    return rf"(.*\.)?(?:{key})$"
+
+
 def pattern_value(name: str, pattern: Optional[dict], default):
     """The value of the first key of ``pattern`` (a regex) matching the end of ``name``, else
-    ``default`` (PEFT's rank_pattern / alpha_pattern rule)."""
+    ``default`` (PEFT's rank_pattern / alpha_pattern rule, :func:`pattern_key_regex`)."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?(?:{key})$", name):
+        if re.match(pattern_key_regex(key), name):
             return value
     return default
 
