@@ -198,11 +198,19 @@ def _task_layers(model: nn.Module):
 def set_task_ids(model: nn.Module, ids) -> None:
     """Give every task-routed layer the task ids of the next batches: an int, one id per
     example ([batch]) or one per token; ``None`` clears them."""
+    _swap_task_ids(model, ids)
+
+
+def _swap_task_ids(model: nn.Module, ids) -> tuple:
+    """:func:`set_task_ids`, returning (the task-routed layers, the ids each held before) for a
+    caller that puts them back."""
     layers = _task_layers(model)
     if not layers and ids is not None:
         raise ValueError("the model has no task-routed MoE-LoRA layer (router='task')")
+    previous = [layer.task_ids for layer in layers]
     for layer in layers:
         layer.task_ids = ids
+    return layers, previous
 
 
 @contextlib.contextmanager
@@ -216,9 +224,7 @@ def use_task_ids(model: nn.Module, ids):
     none are set)."""
     if isinstance(model, MoELoRAModel):  # its last forward's task_ids go first: the block's forward would drop
         model._restore_task_ids()          # them, and the block's end put them back for good
-    layers = _task_layers(model)
-    previous = [layer.task_ids for layer in layers]
-    set_task_ids(model, ids)
+    layers, previous = _swap_task_ids(model, ids)
     try:
         yield
     finally:
@@ -322,10 +328,7 @@ class MoELoRAModel(nn.Module):
         if labels is not None:
             kwargs["labels"] = labels
         if task_ids is not None:
-            layers = _task_layers(self.model)
-            previous = [layer.task_ids for layer in layers]
-            set_task_ids(self.model, task_ids)
-            self._forward_task_ids.append((task_ids, layers, previous))
+            self._forward_task_ids.append((task_ids, *_swap_task_ids(self.model, task_ids)))
         output = self.model(*args, **kwargs)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
