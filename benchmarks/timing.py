@@ -67,10 +67,9 @@ def time_eager(step: Callable[[int], object], iterations: int, device: torch.dev
     comes from ``min(iterations, host_repeats)`` further iterations, each after a synchronize
     (the launch queue empty): synchronising between the timed iterations would add the host's
     latency to the first launch to every one of them. On CPU both are the same wall times."""
-    if device.type != "cuda":
-        times = time_iterations(step, iterations, device, start=start)
-        return times, list(times)
     times = time_iterations(step, iterations, device, start=start)
+    if device.type != "cuda":
+        return times, list(times)
     host: List[float] = []
     time_iterations(step, min(iterations, host_repeats), device, start=start + iterations, host_ms=host)
     return times, host
