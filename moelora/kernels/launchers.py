@@ -58,14 +58,20 @@ _launch_hook: Optional[Callable] = None
 _direct_launch = {"enabled": not _INTERPRETING and os.environ.get("MOELORA_DIRECT_LAUNCH", "1") != "0"}
 
 
-def _current_stream():
-    """The raw CUDA stream Triton launches on: the current stream of the current device."""
-    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+def _current_device() -> int:
+    return torch._C._cuda_getDevice()
+
+
+def _current_stream(device: int):
+    """The raw CUDA stream a launch on ``device`` (the current device) goes to: its current stream."""
+    return torch._C._cuda_getCurrentRawStream(device)
 
 
 class KernelLaunch:
     """``kernel[grid](*args, *fixed, **meta)`` for one launch configuration (shapes, strides,
-    dtypes, device), built once per configuration by the launchers' cached config functions.
+    dtypes), built once per configuration by the launchers' cached config functions and shared
+    by the devices: a launch runs on its tensors' device (the first tensor's), made current
+    for it where another one is.
 
     The kernels launched this way take their parameters in the order: pointers, per-call floats,
     configuration scalars (sizes, strides and what follows from them: ``fixed``), constexprs
@@ -75,66 +81,74 @@ class KernelLaunch:
     On a GPU the first launch goes through Triton (which compiles or finds the kernel). Triton
     specialises a launch on its tensors' dtypes and 16-byte alignment, on the ints and on the
     constexprs; here the ints and constexprs are fixed, so a later launch whose tensors have
-    the first launch's dtypes and are 16-byte aligned calls the compiled kernel directly,
+    the first launch's dtypes and are 16-byte aligned calls the compiled kernel directly (per device),
     skipping Triton's per-launch argument binding and cache lookup; any other launch goes
     through Triton again (MOELORA_DIRECT_LAUNCH=0: always). The check costs the same with the
     launches skipped (``skip_launches``), so host time measured on a CPU includes it.
     """
 
-    __slots__ = ("kernel", "grid", "fixed", "meta", "_dtypes", "_direct")
+    __slots__ = ("kernel", "grid", "fixed", "meta", "_direct")
 
     def __init__(self, kernel, grid: tuple, fixed: tuple, **meta):
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.fixed = tuple(fixed)
         self.meta = meta
-        self._dtypes: Optional[tuple] = None  # the tensors' dtypes at the recorded aligned launch
-        self._direct = None  # (compiled kernel, constexpr values) on a GPU; see _record
-
-    def _same_specialisation(self, args) -> bool:
-        dtypes = self._dtypes
-        if dtypes is None:
-            return False
-        for t, dtype in zip(args, dtypes):  # the tensors come first
-            if t.dtype is not dtype or t.data_ptr() & 15:
-                return False
-        return True
+        # Per device (a compiled kernel's function handle is loaded on one device): (the tensors'
+        # dtypes at its first aligned launch, the compiled kernel or None, its constexpr values),
+        # or False where this Triton cannot launch directly; see _record.
+        self._direct: Dict[int, object] = {}
 
     def __call__(self, *args) -> None:
-        same = self._same_specialisation(args)
+        device = args[0].get_device()  # the tensors' CUDA device; -1: CPU tensors (the interpreter)
+        if device >= 0 and device != _current_device():
+            # Triton compiles for, and launches on, the current device, not the tensors' (a layer
+            # of a device_map="auto" model holds tensors on cuda:1 while cuda:0 is current)
+            with torch.cuda.device(device):
+                return self(*args)
+        entry = self._direct.get(device)
+        same = bool(entry) and _same_specialisation(args, entry[0])
         if _launch_hook is not None:
             _launch_hook(self.kernel, self.grid, self, args)
-            if self._dtypes is None:  # so that the check above runs as it does on a GPU
-                self._record(args, None)
+            if entry is None:  # so that the check above runs as it does on a GPU
+                self._record(args, None, device)
             return
-        direct = self._direct
-        if same and direct:
-            compiled, constexprs = direct
+        if same and entry[1] is not None:
+            _, compiled, constexprs = entry
             try:
-                compiled.run(self.grid[0], self.grid[1], self.grid[2], _current_stream(), compiled.function,
+                compiled.run(self.grid[0], self.grid[1], self.grid[2], _current_stream(device), compiled.function,
                              compiled.packed_metadata, None, None, None, *args, *self.fixed, *constexprs)
                 return
             except TypeError:  # another Triton's launcher signature: launch through Triton from now on
                 _direct_launch["enabled"] = False
-                self._direct = False
+                self._direct[device] = entry = False
         compiled = self.kernel[self.grid](*args, *self.fixed, **self.meta)
-        if direct is None and _direct_launch["enabled"]:
-            self._record(args, compiled)
+        if (entry is None or (entry and entry[1] is None)) and _direct_launch["enabled"]:
+            self._record(args, compiled, device)
 
-    def _record(self, args, compiled) -> None:
-        """Remember the tensors' dtypes of an aligned launch and, given the compiled kernel, the
-        direct launch (None: not tried yet; False: not possible with this Triton)."""
+    def _record(self, args, compiled, device: int) -> None:
+        """Remember, for ``device``, the tensors' dtypes of an aligned launch and, given the
+        compiled kernel, its direct launch (or False: not possible with this Triton)."""
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if any(t.data_ptr() & 15 for t in tensors):
             return  # an unaligned launch: wait for an aligned one
-        self._dtypes = tuple(t.dtype for t in tensors)
+        dtypes = tuple(t.dtype for t in tensors)
         if compiled is None:
+            self._direct[device] = (dtypes, None, ())
             return
         names = self.kernel.arg_names[len(args) + len(self.fixed):]
         if hasattr(compiled, "packed_metadata") and all(n in self.meta for n in names):
-            self._direct = (compiled, tuple(self.meta[n] for n in names))
+            self._direct[device] = (dtypes, compiled, tuple(self.meta[n] for n in names))
         else:
-            self._direct = False
+            self._direct[device] = False
+
+
+def _same_specialisation(args, dtypes: tuple) -> bool:
+    """Whether the tensors among ``args`` (they come first) have ``dtypes`` and 16-byte alignment."""
+    for t, dtype in zip(args, dtypes):
+        if t.dtype is not dtype or t.data_ptr() & 15:
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """Each Triton launcher writes exactly its output: results go into strided views of larger
 NaN-filled buffers, the view must be fully written and right, the margins untouched."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -584,7 +586,7 @@ def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(mo
             return lambda *args, **meta: (self.launches.append((grid, args, meta)), Compiled())[1]
 
     monkeypatch.setattr(K, "_direct_launch", {"enabled": True})
-    monkeypatch.setattr(K, "_current_stream", lambda: "stream")
+    monkeypatch.setattr(K, "_current_stream", lambda device: "stream")
     kernel, x = Kernel(), torch.zeros(8)
     launch = K.KernelLaunch(kernel, (3, 2), (5, 1), FLAG=True, BLOCK=16, num_warps=4)
     launch(x, 0.5)
@@ -598,6 +600,63 @@ def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(mo
         launch(x, 0.5)
     assert len(calls) == 1 and calls[0][1] == (3, 2, 1)
     assert len(kernel.launches) == 3 and len(runs) == 1
+
+
+def test_launches_run_on_their_tensors_device_with_a_direct_launch_per_device(monkeypatch):
+    """Triton launches on the current device, whatever the tensors' (a device_map="auto" model's
+    layer on cuda:1 while cuda:0 is current): a KernelLaunch makes its tensors' device current
+    for the launch where another one is, and launches directly (the compiled kernel's function
+    handle is loaded on one device) only on the device, and with the dtypes, it recorded there.
+    Faked devices: the test needs no GPU."""
+    current, events = [0], []
+
+    class OnDevice(torch.Tensor):  # a CPU tensor that reports a CUDA device index
+        def get_device(self):
+            return self.index
+
+    def on(index, dtype=torch.float32):
+        t = torch.Tensor._make_subclass(OnDevice, torch.zeros(8, dtype=dtype))
+        t.index = index
+        return t
+
+    @contextlib.contextmanager
+    def device_guard(index):
+        previous, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    class Compiled:
+        def __init__(self, device):
+            self.function, self.packed_metadata, self.device = f"fn{device}", "meta", device
+
+        def run(self, *args):
+            events.append(("direct", current[0], args[3], args[4]))
+
+    class Kernel:
+        arg_names = ["a_ptr", "alpha", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                events.append(("triton", current[0]))
+                return Compiled(current[0])
+            return launch
+
+    monkeypatch.setattr(K, "_direct_launch", {"enabled": True})
+    monkeypatch.setattr(K, "_current_device", lambda: current[0])
+    monkeypatch.setattr(K, "_current_stream", lambda device: f"stream{device}")
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    launch = K.KernelLaunch(Kernel(), (1,), (8,), BLOCK=16)
+    for index in (1, 1, 0, 0, 1):
+        launch(on(index), 0.5)
+    assert events == [("triton", 1), ("direct", 1, "stream1", "fn1"), ("triton", 0), ("direct", 0, "stream0", "fn0"),
+                      ("direct", 1, "stream1", "fn1")]
+    assert current == [0]  # restored after each launch on cuda:1
+    events.clear()
+    launch(on(0, torch.float64), 0.5)  # another dtype on cuda:0: through Triton, cuda:1's record untouched
+    launch(on(1), 0.5)
+    assert events == [("triton", 0), ("direct", 1, "stream1", "fn1")]
 
 
 def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
@@ -792,3 +851,35 @@ def test_bad_tiles_are_refused_with_the_reason(kernel, tiles, message):
 def test_malformed_table_keys_are_refused(key):
     with pytest.raises(ValueError, match="a DENSE_CONFIGS key is kernel:<n><k>:<rows>"):
         K.install_dense_configs({key: dict(BLOCK_T=64)})
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_layers_on_a_device_that_is_not_current_compute_what_they_compute_on_the_current_one():
+    """A device_map="auto" model: an MoELoRALinear (dense and grouped regime) and an MoEFFN on
+    cuda:1 while cuda:0 is current give, forward and backward, bitwise what copies of them give on
+    cuda:0 (Triton would otherwise launch on cuda:0 with cuda:1's pointers)."""
+    import copy
+
+    import moelora
+    from moelora.modules.ffn import MoEFFN
+
+    torch.manual_seed(0)
+    d, T = 64, 96
+    modules = [moelora.MoELoRALinear(torch.nn.Linear(d, d), num_experts=experts, top_k=2, r=8, share_lora_a=True)
+               for experts in (4, 160)]
+    modules.append(MoEFFN(torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d), torch.nn.functional.silu, 4, 2))
+    for module in modules:
+        for p in module.parameters():  # B starts at zero: give every gradient something to carry
+            p.data.normal_(0, 0.1)
+        results = []
+        for device in ("cuda:0", "cuda:1"):
+            moved = copy.deepcopy(module).to(device)
+            x = torch.randn(T, d, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+            with torch.cuda.device(0), moelora.use_backend("triton"):
+                y = moved(x)
+                y.square().sum().backward()
+            torch.cuda.synchronize(device)
+            results.append([t.cpu() for t in (y, x.grad, *(p.grad for p in moved.parameters() if p.grad is not None))])
+        assert len(results[0]) == len(results[1]) > 2
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
