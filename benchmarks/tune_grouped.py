@@ -95,15 +95,15 @@ def ffn_gemms(s: Sizes) -> List[Gemm]:
     meta = expert_layout(ids, s.experts, LAYOUT_BLOCK)
     offs = group_ends(meta)
     R = meta.sorted_pairs_padded.numel()
-    rows = s.tokens * s.top_k / s.experts
+    many = K.many_rows(s.tokens * s.top_k, s.experts)
     x = _randn(s.tokens, s.d)
     xs = dispatch_rows(x, meta)
     w13 = _randn(s.experts, 2 * s.d_ff, s.d, scale=s.d ** -0.5)
     w2 = _randn(s.experts, s.d, s.d_ff, scale=s.d_ff ** -0.5)
     h, d13, d_out = _randn(R, s.d_ff), _randn(R, 2 * s.d_ff), _randn(R, s.d)
     gmm = grouped_mm_fn()
-    mm_class = K.grouped_shape_class("matmul", 2 * s.d_ff, s.d, rows)
-    wg_class = K.grouped_shape_class("wgrad", 2 * s.d_ff, s.d, rows)
+    mm_class = K.grouped_shape_class("matmul", 2 * s.d_ff, s.d, many)
+    wg_class = K.grouped_shape_class("wgrad", 2 * s.d_ff, s.d, many)
     return [
         Gemm("S5 h13 = x W13^T", "matmul", mm_class,
              lambda c: rows_linear(x, w13, meta, "triton", a_by_token=True, config=c),
@@ -134,7 +134,7 @@ def lora_gemms(s: Sizes) -> List[Gemm]:
     ids, w = _routing(s)
     meta = expert_layout(ids, s.experts, LAYOUT_BLOCK)
     offs = group_ends(meta)
-    rows = s.tokens * s.top_k / s.experts
+    many = K.many_rows(s.tokens * s.top_k, s.experts)
     r = s.d_ff
     h, dy = _randn(s.tokens, r, dtype=torch.float32), _randn(s.tokens, s.d)
     lora_b = _randn(s.experts, s.d, r)
@@ -143,14 +143,14 @@ def lora_gemms(s: Sizes) -> List[Gemm]:
     gmm = grouped_mm_fn()
     common = dict(compute_dtype=DTYPE, alpha=2.0, scale=flat_w)
     return [
-        Gemm(ROWS_GEMM, "matmul", K.grouped_shape_class("matmul", s.d, r, rows),
+        Gemm(ROWS_GEMM, "matmul", K.grouped_shape_class("matmul", s.d, r, many),
              lambda c: rows_linear(h, lora_b, meta, "triton", a_by_token=True, out_dtype=DTYPE, config=c, **common),
              lambda: moe_lora_module.grouped_rows(h, lora_b, meta, w, 2.0, "grouped_mm", DTYPE, h_by_token=True)),
-        Gemm("S3 dh rows = dy B (+ dw)", "matmul", K.grouped_shape_class("matmul", r, s.d, rows),
+        Gemm("S3 dh rows = dy B (+ dw)", "matmul", K.grouped_shape_class("matmul", r, s.d, many),
              lambda c: rows_linear(dy, lora_b, meta, "triton", a_by_token=True, transposed=True,
                                    out_dtype=torch.float32, gate_grad=(h, True, dw), config=c, **common),
              lambda: gmm(dys, lora_b, offs=offs)),
-        Gemm("S3 dB = dy^T h", "wgrad", K.grouped_shape_class("wgrad", s.d, r, rows),
+        Gemm("S3 dB = dy^T h", "wgrad", K.grouped_shape_class("wgrad", s.d, r, many),
              lambda c: rows_weight_grad(dy, h, meta, "triton", left_by_token=True, right_by_token=True,
                                         out_dtype=DTYPE, config=c, **common),
              lambda: gmm(dys.t(), hs, offs=offs)),
@@ -233,8 +233,9 @@ def time_ffn_plans(s: Sizes, repeats: int, report: dict) -> None:
         return
     best = min(results, key=results.get)
     gemm, wgrad = (part.split("=")[1] for part in best.split(","))
+    many = K.many_rows(s.tokens * s.top_k, s.experts)
     report["ffn"] = {"sizes": s._asdict(), "fwd_bwd_ms": results, "fwd_bwd_wall_ms": wall, "best": best,
-                     "shape_class": K.grouped_shape_class("matmul", 2 * s.d_ff, s.d, s.tokens * s.top_k / s.experts),
+                     "shape_class": K.grouped_shape_class("matmul", 2 * s.d_ff, s.d, many),
                      "engines": {"gemm": gemm, "wgrad": wgrad}}
 
 

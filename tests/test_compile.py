@@ -84,6 +84,37 @@ def test_layer_trains_under_fullgraph_compile_like_eager(mode, share_lora_a):
     _assert_trains_like_eager(layer, _layer_loss, torch.randn(3, 5, 12), between_steps=step)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("module", ["dense", "grouped", "ffn"])
+def test_new_token_counts_compile_once_into_a_dynamic_graph(module, backend):
+    """Training on batches of varying length (no padding to one length): torch.compile
+    specialises the first batch, compiles a graph dynamic in the token count at the second, and
+    reuses it for every later count, without a graph break (fullgraph) and like eager. The grouped
+    regime's layout padding and moe_ffn's plan read the token count through their row class only
+    (before, each new count recompiled the grouped layer, and moe_ffn broke the graph)."""
+    torch.manual_seed(0)
+    d = 12
+    if module == "ffn":
+        layer = moelora.MoEFFN(nn.Linear(d, 2 * d), nn.Linear(2 * d, d), torch.nn.functional.silu, 4, 2)
+    else:  # E*r 4 * 4 = 16 (dense) or 300 * 4 = 1200 > 1024 (grouped)
+        layer = MoELoRALinear(nn.Linear(d, d), num_experts=4 if module == "dense" else 300, top_k=2, r=4,
+                              share_lora_a=True)
+        randomize_adapters(layer)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_layer_loss, fullgraph=True, backend=counter)
+    with moelora.use_backend(backend):
+        for tokens in (5, 7, 11):
+            x = torch.randn(2, tokens, d)
+            grads = []
+            for step in (_layer_loss, compiled):
+                layer.zero_grad()
+                step(layer, x).backward()
+                grads.append([p.grad.clone() for p in layer.parameters() if p.grad is not None])
+            for got, want in zip(*grads):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 2, f"{counter.frame_count} compilations for 3 token counts"
+
+
 @pytest.mark.parametrize("settings", [dict(num_experts=1, use_dora=True),
                                       dict(num_experts=4, top_k=2, share_lora_a=True, lora_a_dropout=0.2)],
                          ids=["dora", "mosld_a_dropout"])

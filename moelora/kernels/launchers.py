@@ -968,15 +968,25 @@ def _width_class(n: int) -> str:
     return "s" if n <= 64 else ("m" if n <= 256 else "l")
 
 
-def grouped_shape_class(kernel: str, n: int, k: int, rows_per_expert: float) -> str:
+MANY_ROWS = 256  # rows (token, slot pairs) per expert from which the row class is "many"
+
+
+def many_rows(pairs: int, experts: int) -> bool:
+    """The row class of a grouped layout of ``pairs`` (token, slot) pairs over ``experts``:
+    MANY_ROWS or more per expert. A comparison of ints, taken as a branch: under torch.compile
+    with dynamic shapes it guards on the class, not on the token count."""
+    return True if pairs >= MANY_ROWS * max(experts, 1) else False
+
+
+def grouped_shape_class(kernel: str, n: int, k: int, many: bool) -> str:
     """Key of GROUPED_CONFIGS: ``kernel:<n><k>:<rows>``.
 
     kernel "matmul" (n = output columns N, k = reduction K) or "wgrad" (n, k = the two
     output dims NA, NB); widths s (<= 64), m (<= 256), l; rows per expert "few" (< 256) or
-    "many". E.g. S5's FFN projections are ``matmul:ll:many``, S3's h @ B is ``matmul:ls:many``,
+    "many" (``many``: many_rows). E.g. S5's FFN projections are ``matmul:ll:many``, S3's h @ B is ``matmul:ls:many``,
     its dh = dy @ B ``matmul:sl:many`` and dB ``wgrad:ls:many``.
     """
-    rows = "few" if rows_per_expert < 256 else "many"
+    rows = "many" if many else "few"
     return f"{kernel}:{_width_class(n)}{_width_class(k)}:{rows}"
 
 
@@ -1006,11 +1016,11 @@ def _interpreter_config(kernel: str, n: int, k: int) -> TileConfig:
     return TileConfig(_pow2_block(n, 16, 32), _pow2_block(k, 16, 32), 32, 4, 1, 1)
 
 
-def grouped_config(kernel: str, n: int, k: int, rows_per_expert: float) -> TileConfig:
+def grouped_config(kernel: str, n: int, k: int, many: bool) -> TileConfig:
     """The tiles for a grouped kernel on this shape: table entry, else the default."""
     if _INTERPRETING:
         return _interpreter_config(kernel, n, k)
-    return GROUPED_CONFIGS.get(grouped_shape_class(kernel, n, k, rows_per_expert)) or _default_config(kernel, n, k)
+    return GROUPED_CONFIGS.get(grouped_shape_class(kernel, n, k, many)) or _default_config(kernel, n, k)
 
 
 def install_grouped_configs(configs: Dict[str, TileConfig]) -> None:
@@ -1030,19 +1040,20 @@ def _four_byte(cfg: TileConfig, compute_dtype: torch.dtype) -> TileConfig:
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the value instead of tracing the cache
-def grouped_layout_block(matmul_shapes: tuple = (), rows_per_expert: float = 0.0) -> int:
+def grouped_layout_block(matmul_shapes: tuple = (), many: bool = False) -> int:
     """Padding of the expert segments for the grouped_matmul launches of ``matmul_shapes``
-    ((N, K) pairs) that will run over the layout: the largest row tile of their tiles
-    (each tile then lies in one expert; smaller tiles halve down to fit); 16 without any."""
+    ((N, K) pairs) that will run over a layout of row class ``many`` (many_rows): the largest
+    row tile of their tiles (each tile then lies in one expert; smaller tiles halve down to
+    fit); 16 without any."""
     try:
-        return _layout_block(matmul_shapes, rows_per_expert)
+        return _layout_block(matmul_shapes, many)
     except TypeError:  # symbolic sizes (fake tensors of dynamic shapes) are not hashable
-        return _layout_block.__wrapped__(matmul_shapes, rows_per_expert)
+        return _layout_block.__wrapped__(matmul_shapes, many)
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout_block(matmul_shapes: tuple, rows_per_expert: float) -> int:
-    return max([16] + [grouped_config("matmul", n, k, rows_per_expert).block_m for n, k in matmul_shapes])
+def _layout_block(matmul_shapes: tuple, many: bool) -> int:
+    return max([16] + [grouped_config("matmul", n, k, many).block_m for n, k in matmul_shapes])
 
 
 def _meta_args(meta) -> tuple:
@@ -1059,7 +1070,7 @@ def _grouped_matmul_launch(num_rows: int, N: int, K: int, layout: tuple, a_strid
                            config: Optional[TileConfig]) -> KernelLaunch:
     """grouped_matmul_kernel's launch; ``layout`` = _meta_args, w_strides = (e, n, k) strides."""
     top_k, layout_block, pairs, experts = layout
-    cfg = config or _four_byte(grouped_config("matmul", N, K, pairs / max(experts, 1)), dtype)
+    cfg = config or _four_byte(grouped_config("matmul", N, K, many_rows(pairs, experts)), dtype)
     block_m, block_n = cfg.block_m, cfg.block_n
     while layout_block % block_m:  # a row tile must lie in one expert's segment
         block_m //= 2
@@ -1117,10 +1128,9 @@ def _grouped_weight_grad_launch(NA: int, NB: int, layout: tuple, l_strides: tupl
     """(grouped_weight_grad_kernel's launch, splits); ``out_strides``: those of the [E, NA, NB]
     output written directly (one split), None for a new contiguous one."""
     top_k, _, pairs, E = layout
-    rows_per_expert = pairs / max(E, 1)
-    cfg = config or _four_byte(grouped_config("wgrad", NA, NB, rows_per_expert), dtype)
+    cfg = config or _four_byte(grouped_config("wgrad", NA, NB, many_rows(pairs, E)), dtype)
     tiles = cdiv(NA, cfg.block_m) * cdiv(NB, cfg.block_n)
-    splits = _split_count(E * tiles, int(rows_per_expert), device)
+    splits = _split_count(E * tiles, pairs // max(E, 1), device)
     if splits > 1:  # fp32 partials [splits, E, NA, NB]
         partial_strides = (E * NA * NB, NA * NB, NB, 1)
     else:  # the output itself, as [1, E, NA, NB]

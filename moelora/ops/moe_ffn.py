@@ -234,14 +234,14 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
         gemm = wgrad = "triton"
         major = native_major(x.device)
         if applies and x.dtype == torch.bfloat16 and major is not None:
-            shape = launchers.grouped_shape_class("matmul", d_first, d_in, num_pairs / E)
+            shape = launchers.grouped_shape_class("matmul", d_first, d_in, launchers.many_rows(num_pairs, E))
             pick = {kind: FFN_ENGINES.get((major, kind, shape), FFN_ENGINES.get((major, kind, "*"), "triton"))
                     for kind in ("gemm", "wgrad")}
             gemm, wgrad = pick["gemm"], pick["wgrad"]
     else:
         gemm = wgrad = engine
     shapes = ((d_first, d_in), (d_out, d_ff), (d_ff, d_out), (d_in, d_first)) if gemm == "triton" else ()
-    block = launchers.grouped_layout_block(shapes, num_pairs / E)
+    block = launchers.grouped_layout_block(shapes, launchers.many_rows(num_pairs, E))
     return FFNPlan(gemm, wgrad, block)
 
 

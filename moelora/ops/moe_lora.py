@@ -254,7 +254,7 @@ def _grouped_block(d_in: int, lora_a, lora_b, pairs: int) -> int:
     largest row tile of the grouped GEMMs that run over it."""
     num_experts, d_out, rank = lora_b.shape
     shapes = ((d_out, rank), (rank, d_out)) + (((rank, d_in), (d_in, rank)) if lora_a.dim() == 3 else ())
-    return launchers.grouped_layout_block(shapes, pairs / num_experts)
+    return launchers.grouped_layout_block(shapes, launchers.many_rows(pairs, num_experts))
 
 
 def grouped_row_count(d_in: int, lora_a, lora_b, pairs: int) -> int:
@@ -305,7 +305,7 @@ def rows_engine(x, lora_b, pairs: int, rows: int, scaling: float) -> str:
     num_experts, d_out, rank = lora_b.shape
     if not (grouped_mm_layout_ok(lora_b.transpose(1, 2), check_start=False) and d_out % 8 == 0 and rank % 8 == 0):
         return "triton"
-    shape_class = launchers.grouped_shape_class("matmul", d_out, rank, pairs / num_experts)
+    shape_class = launchers.grouped_shape_class("matmul", d_out, rank, launchers.many_rows(pairs, num_experts))
     return ROWS_ENGINES.get((major, shape_class), "triton")
 
 
