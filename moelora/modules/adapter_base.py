@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from moelora.kernels.launchers import accumulator_dtype
+from moelora.ops.backend import without_autocast
 from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import lora_dropout_mask
 from moelora.modules.routed import RoutedModule
@@ -293,9 +294,11 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         return a, b
 
     def delta_weight(self, task: Optional[int] = None) -> torch.Tensor:
-        """The static adapter's weight delta in nn.Linear layout [d_out, d_in] (see above)."""
+        """The static adapter's weight delta in nn.Linear layout [d_out, d_in] (see above), in the
+        adapters' dtype whatever torch.autocast says (merging must not round it)."""
         a, b = self.static_lora_factors(task)
-        return self.scaling * (b @ a)
+        with without_autocast(a):
+            return self.scaling * (b @ a)
 
     def check_merge(self, task: Optional[int] = None) -> None:
         """Raise the error :meth:`merge` would (the layer is merged already or disabled, or its routing

@@ -2,6 +2,8 @@
 loop (outputs and gradients), PEFT's LoRA Embedding / Conv layers for one expert, the
 1 x 1 convolution as the linear case, merging, errors."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -322,6 +324,28 @@ def test_merge_unmerge_of_fp64_layers_rounds_in_fp64(make, inp):
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MoELoRALinear(nn.Linear(8, 6), num_experts=1, r=4),
+    lambda: MoELoRALinear(nn.Linear(8, 6), num_experts=1, r=4, use_dora=True),
+    lambda: _embedding("single"),
+    lambda: _conv("conv2d_3x3_s2", "single"),
+], ids=["linear", "dora", "embedding", "conv"])
+def test_merge_and_unmerge_under_autocast_do_not_round_the_delta(make):
+    """A merge (or unmerge) called inside torch.autocast (a training loop's bf16 context) folds
+    the same delta as outside it: the product B A is not rounded to bfloat16."""
+    torch.manual_seed(0)
+    layer = _fill(make()).eval()
+    plain = copy.deepcopy(layer)
+    plain.merge()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, plain.base_layer.weight)
+    plain.unmerge()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, plain.base_layer.weight)
 
 
 def test_merge_refusals():
