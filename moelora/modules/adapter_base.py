@@ -200,10 +200,8 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                                        s.threshold_ramp_steps, device=weight.device, **(router_kwargs or {}))
         else:
             self.router = None
-        if self.uses_selector:
-            blocks = 1 if s.share_lora_a else self.num_lora
-            self.register_buffer("lora_selector", projection_selector(blocks, s.r, **factory), persistent=False)
         self._add_parameters(factory)
+        self._register_constant_buffers(**factory)
         self.reset_lora_parameters(s.init_lora_weights)
 
     def _register_lora(self, lora_a: nn.Parameter, lora_b: nn.Parameter) -> None:
@@ -212,6 +210,30 @@ class AdapterLayerBase(nn.Module, RoutedModule):
 
     def _add_parameters(self, factory: dict) -> None:
         """Parameters a layer type adds (created before the init below)."""
+
+    # ----------------------------------------------------------------------------- constants
+    def _constant_buffers(self) -> dict:
+        """name -> ``build(device, dtype)`` of the layer's constant buffers (non-persistent, functions
+        of its shape alone): the projection selector; MoELoRAConv adds its group mask."""
+        if not self.uses_selector:
+            return {}
+        blocks = 1 if self.share_lora_a else self.num_lora
+        return {"lora_selector": lambda device, dtype: projection_selector(blocks, self.r, device, dtype)}
+
+    def _register_constant_buffers(self, device, dtype) -> None:
+        for name, build in self._constant_buffers().items():
+            self.register_buffer(name, build(device, dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # The constant buffers are made again where ``fn`` put them, in the dtype it gave them: no
+        # state dict restores them, and ``to_empty`` (meta-device init, then loading the weights)
+        # leaves their memory uninitialised. Module moves only, never a forward.
+        module = super()._apply(fn, recurse)
+        for name, build in self._constant_buffers().items():
+            old = self._buffers.get(name)
+            if old is not None:
+                self._buffers[name] = build(old.device, old.dtype)
+        return module
 
     # ----------------------------------------------------------------------------- init
     @torch.no_grad()

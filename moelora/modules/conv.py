@@ -105,20 +105,29 @@ class MoELoRAConv(AdapterLayerBase):
                          router_in=patch, b_groups=groups, router_class=ConvRouter,
                          router_kwargs=dict(kernel_size=kernel_size, in_channels=base_layer.in_channels,
                                             geometry=geometry))
-        self.in_channels, self.out_channels, self.groups = base_layer.in_channels, base_layer.out_channels, groups
         self.in_features, self.out_features = patch, base_layer.out_channels
         self.kernel_size, self.geometry = kernel_size, geometry
         self.lora_dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
         unpadded = geometry.padding == "valid" or (not isinstance(geometry.padding, str)
                                                    and not any(geometry.padding))
         self.pointwise = all(k == 1 for k in kernel_size) and all(s == 1 for s in geometry.stride) and unpadded
-        if groups > 1:
-            # B [E, C_out, r/g] acts as the block-diagonal [E, C_out, r]: output channel o reads
-            # the r/g projected channels of its group.
-            out_group = torch.arange(self.out_channels) // (self.out_channels // groups)
-            rank_group = torch.arange(self.r) // (self.r // groups)
-            mask = (out_group[:, None] == rank_group[None, :]).to(self.lora_B.dtype)
-            self.register_buffer("lora_b_group_mask", mask.to(self.lora_B.device), persistent=False)
+
+    def _add_parameters(self, factory: dict) -> None:
+        self.in_channels, self.out_channels, self.groups = (self.base_layer.in_channels, self.base_layer.out_channels,
+                                                            self.base_layer.groups)
+
+    def _constant_buffers(self) -> dict:
+        constants = super()._constant_buffers()
+        if self.groups > 1:
+            constants["lora_b_group_mask"] = self._group_mask
+        return constants
+
+    def _group_mask(self, device, dtype) -> torch.Tensor:
+        """B [E, C_out, r/g] acts as the block-diagonal [E, C_out, r]: output channel o reads the r/g
+        projected channels of its group (mask [C_out, r])."""
+        out_group = torch.arange(self.out_channels, device=device) // (self.out_channels // self.groups)
+        rank_group = torch.arange(self.r, device=device) // (self.r // self.groups)
+        return (out_group[:, None] == rank_group[None, :]).to(dtype)
 
     def base_weight(self) -> torch.Tensor:
         """The base kernel as [C_out, C_in/groups * prod(kernel)] (a view)."""

@@ -402,3 +402,23 @@ def test_a_dropout_is_the_layer_with_a_masked_and_rescaled(kind):
     expected = reference.eval()(x)  # eval: no A-dropout
     assert not torch.allclose(out, _fill(make()).eval()(x))  # the mask changed the output
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("make,inp", [
+    (lambda: _embedding("softmax_topk"), lambda: torch.tensor([[0, 3, 5, 7], [1, 2, 10, 4]])),
+    (lambda: _conv("conv2d_grouped", "shared_a"), lambda: _conv_input("conv2d_grouped")),
+    (lambda: _conv("conv2d_3x3_s2", "task_shared"), lambda: _conv_input("conv2d_3x3_s2"))])
+def test_meta_device_layer_made_real_with_to_empty_then_loaded_equals_the_layer(make, inp):
+    """Meta-device init (FSDP2, big models): build on meta, ``to_empty``, load the weights. The
+    constant buffers no state dict holds (the projection selector, the group mask) must be right
+    again, not the uninitialised memory to_empty leaves; and they follow ``.to(dtype)``."""
+    layer = _fill(make())
+    with torch.device("meta"):
+        empty = make()
+    empty.to_empty(device="cpu").load_state_dict(layer.state_dict())
+    empty.task_ids = layer.task_ids
+    torch.testing.assert_close(empty(inp()), layer(inp()), rtol=0, atol=0)
+    single = _fill(make()).float()
+    assert all(b.dtype == torch.float32 for b in single.buffers() if b.is_floating_point())
+    x = inp() if inp().dtype == torch.long else inp().float()
+    torch.testing.assert_close(single(x).double(), layer(inp()), rtol=1e-5, atol=1e-5)
