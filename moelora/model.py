@@ -306,9 +306,25 @@ class MoELoRAModel(nn.Module):
         # [(task ids, their layers, what those held before)] of the last forward given task_ids, or []
         # (a list mutated in place: dynamo 2.11 cannot trace a module's __dict__.pop)
         self._forward_task_ids = []
+        self._bind_forward()
+
+    def _bind_forward(self) -> None:
         forward = _forward_with_wrapped_signature(self)
         if forward is not None:
             self.forward = forward
+
+    # The forward with the wrapped model's signature is a local function bound to the wrapper:
+    # pickling would store it as getattr(wrapper, "forward"), the class's, without the signature
+    # (transformers' Trainer would then drop every dataset column of a torch.load-ed model). Copies
+    # (pickle, torch.save, copy.deepcopy) leave it out and bind their own.
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._bind_forward()
 
     def __getattr__(self, name):
         try:

@@ -252,6 +252,31 @@ def test_deepcopy_after_a_training_forward_starts_without_routing_record():
     torch.testing.assert_close(clone(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
 
 
+
+def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
+    """A whole MoELoRAModel through pickle / torch.save + torch.load (and deepcopy) shows the wrapped
+    model's forward signature, as the original: transformers' Trainer drops the dataset columns
+    the signature does not name, so a copy showing ``(*args, labels, task_ids, **kwargs)`` would
+    lose input_ids. Its forward is bound to the copy and computes the model."""
+    import inspect
+    import io
+    import pickle
+
+    model = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
+                                                                      top_k=1))
+    randomize_adapters(model)
+    ids = token_batch()
+    expected = model(ids).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False), copy.deepcopy(model)]
+    for clone in copies:
+        assert inspect.signature(clone.forward) == inspect.signature(model.forward)
+        assert "input_ids" in inspect.signature(clone.forward).parameters
+        assert clone.forward.__self__ is clone
+        torch.testing.assert_close(clone(ids).logits, expected, rtol=0, atol=0)
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(use_reentrant):
     """Reentrant checkpointing runs the layers' forward under torch.no_grad(): their aux losses
