@@ -201,16 +201,24 @@ def set_task_ids(model: nn.Module, ids) -> None:
     _swap_task_ids(model, ids)
 
 
-def _swap_task_ids(model: nn.Module, ids) -> tuple:
-    """:func:`set_task_ids`, returning (the task-routed layers, the ids each held before) for a
-    caller that puts them back."""
+def _swap_task_ids(model: nn.Module, ids, owner=None) -> tuple:
+    """:func:`set_task_ids`, returning (the task-routed layers, what each held before) for a caller
+    that puts them back (:func:`_put_task_ids`). ``owner``: who set them (a MoELoRAModel's
+    ``_task_ids_owner`` in its forward, else None), so that the wrapper's next forward puts back
+    only ids its forward set, not the same object set since (ints are shared: ``task_ids=1`` in a
+    forward, then ``set_task_ids(model, 1)``)."""
     layers = _task_layers(model)
     if not layers and ids is not None:
         raise ValueError("the model has no task-routed MoE-LoRA layer (router='task')")
-    previous = [layer.task_ids for layer in layers]
+    previous = [(layer.task_ids, layer.task_ids_owner) for layer in layers]
     for layer in layers:
-        layer.task_ids = ids
+        _put_task_ids(layer, (ids, owner))
     return layers, previous
+
+
+def _put_task_ids(layer: nn.Module, held: tuple) -> None:
+    """Give ``layer`` the (task ids, owner) ``held`` (as :func:`_swap_task_ids` returns them)."""
+    layer.task_ids, layer.task_ids_owner = held
 
 
 @contextlib.contextmanager
@@ -229,7 +237,7 @@ def use_task_ids(model: nn.Module, ids):
         yield
     finally:
         for layer, prev in zip(layers, previous):
-            layer.task_ids = prev
+            _put_task_ids(layer, prev)
 
 
 def step_routers(model: nn.Module, n: int = 1) -> None:
@@ -303,9 +311,11 @@ class MoELoRAModel(nn.Module):
         self.inactive_adapters = nn.ModuleDict()
         self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
         self.inference_adapters = set()  # adapters loaded with is_trainable=False: frozen when active
-        # [(task ids, their layers, what those held before)] of the last forward given task_ids, or []
+        # [(task ids, their owner, their layers, what those held before)] of the last forward given
+        # task_ids, or []
         # (a list mutated in place: dynamo 2.11 cannot trace a module's __dict__.pop)
         self._forward_task_ids = []
+        self._task_ids_owner = object()  # what the layers hold beside the task ids its forward gives them
         self._bind_forward()
 
     def _bind_forward(self) -> None:
@@ -344,7 +354,8 @@ class MoELoRAModel(nn.Module):
         if labels is not None:
             kwargs["labels"] = labels
         if task_ids is not None:
-            self._forward_task_ids.append((task_ids, *_swap_task_ids(self.model, task_ids)))
+            owner = self._task_ids_owner
+            self._forward_task_ids.append((task_ids, owner, *_swap_task_ids(self.model, task_ids, owner)))
         output = self.model(*args, **kwargs)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
@@ -355,10 +366,10 @@ class MoELoRAModel(nn.Module):
         :meth:`forward`), where they still hold that forward's."""
         state = self._forward_task_ids
         if state:
-            ids, layers, previous = state.pop()
+            ids, owner, layers, previous = state.pop()
             for layer, prev in zip(layers, previous):
-                if layer.task_ids is ids:
-                    layer.task_ids = prev
+                if layer.task_ids is ids and layer.task_ids_owner is owner:
+                    _put_task_ids(layer, prev)
 
     def _with_aux_loss(self, output, labels_given: bool):
         if isinstance(output, dict):

@@ -328,6 +328,29 @@ def test_use_task_ids_after_a_forward_with_task_ids_leaves_no_stale_ids():
     assert all(layer.task_ids is before for layer in _layers(model).values())
 
 
+
+@pytest.mark.parametrize("setter", ["wrapper", "inner_model", "use_task_ids"])
+def test_task_ids_set_after_a_forward_with_the_same_int_stay_set(setter):
+    """forward(task_ids=1) then set_task_ids(1): the next forward must route by task 1. Python ints
+    are shared objects, so the forward's record could not tell the set ids from its own and put back
+    what the layers held before it (task 0 here: a silently wrong task)."""
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task"))
+    randomize_adapters(model)
+    ids = token_batch()
+    expected = model(ids, task_ids=torch.tensor([1, 1])).last_hidden_state
+    model.set_task_ids(0)
+    model(ids, task_ids=1)
+    if setter == "use_task_ids":
+        with moelora.use_task_ids(model.model, 1):
+            out = model(ids).last_hidden_state
+    else:
+        if setter == "wrapper":
+            model.set_task_ids(1)
+        else:
+            moelora.set_task_ids(model.model, 1)
+        out = model(ids).last_hidden_state
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("stale", [False, True], ids=["none_set", "other_ids_set"])
 def test_task_ids_forward_kwarg_routes_the_checkpointed_recomputation_too(use_reentrant, stale):

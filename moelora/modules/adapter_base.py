@@ -181,6 +181,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self.merged_task: Optional[int] = None
         self.disable_adapters = False
         self.task_ids = None  # task routing: the ids of the next forwards (moelora.set_task_ids sets them)
+        self.task_ids_owner = None  # the MoELoRAModel forward that set task_ids, else None (moelora.model)
         self.clear_routing_record()
 
         weight = base_layer.weight
