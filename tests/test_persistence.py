@@ -132,6 +132,30 @@ def test_merge_unmerge_single_expert(use_dora):
     torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_merged_dora_state_follows_the_model_moves():
+    """A merged DoRA layer keeps what unmerge divides out (the magnitude scale) and subtracts (the
+    delta): they must move with the model (merge on one device, ``.to()`` another, then unmerge,
+    disable the adapter or switch adapters, which unmerge) and take its dtype; the meta device
+    stands in for another device here."""
+    model = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj"], num_experts=1,
+                                                                      use_dora=True))
+    _perturb_all_adapters(model)
+    ids = token_batch()
+    expected = model(ids).logits
+    weight = model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    model.merge_adapter()
+    model.double()
+    with model.disable_adapter():  # unmerges
+        model(ids)
+    torch.testing.assert_close(model.model.model.layers[0].self_attn.q_proj.base_layer.weight.float(), weight,
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(ids).logits.float(), expected, rtol=1e-5, atol=1e-5)
+    model.merge_adapter()
+    model.to("meta")
+    model.unmerge_adapter()
+    assert all(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
+
 def test_merge_task_routed_layer_for_chosen_task_and_reject_learned_router():
     model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query", "value"], num_experts=3,
                                                          router="task", task_shared_lora=True))

@@ -344,9 +344,12 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         delta = self.delta_weight(task).to(acc)
         if self.use_dora:
             merged = w.to(acc) + delta
-            self._dora_merge_scale = (self.lora_magnitude_vector.to(acc) / torch.linalg.norm(merged, dim=1)).detach()
-            self._dora_merged_delta = delta
-            w.copy_((merged * self._dora_merge_scale[:, None]).to(weight.dtype))
+            # What unmerge divides out and subtracts: buffers (not saved), so that they follow the
+            # layer's moves (.to(device), .double()) as its weights do.
+            scale = (self.lora_magnitude_vector.to(acc) / torch.linalg.norm(merged, dim=1)).detach()
+            self.register_buffer("_dora_merge_scale", scale, persistent=False)
+            self.register_buffer("_dora_merged_delta", delta, persistent=False)
+            w.copy_((merged * scale[:, None]).to(weight.dtype))
         else:
             w.copy_((w.to(acc) + delta).to(weight.dtype))
         self.merged, self.merged_task = True, task
