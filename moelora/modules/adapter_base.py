@@ -58,6 +58,13 @@ def single_expert_routing(num_tokens: int, device: torch.device):
     return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
 
 
+def _constants_after_load(layer: "AdapterLayerBase", incompatible_keys) -> None:
+    """load_state_dict's post hook: ``load_state_dict(..., assign=True)`` into a layer built on the meta
+    device puts the loaded tensors in place of A and B, and nothing in place of the constant
+    buffers (no state dict holds them), which would stay on meta."""
+    layer._constants_follow_lora_b()
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSettings:
     """The hyper-parameters of one MoE-LoRA layer (PEFT's names where PEFT has them), checked
@@ -203,6 +210,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
             self.router = None
         self._add_parameters(factory)
         self._register_constant_buffers(**factory)
+        self.register_load_state_dict_post_hook(_constants_after_load)
         self.reset_lora_parameters(s.init_lora_weights)
 
     def _register_lora(self, lora_a: nn.Parameter, lora_b: nn.Parameter) -> None:
@@ -235,6 +243,14 @@ class AdapterLayerBase(nn.Module, RoutedModule):
             if old is not None:
                 self._buffers[name] = build(old.device, old.dtype)
         return module
+
+    def _constants_follow_lora_b(self) -> None:
+        """Make the constant buffers again on B's device in B's dtype where they are elsewhere."""
+        b = self.lora_B
+        for name, build in self._constant_buffers().items():
+            old = self._buffers.get(name)
+            if old is not None and (old.device != b.device or old.dtype != b.dtype):
+                self._buffers[name] = build(b.device, b.dtype)
 
     # ----------------------------------------------------------------------------- init
     @torch.no_grad()

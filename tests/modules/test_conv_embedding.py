@@ -408,14 +408,19 @@ def test_a_dropout_is_the_layer_with_a_masked_and_rescaled(kind):
     (lambda: _embedding("softmax_topk"), lambda: torch.tensor([[0, 3, 5, 7], [1, 2, 10, 4]])),
     (lambda: _conv("conv2d_grouped", "shared_a"), lambda: _conv_input("conv2d_grouped")),
     (lambda: _conv("conv2d_3x3_s2", "task_shared"), lambda: _conv_input("conv2d_3x3_s2"))])
-def test_meta_device_layer_made_real_with_to_empty_then_loaded_equals_the_layer(make, inp):
-    """Meta-device init (FSDP2, big models): build on meta, ``to_empty``, load the weights. The
-    constant buffers no state dict holds (the projection selector, the group mask) must be right
-    again, not the uninitialised memory to_empty leaves; and they follow ``.to(dtype)``."""
+@pytest.mark.parametrize("how", ["to_empty", "assign"])
+def test_meta_device_layer_made_real_then_loaded_equals_the_layer(make, inp, how):
+    """Meta-device init (FSDP2, big models): build on meta, then ``to_empty`` and load the weights,
+    or load them with ``assign=True``. The constant buffers no state dict holds (the projection
+    selector, the group mask) must be right again, not the uninitialised memory to_empty leaves
+    nor meta tensors; and they follow ``.to(dtype)``."""
     layer = _fill(make())
     with torch.device("meta"):
         empty = make()
-    empty.to_empty(device="cpu").load_state_dict(layer.state_dict())
+    if how == "to_empty":
+        empty.to_empty(device="cpu").load_state_dict(layer.state_dict())
+    else:
+        empty.load_state_dict(layer.state_dict(), assign=True)
     empty.task_ids = layer.task_ids
     torch.testing.assert_close(empty(inp()), layer(inp()), rtol=0, atol=0)
     single = _fill(make()).float()
