@@ -159,13 +159,14 @@ class MoELoRALinear(AdapterLayerBase):
         return spec, None, None
 
     def _fusable(self, base: nn.Module, args, kwargs) -> bool:
-        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks, no extra
-        arguments, no DoRA with LoRA dropout in training (PEFT's DoRA then scales a second base
-        GEMM over the dropped-out x). Any number of experts: the op runs moelora.moe_lora's dense
-        or grouped regime."""
+        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks (nor a
+        forward of its own: accelerate's hooks, as device_map dispatch and offloading install them,
+        replace the instance's ``forward``), no extra arguments, no DoRA with LoRA dropout in
+        training (PEFT's DoRA then scales a second base GEMM over the dropped-out x). Any number
+        of experts: the op runs moelora.moe_lora's dense or grouped regime."""
         return (not args and not kwargs and (type(base) is nn.Linear or is_conv1d(base))
                 and not (self.use_dora and self.training and not isinstance(self.lora_dropout, nn.Identity))
-                and not base._forward_hooks and not base._forward_pre_hooks
+                and not base._forward_hooks and not base._forward_pre_hooks and "forward" not in base.__dict__
                 and not _global_forward_hooks and not _global_forward_pre_hooks)
 
     # ----------------------------------------------------------------------------- forward

@@ -225,6 +225,24 @@ def test_composed_path_draws_random_numbers_as_the_fused_path(kind, extra):
     assert torch.equal(results[1][1], results[0][1])
 
 
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "dora"])
+def test_base_layer_with_an_accelerate_style_forward_runs_it(kind):
+    """accelerate's hooks (device_map dispatch, offloading: add_hook_to_module) replace the base
+    layer's ``forward`` on the instance instead of registering a forward hook. The layer must run
+    that forward, as it runs a registered hook, not the fused op's own base GEMM, which would
+    skip it: here it doubles the base's input (as a hook moving x to another device changes it)."""
+    plain = _layer(kind)
+    randomize_adapters(plain)
+    hooked, registered = copy.deepcopy(plain), copy.deepcopy(plain)
+    plain_forward = hooked.base_layer.forward
+    hooked.base_layer.forward = lambda inp, *args, **kwargs: plain_forward(2 * inp, *args, **kwargs)
+    registered.base_layer.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    x = torch.randn(4, 12)
+    expected = registered(x)
+    assert not torch.allclose(expected, plain(x))
+    torch.testing.assert_close(hooked(x), expected, rtol=0, atol=0)
+
 def test_scaling_is_alpha_over_r_or_sqrt_r():
     assert MoELoRALinear(_base(), num_experts=1, r=4, lora_alpha=8).scaling == 2.0
     assert MoELoRALinear(_base(), num_experts=1, r=4, lora_alpha=8, use_rslora=True).scaling == 8 / math.sqrt(4)
