@@ -145,12 +145,17 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
               and not task_ids.is_inference())
     key = (tuple(lead_shape), num_tasks, shared_expert, gamma.device, dtype)
     entry = _TASK_ROUTING.get(task_ids, {}).get(key) if cached else None
-    if entry is None or entry[0] != task_ids._version or (not entry[1] and syncing_checks_enabled()):
+    if not cached:
         ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype)
-        if cached:
-            if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
-                del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
-            _TASK_ROUTING.setdefault(task_ids, {})[key] = (task_ids._version, syncing_checks_enabled(), ids, one_hot)
+    elif entry is None or entry[0] != task_ids._version or (not entry[1] and syncing_checks_enabled()):
+        # Made outside inference mode (as single-expert routing's scalars): an entry made by a forward
+        # under torch.inference_mode would hold inference tensors, which the training forwards after
+        # it could not save for backward.
+        with torch.inference_mode(False):
+            ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype)
+        if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
+            del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
+        _TASK_ROUTING.setdefault(task_ids, {})[key] = (task_ids._version, syncing_checks_enabled(), ids, one_hot)
     else:
         ids, one_hot = entry[2:]
     # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the

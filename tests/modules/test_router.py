@@ -133,6 +133,27 @@ def test_task_routing_broadcasts_per_example_ids_and_adds_shared_expert():
         task_routing(torch.tensor([0, 1, 2]), gamma, (2, 3))
 
 
+
+def test_task_routing_reused_after_an_inference_mode_forward_trains():
+    """Task ids set once, a forward under torch.inference_mode (evaluation, generation), then a
+    training step: what the first forward kept for the task-id tensor must not be inference
+    tensors, which the training forward could not save for backward."""
+    gamma = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    tasks = torch.tensor([2, 0])
+    with torch.inference_mode():
+        task_routing(tasks, gamma, (2, 3))
+    routing = task_routing(tasks, gamma, (2, 3))
+    assert not routing.ids.is_inference()
+    (grad,) = torch.autograd.grad(routing.weights.sum(), gamma)
+    assert grad.tolist() == [3.0, 0.0, 3.0]
+    layer = moelora.MoELoRALinear(torch.nn.Linear(4, 4), num_experts=3, router="task", r=2)
+    moelora.set_task_ids(layer, torch.tensor([1, 2]))
+    x = torch.randn(2, 3, 4)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    assert layer.lora_gamma.grad is not None
+
 def test_task_routing_reuses_the_ids_of_a_task_id_tensor_until_it_changes():
     """Layers routing by the same task-id tensor build its ids and one-hot matrix once; gamma's
     weights (and gradient) are computed per call; an in-place change of the ids, a validation
