@@ -5,7 +5,10 @@ MoE-LoRA layers, as PEFT's LoRA: ``nn.Linear`` (or GPT-2 ``Conv1D``) with
 :class:`MoELoRALinear`, ``nn.Embedding`` with :class:`MoELoRAEmbedding`, ``nn.Conv1d/2d/3d``
 with :class:`MoELoRAConv` (a regex matching several kinds adapts each with its class;
 ``"all-linear"`` takes the linear layers only). It freezes everything but the adapters,
-routers and task scales, and returns a :class:`MoELoRAModel` wrapper.
+routers and task scales, and returns a :class:`MoELoRAModel` wrapper. Each layer starts in the
+train / eval mode of the module it replaces (as ``upcycle_ffn``'s and ``apply_molex``'s modules,
+and the wrapper): injecting into a model in eval mode leaves it in eval mode, without dropout
+or router noise until ``model.train()``.
 
 Auxiliary losses: every routed module keeps the weighted load-balancing + z-loss of its
 last forward. ``moelora.aux_loss(model)`` sums them (custom loops add it to their loss).
@@ -142,7 +145,7 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             if layer_class is not MoELoRALinear and config.use_dora:
                 raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
             layer = layer_class(base, config.layer_settings(name, layer_index(name, config.layers_pattern), num_layers))
-            set_module(model, name, layer)
+            set_module(model, name, layer.train(base.training))  # in the mode of the module it replaces
         wrap_modules_to_save(model, config.modules_to_save)
         mark_only_adapters_trainable(model, config.bias)
     return names
@@ -306,9 +309,10 @@ class MoELoRAModel(nn.Module):
     def __init__(self, model: nn.Module, config: MoELoRAConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.model = model
+        self.training = model.training  # the wrapped model's mode (what add_adapter gives new adapters)
         self.adapter_configs: Dict[str, MoELoRAConfig] = {adapter_name: config}
         self.active_adapter = adapter_name
-        self.inactive_adapters = nn.ModuleDict()
+        self.inactive_adapters = nn.ModuleDict().train(model.training)
         self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
         self.inference_adapters = set()  # adapters loaded with is_trainable=False: frozen when active
         # [(task ids, their owner, their layers, what those held before)] of the last forward given

@@ -238,6 +238,30 @@ def test_disable_adapter_and_molex_gates_not_targeted():
         torch.testing.assert_close(model(ids).logits, expected)
 
 
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_modules_moelora_adds_start_in_the_models_mode(mode):
+    """get_moelora_model, upcycle_ffn, apply_molex, modules_to_save and add_adapter on a model in
+    eval mode (transformers' from_pretrained gives one) leave every module in eval mode: new modules
+    started in train mode, so LoRA dropout, router jitter and threshold sampling ran in what the
+    caller had put in eval mode (two equal forwards differed). A model in train mode stays so."""
+    base = tiny_llama(num_layers=2).train(mode == "train")
+    moelora.upcycle_ffn(base, num_experts=3, top_k=2, router="threshold", threshold_eps=0.3)
+    moelora.apply_molex(base, gate="linear")
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=3, top_k=2,
+                                                  lora_dropout=0.5, router_jitter_noise=0.5,
+                                                  modules_to_save=["lm_head"]))
+    model.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1))
+    assert {m.training for m in model.modules()} == {mode == "train"}
+    bert = tiny_bert(num_layers=1).train(mode == "train")
+    moelora.upcycle_ffn(bert, num_experts=2, top_k=1)
+    assert {m.training for m in bert.modules()} == {mode == "train"}
+    if mode == "eval":
+        randomize_adapters(model)
+        ids = token_batch()
+        torch.testing.assert_close(model(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   rtol=0, atol=0)
+
 def test_deepcopy_after_a_training_forward_starts_without_routing_record():
     base = tiny_llama(num_layers=2)
     moelora.apply_molex(base, gate="linear")

@@ -51,6 +51,7 @@ class ModulesToSaveWrapper(nn.Module):
         # Trainable, saved whole with the adapter, never a target of injection (see moelora.model).
         self.modules_to_save.moelora_owned = True
         self.disable_adapters = False
+        self.training = module.training
 
     def forward(self, *args, **kwargs):
         return (self.original_module if self.disable_adapters else self.modules_to_save)(*args, **kwargs)

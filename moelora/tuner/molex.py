@@ -55,7 +55,7 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     if isinstance(width, int) and not isinstance(width, bool) and hidden_size != width:
         raise ValueError(f"hidden_size={hidden_size!r} does not match the model's width: its layers take hidden "
                          f"states of width {width} (pass hidden_size={width} or leave it out)")
-    molex = MoLEx(stack, hidden_size, **kwargs)
+    molex = MoLEx(stack, hidden_size, **kwargs).train(stack.training)  # in the model's mode, as every module added
     first = next(stack.parameters(), None)
     if first is not None:
         molex.to(first.device)  # the gates live where the layers do (fp32 whatever the model's dtype)

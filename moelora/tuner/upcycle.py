@@ -85,12 +85,12 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
         m = model.get_submodule(name)
         if kind == "bert":
             moe = MoEFFN(m.intermediate.dense, m.output.dense, m.intermediate.intermediate_act_fn, num_experts,
-                         top_k, **router_kwargs)
+                         top_k, **router_kwargs).train(m.training)
             m.intermediate = moe
-            m.output.dense = nn.Identity()
+            m.output.dense = nn.Identity().train(m.training)
         elif kind == "gated":
             moe = MoEFFN(m.up_proj, m.down_proj, m.act_fn, num_experts, top_k, gate_proj=m.gate_proj, **router_kwargs)
-            set_module(model, name, moe)
+            set_module(model, name, moe.train(m.training))
         else:
             try:
                 parts = [m.get_submodule(p) if p else None for p in (in_proj, out_proj, gate_proj)]
@@ -98,6 +98,6 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
                 raise ValueError(f"{name} lacks one of in_proj={in_proj!r}, out_proj={out_proj!r}, "
                                  f"gate_proj={gate_proj!r}") from err
             moe = MoEFFN(parts[0], parts[1], activation, num_experts, top_k, gate_proj=parts[2], **router_kwargs)
-            set_module(model, name, moe)
+            set_module(model, name, moe.train(m.training))
     record(model, "upcycle_ffn", call)  # replayed by moelora.from_pretrained
     return [n for n, _ in targets]
