@@ -729,23 +729,24 @@ def lora_weight_grad_reduce_kernel(
 def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, eps_start, eps_end, inv_ramp, T,
                              stride_pt, stride_pk, stride_nt, stride_nk, stride_wt, stride_wk,
                              HAS_NOISE: tl.constexpr, HAS_RAMP: tl.constexpr, TOP_K: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                             ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """ST-MoE threshold routing's kept weights from the top-n probabilities (best first):
     p_hat = top_p / sum(top_p); the best slot always kept, another iff noise < p_hat / eps
     (training draws, HAS_NOISE) or p_hat >= eps (eval); every slot while eps <= 0; kept
     probabilities renormalised, dropped slots 0. eps = eps_start + (eps_end - eps_start) *
-    min(num_steps / ramp, 1) read on the device (HAS_RAMP), else eps_end. Grid: (cdiv(T, BLOCK_T),).
+    min(num_steps / ramp, 1) read on the device (HAS_RAMP), else eps_end. Computed in ACC (top_p's
+    accumulator dtype: fp32, fp64 for fp64 logits). Grid: (cdiv(T, BLOCK_T),).
     """
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
     mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
     p = tl.load(top_p_ptr + offs_t[:, None] * stride_pt + offs_k[None, :] * stride_pk, mask=mask,
-                other=0.0).to(tl.float32)
+                other=0.0).to(ACC)
     if HAS_RAMP:
-        steps = tl.load(num_steps_ptr).to(tl.float32)
+        steps = tl.load(num_steps_ptr).to(ACC)
         eps = eps_start + (eps_end - eps_start) * tl.minimum(steps * inv_ramp, 1.0)
     else:
-        eps = eps_end + tl.zeros((), dtype=tl.float32)
+        eps = eps_end + tl.zeros((), dtype=ACC)
     total = tl.sum(p, axis=1)
     p_hat = p / tl.maximum(total, 1.17549435e-38)[:, None]
     if HAS_NOISE:
@@ -753,7 +754,7 @@ def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, eps_sta
         keep = u < tl.minimum(p_hat / eps, 1.0)
     else:
         keep = p_hat >= eps
-    eps_tile = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32) + eps
+    eps_tile = tl.zeros((BLOCK_T, BLOCK_K), dtype=ACC) + eps
     keep = tl.where((offs_k[None, :] == 0) | (eps_tile <= 0), True, keep)
     kept = tl.where(keep & mask, p, 0.0)
     w = kept / tl.maximum(tl.sum(kept, axis=1), 1.17549435e-38)[:, None]

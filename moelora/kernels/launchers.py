@@ -917,24 +917,26 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: to
 
 
 @functools.lru_cache(maxsize=4096)
-def _threshold_launch(T: int, n: int, p_strides: tuple, noise_strides: Optional[tuple], ramp: bool) -> KernelLaunch:
+def _threshold_launch(T: int, n: int, p_strides: tuple, noise_strides: Optional[tuple], ramp: bool,
+                      dtype: torch.dtype) -> KernelLaunch:
     block_t = 128
     return KernelLaunch(threshold_weights_kernel, (cdiv(T, block_t),),
                         (T, *p_strides, *(noise_strides or p_strides), *_contiguous(n)),
-                        HAS_NOISE=noise_strides is not None, HAS_RAMP=ramp, TOP_K=n, BLOCK_T=block_t,
-                        BLOCK_K=next_power_of_2(n))
+                        HAS_NOISE=noise_strides is not None, HAS_RAMP=ramp, TOP_K=n,
+                        ACC=_TL_DTYPES[accumulator_dtype(dtype)], BLOCK_T=block_t, BLOCK_K=next_power_of_2(n))
 
 
 def threshold_weights(top_p: torch.Tensor, noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor], *,
                       eps_start: float, eps_end: float, ramp_steps: int) -> torch.Tensor:
     """ST-MoE threshold routing's kept, renormalised weights [T, n] from the top-n probabilities,
-    in one kernel (see threshold_weights_kernel); the eps schedule is read on the device."""
+    in one kernel (see threshold_weights_kernel), computed in top_p's accumulator dtype (fp64 for
+    fp64 probabilities); the eps schedule is read on the device."""
     T, n = top_p.shape
     w = torch.empty(T, n, dtype=top_p.dtype, device=top_p.device)
     if T == 0:
         return w
     ramp = ramp_steps > 0 and num_steps is not None
-    kernel = _threshold_launch(T, n, top_p.stride(), noise.stride() if noise is not None else None, ramp)
+    kernel = _threshold_launch(T, n, top_p.stride(), noise.stride() if noise is not None else None, ramp, top_p.dtype)
     kernel(top_p, noise if noise is not None else top_p, num_steps if ramp else top_p, w, float(eps_start),
            float(eps_end), 1.0 / ramp_steps if ramp else 0.0)
     return w

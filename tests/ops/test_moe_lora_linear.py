@@ -194,6 +194,25 @@ def test_experts_without_tokens_get_exact_zero_gradients(regime):
     assert layer.lora_B.grad[[0, 1, 2, 4]].abs().sum() > 0
 
 
+@pytest.mark.parametrize("eps, train", [(0.0, False), (0.3, False), (0.3, True)], ids=["eps0", "eval", "train"])
+def test_float64_threshold_routing_keeps_float64_precision(eps, train, regime):
+    """Threshold routing of float64 logits: its kept, renormalised weights (the threshold_weights
+    kernel) and the output are float64-accurate. The kernel used to compute them in fp32 whatever
+    the probabilities' dtype (relative errors of 1e-8 in the weights, the output and every gradient)."""
+    T, d_in, d_out, r, E, k = 9, 6, 5, 3, 4, 3
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    x, weight, lora_a, lora_b, logits = rand(T, d_in), rand(d_out, d_in), rand(r, d_in), rand(E, d_out, r), rand(T, E)
+    noise = torch.rand(T, k, generator=gen).to(DEVICE) if train else None
+    spec = fused_linear.RouterSpec(None, logits, "threshold", k, True, eps, eps, 0, None, noise)
+    outs = {backend: fused_linear.moe_lora_linear(x, weight, None, lora_a, lora_b, scaling=0.5, router=spec,
+                                                  backend=backend) for backend in ("triton", "torch")}
+    (y, out), (y_ref, out_ref) = outs["triton"], outs["torch"]
+    assert out.routing.weights.dtype == torch.float64
+    assert rel_err(out.routing.weights, out_ref.routing.weights) < 1e-12
+    assert rel_err(y, y_ref) < 1e-12
+
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "jitter_lora_dropout"])
 def test_aux_loss_alone_gives_the_gradients_pytorch_gives(kind, regime):
     """A loss of the aux loss only: the router weight and x get their gradients, and the LoRA
