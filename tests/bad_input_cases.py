@@ -1,5 +1,5 @@
-"""A bad-input sweep over the public API (moe_lora, moe_ffn, route, dispatch_metadata,
-dispatch, combine, MoELoRAConfig, Router, MoEFFN, upcycle_ffn, apply_molex), run by
+"""A bad-input sweep over the public API (moe_lora, moe_lora_linear, moe_ffn, route,
+dispatch_metadata, dispatch, combine, MoELoRAConfig, Router, MoEFFN, upcycle_ffn, apply_molex), run by
 tests/test_bad_inputs.py in child processes
 (tests/_isolated.py), so a crash fails one case. Each case: (call, expected) with expected =
 (exception class, regex naming the argument and what was expected), or ("returns", check)
@@ -39,6 +39,16 @@ def lora(**over):
     return lambda: moelora.moe_lora(kw["x"], kw["lora_a"], kw["lora_b"], kw["topk_ids"], kw["topk_weights"],
                                     backend=extra.get("backend", "torch"), **{k: v for k, v in extra.items()
                                                                              if k != "backend"})
+
+
+def linear(**over):
+    """moelora.ops.moe_lora_linear.moe_lora_linear on the Triton backend (static routing unless a router is given)."""
+    from moelora.ops.moe_lora_linear import moe_lora_linear
+    kw = dict(x=X, weight=torch.randn(4, D, generator=g), bias=None, lora_a=A, lora_b=B)
+    kw.update({k: over.pop(k) for k in list(over) if k in kw})
+    extra = dict(dict(topk_ids=IDS, topk_weights=W) if "router" not in over else {}, scaling=0.5, backend="triton")
+    extra.update(over)
+    return lambda: moe_lora_linear(*kw.values(), **extra)
 
 
 def ffn(**over):
@@ -152,6 +162,41 @@ CASES = {
                                                          r"experts: lora_b.shape\[0\] is 5000")),
     "moe_lora/auto_beyond_max_experts": (lora(lora_b=torch.randn(5000, 4, R), backend="triton"),
                                          ("returns", finite_shape((T, 4)))),
+    # moe_lora_linear (the fused layer's op): its Triton path reads every tensor with the sizes the others imply,
+    # so each of these read out of bounds or gave a silently wrong answer before it was checked
+    "moe_lora_linear/ids_of_other_tokens": (linear(topk_ids=IDS[:2], topk_weights=W[:2]),
+                                            (ValueError, r"topk_ids and topk_weights must both have shape "
+                                                         r"\[T = 6, k\], got \(2, 2\) and \(2, 2\)")),
+    "moe_lora_linear/weights_of_other_shape": (linear(topk_weights=W[:, :1]),
+                                               (ValueError, r"topk_ids and topk_weights must both have shape")),
+    "moe_lora_linear/k_above_experts": (linear(topk_ids=torch.zeros(T, E + 1, dtype=torch.long),
+                                               topk_weights=torch.rand(T, E + 1)),
+                                        (ValueError, r"^k \(topk_ids.shape\[1\]\) must be in \[1, "
+                                                     r"num_experts=3\], got 4$")),
+    "moe_lora_linear/lora_b_of_other_rank": (linear(lora_b=torch.randn(E, 4, R + 1)),
+                                             (ValueError, r"lora_a has shape \(2, 8\) but x \(\[..., 8\]\) and lora_b "
+                                                          r"\(\[3, 4, 3\]\) require \(3, 8\)")),
+    "moe_lora_linear/lora_a_of_other_width": (linear(lora_a=torch.randn(R, D + 1)), (ValueError, r"lora_a has shape")),
+    "moe_lora_linear/lora_b_of_other_d_out": (linear(lora_b=torch.randn(E, 5, R)),
+                                              (ValueError, r"lora_b must have shape \[E, d_out = 4, r\] "
+                                                           r"\(weight's d_out\), got \(3, 5, 2\)")),
+    "moe_lora_linear/bias_shape": (linear(bias=torch.zeros(5)),
+                                   (ValueError, r"^bias must have shape \(4,\), got \(5,\)$")),
+    "moe_lora_linear/float_ids": (linear(topk_ids=IDS.float()), (TypeError, r"topk_ids must be int32 or int64")),
+    "moe_lora_linear/ids_out_of_range": (linear(topk_ids=IDS + 1), (ValueError, r"topk_ids must lie in \[0, 3\)")),
+    "moe_lora_linear/ids_out_of_range_unvalidated": (unvalidated(linear(topk_ids=IDS * 1000 - 7)),
+                                                     ("returns", lambda out: tuple(out[0].shape) == (T, 4))),
+    "moe_lora_linear/scaling_nan": (linear(scaling=math.nan), (TypeError, r"scaling must be a finite Python number")),
+    "moe_lora_linear/dropout_mask_shape": (linear(dropout_mask=torch.ones(T, D + 1, dtype=torch.bool)),
+                                           (ValueError, r"dropout_mask must be a bool tensor of x's shape \(6, 8\)")),
+    "moe_lora_linear/no_routing": (linear(topk_ids=None, topk_weights=None),
+                                   (ValueError, r"needs a router \(RouterSpec\) or topk_ids and topk_weights")),
+    "moe_lora_linear/router_of_other_experts": (
+        linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E + 1, D), None, "softmax_topk", 2)),
+        (ValueError, r"router.weight must have shape \[E = 3, d_in = 8\], got \(4, 8\)")),
+    "moe_lora_linear/router_top_k_above_experts": (
+        linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E, D), None, "softmax_topk", 4)),
+        (ValueError, r"^router.top_k must be in \[1, num_experts=3\], got 4$")),
     # moe_ffn
     "moe_ffn/int_x": (ffn(x=X.int()), (TypeError, r"x must be float16, bfloat16, float32 or float64, got torch.int32")),
     "moe_ffn/mixed_fp64_fp32": (ffn(w_out=W_OUT.double()), (TypeError, r"w_out must have the dtype of x "

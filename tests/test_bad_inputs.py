@@ -4,7 +4,7 @@ process (tests/_isolated.py), so a crash fails that case alone.
 - tests/native_error_cases.py: every native op (torch.ops.moelora.*) with bad arguments
   and out-of-range indices; messages matched in full, numbers included (an extension with
   a static copy of libstdc++ cuts them short or crashes).
-- tests/bad_input_cases.py: the public API (moe_lora, moe_ffn, route, dispatch_metadata,
+- tests/bad_input_cases.py: the public API (moe_lora, moe_lora_linear, moe_ffn, route, dispatch_metadata,
   dispatch, combine, MoELoRAConfig, Router, MoEFFN, upcycle_ffn, apply_molex).
 Each raises ValueError or TypeError naming the argument and what was expected, or (where
 documented: validation off, empty batches, out-of-range indices) returns a sane result."""

@@ -8,8 +8,8 @@ task ids given with the batch and the per-task scales ``lora_gamma``. With one e
 task routing there is no router: every token uses expert 0 with weight 1, and the layer is
 PEFT's LoRA layer (optionally DoRA).
 
-The forward is one fused op, :func:`moelora.ops.moe_lora_linear.moe_lora_linear`, which owns the
-base GEMM (x read once for the LoRA down-projection and the router logits; dx accumulated in
+The forward is one fused op, :func:`moelora.ops.moe_lora_linear.moe_lora_linear` (without its argument
+checks: unchecked_moe_lora_linear), which owns the base GEMM (x read once for the LoRA down-projection and the router logits; dx accumulated in
 one GEMM; see that module), in moelora.moe_lora's dense or grouped regime (large E*r). It
 takes every feature except these, which run the composed path (base layer, then
 :func:`moelora.moe_lora` with ``base_out``): base layers other than a plain ``nn.Linear`` /
@@ -37,7 +37,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from moelora.ops.backend import without_autocast
 from moelora.ops.moe_lora import moe_lora
-from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, moe_lora_linear
+from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, unchecked_moe_lora_linear
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
 from moelora.ops.routing_modes import Routing, task_routing
 
@@ -186,9 +186,9 @@ class MoELoRALinear(AdapterLayerBase):
         lora_a, a_scale = self._effective_A()
         if self.use_dora:
             return self._fused_dora_forward(x, base, lora_a, self.scaling * a_scale, ids, weights)
-        y, out = moe_lora_linear(x, self.base_weight(base), base.bias, lora_a, self.lora_B,
-                                 scaling=self.scaling * a_scale, router=router, topk_ids=ids, topk_weights=weights,
-                                 dropout_mask=mask, dropout_scale=keep_scale)
+        y, out = unchecked_moe_lora_linear(x, self.base_weight(base), base.bias, lora_a, self.lora_B,
+                                           scaling=self.scaling * a_scale, router=router, topk_ids=ids,
+                                           topk_weights=weights, dropout_mask=mask, dropout_scale=keep_scale)
         if out.aux_loss is not None:
             self._record_routing(out.routing, out.aux_loss, out.aux_stats)
         return y
@@ -212,8 +212,8 @@ class MoELoRALinear(AdapterLayerBase):
         parenthesis by the fused op (bias left out), the rest two elementwise ops (in the adapters'
         dtype, as the composed path) beside the norm's GEMM and reduction."""
         weight = self.base_weight(base)
-        y, _ = moe_lora_linear(x, weight, None, lora_a, self.lora_B, scaling=scaling, topk_ids=ids,
-                               topk_weights=weights)
+        y, _ = unchecked_moe_lora_linear(x, weight, None, lora_a, self.lora_B, scaling=scaling, topk_ids=ids,
+                                         topk_weights=weights)
         mag_scale = self.lora_magnitude_vector / self._dora_norm(weight, lora_a, scaling)
         out = y * mag_scale  # (addcmul's backward would cost two more multiplications)
         return (out if base.bias is None else out + base.bias).to(y.dtype)  # x's, or autocast's

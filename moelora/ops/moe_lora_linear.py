@@ -66,7 +66,8 @@ from moelora.ops.moe_lora import (choose_regime, fake_grouped_layout, grouped_fo
 from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
-from moelora.ops.validation import as_2d, refuse_double_backward
+from moelora.ops.validation import (FLOAT_DTYPES, as_2d, check_adapter_shapes, check_routing_values, check_scaling,
+                                    check_tensor_args, check_top_k, refuse_double_backward)
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
 from moelora.ops.registration import custom_op
 
@@ -116,14 +117,36 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Returns:
         (y [..., d_out] in x's dtype (autocast's under torch.autocast), :class:`LayerOutput`): the routing used and, for a learned
         router, the auxiliary losses of this forward.
+
+    Raises:
+        TypeError / ValueError naming the argument for inconsistent shapes, dtypes or routing
+        (:func:`check_linear_args`; with static routing also ids outside [0, E) and non-finite
+        weights, under moelora.validation's rule): the kernels read every tensor with the sizes
+        the others imply. MoELoRALinear, which builds its arguments consistent, calls
+        :func:`unchecked_moe_lora_linear`.
     """
+    check_linear_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, dropout_mask)
+    return unchecked_moe_lora_linear(x, weight, bias, lora_a, lora_b, scaling=scaling, router=router,
+                                     topk_ids=topk_ids, topk_weights=topk_weights, dropout_mask=dropout_mask,
+                                     dropout_scale=dropout_scale, backend=backend)
+
+
+def unchecked_moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              lora_a: torch.Tensor, lora_b: torch.Tensor, *, scaling: float,
+                              router: Optional[RouterSpec] = None, topk_ids: Optional[torch.Tensor] = None,
+                              topk_weights: Optional[torch.Tensor] = None,
+                              dropout_mask: Optional[torch.Tensor] = None, dropout_scale: float = 1.0,
+                              backend: Optional[str] = None):
+    """:func:`moe_lora_linear` without its argument checks, for MoELoRALinear, whose arguments are
+    consistent by construction (its forward pays no host time for the checks, and reads nothing
+    on the host)."""
     cast = autocast_dtype(x)
     if cast is not None:  # torch.autocast: x and the base layer in its dtype, as F.linear's; the op runs without it
         with torch.autocast(x.device.type, enabled=False):
-            return moe_lora_linear(autocast_input(x, cast), autocast_input(weight, cast), autocast_input(bias, cast),
-                                   lora_a, lora_b, scaling=scaling, router=router, topk_ids=topk_ids,
-                                   topk_weights=topk_weights, dropout_mask=dropout_mask, dropout_scale=dropout_scale,
-                                   backend=backend)
+            return unchecked_moe_lora_linear(autocast_input(x, cast), autocast_input(weight, cast),
+                                             autocast_input(bias, cast), lora_a, lora_b, scaling=scaling,
+                                             router=router, topk_ids=topk_ids, topk_weights=topk_weights,
+                                             dropout_mask=dropout_mask, dropout_scale=dropout_scale, backend=backend)
     T = math.prod(x.shape[:-1])
     if resolve_backend(backend, x.device) == "torch" or T == 0:
         flat = (lambda t: t if t is None else t.reshape(T, t.shape[-1]))  # noqa: E731
@@ -149,6 +172,65 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return y, LayerOutput(Routing(topk_weights, topk_ids), None, None)
     return y, LayerOutput(Routing(weights, ids, r.logits if r.logits is not None else logits, counts), aux_loss,
                           aux_stats)
+
+
+LEARNED_MODES = ("softmax_topk", "topk_softmax", "threshold")
+
+
+def check_linear_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, dropout_mask) -> None:
+    """moe_lora_linear's argument checks (TypeError / ValueError naming the argument), with
+    moelora.moe_lora's messages where the arguments are the same: x [..., d_in] floating point,
+    weight [d_out, d_in], bias [d_out], the adapters, a finite scaling, then the routing: a
+    RouterSpec (mode, top_k in [1, E], router weight [E, d_in] or logits [T, E], noise [T, top_k],
+    jitter of x's shape) or static ids and weights [T, k] (k in [1, E]; ids in [0, E) and finite
+    weights while the syncing checks run), and the bool dropout mask of x's shape."""
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have shape [..., d_in], got a 0-d tensor")
+    T, d_in = math.prod(x.shape[:-1]), x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != d_in:
+        raise ValueError(f"weight must have shape [d_out, d_in = {d_in}], got {tuple(weight.shape)}")
+    d_out = weight.shape[0]
+    num_experts, b_out, _ = check_adapter_shapes(lora_a, lora_b, d_in)
+    if b_out != d_out:
+        raise ValueError(f"lora_b must have shape [E, d_out = {d_out}, r] (weight's d_out), got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    check_scaling(scaling)
+    if dropout_mask is not None and (dropout_mask.dtype != torch.bool or dropout_mask.shape != x.shape):
+        raise ValueError(f"dropout_mask must be a bool tensor of x's shape {tuple(x.shape)}, got "
+                         f"{dropout_mask.dtype} {tuple(dropout_mask.shape)}")
+    if router is None:
+        if topk_ids is None or topk_weights is None:
+            raise ValueError("moe_lora_linear needs a router (RouterSpec) or topk_ids and topk_weights")
+        check_tensor_args(x, topk_ids, topk_weights, {}, {})
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
+            raise ValueError(f"topk_ids and topk_weights must both have shape [T = {T}, k], got "
+                             f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+        check_top_k(topk_ids.shape[1], num_experts, "k (topk_ids.shape[1])")
+        check_routing_values(topk_ids, topk_weights, num_experts)
+        return
+    if topk_ids is not None or topk_weights is not None:
+        raise ValueError("moe_lora_linear takes a router or topk_ids and topk_weights, not both")
+    if router.mode not in LEARNED_MODES:
+        raise ValueError(f"router.mode must be one of {LEARNED_MODES}, got {router.mode!r}")
+    if (router.weight is None) == (router.logits is None):
+        raise ValueError("a RouterSpec has either a router weight or precomputed logits")
+    if router.weight is not None and tuple(router.weight.shape) != (num_experts, d_in):
+        raise ValueError(f"router.weight must have shape [E = {num_experts}, d_in = {d_in}], "
+                         f"got {tuple(router.weight.shape)}")
+    if router.logits is not None and tuple(router.logits.shape) != (T, num_experts):
+        raise ValueError(f"router.logits must have shape [T = {T}, E = {num_experts}], got "
+                         f"{tuple(router.logits.shape)}")
+    check_top_k(router.top_k, num_experts, "router.top_k")
+    if router.noise is not None and tuple(router.noise.shape) != (T, router.top_k):
+        raise ValueError(f"router.noise must have shape [T = {T}, top_k = {router.top_k}], got "
+                         f"{tuple(router.noise.shape)}")
+    if router.jitter is not None and router.jitter.shape != x.shape:
+        raise ValueError(f"router.jitter must have x's shape {tuple(x.shape)}, got {tuple(router.jitter.shape)}")
 
 
 # The fused op's first _GRAD_INPUTS arguments are the tensors that may need a gradient.

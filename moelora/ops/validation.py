@@ -141,22 +141,7 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
 
     if x.dim() < 1:
         raise ValueError("x must have shape [..., d_in], got a 0-d tensor")
-    d_in = x.shape[-1]
-    if lora_b.dim() != 3:
-        raise ValueError(f"lora_b must have shape [E, d_out, r], got {tuple(lora_b.shape)}")
-    num_experts, d_out, rank = lora_b.shape
-    if num_experts < 1 or rank < 1:
-        raise ValueError(f"lora_b must have E >= 1 and r >= 1, got shape {tuple(lora_b.shape)}")
-    if lora_a.dim() == 2:
-        expected_a = (rank, d_in)
-    elif lora_a.dim() == 3:
-        expected_a = (num_experts, rank, d_in)
-    else:
-        raise ValueError(f"lora_a must have shape [r, d_in] (shared) or [E, r, d_in], got {tuple(lora_a.shape)}")
-    if tuple(lora_a.shape) != expected_a:
-        raise ValueError(
-            f"lora_a has shape {tuple(lora_a.shape)} but x ([..., {d_in}]) and lora_b "
-            f"([{num_experts}, {d_out}, {rank}]) require {expected_a}")
+    num_experts, d_out, _ = check_adapter_shapes(lora_a, lora_b, x.shape[-1])
 
     lead = tuple(x.shape[:-1])
     num_tokens = math.prod(lead)
@@ -176,14 +161,39 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
     if base_out is not None and tuple(base_out.shape) != out_shape:
         raise ValueError(f"base_out must have shape {out_shape}, got {tuple(base_out.shape)}")
 
+    check_scaling(scaling)
+    check_routing_values(topk_ids, topk_weights, num_experts)
+    return MoELoRAArgs(x, lora_a, lora_b, topk_ids, topk_weights, base_out, float(scaling), out_shape)
+
+
+def check_adapter_shapes(lora_a, lora_b, d_in: int) -> tuple:
+    """(E, d_out, r) of lora_b [E, d_out, r] (E, r >= 1), after checking lora_a is [r, d_in] (shared) or
+    [E, r, d_in] (per expert)."""
+    if lora_b.dim() != 3:
+        raise ValueError(f"lora_b must have shape [E, d_out, r], got {tuple(lora_b.shape)}")
+    num_experts, d_out, rank = lora_b.shape
+    if num_experts < 1 or rank < 1:
+        raise ValueError(f"lora_b must have E >= 1 and r >= 1, got shape {tuple(lora_b.shape)}")
+    if lora_a.dim() == 2:
+        expected_a = (rank, d_in)
+    elif lora_a.dim() == 3:
+        expected_a = (num_experts, rank, d_in)
+    else:
+        raise ValueError(f"lora_a must have shape [r, d_in] (shared) or [E, r, d_in], got {tuple(lora_a.shape)}")
+    if tuple(lora_a.shape) != expected_a:
+        raise ValueError(
+            f"lora_a has shape {tuple(lora_a.shape)} but x ([..., {d_in}]) and lora_b "
+            f"([{num_experts}, {d_out}, {rank}]) require {expected_a}")
+    return num_experts, d_out, rank
+
+
+def check_scaling(scaling) -> None:
+    """TypeError unless the LoRA scale ``scaling`` is a finite Python number."""
     # Under torch.compile a float that dynamo saw change between calls of the same code (the
     # scalings of layers compiled one by one, as per-block compilation does) is traced as a
     # symbolic float, whose value is not known here: only its type is checked.
     if not (is_number(scaling) if torch.compiler.is_compiling() else is_finite_number(scaling)):
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
-
-    check_routing_values(topk_ids, topk_weights, num_experts)
-    return MoELoRAArgs(x, lora_a, lora_b, topk_ids, topk_weights, base_out, float(scaling), out_shape)
 
 
 def check_top_k(top_k: int, num_experts: int, name: str = "top_k") -> None:

@@ -249,10 +249,11 @@ def test_scaling_is_alpha_over_r_or_sqrt_r():
 
 
 def test_forward_is_the_fused_op(monkeypatch):
-    """The layer's forward is one call of moe_lora_linear (which owns the base GEMM); DoRA with
-    LoRA dropout in training runs the composed path: base layer, then moe_lora."""
+    """The layer's forward is one call of moe_lora_linear (which owns the base GEMM; the layer calls
+    it without its argument checks); DoRA with LoRA dropout in training runs the composed path: base
+    layer, then moe_lora."""
     calls = []
-    real_fused, real_op = moelora.modules.linear.moe_lora_linear, moelora.modules.linear.moe_lora
+    real_fused, real_op = moelora.modules.linear.unchecked_moe_lora_linear, moelora.modules.linear.moe_lora
 
     def spy_fused(*args, **kwargs):
         calls.append("fused")
@@ -262,7 +263,7 @@ def test_forward_is_the_fused_op(monkeypatch):
         calls.append("moe_lora" if kwargs.get("base_out") is None else "moe_lora+base")
         return real_op(*args, **kwargs)
 
-    monkeypatch.setattr(moelora.modules.linear, "moe_lora_linear", spy_fused)
+    monkeypatch.setattr(moelora.modules.linear, "unchecked_moe_lora_linear", spy_fused)
     monkeypatch.setattr(moelora.modules.linear, "moe_lora", spy_op)
     _layer("softmax_topk")(torch.randn(3, 12))
     assert calls == ["fused"]
