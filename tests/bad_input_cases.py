@@ -203,6 +203,11 @@ CASES = {
                                                                        r"\(torch.float32\), got torch.float64")),
     "moe_ffn/activation_string": (ffn(activation="relu"), (TypeError, r"activation must be a callable \(e.g. "
                                                                       r"torch.nn.functional.relu\), got str 'relu'")),
+    # the torch backend ignores a valid engine, and took any other value without a word
+    "moe_ffn/engine_name_on_torch": (lambda: moelora.moe_ffn(X, IDS, W, W_IN, None, W_OUT, None, F.silu, backend="torch",
+                                                             engine="cutlass"),
+                                     (ValueError, r"^engine must be one of \('auto', 'triton', 'grouped_mm'\), "
+                                                  r"got 'cutlass'$")),
     "moe_ffn/normalize_int": (ffn(normalize=1), (TypeError, r"normalize must be a bool, got int")),
     "moe_ffn/list_x": (ffn(x=[[1.0]]), (TypeError, r"x must be a torch.Tensor, got list")),
     "moe_ffn/bias_shape": (ffn(b_in=torch.zeros(E, FF + 1)), (ValueError, r"b_in must have shape \[3, 5\], got \(3, 6\)")),

@@ -215,12 +215,18 @@ def _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs) -> bool:
     return widths_ok and strides_ok and len({t.dtype for t in tensors}) == 1
 
 
+def check_engine(engine) -> None:
+    """ValueError unless ``engine`` is "auto" or one of ENGINES (on either backend: the torch backend
+    ignores a valid one)."""
+    if not isinstance(engine, str) or engine not in ("auto",) + ENGINES:
+        raise ValueError(f"engine must be one of {('auto',) + ENGINES}, got {engine!r}")
+
+
 def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: Optional[torch.Tensor], top_k: int,
              engine: str = "auto") -> FFNPlan:
     """The engines for this call: ``engine`` "triton" or "grouped_mm" forces both, "auto"
     looks up FFN_ENGINES where grouped_mm runs natively and uses Triton elsewhere."""
-    if engine not in ("auto",) + ENGINES:
-        raise ValueError(f"engine must be one of {('auto',) + ENGINES}, got {engine!r}")
+    check_engine(engine)
     E, d_first, d_in = w_in.shape  # d_first = 2 d_ff with stacked_gate
     d_ff, d_out = w_out.shape[2], w_out.shape[1]
     num_pairs = x.shape[0] * top_k
@@ -554,6 +560,7 @@ def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate
              stacked_gate) -> torch.Tensor:
     _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
                     normalize)
+    check_engine(engine)
     num_tokens, top_k = topk_ids.shape
     if resolve_backend(backend, x.device) == "torch" or num_tokens == 0:
         kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < w_in.shape[0])
