@@ -3,7 +3,9 @@
 Drawn: shapes (empty batches, one expert, k = E), dtypes (fp32/fp64), strides (every input
 a non-contiguous view), leading shapes, id patterns (duplicates in a token, all on one
 expert, experts without tokens, ids out of range with validation off), gate weights (zero,
-negative), scalings, and NaN/Inf in the weights of experts no token chose. Deterministic:
+negative), scalings, and NaN/Inf in the weights of experts no token chose; for the fused
+layer's op (moe_lora_linear) also its router modes, given logits, LoRA dropout and router
+jitter, with the aux loss. Deterministic:
 derandomized, no example database. Sized to run in well under a minute on a 2-core CPU;
 the Triton backend runs under the interpreter with a handful of tiny examples.
 """
@@ -156,6 +158,118 @@ def test_moe_lora_torch_backend_matches_the_per_token_loop(p):
        st.sampled_from(["dense", "grouped"]))
 def test_moe_lora_triton_backend_matches_the_per_token_loop(p, regime):
     check_moe_lora(p, DEVICE, backend="triton", regime=regime)
+
+
+# ---- moe_lora_linear (the fused layer's op) ----------------------------------------------------
+def linear_routing_loop(logits, ids, mode, renormalize, eps, noise):
+    """float64 gate weights of the chosen ``ids`` [T, k] from ``logits`` [T, E] (see
+    moelora.ops.routing_modes), and the aux loss's statistics (counts of kept slots, prob_sums, lse)."""
+    p = torch.softmax(logits, -1)
+    if mode == "topk_softmax":
+        w = torch.softmax(logits.gather(1, ids), -1)
+    elif mode == "softmax_topk":
+        w = p.gather(1, ids)
+        w = w / w.sum(-1, keepdim=True) if renormalize else w
+    else:  # threshold: the best slot always, another iff noise < p_hat / eps (training) or p_hat >= eps
+        top_p = p.gather(1, ids)
+        p_hat = (top_p / top_p.sum(-1, keepdim=True)).detach()
+        keep = noise.double() < torch.clamp(p_hat / eps, max=1.0) if noise is not None else p_hat >= eps
+        keep[:, 0] = True
+        kept = torch.where(keep, top_p, 0.0)
+        w = kept / kept.sum(-1, keepdim=True)
+    counts = torch.zeros(logits.shape[1], dtype=torch.float64)
+    counts.index_add_(0, ids[w > 0], torch.ones(int((w > 0).sum()), dtype=torch.float64))
+    return w, counts, p.sum(0), torch.logsumexp(logits, -1)
+
+
+@settings(max_examples=25, **PROFILE)
+@given(st.data(), st.sampled_from(["dense", "grouped"]))
+def test_moe_lora_linear_matches_the_per_token_loop(data, regime):
+    """The fused layer's op on the Triton backend, static or learned routing (router weight or
+    given logits), LoRA dropout and router jitter, in fp32 and fp64, against float64 loops:
+    output, aux loss and every gradient."""
+    from moelora.ops import moe_lora as moe_lora_module
+    from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
+
+    draw = data.draw
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    T, d_in, d_out = draw(st.integers(1, 6)), draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    r, E = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    k = draw(st.integers(1, E))
+    mode = draw(st.sampled_from(["static", "softmax_topk", "topk_softmax", "threshold"])) if E > 1 else "static"
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    shared_a = draw(st.booleans())
+    p = dict(x=rand(T, d_in), weight=rand(d_out, d_in), bias=rand(d_out) if draw(st.booleans()) else None,
+             lora_a=rand(*((r, d_in) if shared_a else (E, r, d_in))), lora_b=rand(E, d_out, r))
+    mask = torch.rand(T, d_in, generator=g) < 0.7 if draw(st.booleans()) else None
+    jitter = noise = router = None
+    if mode == "static":
+        ids, w = torch.randint(0, E, (T, k), generator=g), torch.rand(T, k, generator=g, dtype=torch.float64) - 0.3
+        p["topk_weights"] = w
+    else:
+        given_logits = draw(st.booleans())
+        p["router"] = rand(T, E) * 2 if given_logits else rand(E, d_in)
+        if not given_logits and draw(st.booleans()):
+            jitter = (1 + 0.2 * (torch.rand(T, d_in, generator=g) - 0.5)).to(dtype)
+        eps = draw(st.sampled_from([0.0, 0.3])) if mode == "threshold" else 0.0
+        if eps and draw(st.booleans()):
+            noise = torch.rand(T, k, generator=g).to(dtype)
+        renormalize = draw(st.booleans())
+    leaves = {n: strided(t.to(dtype), True, DEVICE) for n, t in p.items() if t is not None}
+    if mode != "static":
+        router = RouterSpec(None if given_logits else leaves["router"], leaves["router"] if given_logits else None, mode,
+                            k, renormalize, eps, eps, 0, None, None if noise is None else noise.to(DEVICE), 0.01, 0.001,
+                            None if jitter is None else jitter.to(DEVICE))
+    scaling = draw(st.sampled_from([0.5, -2.0, 16 / 3]))
+    dense_width = moe_lora_module.DENSE_MAX_WIDTH
+    moe_lora_module.DENSE_MAX_WIDTH = dense_width if regime == "dense" else 0  # the grouped regime on a small layer
+    try:
+        y, out = moe_lora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_a"], leaves["lora_b"],
+                                 scaling=scaling, router=router,
+                                 topk_ids=strided(ids, device=DEVICE) if mode == "static" else None,
+                                 topk_weights=leaves.get("topk_weights"),
+                                 dropout_mask=None if mask is None else mask.to(DEVICE), dropout_scale=1 / 0.7,
+                                 backend="triton")
+    finally:
+        moe_lora_module.DENSE_MAX_WIDTH = dense_width
+    ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
+    x = ref["x"]
+    x_lora = x if mask is None else x * mask / 0.7
+    aux_ref = None
+    if mode == "static":
+        w_ref = ref["topk_weights"]
+    else:
+        logits = ref["router"] if given_logits else (x if jitter is None else x * jitter.double()) @ ref["router"].t()
+        ids = out.routing.ids.cpu().long()
+        top = logits.detach().topk(min(k + 1, E), dim=1).values  # the op's ids are float64's top-k (no near ties)
+        decisive = (top[:, k - 1] - top[:, k]).abs() > 1e-6 if k < E else torch.ones(T, dtype=torch.bool)
+        assert all(set(ids[t].tolist()) == set(logits[t].topk(k).indices.tolist()) for t in range(T) if decisive[t])
+        w_ref, counts, prob_sums, lse = linear_routing_loop(logits, ids, mode, renormalize, eps, noise)
+        aux_ref = 0.01 * E * (counts * prob_sums).sum() / T**2 + 0.001 * (lse**2).mean()
+        torch.testing.assert_close(out.aux_loss.cpu().double(), aux_ref.detach(), rtol=1e-6, atol=0)
+    rows = []
+    for t in range(T):
+        row = x[t] @ ref["weight"].t() + (ref["bias"] if "bias" in ref else 0)
+        for j in range(k):
+            e = int(ids[t, j])
+            a_e = ref["lora_a"] if shared_a else ref["lora_a"][e]
+            row = row + scaling * w_ref[t, j] * (ref["lora_b"][e] @ (a_e @ x_lora[t]))
+        rows.append(row)
+    y_ref = torch.stack(rows)
+    torch.testing.assert_close(y.cpu().double(), y_ref, **TOL[dtype])
+    grad = torch.randn(T, d_out, generator=g, dtype=torch.float64)
+    # fp64: the aux loss stays out of the loss (its kernels take their coefficients as fp32 scalars)
+    aux_coef = 3.0 if aux_ref is not None and dtype == torch.float32 else 0.0
+    loss = (y.double().cpu() * grad).sum() + (aux_coef * out.aux_loss.double().cpu() if aux_coef else 0)
+    loss_ref = (y_ref * grad).sum() + (aux_coef * aux_ref if aux_coef else 0)
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+    grads_ref = torch.autograd.grad(loss_ref, [ref[n] for n in names], allow_unused=True)
+    for name, got, want in zip(names, grads, grads_ref):
+        want = torch.zeros(ref[name].shape, dtype=torch.float64) if want is None else want
+        got = torch.zeros_like(leaves[name]) if got is None else got
+        torch.testing.assert_close(got.cpu().double(), want, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
 
 
 # ---- moe_ffn ----------------------------------------------------------------------------------
