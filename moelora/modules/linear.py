@@ -8,9 +8,10 @@ task ids given with the batch and the per-task scales ``lora_gamma``. With one e
 task routing there is no router: every token uses expert 0 with weight 1, and the layer is
 PEFT's LoRA layer (optionally DoRA).
 
-The forward is one fused op, :func:`moelora.ops.moe_lora_linear.moe_lora_linear` (without its argument
-checks: unchecked_moe_lora_linear), which owns the base GEMM (x read once for the LoRA down-projection and the router logits; dx accumulated in
-one GEMM; see that module), in moelora.moe_lora's dense or grouped regime (large E*r). It
+The forward is one fused op, :func:`moelora.ops.moe_lora_linear.moe_lora_linear` (without its
+argument checks: unchecked_moe_lora_linear), which owns the base GEMM (x read once for the LoRA
+down-projection and the router logits; dx accumulated in one GEMM; see that module), in
+moelora.moe_lora's dense or grouped regime (large E*r). It
 takes every feature except these, which run the composed path (base layer, then
 :func:`moelora.moe_lora` with ``base_out``): base layers other than a plain ``nn.Linear`` /
 GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks, extra forward

@@ -115,8 +115,8 @@ def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         Routing tensors (given or returned) are [T, ...].
 
     Returns:
-        (y [..., d_out] in x's dtype (autocast's under torch.autocast), :class:`LayerOutput`): the routing used and, for a learned
-        router, the auxiliary losses of this forward.
+        (y [..., d_out] in x's dtype (autocast's under torch.autocast), :class:`LayerOutput`):
+        the routing used and, for a learned router, the auxiliary losses of this forward.
 
     Raises:
         TypeError / ValueError naming the argument for inconsistent shapes, dtypes or routing
