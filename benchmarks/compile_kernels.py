@@ -178,8 +178,10 @@ def dense_jobs():
                dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=3, BLOCK_T=64, BLOCK_N=128,
                     BLOCK_C=16, RANK=16, HAS_AUX=True, COUNT_KEPT=kept, AUX_ACC=tl.float32, BLOCK_E=16,
                     BLOCK_AUX_T=256, BLOCK_K=4), 8, 2)
-    yield ("threshold_weights", D.threshold_weights_kernel,
-           dict(HAS_NOISE=True, HAS_RAMP=True, TOP_K=3, BLOCK_T=128, BLOCK_K=4), 4, 3)
+    for acc, ptr in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):  # fp64: a float64 layer's threshold routing
+        yield (f"threshold_weights, {ptr[1:]}", D.threshold_weights_kernel,
+               dict(HAS_NOISE=True, HAS_RAMP=True, TOP_K=3, ACC=acc, BLOCK_T=128, BLOCK_K=4), 4, 3,
+               {"top_p_ptr": ptr, "noise_ptr": ptr, "w_ptr": ptr})
     for group in (16, 0, -1):  # stacked B with r = 16, plain B, stacked with r not a power of two
         yield (f"matmul B_GROUP {group}, second pair, sanitized", M.matmul_kernel,
                dict(HAS_SECOND=True, HAS_ADDEND=True, SANITIZE_B=True, B_GROUP=group, **DOT, BLOCK_M=64, BLOCK_N=128,
