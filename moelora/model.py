@@ -43,6 +43,7 @@ from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router, check_steps
+from moelora.ops.routing_modes import check_task_ids
 from moelora.tuner.targets import OUTPUT_HEAD_NAMES, layer_index, matches, set_module, unwrap
 
 
@@ -200,23 +201,28 @@ def _task_layers(model: nn.Module):
 
 def set_task_ids(model: nn.Module, ids) -> None:
     """Give every task-routed layer the task ids of the next batches: an int, one id per
-    example ([batch]) or one per token; ``None`` clears them."""
+    example ([batch]) or one per token; ``None`` clears them. An int is checked here and held
+    as a 0-d tensor: torch.compile takes a module's int attribute for a constant, and would
+    compile the model again for every task (falling back to eager after its recompile_limit)."""
     _swap_task_ids(model, ids)
 
 
 def _swap_task_ids(model: nn.Module, ids, owner=None) -> tuple:
-    """:func:`set_task_ids`, returning (the task-routed layers, what each held before) for a caller
-    that puts them back (:func:`_put_task_ids`). ``owner``: who set them (a MoELoRAModel's
-    ``_task_ids_owner`` in its forward, else None), so that the wrapper's next forward puts back
-    only ids its forward set, not the same object set since (ints are shared: ``task_ids=1`` in a
-    forward, then ``set_task_ids(model, 1)``)."""
+    """:func:`set_task_ids`, returning (the ids the layers now hold, the task-routed layers, what
+    each held before) for a caller that puts them back (:func:`_put_task_ids`). ``owner``: who
+    set them (a MoELoRAModel's ``_task_ids_owner`` in its forward, else None), so that the
+    wrapper's next forward puts back only ids its forward set, not ids set since."""
     layers = _task_layers(model)
     if not layers and ids is not None:
         raise ValueError("the model has no task-routed MoE-LoRA layer (router='task')")
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        for layer in layers:
+            check_task_ids(ids, layer.num_experts)
+        ids = torch.tensor(ids)
     previous = [(layer.task_ids, layer.task_ids_owner) for layer in layers]
     for layer in layers:
         _put_task_ids(layer, (ids, owner))
-    return layers, previous
+    return ids, layers, previous
 
 
 def _put_task_ids(layer: nn.Module, held: tuple) -> None:
@@ -236,7 +242,7 @@ def use_task_ids(model: nn.Module, ids):
     none are set)."""
     if isinstance(model, MoELoRAModel):  # its last forward's task_ids go first: the block's forward would drop
         model._restore_task_ids()          # them, and the block's end put them back for good
-    layers, previous = _swap_task_ids(model, ids)
+    _, layers, previous = _swap_task_ids(model, ids)
     try:
         yield
     finally:
@@ -316,9 +322,9 @@ class MoELoRAModel(nn.Module):
         self.inactive_adapters = nn.ModuleDict().train(model.training)
         self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
         self.inference_adapters = set()  # adapters loaded with is_trainable=False: frozen when active
-        # [(task ids, their owner, their layers, what those held before)] of the last forward given
-        # task_ids, or []
-        # (a list mutated in place: dynamo 2.11 cannot trace a module's __dict__.pop)
+        # [(task ids as the layers hold them, their owner, those layers, what they held before)] of
+        # the last forward given task_ids, or [] (a list mutated in place: dynamo 2.11 cannot trace
+        # a module's __dict__.pop)
         self._forward_task_ids = []
         self._task_ids_owner = object()  # what the layers hold beside the task ids its forward gives them
         self._bind_forward()
@@ -360,7 +366,8 @@ class MoELoRAModel(nn.Module):
             kwargs["labels"] = labels
         if task_ids is not None:
             owner = self._task_ids_owner
-            self._forward_task_ids.append((task_ids, owner, *_swap_task_ids(self.model, task_ids, owner)))
+            ids, layers, previous = _swap_task_ids(self.model, task_ids, owner)
+            self._forward_task_ids.append((ids, owner, layers, previous))
         output = self.model(*args, **kwargs)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)

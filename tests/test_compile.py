@@ -234,3 +234,33 @@ def test_torch_func_transforms_the_readme_lists_as_unsupported_raise():
     params = {k: v.detach() for k, v in layer.named_parameters()}
     with moelora.use_backend("torch"), pytest.raises(RuntimeError, match="data pointer|does not have vmap support"):
         vmap(lambda xi: functional_call(layer, params, (xi[None],)))(x)
+
+
+def test_int_task_ids_of_each_task_compile_once():
+    """Multi-task training one task per batch, the task given as an int (moelora.set_task_ids or
+    the wrapper's task_ids=): a module's int attribute is a constant to torch.compile, so each new
+    task compiled the model again, and after recompile_limit (8) tasks dynamo ran it eagerly. The
+    layers hold an int as a 0-d tensor (checked when set): one graph for every task (two through
+    the wrapper's forward, whose int argument turns dynamic at the second task), like eager."""
+    tasks = 10
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 4))
+    model = get_moelora_model(stack, MoELoRAConfig(target_modules=["0", "2"], router="task", num_experts=tasks,
+                                                   r=2))
+    randomize_adapters(model)
+    x = torch.randn(3, 6)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    forward = torch.compile(lambda m, x: m(x), fullgraph=True, backend=counter)
+    for task in range(tasks):
+        moelora.set_task_ids(model, task)
+        torch.testing.assert_close(forward(model, x), model(x), msg=f"task {task}")
+    assert counter.frame_count == 1, f"set_task_ids: {counter.frame_count} compilations for {tasks} tasks"
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    forward = torch.compile(lambda m, x, task: m(x, task_ids=task), fullgraph=True, backend=counter)
+    for task in range(tasks):
+        torch.testing.assert_close(forward(model, x, task), model(x, task_ids=task), msg=f"task {task}")
+    assert counter.frame_count == 2, f"task_ids=: {counter.frame_count} compilations for {tasks} tasks"
+    with pytest.raises(ValueError, match=r"task id must be in \[0, 10\), got 10"):
+        moelora.set_task_ids(model, tasks)

@@ -117,6 +117,18 @@ def threshold_routing(logits: torch.Tensor, top_n: int, eps: Union[float, torch.
     return route_logits(logits, "threshold", top_n, eps=eps, noise=noise)
 
 
+def check_task_ids(task_ids, num_tasks: int) -> None:
+    """The checks of task ids that read no device value: an int in [0, num_tasks), or an
+    integer tensor (its values are checked with the syncing checks, where its routing is built)."""
+    if isinstance(task_ids, bool) or not isinstance(task_ids, (int, torch.Tensor)):
+        raise TypeError(f"task ids must be an int or an integer tensor, got {type(task_ids).__name__}")
+    if isinstance(task_ids, torch.Tensor) and (task_ids.is_floating_point() or task_ids.is_complex()
+                                               or task_ids.dtype == torch.bool):
+        raise TypeError(f"task ids must be integers, got a tensor of {task_ids.dtype}")
+    if isinstance(task_ids, int) and not 0 <= task_ids < num_tasks:
+        raise ValueError(f"task id must be in [0, {num_tasks}), got {task_ids}")
+
+
 def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert: Optional[int] = None) -> Routing:
     """k = 1 (k = 2 with a shared LoRA): expert = task id, weight = gamma[task].
 
@@ -132,13 +144,7 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     an inference tensor (made under torch.inference_mode), which has no version counter.
     """
     num_tasks = gamma.shape[0]
-    if isinstance(task_ids, bool) or not isinstance(task_ids, (int, torch.Tensor)):
-        raise TypeError(f"task ids must be an int or an integer tensor, got {type(task_ids).__name__}")
-    if isinstance(task_ids, torch.Tensor) and (task_ids.is_floating_point() or task_ids.is_complex()
-                                               or task_ids.dtype == torch.bool):
-        raise TypeError(f"task ids must be integers, got a tensor of {task_ids.dtype}")
-    if isinstance(task_ids, int) and not 0 <= task_ids < num_tasks:
-        raise ValueError(f"task id must be in [0, {num_tasks}), got {task_ids}")
+    check_task_ids(task_ids, num_tasks)
     dtype = accumulator_dtype(gamma.dtype)
     # is_inference last: dynamo cannot trace it, and under torch.compile nothing is cached anyway
     cached = (isinstance(task_ids, torch.Tensor) and not _tracing_or_capturing()
@@ -175,7 +181,9 @@ _TASK_ROUTING_TENSORS = 4
 
 def _task_ids_one_hot(task_ids, lead_shape: tuple, num_tasks: int, shared_expert: Optional[int], device, dtype):
     """(ids [T, k], one-hot [T, num_tasks]) of task routing (k = 2 with the shared expert)."""
-    task_ids = torch.as_tensor(task_ids, device=device).long()
+    task_ids = torch.as_tensor(task_ids)
+    check_ids_in_range("task ids", task_ids, num_tasks)  # host ids (an int's) read without a device sync
+    task_ids = task_ids.to(device, non_blocking=True).long()  # host ids: no stream sync (a pageable copy is staged)
     if task_ids.dim() == 0:
         ids = task_ids.expand(lead_shape)
     elif tuple(task_ids.shape) == tuple(lead_shape):
@@ -187,7 +195,6 @@ def _task_ids_one_hot(task_ids, lead_shape: tuple, num_tasks: int, shared_expert
             f"task ids of shape {tuple(task_ids.shape)} fit neither one id per example "
             f"(first dim of {tuple(lead_shape)}) nor one per token")
     ids = ids.reshape(-1, 1)
-    check_ids_in_range("task ids", ids, num_tasks)
     one_hot = (ids == torch.arange(num_tasks, device=ids.device)).to(dtype)
     if shared_expert is not None:
         ids = nn.functional.pad(ids, (0, 1), value=shared_expert)
