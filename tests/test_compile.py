@@ -264,3 +264,19 @@ def test_int_task_ids_of_each_task_compile_once():
     assert counter.frame_count == 2, f"task_ids=: {counter.frame_count} compilations for {tasks} tasks"
     with pytest.raises(ValueError, match=r"task id must be in \[0, 10\), got 10"):
         moelora.set_task_ids(model, tasks)
+
+
+def test_switching_validation_does_not_compile_again():
+    """The syncing checks skip themselves under torch.compile, so a compiled graph does not depend
+    on moelora.validation; reading the switch while tracing guarded the graph on it, and toggling
+    it (validation on in training, off for evaluation) compiled the model again."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(6, 6), num_experts=4, top_k=2, r=2)
+    randomize_adapters(layer)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_layer_loss, fullgraph=True, backend=counter)
+    x = torch.randn(3, 6)
+    for enabled in (True, False, True):
+        with moelora.validation(enabled):
+            torch.testing.assert_close(compiled(layer, x), _layer_loss(layer, x))
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations"

@@ -69,7 +69,9 @@ def syncing_checks_enabled(*tensors: torch.Tensor) -> bool:
     neither torch.compile nor CUDA-graph capture is running, and none of ``tensors`` (those the
     check would read) is on the meta device, which holds no values (shapes only, as under
     torch.compile). Every such check in moelora asks this (the rule of this module's docstring)."""
-    return validation_enabled() and not _tracing_or_capturing() and not any(t.is_meta for t in tensors)
+    # torch.compile first: a switch read while dynamo traces guards the graph on it (compiled again per state)
+    return (not torch.compiler.is_compiling() and validation_enabled() and not _tracing_or_capturing()
+            and not any(t.is_meta for t in tensors))
 
 
 def host_values(*scalars: torch.Tensor) -> list:
