@@ -201,7 +201,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                             nn.Parameter(torch.empty(self.num_lora, d_out, s.r // b_groups, **factory)))
         if s.router == "task":
             self.router = None
-            self.lora_gamma = nn.Parameter(torch.zeros(s.num_experts, **factory))
+            self.lora_gamma = nn.Parameter(torch.empty(s.num_experts, **factory))
         elif s.num_experts > 1:
             self.router = router_class(router_in, s.num_experts, s.top_k, s.router, s.router_renormalize,
                                        s.router_jitter_noise, s.threshold_eps_start, s.threshold_eps,
@@ -211,7 +211,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self._add_parameters(factory)
         self._register_constant_buffers(**factory)
         self.register_load_state_dict_post_hook(_constants_after_load)
-        self.reset_lora_parameters(s.init_lora_weights)
+        self.reset_parameters()  # the router, a child module, initialised itself
 
     def _register_lora(self, lora_a: nn.Parameter, lora_b: nn.Parameter) -> None:
         """Register A and B (under PEFT's names for the layer type)."""
@@ -253,8 +253,38 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                 self._buffers[name] = build(b.device, b.dtype)
 
     # ----------------------------------------------------------------------------- init
+    # Meta-device init (FSDP2, torchtitan, accelerate's init_empty_weights): build on meta,
+    # ``to_empty``, then ``reset_parameters()`` on every module that has it. Each module sets its
+    # own direct tensors only (nn.Module's convention): the base layer and the router are child
+    # modules with their own reset_parameters; the constant buffers are made again by _apply.
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+    def reset_parameters(self) -> None:
+        """Initialise the layer's own parameters as its constructor does (``init_lora_weights`` of
+        its settings): A and B (:meth:`_init_lora_factors`), the task gates ``lora_gamma`` at 0,
+        DoRA's magnitude (MoELoRALinear). Not the base layer's nor the router's: they are child
+        modules, each with its own ``reset_parameters`` (nn.Module's convention, which meta-device
+        init relies on: ``for m in model.modules(): m.reset_parameters()`` reaches them too).
+        :meth:`reset_lora_parameters` resets the router too."""
+        self._init_lora(self.settings.init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str, None] = None) -> None:
+        """Initialise the whole adapter as the constructor does, in its order: the router's weight
+        and step counter (:meth:`Router.reset_parameters`), then the layer's own parameters
+        (:meth:`reset_parameters`), so that the same seed gives the same adapter. The base layer
+        is left as it is. ``init_lora_weights`` (True, False, "gaussian"; None: the layer's
+        setting) as PEFT's ``reset_lora_parameters``."""
+        if self.router is not None:
+            self.router.reset_parameters()
+        self._init_lora(self.settings.init_lora_weights if init_lora_weights is None else init_lora_weights)
+
+    def _init_lora(self, init_lora_weights: Union[bool, str]) -> None:
+        """The layer's own parameters (see :meth:`reset_parameters`); MoELoRALinear adds DoRA's magnitude."""
+        self._init_lora_factors(init_lora_weights)
+        if self.router_mode == "task":
+            self.lora_gamma.zero_()
+
+    def _init_lora_factors(self, init_lora_weights: Union[bool, str]) -> None:
         """PEFT's init: A kaiming-uniform (``"gaussian"``: normal, std 1/r), B zero, so the layer starts
         as its base; ``init_lora_weights=False`` and task experts (gated by gamma = 0) draw B
         kaiming-uniform too; a task-shared LoRA's B starts at zero."""

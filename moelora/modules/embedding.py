@@ -51,8 +51,7 @@ class MoELoRAEmbedding(AdapterLayerBase):
         """B under the name every MoE-LoRA layer uses (the parameter is ``lora_embedding_B``)."""
         return self.lora_embedding_B
 
-    @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+    def _init_lora_factors(self, init_lora_weights: Union[bool, str]) -> None:
         """PEFT's embedding init: A = 0, B ~ N(0, 1); ``init_lora_weights=False`` and task experts
         (gated by gamma = 0 at init, and A must be non-zero for gamma to get a gradient) draw A
         from N(0, 1) too; a task-shared LoRA keeps A = 0."""

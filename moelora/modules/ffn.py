@@ -11,6 +11,7 @@ import torch.nn as nn
 from moelora.ops.moe_ffn import moe_ffn
 from moelora.ops.validation import check_activation, check_top_k
 from moelora.modules.fields import LAYER_FIELD_KINDS, check_field
+from moelora.modules.init import reset_like_linear
 from moelora.modules.linear import linear_weight
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import LEARNED_MODE_KIND, Router
@@ -78,6 +79,21 @@ class MoEFFN(nn.Module, RoutedModule):
                              eps_ramp_steps=threshold_ramp_steps, device=w_in.device)
         self.aux_loss_coef, self.z_loss_coef = router_aux_loss_coef, router_z_loss_coef
         self.clear_routing_record()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the experts as upcycling a freshly initialised FFN would (meta-device init: the
+        pretrained FFN the constructor copied is gone): one FFN drawn as nn.Linear layers draw
+        (``w_gate``, ``w_in``, ``w_out``, each weight then its bias: the order of LLaMA's MLP, so
+        the same seed gives the FFN that MLP's layers would) and copied into every expert. The
+        router is a child module with its own ``reset_parameters``."""
+        for weight, bias in ((self.w_gate, self.b_gate), (self.w_in, self.b_in), (self.w_out, self.b_out)):
+            if weight is None:
+                continue
+            reset_like_linear(weight[0], None if bias is None else bias[0])
+            weight[1:] = weight[0]
+            if bias is not None:
+                bias[1:] = bias[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)

@@ -107,11 +107,12 @@ class MoELoRALinear(AdapterLayerBase):
         if self.use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(d_out, **factory))
 
-    @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+    def _init_lora(self, init_lora_weights: Union[bool, str]) -> None:
         """As every MoE-LoRA layer's (PEFT's init); DoRA's magnitude then starts at the row norms of
-        W + s B A, as PEFT's."""
-        super().reset_lora_parameters(init_lora_weights)
+        W + s B A, as PEFT's, W the base weight as it is now: after meta-device init, reset (or load)
+        the base layer first (``model.apply`` visits children first; a loop over ``model.modules()``
+        visits this layer before its base layer)."""
+        super()._init_lora(init_lora_weights)
         if self.use_dora:
             self.lora_magnitude_vector.copy_(self._dora_norm(self.base_weight(), self.lora_A, self.scaling))
 

@@ -65,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, POSITIVE_INT, check_field, is_bool, is_int, is_real
+from moelora.modules.init import reset_like_linear
 from moelora.ops.backend import without_autocast
 from moelora.ops.validation import is_finite_number
 from moelora.modules.routed import RoutedModule
@@ -121,15 +122,25 @@ class LayerGate(nn.Module):
         self.gate, self.hidden_size = gate, hidden_size
         if bias is None:
             bias = gate == "linear"  # the paper's linear gate is nn.Linear(hidden, L) with its bias
-        if gate == "linear":
-            linear = nn.Linear(hidden_size, num_layers, bias=bias)  # nn.Linear's init, as the paper
-            self.weight = linear.weight
-            self.bias = linear.bias
+        if gate == "linear":  # the paper's nn.Linear(hidden, L), with nn.Linear's init
+            self.weight = nn.Parameter(torch.empty(num_layers, hidden_size))
+            self.bias = nn.Parameter(torch.empty(num_layers)) if bias else None
         else:
             proj_dim = hidden_size if proj_dim is None else proj_dim
             self.proj = nn.Linear(hidden_size, proj_dim, bias=bias)
-            self.layer_embeddings = nn.Parameter(torch.randn(num_layers, proj_dim))
+            self.layer_embeddings = nn.Parameter(torch.empty(num_layers, proj_dim))
             self.temperature = temperature
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the gate's own parameters as its constructor does: the linear gate's weight and
+        bias as nn.Linear's, the cosine gates' layer embeddings N(0, 1). The cosine gates'
+        projection ``proj`` is a child nn.Linear with its own ``reset_parameters``."""
+        if self.gate == "linear":
+            reset_like_linear(self.weight, self.bias)
+        else:
+            nn.init.normal_(self.layer_embeddings)
 
     def forward(self, z: torch.Tensor, exclude: int):
         if z.shape[-1] != self.hidden_size:
@@ -177,11 +188,12 @@ class MoLEx(nn.Module, RoutedModule):
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, 0.0
         make = lambda: LayerGate(hidden_size, num_layers, gate, proj_dim, temperature, bias)  # noqa: E731
         self.gates = nn.ModuleList([make()] if shared_gate else [make() for _ in range(num_layers)])
+        self.initial_alpha = float(alpha)
         if learn_alpha:
-            a = min(max(alpha, 1e-4), 1 - 1e-4)
-            self.alpha_logit = nn.Parameter(torch.tensor(math.log(a / (1 - a))))
+            self.alpha_logit = nn.Parameter(torch.empty(()))
         else:
-            self.register_buffer("alpha_value", torch.tensor(float(alpha)))
+            self.register_buffer("alpha_value", torch.empty(()))
+        self.reset_parameters()
         self._calling_other = False
         self._alike = _layers_alike(layers)  # whether the layers are alike (_device_selection), eager reading
         self._on_remove = []  # callables(self) that remove() runs: apply_molex's undo (moelora.tuner.molex)
@@ -189,6 +201,17 @@ class MoLEx(nn.Module, RoutedModule):
         self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True)
                          for t, layer in enumerate(layers)]
         self.clear_routing_record()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the mixing coefficient as the constructor does: a = ``alpha`` (learned: its
+        logit, alpha clamped to [1e-4, 1 - 1e-4]). The gates are child modules with their own
+        ``reset_parameters``."""
+        if hasattr(self, "alpha_logit"):
+            a = min(max(self.initial_alpha, 1e-4), 1 - 1e-4)
+            self.alpha_logit.fill_(math.log(a / (1 - a)))
+        else:
+            self.alpha_value.fill_(self.initial_alpha)
 
     @property
     def alpha(self) -> torch.Tensor:

@@ -56,6 +56,16 @@ class Router(nn.Linear):
         self.eps_start, self.eps_end, self.eps_ramp_steps = float(eps_start), float(eps_end), int(eps_ramp_steps)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device), persistent=True)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the router as its constructor does: ``weight`` as nn.Linear's (kaiming-uniform,
+        the same draws), the threshold schedule's step counter ``num_steps`` at 0 (meta-device init:
+        ``to_empty`` leaves both uninitialised). nn.Linear's constructor calls this before the
+        counter exists."""
+        super().reset_parameters()
+        if "num_steps" in self._buffers:
+            self.num_steps.zero_()
+
     @property
     def num_experts(self) -> int:
         """E, the gate's output width."""
