@@ -168,6 +168,29 @@ needs_cuda_kernels = pytest.mark.skipif(
 PATHS = [pytest.param("native", marks=needs_c), "fallback"]
 
 
+def made_real_with_garbage(module):
+    """``module.to_empty(device="cpu")`` (meta-device init), its saved tensors (parameters,
+    persistent buffers) then filled with what to_empty may leave: NaN, integer ones a large count,
+    so that anything an initialisation misses shows."""
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            t.fill_(float("nan") if t.is_floating_point() else 123456)
+    return module
+
+
+def reset_every_module(module, order="modules"):
+    """reset_parameters() on every module that has it: parents first (``"modules"``: the torchtitan
+    loop over ``module.modules()``) or children first (``"apply"``: ``module.apply``)."""
+    visit = lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None  # noqa: E731
+    if order == "apply":
+        module.apply(visit)
+    else:
+        for m in module.modules():
+            visit(m)
+    return module
+
+
 def run_path(path, fn, *args, **kwargs):
     with switches.force_fallback(path == "fallback"):
         return fn(*args, **kwargs)

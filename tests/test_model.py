@@ -468,3 +468,50 @@ def test_merge_refuses_a_layer_tied_to_another_module():
     randomize_adapters(untied)
     expected = untied(ids).logits
     torch.testing.assert_close(untied.merge_and_unload()(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_built_model_reset_after_to_empty_starts_as_its_base_and_trains():
+    """Meta-device init of an injected model (FSDP2 / torchtitan): get_moelora_model on a model built
+    on meta, to_empty (memory filled with NaN, as it may hold anything), reset_parameters() on every
+    module that has it, then the base model's own tensors loaded (transformers' RMSNorm weights and
+    rotary buffers have no reset_parameters): every adapter is initialised (router step counters 0,
+    B zero, so the model computes its base model exactly) and a training step is finite.
+    reset_lora_parameters() from the injection's seed gives the injected adapters bitwise."""
+    from helpers import made_real_with_garbage, reset_every_module
+    from moelora.tuner.adapters import adapter_tensor_names
+
+    config = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=4, router="threshold",
+                           threshold_eps=0.2, threshold_eps_start=0.05, threshold_ramp_steps=10)
+    base = tiny_llama(2)
+    injection_seed = torch.get_rng_state()
+    expected = get_moelora_model(copy.deepcopy(base), config)
+    with torch.device("meta"):
+        model = get_moelora_model(tiny_llama(2), config)
+    reset_every_module(made_real_with_garbage(model))
+    adapters = adapter_tensor_names(model)
+    own = dict((*model.named_parameters(), *model.named_buffers()))
+    with torch.no_grad():  # the base model's weights, as a trainer loads them
+        for name, t in (*expected.named_parameters(), *expected.named_buffers()):
+            if name not in adapters:
+                own[name].copy_(t)
+    layers = _layers(model)
+    assert len(layers) == 4
+    for layer in layers.values():
+        assert layer.router.num_steps.item() == 0 and not layer.lora_B.any()
+        assert torch.isfinite(layer.lora_A).all() and torch.isfinite(layer.router.weight).all()
+    ids = token_batch()
+    assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in trained)
+    torch.optim.SGD(trained, lr=0.1).step()
+    model.step_routers()
+    assert all(torch.isfinite(p).all() for p in trained) and any(layer.lora_B.any() for layer in layers.values())
+
+    torch.set_rng_state(injection_seed)
+    for layer in layers.values():  # in injection order
+        layer.reset_lora_parameters()
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)

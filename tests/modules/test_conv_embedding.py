@@ -404,16 +404,28 @@ def test_a_dropout_is_the_layer_with_a_masked_and_rescaled(kind):
     torch.testing.assert_close(out, expected)
 
 
+def _threshold_linear_three_steps_in():
+    """A threshold-routed MoELoRALinear 3 steps into its eps ramp (eval: no threshold draws)."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(10, 6).double(), r=4, **MODES["threshold"], threshold_eps_start=0.05,
+                          threshold_ramp_steps=10).eval()
+    layer.router.step(3)
+    layer.task_ids = None
+    return layer
+
+
 @pytest.mark.parametrize("make,inp", [
     (lambda: _embedding("softmax_topk"), lambda: torch.tensor([[0, 3, 5, 7], [1, 2, 10, 4]])),
     (lambda: _conv("conv2d_grouped", "shared_a"), lambda: _conv_input("conv2d_grouped")),
-    (lambda: _conv("conv2d_3x3_s2", "task_shared"), lambda: _conv_input("conv2d_3x3_s2"))])
+    (lambda: _conv("conv2d_3x3_s2", "task_shared"), lambda: _conv_input("conv2d_3x3_s2")),
+    (_threshold_linear_three_steps_in, lambda: torch.linspace(-2, 2, 30, dtype=torch.float64).reshape(3, 10))])
 @pytest.mark.parametrize("how", ["to_empty", "assign"])
 def test_meta_device_layer_made_real_then_loaded_equals_the_layer(make, inp, how):
     """Meta-device init (FSDP2, big models): build on meta, then ``to_empty`` and load the weights,
-    or load them with ``assign=True``. The constant buffers no state dict holds (the projection
-    selector, the group mask) must be right again, not the uninitialised memory to_empty leaves
-    nor meta tensors; and they follow ``.to(dtype)``."""
+    or load them with ``assign=True``. The loaded tensors are kept (the router's step count too:
+    loading is the alternative to reset_parameters, which would zero it). The constant buffers no
+    state dict holds (the projection selector, the group mask) must be right again, not the
+    uninitialised memory to_empty leaves nor meta tensors; and they follow ``.to(dtype)``."""
     layer = _fill(make())
     with torch.device("meta"):
         empty = make()
@@ -421,6 +433,7 @@ def test_meta_device_layer_made_real_then_loaded_equals_the_layer(make, inp, how
         empty.to_empty(device="cpu").load_state_dict(layer.state_dict())
     else:
         empty.load_state_dict(layer.state_dict(), assign=True)
+    assert all(torch.equal(t, layer.state_dict()[name]) for name, t in empty.state_dict().items())
     empty.task_ids = layer.task_ids
     torch.testing.assert_close(empty(inp()), layer(inp()), rtol=0, atol=0)
     single = _fill(make()).float()
