@@ -111,9 +111,11 @@ class MoELoRALinear(AdapterLayerBase):
         """As every MoE-LoRA layer's (PEFT's init); DoRA's magnitude then starts at the row norms of
         W + s B A, as PEFT's, W the base weight as it is now: after meta-device init, reset (or load)
         the base layer first (``model.apply`` visits children first; a loop over ``model.modules()``
-        visits this layer before its base layer)."""
+        visits this layer before its base layer). A layer of an inactive adapter holds no base layer
+        (moelora.tuner.adapters.DetachedBase): its magnitude is left as it is (reset the layer after
+        ``set_adapter``)."""
         super()._init_lora(init_lora_weights)
-        if self.use_dora:
+        if self.use_dora and hasattr(self.base_layer, "weight"):
             self.lora_magnitude_vector.copy_(self._dora_norm(self.base_weight(), self.lora_A, self.scaling))
 
     # ----------------------------------------------------------------------------- helpers

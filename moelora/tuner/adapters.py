@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from typing import Dict, List, Optional, Set
 
+import torch
 import torch.nn as nn
 
 from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
@@ -55,6 +56,15 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, *args, **kwargs):
         return (self.original_module if self.disable_adapters else self.modules_to_save)(*args, **kwargs)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Start the trainable copy as the constructor does: the original module's tensors copied into
+        it (meta-device init: after the original is reset or loaded, so children first, as
+        ``model.apply`` visits them). Defined here, or ``__getattr__`` would hand out the copy's. A
+        wrapper of an inactive adapter holds no original (DetachedBase): its copy is left as it is."""
+        if not isinstance(self.original_module, DetachedBase):
+            self.modules_to_save.load_state_dict(self.original_module.state_dict())
 
     def __getattr__(self, name):
         try:

@@ -102,6 +102,25 @@ def test_modules_to_save_train_save_and_load_with_the_adapter(tmp_path):
         get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], modules_to_save=["nothing"]))
 
 
+def test_modules_to_save_copy_starts_as_the_original_after_meta_init():
+    """Meta-device init, reset_parameters() children first (model.apply): the trainable copy of a
+    modules_to_save module starts as the original, as the wrapper's constructor makes it (without
+    the wrapper's own reset_parameters, its __getattr__ handed out the copy's: redrawn, twice).
+    An inactive adapter's wrapper and DoRA layer, which hold no base module, reset without it."""
+    from helpers import made_real_with_garbage, reset_every_module
+
+    cfg = MoELoRAConfig(target_modules=["query"], num_experts=2, top_k=1, modules_to_save=["classifier"])
+    with torch.device("meta"):
+        model = get_moelora_model(tiny_bert(classification=True), cfg)
+        model.add_adapter("dora", MoELoRAConfig(target_modules=["query"], num_experts=1, use_dora=True,
+                                                modules_to_save=["classifier"]))
+    wrapper = reset_every_module(made_real_with_garbage(model), "apply").model.classifier
+    original, copy_ = wrapper.original_module.state_dict(), wrapper.modules_to_save.state_dict()
+    assert original.keys() == copy_.keys() and all(torch.isfinite(t).all() for t in original.values())
+    assert all(torch.equal(copy_[name], t) for name, t in original.items())
+    assert all(p.requires_grad for p in wrapper.modules_to_save.parameters())
+
+
 def test_modules_to_save_and_biases_interoperate_with_peft(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
