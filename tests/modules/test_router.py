@@ -154,6 +154,33 @@ def test_task_routing_reused_after_an_inference_mode_forward_trains():
     layer(x).sum().backward()
     assert layer.lora_gamma.grad is not None
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["int", "per_example_host_tensor"])
+def test_gpu_task_ids_given_on_the_host_train_without_a_host_sync(kind):
+    """Multi-task training with the batch's task ids given on the host (an int, or a CPU tensor
+    from the data loader), validation off: setting them and a forward + backward of task-routed
+    layers never wait for the device (their copy to the device is not a synchronising one)."""
+    layers = [moelora.MoELoRALinear(torch.nn.Linear(64, 64), num_experts=4, router="task", r=8,
+                                    task_shared_lora=True) for _ in range(2)]
+    model = torch.nn.Sequential(*layers).cuda()
+    x = torch.randn(3, 16, 64, device="cuda")
+
+    def step(task):
+        moelora.set_task_ids(model, task if kind == "int" else torch.tensor([task, (task + 1) % 4, 0]))
+        model(x).square().sum().backward()
+
+    with moelora.validation(False):
+        step(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(1)
+            step(2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(layer.lora_gamma.grad is not None for layer in layers)
+
+
 def test_task_routing_reuses_the_ids_of_a_task_id_tensor_until_it_changes():
     """Layers routing by the same task-id tensor build its ids and one-hot matrix once; gamma's
     weights (and gradient) are computed per call; an in-place change of the ids, a validation
