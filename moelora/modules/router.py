@@ -13,13 +13,10 @@ import torch.nn as nn
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.validation import check_top_k, refuse_double_backward
-from moelora.ops.routing_modes import ROUTER_MODES, Routing, route_logits, scheduled_eps
+from moelora.ops.routing_modes import LEARNED_MODES, Routing, route_logits, scheduled_eps
 from moelora.ops.backend import kernels_run, without_autocast
 from moelora.modules.fields import LAYER_FIELD_KINDS, POSITIVE_INT, check_field
 
-
-# The modes of a learned router (task routing has none).
-LEARNED_MODES = tuple(m for m in ROUTER_MODES if m != "task")
 
 # The check of Router's ``mode`` and of MoEFFN's ``router`` (check_field).
 LEARNED_MODE_KIND = (lambda v: isinstance(v, str), lambda v: v in LEARNED_MODES, f"one of {LEARNED_MODES}")

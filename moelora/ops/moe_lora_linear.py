@@ -64,7 +64,7 @@ from moelora.kernels import launchers
 from moelora.ops.moe_lora import (choose_regime, fake_grouped_layout, grouped_forward, grouped_input_grads,
                                   grouped_output_grads, grouped_row_count, lora_a_rows, moe_lora, saved_layout)
 from moelora.ops.losses import aux_losses
-from moelora.ops.routing_modes import Routing, route_logits, scheduled_eps
+from moelora.ops.routing_modes import LEARNED_MODES, Routing, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import (FLOAT_DTYPES, as_2d, check_adapter_shapes, check_routing_values, check_scaling,
                                     check_tensor_args, check_top_k, refuse_double_backward)
@@ -172,9 +172,6 @@ def unchecked_moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optio
         return y, LayerOutput(Routing(topk_weights, topk_ids), None, None)
     return y, LayerOutput(Routing(weights, ids, r.logits if r.logits is not None else logits, counts), aux_loss,
                           aux_stats)
-
-
-LEARNED_MODES = ("softmax_topk", "topk_softmax", "threshold")
 
 
 def check_linear_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, dropout_mask) -> None:

@@ -33,6 +33,8 @@ from moelora.ops.routing import router_topk
 
 
 ROUTER_MODES = ("softmax_topk", "topk_softmax", "threshold", "task")
+# The modes of a learned router (task routing has none).
+LEARNED_MODES = tuple(m for m in ROUTER_MODES if m != "task")
 
 
 class Routing(NamedTuple):
