@@ -238,7 +238,6 @@ def test_disable_adapter_and_molex_gates_not_targeted():
         torch.testing.assert_close(model(ids).logits, expected)
 
 
-
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_modules_moelora_adds_start_in_the_models_mode(mode):
     """get_moelora_model, upcycle_ffn, apply_molex, modules_to_save and add_adapter on a model in
@@ -262,6 +261,7 @@ def test_modules_moelora_adds_start_in_the_models_mode(mode):
         torch.testing.assert_close(model(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
                                    rtol=0, atol=0)
 
+
 def test_deepcopy_after_a_training_forward_starts_without_routing_record():
     base = tiny_llama(num_layers=2)
     moelora.apply_molex(base, gate="linear")
@@ -274,7 +274,6 @@ def test_deepcopy_after_a_training_forward_starts_without_routing_record():
     assert moelora.router_stats(clone) == {}
     assert moelora.aux_loss(model).grad_fn is not None  # the original keeps its record
     torch.testing.assert_close(clone(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
-
 
 
 def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
@@ -300,6 +299,7 @@ def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
         assert "input_ids" in inspect.signature(clone.forward).parameters
         assert clone.forward.__self__ is clone
         torch.testing.assert_close(clone(ids).logits, expected, rtol=0, atol=0)
+
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(use_reentrant):
@@ -352,7 +352,6 @@ def test_use_task_ids_after_a_forward_with_task_ids_leaves_no_stale_ids():
     assert all(layer.task_ids is before for layer in _layers(model).values())
 
 
-
 @pytest.mark.parametrize("setter", ["wrapper", "inner_model", "use_task_ids"])
 def test_task_ids_set_after_a_forward_with_the_same_int_stay_set(setter):
     """forward(task_ids=1) then set_task_ids(1): the next forward must route by task 1. Python ints
@@ -374,6 +373,7 @@ def test_task_ids_set_after_a_forward_with_the_same_int_stay_set(setter):
             moelora.set_task_ids(model.model, 1)
         out = model(ids).last_hidden_state
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("stale", [False, True], ids=["none_set", "other_ids_set"])

@@ -132,7 +132,6 @@ def test_merge_unmerge_single_expert(use_dora):
     torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-
 def test_merged_dora_state_follows_the_model_moves():
     """A merged DoRA layer keeps what unmerge divides out (the magnitude scale) and subtracts (the
     delta): they must move with the model (merge on one device, ``.to()`` another, then unmerge,
@@ -155,6 +154,7 @@ def test_merged_dora_state_follows_the_model_moves():
     model.to("meta")
     model.unmerge_adapter()
     assert all(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
+
 
 def test_merge_task_routed_layer_for_chosen_task_and_reject_learned_router():
     model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query", "value"], num_experts=3,

@@ -218,9 +218,9 @@ def test_moe_lora_linear_matches_the_per_token_loop(data, regime):
         renormalize = draw(st.booleans())
     leaves = {n: strided(t.to(dtype), True, DEVICE) for n, t in p.items() if t is not None}
     if mode != "static":
-        router = RouterSpec(None if given_logits else leaves["router"], leaves["router"] if given_logits else None, mode,
-                            k, renormalize, eps, eps, 0, None, None if noise is None else noise.to(DEVICE), 0.01, 0.001,
-                            None if jitter is None else jitter.to(DEVICE))
+        router = RouterSpec(None if given_logits else leaves["router"], leaves["router"] if given_logits else None,
+                            mode, k, renormalize, eps, eps, 0, None, None if noise is None else noise.to(DEVICE),
+                            0.01, 0.001, None if jitter is None else jitter.to(DEVICE))
     scaling = draw(st.sampled_from([0.5, -2.0, 16 / 3]))
     dense_width = moe_lora_module.DENSE_MAX_WIDTH
     moe_lora_module.DENSE_MAX_WIDTH = dense_width if regime == "dense" else 0  # the grouped regime on a small layer

@@ -225,7 +225,6 @@ def test_composed_path_draws_random_numbers_as_the_fused_path(kind, extra):
     assert torch.equal(results[1][1], results[0][1])
 
 
-
 @pytest.mark.parametrize("kind", ["softmax_topk", "dora"])
 def test_base_layer_with_an_accelerate_style_forward_runs_it(kind):
     """accelerate's hooks (device_map dispatch, offloading: add_hook_to_module) replace the base
@@ -242,6 +241,7 @@ def test_base_layer_with_an_accelerate_style_forward_runs_it(kind):
     expected = registered(x)
     assert not torch.allclose(expected, plain(x))
     torch.testing.assert_close(hooked(x), expected, rtol=0, atol=0)
+
 
 def test_scaling_is_alpha_over_r_or_sqrt_r():
     assert MoELoRALinear(_base(), num_experts=1, r=4, lora_alpha=8).scaling == 2.0

@@ -133,7 +133,6 @@ def test_task_routing_broadcasts_per_example_ids_and_adds_shared_expert():
         task_routing(torch.tensor([0, 1, 2]), gamma, (2, 3))
 
 
-
 def test_task_routing_reused_after_an_inference_mode_forward_trains():
     """Task ids set once, a forward under torch.inference_mode (evaluation, generation), then a
     training step: what the first forward kept for the task-id tensor must not be inference
@@ -153,6 +152,7 @@ def test_task_routing_reused_after_an_inference_mode_forward_trains():
         layer(x)
     layer(x).sum().backward()
     assert layer.lora_gamma.grad is not None
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["int", "per_example_host_tensor"])
