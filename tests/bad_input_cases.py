@@ -194,6 +194,15 @@ CASES = {
     "moe_lora_linear/router_of_other_experts": (
         linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E + 1, D), None, "softmax_topk", 2)),
         (ValueError, r"router.weight must have shape \[E = 3, d_in = 8\], got \(4, 8\)")),
+    "moe_lora_linear/router_not_a_spec": (linear(router="softmax_topk"),
+                                          (TypeError, r"^router must be a RouterSpec or None, got str$")),
+    "moe_lora_linear/weight_of_other_dtype": (linear(weight=torch.randn(4, D, dtype=torch.float64)),
+                                              (TypeError, r"^weight must have the dtype of x \(torch.float32\), "
+                                                          r"got torch.float64")),
+    "moe_lora_linear/bias_of_other_dtype": (linear(bias=torch.zeros(4, dtype=torch.float64)),
+                                            (TypeError, r"^bias must have the dtype of x \(torch.float32\)")),
+    "moe_lora_linear/weight_on_other_device": (linear(weight=torch.empty(4, D, device="meta")),
+                                               (ValueError, r"^weight is on meta but x is on cpu")),
     "moe_lora_linear/router_top_k_above_experts": (
         linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E, D), None, "softmax_topk", 4)),
         (ValueError, r"^router.top_k must be in \[1, num_experts=3\], got 4$")),
@@ -204,8 +213,8 @@ CASES = {
     "moe_ffn/activation_string": (ffn(activation="relu"), (TypeError, r"activation must be a callable \(e.g. "
                                                                       r"torch.nn.functional.relu\), got str 'relu'")),
     # the torch backend ignores a valid engine, and took any other value without a word
-    "moe_ffn/engine_name_on_torch": (lambda: moelora.moe_ffn(X, IDS, W, W_IN, None, W_OUT, None, F.silu, backend="torch",
-                                                             engine="cutlass"),
+    "moe_ffn/engine_name_on_torch": (lambda: moelora.moe_ffn(X, IDS, W, W_IN, None, W_OUT, None, F.silu,
+                                                             backend="torch", engine="cutlass"),
                                      (ValueError, r"^engine must be one of \('auto', 'triton', 'grouped_mm'\), "
                                                   r"got 'cutlass'$")),
     "moe_ffn/normalize_int": (ffn(normalize=1), (TypeError, r"normalize must be a bool, got int")),

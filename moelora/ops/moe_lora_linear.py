@@ -180,11 +180,27 @@ def check_linear_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids
     weight [d_out, d_in], bias [d_out], the adapters, a finite scaling, then the routing: a
     RouterSpec (mode, top_k in [1, E], router weight [E, d_in] or logits [T, E], noise [T, top_k],
     jitter of x's shape) or static ids and weights [T, k] (k in [1, E]; ids in [0, E) and finite
-    weights while the syncing checks run), and the bool dropout mask of x's shape."""
+    weights while the syncing checks run), and the bool dropout mask of x's shape. The base weight
+    and bias have x's dtype (outside torch.autocast, which casts them); every tensor is on x's device."""
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got "
                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if router is not None and not isinstance(router, RouterSpec):
+        raise TypeError(f"router must be a RouterSpec or None, got {type(router).__name__}")
+    optional = dict(bias=bias, dropout_mask=dropout_mask)
+    if router is not None:
+        optional.update({f"router.{n}": getattr(router, n) for n in ("weight", "logits", "noise", "jitter")})
+    for name, t in optional.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype and autocast_dtype(x) is None:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype} (the base GEMM "
+                            f"runs in x's dtype)")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), *optional.items()):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
     if x.dim() < 1:
         raise ValueError("x must have shape [..., d_in], got a 0-d tensor")
     T, d_in = math.prod(x.shape[:-1]), x.shape[-1]
