@@ -218,7 +218,8 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self.lora_A, self.lora_B = lora_a, lora_b
 
     def _add_parameters(self, factory: dict) -> None:
-        """Parameters a layer type adds (created before the init below)."""
+        """What a layer type adds before its constant buffers and the init below: its parameters
+        (DoRA's magnitude) and the attributes those two read (e.g. MoELoRAConv's groups)."""
 
     # ----------------------------------------------------------------------------- constants
     def _constant_buffers(self) -> dict:

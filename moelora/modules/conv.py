@@ -113,6 +113,7 @@ class MoELoRAConv(AdapterLayerBase):
         self.pointwise = all(k == 1 for k in kernel_size) and all(s == 1 for s in geometry.stride) and unpadded
 
     def _add_parameters(self, factory: dict) -> None:
+        """No parameters: the channel counts and groups the group mask (a constant buffer) is built from."""
         self.in_channels, self.out_channels, self.groups = (self.base_layer.in_channels, self.base_layer.out_channels,
                                                             self.base_layer.groups)
 
