@@ -410,7 +410,6 @@ def _threshold_linear_three_steps_in():
     layer = MoELoRALinear(nn.Linear(10, 6).double(), r=4, **MODES["threshold"], threshold_eps_start=0.05,
                           threshold_ramp_steps=10).eval()
     layer.router.step(3)
-    layer.task_ids = None
     return layer
 
 

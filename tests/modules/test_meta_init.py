@@ -77,6 +77,18 @@ def _assert_same_training_step(got: nn.Module, expected: nn.Module, make_input, 
         assert torch.isfinite(g).all() and torch.equal(g, expected_grads[name]), name
 
 
+def _built_then_meta_built_and_reset(make, order):
+    """(the module ``make`` builds from seed 0, the one it builds on meta, made real and reset in
+    ``order`` (reset_every_module) from seed 0), their states asserted equal."""
+    torch.manual_seed(0)
+    expected = make()
+    module = _meta_built(make)
+    torch.manual_seed(0)
+    reset_every_module(module, order)
+    _assert_same_state(module, expected)
+    return module, expected
+
+
 def _make_layer(name):
     cls, base, kwargs, _ = LAYERS[name]
     return lambda: cls(base(), **kwargs)
@@ -88,12 +100,7 @@ def test_meta_built_layer_reset_children_first_is_the_normally_built_layer(name)
     the same seed (base layer, router weight, A, B, task gates, DoRA's magnitude from the base
     weight, the step counter at 0), and it trains as that layer."""
     make = _make_layer(name)
-    torch.manual_seed(0)
-    expected = make()
-    layer = _meta_built(make)
-    torch.manual_seed(0)
-    reset_every_module(layer, "apply")
-    _assert_same_state(layer, expected)
+    layer, expected = _built_then_meta_built_and_reset(make, "apply")
     if layer.router is not None:
         assert layer.router.num_steps.item() == 0
     if layer.router_mode == "task":
@@ -159,12 +166,7 @@ def test_meta_built_moe_ffn_reset_is_the_ffn_upcycled_from_fresh_linears():
     """MoEFFN.reset_parameters draws one FFN as nn.Linear layers would (gate, in, out) and copies it
     into every expert; with the router after it (the loop over modules()), the same seed gives the
     MoEFFN upcycled from nn.Linear layers made in that order, step counter 0, and it trains."""
-    torch.manual_seed(0)
-    expected = _ffn()
-    ffn = _meta_built(_ffn)
-    torch.manual_seed(0)
-    reset_every_module(ffn, "modules")
-    _assert_same_state(ffn, expected)
+    ffn, expected = _built_then_meta_built_and_reset(_ffn, "modules")
     assert ffn.router.num_steps.item() == 0
     assert all(torch.equal(w[0], w[-1]) for w in (ffn.w_in, ffn.w_gate, ffn.w_out, ffn.b_out))
     _assert_same_training_step(ffn, expected, lambda: torch.randn(6, 8))
@@ -183,12 +185,7 @@ def test_meta_built_molex_reset_is_the_normally_built_one(gate, learn_alpha):
                                                     learn_alpha=learn_alpha)
         return holder
 
-    torch.manual_seed(0)
-    expected = make()
-    model = _meta_built(make)
-    torch.manual_seed(0)
-    reset_every_module(model, "apply")
-    _assert_same_state(model, expected)
+    model, expected = _built_then_meta_built_and_reset(make, "apply")
     assert torch.allclose(model.molex.alpha, torch.tensor(0.9))
     x = torch.randn(4, 8)
     for m in (model, expected):
