@@ -14,7 +14,8 @@ down-projection and the router logits; dx accumulated in one GEMM; see that modu
 moelora.moe_lora's dense or grouped regime (large E*r). It
 takes every feature except these, which run the composed path (base layer, then
 :func:`moelora.moe_lora` with ``base_out``): base layers other than a plain ``nn.Linear`` /
-GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks, extra forward
+GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks (registered, or a
+``forward`` set on the instance, as accelerate's device_map / offloading hooks do), extra forward
 arguments, and DoRA with LoRA dropout in training (PEFT's DoRA then scales a second base GEMM
 over the dropped-out x). LoRA dropout's keep mask and router jitter's factors are read by the
 op's kernels beside x; DoRA otherwise scales the fused op's output by its magnitude, and
