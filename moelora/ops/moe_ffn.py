@@ -215,11 +215,14 @@ def _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs) -> bool:
     return widths_ok and strides_ok and len({t.dtype for t in tensors}) == 1
 
 
+ENGINE_CHOICES = ("auto",) + ENGINES  # moe_ffn's engine argument
+
+
 def check_engine(engine) -> None:
-    """ValueError unless ``engine`` is "auto" or one of ENGINES (on either backend: the torch backend
+    """ValueError unless ``engine`` is one of ENGINE_CHOICES (on either backend: the torch backend
     ignores a valid one)."""
-    if not isinstance(engine, str) or engine not in ("auto",) + ENGINES:
-        raise ValueError(f"engine must be one of {('auto',) + ENGINES}, got {engine!r}")
+    if not isinstance(engine, str) or engine not in ENGINE_CHOICES:
+        raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {engine!r}")
 
 
 def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: Optional[torch.Tensor], top_k: int,
