@@ -11,10 +11,9 @@ import torch
 import torch.nn as nn
 
 from moelora.kernels import launchers
-from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.validation import check_top_k, refuse_double_backward
-from moelora.ops.routing_modes import LEARNED_MODES, Routing, route_logits, scheduled_eps
-from moelora.ops.backend import kernels_run, without_autocast
+from moelora.ops.routing_modes import LEARNED_MODES, Routing, linear_logits, route_logits, scheduled_eps
+from moelora.ops.backend import kernels_run
 from moelora.modules.fields import LAYER_FIELD_KINDS, POSITIVE_INT, check_field
 
 
@@ -98,11 +97,7 @@ class Router(nn.Linear):
         x = x.reshape(-1, x.shape[-1])
         if not self.jitters and kernels_run(x.device) and not torch.compiler.is_compiling():
             return _RouterLogitsFn.apply(x, self.weight)
-        x = x.to(accumulator_dtype(x.dtype))
-        if self.jitters:
-            x = x * self.jitter_factors(x).to(x.dtype)
-        with without_autocast(x):  # fp32 under torch.autocast too, as the kernel's
-            return nn.functional.linear(x, self.weight.to(x.dtype))
+        return linear_logits(x, self.weight, self.jitter_factors(x) if self.jitters else None)
 
     def jitter_factors(self, x: torch.Tensor) -> torch.Tensor:
         """The multiplicative noise of the router input x: U(1 - jitter_noise, 1 + jitter_noise) per

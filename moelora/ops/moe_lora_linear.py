@@ -64,7 +64,7 @@ from moelora.kernels import launchers
 from moelora.ops.moe_lora import (choose_regime, fake_grouped_layout, grouped_forward, grouped_input_grads,
                                   grouped_output_grads, grouped_row_count, lora_a_rows, moe_lora, saved_layout)
 from moelora.ops.losses import aux_losses
-from moelora.ops.routing_modes import LEARNED_MODES, Routing, route_logits, scheduled_eps
+from moelora.ops.routing_modes import LEARNED_MODES, Routing, linear_logits, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import (FLOAT_DTYPES, as_2d, check_adapter_shapes, check_routing_values, check_scaling,
                                     check_tensor_args, check_top_k, refuse_double_backward)
@@ -304,11 +304,8 @@ def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_w
     if router is not None:
         if router.logits is not None:
             logits = router.logits
-        else:
-            x_router = x.to(router.weight.dtype)
-            if router.jitter is not None:
-                x_router = x_router * router.jitter.reshape(x.shape).to(x_router.dtype)
-            logits = F.linear(x_router, router.weight)
+        else:  # in x's accumulator dtype, as the kernels' (a half-precision router weight too)
+            logits = linear_logits(x, router.weight, None if router.jitter is None else router.jitter.reshape(x.shape))
         eps = scheduled_eps(router.eps_start, router.eps_end, router.ramp_steps, router.num_steps)
         routing = route_logits(logits, router.mode, router.top_k, router.renormalize, eps, router.noise)
         aux_loss, aux_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, router.lb_coef,

@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from moelora.kernels.launchers import accumulator_dtype
+from moelora.ops.backend import without_autocast
 from moelora.ops.validation import _tracing_or_capturing, check_ids_in_range, syncing_checks_enabled
 from moelora.ops.routing import router_topk
 
@@ -49,6 +50,18 @@ class Routing(NamedTuple):
     def probs(self) -> Optional[torch.Tensor]:
         """[T, E] softmax of the logits (computed on access)."""
         return None if self.logits is None else torch.softmax(self.logits, dim=-1)
+
+
+def linear_logits(x: torch.Tensor, weight: torch.Tensor, jitter: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A linear router's logits x W^T [T, E] for x [T, d_in] in x's accumulator dtype (fp32; fp64
+    for fp64 x), the router reading x (.) ``jitter`` where given: the PyTorch formula of what the
+    fused layer's kernel computes, whatever W's dtype (a half-precision router weight is not
+    rounded to, nor are the logits) and whatever torch.autocast says."""
+    x = x.to(accumulator_dtype(x.dtype))
+    if jitter is not None:
+        x = x * jitter.to(x.dtype)
+    with without_autocast(x):
+        return nn.functional.linear(x, weight.to(x.dtype))
 
 
 def scheduled_eps(eps_start: float, eps_end: float, ramp_steps: int,

@@ -167,6 +167,26 @@ def test_half_precision_base_with_fp32_adapters(kind, regime):
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_router_weight_gives_unrounded_logits(dtype, backend):
+    """A router weight in half precision (a model cast whole, ``model.half()``) and x in it: the
+    logits are x W^T in fp32 on both backends, so the routing is the fp32 router's. Before, the
+    torch backend rounded them to the half dtype: 1 + eps/2 became 1, and the near-tie below
+    a tie that chose expert 0."""
+    if backend == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("the Triton interpreter's bfloat16 is not the GPU's")
+    half_eps = torch.finfo(dtype).eps / 2  # 1 + half_eps is a tie with 1 in dtype, not in fp32
+    x = torch.ones(1, 2, device=DEVICE, dtype=dtype)
+    router_weight = torch.tensor([[1.0, 0.0], [1.0, half_eps]], device=DEVICE, dtype=dtype)
+    weight, lora_a, lora_b = (torch.zeros(3, 2, device=DEVICE, dtype=dtype), torch.zeros(4, 2, device=DEVICE),
+                              torch.zeros(2, 3, 4, device=DEVICE))
+    _, out = fused_linear.moe_lora_linear(x, weight, None, lora_a, lora_b, scaling=1.0, backend=backend,
+                                          router=fused_linear.RouterSpec(router_weight, None, "softmax_topk", 1))
+    assert torch.equal(out.routing.logits, torch.tensor([[1.0, 1.0 + half_eps]], device=DEVICE))
+    assert out.routing.ids.item() == 1
+
+
 def test_conv1d_base_and_trainable_base_weight():
     from transformers.pytorch_utils import Conv1D
 
