@@ -180,8 +180,11 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     else:
         ids, one_hot = entry[2:]
     # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the
-    # atomics of index_put), and out-of-range ids (validation off) get weight 0.
-    weights = one_hot @ gamma.to(dtype).unsqueeze(1)
+    # atomics of index_put), and out-of-range ids (validation off) get weight 0. In gamma's
+    # accumulator dtype under torch.autocast too (its matmul would round the gates and gamma's
+    # gradient to half precision), as a learned router's gates.
+    with without_autocast(gamma):
+        weights = one_hot @ gamma.to(dtype).unsqueeze(1)
     if shared_expert is not None:
         weights = nn.functional.pad(weights, (0, 1), value=1.0)
     return Routing(weights, ids)

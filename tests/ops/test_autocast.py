@@ -272,3 +272,22 @@ def test_dora_weight_norm_is_not_rounded_under_autocast(amp):
         norm_amp = layer._dora_norm(weight, layer.lora_A, layer.scaling)
     assert norm_amp.dtype == torch.float32 and torch.equal(norm_amp, norm)
     assert torch.equal(layer.lora_magnitude_vector / norm_amp, torch.ones_like(norm))
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES)
+def test_task_gates_stay_fp32_under_autocast(amp):
+    """Task routing's gates gamma[task] and gamma's gradient are fp32 under autocast as without
+    it (as a learned router's gates). Before, autocast ran the one-hot product in half
+    precision: the gates and gamma's gradient (a sum over the tokens) rounded to amp."""
+    from moelora.ops.routing_modes import task_routing
+
+    gamma = torch.tensor([1.001, 0.3337, 2.0123], device=DEVICE, requires_grad=True)
+    ids, grad = torch.tensor([2, 0, 1, 1], device=DEVICE), torch.randn(4, 1, device=DEVICE)
+    results = []
+    for enabled in (True, False):
+        with torch.autocast(DEVICE.type, dtype=amp, enabled=enabled):
+            weights = task_routing(ids, gamma, (4,)).weights
+        results.append((weights, torch.autograd.grad(weights, gamma, grad)[0]))
+    (weights, dgamma), (weights_ref, dgamma_ref) = results
+    assert weights.dtype == torch.float32 and torch.equal(weights, weights_ref)
+    assert torch.equal(dgamma, dgamma_ref)
