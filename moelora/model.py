@@ -24,6 +24,7 @@ unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import types
@@ -240,15 +241,40 @@ def use_task_ids(model: nn.Module, ids):
     reading the task ids the layers hold then: call ``backward`` inside the block (or pass
     ``task_ids`` to :meth:`MoELoRAModel.forward`, whose ids stay until its next forward), else
     the recomputation routes by the ids outside the block (wrong gradients, or an error when
-    none are set)."""
+    none are set). Yields the ids the layers hold (an int as a 0-d tensor)."""
     if isinstance(model, MoELoRAModel):  # its last forward's task_ids go first: the block's forward would drop
         model._restore_task_ids()          # them, and the block's end put them back for good
-    _, layers, previous = _swap_task_ids(model, ids)
+    held, layers, previous = _swap_task_ids(model, ids)
     try:
-        yield
+        yield held
     finally:
         for layer, prev in zip(layers, previous):
             _put_task_ids(layer, prev)
+
+
+def _task_ids_per_row(model: nn.Module, ids: torch.Tensor):
+    """A forward pre-hook (``with_kwargs``) for ``model`` generating with one task id per example
+    (``ids`` [B], which its task-routed layers hold): a forward over B * n rows (generate's beams and
+    returned sequences: n rows per example, as transformers' ``repeat_interleave`` of the prompt)
+    routes by each id repeated n times."""
+    by_rows, held = {len(ids): ids}, [len(ids)]  # the repeated ids, made once per generate call
+
+    def hook(module, args, kwargs):
+        inputs = [kwargs.get(k) for k in _GENERATE_INPUTS] + list(args[:1])
+        rows = next((v.shape[0] for v in inputs if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if rows is None or rows == held[0] or rows % len(ids):
+            return None  # rows that fit no example: the layers' routing raises, naming the shapes
+        if rows not in by_rows:
+            by_rows[rows] = ids.repeat_interleave(rows // len(ids))
+        _swap_task_ids(model, by_rows[rows])
+        held[0] = rows
+        return None
+
+    return hook
+
+
+# Where a forward of a transformers model (each of generate's steps) finds its batch.
+_GENERATE_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
 
 
 def step_routers(model: nn.Module, n: int = 1) -> None:
@@ -352,7 +378,10 @@ class MoELoRAModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("model"), name)
+            value = getattr(super().__getattr__("model"), name)
+        if name == "generate":  # only where the wrapped model has one (hasattr stays the model's)
+            return functools.wraps(value)(functools.partial(self._generate, value))
+        return value
 
     def forward(self, *args, labels=None, task_ids=None, **kwargs):
         """Run the wrapped model (``labels`` are passed on when given; ``task_ids`` go to the
@@ -373,6 +402,36 @@ class MoELoRAModel(nn.Module):
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
         return output
+
+    def _generate(self, generate, *args, task_ids=None, **kwargs):
+        """``wrapper.generate``: the wrapped model's ``generate`` (transformers' GenerationMixin), run
+        as a forward of the wrapper: the stored aux losses are cleared and the last forward's
+        ``task_ids`` put back first (see :meth:`forward`). ``task_ids`` (an int, or one id per example
+        of the prompt batch) route every step, for this call only: per-example ids are repeated over
+        the rows generate runs per example (``num_beams``, ``num_return_sequences``), as transformers
+        repeats the prompt. Per-token ids cannot route the tokens generate adds: they raise."""
+        clear_aux_losses(self.model)
+        self._restore_task_ids()
+        if task_ids is None:
+            return generate(*args, **kwargs)
+        if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 1:
+            raise ValueError(f"task_ids of generate must be an int or one id per example ([batch]), got shape "
+                             f"{tuple(task_ids.shape)}: per-token ids cannot route the tokens generate adds")
+        prompt = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds")
+                                            if kwargs.get(k) is not None), None)
+        per_example = isinstance(task_ids, torch.Tensor) and task_ids.dim() == 1 and len(task_ids) > 0
+        if per_example and isinstance(prompt, torch.Tensor) and prompt.dim() > 0 and len(task_ids) != len(prompt):
+            raise ValueError(f"task_ids holds {len(task_ids)} ids but the prompt batch has {len(prompt)} examples "
+                             "(one id per example)")
+        with use_task_ids(self.model, task_ids) as held:
+            hook = None
+            if per_example:
+                hook = self.model.register_forward_pre_hook(_task_ids_per_row(self.model, held), with_kwargs=True)
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                if hook is not None:
+                    hook.remove()
 
     def _restore_task_ids(self) -> None:
         """Put back the task ids the layers held before the last forward's ``task_ids`` (see

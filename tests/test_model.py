@@ -515,3 +515,60 @@ def test_meta_built_model_reset_after_to_empty_starts_as_its_base_and_trains():
         layer.reset_lora_parameters()
     got, want = model.state_dict(), expected.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
+_GREEDY = dict(do_sample=False, pad_token_id=63, eos_token_id=None, max_new_tokens=3)
+
+
+def _greedy_without_cache(model, ids, steps, **kwargs):
+    """Greedy decoding by full forwards of the growing sequences (no KV cache): (tokens, logits per step)."""
+    logits = []
+    for _ in range(steps):
+        logits.append(model(ids, use_cache=False, **kwargs).logits[:, -1])
+        ids = torch.cat([ids, logits[-1].argmax(-1, keepdim=True)], 1)
+    return ids, logits
+
+
+def test_generate_takes_task_ids_as_the_wrappers_forward():
+    """``wrapper.generate(..., task_ids=)`` routes every step (the prompt's forward and each cached
+    decode step's [batch, 1] tokens) by the given ids, per example or an int: the tokens and logits
+    of step-by-step full forwards. Beam search repeats each example's id over its beams; after
+    generate the layers hold what they held before."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj", "o_proj"],
+                                                                      num_experts=3, router="task", r=4))
+    randomize_adapters(model, scale=2.0)
+    model.eval()
+    ids, tasks = token_batch(), torch.tensor([2, 0])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        for task_ids in (tasks, 1):
+            expected, logits = _greedy_without_cache(model, ids, 3, task_ids=task_ids)
+            out = model.generate(input_ids=ids, attention_mask=mask, task_ids=task_ids, output_logits=True,
+                                 return_dict_in_generate=True, **_GREEDY)
+            assert torch.equal(out.sequences, expected)
+            torch.testing.assert_close(torch.stack(out.logits), torch.stack(logits))
+        beams = model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, num_beams=2, **_GREEDY)
+        for i in range(2):
+            alone = model.generate(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], task_ids=int(tasks[i]),
+                                       num_beams=2, **_GREEDY)
+            assert torch.equal(beams[i:i + 1], alone)
+    assert all(layer.task_ids is None for layer in _layers(model).values())
+
+
+def test_generate_puts_back_the_last_forwards_task_ids_and_checks_its_own():
+    """generate runs as a forward of the wrapper: the ids of the last forward(task_ids=) are put back
+    first (no generation routed silently by a previous batch's ids), and task ids that cannot route
+    the generated tokens (per token) or do not fit the prompt batch raise, naming task_ids."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=3,
+                                                                      router="task"))
+    ids = token_batch()
+    model(ids, task_ids=torch.tensor([2, 0]))
+    with pytest.raises(RuntimeError, match="none is set"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **_GREEDY)
+    with pytest.raises(ValueError, match=r"task_ids .*per example.*\(2, 5\)"):
+        model.generate(input_ids=ids, task_ids=torch.zeros(2, 5, dtype=torch.long), **_GREEDY)
+    with pytest.raises(ValueError, match=r"task_ids holds 3 ids .* 2 examples"):
+        model.generate(input_ids=ids, task_ids=torch.tensor([0, 1, 2]), **_GREEDY)
+    assert all(layer.task_ids is None for layer in _layers(model).values())
+    with pytest.raises(AttributeError, match="generate"):
+        get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=2)).generate
