@@ -572,3 +572,14 @@ def test_generate_puts_back_the_last_forwards_task_ids_and_checks_its_own():
     assert all(layer.task_ids is None for layer in _layers(model).values())
     with pytest.raises(AttributeError, match="generate"):
         get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=2)).generate
+
+
+def test_task_ids_set_around_a_beam_search_raise_naming_generates_task_ids():
+    """Ids set on the layers (use_task_ids) meet generate's num_beams rows per example: the error
+    names the fix, task_ids passed to the wrapper's generate."""
+    model = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj"], num_experts=3,
+                                                                      router="task"))
+    ids = token_batch()
+    with moelora.use_task_ids(model, torch.tensor([2, 0])):
+        with pytest.raises(ValueError, match=r"generate\(\.\.\., task_ids"):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=2, **_GREEDY)
