@@ -176,7 +176,10 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
             ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype)
         if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
             del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
-        _TASK_ROUTING.setdefault(task_ids, {})[key] = (task_ids._version, syncing_checks_enabled(), ids, one_hot)
+        entries = _TASK_ROUTING.setdefault(task_ids, {})
+        if key not in entries and len(entries) >= _TASK_ROUTING_SHAPES:
+            del entries[next(iter(entries))]  # the oldest
+        entries[key] = (task_ids._version, syncing_checks_enabled(), ids, one_hot)
     else:
         ids, one_hot = entry[2:]
     # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the
@@ -191,10 +194,13 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
 
 
 # task_routing's reusable part per task-id tensor (by identity, while it is alive; the
-# _TASK_ROUTING_TENSORS newest only, so that task ids kept for a whole dataset do not pile up):
-# {key: (version, checked by the syncing checks, ids, one_hot)}.
+# _TASK_ROUTING_TENSORS newest only, so that task ids kept for a whole dataset do not pile up),
+# per key the _TASK_ROUTING_SHAPES newest only (ids held while the sequence length changes, as
+# generate without a KV cache or an evaluation loop over batches of several lengths, would keep
+# one entry per length): {key: (version, checked by the syncing checks, ids, one_hot)}.
 _TASK_ROUTING = WeakIdKeyDictionary()
 _TASK_ROUTING_TENSORS = 4
+_TASK_ROUTING_SHAPES = 4
 
 
 def _task_ids_one_hot(task_ids, lead_shape: tuple, num_tasks: int, shared_expert: Optional[int], device, dtype):

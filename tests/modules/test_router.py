@@ -207,6 +207,9 @@ def test_task_routing_reuses_the_ids_of_a_task_id_tensor_until_it_changes():
     for t in kept:
         task_routing(t, gamma, (1,))
     assert len(routing_modes._TASK_ROUTING) <= routing_modes._TASK_ROUTING_TENSORS
+    for length in range(1, 11):  # held while the sequence grows (generate without a KV cache): bounded too
+        assert task_routing(tasks, gamma, (2, length)).ids.flatten().tolist() == [2] * length + [1] * length
+    assert len(routing_modes._TASK_ROUTING[tasks]) <= routing_modes._TASK_ROUTING_SHAPES
 
 
 def test_task_routing_of_inference_tensors_under_inference_mode():
