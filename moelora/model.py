@@ -216,6 +216,10 @@ def _swap_task_ids(model: nn.Module, ids, owner=None) -> tuple:
     layers = _task_layers(model)
     if not layers and ids is not None:
         raise ValueError("the model has no task-routed MoE-LoRA layer (router='task')")
+    merged = next((layer for layer in layers if layer.merged), None) if ids is not None else None
+    if merged is not None:  # a merged layer runs its base layer: the ids would route nothing (as PEFT's rule)
+        raise ValueError(f"task ids cannot route merged layers (task {merged.merged_task} is folded into their base "
+                         "weights, which every token runs): call unmerge_adapter() first, or run without task ids")
     if isinstance(ids, int) and not isinstance(ids, bool):
         for layer in layers:
             check_task_ids(ids, layer.num_experts)

@@ -165,6 +165,9 @@ def test_merge_task_routed_layer_for_chosen_task_and_reject_learned_router():
     expected = model(ids, task_ids=1).last_hidden_state
     model.merge_adapter(task=1)
     torch.testing.assert_close(model(ids).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
+    for route in (lambda: model(ids, task_ids=0), lambda: model.set_task_ids(torch.tensor([0, 2]))):
+        with pytest.raises(ValueError, match=r"cannot route merged layers \(task 1 .*unmerge_adapter"):
+            route()  # not silently task 1's output
     model.unmerge_adapter()
     torch.testing.assert_close(model(ids, task_ids=1).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs task in"):
