@@ -40,6 +40,27 @@ def _is_gated_mlp(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
+def _generic_parts(name: str, m: nn.Module, in_proj: str, out_proj: str, gate_proj: Optional[str],
+                   activation: Callable) -> tuple:
+    """(in_proj, out_proj, gate_proj) modules of the generic FFN ``m``. ValueError where ``m`` lacks one, or holds parameters besides them: the whole of
+    ``m`` is replaced, so these (an attention, layer norms: OPT's decoder layer holds fc1/fc2
+    itself) would be dropped silently."""
+    try:
+        parts = [m.get_submodule(p) if p else None for p in (in_proj, out_proj, gate_proj)]
+    except AttributeError as err:
+        raise ValueError(f"{name} lacks one of in_proj={in_proj!r}, out_proj={out_proj!r}, "
+                         f"gate_proj={gate_proj!r}") from err
+    kept = {id(p) for part in (*parts, activation) if isinstance(part, nn.Module) for p in part.parameters()}
+    others = sorted({n.rsplit(".", 1)[0] if "." in n else n for n, p in m.named_parameters() if id(p) not in kept})
+    if others:
+        raise ValueError(f"{name} ({type(m).__name__}) holds parameters besides in_proj={in_proj!r}, "
+                         f"out_proj={out_proj!r} and gate_proj={gate_proj!r}: {others}; upcycle_ffn replaces the "
+                         "whole module by out_proj(act(in_proj(x))), which would drop them: name the MLP module "
+                         "that holds only the FFN's projections (a layer holding fc1 / fc2 next to its attention, "
+                         "as OPT's decoder layer, cannot be upcycled)")
+    return tuple(parts)
+
+
 @structural_edit
 def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_modules=None,
                 in_proj: Optional[str] = None, out_proj: Optional[str] = None, gate_proj: Optional[str] = None,
@@ -65,6 +86,13 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     call = dict(num_experts=num_experts, top_k=top_k, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj,
                 gate_proj=gate_proj, activation=activation, layers_to_transform=layers_to_transform,
                 layers_pattern=layers_pattern, **router_kwargs)
+    if ffn_modules is None:
+        moe_blocks = [n for n, m in model.named_modules() if isinstance(getattr(m, "experts", None), nn.Module)]
+        if moe_blocks:
+            raise ValueError(f"{moe_blocks[0]} ({type(model.get_submodule(moe_blocks[0])).__name__}) is already a "
+                             "mixture of experts: upcycle_ffn upcycles dense FFNs; to upcycle some of this model's "
+                             "dense MLPs (e.g. a shared expert), name them with ffn_modules, in_proj, out_proj "
+                             "and activation")
     targets = []
     for name, m in model.named_modules():
         if ffn_modules is not None:
@@ -81,23 +109,24 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
         raise ValueError("no FFN found to upcycle: give ffn_modules=[...] with in_proj, out_proj and activation")
     if ffn_modules is not None and (in_proj is None or out_proj is None or activation is None):
         raise ValueError("a generic FFN needs in_proj, out_proj and activation")
+    # Every MoEFFN is built (and so checked) before the model is changed: an error leaves it as it was.
+    built = []
     for name, kind in targets:
         m = model.get_submodule(name)
         if kind == "bert":
             moe = MoEFFN(m.intermediate.dense, m.output.dense, m.intermediate.intermediate_act_fn, num_experts,
-                         top_k, **router_kwargs).train(m.training)
-            m.intermediate = moe
-            m.output.dense = nn.Identity().train(m.training)
+                         top_k, **router_kwargs)
         elif kind == "gated":
             moe = MoEFFN(m.up_proj, m.down_proj, m.act_fn, num_experts, top_k, gate_proj=m.gate_proj, **router_kwargs)
-            set_module(model, name, moe.train(m.training))
         else:
-            try:
-                parts = [m.get_submodule(p) if p else None for p in (in_proj, out_proj, gate_proj)]
-            except AttributeError as err:
-                raise ValueError(f"{name} lacks one of in_proj={in_proj!r}, out_proj={out_proj!r}, "
-                                 f"gate_proj={gate_proj!r}") from err
-            moe = MoEFFN(parts[0], parts[1], activation, num_experts, top_k, gate_proj=parts[2], **router_kwargs)
-            set_module(model, name, moe.train(m.training))
+            w_in, w_out, w_gate = _generic_parts(name, m, in_proj, out_proj, gate_proj, activation)
+            moe = MoEFFN(w_in, w_out, activation, num_experts, top_k, gate_proj=w_gate, **router_kwargs)
+        built.append((name, kind, m, moe.train(m.training)))
+    for name, kind, m, moe in built:
+        if kind == "bert":
+            m.intermediate = moe
+            m.output.dense = nn.Identity().train(m.training)
+        else:
+            set_module(model, name, moe)
     record(model, "upcycle_ffn", call)  # replayed by moelora.from_pretrained
     return [n for n, _ in targets]

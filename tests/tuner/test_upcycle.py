@@ -157,3 +157,29 @@ def test_get_moelora_model_keeps_upcycled_experts_trainable():
     assert "model.encoder.layer.0.intermediate.w_in" in trainable
     assert "model.encoder.layer.0.attention.self.query.lora_gamma" in trainable
     assert "model.embeddings.word_embeddings.weight" not in trainable
+
+
+def test_upcycle_refuses_moe_models_and_layers_holding_more_than_the_ffn_and_changes_nothing():
+    """A model that is already MoE (Qwen2-MoE: its shared experts were upcycled silently) and a
+    generic target holding more than the FFN (OPT's decoder layer holds fc1/fc2 itself: the whole
+    layer, attention included, was replaced) raise naming the problem; so does a later target
+    lacking a projection, and the model is left unchanged (earlier targets were replaced)."""
+    from transformers import OPTConfig, OPTForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                             moe_intermediate_size=8, shared_expert_intermediate_size=16,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                             num_experts=4))
+    with pytest.raises(ValueError, match="model.layers.0.mlp .Qwen2MoeSparseMoeBlock. is already a mixture of experts"):
+        upcycle_ffn(moe, num_experts=2, top_k=1)
+    assert not any(isinstance(m, MoEFFN) for m in moe.modules())
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                   num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(ValueError, match=r"holds parameters besides .*'final_layer_norm', 'self_attn.k_proj'"):
+        upcycle_ffn(opt, 2, 1, ffn_modules=r"model\.decoder\.layers\.\d+", in_proj="fc1", out_proj="fc2",
+                    activation=torch.relu)
+    assert not any(isinstance(m, MoEFFN) for m in opt.modules())
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4)), nn.Sequential(nn.Linear(4, 8)))
+    with pytest.raises(ValueError, match="1 lacks one of"):
+        upcycle_ffn(net, 2, 1, ffn_modules=r"\d", in_proj="0", out_proj="1", activation=torch.relu)
+    assert not isinstance(net[0], MoEFFN)
