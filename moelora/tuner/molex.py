@@ -22,8 +22,10 @@ def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] =
         if not isinstance(stack, nn.ModuleList):
             raise ValueError(f"{layers} is a {type(stack).__name__}, not an nn.ModuleList of layers")
         return stack
-    stacks = [m for n, m in model.named_modules()
-              if isinstance(m, nn.ModuleList) and n.split(".")[-1] in DEFAULT_LAYERS_PATTERN and len(m) > 1]
+    named = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and n.split(".")[-1] in DEFAULT_LAYERS_PATTERN and len(m) > 1]
+    # a stack inside another's layers is a layer's sublayers (T5's block.i.layer: attention, FFN), not the stack
+    stacks = [m for n, m in named if not any(n.startswith(f"{outer}.") for outer, _ in named)]
     if not stacks:
         raise ValueError("no layer stack found; pass layers='dotted.name.of.the.ModuleList'")
     return max(stacks, key=len)

@@ -425,3 +425,14 @@ def test_fsdp2_sharding_the_layers_one_by_one_is_refused_and_the_whole_stack_wor
         torch.testing.assert_close(whole(input_ids=ids, labels=ids).loss, expected)
     finally:
         dist.destroy_process_group()
+
+
+def test_find_layer_stack_skips_the_sublayers_inside_a_layer():
+    """T5's blocks hold their sublayers in a ModuleList named ``layer`` (the decoder's has 3:
+    self-attention, cross-attention, FFN): the longest such list was taken as the stack, and
+    MoLEx then mixed a block's attention with its FFN (a TypeError at the first forward)."""
+    from helpers import tiny_t5
+    from moelora.tuner.molex import find_layer_stack
+
+    model = tiny_t5()
+    assert find_layer_stack(model) is model.encoder.block
