@@ -66,8 +66,8 @@ from moelora.ops.moe_lora import (choose_regime, fake_grouped_layout, grouped_fo
 from moelora.ops.losses import aux_losses
 from moelora.ops.routing_modes import LEARNED_MODES, Routing, linear_logits, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
-from moelora.ops.validation import (FLOAT_DTYPES, as_2d, check_adapter_shapes, check_routing_values, check_scaling,
-                                    check_tensor_args, check_top_k, refuse_double_backward)
+from moelora.ops.validation import (FLOAT_DTYPES, as_2d, check_adapter_shapes, check_routing_values, check_same_device,
+                                    check_scaling, check_tensor_args, check_top_k, refuse_double_backward)
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
 from moelora.ops.registration import custom_op
 
@@ -198,9 +198,7 @@ def check_linear_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids
         if t is not None and t.dtype != x.dtype and autocast_dtype(x) is None:
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype} (the base GEMM "
                             f"runs in x's dtype)")
-    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), *optional.items()):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
+    check_same_device(x, (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), *optional.items()))
     if x.dim() < 1:
         raise ValueError("x must have shape [..., d_in], got a 0-d tensor")
     T, d_in = math.prod(x.shape[:-1]), x.shape[-1]

@@ -132,8 +132,13 @@ def check_tensor_args(x, topk_ids, topk_weights, weights: dict, optional: dict) 
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
-    for name, t in (*tensors.items(), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
-        if t.device != x.device:
+    check_same_device(x, (*tensors.items(), ("topk_ids", topk_ids), ("topk_weights", topk_weights)))
+
+
+def check_same_device(x: torch.Tensor, named) -> None:
+    """ValueError naming the first tensor of ``named`` ((name, tensor or None) pairs) that is not on x's device."""
+    for name, t in named:
+        if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
 
 
