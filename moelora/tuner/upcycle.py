@@ -42,9 +42,9 @@ def _is_gated_mlp(m: nn.Module) -> bool:
 
 def _generic_parts(name: str, m: nn.Module, in_proj: str, out_proj: str, gate_proj: Optional[str],
                    activation: Callable) -> tuple:
-    """(in_proj, out_proj, gate_proj) modules of the generic FFN ``m``. ValueError where ``m`` lacks one, or holds parameters besides them: the whole of
-    ``m`` is replaced, so these (an attention, layer norms: OPT's decoder layer holds fc1/fc2
-    itself) would be dropped silently."""
+    """(in_proj, out_proj, gate_proj) modules of the generic FFN ``m``. ValueError where ``m`` lacks
+    one, or holds parameters besides them: the whole of ``m`` is replaced, so these (an attention,
+    layer norms: OPT's decoder layer holds fc1/fc2 itself) would be dropped silently."""
     try:
         parts = [m.get_submodule(p) if p else None for p in (in_proj, out_proj, gate_proj)]
     except AttributeError as err:
