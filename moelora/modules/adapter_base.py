@@ -46,6 +46,34 @@ from moelora.modules.fields import LAYER_FIELD_KINDS, check_field
 _SINGLE = {}
 
 
+def offload_hook(module: nn.Module):
+    """accelerate's offloading hook of ``module`` (an ``AlignDevicesHook`` with ``offload=True``, as
+    ``cpu_offload``, ``disk_offload`` and a ``device_map`` with "cpu" / "disk" entries install it:
+    the weights wait on meta and are loaded onto its ``execution_device`` for each forward), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
+    return next((h for h in hooks if getattr(h, "offload", False) and getattr(h, "execution_device", None) is not None),
+                None)
+
+
+def adapter_device(base_layer: nn.Module) -> torch.device:
+    """Where a layer's adapters live: on the base weight's device; for a base layer offloaded by
+    accelerate (its weight on meta between forwards), on the device its forwards run on, so that
+    the adapters are real, trainable tensors there (on meta they could not be initialised)."""
+    device = base_layer.weight.device
+    hook = offload_hook(base_layer) if device.type == "meta" else None
+    return torch.device(hook.execution_device) if hook is not None else device
+
+
+def refuse_offloaded(base_layer: nn.Module, what: str) -> None:
+    """NotImplementedError where ``base_layer`` is offloaded by accelerate: ``what`` reads or writes its
+    weight, which lives on meta between forwards (writes would be lost silently)."""
+    if base_layer.weight.device.type == "meta" and offload_hook(base_layer) is not None:
+        raise NotImplementedError(
+            f"{what} needs the base layer's weight, which accelerate has offloaded ({type(base_layer).__name__} "
+            "weight on meta between forwards): load the model without CPU / disk offloading for it")
+
+
 def single_expert_routing(num_tokens: int, device: torch.device):
     """ids 0 and weights 1 for every token ([T, 1] stride-0 views of cached scalars). The scalars
     are made outside inference mode: an inference tensor cached by a first forward under
@@ -192,9 +220,11 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self.clear_routing_record()
 
         weight = base_layer.weight
+        if s.use_dora:
+            refuse_offloaded(base_layer, "DoRA (its magnitude starts at the base weight's row norms)")
         # As PEFT (autocast_adapter_dtype): half-precision bases get fp32 adapters.
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        factory = dict(device=weight.device, dtype=dtype)
+        factory = dict(device=adapter_device(base_layer), dtype=dtype)
         self.num_lora = s.num_experts + (1 if s.task_shared_lora else 0)
         a_shape = (s.r, a_in) if s.share_lora_a else (self.num_lora, s.r, a_in)
         self._register_lora(nn.Parameter(torch.empty(a_shape, **factory)),
@@ -205,7 +235,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         elif s.num_experts > 1:
             self.router = router_class(router_in, s.num_experts, s.top_k, s.router, s.router_renormalize,
                                        s.router_jitter_noise, s.threshold_eps_start, s.threshold_eps,
-                                       s.threshold_ramp_steps, device=weight.device, **(router_kwargs or {}))
+                                       s.threshold_ramp_steps, device=factory["device"], **(router_kwargs or {}))
         else:
             self.router = None
         self._add_parameters(factory)
@@ -375,6 +405,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         does not fold into one weight delta), changing nothing: ``merge_adapter`` checks every layer first."""
         if self.merged:
             raise RuntimeError("the layer is already merged; unmerge it first")
+        refuse_offloaded(self.base_layer, "merging")
         if self.disable_adapters:  # it would return the merged weight's output while disabled
             raise RuntimeError("the adapter layers are disabled (disable_adapter_layers() or `with "
                                "model.disable_adapter():`) and a disabled layer computes its base layer; enable "

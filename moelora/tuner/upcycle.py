@@ -27,6 +27,7 @@ import torch.nn as nn
 from moelora.tuner.structure import record, structural_edit
 from moelora.tuner.targets import layer_index, matches, set_module, unwrap
 from moelora.ops.validation import check_activation
+from moelora.modules.adapter_base import refuse_offloaded
 from moelora.modules.ffn import MoEFFN, check_ffn_settings
 
 
@@ -113,6 +114,9 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     built = []
     for name, kind in targets:
         m = model.get_submodule(name)
+        for part in m.modules():
+            if getattr(part, "weight", None) is not None:
+                refuse_offloaded(part, f"upcycling {name} (its experts start as copies of the FFN's weights)")
         if kind == "bert":
             moe = MoEFFN(m.intermediate.dense, m.output.dense, m.intermediate.intermediate_act_fn, num_experts,
                          top_k, **router_kwargs)

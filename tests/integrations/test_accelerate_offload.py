@@ -1,0 +1,95 @@
+"""Models whose layers accelerate offloads (cpu_offload, disk_offload, a device_map with "cpu" /
+"disk" entries): the base weights wait on meta and are loaded for each forward. Adapters injected
+there live on the device the forwards run on and train as on a model held in memory; what
+needs the base weight outside a forward (merging, DoRA's magnitude) is refused, not done on meta."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moelora
+
+accelerate = pytest.importorskip("accelerate")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+D = 16
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _offload(model, how, tmp_path):
+    if how == "cpu":
+        return accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    return accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+
+
+def _inject(model, **settings):
+    torch.manual_seed(1)  # the same adapters for every model
+    settings = {**dict(num_experts=4, top_k=2), **settings}
+    config = moelora.MoELoRAConfig(r=4, lora_alpha=8, target_modules=["a", "b"], init_lora_weights=False, **settings)
+    return moelora.get_moelora_model(model, config)
+
+
+@pytest.mark.parametrize("how", ["cpu", "disk"])
+def test_adapters_of_offloaded_layers_are_real_and_train_as_in_memory(how, tmp_path):
+    torch.manual_seed(0)
+    net = _Net()
+    reference = _inject(copy.deepcopy(net))
+    offloaded = _inject(_offload(net, how, tmp_path))
+    assert net.a.base_layer.weight.device.type == "meta"  # offloaded: loaded for each forward only
+    trained = {n: p for n, p in offloaded.named_parameters() if p.requires_grad}
+    assert trained and all(p.device.type == "cpu" for p in trained.values())
+    expected = dict(reference.named_parameters())
+    for name, p in trained.items():  # the same init as the adapters of the model in memory
+        torch.testing.assert_close(p, expected[name], rtol=0, atol=0)
+    x = torch.randn(6, D)
+    y, y_ref = offloaded(x), reference(x)
+    torch.testing.assert_close(y, y_ref)
+    assert not torch.allclose(y_ref, net.b.base_layer(torch.relu(net.a.base_layer(x))))  # the adapters act
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for name, p in trained.items():
+        torch.testing.assert_close(p.grad, expected[name].grad)
+
+
+def test_merging_an_offloaded_layer_is_refused_and_changes_nothing(tmp_path):
+    torch.manual_seed(0)
+    model = _inject(_offload(_Net(), "cpu", tmp_path), num_experts=1, top_k=1)
+    x = torch.randn(3, D)
+    before = model(x)
+    with pytest.raises(NotImplementedError, match="merging needs the base layer's weight, which accelerate has "
+                                                  "offloaded"):
+        model.merge_adapter()
+    assert not model.model.a.merged and not model.model.b.merged
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_dora_on_an_offloaded_layer_is_refused(tmp_path):
+    with pytest.raises(NotImplementedError, match="DoRA .* accelerate has offloaded"):
+        _inject(_offload(_Net(), "cpu", tmp_path), num_experts=1, top_k=1, use_dora=True)
+
+
+def test_meta_init_without_offloading_keeps_the_adapters_on_meta():
+    with torch.device("meta"):
+        net = _Net()
+    model = _inject(net)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_upcycling_an_offloaded_ffn_is_refused_and_changes_nothing(tmp_path):
+    from helpers import tiny_llama
+
+    model = tiny_llama(num_layers=1)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    mlp = model.model.layers[0].mlp
+    with pytest.raises(NotImplementedError, match="upcycling model.layers.0.mlp .* accelerate has offloaded"):
+        moelora.upcycle_ffn(model, num_experts=2, top_k=1)
+    assert model.model.layers[0].mlp is mlp
