@@ -341,6 +341,27 @@ CASES = {
     "upcycle_ffn/activation_string": (upcycle(ffn_modules=["mlp"], in_proj="up_proj", out_proj="down_proj",
                                               activation="silu"),
                                       (TypeError, r"activation must be a callable \(e.g. torch.nn.functional.silu\)")),
+    "upcycle_ffn/ffn_dropout_unknown": (upcycle(ffn_dropout="keep"),
+                                        (ValueError, r"^ffn_dropout must be one of \(None, 'output', 'drop'\), "
+                                                     r"got 'keep'$")),
+    "upcycle_ffn/stacked_gate_not_bool": (upcycle(stacked_gate=1),
+                                          (TypeError, r"^stacked_gate must be a bool, got int 1$")),
+    "upcycle_ffn/stacked_gate_without_ffn_modules": (upcycle(stacked_gate=True),
+                                                     (ValueError, r"^stacked_gate=True describes a generic FFN's "
+                                                                  r"in_proj")),
+    "MoEFFN/stacked_gate_with_gate_proj": (
+        lambda: moelora.MoEFFN(torch.nn.Linear(8, 32), torch.nn.Linear(16, 8), F.silu, 4, 2,
+                               gate_proj=torch.nn.Linear(8, 16), stacked_gate=True),
+        (ValueError, r"^with stacked_gate=True, in_proj is the fused gate/up projection \[2 \* d_ff, d_in\] and "
+                     r"gate_proj must be None; got in_proj with 32 output features and gate_proj Linear$")),
+    "MoEFFN/stacked_gate_odd_rows": (
+        lambda: moelora.MoEFFN(torch.nn.Linear(8, 33), torch.nn.Linear(16, 8), F.silu, 4, 2, stacked_gate=True),
+        (ValueError, r"got in_proj with 33 output features and gate_proj NoneType$")),
+    "MoEFFN/stacked_gate_out_proj_width": (
+        lambda: moelora.MoEFFN(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), F.silu, 4, 2, stacked_gate=True),
+        (ValueError, r"^out_proj takes 16 features but in_proj gives 8 \(half of the fused gate/up projection's\)$")),
+    "MoEFFN/dropout_above_one": (moe_ffn_module(dropout=1.5),
+                                 (ValueError, r"^dropout must be a number in \[0, 1\] \(nn.Dropout's p\), got 1.5$")),
     "MoEFFN/z_loss_coef_inf": (moe_ffn_module(router_z_loss_coef=math.inf),
                                (ValueError, r"^router_z_loss_coef must be a finite number >= 0, got inf$")),
     "MoEFFN/top_k_string": (moe_ffn_module(top_k="2"), (TypeError, r"^top_k must be a positive int, got str '2'$")),

@@ -116,6 +116,17 @@ def tiny_llama(num_layers=4):
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_phi3(num_layers=2):
+    """Phi-3 (Phi-4's architecture too): its MLP's gate_up_proj is the fused [2 d_ff, d] gate/up projection."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=num_layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)
+    return Phi3ForCausalLM(cfg).eval()
+
+
 def tiny_gpt2(num_layers=2):
     from transformers import GPT2Config, GPT2LMHeadModel
 

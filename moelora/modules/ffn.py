@@ -7,10 +7,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from moelora.ops.moe_ffn import moe_ffn
 from moelora.ops.validation import check_activation, check_top_k
-from moelora.modules.fields import LAYER_FIELD_KINDS, check_field
+from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, check_field, is_real
 from moelora.modules.init import reset_like_linear
 from moelora.modules.linear import linear_weight
 from moelora.modules.routed import RoutedModule
@@ -45,6 +46,12 @@ class MoEFFN(nn.Module, RoutedModule):
 
     Parameters (expert dim first, nn.Linear layouts): ``w_in`` [E, d_ff, d_in], ``b_in``,
     ``w_gate`` (gated MLPs), ``w_out`` [E, d_out, d_ff], ``b_out``, ``router.weight`` [E, d_in].
+    ``stacked_gate=True``: ``in_proj`` is a fused gate/up projection [2 d_ff, d_in] whose first
+    d_ff output rows are the gate's and the rest the up projection's (Phi-3's ``gate_up_proj``,
+    ``gate, up = h.chunk(2, -1)``, ``up * act(gate)``); ``w_in`` [E, 2 d_ff, d_in] and ``b_in``
+    keep that layout and moe_ffn runs it with ``stacked_gate=True`` (one GEMM for both halves);
+    ``w_gate`` is None. ``dropout``: p of a dropout on the block's output in training (the
+    original MLP's output dropout, GPT-2's; the experts have none inside).
     The router arguments are checked as the MoE-LoRA layers' fields of the same names
     (:func:`check_ffn_settings`).
     """
@@ -55,18 +62,27 @@ class MoEFFN(nn.Module, RoutedModule):
                  top_k: int, gate_proj: Optional[nn.Module] = None, router: str = "threshold",
                  threshold_eps: float = 0.0, threshold_eps_start: float = 0.0, threshold_ramp_steps: int = 0,
                  router_jitter_noise: float = 0.0, router_aux_loss_coef: float = 0.01,
-                 router_z_loss_coef: float = 0.001):
+                 router_z_loss_coef: float = 0.001, *, stacked_gate: bool = False, dropout: float = 0.0):
         super().__init__()
         check_ffn_settings(num_experts, top_k, router=router, threshold_eps=threshold_eps,
                            threshold_eps_start=threshold_eps_start, threshold_ramp_steps=threshold_ramp_steps,
                            router_jitter_noise=router_jitter_noise, router_aux_loss_coef=router_aux_loss_coef,
                            router_z_loss_coef=router_z_loss_coef)
         check_activation(activation)
+        check_field("stacked_gate", stacked_gate, BOOL)
+        check_field("dropout", dropout, (is_real, lambda v: 0 <= v <= 1, "a number in [0, 1] (nn.Dropout's p)"))
         w_in, b_in = linear_weight(in_proj, "an FFN projection must be one of the"), in_proj.bias
         w_out, b_out = linear_weight(out_proj, "an FFN projection must be one of the"), out_proj.bias
-        if w_out.shape[1] != w_in.shape[0]:
-            raise ValueError(f"out_proj takes {w_out.shape[1]} features but in_proj gives {w_in.shape[0]}")
+        d_ff = w_in.shape[0] // 2 if stacked_gate else w_in.shape[0]
+        if stacked_gate and (gate_proj is not None or w_in.shape[0] % 2):
+            raise ValueError("with stacked_gate=True, in_proj is the fused gate/up projection [2 * d_ff, d_in] and "
+                             f"gate_proj must be None; got in_proj with {w_in.shape[0]} output features and "
+                             f"gate_proj {type(gate_proj).__name__}")
+        if w_out.shape[1] != d_ff:
+            fused = " (half of the fused gate/up projection's)" if stacked_gate else ""
+            raise ValueError(f"out_proj takes {w_out.shape[1]} features but in_proj gives {d_ff}{fused}")
         self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
+        self.stacked_gate, self.dropout = stacked_gate, float(dropout)
         self.w_in, self.b_in = _stack(w_in, num_experts), _stack(b_in, num_experts)
         self.w_out, self.b_out = _stack(w_out, num_experts), _stack(b_out, num_experts)
         if gate_proj is not None:
@@ -85,7 +101,8 @@ class MoEFFN(nn.Module, RoutedModule):
         """Initialise the experts as upcycling a freshly initialised FFN would (meta-device init: the
         pretrained FFN the constructor copied is gone): one FFN drawn as nn.Linear layers draw
         (``w_gate``, ``w_in``, ``w_out``, each weight then its bias: the order of LLaMA's MLP, so
-        the same seed gives the FFN that MLP's layers would) and copied into every expert. The
+        the same seed gives the FFN that MLP's layers would; a stacked ``w_in`` as one
+        nn.Linear(d_in, 2 d_ff), Phi-3's ``gate_up_proj``) and copied into every expert. The
         router is a child module with its own ``reset_parameters``."""
         for weight, bias in ((self.w_gate, self.b_gate), (self.w_in, self.b_in), (self.w_out, self.b_out)):
             if weight is None:
@@ -100,9 +117,14 @@ class MoEFFN(nn.Module, RoutedModule):
         self._record_routing(routing)
         flat = x.reshape(-1, x.shape[-1])
         out = moe_ffn(flat, routing.ids, routing.weights, self.w_in, self.b_in, self.w_out, self.b_out,
-                      self.activation, self.w_gate, self.b_gate, normalize=True)
+                      self.activation, self.w_gate, self.b_gate, normalize=True, stacked_gate=self.stacked_gate)
+        if self.dropout and self.training:
+            out = F.dropout(out, self.dropout)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, top_k={self.top_k}, d_in={self.w_in.shape[2]}, "
-                f"d_ff={self.w_in.shape[1]}, gated={self.w_gate is not None}")
+        d_ff = self.w_out.shape[2]
+        gated = self.w_gate is not None or self.stacked_gate
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, d_in={self.w_in.shape[2]}, d_ff={d_ff}, "
+                f"gated={gated}" + (", stacked_gate=True" if self.stacked_gate else "")
+                + (f", dropout={self.dropout}" if self.dropout else ""))

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 ATTRIBUTE = "_moelora_structure"
 _EDITS: Dict[str, Callable] = {}  # name -> function(model, **kwargs), filled by structural_edit
 # Arguments whose default changed, with the value a record written before holds implicitly.
-LEGACY_DEFAULTS = {"apply_molex": {"bias": False}}  # MoLEx's linear gate gained its bias
+# apply_molex: MoLEx's linear gate gained its bias; upcycle_ffn: an MLP's dropout used to be dropped silently,
+# now the default refuses a module holding one (ffn_dropout).
+LEGACY_DEFAULTS = {"apply_molex": {"bias": False}, "upcycle_ffn": {"ffn_dropout": "drop"}}
 
 # Activation functions a checkpoint may name, in these namespaces (torch._C._nn: names that
 # earlier checkpoints hold for the builtins F.gelu, F.softplus, ...).

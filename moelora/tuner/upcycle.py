@@ -6,6 +6,8 @@ the kept experts with weights summing to 1, so at init the block computes the or
 
     ffn(x)        = W_out act(W_in x + b_in) + b_out            (BERT, generic two-linear MLP)
     ffn(x)        = W_out (act(W_gate x) * (W_in x))             (LLaMA-style gated MLP)
+    ffn(x)        = W_out (act(g) * u), [g; u] = W_gate_up x      (Phi-3-style fused gate/up projection,
+                                                                 kept stacked: moe_ffn's stacked_gate)
     MoEFFN(x)[t]  = sum_j w[t,j] ffn_{e[t,j]}(x[t])
 
 Expert compute is :func:`moelora.moe_ffn` (moelora/ops/moe_ffn.py): the extension's dispatch
@@ -23,12 +25,14 @@ from __future__ import annotations
 from typing import Callable, List, Optional
 
 import torch.nn as nn
+from torch.nn.modules.dropout import _DropoutNd
 
 from moelora.tuner.structure import record, structural_edit
 from moelora.tuner.targets import layer_index, matches, set_module, unwrap
 from moelora.ops.validation import check_activation
 from moelora.modules.adapter_base import refuse_offloaded
 from moelora.modules.ffn import MoEFFN, check_ffn_settings
+from moelora.modules.fields import BOOL, check_field
 
 
 def _is_bert_layer(m: nn.Module) -> bool:
@@ -41,41 +45,109 @@ def _is_gated_mlp(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-def _generic_parts(name: str, m: nn.Module, in_proj: str, out_proj: str, gate_proj: Optional[str],
-                   activation: Callable) -> tuple:
-    """(in_proj, out_proj, gate_proj) modules of the generic FFN ``m``. ValueError where ``m`` lacks
-    one, or holds parameters besides them: the whole of ``m`` is replaced, so these (an attention,
-    layer norms: OPT's decoder layer holds fc1/fc2 itself) would be dropped silently."""
+def _is_fused_gated_mlp(m: nn.Module) -> bool:
+    """Phi-3's MLP (Phi-4's, GLM's, GLM-4's, ...): down_proj(up * activation_fn(gate)) with
+    ``gate, up = gate_up_proj(x).chunk(2, -1)``, the gate rows first."""
+    return isinstance(getattr(m, "gate_up_proj", None), nn.Module) and all(
+        hasattr(m, a) for a in ("down_proj", "activation_fn"))
+
+
+FFN_DROPOUT = (None, "output", "drop")  # upcycle_ffn's ffn_dropout
+
+
+def _generic_parts(name: str, m: nn.Module, in_proj: str, out_proj: str, gate_proj: Optional[str]) -> tuple:
+    """(in_proj, out_proj, gate_proj) modules of the generic FFN ``m``; ValueError where ``m`` lacks one."""
     try:
-        parts = [m.get_submodule(p) if p else None for p in (in_proj, out_proj, gate_proj)]
+        return tuple(m.get_submodule(p) if p else None for p in (in_proj, out_proj, gate_proj))
     except AttributeError as err:
         raise ValueError(f"{name} lacks one of in_proj={in_proj!r}, out_proj={out_proj!r}, "
                          f"gate_proj={gate_proj!r}") from err
+
+
+def _check_holds_only(name: str, m: nn.Module, parts: tuple, described: str, activation: Callable, hint: str) -> None:
+    """ValueError where ``m``, the module upcycle_ffn replaces, holds parameters besides the FFN's
+    ``parts`` (modules or None; ``described`` names them) and ``activation``: these (an attention,
+    layer norms: OPT's decoder layer holds fc1/fc2 itself, BitNet's MLP a norm before down_proj)
+    would be dropped silently."""
     kept = {id(p) for part in (*parts, activation) if isinstance(part, nn.Module) for p in part.parameters()}
     others = sorted({n.rsplit(".", 1)[0] if "." in n else n for n, p in m.named_parameters() if id(p) not in kept})
     if others:
-        raise ValueError(f"{name} ({type(m).__name__}) holds parameters besides in_proj={in_proj!r}, "
-                         f"out_proj={out_proj!r} and gate_proj={gate_proj!r}: {others}; upcycle_ffn replaces the "
-                         "whole module by out_proj(act(in_proj(x))), which would drop them: name the MLP module "
-                         "that holds only the FFN's projections (a layer holding fc1 / fc2 next to its attention, "
-                         "as OPT's decoder layer, cannot be upcycled)")
-    return tuple(parts)
+        raise ValueError(f"{name} ({type(m).__name__}) holds parameters besides {described}: {others}; upcycle_ffn "
+                         "replaces it by the FFN out_proj(act(in_proj(x))) (times act(gate_proj(x)) if gated), which "
+                         f"would drop them{hint}")
+
+
+def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: bool) -> float:
+    """p of the dropout MoEFFN applies to its output in place of the active dropout modules
+    (p > 0) of ``m``, the module upcycle_ffn replaces: ``ffn_dropout`` "output" (they act on
+    m's output; ``inner``: m's output is the FFN's hidden layer, so they cannot), "drop" (0),
+    None (ValueError where m holds any: upcycling would change training silently)."""
+    drops = {n: d.p for n, d in m.named_modules() if isinstance(d, _DropoutNd) and d.p > 0}
+    if not drops or ffn_dropout == "drop":
+        return 0.0
+    if ffn_dropout is None:
+        raise ValueError(f"{name} ({type(m).__name__}) holds dropout {drops} (name: p), which upcycle_ffn cannot "
+                         "tell where its forward applies: pass ffn_dropout='output' if it drops the MLP's output (as "
+                         "GPT-2's and GPT-J's MLPs), so that MoEFFN drops its output the same way, or "
+                         "ffn_dropout='drop' to train without it (a dropout inside the FFN, as T5's after the "
+                         "activation, cannot be kept: the experts' fused kernels have none)")
+    if inner:
+        raise ValueError(f"{name} ({type(m).__name__}) holds dropout {drops} (name: p) on the FFN's hidden layer "
+                         "(output.dense follows it), which MoEFFN cannot keep: the experts' fused kernels have no "
+                         "dropout; pass ffn_dropout='drop' to train without it")
+    if len(set(drops.values())) > 1:
+        raise ValueError(f"{name} ({type(m).__name__}) holds dropouts of different p {drops}: ffn_dropout='output' "
+                         "applies one to MoEFFN's output; pass ffn_dropout='drop' to train without them")
+    return next(iter(drops.values()))
+
+
+def _build(name: str, m: nn.Module, kind: str, num_experts: int, top_k: int, generic: dict, ffn_dropout,
+           router_kwargs: dict) -> MoEFFN:
+    """The MoEFFN replacing the FFN ``m`` (of a BERT layer: its intermediate and output.dense),
+    after checking that the replaced module holds nothing else (parameters, dropout) it would drop."""
+    stacked, hint = False, ""
+    if kind == "bert":
+        name, replaced, act = f"{name}.intermediate", m.intermediate, m.intermediate.intermediate_act_fn
+        parts, described = (m.intermediate.dense, m.output.dense, None), "dense and intermediate_act_fn"
+    elif kind == "gated":
+        replaced, act = m, m.act_fn
+        parts, described = (m.up_proj, m.down_proj, m.gate_proj), "gate_proj, up_proj, down_proj and act_fn"
+    elif kind == "fused":
+        replaced, act, stacked = m, m.activation_fn, True
+        parts, described = (m.gate_up_proj, m.down_proj, None), "gate_up_proj, down_proj and activation_fn"
+    else:
+        replaced, act, stacked = m, generic["activation"], generic["stacked_gate"]
+        parts = _generic_parts(name, m, generic["in_proj"], generic["out_proj"], generic["gate_proj"])
+        described = ", ".join(f"{k}={generic[k]!r}" for k in ("in_proj", "out_proj", "gate_proj"))
+        hint = (": name the MLP module that holds only the FFN's projections (a layer holding fc1 / fc2 next to its "
+                "attention, as OPT's decoder layer, cannot be upcycled)")
+    _check_holds_only(name, replaced, parts, described, act, hint)
+    dropout = _output_dropout(name, replaced, ffn_dropout, inner=kind == "bert")
+    return MoEFFN(parts[0], parts[1], act, num_experts, top_k, gate_proj=parts[2], stacked_gate=stacked,
+                  dropout=dropout, **router_kwargs)
 
 
 @structural_edit
 def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_modules=None,
                 in_proj: Optional[str] = None, out_proj: Optional[str] = None, gate_proj: Optional[str] = None,
-                activation: Optional[Callable] = None, layers_to_transform=None, layers_pattern=None,
-                **router_kwargs) -> List[str]:
+                activation: Optional[Callable] = None, stacked_gate: bool = False, ffn_dropout: Optional[str] = None,
+                layers_to_transform=None, layers_pattern=None, **router_kwargs) -> List[str]:
     """Replace FFN blocks of ``model`` by :class:`MoEFFN` (in place); returns their names.
 
     Without ``ffn_modules`` it finds BERT layers (``intermediate`` + ``output``: the
     intermediate becomes the MoE and ``output.dense`` an identity, so BertOutput's dropout,
-    residual and LayerNorm stay) and LLaMA-style MLPs (gate/up/down_proj + act_fn). For
+    residual and LayerNorm stay), LLaMA-style MLPs (gate/up/down_proj + act_fn) and Phi-3-style
+    MLPs with a fused gate/up projection (gate_up_proj, gate rows first, + down_proj +
+    activation_fn: Phi-3/Phi-4, GLM, GLM-4; the experts keep it stacked, ``stacked_gate``). For
     any other MLP give ``ffn_modules`` (suffixes or a regex, as target_modules), the names of
-    its ``in_proj`` / ``out_proj`` (and ``gate_proj``) children and ``activation``; the whole
-    module is then replaced by out_proj(act(in_proj(x))) (times act(gate_proj(x)) if gated),
-    so anything else its forward did (dropout) is dropped.
+    its ``in_proj`` / ``out_proj`` (and ``gate_proj``) children and ``activation``
+    (``stacked_gate=True``: ``in_proj`` is a fused projection, gate rows then up rows, as
+    Phi-3's); the whole module is then replaced by out_proj(act(in_proj(x))) (times
+    act(gate_proj(x)) if gated). A replaced module holding other parameters raises, as one
+    holding dropout (nn.Dropout with p > 0) unless ``ffn_dropout`` says what to do with it:
+    "output" (its forward drops the MLP's output: MoEFFN drops its output with that p) or "drop"
+    (train without it; a dropout inside the FFN cannot be kept). Dropout the forward applies
+    without a module (F.dropout) is not seen, and dropped.
     ``router_kwargs`` go to MoEFFN (router, threshold_eps, threshold_eps_start,
     threshold_ramp_steps, router_jitter_noise, router_aux_loss_coef, router_z_loss_coef), checked
     as the MoE-LoRA layers' fields of the same names before the model is changed.
@@ -83,10 +155,13 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     check_ffn_settings(num_experts, top_k, **router_kwargs)
     if activation is not None:
         check_activation(activation)
+    check_field("stacked_gate", stacked_gate, BOOL)
+    if ffn_dropout not in FFN_DROPOUT:
+        raise ValueError(f"ffn_dropout must be one of {FFN_DROPOUT}, got {ffn_dropout!r}")
     model = unwrap(model)
     call = dict(num_experts=num_experts, top_k=top_k, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj,
-                gate_proj=gate_proj, activation=activation, layers_to_transform=layers_to_transform,
-                layers_pattern=layers_pattern, **router_kwargs)
+                gate_proj=gate_proj, activation=activation, stacked_gate=stacked_gate, ffn_dropout=ffn_dropout,
+                layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, **router_kwargs)
     if ffn_modules is None:
         moe_blocks = [n for n, m in model.named_modules() if isinstance(getattr(m, "experts", None), nn.Module)]
         if moe_blocks:
@@ -103,6 +178,8 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
             targets.append((name, "bert"))
         elif _is_gated_mlp(m):
             targets.append((name, "gated"))
+        elif _is_fused_gated_mlp(m):
+            targets.append((name, "fused"))
     if layers_to_transform is not None:
         keep = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         targets = [(n, k) for n, k in targets if layer_index(n, layers_pattern) in keep]
@@ -110,21 +187,19 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
         raise ValueError("no FFN found to upcycle: give ffn_modules=[...] with in_proj, out_proj and activation")
     if ffn_modules is not None and (in_proj is None or out_proj is None or activation is None):
         raise ValueError("a generic FFN needs in_proj, out_proj and activation")
+    if stacked_gate and ffn_modules is None:
+        raise ValueError("stacked_gate=True describes a generic FFN's in_proj (give ffn_modules, in_proj, out_proj and "
+                         "activation); the fused gate_up_proj of Phi-3-style MLPs is found without it")
     # Every MoEFFN is built (and so checked) before the model is changed: an error leaves it as it was.
+    generic = dict(in_proj=in_proj, out_proj=out_proj, gate_proj=gate_proj, activation=activation,
+                   stacked_gate=stacked_gate)
     built = []
     for name, kind in targets:
         m = model.get_submodule(name)
         for part in m.modules():
             if getattr(part, "weight", None) is not None:
                 refuse_offloaded(part, f"upcycling {name} (its experts start as copies of the FFN's weights)")
-        if kind == "bert":
-            moe = MoEFFN(m.intermediate.dense, m.output.dense, m.intermediate.intermediate_act_fn, num_experts,
-                         top_k, **router_kwargs)
-        elif kind == "gated":
-            moe = MoEFFN(m.up_proj, m.down_proj, m.act_fn, num_experts, top_k, gate_proj=m.gate_proj, **router_kwargs)
-        else:
-            w_in, w_out, w_gate = _generic_parts(name, m, in_proj, out_proj, gate_proj, activation)
-            moe = MoEFFN(w_in, w_out, activation, num_experts, top_k, gate_proj=w_gate, **router_kwargs)
+        moe = _build(name, m, kind, num_experts, top_k, generic, ffn_dropout, router_kwargs)
         built.append((name, kind, m, moe.train(m.training)))
     for name, kind, m, moe in built:
         if kind == "bert":

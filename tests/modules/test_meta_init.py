@@ -172,6 +172,24 @@ def test_meta_built_moe_ffn_reset_is_the_ffn_upcycled_from_fresh_linears():
     _assert_same_training_step(ffn, expected, lambda: torch.randn(6, 8))
 
 
+def _stacked_ffn():
+    """A MoEFFN upcycled from a Phi-3-style MLP: one fused gate/up nn.Linear, then down_proj."""
+    gate_up, down = nn.Linear(8, 32), nn.Linear(16, 8)
+    return MoEFFN(gate_up, down, F.silu, num_experts=4, top_k=2, stacked_gate=True, dropout=0.25, **{
+        "router": "threshold", "threshold_eps": 0.2, "threshold_ramp_steps": 5})
+
+
+def test_meta_built_stacked_gate_moe_ffn_reset_is_the_ffn_upcycled_from_fresh_linears():
+    """The stacked form: reset_parameters draws w_in [E, 2 d_ff, d_in] as one nn.Linear(d_in, 2 d_ff)
+    (Phi-3's gate_up_proj), then w_out; the same seed gives the MoEFFN upcycled from nn.Linear layers
+    made in that order (w_gate stays None), and it trains (dropout on its output included)."""
+    ffn, expected = _built_then_meta_built_and_reset(_stacked_ffn, "modules")
+    assert ffn.stacked_gate and ffn.w_gate is None and ffn.w_in.shape == (4, 32, 8)
+    assert ffn.router.num_steps.item() == 0
+    assert all(torch.equal(w[0], w[-1]) for w in (ffn.w_in, ffn.b_in, ffn.w_out, ffn.b_out))
+    _assert_same_training_step(ffn, expected, lambda: torch.randn(6, 8))
+
+
 @pytest.mark.parametrize("gate,learn_alpha", [("linear", False), ("cosine", True)])
 def test_meta_built_molex_reset_is_the_normally_built_one(gate, learn_alpha):
     """MoLEx's gates (the linear gate's weight and bias, the cosine gates' layer embeddings and

@@ -1,5 +1,6 @@
 """MoE FFN upcycling: exact at init, routing/gradients, generic MLPs, errors."""
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import moelora
 from moelora import moe_ffn
 from moelora.modules.ffn import MoEFFN
 from moelora.tuner.upcycle import upcycle_ffn
-from helpers import tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from helpers import rel_err, tiny_bert, tiny_gpt2, tiny_llama, tiny_phi3, token_batch
 
 
 def _perturb_experts(model, seed=3):
@@ -183,3 +184,253 @@ def test_upcycle_refuses_moe_models_and_layers_holding_more_than_the_ffn_and_cha
     with pytest.raises(ValueError, match="1 lacks one of"):
         upcycle_ffn(net, 2, 1, ffn_modules=r"\d", in_proj="0", out_proj="1", activation=torch.relu)
     assert not isinstance(net[0], MoEFFN)
+
+
+# ------------------------------------------------------------- fused gate/up projections (Phi-3)
+
+def tiny_glm(num_layers=2):
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GlmConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=num_layers,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+                    pad_token_id=0)
+    return GlmForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_phi3, tiny_glm], ids=["phi3", "glm"])
+def test_fused_gate_up_mlp_is_found_and_upcycled_exactly(make):
+    """Phi-3's and GLM's MLPs (gate_up_proj [2 d_ff, d], chunked into gate then up) become
+    MoEFFNs holding the stacked projection; all experts routed, eps 0: the logits bitwise."""
+    model = make()
+    ids = token_batch()
+    expected = model(ids).logits
+    assert upcycle_ffn(model, num_experts=4, top_k=4, router="threshold", threshold_eps=0.0) == [
+        "model.layers.0.mlp", "model.layers.1.mlp"]
+    moe = model.model.layers[0].mlp
+    assert isinstance(moe, MoEFFN) and moe.stacked_gate and moe.w_gate is None
+    assert moe.w_in.shape == (4, 96, 32) and moe.w_out.shape == (4, 32, 48)
+    model.train()
+    assert torch.equal(model(ids).logits, expected)
+
+
+def _phi3_mlp_reference(mlp, moe, x):
+    """The float64 reference of ``moe`` (upcycled from the Phi3MLP ``mlp``, experts since changed): each
+    expert is ``mlp``'s own forward (transformers' chunk order) run with that expert's weights, mixed by
+    the float64 router's normalised weights. (y, its routing ids, the float64 leaves x, w_in, w_out,
+    router.weight)."""
+    ref_mlp, ref = copy.deepcopy(mlp).double(), copy.deepcopy(moe).double()
+    x64 = x.detach().double().requires_grad_()
+    flat = x64.reshape(-1, x.shape[-1])
+    routing = ref.router(flat)
+    experts = torch.stack([torch.func.functional_call(
+        ref_mlp, {"gate_up_proj.weight": ref.w_in[e], "down_proj.weight": ref.w_out[e]}, (flat,))
+        for e in range(moe.num_experts)])  # [E, T, d]
+    picked = experts[routing.ids.long(), torch.arange(flat.shape[0])[:, None]]  # [T, k, d]
+    coef = routing.weights / routing.weights.sum(-1, keepdim=True)
+    y = (coef.unsqueeze(-1) * picked).sum(1).reshape(x.shape)
+    return y, routing.ids, [x64, ref.w_in, ref.w_out, ref.router.weight]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_mlp_experts_match_the_float64_phi3_mlp_with_gradients(backend):
+    """Experts made different, softmax top-2 routing: the stacked experts (moe_ffn's stacked_gate on
+    either backend) against transformers' Phi3MLP.forward in float64, forward and the gradients of
+    x, the stacked w_in, w_out and the router's weight."""
+    mlp = tiny_phi3(num_layers=1).model.layers[0].mlp
+    moe = MoEFFN(mlp.gate_up_proj, mlp.down_proj, mlp.activation_fn, 4, 2, stacked_gate=True,
+                 router="softmax_topk").eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in (moe.w_in, moe.w_out, moe.router.weight):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    with moelora.use_backend(backend):
+        y = moe(x)
+    dy = torch.randn(y.shape, generator=g)
+    got = torch.autograd.grad(y, [x, moe.w_in, moe.w_out, moe.router.weight], dy)
+    y_ref, ref_ids, leaves = _phi3_mlp_reference(mlp, moe, x)
+    assert torch.equal(moe.router(x.reshape(-1, 32)).ids, ref_ids)  # the same routing
+    expected = torch.autograd.grad(y_ref, leaves, dy.double())
+    assert rel_err(y, y_ref) < 1e-5
+    for name, a, b in zip(["x", "w_in", "w_out", "router.weight"], got, expected):
+        assert rel_err(a, b) < 1e-5, name
+    assert all(g[:, half].abs().sum() > 0 for g in [got[1]] for half in (slice(0, 48), slice(48, 96)))
+
+
+def test_upcycled_phi3_trains_and_round_trips_through_save_and_load(tmp_path):
+    """An upcycled Phi-3 (with MoE-LoRA on o_proj) trains: loss and aux loss give both halves of the
+    stacked w_in gradients, an optimiser step changes the loss; saved and loaded onto a fresh
+    Phi-3, it computes bitwise the same logits from the same stacked weights."""
+    base = tiny_phi3()
+    upcycle_ffn(base, num_experts=3, top_k=2, router="threshold", threshold_eps=0.1)
+    model = moelora.get_moelora_model(base, moelora.MoELoRAConfig(target_modules=["o_proj"], num_experts=2, top_k=1))
+    _perturb_experts(model)
+    model.train()
+    ids = token_batch()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(2):
+        out = model(ids, labels=ids)
+        losses.append(out.loss.item())
+        opt.zero_grad()
+        (out.loss + moelora.aux_loss(model)).backward()
+        w_in = model.model.model.layers[0].mlp.w_in
+        assert w_in.grad[:, :48].abs().sum() > 0 and w_in.grad[:, 48:].abs().sum() > 0
+        opt.step()
+    assert losses[1] != losses[0]
+    model.eval()
+    expected = model(ids).logits
+    model.save_pretrained(str(tmp_path))
+    loaded = moelora.from_pretrained(tiny_phi3(), str(tmp_path))
+    moe = loaded.model.model.layers[1].mlp
+    assert isinstance(moe, MoEFFN) and moe.stacked_gate
+    assert torch.equal(moe.w_in, model.model.model.layers[1].mlp.w_in)
+    assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_generic_ffn_with_a_fused_gate_up_projection():
+    """ffn_modules with stacked_gate=True: in_proj holds the gate rows, then the up rows (with its
+    bias); all experts routed, eps 0: bitwise the MLP."""
+    torch.manual_seed(0)
+
+    class FusedMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w12, self.w3 = nn.Linear(8, 40), nn.Linear(20, 8)
+
+        def forward(self, x):
+            gate, up = self.w12(x).chunk(2, dim=-1)
+            return self.w3(torch.nn.functional.gelu(gate) * up)
+
+    net = nn.Sequential(FusedMLP(), FusedMLP())
+    x = torch.randn(2, 3, 8)
+    expected = net(x)
+    assert upcycle_ffn(net, 3, 3, ffn_modules=r"\d", in_proj="w12", out_proj="w3",
+                       activation=torch.nn.functional.gelu, stacked_gate=True) == ["0", "1"]
+    assert net[0].b_in.shape == (3, 40) and net[0].w_gate is None
+    assert torch.equal(net(x), expected)
+
+
+# ------------------------------------------------------------- what the replaced module holds besides the FFN
+
+def _gpt2_with_mlp_dropout(p=0.5):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                      resid_pdrop=p, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+GPT2_MLP = dict(ffn_modules=["mlp"], in_proj="c_fc", out_proj="c_proj")
+
+
+def test_mlp_output_dropout_is_refused_kept_or_dropped_as_asked():
+    """GPT-2's MLP drops its output (resid_pdrop) in training; upcycling used to lose that silently.
+    Now upcycle_ffn refuses (the model unchanged) until ffn_dropout says: "output" keeps it (all
+    experts routed, eps 0: in training the MLP's output from the same seed, the same elements
+    dropped), "drop" upcycles without it."""
+    model = _gpt2_with_mlp_dropout()
+    act = model.transformer.h[0].mlp.act
+    before = repr(model)
+    with pytest.raises(ValueError, match=r"transformer.h.0.mlp \(GPT2MLP\) holds dropout \{'dropout': 0.5\} .*"
+                                         r"ffn_dropout='output'"):
+        upcycle_ffn(model, 2, 2, activation=act, **GPT2_MLP)
+    assert repr(model) == before
+    mlp = model.transformer.h[0].mlp.train()
+    x = torch.randn(2, 3, 16)
+    torch.manual_seed(1)
+    expected = mlp(x)
+    assert (expected == 0).any()  # the dropout acted
+    upcycle_ffn(model, 2, 2, activation=act, ffn_dropout="output", router="threshold", threshold_eps=0.0, **GPT2_MLP)
+    moe = model.transformer.h[0].mlp.train()
+    assert moe.dropout == 0.5
+    torch.manual_seed(1)
+    got = moe(x)
+    assert torch.equal(got == 0, expected == 0)  # the same draws drop the same elements
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # Conv1D's addmm rounds as F.linear, nearly
+
+    model = _gpt2_with_mlp_dropout()
+    mlp = model.transformer.h[0].mlp.eval()
+    expected = mlp(x)
+    upcycle_ffn(model, 2, 2, activation=act, ffn_dropout="drop", router="threshold", threshold_eps=0.0, **GPT2_MLP)
+    moe = model.transformer.h[0].mlp.train()
+    assert moe.dropout == 0.0
+    torch.testing.assert_close(moe(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_inside_the_ffn_cannot_be_kept():
+    """A BERT-style intermediate holding dropout (Timesformer's: after the activation, before
+    output.dense) acts inside the FFN: "output" refuses it, "drop" upcycles without it."""
+    class Intermediate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.intermediate_act_fn, self.dropout = nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.1)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.intermediate, self.output = Intermediate(), nn.Module()
+            self.output.dense = nn.Linear(16, 8)
+
+    for ffn_dropout, error in ((None, "which upcycle_ffn cannot tell where"), ("output", "on the FFN's hidden layer")):
+        with pytest.raises(ValueError, match=rf"^0.intermediate \(Intermediate\) holds dropout .*{error}"):
+            upcycle_ffn(nn.Sequential(Layer()), 2, 1, ffn_dropout=ffn_dropout)
+    net = nn.Sequential(Layer())
+    assert upcycle_ffn(net, 2, 1, ffn_dropout="drop") == ["0"] and isinstance(net[0].intermediate, MoEFFN)
+
+
+def test_found_ffns_holding_more_than_their_projections_are_refused():
+    """The automatically found FFNs are replaced whole too: one holding other parameters (BitNet's
+    LLaMA-style MLP a norm before down_proj, RoBERTa-PreLayerNorm's intermediate a LayerNorm, a
+    Phi-3-style MLP a scale) raises naming them, the model unchanged; they used to be dropped."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+            self.act_fn, self.ffn_sub_norm = nn.SiLU(), nn.LayerNorm(16)
+
+    class Intermediate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.LayerNorm, self.dense, self.intermediate_act_fn = nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU()
+
+    class Bert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.intermediate, self.output = Intermediate(), nn.Module()
+            self.output.dense = nn.Linear(16, 8)
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.down_proj, self.activation_fn = nn.Linear(8, 32), nn.Linear(16, 8), nn.SiLU()
+            self.scale = nn.Parameter(torch.ones(8))
+
+    for make, name, other in ((Gated, "0", "ffn_sub_norm"), (Bert, r"0.intermediate", "LayerNorm"),
+                              (Fused, "0", "scale")):
+        net = nn.Sequential(make())
+        before = repr(net)
+        with pytest.raises(ValueError, match=rf"^{name} \(\w+\) holds parameters besides .*: \['{other}'\]"):
+            upcycle_ffn(net, 2, 1)
+        assert repr(net) == before
+
+
+def test_checkpoints_saved_before_ffn_dropout_replay_without_the_dropout(tmp_path):
+    """A record written before ffn_dropout existed holds its old behaviour, "drop" (the default now
+    refuses an MLP holding dropout): such a checkpoint still loads."""
+    import json
+
+    base = _gpt2_with_mlp_dropout(0.1)
+    upcycle_ffn(base, 2, 1, activation=base.transformer.h[0].mlp.act, ffn_dropout="drop", **GPT2_MLP)
+    model = moelora.get_moelora_model(base, moelora.MoELoRAConfig(target_modules=["c_attn"], num_experts=2, top_k=1))
+    _perturb_experts(model)
+    model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "moelora_config.json").read_text())
+    (record,) = [r for r in config["structure"] if r["op"] == "upcycle_ffn"]
+    assert record["kwargs"].pop("ffn_dropout") == "drop"
+    (tmp_path / "moelora_config.json").write_text(json.dumps(config))
+    loaded = moelora.from_pretrained(_gpt2_with_mlp_dropout(0.1), str(tmp_path))
+    ids = token_batch()
+    assert loaded.model.transformer.h[0].mlp.dropout == 0.0
+    assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)
