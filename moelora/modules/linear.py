@@ -14,8 +14,9 @@ down-projection and the router logits; dx accumulated in one GEMM; see that modu
 moelora.moe_lora's dense or grouped regime (large E*r). It
 takes every feature except these, which run the composed path (base layer, then
 :func:`moelora.moe_lora` with ``base_out``): base layers other than a plain ``nn.Linear`` /
-GPT-2 ``Conv1D`` (subclasses, quantised layers) or with forward hooks (registered, or a
-``forward`` set on the instance, as accelerate's device_map / offloading hooks do), extra forward
+GPT-2 ``Conv1D`` (subclasses, quantised layers, parametrized weights) or with forward or backward
+hooks (registered, or a ``forward`` set on the instance, as accelerate's device_map / offloading
+hooks do; the fused op never calls the base layer, so its hooks would not run), extra forward
 arguments, and DoRA with LoRA dropout in training (PEFT's DoRA then scales a second base GEMM
 over the dropped-out x). LoRA dropout's keep mask and router jitter's factors are read by the
 op's kernels beside x; DoRA otherwise scales the fused op's output by its magnitude, and
@@ -35,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
+                                     _global_forward_pre_hooks)
 
 from moelora.ops.backend import without_autocast
 from moelora.ops.moe_lora import moe_lora
@@ -164,15 +166,19 @@ class MoELoRALinear(AdapterLayerBase):
         return spec, None, None
 
     def _fusable(self, base: nn.Module, args, kwargs) -> bool:
-        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no hooks (nor a
-        forward of its own: accelerate's hooks, as device_map dispatch and offloading install them,
-        replace the instance's ``forward``), no extra arguments, no DoRA with LoRA dropout in
-        training (PEFT's DoRA then scales a second base GEMM over the dropped-out x). Any number
-        of experts: the op runs moelora.moe_lora's dense or grouped regime."""
+        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no forward or
+        backward hooks, the base layer's or global ones (the op never calls the base layer, whose
+        hooks would then not run), nor a forward of its own (accelerate's hooks, as device_map
+        dispatch and offloading install them, replace the instance's ``forward``), no extra
+        arguments, no DoRA with LoRA dropout in training (PEFT's DoRA then scales a second base
+        GEMM over the dropped-out x). Any number of experts: the op runs moelora.moe_lora's dense
+        or grouped regime."""
         return (not args and not kwargs and (type(base) is nn.Linear or is_conv1d(base))
                 and not (self.use_dora and self.training and not isinstance(self.lora_dropout, nn.Identity))
                 and not base._forward_hooks and not base._forward_pre_hooks and "forward" not in base.__dict__
-                and not _global_forward_hooks and not _global_forward_pre_hooks)
+                and not base._backward_hooks and not base._backward_pre_hooks
+                and not _global_forward_hooks and not _global_forward_pre_hooks
+                and not _global_backward_hooks and not _global_backward_pre_hooks)
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
