@@ -411,6 +411,16 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                                "model.disable_adapter():`) and a disabled layer computes its base layer; enable "
                                "them before merging")
         self.static_lora_factors(task)
+        base = self.base_layer
+        if "weight" not in base._parameters and "weight" not in base._buffers:
+            # A parametrization (or the pre-hook of torch.nn.utils.weight_norm / spectral_norm) makes
+            # the weight again from other tensors on every read or call: the merged delta would be lost.
+            raise ValueError(
+                f"cannot merge into this {type(base).__name__}: its weight is computed from other tensors on each "
+                "call (a parametrization: torch.nn.utils.parametrize, parametrizations.weight_norm or spectral_norm; "
+                "or the hook of torch.nn.utils.weight_norm / spectral_norm), so the merged delta would be lost and "
+                "the merged layer would compute its base layer alone; keep the adapter unmerged, or make the weight "
+                "a plain parameter first (parametrize.remove_parametrizations(module, 'weight'))")
 
     @torch.no_grad()
     def merge(self, task: Optional[int] = None) -> None:

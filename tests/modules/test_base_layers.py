@@ -172,3 +172,58 @@ def test_half_precision_base_with_fp32_adapters_matches_float64_reference(backen
     layer = _layer(base)
     assert layer.lora_A.dtype == torch.float32
     _assert_matches_reference(layer, copy.deepcopy(base).double(), backend, dtype=dtype, tol=1e-2)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated:FutureWarning")
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("make", [
+    lambda: parametrizations.weight_norm(_linear()),
+    lambda: parametrizations.spectral_norm(_linear()).eval(),
+    _custom_parametrization,
+    lambda: torch.nn.utils.weight_norm(_linear()),
+    lambda: torch.nn.utils.spectral_norm(_linear()).eval(),
+], ids=["weight_norm", "spectral_norm", "custom_parametrization", "weight_norm_hook", "spectral_norm_hook"])
+def test_merge_refuses_a_computed_weight(make, use_dora):
+    """A parametrized weight (or one the deprecated weight_norm / spectral_norm pre-hook makes) is
+    computed again on each call: merge wrote the delta into a temporary, and the merged layer then
+    ran its base layer alone (the adapter silently gone). merge now refuses, changing nothing, and
+    merge_adapter names the layer."""
+    layer = MoELoRALinear(make(), num_experts=1, r=3, lora_alpha=6, use_dora=use_dora).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, D_IN)
+    before = layer(x)
+    with pytest.raises(ValueError, match="weight is computed from other tensors"):
+        layer.merge()
+    model = nn.Sequential(layer)
+    with pytest.raises(ValueError, match="^0: cannot merge into"):
+        moelora.merge_adapter(model)
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+
+
+def test_merge_refuses_a_base_with_its_own_forward():
+    """A Linear subclass whose forward is not x W^T + b (here it scales its output): the merged layer
+    computed 2.5 (x (W + dW)^T + b), not 2.5 (x W^T + b) + dW x. merge refuses it; a subclass that
+    keeps nn.Linear's forward (MultiheadAttention's NonDynamicallyQuantizableLinear) still merges."""
+    layer = MoELoRALinear(_scaled(), num_experts=1, r=3, lora_alpha=6).eval()
+    with pytest.raises(ValueError, match="ScaledLinear: it has a forward of its own"):
+        layer.merge()
+    assert not layer.merged
+    torch.manual_seed(1)
+    inherited = MoELoRALinear(nn.modules.linear.NonDynamicallyQuantizableLinear(D_IN, D_OUT), num_experts=1, r=3).eval()
+    with torch.no_grad():
+        inherited.lora_B.normal_()
+    x = torch.randn(4, D_IN)
+    expected = inherited(x)
+    inherited.merge()
+    torch.testing.assert_close(inherited(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_a_computed_weight_of_a_convolution():
+    """The rule is every layer's (here a weight-normed convolution, as wav2vec2's positional one)."""
+    torch.manual_seed(0)
+    layer = moelora.MoELoRAConv(parametrizations.weight_norm(nn.Conv1d(4, 6, 3)), num_experts=1, r=2).eval()
+    with pytest.raises(ValueError, match="weight is computed from other tensors"):
+        layer.merge()
+    assert not layer.merged
