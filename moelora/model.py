@@ -135,6 +135,12 @@ def _num_layers(model: nn.Module, layers_pattern) -> int:
 def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     """Replace the targeted layers in place; returns their names. If a layer or saved module
     cannot be made, ``model`` is left as it was (the layers made before it are taken out)."""
+    lazy = next((n for n, m in model.named_modules()
+                 if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()), None)
+    if lazy is not None:  # freezing its parameters (requires_grad_) would fail too
+        raise ValueError(f"the model holds uninitialised lazy modules (e.g. {lazy or 'the model itself'}: "
+                         f"{type(model.get_submodule(lazy)).__name__}); run a forward pass first, which initialises "
+                         "them, then inject")
     names = find_target_modules(model, config)
     num_layers = _num_layers(model, config.layers_pattern)
     if isinstance(config.num_experts, (list, tuple)) and len(config.num_experts) != num_layers:

@@ -197,6 +197,10 @@ class AdapterLayerBase(nn.Module, RoutedModule):
     def __init__(self, base_layer: nn.Module, settings: LayerSettings, *, a_in: int, d_out: int, router_in: int,
                  b_groups: int = 1, router_class=Router, router_kwargs: Optional[dict] = None):
         super().__init__()
+        if isinstance(base_layer, nn.modules.lazy.LazyModuleMixin) and base_layer.has_uninitialized_params():
+            raise ValueError(f"{type(self).__name__} cannot wrap an uninitialised {type(base_layer).__name__}: its "
+                             "input size is not known yet; run a forward pass through the model (or the layer) first, "
+                             "which makes it a plain layer, then wrap it")
         s = settings
         if s.use_dora and not self.supports_dora:
             raise ValueError(f"use_dora is supported on linear layers only, not on {type(self).__name__}")

@@ -227,3 +227,21 @@ def test_merge_refuses_a_computed_weight_of_a_convolution():
     with pytest.raises(ValueError, match="weight is computed from other tensors"):
         layer.merge()
     assert not layer.merged
+
+
+@pytest.mark.parametrize("make", [lambda: nn.LazyLinear(D_OUT), lambda: nn.LazyConv2d(4, 3)], ids=["linear", "conv"])
+def test_uninitialised_lazy_base_is_refused(make):
+    """An uninitialised lazy layer has no input size yet: the layer was built with d_in = 0 and failed
+    later with an unrelated message (a field check, or torch's uninitialised-parameter error at
+    injection). It is refused by name, and wraps once a forward has initialised it."""
+    layer_class = MoELoRALinear if isinstance(make(), nn.Linear) else moelora.MoELoRAConv
+    with pytest.raises(ValueError, match="cannot wrap an uninitialised Lazy.*run a forward pass"):
+        layer_class(make(), num_experts=2, r=2)
+    model = nn.Sequential(make(), nn.Linear(5, 5))
+    for target in ("0", "1"):  # the lazy module or another one: freezing the lazy one would fail too
+        with pytest.raises(ValueError, match=r"uninitialised lazy modules \(e.g. 0: Lazy.*run a forward pass"):
+            moelora.get_moelora_model(model, moelora.MoELoRAConfig(target_modules=[target], num_experts=2, r=2))
+        assert type(model[0]).__name__.startswith("Lazy") and type(model[1]) is nn.Linear  # left as it was
+    base = make()
+    base(torch.randn(1, 5) if isinstance(base, nn.Linear) else torch.randn(1, 3, 6, 6))
+    layer_class(base, num_experts=2, r=2)
