@@ -4,11 +4,14 @@
 MoE-LoRA layers, as PEFT's LoRA: ``nn.Linear`` (or GPT-2 ``Conv1D``) with
 :class:`MoELoRALinear`, ``nn.Embedding`` with :class:`MoELoRAEmbedding`, ``nn.Conv1d/2d/3d``
 with :class:`MoELoRAConv` (a regex matching several kinds adapts each with its class;
-``"all-linear"`` takes the linear layers only). It freezes everything but the adapters,
-routers and task scales, and returns a :class:`MoELoRAModel` wrapper. Each layer starts in the
-train / eval mode of the module it replaces (as ``upcycle_ffn``'s and ``apply_molex``'s modules,
-and the wrapper): injecting into a model in eval mode leaves it in eval mode, without dropout
-or router noise until ``model.train()``.
+``"all-linear"`` takes the linear layers only, without output heads and nn.MultiheadAttention's
+``out_proj``, whose weight the attention reads without calling it: targeting it raises, as do
+uninitialised lazy layers and a module object held at several places). In an
+nn.TransformerEncoderLayer holding adapters PyTorch's eval-mode fast path, which would skip them,
+is turned off. It freezes everything but the adapters, routers and task scales, and returns a
+:class:`MoELoRAModel` wrapper. Each layer starts in the train / eval mode of the module it
+replaces (as ``upcycle_ffn``'s and ``apply_molex``'s modules, and the wrapper): injecting into a
+model in eval mode leaves it in eval mode, without dropout or router noise until ``model.train()``.
 
 Auxiliary losses: every routed module keeps the weighted load-balancing + z-loss of its
 last forward. ``moelora.aux_loss(model)`` sums them (custom loops add it to their loss).
@@ -94,10 +97,14 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             raise ValueError("the model already holds MoE-LoRA layers; inject into a clean model")
         candidates.append((name, module))
     target = config.target_modules
+    unread = _unread_modules(model)
     if target == "all-linear":
         heads = _output_head_ids(model)
-        selected = [n for n, m in candidates if _is_linear(m) and id(m) not in heads
+        selected = [n for n, m in candidates if _is_linear(m) and id(m) not in heads and id(m) not in unread
                     and n.split(".")[-1] not in OUTPUT_HEAD_NAMES]
+        if not selected:
+            raise ValueError("target_modules='all-linear' matches no linear layer of the model (output heads and "
+                             "nn.MultiheadAttention's out_proj are left out)")
     else:
         selected = [n for n, _ in candidates if matches(n, target)]
         if isinstance(target, str):
@@ -109,7 +116,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             if unknown:
                 raise ValueError(f"target_modules {unknown} not found among the model's linear, embedding and "
                                  "convolution modules "
-                                 f"(e.g. {[n for n, _ in candidates[:6]]})")
+                                 f"(e.g. {[n for n, _ in candidates[:6]]}){_unknown_hint(model, unknown)}")
     if config.exclude_modules:
         selected = [n for n in selected if not matches(n, config.exclude_modules)]
         if not selected:
@@ -123,7 +130,80 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             raise ValueError(f"layers_to_transform {sorted(keep)} (layers_pattern {config.layers_pattern!r}) keeps "
                              f"none of the selected modules, whose layer indices are {found or 'none'}: no module "
                              "left to adapt")
+    modules = {n: m for n, m in candidates}
+    for name in selected:
+        if id(modules[name]) in unread:
+            raise ValueError(
+                f"{name} is the out_proj of the nn.MultiheadAttention {unread[id(modules[name])] or '(the model)'}, "
+                "which passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj: an adapter "
+                "there would have no effect. moelora cannot adapt nn.MultiheadAttention's projections (an input-routed "
+                "mixture cannot be folded into its weights around each call, as PEFT's single LoRA is); leave it out "
+                "(exclude_modules)")
+    _check_single_place(model, [(n, modules[n]) for n in selected])
     return selected
+
+
+def _unread_modules(model: nn.Module) -> Dict[int, str]:
+    """id -> parent name of the modules whose parent reads their weight without calling them, so that
+    an adapter layer in their place would never run: nn.MultiheadAttention's ``out_proj`` (its forward
+    passes out_proj.weight and .bias to F.multi_head_attention_forward)."""
+    return {id(m.out_proj): n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _check_single_place(model: nn.Module, selected) -> None:
+    """ValueError if a selected module (``(name, module)`` pairs) is held by several parents, or under
+    several names of one (the same object at two places, ``nn.Sequential(lin, act, lin)``): injection
+    replaces it at one place, and the others would run it without the adapter. A module reached
+    through a reused parent (a block at several layers, ALBERT-style) has one place: its adapter is
+    shared, as its weights are."""
+    ids = {id(m) for _, m in selected}
+    places: Dict[int, Dict[tuple, str]] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None and id(child) in ids:
+                places.setdefault(id(child), {}).setdefault(
+                    (id(parent), attr), f"{parent_name}.{attr}" if parent_name else attr)
+    for name, module in selected:
+        held = list(places.get(id(module), {}).values())
+        if len(held) > 1:
+            raise ValueError(
+                f"{name} is one module held at several places of the model ({', '.join(held)}): injection replaces "
+                "it at one place, and the others would run it without the adapter; give each place its own module "
+                "(copy.deepcopy), or hold the shared module in one parent module that the model reuses (its adapter "
+                "is then shared, as its weights are)")
+
+
+def _unknown_hint(model: nn.Module, unknown: List[str]) -> str:
+    """What the ``unknown`` targets name, if they name modules that are not candidates: a module of
+    another kind (nn.MultiheadAttention, whose projections are no modules moelora can replace), or one
+    that the model holds under a second name (the same object twice; named_modules lists it once)."""
+    first = {id(m): n for n, m in model.named_modules()}
+    hints = []
+    for t in unknown:
+        for n, m in model.named_modules(remove_duplicate=False):
+            if matches(n, [t]):
+                hints.append(f"{t!r} names {n}, a {type(m).__name__}" if first[id(m)] == n else
+                             f"{t!r} names {n}, which is {first[id(m)]} (one module held at two places)")
+    return f"; {'; '.join(list(dict.fromkeys(hints))[:3])}" if hints else ""
+
+
+def _no_fast_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: its presence turns off nn.TransformerEncoderLayer's fast path."""
+
+
+def _keep_torch_fast_paths_off(model: nn.Module) -> None:
+    """PyTorch's eval-mode fast path of nn.TransformerEncoderLayer (``torch._transformer_encoder_layer_fwd``)
+    reads linear1/linear2's weights without calling them, which would skip their adapters. It runs
+    only without hooks in the layer: the adapter layers inside one get a no-op forward pre-hook
+    (which leaves the model with them). An nn.TransformerEncoder holding adapters stops turning
+    padded batches into nested tensors (``use_nested_tensor``), which only the fast path reads."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for sub in module.modules():
+                if is_adapter_layer(sub) and _no_fast_path not in sub._forward_pre_hooks.values():
+                    sub.register_forward_pre_hook(_no_fast_path)
+        elif isinstance(module, nn.TransformerEncoder) and any(is_adapter_layer(m) for m in module.modules()):
+            module.use_nested_tensor = False
 
 
 def _num_layers(model: nn.Module, layers_pattern) -> int:
@@ -154,6 +234,7 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                 raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
             layer = layer_class(base, config.layer_settings(name, layer_index(name, config.layers_pattern), num_layers))
             set_module(model, name, layer.train(base.training))  # in the mode of the module it replaces
+        _keep_torch_fast_paths_off(model)
         wrap_modules_to_save(model, config.modules_to_save)
         mark_only_adapters_trainable(model, config.bias)
     return names
