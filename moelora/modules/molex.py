@@ -10,10 +10,21 @@ Each layer t of a residual stack is mixed with one other layer j chosen by a gat
   (cos(P z, e_l) / temperature, P a projection to ``proj_dim``, bias-free by default),
   "cosine_sigmoid" (the same, gate value sigmoid(cos / temperature)); ``bias`` overrides;
 - top-1 per token, then one j per batch: the mode of the token choices ("mode") or the
-  argmax of the mean gate probabilities ("mean"), kept on the device;
+  argmax of the mean gate probabilities ("mean"), kept on the device; only the real tokens
+  vote (padding aside, see below), and as j is one per batch, a sequence's output depends on
+  the other sequences of its batch (batched generation differs from each prompt alone);
 - ``a`` fixed (e.g. 0.95) or learned (a = sigmoid(theta));
 - the gate learns through a straight-through factor g[t,j] / stopgrad(g[t,j]) (= 1 in the
   forward) on the u_j term, and a Switch load-balancing loss over the token choices.
+
+Padding: the tokens the model's 2-D ``attention_mask`` ([batch, sequence], 0 for padding, as
+transformers' tokenizers and generate build it) marks as padding take no part in the layer
+choice, the load-balancing loss or the statistics, so a padded batch gives its real tokens
+what the same batch gives with any other amount of padding. :meth:`MoLEx.track_attention_mask`
+(which apply_molex calls on the modules between the model and the stack) reads the mask from
+those modules' forward arguments (by keyword or position); the innermost one that took a 2-D
+mask or None decides (BERT's encoder, which takes the 4-D mask its model built, defers to the
+model). Without a mask every token is real.
 
 Running u_j without reading j on the host (``layer_selection="device"``): the parameters and
 buffers of the L layers are stacked once per forward and layer t's own code runs with layer
@@ -56,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import sys
 from typing import Optional
@@ -196,6 +208,7 @@ class MoLEx(nn.Module, RoutedModule):
         self.reset_parameters()
         self._calling_other = False
         self._alike = _layers_alike(layers)  # whether the layers are alike (_device_selection), eager reading
+        self._masks = []  # (module, mask, decides) of the tracked modules whose forward is under way (innermost last)
         self._on_remove = []  # callables(self) that remove() runs: apply_molex's undo (moelora.tuner.molex)
         # Bound methods (not closures): a deepcopy of the model copies the hooks onto its own MoLEx.
         self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True)
@@ -222,16 +235,20 @@ class MoLEx(nn.Module, RoutedModule):
         super().clear_routing_record()
         self._per_layer = {}
 
-    def choose(self, z: torch.Tensor, t: int):
+    def choose(self, z: torch.Tensor, t: int, real: Optional[torch.Tensor] = None):
         """(j as a 0-d device tensor, straight-through factor [T], logits, gate values, token
-        choices) for layer t; nothing is read on the host."""
+        choices) for layer t; only the tokens ``real`` ([T] bool, None: all) marks vote; nothing
+        is read on the host."""
         gate = self.gates[0 if self.shared_gate else t]
         logits, values = gate(z, exclude=t)
         token_choice = values.argmax(dim=-1)
         if self.batch_routing == "mode":  # one-hot counts: a static shape (bincount's is data-dependent)
-            j = F.one_hot(token_choice, self.num_layers).sum(dim=0).argmax()
-        else:
-            j = values.mean(dim=0).argmax()
+            votes = F.one_hot(token_choice, self.num_layers)
+            score = (votes if real is None else votes * real[:, None]).sum(dim=0)
+        else:  # the mean over the real tokens: their sum has the same argmax
+            score = values.mean(dim=0) if real is None else (values * real[:, None]).sum(dim=0)
+        # never the layer itself, even where no token is real (all scores 0)
+        j = score.masked_fill(torch.arange(self.num_layers, device=score.device) == t, -1).argmax()
         g = values.index_select(1, j.reshape(1)).squeeze(1)
         return j, g / g.detach(), logits, values, token_choice
 
@@ -241,29 +258,81 @@ class MoLEx(nn.Module, RoutedModule):
             return None
         z = args[0] if args else kwargs["hidden_states"]
         h_t = output[0] if isinstance(output, tuple) else output
-        j, st, logits, values, token_choice = self.choose(z, t)
+        real = self._real_tokens(z)
+        j, st, logits, values, token_choice = self.choose(z, t, real)
         other = self._call_layer(t, j, *_without_cache(args, kwargs, t, z))
         h_j = other[0] if isinstance(other, tuple) else other
         a = self.alpha.to(z.dtype)
         mixed = z + a * (h_t - z) + (1 - a) * (h_j - z) * st.to(z.dtype).reshape(*z.shape[:-1], 1)
-        self._record(t, j, logits, values, token_choice)
+        self._record(t, j, logits, token_choice, real)
         return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
 
-    def _record(self, t, j, logits, values, token_choice) -> None:
+    def _record(self, t, j, logits, token_choice, real) -> None:
+        """Layer t's load-balancing loss, load and routing entropy over the real tokens, and the
+        record of the forward's layers so far (aux loss, router statistics)."""
         probs = torch.softmax(logits, dim=-1)
-        lb = load_balancing_loss(probs, token_choice[:, None], self.num_layers)
-        loss = self.aux_loss_coef * lb
+        choice = token_choice[:, None].detach()
+        loss = self.aux_loss_coef * load_balancing_loss(probs, choice, self.num_layers, mask=real)
         grad = torch.is_grad_enabled()
-        self._per_layer[t] = (loss if grad else loss.detach(), j, probs.detach(), token_choice.detach(),
-                              not grad and self.training)
+        self._per_layer[t] = (loss if grad else loss.detach(), j, expert_load(choice, self.num_layers, mask=real),
+                              routing_entropy(probs.detach(), mask=real), not grad and self.training)
         self._last_aux_loss = torch.stack([v[0] for v in self._per_layer.values()]).sum()
         self._aux_loss_lost_grad = any(v[4] for v in self._per_layer.values())
         self._last_router_stats = {
-            "load": torch.stack([expert_load(v[3][:, None], self.num_layers) for v in self._per_layer.values()]).mean(0),
-            "entropy": torch.stack([routing_entropy(v[2]) for v in self._per_layer.values()]).mean(),
+            "load": torch.stack([v[2] for v in self._per_layer.values()]).mean(0),
+            "entropy": torch.stack([v[3] for v in self._per_layer.values()]).mean(),
             "chosen_layers": torch.stack([self._per_layer[k][1].detach() if k in self._per_layer
                                           else torch.full_like(j, -1) for k in range(self.num_layers)]),
         }
+
+    # ------------------------------------------------------------------ padding
+    def track_attention_mask(self, modules) -> None:
+        """Read the 2-D ``attention_mask`` ([batch, sequence], 0 for padding) from the forward
+        arguments of ``modules`` (those between the model and the stack; apply_molex passes
+        them): its padding then takes no part in the layer choice, the load-balancing loss or
+        the statistics. Modules whose forward has no ``attention_mask`` argument are skipped;
+        :meth:`remove` detaches the hooks."""
+        for module in modules:
+            params = list(inspect.signature(module.forward).parameters.values())
+            names = [p.name for p in params]
+            if "attention_mask" not in names:
+                continue
+            position = names.index("attention_mask")
+            positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            if any(p.kind not in positional for p in params[:position + 1]):
+                position = None  # keyword only (or after *args)
+            self._handles.append(module.register_forward_pre_hook(functools.partial(self._enter, position),
+                                                                  with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._exit, always_call=True))
+
+    def _enter(self, position, module, args, kwargs) -> None:
+        """Forward pre-hook of a tracked module: note the mask it takes. A 2-D tensor or None
+        (every token real) decides; anything else (a 4-D mask built by an outer module, ...)
+        leaves it to the outer modules."""
+        if "attention_mask" in kwargs:
+            mask = kwargs["attention_mask"]
+        else:
+            mask = args[position] if position is not None and len(args) > position else None
+        decides = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2)
+        self._masks.append((module, mask, decides))
+
+    def _exit(self, module, args, output) -> None:
+        """Forward hook of a tracked module (run if its forward raises too): forget its mask."""
+        if self._masks and self._masks[-1][0] is module:
+            self._masks.pop()
+
+    def _real_tokens(self, z: torch.Tensor) -> Optional[torch.Tensor]:
+        """[B * T] bool, False for the padding of hidden states z [B, T, D]: the last T columns of
+        the deciding mask (a model with a KV cache takes the cached tokens' columns too); None
+        where every token is real."""
+        mask = next((m for _, m, decides in reversed(self._masks) if decides), None)
+        if mask is None:
+            return None
+        if z.dim() != 3 or mask.shape[0] != z.shape[0] or mask.shape[1] < z.shape[1]:
+            raise ValueError(f"the attention_mask of shape {tuple(mask.shape)} does not cover the hidden states of "
+                             f"shape {tuple(z.shape)} that MoLEx mixes: expected [batch, sequence] with their batch "
+                             f"size and at least their sequence length")
+        return (mask[:, mask.shape[1] - z.shape[1]:] != 0).reshape(-1)
 
     # ------------------------------------------------------------------ running u_j(z_t)
     def _call_layer(self, t: int, j: torch.Tensor, args, kwargs):
@@ -323,6 +392,7 @@ class MoLEx(nn.Module, RoutedModule):
             h.remove()
         self._handles = []
         self._stacked = None
+        self._masks = []
         self.clear_routing_record()
         on_remove, self._on_remove = self._on_remove, []
         for undo in on_remove:

@@ -25,26 +25,41 @@ from moelora.ops.backend import kernels_run
 from moelora.ops.validation import refuse_double_backward
 
 
-def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """f_e: routed slots per expert divided by the number of tokens, [E] fp32.
 
     Slots with weight 0 (dropped by threshold routing) are not counted when ``weights``
-    is given. Built from one-hot sums: no host sync, deterministic.
+    is given; with ``mask`` ([T] bool, the real tokens: False for padding) only the real
+    tokens' slots count, over the number of real tokens. Built from one-hot sums: no host
+    sync, deterministic.
     """
     ids = ids.reshape(-1, ids.shape[-1])
     one_hot = F.one_hot(ids.long(), num_experts).float()  # [T, k, E]
     if weights is not None:
         one_hot = one_hot * (weights.reshape(ids.shape) > 0).float().unsqueeze(-1)
+    if mask is not None:
+        return (one_hot * mask.reshape(-1, 1, 1)).sum(dim=(0, 1)) / _count(mask)
     return one_hot.sum(dim=(0, 1)) / max(ids.shape[0], 1)
 
 
 def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int,
-                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Switch load-balancing loss of one layer (see the module docstring)."""
+                        weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch load-balancing loss of one layer (see the module docstring); with ``mask`` ([T]
+    bool) over the real tokens only (f_e and P_e as means over them)."""
     probs = probs.reshape(-1, num_experts).float()
     if probs.shape[0] == 0:
         return probs.sum()
-    return num_experts * torch.sum(expert_load(ids, num_experts, weights) * probs.mean(dim=0))
+    if mask is not None:
+        mean_probs = (probs * mask.reshape(-1, 1)).sum(dim=0) / _count(mask)
+    else:
+        mean_probs = probs.mean(dim=0)
+    return num_experts * torch.sum(expert_load(ids, num_experts, weights, mask) * mean_probs)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """The number of real tokens of a [T] bool mask, at least 1 (a tensor: no host read)."""
+    return mask.sum().clamp_min(1).float()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -55,10 +70,12 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the entropy (nats) of the router distribution."""
+def routing_entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over tokens (with ``mask``, [T] bool: over the real tokens) of the entropy (nats) of
+    the router distribution."""
     probs = probs.reshape(-1, probs.shape[-1]).float()
-    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+    return entropy.mean() if mask is None else (entropy * mask.reshape(-1)).sum() / _count(mask)
 
 
 def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor, lb_coef: float, z_coef: float):

@@ -42,6 +42,9 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     argument is checked before the model is changed; ``hidden_size`` (default: the config's
     ``hidden_size`` or ``n_embd``) must be the width of the layers' hidden states: it is compared
     with the layers' own ``hidden_size`` where they declare one, else at the first forward.
+    The padding of the
+    ``attention_mask`` the model (or a module between it and the stack) takes routes nothing
+    (:meth:`MoLEx.track_attention_mask`).
     """
     target = unwrap(model)
     if hasattr(target, "molex"):
@@ -57,12 +60,15 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     if isinstance(width, int) and not isinstance(width, bool) and hidden_size != width:
         raise ValueError(f"hidden_size={hidden_size!r} does not match the model's width: its layers take hidden "
                          f"states of width {width} (pass hidden_size={width} or leave it out)")
+    stack_name = next(n for n, m in target.named_modules() if m is stack)
     molex = MoLEx(stack, hidden_size, **kwargs).train(stack.training)  # in the model's mode, as every module added
+    # the padding of the attention mask the model or a module on the way to the stack takes routes nothing
+    parts = stack_name.split(".")
+    molex.track_attention_mask(target.get_submodule(".".join(parts[:i])) for i in range(len(parts)))
     first = next(stack.parameters(), None)
     if first is not None:
         molex.to(first.device)  # the gates live where the layers do (fp32 whatever the model's dtype)
     target.add_module("molex", molex)
-    stack_name = next(n for n, m in target.named_modules() if m is stack)
     kwargs.setdefault("bias", None)  # recorded explicitly: records without it predate the gate's bias
     entry = record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
     # a partial of a module-level function, not a closure: a deepcopy of the model undoes on its own copy

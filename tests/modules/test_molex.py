@@ -148,6 +148,7 @@ def test_remove_undoes_apply_molex(tmp_path):
     model(ids)
     molex.remove()
     molex.remove()  # a second call does nothing
+    assert not model._forward_pre_hooks and not model.model._forward_hooks  # the attention-mask hooks too
     assert torch.equal(model(ids).logits, plain)
     assert not hasattr(model, "molex")
     assert moelora.aux_loss(model).item() == 0 and moelora.router_stats(model) == {}
@@ -332,19 +333,26 @@ def test_auto_selection_falls_back_to_host_where_layer_settings_differ(differs):
         stack(z)
 
 
-def test_molex_trains_under_fullgraph_compile_like_eager():
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "left_padded"])
+def test_molex_trains_under_fullgraph_compile_like_eager(padded):
+    """Also with a left-padded batch: the hooks that read the attention mask trace into the graph."""
     from test_compile import _assert_trains_like_eager
 
     torch._dynamo.reset()
     model = _lora_llama(num_layers=2)
-    apply_molex(model, gate="linear", learn_alpha=True)
+    _sharpen(apply_molex(model, gate="linear", learn_alpha=True))
     model.train()
+    ids = token_batch(batch=2, seq=6)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
 
-    def loss_fn(m, ids):
-        return m(input_ids=ids, labels=ids).loss  # default use_cache; aux losses added by the wrapper
+    def loss_fn(m, ids):  # default use_cache; aux losses added by the wrapper
+        if padded:
+            return m(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        return m(input_ids=ids, labels=ids).loss
 
     with moelora.validation(False):
-        _assert_trains_like_eager(model, loss_fn, token_batch(batch=2, seq=6))
+        _assert_trains_like_eager(model, loss_fn, ids)
     torch._dynamo.reset()
 
 
@@ -436,3 +444,126 @@ def test_find_layer_stack_skips_the_sublayers_inside_a_layer():
 
     model = tiny_t5()
     assert find_layer_stack(model) is model.encoder.block
+
+
+# ------------------------------------------------------------------ padded batches
+def _sharpen(molex, seed=3, scale=3.0):
+    """Gate weights large enough that the layer choice follows the tokens (pads included)."""
+    with torch.no_grad():
+        for gate in molex.gates:
+            gate.weight.normal_(0, scale, generator=torch.Generator().manual_seed(seed))
+
+
+def _left_padded(seqs, extra=0, pad_id=0):
+    """(ids, attention_mask, position_ids) of ``seqs`` left-padded to the longest plus ``extra``."""
+    width = max(len(s) for s in seqs) + extra
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s):], mask[b, width - len(s):] = s, 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def _prompts(lengths=(6, 3), seed=10):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 64, (n,), generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("batch_routing", ["mode", "mean"])
+@pytest.mark.parametrize("selection", ["device", "host"])
+def test_pad_tokens_change_no_real_token_and_no_routing_statistic(batch_routing, selection):
+    """Left-padded batches (as transformers' generate builds them): the pads voted in the batch's
+    layer choice and counted in the load-balancing loss and statistics, so a sequence's output
+    changed with the padding of its batch (the last layer chose another layer with 8 more pad
+    columns). The attention mask the model takes now keeps them out: the real tokens' logits, the
+    aux loss and the statistics do not depend on the padding, and a padded sequence alone gives
+    what it gives unpadded."""
+    model = tiny_llama(num_layers=4)
+    molex = apply_molex(model, alpha=0.5, batch_routing=batch_routing, layer_selection=selection)
+    _sharpen(molex)
+    seqs = _prompts()
+    results = []
+    with torch.no_grad():
+        for extra in (0, 8):
+            ids, mask, pos = _left_padded(seqs, extra)
+            logits = model(ids, attention_mask=mask, position_ids=pos).logits
+            stats = moelora.router_stats(model)["molex"]
+            results.append(([logits[b, -len(s):] for b, s in enumerate(seqs)], molex.last_aux_loss, stats))
+        (real, loss, stats), (padded_real, padded_loss, padded_stats) = results
+        for a, b in zip(padded_real, real):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(padded_loss, loss)
+        for key in ("load", "entropy", "chosen_layers"):
+            torch.testing.assert_close(padded_stats[key], stats[key], msg=key)
+        alone = model(seqs[1][None]).logits[0]
+        alone_loss = molex.last_aux_loss
+        ids, mask, pos = _left_padded(seqs[1:], extra=8)
+        torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=pos).logits[0, -3:], alone)
+        torch.testing.assert_close(molex.last_aux_loss, alone_loss)
+
+
+def test_batched_greedy_generate_does_not_depend_on_the_padding():
+    """generate left-pads a batch to its longest prompt and extends the mask each step; the pads
+    no longer vote, so what each prompt generates does not change with more padding, and a
+    padded single prompt generates what it does alone (use_cache=False: MoLEx cannot decode
+    from a KV cache)."""
+    model = tiny_llama(num_layers=4)
+    model.generation_config.eos_token_id = None  # the tiny config's eos id would stop some sequences early
+    _sharpen(apply_molex(model, alpha=0.5))
+    seqs = _prompts()
+    settings = dict(max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    with torch.no_grad():
+        new = []
+        for extra in (0, 8):
+            ids, mask, _ = _left_padded(seqs, extra)
+            new.append(model.generate(ids, attention_mask=mask, **settings)[:, -4:])
+        assert torch.equal(new[1], new[0])
+        ids, mask, _ = _left_padded(seqs[:1], extra=8)
+        assert torch.equal(model.generate(ids, attention_mask=mask, **settings)[0, 8:],
+                           model.generate(seqs[0][None], **settings)[0])
+
+
+class MaskedStack(Stack):
+    """A stack whose forward takes an attention mask, as transformers' models do."""
+
+    def forward(self, z, attention_mask=None):
+        return super().forward(z)
+
+
+def test_the_mask_reaches_molex_positionally_and_must_fit_the_hidden_states():
+    """BERT takes the mask as its second positional argument; a mask that does not cover the
+    hidden states (batch, sequence) raises naming both shapes."""
+    bert = tiny_bert()
+    _sharpen(apply_molex(bert, alpha=0.5))
+    ids = token_batch(seq=6)
+    pad_ids, mask = torch.cat([ids, torch.zeros(2, 8, dtype=torch.long)], 1), torch.ones(2, 14, dtype=torch.long)
+    mask[:, 6:] = 0
+    with torch.no_grad():
+        expected = bert(ids).last_hidden_state
+        torch.testing.assert_close(bert(pad_ids, mask).last_hidden_state[:, :6], expected)
+        torch.testing.assert_close(bert(pad_ids, attention_mask=mask).last_hidden_state[:, :6], expected)
+    stack = MaskedStack()
+    apply_molex(stack, hidden_size=8)
+    z = torch.randn(2, 5, 8)
+    for bad in (torch.ones(1, 5), torch.ones(2, 4)):
+        with pytest.raises(ValueError, match=rf"attention_mask of shape \({bad.shape[0]}, {bad.shape[1]}\) does not "
+                                             rf"cover the hidden states of shape \(2, 5, 8\)"):
+            stack(z, bad)
+    assert not stack.molex._masks  # the mask of a failed forward is not kept for the next
+
+
+def test_device_selection_with_a_mask_reads_nothing_on_the_host(monkeypatch):
+    stack = MaskedStack()
+    molex = apply_molex(stack, hidden_size=8, layer_selection="device", batch_routing="mean")
+    z, mask = torch.randn(3, 5, 8), torch.ones(3, 5)
+    mask[0, :2] = 0
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a value was read on the host")
+
+    for name in ("item", "tolist", "__int__", "__index__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    out = stack(z, attention_mask=mask)
+    (out.square().sum() + molex.last_aux_loss).backward()
+    monkeypatch.undo()
+    assert molex.gates[0].weight.grad.abs().sum() > 0
