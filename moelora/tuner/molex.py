@@ -15,6 +15,11 @@ from moelora.modules.molex import MOLEX_ARG_KINDS, MoLEx
 
 
 def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None) -> nn.ModuleList:
+    """The layer stack ``layers`` names (a dotted name or the ModuleList itself), or else the one
+    ModuleList of ``model`` named as a stack (``DEFAULT_LAYERS_PATTERN``: ``layers``, ``h``,
+    ``block``, ...) that is not inside another (a layer's sublayers, as T5's ``block.i.layer``).
+    A model with several (an encoder-decoder's ``encoder.block`` and ``decoder.block``, a vision
+    tower beside a language model) raises, naming them: ``layers`` chooses."""
     if isinstance(layers, nn.ModuleList):
         return layers
     if isinstance(layers, str):
@@ -28,7 +33,11 @@ def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] =
     stacks = [m for n, m in named if not any(n.startswith(f"{outer}.") for outer, _ in named)]
     if not stacks:
         raise ValueError("no layer stack found; pass layers='dotted.name.of.the.ModuleList'")
-    return max(stacks, key=len)
+    if len(stacks) > 1:
+        names = [n for n, m in named if any(m is s for s in stacks)]
+        raise ValueError(f"the model has several layer stacks ({', '.join(names)}) and MoLEx mixes the layers of one: "
+                         "pass " + " or ".join(f"layers={n!r}" for n in names))
+    return stacks[0]
 
 
 @structural_edit
@@ -42,7 +51,8 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     argument is checked before the model is changed; ``hidden_size`` (default: the config's
     ``hidden_size`` or ``n_embd``) must be the width of the layers' hidden states: it is compared
     with the layers' own ``hidden_size`` where they declare one, else at the first forward.
-    The padding of the
+    ``layers`` names the stack (see :func:`find_layer_stack`): needed where the model has
+    several, as an encoder-decoder's encoder and decoder stacks. The padding of the
     ``attention_mask`` the model (or a module between it and the stack) takes routes nothing
     (:meth:`MoLEx.track_attention_mask`).
     """

@@ -443,7 +443,37 @@ def test_find_layer_stack_skips_the_sublayers_inside_a_layer():
     from moelora.tuner.molex import find_layer_stack
 
     model = tiny_t5()
-    assert find_layer_stack(model) is model.encoder.block
+    with pytest.raises(ValueError, match=r"several layer stacks \(encoder\.block, decoder\.block\)"):
+        find_layer_stack(model)
+    assert find_layer_stack(model, "encoder.block") is model.encoder.block
+
+
+def test_an_encoder_decoder_model_needs_the_stack_named():
+    """T5 has two stacks: apply_molex took the encoder's without saying so. It now raises naming
+    both, before changing the model; ``layers=`` picks either, and the decoder's mixes with its
+    own attention mask (``decoder_attention_mask``), not the encoder's."""
+    from helpers import tiny_t5
+
+    ids, dec = token_batch(seq=6), token_batch(seq=4, seed=3)
+    for name in ("encoder.block", "decoder.block"):
+        model = tiny_t5()
+        with pytest.raises(ValueError, match=r"pass layers='encoder\.block' or layers='decoder\.block'"):
+            apply_molex(model)
+        assert not hasattr(model, "molex") and not model.encoder.block[0]._forward_hooks
+        with torch.no_grad():
+            plain = model(input_ids=ids, decoder_input_ids=dec).logits
+            molex = apply_molex(model, layers=name, alpha=0.5)
+            _sharpen(molex)
+            out = model(input_ids=ids, decoder_input_ids=dec).logits
+            assert not torch.allclose(out, plain)
+            assert molex._layers[0] is model.get_submodule(name)
+            # the stack's own mask reaches it: 3 pad columns at the end of that stack's input
+            pad_ids, mask = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], 1), torch.ones(2, 9, dtype=torch.long)
+            mask[:, 6:] = 0
+            pad_dec, dec_mask = torch.cat([dec, torch.zeros(2, 3, dtype=torch.long)], 1), mask[:, 2:]
+            padded = (model(input_ids=pad_ids, attention_mask=mask, decoder_input_ids=dec).logits if name[0] == "e"
+                      else model(input_ids=ids, decoder_input_ids=pad_dec, decoder_attention_mask=dec_mask).logits)
+        torch.testing.assert_close(padded[:, :4], out)
 
 
 # ------------------------------------------------------------------ padded batches
