@@ -431,7 +431,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         """Fold the adapter into the base weight (static routing only; see above)."""
         self.check_merge(task)
         weight = self.base_layer.weight
-        w = self.base_weight()  # view in [d_out, d_in] layout, writes go to the base weight
+        w = self.base_weight()  # [d_out, d_in] layout; written back by _store_base_weight
         acc = accumulator_dtype(weight.dtype)  # fp32, fp64 for fp64 weights (unmerge restores them)
         delta = self.delta_weight(task).to(acc)
         if self.use_dora:
@@ -441,9 +441,9 @@ class AdapterLayerBase(nn.Module, RoutedModule):
             scale = (self.lora_magnitude_vector.to(acc) / torch.linalg.norm(merged, dim=1)).detach()
             self.register_buffer("_dora_merge_scale", scale, persistent=False)
             self.register_buffer("_dora_merged_delta", delta, persistent=False)
-            w.copy_((merged * scale[:, None]).to(weight.dtype))
+            self._store_base_weight((merged * scale[:, None]).to(weight.dtype))
         else:
-            w.copy_((w.to(acc) + delta).to(weight.dtype))
+            self._store_base_weight((w.to(acc) + delta).to(weight.dtype))
         self.merged, self.merged_task = True, task
 
     @torch.no_grad()
@@ -458,8 +458,13 @@ class AdapterLayerBase(nn.Module, RoutedModule):
             del self._dora_merge_scale, self._dora_merged_delta
         else:
             restored = w.to(acc) - self.delta_weight(self.merged_task).to(acc)
-        w.copy_(restored.to(weight.dtype))
+        self._store_base_weight(restored.to(weight.dtype))
         self.merged, self.merged_task = False, None
+
+    def _store_base_weight(self, value: torch.Tensor) -> None:
+        """Write ``value`` (the base weight's dtype, :meth:`base_weight`'s [d_out, d_in] layout) into
+        the base weight, in place (a view of it takes the write; MoELoRAConv's may be a copy)."""
+        self.base_weight().copy_(value)
 
     def compute_routing(self, router_input: torch.Tensor, lead_shape: tuple) -> Routing:
         """Routing of the ``lead_shape`` output positions; the learned router reads

@@ -131,8 +131,13 @@ class MoELoRAConv(AdapterLayerBase):
         return (out_group[:, None] == rank_group[None, :]).to(dtype)
 
     def base_weight(self) -> torch.Tensor:
-        """The base kernel as [C_out, C_in/groups * prod(kernel)] (a view)."""
+        """The base kernel as [C_out, C_in/groups * prod(kernel)]: a view of a contiguous kernel, a
+        copy of a channels_last one (merging writes through :meth:`_store_base_weight`)."""
         return self.base_layer.weight.reshape(self.out_channels, -1)
+
+    def _store_base_weight(self, value: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        weight.copy_(value.reshape(weight.shape))  # in place: the kernel keeps its memory format
 
     def full_lora_B(self) -> torch.Tensor:
         """B as [E, C_out, r] (block-diagonal over the groups when groups > 1)."""

@@ -306,6 +306,32 @@ def test_merge_unmerge_static_routing(make, inp, mode):
     torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["single", "task_shared"])
+def test_merge_unmerge_of_a_channels_last_conv_writes_its_kernel(mode):
+    """A channels_last kernel (a CNN prepared for inference) is merged into and unmerged from in
+    place, keeping its memory format: the merge wrote into a reshaped copy of the kernel and left
+    the base weight as it was, so the merged layer computed the base convolution alone."""
+    layer = _fill(_conv("conv2d_3x3_s2", mode)).eval()
+    task = 1 if mode.startswith("task") else None
+    layer.task_ids = task
+    layer.base_layer.to(memory_format=torch.channels_last)
+    x = _conv_input("c")
+    contiguous = copy.deepcopy(layer)
+    contiguous.base_layer.to(memory_format=torch.contiguous_format)
+    expected = conv_loop(layer, x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    before = layer.base_layer.weight.clone()
+    layer.merge(task)
+    contiguous.merge(task)
+    kernel = layer.base_layer.weight
+    assert kernel.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(kernel, contiguous.base_layer.weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    layer.unmerge()
+    assert layer.base_layer.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-14, atol=1e-14)
+
+
 @pytest.mark.parametrize("make,inp", [
     (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4), lambda: torch.randn(3, 8, dtype=torch.float64)),
     (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4, use_dora=True),
