@@ -77,12 +77,16 @@ def refuse_offloaded(base_layer: nn.Module, what: str) -> None:
 def single_expert_routing(num_tokens: int, device: torch.device):
     """ids 0 and weights 1 for every token ([T, 1] stride-0 views of cached scalars). The scalars
     are made outside inference mode: an inference tensor cached by a first forward under
-    torch.inference_mode could not be saved for backward by the training forwards after it."""
+    torch.inference_mode could not be saved for backward by the training forwards after it. Nor
+    are fake tensors cached (made while torch.export traces, or under any FakeTensorMode): they
+    hold no values, and every eager forward after them would read them."""
     pair = _SINGLE.get(device)
     if pair is None:
         with torch.inference_mode(False):
-            pair = _SINGLE[device] = (torch.zeros(1, 1, dtype=torch.int32, device=device),
-                                      torch.ones(1, 1, dtype=torch.float32, device=device))
+            pair = (torch.zeros(1, 1, dtype=torch.int32, device=device),
+                    torch.ones(1, 1, dtype=torch.float32, device=device))
+        if type(pair[0]) is torch.Tensor:
+            _SINGLE[device] = pair
     return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
 
 

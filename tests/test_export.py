@@ -1,0 +1,125 @@
+"""torch.export for deployment: the adapter layers, an injected transformers model (task ids as an
+input of its forward), upcycled FFNs and MoLEx export with dynamic batch and sequence dims, and
+the exported programs compute what the eager modules do, on both backends; exporting leaves the
+eager modules working."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moelora
+from moelora import MoELoRAConfig, MoELoRAConv, MoELoRALinear, get_moelora_model
+from helpers import randomize_adapters, tiny_llama, token_batch
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+BACKENDS = ["torch", "triton"]
+
+
+def _dims(**named):
+    return {name: torch.export.Dim(name, min=low, max=32) for name, low in named.items()}
+
+
+def _assert_exports_like_eager(module, args, dynamic_shapes, other_args, backend):
+    """Export ``module`` on ``backend``; the program equals the eager module on ``args`` and on
+    ``other_args`` (other sizes of the dynamic dims, other values)."""
+    with moelora.use_backend(backend), torch.no_grad():
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes).module()
+        for inputs in (args, other_args):
+            torch.testing.assert_close(program(*inputs), module(*inputs), rtol=1e-5, atol=1e-6)
+
+
+LAYERS = {
+    "softmax_topk": dict(num_experts=4, top_k=2),
+    "topk_softmax": dict(num_experts=4, top_k=2, router="topk_softmax", share_lora_a=True),
+    "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.2),
+    "task": dict(num_experts=3, router="task", task_shared_lora=True),  # one task id for every example
+    "single": dict(num_experts=1),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", list(LAYERS))
+def test_layer_exports_with_dynamic_batch_and_sequence(mode, backend):
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(16, 12), r=4, **LAYERS[mode]).eval()
+    randomize_adapters(layer)
+    if mode == "task":
+        layer.task_ids = 1
+    dims = _dims(batch=1, seq=1)
+    _assert_exports_like_eager(layer, (torch.randn(2, 5, 16),), ({0: dims["batch"], 1: dims["seq"]},),
+                               (torch.randn(3, 7, 16),), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_conv_layer_exports_with_dynamic_batch_and_height(kernel, backend):
+    torch.manual_seed(0)
+    layer = MoELoRAConv(nn.Conv2d(3, 6, kernel, padding=kernel // 2), num_experts=3, top_k=2, r=4).eval()
+    randomize_adapters(layer)
+    dims = _dims(batch=1, height=2)
+    _assert_exports_like_eager(layer, (torch.randn(2, 3, 5, 5),), ({0: dims["batch"], 2: dims["height"]},),
+                               (torch.randn(3, 3, 7, 5),), backend)
+
+
+class _Logits(nn.Module):
+    """The model's logits for token ids and task ids (the MoELoRAModel forward's ``task_ids``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, task_ids):
+        return self.model(input_ids=input_ids, task_ids=task_ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_injected_model_exports_with_task_ids_as_an_input(backend):
+    """Task ids given to the forward are an input of the exported program: each call routes by
+    its own ids (ids set on the layers with set_task_ids would be constants of the program)."""
+    config = MoELoRAConfig(r=4, target_modules=r".*(embed_tokens|q_proj|v_proj)", num_experts=3, router="task",
+                           task_shared_lora=True)
+    model = get_moelora_model(tiny_llama(2), config).eval()
+    randomize_adapters(model)
+    dims = _dims(batch=1, seq=2)
+    _assert_exports_like_eager(_Logits(model), (token_batch(2, 6), torch.tensor([0, 2])),
+                               ({0: dims["batch"], 1: dims["seq"]}, {0: dims["batch"]}),
+                               (token_batch(3, 9, seed=4), torch.tensor([2, 1, 0])), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_with_routed_adapters_upcycled_ffns_and_molex_exports(backend):
+    model = get_moelora_model(tiny_llama(3), MoELoRAConfig(r=4, target_modules=["q_proj", "v_proj"], num_experts=4,
+                                                           top_k=2, router="threshold", threshold_eps=0.1))
+    moelora.upcycle_ffn(model, num_experts=4, top_k=2, router="softmax_topk")
+    moelora.apply_molex(model, gate="linear", layer_selection="device")
+    randomize_adapters(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".w_" in name:  # experts that differ from each other
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    dims = _dims(batch=1, seq=2)
+    _assert_exports_like_eager(_Logits(model), (token_batch(2, 6), None), ({0: dims["batch"], 1: dims["seq"]}, None),
+                               (token_batch(3, 9, seed=4), None), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [lambda: MoELoRALinear(nn.Linear(6, 5), num_experts=1, r=2),
+                                  lambda: moelora.MoELoRAEmbedding(nn.Embedding(7, 5), num_experts=1, r=2)],
+                         ids=["linear", "embedding"])
+def test_exporting_a_single_expert_layer_first_leaves_eager_forwards_working(make, backend, monkeypatch):
+    """The single expert's ids and weights, cached per device for every layer of the process, are
+    not cached while export traces (its fake tensors hold no values): an export before any eager
+    forward cached FakeTensors, and every later eager forward of a single-expert layer on that
+    device raised (GuardOnDataDependentSymNode from the routing checks)."""
+    from moelora.modules import adapter_base
+
+    monkeypatch.setattr(adapter_base, "_SINGLE", {})  # as in a fresh process
+    layer = make().eval()
+    randomize_adapters(layer)
+    x = torch.tensor([[1, 3, 6]]) if isinstance(layer, moelora.MoELoRAEmbedding) else torch.randn(1, 3, 6)
+    with moelora.use_backend(backend), torch.no_grad():
+        program = torch.export.export(layer, (x,)).module()
+        torch.testing.assert_close(layer(x), program(x), rtol=1e-6, atol=1e-6)
+        assert all(type(t) is torch.Tensor for pair in adapter_base._SINGLE.values() for t in pair)
