@@ -1,7 +1,8 @@
 """torch.export for deployment: the adapter layers, an injected transformers model (task ids as an
 input of its forward), upcycled FFNs and MoLEx export with dynamic batch and sequence dims, and
 the exported programs compute what the eager modules do, on both backends; exporting leaves the
-eager modules working."""
+eager modules working; a model that cannot be exported raises an error that says why and what to
+use instead."""
 
 import pytest
 import torch
@@ -123,3 +124,26 @@ def test_exporting_a_single_expert_layer_first_leaves_eager_forwards_working(mak
         program = torch.export.export(layer, (x,)).module()
         torch.testing.assert_close(layer(x), program(x), rtol=1e-6, atol=1e-6)
         assert all(type(t) is torch.Tensor for pair in adapter_base._SINGLE.values() for t in pair)
+
+
+@pytest.mark.parametrize("selection", ["host", "auto"], ids=["host", "auto_layers_differ"])
+def test_molex_host_selection_refuses_export_naming_device_selection(selection):
+    """Host selection indexes the layer stack by the gate's choice read on the host, which export
+    cannot trace: the error says so and names layer_selection='device' (it was torch's
+    GuardOnDataDependentSymNode, naming neither). "auto" takes the host path for layers that
+    differ (MoLA's per-layer expert counts)."""
+    model = tiny_llama(3)
+    if selection == "auto":
+        model = get_moelora_model(model, MoELoRAConfig(r=4, target_modules=["q_proj"], num_experts=[2, 3, 4]))
+    moelora.apply_molex(model, gate="linear", layer_selection=selection)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    with pytest.raises(RuntimeError, match="torch.export cannot trace.*layer_selection='device'"):
+        torch.export.export(Logits().eval(), (token_batch(2, 6),))

@@ -343,6 +343,12 @@ class MoLEx(nn.Module, RoutedModule):
             _refuse_sharded_layers(layers)
             self._stacked = _stack_layers(layers) if self._device_selection(layers) else False
         device = self._stacked is not False
+        if not device and torch.compiler.is_exporting():  # int(j) below: a data-dependent index export cannot trace
+            raise RuntimeError(
+                "MoLEx selects the mixed layer on the host here (layer_selection='host', or 'auto' with layers that "
+                "differ or are gradient-checkpointed), which torch.export cannot trace: the layer index is "
+                "data-dependent. Export with layer_selection='device' (layers with the same tensor shapes and "
+                "settings)")
         runner = layers[t] if device else layers[int(j)]  # "host": one host read
         records = _routing_records(runner)
         self._calling_other = True
