@@ -132,6 +132,35 @@ def test_merge_unmerge_single_expert(use_dora):
     torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("make", [
+    lambda dtype: moelora.MoELoRALinear(torch.nn.Linear(24, 16).to(dtype), num_experts=1, r=4),
+    lambda dtype: moelora.MoELoRALinear(torch.nn.Linear(24, 16).to(dtype), num_experts=3, r=4, router="task"),
+    lambda dtype: moelora.MoELoRAEmbedding(torch.nn.Embedding(20, 16).to(dtype), num_experts=1, r=4),
+    lambda dtype: moelora.MoELoRAConv(torch.nn.Conv2d(3, 8, 3).to(dtype), num_experts=1, r=4),
+], ids=["linear", "task", "embedding", "conv"])
+def test_unmerge_gives_the_weights_back_to_the_merged_weights_rounding(make, dtype):
+    """What docs/layers.md says: W + dW and W' - dW are computed in fp32 and each rounded to the
+    weight's dtype once, so the unmerged weight is within one step of that dtype at max(|W|, |W + dW|)
+    of W (a delta rounded to the weight's dtype first would not be), for large deltas too."""
+    torch.manual_seed(0)
+    layer = make(dtype)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lora" in name:
+                p.normal_()
+    task = 1 if layer.router_mode == "task" else None
+    before = layer.base_layer.weight.detach().float().clone()
+    layer.merge(task)
+    merged = layer.base_layer.weight.detach().float().clone()
+    layer.unmerge()
+    after = layer.base_layer.weight.detach().float()
+    assert not torch.equal(merged, before)
+    magnitude = torch.maximum(before.abs(), merged.abs()).clamp_min(torch.finfo(dtype).tiny)
+    step = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(magnitude)))
+    assert ((after - before).abs() <= step).all()
+
+
 def test_merged_dora_state_follows_the_model_moves():
     """A merged DoRA layer keeps what unmerge divides out (the magnitude scale) and subtracts (the
     delta): they must move with the model (merge on one device, ``.to()`` another, then unmerge,
