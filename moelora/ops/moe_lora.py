@@ -222,11 +222,12 @@ def _saved_h_shape(x, lora_a, lora_b, topk_ids, grouped: bool):
     return (x.shape[0], num_experts * rank)
 
 
-def _dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling):
-    """2 kernels: h = x A_rows^T (lora_down), y = base + Hg B_stack^T (gated_expand)."""
+def _dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, out=None):
+    """2 kernels: h = x A_rows^T (lora_down), y = base + Hg B_stack^T (gated_expand; written into
+    ``out`` [T, d_out] where given)."""
     h, _ = launchers.lora_down(x, lora_a_rows(lora_a))
     y = launchers.gated_expand(h, topk_ids, topk_weights, lora_b, scaling=scaling, shared_a=lora_a.dim() == 2,
-                               base=base_out, out_dtype=x.dtype, compute_dtype=x.dtype)
+                               base=base_out, out_dtype=x.dtype, compute_dtype=x.dtype, out=out)
     return y, h
 
 
@@ -396,12 +397,13 @@ def grouped_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, s
     return dx, dlora_a, dlora_b, dw.view(T, top_k)
 
 
-def _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped) -> List[torch.Tensor]:
-    """[y, h, *layout]: layout the grouped regime's layout_tensors (none in the dense regime)."""
+def _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped, out=None) -> List[torch.Tensor]:
+    """[y, h, *layout]: layout the grouped regime's layout_tensors (none in the dense regime); y
+    written into ``out`` [T, d_out] where given."""
     if grouped:
-        y, h, layout = grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling)
+        y, h, layout = grouped_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, out=out)
         return [y, h, *layout]
-    return list(_dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling))
+    return list(_dense_forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, out))
 
 
 def _backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, scaling, grouped, need_dx):
@@ -489,7 +491,9 @@ class _EagerMoELoRA(torch.autograd.Function):
 
     That dispatch costs tens of microseconds of host time per call, which is most of the
     layer's time at small T; torch.compile traces the custom ops instead. Inputs of any
-    leading shape are flattened here, below autograd: no view nodes in the graph.
+    leading shape are flattened here, below autograd: no view nodes in the graph. The output
+    is allocated in its own shape and written through a [T, d_out] view: a view returned by an
+    autograd.Function could not be modified in place (autograd refuses it), a linear layer's output can.
     """
 
     @staticmethod
@@ -497,10 +501,11 @@ class _EagerMoELoRA(torch.autograd.Function):
         T, k = math.prod(out_shape[:-1]), topk_ids.shape[-1]
         inputs = (as_2d(x, T, x.shape[-1]), lora_a, lora_b, as_2d(topk_ids, T, k), as_2d(topk_weights, T, k),
                   None if base_out is None else as_2d(base_out, T, out_shape[-1]), scaling, grouped)
-        y, *saved = _forward(*inputs)
+        out = None if len(out_shape) == 2 else x.new_empty(out_shape)
+        y, *saved = _forward(*inputs, out=None if out is None else out.view(T, out_shape[-1]))
         _save_for_backward(ctx, inputs, saved)
         ctx.shapes = (x.shape, topk_weights.shape)
-        return y if len(out_shape) == 2 else y.view(out_shape)
+        return y if out is None else out
 
     @staticmethod
     def backward(ctx, dy):

@@ -332,11 +332,12 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                    num_steps, dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
-                   lb_coef, z_coef, dropout_scale, grouped):
+                   lb_coef, z_coef, dropout_scale, grouped, y_out=None):
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout); for static routing ids
     and weights are the given ones and logits, counts and aux are empty. h is [T, R], or for the
     grouped regime's per-expert A the rows x[t] A_e^T [rows of the layout, r]; layout: the
-    grouped regime's pair layout (moelora.ops.routing.layout_tensors), [] in the dense regime."""
+    grouped regime's pair layout (moelora.ops.routing.layout_tensors), [] in the dense regime.
+    y is written into ``y_out`` [T, d_out] where given."""
     dtype = x.dtype
     down_rows = None if grouped and lora_a.dim() == 3 else lora_a_rows(lora_a)  # grouped: per row, below
     if down_rows is not None or router_weight is not None:
@@ -355,11 +356,11 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     out, layout = None, []
     if grouped:
         xl = x if dropout_mask is None or h is not None else dropped_out(x, dropout_mask, dropout_scale)
-        y, h, layout = _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scaling)
+        y, h, layout = _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scaling, y_out)
     else:
         folded = aux if aux is not None and aux.counts.shape[0] <= launchers.GATED_EXPAND_AUX_EXPERTS else None
         expand = dict(scaling=scaling, shared_a=lora_a.dim() == 2, bias=bias, out_dtype=dtype, compute_dtype=dtype)
-        out = launchers.gated_expand(h, ids, weights, lora_b, aux=folded, **expand)
+        out = launchers.gated_expand(h, ids, weights, lora_b, aux=folded, out=y_out, **expand)
         y, out = (out, None) if folded is None else (out[0], out[1:])
         y.addmm_(x, weight.t())
     if aux is not None and out is None:  # the grouped regime, or too many experts to fold into the expand
@@ -369,11 +370,15 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     return y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout
 
 
-def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scaling):
-    """(y, h, layout) of the grouped regime (large E*r): y = x W^T + b (cuBLAS), then moelora.moe_lora's
-    grouped forward over x_lora adds the expert rows into it in place. ``h``: a shared A's
-    x_lora A^T (lora_down's), or None (per-expert A: its rows are computed there)."""
-    y = F.linear(x, weight, bias)
+def _grouped_expand(x, xl, weight, bias, h, lora_a, lora_b, ids, weights, scaling, y_out=None):
+    """(y, h, layout) of the grouped regime (large E*r): y = x W^T + b (cuBLAS; into ``y_out`` where
+    given), then moelora.moe_lora's grouped forward over x_lora adds the expert rows into it in
+    place. ``h``: a shared A's x_lora A^T (lora_down's), or None (per-expert A: its rows are
+    computed there)."""
+    if y_out is None:
+        y = F.linear(x, weight, bias)
+    else:  # F.linear's GEMM for a 2-d x
+        y = torch.mm(x, weight.t(), out=y_out) if bias is None else torch.addmm(bias, x, weight.t(), out=y_out)
     return grouped_forward(xl, lora_a, lora_b, ids, weights, y, scaling, h=h, out=y)
 
 
@@ -506,7 +511,9 @@ def _outputs(out, static: bool, logits_given: bool, x: torch.Tensor) -> List[tor
 class _MoELoRALinearFn(torch.autograd.Function):
     """Eager-mode autograd of the fused layer: the custom ops' forward and backward without
     the custom-op dispatch (tens of microseconds of host time per call). x and the dropout mask of
-    any leading shape are flattened here, below autograd: no view nodes in the graph.
+    any leading shape are flattened here, below autograd: no view nodes in the graph. y is
+    allocated in its own shape and written through a [T, d_out] view: a view returned by an
+    autograd.Function could not be modified in place (autograd refuses it), nn.Linear's output can.
 
     Autograd's work per call grows with the Function's inputs and outputs, so only the tensors
     that may need a gradient are inputs: (x, weight, bias, lora_a, lora_b, router_weight,
@@ -526,17 +533,18 @@ class _MoELoRALinearFn(torch.autograd.Function):
             dropout_mask = as_2d(dropout_mask, T, x_shape[-1])
         if jitter is not None:
             jitter = as_2d(jitter, T, x_shape[-1])
+        y_out = None if len(x_shape) == 2 else x.new_empty(x_shape[:-1] + (weight.shape[0],))
         y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout = _fused_forward(
             x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
             dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
-            dropout_scale, grouped)
+            dropout_scale, grouped, None if y_out is None else y_out.view(T, weight.shape[0]))
         ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask,
                               jitter, *layout)
         ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped)
         ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
         extra.extend((h, logits, ids, weights, counts, aux_stats))
-        return (y if len(x_shape) == 2 else y.view(x_shape[:-1] + (weight.shape[0],))), aux_loss
+        return (y if y_out is None else y_out), aux_loss
 
     @staticmethod
     def backward(ctx, dy, g_aux):

@@ -227,6 +227,23 @@ def test_triton_backend_runs_both_layers(dtype):
         torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
 
 
+def test_triton_embedding_output_takes_in_place_ops():
+    """The embedding's output ([B, S, D], from moelora.moe_lora's Triton backend) may be modified
+    in place, as nn.Embedding's (a view returned by the op's autograd.Function could not be)."""
+    layer = _fill(_embedding("softmax_topk", torch.float32)).to(DEVICE).train()
+    ids = torch.tensor([[1, 4, 0], [2, 2, 9]], device=DEVICE)
+    grads = []
+    for in_place in (True, False):
+        layer.zero_grad(set_to_none=True)
+        with moelora.use_backend("triton"):
+            y = layer(ids)
+        y = y.mul_(2).add_(1) if in_place else y * 2 + 1
+        (y * y.detach().cos()).sum().backward()
+        grads.append([p.grad for p in layer.parameters() if p.requires_grad])
+    for g, expected in zip(*grads):
+        assert torch.equal(g, expected)
+
+
 # ----------------------------------------------------------------------------------- PEFT
 def _peft_equivalence(net, target, ours, copy_weights, x, lora_dropout=0.0):
     from peft import LoraConfig, get_peft_model

@@ -108,6 +108,29 @@ def test_leading_dims_int32_ids_and_no_base(regime):
 
 
 @pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "nobase"])
+def test_output_of_leading_dims_takes_in_place_ops(with_base, regime):
+    """y of x [..., d_in] may be modified in place (F.relu_, +=), as a linear layer's output:
+    autograd refuses that on a view made inside an autograd.Function (the Triton backend's
+    y.view(out_shape) did). The gradients are those of the out-of-place ops."""
+    p = make_problem(24, 16, 20, 4, 5, 2, with_base=with_base, device=DEVICE)
+    lead = (2, 3, 4)
+
+    def grads(in_place):
+        leaves = [t.detach().clone().requires_grad_() for t in p.leaves()]
+        x, a, b, w = leaves[:4]
+        base = leaves[4].view(*lead, 20) if with_base else None
+        y = moelora.moe_lora(x.view(*lead, 16), a, b, p.topk_ids.view(*lead, 2), w.view(*lead, 2),
+                             scaling=p.scaling, base_out=base, backend="triton", regime=regime)
+        assert y.shape == (*lead, 20)
+        y = torch.relu_(y.add_(0.5)) if in_place else torch.relu(y + 0.5)
+        return torch.autograd.grad((y * y.detach().cos()).sum(), leaves)
+
+    for g, expected in zip(grads(True), grads(False)):
+        assert torch.equal(g, expected)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
 def test_non_contiguous_inputs_and_stride0_grad(shared_a, regime):
     """Transposed/sliced views for every input, and the y.sum() gradient (stride 0)."""

@@ -304,6 +304,31 @@ def _saved_activations(**settings):
     return layer, x, y, [t for ptr, t in storages.items() if ptr not in params and t.dim() > 0 and t.numel() > 0]
 
 
+@pytest.mark.parametrize("kind", ["softmax_topk", "task"])
+def test_output_of_leading_dims_takes_in_place_ops(kind, regime):
+    """The layer's output for x [..., d_in] may be modified in place (F.relu_, +=), as nn.Linear's:
+    autograd refuses that on a view made inside an autograd.Function (the fused op's
+    y.view(out_shape) was one). The gradients are those of the out-of-place ops."""
+    layer = _layer(kind).train()
+    x = torch.randn(3, 7, layer.in_features, device=DEVICE)
+    _task_ids(layer, x.shape[:-1])
+
+    def grads(in_place):
+        layer.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_()
+        with moelora.use_backend("triton"):
+            y = layer(xi)
+            y = torch.relu_(y.add_(0.5)) if in_place else torch.relu(y + 0.5)
+            loss = (y * y.detach().cos()).sum()
+            if layer.last_aux_loss is not None:
+                loss = loss + layer.last_aux_loss
+            loss.backward()
+        return [xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+
+    for g, expected in zip(grads(True), grads(False)):
+        assert torch.equal(g, expected)
+
+
 def test_saved_activations_are_x_h_and_the_routing(regime):
     """Saved for backward: x (once), h [T, r], the routing (logits, ids, weights, counts) and the
     adapters rounded to x's dtype; nothing T x d_out."""
