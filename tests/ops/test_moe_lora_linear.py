@@ -3,7 +3,7 @@ reference: the same layer in float64 on the PyTorch backend (base GEMM, moelora'
 the torch operator, autograd). Output, aux loss and every gradient (x, A, B, router weight,
 task scales, bias) for every router mode and layer feature; exact zeros for experts without
 tokens; non-finite weights of unchosen experts stay out; bitwise repeats; saved activations;
-torch.compile and the custom ops.
+float64 gradcheck; in-place ops on the output; torch.compile and the custom ops.
 
 Without a GPU the kernels run under the Triton interpreter (fp32, fp16).
 """
@@ -231,6 +231,40 @@ def test_float64_threshold_routing_keeps_float64_precision(eps, train, regime):
     assert out.routing.weights.dtype == torch.float64
     assert rel_err(out.routing.weights, out_ref.routing.weights) < 1e-12
     assert rel_err(y, y_ref) < 1e-12
+
+
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+@pytest.mark.parametrize("routing", ["static", "router_jitter_dropout", "logits_threshold"])
+def test_gradcheck_float64(routing, shared_a, regime):
+    """The fused op's hand-written backward by finite differences in float64, through y and the aux
+    loss, w.r.t. every differentiable input: x, the base weight and bias, A, B and the static
+    weights, the router weight (LoRA dropout and router jitter on) or the precomputed logits
+    (threshold routing with its draws). The routing is decisive: no step crosses a choice."""
+    T, d_in, d_out, r, E, k = 6, 5, 4, 2, 3, 2
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(DEVICE)
+    mask, jitter = (torch.rand(T, d_in, generator=gen) > 0.3).to(DEVICE), 0.9 + 0.2 * rand(T, d_in).sigmoid()
+    noise = torch.rand(T, k, generator=gen).to(DEVICE)
+    route = {"static": 0.1 + rand(T, k).abs(), "router_jitter_dropout": 3 * rand(E, d_in),
+             "logits_threshold": 3 * rand(T, E)}
+
+    def fn(x, weight, bias, lora_a, lora_b, routing_input):
+        kwargs = dict(scaling=0.7, backend="triton")
+        if routing == "static":
+            kwargs.update(topk_ids=ids, topk_weights=routing_input)
+        elif routing == "router_jitter_dropout":
+            kwargs.update(router=fused_linear.RouterSpec(routing_input, None, "softmax_topk", k, jitter=jitter),
+                          dropout_mask=mask, dropout_scale=1 / 0.7)
+        else:
+            kwargs.update(router=fused_linear.RouterSpec(None, routing_input, "threshold", k, eps_end=0.2, noise=noise))
+        y, out = fused_linear.moe_lora_linear(x, weight, bias, lora_a, lora_b, **kwargs)
+        return y if out.aux_loss is None else (y, out.aux_loss)
+
+    lora_a = rand(r, d_in) if shared_a else rand(E, r, d_in)
+    inputs = [t.requires_grad_() for t in (rand(T, d_in), rand(d_out, d_in), rand(d_out), lora_a, rand(E, d_out, r),
+                                            route[routing])]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "jitter_lora_dropout"])
