@@ -472,6 +472,8 @@ class MoELoRAModel(nn.Module):
             value = getattr(super().__getattr__("model"), name)
         if name == "generate":  # only where the wrapped model has one (hasattr stays the model's)
             return functools.wraps(value)(functools.partial(self._generate, value))
+        if name == "resize_token_embeddings":  # likewise
+            return functools.wraps(value)(functools.partial(self._resize_token_embeddings, value))
         return value
 
     def forward(self, *args, labels=None, task_ids=None, **kwargs):
@@ -559,6 +561,30 @@ class MoELoRAModel(nn.Module):
     def step_routers(self, n: int = 1) -> None:
         """:func:`moelora.step_routers` on the wrapped model: once per optimiser step."""
         step_routers(self.model, n)
+
+    def _resize_token_embeddings(self, resize, *args, **kwargs):
+        """``wrapper.resize_token_embeddings``: the wrapped model's (transformers'), refused before any change
+        where an adapter (active or not) adapts the input embeddings or the output head, or saves them whole
+        (``modules_to_save``): its tensors there have one row / column per token of the old vocabulary, and
+        transformers raised only at the module it could not resize, the input embeddings resized already."""
+        inner = self.model
+        embeddings = set()
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            get = getattr(inner, getter, None)
+            module = get() if callable(get) else None
+            if module is not None:
+                embeddings.add(id(module))
+        held = {name: self.active_adapter for name in adapters.adapter_modules(inner)}
+        for adapter_name, store in self.inactive_adapters.items():
+            held.update({name: adapter_name for name, _ in store.items() if name not in held})
+        adapted = sorted(n for n, m in inner.named_modules() if id(m) in embeddings and n in held)
+        if adapted:
+            raise ValueError(
+                f"resize_token_embeddings: {adapted[0]} holds adapter {held[adapted[0]]!r}, whose tensors have one "
+                "row / column per token of the current vocabulary; resize the base model's token embeddings before "
+                "get_moelora_model, or leave the embeddings and output head out of target_modules and "
+                "modules_to_save")
+        return resize(*args, **kwargs)
 
     def get_nb_trainable_parameters(self):
         """(trainable parameters, all parameters) of the wrapped model, as PEFT's."""

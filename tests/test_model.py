@@ -450,6 +450,30 @@ def test_tie_weights_after_injection_ties_the_targeted_head_base_weight():
     model(token_batch())
 
 
+@pytest.mark.parametrize("targets, adapted", [
+    (dict(target_modules=["q_proj", "lm_head"]), "lm_head"),
+    (dict(target_modules=["q_proj", "embed_tokens"]), "model.embed_tokens"),
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "lm_head"),
+    (dict(target_modules=["q_proj"], adapter="embed"), "model.embed_tokens"),  # held by an inactive adapter
+], ids=["lm_head", "embed_tokens", "modules_to_save", "inactive_adapter"])
+def test_resize_token_embeddings_refuses_adapted_embeddings_before_changing_anything(targets, adapted):
+    """The adapter's tensors of an adapted embedding or head have one row / column per token: resizing
+    would leave them at the old vocabulary. transformers' resize raised a TypeError only at the module it
+    could not resize: with lm_head adapted after resizing the input embeddings already (a half-resized
+    model, 80 input rows and 64 logits). The wrapper refuses first, naming the module; the others resize."""
+    extra = targets.pop("adapter", None)
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(num_experts=2, top_k=1, r=2, **targets))
+    if extra:
+        model.add_adapter(extra, MoELoRAConfig(target_modules=["embed_tokens"], num_experts=2, top_k=1, r=2))
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"resize_token_embeddings: {re.escape(adapted)} .*before get_moelora_model"):
+        model.resize_token_embeddings(80)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes and model.config.vocab_size == 64
+    plain = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
+    plain.resize_token_embeddings(80)
+    assert plain(torch.tensor([[70, 1, 2]])).logits.shape == (1, 3, 80)
+
+
 def test_merge_refuses_a_layer_tied_to_another_module():
     """GPT-2 ties lm_head to wte: merging the wte adapter would add it to lm_head's weight too (a
     silently different model), so nothing merges and the error names both; an untied copy merges."""
