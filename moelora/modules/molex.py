@@ -24,7 +24,9 @@ what the same batch gives with any other amount of padding. :meth:`MoLEx.track_a
 (which apply_molex calls on the modules between the model and the stack) reads the mask from
 those modules' forward arguments (by keyword or position); the innermost one that took a 2-D
 mask or None decides (BERT's encoder, which takes the 4-D mask its model built, defers to the
-model). Without a mask every token is real.
+model). Without a mask every token is real. A gradient checkpoint around a layer's call
+recomputes it in backward, after those modules' forward: it takes the real tokens the forward
+found for that layer's input (:meth:`MoLEx._real_tokens`), so it chooses the forward's j.
 
 Running u_j without reading j on the host (``layer_selection="device"``): the parameters and
 buffers of the L layers are stacked once per forward and layer t's own code runs with layer
@@ -70,6 +72,7 @@ import functools
 import inspect
 import math
 import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -209,6 +212,7 @@ class MoLEx(nn.Module, RoutedModule):
         self._calling_other = False
         self._alike = _layers_alike(layers)  # whether the layers are alike (_device_selection), eager reading
         self._masks = []  # (module, mask, decides) of the tracked modules whose forward is under way (innermost last)
+        self._recompute_real = _ForwardMasks()  # the real tokens of checkpointed layers' inputs (_real_tokens)
         self._on_remove = []  # callables(self) that remove() runs: apply_molex's undo (moelora.tuner.molex)
         # Bound methods (not closures): a deepcopy of the model copies the hooks onto its own MoLEx.
         self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True)
@@ -258,7 +262,7 @@ class MoLEx(nn.Module, RoutedModule):
             return None
         z = args[0] if args else kwargs["hidden_states"]
         h_t = output[0] if isinstance(output, tuple) else output
-        real = self._real_tokens(z)
+        real = self._real_tokens(z, t)
         j, st, logits, values, token_choice = self.choose(z, t, real)
         other = self._call_layer(t, j, *_without_cache(args, kwargs, t, z))
         h_j = other[0] if isinstance(other, tuple) else other
@@ -321,10 +325,19 @@ class MoLEx(nn.Module, RoutedModule):
         if self._masks and self._masks[-1][0] is module:
             self._masks.pop()
 
-    def _real_tokens(self, z: torch.Tensor) -> Optional[torch.Tensor]:
-        """[B * T] bool, False for the padding of hidden states z [B, T, D]: the last T columns of
-        the deciding mask (a model with a KV cache takes the cached tokens' columns too); None
-        where every token is real."""
+    def _real_tokens(self, z: torch.Tensor, t: int) -> Optional[torch.Tensor]:
+        """[B * T] bool, False for the padding of layer t's hidden states z [B, T, D]: the last T
+        columns of the deciding mask (a model with a KV cache takes the cached tokens' columns
+        too); None where every token is real. Outside the tracked modules' forward, the real
+        tokens a training forward found for the same input of layer t (its storage and shape):
+        a gradient checkpoint's recomputation in backward (torch.utils.checkpoint around the
+        layer's call, transformers < 5) runs this hook again after the forward, and must choose
+        the forward's j (else reentrant checkpoints give wrong gradients, non-reentrant ones a
+        CheckpointError). The entry lives as long as the forward's z (the checkpoint keeps it)."""
+        if not self._masks:
+            if torch.compiler.is_compiling() or not self._recompute_real:
+                return None
+            return self._recompute_real.get((t, z.data_ptr(), tuple(z.shape)))
         mask = next((m for _, m, decides in reversed(self._masks) if decides), None)
         if mask is None:
             return None
@@ -332,7 +345,12 @@ class MoLEx(nn.Module, RoutedModule):
             raise ValueError(f"the attention_mask of shape {tuple(mask.shape)} does not cover the hidden states of "
                              f"shape {tuple(z.shape)} that MoLEx mixes: expected [batch, sequence] with their batch "
                              f"size and at least their sequence length")
-        return (mask[:, mask.shape[1] - z.shape[1]:] != 0).reshape(-1)
+        real = (mask[:, mask.shape[1] - z.shape[1]:] != 0).reshape(-1)
+        if self.training and not torch.compiler.is_compiling():  # compiled checkpoints recompute in their graph
+            key = (t, z.data_ptr(), tuple(z.shape))
+            self._recompute_real[key] = real
+            weakref.finalize(z, self._recompute_real.pop, key, None)
+        return real
 
     # ------------------------------------------------------------------ running u_j(z_t)
     def _call_layer(self, t: int, j: torch.Tensor, args, kwargs):
@@ -399,10 +417,22 @@ class MoLEx(nn.Module, RoutedModule):
         self._handles = []
         self._stacked = None
         self._masks = []
+        self._recompute_real.clear()
         self.clear_routing_record()
         on_remove, self._on_remove = self._on_remove, []
         for undo in on_remove:
             undo(self)
+
+
+class _ForwardMasks(dict):
+    """MoLEx's {(layer, input storage, shape): real tokens} of the forward under way (see
+    MoLEx._real_tokens): a copy of the model (deepcopy, pickle) starts with none."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
 
 
 def _refuse_sharded_layers(layers: nn.ModuleList) -> None:

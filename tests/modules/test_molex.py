@@ -582,6 +582,53 @@ def test_the_mask_reaches_molex_positionally_and_must_fit_the_hidden_states():
     assert not stack.molex._masks  # the mask of a failed forward is not kept for the next
 
 
+class CheckpointedStack(MaskedStack):
+    """Each layer's call (its hooks included, so MoLEx's mixing) under torch.utils.checkpoint, as
+    transformers before 5 checkpoints its decoder layers and as custom models do."""
+
+    def __init__(self, use_reentrant=None):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, z, attention_mask=None):
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.layers:
+            z = layer(z) if self.use_reentrant is None else checkpoint(layer, z, use_reentrant=self.use_reentrant)
+        return z
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_a_checkpoint_recomputes_the_layer_choice_of_the_padded_forward(use_reentrant):
+    """A checkpoint's recomputation in backward runs MoLEx's hook again, outside the forward of
+    the modules that took the mask: it chose j with the pads voting, another layer than the
+    forward's (reentrant: silently wrong gradients; non-reentrant: CheckpointError, the saved
+    tensors differ). It now takes the forward's real tokens: gradients as without checkpointing."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 16, 8, generator=g, requires_grad=True)  # reentrant checkpoints need an input with grad
+    mask = torch.zeros(2, 16)
+    mask[:, -2:] = 1  # mostly padding: the pads alone would choose other layers
+    results = []
+    for reentrant in (None, use_reentrant):
+        stack = CheckpointedStack(reentrant)
+        molex = apply_molex(stack, hidden_size=8, alpha=0.5, layer_selection="host")
+        _sharpen(molex, seed=6)
+        stack.train()
+        out = stack(z, attention_mask=mask)
+        chosen = molex.last_router_stats["chosen_layers"].clone()
+        (out * mask[..., None]).square().sum().backward()
+        results.append((chosen, {n: p.grad for n, p in stack.named_parameters()}))
+    with torch.no_grad():  # the precondition: without the mask the pads change the choice
+        stack(z)
+    assert not torch.equal(molex.last_router_stats["chosen_layers"], results[0][0])
+    (chosen, grads), (ckpt_chosen, ckpt_grads) = results
+    assert torch.equal(ckpt_chosen, chosen)
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], msg=name)
+    del z, out  # the last forward's inputs: nothing is kept once they are gone
+    assert not molex._recompute_real
+
+
 def test_device_selection_with_a_mask_reads_nothing_on_the_host(monkeypatch):
     stack = MaskedStack()
     molex = apply_molex(stack, hidden_size=8, layer_selection="device", batch_routing="mean")
