@@ -116,7 +116,8 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             if unknown:
                 raise ValueError(f"target_modules {unknown} not found among the model's linear, embedding and "
                                  "convolution modules "
-                                 f"(e.g. {[n for n, _ in candidates[:6]]}){_unknown_hint(model, unknown)}")
+                                 f"(e.g. {[n for n, m in candidates if id(m) not in unread][:6]})"
+                                 f"{_unknown_hint(model, unknown)}")
     if config.exclude_modules:
         selected = [n for n in selected if not matches(n, config.exclude_modules)]
         if not selected:

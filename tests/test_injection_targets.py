@@ -59,8 +59,11 @@ def test_all_linear_leaves_out_multihead_attention_out_proj_and_needs_a_layer():
 
 
 def test_target_naming_another_kind_of_module_says_what_it_is():
-    with pytest.raises(ValueError, match=r"\['attn'\] not found .*'attn' names attn, a MultiheadAttention"):
+    """The examples of modules the error offers are ones injection takes: not MultiheadAttention's
+    out_proj, which it refuses (they offered attn.out_proj first)."""
+    with pytest.raises(ValueError, match=r"\['attn'\] not found .*'attn' names attn, a MultiheadAttention") as err:
         get_moelora_model(AttentionNet(), _config(["attn"]))
+    assert "(e.g. ['fc'])" in str(err.value)
 
 
 def _encoder(nested: bool):
