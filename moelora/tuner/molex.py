@@ -21,6 +21,9 @@ def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] =
     A model with several (an encoder-decoder's ``encoder.block`` and ``decoder.block``, a vision
     tower beside a language model) raises, naming them: ``layers`` chooses."""
     if isinstance(layers, nn.ModuleList):
+        if not any(m is layers for m in model.modules()):
+            raise ValueError("layers is an nn.ModuleList that the model does not hold: pass the model's own stack "
+                             "(or its dotted name)")
         return layers
     if isinstance(layers, str):
         stack = model.get_submodule(layers)

@@ -27,8 +27,8 @@ ATTRIBUTE = "_moelora_structure"
 _EDITS: Dict[str, Callable] = {}  # name -> function(model, **kwargs), filled by structural_edit
 # Arguments whose default changed, with the value a record written before holds implicitly.
 # apply_molex: MoLEx's linear gate gained its bias; upcycle_ffn: an MLP's dropout used to be dropped silently,
-# now the default refuses a module holding one (ffn_dropout).
-LEGACY_DEFAULTS = {"apply_molex": {"bias": False}, "upcycle_ffn": {"ffn_dropout": "drop"}}
+# now the default refuses a module holding one (ffn_dropout), and Phi-3-style fused MLPs are found (fused_gate_up).
+LEGACY_DEFAULTS = {"apply_molex": {"bias": False}, "upcycle_ffn": {"ffn_dropout": "drop", "fused_gate_up": False}}
 
 # Activation functions a checkpoint may name, in these namespaces (torch._C._nn: names that
 # earlier checkpoints hold for the builtins F.gelu, F.softplus, ...).

@@ -131,6 +131,7 @@ def _build(name: str, m: nn.Module, kind: str, num_experts: int, top_k: int, gen
 def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_modules=None,
                 in_proj: Optional[str] = None, out_proj: Optional[str] = None, gate_proj: Optional[str] = None,
                 activation: Optional[Callable] = None, stacked_gate: bool = False, ffn_dropout: Optional[str] = None,
+                fused_gate_up: bool = True,
                 layers_to_transform=None, layers_pattern=None, **router_kwargs) -> List[str]:
     """Replace FFN blocks of ``model`` by :class:`MoEFFN` (in place); returns their names.
 
@@ -148,6 +149,9 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     "output" (its forward drops the MLP's output: MoEFFN drops its output with that p) or "drop"
     (train without it; a dropout inside the FFN cannot be kept). Dropout the forward applies
     without a module (F.dropout) is not seen, and dropped.
+    ``fused_gate_up=False`` leaves the Phi-3-style fused MLPs out of what is found (checkpoints
+    written before they were found replay with it: a model holding both kinds, as GLM-4V, then
+    gets the MoEFFNs the checkpoint holds).
     ``router_kwargs`` go to MoEFFN (router, threshold_eps, threshold_eps_start,
     threshold_ramp_steps, router_jitter_noise, router_aux_loss_coef, router_z_loss_coef), checked
     as the MoE-LoRA layers' fields of the same names before the model is changed.
@@ -156,12 +160,14 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     if activation is not None:
         check_activation(activation)
     check_field("stacked_gate", stacked_gate, BOOL)
+    check_field("fused_gate_up", fused_gate_up, BOOL)
     if ffn_dropout not in FFN_DROPOUT:
         raise ValueError(f"ffn_dropout must be one of {FFN_DROPOUT}, got {ffn_dropout!r}")
     model = unwrap(model)
     call = dict(num_experts=num_experts, top_k=top_k, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj,
                 gate_proj=gate_proj, activation=activation, stacked_gate=stacked_gate, ffn_dropout=ffn_dropout,
-                layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, **router_kwargs)
+                fused_gate_up=fused_gate_up, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                **router_kwargs)
     if ffn_modules is None:
         moe_blocks = [n for n, m in model.named_modules() if isinstance(getattr(m, "experts", None), nn.Module)]
         if moe_blocks:
@@ -178,7 +184,7 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
             targets.append((name, "bert"))
         elif _is_gated_mlp(m):
             targets.append((name, "gated"))
-        elif _is_fused_gated_mlp(m):
+        elif fused_gate_up and _is_fused_gated_mlp(m):
             targets.append((name, "fused"))
     if layers_to_transform is not None:
         keep = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)

@@ -644,3 +644,10 @@ def test_device_selection_with_a_mask_reads_nothing_on_the_host(monkeypatch):
     (out.square().sum() + molex.last_aux_loss).backward()
     monkeypatch.undo()
     assert molex.gates[0].weight.grad.abs().sum() > 0
+
+
+def test_a_layer_stack_the_model_does_not_hold_is_refused_by_name():
+    model = tiny_llama(num_layers=2)
+    with pytest.raises(ValueError, match="layers is an nn.ModuleList that the model does not hold"):
+        apply_molex(model, layers=nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)]))
+    assert not hasattr(model, "molex")

@@ -434,3 +434,36 @@ def test_checkpoints_saved_before_ffn_dropout_replay_without_the_dropout(tmp_pat
     ids = token_batch()
     assert loaded.model.transformer.h[0].mlp.dropout == 0.0
     assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)
+
+
+def _llama_with_a_fused_mlp():
+    """tiny LLaMA whose second layer holds a Phi-3-style fused MLP (a model with both kinds, as GLM-4V)."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    model = tiny_llama(num_layers=2)
+    torch.manual_seed(1)
+    model.model.layers[1].mlp = Phi3MLP(Phi3Config(hidden_size=16, intermediate_size=32, hidden_act="silu"))
+    return model
+
+
+def test_checkpoints_saved_before_fused_mlps_were_found_replay_without_them(tmp_path):
+    """A record written before upcycle_ffn found Phi-3-style fused MLPs replays with
+    fused_gate_up=False: a model holding both kinds gets the MoEFFNs the checkpoint holds (else
+    its fused MLPs would be upcycled too, and the load would not fit the model)."""
+    import json
+
+    base = _llama_with_a_fused_mlp()
+    assert upcycle_ffn(base, 2, 1, fused_gate_up=False) == ["model.layers.0.mlp"]
+    model = moelora.get_moelora_model(base, moelora.MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
+    _perturb_experts(model)
+    model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "moelora_config.json").read_text())
+    (record,) = [r for r in config["structure"] if r["op"] == "upcycle_ffn"]
+    assert record["kwargs"].pop("fused_gate_up") is False
+    (tmp_path / "moelora_config.json").write_text(json.dumps(config))
+    loaded = moelora.from_pretrained(_llama_with_a_fused_mlp(), str(tmp_path))
+    assert not isinstance(loaded.model.model.layers[1].mlp, MoEFFN)
+    ids = token_batch()
+    assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)
+    assert upcycle_ffn(_llama_with_a_fused_mlp(), 2, 1) == ["model.layers.0.mlp", "model.layers.1.mlp"]
