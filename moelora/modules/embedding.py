@@ -11,7 +11,8 @@ token (fp32 logits, ``router.weight`` [E, D]); task routing and the single exper
 as in :class:`moelora.MoELoRALinear`. As PEFT: A starts at zero and B ~ N(0, 1) (so a fresh
 layer returns the base output), no dropout is applied to the lookup (``lora_dropout`` is
 accepted and unused), and a base ``embed_scale`` (Gemma's scaled embeddings) scales the
-adapter's output too.
+adapter's output too. A base with ``max_norm`` (renormalised in place by each forward) is
+refused.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class MoELoRAEmbedding(AdapterLayerBase):
     def __init__(self, base_layer: nn.Module, settings: Optional[LayerSettings] = None, **kwargs):
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"MoELoRAEmbedding wraps nn.Embedding layers, got {type(base_layer).__name__}")
+        if base_layer.max_norm is not None:
+            raise ValueError(
+                f"MoELoRAEmbedding cannot wrap an nn.Embedding with max_norm={base_layer.max_norm}: its forward "
+                "renormalises the looked-up rows of the weight in place, so the adapted embedding W + dW has no "
+                "single meaning (PEFT's LoRA renormalises the columns of A instead, a merged layer would renormalise "
+                "W + dW and unmerging would not give W back); set max_norm=None on the base layer first")
         super().__init__(base_layer, layer_settings(settings, kwargs), a_in=base_layer.num_embeddings,
                          d_out=base_layer.embedding_dim, router_in=base_layer.embedding_dim)
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
@@ -54,7 +61,8 @@ class MoELoRAEmbedding(AdapterLayerBase):
     def _init_lora_factors(self, init_lora_weights: Union[bool, str]) -> None:
         """PEFT's embedding init: A = 0, B ~ N(0, 1); ``init_lora_weights=False`` and task experts
         (gated by gamma = 0 at init, and A must be non-zero for gamma to get a gradient) draw A
-        from N(0, 1) too; a task-shared LoRA keeps A = 0."""
+        from N(0, 1) too; a task-shared LoRA keeps A = 0. The column of A of the base's ``padding_idx``
+        is 0 whatever the init (and gets no gradient), so the padding token keeps the base's vector."""
         nn.init.normal_(self.lora_B)
         if init_lora_weights is False or self.router_mode == "task":
             nn.init.normal_(self.lora_A)
@@ -62,6 +70,8 @@ class MoELoRAEmbedding(AdapterLayerBase):
                 self.lora_A[-1].zero_()
         else:
             self.lora_A.zero_()
+        if self.base_layer.padding_idx is not None:  # as nn.Embedding's padding row: the padding vector stays fixed
+            self.lora_A[..., self.base_layer.padding_idx].zero_()  # (its column of A gets no gradient)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight in the adapter's [d_out, d_in] = [D, V] layout (a view)."""

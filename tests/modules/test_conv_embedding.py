@@ -244,6 +244,26 @@ def test_triton_embedding_output_takes_in_place_ops():
         assert torch.equal(g, expected)
 
 
+@pytest.mark.parametrize("mode", ["softmax_topk", "task", "task_shared", "shared_a"])
+@pytest.mark.parametrize("init", [True, False])
+def test_padding_token_keeps_the_base_vector_after_training(mode, init):
+    """As nn.Embedding's padding row, the padding token's vector stays fixed in training: its column
+    of A is 0 at init whatever the init (task experts and init_lora_weights=False draw A from
+    N(0, 1)) and gets no gradient, so training B and the gates leaves it the base's vector."""
+    layer = _embedding(mode, init_lora_weights=init).eval()
+    ids = torch.tensor([[0, 3, 5, 0], [2, 0, 9, 1]])
+    with torch.no_grad():  # training moved everything but A's padding column, which gets no gradient
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+        layer.lora_A[..., 0] = _embedding(mode, init_lora_weights=init).lora_A[..., 0]  # as initialised
+    out = layer(ids)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.all(layer.lora_A.grad[..., 0] == 0)
+    pad = ids == 0
+    assert torch.equal(out[pad], layer.base_layer(ids)[pad])
+    assert not torch.allclose(out[~pad], layer.base_layer(ids)[~pad])
+
+
 # ----------------------------------------------------------------------------------- PEFT
 def _peft_equivalence(net, target, ours, copy_weights, x, lora_dropout=0.0):
     from peft import LoraConfig, get_peft_model
@@ -409,6 +429,8 @@ def test_wrong_bases_and_settings_raise_clear_errors():
         MoELoRAConv(nn.ConvTranspose2d(3, 3, 1))
     with pytest.raises(ValueError, match="multiple of the convolution's groups"):
         MoELoRAConv(nn.Conv2d(4, 4, 1, groups=4), r=6)
+    with pytest.raises(ValueError, match=r"nn.Embedding with max_norm=1.0: its forward renormalises"):
+        MoELoRAEmbedding(nn.Embedding(4, 4, max_norm=1.0), num_experts=1)
     with pytest.raises(ValueError, match="use_dora is supported on linear layers only"):
         MoELoRAEmbedding(nn.Embedding(4, 4), num_experts=1, use_dora=True)
     with pytest.raises(ValueError, match="top_k must be in"):
