@@ -296,12 +296,27 @@ def _check_dtype_kind(what: str, tensor: torch.Tensor, own: torch.Tensor) -> Non
 
 
 # ------------------------------------------------------------------------------- PEFT interop
+def check_peft_conv(name: str, layer: nn.Module) -> None:
+    """ValueError where ``layer`` is a convolution whose LoRA PEFT computes otherwise: PEFT's lora_A
+    convolution takes the base's kernel size, stride and padding but neither its dilation nor its
+    padding_mode, so a LoRA moved between PEFT and moelora there would compute other numbers."""
+    if not isinstance(layer, MoELoRAConv):
+        return
+    geometry = layer.geometry
+    padded = geometry.padding == "same" or (not isinstance(geometry.padding, str) and any(geometry.padding))
+    if any(d != 1 for d in geometry.dilation) or (geometry.padding_mode != "zeros" and padded):
+        raise ValueError(f"{name}: PEFT's LoRA convolution ignores the base's dilation {geometry.dilation} and "
+                         f"padding_mode {geometry.padding_mode!r}, which moelora's follows: a LoRA moved between "
+                         "them would compute other numbers (save it with save_pretrained)")
+
+
 def _peft_layer_tensors(name: str, layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> dict:
     """PEFT's tensors of one layer from its factors A [r', d_in], B [d_out, r'] (flat layouts)."""
     prefix = f"{PEFT_PREFIX}{name}."
     if isinstance(layer, MoELoRAEmbedding):
         return {prefix + "lora_embedding_A": a, prefix + "lora_embedding_B": b}
     if isinstance(layer, MoELoRAConv):  # A a conv kernel [r', C_in, *kernel], B 1 x 1 [C_out, r'/groups, 1, ...]
+        check_peft_conv(name, layer)
         if layer.groups > 1 and layer.task_shared_lora:
             raise ValueError(f"{name}: a task-shared LoRA on a grouped convolution has no PEFT equivalent")
         ones = (1,) * len(layer.kernel_size)
@@ -433,6 +448,7 @@ def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path:
     the imported one), so that task ``target`` computes the PEFT LoRA exactly."""
     if not is_adapter_layer(layer):
         raise ValueError(f"{weights_path}: {name} is not a MoE-LoRA layer of the model")
+    check_peft_conv(f"{weights_path}: {name}", layer)
     if not 0 <= target < layer.num_experts:
         raise ValueError(f"expert must be in [0, {layer.num_experts}) for {name}, got {target}")
     if layer.share_lora_a and layer.num_experts > 1:

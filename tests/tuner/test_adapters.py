@@ -392,3 +392,22 @@ def test_save_pretrained_refuses_selected_adapters_the_model_does_not_have(tmp_p
     with pytest.raises(ValueError, match=r"no adapter named 'third'"):
         model.save_pretrained(str(tmp_path), selected_adapters=["second", "third"])
     assert not os.listdir(tmp_path)  # checked before anything is written
+
+
+@pytest.mark.parametrize("settings", [dict(dilation=2), dict(padding=1, padding_mode="reflect")])
+def test_peft_lora_of_a_conv_that_peft_computes_otherwise_is_refused_both_ways(tmp_path, settings):
+    """PEFT's LoRA convolution ignores the base's dilation and padding_mode, which moelora's
+    follows: exporting or importing a LoRA there would compute other numbers, so both refuse."""
+    from peft import LoraConfig, get_peft_model
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(3, 4, 3, **settings))
+
+    ours = get_moelora_model(net(), MoELoRAConfig(target_modules=["0"], num_experts=1, r=2))
+    with pytest.raises(ValueError, match=r"0: PEFT's LoRA convolution ignores the base's dilation"):
+        moelora.export_peft_lora(ours, str(tmp_path / "export"))
+    peft_model = get_peft_model(net(), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    with pytest.raises(ValueError, match=r"PEFT's LoRA convolution ignores the base's dilation"):
+        moelora.load_peft_lora(net(), str(tmp_path / "peft"))
