@@ -82,11 +82,21 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     if first is not None:
         molex.to(first.device)  # the gates live where the layers do (fp32 whatever the model's dtype)
     target.add_module("molex", molex)
+    parent = target.get_submodule(".".join(parts[:-1]))
+    if isinstance(parent, nn.TransformerEncoder) and parent.use_nested_tensor:
+        # its eval-mode fast path turns a padded batch into a nested tensor, which the mixing cannot take
+        parent.use_nested_tensor = False
+        molex._on_remove.append(functools.partial(_nested_tensors_again, parent))
     kwargs.setdefault("bias", None)  # recorded explicitly: records without it predate the gate's bias
     entry = record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
     # a partial of a module-level function, not a closure: a deepcopy of the model undoes on its own copy
     molex._on_remove.append(functools.partial(_unapply_molex, target, entry))
     return molex
+
+
+def _nested_tensors_again(encoder: nn.TransformerEncoder, molex: MoLEx) -> None:
+    """apply_molex's undo of ``encoder.use_nested_tensor = False`` (at :meth:`MoLEx.remove`)."""
+    encoder.use_nested_tensor = True
 
 
 def _unapply_molex(target: nn.Module, entry, molex: MoLEx) -> None:

@@ -651,3 +651,19 @@ def test_a_layer_stack_the_model_does_not_hold_is_refused_by_name():
     with pytest.raises(ValueError, match="layers is an nn.ModuleList that the model does not hold"):
         apply_molex(model, layers=nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)]))
     assert not hasattr(model, "molex")
+
+
+def test_an_nn_transformer_encoder_with_a_padding_mask_takes_molex_in_eval():
+    """nn.TransformerEncoder's eval-mode fast path turned a padded batch (src_key_padding_mask) into
+    a nested tensor, which MoLEx's mixing cannot take: apply_molex turns that off (remove() restores it)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 3)
+    model.eval()
+    molex = apply_molex(model, layers="encoder.layers", hidden_size=16)
+    x, pad = torch.randn(2, 5, 16), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        y = model.encoder(x, src_key_padding_mask=pad)
+    assert not y.is_nested and y.shape == x.shape and torch.isfinite(y).all()
+    molex.remove()
+    assert model.encoder.use_nested_tensor
