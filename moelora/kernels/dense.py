@@ -342,7 +342,8 @@ def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, off
     g_w = dw; the aux-loss gradient g enters as d aux / d prob_sums_e = lb_coef * E * f_e / T
     and d aux / d lse_t = 2 * z_coef * lse_t / T. HAS_STAT_GRADS: gradients of the routing op's
     prob_sums [E] and lse [T] are given (g_ps_ptr, g_lse_ptr) and enter the same way. Logits
-    read as -inf (NaN, -inf) get 0.
+    read as -inf (NaN, -inf) get 0. A row with +inf logits has the forward's softmax limit p
+    (1/n on its n +inf entries, 0 elsewhere), as the routing op's PyTorch backward.
     """
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
@@ -351,7 +352,9 @@ def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, off
     x = tl.where(x != x, float("-inf"), x)
     m = tl.max(x, axis=1)
     empty = m == float("-inf")
-    ex = tl.exp(x - tl.where(empty, 0.0, m)[:, None])
+    infinite = m == float("inf")
+    ex = tl.exp(x - tl.where(empty | infinite, 0.0, m)[:, None])
+    ex = tl.where(infinite[:, None], tl.where(x == float("inf"), 1.0, 0.0), ex)
     total = tl.sum(ex, axis=1)
     p = tl.where(empty[:, None], 0.0, ex / tl.where(empty, 1.0, total)[:, None])
     offs_k = tl.arange(0, BLOCK_K)

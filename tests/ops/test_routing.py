@@ -222,6 +222,46 @@ def test_route_grad_nan_rows_are_zero(path, grad_path):
     assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all() and x.grad[2, 0] == 0
 
 
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_grad_plus_inf_rows_take_the_softmax_limit(mode, renorm, grad_path):
+    """A row with +inf logits: the forward's limit p (1/n on its n +inf entries) differentiated,
+    on both backward paths: g_x = p (g_p - <p, g_p>) + g_lse p (+ the chosen softmax's term in
+    topk_softmax), finite; the rows without +inf as autograd's. (The kernel gave NaN rows.)"""
+    inf = float("inf")
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    logits[0, 2] = logits[0, 4] = inf
+    logits[1, 5] = inf
+    logits[2, :] = torch.tensor([inf, float("nan"), -inf, 1.0, inf, 0.5], dtype=torch.float64)
+    gw, gps, glse = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(6, generator=g,
+                    dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    x = logits.to(grad_path).requires_grad_()
+    out = moelora.route(x, 2, mode=mode, renormalize=renorm)
+    torch.autograd.backward([out.weights, out.prob_sums, out.lse], [t.to(grad_path) for t in (gw, gps, glse)])
+    got = x.grad.cpu()
+    assert torch.isfinite(got).all()
+    # float64 reference: the limit's p per row; the chosen slots' gradient through p (softmax_topk) or
+    # through the k-way softmax of the chosen logits (topk_softmax, whose weights are 1/n on the +inf ones)
+    finite = torch.nan_to_num(logits, nan=-inf)
+    plus = finite == inf
+    p = torch.where(plus.any(1, keepdim=True), plus.double() / plus.sum(1, keepdim=True).clamp_min(1),
+                    torch.softmax(finite, -1))
+    ids, w = out.ids.long().cpu(), out.weights.detach().double().cpu()
+    g_p = gps.expand(5, 6).clone()
+    g_x = torch.zeros(5, 6, dtype=torch.float64)
+    if mode == "softmax_topk":
+        chosen = gw
+        if renorm:
+            total = p.gather(1, ids).sum(1, keepdim=True)
+            chosen = (gw - (gw * w).sum(1, keepdim=True)) / total
+        g_p.scatter_add_(1, ids, chosen)
+    else:
+        g_x.scatter_add_(1, ids, w * (gw - (gw * w).sum(1, keepdim=True)))
+    want = g_x + p * (g_p - (p * g_p).sum(1, keepdim=True)) + glse[:, None] * p
+    want = torch.where(finite == -inf, 0.0, want)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("E,k", [(300, 4), (2048, 2)])
 def test_route_backward_kernel_with_many_experts(E, k):
     """Rows per program shrink as E grows (tiles of 4096 logits): the kernel's gradient equals
