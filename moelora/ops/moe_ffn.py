@@ -9,9 +9,12 @@ Slots with weight 0 (dropped by threshold routing) are skipped. Ids outside [0, 
 With ``normalize=True`` the kept weights c = w / sum(w) mix the expert outputs z_j as
 ``z_0 + sum_j c_j (z_j - z_0)``, equal to ``sum_j c_j z_j`` because the c_j sum to one;
 identical experts (a freshly upcycled FFN) then reproduce the original FFN bit for bit
-instead of up to the rounding of a weighted sum. A token whose slots were all dropped gets 0;
-kept weights that sum to zero or less cannot be normalised and raise ValueError
-(moelora.validation on; with it off that token's output is meaningless, typically inf).
+instead of up to the rounding of a weighted sum. The anchor z_0 is slot 0's output on both
+backends: a token whose slot 0 is skipped (weight 0; threshold routing never drops it) has
+z_0 = 0, so its mix is the plain sum_j c_j z_j, equal to one expert's output only up to
+rounding. A token whose slots were all dropped gets 0; kept weights that sum to zero or less
+cannot be normalised and raise ValueError (moelora.validation on; with it off that token's
+output is meaningless, typically inf).
 
 Backends (as :func:`moelora.moe_lora`):
 
