@@ -140,6 +140,16 @@ def _callable_key(activation: Callable) -> str:
     return key
 
 
+def _check_triton_activation(activation: Callable) -> None:
+    """ValueError for an activation module with trainable parameters while autograd records: the
+    Triton backend differentiates the activation in its input only, so their gradients would be
+    lost (the torch backend differentiates them)."""
+    if (torch.is_grad_enabled() and isinstance(activation, nn.Module) and fused_activation_name(activation) is None
+            and any(p.requires_grad for p in activation.parameters())):
+        raise ValueError(f"activation {type(activation).__name__} has trainable parameters, which the Triton "
+                         "backend of moe_ffn does not differentiate: use backend='torch' (or freeze them)")
+
+
 def _resolve_activation(key: str):
     """The fused-kernel code of ``key``, or the registered callable."""
     return ACTIVATION_CODES[key] if key in ACTIVATION_CODES else _CALLABLES[key]
@@ -549,7 +559,10 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     module docstring for ``normalize`` and ``backend``; ``engine`` (Triton backend only):
     "auto" (:func:`ffn_plan`), "triton" or "grouped_mm". ``stacked_gate``: w_in [E, 2 d_ff,
     d_in] (and b_in [E, 2 d_ff]) hold the gate rows, then the up rows (the "w13" layout of
-    fused MoE kernels; one GEMM for both), w_gate and b_gate are None.
+    fused MoE kernels; one GEMM for both), w_gate and b_gate are None. An ``activation`` the fused
+    kernels do not know runs as PyTorch ops; the Triton backend differentiates it in its input
+    only and refuses an nn.Module activation with trainable parameters while autograd records
+    (the torch backend trains them).
     """
     cast = autocast_dtype(x)
     if cast is not None:  # torch.autocast: x and the expert weights in its dtype, as F.linear's; the op runs without it
@@ -574,6 +587,7 @@ def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate
         pairs = _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked_gate)
         return mix_experts(pairs.view(num_tokens, top_k, w_out.shape[1]), torch.where(kept, topk_weights, 0),
                            normalize)
+    _check_triton_activation(activation)
     plan = ffn_plan(x, w_in, w_out, w_gate, top_k, engine)
     return _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize,
                            stacked_gate, plan)

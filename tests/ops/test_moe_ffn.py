@@ -149,6 +149,34 @@ def test_other_activations_on_the_triton_backend(path, activation):
     check_against_reference(x, ids, weights, ffn, path, act, normalize=True, grad_kind="sum")
 
 
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_activation_module_with_trainable_parameters(path):
+    """An activation with trainable parameters (nn.PReLU): the torch backend differentiates them
+    (as the float64 loop); the Triton backend, which differentiates the activation in its input
+    only, raises ValueError naming it while autograd records (it returned None gradients) and runs
+    it frozen or under no_grad like the torch backend."""
+    x, ids, weights, ffn = make_ffn(T=12, d=8, f=8, d_out=4, E=3, seed=3)
+    act = nn.PReLU(init=0.3).to(DEVICE)
+    if path[0] == "triton":
+        with pytest.raises(ValueError, match="activation PReLU has trainable parameters.*backend='torch'"):
+            run(x, ids, weights, ffn, path, act)
+        with torch.no_grad():
+            got = run(x, ids, weights, ffn, path, act)
+        act.requires_grad_(False)
+        frozen = run(x, ids, weights, ffn, path, act)
+        want = run(x, ids, weights, ffn, ("torch", "auto"), act)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(frozen, want, rtol=1e-5, atol=1e-5)
+        return
+    y = run(x, ids, weights, ffn, path, act)
+    ref = reference(x, ids, weights, ffn, lambda t: F.prelu(t, act.weight.double()), normalize=False)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(y, act.weight, grad.to(y.dtype))[0]
+    want = torch.autograd.grad(ref, act.weight, grad)[0]
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_activation_names():
     from transformers.activations import ACT2FN
 
