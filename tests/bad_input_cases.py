@@ -254,7 +254,8 @@ CASES = {
     "route/mode_list": (lambda: moelora.route(torch.randn(3, 4), 2, mode=["softmax_topk"]),
                         (ValueError, r"mode must be one of \('softmax_topk', 'topk_softmax'\), got \['softmax_topk'\]")),
     "route/too_many_experts": (lambda: moelora.route(torch.randn(3, 5000), 2),
-                               (ValueError, r"the number of experts must be in \[1, 4096\], got 5000")),
+                               (ValueError, r"logits.shape\[-1\] \(the number of experts\) must be in \[1, 4096\], "
+                                            r"got 5000")),
     "route/plus_inf_logit": (lambda: moelora.route(torch.tensor([[math.inf, 0.0]]), 2).weights,
                              ("returns", lambda w: w.tolist() == [[1.0, 0.0]])),
     # dispatch_metadata / dispatch / combine
@@ -269,6 +270,8 @@ CASES = {
                                           (ValueError, r"block_size must be in \[1, 65536\].*got 0")),
     "dispatch_metadata/block_size_float": (lambda: moelora.dispatch_metadata(IDS, E, block_size=4.0),
                                            (TypeError, r"block_size must be int, got float")),
+    "dispatch_metadata/num_experts_above_cap": (lambda: moelora.dispatch_metadata(IDS, 5000),
+                                               (ValueError, r"num_experts must be in \[1, 4096\], got 5000")),
     "dispatch_metadata/bool_num_experts": (lambda: moelora.dispatch_metadata(IDS, True),
                                            (TypeError, r"num_experts must be int, got bool")),
     "dispatch_metadata/float_ids": (lambda: moelora.dispatch_metadata(IDS.float(), E),

@@ -89,10 +89,10 @@ def _check_float(name, t):
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def _check_experts(num_experts):
-    _require("num_experts", num_experts, int)
+def _check_experts(num_experts, name="num_experts"):
+    _require(name, num_experts, int)
     if not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"the number of experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
+        raise ValueError(f"{name} must be in [1, {MAX_EXPERTS}], got {num_experts}")
 
 
 def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormalize: bool = False) -> RouteResult:
@@ -110,7 +110,7 @@ def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormal
     _check_float("logits", logits)
     if logits.dim() < 1:
         raise ValueError("logits must have shape [..., E], got a 0-d tensor")
-    _check_experts(logits.shape[-1])
+    _check_experts(logits.shape[-1], "logits.shape[-1] (the number of experts)")
     num_experts = logits.shape[-1]
     _require("top_k", top_k, int)
     check_top_k(top_k, num_experts)
