@@ -105,7 +105,7 @@ def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormal
     and distinct (a row of only NaN/-inf gets ids 0..k-1, weights 0, lse -inf). A row with
     +inf logits gets the softmax's limit: probability 1/n on each of its n +inf entries, 0
     elsewhere, lse = +inf (weights and prob_sums stay finite). Gradients flow to logits
-    from weights, prob_sums and lse.
+    from weights, prob_sums and lse (on a +inf row: those of the limit, finite, on every path).
     """
     _check_float("logits", logits)
     if logits.dim() < 1:
