@@ -599,7 +599,8 @@ class MoELoRAModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """``with model.disable_adapter():`` runs the base model (as PEFT's)."""
+        """``with model.disable_adapter():`` runs the base model (as PEFT's); an adapter activated inside
+        the block (:meth:`set_adapter`) runs after it as the model did before it."""
         modules = list(adapters.adapter_modules(self.model).values())
         previous = [m.disable_adapters for m in modules]
         self.disable_adapter_layers()
@@ -608,6 +609,10 @@ class MoELoRAModel(nn.Module):
         finally:
             for m, prev in zip(modules, previous):
                 m.disable_adapters = prev
+            recorded = {id(m) for m in modules}
+            for m in adapters.adapter_modules(self.model).values():
+                if id(m) not in recorded:
+                    m.disable_adapters = any(previous)
 
     def merge_adapter(self, task: Optional[int] = None) -> None:
         """Fold every layer's adapter into its base weight (``task`` for task-routed layers), or none:
@@ -684,14 +689,17 @@ class MoELoRAModel(nn.Module):
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activate ``adapter_name``: its layers go into the model (trainable unless the model or
-        this adapter was loaded for inference, ``is_trainable=False``); the active one is stored,
-        frozen (merged layers are unmerged)."""
+        this adapter was loaded for inference, ``is_trainable=False``), enabled or disabled as the
+        model is (:meth:`disable_adapter_layers` switches the model off, not one adapter, as PEFT's);
+        the active one is stored, frozen (merged layers are unmerged)."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=True)
         if adapter_name == self.active_adapter:
             return
         incoming = self.inactive_adapters[adapter_name]
         outgoing = adapters.deactivate(self.model)
+        disabled = any(m.disable_adapters for m in outgoing.values())
         adapters.activate(self.model, dict(incoming.items()))
+        adapters.set_adapter_layers(self.model, enabled=not disabled)
         del self.inactive_adapters[adapter_name]
         self.inactive_adapters[self.active_adapter] = adapters.stored(outgoing).train(self.training)
         self.active_adapter = adapter_name

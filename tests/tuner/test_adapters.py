@@ -411,3 +411,31 @@ def test_peft_lora_of_a_conv_that_peft_computes_otherwise_is_refused_both_ways(t
     peft_model.save_pretrained(str(tmp_path / "peft"))
     with pytest.raises(ValueError, match=r"PEFT's LoRA convolution ignores the base's dilation"):
         moelora.load_peft_lora(net(), str(tmp_path / "peft"))
+
+
+def test_switching_adapters_keeps_the_models_disabled_state():
+    """disable_adapter_layers switches the model off, not one adapter (as PEFT's, whose layers hold
+    every adapter): set_adapter on a disabled model runs the base model, and after
+    enable_adapter_layers every adapter runs again, the one that was active when disabling too."""
+    model = _two_adapter_model()
+    ids = token_batch()
+    base = tiny_llama(num_layers=2)(ids).logits
+    outputs = {}
+    for name in ("second", "default"):
+        model.set_adapter(name)
+        outputs[name] = model(ids).logits
+    model.disable_adapter_layers()
+    model.set_adapter("second")
+    torch.testing.assert_close(model(ids).logits, base)
+    model.enable_adapter_layers()
+    torch.testing.assert_close(model(ids).logits, outputs["second"])
+    model.set_adapter("default")
+    torch.testing.assert_close(model(ids).logits, outputs["default"])
+
+    with model.disable_adapter():  # a switch inside the block: still the base model, each adapter runs after it
+        model.set_adapter("second")
+        torch.testing.assert_close(model(ids).logits, base)
+    torch.testing.assert_close(model(ids).logits, outputs["second"])
+    model.set_adapter("default")
+    torch.testing.assert_close(model(ids).logits, outputs["default"])
+
