@@ -285,7 +285,8 @@ def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
 
 
 def _task_layers(model: nn.Module):
-    return [m for m in model.modules() if is_adapter_layer(m) and m.router_mode == "task"]
+    """The task-routed layers ``model`` runs (of a wrapper: its active adapter's)."""
+    return [m for _, m in adapters.active_named_modules(model) if is_adapter_layer(m) and m.router_mode == "task"]
 
 
 def set_task_ids(model: nn.Module, ids) -> None:
@@ -374,10 +375,8 @@ def step_routers(model: nn.Module, n: int = 1) -> None:
     The routers of inactive adapters (``MoELoRAModel.inactive_adapters``), which are not trained,
     keep their step: the wrapper or the model it wraps, the same routers step."""
     check_steps(n)
-    inactive = {id(m) for store in model.modules() if isinstance(store, adapters.StoredAdapter)
-                for m in store.modules()}
-    for m in model.modules():
-        if isinstance(m, Router) and id(m) not in inactive:
+    for _, m in adapters.active_named_modules(model):
+        if isinstance(m, Router):
             m.step(n)
 
 

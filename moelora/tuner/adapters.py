@@ -137,6 +137,23 @@ class StoredAdapter(nn.Module):
         return zip(self.names, self.layers)
 
 
+def active_named_modules(model: nn.Module):
+    """``model.named_modules()`` without the modules of inactive adapters (those inside a
+    :class:`StoredAdapter`): what the model runs, whether ``model`` is a wrapper or the model it wraps."""
+    seen = set()
+
+    def walk(module: nn.Module, prefix: str):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        for name, child in module._modules.items():
+            if child is not None and not isinstance(child, StoredAdapter):
+                yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    yield from walk(model, "")
+
+
 def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
     """Take the active adapter's modules out of ``model`` (the base modules go back in place)
     and return them, their base modules replaced by :class:`DetachedBase`."""

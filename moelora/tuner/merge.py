@@ -11,11 +11,12 @@ from typing import Optional
 import torch.nn as nn
 
 from moelora.modules.adapter_base import is_adapter_layer
+from moelora.tuner.adapters import active_named_modules
 
 
 def _moelora_layers(model: nn.Module):
-    """(module path, layer) of every MoE-LoRA layer of ``model``."""
-    return [(n, m) for n, m in model.named_modules() if is_adapter_layer(m)]
+    """(module path, layer) of every MoE-LoRA layer of ``model`` (of a wrapper: its active adapter's)."""
+    return [(n, m) for n, m in active_named_modules(model) if is_adapter_layer(m)]
 
 
 def merge_adapter(model: nn.Module, task: Optional[int] = None) -> None:
@@ -66,8 +67,9 @@ def merge_and_unload(model: nn.Module, task: Optional[int] = None) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Replace every MoE-LoRA layer by its base layer (merged or not); returns the model."""
-    for name, module in list(model.named_modules()):
+    """Replace every MoE-LoRA layer by its base layer (merged or not); returns the model. A
+    wrapper's inactive adapters (which run nothing) keep their layers."""
+    for name, module in list(active_named_modules(model)):
         for child_name, child in list(module.named_children()):
             if is_adapter_layer(child):
                 setattr(module, child_name, child.base_layer)

@@ -439,3 +439,33 @@ def test_switching_adapters_keeps_the_models_disabled_state():
     model.set_adapter("default")
     torch.testing.assert_close(model(ids).logits, outputs["default"])
 
+
+
+def test_model_level_functions_on_the_wrapper_leave_inactive_adapters_alone():
+    """moelora.merge_adapter / unmerge_adapter / merge_and_unload / set_task_ids / use_task_ids given
+    the wrapper act on the active adapter, as the wrapper's methods: the stored adapters (whose base
+    layers are DetachedBase) are neither merged, unloaded, nor given task ids (nor checked against them)."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    randomize_adapters(model, seed=1)
+    model.add_adapter("tasks", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, router="task"))
+    ids = token_batch()
+    expected = model(ids).logits
+    moelora.merge_adapter(model)
+    assert all(layer.merged for layer in model.model.modules() if isinstance(layer, MoELoRALinear))
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    moelora.unmerge_adapter(model)
+    with pytest.raises(ValueError, match="no task-routed MoE-LoRA layer"):  # the active adapter has none
+        moelora.set_task_ids(model, 1)
+    stored = model.inactive_adapters["tasks"].layers
+    assert all(layer.task_ids is None for layer in stored)
+    unloaded = moelora.merge_and_unload(model)
+    torch.testing.assert_close(unloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert all(isinstance(layer, MoELoRALinear) for layer in stored)  # the stored adapter kept its layers
+
+    tasks = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=4,
+                                                                      router="task"))
+    tasks.add_adapter("two", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, router="task"))
+    moelora.set_task_ids(tasks, 3)  # a task of the active adapter (4 experts), not of the stored one (2)
+    with moelora.use_task_ids(tasks, 3):
+        tasks(ids)
+    assert all(layer.task_ids is None for layer in tasks.inactive_adapters["two"].layers)
