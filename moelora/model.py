@@ -674,14 +674,17 @@ class MoELoRAModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:
         """Add an adapter built from ``config`` (inactive and frozen; see :meth:`set_adapter`), its
-        modules in the model's train / eval mode (``self.training``)."""
+        modules in the model's train / eval mode (``self.training``). It is built on the unmerged base
+        layers: a merged active adapter is unmerged meanwhile, and merged again after."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=False)
+        merged = adapters.merged_tasks(self.model)
         active = adapters.deactivate(self.model)
         try:
             inject_moelora(self.model, config)
             new = adapters.deactivate(self.model)
         finally:
             adapters.activate(self.model, active)
+            adapters.remerge(self.model, merged)
             self._mark_trainable()
         self.inactive_adapters[adapter_name] = adapters.stored(new).train(self.training)
         self.adapter_configs[adapter_name] = config

@@ -46,7 +46,8 @@ from moelora.tuner.config import CONFIG_NAME, MoELoRAConfig
 from moelora.modules.conv import MoELoRAConv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
-from moelora.tuner.adapters import DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, optional_names
+from moelora.tuner.adapters import (DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, merged_tasks,
+                                    optional_names, remerge)
 from moelora.tuner.targets import pattern_value, unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -141,16 +142,19 @@ def _adapter_directory(save_directory: str, adapter_name: str) -> str:
 
 @contextlib.contextmanager
 def _adapter_active(model: nn.Module, adapter_name: str):
-    """Make ``adapter_name`` the active adapter inside the block (trainability restored after)."""
+    """Make ``adapter_name`` the active adapter inside the block (trainability, and the merged
+    layers of the active adapter, restored after)."""
     if adapter_name == model.active_adapter:
         yield
         return
     previous, flags = model.active_adapter, [(p, p.requires_grad) for p in model.parameters()]
+    merged = merged_tasks(model.model)
     model.set_adapter(adapter_name)
     try:
         yield
     finally:
         model.set_adapter(previous)
+        remerge(model.model, merged)
         for p, flag in flags:
             p.requires_grad_(flag)
 

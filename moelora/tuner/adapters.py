@@ -181,6 +181,19 @@ def activate(model: nn.Module, modules: Dict[str, nn.Module]) -> None:
         set_module(model, name, module)
 
 
+def merged_tasks(model: nn.Module) -> Dict[str, Optional[int]]:
+    """{name: task it was merged for} of the merged layers of ``model``'s active adapter."""
+    return {name: m.merged_task for name, m in adapter_modules(model).items() if getattr(m, "merged", False)}
+
+
+def remerge(model: nn.Module, merged: Dict[str, Optional[int]]) -> None:
+    """Merge again the layers :func:`merged_tasks` listed (each merged before, so each can merge)."""
+    modules = adapter_modules(model)
+    for name, task in merged.items():
+        if not modules[name].merged:
+            modules[name].merge(task)
+
+
 def freeze(modules: Dict[str, nn.Module]) -> None:
     for module in modules.values():
         for name, p in module.named_parameters():

@@ -469,3 +469,28 @@ def test_model_level_functions_on_the_wrapper_leave_inactive_adapters_alone():
     with moelora.use_task_ids(tasks, 3):
         tasks(ids)
     assert all(layer.task_ids is None for layer in tasks.inactive_adapters["two"].layers)
+
+
+def test_adding_loading_and_saving_adapters_keep_the_active_adapter_merged(tmp_path):
+    """add_adapter, load_adapter and save_pretrained of several adapters take the active adapter
+    out of the model for a while (unmerging it): it comes back merged, for the task it was merged
+    for (PEFT's add_adapter and save_pretrained leave a merged model merged)."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=3,
+                                                                      router="task"))
+    randomize_adapters(model, seed=1)
+    ids = token_batch()
+    expected = model(ids, task_ids=2).logits
+    model.merge_adapter(task=2)
+
+    def merged_tasks():
+        return [(layer.merged, layer.merged_task) for layer in model.model.modules() if isinstance(layer, MoELoRALinear)]
+
+    model.add_adapter("second", MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
+    assert merged_tasks() == [(True, 2)] * 2
+    model.save_pretrained(str(tmp_path))
+    assert merged_tasks() == [(True, 2)] * 2
+    model.load_adapter(str(tmp_path / "second"), "loaded")
+    assert merged_tasks() == [(True, 2)] * 2
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(ids, task_ids=2).logits, expected, rtol=1e-5, atol=1e-5)
