@@ -125,9 +125,12 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
                     selected_adapters: Optional[List[str]] = None) -> None:
     """Write each adapter of ``model`` (``selected_adapters``, default all) as PEFT lays them out:
     the adapter "default" in ``save_directory``, any other in ``save_directory/<name>``. With
-    ``state_dict`` (read instead of the model's own) only the active adapter is written. Names the
-    model has no adapter of raise."""
+    ``state_dict`` (read instead of the model's own) only the active adapter is written (selecting
+    another raises). Names the model has no adapter of raise."""
     names = optional_names(selected_adapters, model.adapter_configs)
+    if state_dict is not None and selected_adapters is not None and names != [model.active_adapter]:
+        raise ValueError(f"with state_dict only the active adapter ({model.active_adapter!r}) is written; "
+                         f"selected_adapters asks for {names}: set_adapter first, or save without state_dict")
     if state_dict is not None or not model.inactive_adapters:
         _save_active_adapter(model, _adapter_directory(save_directory, model.active_adapter), state_dict)
         return

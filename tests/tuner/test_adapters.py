@@ -494,3 +494,17 @@ def test_adding_loading_and_saving_adapters_keep_the_active_adapter_merged(tmp_p
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(model(ids, task_ids=2).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_with_a_state_dict_refuses_to_select_an_inactive_adapter(tmp_path):
+    """With state_dict (e.g. the Trainer's gathered one) only the active adapter is written: asking
+    for another raises instead of writing the active one in its place."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    model.add_adapter("second", MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
+    with pytest.raises(ValueError, match=r"only the active adapter \('default'\).*selected_adapters asks for "
+                                         r"\['second'\]"):
+        model.save_pretrained(str(tmp_path), state_dict=model.state_dict(), selected_adapters=["second"])
+    assert not os.listdir(tmp_path)
+    model.save_pretrained(str(tmp_path), state_dict=model.state_dict(), selected_adapters=["default"])
+    from moelora.persistence import read_checkpoint
+    assert list(read_checkpoint(str(tmp_path))[0].target_modules) == ["q_proj"]
