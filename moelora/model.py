@@ -700,7 +700,11 @@ class MoELoRAModel(nn.Module):
         incoming = self.inactive_adapters[adapter_name]
         outgoing = adapters.deactivate(self.model)
         disabled = any(m.disable_adapters for m in outgoing.values())
-        adapters.activate(self.model, dict(incoming.items()))
+        try:
+            adapters.activate(self.model, dict(incoming.items()))
+        except BaseException:  # nothing of it went in: the active adapter goes back
+            adapters.activate(self.model, outgoing)
+            raise
         adapters.set_adapter_layers(self.model, enabled=not disabled)
         del self.inactive_adapters[adapter_name]
         self.inactive_adapters[self.active_adapter] = adapters.stored(outgoing).train(self.training)

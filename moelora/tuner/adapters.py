@@ -171,13 +171,20 @@ def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def activate(model: nn.Module, modules: Dict[str, nn.Module]) -> None:
-    """Put an adapter's modules into ``model``, each around the model's module of its name."""
+    """Put an adapter's modules into ``model``, each around the model's module of its name; every
+    name is checked first, so on an error ``model`` is left as it was."""
 
-    for name, module in modules.items():
-        original = model.get_submodule(name)
-        if is_adapter_module(original):
+    originals = {}
+    for name in modules:
+        try:
+            originals[name] = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the adapter has a module at {name}, which the model no longer has (its structure "
+                             "changed after the adapter was added, e.g. by upcycle_ffn)") from None
+        if is_adapter_module(originals[name]):
             raise RuntimeError(f"{name} already holds an adapter module; deactivate the active adapter first")
-        setattr(module, _original_attribute(module), original)
+    for name, module in modules.items():
+        setattr(module, _original_attribute(module), originals[name])
         set_module(model, name, module)
 
 

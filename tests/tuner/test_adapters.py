@@ -508,3 +508,20 @@ def test_save_pretrained_with_a_state_dict_refuses_to_select_an_inactive_adapter
     model.save_pretrained(str(tmp_path), state_dict=model.state_dict(), selected_adapters=["default"])
     from moelora.persistence import read_checkpoint
     assert list(read_checkpoint(str(tmp_path))[0].target_modules) == ["q_proj"]
+
+
+def test_set_adapter_that_cannot_go_in_leaves_the_active_adapter_in_place():
+    """An adapter whose modules the model no longer has (the FFN it adapts upcycled after it was
+    added) is refused by set_adapter, naming the module, and the active adapter stays in the model
+    (it was taken out first, and lost)."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    randomize_adapters(model, seed=1)
+    model.add_adapter("ffn", MoELoRAConfig(target_modules=["up_proj"], num_experts=1))
+    ids = token_batch()
+    moelora.upcycle_ffn(model, num_experts=2, top_k=1)
+    expected = model(ids).logits
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj, which the model no longer has"):
+        model.set_adapter("ffn")
+    assert model.active_adapter == "default" and sorted(model.inactive_adapters) == ["ffn"]
+    assert isinstance(model.model.model.layers[0].self_attn.q_proj, MoELoRALinear)
+    assert torch.equal(model(ids).logits, expected)
