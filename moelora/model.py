@@ -574,9 +574,7 @@ class MoELoRAModel(nn.Module):
             module = get() if callable(get) else None
             if module is not None:
                 embeddings.add(id(module))
-        held = {name: self.active_adapter for name in adapters.adapter_modules(inner)}
-        for adapter_name, store in self.inactive_adapters.items():
-            held.update({name: adapter_name for name, _ in store.items() if name not in held})
+        held = adapters.held_modules(self)
         adapted = sorted(n for n, m in inner.named_modules() if id(m) in embeddings and n in held)
         if adapted:
             raise ValueError(

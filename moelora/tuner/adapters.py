@@ -154,6 +154,17 @@ def active_named_modules(model: nn.Module):
     yield from walk(model, "")
 
 
+def held_modules(wrapper: nn.Module) -> Dict[str, str]:
+    """{module name in the wrapped model: adapter name} of the modules of every adapter of a
+    :class:`moelora.MoELoRAModel` (active and inactive); ``{}`` for any other module."""
+    if not getattr(type(wrapper), "is_moelora_model", False):
+        return {}
+    held = {name: wrapper.active_adapter for name in adapter_modules(wrapper.model)}
+    for adapter_name, store in wrapper.inactive_adapters.items():
+        held.update({name: adapter_name for name, _ in store.items() if name not in held})
+    return held
+
+
 def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
     """Take the active adapter's modules out of ``model`` (the base modules go back in place)
     and return them, their base modules replaced by :class:`DetachedBase`."""

@@ -27,6 +27,7 @@ from typing import Callable, List, Optional
 import torch.nn as nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from moelora.tuner.adapters import held_modules
 from moelora.tuner.structure import record, structural_edit
 from moelora.tuner.targets import layer_index, matches, set_module, unwrap
 from moelora.ops.validation import check_activation
@@ -163,6 +164,7 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     check_field("fused_gate_up", fused_gate_up, BOOL)
     if ffn_dropout not in FFN_DROPOUT:
         raise ValueError(f"ffn_dropout must be one of {FFN_DROPOUT}, got {ffn_dropout!r}")
+    held = held_modules(model)  # the adapters of a MoELoRAModel, inactive ones too
     model = unwrap(model)
     call = dict(num_experts=num_experts, top_k=top_k, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj,
                 gate_proj=gate_proj, activation=activation, stacked_gate=stacked_gate, ffn_dropout=ffn_dropout,
@@ -196,6 +198,14 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     if stacked_gate and ffn_modules is None:
         raise ValueError("stacked_gate=True describes a generic FFN's in_proj (give ffn_modules, in_proj, out_proj and "
                          "activation); the fused gate_up_proj of Phi-3-style MLPs is found without it")
+    for name, kind in targets:  # the modules upcycling replaces (a BERT layer: its intermediate and output.dense)
+        for replaced in ([f"{name}.intermediate", f"{name}.output.dense"] if kind == "bert" else [name]):
+            inside = next((n for n in held if n == replaced or n.startswith(f"{replaced}.")
+                           or replaced.startswith(f"{n}.")), None)
+            if inside is not None:
+                raise ValueError(f"{replaced}: adapter {held[inside]!r} has a module at {inside}, which upcycling "
+                                 "this FFN would replace or change; upcycle before injecting adapters (or delete "
+                                 "that adapter)")
     # Every MoEFFN is built (and so checked) before the model is changed: an error leaves it as it was.
     generic = dict(in_proj=in_proj, out_proj=out_proj, gate_proj=gate_proj, activation=activation,
                    stacked_gate=stacked_gate)

@@ -511,17 +511,39 @@ def test_save_pretrained_with_a_state_dict_refuses_to_select_an_inactive_adapter
 
 
 def test_set_adapter_that_cannot_go_in_leaves_the_active_adapter_in_place():
-    """An adapter whose modules the model no longer has (the FFN it adapts upcycled after it was
+    """An adapter whose modules the model no longer has (the FFN it adapts replaced after it was
     added) is refused by set_adapter, naming the module, and the active adapter stays in the model
     (it was taken out first, and lost)."""
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
     randomize_adapters(model, seed=1)
     model.add_adapter("ffn", MoELoRAConfig(target_modules=["up_proj"], num_experts=1))
     ids = token_batch()
-    moelora.upcycle_ffn(model, num_experts=2, top_k=1)
+    for layer in model.model.model.layers:
+        layer.mlp = nn.Identity()
     expected = model(ids).logits
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj, which the model no longer has"):
         model.set_adapter("ffn")
     assert model.active_adapter == "default" and sorted(model.inactive_adapters) == ["ffn"]
     assert isinstance(model.model.model.layers[0].self_attn.q_proj, MoELoRALinear)
     assert torch.equal(model(ids).logits, expected)
+
+
+def test_upcycle_ffn_refuses_ffns_an_adapter_adapts_inactive_ones_too():
+    """upcycle_ffn on a MoELoRAModel replaces FFNs whose projections an adapter adapts: refused
+    before any change, naming the adapter, for the active adapter and for the stored ones (whose
+    layers would be left around modules the model no longer has)."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    model.add_adapter("ffn", MoELoRAConfig(target_modules=["up_proj"], num_experts=1))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp: adapter 'ffn' has a module at "
+                                         r"model\.layers\.0\.mlp\.up_proj, which upcycling"):
+        moelora.upcycle_ffn(model, num_experts=2, top_k=1)
+    assert [type(m) for m in model.modules()] == before
+    model.set_adapter("ffn")
+    with pytest.raises(ValueError, match=r"adapter 'ffn' has a module at model\.layers\.0\.mlp\.up_proj"):
+        moelora.upcycle_ffn(model, num_experts=2, top_k=1)
+    model.add_adapter("saved", MoELoRAConfig(target_modules=["q_proj"], num_experts=1, modules_to_save=["mlp"]))
+    model.set_adapter("saved")  # its wrapper of each MLP (and the copy inside) is not upcycled either
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp: adapter 'saved' has a module at "
+                                         r"model\.layers\.0\.mlp,"):
+        moelora.upcycle_ffn(model, num_experts=2, top_k=1)
