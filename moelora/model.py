@@ -433,6 +433,7 @@ class MoELoRAModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: MoELoRAConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
+        adapters.check_adapter_name(adapter_name, {}, must_exist=False)
         self.model = model
         self.training = model.training  # the wrapped model's mode (what add_adapter gives new adapters)
         self.adapter_configs: Dict[str, MoELoRAConfig] = {adapter_name: config}

@@ -226,6 +226,9 @@ def stored(modules: Dict[str, nn.Module]) -> StoredAdapter:
 def check_adapter_name(name: str, existing, must_exist: bool) -> None:
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise ValueError(f"adapter names are non-empty strings without '.' or '/', got {name!r}")
+    if hasattr(nn.ModuleDict(), name):  # MoELoRAModel.inactive_adapters cannot hold it
+        raise ValueError(f"adapter name {name!r} is an attribute of nn.ModuleDict (which holds the inactive "
+                         "adapters); choose another name")
     if must_exist and name not in existing:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(existing)}")
     if not must_exist and name in existing:

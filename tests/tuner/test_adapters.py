@@ -547,3 +547,17 @@ def test_upcycle_ffn_refuses_ffns_an_adapter_adapts_inactive_ones_too():
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp: adapter 'saved' has a module at "
                                          r"model\.layers\.0\.mlp,"):
         moelora.upcycle_ffn(model, num_experts=2, top_k=1)
+
+
+@pytest.mark.parametrize("name", ["items", "train", "training"])
+def test_adapter_names_the_inactive_adapters_dict_cannot_hold_are_refused(name):
+    """An adapter is stored under its name in an nn.ModuleDict, which refuses its own attribute names:
+    add_adapter raised a KeyError after building the adapter, and an adapter so named by the
+    wrapper's constructor was lost at the first set_adapter. Both raise a ValueError first."""
+    with pytest.raises(ValueError, match=f"adapter name '{name}' is an attribute of nn.ModuleDict"):
+        MoELoRAModel(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1),
+                     adapter_name=name)
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    with pytest.raises(ValueError, match=f"adapter name '{name}' is an attribute of nn.ModuleDict"):
+        model.add_adapter(name, MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
+    assert list(model.adapter_configs) == ["default"] and not model.inactive_adapters
