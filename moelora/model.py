@@ -697,12 +697,14 @@ class MoELoRAModel(nn.Module):
         if adapter_name == self.active_adapter:
             return
         incoming = self.inactive_adapters[adapter_name]
+        merged = adapters.merged_tasks(self.model)
         outgoing = adapters.deactivate(self.model)
         disabled = any(m.disable_adapters for m in outgoing.values())
         try:
             adapters.activate(self.model, dict(incoming.items()))
-        except BaseException:  # nothing of it went in: the active adapter goes back
+        except BaseException:  # nothing of it went in: the active adapter goes back, merged as it was
             adapters.activate(self.model, outgoing)
+            adapters.remerge(self.model, merged)
             raise
         adapters.set_adapter_layers(self.model, enabled=not disabled)
         del self.inactive_adapters[adapter_name]

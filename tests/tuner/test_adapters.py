@@ -528,6 +528,23 @@ def test_set_adapter_that_cannot_go_in_leaves_the_active_adapter_in_place():
     assert torch.equal(model(ids).logits, expected)
 
 
+def test_set_adapter_that_cannot_go_in_leaves_a_merged_active_adapter_merged():
+    """The rollback of a refused set_adapter puts the active adapter back as it was: merged where
+    it was merged (taking it out unmerges it), as add_adapter / save_pretrained leave it."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    randomize_adapters(model.model, seed=1)
+    model.add_adapter("ffn", MoELoRAConfig(target_modules=["up_proj"], num_experts=1))
+    for layer in model.model.model.layers:
+        layer.mlp = nn.Identity()
+    model.eval().merge_adapter()
+    ids = token_batch()
+    expected = model(ids).logits
+    with pytest.raises(ValueError, match="which the model no longer has"):
+        model.set_adapter("ffn")
+    assert all(layer.self_attn.q_proj.merged for layer in model.model.model.layers)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_upcycle_ffn_refuses_ffns_an_adapter_adapts_inactive_ones_too():
     """upcycle_ffn on a MoELoRAModel replaces FFNs whose projections an adapter adapts: refused
     before any change, naming the adapter, for the active adapter and for the stored ones (whose
