@@ -262,6 +262,103 @@ def test_load_balancing_loss_equals_mixtral(top_k):
     torch.testing.assert_close(ours, ref)
 
 
+def _hf_router(module: str, cls: str, weight: torch.Tensor, **config):
+    """transformers' router ``cls`` (of transformers.models.<module>) with ``weight``, or a skip where
+    the installed transformers has no such class (routers became modules in transformers 5)."""
+    import importlib
+    import types
+
+    router_cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls, None)
+    if router_cls is None:
+        pytest.skip(f"this transformers has no {cls}")
+    router = router_cls(types.SimpleNamespace(hidden_size=weight.shape[1], **config))
+    with torch.no_grad():
+        (router.weight if hasattr(router, "weight") else router.classifier.weight).copy_(weight)
+    return router
+
+
+def _assert_same_gate(ours, ids, weights):
+    """Same experts, same order; gates equal to fp32 rounding (the two compute them in different orders)."""
+    assert torch.equal(ours.ids.long(), ids.reshape(ours.ids.shape).long())
+    torch.testing.assert_close(ours.weights, weights.reshape(ours.weights.shape).float(), rtol=1e-6, atol=1e-7)
+
+
+def test_routers_equal_transformers_mixtral_qwen_and_switch():
+    """docs/layers.md section 2: "topk_softmax" and renormalised "softmax_topk" are Mixtral's gate, Qwen2/3-MoE
+    "softmax_topk" with renormalize = norm_topk_prob, Switch Transformers' top-1 k = 1 without renormalising."""
+    e, d = 8, 32
+    x = torch.randn(48, d)
+    weight = torch.randn(e, d) * 0.3
+    router = Router(d, e, 2)
+    with torch.no_grad():
+        router.weight.copy_(weight)
+    mixtral = _hf_router("mixtral", "MixtralTopKRouter", weight, num_experts_per_tok=2, num_local_experts=e)
+    logits, weights, ids = mixtral(x)
+    for mode in ("topk_softmax", "softmax_topk"):
+        router.mode = mode
+        ours = router(x)
+        torch.testing.assert_close(ours.logits, logits, rtol=0, atol=0)
+        _assert_same_gate(ours, ids, weights)
+    router.mode = "softmax_topk"
+    for module, cls in (("qwen2_moe", "Qwen2MoeTopKRouter"), ("qwen3_moe", "Qwen3MoeTopKRouter")):
+        for norm in (False, True):
+            _, weights, ids = _hf_router(module, cls, weight, num_experts_per_tok=2, num_experts=e,
+                                         norm_topk_prob=norm)(x)
+            router.renormalize = norm
+            _assert_same_gate(router(x), ids, weights)
+    switch = _hf_router("switch_transformers", "SwitchTransformersTop1Router", weight, num_experts=e,
+                        expert_capacity=x.shape[0], router_bias=False, router_jitter_noise=0.0,
+                        router_ignore_padding_tokens=False, router_dtype="float32")
+    one_hot, weights, logits = switch(x.view(1, -1, d))
+    top1 = Router(d, e, 1, renormalize=False)
+    with torch.no_grad():
+        top1.weight.copy_(weight)
+    _assert_same_gate(top1(x), one_hot.argmax(-1), weights)
+    torch.testing.assert_close(router_z_loss(top1(x).logits), switch_z_loss(logits))
+    top1.renormalize = True  # k = 1 renormalised: every gate is 1
+    assert torch.equal(top1(x).weights, torch.ones(x.shape[0], 1))
+
+
+def switch_z_loss(logits):
+    from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
+
+    return router_z_loss_func(logits)
+
+
+def test_router_jitter_is_switch_transformers_jitter():
+    """Same seed, same logits as Switch Transformers' jittered fp32 router; no jitter at eval."""
+    e, d = 6, 16
+    x = torch.randn(2, 12, d)
+    weight = torch.randn(e, d)
+    switch = _hf_router("switch_transformers", "SwitchTransformersTop1Router", weight, num_experts=e,
+                        expert_capacity=24, router_bias=False, router_jitter_noise=0.2,
+                        router_ignore_padding_tokens=False, router_dtype="float32")
+    router = Router(d, e, 1, renormalize=False, jitter_noise=0.2)
+    with torch.no_grad():
+        router.weight.copy_(weight)
+    torch.manual_seed(3)
+    ref = switch.train()(x.clone())[2]  # Switch jitters its input in place
+    torch.manual_seed(3)
+    assert torch.equal(router.train().logits(x), ref.reshape(-1, e))
+    assert torch.equal(router.eval().logits(x), switch.eval()(x.clone())[2].reshape(-1, e))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_masked_load_balancing_loss_equals_mixtral(top_k):
+    """load_balancing_loss(mask=) is Mixtral's load_balancing_loss_func with the attention mask, gradient too."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    mask[2, 2:] = 0
+    logits = _logits(t=30, e=8).requires_grad_()
+    r = softmax_topk(logits, top_k)
+    ours = load_balancing_loss(r.probs, r.ids, 8, mask=mask.reshape(-1).bool())
+    ref = load_balancing_loss_func((logits,), num_experts=8, top_k=top_k, attention_mask=mask)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(ref, logits)[0])
+
+
 def test_z_loss_entropy_and_load_formulas():
     logits = _logits(t=10, e=4)
     torch.testing.assert_close(router_z_loss(logits), (torch.logsumexp(logits, -1) ** 2).mean())
