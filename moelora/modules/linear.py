@@ -170,10 +170,12 @@ class MoELoRALinear(AdapterLayerBase):
             ids, weights = single_expert_routing(num_tokens, x.device)
             return None, ids, weights
         threshold = r.mode == "threshold"
+        # drawn in Router.forward's order (the composed path's): jitter factors, then threshold noise
+        jitter = r.jitter_factors(x) if r.jitters else None
         spec = RouterSpec(r.weight, None, r.mode, r.top_k, r.renormalize, r.eps_start, r.eps_end, r.eps_ramp_steps,
                           r.num_steps if threshold else None,
                           r.threshold_noise(num_tokens, x.device) if threshold else None,
-                          self.aux_loss_coef, self.z_loss_coef, r.jitter_factors(x) if r.jitters else None)
+                          self.aux_loss_coef, self.z_loss_coef, jitter)
         return spec, None, None
 
     def _fusable(self, base: nn.Module, args, kwargs) -> bool:

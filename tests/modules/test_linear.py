@@ -207,11 +207,13 @@ def test_single_expert_equals_peft_lora(use_dora, use_rslora):
 
 
 @pytest.mark.parametrize("kind,extra", [("threshold", {}), ("softmax_topk", dict(router_jitter_noise=0.2)),
-                                        ("shared_a", {})], ids=["threshold", "jitter", "a_dropout"])
+                                        ("shared_a", {}), ("threshold", dict(router_jitter_noise=0.2))],
+                         ids=["threshold", "jitter", "a_dropout", "threshold_jitter"])
 def test_composed_path_draws_random_numbers_as_the_fused_path(kind, extra):
     """The composed path (here for a base layer with a forward hook) draws the router's threshold
-    noise or jitter factors once, in the router: from the same seed it gives the fused path's
-    output and leaves the generator where the fused path does."""
+    noise or jitter factors once, in the router, in the fused path's order (jitter factors, then
+    threshold noise): from the same seed it gives the fused path's output and leaves the generator
+    where the fused path does."""
     fused = _layer(kind, **extra).train()
     randomize_adapters(fused)
     composed = copy.deepcopy(fused)
