@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
                                      _global_forward_pre_hooks)
 
-from moelora.ops.backend import without_autocast
+from moelora.ops.backend import autocast_dtype, autocast_input, without_autocast
 from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, unchecked_moe_lora_linear
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
@@ -218,9 +218,11 @@ class MoELoRALinear(AdapterLayerBase):
         return y
 
     def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """base_layer(x, ...) + moelora.moe_lora (DoRA, custom base layers, extra arguments)."""
+        """base_layer(x, ...) + moelora.moe_lora (DoRA, custom base layers, extra arguments). Under
+        torch.autocast the router reads x in autocast's dtype, as the fused op's (which reads x once)."""
         result = self.base_layer(x, *args, **kwargs)
-        routing = self.compute_routing(x)
+        cast = autocast_dtype(x)
+        routing = self.compute_routing(x if cast is None else autocast_input(x, cast))
         dtype = self.lora_B.dtype
         x_lora = self.lora_dropout(x.to(dtype))
         lora_a, a_scale = self._effective_A()

@@ -336,3 +336,27 @@ def test_single_expert_layer_trains_after_a_first_forward_under_inference_mode(m
         y.sum().backward()
     torch.testing.assert_close(y.detach(), expected)
     assert sum(p.grad.abs().sum() for p in (layer.lora_A, layer.lora_B)) > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_composed_path_routes_autocast_input_as_the_fused_path(backend):
+    """Under torch.autocast the fused op reads x in autocast's dtype, its router too (x is read
+    once); the composed path (a base layer with a forward hook) routes the same rounded x, so both
+    give the same logits, experts and routing statistics (the composed path's router used to read
+    the fp32 x: other logits, aux loss and z-loss, and other experts at near ties)."""
+    fused = _layer("softmax_topk", num_experts=8, top_k=1).train()
+    randomize_adapters(fused)
+    composed = copy.deepcopy(fused)
+    composed.base_layer.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    results = []
+    with moelora.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        for layer in (fused, composed):
+            y = layer(x)
+            results.append((y, dict(layer.last_router_stats), layer.last_aux_loss))
+    (y, stats, aux), (y_c, stats_c, aux_c) = results
+    assert y.dtype == y_c.dtype == torch.bfloat16
+    assert torch.equal(stats["load"], stats_c["load"])
+    torch.testing.assert_close(stats_c["z_loss"], stats["z_loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux_c, aux, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_c.float(), y.float(), rtol=2e-2, atol=2e-2)
