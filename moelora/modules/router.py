@@ -5,6 +5,7 @@ noise and the threshold schedule that ``moelora.step_routers`` advances."""
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -46,6 +47,10 @@ class Router(nn.Linear):
         for name, field in ROUTER_ARG_FIELDS.items():
             check_field(name, given[name], LAYER_FIELD_KINDS[field])
         check_top_k(top_k, num_experts)
+        if top_k == 1 and num_experts > 1 and (renormalize or mode == "topk_softmax"):
+            warnings.warn(f"router={mode!r} with top_k=1 and a renormalised gate: every token's gate is 1, so the "
+                          "router learns from the aux losses alone, never from the task loss; Switch Transformers' "
+                          "top-1 router is router='softmax_topk' with router_renormalize=False", stacklevel=2)
         super().__init__(in_features, num_experts, bias=False, device=device, dtype=torch.float32)
         self.mode, self.top_k, self.renormalize = mode, top_k, renormalize
         self.jitter_noise = jitter_noise

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import moelora
 from conftest import DEVICE
@@ -427,3 +428,25 @@ def test_router_buffers_live_on_the_router_device():
     built over a GPU base reads it on the GPU (the fused kernels take its pointer)."""
     router = Router(8, 4, 2, mode="threshold", eps_end=0.2, eps_ramp_steps=10, device="meta")
     assert router.weight.device.type == "meta" and router.num_steps.device.type == "meta"
+
+
+@pytest.mark.parametrize("mode, renormalize, warns", [("softmax_topk", True, True), ("topk_softmax", False, True),
+                                                      ("threshold", True, True), ("softmax_topk", False, False)])
+def test_top_1_with_a_renormalised_gate_warns_that_the_task_loss_cannot_train_the_router(mode, renormalize, warns):
+    """With top_k=1 a renormalised (or "topk_softmax") gate is 1 for every token: the task loss gives
+    the router no gradient, only the aux losses train it. Constructing such a router warns;
+    Switch's top-1 (softmax_topk, renormalize=False) does not, and its router learns from the task."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = moelora.MoELoRALinear(nn.Linear(8, 8), num_experts=4, top_k=1, r=2, router=mode,
+                                      router_renormalize=renormalize, router_aux_loss_coef=0.0,
+                                      router_z_loss_coef=0.0, init_lora_weights=False)
+    messages = [str(w.message) for w in caught if "top_k=1" in str(w.message)]
+    assert len(messages) == (1 if warns else 0), messages
+    with moelora.use_backend("torch"):
+        layer.train()(torch.randn(6, 8)).square().sum().backward()
+    router_grad = layer.router.weight.grad
+    largest = 0.0 if router_grad is None else float(router_grad.abs().max())
+    assert largest < 1e-6 if warns else largest > 1e-3  # renormalised: d(w / w) is 0 up to rounding
