@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from moelora.tuner import structure as _structure, adapters, merge
 from moelora import persistence
-from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
+from moelora.modules.adapter_base import is_adapter_layer, is_uninitialised_lazy, owned_by_moelora
 from moelora.tuner.adapters import DEFAULT_ADAPTER, mark_only_adapters_trainable, wrap_modules_to_save
 from moelora.tuner.config import MoELoRAConfig
 from moelora.modules.linear import MoELoRALinear, is_conv1d
@@ -216,8 +216,7 @@ def _num_layers(model: nn.Module, layers_pattern) -> int:
 def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     """Replace the targeted layers in place; returns their names. If a layer or saved module
     cannot be made, ``model`` is left as it was (the layers made before it are taken out)."""
-    lazy = next((n for n, m in model.named_modules()
-                 if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()), None)
+    lazy = next((n for n, m in model.named_modules() if is_uninitialised_lazy(m)), None)
     if lazy is not None:  # freezing its parameters (requires_grad_) would fail too
         raise ValueError(f"the model holds uninitialised lazy modules (e.g. {lazy or 'the model itself'}: "
                          f"{type(model.get_submodule(lazy)).__name__}); run a forward pass first, which initialises "

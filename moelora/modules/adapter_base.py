@@ -47,9 +47,12 @@ _SINGLE = {}
 
 
 def offload_hook(module: nn.Module):
-    """accelerate's offloading hook of ``module`` (an ``AlignDevicesHook`` with ``offload=True``, as
-    ``cpu_offload``, ``disk_offload`` and a ``device_map`` with "cpu" / "disk" entries install it:
-    the weights wait on meta and are loaded onto its ``execution_device`` for each forward), or None."""
+    """accelerate's offloading hook of ``module`` while it holds the module's weights (an
+    ``AlignDevicesHook`` with ``offload=True``, as ``cpu_offload``, ``disk_offload`` and a
+    ``device_map`` with "cpu" / "disk" entries install it: the weight waits on meta and is loaded
+    onto the hook's ``execution_device`` for each forward), or None."""
+    if module.weight.device.type != "meta":
+        return None
     hook = getattr(module, "_hf_hook", None)
     hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
     return next((h for h in hooks if getattr(h, "offload", False) and getattr(h, "execution_device", None) is not None),
@@ -60,18 +63,22 @@ def adapter_device(base_layer: nn.Module) -> torch.device:
     """Where a layer's adapters live: on the base weight's device; for a base layer offloaded by
     accelerate (its weight on meta between forwards), on the device its forwards run on, so that
     the adapters are real, trainable tensors there (on meta they could not be initialised)."""
-    device = base_layer.weight.device
-    hook = offload_hook(base_layer) if device.type == "meta" else None
-    return torch.device(hook.execution_device) if hook is not None else device
+    hook = offload_hook(base_layer)
+    return torch.device(hook.execution_device) if hook is not None else base_layer.weight.device
 
 
 def refuse_offloaded(base_layer: nn.Module, what: str) -> None:
     """NotImplementedError where ``base_layer`` is offloaded by accelerate: ``what`` reads or writes its
     weight, which lives on meta between forwards (writes would be lost silently)."""
-    if base_layer.weight.device.type == "meta" and offload_hook(base_layer) is not None:
+    if offload_hook(base_layer) is not None:
         raise NotImplementedError(
             f"{what} needs the base layer's weight, which accelerate has offloaded ({type(base_layer).__name__} "
             "weight on meta between forwards): load the model without CPU / disk offloading for it")
+
+
+def is_uninitialised_lazy(module: nn.Module) -> bool:
+    """Whether ``module`` is a lazy module (nn.LazyLinear, LazyConv*) whose parameters wait for a first forward."""
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
 
 
 def single_expert_routing(num_tokens: int, device: torch.device):
@@ -201,7 +208,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
     def __init__(self, base_layer: nn.Module, settings: LayerSettings, *, a_in: int, d_out: int, router_in: int,
                  b_groups: int = 1, router_class=Router, router_kwargs: Optional[dict] = None):
         super().__init__()
-        if isinstance(base_layer, nn.modules.lazy.LazyModuleMixin) and base_layer.has_uninitialized_params():
+        if is_uninitialised_lazy(base_layer):
             raise ValueError(f"{type(self).__name__} cannot wrap an uninitialised {type(base_layer).__name__}: its "
                              "input size is not known yet; run a forward pass through the model (or the layer) first, "
                              "which makes it a plain layer, then wrap it")
