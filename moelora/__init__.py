@@ -32,7 +32,7 @@ from moelora.tuner.upcycle import upcycle_ffn
 from moelora.tuner.molex import apply_molex
 from moelora.persistence import export_peft_lora, save_pretrained
 from moelora.model import (MoELoRAModel, aux_loss, from_pretrained, get_moelora_model, load_peft_lora, router_stats,
-                           set_task_ids, step_routers, use_task_ids)
+                           set_aux_loss_mask, set_task_ids, step_routers, use_aux_loss_mask, use_task_ids)
 
 __version__ = "0.1.0"
 
@@ -45,8 +45,8 @@ __all__ = [
     # layers and models
     "MoELoRAConfig", "LayerSettings", "MoELoRALinear", "MoELoRAEmbedding", "MoELoRAConv", "Router",
     "load_balancing_loss", "router_z_loss",
-    "MoELoRAModel", "aux_loss", "get_moelora_model", "router_stats", "set_task_ids", "step_routers",
-    "use_task_ids", "merge_adapter", "merge_and_unload", "unmerge_adapter",
+    "MoELoRAModel", "aux_loss", "get_moelora_model", "router_stats", "set_aux_loss_mask", "set_task_ids",
+    "step_routers", "use_aux_loss_mask", "use_task_ids", "merge_adapter", "merge_and_unload", "unmerge_adapter",
     "export_peft_lora", "from_pretrained", "load_peft_lora", "save_pretrained",
     "MoEFFN", "moe_ffn", "upcycle_ffn", "MoLEx", "apply_molex",
 ]

@@ -344,6 +344,49 @@ def use_task_ids(model: nn.Module, ids):
             _put_task_ids(layer, prev)
 
 
+def set_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
+    """Take the aux losses and routing statistics of every module with a learned router in
+    ``model`` (MoE-LoRA layers, MoEFFN; not MoLEx, which reads the attention mask itself) over
+    the real tokens of ``mask`` only: [batch, sequence] (any shape whose elements, in order, are
+    each routed module's tokens), nonzero for real tokens and 0 for padding, as transformers'
+    ``attention_mask`` (and as Mixtral masks its load-balancing loss); ``None`` clears it. The
+    modules hold it until it is changed; a module routing another number of tokens raises. The
+    fused MoELoRALinear then computes its router logits apart from the LoRA down-projection
+    (one more GEMM over x and its backward), so that autograd differentiates the masked loss."""
+    _swap_aux_loss_mask(model, mask)
+
+
+def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> tuple:
+    """:func:`set_aux_loss_mask`, returning (the mask the modules now hold, those modules, what each
+    held before) for a caller that puts them back. The mask is held as a new [T] bool tensor."""
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"the aux-loss mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"the aux-loss mask must be a bool or integer tensor (1 for real tokens, 0 for padding, "
+                            f"as an attention_mask), got {mask.dtype}")
+        mask = mask.reshape(-1) != 0
+    modules = [m for m in model.modules() if isinstance(m, RoutedModule) and m.takes_aux_loss_mask]
+    if not modules and mask is not None:
+        raise ValueError("the model has no module with a learned router (an aux-loss mask masks their aux losses)")
+    previous = [m.aux_loss_mask for m in modules]
+    for m in modules:
+        m.__dict__["_aux_loss_mask"] = mask
+    return mask, modules, previous
+
+
+@contextlib.contextmanager
+def use_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]):
+    """``with moelora.use_aux_loss_mask(model, attention_mask): model(...)``: :func:`set_aux_loss_mask`
+    for the block only (the modules hold what they held before after it)."""
+    held, modules, previous = _swap_aux_loss_mask(model, mask)
+    try:
+        yield held
+    finally:
+        for m, prev in zip(modules, previous):
+            m.__dict__["_aux_loss_mask"] = prev
+
+
 def _task_ids_per_row(model: nn.Module, ids: torch.Tensor):
     """A forward pre-hook (``with_kwargs``) for ``model`` generating with one task id per example
     (``ids`` [B], which its task-routed layers hold): a forward over B * n rows (generate's beams and
@@ -385,17 +428,18 @@ def _is_loss_scalar(value) -> bool:
 
 
 def _wrapped_signature(model: nn.Module) -> Optional[inspect.Signature]:
-    """The wrapped model's forward signature plus ``task_ids`` (None if it has none)."""
+    """The wrapped model's forward signature plus ``task_ids`` and ``aux_loss_mask`` (None if it has none)."""
     try:
         inner = inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
-    params = [p for p in inner.parameters.values() if p.name != "task_ids"]
+    params = [p for p in inner.parameters.values() if p.name not in ("task_ids", "aux_loss_mask")]
     var_keyword = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
     params = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
-    task_ids = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for name in ("task_ids", "aux_loss_mask")]
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-    return inner.replace(parameters=[self_param, *params, task_ids, *var_keyword])
+    return inner.replace(parameters=[self_param, *params, *added, *var_keyword])
 
 
 def _forward_with_wrapped_signature(wrapper: "MoELoRAModel"):
@@ -445,6 +489,12 @@ class MoELoRAModel(nn.Module):
         # a module's __dict__.pop)
         self._forward_task_ids = []
         self._task_ids_owner = object()  # what the layers hold beside the task ids its forward gives them
+        # [(the aux-loss mask as the modules hold it, those modules, what they held before)] of the last
+        # forward given aux_loss_mask, or []
+        self._forward_aux_loss_mask = []
+        # the forward argument whose tensor is the aux-loss mask when aux_loss_mask is not given (e.g.
+        # "attention_mask": transformers' Trainer passes the batch's columns only)
+        self.aux_loss_mask_from: Optional[str] = None
         self._bind_forward()
 
     def _bind_forward(self) -> None:
@@ -476,21 +526,33 @@ class MoELoRAModel(nn.Module):
             return functools.wraps(value)(functools.partial(self._resize_token_embeddings, value))
         return value
 
-    def forward(self, *args, labels=None, task_ids=None, **kwargs):
+    def forward(self, *args, labels=None, task_ids=None, aux_loss_mask=None, **kwargs):
         """Run the wrapped model (``labels`` are passed on when given; ``task_ids`` go to the
         task-routed layers) and add the auxiliary loss to its loss once.
 
-        ``task_ids`` stay on the layers until the next forward of the wrapper, which first puts
-        back what they held before (unless changed since): a gradient-checkpointed layer runs its
-        forward again in backward, and must route that recomputation by the same task ids."""
+        ``aux_loss_mask``: the real tokens the aux losses are taken over (see
+        :func:`moelora.set_aux_loss_mask`), a tensor or the name of another argument of this
+        forward holding it (``"attention_mask"``); when not given, the argument named by the
+        wrapper's ``aux_loss_mask_from`` attribute (None: every token counts).
+
+        ``task_ids`` and the mask stay on the layers until the next forward of the wrapper, which
+        first puts back what they held before (unless changed since): a gradient-checkpointed layer
+        runs its forward again in backward, and must route that recomputation by the same task ids."""
         clear_aux_losses(self.model)
         self._restore_task_ids()
+        self._restore_aux_loss_mask()
         if labels is not None:
             kwargs["labels"] = labels
         if task_ids is not None:
             owner = self._task_ids_owner
             ids, layers, previous = _swap_task_ids(self.model, task_ids, owner)
             self._forward_task_ids.append((ids, owner, layers, previous))
+        if aux_loss_mask is None:
+            aux_loss_mask = self.aux_loss_mask_from
+        if isinstance(aux_loss_mask, str):
+            aux_loss_mask = kwargs.get(aux_loss_mask)  # not given: no padding to mask
+        if aux_loss_mask is not None:
+            self._forward_aux_loss_mask.append(_swap_aux_loss_mask(self.model, aux_loss_mask))
         output = self.model(*args, **kwargs)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
@@ -502,9 +564,15 @@ class MoELoRAModel(nn.Module):
         ``task_ids`` put back first (see :meth:`forward`). ``task_ids`` (an int, or one id per example
         of the prompt batch) route every step, for this call only: per-example ids are repeated over
         the rows generate runs per example (``num_beams``, ``num_return_sequences``), as transformers
-        repeats the prompt. Per-token ids cannot route the tokens generate adds: they raise."""
+        repeats the prompt. Per-token ids cannot route the tokens generate adds: they raise. Aux-loss
+        masks are off while it runs (its steps route other numbers of tokens; nothing trains)."""
         clear_aux_losses(self.model)
         self._restore_task_ids()
+        self._restore_aux_loss_mask()
+        with use_aux_loss_mask(self.model, None):
+            return self._generate_with_task_ids(generate, args, kwargs, task_ids)
+
+    def _generate_with_task_ids(self, generate, args, kwargs, task_ids):
         if task_ids is None:
             return generate(*args, **kwargs)
         if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 1:
@@ -535,6 +603,16 @@ class MoELoRAModel(nn.Module):
             for layer, prev in zip(layers, previous):
                 if layer.task_ids is ids and layer.task_ids_owner is owner:
                     _put_task_ids(layer, prev)
+
+    def _restore_aux_loss_mask(self) -> None:
+        """Put back the aux-loss masks the modules held before the last forward's ``aux_loss_mask``,
+        where they still hold that forward's."""
+        state = self._forward_aux_loss_mask
+        if state:
+            mask, modules, previous = state.pop()
+            for m, prev in zip(modules, previous):
+                if m.aux_loss_mask is mask:
+                    m.__dict__["_aux_loss_mask"] = prev
 
     def _with_aux_loss(self, output, labels_given: bool):
         if isinstance(output, dict):

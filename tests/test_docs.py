@@ -37,7 +37,7 @@ LAYERS_FEATURES = ['router="topk_softmax"', 'router="threshold"', 'router="task"
                    "upcycle_ffn(", "apply_molex(", "save_pretrained(", "from_pretrained(", "merge_adapter(",
                    "unmerge_adapter(", "export_peft_lora(", "load_peft_lora(", "use_dora=True", "MoELoRAEmbedding",
                    "MoELoRAConv", "modules_to_save=", "disable_adapter_layers(", "enable_adapter_layers(",
-                   "add_adapter(", "set_adapter(", 'bias="lora_only"']
+                   "add_adapter(", "set_adapter(", 'bias="lora_only"', "aux_loss_mask="]
 
 
 def test_layers_doc_has_an_example_of_every_feature_the_readme_lists():

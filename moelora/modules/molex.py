@@ -180,6 +180,7 @@ class MoLEx(nn.Module, RoutedModule):
     """Gates, mixing coefficient and losses of MoLEx over one layer stack (see module docstring)."""
 
     moelora_owned = True  # trained and saved whole (moelora.modules.adapter_base.owned_by_moelora)
+    takes_aux_loss_mask = False  # its padding mask comes from the attention_mask (track_attention_mask)
 
     def __init__(self, layers: nn.ModuleList, hidden_size: int, gate: str = "linear", shared_gate: bool = True,
                  proj_dim: Optional[int] = None, alpha: float = 0.95, learn_alpha: bool = False,

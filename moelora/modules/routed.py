@@ -9,29 +9,34 @@ from typing import Optional
 
 import torch
 
-from moelora.ops.losses import routing_aux_losses, routing_entropy
+from moelora.ops.losses import masked_aux_losses, routing_aux_losses, routing_entropy
 
 
 class RouterStats(Mapping):
     """One forward's routing statistics, computed when read: ``load`` (slots per token routed
     to each expert, [E]), ``entropy`` (mean routing entropy in nats) and the unweighted
-    ``load_balancing_loss`` and ``z_loss`` (from ``aux_stats``). All detached."""
+    ``load_balancing_loss`` and ``z_loss`` (from ``aux_stats``). All detached. With ``mask``
+    ([T] bool, the real tokens of an aux-loss mask) all four are over the real tokens only
+    (reading them then reads the number of real tokens on the host)."""
 
     KEYS = ("load", "entropy", "load_balancing_loss", "z_loss")
 
     def __init__(self, counts: torch.Tensor, logits: Optional[torch.Tensor], aux_stats: torch.Tensor,
-                 num_tokens: int):
+                 num_tokens: int, mask: Optional[torch.Tensor] = None):
         self._counts, self._logits, self._aux_stats, self._num_tokens = counts, logits, aux_stats, num_tokens
+        self._mask = mask
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.KEYS:
             raise KeyError(key)
-        if self._num_tokens == 0:
-            raise ValueError("routing statistics are undefined: this module routed no tokens in its last forward")
+        num_tokens = self._num_tokens if self._mask is None else int(self._mask.sum())
+        if num_tokens == 0:
+            raise ValueError("routing statistics are undefined: this module routed no tokens in its last forward"
+                             + ("" if self._mask is None else " that its aux-loss mask counts"))
         if key == "load":
-            return self._counts.detach().float() / self._num_tokens
+            return self._counts.detach().float() / num_tokens
         if key == "entropy":
-            return routing_entropy(torch.softmax(self._logits.detach().float(), dim=-1))
+            return routing_entropy(torch.softmax(self._logits.detach().float(), dim=-1), self._mask)
         return self._aux_stats[0 if key == "load_balancing_loss" else 1].detach()
 
     def __iter__(self):
@@ -60,12 +65,15 @@ class RoutedModule:
 
     Subclasses set ``aux_loss_coef`` and ``z_loss_coef`` and call :meth:`_record_routing`;
     ``last_aux_loss`` / ``last_router_stats`` read the record (moelora.aux_loss, router_stats).
+    An aux-loss mask (``moelora.set_aux_loss_mask``, ``use_aux_loss_mask``, or MoELoRAModel's
+    ``aux_loss_mask``) limits both to the real tokens (:func:`moelora.ops.losses.masked_aux_losses`).
     Copies (``copy.deepcopy``, pickling) start with no record: the stored loss carries its
     forward's autograd graph, which deepcopy refuses.
     """
 
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
+    takes_aux_loss_mask = True  # whether moelora.set_aux_loss_mask gives this module the mask (MoLEx: no)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -85,6 +93,12 @@ class RoutedModule:
         (``torch.utils.checkpoint(..., use_reentrant=True)``), whose checkpointed forward runs under
         ``torch.no_grad()``; the recomputation in backward comes too late for the aux loss."""
         return self.__dict__.get("_aux_loss_lost_grad", False)
+
+    @property
+    def aux_loss_mask(self) -> Optional[torch.Tensor]:
+        """The real tokens ([T] bool, False for padding) this module's aux loss and statistics are
+        taken over, or None (every token); set by ``moelora.set_aux_loss_mask``."""
+        return self.__dict__.get("_aux_loss_mask")
 
     @property
     def last_aux_loss(self) -> Optional[torch.Tensor]:
@@ -109,13 +123,31 @@ class RoutedModule:
                         aux_stats: Optional[torch.Tensor] = None) -> None:
         """Keep this forward's weighted aux loss and statistics from a learned ``routing``
         (moelora.ops.routing_modes.Routing). ``aux_loss`` and ``aux_stats`` (from the fused layer's
-        kernel) are computed here when not given (moelora.ops.losses.routing_aux_losses)."""
-        if aux_loss is None:
+        kernel) are computed here when not given (moelora.ops.losses.routing_aux_losses); with an
+        aux-loss mask, over its real tokens from the routing's logits, which must then be
+        differentiable (moelora.ops.losses.masked_aux_losses)."""
+        mask = self.__dict__.get("_aux_loss_mask")
+        counts = routing.counts
+        if mask is not None:
+            num_tokens = routing.weights.shape[0]
+            if mask.numel() != num_tokens:
+                raise ValueError(
+                    f"the aux-loss mask has {mask.numel()} tokens, but this {type(self).__name__} routed "
+                    f"{num_tokens} in its forward: the mask ([batch, sequence], as an attention_mask) must "
+                    "cover the tokens of every routed module it is set on, in the order of the module's input; "
+                    "set it on the part of the model whose tokens it covers (moelora.set_aux_loss_mask(submodule, "
+                    "mask))")
+            router = getattr(self, "router", None)
+            mask = mask.to(routing.logits.device, non_blocking=True)  # no copy where it is already there
+            aux_loss, aux_stats, counts = masked_aux_losses(
+                routing.logits, routing.ids, routing.weights, mask, self.aux_loss_coef, self.z_loss_coef,
+                count_kept=getattr(router, "mode", None) == "threshold")
+        elif aux_loss is None:
             aux_loss, aux_stats = routing_aux_losses(routing, self.aux_loss_coef, self.z_loss_coef)
         # Only keep a graph when it can be used: no stale autograd graphs after eval passes.
         # (Written to __dict__: nn.Module.__setattr__ costs microseconds per call.)
         grad = torch.is_grad_enabled()
         self.__dict__["_last_aux_loss"] = aux_loss if grad else aux_loss.detach()
         self.__dict__["_aux_loss_lost_grad"] = not grad and self.training
-        self.__dict__["_last_router_stats"] = RouterStats(routing.counts, routing.logits, aux_stats,
-                                                          routing.weights.shape[0])
+        self.__dict__["_last_router_stats"] = RouterStats(counts, routing.logits, aux_stats,
+                                                          routing.weights.shape[0], mask)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.ops.backend import kernels_run
+from moelora.ops.routing_torch import clean_logits, softmax_stats
 from moelora.ops.validation import refuse_double_backward
 
 
@@ -87,6 +88,30 @@ def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor,
     lb = counts.to(prob_sums.dtype).dot(prob_sums) * (counts.numel() * inv_t * inv_t)
     z = lse.dot(lse) * inv_t
     return lb_coef * lb + z_coef * z, torch.stack([lb, z]).detach()
+
+
+def masked_aux_losses(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
+                      lb_coef: float, z_coef: float, count_kept: bool = False):
+    """(loss, stats, counts) of :func:`aux_losses` over the real tokens only: ``mask`` [T] bool
+    (False for padding), T then the number of real tokens (at least 1), counts [E] (int64) their
+    routed slots (those with weight > 0 where ``count_kept``: threshold routing), prob_sums and
+    lse taken over them from the routing's ``logits`` [T, E] (differentiable; PyTorch ops, as
+    transformers' Mixtral masks its load-balancing loss). An all-True mask gives aux_losses'
+    loss; padding tokens change neither the loss nor its gradients."""
+    probs, lse, _ = softmax_stats(clean_logits(logits))
+    real = mask.reshape(-1)
+    count = real.sum().clamp_min(1).to(probs.dtype)
+    prob_sums = torch.where(real.unsqueeze(1), probs, 0.0).sum(0)
+    slots = real.unsqueeze(1).expand(ids.shape)
+    if count_kept:
+        slots = slots & (weights > 0)
+    num_experts = logits.shape[-1]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=logits.device).index_add_(
+        0, ids.reshape(-1).long(), slots.reshape(-1).long())
+    lb = counts.to(probs.dtype).dot(prob_sums) * num_experts / (count * count)
+    lse = torch.where(real, lse, 0.0)
+    z = lse.dot(lse) / count
+    return lb_coef * lb + z_coef * z, torch.stack([lb, z]).detach(), counts
 
 
 def routing_aux_losses(routing, lb_coef: float, z_coef: float):

@@ -213,7 +213,7 @@ def test_resumed_training_goes_on_from_the_checkpoints_router_step(tmp_path):
 def test_wrapper_forward_shows_the_wrapped_signature():
     model = _llama_moelora()
     params = inspect.signature(model.forward).parameters
-    assert {"input_ids", "attention_mask", "labels", "task_ids"} <= set(params)
+    assert {"input_ids", "attention_mask", "labels", "task_ids", "aux_loss_mask"} <= set(params)
     assert list(params)[-1] == "kwargs"
 
     class NoKwargs(nn.Module):
@@ -226,7 +226,7 @@ def test_wrapper_forward_shows_the_wrapped_signature():
             return {"loss": out.square().mean() if labels is not None else None, "logits": out}
 
     wrapped = get_moelora_model(NoKwargs(), MoELoRAConfig(target_modules=["proj"], num_experts=2, top_k=1))
-    assert list(inspect.signature(wrapped.forward).parameters) == ["features", "labels", "task_ids"]
+    assert list(inspect.signature(wrapped.forward).parameters) == ["features", "labels", "task_ids", "aux_loss_mask"]
 
 
 def test_copies_of_the_wrapper_run_their_own_model():

@@ -1,0 +1,278 @@
+"""The aux-loss mask (moelora.set_aux_loss_mask, use_aux_loss_mask, MoELoRAModel's aux_loss_mask):
+padding tokens count in neither the aux losses, their gradients, nor the routing statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moelora
+from moelora import MoEFFN, MoELoRAEmbedding, MoELoRALinear
+
+from helpers import rel_err, tiny_llama, token_batch
+
+MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+LB, Z = 0.3, 0.05
+
+
+def _layer(mode: str, dtype=torch.float32, hooked: bool = False) -> MoELoRALinear:
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).to(dtype)
+    if hooked:  # a forward hook on the base layer: the composed path
+        base.register_forward_hook(lambda module, args, out: out)
+    layer = MoELoRALinear(base, num_experts=4, top_k=2, r=4, router=mode, init_lora_weights=False,
+                          router_aux_loss_coef=LB, router_z_loss_coef=Z).to(dtype)
+    return layer.eval() if mode == "threshold" else layer.train()  # threshold at eval: no random draws
+
+
+def _reference(x64, weight64, top_k):
+    """Float64 aux loss (weighted, lb, z) over the real tokens of MASK from logits x W^T: lb = E *
+    sum_e f_e P_e with f_e the real tokens' top-k slots on e and P_e their mean probability of e,
+    per real token; z the mean over the real tokens of lse^2."""
+    real = MASK.reshape(-1).bool()
+    logits = (x64.reshape(-1, x64.shape[-1]) @ weight64.t())[real]
+    num_experts = weight64.shape[0]
+    slots = F.one_hot(logits.topk(top_k, -1).indices, num_experts).sum(1).double()
+    lb = num_experts * (slots.mean(0) * torch.softmax(logits, -1).mean(0)).sum()
+    z = torch.logsumexp(logits, -1).square().mean()
+    return LB * lb + Z * z, lb, z
+
+
+def test_masked_load_balancing_loss_is_mixtrals_with_its_attention_mask():
+    """The masked statistic is transformers' Mixtral load_balancing_loss_func with the attention
+    mask (which takes the slot fractions in fp32)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    layer = _layer("topk_softmax", torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with moelora.use_aux_loss_mask(layer, MASK):
+        layer(x)
+    logits = x.reshape(10, 16) @ layer.router.weight.detach().t()
+    assert rel_err(layer.last_router_stats["load_balancing_loss"], load_balancing_loss_func((logits,), 4, 2, MASK)) < 1e-6
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+@pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax"])
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "composed"])
+def test_masked_aux_loss_and_gradients_equal_mixtrals_masked_loss_in_float64(backend, dtype, mode, hooked):
+    layer = _layer(mode, dtype, hooked)
+    x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+    with moelora.use_backend(backend), moelora.use_aux_loss_mask(layer, MASK):
+        layer(x)
+    aux = layer.last_aux_loss
+    gx, gw = torch.autograd.grad(aux, (x, layer.router.weight))
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.router.weight.detach().double().requires_grad_()
+    ref, lb, z = _reference(x64, w64, 2)
+    rx, rw = torch.autograd.grad(ref, (x64, w64))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel_err(aux, ref) < tol
+    stats = layer.last_router_stats
+    assert rel_err(stats["load_balancing_loss"], lb) < tol and rel_err(stats["z_loss"], z) < tol
+    assert rel_err(gx, rx) < tol and rel_err(gw, rw) < tol
+    assert gx[~MASK.bool()].abs().max() == 0  # padding tokens get no aux-loss gradient
+
+
+def _ffn():
+    torch.manual_seed(0)
+    return MoEFFN(nn.Linear(16, 24), nn.Linear(24, 16), F.silu, num_experts=4, top_k=2, gate_proj=nn.Linear(16, 24),
+                  router="softmax_topk", router_aux_loss_coef=LB, router_z_loss_coef=Z).train()
+
+
+def _embedding():
+    torch.manual_seed(0)
+    return MoELoRAEmbedding(nn.Embedding(20, 16), num_experts=4, top_k=2, r=4, init_lora_weights=False,
+                            router_aux_loss_coef=LB, router_z_loss_coef=Z).train()
+
+
+MODULES = {
+    "linear-fused": lambda: _layer("softmax_topk"), "linear-composed": lambda: _layer("softmax_topk", hooked=True),
+    "linear-threshold": lambda: _layer("threshold"), "ffn": _ffn, "embedding": _embedding,
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_masked_forward_records_what_the_real_tokens_alone_give(backend, kind):
+    """Padding changes nothing: the masked record (loss, router gradient, every statistic) of a
+    padded batch equals the unmasked record of its real tokens alone; the outputs are unchanged."""
+    module = MODULES[kind]()
+    real = MASK.bool()
+    if kind == "embedding":
+        x = torch.randint(0, 20, (2, 5))
+        x[~real] = 0  # padding tokens, all alike
+    else:
+        x = torch.randn(2, 5, 16)
+        x[~real] = 0.25
+    router = module.router.weight
+    with moelora.use_backend(backend):
+        unmasked_y = module(x)
+        with moelora.use_aux_loss_mask(module, MASK):
+            y = module(x)
+        masked = module.last_aux_loss, dict(module.last_router_stats)
+        masked_grad = torch.autograd.grad(masked[0], router)[0]
+        module(x[real])
+    alone = module.last_aux_loss, dict(module.last_router_stats)
+    assert torch.equal(y, unmasked_y)
+    assert rel_err(masked[0], alone[0]) < 1e-5
+    assert rel_err(masked_grad, torch.autograd.grad(alone[0], router)[0]) < 1e-5
+    for key in masked[1]:
+        assert rel_err(masked[1][key], alone[1][key]) < 1e-5, key
+    assert module.aux_loss_mask is None  # the block put back what the module held
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_true_mask_gives_the_unmasked_loss_output_and_gradients(backend):
+    layer = _layer("softmax_topk")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    dy = torch.randn(2, 5, 12)
+    grads = []
+    for mask in (None, torch.ones(2, 5, dtype=torch.bool)):
+        with moelora.use_backend(backend), moelora.use_aux_loss_mask(layer, mask):
+            y = layer(x)
+        loss = (y * dy).sum() + layer.last_aux_loss
+        grads.append([y, loss, *torch.autograd.grad(loss, (x, layer.router.weight, layer.lora_A, layer.lora_B))])
+    for got, want in zip(grads[1], grads[0]):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_wrapper_takes_the_mask_as_a_tensor_or_by_argument_name_and_puts_back_what_was_held():
+    model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"], router_aux_loss_coef=LB))
+    ids = token_batch()
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    routed = [m for m in model.modules() if isinstance(m, moelora.MoELoRALinear)]
+
+    def aux(**kwargs):
+        model(ids, attention_mask=mask, **kwargs)
+        return model.aux_loss()
+
+    unmasked = aux()
+    by_tensor = aux(aux_loss_mask=mask)
+    assert all(torch.equal(m.aux_loss_mask, mask.reshape(-1).bool()) for m in routed)  # held until the next forward
+    assert not torch.allclose(by_tensor, unmasked)
+    assert torch.equal(aux(aux_loss_mask="attention_mask"), by_tensor)
+    model.aux_loss_mask_from = "attention_mask"  # what transformers' Trainer, which passes only the batch, needs
+    assert torch.equal(aux(), by_tensor)
+    model.aux_loss_mask_from = None
+    assert torch.equal(aux(), unmasked)
+    assert all(m.aux_loss_mask is None for m in routed)
+    assert "aux_loss_mask" in __import__("inspect").signature(model.forward).parameters
+
+
+def test_a_mask_set_by_hand_outlives_the_wrappers_forward_masks():
+    model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj"]))
+    ids = token_batch()
+    mask = torch.ones_like(ids)
+    moelora.set_aux_loss_mask(model, mask)
+    held = [m.aux_loss_mask for m in model.modules() if isinstance(m, moelora.MoELoRALinear)]
+    other = mask.clone()
+    other[1, 2:] = 0
+    model(ids, aux_loss_mask=other)
+    model(ids)  # puts back the mask set by hand
+    assert [m.aux_loss_mask for m in model.modules() if isinstance(m, moelora.MoELoRALinear)] == held
+    moelora.set_aux_loss_mask(model, None)
+    assert all(m.aux_loss_mask is None for m in model.modules() if isinstance(m, moelora.MoELoRALinear))
+
+
+def test_bad_masks_raise_naming_what_was_expected():
+    layer = _layer("softmax_topk")
+    with pytest.raises(TypeError, match="bool or integer"):
+        moelora.set_aux_loss_mask(layer, torch.ones(2, 5))
+    with pytest.raises(TypeError, match="torch.Tensor or None"):
+        moelora.set_aux_loss_mask(layer, [[1, 1]])
+    with pytest.raises(ValueError, match="has 6 tokens, but this MoELoRALinear routed 10"):
+        with moelora.use_aux_loss_mask(layer, torch.ones(2, 3, dtype=torch.long)):
+            layer(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="no module with a learned router"):
+        moelora.set_aux_loss_mask(nn.Linear(2, 2), MASK)
+    with moelora.use_aux_loss_mask(layer, torch.zeros(2, 5, dtype=torch.bool)):  # only padding: no loss
+        layer(torch.randn(2, 5, 16))
+    assert layer.last_aux_loss == 0
+    with pytest.raises(ValueError, match="no tokens in its last forward that its aux-loss mask counts"):
+        layer.last_router_stats["load"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_layer_compiles_fullgraph_and_matches_eager(backend):
+    layer = _layer("softmax_topk")
+    x = torch.randn(2, 5, 16)
+
+    def step(inp):
+        y = layer(inp)
+        return y, layer.last_aux_loss
+
+    with moelora.use_backend(backend), moelora.use_aux_loss_mask(layer, MASK):
+        want = step(x)
+        torch._dynamo.reset()
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_wrapper_with_a_mask_per_batch_compiles_fullgraph_once_and_matches_eager():
+    """The wrapper's forward given a new aux-loss mask each batch, compiled with fullgraph: the masks
+    are tensors (no recompilation per mask), the losses and gradients those of eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 4))
+    model = moelora.get_moelora_model(stack, moelora.MoELoRAConfig(target_modules=["0", "2"], num_experts=4,
+                                                                   top_k=2, r=2, init_lora_weights=False))
+
+    def loss(m, x, mask):
+        return m(x, aux_loss_mask=mask).sum() + m.aux_loss()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, fullgraph=True, backend=counter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x, mask = torch.randn(2, 5, 6, generator=gen), torch.rand(2, 5, generator=gen) > 0.4
+        want = loss(model, x, mask)
+        want_grads = torch.autograd.grad(want, params)
+        got = compiled(model, x, mask)
+        for g, w in zip((got, *torch.autograd.grad(got, params)), (want, *want_grads)):
+            assert rel_err(g, w) < 1e-5
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 3 masks"
+
+
+def test_generate_after_a_masked_forward_runs_without_the_mask():
+    """generate's steps route other numbers of tokens than the training batch whose mask the layers
+    held (until the wrapper's next forward): generate runs with the masks off, as nothing trains, and
+    puts back a mask set by hand."""
+    model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj"])).eval()
+    ids = token_batch()
+    mask = torch.ones_like(ids)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    model(ids, attention_mask=mask, aux_loss_mask="attention_mask")
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), want)
+    moelora.set_aux_loss_mask(model, mask)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), want)
+    assert all(m.aux_loss_mask is not None for m in model.modules() if isinstance(m, moelora.MoELoRALinear))
+
+
+def test_gradient_checkpointing_gives_the_masked_gradients():
+    """A checkpointed layer runs its forward again in backward: the mask the wrapper's forward set is
+    still held then, so the gradients equal those without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+            r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            router_aux_loss_coef=LB))
+        if checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = token_batch()
+        mask = torch.ones_like(ids)
+        mask[0, 3:] = 0
+        model(ids, attention_mask=mask, labels=ids, aux_loss_mask=mask).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < 1e-5
