@@ -315,3 +315,32 @@ def test_save_pretrained_takes_the_arguments_transformers_passes(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     with pytest.raises(ValueError, match="lacks adapter tensors"):
         model.save_pretrained(str(tmp_path / "b"), state_dict={})
+
+
+def test_trainer_step_leaves_padding_out_of_the_aux_loss_with_aux_loss_mask_from(tmp_path):
+    """``model.aux_loss_mask_from = "attention_mask"``: Trainer passes the batch only, and the wrapper
+    takes its attention_mask as the aux-loss mask; the step follows task + masked aux loss."""
+    model = _llama_moelora(router_aux_loss_coef=0.5)
+    data = _lm_dataset(n=4)
+    for i, example in enumerate(data):
+        example["attention_mask"] = torch.ones_like(example["input_ids"])
+        example["attention_mask"][SEQ - i:] = 0  # 0 .. 3 padding tokens at the end
+    reference = copy.deepcopy(model)
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    task = reference.model(**batch).loss
+    unmasked = moelora.aux_loss(reference)
+    with moelora.use_aux_loss_mask(reference.model, batch["attention_mask"]):
+        reference.model(**batch)
+    masked = moelora.aux_loss(reference)
+    params = list(_trainable(reference).values())
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(task + masked, params)])
+    assert (masked - unmasked).abs() > 1e-4
+
+    model.aux_loss_mask_from = "attention_mask"
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    lr = 0.1
+    transformers.Trainer(model=model, train_dataset=data, args=_args(
+        tmp_path, optim="sgd", learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        max_steps=1, per_device_train_batch_size=len(data))).train()
+    stepped = torch.cat([(before[n] - p.detach()).flatten() / lr for n, p in _trainable(model).items()])
+    torch.testing.assert_close(stepped, expected, rtol=1e-4, atol=1e-6)
