@@ -236,14 +236,16 @@ LAYER_ROUTERS = {
 }
 
 
-def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = False):
+def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = False, aux_mask: bool = False):
     """moelora.MoELoRALinear as a user builds it: the frozen base nn.Linear (the set's W0), its
     constructor's defaults (fp32 adapters over a half-precision base, as PEFT) with the shape's
     E, k, r, alpha and A layout, random adapters, ``router``'s mode and LoRA dropout
     ``dropout``; task routing gets one task per 512-token sequence. With dropout the check runs
     the layer and its fp32 copy (torch backend) from one generator state: the same keep mask.
     ``autocast``: mixed precision as the HF Trainer's bf16=True runs it (an fp32 base and fp32 x
-    under torch.autocast to the set's dtype; an fp32 set, the CPU's, runs without autocast)."""
+    under torch.autocast to the set's dtype; an fp32 set, the CPU's, runs without autocast).
+    ``aux_mask``: the last 10% of every 512-token sequence is padding, left out of the aux loss
+    (moelora.set_aux_loss_mask)."""
     def prepare(shape, s):
         w0 = s["w0"]
         x = s["x"] if not autocast else s["x"].detach().float().requires_grad_()
@@ -259,6 +261,8 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
         if router == "task":
             tasks = torch.arange(shape.tokens, device=w0.device) // 512 % shape.experts
             moelora.set_task_ids(torch.nn.Sequential(layer), tasks)
+        if aux_mask:
+            moelora.set_aux_loss_mask(layer, torch.arange(shape.tokens, device=w0.device) % 512 < 461)
         layer.train()
         trainable = [p for p in layer.parameters() if p.requires_grad]
 
@@ -344,6 +348,8 @@ LAYER = [
 ] + [
     Impl("moelora-MoELoRALinear-dropout", "layer", _moelora_linear_layer("softmax_topk", LAYER_DROPOUT),
          _needs_moelora_layer, True, f"moelora.MoELoRALinear, router=softmax_topk, lora_dropout={LAYER_DROPOUT}"),
+    Impl("moelora-MoELoRALinear-auxmask", "layer", _moelora_linear_layer("softmax_topk", aux_mask=True),
+         _needs_moelora_layer, True, "moelora.MoELoRALinear, router=softmax_topk, 10% padding left out of the aux loss"),
     Impl("linear-frozen-autocast", "layer", _linear_autocast,
          description="frozen nn.Linear, fp32 weight under torch.autocast (mixed precision, as HF Trainer bf16=True)"),
     Impl("moelora-MoELoRALinear-autocast", "layer", _moelora_linear_layer("softmax_topk", autocast=True),

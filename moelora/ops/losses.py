@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
+from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.backend import kernels_run
-from moelora.ops.routing_torch import clean_logits, softmax_stats
 from moelora.ops.validation import refuse_double_backward
 
 
@@ -93,25 +93,54 @@ def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor,
 def masked_aux_losses(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                       lb_coef: float, z_coef: float, count_kept: bool = False):
     """(loss, stats, counts) of :func:`aux_losses` over the real tokens only: ``mask`` [T] bool
-    (False for padding), T then the number of real tokens (at least 1), counts [E] (int64) their
-    routed slots (those with weight > 0 where ``count_kept``: threshold routing), prob_sums and
-    lse taken over them from the routing's ``logits`` [T, E] (differentiable; PyTorch ops, as
-    transformers' Mixtral masks its load-balancing loss). An all-True mask gives aux_losses'
-    loss; padding tokens change neither the loss nor its gradients."""
-    probs, lse, _ = softmax_stats(clean_logits(logits))
-    real = mask.reshape(-1)
-    count = real.sum().clamp_min(1).to(probs.dtype)
-    prob_sums = torch.where(real.unsqueeze(1), probs, 0.0).sum(0)
+    (False for padding), T then the number of real tokens n (at least 1), counts [E] their routed
+    slots (those with weight > 0 where ``count_kept``: threshold routing; in the logits' dtype),
+    prob_sums and lse over them from the routing's ``logits`` [T, E] (as transformers' Mixtral
+    masks its load-balancing loss). Differentiable in the logits (:class:`_MaskedAuxLossFn`, whose
+    backward is the closed form). An all-True mask gives aux_losses' loss; padding tokens change
+    neither the loss nor its gradients. The softmax and logsumexp are PyTorch's, weighted by the
+    mask: non-finite logits, of any token, make the loss NaN (the routing op's limits for
+    infinite logits are not taken here)."""
+    logits = logits.to(accumulator_dtype(logits.dtype))
+    real = mask.reshape(-1).to(logits.dtype)
     slots = real.unsqueeze(1).expand(ids.shape)
     if count_kept:
-        slots = slots & (weights > 0)
-    num_experts = logits.shape[-1]
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=logits.device).index_add_(
-        0, ids.reshape(-1).long(), slots.reshape(-1).long())
-    lb = counts.to(probs.dtype).dot(prob_sums) * num_experts / (count * count)
-    lse = torch.where(real, lse, 0.0)
-    z = lse.dot(lse) / count
-    return lb_coef * lb + z_coef * z, torch.stack([lb, z]).detach(), counts
+        slots = slots * (weights > 0)
+    counts = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device).index_add_(
+        0, ids.reshape(-1), slots.reshape(-1))
+    loss, stats = _MaskedAuxLossFn.apply(logits, counts, real, lb_coef, z_coef)
+    return loss, stats, counts
+
+
+class _MaskedAuxLossFn(torch.autograd.Function):
+    """(loss, stats) of :func:`masked_aux_losses` from the logits [T, E], the real tokens' slot
+    counts c [E] and the mask m [T] (1 for real tokens, 0 for padding; n = max(1, sum m)):
+    lb = E (c . P) / n^2 with P = sum_t m_t p_t, z = sum_t m_t lse_t^2 / n. Backward (closed form):
+    d loss / d logits[t, j] = g m_t p_tj (lb_coef E / n^2 (c_j - p_t . c) + 2 z_coef lse_t / n)."""
+
+    @staticmethod
+    def forward(ctx, logits, counts, real, lb_coef, z_coef):
+        probs = torch.softmax(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1) * real
+        inv_n = real.sum().clamp_min(1).reciprocal()
+        lb_scale = logits.shape[-1] * inv_n * inv_n
+        stats = torch.stack([counts.dot(probs.t().mv(real)) * lb_scale, lse.dot(lse) * inv_n])
+        ctx.save_for_backward(probs, lse, counts, real, lb_scale, inv_n)
+        ctx.coefs = (lb_coef, z_coef)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return lb_coef * stats[0] + z_coef * stats[1], stats
+
+    @staticmethod
+    def backward(ctx, g, _):
+        refuse_double_backward("the masked aux loss")
+        if g is None:
+            return None, None, None, None, None
+        probs, lse, counts, real, lb_scale, inv_n = ctx.saved_tensors
+        lb_coef, z_coef = ctx.coefs
+        per_token = ((counts - probs.mv(counts).unsqueeze(1)) * (real * (g * lb_coef * lb_scale)).unsqueeze(1)
+                     + (lse * (g * 2 * z_coef * inv_n)).unsqueeze(1))  # lse is 0 for padding
+        return probs * per_token, None, None, None, None
 
 
 def routing_aux_losses(routing, lb_coef: float, z_coef: float):
