@@ -6,7 +6,9 @@ MoE-LoRA layers, as PEFT's LoRA: ``nn.Linear`` (or GPT-2 ``Conv1D``) with
 with :class:`MoELoRAConv` (a regex matching several kinds adapts each with its class;
 ``"all-linear"`` takes the linear layers only, without output heads and nn.MultiheadAttention's
 ``out_proj``, whose weight the attention reads without calling it: targeting it raises, as do
-uninitialised lazy layers and a module object held at several places). In an
+uninitialised lazy layers and a module object held at several places). Experts stored as stacked
+parameters [E, ...] (transformers' MoE models) are no modules: a target naming only them raises,
+one selecting modules beside them (and ``"all-linear"``) warns that they keep their weights. In an
 nn.TransformerEncoderLayer holding adapters PyTorch's eval-mode fast path, which would skip them,
 is turned off. It freezes everything but the adapters, routers and task scales, and returns a
 :class:`MoELoRAModel` wrapper. Each layer starts in the train / eval mode of the module it
@@ -48,7 +50,8 @@ from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
-from moelora.tuner.targets import OUTPUT_HEAD_NAMES, layer_index, matches, set_module, unwrap
+from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, layer_index, matches, set_module, stacked_expert_parameters,
+                                   unwrap)
 
 
 
@@ -98,6 +101,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
         candidates.append((name, module))
     target = config.target_modules
     unread = _unread_modules(model)
+    stacked = stacked_expert_parameters(model, lambda m: adapter_class(m) is not None or id(m) in owned)
     if target == "all-linear":
         heads = _output_head_ids(model)
         selected = [n for n, m in candidates if _is_linear(m) and id(m) not in heads and id(m) not in unread
@@ -105,19 +109,24 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
         if not selected:
             raise ValueError("target_modules='all-linear' matches no linear layer of the model (output heads and "
                              "nn.MultiheadAttention's out_proj are left out)")
+        _warn_stacked_left_out("target_modules='all-linear' adapts linear layers only: the",
+                               [n for n in stacked if not _names_parameter(n, config.exclude_modules or [])])
     else:
         selected = [n for n, _ in candidates if matches(n, target)]
+        named = [n for n in stacked if _names_parameter(n, target)]
         if isinstance(target, str):
             if not selected:
                 raise ValueError(f"target_modules regex {target!r} matches no linear module (nor embedding or "
-                                 "convolution) of the model")
+                                 "convolution) of the model" + _stacked_hint({n: stacked[n] for n in named}))
         else:
             unknown = [t for t in target if not any(matches(n, [t]) for n, _ in candidates)]
             if unknown:
                 raise ValueError(f"target_modules {unknown} not found among the model's linear, embedding and "
                                  "convolution modules "
                                  f"(e.g. {[n for n, m in candidates if id(m) not in unread][:6]})"
-                                 f"{_unknown_hint(model, unknown)}")
+                                 f"{_unknown_hint(model, unknown)}"
+                                 + _stacked_hint({n: stacked[n] for n in named if _names_parameter(n, unknown)}))
+        _warn_stacked_left_out(f"target_modules {target!r} names, besides the modules it selects, the", named)
     if config.exclude_modules:
         selected = [n for n in selected if not matches(n, config.exclude_modules)]
         if not selected:
@@ -142,6 +151,32 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                 "(exclude_modules)")
     _check_single_place(model, [(n, modules[n]) for n in selected])
     return selected
+
+
+def _names_parameter(name: str, target) -> bool:
+    """Whether ``target`` (a regex, or a list of names) names the parameter ``name`` or the module holding it."""
+    return matches(name, target) or matches(name.rpartition(".")[0], target)
+
+
+def _stacked_hint(stacked: Dict[str, tuple]) -> str:
+    """What the stacked expert parameters ``stacked`` (name -> shape) are, for an error, or ""."""
+    if not stacked:
+        return ""
+    first = ", ".join(f"{n} {list(s)}" for n, s in list(stacked.items())[:2])
+    return (f"; the target names {len(stacked)} parameter(s) holding the weights of a mixture-of-experts block's "
+            f"experts stacked in one tensor ({first}{', ...' if len(stacked) > 2 else ''}), as transformers' "
+            "MoE models store them: moelora adapts modules (nn.Linear, Conv1D, nn.Embedding, nn.ConvNd), not "
+            "parameters (PEFT's target_parameters has no moelora counterpart), so these experts cannot be adapted; "
+            "target the attention projections (and a shared expert's linear layers) instead")
+
+
+def _warn_stacked_left_out(what: str, names: List[str]) -> None:
+    """Warn that the stacked expert parameters ``names`` are not adapted (``what`` starts the sentence)."""
+    if names:
+        warnings.warn(f"{what} {len(names)} parameter(s) holding the stacked weights of mixture-of-experts "
+                      f"experts (e.g. {', '.join(names[:2])}), as transformers' MoE models store them, are not "
+                      "modules moelora can adapt and keep their pretrained weights (PEFT's target_parameters has no "
+                      "moelora counterpart; see docs/integration.md, transformers' MoE models)", stacklevel=5)
 
 
 def _unread_modules(model: nn.Module) -> Dict[int, str]:

@@ -10,7 +10,7 @@ so every module that needs these rules uses this one implementation.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
@@ -48,6 +48,18 @@ def pattern_value(name: str, pattern: Optional[dict], default):
         if re.match(pattern_key_regex(key), name):
             return value
     return default
+
+
+def stacked_expert_parameters(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False
+                              ) -> Dict[str, tuple]:
+    """name -> shape of the parameters holding the weights of a mixture-of-experts block's experts stacked in one
+    tensor ([E, ...], 3-D or more) in the modules of ``model`` that ``skip`` does not skip, as transformers' MoE
+    models store them (MixtralExperts.gate_up_proj [E, 2 * I, H], Qwen3MoeExperts.down_proj, JetMoE's
+    ParallelExperts.weight, ...): those of 3-D or more in a module whose class names experts ("Expert" in its
+    name; a ViT's position embeddings [1, N, d] or a weight-normed convolution's are no experts)."""
+    return {f"{mn}.{pn}" if mn else pn: tuple(p.shape) for mn, m in model.named_modules()
+            if "expert" in type(m).__name__.lower() and not skip(m)
+            for pn, p in m.named_parameters(recurse=False) if p.dim() >= 3}
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,0 +1,85 @@
+"""MoE-LoRA adapters on transformers' own mixture-of-experts models (tiny random configs, CPU).
+
+transformers stores the experts of Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, PhiMoE, ... as 3-D
+parameters [E, ...] (``experts.gate_up_proj``, ``experts.down_proj``), not as nn.Linear per
+expert, and their routers as modules that are no nn.Linear (or, PhiMoE's and Llama-4's, an
+nn.Linear subclass whose forward returns the routing). moelora adapts modules only: naming the
+stacked experts raises, naming them beside adaptable modules (or 'all-linear') warns that they
+are left out, 'all-linear' leaves the routing nn.Linear subclasses out, and upcycle_ffn refuses
+a block that is a mixture of experts already. What it does adapt (attention, shared experts)
+trains, generates, saves, loads and merges as on a dense model, and the model's own router aux
+loss and moelora's add up in ``outputs.loss``, each once."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moelora
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+COMMON = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MODELS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"] * 2),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+def _build(name):
+    config = transformers.AutoConfig.for_model(name, **COMMON, **MODELS[name])
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _config(target, **extra):
+    return moelora.MoELoRAConfig(target_modules=target, **{**dict(num_experts=4, top_k=2, r=4), **extra})
+
+
+def _adapted(model):
+    return [n for n, m in moelora.tuner.targets.unwrap(model).named_modules() if isinstance(m, moelora.MoELoRALinear)]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("target", [["gate_up_proj"], ["q_proj", "down_proj"], ["experts"], r".*experts.*"])
+def test_naming_stacked_experts_raises_saying_they_are_parameters(name, target):
+    """The experts' weights are 3-D parameters, not modules: a target naming only them raised "not found
+    among the model's linear ... modules" (or a regex "matches no linear module") without saying why; the
+    error now says they are stacked expert parameters moelora cannot adapt (PEFT's target_parameters)."""
+    model = _build(name)
+    with pytest.raises(ValueError, match=r"stacked in one tensor \(model\.layers\.0\.mlp\.experts\.(gate_up_proj|"
+                                         r"down_proj) \[4, .*not parameters.*target_parameters"):
+        moelora.get_moelora_model(model, _config(target))
+    assert not _adapted(model) and all(p.requires_grad for p in model.parameters())  # left as it was
+
+
+@pytest.mark.parametrize("name, target, expected", [
+    ("qwen2_moe", ["down_proj"], "mlp.shared_expert.down_proj"),   # the shared expert's is an nn.Linear
+    ("qwen2_moe", r".*\.mlp\..*", "mlp.shared_expert.up_proj"),
+    ("mixtral", "all-linear", "self_attn.q_proj"),
+    ("olmoe", "all-linear", "self_attn.o_proj"),
+])
+def test_stacked_experts_left_out_beside_adapted_modules_warn(name, target, expected):
+    """A LLaMA recipe's ["down_proj"] on Qwen2-MoE adapts the shared expert's down_proj and silently left the
+    routed experts' (experts.down_proj, a 3-D parameter) as they were; 'all-linear' on Mixtral adapts the
+    attention only, while PEFT's adapts the experts too. Both now warn, naming the parameters left out."""
+    model = _build(name)
+    with pytest.warns(UserWarning, match=r"parameter\(s\) holding the stacked weights of mixture-of-experts experts "
+                                         r"\(e\.g\. model\.layers\.0\.mlp\.experts\.(gate_up_proj|down_proj).*"
+                                         r"keep their pretrained weights"):
+        wrapped = moelora.get_moelora_model(model, _config(target))
+    adapted = _adapted(wrapped)
+    assert f"model.layers.1.{expected}" in adapted and not any(".experts" in n for n in adapted)
+
+
+def test_attention_targets_and_excluded_experts_do_not_warn(recwarn):
+    moelora.get_moelora_model(_build("mixtral"), _config(["q_proj", "v_proj"]))
+    moelora.get_moelora_model(_build("mixtral"), _config("all-linear", exclude_modules=["experts"]))
+    assert not [w for w in recwarn if "stacked weights" in str(w.message)]
