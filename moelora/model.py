@@ -101,11 +101,12 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
         candidates.append((name, module))
     target = config.target_modules
     unread = _unread_modules(model)
+    routers = _expert_routers(model)
     stacked = stacked_expert_parameters(model, lambda m: adapter_class(m) is not None or id(m) in owned)
     if target == "all-linear":
         heads = _output_head_ids(model)
         selected = [n for n, m in candidates if _is_linear(m) and id(m) not in heads and id(m) not in unread
-                    and n.split(".")[-1] not in OUTPUT_HEAD_NAMES]
+                    and id(m) not in routers and n.split(".")[-1] not in OUTPUT_HEAD_NAMES]
         if not selected:
             raise ValueError("target_modules='all-linear' matches no linear layer of the model (output heads and "
                              "nn.MultiheadAttention's out_proj are left out)")
@@ -149,6 +150,13 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                 "there would have no effect. moelora cannot adapt nn.MultiheadAttention's projections (an input-routed "
                 "mixture cannot be folded into its weights around each call, as PEFT's single LoRA is); leave it out "
                 "(exclude_modules)")
+        if id(modules[name]) in routers:
+            raise ValueError(
+                f"{name} is a {type(modules[name]).__name__}, an nn.Linear subclass with a forward of its own that "
+                f"routes the experts of the mixture-of-experts block {routers[id(modules[name])] or '(the model)'}: "
+                "its forward returns the routing (transformers' PhiMoE router returns (logits, weights, expert ids), "
+                "Llama-4's (scores, logits)), not the linear layer's output that a MoE-LoRA layer adds its adapter "
+                "to; leave it out (exclude_modules; 'all-linear' leaves it out)")
     _check_single_place(model, [(n, modules[n]) for n in selected])
     return selected
 
@@ -177,6 +185,14 @@ def _warn_stacked_left_out(what: str, names: List[str]) -> None:
                       f"experts (e.g. {', '.join(names[:2])}), as transformers' MoE models store them, are not "
                       "modules moelora can adapt and keep their pretrained weights (PEFT's target_parameters has no "
                       "moelora counterpart; see docs/integration.md, transformers' MoE models)", stacklevel=5)
+
+
+def _expert_routers(model: nn.Module) -> Dict[int, str]:
+    """id -> parent name of the routers of mixture-of-experts blocks that subclass nn.Linear with a forward of
+    their own (transformers' PhimoeTopKRouter, Llama4Router: the block holds them beside its ``experts``):
+    their forward computes the routing from the logits and returns it, not the layer's output."""
+    return {id(m): n for n, block in model.named_modules() if isinstance(getattr(block, "experts", None), nn.Module)
+            for m in block.children() if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward}
 
 
 def _unread_modules(model: nn.Module) -> Dict[int, str]:

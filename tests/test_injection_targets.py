@@ -143,3 +143,20 @@ def test_block_reused_at_several_layers_shares_its_adapter():
     layer = model[0].fc
     expected = layer(layer(x).tanh()).tanh()
     torch.testing.assert_close(wrapped(x), expected, rtol=0, atol=0)
+
+
+class _RoutingLinear(nn.Linear):
+    """A linear subclass whose forward returns more than its output (as transformers' MoE routers)."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits, logits.topk(1, dim=-1).indices
+
+
+def test_linear_subclass_returning_a_tuple_raises_naming_it():
+    """A base layer whose forward returns a tuple failed with AttributeError: 'tuple' object has no attribute
+    'to' in the composed path; it now raises a TypeError naming the class and what to do."""
+    model = nn.Sequential(_RoutingLinear(16, 4))
+    wrapped = get_moelora_model(model, _config(["0"]))
+    with pytest.raises(TypeError, match=r"base layer _RoutingLinear returned a tuple, not a tensor.*exclude_modules"):
+        wrapped(torch.randn(3, 16))

@@ -229,6 +229,12 @@ class MoELoRALinear(AdapterLayerBase):
         """base_layer(x, ...) + moelora.moe_lora (DoRA, custom base layers, extra arguments). Under
         torch.autocast the router reads x in autocast's dtype, as the fused op's (which reads x once)."""
         result = self.base_layer(x, *args, **kwargs)
+        if not isinstance(result, torch.Tensor):
+            raise TypeError(
+                f"the base layer {type(self.base_layer).__name__} returned a {type(result).__name__}, not a tensor: "
+                "MoELoRALinear adds its adapter to the output of the linear layer it wraps, and a subclass whose "
+                "forward returns something else (a mixture-of-experts router returning its routing, as "
+                "transformers' PhiMoE and Llama-4 routers) cannot be adapted; leave it out (exclude_modules)")
         cast = autocast_dtype(x)
         routing = self.compute_routing(x if cast is None else autocast_input(x, cast))
         dtype = self.lora_B.dtype

@@ -10,8 +10,6 @@ a block that is a mixture of experts already. What it does adapt (attention, sha
 trains, generates, saves, loads and merges as on a dense model, and the model's own router aux
 loss and moelora's add up in ``outputs.loss``, each once."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +81,19 @@ def test_attention_targets_and_excluded_experts_do_not_warn(recwarn):
     moelora.get_moelora_model(_build("mixtral"), _config(["q_proj", "v_proj"]))
     moelora.get_moelora_model(_build("mixtral"), _config("all-linear", exclude_modules=["experts"]))
     assert not [w for w in recwarn if "stacked weights" in str(w.message)]
+
+
+def test_all_linear_leaves_out_routers_that_are_linear_subclasses():
+    """PhiMoE's router is an nn.Linear subclass whose forward returns (logits, weights, expert ids):
+    'all-linear' wrapped it and the first forward failed with AttributeError: 'tuple' object has no
+    attribute 'to'. 'all-linear' now leaves it out; naming it raises at injection, saying why."""
+    model = _build("phimoe")
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="stacked weights"):
+        wrapped = moelora.get_moelora_model(model, _config("all-linear"))
+    assert "model.layers.0.self_attn.q_proj" in _adapted(wrapped)
+    assert type(model.model.layers[0].mlp.router).__name__ == "PhimoeTopKRouter"
+    assert wrapped(input_ids=ids, labels=ids).loss.isfinite()
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.router is a PhimoeTopKRouter.*routes the experts.*"
+                                         r"exclude_modules"):
+        moelora.get_moelora_model(_build("phimoe"), _config(["q_proj", "router"]))
