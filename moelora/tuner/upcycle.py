@@ -29,7 +29,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from moelora.tuner.adapters import held_modules
 from moelora.tuner.structure import record, structural_edit
-from moelora.tuner.targets import layer_index, matches, set_module, unwrap
+from moelora.tuner.targets import layer_index, matches, set_module, stacked_expert_parameters, unwrap
 from moelora.ops.validation import check_activation
 from moelora.modules.adapter_base import refuse_offloaded
 from moelora.modules.ffn import MoEFFN, check_ffn_settings
@@ -149,7 +149,9 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     holding dropout (nn.Dropout with p > 0) unless ``ffn_dropout`` says what to do with it:
     "output" (its forward drops the MLP's output: MoEFFN drops its output with that p) or "drop"
     (train without it; a dropout inside the FFN cannot be kept). Dropout the forward applies
-    without a module (F.dropout) is not seen, and dropped.
+    without a module (F.dropout) is not seen, and dropped. A model holding a mixture of experts (a
+    block with ``experts``) raises without ``ffn_modules``, and a named module holding experts'
+    weights stacked in 3-D parameters (transformers' MoE blocks and their experts) always.
     ``fused_gate_up=False`` leaves the Phi-3-style fused MLPs out of what is found (checkpoints
     written before they were found replay with it: a model holding both kinds, as GLM-4V, then
     gets the MoEFFNs the checkpoint holds).
@@ -198,6 +200,14 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     if stacked_gate and ffn_modules is None:
         raise ValueError("stacked_gate=True describes a generic FFN's in_proj (give ffn_modules, in_proj, out_proj and "
                          "activation); the fused gate_up_proj of Phi-3-style MLPs is found without it")
+    for name, kind in targets:
+        stacked = stacked_expert_parameters(model.get_submodule(name))
+        if stacked:
+            first = next(iter(stacked.items()))
+            raise ValueError(f"{name} ({type(model.get_submodule(name)).__name__}) holds the weights of a mixture of "
+                             f"experts stacked in {len(stacked)} parameter(s) (e.g. {first[0]} {list(first[1])}): it "
+                             "is (part of) a mixture of experts already, which upcycle_ffn cannot upcycle (it upcycles "
+                             "dense FFNs made of linear layers)")
     for name, kind in targets:  # the modules upcycling replaces (a BERT layer: its intermediate and output.dense)
         for replaced in ([f"{name}.intermediate", f"{name}.output.dense"] if kind == "bert" else [name]):
             inside = next((n for n in held if n == replaced or n.startswith(f"{replaced}.")
