@@ -112,3 +112,72 @@ def test_upcycle_ffn_refuses_a_block_that_is_a_mixture_of_experts(name, ffn_modu
         moelora.upcycle_ffn(model, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj, activation=F.silu)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp \(\w+\) is already a mixture of experts"):
         moelora.upcycle_ffn(model)
+
+
+def _randomized(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_gamma" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])
+def test_loss_adds_the_models_router_loss_and_moeloras_once(name):
+    """outputs.loss of the wrapper = the wrapped model's loss (cross-entropy + router_aux_loss_coef x its own
+    load-balancing loss, with output_router_logits) + moelora.aux_loss, each once; outputs.aux_loss stays the
+    model's own. Every trainable tensor gets a gradient, with gradient checkpointing the same ones."""
+    with pytest.warns(UserWarning, match="stacked weights"):
+        wrapped = _randomized(moelora.get_moelora_model(_build(name), _config("all-linear")))
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    inner = wrapped.model
+    out = wrapped(input_ids=ids, labels=ids, output_router_logits=True)
+    ours = moelora.aux_loss(wrapped)
+    task = inner(input_ids=ids, labels=ids).loss
+    bare = inner(input_ids=ids, labels=ids, output_router_logits=True)
+    assert ours > 0 and out.aux_loss > 0
+    torch.testing.assert_close(bare.loss, task + inner.config.router_aux_loss_coef * bare.aux_loss)
+    torch.testing.assert_close(out.loss, bare.loss + ours)
+    torch.testing.assert_close(out.aux_loss, bare.aux_loss)
+    out.loss.backward()
+    trained = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in trained.items()}
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    wrapped.zero_grad()
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapped(input_ids=ids, labels=ids, output_router_logits=True).loss.backward()
+    for n, p in trained.items():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])
+def test_generate_save_load_and_merge(name, tmp_path):
+    """Greedy generate with the KV cache on a left-padded batch equals argmax over full forwards; the
+    adapter reloads into a fresh model with equal logits; a merged single-expert adapter gives the
+    logits of the unmerged one."""
+    with pytest.warns(UserWarning, match="stacked weights"):
+        wrapped = _randomized(moelora.get_moelora_model(_build(name), _config("all-linear"))).eval()
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        generated = wrapped.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        seq = prompt
+        for _ in range(4):
+            logits = wrapped(input_ids=seq, attention_mask=mask).logits[:, -1]
+            seq, mask = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1), F.pad(mask, (0, 1), value=1)
+        assert torch.equal(generated, seq)
+        ids = seq
+        logits = wrapped(input_ids=ids).logits
+        assert not torch.allclose(logits, _build(name)(input_ids=ids).logits)  # the adapters act
+        wrapped.save_pretrained(str(tmp_path))
+        with pytest.warns(UserWarning, match="stacked weights"):
+            reloaded = moelora.from_pretrained(_build(name), str(tmp_path))
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, rtol=0, atol=0)
+        with pytest.warns(UserWarning, match="stacked weights"):
+            single = _randomized(moelora.get_moelora_model(_build(name), _config("all-linear", num_experts=1,
+                                                                                  top_k=1))).eval()
+        expected = single(input_ids=ids).logits
+        merged = single.merge_and_unload()
+        assert not _adapted(merged)
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
