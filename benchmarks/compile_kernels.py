@@ -261,14 +261,15 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of twenty-one training steps and two backwards (launchers.record_launches), configured by the
+    of twenty-two training steps and two backwards (launchers.record_launches), configured by the
     launchers' defaults (the tile tables emptied meanwhile) as on a 132-SM Hopper GPU: the fused
     MoELoRALinear (bf16 base, fp32 adapters, shared A, softmax_topk with the aux loss: S1's
-    benchmark case; and with LoRA dropout's keep mask, with router jitter); moe_lora's dense regime
+    benchmark case; and with LoRA dropout's keep mask, with router jitter, with an aux-loss mask);
+    moe_lora's dense regime
     adding a base (bf16, shared A r 16; per-expert A r 8 as S2); its grouped regime (shared A
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
     the fused layer in the grouped regime (E 64, r 16: shared A with softmax_topk, per-expert A
-    with threshold routing); dense layers of other widths (256 experts of rank 2, 64 of rank 8,
+    with threshold routing and an aux-loss mask); dense layers of other widths (256 experts of rank 2, 64 of rank 8,
     16 per-expert A's of rank 32, 8 of rank 8) and S1's in fp32 and fp16; moe_lora's dense
     regime in fp32 and with per-expert A's of rank 64, its grouped regime in fp32; moe_ffn on
     the Triton engine; the routing op's backward (moelora.route) and the Router's aux-loss
@@ -304,11 +305,14 @@ def traced_jobs():
         with K.record_launches() as calls:
             adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in ((16, d), (E, d, 16), (E, d))]
             router = L.RouterSpec(adapters[2], None, "softmax_topk", k)
-            for name, p, jitter in (("S1 layer", 0.0, None), ("S1 layer, LoRA dropout", 0.1, None),
-                                    ("S1 layer, router jitter", 0.0, 1 + 0.01 * rand(T, d, dtype=torch.float32))):
+            padding = torch.arange(T) % 512 < 461  # the aux-loss mask: 10% padding
+            for name, p, jitter, aux_mask in (
+                    ("S1 layer", 0.0, None, None), ("S1 layer, LoRA dropout", 0.1, None, None),
+                    ("S1 layer, router jitter", 0.0, 1 + 0.01 * rand(T, d, dtype=torch.float32), None),
+                    ("S1 layer, aux-loss mask", 0.0, None, padding)):
                 mask, keep_scale = L.lora_dropout_mask(x, p)
-                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router._replace(jitter=jitter),
-                                 None, None, mask, keep_scale, False)
+                args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0,
+                                 router._replace(jitter=jitter, aux_mask=aux_mask), None, None, mask, keep_scale, False)
                 y, aux_loss = L._MoELoRALinearFn.apply(*args[:L._GRAD_INPUTS], args[L._GRAD_INPUTS:], [])
                 torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])
                 steps[name], calls[:] = list(calls), []
@@ -347,7 +351,8 @@ def traced_jobs():
                                         ("grouped layer per-expert A threshold", (E, 16, d), "threshold")):
                 adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in (a_shape, (E, d, 16),
                                                                                              (E, d))]
-                router = L.RouterSpec(adapters[2], None, mode, k, eps_start=0.2, eps_end=0.2)
+                router = L.RouterSpec(adapters[2], None, mode, k, eps_start=0.2, eps_end=0.2,  # masked: counting kept
+                                      aux_mask=torch.arange(T) % 512 < 461 if mode == "threshold" else None)
                 args = L.op_args(x.requires_grad_(), w0, None, *adapters[:2], 2.0, router, None, None, None, 1.0, True)
                 y, aux_loss = L._MoELoRALinearFn.apply(*args[:L._GRAD_INPUTS], args[L._GRAD_INPUTS:], [])
                 torch.autograd.grad([y, aux_loss], [x, *adapters], [dy, torch.ones(())])

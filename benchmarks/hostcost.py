@@ -159,11 +159,11 @@ def measure(device: torch.device) -> List[dict]:
         _record("MoELoRALinear fwd+bwd (softmax_topk), autocast", _training_step(_layer(device, torch.float32, D), x32,
                                                                                 dy32, autocast=True), out,
                 LAYER_NOTE + "; fp32 weights, torch.autocast(bfloat16): casts of x, W and b")
-        # padding left out of the aux loss (about 10% of the tokens): the router logits apart, the loss in PyTorch
+        # padding left out of the aux loss (about 10% of the tokens): the masked loss's kernels in place of the unmasked
         masked = _layer(device, dtype, D)
         moelora.set_aux_loss_mask(masked, torch.arange(T, device=device) % 10 != 9)
         _record("MoELoRALinear fwd+bwd (softmax_topk), aux-loss mask", _training_step(masked, x, dy), out,
-                LAYER_NOTE + "; moelora.set_aux_loss_mask: router logits apart, masked aux loss in PyTorch ops")
+                LAYER_NOTE + "; moelora.set_aux_loss_mask: the masked aux loss's two kernels")
         linears = [nn.Linear(D, D, device=device, dtype=dtype) for _ in range(3)]
         block = MoEFFN(linears[0], linears[1], F.silu, E, K, gate_proj=linears[2], router="softmax_topk").train()
         _record("MoEFFN fwd+bwd (SwiGLU, softmax_topk)", _training_step(block, x, dy), out,

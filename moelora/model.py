@@ -402,24 +402,28 @@ def set_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
     each routed module's tokens), nonzero for real tokens and 0 for padding, as transformers'
     ``attention_mask`` (and as Mixtral masks its load-balancing loss); ``None`` clears it. The
     modules hold it until it is changed; a module routing another number of tokens raises. The
-    fused MoELoRALinear then computes its router logits apart from the LoRA down-projection
-    (one more GEMM over x and its backward), so that autograd differentiates the masked loss."""
+    masked loss is one kernel and its gradient another (moelora.ops.losses.masked_aux_losses; the
+    fused MoELoRALinear runs them inside its op, in place of its unmasked aux loss), PyTorch ops
+    on the torch backend and under torch.compile's tracing of modules with a Router."""
     _swap_aux_loss_mask(model, mask)
 
 
 def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> tuple:
     """:func:`set_aux_loss_mask`, returning (the mask the modules now hold, those modules, what each
-    held before) for a caller that puts them back. The mask is held as a new [T] bool tensor."""
+    held before) for a caller that puts them back. The mask is held as a new [T] bool tensor, on the
+    device of the first module's parameters."""
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"the aux-loss mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.is_floating_point() or mask.is_complex():
             raise TypeError(f"the aux-loss mask must be a bool or integer tensor (1 for real tokens, 0 for padding, "
                             f"as an attention_mask), got {mask.dtype}")
-        mask = mask.reshape(-1) != 0
     modules = [m for m in model.modules() if isinstance(m, RoutedModule) and m.takes_aux_loss_mask]
     if not modules and mask is not None:
         raise ValueError("the model has no module with a learned router (an aux-loss mask masks their aux losses)")
+    if mask is not None:
+        weight = next(modules[0].parameters(), None)  # one copy to the modules' device (a data loader's CPU mask)
+        mask = (mask.reshape(-1) != 0).to(mask.device if weight is None else weight.device, non_blocking=True)
     previous = [m.aux_loss_mask for m in modules]
     for m in modules:
         m.__dict__["_aux_loss_mask"] = mask

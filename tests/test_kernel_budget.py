@@ -284,3 +284,29 @@ def test_hostcost_counts_the_budgets_kernels():
                 step()
         counted[case] = counts.total
     assert counted == HOSTCOST_CASES
+
+
+# A layer holding an aux-loss mask (moelora.set_aux_loss_mask): the kernels without it, its unmasked aux loss's launch
+# (a program of the gated expand, or router_aux_loss_kernel) replaced by masked_router_aux_loss_kernel, and the masked
+# loss's gradient (masked_router_aux_loss_backward_kernel) added to the routing's d logits: today's counts.
+MASKED_SETTINGS = {"dense": ({}, 11), "threshold": (dict(router="threshold", top_k=3, threshold_eps=0.2), 13),
+                   "grouped_regime": (dict(num_experts=128), 16)}
+
+
+@pytest.mark.parametrize("feature", list(MASKED_SETTINGS))
+def test_aux_loss_mask_kernel_budget(feature):
+    settings, today = MASKED_SETTINGS[feature]
+    counts = []
+    for masked in (False, True):
+        torch.manual_seed(0)
+        layer = moelora.MoELoRALinear(nn.Linear(64, 64),
+                                      **{**dict(num_experts=8, top_k=2, r=16, share_lora_a=True), **settings}).train()
+        layer.base_layer.requires_grad_(False)
+        if masked:
+            moelora.set_aux_loss_mask(layer, torch.arange(64).reshape(2, 32) % 10 != 9)
+        counts.append(_count_training_step(layer, torch.randn(2, 32, 64, requires_grad=True)))
+    (fwd, bwd), (masked_fwd, masked_bwd) = counts
+    assert masked_fwd.total + masked_bwd.total <= today, f"forward {masked_fwd}\nbackward {masked_bwd}"
+    unmasked = [k for k in fwd.triton + bwd.triton if k != "router_aux_loss_kernel"]
+    assert [k for k in masked_fwd.triton + masked_bwd.triton if not k.startswith("masked_")] == unmasked
+    assert masked_fwd.aten == fwd.aten and masked_bwd.aten == bwd.aten  # no pass over x more, no PyTorch ops

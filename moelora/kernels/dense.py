@@ -518,6 +518,107 @@ def router_aux_loss_kernel(
 
 
 @triton.jit
+def _masked_softmax_rows(l_ptr, offs_t, in_t, offs_e, mask_e, stride_lt, stride_le, ACC: tl.constexpr):
+    """(probabilities [BLOCK_T, BLOCK_E], logsumexp [BLOCK_T]) of the logits rows offs_t, in ACC."""
+    logits = tl.load(l_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le,
+                     mask=in_t[:, None] & mask_e[None, :], other=float("-inf")).to(ACC)
+    row_max = tl.max(logits, axis=1)
+    ex = tl.exp(logits - row_max[:, None])
+    total = tl.sum(ex, axis=1)
+    return ex / total[:, None], row_max + tl.log(total)
+
+
+@triton.jit
+def masked_router_aux_loss_kernel(
+    l_ptr, ids_ptr, w_ptr, m_ptr, loss_ptr, stats_ptr, counts_ptr,
+    lb_coef, z_coef,
+    T, E, stride_lt, stride_le, stride_it, stride_ik, stride_wt, stride_wk, stride_m,
+    COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The router's auxiliary loss over the real tokens of the bool mask m [T] (False for
+    padding): with n = max(1, sum m), counts [E] the real tokens' routed slots (those with weight
+    > 0 where COUNT_KEPT: threshold routing; written to counts_ptr, int64), P the sum of their
+    softmax probabilities of the logits [T, E] and their lse: stats = (lb, z) with lb = E (counts
+    . P) / n^2 and z = sum lse^2 / n, loss = lb_coef lb + z_coef z. In ACC (fp32, fp64 for fp64
+    logits), summed in a fixed order by one program (as moelora.ops.losses.masked_aux_loss_forward).
+    Padding rows are never used, whatever their values; a real row of non-finite logits gives NaN.
+    BLOCK_E > E: the histogram's last bin takes the slots not counted.
+
+    Grid: (1,).
+    """
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    offs_k = tl.arange(0, BLOCK_K)
+    p_acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=ACC)
+    z_acc = tl.zeros((BLOCK_T,), dtype=ACC)
+    n_acc = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        in_t = offs_t < T
+        real = tl.load(m_ptr + offs_t * stride_m, mask=in_t, other=0) != 0
+        probs, lse = _masked_softmax_rows(l_ptr, offs_t, in_t, offs_e, mask_e, stride_lt, stride_le, ACC)
+        p_acc += tl.where(real[:, None], probs, 0.0)
+        z_acc += tl.where(real, lse * lse, 0.0)
+        n_acc += real.to(tl.int32)
+        slots = real[:, None] & (offs_k < TOP_K)[None, :]
+        ids = tl.load(ids_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=slots, other=-1)
+        counted = slots & (ids >= 0) & (ids < E)
+        if COUNT_KEPT:
+            w = tl.load(w_ptr + offs_t[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=slots, other=0.0)
+            counted = counted & (w > 0)
+        bins = tl.where(counted, ids, BLOCK_E - 1)
+        counts += tl.histogram(tl.reshape(bins.to(tl.int32), (BLOCK_T * BLOCK_K,)), BLOCK_E)
+    counts = tl.where(mask_e, counts, 0)
+    tl.store(counts_ptr + offs_e, counts.to(tl.int64), mask=mask_e)
+    inv_n = 1.0 / tl.maximum(tl.sum(n_acc, axis=0), 1).to(ACC)
+    lb = tl.sum(counts.to(ACC) * tl.sum(p_acc, axis=0), axis=0) * (E * inv_n * inv_n)
+    z = tl.sum(z_acc, axis=0) * inv_n
+    tl.store(loss_ptr, lb_coef * lb + z_coef * z)
+    tl.store(stats_ptr, lb)
+    tl.store(stats_ptr + 1, z)
+
+
+@triton.jit
+def masked_router_aux_loss_backward_kernel(
+    g_ptr, l_ptr, counts_ptr, m_ptr, dl_ptr,
+    lb_coef, z_coef,
+    T, E, stride_lt, stride_le, stride_c, stride_m, stride_dt, stride_de,
+    ADD: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Adds (ADD; else writes) the gradient of masked_router_aux_loss_kernel's loss, given its
+    gradient g (0-d), to the logits' gradient dl [T, E] in place: for a real token t (0 for padding),
+    dl[t, j] += g / n p_tj (c'_j - p_t . c' + 2 z_coef lse_t), c' = lb_coef E counts / n (as
+    moelora.ops.losses.masked_aux_loss_backward). Each program counts n over the whole mask
+    (BLOCK_N tokens at a time), then takes BLOCK_T tokens.
+
+    Grid: (cdiv(T, BLOCK_T),).
+    """
+    pid = tl.program_id(0)
+    n_acc = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_N):
+        offs_n = t0 + tl.arange(0, BLOCK_N)
+        n_acc += (tl.load(m_ptr + offs_n * stride_m, mask=offs_n < T, other=0) != 0).to(tl.int32)
+    inv_n = 1.0 / tl.maximum(tl.sum(n_acc, axis=0), 1).to(ACC)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    scaled = tl.load(counts_ptr + offs_e * stride_c, mask=mask_e, other=0).to(ACC) * (lb_coef * E * inv_n)
+    offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_t = offs_t < T
+    real = tl.load(m_ptr + offs_t * stride_m, mask=in_t, other=0) != 0
+    probs, lse = _masked_softmax_rows(l_ptr, offs_t, in_t, offs_e, mask_e, stride_lt, stride_le, ACC)
+    per_token = (2 * z_coef) * lse - tl.sum(probs * scaled[None, :], axis=1)
+    g = tl.load(g_ptr).to(ACC) * inv_n
+    grad = tl.where(real[:, None] & mask_e[None, :], probs * (scaled[None, :] + per_token[:, None]) * g, 0.0)
+    dl_ptrs = dl_ptr + offs_t[:, None] * stride_dt + offs_e[None, :] * stride_de
+    tile = in_t[:, None] & mask_e[None, :]
+    if ADD:
+        grad += tl.load(dl_ptrs, mask=tile, other=0.0).to(ACC)
+    tl.store(dl_ptrs, grad.to(dl_ptr.dtype.element_ty), mask=tile)
+
+
+@triton.jit
 def router_aux_loss_backward_kernel(
     g_ptr, counts_ptr, lse_ptr, g_prob_sums_ptr, g_lse_ptr,
     lb_scale, z_scale,

@@ -26,6 +26,7 @@ import triton.language as tl
 from moelora.kernels.dense import (NO_ROUTER, SOFTMAX_PLAIN, SOFTMAX_RENORMALIZED, TOPK_SOFTMAX,
                                    gate_backward_kernel, gated_expand_kernel, lora_down_kernel,
                                    lora_weight_grad_kernel, lora_weight_grad_reduce_kernel,
+                                   masked_router_aux_loss_backward_kernel, masked_router_aux_loss_kernel,
                                    router_aux_loss_backward_kernel, router_aux_loss_kernel, router_backward_kernel,
                                    threshold_weights_kernel)
 from moelora.kernels.grouped import (combine_rows_backward_kernel, combine_rows_kernel, glu_backward_kernel,
@@ -630,6 +631,60 @@ def router_aux_loss_backward(g: torch.Tensor, counts: torch.Tensor, lse: torch.T
     kernel = _router_aux_loss_backward_launch(E, T, counts.stride(0), lse.stride(0), lse.dtype)
     kernel(g, counts, lse, g_prob_sums, g_lse, float(lb_coef * E * inv_t * inv_t), float(2.0 * z_coef * inv_t))
     return g_prob_sums, g_lse
+
+
+@functools.lru_cache(maxsize=1024)
+def _masked_router_aux_loss_launch(T: int, E: int, top_k: int, count_kept: bool, dtype: torch.dtype,
+                                   logits_strides: tuple, ids_strides: tuple, w_strides: tuple,
+                                   mask_stride: int) -> KernelLaunch:
+    block_e = _pow2_block(E + 1, 16, 1 << 16)  # a spare histogram bin
+    block_t = max(16, min(256, 4096 // block_e))
+    return KernelLaunch(masked_router_aux_loss_kernel, (1,),
+                        (T, E, *logits_strides, *ids_strides, *w_strides, mask_stride), COUNT_KEPT=count_kept,
+                        TOP_K=top_k, ACC=_TL_DTYPES[dtype], BLOCK_T=block_t, BLOCK_E=block_e,
+                        BLOCK_K=next_power_of_2(top_k))
+
+
+def masked_router_aux_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                           mask: torch.Tensor, lb_coef: float, z_coef: float, count_kept: bool):
+    """(loss 0-d, stats [2] = (lb, z), counts [E] int64) of a learned router's aux loss over the real
+    tokens of the bool ``mask`` [T], from its ``logits`` [T, E] (fp32 or fp64: the results' dtype)
+    and routing, in one single-program launch (masked_router_aux_loss_kernel)."""
+    T, E = logits.shape
+    loss = torch.empty((), dtype=logits.dtype, device=logits.device)
+    stats = torch.empty(2, dtype=logits.dtype, device=logits.device)
+    counts = torch.empty(E, dtype=torch.int64, device=logits.device)
+    kernel = _masked_router_aux_loss_launch(T, E, topk_ids.shape[1], count_kept, logits.dtype, logits.stride(),
+                                            topk_ids.stride(), topk_weights.stride(), mask.stride(0))
+    kernel(logits, topk_ids, topk_weights, mask, loss, stats, counts, float(lb_coef), float(z_coef))
+    return loss, stats, counts
+
+
+@functools.lru_cache(maxsize=1024)
+def _masked_router_aux_loss_backward_launch(T: int, E: int, dtype: torch.dtype, logits_strides: tuple,
+                                            counts_stride: int, mask_stride: int, dl_strides: tuple,
+                                            add: bool) -> KernelLaunch:
+    block_e = _pow2_block(E, 16, 1 << 16)
+    block_t = max(1, min(64, 4096 // block_e))
+    return KernelLaunch(masked_router_aux_loss_backward_kernel, (cdiv(T, block_t),),
+                        (T, E, *logits_strides, counts_stride, mask_stride, *dl_strides), ADD=add,
+                        ACC=_TL_DTYPES[accumulator_dtype(dtype)], BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_N=1024)
+
+
+def masked_router_aux_loss_backward(g: torch.Tensor, logits: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor,
+                                    lb_coef: float, z_coef: float, dl: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gradient of masked_router_aux_loss's loss for its gradient ``g`` (0-d) with respect to the
+    logits, added to ``dl`` [T, E] in place where given, else written to a new tensor (one launch)."""
+    T, E = logits.shape
+    add = dl is not None
+    if not add:
+        dl = torch.empty_like(logits)
+    if T == 0:
+        return dl
+    kernel = _masked_router_aux_loss_backward_launch(T, E, logits.dtype, logits.stride(), counts.stride(0),
+                                                     mask.stride(0), dl.stride(), add)
+    kernel(g, logits, counts, mask, dl, float(lb_coef), float(z_coef))
+    return dl
 
 
 @functools.lru_cache(maxsize=4096)

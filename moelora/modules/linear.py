@@ -170,20 +170,13 @@ class MoELoRALinear(AdapterLayerBase):
             ids, weights = single_expert_routing(num_tokens, x.device)
             return None, ids, weights
         threshold = r.mode == "threshold"
-        weight = logits = jitter = None
-        if self.__dict__.get("_aux_loss_mask") is not None:
-            # the masked aux loss differentiates the logits (RoutedModule._record_routing): computed here, by the
-            # router (jitter drawn there), from x as the op reads it (autocast's dtype)
-            cast = autocast_dtype(x)
-            logits = r.logits(x if cast is None else autocast_input(x, cast))
-        else:
-            weight = r.weight
-            # drawn in Router.forward's order (the composed path's): jitter factors, then threshold noise
-            jitter = r.jitter_factors(x) if r.jitters else None
-        spec = RouterSpec(weight, logits, r.mode, r.top_k, r.renormalize, r.eps_start, r.eps_end, r.eps_ramp_steps,
+        # drawn in Router.forward's order (the composed path's): jitter factors, then threshold noise
+        jitter = r.jitter_factors(x) if r.jitters else None
+        spec = RouterSpec(r.weight, None, r.mode, r.top_k, r.renormalize, r.eps_start, r.eps_end, r.eps_ramp_steps,
                           r.num_steps if threshold else None,
                           r.threshold_noise(num_tokens, x.device) if threshold else None,
-                          self.aux_loss_coef, self.z_loss_coef, jitter)
+                          self.aux_loss_coef, self.z_loss_coef, jitter,
+                          self.aux_loss_mask_of(num_tokens, x.device) if "_aux_loss_mask" in self.__dict__ else None)
         return spec, None, None
 
     def _fusable(self, base: nn.Module, args, kwargs) -> bool:

@@ -100,6 +100,20 @@ class RoutedModule:
         taken over, or None (every token); set by ``moelora.set_aux_loss_mask``."""
         return self.__dict__.get("_aux_loss_mask")
 
+    def aux_loss_mask_of(self, num_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The aux-loss mask ([T] bool) on ``device`` for a forward routing ``num_tokens`` tokens, or
+        None; a ValueError where the mask has another number of tokens."""
+        mask = self.__dict__.get("_aux_loss_mask")
+        if mask is None:
+            return None
+        if mask.numel() != num_tokens:
+            raise ValueError(
+                f"the aux-loss mask has {mask.numel()} tokens, but this {type(self).__name__} routed {num_tokens} in "
+                "its forward: the mask ([batch, sequence], as an attention_mask) must cover the tokens of every "
+                "routed module it is set on, in the order of the module's input; set it on the part of the model "
+                "whose tokens it covers (moelora.set_aux_loss_mask(submodule, mask))")
+        return mask.to(device, non_blocking=True)  # no copy where it is already there
+
     @property
     def last_aux_loss(self) -> Optional[torch.Tensor]:
         """The weighted auxiliary loss (0-d) of this module's last forward, or None."""
@@ -123,22 +137,14 @@ class RoutedModule:
                         aux_stats: Optional[torch.Tensor] = None) -> None:
         """Keep this forward's weighted aux loss and statistics from a learned ``routing``
         (moelora.ops.routing_modes.Routing). ``aux_loss`` and ``aux_stats`` (from the fused layer's
-        kernel) are computed here when not given (moelora.ops.losses.routing_aux_losses); with an
-        aux-loss mask, over its real tokens from the routing's logits, which must then be
-        differentiable (moelora.ops.losses.masked_aux_losses)."""
-        mask = self.__dict__.get("_aux_loss_mask")
+        op, over the aux-loss mask's real tokens where one is held, as the routing's counts) are
+        computed here when not given (moelora.ops.losses.routing_aux_losses; with an aux-loss mask,
+        moelora.ops.losses.masked_aux_losses from the routing's logits, which must then be
+        differentiable)."""
+        mask = self.aux_loss_mask_of(routing.weights.shape[0], routing.weights.device)
         counts = routing.counts
-        if mask is not None:
-            num_tokens = routing.weights.shape[0]
-            if mask.numel() != num_tokens:
-                raise ValueError(
-                    f"the aux-loss mask has {mask.numel()} tokens, but this {type(self).__name__} routed "
-                    f"{num_tokens} in its forward: the mask ([batch, sequence], as an attention_mask) must "
-                    "cover the tokens of every routed module it is set on, in the order of the module's input; "
-                    "set it on the part of the model whose tokens it covers (moelora.set_aux_loss_mask(submodule, "
-                    "mask))")
+        if aux_loss is None and mask is not None:
             router = getattr(self, "router", None)
-            mask = mask.to(routing.logits.device, non_blocking=True)  # no copy where it is already there
             aux_loss, aux_stats, counts = masked_aux_losses(
                 routing.logits, routing.ids, routing.weights, mask, self.aux_loss_coef, self.z_loss_coef,
                 count_kept=getattr(router, "mode", None) == "threshold")

@@ -93,54 +93,108 @@ def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor,
 def masked_aux_losses(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                       lb_coef: float, z_coef: float, count_kept: bool = False):
     """(loss, stats, counts) of :func:`aux_losses` over the real tokens only: ``mask`` [T] bool
-    (False for padding), T then the number of real tokens n (at least 1), counts [E] their routed
-    slots (those with weight > 0 where ``count_kept``: threshold routing; in the logits' dtype),
-    prob_sums and lse over them from the routing's ``logits`` [T, E] (as transformers' Mixtral
-    masks its load-balancing loss). Differentiable in the logits (:class:`_MaskedAuxLossFn`, whose
-    backward is the closed form). An all-True mask gives aux_losses' loss; padding tokens change
-    neither the loss nor its gradients. The softmax and logsumexp are PyTorch's, weighted by the
-    mask: non-finite logits, of any token, make the loss NaN (the routing op's limits for
-    infinite logits are not taken here)."""
+    (False for padding), T then the number of real tokens n (at least 1), counts [E] (int64) their
+    routed slots (those with weight > 0 where ``count_kept``: threshold routing), prob_sums and
+    lse over them from the routing's ``logits`` [T, E] (as transformers' Mixtral masks its
+    load-balancing loss). Differentiable in the logits, by the closed-form gradient: where the
+    Triton kernels run, one launch forward and one backward (launchers.masked_router_aux_loss, as
+    in the fused layer's op; :class:`_MaskedAuxKernelFn`), else PyTorch ops (:class:`_MaskedAuxLossFn`).
+    An all-True mask gives aux_losses' loss; padding tokens change neither the loss nor its
+    gradients, whatever the padding rows hold; a real token's non-finite logits make the loss NaN
+    (the routing op's limits for infinite logits are not taken here)."""
     logits = logits.to(accumulator_dtype(logits.dtype))
-    real = mask.reshape(-1).to(logits.dtype)
-    slots = real.unsqueeze(1).expand(ids.shape)
-    if count_kept:
-        slots = slots * (weights > 0)
-    counts = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device).index_add_(
-        0, ids.reshape(-1), slots.reshape(-1))
-    loss, stats = _MaskedAuxLossFn.apply(logits, counts, real, lb_coef, z_coef)
+    if logits.shape[0] and kernels_run(logits.device) and not torch.compiler.is_compiling():
+        return _MaskedAuxKernelFn.apply(logits, ids, weights, mask, lb_coef, z_coef, count_kept)
+    counts = masked_counts(ids, weights, mask, logits.shape[-1], count_kept)
+    loss, stats = _MaskedAuxLossFn.apply(logits, counts, mask, lb_coef, z_coef)
     return loss, stats, counts
+
+
+def masked_counts(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_experts: int,
+                  count_kept: bool) -> torch.Tensor:
+    """[E] int64: the routed slots of the real tokens of ``mask`` [T] bool per expert (those with
+    weight > 0 where ``count_kept``)."""
+    slots = mask.reshape(-1, 1).expand(ids.shape)
+    if count_kept:
+        slots = slots & (weights > 0)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(
+        0, ids.reshape(-1), slots.reshape(-1).long())
+
+
+def _real_rows(logits: torch.Tensor, mask: torch.Tensor):
+    """(the logits with padding rows 0, w [T] = m_t / n, 1 / n) of the mask m (1 for real tokens, 0 for
+    padding; n = max(1, sum m)): padding rows, whatever they hold, are then finite and weigh 0."""
+    mask = mask.reshape(-1)
+    real = mask.to(logits.dtype)
+    inv_n = real.sum().clamp_min(1).reciprocal()
+    return torch.where(mask.unsqueeze(1), logits, 0.0), real.mul_(inv_n), inv_n
+
+
+def masked_aux_loss_forward(logits: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, lb_coef: float,
+                            z_coef: float):
+    """(loss, stats) of the masked aux loss (no autograd: the fused layer's op and
+    :class:`_MaskedAuxLossFn` differentiate it with :func:`masked_aux_loss_backward`), with the
+    token weights w_t = m_t / n: lb = E (c / n) . (sum_t w_t p_t), z = sum_t w_t lse_t^2."""
+    logits, w, inv_n = _real_rows(logits, mask)
+    lse = torch.logsumexp(logits, dim=-1)
+    lb = counts.to(logits.dtype).dot(torch.softmax(logits, dim=-1).t().mv(w)).mul_(inv_n * logits.shape[-1])
+    z = lse.square_().dot(w)
+    return (lb * lb_coef).add_(z, alpha=z_coef), torch.stack([lb, z])
+
+
+def masked_aux_loss_backward(g: torch.Tensor, logits: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor,
+                             lb_coef: float, z_coef: float) -> torch.Tensor:
+    """d loss / d logits [T, E] of the masked aux loss for its gradient ``g`` (0-d): for a real
+    token t (0 for padding), g p_tj (lb_coef E / n^2 (c_j - p_t . c) + 2 z_coef lse_t / n)
+    = g w_t p_tj (c'_j - p_t . c' + 2 z_coef lse_t) with c' = lb_coef E c / n."""
+    logits, w, inv_n = _real_rows(logits, mask)
+    probs = torch.softmax(logits, dim=-1)
+    scaled = counts.to(logits.dtype).mul_(inv_n * (lb_coef * logits.shape[-1]))
+    per_token = torch.logsumexp(logits, dim=-1).mul_(2 * z_coef).sub_(probs.mv(scaled))
+    return (per_token.unsqueeze(1) + scaled).mul_(probs).mul_(w.mul_(g).unsqueeze(1))
+
+
+class _MaskedAuxKernelFn(torch.autograd.Function):
+    """(loss, stats, counts) of :func:`masked_aux_losses` in one launch (launchers.masked_router_aux_loss);
+    backward: d logits in one more (launchers.masked_router_aux_loss_backward)."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, weights, mask, lb_coef, z_coef, count_kept):
+        loss, stats, counts = launchers.masked_router_aux_loss(logits, ids, weights, mask, lb_coef, z_coef, count_kept)
+        ctx.save_for_backward(logits, counts, mask)
+        ctx.coefs = (lb_coef, z_coef)
+        ctx.mark_non_differentiable(stats, counts)
+        ctx.set_materialize_grads(False)
+        return loss, stats, counts
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        refuse_double_backward("the masked aux loss")
+        if g is None:
+            return (None,) * 7
+        return (launchers.masked_router_aux_loss_backward(g, *ctx.saved_tensors, *ctx.coefs),) + (None,) * 6
 
 
 class _MaskedAuxLossFn(torch.autograd.Function):
     """(loss, stats) of :func:`masked_aux_losses` from the logits [T, E], the real tokens' slot
-    counts c [E] and the mask m [T] (1 for real tokens, 0 for padding; n = max(1, sum m)):
-    lb = E (c . P) / n^2 with P = sum_t m_t p_t, z = sum_t m_t lse_t^2 / n. Backward (closed form):
-    d loss / d logits[t, j] = g m_t p_tj (lb_coef E / n^2 (c_j - p_t . c) + 2 z_coef lse_t / n)."""
+    counts c [E] and the mask m [T] (n = max(1, sum m)): lb = E (c . P) / n^2 with P = sum_t m_t
+    p_t, z = sum_t m_t lse_t^2 / n, loss = lb_coef lb + z_coef z; backward: :func:`masked_aux_loss_backward`."""
 
     @staticmethod
-    def forward(ctx, logits, counts, real, lb_coef, z_coef):
-        probs = torch.softmax(logits, dim=-1)
-        lse = torch.logsumexp(logits, dim=-1) * real
-        inv_n = real.sum().clamp_min(1).reciprocal()
-        lb_scale = logits.shape[-1] * inv_n * inv_n
-        stats = torch.stack([counts.dot(probs.t().mv(real)) * lb_scale, lse.dot(lse) * inv_n])
-        ctx.save_for_backward(probs, lse, counts, real, lb_scale, inv_n)
+    def forward(ctx, logits, counts, mask, lb_coef, z_coef):
+        loss, stats = masked_aux_loss_forward(logits, counts, mask, lb_coef, z_coef)
+        ctx.save_for_backward(logits, counts, mask)
         ctx.coefs = (lb_coef, z_coef)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
-        return lb_coef * stats[0] + z_coef * stats[1], stats
+        return loss, stats
 
     @staticmethod
     def backward(ctx, g, _):
         refuse_double_backward("the masked aux loss")
         if g is None:
             return None, None, None, None, None
-        probs, lse, counts, real, lb_scale, inv_n = ctx.saved_tensors
-        lb_coef, z_coef = ctx.coefs
-        per_token = ((counts - probs.mv(counts).unsqueeze(1)) * (real * (g * lb_coef * lb_scale)).unsqueeze(1)
-                     + (lse * (g * 2 * z_coef * inv_n)).unsqueeze(1))  # lse is 0 for padding
-        return probs * per_token, None, None, None, None
+        return masked_aux_loss_backward(g, *ctx.saved_tensors, *ctx.coefs), None, None, None, None
 
 
 def routing_aux_losses(routing, lb_coef: float, z_coef: float):

@@ -20,6 +20,10 @@ dense regime (E*r small):
             lora_weight_grad: dB (in its [E, d_out, r] layout), dA, dW_router in one kernel,
             split reductions summed in a fixed order on the device
 
+An aux-loss mask (``RouterSpec.aux_mask``, [T] bool: the real tokens) replaces the aux loss's
+program by masked_router_aux_loss (one launch: the real tokens' counts and loss from the logits)
+and adds its gradient to the routing's d logits in the backward (one launch).
+
 LoRA dropout (a bool keep mask M of x's shape, drawn by :func:`lora_dropout_mask`, and its
 scale s_d = 1/(1-p); the LoRA branch reads x_lora = s_d M (.) x, the router and the base x)
 costs no kernel in the dense regime: lora_down reads M beside x (h from x_lora, the logits
@@ -63,7 +67,7 @@ import torch.nn.functional as F
 from moelora.kernels import launchers
 from moelora.ops.moe_lora import (choose_regime, fake_grouped_layout, grouped_forward, grouped_input_grads,
                                   grouped_output_grads, grouped_row_count, lora_a_rows, moe_lora, saved_layout)
-from moelora.ops.losses import aux_losses
+from moelora.ops.losses import aux_losses, masked_aux_losses
 from moelora.ops.routing_modes import LEARNED_MODES, Routing, linear_logits, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import (FLOAT_DTYPES, as_2d, check_adapter_shapes, check_routing_values, check_same_device,
@@ -78,8 +82,9 @@ class RouterSpec(NamedTuple):
     ("softmax_topk", "topk_softmax" or "threshold"), top_k, renormalize, threshold routing's
     eps schedule (eps_start -> eps_end over ramp_steps steps of the ``num_steps`` counter, read
     on the device) and training draws ``noise`` [T, k] (None at eval), the auxiliary-loss
-    coefficients, and router jitter's factors ``jitter`` (x's shape; the router reads x (.) jitter;
-    None without jitter)."""
+    coefficients, router jitter's factors ``jitter`` (x's shape; the router reads x (.) jitter;
+    None without jitter), and ``aux_mask`` ([T] bool, False for padding: the aux loss and the
+    counts over the real tokens only, moelora.ops.losses.masked_aux_losses; None: every token)."""
 
     weight: Optional[torch.Tensor]
     logits: Optional[torch.Tensor]
@@ -94,6 +99,7 @@ class RouterSpec(NamedTuple):
     lb_coef: float = 0.01
     z_coef: float = 0.001
     jitter: Optional[torch.Tensor] = None
+    aux_mask: Optional[torch.Tensor] = None
 
 
 def moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -190,7 +196,8 @@ def check_linear_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids
         raise TypeError(f"router must be a RouterSpec or None, got {type(router).__name__}")
     optional = dict(bias=bias, dropout_mask=dropout_mask)
     if router is not None:
-        optional.update({f"router.{n}": getattr(router, n) for n in ("weight", "logits", "noise", "jitter")})
+        optional.update({f"router.{n}": getattr(router, n) for n in ("weight", "logits", "noise", "jitter",
+                                                                      "aux_mask")})
     for name, t in optional.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
@@ -242,6 +249,10 @@ def check_linear_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids
                          f"{tuple(router.noise.shape)}")
     if router.jitter is not None and router.jitter.shape != x.shape:
         raise ValueError(f"router.jitter must have x's shape {tuple(x.shape)}, got {tuple(router.jitter.shape)}")
+    mask = router.aux_mask
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (T,)):
+        raise ValueError(f"router.aux_mask must be a bool tensor of shape [T = {T}], got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
 
 
 # The fused op's first _GRAD_INPUTS arguments are the tensors that may need a gradient.
@@ -252,17 +263,17 @@ def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_wei
             dropout_scale: float, grouped: bool) -> tuple:
     """The flat argument list of the fused op (``moelora::moe_lora_linear_fwd``): the 8 tensors
     that may need a gradient (x, weight, bias, lora_a, lora_b, router_weight, logits_in,
-    topk_weights; each may be None but x, weight and the adapters), the 5 others (topk_ids,
-    noise, num_steps, dropout_mask, jitter), then the 11 scalars (scaling, mode, top_k, renormalize,
+    topk_weights; each may be None but x, weight and the adapters), the 6 others (topk_ids,
+    noise, num_steps, dropout_mask, jitter, aux_mask), then the 11 scalars (scaling, mode, top_k, renormalize,
     eps_start, eps_end, ramp_steps, lb_coef, z_coef, dropout_scale, grouped: the regime of
     moelora.moe_lora)."""
     r = router
     if r is None:
         return (x, weight, bias, lora_a, lora_b, None, None, topk_weights, topk_ids, None, None, dropout_mask, None,
-                float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0, float(dropout_scale), grouped)
+                None, float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0, float(dropout_scale), grouped)
     num_steps = r.num_steps if r.mode == "threshold" and r.ramp_steps > 0 else None
     return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, None, r.noise, num_steps, dropout_mask,
-            r.jitter, float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
+            r.jitter, r.aux_mask, float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
             int(r.ramp_steps), float(r.lb_coef), float(r.z_coef), float(dropout_scale), grouped)
 
 
@@ -306,8 +317,14 @@ def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_w
             logits = linear_logits(x, router.weight, None if router.jitter is None else router.jitter.reshape(x.shape))
         eps = scheduled_eps(router.eps_start, router.eps_end, router.ramp_steps, router.num_steps)
         routing = route_logits(logits, router.mode, router.top_k, router.renormalize, eps, router.noise)
-        aux_loss, aux_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, router.lb_coef,
-                                         router.z_coef)
+        if router.aux_mask is None:
+            aux_loss, aux_stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, router.lb_coef,
+                                             router.z_coef)
+        else:
+            aux_loss, aux_stats, counts = masked_aux_losses(routing.logits, routing.ids, routing.weights,
+                                                            router.aux_mask, router.lb_coef, router.z_coef,
+                                                            count_kept=router.mode == "threshold")
+            routing = routing._replace(counts=counts)
         topk_ids, topk_weights = routing.ids, routing.weights
     else:
         routing = Routing(topk_weights, topk_ids)
@@ -331,13 +348,14 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
 
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                   num_steps, dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
+                   num_steps, dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
                    lb_coef, z_coef, dropout_scale, grouped, y_out=None):
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout); for static routing ids
     and weights are the given ones and logits, counts and aux are empty. h is [T, R], or for the
     grouped regime's per-expert A the rows x[t] A_e^T [rows of the layout, r]; layout: the
     grouped regime's pair layout (moelora.ops.routing.layout_tensors), [] in the dense regime.
-    y is written into ``y_out`` [T, d_out] where given."""
+    y is written into ``y_out`` [T, d_out] where given. With ``aux_mask`` the counts and the aux
+    loss are the real tokens' (launchers.masked_router_aux_loss, one launch)."""
     dtype = x.dtype
     down_rows = None if grouped and lora_a.dim() == 3 else lora_a_rows(lora_a)  # grouped: per row, below
     if down_rows is not None or router_weight is not None:
@@ -353,6 +371,10 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
     else:
         weights, ids, aux = _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_end, ramp_steps,
                                    lb_coef, z_coef)
+    masked = None
+    if aux is not None and aux_mask is not None:  # the real tokens' aux loss and counts, in place of aux's
+        masked = launchers.masked_router_aux_loss(logits, ids, weights, aux_mask, lb_coef, z_coef, aux.count_kept)
+        aux = None
     out, layout = None, []
     if grouped:
         xl = x if dropout_mask is None or h is not None else dropped_out(x, dropout_mask, dropout_scale)
@@ -365,6 +387,8 @@ def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, to
         y.addmm_(x, weight.t())
     if aux is not None and out is None:  # the grouped regime, or too many experts to fold into the expand
         out = launchers.router_aux_loss(ids, weights, aux)
+    if masked is not None:
+        out = masked
     aux_loss, aux_stats, counts = out if out is not None else (x.new_empty(0) for _ in range(3))
     logits = x.new_empty(0) if logits is None else logits
     return y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout
@@ -391,31 +415,36 @@ def _on_request(n) -> tuple:
 
 
 # Saved tensors before the grouped regime's pair layout: x, weight, lora_a, lora_b, router_weight, h,
-# logits, ids, weights, counts, dropout_mask, jitter (both autograd paths save them in this order).
-_FIXED_SAVED = 12
+# logits, ids, weights, counts, dropout_mask, jitter, aux_mask (both autograd paths save them in this order).
+_FIXED_SAVED = 13
 
 
 def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
-                    dropout_mask, jitter, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped,
-                    needs):
+                    dropout_mask, jitter, aux_mask, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale,
+                    grouped, needs):
     """Gradients of (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights);
-    ``needs`` says which are wanted (None where not); ``layout``: the forward's (grouped regime)."""
+    ``needs`` says which are wanted (None where not); ``layout``: the forward's (grouped regime).
+    With ``aux_mask`` the masked aux loss's gradient (launchers.masked_router_aux_loss_backward) is
+    added to the routing's d logits before they are used, in place of the kernels' own."""
     need_x, need_weight, need_bias, _, need_logits, need_w = needs
     dtype = x.dtype
     aux_only = dy is None  # only the aux loss reached the loss
     if aux_only:
         dy = x.new_zeros(x.shape[0], weight.shape[0])
-    router = None
+    router = dl_aux = None
     if mode != "static":
         grad_mode = "softmax_topk_plain" if mode == "softmax_topk" and not renormalize else mode
-        router = launchers.RouterGrad(logits, counts, g_aux, grad_mode, lb_coef, z_coef)
+        if aux_mask is not None and g_aux is not None:
+            dl_aux = (g_aux, logits, counts, aux_mask, lb_coef, z_coef)
+        router = launchers.RouterGrad(logits, counts, None if aux_mask is not None else g_aux, grad_mode, lb_coef,
+                                      z_coef)
     dropout = (dropout_mask, dropout_scale)
     if grouped:
         grads = _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, layout,
-                                       scaling, router, need_x)
+                                       scaling, router, need_x, dl_aux)
     else:
         grads = _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, scaling,
-                                     router, need_x)
+                                     router, need_x, dl_aux)
     dx, dlora_a, dlora_b, drouter, dl, dw = grads
     if need_x:
         if dx is None:
@@ -430,12 +459,13 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
 
 
 def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, scaling, router,
-                         need_x):
+                         need_x, dl_aux=None):
     """(dx before dy W or None, dA, dB, dW_router, d logits, dw) of the dense regime: dHg = dy B_stack;
     gate_backward: dh and dw or d logits (routing and aux-loss gradients); lora_weight_grad: dB, dA
     (and dW_router, the router reading x); dx = [dh | dl] [A ; W_router]. ``dropout`` = (mask or
     None, scale): dA reads x_lora and the dx GEMM masks dh A (its dl W_router part stays);
-    ``jitter``: dW_router reads x (.) J and the dx GEMM scales dl W_router by J."""
+    ``jitter``: dW_router reads x (.) J and the dx GEMM scales dl W_router by J. ``dl_aux``: the
+    arguments of the masked aux loss's gradient, added to the routing's d logits."""
     mask, mask_scale = dropout
     dtype = x.dtype
     shared = lora_a.dim() == 2
@@ -446,6 +476,8 @@ def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, 
     dh, dw_or_dl, hg = launchers.gate_backward(dhg, h, ids, weights, num_experts=num_experts, rank=rank,
                                                scaling=scaling, shared_a=shared, router=router, hg_dtype=dtype)
     dl, dw = (dw_or_dl, None) if router is not None else (None, dw_or_dl)
+    if dl_aux is not None:
+        launchers.masked_router_aux_loss_backward(*dl_aux, dl=dl)
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
     drouter = (torch.empty(router_weight.shape, dtype=router_weight.dtype, device=x.device)
@@ -462,7 +494,7 @@ def _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, 
 
 
 def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, layout, scaling,
-                           router, need_x):
+                           router, need_x, dl_aux=None):
     """The same for the grouped regime (moelora.moe_lora's): dh rows = s w dy B_e with dw in the
     same grouped GEMM's epilogue; dB by a fixed-order grouped reduction; router_backward: d
     logits from dw; then dA, dW_router and dx = [dh | dl] [A ; W_router] (dense for a shared
@@ -478,6 +510,8 @@ def _grouped_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights
     dh_rows, dlora_b = grouped_output_grads(dy, h, lora_a, lora_b, meta, weights, scaling, dw, dtype)
     dw = dw.view(T, top_k)
     dl = launchers.router_backward(dw, ids, weights, router) if router is not None else None
+    if dl_aux is not None:
+        launchers.masked_router_aux_loss_backward(*dl_aux, dl=dl)
     drouter = None
     if router_weight is not None:
         x_router = x if jitter is None else x * jitter
@@ -518,15 +552,15 @@ class _MoELoRALinearFn(torch.autograd.Function):
     Autograd's work per call grows with the Function's inputs and outputs, so only the tensors
     that may need a gradient are inputs: (x, weight, bias, lora_a, lora_b, router_weight,
     logits_in, topk_weights), then ``rest`` = the op's other arguments as op_args orders them
-    (topk_ids, noise, num_steps, dropout_mask, jitter, then the 11 scalars). The outputs are
+    (topk_ids, noise, num_steps, dropout_mask, jitter, aux_mask, then the 11 scalars). The outputs are
     y [..., d_out] and aux_loss; the non-differentiable ones (h, logits, ids, weights, counts,
     aux_stats) are appended to the list ``extra``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, rest, extra):
-        topk_ids, noise, num_steps, dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, \
-            ramp_steps, lb_coef, z_coef, dropout_scale, grouped = rest
+        topk_ids, noise, num_steps, dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, \
+            eps_end, ramp_steps, lb_coef, z_coef, dropout_scale, grouped = rest
         x_shape, T = x.shape, math.prod(x.shape[:-1])
         x = as_2d(x, T, x_shape[-1])
         if dropout_mask is not None:
@@ -536,10 +570,10 @@ class _MoELoRALinearFn(torch.autograd.Function):
         y_out = None if len(x_shape) == 2 else x.new_empty(x_shape[:-1] + (weight.shape[0],))
         y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout = _fused_forward(
             x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise, num_steps,
-            dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
-            dropout_scale, grouped, None if y_out is None else y_out.view(T, weight.shape[0]))
+            dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
+            z_coef, dropout_scale, grouped, None if y_out is None else y_out.view(T, weight.shape[0]))
         ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask,
-                              jitter, *layout)
+                              jitter, aux_mask, *layout)
         ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped)
         ctx.x_shape = x_shape
         ctx.set_materialize_grads(False)  # no zero gradients built for the outputs backward ignores
@@ -576,20 +610,20 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         lora_b: torch.Tensor, router_weight: Optional[torch.Tensor], logits_in: Optional[torch.Tensor],
                         topk_weights: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor],
                         noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor],
-                        dropout_mask: Optional[torch.Tensor], jitter: Optional[torch.Tensor], scaling: float, mode: str,
-                        top_k: int, renormalize: bool, eps_start: float, eps_end: float, ramp_steps: int,
+                        dropout_mask: Optional[torch.Tensor], jitter: Optional[torch.Tensor],
+                        aux_mask: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool, eps_start: float, eps_end: float, ramp_steps: int,
                         lb_coef: float, z_coef: float, dropout_scale: float, grouped: bool) -> List[torch.Tensor]:
     """[y, h, logits, ids, weights, counts, aux_loss, aux_stats, *layout] of the fused layer (see
     the module docstring); layout: the grouped regime's pair layout, none in the dense regime."""
     out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                         num_steps, dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end,
-                         ramp_steps, lb_coef, z_coef, dropout_scale, grouped)
+                         num_steps, dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start,
+                         eps_end, ramp_steps, lb_coef, z_coef, dropout_scale, grouped)
     return _outputs(out, mode == "static", logits_in is not None, x)
 
 
 @moe_lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, topk_ids, noise, num_steps,
-      dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
+      dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
       dropout_scale, grouped):
     T = x.shape[0]
     acc = launchers.accumulator_dtype(x.dtype)
@@ -617,18 +651,18 @@ def moe_lora_linear_bwd(dy: torch.Tensor, g_aux: Optional[torch.Tensor], x: torc
                         lora_a: torch.Tensor, lora_b: torch.Tensor, router_weight: Optional[torch.Tensor],
                         h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                         counts: torch.Tensor, dropout_mask: Optional[torch.Tensor], jitter: Optional[torch.Tensor],
-                        layout: List[torch.Tensor], scaling: float, mode: str, renormalize: bool, lb_coef: float,
+                        aux_mask: Optional[torch.Tensor], layout: List[torch.Tensor], scaling: float, mode: str, renormalize: bool, lb_coef: float,
                         z_coef: float, dropout_scale: float, grouped: bool, needs: list[bool]) -> list[torch.Tensor]:
     """The gradients of the fused layer (empty tensors where ``needs`` is False)."""
     grads = _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
-                            dropout_mask, jitter, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale,
+                            dropout_mask, jitter, aux_mask, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale,
                             grouped, tuple(needs))
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @moe_lora_linear_bwd.register_fake
 def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask, jitter,
-      layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped, needs):
+      aux_mask, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped, needs):
     need_x, need_weight, need_bias, _, need_logits, need_w = needs
 
     def grad(like, wanted):
@@ -651,8 +685,8 @@ class _TracedMoELoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         (x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, topk_ids, noise, num_steps,
-         dropout_mask, jitter, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
-         dropout_scale, grouped) = inputs
+         dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
+         z_coef, dropout_scale, grouped) = inputs
         output = moe_lora_linear_fwd(*inputs)
         _, h, logits, ids, weights, counts, _, _, *layout = output
         if mode == "static":
@@ -660,7 +694,7 @@ class _TracedMoELoRALinearFn(torch.autograd.Function):
         if logits_in is not None:
             logits = logits_in
         ctx.save_for_backward(x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts, dropout_mask,
-                              jitter, *layout)
+                              jitter, aux_mask, *layout)
         ctx.config = (scaling, mode, renormalize, lb_coef, z_coef, dropout_scale, grouped)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(*output[1:6], *output[7:])
@@ -680,4 +714,4 @@ class _TracedMoELoRALinearFn(torch.autograd.Function):
         dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw = grads
         keep = lambda g, wanted: g if wanted else None  # noqa: E731
         return (keep(dx, n[0]), keep(dweight, n[1]), keep(dbias, needs[2]), keep(dlora_a, n[3]), keep(dlora_b, n[4]),
-                keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7])) + (None,) * 16
+                keep(drouter, n[5]), keep(dlogits, n[6]), keep(dw, n[7])) + (None,) * 17

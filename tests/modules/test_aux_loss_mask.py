@@ -276,3 +276,28 @@ def test_gradient_checkpointing_gives_the_masked_gradients():
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     for got, want in zip(*grads):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_padding_logits_stay_out_of_the_masked_loss(backend):
+    """Padding rows take no part whatever they hold (NaN, +-inf logits): both the PyTorch ops and the
+    kernels give the real tokens' loss and gradient."""
+    from moelora.ops.losses import masked_aux_losses
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    ids = logits.topk(2, -1).indices.int()
+    weights = torch.rand(10, 2, generator=gen, dtype=torch.float64)
+    mask = MASK.reshape(-1).bool()
+    real = logits[mask].clone().requires_grad_()
+    want = masked_aux_losses(real, ids[mask], weights[mask], mask[mask], LB, Z)
+    (want_grad,) = torch.autograd.grad(want[0], real)
+    poisoned = logits.clone()
+    poisoned[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30], dtype=torch.float64)
+    poisoned.requires_grad_()
+    with moelora.use_backend(backend):
+        got = masked_aux_losses(poisoned, ids, weights, mask, LB, Z)
+    (grad,) = torch.autograd.grad(got[0], poisoned)
+    tol = 1e-12 if backend == "torch" else 1e-6  # the kernels take the coefficients as fp32 scalars
+    assert rel_err(got[0], want[0]) < tol and rel_err(got[1], want[1]) < tol and torch.equal(got[2], want[2])
+    assert rel_err(grad[mask], want_grad) < tol and grad[~mask].abs().max() == 0

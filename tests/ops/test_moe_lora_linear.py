@@ -79,10 +79,13 @@ def _run(layer, x, backend, seed=1):
     return y, aux, grads
 
 
-def _compare(kind, dtype=torch.float32, base=None, lead=(3, 7), train=True, reference_dtype=torch.float64):
+def _compare(kind, dtype=torch.float32, base=None, lead=(3, 7), train=True, reference_dtype=torch.float64,
+             aux_loss_mask=None):
     """The layer on the Triton backend against a copy on the PyTorch backend, converted to
-    ``reference_dtype`` (None: the layer's own dtypes)."""
+    ``reference_dtype`` (None: the layer's own dtypes); ``aux_loss_mask``: set on both."""
     layer = _layer(kind, base, dtype).train(train)
+    if aux_loss_mask is not None:
+        moelora.set_aux_loss_mask(layer, aux_loss_mask)
     reference = copy.deepcopy(layer)
     if reference_dtype is not None:
         reference = reference.to(reference_dtype)
@@ -124,6 +127,18 @@ def test_fused_layer_matches_float64_reference(kind, regime):
     # Every draw is dtype-free: LoRA dropout's keep mask is a bool tensor, A-dropout, jitter and
     # threshold routing draw in fp32 whatever the dtype; so the float64 copy draws the same.
     _compare(kind)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "softmax_plain", "topk_softmax", "threshold", "threshold_ramp",
+                                  "per_expert_k1", "shared_a_mosld", "lora_dropout", "jitter"])
+def test_fused_layer_with_an_aux_loss_mask_matches_float64_reference(kind, regime):
+    """The masked aux loss inside the fused op (its counts and loss in the forward, its closed-form
+    logits gradient added to the routing's in the backward) against the PyTorch backend's
+    (autograd through moelora.ops.losses.masked_aux_losses) in float64: loss and every gradient."""
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(5)) > 0.3
+    layer, grads = _compare(kind, aux_loss_mask=mask)
+    if layer.router is not None:
+        assert layer.last_router_stats["load"].sum() == layer.top_k or kind.startswith("threshold")
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "per_expert_k1", "task_shared", "lora_dropout"])
@@ -439,9 +454,12 @@ def test_router_stats_from_the_fused_op():
     torch.testing.assert_close(stats["z_loss"], moelora.router_z_loss(routing.logits), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["softmax_topk", "threshold_ramp", "task_shared", "jitter", "lora_dropout"])
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold_ramp", "task_shared", "jitter", "lora_dropout",
+                                  "aux_loss_mask"])
 def test_custom_ops_opcheck(kind, regime):
-    layer = _layer(kind).train()
+    layer = _layer("softmax_topk" if kind == "aux_loss_mask" else kind).train()
+    if kind == "aux_loss_mask":
+        moelora.set_aux_loss_mask(layer, torch.tensor([1, 1, 0, 1, 0, 1]))
     _task_ids(layer, (6,))
     x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     router, ids, weights = layer._routing_inputs(x)
@@ -458,7 +476,7 @@ def test_custom_ops_opcheck(kind, regime):
         static = router is None
         bwd_args = (torch.randn_like(y), None if static else torch.ones_like(aux_loss), x, weight, lora_a, lora_b,
                     router_weight, h, logits, topk_ids if static else ids, topk_weights if static else weights,
-                    counts, args[11], args[12], layout, *args[13:15], args[16], *args[20:24],
+                    counts, args[11], args[12], args[13], layout, *args[14:16], args[17], *args[21:25],
                     [True, True, True, True, True, True])
         torch.library.opcheck(fused_linear.moe_lora_linear_bwd.default, bwd_args)
 
