@@ -44,6 +44,7 @@ from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, unchecked_moe_lora_linear
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
 from moelora.ops.routing_modes import Routing, task_routing
+from moelora.ops.validation import check_module_input
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -203,6 +204,7 @@ class MoELoRALinear(AdapterLayerBase):
             return base(x, *args, **kwargs)
         if not self._fusable(base, args, kwargs):
             return self._composed_forward(x, *args, **kwargs)
+        check_module_input(x, self.in_features)  # the base layer's errors, which the fused op never calls it for
         router, ids, weights = self._routing_inputs(x)
         dropout = self.lora_dropout
         # LoRA dropout as a keep mask that the op's kernels read beside x (x_lora is never formed)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from moelora.kernels import launchers
-from moelora.ops.validation import check_top_k, refuse_double_backward
+from moelora.ops.validation import check_module_input, check_top_k, refuse_double_backward
 from moelora.ops.routing_modes import LEARNED_MODES, Routing, linear_logits, route_logits, scheduled_eps
 from moelora.ops.backend import kernels_run
 from moelora.modules.fields import LAYER_FIELD_KINDS, POSITIVE_INT, check_field
@@ -98,7 +98,9 @@ class Router(nn.Linear):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, E] logits of x [..., d_in] in fp32 (fp64 for fp64 x), jittered in training. Where the
         Triton kernels run (eager, no jitter) one kernel reads x in its own dtype and
-        accumulates in fp32 (:class:`_RouterLogitsFn`): no fp32 copy of x, none saved."""
+        accumulates in fp32 (:class:`_RouterLogitsFn`): no fp32 copy of x, none saved. x of
+        another width or a non-float dtype raises, naming it (the kernel would read it with x's width)."""
+        check_module_input(x, self.in_features)
         x = x.reshape(-1, x.shape[-1])
         if not self.jitters and kernels_run(x.device) and not torch.compiler.is_compiling():
             return _RouterLogitsFn.apply(x, self.weight)

@@ -135,6 +135,17 @@ def check_tensor_args(x, topk_ids, topk_weights, weights: dict, optional: dict) 
     check_same_device(x, (*tensors.items(), ("topk_ids", topk_ids), ("topk_weights", topk_weights)))
 
 
+def check_module_input(x: torch.Tensor, d_in: int) -> None:
+    """TypeError / ValueError naming x unless it is a float tensor [..., d_in]: a module's forward
+    input (MoELoRALinear's fused path, Router), which the kernels read with the module's width and
+    dtype table. One comparison where x is right."""
+    if x.dtype in FLOAT_DTYPES and x.dim() and x.shape[-1] == d_in:
+        return
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    raise ValueError(f"x must have shape [..., d_in = {d_in}], got {tuple(x.shape)}")
+
+
 def check_same_device(x: torch.Tensor, named) -> None:
     """ValueError naming the first tensor of ``named`` ((name, tensor or None) pairs) that is not on x's device."""
     for name, t in named:

@@ -36,6 +36,24 @@ def _layer(kind, **extra):
     return layer
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["softmax_topk", "task", "single"])
+@pytest.mark.parametrize("x,error,match", [
+    (lambda: torch.randint(0, 3, (3, 12)), TypeError, r"^x must be float16, bfloat16, float32 or float64, got "
+                                                      r"torch.int64$"),
+    (lambda: torch.ones(3, 12, dtype=torch.bool), TypeError, r"^x must be float16, bfloat16, float32 or float64, got "
+                                                             r"torch.bool$"),
+    (lambda: torch.randn(()), ValueError, r"^x must have shape \[\.\.\., d_in = 12\], got \(\)$"),
+    (lambda: torch.randn(3, 13), ValueError, r"^x must have shape \[\.\.\., d_in = 12\], got \(3, 13\)$"),
+], ids=["int", "bool", "0-d", "wider"])
+def test_fused_layer_refuses_inputs_of_another_dtype_or_width(kind, backend, x, error, match):
+    """The fused path never calls the base layer, whose errors name the input: an integer or bool x
+    raised KeyError from the Triton launcher's dtype table, a 0-d x an IndexError (both backends).
+    Each now raises naming x, as an x of another width does."""
+    with moelora.use_backend(backend), pytest.raises(error, match=match):
+        _layer(kind)(x())
+
+
 @pytest.mark.parametrize("kind", list(LAYER_KINDS))
 def test_fresh_layer_returns_base_output_exactly(kind):
     layer = _layer(kind).train()

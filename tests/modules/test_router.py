@@ -43,6 +43,28 @@ def test_logits_computed_in_fp32_for_half_inputs():
     assert r.logits.dtype == torch.float32 and r.weights.dtype == torch.float32
 
 
+BAD_ROUTER_INPUTS = {
+    "wider": (lambda: torch.randn(3, 9), ValueError, r"^x must have shape \[\.\.\., d_in = 8\], got \(3, 9\)$"),
+    "narrower": (lambda: torch.randn(3, 7), ValueError, r"^x must have shape \[\.\.\., d_in = 8\], got \(3, 7\)$"),
+    "0-d": (lambda: torch.randn(()), ValueError, r"^x must have shape \[\.\.\., d_in = 8\], got \(\)$"),
+    "int": (lambda: torch.randint(0, 3, (3, 8)), TypeError, r"^x must be float16, bfloat16, float32 or float64, got "
+                                                            r"torch.int64$"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(BAD_ROUTER_INPUTS))
+def test_router_refuses_inputs_of_another_width_or_dtype(case, backend):
+    """Router (MoEFFN's gate, and any user's): its logits kernel (Triton backend) read x with x's width
+    and the weight's strides, so an x of another width gave logits of wrong columns (reading past the
+    weight's end for a wider x) without an error; an integer x raised KeyError there, and a 0-d x an
+    IndexError on both backends. Each now raises naming x, on both backends."""
+    make, error, match = BAD_ROUTER_INPUTS[case]
+    router = Router(8, 4, 2)
+    with moelora.use_backend(backend), pytest.raises(error, match=match):
+        router(make())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_router_logits_kernel_matches_float64_without_an_fp32_copy_of_x(dtype):
     """Where the Triton kernels run, one kernel computes the logits from x in its own dtype
