@@ -172,7 +172,9 @@ class MoELoRAConv(AdapterLayerBase):
             kernel = lora_a.reshape(-1, self.in_channels, *self.kernel_size)  # [(E*)r, C_in, *kernel]
             h = self.geometry.conv(x_lora, kernel).movedim(1, -1)
             out = self._lora_on_projection(h, routing, base_out, lora_b, scaling)
-        out = out.movedim(-1, 1).contiguous().to(result.dtype)
+        out = out.movedim(-1, 1)  # [N, *spatial, C] in memory: channels_last strides
+        # the base output's layout: NCHW, or channels_last as the base conv gives for a channels_last batch
+        out = (out.contiguous() if result.is_contiguous() else out).to(result.dtype)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:

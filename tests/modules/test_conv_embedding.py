@@ -369,6 +369,34 @@ def test_merge_unmerge_of_a_channels_last_conv_writes_its_kernel(mode):
     torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-14, atol=1e-14)
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["conv2d_3x3_s2", "conv2d_1x1", "conv2d_grouped"])
+def test_channels_last_conv_gives_the_base_layers_channels_last_output(kind, backend):
+    """A channels_last conv (a CNN trained in channels_last): the base conv's output is channels_last
+    (for a channels_last batch, and for an NCHW one with a channels_last kernel), and the layer's
+    now has the base output's strides (the routed step's output, [N, *spatial, C] in memory, is that
+    layout already): it was copied to NCHW, a copy per layer that gave the next layer an NCHW input.
+    An NCHW conv keeps its NCHW output. Values and x's gradient as the float64 loop reference."""
+    layer = _fill(_conv(kind, "softmax_topk")).eval()
+    fmt = torch.channels_last
+    x = _conv_input(kind)
+    expected = conv_loop(layer, x)
+    x64 = x.clone().requires_grad_()
+    dx_ref = torch.autograd.grad(conv_loop(layer, x64), x64, torch.ones_like(expected))[0]
+    for kernel_format, x_format in [(torch.contiguous_format, torch.contiguous_format), (fmt, fmt),
+                                    (fmt, torch.contiguous_format)]:
+        layer.base_layer.to(memory_format=kernel_format)
+        xf = x.to(memory_format=x_format).requires_grad_()
+        with moelora.use_backend(backend):
+            y = layer(xf)
+            dx = torch.autograd.grad(y, xf, torch.ones_like(y))[0]
+        base_out = layer.base_layer(xf)
+        assert y.stride() == base_out.stride(), (kernel_format, x_format)
+        assert base_out.is_contiguous(memory_format=kernel_format)
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
+
 @pytest.mark.parametrize("make,inp", [
     (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4), lambda: torch.randn(3, 8, dtype=torch.float64)),
     (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4, use_dora=True),
