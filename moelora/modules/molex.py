@@ -125,7 +125,8 @@ def _check_args(**values) -> None:
 
 
 class LayerGate(nn.Module):
-    """Scores of the L layers for each token: returns (logits [T, L], gate values [T, L])."""
+    """Scores of the L layers for each token: returns (logits [T, L], gate values [T, L]). Its
+    parameters are fp32 whatever the default dtype (``torch.set_default_dtype``)."""
 
     def __init__(self, hidden_size: int, num_layers: int, gate: str = "linear", proj_dim: Optional[int] = None,
                  temperature: float = 0.07, bias: Optional[bool] = None):
@@ -138,12 +139,12 @@ class LayerGate(nn.Module):
         if bias is None:
             bias = gate == "linear"  # the paper's linear gate is nn.Linear(hidden, L) with its bias
         if gate == "linear":  # the paper's nn.Linear(hidden, L), with nn.Linear's init
-            self.weight = nn.Parameter(torch.empty(num_layers, hidden_size))
-            self.bias = nn.Parameter(torch.empty(num_layers)) if bias else None
+            self.weight = nn.Parameter(torch.empty(num_layers, hidden_size, dtype=torch.float32))
+            self.bias = nn.Parameter(torch.empty(num_layers, dtype=torch.float32)) if bias else None
         else:
             proj_dim = hidden_size if proj_dim is None else proj_dim
-            self.proj = nn.Linear(hidden_size, proj_dim, bias=bias)
-            self.layer_embeddings = nn.Parameter(torch.empty(num_layers, proj_dim))
+            self.proj = nn.Linear(hidden_size, proj_dim, bias=bias, dtype=torch.float32)
+            self.layer_embeddings = nn.Parameter(torch.empty(num_layers, proj_dim, dtype=torch.float32))
             self.temperature = temperature
         self.reset_parameters()
 
@@ -206,9 +207,9 @@ class MoLEx(nn.Module, RoutedModule):
         self.gates = nn.ModuleList([make()] if shared_gate else [make() for _ in range(num_layers)])
         self.initial_alpha = float(alpha)
         if learn_alpha:
-            self.alpha_logit = nn.Parameter(torch.empty(()))
+            self.alpha_logit = nn.Parameter(torch.empty((), dtype=torch.float32))
         else:
-            self.register_buffer("alpha_value", torch.empty(()))
+            self.register_buffer("alpha_value", torch.empty((), dtype=torch.float32))
         self.reset_parameters()
         self._calling_other = False
         self._alike = _layers_alike(layers)  # whether the layers are alike (_device_selection), eager reading

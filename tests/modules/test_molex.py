@@ -74,6 +74,32 @@ def test_alpha_one_is_the_plain_stack_and_batch_choice_rules():
     assert molex.choose(zz, 0)[0] == 3
 
 
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("gate,learn_alpha", [("linear", False), ("cosine", True)])
+def test_gates_and_alpha_are_fp32_whatever_the_default_dtype(default, gate, learn_alpha):
+    """The gates and alpha are fp32 whatever the model's dtype (apply_molex), also where the default
+    dtype is set (torch.set_default_dtype(torch.bfloat16) to build a model in bf16): they were made
+    in the default dtype, so bf16 gates (an optimiser's small steps lost to bf16 rounding) drawn
+    from another random stream. Now fp32, and the same seed gives the gates of a default-fp32 build;
+    the bf16 model then runs with them."""
+    reference, stack = Stack(), Stack().to(default)
+    torch.manual_seed(1)
+    expected = apply_molex(reference, hidden_size=8, gate=gate, learn_alpha=learn_alpha, alpha=0.8)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        torch.manual_seed(1)
+        molex = apply_molex(stack, hidden_size=8, gate=gate, learn_alpha=learn_alpha, alpha=0.8)
+    finally:
+        torch.set_default_dtype(previous)
+    tensors = dict((*molex.named_parameters(), *molex.named_buffers()))
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+    for name, t in (*expected.named_parameters(), *expected.named_buffers()):
+        torch.testing.assert_close(tensors[name], t, rtol=0, atol=0)
+    z = torch.randn(2, 3, 8, dtype=default)
+    assert stack(z).dtype == default
+
 def test_gate_and_learned_alpha_get_gradients_and_lb_loss():
     stack = Stack()
     for p in stack.layers.parameters():
