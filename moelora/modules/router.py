@@ -108,14 +108,17 @@ class Router(nn.Linear):
 
     def jitter_factors(self, x: torch.Tensor) -> torch.Tensor:
         """The multiplicative noise of the router input x: U(1 - jitter_noise, 1 + jitter_noise) per
-        element, x's shape, drawn in fp32 whatever x's dtype (the same noise for the same seed)."""
-        return torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        element, x's shape, drawn in fp32 whatever x's dtype and the default dtype (the same noise for
+        the same seed)."""
+        return torch.empty(x.shape, dtype=torch.float32, device=x.device).uniform_(1.0 - self.jitter_noise,
+                                                                               1.0 + self.jitter_noise)
 
     def threshold_noise(self, num_tokens: int, device) -> Optional[torch.Tensor]:
-        """The uniform draws of threshold routing in training, [T, top_k] (None when not needed)."""
+        """The uniform draws of threshold routing in training, [T, top_k] in fp32 whatever the default
+        dtype (None when not needed)."""
         if self.mode != "threshold" or not self.training or (self.eps_ramp_steps <= 0 and self.eps_end <= 0):
             return None
-        return torch.rand((num_tokens, self.top_k), device=device)
+        return torch.rand((num_tokens, self.top_k), dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.logits(x)

@@ -128,7 +128,7 @@ def threshold_routing(logits: torch.Tensor, top_n: int, eps: Union[float, torch.
     """ST-MoE threshold routing over the top-n experts (see the module docstring)."""
     noise = None
     if training and (isinstance(eps, torch.Tensor) or eps > 0):
-        noise = torch.rand((logits.shape[0], top_n), device=logits.device, generator=generator)
+        noise = torch.rand((logits.shape[0], top_n), dtype=torch.float32, device=logits.device, generator=generator)
     return route_logits(logits, "threshold", top_n, eps=eps, noise=noise)
 
 

@@ -65,6 +65,44 @@ def test_router_refuses_inputs_of_another_width_or_dtype(case, backend):
         router(make())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["jitter", "threshold", "ffn_threshold"])
+def test_router_noise_is_drawn_in_fp32_whatever_the_default_dtype(kind, default, backend):
+    """Router jitter's factors and threshold routing's uniform draws are fp32 (the same noise for
+    the same seed whatever x's dtype): they were drawn in the default dtype, so under
+    torch.set_default_dtype(torch.bfloat16) jitter of 0.01 took a handful of values and the threshold
+    draws bf16's coarse steps, and the same seed gave other routing and outputs than under the fp32
+    default (fp64 too).
+    MoELoRALinear (fused op) and MoEFFN (Router.forward), training forwards."""
+    torch.manual_seed(0)
+    if kind == "ffn_threshold":
+        module = moelora.MoEFFN(nn.Linear(12, 6), nn.Linear(6, 12), torch.nn.functional.silu, 4, 3,
+                                router="threshold", threshold_eps=0.3)
+    else:
+        extra = dict(router_jitter_noise=0.01) if kind == "jitter" else dict(router="threshold", threshold_eps=0.3)
+        module = moelora.MoELoRALinear(nn.Linear(12, 10), num_experts=4, top_k=3 if extra.get("router") else 2, r=4,
+                                       init_lora_weights=False, **extra)
+    module.train()
+    x = torch.randn(16, 12)
+
+    def run():
+        torch.manual_seed(5)
+        with moelora.use_backend(backend):
+            return module(x), module.last_router_stats["load"]
+
+    expected = run()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = run()
+        noise = module.router.threshold_noise(3, x.device)
+        assert module.router.jitter_factors(x).dtype == torch.float32
+        assert noise is None or noise.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_router_logits_kernel_matches_float64_without_an_fp32_copy_of_x(dtype):
     """Where the Triton kernels run, one kernel computes the logits from x in its own dtype
