@@ -73,10 +73,12 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def routing_entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over tokens (with ``mask``, [T] bool: over the real tokens) of the entropy (nats) of
-    the router distribution."""
+    the router distribution; 0 without tokens (or real tokens), as :func:`expert_load`'s load."""
     probs = probs.reshape(-1, probs.shape[-1]).float()
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-    return entropy.mean() if mask is None else (entropy * mask.reshape(-1)).sum() / _count(mask)
+    if mask is not None:
+        return (entropy * mask.reshape(-1)).sum() / _count(mask)
+    return entropy.mean() if entropy.numel() else entropy.sum()
 
 
 def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor, lb_coef: float, z_coef: float):

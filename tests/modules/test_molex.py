@@ -100,6 +100,24 @@ def test_gates_and_alpha_are_fp32_whatever_the_default_dtype(default, gate, lear
     z = torch.randn(2, 3, 8, dtype=default)
     assert stack(z).dtype == default
 
+
+@pytest.mark.parametrize("batch_routing", ["mode", "mean"])
+@pytest.mark.parametrize("shape", [(0, 5, 8), (3, 0, 8), (0, 8)], ids=["batch_0", "seq_0", "tokens_0"])
+def test_a_batch_without_tokens_gives_zero_stats_and_loss_as_one_without_real_tokens(shape, batch_routing):
+    """A forward over no tokens (an empty batch or sequence): the routing entropy was the mean over
+    no tokens, NaN, in router_stats (its load and load-balancing loss are 0, as for a padded batch
+    with no real token); now 0 like them. The output is empty and the backward runs."""
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8, batch_routing=batch_routing, learn_alpha=True)
+    z = torch.randn(shape, requires_grad=True)
+    out = stack(z)
+    (out.sum() + molex.last_aux_loss).backward()
+    stats = moelora.router_stats(stack)["molex"]
+    assert out.shape == z.shape and z.grad.shape == z.shape
+    assert torch.equal(stats["entropy"], torch.zeros(())) and torch.equal(stats["load"], torch.zeros(4))
+    assert torch.equal(molex.last_aux_loss.detach(), torch.zeros(()))
+    assert all(torch.isfinite(p.grad).all() for p in molex.parameters() if p.grad is not None)
+
 def test_gate_and_learned_alpha_get_gradients_and_lb_loss():
     stack = Stack()
     for p in stack.layers.parameters():
