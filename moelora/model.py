@@ -293,7 +293,8 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
 
 # ------------------------------------------------------------------------------- helpers
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the weighted auxiliary losses every routed module stored in its last forward.
+    """Sum of the weighted auxiliary losses every routed module stored in its last forward, in the
+    widest of their dtypes (float32 at least: float64 for a float64 model).
 
     Warns, when gradients are enabled, if a module's loss came from a training-mode forward
     run without gradients (reentrant gradient checkpointing; see
@@ -304,8 +305,10 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
         _warn_aux_loss_without_grad([n for n, m in routed if m.aux_loss_lost_grad])
     if not losses:
         p = next(model.parameters(), None)
-        return torch.zeros((), device=p.device if p is not None else None)
-    return torch.stack([loss.float() for loss in losses]).sum()
+        return torch.zeros((), dtype=torch.float32, device=p.device if p is not None else None)
+    # in the widest of their dtypes, float32 at least (a float64 model's losses are float64)
+    dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in losses), torch.float32)
+    return torch.stack([loss.to(dtype) for loss in losses]).sum()
 
 
 def _warn_aux_loss_without_grad(names: List[str]) -> None:

@@ -136,6 +136,28 @@ def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     torch.testing.assert_close(model(ids, labels=ids).loss, plain)
 
 
+
+def test_aux_loss_of_a_float64_model_is_float64():
+    """A float64 model's layers record float64 aux losses (fp64 router logits); moelora.aux_loss summed
+    them in float32, so it carried fp32's rounding (~1e-8 relative) against a float64 reference and
+    differed from the sum of the layers' losses. Now summed in the widest of their dtypes (float32 at
+    least): float64 here, float32 for float32 and half-precision models as before; the wrapper adds
+    it to the model's loss in that loss's dtype."""
+    model = get_moelora_model(tiny_llama(num_layers=2).double(), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                               num_experts=4, top_k=2))
+    ids = token_batch()
+    out = model(ids, labels=ids)
+    losses = [m.last_aux_loss for m in _layers(model).values()]
+    assert {loss.dtype for loss in losses} == {torch.float64}
+    aux = moelora.aux_loss(model)
+    assert aux.dtype == torch.float64
+    torch.testing.assert_close(aux, torch.stack(losses).sum(), rtol=1e-15, atol=0)
+    with torch.no_grad():
+        plain = model.model(ids, labels=ids).loss
+    torch.testing.assert_close(out.loss.detach(), plain + aux.detach().to(plain.dtype), rtol=0, atol=0)
+    assert moelora.aux_loss(get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"]))
+                            ).dtype == torch.float32
+
 def test_aux_loss_per_layer_for_different_expert_counts():
     from moelora.ops.losses import load_balancing_loss
 
