@@ -238,8 +238,12 @@ class MoLEx(nn.Module, RoutedModule):
         return torch.sigmoid(self.alpha_logit) if hasattr(self, "alpha_logit") else self.alpha_value
 
     def clear_routing_record(self) -> None:
+        """Forget the last forward's record, and the stacked layers a forward that raised before its
+        last layer left (device selection): copies (deepcopy refuses their autograd graph) and the
+        wrapper's next forward start without them."""
         super().clear_routing_record()
         self._per_layer = {}
+        self._stacked = None
 
     def choose(self, z: torch.Tensor, t: int, real: Optional[torch.Tensor] = None):
         """(j as a 0-d device tensor, straight-through factor [T], logits, gate values, token
@@ -360,6 +364,7 @@ class MoLEx(nn.Module, RoutedModule):
         layer whose code runs are those of its own call afterwards."""
         layers = self._layers[0]
         if t == 0 or self._stacked is None:  # decided once per forward
+            self._stacked = None  # a forward that raised left its stack: freed before stacking again
             _refuse_sharded_layers(layers)
             self._stacked = _stack_layers(layers) if self._device_selection(layers) else False
         device = self._stacked is not False

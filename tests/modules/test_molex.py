@@ -1,7 +1,9 @@
 """MoLEx: the layer-mixing formula, gates, batch routing, learned alpha, losses, transformers stacks."""
 
+import copy
 import gc
 import math
+import pickle
 
 import pytest
 import torch
@@ -117,6 +119,42 @@ def test_a_batch_without_tokens_gives_zero_stats_and_loss_as_one_without_real_to
     assert torch.equal(stats["entropy"], torch.zeros(())) and torch.equal(stats["load"], torch.zeros(4))
     assert torch.equal(molex.last_aux_loss.detach(), torch.zeros(()))
     assert all(torch.isfinite(p.grad).all() for p in molex.parameters() if p.grad is not None)
+
+
+class _Failing(nn.Linear):
+    """A layer whose forward raises while ``fail`` is set, if its ``_raises`` is (an out-of-memory error
+    mid-stack; private, so the layers stay alike for device selection)."""
+
+    fail = False
+
+    def forward(self, z):
+        if _Failing.fail and self._raises:
+            raise RuntimeError("out of memory")
+        return super().forward(z)
+
+
+def test_a_copy_after_a_forward_that_raised_mid_stack_starts_without_its_stacked_layers():
+    """Device selection stacks the layers' tensors at layer 0 and drops the stack after the last layer;
+    a forward that raised in between (an out-of-memory error) left the stack, with its autograd
+    graph, on the MoLEx: copy.deepcopy of the model then raised (deepcopy refuses non-leaf tensors)
+    and pickling carried the stacked copies. Copies now start without it (as without a routing
+    record), and compute what the original computes."""
+    stack = Stack(num_layers=3)
+    stack.layers = nn.ModuleList(_Failing(8, 8) for _ in range(3))
+    for t, layer in enumerate(stack.layers):
+        layer._raises = t == 1
+    molex = apply_molex(stack, hidden_size=8, layer_selection="device")
+    z = torch.randn(2, 3, 8)
+    _Failing.fail = True
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            stack(z)
+    finally:
+        _Failing.fail = False
+    for clone in (copy.deepcopy(stack), pickle.loads(pickle.dumps(stack))):
+        assert clone.molex._stacked is None
+        torch.testing.assert_close(clone(z), stack(z), rtol=0, atol=0)
+    assert molex._stacked is None  # the original's next forward ended it
 
 def test_gate_and_learned_alpha_get_gradients_and_lb_loss():
     stack = Stack()
