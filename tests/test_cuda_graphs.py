@@ -90,6 +90,33 @@ def test_captured_forward_backward_replays_like_eager(router):
 
 
 @needs_cuda
+def test_captured_step_with_an_aux_loss_mask_replays_like_eager():
+    """The aux-loss mask the layers hold (one tensor for all, moelora.set_aux_loss_mask) is read on
+    the device: a new mask copied into it changes what a replay's aux loss counts."""
+    model = _injected_stack(ROUTERS["softmax_topk"])
+    eager_model = copy.deepcopy(model)
+    static_x = torch.randn(64, 32, device="cuda")
+    moelora.set_aux_loss_mask(model, torch.ones(64, dtype=torch.bool, device="cuda"))
+    held = {id(m.aux_loss_mask): m.aux_loss_mask for m in model.modules() if isinstance(m, moelora.MoELoRALinear)}
+    assert len(held) == 1
+    (static_mask,) = held.values()
+    graph, static_loss = capture_training_step(model, lambda: _step(model, static_x))
+    for seed in (1, 2, 3):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(64, 32, device="cuda", generator=g)
+        mask = torch.rand(64, device="cuda", generator=g) > 0.3
+        static_x.copy_(x)
+        static_mask.copy_(mask)
+        graph.replay()
+        eager_model.zero_grad(set_to_none=True)
+        with moelora.use_aux_loss_mask(eager_model, mask):
+            eager_loss = _step(eager_model, x)
+        torch.testing.assert_close(static_loss, eager_loss, rtol=1e-4, atol=1e-5)
+        for captured, eager in zip(_grads(model), _grads(eager_model)):
+            torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
 def test_lora_dropout_draws_a_new_keep_mask_on_every_replay():
     """The keep mask comes from bernoulli_ on the device's generator, which a captured graph
     advances on each replay: the same input gives another loss every time."""
