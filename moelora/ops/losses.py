@@ -139,9 +139,10 @@ def masked_aux_loss_forward(logits: torch.Tensor, counts: torch.Tensor, mask: to
     token weights w_t = m_t / n: lb = E (c / n) . (sum_t w_t p_t), z = sum_t w_t lse_t^2."""
     logits, w, inv_n = _real_rows(logits, mask)
     lse = torch.logsumexp(logits, dim=-1)
-    lb = counts.to(logits.dtype).dot(torch.softmax(logits, dim=-1).t().mv(w)).mul_(inv_n * logits.shape[-1])
-    z = lse.square_().dot(w)
-    return (lb * lb_coef).add_(z, alpha=z_coef), torch.stack([lb, z])
+    lb = counts.to(logits.dtype).dot(torch.softmax(logits, dim=-1).t().mv(w)) * (inv_n * logits.shape[-1])
+    z = (lse * lse).dot(w)
+    # no in-place op makes the outputs: traced in _MaskedAuxLossFn.forward, dynamo 2.11 then lost the loss's gradient
+    return lb * lb_coef + z * z_coef, torch.stack([lb, z])
 
 
 def masked_aux_loss_backward(g: torch.Tensor, logits: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor,

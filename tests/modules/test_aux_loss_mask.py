@@ -301,3 +301,25 @@ def test_non_finite_padding_logits_stay_out_of_the_masked_loss(backend):
     tol = 1e-12 if backend == "torch" else 1e-6  # the kernels take the coefficients as fp32 scalars
     assert rel_err(got[0], want[0]) < tol and rel_err(got[1], want[1]) < tol and torch.equal(got[2], want[2])
     assert rel_err(grad[mask], want_grad) < tol and grad[~mask].abs().max() == 0
+
+
+def test_compiled_masked_loss_has_the_eager_gradient():
+    """The PyTorch formula (torch backend, and what torch.compile traces) compiled with fullgraph: its
+    closed-form backward gives eager's gradient. (dynamo 2.11 lost the loss's gradient, all zeros, where
+    an in-place op made the Function's output.)"""
+    from moelora.ops.losses import masked_aux_losses
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, 4, generator=gen, requires_grad=True)
+    ids = logits.detach().topk(2, -1).indices.int()
+    weights = torch.rand(10, 2, generator=gen)
+    mask = MASK.reshape(-1).bool()
+
+    def loss(l, m):
+        return masked_aux_losses(l, ids, weights, m, LB, Z)[0]
+
+    with moelora.use_backend("torch"):
+        want = torch.autograd.grad(loss(logits, mask), logits)[0]
+        torch._dynamo.reset()
+        got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="eager")(logits, mask), logits)[0]
+    assert want.abs().max() > 0 and rel_err(got, want) < 1e-6
