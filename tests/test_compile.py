@@ -280,3 +280,30 @@ def test_switching_validation_does_not_compile_again():
         with moelora.validation(enabled):
             torch.testing.assert_close(compiled(layer, x), _layer_loss(layer, x))
     assert counter.frame_count == 1, f"{counter.frame_count} compilations"
+
+
+@pytest.mark.parametrize("form", ["module", "function"])
+def test_compiled_layer_sees_a_forward_set_on_its_base_layer_after_compilation(form):
+    """A forward set on the base layer's instance (accelerate's hooks replace ``forward`` so) makes
+    the layer call its base layer (the composed path). The fused path's test of ``base.__dict__``
+    was not guarded by torch.compile: a layer compiled before the forward was set kept the fused
+    path, which never calls the base layer, silently unlike eager (PyTorch itself honours a forward
+    set on a plain submodule after compilation)."""
+    import functools
+
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(8, 6), num_experts=4, top_k=2, r=4).eval()
+    randomize_adapters(layer)
+    x = torch.randn(2, 3, 8)
+    if form == "module":
+        compiled = torch.compile(layer, backend="eager")  # the staleness is dynamo's: no need for AOTAutograd
+        run = lambda: compiled(x)  # noqa: E731
+    else:
+        compiled = torch.compile(lambda m, x: m(x), backend="eager")
+        run = lambda: compiled(layer, x)  # noqa: E731
+    torch.testing.assert_close(run(), layer(x))
+    base = layer.base_layer
+    base.forward = functools.partial(lambda module, inp: nn.Linear.forward(module, inp) + 1.0, base)
+    torch.testing.assert_close(run(), layer(x), msg="compiled with a forward set on the base layer")
+    del base.forward
+    torch.testing.assert_close(run(), layer(x), msg="compiled after the base layer's forward was removed")

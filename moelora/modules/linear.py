@@ -30,6 +30,7 @@ shared LoRA, expert E (the last) is the shared LoRA, used by every token with we
 from __future__ import annotations
 
 import math
+import types
 from typing import Optional, Union
 
 import torch
@@ -187,10 +188,14 @@ class MoELoRALinear(AdapterLayerBase):
         dispatch and offloading install them, replace the instance's ``forward``), no extra
         arguments, no DoRA with LoRA dropout in training (PEFT's DoRA then scales a second base
         GEMM over the dropped-out x). Any number of experts: the op runs moelora.moe_lora's dense
-        or grouped regime."""
+        or grouped regime. The instance's own ``forward`` is found by reading ``base.forward`` (the
+        class's bound method, or what was set): torch.compile guards that read, and so compiles
+        again when a forward is set after compilation, but not a test of ``base.__dict__``."""
+        forward = base.forward
         return (not args and not kwargs and (type(base) is nn.Linear or is_conv1d(base))
                 and not (self.use_dora and self.training and not isinstance(self.lora_dropout, nn.Identity))
-                and not base._forward_hooks and not base._forward_pre_hooks and "forward" not in base.__dict__
+                and not base._forward_hooks and not base._forward_pre_hooks
+                and type(forward) is types.MethodType and forward.__func__ is type(base).forward
                 and not base._backward_hooks and not base._backward_pre_hooks
                 and not _global_forward_hooks and not _global_forward_pre_hooks
                 and not _global_backward_hooks and not _global_backward_pre_hooks)
