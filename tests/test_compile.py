@@ -307,3 +307,28 @@ def test_compiled_layer_sees_a_forward_set_on_its_base_layer_after_compilation(f
     torch.testing.assert_close(run(), layer(x), msg="compiled with a forward set on the base layer")
     del base.forward
     torch.testing.assert_close(run(), layer(x), msg="compiled after the base layer's forward was removed")
+
+
+def test_compiled_inference_forward_first_leaves_training_forwards_working(monkeypatch):
+    """A single-expert layer routes by cached scalars (ids 0, weights 1), made outside inference mode
+    so that training forwards can save them for backward. A compiled graph's outputs are inference
+    tensors when it runs under torch.inference_mode whatever the graph says: a compiled evaluation
+    under inference_mode before training cached inference tensors, and every compiled training
+    step after it raised (Inference tensors cannot be saved for backward). A compiled graph caches
+    nothing now."""
+    from moelora.modules import adapter_base
+
+    monkeypatch.setattr(adapter_base, "_SINGLE", {})  # as in a fresh process: nothing cached yet
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(8, 6), num_experts=1, r=4)
+    randomize_adapters(layer)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), layer(x))
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B)]
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    for got, p in zip(grads, (layer.lora_A, layer.lora_B)):
+        torch.testing.assert_close(got, p.grad)

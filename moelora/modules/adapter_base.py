@@ -86,13 +86,15 @@ def single_expert_routing(num_tokens: int, device: torch.device):
     are made outside inference mode: an inference tensor cached by a first forward under
     torch.inference_mode could not be saved for backward by the training forwards after it. Nor
     are fake tensors cached (made while torch.export traces, or under any FakeTensorMode): they
-    hold no values, and every eager forward after them would read them."""
+    hold no values, and every eager forward after them would read them. Nor are scalars made by a
+    compiled graph (its outputs are inference tensors when it runs under torch.inference_mode,
+    whatever the graph says)."""
     pair = _SINGLE.get(device)
     if pair is None:
         with torch.inference_mode(False):
             pair = (torch.zeros(1, 1, dtype=torch.int32, device=device),
                     torch.ones(1, 1, dtype=torch.float32, device=device))
-        if type(pair[0]) is torch.Tensor:
+        if type(pair[0]) is torch.Tensor and not torch.compiler.is_compiling():
             _SINGLE[device] = pair
     return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
 
