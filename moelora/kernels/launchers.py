@@ -641,18 +641,19 @@ def _masked_router_aux_loss_launch(T: int, E: int, top_k: int, count_kept: bool,
     block_t = max(16, min(256, 4096 // block_e))
     return KernelLaunch(masked_router_aux_loss_kernel, (1,),
                         (T, E, *logits_strides, *ids_strides, *w_strides, mask_stride), COUNT_KEPT=count_kept,
-                        TOP_K=top_k, ACC=_TL_DTYPES[dtype], BLOCK_T=block_t, BLOCK_E=block_e,
+                        TOP_K=top_k, ACC=_TL_DTYPES[accumulator_dtype(dtype)], BLOCK_T=block_t, BLOCK_E=block_e,
                         BLOCK_K=next_power_of_2(top_k))
 
 
 def masked_router_aux_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                            mask: torch.Tensor, lb_coef: float, z_coef: float, count_kept: bool):
     """(loss 0-d, stats [2] = (lb, z), counts [E] int64) of a learned router's aux loss over the real
-    tokens of the bool ``mask`` [T], from its ``logits`` [T, E] (fp32 or fp64: the results' dtype)
-    and routing, in one single-program launch (masked_router_aux_loss_kernel)."""
+    tokens of the bool ``mask`` [T], from its ``logits`` [T, E] and routing, in one single-program
+    launch (masked_router_aux_loss_kernel), in the logits' accumulator dtype (fp32; fp64 for fp64)."""
     T, E = logits.shape
-    loss = torch.empty((), dtype=logits.dtype, device=logits.device)
-    stats = torch.empty(2, dtype=logits.dtype, device=logits.device)
+    acc = accumulator_dtype(logits.dtype)
+    loss = torch.empty((), dtype=acc, device=logits.device)
+    stats = torch.empty(2, dtype=acc, device=logits.device)
     counts = torch.empty(E, dtype=torch.int64, device=logits.device)
     kernel = _masked_router_aux_loss_launch(T, E, topk_ids.shape[1], count_kept, logits.dtype, logits.stride(),
                                             topk_ids.stride(), topk_weights.stride(), mask.stride(0))

@@ -141,6 +141,28 @@ def test_fused_layer_with_an_aux_loss_mask_matches_float64_reference(kind, regim
         assert layer.last_router_stats["load"].sum() == layer.top_k or kind.startswith("threshold")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_aux_loss_mask_over_half_precision_logits_is_taken_in_fp32(dtype, regime):
+    """Half-precision router logits given to the op (RouterSpec.logits) with an aux-loss mask: the
+    masked loss kernel sums in fp32 and returns fp32 (as the unmasked loss and the torch backend).
+    It used to accumulate in the logits' dtype: a bf16 loss of inf, an fp16 one rounded."""
+    T, d_in, d_out, r, E, k = 9, 6, 5, 3, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    x, weight, lora_a, lora_b = rand(T, d_in), rand(d_out, d_in), rand(r, d_in), rand(E, d_out, r)
+    logits = rand(T, E).requires_grad_()
+    mask = (torch.rand(T, generator=gen) > 0.3).to(DEVICE)
+    spec = fused_linear.RouterSpec(None, logits, "softmax_topk", k, lb_coef=0.3, z_coef=0.05, aux_mask=mask)
+    outs = {}
+    for backend in ("triton", "torch"):
+        _, out = fused_linear.moe_lora_linear(x, weight, None, lora_a, lora_b, scaling=0.5, router=spec,
+                                              backend=backend)
+        outs[backend] = (out.aux_loss, out.aux_stats, torch.autograd.grad(out.aux_loss, logits)[0])
+    (loss, stats, grad), (loss_ref, stats_ref, grad_ref) = outs["triton"], outs["torch"]
+    assert loss.dtype == stats.dtype == torch.float32
+    assert rel_err(loss, loss_ref) < 1e-5 and rel_err(stats, stats_ref) < 1e-5
+    assert rel_err(grad.float(), grad_ref.float()) < 1e-2  # the gradient is rounded to the logits' dtype
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "per_expert_k1", "task_shared", "lora_dropout"])
 def test_fused_layer_with_grouped_mm_rows_matches_float64_reference(kind, monkeypatch, grouped_mm_rows):
     """The grouped regime with its forward rows on torch's grouped_mm (moe_lora.ROWS_ENGINES; on a
