@@ -52,7 +52,7 @@ def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int
     if probs.shape[0] == 0:
         return probs.sum()
     if mask is not None:
-        mean_probs = (probs * mask.reshape(-1, 1)).sum(dim=0) / _count(mask)
+        mean_probs = torch.where(mask.reshape(-1, 1), probs, 0.0).sum(dim=0) / _count(mask)  # padding: any value
     else:
         mean_probs = probs.mean(dim=0)
     return num_experts * torch.sum(expert_load(ids, num_experts, weights, mask) * mean_probs)
@@ -72,12 +72,13 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def routing_entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over tokens (with ``mask``, [T] bool: over the real tokens) of the entropy (nats) of
-    the router distribution; 0 without tokens (or real tokens), as :func:`expert_load`'s load."""
+    """Mean over tokens (with ``mask``, [T] bool: over the real tokens, whatever the padding rows
+    hold) of the entropy (nats) of the router distribution; 0 without tokens (or real tokens), as
+    :func:`expert_load`'s load."""
     probs = probs.reshape(-1, probs.shape[-1]).float()
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
     if mask is not None:
-        return (entropy * mask.reshape(-1)).sum() / _count(mask)
+        return torch.where(mask.reshape(-1), entropy, 0.0).sum() / _count(mask)
     return entropy.mean() if entropy.numel() else entropy.sum()
 
 

@@ -323,3 +323,39 @@ def test_compiled_masked_loss_has_the_eager_gradient():
         torch._dynamo.reset()
         got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="eager")(logits, mask), logits)[0]
     assert want.abs().max() > 0 and rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["linear-fused", "linear-composed", "ffn"])
+def test_non_finite_padding_inputs_stay_out_of_every_statistic(backend, kind):
+    """Padding rows of NaN (as a fully masked attention row can give) take no part in the routing
+    statistics either: each equals the real tokens' alone. The entropy used to be NaN (the
+    padding's NaN entropy multiplied by the mask's 0)."""
+    module = MODULES[kind]()
+    real = MASK.bool()
+    x = torch.randn(2, 5, 16)
+    x[~real] = float("nan")
+    with moelora.use_backend(backend):
+        with moelora.use_aux_loss_mask(module, MASK):
+            module(x)
+        masked = dict(module.last_router_stats)
+        module(x[real])
+    alone = dict(module.last_router_stats)
+    for key in masked:
+        assert rel_err(masked[key], alone[key]) < 1e-5, key
+
+
+def test_masked_statistics_functions_ignore_what_padding_rows_hold():
+    """moelora.load_balancing_loss and routing_entropy with a mask (MoLEx's, the routed modules'
+    statistics): NaN probabilities in padding rows give the real rows' values (they were NaN)."""
+    from moelora.ops.losses import routing_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(10, 4, generator=gen), -1)
+    ids = probs.topk(2, -1).indices
+    mask = MASK.reshape(-1).bool()
+    poisoned = probs.clone()
+    poisoned[~mask] = float("nan")
+    assert rel_err(moelora.load_balancing_loss(poisoned, ids, 4, mask=mask),
+                   moelora.load_balancing_loss(probs[mask], ids[mask], 4)) < 1e-6
+    assert rel_err(routing_entropy(poisoned, mask), routing_entropy(probs[mask])) < 1e-6
