@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import os
 import types
 import warnings
@@ -500,6 +501,16 @@ def _wrapped_signature(model: nn.Module) -> Optional[inspect.Signature]:
     return inner.replace(parameters=[self_param, *params, *added, *var_keyword])
 
 
+def _positional_parameters(model: nn.Module) -> tuple:
+    """The names of the wrapped model's forward parameters a call can give by position, in order."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in itertools.takewhile(lambda p: p.kind in positional, params))
+
+
 def _forward_with_wrapped_signature(wrapper: "MoELoRAModel"):
     """``wrapper.forward``, bound, with the wrapped model's signature: tools that read it
     (transformers' Trainer drops dataset columns the forward does not name, and passes
@@ -556,6 +567,7 @@ class MoELoRAModel(nn.Module):
         self._bind_forward()
 
     def _bind_forward(self) -> None:
+        self._positional_parameters = _positional_parameters(self.model)  # where forward finds a named argument
         forward = _forward_with_wrapped_signature(self)
         if forward is not None:
             self.forward = forward
@@ -590,8 +602,9 @@ class MoELoRAModel(nn.Module):
 
         ``aux_loss_mask``: the real tokens the aux losses are taken over (see
         :func:`moelora.set_aux_loss_mask`), a tensor or the name of another argument of this
-        forward holding it (``"attention_mask"``); when not given, the argument named by the
-        wrapper's ``aux_loss_mask_from`` attribute (None: every token counts).
+        forward holding it (``"attention_mask"``, given by keyword or position); when not given,
+        the argument named by the wrapper's ``aux_loss_mask_from`` attribute (None: every token
+        counts).
 
         ``task_ids`` and the mask stay on the layers until the next forward of the wrapper, which
         first puts back what they held before (unless changed since): a gradient-checkpointed layer
@@ -608,7 +621,7 @@ class MoELoRAModel(nn.Module):
         if aux_loss_mask is None:
             aux_loss_mask = self.aux_loss_mask_from
         if isinstance(aux_loss_mask, str):
-            aux_loss_mask = kwargs.get(aux_loss_mask)  # not given: no padding to mask
+            aux_loss_mask = self._argument(aux_loss_mask, args, kwargs)  # not given: no padding to mask
         if aux_loss_mask is not None:
             self._forward_aux_loss_mask.append(_swap_aux_loss_mask(self.model, aux_loss_mask))
         output = self.model(*args, **kwargs)
@@ -661,6 +674,15 @@ class MoELoRAModel(nn.Module):
             for layer, prev in zip(layers, previous):
                 if layer.task_ids is ids and layer.task_ids_owner is owner:
                     _put_task_ids(layer, prev)
+
+    def _argument(self, name: str, args: tuple, kwargs: dict):
+        """The wrapped model's forward argument ``name`` in a call's ``args`` and ``kwargs`` (by keyword
+        or position), or None where the call does not give it."""
+        if name in kwargs:
+            return kwargs[name]
+        names = self._positional_parameters
+        position = names.index(name) if name in names else len(args)
+        return args[position] if position < len(args) else None
 
     def _restore_aux_loss_mask(self) -> None:
         """Put back the aux-loss masks the modules held before the last forward's ``aux_loss_mask``,

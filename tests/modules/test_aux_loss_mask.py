@@ -359,3 +359,23 @@ def test_masked_statistics_functions_ignore_what_padding_rows_hold():
     assert rel_err(moelora.load_balancing_loss(poisoned, ids, 4, mask=mask),
                    moelora.load_balancing_loss(probs[mask], ids[mask], 4)) < 1e-6
     assert rel_err(routing_entropy(poisoned, mask), routing_entropy(probs[mask])) < 1e-6
+
+
+def test_mask_named_by_argument_is_found_when_given_by_position():
+    """aux_loss_mask="attention_mask" (or aux_loss_mask_from) takes the argument whether the call
+    gives it by keyword or by position (LlamaForCausalLM.forward(input_ids, attention_mask, ...)):
+    given by position it used to be missed, and every token counted."""
+    model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj"], router_aux_loss_coef=LB))
+    ids = token_batch()
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    model(ids, attention_mask=mask, aux_loss_mask=mask)
+    want = model.aux_loss()
+    model(ids, mask, aux_loss_mask="attention_mask")
+    assert torch.equal(model.aux_loss(), want)
+    model.aux_loss_mask_from = "attention_mask"
+    model(ids, mask)
+    assert torch.equal(model.aux_loss(), want)
+    model(ids)  # not given: every token counts
+    assert all(m.aux_loss_mask is None for m in model.modules() if isinstance(m, moelora.MoELoRALinear))
