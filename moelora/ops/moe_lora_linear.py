@@ -273,8 +273,8 @@ def op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_wei
                 None, float(scaling), "static", 0, False, 0.0, 0.0, 0, 0.0, 0.0, float(dropout_scale), grouped)
     num_steps = r.num_steps if r.mode == "threshold" and r.ramp_steps > 0 else None
     return (x, weight, bias, lora_a, lora_b, r.weight, r.logits, None, None, r.noise, num_steps, dropout_mask,
-            r.jitter, r.aux_mask, float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start), float(r.eps_end),
-            int(r.ramp_steps), float(r.lb_coef), float(r.z_coef), float(dropout_scale), grouped)
+            r.jitter, r.aux_mask, float(scaling), r.mode, int(r.top_k), bool(r.renormalize), float(r.eps_start),
+            float(r.eps_end), int(r.ramp_steps), float(r.lb_coef), float(r.z_coef), float(dropout_scale), grouped)
 
 
 def lora_dropout_mask(x: torch.Tensor, p: float):
@@ -348,8 +348,8 @@ def _route(logits, mode, top_k, renormalize, noise, num_steps, eps_start, eps_en
 
 
 def _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
-                   num_steps, dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps,
-                   lb_coef, z_coef, dropout_scale, grouped, y_out=None):
+                   num_steps, dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, eps_end,
+                   ramp_steps, lb_coef, z_coef, dropout_scale, grouped, y_out=None):
     """(y, h, logits, ids, weights, counts, aux_loss, aux_stats, layout); for static routing ids
     and weights are the given ones and logits, counts and aux are empty. h is [T, R], or for the
     grouped regime's per-expert A the rows x[t] A_e^T [rows of the layout, r]; layout: the
@@ -611,8 +611,9 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         topk_weights: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor],
                         noise: Optional[torch.Tensor], num_steps: Optional[torch.Tensor],
                         dropout_mask: Optional[torch.Tensor], jitter: Optional[torch.Tensor],
-                        aux_mask: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool, eps_start: float, eps_end: float, ramp_steps: int,
-                        lb_coef: float, z_coef: float, dropout_scale: float, grouped: bool) -> List[torch.Tensor]:
+                        aux_mask: Optional[torch.Tensor], scaling: float, mode: str, top_k: int, renormalize: bool,
+                        eps_start: float, eps_end: float, ramp_steps: int, lb_coef: float, z_coef: float,
+                        dropout_scale: float, grouped: bool) -> List[torch.Tensor]:
     """[y, h, logits, ids, weights, counts, aux_loss, aux_stats, *layout] of the fused layer (see
     the module docstring); layout: the grouped regime's pair layout, none in the dense regime."""
     out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
@@ -623,8 +624,8 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 @moe_lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, topk_ids, noise, num_steps,
-      dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef, z_coef,
-      dropout_scale, grouped):
+      dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start, eps_end, ramp_steps, lb_coef,
+      z_coef, dropout_scale, grouped):
     T = x.shape[0]
     acc = launchers.accumulator_dtype(x.dtype)
     y = x.new_empty(T, weight.shape[0])
@@ -651,12 +652,13 @@ def moe_lora_linear_bwd(dy: torch.Tensor, g_aux: Optional[torch.Tensor], x: torc
                         lora_a: torch.Tensor, lora_b: torch.Tensor, router_weight: Optional[torch.Tensor],
                         h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                         counts: torch.Tensor, dropout_mask: Optional[torch.Tensor], jitter: Optional[torch.Tensor],
-                        aux_mask: Optional[torch.Tensor], layout: List[torch.Tensor], scaling: float, mode: str, renormalize: bool, lb_coef: float,
-                        z_coef: float, dropout_scale: float, grouped: bool, needs: list[bool]) -> list[torch.Tensor]:
+                        aux_mask: Optional[torch.Tensor], layout: List[torch.Tensor], scaling: float, mode: str,
+                        renormalize: bool, lb_coef: float, z_coef: float, dropout_scale: float, grouped: bool,
+                        needs: list[bool]) -> list[torch.Tensor]:
     """The gradients of the fused layer (empty tensors where ``needs`` is False)."""
     grads = _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weights, counts,
-                            dropout_mask, jitter, aux_mask, layout, scaling, mode, renormalize, lb_coef, z_coef, dropout_scale,
-                            grouped, tuple(needs))
+                            dropout_mask, jitter, aux_mask, layout, scaling, mode, renormalize, lb_coef, z_coef,
+                            dropout_scale, grouped, tuple(needs))
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
