@@ -135,9 +135,9 @@ def _real_rows(logits: torch.Tensor, mask: torch.Tensor):
 
 def masked_aux_loss_forward(logits: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, lb_coef: float,
                             z_coef: float):
-    """(loss, stats) of the masked aux loss (no autograd: the fused layer's op and
-    :class:`_MaskedAuxLossFn` differentiate it with :func:`masked_aux_loss_backward`), with the
-    token weights w_t = m_t / n: lb = E (c / n) . (sum_t w_t p_t), z = sum_t w_t lse_t^2."""
+    """(loss, stats) of the masked aux loss (no autograd: :class:`_MaskedAuxLossFn` differentiates
+    it with :func:`masked_aux_loss_backward`), with the token weights w_t = m_t / n:
+    lb = E (c / n) . (sum_t w_t p_t), z = sum_t w_t lse_t^2."""
     logits, w, inv_n = _real_rows(logits, mask)
     lse = torch.logsumexp(logits, dim=-1)
     lb = counts.to(logits.dtype).dot(torch.softmax(logits, dim=-1).t().mv(w)) * (inv_n * logits.shape[-1])
@@ -150,12 +150,13 @@ def masked_aux_loss_backward(g: torch.Tensor, logits: torch.Tensor, counts: torc
                              lb_coef: float, z_coef: float) -> torch.Tensor:
     """d loss / d logits [T, E] of the masked aux loss for its gradient ``g`` (0-d): for a real
     token t (0 for padding), g p_tj (lb_coef E / n^2 (c_j - p_t . c) + 2 z_coef lse_t / n)
-    = g w_t p_tj (c'_j - p_t . c' + 2 z_coef lse_t) with c' = lb_coef E c / n."""
+    = g w_t p_tj (c'_j - p_t . c' + 2 z_coef lse_t) with c' = lb_coef E c / n. Out-of-place ops:
+    autograd differentiates them in a double backward (``create_graph=True``)."""
     logits, w, inv_n = _real_rows(logits, mask)
     probs = torch.softmax(logits, dim=-1)
-    scaled = counts.to(logits.dtype).mul_(inv_n * (lb_coef * logits.shape[-1]))
-    per_token = torch.logsumexp(logits, dim=-1).mul_(2 * z_coef).sub_(probs.mv(scaled))
-    return (per_token.unsqueeze(1) + scaled).mul_(probs).mul_(w.mul_(g).unsqueeze(1))
+    scaled = counts.to(logits.dtype) * (inv_n * (lb_coef * logits.shape[-1]))
+    per_token = torch.logsumexp(logits, dim=-1) * (2 * z_coef) - probs.mv(scaled)
+    return (per_token.unsqueeze(1) + scaled) * probs * (w * g).unsqueeze(1)
 
 
 class _MaskedAuxKernelFn(torch.autograd.Function):
@@ -182,7 +183,8 @@ class _MaskedAuxKernelFn(torch.autograd.Function):
 class _MaskedAuxLossFn(torch.autograd.Function):
     """(loss, stats) of :func:`masked_aux_losses` from the logits [T, E], the real tokens' slot
     counts c [E] and the mask m [T] (n = max(1, sum m)): lb = E (c . P) / n^2 with P = sum_t m_t
-    p_t, z = sum_t m_t lse_t^2 / n, loss = lb_coef lb + z_coef z; backward: :func:`masked_aux_loss_backward`."""
+    p_t, z = sum_t m_t lse_t^2 / n, loss = lb_coef lb + z_coef z; backward: :func:`masked_aux_loss_backward`,
+    itself differentiable (the torch backend's higher-order gradients, as its unmasked loss's)."""
 
     @staticmethod
     def forward(ctx, logits, counts, mask, lb_coef, z_coef):
@@ -195,7 +197,6 @@ class _MaskedAuxLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _):
-        refuse_double_backward("the masked aux loss")
         if g is None:
             return None, None, None, None, None
         return masked_aux_loss_backward(g, *ctx.saved_tensors, *ctx.coefs), None, None, None, None

@@ -102,3 +102,30 @@ def test_router_and_aux_loss_backwards_refuse_create_graph():
         loss, _ = routing_aux_losses(route_logits(z, "softmax_topk", K), 0.01, 0.001)
         with pytest.raises(RuntimeError, match="the aux loss's Triton backward is not differentiable"):
             torch.autograd.grad(loss, z, create_graph=True)
+
+
+def test_masked_aux_loss_is_twice_differentiable_on_the_torch_backend():
+    """The masked aux loss on the torch backend (its closed-form backward in PyTorch ops) is
+    differentiable twice, as the unmasked loss there, against autograd through the formula (a
+    float64 reference: softmax and logsumexp of the real rows); its kernels refuse. It used to
+    refuse on the torch backend too, saying to run on the torch backend."""
+    from moelora.ops.losses import masked_aux_losses
+
+    ids, w = _routing()
+    mask = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    counts = torch.zeros(E, **F64).index_add_(0, ids[mask].reshape(-1), torch.ones(int(mask.sum()) * K, **F64))
+
+    def reference(z):
+        real = z[mask]
+        lb = E * counts.dot(real.softmax(-1).sum(0)) / mask.sum() ** 2
+        return 0.3 * lb + 0.05 * torch.logsumexp(real, -1).square().mean()
+
+    logits = torch.randn(T, E, **F64)
+    with moelora.use_backend("torch"):
+        got = _penalty_grads(lambda z: masked_aux_losses(z, ids, w, mask, 0.3, 0.05)[0], [logits])
+    _assert_close(got, _penalty_grads(reference, [logits]))
+    z = logits.clone().requires_grad_()
+    with moelora.use_backend("triton"):
+        loss = masked_aux_losses(z, ids, w, mask, 0.3, 0.05)[0]
+    with pytest.raises(RuntimeError, match="the masked aux loss's Triton backward is not differentiable"):
+        torch.autograd.grad(loss, z, create_graph=True)
