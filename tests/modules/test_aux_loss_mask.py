@@ -380,3 +380,21 @@ def test_mask_named_by_argument_is_found_when_given_by_position():
     assert torch.equal(model.aux_loss(), want)
     model(ids)  # not given: every token counts
     assert all(m.aux_loss_mask is None for m in model.modules() if isinstance(m, moelora.MoELoRALinear))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_mask_set_in_inference_mode_serves_training_after_it(backend):
+    """A mask set inside torch.inference_mode() (an evaluation loop) and still held when training
+    resumes: the training step's backward saves it, so it is held as a normal tensor (an inference
+    tensor raised "Inference tensors cannot be saved for backward"); the gradients are those of a
+    mask set outside."""
+    layer = _layer("softmax_topk")
+    x = torch.randn(2, 5, 16)
+    grads = []
+    for inference in (False, True):
+        with torch.inference_mode(inference):
+            moelora.set_aux_loss_mask(layer, MASK)
+        with moelora.use_backend(backend):
+            layer(x)
+        grads.append(torch.autograd.grad(layer.last_aux_loss, layer.router.weight)[0])
+    assert torch.equal(grads[1], grads[0])
