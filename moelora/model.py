@@ -626,6 +626,12 @@ class MoELoRAModel(nn.Module):
             aux_loss_mask = self.aux_loss_mask_from
         if isinstance(aux_loss_mask, str):
             aux_loss_mask = self._argument(aux_loss_mask, args, kwargs)  # not given: no padding to mask
+        if aux_loss_mask is not None and getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(
+                "aux_loss_mask: an encoder-decoder model's layers route the source tokens (encoder, cross-attention "
+                "keys and values) or the target tokens (decoder), which one mask cannot cover, and where both have "
+                "one length the wrong one would pass silently; set the source mask on the encoder with "
+                "moelora.set_aux_loss_mask(model.get_encoder(), attention_mask) instead")
         if aux_loss_mask is not None:
             self._forward_aux_loss_mask.append(_swap_aux_loss_mask(self.model, aux_loss_mask))
         output = self.model(*args, **kwargs)

@@ -398,3 +398,22 @@ def test_a_mask_set_in_inference_mode_serves_training_after_it(backend):
             layer(x)
         grads.append(torch.autograd.grad(layer.last_aux_loss, layer.router.weight)[0])
     assert torch.equal(grads[1], grads[0])
+
+
+def test_wrapper_refuses_a_mask_for_an_encoder_decoder_model():
+    """An encoder-decoder's layers route source tokens (encoder, cross-attention keys / values) or
+    target tokens (decoder): the source attention_mask on every layer would mask the decoder's with
+    it, silently where both have one length. The wrapper refuses; the encoder takes it by hand."""
+    from helpers import tiny_t5
+
+    model = moelora.get_moelora_model(tiny_t5(), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q", "v"]))
+    ids = token_batch()
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        model(input_ids=ids, attention_mask=mask, labels=ids, aux_loss_mask="attention_mask")
+    with moelora.use_aux_loss_mask(model.model.get_encoder(), mask):
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    encoder = [m for n, m in model.named_modules() if isinstance(m, moelora.MoELoRALinear) and ".encoder." in n]
+    assert encoder and all(m.last_router_stats is not None for m in encoder)
