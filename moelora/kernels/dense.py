@@ -550,7 +550,7 @@ def masked_router_aux_loss_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     offs_k = tl.arange(0, BLOCK_K)
-    p_acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=ACC)
+    p_acc = tl.zeros((BLOCK_E,), dtype=ACC)  # summed per block of tokens: a [BLOCK_T, BLOCK_E] one would spill
     z_acc = tl.zeros((BLOCK_T,), dtype=ACC)
     n_acc = tl.zeros((BLOCK_T,), dtype=tl.int32)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -559,7 +559,7 @@ def masked_router_aux_loss_kernel(
         in_t = offs_t < T
         real = tl.load(m_ptr + offs_t * stride_m, mask=in_t, other=0) != 0
         probs, lse = _masked_softmax_rows(l_ptr, offs_t, in_t, offs_e, mask_e, stride_lt, stride_le, ACC)
-        p_acc += tl.where(real[:, None], probs, 0.0)
+        p_acc += tl.sum(tl.where(real[:, None], probs, 0.0), axis=0)
         z_acc += tl.where(real, lse * lse, 0.0)
         n_acc += real.to(tl.int32)
         slots = real[:, None] & (offs_k < TOP_K)[None, :]
@@ -573,7 +573,7 @@ def masked_router_aux_loss_kernel(
     counts = tl.where(mask_e, counts, 0)
     tl.store(counts_ptr + offs_e, counts.to(tl.int64), mask=mask_e)
     inv_n = 1.0 / tl.maximum(tl.sum(n_acc, axis=0), 1).to(ACC)
-    lb = tl.sum(counts.to(ACC) * tl.sum(p_acc, axis=0), axis=0) * (E * inv_n * inv_n)
+    lb = tl.sum(counts.to(ACC) * p_acc, axis=0) * (E * inv_n * inv_n)
     z = tl.sum(z_acc, axis=0) * inv_n
     tl.store(loss_ptr, lb_coef * lb + z_coef * z)
     tl.store(stats_ptr, lb)
