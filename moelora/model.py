@@ -35,7 +35,7 @@ import itertools
 import os
 import types
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -505,14 +505,17 @@ def _wrapped_signature(model: nn.Module) -> Optional[inspect.Signature]:
     return inner.replace(parameters=[self_param, *params, *added, *var_keyword])
 
 
-def _positional_parameters(model: nn.Module) -> tuple:
-    """The names of the wrapped model's forward parameters a call can give by position, in order."""
+def _forward_parameters(model: nn.Module) -> Tuple[tuple, Optional[frozenset]]:
+    """(the names of the wrapped model's forward parameters a call can give by position, in order;
+    the names of all its named parameters, or None where its signature cannot be read)."""
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
-        return ()
+        return (), None
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return tuple(p.name for p in itertools.takewhile(lambda p: p.kind in positional, params))
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return (tuple(p.name for p in itertools.takewhile(lambda p: p.kind in positional, params)),
+            frozenset(p.name for p in params if p.kind not in variadic))
 
 
 def _forward_with_wrapped_signature(wrapper: "MoELoRAModel"):
@@ -571,7 +574,8 @@ class MoELoRAModel(nn.Module):
         self._bind_forward()
 
     def _bind_forward(self) -> None:
-        self._positional_parameters = _positional_parameters(self.model)  # where forward finds a named argument
+        # where forward finds a named argument
+        self._positional_parameters, self._parameter_names = _forward_parameters(self.model)
         forward = _forward_with_wrapped_signature(self)
         if forward is not None:
             self.forward = forward
@@ -687,9 +691,14 @@ class MoELoRAModel(nn.Module):
 
     def _argument(self, name: str, args: tuple, kwargs: dict):
         """The wrapped model's forward argument ``name`` in a call's ``args`` and ``kwargs`` (by keyword
-        or position), or None where the call does not give it."""
+        or position), or None where the call does not give it; a ValueError where the forward takes no
+        parameter of that name (a misspelt name would otherwise count every token)."""
         if name in kwargs:
             return kwargs[name]
+        if self._parameter_names is not None and name not in self._parameter_names:
+            raise ValueError(f"aux_loss_mask (or aux_loss_mask_from) names the argument {name!r}, which is not a "
+                             f"parameter of the wrapped model's forward (it takes {sorted(self._parameter_names)}) "
+                             "nor given to this call")
         names = self._positional_parameters
         position = names.index(name) if name in names else len(args)
         return args[position] if position < len(args) else None

@@ -382,6 +382,19 @@ def test_mask_named_by_argument_is_found_when_given_by_position():
     assert all(m.aux_loss_mask is None for m in model.modules() if isinstance(m, moelora.MoELoRALinear))
 
 
+def test_mask_named_by_an_argument_the_forward_does_not_take_raises():
+    """aux_loss_mask / aux_loss_mask_from naming no parameter of the wrapped forward (a typo such as
+    "attention_masks") raises, naming it: it used to count every token, padding included, silently."""
+    model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj"], router_aux_loss_coef=LB))
+    ids = token_batch()
+    with pytest.raises(ValueError, match="'attention_masks', which is not a parameter"):
+        model(ids, attention_mask=torch.ones_like(ids), aux_loss_mask="attention_masks")
+    model.aux_loss_mask_from = "attention_masks"
+    with pytest.raises(ValueError, match="'attention_masks', which is not a parameter"):
+        model(ids)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_mask_set_in_inference_mode_serves_training_after_it(backend):
     """A mask set inside torch.inference_mode() (an evaluation loop) and still held when training
