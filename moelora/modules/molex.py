@@ -47,10 +47,9 @@ gradients enabled); otherwise host (e.g. MoLA's per-layer expert counts, a per-l
 ``alpha_pattern``, alternating sliding-window layers, gradient checkpointing in training).
 ``"device"`` raises where they differ or are checkpointed. Whether the layers are alike is
 read in eager mode (at apply_molex and in every eager forward); a compiled graph uses the last
-eager reading (dynamo, in torch 2.11, cannot trace a module's ``__dict__``; torch 2.13's can, but
-the device runs 2.11): after changing a layer's attributes (its scaling, merging it, ...) run
-one eager forward before the compiled model, which then compiles again; else it would run one
-layer's code with another's tensors.
+eager reading (dynamo, in torch 2.11, cannot trace a module's ``__dict__``): after changing a
+layer's attributes (its scaling, merging it, ...) run one eager forward before the compiled
+model, which then compiles again; else it would run one layer's code with another's tensors.
 
 FSDP2: shard the stack as one unit (``fully_shard`` on the model), not layer by layer
 (:func:`_refuse_sharded_layers` raises there: each rank runs the layer j its own batch chose).
