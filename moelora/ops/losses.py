@@ -94,19 +94,20 @@ def aux_losses(counts: torch.Tensor, prob_sums: torch.Tensor, lse: torch.Tensor,
 
 
 def masked_aux_losses(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
-                      lb_coef: float, z_coef: float, count_kept: bool = False):
+                      lb_coef: float, z_coef: float, count_kept: bool = False, kernels: bool = True):
     """(loss, stats, counts) of :func:`aux_losses` over the real tokens only: ``mask`` [T] bool
     (False for padding), T then the number of real tokens n (at least 1), counts [E] (int64) their
     routed slots (those with weight > 0 where ``count_kept``: threshold routing), prob_sums and
     lse over them from the routing's ``logits`` [T, E] (as transformers' Mixtral masks its
     load-balancing loss). Differentiable in the logits, by the closed-form gradient: where the
     Triton kernels run, one launch forward and one backward (launchers.masked_router_aux_loss, as
-    in the fused layer's op; :class:`_MaskedAuxKernelFn`), else PyTorch ops (:class:`_MaskedAuxLossFn`).
+    in the fused layer's op; :class:`_MaskedAuxKernelFn`), else (and with ``kernels=False``: the fused
+    op's torch backend) PyTorch ops (:class:`_MaskedAuxLossFn`).
     An all-True mask gives aux_losses' loss; padding tokens change neither the loss nor its
     gradients, whatever the padding rows hold; a real token's non-finite logits make the loss NaN
     (the routing op's limits for infinite logits are not taken here)."""
     logits = logits.to(accumulator_dtype(logits.dtype))
-    if logits.shape[0] and kernels_run(logits.device) and not torch.compiler.is_compiling():
+    if kernels and logits.shape[0] and kernels_run(logits.device) and not torch.compiler.is_compiling():
         return _MaskedAuxKernelFn.apply(logits, ids, weights, mask, lb_coef, z_coef, count_kept)
     counts = masked_counts(ids, weights, mask, logits.shape[-1], count_kept)
     loss, stats = _MaskedAuxLossFn.apply(logits, counts, mask, lb_coef, z_coef)

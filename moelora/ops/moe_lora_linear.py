@@ -323,7 +323,7 @@ def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_w
         else:
             aux_loss, aux_stats, counts = masked_aux_losses(routing.logits, routing.ids, routing.weights,
                                                             router.aux_mask, router.lb_coef, router.z_coef,
-                                                            count_kept=router.mode == "threshold")
+                                                            count_kept=router.mode == "threshold", kernels=False)
             routing = routing._replace(counts=counts)
         topk_ids, topk_weights = routing.ids, routing.weights
     else:

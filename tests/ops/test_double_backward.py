@@ -129,3 +129,32 @@ def test_masked_aux_loss_is_twice_differentiable_on_the_torch_backend():
         loss = masked_aux_losses(z, ids, w, mask, 0.3, 0.05)[0]
     with pytest.raises(RuntimeError, match="the masked aux loss's Triton backward is not differentiable"):
         torch.autograd.grad(loss, z, create_graph=True)
+
+
+def test_fused_ops_torch_backend_with_an_aux_loss_mask_is_twice_differentiable_whatever_the_global_backend():
+    """moe_lora_linear(..., backend="torch") with RouterSpec.aux_mask takes its masked aux loss in
+    PyTorch ops, as its unmasked one, also where the global backend is "triton": against autograd
+    through the float64 formula. Its masked loss used to take the kernels there, and refused
+    create_graph=True, saying to run on backend=torch."""
+    from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
+
+    g = torch.Generator().manual_seed(1)
+    x, rw = torch.randn(T, D, generator=g, **F64), torch.randn(E, D, generator=g, **F64)
+    lora_a, lora_b = torch.randn(R, D, generator=g, **F64), torch.randn(E, 5, R, generator=g, **F64)
+    weight = torch.randn(5, D, generator=g, **F64)
+    mask = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+
+    def op(router_weight):
+        spec = RouterSpec(router_weight, None, "softmax_topk", K, lb_coef=0.3, z_coef=0.05, aux_mask=mask)
+        return moe_lora_linear(x, weight, None, lora_a, lora_b, scaling=1.0, router=spec,
+                               backend="torch")[1].aux_loss
+
+    def reference(router_weight):
+        real = (x @ router_weight.t())[mask]
+        slots = F.one_hot(real.detach().topk(K, -1).indices, E).sum(1).to(real.dtype)
+        lb = E * slots.sum(0).dot(real.softmax(-1).sum(0)) / mask.sum() ** 2
+        return 0.3 * lb + 0.05 * torch.logsumexp(real, -1).square().mean()
+
+    with moelora.use_backend("triton"):
+        got = _penalty_grads(op, [rw])
+    _assert_close(got, _penalty_grads(reference, [rw]))
