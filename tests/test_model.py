@@ -136,7 +136,6 @@ def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     torch.testing.assert_close(model(ids, labels=ids).loss, plain)
 
 
-
 def test_aux_loss_of_a_float64_model_is_float64():
     """A float64 model's layers record float64 aux losses (fp64 router logits); moelora.aux_loss summed
     them in float32, so it carried fp32's rounding (~1e-8 relative) against a float64 reference and
@@ -157,6 +156,7 @@ def test_aux_loss_of_a_float64_model_is_float64():
     torch.testing.assert_close(out.loss.detach(), plain + aux.detach().to(plain.dtype), rtol=0, atol=0)
     assert moelora.aux_loss(get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"]))
                             ).dtype == torch.float32
+
 
 def test_aux_loss_per_layer_for_different_expert_counts():
     from moelora.ops.losses import load_balancing_loss
