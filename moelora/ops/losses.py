@@ -47,12 +47,13 @@ def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Ten
 def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int,
                         weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch load-balancing loss of one layer (see the module docstring); with ``mask`` ([T]
-    bool) over the real tokens only (f_e and P_e as means over them)."""
+    bool, or 0/1 integers as an attention_mask) over the real tokens only (f_e and P_e as means
+    over them)."""
     probs = probs.reshape(-1, num_experts).float()
     if probs.shape[0] == 0:
         return probs.sum()
     if mask is not None:
-        mean_probs = torch.where(mask.reshape(-1, 1), probs, 0.0).sum(dim=0) / _count(mask)  # padding: any value
+        mean_probs = torch.where(mask.reshape(-1, 1).bool(), probs, 0.0).sum(dim=0) / _count(mask)  # padding: any value
     else:
         mean_probs = probs.mean(dim=0)
     return num_experts * torch.sum(expert_load(ids, num_experts, weights, mask) * mean_probs)
@@ -72,13 +73,13 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def routing_entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over tokens (with ``mask``, [T] bool: over the real tokens, whatever the padding rows
-    hold) of the entropy (nats) of the router distribution; 0 without tokens (or real tokens), as
+    """Mean over tokens (with ``mask``, [T] bool or 0/1 integers: over the real tokens, whatever the
+    padding rows hold) of the entropy (nats) of the router distribution; 0 without tokens (or real tokens), as
     :func:`expert_load`'s load."""
     probs = probs.reshape(-1, probs.shape[-1]).float()
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
     if mask is not None:
-        return torch.where(mask.reshape(-1), entropy, 0.0).sum() / _count(mask)
+        return torch.where(mask.reshape(-1).bool(), entropy, 0.0).sum() / _count(mask)
     return entropy.mean() if entropy.numel() else entropy.sum()
 
 

@@ -362,6 +362,22 @@ def test_masked_statistics_functions_ignore_what_padding_rows_hold():
     assert rel_err(routing_entropy(poisoned, mask), routing_entropy(probs[mask])) < 1e-6
 
 
+def test_masked_statistics_functions_take_an_integer_attention_mask():
+    """moelora.load_balancing_loss and routing_entropy take an attention_mask of 0/1 integers as
+    transformers' Mixtral load_balancing_loss_func does (and as they did when they multiplied by the
+    mask): the real rows' values. Selecting the real rows with torch.where raised for it."""
+    from moelora.ops.losses import routing_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(10, 4, generator=gen), -1)
+    ids = probs.topk(2, -1).indices
+    mask = MASK.reshape(-1)
+    real = mask.bool()
+    assert rel_err(moelora.load_balancing_loss(probs, ids, 4, mask=mask),
+                   moelora.load_balancing_loss(probs[real], ids[real], 4)) < 1e-6
+    assert rel_err(routing_entropy(probs, mask), routing_entropy(probs[real])) < 1e-6
+
+
 def test_mask_named_by_argument_is_found_when_given_by_position():
     """aux_loss_mask="attention_mask" (or aux_loss_mask_from) takes the argument whether the call
     gives it by keyword or by position (LlamaForCausalLM.forward(input_ids, attention_mask, ...)):
