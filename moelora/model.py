@@ -424,14 +424,16 @@ def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> tuple
                             f"as an attention_mask), got {mask.dtype}")
     modules = [m for m in model.modules() if isinstance(m, RoutedModule) and m.takes_aux_loss_mask]
     if not modules and mask is not None:
-        raise ValueError("the model has no module with a learned router (an aux-loss mask masks their aux losses)")
+        raise ValueError("the model has no routed module (MoE-LoRA layer, MoEFFN) whose aux losses a mask could mask")
     if mask is not None:
         weight = next(modules[0].parameters(), None)  # one copy to the modules' device (a data loader's CPU mask)
         # held past an inference_mode block as a normal tensor: a training step's backward saves it (dynamo
         # cannot trace is_inference_mode_enabled)
         eager_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         with torch.inference_mode(False) if eager_inference else contextlib.nullcontext():
-            mask = (mask.reshape(-1) != 0).to(mask.device if weight is None else weight.device, non_blocking=True)
+            device = mask.device if weight is None else weight.device
+            # a copy to the host waits for the device (non_blocking there lets the host read it before it lands)
+            mask = (mask.reshape(-1) != 0).to(device, non_blocking=device.type != "cpu")
     previous = [m.aux_loss_mask for m in modules]
     for m in modules:
         m.__dict__["_aux_loss_mask"] = mask

@@ -112,7 +112,8 @@ class RoutedModule:
                 "its forward: the mask ([batch, sequence], as an attention_mask) must cover the tokens of every "
                 "routed module it is set on, in the order of the module's input; set it on the part of the model "
                 "whose tokens it covers (moelora.set_aux_loss_mask(submodule, mask))")
-        return mask.to(device, non_blocking=True)  # no copy where it is already there
+        # no copy where it is already there; a copy to the host waits for the device
+        return mask.to(device, non_blocking=device.type != "cpu")
 
     @property
     def last_aux_loss(self) -> Optional[torch.Tensor]:
