@@ -638,7 +638,7 @@ def _masked_router_aux_loss_launch(T: int, E: int, top_k: int, count_kept: bool,
                                    logits_strides: tuple, ids_strides: tuple, w_strides: tuple,
                                    mask_stride: int) -> KernelLaunch:
     block_e = _pow2_block(E + 1, 16, 1 << 16)  # a spare histogram bin
-    block_t = max(16, min(256, 4096 // block_e))
+    block_t = max(16, min(128, 2048 // block_e))  # 256 spilled registers for sm_90 (Triton 3.6)
     return KernelLaunch(masked_router_aux_loss_kernel, (1,),
                         (T, E, *logits_strides, *ids_strides, *w_strides, mask_stride), COUNT_KEPT=count_kept,
                         TOP_K=top_k, ACC=_TL_DTYPES[accumulator_dtype(dtype)], BLOCK_T=block_t, BLOCK_E=block_e,
