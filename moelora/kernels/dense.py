@@ -218,6 +218,14 @@ def _gated_expand_store(acc, poisoned, offs_t, mask_t, offs_n, mask_n, base_ptr,
 
 
 @triton.jit
+def _store_aux_loss(loss_ptr, stats_ptr, lb, z, lb_coef, z_coef):
+    """Stores loss = lb_coef * lb + z_coef * z (0-d) and stats = (lb, z) [2]."""
+    tl.store(loss_ptr, lb_coef * lb + z_coef * z)
+    tl.store(stats_ptr, lb)
+    tl.store(stats_ptr + 1, z)
+
+
+@triton.jit
 def _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
                      lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
                      COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
@@ -252,10 +260,7 @@ def _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_pt
         offs_t = t0 + tl.arange(0, BLOCK_T)
         lse = tl.load(lse_ptr + offs_t * stride_lse, mask=offs_t < T, other=0.0).to(ACC)
         z_acc += lse * lse
-    z = tl.sum(z_acc, axis=0) * inv_t
-    tl.store(loss_ptr, lb_coef * lb + z_coef * z)
-    tl.store(stats_ptr, lb)
-    tl.store(stats_ptr + 1, z)
+    _store_aux_loss(loss_ptr, stats_ptr, lb, tl.sum(z_acc, axis=0) * inv_t, lb_coef, z_coef)
 
 
 @triton.jit
@@ -574,10 +579,7 @@ def masked_router_aux_loss_kernel(
     tl.store(counts_ptr + offs_e, counts.to(tl.int64), mask=mask_e)
     inv_n = 1.0 / tl.maximum(tl.sum(n_acc, axis=0), 1).to(ACC)
     lb = tl.sum(counts.to(ACC) * p_acc, axis=0) * (E * inv_n * inv_n)
-    z = tl.sum(z_acc, axis=0) * inv_n
-    tl.store(loss_ptr, lb_coef * lb + z_coef * z)
-    tl.store(stats_ptr, lb)
-    tl.store(stats_ptr + 1, z)
+    _store_aux_loss(loss_ptr, stats_ptr, lb, tl.sum(z_acc, axis=0) * inv_n, lb_coef, z_coef)
 
 
 @triton.jit

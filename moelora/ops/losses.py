@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.backend import kernels_run
+from moelora.ops.routing_modes import slot_counts
 from moelora.ops.validation import refuse_double_backward
 
 
@@ -110,20 +111,10 @@ def masked_aux_losses(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Te
     logits = logits.to(accumulator_dtype(logits.dtype))
     if kernels and logits.shape[0] and kernels_run(logits.device) and not torch.compiler.is_compiling():
         return _MaskedAuxKernelFn.apply(logits, ids, weights, mask, lb_coef, z_coef, count_kept)
-    counts = masked_counts(ids, weights, mask, logits.shape[-1], count_kept)
+    real_slots = mask.reshape(-1, 1).expand(ids.shape)
+    counts = slot_counts(ids, logits.shape[-1], real_slots & (weights > 0) if count_kept else real_slots)
     loss, stats = _MaskedAuxLossFn.apply(logits, counts, mask, lb_coef, z_coef)
     return loss, stats, counts
-
-
-def masked_counts(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_experts: int,
-                  count_kept: bool) -> torch.Tensor:
-    """[E] int64: the routed slots of the real tokens of ``mask`` [T] bool per expert (those with
-    weight > 0 where ``count_kept``)."""
-    slots = mask.reshape(-1, 1).expand(ids.shape)
-    if count_kept:
-        slots = slots & (weights > 0)
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(
-        0, ids.reshape(-1), slots.reshape(-1).long())
 
 
 def _real_rows(logits: torch.Tensor, mask: torch.Tensor):

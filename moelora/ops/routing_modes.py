@@ -92,10 +92,15 @@ def threshold_keep(top_p: torch.Tensor, eps: Union[float, torch.Tensor], noise: 
     return kept / kept.sum(dim=-1, keepdim=True).clamp_min(tiny)
 
 
+def slot_counts(ids: torch.Tensor, num_experts: int, counted: torch.Tensor) -> torch.Tensor:
+    """[E] int64: the slots of ``ids`` [T, k] routed to each expert where ``counted`` [T, k] (bool) holds."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(
+        0, ids.reshape(-1).long(), counted.reshape(-1).long())
+
+
 def kept_counts(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] int64: slots with weight > 0 routed to each expert."""
-    kept = (weights > 0).reshape(-1).long()
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, ids.reshape(-1).long(), kept)
+    return slot_counts(ids, num_experts, weights > 0)
 
 
 def route_logits(logits: torch.Tensor, mode: str, top_k: int, renormalize: bool = True,
