@@ -87,6 +87,15 @@ def _record(name: str, step: Callable[[], object], out: List[dict], note: str, c
                 "triton": triton, "aten": aten, "note": note})
 
 
+def _inference_step(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """One forward of ``module`` on x under torch.inference_mode (evaluation, generation)."""
+    def step():
+        with torch.inference_mode():
+            return module(x)
+
+    return step
+
+
 def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, compiled: bool = False,
                    autocast: bool = False) -> Callable[[], object]:
     """One training step of ``module`` on x: forward (``compiled``: torch.compile, fullgraph;
@@ -164,12 +173,15 @@ def measure(device: torch.device) -> List[dict]:
         moelora.set_aux_loss_mask(masked, torch.arange(T, device=device) % 10 != 9)
         _record("MoELoRALinear fwd+bwd (softmax_topk), aux-loss mask", _training_step(masked, x, dy), out,
                 LAYER_NOTE + "; moelora.set_aux_loss_mask: the masked aux loss's two kernels")
+        _record("MoELoRALinear fwd, inference (softmax_topk)", _inference_step(_layer(device, dtype, D).eval(), x), out,
+                "eval under torch.inference_mode (generation): the op's forward without autograd.Function.apply")
         linears = [nn.Linear(D, D, device=device, dtype=dtype) for _ in range(3)]
         block = MoEFFN(linears[0], linears[1], F.silu, E, K, gate_proj=linears[2], router="softmax_topk").train()
         _record("MoEFFN fwd+bwd (SwiGLU, softmax_topk)", _training_step(block, x, dy), out,
                 "upcycled MoE FFN block (d_ff = d), aux loss in the backward")
     linear = nn.Linear(D, D, device=device, dtype=dtype).requires_grad_(False)
     _record("frozen nn.Linear fwd+bwd", lambda: torch.autograd.grad(linear(x), [x], dy), out, "for scale")
+    _record("frozen nn.Linear fwd, inference", _inference_step(linear, x), out, "for scale (torch.inference_mode)")
     linear32 = nn.Linear(D, D, device=device).requires_grad_(False)
     _record("frozen nn.Linear fwd+bwd, autocast", _training_step(linear32, x32, dy32, autocast=True), out,
             "for scale (fp32 weights, torch.autocast(bfloat16))")
@@ -188,6 +200,8 @@ def measure(device: torch.device) -> List[dict]:
         trainable = [p for p in peft.parameters() if p.requires_grad]
         _record("PEFT LoRA fwd+bwd", lambda: torch.autograd.grad(peft(x), [x] + trainable, dy), out,
                 "for scale (PEFT's own ops, all run)")
+        _record("PEFT LoRA fwd, inference", _inference_step(peft.eval(), x), out,
+                "for scale (torch.inference_mode; PEFT's own ops, all run)")
     return out
 
 

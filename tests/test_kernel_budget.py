@@ -249,6 +249,44 @@ def test_one_autograd_node_per_call(lead):
             assert _graph_nodes(y, layer.last_aux_loss) == ["_MoELoRALinearFnBackward"]
 
 
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_ops_run_their_forward_without_autograd_function_when_grad_is_off(monkeypatch, no_grad):
+    """With grad mode off (evaluation, generation) the eager ops (the fused layer's, moe_lora's,
+    moe_ffn's) call their Function's forward directly (moelora.ops.registration.apply_eager):
+    autograd.Function.apply's work is host time where no graph is recorded. The outputs, and the
+    layer's aux loss and routing statistics, are those of the same call in grad mode."""
+    import torch.nn.functional as F
+    from moelora.ops import moe_ffn as moe_ffn_module
+    from moelora.ops import moe_lora_linear as linear_module
+
+    torch.manual_seed(0)
+    (x, a, b, w), ids = _operator_inputs(T=16, d=32, r=4, E=4, k=2)
+    layer = moelora.MoELoRALinear(nn.Linear(32, 32), num_experts=4, top_k=2, r=4, share_lora_a=True).eval()
+    ffn_params = [torch.randn(*shape, requires_grad=True) for shape in ((4, 48, 32), (4, 48), (4, 32, 48), (4, 32))]
+
+    def calls():
+        y_op = moelora.moe_lora(x, a, b, ids, w, scaling=0.5, regime="dense")
+        y_ffn = moelora.moe_ffn(x, ids, w.detach(), *ffn_params, F.silu)
+        y_layer = layer(x)
+        stats = layer.last_router_stats
+        return y_op, y_ffn, y_layer, layer.last_aux_loss, stats["load"], stats["load_balancing_loss"], stats["z_loss"]
+
+    with moelora.use_backend("triton"), moelora.validation(False):
+        with_graph = [t.detach() for t in calls()]
+        assert with_graph[2].shape == (16, 32)
+
+        def refuse(*args):
+            raise AssertionError("autograd.Function.apply ran with grad mode off")
+
+        for function in (moe_lora_module._EagerMoELoRA, moe_ffn_module._EagerMoEFFN, linear_module._MoELoRALinearFn):
+            monkeypatch.setattr(function, "apply", refuse)
+        with no_grad():
+            without = calls()
+    for got, expected in zip(without, with_graph):
+        assert not got.requires_grad
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 # python -m benchmarks.hostcost's layer rows (LAYER_CASES) and the counts above that the README's
 # table lists: the same settings count the same kernels there.
 HOSTCOST_CASES = {"softmax_topk": LAYER_SETTINGS["softmax_topk"][1], "topk_softmax": LAYER_SETTINGS["topk_softmax"][1],

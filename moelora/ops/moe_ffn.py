@@ -56,7 +56,7 @@ from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grou
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values, check_top_k, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
-from moelora.ops.registration import custom_op
+from moelora.ops.registration import apply_eager, custom_op
 from moelora.ops.routing import (LAYOUT_FIELDS, MAX_EXPERTS, DispatchMetadata, dispatch_rows, expert_layout,
                                  fake_layout_tensors, layout_from_tensors, layout_tensors)
 from moelora.kernels.grouped import GELU, GELU_TANH, RELU, SILU
@@ -504,7 +504,7 @@ def _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
         return _TracedMoEFFN.apply(*inputs, _activation_key(activation), normalize, stacked, *plan)[0]
     name = fused_activation_name(activation)
     code = ACTIVATION_CODES[name] if name is not None else activation
-    return _EagerMoEFFN.apply(*inputs, code, normalize, stacked, plan)
+    return apply_eager(_EagerMoEFFN, *inputs, code, normalize, stacked, plan)
 
 
 # ------------------------------------------------------------------------ torch backend

@@ -51,7 +51,7 @@ from moelora.ops.routing import (MAX_EXPERTS, dispatch_rows, expert_layout, fake
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
-from moelora.ops.registration import EagerFunction, custom_op
+from moelora.ops.registration import EagerFunction, apply_eager, custom_op
 
 
 REGIMES = ("auto", "dense", "grouped")
@@ -531,5 +531,5 @@ def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
         flat = args.flattened()
         return _TracedMoELoRA.apply(flat.x, flat.lora_a, flat.lora_b, flat.topk_ids, flat.topk_weights, flat.base_out,
                                     flat.scaling, grouped)[0].reshape(args.out_shape)
-    return _EagerMoELoRA.apply(args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
+    return apply_eager(_EagerMoELoRA, args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
                                args.scaling, grouped, args.out_shape)

@@ -73,7 +73,7 @@ from moelora.ops.routing import router_topk
 from moelora.ops.validation import (FLOAT_DTYPES, as_2d, check_adapter_shapes, check_routing_values, check_same_device,
                                     check_scaling, check_tensor_args, check_top_k, refuse_double_backward)
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
-from moelora.ops.registration import custom_op
+from moelora.ops.registration import apply_eager, custom_op
 
 
 class RouterSpec(NamedTuple):
@@ -172,7 +172,7 @@ def unchecked_moe_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optio
         args = op_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_weights, dropout_mask,
                        dropout_scale, grouped)
         extra = []
-        y, aux_loss = _MoELoRALinearFn.apply(*args[:_GRAD_INPUTS], args[_GRAD_INPUTS:], extra)
+        y, aux_loss = apply_eager(_MoELoRALinearFn, *args[:_GRAD_INPUTS], args[_GRAD_INPUTS:], extra)
         h, logits, ids, weights, counts, aux_stats = extra
     if r is None:
         return y, LayerOutput(Routing(topk_weights, topk_ids), None, None)
