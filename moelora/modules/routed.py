@@ -17,7 +17,7 @@ class RouterStats(Mapping):
     to each expert, [E]), ``entropy`` (mean routing entropy in nats) and the unweighted
     ``load_balancing_loss`` and ``z_loss`` (from ``aux_stats``). All detached. With ``mask``
     ([T] bool, the real tokens of an aux-loss mask) all four are over the real tokens only
-    (reading them then reads the number of real tokens on the host)."""
+    (the first key read then reads the number of real tokens on the host, once)."""
 
     KEYS = ("load", "entropy", "load_balancing_loss", "z_loss")
 
@@ -25,11 +25,17 @@ class RouterStats(Mapping):
                  num_tokens: int, mask: Optional[torch.Tensor] = None):
         self._counts, self._logits, self._aux_stats, self._num_tokens = counts, logits, aux_stats, num_tokens
         self._mask = mask
+        self._real_tokens: Optional[int] = None  # the mask's count, read on the host at the first key read
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.KEYS:
             raise KeyError(key)
-        num_tokens = self._num_tokens if self._mask is None else int(self._mask.sum())
+        if self._mask is None:
+            num_tokens = self._num_tokens
+        else:
+            if self._real_tokens is None:
+                self._real_tokens = int(self._mask.sum())
+            num_tokens = self._real_tokens
         if num_tokens == 0:
             raise ValueError("routing statistics are undefined: this module routed no tokens in its last forward"
                              + ("" if self._mask is None else " that its aux-loss mask counts"))

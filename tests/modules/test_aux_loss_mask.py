@@ -446,3 +446,27 @@ def test_wrapper_refuses_a_mask_for_an_encoder_decoder_model():
         model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     encoder = [m for n, m in model.named_modules() if isinstance(m, moelora.MoELoRALinear) and ".encoder." in n]
     assert encoder and all(m.last_router_stats is not None for m in encoder)
+
+
+def test_masked_statistics_read_the_real_token_count_on_the_host_once():
+    """Reading every statistic of a masked forward reads the mask's token count on the host once
+    (a device sync on a GPU), not once per key; the values are those of the real tokens."""
+    layer = _layer("softmax_topk")
+    with moelora.use_aux_loss_mask(layer, MASK):
+        layer(torch.randn(2, 5, 16))
+    stats = layer.last_router_stats
+    reads = []
+
+    class HostReadCounting(torch.Tensor):  # results of torch ops on it are of this class too
+        def __int__(self):
+            reads.append("int")
+            return super().__int__()
+
+        def item(self):
+            reads.append("item")
+            return super().item()
+
+    stats._mask = stats._mask.as_subclass(HostReadCounting)
+    values = {key: stats[key] for key in stats}
+    assert reads == ["int"], f"{len(reads)} host reads for {len(values)} statistics"
+    torch.testing.assert_close(values["load"].sum().as_subclass(torch.Tensor), torch.tensor(2.0))  # top_k per token
