@@ -35,7 +35,7 @@ import itertools
 import os
 import types
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -343,6 +343,26 @@ def _task_layers(model: nn.Module):
     return [m for _, m in adapters.active_named_modules(model) if is_adapter_layer(m) and m.router_mode == "task"]
 
 
+class _Swap(NamedTuple):
+    """Per-module routing state (task ids, an aux-loss mask) given to ``modules``: ``value`` as each
+    now holds it, what each held before (``previous``), and how the state is written (``put``) and
+    recognised (``holds``), for :meth:`put_back`. A ``with`` block puts back what was held at its
+    end; a MoELoRAModel's forward keeps its swaps until its next forward, so that a gradient
+    checkpoint's recomputation in backward routes as the forward did."""
+    value: object
+    modules: list
+    previous: list
+    put: Callable[[nn.Module, object], None]
+    holds: Callable[[nn.Module, object], bool]
+
+    def put_back(self, where_unchanged: bool = False) -> None:
+        """Give each module what it held before (``where_unchanged``: only those still holding ``value``,
+        not something set since)."""
+        for module, previous in zip(self.modules, self.previous):
+            if not where_unchanged or self.holds(module, self.value):
+                self.put(module, previous)
+
+
 def set_task_ids(model: nn.Module, ids) -> None:
     """Give every task-routed layer the task ids of the next batches: an int, one id per
     example ([batch]) or one per token; ``None`` clears them. An int is checked here and held
@@ -351,11 +371,11 @@ def set_task_ids(model: nn.Module, ids) -> None:
     _swap_task_ids(model, ids)
 
 
-def _swap_task_ids(model: nn.Module, ids, owner=None) -> tuple:
-    """:func:`set_task_ids`, returning (the ids the layers now hold, the task-routed layers, what
-    each held before) for a caller that puts them back (:func:`_put_task_ids`). ``owner``: who
-    set them (a MoELoRAModel's ``_task_ids_owner`` in its forward, else None), so that the
-    wrapper's next forward puts back only ids its forward set, not ids set since."""
+def _swap_task_ids(model: nn.Module, ids, owner=None) -> _Swap:
+    """:func:`set_task_ids`, returning the swap (value: the ids as the layers hold them and
+    ``owner``) for a caller that puts back what the layers held. ``owner``: who set them (a
+    MoELoRAModel's ``_task_ids_owner`` in its forward, else None), so that the wrapper's next
+    forward puts back only ids its forward set, not ids set since (the same tensor or int)."""
     layers = _task_layers(model)
     if not layers and ids is not None:
         raise ValueError("the model has no task-routed MoE-LoRA layer (router='task')")
@@ -368,16 +388,21 @@ def _swap_task_ids(model: nn.Module, ids, owner=None) -> tuple:
             check_task_ids(ids, layer.num_experts)
         ids = torch.tensor(ids)
     previous = [(layer.task_ids, layer.task_ids_owner) for layer in layers]
+    held = (ids, owner)
     for layer in layers:
-        _put_task_ids(layer, (ids, owner))
-    return ids, layers, previous
+        _put_task_ids(layer, held)
+    return _Swap(held, layers, previous, _put_task_ids, _holds_task_ids)
 
 
 def _put_task_ids(layer: nn.Module, held: tuple) -> None:
-    """Give ``layer`` the (task ids, owner) ``held`` (as :func:`_swap_task_ids` returns them)."""
+    """Give ``layer`` the (task ids, owner) ``held``."""
     layer.task_ids = held[0]
     # never a module or tensor: skips nn.Module.__setattr__'s checks, which cost microseconds per layer
     layer.__dict__["task_ids_owner"] = held[1]
+
+
+def _holds_task_ids(layer: nn.Module, held: tuple) -> bool:
+    return layer.task_ids is held[0] and layer.task_ids_owner is held[1]
 
 
 @contextlib.contextmanager
@@ -389,14 +414,22 @@ def use_task_ids(model: nn.Module, ids):
     ``task_ids`` to :meth:`MoELoRAModel.forward`, whose ids stay until its next forward), else
     the recomputation routes by the ids outside the block (wrong gradients, or an error when
     none are set). Yields the ids the layers hold (an int as a 0-d tensor)."""
-    if isinstance(model, MoELoRAModel):  # its last forward's task_ids go first: the block's forward would drop
-        model._restore_task_ids()          # them, and the block's end put them back for good
-    held, layers, previous = _swap_task_ids(model, ids)
+    with _swapped(model, _swap_task_ids, ids) as swap:
+        yield swap.value[0]
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, swap_fn: Callable[..., _Swap], value):
+    """``swap_fn(model, value)`` for a ``with`` block, put back at its end. A MoELoRAModel's last forward's
+    task ids and mask go first: the block's forward would drop its record of them, and the block's
+    end then put them back for good."""
+    if isinstance(model, MoELoRAModel):
+        model._put_back_forward_swaps()
+    swap = swap_fn(model, value)
     try:
-        yield held
+        yield swap
     finally:
-        for layer, prev in zip(layers, previous):
-            _put_task_ids(layer, prev)
+        swap.put_back()
 
 
 def set_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
@@ -412,10 +445,10 @@ def set_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
     _swap_aux_loss_mask(model, mask)
 
 
-def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> tuple:
-    """:func:`set_aux_loss_mask`, returning (the mask the modules now hold, those modules, what each
-    held before) for a caller that puts them back. The mask is held as a new [T] bool tensor, on the
-    device of the first module's parameters."""
+def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> _Swap:
+    """:func:`set_aux_loss_mask`, returning the swap (value: the mask as the modules hold it) for a
+    caller that puts back what they held. The mask is held as a new [T] bool tensor, on the device
+    of the first module's parameters."""
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"the aux-loss mask must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -436,20 +469,25 @@ def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> tuple
             mask = (mask.reshape(-1) != 0).to(device, non_blocking=device.type != "cpu")
     previous = [m.aux_loss_mask for m in modules]
     for m in modules:
-        m.__dict__["_aux_loss_mask"] = mask
-    return mask, modules, previous
+        _put_aux_loss_mask(m, mask)
+    return _Swap(mask, modules, previous, _put_aux_loss_mask, _holds_aux_loss_mask)
+
+
+def _put_aux_loss_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> None:
+    module.__dict__["_aux_loss_mask"] = mask  # nn.Module.__setattr__ would register a tensor as a buffer
+
+
+def _holds_aux_loss_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> bool:
+    return module.aux_loss_mask is mask
 
 
 @contextlib.contextmanager
 def use_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]):
     """``with moelora.use_aux_loss_mask(model, attention_mask): model(...)``: :func:`set_aux_loss_mask`
-    for the block only (the modules hold what they held before after it)."""
-    held, modules, previous = _swap_aux_loss_mask(model, mask)
-    try:
-        yield held
-    finally:
-        for m, prev in zip(modules, previous):
-            m.__dict__["_aux_loss_mask"] = prev
+    for the block only (the modules hold what they held before after it). Yields the mask as the
+    modules hold it."""
+    with _swapped(model, _swap_aux_loss_mask, mask) as swap:
+        yield swap.value
 
 
 def _task_ids_per_row(model: nn.Module, ids: torch.Tensor):
@@ -562,14 +600,10 @@ class MoELoRAModel(nn.Module):
         self.inactive_adapters = nn.ModuleDict().train(model.training)
         self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
         self.inference_adapters = set()  # adapters loaded with is_trainable=False: frozen when active
-        # [(task ids as the layers hold them, their owner, those layers, what they held before)] of
-        # the last forward given task_ids, or [] (a list mutated in place: dynamo 2.11 cannot trace
-        # a module's __dict__.pop)
-        self._forward_task_ids = []
+        # the _Swaps (task ids, aux-loss mask) of the last forward, put back by the next (a list mutated
+        # in place: dynamo 2.11 cannot trace a module's __dict__.pop)
+        self._forward_swaps = []
         self._task_ids_owner = object()  # what the layers hold beside the task ids its forward gives them
-        # [(the aux-loss mask as the modules hold it, those modules, what they held before)] of the last
-        # forward given aux_loss_mask, or []
-        self._forward_aux_loss_mask = []
         # the forward argument whose tensor is the aux-loss mask when aux_loss_mask is not given (e.g.
         # "attention_mask": transformers' Trainer passes the batch's columns only)
         self.aux_loss_mask_from: Optional[str] = None
@@ -620,14 +654,11 @@ class MoELoRAModel(nn.Module):
         first puts back what they held before (unless changed since): a gradient-checkpointed layer
         runs its forward again in backward, and must route that recomputation by the same task ids."""
         clear_aux_losses(self.model)
-        self._restore_task_ids()
-        self._restore_aux_loss_mask()
+        self._put_back_forward_swaps()
         if labels is not None:
             kwargs["labels"] = labels
         if task_ids is not None:
-            owner = self._task_ids_owner
-            ids, layers, previous = _swap_task_ids(self.model, task_ids, owner)
-            self._forward_task_ids.append((ids, owner, layers, previous))
+            self._forward_swaps.append(_swap_task_ids(self.model, task_ids, self._task_ids_owner))
         if aux_loss_mask is None:
             aux_loss_mask = self.aux_loss_mask_from
         if isinstance(aux_loss_mask, str):
@@ -639,7 +670,7 @@ class MoELoRAModel(nn.Module):
                 "one length the wrong one would pass silently; set the source mask on the encoder with "
                 "moelora.set_aux_loss_mask(model.get_encoder(), attention_mask) instead")
         if aux_loss_mask is not None:
-            self._forward_aux_loss_mask.append(_swap_aux_loss_mask(self.model, aux_loss_mask))
+            self._forward_swaps.append(_swap_aux_loss_mask(self.model, aux_loss_mask))
         output = self.model(*args, **kwargs)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
@@ -654,8 +685,7 @@ class MoELoRAModel(nn.Module):
         repeats the prompt. Per-token ids cannot route the tokens generate adds: they raise. Aux-loss
         masks are off while it runs (its steps route other numbers of tokens; nothing trains)."""
         clear_aux_losses(self.model)
-        self._restore_task_ids()
-        self._restore_aux_loss_mask()
+        self._put_back_forward_swaps()
         with use_aux_loss_mask(self.model, None):
             return self._generate_with_task_ids(generate, args, kwargs, task_ids)
 
@@ -681,15 +711,12 @@ class MoELoRAModel(nn.Module):
                 if hook is not None:
                     hook.remove()
 
-    def _restore_task_ids(self) -> None:
-        """Put back the task ids the layers held before the last forward's ``task_ids`` (see
-        :meth:`forward`), where they still hold that forward's."""
-        state = self._forward_task_ids
-        if state:
-            ids, owner, layers, previous = state.pop()
-            for layer, prev in zip(layers, previous):
-                if layer.task_ids is ids and layer.task_ids_owner is owner:
-                    _put_task_ids(layer, prev)
+    def _put_back_forward_swaps(self) -> None:
+        """Put back what the modules held before the last forward's ``task_ids`` and ``aux_loss_mask``
+        (see :meth:`forward`), where they still hold that forward's."""
+        swaps = self._forward_swaps
+        while swaps:
+            swaps.pop().put_back(where_unchanged=True)
 
     def _argument(self, name: str, args: tuple, kwargs: dict):
         """The wrapped model's forward argument ``name`` in a call's ``args`` and ``kwargs`` (by keyword
@@ -704,16 +731,6 @@ class MoELoRAModel(nn.Module):
         names = self._positional_parameters
         position = names.index(name) if name in names else len(args)
         return args[position] if position < len(args) else None
-
-    def _restore_aux_loss_mask(self) -> None:
-        """Put back the aux-loss masks the modules held before the last forward's ``aux_loss_mask``,
-        where they still hold that forward's."""
-        state = self._forward_aux_loss_mask
-        if state:
-            mask, modules, previous = state.pop()
-            for m, prev in zip(modules, previous):
-                if m.aux_loss_mask is mask:
-                    m.__dict__["_aux_loss_mask"] = prev
 
     def _with_aux_loss(self, output, labels_given: bool):
         if isinstance(output, dict):

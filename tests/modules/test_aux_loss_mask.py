@@ -180,6 +180,28 @@ def test_a_mask_set_by_hand_outlives_the_wrappers_forward_masks():
     assert all(m.aux_loss_mask is None for m in model.modules() if isinstance(m, moelora.MoELoRALinear))
 
 
+def test_use_aux_loss_mask_after_a_forward_with_a_mask_leaves_no_stale_mask():
+    """The wrapper's forward(aux_loss_mask=) keeps its mask until its next forward; a use_aux_loss_mask
+    block after it must not end by putting that mask back for good (the block's forward dropped the
+    record that would have cleared it): after the block the modules hold what they held before that
+    forward, as use_task_ids does for task ids."""
+    model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj"], router_aux_loss_coef=LB))
+    routed = [m for m in model.modules() if isinstance(m, moelora.MoELoRALinear)]
+    ids = token_batch()
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    model(ids, aux_loss_mask=mask)
+    with moelora.use_aux_loss_mask(model, torch.ones_like(ids)):
+        model(ids)
+    assert all(m.aux_loss_mask is None for m in routed)
+    model(ids)
+    unmasked = model.aux_loss()
+    moelora.set_aux_loss_mask(model, None)
+    model(ids)
+    torch.testing.assert_close(unmasked, model.aux_loss(), rtol=0, atol=0)
+
+
 def test_bad_masks_raise_naming_what_was_expected():
     layer = _layer("softmax_topk")
     with pytest.raises(TypeError, match="bool or integer"):
