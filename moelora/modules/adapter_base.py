@@ -76,6 +76,28 @@ def refuse_offloaded(base_layer: nn.Module, what: str) -> None:
             "weight on meta between forwards): load the model without CPU / disk offloading for it")
 
 
+PLAIN_TENSORS = (nn.Parameter, torch.Tensor)  # the types of a plain weight (no tensor subclass)
+
+
+def is_quantised_weight(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is no plain floating-point tensor: a tensor subclass (torchao's quantize_ leaves an
+    nn.Linear holding one) or an integer weight (bitsandbytes' packed Params4bit / Int8Params)."""
+    return type(weight) not in PLAIN_TENSORS or not weight.dtype.is_floating_point
+
+
+def refuse_quantised(base_layer: nn.Module, what: str) -> None:
+    """NotImplementedError where ``base_layer``'s weight is quantised (:func:`is_quantised_weight`): ``what``
+    reads or writes it as a dense tensor, which a quantised weight does not support exactly (torchao's
+    subclasses implement few operators; bitsandbytes' weights are packed integers)."""
+    weight = base_layer.weight
+    if is_quantised_weight(weight):
+        raise NotImplementedError(
+            f"{what} needs the base layer's weight as a dense floating-point tensor, and {type(base_layer).__name__}'s "
+            f"is a quantised {type(weight).__name__} ({weight.dtype}; torchao's quantize_, bitsandbytes' 4-bit / "
+            "8-bit layers): MoE-LoRA adapters train on quantised bases (QLoRA), but this is not supported there; "
+            "do it on a model loaded without quantisation")
+
+
 def is_uninitialised_lazy(module: nn.Module) -> bool:
     """Whether ``module`` is a lazy module (nn.LazyLinear, LazyConv*) whose parameters wait for a first forward."""
     return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
@@ -239,8 +261,10 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         weight = base_layer.weight
         if s.use_dora:
             refuse_offloaded(base_layer, "DoRA (its magnitude starts at the base weight's row norms)")
-        # As PEFT (autocast_adapter_dtype): half-precision bases get fp32 adapters.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+            refuse_quantised(base_layer, "DoRA (its magnitude starts at the base weight's row norms)")
+        # fp32 adapters but on fp64 bases: half-precision bases as PEFT's (autocast_adapter_dtype), and quantised
+        # ones, whose weight's dtype (bitsandbytes' packed integers) has no gradients.
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         factory = dict(device=adapter_device(base_layer), dtype=dtype)
         self.num_lora = s.num_experts + (1 if s.task_shared_lora else 0)
         a_shape = (s.r, a_in) if s.share_lora_a else (self.num_lora, s.r, a_in)
@@ -423,6 +447,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         if self.merged:
             raise RuntimeError("the layer is already merged; unmerge it first")
         refuse_offloaded(self.base_layer, "merging")
+        refuse_quantised(self.base_layer, "merging")
         if self.disable_adapters:  # it would return the merged weight's output while disabled
             raise RuntimeError("the adapter layers are disabled (disable_adapter_layers() or `with "
                                "model.disable_adapter():`) and a disabled layer computes its base layer; enable "

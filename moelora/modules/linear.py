@@ -14,7 +14,8 @@ down-projection and the router logits; dx accumulated in one GEMM; see that modu
 moelora.moe_lora's dense or grouped regime (large E*r). It
 takes every feature except these, which run the composed path (base layer, then
 :func:`moelora.moe_lora` with ``base_out``): base layers other than a plain ``nn.Linear`` /
-GPT-2 ``Conv1D`` (subclasses, quantised layers, parametrized weights) or with forward or backward
+GPT-2 ``Conv1D`` holding a plain weight (subclasses, quantised layers: bitsandbytes' layers, and
+torchao's, whose weight is a tensor subclass; parametrized weights) or with forward or backward
 hooks (registered, or a ``forward`` set on the instance, as accelerate's device_map / offloading
 hooks do; the fused op never calls the base layer, so its hooks would not run), extra forward
 arguments, and DoRA with LoRA dropout in training (PEFT's DoRA then scales a second base GEMM
@@ -43,7 +44,8 @@ from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pr
 from moelora.ops.backend import autocast_dtype, autocast_input, without_autocast
 from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, unchecked_moe_lora_linear
-from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings, single_expert_routing
+from moelora.modules.adapter_base import (PLAIN_TENSORS, AdapterLayerBase, LayerSettings, layer_settings,
+                                         single_expert_routing)
 from moelora.ops.routing_modes import Routing, task_routing
 from moelora.ops.validation import check_module_input
 
@@ -182,7 +184,9 @@ class MoELoRALinear(AdapterLayerBase):
         return spec, None, None
 
     def _fusable(self, base: nn.Module, args, kwargs) -> bool:
-        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D, no forward or
+        """Whether the fused op may replace base_layer(x): a plain Linear / Conv1D holding a plain weight
+        (not a tensor subclass, as torchao's quantised weights, which implement F.linear but not the
+        op's GEMMs; read from ``_parameters``, a dict, not through nn.Module's ``__getattr__``), no forward or
         backward hooks, the base layer's or global ones (the op never calls the base layer, whose
         hooks would then not run), nor a forward of its own (accelerate's hooks, as device_map
         dispatch and offloading install them, replace the instance's ``forward``), no extra
@@ -193,6 +197,7 @@ class MoELoRALinear(AdapterLayerBase):
         again when a forward is set after compilation, but not a test of ``base.__dict__``."""
         forward = base.forward
         return (not args and not kwargs and (type(base) is nn.Linear or is_conv1d(base))
+                and type(base._parameters.get("weight")) in PLAIN_TENSORS
                 and not (self.use_dora and self.training and not isinstance(self.lora_dropout, nn.Identity))
                 and not base._forward_hooks and not base._forward_pre_hooks
                 and type(forward) is types.MethodType and forward.__func__ is type(base).forward

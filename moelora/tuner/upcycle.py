@@ -31,7 +31,7 @@ from moelora.tuner.adapters import held_modules
 from moelora.tuner.structure import record, structural_edit
 from moelora.tuner.targets import layer_index, matches, set_module, stacked_expert_parameters, unwrap
 from moelora.ops.validation import check_activation
-from moelora.modules.adapter_base import refuse_offloaded
+from moelora.modules.adapter_base import refuse_offloaded, refuse_quantised
 from moelora.modules.ffn import MoEFFN, check_ffn_settings
 from moelora.modules.fields import BOOL, check_field
 
@@ -225,6 +225,7 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
         for part in m.modules():
             if getattr(part, "weight", None) is not None:
                 refuse_offloaded(part, f"upcycling {name} (its experts start as copies of the FFN's weights)")
+                refuse_quantised(part, f"upcycling {name} (its experts start as copies of the FFN's weights)")
         moe = _build(name, m, kind, num_experts, top_k, generic, ffn_dropout, router_kwargs)
         built.append((name, kind, m, moe.train(m.training)))
     for name, kind, m, moe in built:
