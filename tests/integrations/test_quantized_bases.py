@@ -201,6 +201,8 @@ def test_upcycling_a_quantised_ffn_is_refused(make):
         moelora.upcycle_ffn(model, num_experts=2, top_k=1, ffn_modules=["0"], in_proj="up", out_proj="down",
                             activation=torch.relu)
     assert isinstance(model[0], FFN)
+    with pytest.raises(NotImplementedError, match="MoEFFN.*quantised"):
+        moelora.MoEFFN(make(), nn.Linear(D_OUT, D_IN), torch.relu, num_experts=2, top_k=1)
 
 
 # ----------------------------------------------------------------------------- torchao
