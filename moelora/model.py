@@ -590,6 +590,14 @@ class MoELoRAModel(nn.Module):
 
     is_moelora_model = True  # what moelora.tuner.targets.unwrap looks for
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' mark of a model with trainable adapters attached, which Trainer reads before it trains
+        a quantised model (trainer_utils.validate_quantization_for_training: a quantised model without it is
+        refused as "purely quantized"; QLoRA with bitsandbytes): True unless the wrapped model's quantisation
+        method cannot train (its ``hf_quantizer.is_trainable``), which Trainer then refuses."""
+        return getattr(getattr(self.model, "hf_quantizer", None), "is_trainable", True)
+
     def __init__(self, model: nn.Module, config: MoELoRAConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         adapters.check_adapter_name(adapter_name, {}, must_exist=False)

@@ -205,6 +205,29 @@ def test_upcycling_a_quantised_ffn_is_refused(make):
         moelora.MoEFFN(make(), nn.Linear(D_OUT, D_IN), torch.relu, num_experts=2, top_k=1)
 
 
+@pytest.mark.parametrize("trainable", [True, False])
+def test_trainer_accepts_a_quantised_model_with_adapters(trainable, tmp_path):
+    """transformers' Trainer refuses a quantised model (``is_quantized``, as from_pretrained with a
+    quantization_config sets it) without adapters; MoELoRAModel says it has them (``_hf_peft_config_loaded``,
+    PEFT's mark), unless the quantisation method cannot train, which Trainer then refuses."""
+    import types
+
+    from transformers import Trainer, TrainingArguments
+
+    from helpers import tiny_llama
+
+    base = tiny_llama(num_layers=1)
+    base.is_quantized, base.hf_quantizer = True, types.SimpleNamespace(is_trainable=trainable)
+    model = moelora.get_moelora_model(base, moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1,
+                                                                  target_modules=["q_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    if trainable:
+        Trainer(model=model, args=args)
+    else:
+        with pytest.raises(ValueError, match="quantized"):
+            Trainer(model=model, args=args)
+
+
 # ----------------------------------------------------------------------------- torchao
 TORCHAO_CONFIGS = ["Int8WeightOnlyConfig", "Float8WeightOnlyConfig"]
 
@@ -342,3 +365,28 @@ def test_bitsandbytes_model_injection_and_persistence(kind, tmp_path):
         torch.testing.assert_close(loaded.eval()(x), y)
     with pytest.raises(NotImplementedError, match="merging.*quantised"):
         model.merge_and_unload()
+
+
+def test_bitsandbytes_qlora_with_trainer(tmp_path):
+    """The QLoRA recipe: from_pretrained with BitsAndBytesConfig(load_in_4bit=True) (on CPU), 'all-linear',
+    transformers' Trainer: the adapters train (the quantised weights do not change)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    q_proj = base.model.layers[0].self_attn.q_proj
+    packed = q_proj.weight.data.clone()
+    model = moelora.get_moelora_model(base, moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1,
+                                                                  target_modules="all-linear"))
+    adapted = base.model.layers[0].self_attn.q_proj
+    assert isinstance(adapted, MoELoRALinear) and adapted.base_layer is q_proj
+    lora_b = adapted.lora_B.detach().clone()
+    ids = torch.randint(0, 64, (4, 8))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r.clone()} for r in ids]).train()
+    assert not torch.equal(adapted.lora_B, lora_b) and torch.equal(q_proj.weight.data, packed)
