@@ -100,10 +100,10 @@ class _InFloat64(nn.Linear):
 
     def __init__(self, q: nn.Module):
         super().__init__(q.in_features, q.out_features, bias=False, dtype=torch.float64)
-        self.q = q
+        self.q = [q]  # not a submodule: the reference's .double() must not cast the layer under test
 
     def forward(self, x):
-        return self.q(x.float()).double()
+        return self.q[0](x.float()).double()
 
 
 def _check_against_dequantized(base: nn.Module, dequantized, backend: str, tol: float = 1e-5, **settings) -> None:
@@ -115,10 +115,11 @@ def _check_against_dequantized(base: nn.Module, dequantized, backend: str, tol: 
     layer = MoELoRALinear(base, **settings)
     assert layer.lora_B.dtype == torch.float32 and layer.lora_A.requires_grad
     ref_base = _InFloat64(base) if dequantized is None else _dense_copy(base, dequantized)
-    reference = MoELoRALinear(ref_base, **settings).double()
+    reference = MoELoRALinear(ref_base, **settings)
     reference.load_state_dict({k: v for k, v in layer.state_dict().items() if ".base_layer." not in f".{k}"},
                               strict=False)
     before = {k: v.clone() for k, v in base.state_dict().items() if type(v) in (torch.Tensor, nn.Parameter)}
+    reference = reference.double()
     x = torch.randn(T, D_IN, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
     with moelora.use_backend(backend):
@@ -135,7 +136,7 @@ def _check_against_dequantized(base: nn.Module, dequantized, backend: str, tol: 
     assert base.weight.grad is None
     for k, v in base.state_dict().items():
         if k in before:
-            assert torch.equal(v, before[k]), k
+            assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
 
 
 # ----------------------------------------------------------------------------- without the libraries
