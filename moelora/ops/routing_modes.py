@@ -15,8 +15,9 @@ PyTorch fallback), so the layers and ``moelora.route`` share one implementation:
   per-task scale gamma (see :func:`task_routing`).
 
 A learned mode returns ``Routing(weights [T, k] fp32, ids [T, k] int32, logits [T, E] fp32,
-counts [E] (kept slots per expert), prob_sums [E] (summed softmax probabilities), lse [T]
-(logsumexp of the logits))``: the last three are the statistics of the auxiliary losses.
+counts [E] (slots per expert; threshold routing: those with weight > 0), prob_sums [E] (summed
+softmax probabilities), lse [T] (logsumexp of the logits))``: the last three are the statistics
+of the auxiliary losses.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def route_logits(logits: torch.Tensor, mode: str, top_k: int, renormalize: bool 
     if mode == "threshold":
         top_p, ids, counts, prob_sums, lse = router_topk(logits, top_k, "softmax_topk", False)
         weights = threshold_keep(top_p, eps, noise)
-        if isinstance(eps, torch.Tensor) or eps > 0:
-            counts = kept_counts(ids, weights, logits.shape[-1])
+        # the slots with weight > 0, as the fused layer's kernels count them: at eps <= 0 too, where a
+        # slot whose probability underflowed to 0 (a saturated softmax) is kept with weight 0
+        counts = kept_counts(ids, weights, logits.shape[-1])
     else:
         weights, ids, counts, prob_sums, lse = router_topk(logits, top_k, mode, renormalize)
     return Routing(weights, ids, logits, counts, prob_sums, lse)

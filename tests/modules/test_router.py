@@ -510,3 +510,31 @@ def test_top_1_with_a_renormalised_gate_warns_that_the_task_loss_cannot_train_th
     router_grad = layer.router.weight.grad
     largest = 0.0 if router_grad is None else float(router_grad.abs().max())
     assert largest < 1e-6 if warns else largest > 1e-3  # renormalised: d(w / w) is 0 up to rounding
+
+
+def test_threshold_routing_counts_the_same_slots_on_every_path_when_the_softmax_saturates():
+    """Threshold routing at eps 0 (the default) with large logits (a saturated softmax, e.g. a
+    half-precision model's large activations): a top-n slot whose probability underflows to 0
+    has weight 0, skipped by the experts. Every path counts the slots with weight > 0 in the
+    load and the load-balancing loss: the fused layer's kernels, the masked aux loss and the
+    PyTorch path at any eps. Before, the PyTorch path at a float eps of 0 counted every top-n
+    slot, so the torch backend's load and aux loss differed from the Triton backend's."""
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(16, 12), num_experts=4, top_k=2, r=4, router="threshold",
+                                  init_lora_weights=False).to(DEVICE).train()
+    with torch.no_grad():
+        layer.router.weight.mul_(200)
+    x = torch.randn(8, 16, device=DEVICE) * 30
+    assert bool((layer.router(x).weights == 0).any())  # the premise: saturated slots
+    results = []
+    for backend, mask in [("torch", None), ("triton", None), ("torch", torch.ones(8, dtype=torch.long))]:
+        with moelora.use_backend(backend), moelora.use_aux_loss_mask(layer, mask):
+            layer(x)
+            stats = moelora.router_stats(layer)[""]
+            results.append((stats["load"], stats["load_balancing_loss"]))
+    routing = layer.router(x)
+    counted = torch.zeros(4, device=DEVICE).index_add_(0, routing.ids.reshape(-1).long(),
+                                                       (routing.weights > 0).reshape(-1).float())
+    for load, lb in results:
+        torch.testing.assert_close(load, counted / 8)
+        torch.testing.assert_close(lb, results[1][1])
