@@ -1,7 +1,8 @@
 """Command line: ``python -m benchmarks [options]`` runs the suite and writes the results.
 
 On a CUDA device: the full shape suite S1-S5 (bf16 by default), the S1 whole-layer case,
-the CUDA-graph check and the S1 token sweep, in priority order under ``--time-budget``.
+its decode pass (inference at a few tokens), the CUDA-graph check and the S1 token sweep,
+in priority order under ``--time-budget``.
 On a CPU: the same structure at tiny sizes (a smoke run; GPU numbers need a GPU).
 Writes ``bench-<device>-<date>.json`` and ``.png`` under ``--out-dir`` and prints a table
 and the target check.
@@ -23,14 +24,14 @@ import torch
 from . import ceilings as ceilings_mod
 from . import graphcheck, hostcost, impls, report, runner, targets, tuned
 from .plot import sweep_plot
-from .runner import PASSES, RunContext, run_group
-from .shapes import suite, sweep_shapes
+from .runner import DECODE_PASS, PASSES, RunContext, run_group
+from .shapes import decode_shape, decode_tokens, suite, sweep_shapes
 from .timing import Budget
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 _WATCHDOGS: List[threading.Timer] = []  # cancelled when main() returns or raises
-PRIORITY = ["S1", "S3", "S5", "S2", "S4"]  # run order; S1's layer case and graph check follow S1
+PRIORITY = ["S1", "S3", "S5", "S2", "S4"]  # run order; S1's layer case, decode pass and graph check follow S1
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -53,7 +54,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--sweep-share", type=float, default=0.25,
                    help="share of --time-budget kept for the sweep, which runs last (default 0.25)")
     p.add_argument("--quick", action="store_true", help="fewer repeats, 4-point sweep, shorter case cap")
-    p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of fwd,bwd,fwdbwd")
+    p.add_argument("--passes", default=",".join(PASSES + (DECODE_PASS,)),
+                   help="comma-separated subset of fwd,bwd,fwdbwd,decode (decode: S1's layer group in inference, "
+                        "eval mode under torch.inference_mode, at --decode-tokens tokens)")
+    p.add_argument("--decode-tokens", type=int, default=None,
+                   help="tokens of the decode pass: a batch of this many sequences each adding one token (default 8)")
     p.add_argument("--skip", default="", help="comma-separated implementation names not to run")
     p.add_argument("--graph-check", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA-graph capture check of the S1 forward+backward")
@@ -118,6 +123,14 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
     min_repeats = args.min_repeats or min(repeats, 5 if on_gpu else 3)
     case_cap = args.case_cap or ((0.4 if args.quick else 1.0) if on_gpu else 0.3)
     passes = [p for p in args.passes.split(",") if p]
+    train_passes = [p for p in passes if p in PASSES]
+    unknown = [p for p in passes if p not in PASSES + (DECODE_PASS,)]
+    if unknown:
+        print(f"unknown passes {unknown}; choose from {', '.join(PASSES + (DECODE_PASS,))}", file=sys.stderr)
+        return 2
+    if args.decode_tokens is not None and args.decode_tokens < 1:
+        print(f"--decode-tokens must be a positive token count, got {args.decode_tokens}", file=sys.stderr)
+        return 2
     shapes = suite(on_gpu)
     wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in shapes]
@@ -149,7 +162,9 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
                  "timing": "CUDA events per iteration after warm-up (perf_counter on CPU), median and IQR; "
                            "input sets rotated per iteration; fwd = training forward (autograd recording); "
                            "bwd = backward alone on a retained forward graph (torch.autograd.grad, retain_graph); "
-                           "fwdbwd = forward + torch.autograd.grad in one step"},
+                           "fwdbwd = forward + torch.autograd.grad in one step; "
+                           "decode = S1's layer group in inference at a few tokens (eval mode, forward under "
+                           "torch.inference_mode)"},
         "shapes": {},
         "ceilings": {},
         "cases": [],
@@ -253,16 +268,26 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         log(f"[{budget.elapsed():6.1f}s] {name}: {shape.note} T={shape.tokens} d_in={shape.d_in} "
             f"d_out={shape.d_out} r={shape.rank} E={shape.experts} k={shape.top_k}")
         group = "ffn" if shape.kind == "ffn" else "delta"
-        t0 = budget.elapsed()
-        results["cases"] += run_group(ctx, shape, group, impls.impls_for(group), passes)
-        phase(name, t0)
-        save()
-        if lost():
-            break
-        if shape.layer:
+        if train_passes:
             t0 = budget.elapsed()
-            results["cases"] += run_group(ctx, shape, "layer", impls.impls_for("layer"), passes)
+            results["cases"] += run_group(ctx, shape, group, impls.impls_for(group), train_passes)
+            phase(name, t0)
+            save()
+            if lost():
+                break
+        if shape.layer and train_passes:
+            t0 = budget.elapsed()
+            results["cases"] += run_group(ctx, shape, "layer", impls.impls_for("layer"), train_passes)
             phase(f"{name}-layer", t0)
+            save()
+            if lost():
+                break
+        if name == "S1" and DECODE_PASS in passes:
+            decode = decode_shape(shape, args.decode_tokens or decode_tokens(on_gpu))
+            results["shapes"]["S1-decode"] = decode.to_dict()
+            t0 = budget.elapsed()
+            results["cases"] += run_group(ctx, decode, "layer", [impls.by_name(n) for n in impls.DECODE], [DECODE_PASS])
+            phase(f"{name}-decode", t0)
             save()
             if lost():
                 break
@@ -279,12 +304,12 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
             if lost("checks/cuda_graph_S1"):
                 break
 
-    if args.sweep and not ctx.device_lost:
+    if args.sweep and train_passes and not ctx.device_lost:
         tokens = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else None
         sweep = sweep_shapes(on_gpu, tokens)
         if args.quick and tokens is None:
             sweep = sweep[::2]
-        sweep_passes = [p for p in ("fwd", "fwdbwd") if p in passes] or passes
+        sweep_passes = [p for p in ("fwd", "fwdbwd") if p in passes] or train_passes
         sweep_impls = [impls.by_name(n) for n in impls.SWEEP]
         ctx.budget = budget
         ctx.repeats = max(ctx.min_repeats, repeats // 2)  # the sweep trades repeats for points

@@ -6,12 +6,14 @@ the reason it is skipped (recorded in the JSON). Errors raised while running are
 by the runner and recorded per case.
 
 Groups: ``delta`` (MoE-LoRA delta alone), ``layer`` (base nn.Linear + delta, whole
-layer), ``ffn`` (full-FFN MoE).
+layer), ``ffn`` (full-FFN MoE). The decode pass times the layer implementations named in
+``DECODE`` in inference (``inference``: eval mode, forward under torch.inference_mode).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -240,7 +242,8 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
     """moelora.MoELoRALinear as a user builds it: the frozen base nn.Linear (the set's W0), its
     constructor's defaults (fp32 adapters over a half-precision base, as PEFT) with the shape's
     E, k, r, alpha and A layout, random adapters, ``router``'s mode and LoRA dropout
-    ``dropout``; task routing gets one task per 512-token sequence. With dropout the check runs
+    ``dropout``; task routing gets one task per sequence of ``shape.sequence_len`` tokens (512; 1 in
+    decode, where every token is a sequence of its own). With dropout the check runs
     the layer and its fp32 copy (torch backend) from one generator state: the same keep mask.
     ``autocast``: mixed precision as the HF Trainer's bf16=True runs it (an fp32 base and fp32 x
     under torch.autocast to the set's dtype; an fp32 set, the CPU's, runs without autocast).
@@ -259,7 +262,7 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
                                       lora_alpha=shape.scaling * shape.rank, share_lora_a=shape.shared_a,
                                       init_lora_weights=False, lora_dropout=dropout, **LAYER_ROUTERS[router])
         if router == "task":
-            tasks = torch.arange(shape.tokens, device=w0.device) // 512 % shape.experts
+            tasks = torch.arange(shape.tokens, device=w0.device) // shape.sequence_len % shape.experts
             moelora.set_task_ids(torch.nn.Sequential(layer), tasks)
         if aux_mask:
             moelora.set_aux_loss_mask(layer, torch.arange(shape.tokens, device=w0.device) % 512 < 461)
@@ -366,6 +369,28 @@ FFN = [
 ]
 
 SWEEP = ["naive", "torch-dense", "torch-grouped-mm", "moelora-torch", "moelora-triton"]
+# The layer implementations timed in the decode pass (``inference``): those with an inference form. The
+# "-dropout" cases are the plain ones in eval mode, the "-auxmask" case has no aux loss there.
+DECODE = ["linear-frozen", "torch-dense-layer", "peft-lora", "moelora-layer"] + [
+    "moelora-MoELoRALinear" + ("" if router == "softmax_topk" else f"-{router}") for router in LAYER_ROUTERS]
+
+
+def inference(prepared: Prepared) -> Prepared:
+    """``prepared`` as generation runs it: its modules in eval mode (no LoRA dropout, no aux loss)
+    and its forward under torch.inference_mode (moelora's ops then call their autograd Function's
+    forward directly: moelora.ops.registration.apply_eager). The reference is unchanged (the same
+    modules, now in eval mode); a self-checking forward (``check``) is not supported."""
+    if prepared.check is not None:
+        raise ValueError("the decode pass takes no forward that checks itself (LoRA dropout is off in eval mode)")
+    for m in prepared.keep:
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    forward = prepared.forward
+
+    def infer():
+        with torch.inference_mode():
+            return forward()
+    return dataclasses.replace(prepared, forward=infer)
 
 
 def impls_for(group: str) -> List[Impl]:

@@ -26,11 +26,11 @@ def topk_routing(tokens: int, experts: int, top_k: int, device, generator=None):
     return ids.to(torch.int32), weights.float()
 
 
-def task_routing(tokens: int, tasks: int, device, generator=None):
-    """k = 1: id = task of the token's sequence, weight = per-task gamma (non-zero)."""
-    sequences = math.ceil(tokens / SEQUENCE_LEN)
+def task_routing(tokens: int, tasks: int, device, generator=None, sequence_len: int = SEQUENCE_LEN):
+    """k = 1: id = task of the token's sequence (of ``sequence_len`` tokens), weight = per-task gamma (non-zero)."""
+    sequences = math.ceil(tokens / sequence_len)
     seq_task = torch.randint(0, tasks, (sequences,), device=device, generator=generator)
-    ids = seq_task.repeat_interleave(SEQUENCE_LEN)[:tokens]
+    ids = seq_task.repeat_interleave(sequence_len)[:tokens]
     gamma = 0.5 + torch.rand(tasks, device=device, generator=generator)
     return ids[:, None].to(torch.int32), gamma[ids][:, None].float()
 
@@ -45,7 +45,7 @@ def make_set(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) 
     g.manual_seed(seed)
     T, E, k = shape.tokens, shape.experts, shape.top_k
     if shape.routing == "task":
-        ids, w = task_routing(T, E, device, g)
+        ids, w = task_routing(T, E, device, g, shape.sequence_len)
     else:
         ids, w = topk_routing(T, E, k, device, g)
     s = {

@@ -12,6 +12,7 @@ that GB/s, TFLOP/s and the percentage of the floor compare implementations direc
   written or read). PEFT's cases: one adapter (E = 1, k = 1), no routing. The "-autocast" cases
   (fp32 x and W0 under torch.autocast) read x and W0 and write dx at 4 bytes per element.
 - Full-FFN MoE (SwiGLU): forward 2 T k d (3 d_ff); backward twice that.
+The decode pass (the inference forward) counts what the forward does.
 floor = max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the same run.
 """
 
@@ -72,7 +73,7 @@ def _ffn_counts(shape: Shape, elt: int) -> Dict[str, Dict[str, float]]:
 
 
 def counts(shape: Shape, group: str, impl: str, elt: int) -> Dict[str, Dict[str, float]]:
-    """{pass: {"flops", "bytes"}} for passes fwd, bwd and fwdbwd."""
+    """{pass: {"flops", "bytes"}} for passes fwd, bwd, fwdbwd and decode (the forward's)."""
     if group == "ffn":
         c = _ffn_counts(shape, elt)
     elif group == "layer":
@@ -80,6 +81,7 @@ def counts(shape: Shape, group: str, impl: str, elt: int) -> Dict[str, Dict[str,
     else:
         c = _delta_counts(shape, elt)
     c["fwdbwd"] = {"flops": c["fwd"]["flops"] + c["bwd"]["flops"], "bytes": c["fwd"]["bytes"] + c["bwd"]["bytes"]}
+    c["decode"] = dict(c["fwd"])
     return c
 
 

@@ -1,13 +1,15 @@
 """``python -m benchmarks --profile S1/layer/fwdbwd/moelora-MoELoRALinear``: the per-kernel
 device-time table of a case (torch.profiler), plus its median time, host enqueue time and
 kernels per iteration. The case id is shape/group/pass/implementation as in the results JSON
-(group: delta, layer or ffn; pass: fwd, bwd or fwdbwd); several comma-separated ids profile
-each in turn. Each table is printed and written to ``profile-<shape>-<group>-<pass>-<impl>.txt``
+(group: delta, layer or ffn; pass: fwd, bwd, fwdbwd, or decode for the layer group, e.g.
+S1@T8/layer/decode/moelora-MoELoRALinear; a shape S1@T<n> is S1 at n tokens); several
+comma-separated ids profile each in turn. Each table is printed and written to ``profile-<shape>-<group>-<pass>-<impl>.txt``
 under --out-dir.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -16,7 +18,8 @@ import moelora
 
 from . import impls
 from .inputs import make_sets
-from .runner import _steps
+from .runner import DECODE_PASS, PASSES, _steps, prepare_sets
+from .shapes import decode_shape
 from .timing import summarize, time_eager, time_iterations
 
 
@@ -31,10 +34,18 @@ def run_case(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.devic
              iterations: int = 10) -> int:
     try:
         shape_name, group, pass_name, impl_name = case_id.split("/")
-        shape, impl = shapes[shape_name], impls.by_name(impl_name)
+        base, _, tokens = shape_name.partition("@T")
+        shape, impl = shapes[base], impls.by_name(impl_name)
+        if pass_name not in PASSES + (DECODE_PASS,):
+            raise ValueError(pass_name)
+        if pass_name == DECODE_PASS:
+            shape = decode_shape(shape, int(tokens) if tokens else shape.tokens)
+        elif tokens:
+            shape = dataclasses.replace(shape.with_tokens(int(tokens)), layer=shape.layer)
     except (ValueError, KeyError):
         print(f"--profile wants shape/group/pass/implementation, e.g. S1/layer/fwdbwd/moelora-MoELoRALinear; "
-              f"shapes {sorted(shapes)}, implementations {[i.name for i in impls.DELTA + impls.LAYER + impls.FFN]}")
+              f"shapes {sorted(shapes)} (or <shape>@T<tokens>), passes {', '.join(PASSES + (DECODE_PASS,))}, "
+              f"implementations {[i.name for i in impls.DELTA + impls.LAYER + impls.FFN]}")
         return 2
     if impl.group != group:
         print(f"{impl_name} belongs to the {impl.group} group, not {group}")
@@ -45,7 +56,7 @@ def run_case(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.devic
         return 2
     with moelora.validation(False):
         sets = make_sets(shape, dtype, device, 2)
-        prepared = [impl.prepare(shape, s) for s in sets]
+        prepared = prepare_sets(impl, shape, sets, [pass_name])
         step, keep = _steps(pass_name, prepared, sets)
         time_iterations(step, 3, device)
         times, host = time_eager(step, iterations, device, start=3)

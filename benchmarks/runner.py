@@ -6,6 +6,9 @@ warmed up, then timed per pass while cycling the sets:
 - ``bwd``: backward ALONE: the forward graph of each set is built once before timing and
   ``torch.autograd.grad(y, leaves, dy, retain_graph=True)`` is timed (not fwd+bwd - fwd).
 - ``fwdbwd``: forward then ``torch.autograd.grad`` in one timed step.
+- ``decode``: the inference forward (``impls.inference``: modules in eval mode, forward under
+  torch.inference_mode), as generation runs it; the CLI times S1's layer group so at few tokens.
+  It runs in a group of its own (the modules are put in eval mode).
 Every failure is caught and recorded in its case; the run goes on. A failure that leaves
 the CUDA context unusable (e.g. an illegal memory access) sets ``ctx.device_lost``: the
 group stops and the CLI restarts the process, which resumes after the recorded cases.
@@ -25,12 +28,13 @@ import torch.nn.functional as F
 import moelora
 
 from . import baselines, kernels, memory, metrics
-from .impls import Impl, Prepared, rel_err
+from .impls import Impl, Prepared, inference, rel_err
 from .inputs import make_sets, rotation_count
 from .shapes import Shape
 from .timing import Budget, adaptive_repeats, device_median_ms, summarize, time_eager, time_iterations
 
-PASSES = ("fwd", "bwd", "fwdbwd")
+PASSES = ("fwd", "bwd", "fwdbwd")  # the training passes
+DECODE_PASS = "decode"  # the inference forward
 # Shapes whose cases (the S1 sweep's too) also record their device time on a GPU (the kernels
 # back to back, the host excluded: timing.device_median_ms), beside the eager median: which cases
 # the host bounds. A case that synchronises gives up after one longer sleep (max_margin 4).
@@ -123,9 +127,15 @@ def _base_record(shape: Shape, group: str, impl: Impl, pass_name: str) -> dict:
             "moelora": impl.moelora, "description": impl.description}
 
 
+def prepare_sets(impl: Impl, shape: Shape, sets: List[dict], passes) -> List[Prepared]:
+    """``impl`` prepared on every set for ``passes`` (the decode pass: ``impls.inference`` of each)."""
+    prepared = [impl.prepare(shape, s) for s in sets]
+    return [inference(p) for p in prepared] if DECODE_PASS in passes else prepared
+
+
 def _steps(pass_name: str, prepared: List[Prepared], sets: List[dict]):
     n = len(prepared)
-    if pass_name == "fwd":
+    if pass_name in ("fwd", DECODE_PASS):  # the decode pass's forward is already the inference one
         return lambda i: prepared[i % n].forward(), None
 
     def fwdbwd(i):
@@ -168,7 +178,11 @@ def run_group(ctx: RunContext, shape: Shape, group: str, impls: List[Impl],
               passes=PASSES, sets_count: Optional[int] = None, label: Optional[str] = None) -> List[dict]:
     """Time every implementation of one group on one shape; returns one record per (impl, pass).
 
-    ``label`` is the group name recorded (default ``group``)."""
+    ``label`` is the group name recorded (default ``group``). The decode pass runs alone."""
+    unknown = [p for p in passes if p not in PASSES + (DECODE_PASS,)]
+    if unknown or (DECODE_PASS in passes and len(passes) > 1):
+        raise ValueError(f"passes: expected a subset of {', '.join(PASSES)} or {DECODE_PASS!r} alone, "
+                         f"got {list(passes)}")
     records: List[dict] = []
     tag = label or group
     elt = torch.empty((), dtype=ctx.dtype).element_size()
@@ -230,7 +244,7 @@ def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dic
     counts = metrics.counts(shape, group, impl.name, elt)
     common = {}
     try:
-        prepared = [impl.prepare(shape, s) for s in sets]
+        prepared = prepare_sets(impl, shape, sets, passes)
         if prepared[0].check is not None:  # a forward that draws random numbers checks itself
             common["rel_err_vs_reference"] = prepared[0].check()
         else:

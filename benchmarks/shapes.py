@@ -13,6 +13,10 @@ from typing import Dict, List
 
 SWEEP_TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 CPU_SWEEP_TOKENS = [32, 64, 128, 256]
+# The decode pass: S1's layer group in inference on a batch of this many sequences, each adding one token
+# (the CPU stand-in keeps the count: it shrinks the widths, and a decode batch is small anyway).
+DECODE_TOKENS = 8
+CPU_DECODE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Shape:
     d_ff: int = 0  # ffn only
     layer: bool = False  # also time the whole layer (base nn.Linear + delta)
     note: str = ""
+    sequence_len: int = 512  # task routing: one task per sequence of this many tokens (1 in decode)
 
     @property
     def scaling(self) -> float:
@@ -75,3 +80,13 @@ def sweep_shapes(on_gpu: bool, tokens: List[int] | None = None) -> List[Shape]:
     base = suite(on_gpu)["S1"]
     counts = tokens if tokens is not None else (SWEEP_TOKENS if on_gpu else CPU_SWEEP_TOKENS)
     return [base.with_tokens(t) for t in counts]
+
+
+def decode_shape(base: Shape, tokens: int) -> Shape:
+    """``base``'s whole layer at ``tokens`` tokens as decoding runs it: a batch of ``tokens``
+    sequences each adding one token (so one task per token under task routing)."""
+    return replace(base.with_tokens(tokens), layer=True, sequence_len=1, note=f"decode: {tokens} sequences x 1 token")
+
+
+def decode_tokens(on_gpu: bool) -> int:
+    return DECODE_TOKENS if on_gpu else CPU_DECODE_TOKENS

@@ -8,15 +8,19 @@ an importable Triton backend.
 from __future__ import annotations
 
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moelora
 
 from benchmarks import baselines
-from benchmarks.impls import by_name
+from benchmarks.impls import DECODE, by_name
 from benchmarks.inputs import make_set
-from benchmarks.shapes import Shape
+from benchmarks.runner import prepare_sets
+from benchmarks.shapes import Shape, decode_shape
 
 # When benchmarking is on, keep each case short: these are small shapes, not the suite.
 pytestmark = pytest.mark.benchmark(max_time=0.2, min_rounds=3, warmup=False)
@@ -81,3 +85,43 @@ def test_ffn_fwd_bwd(benchmark, name):
     with torch.no_grad():
         ref = baselines.moe_ffn_naive(s["x"].double(), s["w13"].double(), s["w2"].double(), s["ids"], s["w"].double())
     assert float((out[0].detach().double() - ref).norm() / ref.norm()) < TOL
+
+
+LAYER = Shape("layer", 96, 64, 48, 8, 4, 2, shared_a=True, layer=True)
+
+
+def _decode_reference(name, shape, s, prepared):
+    """float64: the formula of each baseline; MoELoRALinear's layer (its own router) copied to float64
+    and run on moelora's PyTorch backend with grad mode on (through autograd.Function.apply)."""
+    x, w0, a, b, w = (s[k].detach().double() for k in ("x", "w0", "a", "b", "w"))
+    base = F.linear(x, w0)
+    if name == "linear-frozen":
+        return base
+    if name == "peft-lora":
+        return base + shape.scaling * (x @ a.t()) @ b[0].t()
+    if name in ("torch-dense-layer", "moelora-layer"):
+        return moelora.ops.reference.moe_lora_torch(x, a, b, s["ids"], w, scaling=shape.scaling, base_out=base)
+    layer = copy.deepcopy(prepared.keep[0]).double()
+    with moelora.use_backend("torch"):
+        return layer(x).detach()
+
+
+@pytest.mark.parametrize("name", DECODE)
+def test_decode_forward_is_the_inference_forward(benchmark, name):
+    """The decode pass runs each layer implementation as generation does: modules in eval mode, the
+    forward under torch.inference_mode (an inference tensor out, nothing recorded), at a few tokens,
+    one task per token under task routing; its output matches float64."""
+    if name == "moelora-layer" and not HAS_CUDA:
+        pytest.skip("Triton cases need CUDA")
+    shape = decode_shape(LAYER, 5)
+    s = make_set(shape, DTYPE, DEVICE, seed=5)
+    prepared = prepare_sets(by_name(name), shape, [s], ["decode"])[0]
+    with moelora.validation(False):
+        y = benchmark(prepared.forward)
+    assert y.is_inference() and not y.requires_grad and y.shape == (5, LAYER.d_out)
+    modules = [m for k in prepared.keep if isinstance(k, torch.nn.Module) for m in k.modules()]
+    assert not any(m.training for m in modules)
+    if name.endswith("-task"):  # every token is a sequence of its own: tasks 0, 1, 2, 3, 0
+        assert prepared.keep[0].task_ids.tolist() == [0, 1, 2, 3, 0]
+    ref = _decode_reference(name, shape, s, prepared)
+    assert float((y.double() - ref).norm() / ref.norm()) < TOL

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
 
-from benchmarks import cli, targets  # noqa: E402
+from benchmarks import cli, impls, targets  # noqa: E402
 
 
 def _run(tmp_path, *extra):
@@ -43,6 +43,19 @@ def test_cpu_default_writes_results(tmp_path, capsys):
         assert cases[f"S5/ffn/{p}/naive-ffn"]["status"] == "ok"
         assert cases[f"S1/delta/{p}/moelora-triton"]["status"] == "skipped"
     assert cases["S1/delta/fwdbwd/moelora-torch"]["saved_bytes"] > 0
+    # the decode pass: S1's layer group in inference at 8 tokens (one sequence each), checked like the others
+    assert results["shapes"]["S1-decode"]["tokens"] == 8 and results["shapes"]["S1-decode"]["sequence_len"] == 1
+    decode = {i: c for i, c in cases.items() if c["pass"] == "decode"}
+    assert set(decode) == {f"S1@T8/layer/decode/{n}" for n in impls.DECODE}
+    for case_id, c in decode.items():
+        if c["impl"] == "moelora-layer":
+            assert c["status"] == "skipped"  # moelora's Triton backend: GPU only
+            continue
+        assert c["status"] == "ok" and c["shape"] == "S1" and c["tokens"] == 8 and c["group"] == "layer", c
+        assert c["median_ms"] > 0 and c["host_median_ms"] > 0 and c["kernels_per_iter"] > 0
+        assert c["rel_err_vs_reference"] < 1e-5
+        assert c["saved_bytes"] == 0  # nothing kept for a backward under torch.inference_mode
+        assert "ratio_vs_linear" in c and c["flops"] > 0
     assert "speedup_vs_naive" in cases["S1/delta/fwdbwd/moelora-torch"]
     assert "ratio_vs_linear" in cases["S1/layer/fwdbwd/linear-frozen"]
     assert any(c["group"] == "sweep" and c["tokens"] == 64 and c["status"] == "ok" for c in results["cases"])
@@ -63,7 +76,26 @@ def test_cpu_default_writes_results(tmp_path, capsys):
     assert {t["status"] for t in results["targets"]} <= {"met", "missed", "not measured"}
     out = capsys.readouterr().out
     assert "GPU numbers need a GPU" in out and "S1/delta/fwd/naive" in out
+    assert "S1@T8/layer/decode/moelora-MoELoRALinear-task " in out  # the decode cases are in the table
     assert targets.main([str(path)]) == 0
+
+
+def test_decode_pass_alone(tmp_path):
+    """--passes decode times only S1's layer group in inference, at --decode-tokens tokens."""
+    results, _ = _run(tmp_path, "--shapes", "S1,S2", "--passes", "decode", "--decode-tokens", "3",
+                      "--no-host-overhead", "--no-graph-check")
+    assert results["cases"] and {c["pass"] for c in results["cases"]} == {"decode"}
+    assert {c["tokens"] for c in results["cases"]} == {3}
+    assert {c["status"] for c in results["cases"] if c["impl"] != "moelora-layer"} == {"ok"}
+    assert "S1-sweep" not in results["shapes"] and "S2" in results["shapes"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--passes", "fwd,infer"], "unknown passes ['infer']"),
+                                            (["--decode-tokens", "0"], "--decode-tokens must be a positive")])
+def test_bad_pass_options_are_refused(tmp_path, capsys, extra, message):
+    assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--shapes", "S1", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
 
 
 def test_time_budget_records_skips(tmp_path):
@@ -202,6 +234,17 @@ def test_profile_writes_one_table_per_case(tmp_path, capsys):
     assert rc == 2
     assert "--profile wants shape/group/pass/implementation" in capsys.readouterr().out
     assert (tmp_path / "bad" / "profile-S1-delta-fwd-moelora-torch.txt").exists()
+
+
+def test_profile_takes_decode_cases_and_refuses_unknown_passes(tmp_path, capsys):
+    """--profile runs the decode pass's ids as the JSON names them (S1@T8/layer/decode/...); an unknown
+    pass is refused (it was profiled as the backward)."""
+    case = "S1@T8/layer/decode/moelora-MoELoRALinear"
+    assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--profile", case]) == 0
+    assert (tmp_path / f"profile-{case.replace('/', '-')}.txt").read_text().startswith(f"{case} on cpu")
+    assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path / "bad"), "--profile", "S1/layer/xyz/peft-lora"]) == 2
+    assert "--profile wants shape/group/pass/implementation" in capsys.readouterr().out
+    assert not (tmp_path / "bad").exists()
 
 
 def test_ffn_target_reads_the_compute_floor_not_the_larger_floor():
