@@ -56,7 +56,7 @@ timeout $(( ${BENCH_B:-120} + 60 )) python3 -m benchmarks --quick --time-budget 
 echo "benchmark rc=$? after $(( $(date +%s) - START )) s" | tee -a "$LOG"
 sed -n '/^not measured\|^met\|^missed/p' "$OUT/bench.log"
 
-PROFILE=${PROFILE:-S1/layer/fwdbwd/moelora-MoELoRALinear,S3/delta/fwdbwd/moelora-triton,S5/ffn/fwdbwd/moelora-ffn}
+PROFILE=${PROFILE:-S1/layer/fwdbwd/moelora-MoELoRALinear,S3/delta/fwdbwd/moelora-triton,S5/ffn/fwdbwd/moelora-ffn,S1@T8/layer/decode/moelora-MoELoRALinear}
 mkdir -p "$OUT/profiles"
 timeout 120 python3 -m benchmarks --profile "$PROFILE" --out-dir "$OUT/profiles" ${TUNED:+--tuned "$TUNED"} \
   > /dev/null 2>> "$LOG"

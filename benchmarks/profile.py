@@ -10,6 +10,7 @@ under --out-dir.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,12 @@ from .inputs import make_sets
 from .runner import DECODE_PASS, PASSES, _steps, prepare_sets
 from .shapes import decode_shape
 from .timing import summarize, time_eager, time_iterations
+
+
+def profile_file_name(case_id: str) -> str:
+    """``profile-<shape>-<group>-<pass>-<impl>.txt`` for a case id: only letters, digits, '-', '_' and '.'
+    (a decode id's '@' becomes '-'), names that every file transfer keeps."""
+    return "profile-" + re.sub(r"[^A-Za-z0-9_.-]", "-", case_id) + ".txt"
 
 
 def run(case_ids: str, shapes: dict, dtype: torch.dtype, device: torch.device, out_dir: Path,
@@ -78,7 +85,7 @@ def run_case(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.devic
     text = head + "\n" + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
     print(text)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"profile-{case_id.replace('/', '-')}.txt"
+    path = out_dir / profile_file_name(case_id)
     path.write_text(text)
     print(f"written to {path}")
     return 0
