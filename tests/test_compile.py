@@ -236,6 +236,31 @@ def test_torch_func_transforms_the_readme_lists_as_unsupported_raise():
         vmap(lambda xi: functional_call(layer, params, (xi[None],)))(x)
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_forward_mode_ad_through_the_triton_functions_raises(grad_mode):
+    """Forward-mode AD (torch.autograd.forward_ad; torch.no_grad does not turn it off) through the
+    Triton backend's fused Functions, which have no jvp: autograd.Function.apply raises, in grad
+    mode and with it off. With grad mode off the eager ops skip apply (registration.apply_eager);
+    they called the forward directly inside a dual level too, which returned the layer's output
+    with a tangent that left out the kernels' part (silently wrong)."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(8, 8), num_experts=4, top_k=2, r=4, init_lora_weights=False).eval()
+    x, tangent = torch.randn(5, 8), torch.randn(5, 8)
+    ids, w = torch.rand(5, 4).argsort(1)[:, :2], torch.rand(5, 2)
+    a, b = torch.randn(4, 4, 8), torch.randn(4, 8, 4)
+    ffn = [torch.randn(4, 16, 8), torch.randn(4, 16), torch.randn(4, 8, 16), torch.randn(4, 8)]
+    calls = {"layer": lambda xd: layer(xd), "moe_lora": lambda xd: moelora.moe_lora(xd, a, b, ids, w, scaling=0.5),
+             "moe_ffn": lambda xd: moelora.moe_ffn(xd, ids, w, *ffn, F.silu)}
+    for name, call in calls.items():
+        with moelora.use_backend("triton"), fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+            with pytest.raises(NotImplementedError, match="jvp"):
+                y = call(fwAD.make_dual(x, tangent))
+                pytest.fail(f"{name}: returned a tangent {fwAD.unpack_dual(y).tangent}")
+
+
 def test_int_task_ids_of_each_task_compile_once():
     """Multi-task training one task per batch, the task given as an int (moelora.set_task_ids or
     the wrapper's task_ids=): a module's int attribute is a constant to torch.compile, so each new

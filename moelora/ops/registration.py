@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 _LIBRARY = torch.library.Library("moelora", "FRAGMENT")
 
@@ -110,7 +111,10 @@ def apply_eager(function: type, *args):
     off (evaluation, generation, ``torch.no_grad``, ``torch.inference_mode``), where apply records
     no graph, its forward called directly with a ctx that keeps nothing: the same outputs without
     apply's own work, about 12 of the fused layer's 68 us of host time per call in inference
-    (launches skipped, T 1, the development VM). Under torch.func transforms, apply."""
-    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+    (launches skipped, T 1, the development VM). Under torch.func transforms and in forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``, which grad mode does not turn off), apply: it raises
+    there for want of a jvp, where the forward called directly would drop its inputs' tangents."""
+    if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0):
         return function.apply(*args)
     return function.forward(_NoGraphContext(), *args)
