@@ -52,6 +52,23 @@ def test_layer_exports_with_dynamic_batch_and_sequence(mode, backend):
                                (torch.randn(3, 7, 16),), backend)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_exported_layer_runs_the_fused_op_as_eager_does(strict):
+    """A plain nn.Linear base on the Triton backend: the exported program calls the fused layer's op,
+    as the eager forward does, in torch.export's default non-strict mode too, which traces the module
+    with its parameters swapped for FakeTensors (the fused path's test of a plain weight took a fake
+    for a tensor subclass, so the program ran the base GEMM, the router and moe_lora apart)."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(16, 12), r=4, num_experts=4, top_k=2).eval()
+    randomize_adapters(layer)
+    x = torch.randn(2, 5, 16)
+    with moelora.use_backend("triton"), torch.no_grad():
+        program = torch.export.export(layer, (x,), strict=strict)
+        torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-5, atol=1e-6)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function" and "moelora" in str(n.target)}
+    assert ops == {"moelora.moe_lora_linear_fwd.default"}, ops
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_conv_layer_exports_with_dynamic_batch_and_height(kernel, backend):

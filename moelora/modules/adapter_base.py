@@ -31,6 +31,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.backend import without_autocast
@@ -76,7 +77,9 @@ def refuse_offloaded(base_layer: nn.Module, what: str) -> None:
             "weight on meta between forwards): load the model without CPU / disk offloading for it")
 
 
-PLAIN_TENSORS = (nn.Parameter, torch.Tensor)  # the types of a plain weight (no tensor subclass)
+# the types of a plain weight (no tensor subclass); a FakeTensor stands for a plain one (torch.export's default,
+# non-strict, traces the module with its parameters swapped for fakes; a subclass's fake keeps the subclass)
+PLAIN_TENSORS = (nn.Parameter, torch.Tensor, FakeTensor)
 
 
 def is_quantised_weight(weight: torch.Tensor) -> bool:
