@@ -363,6 +363,14 @@ CASES = {
     "MoEFFN/stacked_gate_out_proj_width": (
         lambda: moelora.MoEFFN(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), F.silu, 4, 2, stacked_gate=True),
         (ValueError, r"^out_proj takes 16 features but in_proj gives 8 \(half of the fused gate/up projection's\)$")),
+    # the projections' type is checked before refuse_quantised reads their weight (an AttributeError before)
+    "MoEFFN/in_proj_identity": (
+        lambda: moelora.MoEFFN(torch.nn.Identity(), torch.nn.Linear(16, 8), F.silu, 4, 2),
+        (TypeError, r"^an FFN projection must be one of the nn.Linear or transformers Conv1D layers, got Identity$")),
+    "MoEFFN/gate_proj_tensor": (
+        lambda: moelora.MoEFFN(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), F.silu, 4, 2,
+                               gate_proj=torch.randn(16, 8)),
+        (TypeError, r"^an FFN projection must be one of the nn.Linear or transformers Conv1D layers, got Tensor$")),
     "MoEFFN/dropout_above_one": (moe_ffn_module(dropout=1.5),
                                  (ValueError, r"^dropout must be a number in \[0, 1\] \(nn.Dropout's p\), got 1.5$")),
     "MoEFFN/z_loss_coef_inf": (moe_ffn_module(router_z_loss_coef=math.inf),

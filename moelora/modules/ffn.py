@@ -14,7 +14,7 @@ from moelora.ops.validation import check_activation, check_top_k
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, check_field, is_real
 from moelora.modules.init import reset_like_linear
 from moelora.modules.adapter_base import refuse_quantised
-from moelora.modules.linear import linear_weight
+from moelora.modules.linear import linear_dims, linear_weight
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import LEARNED_MODE_KIND, Router
 
@@ -73,7 +73,8 @@ class MoEFFN(nn.Module, RoutedModule):
         check_field("stacked_gate", stacked_gate, BOOL)
         check_field("dropout", dropout, (is_real, lambda v: 0 <= v <= 1, "a number in [0, 1] (nn.Dropout's p)"))
         for proj in (in_proj, out_proj, gate_proj):
-            if proj is not None:
+            if proj is not None:  # the type first: refuse_quantised reads a weight that another module may lack
+                linear_dims(proj, "an FFN projection must be one of the")
                 refuse_quantised(proj, "MoEFFN (its experts start as copies of the FFN's weights)")
         w_in, b_in = linear_weight(in_proj, "an FFN projection must be one of the"), in_proj.bias
         w_out, b_out = linear_weight(out_proj, "an FFN projection must be one of the"), out_proj.bias
