@@ -420,11 +420,13 @@ def use_task_ids(model: nn.Module, ids):
 
 @contextlib.contextmanager
 def _swapped(model: nn.Module, swap_fn: Callable[..., _Swap], value):
-    """``swap_fn(model, value)`` for a ``with`` block, put back at its end. A MoELoRAModel's last forward's
-    task ids and mask go first: the block's forward would drop its record of them, and the block's
-    end then put them back for good."""
-    if isinstance(model, MoELoRAModel):
-        model._put_back_forward_swaps()
+    """``swap_fn(model, value)`` for a ``with`` block, put back at its end. The last forward's task ids and
+    mask of each MoELoRAModel in ``model`` (``model`` itself, or one that torch.compile's OptimizedModule,
+    DDP or another module holds) go first: the block's forward would drop its record of them, and the
+    block's end then put them back for good."""
+    for module in model.modules():
+        if isinstance(module, MoELoRAModel):
+            module._put_back_forward_swaps()
     swap = swap_fn(model, value)
     try:
         yield swap

@@ -202,6 +202,42 @@ def test_use_aux_loss_mask_after_a_forward_with_a_mask_leaves_no_stale_mask():
     torch.testing.assert_close(unmasked, model.aux_loss(), rtol=0, atol=0)
 
 
+class _Holder(nn.Module):
+    """A module that holds the wrapper and forwards to it (as DDP does)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("outer", ["holder", "compiled"])
+def test_use_aux_loss_mask_on_a_module_holding_the_wrapper_leaves_no_stale_mask(outer):
+    """As above with the block given a module that holds the MoELoRAModel (torch.compile's
+    OptimizedModule, DDP, a module of the user's): the block puts back the held wrapper's last
+    forward's mask first too. Before, only a MoELoRAModel given itself did: the block ended by putting
+    that mask back for good, and a later forward of a batch of the same shape was masked by it
+    (silently wrong aux loss and statistics)."""
+    model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj"], router_aux_loss_coef=LB))
+    held = _Holder(model) if outer == "holder" else torch.compile(model, backend="eager")
+    routed = [m for m in model.modules() if isinstance(m, moelora.MoELoRALinear)]
+    ids = token_batch()
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    held(ids, aux_loss_mask=mask)
+    with moelora.use_aux_loss_mask(held, torch.ones_like(ids)):
+        held(ids)
+    assert all(m.aux_loss_mask is None for m in routed)
+    model(ids)
+    unmasked = model.aux_loss()
+    moelora.set_aux_loss_mask(model, None)
+    model(ids)
+    torch.testing.assert_close(unmasked, model.aux_loss(), rtol=0, atol=0)
+
+
 def test_bad_masks_raise_naming_what_was_expected():
     layer = _layer("softmax_topk")
     with pytest.raises(TypeError, match="bool or integer"):
