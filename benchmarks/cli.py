@@ -198,7 +198,8 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         print(report.table(results["cases"], markdown=args.markdown), flush=True)
         print()
         print(targets.format_targets(results["targets"], results["meta"]), flush=True)
-        print(f"\nresults: {paths['json']}" + (f"\nplot:    {paths['png']}" if note is None else f"\nplot skipped: {note}"))
+        plot = f"\nplot:    {paths['png']}" if note is None else f"\nplot skipped: {note}"
+        print(f"\nresults: {paths['json']}" + plot)
         counts = {st: sum(c["status"] == st for c in results["cases"]) for st in ("ok", "error", "skipped")}
         print(f"cases: {counts['ok']} ok, {counts['error']} errors, {counts['skipped']} skipped; "
               f"seconds per part: {phases}")

@@ -3,8 +3,8 @@ device-time table of a case (torch.profiler), plus its median time, host enqueue
 kernels per iteration. The case id is shape/group/pass/implementation as in the results JSON
 (group: delta, layer or ffn; pass: fwd, bwd, fwdbwd, or decode for the layer group, e.g.
 S1@T8/layer/decode/moelora-MoELoRALinear; a shape S1@T<n> is S1 at n tokens); several
-comma-separated ids profile each in turn. Each table is printed and written to ``profile-<shape>-<group>-<pass>-<impl>.txt``
-under --out-dir.
+comma-separated ids profile each in turn. Each table is printed and written to
+``profile-<shape>-<group>-<pass>-<impl>.txt`` under --out-dir.
 """
 
 from __future__ import annotations

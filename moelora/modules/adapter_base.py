@@ -95,10 +95,11 @@ def refuse_quantised(base_layer: nn.Module, what: str) -> None:
     weight = base_layer.weight
     if is_quantised_weight(weight):
         raise NotImplementedError(
-            f"{what} needs the base layer's weight as a dense floating-point tensor, and {type(base_layer).__name__}'s "
-            f"is a quantised {type(weight).__name__} ({weight.dtype}; torchao's quantize_, bitsandbytes' 4-bit / "
-            "8-bit layers): MoE-LoRA adapters train on quantised bases (QLoRA), but this is not supported there; "
-            "do it on a model loaded without quantisation")
+            f"{what} needs the base layer's weight as a plain dense floating-point tensor, and "
+            f"{type(base_layer).__name__}'s is a {type(weight).__name__} ({weight.dtype}): a quantised weight "
+            "(torchao's quantize_, bitsandbytes' 4-bit / 8-bit layers) or another tensor subclass (a DTensor, a "
+            "Parameter subclass). MoE-LoRA adapters train on quantised bases (QLoRA), but this is not supported "
+            "there; do it on a model loaded without quantisation (and unsharded)")
 
 
 def is_uninitialised_lazy(module: nn.Module) -> bool:
