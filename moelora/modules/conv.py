@@ -107,6 +107,10 @@ class MoELoRAConv(AdapterLayerBase):
                                             geometry=geometry))
         self.in_features, self.out_features = patch, base_layer.out_channels
         self.kernel_size, self.geometry = kernel_size, geometry
+        # the base's geometry under nn.ConvNd's names, which model code reads through the adapter layer (Whisper's
+        # encoder: conv1.stride[0])
+        self.stride, self.padding, self.dilation, self.padding_mode = (geometry.stride, geometry.padding,
+                                                                       geometry.dilation, geometry.padding_mode)
         self.lora_dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
         unpadded = geometry.padding == "valid" or (not isinstance(geometry.padding, str)
                                                    and not any(geometry.padding))

@@ -32,6 +32,15 @@ def _decoder(name):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+def _whisper():
+    config = transformers.WhisperConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=8,
+        max_target_positions=16, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    return transformers.WhisperForConditionalGeneration(config).eval()
+
+
 def _ids(seed=1):
     return torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(seed))
 
@@ -76,3 +85,28 @@ def test_single_expert_all_linear_is_peft_lora_and_merges(name, tmp_path):
     torch.testing.assert_close(peft_out, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged, out, rtol=1e-5, atol=1e-5)
 
+
+def test_whisper_convolutional_front_end_adapts_and_runs(tmp_path):
+    """Whisper's encoder reads ``conv1.stride[0]`` from its front-end convolutions: with conv1 adapted the
+    forward raised AttributeError ('MoELoRAConv' object has no attribute 'stride'; PEFT's LoRA conv layer
+    fails the same way). The adapter layer now shows the base's stride, padding, dilation and padding_mode."""
+    base = _whisper()
+    features = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
+    batch = dict(input_features=features, decoder_input_ids=_ids()[:, :4])
+    config = moelora.MoELoRAConfig(r=4, num_experts=4, top_k=2, target_modules=r".*(conv1|conv2|q_proj|v_proj)")
+    model = moelora.get_moelora_model(copy.deepcopy(base), config).eval()
+    conv1, base_conv1 = model.model.model.encoder.conv1, base.model.encoder.conv1
+    assert isinstance(conv1, moelora.MoELoRAConv)
+    assert (conv1.stride, conv1.padding, conv1.dilation, conv1.padding_mode) == (
+        base_conv1.stride, base_conv1.padding, base_conv1.dilation, base_conv1.padding_mode)
+    _randomize_adapters(model)
+    with torch.no_grad():
+        out = model(**batch).logits
+        assert (out - base(**batch).logits).abs().max() > 1e-3
+    model.save_pretrained(str(tmp_path))
+    reloaded = moelora.MoELoRAModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, out, rtol=0, atol=0)
+    model.train()
+    model(**batch).logits.square().mean().backward()
+    assert model.model.model.encoder.conv1.lora_A.grad.abs().sum() > 0
