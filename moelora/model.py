@@ -29,6 +29,7 @@ unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -86,11 +87,32 @@ def _output_head_ids(model: nn.Module) -> set:
     return ids
 
 
+def with_default_targets(model: nn.Module, config: MoELoRAConfig) -> MoELoRAConfig:
+    """``config``; where its ``target_modules`` is None, a copy holding PEFT's default targets for the model's
+    architecture, as PEFT's get_peft_model chooses them (``model.config.model_type`` in peft's
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: LLaMA's, Qwen's, Mistral's q_proj and v_proj, GPT-2's
+    c_attn, ...); a ValueError saying why where there is none."""
+    if config.target_modules is not None:
+        return config
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+    except ImportError:
+        defaults, why = {}, "peft, whose per-architecture default targets are used when it is None, is not installed"
+    else:
+        why = (f"PEFT has no default targets for model_type {model_type!r}" if model_type else
+               "the model has no config.model_type to look PEFT's per-architecture default targets up by")
+    target = defaults.get(model_type)
+    if target is None:
+        raise ValueError(f"MoELoRAConfig.target_modules must be set (a list of module-name suffixes, a regex string, "
+                         f"or 'all-linear'): {why}")
+    return dataclasses.replace(config, target_modules=target if isinstance(target, str) else list(target))
+
+
 def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
-    """Names of the modules ``config`` selects, in model order; errors name what failed."""
-    if config.target_modules is None:
-        raise ValueError("MoELoRAConfig.target_modules must be set (a list of module-name suffixes, a regex "
-                         "string, or 'all-linear')")
+    """Names of the modules ``config`` selects (target_modules None: PEFT's default targets for the model,
+    :func:`with_default_targets`), in model order; errors name what failed."""
+    config = with_default_targets(model, config)
     candidates = []
     # Linear layers inside moelora's own modules (MoLEx gates, upcycled experts) are not targets.
     owned = {id(sub) for m in model.modules() if owned_by_moelora(m) for sub in m.modules()}
@@ -883,6 +905,7 @@ class MoELoRAModel(nn.Module):
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=False)
         merged = adapters.merged_tasks(self.model)
         active = adapters.deactivate(self.model)
+        config = with_default_targets(self.model, config)
         try:
             inject_moelora(self.model, config)
             new = adapters.deactivate(self.model)
@@ -944,7 +967,9 @@ class MoELoRAModel(nn.Module):
 
 
 def get_moelora_model(model: nn.Module, config: MoELoRAConfig) -> MoELoRAModel:
-    """Inject MoE-LoRA layers into ``model`` (in place) and wrap it; see the module docstring."""
+    """Inject MoE-LoRA layers into ``model`` (in place) and wrap it; see the module docstring. Without
+    ``config.target_modules`` the wrapper's config holds PEFT's default targets for the model's architecture."""
+    config = with_default_targets(model, config)
     inject_moelora(model, config)
     return MoELoRAModel(model, config)
 

@@ -85,7 +85,6 @@ def test_bert_classifier_head_excluded_from_all_linear():
 @pytest.mark.parametrize("cfg,match", [
     (dict(target_modules=["query", "nonexistent_proj"]), r"target_modules \['nonexistent_proj'\] not found"),
     (dict(target_modules=r".*\.nothing"), "matches no linear module"),
-    (dict(target_modules=None), "target_modules must be set"),
     (dict(target_modules=["query"], num_experts=[2, 2, 2]), "lists 3 per-layer counts but the model has 4 layers"),
     (dict(target_modules=["query"], num_experts="2467"), "preset must be one of"),
     (dict(target_modules=["query"], num_experts=[2, 2, 3, 2], top_k=3),

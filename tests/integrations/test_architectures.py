@@ -4,11 +4,13 @@ For each: ``"all-linear"`` selects the modules PEFT's ``"all-linear"`` does; a s
 weights computes PEFT's LoRA (``export_peft_lora`` read by PEFT's ``PeftModel``), and ``merge_and_unload``
 the unmerged output; fused projections (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's and Falcon's
 query_key_value), GPT-2's Conv1D, encoder-decoders (T5 without biases, Whisper's convolutional front-end)
-and a vision tower are covered."""
+and a vision tower are covered. Without target_modules the adapted modules are PEFT's defaults for the
+architecture, as get_peft_model's."""
 
 import copy
 
 import pytest
+import torch.nn as nn
 import torch
 
 import moelora
@@ -110,3 +112,32 @@ def test_whisper_convolutional_front_end_adapts_and_runs(tmp_path):
     model.train()
     model(**batch).logits.square().mean().backward()
     assert model.model.model.encoder.conv1.lora_A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_target_modules_none_takes_peft_default_targets(name, tmp_path):
+    """MoELoRAConfig() without target_modules raised "target_modules must be set" where PEFT's get_peft_model
+    adapts its per-architecture defaults (q_proj and v_proj of Qwen2, query_key_value of GPT-NeoX and Falcon);
+    it now adapts those, and the wrapper's config (hence the saved one) names them. Phi-3, for which PEFT has
+    no default, raises as PEFT does, naming the model type."""
+    config = moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1)
+    try:
+        reference = _peft_adapted(peft.get_peft_model(_decoder(name), peft.LoraConfig(r=4)))
+    except ValueError:
+        with pytest.raises(ValueError, match=f"target_modules must be set .*no default targets for model_type "
+                                             f"'{name}'"):
+            moelora.get_moelora_model(_decoder(name), config)
+        return
+    model = moelora.get_moelora_model(_decoder(name), config)
+    assert _adapted(model) == reference and config.target_modules is None
+    defaults = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    assert model.moelora_config.target_modules == defaults[name]
+    model.save_pretrained(str(tmp_path))
+    assert _adapted(moelora.MoELoRAModel.from_pretrained(_decoder(name), str(tmp_path))) == reference
+    model.add_adapter("other", moelora.MoELoRAConfig(r=2, num_experts=2, top_k=1))
+    assert model.adapter_configs["other"].target_modules == model.moelora_config.target_modules
+
+
+def test_target_modules_none_on_a_model_without_model_type_raises():
+    with pytest.raises(ValueError, match="target_modules must be set .*no config.model_type"):
+        moelora.get_moelora_model(nn.Sequential(nn.Linear(4, 4)), moelora.MoELoRAConfig(r=2))
