@@ -5,7 +5,8 @@ MoE-LoRA layers, as PEFT's LoRA: ``nn.Linear`` (or GPT-2 ``Conv1D``) with
 :class:`MoELoRALinear`, ``nn.Embedding`` with :class:`MoELoRAEmbedding`, ``nn.Conv1d/2d/3d``
 with :class:`MoELoRAConv` (a regex matching several kinds adapts each with its class;
 ``"all-linear"`` takes the linear layers only, without output heads and nn.MultiheadAttention's
-``out_proj``, whose weight the attention reads without calling it: targeting it raises, as do
+``out_proj``, whose weight the attention reads without calling it (so do transformers' state-space
+mixers with some of their layers, e.g. Mamba's dt_proj): targeting it raises, as do
 uninitialised lazy layers and a module object held at several places). Experts stored as stacked
 parameters [E, ...] (transformers' MoE models) are no modules: a target naming only them raises,
 one selecting modules beside them (and ``"all-linear"``) warns that they keep their weights. In an
@@ -34,6 +35,7 @@ import functools
 import inspect
 import itertools
 import os
+import re
 import types
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -167,12 +169,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     modules = {n: m for n, m in candidates}
     for name in selected:
         if id(modules[name]) in unread:
-            raise ValueError(
-                f"{name} is the out_proj of the nn.MultiheadAttention {unread[id(modules[name])] or '(the model)'}, "
-                "which passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj: an adapter "
-                "there would have no effect. moelora cannot adapt nn.MultiheadAttention's projections (an input-routed "
-                "mixture cannot be folded into its weights around each call, as PEFT's single LoRA is); leave it out "
-                "(exclude_modules)")
+            raise ValueError(f"{name} is {unread[id(modules[name])]}; leave it out (exclude_modules)")
         if id(modules[name]) in routers:
             raise ValueError(
                 f"{name} is a {type(modules[name]).__name__}, an nn.Linear subclass with a forward of its own that "
@@ -219,10 +216,54 @@ def _expert_routers(model: nn.Module) -> Dict[int, str]:
 
 
 def _unread_modules(model: nn.Module) -> Dict[int, str]:
-    """id -> parent name of the modules whose parent reads their weight without calling them, so that
-    an adapter layer in their place would never run: nn.MultiheadAttention's ``out_proj`` (its forward
-    passes out_proj.weight and .bias to F.multi_head_attention_forward)."""
-    return {id(m.out_proj): n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    """id -> what it is, for an error, of the modules whose parent reads their weight without calling them, so
+    that an adapter layer in their place would not run: nn.MultiheadAttention's ``out_proj`` (its forward passes
+    out_proj.weight and .bias to F.multi_head_attention_forward), and the children of transformers' state-space
+    and delta-rule mixers (Mamba's, Mamba-2's, Jamba's, Qwen3-Next's, ...: modules holding ``A_log``) whose weight
+    their methods read (:func:`_weights_read_by`: Mamba's dt_proj always, conv1d, and x_proj and out_proj on the
+    fused kernels' training path)."""
+    unread = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            unread[id(m.out_proj)] = (
+                f"the out_proj of the nn.MultiheadAttention {n or '(the model)'}, which passes out_proj.weight to "
+                "F.multi_head_attention_forward and never calls out_proj: an adapter there would have no effect. "
+                "moelora cannot adapt nn.MultiheadAttention's projections (an input-routed mixture cannot be folded "
+                "into its weights around each call, as PEFT's single LoRA is)")
+        elif isinstance(getattr(m, "A_log", None), torch.Tensor):
+            for attr in sorted(_weights_read_by(m)):
+                child = m._modules.get(attr)
+                if child is not None:
+                    unread[id(child)] = (
+                        f"the {attr} of the {type(m).__name__} {n or '(the model)'}, whose code reads {attr}.weight "
+                        "itself (a matmul, or the fused kernels' arguments) instead of calling it: an adapter there "
+                        "would have no effect (or only on the paths that call it: training and inference would differ)")
+    return unread
+
+
+# ``self.<child>.weight`` read for its values, not only for its dtype, device or shape.
+_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shape|size)\b)")
+
+
+@functools.lru_cache(maxsize=None)
+def _class_weight_reads(cls: type) -> frozenset:
+    names = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for attr, fn in vars(klass).items():
+            if attr not in ("__init__", "reset_parameters", "_init_weights") and inspect.isfunction(fn):
+                try:
+                    names.update(_WEIGHT_READ.findall(inspect.getsource(fn)))
+                except (OSError, TypeError):  # no source (a built or frozen class): nothing known
+                    pass
+    return frozenset(names)
+
+
+def _weights_read_by(module: nn.Module) -> frozenset:
+    """Names of the children whose weight the methods of ``module``'s class (but its constructor and
+    initialisation) read as ``self.<child>.weight`` (not only its dtype, device or shape)."""
+    return _class_weight_reads(type(module))
 
 
 def _check_single_place(model: nn.Module, selected) -> None:

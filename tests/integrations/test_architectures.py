@@ -7,6 +7,7 @@ query_key_value), GPT-2's Conv1D, encoder-decoders (T5 without biases, Whisper's
 and a vision tower are covered. Without target_modules the adapted modules are PEFT's defaults for the
 architecture, as get_peft_model's."""
 
+import contextlib
 import copy
 
 import pytest
@@ -141,3 +142,35 @@ def test_target_modules_none_takes_peft_default_targets(name, tmp_path):
 def test_target_modules_none_on_a_model_without_model_type_raises():
     with pytest.raises(ValueError, match="target_modules must be set .*no config.model_type"):
         moelora.get_moelora_model(nn.Sequential(nn.Linear(4, 4)), moelora.MoELoRAConfig(r=2))
+
+
+SSM = {
+    "mamba": dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=4),
+    "jamba": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=2, mamba_d_state=4, attn_layer_period=2, attn_layer_offset=1,
+                  expert_layer_period=2, expert_layer_offset=1),
+}
+
+
+@pytest.mark.parametrize("name", list(SSM))
+def test_state_space_mixers_children_read_by_weight_are_not_adapted(name):
+    """Mamba's mixer multiplies by dt_proj.weight (Jamba's too) and passes conv1d, x_proj and out_proj's weights
+    to its fused training kernels, never calling them: 'all-linear' put adapters there that did nothing (dt_proj's
+    lora_B got no gradient; on a GPU with the kernels, x_proj's and out_proj's neither, in training only). They are
+    now left out by 'all-linear' and refused by name, as nn.MultiheadAttention's out_proj; every adapter made is
+    live, and the mixers' other projections (Jamba's out_proj, which its mixer calls) are adapted."""
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(name, **SSM[name]))
+    with pytest.warns(UserWarning, match="stacked weights") if name == "jamba" else contextlib.nullcontext():
+        model = moelora.get_moelora_model(copy.deepcopy(base), moelora.MoELoRAConfig(
+            r=4, num_experts=2, top_k=1, target_modules="all-linear"))
+    adapted = {n.split(".")[-1] for n in _adapted(model)}
+    assert "in_proj" in adapted and not adapted & {"dt_proj", "conv1d"}
+    assert ("out_proj" in adapted) == (name == "jamba") and ("x_proj" in adapted) == (name == "jamba")
+    _randomize_adapters(model)
+    model.train()
+    model(input_ids=_ids()).logits.square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if "lora_B" in n and not p.grad.abs().sum() > 0]
+    assert not dead
+    with pytest.raises(ValueError, match=r"dt_proj is the dt_proj of the \w+Mixer .*reads dt_proj.weight itself"):
+        moelora.get_moelora_model(copy.deepcopy(base), moelora.MoELoRAConfig(r=4, target_modules=["dt_proj"]))
