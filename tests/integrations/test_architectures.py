@@ -3,16 +3,17 @@
 For each: ``"all-linear"`` selects the modules PEFT's ``"all-linear"`` does; a single expert with the same
 weights computes PEFT's LoRA (``export_peft_lora`` read by PEFT's ``PeftModel``), and ``merge_and_unload``
 the unmerged output; fused projections (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's and Falcon's
-query_key_value), GPT-2's Conv1D, encoder-decoders (T5 without biases, Whisper's convolutional front-end)
-and a vision tower are covered. Without target_modules the adapted modules are PEFT's defaults for the
-architecture, as get_peft_model's."""
+query_key_value), an encoder-decoder without biases (T5), a vision model (ViT), Whisper's convolutional
+front-end and state-space mixers (Mamba, Jamba) are covered (GPT-2's Conv1D: tests/test_model.py). Without
+target_modules the adapted modules are PEFT's defaults for the architecture, as get_peft_model's."""
 
 import contextlib
 import copy
+import functools
 
 import pytest
-import torch.nn as nn
 import torch
+import torch.nn as nn
 
 import moelora
 
@@ -33,6 +34,29 @@ def _decoder(name):
     config = transformers.AutoConfig.for_model(name, vocab_size=64, hidden_size=32, **ATTENTION, **DECODERS[name])
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _t5():
+    """T5: no biases anywhere, encoder-decoder."""
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0)
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def _vit():
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                                    image_size=8, patch_size=4, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.ViTForImageClassification(config).eval()
+
+
+# name -> (tiny model, a batch)
+MODELS = {
+    **{name: (functools.partial(_decoder, name), lambda: dict(input_ids=_ids())) for name in DECODERS},
+    "t5": (_t5, lambda: dict(input_ids=_ids(), decoder_input_ids=_ids(2)[:, :4])),
+    "vit": (_vit, lambda: dict(pixel_values=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)))),
+}
 
 
 def _whisper():
@@ -67,24 +91,25 @@ def _adapted(model):
                   if moelora.modules.adapter_base.is_adapter_layer(m))
 
 
-@pytest.mark.parametrize("name", list(DECODERS))
+@pytest.mark.parametrize("name", list(MODELS))
 def test_single_expert_all_linear_is_peft_lora_and_merges(name, tmp_path):
     """'all-linear' adapts the modules PEFT's does; one expert is PEFT's LoRA with the same weights, merged or
     not. Falcon's projections are FalconLinear, an nn.Linear subclass whose own forward is x W^T + b: merging
     refused it ("it has a forward of its own"), so merge_and_unload failed on every Falcon model PEFT merges."""
-    base = _decoder(name)
+    build, batch = MODELS[name]
+    base, batch = build(), batch()
     config = moelora.MoELoRAConfig(r=4, lora_alpha=8, num_experts=1, top_k=1, target_modules="all-linear")
     model = moelora.get_moelora_model(copy.deepcopy(base), config).eval()
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules="all-linear"))
-    assert _adapted(model) == _peft_adapted(reference)
+    peft_only = {"classifier"} if name == "vit" else set()  # moelora's 'all-linear' leaves output heads out
+    assert set(_adapted(model)) == set(_peft_adapted(reference)) - peft_only
     _randomize_adapters(model)
-    ids = _ids()
     with torch.no_grad():
-        out = model(input_ids=ids).logits
-        assert (out - base(input_ids=ids).logits).abs().max() > 1e-3  # every adapter is live
+        out = model(**batch).logits
+        assert (out - base(**batch).logits).abs().max() > 1e-3  # the adapters are live
         moelora.export_peft_lora(model, str(tmp_path))
-        peft_out = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()(input_ids=ids).logits
-        merged = model.merge_and_unload()(input_ids=ids).logits
+        peft_out = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()(**batch).logits
+        merged = model.merge_and_unload()(**batch).logits
     torch.testing.assert_close(peft_out, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged, out, rtol=1e-5, atol=1e-5)
 
