@@ -25,7 +25,7 @@ from . import ceilings as ceilings_mod
 from . import graphcheck, hostcost, impls, report, runner, targets, tuned
 from .plot import sweep_plot
 from .runner import DECODE_PASS, PASSES, RunContext, run_group
-from .shapes import decode_shape, decode_tokens, suite, sweep_shapes
+from .shapes import DECODE_TOKENS, decode_shape, suite, sweep_shapes
 from .timing import Budget
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,8 +57,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--passes", default=",".join(PASSES + (DECODE_PASS,)),
                    help="comma-separated subset of fwd,bwd,fwdbwd,decode (decode: S1's layer group in inference, "
                         "eval mode under torch.inference_mode, at --decode-tokens tokens)")
-    p.add_argument("--decode-tokens", type=int, default=None,
-                   help="tokens of the decode pass: a batch of this many sequences each adding one token (default 8)")
+    p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS,
+                   help="tokens of the decode pass: a batch of this many sequences each adding one token "
+                        f"(default {DECODE_TOKENS})")
     p.add_argument("--skip", default="", help="comma-separated implementation names not to run")
     p.add_argument("--graph-check", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA-graph capture check of the S1 forward+backward")
@@ -128,7 +129,7 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
     if unknown:
         print(f"unknown passes {unknown}; choose from {', '.join(PASSES + (DECODE_PASS,))}", file=sys.stderr)
         return 2
-    if args.decode_tokens is not None and args.decode_tokens < 1:
+    if args.decode_tokens < 1:
         print(f"--decode-tokens must be a positive token count, got {args.decode_tokens}", file=sys.stderr)
         return 2
     shapes = suite(on_gpu)
@@ -284,7 +285,7 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
             if lost():
                 break
         if name == "S1" and DECODE_PASS in passes:
-            decode = decode_shape(shape, args.decode_tokens or decode_tokens(on_gpu))
+            decode = decode_shape(shape, args.decode_tokens)
             results["shapes"]["S1-decode"] = decode.to_dict()
             t0 = budget.elapsed()
             results["cases"] += run_group(ctx, decode, "layer", [impls.by_name(n) for n in impls.DECODE], [DECODE_PASS])

@@ -14,9 +14,8 @@ from typing import Dict, List
 SWEEP_TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 CPU_SWEEP_TOKENS = [32, 64, 128, 256]
 # The decode pass: S1's layer group in inference on a batch of this many sequences, each adding one token
-# (the CPU stand-in keeps the count: it shrinks the widths, and a decode batch is small anyway).
+# (the CPU stand-in too: it shrinks the widths, and a decode batch is small anyway).
 DECODE_TOKENS = 8
-CPU_DECODE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,3 @@ def decode_shape(base: Shape, tokens: int) -> Shape:
     sequences each adding one token (so one task per token under task routing)."""
     return replace(base.with_tokens(tokens), layer=True, sequence_len=1, note=f"decode: {tokens} sequences x 1 token")
 
-
-def decode_tokens(on_gpu: bool) -> int:
-    return DECODE_TOKENS if on_gpu else CPU_DECODE_TOKENS

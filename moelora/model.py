@@ -220,7 +220,7 @@ def _unread_modules(model: nn.Module) -> Dict[int, str]:
     that an adapter layer in their place would not run: nn.MultiheadAttention's ``out_proj`` (its forward passes
     out_proj.weight and .bias to F.multi_head_attention_forward), and the children of transformers' state-space
     and delta-rule mixers (Mamba's, Mamba-2's, Jamba's, Qwen3-Next's, ...: modules holding ``A_log``) whose weight
-    their methods read (:func:`_weights_read_by`: Mamba's dt_proj always, conv1d, and x_proj and out_proj on the
+    their methods read (:func:`_class_weight_reads`: Mamba's dt_proj always, conv1d, and x_proj and out_proj on the
     fused kernels' training path)."""
     unread = {}
     for n, m in model.named_modules():
@@ -231,7 +231,7 @@ def _unread_modules(model: nn.Module) -> Dict[int, str]:
                 "moelora cannot adapt nn.MultiheadAttention's projections (an input-routed mixture cannot be folded "
                 "into its weights around each call, as PEFT's single LoRA is)")
         elif isinstance(getattr(m, "A_log", None), torch.Tensor):
-            for attr in sorted(_weights_read_by(m)):
+            for attr in sorted(_class_weight_reads(type(m))):
                 child = m._modules.get(attr)
                 if child is not None:
                     unread[id(child)] = (
@@ -247,6 +247,8 @@ _WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shap
 
 @functools.lru_cache(maxsize=None)
 def _class_weight_reads(cls: type) -> frozenset:
+    """Names of the children whose weight the methods of ``cls`` (but its constructor and initialisation)
+    read as ``self.<child>.weight`` (not only its dtype, device or shape)."""
     names = set()
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
@@ -258,12 +260,6 @@ def _class_weight_reads(cls: type) -> frozenset:
                 except (OSError, TypeError):  # no source (a built or frozen class): nothing known
                     pass
     return frozenset(names)
-
-
-def _weights_read_by(module: nn.Module) -> frozenset:
-    """Names of the children whose weight the methods of ``module``'s class (but its constructor and
-    initialisation) read as ``self.<child>.weight`` (not only its dtype, device or shape)."""
-    return _class_weight_reads(type(module))
 
 
 def _check_single_place(model: nn.Module, selected) -> None:

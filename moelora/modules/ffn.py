@@ -14,7 +14,7 @@ from moelora.ops.validation import check_activation, check_top_k
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, check_field, is_real
 from moelora.modules.init import reset_like_linear
 from moelora.modules.adapter_base import refuse_quantised
-from moelora.modules.linear import linear_dims, linear_weight
+from moelora.modules.linear import linear_weight
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import LEARNED_MODE_KIND, Router
 
@@ -72,12 +72,13 @@ class MoEFFN(nn.Module, RoutedModule):
         check_activation(activation)
         check_field("stacked_gate", stacked_gate, BOOL)
         check_field("dropout", dropout, (is_real, lambda v: 0 <= v <= 1, "a number in [0, 1] (nn.Dropout's p)"))
+        # each projection's type first (linear_weight), then its weight (refuse_quantised reads it)
+        w_in, w_out, w_gate = (None if proj is None else linear_weight(proj, "an FFN projection must be one of the")
+                               for proj in (in_proj, out_proj, gate_proj))
         for proj in (in_proj, out_proj, gate_proj):
-            if proj is not None:  # the type first: refuse_quantised reads a weight that another module may lack
-                linear_dims(proj, "an FFN projection must be one of the")
+            if proj is not None:
                 refuse_quantised(proj, "MoEFFN (its experts start as copies of the FFN's weights)")
-        w_in, b_in = linear_weight(in_proj, "an FFN projection must be one of the"), in_proj.bias
-        w_out, b_out = linear_weight(out_proj, "an FFN projection must be one of the"), out_proj.bias
+        b_in, b_out = in_proj.bias, out_proj.bias
         d_ff = w_in.shape[0] // 2 if stacked_gate else w_in.shape[0]
         if stacked_gate and (gate_proj is not None or w_in.shape[0] % 2):
             raise ValueError("with stacked_gate=True, in_proj is the fused gate/up projection [2 * d_ff, d_in] and "
@@ -91,8 +92,7 @@ class MoEFFN(nn.Module, RoutedModule):
         self.w_in, self.b_in = _stack(w_in, num_experts), _stack(b_in, num_experts)
         self.w_out, self.b_out = _stack(w_out, num_experts), _stack(b_out, num_experts)
         if gate_proj is not None:
-            w_gate, b_gate = linear_weight(gate_proj, "an FFN projection must be one of the"), gate_proj.bias
-            self.w_gate, self.b_gate = _stack(w_gate, num_experts), _stack(b_gate, num_experts)
+            self.w_gate, self.b_gate = _stack(w_gate, num_experts), _stack(gate_proj.bias, num_experts)
         else:
             self.w_gate = self.b_gate = None
         self.router = Router(w_in.shape[1], num_experts, top_k, router, jitter_noise=router_jitter_noise,
