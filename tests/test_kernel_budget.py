@@ -287,6 +287,24 @@ def test_ops_run_their_forward_without_autograd_function_when_grad_is_off(monkey
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_ops_name_their_range_in_a_profiler_trace_when_grad_is_off():
+    """Under torch.profiler apply_eager takes Function.apply with grad mode off too: a trace of an
+    inference forward names each op's range (the Function's name) as a training one does."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    (x, a, b, w), ids = _operator_inputs(T=16, d=32, r=4, E=4, k=2)
+    layer = moelora.MoELoRALinear(nn.Linear(32, 32), num_experts=4, top_k=2, r=4, share_lora_a=True).eval()
+    ffn_params = [torch.randn(*shape) for shape in ((4, 48, 32), (4, 48), (4, 32, 48), (4, 32))]
+    with moelora.use_backend("triton"), moelora.validation(False), torch.no_grad():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+            moelora.moe_lora(x, a, b, ids, w, scaling=0.5, regime="dense")
+            moelora.moe_ffn(x, ids, w, *ffn_params, F.silu)
+            layer(x)
+    names = {event.name for event in trace.events()}
+    assert {"_EagerMoELoRA", "_EagerMoEFFN", "_MoELoRALinearFn"} <= names
+
+
 # python -m benchmarks.hostcost's layer rows (LAYER_CASES) and the counts above that the README's
 # table lists: the same settings count the same kernels there.
 HOSTCOST_CASES = {"softmax_topk": LAYER_SETTINGS["softmax_topk"][1], "topk_softmax": LAYER_SETTINGS["topk_softmax"][1],

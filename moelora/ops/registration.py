@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+import torch.autograd.profiler as autograd_profiler
 
 _LIBRARY = torch.library.Library("moelora", "FRAGMENT")
 
@@ -113,8 +114,10 @@ def apply_eager(function: type, *args):
     apply's own work, about 12 of the fused layer's 68 us of host time per call in inference
     (launches skipped, T 1, the development VM). Under torch.func transforms and in forward-mode AD
     (``torch.autograd.forward_ad.dual_level``, which grad mode does not turn off), apply: it raises
-    there for want of a jvp, where the forward called directly would drop its inputs' tangents."""
+    there for want of a jvp, where the forward called directly would drop its inputs' tangents.
+    Under torch.profiler, apply too, so that a trace names the op's range (``_MoELoRALinearFn``) as
+    in training."""
     if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-            or forward_ad._current_level >= 0):
+            or forward_ad._current_level >= 0 or autograd_profiler._is_profiler_enabled):
         return function.apply(*args)
     return function.forward(_NoGraphContext(), *args)
