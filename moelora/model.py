@@ -38,6 +38,7 @@ import os
 import re
 import types
 import warnings
+import weakref
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -406,8 +407,9 @@ class _Swap(NamedTuple):
     """Per-module routing state (task ids, an aux-loss mask) given to ``modules``: ``value`` as each
     now holds it, what each held before (``previous``), and how the state is written (``put``) and
     recognised (``holds``), for :meth:`put_back`. A ``with`` block puts back what was held at its
-    end; a MoELoRAModel's forward keeps its swaps until its next forward, so that a gradient
-    checkpoint's recomputation in backward routes as the forward did."""
+    end; a MoELoRAModel's forward keeps its swaps until its next forward (or a block, see
+    :func:`_swapped`), so that a gradient checkpoint's recomputation in backward routes as the
+    forward did."""
     value: object
     modules: list
     previous: list
@@ -472,25 +474,42 @@ def use_task_ids(model: nn.Module, ids):
     reading the task ids the layers hold then: call ``backward`` inside the block (or pass
     ``task_ids`` to :meth:`MoELoRAModel.forward`, whose ids stay until its next forward), else
     the recomputation routes by the ids outside the block (wrong gradients, or an error when
-    none are set). Yields the ids the layers hold (an int as a 0-d tensor)."""
+    none are set). The ids and mask that a MoELoRAModel's last forward gave (some of) the layers of
+    ``model`` are put back first, as its next forward would: after the block the layers hold what they
+    held before that forward. Yields the ids the layers hold (an int as a 0-d tensor)."""
     with _swapped(model, _swap_task_ids, ids) as swap:
         yield swap.value[0]
 
 
 @contextlib.contextmanager
 def _swapped(model: nn.Module, swap_fn: Callable[..., _Swap], value):
-    """``swap_fn(model, value)`` for a ``with`` block, put back at its end. The last forward's task ids and
-    mask of each MoELoRAModel in ``model`` (``model`` itself, or one that torch.compile's OptimizedModule,
-    DDP or another module holds) go first: the block's forward would drop its record of them, and the
+    """``swap_fn(model, value)`` for a ``with`` block, put back at its end. The task ids and mask that a
+    MoELoRAModel's last forward gave modules of ``model`` go back first, as the wrapper's next forward
+    would put them back: a forward of the wrapper in the block would drop its record of them, and the
     block's end then put them back for good."""
-    for module in model.modules():
-        if isinstance(module, MoELoRAModel):
-            module._put_back_forward_swaps()
+    _put_back_forward_swaps_in(model)
     swap = swap_fn(model, value)
     try:
         yield swap
     finally:
         swap.put_back()
+
+
+# Every MoELoRAModel (weakly): a block finds the ones whose last forward's swaps it must put back first
+# wherever it is given (the wrapper, a module holding it, a module inside it), at no cost to the forward.
+_wrappers: "weakref.WeakSet[MoELoRAModel]" = weakref.WeakSet()
+
+
+def _put_back_forward_swaps_in(model: nn.Module) -> None:
+    """:meth:`MoELoRAModel._put_back_forward_swaps` of each MoELoRAModel whose last forward gave state
+    (task ids, a mask) to a module of ``model``."""
+    pending = [wrapper for wrapper in _wrappers if wrapper._forward_swaps]
+    if not pending:
+        return
+    held = {id(m) for m in model.modules()}
+    for wrapper in pending:
+        if any(id(m) in held for swap in wrapper._forward_swaps for m in swap.modules):
+            wrapper._put_back_forward_swaps()
 
 
 def set_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
@@ -545,8 +564,10 @@ def _holds_aux_loss_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> boo
 @contextlib.contextmanager
 def use_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]):
     """``with moelora.use_aux_loss_mask(model, attention_mask): model(...)``: :func:`set_aux_loss_mask`
-    for the block only (the modules hold what they held before after it). Yields the mask as the
-    modules hold it."""
+    for the block only (the modules hold what they held before after it). The mask and task ids that a
+    MoELoRAModel's last forward gave (some of) the modules of ``model`` are put back first, as its next
+    forward would: after the block the modules hold what they held before that forward. Yields the mask
+    as the modules hold it."""
     with _swapped(model, _swap_aux_loss_mask, mask) as swap:
         yield swap.value
 
@@ -677,6 +698,7 @@ class MoELoRAModel(nn.Module):
         # "attention_mask": transformers' Trainer passes the batch's columns only)
         self.aux_loss_mask_from: Optional[str] = None
         self._bind_forward()
+        _wrappers.add(self)
 
     def _bind_forward(self) -> None:
         # where forward finds a named argument
@@ -697,6 +719,7 @@ class MoELoRAModel(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._bind_forward()
+        _wrappers.add(self)
 
     def __getattr__(self, name):
         try:
@@ -721,7 +744,10 @@ class MoELoRAModel(nn.Module):
 
         ``task_ids`` and the mask stay on the layers until the next forward of the wrapper, which
         first puts back what they held before (unless changed since): a gradient-checkpointed layer
-        runs its forward again in backward, and must route that recomputation by the same task ids."""
+        runs its forward again in backward, and must route that recomputation by the same task ids.
+        A :func:`moelora.use_task_ids` or :func:`moelora.use_aux_loss_mask` block given a module they
+        are on (the wrapper, a module holding it, a module inside it) puts them back first too, so
+        that after the block the layers hold what they held before this forward."""
         clear_aux_losses(self.model)
         self._put_back_forward_swaps()
         if labels is not None:

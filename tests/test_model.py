@@ -354,21 +354,28 @@ def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(
         assert messages == [] and router.grad is not None
 
 
-def test_use_task_ids_after_a_forward_with_task_ids_leaves_no_stale_ids():
+@pytest.mark.parametrize("given", ["wrapper", "inner_model", "layer"])
+def test_use_task_ids_after_a_forward_with_task_ids_leaves_no_stale_ids(given):
     """The wrapper's forward(task_ids=) keeps its ids until its next forward; a use_task_ids block
     after it must not end by putting them back for good (its forward dropped the record that would
-    have restored them): after the block the layers hold what they held before that forward."""
+    have restored them): after the block the layers hold what they held before that forward. So too
+    for a block given a module inside the wrapper (the wrapped model, one layer), which the wrapper's
+    forward in the block ran."""
     model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task"))
+    block = {"wrapper": model, "inner_model": model.model,
+             "layer": model.model.encoder.layer[1].attention.self.query}[given]
     ids = token_batch()
-    model(ids, task_ids=torch.tensor([0, 2]))
-    with moelora.use_task_ids(model, torch.tensor([1, 1])):
-        model(ids)
-    with pytest.raises(RuntimeError, match="none is set"):
-        model(ids)
+    if given != "layer":  # (the forward in a block on one layer needs ids on the others: set below)
+        model(ids, task_ids=torch.tensor([0, 2]))
+        with moelora.use_task_ids(block, torch.tensor([1, 1])):
+            model(ids)
+        assert all(layer.task_ids is None for layer in _layers(model).values())
+        with pytest.raises(RuntimeError, match="none is set"):
+            model(ids)
     before = torch.tensor([2, 2])
     model.set_task_ids(before)
     model(ids, task_ids=torch.tensor([0, 2]))
-    with moelora.use_task_ids(model, 1):
+    with moelora.use_task_ids(block, 1):
         model(ids)
     assert all(layer.task_ids is before for layer in _layers(model).values())
 

@@ -191,24 +191,26 @@ class _Holder(nn.Module):
         return self.module(*args, **kwargs)
 
 
-@pytest.mark.parametrize("outer", ["wrapper", "holder", "compiled"])
+@pytest.mark.parametrize("outer", ["wrapper", "holder", "compiled", "inner_model", "layer"])
 def test_use_aux_loss_mask_after_a_forward_with_a_mask_leaves_no_stale_mask(outer):
     """The wrapper's forward(aux_loss_mask=) keeps its mask until its next forward; a use_aux_loss_mask
     block after it must not end by putting that mask back for good (the block's forward dropped the
     record that would have cleared it): after the block the modules hold what they held before that
     forward, as use_task_ids does for task ids. So too for a block given a module that holds the
-    MoELoRAModel (a module of the user's or DDP: "holder"; torch.compile's OptimizedModule), where
+    MoELoRAModel (a module of the user's or DDP: "holder"; torch.compile's OptimizedModule), and for
+    one given a module inside it (the wrapped model, one layer: the wrapper's forward in the block), where
     the stale mask masked later forwards of a batch of the same shape silently."""
     model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
         r=4, num_experts=4, top_k=2, target_modules=["q_proj"], router_aux_loss_coef=LB))
-    held = (model if outer == "wrapper" else _Holder(model) if outer == "holder"
-            else torch.compile(model, backend="eager"))
+    held = (_Holder(model) if outer == "holder" else torch.compile(model, backend="eager") if outer == "compiled"
+            else model)
+    block = {"inner_model": model.model, "layer": model.model.model.layers[1].self_attn.q_proj}.get(outer, held)
     routed = [m for m in model.modules() if isinstance(m, moelora.MoELoRALinear)]
     ids = token_batch()
     mask = torch.ones_like(ids)
     mask[0, 3:] = 0
     held(ids, aux_loss_mask=mask)
-    with moelora.use_aux_loss_mask(held, torch.ones_like(ids)):
+    with moelora.use_aux_loss_mask(block, torch.ones_like(ids)):
         held(ids)
     assert all(m.aux_loss_mask is None for m in routed)
     model(ids)
