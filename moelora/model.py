@@ -405,11 +405,11 @@ def _task_layers(model: nn.Module):
 
 class _Swap(NamedTuple):
     """Per-module routing state (task ids, an aux-loss mask) given to ``modules``: ``value`` as each
-    now holds it, what each held before (``previous``), and how the state is written (``put``) and
-    recognised (``holds``), for :meth:`put_back`. A ``with`` block puts back what was held at its
-    end; a MoELoRAModel's forward keeps its swaps until its next forward (or a block, see
-    :func:`_swapped`), so that a gradient checkpoint's recomputation in backward routes as the
-    forward did."""
+    now holds it, what each held before (``previous``), and how the state is written (``put``, which
+    also names the kind of state) and recognised (``holds``), for :meth:`put_back`. A ``with`` block
+    puts back what was held at its end; a MoELoRAModel's forward keeps its swaps until its next
+    forward (or a block of their kind, see :func:`_swapped`), so that a gradient checkpoint's
+    recomputation in backward routes as the forward did."""
     value: object
     modules: list
     previous: list
@@ -474,20 +474,21 @@ def use_task_ids(model: nn.Module, ids):
     reading the task ids the layers hold then: call ``backward`` inside the block (or pass
     ``task_ids`` to :meth:`MoELoRAModel.forward`, whose ids stay until its next forward), else
     the recomputation routes by the ids outside the block (wrong gradients, or an error when
-    none are set). The ids and mask that a MoELoRAModel's last forward gave (some of) the layers of
-    ``model`` are put back first, as its next forward would: after the block the layers hold what they
-    held before that forward. Yields the ids the layers hold (an int as a 0-d tensor)."""
-    with _swapped(model, _swap_task_ids, ids) as swap:
+    none are set). Ids that a MoELoRAModel's last forward gave (some of) the layers of ``model``
+    are put back first, as its next forward would: after the block the layers hold what they held
+    before that forward (its aux-loss mask stays). Yields the ids the layers hold (an int as a 0-d
+    tensor)."""
+    with _swapped(model, _swap_task_ids, _put_task_ids, ids) as swap:
         yield swap.value[0]
 
 
 @contextlib.contextmanager
-def _swapped(model: nn.Module, swap_fn: Callable[..., _Swap], value):
-    """``swap_fn(model, value)`` for a ``with`` block, put back at its end. The task ids and mask that a
-    MoELoRAModel's last forward gave modules of ``model`` go back first, as the wrapper's next forward
-    would put them back: a forward of the wrapper in the block would drop its record of them, and the
-    block's end then put them back for good."""
-    _put_back_forward_swaps_in(model)
+def _swapped(model: nn.Module, swap_fn: Callable[..., _Swap], put: Callable, value):
+    """``swap_fn(model, value)`` for a ``with`` block, put back at its end. State of this kind (``put``) that
+    a MoELoRAModel's last forward gave modules of ``model`` goes back first, as the wrapper's next forward
+    would put it back: a forward of the wrapper in the block would drop its record of it, and the block's
+    end then put it back for good."""
+    _put_back_forward_swaps_in(model, put)
     swap = swap_fn(model, value)
     try:
         yield swap
@@ -500,16 +501,20 @@ def _swapped(model: nn.Module, swap_fn: Callable[..., _Swap], value):
 _wrappers: "weakref.WeakSet[MoELoRAModel]" = weakref.WeakSet()
 
 
-def _put_back_forward_swaps_in(model: nn.Module) -> None:
-    """:meth:`MoELoRAModel._put_back_forward_swaps` of each MoELoRAModel whose last forward gave state
-    (task ids, a mask) to a module of ``model``."""
-    pending = [wrapper for wrapper in _wrappers if wrapper._forward_swaps]
+def _put_back_forward_swaps_in(model: nn.Module, put: Callable) -> None:
+    """Put back the swaps of kind ``put`` kept by a MoELoRAModel's last forward (see
+    :meth:`MoELoRAModel.forward`) that gave state to a module of ``model``, on all that swap's modules
+    (where unchanged since), and drop them from the wrapper's record. Its swaps of the other kind stay,
+    so that a checkpointed backward after a block routes by them as its forward did."""
+    pending = [(wrapper, swap) for wrapper in _wrappers for swap in wrapper._forward_swaps if swap.put is put]
     if not pending:
         return
     held = {id(m) for m in model.modules()}
-    for wrapper in pending:
-        if any(id(m) in held for swap in wrapper._forward_swaps for m in swap.modules):
-            wrapper._put_back_forward_swaps()
+    for wrapper, swap in pending:
+        if any(id(m) in held for m in swap.modules):
+            swap.put_back(where_unchanged=True)
+            swaps = wrapper._forward_swaps
+            swaps[:] = [s for s in swaps if s is not swap]  # in place (see MoELoRAModel.__init__)
 
 
 def set_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
@@ -564,11 +569,11 @@ def _holds_aux_loss_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> boo
 @contextlib.contextmanager
 def use_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]):
     """``with moelora.use_aux_loss_mask(model, attention_mask): model(...)``: :func:`set_aux_loss_mask`
-    for the block only (the modules hold what they held before after it). The mask and task ids that a
-    MoELoRAModel's last forward gave (some of) the modules of ``model`` are put back first, as its next
-    forward would: after the block the modules hold what they held before that forward. Yields the mask
-    as the modules hold it."""
-    with _swapped(model, _swap_aux_loss_mask, mask) as swap:
+    for the block only (the modules hold what they held before after it). A mask that a MoELoRAModel's
+    last forward gave (some of) the modules of ``model`` is put back first, as its next forward would:
+    after the block the modules hold what they held before that forward (its task ids stay). Yields the
+    mask as the modules hold it."""
+    with _swapped(model, _swap_aux_loss_mask, _put_aux_loss_mask, mask) as swap:
         yield swap.value
 
 
@@ -745,9 +750,9 @@ class MoELoRAModel(nn.Module):
         ``task_ids`` and the mask stay on the layers until the next forward of the wrapper, which
         first puts back what they held before (unless changed since): a gradient-checkpointed layer
         runs its forward again in backward, and must route that recomputation by the same task ids.
-        A :func:`moelora.use_task_ids` or :func:`moelora.use_aux_loss_mask` block given a module they
-        are on (the wrapper, a module holding it, a module inside it) puts them back first too, so
-        that after the block the layers hold what they held before this forward."""
+        A :func:`moelora.use_task_ids` (:func:`moelora.use_aux_loss_mask`) block given a module they
+        are on (the wrapper, a module holding it, a module inside it) puts back the ids (the mask)
+        first too, so that after the block the layers hold what they held before this forward."""
         clear_aux_losses(self.model)
         self._put_back_forward_swaps()
         if labels is not None:

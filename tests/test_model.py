@@ -439,6 +439,44 @@ def test_task_ids_forward_kwarg_routes_the_checkpointed_recomputation_too(use_re
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_block_between_forward_and_backward_keeps_the_forwards_other_state():
+    """A use_aux_loss_mask block after the wrapper's forward(task_ids=) leaves the task ids alone (it
+    puts back that forward's mask only, not its ids): the backward after it recomputes the
+    checkpointed layers with the forward's ids, as without checkpointing. Before, the block put the
+    ids held before the forward back (none here: the backward raised; other ids: wrong gradients).
+    Likewise a use_task_ids block leaves the forward's aux-loss mask on the layers."""
+    import warnings
+
+    ids = token_batch(seq=7)
+    grads = []
+    for checkpointing in (False, True):
+        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=3,
+                                                                          router="task"))
+        randomize_adapters(model)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notes
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            loss = model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss
+            with moelora.use_aux_loss_mask(model, torch.ones_like(ids)), torch.no_grad():
+                model.model(ids, use_cache=False)
+            loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        model(ids, use_cache=False, task_ids=torch.tensor([2, 0]), aux_loss_mask=mask)
+        held = [layer.aux_loss_mask for layer in _layers(model).values()]
+        assert all(m is not None for m in held)
+        with moelora.use_task_ids(model.model, 1):
+            model.model(ids, use_cache=False)
+    assert all(layer.aux_loss_mask is m for layer, m in zip(_layers(model).values(), held))
+
+
 def test_layers_expose_the_base_weight_and_bias_as_peft_t5_and_vit_run():
     """Model code reads a targeted layer's weight (T5's ``wo.weight.dtype``, ViT's patch
     ``projection.weight.dtype``): the MoE-LoRA layers give the base layer's, as PEFT's layers."""
