@@ -7,9 +7,10 @@ Backends: ``triton`` (fused kernels, forward and backward; CUDA tensors, or CPU 
 default and, in float64, the reference the kernels are tested against). ``auto`` picks triton
 where it can run, torch elsewhere. Arguments are checked once (moelora.ops.validation).
 
-PyTorch backend (:func:`moe_lora_torch_impl`): the dense gated expand. The sum runs over the
-chosen experts only: experts no slot of a token chose contribute nothing to it, whatever their
-weights hold (NaN, Inf).
+PyTorch backend (:func:`moe_lora_torch_impl`): the dense gated expand, or where no gradient is
+needed and the tokens are few against the experts (decoding) the chosen experts' matrices
+gathered (:func:`torch_form`). The sum runs over the chosen experts only: experts no slot of a
+token chose contribute nothing to it, whatever their weights hold (NaN, Inf).
 
 Triton backend: two regimes compute the same function:
 
@@ -122,59 +123,112 @@ def dense_gates(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts:
     """G[t, e] = sum of the gate weights of the slots of token t that chose e; [T, E]; with
     ``with_chosen`` also the bool [T, E] "a slot of t chose e" (whatever its weight).
 
-    Ids outside [0, E) contribute nothing. Built with one-hot sums, not scatter_add,
-    so it is deterministic on every device.
+    Ids outside [0, E) match no expert and contribute nothing. Built from the [T, k, E] matches
+    of the ids against 0..E-1 (a select and a sum over the slots, not scatter_add), so it is
+    deterministic on every device.
     """
-    valid = (topk_ids >= 0) & (topk_ids < num_experts)
-    safe_ids = torch.where(valid, topk_ids, 0).long()
-    weights = torch.where(valid, topk_weights.to(dtype), 0)
-    one_hot = F.one_hot(safe_ids, num_experts) * valid[..., None]  # [T, k, E] int
-    gates = torch.einsum("tke,tk->te", one_hot.to(dtype), weights)
-    return (gates, one_hot.sum(1) > 0) if with_chosen else gates
+    hit = topk_ids[..., None] == torch.arange(num_experts, device=topk_ids.device)  # [T, k, E]
+    gates = torch.where(hit, topk_weights.to(dtype)[..., None], 0).sum(-2)
+    return (gates, hit.any(-2)) if with_chosen else gates
 
 
 def _finite_part(t):
-    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # Forward: the tensor with NaN/Inf replaced by 0. Backward: the gradient unchanged (the dense
 # formula's weight gradients do not depend on the weights' values).
 _FinitePart = EagerFunction("_FinitePart", _finite_part, lambda ctx, inputs, output: None, lambda ctx, grad: grad)
 
+# The PyTorch backend's gathered form (:func:`_gathered_delta`) runs where no gradient is needed, the ids are known
+# to lie in [0, E) and there are at most GATHER_MAX_PAIRS_PER_EXPERT (token, slot) pairs per expert: it copies
+# the T*k chosen B (and per-expert A) matrices, which costs less than the dense form's E-wide contraction
+# and its passes over all of B while T*k is small against E (decoding); the dense form from there on.
+GATHER_MAX_PAIRS_PER_EXPERT = 4
+
+
+def torch_form(args: MoELoRAArgs) -> str:
+    """"gathered" or "dense": the formulation :func:`moe_lora_torch_impl` runs for ``args``."""
+    if args.ids_in_range and args.topk_ids.numel() <= GATHER_MAX_PAIRS_PER_EXPERT * args.num_experts:
+        grads = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (args.x, args.lora_a, args.lora_b, args.topk_weights,
+                                                       args.base_out))
+        if not grads:
+            return "gathered"
+    return "dense"
+
 
 def moe_lora_torch_impl(args: MoELoRAArgs) -> torch.Tensor:
-    """Vectorised dense gated expand on validated arguments; returns [T, d_out].
+    """The PyTorch backend on validated arguments; returns [T, d_out]: :func:`_gathered_delta`
+    where :func:`torch_form` picks it (inference at a few tokens), else the vectorised dense gated
+    expand (:func:`_dense_delta`, differentiated by autograd). Both compute the sum over the chosen
+    experts only: experts no slot of a token chose contribute nothing to it, whatever their
+    weights hold, and a non-finite weight of a chosen expert makes NaN of the outputs it reaches
+    (per-expert A: the whole token; B: the output features of its non-finite rows)."""
+    form = torch_form(args)
+    args = args.flattened()
+    acc = compute_dtype(args.x.dtype, args.scaling)
+    delta = (_gathered_delta if form == "gathered" else _dense_delta)(args, acc)
+    if args.base_out is not None:
+        delta = delta + args.base_out.to(acc)
+    return delta.to(args.x.dtype)
+
+
+def nonfinite_marks(t: torch.Tensor, dims) -> torch.Tensor:
+    """0 where the slice of ``t`` over ``dims`` is finite, NaN where it holds a NaN or Inf: the sum
+    of t * 0 (elementwise, so the IEEE rules hold: a matrix product may skip zeros), detached. Two
+    float kernels, cheaper than isfinite's bool reduction on the CPU."""
+    return (t.detach() * 0).sum(dims)
+
+
+def _dense_delta(args: MoELoRAArgs, acc: torch.dtype) -> torch.Tensor:
+    """The dense gated expand [T, d_out] in ``acc``.
 
     The dense form multiplies every expert's B (and per-expert A) by every token's gate, 0
     for the experts the token did not choose, and 0 * NaN is NaN: so the contraction runs on
     the finite part of the weights, and the outputs that a non-finite weight of a chosen
-    expert reaches are set to NaN afterwards (per-expert A: the whole token; B: the output
-    features of its non-finite rows). Gradients treat the non-finite entries as 0.
+    expert reaches are set to NaN afterwards. Gradients treat the non-finite entries as 0.
     """
-    args = args.flattened()
     x, lora_a, lora_b = args.x, args.lora_a, args.lora_b
-    acc = compute_dtype(x.dtype, args.scaling)
     num_experts, d_out, rank = lora_b.shape
     gates, chosen = dense_gates(args.topk_ids, args.topk_weights, num_experts, acc, with_chosen=True)
     gates = gates * args.scaling
     xa = x.to(acc)
+    marks = nonfinite_marks(lora_b, 2)  # [E, d_out]: NaN at the rows of B with a NaN/Inf
     if args.shared_a:
         h = (xa @ lora_a.to(acc).t())[:, None, :]  # [T, 1, r]
-        bad_a = None
     else:
         h = torch.einsum("td,erd->ter", xa, _FinitePart.apply(lora_a.to(acc)))  # [T, E, r]
-        bad_a = ~torch.isfinite(lora_a).flatten(1).all(1)  # [E]
+        marks = marks + nonfinite_marks(lora_a, (1, 2))[:, None]  # a per-expert A's: every row
     # Unchosen (token, expert) blocks are exact zeros, whatever x or a shared A hold.
-    gated = torch.where(chosen[:, :, None], gates[:, :, None] * h, torch.zeros((), dtype=acc, device=x.device))
+    gated = torch.where(chosen[:, :, None], gates[:, :, None] * h, 0)
     delta = torch.einsum("ter,eor->to", gated, _FinitePart.apply(lora_b.to(acc)))
-    bad = ~torch.isfinite(lora_b).all(2)  # [E, d_out]: rows of B with a NaN/Inf
-    if bad_a is not None:
-        bad = bad | bad_a[:, None]
-    reached = chosen.to(acc) @ bad.to(acc)  # [T, d_out]: chosen experts with a non-finite weight there
-    delta = torch.where(reached > 0, torch.full((), float("nan"), dtype=acc, device=x.device), delta)
-    if args.base_out is not None:
-        delta = delta + args.base_out.to(acc)
-    return delta.to(x.dtype)
+    reached = chosen.to(acc) @ marks.isnan().to(acc)  # [T, d_out]: chosen experts with a non-finite weight there
+    return torch.where(reached > 0, float("nan"), delta)
+
+
+def _gathered_delta(args: MoELoRAArgs, acc: torch.dtype) -> torch.Tensor:
+    """The delta [T, d_out] in ``acc`` from the chosen experts' matrices only (no autograd; ids in
+    [0, E)): the T*k matrices B[e[t,j]] (and A[e[t,j]]) copied out, h[t,j] = A[(e[t,j])] x[t], then
+    delta[t] = sum_j B[e[t,j]] (s w[t,j] h[t,j]). The experts a token did not choose are never
+    read. Each product is summed as M (.) v + M * 0 over the columns (elementwise, so the IEEE
+    rules hold, where a matrix product may skip zeros of v): a row of M with a NaN/Inf gives NaN,
+    so a chosen expert's non-finite weight makes NaN of the outputs it reaches (a row of B: that
+    output feature; of A: h[t,j] at that row, and through B every output of the token), as the
+    dense form's. Same elementwise work as a batched matrix-vector product, which the CPU runs
+    slower at these sizes."""
+    x, lora_a, lora_b, ids = args.x, args.lora_a, args.lora_b, args.topk_ids
+    (T, top_k), (num_experts, d_out, rank) = ids.shape, lora_b.shape
+    pairs = ids.reshape(-1)
+    xa = x.to(acc)
+    if args.shared_a:
+        h = (xa @ lora_a.to(acc).t())[:, None, :]  # [T, 1, r]
+    else:
+        a_rows = lora_a.index_select(0, pairs).to(acc).view(T, top_k, rank, x.shape[1])
+        h = torch.addcmul(a_rows * 0, a_rows, xa[:, None, None, :]).sum(3)  # [T, k, r]
+    hw = (h * (args.topk_weights.to(acc) * args.scaling)[:, :, None]).view(T * top_k, 1, rank)
+    b_rows = lora_b.index_select(0, pairs).to(acc)  # [T*k, d_out, r]
+    return torch.addcmul(b_rows * 0, b_rows, hw).sum(2).view(T, top_k, d_out).sum(1)
 
 
 def moe_lora_torch(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling=1.0, base_out=None):

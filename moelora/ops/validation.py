@@ -30,6 +30,7 @@ class MoELoRAArgs(NamedTuple):
     base_out: Optional[torch.Tensor]  # [..., d_out] or None
     scaling: float
     out_shape: tuple  # leading shape of x + (d_out,)
+    ids_in_range: bool = False  # topk_ids were read and lie in [0, E) (the syncing checks ran, or by construction)
 
     @property
     def shared_a(self) -> bool:
@@ -180,8 +181,8 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
         raise ValueError(f"base_out must have shape {out_shape}, got {tuple(base_out.shape)}")
 
     check_scaling(scaling)
-    check_routing_values(topk_ids, topk_weights, num_experts)
-    return MoELoRAArgs(x, lora_a, lora_b, topk_ids, topk_weights, base_out, float(scaling), out_shape)
+    checked = check_routing_values(topk_ids, topk_weights, num_experts)
+    return MoELoRAArgs(x, lora_a, lora_b, topk_ids, topk_weights, base_out, float(scaling), out_shape, checked)
 
 
 def check_adapter_shapes(lora_a, lora_b, d_in: int) -> tuple:
@@ -221,12 +222,15 @@ def check_top_k(top_k: int, num_experts: int, name: str = "top_k") -> None:
 
 
 def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                         positive_kept_sums: bool = False) -> None:
+                         positive_kept_sums: bool = False) -> bool:
     """The syncing checks (ids in [0, E), finite weights; with ``positive_kept_sums`` also: the
     nonzero weights of every token that has any sum to a positive value, as moe_ffn's
-    normalize=True needs): one device-to-host copy, only when syncing_checks_enabled()."""
-    if topk_ids.numel() == 0 or not syncing_checks_enabled(topk_ids, topk_weights):
-        return
+    normalize=True needs): one device-to-host copy, only when syncing_checks_enabled(). Returns
+    whether the ids are known to lie in [0, E) (checked, or there are none)."""
+    if topk_ids.numel() == 0:
+        return True
+    if not syncing_checks_enabled(topk_ids, topk_weights):
+        return False
     lo, hi = torch.aminmax(topk_ids)
     checks = [lo, hi, torch.isfinite(topk_weights).all()]
     if positive_kept_sums:
@@ -243,6 +247,7 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
     if positive and not positive[0]:
         raise ValueError("normalize=True needs the kept topk_weights of every token to sum to a positive value "
                          "(the nonzero weights are divided by their sum); some token's sum to zero or less")
+    return True
 
 
 def check_activation(activation) -> None:
