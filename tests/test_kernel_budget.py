@@ -366,3 +366,35 @@ def test_aux_loss_mask_kernel_budget(feature):
     unmasked = [k for k in fwd.triton + bwd.triton if k != "router_aux_loss_kernel"]
     assert [k for k in masked_fwd.triton + masked_bwd.triton if not k.startswith("masked_")] == unmasked
     assert masked_fwd.aten == fwd.aten and masked_bwd.aten == bwd.aten  # no pass over x more, no PyTorch ops
+
+
+# MoELoRALinear's eval forward on the PyTorch backend at 8 tokens (decoding: a batch of 8 sequences adding
+# a token each), under torch.inference_mode: ATen ops per feature, today's. The base and router GEMMs, the
+# routing op, the router's aux loss (8 small ops), then moelora.moe_lora's gathered form (the chosen experts'
+# matrices only, no check that reads the routing on the host, no isfinite pass over B): 42 ops before it.
+TORCH_DECODE_SETTINGS = {
+    "softmax_topk": ({}, 20),
+    "topk_softmax": (dict(router="topk_softmax"), 20),
+    "per_expert_a": (dict(share_lora_a=False), 23),
+    "threshold": (dict(router="threshold", threshold_eps=0.2), 33),
+    # static routing goes through moelora.moe_lora's checks: one host read of the ids and weights
+    "task": (dict(router="task"), 15),
+}
+
+
+@pytest.mark.parametrize("feature", list(TORCH_DECODE_SETTINGS))
+def test_torch_backend_decode_op_budget(feature):
+    settings, today = TORCH_DECODE_SETTINGS[feature]
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(64, 64), **{**dict(num_experts=8, top_k=2, r=16, share_lora_a=True,
+                                                              init_lora_weights=False), **settings}).eval()
+    if feature == "task":
+        moelora.set_task_ids(nn.Sequential(layer), torch.arange(8))
+    x = torch.randn(8, 1, 64)
+    with moelora.use_backend("torch"), torch.inference_mode():
+        layer(x)
+        with count_kernels() as fwd:
+            layer(x)
+    assert not fwd.triton and fwd.total <= today, fwd
+    assert "isfinite" not in fwd.aten or feature == "task", fwd  # task: the syncing check of its weights
+    assert "index_select" in fwd.aten, fwd  # the gathered form
