@@ -7,6 +7,7 @@ steps, a custom module stack, a transformers model, and inductor once.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -232,8 +233,25 @@ def test_torch_func_transforms_the_readme_lists_as_unsupported_raise():
         with moelora.use_backend(backend), pytest.raises(RuntimeError, match="functorch transforms"):
             grad(lambda p: functional_call(module, p, (x,)).sum())(params)
     params = {k: v.detach() for k, v in layer.named_parameters()}
-    with moelora.use_backend("torch"), pytest.raises(RuntimeError, match="data pointer|does not have vmap support"):
-        vmap(lambda xi: functional_call(layer, params, (xi[None],)))(x)
+    with moelora.use_backend("torch"), pytest.raises(RuntimeError, match="does not have vmap support"):
+        vmap(grad(lambda p, xi: functional_call(layer, p, (xi[None],)).sum()), in_dims=(None, 0))(params, x)
+
+
+def test_vmap_runs_the_layer_forward_on_the_torch_backend():
+    """README (Backends): vmap over MoELoRALinear's forward runs on the torch backend (a learned router's
+    routing is read by no host-side check; the routing op's vmap is torch's per-sample fallback) and gives
+    the per-sample outputs."""
+    from torch.func import functional_call, vmap
+
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(8, 8), num_experts=4, top_k=2, r=4, init_lora_weights=False).eval()
+    x = torch.randn(5, 8)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    with moelora.use_backend("torch"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        y = vmap(lambda xi: functional_call(layer, params, (xi[None],)))(x)
+        ref = torch.cat([layer(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(y[:, 0], ref)
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
