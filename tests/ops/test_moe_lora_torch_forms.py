@@ -118,7 +118,8 @@ def test_forms_agree_on_random_poisoning(shared_a):
     """Both forms give the same outputs and the same NaN where NaN/Inf sit at random in the weights."""
     g = torch.Generator().manual_seed(11)
     for seed in range(6):
-        p = make_problem(6, 8, 10, 3, 5, 2, shared_a=shared_a, device=DEVICE, seed=seed)
+        p = make_problem(6, 8, 10, 3, 5, 2, shared_a=shared_a, device=DEVICE, seed=seed,
+                         id_dtype=(torch.int64, torch.int32)[seed % 2])  # int32: the routing op's ids
         with torch.no_grad():
             for t in (p.lora_b, p.lora_a):
                 flat = t.view(-1)
@@ -146,3 +147,29 @@ def test_layer_decode_uses_the_gathered_form():
             y_dense = layer(x)
     assert forms == ["gathered", "dense"]
     torch.testing.assert_close(y, y_dense)
+
+
+@pytest.mark.parametrize("scaling,x_scale", [(1e39, 1.0), (1e-41, 1e5)])
+def test_gathered_form_scaling_outside_the_fp32_range(scaling, x_scale):
+    """s * w * h overflows (s = 1e39) or is subnormal (s = 1e-41) in fp32, s * w * B @ h is O(1): the
+    gathered form computes in float64 there, as the dense one."""
+    p = make_problem(5, 8, 6, 2, 3, 2, with_base=False, device=DEVICE, seed=4)
+    with torch.no_grad():
+        p.x.mul_(x_scale)
+        p.lora_b.div_(scaling * x_scale)
+    p.scaling = scaling
+    y = _run(p, "gathered")
+    assert torch.isfinite(y).all() and rel_err(y, _reference(p)) < 1e-5
+
+
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_gathered_form_fp16_h_beyond_fp16_range_with_a_small_scale(shared_a):
+    """h = x A^T beyond fp16's range (|h| ~ 1.3e5), s * w * h within it: h stays in fp32."""
+    g = torch.Generator().manual_seed(0)
+    p = make_problem(6, 64, 8, 4, 3, 2, shared_a=shared_a, dtype=torch.float16, device=DEVICE, seed=1)
+    with torch.no_grad():
+        p.x.copy_(4000 + 100 * torch.randn(p.x.shape, generator=g))
+        p.lora_a.copy_(0.5 + 0.01 * torch.randn(p.lora_a.shape, generator=g))
+    p.scaling = 1e-3
+    y = _run(p, "gathered", base=False)
+    assert torch.isfinite(y).all() and rel_err(y, _reference(p, base=False)) < 5e-3
