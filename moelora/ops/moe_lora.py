@@ -41,7 +41,6 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
