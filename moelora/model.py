@@ -971,9 +971,10 @@ class MoELoRAModel(nn.Module):
         modules in the model's train / eval mode (``self.training``). It is built on the unmerged base
         layers: a merged active adapter is unmerged meanwhile, and merged again after."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=False)
+        check_model_and_config(self.model, config)
+        config = with_default_targets(self.model, config)  # before the active adapter leaves the model
         merged = adapters.merged_tasks(self.model)
         active = adapters.deactivate(self.model)
-        config = with_default_targets(self.model, config)
         try:
             inject_moelora(self.model, config)
             new = adapters.deactivate(self.model)
@@ -1034,9 +1035,21 @@ class MoELoRAModel(nn.Module):
                 p.requires_grad_(False)
 
 
+def check_model_and_config(model, config) -> None:
+    """TypeError naming the argument unless ``model`` is an nn.Module and ``config`` a MoELoRAConfig (a PEFT
+    LoraConfig or a dict of fields is not one: their fields are MoELoRAConfig's keyword arguments)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, MoELoRAConfig):
+        hint = ("; a PEFT LoRA checkpoint loads with moelora.load_peft_lora" if type(config).__name__ == "LoraConfig"
+                else "; build one with moelora.MoELoRAConfig(**fields)" if isinstance(config, dict) else "")
+        raise TypeError(f"config must be a moelora.MoELoRAConfig, got {type(config).__name__}{hint}")
+
+
 def get_moelora_model(model: nn.Module, config: MoELoRAConfig) -> MoELoRAModel:
     """Inject MoE-LoRA layers into ``model`` (in place) and wrap it; see the module docstring. Without
     ``config.target_modules`` the wrapper's config holds PEFT's default targets for the model's architecture."""
+    check_model_and_config(model, config)
     config = with_default_targets(model, config)
     inject_moelora(model, config)
     return MoELoRAModel(model, config)

@@ -673,3 +673,19 @@ def test_task_ids_set_around_a_beam_search_raise_naming_generates_task_ids():
     with moelora.use_task_ids(model, torch.tensor([2, 0])):
         with pytest.raises(ValueError, match=r"generate\(\.\.\., task_ids"):
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=2, **_GREEDY)
+
+
+def test_get_moelora_model_names_a_model_or_config_of_the_wrong_type():
+    """A dict of fields, PEFT's LoraConfig or None as config (or a non-module model) is a TypeError naming the
+    argument, before the model changes, not an AttributeError from deep inside the injection."""
+    from peft import LoraConfig
+
+    base = tiny_llama()
+    for config, hint in [({"target_modules": ["q_proj"]}, r"got dict; build one with moelora.MoELoRAConfig"),
+                         (LoraConfig(target_modules=["q_proj"], r=4), r"got LoraConfig; a PEFT LoRA checkpoint"),
+                         (None, r"got NoneType$")]:
+        with pytest.raises(TypeError, match=r"^config must be a moelora.MoELoRAConfig, " + hint):
+            get_moelora_model(base, config)
+    assert not _layers(base)
+    with pytest.raises(TypeError, match=r"^model must be a torch.nn.Module, got str"):
+        get_moelora_model("q_proj", MoELoRAConfig(target_modules=["q_proj"]))

@@ -578,3 +578,17 @@ def test_adapter_names_the_inactive_adapters_dict_cannot_hold_are_refused(name):
     with pytest.raises(ValueError, match=f"adapter name '{name}' is an attribute of nn.ModuleDict"):
         model.add_adapter(name, MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
     assert list(model.adapter_configs) == ["default"] and not model.inactive_adapters
+
+
+@pytest.mark.parametrize("config", [MoELoRAConfig(num_experts=2), {"target_modules": ["proj"]}],
+                         ids=["no_default_targets", "dict"])
+def test_add_adapter_that_is_refused_leaves_the_active_adapter_in_place(config):
+    """A config add_adapter refuses (no target_modules on a model without PEFT default targets; not a
+    MoELoRAConfig) raises before the active adapter's layers leave the model."""
+    model = get_moelora_model(Net(), MoELoRAConfig(target_modules=["proj"], num_experts=2, top_k=2, r=2))
+    _perturb(model)
+    expected = model(IDS)
+    with pytest.raises((ValueError, TypeError), match="target_modules must be set|config must be a moelora"):
+        model.add_adapter("other", config)
+    assert isinstance(model.model.proj, MoELoRALinear) and sorted(model.adapter_configs) == ["default"]
+    assert torch.equal(model(IDS), expected)
