@@ -253,7 +253,11 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
 def check_activation(activation) -> None:
     """TypeError unless ``activation`` is a callable (moe_ffn's, MoEFFN's and upcycle_ffn's)."""
     if not callable(activation) or isinstance(activation, torch.Tensor):
-        hint = f" (e.g. torch.nn.functional.{activation})" if isinstance(activation, str) else ""
+        hint = ""
+        if isinstance(activation, str):  # name the function only where torch.nn.functional has it
+            hint = (f" (e.g. torch.nn.functional.{activation})" if callable(getattr(torch.nn.functional, activation, None))
+                    else f" (torch.nn.functional has no {activation!r}; transformers' are "
+                         f"transformers.activations.ACT2FN[name])")
         raise TypeError(f"activation must be a callable{hint}, got {type(activation).__name__} {activation!r}")
 
 

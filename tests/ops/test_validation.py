@@ -5,6 +5,7 @@ import torch
 
 import moelora
 from conftest import DEVICE
+from moelora.ops.validation import check_activation
 from helpers import make_problem
 
 
@@ -80,3 +81,13 @@ def test_validation_env_variable(p, monkeypatch):
     monkeypatch.setenv("MOELORA_VALIDATE", "0")
     assert not moelora.validation_enabled()
     call(p, topk_ids=torch.full_like(p.topk_ids, 7), backend="torch")
+
+
+def test_activation_given_by_name_is_refused_with_a_hint_that_exists():
+    """A string activation is refused; the hint names torch.nn.functional's function only where it exists
+    (``"gelu_new"``, GPT-2's, is transformers' ACT2FN name, not a torch.nn.functional function)."""
+    with pytest.raises(TypeError, match=r"^activation must be a callable \(e.g. torch.nn.functional.silu\), got str"):
+        check_activation("silu")
+    with pytest.raises(TypeError, match=r"^activation must be a callable \(torch.nn.functional has no 'gelu_new'; "
+                                        r"transformers' are transformers.activations.ACT2FN\[name\]\), got str"):
+        check_activation("gelu_new")
