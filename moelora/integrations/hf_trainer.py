@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from moelora.model import MoELoRAModel, step_routers
+from moelora.model import MoELoRAModel, aux_loss, step_routers
 
 
 def without_tied_aliases(state_dict: dict) -> dict:
@@ -43,6 +44,21 @@ def without_tied_aliases(state_dict: dict) -> dict:
             seen.add(key)
         kept[name] = tensor
     return kept
+
+
+class _SmootherOfWrapped:
+    """Trainer's label smoother for a MoELoRAModel: labels shifted as for the wrapped model's class (Trainer reads
+    the class of the module it holds, the wrapper, so it never shifts a causal LM's labels), plus the aux loss of
+    the forward that made the logits (Trainer called it without labels, so the wrapper added it to no loss), where
+    the wrapper's config adds it to the output's loss (``add_aux_loss_to_output``)."""
+
+    def __init__(self, smoother, wrapped: MoELoRAModel):
+        self.smoother, self.wrapped = smoother, wrapped
+        self.shift = wrapped.model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+    def __call__(self, model_output, labels, shift_labels: bool = False, **kwargs):
+        loss = self.smoother(model_output, labels, shift_labels=self.shift, **kwargs)
+        return loss + aux_loss(self.wrapped) if self.wrapped.moelora_config.add_aux_loss_to_output else loss
 
 
 class StepRoutersCallback(TrainerCallback):
@@ -65,6 +81,19 @@ class MoELoRATrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, StepRoutersCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(StepRoutersCallback())  # one, also where callbacks=[...] holds it already
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss. Where Trainer computes it from the logits itself (``label_smoothing_factor``), the labels
+        are shifted as for the wrapped model (a causal LM's are) and the aux loss is added, as to ``outputs.loss``.
+        (A ``compute_loss_func`` is the user's loss: add ``moelora.aux_loss(model)`` there.)"""
+        wrapped = self.accelerator.unwrap_model(model)
+        if self.label_smoother is None or self.compute_loss_func is not None or not isinstance(wrapped, MoELoRAModel):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        smoother, self.label_smoother = self.label_smoother, _SmootherOfWrapped(self.label_smoother, wrapped)
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.label_smoother = smoother
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         model = self.accelerator.unwrap_model(self.model)

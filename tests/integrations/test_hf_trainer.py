@@ -107,6 +107,26 @@ def test_trainer_loss_decreases_and_eval_reports_the_loss(tmp_path):
     assert end < start - 0.1, (start, end)
 
 
+@pytest.mark.parametrize("add_aux", [True, False], ids=["aux_loss", "add_aux_loss_to_output=False"])
+def test_moelora_trainer_label_smoothing_shifts_a_causal_lms_labels_and_adds_the_aux_loss(tmp_path, add_aux):
+    """With label_smoothing_factor Trainer computes the loss from the logits itself, choosing the labels' shift by
+    the held module's class (the wrapper's, which no causal LM mapping names) and calling the model without labels
+    (so the wrapper adds the aux loss to no loss): MoELoRATrainer's loss, in training and evaluation, is the
+    smoothed loss of the next tokens plus the aux loss once, as the bare model's under Trainer."""
+    model = _llama_moelora(add_aux_loss_to_output=add_aux)
+    data = _lm_dataset(n=4)
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    bare = transformers.Trainer(model=copy.deepcopy(model.model), args=_args(tmp_path, label_smoothing_factor=0.1))
+    expected = bare.compute_loss(bare.model, dict(batch))  # the bare LLaMA's: labels shifted
+    model(input_ids=batch["input_ids"])
+    expected = expected + moelora.aux_loss(model) * add_aux
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1))
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), expected)
+    model.eval()
+    loss, _, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+    torch.testing.assert_close(loss, expected.detach())
+
+
 class MicroBatchRecorder(transformers.Trainer):
     """Trainer remembering the micro-batches it computed losses on."""
 
