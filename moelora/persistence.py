@@ -126,7 +126,11 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
     """Write each adapter of ``model`` (``selected_adapters``, default all) as PEFT lays them out:
     the adapter "default" in ``save_directory``, any other in ``save_directory/<name>``. With
     ``state_dict`` (read instead of the model's own) only the active adapter is written (selecting
-    another raises). Names the model has no adapter of raise."""
+    another raises). Names the model has no adapter of raise. ``model`` is a MoELoRAModel (it holds the
+    adapters' configs); any other module raises a TypeError."""
+    if not getattr(type(model), "is_moelora_model", False):
+        raise TypeError(f"save_pretrained writes a MoELoRAModel (get_moelora_model's, which holds the adapters' "
+                        f"configs), got {type(model).__name__}: save the wrapper, not the model it wraps")
     names = optional_names(selected_adapters, model.adapter_configs)
     if state_dict is not None and selected_adapters is not None and names != [model.active_adapter]:
         raise ValueError(f"with state_dict only the active adapter ({model.active_adapter!r}) is written; "

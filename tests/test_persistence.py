@@ -110,6 +110,19 @@ def test_load_into_wrong_model_raises(tmp_path):
         MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
 
 
+def test_save_pretrained_of_the_wrapped_model_names_the_wrapper(tmp_path):
+    """moelora.save_pretrained needs the MoELoRAModel (it holds the adapters' configs): the model it wraps
+    (or any other module) is a TypeError saying so, not an AttributeError, and nothing is written."""
+    base = tiny_llama()
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=2))
+    with pytest.raises(TypeError, match=r"^save_pretrained writes a MoELoRAModel .* got LlamaForCausalLM: save the "
+                                        r"wrapper"):
+        moelora.save_pretrained(base, str(tmp_path / "inner"))
+    assert not (tmp_path / "inner").exists()
+    moelora.save_pretrained(model, str(tmp_path / "wrapper"))
+    assert (tmp_path / "wrapper" / "moelora_config.json").exists()
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merge_unmerge_single_expert(use_dora):
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules="all-linear", num_experts=1,
