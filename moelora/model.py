@@ -352,6 +352,18 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     return names
 
 
+def with_expert_counts_listed(model: nn.Module, config: MoELoRAConfig, names: List[str]) -> MoELoRAConfig:
+    """``config``; where its ``num_experts`` is a callable, a copy holding the per-layer list of the counts the
+    layers ``names`` of ``model`` were injected with (1 for the layers none of them is in, which nothing adapts),
+    so that the config is data: it saves, and its list gives the same layers again."""
+    if not callable(config.num_experts):
+        return config
+    counts = [1] * _num_layers(model, config.layers_pattern)
+    for name in names:
+        counts[layer_index(name, config.layers_pattern)] = model.get_submodule(name).num_experts
+    return dataclasses.replace(config, num_experts=counts)
+
+
 # ------------------------------------------------------------------------------- helpers
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the weighted auxiliary losses every routed module stored in its last forward, in the
@@ -976,7 +988,7 @@ class MoELoRAModel(nn.Module):
         merged = adapters.merged_tasks(self.model)
         active = adapters.deactivate(self.model)
         try:
-            inject_moelora(self.model, config)
+            config = with_expert_counts_listed(self.model, config, inject_moelora(self.model, config))
             new = adapters.deactivate(self.model)
         finally:
             adapters.activate(self.model, active)
@@ -1051,8 +1063,8 @@ def get_moelora_model(model: nn.Module, config: MoELoRAConfig) -> MoELoRAModel:
     ``config.target_modules`` the wrapper's config holds PEFT's default targets for the model's architecture."""
     check_model_and_config(model, config)
     config = with_default_targets(model, config)
-    inject_moelora(model, config)
-    return MoELoRAModel(model, config)
+    names = inject_moelora(model, config)
+    return MoELoRAModel(model, with_expert_counts_listed(model, config, names))
 
 
 def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:

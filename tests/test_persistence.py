@@ -110,6 +110,27 @@ def test_load_into_wrong_model_raises(tmp_path):
         MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
 
 
+def test_callable_num_experts_saves_as_the_per_layer_counts_it_gave(tmp_path):
+    """A callable num_experts (documented beside lists and presets) is code, which a checkpoint cannot hold: the
+    wrapper's config lists the counts it gave (1 where no layer is adapted), for get_moelora_model and
+    add_adapter, so the model saves and reloads the same layers and outputs."""
+    config = MoELoRAConfig(target_modules=["q_proj"], num_experts=lambda layer, n: layer + 2, top_k=2,
+                           layers_to_transform=[1, 2, 3])
+    model = get_moelora_model(tiny_llama(), config)
+    model.add_adapter("other", dataclasses.replace(config, num_experts=lambda layer, n: 2 * layer + 2))
+    assert model.moelora_config.num_experts == [1, 3, 4, 5] and model.adapter_configs["other"].num_experts == [
+        1, 4, 6, 8]
+    randomize_adapters(model)
+    ids = token_batch()
+    expected = model.eval()(ids).logits
+    model.save_pretrained(str(tmp_path))
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(), str(tmp_path))
+    loaded.load_adapter(str(tmp_path / "other"), "other")
+    assert torch.equal(loaded(ids).logits, expected)
+    loaded.set_adapter("other")
+    assert [m.num_experts for m in loaded.model.modules() if isinstance(m, moelora.MoELoRALinear)] == [4, 6, 8]
+
+
 def test_save_pretrained_of_the_wrapped_model_names_the_wrapper(tmp_path):
     """moelora.save_pretrained needs the MoELoRAModel (it holds the adapters' configs): the model it wraps
     (or any other module) is a TypeError saying so, not an AttributeError, and nothing is written."""
