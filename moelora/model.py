@@ -975,7 +975,14 @@ class MoELoRAModel(nn.Module):
         adapters.set_adapter_layers(self.model, True)
 
     def disable_adapter_layers(self) -> None:
-        """Run the base model (merged layers are unmerged first) until :meth:`enable_adapter_layers`."""
+        """Run the base model (merged layers are unmerged first) until :meth:`enable_adapter_layers`. Warns
+        where what stays on makes the output differ from the base model's: trained biases (``bias`` not
+        "none", as PEFT warns), upcycled FFNs and MoLEx (structural edits, which no adapter switch turns off)."""
+        kept = [f"bias={self.moelora_config.bias!r}"] if self.moelora_config.bias != "none" else []
+        kept += [op for op, _ in _structure.recorded(self.model)]
+        if kept:
+            warnings.warn(f"disabling the adapter layers leaves {', '.join(kept)} in place: the model computes the "
+                          "base model with them, not the base model's output", stacklevel=2)
         adapters.set_adapter_layers(self.model, False)
 
     def add_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:

@@ -3,6 +3,7 @@ convolutions by target_modules, modules_to_save, enable/disable_adapter_layers, 
 adapters (add/set/delete/load, the saved folder layout), trained biases in PEFT checkpoints."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -592,3 +593,29 @@ def test_add_adapter_that_is_refused_leaves_the_active_adapter_in_place(config):
         model.add_adapter("other", config)
     assert isinstance(model.model.proj, MoELoRALinear) and sorted(model.adapter_configs) == ["default"]
     assert torch.equal(model(IDS), expected)
+
+
+@pytest.mark.parametrize("kept", ["none", "bias", "upcycle_ffn", "apply_molex"])
+def test_disabling_warns_where_the_output_stays_other_than_the_base_models(kept):
+    """Disabled adapter layers leave trained biases, upcycled FFNs and MoLEx in place, so the model does not
+    compute the base model's output (documented as it): disable_adapter_layers and disable_adapter warn,
+    naming them (PEFT warns for biases); a plain adapter gives the base model's output without a warning."""
+    base = tiny_bert(num_layers=2)  # with biases
+    ids = token_batch()
+    expected = base(ids).last_hidden_state
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["query"], num_experts=2, top_k=2,
+                                                  bias="all" if kept == "bias" else "none"))
+    if kept == "upcycle_ffn":
+        moelora.upcycle_ffn(base, num_experts=2, top_k=2)
+    elif kept == "apply_molex":
+        moelora.apply_molex(base, alpha=0.5)
+    _perturb(model)  # biases, FFN experts and MoLEx gates included: they are trainable
+    for disable in (model.disable_adapter_layers, model.disable_adapter().__enter__):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            disable()
+        messages = [str(w.message) for w in caught if "disabling the adapter layers" in str(w.message)]
+        differs = not torch.allclose(model(ids).last_hidden_state, expected, atol=1e-6)
+        assert differs == (kept != "none")
+        assert len(messages) == differs and all(kept.split("_")[0] in m for m in messages)
+        model.enable_adapter_layers()
