@@ -203,7 +203,10 @@ def _read_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (the adapter's weights)")
+        pickled = os.path.splitext(path)[0] + ".bin"  # PEFT's safe_serialization=False (and older PEFT) file
+        hint = (f"; {os.path.basename(pickled)} beside it is a pickle, which moelora does not read (checkpoints are "
+                "data only): save the adapter again with safe_serialization=True") if os.path.isfile(pickled) else ""
+        raise FileNotFoundError(f"{path}: no such file (the adapter's weights){hint}")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -293,6 +293,18 @@ def test_peft_files_are_named_in_errors(tmp_path):
         moelora.load_peft_lora(tiny_llama(num_layers=2), directory)
 
 
+def test_a_pickled_peft_checkpoint_is_named_with_how_to_convert_it(tmp_path):
+    """PEFT saves adapter_model.bin (a pickle) with safe_serialization=False, as older PEFT did: moelora reads
+    data only, and the error says the .bin is there and how to write the safetensors file instead."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(num_layers=2), peft.LoraConfig(target_modules=["q_proj"], r=2))
+    model.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model.safetensors: no such file \(the adapter's weights\); "
+                                                r"adapter_model.bin beside it is a pickle, .* safe_serialization=True"):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path))
+
+
 # ---- PEFT config fields moelora cannot reproduce are refused, naming the field -----------------
 @pytest.mark.parametrize("field,value,match", [
     ("layer_replication", [[0, 1], [1, 2]], r"layer_replication=\[\[0, 1\], \[1, 2\]\] is not supported"),
