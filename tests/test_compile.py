@@ -160,6 +160,24 @@ def test_transformers_model_trains_under_fullgraph_compile_like_eager():
     _assert_trains_like_eager(model, loss_fn, ids)
 
 
+def test_gradient_checkpointed_transformers_model_trains_under_fullgraph_compile_like_eager(monkeypatch):
+    """docs/integration.md section 5's recipe: transformers' non-reentrant gradient checkpointing, its input
+    embeddings' requires_grad_ hook removed, use_cache=False and dynamo's
+    skip_fwd_side_effects_in_bwd_under_checkpoint: one graph, training as eager (the aux losses included)."""
+    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=4, top_k=2, r=4))
+    randomize_adapters(model)
+    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.model.disable_input_require_grads()
+    model.train()
+
+    def loss_fn(m, ids):
+        return m(input_ids=ids, labels=ids, use_cache=False).loss
+
+    _assert_trains_like_eager(model, loss_fn, token_batch(batch=2, seq=6))
+
+
 def test_layers_with_different_scalings_compiled_one_by_one_under_fullgraph():
     """Per-block compilation (torch.compile(block, fullgraph=True) for each block, as FSDP2
     recipes do) runs one code object over layers whose scalings differ (alpha_pattern, rsLoRA
