@@ -26,9 +26,14 @@ def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] =
                              "(or its dotted name)")
         return layers
     if isinstance(layers, str):
-        stack = model.get_submodule(layers)
+        try:
+            stack = model.get_submodule(layers)
+        except AttributeError:
+            lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+            outer = [n for n in lists if not any(n.startswith(f"{other}.") for other in lists)]
+            raise ValueError(f"layers={layers!r} names no module of the model; its module lists are {outer}") from None
         if not isinstance(stack, nn.ModuleList):
-            raise ValueError(f"{layers} is a {type(stack).__name__}, not an nn.ModuleList of layers")
+            raise ValueError(f"layers={layers!r} is a {type(stack).__name__}, not an nn.ModuleList of layers")
         return stack
     named = [(n, m) for n, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and n.split(".")[-1] in DEFAULT_LAYERS_PATTERN and len(m) > 1]

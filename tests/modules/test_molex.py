@@ -531,6 +531,20 @@ def test_find_layer_stack_skips_the_sublayers_inside_a_layer():
     assert find_layer_stack(model, "encoder.block") is model.encoder.block
 
 
+def test_a_layers_name_the_model_does_not_have_is_a_value_error_naming_layers():
+    """apply_molex(model, layers="typo") raised torch's AttributeError ('... has no attribute `typo`'), which names
+    neither the argument nor the stacks there are; now a ValueError naming both, before the model changes."""
+    from helpers import tiny_t5
+
+    model = tiny_t5()
+    with pytest.raises(ValueError, match=r"^layers='encoder\.blocks' names no module of the model; its module lists "
+                                         r"are \['encoder\.block', 'decoder\.block'\]$"):
+        moelora.apply_molex(model, layers="encoder.blocks")
+    with pytest.raises(ValueError, match=r"^layers='encoder' is a T5Stack, not an nn.ModuleList of layers"):
+        moelora.apply_molex(model, layers="encoder")
+    assert not hasattr(model, "molex")
+
+
 def test_an_encoder_decoder_model_needs_the_stack_named():
     """T5 has two stacks: apply_molex took the encoder's without saying so. It now raises naming
     both, before changing the model; ``layers=`` picks either, and the decoder's mixes with its
