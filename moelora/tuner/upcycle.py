@@ -194,6 +194,10 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
         keep = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         targets = [(n, k) for n, k in targets if layer_index(n, layers_pattern) in keep]
     if not targets:
+        upcycled = next((n for n, m in model.named_modules() if isinstance(m, MoEFFN)), None)
+        if upcycled is not None and ffn_modules is None:
+            raise ValueError(f"no dense FFN found to upcycle: the model's are upcycled already (e.g. {upcycled}, a "
+                             "MoEFFN); upcycle_ffn upcycles dense FFNs, once")
         raise ValueError("no FFN found to upcycle: give ffn_modules=[...] with in_proj, out_proj and activation")
     if ffn_modules is not None and (in_proj is None or out_proj is None or activation is None):
         raise ValueError("a generic FFN needs in_proj, out_proj and activation")

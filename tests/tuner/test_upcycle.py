@@ -126,6 +126,18 @@ def test_upcycle_errors():
         upcycle_ffn(nn.Sequential(nn.Linear(2, 2)), num_experts=2, top_k=1)
 
 
+def test_upcycling_again_says_the_ffns_are_upcycled_already():
+    """A second upcycle_ffn found no FFN and told the user to name ffn_modules, in_proj, out_proj and activation;
+    it now says the model's FFNs are upcycled already, naming one, and changes nothing."""
+    model = tiny_llama(num_layers=2)
+    upcycle_ffn(model, num_experts=2, top_k=2)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"^no dense FFN found to upcycle: the model's are upcycled already \(e.g. "
+                                         r"model\.layers\.0\.mlp, a MoEFFN\)"):
+        upcycle_ffn(model, num_experts=4, top_k=2)
+    assert [type(m) for m in model.modules()] == before
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(router_aux_loss_coef=-1.0), dict(router_z_loss_coef=math.inf), dict(threshold_eps=-0.5),
     dict(threshold_eps=math.nan), dict(threshold_eps_start=-1), dict(threshold_ramp_steps=2.5),
