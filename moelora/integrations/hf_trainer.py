@@ -87,6 +87,7 @@ class MoELoRATrainer(Trainer):
         are shifted as for the wrapped model (a causal LM's are) and the aux loss is added, as to ``outputs.loss``.
         (A ``compute_loss_func`` is the user's loss: add ``moelora.aux_loss(model)`` there.)"""
         wrapped = self.accelerator.unwrap_model(model)
+        wrapped = getattr(wrapped, "_orig_mod", wrapped)  # TrainingArguments(torch_compile=True): the compiled module
         if self.label_smoother is None or self.compute_loss_func is not None or not isinstance(wrapped, MoELoRAModel):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         smoother, self.label_smoother = self.label_smoother, _SmootherOfWrapped(self.label_smoother, wrapped)

@@ -125,6 +125,9 @@ def test_moelora_trainer_label_smoothing_shifts_a_causal_lms_labels_and_adds_the
     model.eval()
     loss, _, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
     torch.testing.assert_close(loss, expected.detach())
+    if add_aux:  # torch_compile=True hands compute_loss the compiled module (Trainer's own shift reads its class)
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.testing.assert_close(trainer.compute_loss(compiled, dict(batch)).detach(), expected.detach())
 
 
 class MicroBatchRecorder(transformers.Trainer):
