@@ -336,15 +336,21 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     names = find_target_modules(model, config)
     num_layers = _num_layers(model, config.layers_pattern)
     if isinstance(config.num_experts, (list, tuple)) and len(config.num_experts) != num_layers:
+        none = ("" if num_layers else f" (no module sits in a numbered layer, as layers.<i> or h.<i>; layers_pattern="
+                f"{config.layers_pattern!r}: name the model's layer list there, or give num_experts as an int)")
         raise ValueError(f"num_experts lists {len(config.num_experts)} per-layer counts but the model has "
-                         f"{num_layers} layers")
+                         f"{num_layers} layers{none}")
     with persistence.restored_on_error(model):
         for name in names:
             base = model.get_submodule(name)
             layer_class = adapter_class(base)
             if layer_class is not MoELoRALinear and config.use_dora:
                 raise ValueError(f"use_dora is supported on linear layers only; {name} is a {type(base).__name__}")
-            layer = layer_class(base, config.layer_settings(name, layer_index(name, config.layers_pattern), num_layers))
+            settings = config.layer_settings(name, layer_index(name, config.layers_pattern), num_layers)
+            try:
+                layer = layer_class(base, settings)
+            except ValueError as exc:  # what the layer refuses of this base (a conv's groups, ...): name the module
+                raise ValueError(f"{name}: {exc}") from None
             set_module(model, name, layer.train(base.training))  # in the mode of the module it replaces
         _keep_torch_fast_paths_off(model)
         wrap_modules_to_save(model, config.modules_to_save)

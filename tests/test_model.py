@@ -689,3 +689,16 @@ def test_get_moelora_model_names_a_model_or_config_of_the_wrong_type():
     assert not _layers(base)
     with pytest.raises(TypeError, match=r"^model must be a torch.nn.Module, got str"):
         get_moelora_model("q_proj", MoELoRAConfig(target_modules=["q_proj"]))
+
+
+def test_injection_errors_name_the_module_and_what_a_layerless_model_lacks():
+    """A layer refusing its base (a grouped conv whose groups do not divide r) said only 'r must be a multiple
+    of the convolution's groups (4), got r=2', not which module; a per-layer num_experts list on a model
+    without numbered layers said 'the model has 0 layers' without why. Both now say; nothing is injected."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv1d(8, 8, 3, groups=4))
+    with pytest.raises(ValueError, match=r"^1: r must be a multiple of the convolution's groups \(4\), got r=2$"):
+        get_moelora_model(model, MoELoRAConfig(target_modules=["0", "1"], num_experts=2, top_k=1, r=2))
+    with pytest.raises(ValueError, match=r"^num_experts lists 2 per-layer counts but the model has 0 layers \(no "
+                                         r"module sits in a numbered layer, as layers.<i> or h.<i>; layers_pattern=None"):
+        get_moelora_model(model, MoELoRAConfig(target_modules=["0"], num_experts=[2, 2], top_k=1))
+    assert not _layers(model)
