@@ -160,3 +160,24 @@ def test_linear_subclass_returning_a_tuple_raises_naming_it():
     wrapped = get_moelora_model(model, _config(["0"]))
     with pytest.raises(TypeError, match=r"base layer _RoutingLinear returned a tuple, not a tensor.*exclude_modules"):
         wrapped(torch.randn(3, 16))
+
+
+def test_module_names_given_as_a_set_as_peft_holds_them():
+    """PEFT's LoraConfig holds target_modules as a set: a set of names (target_modules, exclude_modules,
+    modules_to_save) is taken as their sorted list, so a PEFT config's field can be passed over as it is;
+    the config then saves as JSON and injects what the list does."""
+    peft = pytest.importorskip("peft")
+    targets = peft.LoraConfig(target_modules=["fc", "out"]).target_modules
+    assert isinstance(targets, set)
+    config = MoELoRAConfig(target_modules=targets, exclude_modules=frozenset({"out"}), modules_to_save={"head"},
+                           num_experts=2, top_k=1, r=4, router_renormalize=False)
+    assert (config.target_modules, config.exclude_modules, config.modules_to_save) == (["fc", "out"], ["out"],
+                                                                                      ["head"])
+    assert MoELoRAConfig.from_dict(config.to_dict()) == config
+    model = nn.Sequential()
+    model.fc, model.out, model.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+    wrapped = get_moelora_model(model, config)
+    assert type(model.fc).__name__ == "MoELoRALinear" and isinstance(model.out, nn.Linear)
+    assert wrapped.moelora_config.target_modules == ["fc", "out"]
+    with pytest.raises(TypeError, match="MoELoRAConfig.target_modules must be"):
+        MoELoRAConfig(target_modules={"fc", 3})

@@ -74,6 +74,10 @@ class MoELoRAConfig:
     add_aux_loss_to_output: bool = True
 
     def __post_init__(self):
+        for name in _NAME_SET_FIELDS:  # a set of names (PEFT's LoraConfig holds target_modules as one): a sorted list
+            value = getattr(self, name)
+            if isinstance(value, (set, frozenset)) and all(isinstance(n, str) for n in value):
+                setattr(self, name, sorted(value))
         _check_field_types(self)
         self._layer_fields(self.num_experts if is_int(self.num_experts) else None)  # LayerSettings checks them
         if self.bias not in BIAS_MODES:
@@ -172,6 +176,9 @@ def _pattern_keys_are_regexes(pattern: dict) -> bool:
     """Every key a valid regex as moelora.tuner.targets.pattern_value reads it."""
     return all(_is_regex(pattern_key_regex(key)) for key in pattern)
 
+
+# Fields of module names that take a set too (as PEFT's LoraConfig, whose own target_modules is a set).
+_NAME_SET_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 
 # field -> (type predicate, value predicate or None, what it must be), as LAYER_FIELD_KINDS: the
 # layer fields' own entries (one check for a layer's constructor and the config), then the
