@@ -52,7 +52,7 @@ from moelora.tuner.config import MoELoRAConfig
 from moelora.modules.linear import MoELoRALinear, is_conv1d
 from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
-from moelora.modules.routed import RoutedModule
+from moelora.modules.routed import RoutedModule, RouterStats
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
 from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, layer_index, matches, set_module, stacked_expert_parameters,
@@ -410,10 +410,13 @@ def clear_aux_losses(model: nn.Module) -> None:
 def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per routed module (by name), from its last forward: ``load`` (slots per token routed
     to each expert, [E]), ``entropy`` (mean routing entropy, nats), and the unweighted
-    ``load_balancing_loss`` and ``z_loss``. Names are relative to the wrapped model."""
+    ``load_balancing_loss`` and ``z_loss``. Names are relative to the wrapped model. A module whose
+    last forward routed no token (an empty batch; with an aux-loss mask, all padding), whose
+    statistics are undefined, is left out: a logging step over such a batch does not raise."""
     model = unwrap(model)
-    return {name: dict(m.last_router_stats) for name, m in model.named_modules()
-            if isinstance(m, RoutedModule) and m.last_router_stats is not None}
+    return {name: dict(stats) for name, m in model.named_modules()
+            if isinstance(m, RoutedModule) and (stats := m.last_router_stats) is not None
+            and (not isinstance(stats, RouterStats) or stats.num_routed > 0)}
 
 
 def _task_layers(model: nn.Module):

@@ -27,15 +27,20 @@ class RouterStats(Mapping):
         self._mask = mask
         self._real_tokens: Optional[int] = None  # the mask's count, read on the host at the first key read
 
+    @property
+    def num_routed(self) -> int:
+        """The tokens the statistics are over: the forward's, or its aux-loss mask's real ones (read
+        on the host, once)."""
+        if self._mask is None:
+            return self._num_tokens
+        if self._real_tokens is None:
+            self._real_tokens = int(self._mask.sum())
+        return self._real_tokens
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.KEYS:
             raise KeyError(key)
-        if self._mask is None:
-            num_tokens = self._num_tokens
-        else:
-            if self._real_tokens is None:
-                self._real_tokens = int(self._mask.sum())
-            num_tokens = self._real_tokens
+        num_tokens = self.num_routed
         if num_tokens == 0:
             raise ValueError("routing statistics are undefined: this module routed no tokens in its last forward"
                              + ("" if self._mask is None else " that its aux-loss mask counts"))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import moelora
 from moelora import MoEFFN, MoELoRAEmbedding, MoELoRALinear
+from moelora.modules.routed import RouterStats
 
 from helpers import rel_err, tiny_llama, token_batch
 
@@ -236,6 +237,22 @@ def test_bad_masks_raise_naming_what_was_expected():
     assert layer.last_aux_loss == 0
     with pytest.raises(ValueError, match="no tokens in its last forward that its aux-loss mask counts"):
         layer.last_router_stats["load"]
+
+
+def test_router_stats_of_a_model_leave_out_a_module_that_routed_only_padding():
+    """moelora.router_stats (what a logging step calls) over an all-padding batch: the modules whose
+    statistics are undefined (no real token) are left out instead of raising for the whole model;
+    the others are kept."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": _layer("softmax_topk"), "b": _layer("softmax_topk")})
+    x = torch.randn(2, 5, 16)
+    with moelora.use_aux_loss_mask(model, MASK):
+        model["a"](x), model["b"](x)
+    assert sorted(moelora.router_stats(model)) == ["a", "b"]
+    with moelora.use_aux_loss_mask(model["b"], torch.zeros(2, 5, dtype=torch.bool)):
+        model["b"](x)
+    stats = moelora.router_stats(model)
+    assert sorted(stats) == ["a"] and sorted(stats["a"]) == sorted(RouterStats.KEYS)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
