@@ -772,27 +772,36 @@ class MoELoRAModel(nn.Module):
         first puts back what they held before (unless changed since): a gradient-checkpointed layer
         runs its forward again in backward, and must route that recomputation by the same task ids.
         A :func:`moelora.use_task_ids` (:func:`moelora.use_aux_loss_mask`) block given a module they
-        are on (the wrapper, a module holding it, a module inside it) puts back the ids (the mask)
-        first too, so that after the block the layers hold what they held before this forward."""
+        are on (the wrapper, a module holding it, a module inside it) after this forward puts back the
+        ids (the mask) first too, so that after the block the layers hold what they held before this
+        forward; a block that the wrapped model's forward runs leaves them on the other layers."""
         clear_aux_losses(self.model)
         self._put_back_forward_swaps()
         if labels is not None:
             kwargs["labels"] = labels
-        if task_ids is not None:
-            self._forward_swaps.append(_swap_task_ids(self.model, task_ids, self._task_ids_owner))
-        if aux_loss_mask is None:
-            aux_loss_mask = self.aux_loss_mask_from
-        if isinstance(aux_loss_mask, str):
-            aux_loss_mask = self._argument(aux_loss_mask, args, kwargs)  # not given: no padding to mask
-        if aux_loss_mask is not None and getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
-            raise ValueError(
-                "aux_loss_mask: an encoder-decoder model's layers route the source tokens (encoder, cross-attention "
-                "keys and values) or the target tokens (decoder), which one mask cannot cover, and where both have "
-                "one length the wrong one would pass silently; set the source mask on the encoder with "
-                "moelora.set_aux_loss_mask(model.get_encoder(), attention_mask) instead")
-        if aux_loss_mask is not None:
-            self._forward_swaps.append(_swap_aux_loss_mask(self.model, aux_loss_mask))
-        output = self.model(*args, **kwargs)
+        # Recorded once the wrapped model's forward has run (or raised): a use_task_ids / use_aux_loss_mask block
+        # that forward runs on one of its modules must not put them back (on every layer) first, as a block
+        # after this forward does (see _swapped); like any block, it gives its modules back what they held.
+        swaps = []
+        try:
+            if task_ids is not None:
+                swaps.append(_swap_task_ids(self.model, task_ids, self._task_ids_owner))
+            if aux_loss_mask is None:
+                aux_loss_mask = self.aux_loss_mask_from
+            if isinstance(aux_loss_mask, str):
+                aux_loss_mask = self._argument(aux_loss_mask, args, kwargs)  # not given: no padding to mask
+            if aux_loss_mask is not None and getattr(getattr(self.model, "config", None), "is_encoder_decoder",
+                                                     False):
+                raise ValueError(
+                    "aux_loss_mask: an encoder-decoder model's layers route the source tokens (encoder, "
+                    "cross-attention keys and values) or the target tokens (decoder), which one mask cannot cover, "
+                    "and where both have one length the wrong one would pass silently; set the source mask on the "
+                    "encoder with moelora.set_aux_loss_mask(model.get_encoder(), attention_mask) instead")
+            if aux_loss_mask is not None:
+                swaps.append(_swap_aux_loss_mask(self.model, aux_loss_mask))
+            output = self.model(*args, **kwargs)
+        finally:
+            self._forward_swaps.extend(swaps)  # in place (see __init__)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
         return output

@@ -380,6 +380,42 @@ def test_use_task_ids_after_a_forward_with_task_ids_leaves_no_stale_ids(given):
     assert all(layer.task_ids is before for layer in _layers(model).values())
 
 
+@pytest.mark.parametrize("before", [None, 2], ids=["no_ids", "other_ids"])
+def test_a_block_inside_the_wrapped_forward_keeps_the_wrappers_task_ids(before):
+    """A use_task_ids block that the wrapped model's forward runs on one of its modules (a decoder always
+    run as task 0) leaves the ids of the wrapper's forward(task_ids=) on the other layers, and gives them
+    back to its own after it: the forward routes as without the wrapper. Before, the block put the
+    forward's ids back on every layer first (none: the encoder raised; others: it routed by those)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec, self.enc = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            with moelora.use_task_ids(self.dec, 0):
+                h = self.dec(x)
+            return self.enc(h)
+
+    torch.manual_seed(0)
+    model = get_moelora_model(Net(), MoELoRAConfig(target_modules=["dec", "enc"], num_experts=3, router="task",
+                                                   init_lora_weights=False))
+    x, ids = torch.randn(2, 8), torch.tensor([1, 2])
+    if before is not None:
+        model.set_task_ids(before)
+    with torch.no_grad(), moelora.use_task_ids(model.model.enc, ids):
+        expected = model.model(x)
+    with torch.no_grad():
+        got = model(x, task_ids=ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert all(layer.task_ids is ids for layer in _layers(model).values())
+    model(x, task_ids=torch.tensor([0, 0]))  # the next forward puts the ids held before back first
+    with moelora.use_task_ids(model, 1):
+        pass
+    assert all(layer.task_ids is None if before is None else int(layer.task_ids) == before
+               for layer in _layers(model).values())
+
+
 @pytest.mark.parametrize("setter", ["wrapper", "inner_model", "use_task_ids"])
 def test_task_ids_set_after_a_forward_with_the_same_int_stay_set(setter):
     """forward(task_ids=1) then set_task_ids(1): the next forward must route by task 1. Python ints
