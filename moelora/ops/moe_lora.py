@@ -209,17 +209,18 @@ def _dense_delta(args: MoELoRAArgs, acc: torch.dtype) -> torch.Tensor:
 
 
 def _gathered_delta(args: MoELoRAArgs, acc: torch.dtype) -> torch.Tensor:
-    """The delta [T, d_out] in ``acc`` from the chosen experts' matrices only (no autograd; ids in
-    [0, E)): the T*k matrices B[e[t,j]] (and A[e[t,j]]) copied out, h[t,j] = A[(e[t,j])] x[t], then
-    delta[t] = sum_j B[e[t,j]] (s w[t,j] h[t,j]). The experts a token did not choose are never
-    read. Each product is summed as M (.) v + M * 0 over the columns (elementwise, so the IEEE
-    rules hold, where a matrix product may skip zeros of v): a row of M with a NaN/Inf gives NaN,
-    so a chosen expert's non-finite weight makes NaN of the outputs it reaches (a row of B: that
-    output feature; of A: h[t,j] at that row, and through B every output of the token), as the
-    dense form's. Same elementwise work as a batched matrix-vector product, which the CPU runs
-    slower at these sizes."""
+    """The delta [T, d_out] in ``acc`` from the chosen experts' matrices only (ids in [0, E); run
+    where no gradient is needed, its ops differentiable all the same: forward-mode AD's tangents
+    through it are exact): the T*k matrices B[e[t,j]] (and A[e[t,j]]) copied out, h[t,j] =
+    A[e[t,j]] x[t] (A x[t] for a shared A), then delta[t] = sum_j B[e[t,j]] (s w[t,j] h[t,j]).
+    The experts a token did not choose are never read. Each product is summed as M (.) v + M * 0
+    over the columns (elementwise, so the IEEE rules hold, where a matrix product may skip zeros
+    of v): a row of M with a NaN/Inf gives NaN, so a chosen expert's non-finite weight makes NaN
+    of the outputs it reaches (a row of B: that output feature; of A: h[t,j] at that row, and
+    through B every output of the token), as the dense form's. Same elementwise work as a batched
+    matrix-vector product, which the CPU runs slower at these sizes."""
     x, lora_a, lora_b, ids = args.x, args.lora_a, args.lora_b, args.topk_ids
-    (T, top_k), (num_experts, d_out, rank) = ids.shape, lora_b.shape
+    (T, top_k), (_, d_out, rank) = ids.shape, lora_b.shape
     pairs = ids.reshape(-1)
     xa = x.to(acc)
     if args.shared_a:
