@@ -416,6 +416,35 @@ def test_a_block_inside_the_wrapped_forward_keeps_the_wrappers_task_ids(before):
                for layer in _layers(model).values())
 
 
+def test_a_block_while_a_wrapper_is_created_meanwhile():
+    """A use_task_ids block reads the registry of live wrappers (for their last forward's ids) while
+    another thread may create one (a server loading a model): it reads a snapshot. Here the creation
+    happens deterministically while the block reads a wrapper's record; before, the block raised
+    "Set changed size during iteration" (the registry was a WeakSet iterated in Python)."""
+    config = MoELoRAConfig(target_modules=["0"], num_experts=2, router="task")
+    created = []
+
+    class CreatingWrapper(moelora.MoELoRAModel):
+        armed = False
+
+        @property
+        def _forward_swaps(self):
+            if CreatingWrapper.armed and not created:  # as another thread would, between two registry items
+                created.append(get_moelora_model(nn.Sequential(nn.Linear(4, 4)), config))
+            return self.__dict__["_swaps"]
+
+        @_forward_swaps.setter
+        def _forward_swaps(self, value):
+            self.__dict__["_swaps"] = value
+
+    model = CreatingWrapper(get_moelora_model(nn.Sequential(nn.Linear(4, 4)), config).model, config)
+    model(torch.randn(2, 4), task_ids=torch.tensor([0, 1]))
+    CreatingWrapper.armed = True
+    with moelora.use_task_ids(model, 1):
+        assert int(model.model[0].task_ids) == 1
+    assert created and model.model[0].task_ids is None
+
+
 @pytest.mark.parametrize("setter", ["wrapper", "inner_model", "use_task_ids"])
 def test_task_ids_set_after_a_forward_with_the_same_int_stay_set(setter):
     """forward(task_ids=1) then set_task_ids(1): the next forward must route by task 1. Python ints
