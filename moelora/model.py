@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import numbers
 import os
 import re
 import types
@@ -446,8 +447,8 @@ class _Swap(NamedTuple):
 
 
 def set_task_ids(model: nn.Module, ids) -> None:
-    """Give every task-routed layer the task ids of the next batches: an int, one id per
-    example ([batch]) or one per token; ``None`` clears them. An int is checked here and held
+    """Give every task-routed layer the task ids of the next batches: an int (a numpy integer
+    too), one id per example ([batch]) or one per token; ``None`` clears them. An int is checked here and held
     as a 0-d tensor: torch.compile takes a module's int attribute for a constant, and would
     compile the model again for every task (falling back to eager after its recompile_limit)."""
     _swap_task_ids(model, ids)
@@ -458,6 +459,8 @@ def _swap_task_ids(model: nn.Module, ids, owner=None) -> _Swap:
     ``owner``) for a caller that puts back what the layers held. ``owner``: who set them (a
     MoELoRAModel's ``_task_ids_owner`` in its forward, else None), so that the wrapper's next
     forward puts back only ids its forward set, not ids set since (the same tensor or int)."""
+    if isinstance(ids, numbers.Integral) and not isinstance(ids, int):  # a numpy integer: an int
+        ids = int(ids)
     layers = _task_layers(model)
     if not layers and ids is not None:
         raise ValueError("the model has no task-routed MoE-LoRA layer (router='task')")

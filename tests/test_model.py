@@ -191,6 +191,11 @@ def test_task_ids_by_setter_context_and_forward_kwarg():
     assert torch.equal(out_kw, out_ctx) and torch.equal(out_kw, out_set)
     # per-example tasks: example 0 with task 0 equals a batch of task 0 only
     torch.testing.assert_close(model(ids[:1], task_ids=0).last_hidden_state, out_kw[:1])
+    # a numpy integer (a dataset's column) is an int: checked as one, held as a 0-d tensor
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(model(ids[:1], task_ids=np.int64(0)).last_hidden_state, out_kw[:1])
+    with pytest.raises(ValueError, match=r"task id must be in \[0, 3\), got 3"):
+        moelora.set_task_ids(model, np.int32(3))
     # Not out_set.sum(): BERT ends in a LayerNorm (weight 1), whose outputs sum to beta.sum()
     # for any input, so that gradient is zero up to rounding. A fixed projection depends on gamma.
     projection = torch.randn(out_set.shape, generator=torch.Generator().manual_seed(0))
