@@ -16,7 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import moelora
 from moelora import MoELoRAConfig, MoELoRALinear, get_moelora_model
-from helpers import randomize_adapters, tiny_llama, token_batch
+from helpers import needs_c, randomize_adapters, tiny_llama, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 STEPS = 3
@@ -160,6 +160,8 @@ def test_transformers_model_trains_under_fullgraph_compile_like_eager():
     _assert_trains_like_eager(model, loss_fn, ids)
 
 
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="torch 2.11's dynamo fails on this graph with an internal "
+                    "error (docs/integration.md section 5)")
 def test_gradient_checkpointed_transformers_model_trains_under_fullgraph_compile_like_eager(monkeypatch):
     """docs/integration.md section 5's recipe: transformers' non-reentrant gradient checkpointing, its input
     embeddings' requires_grad_ hook removed, use_cache=False and dynamo's
@@ -255,6 +257,7 @@ def test_torch_func_transforms_the_readme_lists_as_unsupported_raise():
         vmap(grad(lambda p, xi: functional_call(layer, p, (xi[None],)).sum()), in_dims=(None, 0))(params, x)
 
 
+@needs_c  # without moelora._C the routing is an autograd.Function without a vmap rule
 def test_vmap_runs_the_layer_forward_on_the_torch_backend():
     """README (Backends): vmap over MoELoRALinear's forward runs on the torch backend (a learned router's
     routing is read by no host-side check; the routing op's vmap is torch's per-sample fallback) and gives
