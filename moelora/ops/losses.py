@@ -47,10 +47,15 @@ def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Ten
 
 def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int,
                         weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Switch load-balancing loss of one layer (see the module docstring); with ``mask`` ([T]
-    bool, or 0/1 integers as an attention_mask) over the real tokens only (f_e and P_e as means
-    over them)."""
-    probs = probs.reshape(-1, num_experts).float()
+    """Switch load-balancing loss of one layer (see the module docstring) from the router
+    probabilities ``probs`` [..., E] and the chosen ``ids`` [..., k] of the same tokens (and their
+    ``weights``, ids' shape: slots of weight 0 are not counted); with ``mask`` ([...] of the
+    tokens: bool, or 0/1 integers as an attention_mask) over the real tokens only (f_e and P_e as
+    means over them). In fp32 (fp64 for fp64 probs). Shapes that do not match raise ValueError
+    naming the argument."""
+    _check_load_balancing_args(probs, ids, num_experts, weights, mask)
+    probs = probs.reshape(-1, num_experts)
+    probs = probs.to(accumulator_dtype(probs.dtype))
     if probs.shape[0] == 0:
         return probs.sum()
     if mask is not None:
@@ -60,14 +65,30 @@ def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int
     return num_experts * torch.sum(expert_load(ids, num_experts, weights, mask) * mean_probs)
 
 
+def _check_load_balancing_args(probs, ids, num_experts, weights, mask) -> None:
+    """ValueError naming the argument unless probs is [..., num_experts] and ids, weights and mask
+    describe its tokens (free: shapes only)."""
+    if probs.dim() < 1 or probs.shape[-1] != num_experts:
+        raise ValueError(f"probs must have shape [..., num_experts = {num_experts}], got {tuple(probs.shape)}")
+    tokens = probs.numel() // num_experts
+    if ids.dim() < 1 or ids.numel() != tokens * ids.shape[-1]:
+        raise ValueError(f"ids must have shape [..., k] with probs' {tokens} tokens, got {tuple(ids.shape)} "
+                         f"(probs {tuple(probs.shape)})")
+    if weights is not None and weights.shape != ids.shape:
+        raise ValueError(f"weights must have the shape of ids {tuple(ids.shape)}, got {tuple(weights.shape)}")
+    if mask is not None and mask.numel() != tokens:
+        raise ValueError(f"mask must hold one value per token ({tokens}), got shape {tuple(mask.shape)}")
+
+
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """The number of real tokens of a [T] bool mask, at least 1 (a tensor: no host read)."""
     return mask.sum().clamp_min(1).float()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, in fp32 (fp64 for fp64 logits)."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    logits = logits.to(accumulator_dtype(logits.dtype))
     if logits.shape[0] == 0:
         return logits.sum()
     return torch.logsumexp(logits, dim=-1).square().mean()

@@ -431,6 +431,40 @@ def test_z_loss_entropy_and_load_formulas():
     assert expert_load(ids, 4, w).tolist() == pytest.approx([1.0, 1 / 3, 0.0, 1 / 3])
 
 
+def test_load_balancing_loss_refuses_shapes_of_other_tokens_naming_the_argument():
+    """ids, weights or a mask of other tokens than probs' (or probs of another expert count) raise;
+    ids of 6 tokens against probs of 10 gave a number (the 6 tokens' load against 10 tokens' probs)."""
+    r = softmax_topk(_logits(t=10, e=4), 2)
+    with pytest.raises(ValueError, match=r"ids must have shape \[..., k\] with probs' 10 tokens"):
+        load_balancing_loss(r.probs, r.ids[:6], 4)
+    with pytest.raises(ValueError, match=r"probs must have shape \[..., num_experts = 5\]"):
+        load_balancing_loss(r.probs, r.ids, 5)
+    with pytest.raises(ValueError, match="weights must have the shape of ids"):
+        load_balancing_loss(r.probs, r.ids, 4, weights=r.weights[:, :1])
+    with pytest.raises(ValueError, match=r"mask must hold one value per token \(10\)"):
+        load_balancing_loss(r.probs, r.ids, 4, mask=torch.ones(9, dtype=torch.bool))
+    # the same tokens in another leading shape are fine
+    mask = torch.ones(2, 5, dtype=torch.long)
+    torch.testing.assert_close(load_balancing_loss(r.probs.view(2, 5, 4), r.ids.view(2, 5, 2), 4, mask=mask),
+                               load_balancing_loss(r.probs, r.ids, 4))
+
+
+def test_aux_loss_functions_keep_float64():
+    """load_balancing_loss and router_z_loss compute in fp32 for half and fp32 inputs, in fp64 for fp64 ones (as
+    the routing op and aux_losses), where they rounded fp64 to fp32: z of logits of size 1e3 off by ~0.3."""
+    logits = _logits(t=16, e=4).double() * 1e3
+    z = router_z_loss(logits)
+    assert z.dtype == torch.float64
+    torch.testing.assert_close(z, torch.logsumexp(logits, -1).square().mean(), rtol=1e-14, atol=0)
+    probs = torch.softmax(_logits(t=16, e=4).double(), -1)
+    ids = probs.topk(2, -1).indices
+    lb = load_balancing_loss(probs, ids, 4)
+    assert lb.dtype == torch.float64
+    load = torch.nn.functional.one_hot(ids, 4).sum((0, 1)).double() / 16
+    torch.testing.assert_close(lb, 4 * (load * probs.mean(0)).sum(), rtol=1e-14, atol=0)
+    assert router_z_loss(logits.half()).dtype == load_balancing_loss(probs.half(), ids, 4).dtype == torch.float32
+
+
 @pytest.mark.parametrize("mode", ["softmax_topk", "threshold"])
 def test_routing_aux_losses_kernel_matches_the_formula(mode):
     """Where the Triton kernels run, a learned routing's aux loss is one kernel: loss, stats and
