@@ -35,7 +35,8 @@ def kernels_run(device: torch.device) -> bool:
 
 
 def _triton_can_run(device: torch.device) -> bool:
-    return device.type == "cuda" or interpreting()
+    """CUDA tensors, or CPU tensors under the interpreter (not meta tensors, which hold no values)."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 _AUTOCAST_FLOATS = (torch.float32, torch.float16, torch.bfloat16)

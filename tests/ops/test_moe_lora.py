@@ -308,6 +308,24 @@ def test_backend_selection(monkeypatch):
             pass
 
 
+def test_meta_tensors_run_the_torch_backend_under_the_interpreter(monkeypatch):
+    """README (Backends): the interpreter runs the kernels on CPU tensors. "auto" picked triton for
+    tensors on any device under TRITON_INTERPRET=1, so meta tensors (shapes only, as in FSDP's or
+    accelerate's meta-device init) reached the kernels: "Cannot copy out of meta tensor"; as on a GPU
+    machine they now take the torch backend, and backend='triton' names the device."""
+    monkeypatch.setenv("MOELORA_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    meta = torch.device("meta")
+    assert moelora.resolve_backend(None, meta) == "torch"
+    with pytest.raises(ValueError, match="backend='triton' needs .* got tensors on meta"):
+        moelora.resolve_backend("triton", meta)
+    p = make_problem(6, 8, 8, 2, 4, 2, device="meta")
+    y = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out)
+    assert y.device == meta and y.shape == (6, 8)
+    grads = torch.autograd.grad(y.sum(), p.leaves())
+    assert [g.shape for g in grads] == [t.shape for t in p.leaves()]
+
+
 def test_backends_agree():
     p = make_problem(40, 16, 24, 4, 6, 2, device=DEVICE)
     y_t = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="triton")
