@@ -61,11 +61,15 @@ class _AtenCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def count_kernels():
     """``with count_kernels() as counts: ...``: the block's Triton launches are counted instead
-    of run, its ATen compute ops counted as they run; see the module docstring."""
+    of run, its ATen compute ops counted as they run (up to the exception where the block
+    raises); see the module docstring."""
     counts = KernelCounts()
-    with launchers.count_launches() as calls, _AtenCounter(counts.aten):
-        yield counts
-    counts.triton.extend(name for name, _ in calls)
+    calls: List[tuple] = []
+    try:
+        with launchers.count_launches() as calls, _AtenCounter(counts.aten):
+            yield counts
+    finally:
+        counts.triton.extend(name for name, _ in calls)
 
 
 def host_time(fn: Callable[[], object], iterations: int = 50, warmup: int = 10) -> float:

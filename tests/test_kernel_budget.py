@@ -210,6 +210,18 @@ def test_counter_skips_ops_that_launch_nothing():
     assert counted.aten == ["mm"], counted
 
 
+def test_counts_hold_the_launches_before_an_exception_of_the_block():
+    """count_kernels' Triton launches are recorded when the block raises (a failing call's launches so far);
+    they were dropped, the ATen ops kept."""
+    (x, a, b, w), ids = _operator_inputs(T=8, d=16, r=4, E=4)
+    with moelora.use_backend("triton"), moelora.validation(False):
+        with pytest.raises(KeyError, match="after the forward"):
+            with count_kernels() as counts:
+                moelora.moe_lora(x, a, b, ids, w, scaling=0.5, regime="dense")
+                raise KeyError("after the forward")
+    assert counts.triton == ["lora_down_kernel", "gated_expand_kernel"], counts
+
+
 def test_counts_are_real_launches():
     """The counter sees what runs: the same call without the counter launches real kernels
     (interpreter) and gives the values; with it, no kernel runs."""
