@@ -258,21 +258,23 @@ def test_torch_func_transforms_the_readme_lists_as_unsupported_raise():
 
 
 @needs_c  # without moelora._C the routing is an autograd.Function without a vmap rule
-def test_vmap_runs_the_layer_forward_on_the_torch_backend():
+@pytest.mark.parametrize("seq", [1, 8])
+def test_vmap_runs_the_layer_forward_on_the_torch_backend(seq):
     """README (Backends): vmap over MoELoRALinear's forward runs on the torch backend (a learned router's
     routing is read by no host-side check; the routing op's vmap is torch's per-sample fallback) and gives
-    the per-sample outputs."""
+    the per-sample outputs. Samples of 8 tokens take the torch backend's dense form, whose _FinitePart had no
+    vmap rule: vmap raised "does not have vmap support" (1 token per sample took the gathered form)."""
     from torch.func import functional_call, vmap
 
     torch.manual_seed(0)
     layer = MoELoRALinear(nn.Linear(8, 8), num_experts=4, top_k=2, r=4, init_lora_weights=False).eval()
-    x = torch.randn(5, 8)
+    x = torch.randn(5, seq, 8)
     params = {k: v.detach() for k, v in layer.named_parameters()}
     with moelora.use_backend("torch"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*batching rule.*")
-        y = vmap(lambda xi: functional_call(layer, params, (xi[None],)))(x)
-        ref = torch.cat([layer(x[i:i + 1]) for i in range(5)])
-    torch.testing.assert_close(y[:, 0], ref)
+        y = vmap(lambda xi: functional_call(layer, params, (xi,)))(x)
+        ref = torch.stack([layer(x[i]) for i in range(5)])
+    torch.testing.assert_close(y, ref)
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])

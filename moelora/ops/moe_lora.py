@@ -136,8 +136,9 @@ def _finite_part(t):
 
 
 # Forward: the tensor with NaN/Inf replaced by 0. Backward: the gradient unchanged (the dense
-# formula's weight gradients do not depend on the weights' values).
-_FinitePart = EagerFunction("_FinitePart", _finite_part, lambda ctx, inputs, output: None, lambda ctx, grad: grad)
+# formula's weight gradients do not depend on the weights' values). Elementwise: vmap batches it.
+_FinitePart = EagerFunction("_FinitePart", _finite_part, lambda ctx, inputs, output: None, lambda ctx, grad: grad,
+                            vmappable=True)
 
 # The PyTorch backend's gathered form (:func:`_gathered_delta`) runs where no gradient is needed, the ids are known
 # to lie in [0, E) and there are at most GATHER_MAX_PAIRS_PER_EXPERT (token, slot) pairs per expert: it copies

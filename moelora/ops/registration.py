@@ -71,11 +71,14 @@ class EagerFunction:
     and ``backward(ctx, *grads)``, built twice: with ctx passed to forward, which ``apply`` runs
     (a third of the host time per call: 7.5 against 22 us on the development VM), and in the
     setup_context form, which ``apply`` runs under torch.func transforms (grad, vmap), which
-    need it. Same gradients either way."""
+    need it. Same gradients either way. ``vmappable``: the setup_context form gets torch.func's
+    generated vmap rule (forward and backward of PyTorch ops that vmap batches; without it vmap
+    raises "does not have vmap support")."""
 
     __slots__ = ("eager", "functorch")
 
-    def __init__(self, name: str, forward: Callable, setup_context: Callable, backward: Callable):
+    def __init__(self, name: str, forward: Callable, setup_context: Callable, backward: Callable,
+                 vmappable: bool = False):
         def forward_with_ctx(ctx, *inputs):
             output = forward(*inputs)
             setup_context(ctx, inputs, output)
@@ -85,7 +88,8 @@ class EagerFunction:
                                                              "backward": staticmethod(backward)})
         self.functorch = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
                                                                  "setup_context": staticmethod(setup_context),
-                                                                 "backward": staticmethod(backward)})
+                                                                 "backward": staticmethod(backward),
+                                                                 "generate_vmap_rule": vmappable})
 
     def apply(self, *inputs):
         if torch._C._are_functorch_transforms_active():
