@@ -68,6 +68,8 @@ def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int
 def _check_load_balancing_args(probs, ids, num_experts, weights, mask) -> None:
     """ValueError naming the argument unless probs is [..., num_experts] and ids, weights and mask
     describe its tokens (free: shapes only)."""
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     if probs.dim() < 1 or probs.shape[-1] != num_experts:
         raise ValueError(f"probs must have shape [..., num_experts = {num_experts}], got {tuple(probs.shape)}")
     tokens = probs.numel() // num_experts

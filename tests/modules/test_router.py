@@ -443,6 +443,8 @@ def test_load_balancing_loss_refuses_shapes_of_other_tokens_naming_the_argument(
         load_balancing_loss(r.probs, r.ids, 4, weights=r.weights[:, :1])
     with pytest.raises(ValueError, match=r"mask must hold one value per token \(10\)"):
         load_balancing_loss(r.probs, r.ids, 4, mask=torch.ones(9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_experts must be an int >= 1, got 0"):
+        load_balancing_loss(r.probs[:, :0], r.ids, 0)
     # the same tokens in another leading shape are fine
     mask = torch.ones(2, 5, dtype=torch.long)
     torch.testing.assert_close(load_balancing_loss(r.probs.view(2, 5, 4), r.ids.view(2, 5, 2), 4, mask=mask),
