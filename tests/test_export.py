@@ -164,3 +164,44 @@ def test_molex_host_selection_refuses_export_naming_device_selection(selection):
 
     with pytest.raises(RuntimeError, match="torch.export cannot trace.*layer_selection='device'"):
         torch.export.export(Logits().eval(), (token_batch(2, 6),))
+
+
+class _GroupedOps(nn.Module):
+    """A learned router, then moe_ffn or moe_lora's grouped regime (per-expert A) on its routing."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.op, self.router = op, nn.Linear(16, 2, bias=False)
+        self.w_in, self.w_out = nn.Parameter(torch.randn(2, 32, 16) / 4), nn.Parameter(torch.randn(2, 16, 32) / 6)
+        self.lora_a, self.lora_b = nn.Parameter(torch.randn(2, 8, 16) / 4), nn.Parameter(torch.randn(2, 16, 8))
+
+    def forward(self, x):
+        routing = moelora.route(self.router(x), 1)
+        if self.op == "moe_ffn":
+            return moelora.moe_ffn(x, routing.ids, routing.weights, self.w_in, None, self.w_out, None,
+                                   torch.nn.functional.silu)
+        return moelora.moe_lora(x, self.lora_a, self.lora_b, routing.ids, routing.weights, scaling=0.5,
+                                regime="grouped")
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+@pytest.mark.parametrize("op", ["moe_ffn", "moe_lora"])
+def test_grouped_ops_export_over_a_token_range_crossing_the_row_class(op, strict, monkeypatch):
+    """The grouped layouts pad each expert's segment to a block chosen by the row class (launchers.many_rows:
+    MANY_ROWS pairs per expert, 512 tokens here). Exported with dynamic tokens up to 4096, the program took
+    the example's class as a guard: export raised "Constraints violated" (with a range crossing the class,
+    e.g. MoEFFN's batch x sequence the program refused inputs of more tokens). The block is now symbolic in
+    the class (torch.sym_ite) and the program runs both classes. The interpreter's tiles give both classes
+    one block, so the blocks are set apart here (32 and 64: multiples of the interpreter's row tile)."""
+    from moelora.kernels import launchers
+
+    monkeypatch.setattr(launchers, "grouped_layout_block", lambda shapes=(), many=False: 64 if many else 32)
+    module = _GroupedOps(op).eval()
+    tokens = torch.export.Dim("tokens", min=2, max=4096)
+    with moelora.use_backend("triton"), torch.no_grad():
+        program = torch.export.export(module, (torch.randn(8, 16),), dynamic_shapes=({0: tokens},),
+                                      strict=strict).module()
+        for n in (8, 600):  # few and many rows per expert
+            x = torch.randn(n, 16)
+            torch.testing.assert_close(program(x), module(x), rtol=1e-5, atol=1e-5)

@@ -38,6 +38,20 @@ from moelora.ops.registration import custom_op
 ENGINES = ("triton", "grouped_mm")
 
 
+def layout_block(matmul_shapes: tuple, pairs, num_experts: int):
+    """The segment padding of a grouped layout of ``pairs`` (token, slot) pairs over ``num_experts``
+    experts for the grouped GEMMs of ``matmul_shapes`` (launchers.grouped_layout_block of the row
+    class launchers.many_rows). A symbolic pair count (dynamic shapes under torch.compile or
+    torch.export) gets a symbolic block, ``torch.sym_ite`` of the two classes' blocks, rather than a
+    guard on the class, which torch.export refuses over a token range crossing it (or fixes in the
+    program: larger inputs then fail its guard); the op's kernel picks the same block for the
+    concrete count, so the fake and the real layout agree."""
+    if torch.compiler.is_compiling() or isinstance(pairs, torch.SymInt):  # dynamo sees a symbolic int as an int
+        few, many = (launchers.grouped_layout_block(matmul_shapes, m) for m in (False, True))
+        return few if few == many else torch.sym_ite(pairs >= launchers.MANY_ROWS * max(num_experts, 1), many, few)
+    return launchers.grouped_layout_block(matmul_shapes, launchers.many_rows(pairs, num_experts))
+
+
 def grouped_mm_fn():
     """torch's grouped GEMM (public name first), or None on a torch without it."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)

@@ -51,8 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, native_major,
-                                        rows_linear, rows_weight_grad, segment_linear)
+from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, layout_block,
+                                        native_major, rows_linear, rows_weight_grad, segment_linear)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values, check_top_k, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
@@ -198,7 +198,7 @@ class FFNPlan(NamedTuple):
 
     gemm: str  # engine of the GEMMs with row-space outputs (both projections, dh, dx)
     wgrad: str  # engine of the weight gradients
-    layout_block: int  # padding of the expert segments in row space
+    layout_block: int  # padding of the expert segments in row space (symbolic under dynamic shapes)
 
     @property
     def gathers_x(self) -> bool:
@@ -256,15 +256,18 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
         gemm = wgrad = "triton"
         major = native_major(x.device)
         if applies and x.dtype == torch.bfloat16 and major is not None:
-            shape = launchers.grouped_shape_class("matmul", d_first, d_in, launchers.many_rows(num_pairs, E))
+            # traced (torch.compile, torch.export: the pair count may be symbolic), the class-free ("*") entries:
+            # no guard on the row class
+            traced = torch.compiler.is_compiling() or isinstance(num_pairs, torch.SymInt)
+            shape = None if traced else launchers.grouped_shape_class("matmul", d_first, d_in,
+                                                                     launchers.many_rows(num_pairs, E))
             pick = {kind: FFN_ENGINES.get((major, kind, shape), FFN_ENGINES.get((major, kind, "*"), "triton"))
                     for kind in ("gemm", "wgrad")}
             gemm, wgrad = pick["gemm"], pick["wgrad"]
     else:
         gemm = wgrad = engine
     shapes = ((d_first, d_in), (d_out, d_ff), (d_ff, d_out), (d_in, d_first)) if gemm == "triton" else ()
-    block = launchers.grouped_layout_block(shapes, launchers.many_rows(num_pairs, E))
-    return FFNPlan(gemm, wgrad, block)
+    return FFNPlan(gemm, wgrad, layout_block(shapes, num_pairs, E))
 
 
 # ------------------------------------------------------------------ fused forward/backward

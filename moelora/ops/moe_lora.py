@@ -44,7 +44,7 @@ import torch
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
-from moelora.ops.grouped_linear import (group_ends, grouped_mm_layout_ok, native_major, rows_linear,
+from moelora.ops.grouped_linear import (group_ends, grouped_mm_layout_ok, layout_block, native_major, rows_linear,
                                         rows_weight_grad)
 from moelora.ops.routing import (MAX_EXPERTS, dispatch_rows, expert_layout, fake_layout_tensors, layout_from_tensors,
                                  layout_tensors)
@@ -312,7 +312,7 @@ def _grouped_block(d_in: int, lora_a, lora_b, pairs: int) -> int:
     largest row tile of the grouped GEMMs that run over it."""
     num_experts, d_out, rank = lora_b.shape
     shapes = ((d_out, rank), (rank, d_out)) + (((rank, d_in), (d_in, rank)) if lora_a.dim() == 3 else ())
-    return launchers.grouped_layout_block(shapes, launchers.many_rows(pairs, num_experts))
+    return layout_block(shapes, pairs, num_experts)
 
 
 def grouped_row_count(d_in: int, lora_a, lora_b, pairs: int) -> int:
