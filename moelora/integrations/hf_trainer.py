@@ -8,8 +8,9 @@ input/output embeddings (GPT-2, many small LLaMA-style models) cannot be checkpo
 
 :class:`MoELoRATrainer` saves that state dict with the tied aliases left out (Trainer's
 resume and best-model loading read it back unchanged: they load non-strictly, and an alias
-is the tensor that was kept; Trainer logs the alias as a missing key) and writes the adapter
-in moelora's format beside it, so every checkpoint also loads with
+is the tensor that was kept; Trainer logs the alias as a missing key) and writes the adapters
+in moelora's format beside it, as ``save_pretrained`` does (every adapter; the active one only where
+Trainer passes a gathered state dict), so every checkpoint also loads with
 ``MoELoRAModel.from_pretrained(base_model, checkpoint_dir)``.
 
 Threshold routing with an eps ramp (``router="threshold"`` and ``threshold_ramp_steps > 0``)
@@ -101,7 +102,7 @@ class MoELoRATrainer(Trainer):
         if not isinstance(model, MoELoRAModel):
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if state_dict is None:
-            state_dict = model.state_dict()
-        super()._save(output_dir, without_tied_aliases(state_dict))
+        super()._save(output_dir, without_tied_aliases(state_dict if state_dict is not None else model.state_dict()))
+        # Without a state_dict from Trainer (DeepSpeed / FSDP gather one) the model's own tensors are read: every
+        # adapter is written, as save_pretrained lays them out; a given state_dict holds the active adapter only.
         model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)

@@ -327,6 +327,40 @@ def test_moelora_trainer_checkpoints_a_tied_embedding_model_and_resumes(tmp_path
     torch.testing.assert_close(resumed_model(input_ids=ids).logits, expected)
 
 
+def test_moelora_trainer_checkpoints_hold_every_adapter_as_save_pretrained_writes_them(tmp_path):
+    """A model with several adapters, training a non-default one: each checkpoint (and ``save_model``) holds
+    every adapter in moelora's format, laid out as ``save_pretrained`` lays them out ("default" at the root,
+    the others in subfolders), with the trained adapter's weights."""
+    model = _llama_moelora()
+    model.add_adapter("other", MoELoRAConfig(target_modules=["k_proj"], num_experts=2, top_k=1, r=2))
+    model.add_adapter("idle", MoELoRAConfig(target_modules=["o_proj"], num_experts=1, r=2))
+    model.set_adapter("other")
+    randomize_adapters(model)
+    trained = set(_trainable(model))
+    data = _lm_dataset(n=4)
+    MoELoRATrainer(model=model, train_dataset=data, args=_args(
+        tmp_path, save_strategy="steps", save_steps=2, max_steps=2, learning_rate=1e-2)).train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    assert {"adapter_model.safetensors", "moelora_config.json", "other", "idle"} <= set(os.listdir(checkpoint))
+    ids = data[0]["input_ids"][None]
+    model.eval()
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), checkpoint)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, _with_adapter(model, "default", ids))
+    loaded.load_adapter(os.path.join(checkpoint, "other"), "other")
+    loaded.set_adapter("other")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert model.active_adapter == "other" and set(_trainable(model)) == trained  # saving left them as they were
+
+
+def _with_adapter(model, name, ids):
+    previous = model.active_adapter
+    model.set_adapter(name)
+    try:
+        return model(input_ids=ids).logits
+    finally:
+        model.set_adapter(previous)
+
+
 def test_save_pretrained_takes_the_arguments_transformers_passes(tmp_path):
     model = _llama_moelora()
     model.eval()
