@@ -39,7 +39,6 @@ import os
 import re
 import types
 import warnings
-import weakref
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -520,24 +519,13 @@ def _swapped(model: nn.Module, swap_fn: Callable[..., _Swap], put: Callable, val
         swap.put_back()
 
 
-# A weak reference to every live MoELoRAModel (each drops itself when its wrapper is collected): a block finds
-# the ones whose last forward's swaps it must put back first wherever it is given (the wrapper, a module holding
-# it, a module inside it), at no cost to the forward. A plain set, read through set.copy (atomic): another thread
-# may create a wrapper meanwhile (a WeakSet's Python iteration would raise "Set changed size during iteration").
-_wrappers: set = set()
-
-
-def _register_wrapper(wrapper: "MoELoRAModel") -> None:
-    _wrappers.add(weakref.ref(wrapper, _wrappers.discard))
-
-
 def _put_back_forward_swaps_in(model: nn.Module, put: Callable) -> None:
     """Put back the swaps of kind ``put`` kept by a MoELoRAModel's last forward (see
     :meth:`MoELoRAModel.forward`) that gave state to a module of ``model``, on all that swap's modules
     (where unchanged since), and drop them from the wrapper's record. Its swaps of the other kind stay,
     so that a checkpointed backward after a block routes by them as its forward did."""
-    live = [wrapper for wrapper in (ref() for ref in _wrappers.copy()) if wrapper is not None]
-    pending = [(wrapper, swap) for wrapper in live for swap in wrapper._forward_swaps if swap.put is put]
+    pending = [(wrapper, swap) for wrapper in adapters.live_wrappers() for swap in wrapper._forward_swaps
+               if swap.put is put]
     if not pending:
         return
     held = {id(m) for m in model.modules()}
@@ -734,7 +722,7 @@ class MoELoRAModel(nn.Module):
         # "attention_mask": transformers' Trainer passes the batch's columns only)
         self.aux_loss_mask_from: Optional[str] = None
         self._bind_forward()
-        _register_wrapper(self)
+        adapters.register_wrapper(self)
 
     def _bind_forward(self) -> None:
         # where forward finds a named argument
@@ -755,7 +743,7 @@ class MoELoRAModel(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._bind_forward()
-        _register_wrapper(self)
+        adapters.register_wrapper(self)
 
     def __getattr__(self, name):
         try:

@@ -22,6 +22,7 @@ the adapter layers off and on, and several named adapters on one model.
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Dict, List, Optional, Set
 
 import torch
@@ -154,13 +155,37 @@ def active_named_modules(model: nn.Module):
     yield from walk(model, "")
 
 
-def held_modules(wrapper: nn.Module) -> Dict[str, str]:
-    """{module name in the wrapped model: adapter name} of the modules of every adapter of a
-    :class:`moelora.MoELoRAModel` (active and inactive); ``{}`` for any other module."""
-    if not getattr(type(wrapper), "is_moelora_model", False):
-        return {}
-    held = {name: wrapper.active_adapter for name in adapter_modules(wrapper.model)}
-    for adapter_name, store in wrapper.inactive_adapters.items():
+# A weak reference to every live MoELoRAModel (each drops itself when its wrapper is collected): what a module
+# inside a wrapped model is held by (held_modules) and whose last forward's swaps a block puts back
+# (moelora.model) are found wherever they are asked for, at no cost to the forward. A plain set, read through
+# set.copy (atomic): another thread may create a wrapper meanwhile (a WeakSet's Python iteration would raise
+# "Set changed size during iteration").
+_wrappers: set = set()
+
+
+def register_wrapper(wrapper: nn.Module) -> None:
+    _wrappers.add(weakref.ref(wrapper, _wrappers.discard))
+
+
+def live_wrappers() -> list:
+    """The MoELoRAModels alive now."""
+    return [wrapper for wrapper in (ref() for ref in _wrappers.copy()) if wrapper is not None]
+
+
+def held_modules(model: nn.Module) -> Dict[str, str]:
+    """{module name: adapter name} of the modules of every adapter (active and inactive) of a
+    :class:`moelora.MoELoRAModel`, named in the wrapped model, given the wrapper; given the wrapped model or a
+    module inside it, those of the wrappers holding it, named in ``model``; ``{}`` for any other module."""
+    if not getattr(type(model), "is_moelora_model", False):
+        held = {}
+        for wrapper in live_wrappers():
+            prefix = next((f"{name}." if name else "" for name, m in wrapper.model.named_modules() if m is model), None)
+            if prefix is not None:
+                held.update({name[len(prefix):]: adapter for name, adapter in held_modules(wrapper).items()
+                             if name.startswith(prefix)})
+        return held
+    held = {name: model.active_adapter for name in adapter_modules(model.model)}
+    for adapter_name, store in model.inactive_adapters.items():
         held.update({name: adapter_name for name, _ in store.items() if name not in held})
     return held
 

@@ -151,7 +151,9 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     (train without it; a dropout inside the FFN cannot be kept). Dropout the forward applies
     without a module (F.dropout) is not seen, and dropped. A model holding a mixture of experts (a
     block with ``experts``) raises without ``ffn_modules``, and a named module holding experts'
-    weights stacked in 3-D parameters (transformers' MoE blocks and their experts) always.
+    weights stacked in 3-D parameters (transformers' MoE blocks and their experts) always. An FFN
+    that a MoELoRAModel's adapter (active or stored) adapts or saves raises, naming the adapter,
+    whether ``model`` is the wrapper, the model it wraps or a module inside that.
     ``fused_gate_up=False`` leaves the Phi-3-style fused MLPs out of what is found (checkpoints
     written before they were found replay with it: a model holding both kinds, as GLM-4V, then
     gets the MoEFFNs the checkpoint holds).

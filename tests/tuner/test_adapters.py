@@ -567,6 +567,24 @@ def test_upcycle_ffn_refuses_ffns_an_adapter_adapts_inactive_ones_too():
         moelora.upcycle_ffn(model, num_experts=2, top_k=1)
 
 
+@pytest.mark.parametrize("given", ["wrapped model", "decoder"])
+def test_upcycle_ffn_given_the_wrapped_model_refuses_ffns_a_stored_adapter_adapts(given):
+    """upcycle_ffn given the model a MoELoRAModel wraps (``upcycle_ffn(hf_model, ...)`` as the docs call it), or a
+    module inside it: a stored adapter's layers in an FFN are known there too. It upcycled, leaving that adapter
+    around modules the model no longer had: set_adapter and save_pretrained (after writing "default") raised."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    model.add_adapter("ffn", MoELoRAConfig(target_modules=["up_proj"], num_experts=1))
+    target, prefix = (model.model, "model.") if given == "wrapped model" else (model.model.model, "")
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=rf"{prefix}layers\.0\.mlp: adapter 'ffn' has a module at "
+                                         rf"{prefix}layers\.0\.mlp\.up_proj, which upcycling"):
+        moelora.upcycle_ffn(target, num_experts=2, top_k=1)
+    assert [type(m) for m in model.modules()] == before
+    model.set_adapter("ffn")  # still fits the model
+    model.delete_adapter("ffn")
+    assert len(moelora.upcycle_ffn(target, num_experts=2, top_k=1)) == 2  # nothing holds the FFNs now
+
+
 @pytest.mark.parametrize("name", ["items", "train", "training"])
 def test_adapter_names_the_inactive_adapters_dict_cannot_hold_are_refused(name):
     """An adapter is stored under its name in an nn.ModuleDict, which refuses its own attribute names:
