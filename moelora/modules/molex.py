@@ -179,6 +179,12 @@ class LayerGate(nn.Module):
         return logits, values
 
 
+def mixed_by_molex(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer of a MoLEx stack (carries its mixing hook)."""
+    return any(isinstance(hook, functools.partial) and getattr(hook.func, "__func__", None) is MoLEx._mix
+               for hook in module._forward_hooks.values())
+
+
 class MoLEx(nn.Module, RoutedModule):
     """Gates, mixing coefficient and losses of MoLEx over one layer stack (see module docstring)."""
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
+from moelora.modules.molex import mixed_by_molex
 from moelora.tuner.targets import matches, set_module
 
 DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
@@ -90,6 +91,11 @@ def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:
         if any(is_adapter_layer(m) for m in module.modules()):
             raise ValueError(f"modules_to_save names {name}, which holds MoE-LoRA layers; a module is either "
                              "a target or saved whole")
+        mixed = next((n for n, m in module.named_modules() if mixed_by_molex(m)), None)
+        if mixed is not None:  # its trainable copy would carry a copy of the hook, running a copy of MoLEx
+            raise ValueError(f"modules_to_save names {name}, " + ("a layer MoLEx mixes" if not mixed else
+                             f"which holds {name}.{mixed}, a layer MoLEx mixes") + "; a layer is either mixed by "
+                             "MoLEx or saved whole: save modules inside it instead")
         set_module(model, name, ModulesToSaveWrapper(module))
     return names
 

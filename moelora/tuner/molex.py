@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 import torch.nn as nn
 
+from moelora.tuner.adapters import held_modules
 from moelora.tuner.structure import forget, record, structural_edit
 from moelora.tuner.targets import DEFAULT_LAYERS_PATTERN, unwrap
 from moelora.modules.fields import check_field
@@ -79,6 +80,16 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
         raise ValueError(f"hidden_size={hidden_size!r} does not match the model's width: its layers take hidden "
                          f"states of width {width} (pass hidden_size={width} or leave it out)")
     stack_name = next(n for n, m in target.named_modules() if m is stack)
+    held = held_modules(model)  # the adapters of a MoELoRAModel (stored ones too), given it or the model it wraps
+    for i in range(len(stack)):
+        layer = f"{stack_name}.{i}" if stack_name else str(i)
+        holder = next((n for n in held if n == layer or layer.startswith(f"{n}.")), None)
+        if holder is not None:
+            raise ValueError(f"{holder}: adapter {held[holder]!r} holds it (saved whole by modules_to_save, or "
+                             f"adapted), so MoLEx cannot mix the layer {layer}: its hook would sit on one of the "
+                             "modules that adapter swaps in and out, and from_pretrained (which applies MoLEx first) "
+                             "would build another model; leave the layers out of that adapter's modules_to_save (or "
+                             "delete it)")
     molex = MoLEx(stack, hidden_size, **kwargs).train(stack.training)  # in the model's mode, as every module added
     # the padding of the attention mask the model or a module on the way to the stack takes routes nothing
     parts = stack_name.split(".")

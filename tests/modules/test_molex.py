@@ -765,3 +765,26 @@ def test_an_nn_transformer_encoder_with_a_padding_mask_takes_molex_in_eval():
     assert not y.is_nested and y.shape == x.shape and torch.isfinite(y).all()
     molex.remove()
     assert model.encoder.use_nested_tensor
+
+
+def test_modules_to_save_and_molex_on_the_same_layers_are_refused_in_either_order():
+    """A saved module's trainable copy is a deepcopy: a MoLEx layer copied with its mixing hook ran a copy of
+    MoLEx (its own gates, in no state dict), and MoLEx applied over a layer an
+    adapter saves whole hooked the wrapper, which from_pretrained (MoLEx replayed first) cannot rebuild: the
+    reloaded model computed other outputs. Both orders raise, naming the module, before changing the model."""
+    config = moelora.MoELoRAConfig(target_modules=["q_proj"], layers_to_transform=[0], num_experts=1,
+                                   modules_to_save=["layers.1"])
+    base = tiny_llama(num_layers=2)
+    apply_molex(base)
+    with pytest.raises(ValueError, match=r"modules_to_save names model\.layers\.1, a layer MoLEx mixes"):
+        moelora.get_moelora_model(base, config)
+    assert not any(isinstance(m, moelora.MoELoRALinear) for m in base.modules())
+
+    model = moelora.get_moelora_model(tiny_llama(num_layers=2), moelora.MoELoRAConfig(
+        target_modules=["q_proj"], layers_to_transform=[0], num_experts=1))
+    model.add_adapter("other", config)  # a stored adapter's saved module, and the active one's
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"model\.layers\.1: adapter 'other' holds it"):
+            apply_molex(model.model)
+        assert not hasattr(model.model, "molex")
+        model.set_adapter("other")
