@@ -256,6 +256,33 @@ def test_merge_adapter_merges_every_layer_or_none_and_errors_name_the_layer():
         single.merge_adapter()
 
 
+def test_merge_and_unload_after_merge_adapter_keeps_the_merged_layers_as_peft():
+    """``merge_adapter()`` (e.g. for a fast evaluation) then ``merge_and_unload()``: as PEFT's, the layers merged
+    already stay merged (they raised "already merged"); a task-routed layer merged for another task than the one
+    asked raises, naming the layer, before anything changes."""
+    ids = token_batch()
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=1))
+    _perturb_all_adapters(model)
+    model.eval()
+    expected = model(ids).logits
+    model.merge_adapter()
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, moelora.MoELoRALinear) for m in plain.modules())
+    torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+    tasks = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=3,
+                                                                      router="task"))
+    _perturb_all_adapters(tasks)
+    tasks.eval()
+    expected = tasks(ids, task_ids=1).logits
+    tasks.merge_adapter(task=1)
+    with pytest.raises(ValueError, match=r"^model.layers.0.self_attn.q_proj: merged for task 1, not task 2"):
+        tasks.merge_and_unload(task=2)
+    assert all(m.merged and m.merged_task == 1 for m in tasks.modules() if isinstance(m, moelora.MoELoRALinear))
+    torch.testing.assert_close(tasks.merge_and_unload(task=1)(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_export_task_adapter_to_peft_and_load_with_peft(tmp_path):
     from peft import PeftModel
 

@@ -22,7 +22,19 @@ def _moelora_layers(model: nn.Module):
 def merge_adapter(model: nn.Module, task: Optional[int] = None) -> None:
     """Merge every MoE-LoRA layer of ``model`` (``task`` for task-routed layers), or none: every
     layer is checked first (``check_merge``), and the error names the layer that cannot merge."""
+    _merge(model, task, merged_ok=False)
+
+
+def _merge(model: nn.Module, task: Optional[int], merged_ok: bool) -> None:
+    """:func:`merge_adapter`; ``merged_ok``: layers merged already (for ``task``) stay as they are, where
+    they would raise."""
     layers = [(name, layer, task if layer.router_mode == "task" else None) for name, layer in _moelora_layers(model)]
+    if merged_ok:
+        for name, layer, layer_task in layers:
+            if layer.merged and layer.merged_task != layer_task:
+                raise ValueError(f"{name}: merged for task {layer.merged_task}, not task {layer_task}; "
+                                 "unmerge_adapter first")
+        layers = [entry for entry in layers if not entry[1].merged]
     for name, layer, layer_task in layers:
         try:
             layer.check_merge(layer_task)
@@ -61,8 +73,9 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module, task: Optional[int] = None) -> nn.Module:
-    """Merge every adapter and put the plain base layers back; returns the model."""
-    merge_adapter(model, task)
+    """Merge every adapter and put the plain base layers back; returns the model. Layers merged already
+    (``merge_adapter``, for ``task``) stay as they are, as PEFT's."""
+    _merge(model, task, merged_ok=True)
     return unload(model)
 
 
