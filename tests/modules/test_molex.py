@@ -788,3 +788,28 @@ def test_modules_to_save_and_molex_on_the_same_layers_are_refused_in_either_orde
             apply_molex(model.model)
         assert not hasattr(model.model, "molex")
         model.set_adapter("other")
+
+
+def test_molex_over_adapted_layers_applies_before_injection_only():
+    """MoLEx over a stack whose layers are themselves adapted (linear layers): applied first, the adapter layers
+    inject around the hooked layers (as from_pretrained replays it); applied after, its hook sat on the adapter
+    layers, and the reloaded model computed other outputs. That order raises, naming the layer."""
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    config = moelora.MoELoRAConfig(target_modules=["layers.0", "layers.1", "layers.2"], num_experts=1)
+    model = moelora.get_moelora_model(Stack(), config)
+    with pytest.raises(ValueError, match=r"layers\.0: adapter 'default' holds it"):
+        apply_molex(model.model, layers="layers", hidden_size=16)
+    assert not hasattr(model.model, "molex")
+    base = Stack()
+    apply_molex(base, layers="layers", hidden_size=16)
+    moelora.get_moelora_model(base, config)(torch.randn(2, 5, 16))  # the order from_pretrained replays
