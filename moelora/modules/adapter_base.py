@@ -140,7 +140,7 @@ class LayerSettings:
     "softmax_topk", "topk_softmax", "threshold" or "task"; the threshold router's eps rises
     from ``threshold_eps_start`` to ``threshold_eps`` over ``threshold_ramp_steps`` steps;
     ``task_shared_lora`` adds a LoRA every token uses (task routing); ``lora_a_dropout`` is
-    MoSLD's dropout of the shared A."""
+    MoSLD's dropout of A (the shared A, or each expert's)."""
 
     num_experts: int = 4
     top_k: int = 2
