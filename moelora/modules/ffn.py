@@ -87,12 +87,21 @@ class MoEFFN(nn.Module, RoutedModule):
         if w_out.shape[1] != d_ff:
             fused = " (half of the fused gate/up projection's)" if stacked_gate else ""
             raise ValueError(f"out_proj takes {w_out.shape[1]} features but in_proj gives {d_ff}{fused}")
+        if w_gate is not None and w_gate.shape != w_in.shape:
+            raise ValueError(f"gate_proj must have in_proj's shape {list(w_in.shape)} ([d_ff, d_in], nn.Linear "
+                             f"layout), got {list(w_gate.shape)}")
+        b_gate = None if gate_proj is None else gate_proj.bias
+        for name, t in (("in_proj.bias", b_in), ("out_proj.weight", w_out), ("out_proj.bias", b_out),
+                        ("gate_proj.weight", w_gate), ("gate_proj.bias", b_gate)):
+            if t is not None and (t.dtype, t.device) != (w_in.dtype, w_in.device):
+                raise TypeError(f"the FFN's projections must share one dtype and device (the experts stack them): "
+                                f"{name} is {t.dtype} on {t.device}, in_proj.weight {w_in.dtype} on {w_in.device}")
         self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
         self.stacked_gate, self.dropout = stacked_gate, float(dropout)
         self.w_in, self.b_in = _stack(w_in, num_experts), _stack(b_in, num_experts)
         self.w_out, self.b_out = _stack(w_out, num_experts), _stack(b_out, num_experts)
         if gate_proj is not None:
-            self.w_gate, self.b_gate = _stack(w_gate, num_experts), _stack(gate_proj.bias, num_experts)
+            self.w_gate, self.b_gate = _stack(w_gate, num_experts), _stack(b_gate, num_experts)
         else:
             self.w_gate = self.b_gate = None
         self.router = Router(w_in.shape[1], num_experts, top_k, router, jitter_noise=router_jitter_noise,

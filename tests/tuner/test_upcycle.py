@@ -126,6 +126,36 @@ def test_upcycle_errors():
         upcycle_ffn(nn.Sequential(nn.Linear(2, 2)), num_experts=2, top_k=1)
 
 
+class _GatedMLP(nn.Module):
+    """A generic gated MLP fc_out(act(gate(x)) * fc_in(x)) whose projections may disagree."""
+
+    def __init__(self, gate: nn.Linear, fc_out: nn.Linear):
+        super().__init__()
+        self.fc_in, self.gate, self.fc_out = nn.Linear(8, 16), gate, fc_out
+
+
+@pytest.mark.parametrize("gate,fc_out,error,match", [
+    (nn.Linear(8, 12), nn.Linear(16, 8), ValueError, r"gate_proj must have in_proj's shape \[16, 8\].*got \[12, 8\]"),
+    (nn.Linear(6, 16), nn.Linear(16, 8), ValueError, r"gate_proj must have in_proj's shape \[16, 8\].*got \[16, 6\]"),
+    (nn.Linear(8, 16), nn.Linear(16, 8).double(), TypeError, r"out_proj\.weight is torch\.float64 on cpu, in_proj"),
+    (nn.Linear(8, 16).half(), nn.Linear(16, 8), TypeError, r"gate_proj\.weight is torch\.float16 on cpu, in_proj"),
+], ids=["gate_d_ff", "gate_d_in", "out_dtype", "gate_dtype"])
+def test_projections_that_disagree_are_refused_when_built_not_in_the_forward(gate, fc_out, error, match):
+    """MoEFFN built from a gate_proj of another shape than in_proj's, or from projections of different
+    dtypes, and upcycle_ffn replaced such an MLP: the model then failed in its first forward, with
+    moe_ffn's error on w_gate / w_out, names the user never gave. They are refused when built, naming
+    the projection, and upcycle_ffn leaves the model as it was."""
+    mlp = _GatedMLP(gate, fc_out)
+    with pytest.raises(error, match=match):
+        MoEFFN(mlp.fc_in, mlp.fc_out, torch.relu, 4, 2, gate_proj=mlp.gate)
+    model = nn.Sequential(mlp)
+    before = repr(model)
+    with pytest.raises(error, match=match):
+        upcycle_ffn(model, num_experts=4, top_k=2, ffn_modules=["0"], in_proj="fc_in", gate_proj="gate",
+                    out_proj="fc_out", activation=torch.relu)
+    assert repr(model) == before
+
+
 def test_upcycling_again_says_the_ffns_are_upcycled_already():
     """A second upcycle_ffn found no FFN and told the user to name ffn_modules, in_proj, out_proj and activation;
     it now says the model's FFNs are upcycled already, naming one, and changes nothing."""
