@@ -163,12 +163,20 @@ def _row_biases(meta, ids, h, *biases):
     return valid, [t if b is None else t + b[experts] for t, b in zip(h, biases)]
 
 
+def _out_of_place(activation: Callable) -> Callable:
+    """``activation`` applied to a copy of its input: one that works in place (nn.ELU(inplace=True))
+    would overwrite the projections' outputs saved for the backward, and torch.func.vjp refuses
+    in-place ops on its inputs."""
+    return lambda t: activation(t.clone())
+
+
 def _glu(h_gate, h_in, b_gate, b_in, meta, ids, activation):
     """Row-space act(h_gate + b_gate) * (h_in + b_in) (act(h_in + b_in) ungated), 0 on padding."""
     if isinstance(activation, int):
         return launchers.glu_forward(h_gate, h_in, b_gate, b_in, meta, ids, activation)
     valid, (u, g) = _row_biases(meta, ids, (h_in, h_gate if h_gate is not None else h_in), b_in, b_gate)
-    out = activation(u) if h_gate is None else activation(g) * u
+    act = _out_of_place(activation)
+    out = act(u) if h_gate is None else act(g) * u
     return torch.where(valid[:, None], out, 0)
 
 
@@ -183,10 +191,11 @@ def _glu_backward(d_h, h_gate, h_in, b_gate, b_in, meta, ids, activation, out=No
         return out
     valid, (u, g) = _row_biases(meta, ids, (h_in, h_gate if h_gate is not None else h_in), b_in, b_gate)
     d_h = torch.where(valid[:, None], d_h, 0)
+    act = _out_of_place(activation)
     if h_gate is None:
-        grads = (torch.func.vjp(activation, u)[1](d_h)[0],)
+        grads = (torch.func.vjp(act, u)[1](d_h)[0],)
     else:
-        grads = torch.func.vjp(lambda gate, up: activation(gate) * up, g, u)[1](d_h)
+        grads = torch.func.vjp(lambda gate, up: act(gate) * up, g, u)[1](d_h)
     grads = [torch.where(valid[:, None], t, 0) for t in grads]
     return (None, grads[0]) if h_gate is None else (grads[0], grads[1])
 

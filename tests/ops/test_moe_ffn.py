@@ -150,6 +150,17 @@ def test_other_activations_on_the_triton_backend(path, activation):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
+@pytest.mark.parametrize("gated,bias", [(False, False), (False, True), (True, False)])
+def test_in_place_activation_matches_the_float64_loop(path, gated, bias):
+    """An activation the fused kernels do not know that works in place (nn.ELU(inplace=True)): the
+    Triton backend's backward raised 'a leaf Variable that requires grad is being used in an in-place
+    operation' (torch.func.vjp over it), and without a bias its forward overwrote the saved first
+    projection's output. It matches the float64 loop as on the torch backend."""
+    x, ids, weights, ffn = make_ffn(T=12, d=8, f=8, d_out=4, E=3, gated=gated, bias=bias, seed=5)
+    check_against_reference(x, ids, weights, ffn, path, nn.ELU(inplace=True), normalize=True)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
 def test_activation_module_with_trainable_parameters(path):
     """An activation with trainable parameters (nn.PReLU): the torch backend differentiates them
     (as the float64 loop); the Triton backend, which differentiates the activation in its input
