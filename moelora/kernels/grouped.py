@@ -380,8 +380,8 @@ def _act(x, ACT: tl.constexpr):
         out = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACT == 2:
         out = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    else:
-        out = tl.maximum(x, 0.0)
+    else:  # ReLU; NaN stays NaN (as torch.relu): an overflow of the projection must show in the output
+        out = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return out
 
 

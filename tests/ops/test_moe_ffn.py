@@ -150,6 +150,21 @@ def test_other_activations_on_the_triton_backend(path, activation):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
+@pytest.mark.parametrize("activation", [F.relu, F.silu], ids=["relu", "silu"])
+def test_a_nan_weight_of_a_chosen_expert_reaches_its_tokens_outputs(path, activation):
+    """A NaN in an expert's first projection makes NaN of the outputs of exactly the tokens that chose
+    it, with weight > 0, whatever the activation: the fused ReLU (tl.maximum) turned NaN into 0, so an
+    overflow of a ReLU FFN (T5's) passed as finite values on the Triton backend."""
+    x, ids, weights, ffn = make_ffn(T=16, d=8, f=8, d_out=4, E=4, gated=False, bias=True, seed=3)
+    with torch.no_grad():
+        ffn["w_in"][1, 2, 3] = float("nan")
+    y = run(x, ids, weights, ffn, path, activation, normalize=False)
+    reached = ((ids == 1) & (weights != 0)).any(1)
+    assert reached.any() and not reached.all()
+    assert torch.equal(torch.isnan(y).any(1), reached) and torch.isnan(y[reached]).all()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
 @pytest.mark.parametrize("gated,bias", [(False, False), (False, True), (True, False)])
 def test_in_place_activation_matches_the_float64_loop(path, gated, bias):
     """An activation the fused kernels do not know that works in place (nn.ELU(inplace=True)): the
