@@ -509,3 +509,19 @@ def test_checkpoints_saved_before_fused_mlps_were_found_replay_without_them(tmp_
     ids = token_batch()
     assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)
     assert upcycle_ffn(_llama_with_a_fused_mlp(), 2, 1) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+def test_moeffn_top1_warns_with_its_own_advice():
+    """MoEFFN normalises the kept gates, so at top_k=1 every gate is 1 and the router learns from the aux
+    losses alone: it warns so, and not the Router's advice (router_renormalize=False, which MoEFFN does not
+    take: following it raised TypeError). top_k >= 2 does not warn."""
+    import warnings
+
+    with pytest.warns(UserWarning) as record:
+        MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, num_experts=4, top_k=1)
+    messages = [str(w.message) for w in record]
+    assert any("MoEFFN with top_k=1" in m for m in messages)
+    assert not any("router_renormalize" in m for m in messages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, num_experts=4, top_k=2)
