@@ -38,6 +38,13 @@ from moelora.ops.registration import custom_op
 ENGINES = ("triton", "grouped_mm")
 
 
+def may_be_symbolic(count) -> bool:
+    """Whether the row count ``count`` may be symbolic (traced by torch.compile or torch.export with dynamic
+    shapes; dynamo shows a symbolic int as an int): a choice by its row class (launchers.many_rows) would
+    then put a guard on it."""
+    return torch.compiler.is_compiling() or isinstance(count, torch.SymInt)
+
+
 def layout_block(matmul_shapes: tuple, pairs, num_experts: int):
     """The segment padding of a grouped layout of ``pairs`` (token, slot) pairs over ``num_experts``
     experts for the grouped GEMMs of ``matmul_shapes`` (launchers.grouped_layout_block of the row
@@ -46,7 +53,7 @@ def layout_block(matmul_shapes: tuple, pairs, num_experts: int):
     guard on the class, which torch.export refuses over a token range crossing it (or fixes in the
     program: larger inputs then fail its guard); the op's kernel picks the same block for the
     concrete count, so the fake and the real layout agree."""
-    if torch.compiler.is_compiling() or isinstance(pairs, torch.SymInt):  # dynamo sees a symbolic int as an int
+    if may_be_symbolic(pairs):
         few, many = (launchers.grouped_layout_block(matmul_shapes, m) for m in (False, True))
         return few if few == many else torch.sym_ite(pairs >= launchers.MANY_ROWS * max(num_experts, 1), many, few)
     return launchers.grouped_layout_block(matmul_shapes, launchers.many_rows(pairs, num_experts))

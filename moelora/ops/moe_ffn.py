@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, layout_block,
-                                        native_major, rows_linear, rows_weight_grad, segment_linear)
+                                        may_be_symbolic, native_major, rows_linear, rows_weight_grad, segment_linear)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values, check_top_k, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
@@ -265,11 +265,9 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
         gemm = wgrad = "triton"
         major = native_major(x.device)
         if applies and x.dtype == torch.bfloat16 and major is not None:
-            # traced (torch.compile, torch.export: the pair count may be symbolic), the class-free ("*") entries:
-            # no guard on the row class
-            traced = torch.compiler.is_compiling() or isinstance(num_pairs, torch.SymInt)
-            shape = None if traced else launchers.grouped_shape_class("matmul", d_first, d_in,
-                                                                     launchers.many_rows(num_pairs, E))
+            # traced, the class-free ("*") entries: no guard on the row class
+            shape = None if may_be_symbolic(num_pairs) else launchers.grouped_shape_class(
+                "matmul", d_first, d_in, launchers.many_rows(num_pairs, E))
             pick = {kind: FFN_ENGINES.get((major, kind, shape), FFN_ENGINES.get((major, kind, "*"), "triton"))
                     for kind in ("gemm", "wgrad")}
             gemm, wgrad = pick["gemm"], pick["wgrad"]

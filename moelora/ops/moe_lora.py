@@ -214,12 +214,10 @@ def _gathered_delta(args: MoELoRAArgs, acc: torch.dtype) -> torch.Tensor:
     where no gradient is needed, its ops differentiable all the same: forward-mode AD's tangents
     through it are exact): the T*k matrices B[e[t,j]] (and A[e[t,j]]) copied out, h[t,j] =
     A[e[t,j]] x[t] (A x[t] for a shared A), then delta[t] = sum_j B[e[t,j]] (s w[t,j] h[t,j]).
-    The experts a token did not choose are never read. Each product is summed as M (.) v + M * 0
-    over the columns (elementwise, so the IEEE rules hold, where a matrix product may skip zeros
-    of v): a row of M with a NaN/Inf gives NaN, so a chosen expert's non-finite weight makes NaN
-    of the outputs it reaches (a row of B: that output feature; of A: h[t,j] at that row, and
-    through B every output of the token), as the dense form's. Same elementwise work as a batched
-    matrix-vector product, which the CPU runs slower at these sizes."""
+    The experts a token did not choose are never read. Each product is :func:`_ieee_matvec`: a row
+    of M with a NaN/Inf gives NaN, so a chosen expert's non-finite weight makes NaN of the outputs
+    it reaches (a row of B: that output feature; of A: h[t,j] at that row, and through B every
+    output of the token), as the dense form's."""
     x, lora_a, lora_b, ids = args.x, args.lora_a, args.lora_b, args.topk_ids
     (T, top_k), (_, d_out, rank) = ids.shape, lora_b.shape
     pairs = ids.reshape(-1)
@@ -228,10 +226,18 @@ def _gathered_delta(args: MoELoRAArgs, acc: torch.dtype) -> torch.Tensor:
         h = (xa @ lora_a.to(acc).t())[:, None, :]  # [T, 1, r]
     else:
         a_rows = lora_a.index_select(0, pairs).to(acc).view(T, top_k, rank, x.shape[1])
-        h = torch.addcmul(a_rows * 0, a_rows, xa[:, None, None, :]).sum(3)  # [T, k, r]
+        h = _ieee_matvec(a_rows, xa[:, None, None, :])  # [T, k, r]
     hw = (h * (args.topk_weights.to(acc) * args.scaling)[:, :, None]).view(T * top_k, 1, rank)
     b_rows = lora_b.index_select(0, pairs).to(acc)  # [T*k, d_out, r]
-    return torch.addcmul(b_rows * 0, b_rows, hw).sum(2).view(T, top_k, d_out).sum(1)
+    return _ieee_matvec(b_rows, hw).view(T, top_k, d_out).sum(1)
+
+
+def _ieee_matvec(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum over the last dim of m (.) v + m * 0 (v broadcast against m): a matrix-vector product whose
+    rows of m with a NaN/Inf give NaN whatever v holds, as the IEEE rules do elementwise, where a
+    matrix product may skip zeros of v. Same elementwise work as a batched matrix-vector product,
+    which the CPU runs slower at the gathered form's sizes."""
+    return torch.addcmul(m * 0, m, v).sum(-1)
 
 
 def moe_lora_torch(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling=1.0, base_out=None):
