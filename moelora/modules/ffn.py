@@ -3,7 +3,6 @@ copy of one pretrained FFN) on ``moelora.moe_ffn``; ``moelora.upcycle_ffn`` buil
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -105,16 +104,13 @@ class MoEFFN(nn.Module, RoutedModule):
             self.w_gate, self.b_gate = _stack(w_gate, num_experts), _stack(b_gate, num_experts)
         else:
             self.w_gate = self.b_gate = None
-        with warnings.catch_warnings():  # the Router's top-1 advice (router_renormalize=False) is not MoEFFN's
-            warnings.filterwarnings("ignore", message=r"router=.* with top_k=1 and a renormalised gate")
-            self.router = Router(w_in.shape[1], num_experts, top_k, router, jitter_noise=router_jitter_noise,
-                                 eps_start=threshold_eps_start, eps_end=threshold_eps,
-                                 eps_ramp_steps=threshold_ramp_steps, device=w_in.device)
-        if top_k == 1 and num_experts > 1:
-            warnings.warn("MoEFFN with top_k=1: the block normalises each token's kept gates (so that the upcycled "
-                          "experts reproduce the dense FFN), so every gate is 1 and the router learns from the aux "
-                          "losses alone, never from the task loss; take top_k >= 2 for a router the task trains",
-                          stacklevel=2)
+        # at top_k 1 the Router warns, with MoEFFN's advice (router_renormalize, the Router's, is no MoEFFN argument)
+        self.router = Router(w_in.shape[1], num_experts, top_k, router, jitter_noise=router_jitter_noise,
+                             eps_start=threshold_eps_start, eps_end=threshold_eps,
+                             eps_ramp_steps=threshold_ramp_steps, device=w_in.device,
+                             top1_advice="MoEFFN with top_k=1 normalises each token's kept gates whatever the router "
+                                         "(so that the upcycled experts reproduce the dense FFN): take top_k >= 2 "
+                                         "for a router the task trains")
         self.aux_loss_coef, self.z_loss_coef = router_aux_loss_coef, router_z_loss_coef
         self.clear_routing_record()
 

@@ -35,11 +35,15 @@ class Router(nn.Linear):
     ``eps_ramp_steps`` calls of :meth:`step` (``moelora.step_routers(model)``). The arguments
     are checked as the layers' same fields (``ROUTER_ARG_FIELDS``: ``jitter_noise`` as
     ``router_jitter_noise``, ``eps_end`` as ``threshold_eps``, ...), the errors naming Router's.
+    At top_k 1 with a renormalised gate it warns that the router learns from the aux losses alone,
+    with ``top1_advice`` (what the module holding it offers instead).
     """
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, mode: str = "softmax_topk",
                  renormalize: bool = True, jitter_noise: float = 0.0, eps_start: float = 0.0,
-                 eps_end: float = 0.0, eps_ramp_steps: int = 0, device=None):
+                 eps_end: float = 0.0, eps_ramp_steps: int = 0, device=None, *,
+                 top1_advice: str = "Switch Transformers' top-1 router is router='softmax_topk' with "
+                                    "router_renormalize=False"):
         check_field("in_features", in_features, POSITIVE_INT)
         check_field("mode", mode, LEARNED_MODE_KIND)
         given = dict(num_experts=num_experts, top_k=top_k, renormalize=renormalize, jitter_noise=jitter_noise,
@@ -49,8 +53,8 @@ class Router(nn.Linear):
         check_top_k(top_k, num_experts)
         if top_k == 1 and num_experts > 1 and (renormalize or mode == "topk_softmax"):
             warnings.warn(f"router={mode!r} with top_k=1 and a renormalised gate: every token's gate is 1, so the "
-                          "router learns from the aux losses alone, never from the task loss; Switch Transformers' "
-                          "top-1 router is router='softmax_topk' with router_renormalize=False", stacklevel=2)
+                          f"router learns from the aux losses alone, never from the task loss; {top1_advice}",
+                          stacklevel=2)
         super().__init__(in_features, num_experts, bias=False, device=device, dtype=torch.float32)
         self.mode, self.top_k, self.renormalize = mode, top_k, renormalize
         self.jitter_noise = jitter_noise
