@@ -18,7 +18,7 @@ operator on h:
 which is ``moelora.moe_lora(h, S, B, ...)`` with S the identity [r, r] (shared A) or the
 block selector [E, r, E*r] (S[e] = the rows e*r..e*r+r of the identity): the fused
 kernels (Triton on GPU) run the gated expand and every gradient.
-:func:`moe_lora_on_projection` does exactly that. The selector costs an extra
+:meth:`AdapterLayerBase._lora_on_projection` does exactly that. The selector costs an extra
 T x (E*r)^2 product next to the projection itself; convolutions with a 1 x 1 kernel, stride
 1 and no padding skip the projection and call ``moe_lora`` on the input channels.
 """
@@ -35,12 +35,12 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.backend import without_autocast
-from moelora.ops.moe_lora import moe_lora
+from moelora.ops.moe_lora import routed_moe_lora
 from moelora.ops.moe_lora_linear import lora_dropout_mask
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
-from moelora.ops.validation import check_top_k
+from moelora.ops.validation import check_top_k, syncing_checks_enabled
 from moelora.modules.fields import LAYER_FIELD_KINDS, check_field
 
 
@@ -216,13 +216,6 @@ def projection_selector(num_blocks: int, rank: int, device=None, dtype=None) -> 
     return eye if num_blocks == 1 else eye.reshape(num_blocks, rank, num_blocks * rank)
 
 
-def moe_lora_on_projection(h: torch.Tensor, selector: torch.Tensor, lora_b: torch.Tensor, routing: Routing,
-                           scaling: float, base_out: Optional[torch.Tensor]) -> torch.Tensor:
-    """``base_out + s * sum_j w_j B[e_j] h[..., block e_j]`` for projected inputs h [..., r] or
-    [..., E*r] (see the module docstring); returns [..., d_out]."""
-    return moe_lora(h, selector, lora_b, routing.ids, routing.weights, scaling=scaling, base_out=base_out)
-
-
 class AdapterLayerBase(nn.Module, RoutedModule):
     """A frozen base layer plus E LoRA experts whose A projects ``a_in`` features per position
     and whose B [E, d_out, r / b_groups] acts block-diagonally over ``b_groups`` groups, routed
@@ -231,7 +224,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
     """
 
     supports_dora = False  # MoELoRALinear: True
-    uses_selector = True  # the projection selector of moe_lora_on_projection (MoELoRALinear: False)
+    uses_selector = True  # the projection selector of _lora_on_projection (MoELoRALinear: False)
 
     def __init__(self, base_layer: nn.Module, settings: LayerSettings, *, a_in: int, d_out: int, router_in: int,
                  b_groups: int = 1, router_class=Router, router_kwargs: Optional[dict] = None):
@@ -526,11 +519,23 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self._record_routing(routing)
         return routing
 
+    def routed_moe_lora(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, routing: Routing,
+                        scaling: float, base_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``moelora.moe_lora`` on this layer's routing, which nothing reads on the host (as on the
+        fused path; :func:`moelora.ops.moe_lora.routed_moe_lora`): a learned router's ids and the
+        single expert's lie in [0, E), task routing's were checked where it was built while the
+        syncing checks run."""
+        in_range = self.router_mode != "task" or syncing_checks_enabled()
+        return routed_moe_lora(x, lora_a, lora_b, routing.ids, routing.weights, scaling=scaling, ids_in_range=in_range,
+                               base_out=base_out)
+
     def _lora_on_projection(self, h: torch.Tensor, routing: Routing, base_out: Optional[torch.Tensor],
                             lora_b: Optional[torch.Tensor] = None, scaling: Optional[float] = None) -> torch.Tensor:
+        """``base_out + s * sum_j w_j B[e_j] h[..., block e_j]`` for projected inputs h [..., r] or
+        [..., E*r] (see the module docstring); returns [..., d_out]."""
         lora_b = self.lora_B if lora_b is None else lora_b
         scaling = self.scaling if scaling is None else scaling
-        return moe_lora_on_projection(h, self.lora_selector, lora_b, routing, scaling, base_out)
+        return self.routed_moe_lora(h, self.lora_selector, lora_b, routing, scaling, base_out)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, r={self.r}, router={self.router_mode}, "

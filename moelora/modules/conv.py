@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings
-from moelora.ops.moe_lora import moe_lora
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.backend import without_autocast
 from moelora.modules.router import Router
@@ -170,8 +169,7 @@ class MoELoRAConv(AdapterLayerBase):
         scaling = self.scaling * a_scale
         base_out = result.to(dtype).movedim(1, -1)
         if self.pointwise:
-            out = moe_lora(x_lora.movedim(1, -1), lora_a, lora_b, routing.ids, routing.weights,
-                           scaling=scaling, base_out=base_out)
+            out = self.routed_moe_lora(x_lora.movedim(1, -1), lora_a, lora_b, routing, scaling, base_out)
         else:
             kernel = lora_a.reshape(-1, self.in_channels, *self.kernel_size)  # [(E*)r, C_in, *kernel]
             h = self.geometry.conv(x_lora, kernel).movedim(1, -1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moelora.ops.moe_ffn import moe_ffn
+from moelora.ops.moe_ffn import routed_moe_ffn
 from moelora.ops.validation import check_activation, check_top_k
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, check_field, is_real
 from moelora.modules.init import reset_like_linear
@@ -134,8 +134,8 @@ class MoEFFN(nn.Module, RoutedModule):
         routing = self.router(x)
         self._record_routing(routing)
         flat = x.reshape(-1, x.shape[-1])
-        out = moe_ffn(flat, routing.ids, routing.weights, self.w_in, self.b_in, self.w_out, self.b_out,
-                      self.activation, self.w_gate, self.b_gate, normalize=True, stacked_gate=self.stacked_gate)
+        out = routed_moe_ffn(flat, routing, self.w_in, self.b_in, self.w_out, self.b_out, self.activation, self.w_gate,
+                             self.b_gate, normalize=True, stacked_gate=self.stacked_gate)
         if self.dropout and self.training:
             out = F.dropout(out, self.dropout)
         return out.reshape(*x.shape[:-1], out.shape[-1])

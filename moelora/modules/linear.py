@@ -42,7 +42,6 @@ from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pr
                                      _global_forward_pre_hooks)
 
 from moelora.ops.backend import autocast_dtype, autocast_input, without_autocast
-from moelora.ops.moe_lora import moe_lora
 from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, unchecked_moe_lora_linear
 from moelora.modules.adapter_base import (PLAIN_TENSORS, AdapterLayerBase, LayerSettings, layer_settings,
                                          single_expert_routing)
@@ -261,8 +260,7 @@ class MoELoRALinear(AdapterLayerBase):
         scaling = self.scaling * a_scale
         if self.use_dora:
             return self._dora_forward(x_lora, lora_a, scaling, routing, result)
-        out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=scaling,
-                       base_out=result.to(dtype))
+        out = self.routed_moe_lora(x_lora, lora_a, self.lora_B, routing, scaling, result.to(dtype))
         return out.to(result.dtype)
 
     def _fused_dora_forward(self, x, base, lora_a, scaling, ids, weights):
@@ -296,7 +294,7 @@ class MoELoRALinear(AdapterLayerBase):
             base_no_bias = result.to(dtype) - (bias.to(dtype) if bias is not None else 0)
         else:
             base_no_bias = F.linear(x_lora, weight)
-        lora_out = moe_lora(x_lora, lora_a, self.lora_B, routing.ids, routing.weights, scaling=scaling)
+        lora_out = self.routed_moe_lora(x_lora, lora_a, self.lora_B, routing, scaling)
         out = result.to(dtype) + (mag_scale - 1) * base_no_bias + mag_scale * lora_out
         return out.to(result.dtype)
 

@@ -63,7 +63,8 @@ from moelora.kernels.grouped import GELU, GELU_TANH, RELU, SILU
 
 
 def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
-                    normalize):
+                    normalize, check_values: bool):
+    """moe_ffn's argument checks; with ``check_values`` also the syncing checks of the routing."""
     check_moe_ffn_args(x, topk_ids, topk_weights, dict(w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out,
                                                        w_gate=w_gate, b_gate=b_gate), activation, normalize)
     if x.dim() != 2:
@@ -95,7 +96,8 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
         raise ValueError(f"topk_ids and topk_weights must both have shape [T = {x.shape[0]}, k], got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
     check_top_k(topk_ids.shape[1], num_experts, "k (topk_ids.shape[1])")  # the expert sort's, on both backends
-    check_routing_values(topk_ids, topk_weights, num_experts, positive_kept_sums=normalize)
+    if check_values:
+        check_routing_values(topk_ids, topk_weights, num_experts, positive_kept_sums=normalize)
 
 
 # ------------------------------------------------------------------------ activations
@@ -574,21 +576,33 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     only and refuses an nn.Module activation with trainable parameters while autograd records
     (the torch backend trains them).
     """
+    return _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, backend,
+                    engine, stacked_gate, True)
+
+
+def routed_moe_ffn(x: torch.Tensor, routing, w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
+                   b_out: Optional[torch.Tensor], activation: Callable, w_gate: Optional[torch.Tensor] = None,
+                   b_gate: Optional[torch.Tensor] = None, *, normalize: bool = False,
+                   stacked_gate: bool = False) -> torch.Tensor:
+    """:func:`moe_ffn` on a learned router's ``routing`` (moelora.Routing; MoEFFN's): its ids lie in
+    [0, E) and its weights are nonnegative, so nothing reads it on the host (a device sync per
+    call, which moe_ffn's syncing checks make); the shapes and dtypes are checked."""
+    return _moe_ffn(x, routing.ids, routing.weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize,
+                    None, "auto", stacked_gate, False)
+
+
+def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, backend, engine,
+             stacked_gate, check_values: bool) -> torch.Tensor:
+    """moe_ffn; ``check_values``: whether the syncing checks of the routing run (see _check_ffn_args)."""
     cast = autocast_dtype(x)
     if cast is not None:  # torch.autocast: x and the expert weights in its dtype, as F.linear's; the op runs without it
         x, w_in, b_in, w_out, b_out, w_gate, b_gate = (
             autocast_input(t, cast) for t in (x, w_in, b_in, w_out, b_out, w_gate, b_gate))
         with torch.autocast(x.device.type, enabled=False):
             return _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize,
-                            backend, engine, stacked_gate)
-    return _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, backend,
-                    engine, stacked_gate)
-
-
-def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, backend, engine,
-             stacked_gate) -> torch.Tensor:
+                            backend, engine, stacked_gate, check_values)
     _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, stacked_gate, activation,
-                    normalize)
+                    normalize, check_values)
     check_engine(engine)
     num_tokens, top_k = topk_ids.shape
     if resolve_backend(backend, x.device) == "torch" or num_tokens == 0:

@@ -81,18 +81,31 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
         [..., d_out] tensor in x's dtype (autocast's under torch.autocast), differentiable
         w.r.t. x, lora_a, lora_b, topk_weights and base_out.
     """
+    return _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime, None)
+
+
+def routed_moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float, ids_in_range: bool,
+                    base_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`moe_lora` on routing that moelora made, for the layers' composed paths: a learned
+    router's (ids in [0, E) by construction, ``ids_in_range`` True) or the layers' static routing
+    (task ids, checked where the routing is built while the syncing checks run). No check reads
+    the routing on the host (a device sync per call), as on the fused layer path; the shapes and
+    dtypes are checked. ``ids_in_range``: whether the ids are known to lie in [0, E)."""
+    return _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, None, "auto", ids_in_range)
+
+
+def _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime,
+              ids_in_range: Optional[bool]) -> torch.Tensor:
+    """moe_lora; ``ids_in_range`` None: the syncing checks of the routing run (see check_moe_lora_args)."""
     cast = autocast_dtype(x)
     if cast is not None:  # torch.autocast: x, A, B and base_out in its dtype, as a matmul's; the op runs without it
         x, lora_a, lora_b, base_out = (autocast_input(t, cast) for t in (x, lora_a, lora_b, base_out))
         with torch.autocast(x.device.type, enabled=False):
-            return _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime)
-    return _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime)
-
-
-def _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime) -> torch.Tensor:
+            return _moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, backend, regime,
+                             ids_in_range)
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
-    args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out)
+    args = check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out, ids_in_range)
     if regime == "grouped" and args.lora_b.shape[0] > MAX_EXPERTS:
         raise ValueError(f"regime='grouped' sorts the pairs by expert, for at most {MAX_EXPERTS} experts: "
                          f"lora_b.shape[0] is {args.lora_b.shape[0]} (regime='dense' takes any number)")

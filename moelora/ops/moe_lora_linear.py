@@ -53,9 +53,9 @@ mode an autograd.Function runs it; under torch.compile the same forward and back
 ``moelora::moe_lora_linear_fwd`` / ``_bwd``.
 
 PyTorch backend (``_composed``): F.linear + the routing op + moelora.moe_lora's torch
-backend, differentiated by autograd; the reference of the Triton path. A learned router's
-routing (ids in [0, E), finite weights, NaN/Inf x included) goes to the torch backend without
-moelora.moe_lora's checks, whose syncing ones would read it on the host.
+backend, differentiated by autograd; the reference of the Triton path. The routing goes to
+the torch backend without moelora.moe_lora's checks, whose syncing ones would read it on the
+host: a learned router's ids lie in [0, E), given ids were checked by moe_lora_linear's checks.
 """
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.ops.moe_lora import (choose_regime, fake_grouped_layout, grouped_forward, grouped_input_grads,
-                                  grouped_output_grads, grouped_row_count, lora_a_rows, moe_lora, moe_lora_torch_impl,
+                                  grouped_output_grads, grouped_row_count, lora_a_rows, moe_lora_torch_impl,
                                   saved_layout)
 from moelora.ops.losses import aux_losses, masked_aux_losses
 from moelora.ops.routing_modes import LEARNED_MODES, Routing, linear_logits, route_logits, scheduled_eps
 from moelora.ops.routing import router_topk
 from moelora.ops.validation import (FLOAT_DTYPES, MoELoRAArgs, as_2d, check_adapter_shapes, check_routing_values,
                                     check_same_device, check_scaling, check_tensor_args, check_top_k,
-                                    refuse_double_backward)
+                                    refuse_double_backward, syncing_checks_enabled)
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
 from moelora.ops.registration import apply_eager, custom_op
 
@@ -333,12 +333,12 @@ def _composed(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids, topk_w
     else:
         routing = Routing(topk_weights, topk_ids)
     xl = (x if dropout_mask is None else dropped_out(x, dropout_mask, dropout_scale)).to(dtype)
-    if router is None:  # given ids and weights: moelora.moe_lora's checks (its syncing ones read the ids)
-        y = moe_lora(xl, lora_a, lora_b, topk_ids, topk_weights, scaling=scaling, base_out=base.to(dtype),
-                     backend="torch")
-    else:  # the router's ids lie in [0, E), its weights are finite: nothing to check (as the fused path)
-        y = moe_lora_torch_impl(MoELoRAArgs(xl, lora_a, lora_b, topk_ids, topk_weights, base.to(dtype),
-                                            float(scaling), tuple(base.shape), ids_in_range=True))
+    # Nothing reads the routing on the host here (as on the fused path): the router's ids lie in [0, E); given ids
+    # were checked by moe_lora_linear's checks, a layer's task ids where its routing was built, while the syncing
+    # checks run.
+    in_range = router is not None or syncing_checks_enabled(topk_ids)
+    y = moe_lora_torch_impl(MoELoRAArgs(xl, lora_a, lora_b, topk_ids, topk_weights, base.to(dtype), float(scaling),
+                                        tuple(base.shape), ids_in_range=in_range))
     return y.to(x.dtype), LayerOutput(routing, aux_loss, aux_stats)
 
 

@@ -154,8 +154,11 @@ def check_same_device(x: torch.Tensor, named) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
 
 
-def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out) -> MoELoRAArgs:
-    """Validate the operator's arguments and return them flattened (see MoELoRAArgs)."""
+def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base_out,
+                        ids_in_range: Optional[bool] = None) -> MoELoRAArgs:
+    """Validate the operator's arguments and return them (see MoELoRAArgs). The routing's values are
+    read on the host (:func:`check_routing_values`) unless ``ids_in_range`` is given: routing that
+    moelora made, whose ids are known to lie in [0, E) (True) or may not (False)."""
     check_tensor_args(x, topk_ids, topk_weights, dict(lora_a=lora_a, lora_b=lora_b), dict(base_out=base_out))
 
     if x.dim() < 1:
@@ -181,7 +184,7 @@ def check_moe_lora_args(x, lora_a, lora_b, topk_ids, topk_weights, scaling, base
         raise ValueError(f"base_out must have shape {out_shape}, got {tuple(base_out.shape)}")
 
     check_scaling(scaling)
-    checked = check_routing_values(topk_ids, topk_weights, num_experts)
+    checked = check_routing_values(topk_ids, topk_weights, num_experts) if ids_in_range is None else ids_in_range
     return MoELoRAArgs(x, lora_a, lora_b, topk_ids, topk_weights, base_out, float(scaling), out_shape, checked)
 
 

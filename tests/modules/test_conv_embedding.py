@@ -201,8 +201,9 @@ def test_pointwise_conv_is_the_linear_case_and_calls_the_operator(monkeypatch):
         for name in ("lora_A", "lora_B", "router.weight"):
             linear.get_parameter(name).copy_(conv.get_parameter(name))
     calls = []
-    real = moelora.modules.conv.moe_lora
-    monkeypatch.setattr(moelora.modules.conv, "moe_lora", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = moelora.modules.adapter_base.routed_moe_lora
+    monkeypatch.setattr(moelora.modules.adapter_base, "routed_moe_lora",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     x = torch.randn(2, 3, 4, 5)
     out = conv(x)
     assert calls == [torch.Size([2, 4, 5, 3])]  # the input channels of every position, no projection

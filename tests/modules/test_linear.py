@@ -273,7 +273,7 @@ def test_forward_is_the_fused_op(monkeypatch):
     it without its argument checks); DoRA with LoRA dropout in training runs the composed path: base
     layer, then moe_lora."""
     calls = []
-    real_fused, real_op = moelora.modules.linear.unchecked_moe_lora_linear, moelora.modules.linear.moe_lora
+    real_fused, real_op = moelora.modules.linear.unchecked_moe_lora_linear, moelora.modules.adapter_base.routed_moe_lora
 
     def spy_fused(*args, **kwargs):
         calls.append("fused")
@@ -284,7 +284,7 @@ def test_forward_is_the_fused_op(monkeypatch):
         return real_op(*args, **kwargs)
 
     monkeypatch.setattr(moelora.modules.linear, "unchecked_moe_lora_linear", spy_fused)
-    monkeypatch.setattr(moelora.modules.linear, "moe_lora", spy_op)
+    monkeypatch.setattr(moelora.modules.adapter_base, "routed_moe_lora", spy_op)
     _layer("softmax_topk")(torch.randn(3, 12))
     assert calls == ["fused"]
     calls.clear()
