@@ -519,7 +519,16 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> l
             raise ValueError(f"{weights_path}: unsupported tensor in the PEFT checkpoint: {PEFT_PREFIX}{key} "
                              "(neither LoRA, a bias, a tensor of its modules_to_save, nor a weight of the model's "
                              "input / output embedding layer)")
-        name = f"{owner}.modules_to_save.{key[len(owner) + 1:]}" if owner else key
+        rest = key[len(owner) + 1:] if owner else key
+        if owner and rest.startswith(("modules_to_save.", "original_module.")):
+            # PEFT's bias="all" also saves the biases inside a saved module's wrapper, by their wrapper names: the
+            # original's (PEFT loads it into the original) and the trained copy's, which <module>.<param> holds too
+            # (PEFT loads that one over it)
+            if rest.startswith("modules_to_save.") and f"{owner}.{rest[len('modules_to_save.'):]}" in others:
+                continue
+            name = key
+        else:
+            name = f"{owner}.modules_to_save.{rest}" if owner else key
         if name not in own:
             raise ValueError(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model (no tensor {name})")
         if own[name].shape != tensor.shape:

@@ -145,6 +145,23 @@ def test_modules_to_save_and_biases_interoperate_with_peft(tmp_path):
     torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_checkpoint_with_bias_all_and_modules_to_save_imports_as_peft_loads_it(tmp_path):
+    """PEFT's bias="all" saves every bias of the model, also those inside a saved module's wrapper
+    (<module>.modules_to_save.bias, <module>.original_module.bias); the import took them for tensors
+    of the trained copy and refused the checkpoint (a SEQ_CLS adapter with bias="all", say)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(Net().double(), LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "conv", "proj"],
+                                                           modules_to_save=["head"], bias="all"))
+    _perturb(peft_model)
+    peft_model.eval()
+    peft_model.save_pretrained(str(tmp_path))
+    ours = moelora.load_peft_lora(Net().double(), str(tmp_path)).eval()
+    torch.testing.assert_close(ours(IDS), peft_model(IDS), rtol=1e-12, atol=1e-12)
+    with peft_model.disable_adapter(), ours.disable_adapter():  # the originals, biases included, as PEFT's
+        torch.testing.assert_close(ours(IDS), peft_model(IDS), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_export_carries_trained_biases_and_round_trips(tmp_path, bias):
     from peft import PeftModel
