@@ -1118,7 +1118,8 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
 def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
     """Load a PEFT LoRA checkpoint as one expert (see moelora.persistence); returns the wrapper.
     Into expert ``expert`` of a task-routed model the task's gate ``lora_gamma[expert]`` is set to
-    1, so that task computes the PEFT LoRA. Every tensor is checked against the model before any
+    1, so that task computes the PEFT LoRA (its task-routed layers the checkpoint does not adapt must add nothing
+    for that task, else it raises). Every tensor is checked against the model before any
     is copied; a fresh ``model`` is left as it was when the checkpoint does not fit."""
     peft_config, modules, others, weights_path = persistence.read_peft_checkpoint(directory)
     config = persistence.peft_as_config(peft_config, modules, directory)  # checks its fields, for any model

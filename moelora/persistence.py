@@ -14,7 +14,8 @@
   LoRA checkpoint as a single expert: into a fresh model (E = 1), or into expert ``expert``
   of an injected model with per-expert A. Into a task-routed model it sets that task's gate
   ``lora_gamma[expert]`` to 1, so the task computes the PEFT LoRA exactly (a layer's
-  task-shared LoRA must be zero, else it raises).
+  task-shared LoRA must be zero, and so must that task of the task-routed layers the checkpoint
+  does not adapt, else it raises).
 - Both handle PEFT's layers on linear layers, embeddings (``lora_embedding_A/B``) and
   convolutions (conv kernels), the biases a ``bias="all"`` / ``"lora_only"`` adapter trains,
   and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``). The import also
@@ -586,7 +587,23 @@ def check_peft_checkpoint(peft_config: dict, inner: nn.Module, modules: dict, ot
             raise ValueError(f"{weights_path}: {name}: the layer's scaling is 0 (lora_alpha="
                              f"{layers[name].lora_alpha}), it cannot compute the checkpoint's LoRA (scaling "
                              f"{peft_scaling})")
+    for name, layer in inner.named_modules():
+        if is_adapter_layer(layer) and name not in layers and layer.router_mode == "task" and \
+                0 <= target < layer.num_experts and _task_delta_nonzero(layer, target):
+            raise ValueError(f"{weights_path}: the checkpoint has no LoRA for {name}, whose task {target} adds a "
+                             f"non-zero delta (its expert {target} with gate lora_gamma[{target}] != 0, or the "
+                             f"task-shared LoRA), so task {target} would not compute the PEFT LoRA; load it into a "
+                             "model whose task-routed layers outside the checkpoint are zero for that task (as "
+                             f"injected: lora_gamma[{target}] starts at 0)")
     return layers, _peft_extras_targets(inner, others, weights_path)
+
+
+def _task_delta_nonzero(layer: nn.Module, task: int) -> bool:
+    """Whether task ``task`` of the task-routed ``layer`` adds anything: its expert (gated by
+    ``lora_gamma[task]``) or the task-shared LoRA."""
+    expert = bool(layer.lora_gamma[task] != 0) and bool(layer.lora_B[task].any()) and bool(layer.expert_A(task).any())
+    shared = layer.task_shared_lora and bool(layer.lora_B[-1].any()) and bool(layer.expert_A(layer.num_experts).any())
+    return expert or shared
 
 
 @torch.no_grad()

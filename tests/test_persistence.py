@@ -394,6 +394,34 @@ def test_exported_task_imports_into_that_task_expert_exactly(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in trained.named_parameters())
 
 
+def test_peft_lora_into_a_task_needs_the_layers_it_does_not_adapt_to_be_zero_for_that_task(tmp_path):
+    """A PEFT LoRA of q_proj loaded into task 1 of a model task-routing q_proj and v_proj: task 1 of
+    v_proj kept its trained expert, so task 1 computed the PEFT LoRA plus that, silently. It raises
+    (nothing copied); into layers that add nothing for the task (as injected) it computes the PEFT LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2).double(), LoraConfig(r=4, lora_alpha=8,
+                                                                              target_modules=["q_proj"]))
+    _perturb_all_adapters(peft_model)
+    peft_model.eval()
+    peft_model.save_pretrained(str(tmp_path))
+    ids = token_batch()
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, router="task", r=4)
+    trained = get_moelora_model(tiny_llama(num_layers=2).double(), cfg).eval()
+    _perturb_all_adapters(trained)
+    before = {n: p.detach().clone() for n, p in trained.named_parameters()}
+    with pytest.raises(ValueError, match=r"no LoRA for model.layers.0.self_attn.v_proj, whose task 1 adds a non-zero"):
+        moelora.load_peft_lora(trained, str(tmp_path), expert=1)
+    assert all(torch.equal(p, before[n]) for n, p in trained.named_parameters())
+    with torch.no_grad():
+        for layer in (trained.model.model.layers[i].self_attn.v_proj for i in range(2)):
+            layer.lora_gamma[1] = 0.0
+    other_task = trained(ids, task_ids=2).logits
+    moelora.load_peft_lora(trained, str(tmp_path), expert=1)
+    torch.testing.assert_close(trained(ids, task_ids=1).logits, peft_model(ids).logits, rtol=1e-12, atol=1e-12)
+    assert torch.equal(trained(ids, task_ids=2).logits, other_task)
+
+
 def test_import_peft_checkpoint_with_targeted_embeddings_loads_their_saved_base_weights(tmp_path):
     """With embed_tokens / lm_head among the targets PEFT also saves their base weights
     (save_embedding_layers="auto"); loading copies them into the base layers, as PEFT does."""
