@@ -1,6 +1,7 @@
 """save_pretrained / from_pretrained, merge / unmerge, PEFT LoRA export and import."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -238,6 +239,21 @@ def test_merge_task_routed_layer_for_chosen_task_and_reject_learned_router():
     routed = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=2, top_k=1))
     with pytest.raises(ValueError, match="router depends on the input"):
         routed.merge_adapter()
+
+
+@pytest.mark.parametrize("task", [True, 1.0, "1"], ids=repr)
+def test_a_task_that_is_not_an_int_is_refused_naming_it(tmp_path, task):
+    """task=True passed the range check as 1 and indexed lora_gamma as a bool mask: a shape error
+    from deep in the export (a merge raised the same); 1.0 and "1" failed with indexing errors."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=3,
+                                                                      router="task"))
+    _perturb_all_adapters(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"needs task in \[0, 3\) \(an int\), got {re.escape(repr(task))}"):
+        moelora.export_peft_lora(model, str(tmp_path), task=task)
+    with pytest.raises(ValueError, match=r"needs task in \[0, 3\) \(an int\)"):
+        model.merge_adapter(task=task)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_merge_adapter_merges_every_layer_or_none_and_errors_name_the_layer():

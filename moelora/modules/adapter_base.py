@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -423,8 +424,8 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                 f"over {self.num_experts} experts)")
         if self.router_mode != "task":
             return self.expert_A(0), self.lora_B[0]
-        if task is None or not 0 <= task < self.num_experts:
-            raise ValueError(f"a task-routed layer needs task in [0, {self.num_experts}), got {task!r}")
+        if isinstance(task, bool) or not isinstance(task, numbers.Integral) or not 0 <= task < self.num_experts:
+            raise ValueError(f"a task-routed layer needs task in [0, {self.num_experts}) (an int), got {task!r}")
         a, b = self.expert_A(task), self.lora_gamma[task] * self.lora_B[task]
         if self.task_shared_lora:
             a = torch.cat([a, self.expert_A(self.num_experts)], dim=0)
