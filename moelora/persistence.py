@@ -214,9 +214,27 @@ def _read_safetensors(path: str) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
+def _config_file(directory: str, name: str, other: str, other_is: str) -> str:
+    """``directory/name``; FileNotFoundError naming it where there is no such file, saying what the
+    directory holds instead: ``other`` (the other format's config, which ``other_is`` describes), or
+    adapters in subfolders (save_pretrained's layout for adapters other than "default")."""
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+        return path
+    hint = ""
+    if os.path.isfile(os.path.join(directory, other)):
+        hint = f"; the directory holds {other}: {other_is}"
+    elif os.path.isdir(directory):
+        named = sorted(d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, name)))
+        if named:
+            hint = f"; its subfolders {named} hold adapters (save_pretrained writes adapters other than 'default' there)"
+    raise FileNotFoundError(f"{path}: no such file (the adapter's config){hint}")
+
+
 def read_checkpoint(directory: str):
     """(config, structure records, tensors) of a checkpoint, every file read and checked."""
-    config_path = os.path.join(directory, CONFIG_NAME)
+    config_path = _config_file(directory, CONFIG_NAME, PEFT_CONFIG_NAME,
+                               "a PEFT LoRA checkpoint, which moelora.load_peft_lora reads")
     saved = _read_json(config_path, "the MoE-LoRA config")
     structure = saved.pop(STRUCTURE_KEY, [])
     try:
@@ -406,7 +424,9 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
 def read_peft_checkpoint(directory: str):
     """(adapter config, {module: {"lora_A"|"lora_B"|"lora_magnitude_vector": tensor}}, {name: other
     tensor}, weights path) of a PEFT LoRA checkpoint; errors name the file."""
-    config_path, weights_path = os.path.join(directory, PEFT_CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    config_path = _config_file(directory, PEFT_CONFIG_NAME, CONFIG_NAME,
+                               "a moelora checkpoint, which moelora.from_pretrained reads")
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
     peft_config = _read_json(config_path, "the PEFT adapter config")
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")

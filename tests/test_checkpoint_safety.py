@@ -293,6 +293,24 @@ def test_peft_files_are_named_in_errors(tmp_path):
         moelora.load_peft_lora(tiny_llama(num_layers=2), directory)
 
 
+def test_a_checkpoint_of_the_other_format_or_in_subfolders_is_named_in_the_missing_config_error(saved, tmp_path):
+    """A PEFT checkpoint given to from_pretrained / load_adapter, a moelora one to load_peft_lora, or a
+    save_pretrained folder whose adapters are all in subfolders: the error named only the missing file."""
+    directory, _ = saved
+    peft_directory = _peft_checkpoint(tmp_path / "peft", GOOD)
+    with pytest.raises(FileNotFoundError, match=r"moelora_config.json: no such file \(the adapter's config\); the "
+                                                r"directory holds adapter_config.json: .*moelora.load_peft_lora"):
+        moelora.from_pretrained(tiny_llama(num_layers=2), peft_directory)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json: no such file \(the adapter's config\); the "
+                                                r"directory holds moelora_config.json: .*moelora.from_pretrained"):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), str(directory))
+    model = get_moelora_model(tiny_llama(num_layers=2), CONFIG)
+    model.add_adapter("other", CONFIG)
+    model.save_pretrained(str(tmp_path / "named"), selected_adapters=["other"])
+    with pytest.raises(FileNotFoundError, match=r"moelora_config.json: no such file .*subfolders \['other'\] hold"):
+        moelora.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "named"))
+
+
 def test_a_pickled_peft_checkpoint_is_named_with_how_to_convert_it(tmp_path):
     """PEFT saves adapter_model.bin (a pickle) with safe_serialization=False, as older PEFT did: moelora reads
     data only, and the error says the .bin is there and how to write the safetensors file instead."""
