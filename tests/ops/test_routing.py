@@ -222,6 +222,44 @@ def test_route_grad_nan_rows_are_zero(path, grad_path):
     assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all() and x.grad[2, 0] == 0
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
+@pytest.mark.parametrize("k", [1, 5])
+def test_route_grad_with_masked_nan_and_tied_rows_every_mode(path, mode, renorm, k, grad_path):
+    """float64 logits with all-NaN, all -inf, partly -inf/NaN and all-tied rows, k = 1 and k = E:
+    the gradient (weights, prob_sums, lse) equals float64 autograd of softmax / top-k / logsumexp
+    on the logits with NaN read as -inf, and is exactly 0 on the -inf entries and masked rows."""
+    inf = float("inf")
+    g = torch.Generator().manual_seed(10 * k + len(mode) + renorm)
+    logits = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    logits[0] = float("nan")
+    logits[1] = -inf
+    logits[2, :3] = -inf
+    logits[3, 1], logits[3, 4] = float("nan"), -inf
+    logits[4] = 0.25  # ties: ids 0..k-1
+    gw, gps, glse = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((7, k), (5,), (7,)))
+    glse[:2] = 0  # lse = -inf there
+    x = logits.clone().to(grad_path).requires_grad_()
+    out = run_path(path, moelora.route, x, k, mode=mode, renormalize=renorm)
+    torch.autograd.backward([out.weights, out.prob_sums, out.lse], [t.to(grad_path) for t in (gw, gps, glse)])
+    got = x.grad.cpu()
+    ids = out.ids.long().cpu()
+    assert torch.equal(ids[4], torch.arange(k)) and (got[:2] == 0).all()
+    y = logits[2:].clone().requires_grad_()  # the rows with a finite logit, by plain autograd
+    z = torch.nan_to_num(y, nan=-inf)
+    probs = torch.softmax(z, -1)
+    sel = ids[2:]
+    if mode == "softmax_topk":
+        w = probs.gather(1, sel)
+        w = w / w.sum(-1, keepdim=True) if renorm else w
+    else:
+        w = torch.softmax(z.gather(1, sel), -1)
+    ((w * gw[2:]).sum() + (probs.sum(0) * gps).sum() + (torch.logsumexp(z, -1) * glse[2:]).sum()).backward()
+    want = torch.where(z == -inf, 0.0, y.grad)
+    torch.testing.assert_close(got[2:], want, rtol=1e-10, atol=1e-12)
+    assert (got[2:][z.detach() == -inf] == 0).all()
+
+
 @pytest.mark.parametrize("mode,renorm", MODES)
 def test_route_grad_plus_inf_rows_take_the_softmax_limit(mode, renorm, grad_path):
     """A row with +inf logits: the forward's limit p (1/n on its n +inf entries) differentiated,
