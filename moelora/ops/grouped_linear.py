@@ -152,7 +152,7 @@ def rows_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, engine: str,
 
 # ------------------------------------------------------------ torch backend: segment loop
 
-def _segments(offsets: torch.Tensor):
+def segment_bounds(offsets: torch.Tensor):
     """([(e, start, end) of the non-empty experts], end of the last segment)."""
     bounds = offsets.tolist()  # the host read of this path
     return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]], bounds[-1]
@@ -165,7 +165,7 @@ def segment_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     rows from offsets[E] on. One F.linear per non-empty expert, so an expert that gets every
     row rounds exactly like the plain linear layer."""
     out = rows.new_empty(rows.shape[0], weight.shape[1])
-    segments, end = _segments(offsets)
+    segments, end = segment_bounds(offsets)
     for e, lo, hi in segments:
         out[lo:hi] = F.linear(rows[lo:hi], weight[e], None if bias is None else bias[e])
     out[end:] = 0
@@ -181,7 +181,7 @@ def _(rows, weight, bias, offsets):
 def segment_linear_backward(grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
                             has_bias: bool) -> List[torch.Tensor]:
     """[d_rows, d_weight, d_bias (empty without bias)]; experts without rows get zeros."""
-    segments, end = _segments(offsets)
+    segments, end = segment_bounds(offsets)
     d_rows = torch.empty_like(rows)
     d_rows[end:] = 0
     d_weight = torch.zeros_like(weight) if len(segments) < weight.shape[0] else torch.empty_like(weight)

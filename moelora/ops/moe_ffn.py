@@ -38,8 +38,9 @@ Backends (as :func:`moelora.moe_lora`):
 - ``torch``: rows gathered in expert order (moelora.dispatch's op), one F.linear per
   non-empty expert segment (``moelora::segment_linear``, a custom op so torch.compile
   keeps it whole; it reads the segment bounds on the host: free on CPU, one
-  synchronisation per projection on a GPU). Deterministic; an expert that gets every
-  token rounds exactly like the original linear layers.
+  synchronisation per projection on a GPU); on a CPU in eager mode the activation runs per
+  expert segment too (CPU elementwise kernels round by position). Deterministic; an expert
+  that gets every token rounds exactly like the original FFN.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, layout_block,
-                                        may_be_symbolic, native_major, rows_linear, rows_weight_grad, segment_linear)
+                                        may_be_symbolic, native_major, rows_linear, rows_weight_grad, segment_bounds,
+                                        segment_linear)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import check_moe_ffn_args, check_routing_values, check_top_k, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
@@ -521,19 +523,38 @@ def _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
 
 # ------------------------------------------------------------------------ torch backend
 
+def _by_segment(activation: Callable, offsets: torch.Tensor, h: torch.Tensor,
+                up: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``activation(h)`` (times ``up``) of contiguous row-space tensors; on a CPU in eager mode one call
+    per expert segment (and one for the rows after them), on a copy of the segment (an activation working
+    in place, nn.ELU(inplace=True), would otherwise change views of one tensor autograd saved). CPU
+    elementwise kernels round by position (a vectorised body, then a scalar tail), so each expert's rows
+    then round as the FFN's activation over the same rows did: an expert routed every token reproduces
+    the FFN bit for bit whatever d_ff. Elsewhere (GPUs, whose kernels round alike at every position;
+    torch.compile) one call."""
+    def fn(h, up):
+        return activation(h) if up is None else activation(h) * up
+
+    if h.device.type != "cpu" or torch.compiler.is_compiling():
+        return fn(h, up)
+    segments, end = segment_bounds(offsets)
+    bounds = [(lo, hi) for _, lo, hi in segments] + [(end, h.shape[0])]
+    return torch.cat([fn(h[lo:hi].clone(), None if up is None else up[lo:hi]) for lo, hi in bounds])
+
+
 def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked):
     """Pair-major [T*k, d_out] expert outputs (zero rows for skipped pairs), one F.linear per
     expert segment of the expert-sorted rows."""
     meta = expert_layout(ids, w_in.shape[0], None)
     rows = dispatch_rows(x, meta)  # [T*k, d_in], expert-sorted, skipped pairs last
     h = segment_linear(rows, w_in, b_in, meta.offsets)
-    if stacked:
+    if stacked:  # the halves are strided: CPU kernels loop over each row on its own, as the FFN's
         gate, h = _halves(h)
         h = activation(gate) * h
     elif w_gate is None:
-        h = activation(h)
+        h = _by_segment(activation, meta.offsets, h)
     else:
-        h = activation(segment_linear(rows, w_gate, b_gate, meta.offsets)) * h
+        h = _by_segment(activation, meta.offsets, segment_linear(rows, w_gate, b_gate, meta.offsets), h)
     sorted_out = segment_linear(h, w_out, b_out, meta.offsets)
     position = meta.inverse.reshape(-1)
     kept = position >= 0

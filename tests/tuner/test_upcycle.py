@@ -525,3 +525,26 @@ def test_moeffn_top1_warns_with_its_own_advice():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, num_experts=4, top_k=2)
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU(), nn.GELU("tanh"), nn.Mish()], ids=["silu", "gelu_tanh", "mish"])
+@pytest.mark.parametrize("kind", ["plain", "gated", "stacked"])
+def test_upcycled_block_is_bitwise_the_ffn_for_any_width_on_the_torch_backend(activation, kind):
+    """The torch backend's promise (all experts routed, eps = 0): the FFN's output bit for bit, whatever
+    d_ff and the number of tokens. CPU elementwise kernels round by position (a vectorised body, then
+    a scalar tail), so the activation over all experts' rows at once rounded the rows of an expert that
+    do not start on a vector boundary otherwise than the FFN's (d_ff = 12, 10 tokens: about 1e-8)."""
+    torch.manual_seed(0)
+    fc_in, fc_out = nn.Linear(8, 24 if kind == "stacked" else 12), nn.Linear(12, 8)
+    gate = nn.Linear(8, 12) if kind == "gated" else None
+    moe = MoEFFN(fc_in, fc_out, activation, num_experts=4, top_k=4, gate_proj=gate, router="threshold",
+                 stacked_gate=kind == "stacked")
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        if kind == "stacked":  # Phi-3's MLP
+            g, up = fc_in(x).chunk(2, -1)
+            dense = fc_out(activation(g) * up)
+        else:
+            dense = fc_out(activation(fc_in(x)) if gate is None else activation(gate(x)) * fc_in(x))
+        with moelora.use_backend("torch"):
+            assert torch.equal(moe(x), dense)
