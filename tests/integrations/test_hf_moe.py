@@ -10,6 +10,9 @@ a block that is a mixture of experts already. What it does adapt (attention, sha
 trains, generates, saves, loads and merges as on a dense model, and the model's own router aux
 loss and moelora's add up in ``outputs.loss``, each once."""
 
+import importlib
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,3 +185,76 @@ def test_generate_save_load_and_merge(name, tmp_path):
         merged = single.merge_and_unload()
         assert not _adapted(merged)
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _float64_moe_block(x, router_weight, gate_up, down, top_k, renormalize):
+    """The float64 MoE block written out: softmax of x W_r^T, top-k, kept probabilities renormalised
+    or not, sum_j w_j down_e (silu(gate) * up) with [gate; up] = gate_up_e x, per token and slot."""
+    probs = (x @ router_weight.T).softmax(-1)
+    top, ids = probs.topk(top_k, -1)
+    if renormalize:
+        top = top / top.sum(-1, keepdim=True)
+    out = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros_like(x[t])
+        for j in range(top_k):
+            gate, up = (gate_up[ids[t, j]] @ x[t]).chunk(2)
+            acc = acc + top[t, j] * (down[ids[t, j]] @ (F.silu(gate) * up))
+        out.append(acc)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name,top_k", [("mixtral", 2), ("mixtral", 4), ("qwen3_moe", 3), ("olmoe", 1)])
+def test_moeffn_holding_a_transformers_moe_blocks_weights_computes_that_block(name, top_k, backend):
+    """MoEFFN (router="softmax_topk", stacked_gate=True) given the weights of transformers' Mixtral block,
+    or Qwen3-MoE's or OLMoE's with norm_topk_prob=True (experts.gate_up_proj -> w_in, experts.down_proj -> w_out,
+    gate.weight -> router.weight): the output and every gradient (x, experts, router) equal the float64
+    block written out, T = 1 too; the block itself agrees to its fp32 routing; the load-balancing loss is
+    transformers' load_balancing_loss_func of the logits and the z-loss Switch's router_z_loss_func."""
+    from moelora.modules.ffn import MoEFFN
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
+
+    extra = {} if name == "mixtral" else dict(norm_topk_prob=True)
+    config = transformers.AutoConfig.for_model(name, **{**COMMON, **MODELS[name], "hidden_size": 8,
+                                                        "intermediate_size": 12, "moe_intermediate_size": 12,
+                                                        "num_experts_per_tok": top_k, **extra})
+    modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    block_class = {"mixtral": "MixtralSparseMoeBlock", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
+                   "olmoe": "OlmoeSparseMoeBlock"}[name]
+    block = getattr(modeling, block_class)(config).double()  # standalone: the experts' eager loop takes float64
+    torch.manual_seed(1)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    experts, E = block.experts, block.experts.gate_up_proj.shape[0]
+    with warnings.catch_warnings():  # top_k = 1: MoEFFN's gates are then 1 (it warns so)
+        warnings.simplefilter("ignore")
+        moe = MoEFFN(torch.nn.Linear(8, 24, bias=False), torch.nn.Linear(12, 8, bias=False), F.silu, E, top_k,
+                     router="softmax_topk", stacked_gate=True).double()
+    with torch.no_grad():
+        for mine, theirs in ((moe.w_in, experts.gate_up_proj), (moe.w_out, experts.down_proj),
+                             (moe.router.weight, block.gate.weight)):
+            mine.copy_(theirs)
+    for T in (1, 7):
+        x = torch.randn(1, T, 8, dtype=torch.float64, requires_grad=True)
+        grad = torch.randn(1, T, 8, dtype=torch.float64)
+        with moelora.use_backend(backend):
+            y = moe(x)
+        got = torch.autograd.grad(y, (x, moe.w_in, moe.w_out, moe.router.weight), grad)
+        leaves = [t.detach().clone().requires_grad_() for t in (x.reshape(T, 8), experts.gate_up_proj,
+                                                                experts.down_proj, block.gate.weight)]
+        ref = _float64_moe_block(leaves[0], leaves[3], leaves[1], leaves[2], top_k, renormalize=True)
+        expected = torch.autograd.grad(ref, leaves, grad.reshape(T, 8))
+        torch.testing.assert_close(y.reshape(T, 8), ref, rtol=1e-12, atol=1e-12)
+        for g, r in zip(got, expected):
+            torch.testing.assert_close(g.reshape(r.shape), r, rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), y, rtol=1e-6, atol=1e-6)  # transformers' routing is fp32
+        logits = (leaves[0] @ leaves[3].T).detach()
+        stats = moe.last_router_stats
+        lb = load_balancing_loss_func((logits,), E, top_k).double()  # counted in fp32
+        torch.testing.assert_close(stats["load_balancing_loss"], lb, rtol=1e-6, atol=0)
+        torch.testing.assert_close(stats["z_loss"], router_z_loss_func(logits[None]), rtol=1e-6, atol=0)
+        weighted = 0.01 * stats["load_balancing_loss"] + 0.001 * stats["z_loss"]  # the default coefficients
+        torch.testing.assert_close(moe.last_aux_loss.detach(), weighted)
