@@ -224,6 +224,54 @@ def test_single_expert_equals_peft_lora(use_dora, use_rslora):
     torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("base_kind", ["linear", "linear_no_bias", "gpt2_conv1d"])
+def test_dora_equals_peft_dora_in_float64(base_kind, backend):
+    """DoRA (E = 1) against PEFT's DoRA layer with the same A, B and magnitude, in float64: output and the
+    x / A / B / magnitude gradients in eval (the fused op) and in training with LoRA dropout (the composed
+    path; the same seed draws PEFT's mask), over nn.Linear with and without a bias and a GPT-2 Conv1D
+    (fan_in_fan_out); the merged weight is PEFT's merged weight bit for bit, and unmerging gives the base
+    weight back within its rounding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = (Conv1D(10, 12) if base_kind == "gpt2_conv1d" else nn.Linear(12, 10, bias=base_kind == "linear")).double()
+    peft_model = get_peft_model(nn.Sequential(copy.deepcopy(base)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0"], use_dora=True, lora_dropout=0.3, init_lora_weights=False,
+        fan_in_fan_out=base_kind == "gpt2_conv1d"))
+    theirs = peft_model.base_model.model[0]
+    ours = MoELoRALinear(base, num_experts=1, r=4, lora_alpha=8, use_dora=True, lora_dropout=0.3)
+    their_params = [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
+                    theirs.lora_magnitude_vector["default"].weight]
+    with torch.no_grad():
+        theirs.lora_B["default"].weight.normal_()
+        their_params[2].mul_(torch.rand(10, dtype=torch.float64) + 0.5)  # not the norm of W + s B A
+        for mine, their in zip((ours.lora_A[0], ours.lora_B[0], ours.lora_magnitude_vector), their_params):
+            mine.copy_(their)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    for train in (False, True):
+        peft_model.train(train), ours.train(train)
+        x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(7)
+        expected = peft_model(x_theirs)
+        with moelora.use_backend(backend):
+            torch.manual_seed(7)
+            out = ours(x_ours)
+            dy = torch.randn_like(out)
+            grads = torch.autograd.grad(out, [x_ours, ours.lora_A, ours.lora_B, ours.lora_magnitude_vector], dy)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        for name, got, want in zip(["x", "A", "B", "magnitude"], grads,
+                                   torch.autograd.grad(expected, [x_theirs] + their_params, dy)):
+            torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-12, atol=1e-12, msg=name)
+    peft_model.eval(), ours.eval()
+    before = base.weight.detach().clone()
+    theirs.merge(), ours.merge()
+    assert torch.equal(ours.base_layer.weight, theirs.base_layer.weight)
+    ours.unmerge()
+    torch.testing.assert_close(ours.base_layer.weight, before, rtol=0, atol=4 * torch.finfo(torch.float64).eps)
+
+
 @pytest.mark.parametrize("kind,extra", [("threshold", {}), ("softmax_topk", dict(router_jitter_noise=0.2)),
                                         ("shared_a", {}), ("threshold", dict(router_jitter_noise=0.2))],
                          ids=["threshold", "jitter", "a_dropout", "threshold_jitter"])
