@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -32,8 +34,15 @@ def profile_file_name(case_id: str) -> str:
 
 def run(case_ids: str, shapes: dict, dtype: torch.dtype, device: torch.device, out_dir: Path,
         iterations: int = 10) -> int:
-    """Profile each of the comma-separated ``case_ids``; 0 when all ran, else 2 (every case is tried)."""
-    codes = [run_case(case_id, shapes, dtype, device, out_dir, iterations) for case_id in case_ids.split(",")]
+    """Profile each of the comma-separated ``case_ids``; 0 when all ran, else 2 (every case is tried: one
+    that fails prints why on stderr, as a bad id does, and the next is profiled)."""
+    codes = []
+    for case_id in case_ids.split(","):
+        try:
+            codes.append(run_case(case_id, shapes, dtype, device, out_dir, iterations))
+        except Exception:  # a case that fails to run (an error of its implementation, out of memory)
+            print(f"{case_id} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            codes.append(2)
     return max(codes)
 
 
@@ -52,14 +61,14 @@ def run_case(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.devic
     except (ValueError, KeyError):
         print(f"--profile wants shape/group/pass/implementation, e.g. S1/layer/fwdbwd/moelora-MoELoRALinear; "
               f"shapes {sorted(shapes)} (or <shape>@T<tokens>), passes {', '.join(PASSES + (DECODE_PASS,))}, "
-              f"implementations {[i.name for i in impls.DELTA + impls.LAYER + impls.FFN]}")
+              f"implementations {[i.name for i in impls.DELTA + impls.LAYER + impls.FFN]}", file=sys.stderr)
         return 2
     if impl.group != group:
-        print(f"{impl_name} belongs to the {impl.group} group, not {group}")
+        print(f"{impl_name} belongs to the {impl.group} group, not {group}", file=sys.stderr)
         return 2
     reason = impl.probe(shape, device)
     if reason is not None:
-        print(f"{case_id} cannot run here: {reason}")
+        print(f"{case_id} cannot run here: {reason}", file=sys.stderr)
         return 2
     with moelora.validation(False):
         sets = make_sets(shape, dtype, device, 2)

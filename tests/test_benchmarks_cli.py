@@ -232,8 +232,22 @@ def test_profile_writes_one_table_per_case(tmp_path, capsys):
     rc = cli.main(["--device", "cpu", "--out-dir", str(tmp_path / "bad"), "--profile",
                    "S3/delta/fwd/no-such-impl,S1/delta/fwd/moelora-torch"])
     assert rc == 2
-    assert "--profile wants shape/group/pass/implementation" in capsys.readouterr().out
+    assert "--profile wants shape/group/pass/implementation" in capsys.readouterr().err
     assert (tmp_path / "bad" / "profile-S1-delta-fwd-moelora-torch.txt").exists()
+
+
+def test_profile_reports_on_stderr_and_goes_on_after_a_case_that_fails(tmp_path, capsys, monkeypatch):
+    """gpu_session.sh keeps --profile's stderr (its log) and drops its stdout (the tables, which it
+    keeps as files): why a case was not profiled goes to stderr, and a case whose implementation
+    raises does not keep the next one from being profiled (it ended the whole run before)."""
+    monkeypatch.setattr(impls.by_name("torch-dense"), "prepare",
+                        lambda shape, s: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
+    cases = "S2/delta/fwd/torch-dense,S2/delta/fwd/moelora-triton,S2/delta/fwd/moelora-torch"
+    assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--profile", cases]) == 2
+    err = capsys.readouterr().err
+    assert "S2/delta/fwd/torch-dense failed" in err and "kernel exploded" in err
+    assert "S2/delta/fwd/moelora-triton cannot run here" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["profile-S2-delta-fwd-moelora-torch.txt"]
 
 
 def test_profile_takes_decode_cases_and_refuses_unknown_passes(tmp_path, capsys):
@@ -243,7 +257,7 @@ def test_profile_takes_decode_cases_and_refuses_unknown_passes(tmp_path, capsys)
     assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--profile", case]) == 0
     assert (tmp_path / "profile-S1-T8-layer-decode-moelora-MoELoRALinear.txt").read_text().startswith(f"{case} on cpu")
     assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path / "bad"), "--profile", "S1/layer/xyz/peft-lora"]) == 2
-    assert "--profile wants shape/group/pass/implementation" in capsys.readouterr().out
+    assert "--profile wants shape/group/pass/implementation" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
