@@ -391,3 +391,22 @@ def test_autocast_layer_bytes_count_the_fp32_x_and_base_weight():
     assert layer_amp["fwd"]["bytes"] - layer["fwd"]["bytes"] == 2 * T * d + 2 * d * d  # x, W0
     assert layer_amp["bwd"]["bytes"] - layer["bwd"]["bytes"] == 2 * (2 * T * d) + 2 * d * d  # x, dx, W0
     assert metrics.counts(s, "layer", "linear-frozen-autocast", 4) == metrics.counts(s, "layer", "linear-frozen", 4)
+
+
+def test_a_case_that_computes_something_else_is_an_error_not_a_timing(tmp_path, monkeypatch):
+    """rel_err_vs_reference was recorded but never read: an implementation computing another function
+    (here torch-dense with half the scaling) was an "ok" case whose median fed speedups, ratios and
+    targets. Above the dtype's tolerance it is an error (timings kept, not compared)."""
+    from benchmarks import baselines
+
+    dense = baselines.moe_lora_dense
+    monkeypatch.setattr(baselines, "moe_lora_dense", lambda x, a, b, ids, w, scaling=1.0, base_out=None:
+                        dense(x, a, b, ids, w, scaling / 2, base_out=base_out))
+    results, _ = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--passes", "fwd,fwdbwd", "--no-host-overhead")
+    cases = {c["id"]: c for c in results["cases"]}
+    for p in ("fwd", "fwdbwd"):
+        wrong = cases[f"S4/delta/{p}/torch-dense"]
+        assert wrong["status"] == "error" and wrong["error"].startswith("wrong result: rel_err_vs_reference"), wrong
+        assert wrong["rel_err_vs_reference"] > 0.1 and wrong["median_ms"] > 0 and "speedup_vs_naive" not in wrong
+        right = cases[f"S4/delta/{p}/moelora-torch"]
+        assert right["status"] == "ok" and right["rel_err_vs_reference"] < 1e-5 and "speedup_vs_naive" in right
