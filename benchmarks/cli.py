@@ -100,6 +100,41 @@ def main(argv: Optional[List[str]] = None) -> int:
             _WATCHDOGS.pop().cancel()
 
 
+def _sweep_tokens(text: Optional[str]) -> Optional[List[int]]:
+    """The token counts of --sweep-tokens (None: the default sweep); ValueError unless positive integers."""
+    if not text:
+        return None
+    tokens = [int(t) for t in text.split(",")]
+    if min(tokens) < 1:
+        raise ValueError(text)
+    return tokens
+
+
+def _option_problems(args: argparse.Namespace) -> List[str]:
+    """What is wrong with the numeric and name options (each message names its option), checked
+    before anything runs."""
+    problems = []
+    bounds = {"repeats": (lambda v: v >= 1, "at least 1"), "min_repeats": (lambda v: v >= 1, "at least 1"),
+              "warmup": (lambda v: v >= 0, "non-negative"), "case_cap": (lambda v: v > 0, "positive"),
+              "time_budget": (lambda v: v >= 0, "non-negative"), "hard_deadline": (lambda v: v >= 0, "non-negative")}
+    for name, (ok, expected) in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            problems.append(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+    if not 0 <= args.sweep_share < 1:
+        problems.append(f"--sweep-share must be in [0, 1), got {args.sweep_share}")
+    try:
+        _sweep_tokens(args.sweep_tokens)
+    except ValueError:
+        problems.append(f"--sweep-tokens wants comma-separated positive token counts, e.g. 512,4096, "
+                        f"got {args.sweep_tokens!r}")
+    names = {i.name for i in impls.DELTA + impls.LAYER + impls.FFN}
+    unknown = [n for n in args.skip.split(",") if n and n not in names]
+    if unknown:
+        problems.append(f"--skip: unknown implementations {unknown}; choose from {sorted(names)}")
+    return problems
+
+
 def _restart(argv: List[str], json_path: Path) -> None:
     """Replace this process by a fresh one that resumes from ``json_path``."""
     rest, skip_next = [], False
@@ -118,6 +153,11 @@ def _restart(argv: List[str], json_path: Path) -> None:
 def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: List[str]) -> int:
     budget = Budget(args.time_budget)
     log = lambda msg: print(msg, flush=True)
+    problems = _option_problems(args)
+    if problems:  # before anything runs: a bad value found after the suite would lose the table and targets
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 2
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     repeats = args.repeats or ((15 if args.quick else 50) if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
@@ -307,7 +347,7 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
                 break
 
     if args.sweep and train_passes and not ctx.device_lost:
-        tokens = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else None
+        tokens = _sweep_tokens(args.sweep_tokens)
         sweep = sweep_shapes(on_gpu, tokens)
         if args.quick and tokens is None:
             sweep = sweep[::2]

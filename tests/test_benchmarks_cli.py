@@ -91,8 +91,18 @@ def test_decode_pass_alone(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [(["--passes", "fwd,infer"], "unknown passes ['infer']"),
-                                            (["--decode-tokens", "0"], "--decode-tokens must be a positive")])
-def test_bad_pass_options_are_refused(tmp_path, capsys, extra, message):
+                                            (["--decode-tokens", "0"], "--decode-tokens must be a positive"),
+                                            # were read after the whole suite had run: a traceback, no table
+                                            (["--sweep-tokens", "32,1k"], "--sweep-tokens wants comma-separated"),
+                                            (["--sweep-tokens", "0"], "--sweep-tokens wants comma-separated"),
+                                            # was ignored: the implementation ran
+                                            (["--skip", "moelora-trch"], "--skip: unknown implementations"),
+                                            # 0 fell back to the default, -2 failed every case (KeyError)
+                                            (["--repeats", "-2"], "--repeats must be at least 1, got -2"),
+                                            (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+                                            (["--sweep-share", "1.5"], "--sweep-share must be in [0, 1)"),
+                                            (["--case-cap", "-1"], "--case-cap must be positive")])
+def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, extra, message):
     assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--shapes", "S1", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
