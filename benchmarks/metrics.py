@@ -10,7 +10,8 @@ that GB/s, TFLOP/s and the percentage of the floor compare implementations direc
 - Whole layer adds the frozen base GEMM: 2 T d_in d_out forward, the same again for dx, and
   W0's bytes in each pass (a fused layer computes base + delta in one pass: no base output is
   written or read). PEFT's cases: one adapter (E = 1, k = 1), no routing. The "-autocast" cases
-  (fp32 x and W0 under torch.autocast) read x and W0 and write dx at 4 bytes per element.
+  (fp32 x and W0 under torch.autocast) read x and W0 and write dx at 4 bytes per element. The
+  "-task" cases (MoELoRALinear's task router) route each token to its task's expert alone: k = 1.
 - Full-FFN MoE (SwiGLU): forward 2 T k d (3 d_ff); backward twice that.
 The decode pass (the inference forward) counts what the forward does.
 floor = max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the same run.
@@ -18,6 +19,7 @@ floor = max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the s
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, Optional
 
 from .shapes import Shape
@@ -52,7 +54,8 @@ def _layer_counts(shape: Shape, elt: int, impl: str) -> Dict[str, Dict[str, floa
     if impl.startswith("linear-frozen"):
         return {"fwd": {"flops": base_flops, "bytes": T * di * wide + T * do * elt + w0},
                 "bwd": {"flops": base_flops, "bytes": T * do * elt + T * di * wide + w0}}
-    delta = _delta_counts(shape, elt, wide)
+    # task routing takes one expert per token whatever the shape's top_k (MoELoRALinear ignores it)
+    delta = _delta_counts(replace(shape, top_k=1) if impl.endswith("-task") else shape, elt, wide)
     if impl.startswith("peft-lora"):  # single adapter: E = 1, k = 1, same r, no routing
         r = shape.rank
         lora = 2 * T * di * r + 2 * T * r * do

@@ -420,3 +420,21 @@ def test_a_case_that_computes_something_else_is_an_error_not_a_timing(tmp_path, 
         assert wrong["rel_err_vs_reference"] > 0.1 and wrong["median_ms"] > 0 and "speedup_vs_naive" not in wrong
         right = cases[f"S4/delta/{p}/moelora-torch"]
         assert right["status"] == "ok" and right["rel_err_vs_reference"] < 1e-5 and "speedup_vs_naive" in right
+
+
+def test_task_routed_layer_counts_one_expert_per_token():
+    """MoELoRALinear's task router takes one expert per token (its top_k is ignored): the S1 "-task"
+    case's FLOPs and bytes are those of k = 1, not of S1's k = 2 (which overstated its TFLOP/s and
+    % of floor). At S1 in bf16: forward 2 T d d (base) + 2 T d r (shared A) + 2 T r d (one expert)."""
+    from benchmarks import metrics
+    from benchmarks.shapes import GPU_SUITE
+
+    s = GPU_SUITE["S1"]
+    T, d, r, E, elt = s.tokens, s.d_in, s.rank, s.experts, 2
+    task = metrics.counts(s, "layer", "moelora-MoELoRALinear-task", elt)
+    assert task["fwd"]["flops"] == 2 * T * d * d + 2 * T * d * r + 2 * T * r * d
+    weights = (r * d + E * d * r) * elt
+    assert task["fwd"]["bytes"] == 2 * T * d * elt + weights + T * 1 * 8 + d * d * elt
+    assert task["bwd"]["flops"] == 2 * T * d * d + 2 * (2 * T * d * r + 2 * T * r * d)
+    assert metrics.counts(s, "layer", "moelora-MoELoRALinear", elt)["fwd"]["flops"] == \
+        task["fwd"]["flops"] + 2 * T * r * d  # top-2
