@@ -44,6 +44,9 @@ class Prepared:
     # For implementations whose forward draws random numbers (LoRA dropout): runs forward and an
     # fp32 reference of that same draw, and returns their relative error (instead of reference).
     check: Optional[Callable[[], float]] = None
+    # The loss the last forward recorded beside y (a learned router's aux loss, as MoELoRALinear's
+    # last_aux_loss), or None: the backward passes differentiate it with y, as a training step does.
+    aux_loss: Optional[Callable[[], Optional[torch.Tensor]]] = None
 
 
 @dataclass
@@ -278,8 +281,11 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
             with moelora.use_backend("torch"):
                 return ref(x.float())
 
+        def aux_loss():
+            return layer.last_aux_loss
+
         if not dropout:
-            return Prepared(forward, [x] + trainable, keep=[layer], reference=reference)
+            return Prepared(forward, [x] + trainable, keep=[layer], reference=reference, aux_loss=aux_loss)
 
         def check():
             with torch.no_grad(), torch.random.fork_rng(devices=[w0.device] if w0.is_cuda else []):
@@ -287,7 +293,7 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
             with torch.no_grad():
                 return rel_err(y, reference())
 
-        return Prepared(forward, [x] + trainable, keep=[layer], check=check)
+        return Prepared(forward, [x] + trainable, keep=[layer], check=check, aux_loss=aux_loss)
     return prepare
 
 

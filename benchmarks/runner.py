@@ -6,6 +6,8 @@ warmed up, then timed per pass while cycling the sets:
 - ``bwd``: backward ALONE: the forward graph of each set is built once before timing and
   ``torch.autograd.grad(y, leaves, dy, retain_graph=True)`` is timed (not fwd+bwd - fwd).
 - ``fwdbwd``: forward then ``torch.autograd.grad`` in one timed step.
+  Both backward passes also differentiate the aux loss a learned router recorded in the forward
+  (MoELoRALinear's, gradient 1), as a training step does.
 - ``decode``: the inference forward (``impls.inference``: modules in eval mode, forward under
   torch.inference_mode), as generation runs it; the CLI times S1's layer group so at few tokens.
   It runs in a group of its own (the modules are put in eval mode).
@@ -146,6 +148,14 @@ def prepare_sets(impl: Impl, shape: Shape, sets: List[dict], passes) -> List[Pre
     return [inference(p) for p in prepared] if DECODE_PASS in passes else prepared
 
 
+def _outputs(p: Prepared, y: torch.Tensor, s: dict) -> tuple:
+    """(outputs, their gradients) of a backward pass: y with the set's grad_out, and the aux loss the
+    forward recorded (a learned router's, 1 as its gradient: a training step's loss) where there is one."""
+    aux = p.aux_loss() if p.aux_loss is not None else None
+    dy = s["grad_out"].view_as(y)
+    return ([y], [dy]) if aux is None else ([y, aux], [dy, None])
+
+
 def _steps(pass_name: str, prepared: List[Prepared], sets: List[dict]):
     n = len(prepared)
     if pass_name in ("fwd", DECODE_PASS):  # the decode pass's forward is already the inference one
@@ -153,16 +163,17 @@ def _steps(pass_name: str, prepared: List[Prepared], sets: List[dict]):
 
     def fwdbwd(i):
         p = prepared[i % n]
-        y = p.forward()
-        return torch.autograd.grad(y, p.leaves, sets[i % n]["grad_out"].view_as(y), allow_unused=True)
+        outputs, grads = _outputs(p, p.forward(), sets[i % n])
+        return torch.autograd.grad(outputs, p.leaves, grads, allow_unused=True)
 
     if pass_name == "fwdbwd":
         return fwdbwd, None
-    outs = [p.forward() for p in prepared]  # forward graphs kept for the backward-alone timing
+    # forward graphs kept for the backward-alone timing (with the aux loss each forward recorded)
+    outs = [_outputs(p, p.forward(), s) for p, s in zip(prepared, sets)]
 
     def bwd(i):
-        return torch.autograd.grad(outs[i % n], prepared[i % n].leaves, sets[i % n]["grad_out"].view_as(outs[i % n]),
-                                   retain_graph=True, allow_unused=True)
+        outputs, grads = outs[i % n]
+        return torch.autograd.grad(outputs, prepared[i % n].leaves, grads, retain_graph=True, allow_unused=True)
     return bwd, outs
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
 
@@ -438,3 +439,38 @@ def test_task_routed_layer_counts_one_expert_per_token():
     assert task["bwd"]["flops"] == 2 * T * d * d + 2 * (2 * T * d * r + 2 * T * r * d)
     assert metrics.counts(s, "layer", "moelora-MoELoRALinear", elt)["fwd"]["flops"] == \
         task["fwd"]["flops"] + 2 * T * r * d  # top-2
+
+
+@pytest.mark.parametrize("pass_name", ["bwd", "fwdbwd"])
+def test_backward_passes_differentiate_the_aux_loss_the_forward_recorded(pass_name):
+    """A training step's loss is y's plus the router's aux loss: the layer cases' backward passes
+    differentiate both (before, y alone: the aux-loss backward of MoELoRALinear went untimed)."""
+    from benchmarks import runner
+
+    w = torch.randn(5, requires_grad=True)
+    recorded = []
+
+    def forward():
+        recorded.append((w * w).sum() * 3)  # as MoELoRALinear's forward records last_aux_loss
+        return w * 2
+
+    prepared = [impls.Prepared(forward, [w], aux_loss=lambda: recorded[-1])]
+    sets = [{"grad_out": torch.randn(5)}]
+    step, _ = runner._steps(pass_name, prepared, sets)
+    (grad,) = step(0)
+    torch.testing.assert_close(grad, 2 * sets[0]["grad_out"] + 6 * w.detach())
+    no_aux = [impls.Prepared(forward, [w])]
+    (grad,) = runner._steps(pass_name, no_aux, sets)[0](0)
+    torch.testing.assert_close(grad, 2 * sets[0]["grad_out"])
+
+
+def test_moelora_linear_cases_hand_the_backward_their_aux_loss():
+    from benchmarks import inputs, shapes
+
+    shape = shapes.suite(on_gpu=False)["S1"]
+    s = inputs.make_set(shape, torch.float32, torch.device("cpu"), seed=0)
+    for name in ("moelora-MoELoRALinear", "moelora-MoELoRALinear-dropout", "moelora-MoELoRALinear-task"):
+        prepared = impls.by_name(name).prepare(shape, s)
+        prepared.forward()
+        aux = prepared.aux_loss()
+        assert (aux is None) == name.endswith("-task") and (aux is None or aux.requires_grad), name
