@@ -4,6 +4,7 @@ routing/dispatch execution paths with slow, obviously correct loop references.""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -94,6 +95,26 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     denom = ref.norm()
     diff = (out - ref).norm()
     return float(diff) if denom == 0 else float(diff / denom)
+
+
+@contextlib.contextmanager
+def float_args_as_float32():
+    """Within the block every Triton launch of moelora.kernels.launchers gets its Python float
+    arguments as the float32 numbers a GPU launch passes (Triton's type for a float argument).
+    The interpreter passes them on as Python floats, which a kernel then combines with float64
+    tensors in float64: a float64 kernel's test would not see the precision a GPU loses there."""
+    from moelora.kernels import launchers
+
+    def launch(kernel, grid, configured, args):
+        values = (*args, *configured.fixed)
+        kernel[grid](*(float(torch.tensor(v, dtype=torch.float32)) if type(v) is float else v for v in values),
+                     **configured.meta)
+
+    previous, launchers._launch_hook = launchers._launch_hook, launch
+    try:
+        yield
+    finally:
+        launchers._launch_hook = previous
 
 
 def tiny_bert(num_layers=4, classification=False):

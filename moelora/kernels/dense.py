@@ -26,6 +26,12 @@ is finite in exact arithmetic stays finite. Unchosen experts never contribute, w
 weights hold: a NaN or Inf in the B (or per-expert A) of an expert that a token did not
 choose leaves that token's outputs and gradients finite. Every kernel is deterministic (no atomics) and uses int64 offsets.
 
+A kernel computing in float64 (float64 logits / layers) takes its float coefficients (the aux
+loss's) as two float32 parts, hi + lo (moelora.kernels.launchers.float64_parts: Triton passes a
+float argument as a float32), and forms 1 / T from T itself: float64's precision where one
+float32 argument would give float32's. Below float64 it takes hi alone and the float32 1 / T,
+as before the parts were added.
+
 Parameters of every kernel launched here (and of matmul_kernel) come in one order: pointers,
 then the floats that change from call to call, then the sizes and strides fixed by the launch
 configuration, then the constexprs: moelora.kernels.launchers.KernelLaunch passes the first two groups
@@ -218,6 +224,23 @@ def _gated_expand_store(acc, poisoned, offs_t, mask_t, offs_n, mask_n, base_ptr,
 
 
 @triton.jit
+def _float_arg(hi, lo, ACC: tl.constexpr):
+    """A float argument in ACC: for float64 hi + lo, the two float32 parts a launcher passes it as
+    (moelora.kernels.launchers.float64_parts; ~48 bits), else hi (float32's rounding of it)."""
+    if ACC == tl.float64:
+        hi = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    return hi
+
+
+@triton.jit
+def _inverse_count(inv_t, T, ACC: tl.constexpr):
+    """1 / max(T, 1) in ACC: for float64 computed here from T, else the launcher's float32 inv_t."""
+    if ACC == tl.float64:
+        inv_t = 1.0 / tl.maximum(tl.cast(T, tl.float64), 1.0)
+    return inv_t
+
+
+@triton.jit
 def _store_aux_loss(loss_ptr, stats_ptr, lb, z, lb_coef, z_coef):
     """Stores loss = lb_coef * lb + z_coef * z (0-d) and stats = (lb, z) [2]."""
     tl.store(loss_ptr, lb_coef * lb + z_coef * z)
@@ -227,15 +250,17 @@ def _store_aux_loss(loss_ptr, stats_ptr, lb, z, lb_coef, z_coef):
 
 @triton.jit
 def _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
-                     lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
-                     COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
+                     lb_coef, z_coef, lb_lo, z_lo, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt,
+                     stride_wk, COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """loss = lb_coef * lb + z_coef * z and stats = (lb, z) with lb = E * sum_e (counts_e / T)(prob_sums_e / T)
     (Switch load balancing) and z = mean_t lse_t^2 (ST-MoE z-loss), in ACC, summed in a fixed order,
     by one program (gated_expand_kernel's first). With COUNT_KEPT the counts are those of the
     slots with weight > 0 (threshold routing), counted here from ids and w and written to
-    kept_ptr [E] (int64).
+    kept_ptr [E] (int64). The coefficients come as float32 parts (lb_coef + lb_lo, z_coef + z_lo:
+    _float_arg).
     """
+    inv_t = _inverse_count(inv_t, T, ACC)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     if COUNT_KEPT:
@@ -260,14 +285,15 @@ def _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_pt
         offs_t = t0 + tl.arange(0, BLOCK_T)
         lse = tl.load(lse_ptr + offs_t * stride_lse, mask=offs_t < T, other=0.0).to(ACC)
         z_acc += lse * lse
-    _store_aux_loss(loss_ptr, stats_ptr, lb, tl.sum(z_acc, axis=0) * inv_t, lb_coef, z_coef)
+    _store_aux_loss(loss_ptr, stats_ptr, lb, tl.sum(z_acc, axis=0) * inv_t, _float_arg(lb_coef, lb_lo, ACC),
+                    _float_arg(z_coef, z_lo, ACC))
 
 
 @triton.jit
 def gated_expand_kernel(
     h_ptr, ids_ptr, w_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
     counts_ptr, prob_sums_ptr, lse_ptr, loss_ptr, stats_ptr, kept_ptr,
-    scaling, scale_out, lb_coef, z_coef,
+    scaling, scale_out, lb_coef, z_coef, lb_lo, z_lo,
     T, N, NB, rank, E, inv_t,
     stride_ht, stride_hr,
     stride_it, stride_ik, stride_wt, stride_wk,
@@ -325,8 +351,8 @@ def gated_expand_kernel(
     if HAS_AUX:
         if (pid_t == 0) & (tl.program_id(1) == 0):
             _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
-                             lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
-                             COUNT_KEPT, TOP_K, AUX_ACC, BLOCK_E, BLOCK_AUX_T, BLOCK_K)
+                             lb_coef, z_coef, lb_lo, z_lo, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt,
+                             stride_wk, COUNT_KEPT, TOP_K, AUX_ACC, BLOCK_E, BLOCK_AUX_T, BLOCK_K)
 
 
 # Router gradient modes of gate_backward_kernel (ROUTER).
@@ -338,15 +364,16 @@ TOPK_SOFTMAX = 3  # w = softmax over the chosen logits
 
 @triton.jit
 def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, offs_t, mask_t, ids, w, dw,
-                     E, inv_t, lb_coef, z_coef, stride_lt, stride_le, stride_gps, stride_glse,
+                     T, E, inv_t, lb_coef, z_coef, lb_lo, z_lo, stride_lt, stride_le, stride_gps, stride_glse,
                      ROUTER: tl.constexpr, HAS_AUX_GRAD: tl.constexpr, HAS_STAT_GRADS: tl.constexpr,
                      TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                      ACC: tl.constexpr):
     """d aux/d logits + d(loss through w)/d logits for a block of tokens ([BLOCK_T, BLOCK_E] fp32).
 
     g_w = dw; the aux-loss gradient g enters as d aux / d prob_sums_e = lb_coef * E * f_e / T
-    and d aux / d lse_t = 2 * z_coef * lse_t / T. HAS_STAT_GRADS: gradients of the routing op's
-    prob_sums [E] and lse [T] are given (g_ps_ptr, g_lse_ptr) and enter the same way. Logits
+    and d aux / d lse_t = 2 * z_coef * lse_t / T (the coefficients as float32 parts: _float_arg).
+    HAS_STAT_GRADS: gradients of the routing op's prob_sums [E] and lse [T] are given (g_ps_ptr,
+    g_lse_ptr) and enter the same way. Logits
     read as -inf (NaN, -inf) get 0. A row with +inf logits has the forward's softmax limit p
     (1/n on its n +inf entries, 0 elsewhere), as the routing op's PyTorch backward.
     """
@@ -393,11 +420,12 @@ def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, off
             w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
             g_x += tl.where(offs_e[None, :] == id_j[:, None], (w_j * (gw_j - dot))[:, None], 0.0)
     if HAS_AUX_GRAD:
+        inv_t = _inverse_count(inv_t, T, ACC)
         g = tl.load(g_aux_ptr).to(ACC)
         f = tl.load(counts_ptr + offs_e, mask=mask_e, other=0).to(ACC) * inv_t
-        g_p += (g * lb_coef * inv_t * E * f)[None, :]
+        g_p += (g * _float_arg(lb_coef, lb_lo, ACC) * inv_t * E * f)[None, :]
         lse = tl.where(empty, 0.0, m + tl.log(tl.where(empty, 1.0, total)))
-        g_x += (2.0 * g * z_coef * inv_t * lse)[:, None] * p
+        g_x += (2.0 * g * _float_arg(z_coef, z_lo, ACC) * inv_t * lse)[:, None] * p
     if HAS_STAT_GRADS:
         g_p += tl.load(g_ps_ptr + offs_e * stride_gps, mask=mask_e, other=0.0).to(ACC)[None, :]
         g_x += tl.load(g_lse_ptr + offs_t * stride_glse, mask=mask_t, other=0.0).to(ACC)[:, None] * p
@@ -409,7 +437,7 @@ def _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, off
 def gate_backward_kernel(
     dhg_ptr, h_ptr, ids_ptr, w_ptr, dh_ptr, dw_ptr,
     logits_ptr, counts_ptr, g_aux_ptr, dl_ptr, hg_ptr,
-    scaling, scale_out, lb_coef, z_coef,
+    scaling, scale_out, lb_coef, z_coef, lb_lo, z_lo,
     T, num_experts, rank, inv_t,
     stride_gt, stride_gc,
     stride_ht, stride_he, stride_hr,
@@ -463,7 +491,7 @@ def gate_backward_kernel(
                  dw.to(dw_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_k[None, :] < TOP_K))
     else:
         dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, logits_ptr, logits_ptr, offs_t, mask_t, ids, w, dw,
-                              num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le, 0, 0,
+                              T, num_experts, inv_t, lb_coef, z_coef, lb_lo, z_lo, stride_lt, stride_le, 0, 0,
                               ROUTER, HAS_AUX_GRAD, False, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
         offs_e = tl.arange(0, BLOCK_E)
         tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl,
@@ -473,7 +501,7 @@ def gate_backward_kernel(
 @triton.jit
 def router_backward_kernel(
     ids_ptr, w_ptr, dw_ptr, logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, dl_ptr,
-    lb_coef, z_coef,
+    lb_coef, z_coef, lb_lo, z_lo,
     T, num_experts, inv_t,
     stride_it, stride_ik, stride_wt, stride_wk, stride_dwt, stride_dwk,
     stride_lt, stride_le, stride_gps, stride_glse, stride_dlt, stride_dle,
@@ -495,7 +523,8 @@ def router_backward_kernel(
     dw = tl.load(dw_ptr + offs_t[:, None] * stride_dwt + offs_k[None, :] * stride_dwk,
                  mask=mask_t[:, None] & (offs_k[None, :] < TOP_K), other=0.0).to(ACC)
     dl = _router_backward(logits_ptr, counts_ptr, g_aux_ptr, g_ps_ptr, g_lse_ptr, offs_t, mask_t, ids, w, dw,
-                          num_experts, inv_t, lb_coef, z_coef, stride_lt, stride_le, stride_gps, stride_glse,
+                          T, num_experts, inv_t, lb_coef, z_coef, lb_lo, z_lo, stride_lt, stride_le, stride_gps,
+                          stride_glse,
                           ROUTER, HAS_AUX_GRAD, HAS_STAT_GRADS, TOP_K, BLOCK_T, BLOCK_K, BLOCK_E, ACC)
     offs_e = tl.arange(0, BLOCK_E)
     tl.store(dl_ptr + offs_t[:, None] * stride_dlt + offs_e[None, :] * stride_dle, dl.to(dl_ptr.dtype.element_ty),
@@ -505,7 +534,7 @@ def router_backward_kernel(
 @triton.jit
 def router_aux_loss_kernel(
     ids_ptr, w_ptr, counts_ptr, prob_sums_ptr, lse_ptr, loss_ptr, stats_ptr, kept_ptr,
-    lb_coef, z_coef,
+    lb_coef, z_coef, lb_lo, z_lo,
     T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
     COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, AUX_ACC: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_AUX_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -518,8 +547,8 @@ def router_aux_loss_kernel(
     Grid: (1,).
     """
     _router_aux_loss(counts_ptr, prob_sums_ptr, lse_ptr, ids_ptr, w_ptr, loss_ptr, stats_ptr, kept_ptr,
-                     lb_coef, z_coef, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt, stride_wk,
-                     COUNT_KEPT, TOP_K, AUX_ACC, BLOCK_E, BLOCK_AUX_T, BLOCK_K)
+                     lb_coef, z_coef, lb_lo, z_lo, T, E, inv_t, stride_lse, stride_it, stride_ik, stride_wt,
+                     stride_wk, COUNT_KEPT, TOP_K, AUX_ACC, BLOCK_E, BLOCK_AUX_T, BLOCK_K)
 
 
 @triton.jit
@@ -536,7 +565,7 @@ def _masked_softmax_rows(l_ptr, offs_t, in_t, offs_e, mask_e, stride_lt, stride_
 @triton.jit
 def masked_router_aux_loss_kernel(
     l_ptr, ids_ptr, w_ptr, m_ptr, loss_ptr, stats_ptr, counts_ptr,
-    lb_coef, z_coef,
+    lb_coef, z_coef, lb_lo, z_lo,
     T, E, stride_lt, stride_le, stride_it, stride_ik, stride_wt, stride_wk, stride_m,
     COUNT_KEPT: tl.constexpr, TOP_K: tl.constexpr, ACC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -545,7 +574,8 @@ def masked_router_aux_loss_kernel(
     padding): with n = max(1, sum m), counts [E] the real tokens' routed slots (those with weight
     > 0 where COUNT_KEPT: threshold routing; written to counts_ptr, int64), P the sum of their
     softmax probabilities of the logits [T, E] and their lse: stats = (lb, z) with lb = E (counts
-    . P) / n^2 and z = sum lse^2 / n, loss = lb_coef lb + z_coef z. In ACC (fp32, fp64 for fp64
+    . P) / n^2 and z = sum lse^2 / n, loss = lb_coef lb + z_coef z (coefficients as float32 parts:
+    _float_arg). In ACC (fp32, fp64 for fp64
     logits), summed in a fixed order by one program (as moelora.ops.losses.masked_aux_loss_forward).
     Padding rows are never used, whatever their values; a real row of non-finite logits gives NaN.
     BLOCK_E > E: the histogram's last bin takes the slots not counted.
@@ -579,21 +609,22 @@ def masked_router_aux_loss_kernel(
     tl.store(counts_ptr + offs_e, counts.to(tl.int64), mask=mask_e)
     inv_n = 1.0 / tl.maximum(tl.sum(n_acc, axis=0), 1).to(ACC)
     lb = tl.sum(counts.to(ACC) * p_acc, axis=0) * (E * inv_n * inv_n)
-    _store_aux_loss(loss_ptr, stats_ptr, lb, tl.sum(z_acc, axis=0) * inv_n, lb_coef, z_coef)
+    _store_aux_loss(loss_ptr, stats_ptr, lb, tl.sum(z_acc, axis=0) * inv_n, _float_arg(lb_coef, lb_lo, ACC),
+                    _float_arg(z_coef, z_lo, ACC))
 
 
 @triton.jit
 def masked_router_aux_loss_backward_kernel(
     g_ptr, l_ptr, counts_ptr, m_ptr, dl_ptr,
-    lb_coef, z_coef,
+    lb_coef, z_coef, lb_lo, z_lo,
     T, E, stride_lt, stride_le, stride_c, stride_m, stride_dt, stride_de,
     ADD: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Adds (ADD; else writes) the gradient of masked_router_aux_loss_kernel's loss, given its
     gradient g (0-d), to the logits' gradient dl [T, E] in place: for a real token t (0 for padding),
     dl[t, j] += g / n p_tj (c'_j - p_t . c' + 2 z_coef lse_t), c' = lb_coef E counts / n (as
-    moelora.ops.losses.masked_aux_loss_backward). Each program counts n over the whole mask
-    (BLOCK_N tokens at a time), then takes BLOCK_T tokens.
+    moelora.ops.losses.masked_aux_loss_backward; the coefficients as float32 parts: _float_arg). Each
+    program counts n over the whole mask (BLOCK_N tokens at a time), then takes BLOCK_T tokens.
 
     Grid: (cdiv(T, BLOCK_T),).
     """
@@ -605,6 +636,8 @@ def masked_router_aux_loss_backward_kernel(
     inv_n = 1.0 / tl.maximum(tl.sum(n_acc, axis=0), 1).to(ACC)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
+    lb_coef = _float_arg(lb_coef, lb_lo, ACC)
+    z_coef = _float_arg(z_coef, z_lo, ACC)
     scaled = tl.load(counts_ptr + offs_e * stride_c, mask=mask_e, other=0).to(ACC) * (lb_coef * E * inv_n)
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = offs_t < T
@@ -623,18 +656,20 @@ def masked_router_aux_loss_backward_kernel(
 @triton.jit
 def router_aux_loss_backward_kernel(
     g_ptr, counts_ptr, lse_ptr, g_prob_sums_ptr, g_lse_ptr,
-    lb_scale, z_scale,
+    lb_scale, z_scale, lb_scale_lo, z_scale_lo,
     E, T, stride_c, stride_l,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The gradients of router_aux_loss_kernel's loss given its gradient g (0-d): d prob_sums[e] =
     lb_scale * g * counts[e] and d lse[t] = z_scale * g * lse[t] (lb_scale = lb_coef E / T^2,
-    z_scale = 2 z_coef / T), computed and written in ACC (lse's dtype: fp32, or fp64 for fp64
-    logits). Programs below cdiv(E, BLOCK) write BLOCK experts, the others BLOCK tokens.
+    z_scale = 2 z_coef / T, as float32 parts: _float_arg), computed and written in ACC (lse's dtype:
+    fp32, or fp64 for fp64 logits). Programs below cdiv(E, BLOCK) write BLOCK experts, the others BLOCK tokens.
     Grid: (cdiv(E, BLOCK) + cdiv(T, BLOCK),)."""
     pid = tl.program_id(0)
     blocks_e = tl.cdiv(E, BLOCK)
     g = tl.load(g_ptr).to(ACC)
+    lb_scale = _float_arg(lb_scale, lb_scale_lo, ACC)
+    z_scale = _float_arg(z_scale, z_scale_lo, ACC)
     if pid < blocks_e:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < E

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import math
 import os
+import struct
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -247,6 +248,32 @@ def scale_factors(scaling: float) -> tuple:
                          f"kernels apply it as two float32 factors), got {scaling!r}; backend='torch' takes it")
     half = 2.0 ** (math.frexp(magnitude)[1] // 2)  # a power of two: the split is exact
     return scaling / half, half
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def float64_parts(value: float) -> tuple:
+    """(hi, lo): ``value`` as two float32 numbers (Python floats that float32 holds), hi its float32
+    rounding and lo that of the rest, hi + lo = value to ~48 bits: how a kernel computing in
+    float64 takes a float argument, which Triton passes as one float32 (see _float_arg in
+    moelora.kernels.dense). A value float32 cannot hold (out of its range, not finite): (value, 0.0)."""
+    try:
+        hi = _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+        lo = _FLOAT32.unpack(_FLOAT32.pack(value - hi))[0]
+    except OverflowError:
+        return value, 0.0
+    return (hi, lo) if math.isfinite(hi) else (value, 0.0)
+
+
+def _coefs(lb_coef: float, z_coef: float, acc: torch.dtype) -> tuple:
+    """(lb_coef, z_coef, lb_lo, z_lo), the aux-loss coefficients as a kernel computing in ``acc``
+    takes them: float64_parts for float64, else the coefficients (which Triton rounds to float32)
+    and zeros."""
+    if acc is torch.float64:
+        (lb, lb_lo), (z, z_lo) = float64_parts(float(lb_coef)), float64_parts(float(z_coef))
+        return lb, z, lb_lo, z_lo
+    return float(lb_coef), float(z_coef), 0.0, 0.0
 
 
 def cdiv(a: int, b: int) -> int:
@@ -586,12 +613,12 @@ def _aux_meta(experts: int, count_kept: bool, dtype: torch.dtype, top_k: int) ->
 def _aux_args(aux: RouterAux):
     """(the pointers, the coefficients) that _router_aux_loss takes for ``aux``; the pointers
     end with its outputs: loss (0-d), stats [2] and the counts (the kept slots', new, when
-    ``aux.count_kept``)."""
+    ``aux.count_kept``); the coefficients are _coefs' in lse's dtype."""
     lse = aux.lse
     loss = torch.empty((), dtype=lse.dtype, device=lse.device)
     stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
     counts = torch.empty(aux.counts.shape, dtype=torch.int64, device=lse.device) if aux.count_kept else aux.counts
-    return (aux.counts, aux.prob_sums, lse, loss, stats, counts), (float(aux.lb_coef), float(aux.z_coef))
+    return (aux.counts, aux.prob_sums, lse, loss, stats, counts), _coefs(aux.lb_coef, aux.z_coef, lse.dtype)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -629,7 +656,9 @@ def router_aux_loss_backward(g: torch.Tensor, counts: torch.Tensor, lse: torch.T
     g_lse = torch.empty(T, dtype=lse.dtype, device=lse.device)
     inv_t = 1.0 / max(T, 1)
     kernel = _router_aux_loss_backward_launch(E, T, counts.stride(0), lse.stride(0), lse.dtype)
-    kernel(g, counts, lse, g_prob_sums, g_lse, float(lb_coef * E * inv_t * inv_t), float(2.0 * z_coef * inv_t))
+    lb_scale, z_scale, lb_lo, z_lo = _coefs(lb_coef * E * inv_t * inv_t, 2.0 * z_coef * inv_t,
+                                            accumulator_dtype(lse.dtype))
+    kernel(g, counts, lse, g_prob_sums, g_lse, lb_scale, z_scale, lb_lo, z_lo)
     return g_prob_sums, g_lse
 
 
@@ -657,7 +686,7 @@ def masked_router_aux_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_we
     counts = torch.empty(E, dtype=torch.int64, device=logits.device)
     kernel = _masked_router_aux_loss_launch(T, E, topk_ids.shape[1], count_kept, logits.dtype, logits.stride(),
                                             topk_ids.stride(), topk_weights.stride(), mask.stride(0))
-    kernel(logits, topk_ids, topk_weights, mask, loss, stats, counts, float(lb_coef), float(z_coef))
+    kernel(logits, topk_ids, topk_weights, mask, loss, stats, counts, *_coefs(lb_coef, z_coef, acc))
     return loss, stats, counts
 
 
@@ -684,7 +713,7 @@ def masked_router_aux_loss_backward(g: torch.Tensor, logits: torch.Tensor, count
         return dl
     kernel = _masked_router_aux_loss_backward_launch(T, E, logits.dtype, logits.stride(), counts.stride(0),
                                                      mask.stride(0), dl.stride(), add)
-    kernel(g, logits, counts, mask, dl, float(lb_coef), float(z_coef))
+    kernel(g, logits, counts, mask, dl, *_coefs(lb_coef, z_coef, accumulator_dtype(logits.dtype)))
     return dl
 
 
@@ -751,7 +780,7 @@ def gated_expand(h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
                                                             aux.lse.dtype),
                                   _tiles_key("gated_expand", tiles))
     # without aux, the aux loss's pointers and coefficients are placeholders
-    aux_args, coefs = ((out,) * 6, (0.0, 0.0)) if aux is None else _aux_args(aux)
+    aux_args, coefs = ((out,) * 6, (0.0,) * 4) if aux is None else _aux_args(aux)
     kernel(h, topk_ids, topk_weights, lora_b, base if base is not None else out, bias if bias is not None else out,
            out, *aux_args, *scale_factors(scaling), *coefs)
     return out if aux is None else (out, *aux_args[3:])
@@ -821,14 +850,14 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
             dw = torch.empty(topk_ids.shape, dtype=h.dtype, device=h.device)
         second, logits, counts, g_aux = dw, dw, dw, dw
         logits_strides = second_strides
-        mode, lb_coef, z_coef, has_aux = NO_ROUTER, 0.0, 0.0, False
+        mode, coefs, has_aux = NO_ROUTER, (0.0,) * 4, False
     else:
         logits, counts = router.logits, router.counts
         second = torch.empty(logits.shape, dtype=h.dtype, device=h.device)
         second_strides, logits_strides = _contiguous(logits.shape[1]), logits.stride()
         has_aux = router.g_aux is not None
         g_aux = router.g_aux if has_aux else logits
-        mode, lb_coef, z_coef = ROUTER_GRAD_MODES[router.mode], float(router.lb_coef), float(router.z_coef)
+        mode, coefs = ROUTER_GRAD_MODES[router.mode], _coefs(router.lb_coef, router.z_coef, h.dtype)
     hg = torch.empty(T, num_experts * rank, dtype=hg_dtype, device=h.device) if hg_dtype is not None else None
     outputs = (dh, second) if hg is None else (dh, second, hg)
     if T == 0:
@@ -837,7 +866,7 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
                                    h.dtype, dhg.stride(), h.stride(), topk_ids.stride(), topk_weights.stride(),
                                    dh_strides, second_strides, logits_strides)
     kernel(dhg, h, topk_ids, topk_weights, dh, second, logits, counts, g_aux, second, hg if hg is not None else dh,
-           *scale_factors(scaling), lb_coef, z_coef)
+           *scale_factors(scaling), *coefs)
     return outputs
 
 
@@ -876,7 +905,7 @@ def router_backward(dw: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                                      g_prob_sums.stride(0) if stat_grads else 0, g_lse.stride(0) if stat_grads else 0)
     kernel(topk_ids, topk_weights, dw, logits, router.counts if has_aux else logits,
            router.g_aux if has_aux else logits, g_prob_sums if stat_grads else logits,
-           g_lse if stat_grads else logits, dl, float(router.lb_coef), float(router.z_coef))
+           g_lse if stat_grads else logits, dl, *_coefs(router.lb_coef, router.z_coef, acc))
     return dl
 
 

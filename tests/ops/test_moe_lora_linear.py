@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import moelora
 from conftest import DEVICE, HAS_CUDA
-from helpers import rel_err
+from helpers import float_args_as_float32, rel_err
 from moelora import MoELoRALinear
 from moelora.ops import moe_lora as moe_lora_module
 from moelora.ops import moe_lora_linear as fused_linear
@@ -39,13 +39,15 @@ KINDS = {
     "jitter_lora_dropout": dict(num_experts=4, top_k=2, router_jitter_noise=0.2, lora_dropout=0.3),
     "dora": dict(num_experts=1, use_dora=True),  # the fused op, then the magnitude (and its gradient)
 }
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def _layer(kind, base=None, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     base = base if base is not None else nn.Linear(40, 24)
     layer = MoELoRALinear(base.to(DEVICE, dtype), r=8, lora_alpha=16, init_lora_weights=False, **KINDS[kind])
+    if dtype == torch.float64:  # the router's weight too (float32 by default)
+        layer.double()
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if name.startswith("router"):
@@ -139,6 +141,19 @@ def test_fused_layer_with_an_aux_loss_mask_matches_float64_reference(kind, regim
     layer, grads = _compare(kind, aux_loss_mask=mask)
     if layer.router is not None:
         assert layer.last_router_stats["load"].sum() == layer.top_k or kind.startswith("threshold")
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all_tokens", "aux_loss_mask"])
+@pytest.mark.parametrize("kind", ["softmax_topk", "topk_softmax", "threshold"])
+def test_float64_layer_keeps_float64_precision_in_its_aux_loss(kind, masked, regime):
+    """A float64 layer on the Triton backend (LoRA scale 2): output, aux loss and every gradient
+    (x, A, B, the router weight) to float64's precision. The aux-loss kernels (the gated expand's,
+    router_aux_loss, the masked loss's and the router gradients') took 1/T and the coefficients
+    as Triton's float arguments, float32 on a GPU (float_args_as_float32): the aux loss and the
+    router's and x's gradients were only float32-accurate (relative errors ~1e-7)."""
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(5)) > 0.3 if masked else None
+    with float_args_as_float32():
+        _compare(kind, dtype=torch.float64, aux_loss_mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
