@@ -59,7 +59,8 @@ UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_a2k", "stride_w2k", "stride_cn
                 "stride_la", "stride_rb", "stride_ob", "stride_rn", "stride_r2n", "stride_ik", "stride_ck",
                 "stride_idk", "stride_bn", "stride_bbn", "stride_on", "stride_dn", "stride_dcn", "stride_gf",
                 "stride_uf", "stride_bgf", "stride_buf", "stride_of", "stride_df", "stride_dgf", "stride_duf"}
-FLOAT_SCALARS = {"alpha", "scaling", "scale_out", "inv_t", "lb_coef", "z_coef", "eps_start", "eps_end", "inv_ramp"}
+FLOAT_SCALARS = {"alpha", "scaling", "scale_out", "inv_t", "lb_coef", "z_coef", "lb_lo", "z_lo", "eps_start", "eps_end",
+                 "inv_ramp"}
 ALIGNED_INTS = {"num_rows", "N", "K", "NA", "NB", "F", "layout_block"}
 
 
@@ -178,6 +179,11 @@ def dense_jobs():
                dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=3, BLOCK_T=64, BLOCK_N=128,
                     BLOCK_C=16, RANK=16, HAS_AUX=True, COUNT_KEPT=kept, AUX_ACC=tl.float32, BLOCK_E=16,
                     BLOCK_AUX_T=256, BLOCK_K=4), 8, 2)
+    # a float64 router's aux loss (its coefficients as float32 parts, 1 / T formed in float64)
+    yield ("gated_expand with a float64 router's aux loss", D.gated_expand_kernel,
+           dict(SHARED_A=True, HAS_BASE=False, HAS_BIAS=True, **DOT, TOP_K=3, BLOCK_T=64, BLOCK_N=128, BLOCK_C=16,
+                RANK=16, HAS_AUX=True, COUNT_KEPT=True, AUX_ACC=tl.float64, BLOCK_E=16, BLOCK_AUX_T=256, BLOCK_K=4),
+           8, 2, {"prob_sums_ptr": "*fp64", "lse_ptr": "*fp64", "loss_ptr": "*fp64", "stats_ptr": "*fp64"})
     for acc, ptr in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):  # fp64: a float64 layer's threshold routing
         yield (f"threshold_weights, {ptr[1:]}", D.threshold_weights_kernel,
                dict(HAS_NOISE=True, HAS_RAMP=True, TOP_K=3, ACC=acc, BLOCK_T=128, BLOCK_K=4), 4, 3,
@@ -283,7 +289,7 @@ def traced_jobs():
     from moelora.ops import routing_autograd
     from moelora.ops.routing import route
 
-    TRITON_TYPES.update({torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+    TRITON_TYPES.update({torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
                          torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"})
     target_programs = K._target_programs
     K._target_programs = lambda device: 2 * 132  # an H100 / H200 (the launchers' only device query)
@@ -392,6 +398,19 @@ def traced_jobs():
             steps["routing op backward"], calls[:] = list(calls), []
             K.router_aux_loss_backward(torch.ones(()), out.counts, out.lse, 0.01, 0.001)  # the Router's aux loss
             steps["aux loss backward"], calls[:] = list(calls), []
+            # a float64 router's aux-loss kernels (coefficients as float32 parts, 1 / T formed in float64)
+            logits, one = rand(T, E, dtype=torch.float64), torch.ones((), dtype=torch.float64)
+            out = route(logits, k, renormalize=True)
+            K.router_aux_loss(out.ids, out.weights, K.RouterAux(out.counts, out.prob_sums, out.lse, 0.01, 0.001))
+            K.router_aux_loss_backward(one, out.counts, out.lse, 0.01, 0.001)
+            K.masked_router_aux_loss(logits, out.ids, out.weights, padding, 0.01, 0.001, False)
+            K.masked_router_aux_loss_backward(one, logits, out.counts, padding, 0.01, 0.001)
+            grad = K.RouterGrad(logits, out.counts, one, "softmax_topk", 0.01, 0.001)
+            K.router_backward(rand(T, k, dtype=torch.float64), out.ids, out.weights, grad)
+            K.gate_backward(rand(T, E * 16, dtype=torch.float64), rand(T, 16, dtype=torch.float64), out.ids,
+                            out.weights, num_experts=E, rank=16, scaling=2.0, shared_a=True, router=grad,
+                            hg_dtype=torch.float64)
+            steps["float64 aux losses"], calls[:] = list(calls), []
     finally:
         K._target_programs = target_programs
         K.DENSE_CONFIGS.update(tables[0])
