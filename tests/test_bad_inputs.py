@@ -13,7 +13,7 @@ import pytest
 
 import bad_input_cases
 import native_error_cases
-from _isolated import check_outcome, run_isolated
+from _isolated import check_outcome, outcome_of, run_isolated
 from helpers import needs_c
 
 SWEEPS = {"native_error_cases": native_error_cases.CASES, "bad_input_cases": bad_input_cases.CASES}
@@ -43,3 +43,23 @@ def test_a_crash_fails_only_its_case():
     assert "exit status -11" in out["harness/crash"]["crash"]
     with pytest.raises(AssertionError, match="the process crashed"):
         check_outcome(out["harness/crash"], (ValueError, ""))
+
+
+# The native ops' fake kernels are also their Meta kernels (what a call with meta tensors runs) and
+# what torch.compile traces: they must refuse what the kernels refuse, with the kernels' messages
+# (they returned tensors shaped from bad arguments before, e.g. weights [3, 5] for top_k 5 > E = 4).
+FAKE_PARAMS = [pytest.param(name, id=name, marks=[needs_c]) for name in sorted(native_error_cases.CASES)
+               if not name.startswith("cuda/")]
+
+
+@pytest.mark.parametrize("name", FAKE_PARAMS)
+def test_fake_kernel_refuses_what_the_kernel_refuses(name):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    call, expected = native_error_cases.CASES[name]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        outcome = outcome_of(call)
+    if expected[0] == "returns":  # the values cannot be checked on fake tensors
+        assert "returned" in outcome, f"raised {outcome['raised'][0]}: {outcome['message']}"
+    else:
+        check_outcome(outcome, expected)

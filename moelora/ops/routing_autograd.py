@@ -221,12 +221,90 @@ FALLBACK_OPS = _Ops(native=False)
 NATIVE_OPS = _Ops(native=True) if native.HAS_C else None
 
 
+# ---- Native ops: argument checks of the fake kernels ---------------------------------------
+# The fakes are the ops' Meta kernels too (the dispatcher picks them when an input is on the meta
+# device) and what torch.compile traces: they run the kernels' argument checks of csrc/ops.cpp and
+# csrc/cpu/dispatch_cpu.cpp, in the same order and with the same messages, so a call refused by the
+# kernels is refused on meta / fake tensors too instead of returning tensors shaped from bad arguments.
+_NATIVE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _type_name(t: torch.Tensor) -> str:
+    """The dtype of t as c10 spells it in the kernels' messages (Float, Long, BFloat16, ...)."""
+    return t.type().rsplit(".", 1)[-1].removesuffix("Tensor")
+
+
+def _check_router_args(logits, top_k, mode) -> None:
+    """check_router_args of csrc/ops.cpp."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D, got shape {list(logits.shape)}")
+    if logits.dtype not in _NATIVE_FLOATS:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {_type_name(logits)}")
+    E = logits.shape[1]
+    if not 1 <= E <= native.MAX_EXPERTS:
+        raise ValueError(f"logits.shape[1] (number of experts) must be in [1, {native.MAX_EXPERTS}], got {E}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, E = {E}], got {top_k}")
+    if mode not in (0, 1):
+        raise ValueError(f"mode must be 0 (softmax_topk) or 1 (topk_softmax), got {mode}")
+
+
+def _check_meta_args(topk_ids, num_experts, block_size) -> None:
+    """check_meta_args of csrc/ops.cpp (its int64 overflow check cannot fail for real tensors)."""
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be 2-D, got shape {list(topk_ids.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {_type_name(topk_ids)}")
+    if not 1 <= num_experts <= native.MAX_EXPERTS:
+        raise ValueError(f"num_experts must be in [1, {native.MAX_EXPERTS}], got {num_experts}")
+    if not 1 <= topk_ids.shape[1] <= num_experts:
+        raise ValueError(f"topk_ids.shape[1] (k) must be in [1, num_experts = {num_experts}], "
+                         f"got {topk_ids.shape[1]}")
+    if not 0 <= block_size <= native.MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be in [0, {native.MAX_BLOCK_SIZE}] (0: no padding), got {block_size}")
+
+
+def _check_gather_args(op, data_name, data, sorted_pairs, inverse, weights) -> None:
+    """check_gather_args of csrc/ops.cpp."""
+    if data.dim() != 2:
+        raise ValueError(f"{op}: {data_name} must be 2-D, got shape {list(data.shape)}")
+    if data.dtype not in _NATIVE_FLOATS:
+        raise TypeError(f"{op}: {data_name} must be float16, bfloat16, float32 or float64, got {_type_name(data)}")
+    for name, t, dim in (("sorted_pairs", sorted_pairs, 1), ("inverse", inverse, 2)):
+        if t.dim() != dim:
+            raise ValueError(f"{name} must be {dim}-D, got shape {list(t.shape)}")
+        if t.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {_type_name(t)}")
+    if inverse.shape[1] < 1:
+        raise ValueError(f"{op}: inverse must have shape [T, k] with k >= 1, got {list(inverse.shape)}")
+    for name, t in (("sorted_pairs", sorted_pairs), ("inverse", inverse)):
+        if t.device != data.device:
+            raise ValueError(f"{op}: {name} must be on {data_name}'s device {data.device}, got {t.device}")
+    if weights is not None:
+        if weights.dtype not in _NATIVE_FLOATS:
+            raise TypeError(f"weights must be float16, bfloat16, float32 or float64, got {_type_name(weights)}")
+        if weights.device != data.device:
+            raise ValueError(f"{op}: weights must be on {data_name}'s device {data.device}, got {weights.device}")
+        if weights.shape != inverse.shape:
+            raise ValueError(f"{op}: weights must have the shape of inverse {list(inverse.shape)}, "
+                             f"got {list(weights.shape)}")
+
+
+def _check_rows(op, data_name, data, index_name, index) -> None:
+    """The row-count check of dispatch (x vs inverse's tokens), combine and pair_dot (the sorted rows
+    vs sorted_pairs' entries)."""
+    if data.shape[0] != index.shape[0]:
+        what = "tokens" if index_name == "inverse" else "entries"
+        raise ValueError(f"{op}: {data_name} has {data.shape[0]} rows but {index_name} has {index.shape[0]} {what}")
+
+
 # ---- Native ops: fake kernels and autograd -----------------------------------------------
 def _register_native():
     lib = "moelora::"
 
     @torch.library.register_fake(lib + "router_topk")
     def _router_fake(logits, top_k, mode, renormalize):
+        _check_router_args(logits, top_k, mode)
         T, E = logits.shape
         acc = accumulator_dtype(logits.dtype)
         return (logits.new_empty((T, top_k), dtype=acc), logits.new_empty((T, top_k), dtype=torch.int32),
@@ -235,6 +313,7 @@ def _register_native():
 
     @torch.library.register_fake(lib + "dispatch_metadata")
     def _meta_fake(topk_ids, num_experts, block_size):
+        _check_meta_args(topk_ids, num_experts, block_size)
         T, k = topk_ids.shape
         n = T * k
         i64 = dict(dtype=torch.int64)
@@ -246,26 +325,31 @@ def _register_native():
                 topk_ids.new_empty((T, k) if padded else (0, 0), **i64),
                 topk_ids.new_empty((mp // block_size if padded else 0,), dtype=torch.int32))
 
-    # The fakes are the ops' Meta kernels too, which the dispatcher picks when any input is on the
-    # meta device: the kernels' device checks, else data on another device gets an empty result there.
-    def _same_device(op, data_name, data, **tensors):
-        for name, t in tensors.items():
-            if t is not None and t.device != data.device:
-                raise ValueError(f"{op}: {name} must be on {data_name}'s device {data.device}, got {t.device}")
-
     @torch.library.register_fake(lib + "dispatch")
     def _dispatch_fake(x, sorted_pairs, inverse, weights):
-        _same_device("dispatch", "x", x, sorted_pairs=sorted_pairs, inverse=inverse, weights=weights)
+        _check_gather_args("dispatch", "x", x, sorted_pairs, inverse, weights)
+        _check_rows("dispatch", "x", x, "inverse", inverse)
         return x.new_empty((sorted_pairs.shape[0], x.shape[1]))
 
     @torch.library.register_fake(lib + "combine")
     def _combine_fake(y, sorted_pairs, inverse, weights):
-        _same_device("combine", "y_sorted", y, sorted_pairs=sorted_pairs, inverse=inverse, weights=weights)
+        _check_gather_args("combine", "y_sorted", y, sorted_pairs, inverse, weights)
+        _check_rows("combine", "y_sorted", y, "sorted_pairs", sorted_pairs)
         return y.new_empty((inverse.shape[0], y.shape[1]))
 
     @torch.library.register_fake(lib + "pair_dot")
     def _pair_dot_fake(a, b, sorted_pairs, inverse):
-        _same_device("pair_dot", "b_sorted", b, sorted_pairs=sorted_pairs, inverse=inverse, a=a)
+        _check_gather_args("pair_dot", "b_sorted", b, sorted_pairs, inverse, None)
+        _check_rows("pair_dot", "b_sorted", b, "sorted_pairs", sorted_pairs)
+        if a.device != b.device:
+            raise ValueError(f"pair_dot: a must be on b_sorted's device {b.device}, got {a.device}")
+        if a.dim() != 2:
+            raise ValueError(f"pair_dot: a must be 2-D, got shape {list(a.shape)}")
+        if a.dtype != b.dtype:
+            raise TypeError(f"pair_dot: a ({_type_name(a)}) and b_sorted ({_type_name(b)}) must share a dtype")
+        if a.shape[0] != inverse.shape[0] or a.shape[1] != b.shape[1]:
+            raise ValueError(f"pair_dot: a must have shape [T, d] = [{inverse.shape[0]}, {b.shape[1]}], "
+                             f"got {list(a.shape)}")
         return a.new_empty(tuple(inverse.shape), dtype=accumulator_dtype(a.dtype))
 
     torch.library.register_autograd(lib + "router_topk", _route_grads, setup_context=_route_setup)
