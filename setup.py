@@ -7,7 +7,9 @@ Native extension ``moelora._C`` (xformers / torchao style, see ``_native_extensi
 - C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built;
 - CUDA kernels (csrc/cuda/*.cu, kernels in csrc/kernels/*.cuh) are added when torch was
   built with CUDA and nvcc is found, or when FORCE_CUDA=1; architectures come from
-  TORCH_CUDA_ARCH_LIST (default "8.0;9.0", i.e. sm_80 and sm_90);
+  TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm_80 and sm_90 binaries, plus compute_90 PTX
+  that the driver compiles for newer GPUs, e.g. sm_100; without it every CUDA op there fails
+  with "no kernel image is available for execution on the device");
 - MOELORA_NO_EXT=1 skips the native build; moelora then runs on PyTorch fallbacks;
 - the C++ runtime is linked the way torch links it (dynamic libstdc++): before building,
   a probe shared object is linked with the compiler the build will use; if that compiler
@@ -26,7 +28,7 @@ import os
 from setuptools import setup
 from setuptools.errors import SetupError
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _cuda_wanted():
@@ -90,7 +92,7 @@ def _native_extensions():
     # C++20 torch builds its header code under a standard it was never tested with.
     cxx_flags = ["-O3", "-ffp-contract=off"]
     if _cuda_wanted():
-        # TORCH_CUDA_ARCH_LIST is read by torch's build helper; default to A100 + H100.
+        # TORCH_CUDA_ARCH_LIST is read by torch's build helper; default: A100 + H100, PTX for newer GPUs.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         ext = CUDAExtension(
             "moelora._C",

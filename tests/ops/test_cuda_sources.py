@@ -52,3 +52,26 @@ def test_cu_files_compile_for_sm80_and_sm90():
         for src in sources:
             obj = pathlib.Path(tmp) / (pathlib.Path(src).stem + ".o")
             assert obj.exists() and obj.stat().st_size > 0, obj
+
+
+def _default_cuda_archs(setup_py: pathlib.Path) -> str:
+    """setup.py's DEFAULT_CUDA_ARCHS, read without running setup.py."""
+    import ast
+
+    for node in ast.parse(setup_py.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEFAULT_CUDA_ARCHS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no DEFAULT_CUDA_ARCHS")
+
+
+def test_default_cuda_archs_carry_ptx_for_newer_gpus(monkeypatch):
+    """The default build runs on GPUs newer than its binaries (sm_100, sm_120): torch's build helper
+    turns the default arch list into nvcc flags with PTX of the newest arch, which the driver compiles
+    at load. Without it (the default was "8.0;9.0"), every CUDA op of moelora._C on such a GPU fails
+    with 'no kernel image is available for execution on the device'."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", _default_cuda_archs(ROOT / "setup.py"))
+    flags = _get_cuda_arch_flags()
+    assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=sm_90" in flags, flags
+    assert "-gencode=arch=compute_90,code=compute_90" in flags, flags
