@@ -159,11 +159,15 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     also uses that expert with weight 1 (the report's lora-shared).
 
     The ids and the one-hot matrix of a task-id tensor are built once and reused while the
-    tensor is alive and unchanged (its version counter): the layers of a model route by the
-    same task ids, so each batch pays for them once, not once per layer. Only the weights,
-    which depend on the trainable gamma, are computed per call. Nothing is reused under
+    tensor is alive and unchanged (its version counter and its memory): the layers of a model
+    route by the same task ids, so each batch pays for them once, not once per layer. Only the
+    weights, which depend on the trainable gamma, are computed per call. Nothing is reused under
     torch.compile or CUDA-graph capture (the graph must record how the ids are made), nor for
-    an inference tensor (made under torch.inference_mode), which has no version counter.
+    an inference tensor (made under torch.inference_mode), which has no version counter. The
+    reused ids are a copy (a later in-place change of the tensor cannot reach a forward's ids
+    saved for its backward). Writes that bypass the version counter are not seen: change the ids
+    with torch's in-place ops (``copy_``, indexing) or pass a new tensor, not by writing through
+    ``.data``, a numpy array sharing the tensor's memory or DLPack (``ids.data = new`` is seen).
     """
     num_tasks = gamma.shape[0]
     check_task_ids(task_ids, num_tasks)
@@ -175,18 +179,22 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     entry = _TASK_ROUTING.get(task_ids, {}).get(key) if cached else None
     if not cached:
         ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype)
-    elif entry is None or entry[0] != task_ids._version or (not entry[1] and syncing_checks_enabled()):
+    elif (entry is None or entry[0] != (task_ids._version, task_ids.data_ptr())
+          or (not entry[1] and syncing_checks_enabled())):
         # Made outside inference mode (as single-expert routing's scalars): an entry made by a forward
         # under torch.inference_mode would hold inference tensors, which the training forwards after
-        # it could not save for backward.
+        # it could not save for backward. The ids are a copy, never a view of task_ids: an in-place change
+        # of task_ids before a backward would make autograd refuse the ids the forward saved (as views share
+        # its version counter), and the entry would hold its own key alive.
         with torch.inference_mode(False):
-            ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype)
+            ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype,
+                                             copy=True)
         if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
             del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
         entries = _TASK_ROUTING.setdefault(task_ids, {})
         if key not in entries and len(entries) >= _TASK_ROUTING_SHAPES:
             del entries[next(iter(entries))]  # the oldest
-        entries[key] = (task_ids._version, syncing_checks_enabled(), ids, one_hot)
+        entries[key] = ((task_ids._version, task_ids.data_ptr()), syncing_checks_enabled(), ids, one_hot)
     else:
         ids, one_hot = entry[2:]
     # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the
@@ -204,17 +212,21 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
 # _TASK_ROUTING_TENSORS newest only, so that task ids kept for a whole dataset do not pile up),
 # per key the _TASK_ROUTING_SHAPES newest only (ids held while the sequence length changes, as
 # generate without a KV cache or an evaluation loop over batches of several lengths, would keep
-# one entry per length): {key: (version, checked by the syncing checks, ids, one_hot)}.
+# one entry per length): {key: ((version, data_ptr), checked by the syncing checks, ids, one_hot)}; the data
+# pointer sees a tensor given other memory through ``.data = ...``, which leaves its version counter as it was.
 _TASK_ROUTING = WeakIdKeyDictionary()
 _TASK_ROUTING_TENSORS = 4
 _TASK_ROUTING_SHAPES = 4
 
 
-def _task_ids_one_hot(task_ids, lead_shape: tuple, num_tasks: int, shared_expert: Optional[int], device, dtype):
-    """(ids [T, k], one-hot [T, num_tasks]) of task routing (k = 2 with the shared expert)."""
+def _task_ids_one_hot(task_ids, lead_shape: tuple, num_tasks: int, shared_expert: Optional[int], device, dtype,
+                      copy: bool = False):
+    """(ids [T, k], one-hot [T, num_tasks]) of task routing (k = 2 with the shared expert); with ``copy`` the
+    ids share no memory with ``task_ids``."""
     task_ids = torch.as_tensor(task_ids)
     check_ids_in_range("task ids", task_ids, num_tasks)  # host ids (an int's) read without a device sync
-    task_ids = task_ids.to(device, non_blocking=True).long()  # host ids: no stream sync (a pageable copy is staged)
+    # host ids: no stream sync (a pageable copy is staged)
+    task_ids = task_ids.to(device, non_blocking=True, copy=copy).long()
     if task_ids.dim() == 0:
         ids = task_ids.expand(lead_shape)
     elif tuple(task_ids.shape) == tuple(lead_shape):

@@ -1,5 +1,6 @@
 """Routers (moelora.ops.routing_modes) and the auxiliary losses (moelora.ops.losses)."""
 
+import copy
 import math
 
 import numpy as np
@@ -272,6 +273,46 @@ def test_task_routing_reuses_the_ids_of_a_task_id_tensor_until_it_changes():
     for length in range(1, 11):  # held while the sequence grows (generate without a KV cache): bounded too
         assert task_routing(tasks, gamma, (2, length)).ids.flatten().tolist() == [2] * length + [1] * length
     assert len(routing_modes._TASK_ROUTING[tasks]) <= routing_modes._TASK_ROUTING_SHAPES
+
+
+def test_task_routing_sees_task_ids_given_other_memory_through_data():
+    """``ids.data = new`` gives the task-id tensor other memory without moving its version counter:
+    the reused routing was the old ids' (ids and gamma's weights of tasks no longer given)."""
+    gamma = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    tasks = torch.tensor([2, 0])
+    task_routing(tasks, gamma, (2, 3))
+    tasks.data = torch.tensor([1, 1])
+    routing = task_routing(tasks, gamma, (2, 3))
+    assert routing.ids.flatten().tolist() == [1] * 6
+    assert routing.weights.flatten().tolist() == [-1.0] * 6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_task_ids_refilled_in_place_before_backward_train_as_the_forward_routed(backend, id_dtype):
+    """A training loop that writes the next batch's ids into the task-id tensor (``copy_``) before the
+    backward of this one: the gradients are those of the forward's ids, on every backend and id dtype
+    (the reused ids were a view of int64 per-token ids on the layer's device, which the Triton
+    backend's op saved for backward: autograd then refused the backward)."""
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(16, 12), num_experts=3, router="task", r=4).double()
+    nn.init.normal_(layer.lora_B)
+    nn.init.normal_(layer.lora_gamma)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    tasks = torch.randint(0, 3, (2, 5), dtype=id_dtype)
+    forward_tasks = tasks.clone()
+    ref = copy.deepcopy(layer)
+    moelora.set_task_ids(ref, forward_tasks)
+    with moelora.use_backend("torch"):
+        ref(x).square().sum().backward()
+    moelora.set_task_ids(layer, tasks)
+    with moelora.use_backend(backend):
+        y = layer(x)
+        tasks.copy_((forward_tasks + 1) % 3)  # the next batch's ids
+        y.square().sum().backward()
+    for p, p_ref in zip(layer.parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_task_routing_of_inference_tensors_under_inference_mode():
