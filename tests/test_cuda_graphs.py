@@ -56,6 +56,25 @@ def test_the_grouped_case_runs_the_grouped_regime():
     assert choose_regime(settings["num_experts"], settings["r"]) == "grouped"
 
 
+def test_single_expert_routing_made_during_capture_is_not_cached(monkeypatch):
+    """The single expert's ids and weights, cached per device for every layer of the process, are not
+    cached when first made during CUDA-graph capture (a first forward on a device inside
+    torch.cuda.graph): the kernels filling them are only recorded, so every eager forward after
+    the capture would read their memory unfilled until the graph replays. (Capture is simulated: the
+    cache's rule needs no GPU.)"""
+    from moelora.modules import adapter_base
+
+    monkeypatch.setattr(adapter_base, "_SINGLE", {})  # as in a fresh process
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ids, weights = adapter_base.single_expert_routing(3, torch.device("cpu"))
+    assert ids.tolist() == [[0]] * 3 and weights.tolist() == [[1.0]] * 3
+    assert not adapter_base._SINGLE
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    adapter_base.single_expert_routing(3, torch.device("cpu"))
+    assert list(adapter_base._SINGLE) == [torch.device("cpu")]
+
+
 @needs_cuda
 @pytest.mark.parametrize("router", list(ROUTERS))
 def test_captured_forward_backward_replays_like_eager(router):

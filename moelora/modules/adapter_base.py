@@ -41,7 +41,7 @@ from moelora.ops.moe_lora_linear import lora_dropout_mask
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
-from moelora.ops.validation import check_top_k, syncing_checks_enabled
+from moelora.ops.validation import _tracing_or_capturing, check_top_k, syncing_checks_enabled
 from moelora.modules.fields import LAYER_FIELD_KINDS, check_field
 
 
@@ -115,13 +115,14 @@ def single_expert_routing(num_tokens: int, device: torch.device):
     are fake tensors cached (made while torch.export traces, or under any FakeTensorMode): they
     hold no values, and every eager forward after them would read them. Nor are scalars made by a
     compiled graph (its outputs are inference tensors when it runs under torch.inference_mode,
-    whatever the graph says)."""
+    whatever the graph says), nor during CUDA-graph capture (the kernels that fill them are only
+    recorded: until the graph replays, their memory holds whatever it held)."""
     pair = _SINGLE.get(device)
     if pair is None:
         with torch.inference_mode(False):
             pair = (torch.zeros(1, 1, dtype=torch.int32, device=device),
                     torch.ones(1, 1, dtype=torch.float32, device=device))
-        if type(pair[0]) is torch.Tensor and not torch.compiler.is_compiling():
+        if type(pair[0]) is torch.Tensor and not _tracing_or_capturing():
             _SINGLE[device] = pair
     return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
 
