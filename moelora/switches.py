@@ -14,6 +14,10 @@ kernels still never read or write out of bounds: out-of-range ids contribute not
 
 Fallbacks: ``force_fallback()`` or ``MOELORA_FORCE_FALLBACK=1`` runs the PyTorch versions of
 moelora._C's routing and dispatch ops (e.g. to compare them with the kernels).
+
+A block sets the switch of its own thread only: threads that run a forward for it (nn.DataParallel's
+replicas) read the environment variables; set those for them. (Task ids and aux-loss masks, by contrast,
+are state of the layers, shared by every thread.)
 """
 
 from __future__ import annotations
