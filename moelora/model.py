@@ -37,8 +37,8 @@ import itertools
 import numbers
 import os
 import re
-import types
 import warnings
+import weakref
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -671,13 +671,27 @@ def _forward_with_wrapped_signature(wrapper: "MoELoRAModel"):
     signature = _wrapped_signature(wrapper.model)
     if signature is None:
         return None
+    return _BoundForward(wrapper, signature)
 
-    def forward(self, *args, **kwargs):
-        return type(self).forward(self, *args, **kwargs)
 
-    forward.__signature__ = signature
-    forward.__doc__ = MoELoRAModel.forward.__doc__
-    return types.MethodType(forward, wrapper)
+class _BoundForward:
+    """``MoELoRAModel.forward`` bound to a wrapper, showing ``signature`` (without ``self``). It holds the
+    wrapper weakly: the wrapper holds it, and a bound method there would make every wrapper a reference
+    cycle, which ``del model`` does not free (its GPU memory, the wrapped model's included, would wait
+    for the garbage collector's next full pass)."""
+
+    def __init__(self, wrapper: "MoELoRAModel", signature: inspect.Signature):
+        self._wrapper = weakref.ref(wrapper)
+        self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+        self.__doc__ = MoELoRAModel.forward.__doc__
+
+    @property
+    def __self__(self) -> "MoELoRAModel":
+        return self._wrapper()
+
+    def __call__(self, *args, **kwargs):
+        wrapper = self._wrapper()
+        return type(wrapper).forward(wrapper, *args, **kwargs)
 
 
 class MoELoRAModel(nn.Module):

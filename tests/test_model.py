@@ -2,6 +2,7 @@
 aux losses, router stats, task ids, torch.compile."""
 
 import copy
+import inspect
 import re
 
 import pytest
@@ -300,6 +301,26 @@ def test_deepcopy_after_a_training_forward_starts_without_routing_record():
     assert moelora.router_stats(clone) == {}
     assert moelora.aux_loss(model).grad_fn is not None  # the original keeps its record
     torch.testing.assert_close(clone(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
+def test_a_deleted_wrapper_is_freed_without_the_garbage_collector():
+    """``del model`` frees a MoELoRAModel (and the model it wraps) at once, after a training step too: its
+    forward with the wrapped signature was a method bound to the wrapper, held by the wrapper, so every
+    wrapper was a reference cycle whose memory (GPU memory included) waited for a full garbage collection."""
+    import gc
+    import weakref
+
+    model = get_moelora_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)),
+                              MoELoRAConfig(target_modules=["0", "2"], num_experts=3, top_k=2, r=2))
+    assert "input" in inspect.signature(model.forward).parameters
+    model(torch.randn(4, 8)).square().sum().backward()
+    freed = [weakref.ref(model), weakref.ref(model.model[0].lora_B)]
+    gc.disable()
+    try:
+        del model
+        assert all(ref() is None for ref in freed)
+    finally:
+        gc.enable()
 
 
 def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
