@@ -470,12 +470,23 @@ def _swap_task_ids(model: nn.Module, ids, owner=None) -> _Swap:
     if isinstance(ids, int) and not isinstance(ids, bool):
         for layer in layers:
             check_task_ids(ids, layer.num_experts)
-        ids = torch.tensor(ids)
+        with _outside_inference_mode():  # an inference tensor's routing would be built by every layer, every call
+            ids = torch.tensor(ids)
     previous = [(layer.task_ids, layer.task_ids_owner) for layer in layers]
     held = (ids, owner)
     for layer in layers:
         _put_task_ids(layer, held)
     return _Swap(held, layers, previous, _put_task_ids, _holds_task_ids)
+
+
+def _outside_inference_mode():
+    """A context in which the tensors moelora makes to hold across forwards (task ids, aux-loss masks) are
+    normal tensors where the caller runs under torch.inference_mode (a no-op otherwise, and under torch.compile,
+    which cannot trace is_inference_mode_enabled): an inference tensor has no version counter, so task routing
+    would not reuse what it builds for it (moelora.ops.routing_modes.task_routing), and a training step's
+    backward cannot save one."""
+    eager_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+    return torch.inference_mode(False) if eager_inference else contextlib.nullcontext()
 
 
 def _put_task_ids(layer: nn.Module, held: tuple) -> None:
@@ -564,10 +575,8 @@ def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> _Swap
         raise ValueError("the model has no routed module (MoE-LoRA layer, MoEFFN) whose aux losses a mask could mask")
     if mask is not None:
         weight = next(modules[0].parameters(), None)  # one copy to the modules' device (a data loader's CPU mask)
-        # held past an inference_mode block as a normal tensor: a training step's backward saves it (dynamo
-        # cannot trace is_inference_mode_enabled)
-        eager_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
-        with torch.inference_mode(False) if eager_inference else contextlib.nullcontext():
+        # held past an inference_mode block as a normal tensor: a training step's backward saves it
+        with _outside_inference_mode():
             device = mask.device if weight is None else weight.device
             # a copy to the host waits for the device (non_blocking there lets the host read it before it lands)
             mask = (mask.reshape(-1) != 0).to(device, non_blocking=device.type != "cpu")
@@ -609,7 +618,8 @@ def _task_ids_per_row(model: nn.Module, ids: torch.Tensor):
         if rows is None or rows == held[0] or rows % len(ids):
             return None  # rows that fit no example: the layers' routing raises, naming the shapes
         if rows not in by_rows:
-            by_rows[rows] = ids.repeat_interleave(rows // len(ids))
+            with _outside_inference_mode():  # reused by every layer and step (see _outside_inference_mode)
+                by_rows[rows] = ids.repeat_interleave(rows // len(ids))
         _swap_task_ids(model, by_rows[rows])
         held[0] = rows
         return None
@@ -840,6 +850,9 @@ class MoELoRAModel(nn.Module):
         prompt = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds")
                                             if kwargs.get(k) is not None), None)
         per_example = isinstance(task_ids, torch.Tensor) and task_ids.dim() == 1 and len(task_ids) > 0
+        if isinstance(task_ids, torch.Tensor) and task_ids.is_inference():
+            with _outside_inference_mode():  # made under inference_mode: a normal copy, held for this call only
+                task_ids = task_ids.clone()
         if per_example and isinstance(prompt, torch.Tensor) and prompt.dim() > 0 and len(task_ids) != len(prompt):
             raise ValueError(f"task_ids holds {len(task_ids)} ids but the prompt batch has {len(prompt)} examples "
                              "(one id per example)")

@@ -766,6 +766,42 @@ def test_task_ids_set_around_a_beam_search_raise_naming_generates_task_ids():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=2, **_GREEDY)
 
 
+def test_generate_under_inference_mode_builds_the_task_routing_once_per_ids(monkeypatch):
+    """Serving runs generate under torch.inference_mode. The task-id tensors moelora makes there (an
+    int's 0-d tensor, the ids repeated over beams) and ids the caller made there must still be reused
+    by every layer and step (an inference tensor has no version counter, so task routing would build
+    its ids, one-hot matrix and range check again in every layer at every step: on a GPU a host sync
+    each, for ids on the device): as many builds as under no_grad, the same tokens. Ids set with
+    set_task_ids under inference_mode are held as a normal tensor too."""
+    from moelora.ops import routing_modes
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj", "o_proj"],
+                                                                      num_experts=3, router="task", r=4))
+    randomize_adapters(model, scale=2.0)
+    model.eval()
+    ids, builds = token_batch(), []
+    build = routing_modes._task_ids_one_hot
+    monkeypatch.setattr(routing_modes, "_task_ids_one_hot", lambda *args: builds.append(1) or build(*args))
+
+    def run(mode, task_ids, **settings):
+        builds.clear()
+        with mode():
+            tasks = task_ids() if callable(task_ids) else task_ids
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=tasks, **_GREEDY,
+                                 **settings)
+        return out, len(builds)
+
+    for task_ids, settings in ((1, {}), (1, dict(num_beams=2)), (lambda: torch.tensor([2, 0]), {}),
+                               (lambda: torch.tensor([2, 0]), dict(num_beams=2))):
+        expected, expected_builds = run(torch.no_grad, task_ids, **settings)
+        out, count = run(torch.inference_mode, task_ids, **settings)
+        assert torch.equal(out, expected)
+        assert count == expected_builds <= 2, (task_ids, settings)
+    with torch.inference_mode():
+        moelora.set_task_ids(model, 2)
+    assert not _layers(model)["model.layers.0.self_attn.q_proj"].task_ids.is_inference()
+
+
 def test_get_moelora_model_names_a_model_or_config_of_the_wrong_type():
     """A dict of fields, PEFT's LoraConfig or None as config (or a non-module model) is a TypeError naming the
     argument, before the model changes, not an AttributeError from deep inside the injection."""
