@@ -681,19 +681,29 @@ def _forward_with_wrapped_signature(wrapper: "MoELoRAModel"):
     signature = _wrapped_signature(wrapper.model)
     if signature is None:
         return None
-    return _BoundForward(wrapper, signature)
+
+    def forward(self, *args, **kwargs):
+        return type(self).forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = MoELoRAModel.forward.__doc__
+    return _BoundForward(forward, wrapper)
 
 
 class _BoundForward:
-    """``MoELoRAModel.forward`` bound to a wrapper, showing ``signature`` (without ``self``). It holds the
-    wrapper weakly: the wrapper holds it, and a bound method there would make every wrapper a reference
-    cycle, which ``del model`` does not free (its GPU memory, the wrapped model's included, would wait
-    for the garbage collector's next full pass)."""
+    """``func`` bound to a wrapper, as ``types.MethodType(func, wrapper)``, but holding the wrapper weakly: the
+    wrapper holds it, and a bound method there would make every wrapper a reference cycle, which ``del model``
+    does not free (its GPU memory, the wrapped model's included, would wait for the garbage collector's next full
+    pass). Like a bound method it has ``__func__`` (``func``, with the signature and ``self``) and ``__self__``:
+    tools that bind a module's forward to another module (accelerate's ``unwrap_model(keep_fp32_wrapper=False)``,
+    ``compile_regions``) bind ``func``, whose call runs the module it is bound to."""
 
-    def __init__(self, wrapper: "MoELoRAModel", signature: inspect.Signature):
+    def __init__(self, func: Callable, wrapper: "MoELoRAModel"):
+        self.__func__ = func
         self._wrapper = weakref.ref(wrapper)
+        signature = func.__signature__
         self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
-        self.__doc__ = MoELoRAModel.forward.__doc__
+        self.__doc__ = func.__doc__
 
     @property
     def __self__(self) -> "MoELoRAModel":
@@ -701,6 +711,9 @@ class _BoundForward:
 
     def __call__(self, *args, **kwargs):
         wrapper = self._wrapper()
+        if wrapper is None:
+            raise ReferenceError("this forward's MoELoRAModel was deleted (its forward holds it weakly): keep the "
+                                 "model, not only its forward")
         return type(wrapper).forward(wrapper, *args, **kwargs)
 
 

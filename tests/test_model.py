@@ -315,12 +315,50 @@ def test_a_deleted_wrapper_is_freed_without_the_garbage_collector():
     assert "input" in inspect.signature(model.forward).parameters
     model(torch.randn(4, 8)).square().sum().backward()
     freed = [weakref.ref(model), weakref.ref(model.model[0].lora_B)]
+    forward = model.forward
     gc.disable()
     try:
         del model
         assert all(ref() is None for ref in freed)
     finally:
         gc.enable()
+    with pytest.raises(ReferenceError, match="MoELoRAModel was deleted"):  # it holds the wrapper weakly
+        forward(torch.randn(4, 8))
+
+
+def test_a_forward_rebound_as_accelerate_rebinds_it_runs_the_module_it_is_bound_to():
+    """The wrapper's forward is a bound method as tools see one (``__func__``, ``__self__``): accelerate's
+    ``unwrap_model(keep_fp32_wrapper=False)`` after a mixed-precision ``prepare_model`` rebinds the innermost
+    forward it finds to the model, and ``compile_regions`` rebinds ``__func__`` of the forward to its copy of the
+    module. With a callable lacking ``__func__`` the first rebound the callable itself (the unwrapped model then
+    passed itself as the input: TypeError) and the second kept the original module's forward."""
+    import types
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    torch.manual_seed(0)
+    model = get_moelora_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)),
+                              MoELoRAConfig(target_modules=["0", "2"], num_experts=3, top_k=2, r=2))
+    randomize_adapters(model)
+    x = torch.randn(4, 8)
+    expected = model(x)
+    forward = model.forward
+    assert forward.__self__ is model and "input" in inspect.signature(forward).parameters
+    copied = type(model).__new__(type(model))  # compile_regions' copy of a module
+    copied.__dict__.update(model.__dict__)
+    copied.forward = types.MethodType(forward.__func__, copied)
+    assert copied.forward.__self__ is copied and "input" in inspect.signature(copied.forward).parameters
+    torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        prepared = accelerator.prepare_model(model)
+        unwrapped = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+        assert unwrapped.forward.__self__ is unwrapped
+        torch.testing.assert_close(unwrapped(x), expected, rtol=0, atol=0)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
 
 
 def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
