@@ -163,7 +163,9 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     route by the same task ids, so each batch pays for them once, not once per layer. Only the
     weights, which depend on the trainable gamma, are computed per call. Nothing is reused under
     torch.compile or CUDA-graph capture (the graph must record how the ids are made), nor for
-    an inference tensor (made under torch.inference_mode), which has no version counter. The
+    an inference tensor (made under torch.inference_mode), which has no version counter; nothing
+    made under a FakeTensorMode is kept (fake tensors hold no values, and the eager forwards after
+    it would compute with them). The
     reused ids are a copy (a later in-place change of the tensor cannot reach a forward's ids
     saved for its backward). Writes that bypass the version counter are not seen: change the ids
     with torch's in-place ops (``copy_``, indexing) or pass a new tensor, not by writing through
@@ -189,12 +191,13 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
         with torch.inference_mode(False):
             ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype,
                                              copy=True)
-        if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
-            del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
-        entries = _TASK_ROUTING.setdefault(task_ids, {})
-        if key not in entries and len(entries) >= _TASK_ROUTING_SHAPES:
-            del entries[next(iter(entries))]  # the oldest
-        entries[key] = ((task_ids._version, task_ids.data_ptr()), syncing_checks_enabled(), ids, one_hot)
+        if type(ids) is torch.Tensor:  # not fake tensors (a forward under a FakeTensorMode): they hold no values
+            if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
+                del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
+            entries = _TASK_ROUTING.setdefault(task_ids, {})
+            if key not in entries and len(entries) >= _TASK_ROUTING_SHAPES:
+                del entries[next(iter(entries))]  # the oldest
+            entries[key] = ((task_ids._version, task_ids.data_ptr()), syncing_checks_enabled(), ids, one_hot)
     else:
         ids, one_hot = entry[2:]
     # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the

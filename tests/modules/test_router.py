@@ -287,6 +287,28 @@ def test_task_routing_sees_task_ids_given_other_memory_through_data():
     assert routing.weights.flatten().tolist() == [-1.0] * 6
 
 
+def test_task_routing_under_a_fake_tensor_mode_leaves_the_eager_forwards_after_it_real():
+    """A forward under a FakeTensorMode (memory / shape estimation tools run one) builds the task
+    routing of the layers' real task-id tensor as fake tensors: reused, they made every eager forward
+    after it return a fake tensor (with validation off; with it on, the unchecked entry was rebuilt)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(16, 8), num_experts=3, router="task", r=4).double()
+    nn.init.normal_(layer.lora_B)
+    nn.init.normal_(layer.lora_gamma)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    moelora.set_task_ids(layer, torch.tensor([2, 0]))
+    with moelora.validation(False):
+        expected = layer(x)
+        moelora.set_task_ids(layer, torch.tensor([2, 0]))  # the first forward of these ids runs under the mode
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            assert isinstance(layer(torch.randn(2, 5, 16, dtype=torch.float64)), FakeTensor)
+        y = layer(x)
+    assert type(y) is torch.Tensor
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 def test_task_ids_refilled_in_place_before_backward_train_as_the_forward_routed(backend, id_dtype):
