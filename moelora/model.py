@@ -782,6 +782,15 @@ class MoELoRAModel(nn.Module):
         self._bind_forward()
         adapters.register_wrapper(self)
 
+    def _replicate_for_data_parallel(self):
+        """nn.DataParallel's replica (one per device and forward; HF Trainer uses it with several GPUs and no
+        distributed launch): it copies the wrapper's ``__dict__``, so the forward there is bound to the replica."""
+        replica = super()._replicate_for_data_parallel()
+        forward = self.__dict__.get("forward")
+        if isinstance(forward, _BoundForward):
+            replica.__dict__["forward"] = _BoundForward(forward.__func__, replica)
+        return replica
+
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)

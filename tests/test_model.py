@@ -361,6 +361,22 @@ def test_a_forward_rebound_as_accelerate_rebinds_it_runs_the_module_it_is_bound_
         GradientState._reset_state()
 
 
+def test_a_data_parallel_replica_runs_its_own_modules():
+    """nn.DataParallel (HF Trainer's with several GPUs and no distributed launch) runs a replica per device
+    made by ``_replicate_for_data_parallel``, which copies the wrapper's ``__dict__`` and then gives the replica
+    its own children (the device's copies): the forward held there was bound to the original wrapper, so every
+    replica ran the original's modules (on the first device) with its device's inputs."""
+    torch.manual_seed(0)
+    model = get_moelora_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)),
+                              MoELoRAConfig(target_modules=["0", "2"], num_experts=3, top_k=2, r=2))
+    replica = model._replicate_for_data_parallel()
+    replica._modules["model"] = nn.Sequential(nn.Linear(8, 4))  # as torch.nn.parallel.replicate sets them
+    assert replica.forward.__self__ is replica and model.forward.__self__ is model
+    assert inspect.signature(replica.forward) == inspect.signature(model.forward)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(replica(x), replica._modules["model"](x), rtol=0, atol=0)
+
+
 def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
     """A whole MoELoRAModel through pickle / torch.save + torch.load (and deepcopy) shows the wrapped
     model's forward signature, as the original: transformers' Trainer drops the dataset columns
