@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.nn as nn
 
-from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
+from moelora.modules.adapter_base import is_adapter_layer, is_quantised_weight, owned_by_moelora
 from moelora.modules.molex import mixed_by_molex
 from moelora.tuner.targets import matches, set_module
 
@@ -96,6 +96,14 @@ def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:
             raise ValueError(f"modules_to_save names {name}, " + ("a layer MoLEx mixes" if not mixed else
                              f"which holds {name}.{mixed}, a layer MoLEx mixes") + "; a layer is either mixed by "
                              "MoLEx or saved whole: save modules inside it instead")
+        quantised = next(((n, p) for n, p in module.named_parameters() if is_quantised_weight(p)), None)
+        if quantised is not None:  # its copy could not train (no gradient for its dtype) nor save
+            n, p = quantised
+            raise NotImplementedError(
+                f"modules_to_save names {name}, whose parameter {n} is a {type(p).__name__} ({p.dtype}): a quantised "
+                "weight (torchao's quantize_, bitsandbytes' 4-bit / 8-bit layers) or another tensor subclass, which "
+                "takes no gradient, so its trainable copy could not train; adapt its linear layers instead "
+                "(target_modules), or save it from a model loaded without quantisation")
         set_module(model, name, ModulesToSaveWrapper(module))
     return names
 

@@ -6,6 +6,7 @@ quantised weight); what needs the weight as a dense tensor (merging, DoRA's magn
 is refused, with nothing changed. The first tests mimic both kinds with tensors built here, so that they
 run without torchao and bitsandbytes; the others run on the libraries where they are installed."""
 
+import collections
 import copy
 
 import pytest
@@ -204,6 +205,21 @@ def test_upcycling_a_quantised_ffn_is_refused(make):
     assert isinstance(model[0], FFN)
     with pytest.raises(NotImplementedError, match="MoEFFN.*quantised"):
         moelora.MoEFFN(make(), nn.Linear(D_OUT, D_IN), torch.relu, num_experts=2, top_k=1)
+
+
+@pytest.mark.parametrize("make", [int8_subclass_linear, lambda: PackedInt8Linear(D_IN, D_OUT)],
+                         ids=["subclass", "packed"])
+def test_modules_to_save_of_a_quantised_module_is_refused_and_changes_nothing(make):
+    """modules_to_save trains and saves a copy of the module, which a quantised weight cannot be: its integer
+    dtype takes no gradient (requires_grad_ raised RuntimeError) and a tensor subclass (torchao's) got none
+    while marked trainable, then failed to save. Refused at injection, naming the module and the weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(collections.OrderedDict(first=nn.Linear(D_IN, D_IN), kept=nn.Sequential(make())))
+    config = moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1, target_modules=["first"], modules_to_save=["kept"])
+    with pytest.raises(NotImplementedError, match=r"modules_to_save names kept, whose parameter 0\.weight is a "
+                                                  r"\w+ \(torch\.\w+\): a quantised weight"):
+        moelora.get_moelora_model(model, config)
+    assert type(model.first) is nn.Linear and type(model.kept) is nn.Sequential and model.first.weight.requires_grad
 
 
 @pytest.mark.parametrize("trainable", [True, False])
