@@ -958,9 +958,11 @@ class MoELoRAModel(nn.Module):
         return resize(*args, **kwargs)
 
     def get_nb_trainable_parameters(self):
-        """(trainable parameters, all parameters) of the wrapped model, as PEFT's."""
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.model.parameters())
+        """(trainable parameters, all parameters) of the wrapped model, as PEFT's: a bitsandbytes 4-bit weight
+        (Params4bit, two values in each byte of its packed storage) counts its values, not its bytes."""
+        counts = [(p.requires_grad, p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1))
+                  for p in self.model.parameters()]
+        return sum(n for trainable, n in counts if trainable), sum(n for _, n in counts)
 
     def print_trainable_parameters(self) -> None:
         """Print the counts of :meth:`get_nb_trainable_parameters`, as PEFT's."""

@@ -384,6 +384,19 @@ def test_bitsandbytes_model_injection_and_persistence(kind, tmp_path):
         model.merge_and_unload()
 
 
+def test_bitsandbytes_4bit_parameter_count_is_peft_s():
+    """A Params4bit packs two 4-bit values per byte of its uint8 [n / 2, 1] storage: get_nb_trainable_parameters
+    counts the weight's d_out * d_in values, as PEFT's and transformers' num_parameters (it counted half)."""
+    peft = pytest.importorskip("peft")
+    model = nn.Sequential(_bnb_linear("4bit"), nn.Linear(D_OUT, D_OUT))
+    ours = moelora.get_moelora_model(copy.deepcopy(model), moelora.MoELoRAConfig(r=4, num_experts=1,
+                                                                                 target_modules=["0", "1"]))
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["0", "1"]))
+    dense = D_IN * D_OUT + D_OUT + D_OUT * D_OUT + D_OUT
+    lora = 4 * (D_IN + D_OUT) + 4 * (D_OUT + D_OUT)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters() == (lora, dense + lora)
+
+
 def test_bitsandbytes_qlora_with_trainer(tmp_path):
     """The QLoRA recipe: from_pretrained with BitsAndBytesConfig(load_in_4bit=True) (on CPU), 'all-linear',
     transformers' Trainer: the adapters train (the quantised weights do not change)."""
