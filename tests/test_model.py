@@ -835,7 +835,8 @@ def test_generate_under_inference_mode_builds_the_task_routing_once_per_ids(monk
     model.eval()
     ids, builds = token_batch(), []
     build = routing_modes._task_ids_one_hot
-    monkeypatch.setattr(routing_modes, "_task_ids_one_hot", lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+    monkeypatch.setattr(routing_modes, "_task_ids_one_hot",
+                        lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
 
     def run(mode, task_ids, **settings):
         builds.clear()
