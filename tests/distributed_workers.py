@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import moelora
-from helpers import randomize_adapters, tiny_llama
+from moelora.modules.adapter_base import is_adapter_layer
+from helpers import made_real_with_garbage, randomize_adapters, reset_every_module, tiny_llama
 
 WORLD = 2
 PER_RANK = 2
@@ -128,6 +129,54 @@ def fsdp2_run(rank: int, out_dir: str) -> dict:
             "unsharded_save_error": unsharded_save_error}
 
 
+class MetaNet(torch.nn.Module):
+    """Embedding, two linear layers and an MLP (to upcycle): every module has its reset_parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 8)
+        self.a, self.b = torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+    def forward(self, ids):
+        return self.mlp(self.b(self.a(self.emb(ids))))
+
+
+META_CONFIGS = {  # 3 experts (4 with the shared LoRA) over 2 ranks: uneven shards
+    "task_shared": moelora.MoELoRAConfig(target_modules=["emb", "a", "b"], num_experts=3, r=4, router="task",
+                                         task_shared_lora=True),
+    "learned": moelora.MoELoRAConfig(target_modules=["emb", "a", "b"], num_experts=3, top_k=2, r=4),
+}
+
+
+def fsdp2_meta_init(name: str) -> dict:
+    """The documented meta-device init under FSDP2: build on meta, fully_shard every adapter layer and MoEFFN,
+    to_empty (filled with NaN here), reset_parameters; the gathered state dict and an output (or the error)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        with torch.device("meta"):
+            model = moelora.get_moelora_model(MetaNet(), META_CONFIGS[name])
+            moelora.upcycle_ffn(model.model, num_experts=3, top_k=2, ffn_modules=["mlp"], in_proj="0", out_proj="2",
+                                activation=torch.nn.functional.gelu, router="softmax_topk")
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for module in list(model.modules()):
+            if is_adapter_layer(module) or isinstance(module, moelora.MoEFFN):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        torch.manual_seed(0)
+        reset_every_module(made_real_with_garbage(model), order="apply")
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model(ids, **({"task_ids": 1} if name == "task_shared" else {}))
+        return {"state_dict": full, "output": out}
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def run(rank: int, port: int, out_dir: str) -> None:
     """Entry point of each spawned rank."""
     sys.path.insert(0, EXAMPLES)
@@ -141,6 +190,7 @@ def run(rank: int, port: int, out_dir: str) -> None:
             "ddp_idle_experts": ddp_with_idle_experts(rank),
             "ddp_example": ddp_example_checkpoint(out_dir),
             "fsdp2": fsdp2_run(rank, out_dir),
+            "fsdp2_meta_init": {name: fsdp2_meta_init(name) for name in META_CONFIGS},
             "ddp_disabled_layer": ddp_with_disabled_layer(rank),  # last: its failing DDP is left behind
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -147,3 +147,31 @@ def test_fsdp2_full_state_dict_and_adapter_reload_with_the_same_outputs(ranks):
     torch.testing.assert_close(loaded(input_ids=workers.eval_batch()).logits, rank0["logits"], **TOL)
     steps = [m.num_steps for n, m in loaded.model.named_modules() if n.endswith("router")]
     assert len(steps) == 4 and all(int(s) == 3 for s in steps)  # the router buffers came through
+
+
+@pytest.mark.parametrize("name", sorted(workers.META_CONFIGS))
+def test_fsdp2_meta_device_init_initialises_every_shard(ranks, name):
+    """Meta-device init after fully_shard (the FSDP2 recipe: each rank makes only its shards): reset_parameters
+    reaches the experts of every rank's shard (3 experts, or 4 with the shared LoRA, over 2 ranks). Indexing a
+    sharded DTensor along the expert dim raised (A's per-expert init) or wrote a copy (silently nothing): the
+    shared LoRA's B (A for the embedding) kept to_empty's garbage, and MoEFFN's experts 1.. were never copied."""
+    for results in ranks:
+        outcome = results["fsdp2_meta_init"][name]
+        assert "error" not in outcome, outcome.get("error")
+        state = outcome["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+        assert torch.isfinite(outcome["output"]).all()
+        for proj in ("a", "b"):
+            a, b = state[f"model.{proj}.lora_A"], state[f"model.{proj}.lora_B"]
+            bound = 1 / a.shape[-1] ** 0.5  # kaiming-uniform (a = sqrt(5)) of each expert's [r, d_in]
+            assert a.abs().max() <= bound and a.abs().amax(dim=(1, 2)).min() > bound / 2
+            if name == "task_shared":
+                assert torch.all(b[-1] == 0) and torch.all(b[:-1] != 0)  # the shared LoRA starts at zero
+            else:
+                assert torch.all(b == 0)
+        if name == "task_shared":
+            a = state["model.emb.lora_embedding_A"]
+            assert torch.all(a[-1] == 0) and torch.all(a[:-1] != 0)
+        for key in ("w_in", "b_in", "w_out", "b_out"):
+            experts = state[f"model.mlp.{key}"]
+            assert torch.equal(experts, experts[:1].expand_as(experts)), key  # upcycled: copies of one FFN

@@ -43,6 +43,7 @@ from moelora.modules.router import Router
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
 from moelora.ops.validation import _tracing_or_capturing, check_top_k, syncing_checks_enabled
 from moelora.modules.fields import LAYER_FIELD_KINDS, check_field
+from moelora.modules.init import kaiming_uniform_per_matrix_, zero_expert_
 
 
 _SINGLE = {}
@@ -359,21 +360,18 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         """PEFT's init: A kaiming-uniform (``"gaussian"``: normal, std 1/r), B zero, so the layer starts
         as its base; ``init_lora_weights=False`` and task experts (gated by gamma = 0) draw B
         kaiming-uniform too; a task-shared LoRA's B starts at zero."""
-        a_slices = [self.lora_A] if self.share_lora_a else list(self.lora_A)
-        for a in a_slices:
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(a, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            kaiming_uniform_per_matrix_(self.lora_A)
         if init_lora_weights is False or self.router_mode == "task":
             # Task experts are gated by gamma = 0 at init, so B may (and must, for gamma to
             # receive a gradient) start non-zero.
-            for b in self.lora_B:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            kaiming_uniform_per_matrix_(self.lora_B)
         else:
             self.lora_B.zero_()
         if self.task_shared_lora and init_lora_weights is not False:
-            self.lora_B[-1].zero_()
+            zero_expert_(self.lora_B, -1)
 
     # As PEFT's tuner layers: model code reads the wrapped layer's weight and bias through the
     # adapter layer (T5's ``self.wo.weight.dtype``, ViT's ``projection.weight.dtype``).

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings
+from moelora.modules.init import zero_expert_
 from moelora.ops.backend import autocast_dtype
 
 
@@ -67,7 +68,7 @@ class MoELoRAEmbedding(AdapterLayerBase):
         if init_lora_weights is False or self.router_mode == "task":
             nn.init.normal_(self.lora_A)
             if self.task_shared_lora and init_lora_weights is not False and not self.share_lora_a:
-                self.lora_A[-1].zero_()
+                zero_expert_(self.lora_A, -1)
         else:
             self.lora_A.zero_()
         if self.base_layer.padding_idx is not None:  # as nn.Embedding's padding row: the padding vector stays fixed

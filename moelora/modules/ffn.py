@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moelora.ops.moe_ffn import routed_moe_ffn
 from moelora.ops.validation import check_activation, check_top_k
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, check_field, is_real
-from moelora.modules.init import reset_like_linear
+from moelora.modules.init import copy_to_every_expert_, reset_like_linear
 from moelora.modules.adapter_base import refuse_quantised
 from moelora.modules.linear import linear_weight
 from moelora.modules.routed import RoutedModule
@@ -125,10 +125,13 @@ class MoEFFN(nn.Module, RoutedModule):
         for weight, bias in ((self.w_gate, self.b_gate), (self.w_in, self.b_in), (self.w_out, self.b_out)):
             if weight is None:
                 continue
-            reset_like_linear(weight[0], None if bias is None else bias[0])
-            weight[1:] = weight[0]
+            # one FFN drawn apart, then copied: the experts of an FSDP2-sharded module cannot be indexed in place
+            one_weight = torch.empty(weight.shape[1:], dtype=weight.dtype, device=weight.device)
+            one_bias = None if bias is None else torch.empty(bias.shape[1:], dtype=bias.dtype, device=bias.device)
+            reset_like_linear(one_weight, one_bias)
+            copy_to_every_expert_(weight, one_weight)
             if bias is not None:
-                bias[1:] = bias[0]
+                copy_to_every_expert_(bias, one_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)
