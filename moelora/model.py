@@ -784,8 +784,12 @@ class MoELoRAModel(nn.Module):
 
     def _replicate_for_data_parallel(self):
         """nn.DataParallel's replica (one per device and forward; HF Trainer uses it with several GPUs and no
-        distributed launch): it copies the wrapper's ``__dict__``, so the forward there is bound to the replica."""
+        distributed launch): it copies the wrapper's ``__dict__``, so the forward there is bound to the replica,
+        and the replica holds its own forward's swaps (task ids, aux-loss mask): in the original's list, a
+        replica's forward would put back what the original's forward (or another replica's, running in another
+        thread) gave its layers, which a gradient-checkpointed layer still needs for its backward."""
         replica = super()._replicate_for_data_parallel()
+        replica._forward_swaps = []
         forward = self.__dict__.get("forward")
         if isinstance(forward, _BoundForward):
             replica.__dict__["forward"] = _BoundForward(forward.__func__, replica)

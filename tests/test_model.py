@@ -377,6 +377,22 @@ def test_a_data_parallel_replica_runs_its_own_modules():
     torch.testing.assert_close(replica(x), replica._modules["model"](x), rtol=0, atol=0)
 
 
+def test_a_data_parallel_replica_leaves_the_originals_task_ids_alone():
+    """nn.DataParallel's replicas (one per device, their forwards in threads) copied the wrapper's list of the
+    last forward's swaps: a replica's forward put back the task ids the original's forward had given its layers
+    (and those of a replica running beside it), which a gradient-checkpointed layer needs again in backward."""
+    model = get_moelora_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)),
+                              MoELoRAConfig(target_modules=["0", "2"], num_experts=3, r=2, router="task"))
+    x = torch.randn(2, 8)
+    model(x, task_ids=1)
+    replica = model._replicate_for_data_parallel()
+    replica._modules["model"] = copy.deepcopy(model.model)  # as torch.nn.parallel.replicate sets them
+    replica(x, task_ids=2)
+    assert int(model.model[0].task_ids) == 1 and int(replica.model[0].task_ids) == 2
+    model(x, task_ids=0)  # the original's next forward puts back its own swaps only
+    assert int(model.model[0].task_ids) == 0 and int(replica.model[0].task_ids) == 2
+
+
 def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
     """A whole MoELoRAModel through pickle / torch.save + torch.load (and deepcopy) shows the wrapped
     model's forward signature, as the original: transformers' Trainer drops the dataset columns
