@@ -1037,6 +1037,23 @@ class MoELoRAModel(nn.Module):
         return self.adapter_configs[self.active_adapter]
 
     @property
+    def peft_config(self) -> Dict[str, MoELoRAConfig]:
+        """PEFT's name for :attr:`adapter_configs` (adapter name -> config; the same dict)."""
+        return self.adapter_configs
+
+    @property
+    def base_model(self) -> "MoELoRAModel":
+        """The wrapper itself, as PEFT's ``PeftModel.base_model`` (its tuner model: ``.model`` is the wrapped
+        model, other attributes are looked up there), so that PEFT's ``model.base_model.model...`` paths reach
+        the wrapped model. The wrapped transformers model's own ``base_model`` (its backbone) is
+        ``model.get_base_model().base_model``."""
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with the adapter layers in it), as PEFT's ``get_base_model``."""
+        return self.model
+
+    @property
     def active_adapters(self) -> List[str]:
         """``[active_adapter]`` (PEFT's list form)."""
         return [self.active_adapter]

@@ -654,3 +654,22 @@ def test_disabling_warns_where_the_output_stays_other_than_the_base_models(kept)
         assert differs == (kept != "none")
         assert len(messages) == differs and all(kept.split("_")[0] in m for m in messages)
         model.enable_adapter_layers()
+
+
+def test_peft_attribute_paths_reach_the_wrapped_model_as_peft_s():
+    """PEFT's get_base_model(), base_model.model... and peft_config reach what they reach on PEFT's PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj"]))
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1, r=4))
+    assert peft_model.base_model.model is peft_model.get_base_model()
+    assert ours.base_model.model is ours.get_base_model() is ours.model
+    for model in (peft_model, ours):
+        assert type(model.get_base_model()).__name__ == "LlamaForCausalLM"
+        assert hasattr(model.base_model.model.model.layers[1].self_attn.q_proj, "lora_A")  # adapted
+        assert model.base_model.model.model.layers[1].self_attn.k_proj.__class__ is nn.Linear
+        assert list(model.peft_config) == ["default"] and model.peft_config["default"].r == 4
+    assert ours.peft_config is ours.adapter_configs
+    ours.add_adapter("second", MoELoRAConfig(target_modules=["v_proj"], num_experts=1, r=2))
+    assert list(ours.peft_config) == ["default", "second"] and ours.peft_config["second"].r == 2
+    assert ours.get_base_model().model.embed_tokens is ours.model.model.embed_tokens
