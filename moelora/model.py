@@ -48,7 +48,7 @@ from moelora.tuner import structure as _structure, adapters, merge
 from moelora import persistence
 from moelora.modules.adapter_base import is_adapter_layer, is_uninitialised_lazy, owned_by_moelora
 from moelora.tuner.adapters import DEFAULT_ADAPTER, mark_only_adapters_trainable, wrap_modules_to_save
-from moelora.tuner.config import MoELoRAConfig
+from moelora.tuner.config import TASK_HEADS, MoELoRAConfig
 from moelora.modules.linear import MoELoRALinear, is_conv1d
 from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
@@ -94,7 +94,9 @@ def with_default_targets(model: nn.Module, config: MoELoRAConfig) -> MoELoRAConf
     """``config``; where its ``target_modules`` is None, a copy holding PEFT's default targets for the model's
     architecture, as PEFT's get_peft_model chooses them (``model.config.model_type`` in peft's
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: LLaMA's, Qwen's, Mistral's q_proj and v_proj, GPT-2's
-    c_attn, ...); a ValueError saying why where there is none."""
+    c_attn, ...); a ValueError saying why where there is none. The heads of its ``task_type``
+    (:func:`with_task_heads`) are in the copy's ``modules_to_save``."""
+    config = with_task_heads(model, config)
     if config.target_modules is not None:
         return config
     model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
@@ -110,6 +112,25 @@ def with_default_targets(model: nn.Module, config: MoELoRAConfig) -> MoELoRAConf
         raise ValueError(f"MoELoRAConfig.target_modules must be set (a list of module-name suffixes, a regex string, "
                          f"or 'all-linear'): {why}")
     return dataclasses.replace(config, target_modules=target if isinstance(target, str) else list(target))
+
+
+def with_task_heads(model: nn.Module, config: MoELoRAConfig) -> MoELoRAConfig:
+    """``config``, or a copy whose ``modules_to_save`` also names the heads of its ``task_type`` that ``model``
+    has (``TASK_HEADS``: a classifier's ``classifier`` or ``score``, a question-answering model's
+    ``qa_outputs``), as PEFT's task models add them: trained and saved whole. A ``modules_to_save`` regex must
+    match them itself (a ValueError naming them where it does not)."""
+    names = [n for n, _ in model.named_modules()]
+    heads = [h for h in TASK_HEADS.get(config.task_type, ()) if any(matches(n, [h]) for n in names)]
+    saved = config.modules_to_save
+    if isinstance(saved, str):
+        left_out = [n for n in names if matches(n, heads) and not matches(n, saved)]
+        if left_out:
+            raise ValueError(f"task_type {config.task_type!r} trains and saves the model's head whole, but the "
+                             f"modules_to_save regex {saved!r} does not match {left_out}: make it match them, or give "
+                             "modules_to_save as a list of names (the head is then added to it)")
+        return config
+    added = [h for h in heads if h not in (saved or [])]
+    return dataclasses.replace(config, modules_to_save=list(saved or []) + added) if added else config
 
 
 def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:

@@ -2,8 +2,12 @@
 
 Fields shared with PEFT's ``LoraConfig`` keep its names and meaning (r, lora_alpha,
 lora_dropout, target_modules, exclude_modules, layers_to_transform, layers_pattern,
-rank_pattern, alpha_pattern, use_rslora, init_lora_weights, use_dora, bias, modules_to_save);
-the rest describe the experts, the router and the auxiliary losses.
+rank_pattern, alpha_pattern, use_rslora, init_lora_weights, use_dora, bias, modules_to_save,
+task_type, fan_in_fan_out); the rest describe the experts, the router and the auxiliary losses.
+``task_type`` does what PEFT's task-specific models do with it for LoRA: a classification or
+question-answering task trains and saves the model's head whole (``TASK_HEADS``, added to
+``modules_to_save``); ``fan_in_fan_out`` is accepted and read from each base layer instead (GPT-2's
+``Conv1D`` stores its weight [d_in, d_out]), as PEFT corrects the flag per layer.
 
 ``num_experts`` may differ per layer (MoLA): an int, a list with one count per layer, a
 callable ``(layer_index, num_layers) -> int``, or a preset over layer quarters ("2468",
@@ -25,6 +29,10 @@ from moelora.tuner.targets import pattern_key_regex, pattern_value
 
 EXPERT_PRESETS = ("2468", "8642", "8228", "5555")
 BIAS_MODES = ("none", "all", "lora_only")
+# PEFT's TaskType values, and the heads its task models (PeftModelForSequenceClassification, ...) add to
+# modules_to_save: trained and saved whole, where the model has them
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 CONFIG_NAME = "moelora_config.json"
 
 
@@ -55,6 +63,8 @@ class MoELoRAConfig:
     use_dora: bool = False
     bias: str = "none"
     modules_to_save: Optional[Union[List[str], str]] = None  # trained and saved whole (moelora.tuner.adapters)
+    task_type: Optional[str] = None  # one of TASK_TYPES; its head (TASK_HEADS) is saved whole
+    fan_in_fan_out: bool = False  # accepted for PEFT's configs: each layer's layout is read from its base layer
     base_model_name_or_path: Optional[str] = None
     # --- experts and routing
     num_experts: Union[int, List[int], str, Callable[[int, int], int]] = 4
@@ -78,10 +88,13 @@ class MoELoRAConfig:
             value = getattr(self, name)
             if isinstance(value, (set, frozenset)) and all(isinstance(n, str) for n in value):
                 setattr(self, name, sorted(value))
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # peft.TaskType.CAUSAL_LM: its name
         _check_field_types(self)
         self._layer_fields(self.num_experts if is_int(self.num_experts) else None)  # LayerSettings checks them
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be None or one of PEFT's task types {TASK_TYPES}, got {self.task_type!r}")
         if isinstance(self.num_experts, str) and self.num_experts not in EXPERT_PRESETS:
             raise ValueError(f"num_experts preset must be one of {EXPERT_PRESETS}, got {self.num_experts!r}")
         if isinstance(self.num_experts, (list, tuple)) and not all(is_int(n) and n >= 1 for n in self.num_experts):
@@ -200,6 +213,8 @@ _FIELD_KINDS = {
                       "a dict of module-name patterns (valid regexes) to finite numbers"),
     "bias": (lambda v: isinstance(v, str), None, f"one of {BIAS_MODES}"),
     "modules_to_save": (_is_names, _regex_if_str, "a list of module-name suffixes or a valid regex string"),
+    "task_type": (lambda v: isinstance(v, str), None, f"None or one of {TASK_TYPES}"),
+    "fan_in_fan_out": BOOL,
     "base_model_name_or_path": (lambda v: isinstance(v, str), None, "a string"),
     "num_experts": (lambda v: is_int(v) or isinstance(v, (str, list, tuple)) or callable(v),
                     lambda v: not is_int(v) or v >= 1,

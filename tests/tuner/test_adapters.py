@@ -2,6 +2,7 @@
 convolutions by target_modules, modules_to_save, enable/disable_adapter_layers, named
 adapters (add/set/delete/load, the saved folder layout), trained biases in PEFT checkpoints."""
 
+import copy
 import os
 import warnings
 
@@ -673,3 +674,38 @@ def test_peft_attribute_paths_reach_the_wrapped_model_as_peft_s():
     ours.add_adapter("second", MoELoRAConfig(target_modules=["v_proj"], num_experts=1, r=2))
     assert list(ours.peft_config) == ["default", "second"] and ours.peft_config["second"].r == 2
     assert ours.get_base_model().model.embed_tokens is ours.model.model.embed_tokens
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["classifier"], ["bert.pooler.dense"]])
+def test_task_type_trains_and_saves_the_classifier_head_as_peft_s(tmp_path, modules_to_save):
+    """LoraConfig's task_type="SEQ_CLS" makes PEFT train and save the classifier whole; the same field of
+    MoELoRAConfig does the same (same trainable parameters), and the head round-trips."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    fields = dict(r=4, target_modules=["query", "value"], modules_to_save=modules_to_save)
+    peft_model = get_peft_model(tiny_bert(2, classification=True),
+                                LoraConfig(task_type="SEQ_CLS", **copy.deepcopy(fields)))
+    ours = get_moelora_model(tiny_bert(2, classification=True),
+                             MoELoRAConfig(task_type=TaskType.SEQ_CLS, num_experts=1, **copy.deepcopy(fields)))
+    trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert trainable(ours) == trainable(peft_model)
+    assert isinstance(ours.model.classifier, ModulesToSaveWrapper)
+    assert ours.peft_config["default"].task_type == "SEQ_CLS"
+    _perturb(ours)
+    ids = token_batch()
+    expected = ours(ids).logits
+    ours.save_pretrained(str(tmp_path))
+    reloaded = MoELoRAModel.from_pretrained(tiny_bert(2, classification=True), str(tmp_path))
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    assert reloaded.peft_config["default"].modules_to_save == ours.peft_config["default"].modules_to_save
+
+
+def test_task_type_and_fan_in_fan_out_are_checked_and_a_regex_must_save_the_head():
+    with pytest.raises(ValueError, match=r"task_type must be None or one of PEFT's task types"):
+        MoELoRAConfig(task_type="CLASSIFY")
+    with pytest.raises(TypeError, match=r"MoELoRAConfig\.fan_in_fan_out"):
+        MoELoRAConfig(fan_in_fan_out="yes")
+    assert MoELoRAConfig(task_type="CAUSAL_LM", fan_in_fan_out=True).task_type == "CAUSAL_LM"
+    with pytest.raises(ValueError, match=r"modules_to_save regex .* does not match \['classifier'\]"):
+        get_moelora_model(tiny_bert(2, classification=True), MoELoRAConfig(
+            task_type="SEQ_CLS", target_modules=["query"], modules_to_save=r".*pooler\.dense"))
