@@ -398,3 +398,24 @@ def test_compiled_inference_forward_first_leaves_training_forwards_working(monke
     layer(x).square().sum().backward()
     for got, p in zip(grads, (layer.lora_A, layer.lora_B)):
         torch.testing.assert_close(got, p.grad)
+
+
+def test_layer_on_transposed_input_trains_under_inductor_on_the_triton_backend(monkeypatch):
+    """Inductor asserts the strides a custom op's fake gives; the fused backward op's fake gave dx x's
+    strides, the kernel a contiguous dx: a layer called on x.t() raised in its compiled backward
+    (test_custom_ops.py checks every backward op's fake on such inputs)."""
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # a cached graph kept an old fake
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(8, 6), num_experts=4, top_k=2, r=4)
+    randomize_adapters(layer)
+    x_t = torch.randn(8, 5, requires_grad=True)
+
+    def loss(layer, x_t):
+        return layer(x_t.t()).square().sum()
+
+    with moelora.use_backend("triton"):
+        want = torch.autograd.grad(loss(layer, x_t), (x_t, layer.lora_A, layer.lora_B))
+        got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="inductor")(layer, x_t),
+                                  (x_t, layer.lora_A, layer.lora_B))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

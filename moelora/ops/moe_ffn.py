@@ -441,7 +441,7 @@ def moe_ffn_backward(dy: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, 
 def _(dy, x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, saved, activation, normalize, stacked,
       gemm, wgrad, layout_block, needs):
     like = (x, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate)
-    return [torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(like, needs)]
+    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(like, needs)]
 
 
 _DIFFERENTIABLE = (0, 2, 3, 4, 5, 6, 7, 8)  # x, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate

@@ -521,7 +521,8 @@ def moe_lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, l
 @moe_lora_backward.register_fake
 def _(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, layout, scaling, grouped, need_dx):
     dx = x.new_empty(x.shape if need_dx else (0, x.shape[1]))
-    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(topk_weights)
+    # contiguous whatever the inputs' strides, as the kernels write them (inductor asserts a fake's strides)
+    return dx, *(t.new_empty(t.shape) for t in (lora_a, lora_b, topk_weights))
 
 
 def _save_for_backward(ctx, inputs, saved):

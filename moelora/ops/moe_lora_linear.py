@@ -676,10 +676,10 @@ def _(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logits, ids, weigh
     need_x, need_weight, need_bias, _, need_logits, need_w = needs
 
     def grad(like, wanted):
-        return torch.empty_like(like) if wanted else x.new_empty(0)
+        return like.new_empty(like.shape) if wanted else x.new_empty(0)
 
     return [grad(x, need_x), grad(weight, need_weight), x.new_empty(weight.shape[0]) if need_bias else x.new_empty(0),
-            torch.empty_like(lora_a), torch.empty_like(lora_b), grad(router_weight, router_weight is not None),
+            grad(lora_a, True), grad(lora_b, True), grad(router_weight, router_weight is not None),
             grad(logits, need_logits and router_weight is None and mode != "static"),
             grad(weights, need_w and mode == "static")]
 

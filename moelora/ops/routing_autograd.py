@@ -67,7 +67,7 @@ router_topk_backward = CustomOp("router_topk_backward", _router_topk_backward)
 
 @router_topk_backward.register_fake
 def _(logits, ids, weights, g_weights, g_prob_sums, g_lse, mode, renormalize):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 def _route_backward_torch(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):

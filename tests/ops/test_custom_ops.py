@@ -81,3 +81,64 @@ def test_ops_reach_their_implementation_without_custom_op_wrappers():
                moe_ffn.moe_ffn_backward, grouped_linear.segment_linear, grouped_linear.segment_linear_backward,
                routing_autograd.router_topk_backward):
         assert type(op).__name__ == "CustomOp" and op.default.name().startswith("moelora::"), op
+
+
+def _transposed_storage(t):
+    """``t``'s values in a tensor whose last two dims are stored transposed (not contiguous)."""
+    return t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _transposed_args(args):
+    return tuple(_transposed_storage(a) if isinstance(a, torch.Tensor) and a.dim() >= 2 else a for a in args)
+
+
+@pytest.mark.parametrize("op", ["moe_lora", "moe_lora_linear", "moe_ffn", "router_topk"])
+def test_backward_ops_fakes_have_the_kernels_strides_on_non_contiguous_inputs(op):
+    """The backward ops write contiguous gradients whatever their inputs' strides; their fakes made
+    them torch.empty_like the inputs, so transposed storage in gave transposed fakes. Inductor asserts
+    a custom op's output strides against its fake: MoELoRALinear called on x.t() (or moe_lora on a
+    transposed A, route on transposed logits) raised in the compiled backward. Checked on the Triton
+    backend for float64 inputs stored transposed, with opcheck (its fake-tensor test compares strides)."""
+    import torch.nn as nn
+
+    from moelora.modules.linear import MoELoRALinear
+
+    torch.manual_seed(0)
+    dt = torch.float64
+    if op == "moe_lora":
+        p = make_problem(9, 8, 10, 4, 3, 2, shared_a=False, dtype=dt, device=DEVICE)
+        args = _transposed_args((p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights.to(dt), p.base_out))
+        y, h = moe_lora_module.moe_lora_forward(*args, p.scaling, False)
+        bwd, bwd_args = moe_lora_module.moe_lora_backward, (_transposed_storage(torch.randn_like(y)), *args[:5], h, [],
+                                                           p.scaling, False, True)
+    elif op == "moe_lora_linear":
+        layer = MoELoRALinear(nn.Linear(8, 6), num_experts=4, top_k=2, r=4, init_lora_weights=False).to(DEVICE, dt)
+        x = _transposed_storage(torch.randn(5, 8, dtype=dt, device=DEVICE))
+        router, ids, weights = layer._routing_inputs(x)
+        args = moe_lora_linear.op_args(x, layer.base_weight(), layer.base_layer.bias, layer.lora_A, layer.lora_B,
+                                       layer.scaling, router, ids, weights, None, 1.0, False)
+        args = _transposed_args(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        with moelora.use_backend("triton"):
+            y, h, logits, ids, weights, counts, aux_loss, *_ = moe_lora_linear.moe_lora_linear_fwd(*args)
+        bwd = moe_lora_linear.moe_lora_linear_bwd
+        bwd_args = (torch.randn_like(y), torch.ones_like(aux_loss), *args[:2], *args[3:6], h, logits, ids, weights,
+                    counts, args[11], args[12], args[13], [], *args[14:16], args[17], *args[21:25], [True] * 6)
+    elif op == "moe_ffn":
+        g = torch.Generator().manual_seed(0)
+        x, w_in, w_out = (torch.randn(*s, generator=g, dtype=dt).to(DEVICE) for s in ((6, 16), (3, 24, 16), (3, 8, 24)))
+        ids = torch.rand(6, 3, generator=g).argsort(1)[:, :2].to(DEVICE)
+        weights = torch.rand(6, 2, generator=g, dtype=dt).to(DEVICE)
+        plan = moe_ffn.ffn_plan(x, w_in, w_out, None, 2, "triton")
+        args = _transposed_args((x, ids, weights, w_in, None, w_out, None, None, None, "silu", True, False, *plan))
+        with moelora.use_backend("triton"):
+            out = moe_ffn.moe_ffn_forward(*args)
+        bwd, bwd_args = moe_ffn.moe_ffn_backward, (torch.randn_like(out[0]), *args[:9], out[1:], *args[9:],
+                                                   [True, True, True, False, True, False, False, False])
+    else:
+        logits = _transposed_storage(torch.randn(7, 6, dtype=dt, device=DEVICE))
+        out = moelora.route(logits, 2)
+        bwd, bwd_args = routing_autograd.router_topk_backward, (logits, out.ids, out.weights, torch.randn_like(out.weights),
+                                                                torch.randn(6, dtype=dt, device=DEVICE),
+                                                                torch.randn(7, dtype=dt, device=DEVICE), 0, True)
+    with moelora.use_backend("triton"):
+        torch.library.opcheck(bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
