@@ -53,6 +53,23 @@ def test_layer_exports_with_dynamic_batch_and_sequence(mode, backend):
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_layer_exported_at_a_prompt_runs_decoding_token_counts_on_the_torch_backend(strict):
+    """The torch backend's gathered form (inference at up to 2 (token, slot) pairs per expert) was chosen by
+    the traced token count: a layer exported at 2 x 5 tokens guarded the program on 2 T > 8 and refused
+    inputs of 4 tokens or fewer (decoding) with "Guard failed". A symbolic count takes the dense form."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(16, 12), r=4, num_experts=4, top_k=2).eval()
+    randomize_adapters(layer)
+    dims = _dims(batch=1, seq=1)
+    with moelora.use_backend("torch"), torch.no_grad():
+        program = torch.export.export(layer, (torch.randn(2, 5, 16),), dynamic_shapes=({0: dims["batch"],
+                                      1: dims["seq"]},), strict=strict).module()
+        for shape in ((1, 1), (2, 2), (3, 9)):
+            x = torch.randn(*shape, 16)
+            torch.testing.assert_close(program(x), layer(x), rtol=1e-5, atol=1e-6, msg=f"{shape}")
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
 def test_exported_layer_runs_the_fused_op_as_eager_does(strict):
     """A plain nn.Linear base on the Triton backend: the exported program calls the fused layer's op,
     as the eager forward does, in torch.export's default non-strict mode too, which traces the module

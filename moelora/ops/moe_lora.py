@@ -41,6 +41,7 @@ import math
 from typing import List, Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
@@ -163,8 +164,11 @@ GATHER_MAX_PAIRS_PER_EXPERT = 2
 
 
 def torch_form(args: MoELoRAArgs) -> str:
-    """"gathered" or "dense": the formulation :func:`moe_lora_torch_impl` runs for ``args``."""
-    if args.ids_in_range and args.topk_ids.numel() <= GATHER_MAX_PAIRS_PER_EXPERT * args.num_experts:
+    """"gathered" or "dense": the formulation :func:`moe_lora_torch_impl` runs for ``args``. A symbolic pair
+    count (torch.compile with dynamic shapes, torch.export) takes the dense form, which holds for every count:
+    a guard on the count would recompile, or fail an exported program's inputs on the other side of it."""
+    if args.ids_in_range and statically_known_true(args.topk_ids.numel() <= GATHER_MAX_PAIRS_PER_EXPERT
+                                                   * args.num_experts):
         grads = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (args.x, args.lora_a, args.lora_b, args.topk_weights,
                                                        args.base_out))
