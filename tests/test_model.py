@@ -350,6 +350,8 @@ def test_a_forward_rebound_as_accelerate_rebinds_it_runs_the_module_it_is_bound_
     copied.forward = types.MethodType(forward.__func__, copied)
     assert copied.forward.__self__ is copied and "input" in inspect.signature(copied.forward).parameters
     torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)
+    AcceleratorState._reset_state(True)  # a state left by earlier tests (a Trainer's) would refuse bf16
+    GradientState._reset_state()
     try:
         accelerator = Accelerator(cpu=True, mixed_precision="bf16")
         prepared = accelerator.prepare_model(model)
