@@ -99,3 +99,35 @@ def test_module_help():
                          timeout=120, check=True).stdout
     for flag in ("--steps", "--quick", "--mola", "--router", "--molex", "--device", "--out-dir", "--no-plot"):
         assert flag in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--steps", "0"), "--steps must be a positive int, got 0"),
+    (("--steps", "-3"), "--steps must be a positive int, got -3"),
+    (("--batch-size", "0"), "--batch-size must be a positive int"),
+    (("--train-per-task", "0"), "--train-per-task must be a positive int"),
+    (("--eval-per-task", "0"), "--eval-per-task must be a positive int"),
+    (("--lr", "-1"), "--lr must be a positive finite float"),
+    (("--head-lr", "nan"), "--head-lr must be a positive finite float"),
+    (("--num-experts", "0"), "--num-experts must be a positive int"),
+    (("--r", "0"), "--r must be a positive int"),
+])
+def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, flags, message):
+    """A zero or negative step count used to run the whole demo with no training step (and report
+    its results), a zero batch size or example count crashed deep in the tokenizer or the probe."""
+    import moelora.demo.cli as cli
+
+    monkeypatch.setattr(cli, "run", lambda opts: pytest.fail(f"the demo ran with {flags}"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out-dir", str(tmp_path), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_options_refuse_bad_values():
+    from moelora.demo import DemoOptions
+
+    with pytest.raises(ValueError, match="DemoOptions.probe_per_task must be a positive int"):
+        DemoOptions(probe_per_task=0)
+    with pytest.raises(ValueError, match="DemoOptions.steps must be a positive int"):
+        DemoOptions(steps=2.5)

@@ -4,10 +4,11 @@ the demo; the exit status is 1 when the reloaded model's outputs differ from the
 from __future__ import annotations
 
 import argparse
+import re
 
 from moelora.tuner.config import EXPERT_PRESETS
 from moelora.ops.routing_modes import ROUTER_MODES
-from moelora.demo.run import RUN_SIZES, DemoOptions, run
+from moelora.demo.run import RUN_SIZES, DemoOptions, moelora_config, run, with_run_sizes
 
 
 def _sizes_help(name: str) -> str:
@@ -65,5 +66,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.router == "task" and args.mola:
         p.error("--mola sets learned-router expert counts; --router task uses one expert per task")
-    metrics = run(options_from_args(args))
+    try:  # a bad value is refused before any model loads, as argparse refuses one (usage, exit status 2)
+        opts = options_from_args(args)
+        moelora_config(with_run_sizes(opts, pretrained=True))
+    except ValueError as e:
+        flag = lambda m: "--" + m.group(1).replace("_", "-")  # noqa: E731
+        p.error(re.sub(r"(?:DemoOptions|MoELoRAConfig)\.(\w+)", flag, str(e)))
+    metrics = run(opts)
     return 0 if metrics["reload_identical"] else 1

@@ -3,6 +3,7 @@ training, evaluation, save, reload into a fresh encoder and the identical-output
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -52,6 +53,18 @@ class DemoOptions:
     seed: int = 0
     plot: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        """Refuse run sizes and hyper-parameters the demo cannot run with, naming the option: a
+        non-positive step count, for one, used to run the whole demo with no training step."""
+        for name in ("steps", "train_per_task", "eval_per_task", "probe_per_task", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"DemoOptions.{name} must be a positive int, got {value!r}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"DemoOptions.{name} must be a positive finite float, got {value!r}")
 
 
 # Run sizes by (quick, pretrained). The fallback encoder is small and starts from random weights:
