@@ -131,3 +131,29 @@ def test_demo_options_refuse_bad_values():
         DemoOptions(probe_per_task=0)
     with pytest.raises(ValueError, match="DemoOptions.steps must be a positive int"):
         DemoOptions(steps=2.5)
+
+
+def test_expert_load_is_over_the_real_tokens_whatever_the_eval_batch_size(tmp_path, without_pretrained_package):
+    """The reported expert load counted the padding of each batch (how much depends on how the
+    examples are batched): one-example batches (no padding) and one padded batch gave different
+    loads. It now counts the real tokens only. (MoLEx is left out: it picks one layer per batch, so
+    its load, and the q/v statistics of the layers it calls again, depend on the batching.)"""
+    import torch
+
+    from moelora.demo.backbone import prepare_backbone
+    from moelora.demo.data import all_words
+    from moelora.demo.run import DemoOptions, build_model
+
+    torch.manual_seed(0)
+    opts = DemoOptions(steps=4)
+    backbone = prepare_backbone(str(tmp_path / FALLBACK_DIR), all_words(), seed=0)
+    model, heads, tokenizer, _ = build_model(opts, backbone, "cpu")
+    examples = make_datasets(2, 6, seed=1)["eval"]  # sentences of different lengths: padded in one batch
+    padded = evaluate(model, heads, tokenizer, examples, 64, "cpu", False)
+    unpadded = evaluate(model, heads, tokenizer, examples, 1, "cpu", False)
+    assert len(padded.expert_load) == 8 and set(padded.expert_load) == set(unpadded.expert_load)
+    for name in padded.expert_load:
+        assert padded.expert_load[name] == pytest.approx(unpadded.expert_load[name], abs=1e-6), name
+        for task in TASKS:
+            assert (padded.expert_load_by_task[task][name]
+                    == pytest.approx(unpadded.expert_load_by_task[task][name], abs=1e-6)), (task, name)

@@ -89,10 +89,12 @@ def task_features(embeddings: torch.Tensor, group: TaskGroup) -> torch.Tensor:
     return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
 
 
-def embed(model: nn.Module, batch: Batch, task_routing: bool) -> torch.Tensor:
-    """Sentence embeddings [num_sentences, hidden] of the batch."""
+def embed(model: nn.Module, batch: Batch, task_routing: bool, stats_over_real_tokens: bool = False) -> torch.Tensor:
+    """Sentence embeddings [num_sentences, hidden] of the batch; ``stats_over_real_tokens``: the
+    routers' statistics (and aux losses) leave the padding out (the attention mask as aux-loss mask)."""
     task_ids = batch.sentence_tasks if task_routing else None
-    out = model(**batch.inputs, task_ids=task_ids)
+    aux_loss_mask = "attention_mask" if stats_over_real_tokens else None
+    out = model(**batch.inputs, task_ids=task_ids, aux_loss_mask=aux_loss_mask)
     return mean_pool(out.last_hidden_state, batch.inputs["attention_mask"])
 
 

@@ -39,6 +39,8 @@ def _batches(examples: Sequence[Example], batch_size: int):
 
 
 def _accumulate_load(totals: Dict[str, torch.Tensor], model: nn.Module, num_tokens: int) -> None:
+    """Add the routed slots per expert of the last forward (its load, slots per token, times its
+    ``num_tokens`` tokens) to ``totals``."""
     for name, stats in moelora.router_stats(model).items():
         load = stats["load"].detach().double().cpu() * num_tokens
         totals[name] = totals[name] + load if name in totals else load
@@ -52,8 +54,9 @@ def _shares(totals: Dict[str, torch.Tensor]) -> Dict[str, List[float]]:
 def encode_by_task(model: nn.Module, tokenizer, examples: Sequence[Example], batch_size: int, device,
                    task_routing: bool) -> Dict[str, EncodedTask]:
     """Head inputs, labels and expert load of every task; each task's examples are batched
-    separately, so the load is known per task. The load counts routed slots over every
-    token position the encoder ran (padding included)."""
+    separately, so the load is known per task. The load counts routed slots over the real
+    tokens (the padding, which the batching decides, is left out, as MoLEx leaves it out of
+    its statistics), so it does not depend on ``batch_size``."""
     model.eval()
     encoded = {}
     for task, name in enumerate(TASKS):
@@ -63,8 +66,8 @@ def encode_by_task(model: nn.Module, tokenizer, examples: Sequence[Example], bat
         features, labels, totals = [], [], {}
         for chunk in _batches(task_examples, batch_size):
             batch = collate(chunk, tokenizer, device)
-            embeddings = embed(model, batch, task_routing)
-            _accumulate_load(totals, model, batch.inputs["input_ids"].numel())
+            embeddings = embed(model, batch, task_routing, stats_over_real_tokens=True)
+            _accumulate_load(totals, model, int(batch.inputs["attention_mask"].sum()))
             features.append(task_features(embeddings, batch.groups[task]))
             labels.append(batch.groups[task].labels)
         encoded[name] = EncodedTask(torch.cat(features), torch.cat(labels), totals)
