@@ -157,3 +157,23 @@ def test_expert_load_is_over_the_real_tokens_whatever_the_eval_batch_size(tmp_pa
         for task in TASKS:
             assert (padded.expert_load_by_task[task][name]
                     == pytest.approx(unpadded.expert_load_by_task[task][name], abs=1e-6)), (task, name)
+
+
+def test_fallback_checkpoint_loads_from_another_working_directory(tmp_path, monkeypatch, without_pretrained_package):
+    """With a relative --out-dir (the default is one) the checkpoint recorded the fallback encoder's
+    path relative to the working directory: loading it from anywhere else failed."""
+    from moelora.demo.backbone import prepare_backbone
+    from moelora.demo.checkpoint import outputs_identical, save_checkpoint
+    from moelora.demo.data import all_words
+    from moelora.demo.run import DemoOptions, build_model
+
+    monkeypatch.chdir(tmp_path)
+    backbone = prepare_backbone(os.path.join("out", FALLBACK_DIR), all_words(), seed=0)
+    model, heads, tokenizer, _ = build_model(DemoOptions(steps=2), backbone, "cpu")
+    save_checkpoint(os.path.join("out", CHECKPOINT_DIR), model, heads, backbone, False, None)
+    examples = make_datasets(2, 2, seed=1)["eval"]
+    expected = evaluate(model, heads, tokenizer, examples, 64, "cpu", False).logits
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    model, heads, tokenizer, task_routing = load_checkpoint(str(tmp_path / "out" / CHECKPOINT_DIR), "cpu")
+    assert outputs_identical(expected, evaluate(model, heads, tokenizer, examples, 64, "cpu", task_routing).logits)

@@ -78,7 +78,8 @@ def prepare_backbone(fallback_dir: str, words, seed: int) -> Backbone:
     path = pretrained_minilm_path()
     if path is not None:
         return Backbone(path, PRETRAINED_NAME, pretrained=True)
-    return Backbone(build_fallback(fallback_dir, words, seed), FALLBACK_NAME, pretrained=False)
+    # an absolute path: the checkpoint records it, and must load from any working directory
+    return Backbone(build_fallback(os.path.abspath(fallback_dir), words, seed), FALLBACK_NAME, pretrained=False)
 
 
 def load_encoder(backbone: Backbone, device):
