@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import inspect
 import itertools
-import numbers
 import os
 import re
 import warnings
@@ -52,6 +51,7 @@ from moelora.tuner.config import TASK_HEADS, MoELoRAConfig
 from moelora.modules.linear import MoELoRALinear, is_conv1d
 from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
+from moelora.modules.fields import is_int, is_integral
 from moelora.modules.routed import RoutedModule, RouterStats
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
@@ -479,7 +479,7 @@ def _swap_task_ids(model: nn.Module, ids, owner=None) -> _Swap:
     ``owner``) for a caller that puts back what the layers held. ``owner``: who set them (a
     MoELoRAModel's ``_task_ids_owner`` in its forward, else None), so that the wrapper's next
     forward puts back only ids its forward set, not ids set since (the same tensor or int)."""
-    if isinstance(ids, numbers.Integral) and not isinstance(ids, int):  # a numpy integer: an int
+    if is_integral(ids):  # an int, or a numpy integer: held as an int's
         ids = int(ids)
     layers = _task_layers(model)
     if not layers and ids is not None:
@@ -488,7 +488,7 @@ def _swap_task_ids(model: nn.Module, ids, owner=None) -> _Swap:
     if merged is not None:  # a merged layer runs its base layer: the ids would route nothing (as PEFT's rule)
         raise ValueError(f"task ids cannot route merged layers (task {merged.merged_task} is folded into their base "
                          "weights, which every token runs): call unmerge_adapter() first, or run without task ids")
-    if isinstance(ids, int) and not isinstance(ids, bool):
+    if is_int(ids):
         for layer in layers:
             check_task_ids(ids, layer.num_experts)
         with _outside_inference_mode():  # an inference tensor's routing would be built by every layer, every call

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -42,7 +41,7 @@ from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
 from moelora.ops.validation import _tracing_or_capturing, check_top_k, syncing_checks_enabled
-from moelora.modules.fields import LAYER_FIELD_KINDS, check_field
+from moelora.modules.fields import LAYER_FIELD_KINDS, check_field, is_integral
 from moelora.modules.init import kaiming_uniform_per_matrix_, zero_expert_
 
 
@@ -423,7 +422,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                 f"over {self.num_experts} experts)")
         if self.router_mode != "task":
             return self.expert_A(0), self.lora_B[0]
-        if isinstance(task, bool) or not isinstance(task, numbers.Integral) or not 0 <= task < self.num_experts:
+        if not is_integral(task) or not 0 <= task < self.num_experts:
             raise ValueError(f"a task-routed layer needs task in [0, {self.num_experts}) (an int), got {task!r}")
         a, b = self.expert_A(task), self.lora_gamma[task] * self.lora_B[task]
         if self.task_shared_lora:

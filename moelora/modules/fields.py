@@ -6,6 +6,8 @@ Router, which the layers import, uses them too."""
 
 from __future__ import annotations
 
+import numbers
+
 from moelora.ops.routing_modes import ROUTER_MODES
 from moelora.ops.validation import is_finite_number, is_number as is_real  # is_real: an int or float, not a bool
 
@@ -13,6 +15,11 @@ from moelora.ops.validation import is_finite_number, is_number as is_real  # is_
 def is_int(v) -> bool:
     """An int that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_integral(v) -> bool:
+    """An integer, a numpy one too, that is not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def is_bool(v) -> bool:

@@ -4,7 +4,6 @@ noise and the threshold schedule that ``moelora.step_routers`` advances."""
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Optional, Union
 
@@ -15,7 +14,7 @@ from moelora.kernels import launchers
 from moelora.ops.validation import check_module_input, check_top_k, refuse_double_backward
 from moelora.ops.routing_modes import LEARNED_MODES, Routing, linear_logits, route_logits, scheduled_eps
 from moelora.ops.backend import kernels_run
-from moelora.modules.fields import LAYER_FIELD_KINDS, POSITIVE_INT, check_field
+from moelora.modules.fields import LAYER_FIELD_KINDS, POSITIVE_INT, check_field, is_integral
 
 
 # The check of Router's ``mode`` and of MoEFFN's ``router`` (check_field).
@@ -159,6 +158,6 @@ class _RouterLogitsFn(torch.autograd.Function):
 def check_steps(n) -> int:
     """``n`` as a number of optimiser steps: a non-negative integer (a numpy one too), else a
     ValueError naming it (a float or a bool would count wrongly, a negative one rewind the ramp)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+    if not is_integral(n) or n < 0:
         raise ValueError(f"n must be a non-negative int (optimiser steps), got {n!r}")
     return int(n)

@@ -526,20 +526,21 @@ def _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
 def _by_segment(activation: Callable, offsets: torch.Tensor, h: torch.Tensor,
                 up: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``activation(h)`` (times ``up``) of contiguous row-space tensors; on a CPU in eager mode one call
-    per expert segment (and one for the rows after them), on a copy of the segment (an activation working
-    in place, nn.ELU(inplace=True), would otherwise change views of one tensor autograd saved). CPU
-    elementwise kernels round by position (a vectorised body, then a scalar tail), so each expert's rows
-    then round as the FFN's activation over the same rows did: an expert routed every token reproduces
-    the FFN bit for bit whatever d_ff. Elsewhere (GPUs, whose kernels round alike at every position;
-    torch.compile) one call."""
-    def fn(h, up):
-        return activation(h) if up is None else activation(h) * up
+    per expert segment (and one for the rows after them), each on a copy of its segment
+    (:func:`_out_of_place`: an activation working in place, nn.ELU(inplace=True), would otherwise change
+    views of one tensor autograd saved). CPU elementwise kernels round by position (a vectorised body,
+    then a scalar tail), so each expert's rows then round as the FFN's activation over the same rows
+    did: an expert routed every token reproduces the FFN bit for bit whatever d_ff. Elsewhere (GPUs,
+    whose kernels round alike at every position; torch.compile) one call."""
+    def fn(act, h, up):
+        return act(h) if up is None else act(h) * up
 
     if h.device.type != "cpu" or torch.compiler.is_compiling():
-        return fn(h, up)
+        return fn(activation, h, up)
+    act = _out_of_place(activation)
     segments, end = segment_bounds(offsets)
     bounds = [(lo, hi) for _, lo, hi in segments] + [(end, h.shape[0])]
-    return torch.cat([fn(h[lo:hi].clone(), None if up is None else up[lo:hi]) for lo, hi in bounds])
+    return torch.cat([fn(act, h[lo:hi], None if up is None else up[lo:hi]) for lo, hi in bounds])
 
 
 def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked):

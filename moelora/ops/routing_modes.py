@@ -165,9 +165,8 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     torch.compile or CUDA-graph capture (the graph must record how the ids are made), nor for
     an inference tensor (made under torch.inference_mode), which has no version counter; nothing
     made under a FakeTensorMode is kept (fake tensors hold no values, and the eager forwards after
-    it would compute with them). The
-    reused ids are a copy (a later in-place change of the tensor cannot reach a forward's ids
-    saved for its backward). Writes that bypass the version counter are not seen: change the ids
+    it would compute with them). The reused ids are a copy (a later in-place change of the tensor
+    cannot reach a forward's ids saved for its backward). Writes that bypass the version counter are not seen: change the ids
     with torch's in-place ops (``copy_``, indexing) or pass a new tensor, not by writing through
     ``.data``, a numpy array sharing the tensor's memory or DLPack (``ids.data = new`` is seen).
     """
@@ -228,8 +227,8 @@ def _task_ids_one_hot(task_ids, lead_shape: tuple, num_tasks: int, shared_expert
     ids share no memory with ``task_ids``."""
     task_ids = torch.as_tensor(task_ids)
     check_ids_in_range("task ids", task_ids, num_tasks)  # host ids (an int's) read without a device sync
-    # host ids: no stream sync (a pageable copy is staged)
-    task_ids = task_ids.to(device, non_blocking=True, copy=copy).long()
+    # host ids: no stream sync (a pageable copy is staged); one conversion, the copy included
+    task_ids = task_ids.to(device, torch.long, non_blocking=True, copy=copy)
     if task_ids.dim() == 0:
         ids = task_ids.expand(lead_shape)
     elif tuple(task_ids.shape) == tuple(lead_shape):
