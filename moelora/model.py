@@ -771,7 +771,8 @@ class MoELoRAModel(nn.Module):
         self.active_adapter = adapter_name
         self.inactive_adapters = nn.ModuleDict().train(model.training)
         self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
-        self.inference_adapters = set()  # adapters loaded with is_trainable=False: frozen when active
+        # adapters built with inference_mode (loaded with is_trainable=False): frozen when active
+        self.inference_adapters = {adapter_name} if config.inference_mode else set()
         # the _Swaps (task ids, aux-loss mask) of the last forward, put back by the next (a list mutated
         # in place: dynamo 2.11 cannot trace a module's __dict__.pop)
         self._forward_swaps = []
@@ -781,6 +782,8 @@ class MoELoRAModel(nn.Module):
         self.aux_loss_mask_from: Optional[str] = None
         self._bind_forward()
         adapters.register_wrapper(self)
+        if config.inference_mode:
+            self._mark_trainable()
 
     def _bind_forward(self) -> None:
         # where forward finds a named argument
@@ -1011,22 +1014,42 @@ class MoELoRAModel(nn.Module):
                 if id(m) not in recorded:
                     m.disable_adapters = any(previous)
 
-    def merge_adapter(self, task: Optional[int] = None) -> None:
+    def merge_adapter(self, task: Optional[int] = None, *, safe_merge: bool = False,
+                      adapter_names: Optional[List[str]] = None) -> None:
         """Fold every layer's adapter into its base weight (``task`` for task-routed layers), or none:
-        if one layer cannot merge (a learned router, merged already) nothing is merged and the
-        error names that layer."""
-        merge.merge_adapter(self.model, task)
+        if one layer cannot merge (a learned router, merged already; with ``safe_merge``, as PEFT's, a
+        merged weight holding NaN or Inf) nothing is merged and the error names that layer.
+        ``adapter_names`` (PEFT's): None or a list naming the active adapter, the one moelora merges."""
+        self._check_merged_adapters(adapter_names)
+        merge.merge_adapter(self.model, task, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Undo :meth:`merge_adapter`: every merged layer's adapter is taken back out of its base weight."""
         merge.unmerge_adapter(self.model)
 
-    def merge_and_unload(self, task: Optional[int] = None) -> nn.Module:
+    def merge_and_unload(self, task: Optional[int] = None, *, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[List[str]] = None) -> nn.Module:
         """Merge the adapter into the base weights and return the plain model (saved modules:
-        their trained copies)."""
-        merge.merge_and_unload(self.model, task)
+        their trained copies). ``progressbar``, ``safe_merge`` and ``adapter_names`` as PEFT's (a tqdm bar
+        over the layers; see :meth:`merge_adapter`)."""
+        self._check_merged_adapters(adapter_names)
+        merge.merge_and_unload(self.model, task, progressbar=progressbar, safe_merge=safe_merge)
         adapters.unwrap_modules_to_save(self.model)
         return self.model
+
+    def _check_merged_adapters(self, adapter_names) -> None:
+        """ValueError unless ``adapter_names`` is None or lists the active adapter alone: PEFT's merge sums the
+        deltas of the adapters it names, moelora merges the active one (its inactive adapters run nothing)."""
+        if adapter_names is None:
+            return
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be None or a list of adapter names, got {adapter_names!r}")
+        unknown = [n for n in adapter_names if n not in self.adapter_configs]
+        if unknown:
+            raise ValueError(f"adapter_names: no adapter named {unknown} (the adapters: {list(self.adapter_configs)})")
+        if list(dict.fromkeys(adapter_names)) != [self.active_adapter]:
+            raise ValueError(f"adapter_names: moelora merges the active adapter alone ({self.active_adapter!r}), got "
+                             f"{list(adapter_names)}; set_adapter(name) first to merge another one")
 
     def unload(self) -> nn.Module:
         """The base model back, without merging: every adapter module replaced by its original."""
@@ -1046,16 +1069,22 @@ class MoELoRAModel(nn.Module):
             persistence.save_pretrained(self, save_directory, state_dict=state_dict, selected_adapters=selected_adapters)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False) -> "MoELoRAModel":
+    def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False,
+                        adapter_name: str = DEFAULT_ADAPTER) -> "MoELoRAModel":
         """:func:`moelora.from_pretrained`: ``model`` (a fresh base model) with the adapter saved in
-        ``directory``; frozen unless ``is_trainable``."""
-        return from_pretrained(model, directory, is_trainable=is_trainable)
+        ``directory`` as ``adapter_name``; frozen unless ``is_trainable``."""
+        return from_pretrained(model, directory, is_trainable=is_trainable, adapter_name=adapter_name)
 
     # ----------------------------------------------------------------- PEFT adapter conventions
     @property
     def moelora_config(self) -> MoELoRAConfig:
         """The active adapter's configuration."""
         return self.adapter_configs[self.active_adapter]
+
+    @property
+    def active_peft_config(self) -> MoELoRAConfig:
+        """PEFT's name for :attr:`moelora_config` (the active adapter's configuration)."""
+        return self.moelora_config
 
     @property
     def peft_config(self) -> Dict[str, MoELoRAConfig]:
@@ -1112,6 +1141,8 @@ class MoELoRAModel(nn.Module):
             self._mark_trainable()
         self.inactive_adapters[adapter_name] = adapters.stored(new).train(self.training)
         self.adapter_configs[adapter_name] = config
+        if config.inference_mode:
+            self.inference_adapters.add(adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activate ``adapter_name``: its layers go into the model (trainable unless the model or
@@ -1174,18 +1205,22 @@ def check_model_and_config(model, config) -> None:
         raise TypeError(f"config must be a moelora.MoELoRAConfig, got {type(config).__name__}{hint}")
 
 
-def get_moelora_model(model: nn.Module, config: MoELoRAConfig) -> MoELoRAModel:
-    """Inject MoE-LoRA layers into ``model`` (in place) and wrap it; see the module docstring. Without
-    ``config.target_modules`` the wrapper's config holds PEFT's default targets for the model's architecture."""
+def get_moelora_model(model: nn.Module, config: MoELoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> MoELoRAModel:
+    """Inject MoE-LoRA layers into ``model`` (in place) and wrap it, the adapter named ``adapter_name``; see
+    the module docstring. Without ``config.target_modules`` the wrapper's config holds PEFT's default targets
+    for the model's architecture; with ``config.inference_mode`` the adapter is frozen (as PEFT's)."""
     check_model_and_config(model, config)
+    adapters.check_adapter_name(adapter_name, {}, must_exist=False)  # before the model changes
     config = with_default_targets(model, config)
     names = inject_moelora(model, config)
-    return MoELoRAModel(model, with_expert_counts_listed(model, config, names))
+    return MoELoRAModel(model, with_expert_counts_listed(model, config, names), adapter_name)
 
 
-def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False) -> MoELoRAModel:
+def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False,
+                    adapter_name: str = DEFAULT_ADAPTER) -> MoELoRAModel:
     """Inject the saved configuration into ``model`` (a fresh base model) and load the weights
-    (as the adapter "default"; :meth:`MoELoRAModel.load_adapter` adds the others).
+    (as the adapter ``adapter_name``; :meth:`MoELoRAModel.load_adapter` adds the others). The
+    configuration's ``inference_mode`` is ``not is_trainable``, as PEFT's.
 
     Every file is read and checked before ``model`` is changed; if the tensors then do not
     fit the injected model, ``model`` is restored as it was (a corrected retry works).
@@ -1195,9 +1230,10 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
     the adapter does not have is an error.
     """
     config, structure, state = persistence.read_checkpoint(directory)
+    config = dataclasses.replace(config, inference_mode=not is_trainable)  # as PEFT's from_pretrained
     with persistence.restored_on_error(model):
         _structure.replay(model, structure)
-        wrapped = get_moelora_model(model, config)
+        wrapped = get_moelora_model(model, config, adapter_name)
         persistence.load_active_adapter_weights(wrapped, state, os.path.join(directory, persistence.WEIGHTS_NAME))
     if not is_trainable:
         for p in wrapped.parameters():

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -285,15 +286,13 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str, is_trainab
     if structure != _structure.to_json(unwrap(model)):
         raise ValueError(f"the adapter in {directory} was saved on a model with the structural edits {structure}, "
                          f"this model has {_structure.to_json(unwrap(model))}")
-    model.add_adapter(adapter_name, config)
+    model.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=not is_trainable))  # as PEFT's
     try:
         with _adapter_active(model, adapter_name):
             load_active_adapter_weights(model, state, os.path.join(directory, WEIGHTS_NAME))
     except BaseException:
         model.delete_adapter(adapter_name)
         raise
-    if not is_trainable:
-        model.inference_adapters.add(adapter_name)
 
 
 def load_active_adapter_weights(wrapped: nn.Module, state: dict, weights_path: str) -> None:

@@ -47,6 +47,10 @@ from moelora.modules.init import kaiming_uniform_per_matrix_, zero_expert_
 
 _SINGLE = {}
 
+# What a safe merge (``safe_merge=True``, as PEFT's) says of a merged weight holding NaN or Inf.
+UNSAFE_MERGE = ("the merged weight holds NaN or Inf (safe_merge=True): the adapter (or the base weight) is broken, "
+                "so nothing was merged")
+
 
 def offload_hook(module: nn.Module):
     """accelerate's offloading hook of ``module`` while it holds the module's weights (an
@@ -460,24 +464,33 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                 "the merged layer would compute its base layer alone; keep the adapter unmerged, or make the weight "
                 "a plain parameter first (parametrize.remove_parametrizations(module, 'weight'))")
 
-    @torch.no_grad()
-    def merge(self, task: Optional[int] = None) -> None:
-        """Fold the adapter into the base weight (static routing only; see above)."""
-        self.check_merge(task)
-        weight = self.base_layer.weight
-        w = self.base_weight()  # [d_out, d_in] layout; written back by _store_base_weight
-        acc = accumulator_dtype(weight.dtype)  # fp32, fp64 for fp64 weights (unmerge restores them)
+    def merged_base_weight(self, task: Optional[int] = None) -> Tuple[torch.Tensor, Optional[tuple]]:
+        """(the base weight with the adapter folded in: its dtype, :meth:`base_weight`'s [d_out, d_in] layout;
+        DoRA's (scale, delta) that :meth:`unmerge` divides out and subtracts, else None), changing nothing. The
+        sum is formed in fp32 (fp64 for fp64 weights) and rounded once, so that unmerging restores the weight."""
+        w = self.base_weight()
+        acc = accumulator_dtype(w.dtype)
         delta = self.delta_weight(task).to(acc)
-        if self.use_dora:
-            merged = w.to(acc) + delta
+        if not self.use_dora:
+            return (w.to(acc) + delta).to(w.dtype), None
+        merged = w.to(acc) + delta
+        scale = (self.lora_magnitude_vector.to(acc) / torch.linalg.norm(merged, dim=1)).detach()
+        return (merged * scale[:, None]).to(w.dtype), (scale, delta)
+
+    @torch.no_grad()
+    def merge(self, task: Optional[int] = None, safe_merge: bool = False) -> None:
+        """Fold the adapter into the base weight (static routing only; see above). ``safe_merge`` (as PEFT's):
+        a merged weight holding NaN or Inf raises a ValueError instead, the layer left unmerged."""
+        self.check_merge(task)
+        merged, dora = self.merged_base_weight(task)
+        if safe_merge and not bool(torch.isfinite(merged).all()):
+            raise ValueError(UNSAFE_MERGE)
+        if dora is not None:
             # What unmerge divides out and subtracts: buffers (not saved), so that they follow the
             # layer's moves (.to(device), .double()) as its weights do.
-            scale = (self.lora_magnitude_vector.to(acc) / torch.linalg.norm(merged, dim=1)).detach()
-            self.register_buffer("_dora_merge_scale", scale, persistent=False)
-            self.register_buffer("_dora_merged_delta", delta, persistent=False)
-            self._store_base_weight((merged * scale[:, None]).to(weight.dtype))
-        else:
-            self._store_base_weight((w.to(acc) + delta).to(weight.dtype))
+            self.register_buffer("_dora_merge_scale", dora[0], persistent=False)
+            self.register_buffer("_dora_merged_delta", dora[1], persistent=False)
+        self._store_base_weight(merged)
         self.merged, self.merged_task = True, task
 
     @torch.no_grad()

@@ -66,6 +66,8 @@ class MoELoRAConfig:
     task_type: Optional[str] = None  # one of TASK_TYPES; its head (TASK_HEADS) is saved whole
     fan_in_fan_out: bool = False  # accepted for PEFT's configs: each layer's layout is read from its base layer
     base_model_name_or_path: Optional[str] = None
+    # as PEFT's: the adapter is built frozen (from_pretrained / load_adapter set it to `not is_trainable`)
+    inference_mode: bool = False
     # --- experts and routing
     num_experts: Union[int, List[int], str, Callable[[int, int], int]] = 4
     top_k: int = 2
@@ -216,6 +218,7 @@ _FIELD_KINDS = {
     "task_type": (lambda v: isinstance(v, str), None, f"None or one of {TASK_TYPES}"),
     "fan_in_fan_out": BOOL,
     "base_model_name_or_path": (lambda v: isinstance(v, str), None, "a string"),
+    "inference_mode": BOOL,
     "num_experts": (lambda v: is_int(v) or isinstance(v, (str, list, tuple)) or callable(v),
                     lambda v: not is_int(v) or v >= 1,
                     "a positive int, a list of per-layer ints, a preset string or a callable"),

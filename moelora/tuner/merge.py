@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
-from moelora.modules.adapter_base import is_adapter_layer
+from moelora.modules.adapter_base import UNSAFE_MERGE, is_adapter_layer
 from moelora.tuner.adapters import active_named_modules
 
 
@@ -19,15 +20,17 @@ def _moelora_layers(model: nn.Module):
     return [(n, m) for n, m in active_named_modules(model) if is_adapter_layer(m)]
 
 
-def merge_adapter(model: nn.Module, task: Optional[int] = None) -> None:
+def merge_adapter(model: nn.Module, task: Optional[int] = None, safe_merge: bool = False) -> None:
     """Merge every MoE-LoRA layer of ``model`` (``task`` for task-routed layers), or none: every
-    layer is checked first (``check_merge``), and the error names the layer that cannot merge."""
-    _merge(model, task, merged_ok=False)
+    layer is checked first (``check_merge``; with ``safe_merge``, as PEFT's, also its merged weight
+    for NaN and Inf), and the error names the layer that cannot merge."""
+    _merge(model, task, merged_ok=False, safe_merge=safe_merge)
 
 
-def _merge(model: nn.Module, task: Optional[int], merged_ok: bool) -> None:
+def _merge(model: nn.Module, task: Optional[int], merged_ok: bool, safe_merge: bool = False,
+           progressbar: bool = False) -> None:
     """:func:`merge_adapter`; ``merged_ok``: layers merged already (for ``task``) stay as they are, where
-    they would raise."""
+    they would raise; ``progressbar``: a tqdm bar over the layers as they merge."""
     layers = [(name, layer, task if layer.router_mode == "task" else None) for name, layer in _moelora_layers(model)]
     if merged_ok:
         for name, layer, layer_task in layers:
@@ -41,6 +44,15 @@ def _merge(model: nn.Module, task: Optional[int], merged_ok: bool) -> None:
         except (RuntimeError, ValueError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
     _check_untied(model, layers)
+    if safe_merge:  # every merged weight formed and checked before any is stored (twice the arithmetic)
+        for name, layer, layer_task in layers:
+            with torch.no_grad():
+                finite = bool(torch.isfinite(layer.merged_base_weight(layer_task)[0]).all())
+            if not finite:
+                raise ValueError(f"{name}: {UNSAFE_MERGE}")
+    if progressbar:
+        from tqdm.auto import tqdm
+        layers = tqdm(layers, desc="Unloading and merging model")
     for _, layer, layer_task in layers:
         layer.merge(layer_task)
 
@@ -72,10 +84,12 @@ def unmerge_adapter(model: nn.Module) -> None:
             layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, task: Optional[int] = None) -> nn.Module:
+def merge_and_unload(model: nn.Module, task: Optional[int] = None, progressbar: bool = False,
+                     safe_merge: bool = False) -> nn.Module:
     """Merge every adapter and put the plain base layers back; returns the model. Layers merged already
-    (``merge_adapter``, for ``task``) stay as they are, as PEFT's."""
-    _merge(model, task, merged_ok=True)
+    (``merge_adapter``, for ``task``) stay as they are, as PEFT's; ``progressbar`` and ``safe_merge`` as
+    PEFT's (a tqdm bar; a merged weight with NaN or Inf raises before any layer is merged)."""
+    _merge(model, task, merged_ok=True, safe_merge=safe_merge, progressbar=progressbar)
     return unload(model)
 
 

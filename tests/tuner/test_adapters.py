@@ -709,3 +709,99 @@ def test_task_type_and_fan_in_fan_out_are_checked_and_a_regex_must_save_the_head
     with pytest.raises(ValueError, match=r"modules_to_save regex .* does not match \['classifier'\]"):
         get_moelora_model(tiny_bert(2, classification=True), MoELoRAConfig(
             task_type="SEQ_CLS", target_modules=["query"], modules_to_save=r".*pooler\.dense"))
+
+
+def test_safe_merge_refuses_a_non_finite_merged_weight_before_any_layer_merges_as_peft_s():
+    """safe_merge=True (PEFT's merge_adapter / merge_and_unload keyword): a NaN in one layer's adapter raises a
+    ValueError naming the layer (PEFT raises one too), and no layer is merged, not even those checked before it;
+    without safe_merge the merge goes ahead as PEFT's does."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=1, r=4))
+    randomize_adapters(ours)
+    with torch.no_grad():
+        peft_model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("nan")
+        ours.model.model.layers[1].self_attn.v_proj.lora_B[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        peft_model.merge_and_unload(safe_merge=True)
+    before = {n: t.clone() for n, t in ours.state_dict().items()}
+    for merge in (lambda: ours.merge_adapter(safe_merge=True), lambda: ours.merge_and_unload(safe_merge=True)):
+        with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj: the merged weight holds NaN or "
+                                             r"Inf \(safe_merge=True\)"):
+            merge()
+        assert not any(layer.merged for layer in ours.modules() if isinstance(layer, MoELoRALinear))
+        for n, t in ours.state_dict().items():
+            torch.testing.assert_close(t, before[n], rtol=0, atol=0, equal_nan=True)
+    layer = ours.model.model.layers[1].self_attn.v_proj
+    with pytest.raises(ValueError, match="holds NaN or Inf"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged
+    ours.merge_adapter()  # unsafe: merges, NaN and all
+    assert layer.merged and layer.base_layer.weight.isnan().any()
+
+
+def test_merge_and_unload_takes_peft_s_progressbar_and_adapter_names(capsys):
+    """merge_and_unload(progressbar=True, adapter_names=[active]) merges as without them (the bar on stderr);
+    adapter_names naming another adapter, an unknown one, or given as a string is refused (moelora merges the
+    active adapter alone) before anything changes."""
+    config = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1, r=4)
+    model = get_moelora_model(tiny_llama(num_layers=2), config)
+    randomize_adapters(model)
+    model.add_adapter("other", config)
+    ids = token_batch()
+    expected = copy.deepcopy(model).merge_and_unload()(ids).logits
+    with pytest.raises(ValueError, match=r"adapter_names: moelora merges the active adapter alone \('default'\), "
+                                         r"got \['other'\]; set_adapter\(name\) first"):
+        model.merge_and_unload(adapter_names=["other"])
+    with pytest.raises(ValueError, match=r"adapter_names: moelora merges the active adapter alone"):
+        model.merge_adapter(adapter_names=["default", "other"])
+    with pytest.raises(ValueError, match=r"adapter_names: no adapter named \['missing'\] \(the adapters: "
+                                         r"\['default', 'other'\]\)"):
+        model.merge_and_unload(adapter_names=["missing"])
+    with pytest.raises(TypeError, match="adapter_names must be None or a list of adapter names, got 'default'"):
+        model.merge_adapter(adapter_names="default")
+    assert not any(m.merged for m in model.modules() if isinstance(m, MoELoRALinear))
+    capsys.readouterr()
+    plain = model.merge_and_unload(progressbar=True, adapter_names=["default"])
+    assert "Unloading and merging model" in capsys.readouterr().err
+    assert not any(isinstance(m, MoELoRALinear) for m in plain.modules())
+    torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_inference_mode_and_adapter_names_as_peft_s(tmp_path):
+    """MoELoRAConfig(inference_mode=True) builds a frozen adapter, as PEFT's LoraConfig(inference_mode=True) does
+    (get_moelora_model; add_adapter: frozen when activated); from_pretrained / load_adapter set it to
+    ``not is_trainable`` as PEFT's, and take PEFT's adapter_name; active_peft_config is the active adapter's."""
+    from peft import LoraConfig, get_peft_model
+
+    trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert trainable(get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                         inference_mode=True))) == 0
+    frozen = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
+                                                                        r=4, inference_mode=True), adapter_name="serving")
+    assert trainable(frozen) == 0 and frozen.active_adapter == "serving"
+    with pytest.raises(TypeError, match=r"MoELoRAConfig\.inference_mode"):
+        MoELoRAConfig(inference_mode="yes")
+    with pytest.raises(ValueError, match="adapter names are non-empty strings"):
+        get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"]), adapter_name="a.b")
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2, r=4))
+    assert model.active_peft_config is model.peft_config["default"]
+    model.add_adapter("frozen", MoELoRAConfig(target_modules=["v_proj"], num_experts=1, r=2, inference_mode=True))
+    model.set_adapter("frozen")
+    assert trainable(model) == 0 and model.active_peft_config is model.peft_config["frozen"]
+    model.set_adapter("default")
+    assert trainable(model) > 0
+    model.save_pretrained(str(tmp_path))
+
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path), adapter_name="tuned",
+                                          is_trainable=True)
+    assert loaded.active_adapter == "tuned" and not loaded.active_peft_config.inference_mode and trainable(loaded) > 0
+    loaded.load_adapter(str(tmp_path), "reference")
+    assert loaded.peft_config["reference"].inference_mode
+    loaded.set_adapter("reference")
+    assert trainable(loaded) == 0
+    for_inference = moelora.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+    assert for_inference.active_peft_config.inference_mode and trainable(for_inference) == 0
