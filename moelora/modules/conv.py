@@ -162,9 +162,12 @@ class MoELoRAConv(AdapterLayerBase):
         if unbatched:  # the adapter runs on a batch of one
             x, result = x.unsqueeze(0), result.unsqueeze(0)
         lead = (result.shape[0],) + tuple(result.shape[2:])  # N, *output spatial
-        routing = self.compute_routing(x, lead)
         dtype = self.lora_B.dtype
-        x_lora = self.lora_dropout(x.to(dtype))
+        x_cast = x.to(dtype)
+        # The router reads x in its accumulator dtype (ConvRouter.logits): the LoRA branch's copy where that is
+        # the same, so that one copy of a half-precision x is made and saved for backward, not two.
+        routing = self.compute_routing(x_cast if x_cast.dtype == accumulator_dtype(x.dtype) else x, lead)
+        x_lora = self.lora_dropout(x_cast)
         (lora_a, a_scale), lora_b = self._effective_A(), self.full_lora_B()
         scaling = self.scaling * a_scale
         base_out = result.to(dtype).movedim(1, -1)
