@@ -218,3 +218,17 @@ def test_moe_ffn_saves_the_projections_rows_not_copies_of_x(gated):
     rows = [t for t in acts if t.dim() == 2 and t.shape[1] in (d_ff, D_IN) and t.dtype == torch.bfloat16]
     assert sorted(t.shape[1] for t in rows) == [D_IN] + [d_ff] * (3 if gated else 2)
     assert len({t.shape[0] for t in rows}) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dora_with_lora_dropout_saves_one_t_by_d_out_tensor(backend):
+    """DoRA with LoRA dropout in training (the composed path: PEFT's m (.) (W x_d + s B A x_d) over the
+    dropped-out x_d, plus the base output minus W x_d): one [T, d_out] tensor saved, the sum the
+    magnitude's gradient reads (two were: W x_d and the LoRA output, each saved by its product with m)."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(D_IN, D_OUT).to(DEVICE).requires_grad_(False), num_experts=1, r=R,
+                          use_dora=True, lora_dropout=0.3).train()
+    x = torch.randn(T, D_IN, device=DEVICE, requires_grad=True)
+    with moelora.use_backend(backend):
+        y, acts, _ = saved_activations(lambda: layer(x), _free(layer, x))
+    assert len([t for t in acts if t.is_floating_point() and t.numel() == y.numel()]) == 1

@@ -295,7 +295,9 @@ class MoELoRALinear(AdapterLayerBase):
         else:
             base_no_bias = F.linear(x_lora, weight)
         lora_out = self.routed_moe_lora(x_lora, lora_a, self.lora_B, routing, scaling)
-        out = result.to(dtype) + (mag_scale - 1) * base_no_bias + mag_scale * lora_out
+        # PEFT's result + (m - 1) * base + m * lora, written so that autograd saves one [T, d_out] tensor (base +
+        # lora, for m's gradient), not base and lora both
+        out = result.to(dtype) - base_no_bias + mag_scale * (base_no_bias + lora_out)
         return out.to(result.dtype)
 
     def extra_repr(self) -> str:
