@@ -986,10 +986,11 @@ class MoELoRAModel(nn.Module):
         return resize(*args, **kwargs)
 
     def get_nb_trainable_parameters(self):
-        """(trainable parameters, all parameters) of the wrapped model, as PEFT's: a bitsandbytes 4-bit weight
-        (Params4bit, two values in each byte of its packed storage) counts its values, not its bytes."""
+        """(trainable parameters, all parameters) of the model and its adapters, inactive ones included, as PEFT's:
+        a bitsandbytes 4-bit weight (Params4bit, two values in each byte of its packed storage) counts its values,
+        not its bytes."""
         counts = [(p.requires_grad, p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1))
-                  for p in self.model.parameters()]
+                  for p in self.parameters()]
         return sum(n for trainable, n in counts if trainable), sum(n for _, n in counts)
 
     def print_trainable_parameters(self) -> None:
@@ -1107,6 +1108,15 @@ class MoELoRAModel(nn.Module):
     def active_adapters(self) -> List[str]:
         """``[active_adapter]`` (PEFT's list form)."""
         return [self.active_adapter]
+
+    def get_layer_status(self) -> List[adapters.LayerStatus]:
+        """PEFT's ``get_layer_status``: one :class:`moelora.tuner.adapters.LayerStatus` (PEFT's fields) per adapted
+        place of the model (the active adapter's layers and those only stored adapters adapt)."""
+        return adapters.layer_status(self)
+
+    def get_model_status(self) -> adapters.ModelStatus:
+        """PEFT's ``get_model_status``: the layers' statuses combined (:class:`moelora.tuner.adapters.ModelStatus`)."""
+        return adapters.model_status(self)
 
     def enable_adapter_layers(self) -> None:
         """Run the adapter again after :meth:`disable_adapter_layers`."""

@@ -8,6 +8,7 @@ the adapter layers off and on, and several named adapters on one model.
 - ``set_adapter_layers(model, enabled)``: every MoE-LoRA layer and saved module of the model
   computes the base model's function while disabled (merged layers are unmerged first, as
   PEFT does on a disabled forward).
+- ``layer_status`` / ``model_status``: PEFT's ``get_layer_status`` / ``get_model_status`` (the same fields).
 - Named adapters. The layers and saved modules of the active adapter sit in the model, so the
   forward of every layer is the single-adapter one. Each other adapter is a
   :class:`StoredAdapter` held by the wrapper (``MoELoRAModel.inactive_adapters``, so ``.to()``
@@ -22,8 +23,9 @@ the adapter layers off and on, and several named adapters on one model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Union
 
 import torch
 import torch.nn as nn
@@ -329,3 +331,110 @@ def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
     trainable = adapter_tensor_names(model, bias)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
+
+
+@dataclasses.dataclass
+class LayerStatus:
+    """One adapter module's status, with the fields of PEFT's ``TunerLayerStatus``: its path from the wrapper
+    (``model.<path in the wrapped model>``, as PEFT's from its tuner model), class, whether it runs, the adapters
+    active / merged / held there, per adapter its parameters' requires_grad (True, False or "irregular") and
+    device types, and the quantisation of its base weight (the weight class's package: "bitsandbytes",
+    "torchao"; None for a plain weight)."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: List[str]
+    merged_adapters: List[str]
+    requires_grad: Dict[str, Union[bool, str]]
+    available_adapters: List[str]
+    devices: Dict[str, List[str]]
+    quantization_backend: Optional[str]
+
+
+@dataclasses.dataclass
+class ModelStatus:
+    """A wrapper's status, with the fields of PEFT's ``TunerModelStatus``: the layers' statuses combined, a
+    field whose layers disagree being "irregular"."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: Dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Union[bool, str]
+    active_adapters: Union[List[str], str]
+    merged_adapters: Union[List[str], str]
+    requires_grad: Dict[str, Union[bool, str]]
+    available_adapters: List[str]
+    devices: Dict[str, List[str]]
+    quantization_backend: Optional[str]
+
+
+def _all_or_irregular(values) -> Union[bool, str]:
+    values = list(values)
+    return True if all(v is True for v in values) else False if all(v is False for v in values) else "irregular"
+
+
+def _one_or_irregular(values):
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else "irregular"
+
+
+def _own_parameters(module: nn.Module) -> List[nn.Parameter]:
+    """An adapter module's parameters without those of the base module it wraps."""
+    base = _original_attribute(module) + "."
+    return [p for n, p in module.named_parameters() if not n.startswith(base)]
+
+
+def layer_status(wrapper: nn.Module) -> List[LayerStatus]:
+    """:class:`LayerStatus` of every place of ``wrapper``'s model that an adapter (active or stored) adapts."""
+    held: Dict[str, Dict[str, nn.Module]] = {n: {wrapper.active_adapter: m} for n, m in
+                                             adapter_modules(wrapper.model).items()}
+    for adapter_name, store in wrapper.inactive_adapters.items():
+        for name, module in store.items():
+            held.setdefault(name, {})[adapter_name] = module
+    statuses = []
+    for name, modules in held.items():
+        module = modules.get(wrapper.active_adapter, next(iter(modules.values())))
+        active = [wrapper.active_adapter] if wrapper.active_adapter in modules else []
+        base = getattr(module, _original_attribute(module))
+        weight = getattr(base, "weight", None)
+        quantised = isinstance(weight, torch.Tensor) and is_quantised_weight(weight)
+        statuses.append(LayerStatus(
+            name=f"model.{name}", module_type=f"moelora.{type(module).__name__}",
+            enabled=not module.disable_adapters, active_adapters=active,
+            merged_adapters=active if active and getattr(module, "merged", False) else [],
+            requires_grad={a: _all_or_irregular(p.requires_grad for p in _own_parameters(m)) for a, m in modules.items()},
+            available_adapters=sorted(modules),
+            devices={a: sorted({p.device.type for p in _own_parameters(m)}) for a, m in modules.items()},
+            quantization_backend=type(weight).__module__.partition(".")[0] if quantised else None))
+    return statuses
+
+
+def model_status(wrapper: nn.Module) -> ModelStatus:
+    """:class:`ModelStatus` of ``wrapper`` (its layers' :func:`layer_status` combined as PEFT's)."""
+    layers = layer_status(wrapper)
+    trainable, total = wrapper.get_nb_trainable_parameters()
+    merged = sorted({a for s in layers for a in s.merged_adapters})
+    if any(set(merged) & (set(s.available_adapters) - set(s.merged_adapters)) for s in layers):
+        merged = "irregular"  # merged at some layers, not at others
+    active = _one_or_irregular(tuple(s.active_adapters) for s in layers) if layers else ()
+    requires_grad: Dict[str, list] = {}
+    devices: Dict[str, set] = {}
+    for s in layers:
+        for a, value in s.requires_grad.items():
+            requires_grad.setdefault(a, []).append(value)
+        for a, types in s.devices.items():
+            devices.setdefault(a, set()).update(types)
+    return ModelStatus(
+        base_model_type=type(wrapper.model).__name__, adapter_model_type=type(wrapper).__name__,
+        peft_types={a: "MOELORA" for a in wrapper.adapter_configs}, trainable_params=trainable, total_params=total,
+        num_adapter_layers=len(layers), enabled=_one_or_irregular(s.enabled for s in layers) if layers else True,
+        active_adapters=active if active == "irregular" else list(active),
+        merged_adapters=merged,
+        requires_grad={a: _all_or_irregular(values) for a, values in requires_grad.items()},
+        available_adapters=sorted({a for s in layers for a in s.available_adapters}),
+        devices={a: sorted(types) for a, types in devices.items()},
+        quantization_backend=_one_or_irregular(s.quantization_backend for s in layers) if layers else None)

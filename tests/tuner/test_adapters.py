@@ -805,3 +805,51 @@ def test_inference_mode_and_adapter_names_as_peft_s(tmp_path):
     assert trainable(loaded) == 0
     for_inference = moelora.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
     assert for_inference.active_peft_config.inference_mode and trainable(for_inference) == 0
+
+
+def test_layer_and_model_status_and_parameter_counts_match_peft_s():
+    """get_layer_status / get_model_status have PEFT's fields and, for the same adapters (a second adapter on
+    one of the two targets, merged, disabled, frozen), PEFT's values; the types' names are moelora's.
+    get_nb_trainable_parameters counts the inactive adapters' parameters too, as PEFT's."""
+    import dataclasses
+    from peft import LoraConfig, get_peft_model
+    from peft.peft_model import TunerLayerStatus, TunerModelStatus
+
+    theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    theirs.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=1))
+    ours.add_adapter("other", MoELoRAConfig(r=2, target_modules=["v_proj"], num_experts=1))
+    fields = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
+    assert fields(moelora.tuner.adapters.LayerStatus) == fields(TunerLayerStatus)
+    assert fields(moelora.tuner.adapters.ModelStatus) == fields(TunerModelStatus)
+    own_names = {"module_type": None, "adapter_model_type": None, "peft_types": None}
+
+    def same_status(ignored=()):
+        ignored = {**own_names, **dict.fromkeys(ignored)}
+        if "requires_grad" not in ignored:
+            assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+        layers = lambda m: sorted((dataclasses.asdict(s) | ignored for s in m.get_layer_status()),  # noqa: E731
+                                  key=lambda s: s["name"])
+        assert layers(ours) == layers(theirs)
+        assert dataclasses.asdict(ours.get_model_status()) | ignored == \
+            dataclasses.asdict(theirs.get_model_status()) | ignored
+
+    same_status()
+    statuses = ours.get_layer_status()
+    assert {s.module_type for s in statuses} == {"moelora.MoELoRALinear"}
+    assert ours.get_model_status().peft_types == {"default": "MOELORA", "other": "MOELORA"}
+    for model in (ours, theirs):
+        model.merge_adapter()
+    same_status()
+    assert ours.get_model_status().merged_adapters == ["default"]
+    for model in (ours, theirs):
+        model.unmerge_adapter()
+        model.disable_adapter_layers()
+    same_status(ignored=["requires_grad", "trainable_params"])  # PEFT's also freezes the disabled adapter
+    assert ours.get_model_status().enabled is False and ours.get_model_status().requires_grad["default"] is True
+    for model in (ours, theirs):
+        model.enable_adapter_layers()
+        model.model.model.layers[0].self_attn.q_proj.requires_grad_(False)  # one layer frozen: "irregular"
+    same_status()
+    assert ours.get_model_status().requires_grad["default"] == "irregular"
