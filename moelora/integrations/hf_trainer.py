@@ -85,12 +85,21 @@ class MoELoRATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Trainer's loss. Where Trainer computes it from the logits itself (``label_smoothing_factor``), the labels
-        are shifted as for the wrapped model (a causal LM's are) and the aux loss is added, as to ``outputs.loss``.
+        are shifted as for the wrapped model (a causal LM's are) and the aux loss is added, as to ``outputs.loss``;
+        under nn.DataParallel over several devices, whose replicas keep the aux losses, that raises.
         (A ``compute_loss_func`` is the user's loss: add ``moelora.aux_loss(model)`` there.)"""
         wrapped = self.accelerator.unwrap_model(model)
         wrapped = getattr(wrapped, "_orig_mod", wrapped)  # TrainingArguments(torch_compile=True): the compiled module
         if self.label_smoother is None or self.compute_loss_func is not None or not isinstance(wrapped, MoELoRAModel):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if isinstance(model, torch.nn.DataParallel) and len(model.device_ids) > 1:
+            # Each device's replica records its aux loss on its own copies of the layers, which the replica drops
+            # after the forward: the smoother would read the held model's layers, whose record is none or stale.
+            raise ValueError(
+                "label_smoothing_factor with nn.DataParallel (Trainer's with several GPUs and no distributed launch): "
+                "the aux losses are recorded by the replicas, out of reach of the loss Trainer computes from the "
+                "logits, so it would be trained without them; launch with torchrun / accelerate (DDP), use one GPU, "
+                "or set label_smoothing_factor=0")
         smoother, self.label_smoother = self.label_smoother, _SmootherOfWrapped(self.label_smoother, wrapped)
         try:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -18,6 +18,7 @@ from helpers import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from moelora.integrations.hf_trainer import MoELoRATrainer, StepRoutersCallback
+from moelora.model import clear_aux_losses
 from moelora.modules.router import Router
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -128,6 +129,48 @@ def test_moelora_trainer_label_smoothing_shifts_a_causal_lms_labels_and_adds_the
     if add_aux:  # torch_compile=True hands compute_loss the compiled module (Trainer's own shift reads its class)
         compiled = torch.compile(model, backend="aot_eager")
         torch.testing.assert_close(trainer.compute_loss(compiled, dict(batch)).detach(), expected.detach())
+
+
+class ReplicatingDataParallel(nn.DataParallel):
+    """nn.DataParallel's forward over ``device_ids`` on CPU (its own needs GPUs): the batch split in one chunk per
+    device, each run by a replica of the module made as torch.nn.parallel.replicate makes them (each module's
+    ``_replicate_for_data_parallel``, sharing the parameters), and the logits gathered."""
+
+    def forward(self, **inputs):
+        if len(self.device_ids) <= 1:
+            return self.module(**inputs)
+        chunks = {k: v.chunk(len(self.device_ids)) for k, v in inputs.items()}
+        outputs = [_replica(self.module)(**{k: c[i] for k, c in chunks.items()}) for i in range(len(self.device_ids))]
+        return {"logits": torch.cat([out["logits"] for out in outputs])}
+
+
+def _replica(module, made=None):
+    made = {} if made is None else made
+    replica = made[module] = module._replicate_for_data_parallel()
+    replica._parameters, replica._buffers = dict(module._parameters), dict(module._buffers)
+    for name, child in module._modules.items():
+        if child is not None:
+            replica._modules[name] = made[child] if child in made else _replica(child, made)
+    return replica
+
+
+def test_moelora_trainer_label_smoothing_refuses_data_parallel_over_several_devices(tmp_path):
+    """Trainer wraps the model in nn.DataParallel with several GPUs and no distributed launch. Its replicas record
+    the aux losses on their own copies of the layers, dropped after the forward, so the label-smoothed loss (made
+    from the gathered logits) read the held model's layers: no aux loss (or a stale one), silently. It raises
+    instead; DataParallel on one device runs the model itself, and keeps the aux loss."""
+    model = _llama_moelora()
+    data = _lm_dataset(n=4)
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1))
+    expected = trainer.compute_loss(model, dict(batch))
+    parallel = ReplicatingDataParallel(model)
+    parallel.device_ids = [0]
+    torch.testing.assert_close(trainer.compute_loss(parallel, dict(batch)), expected)
+    parallel.device_ids = [0, 1]
+    clear_aux_losses(model)  # the held model's layers: no record (the replicas' are theirs)
+    with pytest.raises(ValueError, match="label_smoothing_factor with nn.DataParallel"):
+        trainer.compute_loss(parallel, dict(batch))
 
 
 class MicroBatchRecorder(transformers.Trainer):
