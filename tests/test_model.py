@@ -902,3 +902,18 @@ def test_injection_errors_name_the_module_and_what_a_layerless_model_lacks():
                                          r"module sits in a numbered layer, as layers.<i> or h.<i>; layers_pattern=None"):
         get_moelora_model(model, MoELoRAConfig(target_modules=["0"], num_experts=[2, 2], top_k=1))
     assert not _layers(model)
+
+
+def test_router_stats_names_are_relative_to_the_wrapped_model_through_dataparallel_and_compile():
+    """router_stats of a wrapper inside nn.DataParallel (Trainer's on several GPUs; on CPU it calls the module)
+    or torch.compile's OptimizedModule names the layers as it does for the wrapper itself."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
+                                                                      top_k=1))
+    model(token_batch())
+    expected = moelora.router_stats(model)
+    assert list(expected) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    for container in (torch.nn.DataParallel(model), torch.compile(model), torch.nn.DataParallel(torch.compile(model))):
+        stats = moelora.router_stats(container)
+        assert list(stats) == list(expected)
+        for name in expected:
+            torch.testing.assert_close(stats[name], expected[name], rtol=0, atol=0)
