@@ -295,6 +295,9 @@ def test_merge_and_unload_after_merge_adapter_keeps_the_merged_layers_as_peft():
     tasks.merge_adapter(task=1)
     with pytest.raises(ValueError, match=r"^model.layers.0.self_attn.q_proj: merged for task 1, not task 2"):
         tasks.merge_and_unload(task=2)
+    # without a task the error says which to give: unmerging first (what it said alone) then fails for want of one
+    with pytest.raises(ValueError, match=r"merged for task 1, not task None; give task=1 to keep that merge"):
+        tasks.merge_and_unload()
     assert all(m.merged and m.merged_task == 1 for m in tasks.modules() if isinstance(m, moelora.MoELoRALinear))
     torch.testing.assert_close(tasks.merge_and_unload(task=1)(ids).logits, expected, rtol=1e-5, atol=1e-5)
 

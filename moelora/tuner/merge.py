@@ -35,8 +35,8 @@ def _merge(model: nn.Module, task: Optional[int], merged_ok: bool, safe_merge: b
     if merged_ok:
         for name, layer, layer_task in layers:
             if layer.merged and layer.merged_task != layer_task:
-                raise ValueError(f"{name}: merged for task {layer.merged_task}, not task {layer_task}; "
-                                 "unmerge_adapter first")
+                raise ValueError(f"{name}: merged for task {layer.merged_task}, not task {layer_task}; give "
+                                 f"task={layer.merged_task} to keep that merge, or unmerge_adapter first")
         layers = [entry for entry in layers if not entry[1].merged]
     for name, layer, layer_task in layers:
         try:
