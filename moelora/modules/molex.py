@@ -15,7 +15,8 @@ Each layer t of a residual stack is mixed with one other layer j chosen by a gat
   the other sequences of its batch (batched generation differs from each prompt alone);
 - ``a`` fixed (e.g. 0.95) or learned (a = sigmoid(theta));
 - the gate learns through a straight-through factor g[t,j] / stopgrad(g[t,j]) (= 1 in the
-  forward) on the u_j term, and a Switch load-balancing loss over the token choices.
+  forward; computed from log g, so finite where g underflows) on the u_j term, and a Switch
+  load-balancing loss over the token choices.
 
 Padding: the tokens the model's 2-D ``attention_mask`` ([batch, sequence], 0 for padding, as
 transformers' tokenizers and generate build it) marks as padding take no part in the layer
@@ -267,8 +268,11 @@ class MoLEx(nn.Module, RoutedModule):
             score = values.mean(dim=0) if real is None else (values * real[:, None]).sum(dim=0)
         # never the layer itself, even where no token is real (all scores 0)
         j = score.masked_fill(torch.arange(self.num_layers, device=score.device) == t, -1).argmax()
-        g = values.index_select(1, j.reshape(1)).squeeze(1)
-        return j, g / g.detach(), logits, values, token_choice
+        # g / stopgrad(g) as exp(log g - stopgrad(log g)): 1 in the forward, gradient d log g, and finite
+        # where g underflows to 0 (a token's logit for j ~104 below its best): 0 / 0 there gave NaN
+        log_values = F.logsigmoid(logits) if gate.gate == "cosine_sigmoid" else torch.log_softmax(logits, dim=-1)
+        log_g = log_values.index_select(1, j.reshape(1)).squeeze(1)
+        return j, torch.exp(log_g - log_g.detach()), logits, values, token_choice
 
     def _mix(self, t: int, module, args, kwargs, output):
         """Forward hook of layer t: its output becomes z + a u_t(z) + (1 - a) u_j(z)."""

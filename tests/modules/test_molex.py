@@ -156,6 +156,65 @@ def test_a_copy_after_a_forward_that_raised_mid_stack_starts_without_its_stacked
         torch.testing.assert_close(clone(z), stack(z), rtol=0, atol=0)
     assert molex._stacked is None  # the original's next forward ended it
 
+def _reference64(stack, molex, z):
+    """The MoLEx recursion of a shared gate with "mode" routing in float64, written from the formula (not
+    with molex.choose): gate values g = softmax (sigmoid for cosine_sigmoid) of the logits with the own
+    layer masked, j the most frequent token choice, u_j scaled by g[:, j] / stopgrad(g[:, j]) computed
+    as exp(log g - stopgrad(log g)) (the same value and gradient, finite where g underflows)."""
+    gate, a = molex.gates[0], molex.alpha.double()
+    for t, layer in enumerate(stack.layers):
+        x = z.reshape(-1, z.shape[-1])
+        if gate.gate == "linear":
+            logits = x @ gate.weight.double().T
+        else:
+            proj = nn.functional.normalize(x @ gate.proj.weight.double().T, dim=-1)
+            logits = proj @ nn.functional.normalize(gate.layer_embeddings.double(), dim=-1).T / gate.temperature
+        logits = logits.masked_fill(torch.arange(len(stack.layers)) == t, -math.inf)
+        log_g = nn.functional.logsigmoid(logits) if gate.gate == "cosine_sigmoid" else logits.log_softmax(-1)
+        votes = torch.bincount(log_g.argmax(-1), minlength=len(stack.layers))
+        j = int(votes.masked_fill(torch.arange(len(stack.layers)) == t, -1).argmax())
+        st = torch.exp(log_g[:, j] - log_g[:, j].detach()).reshape(*z.shape[:-1], 1)
+        z = z + a * (layer(z) - z) + (1 - a) * (stack.layers[j](z) - z) * st
+    return z
+
+
+@pytest.mark.parametrize("selection", ["host", "device"])
+@pytest.mark.parametrize("gate", ["linear", "cosine", "cosine_sigmoid"])
+def test_a_token_whose_gate_value_for_the_chosen_layer_underflows_stays_finite(gate, selection):
+    """The straight-through factor g[t, j] / stopgrad(g[t, j]) was 0 / 0 = NaN (output and every
+    gradient) for a token whose fp32 gate value for the batch's layer j underflows to 0: its logit
+    for j more than ~104 below its best (a linear gate on the large hidden states of a trained LLM,
+    a cosine gate with a small temperature). Against the float64 recursion (_reference64): the
+    forward and the gradients of z, the layers, the gate and alpha."""
+    stack = Stack(num_layers=3, d=4)
+    molex = apply_molex(stack, hidden_size=4, gate=gate, layer_selection=selection, learn_alpha=True,
+                        temperature=0.005, proj_dim=4, bias=False)
+    with torch.no_grad():  # tokens with z[..., 0] > 0 prefer layer 1, the others layer 2, by a wide margin
+        g = molex.gates[0]
+        if gate == "linear":
+            g.weight.copy_(torch.tensor([[0.0, 1, 1, 1], [50, 0, 0, 0], [-50, 0, 0, 0]]) + 0.1 * torch.randn(3, 4))
+        else:
+            g.proj.weight.copy_(torch.eye(4) + 0.01 * torch.randn(4, 4))
+            g.layer_embeddings.copy_(torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [-1, 0, 0, 0]]))
+    z = 0.1 * torch.randn(2, 5, 4)
+    z[..., 0] = torch.tensor([3.0, 3, 3, -3, -3]).repeat(2, 1)  # 6 votes for layer 1, 4 for layer 2 (at layer 0)
+    reference = copy.deepcopy(stack).double()
+    reference_molex = reference.molex
+    reference_molex.remove()  # the reference runs the plain layers
+    outputs, grads = [], []
+    for model, dtype in ((stack, torch.float32), (reference, torch.float64)):
+        x = z.to(dtype).detach().requires_grad_(True)
+        out = stack(x) if model is stack else _reference64(reference, reference_molex, x)
+        out.sum().backward()
+        outputs.append(out)
+        params = [*model.parameters()] if model is stack else [*reference.parameters(), *reference_molex.parameters()]
+        grads.append([x.grad, *(p.grad for p in params)])
+    assert 1 in moelora.router_stats(stack)["molex"]["chosen_layers"].tolist()
+    assert torch.isfinite(outputs[1]).all()
+    torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
 def test_gate_and_learned_alpha_get_gradients_and_lb_loss():
     stack = Stack()
     for p in stack.layers.parameters():
