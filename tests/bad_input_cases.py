@@ -405,6 +405,10 @@ CASES = {
                                                               r"layers take hidden states of width 16")),
     "apply_molex/hidden_size_float": (molex(hidden_size=16.0), (TypeError, r"^hidden_size must be a positive int, "
                                                                            r"got float 16.0$")),
+    "apply_molex/layers_int": (molex(layers=3), (TypeError, r"^layers must be a dotted name \(str\), one of the model's "
+                                                           r"nn.ModuleLists or None \(the one stack it has\), got int 3$")),
+    "apply_molex/layers_list_of_names": (molex(layers=["model.layers"]),
+                                         (TypeError, r"^layers must be a dotted name .* got list \['model.layers'\]$")),
     "apply_molex/hidden_size_at_forward": (molex_forward(hidden_size=16),
                                            (ValueError, r"MoLEx was applied with hidden_size=16, but the model's "
                                                         r"hidden states are 8 wide")),

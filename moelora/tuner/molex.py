@@ -20,7 +20,8 @@ def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] =
     ModuleList of ``model`` named as a stack (``DEFAULT_LAYERS_PATTERN``: ``layers``, ``h``,
     ``block``, ...) that is not inside another (a layer's sublayers, as T5's ``block.i.layer``).
     A model with several (an encoder-decoder's ``encoder.block`` and ``decoder.block``, a vision
-    tower beside a language model) raises, naming them: ``layers`` chooses."""
+    tower beside a language model) raises, naming them: ``layers`` chooses. A ``layers`` of another
+    type raises TypeError."""
     if isinstance(layers, nn.ModuleList):
         if not any(m is layers for m in model.modules()):
             raise ValueError("layers is an nn.ModuleList that the model does not hold: pass the model's own stack "
@@ -36,6 +37,9 @@ def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] =
         if not isinstance(stack, nn.ModuleList):
             raise ValueError(f"layers={layers!r} is a {type(stack).__name__}, not an nn.ModuleList of layers")
         return stack
+    if layers is not None:  # else silently ignored: the stack found below mixed instead
+        raise TypeError("layers must be a dotted name (str), one of the model's nn.ModuleLists or None (the one stack "
+                        f"it has), got {type(layers).__name__} {layers!r}")
     named = [(n, m) for n, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and n.split(".")[-1] in DEFAULT_LAYERS_PATTERN and len(m) > 1]
     # a stack inside another's layers is a layer's sublayers (T5's block.i.layer: attention, FFN), not the stack
