@@ -264,8 +264,8 @@ class MoLEx(nn.Module, RoutedModule):
         if self.batch_routing == "mode":  # one-hot counts: a static shape (bincount's is data-dependent)
             votes = F.one_hot(token_choice, self.num_layers)
             score = (votes if real is None else votes * real[:, None]).sum(dim=0)
-        else:  # the mean over the real tokens: their sum has the same argmax
-            score = values.mean(dim=0) if real is None else (values * real[:, None]).sum(dim=0)
+        else:  # the mean over the real tokens: their sum has the same argmax (padding: any value, NaN too)
+            score = values.mean(dim=0) if real is None else torch.where(real[:, None], values, 0.0).sum(dim=0)
         # never the layer itself, even where no token is real (all scores 0)
         j = score.masked_fill(torch.arange(self.num_layers, device=score.device) == t, -1).argmax()
         # g / stopgrad(g) as exp(log g - stopgrad(log g)): 1 in the forward, gradient d log g, and finite

@@ -688,6 +688,40 @@ def test_pad_tokens_change_no_real_token_and_no_routing_statistic(batch_routing,
         torch.testing.assert_close(molex.last_aux_loss, alone_loss)
 
 
+class _MaskedStack(Stack):
+    """A Stack whose forward takes the attention_mask (apply_molex reads the padding from it)."""
+
+    def forward(self, z, attention_mask=None):
+        return super().forward(z)
+
+
+@pytest.mark.parametrize("batch_routing", ["mode", "mean"])
+@pytest.mark.parametrize("selection", ["device", "host"])
+def test_non_finite_padding_rows_take_no_part_in_the_layer_choice(batch_routing, selection):
+    """Padding rows of NaN or inf (as a fully masked attention row can give): "mean" routing summed
+    the gate values times the mask, NaN * 0 = NaN, so the batch's score was NaN and argmax took the
+    first layer whatever the real tokens chose (an inf row gives NaN gate values too). The choice,
+    the aux loss, the statistics and the real tokens' outputs now equal those of the same batch
+    with finite padding."""
+    stack = _MaskedStack()
+    molex = apply_molex(stack, hidden_size=8, batch_routing=batch_routing, layer_selection=selection)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :3] = 0
+    z = torch.randn(2, 6, 8)
+    with torch.no_grad():
+        out = stack(z, attention_mask=mask)
+        loss, stats = molex.last_aux_loss, moelora.router_stats(stack)["molex"]
+        for pad in (float("nan"), float("inf")):
+            padded = z.clone()
+            padded[0, :3] = pad
+            padded_out = stack(padded, attention_mask=mask)
+            padded_stats = moelora.router_stats(stack)["molex"]
+            torch.testing.assert_close(padded_stats["chosen_layers"], stats["chosen_layers"], msg=str(pad))
+            torch.testing.assert_close(padded_out[mask.bool()], out[mask.bool()])
+            torch.testing.assert_close(molex.last_aux_loss, loss)
+            for key in ("load", "entropy"):
+                torch.testing.assert_close(padded_stats[key], stats[key], msg=key)
+
 def test_batched_greedy_generate_does_not_depend_on_the_padding():
     """generate left-pads a batch to its longest prompt and extends the mask each step; the pads
     no longer vote, so what each prompt generates does not change with more padding, and a
