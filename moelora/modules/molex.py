@@ -200,6 +200,11 @@ class MoLEx(nn.Module, RoutedModule):
         num_layers = len(layers)
         if num_layers < 2:
             raise ValueError("MoLEx needs a stack of at least 2 layers")
+        first = {}
+        for t, layer in enumerate(layers):
+            if first.setdefault(id(layer), t) != t:  # its hooks would mix each call once per position
+                raise ValueError(f"MoLEx mixes distinct layers, but layers {first[id(layer)]} and {t} are the same "
+                                 "module (a weight-shared stack)")
         if batch_routing not in BATCH_ROUTING:
             raise ValueError(f"batch_routing must be one of {BATCH_ROUTING}, got {batch_routing!r}")
         _check_args(hidden_size=hidden_size, shared_gate=shared_gate, alpha=alpha, learn_alpha=learn_alpha,

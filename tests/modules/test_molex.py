@@ -215,6 +215,18 @@ def test_a_token_whose_gate_value_for_the_chosen_layer_underflows_stays_finite(g
     for got, expected in zip(*grads):
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
+def test_a_stack_holding_one_module_twice_is_refused_naming_the_positions():
+    """A weight-shared stack (one module at several positions of the ModuleList): each position
+    registered its mixing hook on the same module, so every call of it was mixed once per
+    position (twice here, with the other position's t), silently. Refused before the model
+    changes, naming the positions."""
+    stack = Stack(num_layers=3)
+    stack.layers[2] = stack.layers[0]
+    with pytest.raises(ValueError, match=r"layers 0 and 2 are the same module"):
+        apply_molex(stack, hidden_size=8)
+    assert not hasattr(stack, "molex") and not stack.layers[0]._forward_hooks
+
+
 def test_gate_and_learned_alpha_get_gradients_and_lb_loss():
     stack = Stack()
     for p in stack.layers.parameters():
