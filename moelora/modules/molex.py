@@ -65,7 +65,10 @@ positional (GPT-2's blocks take it positionally), and any keyword of ``CACHE_KWA
 passed as None. That is exact for a forward over whole sequences (training, evaluation,
 prefill) with the model's default ``use_cache``; decoding from a cache that already holds
 tokens raises (the mixing layer would need keys it never computed: generate with
-``use_cache=False``).
+``use_cache=False``). The hidden states and attention maps transformers (>= 5) records with
+hooks (``output_hidden_states``, ``output_attentions``) are those of the layers' own calls, the
+mixed outputs among them: the mixing hook runs first among a layer's forward hooks, and what the
+mixing call recorded is dropped.
 """
 
 from __future__ import annotations
@@ -231,7 +234,8 @@ class MoLEx(nn.Module, RoutedModule):
         self._recompute_real = _ForwardMasks()  # the real tokens of checkpointed layers' inputs (_real_tokens)
         self._on_remove = []  # callables(self) that remove() runs: apply_molex's undo (moelora.tuner.molex)
         # Bound methods (not closures): a deepcopy of the model copies the hooks onto its own MoLEx.
-        self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True)
+        # First among the layers' forward hooks: the others (transformers' output_hidden_states) see the mixed output.
+        self._handles = [layer.register_forward_hook(functools.partial(self._mix, t), with_kwargs=True, prepend=True)
                          for t, layer in enumerate(layers)]
         self.clear_routing_record()
 
@@ -394,6 +398,8 @@ class MoLEx(nn.Module, RoutedModule):
         runner = layers[t] if device else layers[int(j)]  # "host": one host read
         records = _routing_records(runner)
         self._calling_other = True
+        recorded = _recorded_outputs()  # the mixing call's hidden states and attention maps are not the model's
+        sizes = [(outputs, len(outputs)) for outputs in recorded]
         try:
             if device:
                 index = j.reshape(1)  # a tensor op, not an integer index (no host read, traceable)
@@ -403,6 +409,8 @@ class MoLEx(nn.Module, RoutedModule):
                 out = runner(*args, **kwargs)
         finally:
             self._calling_other = False
+            for outputs, size in sizes:
+                del outputs[size:]
             _restore_routing_records(records)
             if t == self.num_layers - 1:
                 self._stacked = None  # not kept alive between forwards
@@ -537,6 +545,19 @@ def _is_kv_cache(value) -> bool:
     cache_utils = sys.modules.get("transformers.cache_utils")
     cache_class = getattr(cache_utils, "Cache", None)
     return cache_class is not None and isinstance(value, cache_class)
+
+
+def _recorded_outputs() -> list:
+    """The lists of outputs (hidden states, attention maps, ...) that transformers (>= 5) records
+    with forward hooks on the layers and their submodules in the forward under way
+    (``output_hidden_states``, ``output_attentions``); empty where nothing records. Looked up only
+    where transformers is already imported."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    if collector is None or (torch.compiler.is_compiling() and not getattr(collector, "compiling", False)):
+        return []  # in a compiled graph transformers records through a global (dynamo cannot trace a ContextVar)
+    collected = collector.get()
+    return [v for v in collected.values() if isinstance(v, list)] if isinstance(collected, dict) else []
 
 
 def _without_cache(args: tuple, kwargs: dict, t: int, z: torch.Tensor):

@@ -274,6 +274,62 @@ def test_molex_on_gpt2_keeps_the_positional_cache_out_of_the_mixing_calls():
         model(ids[:, -1:], past_key_values=cached.past_key_values)
 
 
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("selection", ["device", "host"])
+@pytest.mark.parametrize("hooks_first", [False, True], ids=["applied_first", "recorded_first"])
+def test_output_hidden_states_and_attentions_are_the_stacks_own(model_name, selection, hooks_first):
+    """transformers (>= 5) records hidden states and attention maps with forward hooks on the
+    layers and their attention modules: the mixing calls were recorded too (2 L attention maps,
+    2 L + 1 hidden states, the mixing calls' between the layers'), and where those hooks came
+    first (a forward with output_hidden_states before apply_molex) hidden_states held each
+    layer's own output, not the mixed one the next layer takes. Now L maps, the L + 1 hidden
+    states the next layers take (a hook added after apply_molex sees the same), and with alpha=1
+    (the mixing adds 0) both equal the plain model's."""
+    model = tiny_llama(num_layers=3) if model_name == "llama" else tiny_gpt2(num_layers=3)
+    model.config._attn_implementation = "eager"  # attention maps
+    stack = model.model.layers if model_name == "llama" else model.transformer.h
+    ids = token_batch(seq=6)
+    flags = dict(output_hidden_states=True, output_attentions=True, use_cache=False)
+    with torch.no_grad():
+        if hooks_first:
+            model(ids, **flags)
+        molex = apply_molex(model, alpha=0.6, layer_selection=selection)
+        _sharpen(molex)
+        mixed = []  # each layer's output as the next layer takes it (a hook after MoLEx's, mixing calls aside)
+        handles = [layer.register_forward_hook(
+            lambda m, a, out: None if molex._calling_other else mixed.append(out[0] if isinstance(out, tuple) else out))
+            for layer in stack]
+        out = model(ids, **flags)
+        assert len(out.attentions) == 3 and len(out.hidden_states) == 4 and len(mixed) == 3
+        for t in range(2):  # the last hidden state is the final norm's output
+            torch.testing.assert_close(out.hidden_states[t + 1], mixed[t], rtol=0, atol=0)
+        for h in handles:
+            h.remove()
+        molex.alpha_value.fill_(1.0)  # the mixing adds 0 * u_j: the plain model's maps and states
+        same = model(ids, **flags)
+    molex.remove()
+    with torch.no_grad():
+        plain = model(ids, **flags)
+    for got, expected in zip((same.attentions, same.hidden_states), (plain.attentions, plain.hidden_states)):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
+def test_a_plain_stack_compiles_fullgraph_where_transformers_is_imported():
+    """The mixing call's look-up of transformers' output recorder (above) traces in a compiled
+    graph outside a transformers model (ContextVar.get, which dynamo cannot trace, is not read)."""
+    import transformers.utils.output_capturing  # noqa: F401
+
+    torch._dynamo.reset()
+    stack = Stack(num_layers=3)
+    apply_molex(stack, hidden_size=8, layer_selection="device")
+    z = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(stack, fullgraph=True, backend="eager")(z), stack(z))
+    torch._dynamo.reset()
+
+
 def test_molex_with_moelora_model_and_errors():
     model = moelora.get_moelora_model(tiny_bert(), moelora.MoELoRAConfig(target_modules=["query"], num_experts=2,
                                                                          top_k=1))
