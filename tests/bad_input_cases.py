@@ -400,6 +400,9 @@ CASES = {
     "apply_molex/shared_gate_string": (molex(shared_gate="no"), (TypeError, r"^shared_gate must be a bool, "
                                                                             r"got str 'no'$")),
     "apply_molex/bias_string": (molex(bias="yes"), (TypeError, r"^bias must be a bool or None")),
+    "apply_molex/gate_int": (molex(gate=1), (TypeError, r"^gate must be one of \('linear', 'cosine', "
+                                                        r"'cosine_sigmoid'\), got int 1$")),
+    "apply_molex/gate_unknown": (molex(gate="softmax"), (ValueError, r"^gate must be one of .*, got 'softmax'$")),
     "apply_molex/hidden_size_of_another_width": (molex(hidden_size=8),
                                                  (ValueError, r"hidden_size=8 does not match the model's width: its "
                                                               r"layers take hidden states of width 16")),

@@ -139,6 +139,8 @@ class LayerGate(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int, gate: str = "linear", proj_dim: Optional[int] = None,
                  temperature: float = 0.07, bias: Optional[bool] = None):
         super().__init__()
+        if not isinstance(gate, str):
+            raise TypeError(f"gate must be one of {GATE_TYPES}, got {type(gate).__name__} {gate!r}")
         if gate not in GATE_TYPES:
             raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
         _check_args(hidden_size=hidden_size, num_layers=num_layers, proj_dim=proj_dim, temperature=temperature,
