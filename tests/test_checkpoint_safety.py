@@ -133,7 +133,10 @@ def _fresh():
 
 
 @pytest.mark.parametrize("activation,name", [(F.gelu, "torch.nn.functional.gelu"), (torch.tanh, "torch.tanh"),
-                                             ("gelu_new", "gelu_new"), ("swish", "swish")])
+                                             ("gelu_new", "gelu_new"), ("swish", "swish"),
+                                             # GELUTanh holds a functools.partial (Starcoder2's MLP activation)
+                                             ("gelu_pytorch_tanh", "gelu_pytorch_tanh"),
+                                             ("gelu_python_tanh", "gelu_python_tanh")])
 def test_allow_listed_activations_round_trip_by_name(tmp_path, activation, name):
     if isinstance(activation, str):
         activation = pytest.importorskip("transformers.activations").ACT2FN[activation]

@@ -17,6 +17,7 @@ fails at save time; a checkpoint naming anything else fails at load time.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -70,8 +71,16 @@ def _transformers_activations():
     return ACT2CLS, ACT2FN
 
 
+def _comparable(v):
+    """``v`` as activation modules' states compare it: a bound method as its function, a
+    functools.partial (GELUTanh's F.gelu with approximate="tanh") as its function and arguments."""
+    if isinstance(v, functools.partial):
+        return v.func, v.args, tuple(sorted(v.keywords.items()))
+    return getattr(v, "__func__", v)
+
+
 def _module_state(m: nn.Module) -> dict:
-    return {k: getattr(v, "__func__", v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+    return {k: _comparable(v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
 
 
 def callable_name(fn: Callable, what: str) -> str:
