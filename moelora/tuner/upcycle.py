@@ -22,6 +22,7 @@ routing (weight 0) are skipped.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, List, Optional
 
 import torch.nn as nn
@@ -55,6 +56,12 @@ def _is_fused_gated_mlp(m: nn.Module) -> bool:
 
 FFN_DROPOUT = (None, "output", "drop")  # upcycle_ffn's ffn_dropout
 
+# The names (attributes, globals) the forward of a found MLP may read: LLaMA's
+# down_proj(act_fn(gate_proj(x)) * up_proj(x)) and Phi-3's chunked gate_up_proj (its dropout module, if
+# any, is _output_dropout's). Anything else changes what the MLP computes, unseen by upcycle_ffn.
+PLAIN_FORWARD_NAMES = {"gated": {"gate_proj", "up_proj", "down_proj", "act_fn", "dropout"},
+                       "fused": {"gate_up_proj", "down_proj", "activation_fn", "chunk", "dropout"}}
+
 
 def _generic_parts(name: str, m: nn.Module, in_proj: str, out_proj: str, gate_proj: Optional[str]) -> tuple:
     """(in_proj, out_proj, gate_proj) modules of the generic FFN ``m``; ValueError where ``m`` lacks one."""
@@ -76,6 +83,37 @@ def _check_holds_only(name: str, m: nn.Module, parts: tuple, described: str, act
         raise ValueError(f"{name} ({type(m).__name__}) holds parameters besides {described}: {others}; upcycle_ffn "
                          "replaces it by the FFN out_proj(act(in_proj(x))) (times act(gate_proj(x)) if gated), which "
                          f"would drop them{hint}")
+
+
+def _check_plain_forward(name: str, m: nn.Module, kind: str) -> None:
+    """ValueError where the forward of ``m``, an MLP upcycle_ffn found by its children's names, reads
+    names besides PLAIN_FORWARD_NAMES[kind] (its class's code: Gemma-3n's activation sparsity, Falcon-H1's
+    multipliers, DeepSeek-V4's clamps, which MoEFFN would drop silently)."""
+    code = getattr(type(m).forward, "__code__", None)
+    if code is None or type(m).forward is nn.Module.forward:
+        return
+    others = sorted(set(code.co_names) - PLAIN_FORWARD_NAMES[kind])
+    if others:
+        plain = ("down_proj(act_fn(gate_proj(x)) * up_proj(x))" if kind == "gated"
+                 else "down_proj(up * activation_fn(gate)), gate, up = gate_up_proj(x).chunk(2, -1)")
+        raise ValueError(f"{name} ({type(m).__name__}): its forward reads {others} besides the FFN {plain}, which "
+                         "MoEFFN would not compute (e.g. a scale, a clamp, activation sparsity); if the FFN is that "
+                         "after all, name it with ffn_modules, in_proj, out_proj, gate_proj and activation")
+
+
+def _forward_takes_one_input(name: str, m: nn.Module) -> None:
+    """ValueError where the forward of ``m``, the module upcycle_ffn replaces, needs more than one
+    argument (BLOOM's MLP takes the residual and adds it): MoEFFN's forward takes the hidden states only."""
+    try:
+        params = list(inspect.signature(type(m).forward).parameters.values())[1:]  # past self
+    except (TypeError, ValueError):
+        return
+    required = [p.name for p in params if p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if len(required) > 1:
+        raise ValueError(f"{name} ({type(m).__name__}): its forward takes {required}, MoEFFN's the hidden states "
+                         "only (a forward taking more, as BLOOM's MLP taking the residual it adds, cannot be "
+                         "replaced by the FFN); name the module computing the FFN alone")
 
 
 def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: bool) -> float:
@@ -123,6 +161,9 @@ def _build(name: str, m: nn.Module, kind: str, num_experts: int, top_k: int, gen
         hint = (": name the MLP module that holds only the FFN's projections (a layer holding fc1 / fc2 next to its "
                 "attention, as OPT's decoder layer, cannot be upcycled)")
     _check_holds_only(name, replaced, parts, described, act, hint)
+    _forward_takes_one_input(name, replaced)
+    if kind in PLAIN_FORWARD_NAMES:
+        _check_plain_forward(name, replaced, kind)
     dropout = _output_dropout(name, replaced, ffn_dropout, inner=kind == "bert")
     return MoEFFN(parts[0], parts[1], act, num_experts, top_k, gate_proj=parts[2], stacked_gate=stacked,
                   dropout=dropout, **router_kwargs)
@@ -149,7 +190,9 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     holding dropout (nn.Dropout with p > 0) unless ``ffn_dropout`` says what to do with it:
     "output" (its forward drops the MLP's output: MoEFFN drops its output with that p) or "drop"
     (train without it; a dropout inside the FFN cannot be kept). Dropout the forward applies
-    without a module (F.dropout) is not seen, and dropped. A model holding a mixture of experts (a
+    without a module (F.dropout) is not seen, and dropped. A found MLP whose forward reads more than
+    its children (Gemma-3n's activation sparsity, Falcon-H1's multipliers) raises, as a replaced
+    module whose forward takes more than the hidden states (BLOOM's MLP). A model holding a mixture of experts (a
     block with ``experts``) raises without ``ffn_modules``, and a named module holding experts'
     weights stacked in 3-D parameters (transformers' MoE blocks and their experts) always. An FFN
     that a MoELoRAModel's adapter (active or stored) adapts or saves raises, naming the adapter,

@@ -458,6 +458,51 @@ def test_found_ffns_holding_more_than_their_projections_are_refused():
         assert repr(net) == before
 
 
+class _ScaledGatedMLP(nn.Module):
+    """Falcon-H1's MLP: LLaMA's children, and multipliers (floats, no parameters) in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.act_fn, self.gate_multiplier, self.down_multiplier = nn.SiLU(), 0.5, 2.0
+
+    def forward(self, x):
+        gate = self.act_fn(self.gate_proj(x) * self.gate_multiplier)
+        return self.down_proj(self.up_proj(x) * gate) * self.down_multiplier
+
+
+class _ResidualMLP(nn.Module):
+    """BLOOM's MLP: its forward takes the residual and adds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense_h_to_4h, self.dense_4h_to_h = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x, residual):
+        return self.dense_4h_to_h(torch.relu(self.dense_h_to_4h(x))) + residual
+
+
+def test_found_mlps_whose_forward_computes_more_than_the_ffn_are_refused():
+    """An MLP found by its children's names whose forward does more than the FFN (Falcon-H1's
+    multipliers; Gemma-3n's activation sparsity, DeepSeek-V4's clamps alike) raises naming what
+    it reads, the model unchanged (the multipliers used to be dropped silently); named with
+    ffn_modules it is the caller's FFN. A module whose forward takes more than the hidden states
+    (BLOOM's MLP, taking the residual) raises at upcycling, not at the model's next call."""
+    net = nn.Sequential(_ScaledGatedMLP())
+    before = repr(net)
+    with pytest.raises(ValueError, match=r"^0 \(_ScaledGatedMLP\): its forward reads \['down_multiplier', "
+                                         r"'gate_multiplier'\] besides the FFN down_proj"):
+        upcycle_ffn(net, 2, 1)
+    assert repr(net) == before
+    assert upcycle_ffn(net, 2, 1, ffn_modules=["0"], in_proj="up_proj", gate_proj="gate_proj", out_proj="down_proj",
+                       activation=nn.SiLU()) == ["0"]
+    block = nn.Sequential(_ResidualMLP())
+    with pytest.raises(ValueError, match=r"^0 \(_ResidualMLP\): its forward takes \['x', 'residual'\]"):
+        upcycle_ffn(block, 2, 1, ffn_modules=["0"], in_proj="dense_h_to_4h", out_proj="dense_4h_to_h",
+                    activation=torch.relu)
+    assert isinstance(block[0], _ResidualMLP)
+
+
 def test_checkpoints_saved_before_ffn_dropout_replay_without_the_dropout(tmp_path):
     """A record written before ffn_dropout existed holds its old behaviour, "drop" (the default now
     refuses an MLP holding dropout): such a checkpoint still loads."""
