@@ -93,12 +93,24 @@ def _check_plain_forward(name: str, m: nn.Module, kind: str) -> None:
     if code is None or type(m).forward is nn.Module.forward:
         return
     others = sorted(set(code.co_names) - PLAIN_FORWARD_NAMES[kind])
+    if others and "pretraining_tp" in others and _split_form_is_the_ffn(m):
+        return
     if others:
         plain = ("down_proj(act_fn(gate_proj(x)) * up_proj(x))" if kind == "gated"
                  else "down_proj(up * activation_fn(gate)), gate, up = gate_up_proj(x).chunk(2, -1)")
         raise ValueError(f"{name} ({type(m).__name__}): its forward reads {others} besides the FFN {plain}, which "
                          "MoEFFN would not compute (e.g. a scale, a clamp, activation sparsity); if the FFN is that "
                          "after all, name it with ffn_modules, in_proj, out_proj, gate_proj and activation")
+
+
+def _split_form_is_the_ffn(m: nn.Module) -> bool:
+    """Whether ``m``'s forward, which reads ``pretraining_tp`` (transformers < 4.48's LlamaMLP: with
+    config.pretraining_tp > 1 it splits the projections' weights into that many slices, without their
+    biases, and sums the slices' products), computes the FFN: at pretraining_tp 1 (its other branch is the
+    plain FFN), or without biases."""
+    tp = getattr(getattr(m, "config", None), "pretraining_tp", None)
+    return isinstance(tp, int) and (tp <= 1 or all(getattr(getattr(m, n, None), "bias", None) is None
+                                                   for n in ("gate_proj", "up_proj", "down_proj")))
 
 
 def _forward_takes_one_input(name: str, m: nn.Module) -> None:

@@ -2,10 +2,12 @@
 
 import copy
 import math
+import types
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import moelora
 from moelora import moe_ffn
@@ -469,6 +471,52 @@ class _ScaledGatedMLP(nn.Module):
     def forward(self, x):
         gate = self.act_fn(self.gate_proj(x) * self.gate_multiplier)
         return self.down_proj(self.up_proj(x) * gate) * self.down_multiplier
+
+
+class _SplitLlamaMLP(nn.Module):
+    """transformers 4.46's LlamaMLP (before 4.48): with config.pretraining_tp > 1 its forward splits the
+    projections' weights into slices (without their biases) and sums the slices' products."""
+
+    def __init__(self, pretraining_tp: int, bias: bool):
+        super().__init__()
+        self.config = types.SimpleNamespace(pretraining_tp=pretraining_tp)
+        self.intermediate_size = 16
+        self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=bias), nn.Linear(8, 16, bias=bias)
+        self.down_proj, self.act_fn = nn.Linear(16, 8, bias=bias), nn.SiLU()
+
+    def forward(self, x):
+        if self.config.pretraining_tp > 1:
+            slice = self.intermediate_size // self.config.pretraining_tp
+            gate_proj_slices = self.gate_proj.weight.split(slice, dim=0)
+            up_proj_slices = self.up_proj.weight.split(slice, dim=0)
+            down_proj_slices = self.down_proj.weight.split(slice, dim=1)
+            gate_proj = torch.cat([F.linear(x, gate_proj_slices[i]) for i in range(self.config.pretraining_tp)],
+                                  dim=-1)
+            up_proj = torch.cat([F.linear(x, up_proj_slices[i]) for i in range(self.config.pretraining_tp)], dim=-1)
+            intermediate_states = (self.act_fn(gate_proj) * up_proj).split(slice, dim=2)
+            down_proj = sum(F.linear(intermediate_states[i], down_proj_slices[i])
+                            for i in range(self.config.pretraining_tp))
+        else:
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
+
+
+@pytest.mark.parametrize("pretraining_tp, bias", [(1, True), (2, False), (2, True)])
+def test_the_split_llama_mlp_of_older_transformers_upcycles_where_it_is_the_ffn(pretraining_tp, bias):
+    """transformers < 4.48's LlamaMLP reads config.pretraining_tp (its forward's split form): found and upcycled,
+    computing what it did, where that is the FFN (pretraining_tp 1, or no biases, which the split form leaves
+    out); refused with biases and pretraining_tp > 1."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_SplitLlamaMLP(pretraining_tp, bias)).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    expected = net(x)
+    if pretraining_tp > 1 and bias:
+        with pytest.raises(ValueError, match=r"its forward reads \[.*'pretraining_tp'.*\] besides the FFN"):
+            upcycle_ffn(net, 2, 2, threshold_eps=0.0)
+        return
+    assert upcycle_ffn(net, 2, 2, router="threshold", threshold_eps=0.0) == ["0"]
+    with moelora.use_backend("torch"):
+        torch.testing.assert_close(net.eval()(x), expected, rtol=1e-12, atol=1e-12)
 
 
 class _ResidualMLP(nn.Module):
