@@ -1266,8 +1266,9 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
     is copied; a fresh ``model`` is left as it was when the checkpoint does not fit."""
     peft_config, modules, others, weights_path = persistence.read_peft_checkpoint(directory)
     config = persistence.peft_as_config(peft_config, modules, directory)  # checks its fields, for any model
-    if expert is not None and (not isinstance(expert, int) or isinstance(expert, bool)):
+    if expert is not None and not is_integral(expert):  # a numpy integer too, as set_task_ids' and merge's task
         raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")
+    expert = None if expert is None else int(expert)
     with persistence.restored_on_error(model):
         if isinstance(model, MoELoRAModel):
             wrapped, target = model, expert if expert is not None else 0

@@ -413,6 +413,25 @@ def test_exported_task_imports_into_that_task_expert_exactly(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in trained.named_parameters())
 
 
+def test_a_numpy_integer_expert_loads_as_that_int(tmp_path):
+    """expert=np.int64(1) (a task id read from a numpy array) was refused with "expert must be an int",
+    where set_task_ids and merge_adapter / export_peft_lora's task take numpy integers: it loads into
+    that task's expert as expert=1 does."""
+    np = pytest.importorskip("numpy")
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, router="task")
+    source = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    _perturb_all_adapters(source)
+    moelora.export_peft_lora(source, str(tmp_path), task=1)
+    by_int, by_numpy = (get_moelora_model(tiny_llama(num_layers=2), cfg) for _ in range(2))
+    randomize_adapters(by_int, seed=7)
+    randomize_adapters(by_numpy, seed=7)
+    moelora.load_peft_lora(by_int, str(tmp_path), expert=1)
+    moelora.load_peft_lora(by_numpy, str(tmp_path), expert=np.int64(1))
+    expected = dict(by_int.named_parameters())
+    assert all(torch.equal(p, expected[n]) for n, p in by_numpy.named_parameters())
+    assert by_numpy.model.model.layers[0].self_attn.q_proj.lora_gamma[1].item() == 1.0
+
+
 def test_peft_lora_into_a_task_needs_the_layers_it_does_not_adapt_to_be_zero_for_that_task(tmp_path):
     """A PEFT LoRA of q_proj loaded into task 1 of a model task-routing q_proj and v_proj: task 1 of
     v_proj kept its trained expert, so task 1 computed the PEFT LoRA plus that, silently. It raises
