@@ -836,7 +836,8 @@ class MoELoRAModel(nn.Module):
 
     def forward(self, *args, labels=None, task_ids=None, aux_loss_mask=None, **kwargs):
         """Run the wrapped model (``labels`` are passed on when given; ``task_ids`` go to the
-        task-routed layers) and add the auxiliary loss to its loss once.
+        task-routed layers, and to the wrapped model where its forward takes ``task_ids`` itself) and add
+        the auxiliary loss to its loss once.
 
         ``aux_loss_mask``: the real tokens the aux losses are taken over (see
         :func:`moelora.set_aux_loss_mask`), a tensor or the name of another argument of this
@@ -860,7 +861,10 @@ class MoELoRAModel(nn.Module):
         # after this forward does (see _swapped); like any block, it gives its modules back what they held.
         swaps = []
         try:
-            if task_ids is not None:
+            route = task_ids is not None
+            if self._parameter_names is not None and "task_ids" in self._parameter_names:
+                task_ids, route = self._task_ids_of_wrapped(task_ids, args, kwargs)
+            if route:
                 swaps.append(_swap_task_ids(self.model, task_ids, self._task_ids_owner))
             if aux_loss_mask is None:
                 aux_loss_mask = self.aux_loss_mask_from
@@ -882,6 +886,17 @@ class MoELoRAModel(nn.Module):
             output = self._with_aux_loss(output, labels_given=labels is not None)
         return output
 
+    def _task_ids_of_wrapped(self, task_ids, args: tuple, kwargs: dict):
+        """(the call's task ids, whether to route the task-routed layers by them) for a wrapped model whose
+        forward takes ``task_ids`` itself (per-task heads): ids given to the wrapper by keyword are passed on
+        to it (into ``kwargs``), ids it is given by position are read from ``args``; the layers route by them
+        where the model has task-routed layers (a model without any takes its ids for itself)."""
+        if task_ids is not None:
+            kwargs["task_ids"] = task_ids
+        else:
+            task_ids = self._argument("task_ids", args, {})
+        return task_ids, task_ids is not None and bool(_task_layers(self.model))
+
     def _generate(self, generate, *args, task_ids=None, **kwargs):
         """``wrapper.generate``: the wrapped model's ``generate`` (transformers' GenerationMixin), run
         as a forward of the wrapper: the stored aux losses are cleared and the last forward's
@@ -896,6 +911,10 @@ class MoELoRAModel(nn.Module):
             return self._generate_with_task_ids(generate, args, kwargs, task_ids)
 
     def _generate_with_task_ids(self, generate, args, kwargs, task_ids):
+        if task_ids is not None and self._parameter_names is not None and "task_ids" in self._parameter_names:
+            kwargs["task_ids"] = task_ids  # the wrapped forward's own (see forward): generate gives them to each step
+            if not _task_layers(self.model):
+                task_ids = None
         if task_ids is None:
             return generate(*args, **kwargs)
         if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 1:

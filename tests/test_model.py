@@ -1,6 +1,7 @@
 """get_moelora_model on tiny transformers models: targeting, per-layer experts, freezing,
 aux losses, router stats, task ids, torch.compile."""
 
+import contextlib
 import copy
 import inspect
 import re
@@ -205,6 +206,63 @@ def test_task_ids_by_setter_context_and_forward_kwarg():
     assert gamma.grad[0].abs() > 1e-6 and gamma.grad[2].abs() > 1e-6 and gamma.grad[1] == 0  # noise: ~1e-12
     with pytest.raises(ValueError, match="no task-routed"):
         moelora.set_task_ids(tiny_bert(), 1)
+
+
+class _PerTaskHeads(nn.Module):
+    """A multi-task model of its own: a body and one head per task, chosen by its forward's ``task_ids``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(8, 8)
+        self.heads = nn.ModuleList(nn.Linear(8, 2) for _ in range(3))
+
+    def forward(self, x, task_ids=None):
+        h = self.body(x)
+        if task_ids is None:
+            return self.heads[0](h)
+        return torch.stack([self.heads[int(t)](row) for t, row in zip(task_ids, h)])
+
+
+@pytest.mark.parametrize("router", ["task", "softmax_topk"])
+def test_task_ids_reach_a_wrapped_model_whose_forward_takes_them(router):
+    """A wrapped model whose forward takes ``task_ids`` itself (per-task heads) got none: the wrapper kept the
+    ids for its task-routed layers, and the model ran every example through its default head (a silent wrong
+    output); with a learned router they raised "no task-routed layer". They reach it too, by keyword or by
+    position, and route the task-routed layers by the same ids."""
+    model = get_moelora_model(_PerTaskHeads(), MoELoRAConfig(target_modules=["body"], num_experts=3, r=2, top_k=2,
+                                                             router=router))
+    randomize_adapters(model)
+    x, tasks = torch.randn(4, 8), torch.tensor([2, 0, 1, 2])
+    with moelora.use_task_ids(model, tasks) if router == "task" else contextlib.nullcontext():
+        expected = model.model(x, task_ids=tasks)
+    torch.testing.assert_close(model(x, task_ids=tasks), expected)
+    torch.testing.assert_close(model(x, tasks), expected)
+    assert not torch.allclose(model.model.heads[0](model.model.body(x)), expected)
+
+
+def test_generate_passes_task_ids_on_to_a_wrapped_forward_that_takes_them():
+    """generate(task_ids=) gave the ids to the task-routed layers only: a causal LM whose forward takes task_ids
+    (here: a per-task bias on the logits) generated as if given none. They reach each step too, repeated over
+    the beams by transformers as its other model inputs: each example's best beam is its task's token."""
+    from transformers import LlamaForCausalLM
+
+    class PerTaskBias(LlamaForCausalLM):
+        def forward(self, input_ids=None, task_ids=None, **kwargs):
+            out = super().forward(input_ids=input_ids, **kwargs)
+            if task_ids is not None:
+                out.logits = out.logits + 100.0 * nn.functional.one_hot(10 + task_ids, 64)[:, None]
+            return out
+
+    for router in ("task", "softmax_topk"):
+        model = get_moelora_model(PerTaskBias(tiny_llama(num_layers=1).config).eval(), MoELoRAConfig(
+            target_modules=["q_proj"], num_experts=3, top_k=2, r=2, router=router))
+        ids, tasks = token_batch(), torch.tensor([2, 0])
+        for settings in ({}, dict(num_beams=2, num_return_sequences=2)):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=tasks, **_GREEDY,
+                                 **settings)
+            best = out[::len(out) // len(tasks), ids.shape[1]:]  # each example's best beam (the others differ)
+            assert torch.equal(best, (10 + tasks)[:, None].expand(-1, 3)), settings
 
 
 def test_task_ids_forward_kwarg_under_inference_mode():
