@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from moelora.tuner import structure as _structure
 from moelora.tuner.config import CONFIG_NAME, MoELoRAConfig
+from moelora.tuner.merge import check_task_used
 from moelora.modules.conv import MoELoRAConv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
@@ -387,6 +388,7 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     layers = [(n, m) for n, m in unwrap(model).named_modules() if is_adapter_layer(m)]
     if not layers:
         raise ValueError("the model holds no MoE-LoRA layer")
+    check_task_used(layers, task)
     edits = [op for op, _ in _structure.recorded(unwrap(model))]
     if edits:  # their modules (MoE FFNs, MoLEx gates) are part of the model's function
         raise ValueError(f"the model has structural edits {edits} that a PEFT LoRA checkpoint cannot hold (LoRA "

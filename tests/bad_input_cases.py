@@ -306,6 +306,11 @@ CASES = {
     "config/num_experts_float": (config(num_experts=4.0), (TypeError, r"MoELoRAConfig.num_experts must be a positive "
                                                                       r"int.*got float 4.0")),
     "config/top_k_float": (config(top_k=2.5), (TypeError, r"MoELoRAConfig.top_k must be a positive int, got float 2.5")),
+    "config/task_router_per_layer_experts": (config(router="task", num_experts=[2, 3]),
+                                              (ValueError, r"^router='task' routes each example to the expert of its "
+                                                           r"task in every layer.*got \[2, 3\]$")),
+    "config/task_router_expert_preset": (config(router="task", num_experts="2468"),
+                                         (ValueError, r"num_experts must be an int \(the number of tasks\)")),
     "config/lora_alpha_inf": (config(lora_alpha=math.inf), (ValueError, r"MoELoRAConfig.lora_alpha must be a finite "
                                                                         r"number, got inf")),
     "config/r_zero": (config(r=0), (ValueError, r"MoELoRAConfig.r must be a positive int, got 0")),

@@ -521,3 +521,17 @@ def test_export_peft_lora_refuses_models_with_upcycled_ffns_or_molex(tmp_path, e
     with pytest.raises(ValueError, match=rf"structural edits \['{edit}'\] that a PEFT LoRA checkpoint cannot hold"):
         moelora.export_peft_lora(model, str(tmp_path / "peft"))
     assert not (tmp_path / "peft").exists()
+
+
+def test_a_task_given_to_a_model_without_task_routing_is_refused_not_ignored(tmp_path):
+    """merge_adapter / merge_and_unload / export_peft_lora with a task on a model whose layers do not route by task
+    raise naming it (merge_and_unload(True), PEFT's progressbar by position, used to merge as if no task were given);
+    nothing is merged or written."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    for call in (lambda: model.merge_adapter(task=0), lambda: model.merge_and_unload(True),
+                 lambda: moelora.export_peft_lora(model, str(tmp_path / "peft"), task=1)):
+        with pytest.raises(ValueError, match=r"task=(0|True|1) is given, but no MoE-LoRA layer of the model routes by "
+                                             r"task"):
+            call()
+    assert not any(getattr(m, "merged", False) for m in model.modules()) and not (tmp_path / "peft").exists()
+    model.merge_adapter()  # without a task it merges

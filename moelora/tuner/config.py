@@ -101,6 +101,10 @@ class MoELoRAConfig:
             raise ValueError(f"num_experts preset must be one of {EXPERT_PRESETS}, got {self.num_experts!r}")
         if isinstance(self.num_experts, (list, tuple)) and not all(is_int(n) and n >= 1 for n in self.num_experts):
             raise ValueError(f"every per-layer num_experts must be an int >= 1, got {self.num_experts}")
+        if self.router == "task" and not is_int(self.num_experts):  # a task id names one expert in every layer
+            raise ValueError("router='task' routes each example to the expert of its task in every layer, so the "
+                             "layers need the same expert count: num_experts must be an int (the number of tasks), "
+                             f"not per layer, got {self.num_experts!r}")
         if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 0:
             raise ValueError("target_modules is an empty list: name at least one module (a list of module-name "
                              "suffixes, a regex string, or 'all-linear')")

@@ -20,6 +20,14 @@ def _moelora_layers(model: nn.Module):
     return [(n, m) for n, m in active_named_modules(model) if is_adapter_layer(m)]
 
 
+def check_task_used(layers, task) -> None:
+    """ValueError where ``task`` is given but none of ``layers`` ((name, layer) pairs) routes by task: it would
+    be ignored (``merge_and_unload(True)``, PEFT's progressbar given by position, would read as a task)."""
+    if task is not None and not any(layer.router_mode == "task" for _, layer in layers):
+        raise ValueError(f"task={task!r} is given, but no MoE-LoRA layer of the model routes by task (router='task'), "
+                         "so it would be ignored; leave it out (PEFT's progressbar / safe_merge are keywords here)")
+
+
 def merge_adapter(model: nn.Module, task: Optional[int] = None, safe_merge: bool = False) -> None:
     """Merge every MoE-LoRA layer of ``model`` (``task`` for task-routed layers), or none: every
     layer is checked first (``check_merge``; with ``safe_merge``, as PEFT's, also its merged weight
@@ -31,7 +39,9 @@ def _merge(model: nn.Module, task: Optional[int], merged_ok: bool, safe_merge: b
            progressbar: bool = False) -> None:
     """:func:`merge_adapter`; ``merged_ok``: layers merged already (for ``task``) stay as they are, where
     they would raise; ``progressbar``: a tqdm bar over the layers as they merge."""
-    layers = [(name, layer, task if layer.router_mode == "task" else None) for name, layer in _moelora_layers(model)]
+    named = _moelora_layers(model)
+    check_task_used(named, task)
+    layers = [(name, layer, task if layer.router_mode == "task" else None) for name, layer in named]
     if merged_ok:
         for name, layer, layer_task in layers:
             if layer.merged and layer.merged_task != layer_task:
