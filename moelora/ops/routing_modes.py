@@ -163,7 +163,8 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     route by the same task ids, so each batch pays for them once, not once per layer. Only the
     weights, which depend on the trainable gamma, are computed per call. Nothing is reused under
     torch.compile or CUDA-graph capture (the graph must record how the ids are made), nor for
-    an inference tensor (made under torch.inference_mode), which has no version counter; nothing
+    an inference tensor (made under torch.inference_mode), which has no version counter (its ids are
+    a copy, which a training forward outside inference mode can save for backward); nothing
     made under a FakeTensorMode is kept (fake tensors hold no values, and the eager forwards after
     it would compute with them). The reused ids are a copy (a later in-place change of the tensor
     cannot reach a forward's ids saved for its backward). Writes that bypass the version counter are not seen: change the ids
@@ -174,12 +175,16 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     check_task_ids(task_ids, num_tasks)
     dtype = accumulator_dtype(gamma.dtype)
     # is_inference last: dynamo cannot trace it, and under torch.compile nothing is cached anyway
-    cached = (isinstance(task_ids, torch.Tensor) and not _tracing_or_capturing()
-              and not task_ids.is_inference())
+    tensor = isinstance(task_ids, torch.Tensor) and not _tracing_or_capturing()
+    inference = tensor and task_ids.is_inference()
+    cached = tensor and not inference
     key = (tuple(lead_shape), num_tasks, shared_expert, gamma.device, dtype)
     entry = _TASK_ROUTING.get(task_ids, {}).get(key) if cached else None
     if not cached:
-        ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype)
+        # an inference tensor's ids are a copy: a view of it (a 0-d or per-token tensor's) could not be saved for
+        # backward by a training forward outside inference mode (the fused layer's op saves the ids)
+        ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype,
+                                         copy=inference)
     elif (entry is None or entry[0] != (task_ids._version, task_ids.data_ptr())
           or (not entry[1] and syncing_checks_enabled())):
         # Made outside inference mode (as single-expert routing's scalars): an entry made by a forward

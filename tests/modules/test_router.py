@@ -361,6 +361,32 @@ def test_task_routing_of_inference_tensors_under_inference_mode():
         torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["scalar", "per_example", "per_token"])
+def test_task_ids_made_under_inference_mode_train_outside_it(backend, kind):
+    """Task ids made under torch.inference_mode (an evaluation loop's, a collator run there) and then given
+    to a training step outside it: the layer's forward and backward run on every backend with the gradients
+    of the same ids made normally. The fused layer's op saves the ids for backward, and ids that were a view
+    of the inference tensor (a 0-d or per-token tensor's) could not be saved there (a RuntimeError on the
+    Triton backend only)."""
+    ids = {"scalar": 1, "per_example": [2, 0], "per_token": [[1, 2, 0], [0, 0, 1]]}[kind]
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for inference in (False, True):
+        torch.manual_seed(0)
+        layer = moelora.MoELoRALinear(nn.Linear(8, 8), num_experts=3, router="task", r=2)
+        nn.init.normal_(layer.lora_gamma, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode(inference):
+            tasks = torch.tensor(ids)
+        assert tasks.is_inference() == inference
+        moelora.set_task_ids(layer, tasks)
+        with moelora.use_backend(backend):
+            layer(x).square().sum().backward()
+        grads.append([p.grad for p in (layer.lora_A, layer.lora_B, layer.lora_gamma)])
+    for got, want in zip(*grads[::-1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_router_jitter_only_in_training():
     router = Router(8, 4, 2, jitter_noise=0.5)
     x = torch.randn(16, 8)
