@@ -514,6 +514,18 @@ def _outside_inference_mode():
     return torch.inference_mode(False) if eager_inference else contextlib.nullcontext()
 
 
+def _held_for_the_call(task_ids):
+    """Task ids given to one call (MoELoRAModel's forward or generate) as its layers hold them: an inference
+    tensor (made under torch.inference_mode, as a serving loop makes them) as a normal copy, whose routing every
+    layer and step reuses (an inference tensor has no version counter, so each layer of each forward would build
+    its ids, one-hot matrix and range check again: a host sync each for ids on a GPU); anything else as it is.
+    The copy is made per call, so the caller's in-place changes between calls are seen."""
+    if isinstance(task_ids, torch.Tensor) and not torch.compiler.is_compiling() and task_ids.is_inference():
+        with _outside_inference_mode():
+            return task_ids.clone()
+    return task_ids
+
+
 def _put_task_ids(layer: nn.Module, held: tuple) -> None:
     """Give ``layer`` the (task ids, owner) ``held``."""
     layer.task_ids = held[0]
@@ -865,7 +877,7 @@ class MoELoRAModel(nn.Module):
             if self._parameter_names is not None and "task_ids" in self._parameter_names:
                 task_ids, route = self._task_ids_of_wrapped(task_ids, args, kwargs)
             if route:
-                swaps.append(_swap_task_ids(self.model, task_ids, self._task_ids_owner))
+                swaps.append(_swap_task_ids(self.model, _held_for_the_call(task_ids), self._task_ids_owner))
             if aux_loss_mask is None:
                 aux_loss_mask = self.aux_loss_mask_from
             if isinstance(aux_loss_mask, str):
@@ -923,9 +935,7 @@ class MoELoRAModel(nn.Module):
         prompt = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds")
                                             if kwargs.get(k) is not None), None)
         per_example = isinstance(task_ids, torch.Tensor) and task_ids.dim() == 1 and len(task_ids) > 0
-        if isinstance(task_ids, torch.Tensor) and task_ids.is_inference():
-            with _outside_inference_mode():  # made under inference_mode: a normal copy, held for this call only
-                task_ids = task_ids.clone()
+        task_ids = _held_for_the_call(task_ids)
         if per_example and isinstance(prompt, torch.Tensor) and prompt.dim() > 0 and len(task_ids) != len(prompt):
             raise ValueError(f"task_ids holds {len(task_ids)} ids but the prompt batch has {len(prompt)} examples "
                              "(one id per example)")

@@ -278,6 +278,35 @@ def test_task_ids_forward_kwarg_under_inference_mode():
     torch.testing.assert_close(out, expected)
 
 
+def test_task_ids_forward_kwarg_made_under_inference_mode_build_the_routing_once(monkeypatch):
+    """Serving (scoring, evaluation) runs the wrapper's forward under torch.inference_mode with task ids made
+    there: an inference tensor has no version counter, so task routing would build its ids, one-hot matrix and
+    range check again in every layer (on a GPU a host sync each, for ids on the device). The forward holds a
+    normal copy for the call, as generate does: one build per forward, as under no_grad, and the same output;
+    in-place changes of the caller's ids between forwards are seen."""
+    from moelora.ops import routing_modes
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj", "o_proj"],
+                                                                      num_experts=3, router="task", r=4))
+    randomize_adapters(model, scale=2.0)
+    model.eval()
+    ids, builds = token_batch(), []
+    build = routing_modes._task_ids_one_hot
+    monkeypatch.setattr(routing_modes, "_task_ids_one_hot",
+                        lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+    with torch.no_grad():
+        expected = [model(ids, task_ids=torch.tensor(t)).logits for t in ([2, 0], [1, 2])]
+    assert len(builds) == 2
+    builds.clear()
+    with torch.inference_mode():
+        tasks = torch.tensor([2, 0])
+        first = model(ids, task_ids=tasks).logits
+        tasks.copy_(torch.tensor([1, 2]))
+        second = model(ids, task_ids=tasks).logits
+    assert len(builds) == 2
+    assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])
+
+
 def test_bias_modes_mark_biases_trainable():
     model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], bias="lora_only"))
     trainable_biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
