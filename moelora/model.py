@@ -880,8 +880,8 @@ class MoELoRAModel(nn.Module):
                 swaps.append(_swap_task_ids(self.model, _held_for_the_call(task_ids), self._task_ids_owner))
             if aux_loss_mask is None:
                 aux_loss_mask = self.aux_loss_mask_from
-            if isinstance(aux_loss_mask, str):
-                aux_loss_mask = self._argument(aux_loss_mask, args, kwargs)  # not given: no padding to mask
+            if isinstance(aux_loss_mask, str):  # not given: no padding to mask
+                aux_loss_mask = self._of_the_new_tokens(self._argument(aux_loss_mask, args, kwargs), args, kwargs)
             if aux_loss_mask is not None and getattr(getattr(self.model, "config", None), "is_encoder_decoder",
                                                      False):
                 raise ValueError(
@@ -969,6 +969,21 @@ class MoELoRAModel(nn.Module):
         names = self._positional_parameters
         position = names.index(name) if name in names else len(args)
         return args[position] if position < len(args) else None
+
+    def _of_the_new_tokens(self, mask, args: tuple, kwargs: dict):
+        """``mask``, read from another argument (the attention mask), for the tokens this call routes: in a
+        decoding step with a KV cache (``past_key_values``) transformers' attention mask covers the cached
+        tokens too ([batch, past + new], the new ones last), so its last columns."""
+        def given(name):
+            known = self._parameter_names is None or name in self._parameter_names or name in kwargs
+            return self._argument(name, args, kwargs) if known else None
+
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or given("past_key_values") is None:
+            return mask
+        ids, embeds = given("input_ids"), given("inputs_embeds")
+        new = (ids.shape[-1] if isinstance(ids, torch.Tensor) else
+               embeds.shape[-2] if isinstance(embeds, torch.Tensor) else mask.shape[-1])
+        return mask[:, mask.shape[-1] - new:] if 0 < new < mask.shape[-1] else mask
 
     def _with_aux_loss(self, output, labels_given: bool):
         if isinstance(output, dict):

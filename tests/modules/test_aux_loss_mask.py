@@ -531,3 +531,32 @@ def test_masked_statistics_read_the_real_token_count_on_the_host_once():
     values = {key: stats[key] for key in stats}
     assert reads == ["int"], f"{len(reads)} host reads for {len(values)} statistics"
     torch.testing.assert_close(values["load"].sum().as_subclass(torch.Tensor), torch.tensor(2.0))  # top_k per token
+
+
+@pytest.mark.parametrize("given", ["aux_loss_mask_from", "per_call"])
+def test_a_mask_named_by_argument_fits_a_cached_decoding_step(given):
+    """aux_loss_mask_from="attention_mask" (or aux_loss_mask="attention_mask") in a decoding step with a KV cache:
+    transformers' attention mask covers the cached tokens too, so the layers take its last columns, those of the
+    step's tokens (it raised: the mask has 7 tokens, the layer routed 2); the step's logits are the full forward's."""
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(tiny_llama(num_layers=2), moelora.MoELoRAConfig(
+        target_modules=["q_proj"], num_experts=2, top_k=1)).eval()
+    kwargs = {}
+    if given == "aux_loss_mask_from":
+        model.aux_loss_mask_from = "attention_mask"
+    else:
+        kwargs["aux_loss_mask"] = "attention_mask"
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    prefill = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+    step_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    step = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=prefill.past_key_values, use_cache=True,
+                 **kwargs)
+    layer = model.model.model.layers[0].self_attn.q_proj
+    assert layer.last_router_stats.num_routed == 2  # the step's tokens, both real
+    full = model(input_ids=torch.cat([ids, step_ids], dim=1), attention_mask=step_mask, **kwargs)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="aux-loss mask"):  # a mask tensor given as such is taken as it is
+        model(input_ids=step_ids, past_key_values=prefill.past_key_values, aux_loss_mask=step_mask)
