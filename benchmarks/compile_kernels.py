@@ -11,7 +11,7 @@ defaults and the row kernels (all activations); every kernel of the dense regime
 fused layer (moelora/kernels/dense.py, matmul.py) in each of its modes, and in its most
 demanding mode with every DENSE_CONFIGS entry and tuning candidate.
 
-Beside these, every launch of twenty-one training steps and two backwards (the fused
+Beside these, every launch of twenty-nine training steps and two backwards (the fused
 MoELoRALinear at S1 and in other widths, dtypes and modes, moe_lora's dense and grouped regimes,
 moe_ffn's Triton engine, the routing op's and the aux loss's backwards: see traced_jobs) is traced with
 moelora.kernels.launchers.record_launches and compiled exactly as configured and as Triton
@@ -267,7 +267,7 @@ TRITON_TYPES = {}  # torch dtype -> Triton's type name; filled with torch by tra
 
 def traced_jobs():
     """(name, kernel, constexprs and options, other parameters' values) of every Triton launch
-    of twenty-two training steps and two backwards (launchers.record_launches), configured by the
+    of twenty-nine training steps and two backwards (launchers.record_launches), configured by the
     launchers' defaults (the tile tables emptied meanwhile) as on a 132-SM Hopper GPU: the fused
     MoELoRALinear (bf16 base, fp32 adapters, shared A, softmax_topk with the aux loss: S1's
     benchmark case; and with LoRA dropout's keep mask, with router jitter, with an aux-loss mask);
@@ -276,8 +276,9 @@ def traced_jobs():
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
     the fused layer in the grouped regime (E 64, r 16: shared A with softmax_topk, per-expert A
     with threshold routing and an aux-loss mask); dense layers of other widths (256 experts of rank 2, 64 of rank 8,
-    16 per-expert A's of rank 32, 8 of rank 8) and S1's in fp32 and fp16; moe_lora's dense
-    regime in fp32 and with per-expert A's of rank 64, its grouped regime in fp32; moe_ffn on
+    16 per-expert A's of rank 32, 8 of rank 8, 4 of rank 256; top-k 8, 16 and 64 of 64 experts) and S1's in fp32,
+    fp16 and float64, fp32 with 64 experts; moe_lora's dense
+    regime in fp32, float64 and with per-expert A's of rank 64, its grouped regime in fp32; moe_ffn on
     the Triton engine; the routing op's backward (moelora.route) and the Router's aux-loss
     backward. Sizes are scaled down (T 2048 or 4096, d 512) where the launch configurations
     (tiles, flags, divisibility, shape classes) stay those of the full shapes, so that the CPU
@@ -326,6 +327,7 @@ def traced_jobs():
             ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
             w = torch.rand(T, k, generator=gen)
             for name, a, dtype in (("S1 moe_lora base + delta", rand(16, d), torch.bfloat16),
+                                   ("moe_lora float64", rand(16, d, dtype=torch.float64), torch.float64),
                                    ("S2 moe_lora per-expert A", rand(E, 8, d), torch.bfloat16),
                                    ("moe_lora per-expert A r 64", rand(E, 64, d), torch.bfloat16),
                                    ("moe_lora fp32", rand(16, d, dtype=torch.float32), torch.float32),
@@ -370,15 +372,26 @@ def traced_jobs():
                                             ("layer per-expert A r 32", 16, (16, 32, d), torch.bfloat16),
                                             ("layer r 8", 8, (8, d), torch.bfloat16),
                                             ("layer fp32", 8, (16, d), torch.float32),
-                                            ("layer fp16", 8, (16, d), torch.float16)):
+                                            ("layer fp16", 8, (16, d), torch.float16),
+                                            # edge widths: E*r = 1024 at rank 256; a router of 64 experts in fp32
+                                            # and float64 (fp32 / fp64 adapters); top-k at the gated prologue's
+                                            # unrolled form's limit and beyond it
+                                            ("layer r 256", 4, (4, 256, d), torch.bfloat16),
+                                            ("layer fp32 64 experts", 64, (16, d), torch.float32),
+                                            ("layer float64", 8, (16, d), torch.float64),
+                                            ("layer k 8", 64, (64, 16, d), torch.bfloat16),
+                                            ("layer k 16", 64, (64, 16, d), torch.bfloat16),
+                                            ("layer k 64", 64, (64, 16, d), torch.bfloat16)):
                 r = a_shape[-2]
-                adapters = [rand(*shape, dtype=torch.float32).requires_grad_() for shape in (a_shape, (E, d, r),
+                top_k = int(name.split("layer k ")[-1]) if name.startswith("layer k ") else k
+                adapter_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+                adapters = [rand(*shape, dtype=adapter_dtype).requires_grad_() for shape in (a_shape, (E, d, r),
                                                                                              (E, d))]
                 xd, wd, dyd = x.to(dtype).requires_grad_(), w0.to(dtype), dy.to(dtype)
-                args = L.op_args(xd, wd, None, *adapters[:2], 2.0, L.RouterSpec(adapters[2], None, "softmax_topk", k),
-                                 None, None, None, 1.0, False)
+                args = L.op_args(xd, wd, None, *adapters[:2], 2.0,
+                                 L.RouterSpec(adapters[2], None, "softmax_topk", top_k), None, None, None, 1.0, False)
                 y, aux_loss = L._MoELoRALinearFn.apply(*args[:L._GRAD_INPUTS], args[L._GRAD_INPUTS:], [])
-                torch.autograd.grad([y, aux_loss], [xd, *adapters], [dyd, torch.ones(())])
+                torch.autograd.grad([y, aux_loss], [xd, *adapters], [dyd, torch.ones((), dtype=aux_loss.dtype)])
                 steps[name], calls[:] = list(calls), []
             # moe_ffn on the Triton engine (bf16 SwiGLU experts, biases, normalised mixing: an upcycled block)
             E, d_ff = 8, 1024

@@ -43,8 +43,10 @@ import triton.language as tl
 
 from moelora.kernels.matmul import SANITIZED_SLICE, _any_nonfinite, _sanitized_dot
 
-# Routing slots per token up to which the gated prologue unrolls its loop over them.
-UNROLLED_SLOTS = tl.constexpr(16)
+# Routing slots per token up to which the gated prologue unrolls its loop over them. Beyond 8 the
+# unrolled form spills registers for sm_90 (Triton 3.6: k 10 with a base, 64 x 64 tiles) or leaves one
+# program per SM (k 16, 64 x 128 tiles); the loop takes fewer registers at every k.
+UNROLLED_SLOTS = tl.constexpr(8)
 
 
 @triton.jit
@@ -165,7 +167,7 @@ def _gated_tile(h_ptr, ids_ptr, w_ptr, offs_t, mask_t, offs_c, mask_c, rank, sca
         h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC)
         hg = tl.where(chosen & mask_c[None, :], (gate * scaling) * h, 0.0)
     else:  # a loop adding each slot's product (the form above, unrolled, fails to compile under
-        # Triton 3.6 at top_k 64 and takes every register at 32)
+        # Triton 3.6 at top_k 64, takes every register at 32 and spills from 10)
         h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(ACC)
         hg = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
         for j in range(TOP_K):

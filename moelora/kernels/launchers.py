@@ -731,8 +731,9 @@ def _gated_expand_launch(T: int, N: int, E: int, rank: int, top_k: int, shared_a
     computes."""
     has_base = base_strides is not None
     # 64 x 64 tiles with 4 warps also below rank 16, where an expert's columns fill less than a
-    # 16-column step: the 8-warp 64 x 128 tile then takes ~165 registers (one program per SM)
-    narrow = has_base or rank < 16
+    # 16-column step: the 8-warp 64 x 128 tile then takes ~165 registers (one program per SM); so it
+    # does in float64 (~215)
+    narrow = has_base or rank < 16 or dtype.itemsize > 4
     overrides = _dense_tiles("gated_expand", given_tiles, T, N, E * rank, dtype)
     block_t = overrides.get("BLOCK_T") or 64
     block_n = overrides.get("BLOCK_N") or _pow2_block(N, 16, 64 if narrow else 128)
@@ -817,11 +818,18 @@ def _gate_backward_launch(T: int, rank: int, top_k: int, E: int, shared_a: bool,
                           logits_strides: tuple) -> KernelLaunch:
     """second: dw [T, k] (no router) or d logits [T, E]; logits_strides those of the router's logits
     (of dw without a router)."""
-    block_e = _pow2_block(E, 1, 1 << 16)
+    block_e, block_r, block_k = _pow2_block(E, 1, 1 << 16), _pow2_block(rank, 1, 1 << 16), _routing_blocks(top_k)
     block_t = _router_rows(block_e) if router != NO_ROUTER else 64 if _INTERPRETING else 32
     meta = dict(SHARED_A=shared_a, ROUTER=router, HAS_AUX_GRAD=has_aux, WRITE_HG=write_hg, ACC=_TL_DTYPES[dtype],
-                TOP_K=top_k, BLOCK_K=_routing_blocks(top_k), BLOCK_T=block_t, BLOCK_R=_pow2_block(rank, 1, 1 << 16),
-                BLOCK_E=block_e)
+                TOP_K=top_k, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_E=block_e)
+    if not _INTERPRETING:
+        # Fewer tokens per program for wide ranks (half as many in float64) and many slots, and 8 warps from
+        # rank 256: 32 tokens spill registers for sm_90 at r 256 (4 warps spill there at any BLOCK_T) and
+        # with a router at k 64 (Triton 3.6; benchmarks/compile_kernels.py)
+        block_t = max(1, min(block_t, 16384 // (block_r * dtype.itemsize), 512 // block_k))
+        if block_r >= 256:
+            meta.update(num_warps=8)
+    meta.update(BLOCK_T=block_t)
     sh_t, sh_r = h_strides
     hg_strides = _contiguous(E * rank) if write_hg else dh_strides
     fixed = (T, E, rank, 1.0 / T, *dhg_strides, sh_t, 0 if shared_a else rank * sh_r, sh_r, *ids_strides, *w_strides,
@@ -927,9 +935,11 @@ def _weight_grad_launch(T: int, d_out: int, d_in: int, R: int, E: int, NB: int, 
     the device instead, for a few MB of partials. The tile table (tune_dense) may say otherwise."""
     overrides = _dense_tiles("lora_weight_grad", given_tiles, T, d_out, NB, dtype)
     # At most 128 columns of dB and 64 of [dA | dW_router] per tile: wider tiles need more shared
-    # memory than an SM has (256 x 256: 319 KB for sm_90), so wide layers take several tiles.
-    block_cb = overrides.get("BLOCK_CB") or _pow2_block(NB, 16, 128)
-    block_ca = overrides.get("BLOCK_CA") or _pow2_block(R + E, 16, 64)
+    # memory than an SM has (256 x 256: 319 KB for sm_90), so wide layers take several tiles; 32 of
+    # [dA | dW_router] for 4-byte operands and 64 of dB for 8-byte ones (wider: ~170 registers with 8
+    # warps, one program per SM for sm_90).
+    block_cb = overrides.get("BLOCK_CB") or _pow2_block(NB, 16, 128 if dtype.itemsize <= 4 else 64)
+    block_ca = overrides.get("BLOCK_CA") or _pow2_block(R + E, 16, 64 if dtype.itemsize <= 2 else 32)
     # 16 tokens per step for 4-byte operands (fp32 layers): 64 spill registers for sm_90
     block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64 if dtype.itemsize <= 2 else 16)
     tiles_b_c, tiles_a_c = cdiv(NB, block_cb), cdiv(R + E, block_ca)
