@@ -276,9 +276,9 @@ def traced_jobs():
     r 64, E 64, k 4 as S3; per-expert A r 32, E 32, also with a LoRA scale beyond fp32's range);
     the fused layer in the grouped regime (E 64, r 16: shared A with softmax_topk, per-expert A
     with threshold routing and an aux-loss mask); dense layers of other widths (256 experts of rank 2, 64 of rank 8,
-    16 per-expert A's of rank 32, 8 of rank 8, 4 of rank 256; top-k 8, 16 and 64 of 64 experts) and S1's in fp32,
+    16 per-expert A's of rank 32, 8 of rank 8; top-k 8, 16 and 64 of 64 experts) and S1's in fp32,
     fp16 and float64, fp32 with 64 experts; moe_lora's dense
-    regime in fp32, float64 and with per-expert A's of rank 64, its grouped regime in fp32; moe_ffn on
+    regime in fp32, float64, at rank 256 and with per-expert A's of rank 64, its grouped regime in fp32; moe_ffn on
     the Triton engine; the routing op's backward (moelora.route) and the Router's aux-loss
     backward. Sizes are scaled down (T 2048 or 4096, d 512) where the launch configurations
     (tiles, flags, divisibility, shape classes) stay those of the full shapes, so that the CPU
@@ -328,6 +328,7 @@ def traced_jobs():
             w = torch.rand(T, k, generator=gen)
             for name, a, dtype in (("S1 moe_lora base + delta", rand(16, d), torch.bfloat16),
                                    ("moe_lora float64", rand(16, d, dtype=torch.float64), torch.float64),
+                                   ("moe_lora r 256", rand(256, d), torch.bfloat16),
                                    ("S2 moe_lora per-expert A", rand(E, 8, d), torch.bfloat16),
                                    ("moe_lora per-expert A r 64", rand(E, 64, d), torch.bfloat16),
                                    ("moe_lora fp32", rand(16, d, dtype=torch.float32), torch.float32),
@@ -373,10 +374,9 @@ def traced_jobs():
                                             ("layer r 8", 8, (8, d), torch.bfloat16),
                                             ("layer fp32", 8, (16, d), torch.float32),
                                             ("layer fp16", 8, (16, d), torch.float16),
-                                            # edge widths: E*r = 1024 at rank 256; a router of 64 experts in fp32
+                                            # edge widths: a router of 64 experts in fp32
                                             # and float64 (fp32 / fp64 adapters); top-k at the gated prologue's
                                             # unrolled form's limit and beyond it
-                                            ("layer r 256", 4, (4, 256, d), torch.bfloat16),
                                             ("layer fp32 64 experts", 64, (16, d), torch.float32),
                                             ("layer float64", 8, (16, d), torch.float64),
                                             ("layer k 8", 64, (64, 16, d), torch.bfloat16),

@@ -531,7 +531,8 @@ def _lora_down_launch(T: int, K: int, R: int, E: int, has_router: bool, x_stride
     # (whose bf16 dots are wrong under Triton 3.9), an fp32 dot
     split = has_router and dtype == torch.bfloat16 and not _INTERPRETING and jitter_strides is None
     router_splits = cdiv(_SIGNIFICAND_BITS.get(router_dtype, 24), 8) if split else 0
-    block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING else 64)
+    # 32 tokens for a float64 x with a router: 64 spill registers for sm_90 (Triton 3.9)
+    block_t = overrides.get("BLOCK_T") or (32 if _INTERPRETING or (has_router and dtype.itemsize > 4) else 64)
     # At most 64 of A's rows per program and 64-deep steps (32 and 32 for 4-byte x): larger tiles
     # spill registers for sm_90 (wide per-expert A's take more programs instead)
     wide = dtype.itemsize <= 2
@@ -823,10 +824,10 @@ def _gate_backward_launch(T: int, rank: int, top_k: int, E: int, shared_a: bool,
     meta = dict(SHARED_A=shared_a, ROUTER=router, HAS_AUX_GRAD=has_aux, WRITE_HG=write_hg, ACC=_TL_DTYPES[dtype],
                 TOP_K=top_k, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_E=block_e)
     if not _INTERPRETING:
-        # Fewer tokens per program for wide ranks (half as many in float64) and many slots, and 8 warps from
-        # rank 256: 32 tokens spill registers for sm_90 at r 256 (4 warps spill there at any BLOCK_T) and
-        # with a router at k 64 (Triton 3.6; benchmarks/compile_kernels.py)
-        block_t = max(1, min(block_t, 16384 // (block_r * dtype.itemsize), 512 // block_k))
+        # Fewer tokens per program for wide ranks, many slots and float64 (half as many), and 8 warps from
+        # rank 256: 32 tokens spill registers for sm_90 at r 256 (4 warps spill there at any BLOCK_T), with a
+        # router at k 16 (Triton 3.9) and 64 (3.6), and in float64 (3.9; benchmarks/compile_kernels.py)
+        block_t = max(1, min(block_t, 128 // dtype.itemsize, 16384 // (block_r * dtype.itemsize), 256 // block_k))
         if block_r >= 256:
             meta.update(num_warps=8)
     meta.update(BLOCK_T=block_t)
