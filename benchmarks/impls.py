@@ -246,7 +246,8 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
     constructor's defaults (fp32 adapters over a half-precision base, as PEFT) with the shape's
     E, k, r, alpha and A layout, random adapters, ``router``'s mode and LoRA dropout
     ``dropout``; task routing gets one task per sequence of ``shape.sequence_len`` tokens (512; 1 in
-    decode, where every token is a sequence of its own). With dropout the check runs
+    decode, where every token is a sequence of its own) and random per-task gates ``lora_gamma`` in
+    [0.5, 1.5) (the layer starts them at 0). With dropout the check runs
     the layer and its fp32 copy (torch backend) from one generator state: the same keep mask.
     ``autocast``: mixed precision as the HF Trainer's bf16=True runs it (an fp32 base and fp32 x
     under torch.autocast to the set's dtype; an fp32 set, the CPU's, runs without autocast).
@@ -267,6 +268,8 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
         if router == "task":
             tasks = torch.arange(shape.tokens, device=w0.device) // shape.sequence_len % shape.experts
             moelora.set_task_ids(torch.nn.Sequential(layer), tasks)
+            with torch.no_grad():  # the per-task gates start at 0 (the layer is its base): random, as the sets' gamma
+                layer.lora_gamma.copy_(0.5 + torch.rand(shape.experts, device=w0.device))
         if aux_mask:
             moelora.set_aux_loss_mask(layer, torch.arange(shape.tokens, device=w0.device) % 512 < 461)
         layer.train()

@@ -474,3 +474,26 @@ def test_moelora_linear_cases_hand_the_backward_their_aux_loss():
         prepared.forward()
         aux = prepared.aux_loss()
         assert (aux is None) == name.endswith("-task") and (aux is None or aux.requires_grad), name
+
+
+def test_every_layer_case_adds_an_adapter_that_changes_y_and_trains():
+    """Each layer case but the frozen Linear computes base + a non-zero adapter delta, and each trainable
+    leaf gets a non-zero gradient: the "-task" case's per-task gates lora_gamma start at 0 (the layer's
+    init), so it timed a zero delta whose A and B gradients were zero and whose reference check compared
+    the base output alone (the H200 runs' rel_err_vs_reference equals the frozen Linear's)."""
+    import torch.nn.functional as F
+
+    from benchmarks import inputs, runner, shapes
+
+    shape = shapes.suite(on_gpu=False)["S1"]
+    s = inputs.make_set(shape, torch.float32, torch.device("cpu"), seed=0)
+    base = F.linear(s["x"], s["w0"]).detach()
+    for impl in impls.LAYER:
+        if impl.name.startswith("linear-frozen") or impl.probe(shape, s["x"].device) is not None:
+            continue
+        prepared = impl.prepare(shape, s)
+        y = prepared.forward()
+        assert float((y.detach() - base).norm() / base.norm()) > 0.05, impl.name
+        outputs, grads = runner._outputs(prepared, y, s)
+        for leaf, g in zip(prepared.leaves, torch.autograd.grad(outputs, prepared.leaves, grads, allow_unused=True)):
+            assert g is not None and g.abs().max() > 0, (impl.name, tuple(leaf.shape))
