@@ -38,9 +38,11 @@ class Prepared:
     forward: Callable[[], torch.Tensor]
     leaves: List[torch.Tensor]
     keep: list = field(default_factory=list)  # modules / tensors to keep alive
-    # What forward must compute, for implementations that route by themselves (MoELoRALinear);
-    # None: the runner's reference from the set's routing.
-    reference: Optional[Callable[[], torch.Tensor]] = None
+    # The reference of implementations whose leaves are not the set's tensors (MoELoRALinear, which routes
+    # by itself; PEFT's layer; the fp32 copy of x of the "-autocast" cases): an fp32 twin, a Prepared whose
+    # forward (run on moelora's PyTorch backend) computes what forward must, from fp32 copies of the
+    # leaves, in the same order. None: the runner's reference from the set's tensors and routing.
+    reference: Optional[Callable[[], "Prepared"]] = None
     # For implementations whose forward draws random numbers (LoRA dropout): runs forward and an
     # fp32 reference of that same draw, and returns their relative error (instead of reference).
     check: Optional[Callable[[], float]] = None
@@ -152,7 +154,11 @@ def _linear_autocast(shape, s):
     def fwd():
         with torch.autocast(x.device.type, dtype=amp, enabled=amp in HALF_DTYPES):
             return F.linear(x, w0)
-    return Prepared(fwd, [x])
+
+    def reference():
+        x32 = x.detach().clone().requires_grad_()
+        return Prepared(lambda: F.linear(x32, w0), [x32])
+    return Prepared(fwd, [x], reference=reference)
 
 
 def _moelora_layer(shape, s):
@@ -213,8 +219,13 @@ def _peft_layer(dropout: float):
                     p.copy_(a)
                 elif "lora_B" in n:
                     p.copy_(b)
+        def reference():  # the fp32 formula, leaves in the order of PEFT's: x, lora_A, lora_B
+            x32, a32, b32 = (t.detach().float().requires_grad_() for t in (s["x"], a, b))
+            return Prepared(lambda: F.linear(x32, w0.float()) + shape.scaling * (x32 @ a32.t()) @ b32.t(),
+                            [x32, a32, b32])
+
         if not dropout:
-            return Prepared(lambda: model(s["x"]), [s["x"]] + lora_params, keep=[model])
+            return Prepared(lambda: model(s["x"]), [s["x"]] + lora_params, keep=[model], reference=reference)
 
         def check():
             dropout_module = next(m for n, m in model.named_modules() if n.endswith("lora_dropout.default"))
@@ -279,10 +290,11 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
             with torch.autocast(x.device.type, dtype=s["x"].dtype, enabled=amp):
                 return layer(x)
 
-        def reference():
+        def reference():  # the layer in fp32 (its modules' current mode), without autocast
             ref = copy.deepcopy(layer).float()
-            with moelora.use_backend("torch"):
-                return ref(x.float())
+            x32 = x.detach().float().requires_grad_()
+            return Prepared(lambda: ref(x32), [x32] + [p for p in ref.parameters() if p.requires_grad], keep=[ref],
+                            aux_loss=lambda: ref.last_aux_loss)
 
         def aux_loss():
             return layer.last_aux_loss
@@ -293,8 +305,9 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
         def check():
             with torch.no_grad(), torch.random.fork_rng(devices=[w0.device] if w0.is_cuda else []):
                 y = forward()  # the generator state is restored after it: reference() draws the same
-            with torch.no_grad():
-                return rel_err(y, reference())
+            twin = reference()
+            with torch.no_grad(), moelora.use_backend("torch"):
+                return rel_err(y, twin.forward())
 
         return Prepared(forward, [x] + trainable, keep=[layer], check=check, aux_loss=aux_loss)
     return prepare

@@ -103,36 +103,102 @@ def _after_error(ctx: RunContext) -> None:
 
 
 def _reference_kind(group: str, impl: str) -> str:
-    if group == "layer" and impl.startswith("linear-frozen"):  # the Linear alone, with or without autocast
-        return "linear-frozen"
-    return impl if group == "layer" and impl == "peft-lora" else group
+    return "linear-frozen" if group == "layer" and impl == "linear-frozen" else group
 
 
-def _reference(shape: Shape, group: str, impl: str, s: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """What the implementation must compute on set ``s`` (in fp32)."""
-    with torch.no_grad():
-        if group == "ffn":
-            args = [t.float() if t.is_floating_point() else t for t in (s["x"], s["w13"], s["w2"], s["ids"], s["w"])]
-            return baselines.moe_ffn_naive(*args)
-        if group == "layer" and (impl.startswith("linear-frozen") or impl == "peft-lora"):
-            base = F.linear(s["x"].float(), s["w0"].float())
-            if impl.startswith("linear-frozen"):
-                return base
-            a = s["a"] if s["a"].dim() == 2 else s["a"][0]
-            return base + shape.scaling * (s["x"].float() @ a.float().t()) @ s["b"][0].float().t()
-        base = F.linear(s["x"].float(), s["w0"].float()) if group == "layer" else None
-        return moelora.ops.reference.moe_lora_torch(
-            s["x"].float(), s["a"].float(), s["b"].float(), s["ids"], s["w"].float(),
-            scaling=shape.scaling, base_out=base)
+def _reference(shape: Shape, group: str, impl: str, s: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the implementation must compute on set ``s``, in fp32 (differentiable in the set's floating
+    tensors where grad mode is on; the fp32 leaves of ``_reference_gradients`` are their own fp32 copies)."""
+    if group == "ffn":
+        args = [t.float() if t.is_floating_point() else t for t in (s["x"], s["w13"], s["w2"], s["ids"], s["w"])]
+        return baselines.moe_ffn_naive(*args)
+    base = F.linear(s["x"].float(), s["w0"].float()) if group == "layer" else None
+    if group == "layer" and impl == "linear-frozen":
+        return base
+    return moelora.ops.reference.moe_lora_torch(
+        s["x"].float(), s["a"].float(), s["b"].float(), s["ids"], s["w"].float(),
+        scaling=shape.scaling, base_out=base)
 
 
-def _wrong_result(err: float, dtype: torch.dtype) -> Optional[str]:
-    """Why an implementation whose output is ``err`` (relative, vs the fp32 reference) from the
-    reference computes something else, or None when it is within REFERENCE_TOLERANCE[dtype]."""
+def _on_torch(fn):
+    """``fn()`` on moelora's PyTorch backend (an fp32 twin's reference forward)."""
+    with moelora.use_backend("torch"):
+        return fn()
+
+
+def _same_draws(device: torch.device, *fns) -> list:
+    """``fns``' results, each run from the generator state of the call (an implementation and its fp32 twin
+    draw the same threshold noise, jitter, ...); the state after as before."""
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        for fn in fns:
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, device)
+            out.append(fn())
+    return out
+
+
+def _gradients(p: Prepared, s: dict) -> tuple:
+    """The gradients of ``p``'s leaves (None: not reached) in a training step on set ``s``: y with the
+    set's grad_out, and the aux loss the forward recorded."""
+    with torch.enable_grad():
+        y = p.forward()
+        outputs, grads = _outputs(p, y, {"grad_out": s["grad_out"].to(y.dtype)})
+        return torch.autograd.grad(outputs, p.leaves, grads, allow_unused=True)
+
+
+def _reference_gradients(shape: Shape, group: str, impl: str, p: Prepared, s: dict, cache: dict) -> tuple:
+    """The fp32 reference's gradients for ``p``'s leaves on set ``s``: its twin's (``Prepared.reference``,
+    on moelora's PyTorch backend), or those of the set's reference in fp32 copies of the set's tensors that
+    are ``p``'s leaves (kept in ``cache`` for the group's other implementations with the same leaves)."""
+    if p.reference is not None:
+        twin = p.reference()
+        return _on_torch(lambda: _gradients(twin, s))
+    keys = []
+    for i, leaf in enumerate(p.leaves):
+        key = next((k for k, v in s.items() if v is leaf), None)
+        if key is None:
+            raise ValueError(f"{impl}: leaf {i} {tuple(leaf.shape)} is none of the input set's tensors and the "
+                             "implementation gives no reference (Prepared.reference)")
+        keys.append(key)
+    key = ("grad", _reference_kind(group, impl), tuple(keys))
+    if key not in cache:
+        leaves = {k: s[k].detach().float().requires_grad_() for k in keys}
+        with torch.enable_grad():
+            y = _reference(shape, group, impl, {**s, **leaves})
+            cache[key] = torch.autograd.grad([y], [leaves[k] for k in keys], [s["grad_out"].float().view_as(y)],
+                                             allow_unused=True)
+    return cache[key]
+
+
+def grad_rel_err(got, want) -> float:
+    """The largest ``rel_err`` over the leaves' gradients; inf where a leaf has a non-zero gradient on one
+    side and none on the other (the implementation skips, or adds, work the reference's backward does)."""
+    worst = 0.0
+    for g, r in zip(got, want):
+        if g is None or r is None:
+            if (r if g is None else g) is not None and bool((r if g is None else g).any()):
+                return float("inf")
+            continue
+        err = rel_err(g, r)
+        if err != err:  # not finite
+            return err
+        worst = max(worst, err)
+    return worst
+
+
+def _wrong_result(err: float, dtype: torch.dtype, what: str = "result",
+                  key: str = "rel_err_vs_reference") -> Optional[str]:
+    """Why an implementation whose output (``what``: "result"; its gradients: "gradient") is ``err``
+    (relative, vs the fp32 reference) from the reference computes something else, or None when it is within
+    REFERENCE_TOLERANCE[dtype]."""
     tol = REFERENCE_TOLERANCE.get(dtype, 3e-2)
     if err <= tol:  # False for NaN (a non-finite output)
         return None
-    return f"wrong result: rel_err_vs_reference {err:.3g} > {tol:g} (the timings are kept but not compared)"
+    return f"wrong {what}: {key} {err:.3g} > {tol:g} (the timings are kept but not compared)"
 
 
 def _base_record(shape: Shape, group: str, impl: Impl, pass_name: str) -> dict:
@@ -252,7 +318,7 @@ def run_group(ctx: RunContext, shape: Shape, group: str, impls: List[Impl],
         _after_error(ctx)
         return records
 
-    refs: Dict[str, torch.Tensor] = {}  # fp32 reference outputs on sets[0], by kind
+    refs: dict = {}  # fp32 reference outputs (by kind) and gradients (by kind and leaves) on sets[0]
     with moelora.validation(False):
         for impl in runnable:
             records.extend(_run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs))
@@ -272,25 +338,34 @@ def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dic
         if prepared[0].check is not None:  # a forward that draws random numbers checks itself
             common["rel_err_vs_reference"] = prepared[0].check()
         else:
-            with torch.no_grad():
-                y0 = prepared[0].forward()
-            if prepared[0].reference is not None:  # an implementation that routes by itself
+            if prepared[0].reference is not None:  # its fp32 twin (e.g. a layer that routes by itself)
+                twin = prepared[0].reference()
                 with torch.no_grad():
-                    ref = prepared[0].reference()
+                    y0, ref = _same_draws(ctx.device, prepared[0].forward, lambda: _on_torch(twin.forward))
+                del twin
             else:
+                with torch.no_grad():
+                    y0 = prepared[0].forward()
                 kind = _reference_kind(group, impl.name)
                 if kind not in refs:
-                    refs[kind] = _reference(shape, group, impl.name, sets[0])
+                    with torch.no_grad():
+                        refs[kind] = _reference(shape, group, impl.name, sets[0])
                 ref = refs[kind]
             common["rel_err_vs_reference"] = rel_err(y0, ref)
             del ref
             del y0
+            if any(p in ("bwd", "fwdbwd") for p in passes):  # the backward passes: each leaf's gradient too
+                common["grad_rel_err_vs_reference"] = grad_rel_err(*_same_draws(
+                    ctx.device, lambda: _gradients(prepared[0], sets[0]),
+                    lambda: _reference_gradients(shape, group, impl.name, prepared[0], sets[0], refs)))
         known = list(sets[0].values()) + list(prepared[0].leaves)
         for m in prepared[0].keep:
             if isinstance(m, torch.nn.Module):
                 known += list(m.parameters()) + list(m.buffers())
         common.update(memory.saved_activation_bytes(prepared[0].forward, known))
         wrong = _wrong_result(common["rel_err_vs_reference"], ctx.dtype)
+        wrong_grad = None if "grad_rel_err_vs_reference" not in common else \
+            _wrong_result(common["grad_rel_err_vs_reference"], ctx.dtype, "gradient", "grad_rel_err_vs_reference")
     except Exception as exc:
         err = _error_text(exc)
         ctx.log(f"  error {shape.name} {group} {impl.name}: {err.splitlines()[0][:200]}")
@@ -299,6 +374,7 @@ def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dic
 
     for p in passes:
         rec = {**_base_record(shape, tag, impl, p), "sets": len(sets), **common}
+        wrong_here = wrong or (wrong_grad if p in ("bwd", "fwdbwd") else None)
         if ctx.budget.exhausted():
             rec.update(status="skipped", reason="time budget exhausted")
             out.append(rec)
@@ -310,9 +386,10 @@ def _run_impl(ctx, shape, group, impl, passes, sets, elt, tag, refs) -> List[dic
             ctx.log(f"[{ctx.budget.elapsed():6.1f}s] {shape.name:9s} {group:5s} {p:6s} {impl.name:24s} "
                     f"{rec['median_ms']:10.4f} ms  IQR {rec['iqr_ms']:.4f}  n={rec['n']}  "
                     f"host {rec['host_median_ms']:.3f} ms  {rec['kernels_per_iter']} kernels"
-                    + (f"  {pct:5.1f}% of floor" if pct is not None else "") + (f"  {wrong}" if wrong else ""))
-            if wrong:
-                rec.update(status="error", error=wrong)
+                    + (f"  {pct:5.1f}% of floor" if pct is not None else "")
+                    + (f"  {wrong_here}" if wrong_here else ""))
+            if wrong_here:
+                rec.update(status="error", error=wrong_here)
         except Exception as exc:
             rec.update(status="error", error=_error_text(exc))
             ctx.log(f"  error {shape.name} {group} {p} {impl.name}: {rec['error'].splitlines()[0][:200]}")

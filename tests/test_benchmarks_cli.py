@@ -497,3 +497,45 @@ def test_every_layer_case_adds_an_adapter_that_changes_y_and_trains():
         outputs, grads = runner._outputs(prepared, y, s)
         for leaf, g in zip(prepared.leaves, torch.autograd.grad(outputs, prepared.leaves, grads, allow_unused=True)):
             assert g is not None and g.abs().max() > 0, (impl.name, tuple(leaf.shape))
+
+
+def test_a_case_whose_backward_computes_something_else_is_an_error_not_a_timing(tmp_path, monkeypatch):
+    """The reference check read the forward alone: a baseline whose gradient is wrong (here torch-dense
+    with its gates detached from the routing weights: the same y, no gate gradient, less backward work)
+    was an "ok" case in the bwd and fwdbwd passes. Each leaf's gradient on set 0 is now compared with the
+    fp32 reference's (the aux loss included); its forward timing stays valid."""
+    from benchmarks import baselines
+
+    dense = baselines.moe_lora_dense
+    monkeypatch.setattr(baselines, "moe_lora_dense", lambda x, a, b, ids, w, scaling=1.0, base_out=None:
+                        dense(x, a, b, ids, w.detach(), scaling, base_out=base_out))
+    results, _ = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--passes", "fwd,bwd,fwdbwd", "--no-host-overhead")
+    cases = {c["id"]: c for c in results["cases"]}
+    assert cases["S4/delta/fwd/torch-dense"]["status"] == "ok"
+    for p in ("bwd", "fwdbwd"):
+        wrong = cases[f"S4/delta/{p}/torch-dense"]
+        assert wrong["status"] == "error" and wrong["error"].startswith("wrong gradient: "), wrong
+        assert wrong["grad_rel_err_vs_reference"] == float("inf") and wrong["median_ms"] > 0
+        for impl in ("moelora-torch", "naive", "torch-grouped-mm"):
+            right = cases[f"S4/delta/{p}/{impl}"]
+            assert right["status"] == "ok" and right["grad_rel_err_vs_reference"] < 1e-5, right
+
+
+def test_a_case_that_draws_random_numbers_is_checked_against_the_same_draws():
+    """Threshold routing draws its noise in every training forward: the reference check compared the layer
+    with its fp32 copy drawing other noise, so a few tokens routed differently (rel_err_vs_reference 6.5e-3
+    in fp32 at the CPU S1, against a tolerance of 1e-2, depending on the generator's state). Both now run
+    from one generator state, forward and gradients alike."""
+    from benchmarks import runner, shapes
+    from benchmarks.timing import Budget
+
+    shape = shapes.suite(on_gpu=False)["S1"]
+    ctx = runner.RunContext(device=torch.device("cpu"), dtype=torch.float32, repeats=1, warmup=1, min_repeats=1,
+                            case_cap_s=0.05, budget=Budget(None), ceilings={}, log=lambda *a: None)
+    errors = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        (rec,) = runner.run_group(ctx, shape, "layer", [impls.by_name("moelora-MoELoRALinear-threshold")],
+                                  passes=("fwdbwd",), sets_count=1)
+        errors.append((rec["rel_err_vs_reference"], rec.get("grad_rel_err_vs_reference")))
+    assert all(e < 1e-5 for pair in errors for e in pair), errors
