@@ -107,11 +107,24 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
         # its eval-mode fast path turns a padded batch into a nested tensor, which the mixing cannot take
         parent.use_nested_tensor = False
         molex._on_remove.append(functools.partial(_nested_tensors_again, parent))
+    generation = getattr(target, "generation_config", None)
+    config = getattr(target, "config", None)
+    decodes = not getattr(config, "is_encoder_decoder", False) or "decoder" in stack_name.split(".")
+    if decodes and getattr(generation, "use_cache", None) is not False and hasattr(generation, "use_cache"):
+        # decoding from a KV cache cannot mix (layer j would need keys of the past tokens it never computed):
+        # generate() recomputes the whole sequence each step unless given use_cache=True, which raises
+        previous, generation.use_cache = generation.use_cache, False
+        molex._on_remove.append(functools.partial(_generation_cache_again, generation, previous))
     kwargs.setdefault("bias", None)  # recorded explicitly: records without it predate the gate's bias
     entry = record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
     # a partial of a module-level function, not a closure: a deepcopy of the model undoes on its own copy
     molex._on_remove.append(functools.partial(_unapply_molex, target, entry))
     return molex
+
+
+def _generation_cache_again(generation, previous, molex: MoLEx) -> None:
+    """apply_molex's undo of ``generation_config.use_cache = False`` (at :meth:`MoLEx.remove`)."""
+    generation.use_cache = previous
 
 
 def _nested_tensors_again(encoder: nn.TransformerEncoder, molex: MoLEx) -> None:

@@ -974,3 +974,29 @@ def test_molex_over_adapted_layers_applies_before_injection_only():
     base = Stack()
     apply_molex(base, layers="layers", hidden_size=16)
     moelora.get_moelora_model(base, config)(torch.randn(2, 5, 16))  # the order from_pretrained replays
+
+
+def test_generate_decodes_without_the_kv_cache_by_default_and_remove_gives_it_back():
+    """apply_molex sets the model's generation_config.use_cache to False (decoding from a cache cannot mix: layer
+    j would need keys of the past tokens it never computed), so a plain generate() works (it raised after the
+    prefill) and equals generate(use_cache=False); use_cache=True still raises; remove() restores the setting.
+    An encoder-decoder with MoLEx on its encoder keeps its decoder's cache."""
+    from helpers import tiny_t5
+
+    torch.manual_seed(0)
+    model = tiny_llama(num_layers=3).eval()
+    molex = moelora.apply_molex(model)
+    ids = torch.randint(0, 50, (2, 5))
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(plain, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                             do_sample=False, use_cache=False))
+    with pytest.raises(RuntimeError, match="MoLEx cannot decode from a KV cache"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, use_cache=True)
+    molex.remove()
+    assert model.generation_config.use_cache is True
+    encoder_only = tiny_t5().eval()
+    moelora.apply_molex(encoder_only, layers="encoder.block")
+    assert encoder_only.generation_config.use_cache is True
+    decoder = tiny_t5().eval()
+    moelora.apply_molex(decoder, layers="decoder.block")
+    assert decoder.generation_config.use_cache is False
