@@ -2,7 +2,9 @@
 input of its forward), upcycled FFNs and MoLEx export with dynamic batch and sequence dims, and
 the exported programs compute what the eager modules do, on both backends; exporting leaves the
 eager modules working; a model that cannot be exported raises an error that says why and what to
-use instead."""
+use instead, and so does TorchScript (torch.jit.script / trace), which moelora does not support."""
+
+import io
 
 import pytest
 import torch
@@ -222,3 +224,117 @@ def test_grouped_ops_export_over_a_token_range_crossing_the_row_class(op, strict
         for n in (8, 600):  # few and many rows per expert
             x = torch.randn(n, 16)
             torch.testing.assert_close(program(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def _upcycled_ffn():
+    model = tiny_llama(1)
+    moelora.upcycle_ffn(model, num_experts=4, top_k=2, router="softmax_topk")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".w_" in name:  # experts that differ from each other
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.model.layers[0].mlp.eval()
+
+
+TORCHSCRIPT_REFUSED = {
+    "linear": (lambda: MoELoRALinear(nn.Linear(16, 12), r=4, num_experts=4, top_k=2), lambda: torch.randn(2, 5, 16)),
+    "single_expert": (lambda: MoELoRALinear(nn.Linear(16, 12), r=4, num_experts=1), lambda: torch.randn(2, 5, 16)),
+    "embedding": (lambda: moelora.MoELoRAEmbedding(nn.Embedding(20, 16), r=4, num_experts=2, top_k=1),
+                  lambda: torch.randint(0, 20, (2, 5))),
+    "conv": (lambda: MoELoRAConv(nn.Conv2d(3, 6, 3, padding=1), r=4, num_experts=3, top_k=2),
+             lambda: torch.randn(2, 3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(TORCHSCRIPT_REFUSED))
+def test_torchscript_refuses_the_layers_naming_torch_export(kind, backend):
+    """TorchScript cannot capture the layers: torch.jit.script failed inside moelora's helpers
+    ("Compiled functions can't take variable number of arguments"), torch.jit.trace inside the
+    forward ("Expected bool, got Tensor" on the torch backend, "'Tensor' object has no attribute
+    'bit_length'" on the Triton backend's launchers), naming neither the cause nor torch.export.
+    Both now refuse, naming the layer and torch.export, for the layer and for a model holding it, and so does
+    torch.onnx.export(dynamo=False), which traces."""
+    make, inputs = TORCHSCRIPT_REFUSED[kind]
+    layer = make().eval()
+    randomize_adapters(layer)
+    name = type(layer).__name__
+    with moelora.use_backend(backend), torch.no_grad():
+        for module in (layer, nn.Sequential(layer)):
+            with pytest.raises(RuntimeError, match=f"torch.jit.script cannot capture {name}.*torch.export"):
+                torch.jit.script(module)
+            with pytest.raises(RuntimeError, match=f"torch.jit.trace cannot capture {name}.*torch.export"):
+                torch.jit.trace(module, (inputs(),))
+        if kind == "linear":  # torch.onnx's TorchScript exporter traces
+            with pytest.raises(RuntimeError, match=f"torch.jit.trace cannot capture {name}.*torch.export"):
+                torch.onnx.export(layer, (inputs(),), io.BytesIO(), dynamo=False)
+
+
+def test_torchscript_refuses_molex_and_the_triton_backends_ffn_naming_torch_export():
+    """MoLEx's trace failed with device selection's error about layers that differ (they do not), the
+    Triton backend's MoEFFN with "'Tensor' object has no attribute 'bit_length'"."""
+    model = tiny_llama(2)
+    moelora.apply_molex(model, gate="linear", layer_selection="device")
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="torch.jit.trace cannot capture MoLEx's layer gate.*torch.export"):
+            torch.jit.trace(Logits(), (token_batch(2, 6),))
+        with pytest.raises(RuntimeError, match="torch.jit.script cannot capture MoLEx.*torch.export"):
+            torch.jit.script(model)
+        ffn = _upcycled_ffn()
+        with moelora.use_backend("triton"), pytest.raises(RuntimeError, match="torch.jit.trace cannot capture MoEFFN"):
+            torch.jit.trace(ffn, (torch.randn(2, 5, 16),))
+
+
+@pytest.mark.parametrize("kind", ["merged", "disabled", "ffn_torch_backend"])
+def test_torch_jit_trace_records_what_computes_as_traced(kind):
+    """What torch.jit.trace records as eager computes it, at another size too: a merged layer and one
+    with its adapter disabled (their base layer's forward), and MoEFFN on the torch backend (its expert
+    loop is a custom op)."""
+    torch.manual_seed(0)
+    if kind == "ffn_torch_backend":
+        module = _upcycled_ffn()
+    else:
+        module = MoELoRALinear(nn.Linear(16, 12), r=4, num_experts=1).eval()
+        randomize_adapters(module)
+        if kind == "merged":
+            module.merge()
+        else:
+            module.disable_adapters = True
+    with moelora.use_backend("torch"), torch.no_grad():
+        traced = torch.jit.trace(module, (torch.randn(2, 5, 16),), check_trace=False)
+        for shape in ((2, 5), (3, 7)):
+            x = torch.randn(*shape, 16)
+            torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["layer", "ffn"])
+def test_saved_and_loaded_program_computes_what_eager_does_at_other_sizes(kind, backend):
+    """torch.export.save / load (the deployment round trip) keeps the program's dynamic dims and values."""
+    torch.manual_seed(0)
+    if kind == "ffn":
+        module = _upcycled_ffn()
+    else:
+        module = MoELoRALinear(nn.Linear(16, 16), r=4, num_experts=4, top_k=2, router="threshold",
+                               threshold_eps=0.1).eval()
+        randomize_adapters(module)
+    dims = _dims(batch=1, seq=1)
+    with moelora.use_backend(backend), torch.no_grad():
+        program = torch.export.export(module, (torch.randn(2, 5, 16),), dynamic_shapes=({0: dims["batch"],
+                                      1: dims["seq"]},))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        buffer.seek(0)
+        loaded = torch.export.load(buffer).module()
+        for shape in ((2, 5), (3, 7), (1, 1)):
+            x = torch.randn(*shape, 16)
+            torch.testing.assert_close(loaded(x), module(x), rtol=1e-5, atol=1e-6, msg=f"{shape}")

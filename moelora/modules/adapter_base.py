@@ -549,6 +549,10 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         scaling = self.scaling if scaling is None else scaling
         return self.routed_moe_lora(h, self.lora_selector, lora_b, routing, scaling, base_out)
 
+    def jit_traceable(self, *args, **kwargs) -> bool:
+        """torch.jit.trace records a merged layer or one with its adapter disabled: its forward is the base layer's."""
+        return self.merged or self.disable_adapters
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, r={self.r}, router={self.router_mode}, "
                 f"share_lora_a={self.share_lora_a}")

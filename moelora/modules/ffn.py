@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moelora.ops.backend import resolve_backend
 from moelora.ops.moe_ffn import routed_moe_ffn
 from moelora.ops.validation import check_activation, check_top_k
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, check_field, is_real
@@ -132,6 +133,11 @@ class MoEFFN(nn.Module, RoutedModule):
             copy_to_every_expert_(weight, one_weight)
             if bias is not None:
                 copy_to_every_expert_(bias, one_bias)
+
+    def jit_traceable(self, x: torch.Tensor) -> bool:
+        """torch.jit.trace records the torch backend's forward (its expert loop is moelora's custom op
+        segment_linear), not the Triton backend's (its launchers read sizes as integers)."""
+        return resolve_backend(None, x.device) == "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)

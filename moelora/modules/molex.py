@@ -91,7 +91,7 @@ from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, POSITIVE_INT, check_
 from moelora.modules.init import reset_like_linear
 from moelora.ops.backend import without_autocast
 from moelora.ops.validation import is_finite_number
-from moelora.modules.routed import RoutedModule
+from moelora.modules.routed import RoutedModule, torchscript_refusal
 from moelora.ops.losses import expert_load, load_balancing_loss, routing_entropy
 
 
@@ -167,6 +167,15 @@ class LayerGate(nn.Module):
             reset_like_linear(self.weight, self.bias)
         else:
             nn.init.normal_(self.layer_embeddings)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script's hook: refused, naming torch.export (:func:`torchscript_refusal`)."""
+        raise torchscript_refusal("MoLEx's layer gate", "torch.jit.script")
+
+    def _slow_forward(self, *args, **kwargs):
+        """nn.Module.__call__'s forward under torch.jit.trace: refused (the gate's choice of a layer is a
+        value that selects the layer MoLEx runs, which a trace would freeze)."""
+        raise torchscript_refusal("MoLEx's layer gate", "torch.jit.trace")
 
     def forward(self, z: torch.Tensor, exclude: int):
         if z.shape[-1] != self.hidden_size:

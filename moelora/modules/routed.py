@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from moelora.ops.losses import masked_aux_losses, routing_aux_losses, routing_entropy
 
@@ -71,6 +72,26 @@ def _without_routing_record(inherited_getstate):
     return __getstate__
 
 
+def torchscript_refusal(what: str, api: str) -> RuntimeError:
+    """The error of torch.jit.script / torch.jit.trace (and of what builds on them: torch.onnx.export with
+    ``dynamo=False``) for ``what``, a moelora module: TorchScript cannot compile its forward, and a trace would
+    fail inside it (sizes traced as tensors) or freeze its shape- and value-dependent choices."""
+    return RuntimeError(
+        f"{api} cannot capture {what}: TorchScript does not support moelora's modules (their forward branches on "
+        "tensor shapes and runs moelora's custom ops); deploy with torch.export.export (README: torch.export) or "
+        "compile with torch.compile. torch.jit.trace records a merged adapter layer (merge_and_unload) or one with "
+        "its adapter disabled (as its base layer), and MoEFFN on the torch backend")
+
+
+def _refusing_slow_forward(self, *args, **kwargs):
+    """nn.Module.__call__ runs ``_slow_forward`` in place of ``forward`` under torch.jit.trace: refused with
+    :func:`torchscript_refusal` unless the module's ``jit_traceable(*args, **kwargs)`` says its forward records
+    as it runs (it pays nothing otherwise: eager calls never reach it)."""
+    if not self.jit_traceable(*args, **kwargs):
+        raise torchscript_refusal(type(self).__name__, "torch.jit.trace")
+    return nn.Module._slow_forward(self, *args, **kwargs)
+
+
 class RoutedModule:
     """Mixin: stores the last forward's auxiliary losses and routing statistics.
 
@@ -79,7 +100,8 @@ class RoutedModule:
     An aux-loss mask (``moelora.set_aux_loss_mask``, ``use_aux_loss_mask``, or MoELoRAModel's
     ``aux_loss_mask``) limits both to the real tokens (:func:`moelora.ops.losses.masked_aux_losses`).
     Copies (``copy.deepcopy``, pickling) start with no record: the stored loss carries its
-    forward's autograd graph, which deepcopy refuses.
+    forward's autograd graph, which deepcopy refuses. TorchScript refuses the module with an error
+    naming torch.export (:func:`torchscript_refusal`; ``jit_traceable`` lists what torch.jit.trace records).
     """
 
     aux_loss_coef: float = 0.01
@@ -90,6 +112,17 @@ class RoutedModule:
         super().__init_subclass__(**kwargs)
         if "__getstate__" not in cls.__dict__:  # nn.Module's comes first in the MRO: wrap it
             cls.__getstate__ = _without_routing_record(cls.__getstate__)
+        if "_slow_forward" not in cls.__dict__:  # nn.Module's likewise
+            cls._slow_forward = _refusing_slow_forward
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script's hook (on the module or any module holding it): refused, naming torch.export."""
+        raise torchscript_refusal(type(self).__name__, "torch.jit.script")
+
+    def jit_traceable(self, *args, **kwargs) -> bool:
+        """Whether torch.jit.trace records this module's forward on these arguments as it computes them
+        (none here; subclasses name theirs)."""
+        return False
 
     def clear_routing_record(self) -> None:
         """Forget the last forward's loss and statistics (moelora.aux_loss then skips this module)."""
