@@ -7,7 +7,8 @@ Backend: ``moelora.use_backend("torch" | "triton" | "auto")`` or the environment
 
 Validation: shape, dtype and device checks are free and always on. Checks that need a
 device-to-host copy (expert ids in range, finite gate weights) are on by default and are
-switched off with ``moelora.validation(False)`` or ``MOELORA_VALIDATE=0``. They are skipped
+switched off with ``moelora.validation(False)`` or ``MOELORA_VALIDATE=0``. (The boolean variables
+read 1, true, yes, on / 0, false, no, off, in any case; another value raises ValueError.) They are skipped
 by themselves while torch.compile traces, during CUDA-graph capture and for meta tensors (no
 values to read: ``moelora.ops.validation.syncing_checks_enabled``). With them off,
 kernels still never read or write out of bounds: out-of-range ids contribute nothing.
@@ -42,10 +43,26 @@ def _scoped(setting: str, value):
         setattr(_state, setting, previous)
 
 
+_FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _env_flag(name: str, default: bool) -> bool:
-    """The boolean environment variable ``name`` ("0", "false", "False": off); unset or empty: ``default``."""
+    """The boolean environment variable ``name``: 1, true, yes, on or 0, false, no, off (any case); unset or
+    empty: ``default``. Any other value raises ValueError (``off`` must not read as on)."""
     value = os.environ.get(name, "").strip()
-    return default if not value else value not in ("0", "false", "False")
+    if not value:
+        return default
+    flag = _FLAG_WORDS.get(value.lower())
+    if flag is None:
+        raise ValueError(f"{name} must be one of 1, true, yes, on, 0, false, no, off (any case), got {value!r}")
+    return flag
+
+
+def _flag_argument(name: str, value) -> bool:
+    """``value`` as a bool; a bool or 0/1 int, else TypeError (a string such as "0" or "off" is truthy)."""
+    if not isinstance(value, int) or value not in (0, 1):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def _env_backend() -> str:
@@ -75,7 +92,7 @@ def validation_enabled() -> bool:
 
 def validation(enabled: bool):
     """Switch the syncing input checks on or off inside the block."""
-    return _scoped("validate", bool(enabled))
+    return _scoped("validate", _flag_argument("validation(enabled)", enabled))
 
 
 def fallback_forced() -> bool:
@@ -86,4 +103,4 @@ def fallback_forced() -> bool:
 
 def force_fallback(enabled: bool = True):
     """Run the PyTorch fallbacks instead of moelora._C's kernels inside the block."""
-    return _scoped("force_fallback", bool(enabled))
+    return _scoped("force_fallback", _flag_argument("force_fallback(enabled)", enabled))

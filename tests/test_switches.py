@@ -1,0 +1,64 @@
+"""moelora.switches: the thread-local blocks over their environment variables."""
+
+import threading
+
+import pytest
+
+import moelora
+from moelora import switches
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("false", False), ("FALSE", False), ("no", False),
+                                             ("Off", False), (" 0 ", False), ("1", True), ("true", True),
+                                             ("YES", True), ("on", True)])
+def test_boolean_variables_read_the_usual_words(monkeypatch, value, expected):
+    monkeypatch.setenv("MOELORA_FORCE_FALLBACK", value)
+    monkeypatch.setenv("MOELORA_VALIDATE", value)
+    assert switches.fallback_forced() is expected
+    assert switches.validation_enabled() is expected
+
+
+def test_boolean_variables_unset_or_empty_take_their_default(monkeypatch):
+    monkeypatch.setenv("MOELORA_FORCE_FALLBACK", "")
+    monkeypatch.delenv("MOELORA_VALIDATE", raising=False)
+    assert switches.fallback_forced() is False and switches.validation_enabled() is True
+
+
+@pytest.mark.parametrize("name, reader", [("MOELORA_FORCE_FALLBACK", switches.fallback_forced),
+                                          ("MOELORA_VALIDATE", switches.validation_enabled)])
+def test_boolean_variable_with_another_value_raises_naming_it(monkeypatch, name, reader):
+    monkeypatch.setenv(name, "disabled")
+    with pytest.raises(ValueError, match=f"{name} must be one of .* got 'disabled'"):
+        reader()
+
+
+@pytest.mark.parametrize("switch", [moelora.validation, switches.force_fallback])
+@pytest.mark.parametrize("value", ["off", "0", None, 2.0])
+def test_switch_refuses_what_is_not_a_bool(switch, value):
+    with pytest.raises(TypeError, match=r"\(enabled\) must be a bool"):
+        switch(value)
+
+
+@pytest.mark.parametrize("block, read, values", [
+    (moelora.use_backend, switches.current_backend, ("torch", "triton")),
+    (moelora.validation, switches.validation_enabled, (False, True)),
+    (switches.force_fallback, switches.fallback_forced, (True, False)),
+])
+def test_blocks_nest_restore_on_exceptions_and_stay_in_their_thread(monkeypatch, block, read, values):
+    for name in ("MOELORA_BACKEND", "MOELORA_VALIDATE", "MOELORA_FORCE_FALLBACK"):
+        monkeypatch.delenv(name, raising=False)
+    outside = read()
+    outer, inner = values
+    with block(outer):
+        assert read() == outer
+        with pytest.raises(KeyError):
+            with block(inner):
+                assert read() == inner
+                raise KeyError("inside")
+        assert read() == outer  # the inner block's value is gone after its exception
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(read()))
+        thread.start()
+        thread.join()
+        assert seen == [outside]  # another thread reads the environment, not this block
+    assert read() == outside
