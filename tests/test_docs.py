@@ -66,3 +66,17 @@ def test_public_api_has_docstrings():
                 if not attr.startswith("_") and inspect.isfunction(func) and not inspect.getdoc(func):
                     missing.append(f"{name}.{attr}")
     assert missing == []
+
+
+def test_readme_documents_every_environment_variable_the_package_reads():
+    """Each variable moelora/ or setup.py reads (os.environ.get, os.getenv, os.environ[...], the
+    switches' boolean flags) is named in README.md, where its effect is said."""
+    import glob
+
+    root = os.path.join(DOCS, os.pardir)
+    sources = glob.glob(os.path.join(root, "moelora", "**", "*.py"), recursive=True) + [os.path.join(root, "setup.py")]
+    read = re.compile(r'(?:environ\.get|getenv|_env_flag)\(\s*"([A-Z0-9_]+)"|environ\[\s*"([A-Z0-9_]+)"\s*\]')
+    names = {a or b for path in sources for a, b in read.findall(open(path).read())}
+    assert {"MOELORA_BACKEND", "MOELORA_VALIDATE", "MOELORA_FORCE_FALLBACK"} <= names  # the pattern finds them
+    readme = open(os.path.join(root, "README.md")).read()
+    assert sorted(name for name in names if f"`{name}" not in readme) == []
