@@ -78,7 +78,8 @@ def current_backend() -> str:
 
 
 def use_backend(name: str):
-    """Run the operator with ``name`` ("auto", "torch" or "triton") inside the block."""
+    """Run the operator with ``name`` ("auto", "torch" or "triton") inside the block (this thread only; the
+    previous choice is back after it, an exception's exit too)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return _scoped("backend", name)
@@ -91,7 +92,7 @@ def validation_enabled() -> bool:
 
 
 def validation(enabled: bool):
-    """Switch the syncing input checks on or off inside the block."""
+    """Switch the syncing input checks on or off (``enabled``: a bool) inside the block (this thread only)."""
     return _scoped("validate", _flag_argument("validation(enabled)", enabled))
 
 

@@ -14,7 +14,10 @@ from moelora.switches import BACKENDS, current_backend
 
 
 def resolve_backend(requested: Optional[str], device: torch.device) -> str:
-    """The backend that will run for tensors on ``device`` ("torch" or "triton")."""
+    """The backend that will run for tensors on ``device`` ("torch" or "triton"): ``requested`` (a ``backend=``
+    argument: "auto", "torch" or "triton"), or where None the switch's (:func:`moelora.use_backend`,
+    MOELORA_BACKEND); "auto" is "triton" where it can run. ValueError for another name, or "triton" where it
+    cannot run."""
     name = requested if requested is not None else current_backend()
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

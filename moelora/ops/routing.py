@@ -98,6 +98,8 @@ def _check_experts(num_experts, name="num_experts"):
 def route(logits: torch.Tensor, top_k: int, mode: str = "softmax_topk", renormalize: bool = False) -> RouteResult:
     """Fused router: softmax statistics, top-k ids and gate weights in one pass over the logits.
 
+    ``logits`` [..., E] (float), ``top_k`` in [1, E]; returns a :class:`RouteResult`: ``weights`` and
+    ``ids`` [..., top_k] (ids int32), ``counts`` and ``prob_sums`` [E] over all tokens, ``lse`` [...].
     mode "softmax_topk": weights = softmax(logits)[ids], divided by their sum if renormalize
     (MoSLD / MoLA); "topk_softmax": weights = softmax over the chosen logits (Mixtral, MoLEx;
     renormalize changes nothing). Experts are chosen on the logits (maths in fp32, fp64 for
