@@ -28,14 +28,14 @@ def check_task_used(layers, task) -> None:
                          "so it would be ignored; leave it out (PEFT's progressbar / safe_merge are keywords here)")
 
 
-def merge_adapter(model: nn.Module, task: Optional[int] = None, safe_merge: bool = False) -> None:
+def merge_adapter(model: nn.Module, task: Optional[int] = None, *, safe_merge: bool = False) -> None:
     """Merge every MoE-LoRA layer of ``model`` (``task`` for task-routed layers), or none: every
     layer is checked first (``check_merge``; with ``safe_merge``, as PEFT's, also its merged weight
     for NaN and Inf), and the error names the layer that cannot merge."""
     _merge(model, task, merged_ok=False, safe_merge=safe_merge)
 
 
-def _merge(model: nn.Module, task: Optional[int], merged_ok: bool, safe_merge: bool = False,
+def _merge(model: nn.Module, task: Optional[int], merged_ok: bool, *, safe_merge: bool = False,
            progressbar: bool = False) -> None:
     """:func:`merge_adapter`; ``merged_ok``: layers merged already (for ``task``) stay as they are, where
     they would raise; ``progressbar``: a tqdm bar over the layers as they merge."""
@@ -94,7 +94,7 @@ def unmerge_adapter(model: nn.Module) -> None:
             layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, task: Optional[int] = None, progressbar: bool = False,
+def merge_and_unload(model: nn.Module, task: Optional[int] = None, *, progressbar: bool = False,
                      safe_merge: bool = False) -> nn.Module:
     """Merge every adapter and put the plain base layers back; returns the model. Layers merged already
     (``merge_adapter``, for ``task``) stay as they are, as PEFT's; ``progressbar`` and ``safe_merge`` as
