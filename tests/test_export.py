@@ -100,14 +100,15 @@ def test_conv_layer_exports_with_dynamic_batch_and_height(kernel, backend):
 
 
 class _Logits(nn.Module):
-    """The model's logits for token ids and task ids (the MoELoRAModel forward's ``task_ids``)."""
+    """The model's logits for token ids and, given, task ids (the MoELoRAModel forward's ``task_ids``)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, task_ids):
-        return self.model(input_ids=input_ids, task_ids=task_ids, use_cache=False).logits
+    def forward(self, input_ids, task_ids=None):
+        task = {} if task_ids is None else {"task_ids": task_ids}
+        return self.model(input_ids=input_ids, use_cache=False, **task).logits
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,16 +174,8 @@ def test_molex_host_selection_refuses_export_naming_device_selection(selection):
         model = get_moelora_model(model, MoELoRAConfig(r=4, target_modules=["q_proj"], num_experts=[2, 3, 4]))
     moelora.apply_molex(model, gate="linear", layer_selection=selection)
 
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids=input_ids, use_cache=False).logits
-
     with pytest.raises(RuntimeError, match="torch.export cannot trace.*layer_selection='device'"):
-        torch.export.export(Logits().eval(), (token_batch(2, 6),))
+        torch.export.export(_Logits(model).eval(), (token_batch(2, 6),))
 
 
 class _GroupedOps(nn.Module):
@@ -276,17 +269,9 @@ def test_torchscript_refuses_molex_and_the_triton_backends_ffn_naming_torch_expo
     model = tiny_llama(2)
     moelora.apply_molex(model, gate="linear", layer_selection="device")
 
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids=input_ids, use_cache=False).logits
-
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="torch.jit.trace cannot capture MoLEx's layer gate.*torch.export"):
-            torch.jit.trace(Logits(), (token_batch(2, 6),))
+            torch.jit.trace(_Logits(model), (token_batch(2, 6),))
         with pytest.raises(RuntimeError, match="torch.jit.script cannot capture MoLEx.*torch.export"):
             torch.jit.script(model)
         ffn = _upcycled_ffn()

@@ -278,22 +278,28 @@ def test_task_ids_forward_kwarg_under_inference_mode():
     torch.testing.assert_close(out, expected)
 
 
+def _task_model_counting_builds(monkeypatch):
+    """(an eval task-routed tiny LLaMA with random adapters, the list that gets an entry per build of task
+    routing's ids and one-hot matrix)."""
+    from moelora.ops import routing_modes
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj", "o_proj"],
+                                                                      num_experts=3, router="task", r=4))
+    randomize_adapters(model, scale=2.0)
+    builds, build = [], routing_modes._task_ids_one_hot
+    monkeypatch.setattr(routing_modes, "_task_ids_one_hot",
+                        lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+    return model.eval(), builds
+
+
 def test_task_ids_forward_kwarg_made_under_inference_mode_build_the_routing_once(monkeypatch):
     """Serving (scoring, evaluation) runs the wrapper's forward under torch.inference_mode with task ids made
     there: an inference tensor has no version counter, so task routing would build its ids, one-hot matrix and
     range check again in every layer (on a GPU a host sync each, for ids on the device). The forward holds a
     normal copy for the call, as generate does: one build per forward, as under no_grad, and the same output;
     in-place changes of the caller's ids between forwards are seen."""
-    from moelora.ops import routing_modes
-
-    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj", "o_proj"],
-                                                                      num_experts=3, router="task", r=4))
-    randomize_adapters(model, scale=2.0)
-    model.eval()
-    ids, builds = token_batch(), []
-    build = routing_modes._task_ids_one_hot
-    monkeypatch.setattr(routing_modes, "_task_ids_one_hot",
-                        lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+    model, builds = _task_model_counting_builds(monkeypatch)
+    ids = token_batch()
     with torch.no_grad():
         expected = [model(ids, task_ids=torch.tensor(t)).logits for t in ([2, 0], [1, 2])]
     assert len(builds) == 2
@@ -932,16 +938,8 @@ def test_generate_under_inference_mode_builds_the_task_routing_once_per_ids(monk
     its ids, one-hot matrix and range check again in every layer at every step: on a GPU a host sync
     each, for ids on the device): as many builds as under no_grad, the same tokens. Ids set with
     set_task_ids under inference_mode are held as a normal tensor too."""
-    from moelora.ops import routing_modes
-
-    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj", "o_proj"],
-                                                                      num_experts=3, router="task", r=4))
-    randomize_adapters(model, scale=2.0)
-    model.eval()
-    ids, builds = token_batch(), []
-    build = routing_modes._task_ids_one_hot
-    monkeypatch.setattr(routing_modes, "_task_ids_one_hot",
-                        lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+    model, builds = _task_model_counting_builds(monkeypatch)
+    ids = token_batch()
 
     def run(mode, task_ids, **settings):
         builds.clear()
