@@ -1114,8 +1114,8 @@ class MoELoRAModel(nn.Module):
         (e.g. a gathered FSDP state dict) is read instead of the model's own, only the main
         process writes, and the other keyword arguments (``safe_serialization``, ...) are
         ignored: an adapter is always one safetensors file."""
-        if is_main_process:
-            persistence.save_pretrained(self, save_directory, state_dict=state_dict, selected_adapters=selected_adapters)
+        persistence.save_pretrained(self, save_directory, state_dict=state_dict, selected_adapters=selected_adapters,
+                                    is_main_process=is_main_process)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False,

@@ -125,12 +125,13 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
 
 
 def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[dict] = None,
-                    selected_adapters: Optional[List[str]] = None) -> None:
+                    selected_adapters: Optional[List[str]] = None, *, is_main_process: bool = True) -> None:
     """Write each adapter of ``model`` (``selected_adapters``, default all) as PEFT lays them out:
     the adapter "default" in ``save_directory``, any other in ``save_directory/<name>``. With
     ``state_dict`` (read instead of the model's own) only the active adapter is written (selecting
     another raises). Names the model has no adapter of raise. ``model`` is a MoELoRAModel (it holds the
-    adapters' configs); any other module raises a TypeError."""
+    adapters' configs); any other module raises a TypeError. ``is_main_process`` False (the other ranks of
+    a distributed run, as transformers' argument): the arguments are checked, nothing is written."""
     if not getattr(type(model), "is_moelora_model", False):
         raise TypeError(f"save_pretrained writes a MoELoRAModel (get_moelora_model's, which holds the adapters' "
                         f"configs), got {type(model).__name__}: save the wrapper, not the model it wraps")
@@ -138,6 +139,8 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
     if state_dict is not None and selected_adapters is not None and names != [model.active_adapter]:
         raise ValueError(f"with state_dict only the active adapter ({model.active_adapter!r}) is written; "
                          f"selected_adapters asks for {names}: set_adapter first, or save without state_dict")
+    if not is_main_process:
+        return
     if state_dict is not None or not model.inactive_adapters:
         _save_active_adapter(model, _adapter_directory(save_directory, model.active_adapter), state_dict)
         return

@@ -409,7 +409,10 @@ def test_save_pretrained_takes_the_arguments_transformers_passes(tmp_path):
     model.eval()
     ids = _lm_dataset(n=1)[0]["input_ids"][None]
     model.save_pretrained(str(tmp_path / "skipped"), is_main_process=False)
+    moelora.save_pretrained(model, str(tmp_path / "skipped"), is_main_process=False)  # the function takes it too
     assert not (tmp_path / "skipped").exists()
+    with pytest.raises(ValueError, match="no adapter named .missing."):  # checked on every rank, written on none
+        model.save_pretrained(str(tmp_path / "skipped"), is_main_process=False, selected_adapters=["missing"])
     model.save_pretrained(str(tmp_path / "a"), state_dict=model.state_dict(), safe_serialization=True)
     loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "a"))
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
