@@ -1,9 +1,10 @@
 """Mixed-precision training end to end, as users run it: fp32 master weights and adapters,
 ``torch.autocast`` to float16 and ``torch.amp.GradScaler``. A loss scale that overflows makes
 every path's gradients non-finite, so the scaler skips the step and lowers its scale exactly as
-for PEFT's LoRA (nothing in the kernels turns the overflow into finite gradients); with a
-finite scale the unscaled gradients are float64's within the half-precision tolerance, in every
-router mode, for the fused layer (both backends), MoEFFN and MoLEx."""
+for PEFT's LoRA (nothing in the kernels turns the overflow into finite gradients, also where
+it reaches one token only); with a finite scale the unscaled gradients are float64's within the
+half-precision tolerance, in every router mode, for the fused layer (both backends), MoEFFN and
+MoLEx."""
 
 import copy
 
@@ -16,6 +17,7 @@ import moelora
 from conftest import DEVICE
 from helpers import rel_err, tiny_llama, token_batch
 from moelora.modules.ffn import MoEFFN
+from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 AMP = torch.float16
@@ -143,3 +145,55 @@ def test_a_nan_input_token_of_moe_ffn_gives_a_non_finite_training_gradient(backe
     scale, grads, change = _scaler_step(model, x, backend, init_scale)
     assert scale == init_scale / 2 and not bool(torch.isfinite(grads["router.weight"]).all())
     assert all(torch.equal(d, torch.zeros_like(d)) for d in change.values())
+
+
+def _nonfinite_rows(t):
+    return set((~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("path", ["torch", "triton-dense", "triton-grouped", "linear-torch", "linear-triton",
+                                  "ffn-torch", "ffn-triton"])
+def test_an_upstream_gradient_overflowing_at_one_token_reaches_the_gradients(path, bad):
+    """A scaled gradient that overflows float16 at one token only (dy[3] holds an Inf or NaN): the
+    gradients that token reaches are non-finite, for the GradScaler to see, on every backend and
+    regime (what keeps an unchosen expert's NaN/Inf away from a token must not also turn a chosen
+    expert's into finite numbers): dx and the gate weights' gradient at that token and no other (the
+    fused layer: its router weight's), the per-expert weights' gradients of the experts it chose (the
+    others' may be NaN too: 0 * Inf)."""
+    kind, _, backend = path.rpartition("-") if path.startswith(("ffn", "linear")) else ("lora", "", path)
+    backend, _, regime = backend.partition("-")
+    gen = torch.Generator().manual_seed(0)
+    T, d, d_out, r, E, k = 10, 16, 12, 4, 5, 2
+    ids = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k].to(DEVICE)
+    x = torch.randn(T, d, generator=gen).to(DEVICE, AMP)
+    weights = torch.rand(T, k, generator=gen).to(DEVICE)
+    if kind == "ffn":
+        w_in, w_out = torch.randn(E, 24, d, generator=gen) / 4, torch.randn(E, d_out, 24, generator=gen) / 5
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t, dtype in ((x, AMP), (weights, torch.float32),
+                                                                        (w_in, AMP), (w_out, AMP))]
+        y = moelora.moe_ffn(leaves[0], ids, leaves[1], leaves[2], None, leaves[3], None, F.silu, backend=backend)
+    elif kind == "linear":  # fp32 adapters and router over an fp16 base, a learned router
+        weight, router_weight = torch.randn(d_out, d, generator=gen) / 4, torch.randn(E, d, generator=gen)
+        lora_a, lora_b = torch.randn(r, d, generator=gen) / 4, torch.randn(E, d_out, r, generator=gen)
+        leaves = [t.to(DEVICE).requires_grad_() for t in (x, router_weight, lora_a, lora_b)]
+        y, out = moe_lora_linear(leaves[0], weight.to(DEVICE, AMP), None, *leaves[2:], scaling=0.5,
+                                 router=RouterSpec(leaves[1], None, "softmax_topk", k), backend=backend)
+        ids = out.routing.ids
+    else:
+        lora_a, lora_b = torch.randn(E, r, d, generator=gen) / 4, torch.randn(E, d_out, r, generator=gen)
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t, dtype in ((x, AMP), (weights, torch.float32),
+                                                                        (lora_a, AMP), (lora_b, AMP))]
+        y = moelora.moe_lora(leaves[0], leaves[2], leaves[3], ids, leaves[1], scaling=0.5, backend=backend,
+                             **({"regime": regime} if regime else {}))
+    dy = torch.randn(y.shape, generator=gen).to(DEVICE, y.dtype)
+    dy[3, 2] = bad
+    y.backward(dy)
+    dx, dw, *per_expert = (t.grad for t in leaves)
+    assert _nonfinite_rows(dx) == {3}
+    if kind == "linear":  # every logit of token 3 gets a non-finite gradient (softmax), so every row of dW_router
+        assert not bool(torch.isfinite(dw).any()) and not bool(torch.isfinite(per_expert.pop(0)).all())  # shared A
+    else:
+        assert _nonfinite_rows(dw) == {3}
+    for grad in per_expert:
+        assert set(ids[3].tolist()) <= _nonfinite_rows(grad)
