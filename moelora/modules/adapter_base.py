@@ -47,10 +47,6 @@ from moelora.modules.init import kaiming_uniform_per_matrix_, zero_expert_
 
 _SINGLE = {}
 
-# What a safe merge (``safe_merge=True``, as PEFT's) says of a merged weight holding NaN or Inf.
-UNSAFE_MERGE = ("the merged weight holds NaN or Inf (safe_merge=True): the adapter (or the base weight) is broken, "
-                "so nothing was merged")
-
 
 def offload_hook(module: nn.Module):
     """accelerate's offloading hook of ``module`` while it holds the module's weights (an
@@ -464,27 +460,32 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                 "the merged layer would compute its base layer alone; keep the adapter unmerged, or make the weight "
                 "a plain parameter first (parametrize.remove_parametrizations(module, 'weight'))")
 
-    def merged_base_weight(self, task: Optional[int] = None) -> Tuple[torch.Tensor, Optional[tuple]]:
+    @torch.no_grad()
+    def merged_base_weight(self, task: Optional[int] = None,
+                           safe_merge: bool = False) -> Tuple[torch.Tensor, Optional[tuple]]:
         """(the base weight with the adapter folded in: its dtype, :meth:`base_weight`'s [d_out, d_in] layout;
         DoRA's (scale, delta) that :meth:`unmerge` divides out and subtracts, else None), changing nothing. The
-        sum is formed in fp32 (fp64 for fp64 weights) and rounded once, so that unmerging restores the weight."""
+        sum is formed in fp32 (fp64 for fp64 weights) and rounded once, so that unmerging restores the weight.
+        ``safe_merge`` (as PEFT's): a merged weight holding NaN or Inf raises a ValueError."""
         w = self.base_weight()
         acc = accumulator_dtype(w.dtype)
         delta = self.delta_weight(task).to(acc)
-        if not self.use_dora:
-            return (w.to(acc) + delta).to(w.dtype), None
-        merged = w.to(acc) + delta
-        scale = (self.lora_magnitude_vector.to(acc) / torch.linalg.norm(merged, dim=1)).detach()
-        return (merged * scale[:, None]).to(w.dtype), (scale, delta)
+        merged, dora = w.to(acc) + delta, None
+        if self.use_dora:
+            scale = (self.lora_magnitude_vector.to(acc) / torch.linalg.norm(merged, dim=1)).detach()
+            merged, dora = merged * scale[:, None], (scale, delta)
+        merged = merged.to(w.dtype)
+        if safe_merge and not bool(torch.isfinite(merged).all()):
+            raise ValueError("the merged weight holds NaN or Inf (safe_merge=True): the adapter (or the base weight) "
+                             "is broken, so nothing was merged")
+        return merged, dora
 
     @torch.no_grad()
     def merge(self, task: Optional[int] = None, safe_merge: bool = False) -> None:
         """Fold the adapter into the base weight (static routing only; see above). ``safe_merge`` (as PEFT's):
         a merged weight holding NaN or Inf raises a ValueError instead, the layer left unmerged."""
         self.check_merge(task)
-        merged, dora = self.merged_base_weight(task)
-        if safe_merge and not bool(torch.isfinite(merged).all()):
-            raise ValueError(UNSAFE_MERGE)
+        merged, dora = self.merged_base_weight(task, safe_merge)
         if dora is not None:
             # What unmerge divides out and subtracts: buffers (not saved), so that they follow the
             # layer's moves (.to(device), .double()) as its weights do.

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
-from moelora.modules.adapter_base import UNSAFE_MERGE, is_adapter_layer
+from moelora.modules.adapter_base import is_adapter_layer
 from moelora.tuner.adapters import active_named_modules
 
 
@@ -48,23 +47,25 @@ def _merge(model: nn.Module, task: Optional[int], merged_ok: bool, *, safe_merge
                 raise ValueError(f"{name}: merged for task {layer.merged_task}, not task {layer_task}; give "
                                  f"task={layer.merged_task} to keep that merge, or unmerge_adapter first")
         layers = [entry for entry in layers if not entry[1].merged]
-    for name, layer, layer_task in layers:
-        try:
-            layer.check_merge(layer_task)
-        except (RuntimeError, ValueError) as exc:
-            raise type(exc)(f"{name}: {exc}") from None
+    _check_each(layers, lambda layer, layer_task: layer.check_merge(layer_task))
     _check_untied(model, layers)
     if safe_merge:  # every merged weight formed and checked before any is stored (twice the arithmetic)
-        for name, layer, layer_task in layers:
-            with torch.no_grad():
-                finite = bool(torch.isfinite(layer.merged_base_weight(layer_task)[0]).all())
-            if not finite:
-                raise ValueError(f"{name}: {UNSAFE_MERGE}")
+        _check_each(layers, lambda layer, layer_task: layer.merged_base_weight(layer_task, safe_merge=True))
     if progressbar:
         from tqdm.auto import tqdm
         layers = tqdm(layers, desc="Unloading and merging model")
     for _, layer, layer_task in layers:
         layer.merge(layer_task)
+
+
+def _check_each(layers, check) -> None:
+    """``check(layer, task)`` of every (name, layer, task) of ``layers``, its RuntimeError or ValueError
+    naming the layer."""
+    for name, layer, layer_task in layers:
+        try:
+            check(layer, layer_task)
+        except (RuntimeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
 
 
 def _check_untied(model: nn.Module, layers) -> None:
