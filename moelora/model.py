@@ -874,7 +874,7 @@ class MoELoRAModel(nn.Module):
         swaps = []
         try:
             route = task_ids is not None
-            if self._parameter_names is not None and "task_ids" in self._parameter_names:
+            if self._takes_task_ids():
                 task_ids, route = self._task_ids_of_wrapped(task_ids, args, kwargs)
             if route:
                 swaps.append(_swap_task_ids(self.model, _held_for_the_call(task_ids), self._task_ids_owner))
@@ -897,6 +897,11 @@ class MoELoRAModel(nn.Module):
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
         return output
+
+    def _takes_task_ids(self) -> bool:
+        """Whether the wrapped model's forward takes ``task_ids`` itself (per-task heads; a signature that cannot
+        be read: no)."""
+        return self._parameter_names is not None and "task_ids" in self._parameter_names
 
     def _task_ids_of_wrapped(self, task_ids, args: tuple, kwargs: dict):
         """(the call's task ids, whether to route the task-routed layers by them) for a wrapped model whose
@@ -923,7 +928,7 @@ class MoELoRAModel(nn.Module):
             return self._generate_with_task_ids(generate, args, kwargs, task_ids)
 
     def _generate_with_task_ids(self, generate, args, kwargs, task_ids):
-        if task_ids is not None and self._parameter_names is not None and "task_ids" in self._parameter_names:
+        if task_ids is not None and self._takes_task_ids():
             kwargs["task_ids"] = task_ids  # the wrapped forward's own (see forward): generate gives them to each step
             if not _task_layers(self.model):
                 task_ids = None
