@@ -110,7 +110,7 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     generation = getattr(target, "generation_config", None)
     config = getattr(target, "config", None)
     decodes = not getattr(config, "is_encoder_decoder", False) or "decoder" in stack_name.split(".")
-    if decodes and getattr(generation, "use_cache", None) is not False and hasattr(generation, "use_cache"):
+    if decodes and hasattr(generation, "use_cache") and generation.use_cache is not False:
         # decoding from a KV cache cannot mix (layer j would need keys of the past tokens it never computed):
         # generate() recomputes the whole sequence each step unless given use_cache=True, which raises
         previous, generation.use_cache = generation.use_cache, False
