@@ -452,15 +452,17 @@ def _task_layers(model: nn.Module):
 class _Swap(NamedTuple):
     """Per-module routing state (task ids, an aux-loss mask) given to ``modules``: ``value`` as each
     now holds it, what each held before (``previous``), and how the state is written (``put``, which
-    also names the kind of state) and recognised (``holds``), for :meth:`put_back`. A ``with`` block
-    puts back what was held at its end; a MoELoRAModel's forward keeps its swaps until its next
-    forward (or a block of their kind, see :func:`_swapped`), so that a gradient checkpoint's
-    recomputation in backward routes as the forward did."""
+    also names the kind of state), recognised (``holds``) and read (``held``), for :meth:`put_back` and
+    :meth:`put_again`. A ``with`` block puts back what was held at its end; a MoELoRAModel's forward
+    keeps its swaps until its next forward (or a block of their kind, see :func:`_swapped`), and gives
+    them again to the backward of its outputs (:func:`_backward_routes_as_forward`), so that a
+    gradient checkpoint's recomputation in backward routes as the forward did."""
     value: object
     modules: list
     previous: list
     put: Callable[[nn.Module, object], None]
     holds: Callable[[nn.Module, object], bool]
+    held: Callable[[nn.Module], object]
 
     def put_back(self, where_unchanged: bool = False) -> None:
         """Give each module what it held before (``where_unchanged``: only those still holding ``value``,
@@ -468,6 +470,56 @@ class _Swap(NamedTuple):
         for module, previous in zip(self.modules, self.previous):
             if not where_unchanged or self.holds(module, self.value):
                 self.put(module, previous)
+
+    def put_again(self) -> Optional[Callable[[], None]]:
+        """Give ``value`` again to the modules that hold something else now; returns what gives them that
+        back (where they still hold ``value``), or None where every module holds ``value``."""
+        others = [(module, self.held(module)) for module in self.modules if not self.holds(module, self.value)]
+        for module, _ in others:
+            self.put(module, self.value)
+
+        def undo() -> None:
+            for module, now in others:
+                if self.holds(module, self.value):
+                    self.put(module, now)
+
+        return undo if others else None
+
+
+def _backward_routes_as_forward(output, modules: List[nn.Module], swaps: List[_Swap]) -> None:
+    """Make every backward through ``output`` (the tensors of a MoELoRAModel forward's output that need a
+    gradient, in any nesting of tuples, lists and dicts) or through the aux losses ``modules`` recorded
+    in that forward route as the forward did: where the modules hold other task ids or another aux-loss
+    mask then (a forward since, with others: two forwards and one backward of both, as a multi-task or
+    preference loss runs them), the first gradient hook of that backward gives them the forward's
+    ``swaps`` again, and the backward's end gives them back what they held. A gradient-checkpointed
+    layer runs its forward again inside that backward; every path into it from a loss passes through
+    these tensors first (a loss computed from other tensors of the forward is not covered). Not under
+    torch.compile's tracing, which cannot trace the hooks (a compiled wrapper keeps the next-forward rule
+    only: see MoELoRAModel.forward)."""
+    tensors = [m.last_aux_loss for m in modules if m.last_aux_loss is not None and m.last_aux_loss.requires_grad]
+    pending = [output]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                tensors.append(value)
+        elif isinstance(value, (tuple, list)):
+            pending.extend(value)
+        elif isinstance(value, dict):  # transformers' ModelOutput too
+            pending.extend(value.values())
+
+    def hook(_grad):
+        undo = [u for u in (swap.put_again() for swap in swaps) if u is not None]
+        if undo:
+            def put_back() -> None:
+                for u in reversed(undo):
+                    u()
+
+            torch.autograd.Variable._execution_engine.queue_callback(put_back)  # run at the backward's end
+
+    for tensor in tensors:
+        tensor.register_hook(hook)
 
 
 def set_task_ids(model: nn.Module, ids) -> None:
@@ -497,11 +549,11 @@ def _swap_task_ids(model: nn.Module, ids, owner=None) -> _Swap:
             check_task_ids(ids, layer.num_experts)
         with _outside_inference_mode():  # an inference tensor's routing would be built by every layer, every call
             ids = torch.tensor(ids)
-    previous = [(layer.task_ids, layer.task_ids_owner) for layer in layers]
+    previous = [_task_ids_held(layer) for layer in layers]
     held = (ids, owner)
     for layer in layers:
         _put_task_ids(layer, held)
-    return _Swap(held, layers, previous, _put_task_ids, _holds_task_ids)
+    return _Swap(held, layers, previous, _put_task_ids, _holds_task_ids, _task_ids_held)
 
 
 def _outside_inference_mode():
@@ -537,13 +589,18 @@ def _holds_task_ids(layer: nn.Module, held: tuple) -> bool:
     return layer.task_ids is held[0] and layer.task_ids_owner is held[1]
 
 
+def _task_ids_held(layer: nn.Module) -> tuple:
+    return layer.task_ids, layer.task_ids_owner
+
+
 @contextlib.contextmanager
 def use_task_ids(model: nn.Module, ids):
     """``with moelora.use_task_ids(model, ids): model(...)``: task ids for the block only.
 
     Under gradient checkpointing the checkpointed layers run their forward again in backward,
     reading the task ids the layers hold then: call ``backward`` inside the block (or pass
-    ``task_ids`` to :meth:`MoELoRAModel.forward`, whose ids stay until its next forward), else
+    ``task_ids`` to :meth:`MoELoRAModel.forward`, whose ids stay until its next forward and route the
+    backward of its outputs), else
     the recomputation routes by the ids outside the block (wrong gradients, or an error when
     none are set). Ids that a MoELoRAModel's last forward gave (some of) the layers of ``model``
     are put back first, as its next forward would: after the block the layers hold what they held
@@ -617,10 +674,10 @@ def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> _Swap
             device = mask.device if weight is None else weight.device
             # a copy to the host waits for the device (non_blocking there lets the host read it before it lands)
             mask = (mask.reshape(-1) != 0).to(device, non_blocking=device.type != "cpu")
-    previous = [m.aux_loss_mask for m in modules]
+    previous = [_aux_loss_mask_held(m) for m in modules]
     for m in modules:
         _put_aux_loss_mask(m, mask)
-    return _Swap(mask, modules, previous, _put_aux_loss_mask, _holds_aux_loss_mask)
+    return _Swap(mask, modules, previous, _put_aux_loss_mask, _holds_aux_loss_mask, _aux_loss_mask_held)
 
 
 def _put_aux_loss_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> None:
@@ -629,6 +686,10 @@ def _put_aux_loss_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> None:
 
 def _holds_aux_loss_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> bool:
     return module.aux_loss_mask is mask
+
+
+def _aux_loss_mask_held(module: nn.Module) -> Optional[torch.Tensor]:
+    return module.aux_loss_mask
 
 
 @contextlib.contextmanager
@@ -860,6 +921,10 @@ class MoELoRAModel(nn.Module):
         ``task_ids`` and the mask stay on the layers until the next forward of the wrapper, which
         first puts back what they held before (unless changed since): a gradient-checkpointed layer
         runs its forward again in backward, and must route that recomputation by the same task ids.
+        A backward through this forward's output (or the aux losses its layers recorded) after other
+        forwards (two forwards with other ids or masks, one backward of both) gives the layers this
+        forward's ids and mask again while it runs, and back what they held at its end (not under
+        torch.compile, where the next forward's rule alone holds).
         A :func:`moelora.use_task_ids` (:func:`moelora.use_aux_loss_mask`) block given a module they
         are on (the wrapper, a module holding it, a module inside it) after this forward puts back the
         ids (the mask) first too, so that after the block the layers hold what they held before this
@@ -896,6 +961,8 @@ class MoELoRAModel(nn.Module):
             self._forward_swaps.extend(swaps)  # in place (see __init__)
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels_given=labels is not None)
+        if swaps and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            _backward_routes_as_forward(output, [m for m in self.model.modules() if isinstance(m, RoutedModule)], swaps)
         return output
 
     def _takes_task_ids(self) -> bool:

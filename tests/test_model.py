@@ -695,6 +695,42 @@ def test_task_ids_forward_kwarg_routes_the_checkpointed_recomputation_too(use_re
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("between", ["training_forward", "no_grad_forward"])
+def test_two_forwards_and_one_backward_route_each_recomputation_by_its_forwards_ids(use_reentrant, between):
+    """forward(task_ids=a), forward(task_ids=b), backward of both losses (a multi-task step): each
+    checkpointed recomputation must route by its own forward's ids, so the gradients equal those without
+    checkpointing. Before, the first forward's recomputation routed by the second's ids (silently wrong
+    gradients), also where the second forward ran under no_grad (an evaluation between). After the backward
+    the layers hold the last forward's ids again."""
+    import warnings
+
+    ids = token_batch(seq=7)
+    grads = []
+    for checkpointing in (False, True):
+        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                          num_experts=3, router="task"))
+        randomize_adapters(model)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notes
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            loss = model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss
+            last = torch.tensor([1, 1])
+            if between == "training_forward":
+                loss = loss + 0.5 * model(ids.flip(0), labels=ids.flip(0), use_cache=False, task_ids=last).loss
+            else:
+                with torch.no_grad():
+                    model(ids, use_cache=False, task_ids=last)
+            loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert all(layer.task_ids is last for layer in _layers(model).values())
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_a_block_between_forward_and_backward_keeps_the_forwards_other_state():
     """A use_aux_loss_mask block after the wrapper's forward(task_ids=) leaves the task ids alone (it
     puts back that forward's mask only, not its ids): the backward after it recomputes the

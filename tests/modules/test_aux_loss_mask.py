@@ -341,6 +341,34 @@ def test_gradient_checkpointing_gives_the_masked_gradients():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_two_masked_forwards_and_one_backward_under_checkpointing(backend):
+    """Two forwards with other masks over as many tokens (a preference loss's chosen and rejected batches),
+    then one backward of both: each checkpointed recomputation takes its own forward's mask, so the
+    gradients equal those without checkpointing. Before, the first forward's recomputation silently took
+    the second's mask."""
+    ids = token_batch()
+    first, second = MASK.clone(), MASK.flip(1).clone()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+            r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False,
+            router_aux_loss_coef=LB, router_z_loss_coef=Z))
+        if checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        with moelora.use_backend(backend):
+            loss = model(ids, attention_mask=first, labels=ids, aux_loss_mask=first).loss
+            loss = loss + model(ids, attention_mask=second, labels=ids, aux_loss_mask=second).loss
+            loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+        assert all(m.aux_loss_mask.equal(second.reshape(-1).bool()) for m in model.modules()
+                   if isinstance(m, MoELoRALinear))
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_finite_padding_logits_stay_out_of_the_masked_loss(backend):
     """Padding rows take no part whatever they hold (NaN, +-inf logits): both the PyTorch ops and the
     kernels give the real tokens' loss and gradient."""
