@@ -399,13 +399,22 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     Warns, when gradients are enabled, if a module's loss came from a training-mode forward
     run without gradients (reentrant gradient checkpointing; see
     :attr:`moelora.modules.routed.RoutedModule.aux_loss_lost_grad`): that loss trains nothing."""
+    total = recorded_aux_loss(model)
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), dtype=torch.float32, device=p.device if p is not None else None)
+    return total
+
+
+def recorded_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """:func:`aux_loss`, or None where no routed module of ``model`` recorded one in its last forward (no
+    learned router, or none has run since the record was cleared)."""
     routed = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedModule) and m.last_aux_loss is not None]
     losses = [m.last_aux_loss for _, m in routed]
     if torch.is_grad_enabled():
         _warn_aux_loss_without_grad([n for n, m in routed if m.aux_loss_lost_grad])
     if not losses:
-        p = next(model.parameters(), None)
-        return torch.zeros((), dtype=torch.float32, device=p.device if p is not None else None)
+        return None
     # in the widest of their dtypes, float32 at least (a float64 model's losses are float64)
     dtype = functools.reduce(torch.promote_types, (loss.dtype for loss in losses), torch.float32)
     return torch.stack([loss.to(dtype) for loss in losses]).sum()
@@ -418,7 +427,7 @@ def _warn_aux_loss_without_grad(names: List[str]) -> None:
             "computed in training mode without gradients, so it trains no router: their forward ran under "
             "torch.no_grad(), as reentrant gradient checkpointing runs it (torch.utils.checkpoint(..., "
             "use_reentrant=True), or gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
-            "True})); use use_reentrant=False", stacklevel=3)
+            "True})); use use_reentrant=False", stacklevel=4)  # the caller of aux_loss
 
 
 def clear_aux_losses(model: nn.Module) -> None:

@@ -20,6 +20,12 @@ gradient-accumulation micro-batches), and :class:`MoELoRATrainer` installs it. A
 ``Trainer`` needs ``callbacks=[StepRoutersCallback()]`` for such models (other routers have no
 schedule). The routers' step counts are buffers of the model, saved in its checkpoints, so a
 run resumed from a checkpoint goes on from the checkpoint's step.
+
+:class:`MoELoRATrainer` also logs ``aux_loss`` beside Trainer's ``loss`` where the model's routers
+record one (learned routers): the mean of ``moelora.aux_loss`` over the training forwards
+(micro-batches) since the last log, as added to the loss before Trainer scales it for gradient
+accumulation, averaged over the processes as Trainer averages ``loss``. It is kept on the device
+between logs (no host sync per step).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from moelora.model import MoELoRAModel, aux_loss, step_routers
+from moelora.model import MoELoRAModel, aux_loss, recorded_aux_loss, step_routers
 
 
 def without_tied_aliases(state_dict: dict) -> dict:
@@ -75,13 +81,43 @@ class StepRoutersCallback(TrainerCallback):
 
 class MoELoRATrainer(Trainer):
     """``transformers.Trainer`` whose checkpoints of a MoELoRAModel work with tied embeddings
-    and hold the adapter in moelora's format too, and that advances the routers' threshold
-    schedules once per optimiser step (:class:`StepRoutersCallback`; see the module docstring)."""
+    and hold the adapter in moelora's format too, that advances the routers' threshold
+    schedules once per optimiser step (:class:`StepRoutersCallback`) and logs the aux loss
+    (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, StepRoutersCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(StepRoutersCallback())  # one, also where callbacks=[...] holds it already
+        # the aux losses of the training forwards since the last log: their sum (on the device) and count
+        self._aux_loss_sum: Optional[torch.Tensor] = None
+        self._aux_loss_count = 0
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self._record_aux_loss(model)
+        return loss
+
+    def _record_aux_loss(self, model) -> None:
+        """Add the aux loss of the training forward just run to the sum logged next (not under nn.DataParallel
+        over several devices: the replicas record it, and the held model's record is stale)."""
+        if isinstance(model, torch.nn.DataParallel) and len(model.device_ids) > 1:
+            return
+        wrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad():
+            total = recorded_aux_loss(getattr(wrapped, "_orig_mod", wrapped))
+        if total is not None:
+            total = total.float()
+            self._aux_loss_sum = total if self._aux_loss_sum is None else self._aux_loss_sum + total
+            self._aux_loss_count += 1
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Trainer's log, with ``aux_loss`` beside a training log's ``loss`` (see the module docstring)."""
+        if "loss" in logs and self._aux_loss_count:
+            mean = self.accelerator.gather(self._aux_loss_sum.reshape(1)).mean() / self._aux_loss_count
+            logs = {**logs, "aux_loss": mean.item()}
+            self._aux_loss_sum, self._aux_loss_count = None, 0
+        super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Trainer's loss. Where Trainer computes it from the logits itself (``label_smoothing_factor``), the labels

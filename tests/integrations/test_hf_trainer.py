@@ -212,6 +212,37 @@ def test_gradient_accumulation_weights_the_aux_loss_per_micro_batch(tmp_path, lo
         torch.testing.assert_close(before[name] - p.detach(), grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+# ------------------------------------------------------------------------- the aux loss in the logs
+def test_moelora_trainer_logs_the_mean_aux_loss_of_the_micro_batches_since_the_last_log(tmp_path):
+    """MoELoRATrainer logs ``aux_loss`` beside ``loss``: the mean of the aux losses of every training forward
+    (micro-batch) since the last log, here 2 optimiser steps of 2 micro-batches per log, read from the
+    forwards themselves by a hook. An evaluation between logs adds nothing to it."""
+    model = _llama_moelora()
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(
+        (module.training, moelora.aux_loss(module).item())))
+    trainer = MoELoRATrainer(model=model, train_dataset=_lm_dataset(n=16), eval_dataset=_lm_dataset(n=4, seed=1),
+                             args=_args(tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=1))
+    trainer.train()
+    trained = [value for training, value in seen if training]
+    assert len(trained) == 8 and len(seen) > 8  # evaluation forwards ran too
+    logged = [log["aux_loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(logged) == 2 and all("aux_loss" not in log for log in trainer.state.log_history if "loss" not in log)
+    for got, want in zip(logged, (sum(trained[:4]) / 4, sum(trained[4:]) / 4)):
+        assert got == pytest.approx(want, rel=1e-6) and want > 0
+
+
+def test_moelora_trainer_logs_no_aux_loss_without_learned_routers(tmp_path):
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
+                                                                      router="task"))
+    model.set_task_ids(1)
+    trainer = MoELoRATrainer(model=model.train(), train_dataset=_lm_dataset(n=4), args=_args(tmp_path, max_steps=2))
+    trainer.train()
+    assert any("loss" in log for log in trainer.state.log_history)
+    assert all("aux_loss" not in log for log in trainer.state.log_history)
+
+
 # ------------------------------------------------------------------------- the threshold routers' schedule
 class RouterStepRecorder(transformers.TrainerCallback):
     """Records every router's step count at the start of each optimiser step (before its micro-batches)."""
