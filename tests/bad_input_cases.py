@@ -53,7 +53,7 @@ def linear(**over):
 
 def ffn(**over):
     kw = dict(x=X, topk_ids=IDS, topk_weights=W, w_in=W_IN, b_in=None, w_out=W_OUT, b_out=None, activation=F.silu)
-    extra = {k: over.pop(k) for k in ("normalize", "w_gate", "b_gate") if k in over}
+    extra = {k: over.pop(k) for k in ("normalize", "w_gate", "b_gate", "stacked_gate") if k in over}
     kw.update(over)
     return lambda: moelora.moe_ffn(*kw.values(), **extra)
 
@@ -218,6 +218,9 @@ CASES = {
                                      (ValueError, r"^engine must be one of \('auto', 'triton', 'grouped_mm'\), "
                                                   r"got 'cutlass'$")),
     "moe_ffn/normalize_int": (ffn(normalize=1), (TypeError, r"normalize must be a bool, got int")),
+    # a truthy non-bool (1, "no") ran as stacked_gate=True and None as False
+    "moe_ffn/stacked_gate_string": (ffn(stacked_gate="no"), (TypeError, r"^stacked_gate must be a bool, got str$")),
+    "moe_ffn/stacked_gate_none": (ffn(stacked_gate=None), (TypeError, r"^stacked_gate must be a bool, got NoneType$")),
     "moe_ffn/list_x": (ffn(x=[[1.0]]), (TypeError, r"x must be a torch.Tensor, got list")),
     "moe_ffn/bias_shape": (ffn(b_in=torch.zeros(E, FF + 1)), (ValueError, r"b_in must have shape \[3, 5\], got \(3, 6\)")),
     "moe_ffn/w_gate_shape": (ffn(w_gate=torch.zeros(E, FF, D + 1)), (ValueError, r"w_gate must have w_in's shape "
@@ -323,6 +326,10 @@ CASES = {
                                                           r"'threshold', 'task'\), got 'top1'")),
     "config/init_lora_weights": (config(init_lora_weights="pissa"), (ValueError, r"init_lora_weights must be True, "
                                                                                  r"False or 'gaussian', got 'pissa'")),
+    # a callable's bool count passed its int check, then failed in LayerSettings without naming the layer
+    "config/num_experts_callable_returns_bool": (
+        lambda: moelora.MoELoRAConfig(num_experts=lambda i, n: True, top_k=1).layer_settings("layers.0.q", 0, 2),
+        (ValueError, r"^layer 0 \(layers.0.q\): num_experts callable returned True for layer 0; need an int >= 1$")),
     "config/from_list": (lambda: moelora.MoELoRAConfig.from_dict([1, 2]),
                          (TypeError, r"a MoELoRAConfig is read from a dict \(a JSON object\), got list")),
     # upcycle_ffn: the router arguments as the layers' fields of the same names, before the model changes
@@ -352,6 +359,28 @@ CASES = {
     "upcycle_ffn/ffn_dropout_unknown": (upcycle(ffn_dropout="keep"),
                                         (ValueError, r"^ffn_dropout must be one of \(None, 'output', 'drop'\), "
                                                      r"got 'keep'$")),
+    # ffn_modules, the projections' names and the layer selection are checked as MoELoRAConfig's fields of the same
+    # meaning: an int or a bad regex failed deep inside (re.error), True selected layer 1, a str nothing at all
+    "upcycle_ffn/ffn_modules_int": (upcycle(ffn_modules=3, in_proj="up_proj", out_proj="down_proj", activation=F.silu),
+                                    (TypeError, r"^ffn_modules must be a list of module-name suffixes or a valid "
+                                                r"regex string, got int 3$")),
+    "upcycle_ffn/ffn_modules_bad_regex": (upcycle(ffn_modules="(", in_proj="up_proj", out_proj="down_proj",
+                                                  activation=F.silu),
+                                          (ValueError, r"^ffn_modules must be .* valid regex string, got '\('$")),
+    "upcycle_ffn/ffn_modules_set": (upcycle(ffn_modules={"mlp"}, in_proj="up_proj", out_proj="down_proj",
+                                            gate_proj="gate_proj", activation=F.silu),
+                                    ("returns", lambda names: names == ["model.layers.0.mlp", "model.layers.1.mlp"])),
+    "upcycle_ffn/in_proj_int": (upcycle(ffn_modules=["mlp"], in_proj=3, out_proj="down_proj", activation=F.silu),
+                                (TypeError, r"^in_proj must be the dotted name \(str\) of a child of the FFN module, "
+                                            r"got int 3$")),
+    "upcycle_ffn/layers_to_transform_bool": (upcycle(layers_to_transform=True),
+                                             (TypeError, r"^layers_to_transform must be an int or a list of ints, "
+                                                         r"got bool True$")),
+    "upcycle_ffn/layers_to_transform_string": (upcycle(layers_to_transform="0"),
+                                               (TypeError, r"^layers_to_transform must be an int or a list of ints")),
+    "upcycle_ffn/layers_pattern_int": (upcycle(layers_to_transform=[0], layers_pattern=3),
+                                       (TypeError, r"^layers_pattern must be a string or a list of strings, "
+                                                   r"got int 3$")),
     "upcycle_ffn/stacked_gate_not_bool": (upcycle(stacked_gate=1),
                                           (TypeError, r"^stacked_gate must be a bool, got int 1$")),
     "upcycle_ffn/stacked_gate_without_ffn_modules": (upcycle(stacked_gate=True),
@@ -371,11 +400,17 @@ CASES = {
     # the projections' type is checked before refuse_quantised reads their weight (an AttributeError before)
     "MoEFFN/in_proj_identity": (
         lambda: moelora.MoEFFN(torch.nn.Identity(), torch.nn.Linear(16, 8), F.silu, 4, 2),
-        (TypeError, r"^an FFN projection must be one of the nn.Linear or transformers Conv1D layers, got Identity$")),
+        (TypeError, r"^in_proj \(an FFN projection\) must be one of the nn.Linear or transformers Conv1D layers, "
+                     r"got Identity$")),
     "MoEFFN/gate_proj_tensor": (
         lambda: moelora.MoEFFN(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), F.silu, 4, 2,
                                gate_proj=torch.randn(16, 8)),
-        (TypeError, r"^an FFN projection must be one of the nn.Linear or transformers Conv1D layers, got Tensor$")),
+        (TypeError, r"^gate_proj \(an FFN projection\) must be one of the nn.Linear or transformers Conv1D layers, "
+                     r"got Tensor$")),
+    "MoEFFN/in_proj_none": (lambda: moelora.MoEFFN(None, torch.nn.Linear(16, 8), F.silu, 4, 2),
+                            (TypeError, r"^in_proj \(an FFN projection\) must be one of the nn.Linear .* got NoneType$")),
+    "MoEFFN/out_proj_none": (lambda: moelora.MoEFFN(torch.nn.Linear(8, 16), None, F.silu, 4, 2),
+                             (TypeError, r"^out_proj \(an FFN projection\) must be .* got NoneType$")),
     "MoEFFN/dropout_above_one": (moe_ffn_module(dropout=1.5),
                                  (ValueError, r"^dropout must be a number in \[0, 1\] \(nn.Dropout's p\), got 1.5$")),
     "MoEFFN/z_loss_coef_inf": (moe_ffn_module(router_z_loss_coef=math.inf),
@@ -417,6 +452,10 @@ CASES = {
                                                            r"nn.ModuleLists or None \(the one stack it has\), got int 3$")),
     "apply_molex/layers_list_of_names": (molex(layers=["model.layers"]),
                                          (TypeError, r"^layers must be a dotted name .* got list \['model.layers'\]$")),
+    "MoLEx/layers_list": (lambda: moelora.MoLEx([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)], 8),
+                          (TypeError, r"^layers must be the model's nn.ModuleList of layers, got list$")),
+    "MoLEx/layers_string": (lambda: moelora.MoLEx("model.layers", 8),
+                            (TypeError, r"^layers must be the model's nn.ModuleList of layers, got str$")),
     "apply_molex/hidden_size_at_forward": (molex_forward(hidden_size=16),
                                            (ValueError, r"MoLEx was applied with hidden_size=16, but the model's "
                                                         r"hidden states are 8 wide")),

@@ -74,8 +74,9 @@ class MoEFFN(nn.Module, RoutedModule):
         check_field("stacked_gate", stacked_gate, BOOL)
         check_field("dropout", dropout, (is_real, lambda v: 0 <= v <= 1, "a number in [0, 1] (nn.Dropout's p)"))
         # each projection's type first (linear_weight), then its weight (refuse_quantised reads it)
-        w_in, w_out, w_gate = (None if proj is None else linear_weight(proj, "an FFN projection must be one of the")
-                               for proj in (in_proj, out_proj, gate_proj))
+        w_in, w_out, w_gate = (None if proj is None and role == "gate_proj" else
+                               linear_weight(proj, f"{role} (an FFN projection) must be one of the")
+                               for role, proj in (("in_proj", in_proj), ("out_proj", out_proj), ("gate_proj", gate_proj)))
         for proj in (in_proj, out_proj, gate_proj):
             if proj is not None:
                 refuse_quantised(proj, "MoEFFN (its experts start as copies of the FFN's weights)")

@@ -213,6 +213,8 @@ class MoLEx(nn.Module, RoutedModule):
                  batch_routing: str = "mode", aux_loss_coef: float = 0.01, temperature: float = 0.07,
                  bias: Optional[bool] = None, layer_selection: str = "auto"):
         super().__init__()
+        if not isinstance(layers, nn.ModuleList):  # a str or a list of modules got far: len, then hooks on its items
+            raise TypeError(f"layers must be the model's nn.ModuleList of layers, got {type(layers).__name__}")
         num_layers = len(layers)
         if num_layers < 2:
             raise ValueError("MoLEx needs a stack of at least 2 layers")

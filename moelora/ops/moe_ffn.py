@@ -68,7 +68,8 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
                     normalize, check_values: bool):
     """moe_ffn's argument checks; with ``check_values`` also the syncing checks of the routing."""
     check_moe_ffn_args(x, topk_ids, topk_weights, dict(w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out,
-                                                       w_gate=w_gate, b_gate=b_gate), activation, normalize)
+                                                       w_gate=w_gate, b_gate=b_gate), activation, normalize,
+                       stacked_gate)
     if x.dim() != 2:
         raise ValueError(f"x must have shape [T, d_in], got {tuple(x.shape)}")
     if w_in.dim() != 3 or w_in.shape[2] != x.shape[1]:

@@ -264,7 +264,7 @@ def check_activation(activation) -> None:
         raise TypeError(f"activation must be a callable{hint}, got {type(activation).__name__} {activation!r}")
 
 
-def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, normalize) -> None:
+def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, normalize, stacked_gate) -> None:
     """Types, dtypes and devices of moelora.moe_ffn's arguments (shapes: moelora.ops.moe_ffn).
 
     ``weights``: {name: tensor or None} of w_in, b_in, w_out, b_out, w_gate, b_gate.
@@ -272,8 +272,9 @@ def check_moe_ffn_args(x, topk_ids, topk_weights, weights: dict, activation, nor
     required = {n: weights[n] for n in ("w_in", "w_out")}
     check_tensor_args(x, topk_ids, topk_weights, required, {n: t for n, t in weights.items() if n not in required})
     check_activation(activation)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    for name, flag in (("normalize", normalize), ("stacked_gate", stacked_gate)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
 
 
 def check_ids_in_range(name: str, ids: torch.Tensor, upper: int) -> None:

@@ -144,7 +144,7 @@ class MoELoRAConfig:
             return int(spec[quarter])
         if callable(spec):
             n = spec(layer_index, num_layers)
-            if not isinstance(n, int) or n < 1:
+            if not is_int(n) or n < 1:
                 raise ValueError(f"num_experts callable returned {n!r} for layer {layer_index}; need an int >= 1")
             return n
         if len(spec) != num_layers:
@@ -196,6 +196,12 @@ def _pattern_keys_are_regexes(pattern: dict) -> bool:
     return all(_is_regex(pattern_key_regex(key)) for key in pattern)
 
 
+# Kinds (moelora.modules.fields.check_field's entries) that upcycle_ffn's arguments of the same meaning share.
+MODULE_NAMES = (_is_names, _regex_if_str, "a list of module-name suffixes or a valid regex string")
+LAYER_INDICES = (lambda v: is_int(v) or (isinstance(v, (list, tuple)) and all(map(is_int, v))), None,
+                 "an int or a list of ints")
+LAYER_PATTERNS = (_is_names, None, "a string or a list of strings")
+
 # Fields of module names that take a set too (as PEFT's LoraConfig, whose own target_modules is a set).
 _NAME_SET_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 
@@ -207,10 +213,9 @@ _FIELD_KINDS = {
     **{name: kind for name, kind in LAYER_FIELD_KINDS.items() if name != "num_experts"},
     "target_modules": (_is_names, _regex_if_str,
                        "a list of module-name suffixes, a valid regex string or 'all-linear'"),
-    "exclude_modules": (_is_names, _regex_if_str, "a list of module-name suffixes or a valid regex string"),
-    "layers_to_transform": (lambda v: is_int(v) or (isinstance(v, (list, tuple)) and all(map(is_int, v))), None,
-                            "an int or a list of ints"),
-    "layers_pattern": (_is_names, None, "a string or a list of strings"),
+    "exclude_modules": MODULE_NAMES,
+    "layers_to_transform": LAYER_INDICES,
+    "layers_pattern": LAYER_PATTERNS,
     "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_int(r) for k, r in v.items()),
                      lambda v: all(r >= 1 for r in v.values()) and _pattern_keys_are_regexes(v),
                      "a dict of module-name patterns (valid regexes) to positive ints"),
@@ -218,7 +223,7 @@ _FIELD_KINDS = {
                       lambda v: all(map(is_finite_number, v.values())) and _pattern_keys_are_regexes(v),
                       "a dict of module-name patterns (valid regexes) to finite numbers"),
     "bias": (lambda v: isinstance(v, str), None, f"one of {BIAS_MODES}"),
-    "modules_to_save": (_is_names, _regex_if_str, "a list of module-name suffixes or a valid regex string"),
+    "modules_to_save": MODULE_NAMES,
     "task_type": (lambda v: isinstance(v, str), None, f"None or one of {TASK_TYPES}"),
     "fan_in_fan_out": BOOL,
     "base_model_name_or_path": (lambda v: isinstance(v, str), None, "a string"),

@@ -30,6 +30,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from moelora.tuner.adapters import held_modules
 from moelora.tuner.structure import record, structural_edit
+from moelora.tuner.config import LAYER_INDICES, LAYER_PATTERNS, MODULE_NAMES
 from moelora.tuner.targets import layer_index, matches, set_module, stacked_expert_parameters, unwrap
 from moelora.ops.validation import check_activation
 from moelora.modules.adapter_base import refuse_offloaded, refuse_quantised
@@ -55,6 +56,7 @@ def _is_fused_gated_mlp(m: nn.Module) -> bool:
 
 
 FFN_DROPOUT = (None, "output", "drop")  # upcycle_ffn's ffn_dropout
+CHILD_NAME = (lambda v: isinstance(v, str), None, "the dotted name (str) of a child of the FFN module")  # in_proj, ...
 
 # The names (attributes, globals) the forward of a found MLP may read: LLaMA's
 # down_proj(act_fn(gate_proj(x)) * up_proj(x)) and Phi-3's chunked gate_up_proj (its dropout module, if
@@ -212,6 +214,9 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     ``fused_gate_up=False`` leaves the Phi-3-style fused MLPs out of what is found (checkpoints
     written before they were found replay with it: a model holding both kinds, as GLM-4V, then
     gets the MoEFFNs the checkpoint holds).
+    ``num_experts`` (>= 1) and ``top_k`` (in [1, num_experts]) are MoEFFN's. ``layers_to_transform`` (a layer
+    index or a list of them) and ``layers_pattern`` (the name, or names, of the layer stack: "layers", "h", ...)
+    keep only the FFNs of those numbered layers, as MoELoRAConfig's fields of the same names.
     ``router_kwargs`` go to MoEFFN (router, threshold_eps, threshold_eps_start,
     threshold_ramp_steps, router_jitter_noise, router_aux_loss_coef, router_z_loss_coef), checked
     as the MoE-LoRA layers' fields of the same names before the model is changed.
@@ -221,6 +226,15 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
         check_activation(activation)
     check_field("stacked_gate", stacked_gate, BOOL)
     check_field("fused_gate_up", fused_gate_up, BOOL)
+    if isinstance(ffn_modules, (set, frozenset)) and all(isinstance(n, str) for n in ffn_modules):
+        ffn_modules = sorted(ffn_modules)  # as MoELoRAConfig's target_modules: a list (recorded for from_pretrained)
+    # as MoELoRAConfig's fields of the same meaning (an int or a bad regex failed deep inside, True chose layer 1)
+    for name, value, kind in (("ffn_modules", ffn_modules, MODULE_NAMES), ("in_proj", in_proj, CHILD_NAME),
+                              ("out_proj", out_proj, CHILD_NAME), ("gate_proj", gate_proj, CHILD_NAME),
+                              ("layers_to_transform", layers_to_transform, LAYER_INDICES),
+                              ("layers_pattern", layers_pattern, LAYER_PATTERNS)):
+        if value is not None:
+            check_field(name, value, kind)
     if ffn_dropout not in FFN_DROPOUT:
         raise ValueError(f"ffn_dropout must be one of {FFN_DROPOUT}, got {ffn_dropout!r}")
     held = held_modules(model)  # the adapters of a MoELoRAModel, inactive ones too
