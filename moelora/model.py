@@ -825,7 +825,9 @@ class _BoundForward:
 
 
 class MoELoRAModel(nn.Module):
-    """A model with MoE-LoRA layers injected, shaped like PEFT's PeftModel.
+    """A model with MoE-LoRA layers injected, shaped like PEFT's PeftModel; built by
+    :func:`moelora.get_moelora_model`, which injects ``config``'s layers into ``model`` and wraps it
+    as ``MoELoRAModel(model, config, adapter_name)`` (the adapter's name, default "default").
 
     ``forward(*args, labels=None, task_ids=None, **kwargs)`` calls the wrapped model
     (``self.model``) and adds the auxiliary loss to its loss (see the module docstring).
@@ -1357,9 +1359,9 @@ def get_moelora_model(model: nn.Module, config: MoELoRAConfig, adapter_name: str
 
 def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False,
                     adapter_name: str = DEFAULT_ADAPTER) -> MoELoRAModel:
-    """Inject the saved configuration into ``model`` (a fresh base model) and load the weights
-    (as the adapter ``adapter_name``; :meth:`MoELoRAModel.load_adapter` adds the others). The
-    configuration's ``inference_mode`` is ``not is_trainable``, as PEFT's.
+    """Inject the configuration saved in ``directory`` (by save_pretrained) into ``model`` (a fresh
+    base model) and load the weights (as the adapter ``adapter_name``; :meth:`MoELoRAModel.load_adapter`
+    adds the others). The configuration's ``inference_mode`` is ``not is_trainable``, as PEFT's.
 
     Every file is read and checked before ``model`` is changed; if the tensors then do not
     fit the injected model, ``model`` is restored as it was (a corrected retry works).
@@ -1384,7 +1386,8 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
 
 @torch.no_grad()
 def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = None) -> MoELoRAModel:
-    """Load a PEFT LoRA checkpoint as one expert (see moelora.persistence); returns the wrapper.
+    """Load the PEFT LoRA checkpoint in ``directory`` as one expert (see moelora.persistence); returns the
+    wrapper.
     Into expert ``expert`` of a task-routed model the task's gate ``lora_gamma[expert]`` is set to
     1, so that task computes the PEFT LoRA (its task-routed layers the checkpoint does not adapt must add nothing
     for that task, else it raises). Every tensor is checked against the model before any

@@ -381,10 +381,10 @@ def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
 
 def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] = None,
                      bias: Optional[str] = None) -> None:
-    """Write a PEFT LoRA checkpoint equal to the active adapter (for ``task`` if task-routed), with
-    its saved modules, the biases ``bias`` names (default: the adapter's ``bias``) and its layers'
-    lora_dropout (one value: layers that differ in it raise). A model with upcycled FFNs or MoLEx
-    raises: PEFT has no place for them."""
+    """Write into ``save_directory`` a PEFT LoRA checkpoint equal to the active adapter (for ``task``
+    if task-routed), with its saved modules, the biases ``bias`` names (default: the adapter's
+    ``bias``) and its layers' lora_dropout (one value: layers that differ in it raise). A model with
+    upcycled FFNs or MoLEx raises: PEFT has no place for them."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 

@@ -408,7 +408,8 @@ CASES = {
         (TypeError, r"^gate_proj \(an FFN projection\) must be one of the nn.Linear or transformers Conv1D layers, "
                      r"got Tensor$")),
     "MoEFFN/in_proj_none": (lambda: moelora.MoEFFN(None, torch.nn.Linear(16, 8), F.silu, 4, 2),
-                            (TypeError, r"^in_proj \(an FFN projection\) must be one of the nn.Linear .* got NoneType$")),
+                            (TypeError, r"^in_proj \(an FFN projection\) must be one of the nn.Linear .* "
+                                        r"got NoneType$")),
     "MoEFFN/out_proj_none": (lambda: moelora.MoEFFN(torch.nn.Linear(8, 16), None, F.silu, 4, 2),
                              (TypeError, r"^out_proj \(an FFN projection\) must be .* got NoneType$")),
     "MoEFFN/dropout_above_one": (moe_ffn_module(dropout=1.5),

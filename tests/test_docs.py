@@ -68,6 +68,36 @@ def test_public_api_has_docstrings():
     assert missing == []
 
 
+# Public callables whose docstring names their arguments by pointing at another's (name -> the names it points to).
+ARGUMENTS_DOCUMENTED_BY = {"LayerSettings": ["MoELoRALinear"], "MoELoRAConfig": ["MoELoRALinear"],
+                           "MoELoRAEmbedding": ["MoELoRALinear"], "MoELoRAConv": ["MoELoRALinear"]}
+
+
+def test_public_api_names_every_argument():
+    """help() of every callable moelora exports names each of its arguments (the class docstring and
+    __init__'s for a class, and those it points to); a NamedTuple's fields are outputs, not arguments."""
+    import inspect
+
+    import moelora
+
+    def doc(obj):
+        init = vars(obj).get("__init__") if inspect.isclass(obj) else None
+        return "\n".join(inspect.getdoc(o) or "" for o in (obj, init) if o is not None)
+
+    missing = {}
+    for name in moelora.__all__:
+        obj = getattr(moelora, name)
+        if not callable(obj) or (inspect.isclass(obj) and issubclass(obj, tuple)):
+            continue
+        text = "\n".join(doc(getattr(moelora, n)) for n in [name, *ARGUMENTS_DOCUMENTED_BY.get(name, [])])
+        params = [p.name for p in inspect.signature(obj).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        unnamed = [p for p in params if not re.search(rf"\b{p}\b", text)]
+        if unnamed:
+            missing[name] = unnamed
+    assert missing == {}
+
+
 def test_readme_documents_every_environment_variable_the_package_reads():
     """Each variable moelora/ or setup.py reads (os.environ.get, os.getenv, os.environ[...], the
     switches' boolean flags) is named in README.md, where its effect is said."""

@@ -138,7 +138,11 @@ def _constants_after_load(layer: "AdapterLayerBase", incompatible_keys) -> None:
 class LayerSettings:
     """The hyper-parameters of one MoE-LoRA layer (PEFT's names where PEFT has them), checked
     when made (each field by LAYER_FIELD_KINDS, then the rules between fields): a layer's
-    constructor and MoELoRAConfig give the same errors for the same values. ``router``:
+    constructor and MoELoRAConfig give the same errors for the same values. Every field (num_experts,
+    top_k, r, lora_alpha, lora_dropout, use_rslora, share_lora_a, lora_a_dropout, router,
+    router_renormalize, router_jitter_noise, threshold_eps, threshold_eps_start,
+    threshold_ramp_steps, task_shared_lora, init_lora_weights, use_dora, router_aux_loss_coef,
+    router_z_loss_coef), its range and default: :class:`moelora.MoELoRALinear`'s Args. ``router``:
     "softmax_topk", "topk_softmax", "threshold" or "task"; the threshold router's eps rises
     from ``threshold_eps_start`` to ``threshold_eps`` over ``threshold_ramp_steps`` steps;
     ``task_shared_lora`` adds a LoRA every token uses (task routing); ``lora_a_dropout`` is

@@ -46,6 +46,19 @@ def _stack(t: Optional[torch.Tensor], num_experts: int) -> Optional[nn.Parameter
 class MoEFFN(nn.Module, RoutedModule):
     """E copies of one FFN behind a router; see the module docstring.
 
+    Args:
+        in_proj, out_proj: the FFN's first and last projections (nn.Linear or transformers Conv1D):
+            ``out_proj(activation(in_proj(x)))``; ``gate_proj`` (None: not gated) makes it
+            ``out_proj(activation(gate_proj(x)) * in_proj(x))``. They must share one dtype and device.
+        activation: a callable (e.g. ``F.silu``, an ``ACT2FN`` module; not a name).
+        num_experts: E, an int >= 1; ``top_k``: experts per token, in [1, E].
+        router: the learned router's mode, "threshold" (default), "softmax_topk" or "topk_softmax";
+            ``threshold_eps``, ``threshold_eps_start``, ``threshold_ramp_steps`` and
+            ``router_jitter_noise``: as :class:`moelora.Router`'s ``eps_end``, ``eps_start``,
+            ``eps_ramp_steps`` and ``jitter_noise``; ``router_aux_loss_coef`` and
+            ``router_z_loss_coef`` (finite numbers >= 0) weigh its load-balancing and z losses.
+        stacked_gate, dropout: below.
+
     Parameters (expert dim first, nn.Linear layouts): ``w_in`` [E, d_ff, d_in], ``b_in``,
     ``w_gate`` (gated MLPs), ``w_out`` [E, d_out, d_ff], ``b_out``, ``router.weight`` [E, d_in].
     ``stacked_gate=True``: ``in_proj`` is a fused gate/up projection [2 d_ff, d_in] whose first
@@ -74,9 +87,10 @@ class MoEFFN(nn.Module, RoutedModule):
         check_field("stacked_gate", stacked_gate, BOOL)
         check_field("dropout", dropout, (is_real, lambda v: 0 <= v <= 1, "a number in [0, 1] (nn.Dropout's p)"))
         # each projection's type first (linear_weight), then its weight (refuse_quantised reads it)
+        projections = (("in_proj", in_proj), ("out_proj", out_proj), ("gate_proj", gate_proj))
         w_in, w_out, w_gate = (None if proj is None and role == "gate_proj" else
                                linear_weight(proj, f"{role} (an FFN projection) must be one of the")
-                               for role, proj in (("in_proj", in_proj), ("out_proj", out_proj), ("gate_proj", gate_proj)))
+                               for role, proj in projections)
         for proj in (in_proj, out_proj, gate_proj):
             if proj is not None:
                 refuse_quantised(proj, "MoEFFN (its experts start as copies of the FFN's weights)")

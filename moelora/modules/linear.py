@@ -88,25 +88,31 @@ def linear_weight(module: nn.Module, role: str = "MoELoRALinear wraps") -> torch
 class MoELoRALinear(AdapterLayerBase):
     """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) with a mixture of LoRA experts.
 
-    Args (the fields of :class:`LayerSettings`, given as ``settings`` or one by one):
+    Args (the fields of :class:`LayerSettings`, given as ``settings`` or one by one; defaults
+    in brackets):
         base_layer: the frozen layer; its parameters are not touched.
-        num_experts: E (the number of tasks for ``router="task"``).
-        top_k: experts per token (ignored for task routing, which uses 1).
+        num_experts: E, an int >= 1 [4] (the number of tasks for ``router="task"``).
+        top_k: experts per token, in [1, E] [2] (ignored for task routing, which uses 1, and at E = 1).
         r, lora_alpha, use_rslora, lora_dropout, init_lora_weights, use_dora: as PEFT's
-            LoraConfig (``init_lora_weights``: True = kaiming-uniform A, "gaussian" =
-            N(0, 1/r) A, both with B = 0; False = random B too). DoRA needs E = 1. LoRA
-            dropout draws a bool keep mask (``bernoulli_``, kept elements scaled by 1/(1-p))
-            that the fused kernels read beside x: PEFT's distribution, not its random stream.
-        share_lora_a: one A [r, d_in] shared by all experts (MoSLD).
-        lora_a_dropout: MoSLD's Bernoulli dropout on A's weights (training only, kept weights
-            rescaled by 1/(1-p)).
-        router: "softmax_topk", "topk_softmax", "threshold" or "task".
-        router_renormalize: renormalise the kept top-k probabilities ("softmax_topk").
-        router_jitter_noise: multiplicative U(1-j, 1+j) noise on the router input in training.
+            LoraConfig (r an int >= 1 [8], lora_alpha a finite number [8], lora_dropout in [0, 1)
+            [0.0], use_rslora [False], use_dora [False]; ``init_lora_weights`` [True]: True =
+            kaiming-uniform A, "gaussian" = N(0, 1/r) A, both with B = 0; False = random B too).
+            DoRA needs E = 1. LoRA dropout draws a bool keep mask (``bernoulli_``, kept elements
+            scaled by 1/(1-p)) that the fused kernels read beside x: PEFT's distribution, not its
+            random stream.
+        share_lora_a: one A [r, d_in] shared by all experts (MoSLD) [False].
+        lora_a_dropout: MoSLD's Bernoulli dropout on A's weights, in [0, 1) [0.0] (training only,
+            kept weights rescaled by 1/(1-p)).
+        router: "softmax_topk" [default], "topk_softmax", "threshold" or "task".
+        router_renormalize: renormalise the kept top-k probabilities ("softmax_topk") [True].
+        router_jitter_noise: multiplicative U(1-j, 1+j) noise on the router input in training, a
+            finite number >= 0 [0.0].
         threshold_eps, threshold_eps_start, threshold_ramp_steps: the eps schedule of
-            threshold routing.
-        task_shared_lora: task routing with a shared LoRA beside the task experts.
-        router_aux_loss_coef, router_z_loss_coef: weights of the load-balancing and z losses.
+            threshold routing (finite numbers >= 0 [0.0]; the ramp an int >= 0 [0]): as
+            :class:`moelora.Router`'s eps_end, eps_start and eps_ramp_steps.
+        task_shared_lora: task routing with a shared LoRA beside the task experts [False].
+        router_aux_loss_coef, router_z_loss_coef: weights of the load-balancing and z losses
+            (finite numbers >= 0) [0.01, 0.001].
     """
 
     supports_dora = True

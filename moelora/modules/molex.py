@@ -203,7 +203,21 @@ def mixed_by_molex(module: nn.Module) -> bool:
 
 
 class MoLEx(nn.Module, RoutedModule):
-    """Gates, mixing coefficient and losses of MoLEx over one layer stack (see module docstring)."""
+    """Gates, mixing coefficient and losses of MoLEx over one layer stack (see module docstring).
+
+    Args:
+        layers: the model's nn.ModuleList of L >= 2 distinct layers (:func:`moelora.apply_molex` finds it).
+        hidden_size: the width of the layers' hidden states (an int >= 1).
+        gate: "linear" (default), "cosine" or "cosine_sigmoid"; ``shared_gate`` (default True): one gate
+            for all layers, else one per layer; ``proj_dim``: the cosine gates' projection width (an int
+            >= 1; None: hidden_size); ``temperature`` (> 0, finite): the cosine gates' divisor; ``bias``:
+            whether the gate has a bias (None: the linear gate has one, the cosine gates none).
+        alpha: the mixing coefficient a in [0, 1] (default 0.95); ``learn_alpha``: learn it, as
+            a = sigmoid(theta) started at ``alpha``.
+        batch_routing: how the batch's one layer j is chosen: "mode" (default) or "mean".
+        aux_loss_coef: the weight of the load-balancing loss (a finite number >= 0).
+        layer_selection: "auto" (default), "device" or "host": how layer j runs (module docstring).
+    """
 
     moelora_owned = True  # trained and saved whole (moelora.modules.adapter_base.owned_by_moelora)
     takes_aux_loss_mask = False  # its padding mask comes from the attention_mask (track_attention_mask)

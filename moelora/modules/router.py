@@ -30,12 +30,24 @@ class Router(nn.Linear):
     """The learned gate: an ``nn.Linear(d_in, E, bias=False)`` whose logits are computed in
     fp32, plus the routing mode, top-k, jitter noise and the threshold schedule.
 
-    ``eps`` for threshold routing rises linearly from ``eps_start`` to ``eps_end`` over
-    ``eps_ramp_steps`` calls of :meth:`step` (``moelora.step_routers(model)``). The arguments
-    are checked as the layers' same fields (``ROUTER_ARG_FIELDS``: ``jitter_noise`` as
-    ``router_jitter_noise``, ``eps_end`` as ``threshold_eps``, ...), the errors naming Router's.
-    At top_k 1 with a renormalised gate it warns that the router learns from the aux losses alone,
-    with ``top1_advice`` (what the module holding it offers instead).
+    Args:
+        in_features: d_in, the width of x (an int >= 1).
+        num_experts: E, the gate's output width (an int >= 1).
+        top_k: experts per token, in [1, num_experts] (threshold routing: the most it keeps).
+        mode: "softmax_topk", "topk_softmax" or "threshold" (moelora.ops.routing_modes; the
+            layers' ``router``, task routing aside).
+        renormalize: divide the kept softmax probabilities by their sum ("softmax_topk"; the
+            layers' ``router_renormalize``).
+        jitter_noise: multiplicative U(1 - j, 1 + j) noise on x in training, a finite number >= 0.
+        eps_start, eps_end, eps_ramp_steps: threshold routing's ``eps`` (finite numbers >= 0)
+            rises linearly from ``eps_start`` to ``eps_end`` over ``eps_ramp_steps`` (an int >= 0;
+            0: ``eps_end`` throughout) calls of :meth:`step` (``moelora.step_routers(model)``).
+        device: where the weight and the step counter live (the weight is fp32 always).
+        top1_advice: the end of the warning at top_k 1 with a renormalised gate (every gate is 1,
+            so the router learns from the aux losses alone): what the module holding it offers instead.
+
+    The arguments are checked as the layers' same fields (``ROUTER_ARG_FIELDS``: ``jitter_noise``
+    as ``router_jitter_noise``, ``eps_end`` as ``threshold_eps``, ...), the errors naming Router's.
     """
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, mode: str = "softmax_topk",

@@ -48,7 +48,7 @@ def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Ten
 def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int,
                         weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch load-balancing loss of one layer (see the module docstring) from the router
-    probabilities ``probs`` [..., E] and the chosen ``ids`` [..., k] of the same tokens (and their
+    probabilities ``probs`` [..., E = ``num_experts``] and the chosen ``ids`` [..., k] of the same tokens (and their
     ``weights``, ids' shape: slots of weight 0 are not counted); with ``mask`` ([...] of the
     tokens: bool, or 0/1 integers as an attention_mask) over the real tokens only (f_e and P_e as
     means over them). In fp32 (fp64 for fp64 probs). Shapes that do not match raise ValueError

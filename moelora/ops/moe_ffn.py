@@ -589,7 +589,9 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
             *, normalize: bool = False, backend: Optional[str] = None, engine: str = "auto",
             stacked_gate: bool = False) -> torch.Tensor:
     """Routed expert FFNs on x [T, d_in] with expert weights stacked on dim 0 (nn.Linear
-    layouts: w_in/w_gate [E, d_ff, d_in], w_out [E, d_out, d_ff]); returns [T, d_out] in
+    layouts: w_in/w_gate [E, d_ff, d_in], w_out [E, d_out, d_ff]; biases b_in/b_gate [E, d_ff],
+    b_out [E, d_out] or None), routed by ``topk_ids`` [T, k] (int32/int64, k <= E) with gate
+    weights ``topk_weights`` [T, k] (floating point; weight 0 skips the slot); returns [T, d_out] in
     x's dtype (autocast's under torch.autocast), differentiable w.r.t. x, every weight and bias, and topk_weights. See the
     module docstring for ``normalize`` and ``backend``; ``engine`` (Triton backend only):
     "auto" (:func:`ffn_plan`), "triton" or "grouped_mm". ``stacked_gate``: w_in [E, 2 d_ff,

@@ -132,7 +132,8 @@ def router_topk(logits: torch.Tensor, top_k: int, mode: str, renormalize: bool):
 
 
 def dispatch_metadata(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int] = None) -> DispatchMetadata:
-    """Stable expert-sorted order of the (token, slot) pairs; see DispatchMetadata.
+    """Stable expert-sorted order of the (token, slot) pairs of ``topk_ids`` [T, k] (int32 or
+    int64, 1 <= k <= num_experts <= MAX_EXPERTS = 4096); see DispatchMetadata.
     ``block_size``: None (no padded layout) or an int in [1, MAX_BLOCK_SIZE = 65536].
 
     With moelora.validation on (default), ids outside [0, num_experts) raise ValueError (one
@@ -238,7 +239,9 @@ def dispatch_rows(x: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
 
 def combine(y_sorted: torch.Tensor, meta: DispatchMetadata, topk_weights: Optional[torch.Tensor]) -> torch.Tensor:
     """out[t] = sum_{j<k} w[t,j] * y_sorted[pos(t,j)], j in order, fp32 (fp64) accumulation,
-    in y_sorted's dtype; pairs whose id was invalid contribute 0; topk_weights None means 1."""
+    in y_sorted's dtype; pairs whose id was invalid contribute 0; topk_weights [T, k] (any float
+    dtype), None means 1. ``meta`` is the DispatchMetadata that ``dispatch`` laid y_sorted's rows
+    out with (pos(t, j) its inverse)."""
     _check_float("y_sorted", y_sorted)
     sp, inv = _check_meta(meta, y_sorted.device)
     if y_sorted.dim() != 2 or y_sorted.shape[0] != sp.shape[0]:

@@ -40,12 +40,22 @@ CONFIG_NAME = "moelora_config.json"
 class MoELoRAConfig:
     """What :func:`moelora.get_moelora_model` injects, and where (see the module docstring).
 
-    PEFT's LoraConfig fields keep its names and meaning; ``num_experts`` (an int, a per-layer
-    list, a callable ``(layer_index, num_layers) -> int`` or a MoLA preset), ``top_k``, the
-    router fields and ``share_lora_a`` / ``lora_a_dropout`` / ``task_shared_lora`` are
-    :class:`moelora.LayerSettings`'s; ``router_aux_loss_coef`` / ``router_z_loss_coef`` weigh the
-    auxiliary losses, which ``MoELoRAModel.forward`` adds to ``outputs.loss`` while
-    ``add_aux_loss_to_output``. Every field is checked when the config is made.
+    PEFT's LoraConfig fields keep its names and meaning: ``target_modules`` (module-name
+    suffixes, a regex string or "all-linear"; None: PEFT's default targets for the model),
+    ``exclude_modules``, ``layers_to_transform`` (a layer index or a list of them),
+    ``layers_pattern`` (the layer stack's name or names), ``rank_pattern`` / ``alpha_pattern``
+    ({module-name regex: r or lora_alpha}), ``bias`` ("none", "all" or "lora_only"),
+    ``modules_to_save`` (trained and saved whole), ``task_type`` (None or one of TASK_TYPES),
+    ``fan_in_fan_out`` (read from each base layer instead), ``base_model_name_or_path`` and
+    ``inference_mode`` (build the adapter frozen). ``num_experts`` (an int, a per-layer list, a
+    callable ``(layer_index, num_layers) -> int`` or a MoLA preset, module docstring), ``top_k``,
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``use_dora``,
+    the router fields (``router``, ``router_renormalize``, ``router_jitter_noise``,
+    ``threshold_eps``, ``threshold_eps_start``, ``threshold_ramp_steps``) and ``share_lora_a`` /
+    ``lora_a_dropout`` / ``task_shared_lora`` are :class:`moelora.LayerSettings`'s (ranges and
+    defaults: :class:`moelora.MoELoRALinear`'s Args); ``router_aux_loss_coef`` /
+    ``router_z_loss_coef`` weigh the auxiliary losses, which ``MoELoRAModel.forward`` adds to
+    ``outputs.loss`` while ``add_aux_loss_to_output``. Every field is checked when the config is made.
     """
 
     # --- as PEFT's LoraConfig

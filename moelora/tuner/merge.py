@@ -88,7 +88,7 @@ def _check_untied(model: nn.Module, layers) -> None:
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    """Take every merged MoE-LoRA layer's adapter back out of its base weight (layers that are
+    """Take every merged MoE-LoRA layer of ``model``'s adapter back out of its base weight (layers that are
     not merged are left alone)."""
     for _, layer in _moelora_layers(model):
         if layer.merged:
