@@ -381,6 +381,10 @@ CASES = {
     "upcycle_ffn/layers_pattern_int": (upcycle(layers_to_transform=[0], layers_pattern=3),
                                        (TypeError, r"^layers_pattern must be a string or a list of strings, "
                                                    r"got int 3$")),
+    "upcycle_ffn/activation_without_ffn_modules": (upcycle(activation=F.gelu),
+                                                   (ValueError, r"^activation given without ffn_modules: they describe "
+                                                                r"a generic FFN; the MLPs upcycle_ffn finds on its own "
+                                                                r"use their own projections and activation$")),
     "upcycle_ffn/stacked_gate_not_bool": (upcycle(stacked_gate=1),
                                           (TypeError, r"^stacked_gate must be a bool, got int 1$")),
     "upcycle_ffn/stacked_gate_without_ffn_modules": (upcycle(stacked_gate=True),

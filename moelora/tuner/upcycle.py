@@ -200,7 +200,8 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     its ``in_proj`` / ``out_proj`` (and ``gate_proj``) children and ``activation``
     (``stacked_gate=True``: ``in_proj`` is a fused projection, gate rows then up rows, as
     Phi-3's); the whole module is then replaced by out_proj(act(in_proj(x))) (times
-    act(gate_proj(x)) if gated). A replaced module holding other parameters raises, as one
+    act(gate_proj(x)) if gated). Without ``ffn_modules`` these arguments raise (the MLPs found use
+    their own). A replaced module holding other parameters raises, as one
     holding dropout (nn.Dropout with p > 0) unless ``ffn_dropout`` says what to do with it:
     "output" (its forward drops the MLP's output: MoEFFN drops its output with that p) or "drop"
     (train without it; a dropout inside the FFN cannot be kept). Dropout the forward applies
@@ -275,6 +276,11 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     if stacked_gate and ffn_modules is None:
         raise ValueError("stacked_gate=True describes a generic FFN's in_proj (give ffn_modules, in_proj, out_proj and "
                          "activation); the fused gate_up_proj of Phi-3-style MLPs is found without it")
+    given = [k for k, v in dict(in_proj=in_proj, out_proj=out_proj, gate_proj=gate_proj, activation=activation).items()
+             if v is not None]
+    if given and ffn_modules is None:  # else silently unused: the found MLPs' own projections and activation ran
+        raise ValueError(f"{', '.join(given)} given without ffn_modules: they describe a generic FFN; the MLPs "
+                         "upcycle_ffn finds on its own use their own projections and activation")
     for name, kind in targets:
         stacked = stacked_expert_parameters(model.get_submodule(name))
         if stacked:
