@@ -169,6 +169,26 @@ def test_conv_reads_one_copy_of_a_half_precision_x(pointwise, backend):
     assert not any(t.numel() == y.numel() for t in acts if t.is_floating_point())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["3x3", "1x1", "grouped_3d"])
+def test_conv_over_an_fp32_base_saves_x_itself(kind, backend):
+    """MoELoRAConv over an fp32 base (the adapters' dtype): the router and the LoRA branch read x itself, saved
+    with no copy; only the pointwise case's [N*H*W, C_in] rows (x's channels-last layout, which the op reads) are
+    a tensor of x's size. Nothing [N, C_out, *spatial] in floating point is saved."""
+    torch.manual_seed(0)
+    conv, x_shape = {"3x3": (nn.Conv2d(5, 6, 3, padding=1), (2, 5, 3, 4)), "1x1": (nn.Conv2d(5, 6, 1), (2, 5, 3, 4)),
+                     "grouped_3d": (nn.Conv3d(4, 6, (2, 3, 1), stride=(1, 2, 1), padding=1, groups=2),
+                                    (2, 4, 3, 5, 2))}[kind]
+    layer = MoELoRAConv(conv.to(DEVICE).requires_grad_(False), num_experts=4, top_k=2, r=R).train()
+    x = torch.randn(x_shape, device=DEVICE, requires_grad=True)
+    with moelora.use_backend(backend):
+        y, acts, x_saved = saved_activations(lambda: layer(x), _free(layer, x))
+    assert x_saved
+    copies = [t for t in acts if t.is_floating_point() and t.numel() == x.numel()]
+    assert len(copies) == (1 if kind == "1x1" else 0), [(tuple(t.shape), t.dtype) for t in acts]
+    assert not any(t.numel() == y.numel() for t in acts if t.is_floating_point())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_composed_linear_path_saves_one_copy_of_x_in_the_adapters_dtype(dtype):
     """A hooked base layer takes the composed path (base layer, Router module, moelora.moe_lora): the
@@ -187,17 +207,38 @@ def test_composed_linear_path_saves_one_copy_of_x_in_the_adapters_dtype(dtype):
     assert not any(t.numel() >= T * D_OUT for t in acts)
 
 
-def test_embedding_saves_its_routers_input_and_the_projected_rows():
-    """MoELoRAEmbedding: the router reads the frozen vectors (the base output [T, d], saved for
-    dW_router), the LoRA branch the rows of A [T, E*r] (h) and the routing; no copy of the vectors."""
+EMBEDDING_FEATURES = {name: FEATURES[name] for name in ("softmax_topk", "softmax_topk_shared_a", "task", "single")}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", list(EMBEDDING_FEATURES))
+def test_embedding_saves_its_routers_input_and_the_projected_rows(name, dtype):
+    """MoELoRAEmbedding on the Triton kernels: a learned router reads the frozen vectors (the base output
+    [T, d] in the base's dtype, saved for dW_router; no fp32 copy of a bf16 one), the LoRA branch saves the
+    looked-up rows of A [T, R] and the op's h [T, R] (R = r shared, E*r per-expert A; fp32) and the routing.
+    Without a router (task routing, one expert) nothing [T, d] is saved. Measured at T = 20, d = 56, E = 4,
+    r = 4: 5552 bytes (bf16 base, per-expert A), 7792 (fp32), 2400 (task routing), 648 (one expert)."""
+    settings = EMBEDDING_FEATURES[name]
     torch.manual_seed(0)
-    layer = MoELoRAEmbedding(nn.Embedding(50, D_OUT).to(DEVICE, torch.bfloat16).requires_grad_(False),
-                             num_experts=4, top_k=2, r=R).train()
+    layer = MoELoRAEmbedding(nn.Embedding(50, D_OUT).to(DEVICE, dtype).requires_grad_(False), r=R,
+                             **settings).train()
+    if layer.router_mode == "task":
+        moelora.set_task_ids(layer, torch.randint(0, layer.num_experts, (T,), device=DEVICE))
+    E, k = layer.num_experts, layer.top_k
+    rank = R if layer.share_lora_a else layer.num_lora * R
     ids = torch.randint(0, 50, (T,), device=DEVICE)
     with moelora.use_backend("triton"):
         _, acts, _ = saved_activations(lambda: layer(ids), _free(layer, ids))
     wide = [t for t in acts if t.numel() >= T * D_OUT]
-    assert len(wide) == 1 and wide[0].dtype == torch.bfloat16
+    budget = 2 * T * rank * 4 + T * (k + layer.task_shared_lora) * (8 + 4)  # the two [T, R]; ids and weights
+    if layer.router is not None:
+        assert len(wide) == 1 and wide[0].shape == (T, D_OUT) and wide[0].dtype == dtype
+        budget += T * D_OUT * wide[0].element_size() + T * E * 4 + E * 8 + T * 4  # router input, logits, counts, lse
+    else:
+        assert not wide
+    if layer.router_mode == "task":
+        budget += T * E * 4  # the one-hot of gamma[ids], for gamma's gradient
+    assert nbytes(acts) <= budget, [(tuple(t.shape), t.dtype) for t in acts]
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -3,6 +3,7 @@ loop (outputs and gradients), PEFT's LoRA Embedding / Conv layers for one expert
 1 x 1 convolution as the linear case, merging, errors."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -31,6 +32,11 @@ CONVS = {
     "conv2d_grouped": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
     "conv2d_1x1": lambda: nn.Conv2d(3, 6, 1),
     "conv1d": lambda: nn.Conv1d(3, 6, 3, padding=1),
+    "conv1d_grouped_strided": lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False),
+    "conv2d_same_circular": lambda: nn.Conv2d(3, 6, (2, 3), padding="same", padding_mode="circular"),
+    "conv2d_same_dilated": lambda: nn.Conv2d(3, 6, (4, 3), padding="same", dilation=(1, 2), bias=False),
+    "conv2d_valid_depthwise": lambda: nn.Conv2d(4, 4, 2, padding="valid", groups=4),
+    "conv3d_grouped": lambda: nn.Conv3d(4, 6, (2, 3, 1), stride=(1, 2, 1), padding=(1, 0, 0), groups=2),
 }
 
 
@@ -43,10 +49,22 @@ def _fill(layer, seed=3):
     return layer
 
 
-def _embedding(mode, dtype=torch.float64, **extra):
+EMBEDDINGS = {
+    "padding_idx": lambda: nn.Embedding(11, 8, padding_idx=0),
+    "scale_grad_by_freq": lambda: nn.Embedding(11, 8, padding_idx=0, scale_grad_by_freq=True),
+    "gemma_embed_scale": lambda: _gemma_embedding(11, 8, padding_idx=0),
+}
+
+
+def _gemma_embedding(num_embeddings=12, embedding_dim=6, padding_idx=1):
+    """Gemma 3's scaled embedding (its forward multiplies by ``embed_scale``; PEFT scales the LoRA delta too)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+    return Gemma3TextScaledWordEmbedding(num_embeddings, embedding_dim, padding_idx=padding_idx, embed_scale=2.5)
+
+
+def _embedding(mode, dtype=torch.float64, base="padding_idx", **extra):
     torch.manual_seed(0)
-    layer = MoELoRAEmbedding(nn.Embedding(11, 8, padding_idx=0).to(dtype), r=4, lora_alpha=8,
-                             **{**MODES[mode], **extra})
+    layer = MoELoRAEmbedding(EMBEDDINGS[base]().to(dtype), r=4, lora_alpha=8, **{**MODES[mode], **extra})
     layer.task_ids = torch.tensor([2, 0]) if mode.startswith("task") else None
     return layer
 
@@ -60,8 +78,9 @@ def _conv(kind, mode, dtype=torch.float64, **extra):
 
 def _conv_input(kind, dtype=torch.float64, seed=1):
     g = torch.Generator().manual_seed(seed)
-    shape = (2, 3, 7) if kind == "conv1d" else (2, 4 if "grouped" in kind else 3, 6, 5)
-    return torch.randn(shape, generator=g, dtype=dtype)
+    channels = 4 if "grouped" in kind or "depthwise" in kind else 3
+    spatial = {"conv1d": (7,), "conv3d": (3, 5, 2)}.get(kind[:6], (6, 5))
+    return torch.randn((2, channels, *spatial), generator=g, dtype=dtype)
 
 
 def _full_b_loop(layer, e):
@@ -89,36 +108,35 @@ def _mix(layer, h_of, base, routing):
 
 
 def embedding_loop(layer, ids):
-    """The float64 reference of MoELoRAEmbedding."""
+    """The float64 reference of MoELoRAEmbedding (the delta times the base's embed_scale, where it has one)."""
     base = layer.base_layer(ids)
     routing = layer.compute_routing(base, tuple(ids.shape))
     flat = ids.reshape(-1)
     pad = layer.base_layer.padding_idx
+    counts = torch.bincount(flat, minlength=layer.num_embeddings)
 
     def column(e, t):  # no gradient flows into the padding_idx column (F.embedding's rule)
         a = layer.expert_A(e)[:, flat[t]]
+        if layer.base_layer.scale_grad_by_freq:  # the gradient divided by the id's count in the batch
+            a = a.detach() + (a - a.detach()) / counts[flat[t]]
         return a.detach() if flat[t] == pad else a
 
-    out = _mix(layer, column, base.reshape(-1, base.shape[-1]), routing)
-    return out.reshape(base.shape)
+    delta = _mix(layer, column, torch.zeros_like(base.reshape(-1, base.shape[-1])), routing)
+    return base + getattr(layer.base_layer, "embed_scale", 1.0) * delta.reshape(base.shape)
 
 
 def _patches(layer, x):
-    """[N*L, C_in*k] input patches of the output positions, by unfold (independent of conv)."""
+    """[N*L, C_in*k] input patches of the output positions (L in order, C_in*k as the kernel's flattened
+    [C_in, *kernel]), cut out of the padded input with Tensor.unfold along each spatial dim (independent of conv)."""
     base = layer.base_layer
-    if layer.geometry.padding_mode != "zeros":
-        x = F.pad(x, layer.geometry.reversed_padding, mode=layer.geometry.padding_mode)
-        padding = 0
-    else:
-        padding = base.padding
-    if x.dim() == 3:  # Conv1d as a 1 x k Conv2d
-        x, kernel = x.unsqueeze(2), (1, base.kernel_size[0])
-        stride, dilation = (1, base.stride[0]), (1, base.dilation[0])
-        padding = (0, padding[0]) if not isinstance(padding, int) else (0, padding)
-    else:
-        kernel, stride, dilation = base.kernel_size, base.stride, base.dilation
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
+    x = F.pad(x, base._reversed_padding_repeated_twice, mode=mode)  # "same" too (asymmetric for even kernels)
+    nd = len(base.kernel_size)
+    for d, (k, s, dil) in enumerate(zip(base.kernel_size, base.stride, base.dilation)):
+        x = x.unfold(2 + d, dil * (k - 1) + 1, s)  # [N, C, o_1.., span_1..]
+    x = x[(...,) + tuple(slice(None, None, dil) for dil in base.dilation)]  # the kernel's taps in each span
+    order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]  # [N, o_1.., C, k_1..]
+    return x.permute(order).reshape(-1, x.shape[1] * math.prod(base.kernel_size))
 
 
 def conv_loop(layer, x):
@@ -154,10 +172,11 @@ def _check_against_loop(layer, run, reference, inputs):
         assert grads["router.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("base", list(EMBEDDINGS))
 @pytest.mark.parametrize("mode", list(MODES))
-def test_embedding_matches_float64_loop(mode):
-    layer = _fill(_embedding(mode))
-    ids = torch.tensor([[1, 5, 0, 10, 5], [3, 3, 7, 2, 9]])
+def test_embedding_matches_float64_loop(mode, base):
+    layer = _fill(_embedding(mode, base=base))
+    ids = torch.tensor([[1, 5, 0, 10, 5], [3, 3, 7, 2, 5]])
     _check_against_loop(layer, lambda m, i: m(i), embedding_loop, ids)
     assert torch.all(layer.lora_A.grad[..., 0] == 0)  # padding_idx, as PEFT
 
@@ -289,9 +308,18 @@ def _peft_equivalence(net, target, ours, copy_weights, x, lora_dropout=0.0):
     return peft_layer
 
 
-def test_single_expert_embedding_equals_peft():
+@pytest.mark.parametrize("base,ids", [
+    (lambda: nn.Embedding(12, 6, padding_idx=1), torch.tensor([[1, 3, 11, 3], [0, 1, 5, 7]])),
+    (lambda: nn.Embedding(12, 6, padding_idx=1, scale_grad_by_freq=True), torch.tensor([[1, 3, 11, 3], [3, 1, 5, 3]])),
+    (_gemma_embedding, torch.tensor([[1, 3, 11, 3], [0, 1, 5, 7]])),
+    (lambda: nn.Embedding(12, 6), torch.tensor([4, 3, 11, 3, 0], dtype=torch.int32)),  # [S], int32
+], ids=["padding_idx", "scale_grad_by_freq", "gemma_embed_scale", "int32_1d"])
+def test_single_expert_embedding_equals_peft(base, ids):
+    """One expert is PEFT's LoRA Embedding: output and the gradients of A and B, with a padding_idx (its column
+    of A gets none), scale_grad_by_freq (A's gradient divided by each id's count), Gemma's embed_scale (the delta
+    scaled as the base's vectors), an int32 id tensor of shape [S]."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Embedding(12, 6, padding_idx=1))
+    net = nn.Sequential(base())
     ours = MoELoRAEmbedding(net[0], num_experts=1, r=4, lora_alpha=8)
 
     def copy(peft_layer, ours):
@@ -299,15 +327,17 @@ def test_single_expert_embedding_equals_peft():
             ours.lora_A[0].copy_(peft_layer.lora_embedding_A["default"])
             ours.lora_B[0].copy_(peft_layer.lora_embedding_B["default"])
 
-    ids = torch.tensor([[1, 3, 11, 3], [0, 1, 5, 7]])
     peft_layer = _peft_equivalence(net, "0", ours, copy, ids)
     torch.testing.assert_close(ours.lora_A.grad[0], peft_layer.lora_embedding_A["default"].grad)
     torch.testing.assert_close(ours.lora_B.grad[0], peft_layer.lora_embedding_B["default"].grad)
+    assert ours.lora_A.grad[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("conv", [lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), lambda: nn.Conv2d(4, 6, 1),
-                                  lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: nn.Conv1d(4, 6, 3, padding=1)],
-                         ids=["3x3_s2", "1x1", "grouped", "conv1d"])
+                                  lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: nn.Conv1d(4, 6, 3, padding=1),
+                                  lambda: nn.Conv2d(4, 6, (2, 3), padding="same", bias=False),
+                                  lambda: nn.Conv3d(4, 6, (2, 3, 1), stride=(1, 2, 1), padding=1, groups=2)],
+                         ids=["3x3_s2", "1x1", "grouped", "conv1d", "same_no_bias", "conv3d_grouped"])
 def test_single_expert_conv_equals_peft(conv):
     torch.manual_seed(0)
     net = nn.Sequential(conv())
@@ -318,7 +348,7 @@ def test_single_expert_conv_equals_peft(conv):
             ours.lora_A[0].copy_(peft_layer.lora_A["default"].weight.reshape(4, -1))
             ours.lora_B[0].copy_(peft_layer.lora_B["default"].weight.reshape(6, -1))
 
-    x = torch.randn(2, 4, 7) if isinstance(net[0], nn.Conv1d) else torch.randn(2, 4, 7, 6)
+    x = torch.randn(2, 4, *{nn.Conv1d: (7,), nn.Conv2d: (7, 6), nn.Conv3d: (3, 5, 4)}[type(net[0])])
     peft_layer = _peft_equivalence(net, "0", ours, copy, x, lora_dropout=0.2)
     torch.testing.assert_close(ours.lora_A.grad[0], peft_layer.lora_A["default"].weight.grad.reshape(4, -1))
     torch.testing.assert_close(ours.lora_B.grad[0], peft_layer.lora_B["default"].weight.grad.reshape(6, -1))
