@@ -12,7 +12,8 @@ as in :class:`moelora.MoELoRALinear`. As PEFT: A starts at zero and B ~ N(0, 1) 
 layer returns the base output), no dropout is applied to the lookup (``lora_dropout`` is
 accepted and unused), and a base ``embed_scale`` (Gemma's scaled embeddings) scales the
 adapter's output too. A base with ``max_norm`` (renormalised in place by each forward) is
-refused.
+refused, as is a subclass whose own forward may look up other rows than its input's (one
+without ``embed_scale``: OPT's positional embedding reads an attention mask).
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class MoELoRAEmbedding(AdapterLayerBase):
                 "renormalises the looked-up rows of the weight in place, so the adapted embedding W + dW has no "
                 "single meaning (PEFT's LoRA renormalises the columns of A instead, a merged layer would renormalise "
                 "W + dW and unmerging would not give W back); set max_norm=None on the base layer first")
+        if type(base_layer).forward is not nn.Embedding.forward and not hasattr(base_layer, "embed_scale"):
+            raise TypeError(
+                f"MoELoRAEmbedding cannot wrap {type(base_layer).__name__}: its forward replaces nn.Embedding's, so "
+                "the rows it returns need not be those of its input, while the adapter looks its input up in A (OPT's "
+                "and BART's learned positional embeddings map an attention mask or input ids to positions, "
+                "Whisper's slices its weight: the delta would be that of other rows, silently); adapt the token "
+                "embedding instead. Scaled token embeddings with an embed_scale (Gemma's) are wrapped")
         super().__init__(base_layer, layer_settings(settings, kwargs), a_in=base_layer.num_embeddings,
                          d_out=base_layer.embedding_dim, router_in=base_layer.embedding_dim)
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim

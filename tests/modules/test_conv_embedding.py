@@ -500,6 +500,24 @@ def test_wrong_bases_and_settings_raise_clear_errors():
         layer(torch.randn(1, 3, 2, 2, dtype=torch.float64))
 
 
+def test_embedding_subclasses_whose_forward_looks_up_other_rows_are_refused():
+    """OPT's learned positional embedding looks up the positions of its attention-mask input (BART's those of its
+    input ids' shape, Whisper's slices its weight): the adapter's lookup of the input itself added the delta of
+    other rows, silently (OPT: the rows of ids 0 and 1 on every position). Such a subclass (a forward of its own,
+    no embed_scale) is refused, naming it; Gemma's scaled embedding and a subclass keeping nn.Embedding's forward
+    are wrapped."""
+    from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
+    from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding
+    from transformers.models.whisper.modeling_whisper import WhisperPositionalEmbedding
+
+    for base in (OPTLearnedPositionalEmbedding(20, 8), BartLearnedPositionalEmbedding(20, 8),
+                 WhisperPositionalEmbedding(20, 8)):
+        with pytest.raises(TypeError, match=f"cannot wrap {type(base).__name__}: its forward replaces nn.Embedding's"):
+            MoELoRAEmbedding(base, num_experts=1)
+    MoELoRAEmbedding(_gemma_embedding(), num_experts=1)
+    MoELoRAEmbedding(type("Tagged", (nn.Embedding,), {})(12, 6), num_experts=1)
+
+
 def test_half_precision_bases_get_fp32_adapters_and_keep_dtype():
     emb = MoELoRAEmbedding(nn.Embedding(10, 8).to(torch.bfloat16), num_experts=2, top_k=1, r=4)
     conv = MoELoRAConv(nn.Conv2d(3, 8, 3).to(torch.bfloat16), num_experts=2, top_k=1, r=4)
