@@ -70,13 +70,14 @@ class MoELoRAEmbedding(AdapterLayerBase):
     def _init_lora_factors(self, init_lora_weights: Union[bool, str]) -> None:
         """PEFT's embedding init: A = 0, B ~ N(0, 1); ``init_lora_weights=False`` and task experts
         (gated by gamma = 0 at init, and A must be non-zero for gamma to get a gradient) draw A
-        from N(0, 1) too; a task-shared LoRA keeps A = 0. The column of A of the base's ``padding_idx``
-        is 0 whatever the init (and gets no gradient), so the padding token keeps the base's vector."""
+        from N(0, 1) too; a task-shared LoRA keeps A = 0 (its B = 0 where A is shared by every expert,
+        MoSLD), so that it starts at no delta. The column of A of the base's ``padding_idx`` is 0
+        whatever the init (and gets no gradient), so the padding token keeps the base's vector."""
         nn.init.normal_(self.lora_B)
         if init_lora_weights is False or self.router_mode == "task":
             nn.init.normal_(self.lora_A)
-            if self.task_shared_lora and init_lora_weights is not False and not self.share_lora_a:
-                zero_expert_(self.lora_A, -1)
+            if self.task_shared_lora and init_lora_weights is not False:
+                zero_expert_(self.lora_B if self.share_lora_a else self.lora_A, -1)
         else:
             self.lora_A.zero_()
         if self.base_layer.padding_idx is not None:  # as nn.Embedding's padding row: the padding vector stays fixed

@@ -24,6 +24,7 @@ MODES = {
     "shared_a": dict(num_experts=3, top_k=2, share_lora_a=True),
     "task": dict(num_experts=3, router="task"),
     "task_shared": dict(num_experts=3, router="task", task_shared_lora=True),
+    "task_shared_a": dict(num_experts=3, router="task", task_shared_lora=True, share_lora_a=True),
     "single": dict(num_experts=1),
 }
 CONVS = {
