@@ -265,7 +265,7 @@ def test_triton_embedding_output_takes_in_place_ops():
         assert torch.equal(g, expected)
 
 
-@pytest.mark.parametrize("mode", ["softmax_topk", "task", "task_shared", "shared_a"])
+@pytest.mark.parametrize("mode", ["softmax_topk", "task", "task_shared", "task_shared_a", "shared_a"])
 @pytest.mark.parametrize("init", [True, False])
 def test_padding_token_keeps_the_base_vector_after_training(mode, init):
     """As nn.Embedding's padding row, the padding token's vector stays fixed in training: its column
