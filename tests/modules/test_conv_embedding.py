@@ -182,6 +182,27 @@ def test_embedding_matches_float64_loop(mode, base):
     assert torch.all(layer.lora_A.grad[..., 0] == 0)  # padding_idx, as PEFT
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_embedding_takes_int32_ids_of_any_shape_and_no_ids(mode, backend):
+    """As nn.Embedding: int32 ids give the int64 ids' output, ids of shape [S] (an int task id) and [B, S, K]
+    the rows of the [B, S] output, 0 tokens an empty output with zero gradients."""
+    layer = _fill(_embedding(mode, torch.float32)).to(DEVICE).eval()
+    ids = torch.tensor([[1, 5, 0, 10, 5], [3, 3, 7, 2, 9]], device=DEVICE)
+    task = mode.startswith("task")
+    with moelora.use_backend(backend):
+        expected = layer(ids)
+        torch.testing.assert_close(layer(ids.int()), expected, rtol=0, atol=0)
+        torch.testing.assert_close(layer(ids.reshape(2, -1, 1)), expected.reshape(2, -1, 1, 8), rtol=1e-6, atol=1e-6)
+        layer.task_ids = 2 if task else None
+        torch.testing.assert_close(layer(ids[0]), expected[0], rtol=1e-6, atol=1e-6)
+        layer.task_ids = torch.tensor([2, 0], device=DEVICE) if task else None
+        empty = layer(ids[:, :0])
+    assert empty.shape == (2, 0, 8)
+    empty.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
+
+
 @pytest.mark.parametrize("kind", list(CONVS))
 @pytest.mark.parametrize("mode", list(MODES))
 def test_conv_matches_float64_loop(kind, mode):
