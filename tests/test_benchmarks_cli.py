@@ -539,3 +539,20 @@ def test_a_case_that_draws_random_numbers_is_checked_against_the_same_draws():
                                   passes=("fwdbwd",), sets_count=1)
         errors.append((rec["rel_err_vs_reference"], rec.get("grad_rel_err_vs_reference")))
     assert all(e < 1e-5 for pair in errors for e in pair), errors
+
+
+def test_graph_replay_target_does_not_read_a_failed_graph_check():
+    """The CUDA-graph check records its replay time whether or not the replay matched eager: a replay whose
+    output or gradients differ (status "fail") computes something else, and was still read as met or
+    missed. Only a passing check's replay time is compared with the 0.12 ms target."""
+    name = "S1 delta fwd+bwd device time (CUDA-graph replay) <= 0.12 ms"
+
+    def graph_target(check):
+        found = {t["target"]: t for t in targets.evaluate({"cases": [], "checks": {"cuda_graph_S1": check}})}
+        return found[name]
+
+    check = {"status": "pass", "rel_err": {"y": 1e-3}, "tolerance": 2e-2, "replay_median_ms": 0.1}
+    assert graph_target(check)["status"] == "met"
+    wrong = graph_target({**check, "status": "fail", "rel_err": {"y": 0.5}})
+    assert wrong["status"] == "not measured" and "fail" in wrong["detail"], wrong
+    assert graph_target({})["status"] == "not measured"
