@@ -287,7 +287,9 @@ def _moelora_linear_layer(router: str, dropout: float = 0.0, autocast: bool = Fa
         trainable = [p for p in layer.parameters() if p.requires_grad]
 
         def forward():  # the aux loss is computed (and recorded) in every training forward
-            with torch.autocast(x.device.type, dtype=s["x"].dtype, enabled=amp):
+            if not amp:  # no autocast context at all: entering even a disabled one costs the host microseconds
+                return layer(x)
+            with torch.autocast(x.device.type, dtype=s["x"].dtype):
                 return layer(x)
 
         def reference():  # the layer in fp32 (its modules' current mode), without autocast
