@@ -152,8 +152,10 @@ def _gradients(p: Prepared, s: dict) -> tuple:
 
 def _reference_gradients(shape: Shape, group: str, impl: str, p: Prepared, s: dict, cache: dict) -> tuple:
     """The fp32 reference's gradients for ``p``'s leaves on set ``s``: its twin's (``Prepared.reference``,
-    on moelora's PyTorch backend), or those of the set's reference in fp32 copies of the set's tensors that
-    are ``p``'s leaves (kept in ``cache`` for the group's other implementations with the same leaves)."""
+    on moelora's PyTorch backend), or those of the set's reference in fp32 copies of the set's trainable
+    tensors (kept in ``cache`` for the group's other implementations), ``p``'s leaves first, then those of the
+    set's trainable tensors that are not ``p``'s leaves (a backward that leaves out an input the reference
+    differentiates then has a gradient missing: ``grad_rel_err`` is inf)."""
     if p.reference is not None:
         twin = p.reference()
         return _on_torch(lambda: _gradients(twin, s))
@@ -164,21 +166,24 @@ def _reference_gradients(shape: Shape, group: str, impl: str, p: Prepared, s: di
             raise ValueError(f"{impl}: leaf {i} {tuple(leaf.shape)} is none of the input set's tensors and the "
                              "implementation gives no reference (Prepared.reference)")
         keys.append(key)
-    key = ("grad", _reference_kind(group, impl), tuple(keys))
+    trainable = [k for k, v in s.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    key = ("grad", _reference_kind(group, impl))
     if key not in cache:
-        leaves = {k: s[k].detach().float().requires_grad_() for k in keys}
+        leaves = {k: s[k].detach().float().requires_grad_() for k in trainable}
         with torch.enable_grad():
             y = _reference(shape, group, impl, {**s, **leaves})
-            cache[key] = torch.autograd.grad([y], [leaves[k] for k in keys], [s["grad_out"].float().view_as(y)],
-                                             allow_unused=True)
-    return cache[key]
+            grads = torch.autograd.grad([y], [leaves[k] for k in trainable], [s["grad_out"].float().view_as(y)],
+                                        allow_unused=True)
+        cache[key] = dict(zip(trainable, grads))
+    return tuple(cache[key][k] for k in keys) + tuple(cache[key][k] for k in trainable if k not in keys)
 
 
 def grad_rel_err(got, want) -> float:
     """The largest ``rel_err`` over the leaves' gradients; inf where a leaf has a non-zero gradient on one
-    side and none on the other (the implementation skips, or adds, work the reference's backward does)."""
+    side and none on the other (the implementation skips, or adds, work the reference's backward does), or
+    where one side has more gradients (``want``'s for inputs the implementation does not differentiate)."""
     worst = 0.0
-    for g, r in zip(got, want):
+    for g, r in itertools.zip_longest(got, want):
         if g is None or r is None:
             if (r if g is None else g) is not None and bool((r if g is None else g).any()):
                 return float("inf")

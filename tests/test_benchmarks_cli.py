@@ -586,3 +586,27 @@ def test_layer_cases_without_mixed_precision_enter_no_autocast_context(monkeypat
                     impl.prepare(shape, s).forward()
                 amp = impl.name.endswith("-autocast") and dtype == torch.bfloat16
                 assert entered == ([True] if amp else []), (impl.name, dtype, entered)
+
+
+def test_a_case_whose_backward_leaves_out_an_input_is_an_error_not_a_timing(tmp_path, monkeypatch):
+    """The gradient check compared the leaves an implementation names: one that leaves an input out of
+    them (here torch-dense with the routing weights detached and not among its leaves: less backward work)
+    had nothing to compare there and was an "ok" case in the bwd and fwdbwd passes. The reference's gradients
+    of the set's trainable tensors the implementation does not differentiate now count as missing."""
+    from benchmarks import baselines
+
+    dense = baselines.moe_lora_dense
+
+    def prepare(shape, s):
+        return impls.Prepared(lambda: dense(s["x"], s["a"], s["b"], s["ids"], s["w"].detach(), shape.scaling),
+                              [s["x"], s["a"], s["b"]])
+
+    monkeypatch.setattr(impls.by_name("torch-dense"), "prepare", prepare)
+    results, _ = _run(tmp_path, "--shapes", "S4", "--no-sweep", "--passes", "fwd,fwdbwd", "--no-host-overhead")
+    cases = {c["id"]: c for c in results["cases"]}
+    assert cases["S4/delta/fwd/torch-dense"]["status"] == "ok"
+    wrong = cases["S4/delta/fwdbwd/torch-dense"]
+    assert wrong["status"] == "error" and wrong["error"].startswith("wrong gradient: "), wrong
+    assert wrong["grad_rel_err_vs_reference"] == float("inf")
+    right = cases["S4/delta/fwdbwd/moelora-torch"]
+    assert right["status"] == "ok" and right["grad_rel_err_vs_reference"] < 1e-5, right
