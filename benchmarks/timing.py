@@ -36,12 +36,12 @@ def time_iterations(step: Callable[[int], object], iterations: int, device: torc
         for n in range(iterations):
             if host_ms is not None:
                 torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
             begin[n].record()
+            t0 = time.perf_counter()  # the host clock around the call alone, not the event records
             step(start + n)
-            end[n].record()
             if host_ms is not None:
                 host_ms.append((time.perf_counter() - t0) * 1e3)
+            end[n].record()
         torch.cuda.synchronize(device)
         return [b.elapsed_time(e) for b, e in zip(begin, end)]
     times = []
