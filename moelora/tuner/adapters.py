@@ -389,23 +389,26 @@ def _own_parameters(module: nn.Module) -> List[nn.Parameter]:
 
 
 def layer_status(wrapper: nn.Module) -> List[LayerStatus]:
-    """:class:`LayerStatus` of every place of ``wrapper``'s model that an adapter (active or stored) adapts."""
-    held: Dict[str, Dict[str, nn.Module]] = {n: {wrapper.active_adapter: m} for n, m in
-                                             adapter_modules(wrapper.model).items()}
+    """:class:`LayerStatus` of every place of ``wrapper``'s model that an adapter (active or stored) adapts. As
+    PEFT's (whose set_adapter and disable_adapter_layers reach every layer), a place only stored adapters adapt
+    reports the model's active adapter and whether the model's adapters are enabled."""
+    active_modules = adapter_modules(wrapper.model)
+    held: Dict[str, Dict[str, nn.Module]] = {n: {wrapper.active_adapter: m} for n, m in active_modules.items()}
     for adapter_name, store in wrapper.inactive_adapters.items():
         for name, module in store.items():
             held.setdefault(name, {})[adapter_name] = module
+    disabled = any(m.disable_adapters for m in active_modules.values())  # the model's switch (see set_adapter)
     statuses = []
     for name, modules in held.items():
         module = modules.get(wrapper.active_adapter, next(iter(modules.values())))
-        active = [wrapper.active_adapter] if wrapper.active_adapter in modules else []
+        active, here = [wrapper.active_adapter], wrapper.active_adapter in modules
         base = getattr(module, _original_attribute(module))
         weight = getattr(base, "weight", None)
         quantised = isinstance(weight, torch.Tensor) and is_quantised_weight(weight)
         statuses.append(LayerStatus(
             name=f"model.{name}", module_type=f"moelora.{type(module).__name__}",
-            enabled=not module.disable_adapters, active_adapters=active,
-            merged_adapters=active if active and getattr(module, "merged", False) else [],
+            enabled=not (module.disable_adapters if here else disabled), active_adapters=active,
+            merged_adapters=active if here and getattr(module, "merged", False) else [],
             requires_grad={a: _all_or_irregular(p.requires_grad for p in _own_parameters(m)) for a, m in modules.items()},
             available_adapters=sorted(modules),
             devices={a: sorted({p.device.type for p in _own_parameters(m)}) for a, m in modules.items()},

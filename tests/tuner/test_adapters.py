@@ -853,3 +853,39 @@ def test_layer_and_model_status_and_parameter_counts_match_peft_s():
         model.model.model.layers[0].self_attn.q_proj.requires_grad_(False)  # one layer frozen: "irregular"
     same_status()
     assert ours.get_model_status().requires_grad["default"] == "irregular"
+
+
+def test_layer_status_of_places_only_inactive_adapters_adapt_matches_peft_s():
+    """A place that only inactive adapters adapt reports, as PEFT's, the model's active adapter and its enabled
+    state (PEFT's set_adapter and disable_adapter_layers reach every layer), so that the model's status is
+    regular: an adapter on other targets than the stored one is active, enabled or disabled."""
+    import dataclasses
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    theirs.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=1))
+    ours.add_adapter("other", MoELoRAConfig(r=2, target_modules=["v_proj"], num_experts=1))
+    ignored = {"module_type": None, "adapter_model_type": None, "peft_types": None}
+
+    def same_status():
+        layers = lambda m: sorted((dataclasses.asdict(s) | ignored for s in m.get_layer_status()),  # noqa: E731
+                                  key=lambda s: s["name"])
+        assert layers(ours) == layers(theirs)
+        assert dataclasses.asdict(ours.get_model_status()) | ignored == \
+            dataclasses.asdict(theirs.get_model_status()) | ignored
+
+    for model in (ours, theirs):
+        model.set_adapter("other")
+    same_status()
+    assert ours.get_model_status().active_adapters == ["other"]
+    for model in (ours, theirs):
+        model.disable_adapter_layers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ours.get_model_status().enabled is False
+        for model in (ours, theirs):
+            for p in model.parameters():  # PEFT's disable freezes the adapter: compare the rest
+                p.requires_grad_(False)
+        same_status()
