@@ -49,6 +49,7 @@ from moelora.tuner.merge import check_task_used
 from moelora.modules.conv import MoELoRAConv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
+from moelora.modules.routed import restore_routing_records, routing_records
 from moelora.tuner.adapters import (DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, merged_tasks,
                                     optional_names, remerge)
 from moelora.tuner.targets import pattern_value, unwrap
@@ -155,12 +156,14 @@ def _adapter_directory(save_directory: str, adapter_name: str) -> str:
 
 @contextlib.contextmanager
 def _adapter_active(model: nn.Module, adapter_name: str):
-    """Make ``adapter_name`` the active adapter inside the block (trainability, and the merged
-    layers of the active adapter, restored after)."""
+    """Make ``adapter_name`` the active adapter inside the block (trainability, the train / eval mode of every
+    module, the merged layers of the active adapter and the loss and statistics of their last forward, restored
+    after)."""
     if adapter_name == model.active_adapter:
         yield
         return
     previous, flags = model.active_adapter, [(p, p.requires_grad) for p in model.parameters()]
+    modes, records = [(m, m.training) for m in model.modules()], routing_records(model.model)
     merged = merged_tasks(model.model)
     model.set_adapter(adapter_name)
     try:
@@ -170,6 +173,9 @@ def _adapter_active(model: nn.Module, adapter_name: str):
         remerge(model.model, merged)
         for p, flag in flags:
             p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+        restore_routing_records(records)
 
 
 def _save_active_adapter(model: nn.Module, save_directory: str, state_dict: Optional[dict] = None) -> None:

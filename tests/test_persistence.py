@@ -535,3 +535,36 @@ def test_a_task_given_to_a_model_without_task_routing_is_refused_not_ignored(tmp
             call()
     assert not any(getattr(m, "merged", False) for m in model.modules()) and not (tmp_path / "peft").exists()
     model.merge_adapter()  # without a task it merges
+
+
+def test_saving_several_adapters_keeps_the_active_adapters_last_aux_loss_and_router_stats(tmp_path):
+    """save_pretrained activates each adapter in turn to write it; the active adapter's layers then hold the loss
+    and statistics of their last forward as before (a loop saving between its forward and its logging or
+    its moelora.aux_loss), not nothing."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=4,
+                                                                      top_k=2))
+    model.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1))
+    model.train()
+    model(token_batch(), labels=token_batch())
+    loss, stats = model.aux_loss(), model.router_stats()
+    assert loss > 0 and len(stats) == 2
+    model.save_pretrained(str(tmp_path))
+    assert torch.equal(model.aux_loss(), loss)
+    after = model.router_stats()
+    assert after.keys() == stats.keys()
+    for name in stats:
+        assert all(torch.equal(after[name][k], stats[name][k]) for k in stats[name]), name
+
+
+def test_saving_several_adapters_leaves_every_modules_train_or_eval_mode(tmp_path):
+    """save_pretrained's round trip through the other adapters leaves each module in its mode: the wrapped model
+    put in eval mode by itself (``model.get_base_model().eval()``) keeps its adapter layers in eval mode (no
+    dropout, no router noise), not the wrapper's train mode that set_adapter gives the adapters it stores."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=4,
+                                                                      top_k=2, lora_dropout=0.5))
+    model.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1))
+    model.train()
+    model.get_base_model().eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    model.save_pretrained(str(tmp_path))
+    assert {n: m.training for n, m in model.named_modules()} == modes

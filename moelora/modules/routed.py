@@ -202,3 +202,16 @@ class RoutedModule:
         self.__dict__["_aux_loss_lost_grad"] = not grad and self.training
         self.__dict__["_last_router_stats"] = RouterStats(counts, routing.logits, aux_stats,
                                                           routing.weights.shape[0], mask)
+
+
+def routing_records(model: nn.Module) -> list:
+    """(module, its last forward's loss and statistics) of every routed module of ``model``, which
+    :func:`restore_routing_records` gives back (after what clears them: ``set_adapter``'s round trip)."""
+    return [(m, {k: m.__dict__[k] for k in ("_last_aux_loss", "_last_router_stats", "_aux_loss_lost_grad")})
+            for m in model.modules() if isinstance(m, RoutedModule)]
+
+
+def restore_routing_records(records: list) -> None:
+    """Give each module the record :func:`routing_records` took of it."""
+    for module, record in records:
+        module.__dict__.update(record)
