@@ -1184,7 +1184,9 @@ class MoELoRAModel(nn.Module):
                              f"{list(adapter_names)}; set_adapter(name) first to merge another one")
 
     def unload(self) -> nn.Module:
-        """The base model back, without merging: every adapter module replaced by its original."""
+        """The base model back, without merging: every adapter layer replaced by its base layer (a merged one
+        unmerged first) and each saved module (``modules_to_save``) by its trained copy, as PEFT's."""
+        adapters.unwrap_modules_to_save(self.model)
         adapters.deactivate(self.model)
         return self.model
 

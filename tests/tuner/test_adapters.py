@@ -889,3 +889,24 @@ def test_layer_status_of_places_only_inactive_adapters_adapt_matches_peft_s():
             for p in model.parameters():  # PEFT's disable freezes the adapter: compare the rest
                 p.requires_grad_(False)
         same_status()
+
+
+def test_unload_keeps_the_trained_copy_of_saved_modules_as_peft_s():
+    """unload() (without merging) gives the base model back with each saved module's trained copy in place, as
+    PEFT's (and merge_and_unload), and the adapter layers' base layers: the same model as PEFT's unload."""
+    from peft import LoraConfig, get_peft_model
+
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=2, target_modules=["q_proj"], num_experts=1,
+                                                                      modules_to_save=["lm_head"]))
+    theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                 modules_to_save=["lm_head"]))
+    for model, copy_ in ((ours, ours.model.lm_head.modules_to_save),
+                         (theirs, theirs.base_model.model.lm_head.modules_to_save["default"])):
+        with torch.no_grad():
+            copy_.weight.add_(1.0)
+    ours, theirs = ours.unload(), theirs.unload()
+    assert type(ours.lm_head) is nn.Linear and not hasattr(ours.lm_head, "moelora_owned")
+    assert type(ours.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert torch.equal(ours.lm_head.weight, theirs.lm_head.weight)
+    ids = token_batch()
+    assert torch.equal(ours(ids).logits, theirs(ids).logits)
