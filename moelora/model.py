@@ -52,7 +52,7 @@ from moelora.modules.linear import MoELoRALinear, is_conv1d
 from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.fields import is_int, is_integral
-from moelora.modules.routed import RoutedModule, RouterStats
+from moelora.modules.routed import RoutedModule, RouterStats, restore_routing_records, routing_records
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
 from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, layer_index, matches, set_module, stacked_expert_parameters,
@@ -1269,11 +1269,12 @@ class MoELoRAModel(nn.Module):
     def add_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:
         """Add an adapter built from ``config`` (inactive and frozen; see :meth:`set_adapter`), its
         modules in the model's train / eval mode (``self.training``). It is built on the unmerged base
-        layers: a merged active adapter is unmerged meanwhile, and merged again after."""
+        layers: a merged active adapter is unmerged meanwhile, and merged again after; the loss and statistics
+        of its last forward stay."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=False)
         check_model_and_config(self.model, config)
         config = with_default_targets(self.model, config)  # before the active adapter leaves the model
-        merged = adapters.merged_tasks(self.model)
+        merged, records = adapters.merged_tasks(self.model), routing_records(self.model)
         active = adapters.deactivate(self.model)
         try:
             config = with_expert_counts_listed(self.model, config, inject_moelora(self.model, config))
@@ -1281,6 +1282,7 @@ class MoELoRAModel(nn.Module):
         finally:
             adapters.activate(self.model, active)
             adapters.remerge(self.model, merged)
+            restore_routing_records(records)
             self._mark_trainable()
         self.inactive_adapters[adapter_name] = adapters.stored(new).train(self.training)
         self.adapter_configs[adapter_name] = config

@@ -910,3 +910,21 @@ def test_unload_keeps_the_trained_copy_of_saved_modules_as_peft_s():
     assert torch.equal(ours.lm_head.weight, theirs.lm_head.weight)
     ids = token_batch()
     assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def test_adding_and_loading_an_adapter_keep_the_active_adapters_last_aux_loss_and_router_stats(tmp_path):
+    """add_adapter / load_adapter take the active adapter out of the model while they build the new one; its
+    layers then hold the loss and statistics of their last forward as before, not nothing."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=4,
+                                                                      top_k=2))
+    model.add_adapter("saved", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1))
+    model.save_pretrained(str(tmp_path), selected_adapters=["saved"])
+    model.delete_adapter("saved")
+    model.train()
+    model(token_batch(), labels=token_batch())
+    loss, stats = model.aux_loss(), model.router_stats()
+    assert loss > 0 and len(stats) == 2
+    model.add_adapter("added", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1))
+    model.load_adapter(str(tmp_path / "saved"), "saved")
+    assert torch.equal(model.aux_loss(), loss)
+    assert model.router_stats().keys() == stats.keys()
