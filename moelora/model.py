@@ -1314,12 +1314,15 @@ class MoELoRAModel(nn.Module):
         self._mark_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Drop ``adapter_name``; deleting the active one activates the first remaining adapter."""
+        """Drop ``adapter_name``; deleting the active one activates the first remaining adapter in sorted order,
+        with a warning naming it, as PEFT's."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=True)
         if adapter_name == self.active_adapter:
-            others = [n for n in self.adapter_configs if n != adapter_name]
+            others = sorted(n for n in self.adapter_configs if n != adapter_name)
             if not others:
                 raise ValueError(f"{adapter_name!r} is the model's only adapter; it cannot be deleted")
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{others[0]}.", stacklevel=2)
             self.set_adapter(others[0])
         del self.inactive_adapters[adapter_name]
         del self.adapter_configs[adapter_name]

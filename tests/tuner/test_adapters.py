@@ -928,3 +928,21 @@ def test_adding_and_loading_an_adapter_keep_the_active_adapters_last_aux_loss_an
     model.load_adapter(str(tmp_path / "saved"), "saved")
     assert torch.equal(model.aux_loss(), loss)
     assert model.router_stats().keys() == stats.keys()
+
+
+def test_deleting_the_active_adapter_activates_the_first_remaining_by_name_and_warns_as_peft_s():
+    """PEFT's delete_adapter of the active adapter activates the first of the remaining adapters in sorted order
+    (not the order they were added in) and warns which; moelora's does the same."""
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=2, target_modules=["q_proj"]))
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=2, target_modules=["q_proj"], num_experts=1))
+    for name in ("zeta", "alpha"):
+        theirs.add_adapter(name, LoraConfig(r=2, target_modules=["q_proj"]))
+        ours.add_adapter(name, MoELoRAConfig(r=2, target_modules=["q_proj"], num_experts=1))
+    for model in (theirs, ours):
+        with pytest.warns(UserWarning, match="Adapter default was active which is now deleted. Setting active "
+                                             "adapter to alpha"):
+            model.delete_adapter("default")
+    assert ours.active_adapter == theirs.active_adapter == "alpha"
+    assert ours.get_model_status().requires_grad == {"alpha": True, "zeta": False}
