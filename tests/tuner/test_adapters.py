@@ -946,3 +946,23 @@ def test_deleting_the_active_adapter_activates_the_first_remaining_by_name_and_w
             model.delete_adapter("default")
     assert ours.active_adapter == theirs.active_adapter == "alpha"
     assert ours.get_model_status().requires_grad == {"alpha": True, "zeta": False}
+
+
+def test_task_ids_are_state_of_each_adapters_layers():
+    """As docs/layers.md says: set_task_ids gives the ids to the active adapter's task-routed layers; an adapter
+    activated later routes by the ids its layers held when it was last active, a new one by none."""
+    def config():
+        return MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=1, router="task")
+
+    model = get_moelora_model(tiny_llama(num_layers=2), config())
+    model.add_adapter("other", config())
+    model.set_task_ids(3)
+    model.set_adapter("other")
+    with pytest.raises(RuntimeError, match="routes by task id but none is set"):
+        model(token_batch())
+    model.set_task_ids(1)
+    model.set_adapter("default")
+    held = lambda: {int(m.task_ids) for m in model.model.modules() if isinstance(m, MoELoRALinear)}  # noqa: E731
+    assert held() == {3}
+    model.set_adapter("other")
+    assert held() == {1}
