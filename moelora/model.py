@@ -1298,14 +1298,15 @@ class MoELoRAModel(nn.Module):
         if adapter_name == self.active_adapter:
             return
         incoming = self.inactive_adapters[adapter_name]
-        merged = adapters.merged_tasks(self.model)
+        merged, records = adapters.merged_tasks(self.model), routing_records(self.model)
         outgoing = adapters.deactivate(self.model)
         disabled = any(m.disable_adapters for m in outgoing.values())
         try:
             adapters.activate(self.model, dict(incoming.items()))
-        except BaseException:  # nothing of it went in: the active adapter goes back, merged as it was
+        except BaseException:  # nothing of it went in: the active adapter goes back as it was (merged, records)
             adapters.activate(self.model, outgoing)
             adapters.remerge(self.model, merged)
+            restore_routing_records(records)
             raise
         adapters.set_adapter_layers(self.model, enabled=not disabled)
         del self.inactive_adapters[adapter_name]

@@ -966,3 +966,20 @@ def test_task_ids_are_state_of_each_adapters_layers():
     assert held() == {3}
     model.set_adapter("other")
     assert held() == {1}
+
+
+def test_set_adapter_that_cannot_go_in_leaves_the_active_adapters_last_aux_loss_and_router_stats():
+    """The rollback of a refused set_adapter gives the active adapter back its last forward's loss and statistics
+    too (taking it out clears them), as add_adapter / save_pretrained leave them."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=4,
+                                                                      top_k=2))
+    model.add_adapter("ffn", MoELoRAConfig(target_modules=["up_proj"], num_experts=1))
+    for layer in model.model.model.layers:
+        layer.mlp = nn.Identity()
+    model.train()
+    model(token_batch(), labels=token_batch())
+    loss, stats = model.aux_loss(), model.router_stats()
+    assert loss > 0 and len(stats) == 2
+    with pytest.raises(ValueError, match="which the model no longer has"):
+        model.set_adapter("ffn")
+    assert torch.equal(model.aux_loss(), loss) and model.router_stats().keys() == stats.keys()
