@@ -205,13 +205,12 @@ class RoutedModule:
 
 
 def routing_records(model: nn.Module) -> list:
-    """(module, its last forward's loss and statistics) of every routed module of ``model``, which
+    """(module, :meth:`RoutedModule.routing_record`) of every routed module of ``model``, which
     :func:`restore_routing_records` gives back (after what clears them: ``set_adapter``'s round trip)."""
-    return [(m, {k: m.__dict__[k] for k in ("_last_aux_loss", "_last_router_stats", "_aux_loss_lost_grad")})
-            for m in model.modules() if isinstance(m, RoutedModule)]
+    return [(m, m.routing_record()) for m in model.modules() if isinstance(m, RoutedModule)]
 
 
 def restore_routing_records(records: list) -> None:
     """Give each module the record :func:`routing_records` took of it."""
     for module, record in records:
-        module.__dict__.update(record)
+        module.restore_routing_record(record)
