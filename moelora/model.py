@@ -51,7 +51,7 @@ from moelora.tuner.config import TASK_HEADS, MoELoRAConfig
 from moelora.modules.linear import MoELoRALinear, is_conv1d
 from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
-from moelora.modules.fields import is_int, is_integral
+from moelora.modules.fields import BOOL, check_field, is_int, is_integral
 from moelora.modules.routed import RoutedModule, RouterStats, restore_routing_records, routing_records
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
@@ -858,9 +858,9 @@ class MoELoRAModel(nn.Module):
         self.adapter_configs: Dict[str, MoELoRAConfig] = {adapter_name: config}
         self.active_adapter = adapter_name
         self.inactive_adapters = nn.ModuleDict().train(model.training)
-        self.adapters_trainable = True  # set_adapter makes the adapter it activates trainable
-        # adapters built with inference_mode (loaded with is_trainable=False): frozen when active
-        self.inference_adapters = {adapter_name} if config.inference_mode else set()
+        # whether the active adapter is frozen: built with inference_mode (loaded with is_trainable=False), or
+        # activated by set_adapter(..., inference_mode=True)
+        self._active_frozen = config.inference_mode
         # the _Swaps (task ids, aux-loss mask) of the last forward, put back by the next (a list mutated
         # in place: dynamo 2.11 cannot trace a module's __dict__.pop)
         self._forward_swaps = []
@@ -1286,17 +1286,22 @@ class MoELoRAModel(nn.Module):
             self._mark_trainable()
         self.inactive_adapters[adapter_name] = adapters.stored(new).train(self.training)
         self.adapter_configs[adapter_name] = config
-        if config.inference_mode:
-            self.inference_adapters.add(adapter_name)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Activate ``adapter_name``: its layers go into the model (trainable unless the model or
-        this adapter was loaded for inference, ``is_trainable=False``), enabled or disabled as the
-        model is (:meth:`disable_adapter_layers` switches the model off, not one adapter, as PEFT's);
-        the active one is stored, frozen (merged layers are unmerged)."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Activate ``adapter_name``: its layers go into the model, trainable unless ``inference_mode``
+        (frozen then), as PEFT's: also an adapter loaded or built for inference, and the active adapter
+        itself (only its trainability is set), enabled or disabled as the model is
+        (:meth:`disable_adapter_layers` switches the model off, not one adapter, as PEFT's); the active
+        one is stored, frozen (merged layers are unmerged)."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=True)
-        if adapter_name == self.active_adapter:
-            return
+        check_field("inference_mode", inference_mode, BOOL)
+        if adapter_name != self.active_adapter:
+            self._swap_in(adapter_name)
+        self._active_frozen = inference_mode
+        self._mark_trainable()
+
+    def _swap_in(self, adapter_name: str) -> None:
+        """Put the stored adapter ``adapter_name``'s layers into the model, the active one's into the store."""
         incoming = self.inactive_adapters[adapter_name]
         merged, records = adapters.merged_tasks(self.model), routing_records(self.model)
         outgoing = adapters.deactivate(self.model)
@@ -1312,7 +1317,6 @@ class MoELoRAModel(nn.Module):
         del self.inactive_adapters[adapter_name]
         self.inactive_adapters[self.active_adapter] = adapters.stored(outgoing).train(self.training)
         self.active_adapter = adapter_name
-        self._mark_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop ``adapter_name``; deleting the active one activates the first remaining adapter in sorted order,
@@ -1327,16 +1331,15 @@ class MoELoRAModel(nn.Module):
             self.set_adapter(others[0])
         del self.inactive_adapters[adapter_name]
         del self.adapter_configs[adapter_name]
-        self.inference_adapters.discard(adapter_name)
 
     def load_adapter(self, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
         """Load an adapter saved by :meth:`save_pretrained` as ``adapter_name`` (inactive, in the
-        model's train / eval mode, as :meth:`add_adapter`); without ``is_trainable`` it stays frozen
-        when activated, the other adapters keep their trainability (as PEFT's)."""
+        model's train / eval mode, as :meth:`add_adapter`; its config's ``inference_mode`` is ``not
+        is_trainable``); :meth:`set_adapter` makes it trainable or frozen when it activates it (as PEFT's)."""
         persistence.load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
 
     def _mark_trainable(self) -> None:
-        if self.adapters_trainable and self.active_adapter not in self.inference_adapters:
+        if not self._active_frozen:
             mark_only_adapters_trainable(self.model, self.moelora_config.bias)
         else:
             for p in self.model.parameters():
@@ -1388,7 +1391,6 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
         for p in wrapped.parameters():
             p.requires_grad_(False)
         wrapped.eval()
-    wrapped.adapters_trainable = is_trainable
     return wrapped
 
 

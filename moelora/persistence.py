@@ -286,9 +286,9 @@ def _legacy_base_tensor(name: str, present: dict) -> bool:
 def load_adapter(model: nn.Module, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name`` (inactive), as PEFT's
     ``load_adapter``. The model must have the structure (upcycling, MoLEx) the adapter was
-    saved with; ``is_trainable`` makes this adapter trainable when activated (unless the model was
-    loaded for inference), without it the adapter stays frozen and the others keep their
-    trainability. Its modules are
+    saved with; its config's ``inference_mode`` is ``not is_trainable`` (as PEFT's), and it is
+    trainable once ``set_adapter`` activates it, unless given ``inference_mode=True`` there (as
+    PEFT's; the others keep their trainability). Its modules are
     in the model's train / eval mode (``MoELoRAModel.add_adapter``): an adapter loaded into a
     model from ``from_pretrained`` (eval) runs without dropout or router noise. Every file is
     checked first; an adapter that does not fit is not added."""

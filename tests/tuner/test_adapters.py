@@ -326,10 +326,11 @@ def test_named_adapters_save_as_peft_lays_them_out_and_load_back(tmp_path):
 
     loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
     loaded.load_adapter(str(tmp_path / "second"), "second")
-    for name in ("default", "second"):
-        loaded.set_adapter(name)
-        assert torch.equal(loaded(ids).logits, outputs[name]), name
     assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+    for name in ("default", "second"):
+        loaded.set_adapter(name, inference_mode=True)  # as PEFT's: without it the activated adapter trains
+        assert torch.equal(loaded(ids).logits, outputs[name]), name
+    assert not any(p.requires_grad for p in loaded.parameters())
 
 
 def test_added_and_loaded_adapters_follow_the_models_train_or_eval_mode(tmp_path):
@@ -381,8 +382,8 @@ def test_named_plain_lora_adapters_match_peft_multi_adapter_model(tmp_path):
 
 
 def test_loading_an_adapter_for_inference_leaves_the_trained_adapter_trainable(tmp_path):
-    """load_adapter(is_trainable=False) freezes the loaded adapter only: the adapter being trained
-    stays trainable after switching to the loaded one and back (as PEFT's load_adapter)."""
+    """load_adapter(is_trainable=False) leaves the adapter being trained trainable, after switching to the
+    loaded one (frozen with set_adapter(..., inference_mode=True), as PEFT's) and back."""
     get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["v_proj"], num_experts=1)) \
         .save_pretrained(str(tmp_path))
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
@@ -390,7 +391,8 @@ def test_loading_an_adapter_for_inference_leaves_the_trained_adapter_trainable(t
     trainable = model.get_nb_trainable_parameters()[0]
     model.load_adapter(str(tmp_path), "reference")
     model.load_adapter(str(tmp_path), "tuned", is_trainable=True)
-    model.set_adapter("reference")
+    assert model.get_nb_trainable_parameters()[0] == trainable
+    model.set_adapter("reference", inference_mode=True)
     assert model.get_nb_trainable_parameters()[0] == 0
     model.set_adapter("tuned")
     assert model.get_nb_trainable_parameters()[0] > 0
@@ -790,21 +792,31 @@ def test_inference_mode_and_adapter_names_as_peft_s(tmp_path):
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2, r=4))
     assert model.active_peft_config is model.peft_config["default"]
     model.add_adapter("frozen", MoELoRAConfig(target_modules=["v_proj"], num_experts=1, r=2, inference_mode=True))
-    model.set_adapter("frozen")
-    assert trainable(model) == 0 and model.active_peft_config is model.peft_config["frozen"]
-    model.set_adapter("default")
-    assert trainable(model) > 0
     model.save_pretrained(str(tmp_path))
+    theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj"]))
+    theirs.add_adapter("frozen", LoraConfig(r=2, target_modules=["v_proj"], inference_mode=True))
+    # set_adapter: the activated adapter is trainable unless inference_mode=True, whatever its config says, and
+    # also where it is active already (PEFT 0.21's rule; moelora kept an inference adapter frozen before)
+    for name, inference_mode in (("frozen", False), ("frozen", True), ("default", False), ("default", True),
+                                 ("default", False), ("frozen", True), ("frozen", False)):
+        model.set_adapter(name, inference_mode=inference_mode)
+        theirs.set_adapter(name, inference_mode=inference_mode)
+        assert (trainable(model) > 0) == (trainable(theirs) > 0) == (not inference_mode), (name, inference_mode)
+        assert model.active_peft_config is model.peft_config[name]
+    with pytest.raises(TypeError, match="inference_mode must be a bool"):
+        model.set_adapter("frozen", inference_mode="yes")
 
     loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path), adapter_name="tuned",
                                           is_trainable=True)
     assert loaded.active_adapter == "tuned" and not loaded.active_peft_config.inference_mode and trainable(loaded) > 0
     loaded.load_adapter(str(tmp_path), "reference")
-    assert loaded.peft_config["reference"].inference_mode
+    assert loaded.peft_config["reference"].inference_mode and trainable(loaded) > 0  # "tuned" stays trainable
     loaded.set_adapter("reference")
-    assert trainable(loaded) == 0
+    assert trainable(loaded) > 0  # as PEFT's set_adapter
     for_inference = moelora.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
     assert for_inference.active_peft_config.inference_mode and trainable(for_inference) == 0
+    for_inference.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=1, r=2))
+    assert trainable(for_inference) == 0  # the active adapter stays frozen
 
 
 def test_layer_and_model_status_and_parameter_counts_match_peft_s():
