@@ -162,14 +162,15 @@ def _adapter_active(model: nn.Module, adapter_name: str):
     if adapter_name == model.active_adapter:
         yield
         return
-    previous, flags = model.active_adapter, [(p, p.requires_grad) for p in model.parameters()]
+    previous, frozen = model.active_adapter, model._active_frozen
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     modes, records = [(m, m.training) for m in model.modules()], routing_records(model.model)
     merged = merged_tasks(model.model)
     model.set_adapter(adapter_name)
     try:
         yield
     finally:
-        model.set_adapter(previous)
+        model.set_adapter(previous, inference_mode=frozen)
         remerge(model.model, merged)
         for p, flag in flags:
             p.requires_grad_(flag)

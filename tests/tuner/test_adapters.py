@@ -817,6 +817,9 @@ def test_inference_mode_and_adapter_names_as_peft_s(tmp_path):
     assert for_inference.active_peft_config.inference_mode and trainable(for_inference) == 0
     for_inference.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=1, r=2))
     assert trainable(for_inference) == 0  # the active adapter stays frozen
+    for_inference.save_pretrained(str(tmp_path / "again"))  # swaps "other" in and out to save it
+    for_inference.add_adapter("third", MoELoRAConfig(target_modules=["v_proj"], num_experts=1, r=2))
+    assert trainable(for_inference) == 0  # still frozen (the save's swap back had made it trainable again)
 
 
 def test_layer_and_model_status_and_parameter_counts_match_peft_s():
