@@ -463,6 +463,31 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                 "or the hook of torch.nn.utils.weight_norm / spectral_norm), so the merged delta would be lost and "
                 "the merged layer would compute its base layer alone; keep the adapter unmerged, or make the weight "
                 "a plain parameter first (parametrize.remove_parametrizations(module, 'weight'))")
+        if base._forward_pre_hooks or base._forward_hooks or ("forward" in base.__dict__
+                                                              and "_hf_hook" not in base.__dict__):
+            # The unmerged layer adds its delta to the hooked base output (and reads the input the pre-hooks
+            # did not see); merged, the delta would pass through the hooks. accelerate's hooks (``_hf_hook``, a
+            # ``forward`` set on the instance) move tensors between devices only.
+            raise ValueError(
+                f"cannot merge into this {type(base).__name__}: it has forward hooks or pre-hooks (or a forward set "
+                "on the instance), which may change its input or output, so the base layer with the merged weight "
+                "need not compute base_layer(x) + the adapter's delta (the adapter reads x as given and adds its delta "
+                "after the hooks); remove them first (their handles' remove(); transformers' "
+                "disable_input_require_grads()) or keep the adapter unmerged")
+        if not self.base_forward_merges(base):
+            raise ValueError(
+                f"cannot merge into {type(base).__name__}: it has a forward of its own, so the base layer with the "
+                "merged weight need not compute base_layer(x) + the adapter's delta (merging assumes the base "
+                f"computes {self.merged_function}); keep the adapter unmerged")
+
+    # what a base layer with the merged weight must compute (check_merge's error)
+    merged_function = "its own operation of its weight"
+
+    def base_forward_merges(self, base: nn.Module) -> bool:
+        """Whether ``base``'s forward computes :attr:`merged_function` of its weight, so that merging gives the
+        unmerged output (the layer's own forward: a subclass may override it); True here (MoELoRAEmbedding's
+        constructor refuses the forwards it could not merge)."""
+        return True
 
     @torch.no_grad()
     def merged_base_weight(self, task: Optional[int] = None,

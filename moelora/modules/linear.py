@@ -142,17 +142,12 @@ class MoELoRALinear(AdapterLayerBase):
         if self.use_dora and hasattr(self.base_layer, "weight"):
             self.lora_magnitude_vector.copy_(self._dora_norm(self.base_weight(), self.lora_A, self.scaling))
 
-    def check_merge(self, task: Optional[int] = None) -> None:
-        """As every layer's (:meth:`AdapterLayerBase.check_merge`); and the base layer must compute
-        x W^T + b (nn.Linear's or Conv1D's forward, or Falcon's FalconLinear: :func:`computes_affine`), the function
-        a merged weight gives."""
-        super().check_merge(task)
-        base = self.base_layer
-        if not computes_affine(base):
-            raise ValueError(
-                f"cannot merge into {type(base).__name__}: it has a forward of its own, so the base layer with the "
-                "merged weight need not compute base_layer(x) + the adapter's delta (merging assumes the base "
-                "computes x W^T + b, as nn.Linear); keep the adapter unmerged")
+    merged_function = "x W^T + b, as nn.Linear"
+
+    def base_forward_merges(self, base: nn.Module) -> bool:
+        """Whether ``base`` computes x W^T + b (nn.Linear's or Conv1D's forward, or Falcon's FalconLinear:
+        :func:`computes_affine`), the function a merged weight gives."""
+        return computes_affine(base)
 
     # ----------------------------------------------------------------------------- helpers
     def base_weight(self, base: Optional[nn.Module] = None) -> torch.Tensor:

@@ -245,3 +245,99 @@ def test_uninitialised_lazy_base_is_refused(make):
     base = make()
     base(torch.randn(1, 5) if isinstance(base, nn.Linear) else torch.randn(1, 3, 6, 6))
     layer_class(base, num_experts=2, r=2)
+
+
+def _set_forward(base):  # a forward set on the instance, not by accelerate: it doubles the input
+    plain_forward = base.forward
+    base.forward = lambda inp: plain_forward(2 * inp)
+
+
+def _conv():
+    torch.manual_seed(1)
+    return nn.Conv2d(3, 4, 3, padding=1)
+
+
+@pytest.mark.parametrize("make,x_shape", [(_linear, (4, D_IN)), (_conv, (2, 3, 5, 5))], ids=["linear", "conv"])
+@pytest.mark.parametrize("hook", [
+    lambda base: base.register_forward_pre_hook(lambda module, args: (args[0] * 1.5,)),
+    lambda base: base.register_forward_hook(lambda module, args, out: out * 2),
+    _set_forward,
+], ids=["pre_hook", "hook", "instance_forward"])
+def test_merge_refuses_a_base_with_forward_hooks(make, x_shape, hook):
+    """The unmerged layer adds its delta to the hooked base output (and reads the input the pre-hook
+    did not change); merged, the delta passed through the hooks: merge silently changed the output
+    (by up to 10 here). merge now refuses, changing nothing; without the hooks the base merges."""
+    layer_class = MoELoRALinear if make is _linear else moelora.MoELoRAConv
+    layer = layer_class(make(), num_experts=1, r=2, lora_alpha=4).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    plain = copy.deepcopy(layer)
+    hook(layer.base_layer)
+    x = torch.randn(x_shape)
+    before = layer(x)
+    with pytest.raises(ValueError, match="it has forward hooks or pre-hooks"):
+        layer.merge()
+    with pytest.raises(ValueError, match="^0: cannot merge into"):
+        moelora.merge_adapter(nn.Sequential(layer))
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    expected = plain(x)
+    plain.merge()
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_through_an_accelerate_hook():
+    """accelerate's hooks (device_map dispatch: add_hook_to_module) set ``forward`` on the instance and
+    move tensors between devices only: such a layer still merges."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    layer = MoELoRALinear(_linear(), num_experts=1, r=2, lora_alpha=4).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    accelerate_hooks.add_hook_to_module(layer.base_layer, accelerate_hooks.AlignDevicesHook(execution_device="cpu"))
+    assert "forward" in layer.base_layer.__dict__
+    x = torch.randn(4, D_IN)
+    expected = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class StdConv2d(nn.Conv2d):
+    """A weight-standardised convolution, as timm's: its forward convolves with (W - mean) / std per output channel."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-6).sqrt()
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_conv_with_its_own_forward_runs_it_and_refuses_merging():
+    """A convolution subclass whose forward is not the convolution of x with its weight (timm's
+    StdConv2d): the adapter adds its delta to that forward's output (float64 reference), but merging
+    W + dW was standardised with W, so the merged layer computed other numbers (silently). merge now
+    refuses it; a subclass that keeps nn.Conv2d's forward still merges."""
+    torch.manual_seed(0)
+    base = StdConv2d(3, 4, 3, padding=1)
+    layer = moelora.MoELoRAConv(base, num_experts=1, r=2, lora_alpha=4).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    y = layer(x)
+    a, b = layer.lora_A.double().reshape(2, 3, 3, 3), layer.lora_B[0].double()[:, :, None, None]
+    base64 = copy.deepcopy(base).double()
+    expected = base64(x.double()) + layer.scaling * nn.functional.conv2d(nn.functional.conv2d(x.double(), a, padding=1), b)
+    assert rel_err(y, expected) < 1e-5
+    with pytest.raises(ValueError, match="StdConv2d: it has a forward of its own.*standardised weight"):
+        layer.merge()
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+    class Inherited(nn.Conv2d):
+        pass
+
+    inherited = moelora.MoELoRAConv(Inherited(3, 4, 3, padding=1), num_experts=1, r=2).eval()
+    with torch.no_grad():
+        inherited.lora_B.normal_()
+    expected = inherited(x)
+    inherited.merge()
+    torch.testing.assert_close(inherited(x), expected, rtol=1e-5, atol=1e-5)
+
