@@ -180,15 +180,29 @@ class MoELoRAConv(AdapterLayerBase):
         scaling = self.scaling * a_scale
         base_out = result.to(dtype).movedim(1, -1)
         if self.pointwise:
+            self._check_positions(x.shape[2:], result)
             out = self.routed_moe_lora(x_lora.movedim(1, -1), lora_a, lora_b, routing, scaling, base_out)
         else:
             kernel = lora_a.reshape(-1, self.in_channels, *self.kernel_size)  # [(E*)r, C_in, *kernel]
             h = self.geometry.conv(x_lora, kernel).movedim(1, -1)
+            self._check_positions(h.shape[1:-1], result)
             out = self._lora_on_projection(h, routing, base_out, lora_b, scaling)
         out = out.movedim(-1, 1)  # [N, *spatial, C] in memory: channels_last strides
         # the base output's layout: NCHW, or channels_last as the base conv gives for a channels_last batch
         out = (out.contiguous() if result.is_contiguous() else out).to(result.dtype)
         return out.squeeze(0) if unbatched else out
+
+    def _check_positions(self, positions, result: torch.Tensor) -> None:
+        """ValueError unless the adapter's output positions (``positions``: those of a convolution of x in the
+        base's geometry) are the base output's: a base that pads or crops x in its own forward (a causal
+        convolution, timm's Conv2dSame) has other positions than its attributes say."""
+        if tuple(positions) != tuple(result.shape[2:]):
+            raise ValueError(
+                f"the base layer {type(self.base_layer).__name__} returned outputs at positions "
+                f"{tuple(result.shape[2:])}, but a convolution of its input with its kernel_size, stride, padding "
+                f"and dilation gives {tuple(positions)}: its forward pads or crops the input itself (a causal or "
+                "dynamically 'same'-padded convolution, as timm's Conv2dSame), so the adapter, which convolves in "
+                "the geometry the layer's attributes give, cannot follow it; adapt another layer")
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size={self.kernel_size}, "

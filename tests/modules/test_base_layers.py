@@ -341,3 +341,39 @@ def test_conv_with_its_own_forward_runs_it_and_refuses_merging():
     inherited.merge()
     torch.testing.assert_close(inherited(x), expected, rtol=1e-5, atol=1e-5)
 
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame: TensorFlow's 'same' padding, computed from the input size in forward (padding=0 stored)."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride),
+                                 reversed(self.dilation)):
+            pad = max((-(size // -s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [pad // 2, pad - pad // 2]
+        return super().forward(nn.functional.pad(x, pads))
+
+
+class CausalConv1d(nn.Conv1d):
+    """A causal convolution padding its input on the left in forward."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, ((self.kernel_size[0] - 1) * self.dilation[0] + 1, 0)))
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "task"])
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda: Conv2dSame(3, 4, 3, stride=2), (2, 3, 7, 7)),
+    (lambda: CausalConv1d(3, 4, 3), (2, 3, 7)),
+    (lambda: CausalConv1d(3, 4, 1), (2, 3, 7)),  # a 1-wide kernel: the pointwise path
+], ids=["same", "causal", "causal_pointwise"])
+def test_conv_padding_its_input_in_forward_is_refused_clearly(make, x_shape, router):
+    """A convolution whose forward pads its input itself has other output positions than a
+    convolution in the geometry of its attributes, which the adapter uses: the layer raised
+    "base_out must have shape ..." or "topk_ids must have shape ..." from deep in moe_lora. It now
+    says which layer and why."""
+    layer = moelora.MoELoRAConv(make(), num_experts=2, r=2, router=router)
+    if router == "task":
+        layer.task_ids = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="returned outputs at positions .* its forward pads or crops the input"):
+        layer(torch.randn(x_shape))
