@@ -265,6 +265,14 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         if s.use_dora:
             refuse_offloaded(base_layer, "DoRA (its magnitude starts at the base weight's row norms)")
             refuse_quantised(base_layer, "DoRA (its magnitude starts at the base weight's row norms)")
+            if not self.forward_is_weight_function(base_layer):
+                # PEFT's DoRA formula then computes one function in eval (from the base output less its bias) and
+                # another in training with LoRA dropout (from x W^T): they differ by more than the dropout
+                raise ValueError(
+                    f"use_dora needs a base layer computing {self.weight_function}, and {type(base_layer).__name__} "
+                    "has a forward of its own: DoRA rescales W + dW by its magnitude, which says nothing of what such "
+                    "a layer computes (its eval forward and its training forward with LoRA dropout would compute "
+                    "different functions); use plain LoRA (use_dora=False) on it")
         # fp32 adapters but on fp64 bases: half-precision bases as PEFT's (autocast_adapter_dtype), and quantised
         # ones, whose weight's dtype (bitsandbytes' packed integers) has no gradients.
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -474,19 +482,20 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                 "need not compute base_layer(x) + the adapter's delta (the adapter reads x as given and adds its delta "
                 "after the hooks); remove them first (their handles' remove(); transformers' "
                 "disable_input_require_grads()) or keep the adapter unmerged")
-        if not self.base_forward_merges(base):
+        if not self.forward_is_weight_function(base):
             raise ValueError(
                 f"cannot merge into {type(base).__name__}: it has a forward of its own, so the base layer with the "
                 "merged weight need not compute base_layer(x) + the adapter's delta (merging assumes the base "
-                f"computes {self.merged_function}); keep the adapter unmerged")
+                f"computes {self.weight_function}); keep the adapter unmerged")
 
-    # what a base layer with the merged weight must compute (check_merge's error)
-    merged_function = "its own operation of its weight"
+    # what the base layer's forward must compute for merging and DoRA, which change or rescale its weight (their
+    # errors)
+    weight_function = "its own operation of its weight"
 
-    def base_forward_merges(self, base: nn.Module) -> bool:
-        """Whether ``base``'s forward computes :attr:`merged_function` of its weight, so that merging gives the
-        unmerged output (the layer's own forward: a subclass may override it); True here (MoELoRAEmbedding's
-        constructor refuses the forwards it could not merge)."""
+    def forward_is_weight_function(self, base: nn.Module) -> bool:
+        """Whether ``base``'s forward computes :attr:`weight_function` of its weight (a subclass may override it), so
+        that merging gives the unmerged output and DoRA's magnitude rescales what the base computes; True here
+        (MoELoRAEmbedding's constructor refuses the forwards it could not merge)."""
         return True
 
     @torch.no_grad()

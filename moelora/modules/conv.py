@@ -154,10 +154,10 @@ class MoELoRAConv(AdapterLayerBase):
                              "delta of a grouped convolution is not a grouped kernel")
         super().check_merge(task)
 
-    merged_function = ("the convolution of x with its weight, as nn.Conv1d/2d/3d (a weight-standardised one, timm's "
+    weight_function = ("the convolution of x with its weight, as nn.Conv1d/2d/3d (a weight-standardised one, timm's "
                        "StdConv2d, convolves with its standardised weight)")
 
-    def base_forward_merges(self, base: nn.Module) -> bool:
+    def forward_is_weight_function(self, base: nn.Module) -> bool:
         """Whether ``base``'s forward is nn.Conv1d/2d/3d's (a subclass may override it: timm's StdConv2d
         standardises the weight first)."""
         return type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)

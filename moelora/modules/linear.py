@@ -142,9 +142,9 @@ class MoELoRALinear(AdapterLayerBase):
         if self.use_dora and hasattr(self.base_layer, "weight"):
             self.lora_magnitude_vector.copy_(self._dora_norm(self.base_weight(), self.lora_A, self.scaling))
 
-    merged_function = "x W^T + b, as nn.Linear"
+    weight_function = "x W^T + b, as nn.Linear"
 
-    def base_forward_merges(self, base: nn.Module) -> bool:
+    def forward_is_weight_function(self, base: nn.Module) -> bool:
         """Whether ``base`` computes x W^T + b (nn.Linear's or Conv1D's forward, or Falcon's FalconLinear:
         :func:`computes_affine`), the function a merged weight gives."""
         return computes_affine(base)

@@ -377,3 +377,20 @@ def test_conv_padding_its_input_in_forward_is_refused_clearly(make, x_shape, rou
         layer.task_ids = torch.tensor([0, 1])
     with pytest.raises(ValueError, match="returned outputs at positions .* its forward pads or crops the input"):
         layer(torch.randn(x_shape))
+
+
+def test_dora_refuses_a_base_with_its_own_forward():
+    """DoRA rescales W + dW by its magnitude; over a Linear subclass whose forward is not x W^T + b its
+    (PEFT's) formula computed one function in eval (from the base output less its bias) and another
+    in training with LoRA dropout (from x W^T), apart by 1.9 here with a dropout that drops nothing
+    (p = 1e-7; 1e-7 for nn.Linear). DoRA is refused on such a base; Falcon-style x W^T + b
+    subclasses and parametrized weights keep it (test_merge_refuses_a_computed_weight)."""
+    with pytest.raises(ValueError, match="use_dora needs a base layer computing x W.T \\+ b.*ScaledLinear has a forward"):
+        MoELoRALinear(_scaled(), num_experts=1, r=2, use_dora=True, lora_dropout=1e-7)
+    layer = MoELoRALinear(_linear(), num_experts=1, r=2, use_dora=True, lora_dropout=1e-7)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_magnitude_vector.mul_(1.3)
+    x = torch.randn(3, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.train()(x), layer.eval()(x), rtol=1e-5, atol=1e-5)
