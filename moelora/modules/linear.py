@@ -253,6 +253,13 @@ class MoELoRALinear(AdapterLayerBase):
                 "MoELoRALinear adds its adapter to the output of the linear layer it wraps, and a subclass whose "
                 "forward returns something else (a mixture-of-experts router returning its routing, as "
                 "transformers' PhiMoE and Llama-4 routers) cannot be adapted; leave it out (exclude_modules)")
+        if result.shape[:-1] != x.shape[:-1] or result.shape[-1] != self.out_features:
+            raise ValueError(
+                f"the base layer {type(self.base_layer).__name__} returned an output of shape {tuple(result.shape)} "
+                f"for an input of shape {tuple(x.shape)}, not [..., out_features={self.out_features}] as a linear "
+                "layer: its forward is not x W^T + b (a grouped or block-diagonal projection, one concatenating "
+                "more outputs), and the adapter's delta [..., out_features] cannot be added to it; leave it out "
+                "(exclude_modules)")
         cast = autocast_dtype(x)
         routing = self.compute_routing(x if cast is None else autocast_input(x, cast))
         dtype = self.lora_B.dtype

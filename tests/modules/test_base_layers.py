@@ -394,3 +394,39 @@ def test_dora_refuses_a_base_with_its_own_forward():
     x = torch.randn(3, D_IN)
     with torch.no_grad():
         torch.testing.assert_close(layer.train()(x), layer.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+class GroupedLinear(nn.Linear):
+    """A block-diagonal projection, as transformers' DeepseekV4GroupedLinear: x [..., g, in] -> [..., g, out / g]."""
+
+    def __init__(self, in_features, out_features, n_groups):
+        super().__init__(in_features, out_features, bias=False)
+        self.n_groups = n_groups
+
+    def forward(self, x):
+        w = self.weight.view(self.n_groups, -1, x.shape[-1]).transpose(1, 2)
+        y = torch.bmm(x.reshape(-1, self.n_groups, x.shape[-1]).transpose(0, 1), w)
+        return y.transpose(0, 1).reshape(*x.shape[:-2], self.n_groups, -1)
+
+
+class DecoupledLinear(nn.Linear):
+    """A Linear that concatenates more outputs, as transformers' IdeficsDecoupledLinear."""
+
+    def __init__(self, in_features, out_features, additional):
+        super().__init__(in_features, out_features)
+        self.additional_fc = nn.Linear(in_features, additional)
+
+    def forward(self, x):
+        return torch.cat([super().forward(x), self.additional_fc(x)], dim=-1)
+
+
+@pytest.mark.parametrize("num_experts", [1, 2])
+@pytest.mark.parametrize("make,x_shape", [(lambda: GroupedLinear(4, 6, 2), (3, 2, 4)),
+                                          (lambda: DecoupledLinear(4, 6, 2), (3, 4))], ids=["grouped", "decoupled"])
+def test_linear_base_with_another_output_shape_is_refused_clearly(make, x_shape, num_experts):
+    """A Linear subclass whose output is not [..., out_features] cannot take the adapter's delta: the
+    layer raised "base_out must have shape ..." from inside moe_lora. It now names the base layer and why."""
+    layer = MoELoRALinear(make(), num_experts=num_experts, r=2)
+    with pytest.raises(ValueError, match="base layer (Grouped|Decoupled)Linear returned an output of shape .* not "
+                                         r"\[\.\.\., out_features=6\]"):
+        layer(torch.randn(x_shape))
