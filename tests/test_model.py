@@ -659,30 +659,45 @@ def test_task_ids_set_after_a_forward_with_the_same_int_stay_set(setter):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def _same_gradients_with_checkpointing(step, use_reentrant=False, targets=("q_proj", "v_proj")):
+    """Run ``step(model)`` (forwards and a backward) on a task-routed tiny Llama without and with gradient
+    checkpointing, assert both give the same gradients, and return the two models."""
+    import warnings
+
+    grads, models = [], []
+    for checkpointing in (False, True):
+        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=list(targets), num_experts=3,
+                                                                          router="task"))
+        randomize_adapters(model)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notes
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            step(model)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        models.append(model)
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    return models
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("stale", [False, True], ids=["none_set", "other_ids_set"])
 def test_task_ids_forward_kwarg_routes_the_checkpointed_recomputation_too(use_reentrant, stale):
     """A gradient-checkpointed layer runs its forward again in backward: the task ids given to the
     wrapper's forward must still route it then (not the ids set before, nor none), so the
     gradients equal those without checkpointing. The next forward puts the earlier ids back."""
-    import warnings
-
     ids = token_batch(seq=7)
-    grads = []
-    for checkpointing in (False, True):
-        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
-                                                                          num_experts=3, router="task"))
-        randomize_adapters(model)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-        before = torch.tensor([1, 1]) if stale else None
+    before = torch.tensor([1, 1]) if stale else None
+
+    def step(model):
         if stale:
             model.set_task_ids(before)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers' deprecation notes
-            model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss.backward()
+
+    for model in _same_gradients_with_checkpointing(step, use_reentrant):
         model.eval()
         if stale:  # the next forward routes by the ids set before
             expected = model(ids, use_cache=False, task_ids=before).logits
@@ -690,9 +705,6 @@ def test_task_ids_forward_kwarg_routes_the_checkpointed_recomputation_too(use_re
         else:
             with pytest.raises(RuntimeError, match="none is set"):
                 model(ids, use_cache=False)
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -703,32 +715,19 @@ def test_two_forwards_and_one_backward_route_each_recomputation_by_its_forwards_
     checkpointing. Before, the first forward's recomputation routed by the second's ids (silently wrong
     gradients), also where the second forward ran under no_grad (an evaluation between). After the backward
     the layers hold the last forward's ids again."""
-    import warnings
+    ids, last = token_batch(seq=7), torch.tensor([1, 1])
 
-    ids = token_batch(seq=7)
-    grads = []
-    for checkpointing in (False, True):
-        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
-                                                                          num_experts=3, router="task"))
-        randomize_adapters(model)
-        model.train()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers' deprecation notes
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-            loss = model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss
-            last = torch.tensor([1, 1])
-            if between == "training_forward":
-                loss = loss + 0.5 * model(ids.flip(0), labels=ids.flip(0), use_cache=False, task_ids=last).loss
-            else:
-                with torch.no_grad():
-                    model(ids, use_cache=False, task_ids=last)
-            loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    def step(model):
+        loss = model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss
+        if between == "training_forward":
+            loss = loss + 0.5 * model(ids.flip(0), labels=ids.flip(0), use_cache=False, task_ids=last).loss
+        else:
+            with torch.no_grad():
+                model(ids, use_cache=False, task_ids=last)
+        loss.backward()
+
+    for model in _same_gradients_with_checkpointing(step, use_reentrant):
         assert all(layer.task_ids is last for layer in _layers(model).values())
-    assert grads[0] and grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_block_between_forward_and_backward_keeps_the_forwards_other_state():
@@ -737,27 +736,15 @@ def test_a_block_between_forward_and_backward_keeps_the_forwards_other_state():
     checkpointed layers with the forward's ids, as without checkpointing. Before, the block put the
     ids held before the forward back (none here: the backward raised; other ids: wrong gradients).
     Likewise a use_task_ids block leaves the forward's aux-loss mask on the layers."""
-    import warnings
-
     ids = token_batch(seq=7)
-    grads = []
-    for checkpointing in (False, True):
-        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=3,
-                                                                          router="task"))
-        randomize_adapters(model)
-        model.train()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers' deprecation notes
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            loss = model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss
-            with moelora.use_aux_loss_mask(model, torch.ones_like(ids)), torch.no_grad():
-                model.model(ids, use_cache=False)
-            loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0] and grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+    def step(model):
+        loss = model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss
+        with moelora.use_aux_loss_mask(model, torch.ones_like(ids)), torch.no_grad():
+            model.model(ids, use_cache=False)
+        loss.backward()
+
+    model = _same_gradients_with_checkpointing(step, targets=("q_proj",))[1]
     mask = torch.ones_like(ids)
     mask[0, 4:] = 0
     with torch.no_grad():
