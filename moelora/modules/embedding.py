@@ -83,6 +83,15 @@ class MoELoRAEmbedding(AdapterLayerBase):
         if self.base_layer.padding_idx is not None:  # as nn.Embedding's padding row: the padding vector stays fixed
             self.lora_A[..., self.base_layer.padding_idx].zero_()  # (its column of A gets no gradient)
 
+    weight_function = "the rows of its weight its input names (times its embed_scale), as nn.Embedding"
+
+    def forward_is_weight_function(self, base: nn.Module) -> bool:
+        """Whether ``base`` looks up its weight's rows (nn.Embedding's forward), or is a scaled embedding holding its
+        weight alone (Gemma's): a subclass with parameters of its own beside it (T5Gemma2's ``eoi_embedding``,
+        which replaces the rows of one token) would lose the merged delta on what they replace, where the
+        unmerged layer adds it."""
+        return type(base).forward is nn.Embedding.forward or [n for n, _ in base.named_parameters()] == ["weight"]
+
     def base_weight(self) -> torch.Tensor:
         """The base weight in the adapter's [d_out, d_in] = [D, V] layout (a view)."""
         return self.base_layer.weight.t()

@@ -540,6 +540,27 @@ def test_embedding_subclasses_whose_forward_looks_up_other_rows_are_refused():
     MoELoRAEmbedding(type("Tagged", (nn.Embedding,), {})(12, 6), num_experts=1)
 
 
+def test_merging_refuses_a_scaled_embedding_that_replaces_rows_with_a_parameter_of_its_own():
+    """T5Gemma2's scaled embedding replaces the vectors of its end-of-input token with a parameter of its own
+    (eoi_embedding): unmerged, the adapter adds its delta there; merged into the weight, the delta was lost on
+    those tokens, silently. Merging it is refused; Gemma's scaled embedding still merges exactly."""
+    from transformers.models.t5gemma2.modeling_t5gemma2 import T5Gemma2TextScaledWordEmbedding
+
+    base = T5Gemma2TextScaledWordEmbedding(12, 6, padding_idx=0, embed_scale=2.5, eoi_token_index=3)
+    with torch.no_grad():
+        base.eoi_embedding.normal_()
+    layer = MoELoRAEmbedding(base, num_experts=1, r=2, init_lora_weights=False)
+    ids = torch.tensor([[1, 3, 5, 3]])
+    unmerged = layer(ids)
+    with pytest.raises(ValueError, match="cannot merge into T5Gemma2TextScaledWordEmbedding: it has a forward"):
+        layer.merge()
+    assert torch.equal(layer(ids), unmerged) and not layer.merged
+    gemma = MoELoRAEmbedding(_gemma_embedding(), num_experts=1, r=2, init_lora_weights=False)
+    want = gemma(ids)
+    gemma.merge()
+    torch.testing.assert_close(gemma(ids), want)
+
+
 def test_half_precision_bases_get_fp32_adapters_and_keep_dtype():
     emb = MoELoRAEmbedding(nn.Embedding(10, 8).to(torch.bfloat16), num_experts=2, top_k=1, r=4)
     conv = MoELoRAConv(nn.Conv2d(3, 8, 3).to(torch.bfloat16), num_experts=2, top_k=1, r=4)
