@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import inspect
 import itertools
 import os
@@ -824,6 +825,26 @@ class _BoundForward:
         return type(wrapper).forward(wrapper, *args, **kwargs)
 
 
+def _check_not_wrapped(model: nn.Module) -> None:
+    """A ValueError where ``model`` is a MoELoRAModel, or holds adapter modules a live MoELoRAModel holds: a
+    second wrapper around them would activate, add and save adapters the first one does not know of (after the
+    second's ``set_adapter`` the first computed another adapter under its own active adapter's name)."""
+    if getattr(type(model), "is_moelora_model", False):
+        raise ValueError("model is a MoELoRAModel already; add an adapter to it with add_adapter(name, config) "
+                         "instead of wrapping it again")
+    held = {id(m) for m in model.modules() if adapters.is_adapter_module(m)}
+
+    def holder():
+        return next((w for w in adapters.live_wrappers() if any(id(m) in held for m in w.model.modules())), None)
+
+    if held and holder() is not None:
+        gc.collect()  # a wrapper dropped while in a reference cycle leaves the registry at its collection
+        if holder() is not None:
+            raise ValueError("model holds MoE-LoRA layers of a MoELoRAModel that is still alive; use that wrapper "
+                             "(add_adapter(name, config) for another adapter), or copy.deepcopy it for a second "
+                             "model")
+
+
 class MoELoRAModel(nn.Module):
     """A model with MoE-LoRA layers injected, shaped like PEFT's PeftModel; built by
     :func:`moelora.get_moelora_model`, which injects ``config``'s layers into ``model`` and wraps it
@@ -838,6 +859,8 @@ class MoELoRAModel(nn.Module):
     ``add_adapter`` / ``load_adapter`` add more, ``set_adapter`` activates one,
     ``delete_adapter`` drops one; ``moelora_config`` is the active adapter's config and
     ``adapter_configs`` holds them all. Inactive adapters live in ``inactive_adapters``, frozen.
+    One wrapper per model: wrapping a MoELoRAModel, or layers a live one holds, raises (``copy.deepcopy`` of a
+    wrapper is a second model with its own layers, as a frozen reference model).
     """
 
     is_moelora_model = True  # what moelora.tuner.targets.unwrap looks for
@@ -853,6 +876,7 @@ class MoELoRAModel(nn.Module):
     def __init__(self, model: nn.Module, config: MoELoRAConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         adapters.check_adapter_name(adapter_name, {}, must_exist=False)
+        _check_not_wrapped(model)
         self.model = model
         self.training = model.training  # the wrapped model's mode (what add_adapter gives new adapters)
         self.adapter_configs: Dict[str, MoELoRAConfig] = {adapter_name: config}

@@ -488,6 +488,30 @@ def test_a_data_parallel_replica_leaves_the_originals_task_ids_alone():
     assert int(model.model[0].task_ids) == 0 and int(replica.model[0].task_ids) == 2
 
 
+def test_a_second_wrapper_around_wrapped_layers_is_refused():
+    """MoELoRAModel(model, config) around layers a live wrapper holds (or around a wrapper) was accepted: the second
+    wrapper's set_adapter put another adapter's layers into the model, which the first then computed under its own
+    active adapter's name (and would save as that). Refused, naming add_adapter; a copy, or the layers of a wrapper
+    that is gone (one left to the garbage collector by a reference cycle too), can be wrapped."""
+    import gc
+
+    config = MoELoRAConfig(target_modules=["0", "2"], num_experts=3, r=2)
+    model = get_moelora_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)), config)
+    for inner in (model.model, model.model[0], nn.Sequential(model.model)):
+        with pytest.raises(ValueError, match="MoE-LoRA layers of a MoELoRAModel that is still alive"):
+            moelora.MoELoRAModel(inner, config)
+    with pytest.raises(ValueError, match="MoELoRAModel already; add an adapter to it with add_adapter"):
+        moelora.MoELoRAModel(model, config)
+    assert moelora.MoELoRAModel(copy.deepcopy(model.model), config).model[0].num_experts == 3
+    inner, model.__dict__["cycle"] = model.model, model  # dropped, it waits for the garbage collector
+    gc.disable()
+    try:
+        del model
+        assert moelora.MoELoRAModel(inner, config).model is inner
+    finally:
+        gc.enable()
+
+
 def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
     """A whole MoELoRAModel through pickle / torch.save + torch.load (and deepcopy) shows the wrapped
     model's forward signature, as the original: transformers' Trainer drops the dataset columns
