@@ -144,8 +144,8 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
     for name, module in model.named_modules():
         if adapter_class(module) is None or isinstance(module, Router) or id(module) in owned:
             continue
-        if any(p in name.split(".") for p in ("base_layer",)):
-            raise ValueError("the model already holds MoE-LoRA layers; inject into a clean model")
+        if "base_layer" in name.split("."):
+            raise _already_adapted(model, name)
         candidates.append((name, module))
     target = config.target_modules
     unread = _unread_modules(model)
@@ -202,6 +202,21 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                 "to; leave it out (exclude_modules; 'all-linear' leaves it out)")
     _check_single_place(model, [(n, modules[n]) for n in selected])
     return selected
+
+
+def _already_adapted(model: nn.Module, name: str) -> ValueError:
+    """The error for ``model``, whose module ``name`` is the base layer of an adapter layer (a MoE-LoRA layer, or
+    another library's: PEFT's LoRA layers hold theirs as ``base_layer`` too)."""
+    parts = name.split(".")
+    holder_name = ".".join(parts[:parts.index("base_layer")])
+    holder = model.get_submodule(holder_name)
+    if is_adapter_layer(holder):
+        return ValueError(f"the model already holds MoE-LoRA layers ({holder_name}); add another adapter to its "
+                          "MoELoRAModel with add_adapter(name, config), or inject into a clean model")
+    return ValueError(f"the model already holds adapter layers of another library: {holder_name} is a "
+                      f"{type(holder).__module__}.{type(holder).__qualname__} around its base_layer (a PEFT model's "
+                      "LoRA layer); inject into the model without them: PEFT's merge_and_unload() (its adapters "
+                      "merged) or unload() gives it back")
 
 
 def _names_parameter(name: str, target) -> bool:

@@ -512,6 +512,24 @@ def test_a_second_wrapper_around_wrapped_layers_is_refused():
         gc.enable()
 
 
+def test_injecting_into_an_adapted_model_names_what_adapts_it():
+    """get_moelora_model on a model that already holds adapter layers is refused; on a PEFT PeftModel the error
+    said it held MoE-LoRA layers. It names the layer and what it is: a MoE-LoRA layer (add_adapter), or another
+    library's (PEFT's merge_and_unload / unload)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = MoELoRAConfig(target_modules=["2"], num_experts=2, r=2)
+    peft_model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)),
+                                LoraConfig(target_modules=["0"], r=2))
+    with pytest.raises(ValueError, match=r"adapter layers of another library: base_model\.model\.0 is a peft\..*"
+                                         r"merge_and_unload"):
+        get_moelora_model(peft_model, config)
+    model = get_moelora_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)), config)
+    for given, layer in ((model, "model.2"), (model.model, "2")):
+        with pytest.raises(ValueError, match=rf"already holds MoE-LoRA layers \({layer}\); add another adapter"):
+            get_moelora_model(given, config)
+
+
 def test_pickled_or_torch_saved_wrapper_keeps_the_wrapped_forward_signature():
     """A whole MoELoRAModel through pickle / torch.save + torch.load (and deepcopy) shows the wrapped
     model's forward signature, as the original: transformers' Trainer drops the dataset columns
