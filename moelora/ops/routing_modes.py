@@ -22,6 +22,7 @@ of the auxiliary losses.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -196,12 +197,13 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
             ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype,
                                              copy=True)
         if type(ids) is torch.Tensor:  # not fake tensors (a forward under a FakeTensorMode): they hold no values
-            if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
-                del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
-            entries = _TASK_ROUTING.setdefault(task_ids, {})
-            if key not in entries and len(entries) >= _TASK_ROUTING_SHAPES:
-                del entries[next(iter(entries))]  # the oldest
-            entries[key] = ((task_ids._version, task_ids.data_ptr()), syncing_checks_enabled(), ids, one_hot)
+            with _TASK_ROUTING_LOCK:
+                if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
+                    del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
+                entries = _TASK_ROUTING.setdefault(task_ids, {})
+                if key not in entries and len(entries) >= _TASK_ROUTING_SHAPES:
+                    del entries[next(iter(entries))]  # the oldest
+                entries[key] = ((task_ids._version, task_ids.data_ptr()), syncing_checks_enabled(), ids, one_hot)
     else:
         ids, one_hot = entry[2:]
     # gamma[ids] as a one-hot product: its gradient is a GEMM (deterministic, unlike the
@@ -222,6 +224,9 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
 # one entry per length): {key: ((version, data_ptr), checked by the syncing checks, ids, one_hot)}; the data
 # pointer sees a tensor given other memory through ``.data = ...``, which leaves its version counter as it was.
 _TASK_ROUTING = WeakIdKeyDictionary()
+# Held while entries are added and evicted: forwards in several threads (nn.DataParallel's replicas, two models
+# served at once) would otherwise evict one oldest entry twice (a KeyError). Reads take no lock.
+_TASK_ROUTING_LOCK = threading.Lock()
 _TASK_ROUTING_TENSORS = 4
 _TASK_ROUTING_SHAPES = 4
 

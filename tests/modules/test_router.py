@@ -275,6 +275,43 @@ def test_task_routing_reuses_the_ids_of_a_task_id_tensor_until_it_changes():
     assert len(routing_modes._TASK_ROUTING[tasks]) <= routing_modes._TASK_ROUTING_SHAPES
 
 
+def test_task_routing_evicts_from_two_threads_at_once(monkeypatch):
+    """Forwards in two threads (nn.DataParallel's replicas, two models served at once) with new task-id tensors
+    both evicted the cache's oldest entry: the second ``del`` raised a KeyError. Here the other thread evicts
+    while this one is between choosing the oldest entry and deleting it."""
+    import threading
+
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    from moelora.ops import routing_modes
+
+    gamma = torch.tensor([0.5, -1.0, 2.0])
+    kept = [torch.tensor([i % 3, 2]) for i in range(routing_modes._TASK_ROUTING_TENSORS + 2)]
+    errors, threads = [], []
+
+    def route(tasks):
+        try:
+            assert task_routing(tasks, gamma, (2,)).ids.flatten().tolist() == tasks.tolist()
+        except Exception as error:  # noqa: BLE001 (reported by the main thread)
+            errors.append(error)
+
+    class Racing(WeakIdKeyDictionary):
+        def keys(self):
+            oldest = next(iter(super().keys()))
+            if not threads:  # as another thread would, once
+                threads.append(threading.Thread(target=route, args=(kept[-1],)))
+                threads[0].start()
+                threads[0].join(timeout=2.0)  # it waits for this thread's eviction, where it must
+            return iter([oldest])
+
+    cache = Racing()
+    monkeypatch.setattr(routing_modes, "_TASK_ROUTING", cache)
+    for tasks in kept[:-1]:
+        route(tasks)
+    threads[0].join()
+    assert not errors and len(cache) <= routing_modes._TASK_ROUTING_TENSORS
+
+
 def test_task_routing_sees_task_ids_given_other_memory_through_data():
     """``ids.data = new`` gives the task-id tensor other memory without moving its version counter:
     the reused routing was the old ids' (ids and gamma's weights of tasks no longer given)."""
