@@ -534,8 +534,14 @@ def _backward_routes_as_forward(output, modules: List[nn.Module], swaps: List[_S
         elif isinstance(value, dict):  # transformers' ModelOutput too
             pending.extend(value.values())
 
+    # The hook holds the modules weakly: the aux losses it is registered on are held by those modules, and what a
+    # tensor's hook holds is out of the garbage collector's reach (the autograd graph is C++), so the cycle would
+    # keep a deleted model (its device memory) alive for good.
+    weak = [(swap._replace(modules=[], previous=[]), [weakref.ref(m) for m in swap.modules]) for swap in swaps]
+
     def hook(_grad):
-        undo = [u for u in (swap.put_again() for swap in swaps) if u is not None]
+        live = [swap._replace(modules=[m for m in (ref() for ref in refs) if m is not None]) for swap, refs in weak]
+        undo = [u for u in (swap.put_again() for swap in live) if u is not None]
         if undo:
             def put_back() -> None:
                 for u in reversed(undo):

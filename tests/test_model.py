@@ -419,6 +419,27 @@ def test_a_deleted_wrapper_is_freed_without_the_garbage_collector():
         forward(torch.randn(4, 8))
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_deleted_wrapper_after_a_forward_with_an_aux_loss_mask_is_freed(backward):
+    """A forward with an aux-loss mask (or task ids) and gradients registers a hook on the aux losses the layers
+    keep, which put the forward's mask back on the layers in a backward after other forwards: the hook held the
+    layers, and a tensor's hook is out of the garbage collector's reach, so such a model (a deleted training model,
+    a TRL reference model's copy) was never freed, gc.collect() or not."""
+    import gc
+    import weakref
+
+    model = get_moelora_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)),
+                              MoELoRAConfig(target_modules=["0", "2"], num_experts=3, top_k=2, r=2))
+    out = model(torch.randn(4, 8), aux_loss_mask=torch.tensor([1, 1, 0, 1]))
+    assert moelora.aux_loss(model).requires_grad
+    if backward:
+        (out.square().sum() + moelora.aux_loss(model)).backward()
+    freed = [weakref.ref(model), weakref.ref(model.model[0]), weakref.ref(model.model[0].lora_B)]
+    del model, out
+    gc.collect()
+    assert all(ref() is None for ref in freed)
+
+
 def test_a_forward_rebound_as_accelerate_rebinds_it_runs_the_module_it_is_bound_to():
     """The wrapper's forward is a bound method as tools see one (``__func__``, ``__self__``): accelerate's
     ``unwrap_model(keep_fp32_wrapper=False)`` after a mixed-precision ``prepare_model`` rebinds the innermost
