@@ -853,14 +853,13 @@ def _check_not_wrapped(model: nn.Module) -> None:
     if getattr(type(model), "is_moelora_model", False):
         raise ValueError("model is a MoELoRAModel already; add an adapter to it with add_adapter(name, config) "
                          "instead of wrapping it again")
-    held = {id(m) for m in model.modules() if adapters.is_adapter_module(m)}
 
-    def holder():
-        return next((w for w in adapters.live_wrappers() if any(id(m) in held for m in w.model.modules())), None)
+    def held() -> bool:
+        return any(adapters.holder(m) is not None for m in model.modules() if adapters.is_adapter_module(m))
 
-    if held and holder() is not None:
-        gc.collect()  # a wrapper dropped while in a reference cycle leaves the registry at its collection
-        if holder() is not None:
+    if held():
+        gc.collect()  # a wrapper dropped while in a reference cycle lets go of its modules at its collection
+        if held():
             raise ValueError("model holds MoE-LoRA layers of a MoELoRAModel that is still alive; use that wrapper "
                              "(add_adapter(name, config) for another adapter), or copy.deepcopy it for a second "
                              "model")
@@ -915,6 +914,7 @@ class MoELoRAModel(nn.Module):
         self.aux_loss_mask_from: Optional[str] = None
         self._bind_forward()
         adapters.register_wrapper(self)
+        adapters.claim(self, adapters.adapter_modules(model).values())
         if config.inference_mode:
             self._mark_trainable()
 
@@ -938,6 +938,7 @@ class MoELoRAModel(nn.Module):
         super().__setstate__(state)
         self._bind_forward()
         adapters.register_wrapper(self)
+        adapters.claim(self, (m for m in self.modules() if adapters.is_adapter_module(m)))  # inactive ones too
 
     def _replicate_for_data_parallel(self):
         """nn.DataParallel's replica (one per device and forward; HF Trainer uses it with several GPUs and no
@@ -1331,6 +1332,7 @@ class MoELoRAModel(nn.Module):
             self._mark_trainable()
         self.inactive_adapters[adapter_name] = adapters.stored(new).train(self.training)
         self.adapter_configs[adapter_name] = config
+        adapters.claim(self, new.values())
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Activate ``adapter_name``: its layers go into the model, trainable unless ``inference_mode``

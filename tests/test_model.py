@@ -513,8 +513,9 @@ def test_a_second_wrapper_around_wrapped_layers_is_refused():
     """MoELoRAModel(model, config) around layers a live wrapper holds (or around a wrapper) was accepted: the second
     wrapper's set_adapter put another adapter's layers into the model, which the first then computed under its own
     active adapter's name (and would save as that). Refused, naming add_adapter; a copy, or the layers of a wrapper
-    that is gone (one left to the garbage collector by a reference cycle too), can be wrapped."""
+    that is gone (one left to the garbage collector by a reference cycle too) or were unloaded, can be wrapped."""
     import gc
+    import pickle
 
     config = MoELoRAConfig(target_modules=["0", "2"], num_experts=3, r=2)
     model = get_moelora_model(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)), config)
@@ -524,13 +525,23 @@ def test_a_second_wrapper_around_wrapped_layers_is_refused():
     with pytest.raises(ValueError, match="MoELoRAModel already; add an adapter to it with add_adapter"):
         moelora.MoELoRAModel(model, config)
     assert moelora.MoELoRAModel(copy.deepcopy(model.model), config).model[0].num_experts == 3
+    model.add_adapter("other", MoELoRAConfig(target_modules=["0"], num_experts=2, r=2))
+    for copied in (model, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        copied.set_adapter("other")  # an added adapter's layers, and those of a copy, are held too
+        with pytest.raises(ValueError, match="MoE-LoRA layers of a MoELoRAModel that is still alive"):
+            moelora.MoELoRAModel(copied.model, config)
     inner, model.__dict__["cycle"] = model.model, model  # dropped, it waits for the garbage collector
     gc.disable()
     try:
         del model
-        assert moelora.MoELoRAModel(inner, config).model is inner
+        wrapped = moelora.MoELoRAModel(inner, config)
+        assert wrapped.model is inner
     finally:
         gc.enable()
+    single = get_moelora_model(nn.Sequential(nn.Linear(8, 8)), MoELoRAConfig(target_modules=["0"], num_experts=1))
+    for old, base in ((wrapped, wrapped.unload()), (single, single.merge_and_unload())):
+        again = MoELoRAConfig(target_modules=["0"], num_experts=2, r=2)
+        assert get_moelora_model(base, again).model is old.model  # the old wrapper holds none of its new layers
 
 
 def test_injecting_into_an_adapted_model_names_what_adapts_it():

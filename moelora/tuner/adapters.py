@@ -188,6 +188,24 @@ def live_wrappers() -> list:
     return [wrapper for wrapper in (ref() for ref in _wrappers.copy()) if wrapper is not None]
 
 
+# The MoELoRAModel holding each adapter module (a weak reference, while the module is alive): a second wrapper
+# around modules a live one holds is refused (see MoELoRAModel.__init__).
+_holders = weakref.WeakKeyDictionary()
+
+
+def claim(wrapper: nn.Module, modules) -> None:
+    """Record ``wrapper`` as the holder of the adapter modules ``modules``."""
+    ref = weakref.ref(wrapper)
+    for module in modules:
+        _holders[module] = ref
+
+
+def holder(module: nn.Module) -> Optional[nn.Module]:
+    """The live MoELoRAModel holding the adapter module ``module``, or None."""
+    ref = _holders.get(module)
+    return None if ref is None else ref()
+
+
 def held_modules(model: nn.Module) -> Dict[str, str]:
     """{module name: adapter name} of the modules of every adapter (active and inactive) of a
     :class:`moelora.MoELoRAModel`, named in the wrapped model, given the wrapper; given the wrapped model or a
