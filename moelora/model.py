@@ -415,17 +415,22 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     Warns, when gradients are enabled, if a module's loss came from a training-mode forward
     run without gradients (reentrant gradient checkpointing; see
     :attr:`moelora.modules.routed.RoutedModule.aux_loss_lost_grad`): that loss trains nothing."""
-    total = recorded_aux_loss(model)
+    return _aux_loss_of(model)
+
+
+def _aux_loss_of(model: nn.Module, recorded: Optional[List[tuple]] = None) -> torch.Tensor:
+    """:func:`aux_loss`, from ``recorded`` (:func:`_recorded_aux_losses` of ``model``) where given."""
+    total = recorded_aux_loss(model, recorded)
     if total is None:
         p = next(model.parameters(), None)
         return torch.zeros((), dtype=torch.float32, device=p.device if p is not None else None)
     return total
 
 
-def recorded_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+def recorded_aux_loss(model: nn.Module, recorded: Optional[List[tuple]] = None) -> Optional[torch.Tensor]:
     """:func:`aux_loss`, or None where no routed module of ``model`` recorded one in its last forward (no
-    learned router, or none has run since the record was cleared)."""
-    routed = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedModule) and m.last_aux_loss is not None]
+    learned router, or none has run since the record was cleared); from ``recorded`` where given."""
+    routed = _recorded_aux_losses(model) if recorded is None else recorded
     losses = [m.last_aux_loss for _, m in routed]
     if torch.is_grad_enabled():
         _warn_aux_loss_without_grad([n for n, m in routed if m.aux_loss_lost_grad])
@@ -436,6 +441,11 @@ def recorded_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
     return torch.stack([loss.to(dtype) for loss in losses]).sum()
 
 
+def _recorded_aux_losses(model: nn.Module) -> List[tuple]:
+    """(name, module) of every routed module of ``model`` holding an aux loss from its last forward."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedModule) and m.last_aux_loss is not None]
+
+
 def _warn_aux_loss_without_grad(names: List[str]) -> None:
     if names:
         warnings.warn(
@@ -443,7 +453,7 @@ def _warn_aux_loss_without_grad(names: List[str]) -> None:
             "computed in training mode without gradients, so it trains no router: their forward ran under "
             "torch.no_grad(), as reentrant gradient checkpointing runs it (torch.utils.checkpoint(..., "
             "use_reentrant=True), or gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
-            "True})); use use_reentrant=False", stacklevel=4)  # the caller of aux_loss
+            "True})); use use_reentrant=False", stacklevel=5)  # the caller of aux_loss
 
 
 def clear_aux_losses(model: nn.Module) -> None:
@@ -511,10 +521,10 @@ class _Swap(NamedTuple):
         return undo if others else None
 
 
-def _backward_routes_as_forward(output, modules: List[nn.Module], swaps: List[_Swap]) -> None:
+def _backward_routes_as_forward(output, aux_losses: List[torch.Tensor], swaps: List[_Swap]) -> None:
     """Make every backward through ``output`` (the tensors of a MoELoRAModel forward's output that need a
-    gradient, in any nesting of tuples, lists and dicts) or through the aux losses ``modules`` recorded
-    in that forward route as the forward did: where the modules hold other task ids or another aux-loss
+    gradient, in any nesting of tuples, lists and dicts) or through the ``aux_losses`` its modules recorded
+    route as the forward did: where the modules hold other task ids or another aux-loss
     mask then (a forward since, with others: two forwards and one backward of both, as a multi-task or
     preference loss runs them), the first gradient hook of that backward gives them the forward's
     ``swaps`` again, and the backward's end gives them back what they held. A gradient-checkpointed
@@ -522,7 +532,7 @@ def _backward_routes_as_forward(output, modules: List[nn.Module], swaps: List[_S
     these tensors first (a loss computed from other tensors of the forward is not covered). Not under
     torch.compile's tracing, which cannot trace the hooks (a compiled wrapper keeps the next-forward rule
     only: see MoELoRAModel.forward)."""
-    tensors = [m.last_aux_loss for m in modules if m.last_aux_loss is not None and m.last_aux_loss.requires_grad]
+    tensors = [loss for loss in aux_losses if loss.requires_grad]
     pending = [output]
     while pending:
         value = pending.pop()
@@ -1016,10 +1026,12 @@ class MoELoRAModel(nn.Module):
             output = self.model(*args, **kwargs)
         finally:
             self._forward_swaps.extend(swaps)  # in place (see __init__)
+        hooked = swaps and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        recorded = _recorded_aux_losses(self.model) if hooked else None  # one walk over the modules for both
         if self.moelora_config.add_aux_loss_to_output:
-            output = self._with_aux_loss(output, labels_given=labels is not None)
-        if swaps and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            _backward_routes_as_forward(output, [m for m in self.model.modules() if isinstance(m, RoutedModule)], swaps)
+            output = self._with_aux_loss(output, labels is not None, recorded)
+        if hooked:
+            _backward_routes_as_forward(output, [m.last_aux_loss for _, m in recorded], swaps)
         return output
 
     def _takes_task_ids(self) -> bool:
@@ -1114,13 +1126,14 @@ class MoELoRAModel(nn.Module):
                embeds.shape[-2] if isinstance(embeds, torch.Tensor) else mask.shape[-1])
         return mask[:, mask.shape[-1] - new:] if 0 < new < mask.shape[-1] else mask
 
-    def _with_aux_loss(self, output, labels_given: bool):
+    def _with_aux_loss(self, output, labels_given: bool, recorded: Optional[List[tuple]] = None):
+        """``output`` with the aux loss (of ``recorded``, :func:`_recorded_aux_losses`, where given) added to its loss."""
         if isinstance(output, dict):
             loss = output.get("loss")
             if loss is not None:
-                output["loss"] = loss + aux_loss(self.model).to(loss.dtype)
+                output["loss"] = loss + _aux_loss_of(self.model, recorded).to(loss.dtype)
         elif labels_given and type(output) is tuple and output and _is_loss_scalar(output[0]):
-            output = (output[0] + aux_loss(self.model).to(output[0].dtype),) + output[1:]
+            output = (output[0] + _aux_loss_of(self.model, recorded).to(output[0].dtype),) + output[1:]
         return output
 
     # helpers bound to the wrapped model
