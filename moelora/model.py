@@ -1127,7 +1127,8 @@ class MoELoRAModel(nn.Module):
         return mask[:, mask.shape[-1] - new:] if 0 < new < mask.shape[-1] else mask
 
     def _with_aux_loss(self, output, labels_given: bool, recorded: Optional[List[tuple]] = None):
-        """``output`` with the aux loss (of ``recorded``, :func:`_recorded_aux_losses`, where given) added to its loss."""
+        """``output`` with the aux loss added to its loss (from ``recorded``, :func:`_recorded_aux_losses`, where
+        given)."""
         if isinstance(output, dict):
             loss = output.get("loss")
             if loss is not None:
