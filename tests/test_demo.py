@@ -111,6 +111,7 @@ def test_module_help():
     (("--head-lr", "nan"), "--head-lr must be a positive finite float"),
     (("--num-experts", "0"), "--num-experts must be a positive int"),
     (("--r", "0"), "--r must be a positive int"),
+    (("--device", "bogus"), "--device must be a torch device this machine has, got 'bogus'"),
 ])
 def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, flags, message):
     """A zero or negative step count used to run the whole demo with no training step (and report
@@ -122,6 +123,18 @@ def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, monkeypatch,
         main(["--out-dir", str(tmp_path), *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_is_refused_before_anything_runs_on_a_cpu_only_machine(tmp_path, monkeypatch, capsys):
+    """--device cuda without CUDA used to load the encoder and then fail with a traceback."""
+    import moelora.demo.cli as cli
+
+    monkeypatch.setattr(cli, "run", lambda opts: pytest.fail("the demo ran with --device cuda"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out-dir", str(tmp_path), "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device must be a torch device this machine has, got 'cuda'" in capsys.readouterr().err
 
 
 def test_demo_options_refuse_bad_values():

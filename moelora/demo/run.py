@@ -65,6 +65,12 @@ class DemoOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"DemoOptions.{name} must be a positive finite float, got {value!r}")
+        if self.device is not None:  # "cuda" on a CPU-only machine failed with a traceback once the model loaded
+            try:
+                torch.empty(0, device=self.device)
+            except (RuntimeError, AssertionError) as e:
+                raise ValueError(f"DemoOptions.device must be a torch device this machine has, got {self.device!r} "
+                                 f"({e})") from None
 
 
 # Run sizes by (quick, pretrained). The fallback encoder is small and starts from random weights:
