@@ -101,6 +101,14 @@ def test_module_help():
         assert flag in out
 
 
+def test_help_describes_every_option():
+    """--seed had no help text: --help listed it without saying what it does."""
+    from moelora.demo.cli import parser
+
+    undescribed = [action.option_strings for action in parser()._actions if not (action.help or "").strip()]
+    assert undescribed == []
+
+
 @pytest.mark.parametrize("flags,message", [
     (("--steps", "0"), "--steps must be a positive int, got 0"),
     (("--steps", "-3"), "--steps must be a positive int, got -3"),
