@@ -119,6 +119,8 @@ def test_help_describes_every_option():
     (("--head-lr", "nan"), "--head-lr must be a positive finite float"),
     (("--num-experts", "0"), "--num-experts must be a positive int"),
     (("--r", "0"), "--r must be a positive int"),
+    (("--top-k", "5"), "--top-k must be in [1, num_experts=4], got 5"),
+    (("--mola", "8642", "--top-k", "3"), "--top-k must be at most the fewest experts per layer of --mola 8642 (2)"),
     (("--device", "bogus"), "--device must be a torch device this machine has, got 'bogus'"),
 ])
 def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, flags, message):

@@ -67,11 +67,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.router == "task" and args.mola:
         p.error("--mola sets learned-router expert counts; --router task uses one expert per task")
+    if args.mola and args.top_k > min(map(int, args.mola)):  # else refused only once the model has loaded
+        p.error(f"--top-k must be at most the fewest experts per layer of --mola {args.mola} "
+                f"({min(map(int, args.mola))}), got {args.top_k}")
     try:  # a bad value is refused before any model loads, as argparse refuses one (usage, exit status 2)
         opts = options_from_args(args)
         moelora_config(with_run_sizes(opts, pretrained=True))
     except ValueError as e:
-        flag = lambda m: "--" + m.group(1).replace("_", "-")  # noqa: E731
-        p.error(re.sub(r"(?:DemoOptions|MoELoRAConfig)\.(\w+)", flag, str(e)))
+        flag = lambda m: "--" + (m.group(1) or m.group(2)).replace("_", "-")  # noqa: E731
+        p.error(re.sub(r"(?:DemoOptions|MoELoRAConfig)\.(\w+)|^(\w+)(?= must )", flag, str(e)))
     metrics = run(opts)
     return 0 if metrics["reload_identical"] else 1
