@@ -8,7 +8,7 @@ import re
 
 from moelora.tuner.config import EXPERT_PRESETS
 from moelora.ops.routing_modes import ROUTER_MODES
-from moelora.demo.run import RUN_SIZES, DemoOptions, moelora_config, run, with_run_sizes
+from moelora.demo.run import RUN_SIZES, DemoOptions, check_optional_packages, moelora_config, run, with_run_sizes
 
 
 def _sizes_help(name: str) -> str:
@@ -76,5 +76,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         flag = lambda m: "--" + (m.group(1) or m.group(2)).replace("_", "-")  # noqa: E731
         p.error(re.sub(r"(?:DemoOptions|MoELoRAConfig)\.(\w+)|^(\w+)(?= must )", flag, str(e)))
+    try:
+        check_optional_packages(opts)
+    except ImportError as e:
+        p.error(str(e))
     metrics = run(opts)
     return 0 if metrics["reload_identical"] else 1

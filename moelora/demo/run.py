@@ -3,6 +3,7 @@ training, evaluation, save, reload into a fresh encoder and the identical-output
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import time
@@ -111,6 +112,20 @@ def describe(config: moelora.MoELoRAConfig) -> str:
             f"r={config.r}, alpha={config.lora_alpha:g}")
 
 
+def check_optional_packages(opts: DemoOptions) -> None:
+    """Raise ImportError naming the package and its switch when the plot (matplotlib) or the progress
+    bar (tqdm) is asked for and missing: without this the demo failed on the import after training."""
+    for module, wanted, switch in (("tqdm", opts.progress, "progress=False / --no-progress"),
+                                   ("matplotlib", opts.plot, "plot=False / --no-plot")):
+        if wanted:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                use = "plot" if module == "matplotlib" else "progress bar"
+                raise ImportError(f"the demo needs {module} for its {use}: pip install 'moelora[demo]' (or {module}), "
+                                  f"or run it with {switch}") from None
+
+
 def _progress_bar(enabled: bool):
     if not enabled:
         return None
@@ -143,6 +158,7 @@ def save_and_check_reload(opts: DemoOptions, model, heads, backbone, trained, ev
 
 def run(opts: DemoOptions) -> dict:
     """Run the demo; prints the report, writes ``opts.out_dir`` and returns the metrics."""
+    check_optional_packages(opts)
     start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything loads from local files
     seconds = {}
