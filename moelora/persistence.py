@@ -368,6 +368,15 @@ def _peft_layer_tensors(name: str, layer: nn.Module, a: torch.Tensor, b: torch.T
     return {prefix + "lora_A.weight": a, prefix + "lora_B.weight": b}
 
 
+def exact_module_patterns(names) -> tuple:
+    """(target_modules, {name: rank_pattern / alpha_pattern key}) that select exactly the modules ``names``, as
+    PEFT and moelora read them (moelora.tuner.targets): a list of names would also select every module whose name
+    ends with ``.<name>`` and a plain key would give such a module its value (``lin``'s rank to ``sub.lin``), so the
+    targets are one regex matching the whole names and each key is anchored at the start of the name."""
+    names = sorted(names)
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")", {n: "^" + re.escape(n) for n in names}
+
+
 def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
     """(PEFT tensors of the saved modules and of the biases ``bias`` names, saved module names).
 
@@ -412,6 +421,7 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
         raise ValueError(f"the layers' lora_dropout values differ ({sorted(dropouts)}): a PEFT LoRA checkpoint holds "
                          "one")
     state, rank_pattern, alpha_pattern = {}, {}, {}
+    target_modules, keys = exact_module_patterns(n for n, _ in layers)
     for name, layer in layers:
         a, b = layer.static_lora_factors(task)
         rank = a.shape[0]
@@ -419,12 +429,11 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
         state.update({k: t.detach().contiguous().clone() for k, t in _peft_layer_tensors(name, layer, a, b).items()})
         if use_dora:
             state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().clone()
-        key = re.escape(name)
-        rank_pattern[key], alpha_pattern[key] = rank, alpha
+        rank_pattern[keys[name]], alpha_pattern[keys[name]] = rank, alpha
     extra, saved_modules = _peft_extra_tensors(model, bias)
     state.update(extra)
     config = LoraConfig(r=rank_pattern[next(iter(rank_pattern))], lora_alpha=alpha_pattern[next(iter(alpha_pattern))],
-                        target_modules=[n for n, _ in layers], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                        target_modules=target_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                         use_rslora=use_rslora, use_dora=use_dora, bias=bias, lora_dropout=dropouts.pop(),
                         modules_to_save=saved_modules or None)
     os.makedirs(save_directory, exist_ok=True)
@@ -581,13 +590,14 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAC
     apply: the targets and the weights come from the checkpoint (:func:`read_peft_checkpoint`
     refused the settings moelora cannot reproduce)."""
     ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
+    target_modules, keys = exact_module_patterns(modules)
     try:  # PEFT's lora_alpha and alpha_pattern: the layers read them as PEFT's (pattern_value)
         return MoELoRAConfig(
             r=next(iter(ranks.values())), lora_alpha=peft_config.get("lora_alpha", 8),
             lora_dropout=peft_config.get("lora_dropout", 0.0),
-            target_modules=sorted(modules), num_experts=1, top_k=1,
+            target_modules=target_modules, num_experts=1, top_k=1,
             use_rslora=peft_config.get("use_rslora", False), use_dora=peft_config.get("use_dora", False),
-            rank_pattern={re.escape(n): r for n, r in ranks.items()},
+            rank_pattern={keys[n]: r for n, r in ranks.items()},
             alpha_pattern=peft_config.get("alpha_pattern") or {}, bias=peft_config.get("bias", "none"),
             modules_to_save=peft_config.get("modules_to_save"),
             base_model_name_or_path=peft_config.get("base_model_name_or_path"))

@@ -493,6 +493,55 @@ def test_import_peft_checkpoint_with_targeted_embeddings_loads_their_saved_base_
     assert type(base.model.embed_tokens) is torch.nn.Embedding
 
 
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+
+class _NestedNames(torch.nn.Module):
+    """Two linear layers, one's name (``lin``) the end of the other's (``sub.lin``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.sub = torch.nn.Linear(8, 8), _Inner()
+
+    def forward(self, x):
+        return self.sub.lin(self.lin(x))
+
+
+def test_peft_interop_adapts_exactly_the_named_layers_when_a_name_ends_another(tmp_path):
+    """A module's name as a plain target / rank_pattern / alpha_pattern key also selects every module whose name
+    ends with ``.<name>`` (PEFT's rule): the import refused a valid PEFT checkpoint with ranks lin: 2, sub.lin: 4
+    (``lin``'s rank was given to sub.lin), adapted sub.lin when only lin was in the checkpoint, and the export
+    gave sub.lin lin's alpha in PEFT (a silently different output)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    x = torch.randn(3, 8)
+    peft_model = get_peft_model(_NestedNames(), LoraConfig(r=2, lora_alpha=2, target_modules=["lin"],
+                                                           rank_pattern={"sub.lin": 4}, alpha_pattern={"sub.lin": 1},
+                                                           init_lora_weights=False)).eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = moelora.load_peft_lora(_NestedNames(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-6, atol=1e-6)
+
+    only_lin = get_peft_model(_NestedNames(), LoraConfig(r=2, target_modules=r"lin", init_lora_weights=False))
+    only_lin.save_pretrained(str(tmp_path / "only_lin"))
+    loaded = moelora.load_peft_lora(_NestedNames(), str(tmp_path / "only_lin"))
+    assert isinstance(loaded.model.lin, moelora.MoELoRALinear)
+    assert type(loaded.model.sub.lin) is torch.nn.Linear
+
+    model = get_moelora_model(_NestedNames(), MoELoRAConfig(target_modules=["lin"], num_experts=1, r=2, lora_alpha=2,
+                                                             alpha_pattern={"^sub.lin": 7}))
+    randomize_adapters(model)
+    model.eval()
+    moelora.export_peft_lora(model, str(tmp_path / "export"))
+    again = PeftModel.from_pretrained(_NestedNames(), str(tmp_path / "export")).eval()
+    assert again.base_model.model.sub.lin.scaling["default"] == 3.5
+    torch.testing.assert_close(again(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_checkpoint_written_by_earlier_code_still_loads():
     """tests/fixtures/checkpoint_v0 was saved by the code before the package was reorganised
     (tests/fixtures/make_checkpoint_v0.py): today's from_pretrained rebuilds the same model."""
