@@ -399,7 +399,8 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
                      bias: Optional[str] = None) -> None:
     """Write into ``save_directory`` a PEFT LoRA checkpoint equal to the active adapter (for ``task``
     if task-routed), with its saved modules, the biases ``bias`` names (default: the adapter's
-    ``bias``) and its layers' lora_dropout (one value: layers that differ in it raise). A model with
+    ``bias``), its layers' lora_dropout (one value: layers that differ in it raise) and the adapter's task_type and
+    base_model_name_or_path (what PEFT's AutoPeftModel classes read). A model with
     upcycled FFNs or MoLEx raises: PEFT has no place for them."""
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -412,8 +413,9 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     if edits:  # their modules (MoE FFNs, MoLEx gates) are part of the model's function
         raise ValueError(f"the model has structural edits {edits} that a PEFT LoRA checkpoint cannot hold (LoRA "
                          "layers, saved modules and biases only); save it with save_pretrained")
+    adapter = model.moelora_config if unwrap(model) is not model else MoELoRAConfig()  # a bare model: defaults
     if bias is None:
-        bias = model.moelora_config.bias if unwrap(model) is not model else "none"
+        bias = adapter.bias
     use_rslora = layers[0][1].use_rslora
     use_dora = layers[0][1].use_dora
     dropouts = {layer.settings.lora_dropout for _, layer in layers}
@@ -435,7 +437,8 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     config = LoraConfig(r=rank_pattern[next(iter(rank_pattern))], lora_alpha=alpha_pattern[next(iter(alpha_pattern))],
                         target_modules=target_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                         use_rslora=use_rslora, use_dora=use_dora, bias=bias, lora_dropout=dropouts.pop(),
-                        modules_to_save=saved_modules or None)
+                        modules_to_save=saved_modules or None, task_type=adapter.task_type,
+                        base_model_name_or_path=adapter.base_model_name_or_path)
     os.makedirs(save_directory, exist_ok=True)
     config.save_pretrained(save_directory)
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -585,7 +588,7 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAC
     its LoRA tensors by module, from :func:`read_peft_checkpoint`) as its only expert (its
     checks are those of the PEFT config's fields, whatever the model it loads into): the
     checkpoint's modules as exact targets, their ranks and alphas, and the PEFT config's
-    lora_dropout, use_rslora, use_dora, bias, modules_to_save and base_model_name_or_path (PEFT's
+    lora_dropout, use_rslora, use_dora, bias, modules_to_save, task_type and base_model_name_or_path (PEFT's
     defaults where it has none). The PEFT fields that choose targets or initial weights do not
     apply: the targets and the weights come from the checkpoint (:func:`read_peft_checkpoint`
     refused the settings moelora cannot reproduce)."""
@@ -599,7 +602,7 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAC
             use_rslora=peft_config.get("use_rslora", False), use_dora=peft_config.get("use_dora", False),
             rank_pattern={keys[n]: r for n, r in ranks.items()},
             alpha_pattern=peft_config.get("alpha_pattern") or {}, bias=peft_config.get("bias", "none"),
-            modules_to_save=peft_config.get("modules_to_save"),
+            modules_to_save=peft_config.get("modules_to_save"), task_type=peft_config.get("task_type"),
             base_model_name_or_path=peft_config.get("base_model_name_or_path"))
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{os.path.join(directory, PEFT_CONFIG_NAME)}: {exc}") from None

@@ -542,6 +542,28 @@ def test_peft_interop_adapts_exactly_the_named_layers_when_a_name_ends_another(t
     torch.testing.assert_close(again(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+def test_peft_task_type_and_base_model_survive_import_and_export(tmp_path):
+    """load_peft_lora dropped the PEFT config's task_type and export_peft_lora wrote neither the adapter's
+    task_type nor its base_model_name_or_path: PEFT's AutoPeftModelForSequenceClassification could not load the
+    export ("Cannot infer the auto class")."""
+    from peft import AutoPeftModelForSequenceClassification, LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    tiny_bert(num_layers=2, classification=True).save_pretrained(str(tmp_path / "base"))
+    base = lambda: BertForSequenceClassification.from_pretrained(str(tmp_path / "base")).eval()  # noqa: E731
+    peft_model = get_peft_model(base(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    _perturb_all_adapters(peft_model)  # the LoRA factors and the classifier's trained copy
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = moelora.load_peft_lora(base(), str(tmp_path / "peft")).eval()
+    assert ours.moelora_config.task_type == "SEQ_CLS"
+    assert ours.moelora_config.base_model_name_or_path == str(tmp_path / "base")
+    moelora.export_peft_lora(ours, str(tmp_path / "export"))
+    again = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "export")).eval()
+    ids = token_batch()
+    torch.testing.assert_close(again(ids).logits, peft_model.eval()(ids).logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours(ids).logits, peft_model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_checkpoint_written_by_earlier_code_still_loads():
     """tests/fixtures/checkpoint_v0 was saved by the code before the package was reorganised
     (tests/fixtures/make_checkpoint_v0.py): today's from_pretrained rebuilds the same model."""
