@@ -1464,7 +1464,8 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
     for that task, else it raises). Every tensor is checked against the model before any
     is copied; a fresh ``model`` is left as it was when the checkpoint does not fit."""
     peft_config, modules, others, weights_path = persistence.read_peft_checkpoint(directory)
-    config = persistence.peft_as_config(peft_config, modules, directory)  # checks its fields, for any model
+    config = persistence.peft_as_config(  # checks its fields, for any model
+        peft_config, modules, directory, None if isinstance(model, MoELoRAModel) else model)
     if expert is not None and not is_integral(expert):  # a numpy integer too, as set_task_ids' and merge's task
         raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")
     expert = None if expert is None else int(expert)

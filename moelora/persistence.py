@@ -583,7 +583,18 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> l
     return pairs
 
 
-def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAConfig:
+def _peft_modules_to_save(saved, model: Optional[nn.Module]):
+    """The names of the modules of ``model`` that PEFT's ``modules_to_save`` list ``saved`` selects: PEFT saves
+    every module whose name ends with one of them as a string (DistilBERT's ``pre_classifier`` for
+    ``classifier``), where moelora's list takes whole dotted parts; ``saved`` as it is without a model, or when it
+    selects nothing there (the config then names it)."""
+    if model is None or not isinstance(saved, list) or not all(isinstance(k, str) for k in saved):
+        return saved
+    return [n for n, _ in model.named_modules() if n and any(n.endswith(k) for k in saved)] or saved
+
+
+def peft_as_config(peft_config: dict, modules: dict, directory: str,
+                   model: Optional[nn.Module] = None) -> MoELoRAConfig:
     """The MoELoRAConfig of a fresh model that takes a PEFT LoRA checkpoint (its config and
     its LoRA tensors by module, from :func:`read_peft_checkpoint`) as its only expert (its
     checks are those of the PEFT config's fields, whatever the model it loads into): the
@@ -591,7 +602,8 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAC
     lora_dropout, use_rslora, use_dora, bias, modules_to_save, task_type and base_model_name_or_path (PEFT's
     defaults where it has none). The PEFT fields that choose targets or initial weights do not
     apply: the targets and the weights come from the checkpoint (:func:`read_peft_checkpoint`
-    refused the settings moelora cannot reproduce)."""
+    refused the settings moelora cannot reproduce). With the ``model`` it is for, its modules_to_save are the
+    modules PEFT's list selects there (:func:`_peft_modules_to_save`)."""
     ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
     target_modules, keys = exact_module_patterns(modules)
     try:  # PEFT's lora_alpha and alpha_pattern: the layers read them as PEFT's (pattern_value)
@@ -602,7 +614,7 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str) -> MoELoRAC
             use_rslora=peft_config.get("use_rslora", False), use_dora=peft_config.get("use_dora", False),
             rank_pattern={keys[n]: r for n, r in ranks.items()},
             alpha_pattern=peft_config.get("alpha_pattern") or {}, bias=peft_config.get("bias", "none"),
-            modules_to_save=peft_config.get("modules_to_save"), task_type=peft_config.get("task_type"),
+            modules_to_save=_peft_modules_to_save(peft_config.get("modules_to_save"), model), task_type=peft_config.get("task_type"),
             base_model_name_or_path=peft_config.get("base_model_name_or_path"))
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{os.path.join(directory, PEFT_CONFIG_NAME)}: {exc}") from None

@@ -564,6 +564,31 @@ def test_peft_task_type_and_base_model_survive_import_and_export(tmp_path):
     torch.testing.assert_close(ours(ids).logits, peft_model(ids).logits, rtol=1e-6, atol=1e-6)
 
 
+def _tiny_distilbert():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    return DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=32, num_labels=3,
+        dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)).eval()
+
+
+def test_peft_modules_to_save_selects_the_modules_peft_saved(tmp_path):
+    """PEFT's modules_to_save list selects every module whose name ends with a name as a string: a DistilBERT
+    SEQ_CLS adapter trains and saves pre_classifier with classifier. The import took the list by whole dotted
+    parts (classifier only) and refused PEFT's checkpoint ("unsupported tensor ... pre_classifier.weight")."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_tiny_distilbert(), LoraConfig(r=2, target_modules=["q_lin"], task_type="SEQ_CLS"))
+    _perturb_all_adapters(peft_model)  # the LoRA factors and both saved modules' trained copies
+    peft_model.eval()
+    peft_model.save_pretrained(str(tmp_path))
+    ours = moelora.load_peft_lora(_tiny_distilbert(), str(tmp_path)).eval()
+    ids = token_batch()
+    torch.testing.assert_close(ours(ids).logits, peft_model(ids).logits, rtol=1e-6, atol=1e-6)
+    assert sorted(ours.moelora_config.modules_to_save) == ["classifier", "pre_classifier"]
+
+
 def test_checkpoint_written_by_earlier_code_still_loads():
     """tests/fixtures/checkpoint_v0 was saved by the code before the package was reorganised
     (tests/fixtures/make_checkpoint_v0.py): today's from_pretrained rebuilds the same model."""
