@@ -21,7 +21,8 @@
   and ``modules_to_save`` (PEFT names their tensors ``<module>.<param>``). The import also
   takes the input / output embedding weights PEFT saves with ``save_embedding_layers`` (by
   default when ``embed_tokens`` or ``lm_head`` is a target: ``<module>.base_layer.weight``)
-  and copies them into the model's base layers, as PEFT does. A PEFT config setting it cannot
+  and copies them into the model's base layers, as PEFT does; the export writes those of the adapted
+  embedding layers as PEFT's "auto" does. A PEFT config setting it cannot
   reproduce (layer_replication, lora_bias, PiSSA's or LoftQ's init_lora_weights, ...) is refused,
   the error naming the field (PEFT_SUPPORTED_FIELDS).
 - Named adapters (:mod:`moelora.tuner.adapters`): :func:`save_pretrained` writes "default" in the
@@ -378,16 +379,22 @@ def exact_module_patterns(names) -> tuple:
 
 
 def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
-    """(PEFT tensors of the saved modules and of the biases ``bias`` names, saved module names).
+    """(PEFT tensors of the saved modules, of the biases ``bias`` names and of the adapted input / output
+    embedding layers' base weights, saved module names).
 
     PEFT names a saved module's tensors ``<module>.<param>`` and a bias ``<module>.bias``
-    (``<module>.base_layer.bias`` in an adapted layer), as the model's own state dict does."""
+    (``<module>.base_layer.bias`` in an adapted layer), as the model's own state dict does. Where the input or
+    output embedding layer is adapted, PEFT's save_embedding_layers ("auto") saves its base weight
+    (``<module>.base_layer.weight``, e.g. the rows of a resized vocabulary) and its load restores it."""
     inner = unwrap(model)
     saved = {n: m for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     state = {f"{PEFT_PREFIX}{n}.{k}": t for n, m in saved.items() for k, t in m.modules_to_save.state_dict().items()}
+    own = inner.state_dict()
+    state.update({f"{PEFT_PREFIX}{p}weight": own[f"{p}weight"] for p in _peft_embedding_prefixes(inner)
+                  if p.endswith(".base_layer.")})
     if bias != "none":
         skip = _owned_prefixes(model) + tuple(f"{n}." for n in saved)
-        for name, tensor in inner.state_dict().items():
+        for name, tensor in own.items():
             if name.startswith(skip) or not name.endswith("bias"):
                 continue
             if bias == "all" or name.endswith("base_layer.bias"):

@@ -589,6 +589,28 @@ def test_peft_modules_to_save_selects_the_modules_peft_saved(tmp_path):
     assert sorted(ours.moelora_config.modules_to_save) == ["classifier", "pre_classifier"]
 
 
+def test_export_with_adapted_embeddings_saves_their_base_weights_as_peft_does(tmp_path):
+    """With embed_tokens / lm_head adapted PEFT saves their base weights (save_embedding_layers="auto"), e.g. the
+    rows of a resized vocabulary, and its load restores them; export_peft_lora saved none, so PEFT's model, resized
+    as the trained one was, had other rows there (a silently different output)."""
+    from peft import PeftModel
+
+    def resized(seed):
+        model = tiny_llama(num_layers=2)
+        torch.manual_seed(seed)  # the new rows are drawn at random
+        model.resize_token_embeddings(72, mean_resizing=False)
+        return model.eval()
+
+    model = get_moelora_model(resized(1), MoELoRAConfig(target_modules=["embed_tokens", "lm_head", "q_proj"], r=4,
+                                                         num_experts=1))
+    randomize_adapters(model)
+    model.eval()
+    ids = torch.tensor([[3, 64, 70, 5, 71]])
+    moelora.export_peft_lora(model, str(tmp_path))
+    again = PeftModel.from_pretrained(resized(2), str(tmp_path)).eval()
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_checkpoint_written_by_earlier_code_still_loads():
     """tests/fixtures/checkpoint_v0 was saved by the code before the package was reorganised
     (tests/fixtures/make_checkpoint_v0.py): today's from_pretrained rebuilds the same model."""
