@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from moelora.tuner import structure as _structure
-from moelora.tuner.config import CONFIG_NAME, MoELoRAConfig
+from moelora.tuner.config import BIAS_MODES, CONFIG_NAME, MoELoRAConfig
 from moelora.tuner.merge import check_task_used
 from moelora.modules.conv import MoELoRAConv
 from moelora.modules.embedding import MoELoRAEmbedding
@@ -423,6 +423,8 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     adapter = model.moelora_config if unwrap(model) is not model else MoELoRAConfig()  # a bare model: defaults
     if bias is None:
         bias = adapter.bias
+    if not isinstance(bias, str) or bias not in BIAS_MODES:  # PEFT's load would fail on it, not name it
+        raise ValueError(f"bias must be None or one of {BIAS_MODES}, got {bias!r}")
     use_rslora = layers[0][1].use_rslora
     use_dora = layers[0][1].use_dora
     dropouts = {layer.settings.lora_dropout for _, layer in layers}

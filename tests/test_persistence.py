@@ -611,6 +611,17 @@ def test_export_with_adapted_embeddings_saves_their_base_weights_as_peft_does(tm
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", ["lora-only", "All", 1])
+def test_export_peft_lora_refuses_a_bias_peft_does_not_have(tmp_path, bias):
+    """export_peft_lora(bias=...) wrote any value into PEFT's config (and saved the adapted layers' biases for
+    it), a checkpoint PEFT then failed to load; now the argument is named, nothing written."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    with pytest.raises(ValueError, match=re.escape(f"bias must be None or one of ('none', 'all', 'lora_only'), got "
+                                                   f"{bias!r}")):
+        moelora.export_peft_lora(model, str(tmp_path / "out"), bias=bias)
+    assert not (tmp_path / "out").exists()
+
+
 def test_checkpoint_written_by_earlier_code_still_loads():
     """tests/fixtures/checkpoint_v0 was saved by the code before the package was reorganised
     (tests/fixtures/make_checkpoint_v0.py): today's from_pretrained rebuilds the same model."""
