@@ -1461,8 +1461,9 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
     wrapper.
     Into expert ``expert`` of a task-routed model the task's gate ``lora_gamma[expert]`` is set to
     1, so that task computes the PEFT LoRA (its task-routed layers the checkpoint does not adapt must add nothing
-    for that task, else it raises). Every tensor is checked against the model before any
-    is copied; a fresh ``model`` is left as it was when the checkpoint does not fit."""
+    for that task, else it raises); in a model with several experts the checkpoint's biases, saved modules and
+    embedding base weights, which every expert uses, must equal the model's. Every tensor is checked against the
+    model before any is copied; a fresh ``model`` is left as it was when the checkpoint does not fit."""
     peft_config, modules, others, weights_path = persistence.read_peft_checkpoint(directory)
     config = persistence.peft_as_config(  # checks its fields, for any model
         peft_config, modules, directory, None if isinstance(model, MoELoRAModel) else model)

@@ -559,7 +559,7 @@ def _peft_embedding_prefixes(inner: nn.Module) -> tuple:
 
 
 def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> list:
-    """(model tensor, checkpoint tensor) of a PEFT checkpoint's biases, saved modules' tensors and
+    """(model tensor, checkpoint tensor, checkpoint key) of a PEFT checkpoint's biases, saved modules' tensors and
     embedding layers' weights (:func:`_peft_embedding_prefixes`; PEFT loads these into the base
     model too), every one checked to exist in the model with the same shape."""
     saved = [n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)]
@@ -588,7 +588,7 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> l
             raise ValueError(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model: {key} has shape "
                              f"{tuple(tensor.shape)}, the model's has shape {tuple(own[name].shape)}")
         _check_dtype_kind(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model: {key}", tensor, own[name])
-        pairs.append((own[name], tensor))
+        pairs.append((own[name], tensor, key))
     return pairs
 
 
@@ -660,7 +660,16 @@ def check_peft_checkpoint(peft_config: dict, inner: nn.Module, modules: dict, ot
                              f"task-shared LoRA), so task {target} would not compute the PEFT LoRA; load it into a "
                              "model whose task-routed layers outside the checkpoint are zero for that task (as "
                              f"injected: lora_gamma[{target}] starts at 0)")
-    return layers, _peft_extras_targets(inner, others, weights_path)
+    extras = _peft_extras_targets(inner, others, weights_path)
+    if any(is_adapter_layer(m) and m.num_experts > 1 for m in inner.modules()):
+        changed = next((key for own, tensor, key in extras
+                        if not torch.equal(own, tensor.to(device=own.device, dtype=own.dtype))), None)
+        if changed is not None:  # every expert computes with it
+            raise ValueError(f"{weights_path}: {PEFT_PREFIX}{changed} differs from the model's tensor, which every "
+                             f"expert and task uses (a bias, a saved module's or an embedding's base weight): loading "
+                             f"it for expert {target} would change the model's other experts; load the checkpoint "
+                             "into a fresh model, or leave that tensor out of it")
+    return layers, extras
 
 
 def _task_delta_nonzero(layer: nn.Module, task: int) -> bool:
@@ -689,5 +698,5 @@ def copy_peft_checkpoint(peft_config: dict, modules: dict, layers: dict, extras:
             layer.lora_gamma[target] = 1.0
         if "lora_magnitude_vector" in tensors:
             layer.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
-    for own, tensor in extras:
+    for own, tensor, _ in extras:
         own.copy_(tensor)

@@ -622,6 +622,37 @@ def test_export_peft_lora_refuses_a_bias_peft_does_not_have(tmp_path, bias):
     assert not (tmp_path / "out").exists()
 
 
+def test_peft_biases_into_one_task_that_would_change_the_other_tasks_are_refused(tmp_path):
+    """A PEFT checkpoint's biases (bias="all") are tensors every expert and task uses: loaded for expert 1 of a
+    task-routed model they silently changed task 2's output. Now an error names the tensor and nothing is copied;
+    a bias equal to the model's (PEFT saved the base's) still loads."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    peft_model = get_peft_model(tiny_bert(num_layers=2), LoraConfig(r=4, target_modules=["query"], bias="all",
+                                                                     init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path))
+    ids = token_batch()
+    config = MoELoRAConfig(target_modules=["query"], r=4, num_experts=3, router="task")
+    untouched = get_moelora_model(tiny_bert(num_layers=2), config).eval()
+    moelora.load_peft_lora(untouched, str(tmp_path), expert=1)  # the biases are the base's: nothing else changes
+    torch.testing.assert_close(untouched(ids, task_ids=1).last_hidden_state, peft_model.eval()(ids).last_hidden_state,
+                               rtol=1e-6, atol=1e-6)
+    weights = str(tmp_path / "adapter_model.safetensors")
+    state = load_file(weights)
+    key = "base_model.model.embeddings.LayerNorm.bias"
+    state[key] = state[key] + 0.5  # a trained bias
+    save_file(state, weights)
+    model = get_moelora_model(tiny_bert(num_layers=2), config).eval()
+    randomize_adapters(model)
+    other_task = model(ids, task_ids=2).last_hidden_state
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(f"{key} differs from the model's tensor, which every expert")):
+        moelora.load_peft_lora(model, str(tmp_path), expert=1)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert torch.equal(model(ids, task_ids=2).last_hidden_state, other_task)
+
+
 def test_checkpoint_written_by_earlier_code_still_loads():
     """tests/fixtures/checkpoint_v0 was saved by the code before the package was reorganised
     (tests/fixtures/make_checkpoint_v0.py): today's from_pretrained rebuilds the same model."""
