@@ -623,7 +623,8 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str,
             use_rslora=peft_config.get("use_rslora", False), use_dora=peft_config.get("use_dora", False),
             rank_pattern={keys[n]: r for n, r in ranks.items()},
             alpha_pattern=peft_config.get("alpha_pattern") or {}, bias=peft_config.get("bias", "none"),
-            modules_to_save=_peft_modules_to_save(peft_config.get("modules_to_save"), model), task_type=peft_config.get("task_type"),
+            modules_to_save=_peft_modules_to_save(peft_config.get("modules_to_save"), model),
+            task_type=peft_config.get("task_type"),
             base_model_name_or_path=peft_config.get("base_model_name_or_path"))
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{os.path.join(directory, PEFT_CONFIG_NAME)}: {exc}") from None
