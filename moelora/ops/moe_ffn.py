@@ -12,9 +12,10 @@ identical experts (a freshly upcycled FFN) then reproduce the original FFN bit f
 instead of up to the rounding of a weighted sum. The anchor z_0 is slot 0's output on both
 backends: a token whose slot 0 is skipped (weight 0; threshold routing never drops it) has
 z_0 = 0, so its mix is the plain sum_j c_j z_j, equal to one expert's output only up to
-rounding. A token whose slots were all dropped gets 0; kept weights that sum to zero or less
-cannot be normalised and raise ValueError (moelora.validation on; with it off that token's
-output is meaningless, typically inf).
+rounding. A token whose slots were all dropped gets 0; kept weights whose sum is below the
+smallest normal number of the mixing dtype (fp32, fp64 for fp64 weights; zero or less above
+all) cannot be normalised and raise ValueError (moelora.validation on; with it off that
+token's output is meaningless, typically inf: the sum is clamped to finfo.tiny).
 
 Backends (as :func:`moelora.moe_lora`):
 

@@ -227,18 +227,22 @@ def check_top_k(top_k: int, num_experts: int, name: str = "top_k") -> None:
 def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                          positive_kept_sums: bool = False) -> bool:
     """The syncing checks (ids in [0, E), finite weights; with ``positive_kept_sums`` also: the
-    nonzero weights of every token that has any sum to a positive value, as moe_ffn's
-    normalize=True needs): one device-to-host copy, only when syncing_checks_enabled(). Returns
-    whether the ids are known to lie in [0, E) (checked, or there are none)."""
+    nonzero weights of every token that has any sum, in the mixing dtype (fp32, fp64 for fp64
+    weights), to at least its smallest normal number (finfo.tiny), as moe_ffn's normalize=True
+    needs: both backends divide by max(sum, tiny)): one device-to-host copy, only when
+    syncing_checks_enabled(). Returns whether the ids are known to lie in [0, E) (checked, or
+    there are none)."""
     if topk_ids.numel() == 0:
         return True
     if not syncing_checks_enabled(topk_ids, topk_weights):
         return False
     lo, hi = torch.aminmax(topk_ids)
     checks = [lo, hi, torch.isfinite(topk_weights).all()]
+    mixing = torch.float64 if topk_weights.dtype == torch.float64 else torch.float32
     if positive_kept_sums:
         kept = topk_weights != 0
-        checks.append((~kept.any(-1) | (torch.where(kept, topk_weights, 0).sum(-1) > 0)).all())
+        sums = torch.where(kept, topk_weights, 0).to(mixing).sum(-1)
+        checks.append((~kept.any(-1) | (sums >= torch.finfo(mixing).tiny)).all())
     lo, hi, finite, *positive = host_values(*checks)  # one device-to-host copy
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_experts:
@@ -248,8 +252,9 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
     if not finite:
         raise ValueError("topk_weights contains NaN or Inf")
     if positive and not positive[0]:
-        raise ValueError("normalize=True needs the kept topk_weights of every token to sum to a positive value "
-                         "(the nonzero weights are divided by their sum); some token's sum to zero or less")
+        raise ValueError(f"normalize=True needs the kept topk_weights of every token to sum to a positive value of "
+                         f"at least {torch.finfo(mixing).tiny} (the smallest normal {mixing}: the nonzero weights are "
+                         f"divided by their sum in {mixing}); some token's sum to less (zero or less, or subnormal)")
     return True
 
 

@@ -148,6 +148,26 @@ def test_moe_ffn_normalize_rejects_kept_weights_without_a_positive_sum(weights):
     moelora.moe_ffn(*_ffn_inputs(weights), normalize=False)  # nothing to normalise: fine
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_moe_ffn_normalize_rejects_kept_weights_whose_sum_is_subnormal(backend, dtype):
+    """Kept weights summing to less than the smallest normal number of the mixing dtype (fp32; fp64 for
+    fp64 weights) cannot be normalised as promised: the sum is clamped to it (finfo.tiny) on both backends,
+    so [1e-39, 3e-39] mixed with coefficients [0.085, 0.256] (summing to 0.34, not 1) without a word. They
+    raise as a sum of zero or less does; a normal sum (the same weights scaled up) still runs."""
+    tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    x, ids, _, *rest = _ffn_inputs([[0.5, 0.5], [0.5, 0.5]])
+    weights = torch.tensor([[0.25, 0.75], [tiny / 8, 3 * tiny / 8]], dtype=torch.float64).to(dtype)
+    assert (weights[1] > 0).all()  # subnormal, not flushed to 0
+    with pytest.raises(ValueError, match=r"normalize=True needs the kept topk_weights of every token to sum to a "
+                                         r"positive value of at least"):
+        moelora.moe_ffn(x, ids, weights, *rest, normalize=True, backend=backend)
+    scaled = moelora.moe_ffn(x, ids, weights * 2.0 ** 100, *rest, normalize=True, backend=backend)
+    ref = moelora.moe_ffn(x, ids, torch.tensor([[0.25, 0.75]] * 2, dtype=dtype), *rest, normalize=True,
+                          backend=backend)
+    torch.testing.assert_close(scaled, ref)
+
+
 def test_moe_ffn_normalize_with_every_slot_dropped_gives_zero():
     out = moelora.moe_ffn(*_ffn_inputs([[0.0, 0.0], [0.2, 0.6]]), normalize=True)
     assert torch.equal(out[0], torch.zeros(4)) and torch.isfinite(out).all()
