@@ -113,14 +113,15 @@ _CALLABLES = {}  # key -> activation callable the fused kernels do not know (rea
 
 
 def fused_activation_name(activation: Callable) -> Optional[str]:
-    """The fused kernels' name for ``activation`` (a key of ACTIVATION_CODES), or None."""
-    if activation is F.silu or isinstance(activation, nn.SiLU):
+    """The fused kernels' name for ``activation`` (a key of ACTIVATION_CODES), or None (a subclass of nn.SiLU,
+    nn.GELU or nn.ReLU with a forward of its own computes something else)."""
+    if activation is F.silu or _is_plain(activation, nn.SiLU):
         return "silu"
     if activation is F.gelu:
         return "gelu"
-    if isinstance(activation, nn.GELU):
+    if _is_plain(activation, nn.GELU):
         return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    if activation is F.relu or activation is torch.relu or isinstance(activation, nn.ReLU):
+    if activation is F.relu or activation is torch.relu or _is_plain(activation, nn.ReLU):
         return "relu"
     kind = type(activation)
     if kind.__module__.startswith("transformers"):
@@ -128,6 +129,11 @@ def fused_activation_name(activation: Callable) -> Optional[str]:
             return "gelu"
         return _TRANSFORMERS_ACTIVATIONS.get(kind.__name__)
     return None
+
+
+def _is_plain(activation: Callable, cls: type) -> bool:
+    """Whether ``activation`` is an instance of the activation module ``cls`` computing ``cls``'s forward."""
+    return isinstance(activation, cls) and type(activation).forward is cls.forward
 
 
 def _activation_key(activation: Callable) -> str:

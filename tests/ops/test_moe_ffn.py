@@ -203,6 +203,20 @@ def test_activation_module_with_trainable_parameters(path):
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-5)
 
 
+class _ScaledSiLU(nn.SiLU):
+    def forward(self, t):
+        return 2 * super().forward(t)
+
+
+@pytest.mark.parametrize("path", TRITON_PATHS, ids=path_id)
+def test_an_activation_subclass_with_its_own_forward_runs_its_forward(path):
+    """A subclass of nn.SiLU computing something else (2 silu(t)) was taken for the fused SiLU: the Triton
+    backend computed silu, silently. It runs as the unknown callable it is, matching the float64 loop."""
+    assert ffn_module.fused_activation_name(_ScaledSiLU()) is None
+    x, ids, weights, ffn = make_ffn(T=12, d=8, f=8, d_out=4, E=3, seed=4)
+    check_against_reference(x, ids, weights, ffn, path, _ScaledSiLU(), normalize=True)
+
+
 def test_fused_activation_names():
     from transformers.activations import ACT2FN
 
