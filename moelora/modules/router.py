@@ -14,6 +14,7 @@ from moelora.kernels import launchers
 from moelora.ops.validation import check_module_input, check_top_k, refuse_double_backward
 from moelora.ops.routing_modes import LEARNED_MODES, Routing, linear_logits, route_logits, scheduled_eps
 from moelora.ops.backend import kernels_run
+from moelora.ops.registration import apply_function
 from moelora.modules.fields import LAYER_FIELD_KINDS, POSITIVE_INT, check_field, is_integral
 
 
@@ -118,7 +119,7 @@ class Router(nn.Linear):
         check_module_input(x, self.in_features)
         x = x.reshape(-1, x.shape[-1])
         if not self.jitters and kernels_run(x.device) and not torch.compiler.is_compiling():
-            return _RouterLogitsFn.apply(x, self.weight)
+            return apply_function(_RouterLogitsFn, x, self.weight)
         return linear_logits(x, self.weight, self.jitter_factors(x) if self.jitters else None)
 
     def jitter_factors(self, x: torch.Tensor) -> torch.Tensor:

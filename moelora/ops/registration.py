@@ -120,8 +120,23 @@ def apply_eager(function: type, *args):
     (``torch.autograd.forward_ad.dual_level``, which grad mode does not turn off), apply: it raises
     there for want of a jvp, where the forward called directly would drop its inputs' tangents.
     Under torch.profiler, apply too, so that a trace names the op's range (``_MoELoRALinearFn``) as
-    in training."""
+    in training. Inside ``torch.inference_mode`` apply runs with grad mode off (:func:`apply_function`)."""
     if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
             or forward_ad._current_level >= 0 or autograd_profiler._is_profiler_enabled):
+        if torch.is_inference_mode_enabled():  # apply_function's case (this runs in eager mode only)
+            with torch.no_grad():
+                return function.apply(*args)
         return function.apply(*args)
     return function.forward(_NoGraphContext(), *args)
+
+
+def apply_function(function, *args):
+    """``function.apply(*args)`` (an autograd.Function or :class:`EagerFunction`), with grad mode off
+    inside ``torch.inference_mode`` (where ``torch.enable_grad`` may have turned it on): autograd
+    records nothing there, PyTorch's own ops make no graph, but a Function's apply would record one
+    and refuse to save the inference tensors its forward made ("Inference tensors cannot be saved for
+    backward"). Traced by torch.compile as ``function.apply``."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        with torch.no_grad():
+            return function.apply(*args)
+    return function.apply(*args)

@@ -117,14 +117,15 @@ def _below(op):
 def _eager(op, function=None):
     """A native custom op with its autograd: while torch.compile traces, the op itself (its
     registered autograd); in eager mode ``function`` (an autograd.Function over the op below
-    autograd, with the same gradients) when an input needs a gradient, else the op below
-    autograd: the custom-op autograd dispatch costs tens of microseconds per call."""
+    autograd, with the same gradients) when autograd records (grad mode on, outside
+    torch.inference_mode: see registration.apply_function) and an input needs a gradient, else the
+    op below autograd: the custom-op autograd dispatch costs tens of microseconds per call."""
     below = _below(op)
 
     def run(*args):
         if torch.compiler.is_compiling():
             return op(*args)
-        if function is not None and torch.is_grad_enabled() and any(
+        if function is not None and torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return function.apply(*args)
         return below(*args)

@@ -426,3 +426,35 @@ def test_composed_path_routes_autocast_input_as_the_fused_path(backend):
     torch.testing.assert_close(stats_c["z_loss"], stats["z_loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux_c, aux, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(y_c.float(), y.float(), rtol=2e-2, atol=2e-2)
+
+
+_GRAD_INSIDE_INFERENCE_LAYERS = {
+    "linear": lambda: (MoELoRALinear(_base(6, 5), num_experts=4, top_k=2, r=2), torch.randn(2, 3, 6)),
+    "linear_shared_a": lambda: (MoELoRALinear(_base(6, 5), num_experts=4, top_k=2, r=2, share_lora_a=True),
+                                torch.randn(5, 6)),
+    "conv": lambda: (moelora.MoELoRAConv(nn.Conv2d(3, 4, 3, padding=1), num_experts=3, top_k=2, r=2),
+                     torch.randn(1, 3, 4, 4)),
+    "embedding": lambda: (moelora.MoELoRAEmbedding(nn.Embedding(7, 5), num_experts=3, top_k=2, r=2),
+                          torch.tensor([[1, 3, 6]])),
+    "ffn": lambda: (moelora.MoEFFN(nn.Linear(6, 8), nn.Linear(8, 6), torch.nn.functional.silu, 3, 2,
+                                   router="softmax_topk"), torch.randn(2, 3, 6)),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", list(_GRAD_INSIDE_INFERENCE_LAYERS))
+def test_layers_run_under_enable_grad_inside_inference_mode(kind, backend):
+    """torch.enable_grad() inside torch.inference_mode() turns grad mode on but records no graph
+    (nn.Linear's output there does not require grad). The Triton paths' autograd.Functions recorded
+    one and tried to save the inference tensors they made: RuntimeError "Inference tensors cannot be
+    saved for backward"; they run as in inference now, with the outputs of a plain forward."""
+    torch.manual_seed(0)
+    layer, x = _GRAD_INSIDE_INFERENCE_LAYERS[kind]()
+    randomize_adapters(layer)
+    layer.train()
+    with moelora.use_backend(backend):
+        expected = layer(x)
+        with torch.inference_mode(), torch.enable_grad():
+            y = layer(x)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, expected.detach())

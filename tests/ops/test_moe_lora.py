@@ -4,6 +4,8 @@ Without a GPU the Triton kernels run under the interpreter (fp32, fp16); bf16 an
 larger sweeps run only on a GPU.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -393,3 +395,26 @@ def test_rows_engine_by_device_dtype_shape_and_table(monkeypatch):
     assert engine(x, b, pairs, 2 ** 31, 2.0) == "triton"  # int32 group ends
     monkeypatch.setattr(moe_lora_module, "native_major", lambda device: None)
     assert engine(x, b, pairs, rows, 2.0) == "triton"
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_enable_grad_inside_inference_mode_records_nothing(regime):
+    """torch.enable_grad() inside torch.inference_mode() records no graph (PyTorch's own ops make
+    none): the Triton path's autograd.Function recorded one and refused to save the inference
+    tensors it made (RuntimeError "Inference tensors cannot be saved for backward"), under
+    torch.profiler too. moelora.route / dispatch / combine likewise on inputs that require grad."""
+    p = make_problem(6, 8, 5, 2, 3, 2, shared_a=regime == "dense", seed=3)
+    expected = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="triton", regime=regime)
+    logits = torch.randn(6, 3, requires_grad=True)
+    route = moelora.route(logits, 2, renormalize=True)
+    meta = moelora.dispatch_metadata(route.ids, 3)
+    mixed = moelora.combine(moelora.dispatch(p.x, meta), meta, route.weights)
+    for profiled in (False, True):
+        with torch.profiler.profile() if profiled else contextlib.nullcontext(), torch.inference_mode(), \
+                torch.enable_grad():
+            y = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="triton", regime=regime)
+            r = moelora.route(logits, 2, renormalize=True)
+            m = moelora.combine(moelora.dispatch(p.x, meta), meta, r.weights)
+        assert not (y.requires_grad or r.weights.requires_grad or m.requires_grad)
+        torch.testing.assert_close(y, expected.detach())
+        torch.testing.assert_close(m, mixed.detach())
