@@ -72,7 +72,8 @@ def moe_lora(x, lora_a, lora_b, topk_ids, topk_weights, *, scaling: float = 1.0,
         topk_weights: [..., k] gate weights, same shape as topk_ids.
         scaling: the LoRA scale s (lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA).
         base_out: optional [..., d_out] tensor the delta is added to (the frozen layer's
-            output); without it the delta alone is returned.
+            output; any strides, x itself too), read, never written: the sum is a new tensor;
+            without it the delta alone is returned.
         backend: "auto" (default: see the module docstring), "triton" or "torch".
         regime: triton only: "dense" (gated expand over all E*r columns), "grouped"
             (expert-sorted grouped GEMM, at most MAX_EXPERTS = 4096 experts) or "auto"

@@ -197,3 +197,32 @@ def test_fp16_h_beyond_fp16_range_with_a_small_scale(path, shared_a):
     assert torch.isfinite(y).all() and rel_err(y, y_ref) < 5e-3
     for name, got, want in zip(["x", "lora_a", "lora_b", "topk_weights"], grads, grads_ref):
         assert torch.isfinite(got).all() and rel_err(got, want) < 5e-3, name
+
+
+# ---- 7. base_out is read, never written: aliases of x, views of a kept tensor, stride-0 views --------
+@pytest.mark.parametrize("path", ["torch", "triton-dense", "triton-grouped"])
+@pytest.mark.parametrize("base_kind", ["x", "strided_view", "expanded"])
+def test_base_out_is_read_not_modified_and_gets_dy(path, base_kind):
+    """The result is a new tensor (base_out itself is left as it was, whether it is x, a strided
+    view of a tensor the caller keeps, or a stride-0 expansion), and base_out's gradient is dy
+    (through the view to the tensor it views, summed over an expansion's copies)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    lora_a = torch.randn(3, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(3, 6, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0], [1, 2]]).view(2, 3, 2)
+    weights = torch.rand(2, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    kept = torch.randn(3, 2, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    row = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    base = {"x": x, "strided_view": kept.transpose(0, 1)[..., ::2], "expanded": row.expand(2, 3, 6)}[base_kind]
+    before = base.detach().clone()
+    y = PATHS[path](x, lora_a, lora_b, ids, weights, scaling=0.5, base_out=base)
+    assert torch.equal(base.detach(), before)
+    assert y.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in (x, kept, row)}
+    expected = moe_lora_naive(x, lora_a, lora_b, ids, weights, scaling=0.5) + base
+    torch.testing.assert_close(y, expected)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    leaf = {"x": x, "strided_view": kept, "expanded": row}[base_kind]
+    grad, = torch.autograd.grad(y, leaf, dy)
+    ref, = torch.autograd.grad(expected, leaf, dy)
+    torch.testing.assert_close(grad, ref)
