@@ -28,8 +28,8 @@ from moelora.ops.validation import refuse_double_backward
 
 
 def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """f_e: routed slots per expert divided by the number of tokens, [E] fp32.
+                mask: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """f_e: routed slots per expert divided by the number of tokens, [E] in ``dtype`` (fp32).
 
     Slots with weight 0 (dropped by threshold routing) are not counted when ``weights``
     is given; with ``mask`` ([T] bool, the real tokens: False for padding) only the real
@@ -37,11 +37,11 @@ def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Ten
     sync, deterministic.
     """
     ids = ids.reshape(-1, ids.shape[-1])
-    one_hot = F.one_hot(ids.long(), num_experts).float()  # [T, k, E]
+    one_hot = F.one_hot(ids.long(), num_experts).to(dtype)  # [T, k, E]
     if weights is not None:
-        one_hot = one_hot * (weights.reshape(ids.shape) > 0).float().unsqueeze(-1)
+        one_hot = one_hot * (weights.reshape(ids.shape) > 0).to(dtype).unsqueeze(-1)
     if mask is not None:
-        return (one_hot * mask.reshape(-1, 1, 1)).sum(dim=(0, 1)) / _count(mask)
+        return (one_hot * mask.reshape(-1, 1, 1)).sum(dim=(0, 1)) / _count(mask, dtype)
     return one_hot.sum(dim=(0, 1)) / max(ids.shape[0], 1)
 
 
@@ -59,10 +59,11 @@ def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int
     if probs.shape[0] == 0:
         return probs.sum()
     if mask is not None:
-        mean_probs = torch.where(mask.reshape(-1, 1).bool(), probs, 0.0).sum(dim=0) / _count(mask)  # padding: any value
+        real = mask.reshape(-1, 1).bool()
+        mean_probs = torch.where(real, probs, 0.0).sum(dim=0) / _count(mask, probs.dtype)  # padding: any value
     else:
         mean_probs = probs.mean(dim=0)
-    return num_experts * torch.sum(expert_load(ids, num_experts, weights, mask) * mean_probs)
+    return num_experts * torch.sum(expert_load(ids, num_experts, weights, mask, probs.dtype) * mean_probs)
 
 
 def _check_load_balancing_args(probs, ids, num_experts, weights, mask) -> None:
@@ -82,9 +83,9 @@ def _check_load_balancing_args(probs, ids, num_experts, weights, mask) -> None:
         raise ValueError(f"mask must hold one value per token ({tokens}), got shape {tuple(mask.shape)}")
 
 
-def _count(mask: torch.Tensor) -> torch.Tensor:
-    """The number of real tokens of a [T] bool mask, at least 1 (a tensor: no host read)."""
-    return mask.sum().clamp_min(1).float()
+def _count(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The number of real tokens of a [T] bool mask, at least 1, in ``dtype`` (a tensor: no host read)."""
+    return mask.sum().clamp_min(1).to(dtype)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -594,6 +594,26 @@ def test_aux_loss_functions_keep_float64():
     assert router_z_loss(logits.half()).dtype == load_balancing_loss(probs.half(), ids, 4).dtype == torch.float32
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all_tokens", "masked"])
+def test_load_balancing_loss_of_float64_probs_has_float64_precision(masked):
+    """The load f_e = c_e / T of float64 probs is float64: it was fp32 (its one-hot sums and the token count), so the
+    loss of 21 tokens (f_e = c_e / 21, no fp32 number) was off by ~3e-8 relative, with or without a mask, while the
+    docstring promises fp64. Against the float64 formula, thresholded weights (slots of weight 0 not counted) too."""
+    T, E, k = 21, 5, 2
+    probs = torch.softmax(_logits(t=T, e=E, seed=4).double(), -1)
+    ids = probs.topk(k, -1).indices
+    weights = torch.rand(T, k, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) - 0.3
+    mask = torch.rand(T, generator=torch.Generator().manual_seed(6)) > 0.3
+    if not masked:
+        mask = torch.ones(T, dtype=torch.bool)
+    n = mask.double().sum()
+    kept = nn.functional.one_hot(ids, E).double() * (weights > 0).double().unsqueeze(-1) * mask.double()[:, None, None]
+    want = E * (kept.sum((0, 1)) / n).dot((probs * mask.double()[:, None]).sum(0) / n)
+    got = load_balancing_loss(probs, ids, E, weights=weights, mask=mask if masked else None)
+    assert got.dtype == torch.float64 and rel_err(got, want) < 1e-14
+    assert expert_load(ids, E, weights, mask if masked else None, torch.float64).dtype == torch.float64
+
+
 @pytest.mark.parametrize("mode,top_k", [("softmax_topk", 3), ("softmax_topk", 7), ("threshold", 3)],
                          ids=["softmax_topk", "softmax_topk_k=E", "threshold"])
 def test_routing_aux_losses_kernel_matches_the_formula(mode, top_k):
