@@ -247,6 +247,8 @@ class _AuxLossFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         refuse_double_backward("the aux loss")
+        if g is None:
+            return (None,) * 7
         counts, lse = ctx.saved_tensors
         g_prob_sums, g_lse = launchers.router_aux_loss_backward(g, counts, lse, *ctx.coefs)
         return None, g_prob_sums, g_lse, None, None, None, None
