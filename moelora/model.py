@@ -464,13 +464,13 @@ def clear_aux_losses(model: nn.Module) -> None:
 
 
 def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Per routed module (by name), from its last forward: ``load`` (slots per token routed
-    to each expert, [E]), ``entropy`` (mean routing entropy, nats), and the unweighted
-    ``load_balancing_loss`` and ``z_loss``. Names are relative to the wrapped model, also through
-    the containers a training loop puts around it (nn.DataParallel, DistributedDataParallel: ``.module``;
-    torch.compile: ``._orig_mod``). A module whose last forward routed no token (an empty batch; with an
-    aux-loss mask, all padding), whose statistics are undefined, is left out: a logging step over such a
-    batch does not raise."""
+    """Per routed module (by name), from its last forward (in eval mode and under torch.no_grad too):
+    ``load`` (slots per token routed to each expert, [E]; threshold routing: the kept ones), ``entropy``
+    (mean routing entropy, nats), and the unweighted ``load_balancing_loss`` and ``z_loss``. Names are
+    relative to the wrapped model, also through the containers a training loop puts around it
+    (nn.DataParallel, DistributedDataParallel: ``.module``; torch.compile: ``._orig_mod``). A module whose
+    last forward routed no token (an empty batch; with an aux-loss mask, all padding), whose statistics are
+    undefined, is left out: a logging step over such a batch does not raise."""
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or hasattr(model, "_orig_mod"):
         model = model.module if hasattr(model, "module") else model._orig_mod
     model = unwrap(model)

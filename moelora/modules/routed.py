@@ -15,7 +15,8 @@ from moelora.ops.losses import masked_aux_losses, routing_aux_losses, routing_en
 
 class RouterStats(Mapping):
     """One forward's routing statistics, computed when read: ``load`` (slots per token routed
-    to each expert, [E]), ``entropy`` (mean routing entropy in nats) and the unweighted
+    to each expert, [E]; threshold routing: the kept slots, weight > 0), ``entropy`` (mean entropy in
+    nats of the softmax over all E logits) and the unweighted
     ``load_balancing_loss`` and ``z_loss`` (from ``aux_stats``). All detached. With ``mask``
     ([T] bool, the real tokens of an aux-loss mask) all four are over the real tokens only
     (the first key read then reads the number of real tokens on the host, once)."""
