@@ -94,7 +94,7 @@ class EagerFunction:
     def apply(self, *inputs):
         if torch._C._are_functorch_transforms_active():
             return self.functorch.apply(*inputs)
-        return self.eager.apply(*inputs)
+        return apply_function(self.eager, *inputs)
 
 
 class _NoGraphContext:
@@ -131,9 +131,9 @@ def apply_eager(function: type, *args):
 
 
 def apply_function(function, *args):
-    """``function.apply(*args)`` (an autograd.Function or :class:`EagerFunction`), with grad mode off
-    inside ``torch.inference_mode`` (where ``torch.enable_grad`` may have turned it on): autograd
-    records nothing there, PyTorch's own ops make no graph, but a Function's apply would record one
+    """``function.apply(*args)`` (an autograd.Function; :meth:`EagerFunction.apply` runs its own through
+    this), with grad mode off inside ``torch.inference_mode`` (where ``torch.enable_grad`` may have
+    turned it on): autograd records nothing there, PyTorch's own ops make no graph, but a Function's apply would record one
     and refuse to save the inference tensors its forward made ("Inference tensors cannot be saved for
     backward"). Traced by torch.compile as ``function.apply``."""
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
