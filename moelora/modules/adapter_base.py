@@ -40,7 +40,7 @@ from moelora.ops.moe_lora_linear import lora_dropout_mask
 from moelora.modules.routed import RoutedModule
 from moelora.modules.router import Router
 from moelora.ops.routing_modes import ROUTER_MODES, Routing, task_routing
-from moelora.ops.validation import _tracing_or_capturing, check_top_k, syncing_checks_enabled
+from moelora.ops.validation import _tracing_or_capturing, check_top_k, fake_mode_active, syncing_checks_enabled
 from moelora.modules.fields import LAYER_FIELD_KINDS, check_field, is_integral
 from moelora.modules.init import kaiming_uniform_per_matrix_, zero_expert_
 
@@ -116,8 +116,9 @@ def single_expert_routing(num_tokens: int, device: torch.device):
     hold no values, and every eager forward after them would read them. Nor are scalars made by a
     compiled graph (its outputs are inference tensors when it runs under torch.inference_mode,
     whatever the graph says), nor during CUDA-graph capture (the kernels that fill them are only
-    recorded: until the graph replays, their memory holds whatever it held)."""
-    pair = _SINGLE.get(device)
+    recorded: until the graph replays, their memory holds whatever it held). Under a FakeTensorMode the
+    cached scalars are not read either (real tensors, which the mode refuses as inputs of its ops)."""
+    pair = None if fake_mode_active() else _SINGLE.get(device)
     if pair is None:
         with torch.inference_mode(False):
             pair = (torch.zeros(1, 1, dtype=torch.int32, device=device),

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from moelora.kernels.launchers import interpreting  # triton itself is a dependency
+from moelora.ops.validation import fake_mode_active
 from moelora.switches import BACKENDS, current_backend
 
 
@@ -25,6 +26,10 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     if name == "auto":
         return "triton" if triton_can_run else "torch"
     if name == "triton" and not triton_can_run:
+        if fake_mode_active():
+            raise ValueError("backend='triton' runs no kernel under a FakeTensorMode (fake tensors hold no values): "
+                             "use backend='auto' or 'torch' there, or torch.compile, whose graphs take the Triton "
+                             "backend's shapes from its fake implementations")
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
             f"for CPU tensors); got tensors on {device}")
@@ -38,8 +43,11 @@ def kernels_run(device: torch.device) -> bool:
 
 
 def _triton_can_run(device: torch.device) -> bool:
-    """CUDA tensors, or CPU tensors under the interpreter (not meta tensors, which hold no values)."""
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+    """CUDA tensors, or CPU tensors under the interpreter (not meta tensors, which hold no values), outside a
+    FakeTensorMode (whose tensors hold none either: an eager forward under it, as memory and FLOP estimators
+    run, takes the PyTorch ops' shapes; torch.compile, which traces under one, takes the Triton backend's
+    custom ops and their fake implementations)."""
+    return (device.type == "cuda" or (device.type == "cpu" and interpreting())) and not fake_mode_active()
 
 
 _AUTOCAST_FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -65,14 +65,26 @@ def _tracing_or_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+_FAKE_MODE_KEY = torch._C._TorchDispatchModeKey.FAKE
+
+
+def fake_mode_active() -> bool:
+    """Whether an eager forward runs under a FakeTensorMode (memory and FLOP estimators, FSDP2's shape
+    passes): every tensor an op makes is then fake (shapes only, no values), those made from real
+    inputs too. False under torch.compile and torch.export, which trace under one and take their own
+    paths (and dynamo cannot trace the mode's lookup)."""
+    return not torch.compiler.is_compiling() and torch._C._get_dispatch_mode(_FAKE_MODE_KEY) is not None
+
+
 def syncing_checks_enabled(*tensors: torch.Tensor) -> bool:
     """Whether checks that read device values on the host run now: moelora.validation is on,
-    neither torch.compile nor CUDA-graph capture is running, and none of ``tensors`` (those the
-    check would read) is on the meta device, which holds no values (shapes only, as under
-    torch.compile). Every such check in moelora asks this (the rule of this module's docstring)."""
+    neither torch.compile nor CUDA-graph capture is running, no FakeTensorMode is active (the
+    check's reductions would be fake tensors, whose host read raises), and none of ``tensors``
+    (those the check would read) is on the meta device, which holds no values (shapes only, as
+    under torch.compile). Every such check in moelora asks this (the rule of this module's docstring)."""
     # torch.compile first: a switch read while dynamo traces guards the graph on it (compiled again per state)
     return (not torch.compiler.is_compiling() and validation_enabled() and not _tracing_or_capturing()
-            and not any(t.is_meta for t in tensors))
+            and not fake_mode_active() and not any(t.is_meta for t in tensors))
 
 
 def host_values(*scalars: torch.Tensor) -> list:

@@ -458,3 +458,51 @@ def test_layers_run_under_enable_grad_inside_inference_mode(kind, backend):
             y = layer(x)
     assert not y.requires_grad
     torch.testing.assert_close(y, expected.detach())
+
+
+FAKE_MODE_LAYERS = {
+    "single": dict(num_experts=1, r=4),
+    "dora": dict(num_experts=1, r=4, use_dora=True),
+    "softmax_topk": dict(num_experts=3, top_k=2, r=4),
+    "threshold": dict(num_experts=3, top_k=2, r=4, router="threshold", threshold_eps=0.2, threshold_ramp_steps=4),
+    "grouped": dict(num_experts=16, top_k=2, r=8),
+    "task": dict(num_experts=3, router="task", r=4, task_shared_lora=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(FAKE_MODE_LAYERS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layers_run_forward_and_backward_under_a_fake_tensor_mode(kind, training):
+    """An eager forward and backward under a FakeTensorMode (memory and FLOP estimators; FSDP2's and
+    torch.export's shape passes) with the default backend: fake outputs and gradients of the real shapes
+    and dtypes, with the syncing checks on. Where the Triton kernels run (CUDA, or the interpreter here)
+    they were launched on the fake tensors (the interpreter raised copying their storage; on a GPU their
+    data pointers are no memory), and task routing's range check read the fake ids on the host
+    (DataDependentOutputException); and a single expert's routing scalars, cached by a real forward before,
+    were real tensors, which the mode refuses."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    MoELoRALinear(nn.Linear(16, 12), num_experts=1, r=4)(torch.randn(3, 16))  # caches the single expert's scalars
+    with FakeTensorMode(), moelora.use_backend("auto"), moelora.validation(True):
+        layer = MoELoRALinear(nn.Linear(16, 12), **FAKE_MODE_LAYERS[kind]).train(training)
+        if kind == "task":
+            moelora.set_task_ids(layer, torch.tensor([2, 0]))
+        x = torch.randn(2, 5, 16, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+    assert isinstance(y, FakeTensor) and y.shape == (2, 5, 12) and y.dtype == torch.float32
+    assert isinstance(x.grad, FakeTensor) and x.grad.shape == x.shape
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.shape == p.shape, name
+
+
+def test_triton_backend_asked_for_under_a_fake_tensor_mode_names_the_mode():
+    """backend='triton' runs no kernel on fake tensors: a ValueError naming the FakeTensorMode and what
+    runs there instead (the interpreter raised copying a fake tensor's storage)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), moelora.use_backend("triton"):
+        layer = MoELoRALinear(nn.Linear(16, 12), num_experts=3, top_k=2, r=4)
+        with pytest.raises(ValueError, match="FakeTensorMode.*backend='auto' or 'torch'"):
+            layer(torch.randn(2, 5, 16))
