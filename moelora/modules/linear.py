@@ -227,7 +227,8 @@ class MoELoRALinear(AdapterLayerBase):
             return base(x, *args, **kwargs)
         if not self._fusable(base, args, kwargs):
             return self._composed_forward(x, *args, **kwargs)
-        check_module_input(x, self.in_features)  # the base layer's errors, which the fused op never calls it for
+        weight = self.base_weight(base)
+        check_module_input(x, self.in_features, weight)  # the base layer's errors, which the fused op never calls it for
         router, ids, weights = self._routing_inputs(x)
         dropout = self.lora_dropout
         # LoRA dropout as a keep mask that the op's kernels read beside x (x_lora is never formed)
@@ -235,8 +236,8 @@ class MoELoRALinear(AdapterLayerBase):
                             else lora_dropout_mask(x, dropout.p))
         lora_a, a_scale = self._effective_A()
         if self.use_dora:
-            return self._fused_dora_forward(x, base, lora_a, self.scaling * a_scale, ids, weights)
-        y, out = unchecked_moe_lora_linear(x, self.base_weight(base), base.bias, lora_a, self.lora_B,
+            return self._fused_dora_forward(x, base, weight, lora_a, self.scaling * a_scale, ids, weights)
+        y, out = unchecked_moe_lora_linear(x, weight, base.bias, lora_a, self.lora_B,
                                            scaling=self.scaling * a_scale, router=router, topk_ids=ids,
                                            topk_weights=weights, dropout_mask=mask, dropout_scale=keep_scale)
         if out.aux_loss is not None:
@@ -271,11 +272,11 @@ class MoELoRALinear(AdapterLayerBase):
         out = self.routed_moe_lora(x_lora, lora_a, self.lora_B, routing, scaling, result.to(dtype))
         return out.to(result.dtype)
 
-    def _fused_dora_forward(self, x, base, lora_a, scaling, ids, weights):
+    def _fused_dora_forward(self, x, base, weight, lora_a, scaling, ids, weights):
         """PEFT's DoRA without LoRA dropout: m / ||W + s B A||_row (.) (x W^T + s B A x) + b, the
         parenthesis by the fused op (bias left out), the rest two elementwise ops (in the adapters'
-        dtype, as the composed path) beside the norm's GEMM and reduction."""
-        weight = self.base_weight(base)
+        dtype, as the composed path) beside the norm's GEMM and reduction; ``weight`` the base weight
+        (:meth:`base_weight`)."""
         y, _ = unchecked_moe_lora_linear(x, weight, None, lora_a, self.lora_B, scaling=scaling, topk_ids=ids,
                                          topk_weights=weights)
         mag_scale = self.lora_magnitude_vector / self._dora_norm(weight, lora_a, scaling)

@@ -116,11 +116,12 @@ class Router(nn.Linear):
         Triton kernels run (eager, no jitter) one kernel reads x in its own dtype and
         accumulates in fp32 (:class:`_RouterLogitsFn`): no fp32 copy of x, none saved. x of
         another width or a non-float dtype raises, naming it (the kernel would read it with x's width)."""
-        check_module_input(x, self.in_features)
+        weight = self.weight
+        check_module_input(x, self.in_features, weight)
         x = x.reshape(-1, x.shape[-1])
         if not self.jitters and kernels_run(x.device) and not torch.compiler.is_compiling():
-            return apply_function(_RouterLogitsFn, x, self.weight)
-        return linear_logits(x, self.weight, self.jitter_factors(x) if self.jitters else None)
+            return apply_function(_RouterLogitsFn, x, weight)
+        return linear_logits(x, weight, self.jitter_factors(x) if self.jitters else None)
 
     def jitter_factors(self, x: torch.Tensor) -> torch.Tensor:
         """The multiplicative noise of the router input x: U(1 - jitter_noise, 1 + jitter_noise) per

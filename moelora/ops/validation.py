@@ -148,14 +148,18 @@ def check_tensor_args(x, topk_ids, topk_weights, weights: dict, optional: dict) 
     check_same_device(x, (*tensors.items(), ("topk_ids", topk_ids), ("topk_weights", topk_weights)))
 
 
-def check_module_input(x: torch.Tensor, d_in: int) -> None:
-    """TypeError / ValueError naming x unless it is a float tensor [..., d_in]: a module's forward
-    input (MoELoRALinear's fused path, Router), which the kernels read with the module's width and
-    dtype table. One comparison where x is right."""
-    if x.dtype in FLOAT_DTYPES and x.dim() and x.shape[-1] == d_in:
+def check_module_input(x: torch.Tensor, d_in: int, weight: torch.Tensor) -> None:
+    """TypeError / ValueError naming x unless it is a float tensor [..., d_in] on the device of the module's
+    ``weight``: a module's forward input (MoELoRALinear's fused path, Router), which the kernels read with the
+    module's width and dtype table, on x's device (a weight elsewhere would be read through pointers into
+    another device's memory). One comparison where x is right."""
+    if x.dtype in FLOAT_DTYPES and x.dim() and x.shape[-1] == d_in and x.device == weight.device:
         return
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the module's weights are on {weight.device}: move x (or the "
+                         "module) to one device")
     raise ValueError(f"x must have shape [..., d_in = {d_in}], got {tuple(x.shape)}")
 
 

@@ -506,3 +506,20 @@ def test_triton_backend_asked_for_under_a_fake_tensor_mode_names_the_mode():
         layer = MoELoRALinear(nn.Linear(16, 12), num_experts=3, top_k=2, r=4)
         with pytest.raises(ValueError, match="FakeTensorMode.*backend='auto' or 'torch'"):
             layer(torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("kind", ["single", "dora", "softmax_topk", "grouped", "task"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("x_device, layer_device", [("meta", "cpu"), ("cpu", "meta")])
+def test_input_on_another_device_than_the_layer_names_both(kind, backend, x_device, layer_device):
+    """x on one device and the layer on another (the meta device standing in for a second one): a ValueError
+    naming x and both devices. The fused path ran the Triton kernels on x's device with the weights' pointers
+    into the other's memory (the interpreter: "Cannot copy out of meta tensor"; a GPU's direct launch checks
+    no pointer), or failed in a torch op naming neither argument."""
+    layer = MoELoRALinear(nn.Linear(16, 12), **FAKE_MODE_LAYERS[kind]).to(layer_device)
+    if kind == "task":
+        moelora.set_task_ids(layer, torch.tensor([2, 0]))
+    x = torch.randn(2, 5, 16, device=x_device)
+    with moelora.use_backend(backend), pytest.raises(ValueError, match=f"x is on {x_device} but the module's "
+                                                                       f"weights are on {layer_device}"):
+        layer(x)

@@ -752,3 +752,15 @@ def test_threshold_routing_counts_the_same_slots_on_every_path_when_the_softmax_
     for load, lb in results:
         torch.testing.assert_close(load, counted / 8)
         torch.testing.assert_close(lb, results[1][1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("x_device, router_device", [("meta", "cpu"), ("cpu", "meta")])
+def test_router_input_on_another_device_names_both(backend, x_device, router_device):
+    """x on one device and the router on another (meta standing in for a second one): a ValueError naming x
+    and both devices, not the Triton kernel run on x's device with the weight's pointer into the other's
+    memory (the interpreter: "Cannot copy out of meta tensor") nor a torch op's error naming neither."""
+    router = Router(16, 4, 2, device=router_device)
+    with moelora.use_backend(backend), pytest.raises(ValueError, match=f"x is on {x_device} but the module's "
+                                                                       f"weights are on {router_device}"):
+        router(torch.randn(5, 16, device=x_device))
