@@ -57,7 +57,8 @@ from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grou
                                         may_be_symbolic, native_major, rows_linear, rows_weight_grad, segment_bounds,
                                         segment_linear)
 from moelora.ops.routing_torch import padded_length
-from moelora.ops.validation import check_moe_ffn_args, check_routing_values, check_top_k, refuse_double_backward
+from moelora.ops.validation import (check_moe_ffn_args, check_routing_values, check_top_k, fake_mode_active,
+                                    refuse_double_backward)
 from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
 from moelora.ops.registration import apply_eager, custom_op
 from moelora.ops.routing import (LAYOUT_FIELDS, MAX_EXPERTS, DispatchMetadata, dispatch_rows, expert_layout,
@@ -539,11 +540,12 @@ def _by_segment(activation: Callable, offsets: torch.Tensor, h: torch.Tensor,
     views of one tensor autograd saved). CPU elementwise kernels round by position (a vectorised body,
     then a scalar tail), so each expert's rows then round as the FFN's activation over the same rows
     did: an expert routed every token reproduces the FFN bit for bit whatever d_ff. Elsewhere (GPUs,
-    whose kernels round alike at every position; torch.compile) one call."""
+    whose kernels round alike at every position; torch.compile; a FakeTensorMode, whose offsets hold no
+    values to read) one call."""
     def fn(act, h, up):
         return act(h) if up is None else act(h) * up
 
-    if h.device.type != "cpu" or torch.compiler.is_compiling():
+    if h.device.type != "cpu" or torch.compiler.is_compiling() or fake_mode_active():
         return fn(activation, h, up)
     act = _out_of_place(activation)
     segments, end = segment_bounds(offsets)

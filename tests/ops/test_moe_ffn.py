@@ -497,3 +497,23 @@ def test_opcheck_fused_ops(path):
         needs = [t is not None for t in (x, weights, *weights_)]
         bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, is_stacked, *plan, needs)
         torch.library.opcheck(ffn_module.moe_ffn_backward.default, bwd_args)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_moeffn_runs_forward_and_backward_under_a_fake_tensor_mode(gated, backend):
+    """An eager forward and backward of MoEFFN under a FakeTensorMode (memory and FLOP estimators): fake
+    outputs and gradients of the real shapes. The torch backend on a CPU read the fake expert offsets on the
+    host for its per-segment activation (DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from moelora.modules.ffn import MoEFFN
+
+    with FakeTensorMode(), moelora.use_backend(backend):
+        moe = MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), nn.SiLU(), num_experts=4, top_k=2, router="softmax_topk",
+                     gate_proj=nn.Linear(8, 16) if gated else None).train()
+        x = torch.randn(2, 5, 8, requires_grad=True)
+        y = moe(x)
+        y.sum().backward()
+    assert isinstance(y, FakeTensor) and y.shape == x.shape
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in moe.parameters() if p.requires_grad)
