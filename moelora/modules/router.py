@@ -43,7 +43,8 @@ class Router(nn.Linear):
         eps_start, eps_end, eps_ramp_steps: threshold routing's ``eps`` (finite numbers >= 0)
             rises linearly from ``eps_start`` to ``eps_end`` over ``eps_ramp_steps`` (an int >= 0;
             0: ``eps_end`` throughout) calls of :meth:`step` (``moelora.step_routers(model)``).
-        device: where the weight and the step counter live (the weight is fp32 always).
+        device: where the weight and the step counter live (the weight is made in fp32; ``.half()`` or
+            ``.to(dtype)`` convert it as any parameter, and the logits stay fp32).
         top1_advice: the end of the warning at top_k 1 with a renormalised gate (every gate is 1,
             so the router learns from the aux losses alone): what the module holding it offers instead.
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import moelora
 from moelora import MoELoRALinear
 from moelora.ops.reference import moe_lora_naive
-from helpers import randomize_adapters
+from helpers import randomize_adapters, rel_err
 
 LAYER_KINDS = {
     "softmax_topk": dict(num_experts=4, top_k=2),
@@ -523,3 +523,40 @@ def test_input_on_another_device_than_the_layer_names_both(kind, backend, x_devi
     with moelora.use_backend(backend), pytest.raises(ValueError, match=f"x is on {x_device} but the module's "
                                                                        f"weights are on {layer_device}"):
         layer(x)
+
+
+@pytest.mark.parametrize("kind", ["single", "dora", "softmax_topk", "task"])
+@pytest.mark.parametrize("convert", ["half", "double"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_converted_after_creation_runs_as_its_converted_weights(kind, convert, backend):
+    """``.half()`` / ``.double()`` after creation convert every float tensor of the layer (adapters, router,
+    DoRA's magnitude, gamma; the step counter stays int64), as PEFT's layers after ``model.half()``; the
+    forward and backward then compute the float64 function of the converted weights (router logits in fp32
+    from the fp16 router weight; fp64 for fp64 x)."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(16, 12), **FAKE_MODE_LAYERS[kind]).train()
+    randomize_adapters(layer)
+    if kind == "dora":
+        with torch.no_grad():
+            layer.lora_magnitude_vector.abs_().add_(0.5)
+    layer = getattr(layer, convert)()
+    dtype = layer.base_layer.weight.dtype
+    assert {t.dtype for t in [*layer.parameters(), *layer.buffers()] if t.is_floating_point()} == {dtype}
+    if kind == "task":
+        moelora.set_task_ids(layer, torch.tensor([2, 0]))
+    ref = copy.deepcopy(layer).double()
+    x = torch.randn(2, 5, 16).to(dtype).requires_grad_()
+    g = torch.randn(2, 5, 12)
+    with moelora.use_backend(backend):
+        y = layer(x)
+        y.backward(g.to(dtype))
+    x64 = x.detach().double().requires_grad_()
+    with moelora.use_backend("torch"):
+        y64 = ref(x64)
+        y64.backward(g.double())
+    tol = 4e-3 if dtype == torch.float16 else 1e-10
+    assert y.dtype == dtype and rel_err(y, y64) < tol
+    assert rel_err(x.grad, x64.grad) < tol
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
+        if p.grad is not None:
+            assert p.grad.dtype == dtype and rel_err(p.grad, q.grad) < tol, name
