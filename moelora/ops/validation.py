@@ -66,6 +66,8 @@ def _tracing_or_capturing() -> bool:
 
 
 _FAKE_MODE_KEY = torch._C._TorchDispatchModeKey.FAKE
+_get_dispatch_mode = torch._C._get_dispatch_mode
+_is_compiling = torch.compiler.is_compiling
 
 
 def fake_mode_active() -> bool:
@@ -73,7 +75,7 @@ def fake_mode_active() -> bool:
     passes): every tensor an op makes is then fake (shapes only, no values), those made from real
     inputs too. False under torch.compile and torch.export, which trace under one and take their own
     paths (and dynamo cannot trace the mode's lookup)."""
-    return not torch.compiler.is_compiling() and torch._C._get_dispatch_mode(_FAKE_MODE_KEY) is not None
+    return not _is_compiling() and _get_dispatch_mode(_FAKE_MODE_KEY) is not None
 
 
 def syncing_checks_enabled(*tensors: torch.Tensor) -> bool:
