@@ -1448,7 +1448,8 @@ def mixing_weights_backward(g: torch.Tensor, topk_ids: torch.Tensor, topk_weight
 
 
 # Every cached launch configuration (dropped together when a tile table changes).
-_LAUNCH_CACHES = (_matmul_launch, _lora_down_launch, _router_aux_loss_launch, _gated_expand_launch,
+_LAUNCH_CACHES = (_matmul_launch, _lora_down_launch, _router_aux_loss_launch, _router_aux_loss_backward_launch,
+                  _masked_router_aux_loss_launch, _masked_router_aux_loss_backward_launch, _gated_expand_launch,
                   _gate_backward_launch, _router_backward_launch, _weight_grad_launch, _threshold_launch,
                   _grouped_matmul_launch, _grouped_weight_grad_launch, _combine_rows_launch,
                   _combine_rows_backward_launch, _glu_launch, _mixing_launch, _layout_block)

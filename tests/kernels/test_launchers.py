@@ -883,3 +883,12 @@ def test_layers_on_a_device_that_is_not_current_compute_what_they_compute_on_the
         assert len(results[0]) == len(results[1]) > 2
         for a, b in zip(*results):
             assert torch.equal(a, b)
+
+
+def test_clear_launch_caches_drops_every_cached_launch_configuration():
+    """Every cached ``_<kernel>_launch`` configuration function is in _LAUNCH_CACHES, which
+    clear_launch_caches drops (after a tile table or the interpreter switch changed): the aux loss's
+    backward and the masked aux loss's launches were left out, so they outlived a clear."""
+    cached = {name for name, fn in vars(K).items() if name.endswith("_launch") and hasattr(fn, "cache_clear")}
+    missing = cached - {fn.__name__ for fn in K._LAUNCH_CACHES}
+    assert cached and not missing, missing
