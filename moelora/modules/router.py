@@ -91,11 +91,12 @@ class Router(nn.Linear):
 
     @property
     def eps(self) -> float:
-        """The current eps, read on the host (for logging; forward uses :meth:`scheduled_eps`)."""
-        if self.eps_ramp_steps <= 0:
+        """The current eps, read on the host (for logging; forward uses :meth:`scheduled_eps`): eps_end
+        exactly from the end of the ramp on (``eps_start + (eps_end - eps_start) * 1`` may round past it)."""
+        steps = int(self.num_steps)
+        if self.eps_ramp_steps <= 0 or steps >= self.eps_ramp_steps:
             return self.eps_end
-        frac = min(1.0, int(self.num_steps) / self.eps_ramp_steps)
-        return self.eps_start + (self.eps_end - self.eps_start) * frac
+        return self.eps_start + (self.eps_end - self.eps_start) * (steps / self.eps_ramp_steps)
 
     def scheduled_eps(self) -> Union[float, torch.Tensor]:
         """eps for this forward: a float without a ramp, else a 0-d tensor computed from the
@@ -170,9 +171,15 @@ class _RouterLogitsFn(torch.autograd.Function):
         return dx, dweight
 
 
+# The most steps one call of Router.step may add: the int64 counter would need 2**31 such calls to wrap around
+# (to a negative count, an eps past eps_start).
+MAX_STEPS_PER_CALL = 2 ** 32
+
+
 def check_steps(n) -> int:
-    """``n`` as a number of optimiser steps: a non-negative integer (a numpy one too), else a
-    ValueError naming it (a float or a bool would count wrongly, a negative one rewind the ramp)."""
-    if not is_integral(n) or n < 0:
-        raise ValueError(f"n must be a non-negative int (optimiser steps), got {n!r}")
+    """``n`` as a number of optimiser steps: an integer (a numpy one too) in [0, MAX_STEPS_PER_CALL], else a
+    ValueError naming it (a float or a bool would count wrongly, a negative one rewind the ramp, a huge one
+    wrap the int64 counter around)."""
+    if not is_integral(n) or not 0 <= n <= MAX_STEPS_PER_CALL:
+        raise ValueError(f"n must be a non-negative int (optimiser steps) of at most 2**32, got {n!r}")
     return int(n)

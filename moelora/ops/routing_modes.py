@@ -69,11 +69,12 @@ def linear_logits(x: torch.Tensor, weight: torch.Tensor, jitter: Optional[torch.
 def scheduled_eps(eps_start: float, eps_end: float, ramp_steps: int,
                   num_steps: Optional[torch.Tensor]) -> Union[float, torch.Tensor]:
     """Threshold routing's eps: eps_end without a ramp, else eps_start + (eps_end - eps_start) *
-    min(num_steps / ramp_steps, 1) as a 0-d tensor computed on num_steps' device (no host read)."""
+    num_steps / ramp_steps as a 0-d fp32 tensor computed on num_steps' device (no host read), eps_end
+    exactly from num_steps = ramp_steps on (the formula's fp32 rounding could end past it)."""
     if ramp_steps <= 0 or num_steps is None:
         return eps_end
-    frac = torch.clamp(num_steps.float() / ramp_steps, max=1.0)
-    return eps_start + (eps_end - eps_start) * frac
+    ramped = eps_start + (eps_end - eps_start) * (num_steps.float() / ramp_steps)
+    return torch.where(num_steps >= ramp_steps, eps_end, ramped)
 
 
 def threshold_keep(top_p: torch.Tensor, eps: Union[float, torch.Tensor], noise: Optional[torch.Tensor]):

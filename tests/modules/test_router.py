@@ -174,14 +174,41 @@ def test_threshold_schedule_is_linear_and_stepped_by_trainer():
     assert router.eps == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("n", [0.5, True, -1, "2", None])
+@pytest.mark.parametrize("start, end, ramp", [(0.7, 0.1, 7), (0.1, 0.7, 7), (0.05, 0.35, 49), (0.3, 0.1, 3),
+                                               (0.1, 0.3, 1), (0.1, 0.3, 0)])
+def test_threshold_schedule_follows_the_formula_and_ends_exactly_at_eps_end(start, end, ramp):
+    """eps = start + (end - start) * steps / ramp (float64 on the host, fp32 on the device), monotone, within
+    [start, end] and exactly end from step ramp on: 0.7 + (0.1 - 0.7) * 1 is 0.09999999999999998 in float64, and
+    its fp32 twin 0.09999996 (not fp32(0.1)): the schedule ended past eps_end."""
+    router = Router(4, 4, 2, mode="threshold", eps_start=start, eps_end=end, eps_ramp_steps=ramp)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)
+    host, device = [], []
+    for steps in range(ramp + 11):
+        host.append(router.eps)
+        device.append(torch.as_tensor(router.scheduled_eps(), dtype=torch.float32))
+        if steps in (0, 1, ramp // 2) and steps < ramp:
+            assert host[-1] == start + (end - start) * (steps / ramp)
+        router.step()
+    for eps in host[ramp:]:
+        assert eps == end
+    for eps in device[ramp:]:
+        assert torch.equal(eps, f32(end))
+    lo, hi = min(start, end), max(start, end)
+    assert all(lo <= eps <= hi for eps in host) and all(f32(lo) <= eps <= f32(hi) for eps in device)
+    sign = 1 if end >= start else -1
+    assert all(sign * (b - a) >= 0 for a, b in zip(host, host[1:]))
+    assert all(sign * (b - a) >= 0 for a, b in zip(device, device[1:]))
+
+
+@pytest.mark.parametrize("n", [0.5, True, -1, "2", None, 2 ** 63 - 1])
 def test_router_steps_are_non_negative_ints(n):
     router = Router(4, 4, 2, mode="threshold", eps_start=0.0, eps_end=0.2, eps_ramp_steps=10)
     for step in (router.step, lambda n: moelora.step_routers(torch.nn.Sequential(), n)):  # (no router there)
         with pytest.raises(ValueError, match="n must be a non-negative int"):
             step(n)
     router.step(np.int64(3))
-    assert int(router.num_steps) == 3
+    router.step(2 ** 32)  # the most one call adds: the int64 counter cannot wrap around to a negative count
+    assert int(router.num_steps) == 3 + 2 ** 32 and router.eps == 0.2
 
 
 def test_task_routing_broadcasts_per_example_ids_and_adds_shared_expert():
