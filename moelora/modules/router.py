@@ -41,8 +41,9 @@ class Router(nn.Linear):
             layers' ``router_renormalize``).
         jitter_noise: multiplicative U(1 - j, 1 + j) noise on x in training, a finite number >= 0.
         eps_start, eps_end, eps_ramp_steps: threshold routing's ``eps`` (finite numbers >= 0)
-            rises linearly from ``eps_start`` to ``eps_end`` over ``eps_ramp_steps`` (an int >= 0;
-            0: ``eps_end`` throughout) calls of :meth:`step` (``moelora.step_routers(model)``).
+            goes linearly from ``eps_start`` to ``eps_end`` (up or down) over ``eps_ramp_steps`` (an int >= 0;
+            0: ``eps_end`` throughout) calls of :meth:`step` (``moelora.step_routers(model)``), then is
+            ``eps_end`` exactly.
         device: where the weight and the step counter live (the weight is made in fp32; ``.half()`` or
             ``.to(dtype)`` convert it as any parameter, and the logits stay fp32).
         top1_advice: the end of the warning at top_k 1 with a renormalised gate (every gate is 1,
