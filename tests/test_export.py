@@ -323,3 +323,30 @@ def test_saved_and_loaded_program_computes_what_eager_does_at_other_sizes(kind, 
         for shape in ((2, 5), (3, 7), (1, 1)):
             x = torch.randn(*shape, 16)
             torch.testing.assert_close(loaded(x), module(x), rtol=1e-5, atol=1e-6, msg=f"{shape}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_ffn_with_an_activation_the_kernels_do_not_know_runs_in_another_process(backend, monkeypatch):
+    """The Triton backend's moe_ffn op named such an activation (nn.Tanh here) by a key of the exporting
+    process's registry ("callable:<id>"): the saved program, loaded in another process, raised
+    KeyError: 'callable:140054750086224'. Export now traces it on the torch backend's path, into the program."""
+    from moelora.ops import moe_ffn
+
+    torch.manual_seed(0)
+    ffn = moelora.MoEFFN(nn.Linear(16, 32), nn.Linear(32, 16), nn.Tanh(), num_experts=4, top_k=2,
+                         router="softmax_topk").eval()
+    with torch.no_grad():
+        for p in (ffn.w_in, ffn.w_out):  # experts that differ from each other
+            p.add_(torch.randn_like(p) * 0.05)
+    dims = _dims(batch=1, seq=1)
+    with moelora.use_backend(backend), torch.no_grad():
+        program = torch.export.export(ffn, (torch.randn(2, 5, 16),), dynamic_shapes=({0: dims["batch"],
+                                      1: dims["seq"]},))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        buffer.seek(0)
+        monkeypatch.setattr(moe_ffn, "_CALLABLES", {})  # as in another process
+        loaded = torch.export.load(buffer).module()
+        for shape in ((2, 5), (3, 7)):
+            x = torch.randn(*shape, 16)
+            torch.testing.assert_close(loaded(x), ffn(x), rtol=1e-5, atol=1e-6, msg=f"{shape}")

@@ -163,6 +163,13 @@ def _check_triton_activation(activation: Callable) -> None:
                          "backend of moe_ffn does not differentiate: use backend='torch' (or freeze them)")
 
 
+def _exporting_unfused(activation: Callable) -> bool:
+    """Whether torch.export traces an activation the fused kernels do not know: the Triton backend's ops would
+    name it by a key of this process's registry (``callable:<id>``), which a saved program loaded in another
+    process lacks (KeyError there), so the torch backend's ops run instead, tracing it into the program."""
+    return torch.compiler.is_exporting() and fused_activation_name(activation) is None
+
+
 def _resolve_activation(key: str):
     """The fused-kernel code of ``key``, or the registered callable."""
     return ACTIVATION_CODES[key] if key in ACTIVATION_CODES else _CALLABLES[key]
@@ -608,7 +615,8 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     fused MoE kernels; one GEMM for both), w_gate and b_gate are None. An ``activation`` the fused
     kernels do not know runs as PyTorch ops; the Triton backend differentiates it in its input
     only and refuses an nn.Module activation with trainable parameters while autograd records
-    (the torch backend trains them).
+    (the torch backend trains them); torch.export traces it on the torch backend's path, so that the
+    program holds it (see _exporting_unfused).
     """
     return _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, backend,
                     engine, stacked_gate, True)
@@ -639,7 +647,7 @@ def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate
                     normalize, check_values)
     check_engine(engine)
     num_tokens, top_k = topk_ids.shape
-    if resolve_backend(backend, x.device) == "torch" or num_tokens == 0:
+    if resolve_backend(backend, x.device) == "torch" or num_tokens == 0 or _exporting_unfused(activation):
         kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < w_in.shape[0])
         ids = torch.where(kept, topk_ids, -1)
         pairs = _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked_gate)
