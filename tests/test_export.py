@@ -5,6 +5,9 @@ eager modules working; a model that cannot be exported raises an error that says
 use instead, and so does TorchScript (torch.jit.script / trace), which moelora does not support."""
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -350,3 +353,53 @@ def test_saved_ffn_with_an_activation_the_kernels_do_not_know_runs_in_another_pr
         for shape in ((2, 5), (3, 7)):
             x = torch.randn(*shape, 16)
             torch.testing.assert_close(loaded(x), ffn(x), rtol=1e-5, atol=1e-6, msg=f"{shape}")
+
+
+_LOAD_IN_A_FRESH_PROCESS = """
+import sys, torch
+if sys.argv[1] == "import":
+    import moelora
+for path in sys.argv[2:]:
+    try:
+        program, (x, expected) = torch.export.load(path).module(), torch.load(path + ".io")
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), expected, rtol=1e-5, atol=1e-6)
+        print(path, "equal")
+    except Exception as e:
+        print(path, type(e).__name__, str(e).replace("\\n", " "))
+"""
+
+
+def test_saved_programs_run_in_a_fresh_process_that_imports_moelora(tmp_path):
+    """The deployment round trip in another process, without TRITON_INTERPRET (CPU tensors run no Triton
+    kernel there): importing moelora registers every custom op a program calls (torch.export.load without it
+    fails: torch's SerializeError, logged, names the op and says to import it). A program of the torch backend
+    computes what eager does; one of the Triton backend, run on the CPU, raised triton's "0 active drivers ([]).
+    There should only be one", and now a ValueError naming the torch backend."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    saved = {}
+    for name, module, backend in (("ffn", _upcycled_ffn(), "torch"),
+                                  ("linear", MoELoRALinear(nn.Linear(16, 12), r=4, num_experts=4, top_k=2).eval(),
+                                   "triton")):
+        randomize_adapters(module)
+        with moelora.use_backend(backend), torch.no_grad():
+            saved[name] = str(tmp_path / f"{name}.pt2")
+            torch.export.save(torch.export.export(module, (x,)), saved[name])
+            torch.save((x, module(x)), saved[name] + ".io")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(moelora.__file__)), env.get("PYTHONPATH", "")])
+
+    def load(mode):
+        proc = subprocess.run([sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, mode, saved["ffn"], saved["linear"]],
+                              capture_output=True, text=True, timeout=240, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return dict(line.split(" ", 1) for line in proc.stdout.splitlines()), proc.stderr
+
+    results, _ = load("import")
+    assert results[saved["ffn"]] == "equal"
+    assert results[saved["linear"]].startswith("ValueError moelora::moe_lora_linear_fwd is the Triton backend's op")
+    assert "exported on the torch backend" in results[saved["linear"]]
+    results, log = load("no_import")
+    assert results[saved["ffn"]].startswith("RuntimeError We ran into an error when deserializing")
+    assert "torch.ops.moelora.router_topk" in log and "import the custom op" in log

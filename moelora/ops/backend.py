@@ -36,6 +36,16 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     return name
 
 
+def check_triton_op_device(op: str, device: torch.device) -> None:
+    """ValueError where the Triton backend's custom op ``moelora::<op>``, which torch.export and torch.compile record,
+    runs on tensors its kernels cannot take: CPU tensors outside the interpreter (a program exported on the Triton
+    backend and run on the CPU; triton raised "0 active drivers ([]). There should only be one")."""
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"moelora::{op} is the Triton backend's op and needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                         f"CPU tensors); got tensors on {device}: a program that runs on the CPU is exported on the "
+                         "torch backend (moelora.use_backend('torch') or MOELORA_BACKEND=torch)")
+
+
 def kernels_run(device: torch.device) -> bool:
     """Whether moelora's own code paths take the Triton kernels for tensors on ``device``: the
     Triton backend can run there (:func:`resolve_backend` "auto") and is not switched off."""

@@ -59,7 +59,7 @@ from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grou
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import (check_moe_ffn_args, check_routing_values, check_top_k, fake_mode_active,
                                     refuse_double_backward)
-from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
+from moelora.ops.backend import autocast_dtype, autocast_input, check_triton_op_device, resolve_backend
 from moelora.ops.registration import apply_eager, custom_op
 from moelora.ops.routing import (LAYOUT_FIELDS, MAX_EXPERTS, DispatchMetadata, dispatch_rows, expert_layout,
                                  fake_layout_tensors, layout_from_tensors, layout_tensors)
@@ -426,6 +426,7 @@ def moe_ffn_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
                     stacked: bool, gemm: str, wgrad: str, layout_block: int) -> List[torch.Tensor]:
     """[y, *saved]: the fused moe_ffn forward (see the module docstring); ``activation`` a key
     of ACTIVATION_CODES or of a registered callable."""
+    check_triton_op_device("moe_ffn_forward", x.device)
     y, saved = _ffn_forward(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate,
                             _resolve_activation(activation), normalize, stacked, FFNPlan(gemm, wgrad, layout_block))
     return [y] + _pack(saved, x)

@@ -51,7 +51,7 @@ from moelora.ops.routing import (MAX_EXPERTS, dispatch_rows, expert_layout, fake
                                  layout_tensors)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args, refuse_double_backward
-from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
+from moelora.ops.backend import autocast_dtype, autocast_input, check_triton_op_device, resolve_backend
 from moelora.ops.registration import EagerFunction, apply_eager, custom_op
 
 
@@ -502,6 +502,7 @@ def moe_lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
                      grouped: bool) -> List[torch.Tensor]:
     """[y [T, d_out], h, *layout]: the fused MoE-LoRA forward; h and the grouped regime's pair
     layout are what backward needs."""
+    check_triton_op_device("moe_lora_forward", x.device)
     return _forward(x, lora_a, lora_b, topk_ids, topk_weights, base_out, scaling, grouped)
 
 

@@ -76,7 +76,7 @@ from moelora.ops.routing import router_topk
 from moelora.ops.validation import (FLOAT_DTYPES, MoELoRAArgs, as_2d, check_adapter_shapes, check_routing_values,
                                     check_same_device, check_scaling, check_tensor_args, check_top_k,
                                     refuse_double_backward, syncing_checks_enabled)
-from moelora.ops.backend import autocast_dtype, autocast_input, resolve_backend
+from moelora.ops.backend import autocast_dtype, autocast_input, check_triton_op_device, resolve_backend
 from moelora.ops.registration import apply_eager, custom_op
 
 
@@ -624,6 +624,7 @@ def moe_lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         dropout_scale: float, grouped: bool) -> List[torch.Tensor]:
     """[y, h, logits, ids, weights, counts, aux_loss, aux_stats, *layout] of the fused layer (see
     the module docstring); layout: the grouped regime's pair layout, none in the dense regime."""
+    check_triton_op_device("moe_lora_linear_fwd", x.device)
     out = _fused_forward(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_ids, topk_weights, noise,
                          num_steps, dropout_mask, jitter, aux_mask, scaling, mode, top_k, renormalize, eps_start,
                          eps_end, ramp_steps, lb_coef, z_coef, dropout_scale, grouped)
