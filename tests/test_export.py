@@ -403,3 +403,20 @@ def test_saved_programs_run_in_a_fresh_process_that_imports_moelora(tmp_path):
     results, log = load("no_import")
     assert results[saved["ffn"]].startswith("RuntimeError We ran into an error when deserializing")
     assert "torch.ops.moelora.router_topk" in log and "import the custom op" in log
+
+
+def test_aot_inductor_package_of_an_upcycled_ffn_computes_what_eager_does(tmp_path):
+    """AOTInductor on the CPU (the torch backend): the package calls moelora's ops (router_topk and dispatch of
+    moelora._C, the Python op segment_linear) through torch's dispatcher, at other sizes of the dynamic dims
+    too. (One compile: about 10 s.)"""
+    torch.manual_seed(0)
+    ffn = _upcycled_ffn()
+    dims = _dims(batch=1, seq=1)
+    with moelora.use_backend("torch"), torch.no_grad():
+        program = torch.export.export(ffn, (torch.randn(2, 5, 16),), dynamic_shapes=({0: dims["batch"],
+                                      1: dims["seq"]},))
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "ffn.pt2"))
+        runner = torch._inductor.aoti_load_package(package)
+        for shape in ((2, 5), (3, 7)):
+            x = torch.randn(*shape, 16)
+            torch.testing.assert_close(runner(x), ffn(x), rtol=1e-5, atol=1e-5, msg=f"{shape}")
