@@ -304,6 +304,20 @@ def test_torch_jit_trace_records_what_computes_as_traced(kind):
             torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)
 
 
+def _saved_and_loaded(module, before_load=None):
+    """``module`` exported on x [2, 5, 16] with dynamic batch and sequence dims, saved with torch.export.save
+    and loaded back (``before_load()`` run between: what another process would lack)."""
+    dims = _dims(batch=1, seq=1)
+    program = torch.export.export(module, (torch.randn(2, 5, 16),),
+                                  dynamic_shapes=({0: dims["batch"], 1: dims["seq"]},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    if before_load is not None:
+        before_load()
+    return torch.export.load(buffer).module()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["layer", "ffn"])
 def test_saved_and_loaded_program_computes_what_eager_does_at_other_sizes(kind, backend):
@@ -315,14 +329,8 @@ def test_saved_and_loaded_program_computes_what_eager_does_at_other_sizes(kind, 
         module = MoELoRALinear(nn.Linear(16, 16), r=4, num_experts=4, top_k=2, router="threshold",
                                threshold_eps=0.1).eval()
         randomize_adapters(module)
-    dims = _dims(batch=1, seq=1)
     with moelora.use_backend(backend), torch.no_grad():
-        program = torch.export.export(module, (torch.randn(2, 5, 16),), dynamic_shapes=({0: dims["batch"],
-                                      1: dims["seq"]},))
-        buffer = io.BytesIO()
-        torch.export.save(program, buffer)
-        buffer.seek(0)
-        loaded = torch.export.load(buffer).module()
+        loaded = _saved_and_loaded(module)
         for shape in ((2, 5), (3, 7), (1, 1)):
             x = torch.randn(*shape, 16)
             torch.testing.assert_close(loaded(x), module(x), rtol=1e-5, atol=1e-6, msg=f"{shape}")
@@ -341,15 +349,8 @@ def test_saved_ffn_with_an_activation_the_kernels_do_not_know_runs_in_another_pr
     with torch.no_grad():
         for p in (ffn.w_in, ffn.w_out):  # experts that differ from each other
             p.add_(torch.randn_like(p) * 0.05)
-    dims = _dims(batch=1, seq=1)
     with moelora.use_backend(backend), torch.no_grad():
-        program = torch.export.export(ffn, (torch.randn(2, 5, 16),), dynamic_shapes=({0: dims["batch"],
-                                      1: dims["seq"]},))
-        buffer = io.BytesIO()
-        torch.export.save(program, buffer)
-        buffer.seek(0)
-        monkeypatch.setattr(moe_ffn, "_CALLABLES", {})  # as in another process
-        loaded = torch.export.load(buffer).module()
+        loaded = _saved_and_loaded(ffn, lambda: monkeypatch.setattr(moe_ffn, "_CALLABLES", {}))  # another process
         for shape in ((2, 5), (3, 7)):
             x = torch.randn(*shape, 16)
             torch.testing.assert_close(loaded(x), ffn(x), rtol=1e-5, atol=1e-6, msg=f"{shape}")
