@@ -494,9 +494,9 @@ class AdapterLayerBase(nn.Module, RoutedModule):
     weight_function = "its own operation of its weight"
 
     def forward_is_weight_function(self, base: nn.Module) -> bool:
-        """Whether ``base``'s forward computes :attr:`weight_function` of its weight (a subclass may override it), so
-        that merging gives the unmerged output and DoRA's magnitude rescales what the base computes; True here
-        (MoELoRAEmbedding's constructor refuses the forwards it could not merge)."""
+        """Whether ``base``'s forward computes :attr:`weight_function` of its weight, so that merging gives the
+        unmerged output and DoRA's magnitude rescales what the base computes. True here; MoELoRALinear,
+        MoELoRAConv and MoELoRAEmbedding each name the forwards of their kind of base."""
         return True
 
     @torch.no_grad()

@@ -228,7 +228,8 @@ class MoELoRALinear(AdapterLayerBase):
         if not self._fusable(base, args, kwargs):
             return self._composed_forward(x, *args, **kwargs)
         weight = self.base_weight(base)
-        check_module_input(x, self.in_features, weight)  # the base layer's errors, which the fused op never calls it for
+        # the base layer's errors, which the fused op never calls it for
+        check_module_input(x, self.in_features, weight)
         router, ids, weights = self._routing_inputs(x)
         dropout = self.lora_dropout
         # LoRA dropout as a keep mask that the op's kernels read beside x (x_lora is never formed)

@@ -65,8 +65,9 @@ positional (GPT-2's blocks take it positionally), and any keyword of ``CACHE_KWA
 passed as None. That is exact for a forward over whole sequences (training, evaluation,
 prefill) with the model's default ``use_cache``; decoding from a cache that already holds
 tokens raises (the mixing layer would need keys it never computed: generate with
-``use_cache=False``, which apply_molex makes the generation default of the model it mixes). The mixing call gives layer j layer t's arguments, its attention mask among
-them (with alternating sliding-window and full-attention layers, layer j runs with layer t's mask).
+``use_cache=False``, which apply_molex makes the generation default of the model it mixes). The
+mixing call gives layer j layer t's arguments, its attention mask among them (with alternating
+sliding-window and full-attention layers, layer j runs with layer t's mask).
 The hidden states and attention maps transformers (>= 5) records with
 hooks (``output_hidden_states``, ``output_attentions``) are those of the layers' own calls, the
 mixed outputs among them: the mixing hook runs first among a layer's forward hooks, and what the

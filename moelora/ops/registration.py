@@ -123,19 +123,17 @@ def apply_eager(function: type, *args):
     in training. Inside ``torch.inference_mode`` apply runs with grad mode off (:func:`apply_function`)."""
     if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
             or forward_ad._current_level >= 0 or autograd_profiler._is_profiler_enabled):
-        if torch.is_inference_mode_enabled():  # apply_function's case (this runs in eager mode only)
-            with torch.no_grad():
-                return function.apply(*args)
-        return function.apply(*args)
+        return apply_function(function, *args)
     return function.forward(_NoGraphContext(), *args)
 
 
 def apply_function(function, *args):
-    """``function.apply(*args)`` (an autograd.Function; :meth:`EagerFunction.apply` runs its own through
-    this), with grad mode off inside ``torch.inference_mode`` (where ``torch.enable_grad`` may have
-    turned it on): autograd records nothing there, PyTorch's own ops make no graph, but a Function's apply would record one
-    and refuse to save the inference tensors its forward made ("Inference tensors cannot be saved for
-    backward"). Traced by torch.compile as ``function.apply``."""
+    """``function.apply(*args)`` (an autograd.Function; :meth:`EagerFunction.apply` and
+    :func:`apply_eager` run theirs through this), with grad mode off inside ``torch.inference_mode``
+    (where ``torch.enable_grad`` may have turned it on): autograd records nothing there, PyTorch's own
+    ops make no graph, but a Function's apply would record one and refuse to save the inference
+    tensors its forward made ("Inference tensors cannot be saved for backward"). Traced by
+    torch.compile as ``function.apply``."""
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         with torch.no_grad():
             return function.apply(*args)
