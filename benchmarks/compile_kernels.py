@@ -59,8 +59,7 @@ UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_a2k", "stride_w2k", "stride_cn
                 "stride_la", "stride_rb", "stride_ob", "stride_rn", "stride_r2n", "stride_ik", "stride_ck",
                 "stride_idk", "stride_bn", "stride_bbn", "stride_on", "stride_dn", "stride_dcn", "stride_gf",
                 "stride_uf", "stride_bgf", "stride_buf", "stride_of", "stride_df", "stride_dgf", "stride_duf"}
-FLOAT_SCALARS = {"alpha", "scaling", "scale_out", "inv_t", "lb_coef", "z_coef", "lb_lo", "z_lo", "eps_start", "eps_end",
-                 "inv_ramp"}
+FLOAT_SCALARS = {"alpha", "scaling", "scale_out", "inv_t", "lb_coef", "z_coef", "lb_lo", "z_lo", "eps_start", "eps_end"}
 ALIGNED_INTS = {"num_rows", "N", "K", "NA", "NB", "F", "layout_block"}
 
 

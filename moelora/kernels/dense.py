@@ -869,7 +869,7 @@ def lora_weight_grad_reduce_kernel(
 
 
 @triton.jit
-def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, eps_start, eps_end, inv_ramp, T,
+def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, eps_start, eps_end, T, ramp_steps,
                              stride_pt, stride_pk, stride_nt, stride_nk, stride_wt, stride_wk,
                              HAS_NOISE: tl.constexpr, HAS_RAMP: tl.constexpr, TOP_K: tl.constexpr,
                              ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -877,8 +877,9 @@ def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, eps_sta
     p_hat = top_p / sum(top_p); the best slot always kept, another iff noise < p_hat / eps
     (training draws, HAS_NOISE) or p_hat >= eps (eval); every slot while eps <= 0; kept
     probabilities renormalised, dropped slots 0. eps = eps_start + (eps_end - eps_start) *
-    min(num_steps / ramp, 1) read on the device (HAS_RAMP), else eps_end. Computed in ACC (top_p's
-    accumulator dtype: fp32, fp64 for fp64 logits). Grid: (cdiv(T, BLOCK_T),).
+    num_steps / ramp_steps with num_steps read on the device (HAS_RAMP), eps_end itself from
+    num_steps = ramp_steps on (as moelora.ops.routing_modes.scheduled_eps); eps_end without a ramp.
+    Computed in ACC (top_p's accumulator dtype: fp32, fp64 for fp64 logits). Grid: (cdiv(T, BLOCK_T),).
     """
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
@@ -886,8 +887,9 @@ def threshold_weights_kernel(top_p_ptr, noise_ptr, num_steps_ptr, w_ptr, eps_sta
     p = tl.load(top_p_ptr + offs_t[:, None] * stride_pt + offs_k[None, :] * stride_pk, mask=mask,
                 other=0.0).to(ACC)
     if HAS_RAMP:
-        steps = tl.load(num_steps_ptr).to(ACC)
-        eps = eps_start + (eps_end - eps_start) * tl.minimum(steps * inv_ramp, 1.0)
+        steps = tl.load(num_steps_ptr)
+        ramped = eps_start + (eps_end - eps_start) * (steps.to(ACC) / ramp_steps)
+        eps = tl.where(steps >= ramp_steps, eps_end + tl.zeros((), dtype=ACC), ramped)
     else:
         eps = eps_end + tl.zeros((), dtype=ACC)
     total = tl.sum(p, axis=1)

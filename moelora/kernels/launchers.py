@@ -1013,12 +1013,13 @@ def lora_weight_grad(dy: torch.Tensor, x: torch.Tensor, hg: torch.Tensor, dh: to
 
 
 @functools.lru_cache(maxsize=4096)
-def _threshold_launch(T: int, n: int, p_strides: tuple, noise_strides: Optional[tuple], ramp: bool,
+def _threshold_launch(T: int, n: int, p_strides: tuple, noise_strides: Optional[tuple], ramp_steps: int,
                       dtype: torch.dtype) -> KernelLaunch:
+    """``ramp_steps``: the eps schedule's ramp, 0 for none (eps_end throughout)."""
     block_t = 128
     return KernelLaunch(threshold_weights_kernel, (cdiv(T, block_t),),
-                        (T, *p_strides, *(noise_strides or p_strides), *_contiguous(n)),
-                        HAS_NOISE=noise_strides is not None, HAS_RAMP=ramp, TOP_K=n,
+                        (T, max(ramp_steps, 1), *p_strides, *(noise_strides or p_strides), *_contiguous(n)),
+                        HAS_NOISE=noise_strides is not None, HAS_RAMP=ramp_steps > 0, TOP_K=n,
                         ACC=_TL_DTYPES[accumulator_dtype(dtype)], BLOCK_T=block_t, BLOCK_K=next_power_of_2(n))
 
 
@@ -1031,10 +1032,10 @@ def threshold_weights(top_p: torch.Tensor, noise: Optional[torch.Tensor], num_st
     w = torch.empty(T, n, dtype=top_p.dtype, device=top_p.device)
     if T == 0:
         return w
-    ramp = ramp_steps > 0 and num_steps is not None
+    ramp = ramp_steps if ramp_steps > 0 and num_steps is not None else 0
     kernel = _threshold_launch(T, n, top_p.stride(), noise.stride() if noise is not None else None, ramp, top_p.dtype)
     kernel(top_p, noise if noise is not None else top_p, num_steps if ramp else top_p, w, float(eps_start),
-           float(eps_end), 1.0 / ramp_steps if ramp else 0.0)
+           float(eps_end))
     return w
 
 

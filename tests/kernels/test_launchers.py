@@ -300,6 +300,25 @@ def test_threshold_weights_and_kept_counts(training, ramp):
     assert rel_err(loss, ref_loss) < 1e-6
 
 
+@pytest.mark.parametrize("start, end", [(0.7, 0.1), (0.4, 0.05)])
+def test_threshold_weights_use_eps_end_exactly_from_the_ramps_end(start, end):
+    """From num_steps = ramp on the kernel's eps is eps_end itself, as the PyTorch twin's
+    (scheduled_eps): the kernel used to compute start + (end - start) * min(steps * fp32(1 / ramp), 1),
+    and 41 * fp32(1 / 41) is 0.99999994, so eps stayed 1 ulp above eps_end for good and dropped a slot
+    whose normalised probability is exactly eps_end."""
+    from moelora.ops.routing_modes import scheduled_eps, threshold_keep
+
+    p_end = torch.tensor(end, dtype=torch.float32)
+    top_p = torch.stack([1 - p_end, p_end]).expand(4, 2).contiguous().to(DEVICE)  # p_hat of slot 2: fp32(end)
+    assert torch.equal(top_p[:, 1] / top_p.sum(1), p_end.expand(4).to(DEVICE))
+    for ramp in (41, 47):
+        for steps in (ramp, ramp + 3):
+            num_steps = torch.tensor(steps, device=DEVICE)
+            w = K.threshold_weights(top_p, None, num_steps, eps_start=start, eps_end=end, ramp_steps=ramp)
+            ref = threshold_keep(top_p, scheduled_eps(start, end, ramp, num_steps), None)
+            assert torch.equal(w, ref) and bool((w[:, 1] > 0).all()), (ramp, steps, w)
+
+
 @pytest.mark.parametrize("r", [5, 4, 1], ids=["r5", "r4", "r1"])  # group read at run time / compiled in / one column
 def test_matmul_stacked_b_second_pair_and_sanitized_b(r):
     """B_stack read from [E, K, r]; [a | a2] @ [b ; b2]; a non-finite entry of b reaches only the
