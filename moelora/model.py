@@ -418,7 +418,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     return _aux_loss_of(model)
 
 
-def _aux_loss_of(model: nn.Module, recorded: Optional[List[tuple]] = None) -> torch.Tensor:
+def _aux_loss_of(model: nn.Module, recorded: Optional[List[RoutedModule]] = None) -> torch.Tensor:
     """:func:`aux_loss`, from ``recorded`` (:func:`_recorded_aux_losses` of ``model``) where given."""
     total = recorded_aux_loss(model, recorded)
     if total is None:
@@ -427,13 +427,14 @@ def _aux_loss_of(model: nn.Module, recorded: Optional[List[tuple]] = None) -> to
     return total
 
 
-def recorded_aux_loss(model: nn.Module, recorded: Optional[List[tuple]] = None) -> Optional[torch.Tensor]:
+def recorded_aux_loss(model: nn.Module, recorded: Optional[List[RoutedModule]] = None) -> Optional[torch.Tensor]:
     """:func:`aux_loss`, or None where no routed module of ``model`` recorded one in its last forward (no
     learned router, or none has run since the record was cleared); from ``recorded`` where given."""
     routed = _recorded_aux_losses(model) if recorded is None else recorded
-    losses = [m.last_aux_loss for _, m in routed]
-    if torch.is_grad_enabled():
-        _warn_aux_loss_without_grad([n for n, m in routed if m.aux_loss_lost_grad])
+    losses = [m.last_aux_loss for m in routed]
+    if torch.is_grad_enabled() and any(m.aux_loss_lost_grad for m in routed):
+        lost = {id(m) for m in routed if m.aux_loss_lost_grad}
+        _warn_aux_loss_without_grad([n for n, m in model.named_modules() if id(m) in lost])
     if not losses:
         return None
     # in the widest of their dtypes, float32 at least (a float64 model's losses are float64)
@@ -441,9 +442,25 @@ def recorded_aux_loss(model: nn.Module, recorded: Optional[List[tuple]] = None) 
     return torch.stack([loss.to(dtype) for loss in losses]).sum()
 
 
-def _recorded_aux_losses(model: nn.Module) -> List[tuple]:
-    """(name, module) of every routed module of ``model`` holding an aux loss from its last forward."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedModule) and m.last_aux_loss is not None]
+def _recorded_aux_losses(model: nn.Module) -> List[RoutedModule]:
+    """Every routed module of ``model`` holding an aux loss from its last forward."""
+    return [m for m in _routed_modules(model) if m.last_aux_loss is not None]
+
+
+def _routed_modules(model: nn.Module) -> List[RoutedModule]:
+    """The routed modules of ``model`` (itself included), each once, in ``model.modules()``'s order, found without
+    building the modules' names: half the host time of ``named_modules()`` (a wrapper's training forward walks the
+    model twice, and a walk of a 1,000-module model took 0.65 ms that way)."""
+    found, seen, pending = [], set(), [model]
+    while pending:
+        module = pending.pop()
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, RoutedModule):
+            found.append(module)
+        pending.extend(reversed(module._modules.values()))  # so that the first child is taken next
+    return found
 
 
 def _warn_aux_loss_without_grad(names: List[str]) -> None:
@@ -458,9 +475,8 @@ def _warn_aux_loss_without_grad(names: List[str]) -> None:
 
 def clear_aux_losses(model: nn.Module) -> None:
     """Forget every stored loss and statistic (done at the start of MoELoRAModel.forward)."""
-    for m in model.modules():
-        if isinstance(m, RoutedModule):
-            m.clear_routing_record()
+    for m in _routed_modules(model):
+        m.clear_routing_record()
 
 
 def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -1031,7 +1047,7 @@ class MoELoRAModel(nn.Module):
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels is not None, recorded)
         if hooked:
-            _backward_routes_as_forward(output, [m.last_aux_loss for _, m in recorded], swaps)
+            _backward_routes_as_forward(output, [m.last_aux_loss for m in recorded], swaps)
         return output
 
     def _takes_task_ids(self) -> bool:
@@ -1126,7 +1142,7 @@ class MoELoRAModel(nn.Module):
                embeds.shape[-2] if isinstance(embeds, torch.Tensor) else mask.shape[-1])
         return mask[:, mask.shape[-1] - new:] if 0 < new < mask.shape[-1] else mask
 
-    def _with_aux_loss(self, output, labels_given: bool, recorded: Optional[List[tuple]] = None):
+    def _with_aux_loss(self, output, labels_given: bool, recorded: Optional[List[RoutedModule]] = None):
         """``output`` with the aux loss added to its loss (from ``recorded``, :func:`_recorded_aux_losses`, where
         given)."""
         if isinstance(output, dict):

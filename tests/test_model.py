@@ -137,6 +137,27 @@ def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     torch.testing.assert_close(model(ids, labels=ids).loss, plain)
 
 
+def test_the_walk_over_routed_modules_takes_each_once_in_modules_order():
+    """The wrapper's forward finds the routed modules (to clear their records, then to sum their aux losses) by a
+    walk of its own, without building names: it takes each module once, in ``model.modules()``'s order (the
+    order the aux losses are summed in), through shared modules (tied, registered twice), None children and
+    containers, routed modules inside routed ones included (MoLEx over MoE-LoRA layers)."""
+    from moelora.model import _routed_modules
+    from moelora.modules.routed import RoutedModule
+
+    base = tiny_llama(num_layers=3)
+    moelora.upcycle_ffn(base, num_experts=2, top_k=1, router="softmax_topk", layers_to_transform=[1])
+    moelora.apply_molex(base, gate="linear")
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2))
+    layers = model.model.model.layers
+    layers[2].shared = layers[0].self_attn  # one module registered twice
+    layers[2].register_module("nothing", None)
+    expected = [m for m in model.modules() if isinstance(m, RoutedModule)]
+    assert len(expected) > 6 and len({id(m) for m in expected}) == len(expected)
+    found = _routed_modules(model)
+    assert len(found) == len(expected) and all(a is b for a, b in zip(found, expected))
+
+
 def test_aux_loss_of_a_float64_model_is_float64():
     """A float64 model's layers record float64 aux losses (fp64 router logits); moelora.aux_loss summed
     them in float32, so it carried fp32's rounding (~1e-8 relative) against a float64 reference and
