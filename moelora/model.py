@@ -53,6 +53,7 @@ from moelora.modules.linear import MoELoRALinear, is_conv1d
 from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.fields import BOOL, check_field, is_int, is_integral
+from moelora.modules.molex import CACHE_KWARGS
 from moelora.modules.routed import RoutedModule, RouterStats, restore_routing_records, routing_records
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
@@ -1129,13 +1130,15 @@ class MoELoRAModel(nn.Module):
 
     def _of_the_new_tokens(self, mask, args: tuple, kwargs: dict):
         """``mask``, read from another argument (the attention mask), for the tokens this call routes: in a
-        decoding step with a KV cache (``past_key_values``) transformers' attention mask covers the cached
-        tokens too ([batch, past + new], the new ones last), so its last columns."""
+        decoding step with a KV cache (``cache``, transformers 5's name, or ``past_key_values``: any of
+        ``CACHE_KWARGS``) transformers' attention mask covers the cached tokens too ([batch, past + new], the new
+        ones last), so its last columns."""
         def given(name):
             known = self._parameter_names is None or name in self._parameter_names or name in kwargs
             return self._argument(name, args, kwargs) if known else None
 
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or given("past_key_values") is None:
+        if (not isinstance(mask, torch.Tensor) or mask.dim() != 2
+                or all(given(name) is None for name in CACHE_KWARGS)):
             return mask
         ids, embeds = given("input_ids"), given("inputs_embeds")
         new = (ids.shape[-1] if isinstance(ids, torch.Tensor) else

@@ -3,6 +3,8 @@ padding tokens count in neither the aux losses, their gradients, nor the routing
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn as nn
@@ -561,11 +563,18 @@ def test_masked_statistics_read_the_real_token_count_on_the_host_once():
     torch.testing.assert_close(values["load"].sum().as_subclass(torch.Tensor), torch.tensor(2.0))  # top_k per token
 
 
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
 @pytest.mark.parametrize("given", ["aux_loss_mask_from", "per_call"])
-def test_a_mask_named_by_argument_fits_a_cached_decoding_step(given):
+def test_a_mask_named_by_argument_fits_a_cached_decoding_step(given, cache_name):
     """aux_loss_mask_from="attention_mask" (or aux_loss_mask="attention_mask") in a decoding step with a KV cache:
     transformers' attention mask covers the cached tokens too, so the layers take its last columns, those of the
-    step's tokens (it raised: the mask has 7 tokens, the layer routed 2); the step's logits are the full forward's."""
+    step's tokens (it raised: the mask has 7 tokens, the layer routed 2); the step's logits are the full forward's.
+    The cache by either keyword: ``cache`` (transformers 5's name; a step given it raised so) or ``past_key_values``
+    (older releases', deprecated in 5)."""
+    from transformers import LlamaForCausalLM
+
+    if cache_name == "cache" and "cache" not in inspect.signature(LlamaForCausalLM.forward).parameters:
+        pytest.skip("this transformers release's forward takes the cache as past_key_values only")
     torch.manual_seed(0)
     model = moelora.get_moelora_model(tiny_llama(num_layers=2), moelora.MoELoRAConfig(
         target_modules=["q_proj"], num_experts=2, top_k=1)).eval()
@@ -580,11 +589,11 @@ def test_a_mask_named_by_argument_fits_a_cached_decoding_step(given):
     prefill = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
     step_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
     step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-    step = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=prefill.past_key_values, use_cache=True,
-                 **kwargs)
+    cache = prefill.get("cache", prefill.get("past_key_values"))  # the output's name for it: transformers 5's, older
+    step = model(input_ids=step_ids, attention_mask=step_mask, use_cache=True, **{cache_name: cache}, **kwargs)
     layer = model.model.model.layers[0].self_attn.q_proj
     assert layer.last_router_stats.num_routed == 2  # the step's tokens, both real
     full = model(input_ids=torch.cat([ids, step_ids], dim=1), attention_mask=step_mask, **kwargs)
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="aux-loss mask"):  # a mask tensor given as such is taken as it is
-        model(input_ids=step_ids, past_key_values=prefill.past_key_values, aux_loss_mask=step_mask)
+        model(input_ids=step_ids, aux_loss_mask=step_mask, **{cache_name: cache})
