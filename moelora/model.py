@@ -783,6 +783,17 @@ def _task_ids_per_row(model: nn.Module, ids: torch.Tensor):
     return hook
 
 
+def _routing_the_assistant(assistant, model: nn.Module, ids):
+    """For generate's ``assistant_model`` (assisted decoding's draft model; a MoELoRAModel or the model it wraps)
+    holding task-routed layers of its own: :func:`use_task_ids` with ``ids``, generate's task ids, so that its
+    drafts route by the task of the call (its layers raised "none is set"); else, and where it is ``model``
+    itself (whose layers hold them already), a no-op context."""
+    inner = unwrap(assistant) if isinstance(assistant, nn.Module) else None
+    if inner is None or inner is model or not _task_layers(inner):
+        return contextlib.nullcontext()
+    return use_task_ids(inner, ids)
+
+
 # Where a forward of a transformers model (each of generate's steps) finds its batch.
 _GENERATE_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
 
@@ -1073,7 +1084,8 @@ class MoELoRAModel(nn.Module):
         ``task_ids`` put back first (see :meth:`forward`). ``task_ids`` (an int, or one id per example
         of the prompt batch) route every step, for this call only: per-example ids are repeated over
         the rows generate runs per example (``num_beams``, ``num_return_sequences``), as transformers
-        repeats the prompt. Per-token ids cannot route the tokens generate adds: they raise. Aux-loss
+        repeats the prompt; an ``assistant_model`` (assisted decoding's draft) with task-routed layers routes by
+        them too. Per-token ids cannot route the tokens generate adds: they raise. Aux-loss
         masks are off while it runs (its steps route other numbers of tokens; nothing trains)."""
         clear_aux_losses(self.model)
         self._put_back_forward_swaps()
@@ -1097,7 +1109,8 @@ class MoELoRAModel(nn.Module):
         if per_example and isinstance(prompt, torch.Tensor) and prompt.dim() > 0 and len(task_ids) != len(prompt):
             raise ValueError(f"task_ids holds {len(task_ids)} ids but the prompt batch has {len(prompt)} examples "
                              "(one id per example)")
-        with use_task_ids(self.model, task_ids) as held:
+        with use_task_ids(self.model, task_ids) as held, _routing_the_assistant(kwargs.get("assistant_model"),
+                                                                                self.model, held):
             hook = None
             if per_example:
                 hook = self.model.register_forward_pre_hook(_task_ids_per_row(self.model, held), with_kwargs=True)

@@ -1049,6 +1049,34 @@ def test_task_ids_set_around_a_beam_search_raise_naming_generates_task_ids():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=2, **_GREEDY)
 
 
+def test_generate_routes_a_task_routed_assistant_model_by_its_task_ids():
+    """Assisted decoding (``assistant_model=``) with a draft model that routes by task too: its drafts got no ids
+    (it raised "none is set", for the wrapper or the model it wraps as the assistant). Every forward of the draft
+    routes by generate's task ids (an int, a [1] tensor), the output is the model's own greedy output, and after
+    generate the draft's layers hold what they held before."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=3, router="task", r=4))
+    draft = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj"], num_experts=3,
+                                                                      router="task", r=4))
+    randomize_adapters(model, scale=2.0)
+    randomize_adapters(draft, scale=2.0)
+    ids = token_batch()[:1]
+    mask = torch.ones_like(ids)
+    routed = []
+    draft_layer = _layers(draft)["model.layers.0.self_attn.q_proj"]
+    draft_layer.register_forward_pre_hook(lambda layer, _: routed.append(layer.task_ids.tolist()))
+    with torch.no_grad():
+        for task_ids in (2, torch.tensor([1])):
+            want = model.generate(input_ids=ids, attention_mask=mask, task_ids=task_ids, **_GREEDY)
+            for assistant in (draft, draft.model):
+                routed.clear()
+                out = model.generate(input_ids=ids, attention_mask=mask, task_ids=task_ids, assistant_model=assistant,
+                                     **_GREEDY)
+                assert torch.equal(out, want)
+                assert routed and all(r == torch.as_tensor(task_ids).tolist() for r in routed), routed
+            assert all(layer.task_ids is None for layer in _layers(draft).values())
+
+
 def test_generate_under_inference_mode_builds_the_task_routing_once_per_ids(monkeypatch):
     """Serving runs generate under torch.inference_mode. The task-id tensors moelora makes there (an
     int's 0-d tensor, the ids repeated over beams) and ids the caller made there must still be reused
