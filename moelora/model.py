@@ -1102,12 +1102,11 @@ class MoELoRAModel(nn.Module):
         if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 1:
             raise ValueError(f"task_ids of generate must be an int or one id per example ([batch]), got shape "
                              f"{tuple(task_ids.shape)}: per-token ids cannot route the tokens generate adds")
-        prompt = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds")
-                                            if kwargs.get(k) is not None), None)
         per_example = isinstance(task_ids, torch.Tensor) and task_ids.dim() == 1 and len(task_ids) > 0
         task_ids = _held_for_the_call(task_ids)
-        if per_example and isinstance(prompt, torch.Tensor) and prompt.dim() > 0 and len(task_ids) != len(prompt):
-            raise ValueError(f"task_ids holds {len(task_ids)} ids but the prompt batch has {len(prompt)} examples "
+        batch = self._prompt_batch(args, kwargs)
+        if per_example and batch is not None and len(task_ids) != batch:
+            raise ValueError(f"task_ids holds {len(task_ids)} ids but the prompt batch has {batch} examples "
                              "(one id per example)")
         with use_task_ids(self.model, task_ids) as held, _routing_the_assistant(kwargs.get("assistant_model"),
                                                                                 self.model, held):
@@ -1119,6 +1118,19 @@ class MoELoRAModel(nn.Module):
             finally:
                 if hook is not None:
                     hook.remove()
+
+    def _prompt_batch(self, args: tuple, kwargs: dict) -> Optional[int]:
+        """The number of examples of a generate call's prompt (None where none is found): of its first tensor
+        among the positional prompt, ``inputs``, ``input_ids``, ``inputs_embeds``, the model's main input
+        (``main_input_name``: Whisper's ``input_features``, a vision encoder-decoder's ``pixel_values``), an
+        encoder-decoder's precomputed ``encoder_outputs`` and the ``attention_mask``."""
+        encoded = kwargs.get("encoder_outputs")  # transformers' ModelOutput (a dict), or a tuple
+        encoded = (encoded.get("last_hidden_state") if isinstance(encoded, dict) else
+                   encoded[0] if isinstance(encoded, (tuple, list)) and encoded else None)
+        candidates = [args[0] if args else None] + [kwargs.get(k) for k in (
+            "inputs", "input_ids", "inputs_embeds", getattr(self.model, "main_input_name", None))]
+        candidates += [encoded, kwargs.get("attention_mask")]
+        return next((len(c) for c in candidates if isinstance(c, torch.Tensor) and c.dim() > 0), None)
 
     def _put_back_forward_swaps(self) -> None:
         """Put back what the modules held before the last forward's ``task_ids`` and ``aux_loss_mask``

@@ -1038,6 +1038,26 @@ def test_generate_puts_back_the_last_forwards_task_ids_and_checks_its_own():
         get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=2)).generate
 
 
+def test_generate_checks_per_example_task_ids_against_the_batch_of_an_encoder_decoders_encoder_outputs():
+    """An encoder-decoder generating from ``encoder_outputs`` (no input_ids): generate found no prompt to check the
+    ids against, and one id for a batch of two was repeated over both examples (a silent wrong routing; forward
+    refuses it). The batch is read from the encoder outputs too: it raises, naming task_ids; ids that fit generate
+    what generating from input_ids does, with and without beams."""
+    model = get_moelora_model(tiny_t5(), MoELoRAConfig(target_modules=["q", "v"], num_experts=3, router="task", r=4))
+    randomize_adapters(model, scale=2.0)
+    ids, tasks = token_batch(), torch.tensor([2, 0])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with moelora.use_task_ids(model, tasks):
+            encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+        for settings in ({}, dict(num_beams=2)):
+            with pytest.raises(ValueError, match=r"task_ids holds 1 ids but the prompt batch has 2 examples"):
+                model.generate(encoder_outputs=encoded, attention_mask=mask, task_ids=tasks[:1], **_GREEDY, **settings)
+            assert torch.equal(model.generate(encoder_outputs=encoded, attention_mask=mask, task_ids=tasks, **_GREEDY,
+                                              **settings),
+                               model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, **_GREEDY, **settings))
+
+
 def test_task_ids_set_around_a_beam_search_raise_naming_generates_task_ids():
     """Ids set on the layers (use_task_ids) meet generate's num_beams rows per example: the error
     names the fix, task_ids passed to the wrapper's generate."""
