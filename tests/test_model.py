@@ -1053,9 +1053,9 @@ def test_generate_checks_per_example_task_ids_against_the_batch_of_an_encoder_de
         for settings in ({}, dict(num_beams=2)):
             with pytest.raises(ValueError, match=r"task_ids holds 1 ids but the prompt batch has 2 examples"):
                 model.generate(encoder_outputs=encoded, attention_mask=mask, task_ids=tasks[:1], **_GREEDY, **settings)
-            assert torch.equal(model.generate(encoder_outputs=encoded, attention_mask=mask, task_ids=tasks, **_GREEDY,
-                                              **settings),
-                               model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, **_GREEDY, **settings))
+            given = model.generate(encoder_outputs=encoded, attention_mask=mask, task_ids=tasks, **_GREEDY, **settings)
+            assert torch.equal(given, model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, **_GREEDY,
+                                                     **settings))
 
 
 def test_task_ids_set_around_a_beam_search_raise_naming_generates_task_ids():
