@@ -1019,6 +1019,37 @@ def test_generate_takes_task_ids_as_the_wrappers_forward():
     assert all(layer.task_ids is None for layer in _layers(model).values())
 
 
+@pytest.mark.parametrize("router", ["task", "softmax_topk"])
+def test_generate_with_static_caches_and_multi_token_steps_equals_full_forwards(router):
+    """Decoding that runs its forwards otherwise than one new token per step on a growing cache: a static cache
+    (by name, and a StaticCache passed in), prompt lookup (several drafted tokens per forward, the cache cropped
+    where a draft is rejected), assisted decoding by the model itself, chunked prefill. Each gives the tokens and
+    step logits of full forwards over the growing sequences (no cache), by task ids or a learned router."""
+    from transformers import StaticCache
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj", "o_proj"],
+                                                                      num_experts=3, top_k=2, router=router, r=4))
+    randomize_adapters(model, scale=2.0)
+    model.eval()
+    ids = token_batch(seq=6)
+    mask = torch.ones_like(ids)
+    routing = dict(task_ids=torch.tensor([2, 0])) if router == "task" else {}
+    with torch.no_grad():
+        expected, logits = _greedy_without_cache(model, ids, 3, **routing)
+        one = {k: v[:1] for k, v in routing.items()}
+        for batch, settings in (
+                (2, dict(cache_implementation="static")),
+                (2, dict(past_key_values=StaticCache(config=model.config, max_cache_len=16))),
+                (2, dict(prefill_chunk_size=4)),
+                (1, dict(prompt_lookup_num_tokens=2)),
+                (1, dict(assistant_model=model))):
+            out = model.generate(input_ids=ids[:batch], attention_mask=mask[:batch], output_logits=True,
+                                 return_dict_in_generate=True, **_GREEDY, **(routing if batch == 2 else one),
+                                 **settings)
+            assert torch.equal(out.sequences, expected[:batch]), settings
+            torch.testing.assert_close(torch.stack(out.logits), torch.stack(logits)[:, :batch])
+
+
 def test_generate_puts_back_the_last_forwards_task_ids_and_checks_its_own():
     """generate runs as a forward of the wrapper: the ids of the last forward(task_ids=) are put back
     first (no generation routed silently by a previous batch's ids), and task ids that cannot route
