@@ -307,7 +307,8 @@ def test_int_task_ids_of_each_task_compile_once():
     the wrapper's task_ids=): a module's int attribute is a constant to torch.compile, so each new
     task compiled the model again, and after recompile_limit (8) tasks dynamo ran it eagerly. The
     layers hold an int as a 0-d tensor (checked when set): one graph for every task (two through
-    the wrapper's forward, whose int argument turns dynamic at the second task), like eager."""
+    the wrapper's forward: its second call puts back what the first gave the layers, see
+    test_wrapper_given_task_ids_and_aux_loss_mask_compiles_twice_then_never), like eager."""
     tasks = 10
     torch.manual_seed(0)
     stack = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 4))
@@ -330,6 +331,40 @@ def test_int_task_ids_of_each_task_compile_once():
     assert counter.frame_count == 2, f"task_ids=: {counter.frame_count} compilations for {tasks} tasks"
     with pytest.raises(ValueError, match=r"task id must be in \[0, 10\), got 10"):
         moelora.set_task_ids(model, tasks)
+
+
+@pytest.mark.parametrize("given", ["aux_loss_mask", "task_ids"])
+def test_wrapper_given_task_ids_and_aux_loss_mask_compiles_twice_then_never(given):
+    """Training steps of one shape through MoELoRAModel's forward given ``aux_loss_mask=`` (or
+    ``task_ids=``), new values each step: the wrapper keeps what a forward gave the layers until its
+    next forward, which first puts back what they held before (MoELoRAModel.forward). The first
+    call has nothing to put back and the second has: one more graph at the second step (documented
+    in README and docs/integration.md section 5), and none after it, whatever the mask's (ids')
+    values; training as eager."""
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 4))
+    settings = dict(router="task", num_experts=3) if given == "task_ids" else dict(num_experts=4, top_k=2)
+    model = get_moelora_model(stack, MoELoRAConfig(target_modules=["0", "2"], r=2, **settings))
+    randomize_adapters(model)
+    model.train()
+    x = torch.randn(5, 6)
+
+    def loss_fn(m, x, value):
+        return m(x, **{given: value}).square().mean() + m.aux_loss()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    for step in range(5):
+        value = torch.randint(0, 3, (5,)) if given == "task_ids" else torch.rand(5) > 0.4
+        grads = []
+        for fn in (compiled, loss_fn):  # compiled first: its first call has nothing to put back
+            model.zero_grad()
+            loss = fn(model, x, value)
+            loss.backward()
+            grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        for got, want in zip(*grads, strict=True):
+            torch.testing.assert_close(got, want, msg=f"step {step}")
+    assert counter.frame_count == 2, f"{counter.frame_count} compilations over 5 steps of one shape"
 
 
 def test_switching_validation_does_not_compile_again():
