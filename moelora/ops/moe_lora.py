@@ -41,6 +41,7 @@ import math
 from typing import List, Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moelora.kernels import launchers
@@ -155,6 +156,15 @@ def _finite_part(t):
 _FinitePart = EagerFunction("_FinitePart", _finite_part, lambda ctx, inputs, output: None, lambda ctx, grad: grad,
                             vmappable=True)
 
+
+def finite_part(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN/Inf replaced by 0 (:data:`_FinitePart`); in forward-mode AD (``torch.func.jvp`` /
+    ``jacfwd``, ``torch.autograd.forward_ad``) nan_to_num itself, which carries the tangent (0 at the
+    non-finite entries, whose outputs are NaN): the Function has no jvp, which dynamo cannot trace."""
+    if forward_ad._current_level >= 0:
+        return _finite_part(t)
+    return _FinitePart.apply(t)
+
 # The PyTorch backend's gathered form (:func:`_gathered_delta`) runs where no gradient is needed, the ids are known
 # to lie in [0, E) and there are at most GATHER_MAX_PAIRS_PER_EXPERT (token, slot) pairs per expert: it copies
 # the T*k chosen B (and per-expert A) matrices, where the dense form contracts over all E and passes over all
@@ -218,11 +228,11 @@ def _dense_delta(args: MoELoRAArgs, acc: torch.dtype) -> torch.Tensor:
     if args.shared_a:
         h = (xa @ lora_a.to(acc).t())[:, None, :]  # [T, 1, r]
     else:
-        h = torch.einsum("td,erd->ter", xa, _FinitePart.apply(lora_a.to(acc)))  # [T, E, r]
+        h = torch.einsum("td,erd->ter", xa, finite_part(lora_a.to(acc)))  # [T, E, r]
         marks = marks + nonfinite_marks(lora_a, (1, 2))[:, None]  # a per-expert A's: every row
     # Unchosen (token, expert) blocks are exact zeros, whatever x or a shared A hold.
     gated = torch.where(chosen[:, :, None], gates[:, :, None] * h, 0)
-    delta = torch.einsum("ter,eor->to", gated, _FinitePart.apply(lora_b.to(acc)))
+    delta = torch.einsum("ter,eor->to", gated, finite_part(lora_b.to(acc)))
     reached = chosen.to(acc) @ marks.isnan().to(acc)  # [T, d_out]: chosen experts with a non-finite weight there
     return torch.where(reached > 0, float("nan"), delta)
 

@@ -21,6 +21,7 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
@@ -114,6 +115,18 @@ def _below(op):
     return run
 
 
+def _forward_ad_aware(run, plain):
+    """``run``, except in forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``'s
+    dual level), where ``plain`` runs: the op's PyTorch formulas (routing_torch, the same contract) as
+    plain PyTorch ops, which carry the inputs' tangents (and reverse-mode gradients). The native ops
+    below autograd, and the autograd.Functions (no jvp), would drop the tangents or refuse them."""
+    def dispatch(*args):
+        if forward_ad._current_level >= 0:
+            return plain(*args)
+        return run(*args)
+    return dispatch
+
+
 def _eager(op, function=None):
     """A native custom op with its autograd: while torch.compile traces, the op itself (its
     registered autograd); in eager mode ``function`` (an autograd.Function over the op below
@@ -133,22 +146,28 @@ def _eager(op, function=None):
 
 
 class _Ops:
-    """The five ops, native (torch.ops.moelora, see _eager) or PyTorch fallbacks."""
+    """The five ops, native (torch.ops.moelora, see _eager) or PyTorch fallbacks; in forward-mode AD
+    the fallbacks' formulas as plain PyTorch ops (_forward_ad_aware)."""
 
     def __init__(self, native: bool):
         if native:
             ns = torch.ops.moelora
-            self.router_topk = _eager(ns.router_topk, _route_function("_NativeRouteFn", _below(ns.router_topk)))
-            self.dispatch_metadata = _eager(ns.dispatch_metadata)
-            self.dispatch = _eager(ns.dispatch, _saving_function("_NativeDispatchFn", _below(ns.dispatch),
-                                                                 _dispatch_grads, native=True))
-            self.combine = _eager(ns.combine, _saving_function("_NativeCombineFn", _below(ns.combine),
-                                                               _combine_grads, native=True))
-            self.pair_dot = _eager(ns.pair_dot, _saving_function("_NativePairDotFn", _below(ns.pair_dot),
-                                                                 _pair_dot_grads, native=True))
+            router_topk = _eager(ns.router_topk, _route_function("_NativeRouteFn", _below(ns.router_topk)))
+            dispatch = _eager(ns.dispatch, _saving_function("_NativeDispatchFn", _below(ns.dispatch), _dispatch_grads,
+                                                            native=True))
+            combine = _eager(ns.combine, _saving_function("_NativeCombineFn", _below(ns.combine), _combine_grads,
+                                                          native=True))
+            pair_dot = _eager(ns.pair_dot, _saving_function("_NativePairDotFn", _below(ns.pair_dot), _pair_dot_grads,
+                                                            native=True))
+            self.dispatch_metadata = _eager(ns.dispatch_metadata)  # integer outputs: no tangents
         else:
-            self.router_topk, self.dispatch_metadata = _RouteFn.apply, fb.dispatch_metadata
-            self.dispatch, self.combine, self.pair_dot = _DispatchFn.apply, _CombineFn.apply, _PairDotFn.apply
+            router_topk, dispatch, combine = _RouteFn.apply, _DispatchFn.apply, _CombineFn.apply
+            pair_dot = _PairDotFn.apply
+            self.dispatch_metadata = fb.dispatch_metadata
+        self.router_topk = _forward_ad_aware(router_topk, fb.router_topk)
+        self.dispatch = _forward_ad_aware(dispatch, fb.dispatch)
+        self.combine = _forward_ad_aware(combine, fb.combine)
+        self.pair_dot = _forward_ad_aware(pair_dot, fb.pair_dot)
 
 
 def _dispatch_grads(ops, needs, x, sp, inv, w, g):

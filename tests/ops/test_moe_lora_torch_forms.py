@@ -179,8 +179,8 @@ def test_gathered_form_fp16_h_beyond_fp16_range_with_a_small_scale(shared_a):
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
 def test_forward_mode_ad_through_the_gathered_form(shared_a):
     """torch.func.jvp (grad mode on, no input requiring grad) runs the gathered form; its ops are
-    differentiable: the tangents are the per-expert loop's (the dense form raises there: _FinitePart
-    has no jvp)."""
+    differentiable: the tangents are the per-expert loop's (the dense form's too: test_compile's
+    test_forward_mode_ad_through_the_layers_on_the_torch_backend)."""
     from torch.func import jvp
 
     p = make_problem(5, 8, 6, 3, 5, 2, shared_a=shared_a, dtype=torch.float64, device=DEVICE, seed=7)
