@@ -464,14 +464,15 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         self.static_lora_factors(task)
         base = self.base_layer
         if "weight" not in base._parameters and "weight" not in base._buffers:
-            # A parametrization (or the pre-hook of torch.nn.utils.weight_norm / spectral_norm) makes
+            # A parametrization (or the pre-hook of torch.nn.utils.weight_norm / spectral_norm / prune) makes
             # the weight again from other tensors on every read or call: the merged delta would be lost.
             raise ValueError(
                 f"cannot merge into this {type(base).__name__}: its weight is computed from other tensors on each "
                 "call (a parametrization: torch.nn.utils.parametrize, parametrizations.weight_norm or spectral_norm; "
-                "or the hook of torch.nn.utils.weight_norm / spectral_norm), so the merged delta would be lost and "
-                "the merged layer would compute its base layer alone; keep the adapter unmerged, or make the weight "
-                "a plain parameter first (parametrize.remove_parametrizations(module, 'weight'))")
+                "or the hook of torch.nn.utils.weight_norm / spectral_norm, or torch.nn.utils.prune's weight_orig * "
+                "weight_mask), so the merged delta would be lost and the merged layer would compute its base layer "
+                "alone; keep the adapter unmerged, or make the weight a plain parameter first "
+                "(parametrize.remove_parametrizations(module, 'weight'); prune.remove(module, 'weight'))")
         if base._forward_pre_hooks or base._forward_hooks or ("forward" in base.__dict__
                                                               and "_hf_hook" not in base.__dict__):
             # The unmerged layer adds its delta to the hooked base output (and reads the input the pre-hooks
@@ -481,8 +482,9 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                 f"cannot merge into this {type(base).__name__}: it has forward hooks or pre-hooks (or a forward set "
                 "on the instance), which may change its input or output, so the base layer with the merged weight "
                 "need not compute base_layer(x) + the adapter's delta (the adapter reads x as given and adds its delta "
-                "after the hooks); remove them first (their handles' remove(); transformers' "
-                "disable_input_require_grads()) or keep the adapter unmerged")
+                "after the hooks); remove them first (their handles' remove(); torch.nn.utils.prune's, of a pruned "
+                "bias: prune.remove(module, 'bias'); transformers' disable_input_require_grads()) or keep the adapter "
+                "unmerged")
         if not self.forward_is_weight_function(base):
             raise ValueError(
                 f"cannot merge into {type(base).__name__}: it has a forward of its own, so the base layer with the "

@@ -202,6 +202,29 @@ def test_merge_refuses_a_computed_weight(make, use_dora):
     torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name,match", [("weight", "weight is computed from other tensors"),
+                                        ("bias", "it has forward hooks or pre-hooks")])
+def test_merge_refuses_a_pruned_base_naming_prune_remove(name, match):
+    """torch.nn.utils.prune's reparametrization (weight_orig * weight_mask, remade by a forward pre-hook): merge
+    refused it, but the message named parametrizations and hook handles only; it names prune.remove, which
+    makes the tensor a plain parameter again (and after which the layer merges)."""
+    from torch.nn.utils import prune
+
+    base = _linear()
+    prune.random_unstructured(base, name, amount=0.5)
+    layer = MoELoRALinear(base, num_experts=1, r=3, lora_alpha=6).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, D_IN)
+    before = layer(x)
+    with pytest.raises(ValueError, match=f"(?s){match}.*prune.remove\\(module, '{name}'\\)"):
+        layer.merge()
+    assert not layer.merged
+    prune.remove(base, name)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_refuses_a_base_with_its_own_forward():
     """A Linear subclass whose forward is not x W^T + b (here it scales its output): the merged layer
     computed 2.5 (x (W + dW)^T + b), not 2.5 (x W^T + b) + dW x. merge refuses it; a subclass that
