@@ -277,6 +277,39 @@ def test_vmap_runs_the_layer_forward_on_the_torch_backend(seq):
     torch.testing.assert_close(y, ref)
 
 
+@needs_c  # without moelora._C the routing is an autograd.Function without a vmap rule
+@pytest.mark.parametrize("kind", ["softmax_topk", "topk_softmax", "threshold", "task"])
+def test_vmap_over_inputs_and_stacked_parameters_on_the_torch_backend(kind):
+    """README (Backends): vmap over the layer's forward, per sample and over an ensemble's stacked parameters
+    (torch.func.stack_module_state), equals the per-sample / per-member loop for every router. Threshold routing
+    counted its kept slots with an in-place index_add_ into unbatched zeros, which vmap refuses ("index_add_(self,
+    *extra_args) is not possible because there exists a Tensor `other` in extra_args that has more elements")."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    settings = {"softmax_topk": dict(num_experts=4, top_k=2), "topk_softmax": dict(num_experts=4, top_k=2,
+                                                                                   router="topk_softmax"),
+                "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.2),
+                "task": dict(num_experts=3, router="task")}[kind]
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = MoELoRALinear(nn.Linear(8, 6), r=4, **settings)
+        randomize_adapters(layer, seed=seed)
+        if kind == "task":
+            layer.task_ids = torch.tensor([0, 1, 2, 1, 0])
+        members.append(layer.eval())
+    x = torch.randn(5, 8)
+    params, buffers = stack_module_state(members)
+    with moelora.use_backend("torch"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        y = vmap(lambda p, b: functional_call(members[0], (p, b), (x,)))(params, buffers)
+        torch.testing.assert_close(y, torch.stack([m(x) for m in members]))
+        if kind != "task":  # task ids are per example: a sample of the batch is not a batch of them
+            xs = torch.randn(4, 2, 8)
+            per_sample = vmap(members[0])(xs)
+            torch.testing.assert_close(per_sample, torch.stack([members[0](xi) for xi in xs]))
+
+
 @pytest.mark.parametrize("fallback", [False, True], ids=["native", "fallback"])
 @pytest.mark.parametrize("kind", ["softmax_topk", "topk_softmax", "threshold", "shared_a", "task", "dora"])
 def test_forward_mode_ad_through_the_layers_on_the_torch_backend(kind, fallback):

@@ -96,8 +96,9 @@ def threshold_keep(top_p: torch.Tensor, eps: Union[float, torch.Tensor], noise: 
 
 
 def slot_counts(ids: torch.Tensor, num_experts: int, counted: torch.Tensor) -> torch.Tensor:
-    """[E] int64: the slots of ``ids`` [T, k] routed to each expert where ``counted`` [T, k] (bool) holds."""
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(
+    """[E] int64: the slots of ``ids`` [T, k] routed to each expert where ``counted`` [T, k] (bool) holds (out of
+    place: torch.func.vmap cannot add batched slots into the unbatched zeros in place)."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add(
         0, ids.reshape(-1).long(), counted.reshape(-1).long())
 
 
