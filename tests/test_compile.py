@@ -362,6 +362,41 @@ def test_forward_mode_ad_through_the_layers_on_the_torch_backend(kind, fallback)
             torch.testing.assert_close(tangent, ref_p, rtol=1e-4, atol=1e-5, msg="jvp in the parameters")
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_forward_mode_ad_through_moe_ffn_on_the_torch_backend(gated):
+    """README (Backends): forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) through MoEFFN on the torch
+    backend gives float64 central differences' tangent, in the input and in the parameters. The experts'
+    moelora::segment_linear op carries a registered (reverse-mode) autograd only, through which PyTorch dropped the
+    tangents without an error: jvp returned the router's part alone (silently wrong)."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+    from torch.func import functional_call, jvp
+
+    from moelora.modules.ffn import MoEFFN
+
+    torch.manual_seed(0)
+    ffn = MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), F.silu, num_experts=4, top_k=2, router="softmax_topk",
+                 gate_proj=nn.Linear(8, 16) if gated else None).eval()
+    randomize_adapters(ffn)
+    ffn64 = copy.deepcopy(ffn).double()
+    x, v = torch.randn(5, 8), torch.randn(5, 8)
+    params = {n: p.detach() for n, p in ffn.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    with moelora.use_backend("torch"), torch.no_grad():
+        ref_x = ((ffn64(x.double() + 1e-6 * v.double()) - ffn64(x.double() - 1e-6 * v.double())) / 2e-6).float()
+        p64 = {n: p.double() for n, p in params.items()}
+        ref_p = ((functional_call(ffn64, {n: p64[n] + 1e-6 * tangents[n].double() for n in p64}, (x.double(),))
+                  - functional_call(ffn64, {n: p64[n] - 1e-6 * tangents[n].double() for n in p64}, (x.double(),)))
+                 / 2e-6).float()
+    with moelora.use_backend("torch"):
+        torch.testing.assert_close(jvp(ffn, (x,), (v,))[1], ref_x, msg="jvp in x")
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(ffn(fwAD.make_dual(x, v))).tangent
+        torch.testing.assert_close(tangent, ref_x, msg="forward_ad in x")
+        _, tangent = jvp(lambda p: functional_call(ffn, p, (x,)), (params,), (tangents,))
+        torch.testing.assert_close(tangent, ref_p, rtol=1e-4, atol=1e-5, msg="jvp in the parameters")
+
+
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
 def test_forward_mode_ad_through_the_triton_functions_raises(grad_mode):
     """Forward-mode AD (torch.autograd.forward_ad; torch.no_grad does not turn it off) through the

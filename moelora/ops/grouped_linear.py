@@ -30,6 +30,7 @@ import functools
 from typing import List, Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
@@ -213,3 +214,13 @@ def _segment_linear_grads(ctx, grad):
 
 
 segment_linear.register_autograd(_segment_linear_grads, setup_context=_segment_linear_setup)
+
+
+def linear_by_segment(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`segment_linear`; in forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``)
+    its body called directly, whose F.linear ops carry the tangents: a custom op's registered autograd has no
+    forward-mode formula, and PyTorch drops the inputs' tangents through it without an error."""
+    if forward_ad._current_level >= 0:
+        return segment_linear.fn(rows, weight, bias, offsets)
+    return segment_linear(rows, weight, bias, offsets)

@@ -38,7 +38,8 @@ Backends (as :func:`moelora.moe_lora`):
   runs without split-K (checked bitwise on the GPU in tests/ops/test_moe_ffn.py).
 - ``torch``: rows gathered in expert order (moelora.dispatch's op), one F.linear per
   non-empty expert segment (``moelora::segment_linear``, a custom op so torch.compile
-  keeps it whole; it reads the segment bounds on the host: free on CPU, one
+  keeps it whole; in forward-mode AD its body, grouped_linear.linear_by_segment; it reads the
+  segment bounds on the host: free on CPU, one
   synchronisation per projection on a GPU); on a CPU in eager mode the activation runs per
   expert segment too (CPU elementwise kernels round by position). Deterministic; an expert
   that gets every token rounds exactly like the original FFN.
@@ -54,8 +55,8 @@ import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.ops.grouped_linear import (ENGINES, group_ends, grouped_mm_fn, grouped_mm_layout_ok, layout_block,
-                                        may_be_symbolic, native_major, rows_linear, rows_weight_grad, segment_bounds,
-                                        segment_linear)
+                                        linear_by_segment, may_be_symbolic, native_major, rows_linear, rows_weight_grad,
+                                        segment_bounds)
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import (check_moe_ffn_args, check_routing_values, check_top_k, fake_mode_active,
                                     refuse_double_backward)
@@ -566,15 +567,15 @@ def _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate,
     expert segment of the expert-sorted rows."""
     meta = expert_layout(ids, w_in.shape[0], None)
     rows = dispatch_rows(x, meta)  # [T*k, d_in], expert-sorted, skipped pairs last
-    h = segment_linear(rows, w_in, b_in, meta.offsets)
+    h = linear_by_segment(rows, w_in, b_in, meta.offsets)
     if stacked:  # the halves are strided: CPU kernels loop over each row on its own, as the FFN's
         gate, h = _halves(h)
         h = activation(gate) * h
     elif w_gate is None:
         h = _by_segment(activation, meta.offsets, h)
     else:
-        h = _by_segment(activation, meta.offsets, segment_linear(rows, w_gate, b_gate, meta.offsets), h)
-    sorted_out = segment_linear(h, w_out, b_out, meta.offsets)
+        h = _by_segment(activation, meta.offsets, linear_by_segment(rows, w_gate, b_gate, meta.offsets), h)
+    sorted_out = linear_by_segment(h, w_out, b_out, meta.offsets)
     position = meta.inverse.reshape(-1)
     kept = position >= 0
     pairs = sorted_out.index_select(0, torch.where(kept, position, 0))
