@@ -362,6 +362,41 @@ def test_forward_mode_ad_through_the_layers_on_the_torch_backend(kind, fallback)
             torch.testing.assert_close(tangent, ref_p, rtol=1e-4, atol=1e-5, msg="jvp in the parameters")
 
 
+@pytest.mark.parametrize("kind", ["single", "task"])
+def test_static_routing_caches_keep_nothing_made_under_a_torch_func_transform(kind):
+    """Task routing's ids per task-id tensor and single-expert routing's scalars are cached across forwards. Made
+    under a torch.func transform (grad, jacrev) they were wrappers of that transform's level: a later nested
+    transform (jacrev(jacrev), after a hessian) failed with "level.has_value() && level <= current_level INTERNAL
+    ASSERT FAILED". Now nothing made under a transform is cached; the transforms' Hessians equal autograd's double
+    backward in float64, whatever ran before."""
+    from torch.func import hessian, jacfwd, jacrev
+
+    from moelora.modules.adapter_base import _SINGLE
+    from moelora.ops.routing_modes import _TASK_ROUTING
+
+    torch.manual_seed(0)
+    settings = dict(num_experts=1) if kind == "single" else dict(num_experts=3, router="task")
+    layer = MoELoRALinear(nn.Linear(6, 4), r=2, **settings)
+    randomize_adapters(layer)
+    layer.eval()
+    task_ids = torch.tensor([0, 1, 2])  # a fresh tensor: no entry made outside a transform yet
+    if kind == "task":
+        layer.task_ids = task_ids
+    x = torch.randn(3, 6)
+    layer64 = copy.deepcopy(layer).double()
+    x64 = x.double().requires_grad_()
+    with moelora.use_backend("torch"):
+        g = torch.autograd.grad(layer64(x64).square().sum(), x64, create_graph=True)[0].reshape(-1)
+        expected = torch.stack([torch.autograd.grad(gi, x64, retain_graph=True)[0] for gi in g]).reshape(3, 6, 3, 6)
+        _SINGLE.clear()  # the scalars made next, under the transforms
+        loss = lambda z: layer(z).square().sum()  # noqa: E731
+        for transform in (hessian, lambda f: jacrev(jacrev(f)), lambda f: jacfwd(jacrev(f))):
+            torch.testing.assert_close(transform(loss)(x).double(), expected, rtol=1e-5, atol=1e-5)
+    cached = [t for pair in _SINGLE.values() for t in pair]
+    cached += [t for entries in _TASK_ROUTING.values() for entry in entries.values() for t in entry[2:]]
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in cached)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_forward_mode_ad_through_moe_ffn_on_the_torch_backend(gated):
     """README (Backends): forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) through MoEFFN on the torch

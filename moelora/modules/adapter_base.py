@@ -116,14 +116,16 @@ def single_expert_routing(num_tokens: int, device: torch.device):
     hold no values, and every eager forward after them would read them. Nor are scalars made by a
     compiled graph (its outputs are inference tensors when it runs under torch.inference_mode,
     whatever the graph says), nor during CUDA-graph capture (the kernels that fill them are only
-    recorded: until the graph replays, their memory holds whatever it held). Under a FakeTensorMode the
+    recorded: until the graph replays, their memory holds whatever it held), nor under a torch.func transform
+    (grad, jacrev: they would be wrappers of its level). Under a FakeTensorMode the
     cached scalars are not read either (real tensors, which the mode refuses as inputs of its ops)."""
     pair = None if fake_mode_active() else _SINGLE.get(device)
     if pair is None:
         with torch.inference_mode(False):
             pair = (torch.zeros(1, 1, dtype=torch.int32, device=device),
                     torch.ones(1, 1, dtype=torch.float32, device=device))
-        if type(pair[0]) is torch.Tensor and not _tracing_or_capturing():
+        if (type(pair[0]) is torch.Tensor and not _tracing_or_capturing()
+                and not torch._C._are_functorch_transforms_active()):
             _SINGLE[device] = pair
     return pair[0].expand(num_tokens, 1), pair[1].expand(num_tokens, 1)
 

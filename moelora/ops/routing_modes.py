@@ -169,7 +169,8 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     an inference tensor (made under torch.inference_mode), which has no version counter (its ids are
     a copy, which a training forward outside inference mode can save for backward); nothing
     made under a FakeTensorMode is kept (fake tensors hold no values, and the eager forwards after
-    it would compute with them). The reused ids are a copy (a later in-place change of the tensor
+    it would compute with them), nor anything made under a torch.func transform (wrappers of its
+    level). The reused ids are a copy (a later in-place change of the tensor
     cannot reach a forward's ids saved for its backward). Writes that bypass the version counter are not seen: change the ids
     with torch's in-place ops (``copy_``, indexing) or pass a new tensor, not by writing through
     ``.data``, a numpy array sharing the tensor's memory or DLPack (``ids.data = new`` is seen).
@@ -198,7 +199,10 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
         with torch.inference_mode(False):
             ids, one_hot = _task_ids_one_hot(task_ids, lead_shape, num_tasks, shared_expert, gamma.device, dtype,
                                              copy=True)
-        if type(ids) is torch.Tensor:  # not fake tensors (a forward under a FakeTensorMode): they hold no values
+        # not fake tensors (a forward under a FakeTensorMode: they hold no values), nor those made under a torch.func
+        # transform (grad, jacrev, hessian: wrappers of its level, which a later transform's levels refuse with an
+        # internal assert); a plain entry made outside one serves them too
+        if type(ids) is torch.Tensor and not torch._C._are_functorch_transforms_active():
             with _TASK_ROUTING_LOCK:
                 if task_ids not in _TASK_ROUTING and len(_TASK_ROUTING) >= _TASK_ROUTING_TENSORS:
                     del _TASK_ROUTING[next(iter(_TASK_ROUTING.keys()))]  # the oldest
