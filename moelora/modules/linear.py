@@ -286,11 +286,12 @@ class MoELoRALinear(AdapterLayerBase):
 
     def _dora_norm(self, weight: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> torch.Tensor:
         """||W + s B A||_row in the adapters' dtype, a constant (no gradient flows through it, as in
-        PEFT's DoRA); s: ``scaling``, the layer's times A-dropout's scale."""
+        PEFT's DoRA, which detaches it; detached here too, as torch.no_grad leaves forward-mode AD's tangents:
+        torch.func.jvp / jacfwd agree with grad / jacrev); s: ``scaling``, the layer's times A-dropout's scale."""
         a0 = lora_a if self.share_lora_a else lora_a[0]
         with torch.no_grad(), without_autocast(weight):  # under torch.autocast too (addmm would round W)
             return torch.linalg.norm(torch.addmm(weight.to(self.lora_B.dtype), self.lora_B[0], a0, alpha=scaling),
-                                     dim=1)
+                                     dim=1).detach()
 
     def _dora_forward(self, x_lora, lora_a, scaling, routing, result):
         """PEFT's DoRA (single expert) with LoRA dropout in training: the column norm of W + s*B@A is
