@@ -357,6 +357,9 @@ def test_forward_mode_ad_through_the_layers_on_the_torch_backend(kind, fallback)
         with fwAD.dual_level():
             tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, v))).tangent
         torch.testing.assert_close(tangent, ref_x, msg="forward_ad in x")
+        if kind != "task":  # vmap over samples of jvp: the routing's formula ran an in-place index_add_ vmap refuses
+            per_sample = torch.func.vmap(lambda xi, vi: jvp(layer, (xi[None],), (vi[None],))[1][0])(x, v)
+            torch.testing.assert_close(per_sample, ref_x, msg="vmap of jvp in x")
         _, tangent = jvp(lambda p: functional_call(layer, p, (x,)), (params,), (tangents,))
         if kind == "dora":
             # DoRA's row norm is a constant (PEFT's, which detaches it), in forward mode as in reverse mode (the

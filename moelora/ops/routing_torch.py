@@ -79,7 +79,9 @@ def router_topk(logits: torch.Tensor, top_k: int, mode: int, renormalize: bool):
         total = weights.sum(-1, keepdim=True)
         weights = torch.where(total > 0, weights / total, torch.zeros_like(weights))
     flat = ids.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=logits.device).index_add_(
+    # out of place: torch.func.vmap (of forward-mode AD, which runs this formula) cannot add batched ids into the
+    # unbatched zeros in place
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=logits.device).index_add(
         0, flat, torch.ones_like(flat))
     return weights, ids.to(torch.int32), counts, probs.sum(0), lse
 
