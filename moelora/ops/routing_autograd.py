@@ -118,8 +118,8 @@ def _below(op):
 def _forward_ad_aware(run, plain):
     """``run``, except in forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``'s
     dual level), where ``plain`` runs: the op's PyTorch formulas (routing_torch, the same contract) as
-    plain PyTorch ops, which carry the inputs' tangents (and reverse-mode gradients). The native ops
-    below autograd, and the autograd.Functions (no jvp), would drop the tangents or refuse them."""
+    plain PyTorch ops, which carry the inputs' tangents (and reverse-mode gradients). The fallbacks'
+    autograd.Functions have no jvp (forward-mode AD would raise)."""
     def dispatch(*args):
         if forward_ad._current_level >= 0:
             return plain(*args)
@@ -127,17 +127,21 @@ def _forward_ad_aware(run, plain):
     return dispatch
 
 
-def _eager(op, function=None):
+def _eager(op, function=None, plain=None):
     """A native custom op with its autograd: while torch.compile traces, the op itself (its
     registered autograd); in eager mode ``function`` (an autograd.Function over the op below
     autograd, with the same gradients) when autograd records (grad mode on, outside
     torch.inference_mode: see registration.apply_function) and an input needs a gradient, else the
-    op below autograd: the custom-op autograd dispatch costs tens of microseconds per call."""
+    op below autograd: the custom-op autograd dispatch costs tens of microseconds per call. In
+    forward-mode AD ``plain``, the op's PyTorch formulas (:func:`_forward_ad_aware`): below autograd
+    the op drops the inputs' tangents, silently."""
     below = _below(op)
 
     def run(*args):
         if torch.compiler.is_compiling():
             return op(*args)
+        if plain is not None and forward_ad._current_level >= 0:
+            return plain(*args)
         if function is not None and torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return function.apply(*args)
@@ -152,22 +156,21 @@ class _Ops:
     def __init__(self, native: bool):
         if native:
             ns = torch.ops.moelora
-            router_topk = _eager(ns.router_topk, _route_function("_NativeRouteFn", _below(ns.router_topk)))
-            dispatch = _eager(ns.dispatch, _saving_function("_NativeDispatchFn", _below(ns.dispatch), _dispatch_grads,
-                                                            native=True))
-            combine = _eager(ns.combine, _saving_function("_NativeCombineFn", _below(ns.combine), _combine_grads,
-                                                          native=True))
-            pair_dot = _eager(ns.pair_dot, _saving_function("_NativePairDotFn", _below(ns.pair_dot), _pair_dot_grads,
-                                                            native=True))
+            self.router_topk = _eager(ns.router_topk, _route_function("_NativeRouteFn", _below(ns.router_topk)),
+                                      fb.router_topk)
             self.dispatch_metadata = _eager(ns.dispatch_metadata)  # integer outputs: no tangents
+            self.dispatch = _eager(ns.dispatch, _saving_function("_NativeDispatchFn", _below(ns.dispatch),
+                                                                 _dispatch_grads, native=True), fb.dispatch)
+            self.combine = _eager(ns.combine, _saving_function("_NativeCombineFn", _below(ns.combine),
+                                                               _combine_grads, native=True), fb.combine)
+            self.pair_dot = _eager(ns.pair_dot, _saving_function("_NativePairDotFn", _below(ns.pair_dot),
+                                                                 _pair_dot_grads, native=True), fb.pair_dot)
         else:
-            router_topk, dispatch, combine = _RouteFn.apply, _DispatchFn.apply, _CombineFn.apply
-            pair_dot = _PairDotFn.apply
+            self.router_topk = _forward_ad_aware(_RouteFn.apply, fb.router_topk)
             self.dispatch_metadata = fb.dispatch_metadata
-        self.router_topk = _forward_ad_aware(router_topk, fb.router_topk)
-        self.dispatch = _forward_ad_aware(dispatch, fb.dispatch)
-        self.combine = _forward_ad_aware(combine, fb.combine)
-        self.pair_dot = _forward_ad_aware(pair_dot, fb.pair_dot)
+            self.dispatch = _forward_ad_aware(_DispatchFn.apply, fb.dispatch)
+            self.combine = _forward_ad_aware(_CombineFn.apply, fb.combine)
+            self.pair_dot = _forward_ad_aware(_PairDotFn.apply, fb.pair_dot)
 
 
 def _dispatch_grads(ops, needs, x, sp, inv, w, g):
