@@ -54,7 +54,8 @@ from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.fields import BOOL, check_field, is_int, is_integral
 from moelora.modules.molex import CACHE_KWARGS
-from moelora.modules.routed import RoutedModule, RouterStats, restore_routing_records, routing_records
+from moelora.modules.routed import (RoutedModule, RouterStats, real_tokens_of_attention_mask, restore_routing_records,
+                                    routing_records)
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
 from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, layer_index, matches, set_module, stacked_expert_parameters,
@@ -1009,7 +1010,8 @@ class MoELoRAModel(nn.Module):
 
         ``aux_loss_mask``: the real tokens the aux losses are taken over (see
         :func:`moelora.set_aux_loss_mask`), a tensor or the name of another argument of this
-        forward holding it (``"attention_mask"``, given by keyword or position); when not given,
+        forward holding it (``"attention_mask"``, given by keyword or position; a 4-D one there, [batch, heads,
+        query, key]: the keys some query attends); when not given,
         the argument named by the wrapper's ``aux_loss_mask_from`` attribute (None: every token
         counts).
 
@@ -1154,7 +1156,8 @@ class MoELoRAModel(nn.Module):
         return args[position] if position < len(args) else None
 
     def _of_the_new_tokens(self, mask, args: tuple, kwargs: dict):
-        """``mask``, read from another argument (the attention mask), for the tokens this call routes: in a
+        """``mask``, read from another argument (the attention mask), for the tokens this call routes (a 4-D
+        attention mask, [batch, heads, query, key]: the keys some query attends, real_tokens_of_attention_mask): in a
         decoding step with a KV cache (``cache``, transformers 5's name, or ``past_key_values``: any of
         ``CACHE_KWARGS``) transformers' attention mask covers the cached tokens too ([batch, past + new], the new
         ones last), so its last columns."""
@@ -1162,6 +1165,8 @@ class MoELoRAModel(nn.Module):
             known = self._parameter_names is None or name in self._parameter_names or name in kwargs
             return self._argument(name, args, kwargs) if known else None
 
+        if isinstance(mask, torch.Tensor):
+            mask = real_tokens_of_attention_mask(mask)  # a 4-D mask: the keys some query attends, [batch, keys]
         if (not isinstance(mask, torch.Tensor) or mask.dim() != 2
                 or all(given(name) is None for name in CACHE_KWARGS)):
             return mask

@@ -25,7 +25,10 @@ what the same batch gives with any other amount of padding. :meth:`MoLEx.track_a
 (which apply_molex calls on the modules between the model and the stack) reads the mask from
 those modules' forward arguments (by keyword or position); the innermost one that took a 2-D
 mask or None decides (BERT's encoder, which takes the 4-D mask its model built, defers to the
-model). Without a mask every token is real. A gradient checkpoint around a layer's call
+model). A model given a 4-D mask ([batch, heads, query, key]: bool, True attends; float, additive, 0
+attends) in place of the 2-D one: its real tokens are the keys some query attends. Without a mask
+every token is real (a padding-free packed row, as transformers' DataCollatorWithFlattening makes:
+its sequences are real tokens, and share the row's one j as a padded batch's sequences share theirs). A gradient checkpoint around a layer's call
 recomputes it in backward, after those modules' forward: it takes the real tokens the forward
 found for that layer's input (:meth:`MoLEx._real_tokens`), so it chooses the forward's j.
 
@@ -92,7 +95,7 @@ from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, POSITIVE_INT, check_
 from moelora.modules.init import reset_like_linear
 from moelora.ops.backend import without_autocast
 from moelora.ops.validation import is_finite_number
-from moelora.modules.routed import RoutedModule, torchscript_refusal
+from moelora.modules.routed import RoutedModule, real_tokens_of_attention_mask, torchscript_refusal
 from moelora.ops.losses import expert_load, load_balancing_loss, routing_entropy
 
 
@@ -368,13 +371,17 @@ class MoLEx(nn.Module, RoutedModule):
 
     def _enter(self, position, module, args, kwargs) -> None:
         """Forward pre-hook of a tracked module: note the mask it takes. A 2-D tensor or None
-        (every token real) decides; anything else (a 4-D mask built by an outer module, ...)
-        leaves it to the outer modules."""
+        (every token real) decides; a 4-D one ([batch, heads, query, key], built by an outer module
+        or given to the model in place of the 2-D mask) is noted as its real tokens, the keys some
+        query attends (:func:`real_tokens_of_attention_mask`), which decide where no module took a
+        2-D mask or None (the outermost one); anything else leaves it to the other modules."""
         if "attention_mask" in kwargs:
             mask = kwargs["attention_mask"]
         else:
             mask = args[position] if position is not None and len(args) > position else None
-        decides = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2)
+        decides = 2 if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2) else 0
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            mask, decides = real_tokens_of_attention_mask(mask), 1
         self._masks.append((module, mask, decides))
 
     def _exit(self, module, args, output) -> None:
@@ -395,7 +402,9 @@ class MoLEx(nn.Module, RoutedModule):
             if torch.compiler.is_compiling() or not self._recompute_real:
                 return None
             return self._recompute_real.get((t, z.data_ptr(), tuple(z.shape)))
-        mask = next((m for _, m, decides in reversed(self._masks) if decides), None)
+        # the innermost 2-D mask or None, else the outermost 4-D mask's real tokens (see _enter)
+        mask = next((m for _, m, decides in reversed(self._masks) if decides == 2),
+                    next((m for _, m, decides in self._masks if decides == 1), None))
         if mask is None:
             return None
         if z.dim() != 3 or mask.shape[0] != z.shape[0] or mask.shape[1] < z.shape[1]:

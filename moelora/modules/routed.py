@@ -59,6 +59,17 @@ class RouterStats(Mapping):
         return len(self.KEYS)
 
 
+def real_tokens_of_attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[batch, sequence] of the real tokens (nonzero; 0 for padding) of a 4-D attention mask ([batch, heads or 1,
+    query, key], as transformers' attention takes it in place of the 2-D ``attention_mask``: bool or integer, nonzero
+    where a query attends a key; floating point, additive, 0 where it attends): the keys some query attends (no
+    query attends padding). A mask of another number of dimensions is returned as it is."""
+    if mask.dim() != 4:
+        return mask
+    attends = (mask == 0) if mask.is_floating_point() else (mask != 0)
+    return attends.any(dim=2).any(dim=1)
+
+
 def _without_routing_record(inherited_getstate):
     """A ``__getstate__`` returning the inherited state with the routing record cleared."""
 

@@ -597,3 +597,38 @@ def test_a_mask_named_by_argument_fits_a_cached_decoding_step(given, cache_name)
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="aux-loss mask"):  # a mask tensor given as such is taken as it is
         model(input_ids=step_ids, aux_loss_mask=step_mask, **{cache_name: cache})
+
+
+def _four_d(mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """The 4-D attention mask ([batch, 1, query, key]: causal, padding keys attended by no query) of a 2-D ``mask``,
+    as transformers' attention takes it: bool (True attends) or float (additive: 0 attends)."""
+    seq = mask.shape[-1]
+    attends = torch.tril(torch.ones(seq, seq, dtype=torch.bool))[None, None] & mask[:, None, None, :].bool()
+    if kind == "float":
+        return torch.where(attends, 0.0, torch.finfo(torch.float32).min)
+    return attends
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("left", [False, True], ids=["right_padding", "left_padding"])
+def test_a_four_d_attention_mask_named_as_the_aux_loss_mask_leaves_out_the_keys_no_query_attends(kind, left):
+    """aux_loss_mask="attention_mask" (or aux_loss_mask_from) where the model is given a 4-D attention mask
+    ([batch, 1, query, key], as packing with 4-D masks and some collators pass): it raised that the mask had 50
+    tokens for 10 routed (bool) or that it must not be float (an additive mask); the real tokens are now the
+    keys some query attends, and the aux loss and statistics are those of the 2-D mask."""
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(tiny_llama(num_layers=2), moelora.MoELoRAConfig(
+        target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=4, init_lora_weights=False)).train()
+    ids = torch.randint(1, 64, (2, 5))
+    mask = MASK.flip(-1) if left else MASK
+    model(input_ids=ids, attention_mask=mask, aux_loss_mask="attention_mask")
+    expected = model.aux_loss().detach()
+    layer = model.model.model.layers[0].self_attn.q_proj
+    expected_load = layer.last_router_stats["load"]
+    model(input_ids=ids, attention_mask=_four_d(mask, kind), aux_loss_mask="attention_mask")
+    torch.testing.assert_close(model.aux_loss().detach(), expected)
+    torch.testing.assert_close(layer.last_router_stats["load"], expected_load)
+    assert layer.last_router_stats.num_routed == int(mask.sum())
+    model.aux_loss_mask_from = "attention_mask"
+    model(input_ids=ids, attention_mask=_four_d(mask, kind))
+    torch.testing.assert_close(model.aux_loss().detach(), expected)

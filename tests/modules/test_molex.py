@@ -811,6 +811,28 @@ def test_batched_greedy_generate_does_not_depend_on_the_padding():
                            model.generate(seqs[0][None], **settings)[0])
 
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_a_four_d_attention_mask_given_to_the_model_keeps_the_padding_out(kind):
+    """A 4-D attention mask ([batch, 1, query, key]) given to the model in place of the 2-D one: no tracked
+    module took a 2-D mask, so every token counted as real and the pads voted and entered the load-balancing
+    loss and statistics (silently). The real tokens are now the keys some query attends (bool: True attends;
+    float, additive: 0 attends): the same choice, loss and statistics as the 2-D mask."""
+    model = tiny_llama(num_layers=4)
+    molex = apply_molex(model, alpha=0.5)
+    _sharpen(molex)
+    ids, mask, pos = _left_padded(_prompts(), extra=8)
+    seq = ids.shape[1]
+    attends = torch.tril(torch.ones(seq, seq, dtype=torch.bool))[None, None] & mask[:, None, None, :].bool()
+    four_d = attends if kind == "bool" else torch.where(attends, 0.0, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=pos)
+        loss, stats = molex.last_aux_loss, moelora.router_stats(model)["molex"]
+        model(ids, attention_mask=four_d, position_ids=pos)
+        torch.testing.assert_close(molex.last_aux_loss, loss)
+        for key in ("load", "entropy", "chosen_layers"):
+            torch.testing.assert_close(moelora.router_stats(model)["molex"][key], stats[key], msg=key)
+
+
 class MaskedStack(Stack):
     """A stack whose forward takes an attention mask, as transformers' models do."""
 
