@@ -632,3 +632,76 @@ def test_a_four_d_attention_mask_named_as_the_aux_loss_mask_leaves_out_the_keys_
     model.aux_loss_mask_from = "attention_mask"
     model(input_ids=ids, attention_mask=_four_d(mask, kind))
     torch.testing.assert_close(model.aux_loss().detach(), expected)
+
+
+def _float64_aux_loss(model, inputs, real):
+    """The model's aux loss recomputed in float64 from each MoE-LoRA layer's input over the tokens ``real`` marks
+    (per layer lb_coef * lb + z_coef * z, lb = E sum_e f_e P_e of the top-k slots and softmax probabilities, z the
+    mean of lse^2), after a forward on ``inputs``."""
+    layers = [m for m in model.modules() if isinstance(m, MoELoRALinear)]
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.__setitem__(m, args[0].detach())) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    total = torch.zeros((), dtype=torch.float64)
+    for layer in layers:
+        x = seen[layer].double().reshape(-1, seen[layer].shape[-1])[real.reshape(-1)]
+        logits = x @ layer.router.weight.double().t()
+        num_experts = logits.shape[-1]
+        slots = F.one_hot(logits.topk(layer.router.top_k, -1).indices, num_experts).sum(1).double()
+        lb = num_experts * (slots.mean(0) * torch.softmax(logits, -1).mean(0)).sum()
+        total += layer.aux_loss_coef * lb + layer.z_loss_coef * torch.logsumexp(logits, -1).square().mean()
+    return total
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_a_padding_free_packed_row_gives_the_padded_batchs_aux_loss_gradients_and_statistics(backend, flash_kwargs):
+    """transformers' DataCollatorWithFlattening packs a batch into one row without padding (position_ids restarting
+    per sequence, no attention_mask; with return_flash_attn_kwargs also cu_seq_lens_q / max_length_q): through the
+    wrapper with aux_loss_mask_from="attention_mask" every token counts, and the aux loss (a float64 reference over
+    the real tokens), the routers' gradients and the statistics are those of the same sequences right- or
+    left-padded with the padding masked."""
+    from transformers import DataCollatorWithFlattening
+
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(tiny_llama(num_layers=2), moelora.MoELoRAConfig(
+        target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=4, init_lora_weights=False)).train()
+    model.aux_loss_mask_from = "attention_mask"
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(1, 64, (n,), generator=g) for n in (5, 3, 4)]
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s.tolist()}
+                                                                                  for s in seqs])
+    assert "attention_mask" not in packed
+    batches = {"packed": (dict(packed), torch.ones_like(packed["input_ids"], dtype=torch.bool))}
+    for side in ("right", "left"):
+        ids, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            cols = slice(5 - len(s), 5) if side == "left" else slice(0, len(s))
+            ids[b, cols], mask[b, cols] = s, 1
+        batches[side] = (dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                              labels=ids.masked_fill(mask == 0, -100)), mask.bool())
+    routers = [m.router.weight for m in model.modules() if isinstance(m, MoELoRALinear)]
+    layer = model.model.model.layers[1].self_attn.v_proj
+    results = {}
+    with moelora.use_backend(backend):
+        for name, (inputs, real) in batches.items():
+            inputs = dict(inputs, use_cache=False)  # transformers finds the packed sequences only without a cache
+            out = model(**inputs)
+            aux = model.aux_loss()
+            results[name] = (aux.detach(), torch.autograd.grad(aux, routers), dict(layer.last_router_stats),
+                             out.logits[real].detach())
+            assert layer.last_router_stats.num_routed == 12
+            torch.testing.assert_close(aux.detach().double(), _float64_aux_loss(model, inputs, real),
+                                       rtol=1e-5, atol=1e-7)
+    for name in ("right", "left"):
+        torch.testing.assert_close(results["packed"][0], results[name][0], rtol=1e-5, atol=1e-7)
+        for got, want in zip(results["packed"][1], results[name][1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        for key in results[name][2]:
+            torch.testing.assert_close(results["packed"][2][key], results[name][2][key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results["packed"][3], results[name][3], rtol=1e-5, atol=1e-5)
