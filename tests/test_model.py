@@ -229,6 +229,39 @@ def test_task_ids_by_setter_context_and_forward_kwarg():
         moelora.set_task_ids(tiny_bert(), 1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_packed_row_routes_by_per_token_task_ids_and_refuses_per_example_ids_naming_them(backend):
+    """A padding-free packed row (DataCollatorWithFlattening: [1, total], position_ids restarting per sequence) of
+    three sequences of three tasks: per-token ids ([1, total]) give each sequence's logits and the gammas'
+    gradients what per-example ids give the padded batch; one id per sequence ([3]) raises, naming per-token ids
+    (it named neither packing nor the shape to give)."""
+    from transformers import DataCollatorWithFlattening
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=3, router="task", r=4))
+    randomize_adapters(model)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(1, 64, (n,), generator=g) for n in (4, 2, 3)]
+    tasks = torch.tensor([2, 0, 1])
+    packed = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in seqs])
+    per_token = torch.cat([torch.full((len(s),), int(t)) for s, t in zip(seqs, tasks)])[None]
+    ids, mask = torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], mask[b, :len(s)] = s, 1
+    gammas = [m.lora_gamma for m in _layers(model).values()]
+    results = []
+    with moelora.use_backend(backend):
+        for inputs, task_ids, real in ((dict(packed), per_token, torch.ones(1, 9, dtype=torch.bool)),
+                                       (dict(input_ids=ids, attention_mask=mask), tasks, mask.bool())):
+            logits = model(**inputs, task_ids=task_ids, use_cache=False).logits[real]
+            results.append((logits.detach(), torch.autograd.grad(logits.square().sum(), gammas)))
+        with pytest.raises(ValueError, match=r"packed row .* one id per token, shape \(1, 9\)"):
+            model(**packed, task_ids=tasks, use_cache=False)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 class _PerTaskHeads(nn.Module):
     """A multi-task model of its own: a body and one head per task, chosen by its forward's ``task_ids``."""
 

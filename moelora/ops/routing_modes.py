@@ -255,11 +255,15 @@ def _task_ids_one_hot(task_ids, lead_shape: tuple, num_tasks: int, shared_expert
         # generate's beams / returned sequences run n rows per example (a multiple of the ids)
         repeated = (task_ids.dim() == 1 and len(lead_shape) >= 1 and task_ids.shape[0] > 0
                     and lead_shape[0] % task_ids.shape[0] == 0)
+        # a padding-free packed row (DataCollatorWithFlattening's [1, total]) holds several examples in one row
+        packed = not repeated and task_ids.dim() == 1 and len(lead_shape) >= 2 and lead_shape[0] == 1
         raise ValueError(
             f"task ids of shape {tuple(task_ids.shape)} fit neither one id per example "
             f"(first dim of {tuple(lead_shape)}) nor one per token"
             + ("; generate with num_beams or num_return_sequences > 1 runs several rows per example: pass "
-               "the ids to MoELoRAModel.generate(..., task_ids=ids), which repeats them" if repeated else ""))
+               "the ids to MoELoRAModel.generate(..., task_ids=ids), which repeats them" if repeated else "")
+            + ("; a packed row (several sequences in one row, as DataCollatorWithFlattening makes) takes one id "
+               f"per token, shape {tuple(lead_shape)}" if packed else ""))
     ids = ids.reshape(-1, 1)
     one_hot = (ids == torch.arange(num_tasks, device=ids.device)).to(dtype)
     if shared_expert is not None:
