@@ -372,16 +372,16 @@ class MoLEx(nn.Module, RoutedModule):
     def _enter(self, position, module, args, kwargs) -> None:
         """Forward pre-hook of a tracked module: note the mask it takes. A 2-D tensor or None
         (every token real) decides; a 4-D one ([batch, heads, query, key], built by an outer module
-        or given to the model in place of the 2-D mask) is noted as its real tokens, the keys some
-        query attends (:func:`real_tokens_of_attention_mask`), which decide where no module took a
-        2-D mask or None (the outermost one); anything else leaves it to the other modules."""
+        or given to the model in place of the 2-D mask) decides where no module took a 2-D mask or
+        None (the outermost one), by its real tokens, the keys some query attends
+        (:func:`real_tokens_of_attention_mask`); anything else leaves it to the other modules."""
         if "attention_mask" in kwargs:
             mask = kwargs["attention_mask"]
         else:
             mask = args[position] if position is not None and len(args) > position else None
         decides = 2 if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2) else 0
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            mask, decides = real_tokens_of_attention_mask(mask), 1
+            decides = 1  # read (_real_tokens) only where no module took a 2-D mask or None: BERT's encoder's is not
         self._masks.append((module, mask, decides))
 
     def _exit(self, module, args, output) -> None:
@@ -403,8 +403,10 @@ class MoLEx(nn.Module, RoutedModule):
                 return None
             return self._recompute_real.get((t, z.data_ptr(), tuple(z.shape)))
         # the innermost 2-D mask or None, else the outermost 4-D mask's real tokens (see _enter)
-        mask = next((m for _, m, decides in reversed(self._masks) if decides == 2),
-                    next((m for _, m, decides in self._masks if decides == 1), None))
+        deciding = next(((m, decides) for _, m, decides in reversed(self._masks) if decides == 2), None)
+        if deciding is None:
+            deciding = next(((m, decides) for _, m, decides in self._masks if decides == 1), (None, 0))
+        mask = real_tokens_of_attention_mask(deciding[0]) if deciding[1] == 1 else deciding[0]
         if mask is None:
             return None
         if z.dim() != 3 or mask.shape[0] != z.shape[0] or mask.shape[1] < z.shape[1]:
