@@ -833,6 +833,38 @@ def test_a_four_d_attention_mask_given_to_the_model_keeps_the_padding_out(kind):
             torch.testing.assert_close(moelora.router_stats(model)["molex"][key], stats[key], msg=key)
 
 
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_a_padding_free_packed_row_mixes_as_the_padded_batch(flash_kwargs):
+    """transformers' DataCollatorWithFlattening packs the batch into one row without an attention_mask: every
+    token is real, the row's one j is the padded batch's (the same real tokens vote), and the layer choice, aux
+    loss, statistics, real tokens' logits and the gates' gradients are those of the sequences right-padded."""
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_llama(num_layers=4).train()
+    molex = apply_molex(model, alpha=0.5)
+    _sharpen(molex)
+    seqs = _prompts((5, 3, 4))
+    packed = dict(DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s.tolist()}
+                                                                                      for s in seqs]))
+    ids, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], mask[b, :len(s)] = s, 1
+    results = []
+    for inputs, real in ((dict(input_ids=ids, attention_mask=mask), mask.bool()),
+                         (packed, torch.ones(1, 12, dtype=torch.bool))):
+        logits = model(**inputs, use_cache=False).logits[real]  # packed sequences are found without a cache only
+        stats = moelora.router_stats(model)["molex"]
+        grads = torch.autograd.grad(molex.last_aux_loss + logits.square().mean(), [g.weight for g in molex.gates])
+        results.append((logits.detach(), molex.last_aux_loss.detach(), stats, grads))
+    (logits, loss, stats, grads), (p_logits, p_loss, p_stats, p_grads) = results
+    torch.testing.assert_close(p_logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_loss, loss)
+    for key in ("load", "entropy", "chosen_layers"):
+        torch.testing.assert_close(p_stats[key], stats[key], msg=key)
+    for got, want in zip(p_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
 class MaskedStack(Stack):
     """A stack whose forward takes an attention mask, as transformers' models do."""
 
