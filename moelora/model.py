@@ -722,7 +722,11 @@ def _swap_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> _Swap
             raise TypeError(f"the aux-loss mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.is_floating_point() or mask.is_complex():
             raise TypeError(f"the aux-loss mask must be a bool or integer tensor (1 for real tokens, 0 for padding, "
-                            f"as an attention_mask), got {mask.dtype}")
+                            f"as an attention_mask), got {mask.dtype}" + (
+                                "; a 4-D attention mask ([batch, heads, query, key], additive) holds no value per "
+                                "token: give the 2-D attention_mask, or name the forward's argument holding it "
+                                "(aux_loss_mask=\"attention_mask\"), whose 4-D mask gives the keys some query attends"
+                                if mask.dim() == 4 else ""))
     modules = [m for m in model.modules() if isinstance(m, RoutedModule) and m.takes_aux_loss_mask]
     if not modules and mask is not None:
         raise ValueError("the model has no routed module (MoE-LoRA layer, MoEFFN) whose aux losses a mask could mask")

@@ -632,6 +632,9 @@ def test_a_four_d_attention_mask_named_as_the_aux_loss_mask_leaves_out_the_keys_
     model.aux_loss_mask_from = "attention_mask"
     model(input_ids=ids, attention_mask=_four_d(mask, kind))
     torch.testing.assert_close(model.aux_loss().detach(), expected)
+    if kind == "float":  # given as the mask itself (not by name): refused, naming the 2-D mask and the name to give
+        with pytest.raises(TypeError, match=r"4-D attention mask .*aux_loss_mask=\"attention_mask\""):
+            model(input_ids=ids, aux_loss_mask=_four_d(mask, kind))
 
 
 def _float64_aux_loss(model, inputs, real):
