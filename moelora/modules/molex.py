@@ -28,9 +28,10 @@ mask or None decides (BERT's encoder, which takes the 4-D mask its model built, 
 model). A model given a 4-D mask ([batch, heads, query, key]: bool, True attends; float, additive, 0
 attends) in place of the 2-D one: its real tokens are the keys some query attends. Without a mask
 every token is real (a padding-free packed row, as transformers' DataCollatorWithFlattening makes:
-its sequences are real tokens, and share the row's one j as a padded batch's sequences share theirs). A gradient checkpoint around a layer's call
-recomputes it in backward, after those modules' forward: it takes the real tokens the forward
-found for that layer's input (:meth:`MoLEx._real_tokens`), so it chooses the forward's j.
+its sequences are real tokens, and share the row's one j as a padded batch's sequences share
+theirs). A gradient checkpoint around a layer's call recomputes it in backward, after those
+modules' forward: it takes the real tokens the forward found for that layer's input
+(:meth:`MoLEx._real_tokens`), so it chooses the forward's j.
 
 Running u_j without reading j on the host (``layer_selection="device"``): the parameters and
 buffers of the L layers are stacked once per forward and layer t's own code runs with layer
