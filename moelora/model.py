@@ -908,6 +908,10 @@ def _check_not_wrapped(model: nn.Module) -> None:
                              "model")
 
 
+# transformers' methods that turn activation checkpointing on (the second is transformers 5's name for the first)
+CHECKPOINTING_ENABLERS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+
+
 class MoELoRAModel(nn.Module):
     """A model with MoE-LoRA layers injected, shaped like PEFT's PeftModel; built by
     :func:`moelora.get_moelora_model`, which injects ``config``'s layers into ``model`` and wraps it
@@ -960,6 +964,7 @@ class MoELoRAModel(nn.Module):
         adapters.claim(self, adapters.adapter_modules(model).values())
         if config.inference_mode:
             self._mark_trainable()
+        self._inputs_require_grad_for_checkpointing()  # checkpointing enabled before wrapping, as PEFT's wrapper
 
     def _bind_forward(self) -> None:
         # where forward finds a named argument
@@ -1005,7 +1010,35 @@ class MoELoRAModel(nn.Module):
             return functools.wraps(value)(functools.partial(self._generate, value))
         if name == "resize_token_embeddings":  # likewise
             return functools.wraps(value)(functools.partial(self._resize_token_embeddings, value))
+        if name in CHECKPOINTING_ENABLERS:  # likewise
+            return functools.wraps(value)(functools.partial(self._enable_checkpointing, value))
         return value
+
+    def _enable_checkpointing(self, enable, *args, **kwargs):
+        """``wrapper.gradient_checkpointing_enable`` / ``activation_checkpointing_enable``: the wrapped model's,
+        then :meth:`_inputs_require_grad_for_checkpointing`."""
+        out = enable(*args, **kwargs)
+        self._inputs_require_grad_for_checkpointing()
+        return out
+
+    def _inputs_require_grad_for_checkpointing(self) -> None:
+        """Under reentrant activation checkpointing (a transformers model's, enabled before or after wrapping) make
+        the wrapped model's input embeddings' outputs require grad (its ``enable_input_require_grads``), as PEFT does
+        and transformers' ``activation_checkpointing_enable`` does for a model with adapters: a reentrant
+        checkpoint whose inputs do not require grad passes no gradient to the adapters inside it. transformers
+        hooks them itself for a model whose main input is input_ids only: a ViT's (pixel_values) or Whisper's
+        (input_features) adapters got no gradient. Nothing is hooked while the adapter is frozen, under
+        non-reentrant checkpointing (which needs no hook) or where the model has its hooks already."""
+        model = self.model
+        if (self._active_frozen or not hasattr(model, "enable_input_require_grads")
+                or getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook")):
+            return
+        checkpoints = [m._gradient_checkpointing_func for m in model.modules()
+                       if getattr(m, "gradient_checkpointing", False) is True
+                       and callable(getattr(m, "_gradient_checkpointing_func", None))]
+        # torch.utils.checkpoint's use_reentrant defaults to True where not given (before torch 2.9)
+        if any(getattr(f, "keywords", {}).get("use_reentrant", True) is not False for f in checkpoints):
+            model.enable_input_require_grads()
 
     def forward(self, *args, labels=None, task_ids=None, aux_loss_mask=None, **kwargs):
         """Run the wrapped model (``labels`` are passed on when given; ``task_ids`` go to the

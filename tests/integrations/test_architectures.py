@@ -199,3 +199,51 @@ def test_state_space_mixers_children_read_by_weight_are_not_adapted(name):
     assert not dead
     with pytest.raises(ValueError, match=r"dt_proj is the dt_proj of the \w+Mixer .*reads dt_proj.weight itself"):
         moelora.get_moelora_model(copy.deepcopy(base), moelora.MoELoRAConfig(r=4, target_modules=["dt_proj"]))
+
+
+def _checkpointing_batch(name):
+    if name == "vit":
+        return _vit(), MODELS["vit"][1](), dict(task_type="SEQ_CLS")  # the classifier head trains too
+    features = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
+    return _whisper(), dict(input_features=features, decoder_input_ids=_ids()[:, :4]), {}
+
+
+@pytest.mark.parametrize("when", ["before_wrapping", "gradient_checkpointing_enable",
+                                  "activation_checkpointing_enable"])
+@pytest.mark.parametrize("name", ["vit", "whisper"])
+def test_reentrant_checkpointing_trains_the_adapters_of_a_model_without_input_ids(name, when):
+    """transformers hooks the input embeddings to make their output require grad (so that reentrant checkpointing,
+    which runs a block without inputs that require grad under no_grad, passes gradients on) only for a model whose
+    main input is input_ids, or which is marked as holding adapters: the wrapper's gradient_checkpointing_enable
+    went to the wrapped model, unmarked, so a ViT's (pixel_values) or Whisper's (input_features) checkpointed
+    layers got no gradient: with the head trained (task_type SEQ_CLS) the adapters silently stayed as they were,
+    and without a trainable head backward raised "element 0 of tensors does not require grad". The wrapper now
+    hooks the input embeddings as PEFT does for reentrant checkpointing, enabled before or after wrapping; the
+    gradients are those without checkpointing."""
+    base, batch, extra = _checkpointing_batch(name)
+    config = moelora.MoELoRAConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"], **extra)
+
+    def gradients(checkpointing):
+        inner = copy.deepcopy(base)
+        kwargs = {"use_reentrant": True}
+        if checkpointing and when == "before_wrapping":
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        torch.manual_seed(0)  # the routers' initial weights
+        model = moelora.get_moelora_model(inner, config)
+        _randomize_adapters(model)
+        if checkpointing and when == "gradient_checkpointing_enable":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif checkpointing and when == "activation_checkpointing_enable":
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.train()
+        with contextlib.suppress(AttributeError):
+            model.config.use_cache = False
+        model(**batch).logits.square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, got = gradients(False), gradients(True)
+    assert any("lora_A" in n for n in expected) and all(g is not None for g in expected.values())
+    missing = [n for n, g in got.items() if g is None]
+    assert not missing, missing[:4]
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
