@@ -221,9 +221,18 @@ def _already_adapted(model: nn.Module, name: str) -> ValueError:
                       "merged) or unload() gives it back")
 
 
+# The names transformers 4 gave the per-expert projections that transformers 5 stacks in one parameter of the
+# experts module (as PEFT's transformers_weight_conversion maps targets): gate_proj and up_proj (Qwen2/3-MoE, OLMoE,
+# ...; Mixtral's w1 and w3) are fused into gate_up_proj, Mixtral's w2 is down_proj.
+FUSED_EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj", "w1", "w3"), "down_proj": ("w2",)}
+
+
 def _names_parameter(name: str, target) -> bool:
-    """Whether ``target`` (a regex, or a list of names) names the parameter ``name`` or the module holding it."""
-    return matches(name, target) or matches(name.rpartition(".")[0], target)
+    """Whether ``target`` (a regex, or a list of names) names the parameter ``name`` or the module holding it, or a
+    projection transformers 4 held per expert where it is stacked (:data:`FUSED_EXPERT_PROJECTIONS`)."""
+    holder, _, leaf = name.rpartition(".")
+    return (matches(name, target) or matches(holder, target)
+            or any(matches(f"{holder}.{old}", target) for old in FUSED_EXPERT_PROJECTIONS.get(leaf, ())))
 
 
 def _stacked_hint(stacked: Dict[str, tuple]) -> str:

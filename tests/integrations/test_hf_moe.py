@@ -50,11 +50,15 @@ def _adapted(model):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe"])
-@pytest.mark.parametrize("target", [["gate_up_proj"], ["q_proj", "down_proj"], ["experts"], r".*experts.*"])
+@pytest.mark.parametrize("target", [["gate_up_proj"], ["q_proj", "down_proj"], ["experts"], r".*experts.*",
+                                    ["q_proj", "gate_proj", "up_proj"], ["q_proj", "w1", "w3"], r".*\.(w2|up_proj)"])
 def test_naming_stacked_experts_raises_saying_they_are_parameters(name, target):
     """The experts' weights are 3-D parameters, not modules: a target naming only them raised "not found
     among the model's linear ... modules" (or a regex "matches no linear module") without saying why; the
-    error now says they are stacked expert parameters moelora cannot adapt (PEFT's target_parameters)."""
+    error now says they are stacked expert parameters moelora cannot adapt (PEFT's target_parameters). The names
+    of transformers 4's per-expert projections, which transformers 5 fuses into gate_up_proj (gate_proj and
+    up_proj; Mixtral's w1 and w3) and down_proj (Mixtral's w2), as a LLaMA recipe or an older config gives them,
+    raised the bare "not found"; they now name those stacked parameters too, as PEFT maps them."""
     model = _build(name)
     with pytest.raises(ValueError, match=r"stacked in one tensor \(model\.layers\.0\.mlp\.experts\.(gate_up_proj|"
                                          r"down_proj) \[4, .*not parameters.*target_parameters"):
@@ -64,6 +68,7 @@ def test_naming_stacked_experts_raises_saying_they_are_parameters(name, target):
 
 @pytest.mark.parametrize("name, target, expected", [
     ("qwen2_moe", ["down_proj"], "mlp.shared_expert.down_proj"),   # the shared expert's is an nn.Linear
+    ("qwen2_moe", ["gate_proj", "up_proj"], "mlp.shared_expert.gate_proj"),  # the experts': fused in gate_up_proj
     ("qwen2_moe", r".*\.mlp\..*", "mlp.shared_expert.up_proj"),
     ("mixtral", "all-linear", "self_attn.q_proj"),
     ("olmoe", "all-linear", "self_attn.o_proj"),
@@ -71,7 +76,9 @@ def test_naming_stacked_experts_raises_saying_they_are_parameters(name, target):
 def test_stacked_experts_left_out_beside_adapted_modules_warn(name, target, expected):
     """A LLaMA recipe's ["down_proj"] on Qwen2-MoE adapts the shared expert's down_proj and silently left the
     routed experts' (experts.down_proj, a 3-D parameter) as they were; 'all-linear' on Mixtral adapts the
-    attention only, while PEFT's adapts the experts too. Both now warn, naming the parameters left out."""
+    attention only, while PEFT's adapts the experts too. Both now warn, naming the parameters left out. So does
+    ["gate_proj", "up_proj"], whose routed experts' projections transformers 5 fuses into experts.gate_up_proj
+    (it adapted the shared expert's and left the experts' without a warning)."""
     model = _build(name)
     with pytest.warns(UserWarning, match=r"parameter\(s\) holding the stacked weights of mixture-of-experts experts "
                                          r"\(e\.g\. model\.layers\.0\.mlp\.experts\.(gate_up_proj|down_proj).*"
