@@ -183,6 +183,13 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
         if not selected:
             raise ValueError(f"exclude_modules {config.exclude_modules!r} excludes every module target_modules "
                              "selects: no module left to adapt")
+    if config.modules_to_save:  # as PEFT's: a module saved whole (a task_type's head too) holds no adapter
+        inside = [n for n in selected if _inside_saved_module(n, config.modules_to_save)]
+        selected = [n for n in selected if n not in inside]
+        if not selected:
+            raise ValueError(f"every module target_modules selects is in a module saved whole (modules_to_save "
+                             f"{config.modules_to_save!r}, with the heads of task_type {config.task_type!r}): "
+                             f"{inside[:4]}; no module left to adapt")
     if config.layers_to_transform is not None:
         keep = set(config.layers_to_transform)
         found = sorted({i for i in (layer_index(n, config.layers_pattern) for n in selected) if i is not None})
@@ -204,6 +211,13 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                 "to; leave it out (exclude_modules; 'all-linear' leaves it out)")
     _check_single_place(model, [(n, modules[n]) for n in selected])
     return selected
+
+
+def _inside_saved_module(name: str, saved) -> bool:
+    """Whether module ``name`` is, or is inside, a module that ``saved`` (modules_to_save: names or a regex) names;
+    PEFT leaves those out of the targets, the saved module training whole."""
+    parts = name.split(".")
+    return any(matches(".".join(parts[:i]), saved) for i in range(1, len(parts) + 1))
 
 
 def _already_adapted(model: nn.Module, name: str) -> ValueError:

@@ -45,7 +45,8 @@ class MoELoRAConfig:
     ``exclude_modules``, ``layers_to_transform`` (a layer index or a list of them),
     ``layers_pattern`` (the layer stack's name or names), ``rank_pattern`` / ``alpha_pattern``
     ({module-name regex: r or lora_alpha}), ``bias`` ("none", "all" or "lora_only"),
-    ``modules_to_save`` (trained and saved whole), ``task_type`` (None or one of TASK_TYPES),
+    ``modules_to_save`` (trained and saved whole; targets inside them are left out, as PEFT's), ``task_type`` (None
+    or one of TASK_TYPES),
     ``fan_in_fan_out`` (read from each base layer instead), ``base_model_name_or_path`` and
     ``inference_mode`` (build the adapter frozen). ``num_experts`` (an int, a per-layer list, a
     callable ``(layer_index, num_layers) -> int`` or a MoLA preset, module docstring), ``top_k``,

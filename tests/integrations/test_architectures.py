@@ -247,3 +247,48 @@ def test_reentrant_checkpointing_trains_the_adapters_of_a_model_without_input_id
     assert not missing, missing[:4]
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+
+
+def _roberta_classifier():
+    """RoBERTa's classification head (classifier.dense, classifier.out_proj) holds linear layers of its own."""
+    config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, max_position_embeddings=32,
+                                        num_labels=3, pad_token_id=1, **ATTENTION)
+    torch.manual_seed(0)
+    return transformers.RobertaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("target", ["all-linear", ["query", "value", "dense"]])
+def test_task_head_saved_whole_is_left_out_of_the_targets_as_peft_does(target, tmp_path):
+    """task_type='SEQ_CLS' saves the head (classifier) whole; 'all-linear' or a list naming ``dense`` selected the
+    head's own linear layers too (RoBERTa's classifier.dense and out_proj), and injection raised "modules_to_save
+    names classifier, which holds MoE-LoRA layers" for a modules_to_save the user never wrote. As PEFT's, the
+    targets inside a saved module are left out: the adapted modules and the trained ones are PEFT's, the head
+    trains whole, and the model saves and loads."""
+    base = _roberta_classifier()
+    config = moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1, target_modules=target, task_type="SEQ_CLS")
+    model = moelora.get_moelora_model(copy.deepcopy(base), config)
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=target,
+                                                                          task_type="SEQ_CLS"))
+    assert _adapted(model) == _peft_adapted(reference) and "roberta.encoder.layer.1.output.dense" in _adapted(model)
+    saved = sorted(n.removeprefix("model.") for n, p in model.named_parameters() if p.requires_grad and "lora" not in n
+                   and "router" not in n)
+    assert saved == sorted(n.removeprefix("base_model.model.").replace(".default", "")
+                           for n, p in reference.named_parameters() if p.requires_grad and "lora" not in n)
+    _randomize_adapters(model)
+    model.train()
+    labels = torch.tensor([0, 2])
+    model(input_ids=_ids(), labels=labels).loss.backward()
+    assert model.model.classifier.modules_to_save.dense.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=_ids()).logits
+        model.save_pretrained(str(tmp_path))
+        reloaded = moelora.MoELoRAModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+        torch.testing.assert_close(reloaded(input_ids=_ids()).logits, out, rtol=0, atol=0)
+
+
+def test_targets_all_inside_saved_modules_raise_saying_so():
+    with pytest.raises(ValueError, match=r"every module target_modules selects is in a module saved whole .*"
+                                         r"classifier\.out_proj"):
+        moelora.get_moelora_model(_roberta_classifier(), moelora.MoELoRAConfig(
+            r=4, target_modules=["out_proj"], task_type="SEQ_CLS"))
