@@ -26,10 +26,13 @@ def matches(name: str, patterns) -> bool:
 
 
 def layer_index(name: str, layers_pattern=None) -> Optional[int]:
-    """Index of the numbered layer holding module ``name`` (as PEFT's layers_pattern)."""
-    patterns = layers_pattern or DEFAULT_LAYERS_PATTERN
-    if isinstance(patterns, str):
-        patterns = [patterns]
+    """Index of the numbered layer holding module ``name``, as PEFT's layers_to_transform reads it: the number after
+    the first of ``layers_pattern``'s names in ``name``; without it, the first numbered part of ``name`` (ConvNeXt's
+    ``stages.<i>.layers.<j>``: the stage ``i``; LLaMA's ``model.layers.<i>``, GPT-2's ``transformer.h.<i>``)."""
+    if not layers_pattern:
+        m = re.search(r"(?:^|\.)[^.]+\.(\d+)(?:\.|$)", name)
+        return int(m.group(1)) if m else None
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
     alternatives = "|".join(re.escape(p) for p in patterns)
     m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
     return int(m.group(1)) if m else None

@@ -292,3 +292,20 @@ def test_targets_all_inside_saved_modules_raise_saying_so():
                                          r"classifier\.out_proj"):
         moelora.get_moelora_model(_roberta_classifier(), moelora.MoELoRAConfig(
             r=4, target_modules=["out_proj"], task_type="SEQ_CLS"))
+
+
+@pytest.mark.parametrize("layers", [[0], [1]])
+def test_layers_to_transform_without_layers_pattern_indexes_the_first_numbered_stack_as_peft(layers):
+    """Without layers_pattern PEFT's layer index is the first numbered segment of the module's name; moelora took the
+    index after a stack named layers / h / block / blocks / layer, which in ConvNeXt's stages.<i>.layers.<j> is the
+    block inside the stage: layers_to_transform=[0] adapted the first block of every stage where PEFT adapts every
+    block of the first stage (silently other modules). It now takes PEFT's index."""
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[2, 2], num_stages=2,
+                                         image_size=32, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.ConvNextForImageClassification(config).eval()
+    kwargs = dict(target_modules=["pwconv1"], layers_to_transform=layers)
+    model = moelora.get_moelora_model(copy.deepcopy(base), moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1, **kwargs))
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **kwargs))
+    assert _adapted(model) == _peft_adapted(reference) == [f"convnext.encoder.stages.{layers[0]}.layers.{j}.pwconv1"
+                                                           for j in range(2)]
