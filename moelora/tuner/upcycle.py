@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, List, Optional
 
+import torch
 import torch.nn as nn
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -115,6 +116,43 @@ def _split_form_is_the_ffn(m: nn.Module) -> bool:
                                                    for n in ("gate_proj", "up_proj", "down_proj")))
 
 
+def _activation_modules(m: nn.Module, parts: tuple) -> dict:
+    """{name: module} of the activation modules (torch.nn's, transformers.activations') held by ``m``
+    outside the FFN's ``parts``: GPT-2's ``act``, CLIP's and ViT's ``activation_fn``, T5's ``act``."""
+    inside = {id(q) for part in parts if isinstance(part, nn.Module) for q in part.modules()}
+    return {n: a for n, a in m.named_modules() if n and id(a) not in inside
+            and type(a).__module__ in ("torch.nn.modules.activation", "transformers.activations")}
+
+
+def _check_activation_matches(name: str, m: nn.Module, parts: tuple, activation: Callable) -> None:
+    """ValueError where ``activation``, the caller's for the generic FFN ``m``, computes something else
+    than every activation module ``m`` holds (checked in float64 on [-6, 6]): gelu for GPT-2's gelu_new
+    (NewGELUActivation), CLIP's quick_gelu, T5 v1.1's gelu_new, which would change the upcycled model's
+    output silently (by ~1e-6 relative: invisible in a low-precision model, yet not the FFN)."""
+    held = _activation_modules(m, parts)
+    if not held:
+        return
+    probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    try:
+        given = activation(probe)
+    except Exception:  # an activation that does not take float64 CPU tensors: nothing to compare here
+        return
+    differ = {}
+    for n, act in held.items():
+        try:
+            theirs = act(probe)
+        except Exception:
+            return
+        if not (isinstance(given, torch.Tensor) and given.shape == theirs.shape
+                and torch.allclose(given, theirs, rtol=1e-9, atol=1e-9)):
+            differ[n] = act
+    if len(differ) == len(held):
+        raise ValueError(f"{name} ({type(m).__name__}): activation {activation!r} computes something else than its "
+                         f"activation module(s) {differ}; pass the module's own (e.g. activation={name}."
+                         f"{next(iter(differ))}): upcycling with another would change the model's output (to use "
+                         "another activation, set it on the module first)")
+
+
 def _forward_takes_one_input(name: str, m: nn.Module) -> None:
     """ValueError where the forward of ``m``, the module upcycle_ffn replaces, needs more than one
     argument (BLOOM's MLP takes the residual and adds it): MoEFFN's forward takes the hidden states only."""
@@ -172,6 +210,8 @@ def _build(name: str, m: nn.Module, kind: str, num_experts: int, top_k: int, gen
         replaced, act, stacked = m, generic["activation"], generic["stacked_gate"]
         parts = _generic_parts(name, m, generic["in_proj"], generic["out_proj"], generic["gate_proj"])
         described = ", ".join(f"{k}={generic[k]!r}" for k in ("in_proj", "out_proj", "gate_proj"))
+        if all(isinstance(p, nn.Module) for p in parts[:2]):
+            _check_activation_matches(name, m, parts, act)
         hint = (": name the MLP module that holds only the FFN's projections (a layer holding fc1 / fc2 next to its "
                 "attention, as OPT's decoder layer, cannot be upcycled)")
     _check_holds_only(name, replaced, parts, described, act, hint)
@@ -200,8 +240,9 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     its ``in_proj`` / ``out_proj`` (and ``gate_proj``) children and ``activation``
     (``stacked_gate=True``: ``in_proj`` is a fused projection, gate rows then up rows, as
     Phi-3's); the whole module is then replaced by out_proj(act(in_proj(x))) (times
-    act(gate_proj(x)) if gated). Without ``ffn_modules`` these arguments raise (the MLPs found use
-    their own). A replaced module holding other parameters raises, as one
+    act(gate_proj(x)) if gated); an ``activation`` computing something else than every activation module the
+    replaced module holds (gelu for GPT-2's gelu_new ``act``) raises. Without ``ffn_modules`` these arguments
+    raise (the MLPs found use their own). A replaced module holding other parameters raises, as one
     holding dropout (nn.Dropout with p > 0) unless ``ffn_dropout`` says what to do with it:
     "output" (its forward drops the MLP's output: MoEFFN drops its output with that p) or "drop"
     (train without it; a dropout inside the FFN cannot be kept). Dropout the forward applies

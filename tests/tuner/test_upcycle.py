@@ -641,3 +641,25 @@ def test_upcycled_block_is_bitwise_the_ffn_for_any_width_on_the_torch_backend(ac
             dense = fc_out(activation(fc_in(x)) if gate is None else activation(gate(x)) * fc_in(x))
         with moelora.use_backend("torch"):
             assert torch.equal(moe(x), dense)
+
+
+# ------------------------------------------------------------- the caller's activation against the module's own
+
+def test_a_generic_ffns_activation_other_than_the_modules_own_is_refused():
+    """GPT-2's MLP computes gelu_new (NewGELUActivation, its ``act``): upcycling it with ACT2FN["gelu"] (or
+    CLIP's quick_gelu with gelu, T5 v1.1's gelu_new with gelu) used to change every output by ~1e-6 relative,
+    silently. Now it raises naming the module's activation, the model unchanged; the module's own passes."""
+    from transformers.activations import ACT2FN
+
+    model = tiny_gpt2().double()
+    before = repr(model)
+    with pytest.raises(ValueError, match=r"^transformer.h.0.mlp \(GPT2MLP\): activation GELUActivation\(\) computes "
+                                         r"something else than its activation module\(s\) \{'act': NewGELUActivation"):
+        upcycle_ffn(model, 2, 2, activation=ACT2FN["gelu"], **GPT2_MLP)
+    assert repr(model) == before and not any(isinstance(m, MoEFFN) for m in model.modules())
+    ids = token_batch()
+    expected = model(ids).logits
+    # an equal activation given as another callable (NewGELU's formula as a lambda) passes
+    upcycle_ffn(model, 2, 2, activation=lambda t: ACT2FN["gelu_new"](t), router="threshold", threshold_eps=0.0,
+                **GPT2_MLP)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-12, atol=1e-12)
