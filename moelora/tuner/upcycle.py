@@ -36,6 +36,7 @@ from moelora.tuner.targets import layer_index, matches, set_module, stacked_expe
 from moelora.ops.validation import check_activation
 from moelora.modules.adapter_base import refuse_offloaded, refuse_quantised
 from moelora.modules.ffn import MoEFFN, check_ffn_settings
+from moelora.modules.linear import linear_weight
 from moelora.modules.fields import BOOL, check_field
 
 
@@ -168,11 +169,38 @@ def _forward_takes_one_input(name: str, m: nn.Module) -> None:
                          "replaced by the FFN); name the module computing the FFN alone")
 
 
-def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: bool) -> float:
+def _dropouts_before(m: nn.Module, out_proj: nn.Module, d_in: int, dtype: torch.dtype, device) -> List[str]:
+    """Names of the dropout modules of ``m`` whose forward runs before ``out_proj``'s, seen by hooks in one
+    forward of ``m`` (in eval mode, on a fixed probe token: no random draw): they drop the FFN's input or hidden layer,
+    not its output (T5's DenseReluDense drops the activation's output). [] where that forward raises."""
+    order, hooks, modes = [], [], {mod: mod.training for mod in m.modules()}
+    for n, d in m.named_modules():
+        if isinstance(d, _DropoutNd):
+            hooks.append(d.register_forward_hook(lambda *_, n=n: order.append(n)))
+    hooks.append(out_proj.register_forward_pre_hook(lambda *_: order.append(None)))
+    try:
+        m.eval()
+        with torch.no_grad():
+            m(torch.linspace(-1, 1, d_in, dtype=dtype, device=device).reshape(1, 1, d_in))  # no random draw
+    except Exception:  # a forward the probe cannot run: the caller's word stands
+        return []
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod, mode in modes.items():
+            mod.train(mode)
+    last = max((i for i, n in enumerate(order) if n is None), default=-1)
+    return sorted(set(n for n in order[:last] if n is not None))
+
+
+def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: bool,
+                    projections: Optional[tuple] = None) -> float:
     """p of the dropout MoEFFN applies to its output in place of the active dropout modules
     (p > 0) of ``m``, the module upcycle_ffn replaces: ``ffn_dropout`` "output" (they act on
     m's output; ``inner``: m's output is the FFN's hidden layer, so they cannot), "drop" (0),
-    None (ValueError where m holds any: upcycling would change training silently)."""
+    None (ValueError where m holds any: upcycling would change training silently). With
+    ``projections`` (in_proj, out_proj), "output" raises where a probe forward (:func:`_dropouts_before`)
+    sees a dropout run before out_proj (T5's DenseReluDense: on the hidden layer, not the output)."""
     drops = {n: d.p for n, d in m.named_modules() if isinstance(d, _DropoutNd) and d.p > 0}
     if not drops or ffn_dropout == "drop":
         return 0.0
@@ -186,6 +214,16 @@ def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: 
         raise ValueError(f"{name} ({type(m).__name__}) holds dropout {drops} (name: p) on the FFN's hidden layer "
                          "(output.dense follows it), which MoEFFN cannot keep: the experts' fused kernels have no "
                          "dropout; pass ffn_dropout='drop' to train without it")
+    if projections is not None:  # (in_proj, out_proj): where the forward applies the dropout, seen in a probe
+        weight = linear_weight(projections[0], "in_proj (an FFN projection) must be one of the")
+        before = [n for n in _dropouts_before(m, projections[1], weight.shape[1], weight.dtype, weight.device)
+                  if n in drops]
+        if before:
+            raise ValueError(f"{name} ({type(m).__name__}): its forward applies dropout {before} before the output "
+                             "projection (on the FFN's hidden layer, as T5's DenseReluDense after the activation), "
+                             "not on the MLP's output, so ffn_dropout='output' would drop elsewhere; MoEFFN cannot "
+                             "keep it (the experts' fused kernels have no dropout): pass ffn_dropout='drop' to train "
+                             "without it")
     if len(set(drops.values())) > 1:
         raise ValueError(f"{name} ({type(m).__name__}) holds dropouts of different p {drops}: ffn_dropout='output' "
                          "applies one to MoEFFN's output; pass ffn_dropout='drop' to train without them")
@@ -218,7 +256,8 @@ def _build(name: str, m: nn.Module, kind: str, num_experts: int, top_k: int, gen
     _forward_takes_one_input(name, replaced)
     if kind in PLAIN_FORWARD_NAMES:
         _check_plain_forward(name, replaced, kind)
-    dropout = _output_dropout(name, replaced, ffn_dropout, inner=kind == "bert")
+    dropout = _output_dropout(name, replaced, ffn_dropout, inner=kind == "bert",
+                              projections=parts[:2] if all(isinstance(p, nn.Module) for p in parts[:2]) else None)
     return MoEFFN(parts[0], parts[1], act, num_experts, top_k, gate_proj=parts[2], stacked_gate=stacked,
                   dropout=dropout, **router_kwargs)
 
@@ -245,7 +284,8 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     raise (the MLPs found use their own). A replaced module holding other parameters raises, as one
     holding dropout (nn.Dropout with p > 0) unless ``ffn_dropout`` says what to do with it:
     "output" (its forward drops the MLP's output: MoEFFN drops its output with that p) or "drop"
-    (train without it; a dropout inside the FFN cannot be kept). Dropout the forward applies
+    (train without it; a dropout inside the FFN cannot be kept: "output" on a module whose forward, probed once
+    in eval mode, runs a dropout before ``out_proj`` (T5's DenseReluDense) raises). Dropout the forward applies
     without a module (F.dropout) is not seen, and dropped. A found MLP whose forward reads more than
     its children (Gemma-3n's activation sparsity, Falcon-H1's multipliers) raises, as a replaced
     module whose forward takes more than the hidden states (BLOOM's MLP). A model holding a mixture of experts (a

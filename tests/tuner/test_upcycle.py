@@ -663,3 +663,36 @@ def test_a_generic_ffns_activation_other_than_the_modules_own_is_refused():
     upcycle_ffn(model, 2, 2, activation=lambda t: ACT2FN["gelu_new"](t), router="threshold", threshold_eps=0.0,
                 **GPT2_MLP)
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["t5", "t5_v1_1"])
+def test_dropout_a_generic_ffn_applies_before_its_output_projection_is_not_taken_for_output_dropout(gated):
+    """T5's DenseReluDense (and T5 v1.1's gated one) drops the activation's output, before wo: ffn_dropout="output"
+    used to be taken at its word, moving that dropout onto the block's output (training changed silently). A probe
+    forward (eval mode, hooks) now sees the dropout run before wo and raises; the model is unchanged, its modules'
+    training flags and the RNG stream untouched; "drop" upcycles it (eval: the FFN's output)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.activations import ACT2FN
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, dropout_rate=0.1,
+                   decoder_start_token_id=0, feed_forward_proj="gated-gelu" if gated else "relu")
+    model = T5ForConditionalGeneration(cfg).double().train()
+    model.decoder.block[0].layer[2].DenseReluDense.eval()  # a mixed training state, restored as it was
+    kw = (dict(in_proj="wi_1", gate_proj="wi_0", activation=ACT2FN["gelu_new"]) if gated
+          else dict(in_proj="wi", activation=nn.ReLU()))
+    kw.update(ffn_modules=["DenseReluDense"], out_proj="wo")
+    before, modes = repr(model), [m.training for m in model.modules()]
+    torch.manual_seed(5)
+    with pytest.raises(ValueError, match=r"^encoder.block.0.layer.1.DenseReluDense \(T5Dense(Gated)?ActDense\): its "
+                                         r"forward applies dropout \['dropout'\] before the output projection"):
+        upcycle_ffn(model, 2, 2, ffn_dropout="output", **kw)
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.rand(3))  # the probe drew nothing
+    assert repr(model) == before and [m.training for m in model.modules()] == modes
+    model.eval()
+    ids = token_batch()
+    expected = model(input_ids=ids, decoder_input_ids=ids).logits
+    upcycle_ffn(model, 2, 2, ffn_dropout="drop", router="threshold", threshold_eps=0.0, **kw)
+    torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
