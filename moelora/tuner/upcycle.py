@@ -23,7 +23,8 @@ routing (weight 0) are skipped.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, List, Optional
+import warnings
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -154,6 +155,36 @@ def _check_activation_matches(name: str, m: nn.Module, parts: tuple, activation:
                          "another activation, set it on the module first)")
 
 
+PROBE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # relative; 5e-2 in lower precision
+
+
+def _warn_unless_the_ffn(name: str, m: nn.Module, parts: tuple, activation: Callable, stacked: bool,
+                         probe: _Probe) -> None:
+    """UserWarning where the generic FFN the caller described (``parts``: in_proj, out_proj, gate_proj;
+    ``activation``, ``stacked``) computes something else on the probe than ``m``'s forward: gate_proj and
+    in_proj swapped (T5 v1.1's wi_0 is the gate), a scale or clamp the forward applies. It is upcycled as
+    described (the caller's word: the plain FFN of an MLP computing more, as the docs say)."""
+    in_proj, out_proj, gate_proj = parts
+    with torch.no_grad():
+        h = in_proj(probe.x)
+        if stacked:
+            gate, h = h.chunk(2, dim=-1)
+            h = activation(gate) * h
+        else:
+            h = activation(h) if gate_proj is None else activation(gate_proj(probe.x)) * h
+        ffn = out_proj(h)
+    y = probe.y
+    if not isinstance(y, torch.Tensor) or y.shape != ffn.shape:
+        return
+    err = float((ffn.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30))
+    if not err <= PROBE_TOLERANCE.get(y.dtype, 5e-2):
+        warnings.warn(f"{name} ({type(m).__name__}): the FFN described (in_proj, out_proj, gate_proj, activation"
+                      f"{', stacked_gate' if stacked else ''}) differs from the module's forward on a probe by "
+                      f"{err:.1e} relative: the upcycled block computes the FFN described, not the module; check "
+                      "which projection is the gate (activation(gate_proj(x)) * in_proj(x)) and the activation",
+                      stacklevel=4)
+
+
 def _forward_takes_one_input(name: str, m: nn.Module) -> None:
     """ValueError where the forward of ``m``, the module upcycle_ffn replaces, needs more than one
     argument (BLOOM's MLP takes the residual and adds it): MoEFFN's forward takes the hidden states only."""
@@ -169,10 +200,26 @@ def _forward_takes_one_input(name: str, m: nn.Module) -> None:
                          "replaced by the FFN); name the module computing the FFN alone")
 
 
-def _dropouts_before(m: nn.Module, out_proj: nn.Module, d_in: int, dtype: torch.dtype, device) -> List[str]:
-    """Names of the dropout modules of ``m`` whose forward runs before ``out_proj``'s, seen by hooks in one
-    forward of ``m`` (in eval mode, on a fixed probe token: no random draw): they drop the FFN's input or hidden layer,
-    not its output (T5's DenseReluDense drops the activation's output). [] where that forward raises."""
+class _Probe(NamedTuple):
+    """One forward of a replaced module on a fixed probe ``x`` [1, 4, d_in]: its output ``y`` and the names
+    of its dropout modules that ran before the FFN's output projection (``dropouts_before``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    dropouts_before: List[str]
+
+
+def _probe(m: nn.Module, in_proj: nn.Module, out_proj: nn.Module) -> Optional[_Probe]:
+    """:class:`_Probe` of ``m`` (in eval mode, on fixed inputs: no random draw; hooks see which dropout modules
+    run before ``out_proj``: those drop the FFN's input or hidden layer, as T5's DenseReluDense, not its output;
+    the modules' training flags are restored); None where ``m`` cannot run it (meta weights, a forward that
+    raises on it): the caller's word stands."""
+    weight = linear_weight(in_proj, "in_proj (an FFN projection) must be one of the")
+    if weight.is_meta:
+        return None
+    d_in = weight.shape[1]
+    x = torch.sin(torch.arange(4 * d_in, dtype=torch.float64) * 0.7).reshape(1, 4, d_in)
+    x = x.to(dtype=weight.dtype, device=weight.device)
     order, hooks, modes = [], [], {mod: mod.training for mod in m.modules()}
     for n, d in m.named_modules():
         if isinstance(d, _DropoutNd):
@@ -181,26 +228,26 @@ def _dropouts_before(m: nn.Module, out_proj: nn.Module, d_in: int, dtype: torch.
     try:
         m.eval()
         with torch.no_grad():
-            m(torch.linspace(-1, 1, d_in, dtype=dtype, device=device).reshape(1, 1, d_in))  # no random draw
-    except Exception:  # a forward the probe cannot run: the caller's word stands
-        return []
+            y = m(x)
+    except Exception:
+        return None
     finally:
         for h in hooks:
             h.remove()
         for mod, mode in modes.items():
             mod.train(mode)
     last = max((i for i, n in enumerate(order) if n is None), default=-1)
-    return sorted(set(n for n in order[:last] if n is not None))
+    return _Probe(x, y, sorted(set(n for n in order[:last] if n is not None)))
 
 
 def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: bool,
-                    projections: Optional[tuple] = None) -> float:
+                    probe: Optional[_Probe] = None) -> float:
     """p of the dropout MoEFFN applies to its output in place of the active dropout modules
     (p > 0) of ``m``, the module upcycle_ffn replaces: ``ffn_dropout`` "output" (they act on
     m's output; ``inner``: m's output is the FFN's hidden layer, so they cannot), "drop" (0),
-    None (ValueError where m holds any: upcycling would change training silently). With
-    ``projections`` (in_proj, out_proj), "output" raises where a probe forward (:func:`_dropouts_before`)
-    sees a dropout run before out_proj (T5's DenseReluDense: on the hidden layer, not the output)."""
+    None (ValueError where m holds any: upcycling would change training silently). "output" raises
+    where ``probe`` (:func:`_probe`) saw a dropout run before out_proj (T5's DenseReluDense: on the
+    hidden layer, not the output)."""
     drops = {n: d.p for n, d in m.named_modules() if isinstance(d, _DropoutNd) and d.p > 0}
     if not drops or ffn_dropout == "drop":
         return 0.0
@@ -214,10 +261,8 @@ def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: 
         raise ValueError(f"{name} ({type(m).__name__}) holds dropout {drops} (name: p) on the FFN's hidden layer "
                          "(output.dense follows it), which MoEFFN cannot keep: the experts' fused kernels have no "
                          "dropout; pass ffn_dropout='drop' to train without it")
-    if projections is not None:  # (in_proj, out_proj): where the forward applies the dropout, seen in a probe
-        weight = linear_weight(projections[0], "in_proj (an FFN projection) must be one of the")
-        before = [n for n in _dropouts_before(m, projections[1], weight.shape[1], weight.dtype, weight.device)
-                  if n in drops]
+    if probe is not None:  # where the forward applies the dropout
+        before = [n for n in probe.dropouts_before if n in drops]
         if before:
             raise ValueError(f"{name} ({type(m).__name__}): its forward applies dropout {before} before the output "
                              "projection (on the FFN's hidden layer, as T5's DenseReluDense after the activation), "
@@ -256,8 +301,10 @@ def _build(name: str, m: nn.Module, kind: str, num_experts: int, top_k: int, gen
     _forward_takes_one_input(name, replaced)
     if kind in PLAIN_FORWARD_NAMES:
         _check_plain_forward(name, replaced, kind)
-    dropout = _output_dropout(name, replaced, ffn_dropout, inner=kind == "bert",
-                              projections=parts[:2] if all(isinstance(p, nn.Module) for p in parts[:2]) else None)
+    probe = None if kind == "bert" else _probe(replaced, parts[0], parts[1])
+    dropout = _output_dropout(name, replaced, ffn_dropout, inner=kind == "bert", probe=probe)
+    if kind == "generic" and probe is not None:
+        _warn_unless_the_ffn(name, replaced, parts, act, stacked, probe)
     return MoEFFN(parts[0], parts[1], act, num_experts, top_k, gate_proj=parts[2], stacked_gate=stacked,
                   dropout=dropout, **router_kwargs)
 
@@ -280,7 +327,8 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
     (``stacked_gate=True``: ``in_proj`` is a fused projection, gate rows then up rows, as
     Phi-3's); the whole module is then replaced by out_proj(act(in_proj(x))) (times
     act(gate_proj(x)) if gated); an ``activation`` computing something else than every activation module the
-    replaced module holds (gelu for GPT-2's gelu_new ``act``) raises. Without ``ffn_modules`` these arguments
+    replaced module holds (gelu for GPT-2's gelu_new ``act``) raises, and one computing otherwise than the
+    module's forward on a probe (the gate and up projections swapped) warns. Without ``ffn_modules`` these arguments
     raise (the MLPs found use their own). A replaced module holding other parameters raises, as one
     holding dropout (nn.Dropout with p > 0) unless ``ffn_dropout`` says what to do with it:
     "output" (its forward drops the MLP's output: MoEFFN drops its output with that p) or "drop"

@@ -542,8 +542,9 @@ def test_found_mlps_whose_forward_computes_more_than_the_ffn_are_refused():
                                          r"'gate_multiplier'\] besides the FFN down_proj"):
         upcycle_ffn(net, 2, 1)
     assert repr(net) == before
-    assert upcycle_ffn(net, 2, 1, ffn_modules=["0"], in_proj="up_proj", gate_proj="gate_proj", out_proj="down_proj",
-                       activation=nn.SiLU()) == ["0"]
+    with pytest.warns(UserWarning, match=r"^0 \(_ScaledGatedMLP\): the FFN described .* differs from the module's "):
+        assert upcycle_ffn(net, 2, 1, ffn_modules=["0"], in_proj="up_proj", gate_proj="gate_proj",
+                           out_proj="down_proj", activation=nn.SiLU()) == ["0"]
     block = nn.Sequential(_ResidualMLP())
     with pytest.raises(ValueError, match=r"^0 \(_ResidualMLP\): its forward takes \['x', 'residual'\]"):
         upcycle_ffn(block, 2, 1, ffn_modules=["0"], in_proj="dense_h_to_4h", out_proj="dense_4h_to_h",
@@ -695,4 +696,33 @@ def test_dropout_a_generic_ffn_applies_before_its_output_projection_is_not_taken
     ids = token_batch()
     expected = model(input_ids=ids, decoder_input_ids=ids).logits
     upcycle_ffn(model, 2, 2, ffn_dropout="drop", router="threshold", threshold_eps=0.0, **kw)
+    torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_generic_gated_ffn_described_with_its_gate_and_up_projections_swapped_warns():
+    """T5 v1.1's DenseReluDense computes wo(gelu_new(wi_0 x) * wi_1 x): described with in_proj="wi_0",
+    gate_proj="wi_1" it used to be upcycled into another FFN silently (the model's output changed by O(1)).
+    Now a probe forward of the module against the FFN described warns, naming the module; described right,
+    nothing warns and the upcycled model is the dense one (float64)."""
+    import warnings
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.activations import ACT2FN
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, dropout_rate=0.0,
+                   decoder_start_token_id=0, feed_forward_proj="gated-gelu")
+    ids = token_batch()
+    kw = dict(ffn_modules=["DenseReluDense"], out_proj="wo", activation=ACT2FN["gelu_new"], router="threshold",
+              threshold_eps=0.0)
+    model = T5ForConditionalGeneration(cfg).double().eval()
+    expected = model(input_ids=ids, decoder_input_ids=ids).logits
+    with pytest.warns(UserWarning, match=r"^encoder.block.0.layer.1.DenseReluDense \(T5DenseGatedActDense\): the "
+                                         r"FFN described .* differs from the module's forward on a probe by"):
+        upcycle_ffn(model, 2, 2, in_proj="wi_0", gate_proj="wi_1", **kw)
+    assert rel_err(model(input_ids=ids, decoder_input_ids=ids).logits, expected) > 1e-3  # what the warning is for
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(cfg).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        upcycle_ffn(model, 2, 2, in_proj="wi_1", gate_proj="wi_0", **kw)
     torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
