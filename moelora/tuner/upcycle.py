@@ -136,13 +136,13 @@ def _check_activation_matches(name: str, m: nn.Module, parts: tuple, activation:
         return
     probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
     try:
-        given = activation(probe)
+        given = activation(probe.clone())  # a copy each: an activation may work in place (nn.ELU(inplace=True))
     except Exception:  # an activation that does not take float64 CPU tensors: nothing to compare here
         return
     differ = {}
     for n, act in held.items():
         try:
-            theirs = act(probe)
+            theirs = act(probe.clone())
         except Exception:
             return
         if not (isinstance(given, torch.Tensor) and given.shape == theirs.shape
@@ -399,7 +399,11 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
         if upcycled is not None and ffn_modules is None:
             raise ValueError(f"no dense FFN found to upcycle: the model's are upcycled already (e.g. {upcycled}, a "
                              "MoEFFN); upcycle_ffn upcycles dense FFNs, once")
-        raise ValueError("no FFN found to upcycle: give ffn_modules=[...] with in_proj, out_proj and activation")
+        raise ValueError("no FFN found to upcycle: upcycle_ffn finds BERT-style layers (intermediate.dense, "
+                         "intermediate.intermediate_act_fn, output.dense), LLaMA-style MLPs (gate_proj, up_proj, "
+                         "down_proj, act_fn) and Phi-3-style MLPs (gate_up_proj, down_proj, activation_fn); for "
+                         "another MLP (GPT-2's c_fc / c_proj, CLIP's and ViT's fc1 / fc2, T5's wi / wo) give "
+                         "ffn_modules=[...] with in_proj, out_proj and activation")
     if ffn_modules is not None and (in_proj is None or out_proj is None or activation is None):
         raise ValueError("a generic FFN needs in_proj, out_proj and activation")
     if stacked_gate and ffn_modules is None:

@@ -726,3 +726,42 @@ def test_a_generic_gated_ffn_described_with_its_gate_and_up_projections_swapped_
         warnings.simplefilter("error", UserWarning)
         upcycle_ffn(model, 2, 2, in_proj="wi_1", gate_proj="wi_0", **kw)
     torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_activation_check_takes_an_in_place_activation():
+    """The caller's activation working in place (nn.ELU(inplace=True)) for an MLP holding nn.ELU(): the check
+    comparing the two ran both on one probe tensor, which the caller's overwrote, and refused the same
+    activation (ELU of ELU is not ELU)."""
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ELU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(MLP()).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    expected = net(x)
+    upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.ELU(inplace=True),
+                router="threshold", threshold_eps=0.0)
+    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_no_ffn_found_names_the_layouts_found_and_the_way_for_others():
+    """transformers 5's ViT holds ViTMLP (fc1, fc2, activation_fn), no BERT-style intermediate / output any
+    more: nothing is found, and the error says which layouts are found and how to name another; named, its
+    upcycled model is the dense one."""
+    from helpers import tiny_vit
+
+    model = tiny_vit().double()
+    with pytest.raises(ValueError, match=r"no FFN found to upcycle: upcycle_ffn finds BERT-style layers .* "
+                                         r"LLaMA-style .* Phi-3-style .* ViT's fc1 / fc2.* give ffn_modules"):
+        upcycle_ffn(model, 2, 2)
+    pixels = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    expected = model(pixel_values=pixels).logits
+    mlp = model.vit.layers[0].mlp
+    upcycle_ffn(model, 2, 2, ffn_modules=["mlp"], in_proj="fc1", out_proj="fc2", activation=mlp.activation_fn,
+                router="threshold", threshold_eps=0.0)
+    torch.testing.assert_close(model(pixel_values=pixels).logits, expected, rtol=1e-12, atol=1e-12)
