@@ -765,3 +765,66 @@ def test_no_ffn_found_names_the_layouts_found_and_the_way_for_others():
     upcycle_ffn(model, 2, 2, ffn_modules=["mlp"], in_proj="fc1", out_proj="fc2", activation=mlp.activation_fn,
                 router="threshold", threshold_eps=0.0)
     torch.testing.assert_close(model(pixel_values=pixels).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def _hf_layouts():
+    """(name, model factory, upcycle_ffn kwargs (None: found), the dense projection whose gradient the experts' w_in
+    gradients sum to, inputs) of transformers 5's FFN layouts, tiny, in float64."""
+    import transformers as tf
+    from transformers.activations import ACT2FN
+
+    dec = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    t5 = dict(vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, dropout_rate=0.0,
+              decoder_start_token_id=0)
+
+    def mlp(name):
+        return lambda model: dict(ffn_modules=["mlp"], in_proj="fc1", out_proj="fc2",
+                                  activation=model.get_submodule(name).activation_fn)
+
+    return {
+        "qwen3": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **dec)), None, "model.layers.0.mlp",
+                  "up_proj"),
+        "gemma3_gelu_pytorch_tanh": (lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=8, **dec)), None,
+                                     "model.layers.0.mlp", "up_proj"),
+        "gpt_neox": (lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**{k: dec[k] for k in list(dec)[:5]})),
+                     lambda m: dict(ffn_modules=["mlp"], in_proj="dense_h_to_4h", out_proj="dense_4h_to_h",
+                                    activation=m.gpt_neox.layers[0].mlp.act), "gpt_neox.layers.0.mlp", "dense_h_to_4h"),
+        "clip_quick_gelu": (lambda: tf.CLIPTextModel(tf.CLIPTextConfig(**{k: dec[k] for k in list(dec)[:5]})),
+                            mlp("encoder.layers.0.mlp"), "encoder.layers.0.mlp", "fc1"),
+        "t5_v1_1_gated": (lambda: tf.T5ForConditionalGeneration(tf.T5Config(feed_forward_proj="gated-gelu", **t5)),
+                          lambda m: dict(ffn_modules=["DenseReluDense"], in_proj="wi_1", gate_proj="wi_0",
+                                         out_proj="wo", activation=ACT2FN["gelu_new"]),
+                          "encoder.block.0.layer.1.DenseReluDense", "wi_1"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout", ["qwen3", "gemma3_gelu_pytorch_tanh", "gpt_neox", "clip_quick_gelu",
+                                    "t5_v1_1_gated"])
+def test_hf_ffn_layouts_upcycle_to_the_dense_model_with_gradients(layout, backend):
+    """Coverage over transformers 5's FFN layouts (float64, top-2 of 3 experts, training mode without dropout):
+    the upcycled model's output is the dense model's, and the experts' w_in gradients sum to the dense
+    projection's (the kept gates sum to 1); on the Triton backend (interpreter) to its rounding."""
+    make, kwargs, ffn, proj = _hf_layouts()[layout]
+    torch.manual_seed(0)
+    dense = make().double().train()
+    model = copy.deepcopy(dense)
+    ids = token_batch()
+    inputs = dict(input_ids=ids, decoder_input_ids=ids) if layout.startswith("t5") else dict(input_ids=ids)
+
+    def out(m):
+        o = m(**inputs)
+        return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+
+    expected = out(dense)
+    dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (expected * dy).sum().backward()
+    upcycle_ffn(model, 3, 2, router="threshold", threshold_eps=0.1, **(kwargs(model) if kwargs else {}))
+    with moelora.use_backend(backend):
+        got = out(model)
+        (got * dy).sum().backward()
+    assert rel_err(got, expected) < 1e-12
+    moe = model.get_submodule(ffn)
+    assert isinstance(moe, MoEFFN)
+    assert rel_err(moe.w_in.grad.sum(0), dense.get_submodule(f"{ffn}.{proj}").weight.grad) < 1e-12
