@@ -17,6 +17,7 @@ fails at save time; a checkpoint naming anything else fails at load time.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Callable, Dict, List, Tuple
 
@@ -147,11 +148,24 @@ def check_records(records) -> None:
             resolve_callable(entry["kwargs"]["activation"])
 
 
+_REPLAYING = contextvars.ContextVar("moelora_replaying", default=False)
+
+
+def replaying() -> bool:
+    """Whether the running structural edit is a checkpoint's replayed record (:func:`replay`): a check added
+    after the record was written warns there instead of refusing, since the checkpoint was trained so."""
+    return _REPLAYING.get()
+
+
 def replay(model: nn.Module, records: list) -> None:
     """Apply the saved edits (checked by check_records) to a fresh base model, in order."""
     check_records(records)
-    for entry in records:
-        kwargs = {**LEGACY_DEFAULTS.get(entry["op"], {}), **entry["kwargs"]}
-        if kwargs.get("activation") is not None:
-            kwargs["activation"] = resolve_callable(kwargs["activation"])
-        _EDITS[entry["op"]](model, **kwargs)
+    token = _REPLAYING.set(True)
+    try:
+        for entry in records:
+            kwargs = {**LEGACY_DEFAULTS.get(entry["op"], {}), **entry["kwargs"]}
+            if kwargs.get("activation") is not None:
+                kwargs["activation"] = resolve_callable(kwargs["activation"])
+            _EDITS[entry["op"]](model, **kwargs)
+    finally:
+        _REPLAYING.reset(token)

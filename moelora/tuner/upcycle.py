@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from moelora.tuner.adapters import held_modules
-from moelora.tuner.structure import record, structural_edit
+from moelora.tuner.structure import record, replaying, structural_edit
 from moelora.tuner.config import LAYER_INDICES, LAYER_PATTERNS, MODULE_NAMES
 from moelora.tuner.targets import layer_index, matches, set_module, stacked_expert_parameters, unwrap
 from moelora.ops.validation import check_activation
@@ -149,10 +149,19 @@ def _check_activation_matches(name: str, m: nn.Module, parts: tuple, activation:
                 and torch.allclose(given, theirs, rtol=1e-9, atol=1e-9)):
             differ[n] = act
     if len(differ) == len(held):
-        raise ValueError(f"{name} ({type(m).__name__}): activation {activation!r} computes something else than its "
-                         f"activation module(s) {differ}; pass the module's own (e.g. activation={name}."
-                         f"{next(iter(differ))}): upcycling with another would change the model's output (to use "
-                         "another activation, set it on the module first)")
+        _refuse_unless_replaying(
+            f"{name} ({type(m).__name__}): activation {activation!r} computes something else than its activation "
+            f"module(s) {differ}; pass the module's own (e.g. activation={name}.{next(iter(differ))}): upcycling with "
+            "another would change the model's output (to use another activation, set it on the module first)")
+
+
+def _refuse_unless_replaying(message: str) -> None:
+    """ValueError(``message``) for a description of an FFN that the module contradicts; a warning where a checkpoint
+    replays its record (moelora.from_pretrained): written before the check, it was trained with the FFN described,
+    which is what it loads into."""
+    if not replaying():
+        raise ValueError(message)
+    warnings.warn(message + "; the checkpoint's record says so, and it is loaded as it was trained", stacklevel=5)
 
 
 PROBE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # relative; 5e-2 in lower precision
@@ -264,11 +273,11 @@ def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: 
     if probe is not None:  # where the forward applies the dropout
         before = [n for n in probe.dropouts_before if n in drops]
         if before:
-            raise ValueError(f"{name} ({type(m).__name__}): its forward applies dropout {before} before the output "
-                             "projection (on the FFN's hidden layer, as T5's DenseReluDense after the activation), "
-                             "not on the MLP's output, so ffn_dropout='output' would drop elsewhere; MoEFFN cannot "
-                             "keep it (the experts' fused kernels have no dropout): pass ffn_dropout='drop' to train "
-                             "without it")
+            _refuse_unless_replaying(
+                f"{name} ({type(m).__name__}): its forward applies dropout {before} before the output projection (on "
+                "the FFN's hidden layer, as T5's DenseReluDense after the activation), not on the MLP's output, so "
+                "ffn_dropout='output' would drop elsewhere; MoEFFN cannot keep it (the experts' fused kernels have no "
+                "dropout): pass ffn_dropout='drop' to train without it")
     if len(set(drops.values())) > 1:
         raise ValueError(f"{name} ({type(m).__name__}) holds dropouts of different p {drops}: ffn_dropout='output' "
                          "applies one to MoEFFN's output; pass ffn_dropout='drop' to train without them")

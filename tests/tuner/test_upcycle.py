@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 import types
 
 import pytest
@@ -828,3 +829,46 @@ def test_hf_ffn_layouts_upcycle_to_the_dense_model_with_gradients(layout, backen
     moe = model.get_submodule(ffn)
     assert isinstance(moe, MoEFFN)
     assert rel_err(moe.w_in.grad.sum(0), dense.get_submodule(f"{ffn}.{proj}").weight.grad) < 1e-12
+
+
+def test_checkpoints_whose_record_a_later_check_refuses_load_as_trained_with_a_warning(tmp_path):
+    """The activation check and the T5 dropout check came after checkpoints were written with what they refuse
+    (gelu for GPT-2's gelu_new MLP; ffn_dropout="output" on T5's DenseReluDense). Such a checkpoint was trained
+    with the FFN its record describes, so from_pretrained replays it so, warning, where upcycle_ffn itself refuses:
+    loading raised the new ValueError before."""
+    import json
+    import warnings
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.activations import ACT2FN
+
+    def t5():
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                   num_heads=2, dropout_rate=0.1, decoder_start_token_id=0))
+
+    t5_ffn = dict(ffn_modules=["DenseReluDense"], in_proj="wi", out_proj="wo", activation=nn.ReLU())
+    cases = [(lambda: _gpt2_with_mlp_dropout(0.0), dict(GPT2_MLP, activation=ACT2FN["gelu_new"]), ["c_attn"],
+              {"activation": "gelu"}, "computes something else than its activation"),
+             (t5, dict(t5_ffn, ffn_dropout="drop"), ["q"], {"ffn_dropout": "output"},
+              "applies dropout \\['dropout'\\] before the output projection")]
+    for i, (make, upcycle_kwargs, targets, edit, refusal) in enumerate(cases):
+        base = make()
+        upcycle_ffn(base, 2, 2, **upcycle_kwargs)
+        model = moelora.get_moelora_model(base, moelora.MoELoRAConfig(target_modules=targets, num_experts=2, top_k=2))
+        out = tmp_path / str(i)
+        model.save_pretrained(str(out))
+        config = json.loads((out / "moelora_config.json").read_text())
+        (record,) = [r for r in config["structure"] if r["op"] == "upcycle_ffn"]
+        record["kwargs"].update(edit)  # as a checkpoint written before the check holds it
+        (out / "moelora_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=refusal):
+            upcycle_ffn(make(), 2, 2, **{**upcycle_kwargs, **{k: ACT2FN[v] if k == "activation" else v
+                                                             for k, v in edit.items()}})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = moelora.from_pretrained(make(), str(out))
+        assert any(re.search(refusal, str(w.message)) and "loaded as it was trained" in str(w.message)
+                   for w in caught), [str(w.message) for w in caught]
+        ffns = [m for m in loaded.modules() if isinstance(m, MoEFFN)]
+        assert ffns and all(
+            (type(f.activation) is type(ACT2FN["gelu"])) if "activation" in edit else f.dropout == 0.1 for f in ffns)
