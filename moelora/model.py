@@ -1051,7 +1051,8 @@ class MoELoRAModel(nn.Module):
         checkpoint whose inputs do not require grad passes no gradient to the adapters inside it. transformers
         hooks them itself for a model whose main input is input_ids only: a ViT's (pixel_values) or Whisper's
         (input_features) adapters got no gradient. Nothing is hooked while the adapter is frozen, under
-        non-reentrant checkpointing (which needs no hook) or where the model has its hooks already."""
+        non-reentrant checkpointing (which needs no hook) or where the model has its hooks already; set_adapter
+        making the adapter trainable hooks them then."""
         model = self.model
         if (self._active_frozen or not hasattr(model, "enable_input_require_grads")
                 or getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook")):
@@ -1469,6 +1470,7 @@ class MoELoRAModel(nn.Module):
             self._swap_in(adapter_name)
         self._active_frozen = inference_mode
         self._mark_trainable()
+        self._inputs_require_grad_for_checkpointing()  # a frozen adapter made trainable trains under checkpointing
 
     def _swap_in(self, adapter_name: str) -> None:
         """Put the stored adapter ``adapter_name``'s layers into the model, the active one's into the store."""

@@ -249,6 +249,39 @@ def test_reentrant_checkpointing_trains_the_adapters_of_a_model_without_input_id
         torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("name", ["vit", "whisper"])
+def test_reentrant_checkpointing_trains_the_adapters_once_set_adapter_unfreezes_them(name):
+    """An adapter built frozen (inference_mode=True) on a model checkpointing reentrantly: the wrapper hooked no
+    input embeddings (nothing trained), and set_adapter(..., inference_mode=False), which makes the adapter
+    trainable, left them unhooked: the adapters got no gradient (ViT, whose head trains: silently; Whisper: backward
+    raised). set_adapter now hooks them as the wrapper does at its creation; the gradients are those without
+    checkpointing."""
+    base, batch, extra = _checkpointing_batch(name)
+    config = moelora.MoELoRAConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"],
+                                   inference_mode=True, **extra)
+
+    def gradients(checkpointing):
+        inner = copy.deepcopy(base)
+        if checkpointing:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        torch.manual_seed(0)  # the routers' initial weights
+        model = moelora.get_moelora_model(inner, config)
+        _randomize_adapters(model)
+        model.set_adapter(model.active_adapter)  # trainable now
+        model.train()
+        with contextlib.suppress(AttributeError):
+            model.config.use_cache = False
+        model(**batch).logits.square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, got = gradients(False), gradients(True)
+    assert any("lora_A" in n for n in expected) and all(g is not None for g in expected.values())
+    missing = [n for n, g in got.items() if g is None]
+    assert not missing, missing[:4]
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+
 def _roberta_classifier():
     """RoBERTa's classification head (classifier.dense, classifier.out_proj) holds linear layers of its own."""
     config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, max_position_embeddings=32,
