@@ -1072,7 +1072,7 @@ class MoELoRAModel(nn.Module):
         ``aux_loss_mask``: the real tokens the aux losses are taken over (see
         :func:`moelora.set_aux_loss_mask`), a tensor or the name of another argument of this
         forward holding it (``"attention_mask"``, given by keyword or position; a 4-D one there, [batch, heads,
-        query, key]: the keys some query attends); when not given,
+        query, key], with input_ids or inputs_embeds: the keys some query attends); when not given,
         the argument named by the wrapper's ``aux_loss_mask_from`` attribute (None: every token
         counts).
 
@@ -1218,20 +1218,24 @@ class MoELoRAModel(nn.Module):
 
     def _of_the_new_tokens(self, mask, args: tuple, kwargs: dict):
         """``mask``, read from another argument (the attention mask), for the tokens this call routes (a 4-D
-        attention mask, [batch, heads, query, key]: the keys some query attends, real_tokens_of_attention_mask): in a
-        decoding step with a KV cache (``cache``, transformers 5's name, or ``past_key_values``: any of
-        ``CACHE_KWARGS``) transformers' attention mask covers the cached tokens too ([batch, past + new], the new
-        ones last), so its last columns."""
+        attention mask, [batch, heads, query, key], where the call routes a sequence, input_ids or inputs_embeds: the
+        keys some query attends, real_tokens_of_attention_mask; another 4-D mask, a convolution's [N, 1, H, W], is
+        one value per position): in a decoding step with a KV cache (``cache``, transformers 5's name, or
+        ``past_key_values``: any of ``CACHE_KWARGS``) transformers' attention mask covers the cached tokens too
+        ([batch, past + new], the new ones last), so its last columns."""
         def given(name):
             known = self._parameter_names is None or name in self._parameter_names or name in kwargs
             return self._argument(name, args, kwargs) if known else None
 
-        if isinstance(mask, torch.Tensor):
-            mask = real_tokens_of_attention_mask(mask)  # a 4-D mask: the keys some query attends, [batch, keys]
-        if (not isinstance(mask, torch.Tensor) or mask.dim() != 2
-                or all(given(name) is None for name in CACHE_KWARGS)):
+        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
             return mask
         ids, embeds = given("input_ids"), given("inputs_embeds")
+        if mask.dim() == 4:
+            if ids is None and embeds is None:
+                return mask
+            mask = real_tokens_of_attention_mask(mask)  # the keys some query attends, [batch, keys]
+        if all(given(name) is None for name in CACHE_KWARGS):
+            return mask
         new = (ids.shape[-1] if isinstance(ids, torch.Tensor) else
                embeds.shape[-2] if isinstance(embeds, torch.Tensor) else mask.shape[-1])
         return mask[:, mask.shape[-1] - new:] if 0 < new < mask.shape[-1] else mask

@@ -637,6 +637,37 @@ def test_a_four_d_attention_mask_named_as_the_aux_loss_mask_leaves_out_the_keys_
             model(input_ids=ids, aux_loss_mask=_four_d(mask, kind))
 
 
+
+class _MaskedConv(nn.Module):
+    """A convolution whose forward takes a per-position mask ([N, 1, H, W]) beside its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, mask=None):
+        return self.conv(x)
+
+
+def test_a_four_d_per_position_mask_named_as_the_aux_loss_mask_stays_per_position():
+    """A 4-D mask argument of a model that routes no token sequence (a convolution's [N, 1, H, W], one value per
+    routed position), named as the aux-loss mask: it was taken as it is, as when given as the tensor itself; reading
+    every named 4-D mask as an attention mask (the keys some query attends, [N, W]) made the wrapper raise that the
+    mask has N * W tokens for N * H * W routed. An attention mask is read so where the forward routes a sequence
+    (input_ids or inputs_embeds given); this mask gives what the tensor itself gives."""
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(_MaskedConv(), moelora.MoELoRAConfig(
+        r=2, num_experts=4, top_k=2, target_modules=["conv"], init_lora_weights=False)).train()
+    x, mask = torch.randn(2, 3, 5, 6), torch.rand(2, 1, 5, 6) > 0.3
+    model(x, aux_loss_mask=mask)
+    expected = model.aux_loss().detach()
+    assert model.model.conv.last_router_stats.num_routed == int(mask.sum())
+    model(x, mask=mask, aux_loss_mask="mask")
+    torch.testing.assert_close(model.aux_loss().detach(), expected)
+    model.aux_loss_mask_from = "mask"
+    model(x, mask)
+    torch.testing.assert_close(model.aux_loss().detach(), expected)
+
 def _float64_aux_loss(model, inputs, real):
     """The model's aux loss recomputed in float64 from each MoE-LoRA layer's input over the tokens ``real`` marks
     (per layer lb_coef * lb + z_coef * z, lb = E sum_e f_e P_e of the top-k slots and softmax probabilities, z the
