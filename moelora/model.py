@@ -1229,13 +1229,13 @@ class MoELoRAModel(nn.Module):
 
         if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
             return mask
-        ids, embeds = given("input_ids"), given("inputs_embeds")
         if mask.dim() == 4:
-            if ids is None and embeds is None:
+            if given("input_ids") is None and given("inputs_embeds") is None:
                 return mask
             mask = real_tokens_of_attention_mask(mask)  # the keys some query attends, [batch, keys]
         if all(given(name) is None for name in CACHE_KWARGS):
             return mask
+        ids, embeds = given("input_ids"), given("inputs_embeds")
         new = (ids.shape[-1] if isinstance(ids, torch.Tensor) else
                embeds.shape[-2] if isinstance(embeds, torch.Tensor) else mask.shape[-1])
         return mask[:, mask.shape[-1] - new:] if 0 < new < mask.shape[-1] else mask
