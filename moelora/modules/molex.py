@@ -403,11 +403,15 @@ class MoLEx(nn.Module, RoutedModule):
             if torch.compiler.is_compiling() or not self._recompute_real:
                 return None
             return self._recompute_real.get((t, z.data_ptr(), tuple(z.shape)))
-        # the innermost 2-D mask or None, else the outermost 4-D mask's real tokens (see _enter)
-        deciding = next(((m, decides) for _, m, decides in reversed(self._masks) if decides == 2), None)
-        if deciding is None:
-            deciding = next(((m, decides) for _, m, decides in self._masks if decides == 1), (None, 0))
-        mask = real_tokens_of_attention_mask(deciding[0]) if deciding[1] == 1 else deciding[0]
+        # the innermost 2-D mask or None, else the outermost 4-D mask's real tokens (see _enter), found once: its
+        # entry then holds them, as a 2-D mask, for the forward's other layers
+        masks = self._masks
+        i = next((i for i in range(len(masks) - 1, -1, -1) if masks[i][2] == 2), None)
+        if i is None:
+            i = next((i for i, (_, _, decides) in enumerate(masks) if decides == 1), None)
+            if i is not None:
+                masks[i] = (masks[i][0], real_tokens_of_attention_mask(masks[i][1]), 2)
+        mask = None if i is None else masks[i][1]
         if mask is None:
             return None
         if z.dim() != 3 or mask.shape[0] != z.shape[0] or mask.shape[1] < z.shape[1]:

@@ -833,6 +833,27 @@ def test_a_four_d_attention_mask_given_to_the_model_keeps_the_padding_out(kind):
             torch.testing.assert_close(moelora.router_stats(model)["molex"][key], stats[key], msg=key)
 
 
+def test_a_four_d_attention_mask_is_reduced_once_per_forward(monkeypatch):
+    """The real tokens of a 4-D mask given to the model (a reduction over [batch, heads, query, key]) were found
+    again at every layer's mix (L reductions of the whole mask per forward); they are found once per forward and
+    every layer reads them (the same choice and loss as the 2-D mask: the test above)."""
+    import moelora.modules.molex as molex_module
+
+    model = tiny_llama(num_layers=4)
+    molex = apply_molex(model, alpha=0.5)
+    ids, mask, pos = _left_padded(_prompts(), extra=8)
+    seq = ids.shape[1]
+    four_d = torch.tril(torch.ones(seq, seq, dtype=torch.bool))[None, None] & mask[:, None, None, :].bool()
+    calls = []
+    reduce = molex_module.real_tokens_of_attention_mask
+    monkeypatch.setattr(molex_module, "real_tokens_of_attention_mask", lambda m: calls.append(m) or reduce(m))
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=pos)
+        loss = molex.last_aux_loss
+        model(ids, attention_mask=four_d, position_ids=pos)
+    assert len(calls) == 1, f"{len(calls)} reductions of the 4-D mask over {molex.num_layers} layers"
+    torch.testing.assert_close(molex.last_aux_loss, loss)
+
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
 def test_a_padding_free_packed_row_mixes_as_the_padded_batch(flash_kwargs):
     """transformers' DataCollatorWithFlattening packs the batch into one row without an attention_mask: every
