@@ -342,3 +342,35 @@ def test_layers_to_transform_without_layers_pattern_indexes_the_first_numbered_s
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **kwargs))
     assert _adapted(model) == _peft_adapted(reference) == [f"convnext.encoder.stages.{layers[0]}.layers.{j}.pwconv1"
                                                            for j in range(2)]
+
+
+class _StackAndProjector(nn.Module):
+    """A layer stack (model.layers.<i>.fc) beside a projector outside it whose linear layers are children of an
+    nn.Sequential (proj.0, proj.2), as Qwen2-VL's merger.mlp.<i> or InternVL's mlp1.<i>."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([nn.Module() for _ in range(3)])
+        for layer in self.model.layers:
+            layer.fc = nn.Linear(8, 8)
+        self.proj = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+
+    def forward(self, x):
+        for layer in self.model.layers:
+            x = layer.fc(x)
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("layers", [[0], [2]])
+def test_layers_to_transform_leaves_out_modules_outside_the_layers_as_peft(layers):
+    """Without layers_pattern a module whose only numbered part ends its name (an nn.Sequential's child outside
+    the layer stack: proj.0) has no layer index for PEFT, which leaves it out of layers_to_transform; f8f9a9e read
+    the number ending the name as its layer (proj.0 in layer 0, proj.2 in layer 2), adapting it beside the
+    chosen layer (silently other modules than PEFT's, and than before). Such a module is left out again."""
+    torch.manual_seed(0)
+    base = _StackAndProjector()
+    kwargs = dict(target_modules=["fc", "0", "2"], layers_to_transform=layers)
+    model = moelora.get_moelora_model(copy.deepcopy(base), moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1, **kwargs))
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **kwargs))
+    assert _adapted(model) == _peft_adapted(reference) == [f"model.layers.{layers[0]}.fc"]
