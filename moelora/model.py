@@ -59,7 +59,7 @@ from moelora.modules.routed import (RoutedModule, RouterStats, real_tokens_of_at
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
 from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, layer_index, matches, set_module, stacked_expert_parameters,
-                                   unwrap)
+                                   transform_layer_index, unwrap)
 
 
 
@@ -192,8 +192,9 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                              f"{inside[:4]}; no module left to adapt")
     if config.layers_to_transform is not None:
         keep = set(config.layers_to_transform)
-        found = sorted({i for i in (layer_index(n, config.layers_pattern) for n in selected) if i is not None})
-        selected = [n for n in selected if layer_index(n, config.layers_pattern) in keep]
+        found = sorted({i for i in (transform_layer_index(n, config.layers_pattern) for n in selected)
+                        if i is not None})
+        selected = [n for n in selected if transform_layer_index(n, config.layers_pattern) in keep]
         if not selected:
             raise ValueError(f"layers_to_transform {sorted(keep)} (layers_pattern {config.layers_pattern!r}) keeps "
                              f"none of the selected modules, whose layer indices are {found or 'none'}: no module "

@@ -42,8 +42,10 @@ class MoELoRAConfig:
 
     PEFT's LoraConfig fields keep its names and meaning: ``target_modules`` (module-name
     suffixes, a regex string or "all-linear"; None: PEFT's default targets for the model),
-    ``exclude_modules``, ``layers_to_transform`` (a layer index or a list of them),
-    ``layers_pattern`` (the layer stack's name or names), ``rank_pattern`` / ``alpha_pattern``
+    ``exclude_modules``, ``layers_to_transform`` (a layer index or a list of them; without
+    ``layers_pattern``, PEFT's index: the first numbered part of a module's name followed by another),
+    ``layers_pattern`` (the layer stack's name or names; per-layer ``num_experts`` index the stacks it names,
+    default layers, h, block, blocks, layer), ``rank_pattern`` / ``alpha_pattern``
     ({module-name regex: r or lora_alpha}), ``bias`` ("none", "all" or "lora_only"),
     ``modules_to_save`` (trained and saved whole; targets inside them are left out, as PEFT's), ``task_type`` (None
     or one of TASK_TYPES),

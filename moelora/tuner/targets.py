@@ -26,22 +26,29 @@ def matches(name: str, patterns) -> bool:
 
 
 def layer_index(name: str, layers_pattern=None) -> Optional[int]:
-    """Index of the numbered layer holding module ``name``, as PEFT's layers_to_transform reads it: the number after
-    the first of ``layers_pattern``'s names in ``name``; without it, the first numbered part of ``name`` followed by
-    another (ConvNeXt's ``stages.<i>.layers.<j>.dwconv``: the stage ``i``; LLaMA's ``model.layers.<i>.mlp``, GPT-2's
-    ``transformer.h.<i>.attn``; top-level stacks count too), else the number ending it after a stack named as
-    :data:`DEFAULT_LAYERS_PATTERN` (the layer itself, ``model.layers.<i>``). A module whose only number ends its
-    name elsewhere (an nn.Sequential's child outside the layers, Qwen2-VL's ``merger.mlp.0``) is in no layer, as
-    for PEFT."""
+    """Index of the numbered layer holding module ``name`` for the per-layer settings (MoLA's per-layer expert
+    counts, the model's number of layers): the number after the first of ``layers_pattern``'s names (default
+    :data:`DEFAULT_LAYERS_PATTERN`) in ``name``. :func:`transform_layer_index` is ``layers_to_transform``'s
+    (PEFT's rule, which differs without ``layers_pattern`` on models numbering other stacks)."""
+    patterns = layers_pattern or DEFAULT_LAYERS_PATTERN
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    alternatives = "|".join(re.escape(p) for p in patterns)
+    m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def transform_layer_index(name: str, layers_pattern=None) -> Optional[int]:
+    """Index of the numbered layer holding module ``name`` as PEFT's ``layers_to_transform`` reads it: with
+    ``layers_pattern``, :func:`layer_index`; without it, the first numbered part of ``name`` followed by another
+    (ConvNeXt's ``stages.<i>.layers.<j>.dwconv``: the stage ``i``; LLaMA's ``model.layers.<i>.mlp``, GPT-2's
+    ``transformer.h.<i>.attn``; top-level stacks count too), else :func:`layer_index` (the layer itself,
+    ``model.layers.<i>``). A module whose only number ends its name elsewhere (an nn.Sequential's child outside
+    the layers, Qwen2-VL's ``merger.mlp.0``) is in no layer, as for PEFT."""
     if not layers_pattern:
         m = re.search(r"(?:^|\.)[^.]+\.(\d+)\.", name)
         if m:
             return int(m.group(1))
-        layers_pattern = DEFAULT_LAYERS_PATTERN
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    alternatives = "|".join(re.escape(p) for p in patterns)
-    m = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
-    return int(m.group(1)) if m else None
+    return layer_index(name, layers_pattern)
 
 
 def pattern_key_regex(key: str) -> str:

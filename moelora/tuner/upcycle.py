@@ -33,7 +33,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from moelora.tuner.adapters import held_modules
 from moelora.tuner.structure import record, replaying, structural_edit
 from moelora.tuner.config import LAYER_INDICES, LAYER_PATTERNS, MODULE_NAMES
-from moelora.tuner.targets import layer_index, matches, set_module, stacked_expert_parameters, unwrap
+from moelora.tuner.targets import matches, set_module, stacked_expert_parameters, transform_layer_index, unwrap
 from moelora.ops.validation import check_activation
 from moelora.modules.adapter_base import refuse_offloaded, refuse_quantised
 from moelora.modules.ffn import MoEFFN, check_ffn_settings
@@ -402,7 +402,7 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
             targets.append((name, "fused"))
     if layers_to_transform is not None:
         keep = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
-        targets = [(n, k) for n, k in targets if layer_index(n, layers_pattern) in keep]
+        targets = [(n, k) for n, k in targets if transform_layer_index(n, layers_pattern) in keep]
     if not targets:
         upcycled = next((n for n, m in model.named_modules() if isinstance(m, MoEFFN)), None)
         if upcycled is not None and ffn_modules is None:

@@ -374,3 +374,19 @@ def test_layers_to_transform_leaves_out_modules_outside_the_layers_as_peft(layer
     model = moelora.get_moelora_model(copy.deepcopy(base), moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1, **kwargs))
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **kwargs))
     assert _adapted(model) == _peft_adapted(reference) == [f"model.layers.{layers[0]}.fc"]
+
+
+def test_per_layer_expert_counts_index_the_transformer_layers_of_a_model_numbering_other_stacks():
+    """MoLA's per-layer counts index the layers named as DEFAULT_LAYERS_PATTERN (encoder.layers.<i>), not the first
+    numbered stack: Wav2Vec2's feature extractor (conv_layers.0 .. 6) comes first. Reading layers_to_transform's
+    PEFT index for them counted 7 layers in a 3-layer model: num_experts=[2, 3, 4] raised and the "2468" preset
+    silently gave [2, 2, 4] where it gives [2, 4, 6] (saved configs of such models changed meaning)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    cfg = Wav2Vec2Config(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                         conv_dim=(8,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+                         num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, vocab_size=10)
+    for num_experts, expected in (([2, 3, 4], [2, 3, 4]), ("2468", [2, 4, 6])):
+        model = moelora.get_moelora_model(Wav2Vec2Model(cfg), moelora.MoELoRAConfig(
+            target_modules=["q_proj"], num_experts=num_experts, top_k=2, r=2))
+        assert [m.num_experts for n, m in model.named_modules() if n.endswith("q_proj")] == expected
