@@ -30,11 +30,10 @@ import functools
 from typing import List, Optional
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from moelora.kernels import launchers
-from moelora.ops.registration import custom_op
+from moelora.ops.registration import custom_op, forward_ad_active
 
 ENGINES = ("triton", "grouped_mm")
 
@@ -221,6 +220,6 @@ def linear_by_segment(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """:func:`segment_linear`; in forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``)
     its body called directly, whose F.linear ops carry the tangents: a custom op's registered autograd has no
     forward-mode formula, and PyTorch drops the inputs' tangents through it without an error."""
-    if forward_ad._current_level >= 0:
+    if forward_ad_active():
         return segment_linear.fn(rows, weight, bias, offsets)
     return segment_linear(rows, weight, bias, offsets)

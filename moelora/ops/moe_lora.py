@@ -41,7 +41,6 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moelora.kernels import launchers
@@ -53,7 +52,7 @@ from moelora.ops.routing import (MAX_EXPERTS, dispatch_rows, expert_layout, fake
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, autocast_input, check_triton_op_device, resolve_backend
-from moelora.ops.registration import EagerFunction, apply_eager, custom_op
+from moelora.ops.registration import EagerFunction, apply_eager, custom_op, forward_ad_active
 
 
 REGIMES = ("auto", "dense", "grouped")
@@ -161,7 +160,7 @@ def finite_part(t: torch.Tensor) -> torch.Tensor:
     """``t`` with NaN/Inf replaced by 0 (:data:`_FinitePart`); in forward-mode AD (``torch.func.jvp`` /
     ``jacfwd``, ``torch.autograd.forward_ad``) nan_to_num itself, which carries the tangent (0 at the
     non-finite entries, whose outputs are NaN): the Function has no jvp, which dynamo cannot trace."""
-    if forward_ad._current_level >= 0:
+    if forward_ad_active():
         return _finite_part(t)
     return _FinitePart.apply(t)
 

@@ -122,9 +122,16 @@ def apply_eager(function: type, *args):
     Under torch.profiler, apply too, so that a trace names the op's range (``_MoELoRALinearFn``) as
     in training. Inside ``torch.inference_mode`` apply runs with grad mode off (:func:`apply_function`)."""
     if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-            or forward_ad._current_level >= 0 or autograd_profiler._is_profiler_enabled):
+            or forward_ad_active() or autograd_profiler._is_profiler_enabled):
         return apply_function(function, *args)
     return function.forward(_NoGraphContext(), *args)
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD runs (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad.dual_level``):
+    grad mode does not turn it off, and an op run below autograd (a custom op's registered autograd, a native op
+    called directly, an autograd.Function's forward) drops its inputs' tangents without an error."""
+    return forward_ad._current_level >= 0
 
 
 def apply_function(function, *args):

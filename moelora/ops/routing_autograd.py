@@ -21,14 +21,13 @@ import contextlib
 from typing import Optional
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops import native
 from moelora.ops import routing_torch as fb
 from moelora.ops.backend import kernels_run
-from moelora.ops.registration import CustomOp, EagerFunction
+from moelora.ops.registration import CustomOp, EagerFunction, forward_ad_active
 
 
 def route_backward(logits, ids, weights, mode, renormalize, g_weights, g_prob_sums, g_lse):
@@ -121,7 +120,7 @@ def _forward_ad_aware(run, plain):
     plain PyTorch ops, which carry the inputs' tangents (and reverse-mode gradients). The fallbacks'
     autograd.Functions have no jvp (forward-mode AD would raise)."""
     def dispatch(*args):
-        if forward_ad._current_level >= 0:
+        if forward_ad_active():
             return plain(*args)
         return run(*args)
     return dispatch
@@ -140,7 +139,7 @@ def _eager(op, function=None, plain=None):
     def run(*args):
         if torch.compiler.is_compiling():
             return op(*args)
-        if plain is not None and forward_ad._current_level >= 0:
+        if plain is not None and forward_ad_active():
             return plain(*args)
         if function is not None and torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
