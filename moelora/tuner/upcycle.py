@@ -139,14 +139,17 @@ def _check_activation_matches(name: str, m: nn.Module, parts: tuple, activation:
         given = activation(probe.clone())  # a copy each: an activation may work in place (nn.ELU(inplace=True))
     except Exception:  # an activation that does not take float64 CPU tensors: nothing to compare here
         return
+    if not isinstance(given, torch.Tensor) or given.dtype != probe.dtype:  # in another dtype: not compared either
+        return
     differ = {}
     for n, act in held.items():
         try:
             theirs = act(probe.clone())
         except Exception:
             return
-        if not (isinstance(given, torch.Tensor) and given.shape == theirs.shape
-                and torch.allclose(given, theirs, rtol=1e-9, atol=1e-9)):
+        if not isinstance(theirs, torch.Tensor) or theirs.dtype != probe.dtype:
+            return
+        if not (given.shape == theirs.shape and torch.allclose(given, theirs, rtol=1e-9, atol=1e-9)):
             differ[n] = act
     if len(differ) == len(held):
         _refuse_unless_replaying(
@@ -249,6 +252,11 @@ def _probe(m: nn.Module, in_proj: nn.Module, out_proj: nn.Module) -> Optional[_P
     return _Probe(x, y, sorted(set(n for n in order[:last] if n is not None)))
 
 
+def _dropouts(m: nn.Module) -> dict:
+    """{name: p} of the active dropout modules (p > 0) ``m`` holds."""
+    return {n: d.p for n, d in m.named_modules() if isinstance(d, _DropoutNd) and d.p > 0}
+
+
 def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: bool,
                     probe: Optional[_Probe] = None) -> float:
     """p of the dropout MoEFFN applies to its output in place of the active dropout modules
@@ -257,7 +265,7 @@ def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: 
     None (ValueError where m holds any: upcycling would change training silently). "output" raises
     where ``probe`` (:func:`_probe`) saw a dropout run before out_proj (T5's DenseReluDense: on the
     hidden layer, not the output)."""
-    drops = {n: d.p for n, d in m.named_modules() if isinstance(d, _DropoutNd) and d.p > 0}
+    drops = _dropouts(m)
     if not drops or ffn_dropout == "drop":
         return 0.0
     if ffn_dropout is None:
@@ -310,7 +318,10 @@ def _build(name: str, m: nn.Module, kind: str, num_experts: int, top_k: int, gen
     _forward_takes_one_input(name, replaced)
     if kind in PLAIN_FORWARD_NAMES:
         _check_plain_forward(name, replaced, kind)
-    probe = None if kind == "bert" else _probe(replaced, parts[0], parts[1])
+    # the probe forward where it is read: a generic FFN's check, a dropout ffn_dropout="output" would move
+    probe = None
+    if kind == "generic" or (kind != "bert" and ffn_dropout == "output" and _dropouts(replaced)):
+        probe = _probe(replaced, parts[0], parts[1])
     dropout = _output_dropout(name, replaced, ffn_dropout, inner=kind == "bert", probe=probe)
     if kind == "generic" and probe is not None:
         _warn_unless_the_ffn(name, replaced, parts, act, stacked, probe)

@@ -750,6 +750,49 @@ def test_the_activation_check_takes_an_in_place_activation():
     torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_an_activation_computing_in_another_dtype_is_not_refused_by_the_activation_check():
+    """The caller's activation computing in float32 (lambda t: F.gelu(t.float()), for an MLP holding nn.GELU())
+    upcycled a float32 model before the activation check; the check compared its float32 result with the module's
+    float64 one and raised torch.allclose's 'Float did not match Double'. Now it compares what it can (an
+    activation that does not compute in float64 is not compared, as one that does not take float64 inputs)."""
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(MLP())
+    x = torch.randn(2, 3, 8)
+    expected = net(x)
+    upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=lambda t: F.gelu(t.float()),
+                router="threshold", threshold_eps=0.0)
+    with moelora.use_backend("torch"):
+        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_phi3])
+def test_found_mlps_without_dropout_are_upcycled_without_running_their_forward(make):
+    """The probe forward (97af3a6, 0f09bcc) ran every found LLaMA-style / Phi-3-style MLP once while upcycling,
+    though its result is read only for a generic FFN or to place a dropout for ffn_dropout="output": an extra
+    forward per layer (and per replayed checkpoint load) that fired the caller's forward hooks. Found MLPs holding
+    no dropout are not run now; a generic FFN still is (its check reads the probe)."""
+    model = make()
+    calls = []
+    for name, m in model.named_modules():
+        if name.endswith(".mlp"):
+            m.register_forward_hook(lambda *_, name=name: calls.append(name))
+    assert upcycle_ffn(model, 2, 2) and calls == []
+    net = nn.Sequential(_ScaledGatedMLP())
+    net[0].register_forward_hook(lambda *_: calls.append("0"))
+    with pytest.warns(UserWarning, match="differs from the module's forward on a probe"):  # its multipliers
+        upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="up_proj", out_proj="down_proj", gate_proj="gate_proj",
+                    activation=F.silu)
+    assert calls == ["0"]
+
+
 def test_no_ffn_found_names_the_layouts_found_and_the_way_for_others():
     """transformers 5's ViT holds ViTMLP (fc1, fc2, activation_fn), no BERT-style intermediate / output any
     more: nothing is found, and the error says which layouts are found and how to name another; named, its
