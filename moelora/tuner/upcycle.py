@@ -214,7 +214,8 @@ def _forward_takes_one_input(name: str, m: nn.Module) -> None:
 
 class _Probe(NamedTuple):
     """One forward of a replaced module on a fixed probe ``x`` [1, 4, d_in]: its output ``y`` and the names
-    of its dropout modules that ran before the FFN's output projection (``dropouts_before``)."""
+    of its dropout modules that ran before the FFN's output projection's last call (``dropouts_before``; none
+    where the forward does not call it as a module, F.linear with its weight: their place is not known)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -248,7 +249,7 @@ def _probe(m: nn.Module, in_proj: nn.Module, out_proj: nn.Module) -> Optional[_P
             h.remove()
         for mod, mode in modes.items():
             mod.train(mode)
-    last = max((i for i, n in enumerate(order) if n is None), default=-1)
+    last = max((i for i, n in enumerate(order) if n is None), default=0)  # out_proj not run as a module: none
     return _Probe(x, y, sorted(set(n for n in order[:last] if n is not None)))
 
 

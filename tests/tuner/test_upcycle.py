@@ -700,6 +700,30 @@ def test_dropout_a_generic_ffn_applies_before_its_output_projection_is_not_taken
     torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_output_dropouts_of_a_forward_not_calling_out_proj_as_a_module_are_not_taken_for_inner_ones():
+    """A forward applying out_proj's weight itself (F.linear(h, self.fc2.weight, self.fc2.bias)), then two output
+    dropouts: the probe saw no call of out_proj, and took every dropout but the last (order[:-1]) for one run
+    before it, refusing ffn_dropout="output" for 'drop1' wrongly. Where out_proj never runs as a module the probe
+    cannot place the dropouts, and the caller's word stands: they drop the output (eval: the dense FFN)."""
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+            self.drop1, self.drop2 = nn.Dropout(0.1), nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.drop2(self.drop1(F.linear(torch.relu(self.fc1(x)), self.fc2.weight, self.fc2.bias)))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(MLP()).double().eval()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    expected = net(x)
+    upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=torch.relu,
+                ffn_dropout="output", router="threshold", threshold_eps=0.0)
+    assert net[0].dropout == 0.1
+    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_a_generic_gated_ffn_described_with_its_gate_and_up_projections_swapped_warns():
     """T5 v1.1's DenseReluDense computes wo(gelu_new(wi_0 x) * wi_1 x): described with in_proj="wi_0",
     gate_proj="wi_1" it used to be upcycled into another FFN silently (the model's output changed by O(1)).
