@@ -203,6 +203,22 @@ def test_layers_with_different_scalings_compiled_one_by_one_under_fullgraph():
             torch.testing.assert_close(grad, p.grad, msg=f"lora_alpha={alpha}")
 
 
+_LINEAR_KINDS = {"softmax_topk": dict(num_experts=4, top_k=2),
+                 "topk_softmax": dict(num_experts=4, top_k=2, router="topk_softmax"),
+                 "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.2),
+                 "shared_a": dict(num_experts=4, top_k=2, share_lora_a=True),
+                 "task": dict(num_experts=3, router="task", task_shared_lora=True),
+                 "dora": dict(num_experts=1, use_dora=True)}
+
+
+def _linear_layer(kind: str, out_features: int) -> MoELoRALinear:
+    """A MoELoRALinear over nn.Linear(8, out_features), r 4, of ``kind`` (_LINEAR_KINDS; "task": routing 5 tokens)."""
+    layer = MoELoRALinear(nn.Linear(8, out_features), r=4, **_LINEAR_KINDS[kind])
+    if kind == "task":
+        layer.task_ids = torch.tensor([0, 1, 2, 1, 0])
+    return layer
+
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "task", "dora", "conv", "embedding"])
 def test_torch_func_grad_runs_through_the_layers_on_the_torch_backend(kind):
     """README (Backends): torch.func.grad of a functional_call equals autograd's gradient on the
@@ -219,13 +235,7 @@ def test_torch_func_grad_runs_through_the_layers_on_the_torch_backend(kind):
     elif kind == "embedding":
         layer, x = MoELoRAEmbedding(nn.Embedding(10, 6), num_experts=3, top_k=2, r=4), torch.randint(0, 10, (2, 5))
     else:
-        settings = {"softmax_topk": dict(num_experts=4, top_k=2),
-                    "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.2),
-                    "task": dict(num_experts=3, router="task", task_shared_lora=True),
-                    "dora": dict(num_experts=1, use_dora=True)}[kind]
-        layer = MoELoRALinear(nn.Linear(8, 8), r=4, **settings)
-        if kind == "task":
-            layer.task_ids = torch.tensor([0, 1, 2, 1, 0])
+        layer = _linear_layer(kind, 8)
     randomize_adapters(layer)
     layer.eval()
     params = {name: p.detach() for name, p in layer.named_parameters()}
@@ -326,15 +336,7 @@ def test_forward_mode_ad_through_the_layers_on_the_torch_backend(kind, fallback)
     from moelora import switches
 
     torch.manual_seed(0)
-    settings = {"softmax_topk": dict(num_experts=4, top_k=2),
-                "topk_softmax": dict(num_experts=4, top_k=2, router="topk_softmax"),
-                "threshold": dict(num_experts=4, top_k=3, router="threshold", threshold_eps=0.2),
-                "shared_a": dict(num_experts=4, top_k=2, share_lora_a=True),
-                "task": dict(num_experts=3, router="task", task_shared_lora=True),
-                "dora": dict(num_experts=1, use_dora=True)}[kind]
-    layer = MoELoRALinear(nn.Linear(8, 6), r=4, **settings)
-    if kind == "task":
-        layer.task_ids = torch.tensor([0, 1, 2, 1, 0])
+    layer = _linear_layer(kind, 6)
     randomize_adapters(layer)
     layer.eval()
     layer64 = copy.deepcopy(layer).double()

@@ -208,6 +208,36 @@ def _checkpointing_batch(name):
     return _whisper(), dict(input_features=features, decoder_input_ids=_ids()[:, :4]), {}
 
 
+def _reentrant_checkpointed_gradients(base, batch, config, before=False, after=None, set_adapter=False):
+    """The trainable parameters' gradients of one backward of a copy of ``base`` adapted by ``config`` (routers and
+    adapters seeded), reentrant checkpointing enabled on the model before wrapping (``before``) or through the
+    wrapper's method named ``after`` (gradient_checkpointing_enable, activation_checkpointing_enable), neither:
+    none; ``set_adapter``: the active adapter set again first (trainable, as set_adapter makes it)."""
+    inner = copy.deepcopy(base)
+    if before:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    torch.manual_seed(0)  # the routers' initial weights
+    model = moelora.get_moelora_model(inner, config)
+    _randomize_adapters(model)
+    if after is not None:
+        getattr(model, after)(**{after.replace("_enable", "_kwargs"): {"use_reentrant": True}})
+    if set_adapter:
+        model.set_adapter(model.active_adapter)
+    model.train()
+    with contextlib.suppress(AttributeError):
+        model.config.use_cache = False
+    model(**batch).logits.square().mean().backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_trained_gradients(expected, got):
+    assert any("lora_A" in n for n in expected) and all(g is not None for g in expected.values())
+    missing = [n for n, g in got.items() if g is None]
+    assert not missing, missing[:4]
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("when", ["before_wrapping", "gradient_checkpointing_enable",
                                   "activation_checkpointing_enable"])
 @pytest.mark.parametrize("name", ["vit", "whisper"])
@@ -222,32 +252,10 @@ def test_reentrant_checkpointing_trains_the_adapters_of_a_model_without_input_id
     gradients are those without checkpointing."""
     base, batch, extra = _checkpointing_batch(name)
     config = moelora.MoELoRAConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"], **extra)
-
-    def gradients(checkpointing):
-        inner = copy.deepcopy(base)
-        kwargs = {"use_reentrant": True}
-        if checkpointing and when == "before_wrapping":
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        torch.manual_seed(0)  # the routers' initial weights
-        model = moelora.get_moelora_model(inner, config)
-        _randomize_adapters(model)
-        if checkpointing and when == "gradient_checkpointing_enable":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        elif checkpointing and when == "activation_checkpointing_enable":
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        model.train()
-        with contextlib.suppress(AttributeError):
-            model.config.use_cache = False
-        model(**batch).logits.square().mean().backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    expected, got = gradients(False), gradients(True)
-    assert any("lora_A" in n for n in expected) and all(g is not None for g in expected.values())
-    missing = [n for n, g in got.items() if g is None]
-    assert not missing, missing[:4]
-    for n in expected:
-        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
-
+    before = when == "before_wrapping"
+    _assert_same_trained_gradients(_reentrant_checkpointed_gradients(base, batch, config),
+                                   _reentrant_checkpointed_gradients(base, batch, config, before=before,
+                                                                     after=None if before else when))
 
 
 @pytest.mark.parametrize("name", ["vit", "whisper"])
@@ -260,27 +268,10 @@ def test_reentrant_checkpointing_trains_the_adapters_once_set_adapter_unfreezes_
     base, batch, extra = _checkpointing_batch(name)
     config = moelora.MoELoRAConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"],
                                    inference_mode=True, **extra)
+    _assert_same_trained_gradients(_reentrant_checkpointed_gradients(base, batch, config, set_adapter=True),
+                                   _reentrant_checkpointed_gradients(base, batch, config, before=True,
+                                                                     set_adapter=True))
 
-    def gradients(checkpointing):
-        inner = copy.deepcopy(base)
-        if checkpointing:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        torch.manual_seed(0)  # the routers' initial weights
-        model = moelora.get_moelora_model(inner, config)
-        _randomize_adapters(model)
-        model.set_adapter(model.active_adapter)  # trainable now
-        model.train()
-        with contextlib.suppress(AttributeError):
-            model.config.use_cache = False
-        model(**batch).logits.square().mean().backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    expected, got = gradients(False), gradients(True)
-    assert any("lora_A" in n for n in expected) and all(g is not None for g in expected.values())
-    missing = [n for n, g in got.items() if g is None]
-    assert not missing, missing[:4]
-    for n in expected:
-        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
 
 def _roberta_classifier():
     """RoBERTa's classification head (classifier.dense, classifier.out_proj) holds linear layers of its own."""
