@@ -32,16 +32,17 @@ def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Ten
     """f_e: routed slots per expert divided by the number of tokens, [E] in ``dtype`` (fp32).
 
     Slots with weight 0 (dropped by threshold routing) are not counted when ``weights``
-    is given; with ``mask`` ([T] bool, the real tokens: False for padding) only the real
-    tokens' slots count, over the number of real tokens. Built from one-hot sums: no host
-    sync, deterministic.
+    is given; with ``mask`` ([T], the real tokens: bool, or integers nonzero for real tokens and 0 for padding,
+    as an attention_mask) only the real tokens' slots count, over the number of real tokens. Built from one-hot
+    sums: no host sync, deterministic.
     """
     ids = ids.reshape(-1, ids.shape[-1])
     one_hot = F.one_hot(ids.long(), num_experts).to(dtype)  # [T, k, E]
     if weights is not None:
         one_hot = one_hot * (weights.reshape(ids.shape) > 0).to(dtype).unsqueeze(-1)
     if mask is not None:
-        return (one_hot * mask.reshape(-1, 1, 1)).sum(dim=(0, 1)) / _count(mask, dtype)
+        real = _real_tokens(mask)
+        return (one_hot * real.to(dtype).reshape(-1, 1, 1)).sum(dim=(0, 1)) / _count(real, dtype)
     return one_hot.sum(dim=(0, 1)) / max(ids.shape[0], 1)
 
 
@@ -50,17 +51,17 @@ def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int
     """Switch load-balancing loss of one layer (see the module docstring) from the router
     probabilities ``probs`` [..., E = ``num_experts``] and the chosen ``ids`` [..., k] of the same tokens (and their
     ``weights``, ids' shape: slots of weight 0 are not counted); with ``mask`` ([...] of the
-    tokens: bool, or 0/1 integers as an attention_mask) over the real tokens only (f_e and P_e as
-    means over them). In fp32 (fp64 for fp64 probs). Shapes that do not match raise ValueError
-    naming the argument."""
+    tokens: bool, or integers nonzero for real tokens and 0 for padding, as an attention_mask and as
+    ``moelora.set_aux_loss_mask`` takes it) over the real tokens only (f_e and P_e as means over them).
+    In fp32 (fp64 for fp64 probs). Shapes that do not match raise ValueError naming the argument."""
     _check_load_balancing_args(probs, ids, num_experts, weights, mask)
     probs = probs.reshape(-1, num_experts)
     probs = probs.to(accumulator_dtype(probs.dtype))
     if probs.shape[0] == 0:
         return probs.sum()
     if mask is not None:
-        real = mask.reshape(-1, 1).bool()
-        mean_probs = torch.where(real, probs, 0.0).sum(dim=0) / _count(mask, probs.dtype)  # padding: any value
+        real = _real_tokens(mask)
+        mean_probs = torch.where(real.unsqueeze(1), probs, 0.0).sum(dim=0) / _count(real, probs.dtype)  # padding: any
     else:
         mean_probs = probs.mean(dim=0)
     return num_experts * torch.sum(expert_load(ids, num_experts, weights, mask, probs.dtype) * mean_probs)
@@ -83,9 +84,15 @@ def _check_load_balancing_args(probs, ids, num_experts, weights, mask) -> None:
         raise ValueError(f"mask must hold one value per token ({tokens}), got shape {tuple(mask.shape)}")
 
 
-def _count(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _real_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """[T] bool: the real tokens (nonzero) of a token mask of any shape, bool or integer (0 for padding)."""
+    mask = mask.reshape(-1)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _count(real: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The number of real tokens of a [T] bool mask, at least 1, in ``dtype`` (a tensor: no host read)."""
-    return mask.sum().clamp_min(1).to(dtype)
+    return real.sum().clamp_min(1).to(dtype)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -98,13 +105,14 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def routing_entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over tokens (with ``mask``, [T] bool or 0/1 integers: over the real tokens, whatever the
-    padding rows hold) of the entropy (nats) of the router distribution; 0 without tokens (or real tokens), as
-    :func:`expert_load`'s load."""
+    """Mean over tokens (with ``mask``, [T] bool or integers nonzero for real tokens: over the real tokens,
+    whatever the padding rows hold) of the entropy (nats) of the router distribution; 0 without tokens (or real
+    tokens), as :func:`expert_load`'s load."""
     probs = probs.reshape(-1, probs.shape[-1]).float()
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
     if mask is not None:
-        return torch.where(mask.reshape(-1).bool(), entropy, 0.0).sum() / _count(mask)
+        real = _real_tokens(mask)
+        return torch.where(real, entropy, 0.0).sum() / _count(real)
     return entropy.mean() if entropy.numel() else entropy.sum()
 
 

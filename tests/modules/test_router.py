@@ -574,6 +574,27 @@ def test_masked_load_balancing_loss_equals_mixtral(top_k):
     torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(ref, logits)[0])
 
 
+def test_integer_masks_count_every_nonzero_token_as_real_in_the_load_the_loss_and_the_entropy():
+    """An integer mask holds nonzero for real tokens (as set_aux_loss_mask and the layers take it; packed batches
+    number their sequences 1, 2, ... in the attention_mask). expert_load and routing_entropy weighed each token by
+    its mask value (and load_balancing_loss's P_e did not, its f_e did): segment ids 1..3 gave a load-balancing loss
+    of 1.41 against 2.47 over the same real tokens. Now all three equal the float64 formula over the nonzero tokens."""
+    T, E, k = 12, 4, 2
+    g = torch.Generator().manual_seed(7)
+    probs = torch.softmax(torch.randn(T, E, generator=g, dtype=torch.float64) * 2, -1)
+    ids = probs.topk(k, -1).indices
+    mask = torch.randint(0, 4, (T,), generator=g)
+    mask[:2] = torch.tensor([2, 0])  # a token of segment 2 and a padding token whatever the draw
+    real = (mask != 0).double()
+    n = real.sum()
+    load = (nn.functional.one_hot(ids, E).double() * real[:, None, None]).sum((0, 1)) / n
+    want_lb = E * load.dot((probs * real[:, None]).sum(0) / n)
+    entropy = -(probs * probs.log()).sum(-1)
+    assert rel_err(load_balancing_loss(probs, ids, E, mask=mask), want_lb) < 1e-14
+    assert rel_err(expert_load(ids, E, mask=mask, dtype=torch.float64), load) < 1e-14
+    torch.testing.assert_close(routing_entropy(probs, mask).double(), (entropy * real).sum() / n)
+
+
 def test_z_loss_entropy_and_load_formulas():
     logits = _logits(t=10, e=4)
     torch.testing.assert_close(router_z_loss(logits), (torch.logsumexp(logits, -1) ** 2).mean())
