@@ -46,8 +46,9 @@ class Router(nn.Linear):
             ``eps_end`` exactly.
         device: where the weight and the step counter live (the weight is made in fp32; ``.half()`` or
             ``.to(dtype)`` convert it as any parameter, and the logits stay fp32).
-        top1_advice: the end of the warning at top_k 1 with a renormalised gate (every gate is 1,
-            so the router learns from the aux losses alone): what the module holding it offers instead.
+        top1_advice: the end of the warning at top_k 1 with a renormalised gate ("softmax_topk" with
+            ``renormalize``, "topk_softmax", "threshold": every gate is 1, so the router learns from the aux
+            losses alone): what the module holding it offers instead.
 
     The arguments are checked as the layers' same fields (``ROUTER_ARG_FIELDS``: ``jitter_noise``
     as ``router_jitter_noise``, ``eps_end`` as ``threshold_eps``, ...), the errors naming Router's.
@@ -65,7 +66,8 @@ class Router(nn.Linear):
         for name, field in ROUTER_ARG_FIELDS.items():
             check_field(name, given[name], LAYER_FIELD_KINDS[field])
         check_top_k(top_k, num_experts)
-        if top_k == 1 and num_experts > 1 and (renormalize or mode == "topk_softmax"):
+        # threshold routing renormalises its kept gates, and "topk_softmax"'s softmax over k, whatever renormalize
+        if top_k == 1 and num_experts > 1 and (renormalize or mode != "softmax_topk"):
             warnings.warn(f"router={mode!r} with top_k=1 and a renormalised gate: every token's gate is 1, so the "
                           f"router learns from the aux losses alone, never from the task loss; {top1_advice}",
                           stacklevel=2)

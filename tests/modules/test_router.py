@@ -752,10 +752,12 @@ def test_router_buffers_live_on_the_router_device():
 
 
 @pytest.mark.parametrize("mode, renormalize, warns", [("softmax_topk", True, True), ("topk_softmax", False, True),
-                                                      ("threshold", True, True), ("softmax_topk", False, False)])
+                                                      ("threshold", True, True), ("threshold", False, True),
+                                                      ("softmax_topk", False, False)])
 def test_top_1_with_a_renormalised_gate_warns_that_the_task_loss_cannot_train_the_router(mode, renormalize, warns):
-    """With top_k=1 a renormalised (or "topk_softmax") gate is 1 for every token: the task loss gives
-    the router no gradient, only the aux losses train it. Constructing such a router warns;
+    """With top_k=1 a renormalised (or "topk_softmax", or "threshold": renormalize does not apply to them)
+    gate is 1 for every token: the task loss gives the router no gradient, only the aux losses train it.
+    Constructing such a router warns (threshold routing with router_renormalize=False did not);
     Switch's top-1 (softmax_topk, renormalize=False) does not, and its router learns from the task."""
     import warnings
 
