@@ -540,6 +540,22 @@ def switch_z_loss(logits):
     return router_z_loss_func(logits)
 
 
+def test_summed_z_loss_of_several_layers_is_their_number_times_switch_transformers_pooled_one():
+    """docs/layers.md section 3: Switch Transformers pools its layers' router logits into one z-loss (the mean of
+    the per-layer ones), moelora sums the per-layer losses: L layers give L times Switch's z-loss."""
+    L, d, e = 3, 8, 4
+    layers = nn.Sequential(*[moelora.MoELoRALinear(nn.Linear(d, d), num_experts=e, top_k=2, router_aux_loss_coef=0.0,
+                                                   router_z_loss_coef=1.0).double() for _ in range(L)])
+    for layer in layers:
+        nn.init.normal_(layer.router.weight)
+    x = torch.randn(2, 5, d, dtype=torch.float64)
+    logits = []
+    for layer in layers:
+        logits.append(layer.router.logits(x).view(2, 5, e))
+        x = layer(x)
+    assert rel_err(moelora.aux_loss(layers), L * switch_z_loss(torch.cat(logits, dim=1))) < 1e-12
+
+
 def test_router_jitter_is_switch_transformers_jitter():
     """Same seed, same logits as Switch Transformers' jittered fp32 router; no jitter at eval."""
     e, d = 6, 16
