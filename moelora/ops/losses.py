@@ -138,8 +138,9 @@ def masked_aux_losses(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Te
     in the fused layer's op; :class:`_MaskedAuxKernelFn`), else (and with ``kernels=False``: the fused
     op's torch backend) PyTorch ops (:class:`_MaskedAuxLossFn`).
     An all-True mask gives aux_losses' loss; padding tokens change neither the loss nor its
-    gradients, whatever the padding rows hold; a real token's non-finite logits make the loss NaN
-    (the routing op's limits for infinite logits are not taken here)."""
+    gradients, whatever the padding rows hold; a real token's NaN or +inf logits, or a row of -inf only, make the
+    loss NaN (the routing op's limits for them are not taken here), while -inf logits beside finite ones take
+    probability 0, as in the routing op."""
     logits = logits.to(accumulator_dtype(logits.dtype))
     if kernels and logits.shape[0] and kernels_run(logits.device) and not torch.compiler.is_compiling():
         return _MaskedAuxKernelFn.apply(logits, ids, weights, mask, lb_coef, z_coef, count_kept)
