@@ -69,9 +69,13 @@ def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int
 
 def _check_load_balancing_args(probs, ids, num_experts, weights, mask) -> None:
     """ValueError naming the argument unless probs is [..., num_experts] and ids, weights and mask
-    describe its tokens (free: shapes only)."""
+    describe its tokens, TypeError unless probs is floating point and ids integers (free: no value read)."""
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if not probs.is_floating_point():
+        raise TypeError(f"probs must be floating point (router probabilities), got {probs.dtype}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor (expert ids), got {ids.dtype}")
     if probs.dim() < 1 or probs.shape[-1] != num_experts:
         raise ValueError(f"probs must have shape [..., num_experts = {num_experts}], got {tuple(probs.shape)}")
     tokens = probs.numel() // num_experts
@@ -96,7 +100,10 @@ def _count(real: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, in fp32 (fp64 for fp64 logits)."""
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, in fp32 (fp64 for fp64 logits), of
+    ``logits`` [..., E] (else a ValueError naming them)."""
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., E] with E >= 1, got {tuple(logits.shape)}")
     logits = logits.reshape(-1, logits.shape[-1])
     logits = logits.to(accumulator_dtype(logits.dtype))
     if logits.shape[0] == 0:

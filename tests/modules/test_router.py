@@ -642,6 +642,19 @@ def test_load_balancing_loss_refuses_shapes_of_other_tokens_naming_the_argument(
                                load_balancing_loss(r.probs, r.ids, 4))
 
 
+def test_aux_loss_functions_refuse_inputs_of_other_kinds_naming_them():
+    """moelora.load_balancing_loss's ids of a float dtype were truncated to experts (1.7 -> 1) and its probs of an
+    integer dtype gave 0, silently; router_z_loss's 0-d logits failed inside it (IndexError: tuple index out of
+    range): each now raises naming the argument."""
+    r = softmax_topk(_logits(t=10, e=4), 2)
+    with pytest.raises(TypeError, match=r"^ids must be an integer tensor \(expert ids\), got torch.float32$"):
+        moelora.load_balancing_loss(r.probs, r.ids.float() + 0.7, 4)
+    with pytest.raises(TypeError, match=r"^probs must be floating point \(router probabilities\), got torch.int64$"):
+        moelora.load_balancing_loss(r.probs.long(), r.ids, 4)
+    with pytest.raises(ValueError, match=r"^logits must have shape \[\.\.\., E\] with E >= 1, got \(\)$"):
+        moelora.router_z_loss(torch.randn(()))
+
+
 def test_aux_loss_functions_keep_float64():
     """load_balancing_loss and router_z_loss compute in fp32 for half and fp32 inputs, in fp64 for fp64 ones (as
     the routing op and aux_losses), where they rounded fp64 to fp32: z of logits of size 1e3 off by ~0.3."""
