@@ -44,7 +44,7 @@ class Routing(NamedTuple):
     weights: torch.Tensor  # [T, k] fp32
     ids: torch.Tensor  # [T, k] int32 (int64 for task routing)
     logits: Optional[torch.Tensor] = None  # [T, E] fp32 (None for static routing)
-    counts: Optional[torch.Tensor] = None  # [E]: slots with weight > 0 routed to each expert
+    counts: Optional[torch.Tensor] = None  # [E]: slots routed to each expert (threshold routing: with weight > 0)
     prob_sums: Optional[torch.Tensor] = None  # [E]: sum over tokens of the softmax probabilities
     lse: Optional[torch.Tensor] = None  # [T]: logsumexp of each token's logits
 
