@@ -114,9 +114,10 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 def routing_entropy(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over tokens (with ``mask``, [T] bool or integers nonzero for real tokens: over the real tokens,
     whatever the padding rows hold) of the entropy (nats) of the router distribution; 0 without tokens (or real
-    tokens), as :func:`expert_load`'s load."""
-    probs = probs.reshape(-1, probs.shape[-1]).float()
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+    tokens), as :func:`expert_load`'s load; in fp32 (fp64 for fp64 probs), 0 log 0 taken as 0."""
+    probs = probs.reshape(-1, probs.shape[-1])
+    probs = probs.to(accumulator_dtype(probs.dtype))
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)
     if mask is not None:
         real = _real_tokens(mask)
         return torch.where(real, entropy, 0.0).sum() / _count(real)

@@ -671,6 +671,20 @@ def test_aux_loss_functions_keep_float64():
     assert router_z_loss(logits.half()).dtype == load_balancing_loss(probs.half(), ids, 4).dtype == torch.float32
 
 
+def test_routing_entropy_of_float64_probs_has_float64_precision():
+    """routing_entropy (the routing statistics' entropy, MoLEx's) rounded float64 probabilities to fp32 and took
+    log(max(p, 1e-12)): ~1e-8 relative off the float64 entropy. Now in float64 for float64 probs, with p log p = 0
+    at p = 0 (a saturated softmax), and in fp32 for half ones."""
+    from moelora.ops.losses import routing_entropy
+
+    probs = torch.softmax(_logits(t=21, e=5, seed=8).double(), -1)
+    probs[0] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    terms = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
+    got = routing_entropy(probs)
+    assert got.dtype == torch.float64 and rel_err(got, -terms.sum(-1).mean()) < 1e-14
+    assert routing_entropy(probs.half()).dtype == torch.float32
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["all_tokens", "masked"])
 def test_load_balancing_loss_of_float64_probs_has_float64_precision(masked):
     """The load f_e = c_e / T of float64 probs is float64: it was fp32 (its one-hot sums and the token count), so the
