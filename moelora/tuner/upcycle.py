@@ -134,7 +134,7 @@ def _check_activation_matches(name: str, m: nn.Module, parts: tuple, activation:
     held = _activation_modules(m, parts)
     if not held:
         return
-    probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    probe = torch.linspace(-6, 6, 241, dtype=torch.float64, device="cpu")  # values, under any default device
     try:
         given = activation(probe.clone())  # a copy each: an activation may work in place (nn.ELU(inplace=True))
     except Exception:  # an activation that does not take float64 CPU tensors: nothing to compare here
@@ -231,8 +231,8 @@ def _probe(m: nn.Module, in_proj: nn.Module, out_proj: nn.Module) -> Optional[_P
     if weight.is_meta:
         return None
     d_in = weight.shape[1]
-    x = torch.sin(torch.arange(4 * d_in, dtype=torch.float64) * 0.7).reshape(1, 4, d_in)
-    x = x.to(dtype=weight.dtype, device=weight.device)
+    x = torch.sin(torch.arange(4 * d_in, dtype=torch.float64, device=weight.device) * 0.7).reshape(1, 4, d_in)
+    x = x.to(weight.dtype)
     order, hooks, modes = [], [], {mod: mod.training for mod in m.modules()}
     for n, d in m.named_modules():
         if isinstance(d, _DropoutNd):

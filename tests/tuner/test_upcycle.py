@@ -939,3 +939,24 @@ def test_checkpoints_whose_record_a_later_check_refuses_load_as_trained_with_a_w
         ffns = [m for m in loaded.modules() if isinstance(m, MoEFFN)]
         assert ffns and all(
             (type(f.activation) is type(ACT2FN["gelu"])) if "activation" in edit else f.dropout == 0.1 for f in ffns)
+
+
+def test_a_generic_ffn_built_on_the_meta_device_upcycles_with_its_activation_given():
+    """Meta-device init (``with torch.device("meta")``, as FSDP2's recipe builds the model): the activation check
+    made its probe under the block's default device, a meta tensor, and comparing the two activations' values
+    raised "Tensor.item() cannot be called on meta tensors". The probe is a CPU tensor, whatever the default
+    device; a wrong activation is still refused there."""
+    from collections import OrderedDict
+    from transformers.activations import ACT2FN
+
+    def model():
+        mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(8, 16), act=nn.GELU(), fc2=nn.Linear(16, 8)))
+        return nn.Sequential(OrderedDict(embed=nn.Embedding(16, 8), mlp=mlp))
+
+    ffn = dict(ffn_modules=["mlp"], in_proj="fc1", out_proj="fc2")
+    with torch.device("meta"):
+        assert upcycle_ffn(model(), 3, 2, activation=F.gelu, **ffn) == ["mlp"]
+        refused = model()
+        with pytest.raises(ValueError, match="computes something else than its activation"):
+            upcycle_ffn(refused, 3, 2, activation=ACT2FN["gelu_new"], **ffn)
+    assert isinstance(refused.mlp, nn.Sequential) and refused.mlp.fc1.weight.is_meta
