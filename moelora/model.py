@@ -505,6 +505,22 @@ def clear_aux_losses(model: nn.Module) -> None:
         m.clear_routing_record()
 
 
+def _clear_aux_losses_at_deletion(wrapper: "MoELoRAModel") -> None:
+    """Clear the routing records of ``wrapper``'s model when the wrapper is deleted. A record holds its forward's
+    autograd graph until the next forward (or a backward) frees its buffers; a gradient-checkpointed layer's graph
+    holds that layer (torch.utils.checkpoint's recomputation calls it), out of the garbage collector's reach (the
+    graph is C++). After a forward whose backward never ran (evaluation with gradients on, an exception before
+    backward), ``del model`` would keep every checkpointed layer holding a routed module alive for good, base
+    weights included. The model is held weakly: it lives as long as the wrapper holds it."""
+    weakref.finalize(wrapper, _clear_aux_losses_of, weakref.ref(wrapper.model))
+
+
+def _clear_aux_losses_of(model_ref: weakref.ref) -> None:
+    model = model_ref()
+    if model is not None:
+        clear_aux_losses(model)
+
+
 def router_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per routed module (by name), from its last forward (in eval mode and under torch.no_grad too):
     ``load`` (slots per token routed to each expert, [E]; threshold routing: the kept ones), ``entropy``
@@ -985,6 +1001,7 @@ class MoELoRAModel(nn.Module):
         self.aux_loss_mask_from: Optional[str] = None
         self._bind_forward()
         adapters.register_wrapper(self)
+        _clear_aux_losses_at_deletion(self)
         adapters.claim(self, adapters.adapter_modules(model).values())
         if config.inference_mode:
             self._mark_trainable()
@@ -1010,6 +1027,7 @@ class MoELoRAModel(nn.Module):
         super().__setstate__(state)
         self._bind_forward()
         adapters.register_wrapper(self)
+        _clear_aux_losses_at_deletion(self)
         adapters.claim(self, (m for m in self.modules() if adapters.is_adapter_module(m)))  # inactive ones too
 
     def _replicate_for_data_parallel(self):

@@ -494,6 +494,32 @@ def test_a_deleted_wrapper_after_a_forward_with_an_aux_loss_mask_is_freed(backwa
     assert all(ref() is None for ref in freed)
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_deleted_gradient_checkpointed_wrapper_whose_backward_never_ran_is_freed(backward):
+    """A routed module keeps its last forward's aux loss, whose autograd graph holds a gradient-checkpointed layer
+    (the checkpoint's recomputation calls it) out of the garbage collector's reach: after a forward with gradients
+    whose backward never ran (evaluation with gradients on, an exception before backward), ``del model`` kept
+    every checkpointed decoder layer (base weights and adapters) alive for good, gc.collect() or not."""
+    import gc
+    import weakref
+
+    model = get_moelora_model(tiny_llama(2), MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3,
+                                                           top_k=2, r=2))
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = token_batch()
+    out = model(input_ids=ids, labels=ids)
+    assert moelora.aux_loss(model).requires_grad
+    if backward:
+        out.loss.backward()
+    layer = model.model.model.layers[0]
+    freed = [weakref.ref(model), weakref.ref(layer), weakref.ref(layer.self_attn.q_proj),
+             weakref.ref(layer.self_attn.q_proj.base_layer.weight)]
+    del model, out, layer
+    gc.collect()
+    assert [ref() is None for ref in freed] == [True] * len(freed)
+
+
 def test_a_forward_rebound_as_accelerate_rebinds_it_runs_the_module_it_is_bound_to():
     """The wrapper's forward is a bound method as tools see one (``__func__``, ``__self__``): accelerate's
     ``unwrap_model(keep_fp32_wrapper=False)`` after a mixed-precision ``prepare_model`` rebinds the innermost
