@@ -511,8 +511,9 @@ def _clear_aux_losses_at_deletion(wrapper: "MoELoRAModel") -> None:
     holds that layer (torch.utils.checkpoint's recomputation calls it), out of the garbage collector's reach (the
     graph is C++). After a forward whose backward never ran (evaluation with gradients on, an exception before
     backward), ``del model`` would keep every checkpointed layer holding a routed module alive for good, base
-    weights included. The model is held weakly: it lives as long as the wrapper holds it."""
-    weakref.finalize(wrapper, _clear_aux_losses_of, weakref.ref(wrapper.model))
+    weights included. The model is held weakly: it lives as long as the wrapper holds it. Not run at the
+    interpreter's exit, which frees everything anyway."""
+    weakref.finalize(wrapper, _clear_aux_losses_of, weakref.ref(wrapper.model)).atexit = False
 
 
 def _clear_aux_losses_of(model_ref: weakref.ref) -> None:

@@ -494,8 +494,9 @@ def test_a_deleted_wrapper_after_a_forward_with_an_aux_loss_mask_is_freed(backwa
     assert all(ref() is None for ref in freed)
 
 
+@pytest.mark.parametrize("copied", [False, True])
 @pytest.mark.parametrize("backward", [False, True])
-def test_a_deleted_gradient_checkpointed_wrapper_whose_backward_never_ran_is_freed(backward):
+def test_a_deleted_gradient_checkpointed_wrapper_whose_backward_never_ran_is_freed(backward, copied):
     """A routed module keeps its last forward's aux loss, whose autograd graph holds a gradient-checkpointed layer
     (the checkpoint's recomputation calls it) out of the garbage collector's reach: after a forward with gradients
     whose backward never ran (evaluation with gradients on, an exception before backward), ``del model`` kept
@@ -507,6 +508,8 @@ def test_a_deleted_gradient_checkpointed_wrapper_whose_backward_never_ran_is_fre
                                                            top_k=2, r=2))
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if copied:  # a copy (its own layers) is freed likewise
+        model = copy.deepcopy(model)
     ids = token_batch()
     out = model(input_ids=ids, labels=ids)
     assert moelora.aux_loss(model).requires_grad
