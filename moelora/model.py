@@ -580,7 +580,29 @@ class _Swap(NamedTuple):
         return undo if others else None
 
 
-def _backward_routes_as_forward(output, aux_losses: List[torch.Tensor], swaps: List[_Swap]) -> None:
+class _BackwardPutBack:
+    """Gives modules back what they held before a backward's routing hook gave them its forward's swaps again
+    (``undo``: what the swaps' ``put_again`` returned), once: at that backward's end, or at the wrapper's next
+    forward where the backward raised, which never reaches its end (see :func:`_backward_routes_as_forward`)."""
+
+    __slots__ = ("undo", "wrapper")
+
+    def __init__(self, undo: List[Callable[[], None]], wrapper: weakref.ref):
+        self.undo, self.wrapper = undo, wrapper
+
+    def __call__(self) -> None:
+        undo, self.undo = self.undo, None
+        if undo is None:
+            return  # run already
+        wrapper = self.wrapper()
+        if wrapper is not None and self in wrapper._backward_put_backs:
+            wrapper._backward_put_backs.remove(self)
+        for u in reversed(undo):
+            u()
+
+
+def _backward_routes_as_forward(output, aux_losses: List[torch.Tensor], swaps: List[_Swap],
+                                wrapper: "MoELoRAModel") -> None:
     """Make every backward through ``output`` (the tensors of a MoELoRAModel forward's output that need a
     gradient, in any nesting of tuples, lists and dicts) or through the ``aux_losses`` its modules recorded
     route as the forward did: where the modules hold other task ids or another aux-loss
@@ -590,7 +612,10 @@ def _backward_routes_as_forward(output, aux_losses: List[torch.Tensor], swaps: L
     layer runs its forward again inside that backward; every path into it from a loss passes through
     these tensors first (a loss computed from other tensors of the forward is not covered). Not under
     torch.compile's tracing, which cannot trace the hooks (a compiled wrapper keeps the next-forward rule
-    only: see MoELoRAModel.forward)."""
+    only: see MoELoRAModel.forward). A backward that raises never reaches its end: what gives the modules back
+    what they held waits in ``wrapper._backward_put_backs`` too, and the wrapper's next forward runs it (else the
+    modules would keep that forward's ids or mask, which the next forwards' put-backs take for what they held
+    before, so that a forward without task ids would route by them)."""
     tensors = [loss for loss in aux_losses if loss.requires_grad]
     pending = [output]
     while pending:
@@ -607,15 +632,16 @@ def _backward_routes_as_forward(output, aux_losses: List[torch.Tensor], swaps: L
     # tensor's hook holds is out of the garbage collector's reach (the autograd graph is C++), so the cycle would
     # keep a deleted model (its device memory) alive for good.
     weak = [(swap._replace(modules=[], previous=[]), [weakref.ref(m) for m in swap.modules]) for swap in swaps]
+    wrapper_ref = weakref.ref(wrapper)
 
     def hook(_grad):
         live = [swap._replace(modules=[m for m in (ref() for ref in refs) if m is not None]) for swap, refs in weak]
         undo = [u for u in (swap.put_again() for swap in live) if u is not None]
         if undo:
-            def put_back() -> None:
-                for u in reversed(undo):
-                    u()
-
+            put_back = _BackwardPutBack(undo, wrapper_ref)
+            owner = wrapper_ref()
+            if owner is not None:
+                owner._backward_put_backs.append(put_back)
             torch.autograd.Variable._execution_engine.queue_callback(put_back)  # run at the backward's end
 
     for tensor in tensors:
@@ -996,6 +1022,9 @@ class MoELoRAModel(nn.Module):
         # the _Swaps (task ids, aux-loss mask) of the last forward, put back by the next (a list mutated
         # in place: dynamo 2.11 cannot trace a module's __dict__.pop)
         self._forward_swaps = []
+        # what gives the modules back what they held before a backward's routing hooks gave them a forward's swaps
+        # again, until that backward's end runs it (see _backward_routes_as_forward): left by a backward that raised
+        self._backward_put_backs = []
         self._task_ids_owner = object()  # what the layers hold beside the task ids its forward gives them
         # the forward argument whose tensor is the aux-loss mask when aux_loss_mask is not given (e.g.
         # "attention_mask": transformers' Trainer passes the batch's columns only)
@@ -1022,10 +1051,12 @@ class MoELoRAModel(nn.Module):
     def __getstate__(self):
         state = dict(super().__getstate__())
         state.pop("forward", None)
+        state["_backward_put_backs"] = []  # closures over this model's modules
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._backward_put_backs = []  # a wrapper pickled before it had them too
         self._bind_forward()
         adapters.register_wrapper(self)
         _clear_aux_losses_at_deletion(self)
@@ -1039,6 +1070,7 @@ class MoELoRAModel(nn.Module):
         thread) gave its layers, which a gradient-checkpointed layer still needs for its backward."""
         replica = super()._replicate_for_data_parallel()
         replica._forward_swaps = []
+        replica._backward_put_backs = []
         forward = self.__dict__.get("forward")
         if isinstance(forward, _BoundForward):
             replica.__dict__["forward"] = _BoundForward(forward.__func__, replica)
@@ -1142,7 +1174,7 @@ class MoELoRAModel(nn.Module):
         if self.moelora_config.add_aux_loss_to_output:
             output = self._with_aux_loss(output, labels is not None, recorded)
         if hooked:
-            _backward_routes_as_forward(output, [m.last_aux_loss for m in recorded], swaps)
+            _backward_routes_as_forward(output, [m.last_aux_loss for m in recorded], swaps, self)
         return output
 
     def _takes_task_ids(self) -> bool:
@@ -1218,6 +1250,9 @@ class MoELoRAModel(nn.Module):
     def _put_back_forward_swaps(self) -> None:
         """Put back what the modules held before the last forward's ``task_ids`` and ``aux_loss_mask``
         (see :meth:`forward`), where they still hold that forward's."""
+        waiting = self._backward_put_backs  # left by a backward that raised: it held the modules for its forward
+        while waiting:
+            waiting[-1]()
         swaps = self._forward_swaps
         while swaps:
             swaps.pop().put_back(where_unchanged=True)

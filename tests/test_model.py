@@ -887,6 +887,36 @@ def test_two_forwards_and_one_backward_route_each_recomputation_by_its_forwards_
         assert all(layer.task_ids is last for layer in _layers(model).values())
 
 
+def test_a_backward_that_raises_leaves_the_layers_the_ids_they_held_before_it():
+    """forward(task_ids=a), forward(task_ids=b), a backward of the first's loss that raises (a caught out-of-memory
+    error, as a batch-size finder catches it): its routing hook gave the layers a's ids again, and what gives them b's
+    back runs at a backward's end, which this one never reached, so the layers kept a's ids for good: the next
+    forward put back b's (not held any more) and a forward without task ids routed by a's silently, where it
+    raises (none set) after a forward with ids that the model held none before."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=3, router="task"))
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = token_batch(seq=7)
+    first = model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0]))
+    last = torch.tensor([1, 1])
+    model(ids, labels=ids, use_cache=False, task_ids=last)
+    weight = next(p for name, p in model.named_parameters() if p.requires_grad and ".layers.0." in name)
+
+    def fail(grad):
+        raise RuntimeError("out of memory")
+
+    handle = weight.register_hook(fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        first.loss.backward()
+    handle.remove()
+    model.eval()
+    with pytest.raises(RuntimeError, match="none is set"):  # the ids held before the forwards: none
+        model(ids, use_cache=False)
+    assert all(layer.task_ids is None for layer in _layers(model).values())
+    assert model._backward_put_backs == []
+
+
 def test_a_block_between_forward_and_backward_keeps_the_forwards_other_state():
     """A use_aux_loss_mask block after the wrapper's forward(task_ids=) leaves the task ids alone (it
     puts back that forward's mask only, not its ids): the backward after it recomputes the
