@@ -81,6 +81,7 @@ mixing call recorded is dropped.
 from __future__ import annotations
 
 import dataclasses
+import copy
 import functools
 import inspect
 import math
@@ -136,6 +137,29 @@ def _check_args(**values) -> None:
         if not (value is None and name in ("proj_dim", "bias")):
             check_field(name, value, MOLEX_ARG_KINDS[name])
 
+
+
+class HeldWeakly:
+    """A module held weakly (call it: the module, or None once it is freed), for what MoLEx keeps of the model it
+    mixes (its layer stack; apply_molex's undo: the model): the hooks on the model's modules hold the MoLEx, so a
+    strong reference would make every such model a reference cycle, whose memory (GPU memory included) ``del
+    model`` leaves for the garbage collector's next full pass. Copies (``copy.deepcopy``, pickling) of a model hold
+    its copy of the module, as a strong reference would."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, module: nn.Module):
+        self._ref = weakref.ref(module)
+
+    def __call__(self) -> Optional[nn.Module]:
+        return self._ref()
+
+    def __deepcopy__(self, memo):
+        module = self._ref()
+        return HeldWeakly(copy.deepcopy(module, memo)) if module is not None else self
+
+    def __reduce__(self):
+        return HeldWeakly, (self._ref(),)
 
 class LayerGate(nn.Module):
     """Scores of the L layers for each token: returns (logits [T, L], gate values [T, L]). Its
@@ -251,7 +275,7 @@ class MoLEx(nn.Module, RoutedModule):
         self.layer_selection = layer_selection
         # the stacked tensors of the forward under way (device selection), False while host selection runs
         self._stacked = None
-        self._layers = [layers]  # a list: not registered, the stack belongs to the model
+        self._layers = HeldWeakly(layers)  # not registered: the stack belongs to the model
         self.num_layers, self.batch_routing, self.shared_gate = num_layers, batch_routing, shared_gate
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, 0.0
         make = lambda: LayerGate(hidden_size, num_layers, gate, proj_dim, temperature, bias)  # noqa: E731
@@ -429,7 +453,7 @@ class MoLEx(nn.Module, RoutedModule):
     def _call_layer(self, t: int, j: torch.Tensor, args, kwargs):
         """Layer j on layer t's input (see the module docstring); the routing records of the
         layer whose code runs are those of its own call afterwards."""
-        layers = self._layers[0]
+        layers = self._layers()
         if t == 0 or self._stacked is None:  # decided once per forward
             self._stacked = None  # a forward that raised left its stack: freed before stacking again
             _refuse_sharded_layers(layers)

@@ -12,7 +12,7 @@ from moelora.tuner.adapters import held_modules
 from moelora.tuner.structure import forget, record, structural_edit
 from moelora.tuner.targets import DEFAULT_LAYERS_PATTERN, unwrap
 from moelora.modules.fields import check_field
-from moelora.modules.molex import MOLEX_ARG_KINDS, MoLEx
+from moelora.modules.molex import MOLEX_ARG_KINDS, HeldWeakly, MoLEx
 
 
 def find_layer_stack(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None) -> nn.ModuleList:
@@ -106,7 +106,7 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     if isinstance(parent, nn.TransformerEncoder) and parent.use_nested_tensor:
         # its eval-mode fast path turns a padded batch into a nested tensor, which the mixing cannot take
         parent.use_nested_tensor = False
-        molex._on_remove.append(functools.partial(_nested_tensors_again, parent))
+        molex._on_remove.append(functools.partial(_nested_tensors_again, HeldWeakly(parent)))
     generation = getattr(target, "generation_config", None)
     config = getattr(target, "config", None)
     decodes = not getattr(config, "is_encoder_decoder", False) or "decoder" in stack_name.split(".")
@@ -118,7 +118,7 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     kwargs.setdefault("bias", None)  # recorded explicitly: records without it predate the gate's bias
     entry = record(target, "apply_molex", dict(layers=stack_name, hidden_size=hidden_size, **kwargs))
     # a partial of a module-level function, not a closure: a deepcopy of the model undoes on its own copy
-    molex._on_remove.append(functools.partial(_unapply_molex, target, entry))
+    molex._on_remove.append(functools.partial(_unapply_molex, HeldWeakly(target), entry))
     return molex
 
 
@@ -127,14 +127,18 @@ def _generation_cache_again(generation, previous, molex: MoLEx) -> None:
     generation.use_cache = previous
 
 
-def _nested_tensors_again(encoder: nn.TransformerEncoder, molex: MoLEx) -> None:
+def _nested_tensors_again(encoder: HeldWeakly, molex: MoLEx) -> None:
     """apply_molex's undo of ``encoder.use_nested_tensor = False`` (at :meth:`MoLEx.remove`)."""
-    encoder.use_nested_tensor = True
+    if encoder() is not None:
+        encoder().use_nested_tensor = True
 
 
-def _unapply_molex(target: nn.Module, entry, molex: MoLEx) -> None:
+def _unapply_molex(target: HeldWeakly, entry, molex: MoLEx) -> None:
     """apply_molex's share of :meth:`MoLEx.remove`: take ``molex`` off ``target`` and drop the
     structural record (``entry``), so checkpoints saved afterwards do not replay apply_molex."""
+    target = target()
+    if target is None:
+        return
     if target._modules.get("molex") is molex:
         delattr(target, "molex")
     forget(target, entry)

@@ -348,6 +348,34 @@ def test_molex_with_moelora_model_and_errors():
     molex.remove()
 
 
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_deleted_model_with_molex_is_freed_without_the_garbage_collector(copied):
+    """MoLEx held the layer stack it mixes and (for apply_molex's undo) the model, whose hooks hold the MoLEx: every
+    model with MoLEx was a reference cycle, whose memory (GPU memory included) ``del model`` left for the garbage
+    collector's next full pass. It holds them weakly now; a copy (copy.deepcopy, pickling) mixes its own layers and
+    removes itself from its own model, and is freed likewise."""
+    import weakref
+
+    ids = token_batch(seq=7)
+    model = tiny_llama(num_layers=3)
+    apply_molex(model)
+    if copied:
+        original = model
+        model = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+        assert model.molex._layers() is model.model.layers
+        torch.testing.assert_close(model(ids).logits, original(ids).logits)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    freed = [weakref.ref(model), weakref.ref(model.molex), weakref.ref(model.model.layers[0].mlp.up_proj.weight)]
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert [ref() is None for ref in freed] == [True] * len(freed)
+    finally:
+        gc.enable()
+
+
 def test_remove_undoes_apply_molex(tmp_path):
     """remove() leaves the model as before apply_molex: its outputs, no MoLEx loss or statistics,
     no model.molex, checkpoints that do not replay apply_molex, and apply_molex works again."""
@@ -690,7 +718,7 @@ def test_an_encoder_decoder_model_needs_the_stack_named():
             _sharpen(molex)
             out = model(input_ids=ids, decoder_input_ids=dec).logits
             assert not torch.allclose(out, plain)
-            assert molex._layers[0] is model.get_submodule(name)
+            assert molex._layers() is model.get_submodule(name)
             # the stack's own mask reaches it: 3 pad columns at the end of that stack's input
             pad_ids, mask = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], 1), torch.ones(2, 9, dtype=torch.long)
             mask[:, 6:] = 0
