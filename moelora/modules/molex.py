@@ -80,8 +80,8 @@ mixing call recorded is dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -138,7 +138,6 @@ def _check_args(**values) -> None:
             check_field(name, value, MOLEX_ARG_KINDS[name])
 
 
-
 class HeldWeakly:
     """A module held weakly (call it: the module, or None once it is freed), for what MoLEx keeps of the model it
     mixes (its layer stack; apply_molex's undo: the model): the hooks on the model's modules hold the MoLEx, so a
@@ -160,6 +159,7 @@ class HeldWeakly:
 
     def __reduce__(self):
         return HeldWeakly, (self._ref(),)
+
 
 class LayerGate(nn.Module):
     """Scores of the L layers for each token: returns (logits [T, L], gate values [T, L]). Its
