@@ -142,8 +142,7 @@ def test_the_walk_over_routed_modules_takes_each_once_in_modules_order():
     walk of its own, without building names: it takes each module once, in ``model.modules()``'s order (the
     order the aux losses are summed in), through shared modules (tied, registered twice), None children and
     containers, routed modules inside routed ones included (MoLEx over MoE-LoRA layers)."""
-    from moelora.model import _routed_modules
-    from moelora.modules.routed import RoutedModule
+    from moelora.modules.routed import RoutedModule, routed_modules
 
     base = tiny_llama(num_layers=3)
     moelora.upcycle_ffn(base, num_experts=2, top_k=1, router="softmax_topk", layers_to_transform=[1])
@@ -154,7 +153,7 @@ def test_the_walk_over_routed_modules_takes_each_once_in_modules_order():
     layers[2].register_module("nothing", None)
     expected = [m for m in model.modules() if isinstance(m, RoutedModule)]
     assert len(expected) > 6 and len({id(m) for m in expected}) == len(expected)
-    found = _routed_modules(model)
+    found = routed_modules(model)
     assert len(found) == len(expected) and all(a is b for a, b in zip(found, expected))
 
 

@@ -97,7 +97,8 @@ from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, POSITIVE_INT, check_
 from moelora.modules.init import reset_like_linear
 from moelora.ops.backend import without_autocast
 from moelora.ops.validation import is_finite_number
-from moelora.modules.routed import RoutedModule, real_tokens_of_attention_mask, torchscript_refusal
+from moelora.modules.routed import (RoutedModule, real_tokens_of_attention_mask, restore_routing_records,
+                                    routing_records, torchscript_refusal)
 from moelora.ops.losses import expert_load, load_balancing_loss, routing_entropy
 
 
@@ -466,7 +467,7 @@ class MoLEx(nn.Module, RoutedModule):
                 "data-dependent. Export with layer_selection='device' (layers with the same tensor shapes and "
                 "settings)")
         runner = layers[t] if device else layers[int(j)]  # "host": one host read
-        records = _routing_records(runner)
+        records = [(m, r) for m, r in routing_records(runner) if not isinstance(m, MoLEx)]
         self._calling_other = True
         recorded = _recorded_outputs()  # the mixing call's hidden states and attention maps are not the model's
         sizes = [(outputs, len(outputs)) for outputs in recorded]
@@ -481,7 +482,7 @@ class MoLEx(nn.Module, RoutedModule):
             self._calling_other = False
             for outputs, size in sizes:
                 del outputs[size:]
-            _restore_routing_records(records)
+            restore_routing_records(records)
             if t == self.num_layers - 1:
                 self._stacked = None  # not kept alive between forwards
         return out
@@ -597,16 +598,6 @@ def _stack_layers(layers: nn.ModuleList) -> dict:
     names = [n for n, _ in (*layers[0].named_parameters(), *layers[0].named_buffers())]
     per_layer = [dict((*layer.named_parameters(), *layer.named_buffers())) for layer in layers]
     return {name: torch.stack([tensors[name] for tensors in per_layer]) for name in names}
-
-
-def _routing_records(module: nn.Module) -> list:
-    return [(m, m.routing_record()) for m in module.modules()
-            if isinstance(m, RoutedModule) and not isinstance(m, MoLEx)]
-
-
-def _restore_routing_records(records: list) -> None:
-    for m, record in records:
-        m.restore_routing_record(record)
 
 
 def _is_kv_cache(value) -> bool:
