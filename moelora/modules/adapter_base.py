@@ -278,7 +278,7 @@ class AdapterLayerBase(nn.Module, RoutedModule):
                     "different functions); use plain LoRA (use_dora=False) on it")
         # fp32 adapters but on fp64 bases: half-precision bases as PEFT's (autocast_adapter_dtype), and quantised
         # ones, whose weight's dtype (bitsandbytes' packed integers) has no gradients.
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dtype = accumulator_dtype(weight.dtype)
         factory = dict(device=adapter_device(base_layer), dtype=dtype)
         self.num_lora = s.num_experts + (1 if s.task_shared_lora else 0)
         a_shape = (s.r, a_in) if s.share_lora_a else (self.num_lora, s.r, a_in)

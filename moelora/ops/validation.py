@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from moelora.kernels.launchers import accumulator_dtype
 from moelora.switches import validation_enabled
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -256,7 +257,7 @@ def check_routing_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num
         return False
     lo, hi = torch.aminmax(topk_ids)
     checks = [lo, hi, torch.isfinite(topk_weights).all()]
-    mixing = torch.float64 if topk_weights.dtype == torch.float64 else torch.float32
+    mixing = accumulator_dtype(topk_weights.dtype)
     if positive_kept_sums:
         kept = topk_weights != 0
         sums = torch.where(kept, topk_weights, 0).to(mixing).sum(-1)
