@@ -753,20 +753,23 @@ def test_a_generic_gated_ffn_described_with_its_gate_and_up_projections_swapped_
     torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
 
 
+class _ActivatedMLP(nn.Module):
+    """fc2(act(fc1(x))), 8 -> 16 -> 8, with the activation module ``act``: a generic FFN upcycle_ffn is told of."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), act, nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
 def test_the_activation_check_takes_an_in_place_activation():
     """The caller's activation working in place (nn.ELU(inplace=True)) for an MLP holding nn.ELU(): the check
     comparing the two ran both on one probe tensor, which the caller's overwrote, and refused the same
     activation (ELU of ELU is not ELU)."""
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ELU(), nn.Linear(16, 8)
-
-        def forward(self, x):
-            return self.fc2(self.act(self.fc1(x)))
-
     torch.manual_seed(0)
-    net = nn.Sequential(MLP()).double()
+    net = nn.Sequential(_ActivatedMLP(nn.ELU())).double()
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     expected = net(x)
     upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.ELU(inplace=True),
@@ -779,16 +782,8 @@ def test_an_activation_computing_in_another_dtype_is_not_refused_by_the_activati
     upcycled a float32 model before the activation check; the check compared its float32 result with the module's
     float64 one and raised torch.allclose's 'Float did not match Double'. Now it compares what it can (an
     activation that does not compute in float64 is not compared, as one that does not take float64 inputs)."""
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
-
-        def forward(self, x):
-            return self.fc2(self.act(self.fc1(x)))
-
     torch.manual_seed(0)
-    net = nn.Sequential(MLP())
+    net = nn.Sequential(_ActivatedMLP(nn.GELU()))
     x = torch.randn(2, 3, 8)
     expected = net(x)
     upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=lambda t: F.gelu(t.float()),
@@ -946,17 +941,12 @@ def test_a_generic_ffn_built_on_the_meta_device_upcycles_with_its_activation_giv
     made its probe under the block's default device, a meta tensor, and comparing the two activations' values
     raised "Tensor.item() cannot be called on meta tensors". The probe is a CPU tensor, whatever the default
     device; a wrong activation is still refused there."""
-    from collections import OrderedDict
     from transformers.activations import ACT2FN
 
-    def model():
-        mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(8, 16), act=nn.GELU(), fc2=nn.Linear(16, 8)))
-        return nn.Sequential(OrderedDict(embed=nn.Embedding(16, 8), mlp=mlp))
-
-    ffn = dict(ffn_modules=["mlp"], in_proj="fc1", out_proj="fc2")
+    ffn = dict(ffn_modules=["0"], in_proj="fc1", out_proj="fc2")
     with torch.device("meta"):
-        assert upcycle_ffn(model(), 3, 2, activation=F.gelu, **ffn) == ["mlp"]
-        refused = model()
+        assert upcycle_ffn(nn.Sequential(_ActivatedMLP(nn.GELU())), 3, 2, activation=F.gelu, **ffn) == ["0"]
+        refused = nn.Sequential(_ActivatedMLP(nn.GELU()))
         with pytest.raises(ValueError, match="computes something else than its activation"):
             upcycle_ffn(refused, 3, 2, activation=ACT2FN["gelu_new"], **ffn)
-    assert isinstance(refused.mlp, nn.Sequential) and refused.mlp.fc1.weight.is_meta
+    assert isinstance(refused[0], _ActivatedMLP) and refused[0].fc1.weight.is_meta
