@@ -1010,6 +1010,9 @@ class MoELoRAModel(nn.Module):
         # again, until that backward's end runs it (see _backward_routes_as_forward): left by a backward that raised
         self._backward_put_backs = []
         self._task_ids_owner = object()  # what the layers hold beside the task ids its forward gives them
+        # adapter name -> the routing records (routing_records) of a stored adapter's last forward while it was active,
+        # given back by set_adapter (see _swap_in)
+        self._stored_routing_records: Dict[str, list] = {}
         # the forward argument whose tensor is the aux-loss mask when aux_loss_mask is not given (e.g.
         # "attention_mask": transformers' Trainer passes the batch's columns only)
         self.aux_loss_mask_from: Optional[str] = None
@@ -1036,11 +1039,13 @@ class MoELoRAModel(nn.Module):
         state = dict(super().__getstate__())
         state.pop("forward", None)
         state["_backward_put_backs"] = []  # closures over this model's modules
+        state["_stored_routing_records"] = {}  # autograd graphs (copies start without records, see RoutedModule)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._backward_put_backs = []  # a wrapper pickled before it had them too
+        self._stored_routing_records = {}
         self._bind_forward()
         adapters.register_wrapper(self)
         _clear_aux_losses_at_deletion(self)
@@ -1345,13 +1350,19 @@ class MoELoRAModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """``with model.disable_adapter():`` runs the base model (as PEFT's); an adapter activated inside
-        the block (:meth:`set_adapter`) runs after it as the model did before it."""
+        the block (:meth:`set_adapter`) runs after it as the model did before it. The routing records (aux losses,
+        router statistics) of the forward before the block are given back at its end: a reference model's forward
+        in the block (DPO's, KTO's, PPO's: the policy's forward, the reference's under the block, then the loss
+        with ``moelora.aux_loss(model)``) leaves the policy's aux loss as it was."""
         modules = list(adapters.adapter_modules(self.model).values())
         previous = [m.disable_adapters for m in modules]
+        records = routing_records(self.model)
         self.disable_adapter_layers()
         try:
             yield
         finally:
+            active = {id(m) for m in routed_modules(self.model)}  # not an adapter stored by a set_adapter in the block
+            restore_routing_records([(m, record) for m, record in records if id(m) in active])
             for m, prev in zip(modules, previous):
                 m.disable_adapters = prev
             recorded = {id(m) for m in modules}
@@ -1506,7 +1517,10 @@ class MoELoRAModel(nn.Module):
         (frozen then), as PEFT's: also an adapter loaded or built for inference, and the active adapter
         itself (only its trainability is set), enabled or disabled as the model is
         (:meth:`disable_adapter_layers` switches the model off, not one adapter, as PEFT's); the active
-        one is stored, frozen (merged layers are unmerged)."""
+        one is stored, frozen (merged layers are unmerged), with the aux losses and router statistics of its last
+        forward, which come back with it: a reference adapter's forward between the policy's forward and its loss
+        (TRL's ``ref_adapter_name``: ``set_adapter("reference")``, its forward, ``set_adapter("default")``) leaves
+        ``moelora.aux_loss(model)`` the policy's."""
         adapters.check_adapter_name(adapter_name, self.adapter_configs, must_exist=True)
         check_field("inference_mode", inference_mode, BOOL)
         if adapter_name != self.active_adapter:
@@ -1531,6 +1545,10 @@ class MoELoRAModel(nn.Module):
         adapters.set_adapter_layers(self.model, enabled=not disabled)
         del self.inactive_adapters[adapter_name]
         self.inactive_adapters[self.active_adapter] = adapters.stored(outgoing).train(self.training)
+        # the routing records go aside with their adapter (deactivate cleared them on its modules, which a walk of
+        # the wrapper reaches: a stored adapter's loss must not count) and come back with it
+        restore_routing_records(self._stored_routing_records.pop(adapter_name, []))
+        self._stored_routing_records[self.active_adapter] = records
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -1546,6 +1564,7 @@ class MoELoRAModel(nn.Module):
             self.set_adapter(others[0])
         del self.inactive_adapters[adapter_name]
         del self.adapter_configs[adapter_name]
+        self._stored_routing_records.pop(adapter_name, None)
 
     def load_adapter(self, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
         """Load an adapter saved by :meth:`save_pretrained` as ``adapter_name`` (inactive, in the
