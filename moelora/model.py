@@ -1416,15 +1416,16 @@ class MoELoRAModel(nn.Module):
 
     def save_pretrained(self, save_directory: str, state_dict: Optional[dict] = None,
                         is_main_process: bool = True, selected_adapters: Optional[List[str]] = None,
-                        **kwargs) -> None:
+                        max_shard_size=None, safe_serialization: bool = True) -> None:
         """Write the adapters (see :func:`moelora.save_pretrained`; "default" in
         ``save_directory``, the others in subfolders named after them, as PEFT). Takes the
         arguments transformers passes to ``PreTrainedModel.save_pretrained``: ``state_dict``
         (e.g. a gathered FSDP state dict) is read instead of the model's own, only the main
-        process writes, and the other keyword arguments (``safe_serialization``, ...) are
-        ignored: an adapter is always one safetensors file."""
+        process writes, ``max_shard_size`` splits an adapter into safetensors shards with an index
+        (transformers' layout), and ``safe_serialization`` is ignored: the weights are always
+        safetensors. Any other keyword is a TypeError."""
         persistence.save_pretrained(self, save_directory, state_dict=state_dict, selected_adapters=selected_adapters,
-                                    is_main_process=is_main_process)
+                                    is_main_process=is_main_process, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False,
@@ -1620,7 +1621,7 @@ def from_pretrained(model: nn.Module, directory: str, is_trainable: bool = False
     with persistence.restored_on_error(model):
         _structure.replay(model, structure)
         wrapped = get_moelora_model(model, config, adapter_name)
-        persistence.load_active_adapter_weights(wrapped, state, os.path.join(directory, persistence.WEIGHTS_NAME))
+        persistence.load_active_adapter_weights(wrapped, state, persistence.weights_file(directory))
     if not is_trainable:
         for p in wrapped.parameters():
             p.requires_grad_(False)

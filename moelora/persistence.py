@@ -3,6 +3,8 @@
 - :func:`save_pretrained` writes ``moelora_config.json`` and ``adapter_model.safetensors``
   (adapter, router and task-scale parameters, router schedule buffers, trainable biases,
   and every tensor of the modules moelora added whole: upcycled MoE FFNs, MoLEx gates);
+  (or, with ``max_shard_size``, transformers' shards ``adapter_model-0000i-of-0000n.safetensors`` and their
+  index ``adapter_model.safetensors.index.json``, which the readers take too);
   ``moelora.from_pretrained`` (moelora.model, on top of this module's readers) replays
   ``upcycle_ffn`` / ``apply_molex`` (recorded in the config), injects the layers into a fresh
   base model and loads them back bit-exactly.
@@ -56,6 +58,11 @@ from moelora.tuner.adapters import (DEFAULT_ADAPTER, ModulesToSaveWrapper, adapt
 from moelora.tuner.targets import pattern_value, unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# A sharded adapter (save_pretrained's max_shard_size): transformers' layout, the index naming each tensor's shard
+WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"
+_SHARD_FILE = re.compile(r"adapter_model-\d{5}-of-\d{5}\.safetensors")
+_SIZE_UNITS = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12, "KIB": 2 ** 10, "MIB": 2 ** 20,
+               "GIB": 2 ** 30, "TIB": 2 ** 40, "B": 1}
 STRUCTURE_KEY = "structure"  # the replayed upcycle_ffn / apply_molex calls (moelora.tuner.structure)
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -127,16 +134,21 @@ def adapter_state_dict(model: nn.Module, bias: str = "none", state_dict: Optiona
 
 
 def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[dict] = None,
-                    selected_adapters: Optional[List[str]] = None, *, is_main_process: bool = True) -> None:
+                    selected_adapters: Optional[List[str]] = None, *, is_main_process: bool = True,
+                    max_shard_size=None) -> None:
     """Write each adapter of ``model`` (``selected_adapters``, default all) as PEFT lays them out:
     the adapter "default" in ``save_directory``, any other in ``save_directory/<name>``. With
     ``state_dict`` (read instead of the model's own) only the active adapter is written (selecting
     another raises). Names the model has no adapter of raise. ``model`` is a MoELoRAModel (it holds the
     adapters' configs); any other module raises a TypeError. ``is_main_process`` False (the other ranks of
-    a distributed run, as transformers' argument): the arguments are checked, nothing is written."""
+    a distributed run, as transformers' argument): the arguments are checked, nothing is written.
+    ``max_shard_size`` (bytes, or a string as transformers': "5GB" = 5 * 10**9, "5GiB" = 5 * 2**30; None: no
+    limit) splits an adapter's tensors over files of at most that size (a tensor larger than it gets a file of
+    its own) with transformers' index ``adapter_model.safetensors.index.json``, where they exceed it."""
     if not getattr(type(model), "is_moelora_model", False):
         raise TypeError(f"save_pretrained writes a MoELoRAModel (get_moelora_model's, which holds the adapters' "
                         f"configs), got {type(model).__name__}: save the wrapper, not the model it wraps")
+    shard_bytes = _shard_bytes(max_shard_size)
     names = optional_names(selected_adapters, model.adapter_configs)
     if state_dict is not None and selected_adapters is not None and names != [model.active_adapter]:
         raise ValueError(f"with state_dict only the active adapter ({model.active_adapter!r}) is written; "
@@ -144,11 +156,62 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
     if not is_main_process:
         return
     if state_dict is not None or not model.inactive_adapters:
-        _save_active_adapter(model, _adapter_directory(save_directory, model.active_adapter), state_dict)
+        _save_active_adapter(model, _adapter_directory(save_directory, model.active_adapter), state_dict,
+                             shard_bytes)
         return
     for name in names:
         with _adapter_active(model, name):
-            _save_active_adapter(model, _adapter_directory(save_directory, name))
+            _save_active_adapter(model, _adapter_directory(save_directory, name), shard_bytes=shard_bytes)
+
+
+def _shard_bytes(max_shard_size) -> Optional[int]:
+    """``max_shard_size`` in bytes (None: no limit); ValueError naming it unless a positive int or a string
+    as transformers reads it ("500MB", "5GB", "2GiB")."""
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        size = max_shard_size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(max_shard_size).upper()) \
+            if isinstance(max_shard_size, str) else None
+        if match is None:
+            raise ValueError(f"max_shard_size must be None, a number of bytes or a size such as '5GB' or '500MiB', "
+                             f"got {max_shard_size!r}")
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    return size
+
+
+def _write_weights(state: dict, directory: str, shard_bytes: Optional[int]) -> None:
+    """Write ``state`` as ``adapter_model.safetensors``, or, where its tensors exceed ``shard_bytes``, as
+    transformers' shards ``adapter_model-0000i-of-0000n.safetensors`` (tensors in name order, a file filled up to
+    ``shard_bytes``) and their index; the weight files of an earlier save in ``directory`` are removed first, so
+    that a reader never mixes them with these."""
+    from safetensors.torch import save_file
+
+    for stale in os.listdir(directory):
+        if stale in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_FILE.fullmatch(stale):
+            os.remove(os.path.join(directory, stale))
+    shards, size = [{}], 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shard_bytes is not None and shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"adapter_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    with open(os.path.join(directory, WEIGHTS_INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
 
 
 def _adapter_directory(save_directory: str, adapter_name: str) -> str:
@@ -180,11 +243,11 @@ def _adapter_active(model: nn.Module, adapter_name: str):
         restore_routing_records(records)
 
 
-def _save_active_adapter(model: nn.Module, save_directory: str, state_dict: Optional[dict] = None) -> None:
-    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` of the active adapter (see
-    the module docstring); with ``state_dict`` the tensors come from it (see :func:`adapter_state_dict`)."""
-    from safetensors.torch import save_file
-
+def _save_active_adapter(model: nn.Module, save_directory: str, state_dict: Optional[dict] = None,
+                         shard_bytes: Optional[int] = None) -> None:
+    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` (or its shards, :func:`_write_weights`) of
+    the active adapter (see the module docstring); with ``state_dict`` the tensors come from it (see
+    :func:`adapter_state_dict`)."""
     config = model.moelora_config
     state = adapter_state_dict(model, config.bias, state_dict)
     os.makedirs(save_directory, exist_ok=True)
@@ -194,7 +257,7 @@ def _save_active_adapter(model: nn.Module, save_directory: str, state_dict: Opti
         saved[STRUCTURE_KEY] = structure
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
         json.dump(saved, f, indent=2, sort_keys=True)
-    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_weights(state, save_directory, shard_bytes)
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -227,6 +290,37 @@ def _read_safetensors(path: str) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
+def weights_file(directory: str) -> str:
+    """The weights of the adapter saved in ``directory``: ``adapter_model.safetensors``, else the index of its
+    shards (``adapter_model.safetensors.index.json``) where there is one (transformers' order)."""
+    single, index = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, WEIGHTS_INDEX_NAME)
+    return index if os.path.isfile(index) and not os.path.isfile(single) else single
+
+
+def read_weights(directory: str) -> dict:
+    """The tensors of the adapter saved in ``directory`` (:func:`weights_file`): one safetensors file, or the
+    shards an index names, each shard holding exactly the tensors the index maps to it; errors name the file."""
+    path = weights_file(directory)
+    if not path.endswith(WEIGHTS_INDEX_NAME):
+        return _read_safetensors(path)
+    weight_map = _read_json(path, "the shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{path}: weight_map must be a non-empty JSON object of tensor name -> shard file name, got "
+                         f"{weight_map!r:.200}")
+    state = {}
+    for file in sorted(set(weight_map.values())):
+        if os.path.basename(file) != file or file in (os.curdir, os.pardir):
+            raise ValueError(f"{path}: shard {file!r} is not a file name in the adapter's directory")
+        shard = _read_safetensors(os.path.join(directory, file))
+        listed = {k for k, v in weight_map.items() if v == file}
+        if set(shard) != listed:
+            raise ValueError(f"{path}: shard {file} does not hold the tensors the index maps to it: missing "
+                             f"{sorted(listed - set(shard))[:5]}, not in the index {sorted(set(shard) - listed)[:5]}")
+        state.update(shard)
+    return state
+
+
 def _config_file(directory: str, name: str, other: str, other_is: str) -> str:
     """``directory/name``; FileNotFoundError naming it where there is no such file, saying what the
     directory holds instead: ``other`` (the other format's config, which ``other_is`` describes), or
@@ -255,7 +349,7 @@ def read_checkpoint(directory: str):
         _structure.check_records(structure)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{config_path}: {exc}") from None
-    return config, structure, _read_safetensors(os.path.join(directory, WEIGHTS_NAME))
+    return config, structure, read_weights(directory)
 
 
 @contextlib.contextmanager
@@ -301,7 +395,7 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str, is_trainab
     model.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=not is_trainable))  # as PEFT's
     try:
         with _adapter_active(model, adapter_name):
-            load_active_adapter_weights(model, state, os.path.join(directory, WEIGHTS_NAME))
+            load_active_adapter_weights(model, state, weights_file(directory))
     except BaseException:
         model.delete_adapter(adapter_name)
         raise
@@ -458,12 +552,12 @@ def read_peft_checkpoint(directory: str):
     tensor}, weights path) of a PEFT LoRA checkpoint; errors name the file."""
     config_path = _config_file(directory, PEFT_CONFIG_NAME, CONFIG_NAME,
                                "a moelora checkpoint, which moelora.from_pretrained reads")
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    weights_path = weights_file(directory)
     peft_config = _read_json(config_path, "the PEFT adapter config")
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: not a LoRA checkpoint: peft_type={peft_config.get('peft_type')!r}")
     _check_peft_fields(peft_config, config_path)
-    state = _read_safetensors(weights_path)
+    state = read_weights(directory)
     modules, others = {}, {}
     for key, tensor in state.items():
         m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)\.weight|"

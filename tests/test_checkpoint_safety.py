@@ -538,3 +538,48 @@ def test_peft_lora_alpha_zero_loads_as_a_no_op_and_a_zero_scaled_layer_refuses_a
                                          r"checkpoint's LoRA \(scaling 2.0\)"):
         moelora.load_peft_lora(tasks, _peft_checkpoint(tmp_path / "good", GOOD), expert=1)
     _assert_untouched(tasks, before)
+
+
+@pytest.mark.parametrize("corrupt,error,match", [
+    ("shard_missing", FileNotFoundError, r"adapter_model-00002-of-000\d\d.safetensors: no such file"),
+    ("shard_truncated", ValueError, r"adapter_model-00002-of-000\d\d.safetensors: not a readable safetensors file"),
+    ("tensor_left_out_of_the_index", ValueError, r"index.json: shard adapter_model-\d{5}-of-\d{5}.safetensors does "
+                                                 r"not hold the tensors the index maps to it: missing \[\], not in"),
+    ("tensor_in_the_index_not_in_its_shard", ValueError, r"index.json: shard adapter_model-00001-of-000\d\d.safetensors "
+                                                         r"does not hold the tensors the index maps to it: missing \["),
+    ("shard_outside_the_directory", ValueError, r"index.json: shard '../x.safetensors' is not a file name in"),
+    ("index_without_weight_map", ValueError, r"index.json: weight_map must be a non-empty JSON object"),
+])
+def test_broken_shards_raise_errors_naming_the_file_before_touching_the_model(saved, corrupt, error, match):
+    """A sharded adapter (save_pretrained's max_shard_size) is read whole and checked: a shard that is missing,
+    unreadable or does not hold what the index says never loads in part."""
+    directory, expected = saved
+    model = moelora.from_pretrained(tiny_llama(num_layers=2), str(directory))
+    model.save_pretrained(str(directory), max_shard_size=4000)
+    index_path = directory / "adapter_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    fullest = max(shards, key=list(index["weight_map"].values()).count)
+    assert len(shards) > 2 and list(index["weight_map"].values()).count(fullest) > 1
+    if corrupt == "shard_missing":
+        (directory / shards[1]).unlink()
+    elif corrupt == "shard_truncated":
+        (directory / shards[1]).write_bytes((directory / shards[1]).read_bytes()[:100])
+    elif corrupt == "tensor_left_out_of_the_index":
+        del index["weight_map"][next(k for k, v in index["weight_map"].items() if v == fullest)]
+    elif corrupt == "tensor_in_the_index_not_in_its_shard":
+        index["weight_map"][next(k for k, v in index["weight_map"].items() if v == shards[1])] = shards[0]
+    elif corrupt == "shard_outside_the_directory":
+        index["weight_map"][next(iter(index["weight_map"]))] = "../x.safetensors"
+    else:
+        del index["weight_map"]
+    if corrupt not in ("shard_missing", "shard_truncated"):
+        index_path.write_text(json.dumps(index))
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(error, match=match):
+        moelora.from_pretrained(base, str(directory))
+    _assert_untouched(base, before)
+    with pytest.raises(error, match=match):
+        model.load_adapter(str(directory), "other")
+    assert list(model.adapter_configs) == ["default"]

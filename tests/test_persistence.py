@@ -1,10 +1,12 @@
 """save_pretrained / from_pretrained, merge / unmerge, PEFT LoRA export and import."""
 
 import dataclasses
+import json
 import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import moelora
 from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
@@ -728,3 +730,75 @@ def test_saving_several_adapters_leaves_every_modules_train_or_eval_mode(tmp_pat
     modes = {n: m.training for n, m in model.named_modules()}
     model.save_pretrained(str(tmp_path))
     assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def _weight_files(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("adapter_model"))
+
+
+def test_max_shard_size_splits_the_adapter_into_shards_with_an_index_that_load_back_exactly(tmp_path):
+    """save_pretrained(max_shard_size=...) writes transformers' shards and index (it was ignored: one file); a
+    later save without it replaces them; from_pretrained and load_adapter read the shards."""
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, top_k=2, router="topk_softmax")
+    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    _perturb_all_adapters(model)
+    model.eval()
+    ids = token_batch()
+    expected = model(ids).logits
+    state = moelora.persistence.adapter_state_dict(model)
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    model.save_pretrained(str(tmp_path), max_shard_size=f"{2 * largest / 1000}KB")
+    files = _weight_files(tmp_path)
+    shards = [f for f in files if f != "adapter_model.safetensors.index.json"]
+    assert "adapter_model.safetensors.index.json" in files and len(shards) > 1
+    assert all(re.fullmatch(rf"adapter_model-\d{{5}}-of-{len(shards):05d}\.safetensors", f) for f in shards)
+    index = json.loads((tmp_path / "adapter_model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(state) and sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    for shard in shards:
+        assert sum(t.numel() * t.element_size() for t in load_file(tmp_path / shard).values()) <= 2 * largest
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+    assert torch.equal(loaded(ids).logits, expected)
+    loaded.load_adapter(str(tmp_path), "again")
+    loaded.set_adapter("again")
+    assert torch.equal(loaded(ids).logits, expected)
+    model.save_pretrained(str(tmp_path))  # unsharded: the shards of the earlier save go
+    assert _weight_files(tmp_path) == ["adapter_model.safetensors"]
+
+
+def test_an_adapter_sharded_by_huggingface_hub_loads(tmp_path):
+    """transformers' writer (huggingface_hub.save_torch_state_dict) with the adapter's file name pattern."""
+    from huggingface_hub import save_torch_state_dict
+
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, top_k=1)
+    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    _perturb_all_adapters(model)
+    model.eval()
+    model.save_pretrained(str(tmp_path))
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    save_torch_state_dict(state, str(tmp_path), filename_pattern="adapter_model{suffix}.safetensors",
+                          max_shard_size=2000)
+    assert len(_weight_files(tmp_path)) > 2
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+    assert torch.equal(loaded(token_batch()).logits, model(token_batch()).logits)
+
+
+@pytest.mark.parametrize("size,match", [(0, "max_shard_size must be positive, got 0"),
+                                        ("5 elephants", "max_shard_size must be None, a number of bytes or a size"),
+                                        (True, "max_shard_size must be None, a number of bytes or a size")])
+def test_a_bad_max_shard_size_raises_naming_it_and_writes_nothing(tmp_path, size, match):
+    model = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj"], num_experts=2))
+    with pytest.raises(ValueError, match=match):
+        model.save_pretrained(str(tmp_path / "out"), max_shard_size=size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_pretrained_refuses_keywords_it_does_not_take(tmp_path):
+    """An unknown keyword (push_to_hub, a misspelt max_shard_size) was swallowed and ignored."""
+    model = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj"], num_experts=2))
+    with pytest.raises(TypeError, match="max_shardsize"):
+        model.save_pretrained(str(tmp_path / "out"), max_shardsize="1KB")
+    assert not (tmp_path / "out").exists()
+    model.save_pretrained(str(tmp_path / "out"), safe_serialization=True)  # what transformers' Trainer passes
+    assert _weight_files(tmp_path / "out") == ["adapter_model.safetensors"]
