@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import moelora
 from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
@@ -802,3 +802,43 @@ def test_save_pretrained_refuses_keywords_it_does_not_take(tmp_path):
     assert not (tmp_path / "out").exists()
     model.save_pretrained(str(tmp_path / "out"), safe_serialization=True)  # what transformers' Trainer passes
     assert _weight_files(tmp_path / "out") == ["adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_an_adapter_loads_into_a_model_built_on_the_meta_device(tmp_path, is_trainable):
+    """from_pretrained onto a base built on the meta device (init_empty_weights, low_cpu_mem_usage) copied the
+    adapter into meta tensors, which hold nothing (torch warned; the weights were lost): the adapter tensors now
+    take the checkpoint's values, in the model's dtype, and the model computes the saved one once its base
+    weights are loaded."""
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, top_k=2, router="topk_softmax")
+    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    _perturb_all_adapters(model)
+    model.eval()
+    ids = token_batch()
+    expected = model(ids).logits
+    model.save_pretrained(str(tmp_path))
+    state = load_file(tmp_path / "adapter_model.safetensors")  # an adapter saved in bf16
+    save_file({n: t.bfloat16() if t.is_floating_point() else t for n, t in state.items()},
+              str(tmp_path / "adapter_model.safetensors"))
+    with torch.device("meta"):
+        base = tiny_llama(num_layers=2)
+    loaded = MoELoRAModel.from_pretrained(base, str(tmp_path), is_trainable=is_trainable)
+    adapter = moelora.persistence.adapter_state_dict(loaded)
+    assert adapter.keys() == state.keys()
+    for name, tensor in adapter.items():
+        assert not tensor.is_meta and tensor.dtype == state[name].dtype, name
+        assert torch.equal(tensor, state[name].bfloat16().to(tensor.dtype) if tensor.is_floating_point()
+                           else state[name]), name
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == ({f"model.{n}" for n, p in loaded.model.named_parameters()
+                          if "lora_" in n or "router." in n} if is_trainable else set())
+    real, own = tiny_llama(num_layers=2), set(loaded.model.state_dict())
+    base_state = {(n if n in own else n.replace(".weight", ".base_layer.weight")): t
+                  for n, t in real.state_dict().items()}
+    assert not loaded.model.load_state_dict(base_state, strict=False, assign=True).unexpected_keys
+    for name, buffer in real.named_buffers():  # the rotary embedding's (not in a state dict)
+        owner, _, leaf = name.rpartition(".")
+        loaded.model.get_submodule(owner)._buffers[leaf] = buffer
+    bf16 = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+    torch.testing.assert_close(loaded(ids).logits, bf16(ids).logits, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0.05, atol=0.05)
