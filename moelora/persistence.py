@@ -322,9 +322,14 @@ def read_weights(directory: str) -> dict:
 
 
 def _config_file(directory: str, name: str, other: str, other_is: str) -> str:
-    """``directory/name``; FileNotFoundError naming it where there is no such file, saying what the
-    directory holds instead: ``other`` (the other format's config, which ``other_is`` describes), or
+    """``directory/name``; FileNotFoundError naming the path where ``directory`` is not a directory (a hub id), or
+    naming the file where there is no such file, saying what the directory holds instead: ``other`` (the other format's config, which ``other_is`` describes), or
     adapters in subfolders (save_pretrained's layout for adapters other than "default")."""
+    if not os.path.isdir(directory):  # a hub id ("org/adapter"), a file, a typo: say what was expected
+        what = "a file" if os.path.exists(directory) else "no such directory"
+        raise FileNotFoundError(f"{directory}: {what}; an adapter is read from the local directory save_pretrained "
+                                "wrote (moelora does not download: fetch a hub adapter first, e.g. with "
+                                "huggingface_hub.snapshot_download, and pass its directory)")
     path = os.path.join(directory, name)
     if os.path.isfile(path):
         return path

@@ -4,6 +4,7 @@ that are not what they should be raise errors naming the file, no checkpoint imp
 of base-model names, and PEFT tensors must fit their layer exactly."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -583,3 +584,19 @@ def test_broken_shards_raise_errors_naming_the_file_before_touching_the_model(sa
     with pytest.raises(error, match=match):
         model.load_adapter(str(directory), "other")
     assert list(model.adapter_configs) == ["default"]
+
+
+@pytest.mark.parametrize("where,what", [("org/adapter-on-the-hub", "no such directory"),
+                                        ("adapter_model.safetensors", "a file")])
+def test_a_path_that_is_not_a_directory_is_named_with_what_was_expected(saved, where, what, monkeypatch):
+    """A hub id or a file named where the adapter's directory goes: the error said '<it>/moelora_config.json: no
+    such file', as if the adapter's directory lacked its config; both readers now say it is not a directory."""
+    directory, _ = saved
+    monkeypatch.chdir(directory)
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    for load in (moelora.from_pretrained, moelora.load_peft_lora):
+        with pytest.raises(FileNotFoundError, match=rf"^{re.escape(where)}: {what}; an adapter is read from the local "
+                                                    r"directory .*snapshot_download"):
+            load(base, where)
+    _assert_untouched(base, before)
