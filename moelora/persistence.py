@@ -144,7 +144,9 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
     a distributed run, as transformers' argument): the arguments are checked, nothing is written.
     ``max_shard_size`` (bytes, or a string as transformers': "5GB" = 5 * 10**9, "5GiB" = 5 * 2**30; None: no
     limit) splits an adapter's tensors over files of at most that size (a tensor larger than it gets a file of
-    its own) with transformers' index ``adapter_model.safetensors.index.json``, where they exceed it."""
+    its own) with transformers' index ``adapter_model.safetensors.index.json``, where they exceed it. A
+    torch.compile'd MoELoRAModel is saved as the model it compiles."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     if not getattr(type(model), "is_moelora_model", False):
         raise TypeError(f"save_pretrained writes a MoELoRAModel (get_moelora_model's, which holds the adapters' "
                         f"configs), got {type(model).__name__}: save the wrapper, not the model it wraps")

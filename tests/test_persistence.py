@@ -842,3 +842,20 @@ def test_an_adapter_loads_into_a_model_built_on_the_meta_device(tmp_path, is_tra
     bf16 = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
     torch.testing.assert_close(loaded(ids).logits, bf16(ids).logits, rtol=0, atol=0)
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0.05, atol=0.05)
+
+
+def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):
+    """moelora.save_pretrained(torch.compile(model)) was refused as 'not a MoELoRAModel' (the method worked);
+    a compiled model's state_dict (keys under _orig_mod.) as state_dict= saves too."""
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, top_k=1, router="topk_softmax")
+    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    _perturb_all_adapters(model)
+    model.eval()
+    compiled = torch.compile(model)
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    moelora.save_pretrained(compiled, str(tmp_path / "function"))
+    compiled.save_pretrained(str(tmp_path / "method"), state_dict=compiled.state_dict())
+    ids = token_batch()
+    for directory in ("function", "method"):
+        loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / directory))
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
