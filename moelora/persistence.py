@@ -146,7 +146,7 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
     limit) splits an adapter's tensors over files of at most that size (a tensor larger than it gets a file of
     its own) with transformers' index ``adapter_model.safetensors.index.json``, where they exceed it. A
     torch.compile'd MoELoRAModel is saved as the model it compiles."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    model = _uncompiled(model)
     if not getattr(type(model), "is_moelora_model", False):
         raise TypeError(f"save_pretrained writes a MoELoRAModel (get_moelora_model's, which holds the adapters' "
                         f"configs), got {type(model).__name__}: save the wrapper, not the model it wraps")
@@ -214,6 +214,11 @@ def _write_weights(state: dict, directory: str, shard_bytes: Optional[int]) -> N
         total += sum(t.numel() * t.element_size() for t in shard.values())
     with open(os.path.join(directory, WEIGHTS_INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile compiled into ``model`` (its OptimizedModule's ``_orig_mod``), else ``model``."""
+    return getattr(model, "_orig_mod", model)
 
 
 def _adapter_directory(save_directory: str, adapter_name: str) -> str:
@@ -514,10 +519,12 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     if task-routed), with its saved modules, the biases ``bias`` names (default: the adapter's
     ``bias``), its layers' lora_dropout (one value: layers that differ in it raise) and the adapter's task_type and
     base_model_name_or_path (what PEFT's AutoPeftModel classes read). A model with
-    upcycled FFNs or MoLEx raises: PEFT has no place for them."""
+    upcycled FFNs or MoLEx raises: PEFT has no place for them. A torch.compile'd model exports the model it
+    compiles."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    model = _uncompiled(model)  # else its names start with _orig_mod.
     layers = [(n, m) for n, m in unwrap(model).named_modules() if is_adapter_layer(m)]
     if not layers:
         raise ValueError("the model holds no MoE-LoRA layer")

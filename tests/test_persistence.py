@@ -859,3 +859,21 @@ def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):
     for directory in ("function", "method"):
         loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / directory))
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_compiled_model_exports_the_peft_names_of_the_model_it_compiles(tmp_path):
+    """export_peft_lora(torch.compile(model)) wrote base_model.model._orig_mod.model.<module> names (PEFT cannot
+    load them) and the default config's task_type instead of the adapter's."""
+    peft = pytest.importorskip("peft")
+    cfg = MoELoRAConfig(target_modules=["q_proj"], num_experts=1, top_k=1, task_type="CAUSAL_LM")
+    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    randomize_adapters(model)
+    model.eval()
+    moelora.export_peft_lora(torch.compile(model), str(tmp_path / "compiled"))
+    moelora.export_peft_lora(model, str(tmp_path / "eager"))
+    compiled, eager = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("compiled", "eager"))
+    assert compiled.keys() == eager.keys() and all(torch.equal(compiled[k], eager[k]) for k in eager)
+    assert json.loads((tmp_path / "compiled" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    ids = token_batch()
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "compiled")).eval()
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
