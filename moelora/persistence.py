@@ -177,7 +177,7 @@ def _shard_bytes(max_shard_size) -> Optional[int]:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(max_shard_size).upper()) \
             if isinstance(max_shard_size, str) else None
         if match is None:
-            raise ValueError(f"max_shard_size must be None, a number of bytes or a size such as '5GB' or '500MiB', "
+            raise ValueError(f"max_shard_size must be None, an int number of bytes or a size such as '5GB' or '500MiB', "
                              f"got {max_shard_size!r}")
         size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
     if size <= 0:

@@ -785,8 +785,8 @@ def test_an_adapter_sharded_by_huggingface_hub_loads(tmp_path):
 
 
 @pytest.mark.parametrize("size,match", [(0, "max_shard_size must be positive, got 0"),
-                                        ("5 elephants", "max_shard_size must be None, a number of bytes or a size"),
-                                        (True, "max_shard_size must be None, a number of bytes or a size")])
+                                        ("5 elephants", "max_shard_size must be None, an int number of bytes or a size"),
+                                        (True, "max_shard_size must be None, an int number of bytes or a size")])
 def test_a_bad_max_shard_size_raises_naming_it_and_writes_nothing(tmp_path, size, match):
     model = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj"], num_experts=2))
     with pytest.raises(ValueError, match=match):
