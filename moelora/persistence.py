@@ -177,8 +177,8 @@ def _shard_bytes(max_shard_size) -> Optional[int]:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(max_shard_size).upper()) \
             if isinstance(max_shard_size, str) else None
         if match is None:
-            raise ValueError(f"max_shard_size must be None, an int number of bytes or a size such as '5GB' or '500MiB', "
-                             f"got {max_shard_size!r}")
+            raise ValueError(f"max_shard_size must be None, an int number of bytes or a size such as '5GB' or "
+                             f"'500MiB', got {max_shard_size!r}")
         size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
     if size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
@@ -330,7 +330,8 @@ def read_weights(directory: str) -> dict:
 
 def _config_file(directory: str, name: str, other: str, other_is: str) -> str:
     """``directory/name``; FileNotFoundError naming the path where ``directory`` is not a directory (a hub id), or
-    naming the file where there is no such file, saying what the directory holds instead: ``other`` (the other format's config, which ``other_is`` describes), or
+    naming the file where there is no such file, saying what the directory holds instead: ``other`` (the other
+    format's config, which ``other_is`` describes), or
     adapters in subfolders (save_pretrained's layout for adapters other than "default")."""
     if not os.path.isdir(directory):  # a hub id ("org/adapter"), a file, a typo: say what was expected
         what = "a file" if os.path.exists(directory) else "no such directory"
