@@ -819,13 +819,17 @@ def use_aux_loss_mask(model: nn.Module, mask: Optional[torch.Tensor]):
 
 def _task_ids_per_row(model: nn.Module, ids: torch.Tensor):
     """A forward pre-hook (``with_kwargs``) for ``model`` generating with one task id per example
-    (``ids`` [B], which its task-routed layers hold): a forward over B * n rows (generate's beams and
-    returned sequences: n rows per example, as transformers' ``repeat_interleave`` of the prompt)
-    routes by each id repeated n times."""
+    (``ids`` [B], which its task-routed layers hold), and for an encoder-decoder's encoder, which generate
+    calls by itself: a forward over B * n rows (generate's beams and returned sequences: n rows per example,
+    as transformers' ``repeat_interleave`` of the prompt, which Whisper's generate does before encoding)
+    routes by each id repeated n times. The rows are read from the forward's sequence inputs
+    (``_GENERATE_INPUTS``), its module's main input (Whisper's ``input_features``, ``pixel_values``), or
+    its first positional argument."""
     by_rows, held = {len(ids): ids}, [len(ids)]  # the repeated ids, made once per generate call
 
     def hook(module, args, kwargs):
-        inputs = [kwargs.get(k) for k in _GENERATE_INPUTS] + list(args[:1])
+        inputs = [kwargs.get(k) for k in (*_GENERATE_INPUTS, getattr(module, "main_input_name", None))]
+        inputs += list(args[:1])
         rows = next((v.shape[0] for v in inputs if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         if rows is None or rows == held[0] or rows % len(ids):
             return None  # rows that fit no example: the layers' routing raises, naming the shapes
@@ -1214,14 +1218,24 @@ class MoELoRAModel(nn.Module):
                              "(one id per example)")
         with use_task_ids(self.model, task_ids) as held, _routing_the_assistant(kwargs.get("assistant_model"),
                                                                                 self.model, held):
-            hook = None
+            hooks = []
             if per_example:
-                hook = self.model.register_forward_pre_hook(_task_ids_per_row(self.model, held), with_kwargs=True)
+                per_row = _task_ids_per_row(self.model, held)
+                hooks = [module.register_forward_pre_hook(per_row, with_kwargs=True)
+                         for module in (self.model, self._encoder()) if module is not None]
             try:
                 return generate(*args, **kwargs)
             finally:
-                if hook is not None:
+                for hook in hooks:
                     hook.remove()
+
+    def _encoder(self) -> Optional[nn.Module]:
+        """The encoder that an encoder-decoder's generate runs by itself (``get_encoder()``, outside the wrapped
+        model's forward), or None (a decoder-only model)."""
+        if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            return None
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        return encoder if isinstance(encoder, nn.Module) and encoder is not self.model else None
 
     def _prompt_batch(self, args: tuple, kwargs: dict) -> Optional[int]:
         """The number of examples of a generate call's prompt (None where none is found): of its first tensor
