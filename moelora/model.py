@@ -1076,6 +1076,8 @@ class MoELoRAModel(nn.Module):
             value = getattr(super().__getattr__("model"), name)
         if name == "generate":  # only where the wrapped model has one (hasattr stays the model's)
             return functools.wraps(value)(functools.partial(self._generate, value))
+        if name == "generate_batch":  # transformers' continuous batching, likewise
+            return functools.wraps(value)(functools.partial(self._generate_batch, value))
         if name == "resize_token_embeddings":  # likewise
             return functools.wraps(value)(functools.partial(self._resize_token_embeddings, value))
         if name in CHECKPOINTING_ENABLERS:  # likewise
@@ -1236,6 +1238,29 @@ class MoELoRAModel(nn.Module):
             return None
         encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
         return encoder if isinstance(encoder, nn.Module) and encoder is not self.model else None
+
+    def _generate_batch(self, generate_batch, *args, task_ids=None, **kwargs):
+        """``wrapper.generate_batch``: the wrapped model's continuous batching (transformers' ``generate_batch``) run
+        as :meth:`_generate` runs ``generate``: ``task_ids``, an int (or a 0-d tensor), route every request of the
+        call (transformers took them for a generation argument it ignores, so the layers routed by whatever ids
+        they held, or raised in its worker thread, which returns empty generations). Continuous batching packs the
+        requests' tokens into one row and passes no other argument to the forward: one id per prompt, and a
+        wrapped forward that takes ``task_ids`` itself, raise."""
+        if task_ids is not None and (isinstance(task_ids, torch.Tensor) and task_ids.dim() > 0
+                                     or not isinstance(task_ids, torch.Tensor) and not is_integral(task_ids)):
+            raise ValueError("task_ids of generate_batch must be an int (or a 0-d tensor): continuous batching packs "
+                             "the requests' tokens into one row, which per-prompt ids cannot route; call "
+                             "generate_batch once per task, or generate(..., task_ids=ids)")
+        if task_ids is not None and self._takes_task_ids():
+            raise ValueError("task_ids: the wrapped model's forward takes task_ids itself, which continuous batching "
+                             "(generate_batch) cannot pass on to it: use generate(..., task_ids=ids)")
+        clear_aux_losses(self.model)
+        self._put_back_forward_swaps()
+        with use_aux_loss_mask(self.model, None):
+            if task_ids is None:
+                return generate_batch(*args, **kwargs)
+            with use_task_ids(self.model, _held_for_the_call(task_ids)):
+                return generate_batch(*args, **kwargs)
 
     def _prompt_batch(self, args: tuple, kwargs: dict) -> Optional[int]:
         """The number of examples of a generate call's prompt (None where none is found): of its first tensor

@@ -53,3 +53,27 @@ def test_whisper_generates_each_example_by_its_task_id(settings):
                  for i, task in enumerate(tasks)]
     assert torch.equal(out, torch.cat(alone))
     assert all(layer.task_ids is None for layer in moelora.model._task_layers(model.model))
+
+
+def test_continuous_batching_routes_every_request_by_the_calls_task_id():
+    """transformers' continuous batching (``generate_batch``) took ``task_ids`` for a generation argument it ignores:
+    the layers routed by the ids set before (here 2, a silent wrong routing), or raised in its worker thread, which
+    returned empty generations. An int routes every request, as the model merged for that task generates; after the
+    call the layers hold what they held before. Per-prompt ids, which the packed row cannot take, raise."""
+    from helpers import tiny_llama
+
+    model = _task_routed(tiny_llama(num_layers=1), ["q_proj", "v_proj"])
+    config = transformers.GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=63)
+    small = transformers.generation.configuration_utils.ContinuousBatchingConfig(  # a small paged cache: fast
+        page_size=16, num_blocks=8, max_batch_tokens=64, max_requests_per_batch=4)
+    run = dict(inputs=[[5, 9, 14, 3, 22], [40, 17, 8]], generation_config=config, continuous_batching_config=small,
+               warmup=False)
+    with torch.no_grad():
+        want = copy.deepcopy(model).merge_and_unload(1).generate_batch(**run)
+        moelora.set_task_ids(model, 2)
+        for task_ids in (1, torch.tensor(1)):
+            out = model.generate_batch(**run, task_ids=task_ids)
+            assert {k: v.generated_tokens for k, v in out.items()} == {k: v.generated_tokens for k, v in want.items()}
+            assert all(layer.task_ids.tolist() == 2 for layer in moelora.model._task_layers(model.model))
+        with pytest.raises(ValueError, match="task_ids of generate_batch must be an int"):
+            model.generate_batch(**run, task_ids=torch.tensor([1, 0]))
