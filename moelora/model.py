@@ -854,6 +854,13 @@ def _routing_the_assistant(assistant, model: nn.Module, ids):
     return use_task_ids(inner, ids)
 
 
+def _encoder_states(encoded):
+    """The last hidden states in an encoder-decoder's precomputed ``encoder_outputs`` (transformers' ModelOutput,
+    a dict, or a tuple), or None."""
+    return (encoded.get("last_hidden_state") if isinstance(encoded, dict) else
+            encoded[0] if isinstance(encoded, (tuple, list)) and encoded else None)
+
+
 # Where a forward of a transformers model (each of generate's steps) finds its batch.
 _GENERATE_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
 
@@ -1218,6 +1225,13 @@ class MoELoRAModel(nn.Module):
         if per_example and batch is not None and len(task_ids) != batch:
             raise ValueError(f"task_ids holds {len(task_ids)} ids but the prompt batch has {batch} examples "
                              "(one id per example)")
+        subsets = self._whisper_row_subsets(args, kwargs) if per_example else None
+        if subsets is not None:
+            if not bool((task_ids == task_ids[0]).all()):
+                raise ValueError(f"task_ids: one id per example cannot route Whisper's {subsets}, whose steps run a "
+                                 "subset of the examples' rows that the ids cannot be matched to; generate each "
+                                 "task's examples in a call of their own, with an int task id")
+            task_ids, per_example = task_ids[0], False  # one task: the subsets route by it
         with use_task_ids(self.model, task_ids) as held, _routing_the_assistant(kwargs.get("assistant_model"),
                                                                                 self.model, held):
             hooks = []
@@ -1230,6 +1244,35 @@ class MoELoRAModel(nn.Module):
             finally:
                 for hook in hooks:
                     hook.remove()
+
+    def _whisper_row_subsets(self, args: tuple, kwargs: dict) -> Optional[str]:
+        """What makes Whisper's generate (a model with ``generate_with_fallback``) run subsets of the batch's rows,
+        or None: long-form transcription (more input frames than one segment: examples that end drop out of the
+        batch) and temperature fallback (several temperatures and a threshold that makes rows fall back: only those run
+        again)."""
+        model = self.model
+        if not hasattr(model, "generate_with_fallback"):
+            return None
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+        def setting(name):
+            return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+        temperature = setting("temperature")
+        thresholds = [setting(name) for name in ("compression_ratio_threshold", "logprob_threshold")]
+        if isinstance(temperature, (list, tuple)) and len(temperature) > 1 and any(t is not None for t in thresholds):
+            return "temperature fallback (several temperatures and a compression-ratio or log-prob threshold)"
+        encoder = self._encoder()
+        try:
+            stride = encoder.conv1.stride[0] * encoder.conv2.stride[0]
+            segment = stride * model.config.max_source_positions
+        except (AttributeError, TypeError, IndexError):
+            return None
+        features = kwargs.get("input_features", args[0] if args else None)
+        encoded = _encoder_states(kwargs.get("encoder_outputs"))
+        frames = (features.shape[-1] if isinstance(features, torch.Tensor) else
+                  encoded.shape[1] * stride if isinstance(encoded, torch.Tensor) and encoded.dim() == 3 else 0)
+        return f"long-form transcription ({frames} input frames, segments of {segment})" if frames > segment else None
 
     def _encoder(self) -> Optional[nn.Module]:
         """The encoder that an encoder-decoder's generate runs by itself (``get_encoder()``, outside the wrapped
@@ -1267,9 +1310,7 @@ class MoELoRAModel(nn.Module):
         among the positional prompt, ``inputs``, ``input_ids``, ``inputs_embeds``, the model's main input
         (``main_input_name``: Whisper's ``input_features``, a vision encoder-decoder's ``pixel_values``), an
         encoder-decoder's precomputed ``encoder_outputs`` and the ``attention_mask``."""
-        encoded = kwargs.get("encoder_outputs")  # transformers' ModelOutput (a dict), or a tuple
-        encoded = (encoded.get("last_hidden_state") if isinstance(encoded, dict) else
-                   encoded[0] if isinstance(encoded, (tuple, list)) and encoded else None)
+        encoded = _encoder_states(kwargs.get("encoder_outputs"))
         candidates = [args[0] if args else None] + [kwargs.get(k) for k in (
             "inputs", "input_ids", "inputs_embeds", getattr(self.model, "main_input_name", None))]
         candidates += [encoded, kwargs.get("attention_mask")]
