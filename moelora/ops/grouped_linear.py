@@ -158,16 +158,30 @@ def segment_bounds(offsets: torch.Tensor):
     return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]], bounds[-1]
 
 
+# The start alignment (bytes) of a fresh CPU tensor: PyTorch's CPU allocator's (c10's gAlignment).
+CPU_ALIGNMENT = 64
+
+
+def _fresh_cpu_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where it is a CPU view starting CPU_ALIGNMENT-misaligned: CPU GEMMs round by
+    their input's alignment, so an expert segment of the sorted rows starting at an odd byte offset (11 rows of
+    width 13 in) rounded otherwise than the same rows in a fresh tensor, as the plain linear layer reads them."""
+    if t.device.type != "cpu" or (t.storage_offset() * t.element_size()) % CPU_ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 @custom_op("segment_linear")
 def segment_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    offsets: torch.Tensor) -> torch.Tensor:
     """out[i] = F.linear(rows[i], weight[e], bias[e]) for offsets[e] <= i < offsets[e+1]; zero
-    rows from offsets[E] on. One F.linear per non-empty expert, so an expert that gets every
-    row rounds exactly like the plain linear layer."""
+    rows from offsets[E] on. One F.linear per non-empty expert, on CPUs on a fresh-aligned
+    segment (:func:`_fresh_cpu_layout`), so an expert that gets every row rounds exactly like
+    the plain linear layer."""
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     segments, end = segment_bounds(offsets)
     for e, lo, hi in segments:
-        out[lo:hi] = F.linear(rows[lo:hi], weight[e], None if bias is None else bias[e])
+        out[lo:hi] = F.linear(_fresh_cpu_layout(rows[lo:hi]), weight[e], None if bias is None else bias[e])
     out[end:] = 0
     return out
 

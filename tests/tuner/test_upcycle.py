@@ -622,19 +622,23 @@ def test_moeffn_top1_warns_with_its_own_advice():
         MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, num_experts=4, top_k=2)
 
 
-@pytest.mark.parametrize("activation", [nn.SiLU(), nn.GELU("tanh"), nn.Mish()], ids=["silu", "gelu_tanh", "mish"])
+@pytest.mark.parametrize("activation", [nn.SiLU(), nn.GELU("tanh"), nn.Mish(), nn.ReLU()],
+                         ids=["silu", "gelu_tanh", "mish", "relu"])
 @pytest.mark.parametrize("kind", ["plain", "gated", "stacked"])
-def test_upcycled_block_is_bitwise_the_ffn_for_any_width_on_the_torch_backend(activation, kind):
+@pytest.mark.parametrize("tokens,d_ff", [(10, 12), (11, 13)])
+def test_upcycled_block_is_bitwise_the_ffn_for_any_width_on_the_torch_backend(activation, kind, tokens, d_ff):
     """The torch backend's promise (all experts routed, eps = 0): the FFN's output bit for bit, whatever
     d_ff and the number of tokens. CPU elementwise kernels round by position (a vectorised body, then
     a scalar tail), so the activation over all experts' rows at once rounded the rows of an expert that
-    do not start on a vector boundary otherwise than the FFN's (d_ff = 12, 10 tokens: about 1e-8)."""
+    do not start on a vector boundary otherwise than the FFN's (d_ff = 12, 10 tokens: about 1e-8); and
+    CPU GEMMs round by the alignment of their input, so an expert segment starting at an odd byte offset
+    of the rows (11 tokens of width 13: 572 bytes in) rounded otherwise than the FFN's GEMM (ReLU too)."""
     torch.manual_seed(0)
-    fc_in, fc_out = nn.Linear(8, 24 if kind == "stacked" else 12), nn.Linear(12, 8)
-    gate = nn.Linear(8, 12) if kind == "gated" else None
+    fc_in, fc_out = nn.Linear(8, 2 * d_ff if kind == "stacked" else d_ff), nn.Linear(d_ff, 8)
+    gate = nn.Linear(8, d_ff) if kind == "gated" else None
     moe = MoEFFN(fc_in, fc_out, activation, num_experts=4, top_k=4, gate_proj=gate, router="threshold",
                  stacked_gate=kind == "stacked")
-    x = torch.randn(2, 5, 8)
+    x = torch.randn(1, tokens, 8)
     with torch.no_grad():
         if kind == "stacked":  # Phi-3's MLP
             g, up = fc_in(x).chunk(2, -1)
