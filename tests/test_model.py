@@ -44,6 +44,13 @@ def test_llama_all_linear_with_mola_preset_excludes_lm_head():
         assert layer.router.weight.shape == (layer.num_experts, layer.in_features)
 
 
+@pytest.mark.parametrize("num_layers,expected", [(6, [2, 2, 4, 6, 6, 8]), (2, [2, 6]), (5, [2, 2, 4, 6, 8])])
+def test_mola_preset_quarters_of_a_layer_count_not_divisible_by_4(num_layers, expected):
+    """As docs/layers.md says: layer i of L takes the digit of quarter floor(4 i / L)."""
+    cfg = MoELoRAConfig(target_modules=["q_proj"], num_experts="2468", top_k=2)
+    assert [m.num_experts for m in _layers(get_moelora_model(tiny_llama(num_layers), cfg)).values()] == expected
+
+
 def test_per_layer_expert_list_callable_and_layers_to_transform():
     cfg = MoELoRAConfig(target_modules=["q_proj"], num_experts=[2, 3, 5, 2], top_k=2)
     assert [m.num_experts for m in _layers(get_moelora_model(tiny_llama(), cfg)).values()] == [2, 3, 5, 2]

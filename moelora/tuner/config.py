@@ -11,7 +11,8 @@ question-answering task trains and saves the model's head whole (``TASK_HEADS``,
 
 ``num_experts`` may differ per layer (MoLA): an int, a list with one count per layer, a
 callable ``(layer_index, num_layers) -> int``, or a preset over layer quarters ("2468",
-"8642", "8228", "5555": the digit is the expert count of that quarter).
+"8642", "8228", "5555": the digit is the expert count of that quarter; layer i of L is in quarter
+floor(4 i / L), so with L not a multiple of 4 the quarters differ by one layer at most).
 """
 
 from __future__ import annotations
