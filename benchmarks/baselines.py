@@ -51,11 +51,17 @@ def moe_lora_dense(x, lora_a, lora_b, ids, weights, scaling: float = 1.0,
 
 
 def _sort_by_expert(ids: torch.Tensor, experts: int):
-    """order of the flattened (token, slot) pairs by expert, their tokens, int32 group ends."""
+    """order of the flattened (token, slot) pairs by expert, their tokens, int32 group ends.
+
+    The group ends come from a binary search of the sorted ids, which the device runs alone:
+    ``torch.bincount`` would read the largest id back to the host (a synchronisation per call
+    on CUDA, which moelora's own dispatch does not pay and which keeps the host from
+    enqueueing ahead: tests/test_benchmark_fairness.py)."""
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     tokens = torch.div(order, ids.shape[1], rounding_mode="floor")
-    offs = torch.cumsum(torch.bincount(flat, minlength=experts), 0).to(torch.int32)
+    bounds = torch.arange(1, experts + 1, device=ids.device)
+    offs = torch.searchsorted(flat[order], bounds, out_int32=True)  # [E]: pairs with an id below e + 1
     return order, tokens, offs
 
 
