@@ -71,11 +71,13 @@ class _SmootherOfWrapped:
 class StepRoutersCallback(TrainerCallback):
     """Advances the routers' threshold schedules (``moelora.step_routers``) once per optimiser
     step: at ``on_step_end``, which Trainer calls after each optimiser step (not per
-    gradient-accumulation micro-batch). Needed with a plain ``Trainer`` for threshold routing
-    with ``threshold_ramp_steps > 0``; :class:`MoELoRATrainer` installs it."""
+    gradient-accumulation micro-batch). A step the fp16 GradScaler skipped (accelerate's
+    ``step_was_skipped``, which also keeps Trainer's learning-rate schedule where it is) does not
+    advance them. Needed with a plain ``Trainer`` for threshold routing with
+    ``threshold_ramp_steps > 0``; :class:`MoELoRATrainer` installs it."""
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None and not getattr(optimizer, "step_was_skipped", False):
             step_routers(model)
 
 

@@ -280,6 +280,27 @@ def test_trainer_advances_threshold_routers_once_per_optimizer_step(tmp_path, ma
     assert router.eps == pytest.approx(0.15)  # 0.2 * 3 / 4
 
 
+def test_a_step_the_grad_scaler_skips_advances_the_schedule_no_more_than_the_learning_rate(tmp_path):
+    """fp16 training with a GradScaler skips the optimiser step whose gradients overflow; Trainer then leaves the
+    learning-rate schedule alone (accelerate's ``step_was_skipped``), and the eps ramp must stay in step with it:
+    3 optimiser steps of which the first is skipped advance the routers twice (before: 3 times). A real CPU
+    GradScaler sits in the accelerator, an inf gradient in the first backward; the non-fused AdamW lets accelerate
+    see the skip (the fused one takes the scaler's found_inf itself, and Trainer steps both schedules then)."""
+    model = _threshold_llama()
+    backwards = []
+    lora_a = model.model.model.layers[0].self_attn.q_proj.lora_A
+    lora_a.register_hook(lambda grad: grad * float("inf") if not backwards.append(1) and len(backwards) == 1 else grad)
+    recorder = RouterStepRecorder()
+    trainer = MoELoRATrainer(model=model, train_dataset=_lm_dataset(n=8), callbacks=[recorder], args=_args(
+        tmp_path, max_steps=3, per_device_train_batch_size=2, optim="adamw_torch", lr_scheduler_type="linear"))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.train()
+    assert trainer.accelerator.scaler.get_scale() < 2.0 ** 16  # the first step overflowed, and was skipped
+    assert trainer.lr_scheduler.last_epoch == 2  # Trainer's lr schedule: 2 steps, not 3
+    assert recorder.seen == [[0], [0], [1]]
+    assert _router_steps(model) == [2]
+
+
 def test_plain_trainer_without_the_callback_leaves_the_schedule_alone(tmp_path):
     model = _threshold_llama()
     transformers.Trainer(model=model, train_dataset=_lm_dataset(n=8), args=_args(tmp_path, max_steps=2)).train()
