@@ -37,6 +37,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moelora.model import MoELoRAModel, aux_loss, recorded_aux_loss, step_routers
+from moelora.modules.ffn import MoEFFN
 
 
 def without_tied_aliases(state_dict: dict) -> dict:
@@ -94,6 +95,15 @@ class MoELoRATrainer(Trainer):
         # the aux losses of the training forwards since the last log: their sum (on the device) and count
         self._aux_loss_sum: Optional[torch.Tensor] = None
         self._aux_loss_count = 0
+
+    def get_decay_parameter_names(self, model) -> list:
+        """Trainer's (every parameter but the norms' and those whose name holds "bias"), less the expert biases
+        of upcycled FFNs (MoEFFN's ``b_in``, ``b_out``, ``b_gate``): copies of the FFN biases Trainer leaves
+        undecayed, whose names lost the word."""
+        expert_biases = {f"{prefix}.{name}" if prefix else name
+                         for prefix, module in model.named_modules() if isinstance(module, MoEFFN)
+                         for name in MoEFFN.BIAS_NAMES if getattr(module, name) is not None}
+        return [name for name in super().get_decay_parameter_names(model) if name not in expert_biases]
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)

@@ -72,6 +72,7 @@ class MoEFFN(nn.Module, RoutedModule):
     """
 
     moelora_owned = True  # trained and saved whole (moelora.modules.adapter_base.owned_by_moelora)
+    BIAS_NAMES = ("b_in", "b_out", "b_gate")  # the experts' biases ([E, d]; None where the FFN had none)
 
     def __init__(self, in_proj: nn.Module, out_proj: nn.Module, activation: Callable, num_experts: int,
                  top_k: int, gate_proj: Optional[nn.Module] = None, router: str = "threshold",

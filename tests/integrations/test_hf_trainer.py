@@ -212,6 +212,26 @@ def test_gradient_accumulation_weights_the_aux_loss_per_micro_batch(tmp_path, lo
         torch.testing.assert_close(before[name] - p.detach(), grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_moelora_trainer_leaves_the_upcycled_experts_biases_out_of_weight_decay(tmp_path):
+    """Trainer decays every parameter but the norms' and those whose name holds "bias". An upcycled FFN's expert
+    biases (MoEFFN's b_in, b_out: copies of BERT's intermediate.dense.bias and output.dense.bias, which Trainer
+    left undecayed) hold none, so a plain Trainer decays them; MoELoRATrainer leaves them out as it leaves the
+    biases they came from (before: decayed). The expert weights and the router keep their decay."""
+    bert = tiny_bert(num_layers=1, classification=True)
+    moelora.upcycle_ffn(bert, num_experts=2, top_k=2)
+    model = get_moelora_model(bert, MoELoRAConfig(target_modules=["query"], num_experts=2, top_k=2, r=4))
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path, weight_decay=0.1))
+    decayed = set(trainer.get_decay_parameter_names(model))
+    ffn = "model.bert.encoder.layer.0.intermediate."
+    assert {ffn + "b_in", ffn + "b_out"}.isdisjoint(decayed)
+    assert {ffn + "w_in", ffn + "w_out", ffn + "router.weight"} <= decayed
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        in_group = {names[id(p)] for p in group["params"]}
+        assert (ffn + "b_in" in in_group) <= (group["weight_decay"] == 0.0)
+
+
 # ------------------------------------------------------------------------- the aux loss in the logs
 def test_moelora_trainer_logs_the_mean_aux_loss_of_the_micro_batches_since_the_last_log(tmp_path):
     """MoELoRATrainer logs ``aux_loss`` beside ``loss``: the mean of the aux losses of every training forward
