@@ -58,8 +58,8 @@ from moelora.modules.routed import (RoutedModule, RouterStats, real_tokens_of_at
                                     routed_modules, routing_records)
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
-from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, layer_index, matches, set_module, stacked_expert_parameters,
-                                   transform_layer_index, unwrap)
+from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, check_single_place, check_tied_source, layer_index, matches,
+                                   set_module, stacked_expert_parameters, transform_layer_index, unwrap)
 
 
 
@@ -210,7 +210,9 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
                 "its forward returns the routing (transformers' PhiMoE router returns (logits, weights, expert ids), "
                 "Llama-4's (scores, logits)), not the linear layer's output that a MoE-LoRA layer adds its adapter "
                 "to; leave it out (exclude_modules; 'all-linear' leaves it out)")
-    _check_single_place(model, [(n, modules[n]) for n in selected])
+    check_single_place(model, [(n, modules[n]) for n in selected], "injection")
+    check_tied_source(model, [(n, modules[n]) for n in selected], "an adapter",
+                      "target those modules instead (target_modules=['embed_tokens'] on T5)")
     return selected
 
 
@@ -324,29 +326,6 @@ def _class_weight_reads(cls: type) -> frozenset:
                 except (OSError, TypeError):  # no source (a built or frozen class): nothing known
                     pass
     return frozenset(names)
-
-
-def _check_single_place(model: nn.Module, selected) -> None:
-    """ValueError if a selected module (``(name, module)`` pairs) is held by several parents, or under
-    several names of one (the same object at two places, ``nn.Sequential(lin, act, lin)``): injection
-    replaces it at one place, and the others would run it without the adapter. A module reached
-    through a reused parent (a block at several layers, ALBERT-style) has one place: its adapter is
-    shared, as its weights are."""
-    ids = {id(m) for _, m in selected}
-    places: Dict[int, Dict[tuple, str]] = {}
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if child is not None and id(child) in ids:
-                places.setdefault(id(child), {}).setdefault(
-                    (id(parent), attr), f"{parent_name}.{attr}" if parent_name else attr)
-    for name, module in selected:
-        held = list(places.get(id(module), {}).values())
-        if len(held) > 1:
-            raise ValueError(
-                f"{name} is one module held at several places of the model ({', '.join(held)}): injection replaces "
-                "it at one place, and the others would run it without the adapter; give each place its own module "
-                "(copy.deepcopy), or hold the shared module in one parent module that the model reuses (its adapter "
-                "is then shared, as its weights are)")
 
 
 def _unknown_hint(model: nn.Module, unknown: List[str]) -> str:

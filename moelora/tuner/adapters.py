@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from moelora.modules.adapter_base import is_adapter_layer, is_quantised_weight, owned_by_moelora
 from moelora.modules.molex import mixed_by_molex
-from moelora.tuner.targets import matches, set_module
+from moelora.tuner.targets import check_single_place, check_tied_source, matches, set_module
 
 DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
 
@@ -88,6 +88,10 @@ def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:
              and not isinstance(m, (ModulesToSaveWrapper, DetachedBase))]
     if not names:
         raise ValueError(f"modules_to_save {patterns!r} matches no module of the model")
+    saved = [(n, model.get_submodule(n)) for n in names]
+    check_single_place(model, saved, "modules_to_save")
+    check_tied_source(model, saved, "a trained copy (modules_to_save)",
+                      "save those modules instead (modules_to_save=['embed_tokens'] on T5)")
     for name in names:
         module = model.get_submodule(name)
         if any(is_adapter_layer(m) for m in module.modules()):

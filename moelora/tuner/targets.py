@@ -10,7 +10,7 @@ so every module that needs these rules uses this one implementation.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -76,6 +76,72 @@ def stacked_expert_parameters(model: nn.Module, skip: Callable[[nn.Module], bool
     return {f"{mn}.{pn}" if mn else pn: tuple(p.shape) for mn, m in model.named_modules()
             if "expert" in type(m).__name__.lower() and not skip(m)
             for pn, p in m.named_parameters(recurse=False) if p.dim() >= 3}
+
+
+def check_single_place(model: nn.Module, selected: Sequence[Tuple[str, nn.Module]], action: str,
+                       remedy: str = "") -> None:
+    """ValueError if a selected module (``(name, module)`` pairs) is held by several parents, or under several
+    names of one (the same object at two places, ``nn.Sequential(lin, act, lin)``): ``action`` (injection,
+    modules_to_save, upcycle_ffn) replaces it at the one place ``named_modules`` lists, and the others would run
+    the module as it was. A module reached through a reused parent (a block at several layers, ALBERT-style) has
+    one place: what replaces it is shared, as its weights are. ``remedy`` ends the message."""
+    ids = {id(m) for _, m in selected}
+    places: Dict[int, Dict[tuple, str]] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None and id(child) in ids:
+                places.setdefault(id(child), {}).setdefault(
+                    (id(parent), attr), f"{parent_name}.{attr}" if parent_name else attr)
+    for name, module in selected:
+        held = list(places.get(id(module), {}).values())
+        if len(held) > 1:
+            raise ValueError(
+                f"{name} is one module held at several places of the model ({', '.join(held)}): {action} replaces "
+                "it at one place, and the others would run it as it was; give each place its own module "
+                "(copy.deepcopy), or hold the shared module in one parent module that the model reuses (what replaces "
+                f"it is then shared, as its weights are){remedy}")
+
+
+def tied_alias_modules(model: nn.Module) -> set:
+    """Names of the modules whose weight transformers ties to another module's (``_tied_weights_keys`` of
+    ``model`` and its submodules: transformers 5's {tied: source} dict, transformers 4's list of tied names)."""
+    aliases = set()
+    for prefix, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if isinstance(keys, (dict, list, tuple)):
+            for key in keys:
+                if isinstance(key, str) and key.endswith(".weight"):
+                    aliases.add(f"{prefix}.{key[:-7]}" if prefix else key[:-7])
+    return aliases
+
+
+def check_tied_source(model: nn.Module, selected: Sequence[Tuple[str, nn.Module]], action: str, remedy: str) -> None:
+    """ValueError if a selected module (``(name, module)`` pairs) is the source of a tied weight whose tied
+    copies (:func:`tied_alias_modules`) are modules of its own class that are not selected: the model calls those
+    in its place (T5 of transformers 5 embeds with ``encoder.embed_tokens`` and ``decoder.embed_tokens``, which hold
+    ``shared.weight``; ``shared`` itself never runs), so ``action`` there would have no effect. Tied modules of
+    another class (an output head tied to the input embedding) run too and are left alone. ``remedy`` ends the
+    message."""
+    aliases = tied_alias_modules(model)
+    if not aliases:
+        return
+    chosen = {n for n, _ in selected}
+    holders: Dict[int, list] = {}
+    for n, m in model.named_modules():
+        weight = m._parameters.get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), []).append((n, m))
+    for name, module in selected:
+        weight = module._parameters.get("weight")
+        if name in aliases or weight is None:
+            continue
+        copies = [n for n, m in holders.get(id(weight), []) if n in aliases and n not in chosen
+                  and type(m) is type(module)]
+        if copies:
+            raise ValueError(
+                f"{name}'s weight is tied to {', '.join(copies)} ({type(module).__name__}s too: the model's "
+                f"_tied_weights_keys), which the model calls in its place (as T5 calls encoder.embed_tokens and "
+                f"decoder.embed_tokens, never shared): {action} at {name} would have no effect; {remedy}")
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -33,7 +33,8 @@ from torch.nn.modules.dropout import _DropoutNd
 from moelora.tuner.adapters import held_modules
 from moelora.tuner.structure import record, replaying, structural_edit
 from moelora.tuner.config import LAYER_INDICES, LAYER_PATTERNS, MODULE_NAMES
-from moelora.tuner.targets import matches, set_module, stacked_expert_parameters, transform_layer_index, unwrap
+from moelora.tuner.targets import (check_single_place, matches, set_module, stacked_expert_parameters,
+                                   transform_layer_index, unwrap)
 from moelora.ops.validation import check_activation
 from moelora.modules.adapter_base import refuse_offloaded, refuse_quantised
 from moelora.modules.ffn import MoEFFN, check_ffn_settings
@@ -443,6 +444,9 @@ def upcycle_ffn(model: nn.Module, num_experts: int = 4, top_k: int = 2, *, ffn_m
                              f"experts stacked in {len(stacked)} parameter(s) (e.g. {first[0]} {list(first[1])}): it "
                              "is (part of) a mixture of experts already, which upcycle_ffn cannot upcycle (it upcycles "
                              "dense FFNs made of linear layers)")
+    replaced_modules = [n for name, kind in targets  # what upcycling replaces (a BERT layer: two children)
+                        for n in ([f"{name}.intermediate", f"{name}.output.dense"] if kind == "bert" else [name])]
+    check_single_place(model, [(n, model.get_submodule(n)) for n in replaced_modules], "upcycle_ffn")
     for name, kind in targets:  # the modules upcycling replaces (a BERT layer: its intermediate and output.dense)
         for replaced in ([f"{name}.intermediate", f"{name}.output.dense"] if kind == "bert" else [name]):
             inside = next((n for n in held if n == replaced or n.startswith(f"{replaced}.")
