@@ -3,6 +3,8 @@ injection's check is in test_injection_targets.py) and a weight that transformer
 (T5's ``shared`` and the encoder's and decoder's ``embed_tokens``). Each is handled correctly or refused before
 the model changes, with an error naming the modules."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -90,3 +92,69 @@ def test_t5_shared_embedding_is_refused_and_its_tied_copies_are_adapted(kind):
             if "lora_embedding_A" in name or "modules_to_save" in name and "embed_tokens" in name:
                 p.add_(torch.randn_like(p))
     assert (model(input_ids=ids, decoder_input_ids=ids).logits - expected).abs().max() > 1e-2
+
+
+class Recurrent(nn.Module):
+    """One linear cell applied ``steps`` times (weights shared across time steps), each step checkpointed
+    (``checkpointed``) or not."""
+
+    def __init__(self, steps=3, checkpointed=False, use_reentrant=False):
+        super().__init__()
+        self.cell = nn.Linear(16, 16)
+        self.steps, self.checkpointed, self.use_reentrant = steps, checkpointed, use_reentrant
+
+    def forward(self, x):
+        for _ in range(self.steps):
+            if self.checkpointed:
+                x = torch.utils.checkpoint.checkpoint(lambda y: torch.tanh(self.cell(y)), x,
+                                                      use_reentrant=self.use_reentrant)
+            else:
+                x = torch.tanh(self.cell(x))
+        return x
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recomputation_keeps_the_forwards_routing_record(use_reentrant):
+    """A cell called at three time steps, each checkpointed: its recomputations in backward (the last step
+    first) replaced the routing record, so after backward moelora.aux_loss and router_stats described the
+    first call, not the last one as without checkpointing (docs/layers.md), and the stored loss held the
+    recomputed step's graph (its input, the activation checkpointing frees) until the next forward; with
+    reentrant checkpoints the loss the forward lost its gradient for was replaced and the flag cleared. The
+    record after backward is now the forward's, as without checkpointing; the gradients match an unrolled float64
+    model holding one copy of the cell per step (gradients summed)."""
+    torch.manual_seed(0)
+    config = MoELoRAConfig(target_modules=["cell"], num_experts=4, top_k=2, r=4)
+    plain = get_moelora_model(Recurrent(), config).double()
+    with torch.no_grad():
+        for p in plain.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    model = copy.deepcopy(plain)
+    model.model.checkpointed, model.model.use_reentrant = True, use_reentrant
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    outputs = []
+    for m in (plain, model):
+        out = m(x)
+        record = m.model.cell.last_aux_loss
+        out.pow(2).sum().backward()
+        assert m.model.cell.last_aux_loss is record
+        outputs.append((out, moelora.aux_loss(m), moelora.router_stats(m)))
+    (out_plain, aux_plain, stats_plain), (out_ckpt, aux_ckpt, stats_ckpt) = outputs
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(aux_ckpt.detach(), aux_plain.detach(), rtol=1e-12, atol=1e-12)
+    assert model.model.cell.aux_loss_lost_grad is use_reentrant
+    assert stats_ckpt.keys() == stats_plain.keys() == {"cell"}
+    for name, value in stats_plain["cell"].items():
+        torch.testing.assert_close(torch.as_tensor(stats_ckpt["cell"][name]), torch.as_tensor(value))
+
+    unrolled = copy.deepcopy(plain)  # one copy of the cell per step: the shared cell's gradient is their sum
+    cells = [unrolled.model.cell] + [copy.deepcopy(unrolled.model.cell) for _ in range(2)]
+    for c in cells:
+        c.zero_grad()
+    y = x.detach()
+    for c in cells:
+        y = torch.tanh(c(y))
+    y.pow(2).sum().backward()
+    for name, p in model.model.cell.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, sum(c.get_parameter(name).grad for c in cells), rtol=1e-10, atol=1e-12)

@@ -197,7 +197,11 @@ class RoutedModule:
         op, over the aux-loss mask's real tokens where one is held, as the routing's counts) are
         computed here when not given (moelora.ops.losses.routing_aux_losses; with an aux-loss mask,
         moelora.ops.losses.masked_aux_losses from the routing's logits, which must then be
-        differentiable)."""
+        differentiable). A gradient checkpoint's recomputation in backward (eager: backward's graph task
+        runs) computes them as the forward did (non-reentrant checkpointing checks that it saves as many
+        tensors) but keeps the forward's record: its loss would hold the recomputed inputs' graph until the
+        next forward (the activations checkpointing frees), and a layer called several times per forward would
+        end with its first call's record (recomputed last) instead of its last call's."""
         mask = self.aux_loss_mask_of(routing.weights.shape[0], routing.weights.device)
         counts = routing.counts
         if aux_loss is None and mask is not None:
@@ -207,6 +211,8 @@ class RoutedModule:
                 count_kept=getattr(router, "mode", None) == "threshold")
         elif aux_loss is None:
             aux_loss, aux_stats = routing_aux_losses(routing, self.aux_loss_coef, self.z_loss_coef)
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return  # a checkpoint's recomputation in backward
         # Only keep a graph when it can be used: no stale autograd graphs after eval passes.
         # (Written to __dict__: nn.Module.__setattr__ costs microseconds per call.)
         grad = torch.is_grad_enabled()
