@@ -158,3 +158,30 @@ def test_checkpoint_recomputation_keeps_the_forwards_routing_record(use_reentran
     for name, p in model.model.cell.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, sum(c.get_parameter(name).grad for c in cells), rtol=1e-10, atol=1e-12)
+
+
+def test_merge_of_a_block_reused_at_several_layers_merges_its_shared_adapter_once():
+    """A decoder layer reused at two depths (ALBERT-style) holds its adapted projections at one place, so the
+    adapter is shared as the weights are, and merging folds it once. The tied-weight check counted the second
+    path to the same base layer (model.layers.2...base_layer.weight) as another module tied to it and refused
+    every merge. Merged, unmerged and unloaded models now compute the adapted model's output; a weight tied to
+    another module (GPT-2's wte and lm_head) is still refused (test_model.py)."""
+    ids = token_batch()
+    torch.manual_seed(0)
+    base = tiny_llama(num_layers=3).eval()
+    base.model.layers[2] = base.model.layers[0]
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1, r=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    expected = model(ids).logits
+    plain = base.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    model.merge_adapter()
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(base.model.layers[0].self_attn.q_proj.base_layer.weight, plain, rtol=1e-6, atol=1e-6)
+    merged = model.merge_and_unload()
+    assert merged.model.layers[0] is merged.model.layers[2]
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)

@@ -72,14 +72,17 @@ def _check_untied(model: nn.Module, layers) -> None:
     """ValueError if a layer's base weight is also a weight of another module of ``model`` (an
     embedding tied to the output head): merging would add the layer's delta to that module too.
     The frozen original a saved module's wrapper keeps (run only while adapters are disabled,
-    which unmerges first) does not count."""
-    names = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
+    which unmerges first) does not count, nor the layer's own base layer reached under other names
+    (a block reused at several layers, ALBERT-style: one module, merged once)."""
+    holders: dict = {}  # id(parameter) -> id(module holding it) -> a name of it
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), {}).setdefault(
+                    id(module), f"{module_name}.{param_name}" if module_name else param_name)
     for name, layer, _ in layers:
-        own = f"{name}.base_layer." if name else "base_layer."
-        tied = [n for n in names.get(id(layer.base_layer.weight), [])
-                if not n.startswith(own) and ".original_module." not in f".{n}"]
+        tied = [n for holder, n in holders.get(id(layer.base_layer.weight), {}).items()
+                if holder != id(layer.base_layer) and ".original_module." not in f".{n}"]
         if tied:
             raise ValueError(
                 f"{name}: its base weight is tied to {tied[0]} (e.g. tie_word_embeddings), so merging would add "
