@@ -478,7 +478,7 @@ def gate_backward_kernel(
         if WRITE_HG:
             tl.store(hg_ptr + offs_t[:, None] * stride_hgt + col * stride_hgc,
                      tl.where(picked[:, None], gate[:, None] * h, 0.0).to(hg_ptr.dtype.element_ty), mask=mask)
-        p = (tl.sum(dhg * h, axis=1) * scaling) * scale_out
+        p = tl.sum((dhg * scaling) * h, axis=1) * scale_out  # scaled first: dhg * h alone may overflow
         dw += tl.where(chosen, p[:, None], 0.0)
         dh_e = tl.where(picked[:, None], (gate[:, None] * dhg) * scale_out, 0.0)
         if SHARED_A:

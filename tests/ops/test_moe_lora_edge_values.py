@@ -130,6 +130,27 @@ def test_scaling_outside_the_fp32_range_gives_the_representable_result(path, sca
     assert torch.isfinite(y).all() and rel_err(y, y_ref) < 1e-5, (y, y_ref)
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("scaling,x_scale", [(1e39, 1.0), (1e-41, 1e5)])
+def test_scaling_outside_the_fp32_range_gives_the_representable_gradients(path, scaling, x_scale):
+    """The gradients of the problem above: those of x, A and the weights are O(1) and must come out
+    so (the kernels apply the split scale's second factor to each of them); B's is s-sized, compared
+    where float32 holds it."""
+    p = make_problem(5, 8, 6, 2, 3, 2, with_base=False, device=DEVICE, seed=4)
+    x = (p.x.detach() * x_scale).requires_grad_()
+    b = (p.lora_b.detach() / (scaling * x_scale)).requires_grad_()
+    args = (x, p.lora_a, b, p.topk_ids, p.topk_weights)
+    leaves = [x, p.lora_a, b, p.topk_weights]
+    grad_out = torch.randn(5, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    grads = torch.autograd.grad(PATHS[path](*args, scaling=scaling), leaves, grad_out)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = moe_lora_torch(*ref[:3], p.topk_ids, ref[3], scaling=scaling)
+    grads_ref = torch.autograd.grad(y_ref, ref, grad_out.double())
+    for name, g, g_ref in zip(["x", "lora_a", "lora_b", "topk_weights"], grads, grads_ref):
+        if g_ref.abs().max() < torch.finfo(torch.float32).max:
+            assert torch.isfinite(g).all() and rel_err(g, g_ref) < 1e-5, (name, g, g_ref)
+
+
 # ---- 5. moe_ffn(normalize=True) with kept weights that do not sum to a positive value ----------
 def _ffn_inputs(weights):
     g = torch.Generator().manual_seed(0)
