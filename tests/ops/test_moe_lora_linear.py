@@ -266,11 +266,14 @@ def test_experts_without_tokens_get_exact_zero_gradients(regime):
     assert layer.lora_B.grad[[0, 1, 2, 4]].abs().sum() > 0
 
 
-@pytest.mark.parametrize("eps, train", [(0.0, False), (0.3, False), (0.3, True)], ids=["eps0", "eval", "train"])
+@pytest.mark.parametrize("eps, train", [(0.0, False), (0.3, False), (0.3, True), (0.9, False), (0.9, True)],
+                         ids=["eps0", "eval", "train", "eval_eps_above_best", "train_eps_above_best"])
 def test_float64_threshold_routing_keeps_float64_precision(eps, train, regime):
     """Threshold routing of float64 logits: its kept, renormalised weights (the threshold_weights
     kernel) and the output are float64-accurate. The kernel used to compute them in fp32 whatever
-    the probabilities' dtype (relative errors of 1e-8 in the weights, the output and every gradient)."""
+    the probabilities' dtype (relative errors of 1e-8 in the weights, the output and every gradient).
+    eps 0.9 is above most tokens' best renormalised probability (at least 1/3 of 3 slots, so eps 0.3
+    never is): the best slot must be kept anyway, as the PyTorch twin keeps it."""
     T, d_in, d_out, r, E, k = 9, 6, 5, 3, 4, 3
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
