@@ -140,14 +140,16 @@ def test_threshold_eps_zero_keeps_all_top_n():
     assert bool((r.weights > 0).all())
 
 
-def test_threshold_eval_is_deterministic_and_keeps_best():
+@pytest.mark.parametrize("eps", [0.3, 0.6])
+def test_threshold_eval_is_deterministic_and_keeps_best(eps):
+    """eps 0.6 is above some tokens' best p_hat (>= 1/3 of 3 slots, so eps 0.3 never is): kept anyway."""
     logits = _logits()
-    a = threshold_routing(logits, 3, eps=0.3, training=False)
-    b = threshold_routing(logits, 3, eps=0.3, training=False)
+    a = threshold_routing(logits, 3, eps=eps, training=False)
+    b = threshold_routing(logits, 3, eps=eps, training=False)
     assert torch.equal(a.weights, b.weights)
     p_hat = torch.softmax(logits, -1).topk(3, dim=-1).values
     p_hat = p_hat / p_hat.sum(-1, keepdim=True)
-    expected_keep = p_hat >= 0.3
+    expected_keep = p_hat >= eps
     expected_keep[:, 0] = True
     assert torch.equal(a.weights > 0, expected_keep)
     torch.testing.assert_close(a.weights.sum(-1), torch.ones(64))
