@@ -168,7 +168,7 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
 
 def _shard_bytes(max_shard_size) -> Optional[int]:
     """``max_shard_size`` in bytes (None: no limit); ValueError naming it unless a positive int or a string
-    as transformers reads it ("500MB", "5GB", "2GiB")."""
+    as transformers reads it ("500MB", "5GB", "2GiB"; a lowercase b after K, M, G or T counts bits: "500Mb")."""
     if max_shard_size is None:
         return None
     if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
@@ -179,7 +179,8 @@ def _shard_bytes(max_shard_size) -> Optional[int]:
         if match is None:
             raise ValueError(f"max_shard_size must be None, an int number of bytes or a size such as '5GB' or "
                              f"'500MiB', got {max_shard_size!r}")
-        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+        bits = len(match.group(2)) == 2 and max_shard_size.rstrip().endswith("b")  # transformers' "5Gb", "5gb"
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)]) // (8 if bits else 1)
     if size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     return size
