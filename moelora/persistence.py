@@ -429,7 +429,7 @@ def load_active_adapter_weights(wrapped: nn.Module, state: dict, weights_path: s
             raise ValueError(f"{weights_path}: checkpoint does not fit the model: {name} has shape "
                              f"{tuple(tensor.shape)}, the model expects {tuple(present[name].shape)}")
         _check_dtype_kind(f"{weights_path}: checkpoint does not fit the model: {name}", tensor, present[name])
-    # A model built on the meta device (accelerate's init_empty_weights, low_cpu_mem_usage) holds no values to copy
+    # A model built on the meta device (accelerate's init_empty_weights) holds no values to copy
     # into: its adapter tensors become the checkpoint's, in the model's dtypes (as PEFT's low_cpu_mem_usage load)
     on_meta = {n: t.to(present[n].dtype) for n, t in state.items() if present[n].is_meta}
     if on_meta:
