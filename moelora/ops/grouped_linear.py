@@ -164,8 +164,9 @@ CPU_ALIGNMENT = 64
 
 def _fresh_cpu_layout(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy where it is a CPU view starting CPU_ALIGNMENT-misaligned: CPU GEMMs round by
-    their input's alignment, so an expert segment of the sorted rows starting at an odd byte offset (11 rows of
-    width 13 in) rounded otherwise than the same rows in a fresh tensor, as the plain linear layer reads them."""
+    their operands' alignment, so an expert segment of the sorted rows starting at an odd byte offset (11 rows of
+    width 13 in), or an expert's weight (fp64 [13, 5]: the second one 520 bytes in), rounded otherwise than the
+    same values in a fresh tensor, as the plain linear layer reads them."""
     if t.device.type != "cpu" or (t.storage_offset() * t.element_size()) % CPU_ALIGNMENT == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)
@@ -176,12 +177,13 @@ def segment_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                    offsets: torch.Tensor) -> torch.Tensor:
     """out[i] = F.linear(rows[i], weight[e], bias[e]) for offsets[e] <= i < offsets[e+1]; zero
     rows from offsets[E] on. One F.linear per non-empty expert, on CPUs on a fresh-aligned
-    segment (:func:`_fresh_cpu_layout`), so an expert that gets every row rounds exactly like
-    the plain linear layer."""
+    segment and weight (:func:`_fresh_cpu_layout`), so an expert that gets every row rounds
+    exactly like the plain linear layer."""
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     segments, end = segment_bounds(offsets)
     for e, lo, hi in segments:
-        out[lo:hi] = F.linear(_fresh_cpu_layout(rows[lo:hi]), weight[e], None if bias is None else bias[e])
+        out[lo:hi] = F.linear(_fresh_cpu_layout(rows[lo:hi]), _fresh_cpu_layout(weight[e]),
+                              None if bias is None else bias[e])
     out[end:] = 0
     return out
 

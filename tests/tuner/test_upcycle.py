@@ -625,20 +625,24 @@ def test_moeffn_top1_warns_with_its_own_advice():
 @pytest.mark.parametrize("activation", [nn.SiLU(), nn.GELU("tanh"), nn.Mish(), nn.ReLU()],
                          ids=["silu", "gelu_tanh", "mish", "relu"])
 @pytest.mark.parametrize("kind", ["plain", "gated", "stacked"])
-@pytest.mark.parametrize("tokens,d_ff", [(10, 12), (11, 13)])
-def test_upcycled_block_is_bitwise_the_ffn_for_any_width_on_the_torch_backend(activation, kind, tokens, d_ff):
+@pytest.mark.parametrize("tokens,d_ff,d,dtype", [(10, 12, 8, torch.float32), (11, 13, 8, torch.float32),
+                                                  (11, 13, 5, torch.float64)])
+def test_upcycled_block_is_bitwise_the_ffn_for_any_width_on_the_torch_backend(activation, kind, tokens, d_ff, d,
+                                                                               dtype):
     """The torch backend's promise (all experts routed, eps = 0): the FFN's output bit for bit, whatever
     d_ff and the number of tokens. CPU elementwise kernels round by position (a vectorised body, then
     a scalar tail), so the activation over all experts' rows at once rounded the rows of an expert that
     do not start on a vector boundary otherwise than the FFN's (d_ff = 12, 10 tokens: about 1e-8); and
     CPU GEMMs round by the alignment of their input, so an expert segment starting at an odd byte offset
-    of the rows (11 tokens of width 13: 572 bytes in) rounded otherwise than the FFN's GEMM (ReLU too)."""
+    of the rows (11 tokens of width 13: 572 bytes in) rounded otherwise than the FFN's GEMM (ReLU too), as an
+    expert's weight did (fp64, model width 5, d_ff 13: the second expert's [13, 5] weight 520 bytes in)."""
     torch.manual_seed(0)
-    fc_in, fc_out = nn.Linear(8, 2 * d_ff if kind == "stacked" else d_ff), nn.Linear(d_ff, 8)
-    gate = nn.Linear(8, d_ff) if kind == "gated" else None
+    fc_in, fc_out = nn.Linear(d, 2 * d_ff if kind == "stacked" else d_ff), nn.Linear(d_ff, d)
+    gate = nn.Linear(d, d_ff) if kind == "gated" else None
+    fc_in, fc_out, gate = (None if m is None else m.to(dtype) for m in (fc_in, fc_out, gate))
     moe = MoEFFN(fc_in, fc_out, activation, num_experts=4, top_k=4, gate_proj=gate, router="threshold",
                  stacked_gate=kind == "stacked")
-    x = torch.randn(1, tokens, 8)
+    x = torch.randn(1, tokens, d, dtype=dtype)
     with torch.no_grad():
         if kind == "stacked":  # Phi-3's MLP
             g, up = fc_in(x).chunk(2, -1)
