@@ -56,14 +56,18 @@ def test_a_restored_optimizer_goes_on_as_the_uninterrupted_run_in_a_reloaded_mod
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_peft_loraplus_gives_every_lora_b_the_higher_learning_rate():
-    """docs/integration.md: PEFT's create_loraplus_optimizer finds moelora's B matrices by their name (lora_B);
-    A and the routers keep the base rate."""
+@pytest.mark.parametrize("router", ["threshold", "task"])
+def test_peft_loraplus_gives_every_lora_b_the_higher_learning_rate(router):
+    """docs/integration.md: PEFT's create_loraplus_optimizer finds moelora's B matrices by their name (lora_B),
+    and gives every 1-D parameter the higher rate too (task routing's lora_gamma, which the docs once left
+    implied to keep the base rate); A and the routers keep the base rate."""
     loraplus = pytest.importorskip("peft.optimizers").create_loraplus_optimizer
-    model = _model()
+    model = _model() if router == "threshold" else get_moelora_model(
+        tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, router="task"))
     optimizer = loraplus(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
     names = {id(p): n for n, p in model.named_parameters()}
     lr_of = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert set(lr_of) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(name.endswith("lora_gamma") for name in lr_of) == (router == "task")
     for name, lr in lr_of.items():
-        assert lr == pytest.approx(1.6e-2 if name.endswith("lora_B") else 1e-3), name
+        assert lr == pytest.approx(1.6e-2 if name.endswith(("lora_B", "lora_gamma")) else 1e-3), name
