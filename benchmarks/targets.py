@@ -99,7 +99,7 @@ def evaluate(results: dict) -> List[dict]:
                        None if replay is None else replay <= 0.12,
                        f"{replay:.4f} ms ({graph.get('status')})" if replay is not None else
                        "graph check not run" if not graph else f"graph check {graph.get('status')}: "
-                       f"{graph.get('error') or graph.get('reason') or graph.get('rel_err')}"))
+                       f"{graph.get('error') or graph.get('replay_error') or graph.get('reason') or graph.get('rel_err')}"))
 
     # ---- issue 11
     f = _find(cases, "S5", "ffn", "fwdbwd", "moelora-ffn")

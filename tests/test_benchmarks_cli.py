@@ -556,6 +556,10 @@ def test_graph_replay_target_does_not_read_a_failed_graph_check():
     wrong = graph_target({**check, "status": "fail", "rel_err": {"y": 0.5}})
     assert wrong["status"] == "not measured" and "fail" in wrong["detail"], wrong
     assert graph_target({})["status"] == "not measured"
+    # a passing check whose replay could not be timed: not measured, saying why (the verdict stays a pass)
+    untimed = {k: v for k, v in check.items() if k != "replay_median_ms"}
+    untimed = graph_target({**untimed, "replay_error": "RuntimeError: could not be timed"})
+    assert untimed["status"] == "not measured" and "could not be timed" in untimed["detail"], untimed
 
 
 def test_layer_cases_without_mixed_precision_enter_no_autocast_context(monkeypatch):
