@@ -169,6 +169,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             if not selected:
                 raise ValueError(f"target_modules regex {target!r} matches no linear module (nor embedding or "
                                  "convolution) of the model" + _stacked_hint({n: stacked[n] for n in named}))
+            _refuse_transposed_convs(model, target, config.exclude_modules)
         else:
             unknown = [t for t in target if not any(matches(n, [t]) for n, _ in candidates)]
             if unknown:
@@ -326,6 +327,19 @@ def _class_weight_reads(cls: type) -> frozenset:
                 except (OSError, TypeError):  # no source (a built or frozen class): nothing known
                     pass
     return frozenset(names)
+
+
+def _refuse_transposed_convs(model: nn.Module, target: str, exclude) -> None:
+    """ValueError where the ``target`` regex matches a transposed convolution that ``exclude`` does not leave out:
+    no adapter wraps one (as PEFT's LoRA, which refuses it too), and skipping it would leave a layer the regex
+    names without its adapter silently (a list naming it raises as an unknown target)."""
+    transposed = [f"{n}, a {type(m).__name__}" for n, m in model.named_modules()
+                  if isinstance(m, nn.modules.conv._ConvTransposeNd) and matches(n, target)
+                  and not (exclude and matches(n, exclude))]
+    if transposed:
+        raise ValueError(f"target_modules regex {target!r} matches {'; '.join(transposed[:3])}: transposed "
+                         "convolutions take no MoE-LoRA adapter (as PEFT's LoRA); leave them out (exclude_modules, "
+                         "or a regex that does not match them)")
 
 
 def _unknown_hint(model: nn.Module, unknown: List[str]) -> str:

@@ -522,6 +522,33 @@ def test_wrong_bases_and_settings_raise_clear_errors():
         layer(torch.randn(1, 3, 2, 2, dtype=torch.float64))
 
 
+class _UNet(nn.Module):
+    """A down / up convolution stack: the up-sampling layer is an nn.ConvTranspose2d, which no adapter wraps."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.mid = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.up, self.out = nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(7, 3, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.up(F.relu(self.mid(F.relu(self.down(x))))), x], 1))
+
+
+def test_a_target_regex_matching_a_transposed_convolution_raises_naming_it():
+    """A regex that matches a transposed convolution (which moelora, as PEFT's LoRA, cannot adapt) raises
+    naming it, as a list naming it does, instead of leaving the layer without an adapter silently; excluded,
+    the other layers are adapted."""
+    config = dict(r=4, num_experts=2, top_k=1)
+    with pytest.raises(ValueError, match=r"matches up, a ConvTranspose2d.*exclude_modules"):
+        moelora.get_moelora_model(_UNet(), moelora.MoELoRAConfig(target_modules=r".*(down|mid|up|out)", **config))
+    with pytest.raises(ValueError, match=r"'up' names up, a ConvTranspose2d"):
+        moelora.get_moelora_model(_UNet(), moelora.MoELoRAConfig(target_modules=["down", "up"], **config))
+    model = moelora.get_moelora_model(_UNet(), moelora.MoELoRAConfig(target_modules=r".*(down|mid|up|out)",
+                                                                     exclude_modules=["up"], **config))
+    assert [n for n, m in model.model.named_children() if isinstance(m, MoELoRAConv)] == ["down", "mid", "out"]
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3, 8, 8)
+
+
 def test_embedding_subclasses_whose_forward_looks_up_other_rows_are_refused():
     """OPT's learned positional embedding looks up the positions of its attention-mask input (BART's those of its
     input ids' shape, Whisper's slices its weight): the adapter's lookup of the input itself added the delta of
