@@ -54,8 +54,8 @@ from moelora.modules.conv import MoELoRAConv, is_conv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.fields import BOOL, check_field, is_int, is_integral
 from moelora.modules.molex import CACHE_KWARGS
-from moelora.modules.routed import (RoutedModule, RouterStats, real_tokens_of_attention_mask, restore_routing_records,
-                                    routed_modules, routing_records)
+from moelora.modules.routed import (RoutedModule, RouterStats, real_tokens_of_attention_mask, recording_in_backward,
+                                    restore_routing_records, routed_modules, routing_records)
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
 from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, check_single_place, check_tied_source, layer_index, matches,
@@ -1133,7 +1133,23 @@ class MoELoRAModel(nn.Module):
         A :func:`moelora.use_task_ids` (:func:`moelora.use_aux_loss_mask`) block given a module they
         are on (the wrapper, a module holding it, a module inside it) after this forward puts back the
         ids (the mask) first too, so that after the block the layers hold what they held before this
-        forward; a block that the wrapped model's forward runs leaves them on the other layers."""
+        forward; a block that the wrapped model's forward runs leaves them on the other layers.
+
+        A gradient checkpoint around the wrapper recomputes this forward in backward: it records and adds the aux
+        loss as the forward did (a reentrant checkpoint's forward ran without gradients: the recomputed loss
+        trains the routers), then gives back the forward's losses and statistics (docs/layers.md), with the
+        recomputation's ``aux_loss_lost_grad`` (whether the loss backward ran through trained the routers)."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            records = routing_records(self.model)
+            try:
+                with recording_in_backward():
+                    return self._forward(args, labels, task_ids, aux_loss_mask, kwargs)
+            finally:
+                restore_routing_records([(m, (loss, stats, m.aux_loss_lost_grad)) for m, (loss, stats, _) in records])
+        return self._forward(args, labels, task_ids, aux_loss_mask, kwargs)
+
+    def _forward(self, args: tuple, labels, task_ids, aux_loss_mask, kwargs: dict):
+        """:meth:`forward`."""
         clear_aux_losses(self.model)
         self._put_back_forward_swaps()
         if labels is not None:

@@ -4,6 +4,7 @@ injection's check is in test_injection_targets.py) and a weight that transformer
 the model changes, with an error naming the modules."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -185,3 +186,41 @@ def test_merge_of_a_block_reused_at_several_layers_merges_its_shared_adapter_onc
     assert merged.model.layers[0] is merged.model.layers[2]
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_checkpoint_around_the_wrapper_keeps_the_record_and_trains_the_router_by_the_aux_loss(use_reentrant):
+    """A checkpoint around the whole wrapper recomputes its forward in backward: the recomputation's layers stored
+    nothing (as a checkpointed layer's) after the wrapper had cleared the records, so after backward aux_loss and
+    router_stats were empty, and with a reentrant checkpoint (whose forward runs without gradients) the recomputed
+    outputs.loss held no aux loss: it no longer trained the routers, without a warning. The recomputation now records
+    and adds its aux loss as the forward did, then gives back the forward's records: the routers' gradients are
+    those of the unchecked model (float64), and so are the records after backward, which warn of no lost gradient
+    (the reentrant forward's loss had none, but the recomputed one trained the routers)."""
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = get_moelora_model(tiny_llama(2), MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4,
+                                                               top_k=2, r=4, router_aux_loss_coef=0.5)).double()
+        model.train()
+        ids = token_batch()
+        embeds = model.model.model.embed_tokens(ids).detach().requires_grad_()
+
+        def loss_of(e):
+            return model(inputs_embeds=e, labels=ids, use_cache=False).loss
+
+        loss = (torch.utils.checkpoint.checkpoint(loss_of, embeds, use_reentrant=use_reentrant) if checkpointed
+                else loss_of(embeds))
+        records = [m.last_aux_loss for m in moelora.modules.routed.routed_modules(model)]
+        loss.backward()
+        assert all(m.last_aux_loss is r for m, r in zip(moelora.modules.routed.routed_modules(model), records))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the routers were trained by the aux loss: no lost-gradient warning
+            results.append(({n: p.grad for n, p in model.named_parameters() if "router" in n},
+                            moelora.aux_loss(model).detach(), moelora.router_stats(model)))
+    (grads, aux, stats), (grads_ckpt, aux_ckpt, stats_ckpt) = results
+    assert grads.keys() == grads_ckpt.keys() and len(grads) == 4
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(aux_ckpt, aux, rtol=1e-12, atol=1e-12)
+    assert stats_ckpt.keys() == stats.keys() and len(stats) == 4

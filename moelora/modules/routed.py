@@ -4,6 +4,8 @@ loss and routing statistics (:class:`RoutedModule`, read by ``moelora.aux_loss``
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Mapping
 from typing import List, Optional
 
@@ -211,7 +213,8 @@ class RoutedModule:
                 count_kept=getattr(router, "mode", None) == "threshold")
         elif aux_loss is None:
             aux_loss, aux_stats = routing_aux_losses(routing, self.aux_loss_coef, self.z_loss_coef)
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        if (not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+                and not getattr(_RECORDING_IN_BACKWARD, "on", False)):
             return  # a checkpoint's recomputation in backward
         # Only keep a graph when it can be used: no stale autograd graphs after eval passes.
         # (Written to __dict__: nn.Module.__setattr__ costs microseconds per call.)
@@ -220,6 +223,23 @@ class RoutedModule:
         self.__dict__["_aux_loss_lost_grad"] = not grad and self.training
         self.__dict__["_last_router_stats"] = RouterStats(counts, routing.logits, aux_stats,
                                                           routing.weights.shape[0], mask)
+
+
+# Set (per thread: backward runs on the device's autograd thread) while a forward recomputed in backward records as
+# a forward: a checkpoint around the whole MoELoRAModel, whose forward adds the recorded aux losses to its loss.
+_RECORDING_IN_BACKWARD = threading.local()
+
+
+@contextlib.contextmanager
+def recording_in_backward():
+    """The routed modules record in this block even while backward's graph task runs (see
+    :meth:`RoutedModule._record_routing`); the caller gives back the forward's records after it."""
+    held = getattr(_RECORDING_IN_BACKWARD, "on", False)
+    _RECORDING_IN_BACKWARD.on = True
+    try:
+        yield
+    finally:
+        _RECORDING_IN_BACKWARD.on = held
 
 
 def routed_modules(model: nn.Module) -> List["RoutedModule"]:
