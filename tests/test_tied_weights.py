@@ -95,6 +95,42 @@ def test_t5_shared_embedding_is_refused_and_its_tied_copies_are_adapted(kind):
     assert (model(input_ids=ids, decoder_input_ids=ids).logits - expected).abs().max() > 1e-2
 
 
+
+@pytest.mark.parametrize("kind", ["target_modules", "modules_to_save"])
+def test_a_tied_embedding_its_model_calls_is_adapted_not_refused(kind):
+    """FSMT with tied embeddings ties encoder.embed_tokens to decoder.embed_tokens (its _tied_weights_keys), both
+    nn.Embeddings that the model calls (the decoder embeds with its own). Adapting the decoder's alone was refused
+    as if the model called the encoder's in its place (T5's ``shared``, which never runs); it is adapted, and the
+    adapter changes the output. The parent that never calls its module (T5's, BART's ``shared``) is still refused
+    (test_t5_shared_embedding_is_refused_and_its_tied_copies_are_adapted)."""
+    from transformers import BartConfig, BartForConditionalGeneration, FSMTConfig, FSMTForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = FSMTForConditionalGeneration(FSMTConfig(
+        langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, tie_word_embeddings=True, d_model=16,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)).eval()
+    assert base.model.decoder.embed_tokens.weight is base.model.encoder.embed_tokens.weight
+    ids = torch.randint(3, 64, (2, 6))
+    expected = base(input_ids=ids, decoder_input_ids=ids).logits
+    names = ["model.decoder.embed_tokens"]
+    config = (MoELoRAConfig(target_modules=names, num_experts=1, r=4) if kind == "target_modules" else
+              MoELoRAConfig(target_modules=["q_proj"], modules_to_save=names, num_experts=1, r=4))
+    model = get_moelora_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_embedding_A" in name or "modules_to_save" in name and "embed_tokens" in name:
+                p.add_(torch.randn_like(p))
+    assert (model(input_ids=ids, decoder_input_ids=ids).logits - expected).abs().max() > 1e-2
+
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32))
+    with pytest.raises(ValueError, match=r"model\.shared's weight is tied to model\.encoder\.embed_tokens, "
+                                         r"model\.decoder\.embed_tokens"):
+        get_moelora_model(bart, MoELoRAConfig(target_modules=["shared"], num_experts=1, r=4))
+
+
 class Recurrent(nn.Module):
     """One linear cell applied ``steps`` times (weights shared across time steps), each step checkpointed
     (``checkpointed``) or not."""

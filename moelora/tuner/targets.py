@@ -9,6 +9,8 @@ so every module that needs these rules uses this one implementation.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -115,13 +117,31 @@ def tied_alias_modules(model: nn.Module) -> set:
     return aliases
 
 
+@functools.lru_cache(maxsize=None)
+def _class_calls(cls: type, attr: str) -> bool:
+    """Whether a method of ``cls`` (but its constructor) calls its child ``attr`` (``self.<attr>(``)."""
+    call = re.compile(rf"self\.{re.escape(attr)}\s*\(")
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for name, fn in vars(klass).items():
+            if name != "__init__" and inspect.isfunction(fn):
+                try:
+                    if call.search(inspect.getsource(fn)):
+                        return True
+                except (OSError, TypeError):  # no source (a built or frozen class): not known to call it
+                    pass
+    return False
+
+
 def check_tied_source(model: nn.Module, selected: Sequence[Tuple[str, nn.Module]], action: str, remedy: str) -> None:
     """ValueError if a selected module (``(name, module)`` pairs) is the source of a tied weight whose tied
-    copies (:func:`tied_alias_modules`) are modules of its own class that are not selected: the model calls those
-    in its place (T5 of transformers 5 embeds with ``encoder.embed_tokens`` and ``decoder.embed_tokens``, which hold
-    ``shared.weight``; ``shared`` itself never runs), so ``action`` there would have no effect. Tied modules of
-    another class (an output head tied to the input embedding) run too and are left alone. ``remedy`` ends the
-    message."""
+    copies (:func:`tied_alias_modules`) are modules of its own class that are not selected, and its parent never
+    calls it (:func:`_class_calls`): the model calls those copies in its place (T5 of transformers 5 embeds with
+    ``encoder.embed_tokens`` and ``decoder.embed_tokens``, which hold ``shared.weight``; ``shared`` itself never
+    runs), so ``action`` there would have no effect. A source its parent calls (FSMT's tied
+    ``decoder.embed_tokens``) and tied modules of another class (an output head tied to the input embedding) run
+    too and are left alone. ``remedy`` ends the message."""
     aliases = tied_alias_modules(model)
     if not aliases:
         return
@@ -137,7 +157,8 @@ def check_tied_source(model: nn.Module, selected: Sequence[Tuple[str, nn.Module]
             continue
         copies = [n for n, m in holders.get(id(weight), []) if n in aliases and n not in chosen
                   and type(m) is type(module)]
-        if copies:
+        parent_name, _, attr = name.rpartition(".")
+        if copies and not _class_calls(type(model.get_submodule(parent_name)), attr):
             raise ValueError(
                 f"{name}'s weight is tied to {', '.join(copies)} ({type(module).__name__}s too: the model's "
                 f"_tied_weights_keys), which the model calls in its place (as T5 calls encoder.embed_tokens and "
