@@ -177,6 +177,63 @@ def fsdp2_meta_init(name: str) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+class TPBlock(torch.nn.Module):
+    """A Llama-like MLP, up (colwise) then down (rowwise), for tensor parallelism."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def tp_model(targets=("up", "down")) -> moelora.MoELoRAModel:
+    """The same injected TPBlock (fp64, random B) on every rank."""
+    torch.manual_seed(0)
+    config = moelora.MoELoRAConfig(target_modules=list(targets), num_experts=3, top_k=2, r=4, init_lora_weights=False)
+    return moelora.get_moelora_model(TPBlock().double(), config).double()
+
+
+def tp_input() -> torch.Tensor:
+    return torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+
+def tensor_parallel() -> dict:
+    """parallelize_module on the adapted layers' base layers: with whole inputs and outputs (Replicate at the
+    layer's boundaries) the output and gradients; with the usual sharded plan (colwise up, rowwise down, or only
+    the rowwise one adapted) the error of the first forward; the same plans applied before injection."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+
+    def run_plan(plan, before=False, targets=("up", "down")):
+        try:
+            if before:
+                torch.manual_seed(0)
+                block = parallelize_module(TPBlock().double(), mesh, plan)
+                config = moelora.MoELoRAConfig(target_modules=list(targets), num_experts=3, top_k=2, r=4,
+                                               init_lora_weights=False)
+                model = moelora.get_moelora_model(block, config).double()
+            else:
+                model = tp_model(targets)
+                parallelize_module(model.model, mesh, {f"{k}.base_layer" if k in targets else k: v
+                                                       for k, v in plan.items()})
+            y = model(tp_input())
+            y.sum().backward()
+            return {"output": y.detach(), "grads": trainable_grads(model)}
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    whole = {"up": ColwiseParallel(output_layouts=Replicate()), "down": RowwiseParallel(input_layouts=Replicate())}
+    sharded = {"up": ColwiseParallel(), "down": RowwiseParallel()}
+    return {"whole": run_plan(whole), "whole_before": run_plan(whole, before=True),
+            "sharded": run_plan(sharded), "sharded_before": run_plan(sharded, before=True),
+            "sharded_down_only": run_plan(sharded, targets=("down",))}
+
+
 def run(rank: int, port: int, out_dir: str) -> None:
     """Entry point of each spawned rank."""
     sys.path.insert(0, EXAMPLES)
@@ -191,6 +248,7 @@ def run(rank: int, port: int, out_dir: str) -> None:
             "ddp_example": ddp_example_checkpoint(out_dir),
             "fsdp2": fsdp2_run(rank, out_dir),
             "fsdp2_meta_init": {name: fsdp2_meta_init(name) for name in META_CONFIGS},
+            "tensor_parallel": tensor_parallel(),
             "ddp_disabled_layer": ddp_with_disabled_layer(rank),  # last: its failing DDP is left behind
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

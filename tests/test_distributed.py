@@ -175,3 +175,35 @@ def test_fsdp2_meta_device_init_initialises_every_shard(ranks, name):
         for key in ("w_in", "b_in", "w_out", "b_out"):
             experts = state[f"model.mlp.{key}"]
             assert torch.equal(experts, experts[:1].expand_as(experts)), key  # upcycled: copies of one FFN
+
+
+# ------------------------------------------------------------------------- tensor parallelism
+def test_tensor_parallel_base_layers_with_whole_inputs_and_outputs_equal_one_process(ranks):
+    """ColwiseParallel(output_layouts=Replicate()) / RowwiseParallel(input_layouts=Replicate()) on the adapted
+    layers' base layers, applied after injection or before it (the base weights DTensors at injection): every rank
+    computes one process's output and adapter gradients (fp64)."""
+    model = workers.tp_model()
+    expected = model(workers.tp_input())
+    expected.sum().backward()
+    grads = workers.trainable_grads(model)
+    for results in ranks:
+        for case in ("whole", "whole_before"):
+            outcome = results["tensor_parallel"][case]
+            assert "error" not in outcome, outcome.get("error")
+            torch.testing.assert_close(outcome["output"], expected.detach(), rtol=1e-12, atol=1e-12)
+            _assert_grads_close(outcome["grads"], grads)
+
+
+@pytest.mark.parametrize("case, style, shard", [("sharded", "ColwiseParallel", "output"),
+                                                ("sharded_before", "ColwiseParallel", "output"),
+                                                ("sharded_down_only", "RowwiseParallel", "input")])
+def test_tensor_parallel_base_layer_with_sharded_input_or_output_is_refused_saying_what_to_do(ranks, case, style,
+                                                                                             shard):
+    """The usual plan (colwise up, rowwise down: the activation between them sharded) gives the adapted layer a
+    base output [..., d_out / 2] (colwise) or input [..., d_in / 2] (rowwise). It said the base layer's forward
+    was no x W^T + b (leave it out), or x had the wrong width."""
+    for results in ranks:
+        error = results["tensor_parallel"][case].get("error", "")
+        assert error.startswith("NotImplementedError") and "tensor-parallel" in error, error
+        assert f"{style}" in error and f"its {shard} as a shard" in error and "Replicate()" in error, error
+        assert "FSDP2" in error and "out of the tensor-parallel plan" in error, error
