@@ -178,45 +178,48 @@ def fsdp2_meta_init(name: str) -> dict:
 
 
 class TPBlock(torch.nn.Module):
-    """A Llama-like MLP, up (colwise) then down (rowwise), for tensor parallelism."""
+    """An embedding, then a Llama-like MLP (up colwise, down rowwise in the usual plan), for tensor parallelism."""
 
     def __init__(self):
         super().__init__()
+        self.emb = torch.nn.Embedding(12, 8)
         self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
 
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
+    def forward(self, ids):
+        return self.down(torch.relu(self.up(self.emb(ids))))
 
 
-def tp_model(targets=("up", "down")) -> moelora.MoELoRAModel:
-    """The same injected TPBlock (fp64, random B) on every rank."""
-    torch.manual_seed(0)
+TP_TARGETS = ("emb", "up", "down")
+
+
+def tp_model(targets=TP_TARGETS, block=None) -> moelora.MoELoRAModel:
+    """The same injected TPBlock (fp64, random A and B) on every rank; ``block``: a TPBlock built (seed 0) already."""
+    if block is None:
+        torch.manual_seed(0)
+        block = TPBlock().double()
     config = moelora.MoELoRAConfig(target_modules=list(targets), num_experts=3, top_k=2, r=4, init_lora_weights=False)
-    return moelora.get_moelora_model(TPBlock().double(), config).double()
+    return moelora.get_moelora_model(block, config).double()
 
 
 def tp_input() -> torch.Tensor:
-    return torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    return torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(5))
 
 
 def tensor_parallel() -> dict:
-    """parallelize_module on the adapted layers' base layers: with whole inputs and outputs (Replicate at the
-    layer's boundaries) the output and gradients; with the usual sharded plan (colwise up, rowwise down, or only
-    the rowwise one adapted) the error of the first forward; the same plans applied before injection."""
+    """parallelize_module on the adapted layers' base layers: with whole inputs and outputs (Replicate at each
+    layer's boundaries) the output and gradients, the plan applied after injection or before it; with the usual
+    sharded plans the error of the first forward."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (WORLD,))
 
-    def run_plan(plan, before=False, targets=("up", "down")):
+    def run_plan(plan, before=False, targets=TP_TARGETS):
         try:
             if before:
                 torch.manual_seed(0)
-                block = parallelize_module(TPBlock().double(), mesh, plan)
-                config = moelora.MoELoRAConfig(target_modules=list(targets), num_experts=3, top_k=2, r=4,
-                                               init_lora_weights=False)
-                model = moelora.get_moelora_model(block, config).double()
+                model = tp_model(targets, parallelize_module(TPBlock().double(), mesh, plan))
             else:
                 model = tp_model(targets)
                 parallelize_module(model.model, mesh, {f"{k}.base_layer" if k in targets else k: v
@@ -227,11 +230,16 @@ def tensor_parallel() -> dict:
         except Exception as exc:  # noqa: BLE001 - reported to the test
             return {"error": f"{type(exc).__name__}: {exc}"}
 
-    whole = {"up": ColwiseParallel(output_layouts=Replicate()), "down": RowwiseParallel(input_layouts=Replicate())}
+    whole = {"emb": RowwiseParallel(input_layouts=Replicate()), "up": ColwiseParallel(output_layouts=Replicate()),
+             "down": RowwiseParallel(input_layouts=Replicate())}
     sharded = {"up": ColwiseParallel(), "down": RowwiseParallel()}
     return {"whole": run_plan(whole), "whole_before": run_plan(whole, before=True),
-            "sharded": run_plan(sharded), "sharded_before": run_plan(sharded, before=True),
-            "sharded_down_only": run_plan(sharded, targets=("down",))}
+            "sharded": run_plan(sharded, targets=("up", "down")),
+            "sharded_before": run_plan(sharded, before=True, targets=("up", "down")),
+            "sharded_down_only": run_plan(sharded, targets=("down",)),
+            "emb_colwise": run_plan({"emb": ColwiseParallel()}, targets=("emb",)),
+            "emb_sequence_sharded": run_plan({"emb": RowwiseParallel(input_layouts=Replicate(),
+                                                                     output_layouts=Shard(1))}, targets=("emb",))}
 
 
 def run(rank: int, port: int, out_dir: str) -> None:

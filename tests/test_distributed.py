@@ -179,9 +179,9 @@ def test_fsdp2_meta_device_init_initialises_every_shard(ranks, name):
 
 # ------------------------------------------------------------------------- tensor parallelism
 def test_tensor_parallel_base_layers_with_whole_inputs_and_outputs_equal_one_process(ranks):
-    """ColwiseParallel(output_layouts=Replicate()) / RowwiseParallel(input_layouts=Replicate()) on the adapted
-    layers' base layers, applied after injection or before it (the base weights DTensors at injection): every rank
-    computes one process's output and adapter gradients (fp64)."""
+    """RowwiseParallel / ColwiseParallel with Replicate at the layer's boundaries on the adapted layers' base layers
+    (an embedding and a linear MLP), applied after injection or before it (the base weights DTensors at injection):
+    every rank computes one process's output and adapter gradients (fp64)."""
     model = workers.tp_model()
     expected = model(workers.tp_input())
     expected.sum().backward()
@@ -194,16 +194,20 @@ def test_tensor_parallel_base_layers_with_whole_inputs_and_outputs_equal_one_pro
             _assert_grads_close(outcome["grads"], grads)
 
 
-@pytest.mark.parametrize("case, style, shard", [("sharded", "ColwiseParallel", "output"),
-                                                ("sharded_before", "ColwiseParallel", "output"),
-                                                ("sharded_down_only", "RowwiseParallel", "input")])
-def test_tensor_parallel_base_layer_with_sharded_input_or_output_is_refused_saying_what_to_do(ranks, case, style,
-                                                                                             shard):
-    """The usual plan (colwise up, rowwise down: the activation between them sharded) gives the adapted layer a
-    base output [..., d_out / 2] (colwise) or input [..., d_in / 2] (rowwise). It said the base layer's forward
-    was no x W^T + b (leave it out), or x had the wrong width."""
+@pytest.mark.parametrize("case, layer, style, shard", [
+    ("sharded", "MoELoRALinear", "ColwiseParallel", "returns its output as a shard along the features"),
+    ("sharded_before", "MoELoRALinear", "ColwiseParallel", "returns its output as a shard along the features"),
+    ("sharded_down_only", "MoELoRALinear", "RowwiseParallel", "takes its input as a shard along the features"),
+    ("emb_colwise", "MoELoRAEmbedding", "ColwiseParallel", "returns its output as a shard along the features"),
+    ("emb_sequence_sharded", "MoELoRAEmbedding", "RowwiseParallel", "returns its output sharded along the tokens"),
+])
+def test_tensor_parallel_base_layer_with_a_sharded_input_or_output_is_refused_saying_what_to_do(ranks, case, layer,
+                                                                                               style, shard):
+    """The usual plan (colwise up, rowwise down: the activation between them sharded; a colwise or sequence-sharded
+    embedding) gives an adapted layer a shard of its base output or input. It said the base layer's forward was no
+    x W^T + b (leave it out), that x had the wrong width, or that the routing's shape did not match x."""
     for results in ranks:
         error = results["tensor_parallel"][case].get("error", "")
-        assert error.startswith("NotImplementedError") and "tensor-parallel" in error, error
-        assert f"{style}" in error and f"its {shard} as a shard" in error and "Replicate()" in error, error
+        assert error.startswith("NotImplementedError") and "tensor-parallel" in error and layer in error, error
+        assert shard in error and f"{style}(input_layouts=Replicate(), output_layouts=Replicate())" in error, error
         assert "FSDP2" in error and "out of the tensor-parallel plan" in error, error

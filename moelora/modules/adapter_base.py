@@ -103,6 +103,33 @@ def refuse_quantised(base_layer: nn.Module, what: str) -> None:
             "there; do it on a model loaded without quantisation (and unsharded)")
 
 
+def refuse_tensor_parallel_shards(layer: nn.Module, sharded_input: bool, sharded_features: bool,
+                                  style_dims: Tuple[int, int]) -> None:
+    """NotImplementedError where ``layer``'s base layer is tensor-parallel (its weight a ``DTensor``, as
+    torch.distributed.tensor.parallel's ColwiseParallel / RowwiseParallel leave it) and took or returned a shard
+    (``sharded_input``: an input [..., d_in / n]; ``sharded_features``: an output [..., d_out / n]; neither: an
+    output sharded along the tokens, as output_layouts=Shard(1) gives): the adapter computes the whole delta from
+    the whole input. ``style_dims``: the weight's dims that ColwiseParallel and RowwiseParallel shard. Nothing
+    where the weight is a plain tensor (the caller's own shape errors follow)."""
+    base = layer.base_layer
+    weight = base._parameters.get("weight")
+    if type(weight) in PLAIN_TENSORS or not hasattr(weight, "placements"):
+        return
+    dims = {p.dim for p in weight.placements if p.is_shard()}
+    styles = [name for name, dim in zip(("ColwiseParallel", "RowwiseParallel"), style_dims) if dim in dims]
+    style = styles[0] if len(styles) == 1 else "the tensor-parallel style"
+    got = ("takes its input as a shard along the features" if sharded_input else
+           "returns its output as a shard along the features" if sharded_features else
+           "returns its output sharded along the tokens, or for other tokens than its input's")
+    raise NotImplementedError(
+        f"the {type(base).__name__} that this {type(layer).__name__} adapts is tensor-parallel (its weight a "
+        f"{type(weight).__name__} placed {tuple(weight.placements)}, as {style} leaves it) and {got}: the MoE-LoRA "
+        "adapter computes the layer's whole delta from its whole input, so the base layer must take and return "
+        f"whole tensors. Parallelize the base layer with {style}(input_layouts=Replicate(), "
+        "output_layouts=Replicate()) (the adapter then runs replicated on every rank), keep the adapted layers out "
+        "of the tensor-parallel plan, or shard with FSDP2 (fully_shard) instead")
+
+
 def is_uninitialised_lazy(module: nn.Module) -> bool:
     """Whether ``module`` is a lazy module (nn.LazyLinear, LazyConv*) whose parameters wait for a first forward."""
     return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moelora.modules.adapter_base import AdapterLayerBase, LayerSettings, layer_settings
+from moelora.modules.adapter_base import (AdapterLayerBase, LayerSettings, layer_settings,
+                                         refuse_tensor_parallel_shards)
 from moelora.modules.init import zero_expert_
 from moelora.ops.backend import autocast_dtype
 
@@ -100,6 +101,8 @@ class MoELoRAEmbedding(AdapterLayerBase):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
+        if result.shape[-1] != self.embedding_dim or result.shape[:-1] != x.shape:
+            refuse_tensor_parallel_shards(self, False, result.shape[-1] != self.embedding_dim, (1, 0))
         routing = self.compute_routing(result, tuple(x.shape))  # the router reads the frozen embedding vectors
         dtype = self.lora_B.dtype
         lora_a, a_scale = self._effective_A()

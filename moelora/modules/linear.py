@@ -44,7 +44,7 @@ from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pr
 from moelora.ops.backend import autocast_dtype, autocast_input, without_autocast
 from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, unchecked_moe_lora_linear
 from moelora.modules.adapter_base import (PLAIN_TENSORS, AdapterLayerBase, LayerSettings, layer_settings,
-                                         single_expert_routing)
+                                         refuse_tensor_parallel_shards, single_expert_routing)
 from moelora.ops.routing_modes import Routing, task_routing
 from moelora.ops.validation import check_module_input
 
@@ -78,30 +78,6 @@ def linear_dims(module: nn.Module, role: str = "MoELoRALinear wraps"):
             "; use moelora.MoELoRAConv for convolutions" if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
             else "")
     raise TypeError(f"{role} nn.Linear or transformers Conv1D layers, got {type(module).__name__}{hint}")
-
-
-def refuse_tensor_parallel_shards(layer: "MoELoRALinear", x: torch.Tensor, result: torch.Tensor) -> None:
-    """NotImplementedError where ``layer``'s base layer is tensor-parallel (its weight a ``DTensor``, as
-    torch.distributed.tensor.parallel's ColwiseParallel / RowwiseParallel leave it) and takes the input ``x`` or
-    returns ``result`` as a shard along the features (x [..., d_in / n], result [..., d_out / n]): the adapter
-    computes the whole delta [..., d_out] from the whole input. Nothing where the weight is a plain tensor (the
-    caller's shape errors follow)."""
-    weight = layer.base_layer._parameters.get("weight")
-    if type(weight) in PLAIN_TENSORS or not hasattr(weight, "placements"):
-        return
-    sharded_input = x.shape[-1] != layer.in_features
-    style, layout = (("RowwiseParallel", "input_layouts=Replicate()") if sharded_input else
-                     ("ColwiseParallel", "output_layouts=Replicate()"))
-    got = (f"takes its input as a shard [..., {x.shape[-1]}] of [..., in_features={layer.in_features}]"
-           if sharded_input else
-           f"returns its output as a shard [..., {result.shape[-1]}] of [..., out_features={layer.out_features}]")
-    raise NotImplementedError(
-        f"the {type(layer.base_layer).__name__} ({layer.in_features} -> {layer.out_features}) that this "
-        f"{type(layer).__name__} adapts is tensor-parallel (its weight a {type(weight).__name__} placed "
-        f"{tuple(weight.placements)}, as {style} leaves it) and {got}: the MoE-LoRA adapter computes the layer's "
-        f"whole delta from its whole input, so the base layer must take and return whole tensors. Parallelize "
-        f"the base layer with {style}({layout}) (the adapter then runs replicated on every rank), keep the "
-        "adapted layers out of the tensor-parallel plan, or shard with FSDP2 (fully_shard) instead")
 
 
 def linear_weight(module: nn.Module, role: str = "MoELoRALinear wraps") -> torch.Tensor:
@@ -279,8 +255,10 @@ class MoELoRALinear(AdapterLayerBase):
                 "MoELoRALinear adds its adapter to the output of the linear layer it wraps, and a subclass whose "
                 "forward returns something else (a mixture-of-experts router returning its routing, as "
                 "transformers' PhiMoE and Llama-4 routers) cannot be adapted; leave it out (exclude_modules)")
-        if x.shape[-1] != self.in_features or result.shape[-1] != self.out_features:
-            refuse_tensor_parallel_shards(self, x, result)
+        if (x.shape[-1] != self.in_features or result.shape[-1] != self.out_features
+                or result.shape[:-1] != x.shape[:-1]):
+            refuse_tensor_parallel_shards(self, x.shape[-1] != self.in_features, result.shape[-1] != self.out_features,
+                                          (1, 0) if self.fan_in_fan_out else (0, 1))
         if result.shape[:-1] != x.shape[:-1] or result.shape[-1] != self.out_features:
             raise ValueError(
                 f"the base layer {type(self.base_layer).__name__} returned an output of shape {tuple(result.shape)} "
