@@ -242,6 +242,46 @@ def tensor_parallel() -> dict:
                                                                      output_layouts=Shard(1))}, targets=("emb",))}
 
 
+def transformers_tensor_parallel() -> dict:
+    """transformers' own tensor parallelism (apply_tensor_parallelism with its plan strings, as from_pretrained's
+    tp_plan applies them) on the tiny LLaMA before injection: "colwise" q_proj / v_proj (the error), or every
+    attention projection "colwise_rep" / "rowwise_rep" (whole inputs and outputs; the MLP stays sharded): the loss
+    and adapter gradients. One KV head: k_proj cannot be split over two ranks, so it is replicated too."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.integrations.tensor_parallel import apply_tensor_parallelism
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    mlp = dict(gate_proj="colwise", up_proj="colwise", down_proj="rowwise")
+    plans = {"sharded": dict(q_proj="colwise", k_proj="colwise_rep", v_proj="colwise", o_proj="rowwise", **mlp),
+             "whole": dict(q_proj="colwise_rep", k_proj="colwise_rep", v_proj="colwise_rep", o_proj="rowwise_rep",
+                           **mlp)}
+    results = {}
+    for name, styles in plans.items():
+        try:
+            base = tiny_llama(num_layers=2).double()
+            plan = {}
+            for module_name, _ in base.named_modules():
+                style = styles.get(module_name.rpartition(".")[2])
+                if style is not None:
+                    plan.update({module_name: style, f"{module_name}.weight": style})
+            apply_tensor_parallelism(base, mesh, plan)
+            model = tp_llama(base)
+            loss = _loss(model, eval_batch())
+            loss.backward()
+            results[name] = {"loss": loss.detach(), "grads": trainable_grads(model)}
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return results
+
+
+def tp_llama(base: torch.nn.Module) -> moelora.MoELoRAModel:
+    """The tiny LLaMA (fp64) with q_proj / v_proj adapted, random A and B, in training mode."""
+    config = moelora.MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, top_k=2, r=4,
+                                   init_lora_weights=False)
+    torch.manual_seed(1)
+    return moelora.get_moelora_model(base, config).double().train()
+
+
 def run(rank: int, port: int, out_dir: str) -> None:
     """Entry point of each spawned rank."""
     sys.path.insert(0, EXAMPLES)
@@ -257,6 +297,7 @@ def run(rank: int, port: int, out_dir: str) -> None:
             "fsdp2": fsdp2_run(rank, out_dir),
             "fsdp2_meta_init": {name: fsdp2_meta_init(name) for name in META_CONFIGS},
             "tensor_parallel": tensor_parallel(),
+            "transformers_tensor_parallel": transformers_tensor_parallel(),
             "ddp_disabled_layer": ddp_with_disabled_layer(rank),  # last: its failing DDP is left behind
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -211,3 +211,20 @@ def test_tensor_parallel_base_layer_with_a_sharded_input_or_output_is_refused_sa
         assert error.startswith("NotImplementedError") and "tensor-parallel" in error and layer in error, error
         assert shard in error and f"{style}(input_layouts=Replicate(), output_layouts=Replicate())" in error, error
         assert "FSDP2" in error and "out of the tensor-parallel plan" in error, error
+
+
+def test_transformers_tensor_parallel_plan_with_whole_attention_projections_equals_one_process(ranks):
+    """transformers' plan strings: "colwise_rep" / "rowwise_rep" on the attention projections (adapted q_proj,
+    v_proj) give one process's loss and adapter gradients (fp64); "colwise" on an adapted projection raises at the
+    first forward, naming the style and the fix."""
+    model = workers.tp_llama(tiny_llama(num_layers=2).double())
+    loss = model(input_ids=workers.eval_batch(), labels=workers.eval_batch()).loss
+    loss.backward()
+    grads = workers.trainable_grads(model)
+    for results in ranks:
+        whole, sharded = (results["transformers_tensor_parallel"][k] for k in ("whole", "sharded"))
+        assert "error" not in whole, whole.get("error")
+        torch.testing.assert_close(whole["loss"], loss.detach(), rtol=1e-12, atol=1e-12)
+        _assert_grads_close(whole["grads"], grads)
+        error = sharded.get("error", "")
+        assert error.startswith("NotImplementedError") and "ColwiseParallel(input_layouts=Replicate()" in error, error
