@@ -67,7 +67,8 @@ layer's own call. KV caches: the mixing call runs without the cache (layer j wou
 write into its own slot): any argument that is a transformers ``Cache``, by keyword or
 positional (GPT-2's blocks take it positionally), and any keyword of ``CACHE_KWARGS``, is
 passed as None. That is exact for a forward over whole sequences (training, evaluation,
-prefill) with the model's default ``use_cache``; decoding from a cache that already holds
+prefill, into a static cache too: a 4-D attention mask built over the cache's slots is cut to the
+forward's tokens, its first columns) with the model's default ``use_cache``; decoding from a cache that already holds
 tokens raises (the mixing layer would need keys it never computed: generate with
 ``use_cache=False``, which apply_molex makes the generation default of the model it mixes). The
 mixing call gives layer j layer t's arguments, its attention mask among them (with alternating
@@ -288,6 +289,8 @@ class MoLEx(nn.Module, RoutedModule):
             self.register_buffer("alpha_value", torch.empty((), dtype=torch.float32))
         self.reset_parameters()
         self._calling_other = False
+        # where each layer's forward takes attention_mask positionally (GPT-2's blocks), for _mask_for_own_keys
+        self._mask_positions = tuple(_attention_mask_argument(layer)[1] for layer in layers)
         self._alike = _layers_alike(layers)  # whether the layers are alike (_device_selection), eager reading
         self._masks = []  # (module, mask, decides) of the tracked modules whose forward is under way (innermost last)
         self._recompute_real = _ForwardMasks()  # the real tokens of checkpointed layers' inputs (_real_tokens)
@@ -350,7 +353,7 @@ class MoLEx(nn.Module, RoutedModule):
         h_t = output[0] if isinstance(output, tuple) else output
         real = self._real_tokens(z, t)
         j, st, logits, values, token_choice = self.choose(z, t, real)
-        other = self._call_layer(t, j, *_without_cache(args, kwargs, t, z))
+        other = self._call_layer(t, j, *_without_cache(args, kwargs, t, z, self._mask_positions[t]))
         h_j = other[0] if isinstance(other, tuple) else other
         a = self.alpha.to(z.dtype)
         mixed = z + a * (h_t - z) + (1 - a) * (h_j - z) * st.to(z.dtype).reshape(*z.shape[:-1], 1)
@@ -383,14 +386,9 @@ class MoLEx(nn.Module, RoutedModule):
         the statistics. Modules whose forward has no ``attention_mask`` argument are skipped;
         :meth:`remove` detaches the hooks."""
         for module in modules:
-            params = list(inspect.signature(module.forward).parameters.values())
-            names = [p.name for p in params]
-            if "attention_mask" not in names:
+            takes, position = _attention_mask_argument(module)
+            if not takes:
                 continue
-            position = names.index("attention_mask")
-            positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-            if any(p.kind not in positional for p in params[:position + 1]):
-                position = None  # keyword only (or after *args)
             self._handles.append(module.register_forward_pre_hook(functools.partial(self._enter, position),
                                                                   with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._exit, always_call=True))
@@ -621,12 +619,15 @@ def _recorded_outputs() -> list:
     return [v for v in collected.values() if isinstance(v, list)] if isinstance(collected, dict) else []
 
 
-def _without_cache(args: tuple, kwargs: dict, t: int, z: torch.Tensor):
-    """The layer's (args, kwargs) for a mixing call, without the KV cache (see the module
+def _without_cache(args: tuple, kwargs: dict, t: int, z: torch.Tensor, mask_position: Optional[int] = None):
+    """Layer t's (args, kwargs) for a mixing call, without the KV cache (see the module
     docstring): every argument, positional or keyword, that is a transformers ``Cache``
     (GPT-2's blocks take it positionally), and any other non-empty value of a keyword in
     ``CACHE_KWARGS`` (legacy tuple caches), become None; ``use_cache`` becomes False.
-    Raises while decoding, i.e. when layer t's cache held tokens before this forward."""
+    Raises while decoding, i.e. when layer t's cache held tokens before this forward. A 4-D
+    attention mask wider than the forward's tokens (built over a static cache's slots, or a
+    sliding-window layer's window), by keyword or at ``mask_position``, keeps its first columns
+    (:func:`_mask_for_own_keys`)."""
 
     def is_cache(value, key=None) -> bool:
         if _is_kv_cache(value):
@@ -639,16 +640,48 @@ def _without_cache(args: tuple, kwargs: dict, t: int, z: torch.Tensor):
             raise RuntimeError("MoLEx cannot decode from a KV cache that already holds tokens (layer j would "
                                "need keys it never computed): generate with use_cache=False")
 
-    args = list(args)
+    args, dropped = list(args), False
     for i, value in enumerate(args):
         if is_cache(value):
             check(value)
-            args[i] = None
+            args[i], dropped = None, True
     kwargs = dict(kwargs)
     for key, value in kwargs.items():
         if is_cache(value, key):
             check(value)
-            kwargs[key] = None
+            kwargs[key], dropped = None, True
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
+    if dropped:
+        _mask_for_own_keys(args, kwargs, z.shape[-2], mask_position)
     return tuple(args), kwargs
+
+
+def _attention_mask_argument(module: nn.Module):
+    """(whether ``module``'s forward takes ``attention_mask``, its position where it can be given
+    positionally, else None: keyword only, after ``*args``, or not taken)."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    names = [p.name for p in params]
+    if "attention_mask" not in names:
+        return False, None
+    position = names.index("attention_mask")
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return True, None if any(p.kind not in positional for p in params[:position + 1]) else position
+
+
+def _mask_for_own_keys(args: list, kwargs: dict, length: int, position: Optional[int]) -> None:
+    """Cut layer t's 4-D attention mask ([batch, heads, query, key], by keyword or at
+    ``position``) to the ``length`` keys the mixing call computes, in place.
+    A cache the forward fills (checked empty before it: :func:`_without_cache`) gets a mask over
+    its slots: a static cache's ``max_cache_len``, a sliding-window layer's window where the
+    sequence is shorter. The forward's tokens fill the first ``length`` slots, the keys layer j
+    computes without the cache, so the mask's first ``length`` columns are theirs."""
+    if "attention_mask" in kwargs:
+        mask = kwargs["attention_mask"]
+    else:
+        mask = args[position] if position is not None and position < len(args) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > length:
+        if "attention_mask" in kwargs:
+            kwargs["attention_mask"] = mask[..., :length]
+        else:
+            args[position] = mask[..., :length]

@@ -1103,3 +1103,45 @@ def test_generate_decodes_without_the_kv_cache_by_default_and_remove_gives_it_ba
     decoder = tiny_t5().eval()
     moelora.apply_molex(decoder, layers="decoder.block")
     assert decoder.generation_config.use_cache is False
+
+
+def _tiny_mistral(num_layers=3, sliding_window=4):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                        sliding_window=sliding_window)
+    return MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "mistral"])
+def test_prefill_into_a_static_cache_mixes_as_without_the_cache(model_name):
+    """A whole-sequence forward that fills a fresh StaticCache (generate's cache_implementation="static" prefill)
+    gets the attention mask built over the cache's slots (max_cache_len; a sliding-window layer's window where the
+    prompt is shorter): the mixing call, which runs layer j without the cache on the forward's tokens only, met a
+    mask wider than its keys and raised 'The size of tensor a (5) must match the size of tensor b (12)' (padded
+    llama / GPT-2, and Mistral's window unpadded). It now takes the mask's first columns (the forward's tokens' slots:
+    the cache held none before, else the decoding check raises) and gives the logits of the forward without cache;
+    decoding from that cache still raises MoLEx's error, and so does generate with the static cache."""
+    from transformers import StaticCache
+
+    model = {"llama": lambda: tiny_llama(num_layers=3), "gpt2": lambda: tiny_gpt2(num_layers=3),
+             "mistral": _tiny_mistral}[model_name]()
+    model.to(torch.float64)
+    apply_molex(model, alpha=0.5)
+    ids = token_batch(seq=3 if model_name == "mistral" else 5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: a 4-D mask over the cache's slots
+    with torch.no_grad():
+        for attention_mask in (mask, None):
+            want = model(ids, attention_mask=attention_mask, use_cache=False).logits
+            cache = StaticCache(config=model.config, max_cache_len=12)
+            got = model(ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
+            real = slice(None) if attention_mask is None else attention_mask.bool()
+            torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-12)
+        with pytest.raises(RuntimeError, match="MoLEx cannot decode from a KV cache"):
+            model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache)
+        with pytest.raises(RuntimeError, match="MoLEx cannot decode from a KV cache"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                           use_cache=True, cache_implementation="static")
