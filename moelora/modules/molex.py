@@ -12,7 +12,9 @@ Each layer t of a residual stack is mixed with one other layer j chosen by a gat
 - top-1 per token, then one j per batch: the mode of the token choices ("mode") or the
   argmax of the mean gate probabilities ("mean"), kept on the device; only the real tokens
   vote (padding aside, see below), and as j is one per batch, a sequence's output depends on
-  the other sequences of its batch (batched generation differs from each prompt alone);
+  the other sequences of its batch (batched generation differs from each prompt alone) and on the
+  later tokens of its own: the stack of a causal LM is not causal (a forward's logits at position i
+  differ from the last ones of the forward over the first i + 1 tokens where j differs);
 - ``a`` fixed (e.g. 0.95) or learned (a = sigmoid(theta));
 - the gate learns through a straight-through factor g[t,j] / stopgrad(g[t,j]) (= 1 in the
   forward; computed from log g, so finite where g underflows) on the u_j term, and a Switch

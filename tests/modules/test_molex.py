@@ -1145,3 +1145,30 @@ def test_prefill_into_a_static_cache_mixes_as_without_the_cache(model_name):
         with pytest.raises(RuntimeError, match="MoLEx cannot decode from a KV cache"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
                            use_cache=True, cache_implementation="static")
+
+
+def test_generate_steps_are_prefix_forwards_and_later_tokens_change_earlier_logits():
+    """j is chosen by all the real tokens of the batch, the later ones too (docs/layers.md, section 6): generate
+    (without the KV cache) gives at each step the last logits of the forward over the sequence so far, while one
+    forward over the generated sequence gives, at a position where the later tokens' votes changed j, other
+    logits (the stack is not causal); where the chosen layers agree, the same logits."""
+    model = tiny_llama(num_layers=4).to(torch.float64)
+    molex = apply_molex(model, alpha=0.5)
+    with torch.no_grad():
+        molex.gates[0].weight.normal_(0, 50, generator=torch.Generator().manual_seed(0))  # choices vary with z
+        molex.gates[0].bias.zero_()
+    ids = token_batch(batch=1, seq=3, seed=3)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+        full = model(out.sequences, use_cache=False).logits
+        chosen = molex.last_router_stats["chosen_layers"].clone()
+        differs = []
+        for step, logits in enumerate(out.logits):
+            position = ids.shape[1] - 1 + step
+            prefix = model(out.sequences[:, :position + 1], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, prefix.float())  # generate gives fp32 logits
+            same_j = torch.equal(molex.last_router_stats["chosen_layers"], chosen)
+            assert torch.allclose(prefix, full[:, position], rtol=0, atol=1e-12) == same_j
+            differs.append(not same_j)
+    assert any(differs) and not all(differs)
