@@ -45,11 +45,15 @@ def test_matmul(dtype, split_k):
 
 
 def test_matmul_split_k_really_splits(monkeypatch):
+    """Split over K (fp32 partials summed in a fixed order), alpha applied to each slice and the addend
+    added once, after the sum (test_matmul's split_k=True does not split on a CPU)."""
     monkeypatch.setattr(K, "_target_programs", lambda device: 64)
-    a, b = randn(16, 2048), randn(2048, 16)
-    big, out = poisoned_view(16, 16)
-    K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, split_k=True, out=out)
-    assert_only_view_written(big, out, a.double() @ b.double(), TOLERANCE[torch.float32])
+    a, b, d = randn(16, 2048), randn(2048, 16), randn(16, 16)
+    for addend, expected in ((None, a.double() @ b.double()), (d, 0.5 * a.double() @ b.double() + d.double())):
+        big, out = poisoned_view(16, 16)
+        K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, split_k=True, out=out,
+                 alpha=1.0 if addend is None else 0.5, addend=addend)
+        assert_only_view_written(big, out, expected, TOLERANCE[torch.float32])
 
 
 def routing(T, E, k):
@@ -466,6 +470,30 @@ def test_grouped_weight_grad_and_segment_sum():
     assert torch.isnan(grad[:, 0]).all() and torch.isnan(grad[:, :, 0]).all() and torch.isnan(grad[:, :, -1]).all()
     sums = K.segment_sum(x_rows, meta, out_dtype=torch.float32)
     onehot = torch.nn.functional.one_hot(ids.reshape(-1)[pairs], E).double()
+    assert rel_err(sums, onehot.t() @ x_rows.double()[rows]) < 1e-6
+
+
+def test_grouped_weight_grad_split_over_rows(monkeypatch):
+    """With an expert's rows split over several programs (as on a GPU with few output tiles), each slice
+    sums its own rows into an fp32 partial and the partials are added in a fixed order: the float64 sum."""
+    T, E, k, NA, NB = 64, 3, 2, 12, 20  # ~64 rows per expert: 32-row slices 0 and 1 hold rows, slice 2 none
+    monkeypatch.setattr(K, "_split_count", lambda tiles, reduction, device, min_per_split=256: 3)
+    K.clear_launch_caches()  # launches cached with one split
+    try:
+        ids, meta = _row_layout(T, E, k, experts=2)  # expert 2 gets nothing: exact zeros
+        R = meta.sorted_pairs_padded.numel()
+        w, dy, x_rows = torch.rand(T * k, device=DEVICE), randn(T, NA), randn(R, NB)
+        grad = K.grouped_weight_grad(dy, x_rows, meta, left_by_token=True, right_by_token=False,
+                                     compute_dtype=torch.float32, out_dtype=torch.float32, alpha=0.5, scale=w)
+        sums = K.segment_sum(x_rows, meta, out_dtype=torch.float32)
+    finally:
+        K.clear_launch_caches()
+    rows, pairs = _pair_rows(meta)
+    onehot = torch.nn.functional.one_hot(ids.reshape(-1)[pairs], E).double()
+    assert onehot.sum(0).min().item() == 0 and onehot.sum(0)[:2].min().item() > 32  # the layout the comment says
+    ref = 0.5 * torch.einsum("pe,pn,pd->end", onehot * w.double()[pairs, None], dy.double()[pairs // k],
+                             x_rows.double()[rows])
+    assert rel_err(grad, ref) < 1e-6 and torch.equal(grad[2], torch.zeros_like(grad[2]))
     assert rel_err(sums, onehot.t() @ x_rows.double()[rows]) < 1e-6
 
 
