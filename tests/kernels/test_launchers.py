@@ -452,6 +452,19 @@ def test_combine_rows(anchored):
     assert_only_view_written(big, y, expected, 1e-6)
 
 
+def test_scale_factors_split_every_accepted_scaling_into_two_fp32_factors():
+    """scale_factors(s) = (a, b) with a * b == s exactly, both in float32's normal range (the kernels take
+    them as float32 scalars), over the whole accepted range [2**-250, 2**250] (both signs); outside it a
+    ValueError."""
+    for e in (-250, -249, -200, -130, -65, 0, 64, 65, 100, 130, 200, 249, 250):
+        for s in (2.0 ** e, -1.7 * 2.0 ** min(e, 249)):
+            a, b = K.scale_factors(s)
+            assert a * b == s and all(2.0 ** -126 <= abs(f) < 2.0 ** 127 for f in (a, b)), (s, a, b)
+    for s in (2.0 ** 251, -(2.0 ** -251)):
+        with pytest.raises(ValueError, match="scaling must be 0 or of magnitude"):
+            K.scale_factors(s)
+
+
 def test_grouped_weight_grad_and_segment_sum():
     T, E, k, d_in, N = 37, 6, 2, 20, 24
     ids, meta = _row_layout(T, E, k, experts=4)  # experts 4, 5 get nothing: exact zeros
