@@ -150,6 +150,21 @@ def test_dispatch_combine_gradcheck(path, bs):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_combine_gradgradcheck(path):
+    """Second derivatives (create_graph=True) of the weighted combine: its backward runs dispatch and
+    pair_dot, whose own gradients (pair_dot's with respect to both operands) are checked here."""
+    gen = torch.Generator().manual_seed(5)
+    T, E, k, d = 6, 4, 2, 3
+    ids = _random_ids(T, E, k, gen)
+    ids[1, 0] = -1
+    with moelora.validation(False):
+        meta = run_path(path, moelora.dispatch_metadata, ids, E, block_size=4)
+    y = torch.randn(meta.layout[0].shape[0], d, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(T, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda a, b: run_path(path, moelora.combine, a, meta, b), (y, w))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_backward_with_expanded_gradient(path):
     """y.sum() hands backward a stride-0 gradient: gradients must still be exact."""
     ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
