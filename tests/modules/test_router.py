@@ -304,6 +304,15 @@ def test_task_routing_reuses_the_ids_of_a_task_id_tensor_until_it_changes():
     assert len(routing_modes._TASK_ROUTING[tasks]) <= routing_modes._TASK_ROUTING_SHAPES
 
 
+@pytest.mark.parametrize("edge", [3, -1])
+def test_task_ids_just_outside_the_tasks_raise(edge):
+    """A task-id tensor holding num_tasks (the first id past the last task) or -1 raises, naming the range;
+    it was not routed with a weight of 0."""
+    gamma = torch.tensor([0.5, -1.0, 2.0])
+    with pytest.raises(ValueError, match=r"task ids must lie in \[0, 3\)"):
+        task_routing(torch.tensor([0, edge]), gamma, (2,))
+
+
 def test_task_routing_evicts_from_two_threads_at_once(monkeypatch):
     """Forwards in two threads (nn.DataParallel's replicas, two models served at once) with new task-id tensors
     both evicted the cache's oldest entry: the second ``del`` raised a KeyError. Here the other thread evicts
