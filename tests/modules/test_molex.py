@@ -76,6 +76,19 @@ def test_alpha_one_is_the_plain_stack_and_batch_choice_rules():
     assert molex.choose(zz, 0)[0] == 3
 
 
+@pytest.mark.parametrize("batch_routing", ["mode", "mean"])
+def test_a_batch_without_real_tokens_never_chooses_the_layer_itself(batch_routing):
+    """Where no token is real every layer's score is 0 (argmax: the first layer), yet layer t still
+    mixes in another layer, never itself: layer 0 too."""
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8, batch_routing=batch_routing, shared_gate=False, alpha=0.9)
+    z, real = torch.randn(6, 8), torch.zeros(6, dtype=torch.bool)
+    with torch.no_grad():
+        for t in range(len(stack.layers)):
+            assert molex.choose(z, t, real=real)[0].item() != t
+            assert molex.choose(z, t, real=~real)[0].item() != t
+
+
 
 @pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("gate,learn_alpha", [("linear", False), ("cosine", True)])
