@@ -336,11 +336,14 @@ def test_backends_agree():
 
 
 def test_choose_regime_is_a_width_threshold(monkeypatch):
-    """Dense while E*r <= DENSE_MAX_WIDTH (the crossover benchmarks/tune_grouped.py measures)."""
+    """Dense while E*r <= DENSE_MAX_WIDTH (the crossover benchmarks/tune_grouped.py measures), and beyond
+    MAX_EXPERTS experts (which the expert sort does not take); MAX_EXPERTS itself is grouped."""
     from moelora.ops import moe_lora as moe_lora_module
 
     choose = moe_lora_module.choose_regime
     assert choose(8, 16) == "dense" and choose(64, 64) == "grouped"  # S1, S3 as committed
+    E = moe_lora_module.MAX_EXPERTS
+    assert choose(E, 1) == "grouped" and choose(E + 1, 1) == "dense"
     monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", 512)
     assert choose(32, 16) == "dense" and choose(33, 16) == "grouped" and choose(8, 64) == "dense"
 
