@@ -61,7 +61,7 @@ from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import (check_moe_ffn_args, check_routing_values, check_top_k, fake_mode_active,
                                     refuse_double_backward)
 from moelora.ops.backend import autocast_dtype, autocast_input, check_triton_op_device, resolve_backend
-from moelora.ops.registration import apply_eager, custom_op
+from moelora.ops.registration import apply_eager, custom_op, distinct_inputs
 from moelora.ops.routing import (LAYOUT_FIELDS, MAX_EXPERTS, DispatchMetadata, dispatch_rows, expert_layout,
                                  fake_layout_tensors, layout_from_tensors, layout_tensors)
 from moelora.kernels.grouped import GELU, GELU_TANH, RELU, SILU
@@ -533,7 +533,7 @@ def _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
                     stacked, plan):
     inputs = (x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate)
     if torch.compiler.is_compiling():
-        return _TracedMoEFFN.apply(*inputs, _activation_key(activation), normalize, stacked, *plan)[0]
+        return _TracedMoEFFN.apply(*distinct_inputs(*inputs), _activation_key(activation), normalize, stacked, *plan)[0]
     name = fused_activation_name(activation)
     code = ACTIVATION_CODES[name] if name is not None else activation
     return apply_eager(_EagerMoEFFN, *inputs, code, normalize, stacked, plan)

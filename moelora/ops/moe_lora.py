@@ -52,7 +52,7 @@ from moelora.ops.routing import (MAX_EXPERTS, dispatch_rows, expert_layout, fake
 from moelora.ops.routing_torch import padded_length
 from moelora.ops.validation import MoELoRAArgs, as_2d, check_moe_lora_args, refuse_double_backward
 from moelora.ops.backend import autocast_dtype, autocast_input, check_triton_op_device, resolve_backend
-from moelora.ops.registration import EagerFunction, apply_eager, custom_op, forward_ad_active
+from moelora.ops.registration import EagerFunction, apply_eager, custom_op, distinct_inputs, forward_ad_active
 
 
 REGIMES = ("auto", "dense", "grouped")
@@ -621,7 +621,7 @@ def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
     grouped = regime == "grouped"
     if torch.compiler.is_compiling():
         flat = args.flattened()
-        return _TracedMoELoRA.apply(flat.x, flat.lora_a, flat.lora_b, flat.topk_ids, flat.topk_weights, flat.base_out,
-                                    flat.scaling, grouped)[0].reshape(args.out_shape)
+        inputs = distinct_inputs(flat.x, flat.lora_a, flat.lora_b, flat.topk_ids, flat.topk_weights, flat.base_out)
+        return _TracedMoELoRA.apply(*inputs, flat.scaling, grouped)[0].reshape(args.out_shape)
     return apply_eager(_EagerMoELoRA, args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
                                args.scaling, grouped, args.out_shape)

@@ -127,6 +127,22 @@ def apply_eager(function: type, *args):
     return function.forward(_NoGraphContext(), *args)
 
 
+def distinct_inputs(*args) -> list:
+    """``args`` with every tensor that already came earlier replaced by a view of it, for an autograd.Function's
+    apply under torch.compile: dynamo refuses one tensor passed twice ("duplicate tensor input", a graph break),
+    such as moe_lora's x given as its base_out (a residual). The view's gradient reaches the tensor; nothing
+    changes where the tensors differ. For the traced paths only (a view per repeat)."""
+    seen = set()
+    out = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if id(arg) in seen:
+                arg = arg.view_as(arg)
+            seen.add(id(arg))
+        out.append(arg)
+    return out
+
+
 def forward_ad_active() -> bool:
     """Whether forward-mode AD runs (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad.dual_level``):
     grad mode does not turn it off, and an op run below autograd (a custom op's registered autograd, a native op

@@ -47,6 +47,28 @@ def test_torch_compile_fullgraph(regime):
         assert rel_err(g, ge) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("regime", ["dense", "grouped"])
+def test_torch_compile_fullgraph_with_x_as_base_out(regime):
+    """moe_lora's base_out may be x itself (a residual, d_in = d_out): under torch.compile(fullgraph=True) the
+    Triton backend's autograd.Function got x twice, which dynamo refuses ("duplicate tensor input", a graph
+    break); the output and x's gradient (through both uses) equal eager's."""
+    p = make_problem(16, 8, 8, 4, 4, 2, device=DEVICE)
+
+    def step(x, a, b, ids, w):
+        y = moelora.moe_lora(x, a, b, ids, w, scaling=0.5, base_out=x, backend="triton", regime=regime)
+        return (y * y).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    leaves = p.leaves()[:4]
+    loss = compiled(*p.args())
+    grads = torch.autograd.grad(loss, leaves)
+    eager = step(*p.args())
+    grads_eager = torch.autograd.grad(eager, leaves)
+    assert rel_err(loss, eager) < TOLERANCE[torch.float32]
+    for g, ge in zip(grads, grads_eager):
+        assert rel_err(g, ge) < TOLERANCE[torch.float32]
+
+
 def _python_frames_before(op, args) -> list:
     """(file, function) of the Python frames a call of ``op`` enters before its implementation."""
     frames, impl = [], op.fn.__code__

@@ -331,6 +331,25 @@ def test_fullgraph_compile_matches_eager(path):
     torch._dynamo.reset()
 
 
+def test_fullgraph_compile_takes_one_tensor_as_two_arguments():
+    """A tensor passed as two of moe_ffn's arguments (w_gate = w_in and b_gate = b_in: a tied gate) broke
+    torch.compile(fullgraph=True) on the Triton backend ("duplicate tensor input"); now it traces and gives
+    eager's loss and gradients (each tensor's summed over its two uses)."""
+    x, ids, weights, ffn = make_ffn(T=12, d=16, f=24, d_out=8, E=4, seed=5)
+
+    def loss(x, weights, w_in, b_in, w_out):
+        return moelora.moe_ffn(x, ids, weights, w_in, b_in, w_out, None, F.silu, w_in, b_in,
+                               backend="triton").square().sum()
+
+    inputs = (x, weights, ffn["w_in"], ffn["b_in"], ffn["w_out"])
+    torch._dynamo.reset()
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(*inputs)
+    eager = loss(*inputs)
+    for a, b in zip((got, *torch.autograd.grad(got, inputs)), (eager, *torch.autograd.grad(eager, inputs))):
+        assert rel_err(a, b) < 1e-5
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_moeffn_trains_under_fullgraph_compile(backend, single_torch_thread):
     """An upcycled gated MLP (threshold routing, all experts trainable) compiles whole: the
