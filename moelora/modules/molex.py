@@ -102,7 +102,7 @@ from moelora.ops.backend import without_autocast
 from moelora.ops.validation import is_finite_number
 from moelora.modules.routed import (RoutedModule, real_tokens_of_attention_mask, restore_routing_records,
                                     routing_records, torchscript_refusal)
-from moelora.ops.losses import expert_load, load_balancing_loss, routing_entropy
+from moelora.ops.losses import balancing_loss, expert_load, routing_entropy
 
 
 GATE_TYPES = ("linear", "cosine", "cosine_sigmoid")
@@ -367,7 +367,7 @@ class MoLEx(nn.Module, RoutedModule):
         record of the forward's layers so far (aux loss, router statistics)."""
         probs = torch.softmax(logits, dim=-1)
         choice = token_choice[:, None].detach()
-        loss = self.aux_loss_coef * load_balancing_loss(probs, choice, self.num_layers, mask=real)
+        loss = self.aux_loss_coef * balancing_loss(probs, choice, self.num_layers, mask=real)
         grad = torch.is_grad_enabled()
         self._per_layer[t] = (loss if grad else loss.detach(), j, expert_load(choice, self.num_layers, mask=real),
                               routing_entropy(probs.detach(), mask=real), not grad and self.training)

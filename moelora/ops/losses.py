@@ -18,13 +18,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from moelora.kernels import launchers
 from moelora.kernels.launchers import accumulator_dtype
 from moelora.ops.backend import kernels_run
 from moelora.ops.routing_modes import slot_counts
-from moelora.ops.validation import refuse_double_backward
+from moelora.ops.validation import host_values, refuse_double_backward, syncing_checks_enabled
 
 
 def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None,
@@ -34,10 +33,10 @@ def expert_load(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Ten
     Slots with weight 0 (dropped by threshold routing) are not counted when ``weights``
     is given; with ``mask`` ([T], the real tokens: bool, or integers nonzero for real tokens and 0 for padding,
     as an attention_mask) only the real tokens' slots count, over the number of real tokens. Built from one-hot
-    sums: no host sync, deterministic.
+    sums: no host sync, deterministic; ids outside [0, num_experts) count for no expert.
     """
     ids = ids.reshape(-1, ids.shape[-1])
-    one_hot = F.one_hot(ids.long(), num_experts).to(dtype)  # [T, k, E]
+    one_hot = (ids.unsqueeze(-1) == torch.arange(num_experts, device=ids.device)).to(dtype)  # [T, k, E]
     if weights is not None:
         one_hot = one_hot * (weights.reshape(ids.shape) > 0).to(dtype).unsqueeze(-1)
     if mask is not None:
@@ -53,8 +52,20 @@ def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int
     ``weights``, ids' shape: slots of weight 0 are not counted); with ``mask`` ([...] of the
     tokens: bool, or integers nonzero for real tokens and 0 for padding, as an attention_mask and as
     ``moelora.set_aux_loss_mask`` takes it) over the real tokens only (f_e and P_e as means over them).
-    In fp32 (fp64 for fp64 probs). Shapes that do not match raise ValueError naming the argument."""
+    In fp32 (fp64 for fp64 probs). Shapes that do not match raise ValueError naming the argument, and so do ids
+    outside [0, num_experts) while moelora.validation is on (one host read, skipped under torch.compile and
+    CUDA-graph capture); with it off their slots count for no expert."""
     _check_load_balancing_args(probs, ids, num_experts, weights, mask)
+    if ids.numel() and syncing_checks_enabled(ids):
+        lo, hi = host_values(*torch.aminmax(ids))
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    return balancing_loss(probs, ids, num_experts, weights, mask)
+
+
+def balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None,
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`load_balancing_loss` without its argument checks (no host read), for routing moelora made."""
     probs = probs.reshape(-1, num_experts)
     probs = probs.to(accumulator_dtype(probs.dtype))
     if probs.shape[0] == 0:

@@ -666,6 +666,26 @@ def test_aux_loss_functions_refuse_inputs_of_other_kinds_naming_them():
         moelora.router_z_loss(torch.randn(()))
 
 
+def test_load_balancing_loss_refuses_ids_out_of_range_naming_them():
+    """moelora.load_balancing_loss with ids outside [0, num_experts) (a backend's own routing, off by one) raised
+    torch's one_hot error ("Class values must be smaller than num_classes", naming nothing; on a GPU a device-side
+    assert): with moelora.validation on it raises ValueError naming ids and the range; with it off the slots of
+    those ids count for no expert (as moe_lora's), and expert_load never fails on them."""
+    r = softmax_topk(_logits(t=10, e=4), 2)
+    for bad in (4, -1):
+        ids = r.ids.clone()
+        ids[3, 1] = bad
+        with pytest.raises(ValueError, match=rf"^ids must lie in \[0, 4\), got values in \[{min(bad, 0)}, "):
+            moelora.load_balancing_loss(r.probs, ids, 4)
+        with moelora.validation(False):
+            loss = moelora.load_balancing_loss(r.probs, ids, 4)
+        kept = torch.ones_like(ids, dtype=torch.float32)
+        kept[3, 1] = 0  # the slot counts for no expert: as a slot of weight 0
+        torch.testing.assert_close(loss, moelora.load_balancing_loss(r.probs, r.ids, 4, weights=kept))
+        load = expert_load(ids, 4)
+        torch.testing.assert_close(load, expert_load(r.ids, 4, weights=kept))
+
+
 def test_aux_loss_functions_keep_float64():
     """load_balancing_loss and router_z_loss compute in fp32 for half and fp32 inputs, in fp64 for fp64 ones (as
     the routing op and aux_losses), where they rounded fp64 to fp32: z of logits of size 1e3 off by ~0.3."""
