@@ -169,7 +169,6 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             if not selected:
                 raise ValueError(f"target_modules regex {target!r} matches no linear module (nor embedding or "
                                  "convolution) of the model" + _stacked_hint({n: stacked[n] for n in named}))
-            _refuse_transposed_convs(model, target, config.exclude_modules)
         else:
             unknown = [t for t in target if not any(matches(n, [t]) for n, _ in candidates)]
             if unknown:
@@ -200,6 +199,8 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             raise ValueError(f"layers_to_transform {sorted(keep)} (layers_pattern {config.layers_pattern!r}) keeps "
                              f"none of the selected modules, whose layer indices are {found or 'none'}: no module "
                              "left to adapt")
+    if isinstance(target, str):
+        _refuse_transposed_convs(model, config)
     modules = {n: m for n, m in candidates}
     for name in selected:
         if id(modules[name]) in unread:
@@ -329,17 +330,22 @@ def _class_weight_reads(cls: type) -> frozenset:
     return frozenset(names)
 
 
-def _refuse_transposed_convs(model: nn.Module, target: str, exclude) -> None:
-    """ValueError where the ``target`` regex matches a transposed convolution that ``exclude`` does not leave out:
-    no adapter wraps one (as PEFT's LoRA, which refuses it too), and skipping it would leave a layer the regex
-    names without its adapter silently (a list naming it raises as an unknown target)."""
+def _refuse_transposed_convs(model: nn.Module, config: MoELoRAConfig) -> None:
+    """ValueError where the ``target_modules`` regex of ``config`` matches a transposed convolution that the
+    selection would adapt were it a convolution (not left out by ``exclude_modules``, not inside a module of
+    ``modules_to_save``, in a layer of ``layers_to_transform``): no adapter wraps one (as PEFT's LoRA, which
+    refuses it too), and skipping it would leave a layer the regex names without its adapter silently (a list
+    naming it raises as an unknown target)."""
+    keep = None if config.layers_to_transform is None else set(config.layers_to_transform)
     transposed = [f"{n}, a {type(m).__name__}" for n, m in model.named_modules()
-                  if isinstance(m, nn.modules.conv._ConvTransposeNd) and matches(n, target)
-                  and not (exclude and matches(n, exclude))]
+                  if isinstance(m, nn.modules.conv._ConvTransposeNd) and matches(n, config.target_modules)
+                  and not (config.exclude_modules and matches(n, config.exclude_modules))
+                  and not (config.modules_to_save and _inside_saved_module(n, config.modules_to_save))
+                  and (keep is None or transform_layer_index(n, config.layers_pattern) in keep)]
     if transposed:
-        raise ValueError(f"target_modules regex {target!r} matches {'; '.join(transposed[:3])}: transposed "
-                         "convolutions take no MoE-LoRA adapter (as PEFT's LoRA); leave them out (exclude_modules, "
-                         "or a regex that does not match them)")
+        raise ValueError(f"target_modules regex {config.target_modules!r} matches {'; '.join(transposed[:3])}: "
+                         "transposed convolutions take no MoE-LoRA adapter (as PEFT's LoRA); leave them out "
+                         "(exclude_modules, or a regex that does not match them)")
 
 
 def _unknown_hint(model: nn.Module, unknown: List[str]) -> str:

@@ -4,6 +4,7 @@ loop (outputs and gradients), PEFT's LoRA Embedding / Conv layers for one expert
 
 import copy
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -547,6 +548,41 @@ def test_a_target_regex_matching_a_transposed_convolution_raises_naming_it():
                                                                      exclude_modules=["up"], **config))
     assert [n for n, m in model.model.named_children() if isinstance(m, MoELoRAConv)] == ["down", "mid", "out"]
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3, 8, 8)
+
+
+class _DecoderStack(nn.Module):
+    """Two numbered layers, each a convolution and a transposed convolution, and a decoder holding another pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(OrderedDict(conv=nn.Conv2d(4, 4, 1), up=nn.ConvTranspose2d(4, 4, 1)))
+                                     for _ in range(2)])
+        self.decoder = nn.Sequential(OrderedDict(conv=nn.Conv2d(4, 4, 1), up=nn.ConvTranspose2d(4, 4, 1)))
+
+    def forward(self, x):
+        for block in [*self.layers, self.decoder]:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("left_out", ["saved", "layers"])
+def test_a_target_regex_matching_a_transposed_convolution_that_the_selection_leaves_out_is_accepted(left_out):
+    """A transposed convolution the regex matches inside a module saved whole (modules_to_save, trained whole; PEFT
+    skips it too) or in a layer that layers_to_transform leaves out would take no adapter anyway: no error (it
+    raised the transposed-convolution error before); the transposed convolutions the selection keeps still raise."""
+    config = dict(r=4, num_experts=2, top_k=1, target_modules=r".*(conv|up)")
+    if left_out == "saved":
+        config.update(modules_to_save=["decoder"], exclude_modules=r"layers\.\d\.up")
+        adapted = ["layers.0.conv", "layers.1.conv"]
+    else:
+        config.update(layers_to_transform=[1], exclude_modules=r"(layers\.1|decoder)\.up")
+        adapted = ["layers.1.conv"]
+    model = moelora.get_moelora_model(_DecoderStack(), moelora.MoELoRAConfig(**config))
+    assert [n for n, m in model.model.named_modules() if isinstance(m, MoELoRAConv)] == adapted
+    assert model(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)
+    config["exclude_modules"] = None
+    with pytest.raises(ValueError, match=r"matches layers\.(0|1)\.up, a ConvTranspose2d"):
+        moelora.get_moelora_model(_DecoderStack(), moelora.MoELoRAConfig(**config))
 
 
 def test_embedding_subclasses_whose_forward_looks_up_other_rows_are_refused():
