@@ -69,11 +69,11 @@ layer's own call. KV caches: the mixing call runs without the cache (layer j wou
 write into its own slot): any argument that is a transformers ``Cache``, by keyword or
 positional (GPT-2's blocks take it positionally), and any keyword of ``CACHE_KWARGS``, is
 passed as None. That is exact for a forward over whole sequences (training, evaluation,
-prefill, into a static cache too: a 4-D attention mask built over the cache's slots is cut to the
-forward's tokens, its first columns) with the model's default ``use_cache``; decoding from a cache that already holds
-tokens raises (the mixing layer would need keys it never computed: generate with
-``use_cache=False``, which apply_molex makes the generation default of the model it mixes). The
-mixing call gives layer j layer t's arguments, its attention mask among them (with alternating
+prefill, into a static cache too: a 4-D attention mask, or flex attention's BlockMask, built over the
+cache's slots is cut to the forward's tokens, its first columns) with the model's default
+``use_cache``; decoding from a cache that already holds tokens raises (the mixing layer would need keys it
+never computed: generate with ``use_cache=False``, which apply_molex makes the generation default of the
+model it mixes). The mixing call gives layer j layer t's arguments, its attention mask among them (with alternating
 sliding-window and full-attention layers, layer j runs with layer t's mask).
 The hidden states and attention maps transformers (>= 5) records with
 hooks (``output_hidden_states``, ``output_attentions``) are those of the layers' own calls, the
@@ -627,8 +627,8 @@ def _without_cache(args: tuple, kwargs: dict, t: int, z: torch.Tensor, mask_posi
     (GPT-2's blocks take it positionally), and any other non-empty value of a keyword in
     ``CACHE_KWARGS`` (legacy tuple caches), become None; ``use_cache`` becomes False.
     Raises while decoding, i.e. when layer t's cache held tokens before this forward. A 4-D
-    attention mask wider than the forward's tokens (built over a static cache's slots, or a
-    sliding-window layer's window), by keyword or at ``mask_position``, keeps its first columns
+    attention mask (or a flex attention BlockMask) wider than the forward's tokens (built over a static cache's
+    slots, or a sliding-window layer's window), by keyword or at ``mask_position``, keeps its first columns
     (:func:`_mask_for_own_keys`)."""
 
     def is_cache(value, key=None) -> bool:
@@ -672,8 +672,8 @@ def _attention_mask_argument(module: nn.Module):
 
 
 def _mask_for_own_keys(args: list, kwargs: dict, length: int, position: Optional[int]) -> None:
-    """Cut layer t's 4-D attention mask ([batch, heads, query, key], by keyword or at
-    ``position``) to the ``length`` keys the mixing call computes, in place.
+    """Cut layer t's attention mask (a 4-D tensor [batch, heads, query, key], or flex attention's
+    ``BlockMask``; by keyword or at ``position``) to the ``length`` keys the mixing call computes, in place.
     A cache the forward fills (checked empty before it: :func:`_without_cache`) gets a mask over
     its slots: a static cache's ``max_cache_len``, a sliding-window layer's window where the
     sequence is shorter. The forward's tokens fill the first ``length`` slots, the keys layer j
@@ -682,8 +682,14 @@ def _mask_for_own_keys(args: list, kwargs: dict, length: int, position: Optional
         mask = kwargs["attention_mask"]
     else:
         mask = args[position] if position is not None and position < len(args) else None
+    flex = sys.modules.get("torch.nn.attention.flex_attention")  # imported where a BlockMask was built
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > length:
-        if "attention_mask" in kwargs:
-            kwargs["attention_mask"] = mask[..., :length]
-        else:
-            args[position] = mask[..., :length]
+        mask = mask[..., :length]
+    elif flex is not None and isinstance(mask, flex.BlockMask) and mask.seq_lengths[1] > length:
+        mask = mask._adjust(mask.seq_lengths[0], length)  # as torch's error for a wider block mask advises
+    else:
+        return
+    if "attention_mask" in kwargs:
+        kwargs["attention_mask"] = mask
+    else:
+        args[position] = mask

@@ -1185,3 +1185,25 @@ def test_generate_steps_are_prefix_forwards_and_later_tokens_change_earlier_logi
             assert torch.allclose(prefix, full[:, position], rtol=0, atol=1e-12) == same_j
             differs.append(not same_j)
     assert any(differs) and not all(differs)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "mistral"])
+def test_prefill_into_a_static_cache_with_flex_attention_mixes_as_without_the_cache(model_name):
+    """With attn_implementation="flex_attention" the layers get a BlockMask built over the static cache's slots
+    (max_cache_len; Mistral's window where the prompt is shorter), not a tensor: the mixing call raised torch's
+    'block_mask was created for block_mask.shape=(2, 1, 3, 12) but got q_len=3 and kv_len=3'. It is now cut to the
+    forward's tokens as the 4-D tensor mask is (BlockMask._adjust), giving the logits of the forward without cache
+    (float32: flex attention on the CPU takes no float64)."""
+    from transformers import StaticCache
+
+    model = {"llama": lambda: tiny_llama(num_layers=3), "mistral": _tiny_mistral}[model_name]()
+    model.config._attn_implementation = "flex_attention"
+    apply_molex(model, alpha=0.5)
+    ids = token_batch(seq=3)
+    mask = torch.ones_like(ids)
+    mask[1, :1] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = StaticCache(config=model.config, max_cache_len=12)
+        got = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-6)
