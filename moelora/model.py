@@ -199,7 +199,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             raise ValueError(f"layers_to_transform {sorted(keep)} (layers_pattern {config.layers_pattern!r}) keeps "
                              f"none of the selected modules, whose layer indices are {found or 'none'}: no module "
                              "left to adapt")
-    if isinstance(target, str):
+    if isinstance(target, str) and target != "all-linear":
         _refuse_transposed_convs(model, config)
     modules = {n: m for n, m in candidates}
     for name in selected:
