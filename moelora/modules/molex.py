@@ -70,7 +70,8 @@ write into its own slot): any argument that is a transformers ``Cache``, by keyw
 positional (GPT-2's blocks take it positionally), and any keyword of ``CACHE_KWARGS``, is
 passed as None. That is exact for a forward over whole sequences (training, evaluation,
 prefill, into a static cache too: a 4-D attention mask, or flex attention's BlockMask, built over the
-cache's slots is cut to the forward's tokens, its first columns) with the model's default
+cache's slots is cut to the forward's tokens, its first columns; T5's decoder, whose position biases span the
+static cache's slots, raises a shape error there) with the model's default
 ``use_cache``; decoding from a cache that already holds tokens raises (the mixing layer would need keys it
 never computed: generate with ``use_cache=False``, which apply_molex makes the generation default of the
 model it mixes). The mixing call gives layer j layer t's arguments, its attention mask among them (with alternating
