@@ -969,6 +969,37 @@ def _check_not_wrapped(model: nn.Module) -> None:
                              "model")
 
 
+def _activate_the_adapter_the_dict_holds_active(wrapper: "MoELoRAModel", state_dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook of a MoELoRAModel. Its state dict holds the active adapter's tensors in the
+    model (``model.<module>...``) and each inactive adapter's under ``inactive_adapters.<name>.``: a dict saved
+    with another adapter active (a checkpoint resumed after a ``set_adapter``) names that adapter's tensors as
+    the model's. The adapter the dict holds active (the one adapter of the wrapper it stores no tensors of,
+    where it stores the active adapter's) is activated for the load, and the active one put back after it
+    (:func:`_put_back_the_active_adapter`), so every adapter's tensors go to its own layers."""
+    stored_prefix = f"{prefix}inactive_adapters."
+    stored = {k[len(stored_prefix):].partition(".")[0] for k in state_dict if k.startswith(stored_prefix)}
+    held_active = [name for name in wrapper.adapter_configs if name not in stored]
+    if wrapper.active_adapter not in stored or len(held_active) != 1:
+        return
+    requires_grad = {n: p.requires_grad for n, p in wrapper.named_parameters()}
+    active, merged = wrapper.active_adapter, adapters.merged_tasks(wrapper.model)
+    wrapper._swap_in(held_active[0])
+    wrapper.__dict__["_active_adapter_put_back_after_load"] = (active, merged, requires_grad)
+
+
+def _put_back_the_active_adapter(wrapper: "MoELoRAModel", _incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of a MoELoRAModel: the adapter active before the load back in the model, as
+    it was (merged layers, requires_grad), after :func:`_activate_the_adapter_the_dict_holds_active`."""
+    put_back = wrapper.__dict__.pop("_active_adapter_put_back_after_load", None)
+    if put_back is None:
+        return
+    active, merged, requires_grad = put_back
+    wrapper._swap_in(active)
+    adapters.remerge(wrapper.model, merged)
+    for n, p in wrapper.named_parameters():
+        p.requires_grad_(requires_grad.get(n, False))
+
+
 # transformers' methods that turn activation checkpointing on (the second is transformers 5's name for the first)
 CHECKPOINTING_ENABLERS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
 
@@ -1030,6 +1061,8 @@ class MoELoRAModel(nn.Module):
         adapters.register_wrapper(self)
         _clear_aux_losses_at_deletion(self)
         adapters.claim(self, adapters.adapter_modules(model).values())
+        self.register_load_state_dict_pre_hook(_activate_the_adapter_the_dict_holds_active)
+        self.register_load_state_dict_post_hook(_put_back_the_active_adapter)
         if config.inference_mode:
             self._mark_trainable()
         self._inputs_require_grad_for_checkpointing()  # checkpointing enabled before wrapping, as PEFT's wrapper

@@ -998,3 +998,34 @@ def test_set_adapter_that_cannot_go_in_leaves_the_active_adapters_last_aux_loss_
     with pytest.raises(ValueError, match="which the model no longer has"):
         model.set_adapter("ffn")
     assert torch.equal(model.aux_loss(), loss) and model.router_stats().keys() == stats.keys()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_of_a_wrapper_with_another_adapter_active_loads_each_adapter_into_its_own_layers(strict):
+    """The wrapper's state dict holds the active adapter in the model and each inactive one under
+    inactive_adapters.<name>; loading one saved with another adapter active (a resumed checkpoint) raised for
+    missing keys, and with strict=False loaded the saved active adapter's tensors into this model's active one."""
+    configs = {"default": MoELoRAConfig(target_modules=["proj", "conv"], num_experts=3, top_k=2, r=2),
+               "b": MoELoRAConfig(target_modules=["proj", "conv"], num_experts=3, top_k=2, r=2, modules_to_save=["head"])}
+
+    def wrapper(seed):
+        model = get_moelora_model(Net(), configs["default"])
+        model.add_adapter("b", configs["b"])
+        _perturb(model.model, seed)  # the active adapter's
+        model.set_adapter("b")
+        _perturb(model.model, seed + 1)
+        return model.eval()
+
+    source, target = wrapper(5), wrapper(7)
+    source.set_adapter("default")
+    frozen_router = target.model.proj.router.weight.requires_grad_(False)  # the user's choice is kept
+    result = target.load_state_dict(source.state_dict(), strict=strict)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert target.active_adapter == "b"
+    assert {n for n, p in target.named_parameters() if p.requires_grad} == {
+        n for n, p in target.named_parameters() if n.startswith("model.") and p is not frozen_router and (
+            ".lora_" in n or ".router." in n or ".modules_to_save." in n)}
+    for name in ("default", "b", "default"):
+        source.set_adapter(name)
+        target.set_adapter(name)
+        torch.testing.assert_close(target(IDS), source(IDS), rtol=0, atol=0)
