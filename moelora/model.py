@@ -1039,7 +1039,7 @@ class MoELoRAModel(nn.Module):
         self.model = model
         self.training = model.training  # the wrapped model's mode (what add_adapter gives new adapters)
         self.adapter_configs: Dict[str, MoELoRAConfig] = {adapter_name: config}
-        self.active_adapter = adapter_name
+        self._active_adapter = adapter_name  # see the active_adapter property
         self.inactive_adapters = nn.ModuleDict().train(model.training)
         # whether the active adapter is frozen: built with inference_mode (loaded with is_trainable=False), or
         # activated by set_adapter(..., inference_mode=True)
@@ -1086,6 +1086,8 @@ class MoELoRAModel(nn.Module):
         return state
 
     def __setstate__(self, state):
+        if "active_adapter" in state:  # pickled when it was a plain attribute
+            state["_active_adapter"] = state.pop("active_adapter")
         super().__setstate__(state)
         self._backward_put_backs = []  # a wrapper pickled before it had them too
         self._stored_routing_records = {}
@@ -1591,6 +1593,16 @@ class MoELoRAModel(nn.Module):
         return self.model
 
     @property
+    def active_adapter(self) -> str:
+        """The active adapter's name. Read-only, as PEFT's ``PeftModel.active_adapter``: :meth:`set_adapter` activates
+        an adapter (assigning the name alone would leave the active adapter's layers in the model)."""
+        return self._active_adapter
+
+    @active_adapter.setter
+    def active_adapter(self, adapter_name) -> None:
+        raise AttributeError(f"active_adapter is read-only; activate an adapter with set_adapter({adapter_name!r})")
+
+    @property
     def active_adapters(self) -> List[str]:
         """``[active_adapter]`` (PEFT's list form)."""
         return [self.active_adapter]
@@ -1678,7 +1690,7 @@ class MoELoRAModel(nn.Module):
         # the wrapper reaches: a stored adapter's loss must not count) and come back with it
         restore_routing_records(self._stored_routing_records.pop(adapter_name, []))
         self._stored_routing_records[self.active_adapter] = records
-        self.active_adapter = adapter_name
+        self._active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop ``adapter_name``; deleting the active one activates the first remaining adapter in sorted order,
