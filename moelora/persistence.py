@@ -53,8 +53,8 @@ from moelora.modules.conv import MoELoRAConv
 from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.adapter_base import is_adapter_layer, owned_by_moelora
 from moelora.modules.routed import restore_routing_records, routing_records
-from moelora.tuner.adapters import (DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, merged_tasks,
-                                    optional_names, remerge)
+from moelora.tuner.adapters import (DEFAULT_ADAPTER, ModulesToSaveWrapper, adapter_tensor_names, check_adapter_name,
+                                    merged_tasks, optional_names, remerge)
 from moelora.tuner.targets import pattern_value, unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -401,7 +401,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str, is_trainab
     PEFT's; the others keep their trainability). Its modules are
     in the model's train / eval mode (``MoELoRAModel.add_adapter``): an adapter loaded into a
     model from ``from_pretrained`` (eval) runs without dropout or router noise. Every file is
-    checked first; an adapter that does not fit is not added."""
+    checked first (the name before the files); an adapter that does not fit is not added."""
+    check_adapter_name(adapter_name, model.adapter_configs, must_exist=False)
     config, structure, state = read_checkpoint(directory)
     if structure != _structure.to_json(unwrap(model)):
         raise ValueError(f"the adapter in {directory} was saved on a model with the structural edits {structure}, "

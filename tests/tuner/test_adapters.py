@@ -1045,3 +1045,12 @@ def test_assigning_active_adapter_is_refused_naming_set_adapter_as_peft_s():
     restored = copy.deepcopy(model)
     restored.set_adapter("default")
     assert restored.active_adapter == "default" and isinstance(restored.model.proj, MoELoRALinear)
+
+
+@pytest.mark.parametrize("name", ["default", "a.b", 3])
+def test_load_adapter_checks_the_name_before_reading_the_directory(tmp_path, name):
+    """load_adapter read the checkpoint first: an adapter name taken already or invalid was reported as the
+    directory's missing files (FileNotFoundError), or after the files were read and checked."""
+    model = get_moelora_model(Net(), MoELoRAConfig(target_modules=["proj"], num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match="adapter named 'default'|adapter names are"):
+        model.load_adapter(str(tmp_path / "nothing_here"), name)
