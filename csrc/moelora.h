@@ -32,6 +32,9 @@ enum RouterMode : int64_t { kSoftmaxTopk = 0, kTopkSoftmax = 1 };
 #define MOELORA_CHECK_CPU_AS(x, name) \
   TORCH_CHECK_VALUE((x).device().is_cpu(), name " must be a CPU tensor here, got ", (x).device())
 #define MOELORA_CHECK_CPU(x) MOELORA_CHECK_CPU_AS(x, #x)
+// A Python None passed for a required Tensor argument arrives as an undefined tensor (no device,
+// dtype UNKNOWN_SCALAR, shape [0]): refused first, so the other checks never read one.
+#define MOELORA_CHECK_DEFINED_AS(x, name) TORCH_CHECK_TYPE((x).defined(), name " must be a tensor, got None")
 #define MOELORA_CHECK_DIM_AS(x, name, d) \
   TORCH_CHECK_VALUE((x).dim() == (d), name " must be ", (d), "-D, got shape ", (x).sizes())
 #define MOELORA_CHECK_DIM(x, d) MOELORA_CHECK_DIM_AS(x, #x, d)

@@ -41,6 +41,9 @@ void check_meta_args(const at::Tensor& topk_ids, int64_t num_experts, int64_t bl
 int64_t check_gather_args(const char* op, const char* data_name, const at::Tensor& data,
                           const at::Tensor& sorted_pairs, const at::Tensor& inverse,
                           const c10::optional<at::Tensor>& weights) {
+  TORCH_CHECK_TYPE(data.defined(), op, ": ", data_name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(sorted_pairs.defined(), op, ": sorted_pairs must be a tensor, got None");
+  TORCH_CHECK_TYPE(inverse.defined(), op, ": inverse must be a tensor, got None");
   TORCH_CHECK_VALUE(data.dim() == 2, op, ": ", data_name, " must be 2-D, got shape ", data.sizes());
   TORCH_CHECK_TYPE(data.scalar_type() == at::kFloat || data.scalar_type() == at::kHalf ||
                        data.scalar_type() == at::kBFloat16 || data.scalar_type() == at::kDouble,

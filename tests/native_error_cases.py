@@ -111,7 +111,18 @@ CASES = {
                            (ValueError, r"dispatch: sorted_pairs must be on x's device meta, got cpu")),
     "dispatch/weights_on_meta": (lambda: ops.dispatch(x, sp, inv, w.to("meta")),
                                  (ValueError, r"dispatch: weights must be on x's device cpu, got meta")),
+    # None for a required tensor reaches the kernel as an undefined tensor: it was reported as
+    # "x must be 2-D, got shape [0]", "sorted_pairs must be int64, got UNKNOWN_SCALAR" or (pair_dot's a)
+    # "tensor does not have a device", naming no argument.
+    "dispatch/x_none": (lambda: ops.dispatch(None, sp, inv, None),
+                        (TypeError, r"dispatch: x must be a tensor, got None")),
+    "dispatch/sorted_pairs_none": (lambda: ops.dispatch(x, None, inv, w),
+                                   (TypeError, r"dispatch: sorted_pairs must be a tensor, got None")),
+    "dispatch/inverse_none": (lambda: ops.dispatch(x, sp, None, w),
+                              (TypeError, r"dispatch: inverse must be a tensor, got None")),
     # combine(y_sorted [P, d], sorted_pairs [P], inverse [T, k], weights [T, k] | None)
+    "combine/y_sorted_none": (lambda: ops.combine(None, sp, inv, w),
+                              (TypeError, r"combine: y_sorted must be a tensor, got None")),
     "combine/1d_y_sorted": (lambda: ops.combine(torch.randn(6), sp, inv, None),
                             (ValueError, r"combine: y_sorted must be 2-D, got shape \[6\]")),
     "combine/int_y_sorted": (lambda: ops.combine(y.long(), sp, inv, None),
@@ -130,6 +141,10 @@ CASES = {
     # pair_dot(a [T, d], b_sorted [P, d], sorted_pairs [P], inverse [T, k])
     "pair_dot/dtype_mismatch": (lambda: ops.pair_dot(x.double(), y, sp, inv),
                                 (TypeError, r"pair_dot: a \(Double\) and b_sorted \(Float\) must share a dtype")),
+    "pair_dot/a_none": (lambda: ops.pair_dot(None, y, sp, inv),
+                        (TypeError, r"pair_dot: a must be a tensor, got None")),
+    "pair_dot/b_sorted_none": (lambda: ops.pair_dot(x, None, sp, inv),
+                               (TypeError, r"pair_dot: b_sorted must be a tensor, got None")),
     "pair_dot/a_shape": (lambda: ops.pair_dot(torch.randn(3, 5), y, sp, inv),
                          (ValueError, r"pair_dot: a must have shape \[T, d\] = \[3, 4\], got \[3, 5\]")),
     "pair_dot/1d_a": (lambda: ops.pair_dot(torch.randn(4), y, sp, inv),

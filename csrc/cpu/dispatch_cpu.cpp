@@ -184,6 +184,7 @@ at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at
   MOELORA_CHECK_CPU_AS(b_in, "b_sorted");
   TORCH_CHECK_VALUE(b_in.size(0) == sp_in.size(0), "pair_dot: b_sorted has ", b_in.size(0),
                     " rows but sorted_pairs has ", sp_in.size(0), " entries");
+  MOELORA_CHECK_DEFINED_AS(a_in, "pair_dot: a");
   TORCH_CHECK_VALUE(a_in.device() == b_in.device(), "pair_dot: a must be on b_sorted's device ", b_in.device(),
                     ", got ", a_in.device());
   MOELORA_CHECK_DIM_AS(a_in, "pair_dot: a", 2);

@@ -215,6 +215,7 @@ at::Tensor pair_dot_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const a
                          const at::Tensor& inv_in) {
   check_gather_args("pair_dot", "b_sorted", b_in, sp_in, inv_in, c10::nullopt);
   MOELORA_CHECK_CUDA_AS(b_in, "b_sorted");
+  MOELORA_CHECK_DEFINED_AS(a_in, "pair_dot: a");
   MOELORA_CHECK_DIM_AS(a_in, "pair_dot: a", 2);
   TORCH_CHECK_VALUE(a_in.device() == b_in.device(), "pair_dot: a must be on b_sorted's device ", b_in.device(),
                     ", got ", a_in.device());

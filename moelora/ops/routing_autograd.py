@@ -288,6 +288,8 @@ def _check_meta_args(topk_ids, num_experts, block_size) -> None:
 
 def _check_gather_args(op, data_name, data, sorted_pairs, inverse, weights) -> None:
     """check_gather_args of csrc/ops.cpp."""
+    for name, t in ((data_name, data), ("sorted_pairs", sorted_pairs), ("inverse", inverse)):
+        _check_defined(op, name, t)
     if data.dim() != 2:
         raise ValueError(f"{op}: {data_name} must be 2-D, got shape {list(data.shape)}")
     if data.dtype not in _NATIVE_FLOATS:
@@ -310,6 +312,12 @@ def _check_gather_args(op, data_name, data, sorted_pairs, inverse, weights) -> N
         if weights.shape != inverse.shape:
             raise ValueError(f"{op}: weights must have the shape of inverse {list(inverse.shape)}, "
                              f"got {list(weights.shape)}")
+
+
+def _check_defined(op, name, t) -> None:
+    """The kernels' refusal of a None passed for a required tensor (which reaches them as an undefined tensor)."""
+    if t is None:
+        raise TypeError(f"{op}: {name} must be a tensor, got None")
 
 
 def _check_rows(op, data_name, data, index_name, index) -> None:
@@ -363,6 +371,7 @@ def _register_native():
     def _pair_dot_fake(a, b, sorted_pairs, inverse):
         _check_gather_args("pair_dot", "b_sorted", b, sorted_pairs, inverse, None)
         _check_rows("pair_dot", "b_sorted", b, "sorted_pairs", sorted_pairs)
+        _check_defined("pair_dot", "a", a)
         if a.device != b.device:
             raise ValueError(f"pair_dot: a must be on b_sorted's device {b.device}, got {a.device}")
         if a.dim() != 2:
