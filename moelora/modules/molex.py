@@ -99,6 +99,7 @@ import torch.nn.functional as F
 
 from moelora.modules.fields import BOOL, LAYER_FIELD_KINDS, POSITIVE_INT, check_field, is_bool, is_int, is_real
 from moelora.modules.init import reset_like_linear
+from moelora.kernels.launchers import cdiv
 from moelora.ops.backend import without_autocast
 from moelora.ops.validation import is_finite_number
 from moelora.modules.routed import (RoutedModule, real_tokens_of_attention_mask, restore_routing_records,
@@ -687,10 +688,27 @@ def _mask_for_own_keys(args: list, kwargs: dict, length: int, position: Optional
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > length:
         mask = mask[..., :length]
     elif flex is not None and isinstance(mask, flex.BlockMask) and mask.seq_lengths[1] > length:
-        mask = mask._adjust(mask.seq_lengths[0], length)  # as torch's error for a wider block mask advises
+        mask = _block_mask_for_own_keys(flex.BlockMask, mask, length)
     else:
         return
     if "attention_mask" in kwargs:
         kwargs["attention_mask"] = mask
     else:
         args[position] = mask
+
+
+def _block_mask_for_own_keys(block_mask_class: type, mask, length: int):
+    """Flex attention's BlockMask ``mask`` cut to its first ``length`` keys (its queries kept), as torch's error
+    for a wider block mask advises (``BlockMask._adjust``). torch 2.11's ``_adjust`` gives the cut mask the lengths
+    of its whole blocks ((128, 128) for 3 queries and keys, which flex attention refuses for 3 tokens; 2.13's the
+    lengths asked), an earlier one floored them to whole blocks: there the blocks are cut at whole-block lengths
+    and the mask built again over the true lengths."""
+    q_len = mask.seq_lengths[0]
+    cut = mask._adjust(q_len, length)
+    if tuple(cut.seq_lengths) == (q_len, length):
+        return cut
+    q_block, kv_block = mask.BLOCK_SIZE
+    cut = mask._adjust(cdiv(q_len, q_block) * q_block, cdiv(length, kv_block) * kv_block)
+    return block_mask_class.from_kv_blocks(cut.kv_num_blocks, cut.kv_indices, cut.full_kv_num_blocks,
+                                           cut.full_kv_indices, BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask.mask_mod,
+                                           seq_lengths=(q_len, length))

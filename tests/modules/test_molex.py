@@ -1187,15 +1187,34 @@ def test_generate_steps_are_prefix_forwards_and_later_tokens_change_earlier_logi
     assert any(differs) and not all(differs)
 
 
+def _block_mask_adjust_of_older_torch(adjust, floored: bool):
+    """BlockMask._adjust as torch 2.11 has it (the cut mask's lengths those of its whole blocks: (128, 128) for 3
+    queries and keys) and, ``floored``, as an earlier torch's (the lengths floored to whole blocks first)."""
+    def older_adjust(self, new_q_len, new_kv_len):
+        if floored:
+            new_q_len, new_kv_len = (new_q_len // self.BLOCK_SIZE[0] * self.BLOCK_SIZE[0],
+                                     new_kv_len // self.BLOCK_SIZE[1] * self.BLOCK_SIZE[1])
+        cut = adjust(self, new_q_len, new_kv_len)
+        return type(self).from_kv_blocks(cut.kv_num_blocks, cut.kv_indices, cut.full_kv_num_blocks,
+                                         cut.full_kv_indices, BLOCK_SIZE=cut.BLOCK_SIZE, mask_mod=cut.mask_mod)
+    return older_adjust
+
+
+@pytest.mark.parametrize("adjust", ["installed", "torch_2_11", "floored"])
 @pytest.mark.parametrize("model_name", ["llama", "mistral"])
-def test_prefill_into_a_static_cache_with_flex_attention_mixes_as_without_the_cache(model_name):
+def test_prefill_into_a_static_cache_with_flex_attention_mixes_as_without_the_cache(model_name, adjust, monkeypatch):
     """With attn_implementation="flex_attention" the layers get a BlockMask built over the static cache's slots
     (max_cache_len; Mistral's window where the prompt is shorter), not a tensor: the mixing call raised torch's
     'block_mask was created for block_mask.shape=(2, 1, 3, 12) but got q_len=3 and kv_len=3'. It is now cut to the
     forward's tokens as the 4-D tensor mask is (BlockMask._adjust), giving the logits of the forward without cache
-    (float32: flex attention on the CPU takes no float64)."""
+    (float32: flex attention on the CPU takes no float64). With torch 2.11's _adjust (and an older, flooring one) the
+    cut mask still raised ('created for block_mask.shape=(2, 1, 128, 128)'): its lengths were whole blocks'."""
     from transformers import StaticCache
+    from torch.nn.attention.flex_attention import BlockMask
 
+    if adjust != "installed":
+        monkeypatch.setattr(BlockMask, "_adjust", _block_mask_adjust_of_older_torch(BlockMask._adjust,
+                                                                                    floored=adjust == "floored"))
     model = {"llama": lambda: tiny_llama(num_layers=3), "mistral": _tiny_mistral}[model_name]()
     model.config._attn_implementation = "flex_attention"
     apply_molex(model, alpha=0.5)
