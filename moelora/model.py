@@ -1594,8 +1594,8 @@ class MoELoRAModel(nn.Module):
 
     @property
     def active_adapter(self) -> str:
-        """The active adapter's name. Read-only, as PEFT's ``PeftModel.active_adapter``: :meth:`set_adapter` activates
-        an adapter (assigning the name alone would leave the active adapter's layers in the model)."""
+        """The active adapter's name. Read-only: :meth:`set_adapter` activates an adapter (assigning the name alone, as
+        PEFT's ``PeftModel.active_adapter`` takes it, would leave the active adapter's layers in the model)."""
         return self._active_adapter
 
     @active_adapter.setter

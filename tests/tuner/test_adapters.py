@@ -1032,9 +1032,9 @@ def test_load_state_dict_of_a_wrapper_with_another_adapter_active_loads_each_ada
 
 
 def test_assigning_active_adapter_is_refused_naming_set_adapter_as_peft_s():
-    """model.active_adapter = name (PEFT's PeftModel refuses it: a property without setter) changed the name
-    alone: moelora_config and save_pretrained then named the other adapter while the old one's layers ran, and
-    set_adapter raised KeyError."""
+    """model.active_adapter = name (PEFT's layers refuse it, a property without setter; PeftModel takes it and
+    renames alone) changed the name alone: moelora_config and save_pretrained then named the other adapter while
+    the old one's layers ran, and set_adapter raised KeyError."""
     model = get_moelora_model(Net(), MoELoRAConfig(target_modules=["proj"], num_experts=2, top_k=1))
     model.add_adapter("b", MoELoRAConfig(target_modules=["conv"], num_experts=2, top_k=1))
     with pytest.raises(AttributeError, match=r"set_adapter\('b'\)"):
