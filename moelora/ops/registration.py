@@ -131,14 +131,12 @@ def distinct_inputs(*args) -> list:
     """``args`` with every tensor that already came earlier replaced by a view of it, for an autograd.Function's
     apply under torch.compile: dynamo refuses one tensor passed twice ("duplicate tensor input", a graph break),
     such as moe_lora's x given as its base_out (a residual). The view's gradient reaches the tensor; nothing
-    changes where the tensors differ. For the traced paths only (a view per repeat)."""
-    seen = set()
+    changes where the tensors differ. For the traced paths only (a view per repeat). Compared with ``is``, not
+    ``id()``: torch 2.11's dynamo cannot trace ``id()`` of a tensor made in the traced function."""
     out = []
     for arg in args:
-        if isinstance(arg, torch.Tensor):
-            if id(arg) in seen:
-                arg = arg.view_as(arg)
-            seen.add(id(arg))
+        if isinstance(arg, torch.Tensor) and any(arg is earlier for earlier in out):
+            arg = arg.view_as(arg)
         out.append(arg)
     return out
 
