@@ -732,6 +732,16 @@ def test_saving_several_adapters_leaves_every_modules_train_or_eval_mode(tmp_pat
     assert {n: m.training for n, m in model.named_modules()} == modes
 
 
+def _perturbed_llama_and_its_logits():
+    """(a tiny Llama with perturbed adapters in eval mode, a token batch, its logits)."""
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, top_k=2, router="topk_softmax")
+    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
+    _perturb_all_adapters(model)
+    model.eval()
+    ids = token_batch()
+    return model, ids, model(ids).logits
+
+
 def _weight_files(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("adapter_model"))
 
@@ -739,12 +749,7 @@ def _weight_files(directory):
 def test_max_shard_size_splits_the_adapter_into_shards_with_an_index_that_load_back_exactly(tmp_path):
     """save_pretrained(max_shard_size=...) writes transformers' shards and index (it was ignored: one file); a
     later save without it replaces them; from_pretrained and load_adapter read the shards."""
-    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, top_k=2, router="topk_softmax")
-    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
-    _perturb_all_adapters(model)
-    model.eval()
-    ids = token_batch()
-    expected = model(ids).logits
+    model, ids, expected = _perturbed_llama_and_its_logits()
     state = moelora.persistence.adapter_state_dict(model)
     largest = max(t.numel() * t.element_size() for t in state.values())
     model.save_pretrained(str(tmp_path), max_shard_size=f"{2 * largest / 1000}KB")
@@ -819,12 +824,7 @@ def test_an_adapter_loads_into_a_model_built_on_the_meta_device(tmp_path, is_tra
     adapter into meta tensors, which hold nothing (torch warned; the weights were lost): the adapter tensors now
     take the checkpoint's values, in the model's dtype, and the model computes the saved one once its base
     weights are loaded."""
-    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, top_k=2, router="topk_softmax")
-    model = get_moelora_model(tiny_llama(num_layers=2), cfg)
-    _perturb_all_adapters(model)
-    model.eval()
-    ids = token_batch()
-    expected = model(ids).logits
+    model, ids, expected = _perturbed_llama_and_its_logits()
     model.save_pretrained(str(tmp_path))
     state = load_file(tmp_path / "adapter_model.safetensors")  # an adapter saved in bf16
     save_file({n: t.bfloat16() if t.is_floating_point() else t for n, t in state.items()},

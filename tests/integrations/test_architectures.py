@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import moelora
+from helpers import tiny_whisper
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -57,15 +58,6 @@ MODELS = {
     "t5": (_t5, lambda: dict(input_ids=_ids(), decoder_input_ids=_ids(2)[:, :4])),
     "vit": (_vit, lambda: dict(pixel_values=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)))),
 }
-
-
-def _whisper():
-    config = transformers.WhisperConfig(
-        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=8,
-        max_target_positions=16, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1)
-    torch.manual_seed(0)
-    return transformers.WhisperForConditionalGeneration(config).eval()
 
 
 def _ids(seed=1):
@@ -118,7 +110,7 @@ def test_whisper_convolutional_front_end_adapts_and_runs(tmp_path):
     """Whisper's encoder reads ``conv1.stride[0]`` from its front-end convolutions: with conv1 adapted the
     forward raised AttributeError ('MoELoRAConv' object has no attribute 'stride'; PEFT's LoRA conv layer
     fails the same way). The adapter layer now shows the base's stride, padding, dilation and padding_mode."""
-    base = _whisper()
+    base = tiny_whisper()
     features = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
     batch = dict(input_features=features, decoder_input_ids=_ids()[:, :4])
     config = moelora.MoELoRAConfig(r=4, num_experts=4, top_k=2, target_modules=r".*(conv1|conv2|q_proj|v_proj)")
@@ -205,7 +197,7 @@ def _checkpointing_batch(name):
     if name == "vit":
         return _vit(), MODELS["vit"][1](), dict(task_type="SEQ_CLS")  # the classifier head trains too
     features = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
-    return _whisper(), dict(input_features=features, decoder_input_ids=_ids()[:, :4]), {}
+    return tiny_whisper(), dict(input_features=features, decoder_input_ids=_ids()[:, :4]), {}
 
 
 def _reentrant_checkpointed_gradients(base, batch, config, before=False, after=None, set_adapter=False):
