@@ -95,11 +95,11 @@ def evaluate(results: dict) -> List[dict]:
     graph = results.get("checks", {}).get("cuda_graph_S1", {})
     # a replay whose output or gradients differ from eager (status "fail") computes something else: not compared
     replay = graph.get("replay_median_ms") if graph.get("status") == "pass" else None
+    why = graph.get("error") or graph.get("replay_error") or graph.get("reason") or graph.get("rel_err")
     out.append(_target("S1 delta fwd+bwd device time (CUDA-graph replay) <= 0.12 ms",
                        None if replay is None else replay <= 0.12,
                        f"{replay:.4f} ms ({graph.get('status')})" if replay is not None else
-                       "graph check not run" if not graph else f"graph check {graph.get('status')}: "
-                       f"{graph.get('error') or graph.get('replay_error') or graph.get('reason') or graph.get('rel_err')}"))
+                       "graph check not run" if not graph else f"graph check {graph.get('status')}: {why}"))
 
     # ---- issue 11
     f = _find(cases, "S5", "ffn", "fwdbwd", "moelora-ffn")
