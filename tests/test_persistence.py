@@ -304,12 +304,15 @@ def test_merge_and_unload_after_merge_adapter_keeps_the_merged_layers_as_peft():
     torch.testing.assert_close(tasks.merge_and_unload(task=1)(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_export_task_adapter_to_peft_and_load_with_peft(tmp_path):
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_export_task_adapter_to_peft_and_load_with_peft(tmp_path, use_rslora):
+    """PEFT's model loaded from the export computes the task's output; with rsLoRA (s = alpha / sqrt(r)) and a
+    per-layer rank the exported alpha_pattern must be s * sqrt(r') (r' = 2r with the shared LoRA), not s * r'."""
     from peft import PeftModel
 
     model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query", "value"], num_experts=3,
                                                          router="task", task_shared_lora=True, r=4, lora_alpha=4,
-                                                         rank_pattern={"value": 2}))
+                                                         rank_pattern={"value": 2}, use_rslora=use_rslora))
     randomize_adapters(model)
     _perturb_all_adapters(model)
     ids = token_batch()
