@@ -566,6 +566,30 @@ def test_set_adapter_that_cannot_go_in_leaves_a_merged_active_adapter_merged():
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_set_adapter_from_a_merged_adapter_runs_the_other_on_the_unmerged_base():
+    """Switching away from a merged adapter unmerges it as it is stored: the incoming adapter runs on the base
+    weights (not on weights still holding the outgoing delta), and the outgoing one, activated again, gives its
+    own output (unmerged)."""
+    base = tiny_llama(num_layers=2)
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1))
+    model.add_adapter("other", MoELoRAConfig(target_modules=["q_proj"], num_experts=1, r=4))
+    randomize_adapters(model, seed=3)  # the active adapter's B (the stored one's next)
+    model.set_adapter("other")
+    randomize_adapters(model, seed=4)
+    model.eval()
+    ids = torch.randint(0, 64, (2, 6))
+    expected_other = model(ids).logits
+    model.set_adapter("default")
+    expected_default = model(ids).logits
+    assert not torch.allclose(expected_default, expected_other, rtol=1e-3, atol=1e-3)
+    model.merge_adapter()
+    model.set_adapter("other")
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, expected_other, rtol=1e-5, atol=1e-5)
+    model.set_adapter("default")
+    torch.testing.assert_close(model(ids).logits, expected_default, rtol=1e-5, atol=1e-5)
+
+
 def test_upcycle_ffn_refuses_ffns_an_adapter_adapts_inactive_ones_too():
     """upcycle_ffn on a MoELoRAModel replaces FFNs whose projections an adapter adapts: refused
     before any change, naming the adapter, for the active adapter and for the stored ones (whose
