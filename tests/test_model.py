@@ -5,6 +5,7 @@ import contextlib
 import copy
 import inspect
 import re
+import warnings
 
 import pytest
 import torch
@@ -142,6 +143,32 @@ def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     # Switched off: output.loss is the wrapped model's loss.
     model.moelora_config.add_aux_loss_to_output = False
     torch.testing.assert_close(model(ids, labels=ids).loss, plain)
+
+
+def test_a_forward_that_runs_some_layers_adds_their_aux_losses_only():
+    """Each wrapper forward starts by clearing every routed module's record: a layer its forward does not run (an
+    encoder-decoder's encoder, given ``encoder_outputs``) adds no aux loss of an earlier forward to ``outputs.loss``
+    (a stale one would count twice, and backward through its freed graph would fail)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    model = get_moelora_model(tiny_t5(), MoELoRAConfig(target_modules=["q", "v"], num_experts=4, top_k=2))
+    randomize_adapters(model)
+    model.train()
+    ids, labels = torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (2, 4))
+    model(input_ids=ids, labels=labels).loss.backward()
+    encoder = [m for n, m in model.named_modules() if isinstance(m, MoELoRALinear) and ".encoder." in n]
+    decoder = [m for n, m in model.named_modules() if isinstance(m, MoELoRALinear) and ".decoder." in n]
+    assert encoder and decoder and all(m.last_aux_loss is not None for m in encoder)
+    hidden = BaseModelOutput(last_hidden_state=torch.randn(2, 5, 16))
+    out = model(encoder_outputs=hidden, attention_mask=torch.ones_like(ids), labels=labels)
+    assert all(m.last_aux_loss is None for m in encoder)
+    aux = moelora.aux_loss(model)
+    torch.testing.assert_close(aux, sum(m.last_aux_loss for m in decoder))
+    out.loss.backward()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a training-mode forward without gradients
+        plain = model.model(encoder_outputs=hidden, attention_mask=torch.ones_like(ids), labels=labels).loss
+    torch.testing.assert_close(out.loss, plain + aux)
 
 
 def test_the_walk_over_routed_modules_takes_each_once_in_modules_order():
