@@ -197,6 +197,31 @@ def test_export_carries_trained_biases_and_round_trips(tmp_path, bias):
 
 
 # ----------------------------------------------------------------------------------- enable / disable
+def test_disable_adapter_block_leaves_adapters_disabled_before_it_disabled():
+    """``with model.disable_adapter():`` gives each adapter module back the switch it held: adapters switched off
+    before the block (disable_adapter_layers(), or an outer block) stay off after it, and on ones come back on."""
+    base = tiny_llama(num_layers=2)
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        expected_base = base(ids).logits
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1,
+                                                  modules_to_save=["lm_head"]))
+    randomize_adapters(model, seed=7)
+    _perturb(model)
+    model.eval()
+    with_adapter = model(ids).logits
+    assert not torch.allclose(with_adapter, expected_base, rtol=1e-3, atol=1e-3)
+    with model.disable_adapter():
+        with model.disable_adapter():
+            pass
+        torch.testing.assert_close(model(ids).logits, expected_base, rtol=1e-5, atol=1e-5)  # the outer block's
+    torch.testing.assert_close(model(ids).logits, with_adapter, rtol=1e-5, atol=1e-5)
+    model.disable_adapter_layers()
+    with model.disable_adapter():
+        pass
+    torch.testing.assert_close(model(ids).logits, expected_base, rtol=1e-5, atol=1e-5)
+
+
 def test_enable_disable_adapter_layers_as_peft():
     from peft import LoraConfig, get_peft_model
 
