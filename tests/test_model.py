@@ -406,6 +406,23 @@ def test_bias_modes_mark_biases_trainable():
     assert trainable_biases == {f"model.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in range(4)}
 
 
+def test_bias_mode_of_the_active_adapter_holds_after_add_and_set_adapter():
+    """add_adapter and set_adapter mark the trainable parameters again, by the active adapter's ``bias``: the
+    adapted layers' biases of a bias="lora_only" adapter stay trainable, and come back trainable with it."""
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], bias="lora_only"))
+    expected = {f"model.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in range(4)}
+
+    def trainable_biases():
+        return {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+
+    model.add_adapter("other", MoELoRAConfig(target_modules=["value"]))
+    assert trainable_biases() == expected
+    model.set_adapter("other")
+    assert trainable_biases() == set()
+    model.set_adapter("default")
+    assert trainable_biases() == expected
+
+
 def test_plain_module_injection():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
