@@ -560,3 +560,24 @@ def test_layer_converted_after_creation_runs_as_its_converted_weights(kind, conv
     for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
         if p.grad is not None:
             assert p.grad.dtype == dtype and rel_err(p.grad, q.grad) < tol, name
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "composed"])
+def test_dora_with_bias_matches_float64_reference_on_both_paths(hooked):
+    """PEFT's DoRA, m / ||W + s B A||_row (.) (x W^T + s B A x) + b: the bias is added after the magnitude scale,
+    on the fused path and on the composed one (a base layer with a forward hook), whose output includes the bias
+    and must take it out before scaling."""
+    base = nn.Linear(16, 12).double()
+    layer = MoELoRALinear(base, num_experts=1, r=4, lora_alpha=8, use_dora=True).double().eval()
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+        layer.lora_magnitude_vector.copy_(torch.rand_like(layer.lora_magnitude_vector) + 0.5)
+        base.bias.copy_(torch.randn_like(base.bias))
+    if hooked:
+        base.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    s = layer.scaling
+    a, b, w = layer.lora_A[0], layer.lora_B[0], base.weight
+    norm = torch.linalg.norm(w + s * b @ a, dim=1)
+    expected = layer.lora_magnitude_vector / norm * (x @ w.t() + s * x @ a.t() @ b.t()) + base.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
