@@ -55,7 +55,7 @@ from moelora.modules.embedding import MoELoRAEmbedding
 from moelora.modules.fields import BOOL, check_field, is_int, is_integral
 from moelora.modules.molex import CACHE_KWARGS
 from moelora.modules.routed import (RoutedModule, RouterStats, real_tokens_of_attention_mask, recording_in_backward,
-                                    restore_routing_records, routed_modules, routing_records)
+                                    restore_routing_records, routed_modules, routing_records, running_in_backward)
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
 from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, check_single_place, check_tied_source, layer_index, matches,
@@ -1180,7 +1180,7 @@ class MoELoRAModel(nn.Module):
         loss as the forward did (a reentrant checkpoint's forward ran without gradients: the recomputed loss
         trains the routers), then gives back the forward's losses and statistics (docs/layers.md), with the
         recomputation's ``aux_loss_lost_grad`` (whether the loss backward ran through trained the routers)."""
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        if running_in_backward():
             records = routing_records(self.model)
             try:
                 with recording_in_backward():
