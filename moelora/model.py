@@ -1254,10 +1254,17 @@ class MoELoRAModel(nn.Module):
         repeats the prompt; an ``assistant_model`` (assisted decoding's draft) with task-routed layers routes by
         them too. Per-token ids cannot route the tokens generate adds: they raise. Aux-loss
         masks are off while it runs (its steps route other numbers of tokens; nothing trains)."""
+        with self._generating():
+            return self._generate_with_task_ids(generate, args, kwargs, task_ids)
+
+    @contextlib.contextmanager
+    def _generating(self):
+        """What a generation (``generate``, ``generate_batch``) runs in, as a forward of the wrapper: the stored aux
+        losses cleared, the last forward's swaps put back first, no aux-loss mask."""
         clear_aux_losses(self.model)
         self._put_back_forward_swaps()
         with use_aux_loss_mask(self.model, None):
-            return self._generate_with_task_ids(generate, args, kwargs, task_ids)
+            yield
 
     def _generate_with_task_ids(self, generate, args, kwargs, task_ids):
         if task_ids is not None and self._takes_task_ids():
@@ -1347,9 +1354,7 @@ class MoELoRAModel(nn.Module):
         if task_ids is not None and self._takes_task_ids():
             raise ValueError("task_ids: the wrapped model's forward takes task_ids itself, which continuous batching "
                              "(generate_batch) cannot pass on to it: use generate(..., task_ids=ids)")
-        clear_aux_losses(self.model)
-        self._put_back_forward_swaps()
-        with use_aux_loss_mask(self.model, None):
+        with self._generating():
             if task_ids is None:
                 return generate_batch(*args, **kwargs)
             with use_task_ids(self.model, _held_for_the_call(task_ids)):
