@@ -59,7 +59,8 @@ from moelora.modules.routed import (RoutedModule, RouterStats, real_tokens_of_at
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
 from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, check_single_place, check_tied_source, layer_index, matches,
-                                   set_module, stacked_expert_parameters, transform_layer_index, unwrap)
+                                   method_sources, set_module, stacked_expert_parameters, transform_layer_index,
+                                   unwrap)
 
 
 
@@ -317,17 +318,8 @@ _WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shap
 def _class_weight_reads(cls: type) -> frozenset:
     """Names of the children whose weight the methods of ``cls`` (but its constructor and initialisation)
     read as ``self.<child>.weight`` (not only its dtype, device or shape)."""
-    names = set()
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            break
-        for attr, fn in vars(klass).items():
-            if attr not in ("__init__", "reset_parameters", "_init_weights") and inspect.isfunction(fn):
-                try:
-                    names.update(_WEIGHT_READ.findall(inspect.getsource(fn)))
-                except (OSError, TypeError):  # no source (a built or frozen class): nothing known
-                    pass
-    return frozenset(names)
+    return frozenset(name for source in method_sources(cls, ("__init__", "reset_parameters", "_init_weights"))
+                     for name in _WEIGHT_READ.findall(source))
 
 
 def _refuse_transposed_convs(model: nn.Module, config: MoELoRAConfig) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -117,21 +117,25 @@ def tied_alias_modules(model: nn.Module) -> set:
     return aliases
 
 
-@functools.lru_cache(maxsize=None)
-def _class_calls(cls: type, attr: str) -> bool:
-    """Whether a method of ``cls`` (but its constructor) calls its child ``attr`` (``self.<attr>(``)."""
-    call = re.compile(rf"self\.{re.escape(attr)}\s*\(")
+def method_sources(cls: type, skip: Tuple[str, ...] = ("__init__",)) -> Iterator[str]:
+    """The source of each method of ``cls`` and its bases below nn.Module (but those named in ``skip``); a method
+    without source (a built or frozen class) is left out: nothing is known of it."""
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             break
         for name, fn in vars(klass).items():
-            if name != "__init__" and inspect.isfunction(fn):
+            if name not in skip and inspect.isfunction(fn):
                 try:
-                    if call.search(inspect.getsource(fn)):
-                        return True
-                except (OSError, TypeError):  # no source (a built or frozen class): not known to call it
+                    yield inspect.getsource(fn)
+                except (OSError, TypeError):
                     pass
-    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _class_calls(cls: type, attr: str) -> bool:
+    """Whether a method of ``cls`` (but its constructor) calls its child ``attr`` (``self.<attr>(``)."""
+    call = re.compile(rf"self\.{re.escape(attr)}\s*\(")
+    return any(call.search(source) for source in method_sources(cls))
 
 
 def check_tied_source(model: nn.Module, selected: Sequence[Tuple[str, nn.Module]], action: str, remedy: str) -> None:
