@@ -255,11 +255,11 @@ class MoELoRALinear(AdapterLayerBase):
                 "MoELoRALinear adds its adapter to the output of the linear layer it wraps, and a subclass whose "
                 "forward returns something else (a mixture-of-experts router returning its routing, as "
                 "transformers' PhiMoE and Llama-4 routers) cannot be adapted; leave it out (exclude_modules)")
-        if (x.shape[-1] != self.in_features or result.shape[-1] != self.out_features
-                or result.shape[:-1] != x.shape[:-1]):
-            refuse_tensor_parallel_shards(self, x.shape[-1] != self.in_features, result.shape[-1] != self.out_features,
-                                          (1, 0) if self.fan_in_fan_out else (0, 1))
-        if result.shape[:-1] != x.shape[:-1] or result.shape[-1] != self.out_features:
+        wrong_input, wrong_width = x.shape[-1] != self.in_features, result.shape[-1] != self.out_features
+        wrong_output = wrong_width or result.shape[:-1] != x.shape[:-1]
+        if wrong_input or wrong_output:
+            refuse_tensor_parallel_shards(self, wrong_input, wrong_width, (1, 0) if self.fan_in_fan_out else (0, 1))
+        if wrong_output:
             raise ValueError(
                 f"the base layer {type(self.base_layer).__name__} returned an output of shape {tuple(result.shape)} "
                 f"for an input of shape {tuple(x.shape)}, not [..., out_features={self.out_features}] as a linear "
