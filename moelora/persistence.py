@@ -196,25 +196,25 @@ def _write_weights(state: dict, directory: str, shard_bytes: Optional[int]) -> N
     for stale in os.listdir(directory):
         if stale in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_FILE.fullmatch(stale):
             os.remove(os.path.join(directory, stale))
+    sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
     shards, size = [{}], 0
     for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shard_bytes is not None and shards[-1] and size + nbytes > shard_bytes:
+        if shard_bytes is not None and shards[-1] and size + sizes[name] > shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = state[name]
-        size += nbytes
+        size += sizes[name]
     if len(shards) == 1:
         save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
         return
-    weight_map, total = {}, 0
+    weight_map = {}
     for i, shard in enumerate(shards):
         file = f"adapter_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
     with open(os.path.join(directory, WEIGHTS_INDEX_NAME), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2,
+                  sort_keys=True)
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
