@@ -136,19 +136,13 @@ def _check_activation_matches(name: str, m: nn.Module, parts: tuple, activation:
     if not held:
         return
     probe = torch.linspace(-6, 6, 241, dtype=torch.float64, device="cpu")  # values, under any default device
-    try:
-        given = activation(probe.clone())  # a copy each: an activation may work in place (nn.ELU(inplace=True))
-    except Exception:  # an activation that does not take float64 CPU tensors: nothing to compare here
-        return
-    if not isinstance(given, torch.Tensor) or given.dtype != probe.dtype:  # in another dtype: not compared either
+    given = _values_on(activation, probe)
+    if given is None:
         return
     differ = {}
     for n, act in held.items():
-        try:
-            theirs = act(probe.clone())
-        except Exception:
-            return
-        if not isinstance(theirs, torch.Tensor) or theirs.dtype != probe.dtype:
+        theirs = _values_on(act, probe)
+        if theirs is None:
             return
         if not (given.shape == theirs.shape and torch.allclose(given, theirs, rtol=1e-9, atol=1e-9)):
             differ[n] = act
@@ -157,6 +151,16 @@ def _check_activation_matches(name: str, m: nn.Module, parts: tuple, activation:
             f"{name} ({type(m).__name__}): activation {activation!r} computes something else than its activation "
             f"module(s) {differ}; pass the module's own (e.g. activation={name}.{next(iter(differ))}): upcycling with "
             "another would change the model's output (to use another activation, set it on the module first)")
+
+
+def _values_on(activation: Callable, probe: torch.Tensor) -> Optional[torch.Tensor]:
+    """``activation`` of a copy of ``probe`` (an activation may work in place: nn.ELU(inplace=True)), or None where
+    it does not take float64 CPU tensors or returns another dtype: nothing to compare there."""
+    try:
+        values = activation(probe.clone())
+    except Exception:
+        return None
+    return values if isinstance(values, torch.Tensor) and values.dtype == probe.dtype else None
 
 
 def _refuse_unless_replaying(message: str) -> None:
