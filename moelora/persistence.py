@@ -588,11 +588,9 @@ def read_peft_checkpoint(directory: str):
         if m is not None:
             name = m.group(1) or m.group(3) or m.group(5)
             part = m.group(2) or m.group(4) or f"lora_{m.group(6)}"
-            if part in ("lora_A", "lora_B"):  # conv kernels [r, C_in, *kernel] / [C_out, r/groups, 1, ...] flat
-                if tensor.dim() < 2:
-                    raise ValueError(f"{weights_path}: {name}.{part} must be 2-D (a conv kernel: 3-D or more), got "
-                                     f"shape {tuple(tensor.shape)}")
-                tensor = tensor.reshape(tensor.shape[0], -1)
+            if part in ("lora_A", "lora_B") and tensor.dim() < 2:  # conv kernels: [r, C_in, *kernel] / [C_out, ...]
+                raise ValueError(f"{weights_path}: {name}.{part} must be 2-D (a conv kernel: 3-D or more), got "
+                                 f"shape {tuple(tensor.shape)}")
             modules.setdefault(name, {})[part] = tensor
         elif key.startswith(PEFT_PREFIX):
             others[key[len(PEFT_PREFIX):]] = tensor  # biases and saved modules
@@ -625,7 +623,8 @@ def _check_peft_fields(peft_config: dict, config_path: str) -> None:
 
 def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path: str) -> None:
     """The PEFT tensors of module ``name`` fit expert ``target`` of ``layer`` exactly (no
-    broadcasting): A and B as one expert's, the DoRA magnitude as the layer's (a DoRA layer needs
+    broadcasting): A and B as one expert's (a convolution's as PEFT's kernels: A [r, C_in, *kernel_size], B
+    [C_out, r/groups, 1, ...]), the DoRA magnitude as the layer's (a DoRA layer needs
     one, a LoRA layer takes none). In a task-routed
     layer the task-shared LoRA, which every task adds, must be zero (B, or A where it is not
     the imported one), so that task ``target`` computes the PEFT LoRA exactly."""
@@ -643,6 +642,9 @@ def _check_peft_fits(name: str, tensors: dict, layer, target: int, weights_path:
                          "(as injected)")
     expected = {"lora_A": tuple(layer.lora_A.shape[0 if layer.share_lora_a else 1:]),
                 "lora_B": tuple(layer.lora_B.shape[1:])}
+    if isinstance(layer, MoELoRAConv):  # PEFT's conv kernels: A [r, C_in, *kernel], B [C_out, r/groups, 1, ...]
+        expected = {"lora_A": (expected["lora_A"][0], layer.in_channels, *layer.kernel_size),
+                    "lora_B": expected["lora_B"] + (1,) * len(layer.kernel_size)}
     if "lora_magnitude_vector" in tensors:
         if not layer.use_dora:
             raise ValueError(f"{weights_path}: {name}: the checkpoint is DoRA but the layer is not")
@@ -804,7 +806,7 @@ def copy_peft_checkpoint(peft_config: dict, modules: dict, layers: dict, extras:
     layer's ``lora_gamma[target]`` is set to 1 (the gate of task ``target``; B holds any gamma
     :func:`export_peft_lora` folded in), so that task computes the PEFT LoRA."""
     for name, tensors in modules.items():
-        layer, a, b = layers[name], tensors["lora_A"], tensors["lora_B"]
+        layer, a, b = layers[name], tensors["lora_A"].flatten(1), tensors["lora_B"].flatten(1)  # conv kernels flat
         peft_scaling = _peft_scaling(peft_config, name, a.shape[0])
         if layer.share_lora_a:
             layer.lora_A.copy_(a)

@@ -266,6 +266,36 @@ def test_peft_tensors_must_fit_their_layer_exactly(tmp_path, tensors, match):
     moelora.load_peft_lora(base, _peft_checkpoint(tmp_path / "good", GOOD))  # and a retry works
 
 
+@pytest.mark.parametrize("a,b,match", [
+    (torch.randn(2, 3, 1, 9), torch.randn(6, 2, 1, 1), r"0.lora_A has shape \(2, 3, 1, 9\), the layer \(r=2\) "
+                                                       r"needs \(2, 3, 3, 3\)"),
+    (torch.randn(2, 27), torch.randn(6, 2, 1, 1), r"0.lora_A has shape \(2, 27\), the layer \(r=2\) needs "
+                                                  r"\(2, 3, 3, 3\)"),
+    (torch.randn(2, 3, 3, 3), torch.randn(6, 2), r"0.lora_B has shape \(6, 2\), the layer \(r=2\) needs "
+                                                 r"\(6, 2, 1, 1\)"),
+], ids=["kernel_1x9_for_3x3", "flat_A", "flat_B"])
+def test_peft_conv_kernels_must_have_the_layers_kernel_shape(tmp_path, a, b, match):
+    """PEFT conv kernels were flattened before the shape check, so a LoRA of a (1, 9) kernel loaded into a 3 x 3
+    convolution silently (as many entries, another function); the kernels must now have PEFT's shapes for the
+    layer: A [r, C_in, *kernel_size], B [C_out, r / groups, 1, ...]."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                              "target_modules": ["0"]}))
+    save_file({"base_model.model.0.lora_A.weight": a.contiguous(), "base_model.model.0.lora_B.weight": b.contiguous()},
+              str(tmp_path / "adapter_model.safetensors"))
+    base = nn.Sequential(nn.Conv2d(3, 6, 3))
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: " + match):
+        moelora.load_peft_lora(base, str(tmp_path))
+    _assert_untouched(base, before)
+    save_file({"base_model.model.0.lora_A.weight": a.reshape(2, 3, 3, 3).contiguous(),
+               "base_model.model.0.lora_B.weight": b.reshape(6, 2, 1, 1).contiguous()},
+              str(tmp_path / "adapter_model.safetensors"))
+    layer = moelora.load_peft_lora(base, str(tmp_path)).model[0]
+    assert torch.equal(layer.lora_A[0], a.reshape(2, 27)) and torch.equal(layer.lora_B[0], b.reshape(6, 2))
+
+
 def test_peft_dora_magnitude_must_have_d_out_entries(tmp_path):
     directory = _peft_checkpoint(tmp_path / "peft", dict(GOOD, lora_magnitude_vector=torch.ones(1)),
                                  {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True})
