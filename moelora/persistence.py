@@ -729,11 +729,19 @@ def peft_as_config(peft_config: dict, modules: dict, directory: str,
     lora_dropout, use_rslora, use_dora, bias, modules_to_save, task_type and base_model_name_or_path (PEFT's
     defaults where it has none). The PEFT fields that choose targets or initial weights do not
     apply: the targets and the weights come from the checkpoint (:func:`read_peft_checkpoint`
-    refused the settings moelora cannot reproduce). With the ``model`` it is for, its modules_to_save are the
+    refused the settings moelora cannot reproduce), whose ranks must be those PEFT's r and rank_pattern give. With
+    the ``model`` it is for, its modules_to_save are the
     modules PEFT's list selects there (:func:`_peft_modules_to_save`)."""
     ranks = {n: t["lora_A"].shape[0] for n, t in modules.items()}
     target_modules, keys = exact_module_patterns(modules)
     try:  # PEFT's lora_alpha and alpha_pattern: the layers read them as PEFT's (pattern_value)
+        # PEFT's r and rank_pattern (checked as a MoELoRAConfig's) give each module the rank its tensors must have
+        peft_ranks = MoELoRAConfig(r=peft_config.get("r", 8), rank_pattern=peft_config.get("rank_pattern") or {})
+        for name, rank in sorted(ranks.items()):
+            expected = pattern_value(name, peft_ranks.rank_pattern, peft_ranks.r)
+            if rank != expected:  # PEFT's load refuses it too; which scaling (alpha / rank) was meant is unknown
+                raise ValueError(f"r={peft_ranks.r} and rank_pattern={peft_ranks.rank_pattern} give {name} rank "
+                                 f"{expected}, its LoRA tensors in the checkpoint have rank {rank}")
         return MoELoRAConfig(
             r=next(iter(ranks.values())), lora_alpha=peft_config.get("lora_alpha", 8),
             lora_dropout=peft_config.get("lora_dropout", 0.0),

@@ -266,6 +266,7 @@ def test_peft_tensors_must_fit_their_layer_exactly(tmp_path, tensors, match):
     moelora.load_peft_lora(base, _peft_checkpoint(tmp_path / "good", GOOD))  # and a retry works
 
 
+
 @pytest.mark.parametrize("a,b,match", [
     (torch.randn(2, 3, 1, 9), torch.randn(6, 2, 1, 1), r"0.lora_A has shape \(2, 3, 1, 9\), the layer \(r=2\) "
                                                        r"needs \(2, 3, 3, 3\)"),
@@ -295,6 +296,28 @@ def test_peft_conv_kernels_must_have_the_layers_kernel_shape(tmp_path, a, b, mat
     layer = moelora.load_peft_lora(base, str(tmp_path)).model[0]
     assert torch.equal(layer.lora_A[0], a.reshape(2, 27)) and torch.equal(layer.lora_B[0], b.reshape(6, 2))
 
+
+@pytest.mark.parametrize("config,match", [
+    ({"r": 8}, r"r=8 and rank_pattern=\{\} give model.layers.0.self_attn.q_proj rank 8, its LoRA tensors in the "
+               r"checkpoint have rank 4"),
+    ({}, r"r=8 and rank_pattern=\{\} give .*q_proj rank 8"),  # PEFT's default r
+    ({"r": 4, "rank_pattern": {"q_proj": 2}}, r"r=4 and rank_pattern=\{'q_proj': 2\} give .*q_proj rank 2"),
+    ({"r": 4, "rank_pattern": {"q_(": 4}}, r"rank_pattern must be .*valid regex"),
+    ({"r": "4"}, r"MoELoRAConfig.r must be"),
+])
+def test_a_peft_config_whose_ranks_disagree_with_its_tensors_is_refused(tmp_path, config, match):
+    """The ranks came from the tensors alone: a config of r=8 (PEFT's default) with rank-4 tensors loaded with
+    scaling lora_alpha / 4, which PEFT's own load refuses (a size mismatch); which scaling was meant is unknown."""
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, dict({"peft_type": "LORA", "lora_alpha": 8}, **config))
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises((TypeError, ValueError), match=r"adapter_config.json: .*" + match):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)
+    for good in ({"r": 4}, {"r": 8, "rank_pattern": {"q_proj": 4}},
+                 {"r": 2, "rank_pattern": {"layers.0.self_attn.q_proj": 4}}):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), _peft_checkpoint(
+            tmp_path / "good", GOOD, dict({"peft_type": "LORA", "lora_alpha": 8}, **good)))
 
 def test_peft_dora_magnitude_must_have_d_out_entries(tmp_path):
     directory = _peft_checkpoint(tmp_path / "peft", dict(GOOD, lora_magnitude_vector=torch.ones(1)),
