@@ -774,6 +774,36 @@ def test_max_shard_size_splits_the_adapter_into_shards_with_an_index_that_load_b
     assert _weight_files(tmp_path) == ["adapter_model.safetensors"]
 
 
+
+def test_a_shard_is_filled_up_to_max_shard_size_and_a_larger_tensor_gets_a_file_of_its_own(tmp_path):
+    """transformers' rule: a tensor starts a new shard only where it would take the current one past max_shard_size
+    (tensors of exactly max_shard_size bytes in all are one file), and a tensor larger than it gets a file of its own
+    (no empty shard before it)."""
+    model, ids, expected = _perturbed_llama_and_its_logits()
+    state = moelora.persistence.adapter_state_dict(model)
+    model.save_pretrained(str(tmp_path / "exact"), max_shard_size=sum(t.numel() * t.element_size()
+                                                                      for t in state.values()))
+    assert _weight_files(tmp_path / "exact") == ["adapter_model.safetensors"]
+    model.save_pretrained(str(tmp_path / "tiny"), max_shard_size=1)
+    files = _weight_files(tmp_path / "tiny")
+    assert len(files) == len(state) + 1  # a shard per tensor and the index
+    index = json.loads((tmp_path / "tiny" / "adapter_model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"].values()) == files[:-1]
+    assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "tiny"))(ids).logits,
+                       expected)
+
+
+def test_a_directory_with_both_a_weights_file_and_a_shard_index_reads_the_weights_file(tmp_path):
+    """As transformers: adapter_model.safetensors wins over a shard index beside it (left by another writer)."""
+    model, ids, expected = _perturbed_llama_and_its_logits()
+    model.save_pretrained(str(tmp_path), max_shard_size=4000)
+    assert "adapter_model.safetensors.index.json" in _weight_files(tmp_path)
+    single = {n: t + 1 for n, t in moelora.persistence.adapter_state_dict(model).items()}
+    save_file(single, str(tmp_path / "adapter_model.safetensors"))
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))
+    for name, tensor in moelora.persistence.adapter_state_dict(loaded).items():
+        assert torch.equal(tensor, single[name]), name
+
 def test_an_adapter_sharded_by_huggingface_hub_loads(tmp_path):
     """transformers' writer (huggingface_hub.save_torch_state_dict) with the adapter's file name pattern."""
     from huggingface_hub import save_torch_state_dict
@@ -855,6 +885,17 @@ def test_an_adapter_loads_into_a_model_built_on_the_meta_device(tmp_path, is_tra
     torch.testing.assert_close(loaded(ids).logits, bf16(ids).logits, rtol=0, atol=0)
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0.05, atol=0.05)
 
+
+
+@pytest.mark.parametrize("source", ["wrapper", "wrapped", "prefixed"])
+def test_a_state_dict_with_or_without_a_wrappers_prefix_saves_the_adapter(tmp_path, source):
+    """save_pretrained(state_dict=...) takes the names of the wrapped model's state_dict as they are, or under a
+    prefix (the MoELoRAModel's "model.", a wrapper's "module.model.")."""
+    model, ids, expected = _perturbed_llama_and_its_logits()
+    state = {"wrapper": model.state_dict, "wrapped": model.model.state_dict,
+             "prefixed": lambda: {f"module.{n}": t for n, t in model.state_dict().items()}}[source]()
+    model.save_pretrained(str(tmp_path), state_dict=state)
+    assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
 
 def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):
     """moelora.save_pretrained(torch.compile(model)) was refused as 'not a MoELoRAModel' (the method worked);
