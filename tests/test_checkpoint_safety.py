@@ -105,6 +105,31 @@ def test_broken_files_raise_errors_naming_the_file_before_touching_the_model(sav
     _assert_untouched(base, before)
 
 
+
+@pytest.mark.parametrize("edit", ["missing", "unexpected", "renamed"])
+def test_a_checkpoint_missing_a_tensor_or_holding_another_raises_naming_it(saved, edit):
+    """Every adapter tensor must be in the checkpoint (one left out would keep the fresh model's initial value: a
+    silently other model) and every tensor in it must be one of the adapter's (another module's or adapter's)."""
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = saved
+    weights = str(directory / "adapter_model.safetensors")
+    state = load_file(weights)
+    name = next(n for n in sorted(state) if n.endswith("q_proj.lora_A"))
+    other = name.replace("q_proj", "k_proj") if edit == "unexpected" else name + ".other"
+    if edit != "missing":
+        state[other] = state[name].clone()
+    if edit != "unexpected":
+        del state[name]
+    save_file(state, weights)
+    missing, unexpected = [] if edit == "unexpected" else [name], [] if edit == "missing" else [other]
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=re.escape(f"adapter_model.safetensors: checkpoint does not fit the model: "
+                                                   f"missing {missing}, unexpected {unexpected}")):
+        moelora.from_pretrained(base, str(directory))
+    _assert_untouched(base, before)
+
 # ---- checkpoints never import code: activations from an allow-list ----------------------------
 class _Block(nn.Module):
     def __init__(self):
@@ -468,6 +493,34 @@ def test_peft_alpha_pattern_applies_to_the_layers_it_names(tmp_path):
     assert layer.scaling == 0.5 and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
 
 
+
+@pytest.mark.parametrize("config,scaling", [({"r": 4}, 2.0), ({"r": 4, "lora_alpha": 8, "use_rslora": True}, 4.0)],
+                         ids=["peft_default_alpha", "rslora"])
+def test_peft_scaling_is_peft_s_into_a_fresh_model_and_into_an_expert(tmp_path, config, scaling):
+    """lora_alpha defaults to PEFT's 8 and use_rslora divides by sqrt(r): the fresh layer takes the checkpoint's B
+    as it is; a layer of another scaling (lora_alpha 16, r 4: 4) takes it rescaled to compute the same delta."""
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, dict({"peft_type": "LORA"}, **config))
+    layer = moelora.load_peft_lora(tiny_llama(num_layers=2), directory).model.model.layers[0].self_attn.q_proj
+    assert layer.scaling == scaling and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, lora_alpha=16,
+                                                                      num_experts=2, router="task"))
+    layer = moelora.load_peft_lora(model, directory, expert=1).model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.lora_B[1] * layer.scaling, GOOD["lora_B.weight"] * scaling)
+
+
+def test_a_peft_tensor_outside_base_model_model_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD)
+    weights = str(tmp_path / "peft" / "adapter_model.safetensors")
+    save_file(dict(load_file(weights), **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}), weights)
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: unsupported tensor in the PEFT checkpoint: "
+                                         r"model.layers.0.self_attn.q_proj.bias$"):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)
+
 # ---- injection that fails part-way (add_adapter, load_adapter, get_moelora_model) changes nothing ----
 @pytest.mark.parametrize("config,match", [
     (MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1, modules_to_save=["nothere"]),
@@ -533,6 +586,7 @@ def test_peft_lora_without_dora_magnitudes_does_not_load_into_a_dora_layer(tmp_p
     ("q_proj.lora_B", lambda t: t > 0, r"q_proj.lora_B has dtype torch.bool, the model's is torch.float32"),
     ("router.num_steps", lambda t: t.float() + 0.7, r"num_steps has dtype torch.float32, the model's is torch.int64 "
                                                      r"\(integer values expected\)"),
+    ("router.num_steps", lambda t: t > 0, r"num_steps has dtype torch.bool, the model's is torch.int64"),
 ])
 def test_checkpoint_tensors_of_another_dtype_kind_raise(tmp_path, suffix, make, match):
     from safetensors.torch import load_file, save_file
@@ -603,6 +657,7 @@ def test_peft_lora_alpha_zero_loads_as_a_no_op_and_a_zero_scaled_layer_refuses_a
                                                          r"does not hold the tensors the index maps to it: missing \["),
     ("shard_outside_the_directory", ValueError, r"index.json: shard '../x.safetensors' is not a file name in"),
     ("index_without_weight_map", ValueError, r"index.json: weight_map must be a non-empty JSON object"),
+    ("index_with_an_empty_weight_map", ValueError, r"index.json: weight_map must be a non-empty JSON object"),
 ])
 def test_broken_shards_raise_errors_naming_the_file_before_touching_the_model(saved, corrupt, error, match):
     """A sharded adapter (save_pretrained's max_shard_size) is read whole and checked: a shard that is missing,
@@ -625,6 +680,8 @@ def test_broken_shards_raise_errors_naming_the_file_before_touching_the_model(sa
         index["weight_map"][next(k for k, v in index["weight_map"].items() if v == shards[1])] = shards[0]
     elif corrupt == "shard_outside_the_directory":
         index["weight_map"][next(iter(index["weight_map"]))] = "../x.safetensors"
+    elif corrupt == "index_with_an_empty_weight_map":
+        index["weight_map"] = {}
     else:
         del index["weight_map"]
     if corrupt not in ("shard_missing", "shard_truncated"):
