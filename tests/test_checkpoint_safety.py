@@ -130,6 +130,17 @@ def test_a_checkpoint_missing_a_tensor_or_holding_another_raises_naming_it(saved
         moelora.from_pretrained(base, str(directory))
     _assert_untouched(base, before)
 
+
+def test_load_adapter_of_an_adapter_saved_with_other_structural_edits_names_them(saved):
+    """The adapter was saved on a model with MoLEx: into one without, the error names both models' edits (not only
+    the tensors that then do not fit), and no adapter is added."""
+    directory, _ = saved
+    model = get_moelora_model(tiny_llama(num_layers=2), CONFIG)
+    with pytest.raises(ValueError, match=r"was saved on a model with the structural edits \[\{.*'op': "
+                                         r"'apply_molex'\}\], this model has \[\]$"):
+        model.load_adapter(str(directory), "other")
+    assert list(model.adapter_configs) == ["default"]
+
 # ---- checkpoints never import code: activations from an allow-list ----------------------------
 class _Block(nn.Module):
     def __init__(self):
