@@ -439,6 +439,17 @@ def test_peft_config_settings_moelora_cannot_reproduce_are_refused(tmp_path, fie
     _assert_untouched(base, before)
 
 
+
+@pytest.mark.parametrize("peft_type", ["ADALORA", "LOHA"])
+def test_a_peft_checkpoint_of_another_method_is_refused_naming_its_peft_type(tmp_path, peft_type):
+    """AdaLoRA also saves lora_A / lora_B: the config's peft_type, not the tensors or other fields, says what it is."""
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, {"peft_type": peft_type, "r": 4, "lora_alpha": 8})
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=rf"adapter_config.json: not a LoRA checkpoint: peft_type={peft_type!r}$"):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)
+
 def test_peft_config_metadata_and_fields_moelora_honours_are_accepted(tmp_path):
     """What PEFT writes by default (every unused feature unset), its metadata, the fields that
     chose the checkpoint's targets, ranks and initial weights, and fan_in_fan_out load."""
