@@ -102,8 +102,8 @@ from moelora.modules.init import reset_like_linear
 from moelora.kernels.launchers import cdiv
 from moelora.ops.backend import without_autocast
 from moelora.ops.validation import is_finite_number
-from moelora.modules.routed import (RoutedModule, real_tokens_of_attention_mask, restore_routing_records,
-                                    routing_records, torchscript_refusal)
+from moelora.modules.routed import (RoutedModule, real_tokens_of_attention_mask, recomputing_in_backward,
+                                    restore_routing_records, routing_records, torchscript_refusal)
 from moelora.ops.losses import balancing_loss, expert_load, routing_entropy
 
 
@@ -366,10 +366,14 @@ class MoLEx(nn.Module, RoutedModule):
 
     def _record(self, t, j, logits, token_choice, real) -> None:
         """Layer t's load-balancing loss, load and routing entropy over the real tokens, and the
-        record of the forward's layers so far (aux loss, router statistics)."""
+        record of the forward's layers so far (aux loss, router statistics). A checkpoint's recomputation in
+        backward computes the loss (non-reentrant checkpointing counts the saved tensors) and keeps the forward's
+        record, as RoutedModule's."""
         probs = torch.softmax(logits, dim=-1)
         choice = token_choice[:, None].detach()
         loss = self.aux_loss_coef * balancing_loss(probs, choice, self.num_layers, mask=real)
+        if recomputing_in_backward():
+            return
         grad = torch.is_grad_enabled()
         self._per_layer[t] = (loss if grad else loss.detach(), j, expert_load(choice, self.num_layers, mask=real),
                               routing_entropy(probs.detach(), mask=real), not grad and self.training)

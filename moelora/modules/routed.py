@@ -213,7 +213,7 @@ class RoutedModule:
                 count_kept=getattr(router, "mode", None) == "threshold")
         elif aux_loss is None:
             aux_loss, aux_stats = routing_aux_losses(routing, self.aux_loss_coef, self.z_loss_coef)
-        if running_in_backward() and not getattr(_RECORDING_IN_BACKWARD, "on", False):
+        if recomputing_in_backward():
             return  # a checkpoint's recomputation in backward
         # Only keep a graph when it can be used: no stale autograd graphs after eval passes.
         # (Written to __dict__: nn.Module.__setattr__ costs microseconds per call.)
@@ -228,6 +228,12 @@ def running_in_backward() -> bool:
     """Whether eager code runs inside backward (its graph task: a gradient checkpoint's recomputation); False
     while torch.compile traces, which cannot read it."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def recomputing_in_backward() -> bool:
+    """Whether a routed module runs in a checkpoint's recomputation in backward, where it computes its losses as the
+    forward did but stores no record (:meth:`RoutedModule._record_routing`; outside :func:`recording_in_backward`)."""
+    return running_in_backward() and not getattr(_RECORDING_IN_BACKWARD, "on", False)
 
 
 # Set (per thread: backward runs on the device's autograd thread) while a forward recomputed in backward records as

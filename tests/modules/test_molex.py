@@ -1004,6 +1004,23 @@ def test_a_checkpoint_recomputes_the_layer_choice_of_the_padded_forward(use_reen
     assert not molex._recompute_real
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_a_checkpoint_recomputation_keeps_the_forwards_record(use_reentrant):
+    """A checkpointed layer's recomputation in backward runs MoLEx's hook again: with reentrant checkpoints (whose
+    forward runs without gradients) it replaced the forward's record, so after backward the aux loss held the
+    recomputed inputs' graph and aux_loss_lost_grad no longer said that the forward's loss had no gradient (as
+    RoutedModule's records, 1b8231d). The record after backward is the forward's."""
+    stack = CheckpointedStack(use_reentrant)
+    molex = apply_molex(stack, hidden_size=8, alpha=0.5, layer_selection="host")
+    stack.train()
+    z = torch.randn(2, 6, 8, requires_grad=True)
+    out = stack(z)
+    record, lost, stats = molex.last_aux_loss, molex.aux_loss_lost_grad, molex.last_router_stats
+    out.square().sum().backward()
+    assert molex.last_aux_loss is record and molex.last_router_stats is stats
+    assert molex.aux_loss_lost_grad is lost is use_reentrant
+
+
 def test_device_selection_with_a_mask_reads_nothing_on_the_host(monkeypatch):
     stack = MaskedStack()
     molex = apply_molex(stack, hidden_size=8, layer_selection="device", batch_routing="mean")
