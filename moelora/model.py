@@ -1483,13 +1483,15 @@ class MoELoRAModel(nn.Module):
         with ``moelora.aux_loss(model)``) leaves the policy's aux loss as it was."""
         modules = list(adapters.adapter_modules(self.model).values())
         previous = [m.disable_adapters for m in modules]
-        records = routing_records(self.model)
+        records, adapter = routing_records(self.model), self.active_adapter
         self.disable_adapter_layers()
         try:
             yield
         finally:
             active = {id(m) for m in routed_modules(self.model)}  # not an adapter stored by a set_adapter in the block
             restore_routing_records([(m, record) for m, record in records if id(m) in active])
+            if adapter != self.active_adapter and adapter in self._stored_routing_records:
+                self._stored_routing_records[adapter] = records  # not the cleared records of a forward in the block
             for m, prev in zip(modules, previous):
                 m.disable_adapters = prev
             recorded = {id(m) for m in modules}

@@ -105,3 +105,22 @@ def test_an_adapter_activated_inside_disable_adapter_leaves_no_loss_on_the_store
     assert torch.equal(moelora.aux_loss(model), torch.zeros(()))
     model.set_adapter("default")
     assert moelora.aux_loss(model) > 0
+
+
+def test_an_adapter_stored_inside_disable_adapter_after_a_base_forward_keeps_its_records():
+    """A forward in a disable_adapter block (the base model's) clears the active adapter's records; a set_adapter
+    after it in the block stored those cleared records with the adapter, so the policy's aux loss from before the
+    block was lost when it came back. The adapter stored in the block keeps the records it had before the block."""
+    model, _ = _policy()
+    model.add_adapter("other", _config())
+    ids = token_batch()
+    model(ids)
+    expected = moelora.aux_loss(model).detach().clone()
+    with model.disable_adapter():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a training-mode forward without gradients
+            model(ids)
+        model.set_adapter("other")
+    assert torch.equal(moelora.aux_loss(model), torch.zeros(()))
+    model.set_adapter("default")
+    assert expected > 0 and torch.equal(moelora.aux_loss(model).detach(), expected)
