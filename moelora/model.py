@@ -1053,11 +1053,19 @@ class MoELoRAModel(nn.Module):
         adapters.register_wrapper(self)
         _clear_aux_losses_at_deletion(self)
         adapters.claim(self, adapters.adapter_modules(model).values())
-        self.register_load_state_dict_pre_hook(_activate_the_adapter_the_dict_holds_active)
-        self.register_load_state_dict_post_hook(_put_back_the_active_adapter)
+        self._register_load_hooks()
         if config.inference_mode:
             self._mark_trainable()
         self._inputs_require_grad_for_checkpointing()  # checkpointing enabled before wrapping, as PEFT's wrapper
+
+    def _register_load_hooks(self) -> None:
+        """The load_state_dict hooks that load a dict saved with another adapter active into each adapter's own
+        layers (:func:`_activate_the_adapter_the_dict_holds_active`), unless registered already."""
+        pre = [getattr(h, "hook", h) for h in self._load_state_dict_pre_hooks.values()]
+        if _activate_the_adapter_the_dict_holds_active not in pre:
+            self.register_load_state_dict_pre_hook(_activate_the_adapter_the_dict_holds_active)
+        if _put_back_the_active_adapter not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_put_back_the_active_adapter)
 
     def _bind_forward(self) -> None:
         # where forward finds a named argument
@@ -1083,6 +1091,7 @@ class MoELoRAModel(nn.Module):
         super().__setstate__(state)
         self._backward_put_backs = []  # a wrapper pickled before it had them too
         self._stored_routing_records = {}
+        self._register_load_hooks()  # a wrapper pickled before it had them
         self._bind_forward()
         adapters.register_wrapper(self)
         _clear_aux_losses_at_deletion(self)

@@ -1080,6 +1080,35 @@ def test_load_state_dict_of_a_wrapper_with_another_adapter_active_loads_each_ada
         torch.testing.assert_close(target(IDS), source(IDS), rtol=0, atol=0)
 
 
+def test_a_wrapper_pickled_without_the_load_hooks_gets_them_when_unpickled():
+    """A MoELoRAModel pickled before it registered its load_state_dict hooks (and with active_adapter a plain
+    attribute) came back without them: a dict saved with another adapter active then loaded into the wrong layers.
+    Unpickling registers them, once; a copy that has them keeps one of each."""
+    import pickle
+
+    config = MoELoRAConfig(target_modules=["proj"], num_experts=3, top_k=2, r=2)
+    source = get_moelora_model(Net(), config)
+    source.add_adapter("b", config)
+    _perturb(source.model, 5)
+    source.set_adapter("b")
+    _perturb(source.model, 6)
+    old = copy.deepcopy(source)
+    old._load_state_dict_pre_hooks.clear()
+    old._load_state_dict_post_hooks.clear()
+    old.__dict__["active_adapter"] = old.__dict__.pop("_active_adapter")  # as pickled when it was an attribute
+    target = pickle.loads(pickle.dumps(old))
+    assert (len(target._load_state_dict_pre_hooks), len(target._load_state_dict_post_hooks)) == (1, 1)
+    again = pickle.loads(pickle.dumps(source))
+    assert (len(again._load_state_dict_pre_hooks), len(again._load_state_dict_post_hooks)) == (1, 1)
+    source.set_adapter("default")
+    target.set_adapter("b")
+    target.load_state_dict(source.state_dict())
+    for name in ("default", "b"):
+        source.set_adapter(name)
+        target.set_adapter(name)
+        torch.testing.assert_close(target.eval()(IDS), source.eval()(IDS), rtol=0, atol=0)
+
+
 def test_assigning_active_adapter_is_refused_naming_set_adapter_as_peft_s():
     """model.active_adapter = name (PEFT's layers refuse it, a property without setter; PeftModel takes it and
     renames alone) changed the name alone: moelora_config and save_pretrained then named the other adapter while
