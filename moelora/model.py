@@ -971,8 +971,14 @@ def _activate_the_adapter_the_dict_holds_active(wrapper: "MoELoRAModel", state_d
     stored_prefix = f"{prefix}inactive_adapters."
     stored = {k[len(stored_prefix):].partition(".")[0] for k in state_dict if k.startswith(stored_prefix)}
     held_active = [name for name in wrapper.adapter_configs if name not in stored]
-    if wrapper.active_adapter not in stored or len(held_active) != 1:
+    if wrapper.active_adapter not in stored:
         return
+    if len(held_active) != 1:  # the model's tensors are another adapter's than the active one: which is unknown
+        raise ValueError(
+            f"the state dict holds adapter {wrapper.active_adapter!r} under {stored_prefix}, so its model tensors are "
+            f"those of the adapter that was active when it was saved; this model's adapters it stores nothing of are "
+            f"{sorted(held_active)}, not one: set_adapter(name) to the adapter it held active before loading it, "
+            f"or load it into a model with the same adapters")
     requires_grad = {n: p.requires_grad for n, p in wrapper.named_parameters()}
     active, merged = wrapper.active_adapter, adapters.merged_tasks(wrapper.model)
     wrapper._swap_in(held_active[0])

@@ -1080,6 +1080,25 @@ def test_load_state_dict_of_a_wrapper_with_another_adapter_active_loads_each_ada
         torch.testing.assert_close(target(IDS), source(IDS), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_of_a_dict_whose_active_adapter_is_ambiguous_is_refused(strict):
+    """A dict that stores this model's active adapter under inactive_adapters holds another adapter's tensors in the
+    model; when the model has several adapters the dict stores nothing of (a dict from a wrapper with fewer
+    adapters), which one is unknown, and with strict=False the load put them into the active adapter silently."""
+    config = MoELoRAConfig(target_modules=["proj"], num_experts=3, top_k=2, r=2)
+    source, target = get_moelora_model(Net(), config), get_moelora_model(Net(), config)
+    source.add_adapter("b", config)
+    source.set_adapter("b")
+    for name in ("b", "c"):
+        target.add_adapter(name, config)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"holds adapter 'default' under inactive_adapters\..*\['b', 'c'\]"):
+        target.load_state_dict(source.state_dict(), strict=strict)
+    assert target.active_adapter == "default"
+    for k, v in target.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
 def test_a_wrapper_pickled_without_the_load_hooks_gets_them_when_unpickled():
     """A MoELoRAModel pickled before it registered its load_state_dict hooks (and with active_adapter a plain
     attribute) came back without them: a dict saved with another adapter active then loaded into the wrong layers.
