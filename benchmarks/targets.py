@@ -72,8 +72,14 @@ def evaluate(results: dict) -> List[dict]:
     sweep = [c for c in cases if c["group"] == "sweep" and c["impl"] in ("moelora-triton", "torch-dense")
              and c["pass"] in ("fwd", "fwdbwd")]
     ok = {(c["impl"], c["tokens"], c["pass"]): c for c in sweep if c.get("status") == "ok"}
+    # and every planned token count (a run stopped early recorded nothing at the later ones) at the passes seen;
+    # results written before the list was kept hold the first point's count alone there: the points recorded
+    points = {(c["tokens"], c["pass"]) for c in sweep}
+    planned = results.get("shapes", {}).get("S1-sweep", {}).get("tokens")
+    planned = planned if isinstance(planned, list) else []
+    points |= {(t, p) for t in planned for p in {p for _, p in points}}
     worse, unmeasured = [], []
-    for tokens, p in sorted({(c["tokens"], c["pass"]) for c in sweep}):
+    for tokens, p in sorted(points):
         c, d = ok.get(("moelora-triton", tokens, p)), ok.get(("torch-dense", tokens, p))
         if c is None or d is None:
             unmeasured.append(f"T{tokens} {p}")
