@@ -356,7 +356,7 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         ctx.budget = budget
         ctx.repeats = max(ctx.min_repeats, repeats // 2)  # the sweep trades repeats for points
         ctx.case_cap_s = case_cap / 2
-        results["shapes"]["S1-sweep"] = {"tokens": [s.tokens for s in sweep], **sweep[0].to_dict()}
+        results["shapes"]["S1-sweep"] = {**sweep[0].to_dict(), "tokens": [s.tokens for s in sweep]}
         for shape in sweep:
             t0 = budget.elapsed()
             results["cases"] += run_group(ctx, shape, "delta", sweep_impls, sweep_passes, label="sweep")

@@ -30,6 +30,7 @@ def test_cpu_default_writes_results(tmp_path, capsys):
         assert key in meta
     assert results["ceilings"]["copy_GBps"] > 0 and results["ceilings"]["matmul_TFLOPs"] > 0
     assert set(results["shapes"]) >= {"S1", "S5", "S1-sweep"}
+    assert results["shapes"]["S1-sweep"]["tokens"] == [32, 64]  # the planned points (was the first one's count)
     cases = {c["id"]: c for c in results["cases"]}
     for p in ("fwd", "bwd", "fwdbwd"):
         for impl in ("naive", "moelora-torch", "torch-dense"):
