@@ -72,12 +72,12 @@ def evaluate(results: dict) -> List[dict]:
     sweep = [c for c in cases if c["group"] == "sweep" and c["impl"] in ("moelora-triton", "torch-dense")
              and c["pass"] in ("fwd", "fwdbwd")]
     ok = {(c["impl"], c["tokens"], c["pass"]): c for c in sweep if c.get("status") == "ok"}
-    # and every planned token count (a run stopped early recorded nothing at the later ones) at the passes seen;
-    # results written before the list was kept hold the first point's count alone there: the points recorded
-    points = {(c["tokens"], c["pass"]) for c in sweep}
+    # and every planned token count (a run stopped early recorded nothing at the later ones; results written before
+    # the list was kept hold the first point's count alone there: the counts recorded), forward and forward+backward
+    # both (the issue's; a run of one pass, --passes fwd, leaves the other not measured)
     planned = results.get("shapes", {}).get("S1-sweep", {}).get("tokens")
     planned = planned if isinstance(planned, list) else []
-    points |= {(t, p) for t in planned for p in {p for _, p in points}}
+    points = {(t, p) for t in {c["tokens"] for c in sweep} | set(planned) for p in ("fwd", "fwdbwd")}
     worse, unmeasured = [], []
     for tokens, p in sorted(points):
         c, d = ok.get(("moelora-triton", tokens, p)), ok.get(("torch-dense", tokens, p))

@@ -331,6 +331,11 @@ def test_sweep_target_is_not_met_when_planned_points_have_no_record():
     # results written before the planned list was kept name the first point's token count alone
     old = {t["target"]: t for t in targets.evaluate({"cases": cases, "shapes": {"S1-sweep": {"tokens": 512}}})}
     assert old[name]["status"] == "met", old[name]
+    # issue 10 asks for forward and forward+backward: a run of one pass (--passes fwd) does not meet it
+    forward = [c for c in cases if c["pass"] == "fwd"]
+    t = {t["target"]: t for t in targets.evaluate({"cases": forward, "shapes": {"S1-sweep": {"tokens": [512]}}})}[name]
+    assert t["status"] == "not measured" and "not measured at: T512 fwdbwd" in t["detail"], t
+
 
 def test_eager_timing_launches_the_timed_iterations_back_to_back(monkeypatch):
     """The eager median times iterations launched back to back, as training runs them: no
