@@ -67,6 +67,8 @@ def _tracing_or_capturing() -> bool:
 
 
 _FAKE_MODE_KEY = torch._C._TorchDispatchModeKey.FAKE
+_functorch = torch._C._functorch
+_functorch_active = torch._C._are_functorch_transforms_active
 _get_dispatch_mode = torch._C._get_dispatch_mode
 _is_compiling = torch.compiler.is_compiling
 
@@ -84,10 +86,21 @@ def syncing_checks_enabled(*tensors: torch.Tensor) -> bool:
     neither torch.compile nor CUDA-graph capture is running, no FakeTensorMode is active (the
     check's reductions would be fake tensors, whose host read raises), and none of ``tensors``
     (those the check would read) is on the meta device, which holds no values (shapes only, as
-    under torch.compile). Every such check in moelora asks this (the rule of this module's docstring)."""
+    under torch.compile), nor batched by torch.func.vmap (no storage to read: its host read raises). Every such
+    check in moelora asks this (the rule of this module's docstring)."""
     # torch.compile first: a switch read while dynamo traces guards the graph on it (compiled again per state)
     return (not torch.compiler.is_compiling() and validation_enabled() and not _tracing_or_capturing()
-            and not fake_mode_active() and not any(t.is_meta for t in tensors))
+            and not fake_mode_active() and not any(t.is_meta for t in tensors)
+            and not (_functorch_active() and any(_vmapped(t) for t in tensors)))
+
+
+def _vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by torch.func.vmap at any of its functorch levels (under grad's wrapper too)."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
 
 
 def host_values(*scalars: torch.Tensor) -> list:

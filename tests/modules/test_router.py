@@ -686,6 +686,21 @@ def test_load_balancing_loss_refuses_ids_out_of_range_naming_them():
         torch.testing.assert_close(load, expert_load(r.ids, 4, weights=kept))
 
 
+def test_load_balancing_loss_runs_under_vmap_as_per_sample():
+    """The id-range check of load_balancing_loss read the ids on the host, which a torch.func.vmap-batched tensor
+    cannot give ("Cannot access data pointer of Tensor that doesn't have storage"): vmap over the loss (an
+    ensemble's members, also under grad) raised where it ran before the check. Batched ids are not read."""
+    from torch.func import grad, vmap
+
+    probs = torch.stack([softmax_topk(_logits(t=10, e=4) * (i + 1), 2).probs for i in range(3)])
+    ids = probs.topk(2, -1).indices
+    loop = torch.stack([load_balancing_loss(probs[i], ids[i], 4) for i in range(3)])
+    torch.testing.assert_close(vmap(lambda p, i: load_balancing_loss(p, i, 4))(probs, ids), loop)
+    grads = vmap(grad(lambda p, i: load_balancing_loss(p, i, 4)))(probs, ids)
+    torch.testing.assert_close(grads, torch.stack([torch.func.grad(lambda p: load_balancing_loss(p, ids[i], 4))(
+        probs[i]) for i in range(3)]))
+
+
 def test_aux_loss_functions_keep_float64():
     """load_balancing_loss and router_z_loss compute in fp32 for half and fp32 inputs, in fp64 for fp64 ones (as
     the routing op and aux_losses), where they rounded fp64 to fp32: z of logits of size 1e3 off by ~0.3."""
