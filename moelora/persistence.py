@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -186,16 +187,15 @@ def _shard_bytes(max_shard_size) -> Optional[int]:
     return size
 
 
-def _write_weights(state: dict, directory: str, shard_bytes: Optional[int]) -> None:
-    """Write ``state`` as ``adapter_model.safetensors``, or, where its tensors exceed ``shard_bytes``, as
-    transformers' shards ``adapter_model-0000i-of-0000n.safetensors`` (tensors in name order, a file filled up to
-    ``shard_bytes``) and their index; the weight files of an earlier save in ``directory`` are removed first, so
-    that a reader never mixes them with these."""
+def _write_adapter_files(directory: str, config: dict, state: dict, shard_bytes: Optional[int]) -> None:
+    """Write ``config`` as ``moelora_config.json`` and ``state`` as ``adapter_model.safetensors``, or, where its
+    tensors exceed ``shard_bytes``, as transformers' shards ``adapter_model-0000i-of-0000n.safetensors`` (tensors in
+    name order, a file filled up to ``shard_bytes``) and their index. Every file is written under a temporary name
+    first and renamed into place once all are written; the weight files of an earlier save in ``directory`` that
+    these do not replace are removed then, so that a reader never mixes them with these. A save that fails midway
+    (a full disk) leaves the earlier save as it was."""
     from safetensors.torch import save_file
 
-    for stale in os.listdir(directory):
-        if stale in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_FILE.fullmatch(stale):
-            os.remove(os.path.join(directory, stale))
     sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
     shards, size = [{}], 0
     for name in sorted(state):
@@ -204,17 +204,39 @@ def _write_weights(state: dict, directory: str, shard_bytes: Optional[int]) -> N
             size = 0
         shards[-1][name] = state[name]
         size += sizes[name]
+
+    def json_file(data):
+        def write(path):
+            with open(path, "w") as f:
+                json.dump(data, f, indent=2, sort_keys=True)
+        return write
+
+    writers = {CONFIG_NAME: json_file(config)}
     if len(shards) == 1:
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"adapter_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    with open(os.path.join(directory, WEIGHTS_INDEX_NAME), "w") as f:
-        json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2,
-                  sort_keys=True)
+        writers[WEIGHTS_NAME] = functools.partial(save_file, state, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"adapter_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            writers[file] = functools.partial(save_file, shard, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        writers[WEIGHTS_INDEX_NAME] = json_file({"metadata": {"total_size": sum(sizes.values())},
+                                                 "weight_map": weight_map})
+    staged = []
+    try:
+        for name, write in writers.items():
+            staged.append((os.path.join(directory, f".{name}.tmp"), os.path.join(directory, name)))
+            write(staged[-1][0])
+    except BaseException:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        raise
+    for temporary, final in staged:
+        os.replace(temporary, final)
+    for stale in os.listdir(directory):
+        if stale not in writers and (stale in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_FILE.fullmatch(stale)):
+            os.remove(os.path.join(directory, stale))
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
@@ -253,7 +275,7 @@ def _adapter_active(model: nn.Module, adapter_name: str):
 
 def _save_active_adapter(model: nn.Module, save_directory: str, state_dict: Optional[dict] = None,
                          shard_bytes: Optional[int] = None) -> None:
-    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` (or its shards, :func:`_write_weights`) of
+    """Write ``moelora_config.json`` and ``adapter_model.safetensors`` (or its shards, :func:`_write_adapter_files`) of
     the active adapter (see the module docstring); with ``state_dict`` the tensors come from it (see
     :func:`adapter_state_dict`)."""
     config = model.moelora_config
@@ -263,9 +285,7 @@ def _save_active_adapter(model: nn.Module, save_directory: str, state_dict: Opti
     structure = _structure.to_json(unwrap(model))
     if structure:
         saved[STRUCTURE_KEY] = structure
-    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-        json.dump(saved, f, indent=2, sort_keys=True)
-    _write_weights(state, save_directory, shard_bytes)
+    _write_adapter_files(save_directory, saved, state, shard_bytes)
 
 
 def _read_json(path: str, what: str) -> dict:

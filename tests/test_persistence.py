@@ -774,6 +774,34 @@ def test_max_shard_size_splits_the_adapter_into_shards_with_an_index_that_load_b
     assert _weight_files(tmp_path) == ["adapter_model.safetensors"]
 
 
+def test_a_save_that_fails_midway_leaves_the_earlier_save_as_it_was(tmp_path, monkeypatch):
+    """save_pretrained removed the earlier save's weight files before it wrote the new ones (and wrote the config
+    first): a save failing midway (a full disk) lost the earlier checkpoint, or left its weights under the new
+    config. Every file is written under a temporary name and renamed into place once all are written."""
+    import safetensors.torch
+
+    model, ids, expected = _perturbed_llama_and_its_logits()
+    model.save_pretrained(str(tmp_path), max_shard_size=4000)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _perturb_all_adapters(model, seed=9)
+    model.moelora_config.lora_alpha = 3.0
+    calls, failing = [], {}
+
+    def failing_save_file(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == failing["call"]:
+            raise OSError(28, "No space left on device")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    for shard_size, failing["call"] in ((4000, 2), (None, 1)):  # shards over shards (the second fails), one file
+        calls.clear()
+        with pytest.raises(OSError, match="No space left"):
+            model.save_pretrained(str(tmp_path), max_shard_size=shard_size)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
+
 
 def test_a_shard_is_filled_up_to_max_shard_size_and_a_larger_tensor_gets_a_file_of_its_own(tmp_path):
     """transformers' rule: a tensor starts a new shard only where it would take the current one past max_shard_size
