@@ -92,6 +92,24 @@ def test_bert_classifier_head_excluded_from_all_linear():
     assert not any("classifier" in n or "pooler" in n for n in _layers(model))
 
 
+def test_all_linear_leaves_out_an_output_head_of_any_name_as_peft():
+    """The output embedding (get_output_embeddings) is left out whatever its name, as PEFT's all-linear: BERT's
+    masked-LM head is cls.predictions.decoder."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import BertConfig, BertForMaskedLM
+
+    def bert():
+        torch.manual_seed(0)
+        return BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=32))
+
+    layers = _layers(get_moelora_model(bert(), MoELoRAConfig(target_modules="all-linear", num_experts=2, top_k=2)))
+    peft_model = get_peft_model(bert(), LoraConfig(target_modules="all-linear")).base_model.model
+    assert "cls.predictions.decoder" not in layers and "cls.predictions.transform.dense" in layers
+    assert sorted(layers) == sorted(n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))
+
+
 @pytest.mark.parametrize("cfg,match", [
     (dict(target_modules=["query", "nonexistent_proj"]), r"target_modules \['nonexistent_proj'\] not found"),
     (dict(target_modules=r".*\.nothing"), "matches no linear module"),
