@@ -330,6 +330,16 @@ CASES = {
     "config/num_experts_callable_returns_bool": (
         lambda: moelora.MoELoRAConfig(num_experts=lambda i, n: True, top_k=1).layer_settings("layers.0.q", 0, 2),
         (ValueError, r"^layer 0 \(layers.0.q\): num_experts callable returned True for layer 0; need an int >= 1$")),
+    "config/num_experts_callable_returns_zero": (
+        lambda: moelora.MoELoRAConfig(num_experts=lambda i, n: 0, top_k=1).layer_settings("layers.0.q", 0, 2),
+        (ValueError, r"^layer 0 \(layers.0.q\): num_experts callable returned 0 for layer 0; need an int >= 1$")),
+    # rank_pattern / alpha_pattern values are checked when the config is made, as r and lora_alpha are
+    "config/rank_pattern_zero": (config(rank_pattern={"q_proj": 4, "v_proj": 0}),
+                                 (ValueError, r"MoELoRAConfig.rank_pattern must be a dict of module-name patterns "
+                                              r"\(valid regexes\) to positive ints, got \{'q_proj': 4, 'v_proj': 0\}")),
+    "config/alpha_pattern_inf": (config(alpha_pattern={"q_proj": math.inf}),
+                                 (ValueError, r"MoELoRAConfig.alpha_pattern must be a dict of module-name patterns "
+                                              r"\(valid regexes\) to finite numbers, got \{'q_proj': inf\}")),
     "config/from_list": (lambda: moelora.MoELoRAConfig.from_dict([1, 2]),
                          (TypeError, r"a MoELoRAConfig is read from a dict \(a JSON object\), got list")),
     # upcycle_ffn: the router arguments as the layers' fields of the same names, before the model changes
