@@ -135,6 +135,15 @@ CASES = {
     # moe_lora
     "moe_lora/int_x": (lora(x=X.int()), (TypeError, r"x must be float16, bfloat16, float32 or float64, got torch.int32")),
     "moe_lora/list_x": (lora(x=[1.0]), (TypeError, r"x must be a torch.Tensor, got list")),
+    "moe_lora/0d_x": (lora(x=torch.tensor(1.0)), (ValueError, r"^x must have shape \[..., d_in\], got a 0-d tensor$")),
+    "moe_lora/int16_ids": (lora(topk_ids=IDS.to(torch.int16)), (TypeError, r"^topk_ids must be int32 or int64, got "
+                                                                          r"torch.int16$")),
+    "moe_lora/ids_on_other_device": (lora(topk_ids=IDS.to("meta")),
+                                     (ValueError, r"^topk_ids is on meta but x is on cpu; all inputs must share a "
+                                                  r"device$")),
+    "moe_lora/rank_zero": (lora(lora_a=A[:0], lora_b=B[..., :0]),
+                           (ValueError, r"^lora_b must have E >= 1 and r >= 1, got shape \(3, 4, 0\)$")),
+    "moe_lora/scaling_bool": (lora(scaling=True), (TypeError, r"^scaling must be a finite Python number, got True$")),
     "moe_lora/ids_other_leading_shape": (lora(x=X.view(2, 3, D), topk_ids=IDS.view(3, 2, K), topk_weights=W.view(3, 2, K)),
                                          (ValueError, r"topk_ids must have shape \[6, k\] or \[2, 3, 'k'\]")),
     "moe_lora/scaling_string": (lora(scaling="2"), (TypeError, r"scaling must be a finite Python number, got '2'")),
@@ -142,6 +151,10 @@ CASES = {
     "moe_lora/ids_out_of_range": (lora(topk_ids=IDS + 1), (ValueError, r"topk_ids must lie in \[0, 3\), got values in "
                                                                        r"\[1, 3\]")),
     "moe_lora/ids_out_of_range_unvalidated": (unvalidated(lora(topk_ids=IDS * 1000 - 7)), ("returns", finite_shape((T, 4)))),
+    # few tokens, no gradient: the PyTorch backend's gathered form, which indexes lora_b by the ids, runs only where
+    # they are known to lie in [0, E) (validation off: they are not)
+    "moe_lora/ids_out_of_range_unvalidated_few_tokens": (
+        unvalidated(lora(x=X[:1], topk_ids=IDS[:1] * 1000 - 7, topk_weights=W[:1])), ("returns", finite_shape((1, 4)))),
     "moe_lora/empty_batch": (lora(x=X[:0], topk_ids=IDS[:0], topk_weights=W[:0]), ("returns", finite_shape((0, 4)))),
     # the meta device holds no values: the syncing checks skip themselves there (as under torch.compile)
     "moe_lora/meta_device": (lora(**{n: t.to("meta") for n, t in dict(x=X, lora_a=A, lora_b=B, topk_ids=IDS,
