@@ -155,6 +155,24 @@ def test_threshold_eval_is_deterministic_and_keeps_best(eps):
     torch.testing.assert_close(a.weights.sum(-1), torch.ones(64))
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float-eps", "tensor-eps"])
+def test_threshold_eval_keeps_a_slot_whose_p_hat_equals_eps(as_tensor):
+    """At eval a slot is kept iff p_hat >= eps: equal logits give p_hat 0.25 exactly, eps 0.25 keeps all four."""
+    eps = torch.tensor(0.25) if as_tensor else 0.25
+    r = threshold_routing(torch.zeros(2, 4), 4, eps=eps, training=False)
+    assert torch.equal(r.weights, torch.full((2, 4), 0.25))
+
+
+def test_threshold_training_draws_from_the_given_generator():
+    """The keep draws come from ``generator`` (reproducible), not from torch's global generator."""
+    logits = _logits()
+    state = torch.get_rng_state()
+    a = threshold_routing(logits, 3, eps=0.6, training=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)
+    b = threshold_routing(logits, 3, eps=0.6, training=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.weights, b.weights)
+
+
 def test_threshold_training_keeps_with_probability_p_over_eps():
     # Every token: p_hat of the second expert is 1/(1+e) ~ 0.269; eps = 0.538 -> kept half the time.
     n = 4000
@@ -311,6 +329,20 @@ def test_task_ids_just_outside_the_tasks_raise(edge):
     gamma = torch.tensor([0.5, -1.0, 2.0])
     with pytest.raises(ValueError, match=r"task ids must lie in \[0, 3\)"):
         task_routing(torch.tensor([0, edge]), gamma, (2,))
+
+
+@pytest.mark.parametrize("edge", [3, -1])
+def test_int_task_id_outside_the_tasks_raises_with_validation_off(edge):
+    """An int task id is a host value: checked whatever moelora.validation says (it was not routed with weight 0)."""
+    with moelora.validation(False), pytest.raises(ValueError, match=rf"^task id must be in \[0, 3\), got {edge}$"):
+        task_routing(edge, torch.tensor([0.5, -1.0, 2.0]), (2,))
+
+
+@pytest.mark.parametrize("ids", [True, torch.tensor([True, False])], ids=["bool", "bool-tensor"])
+def test_bool_task_ids_are_refused(ids):
+    """A bool (or a bool mask) is not a task id: it was routed as task 1 / 0."""
+    with pytest.raises(TypeError, match=r"^task ids must be"):
+        task_routing(ids, torch.tensor([0.5, -1.0, 2.0]), (2,))
 
 
 def test_task_routing_evicts_from_two_threads_at_once(monkeypatch):
