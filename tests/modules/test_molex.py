@@ -1244,3 +1244,89 @@ def test_prefill_into_a_static_cache_with_flex_attention_mixes_as_without_the_ca
         cache = StaticCache(config=model.config, max_cache_len=12)
         got = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-6)
+
+
+def test_each_layer_has_its_own_gate_where_the_gates_are_not_shared():
+    """shared_gate=False: layer t's choice is made by gates[t] (the state dict's gates.t), not a neighbour's."""
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8, shared_gate=False)
+    with torch.no_grad():
+        for t, gate in enumerate(molex.gates):
+            gate.weight.zero_()
+            gate.bias.zero_()
+            gate.bias[(t + 2) % 4] = 10.0  # gate t prefers layer t + 2; gate t - 1's layer t + 1
+        stack(torch.randn(3, 5, 8))
+    assert moelora.router_stats(stack)["molex"]["chosen_layers"].tolist() == [2, 3, 0, 1]
+
+
+def test_the_load_is_the_mean_of_the_layers_loads_a_distribution_over_the_layers():
+    """router_stats' load is the mean over the layers of each one's token fractions: it sums to 1."""
+    stack = Stack()
+    apply_molex(stack, hidden_size=8, shared_gate=False)
+    with torch.no_grad():
+        stack(torch.randn(3, 5, 8))
+    load = moelora.router_stats(stack)["molex"]["load"]
+    assert load.shape == (4,)
+    torch.testing.assert_close(load.sum(), torch.tensor(1.0))
+
+
+def test_an_aux_loss_computed_without_gradients_is_flagged_lost_in_training_mode_only():
+    """A no_grad forward's aux loss trains nothing: flagged (aux_loss_lost_grad) in training mode, where it was
+    meant to train; an evaluation forward (eval mode) is not flagged, nor a forward with gradients."""
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8)
+    z = torch.randn(2, 3, 8)
+    stack(z)
+    assert not molex.aux_loss_lost_grad
+    with torch.no_grad():
+        stack(z)
+    assert molex.aux_loss_lost_grad
+    stack.eval()
+    with torch.no_grad():
+        stack(z)
+    assert not molex.aux_loss_lost_grad
+
+
+def test_a_mask_wider_than_the_hidden_states_gives_its_last_columns():
+    """A mask over more tokens than the forward's (a KV cache's earlier tokens first) marks the forward's tokens
+    in its last columns: the same as the mask cut to them."""
+    stack = MaskedStack()
+    molex = apply_molex(stack, hidden_size=8, alpha=0.5)
+    z, wide = torch.randn(2, 4, 8), torch.ones(2, 6, dtype=torch.long)
+    wide[0, :3] = 0  # 2 earlier tokens and the first of this forward's are padding
+    with torch.no_grad():
+        out = stack(z, attention_mask=wide)
+        loss, stats = molex.last_aux_loss, moelora.router_stats(stack)["molex"]
+        cut_out = stack(z, attention_mask=wide[:, 2:])
+        cut_stats = moelora.router_stats(stack)["molex"]
+        torch.testing.assert_close(out, cut_out)
+        torch.testing.assert_close(loss, molex.last_aux_loss)
+        for key in ("load", "entropy", "chosen_layers"):
+            torch.testing.assert_close(stats[key], cut_stats[key], msg=key)
+        stack(z, attention_mask=torch.ones(2, 4))
+        assert not torch.equal(moelora.router_stats(stack)["molex"]["load"], stats["load"])  # the padding counts
+
+
+class _Outer(nn.Module):
+    """A model whose inner module takes the mask it gives (None here: the padding already dealt with)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = MaskedStack()
+
+    def forward(self, z, attention_mask=None):
+        return self.inner(z, attention_mask=None)
+
+
+def test_the_innermost_module_that_takes_a_two_d_mask_or_none_decides():
+    """Of the modules between the model and the stack, the innermost one's mask (None: every token real) decides,
+    not the model's."""
+    model = _Outer()
+    molex = apply_molex(model, layers="inner.layers", hidden_size=8, alpha=0.5)
+    z, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        out = model(z, attention_mask=mask)
+        load = moelora.router_stats(model)["molex"]["load"]
+        torch.testing.assert_close(out, model(z))
+        torch.testing.assert_close(load, moelora.router_stats(model)["molex"]["load"])
