@@ -1330,3 +1330,19 @@ def test_the_innermost_module_that_takes_a_two_d_mask_or_none_decides():
         load = moelora.router_stats(model)["molex"]["load"]
         torch.testing.assert_close(out, model(z))
         torch.testing.assert_close(load, moelora.router_stats(model)["molex"]["load"])
+
+
+def test_device_selection_refuses_checkpointed_layers_in_training_only():
+    """transformers checkpoints a layer whose gradient_checkpointing is set in training mode only: "device"
+    refuses it there (with gradients), and runs it in eval mode, as it runs under no_grad."""
+    stack = Stack()
+    for layer in stack.layers:
+        layer.gradient_checkpointing = True
+    apply_molex(stack, hidden_size=8, layer_selection="device")
+    z = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="cannot run gradient-checkpointed layers"):
+        stack(z)
+    with torch.no_grad():
+        stack(z)
+    stack.eval()
+    stack(z).sum().backward()
