@@ -441,6 +441,10 @@ CASES = {
                              (TypeError, r"^out_proj \(an FFN projection\) must be .* got NoneType$")),
     "MoEFFN/dropout_above_one": (moe_ffn_module(dropout=1.5),
                                  (ValueError, r"^dropout must be a number in \[0, 1\] \(nn.Dropout's p\), got 1.5$")),
+    "MoEFFN/dropout_one": (moe_ffn_module(dropout=1), ("returns", lambda moe: repr(moe.dropout) == "1.0")),
+    "MoEFFN/activation_string": (
+        lambda: moelora.MoEFFN(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), "silu", 4, 2),
+        (TypeError, r"^activation must be a callable \(e.g. torch.nn.functional.silu\), got str 'silu'$")),
     "MoEFFN/z_loss_coef_inf": (moe_ffn_module(router_z_loss_coef=math.inf),
                                (ValueError, r"^router_z_loss_coef must be a finite number >= 0, got inf$")),
     "MoEFFN/top_k_string": (moe_ffn_module(top_k="2"), (TypeError, r"^top_k must be a positive int, got str '2'$")),

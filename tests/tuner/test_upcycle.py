@@ -127,6 +127,8 @@ def test_upcycle_errors():
         upcycle_ffn(tiny_bert(), num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="no FFN found to upcycle"):
         upcycle_ffn(nn.Sequential(nn.Linear(2, 2)), num_experts=2, top_k=1)
+    with pytest.raises(ValueError, match=r"^top_k must be in \[1, num_experts=2\], got 3$"):  # before the search
+        upcycle_ffn(nn.Sequential(nn.Linear(2, 2)), num_experts=2, top_k=3)
 
 
 class _GatedMLP(nn.Module):
@@ -157,6 +159,27 @@ def test_projections_that_disagree_are_refused_when_built_not_in_the_forward(gat
         upcycle_ffn(model, num_experts=4, top_k=2, ffn_modules=["0"], in_proj="fc_in", gate_proj="gate",
                     out_proj="fc_out", activation=torch.relu)
     assert repr(model) == before
+
+
+@pytest.mark.parametrize("role", ["in_proj", "out_proj", "gate_proj"])
+def test_moeffn_refuses_a_bias_of_another_dtype_and_a_projection_on_another_device(role):
+    """The experts stack every weight and bias of the FFN, in in_proj.weight's dtype and on its device: a
+    projection's bias of another dtype, or a projection on another device (meta here), is refused when built,
+    naming the tensor, not left to fail in moe_ffn's forward."""
+    def projections():
+        return dict(in_proj=nn.Linear(8, 16), out_proj=nn.Linear(16, 8), gate_proj=nn.Linear(8, 16))
+
+    projs = projections()
+    projs[role].bias = nn.Parameter(projs[role].bias.detach().half())
+    with pytest.raises(TypeError, match=rf"^the FFN's projections must share one dtype and device .*: {role}\.bias "
+                                        r"is torch\.float16 on cpu, in_proj\.weight torch\.float32 on cpu$"):
+        MoEFFN(activation=torch.relu, num_experts=4, top_k=2, **projs)
+    projs = projections()
+    projs[role] = projs[role].to("meta")
+    named, device = ("out_proj.weight", "cpu") if role == "in_proj" else (f"{role}.weight", "meta")
+    with pytest.raises(TypeError, match=rf": {re.escape(named)} is torch\.float32 on {device}, in_proj\.weight "
+                                        rf"torch\.float32 on {'meta' if role == 'in_proj' else 'cpu'}$"):
+        MoEFFN(activation=torch.relu, num_experts=4, top_k=2, **projs)
 
 
 def test_upcycling_again_says_the_ffns_are_upcycled_already():
@@ -620,6 +643,23 @@ def test_moeffn_top1_warns_with_its_own_advice():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, num_experts=4, top_k=2)
+
+
+def test_moeffn_gives_its_router_its_arguments_and_device_and_weighs_its_losses_as_the_layers():
+    """threshold_eps, threshold_eps_start, threshold_ramp_steps and router_jitter_noise are the Router's eps_end,
+    eps_start, eps_ramp_steps and jitter_noise; the router sits on the projections' device; router_aux_loss_coef
+    and router_z_loss_coef weigh the losses, by default as MoELoRAConfig's."""
+    moe = MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, 4, 2, router="threshold", threshold_eps=0.3,
+                 threshold_eps_start=0.1, threshold_ramp_steps=5, router_jitter_noise=0.2, router_aux_loss_coef=0.5,
+                 router_z_loss_coef=0.25)
+    r = moe.router
+    assert (r.mode, r.eps_end, r.eps_start, r.eps_ramp_steps, r.jitter_noise) == ("threshold", 0.3, 0.1, 5, 0.2)
+    assert (moe.aux_loss_coef, moe.z_loss_coef) == (0.5, 0.25)
+    default = MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, 4, 2)
+    assert (default.aux_loss_coef, default.z_loss_coef) == (moelora.MoELoRAConfig.router_aux_loss_coef,
+                                                            moelora.MoELoRAConfig.router_z_loss_coef)
+    meta = MoEFFN(nn.Linear(8, 16, device="meta"), nn.Linear(16, 8, device="meta"), torch.relu, 4, 2)
+    assert meta.router.weight.is_meta and meta.w_in.is_meta
 
 
 @pytest.mark.parametrize("activation", [nn.SiLU(), nn.GELU("tanh"), nn.Mish(), nn.ReLU()],
