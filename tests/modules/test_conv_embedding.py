@@ -33,6 +33,8 @@ CONVS = {
     "conv2d_dilated_reflect": lambda: nn.Conv2d(3, 6, (3, 2), padding=2, dilation=2, padding_mode="reflect"),
     "conv2d_grouped": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
     "conv2d_1x1": lambda: nn.Conv2d(3, 6, 1),
+    "conv2d_1x1_s2": lambda: nn.Conv2d(3, 6, 1, stride=2),  # 1 x 1, strided or padded: not the linear case
+    "conv2d_1x1_padded": lambda: nn.Conv2d(3, 6, 1, padding=1),
     "conv1d": lambda: nn.Conv1d(3, 6, 3, padding=1),
     "conv1d_grouped_strided": lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False),
     "conv2d_same_circular": lambda: nn.Conv2d(3, 6, (2, 3), padding="same", padding_mode="circular"),
@@ -232,6 +234,35 @@ def test_conv_takes_unbatched_input_as_a_batch_of_one(kind, mode):
     assert out.shape == layer.base_layer(x).shape
     torch.testing.assert_close(out, layer(x.unsqueeze(0)).squeeze(0), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(out, layer.base_layer(x))
+
+
+@pytest.mark.parametrize("kind", ["conv2d_3x3_s2", "conv2d_dilated_reflect", "conv1d_grouped_strided"])
+def test_conv_router_jitters_the_input_of_every_patch_in_training(kind):
+    """router_jitter_noise: in training the router's logits are those of x times the jitter factors (drawn as
+    Router.jitter_factors draws them) convolved in the base's geometry; in eval the plain patches' logits."""
+    layer = _fill(_conv(kind, "softmax_topk", router_jitter_noise=0.3))
+    router, x = layer.router, _conv_input(kind)
+    plain = _patches(layer, x) @ router.weight.double().t()
+    torch.testing.assert_close(router.eval().logits(x), plain, rtol=1e-12, atol=1e-12)
+    router.train()
+    torch.manual_seed(4)
+    got = router.logits(x)
+    torch.manual_seed(4)
+    factors = torch.empty(x.shape, dtype=torch.float32).uniform_(0.7, 1.3).double()
+    torch.testing.assert_close(got, _patches(layer, x * factors) @ router.weight.double().t(), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got, plain)
+
+
+def test_conv_router_logits_are_fp32_under_autocast():
+    """Under torch.autocast (a bf16 training loop) the router's convolution is not autocast's: fp32 logits, the
+    ones computed without autocast (F.conv2d is on autocast's lower-precision list)."""
+    layer = _fill(_conv("conv2d_3x3_s2", "softmax_topk", torch.float32)).eval()
+    x = _conv_input("conv2d_3x3_s2", torch.float32)
+    expected = layer.router.logits(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer.router.logits(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_pointwise_conv_is_the_linear_case_and_calls_the_operator(monkeypatch):
@@ -491,6 +522,31 @@ def test_merge_and_unmerge_under_autocast_do_not_round_the_delta(make):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer.unmerge()
     assert torch.equal(layer.base_layer.weight, plain.base_layer.weight)
+
+
+@pytest.mark.parametrize("make,inp", [
+    (lambda: _embedding("softmax_topk"), lambda: torch.tensor([[1, 4, 0], [2, 2, 9]])),
+    (lambda: _conv("conv2d_3x3_s2", "softmax_topk"), lambda: _conv_input("c")),
+    (lambda: _conv("conv2d_1x1", "softmax_topk"), lambda: _conv_input("conv2d_1x1")),
+], ids=["embedding", "conv", "pointwise_conv"])
+def test_disabled_adapters_give_the_base_output(make, inp):
+    layer, x = _fill(make()).eval(), inp()
+    assert not torch.allclose(layer(x), layer.base_layer(x))
+    layer.disable_adapters = True
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_conv3d_merges_and_unmerges():
+    """nn.Conv3d's forward is the weight function as nn.Conv1d's and nn.Conv2d's: a Conv3d layer merges."""
+    base = nn.Conv3d(4, 6, (2, 3, 1), stride=(1, 2, 1), padding=(1, 0, 0)).double()
+    layer = _fill(MoELoRAConv(base, r=4, lora_alpha=8, num_experts=1)).eval()
+    x = _conv_input("conv3d_grouped")
+    expected, before = layer(x), layer.base_layer.weight.clone()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-14, atol=1e-14)
 
 
 def test_merge_refusals():
