@@ -17,7 +17,7 @@ from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
 from helpers import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
-from moelora.integrations.hf_trainer import MoELoRATrainer, StepRoutersCallback
+from moelora.integrations.hf_trainer import MoELoRATrainer, StepRoutersCallback, without_tied_aliases
 from moelora.model import clear_aux_losses
 from moelora.modules.router import Router
 
@@ -253,6 +253,29 @@ def test_moelora_trainer_logs_the_mean_aux_loss_of_the_micro_batches_since_the_l
         assert got == pytest.approx(want, rel=1e-6) and want > 0
 
 
+def test_moelora_trainer_logs_the_aux_loss_under_data_parallel_on_one_device_only(tmp_path):
+    """nn.DataParallel on one device runs the model itself, whose layers record the aux loss: it is logged. Over
+    several devices the replicas record it and the held model's record is stale: nothing is added to the log."""
+    model = _llama_moelora()
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path))
+    ids = _lm_dataset(n=2)[0]["input_ids"][None]
+    model(input_ids=ids, labels=ids)
+    aux = moelora.aux_loss(model).item()
+    parallel = ReplicatingDataParallel(model)
+    parallel.device_ids = [0]
+    trainer._record_aux_loss(parallel)
+    model(input_ids=ids.flip(-1), labels=ids)  # another record on the held model, which the replicas would not make
+    assert moelora.aux_loss(model).item() != pytest.approx(aux, rel=1e-3)
+    parallel.device_ids = [0, 1]
+    trainer._record_aux_loss(parallel)  # the held model's (stale) record is left out
+    trainer.log({"loss": 1.0})
+    assert trainer.state.log_history[-1]["aux_loss"] == pytest.approx(aux, rel=1e-6) and aux > 0
+    trainer._record_aux_loss(model)
+    trainer.accelerator.gather = lambda t: torch.cat([t, 3 * t])  # another process's sum: 3 times this one's
+    trainer.log({"loss": 1.0})  # averaged over the processes, as Trainer averages the loss
+    assert trainer.state.log_history[-1]["aux_loss"] == pytest.approx(2 * moelora.aux_loss(model).item(), rel=1e-6)
+
+
 def test_moelora_trainer_logs_no_aux_loss_without_learned_routers(tmp_path):
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
                                                                       router="task"))
@@ -465,6 +488,15 @@ def test_moelora_trainer_checkpoints_hold_every_adapter_as_save_pretrained_write
     loaded.set_adapter("other")
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert model.active_adapter == "other" and set(_trainable(model)) == trained  # saving left them as they were
+
+
+def test_without_tied_aliases_drops_only_names_of_the_same_tensor():
+    """A checkpoint keeps one name per tensor (the tied aliases dropped) and every tensor that is not the same view:
+    other slices of one storage (other offsets) and other strides over the same memory are kept."""
+    base = torch.arange(16.0).reshape(4, 4)
+    state = {"w": base, "tied": base, "row0": base[0], "row1": base[1], "row0_again": base[0], "t": base.t(),
+             "other": base.clone(), "step": 3}
+    assert list(without_tied_aliases(state)) == ["w", "row0", "row1", "t", "other", "step"]
 
 
 def _with_adapter(model, name, ids):
