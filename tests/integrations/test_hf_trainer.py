@@ -131,6 +131,21 @@ def test_moelora_trainer_label_smoothing_shifts_a_causal_lms_labels_and_adds_the
         torch.testing.assert_close(trainer.compute_loss(compiled, dict(batch)).detach(), expected.detach())
 
 
+def test_moelora_trainer_on_a_model_without_adapters_is_trainer(tmp_path):
+    """MoELoRATrainer holding a plain transformers model (no MoELoRAModel) computes Trainer's label-smoothed loss and
+    saves as Trainer does (no moelora adapter files)."""
+    torch.manual_seed(0)
+    model = tiny_llama(num_layers=1)
+    data = _lm_dataset(n=4)
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    plain = transformers.Trainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1))
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1))
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), plain.compute_loss(model, dict(batch)))
+    trainer.save_model(str(tmp_path / "saved"))
+    files = set(os.listdir(tmp_path / "saved"))
+    assert "model.safetensors" in files and "moelora_config.json" not in files
+
+
 class ReplicatingDataParallel(nn.DataParallel):
     """nn.DataParallel's forward over ``device_ids`` on CPU (its own needs GPUs): the batch split in one chunk per
     device, each run by a replica of the module made as torch.nn.parallel.replicate makes them (each module's
