@@ -514,6 +514,24 @@ def test_without_tied_aliases_drops_only_names_of_the_same_tensor():
     assert list(without_tied_aliases(state)) == ["w", "row0", "row1", "t", "other", "step"]
 
 
+def test_moelora_trainer_saves_the_state_dict_trainer_passes(tmp_path):
+    """Where Trainer passes a gathered state dict (DeepSpeed, FSDP), that is what the checkpoint holds, in Trainer's
+    file and in moelora's adapter files, not the held model's own tensors."""
+    from safetensors.torch import load_file
+
+    model = _llama_moelora()
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in state if k.endswith("q_proj.lora_B"))
+    state[key] += 1.0
+    out = str(tmp_path / "saved")
+    trainer._save(out, state_dict=state)
+    torch.testing.assert_close(load_file(os.path.join(out, "model.safetensors"))[key], state[key])
+    loaded = MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), out)
+    torch.testing.assert_close(loaded.get_parameter(key), state[key])
+    assert not torch.equal(model.get_parameter(key), state[key])
+
+
 def _with_adapter(model, name, ids):
     previous = model.active_adapter
     model.set_adapter(name)
