@@ -338,6 +338,20 @@ def test_padding_token_keeps_the_base_vector_after_training(mode, init):
     assert not torch.allclose(out[~pad], layer.base_layer(ids)[~pad])
 
 
+@pytest.mark.parametrize("init", [True, False])
+def test_embedding_init_is_peft_and_zeroes_the_column_of_its_own_padding_idx(init):
+    """PEFT's embedding init: B ~ N(0, 1) (so that A, 0 at init, gets a gradient), A = 0, or N(0, 1) with
+    init_lora_weights=False; the zeroed column of A is that of the base's padding_idx (here 3), no other."""
+    torch.manual_seed(0)
+    layer = MoELoRAEmbedding(nn.Embedding(11, 8, padding_idx=3), num_experts=2, top_k=1, r=4, init_lora_weights=init)
+    assert layer.lora_B.std() > 0.5
+    assert torch.all(layer.lora_A[..., 3] == 0)
+    assert bool(torch.all(layer.lora_A[..., [0, 1, 2, 4]] != 0)) is (not init)
+    out = layer(torch.tensor([[1, 2, 3]]))
+    (out * torch.randn_like(out)).sum().backward()
+    assert layer.lora_A.grad[..., 1].abs().sum() > 0 and torch.all(layer.lora_A.grad[..., 3] == 0)
+
+
 # ----------------------------------------------------------------------------------- PEFT
 def _peft_equivalence(net, target, ours, copy_weights, x, lora_dropout=0.0):
     from peft import LoraConfig, get_peft_model
