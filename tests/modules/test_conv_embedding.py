@@ -352,6 +352,28 @@ def test_embedding_init_is_peft_and_zeroes_the_column_of_its_own_padding_idx(ini
     assert layer.lora_A.grad[..., 1].abs().sum() > 0 and torch.all(layer.lora_A.grad[..., 3] == 0)
 
 
+@pytest.mark.parametrize("share_a", [False, True])
+@pytest.mark.parametrize("init", [True, False])
+def test_task_embedding_init_draws_a_and_starts_the_shared_lora_at_no_delta_unless_init_is_false(init, share_a):
+    """Task experts (gated by gamma = 0) draw A from N(0, 1) whatever the init, so that gamma gets a gradient; the
+    task-shared LoRA starts at no delta (its A = 0, or its B where A is shared), except with init_lora_weights=False,
+    which draws it too (as MoELoRALinear's shared B): the layer then starts away from its base."""
+    torch.manual_seed(0)
+    layer = MoELoRAEmbedding(nn.Embedding(11, 8, padding_idx=3), num_experts=3, router="task", task_shared_lora=True,
+                             share_lora_a=share_a, r=4, init_lora_weights=init)
+    layer.task_ids = torch.tensor([2, 0])
+    kept = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]  # every column but padding_idx's
+    task_a = layer.lora_A[..., kept] if share_a else layer.lora_A[:-1, :, kept]
+    shared = layer.lora_B[-1] if share_a else layer.lora_A[-1, :, kept]
+    assert torch.all(task_a != 0) and torch.all(layer.lora_B[:-1] != 0)
+    assert bool(torch.all(shared == 0)) is init and bool(torch.all(shared != 0)) is (not init)
+    ids = torch.tensor([[1, 2, 5], [4, 6, 7]])
+    out = layer(ids)
+    assert torch.equal(out, layer.base_layer(ids)) is init
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.all(layer.lora_gamma.grad[[2, 0]] != 0)
+
+
 # ----------------------------------------------------------------------------------- PEFT
 def _peft_equivalence(net, target, ours, copy_weights, x, lora_dropout=0.0):
     from peft import LoraConfig, get_peft_model
