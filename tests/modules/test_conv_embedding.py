@@ -418,6 +418,7 @@ def test_single_expert_embedding_equals_peft(base, ids):
             ours.lora_B[0].copy_(peft_layer.lora_embedding_B["default"])
 
     peft_layer = _peft_equivalence(net, "0", ours, copy, ids)
+    assert (ours.in_features, ours.out_features) == (peft_layer.in_features, peft_layer.out_features) == (12, 6)
     torch.testing.assert_close(ours.lora_A.grad[0], peft_layer.lora_embedding_A["default"].grad)
     torch.testing.assert_close(ours.lora_B.grad[0], peft_layer.lora_embedding_B["default"].grad)
     assert ours.lora_A.grad[0].abs().sum() > 0
