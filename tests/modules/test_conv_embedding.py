@@ -726,6 +726,26 @@ def test_half_precision_bases_get_fp32_adapters_and_keep_dtype():
     assert conv(torch.randn(1, 3, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("base", ["gemma_embed_scale", "autocast"])
+def test_half_precision_embedding_adding_its_delta_apart_keeps_the_base_dtype(base):
+    """Where the delta is added apart from the op (times Gemma's embed_scale, or under autocast, which leaves
+    nn.Embedding's output in its dtype), it is added in fp32 and the sum returned in the bf16 base's dtype, as the
+    base layer returns it: the layer returned fp32 vectors there."""
+    torch.manual_seed(0)
+    make = _gemma_embedding if base == "gemma_embed_scale" else (lambda: nn.Embedding(12, 6))
+    layer = MoELoRAEmbedding(make().to(torch.bfloat16), num_experts=1, r=4, init_lora_weights=False)
+    ids = torch.tensor([[2, 3, 5], [4, 0, 7]])  # not Gemma's padding_idx, 1
+    fp32 = copy.deepcopy(layer)
+    fp32.base_layer.float()
+    delta = fp32(ids) - fp32.base_layer(ids)
+    assert delta.abs().min() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=base == "autocast"):
+        out, frozen = layer(ids), layer.base_layer(ids)
+    assert out.dtype == frozen.dtype == torch.bfloat16
+    # the fp32 delta, to bf16's rounding (autocast's delta is computed in bf16)
+    torch.testing.assert_close(out, (frozen.float() + delta).to(torch.bfloat16), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("kind", ["embedding", "conv2d_3x3_s2", "conv2d_1x1"])
 def test_a_dropout_is_the_layer_with_a_masked_and_rescaled(kind):
     """MoSLD's A-dropout (training): the output of the layer whose shared A is A (.) M / (1 - p),
