@@ -354,8 +354,8 @@ def test_count_parameters_splits_trainable_heads_and_frozen():
     model = nn.Linear(3, 2)  # 6 weights frozen, 2 biases trainable
     model.weight.requires_grad_(False)
     heads = TaskHeads(2)
-    assert count_parameters(model, heads) == {"adapter_trainable": 2, "heads": sum(p.numel() for p in heads.parameters()),
-                                              "base_total": 6}
+    heads_total = sum(p.numel() for p in heads.parameters())
+    assert count_parameters(model, heads) == {"adapter_trainable": 2, "heads": heads_total, "base_total": 6}
 
 
 def test_score_and_linear_probe():
