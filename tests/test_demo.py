@@ -544,3 +544,31 @@ def test_a_tiny_run_probes_on_its_probe_examples_and_reports_its_sizes(tmp_path,
     assert metrics["reload_identical"] and metrics["plot"] is None and not (tmp_path / PLOT_FILE).exists()
     assert len(metrics["task_loss"]) == 2 and metrics["options"]["probe_per_task"] == 3
     assert json.loads((tmp_path / METRICS_FILE).read_text())["accuracy"] == metrics["accuracy"]
+
+
+@pytest.mark.parametrize("task_routing", [False, True])
+@pytest.mark.parametrize("real_tokens", [False, True])
+def test_embed_routes_by_the_sentence_tasks_and_masks_the_padding_as_asked(task_routing, real_tokens):
+    """embed passes the sentences' task ids to the model under task routing (none otherwise), the attention mask as
+    the aux-loss mask when the routers' statistics are over the real tokens, and mean-pools the real tokens."""
+    import torch
+
+    from moelora.demo.data import Example
+    from moelora.demo.encoding import collate, embed, mean_pool
+
+    seen = {}
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, task_ids, aux_loss_mask):
+            seen.update(task_ids=task_ids, aux_loss_mask=aux_loss_mask)
+            return type("Out", (), {"last_hidden_state": input_ids[..., None].float().expand(-1, -1, 2)})()
+
+    batch = collate([Example(2, ("a bb", "ccc"), 1), Example(0, ("dddd",), 0)], _WordTokenizer(), "cpu")
+    out = embed(Model(), batch, task_routing, stats_over_real_tokens=real_tokens)
+    if task_routing:
+        assert torch.equal(seen["task_ids"], torch.tensor([2, 2, 0]))
+    else:
+        assert seen["task_ids"] is None
+    assert seen["aux_loss_mask"] == ("attention_mask" if real_tokens else None)
+    hidden = batch.inputs["input_ids"][..., None].float().expand(-1, -1, 2)
+    assert torch.equal(out, mean_pool(hidden, batch.inputs["attention_mask"]))
