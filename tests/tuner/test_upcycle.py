@@ -801,6 +801,18 @@ def test_a_generic_gated_ffn_described_with_its_gate_and_up_projections_swapped_
     torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_moeffn_repr_names_its_sizes_and_whether_it_is_gated():
+    """MoEFFN's repr: d_ff is the hidden width (half a stacked gate/up projection's rows), gated for a gate_proj or
+    a stacked gate, the dropout where any."""
+    plain = MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), torch.relu, 4, 2)
+    assert plain.extra_repr() == "num_experts=4, top_k=2, d_in=8, d_ff=16, gated=False"
+    gated = MoEFFN(nn.Linear(8, 16), nn.Linear(16, 8), F.silu, 4, 2, gate_proj=nn.Linear(8, 16))
+    assert gated.extra_repr() == "num_experts=4, top_k=2, d_in=8, d_ff=16, gated=True"
+    stacked = MoEFFN(nn.Linear(8, 32), nn.Linear(16, 8), F.silu, 4, 2, stacked_gate=True, dropout=0.25)
+    assert stacked.extra_repr() == ("num_experts=4, top_k=2, d_in=8, d_ff=16, gated=True, stacked_gate=True, "
+                                    "dropout=0.25")
+
+
 class _ActivatedMLP(nn.Module):
     """fc2(act(fc1(x))), 8 -> 16 -> 8, with the activation module ``act``: a generic FFN upcycle_ffn is told of."""
 
@@ -823,6 +835,26 @@ def test_the_activation_check_takes_an_in_place_activation():
     upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.ELU(inplace=True),
                 router="threshold", threshold_eps=0.0)
     torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_an_activation_module_with_parameters_is_kept_not_refused():
+    """An activation with parameters (nn.PReLU) held by the replaced module is the FFN's: it is not taken for
+    parameters upcycling would drop, and the upcycled block computes the FFN with it, generic or found."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_ActivatedMLP(nn.PReLU(init=0.1))).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    expected = net(x)
+    act = net[0].act
+    upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=act, router="threshold",
+                threshold_eps=0.0)
+    assert any(p is act.weight for p in net.parameters())
+    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+    llama = tiny_llama(1).double()
+    llama.model.layers[0].mlp.act_fn = nn.PReLU(init=0.1).double()
+    ids = token_batch(2, 5)
+    expected = llama(ids).logits
+    assert upcycle_ffn(llama, 2, 2, router="threshold", threshold_eps=0.0) == ["model.layers.0.mlp"]
+    torch.testing.assert_close(llama(ids).logits, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_an_activation_computing_in_another_dtype_is_not_refused_by_the_activation_check():
@@ -876,6 +908,48 @@ def test_no_ffn_found_names_the_layouts_found_and_the_way_for_others():
     upcycle_ffn(model, 2, 2, ffn_modules=["mlp"], in_proj="fc1", out_proj="fc2", activation=mlp.activation_fn,
                 router="threshold", threshold_eps=0.0)
     torch.testing.assert_close(model(pixel_values=pixels).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_modules_short_of_a_found_layout_are_not_found():
+    """The layouts are found by all their children: a layer whose output has no dense, an MLP without act_fn, one
+    whose gate_up_proj is a parameter (not a module) are no FFN found (they used to be taken for one, and failed
+    inside with another error)."""
+    class Bert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.intermediate, self.output = nn.Module(), nn.Module()
+            self.intermediate.dense, self.intermediate.intermediate_act_fn = nn.Linear(8, 16), nn.GELU()
+            self.output.LayerNorm = nn.LayerNorm(8)
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(32, 8))
+            self.down_proj, self.activation_fn = nn.Linear(16, 8), nn.SiLU()
+
+    for make in (Bert, Gated, Fused):
+        net = nn.Sequential(make())
+        with pytest.raises(ValueError, match="^no FFN found to upcycle"):
+            upcycle_ffn(net, 2, 1)
+
+
+def test_a_found_mlp_whose_class_defines_no_forward_is_upcycled():
+    """A module holding LLaMA's MLP children whose class defines no forward (nn.Module's, which raises) has no
+    forward reading more than the FFN: found and upcycled, not refused for the names nn.Module.forward reads."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+            self.act_fn = nn.SiLU()
+
+    net = nn.Sequential(Gated())
+    assert upcycle_ffn(net, 2, 2) == ["0"]
+    assert isinstance(net[0], MoEFFN)
 
 
 def _hf_layouts():
