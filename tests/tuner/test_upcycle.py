@@ -501,12 +501,13 @@ class _SplitLlamaMLP(nn.Module):
     """transformers 4.46's LlamaMLP (before 4.48): with config.pretraining_tp > 1 its forward splits the
     projections' weights into slices (without their biases) and sums the slices' products."""
 
-    def __init__(self, pretraining_tp: int, bias: bool):
+    def __init__(self, pretraining_tp: int, bias):  # bias: True, False or the one projection that has one
         super().__init__()
         self.config = types.SimpleNamespace(pretraining_tp=pretraining_tp)
         self.intermediate_size = 16
-        self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=bias), nn.Linear(8, 16, bias=bias)
-        self.down_proj, self.act_fn = nn.Linear(16, 8, bias=bias), nn.SiLU()
+        has = {n: bias is True or bias == n for n in ("gate_proj", "up_proj", "down_proj")}
+        self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=has["gate_proj"]), nn.Linear(8, 16, bias=has["up_proj"])
+        self.down_proj, self.act_fn = nn.Linear(16, 8, bias=has["down_proj"]), nn.SiLU()
 
     def forward(self, x):
         if self.config.pretraining_tp > 1:
@@ -525,11 +526,11 @@ class _SplitLlamaMLP(nn.Module):
         return down_proj
 
 
-@pytest.mark.parametrize("pretraining_tp, bias", [(1, True), (2, False), (2, True)])
+@pytest.mark.parametrize("pretraining_tp, bias", [(1, True), (2, False), (2, True), (2, "down_proj")])
 def test_the_split_llama_mlp_of_older_transformers_upcycles_where_it_is_the_ffn(pretraining_tp, bias):
     """transformers < 4.48's LlamaMLP reads config.pretraining_tp (its forward's split form): found and upcycled,
     computing what it did, where that is the FFN (pretraining_tp 1, or no biases, which the split form leaves
-    out); refused with biases and pretraining_tp > 1."""
+    out); refused with biases (down_proj's alone too) and pretraining_tp > 1."""
     torch.manual_seed(0)
     net = nn.Sequential(_SplitLlamaMLP(pretraining_tp, bias)).double()
     x = torch.randn(2, 3, 8, dtype=torch.float64)
@@ -713,6 +714,19 @@ def test_a_generic_ffns_activation_other_than_the_modules_own_is_refused():
     upcycle_ffn(model, 2, 2, activation=lambda t: ACT2FN["gelu_new"](t), router="threshold", threshold_eps=0.0,
                 **GPT2_MLP)
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_generic_ffns_activation_equal_to_one_of_the_modules_activations_is_taken():
+    """The activation check refuses an activation computing something else than every activation module the
+    replaced module holds: one equal to any of them (here its act, not an unused Sigmoid it holds too) passes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_ActivatedMLP(nn.GELU())).double()
+    net[0].unused = nn.Sigmoid()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    expected = net(x)
+    upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.GELU(), router="threshold",
+                threshold_eps=0.0)
+    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["t5", "t5_v1_1"])
