@@ -359,7 +359,9 @@ def test_upcycled_phi3_trains_and_round_trips_through_save_and_load(tmp_path):
 
 def test_generic_ffn_with_a_fused_gate_up_projection():
     """ffn_modules with stacked_gate=True: in_proj holds the gate rows, then the up rows (with its
-    bias); all experts routed, eps 0: bitwise the MLP."""
+    bias); all experts routed, eps 0: bitwise the MLP; the probe sees the FFN described (no warning)."""
+    import warnings
+
     torch.manual_seed(0)
 
     class FusedMLP(nn.Module):
@@ -374,8 +376,10 @@ def test_generic_ffn_with_a_fused_gate_up_projection():
     net = nn.Sequential(FusedMLP(), FusedMLP())
     x = torch.randn(2, 3, 8)
     expected = net(x)
-    assert upcycle_ffn(net, 3, 3, ffn_modules=r"\d", in_proj="w12", out_proj="w3",
-                       activation=torch.nn.functional.gelu, stacked_gate=True) == ["0", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert upcycle_ffn(net, 3, 3, ffn_modules=r"\d", in_proj="w12", out_proj="w3",
+                           activation=torch.nn.functional.gelu, stacked_gate=True) == ["0", "1"]
     assert net[0].b_in.shape == (3, 40) and net[0].w_gate is None
     assert torch.equal(net(x), expected)
 
@@ -813,6 +817,36 @@ def test_a_generic_gated_ffn_described_with_its_gate_and_up_projections_swapped_
         warnings.simplefilter("error", UserWarning)
         upcycle_ffn(model, 2, 2, in_proj="wi_1", gate_proj="wi_0", **kw)
     torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_float32_generic_ffn_off_its_forward_by_a_small_scale_warns():
+    """In float32 the probe's tolerance is 1e-4 relative: a forward scaling the FFN by 1.001 (off by 1e-3) warns,
+    the plain FFN does not."""
+    import warnings
+
+    class Scaled(_ActivatedMLP):
+        def forward(self, x):
+            return super().forward(x) * 1.001
+
+    kw = dict(ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.ReLU())
+    with pytest.warns(UserWarning, match=r"^0 \(Scaled\): the FFN described .* differs from the module's forward on a "
+                                         r"probe by 1\.0e-03 relative"):
+        upcycle_ffn(nn.Sequential(Scaled(nn.ReLU())), 2, 2, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        upcycle_ffn(nn.Sequential(_ActivatedMLP(nn.ReLU())), 2, 2, **kw)
+
+
+def test_a_generic_ffn_whose_forward_returns_another_shape_is_upcycled_at_the_callers_word():
+    """The probe compares the FFN described with the module's forward where their outputs have one shape; a forward
+    returning another (here flattened) is not compared (the subtraction failed to broadcast): upcycled as told."""
+    class Flat(_ActivatedMLP):
+        def forward(self, x):
+            return super().forward(x).flatten(-2)
+
+    net = nn.Sequential(Flat(nn.ReLU()))
+    assert upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.ReLU()) == ["0"]
+    assert isinstance(net[0], MoEFFN)
 
 
 def test_moeffn_repr_names_its_sizes_and_whether_it_is_gated():
