@@ -217,6 +217,16 @@ def test_upcycle_ffn_and_moe_ffn_check_their_arguments_as_the_layers(kwargs):
     assert str(error.value) == str(layer_error.value)
 
 
+@pytest.mark.parametrize("layers, upcycled", [(1, [1]), ([0, 2], [0, 2]), ((2,), [2])])
+def test_layers_to_transform_keeps_the_ffns_of_those_layers(layers, upcycled):
+    """layers_to_transform, a layer index or a list (a tuple too, as MoELoRAConfig's) of them, keeps those layers'
+    FFNs only."""
+    model = tiny_llama(3)
+    names = [f"model.layers.{i}.mlp" for i in upcycled]
+    assert upcycle_ffn(model, 2, 2, layers_to_transform=layers, layers_pattern="layers") == names
+    assert [n for n, m in model.named_modules() if isinstance(m, MoEFFN)] == names
+
+
 def test_get_moelora_model_keeps_upcycled_experts_trainable():
     model = tiny_bert()
     upcycle_ffn(model, num_experts=2, top_k=1)
@@ -557,6 +567,17 @@ class _ResidualMLP(nn.Module):
 
     def forward(self, x, residual):
         return self.dense_4h_to_h(torch.relu(self.dense_h_to_4h(x))) + residual
+
+
+def test_a_forward_taking_more_only_as_optional_or_variadic_arguments_is_upcycled():
+    """A forward taking the hidden states and *args / **kwargs (or defaulted arguments) can be replaced by the FFN:
+    only more than one required argument is refused."""
+    class Variadic(_ActivatedMLP):
+        def forward(self, x, *args, scale=1.0, **kwargs):
+            return super().forward(x) * scale
+
+    net = nn.Sequential(Variadic(nn.ReLU()))
+    assert upcycle_ffn(net, 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.ReLU()) == ["0"]
 
 
 def test_found_mlps_whose_forward_computes_more_than_the_ffn_are_refused():
