@@ -192,6 +192,9 @@ def test_upcycling_again_says_the_ffns_are_upcycled_already():
                                          r"model\.layers\.0\.mlp, a MoEFFN\)"):
         upcycle_ffn(model, num_experts=4, top_k=2)
     assert [type(m) for m in model.modules()] == before
+    # ffn_modules naming nothing there: that is what was not found, whatever the model's MoEFFNs
+    with pytest.raises(ValueError, match=r"^no FFN found to upcycle: "):
+        upcycle_ffn(model, 2, 2, ffn_modules=["fc"], in_proj="a", out_proj="b", activation=torch.relu)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -809,6 +812,23 @@ def test_output_dropouts_of_a_forward_not_calling_out_proj_as_a_module_are_not_t
                 ffn_dropout="output", router="threshold", threshold_eps=0.0)
     assert net[0].dropout == 0.1
     torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_dropout_run_before_out_projs_last_call_is_taken_for_an_inner_one():
+    """The probe places the dropouts against out_proj's last call: one run between two calls of out_proj (here
+    on the hidden layer the second call takes) is before the output projection, and refused for "output"."""
+    class TwoCalls(_ActivatedMLP):
+        def __init__(self):
+            super().__init__(nn.ReLU())
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            h = self.act(self.fc1(x))
+            return self.fc2(h) + self.fc2(self.drop(h))
+
+    with pytest.raises(ValueError, match=r"^0 \(TwoCalls\): its forward applies dropout \['drop'\] before the output"):
+        upcycle_ffn(nn.Sequential(TwoCalls()), 2, 2, ffn_modules=["0"], in_proj="fc1", out_proj="fc2",
+                    activation=nn.ReLU(), ffn_dropout="output")
 
 
 def test_a_generic_gated_ffn_described_with_its_gate_and_up_projections_swapped_warns():
