@@ -230,6 +230,17 @@ def test_layers_to_transform_keeps_the_ffns_of_those_layers(layers, upcycled):
     assert [n for n, m in model.named_modules() if isinstance(m, MoEFFN)] == names
 
 
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
+@pytest.mark.parametrize("training", [False, True])
+def test_upcycled_modules_take_the_training_mode_of_what_they_replace(make, training):
+    """The MoEFFN (and a BERT layer's identity output.dense) are in the mode of the module they replace: an
+    eval-mode model stays in eval mode throughout (a fresh module is in training mode)."""
+    model = make().train(training)
+    upcycle_ffn(model, 2, 2)
+    assert any(isinstance(m, MoEFFN) for m in model.modules())
+    assert all(m.training == training for m in model.modules())
+
+
 def test_get_moelora_model_keeps_upcycled_experts_trainable():
     model = tiny_bert()
     upcycle_ffn(model, num_experts=2, top_k=1)
