@@ -992,6 +992,24 @@ def test_found_mlps_without_dropout_are_upcycled_without_running_their_forward(m
     assert calls == ["0"]
 
 
+def test_a_found_mlps_dropout_before_down_proj_is_refused_for_output_dropout():
+    """A found LLaMA-style MLP holding dropout is probed for ffn_dropout="output" as a generic FFN is: one run
+    before down_proj (on the hidden layer) is refused, not moved onto the block's output."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+            self.act_fn, self.dropout = nn.SiLU(), nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+    net = nn.Sequential(Gated())
+    with pytest.raises(ValueError, match=r"^0 \(Gated\): its forward applies dropout \['dropout'\] before the output"):
+        upcycle_ffn(net, 2, 2, ffn_dropout="output")
+    assert upcycle_ffn(net, 2, 2, ffn_dropout="drop") == ["0"]
+
+
 def test_no_ffn_found_names_the_layouts_found_and_the_way_for_others():
     """transformers 5's ViT holds ViTMLP (fc1, fc2, activation_fn), no BERT-style intermediate / output any
     more: nothing is found, and the error says which layouts are found and how to name another; named, its
