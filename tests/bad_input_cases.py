@@ -408,6 +408,8 @@ CASES = {
                                                    (ValueError, r"^activation given without ffn_modules: they describe "
                                                                 r"a generic FFN; the MLPs upcycle_ffn finds on its own "
                                                                 r"use their own projections and activation$")),
+    "upcycle_ffn/generic_without_activation": (upcycle(ffn_modules=["mlp"], in_proj="up_proj", out_proj="down_proj"),
+                                               (ValueError, r"^a generic FFN needs in_proj, out_proj and activation$")),
     "upcycle_ffn/stacked_gate_not_bool": (upcycle(stacked_gate=1),
                                           (TypeError, r"^stacked_gate must be a bool, got int 1$")),
     "upcycle_ffn/stacked_gate_without_ffn_modules": (upcycle(stacked_gate=True),
