@@ -825,6 +825,25 @@ def test_output_dropouts_of_a_forward_not_calling_out_proj_as_a_module_are_not_t
     torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_output_dropouts_of_different_p_are_refused_for_output_dropout():
+    """ffn_dropout="output" applies one dropout to MoEFFN's output: two output dropouts of different p are refused
+    (MoEFFN would keep one's p)."""
+    class TwoDrops(_ActivatedMLP):
+        def __init__(self, p1, p2):
+            super().__init__(nn.ReLU())
+            self.drop1, self.drop2 = nn.Dropout(p1), nn.Dropout(p2)
+
+        def forward(self, x):
+            return self.drop2(self.drop1(super().forward(x)))
+
+    kw = dict(ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.ReLU(), ffn_dropout="output")
+    net = nn.Sequential(TwoDrops(0.1, 0.2))
+    with pytest.raises(ValueError, match=r"^0 \(TwoDrops\) holds dropouts of different p \{'drop1': 0.1, "
+                                         r"'drop2': 0.2\}"):
+        upcycle_ffn(net, 2, 2, **kw)
+    assert isinstance(net[0], TwoDrops)
+
+
 def test_a_dropout_run_before_out_projs_last_call_is_taken_for_an_inner_one():
     """The probe places the dropouts against out_proj's last call: one run between two calls of out_proj (here
     on the hidden layer the second call takes) is before the output projection, and refused for "output"."""
