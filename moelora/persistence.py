@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import uuid
 from typing import List, Optional
 
 import torch
@@ -225,7 +226,8 @@ def _write_adapter_files(directory: str, config: dict, state: dict, shard_bytes:
     staged = []
     try:
         for name, write in writers.items():
-            staged.append((os.path.join(directory, f".{name}.tmp"), os.path.join(directory, name)))
+            # names of this save's own: another save into the directory at once stages its files beside these
+            staged.append((os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp"), os.path.join(directory, name)))
             write(staged[-1][0])
     except BaseException:
         for temporary, _ in staged:
@@ -236,7 +238,8 @@ def _write_adapter_files(directory: str, config: dict, state: dict, shard_bytes:
         os.replace(temporary, final)
     for stale in os.listdir(directory):
         if stale not in writers and (stale in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_FILE.fullmatch(stale)):
-            os.remove(os.path.join(directory, stale))
+            with contextlib.suppress(FileNotFoundError):  # removed by another save into the directory at once
+                os.remove(os.path.join(directory, stale))
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:

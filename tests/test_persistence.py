@@ -803,6 +803,56 @@ def test_a_save_that_fails_midway_leaves_the_earlier_save_as_it_was(tmp_path, mo
     assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
 
 
+def test_two_saves_into_one_directory_at_once_both_succeed(tmp_path, monkeypatch):
+    """Two saves into one directory at once (two ranks that both save, a checkpoint thread beside the training loop)
+    staged their files under the same temporary names: the first rename took the other's file away (its rename
+    raised FileNotFoundError), and both removed the earlier save's weight file, the second os.remove raising too.
+    Each save stages under names of its own and a weight file already removed is no error."""
+    import os
+    import threading
+
+    import safetensors.torch
+
+    model, ids, expected = _perturbed_llama_and_its_logits()
+    model.save_pretrained(str(tmp_path))  # one file, which the sharded saves below remove
+    writing, listing = threading.Barrier(2, timeout=30), threading.Barrier(2, timeout=30)
+    listdir = os.listdir
+
+    def save_file_together(*args, **kwargs):  # both saves staged their config before either renames
+        if "00001-of" in args[1]:  # the first shard
+            writing.wait()
+        return save_file(*args, **kwargs)
+
+    def listdir_together(path="."):  # both saves list the directory before either removes a stale file
+        names = listdir(path)
+        if os.path.abspath(path) == str(tmp_path):
+            listing.wait()
+        return names
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file_together)
+    monkeypatch.setattr(os, "listdir", listdir_together)
+    errors = []
+
+    def save():
+        try:
+            model.save_pretrained(str(tmp_path), max_shard_size=4000)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            writing.abort()
+            listing.abort()
+
+    threads = [threading.Thread(target=save) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    monkeypatch.undo()
+    assert not errors, errors
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert "adapter_model.safetensors" not in _weight_files(tmp_path)
+    assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
+
+
 def test_a_shard_is_filled_up_to_max_shard_size_and_a_larger_tensor_gets_a_file_of_its_own(tmp_path):
     """transformers' rule: a tensor starts a new shard only where it would take the current one past max_shard_size
     (tensors of exactly max_shard_size bytes in all are one file), and a tensor larger than it gets a file of its own
