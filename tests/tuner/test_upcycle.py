@@ -278,6 +278,18 @@ def test_upcycle_refuses_moe_models_and_layers_holding_more_than_the_ffn_and_cha
     assert not isinstance(net[0], MoEFFN)
 
 
+def test_a_regex_matching_the_empty_name_does_not_select_the_model_itself():
+    """ffn_modules, a regex that also matches "" (r"0?"), selects the model's named modules only: the model itself
+    (named "") is never an FFN to replace."""
+    net = nn.Sequential(_ActivatedMLP(nn.ReLU()))
+    x = torch.randn(3, 8)
+    expected = net(x)
+    assert upcycle_ffn(net, 2, 2, ffn_modules=r"0?", in_proj="fc1", out_proj="fc2", activation=nn.ReLU(),
+                       router="threshold", threshold_eps=0.0) == ["0"]
+    assert isinstance(net[0], MoEFFN)
+    torch.testing.assert_close(net(x), expected)
+
+
 # ------------------------------------------------------------- fused gate/up projections (Phi-3)
 
 def tiny_glm(num_layers=2):
