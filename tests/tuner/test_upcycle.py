@@ -241,6 +241,19 @@ def test_upcycled_modules_take_the_training_mode_of_what_they_replace(make, trai
     assert all(m.training == training for m in model.modules())
 
 
+def test_ffns_inside_a_module_an_adapter_saves_are_refused():
+    """An FFN inside a module an adapter saves whole (modules_to_save=["layers.0"]: its wrapper holds the original
+    layer and the trained copy, both with their MLP) is refused before any change, naming the adapter and the saved
+    module: upcycling would change the modules that adapter saves and restores."""
+    model = moelora.get_moelora_model(tiny_llama(num_layers=2), moelora.MoELoRAConfig(
+        target_modules=["q_proj"], num_experts=1, modules_to_save=["layers.0"]))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.original_module\.mlp: adapter 'default' has a module "
+                                         r"at model\.layers\.0, which upcycling"):
+        upcycle_ffn(model, num_experts=2, top_k=1)
+    assert [type(m) for m in model.modules()] == before
+
+
 def test_get_moelora_model_keeps_upcycled_experts_trainable():
     model = tiny_bert()
     upcycle_ffn(model, num_experts=2, top_k=1)
