@@ -694,6 +694,16 @@ def test_checkpoints_saved_before_fused_mlps_were_found_replay_without_them(tmp_
     assert upcycle_ffn(_llama_with_a_fused_mlp(), 2, 1) == ["model.layers.0.mlp", "model.layers.1.mlp"]
 
 
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_fused_gate_up_must_be_a_bool(value):
+    """fused_gate_up other than a bool raises TypeError naming it, before any change (a truthy "no" would find the
+    fused MLPs, a falsy 0 or None leave them out)."""
+    model = tiny_phi3()
+    with pytest.raises(TypeError, match=rf"^fused_gate_up must be a bool, got {type(value).__name__} "):
+        upcycle_ffn(model, 2, 1, fused_gate_up=value)
+    assert not any(isinstance(m, MoEFFN) for m in model.modules())
+
+
 def test_moeffn_top1_warns_with_its_own_advice():
     """MoEFFN normalises the kept gates, so at top_k=1 every gate is 1 and the router learns from the aux
     losses alone: it warns so, and not the Router's advice (router_renormalize=False, which MoEFFN does not
