@@ -243,6 +243,31 @@ def test_merge_task_routed_layer_for_chosen_task_and_reject_learned_router():
         routed.merge_adapter()
 
 
+def test_merges_of_a_model_with_task_routed_and_static_layers_leave_the_static_layers_taskless():
+    """A static layer's merge is for no task: merge_adapter(task=1) on a model that also has task-routed layers
+    records none for it (merged_task None), so merge_and_unload(task=1) keeps a static layer merged by itself
+    (not "merged for task None, not task 1"); unmerge_adapter leaves the layers that are not merged alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(moelora.MoELoRALinear(torch.nn.Linear(8, 8), num_experts=3, r=4, router="task"),
+                                moelora.MoELoRALinear(torch.nn.Linear(8, 8), num_experts=1, r=4))
+    _perturb_all_adapters(model)
+    x = torch.randn(5, 8)
+    moelora.set_task_ids(model, 1)
+    expected = model(x)
+    moelora.set_task_ids(model, None)
+    moelora.merge_adapter(model, task=1)
+    assert [(layer.merged, layer.merged_task) for layer in model] == [(True, 1), (True, None)]
+    moelora.unmerge_adapter(model)
+    moelora.unmerge_adapter(model)  # nothing is merged: nothing to do
+    model[1].merge()
+    moelora.unmerge_adapter(model)  # the static layer alone is merged: it unmerges, the other is left alone
+    assert not any(layer.merged for layer in model)
+    model[1].merge()
+    plain = moelora.merge_and_unload(model, task=1)
+    assert all(type(m) is torch.nn.Linear for m in plain)
+    torch.testing.assert_close(plain(x), expected)
+
+
 @pytest.mark.parametrize("task", [True, 1.0, "1"], ids=repr)
 def test_a_task_that_is_not_an_int_is_refused_naming_it(tmp_path, task):
     """task=True passed the range check as 1 and indexed lora_gamma as a bool mask: a shape error
