@@ -821,6 +821,21 @@ def test_merge_and_unload_takes_peft_s_progressbar_and_adapter_names(capsys):
     torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=0)
 
 
+def test_functional_merge_and_unload_of_a_wrapper_keeps_its_inactive_adapters_layers():
+    """moelora.merge_and_unload / moelora.unload given the wrapper itself replace the active adapter's layers by
+    their base layers and leave the layers of an inactive adapter (which run nothing) as they are."""
+    config = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1, r=4)
+    for unload in (moelora.merge_and_unload, moelora.tuner.merge.unload):
+        model = get_moelora_model(tiny_llama(num_layers=2), config)
+        model.add_adapter("other", MoELoRAConfig(target_modules=["q_proj"], num_experts=1, r=4))
+        stored = list(model.inactive_adapters["other"].layers)
+        assert len(stored) == 2 and all(isinstance(m, MoELoRALinear) for m in stored)
+        assert unload(model) is model
+        assert not any(isinstance(m, MoELoRALinear) for m in model.model.modules())
+        assert list(model.inactive_adapters["other"].layers) == stored
+
+
+
 def test_inference_mode_and_adapter_names_as_peft_s(tmp_path):
     """MoELoRAConfig(inference_mode=True) builds a frozen adapter, as PEFT's LoraConfig(inference_mode=True) does
     (get_moelora_model; add_adapter: frozen when activated); from_pretrained / load_adapter set it to
