@@ -823,7 +823,7 @@ def test_merge_and_unload_takes_peft_s_progressbar_and_adapter_names(capsys):
 
 def test_functional_merge_and_unload_of_a_wrapper_keeps_its_inactive_adapters_layers():
     """moelora.merge_and_unload / moelora.unload given the wrapper itself replace the active adapter's layers by
-    their base layers and leave the layers of an inactive adapter (which run nothing) as they are."""
+    their base layers and leave the layers of an inactive adapter (which run nothing) as they are, unmerged."""
     config = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1, r=4)
     for unload in (moelora.merge_and_unload, moelora.tuner.merge.unload):
         model = get_moelora_model(tiny_llama(num_layers=2), config)
@@ -833,6 +833,7 @@ def test_functional_merge_and_unload_of_a_wrapper_keeps_its_inactive_adapters_la
         assert unload(model) is model
         assert not any(isinstance(m, MoELoRALinear) for m in model.model.modules())
         assert list(model.inactive_adapters["other"].layers) == stored
+        assert not any(m.merged for m in stored)
 
 
 
