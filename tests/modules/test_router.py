@@ -679,6 +679,8 @@ def test_load_balancing_loss_refuses_shapes_of_other_tokens_naming_the_argument(
         load_balancing_loss(r.probs, r.ids, 4, mask=torch.ones(9, dtype=torch.bool))
     with pytest.raises(ValueError, match="num_experts must be an int >= 1, got 0"):
         load_balancing_loss(r.probs[:, :0], r.ids, 0)
+    with pytest.raises(ValueError, match="num_experts must be an int >= 1, got True"):  # not taken as 1
+        load_balancing_loss(r.probs[:, :1], torch.zeros(10, 1, dtype=torch.long), True)
     # the same tokens in another leading shape are fine
     mask = torch.ones(2, 5, dtype=torch.long)
     torch.testing.assert_close(load_balancing_loss(r.probs.view(2, 5, 4), r.ids.view(2, 5, 2), 4, mask=mask),
@@ -692,6 +694,8 @@ def test_aux_loss_functions_refuse_inputs_of_other_kinds_naming_them():
     r = softmax_topk(_logits(t=10, e=4), 2)
     with pytest.raises(TypeError, match=r"^ids must be an integer tensor \(expert ids\), got torch.float32$"):
         moelora.load_balancing_loss(r.probs, r.ids.float() + 0.7, 4)
+    with pytest.raises(TypeError, match=r"^ids must be an integer tensor \(expert ids\), got torch.bool$"):
+        moelora.load_balancing_loss(r.probs, r.ids > 0, 4)  # not experts 0 and 1
     with pytest.raises(TypeError, match=r"^probs must be floating point \(router probabilities\), got torch.int64$"):
         moelora.load_balancing_loss(r.probs.long(), r.ids, 4)
     with pytest.raises(ValueError, match=r"^logits must have shape \[\.\.\., E\] with E >= 1, got \(\)$"):
