@@ -711,6 +711,8 @@ def test_aux_loss_functions_refuse_inputs_of_other_kinds_naming_them():
         moelora.load_balancing_loss(r.probs.long(), r.ids, 4)
     with pytest.raises(ValueError, match=r"^logits must have shape \[\.\.\., E\] with E >= 1, got \(\)$"):
         moelora.router_z_loss(torch.randn(()))
+    with pytest.raises(ValueError, match=r"^logits must have shape \[\.\.\., E\] with E >= 1, got \(3, 0\)$"):
+        moelora.router_z_loss(torch.randn(3, 0))
 
 
 def test_load_balancing_loss_refuses_ids_out_of_range_naming_them():
