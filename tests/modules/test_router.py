@@ -690,12 +690,15 @@ def test_load_balancing_loss_refuses_shapes_of_other_tokens_naming_the_argument(
 
 def test_masked_statistics_of_padding_only_are_zero_not_nan():
     """A mask with no real token (a batch of padding only) gives a load of 0, a load-balancing loss of 0 and an
-    entropy of 0 (the real-token count is taken as at least 1), not 0 / 0."""
+    entropy of 0 (the real-token count is taken as at least 1), not 0 / 0; so do no tokens, z-loss included."""
     r = softmax_topk(_logits(t=10, e=4), 2)
     none = torch.zeros(10, dtype=torch.bool)
     assert expert_load(r.ids, 4, mask=none).tolist() == [0.0] * 4
     assert load_balancing_loss(r.probs, r.ids, 4, mask=none).item() == 0.0
     assert routing_entropy(r.probs, none).item() == 0.0
+    # no tokens at all: 0 as well, z-loss included
+    assert router_z_loss(torch.randn(0, 4)).item() == 0.0 and routing_entropy(torch.rand(0, 4)).item() == 0.0
+    assert load_balancing_loss(torch.rand(0, 4), torch.zeros(0, 2, dtype=torch.long), 4).item() == 0.0
 
 
 def test_aux_loss_functions_refuse_inputs_of_other_kinds_naming_them():
