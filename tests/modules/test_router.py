@@ -831,6 +831,23 @@ def test_routing_aux_losses_kernel_matches_the_formula(mode, top_k):
     assert rel_err(grad, ref_grad) < 1e-12
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_aux_losses_formula_of_the_routing_statistics(T):
+    """aux_losses (the PyTorch twin of the fused layer's aux loss) from counts, prob_sums and lse: lb = E (c / T) .
+    (P / T), z = mean lse^2, loss = lb_coef lb + z_coef z, stats detached; a single token (T = 1) included."""
+    from moelora.ops.losses import aux_losses
+    from moelora.ops.routing_modes import route_logits
+
+    logits = torch.randn(T, 5, dtype=torch.float64, requires_grad=True)
+    routing = route_logits(logits, "softmax_topk", 2)
+    loss, stats = aux_losses(routing.counts, routing.prob_sums, routing.lse, 0.3, 0.7)
+    lb = 5 * (routing.counts.double() / T).dot(torch.softmax(logits, -1).mean(0))
+    z = torch.logsumexp(logits, -1).square().mean()
+    torch.testing.assert_close(stats, torch.stack([lb, z]).detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, 0.3 * lb + 0.7 * z, rtol=1e-12, atol=0)
+    assert loss.requires_grad and not stats.requires_grad
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "threshold"])
 def test_aux_loss_kernels_pass_gradcheck(mode, masked):
