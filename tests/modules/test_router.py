@@ -848,6 +848,23 @@ def test_aux_losses_formula_of_the_routing_statistics(T):
     assert loss.requires_grad and not stats.requires_grad
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "kernel"])
+def test_masked_aux_losses_count_the_kept_slots_of_real_tokens_with_count_kept(kernels):
+    """masked_aux_losses' counts: the real tokens' slots, with count_kept (threshold routing) only those of weight
+    > 0, on either path (the PyTorch ops, or where the Triton kernels run, the kernel)."""
+    from moelora.ops.losses import masked_aux_losses
+
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [0, 3], [3, 3], [1, 0]])
+    weights = torch.tensor([[0.5, 0.0], [0.3, 0.7], [0.0, 0.0], [1.0, 0.2], [0.4, 0.0], [0.6, 0.4]],
+                           dtype=torch.float64)
+    mask = torch.tensor([True, True, True, True, True, False])
+    with moelora.use_backend("triton" if kernels else "torch"):
+        kept = masked_aux_losses(logits, ids, weights, mask, 0.3, 0.7, count_kept=True, kernels=kernels)[2]
+        every = masked_aux_losses(logits, ids, weights, mask, 0.3, 0.7, kernels=kernels)[2]
+    assert kept.tolist() == [2, 0, 1, 3] and every.tolist() == [2, 2, 2, 4]
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "threshold"])
 def test_aux_loss_kernels_pass_gradcheck(mode, masked):
