@@ -951,6 +951,20 @@ def test_top_1_with_a_renormalised_gate_warns_that_the_task_loss_cannot_train_th
     assert largest < 1e-12 if warns else largest > 1e-3
 
 
+def test_top_1_warning_names_the_callers_line_and_a_single_expert_does_not_warn():
+    """The top-1 warning is attributed to the code constructing the Router (stacklevel 2), not to router.py; a
+    router of one expert (no routing choice to learn) does not warn."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Router(8, 4, 1)
+        Router(8, 1, 1)
+        Router(8, 1, 1, mode="threshold")
+    messages = [w for w in caught if "top_k=1" in str(w.message)]
+    assert len(messages) == 1 and messages[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]
+
+
 def test_threshold_routing_counts_the_same_slots_on_every_path_when_the_softmax_saturates():
     """Threshold routing at eps 0 (the default) with large logits (a saturated softmax, e.g. a
     half-precision model's large activations): a top-n slot whose probability underflows to 0
