@@ -45,6 +45,18 @@ def test_logits_computed_in_fp32_for_half_inputs():
     assert r.logits.dtype == torch.float32 and r.weights.dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+def test_router_weight_is_made_in_fp32_whatever_the_default_dtype(default):
+    """The router's weight is created in fp32 (its logits are fp32), not in the default dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        router = Router(8, 4, 2)
+    finally:
+        torch.set_default_dtype(previous)
+    assert router.weight.dtype == torch.float32
+
 BAD_ROUTER_INPUTS = {
     "wider": (lambda: torch.randn(3, 9), ValueError, r"^x must have shape \[\.\.\., d_in = 8\], got \(3, 9\)$"),
     "narrower": (lambda: torch.randn(3, 7), ValueError, r"^x must have shape \[\.\.\., d_in = 8\], got \(3, 7\)$"),
