@@ -515,6 +515,24 @@ def test_router_jitter_only_in_training():
     assert not torch.equal(router.logits(x), router.logits(x))
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_jitters_its_input_on_every_backend_with_fp32_factors(backend, dtype):
+    """In training the logits are (x * factors) W^T on both backends (the Triton logits kernel, which cannot
+    jitter, is left for the PyTorch formula), the factors drawn in fp32 whatever x's dtype."""
+    router = Router(8, 4, 2, jitter_noise=0.5).train()
+    x = torch.randn(16, 8).to(dtype)
+    torch.manual_seed(7)
+    factors = router.jitter_factors(x)
+    assert factors.dtype == torch.float32 and factors.shape == x.shape
+    expected = (x.double() * factors.double()) @ router.weight.detach().double().t()
+    torch.manual_seed(7)
+    with moelora.use_backend(backend):
+        got = router.logits(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
 def test_nan_logits_give_in_range_ids():
     logits = torch.full((4, 5), float("nan"))
     for r in (softmax_topk(logits, 2), topk_softmax(logits, 2), threshold_routing(logits, 2, 0.1, True)):
