@@ -196,6 +196,30 @@ def test_threshold_training_keeps_with_probability_p_over_eps():
     assert bool((r.weights[:, 0] > 0).all())
 
 
+def test_router_draws_threshold_noise_only_in_training_with_an_eps_that_can_be_positive():
+    """Router.forward (MoEFFN's) draws threshold routing's [T, top_k] fp32 uniforms in training where eps can be
+    > 0 (eps_end > 0, or a ramp: from eps_start 0.5 down to an eps_end of 0 too) and routes with them; eval
+    routes deterministically without them, and an eps of 0 throughout (every top-n slot kept) leaves the RNG."""
+    from moelora.ops.routing_modes import route_logits
+
+    x = torch.randn(64, 8)
+    router = Router(8, 4, 3, mode="threshold", eps_start=0.5, eps_end=0.0, eps_ramp_steps=10).train()
+    torch.manual_seed(3)
+    noise = router.threshold_noise(64, x.device)
+    assert noise is not None and noise.shape == (64, 3) and noise.dtype == torch.float32
+    torch.manual_seed(3)
+    got = router(x)
+    expected = route_logits(router.logits(x), "threshold", 3, True, router.scheduled_eps(), noise)
+    assert torch.equal(got.weights, expected.weights) and bool((got.weights == 0).any())
+    for r in (router.eval(), Router(8, 4, 3, mode="threshold").train()):
+        state = torch.get_rng_state()
+        assert r.threshold_noise(64, x.device) is None
+        got = r(x)
+        assert torch.equal(torch.get_rng_state(), state)
+        expected = route_logits(r.logits(x), "threshold", 3, True, r.scheduled_eps(), None)
+        assert torch.equal(got.weights, expected.weights)
+
+
 def test_threshold_schedule_is_linear_and_stepped_by_trainer():
     router = Router(4, 4, 2, mode="threshold", eps_start=0.0, eps_end=0.2, eps_ramp_steps=10)
     assert router.eps == 0.0
