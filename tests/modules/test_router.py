@@ -262,6 +262,7 @@ def test_router_steps_are_non_negative_ints(n):
     for step in (router.step, lambda n: moelora.step_routers(torch.nn.Sequential(), n)):  # (no router there)
         with pytest.raises(ValueError, match="n must be a non-negative int"):
             step(n)
+    router.step(0)  # no step: allowed, counts nothing
     router.step(np.int64(3))
     router.step(2 ** 32)  # the most one call adds: the int64 counter cannot wrap around to a negative count
     assert int(router.num_steps) == 3 + 2 ** 32 and router.eps == 0.2
@@ -971,6 +972,11 @@ def test_router_checks_its_arguments_as_the_layers_fields(layer_kwargs):
     with pytest.raises(type(layer_error.value)) as error:
         Router(8, **{"num_experts": 4, "top_k": 2, "mode": "threshold", name: value})
     assert str(error.value) == str(layer_error.value).replace(field, name, 1)
+
+
+def test_router_repr_names_its_mode_and_top_k():
+    assert repr(Router(8, 4, 2, mode="threshold")) == ("Router(in_features=8, out_features=4, bias=False, "
+                                                       "mode=threshold, top_k=2)")
 
 
 def test_router_buffers_live_on_the_router_device():
