@@ -563,6 +563,18 @@ def test_masked_statistics_read_the_real_token_count_on_the_host_once():
     torch.testing.assert_close(values["load"].sum().as_subclass(torch.Tensor), torch.tensor(2.0))  # top_k per token
 
 
+
+def test_router_stats_are_detached_and_know_only_their_keys():
+    """RouterStats' values are detached whatever it is given (aux statistics carrying a graph too), and a key
+    that is not a statistic raises KeyError (so ``in`` and ``get`` answer as for a dict)."""
+    logits = torch.randn(4, 3, requires_grad=True)
+    aux_stats = torch.stack([logits.sum(), logits.square().sum()])
+    stats = RouterStats(torch.tensor([2.0, 3.0, 3.0], requires_grad=True), logits, aux_stats, 4)
+    assert all(not stats[key].requires_grad for key in stats)
+    assert "loss" not in stats and stats.get("loss") is None
+    with pytest.raises(KeyError):
+        stats["loss"]
+
 @pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
 @pytest.mark.parametrize("given", ["aux_loss_mask_from", "per_call"])
 def test_a_mask_named_by_argument_fits_a_cached_decoding_step(given, cache_name):
