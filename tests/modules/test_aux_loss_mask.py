@@ -245,6 +245,18 @@ def test_bad_masks_raise_naming_what_was_expected():
         layer.last_router_stats["load"]
 
 
+def test_a_layer_reads_the_mask_on_the_device_its_forward_routes_on():
+    """The mask is held on the device of the first module's parameters at set time; a layer on another device (a model
+    split over devices, or moved after the mask was set) reads it on its own device: a forward on the meta device here
+    (no accelerator needed) gets a meta mask, a host forward the held one itself."""
+    layer = _layer("softmax_topk")
+    moelora.set_aux_loss_mask(layer, MASK)
+    held = layer.aux_loss_mask
+    assert layer.aux_loss_mask_of(10, torch.device("cpu")) is held
+    moved = layer.aux_loss_mask_of(10, torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (10,) and moved.dtype == torch.bool
+
+
 def test_router_stats_of_a_model_leave_out_a_module_that_routed_only_padding():
     """moelora.router_stats (what a logging step calls) over an all-padding batch: the modules whose
     statistics are undefined (no real token) are left out instead of raising for the whole model;
