@@ -260,3 +260,39 @@ def test_a_checkpoint_around_the_wrapper_keeps_the_record_and_trains_the_router_
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(aux_ckpt, aux, rtol=1e-12, atol=1e-12)
     assert stats_ckpt.keys() == stats.keys() and len(stats) == 4
+
+
+def test_a_recording_block_nested_in_another_leaves_the_outer_one_recording():
+    """moelora.modules.routed.recording_in_backward (a wrapper's forward recomputed in backward) puts back what it
+    found: a block nested in another (a wrapper inside a wrapper) leaves the outer block recording, so the layers
+    that run after it in the outer forward still record; after the outer block, a recomputation stores nothing."""
+    from moelora.modules.routed import recording_in_backward
+
+    torch.manual_seed(0)
+    layer = moelora.MoELoRALinear(nn.Linear(8, 8), num_experts=4, top_k=2, r=2).train()
+    x = torch.randn(3, 8)
+    recorded = []
+
+    def records():  # whether a forward here replaces the layer's record
+        before = layer.last_aux_loss
+        layer(x)
+        return layer.last_aux_loss is not before
+
+    class InBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            with torch.enable_grad():
+                recorded.append(records())
+                with recording_in_backward():
+                    with recording_in_backward():
+                        recorded.append(records())
+                    recorded.append(records())
+                recorded.append(records())
+            return grad
+
+    InBackward.apply(torch.ones(2, requires_grad=True)).sum().backward()
+    assert recorded == [False, True, True, False]
