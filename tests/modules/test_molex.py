@@ -1287,6 +1287,21 @@ def test_an_aux_loss_computed_without_gradients_is_flagged_lost_in_training_mode
     assert not molex.aux_loss_lost_grad
 
 
+def test_a_cleared_or_copied_record_drops_the_lost_gradient_flag():
+    """clear_routing_record forgets the lost-gradient flag with the loss it was about, and a copy (which starts with no
+    record) starts unflagged; the original keeps its record and its flag."""
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8)
+    with torch.no_grad():
+        stack(torch.randn(2, 3, 8))
+    assert molex.aux_loss_lost_grad and molex.last_aux_loss is not None
+    for clone in (copy.deepcopy(stack), pickle.loads(pickle.dumps(stack))):
+        assert clone.molex.last_aux_loss is None and not clone.molex.aux_loss_lost_grad
+    assert molex.aux_loss_lost_grad and molex.last_aux_loss is not None
+    molex.clear_routing_record()
+    assert molex.last_aux_loss is None and molex.last_router_stats is None and not molex.aux_loss_lost_grad
+
+
 def test_a_mask_wider_than_the_hidden_states_gives_its_last_columns():
     """A mask over more tokens than the forward's (a KV cache's earlier tokens first) marks the forward's tokens
     in its last columns: the same as the mask cut to them."""
