@@ -132,6 +132,26 @@ def test_masked_forward_records_what_the_real_tokens_alone_give(backend, kind):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_threshold_routing_loads_count_only_the_kept_slots(backend):
+    """Threshold routing drops slots (weight 0); its masked load counts the real tokens' kept slots only, as the
+    unmasked load of the real tokens alone does (eval: a slot is kept iff its share of the top-k is >= eps)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    base.register_forward_hook(lambda module, args, out: out)  # the composed path: the loss computed from the routing
+    layer = MoELoRALinear(base, num_experts=4, top_k=2, r=4, router="threshold", init_lora_weights=False,
+                          threshold_eps=0.45).eval()
+    x = torch.randn(2, 5, 16)
+    with moelora.use_backend(backend):
+        with moelora.use_aux_loss_mask(layer, MASK):
+            layer(x)
+        masked = layer.last_router_stats["load"]
+        layer(x[MASK.bool()])
+    alone = layer.last_router_stats["load"]
+    assert masked.sum() < 2  # some slots were dropped
+    torch.testing.assert_close(masked, alone)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_all_true_mask_gives_the_unmasked_loss_output_and_gradients(backend):
     layer = _layer("softmax_topk")
     x = torch.randn(2, 5, 16, requires_grad=True)
