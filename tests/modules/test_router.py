@@ -979,6 +979,27 @@ def test_router_repr_names_its_mode_and_top_k():
                                                        "mode=threshold, top_k=2)")
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "composed"])
+def test_a_layers_aux_loss_without_gradients_is_flagged_lost_in_training_mode_only(hooked):
+    """A routed layer's no_grad forward in training mode flags its stored aux loss as lost (aux_loss_lost_grad);
+    an evaluation forward (eval mode, no_grad) is not flagged, nor a training forward with gradients."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    if hooked:  # a forward hook on the base layer: the composed path
+        base.register_forward_hook(lambda module, args, out: out)
+    layer = moelora.MoELoRALinear(base, num_experts=4, top_k=2, r=2).train()
+    x = torch.randn(5, 8)
+    layer(x)
+    assert not layer.aux_loss_lost_grad and layer.last_aux_loss.requires_grad
+    with torch.no_grad():
+        layer(x)
+    assert layer.aux_loss_lost_grad and not layer.last_aux_loss.requires_grad
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert not layer.aux_loss_lost_grad
+
+
 def test_router_buffers_live_on_the_router_device():
     """The threshold schedule's step counter is created where the router's weight is: a layer
     built over a GPU base reads it on the GPU (the fused kernels take its pointer)."""
