@@ -69,6 +69,12 @@ def test_round_trip_replays_upcycling_and_molex(tmp_path, upcycle_first):
     assert torch.equal(loaded(ids).last_hidden_state, expected)
     saved = moelora.persistence.adapter_state_dict(model)
     assert any(".intermediate.w_in" in n for n in saved) and any(n.startswith("molex.") for n in saved)
+    # the records are saved in the order the edits were applied, and replayed in it: the loaded model saves them so
+    structure = json.loads((tmp_path / "moelora_config.json").read_text())["structure"]
+    order = ["upcycle_ffn", "apply_molex"] if upcycle_first else ["apply_molex", "upcycle_ffn"]
+    assert [r["op"] for r in structure] == order
+    loaded.save_pretrained(str(tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "moelora_config.json").read_text())["structure"] == structure
 
 
 class _Block(torch.nn.Module):
