@@ -75,6 +75,10 @@ def test_failed_load_leaves_the_model_untouched_and_a_retry_works(saved):
     ("structure_without_kwargs", ValueError, r"moelora_config.json: structure entry 0 must be \{\"op\": \.\.\., "
                                              r"\"kwargs\""),
     ("structure_unknown_op", ValueError, r"moelora_config.json: structure entry 0: unknown structural edit 'rm_rf'"),
+    ("structure_an_object", ValueError, r"moelora_config.json: \"structure\" must be a list of \{\"op\", \"kwargs\"\} "
+                                        r"entries, got dict"),
+    ("structure_without_op", ValueError, r"moelora_config.json: structure entry 0 must be \{\"op\": \.\.\., "),
+    ("structure_entry_a_string", ValueError, r"moelora_config.json: structure entry 0 must be \{\"op\": \.\.\., "),
 ])
 def test_broken_files_raise_errors_naming_the_file_before_touching_the_model(saved, corrupt, error, match):
     directory, _ = saved
@@ -96,6 +100,12 @@ def test_broken_files_raise_errors_naming_the_file_before_touching_the_model(sav
         config_path.write_text(json.dumps(dict(config, colour="red")))
     elif corrupt == "structure_without_kwargs":
         config_path.write_text(json.dumps(dict(config, structure=[{"op": "apply_molex"}])))
+    elif corrupt == "structure_an_object":
+        config_path.write_text(json.dumps(dict(config, structure=config["structure"][0])))
+    elif corrupt == "structure_without_op":
+        config_path.write_text(json.dumps(dict(config, structure=[{"kwargs": {}}])))
+    elif corrupt == "structure_entry_a_string":
+        config_path.write_text(json.dumps(dict(config, structure=["apply_molex"])))
     else:
         config_path.write_text(json.dumps(dict(config, structure=[{"op": "rm_rf", "kwargs": {}}])))
     base = tiny_llama(num_layers=2)
@@ -181,6 +191,8 @@ def test_allow_listed_activations_round_trip_by_name(tmp_path, activation, name)
     model.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "moelora_config.json").read_text())["structure"]
     assert saved[0]["kwargs"]["activation"] == name
+    model.save_pretrained(str(tmp_path / "again"))  # saving left the model's record as it was
+    assert json.loads((tmp_path / "again" / "moelora_config.json").read_text())["structure"] == saved
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert torch.equal(moelora.from_pretrained(_fresh(), str(tmp_path))(x), model(x))
@@ -188,6 +200,18 @@ def test_allow_listed_activations_round_trip_by_name(tmp_path, activation, name)
 
 def test_saving_an_activation_outside_the_allow_list_fails_at_save_time(tmp_path):
     model = _upcycled(my_activation)  # importable by its dotted name, but not allow-listed
+    with pytest.raises(ValueError, match=r"cannot be saved by name: checkpoints name activations from an allow-list"):
+        model.save_pretrained(str(tmp_path))
+
+
+def test_a_subclass_of_an_allow_listed_activation_module_is_not_saved_by_its_bases_name(tmp_path):
+    activations = pytest.importorskip("transformers.activations")
+
+    class Doubled(activations.NewGELUActivation):  # its state is NewGELUActivation's: only its class tells
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = _upcycled(Doubled())
     with pytest.raises(ValueError, match=r"cannot be saved by name: checkpoints name activations from an allow-list"):
         model.save_pretrained(str(tmp_path))
 
@@ -202,7 +226,10 @@ def test_loading_names_outside_the_allow_list_imports_nothing(tmp_path):
         model.save_pretrained(str(tmp_path / "ckpt"))
         config_path = tmp_path / "ckpt" / "moelora_config.json"
         config = json.loads(config_path.read_text())
-        for evil in ("evil_moelora_module.act", "os.system", "builtins.eval"):
+        # torch's own non-activations (torch.load unpickles), an activation's name in another module, and a name
+        # of the allow-list that the namespace does not have are refused as well
+        for evil in ("evil_moelora_module.act", "os.system", "builtins.eval", "torch.load",
+                     "torch.nn.functional.dropout", "numpy.tanh", "torch._C._nn.relu"):
             config["structure"][0]["kwargs"]["activation"] = evil
             config_path.write_text(json.dumps(config))
             base = _fresh()
@@ -221,6 +248,37 @@ def test_names_earlier_checkpoints_hold_still_load():
     assert _structure.resolve_callable("torch._C._nn.gelu") is F.gelu
     assert _structure.resolve_callable("torch.relu") is torch.relu
     assert _structure.resolve_callable("torch.nn.functional.silu") is F.silu
+
+
+def test_replay_checks_every_record_before_it_edits_the_model():
+    from moelora.tuner import structure as _structure
+
+    base = _fresh()
+    before = _fingerprint(base)
+    upcycle = {"op": "upcycle_ffn", "kwargs": dict(num_experts=2, top_k=1, ffn_modules=["mlp"], in_proj="fc1",
+                                                   out_proj="fc2", activation="torch.nn.functional.gelu")}
+    with pytest.raises(ValueError, match=r"^structure entry 1: unknown structural edit 'rm_rf'"):
+        _structure.replay(base, [upcycle, {"op": "rm_rf", "kwargs": {}}])
+    _assert_untouched(base, before)
+    _structure.replay(base, [upcycle])
+    (replayed,) = _structure.to_json(base)  # the records checked, the model is edited
+    assert replayed["op"] == "upcycle_ffn" and replayed["kwargs"].items() >= upcycle["kwargs"].items()
+
+
+@pytest.mark.parametrize("value", [3, ["torch.relu"]])
+def test_an_activation_saved_as_anything_but_a_string_is_refused_naming_it(saved, value):
+    directory, _ = saved
+    config_path = directory / "moelora_config.json"
+    config = json.loads(config_path.read_text())
+    kwargs = dict(num_experts=2, top_k=1, ffn_modules=["mlp"], in_proj="up_proj", out_proj="down_proj",
+                  activation=value)
+    config_path.write_text(json.dumps(dict(config, structure=[{"op": "upcycle_ffn", "kwargs": kwargs}])))
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=rf"moelora_config.json: an activation is saved as a string, "
+                                         rf"got {type(value).__name__} {re.escape(repr(value))}$"):
+        moelora.from_pretrained(base, str(directory))
+    _assert_untouched(base, before)
 
 
 # ---- adapter membership: moelora's modules, not substrings of names ---------------------------
