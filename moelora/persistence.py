@@ -147,7 +147,9 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
     ``max_shard_size`` (bytes, or a string as transformers': "5GB" = 5 * 10**9, "5GiB" = 5 * 2**30; None: no
     limit) splits an adapter's tensors over files of at most that size (a tensor larger than it gets a file of
     its own) with transformers' index ``adapter_model.safetensors.index.json``, where they exceed it. A
-    torch.compile'd MoELoRAModel is saved as the model it compiles."""
+    torch.compile'd MoELoRAModel is saved as the model it compiles. A directory it would write that holds a PEFT
+    checkpoint's ``adapter_config.json`` raises a ValueError before anything is written (its weights file has the
+    name of ours)."""
     model = _uncompiled(model)
     if not getattr(type(model), "is_moelora_model", False):
         raise TypeError(f"save_pretrained writes a MoELoRAModel (get_moelora_model's, which holds the adapters' "
@@ -159,13 +161,27 @@ def save_pretrained(model: nn.Module, save_directory: str, state_dict: Optional[
                          f"selected_adapters asks for {names}: set_adapter first, or save without state_dict")
     if not is_main_process:
         return
-    if state_dict is not None or not model.inactive_adapters:
+    active_only = state_dict is not None or not model.inactive_adapters
+    for name in [model.active_adapter] if active_only else names:  # before anything is written
+        _refuse_other_format(_adapter_directory(save_directory, name), PEFT_CONFIG_NAME,
+                             "a PEFT LoRA checkpoint (export_peft_lora's or PEFT's)")
+    if active_only:
         _save_active_adapter(model, _adapter_directory(save_directory, model.active_adapter), state_dict,
                              shard_bytes)
         return
     for name in names:
         with _adapter_active(model, name):
             _save_active_adapter(model, _adapter_directory(save_directory, name), shard_bytes=shard_bytes)
+
+
+def _refuse_other_format(directory: str, config_name: str, what: str) -> None:
+    """ValueError where ``directory`` holds ``config_name``, the config of the other checkpoint format (``what``):
+    both formats name their weights ``adapter_model.safetensors``, so writing this one there would leave that
+    config describing weights it does not hold (PEFT loads them with a warning only, as an untrained adapter)."""
+    if os.path.isfile(os.path.join(directory, config_name)):
+        raise ValueError(f"{directory} holds {config_name}, {what}, whose {WEIGHTS_NAME} this save would overwrite "
+                         f"(both formats name their weights so): save into another directory, or remove that "
+                         f"checkpoint first")
 
 
 def _shard_bytes(max_shard_size) -> Optional[int]:
@@ -546,7 +562,8 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     ``bias``), its layers' lora_dropout (one value: layers that differ in it raise) and the adapter's task_type and
     base_model_name_or_path (what PEFT's AutoPeftModel classes read). A model with
     upcycled FFNs or MoLEx raises: PEFT has no place for them. A torch.compile'd model exports the model it
-    compiles."""
+    compiles. A ``save_directory`` holding a moelora checkpoint (``moelora_config.json``) raises a ValueError: its
+    weights file has the name of PEFT's."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -587,6 +604,7 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
                         use_rslora=use_rslora, use_dora=use_dora, bias=bias, lora_dropout=dropouts.pop(),
                         modules_to_save=saved_modules or None, task_type=adapter.task_type,
                         base_model_name_or_path=adapter.base_model_name_or_path)
+    _refuse_other_format(save_directory, CONFIG_NAME, "a moelora checkpoint (save_pretrained's)")
     os.makedirs(save_directory, exist_ok=True)
     config.save_pretrained(save_directory)
     save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})

@@ -1039,3 +1039,35 @@ def test_a_compiled_model_exports_the_peft_names_of_the_model_it_compiles(tmp_pa
     ids = token_batch()
     loaded = peft.PeftModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "compiled")).eval()
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_save_into_a_directory_holding_the_other_checkpoint_format_is_refused_and_writes_nothing(tmp_path):
+    """save_pretrained and export_peft_lora both name their weights adapter_model.safetensors: a save into a
+    directory holding the other format's checkpoint overwrote its weights and left its config, which PEFT then read
+    with a warning only ("missing adapter keys": an untrained adapter) and moelora read as a checkpoint that does not
+    fit. Either save now refuses, naming the config, before anything is written (the other adapters' folders too)."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=3, router="task"))
+    _perturb_all_adapters(model)
+    model.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1))
+    peft_dir, ours_dir = tmp_path / "peft", tmp_path / "ours"
+    moelora.export_peft_lora(model, str(peft_dir), task=1)
+    model.save_pretrained(str(ours_dir))
+
+    def contents(directory):
+        return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+    exported, saved = contents(peft_dir), contents(ours_dir)
+    with pytest.raises(ValueError, match=r"peft holds adapter_config\.json, a PEFT LoRA checkpoint .* would overwrite"):
+        model.save_pretrained(str(peft_dir))
+    with pytest.raises(ValueError, match=r"ours holds moelora_config\.json, a moelora checkpoint .* would overwrite"):
+        moelora.export_peft_lora(model, str(ours_dir), task=1)
+    assert contents(peft_dir) == exported and contents(ours_dir) == saved
+    # the adapter "other" is saved in a subfolder: a PEFT checkpoint there is refused before "default" is written
+    mixed = tmp_path / "mixed"
+    moelora.export_peft_lora(model, str(mixed / "other"), task=1)
+    with pytest.raises(ValueError, match=r"other holds adapter_config\.json"):
+        model.save_pretrained(str(mixed))
+    assert sorted(p.name for p in mixed.iterdir()) == ["other"]
+    model.save_pretrained(str(mixed), selected_adapters=["default"])  # a directory the save does not write is fine
+    assert (mixed / "moelora_config.json").is_file()
