@@ -762,6 +762,17 @@ def test_task_type_and_fan_in_fan_out_are_checked_and_a_regex_must_save_the_head
             task_type="SEQ_CLS", target_modules=["query"], modules_to_save=r".*pooler\.dense"))
 
 
+def test_a_peft_task_type_member_is_held_as_its_name():
+    """peft.TaskType.SEQ_CLS (a str enum, whose str() is "TaskType.SEQ_CLS") is held as the plain name, so messages,
+    the saved JSON and a reloaded config read "SEQ_CLS"."""
+    from peft import TaskType
+
+    config = MoELoRAConfig(task_type=TaskType.SEQ_CLS)
+    assert type(config.task_type) is str and str(config.task_type) == "SEQ_CLS"
+    assert type(config.to_dict()["task_type"]) is str
+    assert MoELoRAConfig.from_dict(config.to_dict()).task_type == "SEQ_CLS"
+
+
 def test_safe_merge_refuses_a_non_finite_merged_weight_before_any_layer_merges_as_peft_s():
     """safe_merge=True (PEFT's merge_adapter / merge_and_unload keyword): a NaN in one layer's adapter raises a
     ValueError naming the layer (PEFT raises one too), and no layer is merged, not even those checked before it;
