@@ -138,6 +138,19 @@ def test_num_experts_one_with_top_k_above_is_fine_but_list_with_bad_entry_is_not
         MoELoRAConfig(num_experts=[2, 0])
 
 
+def test_a_config_checks_its_layer_fields_against_an_int_num_experts_when_made():
+    """With one expert count for every layer, a top_k above it (or a task router's count) is refused when the
+    config is made, before any model is built; per-layer counts wait for each layer's (layer_settings)."""
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, num_experts=4\], got 5"):
+        MoELoRAConfig(num_experts=4, top_k=5)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, num_experts=2\], got 3"):
+        MoELoRAConfig(num_experts=2, top_k=3)
+    config = MoELoRAConfig(num_experts=[2, 4], top_k=3)  # layer 0 is checked when its settings are asked for
+    with pytest.raises(ValueError, match=r"layer 0 \(layers\.0\.q\): top_k must be in \[1, num_experts=2\]"):
+        config.layer_settings("layers.0.q", 0, 2)
+    assert config.layer_settings("layers.1.q", 1, 2).num_experts == 4
+
+
 def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     model = get_moelora_model(tiny_llama(), MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts="8228",
                                                           top_k=2, router_aux_loss_coef=0.5, router_z_loss_coef=0.1))
