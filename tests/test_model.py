@@ -151,6 +151,18 @@ def test_a_config_checks_its_layer_fields_against_an_int_num_experts_when_made()
     assert config.layer_settings("layers.1.q", 1, 2).num_experts == 4
 
 
+def test_dora_with_per_layer_expert_counts_checks_each_layers_count():
+    """DoRA needs one expert: a per-layer list of ones is a valid config (the count-dependent checks wait for each
+    layer's count), and a layer given more experts is refused when its settings are made, naming it."""
+    config = MoELoRAConfig(use_dora=True, num_experts=[1, 1], top_k=1)
+    assert config.layer_settings("layers.1.q", 1, 2).use_dora
+    with pytest.raises(ValueError, match=r"layer 0 \(layers\.0\.q\): use_dora needs a single expert"):
+        MoELoRAConfig(use_dora=True, num_experts=[2, 1], top_k=1).layer_settings("layers.0.q", 0, 2)
+    layers = _layers(get_moelora_model(tiny_bert(num_layers=2), MoELoRAConfig(
+        target_modules=["query"], use_dora=True, num_experts=[1, 1], top_k=1)))
+    assert len(layers) == 2 and all(m.use_dora and m.num_experts == 1 for m in layers.values())
+
+
 def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     model = get_moelora_model(tiny_llama(), MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts="8228",
                                                           top_k=2, router_aux_loss_coef=0.5, router_z_loss_coef=0.1))
