@@ -123,6 +123,24 @@ def test_modules_to_save_copy_starts_as_the_original_after_meta_init():
     assert all(p.requires_grad for p in wrapper.modules_to_save.parameters())
 
 
+def test_modules_to_save_wrapper_hands_out_public_attributes_of_the_copy_only():
+    """The wrapper reads the trained copy's public attributes (out_features, weight) but none of its private ones:
+    accelerate's remove_hook_from_module, asked for the wrapper's _hf_hook, would otherwise get the copy's and
+    then fail to delete it from the wrapper."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    wrapper = ModulesToSaveWrapper(nn.Linear(4, 3))
+    assert wrapper.out_features == 3 and wrapper.weight is wrapper.modules_to_save.weight
+    wrapper.modules_to_save._private_note = "copy's own"
+    assert not hasattr(wrapper, "_private_note")
+    add_hook_to_module(wrapper.modules_to_save, ModelHook())
+    assert not hasattr(wrapper, "_hf_hook")
+    remove_hook_from_module(wrapper, recurse=True)
+    assert not hasattr(wrapper.modules_to_save, "_hf_hook")
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(wrapper(x), wrapper.original_module(x))
+
+
 def test_modules_to_save_and_biases_interoperate_with_peft(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
