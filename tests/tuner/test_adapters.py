@@ -769,6 +769,41 @@ def test_task_type_trains_and_saves_the_classifier_head_as_peft_s(tmp_path, modu
     assert reloaded.peft_config["default"].modules_to_save == ours.peft_config["default"].modules_to_save
 
 
+def _task_model(kind):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind.startswith("Llama"):
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                       num_labels=3, pad_token_id=0)
+    else:
+        cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    return getattr(transformers, kind)(cfg).eval()
+
+
+@pytest.mark.parametrize("task_type,kind,head,targets", [
+    ("SEQ_CLS", "LlamaForSequenceClassification", "score", ["q_proj", "v_proj"]),
+    ("TOKEN_CLS", "BertForTokenClassification", "classifier", ["query", "value"]),
+    ("TOKEN_CLS", "LlamaForTokenClassification", "score", ["q_proj", "v_proj"]),
+    ("QUESTION_ANS", "BertForQuestionAnswering", "qa_outputs", ["query", "value"]),
+])
+def test_each_task_type_trains_and_saves_the_head_peft_s_task_model_saves(task_type, kind, head, targets):
+    """PEFT's task models add their heads to modules_to_save (classifier or score for SEQ_CLS / TOKEN_CLS,
+    qa_outputs for QUESTION_ANS); task_type does the same here: that head is wrapped, and the trainable
+    parameters are PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_task_model(kind), LoraConfig(task_type=task_type, r=4, target_modules=targets))
+    ours = get_moelora_model(_task_model(kind), MoELoRAConfig(task_type=task_type, r=4, num_experts=1,
+                                                              target_modules=targets))
+    assert isinstance(getattr(ours.model, head), ModulesToSaveWrapper)
+    assert ours.peft_config["default"].modules_to_save == [head]
+    trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert trainable(ours) == trainable(peft_model)
+
+
 def test_task_type_and_fan_in_fan_out_are_checked_and_a_regex_must_save_the_head():
     with pytest.raises(ValueError, match=r"task_type must be None or one of PEFT's task types"):
         MoELoRAConfig(task_type="CLASSIFY")
