@@ -163,6 +163,16 @@ def test_dora_with_per_layer_expert_counts_checks_each_layers_count():
     assert len(layers) == 2 and all(m.use_dora and m.num_experts == 1 for m in layers.values())
 
 
+@pytest.mark.parametrize("counts", [[2, 3], [2, 3, 4, 2]])
+def test_layer_settings_refuses_a_per_layer_list_of_another_length_than_the_layers(counts):
+    """MoELoRAConfig.layer_settings takes a per-layer count list only with one entry per layer, longer or shorter."""
+    config = MoELoRAConfig(num_experts=counts, top_k=1)
+    with pytest.raises(ValueError, match=rf"layer 1 \(h\.1\.c\): num_experts lists {len(counts)} per-layer counts "
+                                         r"but the model has 3 layers"):
+        config.layer_settings("h.1.c", 1, 3)
+    assert MoELoRAConfig(num_experts=[2, 3, 4], top_k=1).layer_settings("h.1.c", 1, 3).num_experts == 3
+
+
 def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     model = get_moelora_model(tiny_llama(), MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts="8228",
                                                           top_k=2, router_aux_loss_coef=0.5, router_z_loss_coef=0.1))
