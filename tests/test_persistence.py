@@ -140,6 +140,17 @@ def test_callable_num_experts_saves_as_the_per_layer_counts_it_gave(tmp_path):
     assert [m.num_experts for m in loaded.model.modules() if isinstance(m, moelora.MoELoRALinear)] == [4, 6, 8]
 
 
+def test_a_config_with_a_callable_num_experts_refuses_to_serialise_naming_the_fix():
+    """The config itself (not yet listed by a model) cannot hold the callable in JSON: to_dict and to_json_string say
+    so, naming the list to give instead, rather than handing out a dict that json cannot write."""
+    config = MoELoRAConfig(num_experts=lambda layer, n: 2, top_k=1)
+    for serialise in (config.to_dict, config.to_json_string):
+        with pytest.raises(ValueError, match="callable num_experts cannot be saved; give a list instead"):
+            serialise()
+    listed = dataclasses.replace(config, num_experts=[2, 2])
+    assert MoELoRAConfig.from_dict(json.loads(listed.to_json_string())) == listed
+
+
 def test_save_pretrained_of_the_wrapped_model_names_the_wrapper(tmp_path):
     """moelora.save_pretrained needs the MoELoRAModel (it holds the adapters' configs): the model it wraps
     (or any other module) is a TypeError saying so, not an AttributeError, and nothing is written."""
