@@ -151,6 +151,30 @@ def test_a_config_with_a_callable_num_experts_refuses_to_serialise_naming_the_fi
     assert MoELoRAConfig.from_dict(json.loads(listed.to_json_string())) == listed
 
 
+def test_every_config_field_round_trips_through_the_saved_json(tmp_path):
+    """moelora_config.json holds every field: a config with no field at its default (but use_dora and
+    task_shared_lora, which the other values exclude) reads back equal, field by field, through to_json_string /
+    from_dict and through a saved model's moelora_config.json (task_type, modules_to_save, ...)."""
+    config = MoELoRAConfig(
+        r=4, lora_alpha=6.0, lora_dropout=0.1, target_modules=["q_proj"], exclude_modules=["layers.0.self_attn.k_proj"],
+        layers_to_transform=[1], layers_pattern="layers", rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 3.0},
+        use_rslora=True, init_lora_weights="gaussian", bias="lora_only", modules_to_save=["lm_head"],
+        task_type="CAUSAL_LM", fan_in_fan_out=True, base_model_name_or_path="tiny", inference_mode=True,
+        num_experts=[1, 3], top_k=1, router="threshold", router_renormalize=False, router_jitter_noise=0.01,
+        share_lora_a=True, lora_a_dropout=0.05, threshold_eps=0.1, threshold_eps_start=0.2, threshold_ramp_steps=5,
+        router_aux_loss_coef=0.02, router_z_loss_coef=0.002, add_aux_loss_to_output=False)
+    defaults, names = MoELoRAConfig(), [f.name for f in dataclasses.fields(MoELoRAConfig)]
+    changed = [n for n in names if getattr(config, n) != getattr(defaults, n)]
+    assert set(names) - set(changed) == {"use_dora", "task_shared_lora"}
+    again = MoELoRAConfig.from_dict(json.loads(config.to_json_string()))
+    assert {f: getattr(again, f) for f in changed} == {f: getattr(config, f) for f in changed}
+    get_moelora_model(tiny_llama(num_layers=2), dataclasses.replace(config, inference_mode=False)).save_pretrained(
+        str(tmp_path))
+    saved = MoELoRAConfig.from_dict(json.loads((tmp_path / "moelora_config.json").read_text()))
+    assert {f: getattr(saved, f) for f in changed if f != "inference_mode"} == {
+        f: getattr(config, f) for f in changed if f != "inference_mode"}
+
+
 def test_save_pretrained_of_the_wrapped_model_names_the_wrapper(tmp_path):
     """moelora.save_pretrained needs the MoELoRAModel (it holds the adapters' configs): the model it wraps
     (or any other module) is a TypeError saying so, not an AttributeError, and nothing is written."""
