@@ -1129,6 +1129,25 @@ def test_set_adapter_that_cannot_go_in_leaves_the_active_adapters_last_aux_loss_
     assert torch.equal(model.aux_loss(), loss) and model.router_stats().keys() == stats.keys()
 
 
+def test_a_stored_adapters_last_aux_loss_does_not_count_while_another_is_active():
+    """set_adapter takes the outgoing adapter's loss and statistics aside with it: the newly active adapter, which
+    has not run, adds no aux loss (the stored layers, which moelora.aux_loss's walk of the wrapper reaches, hold
+    none), and switching back gives the first adapter its own again."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=4,
+                                                                      top_k=2))
+    model.add_adapter("other", MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2))
+    model.train()
+    model(token_batch(), labels=token_batch())
+    loss = model.aux_loss()
+    assert loss > 0 and len(model.router_stats()) == 2
+    model.set_adapter("other")
+    for aux_loss in (model.aux_loss, lambda: moelora.aux_loss(model), lambda: moelora.aux_loss(model.model)):
+        assert aux_loss().item() == 0
+    assert model.router_stats() == {} and moelora.router_stats(model) == {}
+    model.set_adapter("default")
+    assert torch.equal(model.aux_loss(), loss) and len(model.router_stats()) == 2
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_load_state_dict_of_a_wrapper_with_another_adapter_active_loads_each_adapter_into_its_own_layers(strict):
     """The wrapper's state dict holds the active adapter in the model and each inactive one under
