@@ -101,3 +101,17 @@ def test_layers_to_transform_as_an_int_is_the_list_of_that_layer():
         config = MoELoRAConfig(target_modules=["q_proj"], layers_to_transform=layers, num_experts=2, top_k=2)
         model = get_moelora_model(Stacked(), config).model.stack
         assert [isinstance(block.q_proj, moelora.MoELoRALinear) for block in model] == [False, True, False]
+
+
+@pytest.mark.parametrize("field,value", [("rank_pattern", 4), ("alpha_pattern", 4.0)])
+def test_pattern_keys_are_checked_as_the_regex_matching_reads_them(field, value):
+    """A rank_pattern / alpha_pattern key is matched as ``(.*\\.)?(?:key)$``: a key that compiles alone but not
+    there (a global flag such as ``(?i)``, which must start the whole regex) is refused when the config is made,
+    not by a re.error at injection."""
+    with pytest.raises(ValueError, match=rf"MoELoRAConfig\.{field} must be a dict of module-name patterns"):
+        MoELoRAConfig(**{field: {"(?i)q_proj": value}})
+    model = get_moelora_model(Net(), MoELoRAConfig(target_modules=["q_proj"], num_experts=1, r=2,
+                                                   **{field: {"blk.q_proj": value}}))
+    layer, top = model.model.blk.q_proj, model.model.q_proj
+    assert (layer.r, layer.lora_alpha) == ((4, 8) if field == "rank_pattern" else (2, 4.0))
+    assert (top.r, top.lora_alpha) == (2, 8)
