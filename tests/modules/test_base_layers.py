@@ -163,15 +163,19 @@ def test_layer_over_base_matches_float64_reference(kind, backend):
     _assert_matches_reference(layer, base64, backend)
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "composed"])
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
-def test_half_precision_base_with_fp32_adapters_matches_float64_reference(backend, dtype):
+def test_half_precision_base_with_fp32_adapters_matches_float64_reference(backend, dtype, hooked):
     """A half-precision base (its weight and bias rounded, as the reference's) with the default fp32
     adapters: the output in the base's dtype, within its rounding. (bfloat16 on the torch backend
-    only: the Triton interpreter's bfloat16 is broken.)"""
+    only: the Triton interpreter's bfloat16 is broken.) ``composed``: a forward hook on the base makes
+    the layer run the composed path, which casts x and the base output to the adapters' dtype and back."""
     base = _frozen(_linear()).to(dtype)
-    layer = _layer(base)
+    layer, base64 = _layer(base), copy.deepcopy(base).double()
+    for b in (layer.base_layer, base64) if hooked else ():
+        _hooked(b)
     assert layer.lora_A.dtype == torch.float32
-    _assert_matches_reference(layer, copy.deepcopy(base).double(), backend, dtype=dtype, tol=1e-2)
+    _assert_matches_reference(layer, base64, backend, dtype=dtype, tol=1e-2)
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated:FutureWarning")
