@@ -212,3 +212,25 @@ def test_meta_built_molex_reset_is_the_normally_built_one(gate, learn_alpha):
             y = layer(y)
         m.out = y
     assert torch.isfinite(model.out).all() and torch.equal(model.out, expected.out)
+
+
+@pytest.mark.parametrize("init", [False, "gaussian", True], ids=["random_b", "gaussian", "kaiming"])
+def test_reset_lora_parameters_with_an_init_redraws_the_constructors_adapter_of_that_init(init):
+    """reset_lora_parameters(init_lora_weights) draws the adapter the constructor draws with that init (PEFT's
+    argument), from the same seed, whatever the layer was built with; reset_lora_parameters() then draws the
+    layer's own setting again."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, dtype=D)
+    kwargs = dict(num_experts=3, top_k=2, r=4)
+    own = "gaussian" if init != "gaussian" else False
+    seeded = torch.get_rng_state()
+    expected = MoELoRALinear(base, init_lora_weights=init, **kwargs)
+    torch.set_rng_state(seeded)
+    expected_own = MoELoRALinear(base, init_lora_weights=own, **kwargs)
+    layer = MoELoRALinear(base, init_lora_weights=own, **kwargs)
+    torch.set_rng_state(seeded)
+    layer.reset_lora_parameters(init)
+    _assert_same_state(layer, expected)
+    torch.set_rng_state(seeded)
+    layer.reset_lora_parameters()
+    _assert_same_state(layer, expected_own)
