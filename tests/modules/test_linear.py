@@ -581,3 +581,25 @@ def test_dora_with_bias_matches_float64_reference_on_both_paths(hooked):
     norm = torch.linalg.norm(w + s * b @ a, dim=1)
     expected = layer.lora_magnitude_vector / norm * (x @ w.t() + s * x @ a.t() @ b.t()) + base.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_dora_lora_dropout_changes_nothing_in_eval_on_the_composed_path():
+    """LoRA dropout is inert in eval: a DoRA layer with lora_dropout=0.3 computes what the same layer with
+    lora_dropout=0 does, on the composed path too (a base layer with a forward hook that changes its output):
+    in eval, PEFT's DoRA takes the base output less its bias, not a second GEMM x W^T, which the hooked base's
+    output need not equal."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10).double()
+    base.register_forward_hook(lambda module, args, out: out - 0.25)
+    outputs = []
+    for p in (0.0, 0.3):
+        torch.manual_seed(1)
+        layer = MoELoRALinear(base, num_experts=1, r=4, lora_alpha=8, use_dora=True, lora_dropout=p).double()
+        with torch.no_grad():
+            layer.lora_B.normal_()
+            layer.lora_magnitude_vector.mul_(torch.rand(10, dtype=torch.float64) + 0.5)
+        x = torch.randn(3, 5, 12, dtype=torch.float64)
+        outputs.append(layer.eval()(x))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
+    # the adapter is live: its output is not the hooked base's
+    assert (outputs[1] - base(x)).abs().max() > 1e-3
