@@ -603,3 +603,26 @@ def test_dora_lora_dropout_changes_nothing_in_eval_on_the_composed_path():
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
     # the adapter is live: its output is not the hooked base's
     assert (outputs[1] - base(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "composed"])
+def test_dora_with_a_shared_a_matches_float64_reference(hooked):
+    """DoRA over MoSLD's shared A (lora_A [r, d_in], no expert dim): m / ||W + s B A||_row (.) (x W^T + s B A x) + b,
+    the norm read from the shared A itself, at init (the magnitude starts at the row norms) and with trained
+    factors, on the fused path and on the composed one (a base layer with a forward hook)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).double()
+    layer = MoELoRALinear(base, num_experts=1, r=4, lora_alpha=8, use_dora=True, share_lora_a=True,
+                          init_lora_weights=False).double().eval()
+    assert layer.lora_A.shape == (4, 16)
+    s, a, b, w = layer.scaling, layer.lora_A, layer.lora_B[0], base.weight
+    torch.testing.assert_close(layer.lora_magnitude_vector, torch.linalg.norm(w + s * b @ a, dim=1),
+                               rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(torch.rand(12, dtype=torch.float64) + 0.5)
+    if hooked:
+        base.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    norm = torch.linalg.norm(w + s * b @ a, dim=1)
+    expected = layer.lora_magnitude_vector / norm * (x @ w.t() + s * x @ a.t() @ b.t()) + base.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
