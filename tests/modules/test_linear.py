@@ -143,6 +143,7 @@ def test_missing_task_ids_raise():
     (dict(lora_a_dropout=1.0, share_lora_a=True), "lora_a_dropout must be in"),
     (dict(router="hash"), "router must be one of"),
     (dict(num_experts=2, top_k=1, use_dora=True), "use_dora needs a single expert"),
+    (dict(num_experts=1, router="task", use_dora=True), "use_dora needs a single expert without task routing"),
     (dict(task_shared_lora=True), "task_shared_lora needs router='task'"),
     (dict(init_lora_weights="pissa"), "init_lora_weights must be"),
     (dict(r=0), "r must be a positive int"),
