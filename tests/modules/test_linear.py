@@ -627,3 +627,13 @@ def test_dora_with_a_shared_a_matches_float64_reference(hooked):
     norm = torch.linalg.norm(w + s * b @ a, dim=1)
     expected = layer.lora_magnitude_vector / norm * (x @ w.t() + s * x @ a.t() @ b.t()) + base.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_experts=3, router="task"), dict(num_experts=3, router="task",
+                                    task_shared_lora=True), dict(num_experts=1)], ids=["task", "task_shared", "single"])
+def test_top_k_is_one_where_routing_is_static(kwargs):
+    """top_k is ignored by task routing and at E = 1 (the Args): every token uses one expert, and the layer's
+    top_k (its repr too) says 1, whatever top_k was given."""
+    layer = MoELoRALinear(_base(), r=4, top_k=3 if kwargs["num_experts"] > 1 else 2, **kwargs)
+    assert layer.top_k == 1
+    assert "top_k=1," in repr(layer)
