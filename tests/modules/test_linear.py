@@ -637,3 +637,17 @@ def test_top_k_is_one_where_routing_is_static(kwargs):
     layer = MoELoRALinear(_base(), r=4, top_k=3 if kwargs["num_experts"] > 1 else 2, **kwargs)
     assert layer.top_k == 1
     assert "top_k=1," in repr(layer)
+
+
+def test_task_shared_lora_with_random_b_init_starts_live():
+    """init_lora_weights=False draws every B at random (PEFT's non-identity start), the task-shared LoRA's too: with
+    every task gate at 0 the shared LoRA alone makes the layer differ from its base. The default init zeroes the
+    shared B (the layer starts as its base)."""
+    x = torch.randn(2, 3, 12)
+    for init, live in ((False, True), (True, False)):
+        layer = _layer("task_shared", init_lora_weights=init)
+        assert torch.equal(layer.lora_gamma, torch.zeros(3))
+        assert bool(layer.lora_B[-1].ne(0).any()) == live
+        with torch.no_grad():
+            delta = (layer(x) - layer.base_layer(x)).abs().max()
+        assert (delta > 1e-3) if live else (delta == 0)
