@@ -651,3 +651,17 @@ def test_task_shared_lora_with_random_b_init_starts_live():
         with torch.no_grad():
             delta = (layer(x) - layer.base_layer(x)).abs().max()
         assert (delta > 1e-3) if live else (delta == 0)
+
+
+def test_bias_assigned_to_the_layer_is_the_base_layers():
+    """layer.bias = p (as weight tying does for weight) sets the base layer's bias, which the forward adds."""
+    layer = _layer("softmax_topk")
+    randomize_adapters(layer)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        before = layer(x)
+        new_bias = nn.Parameter(layer.base_layer.bias.detach() + 1.0)
+        layer.bias = new_bias
+        assert layer.base_layer.bias is new_bias and layer.bias is new_bias
+        assert "bias" not in layer._parameters
+        torch.testing.assert_close(layer(x), before + 1.0, rtol=1e-6, atol=1e-6)
