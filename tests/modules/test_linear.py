@@ -665,3 +665,19 @@ def test_bias_assigned_to_the_layer_is_the_base_layers():
         assert layer.base_layer.bias is new_bias and layer.bias is new_bias
         assert "bias" not in layer._parameters
         torch.testing.assert_close(layer(x), before + 1.0, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["task", "task_shared"])
+def test_merging_a_task_out_of_range_is_refused_naming_it(kind):
+    """A task-routed layer over 3 tasks merges tasks 0..2: task 3 (one past the last; with a shared LoRA, the index
+    of the shared expert) and -1 are refused with the range, the layer left unmerged and its base weight as it was;
+    the last task merges."""
+    layer = _layer(kind)
+    randomize_adapters(layer)
+    before = layer.base_layer.weight.detach().clone()
+    for task in (3, -1):
+        with pytest.raises(ValueError, match=rf"needs task in \[0, 3\) \(an int\), got {task}$"):
+            layer.merge(task=task)
+        assert not layer.merged and torch.equal(layer.base_layer.weight, before)
+    layer.merge(task=2)
+    assert layer.merged and layer.merged_task == 2
