@@ -681,3 +681,15 @@ def test_merging_a_task_out_of_range_is_refused_naming_it(kind):
         assert not layer.merged and torch.equal(layer.base_layer.weight, before)
     layer.merge(task=2)
     assert layer.merged and layer.merged_task == 2
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "single", "dora"])
+def test_extra_arguments_reach_the_base_layer(kind):
+    """Extra forward arguments go to the base layer, as PEFT's layers pass them: nn.Linear takes none, so the layer
+    raises nn.Linear's own TypeError instead of dropping them (the fused op never calls the base layer)."""
+    layer = _layer(kind)
+    x = torch.randn(3, 12)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scale'"):
+        layer(x, scale=2.0)
+    with pytest.raises(TypeError, match="positional argument"):
+        layer(x, 2.0)
