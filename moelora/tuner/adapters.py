@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from moelora.modules.adapter_base import is_adapter_layer, is_quantised_weight, owned_by_moelora
 from moelora.modules.molex import mixed_by_molex
+from moelora.modules.routed import routed_modules
 from moelora.tuner.targets import check_single_place, check_tied_source, matches, set_module
 
 DEFAULT_ADAPTER = "default"  # the first adapter's name, as PEFT
@@ -236,10 +237,11 @@ def deactivate(model: nn.Module) -> Dict[str, nn.Module]:
     for name, module in adapter_modules(model).items():
         if getattr(module, "merged", False):
             module.unmerge()
-        if is_adapter_layer(module):
-            module.clear_routing_record()
         set_module(model, name, getattr(module, _original_attribute(module)))
         setattr(module, _original_attribute(module), DetachedBase())
+        # its routed modules' records (a layer's, a saved module's copy's: an upcycled MoEFFN in it) go with it
+        for routed in routed_modules(module):
+            routed.clear_routing_record()
         taken[name] = module
     return taken
 

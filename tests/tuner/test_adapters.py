@@ -1148,6 +1148,27 @@ def test_a_stored_adapters_last_aux_loss_does_not_count_while_another_is_active(
     assert torch.equal(model.aux_loss(), loss) and len(model.router_stats()) == 2
 
 
+def test_a_stored_adapters_saved_module_holding_an_upcycled_ffn_adds_no_aux_loss_while_another_is_active():
+    """A saved module (modules_to_save) holding an upcycled MoEFFN stores its trained copy, routed, with its adapter:
+    set_adapter takes that copy's loss aside too, so moelora.aux_loss(wrapper), whose walk reaches the stored copy,
+    and model.aux_loss(), which walks the wrapped model, agree (the copy's loss came back with its adapter only)."""
+    base = tiny_llama(num_layers=2)
+    moelora.upcycle_ffn(base, num_experts=4, top_k=2)
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2,
+                                                  modules_to_save=["layers.0"]))
+    model.add_adapter("other", MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2))
+    model.train()
+    model(token_batch(), labels=token_batch())
+    loss = moelora.aux_loss(model)
+    assert torch.equal(model.aux_loss(), loss)
+    model.set_adapter("other")
+    # what stays is the structural layers.1.mlp's loss (the stored copy of layers.0 holds none)
+    assert moelora.aux_loss(model).item() == model.aux_loss().item() == moelora.aux_loss(model.model).item() > 0
+    assert model.aux_loss() < loss
+    model.set_adapter("default")
+    assert torch.equal(moelora.aux_loss(model), loss) and torch.equal(model.aux_loss(), loss)
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_load_state_dict_of_a_wrapper_with_another_adapter_active_loads_each_adapter_into_its_own_layers(strict):
     """The wrapper's state dict holds the active adapter in the model and each inactive one under
