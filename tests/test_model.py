@@ -198,6 +198,31 @@ def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     torch.testing.assert_close(model(ids, labels=ids).loss, plain)
 
 
+def test_a_tuple_output_gets_the_aux_loss_only_when_labels_were_passed():
+    """With return_dict=False a model's tuple starts with its loss only when labels were passed: a tuple whose first
+    element is a 0-d float tensor of a call without labels (a score, a temperature) is left as it is."""
+
+    class Scored(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x, labels=None):
+            y = self.proj(x)
+            score = y.pow(2).mean() if labels is None else (y - labels).pow(2).mean()
+            return score, y
+
+    model = get_moelora_model(Scored(), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
+    model.train()
+    x = torch.randn(2, 3, 8)
+    score, y = model(x)
+    aux = moelora.aux_loss(model)
+    assert aux > 0
+    torch.testing.assert_close(score, y.pow(2).mean())  # no aux loss added
+    loss, y = model(x, labels=torch.zeros(2, 3, 8))
+    torch.testing.assert_close(loss, y.pow(2).mean() + moelora.aux_loss(model))
+
+
 def test_a_forward_that_runs_some_layers_adds_their_aux_losses_only():
     """Each wrapper forward starts by clearing every routed module's record: a layer its forward does not run (an
     encoder-decoder's encoder, given ``encoder_outputs``) adds no aux loss of an earlier forward to ``outputs.loss``
