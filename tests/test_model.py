@@ -223,6 +223,26 @@ def test_a_tuple_output_gets_the_aux_loss_only_when_labels_were_passed():
     torch.testing.assert_close(loss, y.pow(2).mean() + moelora.aux_loss(model))
 
 
+def test_a_tuple_output_whose_first_element_is_not_0_d_is_left_as_it_is():
+    """Only a 0-d float first element is a loss: per-example losses ([batch]) given back with labels are left as
+    they are (the aux loss, one scalar for the batch, is not broadcast into each)."""
+
+    class PerExample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x, labels=None):
+            y = self.proj(x)
+            return (y - labels).pow(2).mean(dim=(1, 2)), y
+
+    model = get_moelora_model(PerExample(), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
+    model.train()
+    losses, y = model(torch.randn(2, 3, 8), labels=torch.zeros(2, 3, 8))
+    assert moelora.aux_loss(model) > 0
+    torch.testing.assert_close(losses, y.pow(2).mean(dim=(1, 2)))
+
+
 def test_a_forward_that_runs_some_layers_adds_their_aux_losses_only():
     """Each wrapper forward starts by clearing every routed module's record: a layer its forward does not run (an
     encoder-decoder's encoder, given ``encoder_outputs``) adds no aux loss of an earlier forward to ``outputs.loss``
