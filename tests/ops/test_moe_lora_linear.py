@@ -468,6 +468,21 @@ def test_no_host_synchronisation(regime):
         assert SyncCounter.syncs == 0, kind
 
 
+def test_lora_dropout_mask_keeps_each_element_with_probability_one_minus_p():
+    """lora_dropout_mask(x, p): no mask and scale 1 for p = 0 (the kernels skip it); a bool keep mask of
+    x's shape keeping a fraction 1 - p, with scale 1 / (1 - p); an all-False mask and scale 0 for p = 1
+    (not a division by zero)."""
+    x = torch.empty(200, 3, 250, device=DEVICE)
+    assert fused_linear.lora_dropout_mask(x, 0.0) == (None, 1.0)
+    mask, scale = fused_linear.lora_dropout_mask(x, 1.0)
+    assert mask.dtype == torch.bool and mask.shape == x.shape and not mask.any() and scale == 0.0
+    torch.manual_seed(0)
+    mask, scale = fused_linear.lora_dropout_mask(x, 0.3)
+    assert mask.dtype == torch.bool and mask.shape == x.shape and scale == pytest.approx(1 / 0.7)
+    # 150000 draws: the kept fraction's standard deviation is 0.0012
+    assert abs(mask.float().mean().item() - 0.7) < 0.01
+
+
 def test_empty_batch():
     layer = _layer("softmax_topk")
     x = torch.randn(0, 40, device=DEVICE, requires_grad=True)
