@@ -572,6 +572,58 @@ def test_torch_compile_fullgraph_trains_like_eager(kind, regime):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("routing", ["jitter", "given_logits", "static"])
+def test_compiled_op_on_3d_x_returns_what_eager_returns(routing):
+    """moe_lora_linear under torch.compile (the custom ops) on x [2, 3, d_in]: y, the routing it returns
+    and every gradient equal eager's: router jitter's factors (x's shape) are flattened with x, given
+    logits come back as the routing's logits and static routing returns the given ids and weights
+    (the ops return empty placeholders for the routing tensors that were their inputs)."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
+    d_in, d_out, r, E, k = 8, 6, 2, 4, 2
+    x, weight, bias, lora_a, lora_b = rand(2, 3, d_in), rand(d_out, d_in), rand(d_out), rand(r, d_in), rand(E, d_out, r)
+    route = {"jitter": 3 * rand(E, d_in), "given_logits": 3 * rand(6, E), "static": rand(6, k).abs() + 0.1}[routing]
+    jitter = 0.6 + 0.8 * torch.rand(2, 3, d_in, generator=gen).to(DEVICE)
+    ids = torch.rand(6, E, generator=gen).argsort(1)[:, :k].to(DEVICE)
+
+    def fn(x, lora_a, lora_b, route):
+        kwargs = dict(topk_ids=ids, topk_weights=route)
+        if routing == "jitter":
+            kwargs = dict(router=fused_linear.RouterSpec(route, None, "softmax_topk", k, jitter=jitter))
+        elif routing == "given_logits":
+            kwargs = dict(router=fused_linear.RouterSpec(None, route, "softmax_topk", k))
+        y, out = fused_linear.moe_lora_linear(x, weight, bias, lora_a, lora_b, scaling=0.5, **kwargs)
+        loss = (y * torch.arange(y.numel(), device=DEVICE).view(y.shape).sin()).sum()
+        loss = loss + (out.aux_loss if out.aux_loss is not None else 0)
+        return y, loss, out.routing.weights, out.routing.ids, out.routing.logits
+
+    results = []
+    torch._dynamo.reset()
+    with moelora.use_backend("triton"):
+        for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            inputs = [t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b, route)]
+            y, loss, weights, ids_out, logits = f(*inputs)
+            loss.backward()
+            results.append((y, weights, ids_out, logits, *(t.grad for t in inputs)))
+    torch._dynamo.reset()
+    (y, weights, ids_out, logits, *grads), (y_c, weights_c, ids_c, logits_c, *grads_c) = results
+    assert y_c.shape == (2, 3, d_out)
+    torch.testing.assert_close(y_c, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights_c, weights)
+    assert torch.equal(ids_c, ids_out)
+    if routing == "static":
+        assert torch.equal(ids_c, ids) and logits is None and logits_c is None
+        torch.testing.assert_close(weights_c, route)
+    else:
+        assert logits_c.shape == (6, E)
+        torch.testing.assert_close(logits_c, logits, rtol=1e-5, atol=1e-5)
+    if routing == "given_logits":
+        assert torch.equal(logits_c, route)
+    for name, g, g_c in zip(("x", "lora_a", "lora_b", "route"), grads, grads_c):
+        assert g is not None and g_c is not None, name
+        torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 kernels need a GPU")
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a_mosld", "task_shared", "per_expert_k1", "dora"])
 def test_bf16_on_gpu(kind, regime):
