@@ -79,6 +79,10 @@ LAYER_SETTINGS = {
     # GEMM passes for its gradient
     "lora_dropout": (dict(lora_dropout=0.1), 10),
     "task_shared": (dict(router="task", task_shared_lora=True), 12),  # ids built once per task-id tensor
+    # the most experts whose aux loss gated_expand computes (launchers.GATED_EXPAND_AUX_EXPERTS); one more
+    # expert and router_aux_loss runs on its own
+    "aux_folded_64_experts": (dict(num_experts=64, r=4), 9),
+    "aux_unfolded_65_experts": (dict(num_experts=65, r=4), 10),
     "plain_lora": (dict(num_experts=1, top_k=1), 8),  # no router: fixed ids and weights, cached
     "rslora": (dict(use_rslora=True), 9),  # the README's table lists rsLoRA and a Conv1D base at 9
     "conv1d_base": ({}, 9),  # GPT-2's Conv1D as the base layer (its weight transposed, no copy)
