@@ -254,6 +254,25 @@ def test_conv1d_base_and_trainable_base_weight():
         assert rel_err(grads[name], grads_ref[name]) < TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("trainable", ["weight", "bias", "weight_without_bias"])
+def test_base_weight_or_bias_trainable_alone_gets_its_gradient(trainable, regime):
+    """A base layer with only its weight (or only its bias) unfrozen: that one gets the float64
+    reference's gradient and the frozen one none (the op computes each on its own request)."""
+    base = nn.Linear(40, 24, bias=trainable != "weight_without_bias")
+    layer = _layer("softmax_topk", base=base).train()
+    getattr(layer.base_layer, "bias" if trainable == "bias" else "weight").requires_grad_(True)
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(2, 5, 40, device=DEVICE)
+    _, _, grads = _run(layer, x, "triton")
+    _, _, grads_ref = _run(reference, x.double(), "torch")
+    name = "base_layer.bias" if trainable == "bias" else "base_layer.weight"
+    assert set(grads) == set(grads_ref) == {"x", "lora_A", "lora_B", "router.weight", name}
+    for n, g in grads.items():
+        assert rel_err(g, grads_ref[n]) < TOL[torch.float32], n
+    frozen = layer.base_layer.weight if trainable == "bias" else layer.base_layer.bias
+    assert frozen is None or frozen.grad is None
+
+
 def test_experts_without_tokens_get_exact_zero_gradients(regime):
     layer = _layer("per_expert_k1")
     with torch.no_grad():
