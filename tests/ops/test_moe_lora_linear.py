@@ -64,8 +64,9 @@ def _task_ids(layer, lead):
                                         generator=torch.Generator(device=DEVICE).manual_seed(3))
 
 
-def _run(layer, x, backend, seed=1):
-    """(y, aux or None, grads by name) of one training step with a random output gradient."""
+def _run(layer, x, backend, seed=1, aux_weight=10):
+    """(y, aux or None, grads by name) of one training step with a random output gradient (and the aux
+    loss times ``aux_weight`` in the loss unless that is 0)."""
     layer.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_()
     torch.manual_seed(seed)  # the same dropout / jitter / threshold draws on both backends
@@ -74,15 +75,15 @@ def _run(layer, x, backend, seed=1):
         aux = layer.last_aux_loss
         gen = torch.Generator(device=DEVICE).manual_seed(2)
         loss = (y.double() * torch.randn(y.shape, device=DEVICE, generator=gen, dtype=torch.float64)).sum()
-        if aux is not None:
-            loss = loss + 10 * aux.double()
+        if aux is not None and aux_weight:
+            loss = loss + aux_weight * aux.double()
         loss.backward()
     grads = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters() if p.requires_grad}}
     return y, aux, grads
 
 
 def _compare(kind, dtype=torch.float32, base=None, lead=(3, 7), train=True, reference_dtype=torch.float64,
-             aux_loss_mask=None):
+             aux_loss_mask=None, aux_weight=10):
     """The layer on the Triton backend against a copy on the PyTorch backend, converted to
     ``reference_dtype`` (None: the layer's own dtypes); ``aux_loss_mask``: set on both."""
     layer = _layer(kind, base, dtype).train(train)
@@ -94,8 +95,8 @@ def _compare(kind, dtype=torch.float32, base=None, lead=(3, 7), train=True, refe
     x = torch.randn(*lead, layer.in_features, device=DEVICE).to(dtype)
     _task_ids(layer, lead)
     reference.task_ids = layer.task_ids
-    y, aux, grads = _run(layer, x, "triton")
-    y_ref, aux_ref, grads_ref = _run(reference, x.to(reference_dtype or dtype), "torch")
+    y, aux, grads = _run(layer, x, "triton", aux_weight=aux_weight)
+    y_ref, aux_ref, grads_ref = _run(reference, x.to(reference_dtype or dtype), "torch", aux_weight=aux_weight)
     tol = TOL[dtype]
     assert y.dtype == dtype and y.shape == (*lead, layer.out_features)
     assert rel_err(y, y_ref) < tol, f"output rel err {rel_err(y, y_ref)}"
@@ -141,6 +142,14 @@ def test_fused_layer_with_an_aux_loss_mask_matches_float64_reference(kind, regim
     layer, grads = _compare(kind, aux_loss_mask=mask)
     if layer.router is not None:
         assert layer.last_router_stats["load"].sum() == layer.top_k or kind.startswith("threshold")
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold"])
+def test_loss_without_the_aux_loss_under_an_aux_loss_mask_matches_float64_reference(kind, regime):
+    """An aux-loss mask set but the aux loss left out of the loss: the gradients are y's alone (the
+    masked aux loss's gradient is added only when the aux loss has one)."""
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(5)) > 0.3
+    _compare(kind, aux_loss_mask=mask, aux_weight=0)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["all_tokens", "aux_loss_mask"])
