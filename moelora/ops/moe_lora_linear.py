@@ -461,7 +461,8 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
             dx.addmm_(dy, weight)
     dweight = torch.mm(dy.t(), x) if need_weight else None
     dbias = dy.sum(0) if need_bias else None
-    dlogits = dl if need_logits and router_weight is None and router is not None else None
+    # given logits' gradient in their dtype (the routing's d logits: fp32 for half-precision logits)
+    dlogits = dl.to(logits.dtype) if need_logits and router_weight is None and router is not None else None
     dw = dw.to(weights.dtype) if need_w and router is None else None
     return dx, dweight, dbias, dlora_a, dlora_b, drouter, dlogits, dw
 
@@ -651,7 +652,8 @@ def _(x, weight, bias, lora_a, lora_b, router_weight, logits_in, topk_weights, t
     E = router_weight.shape[0] if router_weight is not None else logits_in.shape[1]
     logits = x.new_empty(T, E, dtype=acc) if logits_in is None else x.new_empty(0)
     ids = x.new_empty(T, top_k, dtype=torch.int32)
-    weights = x.new_empty(T, top_k, dtype=acc if logits_in is None else logits_in.dtype)
+    # the routing's weights in its logits' accumulator dtype (fp32 for half-precision logits)
+    weights = x.new_empty(T, top_k, dtype=acc if logits_in is None else launchers.accumulator_dtype(logits_in.dtype))
     return [y, h, logits, ids, weights, x.new_empty(E, dtype=torch.int64), x.new_empty((), dtype=acc),
             x.new_empty(2, dtype=acc), *layout]
 

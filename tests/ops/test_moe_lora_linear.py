@@ -565,6 +565,37 @@ def test_custom_ops_opcheck(kind, regime):
         torch.library.opcheck(fused_linear.moe_lora_linear_bwd.default, bwd_args)
 
 
+@pytest.mark.parametrize("routing", ["router_weight", "given_logits", "static"])
+def test_custom_ops_opcheck_in_half_precision(routing, regime):
+    """The ops' fakes in fp16, where the accumulator dtype (h, the router's logits and weights: fp32)
+    differs from x's and given logits or static weights keep their own dtype (fp16)."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, torch.float16)  # noqa: E731
+    T, d_in, d_out, r, E, k = 6, 16, 8, 4, 4, 2
+    x, weight, lora_a, lora_b = rand(T, d_in), rand(d_out, d_in), rand(r, d_in), rand(E, d_out, r)
+    ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(DEVICE)
+    router, topk_ids, topk_weights = None, None, None
+    if routing == "static":
+        topk_ids, topk_weights = ids, rand(T, k).abs() + 0.1
+    else:
+        router = fused_linear.RouterSpec(rand(E, d_in) if routing == "router_weight" else None,
+                                         rand(T, E) if routing == "given_logits" else None, "softmax_topk", k)
+    args = fused_linear.op_args(x, weight, rand(d_out), lora_a, lora_b, 0.5, router, topk_ids, topk_weights, None,
+                                1.0, regime == "grouped")
+    with moelora.use_backend("triton"):
+        torch.library.opcheck(fused_linear.moe_lora_linear_fwd.default, args)
+        y, h, logits, ids_out, weights, counts, aux_loss, aux_stats, *layout = fused_linear.moe_lora_linear_fwd(*args)
+        assert h.dtype == torch.float32
+        static = router is None
+        if routing == "given_logits":
+            assert weights.dtype == torch.float32  # the routing's, from fp16 logits
+            logits = router.logits
+        bwd_args = (torch.randn_like(y), None if static else torch.ones_like(aux_loss), x, weight, lora_a, lora_b,
+                    args[5], h, logits, topk_ids if static else ids_out, topk_weights if static else weights, counts,
+                    None, None, None, layout, *args[14:16], args[17], *args[21:25], [True] * 6)
+        torch.library.opcheck(fused_linear.moe_lora_linear_bwd.default, bwd_args)
+
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold_ramp", "task_shared"])
 def test_torch_compile_fullgraph_trains_like_eager(kind, regime):
     layer = _layer(kind).train()
