@@ -683,6 +683,42 @@ def test_compiled_op_on_3d_x_returns_what_eager_returns(routing):
         torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("trainable", ["weight", "bias"])
+def test_compiled_op_with_only_the_base_weight_or_bias_trainable(trainable, regime):
+    """Under torch.compile (the custom ops and their fakes) a base weight (or bias) requiring grad
+    alone gets eager's gradient, the closed form c^T x (c.sum(0)) of the loss sum(c * y) in
+    float64, and the other, frozen, none: the backward op's fake returns the real op's shape for
+    the one requested and an empty placeholder for the other."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
+    T, d_in, d_out, r, E, k = 6, 8, 6, 2, 4, 2
+    x, weight, bias = rand(T, d_in), rand(d_out, d_in), rand(d_out)
+    lora_a, lora_b = rand(E, r, d_in), rand(E, d_out, r)
+    router = fused_linear.RouterSpec(3 * rand(E, d_in), None, "softmax_topk", k)
+    c = torch.arange(T * d_out, device=DEVICE).view(T, d_out).sin()
+
+    def fn(weight, bias):
+        y, _ = fused_linear.moe_lora_linear(x, weight, bias, lora_a, lora_b, scaling=0.5, router=router)
+        return (y * c).sum()
+
+    grads = []
+    torch._dynamo.reset()
+    with moelora.use_backend("triton"):
+        for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            w = weight.clone().requires_grad_(trainable == "weight")
+            b = bias.clone().requires_grad_(trainable == "bias")
+            f(w, b).backward()
+            frozen, trained = (b, w) if trainable == "weight" else (w, b)
+            assert frozen.grad is None and trained.grad is not None
+            grads.append(trained.grad)
+    torch._dynamo.reset()
+    expected = c.double().t() @ x.double() if trainable == "weight" else c.double().sum(0)
+    eager, compiled = grads
+    assert compiled.shape == expected.shape and compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 kernels need a GPU")
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a_mosld", "task_shared", "per_expert_k1", "dora"])
 def test_bf16_on_gpu(kind, regime):
