@@ -568,7 +568,8 @@ def test_custom_ops_opcheck(kind, regime):
 @pytest.mark.parametrize("routing", ["router_weight", "given_logits", "static"])
 def test_custom_ops_opcheck_in_half_precision(routing, regime):
     """The ops' fakes in fp16, where the accumulator dtype (h, the router's logits and weights: fp32)
-    differs from x's and given logits or static weights keep their own dtype (fp16)."""
+    differs from x's and given logits or static weights keep their own dtype (fp16); the backward's
+    for every gradient requested alone too."""
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, torch.float16)  # noqa: E731
     T, d_in, d_out, r, E, k = 6, 16, 8, 4, 4, 2
@@ -594,6 +595,10 @@ def test_custom_ops_opcheck_in_half_precision(routing, regime):
                     args[5], h, logits, topk_ids if static else ids_out, topk_weights if static else weights, counts,
                     None, None, None, layout, *args[14:16], args[17], *args[21:25], [True] * 6)
         torch.library.opcheck(fused_linear.moe_lora_linear_bwd.default, bwd_args)
+        # each gradient requested alone, and none: the fake's placeholders and gradients are the real op's
+        for needs in ([False] * 6, *([i == j for j in range(6)] for i in range(6))):
+            torch.library.opcheck(fused_linear.moe_lora_linear_bwd.default, (*bwd_args[:-1], needs),
+                                  test_utils="test_faketensor")
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold_ramp", "task_shared"])
