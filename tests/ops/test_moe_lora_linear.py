@@ -282,6 +282,36 @@ def test_base_weight_or_bias_trainable_alone_gets_its_gradient(trainable, regime
     assert frozen is None or frozen.grad is None
 
 
+@pytest.mark.parametrize("kind", ["task", "task_shared"])
+def test_task_ids_out_of_range_with_validation_off_add_no_adapter_and_no_gradient(kind, regime, monkeypatch):
+    """With validation off a task id outside [0, E) adds no adapter (the README's contract): output
+    and gradients (lora_gamma's too) are the float64 reference's, which leaves such a token's adapter
+    out, even where the op's uninitialised memory (torch.empty, poisoned with NaN here) holds garbage:
+    the token's routing-weight gradient is 0, never read from memory nothing wrote."""
+    layer = _layer(kind).train()
+    layer.task_ids = torch.tensor([0, 7, 2, 1, 3], device=DEVICE)  # E = 3: ids 7 and 3 are out of range
+    reference = copy.deepcopy(layer).double()
+    reference.task_ids = layer.task_ids
+    x = torch.randn(5, 40, device=DEVICE)
+    with moelora.validation(False):
+        y_ref, _, grads_ref = _run(reference, x.double(), "torch")
+        empty = torch.empty
+
+        def poisoned_empty(*args, **kwargs):
+            t = empty(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        monkeypatch.setattr(torch, "empty", poisoned_empty)
+        y, _, grads = _run(layer, x, "triton")
+        monkeypatch.setattr(torch, "empty", empty)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    assert set(grads) == set(grads_ref) and "lora_gamma" in grads
+    for name, g in grads.items():
+        assert torch.isfinite(g).all() and rel_err(g, grads_ref[name]) < TOL[torch.float32], name
+    if kind == "task":  # no adapter on the out-of-range tokens (no shared one either): their rows are the base layer's
+        torch.testing.assert_close(y[[1, 4]], layer.base_layer(x)[[1, 4]])
+
+
 def test_experts_without_tokens_get_exact_zero_gradients(regime):
     layer = _layer("per_expert_k1")
     with torch.no_grad():
