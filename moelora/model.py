@@ -566,10 +566,16 @@ class _BackwardPutBack:
         self.undo, self.wrapper = undo, wrapper
 
     def __call__(self) -> None:
-        undo, self.undo = self.undo, None
-        if undo is None:
+        if self.undo is None:
             return  # run already
         wrapper = self.wrapper()
+        if wrapper is not None and self in wrapper._backward_put_backs:
+            # The backward's end runs its callbacks in the order queued; those queued after this one (later hooks of
+            # the same backward: three forwards and one backward) hold what this one gave: they give back first.
+            waiting = wrapper._backward_put_backs
+            for later in reversed(waiting[waiting.index(self) + 1:]):
+                later()
+        undo, self.undo = self.undo, None
         if wrapper is not None and self in wrapper._backward_put_backs:
             wrapper._backward_put_backs.remove(self)
         for u in reversed(undo):

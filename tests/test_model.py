@@ -1439,3 +1439,20 @@ def test_router_stats_names_are_relative_to_the_wrapped_model_through_dataparall
         assert list(stats) == list(expected)
         for name in expected:
             torch.testing.assert_close(stats[name], expected[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_three_forwards_and_one_backward_leave_the_layers_the_last_forwards_ids(use_reentrant):
+    """forward(task_ids=a), forward(b), forward(c), one backward of the three losses: each recomputation routes by
+    its forward's ids, and after the backward the layers hold c's again (the last forward's), not b's: the put-backs
+    the routing hooks queue run at the backward's end, and must give back in the reverse of the order the hooks ran."""
+    ids, last = token_batch(seq=7), torch.tensor([1, 1])
+
+    def step(model):
+        loss = model(ids, labels=ids, use_cache=False, task_ids=torch.tensor([2, 0])).loss
+        loss = loss + 0.5 * model(ids.flip(0), labels=ids.flip(0), use_cache=False, task_ids=torch.tensor([0, 1])).loss
+        loss = loss + 0.25 * model(ids, labels=ids, use_cache=False, task_ids=last).loss
+        loss.backward()
+
+    for model in _same_gradients_with_checkpointing(step, use_reentrant):
+        assert all(layer.task_ids is last for layer in _layers(model).values())
