@@ -402,6 +402,31 @@ def test_two_masked_forwards_and_one_backward_under_checkpointing(backend):
         assert rel_err(got, want) < 1e-5
 
 
+def test_a_backward_of_a_forwards_aux_loss_alone_recomputes_with_that_forwards_mask():
+    """forward(aux_loss_mask=a), its aux loss kept (model.aux_loss()), forward(aux_loss_mask=b), then a backward of the
+    first's aux loss alone (no output of that forward in it): the checkpointed recomputation takes a, not the b the
+    modules hold, so the gradients equal those without checkpointing. The aux losses carry the routing hook too."""
+    ids = token_batch()
+    first, second = MASK.clone(), MASK.flip(1).clone()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+            r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False,
+            router_aux_loss_coef=LB, router_z_loss_coef=Z))
+        if checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(ids, attention_mask=first, aux_loss_mask=first)
+        aux = model.aux_loss()
+        model(ids, attention_mask=second, aux_loss_mask=second)
+        aux.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad and p.grad is not None])
+    assert grads[0] and len(grads[0]) == len(grads[1])
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_finite_padding_logits_stay_out_of_the_masked_loss(backend):
     """Padding rows take no part whatever they hold (NaN, +-inf logits): both the PyTorch ops and the
