@@ -340,6 +340,9 @@ def test_task_ids_by_setter_context_and_forward_kwarg():
     out_kw = model(ids, task_ids=torch.tensor([0, 2])).last_hidden_state
     with moelora.use_task_ids(model, torch.tensor([0, 2])):
         out_ctx = model(ids).last_hidden_state
+    with moelora.use_task_ids(model, 2) as held:  # yields the ids as the layers hold them: an int as a 0-d tensor
+        assert isinstance(held, torch.Tensor) and held.dim() == 0 and int(held) == 2
+        assert all(layer.task_ids is held for layer in _layers(model).values())
     moelora.set_task_ids(model, torch.tensor([0, 2]))
     out_set = model(ids).last_hidden_state
     assert torch.equal(out_kw, out_ctx) and torch.equal(out_kw, out_set)
