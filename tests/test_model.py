@@ -853,6 +853,19 @@ def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(
         assert messages == [] and router.grad is not None
 
 
+def test_use_task_ids_on_another_model_leaves_a_wrappers_forward_ids_alone():
+    """A use_task_ids block puts back the ids a wrapper's last forward gave the layers of the block's model only: a
+    block on another model leaves the first wrapper's layers their forward's ids (which its backward routes by)."""
+    config = MoELoRAConfig(target_modules=["query"], num_experts=3, router="task")
+    first, other = get_moelora_model(tiny_bert(), config), get_moelora_model(tiny_bert(), config)
+    ids, t = token_batch(), torch.tensor([2, 1])
+    first(ids, task_ids=t)
+    with moelora.use_task_ids(other, 0):
+        other(ids)
+    assert all(layer.task_ids is t for layer in _layers(first).values())
+    assert len(first._forward_swaps) == 1
+
+
 @pytest.mark.parametrize("given", ["wrapper", "inner_model", "layer"])
 def test_use_task_ids_after_a_forward_with_task_ids_leaves_no_stale_ids(given):
     """The wrapper's forward(task_ids=) keeps its ids until its next forward; a use_task_ids block
