@@ -853,6 +853,18 @@ def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(
         assert messages == [] and router.grad is not None
 
 
+def test_use_task_ids_after_a_forward_and_a_set_keeps_the_ids_set_since():
+    """forward(task_ids=t), set_task_ids(u), then a use_task_ids block: the block puts back the forward's ids only
+    where the layers still hold them, so after the block they hold u, set since, not what they held before t."""
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task"))
+    ids, u = token_batch(), torch.tensor([1, 1])
+    model(ids, task_ids=torch.tensor([2, 0]))
+    model.set_task_ids(u)
+    with moelora.use_task_ids(model, 0):
+        model(ids)
+    assert all(layer.task_ids is u for layer in _layers(model).values())
+
+
 def test_use_task_ids_on_another_model_leaves_a_wrappers_forward_ids_alone():
     """A use_task_ids block puts back the ids a wrapper's last forward gave the layers of the block's model only: a
     block on another model leaves the first wrapper's layers their forward's ids (which its backward routes by)."""
