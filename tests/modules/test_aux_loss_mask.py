@@ -265,6 +265,14 @@ def test_bad_masks_raise_naming_what_was_expected():
         layer.last_router_stats["load"]
 
 
+def test_any_nonzero_value_of_an_integer_mask_is_a_real_token():
+    """Nonzero is a real token, as documented (an int8 mask of -1s, a uint8 one of 255s): held as the bool mask."""
+    layer = _layer("softmax_topk")
+    for mask in (-MASK.to(torch.int8), MASK.to(torch.uint8) * 255):
+        with moelora.use_aux_loss_mask(layer, mask) as held:
+            assert held.dtype == torch.bool and torch.equal(held, MASK.reshape(-1) != 0)
+
+
 def test_a_layer_reads_the_mask_on_the_device_its_forward_routes_on():
     """The mask is held on the device of the first module's parameters at set time; a layer on another device (a model
     split over devices, or moved after the mask was set) reads it on its own device: a forward on the meta device here
