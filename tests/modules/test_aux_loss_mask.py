@@ -382,6 +382,18 @@ def test_gradient_checkpointing_gives_the_masked_gradients():
         assert rel_err(got, want) < 1e-5
 
 
+def _q_proj_model(checkpointing: bool):
+    """A tiny Llama with 4-expert top-2 layers on q_proj, both aux losses on, in training mode; its layers
+    checkpointed (non-reentrant) if ``checkpointing``. The same seed gives the same adapters either way."""
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False,
+        router_aux_loss_coef=LB, router_z_loss_coef=Z))
+    if checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_two_masked_forwards_and_one_backward_under_checkpointing(backend):
     """Two forwards with other masks over as many tokens (a preference loss's chosen and rejected batches),
@@ -392,13 +404,7 @@ def test_two_masked_forwards_and_one_backward_under_checkpointing(backend):
     first, second = MASK.clone(), MASK.flip(1).clone()
     grads = []
     for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
-            r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False,
-            router_aux_loss_coef=LB, router_z_loss_coef=Z))
-        if checkpointing:
-            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
+        model = _q_proj_model(checkpointing)
         with moelora.use_backend(backend):
             loss = model(ids, attention_mask=first, labels=ids, aux_loss_mask=first).loss
             loss = loss + model(ids, attention_mask=second, labels=ids, aux_loss_mask=second).loss
@@ -418,13 +424,7 @@ def test_a_backward_of_a_forwards_aux_loss_alone_recomputes_with_that_forwards_m
     first, second = MASK.clone(), MASK.flip(1).clone()
     grads = []
     for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = moelora.get_moelora_model(tiny_llama(2), moelora.MoELoRAConfig(
-            r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False,
-            router_aux_loss_coef=LB, router_z_loss_coef=Z))
-        if checkpointing:
-            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
+        model = _q_proj_model(checkpointing)
         model(ids, attention_mask=first, aux_loss_mask=first)
         aux = model.aux_loss()
         model(ids, attention_mask=second, aux_loss_mask=second)
