@@ -569,15 +569,14 @@ class _BackwardPutBack:
         if self.undo is None:
             return  # run already
         wrapper = self.wrapper()
-        if wrapper is not None and self in wrapper._backward_put_backs:
+        waiting = wrapper._backward_put_backs if wrapper is not None else []
+        if self in waiting:
             # The backward's end runs its callbacks in the order queued; those queued after this one (later hooks of
             # the same backward: three forwards and one backward) hold what this one gave: they give back first.
-            waiting = wrapper._backward_put_backs
             for later in reversed(waiting[waiting.index(self) + 1:]):
                 later()
+            waiting.remove(self)
         undo, self.undo = self.undo, None
-        if wrapper is not None and self in wrapper._backward_put_backs:
-            wrapper._backward_put_backs.remove(self)
         for u in reversed(undo):
             u()
 
