@@ -815,6 +815,11 @@ def _weight_files(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("adapter_model"))
 
 
+def _directory_contents(directory):
+    """{path relative to ``directory``: bytes} of every file under it."""
+    return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
 def test_max_shard_size_splits_the_adapter_into_shards_with_an_index_that_load_back_exactly(tmp_path):
     """save_pretrained(max_shard_size=...) writes transformers' shards and index (it was ignored: one file); a
     later save without it replaces them; from_pretrained and load_adapter read the shards."""
@@ -848,7 +853,7 @@ def test_a_save_that_fails_midway_leaves_the_earlier_save_as_it_was(tmp_path, mo
 
     model, ids, expected = _perturbed_llama_and_its_logits()
     model.save_pretrained(str(tmp_path), max_shard_size=4000)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = _directory_contents(tmp_path)
     _perturb_all_adapters(model, seed=9)
     model.moelora_config.lora_alpha = 3.0
     calls, failing = [], {}
@@ -864,7 +869,7 @@ def test_a_save_that_fails_midway_leaves_the_earlier_save_as_it_was(tmp_path, mo
         calls.clear()
         with pytest.raises(OSError, match="No space left"):
             model.save_pretrained(str(tmp_path), max_shard_size=shard_size)
-        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+        assert _directory_contents(tmp_path) == before
     monkeypatch.undo()
     assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
 
@@ -1088,16 +1093,12 @@ def test_a_save_into_a_directory_holding_the_other_checkpoint_format_is_refused_
     peft_dir, ours_dir = tmp_path / "peft", tmp_path / "ours"
     moelora.export_peft_lora(model, str(peft_dir), task=1)
     model.save_pretrained(str(ours_dir))
-
-    def contents(directory):
-        return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
-
-    exported, saved = contents(peft_dir), contents(ours_dir)
+    exported, saved = _directory_contents(peft_dir), _directory_contents(ours_dir)
     with pytest.raises(ValueError, match=r"peft holds adapter_config\.json, a PEFT LoRA checkpoint .* would overwrite"):
         model.save_pretrained(str(peft_dir))
     with pytest.raises(ValueError, match=r"ours holds moelora_config\.json, a moelora checkpoint .* would overwrite"):
         moelora.export_peft_lora(model, str(ours_dir), task=1)
-    assert contents(peft_dir) == exported and contents(ours_dir) == saved
+    assert _directory_contents(peft_dir) == exported and _directory_contents(ours_dir) == saved
     # the adapter "other" is saved in a subfolder: a PEFT checkpoint there is refused before "default" is written
     mixed = tmp_path / "mixed"
     moelora.export_peft_lora(model, str(mixed / "other"), task=1)
