@@ -453,6 +453,29 @@ def test_generate_passes_task_ids_on_to_a_wrapped_forward_that_takes_them():
             assert torch.equal(best, (10 + tasks)[:, None].expand(-1, 3)), settings
 
 
+def test_generate_batch_with_task_ids_refuses_a_wrapped_forward_that_takes_them_before_generating():
+    """Continuous batching passes the forward nothing but the packed row, so a forward that takes task_ids
+    itself would generate as if given none: generate_batch(task_ids=) raises before transformers' batching
+    runs (the model's own generate_batch, a recording stand-in here, is never called)."""
+    class TakesTaskIds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x, task_ids=None):
+            return self.proj(x)
+
+    model = get_moelora_model(TakesTaskIds(), MoELoRAConfig(target_modules=["proj"], num_experts=3, router="task"))
+    calls = []
+    model.model.generate_batch = lambda *args, **kwargs: calls.append((args, kwargs))
+    model.generate_batch(inputs=[[1, 2]])  # without task_ids the call goes through
+    assert len(calls) == 1
+    for task_ids in (1, torch.tensor(1)):
+        with pytest.raises(ValueError, match="forward takes task_ids itself"):
+            model.generate_batch(inputs=[[1, 2]], task_ids=task_ids)
+    assert len(calls) == 1
+
+
 def test_task_ids_forward_kwarg_under_inference_mode():
     """task_ids made under torch.inference_mode (inference tensors) route like any other."""
     model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task"))
