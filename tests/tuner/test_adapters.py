@@ -1200,6 +1200,38 @@ def test_load_state_dict_of_a_wrapper_with_another_adapter_active_loads_each_ada
         torch.testing.assert_close(target(IDS), source(IDS), rtol=0, atol=0)
 
 
+def test_load_state_dict_with_another_adapter_active_merges_again_the_layers_merged_before_the_load():
+    """Loading a dict saved with another adapter active swaps that adapter in for the load, which unmerges the
+    active one's merged layers, and swaps the active one back after it: the layers merged before the load
+    (merge_adapter for a task) are merged again, so the model computes what the source merged for that task
+    computes, and unmerge_adapter gives back the source's unmerged model."""
+    config = MoELoRAConfig(target_modules=["proj", "conv"], num_experts=3, r=2, router="task")
+
+    def wrapper(seed):
+        model = get_moelora_model(Net(), config)
+        model.add_adapter("b", config)
+        _perturb(model.model, seed)
+        model.set_adapter("b")
+        _perturb(model.model, seed + 1)
+        return model.eval()
+
+    source, target = wrapper(5), wrapper(7)
+    source.set_adapter("default")  # the dict holds "default" active
+    target.merge_adapter(task=1)
+    merged = moelora.tuner.adapters.merged_tasks(target.model)
+    assert merged and set(merged.values()) == {1}
+    target.load_state_dict(source.state_dict())
+    assert target.active_adapter == "b" and moelora.tuner.adapters.merged_tasks(target.model) == merged
+    source.set_adapter("b")
+    with moelora.use_task_ids(source.model, torch.tensor([1, 1])):
+        expected = source(IDS)
+    torch.testing.assert_close(target(IDS), expected, rtol=1e-6, atol=1e-6)
+    target.unmerge_adapter()
+    for task_ids in (torch.tensor([1, 1]), torch.tensor([0, 2])):
+        with moelora.use_task_ids(source.model, task_ids), moelora.use_task_ids(target.model, task_ids):
+            torch.testing.assert_close(target(IDS), source(IDS), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_load_state_dict_of_a_dict_whose_active_adapter_is_ambiguous_is_refused(strict):
     """A dict that stores this model's active adapter under inactive_adapters holds another adapter's tensors in the
