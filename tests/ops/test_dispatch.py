@@ -317,3 +317,32 @@ def test_dispatch_combine_cuda_grad_and_opcheck():
     sp, inv = meta.layout
     torch.library.opcheck(torch.ops.moelora.combine.default, (moelora.dispatch(x, meta), sp, inv, w))
     torch.library.opcheck(torch.ops.moelora.dispatch_metadata.default, (ids, 3, 4))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_validation_edges_are_exact(path):
+    """The range checks' bounds: an id equal to num_experts, a sorted pair equal to T*k and an inverse
+    position equal to y_sorted's row count are refused; num_experts = MAX_EXPERTS is accepted."""
+    with pytest.raises(ValueError, match="topk_ids"):
+        run_path(path, moelora.dispatch_metadata, torch.tensor([[0, 3], [1, 2]]), 3)
+    meta = run_path(path, moelora.dispatch_metadata, torch.tensor([[0, 1], [1, 2]]), 3)
+    forged = meta._replace(sorted_pairs=torch.tensor([0, 1, 2, 4]))  # 4 = T*k
+    with pytest.raises(ValueError, match="sorted pairs"):
+        run_path(path, moelora.dispatch, torch.randn(2, 4), forged)
+    forged = meta._replace(inverse=torch.tensor([[0, 1], [2, 4]]))  # 4 = y_sorted's rows
+    with pytest.raises(ValueError, match="inverse"):
+        run_path(path, moelora.combine, torch.randn(4, 4), forged, None)
+    ids = torch.tensor([[moelora.ops.routing.MAX_EXPERTS - 1, 0]])
+    meta = run_path(path, moelora.dispatch_metadata, ids, moelora.ops.routing.MAX_EXPERTS)
+    assert meta.counts.shape == (moelora.ops.routing.MAX_EXPERTS,) and meta.counts[-1] == 1
+
+
+@pytest.mark.parametrize("T,E,k,bs", [(0, 3, 1, 4), (5, 3, 2, 4), (7, 16, 3, 1), (9, 5, 5, 64)])
+def test_fake_layout_tensors_have_the_real_layouts_shapes_and_dtypes(T, E, k, bs):
+    """What the custom ops' fake kernels return for a forward's padded layout is shaped as the real one."""
+    from moelora.ops.routing import fake_layout_tensors, layout_tensors
+
+    ids = _random_ids(T, E, k, torch.Generator().manual_seed(T))
+    real = layout_tensors(moelora.dispatch_metadata(ids, E, block_size=bs))
+    fake = fake_layout_tensors(torch.empty(0), T, k, E, bs)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
