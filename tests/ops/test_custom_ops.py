@@ -164,3 +164,21 @@ def test_backward_ops_fakes_have_the_kernels_strides_on_non_contiguous_inputs(op
                                                                 torch.randn(7, dtype=dt, device=DEVICE), 0, True)
     with moelora.use_backend("triton"):
         torch.library.opcheck(bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fake_grouped_layout_has_the_real_layouts_shapes_across_the_row_classes(monkeypatch):
+    """The fake kernel's layout pads as the real one, by the (token, slot) pairs' row class: T*k pairs, not T.
+    The GPU tile table's blocks (the interpreter's do not depend on the class): 64 rows few, 128 many."""
+    from moelora.kernels import launchers
+
+    monkeypatch.setattr(launchers, "_INTERPRETING", False)
+    launchers._layout_block.cache_clear()
+    try:
+        for T, k in [(300, 2), (200, 2), (600, 1)]:  # 300, 300 pairs per expert: many rows (>= 256); 200: few
+            x, a, b = torch.randn(T, 16), torch.randn(8, 16), torch.randn(2, 512, 8)
+            ids = torch.arange(T * k).remainder(2).view(T, k)
+            real = moe_lora_module.layout_tensors(moe_lora_module.grouped_layout(x, a, b, ids))
+            fake = moe_lora_module.fake_grouped_layout(x, a, b, k)
+            assert [t.shape for t in fake] == [t.shape for t in real], (T, k)
+    finally:
+        launchers._layout_block.cache_clear()
