@@ -15,8 +15,10 @@ from moelora.ops import moe_lora as moe_lora_module
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["dense", "grouped"])
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
-def test_opcheck(shared_a, grouped):
-    p = make_problem(12, 8, 10, 4, 3, 2, shared_a=shared_a, device=DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck(shared_a, grouped, dtype):
+    """In fp16 too: h (and the gate gradient before its cast) are fp32 there, the fakes must say so."""
+    p = make_problem(12, 8, 10, 4, 3, 2, shared_a=shared_a, dtype=dtype, device=DEVICE)
     # without grad: the ops carry no autograd of their own (moe_lora._TracedMoELoRA differentiates
     # them under torch.compile; test_torch_compile_fullgraph compares its gradients with eager)
     args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in
