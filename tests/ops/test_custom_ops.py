@@ -27,8 +27,9 @@ def test_opcheck(shared_a, grouped, dtype):
     y, h, *layout = moe_lora_module.moe_lora_forward(*args)
     assert len(layout) == (5 if grouped else 0)  # the grouped regime's backward reuses the forward's layout
     dy = torch.randn_like(y)
-    bwd_args = (dy, *args[:5], h, layout, p.scaling, grouped, True)
-    torch.library.opcheck(moe_lora_module.moe_lora_backward.default, bwd_args)
+    for need_dx in (True, False):  # without dx: an empty [0, d_in] tensor, the fake's too
+        bwd_args = (dy, *args[:5], h, layout, p.scaling, grouped, need_dx)
+        torch.library.opcheck(moe_lora_module.moe_lora_backward.default, bwd_args)
 
 
 @pytest.mark.parametrize("regime", ["dense", "grouped"])
