@@ -44,7 +44,6 @@ def test_moe_lora_dense_kernel_budget(shared_a):
     assert not fwd.aten and not bwd.aten, (fwd, bwd)
 
 
-
 @pytest.mark.parametrize("regime", ["dense", "grouped"])
 def test_moe_lora_on_zero_tokens_launches_nothing(regime):
     """No Triton kernel runs on zero tokens: the torch path returns the empty result (with its autograd)."""
@@ -56,6 +55,7 @@ def test_moe_lora_on_zero_tokens_launches_nothing(regime):
             torch.autograd.grad(y, [x, a, b, w], torch.randn_like(y))
     assert y.shape == (0, 64)
     assert not fwd.triton and not bwd.triton, (fwd, bwd)
+
 
 def _count_training_step(module: nn.Module, x: torch.Tensor):
     """(forward, backward) kernel counts of one training step of ``module`` on x, the aux loss

@@ -348,7 +348,6 @@ def test_choose_regime_is_a_width_threshold(monkeypatch):
     assert choose(32, 16) == "dense" and choose(33, 16) == "grouped" and choose(8, 64) == "dense"
 
 
-
 def test_grouped_regime_takes_max_experts_and_refuses_one_more(monkeypatch):
     """regime='grouped' sorts at most MAX_EXPERTS experts: MAX_EXPERTS itself runs (checked here with the
     bound lowered to 4, the sort itself taking far more), MAX_EXPERTS + 1 is refused."""
@@ -359,6 +358,7 @@ def test_grouped_regime_takes_max_experts_and_refuses_one_more(monkeypatch):
     p = make_problem(9, 16, 12, 4, 5, 2, device=DEVICE, seed=12)
     with pytest.raises(ValueError, match="for at most 4 experts: lora_b.shape"):
         moelora.moe_lora(*p.args(), scaling=p.scaling, backend="triton", regime="grouped")
+
 
 # ---- the grouped regime's forward rows on torch's grouped_mm (sm90 bf16 by ROWS_ENGINES) ----------
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
