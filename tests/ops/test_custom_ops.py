@@ -17,19 +17,22 @@ from moelora.ops import moe_lora as moe_lora_module
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_opcheck(shared_a, grouped, dtype):
-    """In fp16 too: h (and the gate gradient before its cast) are fp32 there, the fakes must say so."""
+    """In fp16 too: h (and the gate gradient before its cast to the gates' dtype) are fp32 there, the fakes
+    must say so; fp16 gates (an fp16 router's) get an fp16 gradient."""
     p = make_problem(12, 8, 10, 4, 3, 2, shared_a=shared_a, dtype=dtype, device=DEVICE)
-    # without grad: the ops carry no autograd of their own (moe_lora._TracedMoELoRA differentiates
-    # them under torch.compile; test_torch_compile_fullgraph compares its gradients with eager)
-    args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in
-                 (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.base_out, p.scaling, grouped))
-    torch.library.opcheck(moe_lora_module.moe_lora_forward.default, args)
-    y, h, *layout = moe_lora_module.moe_lora_forward(*args)
-    assert len(layout) == (5 if grouped else 0)  # the grouped regime's backward reuses the forward's layout
-    dy = torch.randn_like(y)
-    for need_dx in (True, False):  # without dx: an empty [0, d_in] tensor, the fake's too
-        bwd_args = (dy, *args[:5], h, layout, p.scaling, grouped, need_dx)
-        torch.library.opcheck(moe_lora_module.moe_lora_backward.default, bwd_args)
+    for gates in {p.topk_weights.dtype, dtype}:
+        # without grad: the ops carry no autograd of their own (moe_lora._TracedMoELoRA differentiates
+        # them under torch.compile; test_torch_compile_fullgraph compares its gradients with eager)
+        args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in
+                     (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights.to(gates), p.base_out, p.scaling, grouped))
+        torch.library.opcheck(moe_lora_module.moe_lora_forward.default, args)
+        y, h, *layout = moe_lora_module.moe_lora_forward(*args)
+        assert len(layout) == (5 if grouped else 0)  # the grouped regime's backward reuses the forward's layout
+        dy = torch.randn_like(y)
+        for need_dx in (True, False):  # without dx: an empty [0, d_in] tensor, the fake's too
+            bwd_args = (dy, *args[:5], h, layout, p.scaling, grouped, need_dx)
+            torch.library.opcheck(moe_lora_module.moe_lora_backward.default, bwd_args)
+            assert moe_lora_module.moe_lora_backward(*bwd_args)[3].dtype == gates
 
 
 @pytest.mark.parametrize("regime", ["dense", "grouped"])
