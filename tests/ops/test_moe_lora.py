@@ -244,9 +244,10 @@ def test_naive_loop_matches_torch_backend():
 
 @pytest.mark.parametrize("rank, experts, top_k", [(3, 4, 2), (1, 18, 17)], ids=["k2", "k17"])
 @pytest.mark.parametrize("regime", REGIMES)
-def test_out_of_range_ids_with_validation_off_contribute_nothing(regime, rank, experts, top_k):
+def test_out_of_range_ids_with_validation_off_contribute_nothing(regime, rank, experts, top_k, monkeypatch):
     """With checks off, bad ids must neither crash nor touch memory: they add nothing, whatever
-    their weights (here NaN and Inf). E*r (12; 18) leaves padding columns in the dense regime's
+    their weights (here NaN and Inf), and their gate gradient is exactly 0 (not memory no kernel wrote:
+    torch.empty is poisoned with NaN). E*r (12; 18) leaves padding columns in the dense regime's
     16-wide column tiles, which the ids just past E name (k 17: the kernel's slot loop)."""
     p = make_problem(30, 16, 20, rank, experts, top_k, device=DEVICE)
     bad = p.topk_ids.clone()
@@ -256,15 +257,27 @@ def test_out_of_range_ids_with_validation_off_contribute_nothing(regime, rank, e
     w = p.topk_weights.detach().clone()
     out_of_range = (bad < 0) | (bad >= experts)
     w[out_of_range] = torch.tensor([float("nan"), float("inf")], device=DEVICE).repeat(30)[:int(out_of_range.sum())]
-    masked_w = torch.where(out_of_range, torch.zeros_like(w), w)
+    masked_w = torch.where(out_of_range, torch.zeros_like(w), w).double().requires_grad_()
+    w.requires_grad_()
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):  # memory no kernel writes must not reach a gradient
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
     with moelora.validation(False):
+        monkeypatch.setattr(torch, "empty", poisoned_empty)
         y = moelora.moe_lora(p.x, p.lora_a, p.lora_b, bad, w, scaling=p.scaling, backend="triton", regime=regime)
         y.sum().backward()
+        monkeypatch.setattr(torch, "empty", empty)
     ref = moelora.ops.reference.moe_lora_torch(p.x.detach().double(), p.lora_a.detach().double(),
                                            p.lora_b.detach().double(), bad.clamp(0, experts - 1),
-                                           masked_w.double(), scaling=p.scaling)
+                                           masked_w, scaling=p.scaling)
     assert rel_err(y, ref) < TOLERANCE[torch.float32]
     assert torch.isfinite(p.lora_b.grad).all() and torch.isfinite(p.x.grad).all()
+    ref.sum().backward()  # the gate gradient: the reference's in range, exactly 0 out of range
+    assert torch.equal(w.grad[out_of_range], torch.zeros_like(w.grad[out_of_range]))
+    assert rel_err(w.grad[~out_of_range], masked_w.grad[~out_of_range]) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -346,6 +359,26 @@ def test_choose_regime_is_a_width_threshold(monkeypatch):
     assert choose(E, 1) == "grouped" and choose(E + 1, 1) == "dense"
     monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", 512)
     assert choose(32, 16) == "dense" and choose(33, 16) == "grouped" and choose(8, 64) == "dense"
+
+
+@pytest.mark.parametrize("experts, rank", [(3, 4), (9, 4)], ids=["narrow", "wide"])
+def test_auto_regime_runs_the_regime_choose_regime_picks(monkeypatch, experts, rank):
+    """regime='auto' launches exactly the kernels of the regime choose_regime names for E and r (the two
+    regimes compute the same values, so only their kernels tell them apart): DENSE_MAX_WIDTH lowered to 16,
+    E*r 12 is dense, 36 grouped."""
+    from moelora.ops import moe_lora as moe_lora_module
+    from moelora.profiling import count_kernels
+
+    monkeypatch.setattr(moe_lora_module, "DENSE_MAX_WIDTH", 16)
+    p = make_problem(9, 16, 12, rank, experts, 2, device=DEVICE, seed=3)
+    launched = {}
+    for regime in ("auto", "dense", "grouped"):
+        with moelora.use_backend("triton"), moelora.validation(False), count_kernels() as counts:
+            moelora.moe_lora(*p.args(), scaling=p.scaling, regime=regime)
+        launched[regime] = counts.triton
+    assert launched["dense"] != launched["grouped"]
+    assert launched["auto"] == launched[moe_lora_module.choose_regime(experts, rank)]
+    assert moe_lora_module.choose_regime(experts, rank) == ("dense" if experts * rank <= 16 else "grouped")
 
 
 def test_grouped_regime_takes_max_experts_and_refuses_one_more(monkeypatch):
