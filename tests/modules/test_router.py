@@ -175,6 +175,30 @@ def test_threshold_eval_keeps_a_slot_whose_p_hat_equals_eps(as_tensor):
     assert torch.equal(r.weights, torch.full((2, 4), 0.25))
 
 
+@pytest.mark.parametrize("eps", [0.0, -0.0, -0.25])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_threshold_keeps_every_top_n_slot_while_a_tensor_eps_is_at_most_zero(eps, training):
+    """threshold_keep keeps every slot while eps <= 0, a 0-d tensor eps as a float one: for a tensor eps of -0.0
+    or below p_hat / eps is <= 0 in training, below no uniform draw (only the best slot would be kept)."""
+    from moelora.ops.routing_modes import threshold_keep
+
+    top_p = torch.softmax(torch.randn(32, 6, dtype=torch.float64), -1).topk(3, dim=-1).values
+    noise = torch.rand(32, 3, dtype=torch.float64) if training else None
+    expected = top_p / top_p.sum(-1, keepdim=True)
+    for e in (eps, torch.tensor(eps, dtype=torch.float64)):
+        torch.testing.assert_close(threshold_keep(top_p, e, noise), expected, rtol=1e-14, atol=0)
+
+
+def test_router_ramp_ending_at_eps_end_minus_zero_keeps_every_top_n_slot_in_training():
+    """eps_end = -0.0 passes the router's eps >= 0 check; from the ramp's end on the scheduled eps is a tensor
+    -0.0, with which training kept every top-n slot as at eps 0 (not the best one only)."""
+    router = Router(8, 6, 3, mode="threshold", eps_start=0.5, eps_end=-0.0, eps_ramp_steps=1).double().train()
+    router.step()
+    x = torch.randn(32, 8, dtype=torch.float64)
+    top = torch.softmax(router.logits(x), -1).topk(3, dim=-1).values
+    torch.testing.assert_close(router(x).weights, top / top.sum(-1, keepdim=True), rtol=1e-12, atol=0)
+
+
 def test_threshold_training_draws_from_the_given_generator():
     """The keep draws come from ``generator`` (reproducible), not from torch's global generator."""
     logits = _logits()
