@@ -304,6 +304,19 @@ def test_task_routing_broadcasts_per_example_ids_and_adds_shared_expert():
         task_routing(torch.tensor([0, 1, 2]), gamma, (2, 3))
 
 
+def test_task_routing_reuse_keeps_apart_the_routings_with_and_without_a_shared_expert():
+    """One task-id tensor routed without a shared expert, then with one (and another): each gets its own ids,
+    not those built for the other (k = 1 ids with k = 2 weights, or the other shared expert's id)."""
+    gamma = torch.randn(3, dtype=torch.float64)
+    tasks = torch.randint(0, 3, (2,))
+    per_token = tasks.repeat_interleave(3).unsqueeze(1)
+    for shared in (None, 3, 4, None):
+        r = task_routing(tasks, gamma, (2, 3), shared_expert=shared)
+        expected = per_token if shared is None else torch.cat([per_token, torch.full_like(per_token, shared)], 1)
+        assert torch.equal(r.ids, expected)
+        assert r.weights.shape == expected.shape and torch.equal(r.weights[:, 0], gamma[per_token[:, 0]])
+
+
 def test_task_routing_reused_after_an_inference_mode_forward_trains():
     """Task ids set once, a forward under torch.inference_mode (evaluation, generation), then a
     training step: what the first forward kept for the task-id tensor must not be inference
