@@ -45,6 +45,21 @@ def test_logits_computed_in_fp32_for_half_inputs():
     assert r.logits.dtype == torch.float32 and r.weights.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "threshold"])
+def test_route_logits_of_half_logits_routes_and_returns_their_fp32_copy(mode, dtype):
+    """route_logits of half-precision logits (a caller's, not a Router's) routes their fp32 copy and returns it as
+    the Routing's logits (the z-loss and probs read them), as it does the fp32 logits themselves."""
+    from moelora.ops.routing_modes import route_logits
+
+    logits = (torch.randn(16, 6, dtype=torch.float64) * 2).to(dtype)
+    got = route_logits(logits, mode, 3, eps=0.2)
+    expected = route_logits(logits.float(), mode, 3, eps=0.2)
+    assert got.logits.dtype == torch.float32 and torch.equal(got.logits, logits.float())
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 
 @pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
 def test_router_weight_is_made_in_fp32_whatever_the_default_dtype(default):
