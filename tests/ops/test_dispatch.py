@@ -346,3 +346,15 @@ def test_fake_layout_tensors_have_the_real_layouts_shapes_and_dtypes(T, E, k, bs
     real = layout_tensors(moelora.dispatch_metadata(ids, E, block_size=bs))
     fake = fake_layout_tensors(torch.empty(0), T, k, E, bs)
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pair_dot_fake_has_the_kernels_shape_and_dtype(dtype):
+    """pair_dot's fake kernel returns [T, k] in the accumulator dtype of its inputs, as the kernel does."""
+    ids = _random_ids(5, 4, 2, torch.Generator().manual_seed(2))
+    sp, inv = moelora.dispatch_metadata(ids, 4).layout
+    a, b = torch.randn(5, 6, dtype=dtype), torch.randn(sp.shape[0], 6, dtype=dtype)
+    real = torch.ops.moelora.pair_dot(a, b, sp, inv)
+    fake = torch.ops.moelora.pair_dot(a.to("meta"), b.to("meta"), sp.to("meta"), inv.to("meta"))
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
