@@ -67,6 +67,16 @@ def test_route_ties_and_nan(path, mode, renorm):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_ties_in_wide_rows_take_the_lowest_expert_first(path, mode, renorm):
+    """Tied logits are ranked by expert index in rows of hundreds of experts too (an unstable sort keeps short
+    rows' ties in order, not long ones')."""
+    logits = torch.randint(-2, 2, (16, 200)).double()  # many ties
+    out = run_path(path, moelora.route, logits, 8, mode=mode, renormalize=renorm)
+    _check_route(out, logits, 8, mode, renorm)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_route_plus_inf_logits_take_the_softmax_limit(path, mode, renorm, dtype):
     """+inf logits: probability split equally over them (0 elsewhere), finite weights and
