@@ -358,3 +358,15 @@ def test_pair_dot_fake_has_the_kernels_shape_and_dtype(dtype):
     real = torch.ops.moelora.pair_dot(a, b, sp, inv)
     fake = torch.ops.moelora.pair_dot(a.to("meta"), b.to("meta"), sp.to("meta"), inv.to("meta"))
     assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_metadata_takes_block_size_max_block_size_and_refuses_one_more(path):
+    """block_size = MAX_BLOCK_SIZE is accepted on every path (its layout matches the reference); one more is not."""
+    from moelora.ops import native
+
+    ids = torch.randint(0, 2, (3, 1))
+    meta = run_path(path, moelora.dispatch_metadata, ids, 2, block_size=native.MAX_BLOCK_SIZE)
+    _check_meta(meta, ids, 2, native.MAX_BLOCK_SIZE)
+    with pytest.raises(ValueError, match=rf"block_size must be in \[1, {native.MAX_BLOCK_SIZE}\]"):
+        run_path(path, moelora.dispatch_metadata, ids, 2, block_size=native.MAX_BLOCK_SIZE + 1)
