@@ -60,7 +60,6 @@ def test_route_logits_of_half_logits_routes_and_returns_their_fp32_copy(mode, dt
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-
 @pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
 def test_router_weight_is_made_in_fp32_whatever_the_default_dtype(default):
     """The router's weight is created in fp32 (its logits are fp32), not in the default dtype."""
