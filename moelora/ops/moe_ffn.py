@@ -594,11 +594,13 @@ def mixing_weights(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
 def mix_experts(pairs: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """[T, d] from expert outputs [T, k, d] (zero for skipped slots) and their weights [T, k]
     (zero for skipped slots); fixed slot order, accumulated in fp32 (fp64 for fp64 data)."""
-    w = mixing_weights(weights, normalize).to(launchers.accumulator_dtype(pairs.dtype))
+    acc = launchers.accumulator_dtype(pairs.dtype)
+    w = mixing_weights(weights, normalize).to(acc)
     if not normalize:
         return (w.unsqueeze(-1) * pairs).sum(1).to(pairs.dtype)
-    first = pairs[:, :1]
-    return (first.squeeze(1) + (w.unsqueeze(-1) * (pairs - first)).sum(1)).to(pairs.dtype)
+    wide = pairs.to(acc)  # the differences z_j - z_0 too: in fp16/bf16 each would round
+    first = wide[:, :1]
+    return (first.squeeze(1) + (w.unsqueeze(-1) * (wide - first)).sum(1)).to(pairs.dtype)
 
 
 def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_in: torch.Tensor,

@@ -284,6 +284,24 @@ def test_identical_experts_reproduce_one_ffn_exactly_when_normalized(path):
     assert torch.equal(mixed, single)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_torch_mix_of_half_precision_outputs_rounds_once(normalize):
+    """The torch backend's mix of fp16 expert outputs by fp16 weights runs in fp32 (the coefficients
+    too) and rounds once: within half an fp16 ulp of the float64 mix of the same values (mixing in fp16
+    rounded every product and partial sum)."""
+    g = torch.Generator().manual_seed(14)
+    pairs = (torch.randn(256, 4, 32, generator=g) * 3).half()
+    weights = torch.rand(256, 4, generator=g).half()
+    weights[::5, 1] = 0.0
+    got = ffn_module.mix_experts(pairs, weights, normalize).double()
+    w = weights.double()
+    c = w / w.sum(-1, keepdim=True) if normalize else w
+    exact = (c.unsqueeze(-1) * pairs.double()).sum(1)
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact.half().double())[1] - 11).clamp_min(2.0 ** -24)
+    scale = (c.unsqueeze(-1) * pairs.double()).abs().sum(1) + pairs[:, 0].double().abs()  # fp32 sums' rounding
+    assert ((got - exact).abs() <= 0.5 * ulp + 2.0 ** -20 * scale).all()
+
+
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
 def test_zero_tokens(path):
     x, ids, weights, ffn = make_ffn()
