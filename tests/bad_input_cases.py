@@ -238,10 +238,20 @@ CASES = {
     "moe_ffn/bias_shape": (ffn(b_in=torch.zeros(E, FF + 1)), (ValueError, r"b_in must have shape \[3, 5\], got \(3, 6\)")),
     "moe_ffn/w_gate_shape": (ffn(w_gate=torch.zeros(E, FF, D + 1)), (ValueError, r"w_gate must have w_in's shape "
                                                                                  r"\(3, 5, 8\), got \(3, 5, 9\)")),
+    # w_in's rows are [gate; up] with stacked_gate: an odd count cannot be split in halves
+    "moe_ffn/stacked_gate_odd_rows": (ffn(stacked_gate=True, w_out=torch.randn(E, D, FF // 2)),
+                                      (ValueError, r"with stacked_gate=True, w_in must have shape "
+                                                   r"\[E, 2 \* d_ff, d_in\], got \(3, 5, 8\)")),
     "moe_ffn/b_gate_without_w_gate": (ffn(b_gate=torch.zeros(E, FF)),
                                       (ValueError, r"b_gate is the gate projection's bias: it needs w_gate")),
     "moe_ffn/beyond_max_experts": (ffn(w_in=torch.randn(5000, FF, D), w_out=torch.randn(5000, D, FF)),
                                    (ValueError, r"moe_ffn takes at most 4096 experts: w_in.shape\[0\] is 5000")),
+    # one expert beyond the sort's limit (a check off by one took it)
+    "moe_ffn/one_beyond_max_experts": (ffn(w_in=torch.randn(4097, FF, D), w_out=torch.randn(4097, D, FF)),
+                                       (ValueError, r"moe_ffn takes at most 4096 experts: w_in.shape\[0\] is 4097")),
+    "moe_ffn/routing_of_other_token_count": (ffn(topk_ids=IDS[:-1], topk_weights=W[:-1]),
+                                             (ValueError, r"^topk_ids and topk_weights must both have shape "
+                                                          r"\[T = 6, k\], got \(5, 2\) and \(5, 2\)$")),
     "moe_ffn/float_ids": (ffn(topk_ids=IDS.float()), (TypeError, r"topk_ids must be int32 or int64, got torch.float32")),
     "moe_ffn/ids_out_of_range": (ffn(topk_ids=IDS + 3), (ValueError, r"topk_ids must lie in \[0, 3\)")),
     # the expert sort's bounds (1 <= k <= E, E >= 1), checked on both paths: the PyTorch fallback of the sort
