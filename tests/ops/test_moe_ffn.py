@@ -175,6 +175,15 @@ def test_in_place_activation_matches_the_float64_loop(path, gated, bias):
     check_against_reference(x, ids, weights, ffn, path, nn.ELU(inplace=True), normalize=True)
 
 
+@pytest.mark.parametrize("path", TRITON_PATHS, ids=path_id)
+def test_an_activation_not_finite_at_zero_leaves_the_padding_rows_out(path):
+    """log|t| is -inf at 0, its derivative 1/t inf: the padding rows of row space (zero projections without a
+    bias) must stay zero through the unfused activation and its backward, or the weight gradients, which sum
+    over each expert's padded rows, turn NaN (0 * inf)."""
+    x, ids, weights, ffn = make_ffn(T=12, d=8, f=8, d_out=4, E=3, gated=False, bias=False, seed=9)
+    check_against_reference(x, ids, weights, ffn, path, lambda t: t.abs().log(), normalize=True)
+
+
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
 def test_activation_module_with_trainable_parameters(path):
     """An activation with trainable parameters (nn.PReLU): the torch backend differentiates them
@@ -276,6 +285,23 @@ def test_identical_experts_reproduce_one_ffn_exactly_when_normalized(path):
     ids = torch.arange(4, device=DEVICE).repeat(x.shape[0], 1)
     weights = torch.softmax(torch.randn(x.shape[0], 4, device=DEVICE), -1)
     weights[::3, 1:] = 0.0  # some tokens keep only their best expert
+    copies = {n: t.detach()[:1].expand_as(t).contiguous() if t is not None else None for n, t in ffn.items()}
+    with torch.no_grad():
+        mixed = run(x, ids, weights, copies, path, normalize=True)
+        single = run(x, ids[:, :1] * 0, torch.ones_like(weights[:, :1]), {n: t[:1] if t is not None else None
+                                                                            for n, t in copies.items()}, path)
+    assert torch.equal(mixed, single)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_identical_experts_with_a_dropped_last_slot_reproduce_one_ffn_exactly(path):
+    """The anchor of the normalised mix is slot 0 whatever the other slots: with the last slot dropped
+    (weight 0, output 0) and two kept slots of identical experts, the mix is still that FFN's output bit
+    for bit (anchored on the dropped slot, it is c_0 z + c_1 z, off by the rounding)."""
+    x, ids, weights, ffn = make_ffn(T=64, E=3, k=3, seed=12)
+    ids = torch.arange(3, device=DEVICE).repeat(x.shape[0], 1)
+    weights = torch.rand(x.shape[0], 3, device=DEVICE) + 0.1
+    weights[:, 2] = 0.0
     copies = {n: t.detach()[:1].expand_as(t).contiguous() if t is not None else None for n, t in ffn.items()}
     with torch.no_grad():
         mixed = run(x, ids, weights, copies, path, normalize=True)
@@ -517,6 +543,61 @@ def test_out_of_range_ids_raise_or_are_skipped_with_validation_off(path):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_out_of_range_ids_with_validation_off_leave_the_normalised_mix(path):
+    """With validation off, a slot with an id outside [0, E) is skipped as a zero weight would be: its
+    weight is out of the normalisation's sum too."""
+    x, ids, weights, ffn = make_ffn(gated=False)
+    bad = ids.clone()
+    bad[3, 0], bad[6, 1] = 5, -2  # E = 5
+    dropped = weights.detach().clone()
+    dropped[3, 0] = dropped[6, 1] = 0.0
+    assert weights[3, 0] > 0 and weights[6, 1] > 0
+    with moelora.validation(False):
+        got = run(x, bad, weights, ffn, path, F.gelu, normalize=True)
+    assert torch.equal(got, run(x, ids, dropped, ffn, path, F.gelu, normalize=True))
+
+
+def test_rows_linear_multiplies_in_compute_dtype_and_writes_out_dtype():
+    """grouped_linear.rows_linear on the Triton engine: operands rounded to ``compute_dtype`` (fp16 here, from
+    fp32 rows), the result written in ``out_dtype`` (fp32); moe_lora keeps its fp32 intermediates so."""
+    from moelora.kernels import launchers
+    from moelora.ops.grouped_linear import rows_linear
+    from moelora.ops.routing import expert_layout
+
+    g = torch.Generator().manual_seed(15)
+    ids = torch.rand(10, 3, generator=g).argsort(1)[:, :2].to(DEVICE)
+    a, w = torch.randn(10, 16, generator=g).to(DEVICE), torch.randn(3, 8, 16, generator=g).to(DEVICE)
+    meta = expert_layout(ids, 3, launchers.grouped_layout_block(((8, 16),), False))
+    got = rows_linear(a, w, meta, "triton", a_by_token=True, out_dtype=torch.float32, compute_dtype=torch.float16)
+    half = rows_linear(a.half(), w.half(), meta, "triton", a_by_token=True, out_dtype=torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, half)
+    pair = meta.sorted_pairs_padded
+    want = torch.where((pair >= 0)[:, None], torch.einsum("rk,rnk->rn", a.double()[pair.clamp(min=0) // 2],
+                                                          w.double()[ids.reshape(-1)[pair.clamp(min=0)]]), 0)
+    assert rel_err(got, want) < 5e-3
+
+
+def test_segment_linear_zeroes_the_rows_after_the_last_segment_and_empty_experts_gradients():
+    """moelora::segment_linear: F.linear per expert segment, zero rows from offsets[E] on (the skipped pairs);
+    its backward: zero row gradients there and zero weight and bias gradients for an expert without rows."""
+    from moelora.ops.grouped_linear import segment_linear
+
+    g = torch.Generator().manual_seed(16)
+    rows, w, b = (torch.randn(9, 4, generator=g), torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, generator=g))
+    rows, w, b = (t.requires_grad_() for t in (rows, w, b))
+    offsets = torch.tensor([0, 2, 2, 6])  # expert 1 gets no rows; rows 6..8 are past the segments
+    for _ in range(3):  # freed NaN buffers of the outputs' sizes: memory an unwritten output may reuse
+        junk = [torch.full(t.shape, float("nan")) for t in (rows, w, b, rows[:, :1].expand(9, 5))]
+        del junk
+        out = segment_linear(rows, w, b, offsets)
+        grads = torch.autograd.grad(out, (rows, w, b), torch.randn(9, 5, generator=g))
+        assert torch.equal(out[6:], torch.zeros(3, 5)) and torch.equal(grads[0][6:], torch.zeros(3, 4))
+        assert torch.equal(grads[1][1], torch.zeros(5, 4)) and torch.equal(grads[2][1], torch.zeros(5))
+    want = torch.cat([F.linear(rows[:2], w[0], b[0]), F.linear(rows[2:6], w[2], b[2]), torch.zeros(3, 5)])
+    torch.testing.assert_close(out, want)
+
+
 @pytest.mark.parametrize("path", TRITON_PATHS, ids=path_id)
 def test_opcheck_fused_ops(path):
     """The fused forward and backward as custom ops: fake kernels, schemas, compile traces."""
@@ -534,6 +615,23 @@ def test_opcheck_fused_ops(path):
         needs = [t is not None for t in (x, weights, *weights_)]
         bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, is_stacked, *plan, needs)
         torch.library.opcheck(ffn_module.moe_ffn_backward.default, bwd_args)
+
+
+def test_opcheck_fused_ops_in_half_precision():
+    """The fused ops in fp16 (routing weights too) against their fake kernels: the saved mixing coefficients
+    in fp32, the gradients in their tensors' dtypes (a real output in fp32 passed autograd, which casts, but not
+    torch.compile's metadata)."""
+    x, ids, weights, ffn = make_ffn(T=8, d=16, f=16, d_out=8, E=3, dtype=torch.float16, seed=13)
+    weights = weights.detach().half()  # the saved mixing coefficients are fp32 all the same
+    plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], ffn["w_gate"], 2, "triton")
+    params = [ffn[n].detach() for n in ("w_in", "b_in", "w_out", "b_out", "w_gate", "b_gate")]
+    args = (x.detach(), ids, weights, *params, "silu", True, False, *plan)
+    torch.library.opcheck(ffn_module.moe_ffn_forward.default, args, test_utils=("test_schema", "test_faketensor"))
+    out = ffn_module.moe_ffn_forward(*args)
+    bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, False, *plan, [True] * 8)
+    grads = ffn_module.moe_ffn_backward(*bwd_args)
+    assert [g.dtype for g in grads] == [t.dtype for t in (x, weights, *params)]
+    torch.library.opcheck(ffn_module.moe_ffn_backward.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
