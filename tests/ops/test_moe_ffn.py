@@ -522,10 +522,11 @@ def test_argument_errors_name_the_argument():
         moelora.moe_ffn(x, ids, weights, stacked_gate=True, **args)  # w_in's 40 rows = 2 x 20
     with pytest.raises(ValueError, match="engine must be one of"):
         moelora.moe_ffn(x, ids, weights, backend="triton", engine="cutlass", **args)
-    with pytest.raises(ValueError, match="engine='grouped_mm' needs"):  # d_in 6 fp32 = 24 bytes a row
-        small = make_ffn(d=6, gated=False)
-        moelora.moe_ffn(small[0], small[1], small[2], activation=F.gelu, backend="triton", engine="grouped_mm",
-                        **small[3])
+    for width in ("d", "f", "d_out"):  # d_in, d_ff or d_out of 6 fp32 = 24 bytes a row
+        small = make_ffn(gated=False, **{width: 6})
+        with pytest.raises(ValueError, match="engine='grouped_mm' needs"):
+            moelora.moe_ffn(small[0], small[1], small[2], activation=F.gelu, backend="triton", engine="grouped_mm",
+                            **small[3])
 
 
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
