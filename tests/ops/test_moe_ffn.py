@@ -358,6 +358,28 @@ def test_plan_picks_the_engine_by_device_dtype_and_table(monkeypatch):
     assert odd.gemm == "triton"  # 30 bf16 = 60 bytes: rows not 16-byte aligned
 
 
+def test_plan_pads_the_segments_to_the_row_tiles_of_its_engine(monkeypatch):
+    """The Triton engine's grouped GEMMs need each row tile inside one expert's segment: the plan pads the segments
+    to the largest row tile of its GEMMs (of the GPU tile table, by row class; a smaller padding halves the tiles,
+    down to 16 rows), the grouped_mm engine (any segment ends) to 16 rows only."""
+    from moelora.kernels import launchers
+
+    monkeypatch.setattr(launchers, "_INTERPRETING", False)  # the GPU tile table (the interpreter's has 32 rows)
+    launchers._layout_block.cache_clear()
+    try:
+        x, _, _, ffn = make_ffn(T=600, d=64, f=128, d_out=32, E=2, gated=False)
+        gemms = ((128, 64), (32, 128), (128, 32), (64, 128))  # (N, K): both projections, dh, dx
+        for T in (600, 40):  # many rows per expert, few
+            plan = ffn_module.ffn_plan(x[:T], ffn["w_in"], ffn["w_out"], None, 2, engine="triton")
+            many = launchers.many_rows(2 * T, 2)
+            assert plan.layout_block == max(launchers.grouped_config("matmul", n, k, many).block_m
+                                            for n, k in gemms) > 16, T
+        if grouped_mm_fn() is not None:
+            assert ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], None, 2, engine="grouped_mm").layout_block == 16
+    finally:
+        launchers._layout_block.cache_clear()
+
+
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
 def test_fullgraph_compile_matches_eager(path):
     x, ids, weights, ffn = make_ffn(T=12, d=16, f=24, d_out=8, E=4, seed=4)
