@@ -97,6 +97,15 @@ def test_link_problem_detects_a_static_runtime(tmp_path):
 
 
 @needs_gxx
+def test_probe_adds_nothing_for_a_compiler_that_links_the_runtime_dynamically(tmp_path):
+    """The system compiler's own link of the probe is sound: setup.py gets no extra link argument."""
+    compiler = _compiler()
+    if _cxx_runtime.link_problem(_cxx_runtime._link_probe(compiler, str(tmp_path), [], "own"), "libstdc++.so.6"):
+        pytest.skip("this g++ links libstdc++ statically itself")
+    assert _cxx_runtime.runtime_link_args(compiler, "libstdc++.so.6") == []
+
+
+@needs_gxx
 def test_import_refuses_an_extension_with_a_static_runtime(tmp_path):
     """moelora.ops.native does not use such an extension (the fallbacks run) and says why."""
     from types import SimpleNamespace
@@ -171,3 +180,98 @@ def test_read_elf_rejects_malformed_section_headers(tmp_path):
         (tmp_path / "x.so").write_bytes(bytes(broken))
         with pytest.raises(_cxx_runtime.NotElfError, match="malformed"):
             _cxx_runtime.read_elf(str(tmp_path / "x.so"))
+
+
+# ---- the ELF reader on small synthetic files: both classes and byte orders ------------------
+def _synthetic_elf(is64, little, needed=(), defined=(), undefined=(), ei_data=None):
+    """A shared object holding only .dynstr, .dynamic (NEEDED ``needed``) and .dynsym (``defined`` in a
+    section, ``undefined`` in none), as a linker of that class and byte order writes them."""
+    import struct
+
+    e = "<" if little else ">"
+    strtab, offsets = b"\0", {}
+    for name in (*needed, *defined, *undefined):
+        offsets[name] = len(strtab)
+        strtab += name.encode() + b"\0"
+    dyn_fmt, sym_entsize, sh_fmt = (e + "qQ", 24, e + "IIQQQQIIQQ") if is64 else (e + "iI", 16, e + "IIIIIIIIII")
+    dynamic = b"".join(struct.pack(dyn_fmt, 1, offsets[n]) for n in needed) + struct.pack(dyn_fmt, 5, 0)
+    dynamic += struct.pack(dyn_fmt, 0, 0) + struct.pack(dyn_fmt, 1, offsets.get("", 0) + 1)  # DT_NULL ends it
+
+    def sym(name, shndx):
+        if is64:
+            return struct.pack(e + "IBBHQQ", name, 0x12, 0, shndx, 0x1000 if shndx else 0, 8)
+        return struct.pack(e + "IIIBBH", name, 0x1000 if shndx else 0, 8, 0x12, 0, shndx)
+
+    symbols = sym(0, 0) + b"".join(sym(offsets[n], 4) for n in defined) + b"".join(sym(offsets[n], 0)
+                                                                                  for n in undefined)
+    ehsize = 64 if is64 else 52
+    str_off, dyn_off = ehsize, ehsize + len(strtab)
+    sym_off = dyn_off + len(dynamic)
+    shoff = sym_off + len(symbols)
+    dyn_entsize = len(dynamic) // (len(needed) + 3)
+    sections = [(0, 0, 0, 0, 0), (3, str_off, len(strtab), 0, 0), (6, dyn_off, len(dynamic), 1, dyn_entsize),
+                (11, sym_off, len(symbols), 1, sym_entsize)]
+    headers = b"".join(struct.pack(sh_fmt, 0, t, 0, 0, off, size, link, 0, 1, ent)
+                       for t, off, size, link, ent in sections)
+    ident = b"\x7fELF" + bytes([2 if is64 else 1, (1 if little else 2) if ei_data is None else ei_data, 1]) + b"\0" * 9
+    if is64:
+        header = ident + struct.pack(e + "HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(sections), 0)
+    else:
+        header = ident + struct.pack(e + "HHIIIIIHHHHHH", 3, 3, 1, 0, 0, shoff, 0, 52, 0, 0, 40, len(sections), 0)
+    assert len(header) == ehsize
+    return header + strtab + dynamic + symbols + headers
+
+
+@pytest.mark.parametrize("is64", [True, False], ids=["elf64", "elf32"])
+@pytest.mark.parametrize("little", [True, False], ids=["little_endian", "big_endian"])
+def test_read_elf_reads_both_classes_and_byte_orders(tmp_path, is64, little):
+    """NEEDED entries in order up to DT_NULL, defined symbols without the undefined ones: a 32-bit or
+    big-endian file (another platform's build) is read as readelf reads it."""
+    path = tmp_path / "x.so"
+    path.write_bytes(_synthetic_elf(is64, little, needed=["libtorch.so", "libstdc++.so.6", "libc.so.6"],
+                                    defined=["moelora_op", "_ZN7moelora4initEv"],
+                                    undefined=["_ZNSolsEl", "_ZTVSo"]))
+    info = _cxx_runtime.read_elf(str(path))
+    assert info.needed == ["libtorch.so", "libstdc++.so.6", "libc.so.6"]
+    assert info.defined == {"moelora_op", "_ZN7moelora4initEv"}
+    assert _cxx_runtime.read_elf(str(path), symbols=False).needed == info.needed
+    assert _cxx_runtime.link_problem(str(path), "libstdc++.so.6") is None
+
+
+def test_read_elf_rejects_an_unknown_byte_order(tmp_path):
+    """EI_DATA other than 1 (little-endian) or 2 (big-endian): not an ELF file the reader knows."""
+    path = tmp_path / "x.so"
+    for ei_data in (0, 3):
+        path.write_bytes(_synthetic_elf(True, False, needed=["libstdc++.so.6"], ei_data=ei_data))
+        with pytest.raises(_cxx_runtime.NotElfError):
+            _cxx_runtime.read_elf(str(path))
+
+
+@pytest.mark.parametrize("symbol", ["_ZNSolsEl", "_ZNKSo6sentrycvbEv", "_ZTVSo", "_ZTISo",
+                                    "_ZNSt13basic_ostreamIwSt11char_traitsIwEElsEl",
+                                    "_ZNKSt13basic_ostreamIwSt11char_traitsIwEE6sentrycvbEv",
+                                    "_ZTVSt13basic_ostreamIwSt11char_traitsIwEE",
+                                    "_ZTISt13basic_ostreamIwSt11char_traitsIwEE"])
+def test_link_problem_names_each_kind_of_ostream_symbol_defined_inside(tmp_path, symbol):
+    """std::ostream's and std::wostream's members, const members, vtables and typeinfo, each alone, are a
+    static runtime; the same symbol undefined (taken from the shared runtime) and std::istream's are not."""
+    path = tmp_path / "x.so"
+    path.write_bytes(_synthetic_elf(True, True, needed=["libstdc++.so.6"], defined=[symbol, "_ZNSirsERl"]))
+    problem = _cxx_runtime.link_problem(str(path), "libstdc++.so.6")
+    assert problem is not None and f"defines 1 std::basic_ostream symbols itself (e.g. {symbol})" in problem
+    path.write_bytes(_synthetic_elf(True, True, needed=["libstdc++.so.6"], defined=["_ZNSirsERl"],
+                                    undefined=[symbol]))
+    assert _cxx_runtime.link_problem(str(path), "libstdc++.so.6") is None
+
+
+def test_link_problem_wants_the_runtime_family_among_the_needed_libraries(tmp_path):
+    """Another version of torch's runtime (libstdc++.so.7) is the same family; none, or libc++ for a torch on
+    libstdc++, is not: the message names the runtime and the NEEDED list."""
+    path = tmp_path / "x.so"
+    path.write_bytes(_synthetic_elf(True, True, needed=["libtorch.so", "libstdc++.so.7"]))
+    assert _cxx_runtime.link_problem(str(path), "libstdc++.so.6") is None
+    path.write_bytes(_synthetic_elf(True, True, needed=["libtorch.so", "libc++.so.1"]))
+    assert "does not list libstdc++.so.6 among its NEEDED libraries (libtorch.so, libc++.so.1)" in \
+        _cxx_runtime.link_problem(str(path), "libstdc++.so.6")
+    path.write_bytes(_synthetic_elf(False, True))
+    assert "(none)" in _cxx_runtime.link_problem(str(path), "libstdc++.so.6")
