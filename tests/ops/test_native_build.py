@@ -275,3 +275,58 @@ def test_link_problem_wants_the_runtime_family_among_the_needed_libraries(tmp_pa
         _cxx_runtime.link_problem(str(path), "libstdc++.so.6")
     path.write_bytes(_synthetic_elf(False, True))
     assert "(none)" in _cxx_runtime.link_problem(str(path), "libstdc++.so.6")
+
+
+# ---- when moelora.ops.native uses the extension ---------------------------------------------
+def test_import_check_refuses_a_build_with_either_limit_of_other_sources(tmp_path):
+    """A stale moelora._C whose MAX_EXPERTS or MAX_BLOCK_SIZE differs from the Python side's (or is missing) is
+    not used; a file that is not ELF (another platform's build) has no runtime linkage to check."""
+    from types import SimpleNamespace
+
+    other = tmp_path / "_C.pyd"
+    other.write_bytes(b"MZ\x90\x00 a PE file, not ELF")
+    limits = dict(MAX_EXPERTS=_ext.MAX_EXPERTS, MAX_BLOCK_SIZE=_ext.MAX_BLOCK_SIZE)
+    assert _ext._untrusted_reason(SimpleNamespace(__file__=str(other), **limits)) is None
+    for name in limits:
+        for value in (None, limits[name] * 2):
+            stale = SimpleNamespace(__file__=str(other), **dict(limits, **{name: value}))
+            assert "built from other sources" in _ext._untrusted_reason(stale), (name, value)
+
+
+def test_an_extension_the_import_check_refuses_is_not_used_and_import_warns(monkeypatch):
+    """moelora.ops.native imported with an extension that links the runtime statically: HAS_C and WITH_CUDA
+    false, LOAD_ERROR says why, a RuntimeWarning too, and the fallbacks run."""
+    import importlib
+
+    import torch
+
+    monkeypatch.setattr(_cxx_runtime, "link_problem", lambda path, runtime=None: "it defines std::ostream")
+    try:
+        with pytest.warns(RuntimeWarning, match="moelora._C is not used: it defines std::ostream"):
+            importlib.reload(_ext)
+        assert not _ext.HAS_C and not _ext.WITH_CUDA and not _ext.has_cpu_kernels()
+        assert isinstance(_ext.LOAD_ERROR, RuntimeError) and "it defines std::ostream" in str(_ext.LOAD_ERROR)
+        assert not _ext.use_native(torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_ext)
+    assert _ext.HAS_C == (_ext._C is not None)
+
+
+def test_use_native_takes_the_kernels_the_build_has_for_the_device(monkeypatch):
+    """CPU tensors go to the native kernels in every build, CUDA tensors only in a CUDA build, meta tensors
+    never, and none while the fallbacks are forced."""
+    import torch
+
+    from moelora import switches
+
+    cpu, cuda, meta = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
+    monkeypatch.setattr(_ext, "HAS_C", True)
+    for with_cuda in (False, True):
+        monkeypatch.setattr(_ext, "WITH_CUDA", with_cuda)
+        assert _ext.has_cuda_kernels() == with_cuda
+        assert [_ext.use_native(d) for d in (cpu, cuda, meta)] == [True, with_cuda, False]
+        with switches.force_fallback():
+            assert [_ext.use_native(d) for d in (cpu, cuda, meta)] == [False, False, False]
+    monkeypatch.setattr(_ext, "HAS_C", False)
+    assert not _ext.has_cuda_kernels() and [_ext.use_native(d) for d in (cpu, cuda, meta)] == [False, False, False]
