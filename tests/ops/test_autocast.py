@@ -291,3 +291,27 @@ def test_task_gates_stay_fp32_under_autocast(amp):
     (weights, dgamma), (weights_ref, dgamma_ref) = results
     assert weights.dtype == torch.float32 and torch.equal(weights, weights_ref)
     assert torch.equal(dgamma, dgamma_ref)
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES)
+def test_autocast_helpers_say_what_autocast_would_cast(amp):
+    """moelora.ops.backend: autocast's dtype only where autocast is on for the tensor's device (none for a
+    meta tensor, which autocast does not know, or what is no tensor); fp32, fp16 and bf16 tensors cast to it,
+    float64, integers and None as they are; without_autocast turns it off for x's device."""
+    from moelora.ops.backend import autocast_dtype, autocast_input, without_autocast
+
+    x, meta = torch.randn(3, 4, device=DEVICE), torch.randn(3, 4, device="meta")
+    assert autocast_dtype(x) is None
+    with torch.autocast(DEVICE.type, dtype=amp):
+        assert autocast_dtype(x) == amp and autocast_dtype(meta) is None and autocast_dtype([x]) is None
+        for t in (x, x.half(), x.bfloat16()):
+            assert autocast_input(t, amp).dtype == amp
+        ints = torch.arange(3, device=DEVICE)
+        assert autocast_input(x.double(), amp).dtype == torch.float64 and autocast_input(ints, amp) is ints
+        assert autocast_input(None, amp) is None
+        assert (x @ x.T).dtype == amp
+        with without_autocast(x):
+            assert (x @ x.T).dtype == torch.float32 and autocast_dtype(x) is None
+        assert (x @ x.T).dtype == amp
+    with without_autocast(x):
+        assert (x @ x.T).dtype == torch.float32
