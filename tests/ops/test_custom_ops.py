@@ -111,6 +111,23 @@ def test_ops_reach_their_implementation_without_custom_op_wrappers():
         assert type(op).__name__ == "CustomOp" and op.default.name().startswith("moelora::"), op
 
 
+_OPS = (moe_lora_module.moe_lora_forward, moe_lora_module.moe_lora_backward, moe_lora_linear.moe_lora_linear_fwd,
+        moe_lora_linear.moe_lora_linear_bwd, moe_ffn.moe_ffn_forward, moe_ffn.moe_ffn_backward,
+        grouped_linear.segment_linear, grouped_linear.segment_linear_backward, routing_autograd.router_topk_backward)
+
+
+def test_ops_have_a_kernel_for_every_device_and_functional_schemas():
+    """registration.py registers each op's function as its kernel for every backend (CompositeExplicitAutograd:
+    CUDA tensors, and CPU ones under the interpreter, reach it; a CPU-only registration passed every CPU test
+    and left CUDA tensors without a kernel), its fake for meta and fake tensors, and a schema that mutates and
+    aliases nothing (what the implementations promise; the compilers rely on it)."""
+    for op in _OPS:
+        for key in ("CPU", "CUDA", "XPU", "Meta"):
+            assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(op.name, key), (op.name, key)
+        schema = op.default._schema
+        assert not any(a.alias_info for a in (*schema.arguments, *schema.returns)), schema
+
+
 def _transposed_storage(t):
     """``t``'s values in a tensor whose last two dims are stored transposed (not contiguous)."""
     return t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -188,3 +205,24 @@ def test_fake_grouped_layout_has_the_real_layouts_shapes_across_the_row_classes(
             assert [t.shape for t in fake] == [t.shape for t in real], (T, k)
     finally:
         launchers._layout_block.cache_clear()
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_segment_linear_differentiates_through_its_registered_autograd(with_bias):
+    """segment_linear, which eager code calls, carries its backward (register_autograd): gradcheck in float64
+    over experts with rows, one without and rows past the last segment (zero outputs, zero gradients). Without
+    it PyTorch backpropagated through the kernel's own ops, warning that this is deprecated ("an autograd
+    kernel was not registered"): an error here."""
+    import warnings
+
+    torch.manual_seed(0)
+    dt = dict(dtype=torch.float64, device=DEVICE)
+    rows, weight = torch.randn(6, 4, **dt, requires_grad=True), torch.randn(3, 5, 4, **dt, requires_grad=True)
+    bias = torch.randn(3, 5, **dt, requires_grad=True) if with_bias else None
+    offsets = torch.tensor([0, 2, 2, 5], device=DEVICE)
+    inputs = (rows, weight, bias, offsets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.autograd.gradcheck(lambda *a: grouped_linear.segment_linear(*a), inputs)
+    out = grouped_linear.segment_linear(*inputs)
+    assert out.grad_fn is not None and torch.equal(out[5], torch.zeros(5, **dt))
