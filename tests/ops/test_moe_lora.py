@@ -341,6 +341,30 @@ def test_meta_tensors_run_the_torch_backend_under_the_interpreter(monkeypatch):
     assert [g.shape for g in grads] == [t.shape for t in p.leaves()]
 
 
+def test_kernels_run_where_the_triton_backend_would_and_is_not_switched_off(monkeypatch):
+    """moelora.ops.backend.kernels_run (the routers' and losses' own kernel paths): CPU tensors under the
+    interpreter unless the torch backend is chosen, never meta or fake tensors, nor CPU tensors outside the
+    interpreter, where the Triton backend's recorded ops (check_triton_op_device) name the device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moelora.ops.backend import check_triton_op_device, kernels_run
+
+    cpu, cuda, meta = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for backend, runs in (("auto", True), ("triton", True), ("torch", False)):
+        with moelora.use_backend(backend):
+            assert kernels_run(cpu) == runs and not kernels_run(meta), backend
+    with FakeTensorMode(), moelora.use_backend("auto"):
+        assert not kernels_run(cpu)
+    check_triton_op_device("moe_lora_forward", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with moelora.use_backend("auto"):
+        assert not kernels_run(cpu)
+    check_triton_op_device("moe_lora_forward", cuda)
+    with pytest.raises(ValueError, match="moelora::moe_lora_forward is the Triton backend's op .* got tensors on cpu"):
+        check_triton_op_device("moe_lora_forward", cpu)
+
+
 def test_backends_agree():
     p = make_problem(40, 16, 24, 4, 6, 2, device=DEVICE)
     y_t = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="triton")
