@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from helpers import needs_c
 from moelora import _cxx_runtime
 from moelora.ops import native as _ext
 
@@ -293,9 +294,10 @@ def test_import_check_refuses_a_build_with_either_limit_of_other_sources(tmp_pat
             assert "built from other sources" in _ext._untrusted_reason(stale), (name, value)
 
 
+@needs_c
 def test_an_extension_the_import_check_refuses_is_not_used_and_import_warns(monkeypatch):
     """moelora.ops.native imported with an extension that links the runtime statically: HAS_C and WITH_CUDA
-    false, LOAD_ERROR says why, a RuntimeWarning too, and the fallbacks run."""
+    false, LOAD_ERROR says why, a RuntimeWarning too, and the fallbacks run (needs a build to refuse)."""
     import importlib
 
     import torch
