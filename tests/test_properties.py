@@ -187,7 +187,8 @@ def linear_routing_loop(logits, ids, mode, renormalize, eps, noise):
 def test_moe_lora_linear_matches_the_per_token_loop(data, regime):
     """The fused layer's op on the Triton backend, static or learned routing (router weight or
     given logits), LoRA dropout and router jitter, in fp32 and fp64, against float64 loops:
-    output, aux loss and every gradient."""
+    output, aux loss and every gradient. Static ids outside [0, E) with validation off add no
+    adapter and get a zero gate gradient (the loop skips them)."""
     from moelora.ops import moe_lora as moe_lora_module
     from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
 
@@ -204,9 +205,14 @@ def test_moe_lora_linear_matches_the_per_token_loop(data, regime):
              lora_a=rand(*((r, d_in) if shared_a else (E, r, d_in))), lora_b=rand(E, d_out, r))
     mask = torch.rand(T, d_in, generator=g) < 0.7 if draw(st.booleans()) else None
     jitter = noise = router = None
+    out_of_range = False
     if mode == "static":
         ids, w = torch.randint(0, E, (T, k), generator=g), torch.rand(T, k, generator=g, dtype=torch.float64) - 0.3
         p["topk_weights"] = w
+        out_of_range = draw(st.booleans())
+        if out_of_range:  # some slots name no expert: -1, E or beyond
+            bad = torch.rand(T, k, generator=g) < 0.4
+            ids[bad] = torch.tensor([-1, E, E + 2])[torch.randint(0, 3, (int(bad.sum()),), generator=g)]
     else:
         given_logits = draw(st.booleans())
         p["router"] = rand(T, E) * 2 if given_logits else rand(E, d_in)
@@ -225,12 +231,13 @@ def test_moe_lora_linear_matches_the_per_token_loop(data, regime):
     dense_width = moe_lora_module.DENSE_MAX_WIDTH
     moe_lora_module.DENSE_MAX_WIDTH = dense_width if regime == "dense" else 0  # the grouped regime on a small layer
     try:
-        y, out = moe_lora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_a"], leaves["lora_b"],
-                                 scaling=scaling, router=router,
-                                 topk_ids=strided(ids, device=DEVICE) if mode == "static" else None,
-                                 topk_weights=leaves.get("topk_weights"),
-                                 dropout_mask=None if mask is None else mask.to(DEVICE), dropout_scale=1 / 0.7,
-                                 backend="triton")
+        with moelora.validation(not out_of_range):  # validation would refuse the out-of-range ids
+            y, out = moe_lora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_a"],
+                                     leaves["lora_b"], scaling=scaling, router=router,
+                                     topk_ids=strided(ids, device=DEVICE) if mode == "static" else None,
+                                     topk_weights=leaves.get("topk_weights"),
+                                     dropout_mask=None if mask is None else mask.to(DEVICE), dropout_scale=1 / 0.7,
+                                     backend="triton")
     finally:
         moe_lora_module.DENSE_MAX_WIDTH = dense_width
     ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
@@ -253,6 +260,8 @@ def test_moe_lora_linear_matches_the_per_token_loop(data, regime):
         row = x[t] @ ref["weight"].t() + (ref["bias"] if "bias" in ref else 0)
         for j in range(k):
             e = int(ids[t, j])
+            if not 0 <= e < E:  # out of range (validation off): no adapter
+                continue
             a_e = ref["lora_a"] if shared_a else ref["lora_a"][e]
             row = row + scaling * w_ref[t, j] * (ref["lora_b"][e] @ (a_e @ x_lora[t]))
         rows.append(row)
