@@ -654,12 +654,21 @@ def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(mo
     launch(x, 0.25)
     assert runs == [(3, 2, 1, "stream", "fn", "meta", None, None, None, x, 0.25, 5, 1, 16, True)]
     launch(x[1:], 0.5)  # 4-byte offset: not 16-byte aligned
+    launch(x[2:], 0.5)  # 8-byte offset: neither
     launch(x.double(), 0.5)  # another dtype
-    assert len(kernel.launches) == 3 and len(runs) == 1
+    assert len(kernel.launches) == 4 and len(runs) == 1
     with K.count_launches() as calls:
         launch(x, 0.5)
     assert len(calls) == 1 and calls[0][1] == (3, 2, 1)
-    assert len(kernel.launches) == 3 and len(runs) == 1
+    assert len(kernel.launches) == 4 and len(runs) == 1
+    # a first launch that is unaligned records nothing: the next, aligned one goes through Triton (whose kernel
+    # then assumes the alignment) and is the one that later launches repeat directly
+    late = K.KernelLaunch(kernel, (3, 2), (5, 1), FLAG=True, BLOCK=16, num_warps=4)
+    late(x[1:], 0.5)
+    late(x, 0.5)
+    assert len(kernel.launches) == 6 and len(runs) == 1
+    late(x, 0.5)
+    assert len(kernel.launches) == 6 and len(runs) == 2
 
 
 def test_launches_run_on_their_tensors_device_with_a_direct_launch_per_device(monkeypatch):
