@@ -669,6 +669,13 @@ def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(mo
     assert len(kernel.launches) == 6 and len(runs) == 1
     late(x, 0.5)
     assert len(kernel.launches) == 6 and len(runs) == 2
+    # so does a first launch counted, not run: the first launch run records the compiled kernel
+    counted = K.KernelLaunch(kernel, (3, 2), (5, 1), FLAG=True, BLOCK=16, num_warps=4)
+    with K.count_launches():
+        counted(x, 0.5)
+    counted(x, 0.5)
+    counted(x, 0.5)
+    assert len(kernel.launches) == 7 and len(runs) == 3
 
 
 def test_launches_run_on_their_tensors_device_with_a_direct_launch_per_device(monkeypatch):
