@@ -969,3 +969,27 @@ def test_clear_launch_caches_drops_every_cached_launch_configuration():
     cached = {name for name, fn in vars(K).items() if name.endswith("_launch") and hasattr(fn, "cache_clear")}
     missing = cached - {fn.__name__ for fn in K._LAUNCH_CACHES}
     assert cached and not missing, missing
+
+
+@pytest.mark.parametrize("E", [6, 16, 100])
+@pytest.mark.parametrize("count_kept", [False, True])
+def test_masked_router_aux_loss_and_its_gradient(E, count_kept):
+    """The masked aux loss's kernels (one launch each way) against the PyTorch formulas in float64, over
+    the real tokens only: E 16 (a power of two: dropped slots' histogram bin past the experts') and 100
+    (fewer tokens per program of the gradient: every one still covered)."""
+    from moelora.ops.losses import masked_aux_loss_backward, masked_aux_loss_forward
+
+    T, k, lb, z = 150, 3, 0.01, 0.001
+    logits = randn(T, E, dtype=torch.float64)
+    ids, w = routing(T, E, k)
+    w[::4, 1] = 0.0  # dropped slots, recounted with count_kept
+    mask = torch.rand(T, device=DEVICE) > 0.2
+    loss, stats, counts = K.masked_router_aux_loss(logits, ids, w, mask, lb, z, count_kept)
+    kept = mask.unsqueeze(1) & (w > 0 if count_kept else torch.ones_like(w, dtype=torch.bool))
+    ref_counts = torch.bincount(ids[kept], minlength=E)
+    assert torch.equal(counts, ref_counts)
+    ref_loss, ref_stats = masked_aux_loss_forward(logits, ref_counts, mask, lb, z)
+    assert rel_err(loss, ref_loss) < 1e-9 and rel_err(stats, ref_stats) < 1e-9
+    g = torch.tensor(1.3, dtype=torch.float64, device=DEVICE)
+    dl = K.masked_router_aux_loss_backward(g, logits, ref_counts, mask, lb, z)
+    assert rel_err(dl, masked_aux_loss_backward(g, logits, ref_counts, mask, lb, z)) < 1e-9
