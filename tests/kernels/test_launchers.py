@@ -993,3 +993,11 @@ def test_masked_router_aux_loss_and_its_gradient(E, count_kept):
     g = torch.tensor(1.3, dtype=torch.float64, device=DEVICE)
     dl = K.masked_router_aux_loss_backward(g, logits, ref_counts, mask, lb, z)
     assert rel_err(dl, masked_aux_loss_backward(g, logits, ref_counts, mask, lb, z)) < 1e-9
+
+
+def test_lora_down_with_more_router_columns_than_lora_columns():
+    """E 40 router columns beside R 8 rows of A: the logits take more programs per token block than h."""
+    T, d, R, E = 50, 20, 8, 40
+    x, a, wr = randn(T, d), randn(R, d), randn(E, d)
+    h, logits = K.lora_down(x, a, wr)
+    assert rel_err(h, x.double() @ a.double().t()) < 1e-6 and rel_err(logits, x.double() @ wr.double().t()) < 1e-6
