@@ -432,7 +432,7 @@ def _matmul_launch(M: int, N: int, K: int, K2: int, group: int, a_strides: tuple
     block_k = overrides.get("BLOCK_K") or _pow2_block(K, 16, 32 if narrow else 64)
     tiles = cdiv(M, block_m) * cdiv(N, block_n)
     splits = _split_count(tiles, K, device) if split_k else 1
-    k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
+    k_per_split = max(1, cdiv(cdiv(K, splits), block_k)) * block_k  # K 0 (the second product alone): one split
     splits = cdiv(max(K, 1), k_per_split)
     has_addend = addend_strides is not None and splits == 1
     # One split writes straight into ``out``; several write fp32 partials [splits, M, N].

@@ -995,6 +995,15 @@ def test_masked_router_aux_loss_and_its_gradient(E, count_kept):
     assert rel_err(dl, masked_aux_loss_backward(g, logits, ref_counts, mask, lb, z)) < 1e-9
 
 
+def test_matmul_with_an_empty_first_product_computes_the_second():
+    """K 0 (no LoRA rows, a router only): a @ b is empty, a2 @ b2 is not; the result is alpha * a2 @ b2 (+ addend)."""
+    a, b, a2, b2, d = randn(20, 0), randn(0, 12), randn(20, 7), randn(7, 12), randn(20, 12)
+    for addend, expected in ((None, 2 * a2.double() @ b2.double()), (d, 2 * a2.double() @ b2.double() + d.double())):
+        out = K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, alpha=2.0, second=(a2, b2),
+                       addend=addend)
+        assert rel_err(out, expected) < TOLERANCE[torch.float32]
+
+
 def test_lora_down_with_more_router_columns_than_lora_columns():
     """E 40 router columns beside R 8 rows of A: the logits take more programs per token block than h."""
     T, d, R, E = 50, 20, 8, 40
