@@ -614,8 +614,10 @@ def _aux_meta(experts: int, count_kept: bool, dtype: torch.dtype, top_k: int) ->
 def _aux_args(aux: RouterAux):
     """(the pointers, the coefficients) that _router_aux_loss takes for ``aux``; the pointers
     end with its outputs: loss (0-d), stats [2] and the counts (the kept slots', new, when
-    ``aux.count_kept``); the coefficients are _coefs' in lse's dtype."""
+    ``aux.count_kept``); the coefficients are _coefs' in lse's dtype. The kernels read counts and
+    prob_sums at unit stride: strided ones are copied."""
     lse = aux.lse
+    aux = aux._replace(counts=aux.counts.contiguous(), prob_sums=aux.prob_sums.contiguous())
     loss = torch.empty((), dtype=lse.dtype, device=lse.device)
     stats = torch.empty(2, dtype=lse.dtype, device=lse.device)
     counts = torch.empty(aux.counts.shape, dtype=torch.int64, device=lse.device) if aux.count_kept else aux.counts

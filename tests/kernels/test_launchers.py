@@ -1010,3 +1010,24 @@ def test_lora_down_with_more_router_columns_than_lora_columns():
     x, a, wr = randn(T, d), randn(R, d), randn(E, d)
     h, logits = K.lora_down(x, a, wr)
     assert rel_err(h, x.double() @ a.double().t()) < 1e-6 and rel_err(logits, x.double() @ wr.double().t()) < 1e-6
+
+
+@pytest.mark.parametrize("own_launch", [False, True], ids=["in the expand", "router_aux_loss"])
+def test_router_aux_loss_reads_strided_counts_and_prob_sums(own_launch):
+    """The aux loss's kernels read counts and prob_sums at unit stride: strided ones (views every other
+    element) give the loss of their values all the same."""
+    from moelora.ops.losses import aux_losses
+    from moelora.ops.routing import route
+
+    res = route(randn(300, 7) * 3, 2, renormalize=True)
+    counts = torch.stack([res.counts, torch.full_like(res.counts, 99)], 1)[:, 0]
+    prob_sums = torch.stack([res.prob_sums, torch.full_like(res.prob_sums, 5.0)], 1)[:, 0]
+    aux = K.RouterAux(counts, prob_sums, res.lse, 0.01, 0.001)
+    if own_launch:
+        loss, stats, out_counts = K.router_aux_loss(res.ids, res.weights, aux)
+    else:
+        h, B = randn(300, 4), randn(7, 8, 4)
+        _, loss, stats, out_counts = K.gated_expand(h, res.ids, res.weights, B, scaling=1.0, shared_a=True, aux=aux)
+    ref_loss, ref_stats = aux_losses(res.counts, res.prob_sums.double(), res.lse.double(), 0.01, 0.001)
+    assert rel_err(loss, ref_loss) < 1e-6 and rel_err(stats, ref_stats) < 1e-6
+    assert torch.equal(out_counts, res.counts)
