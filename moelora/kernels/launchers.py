@@ -864,6 +864,8 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
         mode, coefs, has_aux = NO_ROUTER, (0.0,) * 4, False
     else:
         logits, counts = router.logits, router.counts
+        if counts is not None:
+            counts = counts.contiguous()  # read at unit stride
         second = torch.empty(logits.shape, dtype=h.dtype, device=h.device)
         second_strides, logits_strides = _contiguous(logits.shape[1]), logits.stride()
         has_aux = router.g_aux is not None
@@ -914,7 +916,7 @@ def router_backward(dw: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     kernel = _router_backward_launch(T, E, topk_ids.shape[1], ROUTER_GRAD_MODES[router.mode], has_aux, stat_grads, acc,
                                      topk_ids.stride(), topk_weights.stride(), dw.stride(), logits.stride(),
                                      g_prob_sums.stride(0) if stat_grads else 0, g_lse.stride(0) if stat_grads else 0)
-    kernel(topk_ids, topk_weights, dw, logits, router.counts if has_aux else logits,
+    kernel(topk_ids, topk_weights, dw, logits, router.counts.contiguous() if has_aux else logits,  # unit stride
            router.g_aux if has_aux else logits, g_prob_sums if stat_grads else logits,
            g_lse if stat_grads else logits, dl, *_coefs(router.lb_coef, router.z_coef, acc))
     return dl

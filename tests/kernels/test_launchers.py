@@ -119,6 +119,13 @@ def test_gate_backward_differentiates_router_and_aux_loss(mode, with_aux):
     dl_rows = K.router_backward(dw, routing_ref.ids, routing_ref.weights.float(), router)
     assert torch.isfinite(dl_rows).all() and rel_err(dl_rows, dl_ref) < 1e-5
     assert torch.equal(dl_rows[3], torch.zeros(E, device=DEVICE))
+    if with_aux:  # strided counts (a view of every other element) give the same gradients
+        counts = torch.stack([routing_ref.counts, torch.full_like(routing_ref.counts, 99)], 1)[:, 0]
+        strided = router._replace(counts=counts)
+        _, dl_strided = K.gate_backward(dhg, h, routing_ref.ids, routing_ref.weights.float(), num_experts=E, rank=r,
+                                        scaling=s, shared_a=True, router=strided)
+        assert torch.equal(dl_strided, dl)
+        assert torch.equal(K.router_backward(dw, routing_ref.ids, routing_ref.weights.float(), strided), dl_rows)
 
 
 def test_lora_down_reads_x_once_for_h_and_logits():
