@@ -864,8 +864,8 @@ def gate_backward(dhg: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor, to
         mode, coefs, has_aux = NO_ROUTER, (0.0,) * 4, False
     else:
         logits, counts = router.logits, router.counts
-        if counts is not None:
-            counts = counts.contiguous()  # read at unit stride
+        # read at unit stride; without g_aux (None allowed) logits are a placeholder: launches pass tensors only
+        counts = counts.contiguous() if counts is not None else logits
         second = torch.empty(logits.shape, dtype=h.dtype, device=h.device)
         second_strides, logits_strides = _contiguous(logits.shape[1]), logits.stride()
         has_aux = router.g_aux is not None

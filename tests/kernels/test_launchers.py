@@ -1038,3 +1038,22 @@ def test_router_aux_loss_reads_strided_counts_and_prob_sums(own_launch):
     ref_loss, ref_stats = aux_losses(res.counts, res.prob_sums.double(), res.lse.double(), 0.01, 0.001)
     assert rel_err(loss, ref_loss) < 1e-6 and rel_err(stats, ref_stats) < 1e-6
     assert torch.equal(out_counts, res.counts)
+
+
+def test_gate_backward_takes_a_router_without_counts_launch_after_launch():
+    """RouterGrad's counts may be None without g_aux: every launch passes tensors only (a None among them
+    broke the direct-launch check of the launches after the first), and the gradient is the one with counts."""
+    T, E, r, k = 40, 4, 3, 2
+    ids, w = routing(T, E, k)
+    h, dhg, logits = randn(T, r), randn(T, E * r), randn(T, E)
+    with_counts = K.RouterGrad(logits, torch.ones(E, dtype=torch.int64, device=DEVICE), None, "softmax_topk", 0.01, 0.0)
+    _, expected = K.gate_backward(dhg, h, ids, w, num_experts=E, rank=r, scaling=0.5, shared_a=True,
+                                  router=with_counts)
+    router = with_counts._replace(counts=None)
+    with K.count_launches() as calls:
+        for _ in range(2):
+            K.gate_backward(dhg, h, ids, w, num_experts=E, rank=r, scaling=0.5, shared_a=True, router=router)
+    assert len(calls) == 2
+    for _ in range(2):
+        _, dl = K.gate_backward(dhg, h, ids, w, num_experts=E, rank=r, scaling=0.5, shared_a=True, router=router)
+        assert torch.equal(dl, expected)
