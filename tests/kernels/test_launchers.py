@@ -1057,3 +1057,17 @@ def test_gate_backward_takes_a_router_without_counts_launch_after_launch():
     for _ in range(2):
         _, dl = K.gate_backward(dhg, h, ids, w, num_experts=E, rank=r, scaling=0.5, shared_a=True, router=router)
         assert torch.equal(dl, expected)
+
+
+def test_grouped_matmul_covers_output_columns_past_a_whole_number_of_tiles():
+    """N 100 (over one column tile, not a multiple of it): every output column of every pair's row is written."""
+    T, E, k, d_in, N = 20, 3, 2, 16, 100
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    x, W = randn(T, d_in), randn(E, N, d_in)
+    out = torch.full((R, N), NAN, device=DEVICE)
+    K.grouped_matmul(x, W, out, meta, a_by_token=True, weight_nk_strides=(W.stride(1), W.stride(2)),
+                     compute_dtype=torch.float32)
+    rows, pairs = _pair_rows(meta)
+    expected = torch.einsum("pd,pnd->pn", x.double()[pairs // k], W.double()[ids.reshape(-1)[pairs]])
+    assert torch.isfinite(out[rows]).all() and rel_err(out[rows], expected) < 1e-6
