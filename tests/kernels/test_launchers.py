@@ -300,7 +300,7 @@ def test_threshold_weights_and_kept_counts(training, ramp, E):
 
     T, n = 300, 3
     res = route(randn(T, E) * 2, n)
-    noise = torch.rand(T, n, device=DEVICE) if training else None
+    noise = torch.rand(n, T, device=DEVICE).t() if training else None  # strided: read at its own strides
     steps = torch.tensor(3, device=DEVICE)
     w = K.threshold_weights(res.weights, noise, steps, eps_start=0.05, eps_end=0.4, ramp_steps=ramp)
     ref = threshold_keep(res.weights, scheduled_eps(0.05, 0.4, ramp, steps), noise)
