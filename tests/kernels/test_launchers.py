@@ -1072,3 +1072,14 @@ def test_grouped_matmul_covers_output_columns_past_a_whole_number_of_tiles():
     rows, pairs = _pair_rows(meta)
     expected = torch.einsum("pd,pnd->pn", x.double()[pairs // k], W.double()[ids.reshape(-1)[pairs]])
     assert torch.isfinite(out[rows]).all() and rel_err(out[rows], expected) < 1e-6
+
+
+def test_combine_rows_in_float64_accumulates_in_float64():
+    """float64 rows and output: the mix is computed in float64 (to 1e-12 of the reference), not float32."""
+    T, E, k, N = 29, 5, 3, 40
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    rows, coef = randn(R, N, dtype=torch.float64), torch.rand(T, k, device=DEVICE, dtype=torch.float64)
+    y = K.combine_rows(rows, meta, out_dtype=torch.float64, coef=coef)
+    expected = (coef[:, :, None] * rows[meta.inverse_padded]).sum(1)
+    assert y.dtype == torch.float64 and rel_err(y, expected) < 1e-12
