@@ -1083,3 +1083,16 @@ def test_combine_rows_in_float64_accumulates_in_float64():
     y = K.combine_rows(rows, meta, out_dtype=torch.float64, coef=coef)
     expected = (coef[:, :, None] * rows[meta.inverse_padded]).sum(1)
     assert y.dtype == torch.float64 and rel_err(y, expected) < 1e-12
+
+
+def test_grouped_matmul_halves_a_row_tile_four_times_larger_than_the_layout_block():
+    """A 64-row tile over a 16-row layout block halves down to 16 rows: no tile spans two experts."""
+    T, E, k, d_in, N = 20, 3, 2, 16, 24
+    ids, meta = _row_layout(T, E, k)
+    x, W = randn(T, d_in), randn(E, N, d_in)
+    out = torch.zeros(meta.sorted_pairs_padded.numel(), N, device=DEVICE)
+    K.grouped_matmul(x, W, out, meta, a_by_token=True, weight_nk_strides=(W.stride(1), W.stride(2)),
+                     compute_dtype=torch.float32, config=K.TileConfig(64, 32, 16, 4, 1, 1))
+    rows, pairs = _pair_rows(meta)
+    expected = torch.einsum("pd,pnd->pn", x.double()[pairs // k], W.double()[ids.reshape(-1)[pairs]])
+    assert rel_err(out[rows], expected) < 1e-6
