@@ -98,6 +98,39 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
+def empty_filled_with_nan():
+    """Within the block ``torch.empty`` returns floating-point tensors filled with NaN: memory that no
+    kernel writes (uninitialised elsewhere, and maybe zero by chance on a CPU) poisons what reads it."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = poisoned
+    try:
+        yield
+    finally:
+        torch.empty = empty
+
+
+@contextlib.contextmanager
+def gpu_tile_table():
+    """Within the block the launchers choose tiles and layout blocks from the GPU tile table, as outside
+    the interpreter (whose blocks are 32 rows whatever the row class); the cached layout blocks are dropped
+    on entry and exit."""
+    from moelora.kernels import launchers
+
+    previous, launchers._INTERPRETING = launchers._INTERPRETING, False
+    launchers._layout_block.cache_clear()
+    try:
+        yield
+    finally:
+        launchers._INTERPRETING = previous
+        launchers._layout_block.cache_clear()
+
+
+@contextlib.contextmanager
 def float_args_as_float32():
     """Within the block every Triton launch of moelora.kernels.launchers gets its Python float
     arguments as the float32 numbers a GPU launch passes (Triton's type for a float argument).

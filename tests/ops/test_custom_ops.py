@@ -8,7 +8,7 @@ import torch
 
 import moelora
 from conftest import DEVICE
-from helpers import TOLERANCE, make_problem, rel_err
+from helpers import TOLERANCE, gpu_tile_table, make_problem, rel_err
 from moelora.ops import grouped_linear, moe_ffn, moe_lora_linear, routing_autograd
 from moelora.ops import moe_lora as moe_lora_module
 
@@ -189,22 +189,16 @@ def test_backward_ops_fakes_have_the_kernels_strides_on_non_contiguous_inputs(op
         torch.library.opcheck(bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_fake_grouped_layout_has_the_real_layouts_shapes_across_the_row_classes(monkeypatch):
+def test_fake_grouped_layout_has_the_real_layouts_shapes_across_the_row_classes():
     """The fake kernel's layout pads as the real one, by the (token, slot) pairs' row class: T*k pairs, not T.
     The GPU tile table's blocks (the interpreter's do not depend on the class): 64 rows few, 128 many."""
-    from moelora.kernels import launchers
-
-    monkeypatch.setattr(launchers, "_INTERPRETING", False)
-    launchers._layout_block.cache_clear()
-    try:
+    with gpu_tile_table():
         for T, k in [(300, 2), (200, 2), (600, 1)]:  # 300, 300 pairs per expert: many rows (>= 256); 200: few
             x, a, b = torch.randn(T, 16), torch.randn(8, 16), torch.randn(2, 512, 8)
             ids = torch.arange(T * k).remainder(2).view(T, k)
             real = moe_lora_module.layout_tensors(moe_lora_module.grouped_layout(x, a, b, ids))
             fake = moe_lora_module.fake_grouped_layout(x, a, b, k)
             assert [t.shape for t in fake] == [t.shape for t in real], (T, k)
-    finally:
-        launchers._layout_block.cache_clear()
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])

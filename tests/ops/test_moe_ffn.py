@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import moelora
 from conftest import DEVICE, HAS_CUDA
-from helpers import rel_err
+from helpers import gpu_tile_table, rel_err
 from moelora.ops import moe_ffn as ffn_module
 from moelora.ops.grouped_linear import grouped_mm_fn
 
@@ -358,15 +358,13 @@ def test_plan_picks_the_engine_by_device_dtype_and_table(monkeypatch):
     assert odd.gemm == "triton"  # 30 bf16 = 60 bytes: rows not 16-byte aligned
 
 
-def test_plan_pads_the_segments_to_the_row_tiles_of_its_engine(monkeypatch):
+def test_plan_pads_the_segments_to_the_row_tiles_of_its_engine():
     """The Triton engine's grouped GEMMs need each row tile inside one expert's segment: the plan pads the segments
     to the largest row tile of its GEMMs (of the GPU tile table, by row class; a smaller padding halves the tiles,
     down to 16 rows), the grouped_mm engine (any segment ends) to 16 rows only."""
     from moelora.kernels import launchers
 
-    monkeypatch.setattr(launchers, "_INTERPRETING", False)  # the GPU tile table (the interpreter's has 32 rows)
-    launchers._layout_block.cache_clear()
-    try:
+    with gpu_tile_table():  # the interpreter's blocks are 32 rows
         x, _, _, ffn = make_ffn(T=600, d=64, f=128, d_out=32, E=2, gated=False)
         gemms = ((128, 64), (32, 128), (128, 32), (64, 128))  # (N, K): both projections, dh, dx
         for T in (600, 40):  # many rows per expert, few
@@ -376,8 +374,6 @@ def test_plan_pads_the_segments_to_the_row_tiles_of_its_engine(monkeypatch):
                                             for n, k in gemms) > 16, T
         if grouped_mm_fn() is not None:
             assert ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], None, 2, engine="grouped_mm").layout_block == 16
-    finally:
-        launchers._layout_block.cache_clear()
 
 
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
