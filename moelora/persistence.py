@@ -42,8 +42,9 @@ import json
 import math
 import os
 import re
+import tempfile
 import uuid
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -239,19 +240,7 @@ def _write_adapter_files(directory: str, config: dict, state: dict, shard_bytes:
             weight_map.update(dict.fromkeys(shard, file))
         writers[WEIGHTS_INDEX_NAME] = json_file({"metadata": {"total_size": sum(sizes.values())},
                                                  "weight_map": weight_map})
-    staged = []
-    try:
-        for name, write in writers.items():
-            # names of this save's own: another save into the directory at once stages its files beside these
-            staged.append((os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp"), os.path.join(directory, name)))
-            write(staged[-1][0])
-    except BaseException:
-        for temporary, _ in staged:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        raise
-    for temporary, final in staged:
-        os.replace(temporary, final)
+    _write_staged(directory, writers)
     for stale in os.listdir(directory):
         if stale not in writers and (stale in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_FILE.fullmatch(stale)):
             with contextlib.suppress(FileNotFoundError):  # removed by another save into the directory at once
@@ -555,6 +544,25 @@ def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
     return {k: t.detach().contiguous().clone() for k, t in state.items()}, sorted(saved)
 
 
+def _write_staged(directory: str, writers: Dict[str, Callable[[str], None]]) -> None:
+    """Write the files ``writers`` names ({file name: function writing it at a path}) into ``directory``: each
+    under a temporary name first, all renamed into place once every one is written; a writer that fails (a full
+    disk) leaves no temporary file and ``directory`` as it was."""
+    staged = []
+    try:
+        for name, write in writers.items():
+            # names of this save's own: another save into the directory at once stages its files beside these
+            staged.append((os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp"), os.path.join(directory, name)))
+            write(staged[-1][0])
+    except BaseException:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        raise
+    for temporary, final in staged:
+        os.replace(temporary, final)
+
+
 def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] = None,
                      bias: Optional[str] = None) -> None:
     """Write into ``save_directory`` a PEFT LoRA checkpoint equal to the active adapter (for ``task``
@@ -563,7 +571,8 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
     base_model_name_or_path (what PEFT's AutoPeftModel classes read). A model with
     upcycled FFNs or MoLEx raises: PEFT has no place for them. A torch.compile'd model exports the model it
     compiles. A ``save_directory`` holding a moelora checkpoint (``moelora_config.json``) raises a ValueError: its
-    weights file has the name of PEFT's."""
+    weights file has the name of PEFT's. Both files are staged as save_pretrained's: an export that fails midway
+    (a full disk) leaves an earlier export in ``save_directory`` as it was."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -606,8 +615,14 @@ def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] 
                         base_model_name_or_path=adapter.base_model_name_or_path)
     _refuse_other_format(save_directory, CONFIG_NAME, "a moelora checkpoint (save_pretrained's)")
     os.makedirs(save_directory, exist_ok=True)
-    config.save_pretrained(save_directory)
-    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    def write_config(path):  # PEFT's own writer, which takes a directory
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".adapter_config.") as staging:
+            config.save_pretrained(staging)
+            os.replace(os.path.join(staging, PEFT_CONFIG_NAME), path)
+
+    _write_staged(save_directory, {PEFT_CONFIG_NAME: write_config,
+                                   WEIGHTS_NAME: functools.partial(save_file, state, metadata={"format": "pt"})})
 
 
 def read_peft_checkpoint(directory: str):

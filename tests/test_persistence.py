@@ -874,6 +874,35 @@ def test_a_save_that_fails_midway_leaves_the_earlier_save_as_it_was(tmp_path, mo
     assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
 
 
+def test_an_export_that_fails_midway_leaves_the_earlier_export_as_it_was(tmp_path, monkeypatch):
+    """export_peft_lora wrote PEFT's adapter_config.json in place, then the weights in place: an export failing
+    while it wrote the weights (a full disk) left the new config over a truncated weights file, which neither PEFT
+    nor load_peft_lora can read. Its files are staged as save_pretrained's and renamed into place once written."""
+    import safetensors.torch
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                       num_experts=1, lora_alpha=4.0))
+    _perturb_all_adapters(model)
+    model.eval()
+    ids = token_batch()
+    expected = model(ids).logits
+    moelora.export_peft_lora(model, str(tmp_path))
+    before = _directory_contents(tmp_path)
+    _perturb_all_adapters(model, seed=9)
+
+    def failing_save_file(tensors, filename, *args, **kwargs):  # a part of the file written, then the disk is full
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 16)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        moelora.export_peft_lora(model, str(tmp_path))
+    assert _directory_contents(tmp_path) == before
+    monkeypatch.undo()
+    assert torch.equal(moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path)).eval()(ids).logits, expected)
+
+
 def test_two_saves_into_one_directory_at_once_both_succeed(tmp_path, monkeypatch):
     """Two saves into one directory at once (two ranks that both save, a checkpoint thread beside the training loop)
     staged their files under the same temporary names: the first rename took the other's file away (its rename
