@@ -435,7 +435,6 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
     With ``aux_mask`` the masked aux loss's gradient (launchers.masked_router_aux_loss_backward) is
     added to the routing's d logits before they are used, in place of the kernels' own."""
     need_x, need_weight, need_bias, _, need_logits, need_w = needs
-    dtype = x.dtype
     aux_only = dy is None  # only the aux loss reached the loss
     if aux_only:
         dy = x.new_zeros(x.shape[0], weight.shape[0])
@@ -454,11 +453,8 @@ def _fused_backward(dy, g_aux, x, weight, lora_a, lora_b, router_weight, h, logi
         grads = _dense_lora_backward(dy, x, lora_a, lora_b, router_weight, h, ids, weights, dropout, jitter, scaling,
                                      router, need_x, dl_aux)
     dx, dlora_a, dlora_b, drouter, dl, dw = grads
-    if need_x:
-        if dx is None:
-            dx = torch.mm(dy, weight.to(dtype))
-        elif not aux_only:  # (dy = 0 adds nothing)
-            dx.addmm_(dy, weight)
+    if need_x and not aux_only:  # the LoRA backward's dx (returned wherever x needs one) gets dy W; dy = 0 adds 0
+        dx.addmm_(dy, weight)
     dweight = torch.mm(dy.t(), x) if need_weight else None
     dbias = dy.sum(0) if need_bias else None
     # given logits' gradient in their dtype (the routing's d logits: fp32 for half-precision logits)
