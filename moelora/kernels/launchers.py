@@ -1339,7 +1339,8 @@ def combine_rows_backward(dy: torch.Tensor, rows: torch.Tensor, meta, ids: torch
                           *, bias: Optional[torch.Tensor] = None, need_g: bool = True):
     """(drows [R, N] in dy's dtype, g [T*k] accumulator dtype): drows[r] = row_coef[p] * dy[t],
     g[p] = <dy[t], rows[r] + bias[ids[t, j]]> for the pair p = t*k + j of row r (unwritten
-    where the pair has no row); ``row_coef`` flat over the pairs."""
+    where the pair has no row); ``row_coef`` flat over the pairs (the kernel reads it at unit
+    stride: a strided one is copied)."""
     num_rows, N = rows.shape
     acc = accumulator_dtype(dy.dtype)
     drows = torch.empty(num_rows, N, dtype=dy.dtype, device=dy.device)
@@ -1349,7 +1350,8 @@ def combine_rows_backward(dy: torch.Tensor, rows: torch.Tensor, meta, ids: torch
     bias_arg = bias if bias is not None else rows
     kernel = _combine_rows_backward_launch(num_rows, N, meta.top_k, dy.stride(), rows.stride(), ids.stride(),
                                            bias_arg.stride(), bias is not None, need_g, acc)
-    kernel(dy, rows, ids, bias_arg, row_coef, meta.sorted_pairs_padded, drows, g if need_g else drows)
+    kernel(dy, rows, ids, bias_arg, row_coef.contiguous(), meta.sorted_pairs_padded, drows,  # unit stride
+           g if need_g else drows)
     return drows, g
 
 

@@ -535,6 +535,22 @@ def test_combine_rows_backward(with_bias):
     assert rel_err(g[pairs], (dy.double()[pairs // k] * z).sum(1)) < 1e-6
 
 
+
+def test_combine_rows_backward_reads_a_strided_row_coef():
+    """The kernel reads row_coef at unit stride: a strided one (a view of every other element) gives
+    drows of its values all the same (and g, which does not depend on it)."""
+    T, E, k, N = 23, 4, 2, 40
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    dy, rows, coef = randn(T, N), randn(R, N), torch.rand(T * k, device=DEVICE)
+    strided = torch.stack([coef, torch.full_like(coef, 7.0)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    drows, g = K.combine_rows_backward(dy, rows, meta, ids, strided)
+    r, pairs = _pair_rows(meta)
+    assert rel_err(drows[r], coef.double()[pairs, None] * dy.double()[pairs // k]) < 1e-6
+    assert rel_err(g[pairs], (dy.double()[pairs // k] * rows.double()[r]).sum(1)) < 1e-6
+
+
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
                "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"), "relu": torch.relu}
 
