@@ -1444,13 +1444,14 @@ def mixing_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exper
 def mixing_weights_backward(g: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                             normalize: bool) -> torch.Tensor:
     """d topk_weights [T, k] (topk_weights' dtype) of mixing_weights and the combine, from
-    g [T * k] = <dy[t], z_j> of each slot's expert output (read for kept slots only)."""
+    g [T * k] = <dy[t], z_j> of each slot's expert output (read for kept slots only; the kernel
+    reads it at unit stride: a strided one is copied)."""
     T, top_k = topk_ids.shape
     dw = torch.empty(T, top_k, dtype=topk_weights.dtype, device=topk_weights.device)
     if T:
         kernel = _mixing_launch(True, T, top_k, num_experts, topk_ids.stride(), topk_weights.stride(), dw.stride(),
                                 normalize, accumulator_dtype(topk_weights.dtype))
-        kernel(g, topk_ids, topk_weights, dw)
+        kernel(g.contiguous(), topk_ids, topk_weights, dw)  # read at unit stride
     return dw
 
 

@@ -551,6 +551,23 @@ def test_combine_rows_backward_reads_a_strided_row_coef():
     assert rel_err(g[pairs], (dy.double()[pairs // k] * rows.double()[r]).sum(1)) < 1e-6
 
 
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_mixing_weights_backward_reads_a_strided_g(normalize):
+    """The kernel reads g at unit stride: a strided one (a view of every other element) gives the gradient of
+    its values all the same: d/dw of sum_j c_j(w) g_j, c = w (normalized: w / sum w), in float64."""
+    T, E, k = 37, 5, 3
+    ids, w = routing(T, E, k)
+    g = randn(T * k)
+    strided = torch.stack([g, torch.full_like(g, 7.0)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    dw = K.mixing_weights_backward(strided, ids, w, E, normalize)
+    w64 = w.double().requires_grad_()
+    c = w64 / w64.sum(1, keepdim=True) if normalize else w64
+    (c * g.double().view(T, k)).sum().backward()
+    assert rel_err(dw, w64.grad) < 1e-5
+
+
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
                "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"), "relu": torch.relu}
 
