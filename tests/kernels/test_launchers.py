@@ -720,6 +720,67 @@ def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(mo
     assert len(kernel.launches) == 7 and len(runs) == 3
 
 
+
+def test_direct_launch_keeps_the_first_aligned_record_and_falls_back_to_triton_for_good(monkeypatch):
+    """The direct launch repeats the first 16-byte aligned launch's dtypes (an 8-byte offset is not aligned; a
+    launch with other dtypes between leaves the record as it is), passes the constexprs in the kernel's
+    parameter order, and goes through Triton for good where it cannot launch directly: a constexpr not in
+    the configuration (a default), a compiled kernel without packed_metadata, another Triton's launcher
+    signature (TypeError: no later launch of any configuration tries again), MOELORA_DIRECT_LAUNCH=0; a launch
+    counted after one run keeps the compiled kernel."""
+    runs, launches = [], []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *args):
+            runs.append(args)
+
+    class Kernel:
+        def __init__(self, names, compiled=Compiled):
+            self.arg_names, self.compiled = names, compiled
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: (launches.append(args), self.compiled())[1]
+
+    def direct_runs(launch, x, times=2):
+        runs.clear(), launches.clear()
+        for _ in range(times):
+            launch(x, 0.5)
+        return len(runs), len(launches)
+
+    monkeypatch.setattr(K, "_direct_launch", {"enabled": True})
+    monkeypatch.setattr(K, "_current_stream", lambda device: "stream")
+    x = torch.zeros(8)
+    names = ["a_ptr", "alpha", "n", "FLAG", "BLOCK"]
+    launch = K.KernelLaunch(Kernel(names), (1,), (5,), BLOCK=16, FLAG=False)
+    launch(x[2:], 0.5)  # 8-byte offset: not recorded
+    launch(x, 0.5)
+    assert not runs and len(launches) == 2
+    launch(x.double(), 0.5)  # other dtypes: through Triton, the record kept
+    with K.count_launches():
+        launch(x, 0.5)
+    assert direct_runs(launch, x) == (2, 0) and runs[0][-2:] == (False, 16)  # FLAG, BLOCK: parameter order
+    default = K.KernelLaunch(Kernel(names), (1,), (5,), BLOCK=16)  # FLAG left to its default
+    assert direct_runs(default, x) == (0, 2)
+    with K.count_launches():  # a launch counted keeps the record: no direct launch
+        default(x, 0.5)
+    assert default._direct == {-1: False}
+    no_metadata = K.KernelLaunch(Kernel(names, compiled=lambda: object()), (1,), (5,), BLOCK=16, FLAG=False)
+    assert direct_runs(no_metadata, x) == (0, 2) and no_metadata._direct == {-1: False}
+
+    class OtherTriton(Compiled):
+        def run(self, *args):
+            runs.append(args)
+            raise TypeError("another signature")
+
+    other = K.KernelLaunch(Kernel(names, compiled=OtherTriton), (1,), (5,), BLOCK=16, FLAG=False)
+    assert direct_runs(other, x, times=3) == (1, 3) and other._direct == {-1: False}
+    assert K._direct_launch == {"enabled": False}
+    fresh = K.KernelLaunch(Kernel(names), (1,), (5,), BLOCK=16, FLAG=False)
+    assert direct_runs(fresh, x) == (0, 2) and fresh._direct == {}
+
+
 def test_launches_run_on_their_tensors_device_with_a_direct_launch_per_device(monkeypatch):
     """Triton launches on the current device, whatever the tensors' (a device_map="auto" model's
     layer on cuda:1 while cuda:0 is current): a KernelLaunch makes its tensors' device current
