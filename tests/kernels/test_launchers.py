@@ -1073,6 +1073,70 @@ def test_clear_launch_caches_drops_every_cached_launch_configuration():
     assert cached and not missing, missing
 
 
+
+def test_install_grouped_configs_drops_the_cached_layout_block(monkeypatch):
+    """grouped_layout_block caches the padding its tile table gives: a table installed after must change it."""
+    monkeypatch.setattr(K, "_INTERPRETING", False)
+    monkeypatch.setattr(K, "GROUPED_CONFIGS", {})
+    K.clear_launch_caches()
+    try:
+        assert K.grouped_layout_block(((4096, 4096),), True) == 64  # the default tiles' 64 rows
+        K.install_grouped_configs({"matmul:ll:many": K.TileConfig(128, 128, 64, 8, 8, 3)})
+        assert K.grouped_layout_block(((4096, 4096),), True) == 128
+    finally:
+        K.clear_launch_caches()
+
+
+def test_shape_classes_at_their_boundaries():
+    """Widths s <= 64 < m <= 256 < l, dense rows few below 2048, grouped rows many from MANY_ROWS per expert."""
+    assert [K._width_class(n) for n in (64, 65, 256, 257)] == ["s", "m", "m", "l"]
+    assert K.dense_shape_class("matmul", 2047, 64, 257) == "matmul:sl:few"
+    assert K.dense_shape_class("matmul", 2048, 65, 256) == "matmul:mm:many"
+    assert K.many_rows(4 * K.MANY_ROWS, 4) and not K.many_rows(4 * K.MANY_ROWS - 1, 4)
+    assert K.many_rows(K.MANY_ROWS, 0) and not K.many_rows(K.MANY_ROWS - 1, 0)
+
+
+def test_launch_hooks_nest(monkeypatch):
+    """Each of skip_launches, count_launches and record_launches restores the hook it found: launches after an
+    inner block are still counted by the outer one (and run again after the outer)."""
+    kernel = type("Kernel", (), {"__getitem__": lambda self, grid: lambda *a, **m: ran.append(a)})()
+    ran, x = [], torch.zeros(8)
+    launch = K.KernelLaunch(kernel, (1,), (5,), BLOCK=16)
+    for inner in (K.skip_launches, K.count_launches, K.record_launches):
+        with K.count_launches() as outer:
+            with inner():
+                launch(x, 0.5)
+            launch(x, 0.5)
+        assert len(outer) == 1 and not ran
+        launch(x, 0.5)
+        assert len(ran) == 1
+        ran.clear()
+
+
+def test_a_launch_on_device_0_while_another_is_current_switches_to_it(monkeypatch):
+    """cuda:0's tensors while cuda:1 is current: the launch makes cuda:0 current (index 0 is a device too)."""
+    current, seen = [1], []
+
+    class OnDevice(torch.Tensor):
+        def get_device(self):
+            return 0
+
+    @contextlib.contextmanager
+    def device_guard(index):
+        previous, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    kernel = type("Kernel", (), {"__getitem__": lambda self, grid: lambda *a, **m: seen.append(current[0])})()
+    monkeypatch.setattr(K, "_direct_launch", {"enabled": False})
+    monkeypatch.setattr(K, "_current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    K.KernelLaunch(kernel, (1,), (5,), BLOCK=16)(torch.Tensor._make_subclass(OnDevice, torch.zeros(8)), 0.5)
+    assert seen == [0] and current == [1]
+
+
 @pytest.mark.parametrize("E", [6, 16, 100])
 @pytest.mark.parametrize("count_kept", [False, True])
 def test_masked_router_aux_loss_and_its_gradient(E, count_kept):
