@@ -535,7 +535,6 @@ def test_combine_rows_backward(with_bias):
     assert rel_err(g[pairs], (dy.double()[pairs // k] * z).sum(1)) < 1e-6
 
 
-
 def test_combine_rows_backward_reads_a_strided_row_coef():
     """The kernel reads row_coef at unit stride: a strided one (a view of every other element) gives
     drows of its values all the same (and g, which does not depend on it)."""
@@ -549,7 +548,6 @@ def test_combine_rows_backward_reads_a_strided_row_coef():
     r, pairs = _pair_rows(meta)
     assert rel_err(drows[r], coef.double()[pairs, None] * dy.double()[pairs // k]) < 1e-6
     assert rel_err(g[pairs], (dy.double()[pairs // k] * rows.double()[r]).sum(1)) < 1e-6
-
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -718,7 +716,6 @@ def test_direct_launch_calls_the_compiled_kernel_with_triton_s_argument_order(mo
     counted(x, 0.5)
     counted(x, 0.5)
     assert len(kernel.launches) == 7 and len(runs) == 3
-
 
 
 def test_direct_launch_keeps_the_first_aligned_record_and_falls_back_to_triton_for_good(monkeypatch):
@@ -1073,7 +1070,6 @@ def test_clear_launch_caches_drops_every_cached_launch_configuration():
     assert cached and not missing, missing
 
 
-
 def test_install_grouped_configs_drops_the_cached_layout_block(monkeypatch):
     """grouped_layout_block caches the padding its tile table gives: a table installed after must change it."""
     monkeypatch.setattr(K, "_INTERPRETING", False)
@@ -1096,7 +1092,7 @@ def test_shape_classes_at_their_boundaries():
     assert K.many_rows(K.MANY_ROWS, 0) and not K.many_rows(K.MANY_ROWS - 1, 0)
 
 
-def test_launch_hooks_nest(monkeypatch):
+def test_launch_hooks_nest():
     """Each of skip_launches, count_launches and record_launches restores the hook it found: launches after an
     inner block are still counted by the outer one (and run again after the outer)."""
     kernel = type("Kernel", (), {"__getitem__": lambda self, grid: lambda *a, **m: ran.append(a)})()
