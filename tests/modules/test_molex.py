@@ -1259,6 +1259,20 @@ def test_each_layer_has_its_own_gate_where_the_gates_are_not_shared():
     assert moelora.router_stats(stack)["molex"]["chosen_layers"].tolist() == [2, 3, 0, 1]
 
 
+@pytest.mark.parametrize("gate", ["linear", "cosine", "cosine_sigmoid"])
+def test_the_gate_values_are_a_softmax_or_for_cosine_sigmoid_a_sigmoid_of_the_logits(gate):
+    """LayerGate's values: softmax of the logits (linear, cosine: a distribution, the own layer 0), sigmoid of them for
+    cosine_sigmoid (the own layer's -inf logit gives 0)."""
+    from moelora.modules.molex import LayerGate
+    torch.manual_seed(0)
+    g = LayerGate(8, 4, gate, proj_dim=4, temperature=0.5)
+    logits, values = g(torch.randn(6, 8), exclude=1)
+    assert torch.isneginf(logits[:, 1]).all()
+    expected = torch.sigmoid(logits) if gate == "cosine_sigmoid" else torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(values, expected)
+    assert (values[:, 1] == 0).all()
+
+
 def test_the_load_is_the_mean_of_the_layers_loads_a_distribution_over_the_layers():
     """router_stats' load is the mean over the layers of each one's token fractions: it sums to 1."""
     stack = Stack()
