@@ -1273,6 +1273,20 @@ def test_the_gate_values_are_a_softmax_or_for_cosine_sigmoid_a_sigmoid_of_the_lo
     assert (values[:, 1] == 0).all()
 
 
+def test_chosen_layers_is_minus_one_for_the_layers_a_forward_did_not_run():
+    """router_stats' chosen_layers has one entry per layer: j for the layers this forward ran, -1 for the others (a
+    forward that runs only part of the stack)."""
+    stack = Stack()
+    apply_molex(stack, hidden_size=8)
+    with torch.no_grad():
+        z = torch.randn(3, 5, 8)
+        for layer in stack.layers[:2]:
+            z = layer(z)
+    chosen = moelora.router_stats(stack)["molex"]["chosen_layers"].tolist()
+    assert len(chosen) == 4 and chosen[2:] == [-1, -1]
+    assert all(0 <= c < 4 and c != t for t, c in enumerate(chosen[:2]))
+
+
 def test_the_load_is_the_mean_of_the_layers_loads_a_distribution_over_the_layers():
     """router_stats' load is the mean over the layers of each one's token fractions: it sums to 1."""
     stack = Stack()
