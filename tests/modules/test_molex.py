@@ -1375,6 +1375,34 @@ def test_the_innermost_module_that_takes_a_two_d_mask_or_none_decides():
         torch.testing.assert_close(load, moelora.router_stats(model)["molex"]["load"])
 
 
+class _OuterOfAPlainStack(nn.Module):
+    """A model taking the mask, whose inner module (between it and the stack) takes none."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Stack()
+
+    def forward(self, z, attention_mask=None):
+        return self.inner(z)
+
+
+def test_a_module_between_model_and_stack_without_an_attention_mask_argument_leaves_the_mask_to_the_model():
+    """A module whose forward takes no attention_mask is not tracked: the model's mask still keeps the padding out
+    (its padding rows change neither the real tokens' outputs nor the load)."""
+    model = _OuterOfAPlainStack()
+    apply_molex(model, layers="inner.layers", hidden_size=8, alpha=0.5)
+    torch.manual_seed(1)
+    real = torch.randn(1, 3, 8)
+    padded = torch.cat([50 * torch.randn(1, 5, 8), real], dim=1)
+    mask = torch.tensor([[0] * 5 + [1] * 3])
+    with torch.no_grad():
+        expected = model(real)
+        load = moelora.router_stats(model)["molex"]["load"]
+        out = model(padded, attention_mask=mask)
+    torch.testing.assert_close(out[:, 5:], expected)
+    torch.testing.assert_close(moelora.router_stats(model)["molex"]["load"], load)
+
+
 def test_device_selection_refuses_checkpointed_layers_in_training_only():
     """transformers checkpoints a layer whose gradient_checkpointing is set in training mode only: "device"
     refuses it there (with gradients), and runs it in eval mode, as it runs under no_grad."""
