@@ -1250,3 +1250,21 @@ def test_grouped_matmul_halves_a_row_tile_four_times_larger_than_the_layout_bloc
     rows, pairs = _pair_rows(meta)
     expected = torch.einsum("pd,pnd->pn", x.double()[pairs // k], W.double()[ids.reshape(-1)[pairs]])
     assert rel_err(out[rows], expected) < 1e-6
+
+
+def test_combine_rows_configuration_follows_the_rows_strides_and_the_accumulator_dtype():
+    """Two calls alike but for the rows' strides (a transposed copy's view), then for the output's (and so the
+    accumulator's) dtype: each gets its own launch configuration, and the right mix (a configuration cached
+    for the first would read the strided rows as contiguous, or mix float64 rows in float32)."""
+    T, E, k, N = 29, 5, 3, 40
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    coef, second = torch.rand(T, k, device=DEVICE, dtype=torch.float64), randn(R, N, dtype=torch.float64)
+    rows, bias = randn(R, N, dtype=torch.float64), randn(E, N, dtype=torch.float64)  # second, bias: fixed strides
+    expected = (coef[:, :, None] * ((rows + second)[meta.inverse_padded] + bias[ids])).sum(1)
+    K.clear_launch_caches()
+    for rows_in in (rows, rows.t().contiguous().t()):  # strides (N, 1), then (1, R)
+        y = K.combine_rows(rows_in, meta, out_dtype=torch.float32, coef=coef, second=second, bias=(ids, bias))
+        assert rel_err(y, expected) < 1e-6
+    y = K.combine_rows(rows, meta, out_dtype=torch.float64, coef=coef, second=second, bias=(ids, bias))
+    assert y.dtype == torch.float64 and rel_err(y, expected) < 1e-12
