@@ -1268,3 +1268,27 @@ def test_combine_rows_configuration_follows_the_rows_strides_and_the_accumulator
         assert rel_err(y, expected) < 1e-6
     y = K.combine_rows(rows, meta, out_dtype=torch.float64, coef=coef, second=second, bias=(ids, bias))
     assert y.dtype == torch.float64 and rel_err(y, expected) < 1e-12
+
+
+def test_install_dense_configs_drops_cached_tiles_and_replaces_the_table(monkeypatch):
+    """A dense launch configuration cached before install_dense_configs takes the tiles installed after;
+    ``replace`` drops the entries it does not list (their shape classes go back to the defaults)."""
+    monkeypatch.setattr(K, "_INTERPRETING", False)
+    monkeypatch.setattr(K, "DENSE_CONFIGS", {})
+    a, b = randn(64, 16, dtype=torch.bfloat16), randn(16, 16, dtype=torch.bfloat16)
+    assert K.dense_shape_class("matmul", 64, 16, 16) == "matmul:ss:few"
+
+    def block_m():
+        with K.record_launches() as calls:
+            K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.bfloat16)
+        return calls[0][1]["BLOCK_M"]
+
+    K.clear_launch_caches()
+    try:
+        assert block_m() == 64  # the default
+        K.install_dense_configs({"matmul:ss:few": dict(BLOCK_M=128)})
+        assert block_m() == 128
+        K.install_dense_configs({"matmul:ss:many": dict(BLOCK_M=32)}, replace=True)
+        assert K.DENSE_CONFIGS == {"matmul:ss:many": dict(BLOCK_M=32)} and block_m() == 64
+    finally:
+        K.clear_launch_caches()
