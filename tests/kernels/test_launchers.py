@@ -1079,6 +1079,7 @@ def test_install_grouped_configs_drops_the_cached_layout_block(monkeypatch):
         assert K.grouped_layout_block(((4096, 4096),), True) == 64  # the default tiles' 64 rows
         K.install_grouped_configs({"matmul:ll:many": K.TileConfig(128, 128, 64, 8, 8, 3)})
         assert K.grouped_layout_block(((4096, 4096),), True) == 128
+        assert K.grouped_layout_block(((4096, 4096),), False) == 64  # the few-rows class: not in the table
     finally:
         K.clear_launch_caches()
 
@@ -1292,3 +1293,101 @@ def test_install_dense_configs_drops_cached_tiles_and_replaces_the_table(monkeyp
         assert K.DENSE_CONFIGS == {"matmul:ss:many": dict(BLOCK_M=32)} and block_m() == 64
     finally:
         K.clear_launch_caches()
+
+
+def test_matmul_configuration_follows_the_compute_dtype():
+    """The same operands multiplied in float16, then in float32: the second gets float32 products (a
+    configuration cached for the first, whose DOT_DTYPE is float16, would round its operands)."""
+    a, b = randn(40, 48), randn(48, 24)
+    expected = a.double() @ b.double()
+    K.clear_launch_caches()
+    rough = K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float16)
+    exact = K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32)
+    assert 1e-5 < rel_err(rough, expected) < 1e-2 and rel_err(exact, expected) < 1e-6
+
+
+def test_each_tiles_argument_gets_its_own_launch_configuration(interpreter_configs):
+    """benchmarks/tune_dense.py times each tile candidate through a launcher's ``tiles``: the configuration
+    cached for one candidate must not serve the next (every candidate would be timed with the first's tiles)."""
+    a, b = randn(64, 64), randn(64, 64)
+    with K.record_launches() as calls:
+        for block_m in (16, 32):
+            K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, tiles=dict(BLOCK_M=block_m))
+    assert [options["BLOCK_M"] for _, options, _ in calls] == [16, 32]
+
+
+def test_router_aux_loss_configuration_follows_the_lse_dtype():
+    """The same routing's aux loss with float32, then float64 statistics: the second is computed in float64
+    (a configuration cached for the first would accumulate it in float32)."""
+    from moelora.ops.losses import aux_losses
+    from moelora.ops.routing import route
+
+    res = route(randn(300, 7, dtype=torch.float64) * 3, 2, renormalize=True)
+    ref_loss, ref_stats = aux_losses(res.counts, res.prob_sums, res.lse, 0.01, 0.001)
+    K.clear_launch_caches()
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        aux = K.RouterAux(res.counts, res.prob_sums.to(dtype), res.lse.to(dtype), 0.01, 0.001)
+        loss, stats, _ = K.router_aux_loss(res.ids, res.weights, aux)
+        assert loss.dtype == dtype and rel_err(loss, ref_loss) < tol and rel_err(stats, ref_stats) < tol
+
+
+def test_grouped_matmul_configuration_follows_the_layout():
+    """Two layouts with as many rows (20 tokens x 2 slots, 40 tokens x 1) and operands of the same strides:
+    each launch reads its own layout's top_k (a configuration cached for the first would take the rows of
+    the second's pairs from the wrong tokens)."""
+    E, d_in, N = 5, 16, 24
+    W = randn(E, N, d_in)
+    for T, k in ((20, 2), (40, 1)):
+        ids, meta = _row_layout(T, E, k)
+        assert meta.sorted_pairs_padded.numel() == 128
+        x = randn(T, d_in)
+        out = torch.zeros(128, N, device=DEVICE)
+        K.grouped_matmul(x, W, out, meta, a_by_token=True, weight_nk_strides=(W.stride(1), W.stride(2)),
+                         compute_dtype=torch.float32)
+        rows, pairs = _pair_rows(meta)
+        expected = torch.einsum("pd,pnd->pn", x.double()[pairs // k], W.double()[ids.reshape(-1)[pairs]])
+        assert rel_err(out[rows], expected) < 1e-6
+
+
+def test_combine_rows_backward_configuration_follows_the_rows_strides():
+    """combine_rows_backward twice, alike but for the rows' strides: each g is right (a configuration cached
+    for the contiguous rows would read the transposed copy's view as contiguous)."""
+    T, E, k, N = 29, 5, 3, 40
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    dy, bias, row_coef = randn(T, N), randn(E, N), torch.rand(T * k, device=DEVICE)
+    rows = randn(R, N)
+    r_idx, pairs = _pair_rows(meta)
+    K.clear_launch_caches()
+    for rows_in in (rows, rows.t().contiguous().t()):
+        _, g = K.combine_rows_backward(dy, rows_in, meta, ids, row_coef, bias=bias)
+        z = rows.double()[r_idx] + bias.double()[ids.reshape(-1)[pairs]]
+        assert rel_err(g[pairs], (dy.double()[pairs // k] * z).sum(1)) < 1e-6
+
+
+def test_glu_forward_configuration_follows_the_strides():
+    """glu_forward twice, alike but for the up projection's strides: both right (a configuration cached for
+    the contiguous one would read the transposed copy's view as contiguous)."""
+    T, E, k, F_ = 29, 5, 2, 40
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    hg, hu = randn(R, F_), randn(R, F_)
+    r_idx, _ = _pair_rows(meta)
+    expected = torch.nn.functional.silu(hg.double()[r_idx]) * hu.double()[r_idx]
+    K.clear_launch_caches()
+    for hu_in in (hu, hu.t().contiguous().t()):
+        out = K.glu_forward(hg, hu_in, None, None, meta, ids, 0)
+        assert rel_err(out[r_idx], expected) < 1e-6
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_mixing_weights_configuration_follows_the_weights_strides(normalize):
+    """mixing_weights twice, alike but for the weights' strides: both right (a configuration cached for the
+    contiguous weights would read the transposed copy's view as contiguous)."""
+    T, E, k = 29, 6, 3
+    ids, w = routing(T, E, k)
+    expected = w.double() / w.double().sum(1, keepdim=True) if normalize else w.double()
+    K.clear_launch_caches()
+    for w_in in (w, w.t().contiguous().t()):
+        _, coef, _ = K.mixing_weights(ids, w_in, E, normalize)
+        assert rel_err(coef, expected) < 1e-6
