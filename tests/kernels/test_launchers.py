@@ -1316,6 +1316,17 @@ def test_each_tiles_argument_gets_its_own_launch_configuration(interpreter_confi
     assert [options["BLOCK_M"] for _, options, _ in calls] == [16, 32]
 
 
+def test_recorded_launch_options_are_copies(interpreter_configs):
+    """record_launches gives each launch's constexprs as a dict of its own: changing it leaves the cached
+    launch configuration (and so the next launch) as it was."""
+    a, b = randn(40, 30), randn(30, 20)
+    for _ in range(2):
+        with K.record_launches() as calls:
+            K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32)
+        assert calls[0][1]["BLOCK_M"] == 64
+        calls[0][1]["BLOCK_M"] = 16
+
+
 def test_router_aux_loss_configuration_follows_the_lse_dtype():
     """The same routing's aux loss with float32, then float64 statistics: the second is computed in float64
     (a configuration cached for the first would accumulate it in float32)."""
