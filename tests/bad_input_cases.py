@@ -342,6 +342,15 @@ CASES = {
     "config/r_zero": (config(r=0), (ValueError, r"MoELoRAConfig.r must be a positive int, got 0")),
     "config/dropout_string": (config(lora_dropout="0.1"), (TypeError, r"MoELoRAConfig.lora_dropout must be a number in "
                                                                       r"\[0, 1\), got str '0.1'")),
+    "config/num_experts_zero": (config(num_experts=0), (ValueError, r"^MoELoRAConfig.num_experts must be a positive "
+                                                                    r"int, a list of per-layer ints, .*got 0$")),
+    # None passes the check of the fields whose default is None only
+    "config/add_aux_loss_to_output_none": (config(add_aux_loss_to_output=None),
+                                           (TypeError, r"MoELoRAConfig.add_aux_loss_to_output must be a bool, got "
+                                                       r"NoneType None")),
+    "config/layers_to_transform_names": (config(layers_to_transform=["0"]),
+                                         (TypeError, r"MoELoRAConfig.layers_to_transform must be an int or a list of "
+                                                     r"ints, got list \['0'\]")),
     "config/target_modules_empty": (config(target_modules=[]), (ValueError, r"target_modules is an empty list")),
     "config/target_modules_int": (config(target_modules=[3]), (TypeError, r"MoELoRAConfig.target_modules must be a "
                                                                           r"list of module-name suffixes")),
