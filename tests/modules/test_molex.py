@@ -1417,3 +1417,17 @@ def test_device_selection_refuses_checkpointed_layers_in_training_only():
         stack(z)
     stack.eval()
     stack(z).sum().backward()
+
+
+def test_a_forward_after_one_that_ran_part_of_the_stack_stacks_the_layers_again():
+    """Device selection stacks the layers' tensors at layer 0 and drops the stack after the last layer: a forward
+    that ran only part of the stack leaves it, and the next forward must stack the layers again at layer 0, not mix
+    with the copies of the weights they had then."""
+    stack = Stack()
+    apply_molex(stack, hidden_size=8, layer_selection="device")
+    z = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        stack.layers[0](z)  # part of the stack
+        for layer in stack.layers:
+            layer.weight.mul_(2.0)
+    torch.testing.assert_close(stack(z), copy.deepcopy(stack)(z), rtol=0, atol=0)
