@@ -1431,3 +1431,15 @@ def test_a_forward_after_one_that_ran_part_of_the_stack_stacks_the_layers_again(
         for layer in stack.layers:
             layer.weight.mul_(2.0)
     torch.testing.assert_close(stack(z), copy.deepcopy(stack)(z), rtol=0, atol=0)
+
+
+def test_remove_forgets_the_routing_record_of_a_molex_the_model_still_holds():
+    """remove() forgets the last forward's record: a MoLEx built directly (MoLEx(layers, ...)) and kept as a
+    submodule, which no apply_molex undo takes off the model, adds no stale loss or statistics afterwards."""
+    stack = Stack()
+    stack.molex = molex = MoLEx(stack.layers, hidden_size=8)
+    stack(torch.randn(3, 5, 8))
+    assert moelora.aux_loss(stack).item() > 0 and "molex" in moelora.router_stats(stack)
+    molex.remove()
+    assert molex.last_aux_loss is None and molex.last_router_stats is None
+    assert moelora.aux_loss(stack).item() == 0 and moelora.router_stats(stack) == {}
