@@ -1443,3 +1443,16 @@ def test_remove_forgets_the_routing_record_of_a_molex_the_model_still_holds():
     molex.remove()
     assert molex.last_aux_loss is None and molex.last_router_stats is None
     assert moelora.aux_loss(stack).item() == 0 and moelora.router_stats(stack) == {}
+
+
+def test_a_second_remove_after_apply_molex_again_leaves_the_new_molex_alone():
+    """remove() runs apply_molex's undo once: a second call on the removed MoLEx, after apply_molex again, leaves the
+    new one's generation_config.use_cache = False (else generate() decoded from the cache and raised)."""
+    model = tiny_llama(num_layers=3).eval()
+    old = apply_molex(model)
+    old.remove()
+    new = apply_molex(model)
+    old.remove()
+    assert model.molex is new and model.generation_config.use_cache is False
+    ids = torch.randint(0, 50, (2, 5))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
