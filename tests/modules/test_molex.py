@@ -1456,3 +1456,12 @@ def test_a_second_remove_after_apply_molex_again_leaves_the_new_molex_alone():
     assert model.molex is new and model.generation_config.use_cache is False
     ids = torch.randint(0, 50, (2, 5))
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("build", [lambda: MoLEx(Stack(num_layers=1).layers, hidden_size=8),
+                                   lambda: apply_molex(tiny_llama(num_layers=1), layers="model.layers")],
+                         ids=["MoLEx", "apply_molex"])
+def test_a_stack_of_one_layer_is_refused(build):
+    """MoLEx mixes each layer with another one: a stack of one layer has none (its gate chose the layer itself)."""
+    with pytest.raises(ValueError, match="^MoLEx needs a stack of at least 2 layers$"):
+        build()
