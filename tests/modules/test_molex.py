@@ -1465,3 +1465,27 @@ def test_a_stack_of_one_layer_is_refused(build):
     """MoLEx mixes each layer with another one: a stack of one layer has none (its gate chose the layer itself)."""
     with pytest.raises(ValueError, match="^MoLEx needs a stack of at least 2 layers$"):
         build()
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_fsdp2_sharding_modules_inside_the_layers_one_by_one_is_refused():
+    """fully_shard on a module inside each layer (its MLP) shards the layers one by one too: refused as fully_shard
+    on the layers is (test_fsdp2_sharding_the_layers_one_by_one_is_refused_and_the_whole_stack_works)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ids = token_batch(batch=2, seq=5)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = tiny_llama(num_layers=3)
+        apply_molex(model, layer_selection="host")
+        for layer in model.model.layers:
+            fully_shard(layer.mlp, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(RuntimeError, match="FSDP2 shards one by one"):
+            model(input_ids=ids, labels=ids)
+    finally:
+        dist.destroy_process_group()
