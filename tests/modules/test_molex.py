@@ -1489,3 +1489,16 @@ def test_fsdp2_sharding_modules_inside_the_layers_one_by_one_is_refused():
             model(input_ids=ids, labels=ids)
     finally:
         dist.destroy_process_group()
+
+
+def test_an_aux_loss_of_which_one_layer_lost_its_gradient_is_flagged_lost():
+    """One layer of the stack run without gradients in training mode (reentrant gradient checkpointing around it)
+    leaves that layer's share of the aux loss without gradient: the forward's loss is flagged, not only one whose
+    layers all lost it."""
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8)
+    z = torch.randn(2, 3, 8)
+    for t, layer in enumerate(stack.layers):
+        with torch.set_grad_enabled(t != 1):
+            z = layer(z)
+    assert molex.last_aux_loss.requires_grad and molex.aux_loss_lost_grad
