@@ -1502,3 +1502,28 @@ def test_an_aux_loss_of_which_one_layer_lost_its_gradient_is_flagged_lost():
         with torch.set_grad_enabled(t != 1):
             z = layer(z)
     assert molex.last_aux_loss.requires_grad and molex.aux_loss_lost_grad
+
+
+class _CacheArgs(nn.Linear):
+    """A layer taking legacy cache keywords; records the use_cache and past_key_values of each call."""
+
+    def forward(self, hidden_states, past_key_values=None, use_cache=False):
+        self.calls.append((use_cache, past_key_values))
+        return super().forward(hidden_states)
+
+
+def test_the_mixing_calls_run_with_use_cache_false_and_an_empty_legacy_cache_is_no_cache():
+    """A mixing call gets use_cache=False, and a legacy cache keyword holding an empty tuple or list (no cached
+    tokens) is no cache: the forward mixes (it does not raise that it cannot decode) and passes it on."""
+    stack = Stack(num_layers=3)
+    stack.layers = nn.ModuleList(_CacheArgs(8, 8) for _ in range(3))
+    apply_molex(stack, hidden_size=8)
+    for empty in ((), []):
+        for layer in stack.layers:
+            layer.calls = []
+        z = torch.randn(2, 3, 8)
+        for layer in stack.layers:
+            z = layer(z, past_key_values=empty, use_cache=True)
+        calls = [call for layer in stack.layers for call in layer.calls]
+        assert len(calls) == 6 and sorted(use for use, _ in calls) == [False] * 3 + [True] * 3
+        assert all(past == empty for _, past in calls)
