@@ -169,6 +169,7 @@ def test_a_copy_after_a_forward_that_raised_mid_stack_starts_without_its_stacked
         torch.testing.assert_close(clone(z), stack(z), rtol=0, atol=0)
     assert molex._stacked is None  # the original's next forward ended it
 
+
 def _reference64(stack, molex, z):
     """The MoLEx recursion of a shared gate with "mode" routing in float64, written from the formula (not
     with molex.choose): gate values g = softmax (sigmoid for cosine_sigmoid) of the logits with the own
