@@ -778,30 +778,45 @@ def test_direct_launch_keeps_the_first_aligned_record_and_falls_back_to_triton_f
     assert direct_runs(fresh, x) == (0, 2) and fresh._direct == {}
 
 
+class _OnDevice(torch.Tensor):
+    """A CPU tensor that reports a CUDA device index (_on_device): faked devices, no GPU needed."""
+
+    def get_device(self):
+        return self.index
+
+
+def _on_device(index, dtype=torch.float32):
+    t = torch.Tensor._make_subclass(_OnDevice, torch.zeros(8, dtype=dtype))
+    t.index = index
+    return t
+
+
+def _fake_cuda_devices(monkeypatch, current):
+    """The launchers' current CUDA device and torch.cuda.device(index) faked on a list [index], returned:
+    ``current`` at first."""
+    state = [current]
+
+    @contextlib.contextmanager
+    def device_guard(index):
+        previous, state[0] = state[0], index
+        try:
+            yield
+        finally:
+            state[0] = previous
+
+    monkeypatch.setattr(K, "_current_device", lambda: state[0])
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    return state
+
+
 def test_launches_run_on_their_tensors_device_with_a_direct_launch_per_device(monkeypatch):
     """Triton launches on the current device, whatever the tensors' (a device_map="auto" model's
     layer on cuda:1 while cuda:0 is current): a KernelLaunch makes its tensors' device current
     for the launch where another one is, and launches directly (the compiled kernel's function
     handle is loaded on one device) only on the device, and with the dtypes, it recorded there.
     Faked devices: the test needs no GPU."""
-    current, events = [0], []
-
-    class OnDevice(torch.Tensor):  # a CPU tensor that reports a CUDA device index
-        def get_device(self):
-            return self.index
-
-    def on(index, dtype=torch.float32):
-        t = torch.Tensor._make_subclass(OnDevice, torch.zeros(8, dtype=dtype))
-        t.index = index
-        return t
-
-    @contextlib.contextmanager
-    def device_guard(index):
-        previous, current[0] = current[0], index
-        try:
-            yield
-        finally:
-            current[0] = previous
+    current, events = _fake_cuda_devices(monkeypatch, current=0), []
+    on = _on_device
 
     class Compiled:
         def __init__(self, device):
@@ -820,9 +835,7 @@ def test_launches_run_on_their_tensors_device_with_a_direct_launch_per_device(mo
             return launch
 
     monkeypatch.setattr(K, "_direct_launch", {"enabled": True})
-    monkeypatch.setattr(K, "_current_device", lambda: current[0])
     monkeypatch.setattr(K, "_current_stream", lambda device: f"stream{device}")
-    monkeypatch.setattr(torch.cuda, "device", device_guard)
     launch = K.KernelLaunch(Kernel(), (1,), (8,), BLOCK=16)
     for index in (1, 1, 0, 0, 1):
         launch(on(index), 0.5)
@@ -1112,25 +1125,10 @@ def test_launch_hooks_nest():
 
 def test_a_launch_on_device_0_while_another_is_current_switches_to_it(monkeypatch):
     """cuda:0's tensors while cuda:1 is current: the launch makes cuda:0 current (index 0 is a device too)."""
-    current, seen = [1], []
-
-    class OnDevice(torch.Tensor):
-        def get_device(self):
-            return 0
-
-    @contextlib.contextmanager
-    def device_guard(index):
-        previous, current[0] = current[0], index
-        try:
-            yield
-        finally:
-            current[0] = previous
-
+    current, seen = _fake_cuda_devices(monkeypatch, current=1), []
     kernel = type("Kernel", (), {"__getitem__": lambda self, grid: lambda *a, **m: seen.append(current[0])})()
     monkeypatch.setattr(K, "_direct_launch", {"enabled": False})
-    monkeypatch.setattr(K, "_current_device", lambda: current[0])
-    monkeypatch.setattr(torch.cuda, "device", device_guard)
-    K.KernelLaunch(kernel, (1,), (5,), BLOCK=16)(torch.Tensor._make_subclass(OnDevice, torch.zeros(8)), 0.5)
+    K.KernelLaunch(kernel, (1,), (5,), BLOCK=16)(_on_device(0), 0.5)
     assert seen == [0] and current == [1]
 
 
