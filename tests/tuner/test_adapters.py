@@ -686,6 +686,29 @@ def test_adapter_names_the_inactive_adapters_dict_cannot_hold_are_refused(name):
     assert list(model.adapter_configs) == ["default"] and not model.inactive_adapters
 
 
+@pytest.mark.parametrize("name", ["", "a/b", "a.b"])
+def test_an_adapter_name_that_is_empty_or_holds_a_dot_or_a_slash_is_refused(name):
+    """An adapter's name is a directory of a multi-adapter save ("/" would nest it) and a key of the wrapper's
+    nn.ModuleDict ("." and "" are refused there): add_adapter refuses it before building anything."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    with pytest.raises(ValueError, match=rf"^adapter names are non-empty strings without '\.' or '/', got {name!r}$"):
+        model.add_adapter(name, MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
+    assert list(model.adapter_configs) == ["default"] and not model.inactive_adapters
+
+
+def test_held_modules_names_the_active_adapter_where_a_stored_one_adapts_the_same_module():
+    """held_modules (which the refusals of upcycle_ffn, apply_molex and resize_token_embeddings name the adapter
+    from) gives a module that the active and a stored adapter both adapt to the active one."""
+    from moelora.tuner.adapters import held_modules
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    model.add_adapter("other", MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1))
+    held = held_modules(model)
+    assert held["model.layers.0.self_attn.q_proj"] == "default" and held["model.layers.0.self_attn.v_proj"] == "other"
+    model.set_adapter("other")
+    assert held_modules(model)["model.layers.0.self_attn.q_proj"] == "other"
+
+
 @pytest.mark.parametrize("config", [MoELoRAConfig(num_experts=2), {"target_modules": ["proj"]}],
                          ids=["no_default_targets", "dict"])
 def test_add_adapter_that_is_refused_leaves_the_active_adapter_in_place(config):
