@@ -294,6 +294,8 @@ def test_torchao_model_injection_and_persistence(tmp_path):
     config = moelora.MoELoRAConfig(r=4, num_experts=4, top_k=2, target_modules="all-linear", init_lora_weights=False)
     model = moelora.get_moelora_model(net(), config)
     assert sorted(n for n, m in model.named_modules() if isinstance(m, MoELoRALinear)) == ["model.q_proj", "model.up"]
+    assert {s.quantization_backend for s in model.get_layer_status()} == {"torchao"}  # PEFT's status field
+    assert model.get_model_status().quantization_backend == "torchao"
     x = torch.randn(T, D_IN)
     y = model(x)
     model.save_pretrained(tmp_path)
@@ -374,6 +376,9 @@ def test_bitsandbytes_model_injection_and_persistence(kind, tmp_path):
     model = moelora.get_moelora_model(Net(), config)
     adapted = sorted(n for n, m in model.named_modules() if isinstance(m, MoELoRALinear))
     assert adapted == ["model.o_proj", "model.q_proj", "model.up"], adapted
+    backends = {s.name: s.quantization_backend for s in model.get_layer_status()}  # PEFT's status field
+    assert backends == {"model.o_proj": "bitsandbytes", "model.q_proj": "bitsandbytes", "model.up": None}
+    assert model.get_model_status().quantization_backend == "irregular"
     x = torch.randn(T, D_IN)
     with torch.no_grad():  # one of bitsandbytes' CPU paths for both (inference: its packed kernel)
         y = model.eval()(x)

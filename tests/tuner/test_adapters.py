@@ -1020,6 +1020,10 @@ def test_layer_and_model_status_and_parameter_counts_match_peft_s():
         model.model.model.layers[0].self_attn.q_proj.requires_grad_(False)  # one layer frozen: "irregular"
     same_status()
     assert ours.get_model_status().requires_grad["default"] == "irregular"
+    for model in (ours, theirs):
+        model.model.model.layers[0].self_attn.q_proj.merge()  # merged at one layer of several: "irregular"
+    same_status()
+    assert ours.get_model_status().merged_adapters == "irregular"
 
 
 def test_layer_status_of_places_only_inactive_adapters_adapt_matches_peft_s():
