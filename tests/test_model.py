@@ -243,6 +243,35 @@ def test_a_tuple_output_whose_first_element_is_not_0_d_is_left_as_it_is():
     torch.testing.assert_close(losses, y.pow(2).mean(dim=(1, 2)))
 
 
+def test_a_tuple_output_whose_first_element_is_an_integer_or_a_named_tuple_is_left_as_it_is():
+    """Only a plain tuple's 0-d float first element is a loss: a 0-d integer (a count of tokens) given back with
+    labels is left as it is, and so is a named tuple (no transformers loss output), which keeps its type."""
+    import collections
+
+    Pair = collections.namedtuple("Pair", "loss y")
+
+    class Counted(nn.Module):
+        def __init__(self, named):
+            super().__init__()
+            self.proj, self.named = nn.Linear(8, 8), named
+
+        def forward(self, x, labels=None):
+            y = self.proj(x)
+            return Pair((y - labels).pow(2).mean(), y) if self.named else (torch.tensor(x.shape[1]), y)
+
+    for named in (False, True):
+        model = get_moelora_model(Counted(named), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2,
+                                                                router_aux_loss_coef=100.0))
+        model.train()
+        out = model(torch.randn(2, 3, 8), labels=torch.zeros(2, 3, 8))
+        assert moelora.aux_loss(model) > 1  # an integer's cast of it would not be 0
+        if named:
+            assert type(out) is Pair
+            torch.testing.assert_close(out.loss, out.y.pow(2).mean())
+        else:
+            assert out[0].dtype == torch.int64 and out[0].item() == 3
+
+
 def test_a_forward_that_runs_some_layers_adds_their_aux_losses_only():
     """Each wrapper forward starts by clearing every routed module's record: a layer its forward does not run (an
     encoder-decoder's encoder, given ``encoder_outputs``) adds no aux loss of an earlier forward to ``outputs.loss``
