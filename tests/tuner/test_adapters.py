@@ -1026,6 +1026,25 @@ def test_layer_and_model_status_and_parameter_counts_match_peft_s():
     assert ours.get_model_status().merged_adapters == "irregular"
 
 
+def test_print_trainable_parameters_prints_peft_s_line(capsys):
+    """print_trainable_parameters prints the counts of get_nb_trainable_parameters as PEFT's does (the
+    trainable share in percent, four decimals), the same line as PEFT's for the same adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=1))
+    trainable, total = ours.get_nb_trainable_parameters()
+    assert 0 < trainable < total
+    capsys.readouterr()
+    ours.print_trainable_parameters()
+    line = capsys.readouterr().out
+    assert line == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                    f"trainable%: {100 * trainable / total:.4f}\n")
+    theirs.print_trainable_parameters()
+    assert capsys.readouterr().out == line
+
+
 def test_layer_status_of_places_only_inactive_adapters_adapt_matches_peft_s():
     """A place that only inactive adapters adapt reports, as PEFT's, the model's active adapter and its enabled
     state (PEFT's set_adapter and disable_adapter_layers reach every layer), so that the model's status is
