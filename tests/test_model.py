@@ -1185,6 +1185,19 @@ def test_a_block_between_forward_and_backward_keeps_the_forwards_other_state():
     assert all(layer.aux_loss_mask is m for layer, m in zip(_layers(model).values(), held))
 
 
+def test_a_frozen_adapter_hooks_no_input_embeddings_under_reentrant_checkpointing_until_set_adapter_trains_it():
+    """The wrapper makes the input embeddings' outputs require grad (reentrant checkpointing of a ViT, which
+    transformers does not hook) only for a trainable adapter: a frozen one (inference_mode) trains nothing, and
+    set_adapter making it trainable hooks them."""
+    base = tiny_vit()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert not hasattr(base, "_require_grads_hook")
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=2, inference_mode=True))
+    assert not hasattr(base, "_require_grads_hook")
+    model.set_adapter("default")
+    assert hasattr(base, "_require_grads_hook")
+
+
 def test_layers_expose_the_base_weight_and_bias_as_peft_t5_and_vit_run():
     """Model code reads a targeted layer's weight (T5's ``wo.weight.dtype``, ViT's patch
     ``projection.weight.dtype``): the MoE-LoRA layers give the base layer's, as PEFT's layers."""
