@@ -240,6 +240,43 @@ def test_disable_adapter_block_leaves_adapters_disabled_before_it_disabled():
     torch.testing.assert_close(model(ids).logits, expected_base, rtol=1e-5, atol=1e-5)
 
 
+def test_disable_adapter_block_that_raises_gives_back_the_adapter_and_its_forwards_aux_loss():
+    """An exception inside ``with model.disable_adapter():`` leaves the model as the block's end does: the adapter
+    runs again and the aux loss of the forward before the block is back."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                      num_experts=4, top_k=2))
+    randomize_adapters(model, seed=7)
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        with_adapter = model.eval()(ids).logits
+    model.train()(ids)
+    aux = moelora.aux_loss(model).detach()
+    assert aux > 0
+    with pytest.raises(RuntimeError, match="in the block"):
+        with model.disable_adapter():
+            model(ids)
+            raise RuntimeError("in the block")
+    assert not any(m.disable_adapters for m in model.modules() if isinstance(m, MoELoRALinear))
+    torch.testing.assert_close(moelora.aux_loss(model), aux, rtol=0, atol=0)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, with_adapter, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_activated_in_a_disable_adapter_block_runs_after_it_as_the_model_did_before_it():
+    """set_adapter inside ``with model.disable_adapter():`` puts in layers the block did not switch off: after the
+    block they run as the model did before it, off where disable_adapter_layers() had switched it off, else on."""
+    for disabled_before in (False, True):
+        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+        model.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
+        if disabled_before:
+            model.disable_adapter_layers()
+        with model.disable_adapter():
+            model.set_adapter("other")
+        layers = [m for m in model.modules() if isinstance(m, MoELoRALinear)]
+        assert layers and all(m.disable_adapters is disabled_before for m in layers)
+
+
 def test_enable_disable_adapter_layers_as_peft():
     from peft import LoraConfig, get_peft_model
 
