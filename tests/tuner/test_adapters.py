@@ -472,6 +472,8 @@ def test_loading_an_adapter_for_inference_leaves_the_trained_adapter_trainable(t
     model.load_adapter(str(tmp_path), "reference")
     model.load_adapter(str(tmp_path), "tuned", is_trainable=True)
     assert model.get_nb_trainable_parameters()[0] == trainable
+    # as PEFT's: the loaded config's inference_mode is not is_trainable
+    assert model.peft_config["reference"].inference_mode and not model.peft_config["tuned"].inference_mode
     model.set_adapter("reference", inference_mode=True)
     assert model.get_nb_trainable_parameters()[0] == 0
     model.set_adapter("tuned")
@@ -938,6 +940,9 @@ def test_merge_and_unload_takes_peft_s_progressbar_and_adapter_names(capsys):
     with pytest.raises(TypeError, match="adapter_names must be None or a list of adapter names, got 'default'"):
         model.merge_adapter(adapter_names="default")
     assert not any(m.merged for m in model.modules() if isinstance(m, MoELoRALinear))
+    model.merge_adapter(adapter_names=["default", "default"])  # the active adapter named twice is the active one
+    assert all(m.merged for m in model.model.modules() if isinstance(m, MoELoRALinear))
+    model.unmerge_adapter()
     capsys.readouterr()
     plain = model.merge_and_unload(progressbar=True, adapter_names=["default"])
     assert "Unloading and merging model" in capsys.readouterr().err
