@@ -521,12 +521,15 @@ def test_switching_adapters_keeps_the_models_disabled_state():
     every adapter): set_adapter on a disabled model runs the base model, and after
     enable_adapter_layers every adapter runs again, the one that was active when disabling too."""
     model = _two_adapter_model()
+    model.set_adapter("second")
+    randomize_adapters(model, seed=2)  # (its B starts at zero: it would compute the base model either way)
     ids = token_batch()
     base = tiny_llama(num_layers=2)(ids).logits
     outputs = {}
     for name in ("second", "default"):
         model.set_adapter(name)
         outputs[name] = model(ids).logits
+        assert not torch.allclose(outputs[name], base)
     model.disable_adapter_layers()
     model.set_adapter("second")
     torch.testing.assert_close(model(ids).logits, base)
