@@ -971,6 +971,22 @@ def test_a_shard_is_filled_up_to_max_shard_size_and_a_larger_tensor_gets_a_file_
                        expected)
 
 
+def test_every_shard_is_filled_until_the_next_tensor_would_take_it_past_max_shard_size(tmp_path):
+    """Tensors in name order fill a shard up to max_shard_size: a shard ends only where the next tensor would not
+    fit in it, after an earlier split as before it (a shard size not restarted at a split put every later tensor in
+    a file of its own)."""
+    model, _, _ = _perturbed_llama_and_its_logits()
+    state = moelora.persistence.adapter_state_dict(model)
+    sizes = {n: t.numel() * t.element_size() for n, t in state.items()}
+    limit = 3 * max(sizes.values())
+    model.save_pretrained(str(tmp_path), max_shard_size=limit)
+    shards = [sorted(load_file(tmp_path / f)) for f in _weight_files(tmp_path) if not f.endswith(".json")]
+    assert len(shards) > 2
+    assert [n for shard in shards for n in shard] == sorted(state)
+    for shard, following in zip(shards, shards[1:]):
+        assert sum(sizes[n] for n in shard) <= limit < sum(sizes[n] for n in shard) + sizes[following[0]]
+
+
 def test_a_directory_with_both_a_weights_file_and_a_shard_index_reads_the_weights_file(tmp_path):
     """As transformers: adapter_model.safetensors wins over a shard index beside it (left by another writer)."""
     model, ids, expected = _perturbed_llama_and_its_logits()
