@@ -874,6 +874,26 @@ def test_a_save_that_fails_midway_leaves_the_earlier_save_as_it_was(tmp_path, mo
     assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
 
 
+def test_a_save_interrupted_midway_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A save stopped while it writes (Ctrl-C: a KeyboardInterrupt, not an Exception) removes the files it staged
+    as a failing one does, and leaves the earlier save as it was."""
+    import safetensors.torch
+
+    model, _, _ = _perturbed_llama_and_its_logits()
+    model.save_pretrained(str(tmp_path))
+    before = _directory_contents(tmp_path)
+
+    def interrupted_save_file(tensors, filename, *args, **kwargs):  # a part of the file written, then Ctrl-C
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 16)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(str(tmp_path))
+    assert _directory_contents(tmp_path) == before
+
+
 def test_an_export_that_fails_midway_leaves_the_earlier_export_as_it_was(tmp_path, monkeypatch):
     """export_peft_lora wrote PEFT's adapter_config.json in place, then the weights in place: an export failing
     while it wrote the weights (a full disk) left the new config over a truncated weights file, which neither PEFT
