@@ -1007,6 +1007,23 @@ def test_every_shard_is_filled_until_the_next_tensor_would_take_it_past_max_shar
         assert sum(sizes[n] for n in shard) <= limit < sum(sizes[n] for n in shard) + sizes[following[0]]
 
 
+def test_every_weights_file_written_carries_the_pt_format_metadata(tmp_path):
+    """transformers' and PEFT's safetensors files carry {"format": "pt"} (transformers' readers check it): the one
+    weights file, every shard and the PEFT export's weights file do."""
+    from safetensors import safe_open
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
+                                                                       num_experts=1))
+    model.save_pretrained(str(tmp_path / "one"))
+    model.save_pretrained(str(tmp_path / "shards"), max_shard_size=1)
+    moelora.export_peft_lora(model, str(tmp_path / "peft"))
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) > 3
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}, file
+
+
 def test_a_directory_with_both_a_weights_file_and_a_shard_index_reads_the_weights_file(tmp_path):
     """As transformers: adapter_model.safetensors wins over a shard index beside it (left by another writer)."""
     model, ids, expected = _perturbed_llama_and_its_logits()
