@@ -1053,13 +1053,20 @@ def test_an_adapter_sharded_by_huggingface_hub_loads(tmp_path):
     assert torch.equal(loaded(token_batch()).logits, model(token_batch()).logits)
 
 
-@pytest.mark.parametrize("size", ["5GB", "5Gb", "5gb", "500MB", "500Mb", "12KB", "12kb", "3KiB", "2GiB", 123456])
+@pytest.mark.parametrize("size", ["5GB", "5Gb", "5gb", "500MB", "500Mb", "12KB", "12kb", "3KiB", "2GiB", "5Gib",
+                                  "3kib", 123456])
 def test_max_shard_size_reads_a_size_as_transformers_does(size):
     """A lowercase b after K, M or G counts bits in transformers ("500Mb" = 500 * 10**6 / 8 bytes); moelora took it
     for bytes, shards 8 times the size transformers' save_pretrained would write for the same argument."""
     from transformers.utils.hub import convert_file_size_to_int
 
     assert moelora.persistence._shard_bytes(size) == convert_file_size_to_int(size)
+
+
+def test_max_shard_size_reads_a_size_with_spaces_around_it_as_without():
+    """Spaces around a size are ignored, the bits rule included (a lowercase b before a trailing space)."""
+    for size in ("500Mb", "500MB", "2GiB"):
+        assert moelora.persistence._shard_bytes(f" {size}  ") == moelora.persistence._shard_bytes(size), size
 
 
 @pytest.mark.parametrize("size,match", [(0, "max_shard_size must be positive, got 0"),
