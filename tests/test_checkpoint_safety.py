@@ -69,6 +69,7 @@ def test_failed_load_leaves_the_model_untouched_and_a_retry_works(saved):
     ("weights_garbage", ValueError, r"adapter_model.safetensors: not a readable safetensors file"),
     ("weights_missing", FileNotFoundError, r"adapter_model.safetensors: no such file"),
     ("config_invalid_json", ValueError, r"moelora_config.json: not valid JSON"),
+    ("config_not_text", ValueError, r"moelora_config.json: not a text \(JSON\) file"),
     ("config_a_list", ValueError, r"moelora_config.json: the MoE-LoRA config must be a JSON object, got a JSON list"),
     ("config_wrong_type", TypeError, r"moelora_config.json: MoELoRAConfig.top_k must be a positive int, got str '1'"),
     ("config_unknown_field", ValueError, r"moelora_config.json: unknown MoELoRAConfig fields: \['colour'\]"),
@@ -92,6 +93,8 @@ def test_broken_files_raise_errors_naming_the_file_before_touching_the_model(sav
         weights.unlink()
     elif corrupt == "config_invalid_json":
         config_path.write_text("{not json")
+    elif corrupt == "config_not_text":
+        config_path.write_bytes(b"\xff\xfe\x00\x01" * 8)
     elif corrupt == "config_a_list":
         config_path.write_text("[1, 2]")
     elif corrupt == "config_wrong_type":
@@ -736,6 +739,7 @@ def test_peft_lora_alpha_zero_loads_as_a_no_op_and_a_zero_scaled_layer_refuses_a
     ("tensor_in_the_index_not_in_its_shard", ValueError, r"index.json: shard adapter_model-00001-of-000\d\d.safetensors "
                                                          r"does not hold the tensors the index maps to it: missing \["),
     ("shard_outside_the_directory", ValueError, r"index.json: shard '../x.safetensors' is not a file name in"),
+    ("shard_the_parent_directory", ValueError, r"index.json: shard '..' is not a file name in"),
     ("index_without_weight_map", ValueError, r"index.json: weight_map must be a non-empty JSON object"),
     ("index_with_an_empty_weight_map", ValueError, r"index.json: weight_map must be a non-empty JSON object"),
 ])
@@ -760,6 +764,8 @@ def test_broken_shards_raise_errors_naming_the_file_before_touching_the_model(sa
         index["weight_map"][next(k for k, v in index["weight_map"].items() if v == shards[1])] = shards[0]
     elif corrupt == "shard_outside_the_directory":
         index["weight_map"][next(iter(index["weight_map"]))] = "../x.safetensors"
+    elif corrupt == "shard_the_parent_directory":
+        index["weight_map"][next(iter(index["weight_map"]))] = ".."
     elif corrupt == "index_with_an_empty_weight_map":
         index["weight_map"] = {}
     else:
