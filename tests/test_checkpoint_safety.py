@@ -142,6 +142,13 @@ def test_a_checkpoint_missing_a_tensor_or_holding_another_raises_naming_it(saved
                                                    f"missing {missing}, unexpected {unexpected}")):
         moelora.from_pretrained(base, str(directory))
     _assert_untouched(base, before)
+    model = get_moelora_model(tiny_llama(num_layers=2), CONFIG)  # load_adapter: the adapter is not added
+    moelora.apply_molex(model, gate="cosine", proj_dim=4)
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=re.escape("adapter_model.safetensors: checkpoint does not fit the model")):
+        model.load_adapter(str(directory), "other")
+    assert list(model.adapter_configs) == ["default"]
+    _assert_untouched(model, before)
 
 
 def test_load_adapter_of_an_adapter_saved_with_other_structural_edits_names_them(saved):
