@@ -534,6 +534,8 @@ def test_peft_config_metadata_and_fields_moelora_honours_are_accepted(tmp_path):
     for init in (True, False, "orthogonal", "eva"):
         moelora.load_peft_lora(tiny_llama(num_layers=2), _peft_checkpoint(tmp_path / "peft", GOOD,
                                                                           dict(config, init_lora_weights=init)))
+    unset = dict(config, layer_replication=[], trainable_token_indices={}, lora_bias=False, use_qalora=None)
+    moelora.load_peft_lora(tiny_llama(num_layers=2), _peft_checkpoint(tmp_path / "peft", GOOD, unset))
 
 
 @pytest.mark.parametrize("field,value", [("target_modules", "q_(proj"), ("exclude_modules", "("),
