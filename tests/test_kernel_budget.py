@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import moelora
 from conftest import DEVICE
+from helpers import randomize_adapters
 from moelora.ops import moe_lora as moe_lora_module
 from moelora.ops import native
 from moelora.profiling import count_kernels
@@ -301,6 +302,7 @@ def test_ops_run_their_forward_without_autograd_function_when_grad_is_off(monkey
     torch.manual_seed(0)
     (x, a, b, w), ids = _operator_inputs(T=16, d=32, r=4, E=4, k=2)
     layer = moelora.MoELoRALinear(nn.Linear(32, 32), num_experts=4, top_k=2, r=4, share_lora_a=True).eval()
+    randomize_adapters(layer)  # B != 0: a fresh layer's zero B computes its base layer whatever the path
     ffn_params = [torch.randn(*shape, requires_grad=True) for shape in ((4, 48, 32), (4, 48), (4, 32, 48), (4, 32))]
 
     def calls():
@@ -313,6 +315,7 @@ def test_ops_run_their_forward_without_autograd_function_when_grad_is_off(monkey
     with moelora.use_backend("triton"), moelora.validation(False):
         with_graph = [t.detach() for t in calls()]
         assert with_graph[2].shape == (16, 32)
+        assert not torch.allclose(with_graph[2], layer.base_layer(x).detach())  # the adapter acts
 
         def refuse(*args):
             raise AssertionError("autograd.Function.apply ran with grad mode off")
