@@ -642,15 +642,20 @@ def test_modules_moelora_adds_start_in_the_models_mode(mode):
 def test_deepcopy_after_a_training_forward_starts_without_routing_record():
     base = tiny_llama(num_layers=2)
     moelora.apply_molex(base, gate="linear")
-    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2))
-    model.train()
     ids = token_batch()
+    with torch.no_grad():
+        plain = base(ids, use_cache=False).logits
+    model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2))
+    randomize_adapters(model)  # B != 0: with a zero B a copy that lost its adapter computes the same
+    model.train()
     model(ids, labels=ids, use_cache=False)  # every routed module now holds a loss with its graph
     assert moelora.aux_loss(model).grad_fn is not None
     clone = copy.deepcopy(model)  # deepcopy refuses non-leaf tensors: the record is left out
     assert moelora.router_stats(clone) == {}
     assert moelora.aux_loss(model).grad_fn is not None  # the original keeps its record
-    torch.testing.assert_close(clone(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    expected = model(ids, use_cache=False).logits
+    assert not torch.allclose(expected, plain)  # the adapter acts
+    torch.testing.assert_close(clone(ids, use_cache=False).logits, expected)
 
 
 def test_a_deleted_wrapper_is_freed_without_the_garbage_collector():
