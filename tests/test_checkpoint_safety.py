@@ -312,10 +312,12 @@ def test_a_base_models_own_router_stays_frozen_and_out_of_the_checkpoint(tmp_pat
     assert trainable == {"proj.lora_A", "proj.lora_B", "proj.router.weight"}
     saved = adapter_state_dict(model)
     assert set(saved) == {"proj.lora_A", "proj.lora_B", "proj.router.weight", "proj.router.num_steps"}
+    randomize_adapters(model)  # B != 0: a fresh adapter (zero B) computes the base model, loaded or not
     model.save_pretrained(str(tmp_path))
     loaded = moelora.from_pretrained(_MoEBase(), str(tmp_path))
     x = torch.randn(5, 8)
     with torch.no_grad():
+        assert not torch.allclose(model.eval()(x), _MoEBase()(x))  # the adapter acts
         assert torch.equal(loaded(x), model.eval()(x))
 
 
