@@ -874,6 +874,15 @@ def test_a_save_that_fails_midway_leaves_the_earlier_save_as_it_was(tmp_path, mo
     assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
 
 
+def _save_file_stopped_midway(exc):
+    """A safetensors save_file that writes a part of its file, then raises ``exc`` (a full disk, Ctrl-C)."""
+    def save_file_part(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 16)
+        raise exc
+    return save_file_part
+
+
 def test_a_save_interrupted_midway_leaves_no_temporary_file(tmp_path, monkeypatch):
     """A save stopped while it writes (Ctrl-C: a KeyboardInterrupt, not an Exception) removes the files it staged
     as a failing one does, and leaves the earlier save as it was."""
@@ -882,13 +891,7 @@ def test_a_save_interrupted_midway_leaves_no_temporary_file(tmp_path, monkeypatc
     model, _, _ = _perturbed_llama_and_its_logits()
     model.save_pretrained(str(tmp_path))
     before = _directory_contents(tmp_path)
-
-    def interrupted_save_file(tensors, filename, *args, **kwargs):  # a part of the file written, then Ctrl-C
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 16)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", _save_file_stopped_midway(KeyboardInterrupt()))  # Ctrl-C
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(str(tmp_path))
     assert _directory_contents(tmp_path) == before
@@ -909,13 +912,8 @@ def test_an_export_that_fails_midway_leaves_the_earlier_export_as_it_was(tmp_pat
     moelora.export_peft_lora(model, str(tmp_path))
     before = _directory_contents(tmp_path)
     _perturb_all_adapters(model, seed=9)
-
-    def failing_save_file(tensors, filename, *args, **kwargs):  # a part of the file written, then the disk is full
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 16)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    full_disk = OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", _save_file_stopped_midway(full_disk))
     with pytest.raises(OSError, match="No space left"):
         moelora.export_peft_lora(model, str(tmp_path))
     assert _directory_contents(tmp_path) == before
