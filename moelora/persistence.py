@@ -205,6 +205,25 @@ def _shard_bytes(max_shard_size) -> Optional[int]:
     return size
 
 
+def _write_staged(directory: str, writers: Dict[str, Callable[[str], None]]) -> None:
+    """Write the files ``writers`` names ({file name: function writing it at a path}) into ``directory``: each
+    under a temporary name first, all renamed into place once every one is written; a writer that fails (a full
+    disk) leaves no temporary file and ``directory`` as it was."""
+    staged = []
+    try:
+        for name, write in writers.items():
+            # names of this save's own: another save into the directory at once stages its files beside these
+            staged.append((os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp"), os.path.join(directory, name)))
+            write(staged[-1][0])
+    except BaseException:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        raise
+    for temporary, final in staged:
+        os.replace(temporary, final)
+
+
 def _write_adapter_files(directory: str, config: dict, state: dict, shard_bytes: Optional[int]) -> None:
     """Write ``config`` as ``moelora_config.json`` and ``state`` as ``adapter_model.safetensors``, or, where its
     tensors exceed ``shard_bytes``, as transformers' shards ``adapter_model-0000i-of-0000n.safetensors`` (tensors in
@@ -542,25 +561,6 @@ def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
             if bias == "all" or name.endswith("base_layer.bias"):
                 state[PEFT_PREFIX + name] = tensor
     return {k: t.detach().contiguous().clone() for k, t in state.items()}, sorted(saved)
-
-
-def _write_staged(directory: str, writers: Dict[str, Callable[[str], None]]) -> None:
-    """Write the files ``writers`` names ({file name: function writing it at a path}) into ``directory``: each
-    under a temporary name first, all renamed into place once every one is written; a writer that fails (a full
-    disk) leaves no temporary file and ``directory`` as it was."""
-    staged = []
-    try:
-        for name, write in writers.items():
-            # names of this save's own: another save into the directory at once stages its files beside these
-            staged.append((os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp"), os.path.join(directory, name)))
-            write(staged[-1][0])
-    except BaseException:
-        for temporary, _ in staged:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        raise
-    for temporary, final in staged:
-        os.replace(temporary, final)
 
 
 def export_peft_lora(model: nn.Module, save_directory: str, task: Optional[int] = None,
