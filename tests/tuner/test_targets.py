@@ -68,6 +68,47 @@ def test_targets_ranks_and_alphas_are_peft_s(config):
     assert _moelora_layers(config) == _peft_layers(config)
 
 
+def _staged():
+    """Numbered parts at several depths under a model prefix: stages.<i>.layers.<j>.fc (ConvNeXt's), a stack
+    layers.<i>.fc, an nn.Sequential's numbered children (merger.mlp.0 / .2) and a dict key that starts with a
+    number (head.layers.1x.fc)."""
+    def layer():
+        block = nn.Module()
+        block.fc = nn.Linear(4, 4)
+        return block
+
+    net, body = nn.Module(), nn.Module()
+    net.model = body
+    body.stages = nn.ModuleList(nn.Module() for _ in range(2))
+    for stage in body.stages:
+        stage.layers = nn.ModuleList(layer() for _ in range(3))
+    body.layers = nn.ModuleList(layer() for _ in range(3))
+    body.merger = nn.Module()
+    body.merger.mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    body.head = nn.Module()
+    body.head.layers = nn.ModuleDict({"1x": layer()})
+    return net
+
+
+@pytest.mark.parametrize("config", [
+    dict(layers_to_transform=[1]),  # the first numbered part: the stage, the layer; not merger.mlp.0 / head's 1x
+    dict(layers_to_transform=[0, 2]),
+    dict(layers_to_transform=[1], layers_pattern="layers"),  # the layer inside each stage; not head's 1x
+    dict(layers_to_transform=[0], layers_pattern=["stages"]),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_layers_to_transform_selects_the_layers_peft_selects(config):
+    """layers_to_transform reads the layer of each module name as PEFT's LoRA does, with and without
+    layers_pattern, on a model numbering parts at several depths."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    config = dict(target_modules=["fc", "mlp.0", "mlp.2"], **config)
+    peft_model = get_peft_model(_staged(), LoraConfig(**config)).base_model.model
+    model = get_moelora_model(_staged(), MoELoRAConfig(num_experts=1, **config)).model
+    expected = sorted(n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, moelora.MoELoRALinear)) == expected
+
+
 class Stacked(nn.Module):
     """Layers in a list of a name outside moelora's default layer names (layers, h, block, blocks, layer)."""
 
