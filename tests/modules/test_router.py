@@ -158,6 +158,24 @@ def test_router_logits_kernel_matches_float64_without_an_fp32_copy_of_x(dtype):
     assert dx.dtype == dtype and dw.dtype == torch.float32
 
 
+@pytest.mark.parametrize("needs", ["x", "weight"])
+def test_router_logits_kernel_of_a_half_weight_and_fp32_x_keeps_fp32_gradients(needs):
+    """The router kernel's backward with a half weight (``router.half()``) and fp32 x: dx is x's dtype and
+    multiplied as such (not rounded to the weight's dtype), dW the weight's; each only where it is needed
+    (x without gradients still trains the weight, a frozen weight still passes dx)."""
+    router = Router(48, 6, 2, device=DEVICE).half()
+    router.weight.requires_grad_(needs == "weight")
+    x = torch.randn(37, 48, device=DEVICE).requires_grad_(needs == "x")
+    with moelora.use_backend("triton"):
+        logits = router.logits(x)
+        assert type(logits.grad_fn).__name__ == "_RouterLogitsFnBackward" and logits.dtype == torch.float32
+        g = torch.randn_like(logits)
+        (grad,) = torch.autograd.grad(logits, [x if needs == "x" else router.weight], g)
+    x64, w64 = x.detach().double(), router.weight.detach().double()
+    ref = g.double() @ w64 if needs == "x" else g.double().t() @ x64
+    assert grad.dtype == (torch.float32 if needs == "x" else torch.float16)
+    assert rel_err(grad.double(), ref) < (2e-6 if needs == "x" else 1e-3)
+
 def test_threshold_eps_zero_keeps_all_top_n():
     logits = _logits()
     r = threshold_routing(logits, 3, eps=0.0, training=True)
