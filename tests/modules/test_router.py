@@ -1069,6 +1069,17 @@ def test_a_layers_aux_loss_without_gradients_is_flagged_lost_in_training_mode_on
     assert not layer.aux_loss_lost_grad
 
 
+def test_a_cleared_or_copied_routing_record_is_not_flagged_lost():
+    """The lost-gradient flag of a no_grad training forward goes with its record: cleared
+    (clear_routing_record, as MoELoRAModel's forward starts) and left out of a copy."""
+    layer = moelora.MoELoRALinear(nn.Linear(8, 6), num_experts=4, top_k=2, r=2).train()
+    with torch.no_grad():
+        layer(torch.randn(5, 8))
+    assert layer.aux_loss_lost_grad
+    assert not copy.deepcopy(layer).aux_loss_lost_grad and layer.aux_loss_lost_grad
+    layer.clear_routing_record()
+    assert not layer.aux_loss_lost_grad and layer.last_aux_loss is None
+
 def test_router_buffers_live_on_the_router_device():
     """The threshold schedule's step counter is created where the router's weight is: a layer
     built over a GPU base reads it on the GPU (the fused kernels take its pointer)."""
