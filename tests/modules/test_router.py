@@ -176,6 +176,7 @@ def test_router_logits_kernel_of_a_half_weight_and_fp32_x_keeps_fp32_gradients(n
     assert grad.dtype == (torch.float32 if needs == "x" else torch.float16)
     assert rel_err(grad.double(), ref) < (2e-6 if needs == "x" else 1e-3)
 
+
 def test_threshold_eps_zero_keeps_all_top_n():
     logits = _logits()
     r = threshold_routing(logits, 3, eps=0.0, training=True)
@@ -1079,6 +1080,7 @@ def test_a_cleared_or_copied_routing_record_is_not_flagged_lost():
     assert not copy.deepcopy(layer).aux_loss_lost_grad and layer.aux_loss_lost_grad
     layer.clear_routing_record()
     assert not layer.aux_loss_lost_grad and layer.last_aux_loss is None
+
 
 def test_router_buffers_live_on_the_router_device():
     """The threshold schedule's step counter is created where the router's weight is: a layer
