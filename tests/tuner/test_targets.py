@@ -58,6 +58,8 @@ PATTERNS = {"blk.q_proj": 3, "q_proj": 6, "proj": 2, "k": 5}
     dict(target_modules=r"blk\..*"),
     dict(target_modules=["proj", "q_proj", "k_proj"], rank_pattern=PATTERNS),
     dict(target_modules=["proj", "q_proj", "k_proj"], alpha_pattern={k: 2.0 * v for k, v in PATTERNS.items()}),
+    # a key is one regex, alternatives included: "k|blk\.proj" gives k_proj nothing (the whole part must match)
+    dict(target_modules=["proj", "q_proj", "k_proj"], rank_pattern={r"k|blk\.proj": 3}),
     dict(target_modules=["q_proj", "k_proj"], exclude_modules=["blk.k_proj"]),
     dict(target_modules=["q_proj", "k_proj"], exclude_modules=r".*\.k_proj"),
     dict(target_modules=["q_proj", "k_proj"], modules_to_save=["k_proj"]),  # a saved module is no target
