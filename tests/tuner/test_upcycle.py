@@ -230,6 +230,41 @@ def test_layers_to_transform_keeps_the_ffns_of_those_layers(layers, upcycled):
     assert [n for n, m in model.named_modules() if isinstance(m, MoEFFN)] == names
 
 
+def test_layers_pattern_names_the_stack_whose_index_layers_to_transform_reads():
+    """With layers_pattern, layers_to_transform reads the index after that stack's name, not the first number of
+    the FFN's name (here the stage's)."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    stage = nn.ModuleDict({"layers": nn.ModuleList([Gated(), Gated()])})
+    model = nn.ModuleDict({"stages": nn.ModuleList([stage])})
+    assert upcycle_ffn(model, 2, 2, layers_to_transform=1, layers_pattern="layers") == ["stages.0.layers.1"]
+    assert isinstance(stage.layers[1], MoEFFN) and not isinstance(stage.layers[0], MoEFFN)
+
+
+def test_ffn_modules_given_as_a_set_are_recorded_as_a_list_and_the_model_saves(tmp_path):
+    """ffn_modules given as a set (as MoELoRAConfig's target_modules may be) is recorded sorted, a list: the
+    upcycled model saves (JSON has no sets) and loads."""
+    import json
+
+    base = tiny_llama()
+    upcycle_ffn(base, 2, 2, ffn_modules={"mlp"}, in_proj="up_proj", out_proj="down_proj", gate_proj="gate_proj",
+                activation=F.silu)
+    model = moelora.get_moelora_model(base, moelora.MoELoRAConfig(target_modules=["o_proj"], num_experts=2, top_k=2))
+    model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "moelora_config.json").read_text())
+    (record,) = [r for r in config["structure"] if r["op"] == "upcycle_ffn"]
+    assert record["kwargs"]["ffn_modules"] == ["mlp"]
+    loaded = moelora.from_pretrained(tiny_llama(), str(tmp_path))
+    assert isinstance(loaded.model.model.layers[1].mlp, MoEFFN)
+
+
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
 @pytest.mark.parametrize("training", [False, True])
 def test_upcycled_modules_take_the_training_mode_of_what_they_replace(make, training):
@@ -1046,9 +1081,29 @@ def test_found_mlps_without_dropout_are_upcycled_without_running_their_forward(m
     assert calls == ["0"]
 
 
+def test_a_found_fused_mlp_whose_forward_computes_more_than_the_ffn_is_refused():
+    """A Phi-3-style MLP found by its children's names whose forward scales the FFN raises naming what it reads, as
+    a LLaMA-style one does: MoEFFN would drop the scale silently."""
+    class ScaledFused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.down_proj, self.activation_fn = nn.Linear(8, 32), nn.Linear(16, 8), nn.SiLU()
+            self.scale = 2.0
+
+        def forward(self, x):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(up * self.activation_fn(gate)) * self.scale
+
+    net = nn.Sequential(ScaledFused())
+    with pytest.raises(ValueError, match=r"^0 \(ScaledFused\): its forward reads \['scale'\] besides the FFN "
+                                         r"down_proj\(up \* activation_fn\(gate\)\)"):
+        upcycle_ffn(net, 2,2)
+    assert isinstance(net[0], ScaledFused)
+
+
 def test_a_found_mlps_dropout_before_down_proj_is_refused_for_output_dropout():
-    """A found LLaMA-style MLP holding dropout is probed for ffn_dropout="output" as a generic FFN is: one run
-    before down_proj (on the hidden layer) is refused, not moved onto the block's output."""
+    """A found LLaMA-style or Phi-3-style MLP holding dropout is probed for ffn_dropout="output" as a generic FFN
+    is: one run before down_proj (on the hidden layer) is refused, not moved onto the block's output."""
     class Gated(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1058,10 +1113,22 @@ def test_a_found_mlps_dropout_before_down_proj_is_refused_for_output_dropout():
         def forward(self, x):
             return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
 
-    net = nn.Sequential(Gated())
-    with pytest.raises(ValueError, match=r"^0 \(Gated\): its forward applies dropout \['dropout'\] before the output"):
-        upcycle_ffn(net, 2, 2, ffn_dropout="output")
-    assert upcycle_ffn(net, 2, 2, ffn_dropout="drop") == ["0"]
+    class Fused(nn.Module):  # Phi-3's MLP, its dropout on the hidden layer
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.down_proj = nn.Linear(8, 32), nn.Linear(16, 8)
+            self.activation_fn, self.dropout = nn.SiLU(), nn.Dropout(0.1)
+
+        def forward(self, x):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.dropout(up * self.activation_fn(gate)))
+
+    for make in (Gated, Fused):
+        net = nn.Sequential(make())
+        with pytest.raises(ValueError, match=rf"^0 \({make.__name__}\): its forward applies dropout \['dropout'\] "
+                                             "before the output"):
+            upcycle_ffn(net, 2, 2, ffn_dropout="output")
+        assert upcycle_ffn(net, 2, 2, ffn_dropout="drop") == ["0"]
 
 
 def test_no_ffn_found_names_the_layouts_found_and_the_way_for_others():
@@ -1083,8 +1150,9 @@ def test_no_ffn_found_names_the_layouts_found_and_the_way_for_others():
 
 
 def test_modules_short_of_a_found_layout_are_not_found():
-    """The layouts are found by all their children: a layer whose output has no dense, an MLP without act_fn, one
-    whose gate_up_proj is a parameter (not a module) are no FFN found (they used to be taken for one, and failed
+    """The layouts are found by all their children: a layer whose output has no dense or whose intermediate has no
+    intermediate_act_fn, an MLP without act_fn, one whose gate_up_proj is a parameter (not a module) or without
+    activation_fn are no FFN found (they used to be taken for one, and failed
     inside with another error)."""
     class Bert(nn.Module):
         def __init__(self):
@@ -1104,7 +1172,18 @@ def test_modules_short_of_a_found_layout_are_not_found():
             self.gate_up_proj = nn.Parameter(torch.randn(32, 8))
             self.down_proj, self.activation_fn = nn.Linear(16, 8), nn.SiLU()
 
-    for make in (Bert, Gated, Fused):
+    class BertWithoutAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.intermediate, self.output = nn.Module(), nn.Module()
+            self.intermediate.dense, self.output.dense = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    class FusedWithoutActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.down_proj = nn.Linear(8, 32), nn.Linear(16, 8)
+
+    for make in (Bert, Gated, Fused, BertWithoutAct, FusedWithoutActivation):
         net = nn.Sequential(make())
         with pytest.raises(ValueError, match="^no FFN found to upcycle"):
             upcycle_ffn(net, 2, 1)
