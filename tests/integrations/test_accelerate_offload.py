@@ -93,3 +93,17 @@ def test_upcycling_an_offloaded_ffn_is_refused_and_changes_nothing(tmp_path):
     with pytest.raises(NotImplementedError, match="upcycling model.layers.0.mlp .* accelerate has offloaded"):
         moelora.upcycle_ffn(model, num_experts=2, top_k=1)
     assert model.model.layers[0].mlp is mlp
+
+
+def test_upcycling_an_offloaded_bert_layer_is_refused_and_changes_nothing():
+    """A BERT layer's projections are its grandchildren (intermediate.dense, output.dense): offloaded, they are
+    refused as an MLP's children are, not copied from meta into the experts."""
+    from helpers import tiny_bert
+
+    model = tiny_bert(num_layers=1)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    layer = model.encoder.layer[0]
+    intermediate = layer.intermediate
+    with pytest.raises(NotImplementedError, match="upcycling encoder.layer.0 .* accelerate has offloaded"):
+        moelora.upcycle_ffn(model, num_experts=2, top_k=1)
+    assert layer.intermediate is intermediate
