@@ -260,6 +260,21 @@ def test_names_earlier_checkpoints_hold_still_load():
     assert _structure.resolve_callable("torch.nn.functional.silu") is F.silu
 
 
+def test_an_activation_module_is_saved_by_a_name_only_with_its_namesakes_arguments():
+    """A transformers activation module is saved by its ACT2FN name only where it computes what that name loads:
+    GELUTanh's F.gelu partial compared with its arguments, so one whose approximate differs cannot be saved."""
+    import functools
+
+    activations = pytest.importorskip("transformers.activations")
+    from moelora.tuner import structure as _structure
+
+    act = activations.ACT2CLS["gelu_pytorch_tanh"]()
+    assert _structure.callable_name(act, "activation") == "gelu_pytorch_tanh"
+    act.act = functools.partial(F.gelu, approximate="none")
+    with pytest.raises(ValueError, match=r"^activation .* cannot be saved by name"):
+        _structure.callable_name(act, "activation")
+
+
 def test_replay_checks_every_record_before_it_edits_the_model():
     from moelora.tuner import structure as _structure
 
