@@ -1097,7 +1097,7 @@ def test_a_found_fused_mlp_whose_forward_computes_more_than_the_ffn_is_refused()
     net = nn.Sequential(ScaledFused())
     with pytest.raises(ValueError, match=r"^0 \(ScaledFused\): its forward reads \['scale'\] besides the FFN "
                                          r"down_proj\(up \* activation_fn\(gate\)\)"):
-        upcycle_ffn(net, 2,2)
+        upcycle_ffn(net, 2, 2)
     assert isinstance(net[0], ScaledFused)
 
 
@@ -1152,8 +1152,7 @@ def test_no_ffn_found_names_the_layouts_found_and_the_way_for_others():
 def test_modules_short_of_a_found_layout_are_not_found():
     """The layouts are found by all their children: a layer whose output has no dense or whose intermediate has no
     intermediate_act_fn, an MLP without act_fn, one whose gate_up_proj is a parameter (not a module) or without
-    activation_fn are no FFN found (they used to be taken for one, and failed
-    inside with another error)."""
+    activation_fn are no FFN found (they used to be taken for one, and failed inside with another error)."""
     class Bert(nn.Module):
         def __init__(self):
             super().__init__()
