@@ -94,6 +94,19 @@ def test_attention_targets_and_excluded_experts_do_not_warn(recwarn):
     assert not [w for w in recwarn if "stacked weights" in str(w.message)]
 
 
+def test_an_adaptable_module_whose_class_names_experts_is_a_target_not_stacked_experts(recwarn):
+    """A convolution of a class named for experts (4-D weight) is a module moelora adapts, not experts' weights
+    stacked in one parameter: naming it adapts it without the stacked-experts warning."""
+    class ExpertConv(torch.nn.Conv2d):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.conv = ExpertConv(3, 4, 3)
+    wrapped = moelora.get_moelora_model(model, _config(["conv"]))
+    assert isinstance(moelora.tuner.targets.unwrap(wrapped).conv, moelora.MoELoRAConv)
+    assert not [w for w in recwarn if "stacked weights" in str(w.message)]
+
+
 def test_all_linear_leaves_out_routers_that_are_linear_subclasses():
     """PhiMoE's router is an nn.Linear subclass whose forward returns (logits, weights, expert ids):
     'all-linear' wrapped it and the first forward failed with AttributeError: 'tuple' object has no
