@@ -129,10 +129,10 @@ def test_all_linear_leaves_out_routers_that_are_linear_subclasses():
 def test_upcycle_ffn_refuses_a_block_that_is_a_mixture_of_experts(name, ffn_modules, in_proj, out_proj):
     """Naming a MoE block or its experts as the FFN raised "lacks one of in_proj='gate_up_proj', ..." (the
     experts module has gate_up_proj, as a stacked parameter) or listed the router as a stray parameter; it
-    now says the module holds stacked expert weights, a mixture of experts already."""
+    now says the module holds stacked expert weights (named from the module named), a mixture of experts already."""
     model = _build(name)
-    with pytest.raises(ValueError, match=r"holds the weights of a mixture of experts stacked in 2 parameter\(s\).*"
-                                         r"mixture of experts already"):
+    with pytest.raises(ValueError, match=r"holds the weights of a mixture of experts stacked in 2 parameter\(s\) "
+                                         r"\(e\.g\. (experts\.)?\w+ \[4, .*mixture of experts already"):
         moelora.upcycle_ffn(model, ffn_modules=ffn_modules, in_proj=in_proj, out_proj=out_proj, activation=F.silu)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp \(\w+\) is already a mixture of experts"):
         moelora.upcycle_ffn(model)
