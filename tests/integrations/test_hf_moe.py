@@ -94,16 +94,24 @@ def test_attention_targets_and_excluded_experts_do_not_warn(recwarn):
     assert not [w for w in recwarn if "stacked weights" in str(w.message)]
 
 
-def test_an_adaptable_module_whose_class_names_experts_is_a_target_not_stacked_experts(recwarn):
-    """A convolution of a class named for experts (4-D weight) is a module moelora adapts, not experts' weights
-    stacked in one parameter: naming it adapts it without the stacked-experts warning."""
+def test_modules_of_classes_named_for_experts_without_stacked_parameters_do_not_warn(recwarn):
+    """Only parameters of 3-D or more held by a module of a class named for experts themselves are stacked experts:
+    a convolution of such a class (4-D weight) is a module moelora adapts, and such a module holding its experts as
+    modules (convolutions) holds no stacked parameter. Neither warns."""
     class ExpertConv(torch.nn.Conv2d):
         pass
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    model.conv = ExpertConv(3, 4, 3)
-    wrapped = moelora.get_moelora_model(model, _config(["conv"]))
-    assert isinstance(moelora.tuner.targets.unwrap(wrapped).conv, moelora.MoELoRAConv)
+    class ConvExperts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3, 4, 3) for _ in range(2))
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), ExpertConv(3, 4, 3), ConvExperts())
+
+    wrapped = moelora.get_moelora_model(make(), _config(["1"]))
+    assert isinstance(moelora.tuner.targets.unwrap(wrapped)[1], moelora.MoELoRAConv)
+    assert _adapted(moelora.get_moelora_model(make(), _config("all-linear"))) == ["0"]
     assert not [w for w in recwarn if "stacked weights" in str(w.message)]
 
 
