@@ -84,6 +84,8 @@ def test_t5_shared_embedding_is_refused_and_its_tied_copies_are_adapted(kind):
     with pytest.raises(ValueError, match=r"shared's weight is tied to encoder\.embed_tokens, decoder\.embed_tokens "
                                          r".*would have no effect; .*\['embed_tokens'\]"):
         get_moelora_model(base, config(["shared"]))
+    with pytest.raises(ValueError, match=r"shared's weight is tied to decoder\.embed_tokens \(Embeddings too"):
+        get_moelora_model(base, config(["shared", "encoder.embed_tokens"]))  # the copies not selected
     assert type(base.shared) is nn.Embedding and base.encoder.embed_tokens.weight is base.shared.weight
     torch.testing.assert_close(base(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=0, atol=0)
 
@@ -93,7 +95,6 @@ def test_t5_shared_embedding_is_refused_and_its_tied_copies_are_adapted(kind):
             if "lora_embedding_A" in name or "modules_to_save" in name and "embed_tokens" in name:
                 p.add_(torch.randn_like(p))
     assert (model(input_ids=ids, decoder_input_ids=ids).logits - expected).abs().max() > 1e-2
-
 
 
 @pytest.mark.parametrize("kind", ["target_modules", "modules_to_save"])
