@@ -193,6 +193,29 @@ def test_state_space_mixers_children_read_by_weight_are_not_adapted(name):
         moelora.get_moelora_model(copy.deepcopy(base), moelora.MoELoRAConfig(r=4, target_modules=["dt_proj"]))
 
 
+def test_a_mixers_child_whose_weight_only_its_initialisation_reads_is_adapted():
+    """Only the weight reads of a mixer's methods that run in its forward make a child unread: one its constructor
+    or reset_parameters initialises (``self.out_proj.weight.data``) and its forward calls is adapted; one its
+    forward multiplies by (``F.linear(x, self.x_proj.weight)``) is refused."""
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A_log = nn.Parameter(torch.zeros(4))
+            self.x_proj, self.out_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.out_proj.weight.data.mul_(0.5)
+
+        def reset_parameters(self):
+            nn.init.normal_(self.out_proj.weight)
+
+        def forward(self, x):
+            return self.out_proj(torch.nn.functional.linear(x, self.x_proj.weight) * self.A_log.exp())
+
+    model = moelora.get_moelora_model(nn.Sequential(Mixer()), moelora.MoELoRAConfig(r=2, target_modules=["out_proj"]))
+    assert _adapted(model) == ["0.out_proj"]
+    with pytest.raises(ValueError, match=r"x_proj is the x_proj of the Mixer 0, whose code reads x_proj\.weight"):
+        moelora.get_moelora_model(nn.Sequential(Mixer()), moelora.MoELoRAConfig(r=2, target_modules=["x_proj"]))
+
+
 def _checkpointing_batch(name):
     if name == "vit":
         return _vit(), MODELS["vit"][1](), dict(task_type="SEQ_CLS")  # the classifier head trains too
