@@ -131,6 +131,24 @@ def test_moelora_trainer_label_smoothing_shifts_a_causal_lms_labels_and_adds_the
         torch.testing.assert_close(trainer.compute_loss(compiled, dict(batch)).detach(), expected.detach())
 
 
+def test_moelora_trainer_label_smoothing_leaves_a_classifiers_labels_unshifted(tmp_path):
+    """With label_smoothing_factor, a sequence classifier's labels are not shifted (its class is no causal LM):
+    MoELoRATrainer's loss is the bare model's under Trainer plus the aux loss once."""
+    model = get_moelora_model(tiny_bert(num_layers=1, classification=True),
+                              MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2, r=4))
+    randomize_adapters(model)
+    model.train()  # the routers record aux losses (the tiny BERT has no dropout)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, VOCAB, (4, SEQ), generator=g), "labels": torch.tensor([0, 1, 2, 1])}
+    bare = transformers.Trainer(model=copy.deepcopy(model.model), args=_args(tmp_path, label_smoothing_factor=0.1))
+    expected = bare.compute_loss(bare.model, dict(batch))
+    model(input_ids=batch["input_ids"])
+    assert moelora.aux_loss(model) > 0
+    expected = expected + moelora.aux_loss(model)
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1))
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), expected)
+
+
 def test_moelora_trainer_on_a_model_without_adapters_is_trainer(tmp_path):
     """MoELoRATrainer holding a plain transformers model (no MoELoRAModel) computes Trainer's label-smoothed loss and
     saves as Trainer does (no moelora adapter files)."""
@@ -507,11 +525,11 @@ def test_moelora_trainer_checkpoints_hold_every_adapter_as_save_pretrained_write
 
 def test_without_tied_aliases_drops_only_names_of_the_same_tensor():
     """A checkpoint keeps one name per tensor (the tied aliases dropped) and every tensor that is not the same view:
-    other slices of one storage (other offsets) and other strides over the same memory are kept."""
+    other slices of one storage (other offsets), other strides and other shapes over the same memory are kept."""
     base = torch.arange(16.0).reshape(4, 4)
     state = {"w": base, "tied": base, "row0": base[0], "row1": base[1], "row0_again": base[0], "t": base.t(),
-             "other": base.clone(), "step": 3}
-    assert list(without_tied_aliases(state)) == ["w", "row0", "row1", "t", "other", "step"]
+             "top": base[:2], "other": base.clone(), "step": 3}
+    assert list(without_tied_aliases(state)) == ["w", "row0", "row1", "t", "top", "other", "step"]
 
 
 def test_moelora_trainer_saves_the_state_dict_trainer_passes(tmp_path):
