@@ -61,6 +61,17 @@ def test_fresh_layer_returns_base_output_exactly(kind):
     assert torch.equal(layer(x), layer.base_layer(x))
 
 
+@pytest.mark.parametrize("kind", ["softmax_topk", "task", "single", "dora"])
+def test_disabled_adapters_give_the_base_output(kind):
+    """disable_adapters (PEFT's disable_adapter_layers) makes a live layer return its base layer's output."""
+    layer = _layer(kind)
+    randomize_adapters(layer)
+    x = torch.randn(2, 3, 12)
+    assert not torch.allclose(layer(x), layer.base_layer(x))
+    layer.disable_adapters = True
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "topk_softmax", "shared_a", "task", "task_shared", "single"])
 def test_layer_computes_routed_formula(kind):
     layer = _layer(kind).eval()
@@ -274,8 +285,9 @@ def test_dora_equals_peft_dora_in_float64(base_kind, backend):
 
 
 @pytest.mark.parametrize("kind,extra", [("threshold", {}), ("softmax_topk", dict(router_jitter_noise=0.2)),
-                                        ("shared_a", {}), ("threshold", dict(router_jitter_noise=0.2))],
-                         ids=["threshold", "jitter", "a_dropout", "threshold_jitter"])
+                                        ("shared_a", {}), ("threshold", dict(router_jitter_noise=0.2)),
+                                        ("threshold", dict(threshold_eps_start=0.6, threshold_ramp_steps=4))],
+                         ids=["threshold", "jitter", "a_dropout", "threshold_jitter", "threshold_ramp"])
 def test_composed_path_draws_random_numbers_as_the_fused_path(kind, extra):
     """The composed path (here for a base layer with a forward hook) draws the router's threshold
     noise or jitter factors once, in the router, in the fused path's order (jitter factors, then
@@ -629,8 +641,41 @@ def test_dora_with_a_shared_a_matches_float64_reference(hooked):
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_dora_magnitude_starts_at_the_unrounded_row_norms_under_autocast():
+    """A DoRA layer built under torch.autocast: its magnitude starts at the row norms of W + s B A in fp32, as
+    outside autocast (autocast would round the addmm to bfloat16)."""
+    base = _base(16, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer = MoELoRALinear(base, num_experts=1, r=4, lora_alpha=8, use_dora=True)
+    assert layer.lora_magnitude_vector.dtype == torch.float32
+    torch.testing.assert_close(layer.lora_magnitude_vector, torch.linalg.norm(base.weight, dim=1),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "composed"])
+def test_dora_with_lora_a_dropout_in_training_scales_by_the_kept_fraction(hooked):
+    """DoRA with MoSLD's A-dropout in training: A (.) M with the dropout's 1 / (1 - p) folded into s, in the LoRA
+    term and in the norm, on the fused path and on the composed one (a base layer with a forward hook)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).double()
+    layer = MoELoRALinear(base, num_experts=1, r=4, lora_alpha=8, use_dora=True, share_lora_a=True,
+                          lora_a_dropout=0.5, init_lora_weights=False).double().train()
+    if hooked:
+        base.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    torch.manual_seed(5)
+    a, keep_scale = layer._effective_A()  # the mask the forward draws from the same seed
+    assert keep_scale == 2.0 and 0 < int((a == 0).sum()) < a.numel()
+    s, b, w = layer.scaling * keep_scale, layer.lora_B[0], base.weight
+    norm = torch.linalg.norm(w + s * b @ a, dim=1)
+    expected = layer.lora_magnitude_vector / norm * (x @ w.t() + s * x @ a.t() @ b.t()) + base.bias
+    torch.manual_seed(5)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("kwargs", [dict(num_experts=3, router="task"), dict(num_experts=3, router="task",
-                                    task_shared_lora=True), dict(num_experts=1)], ids=["task", "task_shared", "single"])
+                                    task_shared_lora=True), dict(num_experts=2, router="task"), dict(num_experts=1)],
+                         ids=["task", "task_shared", "task_top_k_above_tasks", "single"])
 def test_top_k_is_one_where_routing_is_static(kwargs):
     """top_k is ignored by task routing and at E = 1 (the Args): every token uses one expert, and the layer's
     top_k (its repr too) says 1, whatever top_k was given."""
