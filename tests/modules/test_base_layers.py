@@ -96,6 +96,26 @@ def test_backward_hooks_of_the_base_layer_run(backend):
     assert "Linear" in names
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_global_module_backward_hook_sees_the_base_layer(backend):
+    """A global module full backward hook (not a pre-hook) also sends the layer down the composed path:
+    the hook sees the base layer and the base output's gradient."""
+    layer = _layer(_linear())
+    seen = []
+    handle = nn.modules.module.register_module_full_backward_hook(
+        lambda module, grad_in, grad_out: seen.append((type(module).__name__, grad_out[0])))
+    x = torch.randn(3, D_IN, requires_grad=True)
+    try:
+        with moelora.use_backend(backend):
+            y = layer(x)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+    finally:
+        handle.remove()
+    linear = [g for name, g in seen if name == "Linear"]
+    assert len(linear) == 1 and torch.equal(linear[0], dy)
+
+
 def _frozen(module, *trainable):
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)
@@ -227,6 +247,33 @@ def test_merge_refuses_a_pruned_base_naming_prune_remove(name, match):
     prune.remove(base, name)
     layer.merge()
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_into_a_weight_held_as_a_buffer():
+    """A base layer holding its weight as a buffer (a frozen weight, not a parameter) is no computed weight: the
+    layer merges into it and unmerges."""
+    base = _linear()
+    weight = base.weight.detach().clone()
+    del base.weight
+    base.register_buffer("weight", weight)
+    layer = MoELoRALinear(base, num_experts=1, r=3, lora_alpha=6, init_lora_weights=False)
+    x = torch.randn(3, D_IN)
+    expected = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
+
+
+def test_merge_of_a_half_base_rounds_once():
+    """The merged half-precision weight is W + dW formed in fp32 and rounded once, not dW rounded to fp16 and
+    added in fp16."""
+    base = _linear().half()
+    before = base.weight.detach().clone()
+    layer = MoELoRALinear(base, num_experts=1, r=3, lora_alpha=6, init_lora_weights=False)
+    delta = layer.delta_weight().detach()
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, (before.float() + delta).half())
 
 
 def test_merge_refuses_a_base_with_its_own_forward():
@@ -447,13 +494,22 @@ class DecoupledLinear(nn.Linear):
         return torch.cat([super().forward(x), self.additional_fc(x)], dim=-1)
 
 
+class FirstTokenLinear(nn.Linear):
+    """A Linear returning the first token's output only: [..., out_features] for other tokens than its input's."""
+
+    def forward(self, x):
+        return super().forward(x)[:1]
+
+
 @pytest.mark.parametrize("num_experts", [1, 2])
 @pytest.mark.parametrize("make,x_shape", [(lambda: GroupedLinear(4, 6, 2), (3, 2, 4)),
-                                          (lambda: DecoupledLinear(4, 6, 2), (3, 4))], ids=["grouped", "decoupled"])
+                                          (lambda: DecoupledLinear(4, 6, 2), (3, 4)),
+                                          (lambda: FirstTokenLinear(4, 6), (3, 4))],
+                         ids=["grouped", "decoupled", "first_token"])
 def test_linear_base_with_another_output_shape_is_refused_clearly(make, x_shape, num_experts):
     """A Linear subclass whose output is not [..., out_features] cannot take the adapter's delta: the
     layer raised "base_out must have shape ..." from inside moe_lora. It now names the base layer and why."""
     layer = MoELoRALinear(make(), num_experts=num_experts, r=2)
-    with pytest.raises(ValueError, match="base layer (Grouped|Decoupled)Linear returned an output of shape .* not "
-                                         r"\[\.\.\., out_features=6\]"):
+    with pytest.raises(ValueError, match="base layer (Grouped|Decoupled|FirstToken)Linear returned an output of "
+                                         r"shape .* not \[\.\.\., out_features=6\]"):
         layer(torch.randn(x_shape))
