@@ -151,7 +151,7 @@ def test_moelora_trainer_label_smoothing_leaves_a_classifiers_labels_unshifted(t
 
 def test_moelora_trainer_on_a_model_without_adapters_is_trainer(tmp_path):
     """MoELoRATrainer holding a plain transformers model (no MoELoRAModel) computes Trainer's label-smoothed loss and
-    saves as Trainer does (no moelora adapter files)."""
+    saves as Trainer does (no moelora adapter files); holding a plain nn.Module, it saves as Trainer does too."""
     torch.manual_seed(0)
     model = tiny_llama(num_layers=1)
     data = _lm_dataset(n=4)
@@ -162,6 +162,9 @@ def test_moelora_trainer_on_a_model_without_adapters_is_trainer(tmp_path):
     trainer.save_model(str(tmp_path / "saved"))
     files = set(os.listdir(tmp_path / "saved"))
     assert "model.safetensors" in files and "moelora_config.json" not in files
+    trainer = MoELoRATrainer(model=nn.Sequential(nn.Linear(4, 1)), args=_args(tmp_path))  # no save_pretrained
+    trainer.save_model(str(tmp_path / "module"))
+    assert "model.safetensors" in os.listdir(tmp_path / "module")
 
 
 class ReplicatingDataParallel(nn.DataParallel):
