@@ -616,6 +616,32 @@ def test_save_pretrained_with_a_state_dict_refuses_to_select_an_inactive_adapter
     assert list(read_checkpoint(str(tmp_path))[0].target_modules) == ["q_proj"]
 
 
+def test_save_pretrained_with_a_state_dict_writes_the_active_adapter_from_it_alone(tmp_path):
+    """With state_dict and several adapters (selected_adapters unset) the active adapter is written, with the
+    state_dict's tensors, and no other: the inactive ones are not in a gathered state dict."""
+    from moelora.persistence import read_checkpoint
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    model.add_adapter("second", MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
+    state = {k: v + 1.0 if k.endswith("lora_B") else v for k, v in model.state_dict().items()}
+    model.save_pretrained(str(tmp_path), state_dict=state)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_model.safetensors", "moelora_config.json"]
+    tensors = read_checkpoint(str(tmp_path))[2]
+    key = next(k for k in tensors if k.endswith("q_proj.lora_B"))
+    assert torch.equal(tensors[key], state["model." + key]) and not model.get_parameter("model." + key).any()
+
+
+def test_max_shard_size_shards_every_adapter_saved(tmp_path):
+    """max_shard_size applies to each adapter written, the inactive ones in their subfolders too."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=1))
+    model.add_adapter("second", MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
+    model.save_pretrained(str(tmp_path), max_shard_size=200)
+    for directory in (tmp_path, tmp_path / "second"):
+        names = os.listdir(directory)
+        assert "adapter_model.safetensors.index.json" in names and "adapter_model.safetensors" not in names, names
+    model.load_adapter(str(tmp_path / "second"), "loaded")
+
+
 def test_set_adapter_that_cannot_go_in_leaves_the_active_adapter_in_place():
     """An adapter whose modules the model no longer has (the FFN it adapts replaced after it was
     added) is refused by set_adapter, naming the module, and the active adapter stays in the model
