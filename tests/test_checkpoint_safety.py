@@ -689,6 +689,50 @@ def test_peft_lora_without_dora_magnitudes_does_not_load_into_a_dora_layer(tmp_p
     _assert_untouched(base, before)
 
 
+def test_peft_dora_magnitudes_do_not_load_into_a_lora_layer(tmp_path):
+    """A DoRA checkpoint into a layer without DoRA would lose its magnitude: refused, naming both."""
+    dora = _peft_checkpoint(tmp_path / "dora", dict(GOOD, lora_magnitude_vector=torch.ones(16)))
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, num_experts=1))
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: model.layers.0.self_attn.q_proj: the checkpoint "
+                                         r"is DoRA but the layer is not"):
+        moelora.load_peft_lora(model, dora)
+    _assert_untouched(model, before)
+
+
+def test_a_peft_config_without_peft_type_loads_as_a_lora(tmp_path):
+    """peft_type absent (a hand-written or older config) reads as PEFT's LORA, whose tensors these are."""
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, {"r": 4, "lora_alpha": 8})
+    layer = moelora.load_peft_lora(tiny_llama(num_layers=2), directory).model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
+
+
+def test_peft_lora_loads_into_a_single_expert_layer_with_a_shared_a(tmp_path):
+    """share_lora_a is refused with several experts only (their A is one): with one expert the shared A is that
+    expert's, and takes the checkpoint's."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, num_experts=1,
+                                                                      share_lora_a=True))
+    loaded = moelora.load_peft_lora(model, _peft_checkpoint(tmp_path / "peft", GOOD))
+    layer = loaded.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.lora_A, GOOD["lora_A.weight"]) and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
+
+
+def test_peft_lora_into_a_shared_a_is_refused_where_the_task_shared_b_is_non_zero(tmp_path):
+    """With share_lora_a the task-shared LoRA reads the A the checkpoint replaces: a non-zero shared B would add
+    B_sh @ A_peft to the task, even where the shared A is zero before the load."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, num_experts=1,
+                                                                      router="task", share_lora_a=True,
+                                                                      task_shared_lora=True))
+    layer = model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_A.zero_()
+        layer.lora_B[-1].fill_(0.5)
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=r"q_proj: the layer's task-shared LoRA is non-zero"):
+        moelora.load_peft_lora(model, _peft_checkpoint(tmp_path / "peft", GOOD), expert=0)
+    _assert_untouched(model, before)
+
+
 # ---- tensors of another dtype kind are refused (floating-point precisions may differ) ------------
 @pytest.mark.parametrize("suffix,make,match", [
     ("q_proj.lora_A", lambda t: (t * 100).long(), r"q_proj.lora_A has dtype torch.int64, the model's is torch.float32"),
