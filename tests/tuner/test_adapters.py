@@ -181,6 +181,27 @@ def test_peft_checkpoint_with_bias_all_and_modules_to_save_imports_as_peft_loads
         torch.testing.assert_close(ours(IDS), peft_model(IDS), rtol=0, atol=0)
 
 
+def test_a_saved_modules_bias_under_both_its_names_loads_as_peft_loads_it(tmp_path):
+    """PEFT's bias="all" saves a saved module's trained bias as <module>.bias and <module>.modules_to_save.bias;
+    where the two differ (an edited checkpoint) the import takes <module>.bias, as PEFT's load does."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    peft_model = get_peft_model(Net().double(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+                                                           modules_to_save=["head"], bias="all"))
+    _perturb(peft_model)
+    peft_model.save_pretrained(str(tmp_path))
+    weights = str(tmp_path / "adapter_model.safetensors")
+    state = load_file(weights)
+    key = "base_model.model.head.modules_to_save.bias"
+    assert key in state and torch.equal(state[key], state["base_model.model.head.bias"])
+    save_file(dict(state, **{key: state[key] + 1.0}), weights)
+    ours = moelora.load_peft_lora(Net().double(), str(tmp_path)).eval()
+    theirs = PeftModel.from_pretrained(Net().double(), str(tmp_path)).eval()
+    torch.testing.assert_close(ours(IDS), theirs(IDS), rtol=1e-12, atol=1e-12)
+    assert torch.equal(ours.model.head.modules_to_save.bias, state["base_model.model.head.bias"])
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_export_carries_trained_biases_and_round_trips(tmp_path, bias):
     from peft import PeftModel
