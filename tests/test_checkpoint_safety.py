@@ -700,6 +700,14 @@ def test_peft_dora_magnitudes_do_not_load_into_a_lora_layer(tmp_path):
     _assert_untouched(model, before)
 
 
+def test_a_peft_config_without_lora_dropout_gives_peft_s_default_of_zero(tmp_path):
+    """lora_dropout absent reads as PEFT's default 0.0: the fresh layers drop nothing out in training."""
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, {"peft_type": "LORA", "r": 4, "lora_alpha": 8})
+    loaded = moelora.load_peft_lora(tiny_llama(num_layers=2), directory)
+    assert loaded.moelora_config.lora_dropout == 0.0
+    assert loaded.model.model.layers[0].self_attn.q_proj.settings.lora_dropout == 0.0
+
+
 def test_a_peft_config_without_peft_type_loads_as_a_lora(tmp_path):
     """peft_type absent (a hand-written or older config) reads as PEFT's LORA, whose tensors these are."""
     directory = _peft_checkpoint(tmp_path / "peft", GOOD, {"r": 4, "lora_alpha": 8})
