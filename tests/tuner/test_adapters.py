@@ -205,6 +205,7 @@ def test_a_saved_modules_bias_under_both_its_names_loads_as_peft_loads_it(tmp_pa
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_export_carries_trained_biases_and_round_trips(tmp_path, bias):
     from peft import PeftModel
+    from safetensors.torch import load_file
 
     cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=1, bias=bias)
     base = tiny_llama(num_layers=2)
@@ -226,6 +227,10 @@ def test_export_carries_trained_biases_and_round_trips(tmp_path, bias):
     ids = token_batch()
     expected = model(ids).logits
     moelora.export_peft_lora(model, str(tmp_path))
+    biases = sorted(k for k in load_file(str(tmp_path / "adapter_model.safetensors")) if k.endswith("bias"))
+    prefix = "base_model.model.model.layers.0.self_attn."
+    adapted = [prefix + "q_proj.base_layer.bias", prefix + "v_proj.base_layer.bias"]
+    assert biases == (adapted if bias == "lora_only" else [prefix + "o_proj.bias"] + adapted)  # lora_only: adapted only
     peft_model = PeftModel.from_pretrained(fresh(), str(tmp_path)).eval()
     assert peft_model.peft_config["default"].bias == bias
     torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
