@@ -157,6 +157,7 @@ def test_modules_to_save_and_biases_interoperate_with_peft(tmp_path):
     torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
     moelora.export_peft_lora(ours, str(tmp_path / "again"))
     again = PeftModel.from_pretrained(tiny_bert(classification=True), str(tmp_path / "again")).eval()
+    assert list(again.peft_config["default"].modules_to_save) == ["classifier"]  # PEFT wraps and trains it again
     torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-5)
     # merge_and_unload keeps the trained head, as PEFT's
     merged = ours.merge_and_unload()
