@@ -682,6 +682,15 @@ def test_export_with_adapted_embeddings_saves_their_base_weights_as_peft_does(tm
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
 
 
+def test_export_without_adapted_embeddings_saves_no_embedding_weight(tmp_path):
+    """The base weights of the input / output embeddings are saved where those layers are adapted only (PEFT's
+    "auto"): else PEFT's load would overwrite the base model's embeddings with the exporting model's."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, num_experts=1))
+    moelora.export_peft_lora(model, str(tmp_path))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert saved and all(re.search(r"\.lora_[AB]\.weight$", k) for k in saved), sorted(saved)
+
+
 @pytest.mark.parametrize("bias", ["lora-only", "All", 1])
 def test_export_peft_lora_refuses_a_bias_peft_does_not_have(tmp_path, bias):
     """export_peft_lora(bias=...) wrote any value into PEFT's config (and saved the adapted layers' biases for
