@@ -691,6 +691,18 @@ def test_export_without_adapted_embeddings_saves_no_embedding_weight(tmp_path):
     assert saved and all(re.search(r"\.lora_[AB]\.weight$", k) for k in saved), sorted(saved)
 
 
+def test_export_of_a_task_shared_lora_on_a_grouped_convolution_is_refused(tmp_path):
+    """A task's LoRA plus the task-shared one (rank 2r) on a grouped convolution has no PEFT layout: refused,
+    naming the layer, before anything is written."""
+    torch.manual_seed(0)
+    model = get_moelora_model(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)),
+                              MoELoRAConfig(target_modules=["0"], r=2, num_experts=2, router="task",
+                                            task_shared_lora=True))
+    with pytest.raises(ValueError, match=r"^0: a task-shared LoRA on a grouped convolution has no PEFT equivalent"):
+        moelora.export_peft_lora(model, str(tmp_path / "peft"), task=0)
+    assert not (tmp_path / "peft").exists()
+
+
 @pytest.mark.parametrize("bias", ["lora-only", "All", 1])
 def test_export_peft_lora_refuses_a_bias_peft_does_not_have(tmp_path, bias):
     """export_peft_lora(bias=...) wrote any value into PEFT's config (and saved the adapted layers' biases for
