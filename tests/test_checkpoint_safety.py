@@ -118,7 +118,6 @@ def test_broken_files_raise_errors_naming_the_file_before_touching_the_model(sav
     _assert_untouched(base, before)
 
 
-
 @pytest.mark.parametrize("edit", ["missing", "unexpected", "renamed"])
 def test_a_checkpoint_missing_a_tensor_or_holding_another_raises_naming_it(saved, edit):
     """Every adapter tensor must be in the checkpoint (one left out would keep the fresh model's initial value: a
@@ -387,7 +386,6 @@ def test_peft_tensors_must_fit_their_layer_exactly(tmp_path, tensors, match):
     moelora.load_peft_lora(base, _peft_checkpoint(tmp_path / "good", GOOD))  # and a retry works
 
 
-
 @pytest.mark.parametrize("a,b,match", [
     (torch.randn(2, 3, 1, 9), torch.randn(6, 2, 1, 1), r"0.lora_A has shape \(2, 3, 1, 9\), the layer \(r=2\) "
                                                        r"needs \(2, 3, 3, 3\)"),
@@ -439,6 +437,7 @@ def test_a_peft_config_whose_ranks_disagree_with_its_tensors_is_refused(tmp_path
                  {"r": 2, "rank_pattern": {"layers.0.self_attn.q_proj": 4}}):
         moelora.load_peft_lora(tiny_llama(num_layers=2), _peft_checkpoint(
             tmp_path / "good", GOOD, dict({"peft_type": "LORA", "lora_alpha": 8}, **good)))
+
 
 def test_peft_dora_magnitude_must_have_d_out_entries(tmp_path):
     directory = _peft_checkpoint(tmp_path / "peft", dict(GOOD, lora_magnitude_vector=torch.ones(1)),
@@ -524,7 +523,6 @@ def test_peft_config_settings_moelora_cannot_reproduce_are_refused(tmp_path, fie
     _assert_untouched(base, before)
 
 
-
 @pytest.mark.parametrize("peft_type", ["ADALORA", "LOHA"])
 def test_a_peft_checkpoint_of_another_method_is_refused_naming_its_peft_type(tmp_path, peft_type):
     """AdaLoRA also saves lora_A / lora_B: the config's peft_type, not the tensors or other fields, says what it is."""
@@ -534,6 +532,7 @@ def test_a_peft_checkpoint_of_another_method_is_refused_naming_its_peft_type(tmp
     with pytest.raises(ValueError, match=rf"adapter_config.json: not a LoRA checkpoint: peft_type={peft_type!r}$"):
         moelora.load_peft_lora(base, directory)
     _assert_untouched(base, before)
+
 
 def test_peft_config_metadata_and_fields_moelora_honours_are_accepted(tmp_path):
     """What PEFT writes by default (every unused feature unset), its metadata, the fields that
@@ -600,7 +599,6 @@ def test_peft_alpha_pattern_applies_to_the_layers_it_names(tmp_path):
                                                           "alpha_pattern": {"layers.0.self_attn.q_proj": 2}})
     layer = moelora.load_peft_lora(tiny_llama(num_layers=2), directory).model.model.layers[0].self_attn.q_proj
     assert layer.scaling == 0.5 and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
-
 
 
 @pytest.mark.parametrize("config,scaling", [({"r": 4}, 2.0), ({"r": 4, "lora_alpha": 8, "use_rslora": True}, 4.0)],

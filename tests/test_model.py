@@ -1049,7 +1049,6 @@ def test_task_ids_set_after_a_forward_with_the_same_int_stay_set(setter):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-
 def test_task_ids_set_after_a_forward_with_the_same_tensor_stay_set():
     """forward(task_ids=t) then set_task_ids(t), the same tensor object: the next forward must route by t. The
     forward's record tells its own ids from ids set since by who set them, not by the tensor, which is the same."""
@@ -1062,6 +1061,7 @@ def test_task_ids_set_after_a_forward_with_the_same_tensor_stay_set():
     model.set_task_ids(t)
     torch.testing.assert_close(model(ids).last_hidden_state, expected, rtol=0, atol=0)
     assert all(layer.task_ids is t for layer in _layers(model).values())
+
 
 def _same_gradients_with_checkpointing(step, use_reentrant=False, targets=("q_proj", "v_proj")):
     """Run ``step(model)`` (forwards and a backward) on a task-routed tiny Llama without and with gradient

@@ -1054,6 +1054,7 @@ def test_a_directory_with_both_a_weights_file_and_a_shard_index_reads_the_weight
     for name, tensor in moelora.persistence.adapter_state_dict(loaded).items():
         assert torch.equal(tensor, single[name]), name
 
+
 def test_an_adapter_sharded_by_huggingface_hub_loads(tmp_path):
     """transformers' writer (huggingface_hub.save_torch_state_dict) with the adapter's file name pattern."""
     from huggingface_hub import save_torch_state_dict
@@ -1143,7 +1144,6 @@ def test_an_adapter_loads_into_a_model_built_on_the_meta_device(tmp_path, is_tra
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0.05, atol=0.05)
 
 
-
 @pytest.mark.parametrize("source", ["wrapper", "wrapped", "prefixed"])
 def test_a_state_dict_with_or_without_a_wrappers_prefix_saves_the_adapter(tmp_path, source):
     """save_pretrained(state_dict=...) takes the names of the wrapped model's state_dict as they are, or under a
@@ -1153,6 +1153,7 @@ def test_a_state_dict_with_or_without_a_wrappers_prefix_saves_the_adapter(tmp_pa
              "prefixed": lambda: {f"module.{n}": t for n, t in model.state_dict().items()}}[source]()
     model.save_pretrained(str(tmp_path), state_dict=state)
     assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
+
 
 def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):
     """moelora.save_pretrained(torch.compile(model)) was refused as 'not a MoELoRAModel' (the method worked);

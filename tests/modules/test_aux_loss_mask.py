@@ -628,7 +628,6 @@ def test_masked_statistics_read_the_real_token_count_on_the_host_once():
     torch.testing.assert_close(values["load"].sum().as_subclass(torch.Tensor), torch.tensor(2.0))  # top_k per token
 
 
-
 def test_router_stats_are_detached_and_know_only_their_keys():
     """RouterStats' values are detached whatever it is given (aux statistics carrying a graph too), and a key
     that is not a statistic raises KeyError (so ``in`` and ``get`` answer as for a dict)."""
@@ -639,6 +638,7 @@ def test_router_stats_are_detached_and_know_only_their_keys():
     assert "loss" not in stats and stats.get("loss") is None
     with pytest.raises(KeyError):
         stats["loss"]
+
 
 @pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
 @pytest.mark.parametrize("given", ["aux_loss_mask_from", "per_call"])
@@ -714,7 +714,6 @@ def test_a_four_d_attention_mask_named_as_the_aux_loss_mask_leaves_out_the_keys_
             model(input_ids=ids, aux_loss_mask=_four_d(mask, kind))
 
 
-
 class _MaskedConv(nn.Module):
     """A convolution whose forward takes a per-position mask ([N, 1, H, W]) beside its input."""
 
@@ -744,6 +743,7 @@ def test_a_four_d_per_position_mask_named_as_the_aux_loss_mask_stays_per_positio
     model.aux_loss_mask_from = "mask"
     model(x, mask)
     torch.testing.assert_close(model.aux_loss().detach(), expected)
+
 
 def _float64_aux_loss(model, inputs, real):
     """The model's aux loss recomputed in float64 from each MoE-LoRA layer's input over the tokens ``real`` marks

@@ -491,7 +491,6 @@ def test_merge_unmerge_of_a_channels_last_conv_writes_its_kernel(mode):
     torch.testing.assert_close(layer.base_layer.weight, before, rtol=1e-14, atol=1e-14)
 
 
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", ["conv2d_3x3_s2", "conv2d_1x1", "conv2d_grouped"])
 def test_channels_last_conv_gives_the_base_layers_channels_last_output(kind, backend):
@@ -518,6 +517,7 @@ def test_channels_last_conv_gives_the_base_layers_channels_last_output(kind, bac
         assert base_out.is_contiguous(memory_format=kernel_format)
         torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
+
 
 @pytest.mark.parametrize("make,inp", [
     (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4), lambda: torch.randn(3, 8, dtype=torch.float64)),

@@ -89,7 +89,6 @@ def test_a_batch_without_real_tokens_never_chooses_the_layer_itself(batch_routin
             assert molex.choose(z, t, real=~real)[0].item() != t
 
 
-
 @pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("gate,learn_alpha", [("linear", False), ("cosine", True)])
 def test_gates_and_alpha_are_fp32_whatever_the_default_dtype(default, gate, learn_alpha):
@@ -228,6 +227,7 @@ def test_a_token_whose_gate_value_for_the_chosen_layer_underflows_stays_finite(g
     torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
     for got, expected in zip(*grads):
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
 
 def test_a_stack_holding_one_module_twice_is_refused_naming_the_positions():
     """A weight-shared stack (one module at several positions of the ModuleList): each position
@@ -833,6 +833,7 @@ def test_non_finite_padding_rows_take_no_part_in_the_layer_choice(batch_routing,
             for key in ("load", "entropy"):
                 torch.testing.assert_close(padded_stats[key], stats[key], msg=key)
 
+
 def test_batched_greedy_generate_does_not_depend_on_the_padding():
     """generate left-pads a batch to its longest prompt and extends the mask each step; the pads
     no longer vote, so what each prompt generates does not change with more padding, and a
@@ -896,6 +897,7 @@ def test_a_four_d_attention_mask_is_reduced_once_per_forward(monkeypatch):
         model(ids, attention_mask=four_d, position_ids=pos)
     assert len(calls) == 1, f"{len(calls)} reductions of the 4-D mask over {molex.num_layers} layers"
     torch.testing.assert_close(molex.last_aux_loss, loss)
+
 
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
 def test_a_padding_free_packed_row_mixes_as_the_padded_batch(flash_kwargs):

@@ -131,6 +131,7 @@ def test_router_noise_is_drawn_in_fp32_whatever_the_default_dtype(kind, default,
         torch.set_default_dtype(previous)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_router_logits_kernel_matches_float64_without_an_fp32_copy_of_x(dtype):
     """Where the Triton kernels run, one kernel computes the logits from x in its own dtype
@@ -610,7 +611,6 @@ def test_router_jitter_only_in_training():
     assert not torch.equal(router.logits(x), router.logits(x))
 
 
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_router_jitters_its_input_on_every_backend_with_fp32_factors(backend, dtype):
@@ -627,6 +627,7 @@ def test_router_jitters_its_input_on_every_backend_with_fp32_factors(backend, dt
         got = router.logits(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
 
 def test_nan_logits_give_in_range_ids():
     logits = torch.full((4, 5), float("nan"))

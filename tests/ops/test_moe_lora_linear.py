@@ -187,6 +187,7 @@ def test_aux_loss_mask_over_half_precision_logits_is_taken_in_fp32(dtype, regime
     assert rel_err(loss, loss_ref) < 1e-5 and rel_err(stats, stats_ref) < 1e-5
     assert rel_err(grad.float(), grad_ref.float()) < 1e-2  # the gradient is rounded to the logits' dtype
 
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "per_expert_k1", "task_shared", "lora_dropout"])
 def test_fused_layer_with_grouped_mm_rows_matches_float64_reference(kind, monkeypatch, grouped_mm_rows):
     """The grouped regime with its forward rows on torch's grouped_mm (moe_lora.ROWS_ENGINES; on a

@@ -175,7 +175,6 @@ def test_gathered_form_fp16_h_beyond_fp16_range_with_a_small_scale(shared_a):
     assert torch.isfinite(y).all() and rel_err(y, _reference(p, base=False)) < 5e-3
 
 
-
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
 def test_forward_mode_ad_through_the_gathered_form(shared_a):
     """torch.func.jvp (grad mode on, no input requiring grad) runs the gathered form; its ops are

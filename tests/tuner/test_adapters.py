@@ -573,7 +573,6 @@ def test_switching_adapters_keeps_the_models_disabled_state():
     torch.testing.assert_close(model(ids).logits, outputs["default"])
 
 
-
 def test_model_level_functions_on_the_wrapper_leave_inactive_adapters_alone():
     """moelora.merge_adapter / unmerge_adapter / merge_and_unload / set_task_ids / use_task_ids given
     the wrapper act on the active adapter, as the wrapper's methods: the stored adapters (whose base
@@ -1019,7 +1018,6 @@ def test_functional_merge_and_unload_of_a_wrapper_keeps_its_inactive_adapters_la
         assert not any(isinstance(m, MoELoRALinear) for m in model.model.modules())
         assert list(model.inactive_adapters["other"].layers) == stored
         assert not any(m.merged for m in stored)
-
 
 
 def test_inference_mode_and_adapter_names_as_peft_s(tmp_path):
