@@ -558,6 +558,16 @@ def test_moelora_trainer_saves_the_state_dict_trainer_passes(tmp_path):
     assert not torch.equal(model.get_parameter(key), state[key])
 
 
+def test_moelora_trainer_writes_the_adapter_files_where_trainer_saves_only(tmp_path, monkeypatch):
+    """Trainer calls _save on every process where it gathers the state dict (DeepSpeed, FSDP); moelora's adapter
+    files are written where args.should_save (the main process) only."""
+    model = _llama_moelora()
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path))
+    monkeypatch.setattr(transformers.TrainingArguments, "should_save", property(lambda self: False))
+    trainer._save(str(tmp_path / "other_rank"), state_dict=model.state_dict())
+    assert not (tmp_path / "other_rank" / "moelora_config.json").exists()
+
+
 def _with_adapter(model, name, ids):
     previous = model.active_adapter
     model.set_adapter(name)
