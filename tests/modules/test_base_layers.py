@@ -116,6 +116,24 @@ def test_global_module_backward_hook_sees_the_base_layer(backend):
     assert len(linear) == 1 and torch.equal(linear[0], dy)
 
 
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_global_module_forward_hooks_see_the_base_layer(kind):
+    """A global module forward hook or pre-hook sends the layer down the composed path: the hook sees the base
+    layer called on the layer's input."""
+    layer = _layer(_linear())
+    seen = []
+    register = getattr(nn.modules.module, f"register_module_{kind}_hook")
+    handle = register(lambda module, args, *out: seen.append((type(module).__name__, args[0])))
+    x = torch.randn(3, D_IN)
+    try:
+        with moelora.use_backend("triton"):
+            layer(x)
+    finally:
+        handle.remove()
+    linear = [a for name, a in seen if name == "Linear"]
+    assert len(linear) == 1 and torch.equal(linear[0], x)
+
+
 def _frozen(module, *trainable):
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)
