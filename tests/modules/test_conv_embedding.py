@@ -785,7 +785,8 @@ def test_meta_device_layer_made_real_then_loaded_equals_the_layer(make, inp, how
     or load them with ``assign=True``. The loaded tensors are kept (the router's step count too:
     loading is the alternative to reset_parameters, which would zero it). The constant buffers no
     state dict holds (the projection selector, the group mask) must be right again, not the
-    uninitialised memory to_empty leaves nor meta tensors; and they follow ``.to(dtype)``."""
+    uninitialised memory to_empty leaves nor meta tensors; and they follow ``.to(dtype)``, and the dtype an
+    ``assign=True`` load gives B."""
     layer = _fill(make())
     with torch.device("meta"):
         empty = make()
@@ -800,3 +801,8 @@ def test_meta_device_layer_made_real_then_loaded_equals_the_layer(make, inp, how
     assert all(b.dtype == torch.float32 for b in single.buffers() if b.is_floating_point())
     x = inp() if inp().dtype == torch.long else inp().float()
     torch.testing.assert_close(single(x).double(), layer(inp()), rtol=1e-5, atol=1e-5)
+    if how == "assign":  # float64 tensors assigned into a float32 layer: the constants follow B's dtype
+        single.load_state_dict(layer.state_dict(), assign=True)
+        assert all(b.dtype == torch.float64 for b in single.buffers() if b.is_floating_point())
+        single.task_ids = layer.task_ids
+        torch.testing.assert_close(single(inp()), layer(inp()), rtol=0, atol=0)
