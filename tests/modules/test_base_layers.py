@@ -283,15 +283,51 @@ def test_merge_into_a_weight_held_as_a_buffer():
     torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
 
 
-def test_merge_of_a_half_base_rounds_once():
+def test_merge_and_unmerge_of_a_half_base_round_once():
     """The merged half-precision weight is W + dW formed in fp32 and rounded once, not dW rounded to fp16 and
-    added in fp16."""
+    added in fp16; unmerge subtracts dW from it in fp32 likewise."""
     base = _linear().half()
     before = base.weight.detach().clone()
     layer = MoELoRALinear(base, num_experts=1, r=3, lora_alpha=6, init_lora_weights=False)
     delta = layer.delta_weight().detach()
     layer.merge()
-    assert torch.equal(layer.base_layer.weight, (before.float() + delta).half())
+    merged = (before.float() + delta).half()
+    assert torch.equal(layer.base_layer.weight, merged)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, (merged.float() - delta).half())
+
+
+def test_a_merged_dora_layer_saves_no_merge_buffers_and_unmerge_frees_them():
+    """What unmerge of a DoRA layer divides out and subtracts (a d_out scale and a d_out x d_in delta) is held in
+    buffers while merged: left out of the state dict, and dropped by unmerge."""
+    layer = MoELoRALinear(_linear(), num_experts=1, r=3, lora_alpha=6, use_dora=True, init_lora_weights=False)
+    names = set(layer.state_dict())
+    layer.merge()
+    assert set(layer.state_dict()) == names
+    assert sorted(n for n, _ in layer.named_buffers() if "dora" in n) == ["_dora_merge_scale", "_dora_merged_delta"]
+    layer.unmerge()
+    assert not [n for n, _ in layer.named_buffers() if "dora" in n]
+
+
+def test_owned_by_moelora_reads_the_module_not_what_a_wrapper_forwards_to():
+    """Only a module whose instance or class sets moelora_owned is moelora's: a wrapper that forwards unknown
+    attributes to the module it wraps is not."""
+    from moelora.modules.adapter_base import owned_by_moelora
+
+    class Forwarding(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+    owned = _linear()
+    owned.moelora_owned = True
+    assert owned_by_moelora(owned) and not owned_by_moelora(Forwarding(owned))
 
 
 def test_merge_refuses_a_base_with_its_own_forward():
