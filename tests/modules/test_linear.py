@@ -185,6 +185,39 @@ def test_layer_constructors_check_their_fields_as_the_config(kwargs):
         assert "MoELoRAConfig." + str(error.value) == str(expected)
 
 
+def test_settings_of_another_type_are_refused():
+    """settings= takes a LayerSettings: a dict raises naming what it got."""
+    with pytest.raises(TypeError, match=r"^settings must be a LayerSettings, got dict$"):
+        MoELoRALinear(_base(), settings={"r": 4})
+
+
+def test_the_threshold_schedule_settings_are_the_routers_eps_ramp():
+    """threshold_eps_start, threshold_eps and threshold_ramp_steps make the router's eps go from the start value
+    to threshold_eps over the steps."""
+    layer = MoELoRALinear(_base(), num_experts=4, top_k=3, router="threshold", threshold_eps_start=0.6,
+                          threshold_eps=0.1, threshold_ramp_steps=4)
+    eps = []
+    for _ in range(5):
+        eps.append(layer.router.eps)
+        layer.router.step()
+    assert eps == pytest.approx([0.6, 0.475, 0.35, 0.225, 0.1])
+
+
+def test_gaussian_init_draws_a_with_std_one_over_r_as_peft():
+    """init_lora_weights="gaussian" (PEFT's): A ~ N(0, 1 / r^2), B zero."""
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(1024, 8), num_experts=2, top_k=1, r=8, init_lora_weights="gaussian")
+    assert abs(layer.lora_A.std().item() * 8 - 1) < 0.05 and not layer.lora_B.any()
+
+
+def test_a_task_merge_needs_an_int_task():
+    """A task-routed layer's static factors (merge, PEFT export) need an int task: True (a bool) is refused, not
+    read as task 1."""
+    layer = _layer("task")
+    with pytest.raises(ValueError, match=r"needs task in \[0, 3\) \(an int\), got True"):
+        layer.delta_weight(task=True)
+
+
 def test_rejects_non_linear_base():
     with pytest.raises(TypeError, match="wraps nn.Linear or transformers Conv1D"):
         MoELoRALinear(nn.Conv2d(3, 3, 1))
