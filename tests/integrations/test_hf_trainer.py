@@ -208,8 +208,10 @@ def test_moelora_trainer_label_smoothing_refuses_data_parallel_over_several_devi
     with pytest.raises(ValueError, match="label_smoothing_factor with nn.DataParallel"):
         trainer.compute_loss(parallel, dict(batch))
     # the user's compute_loss_func is Trainer's to call (the label smoother is not used): no refusal
-    trainer = MoELoRATrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1),
-                             compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs["logits"].mean())
+    def user_loss(outputs, labels, num_items_in_batch=None):
+        return outputs["logits"].mean()
+
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1), compute_loss_func=user_loss)
     torch.testing.assert_close(trainer.compute_loss(parallel, dict(batch)),
                                model(input_ids=batch["input_ids"]).logits.mean())
 
