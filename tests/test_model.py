@@ -1568,3 +1568,22 @@ def test_three_forwards_and_one_backward_leave_the_layers_the_last_forwards_ids(
 
     for model in _same_gradients_with_checkpointing(step, use_reentrant):
         assert all(layer.task_ids is last for layer in _layers(model).values())
+
+
+def test_all_linear_takes_a_model_whose_get_output_embeddings_raises_attribute_error():
+    """A model whose get_output_embeddings raises AttributeError (a head-less model reading an attribute it lacks)
+    has no output head to leave out: 'all-linear' adapts its linear layers instead of raising."""
+
+    class Headless(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.out = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, x):
+            return self.out(self.proj(x))
+
+    model = get_moelora_model(Headless(), MoELoRAConfig(target_modules="all-linear", num_experts=2, top_k=1))
+    assert sorted(_layers(model)) == ["out", "proj"]
