@@ -1587,3 +1587,22 @@ def test_all_linear_takes_a_model_whose_get_output_embeddings_raises_attribute_e
 
     model = get_moelora_model(Headless(), MoELoRAConfig(target_modules="all-linear", num_experts=2, top_k=1))
     assert sorted(_layers(model)) == ["out", "proj"]
+
+
+def test_a_peft_default_target_given_as_a_regex_is_kept_as_a_regex():
+    """PEFT's default targets of some architectures are a regex (Gemma 4's), not a list: the config takes it as a
+    regex (as a list of its characters it named no module)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    model_type, regex = next((t, v) for t, v in defaults.items() if isinstance(v, str))
+
+    class Multimodal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"model_type": model_type})()
+            self.language_model = nn.ModuleDict({"layers": nn.ModuleList(
+                [nn.ModuleDict({"q_proj": nn.Linear(4, 4), "k_proj": nn.Linear(4, 4), "v_proj": nn.Linear(4, 4)})])})
+
+    model = get_moelora_model(Multimodal(), MoELoRAConfig(num_experts=2, top_k=1))
+    assert model.moelora_config.target_modules == regex
+    assert sorted(_layers(model)) == ["language_model.layers.0.q_proj", "language_model.layers.0.v_proj"]
