@@ -1606,3 +1606,26 @@ def test_a_peft_default_target_given_as_a_regex_is_kept_as_a_regex():
     model = get_moelora_model(Multimodal(), MoELoRAConfig(num_experts=2, top_k=1))
     assert model.moelora_config.target_modules == regex
     assert sorted(_layers(model)) == ["language_model.layers.0.q_proj", "language_model.layers.0.v_proj"]
+
+
+@pytest.mark.parametrize("returned", ["dict", "tuple"])
+def test_the_aux_loss_added_to_a_half_precision_loss_keeps_its_dtype(returned):
+    """A bfloat16 model's loss stays bfloat16 with the (float32) aux loss added, in a dict output as in a tuple
+    (a float32 sum would change what the trainer's scaler and logging see)."""
+
+    class Half(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x, labels=None):
+            y = self.proj(x)
+            loss = (y - labels).pow(2).mean().to(torch.bfloat16)
+            return {"loss": loss, "y": y} if returned == "dict" else (loss, y)
+
+    model = get_moelora_model(Half(), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
+    model.train()
+    out = model(torch.randn(2, 3, 8), labels=torch.zeros(2, 3, 8))
+    loss, y = (out["loss"], out["y"]) if returned == "dict" else out
+    assert moelora.aux_loss(model) > 0 and loss.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, (y.pow(2).mean().to(torch.bfloat16) + moelora.aux_loss(model).to(torch.bfloat16)))
