@@ -1629,3 +1629,16 @@ def test_the_aux_loss_added_to_a_half_precision_loss_keeps_its_dtype(returned):
     loss, y = (out["loss"], out["y"]) if returned == "dict" else out
     assert moelora.aux_loss(model) > 0 and loss.dtype == torch.bfloat16
     torch.testing.assert_close(loss, (y.pow(2).mean().to(torch.bfloat16) + moelora.aux_loss(model).to(torch.bfloat16)))
+
+
+def test_the_wrappers_step_routers_advances_the_schedules_by_n():
+    """``model.step_routers(n)`` advances every router's threshold schedule by ``n`` steps, as
+    ``moelora.step_routers(model, n)`` does (not by one)."""
+    from moelora.modules.router import Router
+
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(
+        target_modules=["q_proj"], num_experts=4, top_k=2, router="threshold", threshold_eps=0.2,
+        threshold_ramp_steps=10))
+    model.step_routers(3)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert routers and [int(r.num_steps) for r in routers] == [3] * len(routers)
