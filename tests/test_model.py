@@ -1642,3 +1642,16 @@ def test_the_wrappers_step_routers_advances_the_schedules_by_n():
     model.step_routers(3)
     routers = [m for m in model.modules() if isinstance(m, Router)]
     assert routers and [int(r.num_steps) for r in routers] == [3] * len(routers)
+
+
+def test_clearing_task_ids_of_a_model_without_task_routed_layers_is_a_no_op():
+    """``set_task_ids(model, None)`` (and a ``use_task_ids(model, None)`` block) clears the ids: on a model without
+    task-routed layers there is nothing to clear, and it does not raise (ids there do)."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
+                                                                      top_k=1))
+    moelora.set_task_ids(model, None)
+    model.set_task_ids(None)
+    with moelora.use_task_ids(model, None) as held:
+        assert held is None
+    with pytest.raises(ValueError, match="no task-routed MoE-LoRA layer"):
+        model.set_task_ids(0)
