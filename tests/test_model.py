@@ -1655,3 +1655,15 @@ def test_clearing_task_ids_of_a_model_without_task_routed_layers_is_a_no_op():
         assert held is None
     with pytest.raises(ValueError, match="no task-routed MoE-LoRA layer"):
         model.set_task_ids(0)
+
+
+def test_task_ids_of_merged_layers_can_be_cleared():
+    """Task ids cannot route merged layers (which run their base weights), but clearing them routes nothing:
+    ``set_task_ids(None)`` and a ``use_task_ids(model, None)`` block on a merged model do not raise."""
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task"))
+    model.merge_adapter(task=1)
+    model.set_task_ids(None)
+    with moelora.use_task_ids(model, None):
+        model(token_batch())
+    with pytest.raises(ValueError, match=r"cannot route merged layers \(task 1"):
+        model.set_task_ids(0)
