@@ -1667,3 +1667,15 @@ def test_task_ids_of_merged_layers_can_be_cleared():
         model(token_batch())
     with pytest.raises(ValueError, match=r"cannot route merged layers \(task 1"):
         model.set_task_ids(0)
+
+
+@pytest.mark.parametrize("kwargs,hooked", [({}, True), ({"use_reentrant": False}, False)])
+def test_checkpointing_without_use_reentrant_counts_as_reentrant_for_the_input_embeddings_hook(kwargs, hooked):
+    """Checkpointing kwargs that do not name use_reentrant run torch.utils.checkpoint's default, reentrant: the
+    wrapper hooks the input embeddings (a ViT's, which transformers does not hook) as for use_reentrant=True;
+    use_reentrant=False needs no hook."""
+    base = tiny_vit()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    assert not hasattr(base, "_require_grads_hook")
+    get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=2))
+    assert hasattr(base, "_require_grads_hook") == hooked
