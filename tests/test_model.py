@@ -1679,3 +1679,12 @@ def test_checkpointing_without_use_reentrant_counts_as_reentrant_for_the_input_e
     assert not hasattr(base, "_require_grads_hook")
     get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=2))
     assert hasattr(base, "_require_grads_hook") == hooked
+
+
+def test_a_target_that_modules_to_save_names_itself_is_saved_whole_not_adapted():
+    """A module that modules_to_save names (not only one inside it) trains and saves whole, as PEFT's: a target
+    naming it too leaves it out and adapts the others."""
+    model = get_moelora_model(tiny_bert(classification=True), MoELoRAConfig(
+        target_modules=["query", "classifier"], modules_to_save=["classifier"], num_experts=2, top_k=1))
+    layers = _layers(model)
+    assert layers and all(n.endswith("query") for n in layers)
