@@ -1594,18 +1594,22 @@ def test_a_peft_default_target_given_as_a_regex_is_kept_as_a_regex():
     regex (as a list of its characters it named no module)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
-    model_type, regex = next((t, v) for t, v in defaults.items() if isinstance(v, str))
-
     class Multimodal(nn.Module):
-        def __init__(self):
+        def __init__(self, model_type):
             super().__init__()
             self.config = type("Config", (), {"model_type": model_type})()
             self.language_model = nn.ModuleDict({"layers": nn.ModuleList(
                 [nn.ModuleDict({"q_proj": nn.Linear(4, 4), "k_proj": nn.Linear(4, 4), "v_proj": nn.Linear(4, 4)})])})
 
-    model = get_moelora_model(Multimodal(), MoELoRAConfig(num_experts=2, top_k=1))
+    names = [n for n, m in Multimodal("").named_modules() if isinstance(m, nn.Linear)]
+    found = [(t, v, sorted(n for n in names if re.fullmatch(v, n))) for t, v in defaults.items() if isinstance(v, str)]
+    found = [entry for entry in found if entry[2]]
+    if not found:
+        pytest.skip("this PEFT gives no architecture a regex of default targets matching this model's names")
+    model_type, regex, expected = found[0]
+    model = get_moelora_model(Multimodal(model_type), MoELoRAConfig(num_experts=2, top_k=1))
     assert model.moelora_config.target_modules == regex
-    assert sorted(_layers(model)) == ["language_model.layers.0.q_proj", "language_model.layers.0.v_proj"]
+    assert sorted(_layers(model)) == expected
 
 
 @pytest.mark.parametrize("returned", ["dict", "tuple"])
