@@ -92,23 +92,34 @@ def _staged():
     return net
 
 
-@pytest.mark.parametrize("config", [
-    dict(layers_to_transform=[1]),  # the first numbered part: the stage, the layer; not merger.mlp.0 / head's 1x
-    dict(layers_to_transform=[0, 2]),
-    dict(layers_to_transform=[1], layers_pattern="layers"),  # the layer inside each stage; not head's 1x
-    dict(layers_to_transform=[0], layers_pattern=["stages"]),
-], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_layers_to_transform_selects_the_layers_peft_selects(config):
-    """layers_to_transform reads the layer of each module name as PEFT's LoRA does, with and without
+@pytest.mark.parametrize("config,expected", [
+    # the first numbered part: the stage, the top-level stack's layer; not merger.mlp.0 / head's 1x
+    (dict(layers_to_transform=[1]), ["layers.1.fc", "stages.1.layers.0.fc", "stages.1.layers.1.fc",
+                                     "stages.1.layers.2.fc"]),
+    (dict(layers_to_transform=[0, 2]), ["layers.0.fc", "layers.2.fc", "stages.0.layers.0.fc", "stages.0.layers.1.fc",
+                                        "stages.0.layers.2.fc"]),
+    # the layer inside each stage; not head's 1x
+    (dict(layers_to_transform=[1], layers_pattern="layers"), ["layers.1.fc", "stages.0.layers.1.fc",
+                                                              "stages.1.layers.1.fc"]),
+    (dict(layers_to_transform=[0], layers_pattern=["stages"]), ["stages.0.layers.0.fc", "stages.0.layers.1.fc",
+                                                                "stages.0.layers.2.fc"]),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) if isinstance(c, dict) else "")
+def test_layers_to_transform_selects_the_layers_peft_selects(config, expected):
+    """layers_to_transform reads the layer of each module name as PEFT's LoRA does (its selection checked where
+    PEFT is 0.21.2 or newer: older ones read the last numbered part, not the first), with and without
     layers_pattern, on a model numbering parts at several depths."""
+    import peft
+    from packaging.version import Version
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
     config = dict(target_modules=["fc", "mlp.0", "mlp.2"], **config)
-    peft_model = get_peft_model(_staged(), LoraConfig(**config)).base_model.model
+    expected = ["model." + name for name in expected]
     model = get_moelora_model(_staged(), MoELoRAConfig(num_experts=1, **config)).model
-    expected = sorted(n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))
     assert sorted(n for n, m in model.named_modules() if isinstance(m, moelora.MoELoRALinear)) == expected
+    if Version(peft.__version__) >= Version("0.21.2"):
+        peft_model = get_peft_model(_staged(), LoraConfig(**config)).base_model.model
+        assert sorted(n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)) == expected
 
 
 class Stacked(nn.Module):
