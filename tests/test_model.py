@@ -198,21 +198,23 @@ def test_aux_loss_added_to_output_loss_exactly_once_and_not_leaked():
     torch.testing.assert_close(model(ids, labels=ids).loss, plain)
 
 
+class _Projection(nn.Module):
+    """A model of one linear layer ``proj`` (8 -> 8) whose forward gives back ``output(y, labels)`` for its
+    projection y: the outputs, losses or not, that the wrapper adds its aux loss to or leaves alone."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.proj, self.output = nn.Linear(8, 8), output
+
+    def forward(self, x, labels=None):
+        return self.output(self.proj(x), labels)
+
+
 def test_a_tuple_output_gets_the_aux_loss_only_when_labels_were_passed():
     """With return_dict=False a model's tuple starts with its loss only when labels were passed: a tuple whose first
     element is a 0-d float tensor of a call without labels (a score, a temperature) is left as it is."""
-
-    class Scored(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, x, labels=None):
-            y = self.proj(x)
-            score = y.pow(2).mean() if labels is None else (y - labels).pow(2).mean()
-            return score, y
-
-    model = get_moelora_model(Scored(), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
+    scored = _Projection(lambda y, labels: (y.pow(2).mean() if labels is None else (y - labels).pow(2).mean(), y))
+    model = get_moelora_model(scored, MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
     model.train()
     x = torch.randn(2, 3, 8)
     score, y = model(x)
@@ -226,17 +228,8 @@ def test_a_tuple_output_gets_the_aux_loss_only_when_labels_were_passed():
 def test_a_tuple_output_whose_first_element_is_not_0_d_is_left_as_it_is():
     """Only a 0-d float first element is a loss: per-example losses ([batch]) given back with labels are left as
     they are (the aux loss, one scalar for the batch, is not broadcast into each)."""
-
-    class PerExample(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, x, labels=None):
-            y = self.proj(x)
-            return (y - labels).pow(2).mean(dim=(1, 2)), y
-
-    model = get_moelora_model(PerExample(), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
+    per_example = _Projection(lambda y, labels: ((y - labels).pow(2).mean(dim=(1, 2)), y))
+    model = get_moelora_model(per_example, MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
     model.train()
     losses, y = model(torch.randn(2, 3, 8), labels=torch.zeros(2, 3, 8))
     assert moelora.aux_loss(model) > 0
@@ -250,18 +243,15 @@ def test_a_tuple_output_whose_first_element_is_an_integer_or_a_named_tuple_is_le
 
     Pair = collections.namedtuple("Pair", "loss y")
 
-    class Counted(nn.Module):
-        def __init__(self, named):
-            super().__init__()
-            self.proj, self.named = nn.Linear(8, 8), named
+    def counted(y, labels):  # the number of tokens per example
+        return torch.tensor(y.shape[1]), y
 
-        def forward(self, x, labels=None):
-            y = self.proj(x)
-            return Pair((y - labels).pow(2).mean(), y) if self.named else (torch.tensor(x.shape[1]), y)
+    def named_pair(y, labels):
+        return Pair((y - labels).pow(2).mean(), y)
 
     for named in (False, True):
-        model = get_moelora_model(Counted(named), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2,
-                                                                router_aux_loss_coef=100.0))
+        model = get_moelora_model(_Projection(named_pair if named else counted), MoELoRAConfig(
+            target_modules=["proj"], num_experts=4, top_k=2, router_aux_loss_coef=100.0))
         model.train()
         out = model(torch.randn(2, 3, 8), labels=torch.zeros(2, 3, 8))
         assert moelora.aux_loss(model) > 1  # an integer's cast of it would not be 0
@@ -1616,18 +1606,11 @@ def test_a_peft_default_target_given_as_a_regex_is_kept_as_a_regex():
 def test_the_aux_loss_added_to_a_half_precision_loss_keeps_its_dtype(returned):
     """A bfloat16 model's loss stays bfloat16 with the (float32) aux loss added, in a dict output as in a tuple
     (a float32 sum would change what the trainer's scaler and logging see)."""
+    def half_loss(y, labels):
+        loss = (y - labels).pow(2).mean().to(torch.bfloat16)
+        return {"loss": loss, "y": y} if returned == "dict" else (loss, y)
 
-    class Half(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, x, labels=None):
-            y = self.proj(x)
-            loss = (y - labels).pow(2).mean().to(torch.bfloat16)
-            return {"loss": loss, "y": y} if returned == "dict" else (loss, y)
-
-    model = get_moelora_model(Half(), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
+    model = get_moelora_model(_Projection(half_loss), MoELoRAConfig(target_modules=["proj"], num_experts=4, top_k=2))
     model.train()
     out = model(torch.randn(2, 3, 8), labels=torch.zeros(2, 3, 8))
     loss, y = (out["loss"], out["y"]) if returned == "dict" else out
