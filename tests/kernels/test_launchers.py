@@ -816,7 +816,6 @@ def test_launches_run_on_their_tensors_device_with_a_direct_launch_per_device(mo
     handle is loaded on one device) only on the device, and with the dtypes, it recorded there.
     Faked devices: the test needs no GPU."""
     current, events = _fake_cuda_devices(monkeypatch, current=0), []
-    on = _on_device
 
     class Compiled:
         def __init__(self, device):
@@ -838,13 +837,13 @@ def test_launches_run_on_their_tensors_device_with_a_direct_launch_per_device(mo
     monkeypatch.setattr(K, "_current_stream", lambda device: f"stream{device}")
     launch = K.KernelLaunch(Kernel(), (1,), (8,), BLOCK=16)
     for index in (1, 1, 0, 0, 1):
-        launch(on(index), 0.5)
+        launch(_on_device(index), 0.5)
     assert events == [("triton", 1), ("direct", 1, "stream1", "fn1"), ("triton", 0), ("direct", 0, "stream0", "fn0"),
                       ("direct", 1, "stream1", "fn1")]
     assert current == [0]  # restored after each launch on cuda:1
     events.clear()
-    launch(on(0, torch.float64), 0.5)  # another dtype on cuda:0: through Triton, cuda:1's record untouched
-    launch(on(1), 0.5)
+    launch(_on_device(0, torch.float64), 0.5)  # another dtype on cuda:0: through Triton, cuda:1's record untouched
+    launch(_on_device(1), 0.5)
     assert events == [("triton", 0), ("direct", 1, "stream1", "fn1")]
 
 
