@@ -32,8 +32,35 @@ def test_boolean_variable_with_another_value_raises_naming_it(monkeypatch, name,
         reader()
 
 
+def test_backend_variable_reads_any_case_and_spaces(monkeypatch):
+    monkeypatch.setenv("MOELORA_BACKEND", " Torch ")
+    assert switches.current_backend() == "torch"
+    monkeypatch.setenv("MOELORA_BACKEND", "TRITON")
+    assert switches.current_backend() == "triton"
+
+
+@pytest.mark.parametrize("block, read", [(moelora.validation, switches.validation_enabled),
+                                         (switches.force_fallback, switches.fallback_forced)])
+@pytest.mark.parametrize("environment", ["0", "1"])
+def test_a_block_wins_over_the_environment_and_reads_as_a_bool(monkeypatch, block, read, environment):
+    """Either value of a block, given as a bool or as 0/1, is what the switch reads (a bool) inside it, whatever
+    the environment variable says; after the block the variable is read again."""
+    name = "MOELORA_VALIDATE" if read is switches.validation_enabled else "MOELORA_FORCE_FALLBACK"
+    monkeypatch.setenv(name, environment)
+    for value in (False, True, 0, 1):
+        with block(value):
+            assert read() is bool(value)
+    assert read() is (environment == "1")
+
+
+def test_force_fallback_without_an_argument_forces_the_fallbacks(monkeypatch):
+    monkeypatch.delenv("MOELORA_FORCE_FALLBACK", raising=False)
+    with switches.force_fallback():
+        assert switches.fallback_forced() is True
+
+
 @pytest.mark.parametrize("switch", [moelora.validation, switches.force_fallback])
-@pytest.mark.parametrize("value", ["off", "0", None, 2.0])
+@pytest.mark.parametrize("value", ["off", "0", None, 2.0, 2, -1])
 def test_switch_refuses_what_is_not_a_bool(switch, value):
     with pytest.raises(TypeError, match=r"\(enabled\) must be a bool"):
         switch(value)

@@ -305,6 +305,10 @@ def test_backend_selection(monkeypatch):
         moelora.resolve_backend("triton", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert moelora.resolve_backend(None, torch.device("cpu")) == "triton"
+    with moelora.use_backend("torch"):
+        assert moelora.resolve_backend("auto", torch.device("cpu")) == "triton"  # an "auto" argument wins too
+    with pytest.raises(ValueError, match="backend must be one of"):
+        moelora.resolve_backend("", p.x.device)  # not read as "no argument"
     monkeypatch.setenv("MOELORA_BACKEND", "cuda")
     with pytest.raises(ValueError, match="MOELORA_BACKEND must be one of"):
         moelora.current_backend()
