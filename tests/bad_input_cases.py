@@ -439,6 +439,10 @@ CASES = {
                                gate_proj=torch.nn.Linear(8, 16), stacked_gate=True),
         (ValueError, r"^with stacked_gate=True, in_proj is the fused gate/up projection \[2 \* d_ff, d_in\] and "
                      r"gate_proj must be None; got in_proj with 32 output features and gate_proj Linear$")),
+    # a truthy non-bool ran as stacked_gate=True (upcycle_ffn checked its own argument, MoEFFN took any)
+    "MoEFFN/stacked_gate_not_bool": (
+        lambda: moelora.MoEFFN(torch.nn.Linear(8, 32), torch.nn.Linear(16, 8), F.silu, 4, 2, stacked_gate=1),
+        (TypeError, r"^stacked_gate must be a bool, got int 1$")),
     "MoEFFN/stacked_gate_odd_rows": (
         lambda: moelora.MoEFFN(torch.nn.Linear(8, 33), torch.nn.Linear(16, 8), F.silu, 4, 2, stacked_gate=True),
         (ValueError, r"got in_proj with 33 output features and gate_proj NoneType$")),

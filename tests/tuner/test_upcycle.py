@@ -122,6 +122,18 @@ def test_generic_two_linear_mlp_and_gpt2_conv1d():
     torch.testing.assert_close(gpt2(ids).logits, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_an_ffn_whose_output_width_is_not_its_input_width_keeps_the_leading_dims():
+    """MoEFFN takes an FFN whose out_proj gives another width than its input's (w_out [E, d_out, d_ff]):
+    the block maps [..., d_in] to [..., d_out], the dense FFN's output when every expert is routed."""
+    torch.manual_seed(0)
+    fc_in, fc_out = nn.Linear(8, 20), nn.Linear(20, 5)
+    x = torch.randn(2, 3, 8)
+    moe = MoEFFN(fc_in, fc_out, torch.relu, 4, 4, router="threshold")
+    out = moe(x)
+    assert out.shape == (2, 3, 5)
+    torch.testing.assert_close(out, fc_out(torch.relu(fc_in(x))), rtol=1e-6, atol=1e-6)
+
+
 def test_upcycle_errors():
     with pytest.raises(ValueError, match="top_k must be in"):
         upcycle_ffn(tiny_bert(), num_experts=2, top_k=3)
