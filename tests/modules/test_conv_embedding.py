@@ -265,6 +265,17 @@ def test_conv_router_logits_are_fp32_under_autocast():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_conv_router_logits_of_a_bfloat16_layer_are_fp32():
+    """A layer cast to bfloat16 (base, adapters and router): the router reads its bf16 input in fp32, as
+    Router's, and gives the fp32 logits of the input's patches and its weight, not bf16-rounded ones."""
+    layer = _fill(_conv("conv2d_3x3_s2", "softmax_topk", torch.float32)).eval().to(torch.bfloat16)
+    x = _conv_input("conv2d_3x3_s2", torch.bfloat16)
+    got = layer.router.logits(x)
+    assert got.dtype == torch.float32
+    expected = _patches(layer, x.float()) @ layer.router.weight.float().t()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_pointwise_conv_is_the_linear_case_and_calls_the_operator(monkeypatch):
     conv = _fill(_conv("conv2d_1x1", "softmax_topk", torch.float32))
     linear = MoELoRALinear(nn.Linear(3, 6), num_experts=4, top_k=2, r=4, lora_alpha=8)
