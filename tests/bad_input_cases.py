@@ -34,7 +34,7 @@ META_ON_META = META._replace(**{n: getattr(META, n).to("meta") for n in ("counts
 
 def lora(**over):
     kw = dict(x=X, lora_a=A, lora_b=B, topk_ids=IDS, topk_weights=W)
-    extra = {k: over.pop(k) for k in ("scaling", "backend", "regime") if k in over}
+    extra = {k: over.pop(k) for k in ("scaling", "backend", "regime", "base_out") if k in over}
     kw.update(over)
     return lambda: moelora.moe_lora(kw["x"], kw["lora_a"], kw["lora_b"], kw["topk_ids"], kw["topk_weights"],
                                     backend=extra.get("backend", "torch"), **{k: v for k, v in extra.items()
@@ -141,6 +141,21 @@ CASES = {
     "moe_lora/ids_on_other_device": (lora(topk_ids=IDS.to("meta")),
                                      (ValueError, r"^topk_ids is on meta but x is on cpu; all inputs must share a "
                                                   r"device$")),
+    "moe_lora/int_lora_a": (lora(lora_a=A.int()),
+                            (TypeError, r"^lora_a must have the dtype of x \(torch.float32\), got torch.int32$")),
+    "moe_lora/list_base_out": (lora(base_out=[[0.0]]), (TypeError, r"^base_out must be a torch.Tensor, got list$")),
+    "moe_lora/weights_on_other_device": (lora(topk_weights=W.to("meta")),
+                                         (ValueError, r"^topk_weights is on meta but x is on cpu; all inputs must "
+                                                      r"share a device$")),
+    # each of these has the right element count, which is not enough: it was read in the wrong layout
+    "moe_lora/ids_with_an_extra_dim": (lora(topk_ids=IDS.view(T, 1, K), topk_weights=W.view(T, 1, K)),
+                                       (ValueError, r"^topk_ids must have shape \[6, k\] or \[6, 'k'\] to match x of "
+                                                    r"shape \(6, 8\), got \(6, 1, 2\)$")),
+    "moe_lora/weights_transposed": (lora(topk_weights=W.t().contiguous()),
+                                    (ValueError, r"^topk_weights must have the shape of topk_ids \(6, 2\), got "
+                                                 r"\(2, 6\)$")),
+    "moe_lora/base_out_transposed": (lora(base_out=torch.randn(4, T)),
+                                     (ValueError, r"^base_out must have shape \(6, 4\), got \(4, 6\)$")),
     "moe_lora/rank_zero": (lora(lora_a=A[:0], lora_b=B[..., :0]),
                            (ValueError, r"^lora_b must have E >= 1 and r >= 1, got shape \(3, 4, 0\)$")),
     "moe_lora/scaling_bool": (lora(scaling=True), (TypeError, r"^scaling must be a finite Python number, got True$")),
@@ -234,6 +249,7 @@ CASES = {
     # a truthy non-bool (1, "no") ran as stacked_gate=True and None as False
     "moe_ffn/stacked_gate_string": (ffn(stacked_gate="no"), (TypeError, r"^stacked_gate must be a bool, got str$")),
     "moe_ffn/stacked_gate_none": (ffn(stacked_gate=None), (TypeError, r"^stacked_gate must be a bool, got NoneType$")),
+    "moe_ffn/w_out_none": (ffn(w_out=None), (TypeError, r"^w_out must be a torch.Tensor, got NoneType$")),
     "moe_ffn/list_x": (ffn(x=[[1.0]]), (TypeError, r"x must be a torch.Tensor, got list")),
     "moe_ffn/bias_shape": (ffn(b_in=torch.zeros(E, FF + 1)), (ValueError, r"b_in must have shape \[3, 5\], got \(3, 6\)")),
     "moe_ffn/w_gate_shape": (ffn(w_gate=torch.zeros(E, FF, D + 1)), (ValueError, r"w_gate must have w_in's shape "
@@ -269,6 +285,10 @@ CASES = {
     "moe_ffn/normalize_zero_sum": (ffn(topk_weights=torch.tensor([[0.5, -0.5]] * T), normalize=True),
                                    (ValueError, r"normalize=True needs the kept topk_weights of every token to sum to a "
                                                 r"positive value")),
+    # the kept weights sum to a subnormal float32: dividing by it overflows
+    "moe_ffn/normalize_subnormal_sum": (ffn(topk_weights=torch.full((T, K), 1e-39), normalize=True),
+                                        (ValueError, r"normalize=True needs the kept topk_weights of every token to "
+                                                     r"sum to a positive value of at least 1.17549")),
     # route
     "route/int_logits": (lambda: moelora.route(torch.ones(3, 4, dtype=torch.long), 2),
                          (TypeError, r"logits must be float16, bfloat16, float32 or float64, got torch.int64")),

@@ -435,7 +435,8 @@ def test_task_ids_just_outside_the_tasks_raise(edge):
     """A task-id tensor holding num_tasks (the first id past the last task) or -1 raises, naming the range;
     it was not routed with a weight of 0."""
     gamma = torch.tensor([0.5, -1.0, 2.0])
-    with pytest.raises(ValueError, match=r"task ids must lie in \[0, 3\)"):
+    values = rf"\[{min(edge, 0)}, {max(edge, 0)}\]"
+    with pytest.raises(ValueError, match=rf"^task ids must lie in \[0, 3\), got values in {values}$"):
         task_routing(torch.tensor([0, edge]), gamma, (2,))
 
 
