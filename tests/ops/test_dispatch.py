@@ -337,6 +337,16 @@ def test_validation_edges_are_exact(path):
     assert meta.counts.shape == (moelora.ops.routing.MAX_EXPERTS,) and meta.counts[-1] == 1
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_metadata_refuses_a_negative_id_alone_and_ids_of_three_dims(path):
+    """An id below 0 is refused with no id above the experts beside it, and topk_ids of 3 dims are refused as not
+    [T, k]: ValueErrors naming topk_ids on every path (the fallback's layout would unpack a 3-D shape)."""
+    with pytest.raises(ValueError, match="topk_ids must lie in"):
+        run_path(path, moelora.dispatch_metadata, torch.tensor([[0, 1], [-1, 2]]), 3)
+    with pytest.raises(ValueError, match="topk_ids must have shape"):
+        run_path(path, moelora.dispatch_metadata, torch.tensor([[[0], [1]], [[1], [2]]]), 3)
+
+
 @pytest.mark.parametrize("T,E,k,bs", [(0, 3, 1, 4), (5, 3, 2, 4), (7, 16, 3, 1), (9, 5, 5, 64)])
 def test_fake_layout_tensors_have_the_real_layouts_shapes_and_dtypes(T, E, k, bs):
     """What the custom ops' fake kernels return for a forward's padded layout is shaped as the real one."""
