@@ -338,6 +338,18 @@ def test_validation_edges_are_exact(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_dispatch_refuses_a_padded_layouts_sorted_pair_equal_to_t_times_k(path):
+    """A padded layout has more rows than pairs (T*k = 4 here, 16 rows): a sorted pair of T*k in it is refused as
+    out of range, as in the unpadded layout, instead of being read as padding."""
+    meta = run_path(path, moelora.dispatch_metadata, torch.tensor([[0, 1], [1, 2]]), 3, block_size=4)
+    assert meta.sorted_pairs_padded.numel() == 16
+    forged = meta.sorted_pairs_padded.clone()
+    forged[0] = 4
+    with pytest.raises(ValueError, match="sorted pairs"):
+        run_path(path, moelora.dispatch, torch.randn(2, 4), meta._replace(sorted_pairs_padded=forged))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_metadata_refuses_a_negative_id_alone_and_ids_of_three_dims(path):
     """An id below 0 is refused with no id above the experts beside it, and topk_ids of 3 dims are refused as not
     [T, k]: ValueErrors naming topk_ids on every path (the fallback's layout would unpack a 3-D shape)."""
