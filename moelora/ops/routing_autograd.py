@@ -85,7 +85,8 @@ def _route_backward_torch(logits, ids, weights, mode, renormalize, g_weights, g_
         if mode == fb.SOFTMAX_TOPK:
             if renormalize:
                 total = probs.gather(1, ids).sum(-1, keepdim=True)
-                gw = torch.where(total > 0, (gw - (gw * w).sum(-1, keepdim=True)) / total,
+                kept = total > 0  # else a row of only -inf: divided by 1, not 0 (a NaN double backward)
+                gw = torch.where(kept, (gw - (gw * w).sum(-1, keepdim=True)) / torch.where(kept, total, 1.0),
                                  torch.zeros_like(gw))
             g_probs = g_probs.scatter_add(1, ids, gw)
         else:  # weights = softmax of the selected logits

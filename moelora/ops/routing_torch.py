@@ -58,7 +58,9 @@ def softmax_stats(x: torch.Tensor):
     m = x.amax(-1, keepdim=True)
     masked = m == -INF
     ex = shifted_exp(x, m)
-    s = ex.sum(-1, keepdim=True)
+    # s = 1 on rows of only -inf (their branch is not taken): no 0 / 0 nor log 0 whose gradient, 0 * inf, would
+    # make a double backward (create_graph) NaN there
+    s = torch.where(masked, torch.ones_like(m), ex.sum(-1, keepdim=True))
     lse = torch.where(masked | (m == INF), m, m + torch.log(s)).squeeze(-1)
     probs = torch.where(masked, torch.zeros_like(ex), ex / s)
     return probs, lse, masked

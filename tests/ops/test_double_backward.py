@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import moelora
 from conftest import DEVICE
+from helpers import PATHS, run_path
 from moelora.ops.losses import routing_aux_losses
 from moelora.ops.reference import moe_lora_naive
 from moelora.ops.routing_modes import route_logits
@@ -36,6 +37,27 @@ def _routing():
 def _assert_close(got, want):
     for a, b in zip(got, want):
         assert ((a - b).norm() / b.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", [("softmax_topk", False), ("softmax_topk", True), ("topk_softmax", False)])
+def test_route_second_order_gradient_of_a_row_of_only_minus_inf_is_zero(path, mode, renorm):
+    """A row of only -inf logits (ids 0..k-1, weights 0, lse -inf) gets zero gradient from the weights, prob_sums
+    and lse, and zero second-order ones (a gradient penalty's, in the logits and in what scales the weights), not
+    NaN (a 0 / 0 or log 0 whose gradient is 0 * inf); the other rows get what they get without that row."""
+    logits, scale = torch.randn(T, E, **F64), torch.randn(T, K, **F64)
+    logits[2] = float("-inf")
+    rows = [0, 1, 3, 4, 5]
+
+    def outputs(z, v, finite):
+        r = moelora.route(z, K, mode=mode, renormalize=renorm)
+        return torch.cat([(r.weights * v).flatten(), r.prob_sums, r.lse[finite]])
+
+    with moelora.use_backend("torch"):
+        got = run_path(path, _penalty_grads, lambda z, v: outputs(z, v, rows), [logits, scale])
+        want = run_path(path, _penalty_grads, lambda z, v: outputs(z, v, slice(None)), [logits[rows], scale[rows]])
+    assert torch.equal(got[0][2], torch.zeros(E, **F64)) and torch.equal(got[1][2], torch.zeros(K, **F64))
+    _assert_close([got[0][rows], got[1][rows]], want)
 
 
 def test_moe_lora_torch_backend_is_twice_differentiable():
