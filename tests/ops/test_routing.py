@@ -441,3 +441,22 @@ def test_route_cuda_plus_inf_logits_match_cpu(mode, renorm):
     torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu.prob_sums.cpu(), cpu.prob_sums, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(gpu.weights).all() and torch.isfinite(gpu.prob_sums).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_route_forward_mode_ad_carries_the_tangents_on_every_path(path):
+    """torch.func.jvp of route's weights and lse (forward-mode AD: the ops' PyTorch formulas) equals the jvp of
+    softmax(logits) at the chosen ids, and of logsumexp, in float64."""
+    from torch.func import jvp
+
+    logits, tangent = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :2]
+
+    def routed(z):
+        r = run_path(path, moelora.route, z, 2)
+        return r.weights, r.lse
+
+    got = jvp(routed, (logits,), (tangent,))[1]
+    want = jvp(lambda z: (z.softmax(-1).gather(1, ids), z.logsumexp(-1)), (logits,), (tangent,))[1]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
