@@ -165,6 +165,28 @@ def test_combine_gradgradcheck(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_combine_gradgradcheck_with_only_the_weights_requiring_grad(path):
+    """Second derivatives of the weighted combine in its weights alone (y a constant): the weights' gradient
+    pair_dot(g, y) is differentiated in g, whose operand is then the only one needing a gradient."""
+    gen = torch.Generator().manual_seed(6)
+    ids = _random_ids(6, 4, 2, gen)
+    meta = run_path(path, moelora.dispatch_metadata, ids, 4)
+    y = torch.randn(meta.layout[0].shape[0], 3, dtype=torch.float64, generator=gen)
+    w = torch.rand(6, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda b: run_path(path, moelora.combine, y, meta, b), (w,))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dispatch_with_validation_off_gives_a_zero_row_for_a_pair_past_the_pairs(path):
+    """With moelora.validation(False) a sorted pair of T*k or more is not dereferenced: its row is zero."""
+    meta = run_path(path, moelora.dispatch_metadata, torch.tensor([[0, 1], [1, 2]]), 3)
+    x = torch.randn(2, 4)
+    with moelora.validation(False):
+        out = run_path(path, moelora.dispatch, x, meta._replace(sorted_pairs=torch.tensor([0, 1, 4, 2])))
+    assert torch.equal(out, torch.stack([x[0], x[0], torch.zeros(4), x[1]]))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_backward_with_expanded_gradient(path):
     """y.sum() hands backward a stride-0 gradient: gradients must still be exact."""
     ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
