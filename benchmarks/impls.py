@@ -140,6 +140,7 @@ def _grouped(shape, s):
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the sets' dtypes autocast runs the "-autocast" cases in
 
+
 def _linear(shape, s):
     return Prepared(lambda: F.linear(s["x"], s["w0"]), [s["x"]])
 
@@ -219,6 +220,7 @@ def _peft_layer(dropout: float):
                     p.copy_(a)
                 elif "lora_B" in n:
                     p.copy_(b)
+
         def reference():  # the fp32 formula, leaves in the order of PEFT's: x, lora_A, lora_B
             x32, a32, b32 = (t.detach().float().requires_grad_() for t in (s["x"], a, b))
             return Prepared(lambda: F.linear(x32, w0.float()) + shape.scaling * (x32 @ a32.t()) @ b32.t(),

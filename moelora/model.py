@@ -63,7 +63,6 @@ from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, check_single_place, check_
                                    unwrap)
 
 
-
 # ------------------------------------------------------------------------------- matching
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)

@@ -160,6 +160,7 @@ def test_load_adapter_of_an_adapter_saved_with_other_structural_edits_names_them
         model.load_adapter(str(directory), "other")
     assert list(model.adapter_configs) == ["default"]
 
+
 # ---- checkpoints never import code: activations from an allow-list ----------------------------
 class _Block(nn.Module):
     def __init__(self):
@@ -627,6 +628,7 @@ def test_a_peft_tensor_outside_base_model_model_is_refused_naming_it(tmp_path):
                                          r"model.layers.0.self_attn.q_proj.bias$"):
         moelora.load_peft_lora(base, directory)
     _assert_untouched(base, before)
+
 
 # ---- injection that fails part-way (add_adapter, load_adapter, get_moelora_model) changes nothing ----
 @pytest.mark.parametrize("config,match", [

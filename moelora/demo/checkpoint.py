@@ -26,6 +26,7 @@ ADAPTER_DIR = "adapter"
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "demo_config.json"
 
+
 def save_checkpoint(directory: str, model: moelora.MoELoRAModel, heads: TaskHeads, backbone: Backbone,
                     task_routing: bool, molex_settings: Optional[dict]) -> None:
     from safetensors.torch import save_file

@@ -164,6 +164,7 @@ def finite_part(t: torch.Tensor) -> torch.Tensor:
         return _finite_part(t)
     return _FinitePart.apply(t)
 
+
 # The PyTorch backend's gathered form (:func:`_gathered_delta`) runs where no gradient is needed, the ids are known
 # to lie in [0, E) and there are at most GATHER_MAX_PAIRS_PER_EXPERT (token, slot) pairs per expert: it copies
 # the T*k chosen B (and per-expert A) matrices, where the dense form contracts over all E and passes over all

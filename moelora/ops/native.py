@@ -59,6 +59,7 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
     WITH_CUDA = False
     LOAD_ERROR = exc
 
+
 def has_cpu_kernels() -> bool:
     """Whether moelora._C is loaded (it always carries the C++ CPU kernels)."""
     return HAS_C

@@ -24,8 +24,6 @@ SOFTMAX_TOPK, TOPK_SOFTMAX = 0, 1
 INF = float("inf")
 
 
-
-
 def check_block_size(block_size: int) -> None:
     """block_size (of the padded layout) in [1, MAX_BLOCK_SIZE]: keeps every padded offset in int64."""
     if not 1 <= block_size <= native.MAX_BLOCK_SIZE:

@@ -207,6 +207,7 @@ def test_moelora_trainer_label_smoothing_refuses_data_parallel_over_several_devi
     clear_aux_losses(model)  # the held model's layers: no record (the replicas' are theirs)
     with pytest.raises(ValueError, match="label_smoothing_factor with nn.DataParallel"):
         trainer.compute_loss(parallel, dict(batch))
+
     # the user's compute_loss_func is Trainer's to call (the label smoother is not used): no refusal
     def user_loss(outputs, labels, num_items_in_batch=None):
         return outputs["logits"].mean()

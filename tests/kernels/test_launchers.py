@@ -907,6 +907,7 @@ def test_kernel_launches_pass_tensors_then_floats_and_fix_the_rest(monkeypatch):
         assert len(args) + len(launch.fixed) + sum(n in launch.meta for n in names) == len(names), launch.kernel
     assert len({id(launch) for launch, _ in seen}) > len(kernels)  # other strides, other configurations
 
+
 # ------------------------------------------------------------------ dense tiles (DENSE_CONFIGS)
 def _dense_candidates():
     return [pytest.param(kernel, tiles, id=f"{kernel}-{i}") for kernel, options in tile_candidates.DENSE.items()

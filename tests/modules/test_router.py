@@ -71,6 +71,7 @@ def test_router_weight_is_made_in_fp32_whatever_the_default_dtype(default):
         torch.set_default_dtype(previous)
     assert router.weight.dtype == torch.float32
 
+
 BAD_ROUTER_INPUTS = {
     "wider": (lambda: torch.randn(3, 9), ValueError, r"^x must have shape \[\.\.\., d_in = 8\], got \(3, 9\)$"),
     "narrower": (lambda: torch.randn(3, 7), ValueError, r"^x must have shape \[\.\.\., d_in = 8\], got \(3, 7\)$"),
