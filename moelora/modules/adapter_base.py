@@ -618,7 +618,15 @@ class AdapterLayerBase(nn.Module, RoutedModule):
         [..., E*r] (see the module docstring); returns [..., d_out]."""
         lora_b = self.lora_B if lora_b is None else lora_b
         scaling = self.scaling if scaling is None else scaling
-        return self.routed_moe_lora(h, self.lora_selector, lora_b, routing, scaling, base_out)
+        selector = self.constant_in(self.lora_selector, h.dtype)
+        return self.routed_moe_lora(h, selector, lora_b, routing, scaling, base_out)
+
+    @staticmethod
+    def constant_in(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A constant buffer (a 0/1 matrix, exact in every dtype) in ``dtype``: itself where it has that dtype, as
+        :meth:`_apply` keeps it; a cast where the parameters were cast without the buffers (FSDP2's
+        ``MixedPrecisionPolicy(param_dtype=...)`` casts parameters only)."""
+        return buffer if buffer.dtype == dtype else buffer.to(dtype)
 
     def jit_traceable(self, *args, **kwargs) -> bool:
         """torch.jit.trace records a merged layer or one with its adapter disabled: its forward is the base layer's."""

@@ -146,7 +146,7 @@ class MoELoRAConv(AdapterLayerBase):
         """B as [E, C_out, r] (block-diagonal over the groups when groups > 1)."""
         if self.groups == 1:
             return self.lora_B
-        return self.lora_B.repeat(1, 1, self.groups) * self.lora_b_group_mask
+        return self.lora_B.repeat(1, 1, self.groups) * self.constant_in(self.lora_b_group_mask, self.lora_B.dtype)
 
     def check_merge(self, task=None) -> None:
         if self.groups > 1:

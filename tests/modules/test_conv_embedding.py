@@ -265,6 +265,31 @@ def test_conv_router_logits_are_fp32_under_autocast():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["softmax_topk", "shared_a"])
+@pytest.mark.parametrize("kind", ["conv2d_3x3_s2", "conv2d_grouped", "embedding"])
+def test_parameters_cast_without_their_buffers_compute_what_the_cast_layer_does(kind, mode, dtype):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=...) casts a layer's parameters and not its buffers: a float32
+    layer whose parameters are cast to ``dtype`` computes, and differentiates, what the layer cast with .to(dtype)
+    does. The constant buffers (the projection selector, a grouped conv's mask of B) stayed float32: a TypeError
+    ("lora_a must have the dtype of x") in every layer that projects before routing."""
+    layer = _embedding(mode, torch.float32) if kind == "embedding" else _conv(kind, mode, torch.float32)
+    _fill(layer)
+    whole = copy.deepcopy(layer).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.data = p.data.to(dtype)
+    assert {b.dtype for b in layer.buffers() if b.is_floating_point()} == {torch.float32}
+    x = torch.randint(0, 11, (2, 5)) if kind == "embedding" else _conv_input(kind, dtype)
+    outputs = []
+    for model in (layer, whole):
+        y = model(x)
+        y.pow(2).sum().backward()
+        outputs.append([y] + [p.grad for p in model.parameters() if p.requires_grad])
+    for got, want in zip(*outputs):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_conv_router_logits_of_a_bfloat16_layer_are_fp32():
     """A layer cast to bfloat16 (base, adapters and router): the router reads its bf16 input in fp32, as
     Router's, and gives the fp32 logits of the input's patches and its weight, not bf16-rounded ones."""
