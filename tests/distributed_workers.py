@@ -177,6 +177,48 @@ def fsdp2_meta_init(name: str) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+class ConvNet(torch.nn.Module):
+    """An embedding, a grouped convolution along the sequence and a linear head: a layer of each adapter type."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(64, 8)
+        self.conv = torch.nn.Conv1d(8, 8, 3, padding=1, groups=2)
+        self.head = torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.head(self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2))
+
+
+def mixed_precision_model() -> moelora.MoELoRAModel:
+    torch.manual_seed(0)
+    config = moelora.MoELoRAConfig(target_modules=["emb", "conv", "head"], num_experts=3, top_k=2, r=4)
+    model = moelora.get_moelora_model(ConvNet(), config)
+    randomize_adapters(model)
+    return model.train()
+
+
+def fsdp2_mixed_precision(rank: int) -> dict:
+    """fully_shard per adapter layer and the root with MixedPrecisionPolicy(param_dtype=float64), which casts the
+    parameters and leaves the buffers float32: the rank's output and the gathered gradients (or the error)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = mixed_precision_model()
+    mesh, policy = init_device_mesh("cpu", (WORLD,)), MixedPrecisionPolicy(param_dtype=torch.float64)
+    for module in list(model.modules()):
+        if is_adapter_layer(module):
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    try:
+        out = model(shard(global_batch(), rank))
+        out.pow(2).mean().backward()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"output": out.detach(),
+            "grads": {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}}
+
+
 class TPBlock(torch.nn.Module):
     """An embedding, then a Llama-like MLP (up colwise, down rowwise in the usual plan), for tensor parallelism."""
 
@@ -296,6 +338,7 @@ def run(rank: int, port: int, out_dir: str) -> None:
             "ddp_example": ddp_example_checkpoint(out_dir),
             "fsdp2": fsdp2_run(rank, out_dir),
             "fsdp2_meta_init": {name: fsdp2_meta_init(name) for name in META_CONFIGS},
+            "fsdp2_mixed_precision": fsdp2_mixed_precision(rank),
             "tensor_parallel": tensor_parallel(),
             "transformers_tensor_parallel": transformers_tensor_parallel(),
             "ddp_disabled_layer": ddp_with_disabled_layer(rank),  # last: its failing DDP is left behind

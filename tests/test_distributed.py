@@ -177,6 +177,27 @@ def test_fsdp2_meta_device_init_initialises_every_shard(ranks, name):
             assert torch.equal(experts, experts[:1].expand_as(experts)), key  # upcycled: copies of one FFN
 
 
+def test_fsdp2_mixed_precision_matches_one_process_of_the_parameters_dtype(ranks):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=float64) unshards the parameters in float64 and leaves the buffers
+    float32: each rank's output is that of one process running the float64 model on its shard, and the gradients
+    (float32, as the sharded parameters) are those of the mean of the ranks' losses. The conv and embedding layers
+    raised "lora_a must have the dtype of x" (their float32 constant buffers)."""
+    model = workers.mixed_precision_model().to(torch.float64)
+    outputs = [model(workers.shard(workers.global_batch(), r)) for r in range(workers.WORLD)]
+    (sum(out.pow(2).mean() for out in outputs) / workers.WORLD).backward()
+    for rank, results in enumerate(ranks):
+        outcome = results["fsdp2_mixed_precision"]
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["output"].dtype == torch.float64
+        torch.testing.assert_close(outcome["output"], outputs[rank].detach(), rtol=1e-12, atol=1e-12)
+        grads = outcome["grads"]
+        assert grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert grads[name].dtype == torch.float32, name
+                torch.testing.assert_close(grads[name], p.grad.float(), **TOL, msg=name)
+
+
 # ------------------------------------------------------------------------- tensor parallelism
 def test_tensor_parallel_base_layers_with_whole_inputs_and_outputs_equal_one_process(ranks):
     """RowwiseParallel / ColwiseParallel with Replicate at the layer's boundaries on the adapted layers' base layers
