@@ -548,6 +548,27 @@ def test_argument_errors_name_the_argument():
 
 
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_an_x_of_more_than_two_dims_is_refused_naming_x(path):
+    """x is [T, d_in]: a batch of sequences [B, T, d_in] (or any 3-d x) is refused by a ValueError naming x on
+    every path, whether or not its dim 1 happens to equal d_in (where the checks of the other arguments pass)."""
+    x, ids, weights, ffn = make_ffn(gated=False, d=24)
+    for bad in (x.detach()[:, None], x.detach()[:, None].expand(-1, 24, -1)):
+        with pytest.raises(ValueError, match=r"x must have shape \[T, d_in\]"):
+            run(bad, ids, weights, ffn, path, F.gelu)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
+def test_stacked_gate_refuses_a_b_gate_given_without_w_gate(path):
+    """With stacked_gate=True the gate's bias is the first half of b_in: a b_gate given alone would be ignored,
+    so it is refused as a w_gate is."""
+    x, ids, weights, ffn = make_ffn(gated=False, f=40, d_out=20)
+    stacked = dict(ffn, w_out=ffn["w_out"][:, :, :20], b_gate=ffn["b_in"][:, :20])
+    with pytest.raises(ValueError, match="w_gate and b_gate must be None"):
+        moelora.moe_ffn(x, ids, weights, activation=F.silu, backend=path[0], engine=path[1], stacked_gate=True,
+                        **stacked)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=path_id)
 def test_out_of_range_ids_raise_or_are_skipped_with_validation_off(path):
     x, ids, weights, ffn = make_ffn(gated=False)
     bad = ids.clone()
