@@ -358,6 +358,19 @@ def test_plan_picks_the_engine_by_device_dtype_and_table(monkeypatch):
     assert odd.gemm == "triton"  # 30 bf16 = 60 bytes: rows not 16-byte aligned
 
 
+def test_a_plan_with_triton_gemms_pads_to_their_row_tiles_whatever_its_weight_gradient_engine(monkeypatch):
+    """The segment padding follows the engine of the row-space GEMMs: a table entry running the GEMMs on Triton and
+    the weight gradients on grouped_mm pads to the Triton GEMMs' row tiles (as engine='triton' does), which a
+    smaller padding would leave straddling two experts."""
+    x, _, _, ffn = make_ffn(d=32, f=48, d_out=16, dtype=torch.bfloat16, gated=False)
+    triton = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], None, 2, engine="triton")
+    monkeypatch.setattr(ffn_module, "native_major", lambda device: 9)
+    monkeypatch.setattr(ffn_module, "FFN_ENGINES", {(9, "gemm", "*"): "triton", (9, "wgrad", "*"): "grouped_mm"})
+    plan = ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], None, 2)
+    assert (plan.gemm, plan.wgrad) == ("triton", "grouped_mm")
+    assert plan.layout_block == triton.layout_block > 16
+
+
 def test_plan_pads_the_segments_to_the_row_tiles_of_its_engine():
     """The Triton engine's grouped GEMMs need each row tile inside one expert's segment: the plan pads the segments
     to the largest row tile of its GEMMs (of the GPU tile table, by row class; a smaller padding halves the tiles,
