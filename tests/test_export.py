@@ -422,3 +422,21 @@ def test_aot_inductor_package_of_an_upcycled_ffn_computes_what_eager_does(tmp_pa
         for shape in ((2, 5), (3, 7)):
             x = torch.randn(*shape, 16)
             torch.testing.assert_close(runner(x), ffn(x), rtol=1e-5, atol=1e-5, msg=f"{shape}")
+
+
+def test_saved_ffn_with_an_activation_the_kernels_know_names_it_by_its_kernel_name(monkeypatch):
+    """On the Triton backend the program names an activation the fused kernels know (nn.SiLU) by the kernels' name
+    ("silu"), which every process has: loaded without the exporting process's registry of other activations (as
+    in another process), it computes what eager does."""
+    from moelora.ops import moe_ffn
+
+    torch.manual_seed(0)
+    ffn = moelora.MoEFFN(nn.Linear(16, 32), nn.Linear(32, 16), nn.SiLU(), num_experts=4, top_k=2,
+                         router="softmax_topk").eval()
+    with torch.no_grad():
+        for p in (ffn.w_in, ffn.w_out):  # experts that differ from each other
+            p.add_(torch.randn_like(p) * 0.05)
+    with moelora.use_backend("triton"), torch.no_grad():
+        loaded = _saved_and_loaded(ffn, lambda: monkeypatch.setattr(moe_ffn, "_CALLABLES", {}))  # another process
+        x = torch.randn(3, 7, 16)
+        torch.testing.assert_close(loaded(x), ffn(x), rtol=1e-5, atol=1e-6)
