@@ -320,12 +320,13 @@ def _pack(saved: _Saved, like: torch.Tensor) -> List[torch.Tensor]:
 
 def _unpack(tensors, num_experts: int, top_k: int, block: int) -> _Saved:
     meta = layout_from_tensors(tensors[:len(LAYOUT_FIELDS)], num_experts, top_k, block)
-    rest = [None if name in _OPTIONAL and not t.numel() else t
+    rest = [None if name in _OPTIONAL and t.dim() == 1 and not t.numel() else t
             for name, t in zip(_Saved._fields[1:], tensors[len(LAYOUT_FIELDS):])]
     return _Saved(meta, *rest)
 
 
-_OPTIONAL = ("offs", "x_rows", "h_gate")  # the _Saved fields packed as empty tensors where a plan has none
+_OPTIONAL = ("offs", "x_rows", "h_gate")  # the _Saved fields packed as 1-d empty tensors where a plan has none
+# (a saved h_gate or x_rows is 2-d, and empty where d_ff or d_in is 0; offs holds E >= 1 ends)
 
 
 def _halves(t: Optional[torch.Tensor]):

@@ -277,6 +277,25 @@ def test_gradcheck_float64_triton():
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
+@pytest.mark.parametrize("path", PATHS[:2], ids=path_id)  # grouped_mm refuses rows of 0 bytes
+def test_a_gated_ffn_of_zero_hidden_width_gives_the_float64_loops_output_and_gradients(path):
+    """d_ff = 0 (a gated FFN whose hidden units are all pruned): the output is the mix of b_out, the gradients
+    those of the float64 loop, empty for the hidden layer's weights. The Triton backend's backward took the saved
+    gate projection, empty, for the placeholder of a missing w_gate and failed (AttributeError)."""
+    x, ids, weights, ffn = make_ffn()
+    ffn = {n: (t[:, :, :0] if n == "w_out" else t if n == "b_out" else t[:, :0]).detach().requires_grad_()
+           for n, t in ffn.items()}
+    y = run(x, ids, weights, ffn, path)
+    got = torch.autograd.grad(y, leaves(x, weights, ffn), torch.ones_like(y))
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves(x, weights, ffn)]
+    y_ref = reference(ref_leaves[0], ids, ref_leaves[1], dict(zip(ffn, ref_leaves[2:])), F.silu, False)
+    expected = torch.autograd.grad(y_ref, ref_leaves, torch.ones_like(y_ref))
+    torch.testing.assert_close(y.double(), y_ref)
+    for g, r in zip(got, expected):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g.double(), r)
+
+
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
 def test_identical_experts_reproduce_one_ffn_exactly_when_normalized(path):
     """Upcycling's promise: copies of one FFN mixed by weights summing to one return that
