@@ -252,7 +252,8 @@ def _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs) -> bool:
     """torch's grouped GEMM can take every operand of this FFN (dtype, alignment, int32 ends)."""
     if grouped_mm_fn() is None or num_pairs + 16 * w_in.shape[0] >= 2 ** 31:
         return False
-    widths_ok = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], *w_in.shape[1:], *w_out.shape[1:]))
+    # a width of 0 too is refused: grouped_mm's backward takes no zero stride ("strides should be multiple of 16 bytes")
+    widths_ok = all(n > 0 and n * x.element_size() % 16 == 0 for n in (x.shape[1], *w_in.shape[1:], *w_out.shape[1:]))
     tensors = [t for t in (x, w_in, w_out, w_gate) if t is not None]
     strides_ok = all(grouped_mm_layout_ok(t, check_start=False) for t in tensors)
     return widths_ok and strides_ok and len({t.dtype for t in tensors}) == 1
@@ -279,9 +280,9 @@ def ffn_plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: O
     applies = _grouped_mm_applies(x, w_in, w_out, w_gate, num_pairs)
     if engine == "grouped_mm" and not applies:
         raise ValueError("engine='grouped_mm' needs torch's grouped_mm and bfloat16/float16/float32 operands of one "
-                         "dtype whose rows are 16-byte aligned (d_in, d_ff, d_out multiples of 16 bytes) and laid out "
-                         "with a unit stride in one of their last two dims and 16-byte multiples in the others "
-                         "(x and the weights: grouped_linear.grouped_mm_layout_ok)")
+                         "dtype whose rows are 16-byte aligned (d_in, d_ff, d_out nonzero multiples of 16 bytes) and "
+                         "laid out with a unit stride in one of their last two dims and 16-byte multiples in the "
+                         "others (x and the weights: grouped_linear.grouped_mm_layout_ok)")
     if engine == "auto":
         gemm = wgrad = "triton"
         major = native_major(x.device)

@@ -377,6 +377,20 @@ def test_plan_picks_the_engine_by_device_dtype_and_table(monkeypatch):
     assert odd.gemm == "triton"  # 30 bf16 = 60 bytes: rows not 16-byte aligned
 
 
+def test_grouped_mm_engine_refuses_an_ffn_of_zero_output_width_which_auto_runs_on_triton():
+    """d_out = 0: engine='grouped_mm' is refused by the plan's ValueError, as for d_in or d_ff = 0 (torch's grouped
+    GEMM failed in the backward: "strides should be multiple of 16 bytes"); "auto" runs Triton, whose output and
+    gradients are empty or zero."""
+    x, ids, weights, ffn = make_ffn(d=32, f=48, d_out=0, gated=False)
+    with pytest.raises(ValueError, match=r"engine='grouped_mm' needs .* d_out nonzero multiples of 16 bytes"):
+        ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], None, 2, engine="grouped_mm")
+    assert ffn_module.ffn_plan(x, ffn["w_in"], ffn["w_out"], None, 2).gemm == "triton"
+    y = run(x, ids, weights, ffn, ("triton", "auto"), F.gelu)
+    assert y.shape == (x.shape[0], 0)
+    grads = torch.autograd.grad(y.sum(), leaves(x, weights, ffn), allow_unused=True)
+    assert all(g is None or not g.count_nonzero() for g in grads)
+
+
 def test_a_plan_with_triton_gemms_pads_to_their_row_tiles_whatever_its_weight_gradient_engine(monkeypatch):
     """The segment padding follows the engine of the row-space GEMMs: a table entry running the GEMMs on Triton and
     the weight gradients on grouped_mm pads to the Triton GEMMs' row tiles (as engine='triton' does), which a
