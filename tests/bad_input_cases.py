@@ -234,6 +234,35 @@ CASES = {
     "moe_lora_linear/router_top_k_above_experts": (
         linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E, D), None, "softmax_topk", 4)),
         (ValueError, r"^router.top_k must be in \[1, num_experts=3\], got 4$")),
+    # each of these reached the kernels (reading out of bounds, or taking a float mask or a second routing as
+    # the first) or failed inside them without naming the argument before it was checked
+    "moe_lora_linear/weight_of_other_d_in": (
+        linear(weight=torch.randn(4, D + 1)),
+        (ValueError, r"^weight must have shape \[d_out, d_in = 8\], got \(4, 9\)$")),
+    "moe_lora_linear/float_dropout_mask": (linear(dropout_mask=torch.ones(T, D)),
+                                           (ValueError, r"^dropout_mask must be a bool tensor of x's shape \(6, 8\), "
+                                                        r"got torch.float32 \(6, 8\)$")),
+    "moe_lora_linear/ids_without_weights": (
+        linear(topk_weights=None), (ValueError, r"needs a router \(RouterSpec\) or topk_ids and topk_weights")),
+    "moe_lora_linear/router_and_static_weights": (
+        linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E, D), None, "softmax_topk", 2),
+               topk_weights=W),
+        (ValueError, r"^moe_lora_linear takes a router or topk_ids and topk_weights, not both$")),
+    "moe_lora_linear/router_weight_and_logits": (
+        linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E, D), torch.randn(T, E), "softmax_topk", 2)),
+        (ValueError, r"^a RouterSpec has either a router weight or precomputed logits$")),
+    "moe_lora_linear/router_noise_shape": (
+        linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E, D), None, "threshold", 2,
+                                                             noise=torch.rand(T, 1))),
+        (ValueError, r"^router.noise must have shape \[T = 6, top_k = 2\], got \(6, 1\)$")),
+    "moe_lora_linear/router_jitter_shape": (
+        linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E, D), None, "softmax_topk", 2,
+                                                             jitter=torch.ones(T, D + 1))),
+        (ValueError, r"^router.jitter must have x's shape \(6, 8\), got \(6, 9\)$")),
+    "moe_lora_linear/router_float_aux_mask": (
+        linear(router=moelora.ops.moe_lora_linear.RouterSpec(torch.randn(E, D), None, "softmax_topk", 2,
+                                                             aux_mask=torch.ones(T))),
+        (ValueError, r"^router.aux_mask must be a bool tensor of shape \[T = 6\], got torch.float32 \(6,\)$")),
     # moe_ffn
     "moe_ffn/int_x": (ffn(x=X.int()), (TypeError, r"x must be float16, bfloat16, float32 or float64, got torch.int32")),
     "moe_ffn/mixed_fp64_fp32": (ffn(w_out=W_OUT.double()), (TypeError, r"w_out must have the dtype of x "
