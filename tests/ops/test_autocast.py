@@ -198,12 +198,20 @@ def test_inputs_already_in_the_autocast_dtype_beside_fp32_weights(backend, amp):
     ids, weights = routing(T, E, 2, device=DEVICE), torch.rand(T, 2, device=DEVICE)
     lora_a, lora_b = torch.randn(r, d, device=DEVICE), torch.randn(E, d, r, device=DEVICE)
     w_in, w_out = torch.randn(E, d_ff, d, device=DEVICE), torch.randn(E, d, d_ff, device=DEVICE)
+    weight, bias = torch.randn(d, d, device=DEVICE), torch.randn(d, device=DEVICE)
+
+    def linear(weight, bias):
+        return moe_lora_linear(x, weight, bias, lora_a, lora_b, scaling=0.5, topk_ids=ids, topk_weights=weights,
+                               backend=backend)[0]
+
     with torch.autocast(DEVICE.type, dtype=amp):
         y = moelora.moe_lora(x, lora_a, lora_b, ids, weights, base_out=x.float(), backend=backend)
         z = moe_ffn(x, ids, weights, w_in, None, w_out, None, F.silu, backend=backend)
+        u = linear(weight, bias)
     assert torch.equal(y, moelora.moe_lora(x, lora_a.to(amp), lora_b.to(amp), ids, weights, base_out=x,
                                            backend=backend))
     assert torch.equal(z, moe_ffn(x, ids, weights, w_in.to(amp), None, w_out.to(amp), None, F.silu, backend=backend))
+    assert torch.equal(u, linear(weight.to(amp), bias.to(amp)))
 
 
 @pytest.mark.parametrize("kind", ["linear", "ffn"])
