@@ -89,6 +89,29 @@ def test_torch_backend_nan_in_a_chosen_expert_reaches_only_its_tokens(shared_a):
 
 
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_torch_backend_gradients_treat_the_nonfinite_weights_of_chosen_experts_as_zero(shared_a):
+    """Inf in a chosen expert's B row (per-expert A: in its A) makes NaN of the outputs it reaches;
+    the gradients stay finite: those outputs pass none back, the Inf entries count as 0 (float64
+    reference on the weights with them zeroed)."""
+    p, _, _ = _poisoned_problem(shared_a)
+    with torch.no_grad():
+        p.lora_b[1, 4, 0] = float("inf")
+        if not shared_a:
+            p.lora_a[2, 0] = float("inf")  # a row: the largest float standing in for its Inf overflows A[2] x
+    y = moelora.moe_lora(*p.args(), scaling=p.scaling, base_out=p.base_out, backend="torch")
+    bad = torch.isnan(y)
+    assert bad.any() and not bad.all()
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, p.leaves(), g)
+    leaves = [torch.nan_to_num(t.detach().double(), 0.0, 0.0, 0.0).requires_grad_() for t in p.leaves()]
+    y_ref = moe_lora_naive(*leaves[:3], p.topk_ids, leaves[3], scaling=p.scaling, base_out=leaves[4])
+    grads_ref = torch.autograd.grad(y_ref, leaves[:4], g.double().masked_fill(bad, 0))
+    for name, got, ref in zip(["x", "lora_a", "lora_b", "topk_weights"], grads, grads_ref):
+        assert torch.isfinite(got).all() and rel_err(got, ref) < 1e-5, name
+    assert torch.equal(grads[4], g)  # base_out's: y's, NaN or not
+
+
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
 def test_fp32_adapter_values_beyond_fp16_range_stay_in_unchosen_experts(shared_a):
     """fp16 activations, fp32 adapters (the layer's default over an fp16 base): the kernels round
     A and B to fp16 in registers, where 1e5 becomes Inf. Like any Inf of an expert no token
