@@ -52,6 +52,22 @@ def test_moe_lora_dense_kernel_budget(shared_a):
 
 
 @pytest.mark.parametrize("regime", ["dense", "grouped"])
+def test_moe_lora_backward_launches_no_dx_gemm_for_an_x_without_grad(regime):
+    """x that needs no gradient (a frozen input): the backward skips the dx GEMM, one kernel fewer."""
+    (x, a, b, w), ids = _operator_inputs()
+    counts = []
+    with moelora.use_backend("triton"), moelora.validation(False):
+        for x_in in (x, x.detach()):
+            y = moelora.moe_lora(x_in, a, b, ids, w, scaling=0.5, regime=regime)
+            leaves = [a, b, w] + ([x_in] if x_in.requires_grad else [])
+            with count_kernels() as bwd:
+                grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+            assert all(g is not None for g in grads)
+            counts.append(bwd.total)
+    assert counts[1] == counts[0] - 1, counts
+
+
+@pytest.mark.parametrize("regime", ["dense", "grouped"])
 def test_moe_lora_on_zero_tokens_launches_nothing(regime):
     """No Triton kernel runs on zero tokens: the torch path returns the empty result (with its autograd)."""
     (x, a, b, w), ids = _operator_inputs(T=0)
