@@ -80,6 +80,30 @@ def test_moe_lora_on_zero_tokens_launches_nothing(regime):
     assert not fwd.triton and not bwd.triton, (fwd, bwd)
 
 
+@pytest.mark.parametrize("regime", ["dense", "grouped"])
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["2d", "3d"])
+def test_moe_lora_linear_on_zero_tokens_launches_nothing(regime, lead):
+    """The fused layer's op on zero tokens: the composed torch path, no Triton kernel, y [..., d_out]."""
+    from moelora.ops.moe_lora_linear import RouterSpec, moe_lora_linear
+
+    E, r = (4, 4) if regime == "dense" else (64, 32)  # grouped: E * r above DENSE_MAX_WIDTH
+    assert moe_lora_module.choose_regime(E, r) == regime
+    torch.manual_seed(0)
+    leaves = [torch.randn(*lead, 16), torch.randn(24, 16), torch.randn(r, 16), torch.randn(E, 24, r),
+              torch.randn(E, 16)]
+    for t in leaves:
+        t.requires_grad_()
+    x, weight, a, b, router_weight = leaves
+    with moelora.use_backend("triton"):
+        with count_kernels() as fwd:
+            y, out = moe_lora_linear(x, weight, None, a, b, scaling=0.5,
+                                     router=RouterSpec(router_weight, None, "softmax_topk", 2))
+        with count_kernels() as bwd:
+            torch.autograd.grad(y.sum() + out.aux_loss, leaves)
+    assert y.shape == (*lead, 24)
+    assert not fwd.triton and not bwd.triton, (fwd, bwd)
+
+
 def _count_training_step(module: nn.Module, x: torch.Tensor):
     """(forward, backward) kernel counts of one training step of ``module`` on x, the aux loss
     of a learned router included, after a first call (which fills what is cached per process,
