@@ -306,6 +306,25 @@ def test_task_ids_out_of_range_with_validation_off_add_no_adapter_and_no_gradien
         torch.testing.assert_close(y[[1, 4]], layer.base_layer(x)[[1, 4]])
 
 
+def test_static_ids_out_of_range_with_validation_off_add_no_adapter_on_the_torch_backend_without_grad():
+    """Without a gradient, at few tokens, the torch backend runs its gathered form, which indexes the
+    experts' matrices by the ids: only for ids known to lie in [0, E). Given ids with validation off
+    are not: the out-of-range ones add no adapter, as with a gradient (float64 reference)."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 16, device=DEVICE), torch.randn(24, 16, device=DEVICE)
+    bias = torch.randn(24, device=DEVICE)
+    lora_a, lora_b = torch.randn(4, 16, device=DEVICE), torch.randn(3, 24, 4, device=DEVICE)
+    ids, weights = torch.tensor([[0], [7], [2], [-1]], device=DEVICE), torch.rand(4, 1, device=DEVICE)
+    with moelora.validation(False), torch.no_grad():
+        y, _ = fused_linear.moe_lora_linear(x, weight, bias, lora_a, lora_b, scaling=0.5, topk_ids=ids,
+                                            topk_weights=weights, backend="torch")
+    x64, a64, b64 = x.double(), lora_a.double(), lora_b.double()
+    y_ref = x64 @ weight.double().t() + bias.double()
+    for t in (0, 2):
+        y_ref[t] += 0.5 * weights[t, 0].double() * (b64[ids[t, 0]] @ (a64 @ x64[t]))
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+
+
 def test_experts_without_tokens_get_exact_zero_gradients(regime):
     layer = _layer("per_expert_k1")
     with torch.no_grad():
