@@ -188,6 +188,24 @@ def test_aux_loss_mask_over_half_precision_logits_is_taken_in_fp32(dtype, regime
     assert rel_err(grad.float(), grad_ref.float()) < 1e-2  # the gradient is rounded to the logits' dtype
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["softmax_topk", "threshold"])
+def test_aux_loss_mask_leaves_the_padding_out_of_the_returned_counts(mode, backend):
+    """With an aux-loss mask the routing the op returns counts the real tokens' slots per expert (threshold routing:
+    the kept ones), as its aux loss does: the layers record these counts as the experts' load. The torch backend
+    returned the counts over every token."""
+    T, d_in, d_out, r, E, k = 11, 6, 5, 3, 4, 2
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
+    x, weight, lora_a, lora_b, logits = rand(T, d_in), rand(d_out, d_in), rand(r, d_in), rand(E, d_out, r), rand(T, E)
+    mask = torch.tensor([True, False] * 5 + [True], device=DEVICE)
+    spec = fused_linear.RouterSpec(None, logits, mode, k, eps_start=0.3, eps_end=0.3, aux_mask=mask)
+    _, out = fused_linear.moe_lora_linear(x, weight, None, lora_a, lora_b, scaling=0.5, router=spec, backend=backend)
+    kept = out.routing.weights != 0 if mode == "threshold" else torch.ones_like(out.routing.ids, dtype=torch.bool)
+    real = out.routing.ids[mask[:, None].expand_as(kept) & kept]
+    assert out.routing.counts.tolist() == torch.bincount(real, minlength=E).tolist()
+
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "per_expert_k1", "task_shared", "lora_dropout"])
 def test_fused_layer_with_grouped_mm_rows_matches_float64_reference(kind, monkeypatch, grouped_mm_rows):
     """The grouped regime with its forward rows on torch's grouped_mm (moe_lora.ROWS_ENGINES; on a
