@@ -355,13 +355,12 @@ def test_checkpoints_that_also_hold_base_router_tensors_still_load(tmp_path):
 
 
 # ---- 9. load_peft_lora: exact shapes, expert in range, files named ----------------------------
-def _peft_checkpoint(directory, tensors, config=None):
+def _peft_checkpoint(directory, tensors, config=None, prefix="base_model.model.model.layers.0.self_attn.q_proj."):
     from safetensors.torch import save_file
 
     directory.mkdir(exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps(config or {"peft_type": "LORA", "r": 4,
                                                                          "lora_alpha": 8}))
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj."
     save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
     return str(directory)
 
@@ -703,21 +702,17 @@ def test_peft_dora_magnitudes_do_not_load_into_a_lora_layer(tmp_path):
 def test_a_float32_peft_bias_that_rounds_to_a_bfloat16_models_own_loads_into_one_of_several_experts(tmp_path):
     """The shared tensors of a checkpoint into one expert must equal the model's as the model holds them: a float32
     checkpoint's bias that rounds to the bfloat16 model's bias changes nothing and loads."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(0)
     model = get_moelora_model(nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16),
                               MoELoRAConfig(target_modules=["0"], r=4, num_experts=2, router="task"))
     own = model.model[0].base_layer.bias
     bias = own.detach().float() * (1 + 2 ** -12)  # below bfloat16's resolution: rounds back to own
     assert not torch.equal(bias, own.float()) and torch.equal(bias.to(torch.bfloat16), own)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                              "bias": "all"}))
-    save_file({"base_model.model.0.lora_A.weight": torch.randn(4, 8), "base_model.model.0.lora_B.weight":
-               torch.randn(8, 4), "base_model.model.0.base_layer.bias": bias},
-              str(tmp_path / "adapter_model.safetensors"))
+    tensors = {"lora_A.weight": torch.randn(4, 8), "lora_B.weight": torch.randn(8, 4), "base_layer.bias": bias}
+    directory = _peft_checkpoint(tmp_path / "peft", tensors, {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                              "bias": "all"}, prefix="base_model.model.0.")
     before = own.detach().clone()
-    moelora.load_peft_lora(model, str(tmp_path), expert=1)
+    moelora.load_peft_lora(model, directory, expert=1)
     assert torch.equal(model.model[0].base_layer.bias, before) and model.model[0].lora_A[1].any()
 
 
