@@ -42,9 +42,9 @@ def test_ids_matching_or_flattened_are_accepted():
 
 
 # ---- 2. NaN/Inf in experts no token chose ----------------------------------------------------
-def _poisoned_problem(shared_a, seed=3):
+def _poisoned_problem(shared_a, seed=3, tokens=9):
     """Experts 3 and 5 of 6 get no token; their B (and A) hold NaN and Inf."""
-    p = make_problem(9, 16, 12, 4, 6, 2, shared_a=shared_a, experts=3, device=DEVICE, seed=seed)
+    p = make_problem(tokens, 16, 12, 4, 6, 2, shared_a=shared_a, experts=3, device=DEVICE, seed=seed)
     clean_b, clean_a = p.lora_b.detach().clone(), p.lora_a.detach().clone()
     with torch.no_grad():
         p.lora_b[3, 0, 0], p.lora_b[3, 5] = float("nan"), float("inf")
@@ -76,8 +76,9 @@ def test_nan_in_a_chosen_expert_reaches_only_its_tokens(path, shared_a):
     """A NaN in row 4 of a chosen expert's B makes NaN of output column 4 of the tokens that chose
     it (on the Triton backends the tiles holding them are recomputed with B's non-finite entries
     marked: the mark must reach the output, not the entry's stand-in 0); an Inf in a chosen
-    expert's per-expert A, all outputs of its tokens non-finite; every other output as without them."""
-    p, _, _ = _poisoned_problem(shared_a)
+    expert's per-expert A, all outputs of its tokens non-finite; every other output as without them.
+    40 tokens: more than one slice (16 rows) of a recomputed tile."""
+    p, _, _ = _poisoned_problem(shared_a, tokens=40)
     with torch.no_grad():
         p.lora_b[1, 4, 0] = float("nan")  # row 4 of B[1]
         if not shared_a:
