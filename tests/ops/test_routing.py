@@ -270,6 +270,27 @@ def test_route_grad_with_masked_nan_and_tied_rows_every_mode(path, mode, renorm,
     assert (got[2:][z.detach() == -inf] == 0).all()
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,renorm", MODES)
+def test_route_grad_of_masked_logits_is_zero_under_nonfinite_upstream_gradients(path, mode, renorm, grad_path):
+    """A -inf (masked) logit gets exactly 0 even where the gradient reaching it is not finite
+    (an Inf on the weight of the slot that took it at k = E, and on its prob_sums): 0, not
+    0 * Inf; the other entries of that row are what they are (NaN)."""
+    inf = float("inf")
+    g = torch.Generator().manual_seed(len(mode) + renorm)
+    logits = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    logits[0, 1] = logits[2, 3] = -inf
+    x = logits.clone().to(grad_path).requires_grad_()
+    out = run_path(path, moelora.route, x, 5, mode=mode, renormalize=renorm)
+    ids = out.ids.long().cpu()
+    gw, gps, glse = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((3, 5), (5,), (3,)))
+    gw[ids == 1] = inf  # the slots that took expert 1 (row 0: its -inf logit)
+    gps[3] = inf
+    torch.autograd.backward([out.weights, out.prob_sums, out.lse], [t.to(grad_path) for t in (gw, gps, glse)])
+    got = x.grad.cpu()
+    assert got[0, 1] == 0 and got[2, 3] == 0
+
+
 @pytest.mark.parametrize("mode,renorm", MODES)
 def test_route_grad_plus_inf_rows_take_the_softmax_limit(mode, renorm, grad_path):
     """A row with +inf logits: the forward's limit p (1/n on its n +inf entries) differentiated,
