@@ -58,7 +58,28 @@ def _poisoned_problem(shared_a, seed=3, tokens=9):
 @pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
 def test_nan_and_inf_in_unchosen_experts_change_nothing(path, shared_a):
     p, clean_a, clean_b = _poisoned_problem(shared_a)
-    y = PATHS[path](*p.args(), scaling=p.scaling, base_out=p.base_out)
+    _check_unchosen_experts_change_nothing(PATHS[path], p, clean_a, clean_b, [3, 4, 5])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("shared_a", [True, False], ids=["sharedA", "expertA"])
+def test_nan_and_inf_in_unchosen_expert_0_change_nothing_at_three_slots(path, shared_a):
+    """Expert 0 unchosen and poisoned, k = 3: the kernels read a token's slots in blocks of a power
+    of two, and the slot past the k-th (masked) must name no expert, expert 0 included."""
+    p = make_problem(9, 16, 12, 4, 6, 3, shared_a=shared_a, experts=4, device=DEVICE, seed=5)
+    p.topk_ids = p.topk_ids + 1  # experts 1-4 chosen, 0 and 5 not
+    clean_b, clean_a = p.lora_b.detach().clone(), p.lora_a.detach().clone()
+    with torch.no_grad():
+        p.lora_b[0, 0, 0], p.lora_b[0, 5], p.lora_b[5, :, 1] = float("nan"), float("inf"), -float("inf")
+        if not shared_a:
+            p.lora_a[0, 1, 2], p.lora_a[0, 3] = float("nan"), float("inf")
+    _check_unchosen_experts_change_nothing(PATHS[path], p, clean_a, clean_b, [0, 5])
+
+
+def _check_unchosen_experts_change_nothing(run, p, clean_a, clean_b, unchosen):
+    """``run``'s output and gradients on p (whose ``unchosen`` experts hold NaN / Inf) are finite and
+    match the float64 reference on the clean weights; the unchosen experts' gradients are exact zeros."""
+    y = run(*p.args(), scaling=p.scaling, base_out=p.base_out)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, p.leaves(), g)
     leaves = [t.detach().double().requires_grad_() for t in (p.x, clean_a, clean_b, p.topk_weights, p.base_out)]
@@ -67,7 +88,7 @@ def test_nan_and_inf_in_unchosen_experts_change_nothing(path, shared_a):
     assert torch.isfinite(y).all() and rel_err(y, y_ref) < 1e-5
     for name, got, ref in zip(["x", "lora_a", "lora_b", "topk_weights", "base_out"], grads, grads_ref):
         assert torch.isfinite(got).all() and rel_err(got, ref) < 1e-5, name
-    assert (grads[2][3:] == 0).all() and (shared_a or (grads[1][3:] == 0).all())
+    assert (grads[2][unchosen] == 0).all() and (p.lora_a.dim() == 2 or (grads[1][unchosen] == 0).all())
 
 
 @pytest.mark.parametrize("path", list(PATHS))
