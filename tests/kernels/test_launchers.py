@@ -1251,6 +1251,27 @@ def test_grouped_matmul_halves_a_row_tile_four_times_larger_than_the_layout_bloc
     assert rel_err(out[rows], expected) < 1e-6
 
 
+@pytest.mark.parametrize("block, tiles", [(16, None), (32, K.TileConfig(16, 32, 16, 4, 1, 1))],
+                         ids=["tile=block", "tile<block"])
+def test_grouped_matmul_writes_zeros_on_rows_without_a_pair(block, tiles):
+    """Rows without a pair (each segment's padding and the unused tail) are written with exact zeros, rows with one
+    get x[p // k] @ W[e]^T; a 16-row tile inside a 32-row layout block takes the expert of the block it lies in."""
+    T, E, k, d_in, N = 21, 4, 2, 20, 24
+    ids, meta = _row_layout(T, E, k, block=block)
+    R = meta.sorted_pairs_padded.numel()
+    x, W = randn(T, d_in), randn(E, N, d_in)
+    out = torch.full((R, N), NAN, device=DEVICE)
+    K.grouped_matmul(x, W, out, meta, a_by_token=True, weight_nk_strides=(W.stride(1), W.stride(2)),
+                     compute_dtype=torch.float32, config=tiles)
+    rows, pairs = _pair_rows(meta)
+    expected = torch.einsum("pd,pnd->pn", x.double()[pairs // k], W.double()[ids.reshape(-1)[pairs]])
+    assert rel_err(out[rows], expected) < 1e-6
+    empty = torch.ones(R, dtype=torch.bool, device=DEVICE)
+    empty[rows] = False
+    assert (meta.block_expert < 0).any() and empty.sum() > R - rows.numel() - 16  # padding and an unused tail
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+
+
 def test_combine_rows_configuration_follows_the_rows_strides_and_the_accumulator_dtype():
     """Two calls alike but for the rows' strides (a transposed copy's view), then for the output's (and so the
     accumulator's) dtype: each gets its own launch configuration, and the right mix (a configuration cached
