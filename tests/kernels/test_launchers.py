@@ -518,6 +518,28 @@ def test_grouped_weight_grad_split_over_rows(monkeypatch):
     assert rel_err(sums, onehot.t() @ x_rows.double()[rows]) < 1e-6
 
 
+def test_grouped_weight_grad_keeps_nonfinite_rows_in_their_expert():
+    """Inf and NaN in one expert's rows make only that expert's gradient (and row sum) non-finite: the other
+    experts' reductions, whose last row slice ends inside the next segment, read nothing of it."""
+    counts = [5, 15, 12]  # expert 0's padded segment (16 rows) ends halfway into a 32-row slice
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)]).to(DEVICE)[:, None]
+    T, E, NA, NB = ids.shape[0], len(counts), 12, 20
+    meta = dispatch_metadata(ids, E, 16)
+    R = meta.sorted_pairs_padded.numel()
+    rows, pairs = _pair_rows(meta)
+    e = ids.reshape(-1)[pairs]
+    left, right = randn(R, NA), randn(T, NB)
+    left[rows[e == 1]] = torch.tensor([float("inf"), NAN], device=DEVICE).repeat(NA // 2)
+    grad = K.grouped_weight_grad(left, right, meta, left_by_token=False, right_by_token=True,
+                                 compute_dtype=torch.float32, out_dtype=torch.float32)
+    sums = K.segment_sum(left, meta, out_dtype=torch.float32)
+    for x in (0, 2):
+        mine = e == x
+        assert rel_err(grad[x], left.double()[rows[mine]].t() @ right.double()[pairs[mine]]) < 1e-6
+        assert rel_err(sums[x], left.double()[rows[mine]].sum(0)) < 1e-6
+    assert not torch.isfinite(grad[1]).any() and not torch.isfinite(sums[1]).any()
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_combine_rows_backward(with_bias):
     """drows[r] = coef[p] * dy[p // k] (0 on padding), g[p] = <dy[p // k], rows[r] + bias[e]>."""
