@@ -10,7 +10,7 @@ from benchmarks import tile_candidates
 from conftest import DEVICE
 from helpers import TOLERANCE, rel_err
 from moelora.kernels import launchers as K
-from moelora.ops.routing import dispatch_metadata
+from moelora.ops.routing import dispatch_metadata, expert_layout
 from moelora.ops.moe_lora import dense_gates
 
 NAN = float("nan")
@@ -458,6 +458,27 @@ def test_combine_rows(anchored):
     anchor = z[:, :1] if anchored else torch.zeros_like(z[:, :1])
     expected = base.double() + anchor.squeeze(1) + (coef.double()[:, :, None] * (z - anchor)).sum(1)
     assert_only_view_written(big, y, expected, 1e-6)
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+def test_combine_rows_ignores_the_coefficients_of_slots_outside_the_layout(anchored):
+    """Slots left out of the layout (id -1) add nothing, whatever their coefficient holds (NaN here)."""
+    T, E, k, N = 29, 5, 3, 40
+    ids = torch.rand(T, E).argsort(1)[:, :k].to(DEVICE)
+    out_of_layout = torch.rand(T, k, device=DEVICE) < 0.3
+    out_of_layout[:, 0] = False  # the anchor slot stays in
+    ids[out_of_layout] = -1
+    meta = expert_layout(ids, E, 16)
+    R = meta.sorted_pairs_padded.numel()
+    rows, coef = randn(R, N), torch.rand(T, k, device=DEVICE)
+    coef[out_of_layout] = NAN
+    y = K.combine_rows(rows, meta, out_dtype=torch.float32, coef=coef, anchored=anchored)
+    z = rows.double()[meta.inverse_padded]  # [T, k, N]
+    anchor = z[:, :1] if anchored else torch.zeros_like(z[:, :1])
+    c = torch.where(out_of_layout, 0.0, coef.double())
+    expected = anchor.squeeze(1) + (c[:, :, None] * (z - anchor)).sum(1)
+    assert out_of_layout.any() and (meta.inverse_padded[out_of_layout] == -1).all()
+    assert torch.isfinite(y).all() and rel_err(y, expected) < 1e-6
 
 
 def test_scale_factors_split_every_accepted_scaling_into_two_fp32_factors():
