@@ -609,6 +609,36 @@ def test_mixing_weights_backward_reads_a_strided_g(normalize):
     assert rel_err(dw, w64.grad) < 1e-5
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_mixing_weights_backward_reads_g_of_kept_slots_only(normalize):
+    """Slots not kept (weight 0, or id outside [0, E)), slot 0 among them, leave g unwritten (NaN here): it is not
+    read, their gradient is 0 and the others' the float64 autograd gradient of the anchored mix
+    g_0 + sum_j c_j (g_j - g_0), c = w / max(sum w, tiny) over the kept slots; a row whose kept weights sum to
+    0 (0.25, -0.25) gets (g_i - g_0) / tiny."""
+    T, E, k = 37, 5, 3
+    ids = torch.rand(T, E).argsort(1)[:, :k].to(DEVICE)
+    w = torch.rand(T, k, device=DEVICE) + 0.1
+    w[::4, 0] = 0.0
+    ids[1::4, 0] = E
+    w[2::4, 2] = 0.0
+    w[3] = torch.tensor([0.25, -0.25, 0.0], device=DEVICE)
+    kept = (w != 0) & (ids < E)
+    g = randn(T, k)
+    g[3] *= 0.1  # (g_i - g_0) / tiny within float32's range
+    g[~kept] = NAN
+    dw = K.mixing_weights_backward(g.reshape(-1), ids, w, E, normalize)
+    w64 = torch.where(kept, w.double(), 0.0).requires_grad_()
+    g64 = torch.where(kept, g.double(), 0.0)
+    if normalize:
+        c = w64 / w64.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        loss = (g64[:, :1] + (c * (g64 - g64[:, :1])).sum(1, keepdim=True)).sum()
+    else:
+        loss = (w64 * g64).sum()
+    loss.backward()
+    assert torch.equal(dw[~kept], torch.zeros_like(dw[~kept]))
+    assert torch.isfinite(dw).all() and rel_err(dw, torch.where(kept, w64.grad, 0.0)) < 1e-5
+
+
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
                "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"), "relu": torch.relu}
 
