@@ -673,6 +673,26 @@ def test_glu_forward_backward(act, F_, gated):
         assert dhg is None
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_glu_backward_relu_gradient_at_exactly_zero_is_zero(gated):
+    """ReLU's derivative at an input of exactly 0 is 0, as torch.relu's (a zero pre-activation: zero weights or an
+    underflow), in the gate's gradient (gated) or the input's (ungated)."""
+    from moelora.ops.moe_ffn import ACTIVATION_CODES
+
+    T, E, k, F_ = 21, 4, 2, 40
+    ids, meta = _row_layout(T, E, k)
+    R = meta.sorted_pairs_padded.numel()
+    hg, hu, dout = randn(R, F_), randn(R, F_), randn(R, F_)
+    (hg if gated else hu)[:, ::3] = 0.0
+    code = ACTIVATION_CODES["relu"]
+    dhg, dhu = K.glu_backward(dout, hg if gated else None, hu, None, None, meta, ids, code)
+    r, _ = _pair_rows(meta)
+    g, u = hg.double()[r].requires_grad_(), hu.double()[r].requires_grad_()
+    ref = torch.relu(g) * u if gated else torch.relu(u)
+    ref_grads = torch.autograd.grad(ref, [g, u] if gated else [u], dout.double()[r])
+    assert rel_err((dhg if gated else dhu)[r], ref_grads[0]) < 1e-6
+
+
 @pytest.mark.parametrize("r", [3, 4], ids=["r3", "r4"])  # r read at run time / compiled in (a power of two)
 @pytest.mark.parametrize("shared_a", [True, False])
 def test_gated_expand(shared_a, r):
