@@ -331,6 +331,23 @@ def test_threshold_weights_use_eps_end_exactly_from_the_ramps_end(start, end):
             assert torch.equal(w, ref) and bool((w[:, 1] > 0).all()), (ramp, steps, w)
 
 
+@pytest.mark.parametrize("ramp", [0, 3], ids=["no_ramp", "ramp_ended"])
+@pytest.mark.parametrize("eps_end", [-0.0, -0.25])
+def test_threshold_weights_keep_every_slot_at_an_eps_not_above_zero_in_training(ramp, eps_end):
+    """An eps <= 0 (-0.0 passes the router's eps >= 0 check; a RouterSpec given to moe_lora_linear
+    may hold any) keeps every slot with training's draws too, as the PyTorch twin (noise <
+    p_hat / eps alone would keep the best slot only for a negative eps)."""
+    from moelora.ops.routing_modes import scheduled_eps, threshold_keep
+
+    top_p = torch.softmax(torch.randn(37, 6), -1).topk(3, dim=-1).values.to(DEVICE)
+    noise = torch.rand(37, 3, device=DEVICE)
+    num_steps = torch.tensor(ramp + 1, device=DEVICE)  # past the ramp's end
+    w = K.threshold_weights(top_p, noise, num_steps, eps_start=0.5, eps_end=eps_end, ramp_steps=ramp)
+    ref = threshold_keep(top_p, scheduled_eps(0.5, eps_end, ramp, num_steps), noise)
+    assert bool((w > 0).all())
+    torch.testing.assert_close(w, ref, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("r", [5, 4, 1], ids=["r5", "r4", "r1"])  # group read at run time / compiled in / one column
 def test_matmul_stacked_b_second_pair_and_sanitized_b(r):
     """B_stack read from [E, K, r]; [a | a2] @ [b ; b2]; a non-finite entry of b reaches only the
