@@ -1275,6 +1275,16 @@ def test_matmul_with_an_empty_first_product_computes_the_second():
         assert rel_err(out, expected) < TOLERANCE[torch.float32]
 
 
+def test_matmul_with_an_empty_reduction_gives_the_addend_or_zeros():
+    """K 0 and no second product: no kernel runs; the result (in a poisoned ``out`` view) is the addend, or
+    zeros without one."""
+    a, b, d = randn(20, 0), randn(0, 12), randn(20, 12)
+    for addend, expected in ((None, torch.zeros(20, 12, dtype=torch.float64)), (d, d.double())):
+        big, out = poisoned_view(20, 12)
+        K.matmul(a, b, out_dtype=torch.float32, compute_dtype=torch.float32, alpha=2.0, addend=addend, out=out)
+        assert_only_view_written(big, out, expected, 1e-12)
+
+
 def test_lora_down_with_more_router_columns_than_lora_columns():
     """E 40 router columns beside R 8 rows of A: the logits take more programs per token block than h."""
     T, d, R, E = 50, 20, 8, 40
