@@ -715,12 +715,13 @@ def test_glu_backward_relu_gradient_at_exactly_zero_is_zero(gated):
 def test_gated_expand(shared_a, r):
     T, E, k, N, s = 70, 5, 2, 40, 0.3
     ids, w = routing(T, E, k)
-    h, B, base = randn(T, r if shared_a else E * r), randn(E, N, r), randn(T, N)
+    h, B, base = randn(T, r if shared_a else E * r), randn(E, N, r), randn(N, T).t()  # base: a transposed view
+    bias = randn(2 * N)[::2]  # strided: read at its own stride
     G = dense_gates(ids, w, E, torch.float64) * s
     h3 = h.double().view(T, 1 if shared_a else E, r).expand(T, E, r)
-    expected = base.double() + torch.einsum("te,ter,enr->tn", G, h3, B.double())
+    expected = base.double() + bias.double() + torch.einsum("te,ter,enr->tn", G, h3, B.double())
     big, out = poisoned_view(T, N)
-    K.gated_expand(h, ids, w, B, scaling=s, shared_a=shared_a, base=base, out=out)
+    K.gated_expand(h, ids, w, B, scaling=s, shared_a=shared_a, base=base, bias=bias, out=out)
     assert_only_view_written(big, out, expected, 1e-6)
 
 
