@@ -288,6 +288,22 @@ def test_gated_expand_computes_the_router_aux_loss(tiles):
     assert rel_err(loss, ref_loss) < 1e-6 and rel_err(stats, ref_stats) < 1e-6 and counts is res.counts
 
 
+@pytest.mark.parametrize("T, N", [(300, 0), (0, 24)], ids=["no columns", "no tokens"])
+def test_gated_expand_with_an_empty_output_still_computes_the_router_aux_loss(T, N):
+    """An empty y (a layer of out_features 0; no tokens) still gets the aux loss, counts and stats
+    from the same launch, equal to router_aux_loss's (at T 0: zero loss and stats)."""
+    from moelora.ops.routing import route
+
+    res = route(randn(T, 6) * 3, 2, renormalize=True)
+    aux = K.RouterAux(res.counts, res.prob_sums, res.lse, 0.01, 0.001)
+    y, loss, stats, counts = K.gated_expand(randn(T, 4), res.ids, res.weights, randn(6, N, 4), scaling=0.5,
+                                            shared_a=True, aux=aux)
+    alone = K.router_aux_loss(res.ids, res.weights, aux)
+    assert y.shape == (T, N) and counts is res.counts
+    assert all(torch.equal(a, b) for a, b in zip(alone, (loss, stats, counts)))
+    assert T or (loss == 0 and (stats == 0).all())
+
+
 @pytest.mark.parametrize("ramp, E", [(0, 6), (4, 6), (0, 16)])
 @pytest.mark.parametrize("training", [True, False])
 def test_threshold_weights_and_kept_counts(training, ramp, E):
