@@ -128,6 +128,18 @@ def test_gate_backward_differentiates_router_and_aux_loss(mode, with_aux):
         assert torch.equal(K.router_backward(dw, routing_ref.ids, routing_ref.weights.float(), strided), dl_rows)
 
 
+@pytest.mark.parametrize("given", ["g_prob_sums", "g_lse"])
+def test_router_backward_takes_the_stat_gradients_together(given):
+    """g_prob_sums and g_lse go together (the kernel reads both or neither): one alone is a ValueError,
+    not a kernel reading a placeholder for the other."""
+    T, E, k = 10, 5, 2
+    ids, w = routing(T, E, k)
+    router = K.RouterGrad(randn(T, E), None, None, "softmax_topk", 0.01, 0.001)
+    stats = dict(g_prob_sums=randn(E), g_lse=randn(T))
+    with pytest.raises(ValueError, match="g_prob_sums and g_lse go together"):
+        K.router_backward(randn(T, k), ids, w, router, **{given: stats[given]})
+
+
 def test_lora_down_reads_x_once_for_h_and_logits():
     T, d, R, E = 70, 90, 24, 6
     x, a, wr = randn(T, 3 * d)[:, ::3], randn(R, d, dtype=torch.float64), randn(E, d)  # strided x, fp64 A
