@@ -273,6 +273,17 @@ def test_lora_weight_grad(with_router, splits):
         assert torch.isnan(big_r).all()
 
 
+@pytest.mark.parametrize("with_router", [False, True])
+def test_lora_weight_grad_without_tokens_writes_zeros(with_router):
+    """No tokens: dB, dA (and dW_router) are exact zeros, written into NaN buffers; no kernel runs."""
+    d_in, d_out, E, r, R = 40, 33, 5, 3, 15
+    db, da, dr = (torch.full(shape, NAN, device=DEVICE) for shape in ((E, d_out, r), (R, d_in), (E, d_in)))
+    K.lora_weight_grad(randn(0, d_out), randn(0, d_in), randn(0, E * r), randn(0, R), randn(0, E) if with_router
+                       else None, rank=r, scaling=1.0, dlora_b=db, dlora_a=da, drouter=dr if with_router else None)
+    assert torch.equal(db, torch.zeros_like(db)) and torch.equal(da, torch.zeros_like(da))
+    assert torch.equal(dr, torch.zeros_like(dr)) if with_router else torch.isnan(dr).all()
+
+
 def _expand_with_aux(res, weights, count_kept, tiles=None):
     """gated_expand over random h and B with the routing ``res`` (ids, and ``weights``) and its aux loss."""
     T, k = res.ids.shape
@@ -1398,6 +1409,18 @@ def test_grouped_matmul_halves_a_row_tile_four_times_larger_than_the_layout_bloc
     rows, pairs = _pair_rows(meta)
     expected = torch.einsum("pd,pnd->pn", x.double()[pairs // k], W.double()[ids.reshape(-1)[pairs]])
     assert rel_err(out[rows], expected) < 1e-6
+
+
+def test_grouped_matmul_refuses_a_layout_block_below_16_rows():
+    """A layout padded to 8 rows leaves no row tile of 16 (the least a dot takes) inside one expert: a ValueError
+    naming the layout block, not a launch with 8-row tiles."""
+    T, E, k, d_in, N = 20, 3, 2, 16, 24
+    ids, meta = _row_layout(T, E, k, block=8)
+    x, W = randn(T, d_in), randn(E, N, d_in)
+    out = torch.zeros(meta.sorted_pairs_padded.numel(), N, device=DEVICE)
+    with pytest.raises(ValueError, match="the layout block must be a multiple of 16 rows, got 8"):
+        K.grouped_matmul(x, W, out, meta, a_by_token=True, weight_nk_strides=(W.stride(1), W.stride(2)),
+                         compute_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("block, tiles", [(16, None), (32, K.TileConfig(16, 32, 16, 4, 1, 1))],
