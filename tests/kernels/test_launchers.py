@@ -475,10 +475,12 @@ def _pair_rows(meta):
     return rows, meta.sorted_pairs_padded[rows]
 
 
-def test_grouped_matmul_rows_with_second_operand_scale_and_gate_grad():
+@pytest.mark.parametrize("N", [24, 80], ids=["N24", "N80"])  # 80: wider than a column tile of the interpreter's (64)
+def test_grouped_matmul_rows_with_second_operand_scale_and_gate_grad(N):
     """Row r of expert e gets scale[p] * alpha * (x[t] @ W[e]^T + a2[t] @ W2[e]^T), t = p // k; the gate-gradient
-    epilogue writes dw[p] = <alpha * x[p // k] @ W[e]^T ..., h[p // k]>; the padding rows' zeros: test_grouped_matmul_writes_zeros_on_rows_without_a_pair."""
-    T, E, k, d_in, N = 37, 6, 2, 20, 24
+    epilogue writes dw[p] = <alpha * x[p // k] @ W[e]^T ..., h[p // k]>, a dot over all N columns (one column
+    tile, however wide). The padding rows' zeros: test_grouped_matmul_writes_zeros_on_rows_without_a_pair."""
+    T, E, k, d_in = 37, 6, 2, 20
     ids, meta = _row_layout(T, E, k)
     R = meta.sorted_pairs_padded.numel()
     x, W, W2, w = randn(T, d_in), randn(E, N, d_in), randn(E, d_in, N), torch.rand(T * k, device=DEVICE)
