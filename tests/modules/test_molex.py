@@ -1530,3 +1530,25 @@ def test_the_mixing_calls_run_with_use_cache_false_and_an_empty_legacy_cache_is_
         calls = [call for layer in stack.layers for call in layer.calls]
         assert len(calls) == 6 and sorted(use for use, _ in calls) == [False] * 3 + [True] * 3
         assert all(past == empty for _, past in calls)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_at_either_end_of_its_range_is_taken_fixed_or_learned(alpha):
+    """alpha = 0 and 1 are in its range [0, 1]: fixed, a = 0 makes layer t's output layer j's on z_t (a = 1: layer
+    t's own); learned, the logit starts at alpha clamped to [1e-4, 1 - 1e-4], finite, and gets a gradient."""
+    stack = Stack()
+    z = torch.randn(2, 5, 8, dtype=torch.float64)
+    molex = apply_molex(stack.double(), hidden_size=8, alpha=alpha)
+    with torch.no_grad():
+        out = stack(z)
+        expected = z
+        for t, layer in enumerate(stack.layers):
+            j = int(molex.choose(expected, t)[0])
+            expected = stack.layers[j if alpha == 0 else t].forward(expected)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    molex.remove()
+    learned = apply_molex(stack, hidden_size=8, alpha=alpha, learn_alpha=True)
+    a = min(max(alpha, 1e-4), 1 - 1e-4)
+    assert learned.alpha_logit.item() == pytest.approx(math.log(a / (1 - a)), rel=1e-6)
+    stack(z).sum().backward()
+    assert torch.isfinite(learned.alpha_logit.grad) and learned.alpha_logit.grad != 0
