@@ -1552,3 +1552,32 @@ def test_alpha_at_either_end_of_its_range_is_taken_fixed_or_learned(alpha):
     assert learned.alpha_logit.item() == pytest.approx(math.log(a / (1 - a)), rel=1e-6)
     stack(z).sum().backward()
     assert torch.isfinite(learned.alpha_logit.grad) and learned.alpha_logit.grad != 0
+
+
+@pytest.mark.parametrize("gate,bias,has_bias", [("linear", None, True), ("cosine", None, False),
+                                                ("cosine_sigmoid", None, False), ("linear", False, False),
+                                                ("cosine", True, True)])
+def test_only_the_linear_gate_has_a_bias_by_default_and_bias_overrides(gate, bias, has_bias):
+    """bias=None: the linear gate has one (the paper's nn.Linear(hidden, L)), the cosine gates' projection none;
+    bias=True / False give it or take it away, in the state dict too."""
+    molex = apply_molex(Stack(), hidden_size=8, gate=gate, proj_dim=4, bias=bias)
+    linear = molex.gates[0] if gate == "linear" else molex.gates[0].proj
+    assert (linear.bias is not None) == has_bias
+    keys = set(molex.state_dict())
+    assert any(k.endswith("bias") for k in keys) == has_bias
+
+
+@pytest.mark.parametrize("gate", ["cosine", "cosine_sigmoid"])
+def test_the_cosine_gates_project_to_proj_dim_else_to_hidden_size(gate):
+    """proj_dim sets the width of the cosine gates' projection and layer embeddings (None: hidden_size)."""
+    for proj_dim, width in [(3, 3), (None, 8)]:
+        g = apply_molex(Stack(), hidden_size=8, gate=gate, proj_dim=proj_dim).gates[0]
+        assert g.proj.weight.shape == (width, 8) and g.layer_embeddings.shape == (4, width)
+
+
+def test_the_cosine_gates_layer_embeddings_start_standard_normal():
+    """reset_parameters (and the constructor) draw the cosine gates' layer embeddings from N(0, 1)."""
+    from moelora.modules.molex import LayerGate
+    torch.manual_seed(0)
+    e = LayerGate(64, 32, "cosine").layer_embeddings.detach()
+    assert abs(e.mean().item()) < 0.1 and abs(e.std().item() - 1) < 0.1 and (e < 0).float().mean() > 0.4
