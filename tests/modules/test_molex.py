@@ -1581,3 +1581,29 @@ def test_the_cosine_gates_layer_embeddings_start_standard_normal():
     torch.manual_seed(0)
     e = LayerGate(64, 32, "cosine").layer_embeddings.detach()
     assert abs(e.mean().item()) < 0.1 and abs(e.std().item() - 1) < 0.1 and (e < 0).float().mean() > 0.4
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.3])
+def test_the_aux_loss_and_router_stats_match_a_float64_computation_from_each_layers_input(coef):
+    """aux_loss = aux_loss_coef * sum_t L sum_l f_l P_l, f_l the share of tokens whose top-1 is l and P_l the mean
+    softmax of layer t's gate logits (the own layer masked); router_stats' load and entropy are the means over the
+    layers of f and of the tokens' routing entropy. Against a float64 computation from each layer's input."""
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8, shared_gate=False, aux_loss_coef=coef)
+    inputs, z = [], torch.randn(3, 5, 8)
+    for layer in stack.layers:  # Stack.forward, keeping each layer's input
+        inputs.append(z.detach())
+        z = layer(z)
+    loss, loads, entropies = torch.zeros((), dtype=torch.float64), [], []
+    for t, (z, gate) in enumerate(zip(inputs, molex.gates)):
+        logits = z.reshape(-1, 8).double() @ gate.weight.double().T + gate.bias.double()
+        logits[:, t] = -math.inf
+        probs = torch.softmax(logits, dim=-1)
+        f = torch.nn.functional.one_hot(probs.argmax(-1), 4).double().mean(0)
+        loss += 4 * (f * probs.mean(0)).sum()
+        loads.append(f)
+        entropies.append(-torch.special.xlogy(probs, probs).sum(-1).mean())
+    stats = moelora.router_stats(stack)["molex"]
+    torch.testing.assert_close(moelora.aux_loss(stack).double(), coef * loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats["load"].double(), torch.stack(loads).mean(0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats["entropy"].double(), torch.stack(entropies).mean(), rtol=1e-5, atol=1e-7)
