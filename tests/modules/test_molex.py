@@ -1607,3 +1607,16 @@ def test_the_aux_loss_and_router_stats_match_a_float64_computation_from_each_lay
     torch.testing.assert_close(moelora.aux_loss(stack).double(), coef * loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(stats["load"].double(), torch.stack(loads).mean(0), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(stats["entropy"].double(), torch.stack(entropies).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_molex_applied_to_a_model_in_eval_mode_starts_in_eval_mode():
+    """apply_molex puts MoLEx in the model's mode: on an evaluated model (eval()) a no_grad forward is an evaluation,
+    its aux loss not flagged as lost; train() then switches both."""
+    stack = Stack().eval()
+    molex = apply_molex(stack, hidden_size=8)
+    assert not molex.training
+    with torch.no_grad():
+        stack(torch.randn(2, 3, 8))
+    assert not molex.aux_loss_lost_grad
+    stack.train()
+    assert molex.training
