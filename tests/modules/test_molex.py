@@ -1620,3 +1620,15 @@ def test_molex_applied_to_a_model_in_eval_mode_starts_in_eval_mode():
     assert not molex.aux_loss_lost_grad
     stack.train()
     assert molex.training
+
+
+def test_molex_is_refused_over_a_stack_an_adapter_saves_whole():
+    """An adapter whose modules_to_save holds the whole stack (a module above the layers) holds every layer: MoLEx
+    over it raises, naming that module, before changing the model."""
+    model = moelora.get_moelora_model(tiny_llama(num_layers=2), moelora.MoELoRAConfig(
+        target_modules=["q_proj"], layers_to_transform=[0], num_experts=1))
+    model.add_adapter("other", moelora.MoELoRAConfig(target_modules=["lm_head"], num_experts=1,
+                                                     modules_to_save=["layers"]))
+    with pytest.raises(ValueError, match=r"model\.layers: adapter 'other' holds it"):
+        apply_molex(model.model)
+    assert not hasattr(model.model, "molex")
