@@ -37,6 +37,9 @@ def _gather_inputs(T=3, k=2, d=4):
 
 x, sp, inv, w = _gather_inputs()
 y = torch.randn(6, 4)
+# 6 rows of ones followed in memory by a row of 7s: a kernel reading one row past b_sorted reads that row.
+_past = torch.ones(7, 4)
+_past[6] = 7.0
 
 CASES = {
     # router_topk(logits [T, E], top_k, mode, renormalize)
@@ -134,6 +137,8 @@ CASES = {
     "combine/positions_out_of_range": (lambda: ops.combine(y, sp, torch.tensor([[0, 10**12], [-9, 1], [5, 6]]), None),
                                        ("returns", lambda out: torch.equal(out[0], y[0]) and torch.equal(out[1], y[1])
                                         and torch.equal(out[2], y[5]))),
+    "combine/int32_inverse": (lambda: ops.combine(y, sp, inv.int(), None),
+                              (TypeError, r"inverse must be int64, got Int")),
     "combine/inverse_on_meta": (lambda: ops.combine(y, sp, inv.to("meta"), None),
                                 (ValueError, r"combine: inverse must be on y_sorted's device cpu, got meta")),
     "combine/weights_on_meta": (lambda: ops.combine(y, sp, inv, w.to("meta")),
@@ -155,6 +160,12 @@ CASES = {
                                (ValueError, r"pair_dot: b_sorted has 5 rows but sorted_pairs has 6 entries")),
     "pair_dot/positions_out_of_range": (lambda: ops.pair_dot(x, y, sp, torch.tensor([[0, 10**12], [-3, 1], [2, 3]])),
                                         ("returns", lambda out: out.shape == (3, 2) and out[0, 1] == 0 and out[1, 0] == 0)),
+    "pair_dot/a_rows": (lambda: ops.pair_dot(torch.randn(2, 4), y, sp, inv),
+                        (ValueError, r"pair_dot: a must have shape \[T, d\] = \[3, 4\], got \[2, 4\]")),
+    # A position equal to b_sorted's row count is out of range too: 0, the row after b_sorted is not read.
+    "pair_dot/position_equal_to_rows": (lambda: ops.pair_dot(torch.ones(3, 4), _past[:6], sp,
+                                                             torch.tensor([[0, 6], [1, 2], [3, 4]])),
+                                        ("returns", lambda out: out.tolist() == [[4.0, 0.0], [4.0, 4.0], [4.0, 4.0]])),
     "pair_dot/a_on_meta": (lambda: ops.pair_dot(x.to("meta"), y, sp, inv),
                            (ValueError, r"pair_dot: a must be on b_sorted's device cpu, got meta")),
     "pair_dot/b_sorted_on_meta": (lambda: ops.pair_dot(x, y.to("meta"), sp.to("meta"), inv.to("meta")),
