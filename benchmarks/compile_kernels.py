@@ -47,8 +47,9 @@ POINTERS = {"row_pair_ptr": "*i64", "starts_ptr": "*i64", "counts_ptr": "*i64", 
             "block_expert_ptr": "*i32", "ids_ptr": "*i32", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
             "h_ptr": "*fp32", "dw_ptr": "*fp32", "g_ptr": "*fp32"}
 # The dense kernels' fp32 / int operands (routing, statistics, the r-wide intermediates).
-DENSE_POINTERS = {"hg_ptr": "*bf16", "num_steps_ptr": "*i64", "kept_ptr": "*i64", "g_aux_ptr": "*fp32", "logits_ptr": "*fp32",
-                  "dl_ptr": "*fp32", "dh_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "dhg_ptr": "*fp32",
+DENSE_POINTERS = {"hg_ptr": "*bf16", "num_steps_ptr": "*i64", "kept_ptr": "*i64", "g_aux_ptr": "*fp32",
+                  "logits_ptr": "*fp32", "dl_ptr": "*fp32", "dh_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32",
+                  "dhg_ptr": "*fp32",
                   "loss_ptr": "*fp32", "stats_ptr": "*fp32", "prob_sums_ptr": "*fp32", "lse_ptr": "*fp32",
                   "top_p_ptr": "*fp32", "noise_ptr": "*fp32", "l_ptr": "*fp32", "a_ptr": "*fp32", "r_ptr": "*fp32"}
 
@@ -340,7 +341,7 @@ def traced_jobs():
             T, k = 4096, 4  # 256 rows per expert: the "many" shape classes of S3
             x, dy = rand(T, d), rand(T, d)
             for name, E, a in (("S3 moe_lora grouped", 64, rand(64, d)), ("moe_lora grouped per-expert A", 32,
-                                                                           rand(32, 32, d))):
+                                                                          rand(32, 32, d))):
                 ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
                 w = torch.rand(T, k, generator=gen)
                 b = rand(E, d, a.shape[-2])
@@ -397,7 +398,7 @@ def traced_jobs():
             ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].to(torch.int32)
             gates = torch.rand(T, k, generator=gen).requires_grad_()
             weights = [rand(*shape).requires_grad_() for shape in ((E, d_ff, d), (E, d_ff), (E, d, d_ff), (E, d),
-                                                                    (E, d_ff, d), (E, d_ff))]
+                                                                   (E, d_ff, d), (E, d_ff))]
             xf = x.detach().requires_grad_()
             plan = MF.ffn_plan(xf, weights[0], weights[2], weights[4], k, "triton")
             y = MF._EagerMoEFFN.apply(xf, ids, gates, *weights, MF.ACTIVATION_CODES["silu"], True, False, plan)

@@ -166,7 +166,7 @@ def measure(device: torch.device) -> List[dict]:
         # mixed precision as the HF Trainer's bf16=True runs it: fp32 weights, torch.autocast
         x32, dy32 = x.detach().float().requires_grad_(), dy.float()
         _record("MoELoRALinear fwd+bwd (softmax_topk), autocast", _training_step(_layer(device, torch.float32, D), x32,
-                                                                                dy32, autocast=True), out,
+                                                                                 dy32, autocast=True), out,
                 LAYER_NOTE + "; fp32 weights, torch.autocast(bfloat16): casts of x, W and b")
         # padding left out of the aux loss (about 10% of the tokens): the masked loss's kernels in place of the unmasked
         masked = _layer(device, dtype, D)

@@ -357,7 +357,8 @@ DELTA = [
 ] + _peer_impls("delta") + [
     Impl("moelora-torch", "delta", _moelora("torch"), moelora=True, description="moelora torch backend (einsum)"),
     Impl("moelora-triton", "delta", _moelora("triton", "auto"), _needs_cuda, True, "moelora Triton, regime auto"),
-    Impl("moelora-triton-dense", "delta", _moelora("triton", "dense"), _needs_cuda, True, "moelora Triton, dense forced"),
+    Impl("moelora-triton-dense", "delta", _moelora("triton", "dense"), _needs_cuda, True,
+         "moelora Triton, dense forced"),
     Impl("moelora-triton-grouped", "delta", _moelora("triton", "grouped"), _needs_cuda, True,
          "moelora Triton, grouped forced"),
 ]

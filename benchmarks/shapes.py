@@ -85,4 +85,3 @@ def decode_shape(base: Shape, tokens: int) -> Shape:
     """``base``'s whole layer at ``tokens`` tokens as decoding runs it: a batch of ``tokens``
     sequences each adding one token (so one task per token under task routing)."""
     return replace(base.with_tokens(tokens), layer=True, sequence_len=1, note=f"decode: {tokens} sequences x 1 token")
-

@@ -50,8 +50,8 @@ def _ratio_target(out, name, case, base, limit, what, strict=False):
     eager medians; the ratio of their device times beside it where recorded)."""
     if case and base:
         r = case["median_ms"] / base["median_ms"]
-        out.append(_target(name, r < limit if strict else r <= limit, f"{r:.3f}x ({case['median_ms']:.4f} ms vs {base['median_ms']:.4f} ms)"
-                           + _device_ratio(case, base)))
+        measured = f"{r:.3f}x ({case['median_ms']:.4f} ms vs {base['median_ms']:.4f} ms)" + _device_ratio(case, base)
+        out.append(_target(name, r < limit if strict else r <= limit, measured))
     else:
         out.append(_target(name, None, f"{what} not measured"))
 
@@ -95,7 +95,8 @@ def evaluate(results: dict) -> List[dict]:
                                      ("MoELoRALinear", "moelora-MoELoRALinear", "layer", 0.45)):
         c = _find(cases, "S1", group, "fwdbwd", impl)
         host = c.get("host_median_ms") if c else None
-        out.append(_target(f"S1 host enqueue per fwd+bwd, {name} <= {limit} ms", None if host is None else host <= limit,
+        out.append(_target(f"S1 host enqueue per fwd+bwd, {name} <= {limit} ms",
+                           None if host is None else host <= limit,
                            f"{host:.3f} ms, {c.get('kernels_per_iter')} kernels" if host is not None else
                            f"{impl} S1 fwdbwd not measured"))
     graph = results.get("checks", {}).get("cuda_graph_S1", {})
@@ -110,9 +111,11 @@ def evaluate(results: dict) -> List[dict]:
     # ---- issue 11
     f = _find(cases, "S5", "ffn", "fwdbwd", "moelora-ffn")
     _ratio_target(out, "S5 moe_ffn fwd+bwd <= 0.90x torch-grouped-mm-ffn", f,
-                  _find(cases, "S5", "ffn", "fwdbwd", "torch-grouped-mm-ffn"), 0.90, "moelora-ffn or torch-grouped-mm-ffn")
+                  _find(cases, "S5", "ffn", "fwdbwd", "torch-grouped-mm-ffn"), 0.90,
+                  "moelora-ffn or torch-grouped-mm-ffn")
     floor = f.get("compute_floor_ms") if f else None  # the FLOPs at the measured matmul rate, not max(memory, compute)
-    out.append(_target("S5 moe_ffn fwd+bwd <= 1.4x the compute floor", None if not floor else f["median_ms"] / floor <= 1.4,
+    out.append(_target("S5 moe_ffn fwd+bwd <= 1.4x the compute floor",
+                       None if not floor else f["median_ms"] / floor <= 1.4,
                        f"{f['median_ms'] / floor:.2f}x ({f['median_ms']:.4f} ms vs {floor:.4f} ms)" if floor else
                        "moelora-ffn S5 not measured"))
     c = _find(cases, "S3", "delta", "fwdbwd", "moelora-triton")
@@ -122,7 +125,8 @@ def evaluate(results: dict) -> List[dict]:
                        "moelora-triton S3 not measured"))
     for shape in ("S2", "S4"):
         _ratio_target(out, f"{shape} fwd+bwd <= torch-dense", _find(cases, shape, "delta", "fwdbwd", "moelora-triton"),
-                      _find(cases, shape, "delta", "fwdbwd", "torch-dense"), 1.0, f"moelora-triton or torch-dense {shape}")
+                      _find(cases, shape, "delta", "fwdbwd", "torch-dense"), 1.0,
+                      f"moelora-triton or torch-dense {shape}")
     return out
 
 

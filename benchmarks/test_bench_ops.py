@@ -64,7 +64,7 @@ def test_delta_fwd_bwd(benchmark, name, shape):
         out = benchmark(_fwd_bwd, prepared, s["grad_out"])
     with torch.no_grad():
         ref = moelora.ops.reference.moe_lora_torch(s["x"].double(), s["a"].double(), s["b"].double(), s["ids"],
-                                              s["w"].double(), scaling=shape.scaling)
+                                                   s["w"].double(), scaling=shape.scaling)
     y = out[0].detach().double()
     assert torch.isfinite(y).all()
     assert float((y - ref).norm() / ref.norm()) < TOL

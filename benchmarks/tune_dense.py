@@ -202,8 +202,8 @@ def paste_text(report: dict) -> str:
     for shape_class, tiles in report["dense_configs"].items():
         entry = report["tiles"][shape_class]
         args = ", ".join(f"{name}={value}" for name, value in tiles.items())
-        lines.append(f'    "{shape_class}": dict({args}),  # {entry["best_ms"]:.4f} ms, '
-                     f'default {entry["default_ms"]:.4f} ms')
+        lines.append(f'    # {entry["best_ms"]:.4f} ms, default {entry["default_ms"]:.4f} ms')
+        lines.append(f'    "{shape_class}": dict({args}),')
     lines.append("}")
     return "\n".join(lines)
 

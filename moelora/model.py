@@ -1491,7 +1491,8 @@ class MoELoRAModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print the counts of :meth:`get_nb_trainable_parameters`, as PEFT's."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -1810,6 +1811,6 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
                 raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
             wrapped, target = get_moelora_model(model, config), 0
         layers, extras = persistence.check_peft_checkpoint(peft_config, wrapped.model, modules, others, target,
-                                                               weights_path)
+                                                           weights_path)
     persistence.copy_peft_checkpoint(peft_config, modules, layers, extras, target)
     return wrapped

@@ -395,7 +395,8 @@ def _config_file(directory: str, name: str, other: str, other_is: str) -> str:
     elif os.path.isdir(directory):
         named = sorted(d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, name)))
         if named:
-            hint = f"; its subfolders {named} hold adapters (save_pretrained writes adapters other than 'default' there)"
+            hint = (f"; its subfolders {named} hold adapters (save_pretrained writes adapters other than "
+                    "'default' there)")
     raise FileNotFoundError(f"{path}: no such file (the adapter's config){hint}")
 
 

@@ -29,7 +29,8 @@ IDS = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
 W = torch.rand(T, K, generator=g)
 W_IN, W_OUT = torch.randn(E, FF, D, generator=g), torch.randn(E, D, FF, generator=g)
 META = moelora.dispatch_metadata(IDS, E)
-META_ON_META = META._replace(**{n: getattr(META, n).to("meta") for n in ("counts", "offsets", "sorted_pairs", "inverse")})
+META_ON_META = META._replace(**{n: getattr(META, n).to("meta")
+                                for n in ("counts", "offsets", "sorted_pairs", "inverse")})
 
 
 def lora(**over):
@@ -38,7 +39,7 @@ def lora(**over):
     kw.update(over)
     return lambda: moelora.moe_lora(kw["x"], kw["lora_a"], kw["lora_b"], kw["topk_ids"], kw["topk_weights"],
                                     backend=extra.get("backend", "torch"), **{k: v for k, v in extra.items()
-                                                                             if k != "backend"})
+                                                                              if k != "backend"})
 
 
 def linear(**over):
@@ -133,11 +134,12 @@ def finite_shape(shape):
 
 CASES = {
     # moe_lora
-    "moe_lora/int_x": (lora(x=X.int()), (TypeError, r"x must be float16, bfloat16, float32 or float64, got torch.int32")),
+    "moe_lora/int_x": (lora(x=X.int()),
+                       (TypeError, r"x must be float16, bfloat16, float32 or float64, got torch.int32")),
     "moe_lora/list_x": (lora(x=[1.0]), (TypeError, r"x must be a torch.Tensor, got list")),
     "moe_lora/0d_x": (lora(x=torch.tensor(1.0)), (ValueError, r"^x must have shape \[..., d_in\], got a 0-d tensor$")),
     "moe_lora/int16_ids": (lora(topk_ids=IDS.to(torch.int16)), (TypeError, r"^topk_ids must be int32 or int64, got "
-                                                                          r"torch.int16$")),
+                                                                r"torch.int16$")),
     "moe_lora/ids_on_other_device": (lora(topk_ids=IDS.to("meta")),
                                      (ValueError, r"^topk_ids is on meta but x is on cpu; all inputs must share a "
                                                   r"device$")),
@@ -159,13 +161,15 @@ CASES = {
     "moe_lora/rank_zero": (lora(lora_a=A[:0], lora_b=B[..., :0]),
                            (ValueError, r"^lora_b must have E >= 1 and r >= 1, got shape \(3, 4, 0\)$")),
     "moe_lora/scaling_bool": (lora(scaling=True), (TypeError, r"^scaling must be a finite Python number, got True$")),
-    "moe_lora/ids_other_leading_shape": (lora(x=X.view(2, 3, D), topk_ids=IDS.view(3, 2, K), topk_weights=W.view(3, 2, K)),
+    "moe_lora/ids_other_leading_shape": (lora(x=X.view(2, 3, D), topk_ids=IDS.view(3, 2, K),
+                                              topk_weights=W.view(3, 2, K)),
                                          (ValueError, r"topk_ids must have shape \[6, k\] or \[2, 3, 'k'\]")),
     "moe_lora/scaling_string": (lora(scaling="2"), (TypeError, r"scaling must be a finite Python number, got '2'")),
     "moe_lora/scaling_nan": (lora(scaling=math.nan), (TypeError, r"scaling must be a finite Python number, got nan")),
     "moe_lora/ids_out_of_range": (lora(topk_ids=IDS + 1), (ValueError, r"topk_ids must lie in \[0, 3\), got values in "
                                                                        r"\[1, 3\]")),
-    "moe_lora/ids_out_of_range_unvalidated": (unvalidated(lora(topk_ids=IDS * 1000 - 7)), ("returns", finite_shape((T, 4)))),
+    "moe_lora/ids_out_of_range_unvalidated": (unvalidated(lora(topk_ids=IDS * 1000 - 7)),
+                                              ("returns", finite_shape((T, 4)))),
     # few tokens, no gradient: the PyTorch backend's gathered form, which indexes lora_b by the ids, runs only where
     # they are known to lie in [0, E) (validation off: they are not)
     "moe_lora/ids_out_of_range_unvalidated_few_tokens": (
@@ -173,21 +177,23 @@ CASES = {
     "moe_lora/empty_batch": (lora(x=X[:0], topk_ids=IDS[:0], topk_weights=W[:0]), ("returns", finite_shape((0, 4)))),
     # the meta device holds no values: the syncing checks skip themselves there (as under torch.compile)
     "moe_lora/meta_device": (lora(**{n: t.to("meta") for n, t in dict(x=X, lora_a=A, lora_b=B, topk_ids=IDS,
-                                                                        topk_weights=W).items()}),
+                                                                      topk_weights=W).items()}),
                              ("returns", lambda out: out.is_meta and tuple(out.shape) == (T, 4))),
-    "moe_lora/backend_name": (lora(backend="cuda"), (ValueError, r"backend must be one of \('auto', 'torch', 'triton'\), "
-                                                                 r"got 'cuda'")),
-    "moe_lora/scaling_int_beyond_float": (lora(scaling=10 ** 400), (TypeError, r"scaling must be a finite Python number")),
+    "moe_lora/backend_name": (lora(backend="cuda"),
+                              (ValueError, r"backend must be one of \('auto', 'torch', 'triton'\), got 'cuda'")),
+    "moe_lora/scaling_int_beyond_float": (lora(scaling=10 ** 400),
+                                          (TypeError, r"scaling must be a finite Python number")),
     "moe_lora/scaling_beyond_triton_range": (lora(scaling=1e80, backend="triton"),
-                                             (ValueError, r"scaling must be 0 or of magnitude in \[2\*\*-250, 2\*\*250\] "
-                                                          r"on the Triton backend .* got 1e\+80; backend='torch' takes it")),
+                                             (ValueError, r"scaling must be 0 or of magnitude in "
+                                                          r"\[2\*\*-250, 2\*\*250\] on the Triton backend .* "
+                                                          r"got 1e\+80; backend='torch' takes it")),
     "moe_lora/scaling_beyond_triton_range_on_torch": (lora(scaling=1e80, lora_b=torch.zeros(E, 4, R)),
                                                       ("returns", finite_shape((T, 4)))),
     "moe_lora/zero_width_per_expert_a_dense": (lora(x=X[:, :0], lora_a=torch.randn(E, R, 0), backend="triton",
                                                     regime="dense"), ("returns", finite_shape((T, 4)))),
     "moe_lora/grouped_beyond_max_experts": (lora(lora_b=torch.randn(5000, 4, R), backend="triton", regime="grouped"),
-                                            (ValueError, r"regime='grouped' sorts the pairs by expert, for at most 4096 "
-                                                         r"experts: lora_b.shape\[0\] is 5000")),
+                                            (ValueError, r"regime='grouped' sorts the pairs by expert, for at "
+                                                         r"most 4096 experts: lora_b.shape\[0\] is 5000")),
     "moe_lora/auto_beyond_max_experts": (lora(lora_b=torch.randn(5000, 4, R), backend="triton"),
                                          ("returns", finite_shape((T, 4)))),
     # moe_lora_linear (the fused layer's op): its Triton path reads every tensor with the sizes the others imply,
@@ -280,7 +286,8 @@ CASES = {
     "moe_ffn/stacked_gate_none": (ffn(stacked_gate=None), (TypeError, r"^stacked_gate must be a bool, got NoneType$")),
     "moe_ffn/w_out_none": (ffn(w_out=None), (TypeError, r"^w_out must be a torch.Tensor, got NoneType$")),
     "moe_ffn/list_x": (ffn(x=[[1.0]]), (TypeError, r"x must be a torch.Tensor, got list")),
-    "moe_ffn/bias_shape": (ffn(b_in=torch.zeros(E, FF + 1)), (ValueError, r"b_in must have shape \[3, 5\], got \(3, 6\)")),
+    "moe_ffn/bias_shape": (ffn(b_in=torch.zeros(E, FF + 1)),
+                           (ValueError, r"b_in must have shape \[3, 5\], got \(3, 6\)")),
     "moe_ffn/w_gate_shape": (ffn(w_gate=torch.zeros(E, FF, D + 1)), (ValueError, r"w_gate must have w_in's shape "
                                                                                  r"\(3, 5, 8\), got \(3, 5, 9\)")),
     # w_in's rows are [gate; up] with stacked_gate: an odd count cannot be split in halves
@@ -297,11 +304,13 @@ CASES = {
     "moe_ffn/routing_of_other_token_count": (ffn(topk_ids=IDS[:-1], topk_weights=W[:-1]),
                                              (ValueError, r"^topk_ids and topk_weights must both have shape "
                                                           r"\[T = 6, k\], got \(5, 2\) and \(5, 2\)$")),
-    "moe_ffn/float_ids": (ffn(topk_ids=IDS.float()), (TypeError, r"topk_ids must be int32 or int64, got torch.float32")),
+    "moe_ffn/float_ids": (ffn(topk_ids=IDS.float()),
+                          (TypeError, r"topk_ids must be int32 or int64, got torch.float32")),
     "moe_ffn/ids_out_of_range": (ffn(topk_ids=IDS + 3), (ValueError, r"topk_ids must lie in \[0, 3\)")),
     # the expert sort's bounds (1 <= k <= E, E >= 1), checked on both paths: the PyTorch fallback of the sort
     # accepted what the native op refuses
-    "moe_ffn/k_above_experts": (ffn(topk_ids=torch.zeros(T, E + 1, dtype=torch.long), topk_weights=torch.rand(T, E + 1)),
+    "moe_ffn/k_above_experts": (ffn(topk_ids=torch.zeros(T, E + 1, dtype=torch.long),
+                                    topk_weights=torch.rand(T, E + 1)),
                                 (ValueError, r"^k \(topk_ids.shape\[1\]\) must be in \[1, num_experts=3\], got 4$")),
     "moe_ffn/k_above_experts_fallback": (
         fallback(unvalidated(ffn(topk_ids=torch.zeros(T, E + 1, dtype=torch.long), topk_weights=torch.rand(T, E + 1)))),
@@ -312,8 +321,8 @@ CASES = {
                                     (ValueError, r"^moe_ffn needs at least one expert: w_in.shape\[0\] is 0$")),
     "moe_ffn/ids_out_of_range_unvalidated": (unvalidated(ffn(topk_ids=IDS - 5)), ("returns", finite_shape((T, D)))),
     "moe_ffn/normalize_zero_sum": (ffn(topk_weights=torch.tensor([[0.5, -0.5]] * T), normalize=True),
-                                   (ValueError, r"normalize=True needs the kept topk_weights of every token to sum to a "
-                                                r"positive value")),
+                                   (ValueError, r"normalize=True needs the kept topk_weights of every token to "
+                                                r"sum to a positive value")),
     # the kept weights sum to a subnormal float32: dividing by it overflows
     "moe_ffn/normalize_subnormal_sum": (ffn(topk_weights=torch.full((T, K), 1e-39), normalize=True),
                                         (ValueError, r"normalize=True needs the kept topk_weights of every token to "
@@ -322,12 +331,13 @@ CASES = {
     "route/int_logits": (lambda: moelora.route(torch.ones(3, 4, dtype=torch.long), 2),
                          (TypeError, r"logits must be float16, bfloat16, float32 or float64, got torch.int64")),
     "route/float_top_k": (lambda: moelora.route(torch.randn(3, 4), 2.0), (TypeError, r"top_k must be int, got float")),
-    "route/top_k_above_E": (lambda: moelora.route(torch.randn(3, 4), 9), (ValueError, r"top_k must be in \[1, num_experts=4\], "
-                                                                                     r"got 9")),
+    "route/top_k_above_E": (lambda: moelora.route(torch.randn(3, 4), 9),
+                            (ValueError, r"top_k must be in \[1, num_experts=4\], got 9")),
     "route/mode": (lambda: moelora.route(torch.randn(3, 4), 2, mode="sigmoid"),
                    (ValueError, r"mode must be one of \('softmax_topk', 'topk_softmax'\), got 'sigmoid'")),
     "route/mode_list": (lambda: moelora.route(torch.randn(3, 4), 2, mode=["softmax_topk"]),
-                        (ValueError, r"mode must be one of \('softmax_topk', 'topk_softmax'\), got \['softmax_topk'\]")),
+                        (ValueError, r"mode must be one of \('softmax_topk', 'topk_softmax'\), "
+                                     r"got \['softmax_topk'\]")),
     "route/too_many_experts": (lambda: moelora.route(torch.randn(3, 5000), 2),
                                (ValueError, r"logits.shape\[-1\] \(the number of experts\) must be in \[1, 4096\], "
                                             r"got 5000")),
@@ -346,7 +356,7 @@ CASES = {
     "dispatch_metadata/block_size_float": (lambda: moelora.dispatch_metadata(IDS, E, block_size=4.0),
                                            (TypeError, r"block_size must be int, got float")),
     "dispatch_metadata/num_experts_above_cap": (lambda: moelora.dispatch_metadata(IDS, 5000),
-                                               (ValueError, r"num_experts must be in \[1, 4096\], got 5000")),
+                                                (ValueError, r"num_experts must be in \[1, 4096\], got 5000")),
     "dispatch_metadata/bool_num_experts": (lambda: moelora.dispatch_metadata(IDS, True),
                                            (TypeError, r"num_experts must be int, got bool")),
     "dispatch_metadata/float_ids": (lambda: moelora.dispatch_metadata(IDS.float(), E),
@@ -380,10 +390,11 @@ CASES = {
                                                                       r"number, got str '16'")),
     "config/num_experts_float": (config(num_experts=4.0), (TypeError, r"MoELoRAConfig.num_experts must be a positive "
                                                                       r"int.*got float 4.0")),
-    "config/top_k_float": (config(top_k=2.5), (TypeError, r"MoELoRAConfig.top_k must be a positive int, got float 2.5")),
+    "config/top_k_float": (config(top_k=2.5),
+                           (TypeError, r"MoELoRAConfig.top_k must be a positive int, got float 2.5")),
     "config/task_router_per_layer_experts": (config(router="task", num_experts=[2, 3]),
-                                              (ValueError, r"^router='task' routes each example to the expert of its "
-                                                           r"task in every layer.*got \[2, 3\]$")),
+                                             (ValueError, r"^router='task' routes each example to the expert of its "
+                                              r"task in every layer.*got \[2, 3\]$")),
     "config/task_router_expert_preset": (config(router="task", num_experts="2468"),
                                          (ValueError, r"num_experts must be an int \(the number of tasks\)")),
     "config/lora_alpha_inf": (config(lora_alpha=math.inf), (ValueError, r"MoELoRAConfig.lora_alpha must be a finite "
@@ -502,12 +513,12 @@ CASES = {
     "MoEFFN/in_proj_identity": (
         lambda: moelora.MoEFFN(torch.nn.Identity(), torch.nn.Linear(16, 8), F.silu, 4, 2),
         (TypeError, r"^in_proj \(an FFN projection\) must be one of the nn.Linear or transformers Conv1D layers, "
-                     r"got Identity$")),
+         r"got Identity$")),
     "MoEFFN/gate_proj_tensor": (
         lambda: moelora.MoEFFN(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), F.silu, 4, 2,
                                gate_proj=torch.randn(16, 8)),
         (TypeError, r"^gate_proj \(an FFN projection\) must be one of the nn.Linear or transformers Conv1D layers, "
-                     r"got Tensor$")),
+         r"got Tensor$")),
     "MoEFFN/in_proj_none": (lambda: moelora.MoEFFN(None, torch.nn.Linear(16, 8), F.silu, 4, 2),
                             (TypeError, r"^in_proj \(an FFN projection\) must be one of the nn.Linear .* "
                                         r"got NoneType$")),
@@ -554,8 +565,9 @@ CASES = {
                                                               r"layers take hidden states of width 16")),
     "apply_molex/hidden_size_float": (molex(hidden_size=16.0), (TypeError, r"^hidden_size must be a positive int, "
                                                                            r"got float 16.0$")),
-    "apply_molex/layers_int": (molex(layers=3), (TypeError, r"^layers must be a dotted name \(str\), one of the model's "
-                                                           r"nn.ModuleLists or None \(the one stack it has\), got int 3$")),
+    "apply_molex/layers_int": (molex(layers=3),
+                               (TypeError, r"^layers must be a dotted name \(str\), one of the model's "
+                                           r"nn.ModuleLists or None \(the one stack it has\), got int 3$")),
     "apply_molex/layers_list_of_names": (molex(layers=["model.layers"]),
                                          (TypeError, r"^layers must be a dotted name .* got list \['model.layers'\]$")),
     "MoLEx/layers_list": (lambda: moelora.MoLEx([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)], 8),

@@ -68,7 +68,8 @@ CASES = {
     "dispatch_metadata/too_many_experts": (lambda: ops.dispatch_metadata(_ids(4, 1), 4097, 0),
                                            (ValueError, r"num_experts must be in \[1, 4096\], got 4097")),
     "dispatch_metadata/k_above_E": (lambda: ops.dispatch_metadata(_ids(4, 3), 2, 0),
-                                    (ValueError, r"topk_ids.shape\[1\] \(k\) must be in \[1, num_experts = 2\], got 3")),
+                                    (ValueError, r"topk_ids.shape\[1\] \(k\) must be in \[1, num_experts = 2\], "
+                                                 r"got 3")),
     "dispatch_metadata/k_zero": (lambda: ops.dispatch_metadata(_ids(4, 0), 2, 0),
                                  (ValueError, r"\(k\) must be in \[1, num_experts = 2\], got 0")),
     "dispatch_metadata/negative_block_size": (lambda: ops.dispatch_metadata(_ids(4, 1), 2, -1),
@@ -99,7 +100,8 @@ CASES = {
     "dispatch/k_zero_inverse": (lambda: ops.dispatch(x, sp, _ids(3, 0), None),
                                 (ValueError, r"dispatch: inverse must have shape \[T, k\] with k >= 1, got \[3, 0\]")),
     "dispatch/weights_shape": (lambda: ops.dispatch(x, sp, inv, w[:, :1]),
-                               (ValueError, r"dispatch: weights must have the shape of inverse \[3, 2\], got \[3, 1\]")),
+                               (ValueError, r"dispatch: weights must have the shape of inverse \[3, 2\], "
+                                            r"got \[3, 1\]")),
     "dispatch/int_weights": (lambda: ops.dispatch(x, sp, inv, w.long()),
                              (TypeError, r"weights must be float16, bfloat16, float32 or float64, got Long")),
     "dispatch/rows_mismatch": (lambda: ops.dispatch(torch.randn(4, 4), sp, inv, None),
@@ -159,7 +161,8 @@ CASES = {
     "pair_dot/rows_mismatch": (lambda: ops.pair_dot(x, torch.randn(5, 4), sp, inv),
                                (ValueError, r"pair_dot: b_sorted has 5 rows but sorted_pairs has 6 entries")),
     "pair_dot/positions_out_of_range": (lambda: ops.pair_dot(x, y, sp, torch.tensor([[0, 10**12], [-3, 1], [2, 3]])),
-                                        ("returns", lambda out: out.shape == (3, 2) and out[0, 1] == 0 and out[1, 0] == 0)),
+                                        ("returns",
+                                         lambda out: out.shape == (3, 2) and out[0, 1] == 0 and out[1, 0] == 0)),
     "pair_dot/a_rows": (lambda: ops.pair_dot(torch.randn(2, 4), y, sp, inv),
                         (ValueError, r"pair_dot: a must have shape \[T, d\] = \[3, 4\], got \[2, 4\]")),
     # A position equal to b_sorted's row count is out of range too: 0, the row after b_sorted is not read.

@@ -332,4 +332,3 @@ def test_a_copied_tree_names_its_commit_and_leaves_its_cleanliness_unknown(monke
     monkeypatch.setenv("MOELORA_GIT_COMMIT", "abc123")
     meta = report.metadata(torch.device("cpu"))
     assert meta["git_commit"] == "abc123" and meta["git_dirty"] is None
-

@@ -350,7 +350,8 @@ def test_checkpoints_that_also_hold_base_router_tensors_still_load(tmp_path):
     assert torch.equal(loaded.model.router.weight, torch.full((4, 8), 0.25))
     state["proj.base_layer.weight"] = torch.zeros(8, 8)  # any other base tensor is not part of an adapter
     save_file(state, str(weights))
-    with pytest.raises(ValueError, match=r"does not fit the model: missing \[\], unexpected \['proj.base_layer.weight'\]"):
+    with pytest.raises(ValueError,
+                       match=r"does not fit the model: missing \[\], unexpected \['proj.base_layer.weight'\]"):
         moelora.from_pretrained(_MoEBase(), str(tmp_path))
 
 
@@ -369,7 +370,8 @@ GOOD = {"lora_A.weight": torch.randn(4, 16), "lora_B.weight": torch.randn(16, 4)
 
 
 @pytest.mark.parametrize("tensors,match", [
-    (dict(GOOD, **{"lora_A.weight": torch.randn(4, 1)}), r"q_proj.lora_A has shape \(4, 1\), the layer .* needs \(4, 16\)"),
+    (dict(GOOD, **{"lora_A.weight": torch.randn(4, 1)}),
+     r"q_proj.lora_A has shape \(4, 1\), the layer .* needs \(4, 16\)"),
     (dict(GOOD, **{"lora_A.weight": torch.randn(4, 12)}), r"q_proj.lora_A has shape \(4, 12\)"),
     (dict(GOOD, **{"lora_B.weight": torch.randn(1, 4)}), r"q_proj.lora_B has shape \(1, 4\).* needs \(16, 4\)"),
     ({"lora_A.weight": torch.randn(4, 16)}, r"adapter_model.safetensors: model.layers.0.self_attn.q_proj has no "
@@ -447,8 +449,8 @@ def test_peft_dora_magnitude_must_have_d_out_entries(tmp_path):
 
 
 @pytest.mark.parametrize("expert,error,match", [(-1, ValueError, r"expert must be in \[0, 3\) .*got -1"),
-                                                 (3, ValueError, r"expert must be in \[0, 3\) .*got 3"),
-                                                 (1.0, TypeError, r"expert must be an int or None, got float")])
+                                                (3, ValueError, r"expert must be in \[0, 3\) .*got 3"),
+                                                (1.0, TypeError, r"expert must be an int or None, got float")])
 def test_peft_expert_must_be_an_expert_of_the_layer(tmp_path, expert, error, match):
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, num_experts=3,
                                                                       router="task"))
@@ -596,7 +598,7 @@ def test_peft_config_fields_of_the_wrong_type_raise_before_any_model_is_changed(
 
 def test_peft_alpha_pattern_applies_to_the_layers_it_names(tmp_path):
     directory = _peft_checkpoint(tmp_path / "peft", GOOD, {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                          "alpha_pattern": {"layers.0.self_attn.q_proj": 2}})
+                                                           "alpha_pattern": {"layers.0.self_attn.q_proj": 2}})
     layer = moelora.load_peft_lora(tiny_llama(num_layers=2), directory).model.model.layers[0].self_attn.q_proj
     assert layer.scaling == 0.5 and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
 
@@ -762,7 +764,7 @@ def test_peft_lora_into_a_shared_a_is_refused_where_the_task_shared_b_is_non_zer
     ("q_proj.lora_A", lambda t: (t * 100).long(), r"q_proj.lora_A has dtype torch.int64, the model's is torch.float32"),
     ("q_proj.lora_B", lambda t: t > 0, r"q_proj.lora_B has dtype torch.bool, the model's is torch.float32"),
     ("router.num_steps", lambda t: t.float() + 0.7, r"num_steps has dtype torch.float32, the model's is torch.int64 "
-                                                     r"\(integer values expected\)"),
+     r"\(integer values expected\)"),
     ("router.num_steps", lambda t: t > 0, r"num_steps has dtype torch.bool, the model's is torch.int64"),
 ])
 def test_checkpoint_tensors_of_another_dtype_kind_raise(tmp_path, suffix, make, match):
@@ -830,8 +832,9 @@ def test_peft_lora_alpha_zero_loads_as_a_no_op_and_a_zero_scaled_layer_refuses_a
     ("shard_truncated", ValueError, r"adapter_model-00002-of-000\d\d.safetensors: not a readable safetensors file"),
     ("tensor_left_out_of_the_index", ValueError, r"index.json: shard adapter_model-\d{5}-of-\d{5}.safetensors does "
                                                  r"not hold the tensors the index maps to it: missing \[\], not in"),
-    ("tensor_in_the_index_not_in_its_shard", ValueError, r"index.json: shard adapter_model-00001-of-000\d\d.safetensors "
-                                                         r"does not hold the tensors the index maps to it: missing \["),
+    ("tensor_in_the_index_not_in_its_shard", ValueError, r"index.json: shard "
+                                                         r"adapter_model-00001-of-000\d\d.safetensors does not hold "
+                                                         r"the tensors the index maps to it: missing \["),
     ("shard_outside_the_directory", ValueError, r"index.json: shard '../x.safetensors' is not a file name in"),
     ("shard_the_parent_directory", ValueError, r"index.json: shard '..' is not a file name in"),
     ("index_without_weight_map", ValueError, r"index.json: weight_map must be a non-empty JSON object"),

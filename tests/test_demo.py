@@ -15,9 +15,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
-from moelora.demo import main
+from moelora.demo import main  # noqa: E402
 from moelora.demo.checkpoint import load_checkpoint  # noqa: E402
-from moelora.demo.data import TASKS, make_datasets
+from moelora.demo.data import TASKS, make_datasets  # noqa: E402
 from moelora.demo.run import CHECKPOINT_DIR, FALLBACK_DIR, METRICS_FILE, MIN_GAIN, PLOT_FILE  # noqa: E402
 from moelora.demo.evaluation import evaluate  # noqa: E402
 
@@ -524,7 +524,7 @@ def test_run_sizes_options_and_config():
 
 
 def test_a_tiny_run_probes_on_its_probe_examples_and_reports_its_sizes(tmp_path, monkeypatch, capsys,
-                                                                        without_pretrained_package):
+                                                                       without_pretrained_package):
     """A whole run on the fallback encoder at the smallest sizes (seconds): the linear probe reads
     probe_per_task examples of every task, and the metrics report what ran."""
     demo_run = importlib.import_module("moelora.demo.run")

@@ -223,7 +223,7 @@ def test_tensor_parallel_base_layers_with_whole_inputs_and_outputs_equal_one_pro
     ("emb_sequence_sharded", "MoELoRAEmbedding", "RowwiseParallel", "returns its output sharded along the tokens"),
 ])
 def test_tensor_parallel_base_layer_with_a_sharded_input_or_output_is_refused_saying_what_to_do(ranks, case, layer,
-                                                                                               style, shard):
+                                                                                                style, shard):
     """The usual plan (colwise up, rowwise down: the activation between them sharded; a colwise or sequence-sharded
     embedding) gives an adapted layer a shard of its base output or input. It said the base layer's forward was no
     x W^T + b (leave it out), that x had the wrong width, or that the routing's shape did not match x."""

@@ -172,7 +172,7 @@ def test_module_names_given_as_a_set_as_peft_holds_them():
     config = MoELoRAConfig(target_modules=targets, exclude_modules=frozenset({"out"}), modules_to_save={"head"},
                            num_experts=2, top_k=1, r=4, router_renormalize=False)
     assert (config.target_modules, config.exclude_modules, config.modules_to_save) == (["fc", "out"], ["out"],
-                                                                                      ["head"])
+                                                                                       ["head"])
     assert MoELoRAConfig.from_dict(config.to_dict()) == config
     model = nn.Sequential()
     model.fc, model.out, model.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)

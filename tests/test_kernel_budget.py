@@ -191,7 +191,7 @@ def test_moelora_linear_kernel_budget(feature):
 # Layers the fused op cannot take run the composed path (base layer, router module, moe_lora):
 # today's counts, listed in the README with the fused ones.
 COMPOSED_SETTINGS = {"dora_with_lora_dropout": (dict(num_experts=1, top_k=1, use_dora=True, lora_dropout=0.1), False,
-                                              29),
+                                                29),
                      "base_with_hook": ({}, True, 17)}
 
 
@@ -254,7 +254,7 @@ def test_moe_ffn_operator_kernel_budget(normalize):
     x, w = torch.randn(T, d, requires_grad=True), torch.rand(T, k, requires_grad=True)
     ids = torch.rand(T, E).argsort(1)[:, :k]
     params = [torch.randn(*shape, requires_grad=True) for shape in ((E, f, d), (E, f), (E, d, f), (E, d), (E, f, d),
-                                                                   (E, f))]
+                                                                    (E, f))]
     with moelora.use_backend("triton"), moelora.validation(False):
         with count_kernels() as fwd:
             y = moelora.moe_ffn(x, ids, w, *params[:4], F.silu, *params[4:], normalize=normalize)
@@ -471,7 +471,7 @@ def test_torch_backend_decode_op_budget(feature):
     settings, today = TORCH_DECODE_SETTINGS[feature]
     torch.manual_seed(0)
     layer = moelora.MoELoRALinear(nn.Linear(64, 64), **{**dict(num_experts=8, top_k=2, r=16, share_lora_a=True,
-                                                              init_lora_weights=False), **settings}).eval()
+                                                               init_lora_weights=False), **settings}).eval()
     if feature == "task":
         moelora.set_task_ids(nn.Sequential(layer), torch.arange(8))
     x = torch.randn(8, 1, 64)
@@ -511,7 +511,8 @@ HOST_READ_FREE_LAYERS = {
 
 # (moe_ffn's torch backend loops over the experts' row segments, whose bounds it reads: documented, left out)
 @pytest.mark.parametrize("kind,backend", [(kind, backend) for kind in HOST_READ_FREE_LAYERS
-                                          for backend in ("torch", "triton") if (kind, backend) != ("moe_ffn", "torch")])
+                                          for backend in ("torch", "triton")
+                                          if (kind, backend) != ("moe_ffn", "torch")])
 def test_layers_read_nothing_on_the_host_with_validation_on(kind, backend, monkeypatch):
     torch.manual_seed(0)
     layer = HOST_READ_FREE_LAYERS[kind]().train()

@@ -28,7 +28,8 @@ def test_bert_fresh_equals_base_and_only_adapters_train():
     model = get_moelora_model(base, MoELoRAConfig(target_modules=["query", "value"], num_experts=4, top_k=2))
     assert torch.equal(model(ids).last_hidden_state, expected)
     layers = _layers(model)
-    assert sorted(layers) == sorted(f"encoder.layer.{i}.attention.self.{p}" for i in range(4) for p in ("query", "value"))
+    assert sorted(layers) == sorted(f"encoder.layer.{i}.attention.self.{p}"
+                                    for i in range(4) for p in ("query", "value"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(re.search(r"lora_A|lora_B|router\.weight", n) for n in trainable)
     n_trainable, _ = model.get_nb_trainable_parameters()
@@ -58,7 +59,7 @@ def test_per_layer_expert_list_callable_and_layers_to_transform():
     cfg = MoELoRAConfig(target_modules=["q_proj"], num_experts=lambda i, n: i + 2, top_k=2, layers_to_transform=[1, 3])
     layers = _layers(get_moelora_model(tiny_llama(), cfg))
     assert {n: m.num_experts for n, m in layers.items()} == {"model.layers.1.self_attn.q_proj": 3,
-                                                              "model.layers.3.self_attn.q_proj": 5}
+                                                             "model.layers.3.self_attn.q_proj": 5}
 
 
 def test_rank_and_alpha_patterns_as_peft():
@@ -880,7 +881,7 @@ def test_aux_loss_warns_when_reentrant_checkpointing_leaves_it_without_gradient(
     moelora.upcycle_ffn(base, num_experts=2, top_k=1, router="softmax_topk", layers_to_transform=[0])
     moelora.apply_molex(base, gate="linear")
     model = get_moelora_model(base, MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2,
-                                                   router_aux_loss_coef=1.0))
+                                                  router_aux_loss_coef=1.0))
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     ids = token_batch()
@@ -1251,7 +1252,8 @@ def test_resize_token_embeddings_refuses_adapted_embeddings_before_changing_anyt
     with pytest.raises(ValueError, match=rf"resize_token_embeddings: {re.escape(adapted)} .*before get_moelora_model"):
         model.resize_token_embeddings(80)
     assert {n: p.shape for n, p in model.named_parameters()} == shapes and model.config.vocab_size == 64
-    plain = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
+    plain = get_moelora_model(tiny_llama(num_layers=2),
+                              MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
     plain.resize_token_embeddings(80)
     assert plain(torch.tensor([[70, 1, 2]])).logits.shape == (1, 3, 80)
 
@@ -1356,7 +1358,7 @@ def test_generate_takes_task_ids_as_the_wrappers_forward():
         beams = model.generate(input_ids=ids, attention_mask=mask, task_ids=tasks, num_beams=2, **_GREEDY)
         for i in range(2):
             alone = model.generate(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], task_ids=int(tasks[i]),
-                                       num_beams=2, **_GREEDY)
+                                   num_beams=2, **_GREEDY)
             assert torch.equal(beams[i:i + 1], alone)
     assert all(layer.task_ids is None for layer in _layers(model).values())
 
@@ -1522,8 +1524,9 @@ def test_injection_errors_name_the_module_and_what_a_layerless_model_lacks():
     model = nn.Sequential(nn.Linear(8, 8), nn.Conv1d(8, 8, 3, groups=4))
     with pytest.raises(ValueError, match=r"^1: r must be a multiple of the convolution's groups \(4\), got r=2$"):
         get_moelora_model(model, MoELoRAConfig(target_modules=["0", "1"], num_experts=2, top_k=1, r=2))
-    with pytest.raises(ValueError, match=r"^num_experts lists 2 per-layer counts but the model has 0 layers \(no "
-                                         r"module sits in a numbered layer, as layers.<i> or h.<i>; layers_pattern=None"):
+    with pytest.raises(ValueError, match=r"^num_experts lists 2 per-layer counts but the model has 0 layers "
+                                         r"\(no module sits in a numbered layer, as layers.<i> or h.<i>; "
+                                         r"layers_pattern=None"):
         get_moelora_model(model, MoELoRAConfig(target_modules=["0"], num_experts=[2, 2], top_k=1))
     assert not _layers(model)
 

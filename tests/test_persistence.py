@@ -111,7 +111,8 @@ def test_upcycled_generic_ffn_round_trip_saves_its_activation_by_name(tmp_path, 
 
 
 def test_load_into_wrong_model_raises(tmp_path):
-    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
+    model = get_moelora_model(tiny_llama(num_layers=2),
+                              MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
     model.save_pretrained(str(tmp_path))
     cfg = MoELoRAConfig(target_modules=["q_proj"], num_experts=2, top_k=1, r=2)
     (tmp_path / "moelora_config.json").write_text(cfg.to_json_string())
@@ -444,7 +445,7 @@ def test_export_peft_lora_writes_the_layers_lora_dropout(tmp_path):
     import json
 
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
-                                                                       num_experts=1, lora_dropout=0.2))
+                                                                      num_experts=1, lora_dropout=0.2))
     moelora.export_peft_lora(model, str(tmp_path / "a"))
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_dropout"] == 0.2
     assert moelora.load_peft_lora(tiny_llama(num_layers=2), str(tmp_path / "a")).moelora_config.lora_dropout == 0.2
@@ -604,7 +605,7 @@ def test_peft_interop_adapts_exactly_the_named_layers_when_a_name_ends_another(t
     assert type(loaded.model.sub.lin) is torch.nn.Linear
 
     model = get_moelora_model(_NestedNames(), MoELoRAConfig(target_modules=["lin"], num_experts=1, r=2, lora_alpha=2,
-                                                             alpha_pattern={"^sub.lin": 7}))
+                                                            alpha_pattern={"^sub.lin": 7}))
     randomize_adapters(model)
     model.eval()
     moelora.export_peft_lora(model, str(tmp_path / "export"))
@@ -673,7 +674,7 @@ def test_export_with_adapted_embeddings_saves_their_base_weights_as_peft_does(tm
         return model.eval()
 
     model = get_moelora_model(resized(1), MoELoRAConfig(target_modules=["embed_tokens", "lm_head", "q_proj"], r=4,
-                                                         num_experts=1))
+                                                        num_experts=1))
     randomize_adapters(model)
     model.eval()
     ids = torch.tensor([[3, 64, 70, 5, 71]])
@@ -722,7 +723,7 @@ def test_peft_biases_into_one_task_that_would_change_the_other_tasks_are_refused
     from safetensors.torch import load_file, save_file
 
     peft_model = get_peft_model(tiny_bert(num_layers=2), LoraConfig(r=4, target_modules=["query"], bias="all",
-                                                                     init_lora_weights=False))
+                                                                    init_lora_weights=False))
     peft_model.save_pretrained(str(tmp_path))
     ids = token_batch()
     config = MoELoRAConfig(target_modules=["query"], r=4, num_experts=3, router="task")
@@ -925,7 +926,7 @@ def test_an_export_that_fails_midway_leaves_the_earlier_export_as_it_was(tmp_pat
     import safetensors.torch
 
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
-                                                                       num_experts=1, lora_alpha=4.0))
+                                                                      num_experts=1, lora_alpha=4.0))
     _perturb_all_adapters(model)
     model.eval()
     ids = token_batch()
@@ -1032,7 +1033,7 @@ def test_every_weights_file_written_carries_the_pt_format_metadata(tmp_path):
     from safetensors import safe_open
 
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
-                                                                       num_experts=1))
+                                                                      num_experts=1))
     model.save_pretrained(str(tmp_path / "one"))
     model.save_pretrained(str(tmp_path / "shards"), max_shard_size=1)
     moelora.export_peft_lora(model, str(tmp_path / "peft"))
@@ -1090,7 +1091,7 @@ def test_max_shard_size_reads_a_size_with_spaces_around_it_as_without():
 
 
 @pytest.mark.parametrize("size,match", [(0, "max_shard_size must be positive, got 0"),
-                                        ("5 elephants", "max_shard_size must be None, an int number of bytes or a size"),
+                                        ("5 elephants", "max_shard_size must be None, an int number of bytes or a"),
                                         (True, "max_shard_size must be None, an int number of bytes or a size")])
 def test_a_bad_max_shard_size_raises_naming_it_and_writes_nothing(tmp_path, size, match):
     model = get_moelora_model(tiny_llama(num_layers=1), MoELoRAConfig(target_modules=["q_proj"], num_experts=2))

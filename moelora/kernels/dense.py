@@ -24,7 +24,8 @@ The scale s reaches the kernels as two fp32 factors s = scale * scale_out (scale
 |s| leaves float32's range): the first enters with the gate, the second last, so a result that
 is finite in exact arithmetic stays finite. Unchosen experts never contribute, whatever their
 weights hold: a NaN or Inf in the B (or per-expert A) of an expert that a token did not
-choose leaves that token's outputs and gradients finite. Every kernel is deterministic (no atomics) and uses int64 offsets.
+choose leaves that token's outputs and gradients finite. Every kernel is deterministic (no
+atomics) and uses int64 offsets.
 
 A kernel computing in float64 (float64 logits / layers) takes its float coefficients (the aux
 loss's) as two float32 parts, hi + lo (moelora.kernels.launchers.float64_parts: Triton passes a

@@ -329,11 +329,16 @@ def _contiguous(cols: int) -> tuple:
 # timed at that cost; its one "few" pick (matmul:ml:few, 6% apart) is left out until the tuner's
 # device timing measures that class.
 DENSE_CONFIGS: Dict[str, Dict[str, int]] = {
-    "lora_down:sl:many": dict(BLOCK_K=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1071 ms, default 0.1121 ms
-    "gated_expand:lm:many": dict(BLOCK_C=16, BLOCK_N=128, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1393 ms, default 0.1795 ms
-    "matmul:ml:many": dict(BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, num_stages=4, num_warps=4),  # 0.0580 ms, default 0.0628 ms
-    "matmul:ls:many": dict(BLOCK_M=128, BLOCK_N=64, num_stages=3, num_warps=4),  # 0.1168 ms, default 0.1460 ms
-    "lora_weight_grad:lm:many": dict(BLOCK_M=32, BLOCK_T=64, num_stages=3, num_warps=4),  # 0.1960 ms, default 0.2495 ms
+    # 0.1071 ms, default 0.1121 ms
+    "lora_down:sl:many": dict(BLOCK_K=128, BLOCK_T=64, num_stages=3, num_warps=4),
+    # 0.1393 ms, default 0.1795 ms
+    "gated_expand:lm:many": dict(BLOCK_C=16, BLOCK_N=128, BLOCK_T=64, num_stages=3, num_warps=4),
+    # 0.0580 ms, default 0.0628 ms
+    "matmul:ml:many": dict(BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, num_stages=4, num_warps=4),
+    # 0.1168 ms, default 0.1460 ms
+    "matmul:ls:many": dict(BLOCK_M=128, BLOCK_N=64, num_stages=3, num_warps=4),
+    # 0.1960 ms, default 0.2495 ms
+    "lora_weight_grad:lm:many": dict(BLOCK_M=32, BLOCK_T=64, num_stages=3, num_warps=4),
 }
 
 # What a DENSE_CONFIGS entry (or a launcher's ``tiles`` argument) may set, per kernel.

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelora.modules.adapter_base import (AdapterLayerBase, LayerSettings, layer_settings,
-                                         refuse_tensor_parallel_shards)
+                                          refuse_tensor_parallel_shards)
 from moelora.modules.init import zero_expert_
 from moelora.ops.backend import autocast_dtype
 

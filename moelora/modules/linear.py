@@ -44,7 +44,7 @@ from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pr
 from moelora.ops.backend import autocast_dtype, autocast_input, without_autocast
 from moelora.ops.moe_lora_linear import RouterSpec, lora_dropout_mask, unchecked_moe_lora_linear
 from moelora.modules.adapter_base import (PLAIN_TENSORS, AdapterLayerBase, LayerSettings, layer_settings,
-                                         refuse_tensor_parallel_shards, single_expert_routing)
+                                          refuse_tensor_parallel_shards, single_expert_routing)
 from moelora.ops.routing_modes import Routing, task_routing
 from moelora.ops.validation import check_module_input
 

@@ -133,7 +133,7 @@ class Router(nn.Linear):
         element, x's shape, drawn in fp32 whatever x's dtype and the default dtype (the same noise for
         the same seed)."""
         return torch.empty(x.shape, dtype=torch.float32, device=x.device).uniform_(1.0 - self.jitter_noise,
-                                                                               1.0 + self.jitter_noise)
+                                                                                   1.0 + self.jitter_noise)
 
     def threshold_noise(self, num_tokens: int, device) -> Optional[torch.Tensor]:
         """The uniform draws of threshold routing in training, [T, top_k] in fp32 whatever the default

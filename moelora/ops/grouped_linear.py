@@ -132,7 +132,7 @@ def rows_linear(a: torch.Tensor, weight: torch.Tensor, meta, engine: str, *, a_b
     out = torch.empty(meta.sorted_pairs_padded.numel(), n, dtype=out_dtype or a.dtype, device=a.device)
     strides = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
     return launchers.grouped_matmul(a, weight, out, meta, a_by_token=a_by_token, weight_nk_strides=strides,
-                            compute_dtype=compute_dtype or a.dtype, **triton_kwargs)
+                                    compute_dtype=compute_dtype or a.dtype, **triton_kwargs)
 
 
 def rows_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, engine: str, *, out_dtype: torch.dtype,
@@ -147,7 +147,8 @@ def rows_weight_grad(left: torch.Tensor, right: torch.Tensor, meta, engine: str,
             raise ValueError("the grouped_mm engine takes row-space operands and no epilogue")
         return grouped_mm_fn()(_aligned(left).t(), _aligned(right), offs=offs).to(out_dtype)
     return launchers.grouped_weight_grad(left, right, meta, left_by_token=left_by_token, right_by_token=right_by_token,
-                                 compute_dtype=compute_dtype or left.dtype, out_dtype=out_dtype, **triton_kwargs)
+                                         compute_dtype=compute_dtype or left.dtype, out_dtype=out_dtype,
+                                         **triton_kwargs)
 
 
 # ------------------------------------------------------------ torch backend: segment loop

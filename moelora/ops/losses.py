@@ -265,7 +265,7 @@ class _AuxLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, counts, prob_sums, lse, ids, weights, lb_coef, z_coef):
         loss, stats, _ = launchers.router_aux_loss(ids, weights, launchers.RouterAux(counts, prob_sums, lse, lb_coef,
-                                                                                      z_coef))
+                                                                                     z_coef))
         ctx.save_for_backward(counts, lse)
         ctx.coefs = (lb_coef, z_coef)
         ctx.mark_non_differentiable(stats)

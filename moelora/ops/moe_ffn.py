@@ -86,7 +86,8 @@ def _check_ffn_args(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate,
         if w_gate is not None or b_gate is not None:
             raise ValueError("with stacked_gate=True, w_in holds the gate rows: w_gate and b_gate must be None")
         if d_ff % 2:
-            raise ValueError(f"with stacked_gate=True, w_in must have shape [E, 2 * d_ff, d_in], got {tuple(w_in.shape)}")
+            raise ValueError(f"with stacked_gate=True, w_in must have shape [E, 2 * d_ff, d_in], "
+                             f"got {tuple(w_in.shape)}")
     elif b_gate is not None and w_gate is None:
         raise ValueError("b_gate is the gate projection's bias: it needs w_gate (or stacked_gate=True with the gate "
                          "rows and their bias in w_in and b_in)")
@@ -440,7 +441,7 @@ def _(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activ
       wgrad, layout_block):
     gathers_x = FFNPlan(gemm, wgrad, layout_block).gathers_x
     return [x.new_empty(x.shape[0], w_out.shape[1])] + _fake_saved(x, topk_ids, topk_weights, w_in, w_out, w_gate,
-                                                                    gathers_x, layout_block)
+                                                                   gathers_x, layout_block)
 
 
 @custom_op("moe_ffn_backward")
@@ -614,8 +615,8 @@ def moe_ffn(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     layouts: w_in/w_gate [E, d_ff, d_in], w_out [E, d_out, d_ff]; biases b_in/b_gate [E, d_ff],
     b_out [E, d_out] or None), routed by ``topk_ids`` [T, k] (int32/int64, k <= E) with gate
     weights ``topk_weights`` [T, k] (floating point; weight 0 skips the slot); returns [T, d_out] in
-    x's dtype (autocast's under torch.autocast), differentiable w.r.t. x, every weight and bias, and topk_weights. See the
-    module docstring for ``normalize`` and ``backend``; ``engine`` (Triton backend only):
+    x's dtype (autocast's under torch.autocast), differentiable w.r.t. x, every weight and bias, and
+    topk_weights. See the module docstring for ``normalize`` and ``backend``; ``engine`` (Triton backend only):
     "auto" (:func:`ffn_plan`), "triton" or "grouped_mm". ``stacked_gate``: w_in [E, 2 d_ff,
     d_in] (and b_in [E, 2 d_ff]) hold the gate rows, then the up rows (the "w13" layout of
     fused MoE kernels; one GEMM for both), w_gate and b_gate are None. An ``activation`` the fused
@@ -639,8 +640,8 @@ def routed_moe_ffn(x: torch.Tensor, routing, w_in: torch.Tensor, b_in: Optional[
                     None, "auto", stacked_gate, False)
 
 
-def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, backend, engine,
-             stacked_gate, check_values: bool) -> torch.Tensor:
+def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize, backend,
+             engine, stacked_gate, check_values: bool) -> torch.Tensor:
     """moe_ffn; ``check_values``: whether the syncing checks of the routing run (see _check_ffn_args)."""
     cast = autocast_dtype(x)
     if cast is not None:  # torch.autocast: x and the expert weights in its dtype, as F.linear's; the op runs without it

@@ -182,7 +182,7 @@ def torch_form(args: MoELoRAArgs) -> str:
                                                    * args.num_experts):
         grads = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (args.x, args.lora_a, args.lora_b, args.topk_weights,
-                                                       args.base_out))
+                                                        args.base_out))
         if not grads:
             return "gathered"
     return "dense"
@@ -329,12 +329,12 @@ def _dense_backward(dy, x, lora_a, lora_b, topk_ids, topk_weights, h, scaling, n
     shared = lora_a.dim() == 2
     dhg = launchers.matmul(dy, lora_b, stacked_b=True, out_dtype=h.dtype, compute_dtype=x.dtype)
     dh, dw, hg = launchers.gate_backward(dhg, h, topk_ids, topk_weights, num_experts=num_experts, rank=rank,
-                                 scaling=scaling, shared_a=shared, hg_dtype=x.dtype)
+                                         scaling=scaling, shared_a=shared, hg_dtype=x.dtype)
     a_rows = lora_a_rows(lora_a)
     dlora_a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
     dlora_b = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
     launchers.lora_weight_grad(dy, x, hg, dh, None, rank=rank, scaling=scaling, dlora_b=dlora_b,
-                       dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape))
+                               dlora_a=dlora_a if shared else dlora_a.view(a_rows.shape))
     dx = None
     if need_dx:
         dx = launchers.matmul(dh, a_rows, out_dtype=x.dtype, compute_dtype=x.dtype, sanitize_b=not shared)
@@ -625,4 +625,4 @@ def moe_lora_triton(args: MoELoRAArgs, regime: str = "auto") -> torch.Tensor:
         inputs = distinct_inputs(flat.x, flat.lora_a, flat.lora_b, flat.topk_ids, flat.topk_weights, flat.base_out)
         return _TracedMoELoRA.apply(*inputs, flat.scaling, grouped)[0].reshape(args.out_shape)
     return apply_eager(_EagerMoELoRA, args.x, args.lora_a, args.lora_b, args.topk_ids, args.topk_weights, args.base_out,
-                               args.scaling, grouped, args.out_shape)
+                       args.scaling, grouped, args.out_shape)

@@ -201,7 +201,7 @@ def check_linear_args(x, weight, bias, lora_a, lora_b, scaling, router, topk_ids
     optional = dict(bias=bias, dropout_mask=dropout_mask)
     if router is not None:
         optional.update({f"router.{n}": getattr(router, n) for n in ("weight", "logits", "noise", "jitter",
-                                                                      "aux_mask")})
+                                                                     "aux_mask")})
     for name, t in optional.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")

@@ -171,9 +171,10 @@ def task_routing(task_ids, gamma: torch.Tensor, lead_shape: tuple, shared_expert
     made under a FakeTensorMode is kept (fake tensors hold no values, and the eager forwards after
     it would compute with them), nor anything made under a torch.func transform (wrappers of its
     level). The reused ids are a copy (a later in-place change of the tensor
-    cannot reach a forward's ids saved for its backward). Writes that bypass the version counter are not seen: change the ids
-    with torch's in-place ops (``copy_``, indexing) or pass a new tensor, not by writing through
-    ``.data``, a numpy array sharing the tensor's memory or DLPack (``ids.data = new`` is seen).
+    cannot reach a forward's ids saved for its backward). Writes that bypass the version counter
+    are not seen: change the ids with torch's in-place ops (``copy_``, indexing) or pass a new
+    tensor, not by writing through ``.data``, a numpy array sharing the tensor's memory or DLPack
+    (``ids.data = new`` is seen).
     """
     num_tasks = gamma.shape[0]
     check_task_ids(task_ids, num_tasks)

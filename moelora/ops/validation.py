@@ -295,7 +295,8 @@ def check_activation(activation) -> None:
     if not callable(activation) or isinstance(activation, torch.Tensor):
         hint = ""
         if isinstance(activation, str):  # name the function only where torch.nn.functional has it
-            hint = (f" (e.g. torch.nn.functional.{activation})" if callable(getattr(torch.nn.functional, activation, None))
+            in_functional = callable(getattr(torch.nn.functional, activation, None))
+            hint = (f" (e.g. torch.nn.functional.{activation})" if in_functional
                     else f" (torch.nn.functional has no {activation!r}; transformers' are "
                          f"transformers.activations.ACT2FN[name])")
         raise TypeError(f"activation must be a callable{hint}, got {type(activation).__name__} {activation!r}")

@@ -310,8 +310,9 @@ def optional_names(names: Optional[List[str]], existing) -> List[str]:
 # ------------------------------------------------------------------------------- membership
 def _adapter_owners(module: nn.Module, prefix: str = ""):
     """(name, module, recurse) of what moelora added to ``module``'s tree: an adapter layer's
-    (MoELoRALinear, MoELoRAEmbedding, MoELoRAConv) own tensors and every child but its base layer; modules moelora added whole
-    (``owned_by_moelora``: upcycled MoE FFNs, MoLEx) with everything inside them."""
+    (MoELoRALinear, MoELoRAEmbedding, MoELoRAConv) own tensors and every child but its base layer;
+    modules moelora added whole (``owned_by_moelora``: upcycled MoE FFNs, MoLEx) with everything
+    inside them."""
     if owned_by_moelora(module):
         yield prefix, module, True
         return
@@ -433,7 +434,8 @@ def layer_status(wrapper: nn.Module) -> List[LayerStatus]:
             name=f"model.{name}", module_type=f"moelora.{type(module).__name__}",
             enabled=not (module.disable_adapters if here else disabled), active_adapters=active,
             merged_adapters=active if here and getattr(module, "merged", False) else [],
-            requires_grad={a: _all_or_irregular(p.requires_grad for p in _own_parameters(m)) for a, m in modules.items()},
+            requires_grad={a: _all_or_irregular(p.requires_grad for p in _own_parameters(m))
+                           for a, m in modules.items()},
             available_adapters=sorted(modules),
             devices={a: sorted({p.device.type for p in _own_parameters(m)}) for a, m in modules.items()},
             quantization_backend=type(weight).__module__.partition(".")[0] if quantised else None))

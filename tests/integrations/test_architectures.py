@@ -307,7 +307,7 @@ def test_task_head_saved_whole_is_left_out_of_the_targets_as_peft_does(target, t
     config = moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1, target_modules=target, task_type="SEQ_CLS")
     model = moelora.get_moelora_model(copy.deepcopy(base), config)
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=target,
-                                                                          task_type="SEQ_CLS"))
+                                                                         task_type="SEQ_CLS"))
     assert _adapted(model) == _peft_adapted(reference) and "roberta.encoder.layer.1.output.dense" in _adapted(model)
     saved = sorted(n.removeprefix("model.") for n, p in model.named_parameters() if p.requires_grad and "lora" not in n
                    and "router" not in n)

@@ -133,7 +133,7 @@ def test_all_linear_leaves_out_routers_that_are_linear_subclasses():
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "gpt_oss"])
 @pytest.mark.parametrize("ffn_modules, in_proj, out_proj", [(["mlp"], "experts", "experts"),
-                                                           (["experts"], "gate_up_proj", "down_proj")])
+                                                            (["experts"], "gate_up_proj", "down_proj")])
 def test_upcycle_ffn_refuses_a_block_that_is_a_mixture_of_experts(name, ffn_modules, in_proj, out_proj):
     """Naming a MoE block or its experts as the FFN raised "lacks one of in_proj='gate_up_proj', ..." (the
     experts module has gate_up_proj, as a stacked parameter) or listed the router as a stray parameter; it
@@ -208,7 +208,7 @@ def test_generate_save_load_and_merge(name, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, rtol=0, atol=0)
         with pytest.warns(UserWarning, match="stacked weights"):
             single = _randomized(moelora.get_moelora_model(_build(name), _config("all-linear", num_experts=1,
-                                                                                  top_k=1))).eval()
+                                                                                 top_k=1))).eval()
         expected = single(input_ids=ids).logits
         merged = single.merge_and_unload()
         assert not _adapted(merged)

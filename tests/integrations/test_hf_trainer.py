@@ -17,9 +17,9 @@ from moelora import MoELoRAConfig, MoELoRAModel, get_moelora_model
 from helpers import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
-from moelora.integrations.hf_trainer import MoELoRATrainer, StepRoutersCallback, without_tied_aliases
-from moelora.model import clear_aux_losses
-from moelora.modules.router import Router
+from moelora.integrations.hf_trainer import MoELoRATrainer, StepRoutersCallback, without_tied_aliases  # noqa: E402
+from moelora.model import clear_aux_losses  # noqa: E402
+from moelora.modules.router import Router  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 VOCAB, SEQ = 64, 8

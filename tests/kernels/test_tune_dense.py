@@ -23,7 +23,7 @@ def test_tune_dense_smoke(tmp_path):
     assert {cls.split(":")[0] for cls in report["tiles"]} == set(K.DENSE_TILE_KEYS)
     for entry in report["tiles"].values():
         assert set(entry["candidates"]) == {"{}"} | {json.dumps(t, sort_keys=True) for t in
-                                                    tune_dense.tile_candidates.DENSE_SMOKE[entry["kernel"]]}
+                                                     tune_dense.tile_candidates.DENSE_SMOKE[entry["kernel"]]}
         assert entry["best"] in entry["candidates"] and entry["default_ms"] > 0 and entry["best_ms"] > 0
         assert list(entry["best_per_job"]) == entry["jobs"]
         assert all(job["ms"] > 0 and job["memory_floor_ms"] > 0 for job in entry["best_per_job"].values())
@@ -40,9 +40,11 @@ def test_paste_and_install_of_a_dense_report(tmp_path, monkeypatch):
     report = {"dense_configs": picks,
               "tiles": {cls: {"best_ms": 0.05, "default_ms": 0.16} for cls in picks}}
     table = {}
-    exec("\n".join(line for line in tune_dense.paste_text(report).splitlines() if not line.startswith("#"))
+    paste = tune_dense.paste_text(report)
+    exec("\n".join(line for line in paste.splitlines() if not line.startswith("#"))
          .replace("Dict[str, Dict[str, int]]", "dict"), {}, table)
     assert table["DENSE_CONFIGS"] == picks
+    assert max(map(len, paste.splitlines())) <= 120  # pasted as it is, it passes tests/test_style.py
     path = tmp_path / "tune-dense.json"
     path.write_text(json.dumps(report))
     assert tuned.install([str(path)]) == {str(path): {"dense_configs": picks}}

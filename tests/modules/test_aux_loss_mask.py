@@ -472,8 +472,8 @@ def test_compiled_masked_loss_has_the_eager_gradient():
     weights = torch.rand(10, 2, generator=gen)
     mask = MASK.reshape(-1).bool()
 
-    def loss(l, m):
-        return masked_aux_losses(l, ids, weights, m, LB, Z)[0]
+    def loss(logits, m):
+        return masked_aux_losses(logits, ids, weights, m, LB, Z)[0]
 
     with moelora.use_backend("torch"):
         want = torch.autograd.grad(loss(logits, mask), logits)[0]
@@ -786,7 +786,7 @@ def test_a_padding_free_packed_row_gives_the_padded_batchs_aux_loss_gradients_an
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(1, 64, (n,), generator=g) for n in (5, 3, 4)]
     packed = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s.tolist()}
-                                                                                  for s in seqs])
+                                                                                for s in seqs])
     assert "attention_mask" not in packed
     batches = {"packed": (dict(packed), torch.ones_like(packed["input_ids"], dtype=torch.bool))}
     for side in ("right", "left"):

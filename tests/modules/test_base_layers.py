@@ -434,7 +434,8 @@ class StdConv2d(nn.Conv2d):
 
     def forward(self, x):
         w = self.weight
-        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-6).sqrt()
+        dims = (1, 2, 3)
+        w = (w - w.mean(dim=dims, keepdim=True)) / (w.var(dim=dims, unbiased=False, keepdim=True) + 1e-6).sqrt()
         return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -452,7 +453,8 @@ def test_conv_with_its_own_forward_runs_it_and_refuses_merging():
     y = layer(x)
     a, b = layer.lora_A.double().reshape(2, 3, 3, 3), layer.lora_B[0].double()[:, :, None, None]
     base64 = copy.deepcopy(base).double()
-    expected = base64(x.double()) + layer.scaling * nn.functional.conv2d(nn.functional.conv2d(x.double(), a, padding=1), b)
+    down = nn.functional.conv2d(x.double(), a, padding=1)
+    expected = base64(x.double()) + layer.scaling * nn.functional.conv2d(down, b)
     assert rel_err(y, expected) < 1e-5
     with pytest.raises(ValueError, match="StdConv2d: it has a forward of its own.*standardised weight"):
         layer.merge()
@@ -513,7 +515,8 @@ def test_dora_refuses_a_base_with_its_own_forward():
     in training with LoRA dropout (from x W^T), apart by 1.9 here with a dropout that drops nothing
     (p = 1e-7; 1e-7 for nn.Linear). DoRA is refused on such a base; Falcon-style x W^T + b
     subclasses and parametrized weights keep it (test_merge_refuses_a_computed_weight)."""
-    with pytest.raises(ValueError, match="use_dora needs a base layer computing x W.T \\+ b.*ScaledLinear has a forward"):
+    with pytest.raises(ValueError,
+                       match="use_dora needs a base layer computing x W.T \\+ b.*ScaledLinear has a forward"):
         MoELoRALinear(_scaled(), num_experts=1, r=2, use_dora=True, lora_dropout=1e-7)
     layer = MoELoRALinear(_linear(), num_experts=1, r=2, use_dora=True, lora_dropout=1e-7)
     with torch.no_grad():

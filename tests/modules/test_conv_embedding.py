@@ -556,7 +556,8 @@ def test_channels_last_conv_gives_the_base_layers_channels_last_output(kind, bac
 
 
 @pytest.mark.parametrize("make,inp", [
-    (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4), lambda: torch.randn(3, 8, dtype=torch.float64)),
+    (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4),
+     lambda: torch.randn(3, 8, dtype=torch.float64)),
     (lambda: MoELoRALinear(nn.Linear(8, 6).double(), num_experts=1, r=4, use_dora=True),
      lambda: torch.randn(3, 8, dtype=torch.float64)),
     (lambda: _embedding("single"), lambda: torch.tensor([[1, 4, 0], [2, 2, 9]])),

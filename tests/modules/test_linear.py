@@ -167,7 +167,8 @@ def test_bad_layer_settings_raise(kwargs, match):
 @pytest.mark.parametrize("kwargs", [
     dict(num_experts=4, top_k=2.0), dict(num_experts=4, top_k="2"), dict(lora_alpha="16"), dict(lora_alpha=math.inf),
     dict(lora_dropout="0.1"), dict(router="threshold", threshold_eps=-1.0),
-    dict(router="threshold", threshold_eps=math.nan), dict(router="threshold", threshold_eps=0.5, threshold_ramp_steps=-5),
+    dict(router="threshold", threshold_eps=math.nan),
+    dict(router="threshold", threshold_eps=0.5, threshold_ramp_steps=-5),
     dict(router_aux_loss_coef=-1.0), dict(router_z_loss_coef=math.inf), dict(num_experts=1, router_jitter_noise=-1.0),
     dict(r=4.0), dict(share_lora_a=1), dict(router_renormalize="yes"),
 ], ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items()))
@@ -262,7 +263,8 @@ def test_single_expert_equals_peft_lora(use_dora, use_rslora):
     for name, got, want in zip(names, grads_mine, grads_theirs):
         torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-4, atol=1e-6, msg=name)
     # training mode: same dropout draws give the same result (dropout masks drawn in the same order)
-    peft_model.train(); ours.train()
+    peft_model.train()
+    ours.train()
     torch.manual_seed(3)
     expected = peft_model(x)
     torch.manual_seed(3)

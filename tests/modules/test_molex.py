@@ -911,7 +911,7 @@ def test_a_padding_free_packed_row_mixes_as_the_padded_batch(flash_kwargs):
     _sharpen(molex)
     seqs = _prompts((5, 3, 4))
     packed = dict(DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s.tolist()}
-                                                                                      for s in seqs]))
+                                                                                     for s in seqs]))
     ids, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, :len(s)], mask[b, :len(s)] = s, 1

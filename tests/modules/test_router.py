@@ -290,7 +290,7 @@ def test_threshold_schedule_is_linear_and_stepped_by_trainer():
 
 
 @pytest.mark.parametrize("start, end, ramp", [(0.7, 0.1, 7), (0.1, 0.7, 7), (0.05, 0.35, 49), (0.3, 0.1, 3),
-                                               (0.1, 0.3, 1), (0.1, 0.3, 0)])
+                                              (0.1, 0.3, 1), (0.1, 0.3, 0)])
 def test_threshold_schedule_follows_the_formula_and_ends_exactly_at_eps_end(start, end, ramp):
     """eps = start + (end - start) * steps / ramp (float64 on the host, fp32 on the device), monotone, within
     [start, end] and exactly end from step ramp on: 0.7 + (0.1 - 0.7) * 1 is 0.09999999999999998 in float64, and
@@ -1007,10 +1007,10 @@ def test_aux_loss_kernels_pass_gradcheck(mode, masked):
     mask = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool, device=DEVICE)
     fixed = route_logits(logits.detach(), mode, 2, eps=0.3)
 
-    def loss(l):
+    def loss(z):
         if masked:
-            return masked_aux_losses(l, fixed.ids, fixed.weights, mask, 0.3, 0.7, count_kept=mode == "threshold")[0]
-        return routing_aux_losses(route_logits(l, mode, 2, eps=0.3), 0.3, 0.7)[0]
+            return masked_aux_losses(z, fixed.ids, fixed.weights, mask, 0.3, 0.7, count_kept=mode == "threshold")[0]
+        return routing_aux_losses(route_logits(z, mode, 2, eps=0.3), 0.3, 0.7)[0]
 
     with moelora.use_backend("triton"):
         assert type(loss(logits).grad_fn).__name__ == ("_MaskedAuxKernelFnBackward" if masked else "_AuxLossFnBackward")
@@ -1030,7 +1030,8 @@ def test_router_rejects_bad_settings():
 
 @pytest.mark.parametrize("layer_kwargs", [
     dict(num_experts=4.0), dict(num_experts="4"), dict(top_k=2.0), dict(router_jitter_noise=math.nan),
-    dict(router_jitter_noise=-1), dict(threshold_eps=-0.5), dict(threshold_eps=math.inf), dict(threshold_eps_start=math.nan),
+    dict(router_jitter_noise=-1), dict(threshold_eps=-0.5), dict(threshold_eps=math.inf),
+    dict(threshold_eps_start=math.nan),
     dict(threshold_ramp_steps=2.5), dict(threshold_ramp_steps=-1), dict(router_renormalize="yes"),
 ], ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items()))
 def test_router_checks_its_arguments_as_the_layers_fields(layer_kwargs):
@@ -1039,7 +1040,7 @@ def test_router_checks_its_arguments_as_the_layers_fields(layer_kwargs):
     from moelora.modules.router import ROUTER_ARG_FIELDS
     with pytest.raises((TypeError, ValueError)) as layer_error:
         moelora.MoELoRALinear(torch.nn.Linear(8, 8), router="threshold", **{"num_experts": 4, "top_k": 2,
-                                                                          **layer_kwargs})
+                                                                            **layer_kwargs})
     (field, value), = layer_kwargs.items()
     name = next(arg for arg, f in ROUTER_ARG_FIELDS.items() if f == field)
     with pytest.raises(type(layer_error.value)) as error:

@@ -151,7 +151,7 @@ def test_layers_train_in_the_autocast_dtype(kind, backend, amp):
     reference = copy.deepcopy(layer).double()
     results = []
     for module, dtype, amp_dtype, name in [(layer, torch.float32, amp, backend), (reference, torch.float64, None,
-                                                                                    "torch")]:
+                                                                                  "torch")]:
         xi = x.to(dtype).detach().requires_grad_() if x.is_floating_point() else x
         with moelora.use_backend(name), torch.autocast(DEVICE.type, dtype=amp, enabled=amp_dtype is not None):
             y = module(xi)

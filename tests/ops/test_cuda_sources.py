@@ -23,11 +23,11 @@ def test_kernel_headers_are_torch_free_and_cpu_sources_cuda_free():
     headers = sorted((CSRC / "kernels").glob("*.cuh"))
     assert headers, "no csrc/kernels/*.cuh found"
     for h in headers:
-        includes = [l for l in h.read_text().splitlines() if l.startswith("#include")]
-        assert not any(w in l for l in includes for w in ("torch/", "ATen/", "c10/")), (h, includes)
+        includes = [line for line in h.read_text().splitlines() if line.startswith("#include")]
+        assert not any(w in line for line in includes for w in ("torch/", "ATen/", "c10/")), (h, includes)
     for src in list(CSRC.glob("*.cpp")) + list(CSRC.glob("cpu/*.cpp")) + list(CSRC.glob("*.h")):
         text = src.read_text()
-        assert "cuda" not in "".join(l for l in text.splitlines() if l.startswith("#include")).lower(), src
+        assert "cuda" not in "".join(line for line in text.splitlines() if line.startswith("#include")).lower(), src
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")

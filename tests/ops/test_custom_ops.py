@@ -155,7 +155,7 @@ def test_backward_ops_fakes_have_the_kernels_strides_on_non_contiguous_inputs(op
         args = _transposed_args((p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights.to(dt), p.base_out))
         y, h = moe_lora_module.moe_lora_forward(*args, p.scaling, False)
         bwd, bwd_args = moe_lora_module.moe_lora_backward, (_transposed_storage(torch.randn_like(y)), *args[:5], h, [],
-                                                           p.scaling, False, True)
+                                                            p.scaling, False, True)
     elif op == "moe_lora_linear":
         layer = MoELoRALinear(nn.Linear(8, 6), num_experts=4, top_k=2, r=4, init_lora_weights=False).to(DEVICE, dt)
         x = _transposed_storage(torch.randn(5, 8, dtype=dt, device=DEVICE))
@@ -182,9 +182,9 @@ def test_backward_ops_fakes_have_the_kernels_strides_on_non_contiguous_inputs(op
     else:
         logits = _transposed_storage(torch.randn(7, 6, dtype=dt, device=DEVICE))
         out = moelora.route(logits, 2)
-        bwd, bwd_args = routing_autograd.router_topk_backward, (logits, out.ids, out.weights, torch.randn_like(out.weights),
-                                                                torch.randn(6, dtype=dt, device=DEVICE),
-                                                                torch.randn(7, dtype=dt, device=DEVICE), 0, True)
+        bwd = routing_autograd.router_topk_backward
+        bwd_args = (logits, out.ids, out.weights, torch.randn_like(out.weights),
+                    torch.randn(6, dtype=dt, device=DEVICE), torch.randn(7, dtype=dt, device=DEVICE), 0, True)
     with moelora.use_backend("triton"):
         torch.library.opcheck(bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
 

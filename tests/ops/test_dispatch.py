@@ -232,7 +232,8 @@ def test_validation(path):
         (TypeError, "meta", lambda: moelora.dispatch(x, tuple(meta))),
         (ValueError, "y_sorted", lambda: moelora.combine(torch.randn(3, 4), meta, None)),
         (ValueError, "topk_weights", lambda: moelora.combine(torch.randn(4, 4), meta, torch.rand(2, 3))),
-        (TypeError, "topk_weights", lambda: moelora.combine(torch.randn(4, 4), meta, torch.ones(2, 2, dtype=torch.long))),
+        (TypeError, "topk_weights",
+         lambda: moelora.combine(torch.randn(4, 4), meta, torch.ones(2, 2, dtype=torch.long))),
     ]
     for exc, word, fn in cases:
         with pytest.raises(exc, match=word):

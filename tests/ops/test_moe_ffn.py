@@ -314,7 +314,7 @@ def _check_copies_of_one_ffn_mix_to_it_exactly(x, weights, ffn, path):
     with torch.no_grad():
         mixed = run(x, ids, weights, copies, path, normalize=True)
         single = run(x, ids[:, :1] * 0, torch.ones_like(weights[:, :1]), {n: t[:1] if t is not None else None
-                                                                            for n, t in copies.items()}, path)
+                                                                          for n, t in copies.items()}, path)
     assert torch.equal(mixed, single)
 
 
@@ -696,7 +696,7 @@ def test_opcheck_fused_ops(path):
     for weights_, is_stacked in ((params, False), (stacked, True)):
         args = (x.detach(), ids, weights, *weights_, "silu", True, is_stacked, *plan)
         torch.library.opcheck(ffn_module.moe_ffn_forward.default, args, test_utils=("test_schema", "test_faketensor",
-                                                                            "test_aot_dispatch_dynamic"))
+                                                                                    "test_aot_dispatch_dynamic"))
         out = ffn_module.moe_ffn_forward(*args)
         needs = [t is not None for t in (x, weights, *weights_)]
         bwd_args = (torch.randn_like(out[0]), *args[:9], out[1:], "silu", True, is_stacked, *plan, needs)

@@ -263,8 +263,8 @@ def test_out_of_range_ids_with_validation_off_contribute_nothing(regime, rank, e
         y = moelora.moe_lora(p.x, p.lora_a, p.lora_b, bad, w, scaling=p.scaling, backend="triton", regime=regime)
         y.sum().backward()
     ref = moelora.ops.reference.moe_lora_torch(p.x.detach().double(), p.lora_a.detach().double(),
-                                           p.lora_b.detach().double(), bad.clamp(0, experts - 1),
-                                           masked_w, scaling=p.scaling)
+                                               p.lora_b.detach().double(), bad.clamp(0, experts - 1),
+                                               masked_w, scaling=p.scaling)
     assert rel_err(y, ref) < TOLERANCE[torch.float32]
     assert torch.isfinite(p.lora_b.grad).all() and torch.isfinite(p.x.grad).all()
     ref.sum().backward()  # the gate gradient: the reference's in range, exactly 0 out of range

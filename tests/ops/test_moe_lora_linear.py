@@ -61,7 +61,7 @@ def _layer(kind, base=None, dtype=torch.float32, seed=0):
 def _task_ids(layer, lead):
     if layer.router_mode == "task":
         layer.task_ids = torch.randint(0, layer.num_experts, (lead[0],), device=DEVICE,
-                                        generator=torch.Generator(device=DEVICE).manual_seed(3))
+                                       generator=torch.Generator(device=DEVICE).manual_seed(3))
 
 
 def _run(layer, x, backend, seed=1, aux_weight=10):
@@ -407,7 +407,7 @@ def test_gradcheck_float64(routing, shared_a, regime):
 
     lora_a = rand(r, d_in) if shared_a else rand(E, r, d_in)
     inputs = [t.requires_grad_() for t in (rand(T, d_in), rand(d_out, d_in), rand(d_out), lora_a, rand(E, d_out, r),
-                                            route[routing])]
+                                           route[routing])]
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
@@ -786,7 +786,8 @@ def test_compiled_op_with_only_the_base_weight_or_bias_trainable(trainable, regi
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 kernels need a GPU")
-@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a_mosld", "task_shared", "per_expert_k1", "dora"])
+@pytest.mark.parametrize("kind", ["softmax_topk", "threshold", "shared_a_mosld", "task_shared", "per_expert_k1",
+                                  "dora"])
 def test_bf16_on_gpu(kind, regime):
     """A bf16 base with the default fp32 adapters against the same layer on the PyTorch backend
     (which computes the LoRA branch in fp32): both route on fp32 logits of the same bf16 x."""

@@ -115,7 +115,8 @@ def test_import_refuses_an_extension_with_a_static_runtime(tmp_path):
     static = _cxx_runtime._link_probe(compiler, str(tmp_path), ["-static-libstdc++"], "static")
     dynamic = _cxx_runtime._link_probe(compiler, str(tmp_path), _cxx_runtime.runtime_link_args(compiler), "dynamic")
     module = dict(MAX_EXPERTS=_ext.MAX_EXPERTS, MAX_BLOCK_SIZE=_ext.MAX_BLOCK_SIZE)
-    assert "torch errors raised inside it would crash" in _ext._untrusted_reason(SimpleNamespace(__file__=static, **module))
+    reason = _ext._untrusted_reason(SimpleNamespace(__file__=static, **module))
+    assert "torch errors raised inside it would crash" in reason
     assert _ext._untrusted_reason(SimpleNamespace(__file__=dynamic, **module)) is None
     stale = dict(module, MAX_BLOCK_SIZE=None)
     assert "built from other sources" in _ext._untrusted_reason(SimpleNamespace(__file__=dynamic, **stale))
@@ -204,7 +205,7 @@ def _synthetic_elf(is64, little, needed=(), defined=(), undefined=(), ei_data=No
         return struct.pack(e + "IIIBBH", name, 0x1000 if shndx else 0, 8, 0x12, 0, shndx)
 
     symbols = sym(0, 0) + b"".join(sym(offsets[n], 4) for n in defined) + b"".join(sym(offsets[n], 0)
-                                                                                  for n in undefined)
+                                                                                   for n in undefined)
     ehsize = 64 if is64 else 52
     str_off, dyn_off = ehsize, ehsize + len(strtab)
     sym_off = dyn_off + len(dynamic)

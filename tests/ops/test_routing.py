@@ -302,8 +302,7 @@ def test_route_grad_plus_inf_rows_take_the_softmax_limit(mode, renorm, grad_path
     logits[0, 2] = logits[0, 4] = inf
     logits[1, 5] = inf
     logits[2, :] = torch.tensor([inf, float("nan"), -inf, 1.0, inf, 0.5], dtype=torch.float64)
-    gw, gps, glse = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(6, generator=g,
-                    dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    gw, gps, glse = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((5, 2), (6,), (5,)))
     x = logits.to(grad_path).requires_grad_()
     out = moelora.route(x, 2, mode=mode, renormalize=renorm)
     torch.autograd.backward([out.weights, out.prob_sums, out.lse], [t.to(grad_path) for t in (gw, gps, glse)])
@@ -441,7 +440,7 @@ def test_route_cuda_fp64_and_grad():
     torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, rtol=1e-12, atol=1e-14)
     x = logits[:8, :9].cuda().requires_grad_()
     torch.autograd.gradcheck(_route_sum("native", "topk_softmax", False, 2, torch.randn(9, dtype=torch.float64,
-                                                                                          device="cuda")), (x,))
+                                                                                        device="cuda")), (x,))
     torch.library.opcheck(torch.ops.moelora.router_topk.default, (x, 2, 0, True))
 
 

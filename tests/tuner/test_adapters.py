@@ -615,7 +615,8 @@ def test_adding_loading_and_saving_adapters_keep_the_active_adapter_merged(tmp_p
     model.merge_adapter(task=2)
 
     def merged_tasks():
-        return [(layer.merged, layer.merged_task) for layer in model.model.modules() if isinstance(layer, MoELoRALinear)]
+        return [(layer.merged, layer.merged_task)
+                for layer in model.model.modules() if isinstance(layer, MoELoRALinear)]
 
     model.add_adapter("second", MoELoRAConfig(target_modules=["v_proj"], num_experts=1))
     assert merged_tasks() == [(True, 2)] * 2
@@ -951,7 +952,7 @@ def test_safe_merge_refuses_a_non_finite_merged_weight_before_any_layer_merges_a
 
     peft_model = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj", "v_proj"],
-                                                                      num_experts=1, r=4))
+                                                                     num_experts=1, r=4))
     randomize_adapters(ours)
     with torch.no_grad():
         peft_model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("nan")
@@ -1029,8 +1030,9 @@ def test_inference_mode_and_adapter_names_as_peft_s(tmp_path):
     trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert trainable(get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj"],
                                                                          inference_mode=True))) == 0
-    frozen = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
-                                                                        r=4, inference_mode=True), adapter_name="serving")
+    frozen = get_moelora_model(tiny_llama(num_layers=2),
+                               MoELoRAConfig(target_modules=["q_proj"], num_experts=2, r=4, inference_mode=True),
+                               adapter_name="serving")
     assert trainable(frozen) == 0 and frozen.active_adapter == "serving"
     with pytest.raises(TypeError, match=r"MoELoRAConfig\.inference_mode"):
         MoELoRAConfig(inference_mode="yes")
@@ -1081,7 +1083,7 @@ def test_layer_and_model_status_and_parameter_counts_match_peft_s():
     theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     theirs.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
     ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                                      num_experts=1))
+                                                                     num_experts=1))
     ours.add_adapter("other", MoELoRAConfig(r=2, target_modules=["v_proj"], num_experts=1))
     fields = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
     assert fields(moelora.tuner.adapters.LayerStatus) == fields(TunerLayerStatus)
@@ -1129,7 +1131,7 @@ def test_print_trainable_parameters_prints_peft_s_line(capsys):
 
     theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                                      num_experts=1))
+                                                                     num_experts=1))
     trainable, total = ours.get_nb_trainable_parameters()
     assert 0 < trainable < total
     capsys.readouterr()
@@ -1151,7 +1153,7 @@ def test_layer_status_of_places_only_inactive_adapters_adapt_matches_peft_s():
     theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     theirs.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
     ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                                      num_experts=1))
+                                                                     num_experts=1))
     ours.add_adapter("other", MoELoRAConfig(r=2, target_modules=["v_proj"], num_experts=1))
     ignored = {"module_type": None, "adapter_model_type": None, "peft_types": None}
 
@@ -1183,7 +1185,7 @@ def test_unload_keeps_the_trained_copy_of_saved_modules_as_peft_s():
     from peft import LoraConfig, get_peft_model
 
     ours = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(r=2, target_modules=["q_proj"], num_experts=1,
-                                                                      modules_to_save=["lm_head"]))
+                                                                     modules_to_save=["lm_head"]))
     theirs = get_peft_model(tiny_llama(num_layers=2), LoraConfig(r=2, target_modules=["q_proj"],
                                                                  modules_to_save=["lm_head"]))
     for model, copy_ in ((ours, ours.model.lm_head.modules_to_save),
@@ -1317,7 +1319,8 @@ def test_load_state_dict_of_a_wrapper_with_another_adapter_active_loads_each_ada
     inactive_adapters.<name>; loading one saved with another adapter active (a resumed checkpoint) raised for
     missing keys, and with strict=False loaded the saved active adapter's tensors into this model's active one."""
     configs = {"default": MoELoRAConfig(target_modules=["proj", "conv"], num_experts=3, top_k=2, r=2),
-               "b": MoELoRAConfig(target_modules=["proj", "conv"], num_experts=3, top_k=2, r=2, modules_to_save=["head"])}
+               "b": MoELoRAConfig(target_modules=["proj", "conv"], num_experts=3, top_k=2, r=2,
+                                  modules_to_save=["head"])}
 
     def wrapper(seed):
         model = get_moelora_model(Net(), configs["default"])

@@ -788,9 +788,9 @@ def test_moeffn_gives_its_router_its_arguments_and_device_and_weighs_its_losses_
                          ids=["silu", "gelu_tanh", "mish", "relu"])
 @pytest.mark.parametrize("kind", ["plain", "gated", "stacked"])
 @pytest.mark.parametrize("tokens,d_ff,d,dtype", [(10, 12, 8, torch.float32), (11, 13, 8, torch.float32),
-                                                  (11, 13, 5, torch.float64)])
+                                                 (11, 13, 5, torch.float64)])
 def test_upcycled_block_is_bitwise_the_ffn_for_any_width_on_the_torch_backend(activation, kind, tokens, d_ff, d,
-                                                                               dtype):
+                                                                              dtype):
     """The torch backend's promise (all experts routed, eps = 0): the FFN's output bit for bit, whatever
     d_ff and the number of tokens. CPU elementwise kernels round by position (a vectorised body, then
     a scalar tail), so the activation over all experts' rows at once rounded the rows of an expert that
@@ -1309,7 +1309,7 @@ def test_checkpoints_whose_record_a_later_check_refuses_load_as_trained_with_a_w
         (out / "moelora_config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=refusal):
             upcycle_ffn(make(), 2, 2, **{**upcycle_kwargs, **{k: ACT2FN[v] if k == "activation" else v
-                                                             for k, v in edit.items()}})
+                                                              for k, v in edit.items()}})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loaded = moelora.from_pretrained(make(), str(out))
