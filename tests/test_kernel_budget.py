@@ -15,9 +15,11 @@ import torch.nn as nn
 import moelora
 from conftest import DEVICE
 from helpers import randomize_adapters
+from moelora import profiling
+from moelora.kernels import launchers
 from moelora.ops import moe_lora as moe_lora_module
 from moelora.ops import native
-from moelora.profiling import count_kernels
+from moelora.profiling import KernelCounts, count_kernels
 from moelora.switches import fallback_forced
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="counted on CPU (launches are not run)")
@@ -276,6 +278,99 @@ def test_counter_skips_ops_that_launch_nothing():
         a @ b
         a.reshape(6, 4)
     assert counted.aten == ["mm"], counted
+
+
+def test_counter_skips_every_allocation_and_detach_and_names_native_ops_by_namespace():
+    """Fresh tensors (empty, empty_like, empty_strided, empty_permuted, new_empty, new_empty_strided, a literal's
+    lift_fresh), resize_, set_, detach, is_same_size and .item() launch nothing and are not counted; every compute
+    op is, in order, a moelora._C op as ``moelora.<name>`` (one kernel whatever its CUDA version uses), an aten op by
+    its bare name. The ops under the counter still compute what they compute without it (keyword-only arguments
+    reach them)."""
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    with count_kernels() as counted:
+        torch.empty(3), torch.empty_like(x), torch.empty_strided((2, 3), (1, 2)), torch.empty_permuted((2, 3), (1, 0))
+        x.new_empty(2), x.new_empty_strided((2, 2), (1, 2)), torch.tensor([1.5])
+        torch.empty(2).resize_(5), torch.empty(0).set_(x.untyped_storage())
+        z = x.detach()
+        x.is_same_size(y)
+        total = torch.add(z, y, alpha=2.0)
+        total.sum().item()
+        if native.HAS_C:
+            torch.ops.moelora.router_topk(x, 2, 0, True)
+    assert counted.aten == ["add", "sum"] + (["moelora.router_topk"] if native.HAS_C else []), counted
+    torch.testing.assert_close(total, x + 2 * y)
+
+
+def test_counts_total_and_text_name_both_kinds_of_kernel():
+    counts = KernelCounts(triton=["lora_down_kernel"], aten=["mm", "add"])
+    assert counts.total == 3
+    assert str(counts) == "3 kernels (1 Triton: ['lora_down_kernel']; 2 ATen: ['mm', 'add'])"
+
+
+class _FakeClock:
+    """perf_counter for moelora.profiling: each call of ``fn`` advances it by the next of ``durations``; ``fn``
+    records the state host_time sets up around it (threads, launch hook, denormal flushing)."""
+
+    def __init__(self, durations, fail_at=None):
+        self.now, self.durations, self.fail_at, self.seen = 100.0, list(durations), fail_at, []
+
+    def perf_counter(self):
+        return self.now
+
+    def fn(self):
+        if len(self.seen) == self.fail_at:
+            raise KeyError("inside the timed call")
+        denormal = (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item()
+        self.seen.append((torch.get_num_threads(), launchers._launch_hook is launchers._skip, denormal))
+        self.now += self.durations[len(self.seen) - 1]
+
+
+def _denormal_kept() -> bool:
+    return (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item() != 0.0
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("warmup, iterations, durations, median", [
+    (2, 5, [90.0, 80.0, 3.0, 1.0, 5.0, 2.0, 4.0], 3.0),  # the warmup calls' times are dropped
+    (1, 4, [90.0, 4.0, 1.0, 3.0, 2.0], 3.0)],  # an even count: the upper of the two middle times
+    ids=["odd", "even"])
+def test_host_time_is_the_median_of_the_timed_calls_after_the_warmup(monkeypatch, two_threads, warmup, iterations,
+                                                                     durations, median):
+    """warmup + iterations calls, each timed alone, with Triton launches skipped, on one thread and with subnormals
+    flushed to zero; the caller's thread count and (unflushed) subnormals are back afterwards."""
+    clock = _FakeClock(durations)
+    monkeypatch.setattr(profiling, "time", clock)
+    assert profiling.host_time(clock.fn, iterations=iterations, warmup=warmup) == median
+    assert len(clock.seen) == warmup + iterations
+    assert torch.get_num_threads() == 2 and _denormal_kept()
+    supported = torch.set_flush_denormal(False)  # (the machine flushes subnormals at all)
+    assert clock.seen == [(1, True, 0.0 if supported else 1e-310)] * len(durations)
+    assert launchers._launch_hook is not launchers._skip
+
+
+def test_host_time_defaults_to_fifty_timed_calls_after_ten(monkeypatch):
+    durations = [1000.0] * 10 + [float(i % 7 + 1) for i in range(50)]
+    clock = _FakeClock(durations)
+    monkeypatch.setattr(profiling, "time", clock)
+    assert profiling.host_time(clock.fn) == sorted(durations[10:])[25]
+    assert len(clock.seen) == 60
+
+
+def test_host_time_restores_threads_and_subnormals_when_the_call_raises(monkeypatch, two_threads):
+    clock = _FakeClock([1.0] * 5, fail_at=3)
+    monkeypatch.setattr(profiling, "time", clock)
+    with pytest.raises(KeyError, match="inside the timed call"):
+        profiling.host_time(clock.fn, iterations=3, warmup=2)
+    assert len(clock.seen) == 3
+    assert torch.get_num_threads() == 2 and _denormal_kept()
+    assert launchers._launch_hook is not launchers._skip
 
 
 def test_counts_hold_the_launches_before_an_exception_of_the_block():
