@@ -7,8 +7,10 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -185,9 +187,13 @@ def test_read_elf_rejects_malformed_section_headers(tmp_path):
 
 
 # ---- the ELF reader on small synthetic files: both classes and byte orders ------------------
-def _synthetic_elf(is64, little, needed=(), defined=(), undefined=(), ei_data=None):
+def _synthetic_elf(is64, little, needed=(), defined=(), undefined=(), ei_data=None, sym_type=11, sym_entsize=None,
+                   extra_size=0, header_pad=0):
     """A shared object holding only .dynstr, .dynamic (NEEDED ``needed``) and .dynsym (``defined`` in a
-    section, ``undefined`` in none), as a linker of that class and byte order writes them."""
+    section, ``undefined`` in none, and a nameless section symbol), as a linker of that class and byte order writes
+    them. ``sym_type`` 2 makes the symbols a .symtab; ``sym_entsize``, sizes ``extra_size`` bytes past the last whole
+    entry of .dynamic and of the symbols, and section headers ``header_pad`` bytes longer than the format's, a file
+    that uses ELF's freedom there."""
     import struct
 
     e = "<" if little else ">"
@@ -195,7 +201,7 @@ def _synthetic_elf(is64, little, needed=(), defined=(), undefined=(), ei_data=No
     for name in (*needed, *defined, *undefined):
         offsets[name] = len(strtab)
         strtab += name.encode() + b"\0"
-    dyn_fmt, sym_entsize, sh_fmt = (e + "qQ", 24, e + "IIQQQQIIQQ") if is64 else (e + "iI", 16, e + "IIIIIIIIII")
+    dyn_fmt, sh_fmt = (e + "qQ", e + "IIQQQQIIQQ") if is64 else (e + "iI", e + "IIIIIIIIII")
     dynamic = b"".join(struct.pack(dyn_fmt, 1, offsets[n]) for n in needed) + struct.pack(dyn_fmt, 5, 0)
     dynamic += struct.pack(dyn_fmt, 0, 0) + struct.pack(dyn_fmt, 1, offsets.get("", 0) + 1)  # DT_NULL ends it
 
@@ -204,22 +210,27 @@ def _synthetic_elf(is64, little, needed=(), defined=(), undefined=(), ei_data=No
             return struct.pack(e + "IBBHQQ", name, 0x12, 0, shndx, 0x1000 if shndx else 0, 8)
         return struct.pack(e + "IIIBBH", name, 0x1000 if shndx else 0, 8, 0x12, 0, shndx)
 
-    symbols = sym(0, 0) + b"".join(sym(offsets[n], 4) for n in defined) + b"".join(sym(offsets[n], 0)
-                                                                                   for n in undefined)
+    symbols = sym(0, 0) + sym(0, 4) + b"".join(sym(offsets[n], 4) for n in defined)
+    symbols += b"".join(sym(offsets[n], 0) for n in undefined)
     ehsize = 64 if is64 else 52
     str_off, dyn_off = ehsize, ehsize + len(strtab)
     sym_off = dyn_off + len(dynamic)
     shoff = sym_off + len(symbols)
     dyn_entsize = len(dynamic) // (len(needed) + 3)
-    sections = [(0, 0, 0, 0, 0), (3, str_off, len(strtab), 0, 0), (6, dyn_off, len(dynamic), 1, dyn_entsize),
-                (11, sym_off, len(symbols), 1, sym_entsize)]
-    headers = b"".join(struct.pack(sh_fmt, 0, t, 0, 0, off, size, link, 0, 1, ent)
+    sym_entsize = sym_entsize if sym_entsize is not None else 24 if is64 else 16
+    sections = [(0, 0, 0, 0, 0), (3, str_off, len(strtab), 0, 0),
+                (6, dyn_off, len(dynamic) + extra_size, 1, dyn_entsize),
+                (sym_type, sym_off, len(symbols) + extra_size, 1, sym_entsize)]
+    headers = b"".join(struct.pack(sh_fmt, 0, t, 0, 0, off, size, link, 0, 1, ent) + b"\0" * header_pad
                        for t, off, size, link, ent in sections)
+    shentsize = (64 if is64 else 40) + header_pad
     ident = b"\x7fELF" + bytes([2 if is64 else 1, (1 if little else 2) if ei_data is None else ei_data, 1]) + b"\0" * 9
     if is64:
-        header = ident + struct.pack(e + "HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(sections), 0)
+        header = ident + struct.pack(e + "HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, shentsize, len(sections),
+                                     0)
     else:
-        header = ident + struct.pack(e + "HHIIIIIHHHHHH", 3, 3, 1, 0, 0, shoff, 0, 52, 0, 0, 40, len(sections), 0)
+        header = ident + struct.pack(e + "HHIIIIIHHHHHH", 3, 3, 1, 0, 0, shoff, 0, 52, 0, 0, shentsize, len(sections),
+                                     0)
     assert len(header) == ehsize
     return header + strtab + dynamic + symbols + headers
 
@@ -236,7 +247,7 @@ def test_read_elf_reads_both_classes_and_byte_orders(tmp_path, is64, little):
     info = _cxx_runtime.read_elf(str(path))
     assert info.needed == ["libtorch.so", "libstdc++.so.6", "libc.so.6"]
     assert info.defined == {"moelora_op", "_ZN7moelora4initEv"}
-    assert _cxx_runtime.read_elf(str(path), symbols=False).needed == info.needed
+    assert _cxx_runtime.read_elf(str(path), symbols=False) == (info.needed, set())
     assert _cxx_runtime.link_problem(str(path), "libstdc++.so.6") is None
 
 
@@ -277,6 +288,128 @@ def test_link_problem_wants_the_runtime_family_among_the_needed_libraries(tmp_pa
         _cxx_runtime.link_problem(str(path), "libstdc++.so.6")
     path.write_bytes(_synthetic_elf(False, True))
     assert "(none)" in _cxx_runtime.link_problem(str(path), "libstdc++.so.6")
+
+
+def test_read_elf_rejects_a_file_that_is_not_a_complete_elf_header(tmp_path):
+    """A valid file without the magic bytes, with an unknown class (EI_CLASS 0 or 3), cut off inside the
+    identification bytes, or whose section headers lie past its end: NotElfError, never another exception."""
+    good = _synthetic_elf(True, True, needed=["libstdc++.so.6"])
+    bad_magic = b"\x7fELG" + good[4:]
+    bad_classes = [good[:4] + bytes([c]) + good[5:] for c in (0, 3)]
+    shoff_past_end = good[:0x28] + struct.pack("<Q", 4 * len(good)) + good[0x30:]
+    path = tmp_path / "x.so"
+    cases = [(bad_magic, "not an ELF"), (good[:5], "not an ELF"), (shoff_past_end, "malformed")]
+    for content, message in cases + [(bad, "not an ELF") for bad in bad_classes]:
+        path.write_bytes(content)
+        with pytest.raises(_cxx_runtime.NotElfError, match=message):
+            _cxx_runtime.read_elf(str(path))
+
+
+@pytest.mark.parametrize("is64", [True, False], ids=["elf64", "elf32"])
+def test_read_elf_reads_a_symtab_and_follows_the_sizes_the_file_gives(tmp_path, is64):
+    """Symbols of a .symtab count as those of .dynsym; section headers longer than the format's are stepped over by
+    e_shentsize, bytes past the last whole entry of .dynamic or a symbol table are ignored, a symbol table of entry
+    size 0 is skipped, and a name that is not UTF-8 is read with replacement characters."""
+    path = tmp_path / "x.so"
+    for kwargs in (dict(sym_type=2), dict(header_pad=8), dict(extra_size=5)):
+        path.write_bytes(_synthetic_elf(is64, False, needed=["libstdc++.so.6"], defined=["_ZNSolsEl"], **kwargs))
+        assert _cxx_runtime.read_elf(str(path)) == (["libstdc++.so.6"], {"_ZNSolsEl"}), kwargs
+    path.write_bytes(_synthetic_elf(is64, True, needed=["libstdc++.so.6"], defined=["_ZNSolsEl"], sym_entsize=0))
+    assert _cxx_runtime.read_elf(str(path)) == (["libstdc++.so.6"], set())
+    path.write_bytes(_synthetic_elf(is64, True, defined=["moelora_XtX"]).replace(b"moelora_XtX", b"moelora_\xe9t\xe9"))
+    assert _cxx_runtime.read_elf(str(path)).defined == {"moelora_\ufffdt\ufffd"}
+
+
+def test_link_problem_counts_the_ostream_symbols_and_names_the_first_by_name(tmp_path):
+    path = tmp_path / "sub" / "x.so"
+    path.parent.mkdir()
+    path.write_bytes(_synthetic_elf(True, True, needed=["libstdc++.so.6"],
+                                    defined=["_ZTVSo", "_ZNSolsEl", "_ZNKSo6sentrycvbEv", "_ZNSirsERl"]))
+    assert _cxx_runtime.link_problem(str(path), "libstdc++.so.6").startswith(
+        "x.so defines 3 std::basic_ostream symbols itself (e.g. _ZNKSo6sentrycvbEv)")
+
+
+@pytest.mark.parametrize("libc10", ["libc++", "none", "not_elf", "no_lib_dir"])
+def test_torch_cxx_runtime_is_the_runtime_libc10_needs(tmp_path, monkeypatch, libc10):
+    """The C++ runtime among libc10.so's NEEDED libraries (libstdc++ or libc++, whichever comes first, not its
+    first entry), libc10_cuda.so not read; libstdc++.so.6 when torch has no lib dir, or libc10.so names neither or
+    is not ELF."""
+    import torch
+
+    lib = tmp_path / "torch" / "lib"
+    if libc10 != "no_lib_dir":
+        lib.mkdir(parents=True)
+        (lib / "libc10_cuda.so").write_bytes(_synthetic_elf(True, True, needed=["libstdc++.so.5"]))
+        (lib / "libc10.so").write_bytes(
+            b"not ELF" if libc10 == "not_elf" else _synthetic_elf(
+                True, True, needed=["libm.so.6"] + (["libc++.so.1", "libstdc++.so.6"] if libc10 == "libc++" else [])))
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "torch" / "__init__.py"))
+    assert _cxx_runtime.torch_cxx_runtime() == ("libc++.so.1" if libc10 == "libc++" else "libstdc++.so.6")
+
+
+def test_loaded_library_path_is_the_first_mapped_file_of_that_library(tmp_path, monkeypatch):
+    """From /proc/self/maps: lines of other libraries, files gone since, and paths that only contain the
+    soname in a directory's name are passed over; None where no such file is mapped or maps cannot be read."""
+    import io
+
+    real = tmp_path / "libstdc++.so.6.0.33"
+    real.write_bytes(b"")
+    folder = tmp_path / "libstdc++.so.6.d"
+    folder.mkdir()
+    (folder / "libfoo.so").write_bytes(b"")
+    (tmp_path / "libm.so.6").write_bytes(b"")
+    maps = "".join(f"7f00-7f01 r-xp 00000000 08:01 1  {p}\n" for p in
+                   (tmp_path / "libm.so.6", tmp_path / "gone" / "libstdc++.so.6", folder / "libfoo.so", real,
+                    tmp_path / "libstdc++.so.6"))
+
+    def fake_open(path, *args):
+        if path != "/proc/self/maps":
+            raise AssertionError(path)
+        if fake_open.fail:
+            raise PermissionError(path)
+        return io.StringIO(maps)
+
+    fake_open.fail = False
+    monkeypatch.setattr(_cxx_runtime, "open", fake_open, raising=False)
+    assert _cxx_runtime.loaded_library_path("libstdc++.so.6") == str(real)
+    assert _cxx_runtime.loaded_library_path("libgfortran.so.5") is None
+    fake_open.fail = True
+    assert _cxx_runtime.loaded_library_path("libstdc++.so.6") is None
+
+
+@pytest.mark.parametrize("case", ["sound", "repaired", "no_shared_runtime", "repair_fails"])
+def test_runtime_link_args_links_the_probe_and_repairs_it_with_the_loaded_runtime(monkeypatch, case):
+    """The probe first links with the compiler's own arguments ([] when sound); else once more with the shared
+    runtime this process runs with (torch's, when no runtime is named), which is returned when that link is sound;
+    a RuntimeError naming the first link's problem otherwise, or when no shared runtime is loaded."""
+    links = []
+
+    def probe(compiler, tmp, extra_link_args, tag):
+        links.append((tag, list(extra_link_args)))
+        return tag
+
+    def problem(path, runtime):
+        assert runtime == "libc++.so.1"
+        return None if (path, case) in {("default", "sound"), ("shared", "repaired")} else f"{path} is static"
+
+    monkeypatch.setattr(_cxx_runtime, "_link_probe", probe)
+    monkeypatch.setattr(_cxx_runtime, "link_problem", problem)
+    monkeypatch.setattr(_cxx_runtime, "torch_cxx_runtime", lambda: "libc++.so.1")
+    shared = None if case == "no_shared_runtime" else "/usr/lib/libc++.so.1"
+    monkeypatch.setattr(_cxx_runtime, "loaded_library_path", lambda name: shared if name == "libc++.so.1" else 1)
+    compiler = SimpleNamespace(compiler_cxx=["clang++", "-O2"])
+    if case in ("sound", "repaired"):
+        assert _cxx_runtime.runtime_link_args(compiler) == ([] if case == "sound" else [shared])
+    else:
+        with pytest.raises(RuntimeError, match=r"compiler `clang\+\+`: default is static\. Every torch error"):
+            _cxx_runtime.runtime_link_args(compiler)
+    assert links == [("default", [])] + ([] if case in ("sound", "no_shared_runtime") else [("shared", [shared])])
+
+
+def test_advice_names_c_plus_plus_for_a_compiler_without_a_cxx_command():
+    for compiler in (SimpleNamespace(), SimpleNamespace(compiler_cxx=None), SimpleNamespace(compiler_cxx=[])):
+        advice = _cxx_runtime.cxx_runtime_advice(compiler, "it is static")
+        assert "with the C++ compiler `c++`: it is static." in advice
 
 
 # ---- when moelora.ops.native uses the extension ---------------------------------------------
