@@ -39,6 +39,17 @@ def test_backend_variable_reads_any_case_and_spaces(monkeypatch):
     assert switches.current_backend() == "triton"
 
 
+@pytest.mark.parametrize("value", [None, "", "  "], ids=["unset", "empty", "blank"])
+def test_backend_variable_unset_or_blank_reads_auto(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("MOELORA_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("MOELORA_BACKEND", value)
+    assert switches.current_backend() == "auto"
+    with moelora.use_backend("torch"):
+        assert switches.current_backend() == "torch"
+
+
 @pytest.mark.parametrize("block, read", [(moelora.validation, switches.validation_enabled),
                                          (switches.force_fallback, switches.fallback_forced)])
 @pytest.mark.parametrize("environment", ["0", "1"])
@@ -60,8 +71,9 @@ def test_force_fallback_without_an_argument_forces_the_fallbacks(monkeypatch):
 
 
 @pytest.mark.parametrize("switch", [moelora.validation, switches.force_fallback])
-@pytest.mark.parametrize("value", ["off", "0", None, 2.0, 2, -1])
+@pytest.mark.parametrize("value", ["off", "0", None, 2.0, 2, -1, 0.0, 1.0])
 def test_switch_refuses_what_is_not_a_bool(switch, value):
+    """Not even a float equal to 0 or 1: the argument is a flag, not a number."""
     with pytest.raises(TypeError, match=r"\(enabled\) must be a bool"):
         switch(value)
 
