@@ -55,7 +55,7 @@ def read_elf(path: str, symbols: bool = True) -> ElfInfo:
     is64, endian = data[4] == 2, "<" if data[5] == 1 else ">"
     try:
         return _parse_elf(data, is64, endian, symbols)
-    except (struct.error, IndexError, ValueError) as exc:  # offsets, links or strings outside the file
+    except (struct.error, IndexError, ValueError, OverflowError) as exc:  # offsets, links or strings outside the file
         raise NotElfError(f"{path} is a truncated or malformed ELF file ({exc})") from exc
 
 

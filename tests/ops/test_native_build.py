@@ -305,6 +305,16 @@ def test_read_elf_rejects_a_file_that_is_not_a_complete_elf_header(tmp_path):
             _cxx_runtime.read_elf(str(path))
 
 
+@pytest.mark.parametrize("shoff", [2 ** 63, 2 ** 64 - 1])
+def test_read_elf_rejects_section_headers_at_an_offset_no_file_reaches(tmp_path, shoff):
+    """An e_shoff of 2**63 or more (a 64-bit field, past what an offset into memory holds) is a malformed file:
+    NotElfError, not an OverflowError out of ``import moelora``."""
+    good = _synthetic_elf(True, True, needed=["libstdc++.so.6"])
+    (tmp_path / "x.so").write_bytes(good[:0x28] + struct.pack("<Q", shoff) + good[0x30:])
+    with pytest.raises(_cxx_runtime.NotElfError, match="malformed"):
+        _cxx_runtime.read_elf(str(tmp_path / "x.so"))
+
+
 @pytest.mark.parametrize("is64", [True, False], ids=["elf64", "elf32"])
 def test_read_elf_reads_a_symtab_and_follows_the_sizes_the_file_gives(tmp_path, is64):
     """Symbols of a .symtab count as those of .dynsym; section headers longer than the format's are stepped over by
