@@ -107,3 +107,44 @@ def test_upcycling_an_offloaded_bert_layer_is_refused_and_changes_nothing():
     with pytest.raises(NotImplementedError, match="upcycling encoder.layer.0 .* accelerate has offloaded"):
         moelora.upcycle_ffn(model, num_experts=2, top_k=1)
     assert layer.intermediate is intermediate
+
+
+def test_an_offloaded_layer_whose_hook_has_loaded_its_weight_is_not_taken_for_offloaded():
+    """offload_hook names the hook only while the weight waits on meta: inside a forward (after the hook's
+    pre_forward loaded it) the weight is real, and nothing refuses it; an offloading hook with no execution
+    device has nowhere to put the adapters, so it is not taken for one (they stay on meta, as meta init's)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from moelora.modules.adapter_base import adapter_device, offload_hook, refuse_offloaded
+
+    layer, hook = nn.Linear(D, D), AlignDevicesHook(execution_device=torch.device("cpu"), offload=True)
+    add_hook_to_module(layer, hook)
+    assert offload_hook(layer) is hook and layer.weight.device.type == "meta"
+    hook.pre_forward(layer, torch.randn(2, D))
+    assert layer.weight.device.type == "cpu"
+    assert offload_hook(layer) is None
+    refuse_offloaded(layer, "merging")  # no error: the weight is real now
+    hook.post_forward(layer, None)
+    assert offload_hook(layer) is hook and layer.weight.device.type == "meta"
+
+    nowhere = nn.Linear(D, D)
+    add_hook_to_module(nowhere, AlignDevicesHook(execution_device=None, offload=True))
+    assert nowhere.weight.device.type == "meta"
+    assert offload_hook(nowhere) is None and adapter_device(nowhere).type == "meta"
+
+
+def test_an_offloaded_layer_with_a_second_hook_is_still_taken_for_offloaded(tmp_path):
+    """A hook appended after accelerate's offloading one makes a SequentialHook holding both: the adapters
+    are still real on the execution device, and merging is still refused."""
+    from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module
+
+    torch.manual_seed(0)
+    net = _offload(_Net(), "cpu", tmp_path)
+    add_hook_to_module(net.a, ModelHook(), append=True)
+    assert isinstance(net.a._hf_hook, SequentialHook)
+    model = _inject(net, num_experts=1, top_k=1)
+    assert net.a.base_layer.weight.device.type == "meta"
+    assert all(p.device.type == "cpu" for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(NotImplementedError, match="merging needs the base layer's weight, which accelerate has "
+                                                  "offloaded"):
+        model.merge_adapter()
+    assert not net.a.merged
