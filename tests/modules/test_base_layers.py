@@ -570,3 +570,17 @@ def test_linear_base_with_another_output_shape_is_refused_clearly(make, x_shape,
     with pytest.raises(ValueError, match="base layer (Grouped|Decoupled|FirstToken)Linear returned an output of "
                                          r"shape .* not \[\.\.\., out_features=6\]"):
         layer(torch.randn(x_shape))
+
+
+class TaggedParameter(nn.Parameter):
+    """A Parameter subclass (no DTensor: no placements), as some frameworks tag their weights with."""
+
+
+def test_linear_base_with_another_output_shape_and_a_parameter_subclass_weight_is_refused_clearly():
+    """A weight of a tensor subclass is not taken for a tensor-parallel one unless it has placements: the
+    shape error names the base layer, and nothing reads the subclass's missing placements."""
+    base = DecoupledLinear(4, 6, 2)
+    base.weight = TaggedParameter(base.weight.detach().clone())
+    layer = MoELoRALinear(base, num_experts=2, r=2)
+    with pytest.raises(ValueError, match=r"base layer DecoupledLinear returned an output of shape \(3, 8\)"):
+        layer(torch.randn(3, 4))
