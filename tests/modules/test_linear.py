@@ -773,3 +773,11 @@ def test_extra_arguments_reach_the_base_layer(kind):
         layer(x, scale=2.0)
     with pytest.raises(TypeError, match="positional argument"):
         layer(x, 2.0)
+
+
+@pytest.mark.parametrize("kind", ["task_shared", "single", "shared_a"])
+def test_linear_layers_hold_no_projection_selector(kind):
+    """The fused linear op reads x itself: MoELoRALinear has no constant buffer (the [E, r, E*r] selector of
+    conv and embedding layers would be dead memory, moved and rebuilt on every .to())."""
+    layer = _layer(kind)
+    assert not [name for name, _ in layer.named_buffers() if not name.startswith("router.")]
