@@ -164,8 +164,6 @@ def test_read_elf_rejects_malformed_section_headers(tmp_path):
     """A section linking to a string table that does not exist, or to one that lies past the end
     of the file, is a malformed ELF file (NotElfError, which native.py's import check catches),
     not an IndexError / ValueError out of ``import moelora``."""
-    import struct
-
     path = _extension_path()
     if path is None or not LINUX:
         pytest.skip("moelora._C is not built (or not an ELF platform)")
@@ -194,8 +192,6 @@ def _synthetic_elf(is64, little, needed=(), defined=(), undefined=(), ei_data=No
     them. ``sym_type`` 2 makes the symbols a .symtab; ``sym_entsize``, sizes ``extra_size`` bytes past the last whole
     entry of .dynamic and of the symbols, and section headers ``header_pad`` bytes longer than the format's, a file
     that uses ELF's freedom there."""
-    import struct
-
     e = "<" if little else ">"
     strtab, offsets = b"\0", {}
     for name in (*needed, *defined, *undefined):
