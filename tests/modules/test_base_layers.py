@@ -297,6 +297,23 @@ def test_merge_and_unmerge_of_a_half_base_round_once():
     assert torch.equal(layer.base_layer.weight, (merged.float() - delta).half())
 
 
+def test_merge_twice_and_unmerge_of_an_unmerged_layer_raise_and_change_no_weight():
+    """A second merge would add the delta again and an unmerge of an unmerged layer would subtract it from the
+    plain base weight: both raise before touching the weight (check_merge is what merge_adapter runs first)."""
+    layer = MoELoRALinear(_linear(), num_experts=1, r=3, init_lora_weights=False)
+    plain = layer.base_layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="^the layer is not merged$"):
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, plain) and not layer.merged
+    layer.merge()
+    merged = layer.base_layer.weight.detach().clone()
+    assert not torch.equal(merged, plain)
+    for call in (layer.check_merge, layer.merge):
+        with pytest.raises(RuntimeError, match="already merged; unmerge it first"):
+            call()
+        assert torch.equal(layer.base_layer.weight, merged) and layer.merged
+
+
 def test_a_merged_dora_layer_saves_no_merge_buffers_and_unmerge_frees_them():
     """What unmerge of a DoRA layer divides out and subtracts (a d_out scale and a d_out x d_in delta) is held in
     buffers while merged: left out of the state dict, and dropped by unmerge."""
