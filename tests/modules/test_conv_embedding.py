@@ -843,3 +843,25 @@ def test_meta_device_layer_made_real_then_loaded_equals_the_layer(make, inp, how
         assert all(b.dtype == torch.float64 for b in single.buffers() if b.is_floating_point())
         single.task_ids = layer.task_ids
         torch.testing.assert_close(single(inp()), layer(inp()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["embedding", "conv"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_task_ids_out_of_range_with_validation_off_add_no_adapter(kind, backend, grad):
+    """With validation off a task id outside [0, E) adds no adapter to its example (the README's contract, as
+    for MoELoRALinear): that example's output is the base layer's, the other's what it is with valid ids. The
+    layers' routing is not taken for checked here (the torch backend's gathered form, without a gradient, would
+    index lora_B by the id)."""
+    layer = _fill(_embedding("task") if kind == "embedding" else _conv("conv2d_3x3_s2", "task"))
+    inputs = torch.tensor([[1, 4, 5], [2, 9, 3]]) if kind == "embedding" else _conv_input("conv2d_3x3_s2")
+    with moelora.use_backend(backend), torch.set_grad_enabled(grad):
+        layer.task_ids = torch.tensor([2, 0])
+        valid = layer(inputs)
+        layer.task_ids = torch.tensor([2, 7])  # E = 3
+        with moelora.validation(False):
+            y = layer(inputs)
+        base = layer.base_layer(inputs)
+    assert not torch.equal(valid[0], base[0])  # the adapter changes what it reaches
+    torch.testing.assert_close(y[0], valid[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y[1], base[1], rtol=0, atol=1e-12)
