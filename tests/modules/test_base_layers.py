@@ -601,3 +601,18 @@ def test_linear_base_with_another_output_shape_and_a_parameter_subclass_weight_i
     layer = MoELoRALinear(base, num_experts=2, r=2)
     with pytest.raises(ValueError, match=r"base layer DecoupledLinear returned an output of shape \(3, 8\)"):
         layer(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("settings, task, match", [
+    (dict(num_experts=3, top_k=2), None, "only static routing folds into one weight delta"),
+    (dict(num_experts=3, router="task"), 3, r"a task-routed layer needs task in \[0, 3\) \(an int\), got 3"),
+    (dict(num_experts=3, router="task"), None, r"needs task in \[0, 3\) \(an int\), got None")])
+def test_check_merge_refuses_routing_that_does_not_fold_into_one_delta(settings, task, match):
+    """check_merge raises the error merge would for routing that merge cannot fold (merge_adapter checks every
+    layer first so that a refusal leaves no layer merged); neither changes the weight."""
+    layer = MoELoRALinear(_linear(), r=3, init_lora_weights=False, **settings)
+    plain = layer.base_layer.weight.detach().clone()
+    for call in (layer.check_merge, layer.merge):
+        with pytest.raises(ValueError, match=match):
+            call(task)
+        assert torch.equal(layer.base_layer.weight, plain) and not layer.merged
