@@ -354,8 +354,9 @@ def test_torch_cxx_runtime_is_the_runtime_libc10_needs(tmp_path, monkeypatch, li
 
 
 def test_loaded_library_path_is_the_first_mapped_file_of_that_library(tmp_path, monkeypatch):
-    """From /proc/self/maps: lines of other libraries, files gone since, and paths that only contain the
-    soname in a directory's name are passed over; None where no such file is mapped or maps cannot be read."""
+    """From /proc/self/maps: lines of other libraries (another version of it included), files gone since, and
+    paths that only contain the soname in a directory's name are passed over, and of two files the first is
+    taken; None where no such file is mapped or maps cannot be read."""
     import io
 
     real = tmp_path / "libstdc++.so.6.0.33"
@@ -364,9 +365,12 @@ def test_loaded_library_path_is_the_first_mapped_file_of_that_library(tmp_path, 
     folder.mkdir()
     (folder / "libfoo.so").write_bytes(b"")
     (tmp_path / "libm.so.6").write_bytes(b"")
+    other_version, later = tmp_path / "libstdc++.so.5", tmp_path / "libstdc++.so.6.0.34"
+    other_version.write_bytes(b"")
+    later.write_bytes(b"")
     maps = "".join(f"7f00-7f01 r-xp 00000000 08:01 1  {p}\n" for p in
-                   (tmp_path / "libm.so.6", tmp_path / "gone" / "libstdc++.so.6", folder / "libfoo.so", real,
-                    tmp_path / "libstdc++.so.6"))
+                   (tmp_path / "libm.so.6", other_version, tmp_path / "gone" / "libstdc++.so.6", folder / "libfoo.so",
+                    real, tmp_path / "libstdc++.so.6", later))
 
     def fake_open(path, *args):
         if path != "/proc/self/maps":
