@@ -320,13 +320,17 @@ class _FakeClock:
     def fn(self):
         if len(self.seen) == self.fail_at:
             raise KeyError("inside the timed call")
-        denormal = (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item()
-        self.seen.append((torch.get_num_threads(), launchers._launch_hook is launchers._skip, denormal))
+        self.seen.append((torch.get_num_threads(), launchers._launch_hook is launchers._skip, _subnormal_product()))
         self.now += self.durations[len(self.seen) - 1]
 
 
+def _subnormal_product() -> float:
+    """1e-310 (a float64 subnormal) times 1 as ATen computes it: 0.0 where subnormals are flushed."""
+    return (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item()
+
+
 def _denormal_kept() -> bool:
-    return (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item() != 0.0
+    return _subnormal_product() != 0.0
 
 
 @pytest.fixture

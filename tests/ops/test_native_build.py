@@ -288,24 +288,23 @@ def test_link_problem_wants_the_runtime_family_among_the_needed_libraries(tmp_pa
 
 def test_read_elf_rejects_a_file_that_is_not_a_complete_elf_header(tmp_path):
     """A valid file without the magic bytes, with an unknown class (EI_CLASS 0 or 3), cut off inside the
-    identification bytes, or whose section headers lie past its end: NotElfError, never another exception."""
+    identification bytes: NotElfError, never another exception."""
     good = _synthetic_elf(True, True, needed=["libstdc++.so.6"])
     bad_magic = b"\x7fELG" + good[4:]
     bad_classes = [good[:4] + bytes([c]) + good[5:] for c in (0, 3)]
-    shoff_past_end = good[:0x28] + struct.pack("<Q", 4 * len(good)) + good[0x30:]
     path = tmp_path / "x.so"
-    cases = [(bad_magic, "not an ELF"), (good[:5], "not an ELF"), (shoff_past_end, "malformed")]
-    for content, message in cases + [(bad, "not an ELF") for bad in bad_classes]:
+    for content in [bad_magic, good[:5]] + bad_classes:
         path.write_bytes(content)
-        with pytest.raises(_cxx_runtime.NotElfError, match=message):
+        with pytest.raises(_cxx_runtime.NotElfError, match="not an ELF"):
             _cxx_runtime.read_elf(str(path))
 
 
-@pytest.mark.parametrize("shoff", [2 ** 63, 2 ** 64 - 1])
+@pytest.mark.parametrize("shoff", ["past_the_end", 2 ** 63, 2 ** 64 - 1])
 def test_read_elf_rejects_section_headers_at_an_offset_no_file_reaches(tmp_path, shoff):
-    """An e_shoff of 2**63 or more (a 64-bit field, past what an offset into memory holds) is a malformed file:
-    NotElfError, not an OverflowError out of ``import moelora``."""
+    """Section headers past the file's end, or at an e_shoff of 2**63 or more (a 64-bit field, past what an
+    offset into memory holds), make a malformed file: NotElfError, not an OverflowError out of ``import moelora``."""
     good = _synthetic_elf(True, True, needed=["libstdc++.so.6"])
+    shoff = 4 * len(good) if shoff == "past_the_end" else shoff
     (tmp_path / "x.so").write_bytes(good[:0x28] + struct.pack("<Q", shoff) + good[0x30:])
     with pytest.raises(_cxx_runtime.NotElfError, match="malformed"):
         _cxx_runtime.read_elf(str(tmp_path / "x.so"))
