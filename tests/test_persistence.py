@@ -1156,6 +1156,23 @@ def test_a_state_dict_with_or_without_a_wrappers_prefix_saves_the_adapter(tmp_pa
     assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path))(ids).logits, expected)
 
 
+def test_a_state_dict_lacking_an_adapter_tensor_is_refused_and_one_of_strided_views_saves(tmp_path):
+    """save_pretrained(state_dict=...) refuses a dict without every adapter tensor (an FSDP rank's), writing
+    nothing; a dict of non-contiguous views (as a gather may give) saves and loads back exactly."""
+    model, ids, expected = _perturbed_llama_and_its_logits()
+    state = model.model.state_dict()
+    dropped = next(n for n in moelora.persistence.adapter_state_dict(model) if n.endswith("lora_B"))
+    with pytest.raises(ValueError, match=r"state_dict lacks adapter tensors of the model, e\.g\. \[" + re.escape(
+            repr(dropped))):
+        model.save_pretrained(str(tmp_path / "partial"), state_dict={n: t for n, t in state.items() if n != dropped})
+    assert not (tmp_path / "partial").exists()
+    views = {n: t.t().contiguous().t() if t.dim() == 2 else t for n, t in state.items()}
+    assert not all(t.is_contiguous() for t in views.values())
+    model.save_pretrained(str(tmp_path / "views"), state_dict=views)
+    assert torch.equal(MoELoRAModel.from_pretrained(tiny_llama(num_layers=2), str(tmp_path / "views"))(ids).logits,
+                       expected)
+
+
 def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):
     """moelora.save_pretrained(torch.compile(model)) was refused as 'not a MoELoRAModel' (the method worked);
     a compiled model's state_dict (keys under _orig_mod.) as state_dict= saves too."""
