@@ -704,6 +704,23 @@ def test_export_of_a_task_shared_lora_on_a_grouped_convolution_is_refused(tmp_pa
     assert not (tmp_path / "peft").exists()
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_export_peft_lora_without_bias_writes_the_adapters_biases(tmp_path, bias):
+    """export_peft_lora's bias defaults to the adapter's: the biases it trains are written, and PEFT's config says
+    so."""
+    model = get_moelora_model(tiny_bert(num_layers=2), MoELoRAConfig(target_modules=["query"], num_experts=1,
+                                                                      bias=bias))
+    moelora.export_peft_lora(model, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["bias"] == bias
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    own = model.model.state_dict()
+    biases = {k for k in own if k.endswith("bias") and (bias == "all" or k.endswith("base_layer.bias"))}
+    assert any(k.endswith("query.base_layer.bias") for k in biases)
+    assert any("LayerNorm" in k for k in biases) == (bias == "all")
+    assert {k for k in saved if k.endswith("bias")} == {"base_model.model." + k for k in biases}
+    assert all(torch.equal(saved["base_model.model." + k], own[k]) for k in biases)
+
+
 @pytest.mark.parametrize("bias", ["lora-only", "All", 1])
 def test_export_peft_lora_refuses_a_bias_peft_does_not_have(tmp_path, bias):
     """export_peft_lora(bias=...) wrote any value into PEFT's config (and saved the adapted layers' biases for

@@ -637,6 +637,8 @@ def test_save_pretrained_with_a_state_dict_refuses_to_select_an_inactive_adapter
     with pytest.raises(ValueError, match=r"only the active adapter \('default'\).*selected_adapters asks for "
                                          r"\['second'\]"):
         model.save_pretrained(str(tmp_path), state_dict=model.state_dict(), selected_adapters=["second"])
+    with pytest.raises(ValueError, match=r"selected_adapters asks for \['default', 'second'\]"):  # the active one too
+        model.save_pretrained(str(tmp_path), state_dict=model.state_dict(), selected_adapters=["default", "second"])
     assert not os.listdir(tmp_path)
     model.save_pretrained(str(tmp_path), state_dict=model.state_dict(), selected_adapters=["default"])
     from moelora.persistence import read_checkpoint
