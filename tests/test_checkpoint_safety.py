@@ -470,6 +470,10 @@ def test_peft_files_are_named_in_errors(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: (not a readable safetensors file|the PEFT "
                                          r"checkpoint holds no LoRA tensor)"):
         moelora.load_peft_lora(tiny_llama(num_layers=2), directory)
+    bias_only = _peft_checkpoint(tmp_path / "bias_only", {"base_layer.bias": torch.randn(16)})
+    with pytest.raises(ValueError, match=r"bias_only/adapter_model.safetensors: the PEFT checkpoint holds no LoRA "
+                                         r"tensor$"):
+        moelora.load_peft_lora(tiny_llama(num_layers=2), bias_only)
 
 
 def test_a_checkpoint_of_the_other_format_or_in_subfolders_is_named_in_the_missing_config_error(saved, tmp_path):

@@ -708,8 +708,8 @@ def test_export_of_a_task_shared_lora_on_a_grouped_convolution_is_refused(tmp_pa
 def test_export_peft_lora_without_bias_writes_the_adapters_biases(tmp_path, bias):
     """export_peft_lora's bias defaults to the adapter's: the biases it trains are written, and PEFT's config says
     so."""
-    model = get_moelora_model(tiny_bert(num_layers=2), MoELoRAConfig(target_modules=["query"], num_experts=1,
-                                                                      bias=bias))
+    cfg = MoELoRAConfig(target_modules=["query"], num_experts=1, bias=bias)
+    model = get_moelora_model(tiny_bert(num_layers=2), cfg)
     moelora.export_peft_lora(model, str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["bias"] == bias
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
@@ -869,7 +869,7 @@ def test_max_shard_size_splits_the_adapter_into_shards_with_an_index_that_load_b
     files = _weight_files(tmp_path)
     shards = [f for f in files if f != "adapter_model.safetensors.index.json"]
     assert "adapter_model.safetensors.index.json" in files and len(shards) > 1
-    assert all(re.fullmatch(rf"adapter_model-\d{{5}}-of-{len(shards):05d}\.safetensors", f) for f in shards)
+    assert shards == [f"adapter_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     index = json.loads((tmp_path / "adapter_model.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(state) and sorted(set(index["weight_map"].values())) == shards
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
@@ -1105,6 +1105,12 @@ def test_max_shard_size_reads_a_size_with_spaces_around_it_as_without():
     """Spaces around a size are ignored, the bits rule included (a lowercase b before a trailing space)."""
     for size in ("500Mb", "500MB", "2GiB"):
         assert moelora.persistence._shard_bytes(f" {size}  ") == moelora.persistence._shard_bytes(size), size
+
+
+def test_max_shard_size_reads_terabytes_which_transformers_does_not():
+    """TB and TiB (beyond transformers' units) count 10**12 and 2**40 bytes."""
+    sizes = [moelora.persistence._shard_bytes(s) for s in ("2TB", "1TiB", "3tib")]
+    assert sizes == [2 * 10 ** 12, 2 ** 40, 3 * 2 ** 40]
 
 
 @pytest.mark.parametrize("size,match", [(0, "max_shard_size must be positive, got 0"),
