@@ -747,6 +747,21 @@ def test_peft_lora_loads_into_a_single_expert_layer_with_a_shared_a(tmp_path):
     assert torch.equal(layer.lora_A, GOOD["lora_A.weight"]) and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
 
 
+@pytest.mark.parametrize("prefix,config,match", [
+    ("base_model.model.model.layers.0.self_attn.q_proj.", dict(num_experts=2, share_lora_a=True),
+     r"q_proj: cannot load a PEFT LoRA into one expert of a layer whose A is shared"),
+    ("base_model.model.model.layers.0.self_attn.k_proj.", dict(num_experts=2),
+     r"adapter_model.safetensors: model.layers.0.self_attn.k_proj is not a MoE-LoRA layer of the model")])
+def test_peft_lora_into_one_of_two_experts_with_a_shared_a_or_into_a_layer_not_adapted_is_refused(
+        tmp_path, prefix, config, match):
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], r=4, top_k=1,
+                                                                      **config))
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=match):
+        moelora.load_peft_lora(model, _peft_checkpoint(tmp_path / "peft", GOOD, prefix=prefix), expert=0)
+    _assert_untouched(model, before)
+
+
 def test_peft_lora_into_a_shared_a_is_refused_where_the_task_shared_b_is_non_zero(tmp_path):
     """With share_lora_a the task-shared LoRA reads the A the checkpoint replaces: a non-zero shared B would add
     B_sh @ A_peft to the task, even where the shared A is zero before the load."""

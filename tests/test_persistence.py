@@ -43,6 +43,20 @@ def test_save_load_round_trip_is_exact(tmp_path):
         .get_nb_trainable_parameters()[0] > 0
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_save_load_round_trip_keeps_the_biases_the_adapter_trains(tmp_path, bias):
+    """An adapter with bias="all" / "lora_only" saves the biases it trains and loads them back exactly."""
+    cfg = MoELoRAConfig(target_modules=["query", "value"], num_experts=2, top_k=1, bias=bias)
+    model = get_moelora_model(tiny_bert(num_layers=2), cfg)
+    _perturb_all_adapters(model)
+    assert any(n.endswith("query.base_layer.bias") and p.requires_grad for n, p in model.named_parameters())
+    model.eval()
+    ids = token_batch()
+    model.save_pretrained(str(tmp_path))
+    loaded = MoELoRAModel.from_pretrained(tiny_bert(num_layers=2), str(tmp_path))
+    assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
 @pytest.mark.parametrize("upcycle_first", [True, False])
 def test_round_trip_replays_upcycling_and_molex(tmp_path, upcycle_first):
     """Upcycled MoE FFNs and MoLEx gates are saved whole and rebuilt on the fresh model."""
