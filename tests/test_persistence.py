@@ -854,6 +854,23 @@ def test_saving_several_adapters_leaves_every_modules_train_or_eval_mode(tmp_pat
     assert {n: m.training for n, m in model.named_modules()} == modes
 
 
+def test_saving_several_adapters_leaves_the_trainability_of_every_parameter(tmp_path):
+    """save_pretrained's round trip through the other adapters leaves a parameter frozen by hand frozen, and an
+    active adapter set frozen (inference_mode) frozen, also when add_adapter activates it again later."""
+    model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
+                                                                      top_k=1))
+    model.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1))
+    model.model.model.layers[0].self_attn.q_proj.lora_A.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(flags.values()) and not all(flags.values())
+    model.save_pretrained(str(tmp_path / "trainable"))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    model.set_adapter("default", inference_mode=True)
+    model.save_pretrained(str(tmp_path / "frozen"))
+    model.add_adapter("third", MoELoRAConfig(target_modules=["k_proj"], num_experts=2, top_k=1))
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def _perturbed_llama_and_its_logits():
     """(a tiny Llama with perturbed adapters in eval mode, a token batch, its logits)."""
     cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, top_k=2, router="topk_softmax")
