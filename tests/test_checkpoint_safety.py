@@ -826,6 +826,13 @@ def test_peft_tensors_of_another_dtype_kind_raise(tmp_path):
     with pytest.raises(ValueError, match=r"embed_tokens.weight does not fit the model: .* has dtype torch.int64"):
         moelora.load_peft_lora(base, directory)
     _assert_untouched(base, before)
+    # as many values in another shape (transposed) do not fit either
+    save_file(dict(load_file(weights), **{"base_model.model.model.embed_tokens.weight": torch.randn(16, 64)}),
+              weights)
+    with pytest.raises(ValueError, match=r"embed_tokens.weight does not fit the model: .* has shape \(16, 64\), the "
+                                         r"model's has shape \(64, 16\)"):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)
 
 
 def test_peft_lora_alpha_zero_loads_as_a_no_op_and_a_zero_scaled_layer_refuses_a_real_lora(tmp_path):
