@@ -47,12 +47,14 @@ def test_ffn_counts_follow_the_documented_formulas():
     assert c["bwd"] == {"flops": 4 * T * K * DI * 3 * F, "bytes": 3 * T * DI * elt + 2 * w + route + T * K * 4}
 
 
-def test_peft_layer_backward_counts_the_base_and_both_lora_gradients():
+def test_layer_backward_counts_the_frozen_base_once_and_both_lora_gradients():
     s = Shape("X", T, DI, DO, R, E, K, layer=True)
     c = metrics.counts(s, "layer", "peft-lora", 2)
     base, lora = 2 * T * DI * DO, 2 * T * DI * R + 2 * T * R * DO
     assert c["fwd"]["flops"] == base + lora
     assert c["bwd"]["flops"] == base + 2 * lora
+    frozen = metrics.counts(s, "layer", "linear-frozen", 2)
+    assert frozen["fwd"]["flops"] == frozen["bwd"]["flops"] == base  # backward: dx alone (W0 frozen)
 
 
 def test_derived_floors_rates_and_percentages():
@@ -71,6 +73,9 @@ def test_derived_floors_rates_and_percentages():
     # no ceilings measured: no floor; no median: no rates
     d = metrics.derived(None, 8e12, 1e9, {})
     assert d["floor_ms"] is None and d["bound"] is None and "GBps" not in d and "pct_floor" not in d
+    # a median of 0 (below the clock's resolution): floors, no rates
+    d = metrics.derived(0.0, 8e12, 1e9, {"copy_GBps": 100.0, "matmul_TFLOPs": 400.0})
+    assert d["floor_ms"] == pytest.approx(20.0) and "GBps" not in d and "pct_floor" not in d
 
 
 def test_ceilings_count_the_copy_read_and_write_and_time_the_timed_loop(monkeypatch):
@@ -93,7 +98,7 @@ def test_ceilings_count_the_copy_read_and_write_and_time_the_timed_loop(monkeypa
     moved = 2 * (1 << 24) * 2  # 2^24 fp16 elements read and written
     assert c["copy_bytes"] == moved and c["copy_median_ms"] == 4.0
     assert c["copy_GBps"] == pytest.approx(moved / 4e-3 / 1e9)
-    assert c["matmul_median_ms"] == 2.0 and c["matmul_n"] == 512
+    assert c["matmul_median_ms"] == 2.0 and c["matmul_n"] == 512 and c["matmul_dtype"] == "float32"  # CPU: fp32
     assert c["matmul_TFLOPs"] == pytest.approx(2 * 512 ** 3 / 2e-3 / 1e12)
 
 
@@ -130,6 +135,11 @@ def test_each_target_is_met_at_its_limit_and_missed_just_above_it():
     above = {t["target"]: t["status"] for t in targets.evaluate(_results(1.02))}
     assert above.pop("S1 MoELoRALinear fwd+bwd faster than PEFT LoRA") == "met"
     assert set(above.values()) == {"missed"}, above
+    # printed one line each, under a note where the run was not on a GPU (the CPU stand-in shapes)
+    listed = targets.evaluate(_results(1.0))
+    for device_type, note in (("cuda", False), ("cpu", True)):
+        lines = targets.format_targets(listed, {"device_type": device_type}).splitlines()
+        assert len(lines) == len(listed) + note and lines[0].startswith("note: CPU run") == note, lines
 
 
 def test_targets_leave_out_cases_that_are_not_ok():
@@ -150,6 +160,11 @@ def test_targets_leave_out_cases_that_are_not_ok():
     found = {t["target"]: t["status"] for t in targets.evaluate(results)}
     assert found["S5 moe_ffn fwd+bwd <= 1.4x the compute floor"] == "not measured"
     assert found["S3 fwd+bwd <= 2.5x the memory floor"] == "not measured"
+    # nor is a case of another group at the same shape, pass and implementation (a sweep's point)
+    results = _results(1.0)
+    results["cases"].insert(0, _case("S2", "sweep", "moelora-triton", 5.0))
+    found = {t["target"]: t["status"] for t in targets.evaluate(results)}
+    assert found["S2 fwd+bwd <= torch-dense"] == "met", found
 
 
 def test_annotate_compares_ok_cases_with_their_reference_at_the_same_point():
@@ -228,6 +243,7 @@ def test_adaptive_repeats_fit_the_case_cap_between_the_floor_and_the_request():
     assert adaptive_repeats(10.0, 100, 3, 0.5) == 50  # 0.5 s of 10 ms iterations
     assert adaptive_repeats(1.0, 100, 3, 0.5) == 100  # never more than asked
     assert adaptive_repeats(1000.0, 100, 3, 0.5) == 3  # never under the floor
+    assert adaptive_repeats(1.0, 2, 3, 0.5) == 3  # the floor wins over a smaller request (--min-repeats)
     assert adaptive_repeats(0.0, 100, 3, 0.5) == 100  # no estimate
 
 
@@ -299,6 +315,56 @@ def test_cuda_host_enqueue_times_are_in_milliseconds_after_the_timed_iterations(
     assert times == [3.0] * 3 and host == pytest.approx([1.0] * 3) and seen == [2, 3, 4, 5, 6, 7]
 
 
+def test_device_median_keeps_the_chunks_enqueued_behind_a_sleep_and_takes_their_median(monkeypatch):
+    """On CUDA (faked: each call of fn lasts its next duration on a device clock and 0.5 ms on the host
+    clock) device_median_ms times 10 repeats in chunks of 8 and 2 behind sleeps of twice the chunk's host
+    time; a chunk whose sleep had ended (here the first: query() True) is dropped and timed again behind a
+    sleep twice as long, up to max_margin (4 as the runner passes); the median of the kept event pairs' times
+    (an outlier among them: not the mean). A call whose sleep always ends raises."""
+    import statistics
+    import torch
+    from types import SimpleNamespace
+
+    from benchmarks import timing
+
+    host, device, sleeps, ended = [0.0], [0.0], [], []
+    kept = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 100.0]
+    durations = iter([0.1, 0.1] + [1000.0] * 8 + kept)  # the untimed and host-timed calls, a dropped chunk
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = device[0]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+        def query(self):
+            return ended.pop(0)
+
+    def fn():
+        host[0] += 0.0005
+        device[0] += next(durations, 50.0)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleeps.append)
+    monkeypatch.setitem(timing._sleep_cycles_per_ms, 0, 1000.0)
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: host[0], monotonic=lambda: host[0]))
+    cuda = torch.device("cuda", 0)
+    ended += [True, False, False]
+    got = timing.device_median_ms(fn, 10, cuda, flush_l2=False, max_margin=4)
+    assert got == pytest.approx(statistics.median(kept)) and not ended
+    # 2 x 8 x 0.5 ms, then the retry 4 x 8 x 0.5 ms, then the last 2 at the doubled margin: 4 x 2 x 0.5 ms
+    assert sleeps == [int((m * n * 0.5 + 0.5) * 1000) for m, n in ((2, 8), (4, 8), (4, 2))]
+    ended[:] = [True] * 2
+    with pytest.raises(RuntimeError, match="synchronise"):
+        timing.device_median_ms(fn, 10, cuda, flush_l2=False, max_margin=4)
+    assert not ended  # margins 2 and 4 tried, 8 refused
+
+
 def test_saved_bytes_count_new_storages_once_and_leave_out_the_inputs():
     """x * w saves x and w (inputs: left out); exp saves its result (a new storage of 4 x 6 fp32: 96 bytes),
     which the product then saves again (counted once); the sum's input view of a new 8-element storage
@@ -332,3 +398,38 @@ def test_a_copied_tree_names_its_commit_and_leaves_its_cleanliness_unknown(monke
     monkeypatch.setenv("MOELORA_GIT_COMMIT", "abc123")
     meta = report.metadata(torch.device("cpu"))
     assert meta["git_commit"] == "abc123" and meta["git_dirty"] is None
+
+
+def test_metadata_names_the_versions_the_host_and_the_commit_of_the_run(monkeypatch):
+    """Each result's provenance: torch, Triton, Python, moelora and the optional packages' versions (None
+    where not installed), the host, the commit and whether the tree was dirty; without git (no commit
+    found, none given) neither the commit nor its cleanliness. A git command that fails names nothing."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    import moelora
+    from benchmarks import report
+
+    assert report._git("no-such-git-command") is None
+    monkeypatch.delenv("MOELORA_GIT_COMMIT", raising=False)
+    monkeypatch.setattr(report, "_git", lambda *args: "f" * 40 if args[0] == "rev-parse" else "")
+    meta = report.metadata(torch.device("cpu"))
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    assert (meta["torch"], meta["triton"], meta["python"], meta["moelora"], meta["host"], meta["device_type"]) == \
+        (torch.__version__, triton_version, platform.python_version(), moelora.__version__, platform.node(), "cpu")
+    assert meta["git_commit"] == "f" * 40 and meta["git_dirty"] is False
+    for dist in ("peft", "matplotlib", "liger-kernel", "unsloth", "fms-acceleration-moe"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        assert meta[dist] == version, dist
+    monkeypatch.setattr(report, "_git", lambda *args: None)
+    meta = report.metadata(torch.device("cpu"))
+    assert meta["git_commit"] is None and meta["git_dirty"] is None
