@@ -343,6 +343,8 @@ def test_eager_timing_launches_the_timed_iterations_back_to_back(monkeypatch):
     and add the host's latency to its first launch to every device-bound iteration, e.g. the
     frozen Linear that the 1.15x target divides by). The host enqueue time still comes from
     iterations that each start on an empty queue. CUDA faked: events record their place in a log."""
+    import statistics
+
     import torch
 
     from benchmarks import runner
@@ -375,6 +377,25 @@ def test_eager_timing_launches_the_timed_iterations_back_to_back(monkeypatch):
     assert len(begins) == 6
     assert "sync" not in log[begins[0]:begins[-1] + 3], log[begins[0]:begins[-1] + 3]
     assert rec["host_median_ms"] is not None and 1 <= len(rec["host_ms"]) <= 6
+    assert rec["host_median_ms"] == statistics.median(rec["host_ms"])  # the host's times, not the events'
+
+
+def test_timed_iterations_continue_the_rotation_of_the_input_sets(monkeypatch):
+    """Consecutive iterations touch different input sets: the timed loop takes up the rotation where the
+    warm-up left it (warm-up on sets 0, 1; timed on 2, 0, 1), not again at set 0 (with one warm-up iteration
+    that is the set just used, timed from a warm cache)."""
+    from benchmarks import runner
+    from benchmarks.impls import Prepared
+    from benchmarks.timing import Budget
+
+    used = []
+    monkeypatch.setattr(runner.kernels, "per_iteration", lambda step, device: None)
+    monkeypatch.setattr(runner.memory, "peak_bytes", lambda call, device: None)
+    ctx = runner.RunContext(device=torch.device("cpu"), dtype=torch.float32, repeats=3, warmup=2, min_repeats=3,
+                            case_cap_s=1e9, budget=Budget(None), ceilings={}, log=lambda msg: None)
+    prepared = [Prepared(lambda k=k: used.append(k) or torch.zeros(1), []) for k in range(3)]
+    runner._time_pass(ctx, "fwd", prepared, [{}] * 3, {"shape": "S2"})
+    assert used == [0, 1, 2, 0, 1], used
 
 
 def test_host_enqueue_targets_read_the_layer_cases():
@@ -444,6 +465,17 @@ def test_a_case_that_computes_something_else_is_an_error_not_a_timing(tmp_path, 
         assert wrong["rel_err_vs_reference"] > 0.1 and wrong["median_ms"] > 0 and "speedup_vs_naive" not in wrong
         right = cases[f"S4/delta/{p}/moelora-torch"]
         assert right["status"] == "ok" and right["rel_err_vs_reference"] < 1e-5 and "speedup_vs_naive" in right
+
+
+def test_a_result_not_finite_or_above_the_tolerance_is_wrong():
+    """REFERENCE_TOLERANCE[dtype] is the largest error of a correct result (inclusive); a NaN error (an output
+    not finite) is wrong, not within it."""
+    from benchmarks import runner
+
+    tol = runner.REFERENCE_TOLERANCE[torch.float32]
+    assert runner._wrong_result(tol, torch.float32) is None
+    assert runner._wrong_result(tol * 1.01, torch.float32).startswith("wrong result: rel_err_vs_reference")
+    assert runner._wrong_result(float("nan"), torch.float32).startswith("wrong result: rel_err_vs_reference nan")
 
 
 def test_task_routed_layer_counts_one_expert_per_token():
@@ -562,6 +594,31 @@ def test_a_case_that_draws_random_numbers_is_checked_against_the_same_draws():
                                   passes=("fwdbwd",), sets_count=1)
         errors.append((rec["rel_err_vs_reference"], rec.get("grad_rel_err_vs_reference")))
     assert all(e < 1e-5 for pair in errors for e in pair), errors
+
+
+def test_each_pass_records_its_raw_timings_and_its_own_counts_rates_and_floors():
+    """A case's record keeps its raw timings (the warm-up's, at least one even with --warmup 0, the timed
+    iterations' and the host's), the input sets it cycled, and the figures of its own pass: the FLOPs and
+    bytes of metrics.counts at the run's element size, the floors and rates derived from its own median."""
+    import statistics
+
+    from benchmarks import metrics, runner, shapes
+    from benchmarks.timing import Budget
+
+    shape = shapes.suite(on_gpu=False)["S2"]
+    ceilings = {"copy_GBps": 100.0, "matmul_TFLOPs": 400.0}
+    ctx = runner.RunContext(device=torch.device("cpu"), dtype=torch.float64, repeats=3, warmup=0, min_repeats=3,
+                            case_cap_s=1.0, budget=Budget(None), ceilings=ceilings, log=lambda *a: None)
+    recs = runner.run_group(ctx, shape, "delta", [impls.by_name("moelora-torch")], passes=("fwd", "fwdbwd"),
+                            sets_count=2)
+    counts = metrics.counts(shape, "delta", "moelora-torch", 8)  # float64
+    assert counts["fwd"] != counts["fwdbwd"]
+    for rec in recs:
+        assert rec["status"] == "ok" and rec["sets"] == 2 and len(rec["warmup_ms"]) == 1, rec
+        assert rec["n"] == len(rec["times_ms"]) == 3 and rec["median_ms"] == statistics.median(rec["times_ms"])
+        assert rec["host_median_ms"] == statistics.median(rec["host_ms"])
+        want = metrics.derived(rec["median_ms"], counts[rec["pass"]]["flops"], counts[rec["pass"]]["bytes"], ceilings)
+        assert {k: rec[k] for k in want} == want and rec["flops"] == counts[rec["pass"]]["flops"]
 
 
 def test_graph_replay_target_does_not_read_a_failed_graph_check():
