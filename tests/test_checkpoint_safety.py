@@ -636,6 +636,39 @@ def test_a_peft_tensor_outside_base_model_model_is_refused_naming_it(tmp_path):
     _assert_untouched(base, before)
 
 
+def test_a_peft_modules_to_save_that_selects_no_module_of_the_model_is_refused_naming_it(tmp_path):
+    """PEFT's modules_to_save list is taken as the modules it selects in the model; where it selects none the config
+    keeps the list, so the injection names it, not a load that silently leaves the saved modules out."""
+    directory = _peft_checkpoint(tmp_path / "peft", GOOD, {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                           "modules_to_save": ["nothere"]})
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=r"modules_to_save \['nothere'\] matches no module"):
+        moelora.load_peft_lora(base, directory)
+    _assert_untouched(base, before)
+
+
+def test_restored_on_error_gives_a_module_its_class_back():
+    """restored_on_error undoes every change to the module tree, a module's class included (as an in-place
+    conversion swapping __class__ makes), and leaves a block that succeeds as it left the model."""
+    from moelora.persistence import restored_on_error
+
+    class Swapped(nn.Linear):
+        pass
+
+    model = tiny_llama(num_layers=2)
+    before = _fingerprint(model)
+    with pytest.raises(RuntimeError, match="stop"):
+        with restored_on_error(model):
+            model.model.layers[0].self_attn.q_proj.__class__ = Swapped
+            raise RuntimeError("stop")
+    _assert_untouched(model, before)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    with restored_on_error(model):
+        model.model.layers[0].self_attn.q_proj.__class__ = Swapped
+    assert type(model.model.layers[0].self_attn.q_proj) is Swapped
+
+
 # ---- injection that fails part-way (add_adapter, load_adapter, get_moelora_model) changes nothing ----
 @pytest.mark.parametrize("config,match", [
     (MoELoRAConfig(target_modules=["v_proj"], num_experts=2, top_k=1, modules_to_save=["nothere"]),
