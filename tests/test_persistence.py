@@ -706,6 +706,30 @@ def test_export_without_adapted_embeddings_saves_no_embedding_weight(tmp_path):
     assert saved and all(re.search(r"\.lora_[AB]\.weight$", k) for k in saved), sorted(saved)
 
 
+def test_peft_interop_of_a_model_without_embeddings_round_trips(tmp_path):
+    """A transformers model without input embeddings (ConvNeXt) raises NotImplementedError from
+    get_input_embeddings: it saves no embedding weight, and its export loads into PEFT and back exactly."""
+    import transformers
+    from peft import PeftModel
+
+    def convnext():
+        torch.manual_seed(0)
+        return transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+            num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32, num_labels=3)).eval()
+
+    model = get_moelora_model(convnext(), MoELoRAConfig(target_modules=["pwconv1"], r=2, num_experts=1))
+    _perturb_all_adapters(model)
+    model.eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = model(pixel_values=pixels).logits
+    moelora.export_peft_lora(model, str(tmp_path))
+    assert all(re.search(r"\.lora_[AB]\.weight$", k) for k in load_file(str(tmp_path / "adapter_model.safetensors")))
+    theirs = PeftModel.from_pretrained(convnext(), str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(pixel_values=pixels).logits, expected, rtol=1e-5, atol=1e-5)
+    ours = moelora.load_peft_lora(convnext(), str(tmp_path)).eval()
+    torch.testing.assert_close(ours(pixel_values=pixels).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_export_of_a_task_shared_lora_on_a_grouped_convolution_is_refused(tmp_path):
     """A task's LoRA plus the task-shared one (rank 2r) on a grouped convolution has no PEFT layout: refused,
     naming the layer, before anything is written."""
