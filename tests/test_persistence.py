@@ -935,8 +935,11 @@ def test_max_shard_size_splits_the_adapter_into_shards_with_an_index_that_load_b
     loaded.load_adapter(str(tmp_path), "again")
     loaded.set_adapter("again")
     assert torch.equal(loaded(ids).logits, expected)
+    others = ["adapter_model-00001-of-00002.safetensors.bak", "adapter_model-00001-of-00002-safetensors"]
+    for name in others:  # files only named alike (the user's) are not the earlier save's
+        (tmp_path / name).write_bytes(b"not moelora's")
     model.save_pretrained(str(tmp_path))  # unsharded: the shards of the earlier save go
-    assert _weight_files(tmp_path) == ["adapter_model.safetensors"]
+    assert _weight_files(tmp_path) == sorted(["adapter_model.safetensors"] + others)
 
 
 def test_a_save_that_fails_midway_leaves_the_earlier_save_as_it_was(tmp_path, monkeypatch):
@@ -1097,6 +1100,10 @@ def test_every_shard_is_filled_until_the_next_tensor_would_take_it_past_max_shar
     assert [n for shard in shards for n in shard] == sorted(state)
     for shard, following in zip(shards, shards[1:]):
         assert sum(sizes[n] for n in shard) <= limit < sum(sizes[n] for n in shard) + sizes[following[0]]
+    given = dict(reversed(list(state.items())))  # a state_dict in another order shards in name order too
+    model.save_pretrained(str(tmp_path / "given"), state_dict=given, max_shard_size=limit)
+    assert [sorted(load_file(tmp_path / "given" / f)) for f in _weight_files(tmp_path / "given")
+            if not f.endswith(".json")] == shards
 
 
 def test_every_weights_file_written_carries_the_pt_format_metadata(tmp_path):
@@ -1160,6 +1167,17 @@ def test_max_shard_size_reads_a_size_with_spaces_around_it_as_without():
     """Spaces around a size are ignored, the bits rule included (a lowercase b before a trailing space)."""
     for size in ("500Mb", "500MB", "2GiB"):
         assert moelora.persistence._shard_bytes(f" {size}  ") == moelora.persistence._shard_bytes(size), size
+
+
+def test_max_shard_size_reads_a_decimal_size_as_huggingface_hub_does():
+    """A decimal number of units (which transformers' int() refuses) counts as huggingface_hub's parse_size_to_int
+    reads it: 0.5MB is 500000 bytes, not int(0.5) MB = 0."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    for size in ("1.5GB", "0.5MB", "2.5KB"):
+        assert moelora.persistence._shard_bytes(size) == parse_size_to_int(size), size
+    assert moelora.persistence._shard_bytes("1.5MiB") == 3 * 2 ** 19
+    assert moelora.persistence._shard_bytes("1.5Mb") == 1_500_000 // 8
 
 
 def test_max_shard_size_reads_terabytes_which_transformers_does_not():
