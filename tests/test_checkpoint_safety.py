@@ -67,7 +67,7 @@ def test_failed_load_leaves_the_model_untouched_and_a_retry_works(saved):
 @pytest.mark.parametrize("corrupt,error,match", [
     ("weights_truncated", ValueError, r"adapter_model.safetensors: not a readable safetensors file"),
     ("weights_garbage", ValueError, r"adapter_model.safetensors: not a readable safetensors file"),
-    ("weights_missing", FileNotFoundError, r"adapter_model.safetensors: no such file"),
+    ("weights_missing", FileNotFoundError, r"adapter_model.safetensors: no such file \(the adapter's weights\)$"),
     ("config_invalid_json", ValueError, r"moelora_config.json: not valid JSON"),
     ("config_not_text", ValueError, r"moelora_config.json: not a text \(JSON\) file"),
     ("config_a_list", ValueError, r"moelora_config.json: the MoE-LoRA config must be a JSON object, got a JSON list"),
@@ -648,9 +648,11 @@ def test_a_peft_modules_to_save_that_selects_no_module_of_the_model_is_refused_n
     _assert_untouched(base, before)
 
 
-def test_restored_on_error_gives_a_module_its_class_back():
+@pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
+def test_restored_on_error_gives_a_module_its_class_back(stop):
     """restored_on_error undoes every change to the module tree, a module's class included (as an in-place
-    conversion swapping __class__ makes), and leaves a block that succeeds as it left the model."""
+    conversion swapping __class__ makes), also when the block is interrupted (Ctrl-C), and leaves a block that
+    succeeds as it left the model."""
     from moelora.persistence import restored_on_error
 
     class Swapped(nn.Linear):
@@ -658,10 +660,10 @@ def test_restored_on_error_gives_a_module_its_class_back():
 
     model = tiny_llama(num_layers=2)
     before = _fingerprint(model)
-    with pytest.raises(RuntimeError, match="stop"):
+    with pytest.raises(stop, match="stop"):
         with restored_on_error(model):
             model.model.layers[0].self_attn.q_proj.__class__ = Swapped
-            raise RuntimeError("stop")
+            raise stop("stop")
     _assert_untouched(model, before)
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     with restored_on_error(model):
