@@ -150,6 +150,23 @@ def test_a_checkpoint_missing_a_tensor_or_holding_another_raises_naming_it(saved
     _assert_untouched(model, before)
 
 
+def test_a_load_adapter_interrupted_while_its_weights_load_adds_no_adapter(saved, monkeypatch):
+    """load_adapter adds the adapter, then loads its weights: interrupted there (Ctrl-C) it takes the adapter out
+    again, as after an error, instead of leaving a half-loaded one."""
+    directory, _ = saved
+    model = moelora.from_pretrained(tiny_llama(num_layers=2), str(directory))
+    before = _fingerprint(model)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moelora.persistence, "load_active_adapter_weights", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.load_adapter(str(directory), "other")
+    assert list(model.adapter_configs) == ["default"]
+    _assert_untouched(model, before)
+
+
 def test_load_adapter_of_an_adapter_saved_with_other_structural_edits_names_them(saved):
     """The adapter was saved on a model with MoLEx: into one without, the error names both models' edits (not only
     the tensors that then do not fit), and no adapter is added."""
