@@ -150,6 +150,26 @@ def test_a_checkpoint_missing_a_tensor_or_holding_another_raises_naming_it(saved
     _assert_untouched(model, before)
 
 
+def test_a_checkpoint_tensor_with_the_models_number_of_values_in_another_shape_is_refused(saved):
+    """A tensor is checked by shape, not by its number of values: lora_A of (experts, in, r) where the model has
+    (experts, r, in) is refused naming both shapes, the model untouched."""
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = saved
+    weights = str(directory / "adapter_model.safetensors")
+    state = load_file(weights)
+    name = next(n for n in sorted(state) if n.endswith("q_proj.lora_A"))
+    shape = tuple(state[name].shape)
+    assert len(shape) == 3 and shape[1] != shape[2]
+    save_file(dict(state, **{name: state[name].transpose(1, 2).contiguous()}), weights)
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint does not fit the model: {name} has shape "
+                                                   f"{(shape[0], shape[2], shape[1])}, the model expects {shape}")):
+        moelora.from_pretrained(base, str(directory))
+    _assert_untouched(base, before)
+
+
 def test_a_load_adapter_interrupted_while_its_weights_load_adds_no_adapter(saved, monkeypatch):
     """load_adapter adds the adapter, then loads its weights: interrupted there (Ctrl-C) it takes the adapter out
     again, as after an error, instead of leaving a half-loaded one."""
@@ -838,6 +858,8 @@ def test_peft_lora_into_a_shared_a_is_refused_where_the_task_shared_b_is_non_zer
     ("router.num_steps", lambda t: t.float() + 0.7, r"num_steps has dtype torch.float32, the model's is torch.int64 "
      r"\(integer values expected\)"),
     ("router.num_steps", lambda t: t > 0, r"num_steps has dtype torch.bool, the model's is torch.int64"),
+    ("router.num_steps", lambda t: t.to(torch.complex64), r"num_steps has dtype torch.complex64, the model's is "
+     r"torch.int64"),
 ])
 def test_checkpoint_tensors_of_another_dtype_kind_raise(tmp_path, suffix, make, match):
     from safetensors.torch import load_file, save_file
