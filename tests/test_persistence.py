@@ -820,6 +820,13 @@ def test_checkpoint_written_by_earlier_code_still_loads():
     torch.testing.assert_close(loaded(token_batch()).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_export_peft_lora_of_a_model_without_moe_lora_layers_is_refused_naming_it(tmp_path):
+    """A bare model (no adapter injected) has nothing to export: refused as such, nothing written."""
+    with pytest.raises(ValueError, match=r"^the model holds no MoE-LoRA layer$"):
+        moelora.export_peft_lora(tiny_llama(num_layers=1), str(tmp_path / "peft"))
+    assert not (tmp_path / "peft").exists()
+
+
 @pytest.mark.parametrize("edit", ["apply_molex", "upcycle_ffn"])
 def test_export_peft_lora_refuses_models_with_upcycled_ffns_or_molex(tmp_path, edit):
     """PEFT has no place for an upcycled MoE FFN or a MoLEx gate: the export would compute another function."""
