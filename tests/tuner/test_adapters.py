@@ -524,7 +524,8 @@ def test_save_pretrained_refuses_selected_adapters_the_model_does_not_have(tmp_p
     assert not os.listdir(tmp_path)  # checked before anything is written
 
 
-@pytest.mark.parametrize("settings", [dict(dilation=2), dict(padding=1, padding_mode="reflect")])
+@pytest.mark.parametrize("settings", [dict(dilation=2), dict(padding=1, padding_mode="reflect"),
+                                      dict(padding="same", padding_mode="circular")])
 def test_peft_lora_of_a_conv_that_peft_computes_otherwise_is_refused_both_ways(tmp_path, settings):
     """PEFT's LoRA convolution ignores the base's dilation and padding_mode, which moelora's
     follows: exporting or importing a LoRA there would compute other numbers, so both refuse."""
@@ -541,6 +542,27 @@ def test_peft_lora_of_a_conv_that_peft_computes_otherwise_is_refused_both_ways(t
     peft_model.save_pretrained(str(tmp_path / "peft"))
     with pytest.raises(ValueError, match=r"PEFT's LoRA convolution ignores the base's dilation"):
         moelora.load_peft_lora(net(), str(tmp_path / "peft"))
+
+
+def test_peft_lora_of_a_conv_that_pads_nothing_moves_both_ways_whatever_its_padding_mode(tmp_path):
+    """padding_mode matters only where the convolution pads: without padding PEFT's LoRA convolution computes as
+    moelora's, so the LoRA exports to PEFT and imports back."""
+    from peft import PeftModel
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(3, 4, 3, padding=0, padding_mode="reflect"))
+
+    ours = get_moelora_model(net(), MoELoRAConfig(target_modules=["0"], num_experts=1, r=2))
+    _perturb(ours)
+    ours.eval()
+    x = torch.randn(2, 3, 9)
+    expected = ours(x)
+    moelora.export_peft_lora(ours, str(tmp_path))
+    theirs = PeftModel.from_pretrained(net(), str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moelora.load_peft_lora(net(), str(tmp_path)).eval()(x), expected, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_switching_adapters_keeps_the_models_disabled_state():
