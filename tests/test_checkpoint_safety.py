@@ -455,6 +455,15 @@ def test_peft_conv_kernels_must_have_the_layers_kernel_shape(tmp_path, a, b, mat
     assert torch.equal(layer.lora_A[0], a.reshape(2, 27)) and torch.equal(layer.lora_B[0], b.reshape(6, 2))
 
 
+def test_a_peft_config_without_lora_alpha_loads_with_peft_default_alpha_of_8(tmp_path):
+    """PEFT's lora_alpha defaults to 8: the layer gets alpha 8 and the checkpoint's B as it is (scaling 8 / r both)."""
+    base = tiny_llama(num_layers=2)
+    wrapped = moelora.load_peft_lora(base, _peft_checkpoint(tmp_path / "peft", GOOD, {"peft_type": "LORA", "r": 4}))
+    layer = wrapped.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling == 8 / 4
+    assert torch.equal(layer.lora_A[0], GOOD["lora_A.weight"]) and torch.equal(layer.lora_B[0], GOOD["lora_B.weight"])
+
+
 @pytest.mark.parametrize("config,match", [
     ({"r": 8}, r"r=8 and rank_pattern=\{\} give model.layers.0.self_attn.q_proj rank 8, its LoRA tensors in the "
                r"checkpoint have rank 4"),
