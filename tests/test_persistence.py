@@ -783,7 +783,7 @@ def test_peft_biases_into_one_task_that_would_change_the_other_tasks_are_refused
                                                                     init_lora_weights=False))
     peft_model.save_pretrained(str(tmp_path))
     ids = token_batch()
-    config = MoELoRAConfig(target_modules=["query"], r=4, num_experts=3, router="task")
+    config = MoELoRAConfig(target_modules=["query"], r=4, num_experts=2, router="task")  # 2: the fewest it refuses
     untouched = get_moelora_model(tiny_bert(num_layers=2), config).eval()
     moelora.load_peft_lora(untouched, str(tmp_path), expert=1)  # the biases are the base's: nothing else changes
     torch.testing.assert_close(untouched(ids, task_ids=1).last_hidden_state, peft_model.eval()(ids).last_hidden_state,
@@ -791,16 +791,16 @@ def test_peft_biases_into_one_task_that_would_change_the_other_tasks_are_refused
     weights = str(tmp_path / "adapter_model.safetensors")
     state = load_file(weights)
     key = "base_model.model.embeddings.LayerNorm.bias"
-    state[key] = state[key] + 0.5  # a trained bias
+    state[key] = state[key] + 1e-4  # a trained bias, however little it moved
     save_file(state, weights)
     model = get_moelora_model(tiny_bert(num_layers=2), config).eval()
     randomize_adapters(model)
-    other_task = model(ids, task_ids=2).last_hidden_state
+    other_task = model(ids, task_ids=0).last_hidden_state
     before = {n: t.clone() for n, t in model.state_dict().items()}
     with pytest.raises(ValueError, match=re.escape(f"{key} differs from the model's tensor, which every expert")):
         moelora.load_peft_lora(model, str(tmp_path), expert=1)
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
-    assert torch.equal(model(ids, task_ids=2).last_hidden_state, other_task)
+    assert torch.equal(model(ids, task_ids=0).last_hidden_state, other_task)
 
 
 def test_checkpoint_written_by_earlier_code_still_loads():
