@@ -243,6 +243,30 @@ def test_moe_ffn_module_kernel_budget():
             "mixing_weights_backward_kernel"} <= set(bwd.triton)
 
 
+ROUTER_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16_x": (torch.bfloat16, torch.float32),
+                 "bf16_x_and_weight": (torch.bfloat16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("x_dtype,weight_dtype", list(ROUTER_DTYPES.values()), ids=list(ROUTER_DTYPES))
+def test_router_logits_backward_launches_a_gemm_per_gradient_needed_and_no_cast(x_dtype, weight_dtype):
+    """Router.logits on the Triton engine (a routed module outside the fused layer: MoEFFN's): the forward one
+    kernel, the backward one matmul for dW and one for dx, none for an x that needs no gradient; each gradient
+    written in its input's dtype from the fp32 logits' (a bf16 x or weight: no cast kernel after)."""
+    torch.manual_seed(0)
+    router = moelora.Router(64, 8, top_k=2).to(weight_dtype)
+    for x in (torch.randn(48, 64, dtype=x_dtype, requires_grad=True), torch.randn(48, 64, dtype=x_dtype)):
+        leaves = [router.weight] + ([x] if x.requires_grad else [])
+        with moelora.use_backend("triton"), moelora.validation(False):
+            with count_kernels() as fwd:
+                logits = router.logits(x)
+            dl = torch.randn_like(logits)
+            with count_kernels() as bwd:
+                grads = torch.autograd.grad(logits, leaves, dl)
+        assert logits.dtype == torch.float32 and fwd.triton == ["lora_down_kernel"] and not fwd.aten, fwd
+        assert bwd.triton == ["matmul_kernel"] * len(leaves) and not bwd.aten, bwd
+        assert [g.dtype for g in grads] == [leaf.dtype for leaf in leaves]
+
+
 @native_routing
 @pytest.mark.parametrize("normalize", [False, True])
 def test_moe_ffn_operator_kernel_budget(normalize):
