@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def test_cpu_default_writes_results(tmp_path, capsys):
         assert cases[f"S1/layer/{p}/linear-frozen-autocast"]["status"] == "ok"
         assert cases[f"S1/layer/{p}/moelora-MoELoRALinear-autocast"]["status"] == "ok"
         assert cases[f"S5/ffn/{p}/naive-ffn"]["status"] == "ok"
+        assert cases[f"S5/ffn/{p}/moelora-ffn"]["status"] == "ok"  # moelora.moe_ffn: its torch backend here
         assert cases[f"S1/delta/{p}/moelora-triton"]["status"] == "skipped"
     assert cases["S1/delta/fwdbwd/moelora-torch"]["saved_bytes"] > 0
     # the decode pass: S1's layer group in inference at 8 tokens (one sequence each), checked like the others
@@ -103,7 +105,12 @@ def test_decode_pass_alone(tmp_path):
                                             (["--repeats", "-2"], "--repeats must be at least 1, got -2"),
                                             (["--repeats", "0"], "--repeats must be at least 1, got 0"),
                                             (["--sweep-share", "1.5"], "--sweep-share must be in [0, 1)"),
-                                            (["--case-cap", "-1"], "--case-cap must be positive")])
+                                            (["--case-cap", "-1"], "--case-cap must be positive"),
+                                            # all the time would go to the sweep, none to the suite
+                                            (["--sweep-share", "1"], "--sweep-share must be in [0, 1)"),
+                                            (["--min-repeats", "0"], "--min-repeats must be at least 1, got 0"),
+                                            (["--warmup", "-1"], "--warmup must be non-negative, got -1"),
+                                            (["--shapes", "S1,S9"], "unknown shapes ['S9']")])
 def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, extra, message):
     assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--shapes", "S1", *extra]) == 2
     assert message in capsys.readouterr().err
@@ -476,6 +483,10 @@ def test_a_result_not_finite_or_above_the_tolerance_is_wrong():
     assert runner._wrong_result(tol, torch.float32) is None
     assert runner._wrong_result(tol * 1.01, torch.float32).startswith("wrong result: rel_err_vs_reference")
     assert runner._wrong_result(float("nan"), torch.float32).startswith("wrong result: rel_err_vs_reference nan")
+    # impls.rel_err, which feeds it: an output not finite has error NaN, as its docstring says (not inf)
+    ref = torch.randn(6)
+    assert impls.rel_err(ref.clone(), ref) == 0.0 and abs(impls.rel_err(2 * ref, ref) - 1.0) < 1e-6
+    assert math.isnan(impls.rel_err(torch.cat([ref[:-1], torch.tensor([float("inf")])]), ref))
 
 
 def test_task_routed_layer_counts_one_expert_per_token():
@@ -721,3 +732,285 @@ def test_host_enqueue_time_is_the_call_alone(monkeypatch):
     monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0]))
     times, host = timing.time_eager(lambda i: None, 4, torch.device("cuda"))
     assert times == [1.0] * 4 and host == [0.0] * 4, host
+
+
+def test_implementation_names_are_unique():
+    """--skip, --profile, DECODE and SWEEP pick implementations by name (impls.by_name takes the first)."""
+    names = [i.name for i in impls.DELTA + impls.LAYER + impls.FFN]
+    assert len(names) == len(set(names)), names
+
+
+def test_moelora_op_cases_name_their_backend_and_regime_and_add_the_base_output(monkeypatch):
+    """Each case of moelora.moe_lora calls it with the backend and regime its name says, and "moelora-layer"
+    hands it the frozen Linear's output as base_out (without it the layer case would time the delta alone
+    beside baselines that run the base GEMM). Triton needs CUDA: the op is spied on and run on the torch
+    backend, its result compared with the runner's reference."""
+    import moelora
+    import torch.nn.functional as F
+
+    from benchmarks import inputs, runner, shapes
+
+    op, calls = moelora.moe_lora, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return op(*args, **{**kwargs, "backend": "torch"})
+
+    monkeypatch.setattr(moelora, "moe_lora", spy)
+    shape = shapes.suite(on_gpu=False)["S1"]
+    s = inputs.make_set(shape, torch.float32, torch.device("cpu"), seed=0)
+    want = {"moelora-torch": ("torch", "auto"), "moelora-triton": ("triton", "auto"),
+            "moelora-triton-dense": ("triton", "dense"), "moelora-triton-grouped": ("triton", "grouped"),
+            "moelora-layer": ("triton", "auto")}
+    for name, (backend, regime) in want.items():
+        calls.clear()
+        group = impls.by_name(name).group
+        y = impls.by_name(name).prepare(shape, s).forward()
+        assert [(c["backend"], c["regime"]) for c in calls] == [(backend, regime)], (name, calls)
+        assert impls.rel_err(y, runner._reference(shape, group, name, s)) < 1e-5, name
+        base = calls[0].get("base_out")
+        assert (base is None) == (group == "delta"), name
+        assert base is None or torch.equal(base, F.linear(s["x"], s["w0"])), name
+
+
+def _layer_sets(dtype=torch.float32):
+    """CPU S1 (shared A) and S2 (per-expert A) as whole layers at 1024 tokens (two 512-token sequences)."""
+    import dataclasses
+
+    from benchmarks import inputs, shapes
+
+    suite = shapes.suite(on_gpu=False)
+    for shape in (suite["S1"], suite["S2"]):
+        shape = dataclasses.replace(shape, tokens=1024, layer=True)
+        yield shape, inputs.make_set(shape, dtype, torch.device("cpu"), seed=0)
+
+
+def test_moelora_linear_cases_build_the_layer_the_shape_and_name_say():
+    """The MoELoRALinear cases are layers of the shape's E, k, r, alpha and A layout (the reference is a
+    copy of the layer, so a layer built otherwise was an "ok" case), with the router, LoRA dropout, task
+    ids (one task per 512-token sequence) and aux-loss mask (the last 10% of each sequence) their names
+    say, in training mode; the dropout case's check draws the same keep mask on both sides."""
+    routers = {"task": "task", "threshold": "threshold", "topk_softmax": "topk_softmax"}
+    for shape, s in _layer_sets():
+        T = shape.tokens
+        for impl in impls.LAYER:
+            if not impl.name.startswith("moelora-MoELoRALinear"):
+                continue
+            prepared = impl.prepare(shape, s)
+            (layer,) = prepared.keep
+            st, suffix = layer.settings, impl.name.rsplit("-", 1)[-1]
+            assert (st.num_experts, st.top_k, st.r, st.lora_alpha, st.share_lora_a) == \
+                (shape.experts, shape.top_k, shape.rank, shape.scaling * shape.rank, shape.shared_a), impl.name
+            assert st.router == routers.get(suffix, "softmax_topk"), impl.name
+            assert st.lora_dropout == (impls.LAYER_DROPOUT if suffix == "dropout" else 0.0), impl.name
+            assert layer.training, impl.name
+            tasks = torch.arange(T) // 512 % shape.experts
+            assert (layer.task_ids is None) if suffix != "task" else torch.equal(layer.task_ids, tasks), impl.name
+            mask = layer.aux_loss_mask
+            assert mask is None if suffix != "auxmask" else torch.equal(mask, torch.arange(T) % 512 < 461), impl.name
+            # the dropout case checks the layer against its fp32 copy drawing the same keep mask
+            assert suffix != "dropout" or prepared.check() < 1e-5, impl.name
+
+
+def test_peft_cases_are_a_training_lora_of_the_shapes_r_and_scaling_with_their_dropout():
+    """PEFT's cases: one LoRA of the shape's r and scaling, in training mode, LoRA dropout in the
+    "-dropout" case only (in eval mode, or at p 0, the "-dropout" case timed no dropout and its check,
+    which reads the dropout module's output, still passed); the check compares with the draw taken."""
+    from peft.tuners.lora import LoraLayer
+
+    for shape, s in _layer_sets():
+        for name, p in (("peft-lora", 0.0), ("peft-lora-dropout", impls.LAYER_DROPOUT)):
+            prepared = impls.by_name(name).prepare(shape, s)
+            (model,) = prepared.keep
+            (lora,) = [m for m in model.modules() if isinstance(m, LoraLayer)]
+            assert model.training and lora.r["default"] == shape.rank, name
+            assert lora.scaling["default"] == shape.scaling, name
+            dropout = lora.lora_dropout["default"]
+            assert (dropout.p == p) if p else isinstance(dropout, torch.nn.Identity), name
+            assert (prepared.check is None) == (p == 0.0), name
+            assert p == 0.0 or prepared.check() < 1e-5, name
+
+
+def test_autocast_cases_take_fp32_x_and_base_weight_and_run_in_the_sets_dtype():
+    """The "-autocast" cases run as the HF Trainer's bf16=True: fp32 x and base weight under
+    torch.autocast to the set's dtype (bf16 here), y in bf16. An x or base weight already in bf16
+    would time mixed precision without its casts; autocast off, an fp32 layer."""
+    for shape, s in _layer_sets(torch.bfloat16):
+        for name in ("linear-frozen-autocast", "moelora-MoELoRALinear-autocast"):
+            prepared = impls.by_name(name).prepare(shape, s)
+            x = prepared.leaves[0]
+            assert x.dtype == torch.float32 and torch.equal(x, s["x"].float()) and x.requires_grad, name
+            assert all(m.base_layer.weight.dtype == torch.float32 for m in prepared.keep), name
+            with torch.no_grad():
+                assert prepared.forward().dtype == torch.bfloat16, name
+
+
+def test_the_decode_pass_runs_modules_in_eval_mode_under_inference_mode():
+    """impls.inference: the modules in eval mode (no LoRA dropout, no aux loss) and the forward under
+    torch.inference_mode (its output an inference tensor, nothing recorded for autograd); a case that
+    checks itself against its own draw (LoRA dropout) is refused."""
+    shape, s = next(_layer_sets())
+    for name in ("moelora-MoELoRALinear", "peft-lora"):
+        prepared = impls.by_name(name).prepare(shape, s)
+        (module,) = prepared.keep
+        decode = impls.inference(prepared)
+        assert not any(m.training for m in module.modules()), name
+        assert decode.forward().is_inference(), name
+    with pytest.raises(ValueError, match="checks itself"):
+        impls.inference(impls.by_name("moelora-MoELoRALinear-dropout").prepare(shape, s))
+
+
+def _plan(tmp_path, monkeypatch, *argv, sleep_in_ceilings=0.0, resume=None):
+    """cli.main on the CPU with each part faked: what run_group is asked to run (shape, tokens, group, label,
+    implementations, passes and the context's repeats, warm-up, repeat floor, case cap and budget), which
+    of the ceilings, graph check and host overhead were measured, the watchdog's delay, and the results."""
+    import time
+
+    from benchmarks import ceilings, graphcheck, hostcost
+
+    calls, measured, timers = [], [], []
+
+    def run_group(ctx, shape, group, impl_list, passes, label=None):
+        calls.append(dict(shape=shape.name, tokens=shape.tokens, group=group, label=label,
+                          impls=[i.name for i in impl_list], passes=list(passes), repeats=ctx.repeats,
+                          warmup=ctx.warmup, min_repeats=ctx.min_repeats, case_cap=ctx.case_cap_s,
+                          budget=ctx.budget.seconds))
+        return []
+
+    class Timer:
+        def __init__(self, interval, fn):
+            timers.append(interval)
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    def fake(name, value):
+        def measure(*args):
+            measured.append(name)
+            time.sleep(sleep_in_ceilings if name == "ceilings" else 0.0)
+            return value() if callable(value) else value
+        return measure
+
+    monkeypatch.setattr(cli, "run_group", run_group)
+    monkeypatch.setattr(cli.threading, "Timer", Timer)
+    monkeypatch.setattr(ceilings, "measure", fake("ceilings", {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0,
+                                                               "matmul_dtype": "fp32"}))
+    monkeypatch.setattr(graphcheck, "check", fake("graph", {"status": "skipped", "reason": "faked"}))
+    monkeypatch.setattr(hostcost, "measure", fake("host", lambda: []))
+    monkeypatch.setattr(hostcost, "measure_compiled", fake("host-compiled", lambda: []))
+    resume = ["--resume", str(resume)] if resume else []
+    assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), *argv, *resume]) == 0
+    (path,) = tmp_path.glob("*.json")
+    return calls, measured, timers, json.loads(path.read_text()), path
+
+
+def test_the_cpu_run_plan_and_its_defaults(tmp_path, monkeypatch):
+    """On a CPU: fp32, 5 repeats, 1 warm-up, a floor of 3, a 0.3 s case cap (recorded in meta); each shape's
+    group, S1's whole layer (the only shape with one) and its decode pass (impls.DECODE at 8 tokens); the
+    sweep last on the planned points, forward and forward+backward only, at half the repeats (not under the
+    floor) and half the case cap, under the whole budget while the suite had (1 - sweep share) of it; the
+    watchdog at the budget + 60 s; the ceilings, graph check and host overhead measured once each."""
+    calls, measured, timers, results, _ = _plan(tmp_path, monkeypatch, "--shapes", "S2,S1,S5",
+                                                "--sweep-tokens", "32,64,128", "--time-budget", "1000")
+    meta = results["meta"]
+    assert (meta["dtype"], meta["repeats"], meta["warmup"], meta["min_repeats"], meta["case_cap_s"]) == \
+        ("float32", 5, 1, 3, 0.3)
+    assert meta["time_budget_s"] == 1000 and meta["torch_threads"] == 1
+    suite = dict(repeats=5, warmup=1, min_repeats=3, case_cap=0.3, budget=750.0)
+    train = ["fwd", "bwd", "fwdbwd"]
+    want = [dict(shape="S1", tokens=256, group="delta", label=None, impls=[i.name for i in impls.DELTA], passes=train),
+            dict(shape="S1", tokens=256, group="layer", label=None, impls=[i.name for i in impls.LAYER], passes=train),
+            dict(shape="S1@T8", tokens=8, group="layer", label=None, impls=impls.DECODE, passes=["decode"]),
+            dict(shape="S5", tokens=128, group="ffn", label=None, impls=[i.name for i in impls.FFN], passes=train),
+            dict(shape="S2", tokens=256, group="delta", label=None, impls=[i.name for i in impls.DELTA], passes=train)]
+    want = [{**w, **suite} for w in want] + [
+        dict(shape=f"S1@T{t}", tokens=t, group="delta", label="sweep", impls=impls.SWEEP, passes=["fwd", "fwdbwd"],
+             repeats=3, warmup=1, min_repeats=3, case_cap=0.15, budget=1000) for t in (32, 64, 128)]
+    assert calls == want
+    assert measured == ["ceilings", "graph", "host", "host-compiled"]
+    assert results["shapes"]["S1-decode"]["tokens"] == 8
+    assert len(timers) == 1 and 1059 < timers[0] <= 1060
+
+
+def test_the_run_plan_follows_the_options(tmp_path, monkeypatch):
+    """--warmup 0 is kept (not the default), --quick thins only the default sweep (not --sweep-tokens'
+    points), the sweep takes the forward when --passes has no fwdbwd, --passes without decode (or
+    without a training pass) runs no decode pass (or no sweep), --cpu-threads 0 keeps torch's threads."""
+    calls, _, _, results, _ = _plan(tmp_path, monkeypatch, "--shapes", "S1", "--sweep-tokens", "32,64,128",
+                                    "--quick", "--warmup", "0", "--repeats", "8", "--min-repeats", "2",
+                                    "--passes", "fwd,bwd", "--no-graph-check", "--no-host-overhead",
+                                    "--cpu-threads", "0")
+    assert results["meta"]["warmup"] == 0 and results["meta"]["torch_threads"] == torch.get_num_threads()
+    assert [(c["shape"], c["group"], c["passes"], c["warmup"], c["repeats"]) for c in calls] == \
+        [("S1", "delta", ["fwd", "bwd"], 0, 8), ("S1", "layer", ["fwd", "bwd"], 0, 8)] + \
+        [(f"S1@T{t}", "delta", ["fwd"], 0, 4) for t in (32, 64, 128)]
+    calls, *_ = _plan(tmp_path / "decode", monkeypatch, "--shapes", "S1", "--passes", "decode",
+                      "--no-graph-check", "--no-host-overhead")
+    assert [(c["shape"], c["passes"]) for c in calls] == [("S1@T8", ["decode"])]
+
+
+def test_a_resumed_run_keeps_what_was_measured_and_the_graph_check_obeys_the_suites_budget(tmp_path, monkeypatch):
+    """A run whose suite budget ((1 - sweep share) of --time-budget) is spent skips the CUDA-graph check
+    (the sweep still runs on the rest); a resumed run measures neither the ceilings, the graph check nor
+    the host overhead again."""
+    calls, measured, _, results, path = _plan(tmp_path, monkeypatch, "--shapes", "S1", "--passes", "fwd",
+                                              "--sweep-tokens", "32", "--time-budget", "5", "--sweep-share",
+                                              "0.96", sleep_in_ceilings=0.3)
+    assert results["checks"]["cuda_graph_S1"] == {"status": "skipped", "reason": "time budget exhausted"}
+    assert measured == ["ceilings", "host", "host-compiled"] and calls[-1]["label"] == "sweep"
+    results["checks"]["cuda_graph_S1"] = {"status": "pass"}
+    path.write_text(json.dumps(results))
+    _, measured, _, resumed, _ = _plan(tmp_path, monkeypatch, "--shapes", "S1", "--passes", "fwd",
+                                       "--sweep-tokens", "32", resume=path)
+    assert measured == [] and resumed["meta"]["restarts"] == 1
+    assert resumed["ceilings"] == results["ceilings"] and resumed["checks"]["cuda_graph_S1"] == {"status": "pass"}
+
+
+def test_a_device_lost_in_the_graph_check_names_it_and_restarts_within_max_restarts(tmp_path, monkeypatch):
+    """A CUDA context lost in the graph check records the check (not the last case) as the culprit; the
+    process restarts while restarts < --max-restarts, resuming from the results without the old --resume."""
+    from benchmarks import runner
+
+    class Exec(Exception):
+        pass
+
+    monkeypatch.setattr(runner, "cuda_alive", lambda device: False)
+    monkeypatch.setattr(cli.os, "execv", lambda exe, argv: (_ for _ in ()).throw(Exec(argv)))
+    with pytest.raises(Exec) as info:
+        _plan(tmp_path, monkeypatch, "--shapes", "S1", "--passes", "fwd", "--no-sweep", "--max-restarts", "1")
+    argv = info.value.args[0]
+    path = Path(argv[-1])
+    assert argv[-2:] == ["--resume", str(path)] and argv.count("--resume") == 1
+    assert json.loads(path.read_text())["meta"]["device_lost_events"][0]["last_case"] == "checks/cuda_graph_S1"
+    results = json.loads(path.read_text())
+    del results["checks"]["cuda_graph_S1"]  # the check is run again, and the device lost again
+    path.write_text(json.dumps(results))
+    # the restart's own run (restart 1 of at most 1) gives up instead, and finishes with what was recorded
+    _, _, _, resumed, _ = _plan(tmp_path, monkeypatch, "--shapes", "S1", "--passes", "fwd", "--no-sweep",
+                                "--max-restarts", "1", resume=path)
+    assert resumed["meta"]["restarts"] == 1 and len(resumed["meta"]["device_lost_events"]) == 2
+
+
+def test_a_restart_drops_the_previous_resume_options(monkeypatch):
+    class Exec(Exception):
+        pass
+
+    monkeypatch.setattr(cli.os, "execv", lambda exe, argv: (_ for _ in ()).throw(Exec(exe, argv)))
+    with pytest.raises(Exec) as info:
+        cli._restart(["--shapes", "S1", "--resume", "a.json", "--quick", "--resume=b.json"], Path("c.json"))
+    exe, argv = info.value.args
+    assert exe == sys.executable and argv == [exe, "-m", "benchmarks", "--shapes", "S1", "--quick",
+                                              "--resume", "c.json"]
+
+
+def test_graph_check_relative_error():
+    """graphcheck's relative error of a replay against eager: ||a - b|| / ||b||, NaN when the replay is not
+    finite (a NaN error fails the check)."""
+    from benchmarks import graphcheck
+
+    b = torch.randn(50) + 3
+    assert graphcheck._rel(b, b) == 0.0 and abs(graphcheck._rel(b, 2 * b) - 0.5) < 1e-6
+    assert math.isnan(graphcheck._rel(torch.cat([b[:-1], torch.tensor([float("inf")])]), b))
