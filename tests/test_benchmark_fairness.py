@@ -58,6 +58,36 @@ def test_grouped_mm_baseline_matches_the_reference_with_an_expert_left_empty(sha
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+    # into a base output (the whole layer's y = x W0^T + delta), as the dense baseline
+    base = torch.randn_like(y)
+    for op in (baselines.moe_lora_grouped_mm, baselines.moe_lora_dense):
+        torch.testing.assert_close(op(x, a, b, ids, w, 2.0, base_out=base).double(), base.double() + ref,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _swiglu_moe_ffn64(x, w13, w2, ids, w):
+    """The full-FFN MoE in float64, token by token: sum over the slots of w * W2_e (silu(gate_e x) * up_e x),
+    w13_e = [gate_e; up_e]."""
+    x, w13, w2, w = (t.detach().double() for t in (x, w13, w2, w))
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            gate, up = (w13[ids[t, j]] @ x[t]).chunk(2)
+            out[t] += w[t, j] * (w2[ids[t, j]] @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("op", ["naive", "grouped_mm"])
+def test_ffn_baselines_compute_the_swiglu_moe_with_an_expert_left_empty(op):
+    """The runner checks every ffn case against moe_ffn_naive: it is held to the formula itself here
+    (an expert with no tokens, which its loop skips, before others that have some)."""
+    if op == "grouped_mm" and baselines.grouped_mm_fn() is None:
+        pytest.skip("this torch has no grouped_mm")
+    ids, w = _routing(24, 5, 2, empty_expert=1)
+    x, w13, w2 = torch.randn(24, 16), torch.randn(5, 2 * 12, 16) / 4, torch.randn(5, 16, 12) / 4
+    y = getattr(baselines, f"moe_ffn_{op}")(x, w13, w2, ids, w)
+    ref = _swiglu_moe_ffn64(x, w13, w2, ids, w)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
 
 
 @needs_grouped_mm
