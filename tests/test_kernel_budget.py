@@ -20,7 +20,7 @@ from moelora.kernels import launchers
 from moelora.ops import moe_lora as moe_lora_module
 from moelora.ops import native
 from moelora.profiling import KernelCounts, count_kernels
-from moelora.switches import fallback_forced
+from moelora.switches import current_backend, fallback_forced
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="counted on CPU (launches are not run)")
 # The budgets count moelora._C's routing and dispatch ops as one kernel each; the PyTorch fallbacks that run
@@ -546,6 +546,53 @@ def test_hostcost_counts_the_budgets_kernels():
                 step()
         counted[case] = counts.total
     assert counted == HOSTCOST_CASES
+
+
+def _hostcost():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
+    from benchmarks import hostcost
+    return hostcost
+
+
+@pytest.mark.parametrize("previous", [None, "0"])
+def test_hostcost_puts_back_the_triton_interpreter_switch(monkeypatch, previous):
+    """On a CPU hostcost runs moelora's Triton path through the interpreter switch, set for its block only."""
+    import os
+
+    hostcost = _hostcost()
+    if previous is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", previous)
+    with hostcost._triton_backend(torch.device("cpu")):
+        assert os.environ["TRITON_INTERPRET"] == "1" and current_backend() == "triton"
+    assert os.environ.get("TRITON_INTERPRET") == previous
+
+
+def test_hostcost_records_the_kernels_of_a_steady_call():
+    """A row counts a call after a first one (which fills what is cached per process, here one extra ATen op):
+    kernels = Triton launches + ATen ops."""
+    hostcost = _hostcost()
+    (x, a, b, w), ids = _operator_inputs(T=8, d=16, r=4, E=4)
+    first = []
+
+    def step():
+        if not first:
+            first.append(torch.exp(x))
+        return moelora.moe_lora(x, a, b, ids, w, regime="dense")
+
+    out = []
+    with hostcost._triton_backend(torch.device("cpu")):
+        hostcost._record("row", step, out, "note")
+        with count_kernels() as steady:
+            step()
+    (row,) = out
+    assert (row["case"], row["note"], row["triton"], row["aten"]) == ("row", "note", len(steady.triton),
+                                                                      len(steady.aten))
+    assert row["triton"] > 0 and row["kernels"] == steady.total and row["host_us"] > 0
 
 
 # A layer holding an aux-loss mask (moelora.set_aux_loss_mask): the kernels without it, its unmasked aux loss's launch
