@@ -582,7 +582,7 @@ def test_hostcost_records_the_kernels_of_a_steady_call():
     def step():
         if not first:
             first.append(torch.exp(x))
-        return moelora.moe_lora(x, a, b, ids, w, regime="dense")
+        return moelora.moe_lora(x, a, b, ids, w, regime="dense") + 1  # an ATen op beside the Triton launches
 
     out = []
     with hostcost._triton_backend(torch.device("cpu")):
@@ -592,7 +592,27 @@ def test_hostcost_records_the_kernels_of_a_steady_call():
     (row,) = out
     assert (row["case"], row["note"], row["triton"], row["aten"]) == ("row", "note", len(steady.triton),
                                                                       len(steady.aten))
-    assert row["triton"] > 0 and row["kernels"] == steady.total and row["host_us"] > 0
+    assert row["triton"] > 0 and row["aten"] > 0 and row["kernels"] == steady.total and row["host_us"] > 0
+
+
+def test_hostcost_training_step_differentiates_the_aux_loss():
+    """A row's training step seeds the gradient of the aux loss the forward recorded (last_aux_loss), as a
+    training step's loss holds it: its backward is counted and timed."""
+    hostcost = _hostcost()
+    seeds = []
+
+    class Module(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            self.last_aux_loss = (self.p * self.p).sum()
+            self.last_aux_loss.register_hook(seeds.append)
+            return x * self.p
+
+    hostcost._training_step(Module(), torch.randn(3, 4, requires_grad=True), torch.randn(3, 4))()
+    assert [float(g) for g in seeds] == [1.0]
 
 
 # A layer holding an aux-loss mask (moelora.set_aux_loss_mask): the kernels without it, its unmasked aux loss's launch
