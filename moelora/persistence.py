@@ -736,7 +736,8 @@ def _peft_embedding_prefixes(inner: nn.Module) -> tuple:
 def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> list:
     """(model tensor, checkpoint tensor, checkpoint key) of a PEFT checkpoint's biases, saved modules' tensors and
     embedding layers' weights (:func:`_peft_embedding_prefixes`; PEFT loads these into the base
-    model too), every one checked to exist in the model with the same shape."""
+    model too), every one checked to exist in the model with the same shape, and every tensor of a saved module
+    there (as ``<module>.<param>`` or by its wrapper name)."""
     saved = [n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     embeddings = _peft_embedding_prefixes(inner)
     own = inner.state_dict(keep_vars=True)
@@ -764,6 +765,13 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> l
                              f"{tuple(tensor.shape)}, the model's has shape {tuple(own[name].shape)}")
         _check_dtype_kind(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model: {key}", tensor, own[name])
         pairs.append((own[name], tensor, key))
+    for owner in saved:  # PEFT saves a saved module whole; a tensor left out would stay the original's silently
+        missing = [f"{PEFT_PREFIX}{owner}.{k}" for k in inner.get_submodule(owner).modules_to_save.state_dict()
+                   if f"{owner}.{k}" not in others and f"{owner}.modules_to_save.{k}" not in others]
+        if missing:
+            raise ValueError(f"{weights_path}: the PEFT checkpoint lacks {missing} of {owner}, a module of its "
+                             "modules_to_save (which PEFT saves whole): the trained copy would keep the original's "
+                             "tensors")
     return pairs
 
 

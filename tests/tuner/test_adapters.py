@@ -203,6 +203,30 @@ def test_a_saved_modules_bias_under_both_its_names_loads_as_peft_loads_it(tmp_pa
     assert torch.equal(ours.model.head.modules_to_save.bias, state["base_model.model.head.bias"])
 
 
+def test_a_peft_checkpoint_lacking_a_saved_modules_tensor_is_refused_naming_it(tmp_path):
+    """PEFT saves a module of its modules_to_save whole: a checkpoint without one of its tensors (head.weight here)
+    was loaded, the trained copy silently keeping the original's weight. It is refused, naming the tensor; one whose
+    trained bias is there under its wrapper name alone (bias="all") still loads it."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    peft_model = get_peft_model(Net().double(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+                                                           modules_to_save=["head"], bias="all"))
+    _perturb(peft_model)
+    peft_model.save_pretrained(str(tmp_path))
+    weights = str(tmp_path / "adapter_model.safetensors")
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != "base_model.model.head.bias"}, weights)
+    ours = moelora.load_peft_lora(Net().double(), str(tmp_path))
+    assert torch.equal(ours.model.head.modules_to_save.bias, state["base_model.model.head.modules_to_save.bias"])
+    assert torch.equal(ours.model.head.modules_to_save.weight, state["base_model.model.head.weight"])
+    save_file({k: v for k, v in state.items() if k != "base_model.model.head.weight"}, weights)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: the PEFT checkpoint lacks "
+                                         r"\['base_model.model.head.weight'\] of head, a module of its "
+                                         r"modules_to_save"):
+        moelora.load_peft_lora(Net().double(), str(tmp_path))
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_export_carries_trained_biases_and_round_trips(tmp_path, bias):
     from peft import PeftModel
