@@ -35,6 +35,16 @@ def _assert_untouched(model, before):
         assert after[1][name][0] == flag and torch.equal(after[1][name][1], value), name
 
 
+def _refused_untouched(directory, error, match):
+    """from_pretrained of ``directory`` into a fresh tiny Llama raises ``error`` matching ``match``, leaving the
+    model as it was."""
+    base = tiny_llama(num_layers=2)
+    before = _fingerprint(base)
+    with pytest.raises(error, match=match):
+        moelora.from_pretrained(base, str(directory))
+    _assert_untouched(base, before)
+
+
 @pytest.fixture
 def saved(tmp_path):
     """A checkpoint with structural edits (MoLEx) and adapters, and its outputs."""
@@ -111,11 +121,7 @@ def test_broken_files_raise_errors_naming_the_file_before_touching_the_model(sav
         config_path.write_text(json.dumps(dict(config, structure=["apply_molex"])))
     else:
         config_path.write_text(json.dumps(dict(config, structure=[{"op": "rm_rf", "kwargs": {}}])))
-    base = tiny_llama(num_layers=2)
-    before = _fingerprint(base)
-    with pytest.raises(error, match=match):
-        moelora.from_pretrained(base, str(directory))
-    _assert_untouched(base, before)
+    _refused_untouched(directory, error, match)
 
 
 @pytest.mark.parametrize("edit", ["missing", "unexpected", "renamed"])
@@ -135,12 +141,8 @@ def test_a_checkpoint_missing_a_tensor_or_holding_another_raises_naming_it(saved
         del state[name]
     save_file(state, weights)
     missing, unexpected = [] if edit == "unexpected" else [name], [] if edit == "missing" else [other]
-    base = tiny_llama(num_layers=2)
-    before = _fingerprint(base)
-    with pytest.raises(ValueError, match=re.escape(f"adapter_model.safetensors: checkpoint does not fit the model: "
-                                                   f"missing {missing}, unexpected {unexpected}")):
-        moelora.from_pretrained(base, str(directory))
-    _assert_untouched(base, before)
+    _refused_untouched(directory, ValueError, re.escape(f"adapter_model.safetensors: checkpoint does not fit the "
+                                                        f"model: missing {missing}, unexpected {unexpected}"))
     model = get_moelora_model(tiny_llama(num_layers=2), CONFIG)  # load_adapter: the adapter is not added
     moelora.apply_molex(model, gate="cosine", proj_dim=4)
     before = _fingerprint(model)
@@ -162,12 +164,8 @@ def test_a_checkpoint_tensor_with_the_models_number_of_values_in_another_shape_i
     shape = tuple(state[name].shape)
     assert len(shape) == 3 and shape[1] != shape[2]
     save_file(dict(state, **{name: state[name].transpose(1, 2).contiguous()}), weights)
-    base = tiny_llama(num_layers=2)
-    before = _fingerprint(base)
-    with pytest.raises(ValueError, match=re.escape(f"checkpoint does not fit the model: {name} has shape "
-                                                   f"{(shape[0], shape[2], shape[1])}, the model expects {shape}")):
-        moelora.from_pretrained(base, str(directory))
-    _assert_untouched(base, before)
+    _refused_untouched(directory, ValueError, re.escape(f"checkpoint does not fit the model: {name} has shape "
+                                                        f"{(shape[0], shape[2], shape[1])}, the model expects {shape}"))
 
 
 def test_a_load_adapter_interrupted_while_its_weights_load_adds_no_adapter(saved, monkeypatch):
@@ -335,12 +333,8 @@ def test_an_activation_saved_as_anything_but_a_string_is_refused_naming_it(saved
     kwargs = dict(num_experts=2, top_k=1, ffn_modules=["mlp"], in_proj="up_proj", out_proj="down_proj",
                   activation=value)
     config_path.write_text(json.dumps(dict(config, structure=[{"op": "upcycle_ffn", "kwargs": kwargs}])))
-    base = tiny_llama(num_layers=2)
-    before = _fingerprint(base)
-    with pytest.raises(ValueError, match=rf"moelora_config.json: an activation is saved as a string, "
-                                         rf"got {type(value).__name__} {re.escape(repr(value))}$"):
-        moelora.from_pretrained(base, str(directory))
-    _assert_untouched(base, before)
+    _refused_untouched(directory, ValueError, rf"moelora_config.json: an activation is saved as a string, "
+                                              rf"got {type(value).__name__} {re.escape(repr(value))}$")
 
 
 # ---- adapter membership: moelora's modules, not substrings of names ---------------------------
@@ -614,11 +608,7 @@ def test_config_regexes_that_do_not_compile_raise_naming_the_file_and_field(save
     directory, _ = saved
     config_path = directory / "moelora_config.json"
     config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **{field: value})))
-    base = tiny_llama(num_layers=2)
-    before = _fingerprint(base)
-    with pytest.raises(ValueError, match=rf"moelora_config.json: MoELoRAConfig.{field} must be .*valid regex"):
-        moelora.from_pretrained(base, str(directory))
-    _assert_untouched(base, before)
+    _refused_untouched(directory, ValueError, rf"moelora_config.json: MoELoRAConfig.{field} must be .*valid regex")
 
 
 @pytest.mark.parametrize("field,value,error,match", [
@@ -979,11 +969,7 @@ def test_broken_shards_raise_errors_naming_the_file_before_touching_the_model(sa
         del index["weight_map"]
     if corrupt not in ("shard_missing", "shard_truncated"):
         index_path.write_text(json.dumps(index))
-    base = tiny_llama(num_layers=2)
-    before = _fingerprint(base)
-    with pytest.raises(error, match=match):
-        moelora.from_pretrained(base, str(directory))
-    _assert_untouched(base, before)
+    _refused_untouched(directory, error, match)
     with pytest.raises(error, match=match):
         model.load_adapter(str(directory), "other")
     assert list(model.adapter_configs) == ["default"]

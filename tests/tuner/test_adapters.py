@@ -182,18 +182,27 @@ def test_peft_checkpoint_with_bias_all_and_modules_to_save_imports_as_peft_loads
         torch.testing.assert_close(ours(IDS), peft_model(IDS), rtol=0, atol=0)
 
 
-def test_a_saved_modules_bias_under_both_its_names_loads_as_peft_loads_it(tmp_path):
-    """PEFT's bias="all" saves a saved module's trained bias as <module>.bias and <module>.modules_to_save.bias;
-    where the two differ (an edited checkpoint) the import takes <module>.bias, as PEFT's load does."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from safetensors.torch import load_file, save_file
+def _peft_checkpoint_with_a_saved_head(tmp_path):
+    """(the weights file, its tensors) of a trained PEFT LoRA of Net's proj, bias="all", with "head" in its
+    modules_to_save, saved into ``tmp_path``."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
 
     peft_model = get_peft_model(Net().double(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
                                                            modules_to_save=["head"], bias="all"))
     _perturb(peft_model)
     peft_model.save_pretrained(str(tmp_path))
     weights = str(tmp_path / "adapter_model.safetensors")
-    state = load_file(weights)
+    return weights, load_file(weights)
+
+
+def test_a_saved_modules_bias_under_both_its_names_loads_as_peft_loads_it(tmp_path):
+    """PEFT's bias="all" saves a saved module's trained bias as <module>.bias and <module>.modules_to_save.bias;
+    where the two differ (an edited checkpoint) the import takes <module>.bias, as PEFT's load does."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    weights, state = _peft_checkpoint_with_a_saved_head(tmp_path)
     key = "base_model.model.head.modules_to_save.bias"
     assert key in state and torch.equal(state[key], state["base_model.model.head.bias"])
     save_file(dict(state, **{key: state[key] + 1.0}), weights)
@@ -207,15 +216,9 @@ def test_a_peft_checkpoint_lacking_a_saved_modules_tensor_is_refused_naming_it(t
     """PEFT saves a module of its modules_to_save whole: a checkpoint without one of its tensors (head.weight here)
     was loaded, the trained copy silently keeping the original's weight. It is refused, naming the tensor; one whose
     trained bias is there under its wrapper name alone (bias="all") still loads it."""
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    peft_model = get_peft_model(Net().double(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
-                                                           modules_to_save=["head"], bias="all"))
-    _perturb(peft_model)
-    peft_model.save_pretrained(str(tmp_path))
-    weights = str(tmp_path / "adapter_model.safetensors")
-    state = load_file(weights)
+    weights, state = _peft_checkpoint_with_a_saved_head(tmp_path)
     save_file({k: v for k, v in state.items() if k != "base_model.model.head.bias"}, weights)
     ours = moelora.load_peft_lora(Net().double(), str(tmp_path))
     assert torch.equal(ours.model.head.modules_to_save.bias, state["base_model.model.head.modules_to_save.bias"])
