@@ -308,14 +308,21 @@ def test_identical_experts_reproduce_one_ffn_exactly_when_normalized(path):
 
 def _check_copies_of_one_ffn_mix_to_it_exactly(x, weights, ffn, path):
     """The normalised mix by ``weights`` [T, E] (slot j: expert j) of E copies of ffn's expert 0 is that
-    expert's own output on ``path``, bit for bit."""
+    expert's own output on ``path``, bit for bit. Triton's interpreter (no GPU) excepted: its tl.dot is numpy's
+    matmul of the whole tile, whose result for a row can change with the row's place in the tile (OpenBLAS's
+    kernels on some CPUs: an AVX-512 machine here), and an expert's tile holds other rows in the mix than
+    alone; there the two agree to a few ulps of the largest output (a GPU's dot sums each element in a fixed order)."""
     ids = torch.arange(weights.shape[1], device=DEVICE).repeat(x.shape[0], 1)
     copies = {n: t.detach()[:1].expand_as(t).contiguous() if t is not None else None for n, t in ffn.items()}
     with torch.no_grad():
         mixed = run(x, ids, weights, copies, path, normalize=True)
         single = run(x, ids[:, :1] * 0, torch.ones_like(weights[:, :1]), {n: t[:1] if t is not None else None
                                                                           for n, t in copies.items()}, path)
-    assert torch.equal(mixed, single)
+    if path[1] == "triton" and DEVICE.type == "cpu":
+        ulps = 4 * torch.finfo(single.dtype).eps * single.abs().max().item()  # of the largest output
+        torch.testing.assert_close(mixed, single, rtol=0, atol=ulps)
+    else:
+        assert torch.equal(mixed, single)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
