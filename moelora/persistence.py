@@ -733,11 +733,12 @@ def _peft_embedding_prefixes(inner: nn.Module) -> tuple:
     return tuple(prefixes)
 
 
-def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> list:
+def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str, peft_saved) -> list:
     """(model tensor, checkpoint tensor, checkpoint key) of a PEFT checkpoint's biases, saved modules' tensors and
     embedding layers' weights (:func:`_peft_embedding_prefixes`; PEFT loads these into the base
-    model too), every one checked to exist in the model with the same shape, and every tensor of a saved module
-    there (as ``<module>.<param>`` or by its wrapper name)."""
+    model too), every one checked to exist in the model with the same shape, and every tensor there of a saved
+    module that the PEFT config's modules_to_save (``peft_saved``) selects or that the checkpoint holds tensors of
+    (as ``<module>.<param>`` or by its wrapper name)."""
     saved = [n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     embeddings = _peft_embedding_prefixes(inner)
     own = inner.state_dict(keep_vars=True)
@@ -765,7 +766,13 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str) -> l
                              f"{tuple(tensor.shape)}, the model's has shape {tuple(own[name].shape)}")
         _check_dtype_kind(f"{weights_path}: {PEFT_PREFIX}{key} does not fit the model: {key}", tensor, own[name])
         pairs.append((own[name], tensor, key))
-    for owner in saved:  # PEFT saves a saved module whole; a tensor left out would stay the original's silently
+    # PEFT saves the modules of its modules_to_save whole: one of them (or a module the checkpoint holds tensors
+    # of) without a tensor would keep the original's silently; the model's own saved modules need none
+    listed = _peft_modules_to_save(peft_saved, inner)
+    listed = listed if isinstance(listed, list) else []
+    for owner in saved:
+        if owner not in listed and not any(key.startswith(owner + ".") for key in others):
+            continue
         missing = [f"{PEFT_PREFIX}{owner}.{k}" for k in inner.get_submodule(owner).modules_to_save.state_dict()
                    if f"{owner}.{k}" not in others and f"{owner}.modules_to_save.{k}" not in others]
         if missing:
@@ -852,7 +859,7 @@ def check_peft_checkpoint(peft_config: dict, inner: nn.Module, modules: dict, ot
                              f"task-shared LoRA), so task {target} would not compute the PEFT LoRA; load it into a "
                              "model whose task-routed layers outside the checkpoint are zero for that task (as "
                              f"injected: lora_gamma[{target}] starts at 0)")
-    extras = _peft_extras_targets(inner, others, weights_path)
+    extras = _peft_extras_targets(inner, others, weights_path, peft_config.get("modules_to_save"))
     if any(is_adapter_layer(m) and m.num_experts > 1 for m in inner.modules()):
         changed = next((key for own, tensor, key in extras
                         if not torch.equal(own, tensor.to(device=own.device, dtype=own.dtype))), None)

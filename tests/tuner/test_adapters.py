@@ -228,6 +228,27 @@ def test_a_peft_checkpoint_lacking_a_saved_modules_tensor_is_refused_naming_it(t
                                          r"\['base_model.model.head.weight'\] of head, a module of its "
                                          r"modules_to_save"):
         moelora.load_peft_lora(Net().double(), str(tmp_path))
+    # nor a checkpoint without any tensor of a module its config lists
+    save_file({k: v for k, v in state.items() if ".head." not in k}, weights)
+    with pytest.raises(ValueError, match=r"lacks \['base_model.model.head.weight', 'base_model.model.head.bias'\]"):
+        moelora.load_peft_lora(Net().double(), str(tmp_path))
+
+
+def test_a_peft_lora_without_saved_modules_loads_into_an_expert_of_a_model_with_its_own(tmp_path):
+    """The model's own modules_to_save (not in the PEFT config, no tensor in the checkpoint) need nothing from a
+    PEFT LoRA loaded into one of its experts: they keep their trained tensors."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(Net().double(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    _perturb(peft_model)
+    peft_model.save_pretrained(str(tmp_path))
+    ours = get_moelora_model(Net().double(), MoELoRAConfig(target_modules=["proj"], r=4, lora_alpha=8, num_experts=2,
+                                                           router="task", modules_to_save=["head"]))
+    _perturb(ours)
+    head = {n: t.clone() for n, t in ours.model.head.modules_to_save.state_dict().items()}
+    moelora.load_peft_lora(ours, str(tmp_path), expert=1)
+    assert torch.equal(ours.model.proj.lora_B[1], peft_model.base_model.model.proj.lora_B["default"].weight)
+    assert all(torch.equal(t, head[n]) for n, t in ours.model.head.modules_to_save.state_dict().items())
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
