@@ -742,9 +742,10 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str, peft
     saved = [n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     embeddings = _peft_embedding_prefixes(inner)
     own = inner.state_dict(keep_vars=True)
-    pairs = []
+    pairs, held = [], set()  # held: the saved modules the checkpoint holds tensors of
     for key, tensor in others.items():
         owner = next((n for n in saved if key.startswith(n + ".")), None)
+        held.add(owner)
         if owner is None and not key.endswith("bias") and not key.startswith(embeddings):
             raise ValueError(f"{weights_path}: unsupported tensor in the PEFT checkpoint: {PEFT_PREFIX}{key} "
                              "(neither LoRA, a bias, a tensor of its modules_to_save, nor a weight of the model's "
@@ -770,9 +771,7 @@ def _peft_extras_targets(inner: nn.Module, others: dict, weights_path: str, peft
     # of) without a tensor would keep the original's silently; the model's own saved modules need none
     listed = _peft_modules_to_save(peft_saved, inner)
     listed = listed if isinstance(listed, list) else []
-    for owner in saved:
-        if owner not in listed and not any(key.startswith(owner + ".") for key in others):
-            continue
+    for owner in (n for n in saved if n in held or n in listed):
         missing = [f"{PEFT_PREFIX}{owner}.{k}" for k in inner.get_submodule(owner).modules_to_save.state_dict()
                    if f"{owner}.{k}" not in others and f"{owner}.modules_to_save.{k}" not in others]
         if missing:
