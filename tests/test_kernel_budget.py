@@ -522,14 +522,19 @@ HOSTCOST_CASES = {"softmax_topk": LAYER_SETTINGS["softmax_topk"][1], "topk_softm
                   "DoRA, E 1, LoRA dropout 0.1": COMPOSED_SETTINGS["dora_with_lora_dropout"][2]}
 
 
-@native_routing
-def test_hostcost_counts_the_budgets_kernels():
+def _hostcost():
+    """benchmarks.hostcost (the repository root, which holds benchmarks/, put on the path)."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import hostcost
+    return hostcost
 
+
+@native_routing
+def test_hostcost_counts_the_budgets_kernels():
+    hostcost = _hostcost()
     assert set(HOSTCOST_CASES) == set(hostcost.LAYER_CASES)
     cpu, (_, T, d) = torch.device("cpu"), hostcost._sizes(torch.device("cpu"))
     counted = {}
@@ -546,15 +551,6 @@ def test_hostcost_counts_the_budgets_kernels():
                 step()
         counted[case] = counts.total
     assert counted == HOSTCOST_CASES
-
-
-def _hostcost():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
-    from benchmarks import hostcost
-    return hostcost
 
 
 @pytest.mark.parametrize("previous", [None, "0"])
