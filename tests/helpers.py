@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny transformers models are
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from moelora import switches  # noqa: E402
 from moelora.ops import native  # noqa: E402
@@ -85,6 +86,28 @@ def reference(p: Problem, grad_out: torch.Tensor):
     y = moe_lora_torch(x, a, b, p.topk_ids, w, scaling=p.scaling, base_out=base)
     grads = torch.autograd.grad(y, leaves, grad_out.double())
     return y, grads
+
+
+def moe_ffn_reference(x, ids, weights, ffn, activation, normalize):
+    """moelora.moe_ffn as a float64 per-token, per-slot loop (``ffn``: w_in, b_in, w_gate, b_gate, w_out, b_out,
+    None where absent; w_gate None: no gate)."""
+    p = {n: (t.double() if t is not None else None) for n, t in ffn.items()}
+    x, w = x.double(), weights.double()
+    out = []
+    for t in range(x.shape[0]):
+        kept = [j for j in range(ids.shape[1]) if w[t, j] != 0]
+        total = sum(w[t, j] for j in kept) if normalize else 1.0
+        acc = torch.zeros(p["w_out"].shape[1], dtype=torch.float64, device=x.device)
+        for j in kept:
+            e = int(ids[t, j])
+            h = F.linear(x[t], p["w_in"][e], None if p["b_in"] is None else p["b_in"][e])
+            if p["w_gate"] is None:
+                h = activation(h)
+            else:
+                h = activation(F.linear(x[t], p["w_gate"][e], None if p["b_gate"] is None else p["b_gate"][e])) * h
+            acc = acc + w[t, j] / total * F.linear(h, p["w_out"][e], None if p["b_out"] is None else p["b_out"][e])
+        out.append(acc)
+    return torch.stack(out)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import moelora
 from conftest import DEVICE, HAS_CUDA
-from helpers import gpu_tile_table, rel_err
+from helpers import gpu_tile_table, moe_ffn_reference, rel_err
 from moelora.ops import moe_ffn as ffn_module
 from moelora.ops.grouped_linear import grouped_mm_fn
 
@@ -48,27 +48,6 @@ def make_ffn(T=37, d=24, f=40, d_out=20, E=5, k=2, *, gated=True, bias=True, dty
     return rand(T, d), ids, weights.requires_grad_(), ffn
 
 
-def reference(x, ids, weights, ffn, activation, normalize):
-    """float64 per-token, per-slot loop."""
-    p = {n: (t.double() if t is not None else None) for n, t in ffn.items()}
-    x, w = x.double(), weights.double()
-    out = []
-    for t in range(x.shape[0]):
-        kept = [j for j in range(ids.shape[1]) if w[t, j] != 0]
-        total = sum(w[t, j] for j in kept) if normalize else 1.0
-        acc = torch.zeros(p["w_out"].shape[1], dtype=torch.float64, device=x.device)
-        for j in kept:
-            e = int(ids[t, j])
-            h = F.linear(x[t], p["w_in"][e], None if p["b_in"] is None else p["b_in"][e])
-            if p["w_gate"] is None:
-                h = activation(h)
-            else:
-                h = activation(F.linear(x[t], p["w_gate"][e], None if p["b_gate"] is None else p["b_gate"][e])) * h
-            acc = acc + w[t, j] / total * F.linear(h, p["w_out"][e], None if p["b_out"] is None else p["b_out"][e])
-        out.append(acc)
-    return torch.stack(out)
-
-
 def leaves(x, weights, ffn):
     return [x, weights] + [t for t in ffn.values() if t is not None]
 
@@ -83,7 +62,7 @@ def check_against_reference(x, ids, weights, ffn, path, act, normalize, grad_kin
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves(x, weights, ffn)]
     ref_ffn = dict(zip([n for n, t in ffn.items() if t is not None], ref_leaves[2:]))
     ref_ffn.update({n: None for n, t in ffn.items() if t is None})
-    y_ref = reference(ref_leaves[0], ids, ref_leaves[1], ref_ffn, act, normalize)
+    y_ref = moe_ffn_reference(ref_leaves[0], ids, ref_leaves[1], ref_ffn, act, normalize)
     expected = torch.autograd.grad(y_ref, ref_leaves, grad.double())
     tol = dtype_tol or TOL[x.dtype]
     assert rel_err(y, y_ref) < tol
@@ -128,7 +107,7 @@ def test_stacked_gate_weight_matches_the_float64_loop(path, bias):
     got = torch.autograd.grad(y, params, grad)
     ref = {n: (t.detach().double().requires_grad_() if t is not None else None) for n, t in ffn.items()}
     xr, wr = x.detach().double().requires_grad_(), weights.detach().double().requires_grad_()
-    y_ref = reference(xr, ids, wr, ref, F.silu, True)
+    y_ref = moe_ffn_reference(xr, ids, wr, ref, F.silu, True)
     names = ["w_gate", "w_in", "w_out"] + (["b_gate", "b_in", "b_out"] if bias else [])
     g = dict(zip(["x", "w"] + names, torch.autograd.grad(y_ref, [xr, wr] + [ref[n] for n in names], grad.double())))
     expected = [g["x"], g["w"], torch.cat([g["w_gate"], g["w_in"]], 1), g["w_out"]]
@@ -204,7 +183,7 @@ def test_activation_module_with_trainable_parameters(path):
         torch.testing.assert_close(frozen, want, rtol=1e-5, atol=1e-5)
         return
     y = run(x, ids, weights, ffn, path, act)
-    ref = reference(x, ids, weights, ffn, lambda t: F.prelu(t, act.weight.double()), normalize=False)
+    ref = moe_ffn_reference(x, ids, weights, ffn, lambda t: F.prelu(t, act.weight.double()), normalize=False)
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(y, act.weight, grad.to(y.dtype))[0]
     want = torch.autograd.grad(ref, act.weight, grad)[0]
@@ -288,7 +267,7 @@ def test_a_gated_ffn_of_zero_hidden_width_gives_the_float64_loops_output_and_gra
     y = run(x, ids, weights, ffn, path)
     got = torch.autograd.grad(y, leaves(x, weights, ffn), torch.ones_like(y))
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves(x, weights, ffn)]
-    y_ref = reference(ref_leaves[0], ids, ref_leaves[1], dict(zip(ffn, ref_leaves[2:])), F.silu, False)
+    y_ref = moe_ffn_reference(ref_leaves[0], ids, ref_leaves[1], dict(zip(ffn, ref_leaves[2:])), F.silu, False)
     expected = torch.autograd.grad(y_ref, ref_leaves, torch.ones_like(y_ref))
     torch.testing.assert_close(y.double(), y_ref)
     for g, r in zip(got, expected):
