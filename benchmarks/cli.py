@@ -279,7 +279,8 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         phase("ceilings", t0)
 
     main_budget = budget
-    if args.sweep and args.time_budget is not None:  # the suite stops early enough to leave the sweep its share
+    # the suite stops early enough to leave the sweep its share (where one runs: it needs a training pass)
+    if args.sweep and train_passes and args.time_budget is not None:
         main_budget = Budget(args.time_budget * (1 - args.sweep_share))
         main_budget.start = budget.start
     ctx = RunContext(device=device, dtype=dtype, repeats=repeats, warmup=warmup, min_repeats=min_repeats,

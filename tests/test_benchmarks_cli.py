@@ -938,7 +938,8 @@ def test_the_cpu_run_plan_and_its_defaults(tmp_path, monkeypatch):
 def test_the_run_plan_follows_the_options(tmp_path, monkeypatch):
     """--warmup 0 is kept (not the default), --quick thins only the default sweep (not --sweep-tokens'
     points), the sweep takes the forward when --passes has no fwdbwd, --passes without decode (or
-    without a training pass) runs no decode pass (or no sweep), --cpu-threads 0 keeps torch's threads."""
+    without a training pass) runs no decode pass (or no sweep, and keeps no share of --time-budget for one),
+    --cpu-threads 0 keeps torch's threads."""
     calls, _, _, results, _ = _plan(tmp_path, monkeypatch, "--shapes", "S1", "--sweep-tokens", "32,64,128",
                                     "--quick", "--warmup", "0", "--repeats", "8", "--min-repeats", "2",
                                     "--passes", "fwd,bwd", "--no-graph-check", "--no-host-overhead",
@@ -948,8 +949,9 @@ def test_the_run_plan_follows_the_options(tmp_path, monkeypatch):
         [("S1", "delta", ["fwd", "bwd"], 0, 8), ("S1", "layer", ["fwd", "bwd"], 0, 8)] + \
         [(f"S1@T{t}", "delta", ["fwd"], 0, 4) for t in (32, 64, 128)]
     calls, *_ = _plan(tmp_path / "decode", monkeypatch, "--shapes", "S1", "--passes", "decode",
-                      "--no-graph-check", "--no-host-overhead")
-    assert [(c["shape"], c["passes"]) for c in calls] == [("S1@T8", ["decode"])]
+                      "--no-graph-check", "--no-host-overhead", "--time-budget", "100")
+    # no sweep runs, so none of the budget is kept for one
+    assert [(c["shape"], c["passes"], c["budget"]) for c in calls] == [("S1@T8", ["decode"], 100.0)]
 
 
 def test_a_resumed_run_keeps_what_was_measured_and_the_graph_check_obeys_the_suites_budget(tmp_path, monkeypatch):
