@@ -932,7 +932,8 @@ def test_the_cpu_run_plan_and_its_defaults(tmp_path, monkeypatch):
     assert calls == want
     assert measured == ["ceilings", "graph", "host", "host-compiled"]
     assert results["shapes"]["S1-decode"]["tokens"] == 8
-    assert len(timers) == 1 and 1059 < timers[0] <= 1060
+    # armed at 1060 s from the start less the time spent before it (importing what meta names can take seconds)
+    assert len(timers) == 1 and 1060 - results["meta"]["elapsed_s"] <= timers[0] <= 1060
 
 
 def test_the_run_plan_follows_the_options(tmp_path, monkeypatch):
