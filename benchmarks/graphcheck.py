@@ -29,6 +29,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def passes(errors: dict, dtype: torch.dtype) -> tuple:
+    """(whether the replay passes, the tolerance): every relative error (``_rel``'s, per output and
+    gradient) a number within the tolerance of ``dtype`` (2e-2 for a dtype without one); a NaN
+    (a replay that is not finite) fails."""
+    tol = TOLERANCE.get(dtype, 2e-2)
+    return all(e == e and e <= tol for e in errors.values()), tol
+
+
 def check(shape: Shape, dtype: torch.dtype, device: torch.device, backend: str = "triton") -> dict:
     if device.type != "cuda":
         return {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
@@ -63,8 +71,7 @@ def check(shape: Shape, dtype: torch.dtype, device: torch.device, backend: str =
             labels = ["y"] + [f"d{n}" for n in names]
             errs = {lab: _rel(c, e) for lab, c, e in zip(labels, captured, eager)}
             bitwise = all(torch.equal(c, e) for c, e in zip(captured, eager))
-            tol = TOLERANCE.get(dtype, 2e-2)
-            ok = all(e == e and e <= tol for e in errs.values())
+            ok, tol = passes(errs, dtype)
             # the target's figure starts each replay from a cold L2, as every other device time
             # (timing.device_median_ms); back-to-back replays of the one static set, which find its
             # tensors in L2, are recorded beside it

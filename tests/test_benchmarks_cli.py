@@ -1017,3 +1017,17 @@ def test_graph_check_relative_error():
     b = torch.randn(50) + 3
     assert graphcheck._rel(b, b) == 0.0 and abs(graphcheck._rel(b, 2 * b) - 0.5) < 1e-6
     assert math.isnan(graphcheck._rel(torch.cat([b[:-1], torch.tensor([float("inf")])]), b))
+
+
+def test_graph_check_passes_when_every_error_is_within_the_dtypes_tolerance():
+    """The check's verdict: every relative error at most the dtype's tolerance (the bound included), a
+    NaN error (a replay that is not finite) fails, a dtype without a tolerance gets bf16's."""
+    from benchmarks import graphcheck
+
+    assert graphcheck.passes({"y": 1e-4, "dx": 0.0}, torch.float32) == (True, 1e-4)
+    assert graphcheck.passes({"y": 1e-4, "dx": 1.01e-4}, torch.float32) == (False, 1e-4)
+    assert graphcheck.passes({"y": 1e-3, "dx": float("nan")}, torch.float16) == (False, 5e-3)
+    assert graphcheck.passes({"y": 1e-3, "dx": 4e-3}, torch.float16) == (True, 5e-3)
+    assert graphcheck.passes({"y": 2e-2}, torch.bfloat16) == (True, 2e-2)
+    assert graphcheck.passes({"y": 1.9e-2}, torch.float64) == (True, 2e-2)
+    assert graphcheck.passes({"y": 2.1e-2}, torch.float64) == (False, 2e-2)
