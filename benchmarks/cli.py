@@ -21,6 +21,8 @@ from typing import List, Optional
 
 import torch
 
+from moelora.kernels import launchers
+
 from . import ceilings as ceilings_mod
 from . import graphcheck, hostcost, impls, report, runner, targets, tuned
 from .plot import sweep_plot
@@ -234,11 +236,15 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
                           f"{results['meta']['dtype']}, {results['meta']['date']}") if note_plot else "not drawn"
         results["plot"] = {"path": str(paths["png"]) if note is None else None, "skipped": note}
         results["targets"] = targets.evaluate(results)
+        # how this process's launches reached their kernels (a resumed run: those since the restart); on a GPU
+        # a kernel "through_triton" pays Triton's argument binding on every launch
+        results["meta"]["direct_launch"] = launchers.direct_launch_state()
         save()
         print()
         print(report.table(results["cases"], markdown=args.markdown), flush=True)
         print()
         print(targets.format_targets(results["targets"], results["meta"]), flush=True)
+        print(f"direct launch: {json.dumps(results['meta']['direct_launch'])}", flush=True)
         plot = f"\nplot:    {paths['png']}" if note is None else f"\nplot skipped: {note}"
         print(f"\nresults: {paths['json']}" + plot)
         counts = {st: sum(c["status"] == st for c in results["cases"]) for st in ("ok", "error", "skipped")}

@@ -68,7 +68,7 @@ else
   timeout "$L" python3 -m benchmarks --quick --time-budget "$(( L - 60 ))" --hard-deadline "$(( L - 30 ))" \
     --out-dir "$OUT" ${TUNED:+--tuned "$TUNED"} > "$OUT/bench.log" 2>&1
   echo "benchmark rc=$? after $(( $(date +%s) - START )) s" | tee -a "$LOG"
-  sed -n '/^not measured\|^met\|^missed/p' "$OUT/bench.log"
+  sed -n '/^not measured\|^met\|^missed\|^direct launch/p' "$OUT/bench.log" | tee -a "$LOG"
 fi
 
 PROFILE=${PROFILE:-S1/layer/fwdbwd/moelora-MoELoRALinear,S3/delta/fwdbwd/moelora-triton,S5/ffn/fwdbwd/moelora-ffn,S1@T8/layer/decode/moelora-MoELoRALinear}

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
 
 from benchmarks import cli, impls, targets  # noqa: E402
+from moelora.kernels import launchers  # noqa: E402
 
 
 def _run(tmp_path, *extra):
@@ -932,6 +933,9 @@ def test_the_cpu_run_plan_and_its_defaults(tmp_path, monkeypatch):
     assert calls == want
     assert measured == ["ceilings", "graph", "host", "host-compiled"]
     assert results["shapes"]["S1-decode"]["tokens"] == 8
+    # how the launches reached their kernels (none here: the CPU stand-in runs the torch backend)
+    assert results["meta"]["direct_launch"] == launchers.direct_launch_state()
+    assert set(results["meta"]["direct_launch"]) == {"enabled", "direct", "through_triton", "waiting"}
     # armed at 1060 s from the start less the time spent before it (importing what meta names can take seconds)
     assert len(timers) == 1 and 1060 - results["meta"]["elapsed_s"] <= timers[0] <= 1060
 

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import struct
+import weakref
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -89,7 +90,7 @@ class KernelLaunch:
     launches skipped (``skip_launches``), so host time measured on a CPU includes it.
     """
 
-    __slots__ = ("kernel", "grid", "fixed", "meta", "_direct")
+    __slots__ = ("kernel", "grid", "fixed", "meta", "_direct", "__weakref__")
 
     def __init__(self, kernel, grid: tuple, fixed: tuple, **meta):
         self.kernel = kernel
@@ -100,6 +101,7 @@ class KernelLaunch:
         # dtypes at its first aligned launch, the compiled kernel or None, its constexpr values),
         # or False where this Triton cannot launch directly; see _record.
         self._direct: Dict[int, object] = {}
+        _LAUNCHES.add(self)  # built once per configuration (cached): not on the hot path
 
     def __call__(self, *args) -> None:
         device = args[0].get_device()  # the tensors' CUDA device; -1: CPU tensors (the interpreter)
@@ -143,6 +145,29 @@ class KernelLaunch:
             self._direct[device] = (dtypes, compiled, tuple(self.meta[n] for n in names))
         else:
             self._direct[device] = False
+
+
+# Every KernelLaunch alive (the cached configurations hold them): for direct_launch_state.
+_LAUNCHES: "weakref.WeakSet[KernelLaunch]" = weakref.WeakSet()
+
+
+def direct_launch_state() -> dict:
+    """How the launches made so far reach their kernels (for the benchmark's record and the GPU
+    tests): ``enabled``, whether launches may be direct at all (False under the interpreter, with
+    MOELORA_DIRECT_LAUNCH=0, and once a Triton whose launcher takes other arguments was met); then
+    per way, the names of the kernels whose configurations (per device) launch that way, each
+    with its count: ``direct`` (the compiled kernel called directly), ``through_triton`` (through
+    Triton for good: a constexpr the configuration does not give, a compiled kernel without
+    packed metadata, or that other launcher) and ``waiting`` (its aligned launches only counted
+    or skipped so far: the first one run decides). Configurations with no aligned launch (or
+    none while launches may be direct) record nothing and are left out."""
+    ways = {"direct": {}, "through_triton": {}, "waiting": {}}
+    for launch in list(_LAUNCHES):
+        name = _kernel_name(launch.kernel)
+        for entry in launch._direct.values():
+            way = "through_triton" if entry is False else "direct" if entry[1] is not None else "waiting"
+            ways[way][name] = ways[way].get(name, 0) + 1
+    return {"enabled": _direct_launch["enabled"], **{way: dict(sorted(n.items())) for way, n in ways.items()}}
 
 
 def _same_specialisation(args, dtypes: tuple) -> bool:

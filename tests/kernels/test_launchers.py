@@ -2,6 +2,8 @@
 NaN-filled buffers, the view must be fully written and right, the margins untouched."""
 
 import contextlib
+import os
+import weakref
 
 import pytest
 import torch
@@ -932,6 +934,102 @@ def test_direct_launch_keeps_the_first_aligned_record_and_falls_back_to_triton_f
     assert K._direct_launch == {"enabled": False}
     fresh = K.KernelLaunch(Kernel(names), (1,), (5,), BLOCK=16, FLAG=False)
     assert direct_runs(fresh, x) == (0, 2) and fresh._direct == {}
+
+
+def test_direct_launch_state_gives_each_kernels_configurations_by_the_way_they_launch(monkeypatch):
+    """direct_launch_state: per kernel name, how many of its configurations (per device) call the compiled
+    kernel directly, go through Triton for good (a constexpr left to its default) or wait for their first
+    aligned launch to run (only counted so far); a configuration launched unaligned only, or never, is left
+    out; ``enabled`` is the switch's."""
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *args):
+            pass
+
+    def kernel(name, names=("a_ptr", "alpha", "n", "BLOCK")):
+        def fn():
+            pass
+
+        fn.__name__ = name
+
+        class Kernel:
+            arg_names = list(names)
+
+            def __getitem__(self, grid):
+                return lambda *args, **meta: Compiled()
+
+        Kernel.fn = fn
+        return Kernel()
+
+    monkeypatch.setattr(K, "_direct_launch", {"enabled": True})
+    monkeypatch.setattr(K, "_current_stream", lambda device: "stream")
+    monkeypatch.setattr(K, "_LAUNCHES", weakref.WeakSet())  # this test's configurations only
+    x = torch.zeros(8)
+    fast = [K.KernelLaunch(kernel("fast"), (1,), (5,), BLOCK=16) for _ in range(2)]
+    for launch in fast:
+        launch(x, 0.5)
+    slow = K.KernelLaunch(kernel("slow", ("a_ptr", "alpha", "n", "BLOCK", "FLAG")), (1,), (5,), BLOCK=16)
+    slow(x, 0.5)
+    counted = K.KernelLaunch(kernel("counted"), (1,), (5,), BLOCK=16)
+    with K.count_launches():
+        counted(x, 0.5)
+    unaligned = K.KernelLaunch(kernel("unaligned"), (1,), (5,), BLOCK=16)
+    unaligned(x[2:], 0.5)
+    never = K.KernelLaunch(kernel("never"), (1,), (5,), BLOCK=16)
+    want = {"enabled": True, "direct": {"fast": 2}, "through_triton": {"slow": 1}, "waiting": {"counted": 1}}
+    assert K.direct_launch_state() == want
+    _fake_cuda_devices(monkeypatch, current=0)
+    fast[0](_on_device(0), 0.5)  # the same configuration on cuda:0: a record of its own
+    counted(x, 0.5)  # its first launch run: now direct
+    assert K.direct_launch_state() == {**want, "direct": {"counted": 1, "fast": 3}, "waiting": {}}
+    monkeypatch.setattr(K, "_direct_launch", {"enabled": False})
+    assert K.direct_launch_state()["enabled"] is False
+    assert len(K._LAUNCHES) == 6 and never._direct == unaligned._direct == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches are a GPU's (Triton's compiled kernels)")
+def test_on_a_gpu_the_hot_paths_launches_call_their_compiled_kernels_directly():
+    """On a GPU, after two steps each of moe_lora forward+backward (dense and grouped regime) and of a training
+    MoELoRALinear (softmax_topk and threshold routing, aux loss), every launch configuration they used calls
+    its compiled kernel directly: none goes through Triton's launcher (its argument binding costs tens of
+    microseconds of host time per launch): this Triton's launcher takes KernelLaunch's arguments and every
+    kernel's constexprs are given. (MOELORA_DIRECT_LAUNCH=0 switches the direct launch off: skipped then.)"""
+    import torch.nn as nn
+
+    import moelora
+
+    if os.environ.get("MOELORA_DIRECT_LAUNCH", "1") == "0":
+        pytest.skip("MOELORA_DIRECT_LAUNCH=0")
+    K.clear_launch_caches()  # this test's configurations only (the cached ones are dropped)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    T, d, r, E, k = 64, 128, 16, 8, 2
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+
+    x, a, dy = rand(T, d), rand(r, d), rand(T, d).detach()
+    ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k].cuda()
+    w = torch.rand(T, k, generator=gen).cuda().requires_grad_()
+    layers = [moelora.MoELoRALinear(nn.Linear(d, d, device="cuda", dtype=torch.bfloat16), num_experts=E, r=r,
+                                    share_lora_a=True, **routing).train()
+              for routing in (dict(top_k=k), dict(router="threshold", top_k=3, threshold_eps=0.2))]
+    with moelora.use_backend("triton"), moelora.validation(False):
+        for _ in range(2):
+            for regime, b in (("dense", rand(E, d, r)), ("grouped", rand(64, d, r))):
+                grouped_ids = ids if regime == "dense" else ids * 8
+                y = moelora.moe_lora(x, a, b, grouped_ids, w, scaling=2.0, regime=regime)
+                torch.autograd.grad(y, [x, a, b, w], dy)
+            for layer in layers:
+                y = layer(x)
+                torch.autograd.grad([y, layer.last_aux_loss], [x] + [p for p in layer.parameters() if p.requires_grad],
+                                    [dy, torch.ones((), device="cuda", dtype=layer.last_aux_loss.dtype)])
+    torch.cuda.synchronize()
+    state = K.direct_launch_state()
+    assert state["enabled"] and not state["through_triton"] and not state["waiting"], state
+    used = {"lora_down_kernel", "gated_expand_kernel", "gate_backward_kernel", "lora_weight_grad_kernel",
+            "threshold_weights_kernel"}  # the dense regime's (the grouped rows may run on torch's grouped_mm)
+    assert used <= set(state["direct"]), state
 
 
 class _OnDevice(torch.Tensor):
