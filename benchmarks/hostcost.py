@@ -75,16 +75,19 @@ def _record(name: str, step: Callable[[], object], out: List[dict], note: str, c
             step()  # compiles
         with launchers.count_launches() as calls:
             step()
-        triton, aten = len(calls), None
+        triton_ops, aten_ops = [kernel for kernel, _ in calls], None
     else:
         with count_kernels():  # a first call fills what is cached per process (as tests/test_kernel_budget.py)
             step()
         with count_kernels() as counts:
             step()
-        triton, aten = len(counts.triton), len(counts.aten)
+        triton_ops, aten_ops = counts.triton, counts.aten
     seconds = host_time(step, iterations=30, warmup=5)
+    triton, aten = len(triton_ops), None if aten_ops is None else len(aten_ops)
     out.append({"case": name, "host_us": seconds * 1e6, "kernels": None if aten is None else triton + aten,
-                "triton": triton, "aten": aten, "note": note})
+                "triton": triton, "aten": aten, "note": note,
+                # which kernels, in launch order: what a count alone leaves to guess (on a GPU, what to fuse)
+                "triton_kernels": list(triton_ops), "aten_ops": None if aten_ops is None else list(aten_ops)})
 
 
 def _inference_step(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:

@@ -69,6 +69,11 @@ def test_cpu_default_writes_results(tmp_path, capsys):
     host = {r["case"]: r for r in results["host_overhead"]}
     assert "error" not in host and all(r["host_us"] > 0 for r in host.values())
     assert all(r["kernels"] > 0 for r in host.values() if r["aten"] is not None)  # compiled rows: Triton only
+    # the kernels by name, in launch order, beside their counts
+    assert all(len(r["triton_kernels"]) == r["triton"] for r in host.values())
+    assert all(r["aten_ops"] is None if r["aten"] is None else len(r["aten_ops"]) == r["aten"] for r in host.values())
+    assert host["moe_lora fwd"]["triton_kernels"] == ["lora_down_kernel", "gated_expand_kernel"]
+    assert host["frozen nn.Linear fwd+bwd"]["aten_ops"] in (["addmm", "mm"], ["mm", "mm"])
     assert {"MoELoRALinear fwd+bwd (E 128, grouped)", "MoEFFN fwd+bwd (SwiGLU, softmax_topk)"} <= set(host)
     # the grouped row runs the grouped regime (its sort and grouped GEMMs), not the dense one
     grouped, dense = host["MoELoRALinear fwd+bwd (E 128, grouped)"], host["MoELoRALinear fwd+bwd (softmax_topk)"]
