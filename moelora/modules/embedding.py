@@ -55,6 +55,18 @@ class MoELoRAEmbedding(AdapterLayerBase):
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
         self.in_features, self.out_features = self.num_embeddings, self.embedding_dim  # PEFT's names
 
+    # As the weight: model code reads these through the module it holds (Kyutai's speech-to-text embeddings
+    # compare ids with ``embed_tokens.padding_idx``; DiffusionGemma scales by ``embed_tokens.embed_scale``).
+    @property
+    def padding_idx(self) -> Optional[int]:
+        """The base layer's padding_idx."""
+        return self.base_layer.padding_idx
+
+    @property
+    def embed_scale(self):
+        """The base layer's embed_scale (a scaled embedding's, Gemma's); AttributeError where it has none."""
+        return self.base_layer.embed_scale
+
     def _register_lora(self, lora_a: nn.Parameter, lora_b: nn.Parameter) -> None:
         self.lora_embedding_A, self.lora_embedding_B = lora_a, lora_b
 

@@ -733,6 +733,37 @@ def test_embedding_subclasses_whose_forward_looks_up_other_rows_are_refused():
     MoELoRAEmbedding(type("Tagged", (nn.Embedding,), {})(12, 6), num_experts=1)
 
 
+def test_model_code_reads_the_padding_idx_and_embed_scale_of_an_adapted_embedding():
+    """Model code reads an embedding's padding_idx and embed_scale through the module it holds (Kyutai's
+    speech-to-text embeddings offset every id but ``embed_tokens.padding_idx``; DiffusionGemma scales its soft
+    embeddings by ``embed_tokens.embed_scale``): an adapted ``embed_tokens`` gives the base's, as it gives its
+    weight. Its forward raised AttributeError ('MoELoRAEmbedding' object has no attribute 'padding_idx')."""
+    from transformers import KyutaiSpeechToTextConfig
+    from transformers.models.kyutai_speech_to_text.modeling_kyutai_speech_to_text import (
+        KyutaiSpeechToTextEmbeddings)
+
+    config = KyutaiSpeechToTextConfig(vocab_size=20, codebook_vocab_size=8, num_codebooks=2, hidden_size=8,
+                                      audio_pad_token_id=36, bos_token_id=None, audio_bos_token_id=None)
+    torch.manual_seed(0)
+    embeddings = KyutaiSpeechToTextEmbeddings(config)
+    ids = torch.tensor([[[3, 36, 5], [7, 2, 36]], [[36, 1, 4], [0, 36, 6]]])
+    plain = embeddings(ids)
+    model = moelora.get_moelora_model(copy.deepcopy(embeddings), moelora.MoELoRAConfig(
+        target_modules=["embed_tokens"], num_experts=1, r=2, init_lora_weights=False))
+    layer = model.model.embed_tokens
+    assert isinstance(layer, MoELoRAEmbedding) and layer.padding_idx == 36
+    out = model(ids)
+    # the ids the model looks up: the padding id kept, the others offset per codebook (as its forward does)
+    looked_up = torch.where(ids == 36, ids, ids + embeddings.audio_tokens_offsets)
+    delta = layer(looked_up) - layer.base_layer(looked_up)
+    torch.testing.assert_close(out, plain + delta.sum(dim=2), rtol=1e-6, atol=1e-6)
+    assert delta[looked_up == 36].abs().max() == 0 and delta.abs().max() > 0
+    scaled = MoELoRAEmbedding(_gemma_embedding(), num_experts=1)
+    assert scaled.embed_scale is scaled.base_layer.embed_scale and scaled.padding_idx == 1
+    with pytest.raises(AttributeError, match="embed_scale"):
+        MoELoRAEmbedding(nn.Embedding(4, 4), num_experts=1).embed_scale
+
+
 def test_merging_refuses_a_scaled_embedding_that_replaces_rows_with_a_parameter_of_its_own():
     """T5Gemma2's scaled embedding replaces the vectors of its end-of-input token with a parameter of its own
     (eoi_embedding): unmerged, the adapter adds its delta there; merged into the weight, the delta was lost on
