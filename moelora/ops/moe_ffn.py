@@ -654,13 +654,15 @@ def _moe_ffn(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate
                     normalize, check_values)
     check_engine(engine)
     num_tokens, top_k = topk_ids.shape
-    if resolve_backend(backend, x.device) == "torch" or num_tokens == 0 or _exporting_unfused(activation):
+    triton = resolve_backend(backend, x.device) == "triton" and not _exporting_unfused(activation)
+    if triton:  # what the Triton backend refuses, it refuses whatever the token count (no kernel runs on T = 0)
+        _check_triton_activation(activation)
+        plan = ffn_plan(x, w_in, w_out, w_gate, top_k, engine)
+    if not triton or num_tokens == 0:
         kept = (topk_weights != 0) & (topk_ids >= 0) & (topk_ids < w_in.shape[0])
         ids = torch.where(kept, topk_ids, -1)
         pairs = _experts_torch(x, ids, w_in, b_in, w_out, b_out, activation, w_gate, b_gate, stacked_gate)
         return mix_experts(pairs.view(num_tokens, top_k, w_out.shape[1]), torch.where(kept, topk_weights, 0),
                            normalize)
-    _check_triton_activation(activation)
-    plan = ffn_plan(x, w_in, w_out, w_gate, top_k, engine)
     return _moe_ffn_triton(x, topk_ids, topk_weights, w_in, b_in, w_out, b_out, w_gate, b_gate, activation, normalize,
                            stacked_gate, plan)

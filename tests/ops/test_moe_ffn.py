@@ -174,6 +174,8 @@ def test_activation_module_with_trainable_parameters(path):
     if path[0] == "triton":
         with pytest.raises(ValueError, match="activation PReLU has trainable parameters.*backend='torch'"):
             run(x, ids, weights, ffn, path, act)
+        with pytest.raises(ValueError, match="activation PReLU has trainable parameters"):  # no tokens: the same
+            run(x[:0], ids[:0], weights[:0], ffn, path, act)
         with torch.no_grad():
             got = run(x, ids, weights, ffn, path, act)
         act.requires_grad_(False)
@@ -577,6 +579,10 @@ def test_argument_errors_name_the_argument():
         with pytest.raises(ValueError, match="engine='grouped_mm' needs"):
             moelora.moe_ffn(small[0], small[1], small[2], activation=F.gelu, backend="triton", engine="grouped_mm",
                             **small[3])
+        # refused on no tokens too (the call runs no kernel there, but its engine is wrong whatever the batch)
+        with pytest.raises(ValueError, match="engine='grouped_mm' needs"):
+            moelora.moe_ffn(small[0][:0], small[1][:0], small[2][:0], activation=F.gelu, backend="triton",
+                            engine="grouped_mm", **small[3])
 
 
 @pytest.mark.parametrize("path", PATHS, ids=path_id)
