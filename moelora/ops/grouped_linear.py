@@ -225,7 +225,11 @@ def _segment_linear_setup(ctx, inputs, output):
 
 def _segment_linear_grads(ctx, grad):
     rows, weight, offsets = ctx.saved_tensors
-    d_rows, d_weight, d_bias = segment_linear_backward(grad, rows, weight, offsets, ctx.has_bias)
+    # Grad mode on in a backward (create_graph=True, higher-order gradients): the op's body, whose PyTorch ops
+    # autograd records; the op has no derivative of its own, and PyTorch differentiates through such an op only
+    # with a deprecation warning ("may lead to silently incorrect behavior ... will be removed").
+    backward = segment_linear_backward.fn if torch.is_grad_enabled() else segment_linear_backward
+    d_rows, d_weight, d_bias = backward(grad, rows, weight, offsets, ctx.has_bias)
     return d_rows, d_weight, (d_bias if ctx.has_bias else None), None
 
 

@@ -67,6 +67,37 @@ def test_moe_lora_torch_backend_is_twice_differentiable():
     _assert_close(got, _penalty_grads(lambda x, a, b, w: moe_lora_naive(x, a, b, ids, w), leaves))
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_moe_ffn_torch_backend_is_twice_differentiable_without_a_deprecated_fallback(gated):
+    """moe_ffn on the torch backend, differentiated twice (a gradient penalty), matches the float64 loop; its
+    per-expert linear op's backward is differentiated through its PyTorch ops, with no warning: PyTorch's
+    fallback for an op without a derivative of its own warned "may lead to silently incorrect behavior ...
+    will be removed in a future version of PyTorch" on every call."""
+    import warnings
+
+    from helpers import moe_ffn_reference
+
+    ids, w = _routing()
+    f, bias = 5, (lambda *shape: torch.randn(*shape, **F64))
+    leaves = [torch.randn(T, D, **F64), torch.randn(E, f, D, **F64), bias(E, f), torch.randn(E, D, f, **F64),
+              bias(E, D), w] + ([torch.randn(E, f, D, **F64), bias(E, f)] if gated else [])
+
+    def params(w_in, b_in, w_out, b_out, w_gate=None, b_gate=None):
+        return dict(w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out, w_gate=w_gate, b_gate=b_gate)
+
+    def op(x, w_in, b_in, w_out, b_out, topk_weights, *gate):
+        return moelora.moe_ffn(x, ids, topk_weights, activation=torch.tanh, backend="torch",
+                               **params(w_in, b_in, w_out, b_out, *gate))
+
+    def reference(x, w_in, b_in, w_out, b_out, topk_weights, *gate):
+        return moe_ffn_reference(x, ids, topk_weights, params(w_in, b_in, w_out, b_out, *gate), torch.tanh, False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _penalty_grads(op, leaves)
+    _assert_close(got, _penalty_grads(reference, leaves))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_route_is_twice_differentiable_on_both_backends(backend):
     logits = torch.randn(T, E, **F64)
