@@ -1710,6 +1710,23 @@ class MoELoRAModel(nn.Module):
         restore_routing_records(self._stored_routing_records.pop(adapter_name, []))
         self._stored_routing_records[self.active_adapter] = records
         self._active_adapter = adapter_name
+        self._rehook_input_embeddings()
+
+    def _rehook_input_embeddings(self) -> None:
+        """Hook the input embeddings in the model again where the wrapped model's ``enable_input_require_grads``
+        hooks (transformers', for reentrant checkpointing: ``_require_grads_hooks``) sit on a module the model no
+        longer holds: the adapter module that adapted or saved the embeddings, stored by a switch of adapter. Its
+        checkpointed layers' adapters would get no gradient (PEFT's layers stay in the model, with the hook)."""
+        model = self.model
+        handles = getattr(model, "_require_grads_hooks", None)
+        handles = handles or ([model._require_grads_hook] if hasattr(model, "_require_grads_hook") else [])
+        if not handles or not hasattr(model, "disable_input_require_grads"):
+            return
+        in_model = {id(m._forward_hooks) for m in model.modules()}
+        if all(id(h.hooks_dict_ref()) in in_model for h in handles):
+            return
+        model.disable_input_require_grads()
+        model.enable_input_require_grads()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop ``adapter_name``; deleting the active one activates the first remaining adapter in sorted order,

@@ -1194,6 +1194,44 @@ def test_a_frozen_adapter_hooks_no_input_embeddings_under_reentrant_checkpointin
     assert hasattr(base, "_require_grads_hook")
 
 
+@pytest.mark.parametrize("embeddings", ["adapted", "saved_whole"])
+def test_switching_away_from_an_adapter_of_the_input_embeddings_keeps_them_hooked_for_reentrant_checkpointing(
+        embeddings):
+    """Reentrant checkpointing enabled on the wrapper hooks the input embeddings (transformers' and the wrapper's
+    enable_input_require_grads): those of the active adapter where it adapts them or saves them whole. set_adapter
+    to an adapter that does not takes that module out of the model; the embeddings there must be hooked then, or
+    the checkpointed layers' adapters get no gradient (PEFT's layers stay in the model, with the hook). Gradients
+    as without checkpointing, after switching there and back."""
+    ids = token_batch(seq=7)
+    settings = ({"target_modules": ["embed_tokens", "q_proj"]} if embeddings == "adapted" else
+                {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]})
+    grads = []
+    for checkpointing in (False, True):
+        model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(num_experts=1, **settings)).train()
+        model.add_adapter("other", MoELoRAConfig(target_modules=["v_proj"], num_experts=1, r=2))
+        if checkpointing:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # transformers' deprecation note
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        step = {}
+        for name in ("other", "default"):
+            model.set_adapter(name)
+            g = torch.Generator().manual_seed(len(name))
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:  # the embedding adapter's A starts at 0, as PEFT's
+                        p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            step[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            model.zero_grad(set_to_none=True)
+        grads.append(step)
+    for name, expected in grads[0].items():
+        assert expected and grads[1][name].keys() == expected.keys(), name
+        for n, grad in expected.items():
+            assert grad.abs().sum() > 0, n
+            torch.testing.assert_close(grads[1][name][n], grad, rtol=1e-5, atol=1e-6, msg=f"{name}: {n}")
+
+
 def test_layers_expose_the_base_weight_and_bias_as_peft_t5_and_vit_run():
     """Model code reads a targeted layer's weight (T5's ``wo.weight.dtype``, ViT's patch
     ``projection.weight.dtype``): the MoE-LoRA layers give the base layer's, as PEFT's layers."""
