@@ -48,7 +48,8 @@ class DetachedBase(nn.Module):
 
 class ModulesToSaveWrapper(nn.Module):
     """A module trained and saved with the adapter: a trainable copy (``modules_to_save``) runs
-    in place of the frozen ``original_module`` (which runs while adapters are disabled)."""
+    in place of the frozen ``original_module`` (which runs while adapters are disabled); the wrapper's
+    public attributes (``weight``, ...) are those of the module that runs, as PEFT's."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -74,10 +75,12 @@ class ModulesToSaveWrapper(nn.Module):
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
-        except AttributeError:  # public attributes of the wrapped module (out_features, weight, ...)
+        except AttributeError:  # public attributes of the module that runs (out_features, weight, ...), as PEFT's
             if name.startswith("_"):
                 raise
-            return getattr(super().__getattr__("modules_to_save"), name)
+            original = super().__getattr__("original_module")
+            runs_original = self.__dict__.get("disable_adapters", False) and not isinstance(original, DetachedBase)
+            return getattr(original if runs_original else super().__getattr__("modules_to_save"), name)
 
 
 def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:

@@ -141,6 +141,40 @@ def test_modules_to_save_wrapper_hands_out_public_attributes_of_the_copy_only():
     torch.testing.assert_close(wrapper(x), wrapper.original_module(x))
 
 
+class _ReadsHeadWeight(Net):
+    """Net whose forward reads its head's weight and bias instead of calling it (as Liger's fused linear
+    cross-entropy reads ``lm_head.weight``)."""
+
+    def forward(self, ids):
+        h = torch.tanh(self.proj(self.embed(ids)))
+        return h @ self.head.weight.t() + self.head.bias
+
+
+def test_a_saved_module_read_by_attribute_gives_the_originals_while_adapters_are_disabled_as_peft_s():
+    """Model code reading a saved module's tensors (``head.weight``) reads the trained copy's while the adapter
+    runs and the frozen original's while the adapters are disabled, as PEFT's wrapper: the disabled model is the
+    base model there too."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = IDS
+    base = _ReadsHeadWeight()(ids)
+    ours = get_moelora_model(_ReadsHeadWeight(), MoELoRAConfig(target_modules=["proj"], num_experts=1,
+                                                               modules_to_save=["head"]))
+    theirs = get_peft_model(_ReadsHeadWeight(), LoraConfig(target_modules=["proj"], modules_to_save=["head"]))
+    with torch.no_grad():
+        ours.model.head.modules_to_save.weight.add_(0.5)
+        theirs.base_model.model.head.modules_to_save["default"].weight.add_(0.5)
+    for model in (ours, theirs):
+        trained = model(ids)
+        assert not torch.allclose(trained, base)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(ids), base, rtol=0, atol=0)
+        model.disable_adapter_layers()
+        torch.testing.assert_close(model(ids), base, rtol=0, atol=0)
+        model.enable_adapter_layers()
+        torch.testing.assert_close(model(ids), trained, rtol=0, atol=0)
+
+
 def test_modules_to_save_and_biases_interoperate_with_peft(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
