@@ -62,7 +62,9 @@ FSDP2: shard the stack as one unit (``fully_shard`` on the model), not layer by 
 (:func:`_refuse_sharded_layers` raises there: each rank runs the layer j its own batch chose).
 
 Applied with forward hooks on the existing layers (module names and state dicts of the base
-model are unchanged); the gates live in ``model.molex``. :meth:`MoLEx.remove` undoes
+model are unchanged), and a forward pre-hook on the module holding the stack that starts each
+forward's record (:meth:`MoLEx.track_stack_forward`: a forward that skips layers, as LayerDrop
+does, records its own layers only); the gates live in ``model.molex``. :meth:`MoLEx.remove` undoes
 apply_molex: hooks, ``model.molex``, its routing record and the checkpoint's record of it.
 The aux losses and router statistics of MoE-LoRA layers inside the stack are those of each
 layer's own call. KV caches: the mixing call runs without the cache (layer j would otherwise
@@ -385,6 +387,17 @@ class MoLEx(nn.Module, RoutedModule):
             "chosen_layers": torch.stack([self._per_layer[k][1].detach() if k in self._per_layer
                                           else torch.full_like(j, -1) for k in range(self.num_layers)]),
         }
+
+    def track_stack_forward(self, module: nn.Module) -> None:
+        """Start each forward of ``module`` (the module whose forward runs the stack; apply_molex passes
+        the stack's holder) with no record and no stacked layers: a forward that skips layers (LayerDrop,
+        as Wav2Vec2's training forward) then records only its own layers (chosen_layers -1 for the others,
+        its own aux loss) and stacks the layers' current tensors. :meth:`remove` detaches the hook."""
+        self._handles.append(module.register_forward_pre_hook(self._begin))
+
+    def _begin(self, module, args) -> None:
+        """Forward pre-hook of the module running the stack: forget the last forward's record and stacked layers."""
+        self.clear_routing_record()
 
     # ------------------------------------------------------------------ padding
     def track_attention_mask(self, modules) -> None:

@@ -98,11 +98,12 @@ def apply_molex(model: nn.Module, layers: Union[str, nn.ModuleList, None] = None
     # the padding of the attention mask the model or a module on the way to the stack takes routes nothing
     parts = stack_name.split(".")
     molex.track_attention_mask(target.get_submodule(".".join(parts[:i])) for i in range(len(parts)))
+    parent = target.get_submodule(".".join(parts[:-1]))
+    molex.track_stack_forward(parent)  # a forward that skips layers (LayerDrop) keeps no record of the last one's
     first = next(stack.parameters(), None)
     if first is not None:
         molex.to(first.device)  # the gates live where the layers do (fp32 whatever the model's dtype)
     target.add_module("molex", molex)
-    parent = target.get_submodule(".".join(parts[:-1]))
     if isinstance(parent, nn.TransformerEncoder) and parent.use_nested_tensor:
         # its eval-mode fast path turns a padded batch into a nested tensor, which the mixing cannot take
         parent.use_nested_tensor = False

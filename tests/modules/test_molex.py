@@ -1632,3 +1632,39 @@ def test_molex_is_refused_over_a_stack_an_adapter_saves_whole():
     with pytest.raises(ValueError, match=r"model\.layers: adapter 'other' holds it"):
         apply_molex(model.model)
     assert not hasattr(model.model, "molex")
+
+
+class _LayerDropStack(Stack):
+    """A stack whose forward skips the layers ``skip`` names (LayerDrop, as Wav2Vec2's training forward does)."""
+
+    skip = ()
+
+    def forward(self, z):
+        for t, layer in enumerate(self.layers):
+            if t not in self.skip:
+                z = layer(z)
+        return z
+
+
+@pytest.mark.parametrize("selection", ["device", "host"])
+def test_a_forward_that_skips_layers_keeps_nothing_of_the_previous_forward(selection):
+    """A forward that skips layers (LayerDrop: Wav2Vec2's default layerdrop=0.1 in training) records its own layers
+    only: chosen_layers is -1 for the skipped ones, the aux loss is this forward's (the previous forward's, whose
+    graph its backward freed, made the next backward raise), and device selection mixes with the layers' weights of
+    this forward (the previous forward, which skipped the last layer, left its stacked copies)."""
+    stack = _LayerDropStack()
+    apply_molex(stack, hidden_size=8, layer_selection=selection)
+    z = torch.randn(3, 5, 8)
+    stack.skip = (3,)
+    (stack(z).sum() + moelora.aux_loss(stack)).backward()
+    with torch.no_grad():
+        for layer in stack.layers:
+            layer.weight.mul_(2.0)
+    stack.skip = (0,)
+    out = stack(z)
+    chosen = moelora.router_stats(stack)["molex"]["chosen_layers"].tolist()
+    assert chosen[0] == -1 and all(0 <= c < 4 and c != t for t, c in enumerate(chosen) if t != 0)
+    fresh = copy.deepcopy(stack)
+    torch.testing.assert_close(out, fresh(z), rtol=0, atol=0)
+    torch.testing.assert_close(moelora.aux_loss(stack), moelora.aux_loss(fresh), rtol=0, atol=0)
+    (out.sum() + moelora.aux_loss(stack)).backward()
