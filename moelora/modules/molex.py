@@ -361,8 +361,9 @@ class MoLEx(nn.Module, RoutedModule):
         j, st, logits, values, token_choice = self.choose(z, t, real)
         other = self._call_layer(t, j, *_without_cache(args, kwargs, t, z, self._mask_positions[t]))
         h_j = other[0] if isinstance(other, tuple) else other
-        a = self.alpha.to(z.dtype)
-        mixed = z + a * (h_t - z) + (1 - a) * (h_j - z) * st.to(z.dtype).reshape(*z.shape[:-1], 1)
+        alpha = self.alpha  # 1 - a taken in fp32: in bf16, 1 - bf16(0.99) is 0.0117 and 1 - bf16(0.999) is 0
+        a, rest = alpha.to(z.dtype), (1 - alpha).to(z.dtype)
+        mixed = z + a * (h_t - z) + rest * (h_j - z) * st.to(z.dtype).reshape(*z.shape[:-1], 1)
         self._record(t, j, logits, token_choice, real)
         return (mixed,) + tuple(output[1:]) if isinstance(output, tuple) else mixed
 

@@ -1668,3 +1668,30 @@ def test_a_forward_that_skips_layers_keeps_nothing_of_the_previous_forward(selec
     torch.testing.assert_close(out, fresh(z), rtol=0, atol=0)
     torch.testing.assert_close(moelora.aux_loss(stack), moelora.aux_loss(fresh), rtol=0, atol=0)
     (out.sum() + moelora.aux_loss(stack)).backward()
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.99, 0.999])
+def test_a_bf16_stack_mixes_with_the_coefficients_of_float64(alpha):
+    """In a bf16 model the u_j term's weight is 1 - a taken in fp32, then rounded: 1 - bf16(a) weighed it 0.0117 for
+    a = 0.99 (the gate's gradient 16% off float64's) and 0 for a = 0.999 (the gate got no gradient from the task
+    loss). Output and every gradient against the same stack in float64, which chooses the same layers."""
+    class Wide(Stack):
+        def __init__(self):
+            super().__init__(num_layers=3, d=16)
+
+    stack = Wide().to(torch.bfloat16)
+    apply_molex(stack, hidden_size=16, alpha=alpha)
+    reference = copy.deepcopy(stack).double()
+    torch.manual_seed(1)
+    z = torch.randn(4, 5, 16)
+    out = stack(z.bfloat16())
+    out.float().pow(2).sum().backward()
+    expected = reference(z.double())
+    expected.pow(2).sum().backward()
+    assert (moelora.router_stats(stack)["molex"]["chosen_layers"].tolist()
+            == moelora.router_stats(reference)["molex"]["chosen_layers"].tolist())
+    rel = lambda x, ref: ((x.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert rel(out, expected) < 0.03
+    params = dict(reference.named_parameters())
+    for name, p in stack.named_parameters():
+        assert params[name].grad.norm() > 0 and rel(p.grad, params[name].grad) < 0.08, name  # bf16: 2-4% (seeds)
