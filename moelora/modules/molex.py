@@ -146,6 +146,11 @@ def _check_args(**values) -> None:
             check_field(name, value, MOLEX_ARG_KINDS[name])
 
 
+def _check_choice(name: str, value, choices: tuple) -> None:
+    """TypeError for a ``value`` that is not a str, ValueError for a str not among ``choices``; both name ``name``."""
+    check_field(name, value, (lambda v: isinstance(v, str), lambda v: v in choices, f"one of {choices}"))
+
+
 class HeldWeakly:
     """A module held weakly (call it: the module, or None once it is freed), for what MoLEx keeps of the model it
     mixes (its layer stack; apply_molex's undo: the model): the hooks on the model's modules hold the MoLEx, so a
@@ -176,10 +181,7 @@ class LayerGate(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int, gate: str = "linear", proj_dim: Optional[int] = None,
                  temperature: float = 0.07, bias: Optional[bool] = None):
         super().__init__()
-        if not isinstance(gate, str):
-            raise TypeError(f"gate must be one of {GATE_TYPES}, got {type(gate).__name__} {gate!r}")
-        if gate not in GATE_TYPES:
-            raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
+        _check_choice("gate", gate, GATE_TYPES)
         _check_args(hidden_size=hidden_size, num_layers=num_layers, proj_dim=proj_dim, temperature=temperature,
                     bias=bias)
         self.gate, self.hidden_size = gate, hidden_size
@@ -274,12 +276,10 @@ class MoLEx(nn.Module, RoutedModule):
             if first.setdefault(id(layer), t) != t:  # its hooks would mix each call once per position
                 raise ValueError(f"MoLEx mixes distinct layers, but layers {first[id(layer)]} and {t} are the same "
                                  "module (a weight-shared stack)")
-        if batch_routing not in BATCH_ROUTING:
-            raise ValueError(f"batch_routing must be one of {BATCH_ROUTING}, got {batch_routing!r}")
+        _check_choice("batch_routing", batch_routing, BATCH_ROUTING)
         _check_args(hidden_size=hidden_size, shared_gate=shared_gate, alpha=alpha, learn_alpha=learn_alpha,
                     aux_loss_coef=aux_loss_coef)
-        if layer_selection not in LAYER_SELECTION:
-            raise ValueError(f"layer_selection must be one of {LAYER_SELECTION}, got {layer_selection!r}")
+        _check_choice("layer_selection", layer_selection, LAYER_SELECTION)
         self.layer_selection = layer_selection
         # the stacked tensors of the forward under way (device selection), False while host selection runs
         self._stacked = None

@@ -431,6 +431,10 @@ def test_remove_undoes_apply_molex(tmp_path):
     (dict(bias="yes"), TypeError, r"^bias must be a bool or None \(the gate's default\), got str 'yes'$"),
     (dict(hidden_size=8.0), TypeError, r"^hidden_size must be a positive int, got float 8.0$"),
     (dict(hidden_size="8"), TypeError, r"^hidden_size must be a positive int, got str '8'$"),
+    (dict(batch_routing=0), TypeError, r"^batch_routing must be one of \('mode', 'mean'\), got int 0$"),
+    (dict(batch_routing="max"), ValueError, r"^batch_routing must be one of \('mode', 'mean'\), got 'max'$"),
+    (dict(layer_selection=None), TypeError,
+     r"^layer_selection must be one of \('auto', 'device', 'host'\), got NoneType None$"),
 ], ids=lambda v: ",".join(f"{k}={x!r}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_apply_molex_checks_its_arguments_before_changing_the_model(kwargs, error, match):
     stack = Stack()
