@@ -23,7 +23,7 @@ run resumed from a checkpoint goes on from the checkpoint's step.
 
 :class:`MoELoRATrainer` also logs ``aux_loss`` beside Trainer's ``loss`` where the model's routers
 record one (learned routers): the mean of ``moelora.aux_loss`` over the training forwards
-(micro-batches) since the last log, as added to the loss before Trainer scales it for gradient
+(micro-batches) since the last log of this ``train()``, as added to the loss before Trainer scales it for gradient
 accumulation, averaged over the processes as Trainer averages ``loss``. It is kept on the device
 between logs (no host sync per step).
 """
@@ -104,6 +104,13 @@ class MoELoRATrainer(Trainer):
                          for prefix, module in model.named_modules() if isinstance(module, MoEFFN)
                          for name in MoEFFN.BIAS_NAMES if getattr(module, name) is not None}
         return [name for name in super().get_decay_parameter_names(model) if name not in expert_biases]
+
+    def _inner_training_loop(self, *args, **kwargs):
+        """Trainer's training loop, whose logs start with no aux loss, as its ``loss`` (it resets the loss it logs
+        there): the steps a previous ``train()`` left unlogged (or a batch size ``auto_find_batch_size`` gave up)
+        are in neither."""
+        self._aux_loss_sum, self._aux_loss_count = None, 0
+        return super()._inner_training_loop(*args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)

@@ -297,6 +297,26 @@ def test_moelora_trainer_logs_the_mean_aux_loss_of_the_micro_batches_since_the_l
         assert got == pytest.approx(want, rel=1e-6) and want > 0
 
 
+def test_moelora_trainer_logs_the_aux_loss_of_this_training_run_only(tmp_path):
+    """A run whose last steps were not logged (3 steps, a log every 2) leaves their aux losses unlogged, as Trainer
+    leaves their loss: the next ``train()`` (a second run, a resumed one, a hyperparameter-search trial) starts its
+    logs afresh, as Trainer's ``loss`` does (before: its first ``aux_loss`` held the previous run's last step)."""
+    model = _llama_moelora()
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(moelora.aux_loss(module).item()))
+    trainer = MoELoRATrainer(model=model, train_dataset=_lm_dataset(n=16), args=_args(
+        tmp_path, max_steps=3, logging_steps=2, per_device_train_batch_size=2))
+    trainer.train()
+    assert len(seen) == 3 and len([log for log in trainer.state.log_history if "aux_loss" in log]) == 1
+    unlogged = seen.pop()
+    seen.clear()
+    trainer.train()
+    logged = [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log]
+    assert len(seen) == 3 and len(logged) == 1
+    assert logged[0] == pytest.approx(sum(seen[:2]) / 2, rel=1e-6)
+    assert abs(unlogged - sum(seen[:2]) / 2) > 1e-4  # the step left unlogged changes the mean
+
+
 def test_moelora_trainer_logs_the_aux_loss_under_data_parallel_on_one_device_only(tmp_path):
     """nn.DataParallel on one device runs the model itself, whose layers record the aux loss: it is logged. Over
     several devices the replicas record it and the held model's record is stale: nothing is added to the log."""
