@@ -24,7 +24,8 @@ run resumed from a checkpoint goes on from the checkpoint's step.
 :class:`MoELoRATrainer` also logs ``aux_loss`` beside Trainer's ``loss`` where the model's routers
 record one (learned routers): the mean of ``moelora.aux_loss`` over the training forwards
 (micro-batches) since the last log of this ``train()``, as added to the loss before Trainer scales it for gradient
-accumulation, averaged over the processes as Trainer averages ``loss``. It is kept on the device
+accumulation, averaged over the processes as Trainer averages ``loss`` (over those that recorded one:
+the routed layers may not run on every process's batches). It is kept on the device
 between logs (no host sync per step).
 """
 
@@ -132,11 +133,26 @@ class MoELoRATrainer(Trainer):
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Trainer's log, with ``aux_loss`` beside a training log's ``loss`` (see the module docstring)."""
-        if "loss" in logs and self._aux_loss_count:
-            mean = self.accelerator.gather(self._aux_loss_sum.reshape(1)).mean() / self._aux_loss_count
-            logs = {**logs, "aux_loss": mean.item()}
-            self._aux_loss_sum, self._aux_loss_count = None, 0
+        if "loss" in logs:
+            mean = self._mean_aux_loss()
+            if mean is not None:
+                logs = {**logs, "aux_loss": mean}
         super().log(logs, *args, **kwargs)
+
+    def _mean_aux_loss(self) -> Optional[float]:
+        """The mean of the aux losses recorded since the last log on each process, averaged over the processes that
+        recorded one (None where none did); the record is reset. Every process enters the gather, those that
+        recorded nothing too (their routed layers may not have run: a VLM's adapted vision tower on text-only
+        batches): it is a collective, which the others would wait in for good."""
+        if self._aux_loss_count:
+            mean, recorded = self._aux_loss_sum / self._aux_loss_count, 1.0
+        else:
+            mean, recorded = torch.zeros((), device=self.args.device), 0.0
+        self._aux_loss_sum, self._aux_loss_count = None, 0
+        pair = torch.stack([mean, torch.full_like(mean, recorded)]).reshape(1, 2)
+        means, recorded = self.accelerator.gather(pair).unbind(-1)
+        processes = int((recorded > 0).sum())
+        return (means * (recorded > 0)).sum().item() / processes if processes else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Trainer's loss. Where Trainer computes it from the logits itself (``label_smoothing_factor``), the labels

@@ -340,6 +340,36 @@ def test_moelora_trainer_logs_the_aux_loss_under_data_parallel_on_one_device_onl
     assert trainer.state.log_history[-1]["aux_loss"] == pytest.approx(2 * moelora.aux_loss(model).item(), rel=1e-6)
 
 
+def test_moelora_trainer_logs_the_aux_loss_with_every_process_in_the_gather(tmp_path):
+    """Under DDP a process's forwards may record no aux loss where another's do (the routed layers run on some
+    inputs only: a VLM's adapted vision tower on text-only batches). Trainer logs on every process; the gather of
+    the aux loss is a collective, entered by every process (before: only by those with a record, so the others
+    went on to the next step's collectives and two CPU processes under torchrun hung where a plain Trainer ran),
+    and the mean is over the processes that recorded one (before: their sums over this process's count)."""
+    model = _llama_moelora()
+    ids = _lm_dataset(n=2)[0]["input_ids"][None]
+    trainer = MoELoRATrainer(model=model, args=_args(tmp_path))
+    gathered = []
+
+    def gather_with(other):  # the other process's (mean, recorded) pair beside this one's
+        def gather(tensor):
+            gathered.append(tensor)
+            return torch.cat([tensor, torch.tensor(other, dtype=tensor.dtype).reshape(tensor.shape)])
+        return gather
+
+    trainer.accelerator.gather = gather_with([0.25, 1.0])  # this process recorded nothing, the other 0.25
+    trainer.log({"loss": 1.0})
+    assert len(gathered) == 1 and trainer.state.log_history[-1]["aux_loss"] == pytest.approx(0.25)
+    model(input_ids=ids, labels=ids)
+    trainer._record_aux_loss(model)
+    aux = moelora.aux_loss(model).item()
+    trainer.accelerator.gather = gather_with([0.0, 0.0])  # this process recorded one, the other none
+    trainer.log({"loss": 1.0})
+    assert len(gathered) == 2 and trainer.state.log_history[-1]["aux_loss"] == pytest.approx(aux, rel=1e-6) and aux > 0
+    trainer.log({"loss": 1.0})  # none recorded anywhere since the last log: no aux_loss
+    assert len(gathered) == 3 and "aux_loss" not in trainer.state.log_history[-1]
+
+
 def test_moelora_trainer_logs_no_aux_loss_without_learned_routers(tmp_path):
     model = get_moelora_model(tiny_llama(num_layers=2), MoELoRAConfig(target_modules=["q_proj"], num_experts=2,
                                                                       router="task"))
