@@ -329,10 +329,12 @@ def _build(name: str, m: nn.Module, kind: str, num_experts: int, top_k: int, gen
     if kind == "generic" or (kind != "bert" and ffn_dropout == "output" and _dropouts(replaced)):
         probe = _probe(replaced, parts[0], parts[1])
     dropout = _output_dropout(name, replaced, ffn_dropout, inner=kind == "bert", probe=probe)
+    # built before the probe runs the FFN described: its checks name the projections that disagree
+    moe = MoEFFN(parts[0], parts[1], act, num_experts, top_k, gate_proj=parts[2], stacked_gate=stacked,
+                 dropout=dropout, **router_kwargs)
     if kind == "generic" and probe is not None:
         _warn_unless_the_ffn(name, replaced, parts, act, stacked, probe)
-    return MoEFFN(parts[0], parts[1], act, num_experts, top_k, gate_proj=parts[2], stacked_gate=stacked,
-                  dropout=dropout, **router_kwargs)
+    return moe
 
 
 @structural_edit

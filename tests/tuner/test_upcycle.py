@@ -173,6 +173,41 @@ def test_projections_that_disagree_are_refused_when_built_not_in_the_forward(gat
     assert repr(model) == before
 
 
+class _PlainMLP(nn.Module):
+    """A generic MLP fc2(relu(fc1(x))) whose forward runs (the probe sees it) with fc1 of ``rows`` outputs."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, rows), nn.Linear(rows, 16)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("make,described,match", [
+    (lambda: _PlainMLP(32), dict(in_proj="fc1", out_proj="fc2"),
+     r"^out_proj takes 32 features but in_proj gives 16 \(half of the fused gate/up projection's\)$"),
+    (lambda: _PlainMLP(33), dict(in_proj="fc1", out_proj="fc2"),
+     r"^with stacked_gate=True, in_proj is the fused .* got in_proj with 33 output features and gate_proj NoneType$"),
+    (lambda: tiny_llama(num_layers=1).model.layers[0], dict(in_proj="up_proj", out_proj="down_proj",
+                                                            gate_proj="gate_proj"),
+     r"^with stacked_gate=True, in_proj is the fused .* got in_proj with 32 output features and gate_proj Linear$"),
+], ids=["not_fused", "odd_rows", "with_gate_proj"])
+def test_a_generic_ffn_described_as_stacked_that_is_not_is_refused_naming_the_projections(make, described, match):
+    """stacked_gate=True for an MLP whose in_proj is no fused gate/up projection (an out_proj taking all its rows,
+    an odd number of rows, a gate_proj given too), on a module whose own forward runs: the probe comparing the FFN
+    described with the module's forward ran it first and raised torch's shape error ("mat1 and mat2 shapes cannot
+    be multiplied"), naming nothing the user gave. MoEFFN's own check now raises first, naming the projections, and
+    the model is left as it was."""
+    mlp = make()
+    model = nn.Sequential(mlp.mlp if hasattr(mlp, "mlp") else mlp)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        upcycle_ffn(model, 4, 2, ffn_modules=["0"], activation=F.silu, stacked_gate=True, **described)
+    assert not any(isinstance(m, MoEFFN) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("role", ["in_proj", "out_proj", "gate_proj"])
 def test_moeffn_refuses_a_bias_of_another_dtype_and_a_projection_on_another_device(role):
     """The experts stack every weight and bias of the FFN, in in_proj.weight's dtype and on its device: a
