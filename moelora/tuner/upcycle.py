@@ -295,6 +295,12 @@ def _output_dropout(name: str, m: nn.Module, ffn_dropout: Optional[str], inner: 
     if len(set(drops.values())) > 1:
         raise ValueError(f"{name} ({type(m).__name__}) holds dropouts of different p {drops}: ffn_dropout='output' "
                          "applies one to MoEFFN's output; pass ffn_dropout='drop' to train without them")
+    others = {n: type(d).__name__ for n, d in m.named_modules()
+              if n in drops and type(d).forward is not nn.Dropout.forward}
+    if others:  # AlphaDropout (SELU's), Dropout2d (whole channels), ...: not what F.dropout on the output computes
+        raise ValueError(f"{name} ({type(m).__name__}) holds dropout of another kind than nn.Dropout {others} (name: "
+                         "type): ffn_dropout='output' applies nn.Dropout's element-wise F.dropout to MoEFFN's output, "
+                         "which would change training silently; pass ffn_dropout='drop' to train without it")
     return next(iter(drops.values()))
 
 

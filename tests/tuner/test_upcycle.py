@@ -961,6 +961,29 @@ def test_output_dropouts_of_different_p_are_refused_for_output_dropout():
     assert isinstance(net[0], TwoDrops)
 
 
+@pytest.mark.parametrize("kind", [nn.AlphaDropout, nn.Dropout1d, nn.FeatureAlphaDropout])
+def test_an_output_dropout_of_another_kind_than_nn_dropout_is_refused_for_output_dropout(kind):
+    """ffn_dropout="output" applies nn.Dropout's element-wise F.dropout to MoEFFN's output: an MLP dropping its
+    output with another kind (AlphaDropout keeps SELU's mean and variance, Dropout1d zeroes whole channels) was
+    upcycled into an F.dropout of the same p, changing training silently. Now it is refused, naming the module and
+    its type, the model unchanged; "drop" still upcycles it."""
+    class OtherDrop(_ActivatedMLP):
+        def __init__(self):
+            super().__init__(nn.ReLU())
+            self.drop = kind(0.1)
+
+        def forward(self, x):
+            return self.drop(super().forward(x))
+
+    kw = dict(ffn_modules=["0"], in_proj="fc1", out_proj="fc2", activation=nn.ReLU())
+    net = nn.Sequential(OtherDrop())
+    with pytest.raises(ValueError, match=rf"^0 \(OtherDrop\) holds dropout of another kind than nn.Dropout "
+                                         rf"\{{'drop': '{kind.__name__}'\}} \(name: type\)"):
+        upcycle_ffn(net, 2, 2, ffn_dropout="output", **kw)
+    assert isinstance(net[0], OtherDrop)
+    assert upcycle_ffn(net, 2, 2, ffn_dropout="drop", **kw) == ["0"] and isinstance(net[0], MoEFFN)
+
+
 def test_a_dropout_run_before_out_projs_last_call_is_taken_for_an_inner_one():
     """The probe places the dropouts against out_proj's last call: one run between two calls of out_proj (here
     on the hidden layer the second call takes) is before the output projection, and refused for "output"."""
