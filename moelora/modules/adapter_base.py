@@ -55,6 +55,12 @@ def offload_hook(module: nn.Module):
     onto the hook's ``execution_device`` for each forward), or None."""
     if module.weight.device.type != "meta":
         return None
+    return offloading_hook(module)
+
+
+def offloading_hook(module: nn.Module):
+    """accelerate's offloading hook of ``module`` (an ``AlignDevicesHook`` with ``offload=True`` and an
+    ``execution_device``), whether or not its tensors are on meta now, or None."""
     hook = getattr(module, "_hf_hook", None)
     hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
     return next((h for h in hooks if getattr(h, "offload", False) and getattr(h, "execution_device", None) is not None),

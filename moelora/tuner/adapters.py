@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Set, Union
 import torch
 import torch.nn as nn
 
-from moelora.modules.adapter_base import is_adapter_layer, is_quantised_weight, owned_by_moelora
+from moelora.modules.adapter_base import is_adapter_layer, is_quantised_weight, offloading_hook, owned_by_moelora
 from moelora.modules.molex import mixed_by_molex
 from moelora.modules.routed import routed_modules
 from moelora.tuner.targets import check_single_place, check_tied_source, matches, set_module
@@ -114,6 +114,14 @@ def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:
                 "weight (torchao's quantize_, bitsandbytes' 4-bit / 8-bit layers) or another tensor subclass, which "
                 "takes no gradient, so its trainable copy could not train; adapt its linear layers instead "
                 "(target_modules), or save it from a model loaded without quantisation")
+        offloaded = next((f"{n}.{pn}" if n else pn for n, m in module.named_modules() if offloading_hook(m) is not None
+                          for pn, p in m.named_parameters() if p.is_meta), None)
+        if offloaded is not None:  # its copy would hold meta tensors, its copied hook loading the original's weights
+            raise NotImplementedError(
+                f"modules_to_save names {name}, whose parameter {offloaded} accelerate has offloaded (on meta between "
+                "forwards): its trainable copy would hold no weights of its own (no gradient, nothing to save); load "
+                "the model with that module kept on a device (not \"cpu\" / \"disk\" in the device_map), or adapt "
+                "its linear layers instead (target_modules)")
         set_module(model, name, ModulesToSaveWrapper(module))
     return names
 

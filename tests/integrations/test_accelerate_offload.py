@@ -1,7 +1,8 @@
 """Models whose layers accelerate offloads (cpu_offload, disk_offload, a device_map with "cpu" /
 "disk" entries): the base weights wait on meta and are loaded for each forward. Adapters injected
 there live on the device the forwards run on and train as on a model held in memory; what
-needs the base weight outside a forward (merging, DoRA's magnitude) is refused, not done on meta."""
+needs the base weight outside a forward (merging, DoRA's magnitude, a modules_to_save copy) is refused, not
+done on meta."""
 
 import copy
 
@@ -70,6 +71,20 @@ def test_merging_an_offloaded_layer_is_refused_and_changes_nothing(tmp_path):
         model.merge_adapter()
     assert not model.model.a.merged and not model.model.b.merged
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["cpu", "disk"])
+def test_modules_to_save_of_an_offloaded_module_is_refused_and_changes_nothing(how, tmp_path):
+    """modules_to_save trains a copy of the module, and an offloaded module's copy held meta tensors that its
+    copied hook replaced by the offloaded weights on each forward: it got no gradient, so an optimiser left it
+    as it was, and saving wrote meta tensors. Refused at injection, naming the module and the parameter."""
+    torch.manual_seed(0)
+    net = _offload(_Net(), how, tmp_path)
+    config = moelora.MoELoRAConfig(r=4, num_experts=2, top_k=1, target_modules=["a"], modules_to_save=["b"])
+    with pytest.raises(NotImplementedError, match=r"modules_to_save names b, whose parameter weight accelerate has "
+                                                  r"offloaded \(on meta between forwards\)"):
+        moelora.get_moelora_model(net, config)
+    assert type(net.a) is nn.Linear and type(net.b) is nn.Linear and net.a.weight.requires_grad
 
 
 def test_dora_on_an_offloaded_layer_is_refused(tmp_path):
