@@ -47,7 +47,8 @@ import torch.nn as nn
 from moelora.tuner import structure as _structure, adapters, merge
 from moelora import persistence
 from moelora.modules.adapter_base import is_adapter_layer, is_uninitialised_lazy, owned_by_moelora
-from moelora.tuner.adapters import DEFAULT_ADAPTER, mark_only_adapters_trainable, wrap_modules_to_save
+from moelora.tuner.adapters import (DEFAULT_ADAPTER, mark_only_adapters_trainable, refuse_offloaded_biases,
+                                    wrap_modules_to_save)
 from moelora.tuner.config import TASK_HEADS, MoELoRAConfig
 from moelora.modules.linear import MoELoRALinear, is_conv1d
 from moelora.modules.conv import MoELoRAConv, is_conv
@@ -407,6 +408,7 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             set_module(model, name, layer.train(base.training))  # in the mode of the module it replaces
         _keep_torch_fast_paths_off(model)
         wrap_modules_to_save(model, config.modules_to_save)
+        refuse_offloaded_biases(model, config.bias)
         mark_only_adapters_trainable(model, config.bias)
     return names
 

@@ -360,6 +360,25 @@ def adapter_tensor_names(model: nn.Module, bias: str = "none") -> Set[str]:
     return names
 
 
+def refuse_offloaded_biases(model: nn.Module, bias: str) -> None:
+    """NotImplementedError where ``bias`` ("all", "lora_only") would train a bias that accelerate has offloaded:
+    it waits on meta and is loaded from the offloaded weights for each forward, so it would take no gradient
+    and could not be saved."""
+    if bias == "none":
+        return
+    trainable = adapter_tensor_names(model, bias)
+    for name, module in model.named_modules():
+        if offloading_hook(module) is None:
+            continue
+        offloaded = next((n for n, p in module.named_parameters(prefix=name) if n in trainable and p.is_meta), None)
+        if offloaded is not None:
+            raise NotImplementedError(
+                f"bias={bias!r} trains {offloaded}, which accelerate has offloaded (on meta between forwards): loaded "
+                "for each forward from the offloaded weights, it would take no gradient and could not be saved; use "
+                "bias='none', or load the model with that layer kept on a device (not \"cpu\" / \"disk\" in the "
+                "device_map)")
+
+
 def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
     """requires_grad only for the adapters' parameters (:func:`adapter_tensor_names`: lora_A/B,
     task scales, DoRA magnitudes, routers of MoE-LoRA layers, upcycled MoE FFNs, MoLEx gates)

@@ -87,6 +87,19 @@ def test_modules_to_save_of_an_offloaded_module_is_refused_and_changes_nothing(h
     assert type(net.a) is nn.Linear and type(net.b) is nn.Linear and net.a.weight.requires_grad
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_training_an_offloaded_bias_is_refused_and_changes_nothing(bias, tmp_path):
+    """bias="lora_only" / "all" trains the base layers' biases, and an offloaded layer's bias waits on meta and
+    is loaded from the offloaded weights for each forward: it was marked trainable but got no gradient, and
+    saving raised "Cannot copy out of meta tensor". Refused at injection, naming the bias."""
+    torch.manual_seed(0)
+    net = _offload(_Net(), "cpu", tmp_path)
+    with pytest.raises(NotImplementedError, match=rf"bias='{bias}' trains a\.base_layer\.bias, which accelerate has "
+                                                  r"offloaded \(on meta between forwards\)"):
+        _inject(net, bias=bias)
+    assert type(net.a) is nn.Linear and type(net.b) is nn.Linear and net.a.bias.requires_grad
+
+
 def test_dora_on_an_offloaded_layer_is_refused(tmp_path):
     with pytest.raises(NotImplementedError, match="DoRA .* accelerate has offloaded"):
         _inject(_offload(_Net(), "cpu", tmp_path), num_experts=1, top_k=1, use_dora=True)
