@@ -561,6 +561,12 @@ def _peft_extra_tensors(model: nn.Module, bias: str) -> tuple:
                 continue
             if bias == "all" or name.endswith("base_layer.bias"):
                 state[PEFT_PREFIX + name] = tensor
+    on_meta = next((k for k, t in state.items() if t.is_meta), None)
+    if on_meta is not None:  # no values to write (torch's "Cannot copy out of meta tensor" at the write)
+        raise NotImplementedError(
+            f"the PEFT checkpoint would hold {on_meta[len(PEFT_PREFIX):]}, which is on meta (accelerate offloaded it, "
+            "loading it for each forward only; or the model was built on meta and not loaded): it has no values to "
+            "write; export with bias='none', or from a model loaded without offloading that layer")
     return {k: t.detach().contiguous().clone() for k, t in state.items()}, sorted(saved)
 
 

@@ -100,6 +100,17 @@ def test_training_an_offloaded_bias_is_refused_and_changes_nothing(bias, tmp_pat
     assert type(net.a) is nn.Linear and type(net.b) is nn.Linear and net.a.bias.requires_grad
 
 
+def test_exporting_an_offloaded_bias_to_peft_is_refused_clearly(tmp_path):
+    """export_peft_lora(bias="all") writes the base biases, and an offloaded layer's waits on meta: the export
+    raised torch's "Cannot copy out of meta tensor" from its write; it raises naming the bias, writing nothing."""
+    torch.manual_seed(0)
+    model = _inject(_offload(_Net(), "cpu", tmp_path), num_experts=1, top_k=1)
+    with pytest.raises(NotImplementedError, match=r"a\.base_layer\.bias, which is on meta \(accelerate offloaded "
+                                                  r"it"):
+        moelora.export_peft_lora(model, str(tmp_path / "peft"), bias="all")
+    assert not (tmp_path / "peft").exists()
+
+
 def test_dora_on_an_offloaded_layer_is_refused(tmp_path):
     with pytest.raises(NotImplementedError, match="DoRA .* accelerate has offloaded"):
         _inject(_offload(_Net(), "cpu", tmp_path), num_experts=1, top_k=1, use_dora=True)
