@@ -100,6 +100,22 @@ def test_training_an_offloaded_bias_is_refused_and_changes_nothing(bias, tmp_pat
     assert type(net.a) is nn.Linear and type(net.b) is nn.Linear and net.a.bias.requires_grad
 
 
+def test_loading_a_peft_bias_checkpoint_into_an_offloaded_model_is_refused(tmp_path):
+    """A PEFT checkpoint with bias="all" holds the base biases; copied into an offloaded model's (on meta) they were
+    lost silently (the loaded model's outputs off by the biases' change); refused as training them is."""
+    torch.manual_seed(0)
+    net = _Net()
+    offloaded = _offload(copy.deepcopy(net), "cpu", tmp_path)
+    model = _inject(net, num_experts=1, top_k=1, bias="all")
+    with torch.no_grad():
+        net.a.base_layer.bias.add_(torch.rand(D) + 0.5)
+    moelora.export_peft_lora(model, str(tmp_path / "peft"))
+    with pytest.raises(NotImplementedError, match=r"bias='all' trains a\.base_layer\.bias, which accelerate has "
+                                                  r"offloaded"):
+        moelora.load_peft_lora(offloaded, str(tmp_path / "peft"))
+    assert type(offloaded.a) is nn.Linear
+
+
 def test_exporting_an_offloaded_bias_to_peft_is_refused_clearly(tmp_path):
     """export_peft_lora(bias="all") writes the base biases, and an offloaded layer's waits on meta: the export
     raised torch's "Cannot copy out of meta tensor" from its write; it raises naming the bias, writing nothing."""
