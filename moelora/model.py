@@ -1815,21 +1815,31 @@ def load_peft_lora(model: nn.Module, directory: str, expert: Optional[int] = Non
     1, so that task computes the PEFT LoRA (its task-routed layers the checkpoint does not adapt must add nothing
     for that task, else it raises); in a model with several experts the checkpoint's biases, saved modules and
     embedding base weights, which every expert uses, must equal the model's. Every tensor is checked against the
-    model before any is copied; a fresh ``model`` is left as it was when the checkpoint does not fit."""
+    model before any is copied; a fresh ``model`` is left as it was when the checkpoint does not fit. The merged
+    layers of a MoELoRAModel (``merge_adapter``) are unmerged for the load and merged again after it (as it was
+    merged: for the same task), so they hold the loaded adapter."""
     peft_config, modules, others, weights_path = persistence.read_peft_checkpoint(directory)
     config = persistence.peft_as_config(  # checks its fields, for any model
         peft_config, modules, directory, None if isinstance(model, MoELoRAModel) else model)
     if expert is not None and not is_integral(expert):  # a numpy integer too, as set_task_ids' and merge's task
         raise TypeError(f"expert must be an int or None, got {type(expert).__name__} {expert!r}")
     expert = None if expert is None else int(expert)
-    with persistence.restored_on_error(model):
-        if isinstance(model, MoELoRAModel):
-            wrapped, target = model, expert if expert is not None else 0
-        else:
-            if expert not in (None, 0):
-                raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
-            wrapped, target = get_moelora_model(model, config), 0
-        layers, extras = persistence.check_peft_checkpoint(peft_config, wrapped.model, modules, others, target,
-                                                           weights_path)
-    persistence.copy_peft_checkpoint(peft_config, modules, layers, extras, target)
+    # a merged layer's base weight holds its adapter's delta: the checks read, and the copy replaces, the adapter
+    merged = adapters.merged_tasks(model.model) if isinstance(model, MoELoRAModel) else {}
+    if merged:
+        merge.unmerge_adapter(model.model)
+    try:
+        with persistence.restored_on_error(model):
+            if isinstance(model, MoELoRAModel):
+                wrapped, target = model, expert if expert is not None else 0
+            else:
+                if expert not in (None, 0):
+                    raise ValueError("a fresh model gets the checkpoint as its only expert; expert must be None or 0")
+                wrapped, target = get_moelora_model(model, config), 0
+            layers, extras = persistence.check_peft_checkpoint(peft_config, wrapped.model, modules, others, target,
+                                                               weights_path)
+        persistence.copy_peft_checkpoint(peft_config, modules, layers, extras, target)
+    finally:
+        if merged:
+            adapters.remerge(model.model, merged)
     return wrapped

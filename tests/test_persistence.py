@@ -432,6 +432,38 @@ def test_import_peft_lora_as_single_expert_and_into_an_expert(tmp_path, use_dora
     torch.testing.assert_close(tasks(ids, task_ids=1).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("router", ["single", "task"])
+def test_a_peft_lora_loaded_into_a_merged_model_is_merged_in_its_place(tmp_path, router):
+    """load_peft_lora into a model whose adapter is merged (merge_adapter) copied the checkpoint into the
+    layers while their base weights held the old adapter: the model still computed the old adapter, and
+    unmerge_adapter then took the new one out of the base weights, which kept the old one's delta less the
+    new one's for good. The merged layers are unmerged for the load and merged again after it: the model
+    computes the PEFT LoRA merged, and unmerged, with the base weights it had."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import rel_err
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2).double(), LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    ids = token_batch()
+    expected = peft_model(ids).logits
+    peft_model.save_pretrained(str(tmp_path))
+    task = 1 if router == "task" else None
+    cfg = MoELoRAConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, num_experts=2, router="task") \
+        if router == "task" else MoELoRAConfig(target_modules=["q_proj", "v_proj"], r=4, num_experts=1, top_k=1)
+    model = get_moelora_model(tiny_llama(num_layers=2).double(), cfg).eval()
+    base_weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    randomize_adapters(model, seed=7)
+    model.merge_adapter(task)
+    moelora.load_peft_lora(model, str(tmp_path), expert=0 if task is None else task)
+    layers = [m for m in model.modules() if isinstance(m, moelora.MoELoRALinear)]
+    assert layers and all(layer.merged and layer.merged_task == task for layer in layers)
+    assert rel_err(model(ids).logits, expected) < 1e-12
+    model.unmerge_adapter()
+    assert max(rel_err(p, base_weights[n]) for n, p in model.named_parameters() if "base_layer" in n) < 1e-12
+    assert rel_err(model(ids, **({} if task is None else {"task_ids": task})).logits, expected) < 1e-12
+
+
 def test_import_peft_lora_keeps_its_lora_dropout_and_base_model_name(tmp_path):
     """The MoELoRAConfig built for a PEFT checkpoint carries the PEFT config's fields moelora has
     (lora_dropout: continued training drops out as PEFT's would)."""
