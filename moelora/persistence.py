@@ -38,6 +38,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -844,6 +845,10 @@ def check_peft_checkpoint(peft_config: dict, inner: nn.Module, modules: dict, ot
     """(layers by name, extras) of a PEFT checkpoint checked against ``inner`` (the injected model):
     every LoRA tensor fits expert ``target`` of its layer (whose scaling can take the checkpoint's),
     every bias / saved-module tensor fits."""
+    adapter_tensors = ((f"{name}.{n}", t) for name, layer in inner.named_modules() if is_adapter_layer(layer)
+                       for n, t in itertools.chain(layer.named_parameters(), layer.named_buffers())
+                       if not n.startswith("base_layer."))
+    _refuse_meta(weights_path, adapter_tensors)
     layers = {}
     for name, tensors in modules.items():
         try:
@@ -865,6 +870,7 @@ def check_peft_checkpoint(peft_config: dict, inner: nn.Module, modules: dict, ot
                              "model whose task-routed layers outside the checkpoint are zero for that task (as "
                              f"injected: lora_gamma[{target}] starts at 0)")
     extras = _peft_extras_targets(inner, others, weights_path, peft_config.get("modules_to_save"))
+    _refuse_meta(weights_path, ((key, own) for own, _, key in extras))
     if any(is_adapter_layer(m) and m.num_experts > 1 for m in inner.modules()):
         changed = next((key for own, tensor, key in extras
                         if not torch.equal(own, tensor.to(device=own.device, dtype=own.dtype))), None)
@@ -874,6 +880,17 @@ def check_peft_checkpoint(peft_config: dict, inner: nn.Module, modules: dict, ot
                              f"it for expert {target} would change the model's other experts; load the checkpoint "
                              "into a fresh model, or leave that tensor out of it")
     return layers, extras
+
+
+def _refuse_meta(weights_path: str, tensors) -> None:
+    """NotImplementedError naming the first of ``tensors`` ((name, model tensor) pairs that a PEFT load reads or
+    writes) that is on the meta device: a copy into it would be a no-op, losing the checkpoint's values silently."""
+    on_meta = next((name for name, tensor in tensors if tensor.is_meta), None)
+    if on_meta is not None:
+        raise NotImplementedError(
+            f"{weights_path}: the model's {on_meta} is on the meta device (a model built with accelerate's "
+            "init_empty_weights, or offloaded), which holds no values to load the PEFT LoRA into: load the base "
+            "model's weights first, then load_peft_lora (moelora.from_pretrained takes a model on meta)")
 
 
 def _task_delta_nonzero(layer: nn.Module, task: int) -> bool:

@@ -1281,6 +1281,27 @@ def test_an_adapter_loads_into_a_model_built_on_the_meta_device(tmp_path, is_tra
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("where", ["fresh", "wrapper"])
+def test_a_peft_lora_loaded_into_a_model_on_the_meta_device_is_refused_naming_the_tensor(tmp_path, where):
+    """load_peft_lora onto a base built on the meta device (init_empty_weights) copied the PEFT LoRA into the
+    injected layers' meta tensors, which hold nothing: it returned with every value lost, silently. Refused,
+    naming the tensor, before anything is copied; a fresh model is left as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(num_layers=2), LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path))
+    with torch.device("meta"):
+        base = tiny_llama(num_layers=2)
+        model = base if where == "fresh" else get_moelora_model(base, MoELoRAConfig(
+            target_modules=["q_proj", "v_proj"], r=4, num_experts=2, router="task"))
+    with pytest.raises(NotImplementedError, match=r"adapter_model.safetensors: the model's model\.layers\.0\.self_attn"
+                                                  r"\.q_proj\.lora_A is on the meta device"):
+        moelora.load_peft_lora(model, str(tmp_path), expert=None if where == "fresh" else 1)
+    if where == "fresh":
+        assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("source", ["wrapper", "wrapped", "prefixed"])
 def test_a_state_dict_with_or_without_a_wrappers_prefix_saves_the_adapter(tmp_path, source):
     """save_pretrained(state_dict=...) takes the names of the wrapped model's state_dict as they are, or under a
