@@ -136,6 +136,23 @@ def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, monkeypatch,
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["file", "empty"])
+def test_an_out_dir_that_cannot_be_a_directory_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys, where):
+    """--out-dir naming a file (or given empty) failed with os.makedirs' FileExistsError / FileNotFoundError
+    traceback, naming no option."""
+    import moelora.demo.cli as cli
+
+    out_dir = ""
+    if where == "file":
+        out_dir = str(tmp_path / "metrics.txt")
+        (tmp_path / "metrics.txt").write_text("")
+    monkeypatch.setattr(cli, "run", lambda opts: pytest.fail(f"the demo ran with --out-dir {out_dir!r}"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out-dir", out_dir])
+    assert exit_info.value.code == 2
+    assert f"--out-dir must be a directory path, got {out_dir!r}" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_is_refused_before_anything_runs_on_a_cpu_only_machine(tmp_path, monkeypatch, capsys):
     """--device cuda without CUDA used to load the encoder and then fail with a traceback."""

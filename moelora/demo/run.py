@@ -66,6 +66,13 @@ class DemoOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"DemoOptions.{name} must be a positive finite float, got {value!r}")
+        # os.makedirs failed on these at the start of run() with a traceback naming no option
+        existing = os.path.abspath(self.out_dir) if isinstance(self.out_dir, str) and self.out_dir else None
+        while existing is not None and not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if existing is None or not os.path.isdir(existing):
+            where = "" if existing is None else f" ({existing} is not a directory)"
+            raise ValueError(f"DemoOptions.out_dir must be a directory path, got {self.out_dir!r}{where}")
         if self.device is not None:  # "cuda" on a CPU-only machine failed with a traceback once the model loaded
             try:
                 torch.empty(0, device=self.device)
