@@ -540,6 +540,20 @@ def test_run_sizes_options_and_config():
     assert moelora_config(DemoOptions(router="task", num_experts=8)).num_experts == len(TASKS)
 
 
+def test_the_probe_size_is_at_most_the_training_examples_it_reads():
+    """With fewer training examples per task than the default probe size (--quick --train-per-task 50), the
+    probe read the 50 there are while metrics.json's options reported probe_per_task 150."""
+    from moelora.demo.run import DemoOptions, with_run_sizes
+
+    for pretrained in (False, True):
+        assert with_run_sizes(DemoOptions(quick=True, train_per_task=50), pretrained).probe_per_task == 50
+        assert with_run_sizes(DemoOptions(quick=True, train_per_task=500), pretrained).probe_per_task == 150
+    with pytest.raises(ValueError, match=r"DemoOptions.probe_per_task must be at most train_per_task \(5\), got 9"):
+        DemoOptions(train_per_task=5, probe_per_task=9)
+    with pytest.raises(ValueError, match=r"DemoOptions.probe_per_task must be at most train_per_task \(200\), got 300"):
+        with_run_sizes(DemoOptions(quick=True, probe_per_task=300), True)  # the quick run's 200
+
+
 def test_a_tiny_run_probes_on_its_probe_examples_and_reports_its_sizes(tmp_path, monkeypatch, capsys,
                                                                        without_pretrained_package):
     """A whole run on the fallback encoder at the smallest sizes (seconds): the linear probe reads

@@ -62,6 +62,10 @@ class DemoOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"DemoOptions.{name} must be a positive int, got {value!r}")
+        if self.probe_per_task is not None and self.train_per_task is not None \
+                and self.probe_per_task > self.train_per_task:  # the probe reads training examples
+            raise ValueError(f"DemoOptions.probe_per_task must be at most train_per_task ({self.train_per_task}), "
+                             f"got {self.probe_per_task}")
         for name in ("lr", "head_lr"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -92,9 +96,12 @@ RUN_SIZES = {
 
 
 def with_run_sizes(opts: DemoOptions, pretrained: bool) -> DemoOptions:
-    """``opts`` with every run size left at None set from RUN_SIZES."""
-    sizes = RUN_SIZES[(opts.quick, pretrained)]
-    return replace(opts, **{k: v for k, v in sizes.items() if getattr(opts, k) is None})
+    """``opts`` with every run size left at None set from RUN_SIZES (the probe's at most train_per_task:
+    it reads training examples; the metrics reported the default's 150 where it read 50)."""
+    sizes = {k: v for k, v in RUN_SIZES[(opts.quick, pretrained)].items() if getattr(opts, k) is None}
+    if "probe_per_task" in sizes:
+        sizes["probe_per_task"] = min(sizes["probe_per_task"], sizes.get("train_per_task", opts.train_per_task))
+    return replace(opts, **sizes)
 
 
 def moelora_config(opts: DemoOptions) -> moelora.MoELoRAConfig:
