@@ -62,7 +62,7 @@ TOPIC_WORDS = (
 )
 SPEAKERS_TRAIN = ("my neighbour", "the teacher", "our manager", "his sister", "a journalist", "the mayor",
                   "my uncle", "the student", "her cousin", "a stranger")
-SPEAKERS_EVAL = ("my grandmother", "the doctor", "our landlord", "their friend", "a tourist", "the pilot")
+SPEAKERS_EVAL = ("my grandmother", "the dentist", "our landlord", "their friend", "a tourist", "the captain")
 TOPIC_TEMPLATES = (
     "{who} wrote a long post about the {w1} and the {w2} .",
     "{who} keeps talking about the {w1} .",
