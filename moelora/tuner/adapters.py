@@ -339,10 +339,10 @@ def _adapter_owners(module: nn.Module, prefix: str = ""):
 
 def adapter_tensor_names(model: nn.Module, bias: str = "none") -> Set[str]:
     """Names (as in ``model.state_dict()``) of the tensors of moelora's adapters: what
-    :func:`mark_only_adapters_trainable` leaves trainable (its parameters) and what a
-    checkpoint holds. Membership comes from moelora's module types (see _adapter_owners),
-    never from substrings of names, so a base model's own ``router`` or ``lora_`` tensors
-    are not adapters. ``bias``: "all" adds every bias parameter, "lora_only" the biases of
+    :func:`mark_only_adapters_trainable` leaves trainable (its parameters, but the bias of a saved
+    module's frozen original) and what a checkpoint holds. Membership comes from moelora's module
+    types (see _adapter_owners), never from substrings of names, so a base model's own ``router``
+    or ``lora_`` tensors are not adapters. ``bias``: "all" adds every bias parameter, "lora_only" the biases of
     the adapted layers."""
     names = set()
     for prefix, owner, recurse in _adapter_owners(model):
@@ -379,11 +379,20 @@ def refuse_offloaded_biases(model: nn.Module, bias: str) -> None:
                 "device_map)")
 
 
+def _saved_originals_parameter_names(model: nn.Module) -> Set[str]:
+    """Names of the parameters of the frozen originals that the saved modules' wrappers of ``model`` keep."""
+    return {f"{name}.original_module.{n}" if name else f"original_module.{n}"
+            for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)
+            for n, _ in module.original_module.named_parameters(remove_duplicate=False)}
+
+
 def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> None:
     """requires_grad only for the adapters' parameters (:func:`adapter_tensor_names`: lora_A/B,
     task scales, DoRA magnitudes, routers of MoE-LoRA layers, upcycled MoE FFNs, MoLEx gates)
-    and the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers)."""
-    trainable = adapter_tensor_names(model, bias)
+    and the biases ``bias`` asks for ("all": every bias; "lora_only": biases of adapted layers). The frozen
+    original a saved module's wrapper keeps stays frozen, its bias too (as PEFT's wrapper freezes it), though
+    a checkpoint of bias="all" holds that bias, as PEFT's does."""
+    trainable = adapter_tensor_names(model, bias) - _saved_originals_parameter_names(model)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
 

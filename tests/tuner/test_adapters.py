@@ -285,6 +285,33 @@ def test_a_peft_lora_without_saved_modules_loads_into_an_expert_of_a_model_with_
     assert all(torch.equal(t, head[n]) for n, t in ours.model.head.modules_to_save.state_dict().items())
 
 
+def test_bias_all_leaves_a_saved_modules_frozen_original_frozen_as_peft():
+    """bias="all" trains every bias of the model but those of a saved module's frozen original (which runs while
+    the adapters are disabled), as PEFT's: the original's bias was trainable, so the counts differed from PEFT's and
+    a training step through a disabled forward changed the base model's head; also after a set_adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(Net().double(), LoraConfig(r=4, target_modules=["proj"], modules_to_save=["head"],
+                                                       bias="all"))
+    ours = get_moelora_model(Net().double(), MoELoRAConfig(r=4, target_modules=["proj"], num_experts=1,
+                                                           modules_to_save=["head"], bias="all"))
+    peft_names = {n.replace("base_model.model.", "").replace(".default", "").replace("lora_A.weight", "lora_A")
+                  .replace("lora_B.weight", "lora_B") for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {n[len("model."):] for n, p in ours.named_parameters() if p.requires_grad} == peft_names
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ours.add_adapter("other", MoELoRAConfig(r=2, target_modules=["proj"], num_experts=1, bias="all"))
+    ours.set_adapter("other")
+    ours.set_adapter("default")
+    assert not ours.model.head.original_module.bias.requires_grad
+    original = {n: t.clone() for n, t in ours.model.head.original_module.state_dict().items()}
+    _perturb(ours)
+    optimiser = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    with ours.disable_adapter():
+        ours(IDS).square().sum().backward()
+    optimiser.step()
+    assert all(torch.equal(t, original[n]) for n, t in ours.model.head.original_module.state_dict().items())
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_export_carries_trained_biases_and_round_trips(tmp_path, bias):
     from peft import PeftModel
