@@ -656,6 +656,8 @@ def _swap_task_ids(model: nn.Module, ids, owner=None) -> _Swap:
             check_task_ids(ids, layer.num_experts)
         with _outside_inference_mode():  # an inference tensor's routing would be built by every layer, every call
             ids = torch.tensor(ids)
+    elif ids is not None:  # its type here (a list, a bool: no forward routes by it); a tensor's values where routed
+        check_task_ids(ids, layers[0].num_experts)
     previous = [_task_ids_held(layer) for layer in layers]
     held = (ids, owner)
     for layer in layers:

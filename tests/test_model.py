@@ -383,6 +383,22 @@ def test_task_ids_by_setter_context_and_forward_kwarg():
         moelora.set_task_ids(tiny_bert(), 1)
 
 
+@pytest.mark.parametrize("bad", [[0, 2], "1", True, torch.tensor([0.0, 2.0])], ids=["list", "str", "bool", "float"])
+def test_task_ids_of_the_wrong_type_are_refused_when_set(bad):
+    """set_task_ids / use_task_ids took a list, a string, a bool or a float tensor and held it, the error coming at
+    a later forward, away from the call (a bool routed nothing until then); they are refused at the call, the
+    layers keeping the ids they held."""
+    model = get_moelora_model(tiny_bert(), MoELoRAConfig(target_modules=["query"], num_experts=3, router="task"))
+    held = torch.tensor([0, 2])
+    moelora.set_task_ids(model, held)
+    with pytest.raises(TypeError, match=r"^task ids must be (an int or an integer tensor|integers)"):
+        moelora.set_task_ids(model, bad)
+    with pytest.raises(TypeError, match=r"^task ids must be (an int or an integer tensor|integers)"):
+        with moelora.use_task_ids(model, bad):
+            pass
+    assert all(layer.task_ids is held for layer in _layers(model).values())
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_packed_row_routes_by_per_token_task_ids_and_refuses_per_example_ids_naming_them(backend):
     """A padding-free packed row (DataCollatorWithFlattening: [1, total], position_ids restarting per sequence) of
