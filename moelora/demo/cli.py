@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-task", type=int, help=f"eval examples per task ({_sizes_help('eval_per_task')})")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out-dir", default=defaults.out_dir, help="where the plot, checkpoint and metrics go")
-    p.add_argument("--quick", action="store_true", help="short run, as in CI (well under a minute on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="short run, as in CI (about 75 s on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=defaults.seed,
                    help=f"seed of the generated data, the initialisation and the batch order (default {defaults.seed})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
