@@ -58,9 +58,16 @@ CASES = {
                               (ValueError, r"logits must be 2-D, got shape \[4\]")),
     "router_topk/bad_mode": (lambda: ops.router_topk(torch.randn(3, 4), 2, 7, False),
                              (ValueError, r"mode must be 0 \(softmax_topk\) or 1 \(topk_softmax\), got 7")),
+    # An op whose every tensor argument is None has no device to dispatch on: the dispatcher refused it with
+    # "There were no tensor arguments to this function ... no fallback function is registered" (NotImplementedError,
+    # naming no argument) and the fake raised AttributeError.
+    "router_topk/logits_none": (lambda: ops.router_topk(None, 2, 0, False),
+                                (TypeError, r"router_topk: logits must be a tensor, got None")),
     # dispatch_metadata(topk_ids [T, k], num_experts, block_size)
     "dispatch_metadata/1d_ids": (lambda: ops.dispatch_metadata(_ids(4), 2, 0),
                                  (ValueError, r"topk_ids must be 2-D, got shape \[4\]")),
+    "dispatch_metadata/topk_ids_none": (lambda: ops.dispatch_metadata(None, 2, 0),
+                                        (TypeError, r"dispatch_metadata: topk_ids must be a tensor, got None")),
     "dispatch_metadata/float_ids": (lambda: ops.dispatch_metadata(torch.zeros(4, 1), 2, 0),
                                     (TypeError, r"topk_ids must be int32 or int64, got Float")),
     "dispatch_metadata/no_experts": (lambda: ops.dispatch_metadata(_ids(4, 1), 0, 0),
@@ -121,6 +128,8 @@ CASES = {
     # "tensor does not have a device", naming no argument.
     "dispatch/x_none": (lambda: ops.dispatch(None, sp, inv, None),
                         (TypeError, r"dispatch: x must be a tensor, got None")),
+    "dispatch/all_tensors_none": (lambda: ops.dispatch(None, None, None, None),
+                                  (TypeError, r"dispatch: x must be a tensor, got None")),
     "dispatch/sorted_pairs_none": (lambda: ops.dispatch(x, None, inv, w),
                                    (TypeError, r"dispatch: sorted_pairs must be a tensor, got None")),
     "dispatch/inverse_none": (lambda: ops.dispatch(x, sp, None, w),
@@ -128,6 +137,8 @@ CASES = {
     # combine(y_sorted [P, d], sorted_pairs [P], inverse [T, k], weights [T, k] | None)
     "combine/y_sorted_none": (lambda: ops.combine(None, sp, inv, w),
                               (TypeError, r"combine: y_sorted must be a tensor, got None")),
+    "combine/all_tensors_none": (lambda: ops.combine(None, None, None, None),
+                                 (TypeError, r"combine: y_sorted must be a tensor, got None")),
     "combine/1d_y_sorted": (lambda: ops.combine(torch.randn(6), sp, inv, None),
                             (ValueError, r"combine: y_sorted must be 2-D, got shape \[6\]")),
     "combine/int_y_sorted": (lambda: ops.combine(y.long(), sp, inv, None),
@@ -150,6 +161,8 @@ CASES = {
                                 (TypeError, r"pair_dot: a \(Double\) and b_sorted \(Float\) must share a dtype")),
     "pair_dot/a_none": (lambda: ops.pair_dot(None, y, sp, inv),
                         (TypeError, r"pair_dot: a must be a tensor, got None")),
+    "pair_dot/all_tensors_none": (lambda: ops.pair_dot(None, None, None, None),
+                                  (TypeError, r"pair_dot: b_sorted must be a tensor, got None")),
     "pair_dot/b_sorted_none": (lambda: ops.pair_dot(x, None, sp, inv),
                                (TypeError, r"pair_dot: b_sorted must be a tensor, got None")),
     "pair_dot/a_shape": (lambda: ops.pair_dot(torch.randn(3, 5), y, sp, inv),

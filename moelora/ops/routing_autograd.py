@@ -329,12 +329,25 @@ def _check_rows(op, data_name, data, index_name, index) -> None:
         raise ValueError(f"{op}: {data_name} has {data.shape[0]} rows but {index_name} has {index.shape[0]} {what}")
 
 
+def _no_device_kernel(name, fake):
+    """The kernel of ``moelora::<name>`` for the calls no device's kernel takes: those whose every tensor argument
+    is None (no device for the dispatcher to pick; it refused them naming no argument), and tensors on a
+    device the build has no kernel for. It runs the fake's argument checks, which name a None argument as the
+    kernels do, and otherwise refuses the device."""
+    def kernel(*args):
+        fake(*args)
+        devices = ", ".join(sorted({str(a.device) for a in args if isinstance(a, torch.Tensor)}))
+        raise NotImplementedError(f"{name}: moelora._C has no kernel for tensors on {devices}")
+    return kernel
+
+
 # ---- Native ops: fake kernels and autograd -----------------------------------------------
 def _register_native():
     lib = "moelora::"
 
     @torch.library.register_fake(lib + "router_topk")
     def _router_fake(logits, top_k, mode, renormalize):
+        _check_defined("router_topk", "logits", logits)
         _check_router_args(logits, top_k, mode)
         T, E = logits.shape
         acc = accumulator_dtype(logits.dtype)
@@ -344,6 +357,7 @@ def _register_native():
 
     @torch.library.register_fake(lib + "dispatch_metadata")
     def _meta_fake(topk_ids, num_experts, block_size):
+        _check_defined("dispatch_metadata", "topk_ids", topk_ids)
         _check_meta_args(topk_ids, num_experts, block_size)
         T, k = topk_ids.shape
         n = T * k
@@ -383,6 +397,10 @@ def _register_native():
             raise ValueError(f"pair_dot: a must have shape [T, d] = [{inverse.shape[0]}, {b.shape[1]}], "
                              f"got {list(a.shape)}")
         return a.new_empty(tuple(inverse.shape), dtype=accumulator_dtype(a.dtype))
+
+    for name, fake in (("router_topk", _router_fake), ("dispatch_metadata", _meta_fake), ("dispatch", _dispatch_fake),
+                       ("combine", _combine_fake), ("pair_dot", _pair_dot_fake)):
+        torch.library.impl(lib + name, "CompositeExplicitAutograd", _no_device_kernel(name, fake))
 
     torch.library.register_autograd(lib + "router_topk", _route_grads, setup_context=_route_setup)
     torch.library.register_autograd(
