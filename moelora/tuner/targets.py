@@ -68,16 +68,29 @@ def pattern_value(name: str, pattern: Optional[dict], default):
     return default
 
 
+# The attributes in which transformers' experts modules hold their expert count (DBRX's DbrxExpertGLU: moe_num_experts).
+EXPERT_COUNT_ATTRIBUTES = ("num_experts", "moe_num_experts", "num_local_experts")
+
+
 def stacked_expert_parameters(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False
                               ) -> Dict[str, tuple]:
     """name -> shape of the parameters holding the weights of a mixture-of-experts block's experts stacked in one
-    tensor ([E, ...], 3-D or more) in the modules of ``model`` that ``skip`` does not skip, as transformers' MoE
-    models store them (MixtralExperts.gate_up_proj [E, 2 * I, H], Qwen3MoeExperts.down_proj, JetMoE's
-    ParallelExperts.weight, ...): those of 3-D or more in a module whose class names experts ("Expert" in its
-    name; a ViT's position embeddings [1, N, d] or a weight-normed convolution's are no experts)."""
+    tensor in the modules of ``model`` that ``skip`` does not skip, as transformers' MoE models store them
+    (MixtralExperts.gate_up_proj [E, 2 * I, H], Qwen3MoeExperts.down_proj, JetMoE's ParallelExperts.weight, ...;
+    DBRX's DbrxExpertGLU.w1 [E * I, H], the experts' rows one after another): those of a module whose class names
+    experts ("Expert" in its name; a ViT's position embeddings [1, N, d] or a weight-normed convolution's are no
+    experts) of 3-D or more, or 2-D with rows of several per expert where the module holds its expert count E
+    (:data:`EXPERT_COUNT_ATTRIBUTES`; a router's [E, H] weight, GPT-OSS's expert biases [E, ...] are no such)."""
     return {f"{mn}.{pn}" if mn else pn: tuple(p.shape) for mn, m in model.named_modules()
             if "expert" in type(m).__name__.lower() and not skip(m)
-            for pn, p in m.named_parameters(recurse=False) if p.dim() >= 3}
+            for pn, p in m.named_parameters(recurse=False) if p.dim() >= 3 or _rows_of_stacked_experts(m, p)}
+
+
+def _rows_of_stacked_experts(module: nn.Module, param) -> bool:
+    """Whether ``param`` is 2-D with a multiple of ``module``'s expert count of rows, several per expert."""
+    count = next((c for c in (getattr(module, a, None) for a in EXPERT_COUNT_ATTRIBUTES)
+                  if isinstance(c, int) and c > 1), None)
+    return param.dim() == 2 and count is not None and param.shape[0] > count and param.shape[0] % count == 0
 
 
 def check_single_place(model: nn.Module, selected: Sequence[Tuple[str, nn.Module]], action: str,

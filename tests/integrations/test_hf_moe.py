@@ -131,6 +131,39 @@ def test_all_linear_leaves_out_routers_that_are_linear_subclasses():
         moelora.get_moelora_model(_build("phimoe"), _config(["q_proj", "router"]))
 
 
+def _dbrx():
+    """Tiny DBRX, whose experts' weights are stacked in 2-D parameters, the experts' rows one after another
+    (DbrxExpertGLU.w1, v1, w2 [E * ffn_hidden_size, d_model])."""
+    config = transformers.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=100,
+                                     attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+                                     ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("target", [["w1"], ["Wqkv", "w2"], ["mlp"], r".*\.mlp\.(w1|v1)"])
+def test_dbrx_experts_stacked_in_2d_parameters_are_named_and_warned_of_as_stacked_experts(target):
+    """DBRX stacks its experts' rows in 2-D parameters ([E * ffn, d]), not in 3-D ones: naming them raised the
+    bare "not found among the model's linear ... modules" ("matches no linear module"), and 'all-linear' adapted
+    the attention and the router without the warning that the experts keep their weights. Both now say they are
+    stacked expert parameters, as for Mixtral's 3-D ones; the GPT-OSS experts' 2-D biases [E, ...] are no more
+    listed than before."""
+    model = _dbrx()
+    with pytest.raises(ValueError, match=r"stacked in one tensor \(transformer\.blocks\.0\.ffn\.experts\.mlp\.(w1|v1|"
+                                         r"w2) \[64, 32\].*target_parameters"):
+        moelora.get_moelora_model(model, _config(target))
+    assert not _adapted(model)
+    with pytest.warns(UserWarning, match=r"the 6 parameter\(s\) holding the stacked weights of mixture-of-experts "
+                                         r"experts \(e\.g\. transformer\.blocks\.0\.ffn\.experts\.mlp\.w1, "
+                                         r"transformer\.blocks\.0\.ffn\.experts\.mlp\.v1\)"):
+        wrapped = moelora.get_moelora_model(model, _config("all-linear"))
+    assert "transformer.blocks.1.norm_attn_norm.attn.Wqkv" in _adapted(wrapped)
+    with pytest.warns(UserWarning, match=r"the 4 parameter\(s\) holding the stacked weights .* \(e\.g\. "
+                                         r"model\.layers\.0\.mlp\.experts\.gate_up_proj, "
+                                         r"model\.layers\.0\.mlp\.experts\.down_proj\)"):
+        moelora.get_moelora_model(_build("gpt_oss"), _config("all-linear"))
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "gpt_oss"])
 @pytest.mark.parametrize("ffn_modules, in_proj, out_proj", [(["mlp"], "experts", "experts"),
                                                             (["experts"], "gate_up_proj", "down_proj")])
