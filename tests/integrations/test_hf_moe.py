@@ -131,6 +131,32 @@ def test_all_linear_leaves_out_routers_that_are_linear_subclasses():
         moelora.get_moelora_model(_build("phimoe"), _config(["q_proj", "router"]))
 
 
+@pytest.mark.parametrize("target", ["all-linear", ["shared_expert_gate"]])
+def test_a_quantised_linear_beside_the_experts_is_no_router(target, tmp_path):
+    """QLoRA on Qwen2-MoE: bitsandbytes makes the block's shared_expert_gate (nn.Linear(hidden, 1)) a Linear4bit, an
+    nn.Linear subclass with a forward of its own, and moelora took it for a router like PhiMoE's: 'all-linear' left
+    it out silently (it adapts it in the model loaded without quantisation, as documented) and naming it raised
+    "is a Linear4bit ... that routes the experts". A router gives one logit per expert; the gate is adapted now, and
+    its adapter trains."""
+    pytest.importorskip("bitsandbytes")
+    config = transformers.AutoConfig.for_model("qwen2_moe", **{**COMMON, **MODELS["qwen2_moe"], "hidden_size": 64,
+                                                               "num_hidden_layers": 1, "moe_intermediate_size": 64,
+                                                               "shared_expert_intermediate_size": 64})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    assert type(model.model.layers[0].mlp.shared_expert_gate).__name__ == "Linear4bit"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 'all-linear': the stacked experts
+        wrapped = _randomized(moelora.get_moelora_model(model, _config(target)))
+    assert "model.layers.0.mlp.shared_expert_gate" in _adapted(wrapped)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.layers[0].mlp.shared_expert_gate.lora_B.grad.abs().sum() > 0
+
+
 def _dbrx():
     """Tiny DBRX, whose experts' weights are stacked in 2-D parameters, the experts' rows one after another
     (DbrxExpertGLU.w1, v1, w2 [E * ffn_hidden_size, d_model])."""
