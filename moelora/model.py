@@ -59,7 +59,7 @@ from moelora.modules.routed import (RoutedModule, RouterStats, real_tokens_of_at
                                     restore_routing_records, routed_modules, routing_records, running_in_backward)
 from moelora.modules.router import Router, check_steps
 from moelora.ops.routing_modes import check_task_ids
-from moelora.tuner.targets import (EXPERT_COUNT_ATTRIBUTES, OUTPUT_HEAD_NAMES, check_single_place, check_tied_source,
+from moelora.tuner.targets import (OUTPUT_HEAD_NAMES, check_single_place, check_tied_source, expert_count,
                                    layer_index, matches, method_sources, set_module, stacked_expert_parameters,
                                    transform_layer_index, unwrap)
 
@@ -284,15 +284,7 @@ def _expert_routers(model: nn.Module) -> Dict[int, str]:
     projection, that quantisation made a bitsandbytes Linear4bit / an FP8 linear layer) is no router."""
     return {id(m): n for n, block in model.named_modules() if isinstance(getattr(block, "experts", None), nn.Module)
             for m in block.children() if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
-            and _expert_count(block.experts) in (None, m.out_features)}
-
-
-def _expert_count(experts: nn.Module) -> Optional[int]:
-    """The number of experts of a mixture-of-experts block's ``experts`` module (an attribute of
-    :data:`EXPERT_COUNT_ATTRIBUTES`, or the length of a ModuleList of experts), or None where it holds none."""
-    if isinstance(experts, nn.ModuleList):
-        return len(experts)
-    return next((c for c in (getattr(experts, a, None) for a in EXPERT_COUNT_ATTRIBUTES) if is_int(c)), None)
+            and expert_count(block.experts) in (None, m.out_features)}
 
 
 def _unread_modules(model: nn.Module) -> Dict[int, str]:

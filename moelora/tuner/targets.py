@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
+from moelora.modules.fields import is_int
+
 DEFAULT_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
@@ -72,6 +74,15 @@ def pattern_value(name: str, pattern: Optional[dict], default):
 EXPERT_COUNT_ATTRIBUTES = ("num_experts", "moe_num_experts", "num_local_experts")
 
 
+def expert_count(experts: nn.Module) -> Optional[int]:
+    """The number of experts of a mixture-of-experts block's ``experts`` module (an int attribute of
+    :data:`EXPERT_COUNT_ATTRIBUTES`, or the length of a ModuleList of experts), or None where it holds none."""
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    return next((c for c in (getattr(experts, a, None) for a in EXPERT_COUNT_ATTRIBUTES)
+                 if is_int(c)), None)
+
+
 def stacked_expert_parameters(model: nn.Module, skip: Callable[[nn.Module], bool] = lambda m: False
                               ) -> Dict[str, tuple]:
     """name -> shape of the parameters holding the weights of a mixture-of-experts block's experts stacked in one
@@ -88,9 +99,8 @@ def stacked_expert_parameters(model: nn.Module, skip: Callable[[nn.Module], bool
 
 def _rows_of_stacked_experts(module: nn.Module, param) -> bool:
     """Whether ``param`` is 2-D with a multiple of ``module``'s expert count of rows, several per expert."""
-    count = next((c for c in (getattr(module, a, None) for a in EXPERT_COUNT_ATTRIBUTES)
-                  if isinstance(c, int) and c > 1), None)
-    return param.dim() == 2 and count is not None and param.shape[0] > count and param.shape[0] % count == 0
+    count = expert_count(module)
+    return param.dim() == 2 and count is not None and 1 < count < param.shape[0] and param.shape[0] % count == 0
 
 
 def check_single_place(model: nn.Module, selected: Sequence[Tuple[str, nn.Module]], action: str,
