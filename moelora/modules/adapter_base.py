@@ -67,6 +67,14 @@ def offloading_hook(module: nn.Module):
                 None)
 
 
+def offloaded_parameter_names(module: nn.Module):
+    """Names (as in ``module.named_parameters()``) of the parameters of ``module`` and its children that
+    accelerate has offloaded: on meta between forwards, in a module holding an offloading hook
+    (:func:`offloading_hook`), which loads them for each forward."""
+    return (n for name, m in module.named_modules() if offloading_hook(m) is not None
+            for n, p in m.named_parameters(prefix=name) if p.is_meta)
+
+
 def adapter_device(base_layer: nn.Module) -> torch.device:
     """Where a layer's adapters live: on the base weight's device; for a base layer offloaded by
     accelerate (its weight on meta between forwards), on the device its forwards run on, so that

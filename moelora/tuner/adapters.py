@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Set, Union
 import torch
 import torch.nn as nn
 
-from moelora.modules.adapter_base import is_adapter_layer, is_quantised_weight, offloading_hook, owned_by_moelora
+from moelora.modules.adapter_base import (is_adapter_layer, is_quantised_weight, offloaded_parameter_names,
+                                          owned_by_moelora)
 from moelora.modules.molex import mixed_by_molex
 from moelora.modules.routed import routed_modules
 from moelora.tuner.targets import check_single_place, check_tied_source, matches, set_module
@@ -114,8 +115,7 @@ def wrap_modules_to_save(model: nn.Module, patterns) -> List[str]:
                 "weight (torchao's quantize_, bitsandbytes' 4-bit / 8-bit layers) or another tensor subclass, which "
                 "takes no gradient, so its trainable copy could not train; adapt its linear layers instead "
                 "(target_modules), or save it from a model loaded without quantisation")
-        offloaded = next((f"{n}.{pn}" if n else pn for n, m in module.named_modules() if offloading_hook(m) is not None
-                          for pn, p in m.named_parameters() if p.is_meta), None)
+        offloaded = next(offloaded_parameter_names(module), None)
         if offloaded is not None:  # its copy would hold meta tensors, its copied hook loading the original's weights
             raise NotImplementedError(
                 f"modules_to_save names {name}, whose parameter {offloaded} accelerate has offloaded (on meta between "
@@ -367,16 +367,13 @@ def refuse_offloaded_biases(model: nn.Module, bias: str) -> None:
     if bias == "none":
         return
     trainable = adapter_tensor_names(model, bias)
-    for name, module in model.named_modules():
-        if offloading_hook(module) is None:
-            continue
-        offloaded = next((n for n, p in module.named_parameters(prefix=name) if n in trainable and p.is_meta), None)
-        if offloaded is not None:
-            raise NotImplementedError(
-                f"bias={bias!r} trains {offloaded}, which accelerate has offloaded (on meta between forwards): loaded "
-                "for each forward from the offloaded weights, it would take no gradient and could not be saved; use "
-                "bias='none', or load the model with that layer kept on a device (not \"cpu\" / \"disk\" in the "
-                "device_map)")
+    offloaded = next((n for n in offloaded_parameter_names(model) if n in trainable), None)
+    if offloaded is not None:
+        raise NotImplementedError(
+            f"bias={bias!r} trains {offloaded}, which accelerate has offloaded (on meta between forwards): loaded "
+            "for each forward from the offloaded weights, it would take no gradient and could not be saved; use "
+            "bias='none', or load the model with that layer kept on a device (not \"cpu\" / \"disk\" in the "
+            "device_map)")
 
 
 def _saved_originals_parameter_names(model: nn.Module) -> Set[str]:
