@@ -538,6 +538,19 @@ def test_cli_maps_every_flag_and_checks_mola_with_the_router(tmp_path, monkeypat
     assert main(["--out-dir", str(tmp_path)]) == 1  # the exit status says the reload differed
 
 
+@pytest.mark.parametrize("flag", [("--num-experts", "6"), ("--top-k", "1"), ("--top-k", "2")])
+def test_task_routing_refuses_the_learned_routers_expert_flags(tmp_path, monkeypatch, capsys, flag):
+    """--router task takes one expert per task, chosen by the example's task id: --num-experts and --top-k were
+    ignored without a word (the run reported 3 task experts for --num-experts 6), their defaults' values too."""
+    import moelora.demo.cli as cli
+
+    monkeypatch.setattr(cli, "run", lambda opts: pytest.fail(f"the demo ran with {flag}"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out-dir", str(tmp_path), "--router", "task", *flag])
+    assert exit_info.value.code == 2
+    assert f"{flag[0]} sets learned-router experts; --router task uses one expert per task" in capsys.readouterr().err
+
+
 def test_run_sizes_options_and_config():
     from moelora.demo.run import RUN_SIZES, DemoOptions, moelora_config, with_run_sizes
 

@@ -31,8 +31,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per mixed batch")
     p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of adapters and routers")
     p.add_argument("--head-lr", type=float, default=defaults.head_lr, help="learning rate of the task heads")
-    p.add_argument("--num-experts", type=int, default=defaults.num_experts, help="experts per adapted layer")
-    p.add_argument("--top-k", type=int, default=defaults.top_k, help="experts per token")
+    p.add_argument("--num-experts", type=int,
+                   help=f"experts per adapted layer (default {defaults.num_experts}; not with --router task)")
+    p.add_argument("--top-k", type=int, help=f"experts per token (default {defaults.top_k}; not with --router task)")
     p.add_argument("--r", type=int, default=defaults.r, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (scale alpha / r)")
     p.add_argument("--mola", choices=EXPERT_PRESETS, metavar="PRESET",
@@ -54,22 +55,29 @@ def parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> DemoOptions:
+    """DemoOptions of parsed flags; --num-experts and --top-k left out take DemoOptions' defaults."""
+    defaults = DemoOptions()
     return DemoOptions(
         steps=args.steps, train_per_task=args.train_per_task, eval_per_task=args.eval_per_task, quick=args.quick,
-        batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, num_experts=args.num_experts,
-        top_k=args.top_k, r=args.r, lora_alpha=args.lora_alpha, mola=args.mola, router=args.router,
-        molex=args.molex, device=args.device, out_dir=args.out_dir, seed=args.seed, plot=not args.no_plot,
-        progress=not args.no_progress)
+        batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+        num_experts=defaults.num_experts if args.num_experts is None else args.num_experts,
+        top_k=defaults.top_k if args.top_k is None else args.top_k, r=args.r, lora_alpha=args.lora_alpha,
+        mola=args.mola, router=args.router, molex=args.molex, device=args.device, out_dir=args.out_dir,
+        seed=args.seed, plot=not args.no_plot, progress=not args.no_progress)
 
 
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.router == "task" and args.mola:
-        p.error("--mola sets learned-router expert counts; --router task uses one expert per task")
-    if args.mola and args.top_k > min(map(int, args.mola)):  # else refused only once the model has loaded
+    if args.router == "task":  # else ignored: one expert per task, the task id's
+        given = [flag for flag, value in (("--mola", args.mola), ("--num-experts", args.num_experts),
+                                          ("--top-k", args.top_k)) if value is not None]
+        if given:
+            p.error(f"{given[0]} sets learned-router experts; --router task uses one expert per task, the example's")
+    top_k = DemoOptions().top_k if args.top_k is None else args.top_k
+    if args.mola and top_k > min(map(int, args.mola)):  # else refused only once the model has loaded
         p.error(f"--top-k must be at most the fewest experts per layer of --mola {args.mola} "
-                f"({min(map(int, args.mola))}), got {args.top_k}")
+                f"({min(map(int, args.mola))}), got {top_k}")
     try:  # a bad value is refused before any model loads, as argparse refuses one (usage, exit status 2)
         opts = options_from_args(args)
         moelora_config(with_run_sizes(opts, pretrained=True))
