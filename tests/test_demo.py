@@ -123,6 +123,7 @@ def test_help_describes_every_option():
     (("--top-k", "5"), "--top-k must be in [1, num_experts=4], got 5"),
     (("--mola", "8642", "--top-k", "3"), "--top-k must be at most the fewest experts per layer of --mola 8642 (2)"),
     (("--device", "bogus"), "--device must be a torch device this machine has, got 'bogus'"),
+    (("--device", "meta"), "--device must be a device that computes, got 'meta'"),
 ])
 def test_bad_flag_values_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, flags, message):
     """A zero or negative step count used to run the whole demo with no training step (and report

@@ -83,6 +83,9 @@ class DemoOptions:
             except (RuntimeError, AssertionError) as e:
                 raise ValueError(f"DemoOptions.device must be a torch device this machine has, got {self.device!r} "
                                  f"({e})") from None
+            if torch.device(self.device).type == "meta":  # failed once the model had loaded (the first .item())
+                raise ValueError("DemoOptions.device must be a device that computes, got 'meta' (meta tensors hold "
+                                 "no values to train or evaluate)")
 
 
 # Run sizes by (quick, pretrained). The fallback encoder is small and starts from random weights:
