@@ -11,7 +11,9 @@ resume and best-model loading read it back unchanged: they load non-strictly, an
 is the tensor that was kept; Trainer logs the alias as a missing key) and writes the adapters
 in moelora's format beside it, as ``save_pretrained`` does (every adapter; the active one only where
 Trainer passes a gathered state dict), so every checkpoint also loads with
-``MoELoRAModel.from_pretrained(base_model, checkpoint_dir)``.
+``MoELoRAModel.from_pretrained(base_model, checkpoint_dir)``; a model compiled before it was handed over
+(``torch.compile(model)``) is saved as the model it compiles, under the compiled module's names (Trainer's resume
+loads them into it).
 
 Threshold routing with an eps ramp (``router="threshold"`` and ``threshold_ramp_steps > 0``)
 needs ``moelora.step_routers(model)`` once per optimiser step, which Trainer does not call:
@@ -178,11 +180,13 @@ class MoELoRATrainer(Trainer):
             self.label_smoother = smoother
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        model = self.accelerator.unwrap_model(self.model)
+        held = self.accelerator.unwrap_model(self.model)
+        model = getattr(held, "_orig_mod", held)  # a model the user compiled: the MoELoRAModel it compiles
         if not isinstance(model, MoELoRAModel):
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        super()._save(output_dir, without_tied_aliases(state_dict if state_dict is not None else model.state_dict()))
+        # the held module's names (a compiled one's under _orig_mod.): those Trainer's resume loads into it
+        super()._save(output_dir, without_tied_aliases(state_dict if state_dict is not None else held.state_dict()))
         # Without a state_dict from Trainer (DeepSpeed / FSDP gather one) the model's own tensors are read: every
         # adapter is written, as save_pretrained lays them out; a given state_dict holds the active adapter only.
         model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)

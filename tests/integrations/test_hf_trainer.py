@@ -559,6 +559,46 @@ def test_moelora_trainer_checkpoints_a_tied_embedding_model_and_resumes(tmp_path
     torch.testing.assert_close(resumed_model(input_ids=ids).logits, expected)
 
 
+def test_moelora_trainer_checkpoints_a_model_the_user_compiled(tmp_path):
+    """A MoELoRAModel compiled before it is handed to MoELoRATrainer (``torch.compile(model)``; Trainer then needs
+    ``remove_unused_columns=False``, as for any compiled model: the compiled forward shows no signature) is
+    checkpointed as the model it compiles: tied aliases left out and the adapters written (before: the compiled
+    module was taken for no MoELoRAModel, so a tied-embedding model's checkpoint raised safetensors' 'Some tensors
+    share memory', and other models' checkpoints held no adapter files). Resuming into a compiled model loads it."""
+    def tied_llama():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True))
+
+    def compiled_llama_moelora():
+        model = get_moelora_model(tied_llama(), MoELoRAConfig(target_modules=["q_proj"], num_experts=4, top_k=2, r=4))
+        assert model.model.lm_head.weight is model.model.model.embed_tokens.weight
+        return model, torch.compile(model, backend="eager", fullgraph=True)
+
+    data = _lm_dataset(n=8)
+    model, compiled = compiled_llama_moelora()
+    trainer = MoELoRATrainer(model=compiled, train_dataset=data, args=_args(
+        tmp_path, save_strategy="steps", save_steps=2, max_steps=2, learning_rate=1e-2, remove_unused_columns=False))
+    trainer.train()
+    assert [log["aux_loss"] > 0 for log in trainer.state.log_history if "loss" in log] == [True, True]
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert {"model.safetensors", "adapter_model.safetensors", "moelora_config.json"} <= set(os.listdir(checkpoint))
+    ids = data[0]["input_ids"][None]
+    model.eval()
+    expected = model(input_ids=ids).logits
+    trained = {n: p.detach().clone() for n, p in _trainable(model).items()}
+
+    loaded = MoELoRAModel.from_pretrained(tied_llama(), str(checkpoint))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    resumed_model, resumed_compiled = compiled_llama_moelora()
+    assert any(not torch.equal(p, trained[n]) for n, p in _trainable(resumed_model).items())
+    MoELoRATrainer(model=resumed_compiled, train_dataset=data, args=_args(
+        tmp_path, max_steps=2, remove_unused_columns=False)).train(resume_from_checkpoint=str(checkpoint))
+    for name, p in _trainable(resumed_model).items():
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=0, msg=name)
+
+
 def test_moelora_trainer_checkpoints_hold_every_adapter_as_save_pretrained_writes_them(tmp_path):
     """A model with several adapters, training a non-default one: each checkpoint (and ``save_model``) holds
     every adapter in moelora's format, laid out as ``save_pretrained`` lays them out ("default" at the root,
