@@ -256,6 +256,53 @@ def test_gradient_accumulation_weights_the_aux_loss_per_micro_batch(tmp_path, lo
         torch.testing.assert_close(before[name] - p.detach(), grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+class MoELoRAMicroBatchRecorder(MoELoRATrainer):
+    """MoELoRATrainer remembering the micro-batches it computed losses on."""
+
+    micro_batches: list
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.micro_batches.append({k: v.detach().clone() for k, v in inputs.items() if k != "num_items_in_batch"})
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_torch_compile_trains_label_smoothing_with_gradient_accumulation_as_the_formula(tmp_path):
+    """``TrainingArguments(torch_compile=True)``: Trainer hands compute_loss the compiled module. With label smoothing
+    and 2 accumulated micro-batches one SGD step follows, per micro-batch, the smoothed loss of the next tokens over
+    the accumulated batch's token count plus the aux loss once (float64 reference by formula), and the logged
+    ``aux_loss`` is the micro-batches' mean (with the compiled module taken for no MoELoRAModel, the labels would
+    go unshifted and the aux loss unadded)."""
+    accumulation, smoothing, lr = 2, 0.1, 1.0
+    model = _llama_moelora()
+    reference = copy.deepcopy(model).double()
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    trainer = MoELoRAMicroBatchRecorder(model=model, train_dataset=_lm_dataset(n=4), args=_args(
+        tmp_path, optim="sgd", learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
+        label_smoothing_factor=smoothing, torch_compile=True, torch_compile_backend="eager"))
+    trainer.micro_batches = []
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.model_accepts_loss_kwargs and len(trainer.micro_batches) == accumulation
+
+    tokens = sum(batch["labels"][:, 1:].numel() for batch in trainer.micro_batches)
+    total, aux_losses = 0, []
+    for batch in trainer.micro_batches:
+        log_probs = reference.model(input_ids=batch["input_ids"]).logits[:, :-1].log_softmax(-1)
+        aux_losses.append(moelora.aux_loss(reference))
+        nll = -log_probs.gather(-1, batch["labels"][:, 1:, None]).sum()
+        uniform = -log_probs.mean(-1).sum()
+        total = total + ((1 - smoothing) * nll + smoothing * uniform) / tokens + aux_losses[-1]
+    assert all(aux.dtype == torch.float64 and aux > 0 for aux in aux_losses)
+    expected = torch.autograd.grad(total, list(_trainable(reference).values()))
+    for (name, p), grad in zip(_trainable(model).items(), expected):
+        torch.testing.assert_close((before[name] - p.detach()).double() / lr, grad, rtol=1e-4, atol=1e-6, msg=name)
+    logged = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logged) == 1
+    assert logged[0]["aux_loss"] == pytest.approx(sum(aux_losses).item() / accumulation, rel=1e-5)
+    assert logged[0]["loss"] == pytest.approx(total.item(), rel=1e-5)
+
+
 def test_moelora_trainer_leaves_the_upcycled_experts_biases_out_of_weight_decay(tmp_path):
     """Trainer decays every parameter but the norms' and those whose name holds "bias". An upcycled FFN's expert
     biases (MoEFFN's b_in, b_out: copies of BERT's intermediate.dense.bias and output.dense.bias, which Trainer
