@@ -1,7 +1,7 @@
 """Routing benchmark: moelora's fused route + dispatch_metadata + dispatch + combine against
 the plain PyTorch chain (softmax, topk, argsort, index_select, index_add).
 
-    python benchmarks/bench_routing.py --out routing.json
+    python -m benchmarks.bench_routing --out routing.json
 
 On a GPU: T in {8192, 65536}, E in {8, 64}, k = 2, d = 4096, bf16; CUDA events after
 warm-up, median of --repeats runs, per stage and end to end. On CPU: one tiny smoke shape
@@ -106,6 +106,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=20)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be non-negative, got {args.warmup}")
+    out_dir = Path(args.out).resolve().parent  # checked before the timings, which its absence would lose
+    if Path(args.out).is_dir() or not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
+        ap.error(f"--out {args.out}: cannot write a file there (a writable directory's file name is expected)")
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

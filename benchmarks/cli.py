@@ -87,6 +87,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
+              "use --device cpu (or auto) for the CPU stand-in suite", file=sys.stderr)
+        return 2
     kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # an explicit index: torch.cuda.set_device rejects an index-less torch.device("cuda")
     device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
@@ -130,6 +134,9 @@ def _option_problems(args: argparse.Namespace) -> List[str]:
     except ValueError:
         problems.append(f"--sweep-tokens wants comma-separated positive token counts, e.g. 512,4096, "
                         f"got {args.sweep_tokens!r}")
+    unwritable = report.unwritable_dir(args.out_dir)
+    if unwritable and args.resume is None:  # a resumed run writes beside its --resume file
+        problems.append(f"--out-dir {args.out_dir}: {unwritable}")
     names = {i.name for i in impls.DELTA + impls.LAYER + impls.FFN}
     unknown = [n for n in args.skip.split(",") if n and n not in names]
     if unknown:
@@ -160,6 +167,13 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         for problem in problems:
             print(problem, file=sys.stderr)
         return 2
+    resumed = None
+    if args.resume is not None:
+        try:
+            resumed = targets.read_results(args.resume)
+        except ValueError as exc:
+            print(f"--resume: {exc}", file=sys.stderr)
+            return 2
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     repeats = args.repeats or ((15 if args.quick else 50) if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
@@ -181,7 +195,11 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         print(f"unknown shapes {unknown}; choose from {sorted(shapes)}", file=sys.stderr)
         return 2
 
-    installed = tuned.install(p for p in args.tuned.split(",") if p)
+    try:
+        installed = tuned.install(p for p in args.tuned.split(",") if p)
+    except ValueError as exc:
+        print(f"--tuned: {exc}", file=sys.stderr)
+        return 2
     if installed:
         log(f"tuned tables installed: {json.dumps(installed)}")
     if args.profile:
@@ -197,7 +215,7 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         f"dtype {str(dtype).replace('torch.', '')}, repeats {repeats}, budget {args.time_budget}")
     paths = report.result_paths(args.out_dir, meta)
     results = {
-        "schema": "moelora-bench/1",
+        "schema": targets.SCHEMA,
         "meta": {**meta, "argv": argv, "dtype": str(dtype).replace("torch.", ""),
                  "repeats": repeats, "warmup": warmup, "min_repeats": min_repeats, "case_cap_s": case_cap,
                  "time_budget_s": args.time_budget, "moelora_validation": False, "tuned": installed,
@@ -213,8 +231,8 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
         "cases": [],
         "checks": {},
     }
-    if args.resume is not None:
-        results = json.loads(Path(args.resume).read_text())
+    if resumed is not None:
+        results = resumed
         results["meta"]["restarts"] = results["meta"].get("restarts", 0) + 1
         budget.start = time.monotonic() - (time.time() - results["meta"]["start_epoch"])
         paths = {"json": Path(args.resume), "png": Path(args.resume).with_suffix(".png")}

@@ -88,6 +88,28 @@ def result_paths(out_dir: Path, meta: dict) -> Dict[str, Path]:
     return {"json": out_dir / f"{stem}.json", "png": out_dir / f"{stem}.png"}
 
 
+def unwritable_dir(path: Path) -> Optional[str]:
+    """Why files could not be written into the directory ``path`` (created where missing: its nearest existing
+    ancestor must be a writable directory), or None."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def output_file_problem(path) -> Optional[str]:
+    """Why a report could not be written to the file ``path`` (its directory created where missing), or None:
+    checked before a tuning run, so that a bad --out does not lose its measurements."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory"
+    return unwritable_dir(path.parent)
+
+
 def write_json(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

@@ -24,6 +24,26 @@ import json
 import sys
 from typing import List, Optional
 
+SCHEMA = "moelora-bench/1"  # the "schema" of the results JSON that python -m benchmarks writes
+
+
+def read_results(path) -> dict:
+    """The results JSON at ``path`` (written by ``python -m benchmarks``); ValueError naming the file and what
+    is wrong where it cannot be read, is not JSON, or is not such a results file (a tuner's or the routing
+    benchmark's report, whose targets would all read "not measured")."""
+    try:
+        with open(path) as fh:
+            results = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(results, dict) or results.get("schema") != SCHEMA or not isinstance(results.get("cases"), list):
+        schema = results.get("schema") if isinstance(results, dict) else None
+        raise ValueError(f"{path}: not a results file of python -m benchmarks (expected a JSON object with "
+                         f"schema {SCHEMA!r} and a list of cases, got {type(results).__name__} with schema {schema!r})")
+    return results
+
 
 def _find(cases, shape, group, p, impl) -> Optional[dict]:
     for c in cases:
@@ -144,8 +164,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="a results JSON written by python -m benchmarks")
     args = parser.parse_args(argv)
-    with open(args.results) as fh:
-        results = json.load(fh)
+    try:
+        results = read_results(args.results)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(format_targets(evaluate(results), results.get("meta")), flush=True)
     return 0
 

@@ -23,11 +23,17 @@ from moelora.ops import moe_ffn, moe_lora
 
 
 def install(paths: Iterable[str]) -> dict:
-    """Install the tables of each report; returns {path: what was installed from it}."""
+    """Install the tables of each report; returns {path: what was installed from it}. ValueError naming the
+    file where one cannot be read, is not JSON or holds no tuned table."""
     installed = {}
     for path in paths:
-        report = json.loads(Path(path).read_text())
-        if not {"dense_configs", "grouped_configs"} & set(report):
+        try:
+            report = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a JSON file ({exc})") from None
+        if not isinstance(report, dict) or not {"dense_configs", "grouped_configs"} & set(report):
             raise ValueError(f"{path}: no tuned table in it (expected the JSON of benchmarks.tune_dense or "
                              "benchmarks.tune_grouped)")
         got = {}

@@ -123,6 +123,86 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, extra, m
     assert not list(tmp_path.glob("*.json"))
 
 
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+TUNE_REPORT = RESULTS_DIR / "tune-dense-nvidia-h200-20261128T193823.json"
+
+
+def _bad_files(tmp_path):
+    """A missing file, a file that is not JSON, a JSON list and a tuner's report (not a results file)."""
+    (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    return {"missing": (tmp_path / "missing.json", "cannot read it"), "bad": (tmp_path / "bad.json", "not a JSON file"),
+            "list": (tmp_path / "list.json", "not a results file"), "tune": (TUNE_REPORT, "not a results file")}
+
+
+@pytest.mark.parametrize("option, kind", [("--resume", "missing"), ("--resume", "bad"), ("--resume", "tune"),
+                                          ("--tuned", "missing"), ("--tuned", "bad"), ("--tuned", "list"),
+                                          ("--out-dir", "file"), ("--out-dir", "under_file")])
+def test_files_that_cannot_be_read_or_written_are_refused_before_anything_runs(tmp_path, capsys, option, kind):
+    """--resume / --tuned naming a missing, malformed or other file, and an --out-dir that cannot be made a
+    directory, exit 2 naming the option and the file (were tracebacks: --out-dir's after the first group ran)."""
+    out_dir = tmp_path / "out"
+    (tmp_path / "afile").write_text("x")
+    files = {**_bad_files(tmp_path), "file": (tmp_path / "afile", "is not a directory"),
+             "under_file": (tmp_path / "afile" / "sub", "is not a directory")}
+    path, message = files[kind]
+    message = "no tuned table" if (option, kind) == ("--tuned", "list") else message
+    out_dir = path if option == "--out-dir" else out_dir
+    argv = ["--device", "cpu", "--shapes", "S4", "--no-sweep", "--passes", "fwd", "--no-host-overhead"]
+    assert cli.main([*argv, "--out-dir", str(out_dir), *([option, str(path)] if option != "--out-dir" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{option}") and str(path) in err and message in err, err
+    assert not list(tmp_path.rglob("bench-*.json"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_device_cuda_without_a_gpu_says_so(tmp_path, capsys):
+    """--device cuda on a machine without CUDA: exit 2 saying so (was an AssertionError deep in torch.cuda)."""
+    assert cli.main(["--device", "cuda", "--out-dir", str(tmp_path)]) == 2
+    assert "--device cuda: no CUDA device" in capsys.readouterr().err
+
+
+def test_targets_refuse_what_is_not_a_results_file_and_accept_the_committed_ones(tmp_path, capsys):
+    """python -m benchmarks.targets FILE: exit 2 naming the file for a missing, malformed or other JSON (were
+    tracebacks; a tuner's report read every target "not measured"), 0 with every target for the committed runs."""
+    for path, message in _bad_files(tmp_path).values():
+        assert targets.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(str(path)) and message in err, err
+    committed = sorted(RESULTS_DIR.glob("bench-*.json"))
+    assert committed
+    for path in committed:
+        assert targets.main([str(path)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 11 and all(line.split()[0] in ("met", "missed", "not") for line in lines), lines
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("tune_dense", ["--repeats", "0"], "--repeats must be at least 1, got 0"),  # recorded KeyErrors, exit 0
+    ("tune_dense", ["--out", "{tmp}/afile/t.json"], "afile is not a directory"),  # lost the run's measurements
+    ("tune_dense", ["--budget", "-1"], "--budget must be non-negative"),
+    ("tune_grouped", ["--repeats", "-1"], "--repeats must be at least 1, got -1"),
+    ("tune_grouped", ["--out", "{tmp}"], "is a directory"),
+    ("bench_routing", ["--repeats", "0"], "--repeats must be at least 1, got 0"),  # StatisticsError
+    ("bench_routing", ["--warmup", "-1"], "--warmup must be non-negative"),
+    ("bench_routing", ["--out", "{tmp}/missing/r.json"], "cannot write a file there"),  # after the timings
+])
+def test_tuners_and_routing_benchmark_refuse_bad_options_before_measuring(tmp_path, capsys, monkeypatch,
+                                                                          module, argv, message):
+    import importlib
+
+    (tmp_path / "afile").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv = argv if "--out" in argv else ["--out", str(tmp_path / "r.json"), *argv]
+    mod = importlib.import_module(f"benchmarks.{module}")
+    monkeypatch.setattr(sys, "argv", [module, *argv])  # bench_routing.main reads sys.argv
+    with pytest.raises(SystemExit) as info:
+        mod.main(argv) if module != "bench_routing" else mod.main()
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_time_budget_records_skips(tmp_path):
     results, _ = _run(tmp_path, "--shapes", "S2", "--no-sweep", "--time-budget", "0", "--markdown")
     statuses = {c["status"] for c in results["cases"]}
