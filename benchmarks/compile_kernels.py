@@ -24,6 +24,7 @@ interpreter patches triton.language in place.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import functools
 import os
@@ -483,8 +484,10 @@ def compile_job(index: int) -> str:
             + (f" ({fits} programs per SM, at least {wanted} wanted)" if wanted is not None else ""))
 
 
-def main() -> int:
+def main(argv=None) -> int:
     """Compile every job, in parallel processes (one per CPU), and report each."""
+    argparse.ArgumentParser(prog="python -m benchmarks.compile_kernels", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     count = len(all_jobs())
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, 16)) as pool:
         lines = list(pool.map(compile_job, range(count)))

@@ -16,6 +16,7 @@ launches are counted.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import os
@@ -235,7 +236,9 @@ def table(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python -m benchmarks.hostcost", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     _, T, D = _sizes(device)
     print(f"host time per call with Triton launches skipped, on {device} (T={T}, d={D}, r={R}, E={E}, k={K})")

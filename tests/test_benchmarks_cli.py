@@ -203,6 +203,20 @@ def test_tuners_and_routing_benchmark_refuse_bad_options_before_measuring(tmp_pa
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("module", ["compile_kernels", "hostcost"])
+def test_help_prints_usage_instead_of_running(capsys, module):
+    """--help of compile_kernels (minutes of compiles) and hostcost ran the whole job; an unknown option too."""
+    import importlib
+
+    mod = importlib.import_module(f"benchmarks.{module}")
+    with pytest.raises(SystemExit) as info:
+        mod.main(["--help"])
+    assert info.value.code == 0 and f"python -m benchmarks.{module}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        mod.main(["--no-such-option"])
+    assert info.value.code == 2
+
+
 def test_time_budget_records_skips(tmp_path):
     results, _ = _run(tmp_path, "--shapes", "S2", "--no-sweep", "--time-budget", "0", "--markdown")
     statuses = {c["status"] for c in results["cases"]}
