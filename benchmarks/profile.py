@@ -52,19 +52,24 @@ def run_case(case_id: str, shapes: dict, dtype: torch.dtype, device: torch.devic
         shape_name, group, pass_name, impl_name = case_id.split("/")
         base, _, tokens = shape_name.partition("@T")
         shape, impl = shapes[base], impls.by_name(impl_name)
-        if pass_name not in PASSES + (DECODE_PASS,):
-            raise ValueError(pass_name)
+        if pass_name not in PASSES + (DECODE_PASS,) or (tokens and int(tokens) < 1):
+            raise ValueError(case_id)
         if pass_name == DECODE_PASS:
             shape = decode_shape(shape, int(tokens) if tokens else shape.tokens)
         elif tokens:
             shape = dataclasses.replace(shape.with_tokens(int(tokens)), layer=shape.layer)
     except (ValueError, KeyError):
         print(f"--profile wants shape/group/pass/implementation, e.g. S1/layer/fwdbwd/moelora-MoELoRALinear; "
-              f"shapes {sorted(shapes)} (or <shape>@T<tokens>), passes {', '.join(PASSES + (DECODE_PASS,))}, "
+              f"shapes {sorted(shapes)} (or <shape>@T<tokens>, a positive token count), "
+              f"passes {', '.join(PASSES + (DECODE_PASS,))}, "
               f"implementations {[i.name for i in impls.DELTA + impls.LAYER + impls.FFN]}", file=sys.stderr)
         return 2
     if impl.group != group:
         print(f"{impl_name} belongs to the {impl.group} group, not {group}", file=sys.stderr)
+        return 2
+    if pass_name == DECODE_PASS and group != "layer":
+        print(f"{case_id}: the decode pass times the layer group only (e.g. S1@T8/layer/decode/moelora-MoELoRALinear)",
+              file=sys.stderr)
         return 2
     reason = impl.probe(shape, device)
     if reason is not None:

@@ -355,6 +355,19 @@ def test_profile_writes_one_table_per_case(tmp_path, capsys):
     assert (tmp_path / "bad" / "profile-S1-delta-fwd-moelora-torch.txt").exists()
 
 
+@pytest.mark.parametrize("case, message", [
+    ("S1@T0/delta/fwd/naive", "--profile wants"),  # profiled an empty case
+    ("S1@T-4/delta/fwd/naive", "--profile wants"),  # a traceback from torch (negative dimension)
+    ("S1@T8/delta/decode/naive", "the decode pass times the layer group only"),  # timed a case the suite has not
+    ("S5/ffn/decode/naive-ffn", "the decode pass times the layer group only")])
+def test_profile_refuses_a_token_count_below_1_and_the_decode_pass_outside_the_layer_group(
+        tmp_path, capsys, case, message):
+    assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--profile", case]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_profile_reports_on_stderr_and_goes_on_after_a_case_that_fails(tmp_path, capsys, monkeypatch):
     """gpu_session.sh keeps --profile's stderr (its log) and drops its stdout (the tables, which it
     keeps as files): why a case was not profiled goes to stderr, and a case whose implementation
