@@ -182,8 +182,9 @@ def _run(args: argparse.Namespace, device: torch.device, on_gpu: bool, argv: Lis
     passes = [p for p in args.passes.split(",") if p]
     train_passes = [p for p in passes if p in PASSES]
     unknown = [p for p in passes if p not in PASSES + (DECODE_PASS,)]
-    if unknown:
-        print(f"unknown passes {unknown}; choose from {', '.join(PASSES + (DECODE_PASS,))}", file=sys.stderr)
+    if unknown or not passes:  # none: nothing would run, and an empty results file be written
+        print(f"unknown passes {unknown}; choose from {', '.join(PASSES + (DECODE_PASS,))}" if unknown else
+              f"--passes names no pass; choose from {', '.join(PASSES + (DECODE_PASS,))}", file=sys.stderr)
         return 2
     if args.decode_tokens < 1:
         print(f"--decode-tokens must be a positive token count, got {args.decode_tokens}", file=sys.stderr)

@@ -101,6 +101,8 @@ def test_decode_pass_alone(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [(["--passes", "fwd,infer"], "unknown passes ['infer']"),
+                                            # ran nothing, wrote an empty results file, exit 0
+                                            (["--passes", ","], "--passes names no pass"),
                                             (["--decode-tokens", "0"], "--decode-tokens must be a positive"),
                                             # were read after the whole suite had run: a traceback, no table
                                             (["--sweep-tokens", "32,1k"], "--sweep-tokens wants comma-separated"),
