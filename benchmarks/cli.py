@@ -55,7 +55,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "even if a case hangs (default: --time-budget + 60)")
     p.add_argument("--sweep-share", type=float, default=0.25,
                    help="share of --time-budget kept for the sweep, which runs last (default 0.25)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats, 4-point sweep, shorter case cap")
+    p.add_argument("--quick", action="store_true",
+                   help="every other point of the default sweep; on a GPU also fewer repeats (15) and a shorter "
+                        "case cap (0.4 s)")
     p.add_argument("--passes", default=",".join(PASSES + (DECODE_PASS,)),
                    help="comma-separated subset of fwd,bwd,fwdbwd,decode (decode: S1's layer group in inference, "
                         "eval mode under torch.inference_mode, at --decode-tokens tokens)")
@@ -122,11 +124,14 @@ def _option_problems(args: argparse.Namespace) -> List[str]:
     problems = []
     bounds = {"repeats": (lambda v: v >= 1, "at least 1"), "min_repeats": (lambda v: v >= 1, "at least 1"),
               "warmup": (lambda v: v >= 0, "non-negative"), "case_cap": (lambda v: v > 0, "positive"),
-              "time_budget": (lambda v: v >= 0, "non-negative"), "hard_deadline": (lambda v: v >= 0, "non-negative")}
+              "time_budget": (lambda v: v >= 0, "non-negative"), "hard_deadline": (lambda v: v >= 0, "non-negative"),
+              "cpu_threads": (lambda v: v >= 0, "non-negative"), "max_restarts": (lambda v: v >= 0, "non-negative")}
     for name, (ok, expected) in bounds.items():
         value = getattr(args, name)
         if value is not None and not ok(value):
             problems.append(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+    if args.min_repeats is not None and args.repeats is not None and args.min_repeats > args.repeats:
+        problems.append(f"--min-repeats must be at most --repeats ({args.repeats}), got {args.min_repeats}")
     if not 0 <= args.sweep_share < 1:
         problems.append(f"--sweep-share must be in [0, 1), got {args.sweep_share}")
     try:

@@ -118,6 +118,12 @@ def test_decode_pass_alone(tmp_path):
                                             (["--sweep-share", "1"], "--sweep-share must be in [0, 1)"),
                                             (["--min-repeats", "0"], "--min-repeats must be at least 1, got 0"),
                                             (["--warmup", "-1"], "--warmup must be non-negative, got -1"),
+                                            # acted as 0 without a word
+                                            (["--cpu-threads", "-2"], "--cpu-threads must be non-negative, got -2"),
+                                            (["--max-restarts", "-1"], "--max-restarts must be non-negative"),
+                                            # ran more repeats than --repeats asked for
+                                            (["--repeats", "3", "--min-repeats", "4"],
+                                             "--min-repeats must be at most --repeats (3), got 4"),
                                             (["--shapes", "S1,S9"], "unknown shapes ['S9']")])
 def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, extra, message):
     assert cli.main(["--device", "cpu", "--out-dir", str(tmp_path), "--shapes", "S1", *extra]) == 2
