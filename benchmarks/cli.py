@@ -109,11 +109,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _sweep_tokens(text: Optional[str]) -> Optional[List[int]]:
-    """The token counts of --sweep-tokens (None: the default sweep); ValueError unless positive integers."""
+    """The token counts of --sweep-tokens (None: the default sweep); ValueError unless distinct positive
+    integers (a repeated count would record two cases under one id)."""
     if not text:
         return None
     tokens = [int(t) for t in text.split(",")]
-    if min(tokens) < 1:
+    if min(tokens) < 1 or len(set(tokens)) != len(tokens):
         raise ValueError(text)
     return tokens
 
@@ -137,7 +138,7 @@ def _option_problems(args: argparse.Namespace) -> List[str]:
     try:
         _sweep_tokens(args.sweep_tokens)
     except ValueError:
-        problems.append(f"--sweep-tokens wants comma-separated positive token counts, e.g. 512,4096, "
+        problems.append(f"--sweep-tokens wants comma-separated distinct positive token counts, e.g. 512,4096, "
                         f"got {args.sweep_tokens!r}")
     unwritable = report.unwritable_dir(args.out_dir)
     if unwritable and args.resume is None:  # a resumed run writes beside its --resume file

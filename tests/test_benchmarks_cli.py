@@ -107,6 +107,8 @@ def test_decode_pass_alone(tmp_path):
                                             # were read after the whole suite had run: a traceback, no table
                                             (["--sweep-tokens", "32,1k"], "--sweep-tokens wants comma-separated"),
                                             (["--sweep-tokens", "0"], "--sweep-tokens wants comma-separated"),
+                                            # two cases recorded under one id
+                                            (["--sweep-tokens", "32,64,32"], "--sweep-tokens wants comma-separated"),
                                             # was ignored: the implementation ran
                                             (["--skip", "moelora-trch"], "--skip: unknown implementations"),
                                             # 0 fell back to the default, -2 failed every case (KeyError)
