@@ -162,7 +162,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> List[str]:
             raise ValueError("target_modules='all-linear' matches no linear layer of the model (output heads and "
                              "nn.MultiheadAttention's out_proj are left out)")
         _warn_stacked_left_out("target_modules='all-linear' adapts linear layers only: the",
-                               [n for n in stacked if not _names_parameter(n, config.exclude_modules or [])])
+                               [n for n in stacked if not _excludes_parameter(n, config.exclude_modules or [])])
     else:
         selected = [n for n, _ in candidates if matches(n, target)]
         named = [n for n in stacked if _names_parameter(n, target)]
@@ -253,6 +253,13 @@ def _names_parameter(name: str, target) -> bool:
     holder, _, leaf = name.rpartition(".")
     return (matches(name, target) or matches(holder, target)
             or any(matches(f"{holder}.{old}", target) for old in FUSED_EXPERT_PROJECTIONS.get(leaf, ())))
+
+
+def _excludes_parameter(name: str, exclude) -> bool:
+    """Whether ``exclude`` (exclude_modules) names the parameter ``name`` as :func:`_names_parameter` does, or a
+    module above the one holding it (DBRX's experts module holds its stacked weights in experts.mlp)."""
+    parts = name.split(".")
+    return _names_parameter(name, exclude) or any(matches(".".join(parts[:i]), exclude) for i in range(1, len(parts)))
 
 
 def _stacked_hint(stacked: Dict[str, tuple]) -> str:

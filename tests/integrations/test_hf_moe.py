@@ -89,8 +89,12 @@ def test_stacked_experts_left_out_beside_adapted_modules_warn(name, target, expe
 
 
 def test_attention_targets_and_excluded_experts_do_not_warn(recwarn):
+    """Excluding the experts module silences the stacked-experts warning of 'all-linear', also for DBRX, whose
+    experts module holds its stacked weights one module down (experts.mlp.w1: the warning came all the same)."""
     moelora.get_moelora_model(_build("mixtral"), _config(["q_proj", "v_proj"]))
     moelora.get_moelora_model(_build("mixtral"), _config("all-linear", exclude_modules=["experts"]))
+    wrapped = moelora.get_moelora_model(_dbrx(), _config("all-linear", exclude_modules=["experts"]))
+    assert "transformer.blocks.1.norm_attn_norm.attn.Wqkv" in _adapted(wrapped)
     assert not [w for w in recwarn if "stacked weights" in str(w.message)]
 
 
