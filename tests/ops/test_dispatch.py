@@ -187,6 +187,27 @@ def test_dispatch_with_validation_off_gives_a_zero_row_for_a_pair_past_the_pairs
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_combine_weight_gradient_of_half_rows_accumulates_in_fp32(path, dtype):
+    """The gate weights' gradient of a combine of half-precision rows (pair_dot(g, y)): each
+    sum_d g[t, d] y[pos(t, j), d] of the half values in fp32, not rounded to half precision, against
+    float64 by relative error."""
+    gen = torch.Generator().manual_seed(41)
+    T, E, k, d = 37, 6, 3, 256
+    ids = _random_ids(T, E, k, gen)
+    meta = run_path(path, moelora.dispatch_metadata, ids, E, block_size=4)
+    y = torch.randn(meta.layout[0].shape[0], d, generator=gen).to(dtype)
+    g = torch.randn(T, d, generator=gen).to(dtype)
+    w = torch.rand(T, k, generator=gen, requires_grad=True)
+    out = run_path(path, moelora.combine, y, meta, w)
+    run_path(path, torch.autograd.backward, out, g)
+    inv = meta.layout[1]
+    want = (g.double().unsqueeze(1) * y.double()[inv]).sum(-1)
+    assert w.grad.dtype == torch.float32
+    assert ((w.grad.double() - want).norm() / want.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_backward_with_expanded_gradient(path):
     """y.sum() hands backward a stride-0 gradient: gradients must still be exact."""
     ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
