@@ -352,6 +352,20 @@ def test_task_routing_reuse_keeps_apart_the_routings_with_and_without_a_shared_e
         assert r.weights.shape == expected.shape and torch.equal(r.weights[:, 0], gamma[per_token[:, 0]])
 
 
+def test_task_routing_reuse_keeps_apart_the_routings_of_gammas_of_other_accumulator_dtypes():
+    """One task-id tensor routed with a float32 gamma, then a float64 one (a model converted with .double()),
+    then a bfloat16 one: each gets gamma[task] in its accumulator dtype (float64 for float64, float32 else),
+    not the one-hot matrix built in the other dtype (a matmul of mixed dtypes)."""
+    ids = torch.randint(0, 4, (3,))
+    gamma64 = torch.randn(4, dtype=torch.float64)
+    for gamma, dtype in [(gamma64.float(), torch.float32), (gamma64, torch.float64),
+                         (gamma64.bfloat16(), torch.float32)]:
+        weights = task_routing(ids, gamma, (3, 2)).weights
+        assert weights.dtype == dtype
+        want = gamma.double()[ids].repeat_interleave(2).unsqueeze(1)
+        assert rel_err(weights.double(), want) == 0
+
+
 def test_task_routing_reused_after_an_inference_mode_forward_trains():
     """Task ids set once, a forward under torch.inference_mode (evaluation, generation), then a
     training step: what the first forward kept for the task-id tensor must not be inference
