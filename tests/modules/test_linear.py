@@ -631,6 +631,35 @@ def test_dora_with_bias_matches_float64_reference_on_both_paths(hooked):
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "composed"])
+def test_dora_over_a_bfloat16_base_keeps_its_dtype_and_matches_float64_reference(hooked):
+    """DoRA over a bfloat16 base with its fp32 adapters (PEFT's layout): the output has the base's dtype, as every
+    other layer's (the magnitude scale runs in the adapters' fp32 and is cast back), on the fused path and on the
+    composed one (a base layer with a forward hook), and equals m / ||W + s B A||_row (.) (x W^T + s B A x) + b in
+    float64 within bfloat16's rounding; every adapter gradient has its parameter's dtype and the float64 values."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).to(torch.bfloat16)
+    layer = MoELoRALinear(base, num_experts=1, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False).eval()
+    assert layer.lora_magnitude_vector.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(torch.rand(12) + 0.5)
+    if hooked:
+        base.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(3, 5, 16).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 12)
+    params = [layer.lora_A, layer.lora_B, layer.lora_magnitude_vector]
+    dy = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, params, dy.to(out.dtype))
+    a, b, m = (p.detach().double().requires_grad_() for p in params)
+    s, w, xd = layer.scaling, base.weight.double(), x.double()
+    norm = torch.linalg.norm(w + s * b[0] @ a[0], dim=1).detach()  # a constant, as PEFT's
+    expected = m / norm * (xd @ w.t() + s * xd @ a[0].t() @ b[0].t()) + base.bias.double()
+    assert rel_err(out, expected) < 2e-2
+    for name, p, got, want in zip(["A", "B", "magnitude"], params, grads, torch.autograd.grad(expected, [a, b, m], dy)):
+        assert got.dtype == p.dtype and rel_err(got, want) < 3e-2, name
+
+
 def test_dora_lora_dropout_changes_nothing_in_eval_on_the_composed_path():
     """LoRA dropout is inert in eval: a DoRA layer with lora_dropout=0.3 computes what the same layer with
     lora_dropout=0 does, on the composed path too (a base layer with a forward hook that changes its output):
