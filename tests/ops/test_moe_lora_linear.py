@@ -572,13 +572,16 @@ def test_lora_dropout_mask_keeps_each_element_with_probability_one_minus_p():
     assert abs(mask.float().mean().item() - 0.7) < 0.01
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(backend):
+    """No tokens: an empty output and x gradient, an aux loss of 0 (1/T guarded), undefined statistics refused."""
     layer = _layer("softmax_topk")
     x = torch.randn(0, 40, device=DEVICE, requires_grad=True)
-    with moelora.use_backend("triton"):
+    with moelora.use_backend(backend):
         y = layer(x)
-        y.sum().backward()
+        (y.sum() + layer.last_aux_loss).backward()
     assert y.shape == (0, 24) and x.grad.shape == (0, 40)
+    assert layer.last_aux_loss.item() == 0
     with pytest.raises(ValueError, match="routed no tokens"):
         layer.last_router_stats["load"]
     assert moelora.router_stats(nn.Sequential(layer)) == {}  # undefined statistics are left out, not raised
