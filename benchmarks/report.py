@@ -110,6 +110,18 @@ def output_file_problem(path) -> Optional[str]:
     return unwritable_dir(path.parent)
 
 
+def refuse_bad_tuning_options(parser, args) -> None:
+    """``parser.error`` (usage, exit status 2) where a tuner's --out cannot be written, --repeats is below 1 or
+    --budget below 0: checked before the tuning run, whose measurements a bad option would lose."""
+    problem = output_file_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.budget < 0:
+        parser.error(f"--budget must be non-negative, got {args.budget}")
+
+
 def write_json(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

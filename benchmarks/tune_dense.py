@@ -47,7 +47,7 @@ from moelora.kernels import launchers as K  # noqa: E402
 
 from . import ceilings, tile_candidates  # noqa: E402
 from .inputs import tensor_bytes  # noqa: E402
-from .report import metadata, output_file_problem  # noqa: E402
+from .report import metadata, refuse_bad_tuning_options  # noqa: E402
 from .timing import Budget, compile_in_parallel, device_median_ms, median_ms  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -214,13 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=90.0, help="seconds; classes left after it are skipped")
     parser.add_argument("--repeats", type=int, default=20 if GPU else 1)
     args = parser.parse_args(argv)
-    problem = output_file_problem(args.out)
-    if problem:
-        parser.error(f"--out {args.out}: {problem}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.budget < 0:
-        parser.error(f"--budget must be non-negative, got {args.budget}")
+    refuse_bad_tuning_options(parser, args)
     budget = Budget(args.budget)
     report = {"meta": metadata(DEVICE), "dtype": str(DTYPE), "sizes": [s._asdict() for s in ROW_SIZES],
               "tiles": {}, "dense_configs": {}, "end_to_end": {}, "end_to_end_wall": {},

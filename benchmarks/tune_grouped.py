@@ -47,7 +47,7 @@ from moelora.kernels.launchers import TileConfig
 from moelora.ops.routing import dispatch_rows, expert_layout
 
 from . import tile_candidates  # noqa: E402
-from .report import metadata, output_file_problem  # noqa: E402
+from .report import metadata, refuse_bad_tuning_options  # noqa: E402
 from .timing import Budget, compile_in_parallel, device_median_ms, median_ms  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -353,13 +353,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=90.0, help="seconds; later stages are skipped after it")
     parser.add_argument("--repeats", type=int, default=10 if GPU else 1)
     args = parser.parse_args(argv)
-    problem = output_file_problem(args.out)
-    if problem:
-        parser.error(f"--out {args.out}: {problem}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.budget < 0:
-        parser.error(f"--budget must be non-negative, got {args.budget}")
+    refuse_bad_tuning_options(parser, args)
     budget = Budget(args.budget)
     report = {"meta": metadata(DEVICE), "dtype": str(DTYPE), "tiles": {}, "skipped": [], "errors": []}
     torch.manual_seed(0)
