@@ -1699,3 +1699,38 @@ def test_a_bf16_stack_mixes_with_the_coefficients_of_float64(alpha):
     params = dict(reference.named_parameters())
     for name, p in stack.named_parameters():
         assert params[name].grad.norm() > 0 and rel(p.grad, params[name].grad) < 0.08, name  # bf16: 2-4% (seeds)
+
+
+def test_a_forward_that_calls_the_layers_itself_stacks_them_again_at_layer_zero():
+    """Device selection stacks the layers' tensors at layer 0 of each forward: a forward that calls the layers
+    itself (no forward of the module holding the stack, whose pre-hook also drops the stack), after one that ran
+    part of the stack, mixes with the layers' current weights, not the copies the partial forward stacked. Against
+    the float64 recursion (_reference64): the output and the gradients of z, the layers and the gate."""
+    torch.manual_seed(1)
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8, layer_selection="device", bias=False, learn_alpha=True, alpha=0.7)
+    z = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        stack.layers[0](z)  # part of the stack: its stacked copies stay
+        for layer in stack.layers:
+            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+    reference = copy.deepcopy(stack).double()
+    reference_molex = reference.molex
+    reference_molex.remove()  # the reference runs the plain layers
+    outputs, grads = [], []
+    for model, dtype in ((stack, torch.float32), (reference, torch.float64)):
+        x = z.to(dtype).detach().requires_grad_(True)
+        if model is stack:
+            out = x
+            for layer in stack.layers:  # the layers called one by one, not through stack's forward
+                out = layer(out)
+        else:
+            out = _reference64(reference, reference_molex, x)
+        out.square().sum().backward()
+        outputs.append(out)
+        params = [*model.parameters()] if model is stack else [*reference.parameters(), *reference_molex.parameters()]
+        grads.append([x.grad, *(p.grad for p in params)])
+    assert torch.isfinite(outputs[1]).all()
+    torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
