@@ -171,16 +171,18 @@ def test_a_copy_after_a_forward_that_raised_mid_stack_starts_without_its_stacked
 
 def _reference64(stack, molex, z):
     """The MoLEx recursion of a shared gate with "mode" routing in float64, written from the formula (not
-    with molex.choose): gate values g = softmax (sigmoid for cosine_sigmoid) of the logits with the own
-    layer masked, j the most frequent token choice, u_j scaled by g[:, j] / stopgrad(g[:, j]) computed
-    as exp(log g - stopgrad(log g)) (the same value and gradient, finite where g underflows)."""
+    with molex.choose): logits W x + b (linear), cos(P x + b, e_l) / temperature (cosine gates), gate
+    values g = softmax (sigmoid for cosine_sigmoid) of the logits with the own layer masked, j the most
+    frequent token choice, u_j scaled by g[:, j] / stopgrad(g[:, j]) computed as exp(log g - stopgrad(log g))
+    (the same value and gradient, finite where g underflows)."""
     gate, a = molex.gates[0], molex.alpha.double()
     for t, layer in enumerate(stack.layers):
         x = z.reshape(-1, z.shape[-1])
         if gate.gate == "linear":
-            logits = x @ gate.weight.double().T
+            logits = x @ gate.weight.double().T + (0 if gate.bias is None else gate.bias.double())
         else:
-            proj = nn.functional.normalize(x @ gate.proj.weight.double().T, dim=-1)
+            proj_bias = 0 if gate.proj.bias is None else gate.proj.bias.double()
+            proj = nn.functional.normalize(x @ gate.proj.weight.double().T + proj_bias, dim=-1)
             logits = proj @ nn.functional.normalize(gate.layer_embeddings.double(), dim=-1).T / gate.temperature
         logits = logits.masked_fill(torch.arange(len(stack.layers)) == t, -math.inf)
         log_g = nn.functional.logsigmoid(logits) if gate.gate == "cosine_sigmoid" else logits.log_softmax(-1)
@@ -1731,6 +1733,36 @@ def test_a_forward_that_calls_the_layers_itself_stacks_them_again_at_layer_zero(
         params = [*model.parameters()] if model is stack else [*reference.parameters(), *reference_molex.parameters()]
         grads.append([x.grad, *(p.grad for p in params)])
     assert torch.isfinite(outputs[1]).all()
+    torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", ["linear", "cosine", "cosine_sigmoid"])
+def test_gates_with_a_bias_mix_as_the_float64_recursion(gate):
+    """bias=True: the linear gate's bias and the cosine gates' projection bias (cos(P z + b, e_l) / temperature)
+    enter the logits. Against the float64 recursion (_reference64): the output and the gradients of z, the layers,
+    the gate (its bias among them) and alpha."""
+    torch.manual_seed(2)
+    stack = Stack()
+    molex = apply_molex(stack, hidden_size=8, gate=gate, bias=True, proj_dim=4, temperature=0.5, learn_alpha=True,
+                        alpha=0.8)
+    bias = molex.gates[0].bias if gate == "linear" else molex.gates[0].proj.bias
+    with torch.no_grad():
+        bias.copy_(torch.randn_like(bias))
+    z = torch.randn(3, 5, 8)
+    reference = copy.deepcopy(stack).double()
+    reference_molex = reference.molex
+    reference_molex.remove()  # the reference runs the plain layers
+    outputs, grads = [], []
+    for model, dtype in ((stack, torch.float32), (reference, torch.float64)):
+        x = z.to(dtype).detach().requires_grad_(True)
+        out = stack(x) if model is stack else _reference64(reference, reference_molex, x)
+        out.square().sum().backward()
+        outputs.append(out)
+        params = [*model.parameters()] if model is stack else [*reference.parameters(), *reference_molex.parameters()]
+        grads.append([x.grad, *(p.grad for p in params)])
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
     torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
     for got, expected in zip(*grads):
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
