@@ -1766,3 +1766,32 @@ def test_gates_with_a_bias_mix_as_the_float64_recursion(gate):
     torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
     for got, expected in zip(*grads):
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+class _OuterOfAThreeDMask(nn.Module):
+    """A model taking the 2-D mask, whose inner module takes a 3-D mask [batch, query, key] it builds from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = MaskedStack()
+
+    def forward(self, z, attention_mask=None):
+        three_d = None if attention_mask is None else attention_mask[:, None, :].expand(-1, z.shape[1], -1)
+        return self.inner(z, attention_mask=three_d)
+
+
+def test_a_three_d_mask_of_a_module_between_model_and_stack_leaves_the_mask_to_the_model():
+    """A mask of neither 2 nor 4 dimensions (a 3-D [batch, query, key]) decides nothing: the model's 2-D mask keeps
+    the padding out (its padding rows change neither the real tokens' outputs nor the load)."""
+    model = _OuterOfAThreeDMask()
+    apply_molex(model, layers="inner.layers", hidden_size=8, alpha=0.5)
+    torch.manual_seed(1)
+    real = torch.randn(1, 3, 8)
+    padded = torch.cat([50 * torch.randn(1, 5, 8), real], dim=1)
+    mask = torch.tensor([[0] * 5 + [1] * 3])
+    with torch.no_grad():
+        expected = model(real)
+        load = moelora.router_stats(model)["molex"]["load"]
+        out = model(padded, attention_mask=mask)
+    torch.testing.assert_close(out[:, 5:], expected)
+    torch.testing.assert_close(moelora.router_stats(model)["molex"]["load"], load)
