@@ -193,6 +193,27 @@ def _reference64(stack, molex, z):
     return z
 
 
+def _check_against_reference64(stack, z, run=None, loss=torch.sum):
+    """``stack`` (MoLEx applied, one shared gate, "mode" routing) on z against the float64 recursion
+    (_reference64) of a copy: the output and the gradients of ``loss`` of it with respect to z, the layers, the
+    gate and alpha. ``run(x)``: how the output is computed (default: stack(x)). Returns the float64 output."""
+    reference = copy.deepcopy(stack).double()
+    reference_molex = reference.molex
+    reference_molex.remove()  # the reference runs the plain layers
+    outputs, grads = [], []
+    for model, dtype in ((stack, torch.float32), (reference, torch.float64)):
+        x = z.to(dtype).detach().requires_grad_(True)
+        out = (run or stack)(x) if model is stack else _reference64(reference, reference_molex, x)
+        loss(out).backward()
+        outputs.append(out)
+        params = [*model.parameters()] if model is stack else [*reference.parameters(), *reference_molex.parameters()]
+        grads.append([x.grad, *(p.grad for p in params)])
+    torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    return outputs[1].detach()
+
+
 @pytest.mark.parametrize("selection", ["host", "device"])
 @pytest.mark.parametrize("gate", ["linear", "cosine", "cosine_sigmoid"])
 def test_a_token_whose_gate_value_for_the_chosen_layer_underflows_stays_finite(gate, selection):
@@ -213,22 +234,9 @@ def test_a_token_whose_gate_value_for_the_chosen_layer_underflows_stays_finite(g
             g.layer_embeddings.copy_(torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [-1, 0, 0, 0]]))
     z = 0.1 * torch.randn(2, 5, 4)
     z[..., 0] = torch.tensor([3.0, 3, 3, -3, -3]).repeat(2, 1)  # 6 votes for layer 1, 4 for layer 2 (at layer 0)
-    reference = copy.deepcopy(stack).double()
-    reference_molex = reference.molex
-    reference_molex.remove()  # the reference runs the plain layers
-    outputs, grads = [], []
-    for model, dtype in ((stack, torch.float32), (reference, torch.float64)):
-        x = z.to(dtype).detach().requires_grad_(True)
-        out = stack(x) if model is stack else _reference64(reference, reference_molex, x)
-        out.sum().backward()
-        outputs.append(out)
-        params = [*model.parameters()] if model is stack else [*reference.parameters(), *reference_molex.parameters()]
-        grads.append([x.grad, *(p.grad for p in params)])
+    expected = _check_against_reference64(stack, z)
     assert 1 in moelora.router_stats(stack)["molex"]["chosen_layers"].tolist()
-    assert torch.isfinite(outputs[1]).all()
-    torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
-    for got, expected in zip(*grads):
-        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(expected).all()
 
 
 def test_a_stack_holding_one_module_twice_is_refused_naming_the_positions():
@@ -1395,10 +1403,24 @@ class _OuterOfAPlainStack(nn.Module):
         return self.inner(z)
 
 
-def test_a_module_between_model_and_stack_without_an_attention_mask_argument_leaves_the_mask_to_the_model():
-    """A module whose forward takes no attention_mask is not tracked: the model's mask still keeps the padding out
-    (its padding rows change neither the real tokens' outputs nor the load)."""
-    model = _OuterOfAPlainStack()
+class _OuterOfAThreeDMask(nn.Module):
+    """A model taking the 2-D mask, whose inner module takes a 3-D mask [batch, query, key] it builds from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = MaskedStack()
+
+    def forward(self, z, attention_mask=None):
+        three_d = None if attention_mask is None else attention_mask[:, None, :].expand(-1, z.shape[1], -1)
+        return self.inner(z, attention_mask=three_d)
+
+
+@pytest.mark.parametrize("outer", [_OuterOfAPlainStack, _OuterOfAThreeDMask], ids=["no_mask", "3d_mask"])
+def test_a_module_between_model_and_stack_without_a_2d_or_4d_mask_leaves_the_mask_to_the_model(outer):
+    """A module whose forward takes no attention_mask is not tracked, and one taking a mask of neither 2 nor 4
+    dimensions (a 3-D [batch, query, key]) decides nothing: the model's 2-D mask still keeps the padding out (its
+    padding rows change neither the real tokens' outputs nor the load; a 3-D mask deciding raised a shape error)."""
+    model = outer()
     apply_molex(model, layers="inner.layers", hidden_size=8, alpha=0.5)
     torch.manual_seed(1)
     real = torch.randn(1, 3, 8)
@@ -1710,32 +1732,19 @@ def test_a_forward_that_calls_the_layers_itself_stacks_them_again_at_layer_zero(
     the float64 recursion (_reference64): the output and the gradients of z, the layers and the gate."""
     torch.manual_seed(1)
     stack = Stack()
-    molex = apply_molex(stack, hidden_size=8, layer_selection="device", bias=False, learn_alpha=True, alpha=0.7)
+    apply_molex(stack, hidden_size=8, layer_selection="device", bias=False, learn_alpha=True, alpha=0.7)
     z = torch.randn(3, 5, 8)
     with torch.no_grad():
         stack.layers[0](z)  # part of the stack: its stacked copies stay
         for layer in stack.layers:
             layer.weight.add_(0.3 * torch.randn_like(layer.weight))
-    reference = copy.deepcopy(stack).double()
-    reference_molex = reference.molex
-    reference_molex.remove()  # the reference runs the plain layers
-    outputs, grads = [], []
-    for model, dtype in ((stack, torch.float32), (reference, torch.float64)):
-        x = z.to(dtype).detach().requires_grad_(True)
-        if model is stack:
-            out = x
-            for layer in stack.layers:  # the layers called one by one, not through stack's forward
-                out = layer(out)
-        else:
-            out = _reference64(reference, reference_molex, x)
-        out.square().sum().backward()
-        outputs.append(out)
-        params = [*model.parameters()] if model is stack else [*reference.parameters(), *reference_molex.parameters()]
-        grads.append([x.grad, *(p.grad for p in params)])
-    assert torch.isfinite(outputs[1]).all()
-    torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
-    for got, expected in zip(*grads):
-        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+    def layer_by_layer(x):  # the layers called one by one, not through stack's forward
+        for layer in stack.layers:
+            x = layer(x)
+        return x
+
+    assert torch.isfinite(_check_against_reference64(stack, z, layer_by_layer, lambda out: out.square().sum())).all()
 
 
 @pytest.mark.parametrize("gate", ["linear", "cosine", "cosine_sigmoid"])
@@ -1751,47 +1760,5 @@ def test_gates_with_a_bias_mix_as_the_float64_recursion(gate):
     with torch.no_grad():
         bias.copy_(torch.randn_like(bias))
     z = torch.randn(3, 5, 8)
-    reference = copy.deepcopy(stack).double()
-    reference_molex = reference.molex
-    reference_molex.remove()  # the reference runs the plain layers
-    outputs, grads = [], []
-    for model, dtype in ((stack, torch.float32), (reference, torch.float64)):
-        x = z.to(dtype).detach().requires_grad_(True)
-        out = stack(x) if model is stack else _reference64(reference, reference_molex, x)
-        out.square().sum().backward()
-        outputs.append(out)
-        params = [*model.parameters()] if model is stack else [*reference.parameters(), *reference_molex.parameters()]
-        grads.append([x.grad, *(p.grad for p in params)])
+    _check_against_reference64(stack, z, loss=lambda out: out.square().sum())
     assert bias.grad is not None and bias.grad.abs().sum() > 0
-    torch.testing.assert_close(outputs[0].double(), outputs[1].detach(), rtol=1e-5, atol=1e-6)
-    for got, expected in zip(*grads):
-        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
-
-
-class _OuterOfAThreeDMask(nn.Module):
-    """A model taking the 2-D mask, whose inner module takes a 3-D mask [batch, query, key] it builds from it."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = MaskedStack()
-
-    def forward(self, z, attention_mask=None):
-        three_d = None if attention_mask is None else attention_mask[:, None, :].expand(-1, z.shape[1], -1)
-        return self.inner(z, attention_mask=three_d)
-
-
-def test_a_three_d_mask_of_a_module_between_model_and_stack_leaves_the_mask_to_the_model():
-    """A mask of neither 2 nor 4 dimensions (a 3-D [batch, query, key]) decides nothing: the model's 2-D mask keeps
-    the padding out (its padding rows change neither the real tokens' outputs nor the load)."""
-    model = _OuterOfAThreeDMask()
-    apply_molex(model, layers="inner.layers", hidden_size=8, alpha=0.5)
-    torch.manual_seed(1)
-    real = torch.randn(1, 3, 8)
-    padded = torch.cat([50 * torch.randn(1, 5, 8), real], dim=1)
-    mask = torch.tensor([[0] * 5 + [1] * 3])
-    with torch.no_grad():
-        expected = model(real)
-        load = moelora.router_stats(model)["molex"]["load"]
-        out = model(padded, attention_mask=mask)
-    torch.testing.assert_close(out[:, 5:], expected)
-    torch.testing.assert_close(moelora.router_stats(model)["molex"]["load"], load)
