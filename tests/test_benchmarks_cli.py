@@ -174,16 +174,18 @@ def test_device_cuda_without_a_gpu_says_so(tmp_path, capsys):
 
 def test_targets_refuse_what_is_not_a_results_file_and_accept_the_committed_ones(tmp_path, capsys):
     """python -m benchmarks.targets FILE: exit 2 naming the file for a missing, malformed or other JSON (were
-    tracebacks; a tuner's report read every target "not measured"), 0 with every target for the committed runs."""
+    tracebacks; a tuner's report read every target "not measured"), 0 with every target for the committed runs
+    and for any other run in benchmarks/results (README's main job writes a CPU run there, whose targets follow a
+    note that they are defined for the GPU suite)."""
     for path, message in _bad_files(tmp_path).values():
         assert targets.main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(str(path)) and message in err, err
-    committed = sorted(RESULTS_DIR.glob("bench-*.json"))
-    assert committed
-    for path in committed:
+    runs = sorted(RESULTS_DIR.glob("bench-*.json"))
+    assert any("nvidia" in path.name for path in runs)  # the committed GPU runs
+    for path in runs:
         assert targets.main([str(path)]) == 0
-        lines = capsys.readouterr().out.splitlines()
+        lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("note: ")]
         assert len(lines) == 11 and all(line.split()[0] in ("met", "missed", "not") for line in lines), lines
 
 
