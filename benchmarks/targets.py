@@ -27,17 +27,22 @@ from typing import List, Optional
 SCHEMA = "moelora-bench/1"  # the "schema" of the results JSON that python -m benchmarks writes
 
 
-def read_results(path) -> dict:
-    """The results JSON at ``path`` (written by ``python -m benchmarks``); ValueError naming the file and what
-    is wrong where it cannot be read, is not JSON, or is not such a results file (a tuner's or the routing
-    benchmark's report, whose targets would all read "not measured")."""
+def read_json(path):
+    """The JSON value in the file ``path``; ValueError naming the file where it cannot be read or is not JSON."""
     try:
         with open(path) as fh:
-            results = json.load(fh)
+            return json.load(fh)
     except OSError as exc:
         raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not a JSON file ({exc})") from None
+
+
+def read_results(path) -> dict:
+    """The results JSON at ``path`` (written by ``python -m benchmarks``); ValueError naming the file and what
+    is wrong where it cannot be read, is not JSON, or is not such a results file (a tuner's or the routing
+    benchmark's report, whose targets would all read "not measured")."""
+    results = read_json(path)
     if not isinstance(results, dict) or results.get("schema") != SCHEMA or not isinstance(results.get("cases"), list):
         schema = results.get("schema") if isinstance(results, dict) else None
         raise ValueError(f"{path}: not a results file of python -m benchmarks (expected a JSON object with "

@@ -14,12 +14,12 @@ results' meta (``tuned``).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Iterable
 
 from moelora.kernels import launchers
 from moelora.ops import moe_ffn, moe_lora
+
+from .targets import read_json
 
 
 def install(paths: Iterable[str]) -> dict:
@@ -27,12 +27,7 @@ def install(paths: Iterable[str]) -> dict:
     file where one cannot be read, is not JSON or holds no tuned table."""
     installed = {}
     for path in paths:
-        try:
-            report = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not a JSON file ({exc})") from None
+        report = read_json(path)
         if not isinstance(report, dict) or not {"dense_configs", "grouped_configs"} & set(report):
             raise ValueError(f"{path}: no tuned table in it (expected the JSON of benchmarks.tune_dense or "
                              "benchmarks.tune_grouped)")
